@@ -1,0 +1,189 @@
+"""The package's one exception hierarchy.
+
+Every error we raise derives from :class:`PrismQError`. Where users already catch a builtin
+(``TimeoutError``, ``FileNotFoundError``, ``ValueError``, ``TypeError``) our subclass inherits it
+too, so code written for asyncio keeps working.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+__all__ = [
+    "CommandNotFoundError",
+    "CwdNotADirectoryError",
+    "CwdNotFoundError",
+    "InvalidArgumentTypeError",
+    "InvalidCommandError",
+    "InvalidCwdError",
+    "InvalidEnvironmentError",
+    "InvalidRunModeError",
+    "InvalidTimeoutError",
+    "ModuleExecutionException",
+    "PrismQError",
+    "ProcessFailedError",
+    "ProcessTimeoutError",
+    "ResourceLimitException",
+    "RunStateError",
+    "SubprocessPolicyException",
+    "WrapperClosedError",
+]
+
+
+def _tail_text(data: bytes | None, limit: int = 2000) -> str:
+    if not data:
+        return ""
+    return data[-limit:].decode("utf-8", errors="replace")
+
+
+class PrismQError(Exception):
+    """Base class of every exception raised by prismq_subprocess itself."""
+
+
+class InvalidRunModeError(PrismQError, ValueError):
+    """Raised when text (an argument or ``PRISMQ_RUN_MODE``) names no :class:`RunMode`.
+
+    The message lists the valid spellings.
+    """
+
+
+class SubprocessPolicyException(PrismQError, RuntimeError):
+    """Raised when a mode pinned by the caller cannot spawn on the running event loop.
+
+    Typical cause: ASYNC pinned on Windows under a ``SelectorEventLoop`` (e.g. ``uvicorn --reload``),
+    whose ``subprocess_exec`` raises ``NotImplementedError``. Auto-detected modes fall back to
+    THREADED instead of raising.
+    """
+
+
+class InvalidCommandError(PrismQError, ValueError):
+    """Raised before spawning when a command is empty, contains NUL bytes, or asks for an option
+    the asyncio API forbids (text mode, ``shell=True`` on exec, ...)."""
+
+
+class InvalidArgumentTypeError(PrismQError, TypeError):
+    """Raised before spawning when a command argument is not ``str``, ``bytes`` or ``os.PathLike``."""
+
+
+class InvalidEnvironmentError(PrismQError, TypeError):
+    """Raised before spawning when ``env`` is not a mapping of ``str`` (or ``bytes``) to the same."""
+
+
+class InvalidTimeoutError(PrismQError, ValueError):
+    """Raised when a timeout or grace period is negative or not a number."""
+
+
+class InvalidCwdError(PrismQError, OSError):
+    """Raised before spawning when ``cwd`` does not name an existing directory."""
+
+
+class CwdNotFoundError(InvalidCwdError, FileNotFoundError):
+    """``cwd`` does not exist (also a ``FileNotFoundError``, as asyncio would raise)."""
+
+
+class CwdNotADirectoryError(InvalidCwdError, NotADirectoryError):
+    """``cwd`` exists but is not a directory (also a ``NotADirectoryError``)."""
+
+
+class CommandNotFoundError(PrismQError, FileNotFoundError):
+    """Raised when the program to run does not exist or is not on ``PATH``.
+
+    It is a ``FileNotFoundError``, so ``except FileNotFoundError`` written for asyncio still works.
+    """
+
+    def __init__(self, program: str, detail: str = "") -> None:
+        message = f"program {program!r} was not found"
+        if detail:
+            message = f"{message}: {detail}"
+        super().__init__(errno.ENOENT, message, program)
+        self.program = program
+
+
+class WrapperClosedError(PrismQError, RuntimeError):
+    """Raised when a :class:`SubprocessWrapper` is used after ``cleanup()`` or ``async with`` exit."""
+
+
+class ModuleExecutionException(PrismQError):
+    """Base class of errors about a command or module that ran and did not succeed.
+
+    Attributes:
+        cmd: the command as run.
+        returncode: the exit status (negative: killed by that signal), or ``None`` if it never ended.
+        stdout, stderr: the captured output (its tail when output was bounded).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cmd: Sequence[str] | str = (),
+        returncode: int | None = None,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+    ) -> None:
+        super().__init__(message)
+        self.cmd = cmd
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+    @property
+    def output(self) -> bytes:
+        """Alias of :attr:`stdout`, as on :class:`subprocess.CalledProcessError`."""
+        return self.stdout
+
+
+class ProcessFailedError(ModuleExecutionException):
+    """Raised by ``run(check=True)`` when the command exits with a non-zero status."""
+
+    def __init__(
+        self,
+        *,
+        cmd: Sequence[str] | str,
+        returncode: int,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+    ) -> None:
+        message = f"command {_describe(cmd)} exited with status {returncode}"
+        tail = _tail_text(stderr) or _tail_text(stdout)
+        if tail:
+            message = f"{message}; output tail:\n{tail}"
+        super().__init__(message, cmd=cmd, returncode=returncode, stdout=stdout, stderr=stderr)
+
+
+class ProcessTimeoutError(ModuleExecutionException, TimeoutError):
+    """Raised when a command outlives its timeout.
+
+    The process tree has been stopped when this is raised. ``stdout``/``stderr`` hold what was
+    captured before the stop; ``timeout`` the limit in seconds. It is also a ``TimeoutError``.
+    """
+
+    def __init__(
+        self,
+        *,
+        cmd: Sequence[str] | str,
+        timeout: float,
+        returncode: int | None = None,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+    ) -> None:
+        message = f"command {_describe(cmd)} timed out after {timeout:g} s and was stopped"
+        super().__init__(message, cmd=cmd, returncode=returncode, stdout=stdout, stderr=stderr)
+        self.timeout = timeout
+
+
+class ResourceLimitException(PrismQError):
+    """Raised when a start is refused because memory or CPU is short (see ``ResourceManager``),
+    or when a run exceeds its own resource cap."""
+
+
+class RunStateError(PrismQError, ValueError):
+    """Raised on an invalid run status transition (e.g. a finished run back to RUNNING)."""
+
+
+def _describe(cmd: Sequence[str] | str) -> str:
+    if isinstance(cmd, str):
+        return repr(cmd)
+    text = " ".join(str(part) for part in cmd)
+    return repr(text if len(text) <= 200 else text[:197] + "...")

@@ -187,3 +187,18 @@ def _describe(cmd: Sequence[str] | str) -> str:
         return repr(cmd)
     text = " ".join(str(part) for part in cmd)
     return repr(text if len(text) <= 200 else text[:197] + "...")
+
+
+class InvalidIntervalError(PrismQError, ValueError):
+    """Raised when an interval, period or duration (seconds or ``timedelta``) is not a positive,
+    finite number, e.g. the ``interval`` of a ``PeriodicTask`` or a sampler's ``interval``."""
+
+
+class InvalidLimitError(PrismQError, ValueError):
+    """Raised when a resource limit is out of range: a percentage outside (0, 100], a negative byte
+    count, or a hysteresis band wider than its threshold."""
+
+
+class ResourceWaitTimeoutError(ResourceLimitException, TimeoutError):
+    """Raised by ``ResourceManager.admit(wait=True, timeout=...)`` when resources stayed short for
+    the whole timeout. It is a ``ResourceLimitException`` and also a ``TimeoutError``."""

@@ -202,3 +202,44 @@ class InvalidLimitError(PrismQError, ValueError):
 class ResourceWaitTimeoutError(ResourceLimitException, TimeoutError):
     """Raised by ``ResourceManager.admit(wait=True, timeout=...)`` when resources stayed short for
     the whole timeout. It is a ``ResourceLimitException`` and also a ``TimeoutError``."""
+
+
+class InvalidRunError(PrismQError, ValueError):
+    """Raised when a :class:`Run` is built from bad data (a naive datetime, an unknown status,
+    a malformed ``from_dict`` payload)."""
+
+
+class RunNotFoundError(PrismQError, KeyError):
+    """Raised by ``update_run`` when the registry holds no run with that ``run_id``.
+
+    It is a ``KeyError``; ``str()`` gives the plain message.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateRunError(PrismQError, ValueError):
+    """Raised by ``add_run`` when the registry already holds a run with that ``run_id``."""
+
+
+class InvalidQueryError(PrismQError, ValueError):
+    """Raised when a registry query gets a bad argument (negative ``limit``/``offset``,
+    a ``max_runs``/``max_age`` that is not positive)."""
+
+
+class RegistryClosedError(PrismQError, RuntimeError):
+    """Raised when a run registry is used after ``close()`` (or after its ``async with`` block)."""
+
+
+class RegistrySchemaError(PrismQError, RuntimeError):
+    """Raised when a SQLite registry file has a schema newer than this version of the library
+    understands, or is not a registry file at all."""
+
+
+class OutputClosedError(PrismQError, RuntimeError):
+    """Raised by ``OutputCapture.append_line`` for a run whose output was already closed."""
+
+
+class TaskManagerClosedError(PrismQError, RuntimeError):
+    """Raised by ``BackgroundTaskManager.start_task`` after ``shutdown()`` has begun."""

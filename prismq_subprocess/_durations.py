@@ -1,0 +1,50 @@
+"""Turning user-supplied durations (seconds or ``timedelta``) into validated float seconds."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+from ._exceptions import InvalidIntervalError, InvalidTimeoutError
+
+__all__ = ["interval_seconds", "timeout_seconds"]
+
+
+def _as_float(value: object) -> float | None:
+    # bool is an int subclass; ``interval=True`` is almost certainly a mistake, not 1 second.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+def interval_seconds(value: float | timedelta, *, what: str = "interval") -> float:
+    """Return ``value`` in seconds.
+
+    Raises :class:`InvalidIntervalError` unless it is a positive, finite number or timedelta.
+    """
+    seconds = _as_float(value)
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidIntervalError(
+            f"{what} must be a positive, finite number of seconds or a timedelta, got {value!r}"
+        )
+    return seconds
+
+
+def timeout_seconds(value: float | timedelta | None, *, what: str = "timeout") -> float | None:
+    """Return ``value`` in seconds (``None`` stays ``None``: no limit).
+
+    Raises :class:`InvalidTimeoutError` when it is negative, NaN or not a number. Zero is allowed
+    (do not wait at all); ``math.inf`` is allowed and means no limit.
+    """
+    if value is None:
+        return None
+    seconds = _as_float(value)
+    if seconds is None or math.isnan(seconds) or seconds < 0:
+        raise InvalidTimeoutError(
+            f"{what} must be a non-negative number of seconds, a timedelta or None, got {value!r}"
+        )
+    return None if math.isinf(seconds) else seconds

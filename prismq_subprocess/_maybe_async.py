@@ -1,0 +1,33 @@
+"""Calling user callbacks that may be plain functions or coroutine functions."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+
+__all__ = ["call_callback", "is_async_callable"]
+
+
+def is_async_callable(func: Callable[..., object]) -> bool:
+    """True when calling ``func`` returns an awaitable coroutine (also for objects whose
+    ``__call__`` is ``async def``, and ``functools.partial`` of a coroutine function)."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - we want the async-ness of __call__
+    )
+
+
+async def call_callback(
+    callback: Callable[..., object], *args: object, logger: logging.Logger, what: str
+) -> None:
+    """Call ``callback(*args)``, awaiting the result if it is awaitable.
+
+    An exception raised by the callback is logged with its traceback and swallowed: a faulty
+    observer must never stop the monitor that notifies it. Cancellation propagates.
+    """
+    try:
+        result = callback(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("%s callback %r raised", what, callback)

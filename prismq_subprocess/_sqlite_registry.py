@@ -224,6 +224,11 @@ class _Database:
             self.journal_mode = str(self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            if getattr(exc, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                raise RegistrySchemaError(f"{path!r} is not a usable registry: {exc}") from exc
+            raise
         except BaseException:
             self.conn.close()
             raise
@@ -252,12 +257,8 @@ class _Database:
                 version += 1
                 conn.execute(f"PRAGMA user_version = {version}")
 
-        try:
-            if int(self.conn.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION:
-                return
+        if int(self.conn.execute("PRAGMA user_version").fetchone()[0]) != SCHEMA_VERSION:
             self.write(step)
-        except sqlite3.DatabaseError as exc:
-            raise RegistrySchemaError(f"cannot use the registry file: {exc}") from exc
 
     def recover(self) -> list[str]:
         """Mark active runs whose owner is gone INTERRUPTED; return their run_ids."""

@@ -107,7 +107,8 @@ async def test_resume_after_seq() -> None:
     for i in range(6):
         await capture.append_line("r", str(i))
     await capture.close_run("r")
-    assert await collect(capture.subscribe("r", after=3)) == [OutputLine(4, "4"), OutputLine(5, "5")]
+    resumed = await collect(capture.subscribe("r", after=3))
+    assert resumed == [OutputLine(4, "4"), OutputLine(5, "5")]
     # The client saw seq 0; 1 was evicted since, so it gets a gap of one line first.
     assert await collect(capture.subscribe("r", after=0)) == [
         OutputGap(1),
@@ -223,7 +224,9 @@ async def test_no_log_thread_without_log_dir() -> None:
     assert log_threads() == []
 
 
-async def test_log_write_error_is_contained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_log_write_error_is_contained(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     async with OutputCapture(log_dir=blocker) as capture:

@@ -51,7 +51,7 @@ class InvalidRunModeError(PrismQError, ValueError):
 class SubprocessPolicyException(PrismQError, RuntimeError):
     """Raised when a mode pinned by the caller cannot spawn on the running event loop.
 
-    Typical cause: ASYNC pinned on Windows under a ``SelectorEventLoop`` (e.g. ``uvicorn --reload``),
+    Typical cause: ASYNC pinned on Windows under a ``SelectorEventLoop`` (``uvicorn --reload``),
     whose ``subprocess_exec`` raises ``NotImplementedError``. Auto-detected modes fall back to
     THREADED instead of raising.
     """
@@ -63,11 +63,11 @@ class InvalidCommandError(PrismQError, ValueError):
 
 
 class InvalidArgumentTypeError(PrismQError, TypeError):
-    """Raised before spawning when a command argument is not ``str``, ``bytes`` or ``os.PathLike``."""
+    """Raised before spawning when a command argument is not str, bytes or ``os.PathLike``."""
 
 
 class InvalidEnvironmentError(PrismQError, TypeError):
-    """Raised before spawning when ``env`` is not a mapping of ``str`` (or ``bytes``) to the same."""
+    """Raised before spawning when ``env`` is not a mapping of str (or bytes) to the same."""
 
 
 class InvalidTimeoutError(PrismQError, ValueError):
@@ -101,7 +101,7 @@ class CommandNotFoundError(PrismQError, FileNotFoundError):
 
 
 class WrapperClosedError(PrismQError, RuntimeError):
-    """Raised when a :class:`SubprocessWrapper` is used after ``cleanup()`` or ``async with`` exit."""
+    """Raised when a :class:`SubprocessWrapper` is used after ``cleanup()`` or ``aclose()``."""
 
 
 class ModuleExecutionException(PrismQError):
@@ -109,7 +109,7 @@ class ModuleExecutionException(PrismQError):
 
     Attributes:
         cmd: the command as run.
-        returncode: the exit status (negative: killed by that signal), or ``None`` if it never ended.
+        returncode: the exit status (negative: killed by that signal), or ``None``.
         stdout, stderr: the captured output (its tail when output was bounded).
     """
 

@@ -1,0 +1,173 @@
+"""Stopping a child and everything it started, within a bounded time.
+
+The model is systemd's ``KillMode=control-group``: ask the whole group to stop (SIGTERM, or
+CTRL_BREAK on Windows), wait up to a grace period, then kill whatever is left (SIGKILL / the psutil
+tree). Descendants that left the group are found with psutil while the tree is still intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import weakref
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import psutil
+
+from ._exceptions import ProcessTimeoutError
+from ._platform import PlatformOps, platform_ops
+from ._process import ProcessLike
+from ._validation import check_timeout
+
+__all__ = [
+    "DEFAULT_GRACE_PERIOD",
+    "execute_with_timeout",
+    "stop_process_tree",
+    "terminate_gracefully",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds between the polite request and the kill.
+DEFAULT_GRACE_PERIOD = 5.0
+_POLL = 0.02
+
+# Which of our children lead their own group. Windows cannot tell afterwards; on POSIX we could
+# ask getpgid, but a child that already exited can no longer be asked.
+_OWN_GROUP: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
+
+
+def register_group(process: object, own_group: bool) -> None:
+    """Remember whether ``process`` was started as the leader of its own process group."""
+    with contextlib.suppress(TypeError):
+        _OWN_GROUP[process] = own_group
+
+
+def _own_group(process: ProcessLike, ops: PlatformOps) -> bool:
+    known = _OWN_GROUP.get(process)
+    if known is not None:
+        return known
+    getpgid = getattr(os, "getpgid", None)
+    if getpgid is None:
+        return False
+    try:
+        return bool(getpgid(process.pid) == process.pid)
+    except OSError:
+        return False
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return alive
+
+
+async def _wait_until(deadline: float, process: ProcessLike) -> bool:
+    """Wait for ``process`` to exit until ``deadline`` (loop.time()); True if it did."""
+    if process.returncode is not None:
+        return True
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        return False
+    try:
+        async with asyncio.timeout(remaining):
+            await process.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def stop_process_tree(
+    process: ProcessLike,
+    *,
+    grace: float = DEFAULT_GRACE_PERIOD,
+    ops: PlatformOps | None = None,
+) -> int:
+    """Stop ``process`` and every process it started; return its exit status.
+
+    1. Snapshot the descendants (psutil) while the tree is intact.
+    2. Ask politely: SIGTERM to the child's process group (POSIX) or CTRL_BREAK (Windows), and
+       SIGTERM to descendants that left the group.
+    3. Wait up to ``grace`` seconds for the child and the descendants.
+    4. Kill what is left: SIGKILL to the group and the descendants (POSIX), kill the tree (Windows).
+
+    Safe to call on a process that already exited: group members it left behind are still
+    stopped. Cancelling this coroutine abandons the wait but never leaves the child unsignalled
+    for longer than the cancellation takes.
+    """
+    grace = check_timeout(grace, "grace") or 0.0
+    ops = ops or platform_ops()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    own_group = _own_group(process, ops)
+    pid = process.pid
+    descendants: list[psutil.Process] = []
+    if process.returncode is None:
+        descendants = ops.snapshot_descendants(pid)
+        ops.request_stop(pid, own_group)
+        ops.signal_descendants(descendants, signal.SIGTERM)
+        if not await _wait_until(deadline, process):
+            descendants += ops.snapshot_descendants(pid)
+            logger.info("pid %d outlived its %.3g s grace period; killing its tree", pid, grace)
+            ops.force_stop(pid, own_group, descendants)
+        returncode = await process.wait()
+    else:
+        returncode = process.returncode
+        if ops.group_alive(pid, own_group):
+            ops.request_stop(pid, own_group)
+    # The leader is gone; members of its group (or escaped descendants) may linger.
+    # Nothing notifies us when a grandchild exits, so poll (cheap: one signal-0 per tick).
+    while (ops.group_alive(pid, own_group) or _alive(descendants)) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(_POLL)
+    if ops.group_alive(pid, own_group) or _alive(descendants):
+        ops.force_stop(pid, own_group, _alive(descendants))
+    return returncode
+
+
+async def terminate_gracefully(
+    process: ProcessLike, timeout: float = DEFAULT_GRACE_PERIOD, *, ops: PlatformOps | None = None
+) -> int:
+    """Stop ``process`` and its whole tree: SIGTERM (CTRL_BREAK on Windows), then SIGKILL after
+    ``timeout`` seconds. Returns the child's exit status (negative: the signal that ended it).
+
+    Works on the processes of every mode and on plain ``asyncio.subprocess.Process`` objects.
+
+    Raises:
+        InvalidTimeoutError: ``timeout`` is negative.
+    """
+    return await stop_process_tree(process, grace=timeout, ops=ops)
+
+
+async def execute_with_timeout(
+    coro: Awaitable[T], timeout: float | None, task_name: str = "task"
+) -> T:
+    """Await ``coro`` for at most ``timeout`` seconds (``None``: no limit).
+
+    On timeout ``coro`` is cancelled (a ``run()`` inside it then stops its process tree) and a
+    :class:`ProcessTimeoutError` (also a ``TimeoutError``) naming ``task_name`` is raised.
+    Cancelling the caller cancels ``coro``.
+
+    Raises:
+        InvalidTimeoutError: ``timeout`` is negative.
+        ProcessTimeoutError: ``coro`` did not finish in time.
+    """
+    limit = check_timeout(timeout)
+    scope = asyncio.timeout(limit)
+    try:
+        async with scope:
+            return await coro
+    except TimeoutError as exc:
+        if limit is None or not scope.expired():
+            raise  # a TimeoutError raised by the coroutine itself, not by our limit
+        raise ProcessTimeoutError(cmd=task_name, timeout=limit) from exc

@@ -1,0 +1,198 @@
+"""Everything that differs between Windows and POSIX, in one corner.
+
+The rest of the package asks :func:`platform_ops` for a :class:`PlatformOps` and never branches on
+``sys.platform`` itself. Every input (platform name, ``os.kill``, ``os.killpg``) can be injected, so
+the Windows branches are unit-tested on Linux; see ``docs/WINDOWS.md`` for what is verified where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+__all__ = [
+    "CREATE_NEW_PROCESS_GROUP",
+    "PlatformOps",
+    "PosixOps",
+    "WindowsOps",
+    "is_proactor_loop",
+    "is_windows",
+    "platform_ops",
+    "policy_uses_proactor",
+]
+
+#: ``subprocess.CREATE_NEW_PROCESS_GROUP``; spelled out so Linux can build Windows arguments.
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+#: ``signal.CTRL_BREAK_EVENT`` on Windows.
+CTRL_BREAK_EVENT = 1
+
+
+def is_windows(platform: str | None = None) -> bool:
+    """True when ``platform`` (default ``sys.platform``) names Windows."""
+    return (platform or sys.platform).startswith(("win32", "cygwin"))
+
+
+_PROACTOR_NAMES = {"ProactorEventLoop", "BaseProactorEventLoop"}
+
+
+def _class_names(obj: object) -> set[str]:
+    return {klass.__name__ for klass in type(obj).__mro__}
+
+
+def is_proactor_loop(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """True when ``loop`` is a Proactor event loop (the Windows loop that can spawn processes).
+
+    Decided by class name along the MRO, so a test on Linux can pass a stand-in class named
+    ``ProactorEventLoop``.
+    """
+    return loop is not None and bool(_class_names(loop) & _PROACTOR_NAMES)
+
+
+def policy_uses_proactor(policy: object) -> bool:
+    """True when the event-loop policy makes Proactor loops (``WindowsProactorEventLoopPolicy``)."""
+    if _class_names(policy) & {"WindowsProactorEventLoopPolicy"}:
+        return True
+    factory = getattr(policy, "_loop_factory", None)
+    return isinstance(factory, type) and bool(
+        {k.__name__ for k in factory.__mro__} & _PROACTOR_NAMES
+    )
+
+
+def _snapshot_descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
+@dataclass
+class PlatformOps:
+    """Platform-specific process-group and signalling operations.
+
+    Use :func:`platform_ops` to get the one for the running (or an injected) platform.
+    """
+
+    name: str
+    kill: Callable[[int, int], None] = field(default=os.kill)
+    snapshot_descendants: Callable[[int], list[psutil.Process]] = field(
+        default=_snapshot_descendants
+    )
+
+    def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
+        """Return Popen keyword arguments that start the child in its own group when asked."""
+        raise NotImplementedError
+
+    def started_own_group(self, kwargs: Mapping[str, Any]) -> bool:
+        """True when a child spawned with ``kwargs`` leads its own process group."""
+        raise NotImplementedError
+
+    def request_stop(self, pid: int, own_group: bool) -> None:
+        """Ask the child (and its group) to stop: SIGTERM on POSIX, CTRL_BREAK on Windows."""
+        raise NotImplementedError
+
+    def force_stop(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+        """Kill the child, its group and every still-running process in ``descendants``."""
+        raise NotImplementedError
+
+    def group_alive(self, pid: int, own_group: bool) -> bool:
+        """True while any member of the child's group is alive (POSIX); False where unknowable."""
+        return False
+
+    def signal_descendants(self, descendants: Iterable[psutil.Process], sig: int) -> None:
+        """Send ``sig`` to every still-running process in ``descendants``.
+
+        psutil checks each process's creation time first, so a reused pid is never signalled.
+        """
+        for proc in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+                proc.send_signal(sig)
+
+
+@dataclass
+class PosixOps(PlatformOps):
+    """Linux and macOS: ``start_new_session`` groups, SIGTERM then SIGKILL to the group."""
+
+    killpg: Callable[[int, int], None] = field(default=getattr(os, "killpg", lambda _p, _s: None))
+
+    def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
+        out = dict(kwargs)
+        caller_chose = "start_new_session" in out or "process_group" in out
+        if new_group and not caller_chose:
+            out["start_new_session"] = True
+        return out
+
+    def started_own_group(self, kwargs: Mapping[str, Any]) -> bool:
+        return bool(kwargs.get("start_new_session")) or kwargs.get("process_group") == 0
+
+    def _signal_group(self, pid: int, sig: int) -> bool:
+        try:
+            self.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def request_stop(self, pid: int, own_group: bool) -> None:
+        if own_group and self._signal_group(pid, signal.SIGTERM):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            self.kill(pid, signal.SIGTERM)
+
+    def force_stop(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+        if own_group:
+            self._signal_group(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            self.kill(pid, signal.SIGKILL)
+        self.signal_descendants(descendants, signal.SIGKILL)
+
+    def group_alive(self, pid: int, own_group: bool) -> bool:
+        return own_group and self._signal_group(pid, 0)
+
+
+@dataclass
+class WindowsOps(PlatformOps):
+    """Windows: ``CREATE_NEW_PROCESS_GROUP``, CTRL_BREAK first, then kill the psutil tree."""
+
+    def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
+        out = dict(kwargs)
+        if new_group:
+            out["creationflags"] = int(out.get("creationflags", 0)) | CREATE_NEW_PROCESS_GROUP
+        return out
+
+    def started_own_group(self, kwargs: Mapping[str, Any]) -> bool:
+        return bool(int(kwargs.get("creationflags", 0)) & CREATE_NEW_PROCESS_GROUP)
+
+    def request_stop(self, pid: int, own_group: bool) -> None:
+        # CTRL_BREAK reaches only a process that leads its own console group; without a group,
+        # TerminateProcess (SIGTERM's stand-in on Windows) is the only request available.
+        sig = CTRL_BREAK_EVENT if own_group else signal.SIGTERM
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            self.kill(pid, sig)
+
+    def force_stop(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+        # Windows has no process groups to signal: kill the descendants found while the tree was
+        # intact, then the child itself (TerminateProcess).
+        for proc in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                proc.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            self.kill(pid, signal.SIGTERM)
+
+
+def platform_ops(platform: str | None = None, **overrides: Any) -> PlatformOps:
+    """Return the :class:`PlatformOps` for ``platform`` (default: this machine).
+
+    ``overrides`` replace the operating-system calls (``kill``, ``killpg``,
+    ``snapshot_descendants``) so tests can record what would be done.
+    """
+    name = platform or sys.platform
+    if is_windows(name):
+        return WindowsOps(name=name, **overrides)
+    return PosixOps(name=name, **overrides)

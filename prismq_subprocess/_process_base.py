@@ -1,0 +1,123 @@
+"""Shared behaviour of our own process classes (THREADED, LOCAL, DRY_RUN).
+
+It reproduces ``asyncio.subprocess.Process``: ``wait()`` can be awaited by many tasks and
+cancelling one never stops the child; ``communicate()`` writes the input, ignoring
+``BrokenPipeError``/``ConnectionResetError`` as asyncio does, reads both streams concurrently,
+then waits; signalling a process that has already exited raises ``ProcessLookupError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+__all__ = ["ProcessBase"]
+
+
+class ProcessBase:
+    """Base class implementing the ``asyncio.subprocess.Process`` API around a few hooks."""
+
+    stdin: Any
+    stdout: Any
+    stderr: Any
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+        self._loop = loop
+        self._pid = pid
+        self._returncode: int | None = None
+        self._waiters: list[asyncio.Future[int]] = []
+        self.stdin = None
+        self.stdout = None
+        self.stderr = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._pid}>"
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the child exited (negative: the signal that killed it), or None."""
+        return self._returncode
+
+    def _set_returncode(self, returncode: int) -> None:
+        """Record the exit status and wake every ``wait()``; called on the loop's thread."""
+        if self._returncode is not None:
+            return
+        self._returncode = returncode
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(returncode)
+        self._waiters.clear()
+
+    async def wait(self) -> int:
+        """Wait for the child to exit and return its exit status.
+
+        Cancelling this coroutine does not stop the child (asyncio's semantics).
+        """
+        if self._returncode is not None:
+            return self._returncode
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._waiters.append(fut)
+        self._on_wait()
+        try:
+            return await fut
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+    def _on_wait(self) -> None:
+        """Hook: someone started waiting (LOCAL starts the run then)."""
+
+    async def _feed_stdin(self, input: bytes | None) -> None:
+        if input is not None:
+            self.stdin.write(input)
+        # The child may close its stdin early; asyncio's communicate() ignores that too.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await self.stdin.drain()
+        self.stdin.close()
+
+    async def _noop(self) -> None:
+        return None
+
+    async def _read_stream(self, stream: Any) -> bytes:
+        return bytes(await stream.read())
+
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+        """Send ``input`` (if stdin is a pipe), read stdout/stderr to the end, wait for exit.
+
+        Returns ``(stdout, stderr)``; an item is ``None`` when that stream is not a pipe.
+        Cancelling does not stop the child (asyncio's semantics).
+        """
+        feed = self._feed_stdin(input) if self.stdin is not None else self._noop()
+        out = self._read_stream(self.stdout) if self.stdout is not None else self._noop()
+        err = self._read_stream(self.stderr) if self.stderr is not None else self._noop()
+        _, stdout, stderr = await asyncio.gather(feed, out, err)
+        await self.wait()
+        return stdout, stderr
+
+    def send_signal(self, signal: int) -> None:
+        """Send ``signal`` to the child.
+
+        Raises:
+            ProcessLookupError: the child has already exited.
+        """
+        if self._returncode is not None:
+            raise ProcessLookupError(f"process {self._pid} has already exited")
+        self._send_signal(signal)
+
+    def terminate(self) -> None:
+        """Ask the child to stop (SIGTERM; ``TerminateProcess`` on Windows)."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Kill the child (SIGKILL; ``TerminateProcess`` on Windows)."""
+        self.send_signal(getattr(signal, "SIGKILL", signal.SIGTERM))
+
+    def _send_signal(self, sig: int) -> None:
+        raise NotImplementedError

@@ -1,0 +1,222 @@
+"""The interface every strategy implements, and the mode-neutral ``run()`` built on it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import IO, Any, ClassVar
+
+from .._exceptions import ProcessTimeoutError
+from .._lifecycle import stop_process_tree
+from .._modes import RunMode
+from .._platform import PlatformOps, platform_ops
+from .._process import ProcessLike
+from .._result import ProcessResult, TailBuffer
+
+__all__ = ["RunOptions", "SpawnRequest", "SubprocessStrategy"]
+
+Stdio = int | IO[Any] | None
+
+#: asyncio's default StreamReader limit.
+DEFAULT_LIMIT = 2**16
+_RUN_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """A validated request to start one child.
+
+    ``command`` is the argument tuple (exec) or the command line (``shell=True``); ``kwargs`` are
+    the remaining ``Popen`` keyword arguments (``cwd``, ``env``, group options, ...).
+    """
+
+    command: tuple[str | bytes, ...] | str | bytes
+    shell: bool
+    stdin: Stdio = None
+    stdout: Stdio = None
+    stderr: Stdio = None
+    limit: int = DEFAULT_LIMIT
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def display(self) -> tuple[str, ...] | str:
+        """The command as text, for results, logs and errors."""
+        if isinstance(self.command, str):
+            return self.command
+        if isinstance(self.command, bytes):
+            return self.command.decode(errors="replace")
+        return tuple(
+            p.decode(errors="replace") if isinstance(p, bytes) else p for p in self.command
+        )
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How ``run()`` treats one command."""
+
+    input: bytes | None = None
+    timeout: float | None = None
+    grace: float = 5.0
+    max_output_bytes: int | None = None
+
+
+class SubprocessStrategy(ABC):
+    """How one :class:`RunMode` starts and runs children.
+
+    Subclasses implement :meth:`spawn`; they may override :meth:`run` when their mode can do it
+    more cheaply than through a process object (LOCAL and DRY_RUN do).
+    """
+
+    mode: ClassVar[RunMode]
+
+    def __init__(self, *, max_workers: int | None = None, ops: PlatformOps | None = None) -> None:
+        self.max_workers = max_workers
+        self.ops = ops or platform_ops()
+
+    #: Called with every process this strategy starts (the wrapper tracks them to stop them).
+    on_spawn: Callable[[ProcessLike], None] | None = None
+
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
+        """Start the child described by ``request`` and return its process object.
+
+        Raises:
+            CommandNotFoundError: the program does not exist.
+            NotImplementedError: this event loop cannot run this mode (ASYNC on a Windows
+                selector loop); the wrapper decides whether to fall back.
+        """
+        process = await self._spawn(request)
+        self._spawned(process)
+        return process
+
+    def _spawned(self, process: ProcessLike) -> None:
+        if self.on_spawn is not None:
+            self.on_spawn(process)
+
+    @abstractmethod
+    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+        """Start the child; subclasses implement this, :meth:`spawn` adds the tracking."""
+
+    async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
+        """Run ``request`` to completion, keeping at most ``options.max_output_bytes`` per stream.
+
+        Timeout: the tree is stopped and :class:`ProcessTimeoutError` carries the output so far.
+        Cancellation: the tree is stopped (bounded by ``options.grace``) before ``CancelledError``
+        propagates.
+        """
+        request = replace(
+            request,
+            stdin=subprocess.PIPE if options.input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        started = time.perf_counter()
+        process = await self.spawn(request)
+        out = TailBuffer(options.max_output_bytes)
+        err = TailBuffer(options.max_output_bytes)
+        loop = asyncio.get_running_loop()
+        pumps = [
+            loop.create_task(_pump(process.stdout, out)),
+            loop.create_task(_pump(process.stderr, err)),
+        ]
+        if options.input is not None:
+            pumps.append(loop.create_task(_feed(process.stdin, options.input)))
+        scope = asyncio.timeout(options.timeout)
+        try:
+            async with scope:
+                await process.wait()
+                await self._finish_pumps(process, pumps, options.grace)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            await self._abort(process, pumps, options.grace)
+            raise ProcessTimeoutError(
+                cmd=request.display,
+                timeout=options.timeout or 0.0,
+                returncode=process.returncode,
+                stdout=out.getvalue(),
+                stderr=err.getvalue(),
+            ) from None
+        except BaseException:
+            await self._abort(process, pumps, options.grace)
+            raise
+        assert process.returncode is not None
+        return ProcessResult(
+            args=request.display,
+            returncode=process.returncode,
+            stdout=out.getvalue(),
+            stderr=err.getvalue(),
+            pid=process.pid,
+            duration=time.perf_counter() - started,
+            mode=self.mode,
+            stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated,
+            stdout_total_bytes=out.total,
+            stderr_total_bytes=err.total,
+        )
+
+    async def _finish_pumps(
+        self, process: ProcessLike, pumps: list[asyncio.Task[None]], grace: float
+    ) -> None:
+        """After the child exited: let the readers reach end of file.
+
+        A descendant still holding the pipes open would keep them waiting forever, so the
+        leftover group is stopped first (``KillMode=control-group`` semantics).
+        """
+        if all(p.done() for p in pumps):
+            for p in pumps:
+                p.result()
+            return
+        done, pending = await asyncio.wait(pumps, timeout=0.05)
+        if pending:
+            await stop_process_tree(process, grace=grace, ops=self.ops)
+            done, pending = await asyncio.wait(pumps, timeout=grace + 1.0)
+            for p in pending:  # a descendant that escaped us still holds the pipe
+                p.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for p in done:
+            p.result()
+
+    async def _abort(
+        self, process: ProcessLike, pumps: list[asyncio.Task[None]], grace: float
+    ) -> None:
+        """Stop the tree and the readers; keep whatever the readers already captured."""
+        stopper = asyncio.ensure_future(stop_process_tree(process, grace=grace, ops=self.ops))
+        try:
+            await asyncio.shield(stopper)
+        except asyncio.CancelledError:
+            # Cancelled again while stopping: finish the stop anyway, then give in.
+            with contextlib.suppress(BaseException):
+                await stopper
+            raise
+        finally:
+            _, pending = await asyncio.wait(pumps, timeout=0.5) if pumps else (set(), set())
+            for p in pending:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    def close(self) -> None:  # noqa: B027 - most strategies hold nothing to release
+        """Release threads and other resources. Idempotent; processes are the wrapper's concern."""
+
+
+async def _pump(stream: Any, buffer: TailBuffer) -> None:
+    read = stream.read
+    while True:
+        chunk = await read(_RUN_CHUNK)
+        if not chunk:
+            return
+        buffer.append(chunk)
+
+
+async def _feed(stdin: Any, data: bytes) -> None:
+    try:
+        stdin.write(data)
+        await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the child does not want more input; as communicate() does, ignore it
+    finally:
+        stdin.close()

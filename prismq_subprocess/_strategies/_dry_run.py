@@ -1,0 +1,322 @@
+"""DRY_RUN mode: never starts a process; records each command and answers from a script.
+
+Like httpx's ``MockTransport``: host applications test their code paths without spawning anything,
+then inspect :attr:`DryRunRecorder.calls`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+from .._exceptions import ProcessTimeoutError
+from .._modes import RunMode
+from .._platform import PlatformOps
+from .._process import ProcessLike
+from .._process_base import ProcessBase
+from .._result import ProcessResult
+from ._base import RunOptions, SpawnRequest, SubprocessStrategy
+
+__all__ = ["DryRunCall", "DryRunProcess", "DryRunRecorder", "DryRunResponse", "DryRunStrategy"]
+
+logger = logging.getLogger(__name__)
+
+# Above Linux's largest pid_max (2**22) and odd (Windows pids are multiples of 4): a fake pid can
+# never name a real process, so a stray os.kill(fake_pid, ...) fails instead of hitting someone.
+_FAKE_PID_BASE = 2**22 + 1
+_fake_pids = itertools.count(_FAKE_PID_BASE, 2)
+
+
+@dataclass(frozen=True)
+class DryRunResponse:
+    """What a dry-run command "does": its exit status, output, and how long it "runs".
+
+    With ``duration > 0`` the fake process stays running that long (so timeouts, cancellation
+    and ``terminate()`` can be tested); terminating it ends it with ``-SIGTERM``.
+    """
+
+    returncode: int = 0
+    stdout: bytes = b""
+    stderr: bytes = b""
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class DryRunCall:
+    """One command the code under test asked to run.
+
+    ``args`` is the argument tuple (exec) or the command line (shell); ``input`` what was sent to
+    stdin (set once stdin is closed or ``communicate(input)`` was called).
+    """
+
+    args: tuple[str, ...] | str
+    shell: bool
+    cwd: str | None
+    env: Mapping[str, str] | None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    input: bytes | None = None
+
+
+Handler: TypeAlias = Callable[[DryRunCall], "DryRunResponse | int | None"]
+
+
+def _coerce(answer: DryRunResponse | int | None) -> DryRunResponse | None:
+    if answer is None or isinstance(answer, DryRunResponse):
+        return answer
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return DryRunResponse(returncode=answer)
+    raise TypeError(
+        f"a dry-run answer must be a DryRunResponse, an int returncode or None, not {answer!r}"
+    )
+
+
+class DryRunRecorder:
+    """Records dry-run commands and scripts their results.
+
+    ``responses`` is either a table mapping a command (argument tuple, or the command line for
+    shell commands) to a :class:`DryRunResponse` or a returncode, or a callable
+    ``handler(call) -> DryRunResponse | int | None``. Commands the table or handler does not
+    answer get ``default`` (returncode 0, no output).
+
+    Thread-safe; :attr:`calls` lists every command in the order it was started.
+    """
+
+    def __init__(
+        self,
+        responses: Mapping[tuple[str, ...] | str, DryRunResponse | int] | Handler | None = None,
+        *,
+        default: DryRunResponse | None = None,
+    ) -> None:
+        self._table: dict[tuple[str, ...] | str, DryRunResponse] = {}
+        self._handler: Handler | None = None
+        if callable(responses):
+            self._handler = responses
+        elif responses is not None:
+            for key, answer in responses.items():
+                coerced = _coerce(answer)
+                assert coerced is not None
+                self._table[key if isinstance(key, str) else tuple(key)] = coerced
+        self.default = default or DryRunResponse()
+        self._lock = threading.Lock()
+        self._calls: list[DryRunCall] = []
+
+    @property
+    def calls(self) -> list[DryRunCall]:
+        """A copy of the recorded calls, oldest first."""
+        with self._lock:
+            return list(self._calls)
+
+    @property
+    def commands(self) -> list[tuple[str, ...] | str]:
+        """Just the ``args`` of each recorded call."""
+        return [call.args for call in self.calls]
+
+    def clear(self) -> None:
+        """Forget the recorded calls."""
+        with self._lock:
+            self._calls.clear()
+
+    def record(self, call: DryRunCall) -> tuple[int, DryRunResponse]:
+        """Record ``call``; return its index and its scripted response."""
+        answer = _coerce(self._handler(call)) if self._handler else self._table.get(call.args)
+        with self._lock:
+            self._calls.append(call)
+            index = len(self._calls) - 1
+        return index, answer or self.default
+
+    def _set_input(self, index: int, data: bytes) -> None:
+        with self._lock:
+            call = self._calls[index]
+            self._calls[index] = DryRunCall(
+                call.args, call.shell, call.cwd, call.env, call.kwargs, data
+            )
+
+
+class _RecordingStdin:
+    """A ``StreamWriter`` look-alike that records what the code under test sends."""
+
+    def __init__(self, process: DryRunProcess) -> None:
+        self._process = process
+        self._chunks: list[bytes] = []
+        self._closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Record ``data``."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
+            )
+        if not self._closing:
+            self._chunks.append(bytes(data))
+
+    def writelines(self, data: Any) -> None:
+        """Record every item of ``data``."""
+        for chunk in data:
+            self.write(chunk)
+
+    def can_write_eof(self) -> bool:
+        """Always True."""
+        return True
+
+    def write_eof(self) -> None:
+        """Same as :meth:`close`."""
+        self.close()
+
+    def is_closing(self) -> bool:
+        """True once closed."""
+        return self._closing
+
+    def close(self) -> None:
+        """Store the input on the recorded call."""
+        if not self._closing:
+            self._closing = True
+            self._process._record_input(b"".join(self._chunks))
+
+    async def wait_closed(self) -> None:
+        """Return at once."""
+
+    async def drain(self) -> None:
+        """Return at once."""
+        await asyncio.sleep(0)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Always ``default``."""
+        return default
+
+
+class DryRunProcess(ProcessBase):
+    """A fake process: finished at once (or after the response's ``duration``), with the scripted
+    returncode and output on its streams. Its ``pid`` can never name a real process."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: SpawnRequest,
+        response: DryRunResponse,
+        recorder: DryRunRecorder,
+        index: int,
+    ) -> None:
+        super().__init__(loop, next(_fake_pids))
+        self._recorder = recorder
+        self._index = index
+        self._timer: asyncio.TimerHandle | None = None
+        if request.stdin == subprocess.PIPE:
+            self.stdin = _RecordingStdin(self)
+        self.stdout = self._stream(request.stdout, response.stdout, request.limit)
+        merged = request.stderr == subprocess.STDOUT
+        self.stderr = (
+            None if merged else self._stream(request.stderr, response.stderr, request.limit)
+        )
+        if merged and self.stdout is not None:
+            self.stdout.feed_data(response.stderr)
+        for stream in (self.stdout, self.stderr):
+            if stream is not None:
+                stream.feed_eof()
+        if response.duration > 0:
+            self._timer = loop.call_later(
+                response.duration, self._set_returncode, response.returncode
+            )
+        else:
+            self._set_returncode(response.returncode)
+
+    def _stream(self, how: Any, data: bytes, limit: int) -> asyncio.StreamReader | None:
+        if how != subprocess.PIPE:
+            return None
+        reader = asyncio.StreamReader(limit=limit, loop=self._loop)
+        reader.feed_data(data)
+        return reader
+
+    def _record_input(self, data: bytes) -> None:
+        self._recorder._set_input(self._index, data)
+
+    def _send_signal(self, sig: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._set_returncode(-int(sig))
+
+    def terminate(self) -> None:
+        """End the fake run with ``-SIGTERM``."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """End the fake run with ``-SIGKILL``."""
+        self.send_signal(getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+class DryRunStrategy(SubprocessStrategy):
+    """Records commands in :attr:`recorder` and returns :class:`DryRunProcess` objects."""
+
+    mode: ClassVar[RunMode] = RunMode.DRY_RUN
+
+    def __init__(
+        self,
+        *,
+        max_workers: int | None = None,
+        ops: PlatformOps | None = None,
+        recorder: DryRunRecorder | None = None,
+    ) -> None:
+        super().__init__(max_workers=max_workers, ops=ops)
+        self.recorder = recorder or DryRunRecorder()
+
+    def _record(
+        self, request: SpawnRequest, input: bytes | None = None
+    ) -> tuple[int, DryRunResponse]:
+        cwd = request.kwargs.get("cwd")
+        call = DryRunCall(
+            args=request.display,
+            shell=request.shell,
+            cwd=os.fsdecode(cwd) if cwd is not None else None,
+            env=request.kwargs.get("env"),
+            kwargs={k: v for k, v in request.kwargs.items() if k not in ("cwd", "env")},
+            input=input,
+        )
+        logger.info("dry run: %s", _show(call.args))
+        return self.recorder.record(call)
+
+    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+        index, response = self._record(request)
+        return DryRunProcess(asyncio.get_running_loop(), request, response, self.recorder, index)
+
+    async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
+        """Answer from the script without building stream objects (cheap enough for load tests)."""
+        started = time.perf_counter()
+        _, response = self._record(request, options.input)
+        if response.duration > 0:
+            if options.timeout is not None and response.duration > options.timeout:
+                await asyncio.sleep(options.timeout)
+                raise ProcessTimeoutError(
+                    cmd=request.display, timeout=options.timeout, returncode=-signal.SIGTERM
+                )
+            await asyncio.sleep(response.duration)
+        out, err = _cap(response.stdout, options), _cap(response.stderr, options)
+        return ProcessResult(
+            args=request.display,
+            returncode=response.returncode,
+            stdout=out,
+            stderr=err,
+            pid=next(_fake_pids),
+            duration=time.perf_counter() - started,
+            mode=self.mode,
+            stdout_truncated=len(out) < len(response.stdout),
+            stderr_truncated=len(err) < len(response.stderr),
+            stdout_total_bytes=len(response.stdout),
+            stderr_total_bytes=len(response.stderr),
+        )
+
+
+def _cap(data: bytes, options: RunOptions) -> bytes:
+    limit = options.max_output_bytes
+    return data if limit is None or len(data) <= limit else data[len(data) - limit :]
+
+
+def _show(args: Sequence[str] | str) -> str:
+    return args if isinstance(args, str) else " ".join(args)

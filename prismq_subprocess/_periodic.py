@@ -193,15 +193,15 @@ class PeriodicTask:
         self._stopping = False
         self._task = loop.create_task(self._schedule(), name=f"PeriodicTask:{self.name}")
 
-    # The timeout bounds the current run's grace, not this call: asyncio.timeout can't say that.
-    async def stop(self, timeout: float | timedelta | None = 5.0) -> None:  # noqa: ASYNC109
+    async def stop(self, timeout: float | timedelta | None = 5.0) -> None:
         """Stop the schedule and return when it has ended.
 
         No new run starts after this is called. A run in progress is allowed ``timeout`` seconds
         to finish (``None``: wait as long as it takes), then it is cancelled. A plain function
         running in a worker thread cannot be interrupted: on timeout we stop waiting for it and
         it finishes in its thread, its result discarded. Stopping a task that is not running
-        does nothing.
+        does nothing. A coroutine run may call ``await task.stop()`` itself: it returns at once
+        and the schedule ends when that run returns.
 
         If ``stop()`` itself is cancelled, the schedule is cancelled too and the cancellation
         propagates.
@@ -214,6 +214,10 @@ class PeriodicTask:
         if task is None or task.done():
             return
         self._stopping = True
+        if asyncio.current_task() is task:
+            # Called from inside a run: waiting for ourselves would deadlock. The flag ends the
+            # schedule as soon as this run returns.
+            return
         try:
             if self._in_run:
                 await asyncio.wait({task}, timeout=limit)

@@ -166,12 +166,11 @@ class ResourceManager:
         """True when every limit is met now (see :meth:`check_resources_detailed`)."""
         return (await self.check_resources_detailed()).ok
 
-    # The timeout bounds the waiting for resources; it is part of the admission decision.
     async def admit(
         self,
         *,
         wait: bool = True,
-        timeout: float | timedelta | None = None,  # noqa: ASYNC109
+        timeout: float | timedelta | None = None,
     ) -> ResourceCheck:
         """Admission control: return once there is room to start, or raise.
 

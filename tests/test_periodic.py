@@ -343,6 +343,21 @@ async def test_stop_cancels_a_run_that_outlives_the_timeout() -> None:
     assert not task.is_running
 
 
+async def test_a_run_can_stop_its_own_schedule() -> None:
+    clock = FakeClock()
+
+    async def work() -> None:
+        if task.stats.runs == 2:  # the third run
+            await task.stop()
+
+    task = fake_task(clock, work, 1.0, run_immediately=True)
+    task.start()
+    assert task._task is not None
+    await asyncio.wait_for(asyncio.shield(task._task), 5)
+    assert task.stats.runs == 3 and task.stats.failures == 0
+    assert not task.is_running
+
+
 async def test_restart_after_stop_keeps_counters() -> None:
     clock = FakeClock()
     runs = 0

@@ -76,7 +76,8 @@ class PeriodicTask:
     """Run ``task_func(*args, **kwargs)`` every ``interval`` on a fixed, drift-free cadence.
 
     Coroutine functions are awaited on the event loop; plain functions run in a worker thread
-    (``asyncio.to_thread``) so they never block the loop. See the module docstring for the
+    (``asyncio.to_thread``) so they never block the loop; an awaitable a plain function returns
+    is then awaited on the loop. See the module docstring for the
     scheduling and coalescing policy.
 
     Args:
@@ -293,10 +294,12 @@ class PeriodicTask:
         try:
             if self._is_async:
                 result = self._func(*self._args, **self._kwargs)
-                if inspect.isawaitable(result):
-                    await result
             else:
-                await asyncio.to_thread(self._func, *self._args, **self._kwargs)
+                result = await asyncio.to_thread(self._func, *self._args, **self._kwargs)
+            # A plain callable may hand back an awaitable (a lambda returning a coroutine, say):
+            # await it on the loop rather than drop it un-awaited.
+            if inspect.isawaitable(result):
+                await result
         except Exception as exc:
             self._record_end(started)
             self._failures += 1

@@ -300,6 +300,17 @@ async def test_plain_function_runs_in_a_worker_thread() -> None:
     assert task.stats.failures == 0
 
 
+async def test_a_plain_callable_returning_a_coroutine_is_awaited() -> None:
+    done = asyncio.Event()
+
+    async def work() -> None:
+        done.set()
+
+    async with PeriodicTask("lambda", 0.01, lambda: work(), run_immediately=True) as task:
+        await asyncio.wait_for(done.wait(), 5)
+    assert task.stats.failures == 0
+
+
 async def test_stop_lets_the_current_run_finish() -> None:
     started = asyncio.Event()
     finished = False

@@ -1,0 +1,45 @@
+"""Shared fixtures: one wrapper per mode, so a new mode is tested by adding it to one list."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+import prismq_subprocess as pq
+from prismq_subprocess import RunMode
+
+# Each entry builds a wrapper. "threaded-waiter" is THREADED without pidfd: the route Windows and
+# macOS take (one waiter thread per child), exercised here on Linux.
+WRAPPER_FACTORIES: dict[str, Callable[[], pq.SubprocessWrapper]] = {
+    "async": lambda: pq.SubprocessWrapper(RunMode.ASYNC, grace_period=2.0),
+    "threaded": lambda: pq.SubprocessWrapper(RunMode.THREADED, grace_period=2.0),
+    "threaded-waiter": lambda: pq.SubprocessWrapper(
+        pq.ThreadedStrategy(use_pidfd=False), grace_period=2.0
+    ),
+    "local": lambda: pq.SubprocessWrapper(RunMode.LOCAL, grace_period=2.0),
+    "dry-run": lambda: pq.SubprocessWrapper(RunMode.DRY_RUN, grace_period=2.0),
+}
+REAL = ["async", "threaded", "threaded-waiter", "local"]
+STREAMING = ["async", "threaded", "threaded-waiter"]  # output visible while the child runs
+
+
+@pytest.fixture(params=REAL)
+async def wrapper(request: pytest.FixtureRequest) -> AsyncIterator[pq.SubprocessWrapper]:
+    """A wrapper for each mode that starts real processes."""
+    async with WRAPPER_FACTORIES[request.param]() as w:
+        yield w
+
+
+@pytest.fixture(params=STREAMING)
+async def streaming_wrapper(request: pytest.FixtureRequest) -> AsyncIterator[pq.SubprocessWrapper]:
+    """A wrapper for each mode whose output streams while the child runs."""
+    async with WRAPPER_FACTORIES[request.param]() as w:
+        yield w
+
+
+@pytest.fixture(params=list(WRAPPER_FACTORIES))
+async def any_wrapper(request: pytest.FixtureRequest) -> AsyncIterator[pq.SubprocessWrapper]:
+    """A wrapper for every mode, DRY_RUN included."""
+    async with WRAPPER_FACTORIES[request.param]() as w:
+        yield w

@@ -1,0 +1,12 @@
+"""Small helpers shared by the tests (importable because pyproject puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import sys
+
+PY = sys.executable
+
+
+def py(code: str) -> tuple[str, str, str]:
+    """The argument tuple that runs ``code`` with this interpreter."""
+    return (PY, "-c", code)

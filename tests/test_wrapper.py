@@ -1,0 +1,305 @@
+"""Behaviour of SubprocessWrapper, parametrised over the modes that can express it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+
+import prismq_subprocess as pq
+from prismq_subprocess import PIPE, STDOUT, RunMode
+
+from helpers import PY, py
+
+
+async def test_run_captures_output_and_status(wrapper: pq.SubprocessWrapper) -> None:
+    result = await wrapper.run(
+        *py("import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)")
+    )
+    assert result.returncode == 3
+    assert result.stdout.replace(b"\r\n", b"\n") == b"out\n"
+    assert result.stderr.replace(b"\r\n", b"\n") == b"err\n"
+    assert result.pid > 0
+    assert result.duration > 0
+    assert result.mode is wrapper.mode
+    assert not result.ok
+    assert result.args[:2] == (PY, "-c")
+
+
+async def test_run_input_and_check(wrapper: pq.SubprocessWrapper) -> None:
+    code = "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read()[::-1])"
+    result = await wrapper.run(*py(code), input=b"abc", check=True)
+    assert result.stdout == b"cba"
+    with pytest.raises(pq.ProcessFailedError) as info:
+        await wrapper.run(*py("import sys; print('boom', file=sys.stderr); sys.exit(2)"), check=True)
+    assert info.value.returncode == 2
+    assert b"boom" in info.value.stderr
+    assert "boom" in str(info.value)
+    assert isinstance(info.value, pq.ModuleExecutionException)
+
+
+async def test_run_stdin_is_devnull_without_input(wrapper: pq.SubprocessWrapper) -> None:
+    result = await wrapper.run(*py("import sys; print(repr(sys.stdin.read()))"), timeout=10)
+    assert result.stdout.strip() == b"''"
+
+
+async def test_run_shell_cwd_env(wrapper: pq.SubprocessWrapper, tmp_path: object) -> None:
+    env = dict(os.environ, PRISMQ_TEST_VALUE="42")
+    result = await wrapper.run(
+        *py("import os; print(os.getcwd()); print(os.environ['PRISMQ_TEST_VALUE'])"),
+        cwd=tmp_path,
+        env=env,
+    )
+    lines = result.stdout_text.split()
+    assert os.path.samefile(lines[0], str(tmp_path))
+    assert lines[1] == "42"
+    shell = await wrapper.run("echo hello && exit 4", shell=True)
+    assert shell.returncode == 4
+    assert shell.stdout.strip() == b"hello"
+
+
+async def test_run_keeps_the_tail_of_big_output(wrapper: pq.SubprocessWrapper) -> None:
+    code = "import sys; sys.stdout.write('x' * 100000 + 'END')"
+    result = await wrapper.run(*py(code), max_output_bytes=1000)
+    assert result.stdout_truncated
+    assert len(result.stdout) == 1000
+    assert result.stdout.endswith(b"END")
+    assert result.stdout_total_bytes == 100003
+    assert not result.stderr_truncated
+
+
+async def test_communicate_with_input(wrapper: pq.SubprocessWrapper) -> None:
+    proc = await wrapper.create_subprocess_exec(
+        *py("import sys; sys.stdout.write(sys.stdin.read().upper())"),
+        stdin=PIPE,
+        stdout=PIPE,
+    )
+    out, err = await proc.communicate(b"hello")
+    assert (out, err) == (b"HELLO", None)
+    assert proc.returncode == 0
+
+
+async def test_stderr_to_stdout_and_devnull(wrapper: pq.SubprocessWrapper) -> None:
+    code = "import sys; print('a', flush=True); print('b', file=sys.stderr)"
+    proc = await wrapper.create_subprocess_exec(*py(code), stdout=PIPE, stderr=STDOUT)
+    out, err = await proc.communicate()
+    assert sorted(out.split()) == [b"a", b"b"]
+    assert err is None
+    proc = await wrapper.create_subprocess_exec(*py(code), stdout=pq.DEVNULL, stderr=PIPE)
+    assert proc.stdout is None
+    out, err = await proc.communicate()
+    assert out is None and err is not None and err.strip() == b"b"
+
+
+async def test_create_subprocess_returns_streams(wrapper: pq.SubprocessWrapper) -> None:
+    proc, stdout, stderr = await wrapper.create_subprocess(
+        *py("import sys\nfor i in range(3): print(i)\nprint('e', file=sys.stderr)")
+    )
+    assert stdout is proc.stdout and stderr is proc.stderr
+    lines = [line async for line in stdout]
+    assert [line.strip() for line in lines] == [b"0", b"1", b"2"]
+    assert (await stderr.read()).strip() == b"e"
+    assert await proc.wait() == 0
+
+
+async def test_stream_api_readline_read_readexactly(wrapper: pq.SubprocessWrapper) -> None:
+    proc = await wrapper.create_subprocess_exec(
+        *py("import sys; sys.stdout.write('line1\\nline2\\nABCDEFtail')"), stdout=PIPE
+    )
+    assert await proc.stdout.readline() == b"line1\n"
+    assert await proc.stdout.readuntil(b"\n") == b"line2\n"
+    assert await proc.stdout.readexactly(3) == b"ABC"
+    assert await proc.stdout.read(3) == b"DEF"
+    assert await proc.stdout.read() == b"tail"
+    assert await proc.stdout.read() == b""
+    assert proc.stdout.at_eof()
+    assert await proc.wait() == 0
+
+
+async def test_wait_is_shared_and_cancel_does_not_kill(
+    streaming_wrapper: pq.SubprocessWrapper,
+) -> None:
+    proc = await streaming_wrapper.create_subprocess_exec(
+        *py("import sys; sys.stdin.read()"), stdin=PIPE
+    )
+    waiter = asyncio.ensure_future(proc.wait())
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert proc.returncode is None  # asyncio's semantics: cancelling wait() leaves the child
+    both = asyncio.gather(proc.wait(), proc.wait())
+    proc.stdin.close()
+    assert await both == [0, 0]
+
+
+async def test_signals(streaming_wrapper: pq.SubprocessWrapper) -> None:
+    proc = await streaming_wrapper.create_subprocess_exec(*py("import time; time.sleep(30)"))
+    proc.terminate()
+    assert await proc.wait() == -signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        proc.terminate()
+    with pytest.raises(ProcessLookupError):
+        proc.kill()
+    proc = await streaming_wrapper.create_subprocess_exec(*py("import time; time.sleep(30)"))
+    proc.send_signal(signal.SIGKILL)
+    assert await proc.wait() == -signal.SIGKILL
+
+
+async def test_drain_raises_broken_pipe_after_exit(
+    streaming_wrapper: pq.SubprocessWrapper,
+) -> None:
+    proc = await streaming_wrapper.create_subprocess_exec(*py("pass"), stdin=PIPE)
+    await proc.wait()
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):  # noqa: PT012
+        for _ in range(100):
+            proc.stdin.write(b"x" * 65536)
+            await proc.stdin.drain()
+    proc.stdin.close()
+    # communicate() ignores the broken pipe, as asyncio's does
+    proc2 = await streaming_wrapper.create_subprocess_exec(*py("pass"), stdin=PIPE)
+    await proc2.wait()
+    assert await proc2.communicate(b"x" * 1_000_000) == (None, None)
+
+
+async def test_stdin_streaming_write_drain_close(wrapper: pq.SubprocessWrapper) -> None:
+    proc = await wrapper.create_subprocess_exec(
+        *py("import sys; print(len(sys.stdin.buffer.read()))"), stdin=PIPE, stdout=PIPE
+    )
+    for _ in range(20):
+        proc.stdin.write(b"y" * 50_000)
+        await proc.stdin.drain()
+    proc.stdin.writelines([b"a", b"b"])
+    assert proc.stdin.can_write_eof()
+    proc.stdin.write_eof()
+    assert proc.stdin.is_closing()
+    await proc.stdin.wait_closed()
+    assert (await proc.stdout.read()).strip() == b"1000002"
+    assert await proc.wait() == 0
+
+
+async def test_write_rejects_text(any_wrapper: pq.SubprocessWrapper) -> None:
+    proc = await any_wrapper.create_subprocess_exec(*py("import sys; sys.stdin.read()"), stdin=PIPE)
+    # asyncio's own pipe transport asserts; ours raise TypeError
+    with pytest.raises((TypeError, AssertionError)):
+        proc.stdin.write("text")  # type: ignore[arg-type]
+    proc.stdin.close()
+    await proc.wait()
+
+
+async def test_missing_program(any_wrapper: pq.SubprocessWrapper) -> None:
+    if any_wrapper.mode is RunMode.DRY_RUN:
+        pytest.skip("DRY_RUN never looks for the program")
+    with pytest.raises(FileNotFoundError) as info:
+        await any_wrapper.run("prismq-no-such-program-xyz")
+    assert isinstance(info.value, pq.CommandNotFoundError)
+    assert "prismq-no-such-program-xyz" in str(info.value)
+    with pytest.raises(pq.CommandNotFoundError):
+        await any_wrapper.create_subprocess_exec("/nonexistent/prog")
+    assert any_wrapper.live_processes == []
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error"),
+    [
+        ((), {}, pq.InvalidCommandError),
+        (("",), {}, pq.InvalidCommandError),
+        ((PY, 3), {}, pq.InvalidArgumentTypeError),
+        ((PY, None), {}, TypeError),
+        ((PY, "a\0b"), {}, pq.InvalidCommandError),
+        ((PY, "-c", "pass"), {"cwd": "/nonexistent/dir"}, pq.CwdNotFoundError),
+        ((PY, "-c", "pass"), {"cwd": PY}, pq.CwdNotADirectoryError),
+        ((PY, "-c", "pass"), {"env": {"A": 1}}, pq.InvalidEnvironmentError),
+        ((PY, "-c", "pass"), {"env": "A=1"}, pq.InvalidEnvironmentError),
+        ((PY, "-c", "pass"), {"timeout": -1}, pq.InvalidTimeoutError),
+        ((PY, "-c", "pass"), {"timeout": float("nan")}, pq.InvalidTimeoutError),
+        ((PY, "-c", "pass"), {"grace_period": -1}, pq.InvalidTimeoutError),
+        ((PY, "-c", "pass"), {"input": "text"}, pq.InvalidCommandError),
+        ((PY, "-c", "pass"), {"max_output_bytes": -5}, pq.InvalidCommandError),
+        ((PY, "-c", "pass"), {"text": True}, ValueError),
+        ((PY, "-c", "pass"), {"shell": True}, pq.InvalidCommandError),
+    ],
+)
+async def test_run_rejects_bad_input(
+    any_wrapper: pq.SubprocessWrapper, args: tuple, kwargs: dict, error: type
+) -> None:
+    threads = {t.ident for t in __import__("threading").enumerate()}
+    with pytest.raises(error) as info:
+        await any_wrapper.run(*args, **kwargs)
+    assert isinstance(info.value, pq.PrismQError)
+    assert any_wrapper.live_processes == []
+    assert {t.ident for t in __import__("threading").enumerate()} <= threads
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"universal_newlines": True}, "universal_newlines must be False"),
+        ({"text": True}, "text must be False"),
+        ({"encoding": "utf-8"}, "encoding must be None"),
+        ({"errors": "strict"}, "errors must be None"),
+        ({"bufsize": 1}, "bufsize must be 0"),
+        ({"shell": True}, "shell must be False"),
+    ],
+)
+async def test_exec_rejects_what_asyncio_rejects(
+    any_wrapper: pq.SubprocessWrapper, kwargs: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        await any_wrapper.create_subprocess_exec(PY, "-c", "pass", **kwargs)
+
+
+async def test_shell_rejects_bad_commands(any_wrapper: pq.SubprocessWrapper) -> None:
+    with pytest.raises(pq.InvalidCommandError):
+        await any_wrapper.create_subprocess_shell("   ")
+    with pytest.raises(pq.InvalidArgumentTypeError):
+        await any_wrapper.create_subprocess_shell(["ls"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shell must be True"):
+        await any_wrapper.create_subprocess_shell("true", shell=False)
+
+
+async def test_closed_wrapper_refuses_work(any_wrapper: pq.SubprocessWrapper) -> None:
+    await any_wrapper.aclose()
+    await any_wrapper.aclose()  # idempotent
+    any_wrapper.cleanup()
+    with pytest.raises(pq.WrapperClosedError):
+        await any_wrapper.run(*py("pass"))
+    with pytest.raises(pq.WrapperClosedError):
+        await any_wrapper.create_subprocess_exec(*py("pass"))
+
+
+async def test_mode_and_reason(any_wrapper: pq.SubprocessWrapper) -> None:
+    assert isinstance(any_wrapper.mode, RunMode)
+    assert any_wrapper.mode_reason
+    assert any_wrapper.mode.value in repr(any_wrapper)
+
+
+async def test_module_level_drop_ins() -> None:
+    proc = await pq.create_subprocess_exec(*py("print('x')"), stdout=PIPE)
+    assert await proc.communicate() == (b"x\n", None)
+    proc = await pq.create_subprocess_shell("echo shell", stdout=PIPE, mode="threaded")
+    assert (await proc.stdout.read()).strip() == b"shell"
+    assert await proc.wait() == 0
+    result = await pq.run(*py("print(1)"), mode=RunMode.LOCAL)
+    assert result.stdout.strip() == b"1"
+    with pytest.raises(pq.InvalidRunModeError):
+        await pq.run(*py("pass"), mode="nope")
+
+
+def test_cleanup_is_sync_and_idempotent() -> None:
+    w = pq.SubprocessWrapper(RunMode.THREADED)
+    w.cleanup()
+    w.cleanup()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+async def test_children_lead_their_own_group(wrapper: pq.SubprocessWrapper) -> None:
+    result = await wrapper.run(*py("import os; print(os.getpgid(0) == os.getpid())"))
+    assert result.stdout.strip() == b"True"
+    result = await wrapper.run(
+        *py("import os; print(os.getpgid(0) == os.getpid())"), start_new_session=False
+    )
+    assert result.stdout.strip() == b"False"

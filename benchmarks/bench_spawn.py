@@ -260,13 +260,16 @@ def report(result: dict[str, Any]) -> str:
     groups = result["groups"]
     keys = list(groups)
     cases = list(next(iter(groups.values()))["per_spawn_median_s"])
-    headers = ["case"] + [f"{k} per spawn" for k in keys] + [f"{k} /asyncio" for k in keys]
+    headers = ["case"] + [f"{k}: per spawn (vs asyncio)" for k in keys]
     rows = []
     for case in cases:
         rows.append(
             [case]
-            + [fmt_seconds(groups[k]["per_spawn_median_s"][case]) for k in keys]
-            + [f"{groups[k]['ratio_to_asyncio'][case]:.2f}x" for k in keys]
+            + [
+                f"{fmt_seconds(groups[k]['per_spawn_median_s'][case])} "
+                f"({groups[k]['ratio_to_asyncio'][case]:.2f}x)"
+                for k in keys
+            ]
         )
     dry = sorted(result["dry_run_100_s"])
     return (

@@ -1,0 +1,137 @@
+"""Run the whole benchmark suite, print the tables and one PASS/FAIL line per target of issue 7.
+
+    python benchmarks/run_all.py            # full run (about 10 minutes on 2 cores)
+    python benchmarks/run_all.py --quick    # smoke-sized run (under 2 minutes)
+    python benchmarks/run_all.py --only spawn,lines
+
+Writes benchmarks/results/{spawn,lines,big_output,many}.json, whatever the task-layer benchmarks
+(bench_tasks.py, bench_periodic.py, maintained separately) write, and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_big_output  # noqa: E402
+import bench_lines  # noqa: E402
+import bench_many  # noqa: E402
+import bench_spawn  # noqa: E402
+from _common import BENCH_DIR, PYTHON, RESULTS_DIR, Target, environment, write_json  # noqa: E402
+
+SUITES = ("spawn", "lines", "big", "many", "tasks")
+
+QUICK: dict[str, dict[str, Any]] = {
+    "spawn": {"n": 20, "rounds": 3},
+    "lines": {"lines": 300_000, "rounds": 2},
+    "big": {"size_mb": 50, "rounds": 1},
+    "many": {"children": 200, "rounds": 1},
+    "tasks": {"periodic": ["--ticks", "200"], "tasks": []},
+}
+FULL: dict[str, dict[str, Any]] = {
+    "spawn": {"n": 100, "rounds": 5},
+    "lines": {"lines": 2_000_000, "rounds": 3},
+    "big": {"size_mb": 200, "rounds": 3},
+    "many": {"children": 500, "rounds": 3},
+    "tasks": {"periodic": [], "tasks": []},
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_task_layer(config: dict[str, Any]) -> tuple[str, list[Target], dict[str, Any]]:
+    """Item 5: call the separately maintained task-layer benchmarks and collect their JSON."""
+    lines: list[str] = []
+    found: dict[str, Any] = {}
+    targets: list[Target] = []
+    for script, extra in (("bench_tasks.py", config["tasks"]), ("bench_periodic.py", config["periodic"])):
+        path = BENCH_DIR / script
+        if not path.exists():
+            lines.append(f"{script}: not present yet, skipped")
+            targets.append(Target(f"task layer ({script})", None, "benchmark not present"))
+            continue
+        log(f"tasks: {script} {' '.join(extra)}")
+        since = time.time() - 1
+        proc = subprocess.run(
+            [PYTHON, str(path), *extra], capture_output=True, text=True, cwd=BENCH_DIR.parent
+        )
+        lines.append(f"{script}: " + (proc.stdout.strip() or proc.stderr.strip()[-500:]))
+        if proc.returncode != 0:
+            targets.append(Target(f"task layer ({script})", False, f"exit {proc.returncode}"))
+            continue
+        for json_path in RESULTS_DIR.glob("*.json"):
+            if json_path.stat().st_mtime >= since and json_path.stem not in (
+                "spawn", "lines", "big_output", "many", "summary"
+            ):
+                found[json_path.stem] = json.loads(json_path.read_text())
+        targets.append(Target(f"task layer ({script})", True, "ran; numbers in its JSON"))
+    return "Task layer (item 5, benchmarks maintained separately)\n" + "\n".join(lines), targets, found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, finishes in ~2 min")
+    parser.add_argument("--only", default=",".join(SUITES), help=f"comma list of {SUITES}")
+    args = parser.parse_args()
+    config = QUICK if args.quick else FULL
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    started = time.perf_counter()
+    reports: list[str] = []
+    targets: list[Target] = []
+    for suite in only:
+        if suite == "spawn":
+            result = bench_spawn.run(**config["spawn"], log=log)
+            module: Any = bench_spawn
+            name = "spawn"
+        elif suite == "lines":
+            result = bench_lines.run(**config["lines"], log=log)
+            module, name = bench_lines, "lines"
+        elif suite == "big":
+            result = bench_big_output.run(**config["big"], log=log)
+            module, name = bench_big_output, "big_output"
+        elif suite == "many":
+            result = bench_many.run(**config["many"], log=log)
+            module, name = bench_many, "many"
+        elif suite == "tasks":
+            text, found_targets, _ = run_task_layer(config["tasks"])
+            reports.append(text)
+            targets.extend(found_targets)
+            continue
+        else:
+            parser.error(f"unknown suite {suite!r}; choose from {SUITES}")
+        write_json(name, {"quick": args.quick, **result})
+        reports.append(module.report(result))
+        targets.extend(module.targets(result))
+    env = environment()
+    print(
+        f"\nprismq_subprocess benchmarks ({'quick' if args.quick else 'full'}): Python "
+        f"{env['python']}, {env['cpus']} CPUs, {env['platform']}, {env['date']}\n"
+    )
+    for text in reports:
+        print(text + "\n")
+    print("Targets (issue 7):")
+    for t in targets:
+        print(t.line())
+    write_json(
+        "summary",
+        {
+            "quick": args.quick,
+            "seconds": time.perf_counter() - started,
+            "targets": [{"name": t.name, "passed": t.passed, "detail": t.detail} for t in targets],
+        },
+    )
+    print(f"\nJSON in {RESULTS_DIR}; took {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -241,7 +241,14 @@ class Run:
 
     def copy(self) -> Run:
         """Return a deep copy (registries hand these out so callers can't alter the store)."""
-        return copy.deepcopy(self)
+        # Field by field rather than copy.deepcopy: registries copy on every call, and only the
+        # two containers are mutable (datetimes, enums and RunOwner are immutable).
+        new = object.__new__(Run)
+        for name in _FIELD_NAMES:
+            setattr(new, name, getattr(self, name))
+        new.parameters = copy.deepcopy(self.parameters) if self.parameters else {}
+        new.output_tail = list(self.output_tail)
+        return new
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict: datetimes as ISO 8601 strings, status as its value, and the
@@ -326,3 +333,6 @@ class Run:
             if isinstance(exc, InvalidRunError):
                 raise
             raise InvalidRunError(f"malformed run data: {exc!r}") from exc
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Run))

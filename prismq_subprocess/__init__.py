@@ -16,26 +16,46 @@ from ._exceptions import (
     CommandNotFoundError,
     CwdNotADirectoryError,
     CwdNotFoundError,
+    DuplicateRunError,
     InvalidArgumentTypeError,
     InvalidCommandError,
     InvalidCwdError,
     InvalidEnvironmentError,
+    InvalidIntervalError,
+    InvalidLimitError,
+    InvalidQueryError,
+    InvalidRunError,
     InvalidRunModeError,
     InvalidTimeoutError,
     ModuleExecutionException,
+    OutputClosedError,
     PrismQError,
     ProcessFailedError,
     ProcessTimeoutError,
+    RegistryClosedError,
+    RegistrySchemaError,
     ResourceLimitException,
+    ResourceWaitTimeoutError,
+    RunNotFoundError,
     RunStateError,
     SubprocessPolicyException,
+    TaskManagerClosedError,
     WrapperClosedError,
 )
 from ._lifecycle import DEFAULT_GRACE_PERIOD, execute_with_timeout, terminate_gracefully
 from ._lines import iter_lines
+from ._memory_monitor import MemoryMonitor
 from ._modes import RunMode
+from ._output_capture import OutputCapture, OutputGap, OutputItem, OutputLine, OutputSubscription
+from ._periodic import PeriodicTask, PeriodicTaskStats
 from ._process import ProcessLike, StreamReaderLike, StreamWriterLike
+from ._process_tree import ProcessTreeSampler, TreeSample
+from ._registry import BaseRunRegistry, RunRegistry
+from ._resource_manager import LimitViolation, ResourceCheck, ResourceManager
+from ._resource_readings import PsutilResourceReader, ResourceSnapshot
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
+from ._run import Run, RunOwner, RunStatus
+from ._sqlite_registry import SQLiteRunRegistry
 from ._strategies import (
     AsyncStrategy,
     DryRunStrategy,
@@ -44,6 +64,7 @@ from ._strategies import (
     ThreadedStrategy,
 )
 from ._strategies._dry_run import DryRunCall, DryRunRecorder, DryRunResponse
+from ._task_manager import BackgroundTaskManager
 from ._wrapper import SubprocessWrapper
 
 __version__ = "0.1.0"
@@ -56,6 +77,8 @@ __all__ = [
     "PIPE",
     "STDOUT",
     "AsyncStrategy",
+    "BackgroundTaskManager",
+    "BaseRunRegistry",
     "CommandNotFoundError",
     "CwdNotADirectoryError",
     "CwdNotFoundError",
@@ -63,30 +86,61 @@ __all__ = [
     "DryRunRecorder",
     "DryRunResponse",
     "DryRunStrategy",
+    "DuplicateRunError",
     "InvalidArgumentTypeError",
     "InvalidCommandError",
     "InvalidCwdError",
     "InvalidEnvironmentError",
+    "InvalidIntervalError",
+    "InvalidLimitError",
+    "InvalidQueryError",
+    "InvalidRunError",
     "InvalidRunModeError",
     "InvalidTimeoutError",
+    "LimitViolation",
     "LocalStrategy",
+    "MemoryMonitor",
     "ModeDecision",
     "ModeSource",
     "ModuleExecutionException",
+    "OutputCapture",
+    "OutputClosedError",
+    "OutputGap",
+    "OutputItem",
+    "OutputLine",
+    "OutputSubscription",
+    "PeriodicTask",
+    "PeriodicTaskStats",
     "PrismQError",
     "ProcessFailedError",
     "ProcessLike",
     "ProcessResult",
     "ProcessTimeoutError",
+    "ProcessTreeSampler",
+    "PsutilResourceReader",
+    "RegistryClosedError",
+    "RegistrySchemaError",
+    "ResourceCheck",
     "ResourceLimitException",
+    "ResourceManager",
+    "ResourceSnapshot",
+    "ResourceWaitTimeoutError",
+    "Run",
     "RunMode",
+    "RunNotFoundError",
+    "RunOwner",
+    "RunRegistry",
     "RunStateError",
+    "RunStatus",
+    "SQLiteRunRegistry",
     "StreamReaderLike",
     "StreamWriterLike",
     "SubprocessPolicyException",
     "SubprocessStrategy",
     "SubprocessWrapper",
+    "TaskManagerClosedError",
     "ThreadedStrategy",
+    "TreeSample",
     "WrapperClosedError",
     "create_subprocess_exec",
     "create_subprocess_shell",

@@ -115,24 +115,49 @@ async def stop_process_tree(
     descendants: list[psutil.Process] = []
     if process.returncode is None:
         descendants = ops.snapshot_descendants(pid)
-        ops.request_stop(pid, own_group)
+        sig = ops.stop_signal(own_group)
+        if not (own_group and ops.signal_group(pid, sig)):
+            _signal(process, sig)
         ops.signal_descendants(descendants, signal.SIGTERM)
         if not await _wait_until(deadline, process):
             descendants += ops.snapshot_descendants(pid)
             logger.info("pid %d outlived its %.3g s grace period; killing its tree", pid, grace)
-            ops.force_stop(pid, own_group, descendants)
+            ops.kill_tree(pid, own_group, descendants)
+            _kill(process)
         returncode = await process.wait()
     else:
         returncode = process.returncode
         if ops.group_alive(pid, own_group):
-            ops.request_stop(pid, own_group)
+            ops.signal_group(pid, ops.stop_signal(own_group))
     # The leader is gone; members of its group (or escaped descendants) may linger.
     # Nothing notifies us when a grandchild exits, so poll (cheap: one signal-0 per tick).
-    while (ops.group_alive(pid, own_group) or _alive(descendants)) and loop.time() < deadline:  # noqa: ASYNC110
+    while _lingering(ops, pid, own_group, descendants) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(_POLL)
-    if ops.group_alive(pid, own_group) or _alive(descendants):
-        ops.force_stop(pid, own_group, _alive(descendants))
+    if _lingering(ops, pid, own_group, descendants):
+        ops.kill_tree(pid, own_group, _alive(descendants))
     return returncode
+
+
+def _lingering(ops: PlatformOps, pid: int, own_group: bool, procs: list[psutil.Process]) -> bool:
+    return ops.group_alive(pid, own_group) or bool(_alive(procs))
+
+
+def _signal(process: ProcessLike, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        process.send_signal(sig)
+
+
+def _kill(process: ProcessLike) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        process.kill()
+
+
+def kill_tree_now(process: ProcessLike, ops: PlatformOps | None = None) -> None:
+    """Kill ``process`` and its tree at once, without waiting (for synchronous clean-up)."""
+    ops = ops or platform_ops()
+    if process.returncode is None:
+        ops.kill_tree(process.pid, _own_group(process, ops), ops.snapshot_descendants(process.pid))
+        _kill(process)
 
 
 async def terminate_gracefully(

@@ -94,12 +94,20 @@ class PlatformOps:
         """True when a child spawned with ``kwargs`` leads its own process group."""
         raise NotImplementedError
 
-    def request_stop(self, pid: int, own_group: bool) -> None:
-        """Ask the child (and its group) to stop: SIGTERM on POSIX, CTRL_BREAK on Windows."""
+    def stop_signal(self, own_group: bool) -> int:
+        """The polite stop request: SIGTERM on POSIX, CTRL_BREAK on Windows for a group leader."""
         raise NotImplementedError
 
-    def force_stop(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
-        """Kill the child, its group and every still-running process in ``descendants``."""
+    def signal_group(self, pid: int, sig: int) -> bool:
+        """Send ``sig`` to the group led by ``pid``; False when that is impossible or no member
+        is left (the caller then signals the child itself)."""
+        raise NotImplementedError
+
+    def kill_tree(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+        """Kill the child's group and every still-running process in ``descendants``.
+
+        The child itself is killed by the caller through its process object.
+        """
         raise NotImplementedError
 
     def group_alive(self, pid: int, own_group: bool) -> bool:
@@ -132,28 +140,23 @@ class PosixOps(PlatformOps):
     def started_own_group(self, kwargs: Mapping[str, Any]) -> bool:
         return bool(kwargs.get("start_new_session")) or kwargs.get("process_group") == 0
 
-    def _signal_group(self, pid: int, sig: int) -> bool:
+    def stop_signal(self, own_group: bool) -> int:
+        return int(signal.SIGTERM)
+
+    def signal_group(self, pid: int, sig: int) -> bool:
         try:
             self.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
             return False
         return True
 
-    def request_stop(self, pid: int, own_group: bool) -> None:
-        if own_group and self._signal_group(pid, signal.SIGTERM):
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            self.kill(pid, signal.SIGTERM)
-
-    def force_stop(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+    def kill_tree(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
         if own_group:
-            self._signal_group(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            self.kill(pid, signal.SIGKILL)
+            self.signal_group(pid, signal.SIGKILL)
         self.signal_descendants(descendants, signal.SIGKILL)
 
     def group_alive(self, pid: int, own_group: bool) -> bool:
-        return own_group and self._signal_group(pid, 0)
+        return own_group and self.signal_group(pid, 0)
 
 
 @dataclass
@@ -169,21 +172,25 @@ class WindowsOps(PlatformOps):
     def started_own_group(self, kwargs: Mapping[str, Any]) -> bool:
         return bool(int(kwargs.get("creationflags", 0)) & CREATE_NEW_PROCESS_GROUP)
 
-    def request_stop(self, pid: int, own_group: bool) -> None:
+    def stop_signal(self, own_group: bool) -> int:
         # CTRL_BREAK reaches only a process that leads its own console group; without a group,
-        # TerminateProcess (SIGTERM's stand-in on Windows) is the only request available.
-        sig = CTRL_BREAK_EVENT if own_group else signal.SIGTERM
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            self.kill(pid, sig)
+        # TerminateProcess (what SIGTERM means on Windows) is the only request available.
+        return CTRL_BREAK_EVENT if own_group else int(signal.SIGTERM)
 
-    def force_stop(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
-        # Windows has no process groups to signal: kill the descendants found while the tree was
-        # intact, then the child itself (TerminateProcess).
+    def signal_group(self, pid: int, sig: int) -> bool:
+        if sig != CTRL_BREAK_EVENT:
+            return False  # Windows has no other group-wide signal
+        try:
+            self.kill(pid, sig)
+        except (ProcessLookupError, PermissionError, OSError):
+            return False
+        return True
+
+    def kill_tree(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+        # No process groups to signal: kill the descendants found while the tree was intact.
         for proc in descendants:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 proc.kill()
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            self.kill(pid, signal.SIGTERM)
 
 
 def platform_ops(platform: str | None = None, **overrides: Any) -> PlatformOps:

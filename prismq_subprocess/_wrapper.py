@@ -12,7 +12,7 @@ from typing import Any
 
 from ._detect import ModeDecision, resolve_run_mode
 from ._exceptions import InvalidCommandError, SubprocessPolicyException, WrapperClosedError
-from ._lifecycle import DEFAULT_GRACE_PERIOD, stop_process_tree
+from ._lifecycle import DEFAULT_GRACE_PERIOD, kill_tree_now, stop_process_tree
 from ._modes import RunMode
 from ._platform import PlatformOps, platform_ops
 from ._process import ProcessLike
@@ -350,9 +350,7 @@ class SubprocessWrapper:
         self._closed = True
         for process in self.live_processes:
             with contextlib.suppress(Exception):
-                self._ops.force_stop(
-                    process.pid, True, self._ops.snapshot_descendants(process.pid)
-                )
+                kill_tree_now(process, self._ops)
         self._live.clear()
         for strategy in (*self._retired, self._strategy):
             strategy.close()

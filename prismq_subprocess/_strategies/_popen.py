@@ -59,7 +59,9 @@ def _discard_orphan(
         return
     popen = future.result()
     own_group = ops.started_own_group(request.kwargs)
-    ops.force_stop(popen.pid, own_group, ops.snapshot_descendants(popen.pid))
+    ops.kill_tree(popen.pid, own_group, ops.snapshot_descendants(popen.pid))
+    with contextlib.suppress(OSError):
+        popen.kill()
     for pipe in (popen.stdin, popen.stdout, popen.stderr):
         if pipe is not None:
             with contextlib.suppress(OSError):

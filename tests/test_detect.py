@@ -40,7 +40,8 @@ def test_invalid_env_var_is_an_error_naming_it() -> None:
 
 
 def test_empty_env_var_means_auto() -> None:
-    assert detect_run_mode(env={"PRISMQ_RUN_MODE": "  "}, platform="linux").source is ModeSource.AUTO
+    decision = detect_run_mode(env={"PRISMQ_RUN_MODE": "  "}, platform="linux")
+    assert decision.source is ModeSource.AUTO
 
 
 @pytest.mark.parametrize("platform", ["linux", "darwin", "freebsd13"])

@@ -65,7 +65,7 @@ async def test_handler_callable_and_process_api() -> None:
     assert await proc.wait() == 0
     assert (await wrapper.run("fail")).returncode == 5
     assert (await wrapper.run("unknown")).returncode == 9
-    proc, out, err = await wrapper.create_subprocess("echo", "x")
+    _, out, _ = await wrapper.create_subprocess("echo", "x")
     assert [line async for line in out] == [b"x\n"]
     assert len(recorder.calls) == 4
     recorder.clear()

@@ -7,10 +7,10 @@ import logging
 from typing import Any
 
 import pytest
+from helpers import py
 
 import prismq_subprocess as pq
 from prismq_subprocess import RunMode
-from helpers import py
 
 
 class NoSubprocessLoop(asyncio.SelectorEventLoop):

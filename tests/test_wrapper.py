@@ -8,11 +8,10 @@ import signal
 import sys
 
 import pytest
+from helpers import PY, py
 
 import prismq_subprocess as pq
 from prismq_subprocess import PIPE, STDOUT, RunMode
-
-from helpers import PY, py
 
 
 async def test_run_captures_output_and_status(wrapper: pq.SubprocessWrapper) -> None:
@@ -34,7 +33,9 @@ async def test_run_input_and_check(wrapper: pq.SubprocessWrapper) -> None:
     result = await wrapper.run(*py(code), input=b"abc", check=True)
     assert result.stdout == b"cba"
     with pytest.raises(pq.ProcessFailedError) as info:
-        await wrapper.run(*py("import sys; print('boom', file=sys.stderr); sys.exit(2)"), check=True)
+        await wrapper.run(
+            *py("import sys; print('boom', file=sys.stderr); sys.exit(2)"), check=True
+        )
     assert info.value.returncode == 2
     assert b"boom" in info.value.stderr
     assert "boom" in str(info.value)
@@ -54,7 +55,7 @@ async def test_run_shell_cwd_env(wrapper: pq.SubprocessWrapper, tmp_path: object
         env=env,
     )
     lines = result.stdout_text.split()
-    assert os.path.samefile(lines[0], str(tmp_path))
+    assert os.path.samefile(lines[0], str(tmp_path))  # noqa: ASYNC240
     assert lines[1] == "42"
     shell = await wrapper.run("echo hello && exit 4", shell=True)
     assert shell.returncode == 4
@@ -154,7 +155,7 @@ async def test_drain_raises_broken_pipe_after_exit(
 ) -> None:
     proc = await streaming_wrapper.create_subprocess_exec(*py("pass"), stdin=PIPE)
     await proc.wait()
-    with pytest.raises((BrokenPipeError, ConnectionResetError)):  # noqa: PT012
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
         for _ in range(100):
             proc.stdin.write(b"x" * 65536)
             await proc.stdin.drain()

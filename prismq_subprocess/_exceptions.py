@@ -254,3 +254,29 @@ class OutputClosedError(PrismQError, RuntimeError):
 
 class TaskManagerClosedError(PrismQError, RuntimeError):
     """Raised by ``BackgroundTaskManager.start_task`` after ``shutdown()`` has begun."""
+
+
+class ScriptNotFoundError(PrismQError, FileNotFoundError):
+    """Raised by ``ModuleRunner`` (and the executor) before anything starts when a module's
+    script does not exist or is not a file (or a directory with ``__main__.py``).
+
+    It is a ``FileNotFoundError``; ``filename`` is the path that was checked.
+    """
+
+    def __init__(self, path: str, detail: str = "does not exist") -> None:
+        super().__init__(errno.ENOENT, f"module script {path!r} {detail}", path)
+
+
+class InvalidParametersError(PrismQError, ValueError):
+    """Raised before anything starts when a module's parameters cannot be stored as JSON or
+    mapped to command-line arguments (a non-str key, a name that is not an option name, a value
+    that is not JSON-serialisable)."""
+
+
+class RunnerClosedError(PrismQError, RuntimeError):
+    """Raised when a ``ModuleRunner`` or ``ConcurrentExecutor`` is used after ``aclose()`` or
+    ``cleanup()``."""
+
+
+class PoolClosedError(PrismQError, RuntimeError):
+    """Raised by ``ResourcePool.acquire_subprocess`` after ``cleanup()`` or ``aclose()``."""

@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import PYTHON, TRUE, Target, maxrss_bytes, run_fresh, table, write_json  # noqa: E402
+from _common import PYTHON, TRUE, Target, maxrss_bytes, run_fresh, table, write_json
 
 PIPE = subprocess.PIPE
 MB = 1024 * 1024

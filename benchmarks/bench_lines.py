@@ -24,9 +24,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import PYTHON, Target, interleave, table, write_json  # noqa: E402
+from _common import PYTHON, Target, interleave, table, write_json
 
-import prismq_subprocess as pq  # noqa: E402
+import prismq_subprocess as pq
 
 PIPE = subprocess.PIPE
 LINE_BYTES = 14  # b"line 00000000\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import functools
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (  # noqa: E402
+from _common import (
     PYTHON,
     TRUE,
     Interleaved,
@@ -37,7 +38,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-import prismq_subprocess as pq  # noqa: E402
+import prismq_subprocess as pq
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -235,7 +236,7 @@ def run(
             if log:
                 log(f"spawn: {key}, n={n}, {rounds} rounds, {len(chosen)} cases")
             timings: Interleaved = interleave(
-                {name: (lambda f=f: f(cmd, n, conc)) for name, f in chosen.items()},
+                {name: functools.partial(f, cmd, n, conc) for name, f in chosen.items()},
                 rounds,
                 log=log,
             )

@@ -16,16 +16,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_big_output  # noqa: E402
-import bench_lines  # noqa: E402
-import bench_many  # noqa: E402
-import bench_spawn  # noqa: E402
-from _common import BENCH_DIR, PYTHON, RESULTS_DIR, Target, environment, write_json  # noqa: E402
+import bench_big_output
+import bench_lines
+import bench_many
+import bench_spawn
+from _common import BENCH_DIR, PYTHON, RESULTS_DIR, Target, environment, write_json
 
 SUITES = ("spawn", "lines", "big", "many", "tasks")
 
@@ -54,7 +53,10 @@ def run_task_layer(config: dict[str, Any]) -> tuple[str, list[Target], dict[str,
     lines: list[str] = []
     found: dict[str, Any] = {}
     targets: list[Target] = []
-    for script, extra in (("bench_tasks.py", config["tasks"]), ("bench_periodic.py", config["periodic"])):
+    for script, extra in (
+        ("bench_tasks.py", config["tasks"]),
+        ("bench_periodic.py", config["periodic"]),
+    ):
         path = BENCH_DIR / script
         if not path.exists():
             lines.append(f"{script}: not present yet, skipped")
@@ -71,11 +73,19 @@ def run_task_layer(config: dict[str, Any]) -> tuple[str, list[Target], dict[str,
             continue
         for json_path in RESULTS_DIR.glob("*.json"):
             if json_path.stat().st_mtime >= since and json_path.stem not in (
-                "spawn", "lines", "big_output", "many", "summary"
+                "spawn",
+                "lines",
+                "big_output",
+                "many",
+                "summary",
             ):
                 found[json_path.stem] = json.loads(json_path.read_text())
         targets.append(Target(f"task layer ({script})", True, "ran; numbers in its JSON"))
-    return "Task layer (item 5, benchmarks maintained separately)\n" + "\n".join(lines), targets, found
+    return (
+        "Task layer (item 5, benchmarks maintained separately)\n" + "\n".join(lines),
+        targets,
+        found,
+    )
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from ._durations import interval_seconds, timeout_seconds
 from ._exceptions import (
     InvalidLimitError,
     InvalidRunModeError,
+    OutputClosedError,
     RunnerClosedError,
     ScriptNotFoundError,
 )
@@ -550,7 +551,12 @@ class ModuleRunner:
             text = _strip_newline(line)
             tail.append(text)
             if output is not None:
-                await output.append_line(run_id, text)
+                try:
+                    await output.append_line(run_id, text)
+                except OutputClosedError:
+                    # Someone closed this run's output (e.g. the host closed the capture first).
+                    # Keep reading: a child blocked on a full pipe would never finish.
+                    output = None
 
     async def _drain(self, process: ProcessLike, pump: asyncio.Future[None]) -> None:
         """Let the rest of the output arrive after the child exited; if a descendant keeps the

@@ -419,3 +419,18 @@ async def test_shared_process_manager_sees_the_live_child(tmp_path: Path) -> Non
         assert list(pm.live()) == [run_id]
         assert runner.active_run_ids() == [run_id]
     assert pm.live() == {}
+
+
+async def test_a_closed_output_does_not_stall_the_module(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    path = script(tmp_path, "wait", WAIT_FOR_FILE)
+    task = asyncio.create_task(runner.execute_module("w", "W", path, {"go": str(go)}, run_id="c"))
+    assert runner.output is not None
+    await first_line(runner.output, "c", "first")
+    await runner.output.close_run("c")  # the host closed it early
+    go.touch()
+    run = await task
+    assert run.status is pq.RunStatus.COMPLETED
+    assert run.output_tail == ["first", "second"]

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import prismq_subprocess as pq
-from prismq_subprocess._module_runner import ModuleRunner  # pq.ModuleRunner once exported
 
 MODULE = """
 import argparse, time
@@ -57,7 +56,7 @@ async def main() -> None:
         async with (
             pq.SQLiteRunRegistry(Path(tmp) / "runs.db") as registry,
             pq.OutputCapture() as output,
-            ModuleRunner(registry, output=output, max_concurrent=2, grace_period=2.0) as runner,
+            pq.ModuleRunner(registry, output=output, max_concurrent=2, grace_period=2.0) as runner,
         ):
             # POST /modules/count/run, three times: each returns at once with a run id.
             runs = {

@@ -23,12 +23,14 @@ from ._exceptions import (
     InvalidEnvironmentError,
     InvalidIntervalError,
     InvalidLimitError,
+    InvalidParametersError,
     InvalidQueryError,
     InvalidRunError,
     InvalidRunModeError,
     InvalidTimeoutError,
     ModuleExecutionException,
     OutputClosedError,
+    PoolClosedError,
     PrismQError,
     ProcessFailedError,
     ProcessTimeoutError,
@@ -36,22 +38,30 @@ from ._exceptions import (
     RegistrySchemaError,
     ResourceLimitException,
     ResourceWaitTimeoutError,
+    RunnerClosedError,
     RunNotFoundError,
     RunStateError,
+    ScriptNotFoundError,
     SubprocessPolicyException,
     TaskManagerClosedError,
     WrapperClosedError,
 )
+from ._executor import ConcurrentExecutor, ModuleSpec
 from ._lifecycle import DEFAULT_GRACE_PERIOD, execute_with_timeout, terminate_gracefully
+from ._line_stream import LineStream
 from ._lines import iter_lines
 from ._memory_monitor import MemoryMonitor
 from ._modes import RunMode
+from ._module_args import parameters_to_args
+from ._module_runner import ModuleRunner
 from ._output_capture import OutputCapture, OutputGap, OutputItem, OutputLine, OutputSubscription
 from ._periodic import PeriodicTask, PeriodicTaskStats
 from ._process import ProcessLike, StreamReaderLike, StreamWriterLike
+from ._process_manager import ProcessManager
 from ._process_tree import ProcessTreeSampler, TreeSample
 from ._registry import BaseRunRegistry, RunRegistry
 from ._resource_manager import LimitViolation, ResourceCheck, ResourceManager
+from ._resource_pool import ResourcePool
 from ._resource_readings import PsutilResourceReader, ResourceSnapshot
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
 from ._run import Run, RunOwner, RunStatus
@@ -80,6 +90,7 @@ __all__ = [
     "BackgroundTaskManager",
     "BaseRunRegistry",
     "CommandNotFoundError",
+    "ConcurrentExecutor",
     "CwdNotADirectoryError",
     "CwdNotFoundError",
     "DryRunCall",
@@ -93,16 +104,20 @@ __all__ = [
     "InvalidEnvironmentError",
     "InvalidIntervalError",
     "InvalidLimitError",
+    "InvalidParametersError",
     "InvalidQueryError",
     "InvalidRunError",
     "InvalidRunModeError",
     "InvalidTimeoutError",
     "LimitViolation",
+    "LineStream",
     "LocalStrategy",
     "MemoryMonitor",
     "ModeDecision",
     "ModeSource",
     "ModuleExecutionException",
+    "ModuleRunner",
+    "ModuleSpec",
     "OutputCapture",
     "OutputClosedError",
     "OutputGap",
@@ -111,9 +126,11 @@ __all__ = [
     "OutputSubscription",
     "PeriodicTask",
     "PeriodicTaskStats",
+    "PoolClosedError",
     "PrismQError",
     "ProcessFailedError",
     "ProcessLike",
+    "ProcessManager",
     "ProcessResult",
     "ProcessTimeoutError",
     "ProcessTreeSampler",
@@ -123,6 +140,7 @@ __all__ = [
     "ResourceCheck",
     "ResourceLimitException",
     "ResourceManager",
+    "ResourcePool",
     "ResourceSnapshot",
     "ResourceWaitTimeoutError",
     "Run",
@@ -132,7 +150,9 @@ __all__ = [
     "RunRegistry",
     "RunStateError",
     "RunStatus",
+    "RunnerClosedError",
     "SQLiteRunRegistry",
+    "ScriptNotFoundError",
     "StreamReaderLike",
     "StreamWriterLike",
     "SubprocessPolicyException",
@@ -148,6 +168,7 @@ __all__ = [
     "execute_with_timeout",
     "install_subprocess_policy",
     "iter_lines",
+    "parameters_to_args",
     "run",
     "subprocess_loop_factory",
     "terminate_gracefully",

@@ -8,15 +8,31 @@ import os
 import selectors
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from typing import IO
 
 from ._result import TailBuffer
 
-__all__ = ["drain_blocking"]
+__all__ = ["LINGER", "Leftovers", "drain_blocking"]
 
 _READ = 256 * 1024
 # Writes to a pipe of at most PIPE_BUF bytes never block once select() said "writable".
 _WRITE = getattr(os, "PIPE_BUF", 512)
+
+
+#: How long the pipes may stay open after the child exited before its leftovers are stopped.
+LINGER = 0.05
+_TICK = 0.05
+
+
+class Leftovers:
+    """What to do when the child has exited but something it started still holds its pipes:
+    ``stop(force)`` signals the leftovers (SIGTERM first, SIGKILL when ``force``)."""
+
+    def __init__(self, stop: Callable[[bool], None], grace: float) -> None:
+        self.stop = stop
+        self.grace = grace
 
 
 def drain_blocking(
@@ -24,15 +40,20 @@ def drain_blocking(
     input: bytes | None,
     out: TailBuffer | None,
     err: TailBuffer | None,
+    leftovers: Leftovers | None = None,
 ) -> None:
     """Write ``input`` to the child's stdin (then close it) while reading stdout/stderr into the
     buffers, until both reach end of file. Blocks; run it in a worker thread.
 
-    A child that closes stdin early is not an error (``communicate()`` ignores it too).
+    A child that closes stdin early is not an error (``communicate()`` ignores it too). When the
+    child has exited but descendants keep the pipes open, ``leftovers.stop`` is called (polite,
+    then forced after ``leftovers.grace``); pipes still open a second after that are abandoned.
     """
     if os.name == "nt":  # pragma: no cover - Windows pipes cannot be select()ed
         _drain_with_threads(popen, input, out, err)
         return
+    exited_at: float | None = None
+    stage = 0
     with selectors.DefaultSelector() as selector:
         view = memoryview(input or b"")
         if popen.stdin is not None:
@@ -46,7 +67,26 @@ def drain_blocking(
                 selector.register(output, selectors.EVENT_READ)
                 sinks[output.fileno()] = sink
         while selector.get_map():
-            for key, _ in selector.select():
+            ready = selector.select(_TICK if leftovers is not None else None)
+            if not ready and leftovers is not None:
+                now = time.monotonic()
+                if exited_at is None:
+                    if popen.poll() is not None:
+                        exited_at = now
+                    continue
+                waited = now - exited_at
+                if stage == 0 and waited >= LINGER:
+                    leftovers.stop(False)
+                    stage = 1
+                elif stage == 1 and waited >= LINGER + leftovers.grace:
+                    leftovers.stop(True)
+                    stage = 2
+                elif stage == 2 and waited >= LINGER + leftovers.grace + 1.0:
+                    for key in list(selector.get_map().values()):
+                        selector.unregister(key.fd)
+                        _close(key.fileobj)  # type: ignore[arg-type]
+                continue
+            for key, _ in ready:
                 pipe = key.fileobj
                 fd = key.fd
                 if pipe is popen.stdin:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -187,7 +188,12 @@ async def execute_with_timeout(
         InvalidTimeoutError: ``timeout`` is negative.
         ProcessTimeoutError: ``coro`` did not finish in time.
     """
-    limit = check_timeout(timeout)
+    try:
+        limit = check_timeout(timeout)
+    except BaseException:
+        if inspect.iscoroutine(coro):
+            coro.close()  # rejected before it ran: no "coroutine was never awaited" warning
+        raise
     scope = asyncio.timeout(limit)
     try:
         async with scope:

@@ -156,7 +156,24 @@ class PosixOps(PlatformOps):
         self.signal_descendants(descendants, signal.SIGKILL)
 
     def group_alive(self, pid: int, own_group: bool) -> bool:
-        return own_group and self.signal_group(pid, 0)
+        # signal 0 succeeds on zombies too (reparented grandchildren that nobody reaped yet), so
+        # a positive answer is confirmed by looking for a group member that still runs.
+        if not own_group or not self.signal_group(pid, 0):
+            return False
+        return self.group_has_runner(pid)
+
+    def group_has_runner(self, pgid: int) -> bool:
+        """True when a non-zombie process belongs to process group ``pgid``."""
+        getpgid = getattr(os, "getpgid", None)
+        if getpgid is None:
+            return False
+        for proc in psutil.process_iter():
+            try:
+                if getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except (OSError, psutil.Error):
+                continue
+        return False
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any
 from ._detect import ModeDecision, resolve_run_mode
 from ._exceptions import InvalidCommandError, SubprocessPolicyException, WrapperClosedError
 from ._lifecycle import DEFAULT_GRACE_PERIOD, kill_tree_now, stop_process_tree
+from ._line_stream import LineStream
 from ._modes import RunMode
 from ._platform import PlatformOps, platform_ops
 from ._process import ProcessLike
@@ -329,6 +330,63 @@ class SubprocessWrapper:
         if check:
             result.check_returncode()
         return result
+
+    def stream(
+        self,
+        *cmd: Any,
+        encoding: str | None = None,
+        timeout: float | None = None,
+        merge_stderr: bool = True,
+        cwd: Any = None,
+        env: Mapping[str, str] | None = None,
+        grace_period: float | None = None,
+        max_stderr_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
+        **kwds: Any,
+    ) -> LineStream[Any]:
+        """Start ``cmd`` and iterate over its output lines; the stream owns the child.
+
+        ::
+
+            async with wrapper.stream("python", "job.py", encoding="utf-8") as lines:
+                async for line in lines:
+                    print(line, end="")
+            print(lines.returncode)
+
+        stderr is merged into the lines unless ``merge_stderr=False``; stdin is ``/dev/null``.
+        Leaving the block (break, exception, cancellation) stops the child's tree if it is still
+        running; ``timeout`` bounds the whole stream (:class:`ProcessTimeoutError`).
+
+        Raises: what :meth:`create_subprocess_exec` raises for bad input, when the block is
+        entered; :class:`InvalidTimeoutError` at once for a negative timeout or grace period.
+        """
+        limit = check_timeout(timeout)
+        grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        if not cmd:
+            raise InvalidCommandError("stream() needs a command")
+        command = check_exec_command(cmd[0], cmd[1:])
+        if cwd is not None:
+            kwds["cwd"] = cwd
+        if env is not None:
+            kwds["env"] = env
+        request = self._request(
+            command,
+            False,
+            subprocess.DEVNULL,
+            subprocess.PIPE,
+            subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            DEFAULT_LIMIT,
+            kwds,
+        )
+        return LineStream(
+            lambda: self._spawn(request),
+            display=request.display,
+            encoding=encoding,
+            timeout=limit,
+            grace=grace or 0.0,
+            ops=self._ops,
+            merge_stderr=merge_stderr,
+            max_stderr_bytes=max_stderr_bytes,
+        )
 
     # -- shutting down ----------------------------------------------------------------------
     async def aclose(self) -> None:

@@ -128,8 +128,9 @@ class SubprocessStrategy(ABC):
         scope = asyncio.timeout(options.timeout)
         try:
             async with scope:
-                await process.wait()
+                await self._wait_exit(process)
                 await self._finish_pumps(process, pumps, options.grace)
+                await process.wait()
         except TimeoutError:
             if not scope.expired():
                 raise
@@ -158,6 +159,10 @@ class SubprocessStrategy(ABC):
             stdout_total_bytes=out.total,
             stderr_total_bytes=err.total,
         )
+
+    async def _wait_exit(self, process: ProcessLike) -> None:
+        """Return once the child has exited (even if its pipes are still held open)."""
+        await process.wait()
 
     async def _finish_pumps(
         self, process: ProcessLike, pumps: list[asyncio.Task[None]], grace: float

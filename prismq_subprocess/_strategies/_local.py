@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-from .._blocking_io import drain_blocking
+from .._blocking_io import Leftovers, drain_blocking
 from .._exceptions import ProcessTimeoutError
 from .._lifecycle import register_group
 from .._modes import RunMode
@@ -143,12 +143,18 @@ class LocalProcess(ProcessBase):
         popen: subprocess.Popen[bytes],
         pool: ExecutorOwner,
         *,
+        ops: PlatformOps,
+        own_group: bool,
         limit: int = DEFAULT_LIMIT,
         max_output_bytes: int | None = None,
+        grace: float = 5.0,
     ) -> None:
         super().__init__(loop, popen.pid)
         self._popen = popen
         self._pool = pool
+        self._ops = ops
+        self._own_group = own_group
+        self._leftovers = Leftovers(self._stop_leftovers, grace) if own_group else None
         self._job: asyncio.Future[int] | None = None
         self._out = TailBuffer(max_output_bytes) if popen.stdout is not None else None
         self._err = TailBuffer(max_output_bytes) if popen.stderr is not None else None
@@ -168,8 +174,16 @@ class LocalProcess(ProcessBase):
         self._job.add_done_callback(self._job_done)
 
     def _complete(self, input: bytes | None) -> int:
-        drain_blocking(self._popen, input, self._out, self._err)
+        drain_blocking(self._popen, input, self._out, self._err, self._leftovers)
         return self._popen.wait()
+
+    def _stop_leftovers(self, force: bool) -> None:
+        # Runs in the worker thread once the child exited but its group still holds the pipes.
+        pid = self._popen.pid
+        if force:
+            self._ops.kill_tree(pid, self._own_group, [])
+        elif self._own_group:
+            self._ops.signal_group(pid, self._ops.stop_signal(True))
 
     def _job_done(self, job: asyncio.Future[int]) -> None:
         if not job.cancelled() and job.exception() is None:
@@ -224,16 +238,22 @@ class LocalStrategy(SubprocessStrategy):
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         return await self._start(request, None)
 
-    async def _start(self, request: SpawnRequest, max_output_bytes: int | None) -> LocalProcess:
+    async def _start(
+        self, request: SpawnRequest, max_output_bytes: int | None, grace: float = 5.0
+    ) -> LocalProcess:
         popen = await spawn_in_executor(self._pool.get(), request, self.ops)
+        own_group = self.ops.started_own_group(request.kwargs)
         process = LocalProcess(
             asyncio.get_running_loop(),
             popen,
             self._pool,
+            ops=self.ops,
+            own_group=own_group,
             limit=request.limit,
             max_output_bytes=max_output_bytes,
+            grace=grace,
         )
-        register_group(process, self.ops.started_own_group(request.kwargs))
+        register_group(process, own_group)
         return process
 
     async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
@@ -249,7 +269,7 @@ class LocalStrategy(SubprocessStrategy):
             kwargs=request.kwargs,
         )
         started = time.perf_counter()
-        process = await self._start(request, options.max_output_bytes)
+        process = await self._start(request, options.max_output_bytes, options.grace)
         self._spawned(process)
         if process.stdin is not None:
             process.stdin.write(options.input)

@@ -1,0 +1,119 @@
+"""Helpers for the lifecycle tests: marked process trees and leak accounting."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import psutil
+
+from helpers import PY
+
+MARK_VAR = "PRISMQ_TEST_MARK"
+
+# A child that starts two grandchildren (one of which escapes into its own session, so only the
+# psutil sweep can find it), prints "ready", then sleeps.
+TREE_CHILD = (
+    "import subprocess, sys, time\n"
+    "sleeper = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+    "a = subprocess.Popen(sleeper)\n"
+    "b = subprocess.Popen(sleeper, start_new_session=True)\n"
+    "print('ready', flush=True)\n"
+    "for i in range(600):\n"
+    "    print('tick', i, flush=True)\n"
+    "    time.sleep(0.1)\n"
+)
+
+# Same, but the child ignores SIGTERM: only the SIGKILL after the grace period stops it.
+STUBBORN_CHILD = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + TREE_CHILD
+
+
+def marked_env() -> tuple[str, dict[str, str]]:
+    """A unique marker and an environment that carries it to the whole tree."""
+    mark = uuid.uuid4().hex
+    return mark, dict(os.environ, **{MARK_VAR: mark})
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose environment carries ``mark``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARK_VAR) == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_for_marked(mark: str, count: int, timeout: float = 10.0) -> list[psutil.Process]:
+    """Block until at least ``count`` marked processes run (the tree has started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs = marked(mark)
+        if len(procs) >= count:
+            return procs
+        time.sleep(0.02)
+    raise AssertionError(f"only {len(marked(mark))} of {count} marked processes started")
+
+
+def survivors_after(mark: str, seconds: float) -> list[psutil.Process]:
+    """Marked processes still alive after ``seconds`` (returns early once there are none)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = marked(mark)
+        if not alive or time.monotonic() >= deadline:
+            for proc in alive:  # don't leak them into other tests
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            return alive
+        time.sleep(0.05)
+
+
+def zombies() -> list[psutil.Process]:
+    """Our children that have exited but were never reaped."""
+    out = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                out.append(child)
+        except psutil.Error:
+            continue
+    return out
+
+
+def resource_counts() -> tuple[int, int]:
+    """(threads, open file descriptors) of this process."""
+    me = psutil.Process()
+    fds = me.num_fds() if hasattr(me, "num_fds") else me.num_handles()
+    return threading.active_count(), fds
+
+
+def settle(baseline: tuple[int, int], slack: tuple[int, int], timeout: float = 5.0) -> tuple[int, int]:
+    """Wait (threads finishing, fds closing) until counts are within ``slack`` of ``baseline``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = resource_counts()
+        ok = all(n <= b + s for n, b, s in zip(now, baseline, slack, strict=True))
+        if ok or time.monotonic() >= deadline:
+            return now
+        time.sleep(0.05)
+
+
+__all__ = [
+    "MARK_VAR",
+    "PY",
+    "STUBBORN_CHILD",
+    "TREE_CHILD",
+    "marked",
+    "marked_env",
+    "resource_counts",
+    "settle",
+    "survivors_after",
+    "wait_for_marked",
+    "zombies",
+]

@@ -1,0 +1,205 @@
+"""Issue 4: whatever happens to the awaiting code, no process of the tree survives."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import pytest
+
+import prismq_subprocess as pq
+from lifecycle_helpers import (
+    STUBBORN_CHILD,
+    TREE_CHILD,
+    marked_env,
+    survivors_after,
+    wait_for_marked,
+)
+from helpers import py
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees; see docs/WINDOWS.md")
+
+GRACE = 2.0  # the fixtures' grace_period
+
+
+async def wait_marked(mark: str, count: int = 3) -> None:
+    await asyncio.to_thread(wait_for_marked, mark, count)
+
+
+async def assert_no_survivors(mark: str, grace: float = GRACE) -> None:
+    alive = await asyncio.to_thread(survivors_after, mark, grace + 1.0)
+    assert alive == [], f"survivors: {alive}"
+
+
+async def test_cancelling_run_stops_the_tree(wrapper: pq.SubprocessWrapper) -> None:
+    mark, env = marked_env()
+    task = asyncio.ensure_future(wrapper.run(*py(TREE_CHILD), env=env))
+    await wait_marked(mark)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the stop happened before CancelledError reached us
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_timeout_stops_the_tree_and_keeps_output(wrapper: pq.SubprocessWrapper) -> None:
+    mark, env = marked_env()
+    with pytest.raises(pq.ProcessTimeoutError) as info:
+        await wrapper.run(*py(TREE_CHILD), env=env, timeout=1.5)
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.stdout.startswith(b"ready\n")
+    assert info.value.timeout == 1.5
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_terminate_gracefully_stops_the_tree(wrapper: pq.SubprocessWrapper) -> None:
+    mark, env = marked_env()
+    proc = await wrapper.create_subprocess_exec(*py(TREE_CHILD), env=env)
+    await wait_marked(mark)
+    assert await pq.terminate_gracefully(proc, timeout=GRACE) == -signal.SIGTERM
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_stubborn_child_is_killed_after_the_grace_period(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    proc = await wrapper.create_subprocess_exec(*py(STUBBORN_CHILD), env=env)
+    await wait_marked(mark)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await pq.terminate_gracefully(proc, timeout=0.5) == -signal.SIGKILL
+    assert loop.time() - started >= 0.5
+    await assert_no_survivors(mark, grace=0.0)
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_closing_the_wrapper_stops_every_tree(mode: str) -> None:
+    marks = []
+    wrapper = pq.SubprocessWrapper(mode, grace_period=GRACE)
+    async with wrapper:
+        for _ in range(3):
+            mark, env = marked_env()
+            marks.append(mark)
+            await wrapper.create_subprocess_exec(*py(TREE_CHILD), env=env, stdout=pq.PIPE)
+        for mark in marks:
+            await wait_marked(mark)
+    for mark in marks:
+        await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_cancelling_a_stream_stops_the_tree(streaming_wrapper: pq.SubprocessWrapper) -> None:
+    mark, env = marked_env()
+    seen: list[bytes] = []
+
+    async def consume() -> None:
+        async with streaming_wrapper.stream(*py(TREE_CHILD), env=env) as lines:
+            async for line in lines:
+                seen.append(line)
+
+    task = asyncio.ensure_future(consume())
+    await wait_marked(mark)
+    while len(seen) < 3:
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen[0] == b"ready\n"
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_breaking_out_of_a_stream_stops_the_tree(
+    streaming_wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    async with streaming_wrapper.stream(*py(TREE_CHILD), env=env, timeout=30) as lines:
+        async for _ in lines:
+            break
+    assert lines.returncode is not None
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_stream_timeout(wrapper: pq.SubprocessWrapper) -> None:
+    mark, env = marked_env()
+    got = []
+    with pytest.raises(pq.ProcessTimeoutError):
+        async with wrapper.stream(*py(TREE_CHILD), env=env, timeout=1.0, encoding="utf-8") as s:
+            async for line in s:
+                got.append(line)
+    if wrapper.mode is not pq.RunMode.LOCAL:
+        assert got[0] == "ready\n"
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_stream_reports_status_and_separate_stderr(wrapper: pq.SubprocessWrapper) -> None:
+    code = "import sys; print('out'); print('err', file=sys.stderr); sys.exit(4)"
+    async with wrapper.stream(*py(code), merge_stderr=False, encoding="utf-8") as lines:
+        got = [line async for line in lines]
+        assert await lines.wait() == 4
+    assert got == ["out\n"]
+    assert lines.stderr.strip() == b"err"
+    assert lines.returncode == 4
+
+
+async def test_leftover_group_members_do_not_hang_run(wrapper: pq.SubprocessWrapper) -> None:
+    # The child exits at once but a grandchild keeps stdout open: run() must not wait 60 s.
+    mark, env = marked_env()
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print('parent done')\n"
+    )
+    result = await asyncio.wait_for(wrapper.run(*py(code), env=env, grace_period=0.5), 20)
+    assert result.returncode == 0
+    assert result.stdout.strip() == b"parent done"
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_raw_wait_cancel_keeps_asyncio_semantics(
+    streaming_wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    proc = await streaming_wrapper.create_subprocess_exec(*py(TREE_CHILD), env=env)
+    await wait_marked(mark)
+    task = asyncio.ensure_future(proc.wait())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert proc.returncode is None  # the child keeps running: only the high-level API stops it
+    await pq.terminate_gracefully(proc, timeout=GRACE)
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_execute_with_timeout_cancels_and_stops(wrapper: pq.SubprocessWrapper) -> None:
+    mark, env = marked_env()
+    with pytest.raises(pq.ProcessTimeoutError, match="slow-job"):
+        await pq.execute_with_timeout(wrapper.run(*py(TREE_CHILD), env=env), 1.0, "slow-job")
+    await assert_no_survivors(mark, grace=0.0)
+    assert await pq.execute_with_timeout(asyncio.sleep(0, "x"), None) == "x"
+    with pytest.raises(pq.InvalidTimeoutError):
+        await pq.execute_with_timeout(asyncio.sleep(0), -1)
+
+    async def raises_own_timeout() -> None:
+        raise TimeoutError("inner")
+
+    with pytest.raises(TimeoutError, match="inner") as info:
+        await pq.execute_with_timeout(raises_own_timeout(), 10)
+    assert not isinstance(info.value, pq.ProcessTimeoutError)
+
+
+async def test_terminate_gracefully_on_exited_process(wrapper: pq.SubprocessWrapper) -> None:
+    proc = await wrapper.create_subprocess_exec(*py("import sys; sys.exit(7)"))
+    await proc.wait()
+    assert await pq.terminate_gracefully(proc, timeout=1) == 7
+    with pytest.raises(pq.InvalidTimeoutError):
+        await pq.terminate_gracefully(proc, timeout=-1)
+
+
+async def test_plain_asyncio_process_tree_stop() -> None:
+    mark, env = marked_env()
+    proc = await asyncio.create_subprocess_exec(*py(TREE_CHILD), env=env, start_new_session=True)
+    await wait_marked(mark)
+    assert await pq.terminate_gracefully(proc, timeout=GRACE) == -signal.SIGTERM
+    await assert_no_survivors(mark, grace=0.0)

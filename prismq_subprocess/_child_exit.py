@@ -1,18 +1,25 @@
 """Learning when a ``subprocess.Popen`` child exits, without blocking the event loop.
 
-On Linux 5.3+ a pidfd becomes readable when the child exits: the loop watches it, no thread is
-needed. Elsewhere (Windows, macOS, loops that cannot watch descriptors) one short-lived thread per
-child blocks in ``Popen.wait()``, as asyncio's own ``ThreadedChildWatcher`` does.
+On Linux 5.3+ a pidfd becomes readable when the child exits. The loop watches it when it can
+(``add_reader``: no thread, no hop); otherwise the THREADED strategy's I/O thread puts it in its
+selector next to the pipes (still no thread per child). Only where neither works (Windows, macOS,
+or a kernel without pidfd) does one short-lived thread per child block in ``Popen.wait()``, as
+asyncio's own ``ThreadedChildWatcher`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import subprocess
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._io_thread import IOThread
 
 __all__ = ["watch_exit"]
 
@@ -25,10 +32,13 @@ def watch_exit(
     callback: Callable[[int], None],
     *,
     use_pidfd: bool = True,
+    io_thread: IOThread | None = None,
 ) -> None:
     """Call ``callback(returncode)`` on ``loop`` once ``popen`` has exited and been reaped.
 
-    ``use_pidfd=False`` forces the thread path (tests use it to cover the Windows/macOS route).
+    Tries, in order: a pidfd watched by ``loop``; the same pidfd in ``io_thread``'s selector;
+    a waiter thread. ``use_pidfd=False`` forces the thread (tests use it to cover the
+    Windows/macOS route).
     """
     if use_pidfd and _HAS_PIDFD:
         try:
@@ -39,6 +49,9 @@ def watch_exit(
             try:
                 loop.add_reader(fd, _on_pidfd_ready, loop, fd, popen, callback)
             except (NotImplementedError, RuntimeError):
+                on_exit = functools.partial(_reap, loop, popen, callback)
+                if io_thread is not None and io_thread.watch_pidfd(loop, fd, on_exit):
+                    return
                 os.close(fd)
             else:
                 return
@@ -58,12 +71,20 @@ def _on_pidfd_ready(
 ) -> None:
     loop.remove_reader(fd)
     os.close(fd)
+    _reap(loop, popen, callback)
+
+
+def _reap(
+    loop: asyncio.AbstractEventLoop,
+    popen: subprocess.Popen[bytes],
+    callback: Callable[[int], None],
+) -> None:
+    """Loop thread: the pidfd said the child exited; reap it and report its status."""
     returncode = popen.poll()
     if returncode is None:
-        # Another thread holds Popen's waitpid lock (e.g. a concurrent wait()); let it finish.
-        threading.Thread(
-            target=_wait_in_thread, args=(loop, popen, callback), daemon=True
-        ).start()
+        # Another thread holds Popen's waitpid lock (e.g. a concurrent wait()), or the I/O
+        # thread closed before the child exited: let a thread wait for it.
+        threading.Thread(target=_wait_in_thread, args=(loop, popen, callback), daemon=True).start()
         return
     callback(returncode)
 

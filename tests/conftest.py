@@ -9,19 +9,24 @@ import pytest
 import prismq_subprocess as pq
 from prismq_subprocess import RunMode
 
-# Each entry builds a wrapper. "threaded-waiter" is THREADED without pidfd: the route Windows and
-# macOS take (one waiter thread per child), exercised here on Linux.
+# Each entry builds a wrapper. "threaded-waiter" is THREADED without pidfd: the route macOS takes
+# (one waiter thread per child). "threaded-threads" is the Windows route (a thread per pipe, a
+# waiter per child), exercised here on Linux.
 WRAPPER_FACTORIES: dict[str, Callable[[], pq.SubprocessWrapper]] = {
     "async": lambda: pq.SubprocessWrapper(RunMode.ASYNC, grace_period=2.0),
     "threaded": lambda: pq.SubprocessWrapper(RunMode.THREADED, grace_period=2.0),
     "threaded-waiter": lambda: pq.SubprocessWrapper(
         pq.ThreadedStrategy(use_pidfd=False), grace_period=2.0
     ),
+    "threaded-threads": lambda: pq.SubprocessWrapper(
+        pq.ThreadedStrategy(io="threads", use_pidfd=False), grace_period=2.0
+    ),
     "local": lambda: pq.SubprocessWrapper(RunMode.LOCAL, grace_period=2.0),
     "dry-run": lambda: pq.SubprocessWrapper(RunMode.DRY_RUN, grace_period=2.0),
 }
-REAL = ["async", "threaded", "threaded-waiter", "local"]
-STREAMING = ["async", "threaded", "threaded-waiter"]  # output visible while the child runs
+REAL = ["async", "threaded", "threaded-waiter", "threaded-threads", "local"]
+# Output visible while the child runs:
+STREAMING = ["async", "threaded", "threaded-waiter", "threaded-threads"]
 
 
 @pytest.fixture(params=REAL)

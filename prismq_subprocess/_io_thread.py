@@ -1,0 +1,553 @@
+"""One I/O thread per THREADED strategy moving every child's pipe bytes (POSIX).
+
+Why a thread at all: THREADED exists for event loops that cannot watch pipes, so the loop must
+not be asked to. Why one thread and not one per pipe (what :class:`~._pipes.ThreadPerPipe` does,
+and Windows still needs): a thread per pipe makes the thread count grow with the live children
+(1,000 threads for 500 ``run()`` calls) and costs a ``Thread.start()`` per pipe on every spawn.
+On POSIX pipes can be made non-blocking and multiplexed, so a single thread running a
+``selectors`` loop serves all of them:
+
+- **Reading**: each readable pipe gets one ``os.read`` of up to 256 KiB per wake-up. Everything
+  read in one pass of the selector (all pipes, all children) goes to the event loop in *one*
+  ``call_soon_threadsafe``, and a batch still waiting for the loop absorbs the next ones, so a
+  busy loop is woken once, not once per chunk.
+- **Flow control**: a pipe is unregistered from the selector ("parked") while its
+  ``StreamReader`` is paused (buffer over ``2 * limit``) or while :data:`~._pipes.MAX_IN_FLIGHT`
+  bytes read from it have not yet been fed to the reader; it is registered again when the reader
+  resumes or catches up. The child then blocks on its full pipe: memory per stream stays below
+  ``2 * limit + 2 * MAX_IN_FLIGHT`` however slow the consumer is.
+- **Writing stdin**: ``write()`` first tries a non-blocking ``os.write`` right away on the
+  caller's thread (as asyncio's own pipe transport does, so small inputs cost no thread hop);
+  only a remainder is queued and written by the I/O thread when the pipe becomes writable.
+- **Child exit**, when the loop cannot watch a pidfd: :func:`~._child_exit.watch_exit` can
+  register the pidfd here instead of starting a waiter thread.
+- **Waking it**: other threads queue commands (register, re-register a resumed pipe, ...) and
+  write one byte to a self-pipe the selector watches, only if no byte is pending already.
+
+The thread starts with the first pipe and ends in :meth:`IOThread.close` (strategy close), which
+reads what is left in each pipe (non-blocking), delivers it and end of file, and closes every
+pipe it still holds, so no thread and no descriptor outlives the strategy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import selectors
+import threading
+from collections.abc import Callable
+from typing import IO, Any, Protocol
+
+from ._pipes import MAX_IN_FLIGHT, READ_CHUNK, StdinWriterBase, as_broken_pipe, call_soon
+
+__all__ = ["IOThread"]
+
+logger = logging.getLogger(__name__)
+
+#: What the I/O thread hands the loop: (loop, callback, argument), run as ``callback(argument)``.
+Delivery = tuple[asyncio.AbstractEventLoop, Callable[[Any], None], Any]
+Batch = list[Delivery]
+Command = Callable[[Batch], None]
+
+#: Reads per pipe when draining it at close (non-blocking, so a pipe buffer's worth each).
+_FINAL_READS = 4
+
+
+class _Handler(Protocol):
+    """Something registered in the I/O thread's selector."""
+
+    def on_ready(self, mask: int, out: Batch) -> None:
+        """The descriptor is ready; runs on the I/O thread."""
+
+    def shutdown(self, out: Batch) -> None:
+        """Release everything; runs on the I/O thread at close (or inline once closed)."""
+
+
+class IOThread:
+    """One thread and one selector serving the pipes of every child of a strategy.
+
+    Thread-safe: :meth:`open_reader`, :meth:`open_writer` and :meth:`watch_pidfd` may be called
+    from any event loop's thread; each stream is fed on the loop it was opened for.
+    """
+
+    def __init__(self, name: str = "prismq-io") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._commands: list[Command] = []
+        self._woken = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r = self._wake_w = -1
+        self._outbox: dict[asyncio.AbstractEventLoop, Batch] = {}
+        #: Handlers holding a descriptor; touched by the I/O thread only.
+        self._live: set[_Handler] = set()
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is alive."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    # -- public API (any thread) ------------------------------------------------------------
+    def open_reader(
+        self, loop: asyncio.AbstractEventLoop, pipe: IO[bytes], *, limit: int, name: str = ""
+    ) -> asyncio.StreamReader:
+        """A ``StreamReader`` on ``loop`` fed from ``pipe`` until end of file; owns ``pipe``."""
+        source = _ReadSource(self, loop, pipe, limit)
+        self._register(source)
+        return source.reader
+
+    def open_writer(
+        self, loop: asyncio.AbstractEventLoop, pipe: IO[bytes], *, name: str = ""
+    ) -> StdinWriterBase:
+        """A ``StreamWriter``-like stdin writing to ``pipe``; owns ``pipe``."""
+        return _PumpStdinWriter(self, loop, pipe)
+
+    def watch_pidfd(
+        self, loop: asyncio.AbstractEventLoop, pidfd: int, callback: Callable[[], None]
+    ) -> bool:
+        """Call ``callback()`` on ``loop`` once ``pidfd`` is readable (the child exited).
+
+        Takes ownership of ``pidfd``. Returns False (and closes nothing) once closed. If the
+        thread is closed before the child exits, ``callback`` runs anyway: it must check.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+        self._register(_ExitWatch(self, loop, pidfd, callback))
+        return True
+
+    def close(self) -> None:
+        """Deliver what the pipes hold, close them, and end the thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _register(self, handler: _ReadSource | _ExitWatch) -> None:
+        if not self.submit(handler.arm):
+            out: Batch = []
+            handler.shutdown(out)
+            self._post(out)
+
+    def submit(self, command: Command) -> bool:
+        """Run ``command(batch)`` on the I/O thread soon; False (not run) once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._commands.append(command)
+            if self._thread is None:
+                self._start()
+            if not self._woken:
+                self._wake()
+        return True
+
+    def _wake(self) -> None:
+        """Write the wake-up byte; ``_lock`` held (so the pipe cannot be closed meanwhile)."""
+        self._woken = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _start(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    @property
+    def selector(self) -> selectors.BaseSelector:
+        """The selector (I/O thread only)."""
+        assert self._selector is not None
+        return self._selector
+
+    def _run(self) -> None:
+        selector = self.selector
+        out: Batch = []
+        try:
+            while not self._closed:
+                for key, mask in selector.select():
+                    handler = key.data
+                    if handler is None:
+                        self._run_commands(out)
+                        continue
+                    try:
+                        handler.on_ready(mask, out)
+                    except Exception:  # a bug must not stall every other child's pipes
+                        logger.exception("prismq I/O thread: handler %r failed", handler)
+                        self._forget(handler, out)
+                if out:
+                    self._post(out)
+                    out = []
+        finally:
+            self._run_commands(out)
+            for handler in list(self._live):
+                self._forget(handler, out)
+            self._post(out)
+            with self._lock:
+                selector.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
+
+    def _forget(self, handler: _Handler, out: Batch) -> None:
+        try:
+            handler.shutdown(out)
+        except Exception:
+            logger.exception("prismq I/O thread: shutting %r down failed", handler)
+        self._live.discard(handler)
+
+    def _run_commands(self, out: Batch) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+        with self._lock:
+            self._woken = False
+            commands, self._commands = self._commands, []
+        for command in commands:
+            try:
+                command(out)
+            except Exception:
+                logger.exception("prismq I/O thread: command %r failed", command)
+
+    def _post(self, out: Batch) -> None:
+        """Hand ``out`` to the loops: one ``call_soon_threadsafe`` per loop, if none pending."""
+        if not out:
+            return
+        first = out[0][0]
+        groups: dict[asyncio.AbstractEventLoop, Batch]
+        if all(item[0] is first for item in out):
+            groups = {first: out}
+        else:
+            groups = {}
+            for item in out:
+                groups.setdefault(item[0], []).append(item)
+        schedule = []
+        with self._lock:
+            for loop, items in groups.items():
+                pending = self._outbox.get(loop)
+                if pending is None:
+                    self._outbox[loop] = items
+                    schedule.append(loop)
+                else:
+                    pending.extend(items)
+        for loop in schedule:
+            if not call_soon(loop, self._flush, loop):
+                with self._lock:
+                    self._outbox.pop(loop, None)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Loop thread: run what the I/O thread delivered, in order."""
+        with self._lock:
+            items = self._outbox.pop(loop, ())
+        for _, callback, arg in items:
+            try:
+                callback(arg)
+            except Exception:
+                logger.exception("prismq I/O thread: delivering to %r failed", callback)
+
+
+class _ReadSource:
+    """One output pipe: reads it on the I/O thread, feeds its ``StreamReader`` on the loop.
+
+    It is also the reader's "transport", so ``pause_reading``/``resume_reading`` arrive here.
+    ``_paused``, ``_in_flight`` and ``_parked`` are shared by the two threads (under the pump's
+    lock); ``_registered`` and ``_done`` belong to the I/O thread.
+    """
+
+    def __init__(
+        self, pump: IOThread, loop: asyncio.AbstractEventLoop, pipe: IO[bytes], limit: int
+    ) -> None:
+        self._pump = pump
+        self._lock = pump._lock
+        self._loop = loop
+        self._pipe = pipe
+        self._fd = pipe.fileno()
+        os.set_blocking(self._fd, False)
+        self.reader = asyncio.StreamReader(limit=limit, loop=loop)
+        self.reader.set_transport(self)  # type: ignore[arg-type]
+        self._paused = False
+        self._in_flight = 0
+        self._parked = False
+        self._registered = False
+        self._done = False
+
+    def __repr__(self) -> str:
+        return f"<_ReadSource fd={self._fd}>"
+
+    # -- the transport API the StreamReader uses (loop thread) -----------------------------
+    def pause_reading(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume_reading(self) -> None:
+        with self._lock:
+            self._paused = False
+            rearm = self._unpark()
+        if rearm:
+            self._pump.submit(self.arm)
+
+    def is_closing(self) -> bool:
+        return self._done
+
+    def close(self) -> None:
+        """Nothing to do: the pipe is closed at end of file or when the I/O thread closes."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._pipe if name == "pipe" else default
+
+    def _unpark(self) -> bool:
+        """Lock held: whether a parked pipe may be read again (and claim re-registering it)."""
+        if self._parked and not self._paused and self._in_flight < MAX_IN_FLIGHT:
+            self._parked = False
+            return True
+        return False
+
+    def _deliver(self, data: bytes) -> None:
+        self.reader.feed_data(data)
+        with self._lock:
+            self._in_flight -= len(data)
+            rearm = self._unpark()
+        if rearm:
+            self._pump.submit(self.arm)
+
+    def _eof(self, _: object) -> None:
+        self.reader.feed_eof()
+
+    # -- the I/O thread ----------------------------------------------------------------------
+    def arm(self, out: Batch) -> None:
+        if self._done or self._registered:
+            return
+        self._pump.selector.register(self._fd, selectors.EVENT_READ, self)
+        self._registered = True
+        self._pump._live.add(self)
+
+    def _park(self) -> None:
+        self._pump.selector.unregister(self._fd)
+        self._registered = False
+
+    def on_ready(self, mask: int, out: Batch) -> None:
+        with self._lock:
+            room = 0 if self._paused else MAX_IN_FLIGHT - self._in_flight
+            if room <= 0:
+                self._parked = True
+        if room <= 0:
+            self._park()
+            return
+        try:
+            data = os.read(self._fd, min(room, READ_CHUNK))
+        except BlockingIOError:
+            return
+        except OSError:  # EIO and friends: treat as end of file
+            data = b""
+        if not data:
+            self._finish(out)
+            return
+        with self._lock:
+            self._in_flight += len(data)
+            park = self._paused or self._in_flight >= MAX_IN_FLIGHT
+            if park:
+                self._parked = True
+        if park:
+            self._park()
+        out.append((self._loop, self._deliver, data))
+
+    def _finish(self, out: Batch) -> None:
+        if self._registered:
+            self._park()
+        self._done = True
+        self._pump._live.discard(self)
+        with contextlib.suppress(OSError):
+            self._pipe.close()
+        out.append((self._loop, self._eof, None))
+
+    def shutdown(self, out: Batch) -> None:
+        """Read what the pipe holds now (ignoring flow control), deliver it, then EOF."""
+        if self._done:
+            return
+        for _ in range(_FINAL_READS):
+            try:
+                data = os.read(self._fd, READ_CHUNK)
+            except OSError:
+                break
+            if not data:
+                break
+            out.append((self._loop, self.reader.feed_data, data))
+        self._finish(out)
+
+
+class _PumpStdinWriter(StdinWriterBase):
+    """A stdin written directly when the pipe has room, else by the I/O thread.
+
+    ``_buffer``, ``_armed`` (the I/O thread owns the pipe) and ``_shut`` (someone is closing the
+    pipe) are guarded by ``_lock``, so exactly one thread ever closes the pipe.
+    """
+
+    def __init__(self, pump: IOThread, loop: asyncio.AbstractEventLoop, pipe: IO[bytes]) -> None:
+        super().__init__(loop, pipe)
+        self._pump = pump
+        self._fd = pipe.fileno()
+        os.set_blocking(self._fd, False)
+        self._buffer = bytearray()
+        self._armed = False
+        self._shut = False
+
+    def __repr__(self) -> str:
+        return f"<_PumpStdinWriter fd={self._fd}>"
+
+    def _pending(self) -> int:
+        return len(self._buffer)
+
+    def _enqueue(self, data: bytes | bytearray | memoryview) -> None:
+        error: OSError | None = None
+        with self._lock:
+            if self._shut:
+                return
+            if self._armed:
+                self._buffer += data
+                return
+            # Nothing queued: write now, as asyncio's pipe transport does.
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                error = as_broken_pipe(exc)
+                self._exc = error
+                self._shut = True
+            else:
+                if written == len(data):
+                    return
+                self._buffer += data[written:]
+                self._armed = True
+        if error is not None:
+            self._close_pipe()
+            self._wake_all()
+        elif not self._pump.submit(self.arm):
+            self._fail(BrokenPipeError("the THREADED strategy was closed"))
+
+    def _fail(self, error: OSError) -> None:
+        """Loop thread: the pipe cannot be written any more."""
+        with self._lock:
+            self._buffer.clear()
+            self._armed = False
+            if self._exc is None:
+                self._exc = error
+            shut, self._shut = self._shut, True
+        if not shut:
+            self._close_pipe()
+        self._wake_all()
+
+    def _start_close(self) -> None:
+        with self._lock:
+            if self._armed or self._shut:
+                return  # the I/O thread closes once the queue is written
+            self._shut = True
+        self._close_pipe()
+        self._wake_all()
+
+    # -- the I/O thread ----------------------------------------------------------------------
+    def arm(self, out: Batch) -> None:
+        with self._lock:
+            if not self._armed or self._shut:
+                return
+        self._pump.selector.register(self._fd, selectors.EVENT_WRITE, self)
+        self._pump._live.add(self)
+
+    def on_ready(self, mask: int, out: Batch) -> None:
+        error: OSError | None = None
+        with self._lock:
+            buffer = self._buffer
+            try:
+                while buffer:
+                    del buffer[: os.write(self._fd, buffer)]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                error = as_broken_pipe(exc)
+                self._exc = error
+                buffer.clear()
+            finished = not buffer
+            if finished:
+                self._armed = False
+                self._pump.selector.unregister(self._fd)
+                self._pump._live.discard(self)
+            close = finished and (self._closing or error is not None) and not self._shut
+            if close:
+                self._shut = True
+            wake_drainers = not close and self._wants_drain_wakeup()
+        if close:
+            self._close_pipe()
+            out.append((self._loop, self._wake_all, None))
+        elif wake_drainers:
+            out.append((self._loop, self._wake_drainers, None))
+
+    def shutdown(self, out: Batch) -> None:
+        """The strategy is closing: drop the queue, close the pipe, fail pending drains."""
+        with self._lock:
+            registered = self._armed
+            self._buffer.clear()
+            self._armed = False
+            if self._exc is None:
+                self._exc = BrokenPipeError("the THREADED strategy was closed")
+            shut, self._shut = self._shut, True
+        if registered and self._pump._selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._pump.selector.unregister(self._fd)
+        if not shut:
+            self._close_pipe()
+        out.append((self._loop, self._wake_all, None))
+
+
+class _ExitWatch:
+    """A pidfd in the I/O thread's selector: tells the loop when the child has exited."""
+
+    def __init__(
+        self,
+        pump: IOThread,
+        loop: asyncio.AbstractEventLoop,
+        pidfd: int,
+        callback: Callable[[], None],
+    ) -> None:
+        self._pump = pump
+        self._loop = loop
+        self._pidfd = pidfd
+        self._callback = callback
+        self._registered = False
+        self._done = False
+
+    def arm(self, out: Batch) -> None:
+        if self._done:
+            return
+        self._pump.selector.register(self._pidfd, selectors.EVENT_READ, self)
+        self._registered = True
+        self._pump._live.add(self)
+
+    def on_ready(self, mask: int, out: Batch) -> None:
+        self.shutdown(out)
+
+    def shutdown(self, out: Batch) -> None:
+        """Close the pidfd and run the callback (which checks whether the child really exited)."""
+        if self._done:
+            return
+        self._done = True
+        if self._registered:
+            self._pump.selector.unregister(self._pidfd)
+            self._registered = False
+        self._pump._live.discard(self)
+        os.close(self._pidfd)
+        out.append((self._loop, self._run_callback, None))
+
+    def _run_callback(self, _: object) -> None:
+        self._callback()

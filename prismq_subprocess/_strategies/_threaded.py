@@ -10,10 +10,13 @@ on loops that cannot (Windows' ``SelectorEventLoop``). Who moves the bytes is a
   :class:`~prismq_subprocess._pipes.ThreadPerPipe`, a blocking thread per pipe. Forcing it on
   POSIX is how the Windows route is tested on Linux.
 
-``Popen`` itself still runs in the pool: measured on 2 cores, spawning inline on the loop thread
-saves only about one executor hop per child, and would block every other task of the loop for
-the duration of ``fork``/``exec`` (several milliseconds for a large parent), which THREADED
-promises not to do.
+``Popen`` itself still runs in the spawn pool. Measured on 2 shared cores (``/bin/true`` through
+``run()``, 100 spawns x 7 interleaved rounds), spawning inline on the loop thread took 0.89x the
+time of the pool sequentially but 1.08x at 8 in flight (the pool forks on both cores while the
+loop keeps serving pipes), and inline would block every other task of the loop for the whole
+``fork``/``exec`` (milliseconds for a large parent). With the pool, THREADED ``run()`` already
+measured 0.64x-0.95x of raw ``asyncio.create_subprocess_exec`` + ``communicate()`` (which on
+3.11 starts a child-watcher thread per child), so the hop is not worth giving up.
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ async def create_subprocess_exec(
     """Drop-in for ``asyncio.create_subprocess_exec`` with one extra keyword, ``mode``
     (``None``: auto-detect, falling back to THREADED where the loop cannot spawn).
 
+    One difference by design: the child starts in its own session/process group (so its whole
+    tree can be stopped), which also means a terminal's Ctrl-C does not reach it. Pass
+    ``start_new_session=False`` to keep asyncio's default.
+
     See :meth:`SubprocessWrapper.create_subprocess_exec` for what it raises.
     """
     return await _wrapper(mode).create_subprocess_exec(
@@ -59,7 +63,8 @@ async def create_subprocess_shell(
     mode: RunMode | str | None = None,
     **kwds: Any,
 ) -> ProcessLike:
-    """Drop-in for ``asyncio.create_subprocess_shell`` with one extra keyword, ``mode``."""
+    """Drop-in for ``asyncio.create_subprocess_shell`` with one extra keyword, ``mode``; the
+    child starts in its own session unless ``start_new_session=False`` is passed."""
     return await _wrapper(mode).create_subprocess_shell(
         cmd, stdin=stdin, stdout=stdout, stderr=stderr, limit=limit, **kwds
     )

@@ -8,6 +8,7 @@ too, so code written for asyncio keeps working.
 from __future__ import annotations
 
 import errno
+import shlex
 from collections.abc import Sequence
 
 __all__ = [
@@ -81,8 +82,9 @@ class InvalidArgumentTypeError(PrismQError, TypeError):
     """Raised before spawning when a command argument is not str, bytes or ``os.PathLike``."""
 
 
-class InvalidEnvironmentError(PrismQError, TypeError):
-    """Raised before spawning when ``env`` is not a mapping of str (or bytes) to the same."""
+class InvalidEnvironmentError(PrismQError, TypeError, ValueError):
+    """Raised before spawning when ``env`` is not a mapping of str (or bytes) to the same, or a
+    key is empty or holds ``=``/NUL (also a ``ValueError``, as asyncio raises for those)."""
 
 
 class InvalidTimeoutError(PrismQError, ValueError):
@@ -200,7 +202,7 @@ class RunStateError(PrismQError, ValueError):
 def _describe(cmd: Sequence[str] | str) -> str:
     if isinstance(cmd, str):
         return repr(cmd)
-    text = " ".join(str(part) for part in cmd)
+    text = shlex.join(str(part) for part in cmd)
     return repr(text if len(text) <= 200 else text[:197] + "...")
 
 
@@ -210,8 +212,9 @@ class InvalidIntervalError(PrismQError, ValueError):
 
 
 class InvalidLimitError(PrismQError, ValueError):
-    """Raised when a resource limit is out of range: a percentage outside (0, 100], a negative byte
-    count, or a hysteresis band wider than its threshold."""
+    """Raised when a size or resource limit is out of range: a percentage outside (0, 100], a
+    negative byte count (``max_output_bytes``), a non-positive ``limit`` or ``max_workers``, or a
+    hysteresis band wider than its threshold."""
 
 
 class ResourceWaitTimeoutError(ResourceLimitException, TimeoutError):

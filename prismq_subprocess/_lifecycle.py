@@ -144,12 +144,14 @@ def _lingering(ops: PlatformOps, pid: int, own_group: bool, procs: list[psutil.P
 
 
 def _signal(process: ProcessLike, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    # OSError too: on Windows CTRL_BREAK fails with other errors (e.g. a host without a console);
+    # the kill after the grace period still comes.
+    with contextlib.suppress(OSError):
         process.send_signal(sig)
 
 
 def _kill(process: ProcessLike) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    with contextlib.suppress(OSError):
         process.kill()
 
 
@@ -172,6 +174,7 @@ async def terminate_gracefully(
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
     """
+    check_timeout(timeout, "timeout")
     return await stop_process_tree(process, grace=timeout, ops=ops)
 
 

@@ -48,6 +48,11 @@ def iter_lines(
     Cancelling the iteration leaves the stream usable; bytes already read past the last
     yielded line are lost to later readers.
     """
+    if stream is None or not callable(getattr(stream, "read", None)):
+        raise TypeError(
+            f"iter_lines() needs a stream with an async read(n), not {stream!r}; was the process "
+            "started with stdout=PIPE?"
+        )
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, not {chunk_size!r}")
     if encoding is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass
 
 from ._exceptions import ProcessFailedError
@@ -11,7 +12,7 @@ from ._modes import RunMode
 __all__ = ["DEFAULT_MAX_OUTPUT_BYTES", "ProcessResult", "TailBuffer"]
 
 #: Default cap on the bytes ``run()`` keeps per stream (the tail is kept).
-DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 
 
 class TailBuffer:
@@ -39,7 +40,7 @@ class TailBuffer:
         limit = self.max_bytes
         if limit is None:
             return
-        while self._size - len(self._chunks[0]) >= limit:
+        while len(self._chunks) > 1 and self._size - len(self._chunks[0]) >= limit:
             gone = self._chunks.popleft()
             self._size -= len(gone)
             self.dropped += len(gone)
@@ -51,10 +52,14 @@ class TailBuffer:
 
     def getvalue(self) -> bytes:
         """The kept bytes: everything, or exactly the last ``max_bytes``."""
-        data = b"".join(self._chunks)
-        if self.max_bytes is not None and len(data) > self.max_bytes:
-            data = data[len(data) - self.max_bytes :]
-        if len(self._chunks) > 1:
+        excess = 0 if self.max_bytes is None else self._size - self.max_bytes
+        if excess > 0:
+            # Join from inside the first chunk: one copy of the kept bytes, not two.
+            first = memoryview(self._chunks[0])[excess:]
+            data = b"".join([first, *itertools.islice(self._chunks, 1, None)])
+        else:
+            data = b"".join(self._chunks)
+        if len(self._chunks) > 1 or excess > 0:
             self._chunks.clear()
             self._chunks.append(data)
             self._size = len(data)

@@ -14,6 +14,7 @@ from ._exceptions import (
     InvalidArgumentTypeError,
     InvalidCommandError,
     InvalidEnvironmentError,
+    InvalidLimitError,
     InvalidTimeoutError,
 )
 
@@ -33,6 +34,11 @@ def _check_part(value: object, position: int) -> str | bytes:
         part: str | bytes = value
     elif isinstance(value, os.PathLike):
         part = os.fspath(value)
+    elif isinstance(value, list | tuple):
+        raise InvalidArgumentTypeError(
+            f"command argument {position} is a {type(value).__name__}; pass the program and its "
+            "arguments separately: run(*cmd), not run(cmd)"
+        )
     else:
         raise InvalidArgumentTypeError(
             f"command argument {position} is {type(value).__name__} {value!r}; expected str, bytes "
@@ -125,8 +131,19 @@ def check_env(env: object) -> None:
                 f"env[{key!r}] = {value!r}: environment keys and values must be str "
                 f"(got {type(key).__name__} -> {type(value).__name__}; convert with str())"
             )
-        if isinstance(key, str) and ("=" in key or not key):
-            raise InvalidEnvironmentError(f"env key {key!r} is empty or contains '='")
+        text_key = os.fsdecode(key)
+        if not text_key or "=" in text_key or "\0" in text_key:
+            raise InvalidEnvironmentError(
+                f"illegal environment variable name {key!r}: empty, or contains '=' or NUL"
+            )
+        if "\0" in os.fsdecode(value):
+            raise InvalidEnvironmentError(f"env[{key!r}] contains a NUL byte")
+
+
+def check_limit(value: object, name: str, *, minimum: int) -> None:
+    """Raise :class:`InvalidLimitError` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidLimitError(f"{name} must be an int >= {minimum}, not {value!r}")
 
 
 def check_timeout(value: float | None, name: str = "timeout") -> float | None:
@@ -148,5 +165,9 @@ def not_found_error(program: str | bytes, exc: FileNotFoundError) -> CommandNotF
     """Wrap the spawn's ``FileNotFoundError`` into our more helpful one."""
     name = os.fsdecode(program)
     detail = "not on PATH" if os.sep not in name else "no such file"
-    err = CommandNotFoundError(name, f"{detail} ({exc.strerror or exc})")
-    return err
+    if " " in name.strip():
+        detail += (
+            "; it contains spaces: pass the arguments separately (run('ls', '-l')) or use "
+            "shell=True for a command line"
+        )
+    return CommandNotFoundError(name, f"{detail} ({exc.strerror or exc})")

@@ -22,6 +22,7 @@ from ._strategies import STRATEGIES, SubprocessStrategy
 from ._strategies._base import DEFAULT_LIMIT, RunOptions, SpawnRequest
 from ._validation import (
     check_exec_command,
+    check_limit,
     check_popen_kwargs,
     check_shell_command,
     check_timeout,
@@ -79,8 +80,10 @@ class SubprocessWrapper:
         self._max_workers = max_workers
         self._grace = check_timeout(grace_period, "grace_period") or 0.0
         self._new_group = new_process_group
-        if max_output_bytes is not None and max_output_bytes < 0:
-            raise InvalidCommandError("max_output_bytes must be >= 0 or None")
+        if max_output_bytes is not None:
+            check_limit(max_output_bytes, "max_output_bytes", minimum=0)
+        if max_workers is not None:
+            check_limit(max_workers, "max_workers", minimum=1)
         self._max_output = max_output_bytes
         self._live: set[ProcessLike] = set()
         self._prune_at = 64
@@ -163,8 +166,7 @@ class SubprocessWrapper:
     ) -> SpawnRequest:
         check_popen_kwargs(kwargs, shell=shell)
         kwargs.pop("shell", None)
-        if not isinstance(limit, int) or limit <= 0:
-            raise InvalidCommandError(f"limit must be a positive int, not {limit!r}")
+        check_limit(limit, "limit", minimum=1)
         return SpawnRequest(
             command=command,
             shell=shell,
@@ -296,8 +298,9 @@ class SubprocessWrapper:
         if input is not None and not isinstance(input, bytes | bytearray | memoryview):
             raise InvalidCommandError(f"input must be bytes, not {type(input).__name__}")
         cap = self._max_output if max_output_bytes is ... else max_output_bytes
-        if cap is not None and (not isinstance(cap, int) or cap < 0):
-            raise InvalidCommandError(f"max_output_bytes must be an int >= 0 or None, not {cap!r}")
+        if cap is not None:
+            check_limit(cap, "max_output_bytes", minimum=0)
+        _reject_stdio(kwds, "run")
         if cwd is not None:
             kwds["cwd"] = cwd
         if env is not None:
@@ -363,6 +366,7 @@ class SubprocessWrapper:
         grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
         if not cmd:
             raise InvalidCommandError("stream() needs a command")
+        _reject_stdio(kwds, "stream")
         command = check_exec_command(cmd[0], cmd[1:])
         if cwd is not None:
             kwds["cwd"] = cwd
@@ -424,3 +428,12 @@ class SubprocessWrapper:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
+    given = sorted({"stdin", "stdout", "stderr"} & set(kwds))
+    if given:
+        raise InvalidCommandError(
+            f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
+            "for stdin, or create_subprocess_exec() to choose the streams"
+        )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import uuid
 
 import psutil
-
 from helpers import PY
 
 MARK_VAR = "PRISMQ_TEST_MARK"
@@ -66,10 +66,8 @@ def survivors_after(mark: str, seconds: float) -> list[psutil.Process]:
         alive = marked(mark)
         if not alive or time.monotonic() >= deadline:
             for proc in alive:  # don't leak them into other tests
-                try:
+                with contextlib.suppress(psutil.Error):
                     proc.kill()
-                except psutil.Error:
-                    pass
             return alive
         time.sleep(0.05)
 
@@ -93,7 +91,9 @@ def resource_counts() -> tuple[int, int]:
     return threading.active_count(), fds
 
 
-def settle(baseline: tuple[int, int], slack: tuple[int, int], timeout: float = 5.0) -> tuple[int, int]:
+def settle(
+    baseline: tuple[int, int], slack: tuple[int, int], timeout: float = 5.0
+) -> tuple[int, int]:
     """Wait (threads finishing, fds closing) until counts are within ``slack`` of ``baseline``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -441,10 +441,9 @@ async def test_returncode_is_set_without_anyone_waiting(wrapper: pq.SubprocessWr
 
 @real_modes(
     {
-        "local": "BUG (undocumented): while stdin is open LOCAL does not watch the child at all, "
-        "so returncode stays None after the child exited (a loop polling returncode spins "
-        "forever); asyncio's child watcher sets it. Watch the exit independently of the "
-        "worker, or document it in docs/RUN_MODES.md"
+        "local": "documented LOCAL trade-off (docs/RUN_MODES.md): while stdin is open the "
+        "child is not being run to completion yet, so returncode stays None until stdin is "
+        "closed or wait()/communicate() is called"
     }
 )
 async def test_returncode_is_set_while_stdin_is_still_open(wrapper: pq.SubprocessWrapper) -> None:
@@ -697,14 +696,7 @@ async def test_bad_arguments_raise_what_asyncio_raises(
         await wrapper.create_subprocess_exec(*child("pass"), cwd=tmp_path / "file")
 
 
-@real_modes(
-    {
-        mode: "BUG: an env key containing '=' raises InvalidEnvironmentError, a TypeError "
-        "only; asyncio (Popen) raises ValueError('illegal environment variable name'), so "
-        "`except ValueError` written for asyncio misses it"
-        for mode in REAL
-    }
-)
+@real_modes()
 async def test_env_key_with_equals_sign_is_a_value_error(wrapper: pq.SubprocessWrapper) -> None:
     with pytest.raises(ValueError):
         await wrapper.create_subprocess_exec(*child("pass"), env={"A=B": "1"})
@@ -849,14 +841,7 @@ async def test_repr_names_the_pid(wrapper: pq.SubprocessWrapper) -> None:
 # -- descendants and threads -------------------------------------------------------------------
 
 
-@real_modes(
-    {
-        "local": "BUG: LOCAL's raw process stops the child's process group ~50 ms after the "
-        "child exits while a descendant still holds stdout, so a backgrounded grandchild is "
-        "SIGTERMed and its output is lost; asyncio (and ASYNC/THREADED) wait for end of file. "
-        "docs/LIFECYCLE.md promises that only for run()/stream()/ModuleRunner"
-    }
-)
+@real_modes()
 async def test_output_of_a_backgrounded_grandchild_is_not_lost(
     wrapper: pq.SubprocessWrapper,
 ) -> None:
@@ -867,13 +852,7 @@ async def test_output_of_a_backgrounded_grandchild_is_not_lost(
     assert proc.returncode == 0
 
 
-@real_modes(
-    {
-        "local": "documented LOCAL trade-off (docs/RUN_MODES.md): each running child occupies "
-        "a worker thread of the pool that also spawns, so once max_workers children run, the "
-        "next create_subprocess_exec() waits for one of them to exit"
-    }
-)
+@real_modes()
 async def test_more_running_children_than_worker_threads(wrapper: pq.SubprocessWrapper) -> None:
     count = min(32, (os.cpu_count() or 1) + 4) + 1  # one more than a default thread pool
     procs: list[Any] = []

@@ -7,8 +7,7 @@ import signal
 import sys
 
 import pytest
-
-import prismq_subprocess as pq
+from helpers import py
 from lifecycle_helpers import (
     STUBBORN_CHILD,
     TREE_CHILD,
@@ -16,7 +15,8 @@ from lifecycle_helpers import (
     survivors_after,
     wait_for_marked,
 )
-from helpers import py
+
+import prismq_subprocess as pq
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees; see docs/WINDOWS.md")
 
@@ -100,7 +100,7 @@ async def test_cancelling_a_stream_stops_the_tree(streaming_wrapper: pq.Subproce
 
     task = asyncio.ensure_future(consume())
     await wait_marked(mark)
-    while len(seen) < 3:
+    while len(seen) < 3:  # noqa: ASYNC110 - the consumer task appends; polling is the test
         await asyncio.sleep(0.02)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -10,9 +10,12 @@ child's tree from the loop, which ends the worker's blocking call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 from .._blocking_io import Leftovers, drain_blocking
@@ -23,8 +26,9 @@ from .._platform import PlatformOps
 from .._process import ProcessLike
 from .._process_base import ProcessBase
 from .._result import ProcessResult, TailBuffer
+from .._validation import not_found_error
 from ._base import DEFAULT_LIMIT, RunOptions, SpawnRequest, SubprocessStrategy
-from ._popen import ExecutorOwner, spawn_in_executor
+from ._popen import ExecutorOwner, spawn_in_executor, start_popen
 
 __all__ = ["LocalProcess", "LocalStrategy"]
 
@@ -143,47 +147,63 @@ class LocalProcess(ProcessBase):
         popen: subprocess.Popen[bytes],
         pool: ExecutorOwner,
         *,
-        ops: PlatformOps,
-        own_group: bool,
         limit: int = DEFAULT_LIMIT,
         max_output_bytes: int | None = None,
-        grace: float = 5.0,
+        job: asyncio.Future[int] | None = None,
+        buffers: tuple[TailBuffer | None, TailBuffer | None] | None = None,
     ) -> None:
         super().__init__(loop, popen.pid)
         self._popen = popen
         self._pool = pool
-        self._ops = ops
-        self._own_group = own_group
-        self._leftovers = Leftovers(self._stop_leftovers, grace) if own_group else None
         self._job: asyncio.Future[int] | None = None
-        self._out = TailBuffer(max_output_bytes) if popen.stdout is not None else None
-        self._err = TailBuffer(max_output_bytes) if popen.stderr is not None else None
-        if popen.stdin is not None:
+        if buffers is None:
+            buffers = (
+                TailBuffer(max_output_bytes) if popen.stdout is not None else None,
+                TailBuffer(max_output_bytes) if popen.stderr is not None else None,
+            )
+        self._out, self._err = buffers
+        if popen.stdin is not None and job is None:
             self.stdin = _BufferedStdin(self)
         if self._out is not None:
             self.stdout = _DeferredReader(self, self._out, limit)
         if self._err is not None:
             self.stderr = _DeferredReader(self, self._err, limit)
-        if popen.stdin is None:
+        if job is not None:
+            self._adopt(job)
+        elif popen.stdin is None:
             self._start(None)
 
     def _start(self, input: bytes | None) -> None:
         if self._job is not None:
             return
-        self._job = self._loop.run_in_executor(self._pool.get(), self._complete, input)
-        self._job.add_done_callback(self._job_done)
+        # A thread of its own, not the pool: a child that runs for hours must not hold a worker
+        # the next spawn needs (the pool would run dry and spawning would wait forever).
+        job: asyncio.Future[int] = self._loop.create_future()
+        self._adopt(job)
+        threading.Thread(
+            target=self._complete_in_thread,
+            args=(input, job),
+            name=f"prismq-local-{self.pid}",
+            daemon=True,
+        ).start()
+
+    def _complete_in_thread(self, input: bytes | None, job: asyncio.Future[int]) -> None:
+        try:
+            returncode = self._complete(input)
+        except BaseException as exc:
+            _call_soon(self._loop, functools.partial(_settle, job, None, exc))
+        else:
+            _call_soon(self._loop, functools.partial(_settle, job, returncode, None))
+
+    def _adopt(self, job: asyncio.Future[int]) -> None:
+        self._job = job
+        job.add_done_callback(self._job_done)
 
     def _complete(self, input: bytes | None) -> int:
-        drain_blocking(self._popen, input, self._out, self._err, self._leftovers)
+        # The raw process keeps asyncio's semantics: descendants holding the pipes are waited
+        # for, not stopped (run() stops them; see _Launch).
+        drain_blocking(self._popen, input, self._out, self._err)
         return self._popen.wait()
-
-    def _stop_leftovers(self, force: bool) -> None:
-        # Runs in the worker thread once the child exited but its group still holds the pipes.
-        pid = self._popen.pid
-        if force:
-            self._ops.kill_tree(pid, self._own_group, [])
-        elif self._own_group:
-            self._ops.signal_group(pid, self._ops.stop_signal(True))
 
     def _job_done(self, job: asyncio.Future[int]) -> None:
         if not job.cancelled() and job.exception() is None:
@@ -238,27 +258,23 @@ class LocalStrategy(SubprocessStrategy):
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         return await self._start(request, None)
 
-    async def _start(
-        self, request: SpawnRequest, max_output_bytes: int | None, grace: float = 5.0
-    ) -> LocalProcess:
+    async def _start(self, request: SpawnRequest, max_output_bytes: int | None) -> LocalProcess:
         popen = await spawn_in_executor(self._pool.get(), request, self.ops)
         own_group = self.ops.started_own_group(request.kwargs)
         process = LocalProcess(
             asyncio.get_running_loop(),
             popen,
             self._pool,
-            ops=self.ops,
-            own_group=own_group,
             limit=request.limit,
             max_output_bytes=max_output_bytes,
-            grace=grace,
         )
         register_group(process, own_group)
         return process
 
     async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
-        """Run to completion in one worker thread, keeping at most ``max_output_bytes`` per
-        stream; timeout and cancellation stop the tree from the loop."""
+        """Spawn, drain and reap in one worker job (as ``subprocess.run`` does in its thread),
+        keeping at most ``max_output_bytes`` per stream; timeout and cancellation stop the tree
+        from the loop."""
         request = SpawnRequest(
             command=request.command,
             shell=request.shell,
@@ -268,38 +284,45 @@ class LocalStrategy(SubprocessStrategy):
             limit=request.limit,
             kwargs=request.kwargs,
         )
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        process = await self._start(request, options.max_output_bytes, options.grace)
-        self._spawned(process)
-        if process.stdin is not None:
-            process.stdin.write(options.input)
-            process.stdin.close()
+        own_group = self.ops.started_own_group(request.kwargs)
+        launch = _Launch(loop, self, request, options, own_group)
+        job = launch.job = loop.run_in_executor(self._pool.get(), launch.run)
         scope = asyncio.timeout(options.timeout)
         try:
             async with scope:
-                await process.wait()
+                await asyncio.shield(job)
+        except FileNotFoundError as exc:
+            assert isinstance(request.command, tuple)
+            raise not_found_error(request.command[0], exc) from exc
         except TimeoutError:
             if not scope.expired():
                 raise
-            await self._stop(process, options.grace)
+            process = await launch.abort()
+            if process is not None:
+                await self._stop(process, options.grace)
             raise ProcessTimeoutError(
                 cmd=request.display,
                 timeout=options.timeout or 0.0,
-                returncode=process.returncode,
-                stdout=_value(process._out),
-                stderr=_value(process._err),
+                returncode=None if process is None else process.returncode,
+                stdout=launch.out.getvalue(),
+                stderr=launch.err.getvalue(),
             ) from None
         except BaseException:
-            await self._stop(process, options.grace)
+            process = await launch.abort()
+            if process is not None:
+                await self._stop(process, options.grace)
             raise
-        out, err = process._out, process._err
-        assert process.returncode is not None and out is not None and err is not None
+        out, err = launch.out, launch.err
+        popen = launch.popen
+        assert popen is not None
         return ProcessResult(
             args=request.display,
-            returncode=process.returncode,
+            returncode=job.result(),
             stdout=out.getvalue(),
             stderr=err.getvalue(),
-            pid=process.pid,
+            pid=popen.pid,
             duration=time.perf_counter() - started,
             mode=self.mode,
             stdout_truncated=out.truncated,
@@ -316,5 +339,104 @@ class LocalStrategy(SubprocessStrategy):
         self._pool.close()
 
 
-def _value(buffer: TailBuffer | None) -> bytes:
-    return buffer.getvalue() if buffer is not None else b""
+class _Launch:
+    """One ``run()`` in one worker job: spawn, drain, reap.
+
+    The loop learns the child exists through one ``call_soon_threadsafe`` (it then tracks a
+    :class:`LocalProcess` for shutdown and stop); a stop requested before the spawn finished is
+    honoured by the worker as soon as the child exists.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        strategy: LocalStrategy,
+        request: SpawnRequest,
+        options: RunOptions,
+        own_group: bool,
+    ) -> None:
+        self._loop = loop
+        self._strategy = strategy
+        self._request = request
+        self._options = options
+        self._own_group = own_group
+        self.out = TailBuffer(options.max_output_bytes)
+        self.err = TailBuffer(options.max_output_bytes)
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.process: LocalProcess | None = None
+        self.job: asyncio.Future[int] | None = None
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    def run(self) -> int:
+        """The worker's part (blocking)."""
+        popen = start_popen(self._request)
+        with self._lock:
+            self.popen = popen
+            aborted = self._aborted
+        ops = self._strategy.ops
+        if aborted:
+            ops.kill_tree(popen.pid, self._own_group, ops.snapshot_descendants(popen.pid))
+            popen.kill()
+        else:
+            _call_soon(self._loop, self._on_spawned)
+        leftovers = (
+            Leftovers(functools.partial(_stop_leftovers, ops, popen.pid), self._options.grace)
+            if self._own_group
+            else None
+        )
+        drain_blocking(popen, self._options.input, self.out, self.err, leftovers)
+        return popen.wait()
+
+    def _on_spawned(self) -> None:
+        with self._lock:
+            if self._aborted:
+                return
+        self._strategy._spawned(self.adopt())
+
+    async def abort(self) -> LocalProcess | None:
+        """Stop the run: before the spawn, make the worker kill the child at once; after it,
+        return a process object the caller stops gracefully (tree stop)."""
+        with self._lock:
+            self._aborted = True
+            popen = self.popen
+        if popen is None:
+            return None
+        return self.adopt()
+
+    def adopt(self) -> LocalProcess:
+        """A :class:`LocalProcess` view of the running child (for tracking and stopping)."""
+        if self.process is None:
+            popen = self.popen
+            assert popen is not None and self.job is not None
+            self.process = LocalProcess(
+                self._loop,
+                popen,
+                self._strategy._pool,
+                job=self.job,
+                buffers=(self.out, self.err),
+            )
+            register_group(self.process, self._own_group)
+        return self.process
+
+
+def _settle(job: asyncio.Future[int], result: int | None, exc: BaseException | None) -> None:
+    if job.done():
+        return
+    if exc is not None:
+        job.set_exception(exc)
+    else:
+        assert result is not None
+        job.set_result(result)
+
+
+def _stop_leftovers(ops: PlatformOps, pid: int, force: bool) -> None:
+    if force:
+        ops.kill_tree(pid, True, [])
+    else:
+        ops.signal_group(pid, ops.stop_signal(True))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
+        loop.call_soon_threadsafe(callback)

@@ -13,10 +13,11 @@ from .._platform import PlatformOps
 from .._validation import not_found_error
 from ._base import SpawnRequest
 
-__all__ = ["spawn_in_executor"]
+__all__ = ["ExecutorOwner", "spawn_in_executor", "start_popen"]
 
 
-def _popen(request: SpawnRequest) -> subprocess.Popen[bytes]:
+def start_popen(request: SpawnRequest) -> subprocess.Popen[bytes]:
+    """``Popen`` for ``request`` (blocking: call it from a worker thread)."""
     return subprocess.Popen(
         request.command,
         stdin=request.stdin,
@@ -40,7 +41,7 @@ async def spawn_in_executor(
         CommandNotFoundError: the program does not exist.
     """
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(executor, _popen, request)
+    future = loop.run_in_executor(executor, start_popen, request)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

@@ -1,0 +1,145 @@
+"""iter_lines: the same lines readline() gives, faster, with no line-length limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from helpers import py
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prismq_subprocess as pq
+
+
+def reader_with(chunks: list[bytes], limit: int = 2**16) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=limit)
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    reader.feed_eof()
+    return reader
+
+
+class ChunkedStream:
+    """A stream whose read(n) returns the given chunks one by one (never more than n)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = [c for c in chunks if c]
+
+    async def read(self, n: int = -1) -> bytes:
+        await asyncio.sleep(0)
+        if not self._chunks:
+            return b""
+        chunk = self._chunks.pop(0)
+        if 0 < n < len(chunk):
+            self._chunks.insert(0, chunk[n:])
+            chunk = chunk[:n]
+        return chunk
+
+
+async def readline_all(reader: asyncio.StreamReader) -> list[bytes]:
+    lines = []
+    while line := await reader.readline():
+        lines.append(line)
+    return lines
+
+
+payload = st.lists(
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")).flatmap(
+        lambda b: st.sampled_from([b, b + b"\n", b + b"\r\n", b + b"\r"])
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload, st.lists(st.integers(1, 64), min_size=1, max_size=8), st.integers(1, 70))
+def test_same_lines_as_readline(parts: list[bytes], cuts: list[int], chunk_size: int) -> None:
+    data = b"".join(parts)
+    chunks, pos, i = [], 0, 0
+    while pos < len(data):
+        size = cuts[i % len(cuts)]
+        chunks.append(data[pos : pos + size])
+        pos += size
+        i += 1
+
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        expected = await readline_all(reader_with([data], limit=2**20))
+        got = [line async for line in pq.iter_lines(ChunkedStream(chunks), chunk_size=chunk_size)]
+        return expected, got
+
+    expected, got = asyncio.run(main())
+    assert got == expected
+    assert b"".join(got) == data
+
+
+async def test_text_mode_decodes_with_replacement_and_split_characters() -> None:
+    data = "héllo wörld\n€uro\n".encode() + b"bad \xff\xfe bytes\nno newline"
+    chunks = [data[i : i + 3] for i in range(0, len(data), 3)]  # splits multi-byte characters
+    got = [line async for line in pq.iter_lines(ChunkedStream(chunks), encoding="utf-8")]
+    assert got == ["héllo wörld\n", "€uro\n", "bad \ufffd\ufffd bytes\n", "no newline"]
+    raw = [line async for line in pq.iter_lines(ChunkedStream(chunks))]
+    assert b"".join(raw) == data  # bytes stay exact
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        pq.iter_lines(ChunkedStream([]), chunk_size=0)
+    with pytest.raises(LookupError):
+        pq.iter_lines(ChunkedStream([]), encoding="no-such-codec")
+
+
+LONG = 300_000  # well over asyncio's 64 KiB readline limit
+
+
+async def test_long_lines_from_a_real_child(streaming_wrapper: pq.SubprocessWrapper) -> None:
+    code = f"import sys; sys.stdout.write('a' * {LONG} + '\\nshort\\n' + 'b' * {LONG})"
+    proc = await streaming_wrapper.create_subprocess_exec(*py(code), stdout=pq.PIPE)
+    lines = [line async for line in pq.iter_lines(proc.stdout)]
+    assert [len(line) for line in lines] == [LONG + 1, 6, LONG]
+    assert await proc.wait() == 0
+
+
+async def test_readline_keeps_asyncio_limit_semantics(
+    streaming_wrapper: pq.SubprocessWrapper,
+) -> None:
+    code = f"import sys; sys.stdout.write('a' * {LONG} + '\\n')"
+    proc = await streaming_wrapper.create_subprocess_exec(*py(code), stdout=pq.PIPE)
+    with pytest.raises(ValueError):
+        await proc.stdout.readline()
+    rest = await proc.stdout.read()  # the data is still there, as with asyncio
+    assert rest.endswith(b"a\n")
+    await proc.wait()
+    big = await streaming_wrapper.create_subprocess_exec(
+        *py(code), stdout=pq.PIPE, limit=2 * LONG
+    )
+    assert len(await big.stdout.readline()) == LONG + 1
+    await big.wait()
+
+
+async def test_iter_lines_equals_readline_on_real_children(wrapper: pq.SubprocessWrapper) -> None:
+    code = (
+        "import sys\n"
+        "out = sys.stdout.buffer\n"
+        "for i in range(20000):\n"
+        "    out.write(b'line %d \\xff\\r\\n' % i if i % 7 == 0 else b'l%d\\n' % i)\n"
+        "out.write(b'last without newline')\n"
+    )
+    first = await wrapper.create_subprocess_exec(*py(code), stdout=pq.PIPE)
+    expected = []
+    while line := await first.stdout.readline():
+        expected.append(line)
+    await first.wait()
+    second = await wrapper.create_subprocess_exec(*py(code), stdout=pq.PIPE)
+    got = [line async for line in pq.iter_lines(second.stdout)]
+    await second.wait()
+    assert got == expected
+    assert got[-1] == b"last without newline"
+    assert len(got) == 20001
+
+
+async def test_stream_delivers_long_lines_whole(wrapper: pq.SubprocessWrapper) -> None:
+    code = f"import sys; sys.stdout.write('x' * {LONG} + '\\nend\\n')"
+    async with wrapper.stream(*py(code)) as lines:
+        got = [len(line) async for line in lines]
+    assert got == [LONG + 1, 4]

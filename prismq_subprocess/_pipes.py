@@ -26,6 +26,7 @@ import os
 import select
 import sys
 import threading
+import time
 from typing import IO, Any, Protocol
 
 __all__ = [
@@ -48,7 +49,7 @@ WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
 #: How often a blocked POSIX reader looks up to see whether it was asked to stop.
 _STOP_POLL_SECONDS = 0.25
-#: How long :meth:`ThreadPerPipe.close` waits for each of its threads.
+#: How long :meth:`ThreadPerPipe.close` waits for its threads, in all.
 _JOIN_SECONDS = 2.0
 
 _CAN_POLL = sys.platform != "win32" and hasattr(select, "poll")
@@ -464,7 +465,11 @@ class ThreadPerPipe:
         return writer
 
     def close(self) -> None:
-        """Stop every thread still running and wait (up to 2 s each) for it to end."""
+        """Stop every thread still running and wait (up to 2 s in all) for them to end.
+
+        A POSIX reader notices within 0.25 s; a Windows reader blocked on a pipe that a
+        surviving descendant holds open cannot be interrupted, and is left to end with it.
+        """
         with self._lock:
             readers, self._readers = self._readers, []
             writers, self._writers = self._writers, []
@@ -472,7 +477,8 @@ class ThreadPerPipe:
             reader.stop()
         for writer in writers:
             writer.stop()
+        deadline = time.monotonic() + _JOIN_SECONDS
         for reader in readers:
-            reader.join(_JOIN_SECONDS)
+            reader.join(max(0.0, deadline - time.monotonic()))
         for writer in writers:
-            writer.join(_JOIN_SECONDS)
+            writer.join(max(0.0, deadline - time.monotonic()))

@@ -4,6 +4,7 @@ children never leave a live descendant or a leaked thread."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from typing import Any
 
@@ -61,10 +62,8 @@ async def scenario(mode: str, steps: list[tuple[int, str]], env: dict[str, str])
                 await asyncio.gather(slot.task, return_exceptions=True)
                 slot.task = None
             elif action == "timeout" and not busy:
-                try:
+                with contextlib.suppress(pq.ProcessTimeoutError):
                     await wrapper.run(*py(TREE_CHILD), env=env, timeout=0.2, grace_period=0.5)
-                except pq.ProcessTimeoutError:
-                    pass
             elif action == "terminate" and slot.process is not None:
                 await pq.terminate_gracefully(slot.process, timeout=0.5)
                 slot.process = None

@@ -29,6 +29,8 @@ import threading
 import time
 from typing import IO, Any, Protocol
 
+from ._stdin_transport import WriterTransport
+
 __all__ = [
     "MAX_IN_FLIGHT",
     "READ_CHUNK",
@@ -108,6 +110,11 @@ class StdinWriterBase:
         self._close_waiters: list[asyncio.Future[None]] = []
 
     # -- the StreamWriter API -------------------------------------------------------------
+    @property
+    def transport(self) -> WriterTransport:
+        """The write transport (``get_write_buffer_size()``, ``is_closing()``, ...)."""
+        return WriterTransport(self, self._pending)
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data`` for the child; never blocks. Ignored once closing (as asyncio does)."""
         if not isinstance(data, bytes | bytearray | memoryview):

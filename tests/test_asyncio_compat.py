@@ -865,14 +865,7 @@ async def test_more_running_children_than_worker_threads(wrapper: pq.SubprocessW
             await stop(proc)
 
 
-@real_modes(
-    {
-        mode: "BUG (minor): the stdin writer has no `transport` attribute, which "
-        "asyncio.StreamWriter documents (e.g. stdin.transport.get_write_buffer_size())"
-        for mode in ("threaded", "threaded-waiter", "threaded-threads", "local")
-        if mode in REAL
-    }
-)
+@real_modes()
 async def test_stdin_has_a_transport(wrapper: pq.SubprocessWrapper) -> None:
     proc = await wrapper.create_subprocess_exec(*CAT, stdin=PIPE, stdout=DEVNULL)
     try:

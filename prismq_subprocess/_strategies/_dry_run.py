@@ -24,6 +24,7 @@ from .._platform import PlatformOps
 from .._process import ProcessLike
 from .._process_base import ProcessBase
 from .._result import ProcessResult
+from .._stdin_transport import WriterTransport
 from ._base import RunOptions, SpawnRequest, SubprocessStrategy
 
 __all__ = ["DryRunCall", "DryRunProcess", "DryRunRecorder", "DryRunResponse", "DryRunStrategy"]
@@ -148,6 +149,11 @@ class _RecordingStdin:
         self._process = process
         self._chunks: list[bytes] = []
         self._closing = False
+
+    @property
+    def transport(self) -> WriterTransport:
+        """The write transport (``get_write_buffer_size()``: bytes held back so far)."""
+        return WriterTransport(self, lambda: sum(map(len, self._chunks)))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Record ``data``."""

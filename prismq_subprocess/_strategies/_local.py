@@ -26,6 +26,7 @@ from .._platform import PlatformOps
 from .._process import ProcessLike
 from .._process_base import ProcessBase
 from .._result import ProcessResult, TailBuffer
+from .._stdin_transport import WriterTransport
 from .._validation import not_found_error
 from ._base import DEFAULT_LIMIT, RunOptions, SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor, start_popen
@@ -92,6 +93,11 @@ class _BufferedStdin:
         self._process = process
         self._chunks: list[bytes] = []
         self._closing = False
+
+    @property
+    def transport(self) -> WriterTransport:
+        """The write transport (``get_write_buffer_size()``: bytes held back so far)."""
+        return WriterTransport(self, lambda: sum(map(len, self._chunks)))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; it reaches the child when stdin is closed."""

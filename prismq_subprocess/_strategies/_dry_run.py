@@ -24,7 +24,7 @@ from .._platform import PlatformOps
 from .._process import ProcessLike
 from .._process_base import ProcessBase
 from .._result import ProcessResult
-from .._stdin_transport import WriterTransport
+from .._stdin_buffer import BufferedStdin
 from ._base import RunOptions, SpawnRequest, SubprocessStrategy
 
 __all__ = ["DryRunCall", "DryRunProcess", "DryRunRecorder", "DryRunResponse", "DryRunStrategy"]
@@ -142,63 +142,6 @@ class DryRunRecorder:
             )
 
 
-class _RecordingStdin:
-    """A ``StreamWriter`` look-alike that records what the code under test sends."""
-
-    def __init__(self, process: DryRunProcess) -> None:
-        self._process = process
-        self._chunks: list[bytes] = []
-        self._closing = False
-
-    @property
-    def transport(self) -> WriterTransport:
-        """The write transport (``get_write_buffer_size()``: bytes held back so far)."""
-        return WriterTransport(self, lambda: sum(map(len, self._chunks)))
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Record ``data``."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(
-                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
-            )
-        if not self._closing:
-            self._chunks.append(bytes(data))
-
-    def writelines(self, data: Any) -> None:
-        """Record every item of ``data``."""
-        for chunk in data:
-            self.write(chunk)
-
-    def can_write_eof(self) -> bool:
-        """Always True."""
-        return True
-
-    def write_eof(self) -> None:
-        """Same as :meth:`close`."""
-        self.close()
-
-    def is_closing(self) -> bool:
-        """True once closed."""
-        return self._closing
-
-    def close(self) -> None:
-        """Store the input on the recorded call."""
-        if not self._closing:
-            self._closing = True
-            self._process._record_input(b"".join(self._chunks))
-
-    async def wait_closed(self) -> None:
-        """Return at once."""
-
-    async def drain(self) -> None:
-        """Return at once."""
-        await asyncio.sleep(0)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """Always ``default``."""
-        return default
-
-
 class DryRunProcess(ProcessBase):
     """A fake process: finished at once (or after the response's ``duration``), with the scripted
     returncode and output on its streams. Its ``pid`` can never name a real process."""
@@ -216,7 +159,7 @@ class DryRunProcess(ProcessBase):
         self._index = index
         self._timer: asyncio.TimerHandle | None = None
         if request.stdin == subprocess.PIPE:
-            self.stdin = _RecordingStdin(self)
+            self.stdin = BufferedStdin(self._record_input)
         self.stdout = self._stream(request.stdout, response.stdout, request.limit)
         merged = request.stderr == subprocess.STDOUT
         self.stderr = (

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from .._blocking_io import Leftovers, drain_blocking
 from .._exceptions import ProcessTimeoutError
@@ -26,7 +26,7 @@ from .._platform import PlatformOps
 from .._process import ProcessLike
 from .._process_base import ProcessBase
 from .._result import ProcessResult, TailBuffer
-from .._stdin_transport import WriterTransport
+from .._stdin_buffer import BufferedStdin
 from .._validation import not_found_error
 from ._base import DEFAULT_LIMIT, RunOptions, SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor, start_popen
@@ -86,63 +86,6 @@ class _DeferredReader:
         return line
 
 
-class _BufferedStdin:
-    """A ``StreamWriter`` look-alike that collects input and hands it over when closed."""
-
-    def __init__(self, process: LocalProcess) -> None:
-        self._process = process
-        self._chunks: list[bytes] = []
-        self._closing = False
-
-    @property
-    def transport(self) -> WriterTransport:
-        """The write transport (``get_write_buffer_size()``: bytes held back so far)."""
-        return WriterTransport(self, lambda: sum(map(len, self._chunks)))
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data``; it reaches the child when stdin is closed."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(
-                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
-            )
-        if not self._closing:
-            self._chunks.append(bytes(data))
-
-    def writelines(self, data: Any) -> None:
-        """Queue every item of ``data``."""
-        for chunk in data:
-            self.write(chunk)
-
-    def can_write_eof(self) -> bool:
-        """Always True."""
-        return True
-
-    def write_eof(self) -> None:
-        """Same as :meth:`close`."""
-        self.close()
-
-    def is_closing(self) -> bool:
-        """True once closed."""
-        return self._closing
-
-    def close(self) -> None:
-        """Hand the queued input to the child and start it running to completion."""
-        if not self._closing:
-            self._closing = True
-            self._process._start(b"".join(self._chunks))
-
-    async def wait_closed(self) -> None:
-        """Return at once: closing hands the input over synchronously."""
-
-    async def drain(self) -> None:
-        """Return at once (input is buffered until stdin is closed)."""
-        await asyncio.sleep(0)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """Always ``default``."""
-        return default
-
-
 class LocalProcess(ProcessBase):
     """An ``asyncio.subprocess.Process`` look-alike whose child runs to completion in a worker
     thread; see the module docstring for the trade-offs."""
@@ -169,7 +112,7 @@ class LocalProcess(ProcessBase):
             )
         self._out, self._err = buffers
         if popen.stdin is not None and job is None:
-            self.stdin = _BufferedStdin(self)
+            self.stdin = BufferedStdin(self._start)
         if self._out is not None:
             self.stdout = _DeferredReader(self, self._out, limit)
         if self._err is not None:

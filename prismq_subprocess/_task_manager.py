@@ -1,10 +1,11 @@
 """Fire-and-forget background work with tracking: :class:`BackgroundTaskManager`.
 
 Every coroutine started through the manager is tied to a :class:`Run` in a run registry: the run
-is stored PENDING, becomes RUNNING when the coroutine starts and gets its final status when it
-ends, however it ends. The manager keeps strong references to its tasks (asyncio only keeps weak
-ones) and consumes every exception itself, so there is never a "Task exception was never
-retrieved" message and never a silently vanished task.
+is stored PENDING, becomes RUNNING when the coroutine starts (after a concurrency slot and, with a
+resource manager, admission) and gets its final status when it ends, however it ends. The
+manager keeps strong references to its tasks (asyncio only keeps weak ones) and consumes every
+exception itself, so there is never a "Task exception was never retrieved" message and never a
+silently vanished task.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Coroutine
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self
 
+from ._durations import timeout_seconds
 from ._exceptions import (
     DuplicateRunError,
     InvalidLimitError,
     InvalidTimeoutError,
+    ResourceLimitException,
     RunStateError,
     TaskManagerClosedError,
 )
 from ._output_capture import OutputCapture
 from ._registry import BaseRunRegistry
+from ._resource_manager import ResourceManager
 from ._run import Run, RunStatus
 
 __all__ = ["BackgroundTaskManager"]
@@ -72,6 +77,18 @@ class BackgroundTaskManager:
     The coroutine may also fill fields such as ``pid``, ``output_tail`` or ``peak_rss_bytes`` on
     the same ``Run`` object; they are saved with the final status.
 
+    Admission: with a ``resource_manager``, each run, once it has a concurrency slot, asks
+    ``resource_manager.admit(wait=admission_wait, timeout=admission_timeout)`` before its
+    coroutine starts; it stays PENDING (and holds its slot) meanwhile. When resources are short,
+    ``admission_wait=True`` waits, re-checking, up to ``admission_timeout`` seconds (``None``: as
+    long as it takes) and ``admission_wait=False`` refuses at once. A refused run (the
+    :class:`ResourceLimitException` or :class:`ResourceWaitTimeoutError` from ``admit``) is
+    recorded FAILED with the exception's message (which names the failed limit) as its
+    ``error_message``, its coroutine is closed without running, and the refusal is logged as a
+    warning; ``start_task`` has already returned, so nothing is raised to the caller. Cancelling
+    (``cancel_task``, ``shutdown``) a run waiting for admission records it CANCELLED, never
+    started, like a queued run. Without a resource manager every run is admitted.
+
     Args:
         registry: where runs are recorded (in memory or SQLite).
         max_concurrent: at most this many coroutines run at once; later ones wait, PENDING, in
@@ -80,10 +97,13 @@ class BackgroundTaskManager:
             coroutine ends (so subscribers finish) and, if the run has no ``output_tail`` yet,
             the last ``output_tail_lines`` buffered lines are stored as its tail.
         output_tail_lines: see ``output``.
+        resource_manager: admission control; ``None``: none.
+        admission_wait, admission_timeout: see "Admission" above.
 
     Raises:
         InvalidLimitError: ``max_concurrent`` or ``output_tail_lines`` is not an int >= 1
             (``output_tail_lines`` may be 0).
+        InvalidTimeoutError: ``admission_timeout`` is negative or not a number.
     """
 
     def __init__(
@@ -93,6 +113,9 @@ class BackgroundTaskManager:
         max_concurrent: int | None = None,
         output: OutputCapture | None = None,
         output_tail_lines: int = 50,
+        resource_manager: ResourceManager | None = None,
+        admission_wait: bool = True,
+        admission_timeout: float | timedelta | None = None,
     ) -> None:
         if max_concurrent is not None and (
             isinstance(max_concurrent, bool)
@@ -114,6 +137,10 @@ class BackgroundTaskManager:
         self.max_concurrent = max_concurrent
         self.output = output
         self.output_tail_lines = output_tail_lines
+        self.resource_manager = resource_manager
+        self.admission_wait = admission_wait
+        # Checked now so a bad value fails here, not later inside every background run.
+        self.admission_timeout = timeout_seconds(admission_timeout, what="admission_timeout")
         self._entries: dict[str, _Entry] = {}
         self._queue: deque[_Entry] = deque()
         self._running = 0
@@ -234,18 +261,21 @@ class BackgroundTaskManager:
         run = entry.run
         outcome: tuple[RunStatus, str | None, int | None]
         reraise: BaseException | None = None
+        refusal: str | None = None
+        result: object = None
         entry.started = True
         try:
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() came before this first step
-            run.mark_running(pid=None)
-            await self._save(run)
-            result = await entry.coro
+            refusal = await self._admit(run)
+            if refusal is None:
+                run.mark_running(pid=None)
+                await self._save(run)
+                result = await entry.coro
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            entry.coro.close()  # no-op if it ran; avoids "never awaited" if cancelled first
             outcome = (RunStatus.CANCELLED, entry.cancel_reason or "cancelled", None)
         except Exception as exc:
             logger.error(
@@ -256,13 +286,18 @@ class BackgroundTaskManager:
             outcome = (RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None)
             reraise = exc
         else:
-            if isinstance(result, int) and not isinstance(result, bool):
+            if refusal is not None:
+                outcome = (RunStatus.FAILED, refusal, None)
+            elif isinstance(result, int) and not isinstance(result, bool):
                 if result == 0:
                     outcome = (RunStatus.COMPLETED, None, 0)
                 else:
                     outcome = (RunStatus.FAILED, f"exited with status {result}", result)
             else:
                 outcome = (RunStatus.COMPLETED, None, None)
+        # No-op once the coroutine has run; otherwise (cancelled or refused before it started,
+        # or admit() itself failed) it never started and must not warn "never awaited".
+        entry.coro.close()
         entry.phase = _RECORDING
         try:
             if not entry.abandoned:
@@ -273,6 +308,24 @@ class BackgroundTaskManager:
             self._release(entry)
         if reraise is not None:
             raise reraise
+
+    async def _admit(self, run: Run) -> str | None:
+        """Ask the resource manager to admit ``run``; return ``None`` or the refusal reason."""
+        if self.resource_manager is None:
+            return None
+        try:
+            await self.resource_manager.admit(
+                wait=self.admission_wait, timeout=self.admission_timeout
+            )
+        except ResourceLimitException as exc:
+            logger.warning(
+                "background run %s (%s) refused admission: %s",
+                run.run_id,
+                run.module_name or "?",
+                exc,
+            )
+            return str(exc)
+        return None
 
     @staticmethod
     def _apply(run: Run, outcome: tuple[RunStatus, str | None, int | None]) -> None:
@@ -331,9 +384,10 @@ class BackgroundTaskManager:
     async def cancel_task(self, run_id: str, reason: str = "cancelled by request") -> bool:
         """Cancel a queued or running run and wait until its CANCELLED status is recorded.
 
-        A queued run's coroutine is closed without ever starting. A running one is cancelled
-        and may clean up (e.g. stop its child process); its final status is whatever it ends
-        with (CANCELLED unless it swallows the cancellation and returns).
+        A run that is queued or waiting for admission is recorded CANCELLED and its coroutine
+        closed without ever starting. A running one is cancelled and may clean up (e.g. stop
+        its child process); its final status is whatever it ends with (CANCELLED unless it
+        swallows the cancellation and returns).
 
         Returns ``False`` if the run is not active in this manager (unknown or already ending).
 

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,8 @@ from prismq_subprocess._exceptions import (
 )
 from prismq_subprocess._output_capture import OutputCapture
 from prismq_subprocess._registry import BaseRunRegistry, RunRegistry
+from prismq_subprocess._resource_manager import ResourceManager
+from prismq_subprocess._resource_readings import ResourceSnapshot
 from prismq_subprocess._run import Run, RunStatus
 from prismq_subprocess._sqlite_registry import SQLiteRunRegistry
 from prismq_subprocess._task_manager import BackgroundTaskManager
@@ -357,3 +359,175 @@ async def test_many_tasks_concurrently_with_sqlite(tmp_path: Path) -> None:
         await manager.wait_all()
         assert await registry.count_runs(status=RunStatus.COMPLETED) == 50
         assert await registry.count_runs(status=RunStatus.FAILED) == 50
+
+
+# --- admission through a ResourceManager ------------------------------------------------------
+
+GiB = 1 << 30
+
+
+class Memory:
+    """A fake reader: reports ``level`` percent memory use (settable at any time) and counts calls.
+
+    With ``script``, the first readings come from it, then ``level`` is reported.
+    """
+
+    def __init__(self, level: float, *script: float) -> None:
+        self.level = level
+        self.script = list(script)
+        self.calls = 0
+
+    def __call__(self) -> ResourceSnapshot:
+        self.calls += 1
+        percent = self.script.pop(0) if self.script else self.level
+        return ResourceSnapshot(
+            memory_percent=percent, available_bytes=8 * GiB, total_bytes=16 * GiB
+        )
+
+    def manager(self) -> ResourceManager:
+        return ResourceManager(max_memory_percent=90.0, reader=self, poll_interval=0.01)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Yield to the loop until ``condition()`` holds; fail after a generous deadline."""
+    try:
+        async with asyncio.timeout(5):
+            while not condition():  # noqa: ASYNC110 - the reader runs in a worker thread
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+async def test_admitted_runs_proceed(registry: BaseRunRegistry) -> None:
+    memory = Memory(50.0)
+    async with BackgroundTaskManager(
+        registry, max_concurrent=2, resource_manager=memory.manager(), admission_wait=False
+    ) as manager:
+        ids = [await manager.start_task(Run(), returns(i % 2)) for i in range(4)]
+        await manager.wait_all()
+    statuses = [(await stored(registry, run_id)).status for run_id in ids]
+    assert statuses == [RunStatus.COMPLETED, RunStatus.FAILED] * 2
+    assert memory.calls == 4  # one admission check per run
+
+
+async def test_refused_without_waiting_fails_the_run_and_never_starts_it(
+    registry: BaseRunRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    ran: list[str] = []
+
+    async def work(name: str) -> int:
+        ran.append(name)
+        return 0
+
+    # The first check reads 95 % (over the 90 % limit), later ones 50 %.
+    memory = Memory(50.0, 95.0)
+    refused_coro = work("refused")
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._task_manager"):
+        async with BackgroundTaskManager(
+            registry, max_concurrent=1, resource_manager=memory.manager(), admission_wait=False
+        ) as manager:
+            refused = await manager.start_task(Run(module_name="Big"), refused_coro)
+            admitted = await manager.start_task(Run(), work("admitted"))
+            await manager.wait_all()
+            assert (manager.running_count, manager.queued_count) == (0, 0)
+    run = await stored(registry, refused)
+    assert run.status is RunStatus.FAILED
+    assert run.error_message is not None
+    assert "not enough resources" in run.error_message
+    assert "memory_percent 95.0 > 90.0" in run.error_message
+    assert run.started_at is None and run.finished_at is not None
+    assert inspect.getcoroutinestate(refused_coro) == inspect.CORO_CLOSED
+    # The slot was released: the queued run behind it was admitted and ran.
+    assert (await stored(registry, admitted)).status is RunStatus.COMPLETED
+    assert ran == ["admitted"]
+    assert any(refused in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert loop_errors == []
+
+
+async def test_waits_pending_until_memory_frees(registry: BaseRunRegistry) -> None:
+    memory = Memory(95.0)
+    started = asyncio.Event()
+
+    async def work() -> int:
+        started.set()
+        return 0
+
+    async with BackgroundTaskManager(
+        registry, resource_manager=memory.manager(), admission_wait=True
+    ) as manager:
+        run_id = await manager.start_task(Run(), work())
+        await until(lambda: memory.calls >= 3, "a few refused checks")
+        assert not started.is_set()
+        waiting = await stored(registry, run_id)
+        assert waiting.status is RunStatus.PENDING and waiting.started_at is None
+        assert manager.running_count == 1  # it holds its slot while it waits
+        memory.level = 50.0
+        await manager.wait_all()
+    assert started.is_set()
+    assert (await stored(registry, run_id)).status is RunStatus.COMPLETED
+
+
+async def test_wait_times_out_and_fails_the_run(registry: BaseRunRegistry) -> None:
+    coro = returns(0)
+    async with BackgroundTaskManager(
+        registry, resource_manager=Memory(95.0).manager(), admission_timeout=0.05
+    ) as manager:
+        run_id = await manager.start_task(Run(), coro)
+        await manager.wait_all()
+    run = await stored(registry, run_id)
+    assert run.status is RunStatus.FAILED
+    assert run.error_message is not None
+    assert "still short after waiting 0.05 s" in run.error_message
+    assert "memory_percent 95.0 > 90.0" in run.error_message
+    assert run.started_at is None
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
+@pytest.mark.parametrize("how", ["cancel_task", "shutdown"])
+async def test_cancel_while_waiting_for_admission(registry: BaseRunRegistry, how: str) -> None:
+    memory = Memory(95.0)
+    coro = returns(0)
+    manager = BackgroundTaskManager(registry, resource_manager=memory.manager())
+    run_id = await manager.start_task(Run(), coro)
+    await until(lambda: memory.calls >= 2, "waiting for admission")
+    if how == "cancel_task":
+        assert await manager.cancel_task(run_id, reason="user pressed stop")
+        expected = "user pressed stop"
+    else:
+        expected = "task manager shut down"
+    await manager.shutdown()
+    run = await stored(registry, run_id)
+    assert (run.status, run.error_message) == (RunStatus.CANCELLED, expected)
+    assert run.started_at is None
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    assert manager.active_runs() == [] and manager.running_count == 0
+
+
+async def test_failing_reader_fails_the_run_and_closes_the_coroutine(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken() -> ResourceSnapshot:
+        raise OSError("no /proc")
+
+    registry = RunRegistry()
+    coro = returns(0)
+    with caplog.at_level(logging.ERROR, logger="prismq_subprocess._task_manager"):
+        async with BackgroundTaskManager(
+            registry, resource_manager=ResourceManager(reader=broken)
+        ) as manager:
+            run_id = await manager.start_task(Run(), coro)
+            await manager.wait_all()
+    run = await stored(registry, run_id)
+    assert (run.status, run.error_message) == (RunStatus.FAILED, "OSError: no /proc")
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    assert any(run_id in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "soon"])
+def test_bad_admission_timeout(bad: object) -> None:
+    with pytest.raises(InvalidTimeoutError):
+        BackgroundTaskManager(RunRegistry(), admission_timeout=bad)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import signal
+import time
 import weakref
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -42,12 +43,21 @@ _POLL = 0.02
 # Which of our children lead their own group. Windows cannot tell afterwards; on POSIX we could
 # ask getpgid, but a child that already exited can no longer be asked.
 _OWN_GROUP: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
+_STARTED: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
 
 
 def register_group(process: object, own_group: bool) -> None:
-    """Remember whether ``process`` was started as the leader of its own process group."""
+    """Remember whether ``process`` leads its own process group, and when it was started."""
     with contextlib.suppress(TypeError):
         _OWN_GROUP[process] = own_group
+        _STARTED[process] = time.time()
+
+
+def _registered_at(process: object) -> float | None:
+    try:
+        return _STARTED.get(process)
+    except TypeError:
+        return None
 
 
 def _own_group(process: ProcessLike, ops: PlatformOps) -> bool:
@@ -128,6 +138,10 @@ async def stop_process_tree(
         returncode = await process.wait()
     else:
         returncode = process.returncode
+        # Where there are no process groups to ask (Windows), find what the child left running
+        # by its parent pid; psutil checks creation times, so a reused pid is not taken.
+        descendants = ops.orphans_of(pid, _registered_at(process))
+        ops.signal_descendants(descendants, signal.SIGTERM)
         if ops.group_alive(pid, own_group):
             ops.signal_group(pid, ops.stop_signal(own_group))
     # The leader is gone; members of its group (or escaped descendants) may linger.

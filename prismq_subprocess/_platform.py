@@ -114,6 +114,11 @@ class PlatformOps:
         """True while any member of the child's group is alive (POSIX); False where unknowable."""
         return False
 
+    def orphans_of(self, pid: int, started_after: float | None) -> list[psutil.Process]:
+        """Processes an exited child ``pid`` left running, where the platform cannot find them
+        through a process group (Windows); ``[]`` where the group is the tool (POSIX)."""
+        return []
+
     def signal_descendants(self, descendants: Iterable[psutil.Process], sig: int) -> None:
         """Send ``sig`` to every still-running process in ``descendants``.
 
@@ -180,6 +185,8 @@ class PosixOps(PlatformOps):
 class WindowsOps(PlatformOps):
     """Windows: ``CREATE_NEW_PROCESS_GROUP``, CTRL_BREAK first, then kill the psutil tree."""
 
+    process_iter: Callable[[], Iterable[psutil.Process]] = field(default=psutil.process_iter)
+
     def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
         out = dict(kwargs)
         if new_group:
@@ -202,6 +209,23 @@ class WindowsOps(PlatformOps):
         except (ProcessLookupError, PermissionError, OSError):
             return False
         return True
+
+    def orphans_of(self, pid: int, started_after: float | None) -> list[psutil.Process]:
+        # Windows does not reparent: the children of an exited process keep its pid as their
+        # parent pid. Only processes created after the child started can be its children (a
+        # process that later reused the pid is told apart by psutil's creation-time checks).
+        found: list[psutil.Process] = []
+        for proc in self.process_iter():
+            try:
+                if proc.ppid() != pid:
+                    continue
+                if started_after is not None and proc.create_time() < started_after - 1.0:
+                    continue
+                found.append(proc)
+                found.extend(proc.children(recursive=True))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
 
     def kill_tree(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
         # No process groups to signal: kill the descendants found while the tree was intact.

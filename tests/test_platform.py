@@ -129,3 +129,74 @@ def test_signal_descendants_tolerates_vanished(platform: str) -> None:
             raise psutil.NoSuchProcess(1)
 
     platform_ops(platform).signal_descendants([Gone()], signal.SIGTERM)  # type: ignore[list-item]
+
+
+class TreeProc:
+    """A psutil.Process stand-in for the orphan search."""
+
+    def __init__(
+        self, pid: int, ppid: int, created: float, kids: tuple[TreeProc, ...] = ()
+    ) -> None:
+        self.pid = pid
+        self._ppid = ppid
+        self._created = created
+        self._kids = kids
+        self.signals: list[int] = []
+        self.killed = False
+
+    def ppid(self) -> int:
+        return self._ppid
+
+    def create_time(self) -> float:
+        return self._created
+
+    def children(self, recursive: bool = False) -> list[TreeProc]:
+        return list(self._kids)
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def is_running(self) -> bool:
+        return not self.killed
+
+    def status(self) -> str:
+        return "running"
+
+
+def test_windows_finds_what_an_exited_child_left_running() -> None:
+    grandchild = TreeProc(3, 2, 100.0)
+    left_behind = TreeProc(2, 1234, 100.0, (grandchild,))
+    unrelated = TreeProc(5, 999, 100.0)
+    stale = TreeProc(6, 1234, 10.0)  # older than our child: a previous owner of that pid
+    ops = platform_ops("win32", process_iter=lambda: [left_behind, unrelated, stale])
+    assert ops.orphans_of(1234, started_after=50.0) == [left_behind, grandchild]
+    assert platform_ops("linux").orphans_of(1234, None) == []
+
+
+async def test_windows_stop_of_an_exited_child_kills_its_leftovers() -> None:
+    from prismq_subprocess._lifecycle import register_group, stop_process_tree
+
+    class Exited:
+        pid = 1234
+        returncode = 0
+
+        async def wait(self) -> int:
+            return 0
+
+        def send_signal(self, sig: int) -> None:
+            raise ProcessLookupError
+
+        def kill(self) -> None:
+            raise ProcessLookupError
+
+    leftover = TreeProc(2, 1234, 10**10)  # created "after" the child
+    _, kill = recorder()
+    ops = platform_ops("win32", kill=kill, process_iter=lambda: [leftover])
+    child = Exited()
+    register_group(child, True)
+    assert await stop_process_tree(child, grace=0.05, ops=ops) == 0  # type: ignore[arg-type]
+    assert leftover.signals == [signal.SIGTERM]  # asked first
+    assert leftover.killed  # it ignored the request: killed after the grace period

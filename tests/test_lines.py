@@ -143,3 +143,8 @@ async def test_stream_delivers_long_lines_whole(wrapper: pq.SubprocessWrapper) -
     async with wrapper.stream(*py(code)) as lines:
         got = [len(line) async for line in lines]
     assert got == [LONG + 1, 4]
+
+
+def test_unpiped_stream_is_explained() -> None:
+    with pytest.raises(TypeError, match="stdout=PIPE"):
+        pq.iter_lines(None)

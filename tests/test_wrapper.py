@@ -308,3 +308,15 @@ async def test_children_lead_their_own_group(wrapper: pq.SubprocessWrapper) -> N
         *py("import os; print(os.getpgid(0) == os.getpid())"), start_new_session=False
     )
     assert result.stdout.strip() == b"False"
+
+
+async def test_error_messages_say_what_to_do(any_wrapper: pq.SubprocessWrapper) -> None:
+    with pytest.raises(pq.InvalidArgumentTypeError, match=r"run\(\*cmd\)"):
+        await any_wrapper.run([PY, "-V"])
+    with pytest.raises(pq.InvalidCommandError, match="create_subprocess_exec"):
+        await any_wrapper.run(PY, "-V", stderr=pq.PIPE)
+    with pytest.raises(pq.InvalidLimitError):
+        pq.SubprocessWrapper(RunMode.THREADED, max_workers=0)
+    if any_wrapper.mode is not RunMode.DRY_RUN:
+        with pytest.raises(pq.CommandNotFoundError, match="shell=True"):
+            await any_wrapper.run("prismq-no-such-program -V")

@@ -125,11 +125,14 @@ async def stop_process_tree(
     pid = process.pid
     descendants: list[psutil.Process] = []
     if process.returncode is None:
-        descendants = ops.snapshot_descendants(pid)
+        # Freeze, signal, thaw: no await in between, so a cancellation cannot leave the tree
+        # stopped, and the tree cannot fork new members past the snapshot.
+        descendants = ops.freeze(pid, own_group)
         sig = ops.stop_signal(own_group)
         if not (own_group and ops.signal_group(pid, sig)):
             _signal(process, sig)
         ops.signal_descendants(descendants, signal.SIGTERM)
+        ops.thaw(pid, own_group, descendants)
         if not await _wait_until(deadline, process):
             descendants += ops.snapshot_descendants(pid)
             logger.info("pid %d outlived its %.3g s grace period; killing its tree", pid, grace)

@@ -119,6 +119,17 @@ class PlatformOps:
         through a process group (Windows); ``[]`` where the group is the tool (POSIX)."""
         return []
 
+    def freeze(self, pid: int, own_group: bool) -> list[psutil.Process]:
+        """Hold the child's tree still (where the platform can) and return its descendants.
+
+        Without this, a descendant forked while the stop is under way (after the snapshot, before
+        the child dies) and escaping into its own session would be missed for good.
+        """
+        return self.snapshot_descendants(pid)
+
+    def thaw(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+        """Undo :meth:`freeze` (after the stop signals were sent, so they act at once)."""
+
     def signal_descendants(self, descendants: Iterable[psutil.Process], sig: int) -> None:
         """Send ``sig`` to every still-running process in ``descendants``.
 
@@ -149,6 +160,8 @@ class PosixOps(PlatformOps):
         return int(signal.SIGTERM)
 
     def signal_group(self, pid: int, sig: int) -> bool:
+        if pid <= 0:  # killpg(0) would signal our own group
+            return False
         try:
             self.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -159,6 +172,32 @@ class PosixOps(PlatformOps):
         if own_group:
             self.signal_group(pid, signal.SIGKILL)
         self.signal_descendants(descendants, signal.SIGKILL)
+
+    def freeze(self, pid: int, own_group: bool) -> list[psutil.Process]:
+        if pid <= 0:
+            return []
+        if not (own_group and self.signal_group(pid, signal.SIGSTOP)):
+            with contextlib.suppress(OSError):
+                self.kill(pid, signal.SIGSTOP)
+        # Stopped processes cannot fork: stop every descendant found, look again, until no new
+        # one appears (a fork already under way shows up in the next look).
+        seen: dict[int, psutil.Process] = {}
+        for _ in range(20):
+            fresh = [p for p in self.snapshot_descendants(pid) if p.pid not in seen]
+            if not fresh:
+                break
+            for proc in fresh:
+                seen[proc.pid] = proc
+            self.signal_descendants(fresh, signal.SIGSTOP)
+        return list(seen.values())
+
+    def thaw(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+        if pid <= 0:
+            return
+        if not (own_group and self.signal_group(pid, signal.SIGCONT)):
+            with contextlib.suppress(OSError):
+                self.kill(pid, signal.SIGCONT)
+        self.signal_descendants(descendants, signal.SIGCONT)
 
     def group_alive(self, pid: int, own_group: bool) -> bool:
         # signal 0 succeeds on zombies too (reparented grandchildren that nobody reaped yet), so

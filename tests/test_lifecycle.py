@@ -203,3 +203,23 @@ async def test_plain_asyncio_process_tree_stop() -> None:
     await wait_marked(mark)
     assert await pq.terminate_gracefully(proc, timeout=GRACE) == -signal.SIGTERM
     await assert_no_survivors(mark, grace=0.0)
+
+
+# A child that keeps starting grandchildren that escape into their own sessions: a stop that
+# snapshots the tree without holding it still misses the one forked in between.
+FORKER = (
+    "import subprocess, sys, time\n"
+    "sleeper = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+    "print('ready', flush=True)\n"
+    "for _ in range(200):\n"
+    "    subprocess.Popen(sleeper, start_new_session=True)\n"
+)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+async def test_stop_holds_a_forking_tree_still(wrapper: pq.SubprocessWrapper, attempt: int) -> None:
+    mark, env = marked_env()
+    proc = await wrapper.create_subprocess_exec(*py(FORKER), env=env)
+    await wait_marked(mark, 3 + attempt)
+    await pq.terminate_gracefully(proc, timeout=GRACE)
+    await assert_no_survivors(mark, grace=0.0)

@@ -66,26 +66,30 @@ def drain_blocking(
             if output is not None:
                 selector.register(output, selectors.EVENT_READ)
                 sinks[output.fileno()] = sink
+        next_check = time.monotonic() + _TICK
         while selector.get_map():
             ready = selector.select(_TICK if leftovers is not None else None)
-            if not ready and leftovers is not None:
-                now = time.monotonic()
+            if leftovers is not None and time.monotonic() >= next_check:
+                # On a clock, not only when idle: a leftover that keeps writing must not keep
+                # us from noticing that the child itself has exited.
+                now = next_check = time.monotonic()
+                next_check += _TICK
                 if exited_at is None:
                     if popen.poll() is not None:
                         exited_at = now
-                    continue
-                waited = now - exited_at
-                if stage == 0 and waited >= LINGER:
-                    leftovers.stop(False)
-                    stage = 1
-                elif stage == 1 and waited >= LINGER + leftovers.grace:
-                    leftovers.stop(True)
-                    stage = 2
-                elif stage == 2 and waited >= LINGER + leftovers.grace + 1.0:
-                    for key in list(selector.get_map().values()):
-                        selector.unregister(key.fd)
-                        _close(key.fileobj)  # type: ignore[arg-type]
-                continue
+                else:
+                    waited = now - exited_at
+                    if stage == 0 and waited >= LINGER:
+                        leftovers.stop(False)
+                        stage = 1
+                    elif stage == 1 and waited >= LINGER + leftovers.grace:
+                        leftovers.stop(True)
+                        stage = 2
+                    elif stage == 2 and waited >= LINGER + leftovers.grace + 1.0:
+                        for key in list(selector.get_map().values()):
+                            selector.unregister(key.fd)
+                            _close(key.fileobj)  # type: ignore[arg-type]
+                        break
             for key, _ in ready:
                 pipe = key.fileobj
                 fd = key.fd

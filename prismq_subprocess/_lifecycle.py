@@ -84,19 +84,31 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-async def _wait_until(deadline: float, process: ProcessLike) -> bool:
-    """Wait for ``process`` to exit until ``deadline`` (loop.time()); True if it did."""
+async def _wait_until(deadline: float | None, process: ProcessLike) -> bool:
+    """Wait for ``process`` to exit until ``deadline`` (loop.time(); None: no limit); True if it
+    did.
+
+    Watches ``returncode`` as well as ``wait()``: asyncio's ``wait()`` (3.11) returns only once
+    every pipe is closed, which a paused, unread stdout never is; ``returncode`` is set at exit.
+    """
     if process.returncode is not None:
         return True
-    remaining = deadline - asyncio.get_running_loop().time()
-    if remaining <= 0:
-        return False
+    loop = asyncio.get_running_loop()
+    waiter = asyncio.ensure_future(process.wait())
+    delay = 0.002
     try:
-        async with asyncio.timeout(remaining):
-            await process.wait()
-    except TimeoutError:
-        return False
-    return True
+        while process.returncode is None and not waiter.done():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            step = delay if remaining is None else min(delay, remaining)
+            await asyncio.wait((waiter,), timeout=step)
+            delay = min(delay * 2, 0.05)
+        return True
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
 
 
 async def stop_process_tree(
@@ -138,7 +150,9 @@ async def stop_process_tree(
             logger.info("pid %d outlived its %.3g s grace period; killing its tree", pid, grace)
             ops.kill_tree(pid, own_group, descendants)
             _kill(process)
-        returncode = await process.wait()
+        await _wait_until(None, process)
+        returncode = process.returncode
+        assert returncode is not None
     else:
         returncode = process.returncode
         # Where there are no process groups to ask (Windows), find what the child left running

@@ -151,6 +151,13 @@ class LineStream(Generic[LineT]):
             if self._lines is not None:
                 with contextlib.suppress(Exception):
                     await self._lines.aclose()  # type: ignore[attr-defined]
+            if process is not None and process.stdout is not None:
+                # Read what is left (bounded): a stdout the consumer stopped reading stays paused,
+                # and its pipe would never reach end of file and close.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self._grace + 1.0):
+                        while await process.stdout.read(256 * 1024):
+                            pass
             if self._stderr_task is not None:
                 if not self._stderr_task.done():
                     with contextlib.suppress(asyncio.TimeoutError):

@@ -95,9 +95,6 @@ async def _iter_text(
 ) -> AsyncIterator[str]:
     decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
     async for line in _iter_bytes(stream, chunk_size):
-        # Lines end at b"\n", so a multi-byte character is never split between two lines for
-        # ASCII-compatible encodings; the incremental decoder covers the others.
-        yield decoder.decode(line)
-    rest = decoder.decode(b"", final=True)
-    if rest:
-        yield rest
+        # Only the last line can lack its b"\n": decode it as the end of the stream, so an
+        # incomplete character there becomes part of that line, as readline() + decode() gives.
+        yield decoder.decode(line, final=not line.endswith(b"\n"))

@@ -180,14 +180,19 @@ class SubprocessWrapper:
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         self._check_open()
         try:
-            return await self._strategy.spawn(request)
+            process = await self._strategy.spawn(request)
         except NotImplementedError as exc:
             if self._strategy.mode is not RunMode.ASYNC:
                 raise
             if self._decision.pinned:
                 raise self._policy_error(exc) from exc
             self._fall_back(exc)
-            return await self._strategy.spawn(request)
+            process = await self._strategy.spawn(request)
+        if self._closed:
+            # The wrapper was closed while this spawn was under way: nobody would supervise it.
+            kill_tree_now(process, self._ops)
+            raise WrapperClosedError("the SubprocessWrapper was closed while this process started")
+        return process
 
     # -- the asyncio-shaped API -------------------------------------------------------------
     async def create_subprocess_exec(
@@ -399,12 +404,17 @@ class SubprocessWrapper:
         """
         live = self.live_processes
         self._closed = True
-        if live:
-            await asyncio.gather(
-                *(stop_process_tree(p, grace=self._grace, ops=self._ops) for p in live),
-                return_exceptions=True,
-            )
-        self.cleanup()
+        try:
+            if live:
+                await asyncio.gather(
+                    *(stop_process_tree(p, grace=self._grace, ops=self._ops) for p in live),
+                    return_exceptions=True,
+                )
+                for process in live:
+                    _release_pipes(process)
+        finally:
+            # Also when cancelled: whatever is still running is killed, threads are released.
+            self.cleanup()
 
     def cleanup(self) -> None:
         """Kill children still running (no grace: this is synchronous) and shut the thread pools
@@ -437,3 +447,12 @@ def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
             f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
             "for stdin, or create_subprocess_exec() to choose the streams"
         )
+
+
+def _release_pipes(process: ProcessLike) -> None:
+    # An asyncio process whose output nobody read keeps its pipe transports open (paused) after
+    # the child died; close them now rather than at garbage collection, when the loop may be gone.
+    transport = getattr(process, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()

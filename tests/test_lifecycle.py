@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 
@@ -223,3 +224,84 @@ async def test_stop_holds_a_forking_tree_still(wrapper: pq.SubprocessWrapper, at
     await wait_marked(mark, 3 + attempt)
     await pq.terminate_gracefully(proc, timeout=GRACE)
     await assert_no_survivors(mark, grace=0.0)
+
+
+CHATTY_THEN_SLEEP = (
+    "import sys, time\n"
+    "sys.stdout.write('line\\n' * 200000)\n"
+    "sys.stdout.flush()\n"
+    "time.sleep(60)\n"
+)
+
+
+async def test_leaving_a_stream_with_unread_output_is_prompt(
+    streaming_wrapper: pq.SubprocessWrapper,
+) -> None:
+    # The reader is paused (far more output than its limit is unread): the stop must still see
+    # the child exit at once instead of waiting out the grace period, and close the pipe.
+    mark, env = marked_env()
+    loop = asyncio.get_running_loop()
+    stream = streaming_wrapper.stream(*py(CHATTY_THEN_SLEEP), env=env, grace_period=30)
+    async with stream as lines:
+        started = loop.time()
+        async for _ in lines:
+            break
+    assert loop.time() - started < 15  # 30 s grace: only a missed exit would take that long
+    assert lines.returncode == -signal.SIGTERM
+    await assert_no_survivors(mark, grace=0.0)
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_cancelled_aclose_still_kills_and_releases(mode: str) -> None:
+    import threading
+
+    mark, env = marked_env()
+    before = {t.ident for t in threading.enumerate()}
+    wrapper = pq.SubprocessWrapper(mode, grace_period=30)
+    await wrapper.create_subprocess_exec(*py(STUBBORN_CHILD), env=env)
+    await wait_marked(mark)
+    closing = asyncio.ensure_future(wrapper.aclose())
+    await asyncio.sleep(0.3)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await assert_no_survivors(mark, grace=1.0)
+    with pytest.raises(pq.WrapperClosedError):
+        await wrapper.run(*py("pass"))
+    leftover = [
+        t for t in threading.enumerate() if t.ident not in before and t.name.startswith("prismq")
+    ]
+    for thread in leftover:
+        thread.join(5)
+    assert [t for t in leftover if t.is_alive()] == []
+
+
+async def test_a_spawn_racing_aclose_is_not_left_running(wrapper: pq.SubprocessWrapper) -> None:
+    mark, env = marked_env()
+    spawning = asyncio.ensure_future(wrapper.create_subprocess_exec(*py(TREE_CHILD), env=env))
+    await asyncio.sleep(0)
+    await wrapper.aclose()
+    with contextlib.suppress(pq.WrapperClosedError):
+        await spawning
+    await assert_no_survivors(mark, grace=1.0)
+
+
+async def test_run_returns_when_a_chatty_leftover_keeps_writing(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time\\n"
+        "while True:\\n print(\"tick\", flush=True)\\n time.sleep(0.01)'])\n"
+        "print('started', flush=True)\n"
+    )
+    result = await wrapper.run(*py(code), env=env, timeout=20, grace_period=0.5)
+    assert result.returncode == 0
+    assert result.stdout.startswith(b"started\n") or b"started\n" in result.stdout
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_missing_shell_is_a_file_not_found(wrapper: pq.SubprocessWrapper) -> None:
+    with pytest.raises(FileNotFoundError):
+        await wrapper.run("echo hi", shell=True, executable="/nonexistent/sh")

@@ -148,3 +148,21 @@ async def test_stream_delivers_long_lines_whole(wrapper: pq.SubprocessWrapper) -
 def test_unpiped_stream_is_explained() -> None:
     with pytest.raises(TypeError, match="stdout=PIPE"):
         pq.iter_lines(None)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"one\nabc\xe2", ["one\n", "abc\ufffd"]),
+        (b"one\n\xe2\x82", ["one\n", "\ufffd"]),
+        (b"one\n", ["one\n"]),
+    ],
+)
+async def test_text_mode_last_line_with_an_incomplete_character(
+    data: bytes, expected: list[str]
+) -> None:
+    got = [line async for line in pq.iter_lines(ChunkedStream([data]), encoding="utf-8")]
+    assert got == expected
+    lines = await readline_all(reader_with([data]))
+    reference = [line.decode("utf-8", "replace") for line in lines]
+    assert got == reference

@@ -243,7 +243,8 @@ class LocalStrategy(SubprocessStrategy):
             async with scope:
                 await asyncio.shield(job)
         except FileNotFoundError as exc:
-            assert isinstance(request.command, tuple)
+            if request.shell or not isinstance(request.command, tuple):
+                raise
             raise not_found_error(request.command[0], exc) from exc
         except TimeoutError:
             if not scope.expired():

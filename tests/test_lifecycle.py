@@ -210,10 +210,10 @@ async def test_plain_asyncio_process_tree_stop() -> None:
 # snapshots the tree without holding it still misses the one forked in between.
 FORKER = (
     "import subprocess, sys, time\n"
-    "sleeper = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
     "print('ready', flush=True)\n"
-    "for _ in range(200):\n"
-    "    subprocess.Popen(sleeper, start_new_session=True)\n"
+    "for _ in range(300):\n"
+    "    subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+    "time.sleep(60)\n"  # stay the parent: orphans of an exited child are out of anyone's reach
 )
 
 

@@ -132,9 +132,9 @@ class SubprocessStrategy(ABC):
                 await self._finish_pumps(process, pumps, options.grace)
                 await process.wait()
         except TimeoutError:
-            if not scope.expired():
-                raise
             await self._abort(process, pumps, options.grace)
+            if not scope.expired():
+                raise  # a TimeoutError from elsewhere: the tree is stopped all the same
             raise ProcessTimeoutError(
                 cmd=request.display,
                 timeout=options.timeout or 0.0,

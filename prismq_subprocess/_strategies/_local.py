@@ -247,11 +247,11 @@ class LocalStrategy(SubprocessStrategy):
                 raise
             raise not_found_error(request.command[0], exc) from exc
         except TimeoutError:
-            if not scope.expired():
-                raise
             process = await launch.abort()
             if process is not None:
                 await self._stop(process, options.grace)
+            if not scope.expired():
+                raise  # a TimeoutError from elsewhere: the tree is stopped all the same
             raise ProcessTimeoutError(
                 cmd=request.display,
                 timeout=options.timeout or 0.0,

@@ -147,7 +147,7 @@ def check_limit(value: object, name: str, *, minimum: int) -> None:
 
 
 def check_timeout(value: float | None, name: str = "timeout") -> float | None:
-    """Return ``value`` if it is ``None`` or a finite number >= 0.
+    """Return ``value`` if it is ``None`` or a number >= 0 (``inf`` means no limit, as ``None``).
 
     Raises:
         InvalidTimeoutError: negative, NaN, or not a number.

@@ -72,6 +72,12 @@ class SubprocessWrapper:
     ) -> None:
         self._ops = ops or platform_ops()
         if isinstance(mode, SubprocessStrategy):
+            if mode.on_spawn is not None:
+                # Its children would be tracked (and stopped on close) by one wrapper only.
+                raise InvalidCommandError(
+                    f"this {type(mode).__name__} already belongs to another SubprocessWrapper; "
+                    "create one strategy per wrapper"
+                )
             self._decision = resolve_run_mode(mode.mode)
             self._strategy = mode
         else:

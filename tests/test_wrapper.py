@@ -320,3 +320,11 @@ async def test_error_messages_say_what_to_do(any_wrapper: pq.SubprocessWrapper) 
     if any_wrapper.mode is not RunMode.DRY_RUN:
         with pytest.raises(pq.CommandNotFoundError, match="shell=True"):
             await any_wrapper.run("prismq-no-such-program -V")
+
+
+def test_a_strategy_instance_serves_one_wrapper() -> None:
+    strategy = pq.DryRunStrategy()
+    first = pq.SubprocessWrapper(strategy)
+    with pytest.raises(pq.InvalidCommandError, match="one strategy per wrapper"):
+        pq.SubprocessWrapper(strategy)
+    first.cleanup()

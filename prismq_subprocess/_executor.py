@@ -13,9 +13,9 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from ._closing import AsyncClosing
 from ._exceptions import InvalidLimitError, InvalidParametersError, RunnerClosedError
 from ._lifecycle import DEFAULT_GRACE_PERIOD
 from ._modes import RunMode
@@ -109,7 +109,7 @@ def _error_result(spec: object, exc: BaseException) -> dict[str, Any]:
     }
 
 
-class ConcurrentExecutor:
+class ConcurrentExecutor(AsyncClosing):
     """Run modules with at most ``max_concurrent`` at a time, each admitted by a resource check.
 
     Every module runs through a :class:`ModuleRunner` (so it is recorded in ``registry``, its
@@ -292,14 +292,3 @@ class ConcurrentExecutor:
         self._closed = True
         self.runner.wrapper.cleanup()
 
-    async def __aenter__(self) -> Self:
-        self._check_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from ._closing import AsyncClosing
 from ._durations import interval_seconds, timeout_seconds
 from ._exceptions import (
     InvalidLimitError,
@@ -75,7 +75,7 @@ def _megabytes(value: int) -> str:
     return f"{value / (1024 * 1024):.1f} MiB"
 
 
-class ModuleRunner:
+class ModuleRunner(AsyncClosing):
     """Run Python modules (scripts) as tracked runs: registry, live output, cancel, limits.
 
     ``await runner.execute_module(...)`` runs one module to its end and returns its :class:`Run`;
@@ -602,14 +602,3 @@ class ModuleRunner:
         if self._owns_wrapper:
             await self.wrapper.aclose()
 
-    async def __aenter__(self) -> Self:
-        self._check_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

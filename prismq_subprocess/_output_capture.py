@@ -17,9 +17,9 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
+from ._closing import AsyncClosing
 from ._exceptions import InvalidLimitError, OutputClosedError
 from ._output_log import RunLogWriter
 
@@ -71,7 +71,7 @@ class _RunOutput:
         return self.lines[0][0].seq if self.lines else self.next_seq
 
 
-class OutputSubscription:
+class OutputSubscription(AsyncClosing):
     """Async iterator over one run's output: replay, then live lines, until the run is closed.
 
     Yields :class:`OutputLine` and :class:`OutputGap` items. Ends (``StopAsyncIteration``) once the
@@ -140,19 +140,9 @@ class OutputSubscription:
             self._state = None
         self._wakeup.set()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
-class OutputCapture:
+class OutputCapture(AsyncClosing):
     """Buffers each run's output lines and fans them out to subscribers.
 
     Args:
@@ -299,13 +289,3 @@ class OutputCapture:
         if self._log is not None:
             await self._log.aclose()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

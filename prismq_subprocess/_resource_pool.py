@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from types import TracebackType
-from typing import Self
 
+from ._closing import AsyncClosing
 from ._exceptions import InvalidLimitError, PoolClosedError
 from ._lifecycle import DEFAULT_GRACE_PERIOD
 from ._modes import RunMode
@@ -17,7 +16,7 @@ from ._wrapper import SubprocessWrapper
 __all__ = ["ResourcePool"]
 
 
-class ResourcePool:
+class ResourcePool(AsyncClosing):
     """Lend out at most ``max_workers`` :class:`SubprocessWrapper` objects at a time.
 
     ``async with pool.acquire_subprocess() as wrapper:`` waits while ``max_workers`` wrappers
@@ -126,14 +125,3 @@ class ResourcePool:
         for wrapper in wrappers:
             wrapper.cleanup()
 
-    async def __aenter__(self) -> Self:
-        self._check_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -7,9 +7,9 @@ import contextlib
 import logging
 import subprocess
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
+from ._closing import AsyncClosing
 from ._detect import ModeDecision, resolve_run_mode
 from ._exceptions import InvalidCommandError, SubprocessPolicyException, WrapperClosedError
 from ._lifecycle import DEFAULT_GRACE_PERIOD, kill_tree_now, stop_process_tree
@@ -39,7 +39,7 @@ _POLICY_HELP = (
 )
 
 
-class SubprocessWrapper:
+class SubprocessWrapper(AsyncClosing):
     """Runs commands in one :class:`RunMode`, chosen by the caller or detected.
 
     ``mode`` is a :class:`RunMode`, its name as text, a ready strategy instance (e.g.
@@ -433,17 +433,6 @@ class SubprocessWrapper:
         for strategy in (*self._retired, self._strategy):
             strategy.close()
 
-    async def __aenter__(self) -> SubprocessWrapper:
-        self._check_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:

@@ -421,12 +421,12 @@ class _PumpStdinWriter(StdinWriterBase):
             try:
                 written = os.write(self._fd, data)
             except BlockingIOError:
-                written = 0
+                written = 0  # the pipe is full: everything goes to the queue
             except OSError as exc:
                 error = as_broken_pipe(exc)
                 self._exc = error
                 self._shut = True
-            else:
+            if error is None:
                 if written == len(data):
                     return
                 self._buffer += data[written:]

@@ -149,7 +149,8 @@ async def stop_process_tree(
             descendants += ops.snapshot_descendants(pid)
             logger.info("pid %d outlived its %.3g s grace period; killing its tree", pid, grace)
             ops.kill_tree(pid, own_group, descendants)
-            _kill(process)
+            if not (own_group and ops.group_kill_covers_leader):
+                _kill(process)
         await _wait_until(None, process)
         returncode = process.returncode
         assert returncode is not None
@@ -182,6 +183,9 @@ def _signal(process: ProcessLike, sig: int) -> None:
 
 
 def _kill(process: ProcessLike) -> None:
+    # Only when the group kill did not reach the child: on an asyncio process, kill() polls the
+    # Popen first (bpo-38630), which can reap a child the group kill just ended, before asyncio's
+    # own child watcher does, so the watcher reports 255 instead of -SIGKILL.
     with contextlib.suppress(OSError):
         process.kill()
 
@@ -190,8 +194,10 @@ def kill_tree_now(process: ProcessLike, ops: PlatformOps | None = None) -> None:
     """Kill ``process`` and its tree at once, without waiting (for synchronous clean-up)."""
     ops = ops or platform_ops()
     if process.returncode is None:
-        ops.kill_tree(process.pid, _own_group(process, ops), ops.snapshot_descendants(process.pid))
-        _kill(process)
+        own_group = _own_group(process, ops)
+        ops.kill_tree(process.pid, own_group, ops.snapshot_descendants(process.pid))
+        if not (own_group and ops.group_kill_covers_leader):
+            _kill(process)
 
 
 async def terminate_gracefully(

@@ -82,6 +82,8 @@ class PlatformOps:
 
     name: str
     kill: Callable[[int, int], None] = field(default=os.kill)
+    #: Whether :meth:`kill_tree` on a group leader also kills the leader itself.
+    group_kill_covers_leader: bool = False
     snapshot_descendants: Callable[[int], list[psutil.Process]] = field(
         default=_snapshot_descendants
     )
@@ -143,6 +145,8 @@ class PlatformOps:
 @dataclass
 class PosixOps(PlatformOps):
     """Linux and macOS: ``start_new_session`` groups, SIGTERM then SIGKILL to the group."""
+
+    group_kill_covers_leader: bool = True
 
     killpg: Callable[[int, int], None] = field(default=getattr(os, "killpg", lambda _p, _s: None))
 

@@ -252,3 +252,29 @@ async def test_pidfd_in_the_io_thread_when_the_loop_cannot_watch_it() -> None:
     finally:
         pump.close()
         reap(proc)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_GETPIPE_SZ is Linux-only")
+async def test_a_write_to_a_full_pipe_is_queued_not_lost(bridge: PipeBridge) -> None:
+    # The first write fills the pipe exactly; the next one finds it full (EAGAIN) and must be
+    # queued for later, not dropped.
+    import fcntl
+
+    loop = asyncio.get_running_loop()
+    code = "import sys, time\ntime.sleep(0.3)\nsys.stdout.buffer.write(sys.stdin.buffer.read())"
+    proc = popen(code, stdin=PIPE, stdout=PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        size = fcntl.fcntl(proc.stdin.fileno(), 1032)  # F_GETPIPE_SZ
+        writer = bridge.open_writer(loop, proc.stdin, name="t-in")
+        reader = bridge.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        read_task = asyncio.ensure_future(reader.read())
+        first, second = b"a" * size, b"b" * 1000
+        writer.write(first)
+        await asyncio.sleep(0.05)  # let a thread-driven writer fill the pipe too
+        writer.write(second)
+        writer.close()
+        await writer.wait_closed()
+        assert await read_task == first + second
+    finally:
+        reap(proc)

@@ -107,8 +107,10 @@ async def test_readline_keeps_asyncio_limit_semantics(
     proc = await streaming_wrapper.create_subprocess_exec(*py(code), stdout=pq.PIPE)
     with pytest.raises(ValueError):
         await proc.stdout.readline()
-    rest = await proc.stdout.read()  # the data is still there, as with asyncio
-    assert rest.endswith(b"a\n")
+    # As asyncio does, the over-long line is discarded (how much of it depends on how much was
+    # buffered); reading on still works and ends the stream.
+    rest = await proc.stdout.read()
+    assert set(rest) <= set(b"a\n")
     await proc.wait()
     big = await streaming_wrapper.create_subprocess_exec(
         *py(code), stdout=pq.PIPE, limit=2 * LONG

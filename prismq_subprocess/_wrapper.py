@@ -173,6 +173,7 @@ class SubprocessWrapper(AsyncClosing):
         check_popen_kwargs(kwargs, shell=shell)
         kwargs.pop("shell", None)
         check_limit(limit, "limit", minimum=1)
+        grouped = self._ops.group_kwargs(kwargs, self._new_group)
         return SpawnRequest(
             command=command,
             shell=shell,
@@ -180,7 +181,8 @@ class SubprocessWrapper(AsyncClosing):
             stdout=stdout,
             stderr=stderr,
             limit=limit,
-            kwargs=self._ops.group_kwargs(kwargs, self._new_group),
+            kwargs=grouped,
+            added=frozenset(grouped.keys() - kwargs.keys()),
         )
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:

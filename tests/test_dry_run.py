@@ -122,3 +122,11 @@ async def test_output_cap_applies() -> None:
     assert result.stdout == b"aaaaaaaEND" and result.stdout_truncated
     assert result.stdout_total_bytes == 103
     await wrapper.aclose()
+
+
+async def test_recorded_kwargs_are_the_callers() -> None:
+    wrapper, recorder = make()
+    await wrapper.create_subprocess_exec("x", close_fds=False)
+    await wrapper.run("y")
+    assert [c.kwargs for c in recorder.calls] == [{"close_fds": False}, {}]
+    await wrapper.aclose()

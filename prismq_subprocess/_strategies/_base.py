@@ -42,6 +42,8 @@ class SpawnRequest:
     stderr: Stdio = None
     limit: int = DEFAULT_LIMIT
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The ``kwargs`` keys the wrapper added itself (process-group options), not the caller.
+    added: frozenset[str] = frozenset()
 
     @property
     def display(self) -> tuple[str, ...] | str:

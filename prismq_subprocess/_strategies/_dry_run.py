@@ -225,7 +225,11 @@ class DryRunStrategy(SubprocessStrategy):
             shell=request.shell,
             cwd=os.fsdecode(cwd) if cwd is not None else None,
             env=request.kwargs.get("env"),
-            kwargs={k: v for k, v in request.kwargs.items() if k not in ("cwd", "env")},
+            kwargs={
+                k: v
+                for k, v in request.kwargs.items()
+                if k not in ("cwd", "env") and k not in request.added
+            },
             input=input,
         )
         logger.info("dry run: %s", _show(call.args))

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
 from typing import Any
 
-__all__ = ["ProcessBase"]
+__all__ = ["PopenProcess", "ProcessBase"]
 
 
 class ProcessBase:
@@ -121,3 +122,34 @@ class ProcessBase:
 
     def _send_signal(self, sig: int) -> None:
         raise NotImplementedError
+
+
+class PopenProcess(ProcessBase):
+    """A :class:`ProcessBase` whose child is a ``subprocess.Popen`` (THREADED and LOCAL)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, popen: subprocess.Popen[bytes]) -> None:
+        super().__init__(loop, popen.pid)
+        self._popen = popen
+
+    def _send_signal(self, sig: int) -> None:
+        self._popen.send_signal(sig)
+
+    def terminate(self) -> None:
+        """Ask the child to stop (``Popen.terminate``: SIGTERM, ``TerminateProcess`` on Windows).
+
+        Raises:
+            ProcessLookupError: the child has already exited.
+        """
+        if self._returncode is not None:
+            raise ProcessLookupError(f"process {self.pid} has already exited")
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        """Kill the child (``Popen.kill``: SIGKILL, ``TerminateProcess`` on Windows).
+
+        Raises:
+            ProcessLookupError: the child has already exited.
+        """
+        if self._returncode is not None:
+            raise ProcessLookupError(f"process {self.pid} has already exited")
+        self._popen.kill()

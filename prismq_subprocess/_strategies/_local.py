@@ -24,7 +24,7 @@ from .._lifecycle import register_group
 from .._modes import RunMode
 from .._platform import PlatformOps
 from .._process import ProcessLike
-from .._process_base import ProcessBase
+from .._process_base import PopenProcess
 from .._result import ProcessResult, TailBuffer
 from .._stdin_buffer import BufferedStdin
 from .._validation import not_found_error
@@ -86,7 +86,7 @@ class _DeferredReader:
         return line
 
 
-class LocalProcess(ProcessBase):
+class LocalProcess(PopenProcess):
     """An ``asyncio.subprocess.Process`` look-alike whose child runs to completion in a worker
     thread; see the module docstring for the trade-offs."""
 
@@ -101,8 +101,7 @@ class LocalProcess(ProcessBase):
         job: asyncio.Future[int] | None = None,
         buffers: tuple[TailBuffer | None, TailBuffer | None] | None = None,
     ) -> None:
-        super().__init__(loop, popen.pid)
-        self._popen = popen
+        super().__init__(loop, popen)
         self._pool = pool
         self._job: asyncio.Future[int] | None = None
         if buffers is None:
@@ -178,21 +177,6 @@ class LocalProcess(ProcessBase):
 
     async def _feed_stdin(self, input: bytes | None) -> None:
         self.stdin.close()
-
-    def _send_signal(self, sig: int) -> None:
-        self._popen.send_signal(sig)
-
-    def terminate(self) -> None:
-        """Ask the child to stop (``Popen.terminate``)."""
-        if self._returncode is not None:
-            raise ProcessLookupError(f"process {self.pid} has already exited")
-        self._popen.terminate()
-
-    def kill(self) -> None:
-        """Kill the child (``Popen.kill``)."""
-        if self._returncode is not None:
-            raise ProcessLookupError(f"process {self.pid} has already exited")
-        self._popen.kill()
 
 
 class LocalStrategy(SubprocessStrategy):

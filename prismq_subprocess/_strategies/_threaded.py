@@ -33,7 +33,7 @@ from .._modes import RunMode
 from .._pipes import PipeBridge, ThreadPerPipe
 from .._platform import PlatformOps
 from .._process import ProcessLike
-from .._process_base import ProcessBase
+from .._process_base import PopenProcess
 from ._base import SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor
 
@@ -44,7 +44,7 @@ __all__ = ["IOMode", "ThreadedProcess", "ThreadedStrategy"]
 IOMode = Literal["auto", "selector", "threads"]
 
 
-class ThreadedProcess(ProcessBase):
+class ThreadedProcess(PopenProcess):
     """An ``asyncio.subprocess.Process`` look-alike over a ``Popen`` driven by threads.
 
     ``stdout``/``stderr`` are real ``asyncio.StreamReader`` objects fed by the strategy's pipe
@@ -62,8 +62,7 @@ class ThreadedProcess(ProcessBase):
         bridge: PipeBridge,
         use_pidfd: bool,
     ) -> None:
-        super().__init__(loop, popen.pid)
-        self._popen = popen
+        super().__init__(loop, popen)
         pid = popen.pid
         if popen.stdin is not None:
             self.stdin = bridge.open_writer(loop, popen.stdin, name=f"prismq-stdin-{pid}")
@@ -82,21 +81,6 @@ class ThreadedProcess(ProcessBase):
             use_pidfd=use_pidfd,
             io_thread=bridge if isinstance(bridge, IOThread) else None,
         )
-
-    def _send_signal(self, sig: int) -> None:
-        self._popen.send_signal(sig)
-
-    def terminate(self) -> None:
-        """Ask the child to stop (``Popen.terminate``: SIGTERM, ``TerminateProcess`` on Windows)."""
-        if self._returncode is not None:
-            raise ProcessLookupError(f"process {self.pid} has already exited")
-        self._popen.terminate()
-
-    def kill(self) -> None:
-        """Kill the child (``Popen.kill``: SIGKILL, ``TerminateProcess`` on Windows)."""
-        if self._returncode is not None:
-            raise ProcessLookupError(f"process {self.pid} has already exited")
-        self._popen.kill()
 
 
 class ThreadedStrategy(SubprocessStrategy):

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,33 @@ def policy_uses_proactor(policy: object) -> bool:
     return isinstance(factory, type) and bool(
         {k.__name__ for k in factory.__mro__} & _PROACTOR_NAMES
     )
+
+
+_NOT_RUNNING = {
+    psutil.STATUS_STOPPED,
+    psutil.STATUS_TRACING_STOP,
+    psutil.STATUS_ZOMBIE,
+    psutil.STATUS_DEAD,
+}
+
+
+def _await_stopped(procs: Iterable[psutil.Process], timeout: float = 0.1) -> None:
+    """Block (at most ``timeout``; usually well under a millisecond) until every process in
+    ``procs`` has stopped, ended or vanished."""
+    deadline = time.monotonic() + timeout
+    pending = list(procs)
+    while pending:
+        still = []
+        for proc in pending:
+            try:
+                if proc.status() not in _NOT_RUNNING:
+                    still.append(proc)
+            except psutil.Error:
+                continue
+        pending = still
+        if not pending or time.monotonic() >= deadline:
+            return
+        time.sleep(0.0005)
 
 
 def _snapshot_descendants(pid: int) -> list[psutil.Process]:
@@ -184,8 +212,11 @@ class PosixOps(PlatformOps):
             with contextlib.suppress(OSError):
                 self.kill(pid, signal.SIGSTOP)
         # Stopped processes cannot fork: stop every descendant found, look again, until no new
-        # one appears (a fork already under way shows up in the next look).
+        # one appears. A signal is delivered asynchronously, so each look waits until what was
+        # signalled has really stopped; otherwise it could fork just after the last look.
         seen: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            _await_stopped([psutil.Process(pid)])
         for _ in range(20):
             fresh = [p for p in self.snapshot_descendants(pid) if p.pid not in seen]
             if not fresh:
@@ -193,6 +224,7 @@ class PosixOps(PlatformOps):
             for proc in fresh:
                 seen[proc.pid] = proc
             self.signal_descendants(fresh, signal.SIGSTOP)
+            _await_stopped(fresh)
         return list(seen.values())
 
     def thaw(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:

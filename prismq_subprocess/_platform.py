@@ -75,10 +75,9 @@ _NOT_RUNNING = {
 }
 
 
-def _await_stopped(procs: Iterable[psutil.Process], timeout: float = 0.1) -> None:
-    """Block (at most ``timeout``; usually well under a millisecond) until every process in
-    ``procs`` has stopped, ended or vanished."""
-    deadline = time.monotonic() + timeout
+def _await_stopped(procs: Iterable[psutil.Process], deadline: float) -> None:
+    """Block (until ``deadline`` at most; usually well under a millisecond) until every process
+    in ``procs`` has stopped, ended or vanished."""
     pending = list(procs)
     while pending:
         still = []
@@ -215,16 +214,19 @@ class PosixOps(PlatformOps):
         # one appears. A signal is delivered asynchronously, so each look waits until what was
         # signalled has really stopped; otherwise it could fork just after the last look.
         seen: dict[int, psutil.Process] = {}
+        leader: list[psutil.Process] = []
         with contextlib.suppress(psutil.Error):
-            _await_stopped([psutil.Process(pid)])
+            leader.append(psutil.Process(pid))
+        deadline = time.monotonic() + 0.5
         for _ in range(20):
+            # Look only once everything signalled so far has really stopped.
+            _await_stopped([*leader, *seen.values()], deadline)
             fresh = [p for p in self.snapshot_descendants(pid) if p.pid not in seen]
             if not fresh:
                 break
             for proc in fresh:
                 seen[proc.pid] = proc
             self.signal_descendants(fresh, signal.SIGSTOP)
-            _await_stopped(fresh)
         return list(seen.values())
 
     def thaw(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:

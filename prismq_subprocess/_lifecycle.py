@@ -144,6 +144,12 @@ async def stop_process_tree(
         if not (own_group and ops.signal_group(pid, sig)):
             _signal(process, sig)
         ops.signal_descendants(descendants, signal.SIGTERM)
+        # One more look while the child is still held (it cannot die, so nothing it started
+        # has been re-parented out of reach yet).
+        known = {p.pid for p in descendants}
+        late = [p for p in ops.snapshot_descendants(pid) if p.pid not in known]
+        ops.signal_descendants(late, signal.SIGTERM)
+        descendants += late
         ops.thaw(pid, own_group, descendants)
         if not await _wait_until(deadline, process):
             descendants += ops.snapshot_descendants(pid)

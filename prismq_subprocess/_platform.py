@@ -218,12 +218,20 @@ class PosixOps(PlatformOps):
         with contextlib.suppress(psutil.Error):
             leader.append(psutil.Process(pid))
         deadline = time.monotonic() + 0.5
-        for _ in range(20):
-            # Look only once everything signalled so far has really stopped.
+        quiet = 0
+        for _ in range(40):
+            # Look only once everything signalled so far has really stopped, and accept the
+            # tree as complete only after two looks in a row, a moment apart, find nothing new
+            # (a fork in flight when the leader stopped surfaces a little later).
             _await_stopped([*leader, *seen.values()], deadline)
             fresh = [p for p in self.snapshot_descendants(pid) if p.pid not in seen]
             if not fresh:
-                break
+                quiet += 1
+                if quiet == 2:
+                    break
+                time.sleep(0.002)
+                continue
+            quiet = 0
             for proc in fresh:
                 seen[proc.pid] = proc
             self.signal_descendants(fresh, signal.SIGSTOP)

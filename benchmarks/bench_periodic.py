@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from prismq_subprocess._periodic import PeriodicTask
+from prismq_subprocess._background._periodic import PeriodicTask
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:

@@ -23,10 +23,10 @@ from typing import Any
 
 from _common import table, write_json
 
-from prismq_subprocess._registry import BaseRunRegistry, RunRegistry
-from prismq_subprocess._run import Run, RunStatus
-from prismq_subprocess._sqlite_registry import SQLiteRunRegistry
-from prismq_subprocess._task_manager import BackgroundTaskManager
+from prismq_subprocess._background._memory_registry import BaseRunRegistry, RunRegistry
+from prismq_subprocess._background._run_record import Run, RunStatus
+from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
+from prismq_subprocess._background._task_manager import BackgroundTaskManager
 
 
 async def trivial() -> int:

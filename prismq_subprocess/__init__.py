@@ -9,10 +9,27 @@ from __future__ import annotations
 import contextlib as _contextlib
 from asyncio.subprocess import DEVNULL, PIPE, STDOUT
 
-from ._detect import ENV_VAR, ModeDecision, ModeSource, detect_run_mode
-from ._dropin import create_subprocess_exec, create_subprocess_shell, run
-from ._event_loop import install_subprocess_policy, subprocess_loop_factory
-from ._exceptions import (
+from ._background._executor import ConcurrentExecutor, ModuleSpec
+from ._background._memory_registry import BaseRunRegistry, RunRegistry
+from ._background._module_args import parameters_to_args
+from ._background._module_runner import ModuleRunner
+from ._background._output_capture import (
+    OutputCapture,
+    OutputGap,
+    OutputItem,
+    OutputLine,
+    OutputSubscription,
+)
+from ._background._periodic import PeriodicTask, PeriodicTaskStats
+from ._background._process_manager import ProcessManager
+from ._background._run_record import Run, RunOwner, RunStatus
+from ._background._sqlite_registry import SQLiteRunRegistry
+from ._background._task_manager import BackgroundTaskManager
+from ._background._wrapper_pool import ResourcePool
+from ._core._detect import ENV_VAR, ModeDecision, ModeSource, detect_run_mode
+from ._core._dropin import create_subprocess_exec, create_subprocess_shell, run
+from ._core._event_loop import install_subprocess_policy, subprocess_loop_factory
+from ._core._exceptions import (
     CommandNotFoundError,
     CwdNotADirectoryError,
     CwdNotFoundError,
@@ -46,26 +63,17 @@ from ._exceptions import (
     TaskManagerClosedError,
     WrapperClosedError,
 )
-from ._executor import ConcurrentExecutor, ModuleSpec
-from ._lifecycle import DEFAULT_GRACE_PERIOD, execute_with_timeout, terminate_gracefully
-from ._line_stream import LineStream
-from ._lines import iter_lines
-from ._memory_monitor import MemoryMonitor
-from ._modes import RunMode
-from ._module_args import parameters_to_args
-from ._module_runner import ModuleRunner
-from ._output_capture import OutputCapture, OutputGap, OutputItem, OutputLine, OutputSubscription
-from ._periodic import PeriodicTask, PeriodicTaskStats
-from ._process import ProcessLike, StreamReaderLike, StreamWriterLike
-from ._process_manager import ProcessManager
-from ._process_tree import ProcessTreeSampler, TreeSample
-from ._registry import BaseRunRegistry, RunRegistry
-from ._resource_manager import LimitViolation, ResourceCheck, ResourceManager
-from ._resource_pool import ResourcePool
-from ._resource_readings import PsutilResourceReader, ResourceSnapshot
-from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
-from ._run import Run, RunOwner, RunStatus
-from ._sqlite_registry import SQLiteRunRegistry
+from ._core._line_stream import LineStream
+from ._core._lines import iter_lines
+from ._core._modes import RunMode
+from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
+from ._core._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
+from ._core._tree_stop import DEFAULT_GRACE_PERIOD, execute_with_timeout, terminate_gracefully
+from ._core._wrapper import SubprocessWrapper
+from ._resources._memory_monitor import MemoryMonitor
+from ._resources._readings import PsutilResourceReader, ResourceSnapshot
+from ._resources._resource_manager import LimitViolation, ResourceCheck, ResourceManager
+from ._resources._tree_sampler import ProcessTreeSampler, TreeSample
 from ._strategies import (
     AsyncStrategy,
     DryRunStrategy,
@@ -74,8 +82,6 @@ from ._strategies import (
     ThreadedStrategy,
 )
 from ._strategies._dry_run import DryRunCall, DryRunRecorder, DryRunResponse
-from ._task_manager import BackgroundTaskManager
-from ._wrapper import SubprocessWrapper
 
 __version__ = "0.1.0"
 

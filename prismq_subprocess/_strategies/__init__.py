@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._modes import RunMode
+from .._core._modes import RunMode
 from ._async import AsyncStrategy
 from ._base import SpawnRequest, SubprocessStrategy
 from ._dry_run import DryRunStrategy

@@ -6,10 +6,10 @@ import asyncio
 import os
 from typing import ClassVar
 
-from .._lifecycle import register_group
-from .._modes import RunMode
-from .._process import ProcessLike
-from .._validation import not_found_error
+from .._core._modes import RunMode
+from .._core._process import ProcessLike
+from .._core._tree_stop import register_group
+from .._core._validation import not_found_error
 from ._base import SpawnRequest, SubprocessStrategy
 
 __all__ = ["AsyncStrategy"]

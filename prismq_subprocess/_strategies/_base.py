@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, ClassVar
 
-from .._exceptions import ProcessTimeoutError
-from .._lifecycle import stop_process_tree
-from .._modes import RunMode
+from .._core._exceptions import ProcessTimeoutError
+from .._core._modes import RunMode
+from .._core._process import ProcessLike
+from .._core._result import ProcessResult, TailBuffer
+from .._core._tree_stop import stop_process_tree
 from .._platform import PlatformOps, platform_ops
-from .._process import ProcessLike
-from .._result import ProcessResult, TailBuffer
 
 __all__ = ["RunOptions", "SpawnRequest", "SubprocessStrategy"]
 

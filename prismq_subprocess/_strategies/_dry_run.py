@@ -18,14 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
-from .._exceptions import ProcessTimeoutError
-from .._modes import RunMode
+from .._core._exceptions import ProcessTimeoutError
+from .._core._modes import RunMode
+from .._core._process import ProcessLike
+from .._core._result import ProcessResult
 from .._platform import PlatformOps
-from .._process import ProcessLike
-from .._process_base import ProcessBase
-from .._result import ProcessResult
-from .._stdin_buffer import BufferedStdin
 from ._base import RunOptions, SpawnRequest, SubprocessStrategy
+from ._process_base import ProcessBase
+from ._stdin_buffer import BufferedStdin
 
 __all__ = ["DryRunCall", "DryRunProcess", "DryRunRecorder", "DryRunResponse", "DryRunStrategy"]
 

@@ -18,18 +18,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import ClassVar
 
-from .._blocking_io import Leftovers, drain_blocking
-from .._exceptions import ProcessTimeoutError
-from .._lifecycle import register_group
-from .._modes import RunMode
+from .._core._exceptions import ProcessTimeoutError
+from .._core._modes import RunMode
+from .._core._process import ProcessLike
+from .._core._result import ProcessResult, TailBuffer
+from .._core._tree_stop import register_group
+from .._core._validation import not_found_error
+from .._io._blocking_io import Leftovers, drain_blocking
 from .._platform import PlatformOps
-from .._process import ProcessLike
-from .._process_base import PopenProcess
-from .._result import ProcessResult, TailBuffer
-from .._stdin_buffer import BufferedStdin
-from .._validation import not_found_error
 from ._base import DEFAULT_LIMIT, RunOptions, SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor, start_popen
+from ._process_base import PopenProcess
+from ._stdin_buffer import BufferedStdin
 
 __all__ = ["LocalProcess", "LocalStrategy"]
 

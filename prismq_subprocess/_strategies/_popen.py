@@ -9,8 +9,8 @@ import functools
 import subprocess
 import threading
 
+from .._core._validation import not_found_error
 from .._platform import PlatformOps
-from .._validation import not_found_error
 from ._base import SpawnRequest
 
 __all__ = ["ExecutorOwner", "spawn_in_executor", "start_popen"]

@@ -2,12 +2,12 @@
 
 The event loop never watches a pipe or spawns a process here, which is what lets THREADED run
 on loops that cannot (Windows' ``SelectorEventLoop``). Who moves the bytes is a
-:class:`~prismq_subprocess._pipes.PipeBridge`, chosen by ``io``:
+:class:`~prismq_subprocess._io._pipes.PipeBridge`, chosen by ``io``:
 
-- ``"selector"`` (POSIX default): :class:`~prismq_subprocess._io_thread.IOThread`, one thread
+- ``"selector"`` (POSIX default): :class:`~prismq_subprocess._io._io_thread.IOThread`, one thread
   multiplexing every child's pipes, so threads do not grow with the number of children;
 - ``"threads"`` (Windows default, where anonymous pipes cannot be polled):
-  :class:`~prismq_subprocess._pipes.ThreadPerPipe`, a blocking thread per pipe. Forcing it on
+  :class:`~prismq_subprocess._io._pipes.ThreadPerPipe`, a blocking thread per pipe. Forcing it on
   POSIX is how the Windows route is tested on Linux.
 
 ``Popen`` itself still runs in the spawn pool. Measured on 2 shared cores (``/bin/true`` through
@@ -26,16 +26,16 @@ import subprocess
 import sys
 from typing import ClassVar, Literal
 
-from .._child_exit import watch_exit
-from .._io_thread import IOThread
-from .._lifecycle import register_group
-from .._modes import RunMode
-from .._pipes import PipeBridge, ThreadPerPipe
+from .._core._modes import RunMode
+from .._core._process import ProcessLike
+from .._core._tree_stop import register_group
+from .._io._child_exit import watch_exit
+from .._io._io_thread import IOThread
+from .._io._pipes import PipeBridge, ThreadPerPipe
 from .._platform import PlatformOps
-from .._process import ProcessLike
-from .._process_base import PopenProcess
 from ._base import SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor
+from ._process_base import PopenProcess
 
 __all__ = ["IOMode", "ThreadedProcess", "ThreadedStrategy"]
 
@@ -50,7 +50,7 @@ class ThreadedProcess(PopenProcess):
     ``stdout``/``stderr`` are real ``asyncio.StreamReader`` objects fed by the strategy's pipe
     bridge (with flow control: a slow reader stops the reading, and the child blocks on its
     full pipe); ``stdin`` is ``StreamWriter``-like
-    (:class:`~prismq_subprocess._pipes.StdinWriterBase`).
+    (:class:`~prismq_subprocess._io._pipes.StdinWriterBase`).
     """
 
     def __init__(

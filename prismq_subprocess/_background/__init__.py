@@ -1,0 +1,1 @@
+"""_background: see docs/ARCHITECTURE.md."""

@@ -1,0 +1,294 @@
+"""Many modules at once, bounded and admission-checked: :class:`ConcurrentExecutor`.
+
+A batch is a list of :class:`ModuleSpec` (or dicts with the same keys). Each item runs as a
+module run (see ``ModuleRunner``) once a slot is free and the resource manager admits it, and
+gives back one plain result dict, so a batch never fails because one item did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from typing import Any
+
+from .._core._closing import AsyncClosing
+from .._core._exceptions import InvalidLimitError, InvalidParametersError, RunnerClosedError
+from .._core._modes import RunMode
+from .._core._tree_stop import DEFAULT_GRACE_PERIOD
+from .._resources._resource_manager import ResourceManager
+from .._strategies import SubprocessStrategy
+from ._memory_registry import BaseRunRegistry, RunRegistry
+from ._module_runner import ModuleRunner
+from ._output_capture import OutputCapture
+from ._run_record import Run
+
+__all__ = ["ConcurrentExecutor", "ModuleSpec"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleSpec:
+    """One module to run: the arguments of ``ModuleRunner.execute_module`` as data."""
+
+    module_id: str
+    module_name: str
+    script_path: str | os.PathLike[str]
+    parameters: Mapping[str, Any] | None = None
+    run_id: str | None = None
+    timeout: float | timedelta | None = None
+    memory_limit_bytes: int | None = None
+    cwd: str | os.PathLike[str] | None = None
+    env: Mapping[str, str] | None = None
+
+    @classmethod
+    def from_any(cls, spec: ModuleSpec | Mapping[str, Any]) -> ModuleSpec:
+        """Return ``spec`` itself, or a spec built from a mapping with the same keys.
+
+        Raises:
+            InvalidParametersError: not a mapping, a missing required key or an unknown key.
+        """
+        if isinstance(spec, ModuleSpec):
+            return spec
+        if not isinstance(spec, Mapping):
+            raise InvalidParametersError(
+                f"a batch item must be a ModuleSpec or a mapping, not {type(spec).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise InvalidParametersError(f"unknown module spec keys: {', '.join(unknown)}")
+        try:
+            return cls(**spec)
+        except TypeError as exc:
+            raise InvalidParametersError(f"incomplete module spec: {exc}") from None
+
+
+def _result(run: Run) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "module_id": run.module_id,
+        "module_name": run.module_name,
+        "status": run.status.value,
+        "success": run.status.value == "completed",
+        "exit_code": run.exit_code,
+        "error": run.error_message,
+        "error_type": None,
+        "duration": run.duration,
+        "pid": run.pid,
+        "peak_rss_bytes": run.peak_rss_bytes,
+        "cpu_time_seconds": run.cpu_time_seconds,
+        "output_tail": list(run.output_tail),
+    }
+
+
+def _error_result(spec: object, exc: BaseException) -> dict[str, Any]:
+    def get(name: str) -> Any:
+        if isinstance(spec, Mapping):
+            return spec.get(name)
+        return getattr(spec, name, None)
+
+    return {
+        "run_id": None,
+        "module_id": get("module_id"),
+        "module_name": get("module_name"),
+        "status": "failed",
+        "success": False,
+        "exit_code": None,
+        "error": f"{type(exc).__name__}: {exc}",
+        "error_type": type(exc).__name__,
+        "duration": None,
+        "pid": None,
+        "peak_rss_bytes": None,
+        "cpu_time_seconds": None,
+        "output_tail": [],
+    }
+
+
+class ConcurrentExecutor(AsyncClosing):
+    """Run modules with at most ``max_concurrent`` at a time, each admitted by a resource check.
+
+    Every module runs through a :class:`ModuleRunner` (so it is recorded in ``registry``, its
+    output goes to ``output``, its tree is stopped on timeout/cancel/memory cap) and is reported
+    as a dict::
+
+        {"run_id", "module_id", "module_name", "status", "success", "exit_code", "error",
+         "error_type", "duration", "pid", "peak_rss_bytes", "cpu_time_seconds", "output_tail"}
+
+    ``status`` is a :class:`RunStatus` value. An item that never became a run (bad input,
+    refused admission) has ``run_id`` ``None``, ``status`` ``"failed"`` and ``error_type`` the
+    exception's class name.
+
+    Admission: before each start, once a slot is free, ``resource_manager.admit()`` is asked.
+    When resources are short, ``admission_wait=True`` waits (re-checking) up to
+    ``admission_timeout`` seconds (``None``: as long as it takes) and ``admission_wait=False``
+    refuses at once; a refusal is :class:`ResourceLimitException` (or
+    :class:`ResourceWaitTimeoutError`) from :meth:`execute_module` and an error result in
+    :meth:`execute_batch`. Without a resource manager every start is admitted.
+
+    Args:
+        max_concurrent: modules running (or waiting for admission) at once; >= 1.
+        resource_manager: admission control; ``None``: none.
+        run_mode: the mode children start in (``None``: detect).
+        admission_wait, admission_timeout: see above.
+        registry: where runs are recorded (yours to open and close); ``None``: an in-memory
+            :class:`RunRegistry` of the executor's own.
+        output: an :class:`OutputCapture` receiving every run's lines; ``None``: tails only.
+        grace_period: seconds between SIGTERM and SIGKILL when a tree is stopped.
+        sample_interval: seconds between process-tree samples.
+
+    Raises:
+        InvalidLimitError: ``max_concurrent`` is not an int >= 1.
+    """
+
+    def __init__(
+        self,
+        max_concurrent: int = 10,
+        resource_manager: ResourceManager | None = None,
+        *,
+        run_mode: RunMode | str | SubprocessStrategy | None = None,
+        admission_wait: bool = True,
+        admission_timeout: float | timedelta | None = None,
+        registry: BaseRunRegistry | None = None,
+        output: OutputCapture | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        sample_interval: float | timedelta = 0.5,
+    ) -> None:
+        if (
+            isinstance(max_concurrent, bool)
+            or not isinstance(max_concurrent, int)
+            or (max_concurrent < 1)
+        ):
+            raise InvalidLimitError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
+        self.max_concurrent = max_concurrent
+        self.resource_manager = resource_manager
+        self.admission_wait = admission_wait
+        self.admission_timeout = admission_timeout
+        self.registry = registry if registry is not None else RunRegistry()
+        self.runner = ModuleRunner(
+            self.registry,
+            run_mode=run_mode,
+            output=output,
+            grace_period=grace_period,
+            sample_interval=sample_interval,
+        )
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RunnerClosedError("this ConcurrentExecutor is closed; create a new one")
+
+    async def _run(self, spec: ModuleSpec) -> dict[str, Any]:
+        self._check_open()
+        # Fail on bad input before queueing for a slot.
+        self.runner.prepare(
+            spec.script_path,
+            spec.parameters,
+            timeout=spec.timeout,
+            memory_limit_bytes=spec.memory_limit_bytes,
+            cwd=spec.cwd,
+            env=spec.env,
+        )
+        async with self._slots:
+            if self.resource_manager is not None:
+                await self.resource_manager.admit(
+                    wait=self.admission_wait, timeout=self.admission_timeout
+                )
+            run = await self.runner.execute_module(
+                spec.module_id,
+                spec.module_name,
+                spec.script_path,
+                spec.parameters,
+                run_id=spec.run_id,
+                timeout=spec.timeout,
+                memory_limit_bytes=spec.memory_limit_bytes,
+                cwd=spec.cwd,
+                env=spec.env,
+            )
+        return _result(run)
+
+    async def execute_module(
+        self,
+        module_id: str,
+        module_name: str,
+        script_path: str | os.PathLike[str],
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        memory_limit_bytes: int | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Run one module when a slot is free and it is admitted; return its result dict.
+
+        A module that fails, times out or exceeds its memory cap is a result, not an exception.
+
+        Cancellation: a queued call just stops waiting; a running module's tree is stopped and
+        its run recorded CANCELLED before ``CancelledError`` propagates.
+
+        Raises:
+            ResourceLimitException: resources short and ``admission_wait=False``.
+            ResourceWaitTimeoutError: still short after ``admission_timeout``.
+            RunnerClosedError: after :meth:`aclose` / :meth:`cleanup`.
+            and what ``ModuleRunner.execute_module`` raises for bad input.
+        """
+        return await self._run(
+            ModuleSpec(
+                module_id,
+                module_name,
+                script_path,
+                parameters,
+                run_id=run_id,
+                timeout=timeout,
+                memory_limit_bytes=memory_limit_bytes,
+                cwd=cwd,
+                env=env,
+            )
+        )
+
+    async def execute_batch(
+        self, specs: Iterable[ModuleSpec | Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Run every spec (at most ``max_concurrent`` at a time); return one result dict per
+        spec, in input order. Never raises because of one item: its error becomes its result.
+
+        Cancellation: every running module's tree is stopped and its run recorded CANCELLED,
+        then ``CancelledError`` propagates.
+        """
+        items = list(specs)
+        results: list[dict[str, Any]] = [{} for _ in items]
+
+        async def one(index: int, item: ModuleSpec | Mapping[str, Any]) -> None:
+            try:
+                results[index] = await self._run(ModuleSpec.from_any(item))
+            except Exception as exc:
+                logger.info("batch item %d did not run: %s", index, exc)
+                results[index] = _error_result(item, exc)
+
+        async with asyncio.TaskGroup() as group:
+            for index, item in enumerate(items):
+                group.create_task(one(index, item))
+        return results
+
+    async def aclose(self) -> None:
+        """Stop running modules (trees stopped, runs recorded CANCELLED) and release the
+        executor's wrapper and threads. Idempotent; the executor cannot be used afterwards.
+
+        Cancellation: stops waiting; the stops already sent go on.
+        """
+        self._closed = True
+        await self.runner.aclose()
+
+    def cleanup(self) -> None:
+        """Synchronous last resort: kill running children's trees at once (no grace) and
+        release threads. Prefer :meth:`aclose` from async code: it records the runs properly.
+        Idempotent."""
+        self._closed = True
+        self.runner.wrapper.cleanup()
+

@@ -1,0 +1,290 @@
+"""The run registry interface (:class:`BaseRunRegistry`) and its in-memory store
+(:class:`RunRegistry`).
+
+Every store has the same async interface, so a web backend can switch from memory to SQLite
+(``_sqlite_registry.py``) without touching its handlers. Stores hand out copies: changing a
+returned :class:`Run` does nothing until it is passed to :meth:`~BaseRunRegistry.update_run`.
+
+Retention: ``max_runs`` keeps at most that many *finished* runs (the newest by ``created_at``);
+``max_age`` drops finished runs that finished longer ago than that. Unfinished runs are never
+dropped by retention. Both apply after every :meth:`~BaseRunRegistry.add_run` and on demand via
+:meth:`~BaseRunRegistry.apply_retention`.
+"""
+
+from __future__ import annotations
+
+import abc
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Self
+
+from .._core._exceptions import (
+    DuplicateRunError,
+    InvalidQueryError,
+    RegistryClosedError,
+    RunNotFoundError,
+)
+from ._run_record import Run, RunOwner, RunStatus, utc_now
+
+__all__ = ["BaseRunRegistry", "RunRegistry"]
+
+
+def _check_paging(limit: int, offset: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise InvalidQueryError(f"limit must be an int >= 0, got {limit!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidQueryError(f"offset must be an int >= 0, got {offset!r}")
+
+
+def cutoff_from(age: timedelta | datetime) -> datetime:
+    """Turn an age (``timedelta``: that long before now) or an aware ``datetime`` into a cutoff.
+
+    Raises:
+        InvalidQueryError: a negative age, a naive datetime or another type.
+    """
+    if isinstance(age, timedelta):
+        if age < timedelta(0):
+            raise InvalidQueryError(f"age must not be negative, got {age!r}")
+        return utc_now() - age
+    if isinstance(age, datetime):
+        if age.tzinfo is None or age.utcoffset() is None:
+            raise InvalidQueryError(f"cutoff datetime must be timezone-aware, got {age!r}")
+        return age
+    raise InvalidQueryError(f"age must be a timedelta or datetime, got {age!r}")
+
+
+def finished_moment(run: Run) -> datetime:
+    """The moment retention measures a finished run's age from."""
+    return run.finished_at if run.finished_at is not None else run.created_at
+
+
+class BaseRunRegistry(abc.ABC):
+    """Async interface of a run store.
+
+    Use it as ``async with registry:`` (opens, then closes); stores that need no setup also work
+    without it. After :meth:`close` every method raises :class:`RegistryClosedError`; a closed
+    registry cannot be reopened (make a new one).
+
+    Cancelling a call stops the caller waiting; a store whose work runs in a thread (SQLite) still
+    finishes the statement it started.
+
+    Args:
+        max_runs: keep at most this many finished runs (``None``: no cap).
+        max_age: drop finished runs older than this (``None``: keep them).
+
+    Raises:
+        InvalidQueryError: ``max_runs`` < 1 or ``max_age`` not positive.
+    """
+
+    def __init__(self, *, max_runs: int | None = None, max_age: timedelta | None = None) -> None:
+        if max_runs is not None and (
+            isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1
+        ):
+            raise InvalidQueryError(f"max_runs must be an int >= 1 or None, got {max_runs!r}")
+        if max_age is not None and (
+            not isinstance(max_age, timedelta) or max_age <= timedelta(0)
+        ):
+            raise InvalidQueryError(
+                f"max_age must be a positive timedelta or None, got {max_age!r}"
+            )
+        self.max_runs = max_runs
+        self.max_age = max_age
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """``True`` after :meth:`close`."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RegistryClosedError(f"{type(self).__name__} is closed")
+
+    async def open(self) -> None:
+        """Prepare the store (no-op by default). Idempotent.
+
+        Raises:
+            RegistryClosedError: the registry was closed.
+        """
+        self._check_open()
+
+    async def close(self) -> None:
+        """Release the store's resources. Idempotent."""
+        self._closed = True
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def add_run(self, run: Run) -> None:
+        """Store a new run (a copy of it). A run without ``owner`` gets the current process as
+        owner, on the passed object too, so later updates keep it.
+
+        Raises:
+            DuplicateRunError: a run with this ``run_id`` is already stored.
+            RegistryClosedError: the registry is closed.
+        """
+
+    @abc.abstractmethod
+    async def update_run(self, run: Run) -> None:
+        """Replace the stored run that has ``run.run_id`` with (a copy of) ``run``.
+
+        Raises:
+            RunNotFoundError: no run with this ``run_id`` is stored.
+            RegistryClosedError: the registry is closed.
+        """
+
+    @abc.abstractmethod
+    async def get_run(self, run_id: str) -> Run | None:
+        """Return a copy of the run, or ``None`` if it is not stored.
+
+        Raises:
+            RegistryClosedError: the registry is closed.
+        """
+
+    @abc.abstractmethod
+    async def list_runs(
+        self,
+        status: RunStatus | None = None,
+        module_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Run]:
+        """Return copies of matching runs, newest (``created_at``) first, then paged.
+
+        Raises:
+            InvalidQueryError: ``limit`` or ``offset`` is negative.
+            RegistryClosedError: the registry is closed.
+        """
+
+    @abc.abstractmethod
+    async def count_runs(
+        self, status: RunStatus | None = None, module_id: str | None = None
+    ) -> int:
+        """Return how many runs match.
+
+        Raises:
+            RegistryClosedError: the registry is closed.
+        """
+
+    @abc.abstractmethod
+    async def delete_older_than(self, age: timedelta | datetime) -> int:
+        """Delete finished runs that finished before ``now - age`` (or before the given aware
+        datetime); unfinished runs are kept. Returns how many were deleted.
+
+        Raises:
+            InvalidQueryError: a negative age or a naive datetime.
+            RegistryClosedError: the registry is closed.
+        """
+
+    @abc.abstractmethod
+    async def apply_retention(self) -> int:
+        """Apply ``max_age`` and ``max_runs`` now; return how many runs were deleted.
+
+        Raises:
+            RegistryClosedError: the registry is closed.
+        """
+
+
+class RunRegistry(BaseRunRegistry):
+    """In-memory run registry (the default store). History is lost when the process exits.
+
+    Not thread-safe: use it from one event loop. See :class:`BaseRunRegistry` for the interface,
+    retention and errors.
+    """
+
+    def __init__(self, *, max_runs: int | None = None, max_age: timedelta | None = None) -> None:
+        super().__init__(max_runs=max_runs, max_age=max_age)
+        # Insertion order is the tie-break for equal created_at, as rowid is in SQLite.
+        self._runs: dict[str, Run] = {}
+
+    async def add_run(self, run: Run) -> None:
+        self._check_open()
+        if run.run_id in self._runs:
+            raise DuplicateRunError(f"a run with run_id {run.run_id!r} is already registered")
+        if run.owner is None:
+            run.owner = RunOwner.current()
+        self._runs[run.run_id] = run.copy()
+        if self.max_runs is not None or self.max_age is not None:
+            self._retain()
+
+    async def update_run(self, run: Run) -> None:
+        self._check_open()
+        if run.run_id not in self._runs:
+            raise RunNotFoundError(f"no run with run_id {run.run_id!r} is registered")
+        self._runs[run.run_id] = run.copy()
+
+    async def get_run(self, run_id: str) -> Run | None:
+        self._check_open()
+        run = self._runs.get(run_id)
+        return None if run is None else run.copy()
+
+    def _matching(self, status: RunStatus | None, module_id: str | None) -> list[Run]:
+        return [
+            run
+            for run in self._runs.values()
+            if (status is None or run.status == status)
+            and (module_id is None or run.module_id == module_id)
+        ]
+
+    async def list_runs(
+        self,
+        status: RunStatus | None = None,
+        module_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Run]:
+        self._check_open()
+        _check_paging(limit, offset)
+        matching = self._matching(status, module_id)
+        # Reverse insertion order first so the stable sort keeps "later added first" for ties.
+        matching.reverse()
+        matching.sort(key=lambda run: run.created_at, reverse=True)
+        return [run.copy() for run in matching[offset : offset + limit]]
+
+    async def count_runs(
+        self, status: RunStatus | None = None, module_id: str | None = None
+    ) -> int:
+        self._check_open()
+        return len(self._matching(status, module_id))
+
+    def _delete_finished_before(self, cutoff: datetime) -> int:
+        doomed = [
+            run_id
+            for run_id, run in self._runs.items()
+            if run.is_finished and finished_moment(run) < cutoff
+        ]
+        for run_id in doomed:
+            del self._runs[run_id]
+        return len(doomed)
+
+    async def delete_older_than(self, age: timedelta | datetime) -> int:
+        self._check_open()
+        return self._delete_finished_before(cutoff_from(age))
+
+    def _retain(self) -> int:
+        deleted = 0
+        if self.max_age is not None:
+            deleted += self._delete_finished_before(utc_now() - self.max_age)
+        if self.max_runs is not None:
+            finished = [run for run in self._runs.values() if run.is_finished]
+            excess = len(finished) - self.max_runs
+            if excess > 0:
+                finished.sort(key=lambda run: run.created_at)
+                for run in finished[:excess]:
+                    del self._runs[run.run_id]
+                deleted += excess
+        return deleted
+
+    async def apply_retention(self) -> int:
+        self._check_open()
+        return self._retain()

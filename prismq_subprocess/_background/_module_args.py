@@ -1,0 +1,108 @@
+"""Module parameters -> command-line arguments: :func:`parameters_to_args`.
+
+The rule (also in ``ModuleRunner``'s docstring and the docs), applied to each ``name: value``
+in order:
+
+========================  ============================================
+value                     arguments
+========================  ============================================
+``True``                  ``--name``
+``False`` / ``None``      nothing (the option is left out)
+str, int, float           ``--name value`` (``str(value)``)
+list / tuple              ``--name item`` once per item (empty: nothing)
+dict                      ``--name <the dict as JSON>``
+========================  ============================================
+
+List items are mapped like single values, except that ``True``/``False`` become ``true``/
+``false`` and ``None`` is refused, dicts and lists become JSON. A value text starting with ``-``
+is passed as ``--name=value`` so argparse does not take it for an option. Names are used as
+given (``dry_run`` stays ``--dry_run``) and must look like option names: letters, digits,
+``_``, ``-``, ``.``, not starting with ``-``.
+
+Parameters must also be JSON-serialisable (finite numbers, str keys), because runs store them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .._core._exceptions import InvalidParametersError
+
+__all__ = ["check_parameters", "parameters_to_args"]
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_parameters(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return a JSON-safe deep copy of ``parameters`` (``None``: ``{}``).
+
+    Raises:
+        InvalidParametersError: not a mapping, a key that is not an option name, or a value
+            that cannot be stored as JSON (objects, NaN/infinity). Tuples come back as lists.
+    """
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, Mapping):
+        raise InvalidParametersError(
+            f"parameters must be a mapping of option names to values, not "
+            f"{type(parameters).__name__}"
+        )
+    for name in parameters:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InvalidParametersError(
+                f"parameter name {name!r} is not an option name (letters, digits, '_', '-', '.'; "
+                "not starting with '-')"
+            )
+    try:
+        text = json.dumps(dict(parameters), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParametersError(f"parameters must be JSON-serialisable: {exc}") from None
+    copied: dict[str, Any] = json.loads(text)
+    return copied
+
+
+def _text(value: object, name: str, *, in_list: bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    if in_list and isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    if value is None:
+        raise InvalidParametersError(f"parameter {name!r}: None is not allowed inside a list")
+    raise InvalidParametersError(f"parameter {name!r}: cannot pass {type(value).__name__}")
+
+
+def _option(name: str, text: str) -> list[str]:
+    # argparse reads "--name -x" as two options; "--name=-x" is unambiguous.
+    return [f"--{name}={text}"] if text.startswith("-") else [f"--{name}", text]
+
+
+def parameters_to_args(parameters: Mapping[str, Any] | None) -> list[str]:
+    """Map module ``parameters`` to command-line arguments by the rule in this module's doc.
+
+    ``{"count": 3, "verbose": True, "tags": ["a", "b"], "skip": False, "x": None}`` gives
+    ``["--count", "3", "--verbose", "--tags", "a", "--tags", "b"]``.
+
+    Raises:
+        InvalidParametersError: see :func:`check_parameters`.
+    """
+    args: list[str] = []
+    for name, value in check_parameters(parameters).items():
+        if value is True:
+            args.append(f"--{name}")
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            for item in value:
+                args += _option(name, _text(item, name, in_list=True))
+        elif isinstance(value, dict):
+            args += _option(name, json.dumps(value, separators=(",", ":")))
+        else:
+            args += _option(name, _text(value, name, in_list=False))
+    return args

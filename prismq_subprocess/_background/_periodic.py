@@ -1,0 +1,324 @@
+"""PeriodicTask: run a function on a fixed cadence from asyncio, without drift or overlap.
+
+Scheduling policy
+-----------------
+The schedule is a grid on the event loop's clock: tick ``k`` is due at ``origin + k * interval``
+where ``origin`` is the clock reading when the task started. The next due time is computed from
+the grid, never from when the previous run ended, so late wake-ups and run durations do not
+accumulate into drift.
+
+Runs never overlap. When a run (or a late wake-up) makes one or more ticks pass unserved, those
+ticks are *coalesced*: the schedule jumps to the latest tick that is already due, runs it once,
+right away, and counts every earlier tick it jumped over in ``stats.skipped``. Example with a 1 s
+interval: a run started at tick 0 that takes 2.5 s ends after ticks 1 and 2 have passed; tick 1
+is skipped (``skipped += 1``), tick 2 runs immediately (late), and tick 3 is due at 3 s as usual.
+
+Jitter adds a random delay in ``[0, jitter]`` to each run's start; it never moves the grid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from .._core._durations import interval_seconds, timeout_seconds
+from .._core._exceptions import InvalidIntervalError, InvalidLimitError
+from .._core._maybe_async import is_async_callable
+
+__all__ = ["PeriodicTask", "PeriodicTaskStats"]
+
+logger = logging.getLogger(__name__)
+
+# Module-level so jitter is not re-seeded per task; jitter needs spread, not security.
+_jitter_random = random.Random()
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicTaskStats:
+    """A consistent snapshot of a :class:`PeriodicTask`'s counters (see ``PeriodicTask.stats``).
+
+    Times are readings of the task's clock (by default the event loop's ``loop.time()``).
+
+    Attributes:
+        runs: runs finished so far, successful or not.
+        failures: runs that raised.
+        consecutive_failures: failures since the last successful run.
+        skipped: ticks dropped by coalescing (see the module docstring).
+        last_duration: seconds the last finished run took, ``None`` before the first one.
+        last_error: the exception of the most recent failed run, ``None`` if none failed yet.
+        last_scheduled_time: the grid time of the latest (or current) run, ``None`` before any.
+        next_run_time: when the next run is planned (jitter included), ``None`` when not running.
+        is_running: the schedule is active (started and not stopped or given up).
+        run_in_progress: a run is executing right now.
+    """
+
+    runs: int
+    failures: int
+    consecutive_failures: int
+    skipped: int
+    last_duration: float | None
+    last_error: BaseException | None
+    last_scheduled_time: float | None
+    next_run_time: float | None
+    is_running: bool
+    run_in_progress: bool
+
+
+class PeriodicTask:
+    """Run ``task_func(*args, **kwargs)`` every ``interval`` on a fixed, drift-free cadence.
+
+    Coroutine functions are awaited on the event loop; plain functions run in a worker thread
+    (``asyncio.to_thread``) so they never block the loop; an awaitable a plain function returns
+    is then awaited on the loop. See the module docstring for the
+    scheduling and coalescing policy.
+
+    Args:
+        name: used in log messages and as the asyncio task's name.
+        interval: seconds (``int``/``float``) or a ``timedelta``; positive and finite.
+        task_func: the function to run; its exceptions are logged with their traceback and
+            counted, and never stop the schedule unless ``max_consecutive_failures`` is reached.
+        *args, **kwargs: passed to ``task_func`` on every run. Keyword arguments named like one
+            of the options below are taken as the option; wrap ``task_func`` in
+            ``functools.partial`` to pass such names through.
+        run_immediately: run at once on ``start()`` (tick 0) instead of one interval later.
+        jitter: random extra delay in ``[0, jitter]`` seconds before each run (>= 0).
+        max_consecutive_failures: stop the schedule after this many failures in a row;
+            ``None`` (default) never gives up.
+        clock: returns the current time in seconds; defaults to the running loop's ``time()``.
+        sleep: ``await sleep(seconds)`` waits; defaults to ``asyncio.sleep``. ``clock`` and
+            ``sleep`` exist so tests can drive the schedule with a fake clock.
+
+    Raises:
+        InvalidIntervalError: ``interval`` is not a positive, finite duration.
+        InvalidLimitError: ``jitter`` is negative or not finite, or ``max_consecutive_failures``
+            is not a positive integer.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        interval: float | timedelta,
+        task_func: Callable[..., object],
+        *args: Any,
+        run_immediately: bool = False,
+        jitter: float = 0.0,
+        max_consecutive_failures: int | None = None,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._interval = interval_seconds(interval)
+        if isinstance(jitter, bool) or not isinstance(jitter, int | float):
+            raise InvalidIntervalError(f"jitter must be a number of seconds, got {jitter!r}")
+        if not math.isfinite(jitter) or jitter < 0:
+            raise InvalidLimitError(f"jitter must be finite and >= 0, got {jitter!r}")
+        if max_consecutive_failures is not None and (
+            isinstance(max_consecutive_failures, bool)
+            or not isinstance(max_consecutive_failures, int)
+            or max_consecutive_failures < 1
+        ):
+            raise InvalidLimitError(
+                "max_consecutive_failures must be a positive int or None, "
+                f"got {max_consecutive_failures!r}"
+            )
+        self.name = name
+        self._func = task_func
+        self._args = args
+        self._kwargs = kwargs
+        self._is_async = is_async_callable(task_func)
+        self._run_immediately = run_immediately
+        self._jitter = float(jitter)
+        self._max_failures = max_consecutive_failures
+        self._clock = clock
+        self._sleep: Callable[[float], Awaitable[object]] = sleep or asyncio.sleep
+
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._in_run = False
+        self._runs = 0
+        self._failures = 0
+        self._consecutive_failures = 0
+        self._skipped = 0
+        self._last_duration: float | None = None
+        self._last_error: BaseException | None = None
+        self._last_scheduled: float | None = None
+        self._next_run: float | None = None
+
+    @property
+    def interval(self) -> float:
+        """The interval in seconds."""
+        return self._interval
+
+    @property
+    def is_running(self) -> bool:
+        """True while the schedule is active."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def stats(self) -> PeriodicTaskStats:
+        """A frozen snapshot of the counters; cheap, readable at any time from the loop thread."""
+        return PeriodicTaskStats(
+            runs=self._runs,
+            failures=self._failures,
+            consecutive_failures=self._consecutive_failures,
+            skipped=self._skipped,
+            last_duration=self._last_duration,
+            last_error=self._last_error,
+            last_scheduled_time=self._last_scheduled,
+            next_run_time=self._next_run if self.is_running else None,
+            is_running=self.is_running,
+            run_in_progress=self._in_run,
+        )
+
+    def start(self) -> None:
+        """Start the schedule on the running event loop.
+
+        Idempotent: when already running it logs a warning and does nothing. A stopped task can
+        be started again; its counters carry on and its grid restarts from now.
+
+        Raises:
+            RuntimeError: no event loop is running in this thread.
+        """
+        loop = asyncio.get_running_loop()
+        if self.is_running:
+            logger.warning("PeriodicTask %r is already running; start() ignored", self.name)
+            return
+        self._stopping = False
+        self._task = loop.create_task(self._schedule(), name=f"PeriodicTask:{self.name}")
+
+    async def stop(self, timeout: float | timedelta | None = 5.0) -> None:
+        """Stop the schedule and return when it has ended.
+
+        No new run starts after this is called. A run in progress is allowed ``timeout`` seconds
+        to finish (``None``: wait as long as it takes), then it is cancelled. A plain function
+        running in a worker thread cannot be interrupted: on timeout we stop waiting for it and
+        it finishes in its thread, its result discarded. Stopping a task that is not running
+        does nothing. A coroutine run may call ``await task.stop()`` itself: it returns at once
+        and the schedule ends when that run returns.
+
+        If ``stop()`` itself is cancelled, the schedule is cancelled too and the cancellation
+        propagates.
+
+        Raises:
+            InvalidTimeoutError: ``timeout`` is negative or not a number.
+        """
+        limit = timeout_seconds(timeout)
+        task = self._task
+        if task is None or task.done():
+            return
+        self._stopping = True
+        if asyncio.current_task() is task:
+            # Called from inside a run: waiting for ourselves would deadlock. The flag ends the
+            # schedule as soon as this run returns.
+            return
+        try:
+            if self._in_run:
+                await asyncio.wait({task}, timeout=limit)
+            if not task.done():
+                if self._in_run:
+                    logger.warning(
+                        "PeriodicTask %r: run still going after %s s; cancelling it",
+                        self.name,
+                        limit,
+                    )
+                task.cancel()
+                await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        # Retrieve the outcome so asyncio never reports "exception was never retrieved".
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "PeriodicTask %r ended with an unexpected error",
+                self.name,
+                exc_info=task.exception(),
+            )
+
+    async def __aenter__(self) -> Self:
+        """Start the schedule (see :meth:`start`) and return the task."""
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the schedule with the default timeout (see :meth:`stop`)."""
+        await self.stop()
+
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        return asyncio.get_running_loop().time()
+
+    async def _schedule(self) -> None:
+        interval = self._interval
+        origin = self._now()
+        tick = 0 if self._run_immediately else 1
+        while not self._stopping:
+            due = origin + tick * interval
+            offset = _jitter_random.uniform(0.0, self._jitter) if self._jitter else 0.0
+            self._next_run = due + offset
+            delay = self._next_run - self._now()
+            if delay > 0:
+                await self._sleep(delay)
+            # Coalesce: jump to the latest tick already due, counting the ones jumped over.
+            latest_due = math.floor((self._now() - origin) / interval)
+            if latest_due > tick:
+                self._skipped += latest_due - tick
+                tick = latest_due
+            self._last_scheduled = origin + tick * interval
+            self._next_run = origin + (tick + 1) * interval
+            if not await self._run_once():
+                return
+            tick += 1
+
+    def _record_end(self, started: float) -> None:
+        self._runs += 1
+        self._last_duration = self._now() - started
+
+    async def _run_once(self) -> bool:
+        """Run the function once; return False when the schedule must give up."""
+        self._in_run = True
+        started = self._now()
+        try:
+            if self._is_async:
+                result = self._func(*self._args, **self._kwargs)
+            else:
+                result = await asyncio.to_thread(self._func, *self._args, **self._kwargs)
+            # A plain callable may hand back an awaitable (a lambda returning a coroutine, say):
+            # await it on the loop rather than drop it un-awaited.
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self._record_end(started)
+            self._failures += 1
+            self._consecutive_failures += 1
+            self._last_error = exc
+            logger.exception(
+                "PeriodicTask %r: run failed (%d in a row)", self.name, self._consecutive_failures
+            )
+        else:
+            self._record_end(started)
+            self._consecutive_failures = 0
+        finally:
+            # A cancelled run (stop() timed out) is not counted as a run.
+            self._in_run = False
+        if self._max_failures is not None and self._consecutive_failures >= self._max_failures:
+            logger.error(
+                "PeriodicTask %r: %d consecutive failures; stopping the schedule",
+                self.name,
+                self._consecutive_failures,
+            )
+            return False
+        return True

@@ -1,0 +1,164 @@
+"""Live children by run id, so a run can be stopped from anywhere: :class:`ProcessManager`.
+
+A web backend starts a module in one request and cancels it from another, or stops everything at
+shutdown. The manager is the one place that knows which process belongs to which run. Stopping is
+always a tree stop (:func:`terminate_gracefully`: SIGTERM to the group, grace, SIGKILL), and two
+callers stopping the same run share one stop instead of signalling twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Self
+
+from .._core._exceptions import DuplicateRunError
+from .._core._process import ProcessLike
+from .._core._tree_stop import DEFAULT_GRACE_PERIOD, terminate_gracefully
+from .._core._validation import check_timeout
+
+__all__ = ["ProcessManager"]
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessManager:
+    """Track the live child process of each run by ``run_id``; stop one run or all of them.
+
+    The code that starts a child calls :meth:`register` right after spawning and
+    :meth:`unregister` once it has finished with it (``ModuleRunner`` does both). Anyone may call
+    :meth:`stop` meanwhile; :meth:`stop_requested` then tells the owner that the exit it sees
+    was asked for, so it can record the run as cancelled rather than failed.
+
+    Safe for any number of tasks on one event loop: concurrent stops of one run share a single
+    tree stop. ``async with ProcessManager() as pm:`` stops whatever is still registered on exit.
+
+    Args:
+        grace_period: default seconds between the polite stop request and the kill.
+
+    Raises:
+        InvalidTimeoutError: ``grace_period`` is negative.
+    """
+
+    def __init__(self, *, grace_period: float = DEFAULT_GRACE_PERIOD) -> None:
+        self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
+        self._processes: dict[str, ProcessLike] = {}
+        self._stops: dict[str, asyncio.Task[int]] = {}
+        self._stop_requested: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._processes)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._processes
+
+    def register(self, run_id: str, process: ProcessLike) -> None:
+        """Record ``process`` as the child of ``run_id``.
+
+        Re-registering the same process is a no-op; a run id whose previous process has exited
+        may be given a new one.
+
+        Raises:
+            DuplicateRunError: ``run_id`` already has another process that is still running.
+        """
+        current = self._processes.get(run_id)
+        if current is not None and current is not process and current.returncode is None:
+            raise DuplicateRunError(
+                f"run {run_id!r} already has a live process (pid {current.pid})"
+            )
+        self._processes[run_id] = process
+        if current is not process:
+            self._stop_requested.discard(run_id)
+
+    def unregister(self, run_id: str) -> ProcessLike | None:
+        """Forget ``run_id``'s process and return it (``None`` if none was registered).
+
+        A stop already under way goes on; it is not cancelled.
+        """
+        self._stop_requested.discard(run_id)
+        return self._processes.pop(run_id, None)
+
+    def get(self, run_id: str) -> ProcessLike | None:
+        """Return ``run_id``'s registered process, running or not, or ``None``."""
+        return self._processes.get(run_id)
+
+    def live(self) -> dict[str, ProcessLike]:
+        """Return ``{run_id: process}`` for registered processes that have not been seen to exit
+        (a snapshot: later registrations do not change it)."""
+        return {rid: p for rid, p in self._processes.items() if p.returncode is None}
+
+    def stop_requested(self, run_id: str) -> bool:
+        """``True`` if :meth:`stop` (or :meth:`stop_all`) was called for ``run_id``'s current
+        process. The run's owner uses it to tell a requested stop from a crash."""
+        return run_id in self._stop_requested
+
+    async def stop(self, run_id: str, grace: float | None = None) -> bool:
+        """Stop ``run_id``'s process and its whole tree; return once it has exited.
+
+        SIGTERM (CTRL_BREAK on Windows) to the child's process group, up to ``grace`` seconds
+        (default: :attr:`grace_period`), then SIGKILL to what is left. A stop already under way
+        for this run is joined rather than repeated. The process stays registered: its owner
+        unregisters it.
+
+        Returns ``True`` if a running process was stopped, ``False`` if ``run_id`` is unknown
+        or its process had already exited (stray members of its group are still stopped).
+
+        Cancellation: stops waiting; the stop itself goes on (it is shared with other callers)
+        and ends within ``grace`` seconds.
+
+        Raises:
+            InvalidTimeoutError: ``grace`` is negative.
+        """
+        limit = self.grace_period if grace is None else check_timeout(grace, "grace") or 0.0
+        process = self._processes.get(run_id)
+        if process is None:
+            return False
+        was_running = process.returncode is None
+        if was_running:
+            self._stop_requested.add(run_id)
+        task = self._stops.get(run_id)
+        if task is None:
+            task = asyncio.ensure_future(self._stop_tree(run_id, process, limit))
+            self._stops[run_id] = task
+        await asyncio.shield(task)
+        return was_running
+
+    async def _stop_tree(self, run_id: str, process: ProcessLike, grace: float) -> int:
+        try:
+            returncode = await terminate_gracefully(process, grace)
+            logger.debug("run %s (pid %d) stopped with status %s", run_id, process.pid, returncode)
+            return returncode
+        finally:
+            self._stops.pop(run_id, None)
+
+    async def stop_all(self, grace: float | None = None) -> int:
+        """Stop every registered live process (in parallel, each as :meth:`stop`); return how many
+        were running.
+
+        Cancellation: stops waiting; the stops go on.
+        """
+        run_ids = list(self.live())
+        if not run_ids:
+            return 0
+        results = await asyncio.gather(
+            *(self.stop(run_id, grace) for run_id in run_ids), return_exceptions=True
+        )
+        stopped = 0
+        for run_id, result in zip(run_ids, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.error("stopping run %s failed", run_id, exc_info=result)
+            elif result:
+                stopped += 1
+        return stopped
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop_all()

@@ -1,0 +1,338 @@
+"""The run model: :class:`RunStatus`, :class:`RunOwner` and :class:`Run`.
+
+A :class:`Run` is one execution of a module (a script or an in-process coroutine) as a web backend
+shows it to people: what ran, with which parameters, its status, exit code, timings and the tail of
+its output. Status changes go through the ``mark_*`` methods, which refuse impossible transitions.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+import psutil
+
+from .._core._exceptions import InvalidRunError, RunStateError
+
+__all__ = ["Run", "RunOwner", "RunStatus", "utc_now"]
+
+
+def utc_now() -> datetime:
+    """Return the current time as a timezone-aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class RunStatus(enum.StrEnum):
+    """Where a run is in its life.
+
+    ``PENDING`` (created or queued) -> ``RUNNING`` -> one of the finished states ``COMPLETED``,
+    ``FAILED``, ``CANCELLED``. ``INTERRUPTED`` is for runs found unfinished after their owner
+    process died (crash or restart). A pending run may also finish directly (cancelled while
+    queued, failed to start, interrupted).
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def is_finished(self) -> bool:
+        """``True`` for the final states (everything but PENDING and RUNNING)."""
+        return self not in (RunStatus.PENDING, RunStatus.RUNNING)
+
+
+ACTIVE_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING})
+FINISHED_STATUSES = frozenset(s for s in RunStatus if s.is_finished)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOwner:
+    """The process that owns (drives) an unfinished run: host name, pid and process start time.
+
+    The start time (``psutil.Process(pid).create_time()``, seconds since the epoch) tells a live
+    owner from an unrelated process that got the same pid later.
+    """
+
+    host: str
+    pid: int
+    started_at: float
+
+    @classmethod
+    def current(cls) -> RunOwner:
+        """Return the owner record of the calling process (cached per pid, so safe after fork)."""
+        pid = os.getpid()
+        cached = _current_owner_cache.get(pid)
+        if cached is None:
+            cached = cls(socket.gethostname(), pid, psutil.Process(pid).create_time())
+            _current_owner_cache.clear()
+            _current_owner_cache[pid] = cached
+        return cached
+
+    def is_alive(self) -> bool:
+        """Return ``True`` if this owner process is still running.
+
+        A different host name counts as gone: SQLite in WAL mode only works between processes of
+        one host, so a run owned by another host name comes from an earlier incarnation (e.g. a
+        container recreated with a new host name). A zombie counts as gone, and so does a live
+        process with this pid but another start time (the pid was reused).
+        """
+        if self.host != socket.gethostname():
+            return False
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            created = proc.create_time()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            # AccessDenied on create_time means a process of another user: not our owner.
+            return False
+        # create_time is derived from boot time and clock ticks; allow for float rounding only.
+        return abs(created - self.started_at) < 0.01
+
+
+_current_owner_cache: dict[int, RunOwner] = {}
+
+
+def _require_aware(name: str, value: datetime | None) -> None:
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise InvalidRunError(f"{name} must be a timezone-aware datetime, got {value!r}")
+
+
+@dataclass(slots=True, eq=True)
+class Run:
+    """One execution of a module, as stored in a run registry and shown to users.
+
+    Fields are plain data; change ``status`` only through the ``mark_*`` methods, which stamp the
+    timestamps and raise :class:`RunStateError` on an impossible transition. Datetimes are
+    timezone-aware (naive ones raise :class:`InvalidRunError`) and normalised to UTC.
+
+    ``output_tail`` is a list of the last output lines, without their line endings (a list rather
+    than one string so a UI can show lines without re-splitting). ``peak_rss_bytes`` and
+    ``cpu_time_seconds`` are filled by per-run resource accounting when it is enabled.
+    ``owner`` is the process driving the run; registries stamp the current process when a run
+    without an owner is added, and use it to find runs orphaned by a crash.
+    """
+
+    module_id: str = ""
+    module_name: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: RunStatus = RunStatus.PENDING
+    exit_code: int | None = None
+    error_message: str | None = None
+    created_at: datetime = field(default_factory=utc_now)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    pid: int | None = None
+    mode: str = "async"
+    output_tail: list[str] = field(default_factory=list)
+    peak_rss_bytes: int | None = None
+    cpu_time_seconds: float | None = None
+    owner: RunOwner | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_id, str) or not self.run_id:
+            raise InvalidRunError(f"run_id must be a non-empty str, got {self.run_id!r}")
+        try:
+            self.status = RunStatus(self.status)
+        except ValueError:
+            raise InvalidRunError(f"unknown run status {self.status!r}") from None
+        for name in ("created_at", "started_at", "finished_at"):
+            value = getattr(self, name)
+            _require_aware(name, value)
+            if value is not None:
+                setattr(self, name, value.astimezone(UTC))
+
+    @property
+    def is_finished(self) -> bool:
+        """``True`` once the run reached a final status."""
+        return self.status.is_finished
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from start to finish; while running, from start to now; ``None`` if never
+        started."""
+        if self.started_at is None:
+            return None
+        end = self.finished_at if self.finished_at is not None else utc_now()
+        return max(0.0, (end - self.started_at).total_seconds())
+
+    def _transition(self, target: RunStatus) -> None:
+        current = self.status
+        if current.is_finished:
+            raise RunStateError(
+                f"run {self.run_id} is already {current.value}; it cannot become {target.value}"
+            )
+        if target is RunStatus.RUNNING and current is not RunStatus.PENDING:
+            raise RunStateError(
+                f"run {self.run_id} is {current.value}; only a pending run can start"
+            )
+        if target is RunStatus.COMPLETED and current is not RunStatus.RUNNING:
+            raise RunStateError(
+                f"run {self.run_id} is {current.value}; only a running run can complete"
+            )
+        self.status = target
+
+    def _finish(self, target: RunStatus) -> None:
+        self._transition(target)
+        self.finished_at = utc_now()
+
+    def mark_running(self, pid: int | None = None) -> None:
+        """PENDING -> RUNNING; records ``pid`` (``None`` for in-process work) and the start time.
+
+        Raises:
+            RunStateError: the run is not pending.
+        """
+        self._transition(RunStatus.RUNNING)
+        self.pid = pid
+        self.started_at = utc_now()
+
+    def mark_completed(self, exit_code: int | None = 0) -> None:
+        """RUNNING -> COMPLETED with ``exit_code`` (``0``, or ``None`` when there is no exit code).
+
+        Raises:
+            RunStateError: the run is not running, or ``exit_code`` is non-zero (a non-zero exit
+                is a failure: use :meth:`mark_failed`).
+        """
+        if exit_code not in (0, None):
+            raise RunStateError(
+                f"exit code {exit_code} is a failure; use mark_failed() for run {self.run_id}"
+            )
+        self._finish(RunStatus.COMPLETED)
+        self.exit_code = exit_code
+
+    def mark_failed(self, error: str, exit_code: int | None = None) -> None:
+        """PENDING/RUNNING -> FAILED with an error message and optional exit code.
+
+        Raises:
+            RunStateError: the run is already finished.
+        """
+        self._finish(RunStatus.FAILED)
+        self.error_message = error
+        self.exit_code = exit_code
+
+    def mark_cancelled(self, reason: str = "cancelled") -> None:
+        """PENDING/RUNNING -> CANCELLED; ``reason`` goes to ``error_message``.
+
+        Raises:
+            RunStateError: the run is already finished.
+        """
+        self._finish(RunStatus.CANCELLED)
+        self.error_message = reason
+
+    def mark_interrupted(self, reason: str) -> None:
+        """PENDING/RUNNING -> INTERRUPTED (its owner died before it finished).
+
+        Raises:
+            RunStateError: the run is already finished.
+        """
+        self._finish(RunStatus.INTERRUPTED)
+        self.error_message = reason
+
+    def copy(self) -> Run:
+        """Return a deep copy (registries hand these out so callers can't alter the store)."""
+        # Field by field rather than copy.deepcopy: registries copy on every call, and only the
+        # two containers are mutable (datetimes, enums and RunOwner are immutable).
+        new = object.__new__(Run)
+        for name in _FIELD_NAMES:
+            setattr(new, name, getattr(self, name))
+        new.parameters = copy.deepcopy(self.parameters) if self.parameters else {}
+        new.output_tail = list(self.output_tail)
+        return new
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict: datetimes as ISO 8601 strings, status as its value, and the
+        computed ``duration``. :meth:`from_dict` reverses it (ignoring ``duration``)."""
+
+        def iso(value: datetime | None) -> str | None:
+            return None if value is None else value.isoformat()
+
+        owner = self.owner
+        return {
+            "run_id": self.run_id,
+            "module_id": self.module_id,
+            "module_name": self.module_name,
+            "parameters": copy.deepcopy(self.parameters),
+            "status": self.status.value,
+            "exit_code": self.exit_code,
+            "error_message": self.error_message,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "duration": self.duration,
+            "pid": self.pid,
+            "mode": self.mode,
+            "output_tail": list(self.output_tail),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "cpu_time_seconds": self.cpu_time_seconds,
+            "owner": None
+            if owner is None
+            else {"host": owner.host, "pid": owner.pid, "started_at": owner.started_at},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Run:
+        """Build a run from :meth:`to_dict` output (unknown keys and ``duration`` are ignored).
+
+        Raises:
+            InvalidRunError: a required key is missing or a value has the wrong shape.
+        """
+
+        def when(key: str) -> datetime | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if isinstance(value, datetime):
+                return value
+            try:
+                return datetime.fromisoformat(value)
+            except (TypeError, ValueError):
+                raise InvalidRunError(f"{key}: not an ISO 8601 datetime: {value!r}") from None
+
+        try:
+            owner_data = data.get("owner")
+            owner = (
+                None
+                if owner_data is None
+                else RunOwner(
+                    str(owner_data["host"]),
+                    int(owner_data["pid"]),
+                    float(owner_data["started_at"]),
+                )
+            )
+            created_at = when("created_at")
+            return cls(
+                run_id=data["run_id"],
+                module_id=data.get("module_id", ""),
+                module_name=data.get("module_name", ""),
+                parameters=dict(copy.deepcopy(data.get("parameters") or {})),
+                status=data.get("status", RunStatus.PENDING),
+                exit_code=data.get("exit_code"),
+                error_message=data.get("error_message"),
+                created_at=created_at if created_at is not None else utc_now(),
+                started_at=when("started_at"),
+                finished_at=when("finished_at"),
+                pid=data.get("pid"),
+                mode=data.get("mode", "async"),
+                output_tail=list(data.get("output_tail") or []),
+                peak_rss_bytes=data.get("peak_rss_bytes"),
+                cpu_time_seconds=data.get("cpu_time_seconds"),
+                owner=owner,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidRunError):
+                raise
+            raise InvalidRunError(f"malformed run data: {exc!r}") from exc
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Run))

@@ -1,0 +1,528 @@
+"""A run registry kept in a SQLite file: :class:`SQLiteRunRegistry`.
+
+Design notes:
+
+- All database work runs on one dedicated worker thread per registry (a single-thread executor),
+  so the event loop never blocks on disk and the connection is only ever used by the thread that
+  created it.
+- WAL mode lets readers and one writer work at once, also across processes (several uvicorn
+  workers on one file). WAL needs shared memory, so every process sharing the file is on the same
+  host; crash recovery relies on that (see :meth:`RunOwner.is_alive`).
+- Writes use ``BEGIN IMMEDIATE`` so two processes never both hold a read snapshot and then fail
+  to upgrade it; ``busy_timeout`` makes a writer wait for the other instead of failing at once.
+- ``synchronous=NORMAL``: a committed run survives the process being killed; a power cut may lose
+  the last transactions (never corrupts the file).
+- Datetimes are stored as integer microseconds since the epoch (exact and sortable); parameters
+  and the output tail as JSON, so parameters must be JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from .._core._exceptions import (
+    DuplicateRunError,
+    RegistryClosedError,
+    RegistrySchemaError,
+    RunNotFoundError,
+)
+from ._memory_registry import BaseRunRegistry, _check_paging, cutoff_from
+from ._run_record import (
+    ACTIVE_STATUSES,
+    FINISHED_STATUSES,
+    Run,
+    RunOwner,
+    RunStatus,
+    utc_now,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteRunRegistry"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+SCHEMA_VERSION = 1
+"""The schema version this library writes (stored in ``PRAGMA user_version``)."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+
+_COLUMNS = (
+    "run_id",
+    "module_id",
+    "module_name",
+    "parameters",
+    "status",
+    "exit_code",
+    "error_message",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "pid",
+    "mode",
+    "output_tail",
+    "peak_rss_bytes",
+    "cpu_time_seconds",
+    "owner_host",
+    "owner_pid",
+    "owner_started_at",
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM runs"
+_INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_UPDATE = (
+    f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
+)
+_FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED_STATUSES))
+_ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
+
+
+def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY NOT NULL,
+            module_id TEXT NOT NULL,
+            module_name TEXT NOT NULL,
+            parameters TEXT NOT NULL,
+            status TEXT NOT NULL,
+            exit_code INTEGER,
+            error_message TEXT,
+            created_at INTEGER NOT NULL,
+            started_at INTEGER,
+            finished_at INTEGER,
+            pid INTEGER,
+            mode TEXT NOT NULL,
+            output_tail TEXT NOT NULL,
+            peak_rss_bytes INTEGER,
+            cpu_time_seconds REAL,
+            owner_host TEXT,
+            owner_pid INTEGER,
+            owner_started_at REAL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX runs_created ON runs (created_at)")
+    conn.execute("CREATE INDEX runs_status_created ON runs (status, created_at)")
+    conn.execute("CREATE INDEX runs_module_created ON runs (module_id, created_at)")
+
+
+# _MIGRATIONS[n] upgrades a file at user_version n to n + 1. Add an entry (and bump
+# SCHEMA_VERSION) to change the schema; every step runs inside one write transaction.
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1}
+
+
+def _to_micros(value: datetime | None) -> int | None:
+    return None if value is None else (value - _EPOCH) // _MICRO
+
+
+def _from_micros(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + value * _MICRO
+
+
+def _row_values(run: Run) -> tuple[Any, ...]:
+    owner = run.owner
+    return (
+        run.run_id,
+        run.module_id,
+        run.module_name,
+        json.dumps(run.parameters),
+        run.status.value,
+        run.exit_code,
+        run.error_message,
+        _to_micros(run.created_at),
+        _to_micros(run.started_at),
+        _to_micros(run.finished_at),
+        run.pid,
+        run.mode,
+        json.dumps(run.output_tail),
+        run.peak_rss_bytes,
+        run.cpu_time_seconds,
+        None if owner is None else owner.host,
+        None if owner is None else owner.pid,
+        None if owner is None else owner.started_at,
+    )
+
+
+def _run_from_row(row: tuple[Any, ...]) -> Run:
+    (
+        run_id,
+        module_id,
+        module_name,
+        parameters,
+        status,
+        exit_code,
+        error_message,
+        created_at,
+        started_at,
+        finished_at,
+        pid,
+        mode,
+        output_tail,
+        peak_rss_bytes,
+        cpu_time_seconds,
+        owner_host,
+        owner_pid,
+        owner_started_at,
+    ) = row
+    owner = (
+        None
+        if owner_host is None or owner_pid is None or owner_started_at is None
+        else RunOwner(owner_host, owner_pid, owner_started_at)
+    )
+    created = _from_micros(created_at)
+    assert created is not None  # NOT NULL column
+    return Run(
+        run_id=run_id,
+        module_id=module_id,
+        module_name=module_name,
+        parameters=json.loads(parameters),
+        status=RunStatus(status),
+        exit_code=exit_code,
+        error_message=error_message,
+        created_at=created,
+        started_at=_from_micros(started_at),
+        finished_at=_from_micros(finished_at),
+        pid=pid,
+        mode=mode,
+        output_tail=json.loads(output_tail),
+        peak_rss_bytes=peak_rss_bytes,
+        cpu_time_seconds=cpu_time_seconds,
+        owner=owner,
+    )
+
+
+def _where(status: RunStatus | None, module_id: str | None) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if status is not None:
+        clauses.append("status = ?")
+        args.append(RunStatus(status).value)
+    if module_id is not None:
+        clauses.append("module_id = ?")
+        args.append(module_id)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+class _Database:
+    """The connection and every statement; used only from the registry's worker thread."""
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        try:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            self.journal_mode = str(self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            if getattr(exc, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                raise RegistrySchemaError(f"{path!r} is not a usable registry: {exc}") from exc
+            raise
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(self.conn)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return result
+
+    def _migrate(self) -> None:
+        def step(conn: sqlite3.Connection) -> None:
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise RegistrySchemaError(
+                    f"registry schema version {version} is newer than this library supports "
+                    f"({SCHEMA_VERSION})"
+                )
+            while version < SCHEMA_VERSION:
+                _MIGRATIONS[version](conn)
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
+
+        if int(self.conn.execute("PRAGMA user_version").fetchone()[0]) != SCHEMA_VERSION:
+            self.write(step)
+
+    def recover(self) -> list[str]:
+        """Mark active runs whose owner is gone INTERRUPTED; return their run_ids."""
+
+        def step(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(f"{_SELECT} WHERE status IN ({_ACTIVE_SQL})").fetchall()
+            recovered: list[str] = []
+            for row in rows:
+                run = _run_from_row(row)
+                owner = run.owner
+                if owner is not None and owner.is_alive():
+                    continue
+                if owner is None:
+                    reason = "run has no recorded owner process; it cannot still be running"
+                else:
+                    reason = (
+                        f"owner process {owner.pid} on host {owner.host!r} is gone; the run was "
+                        f"left {run.status.value} (crash or restart)"
+                    )
+                run.mark_interrupted(reason)
+                values = _row_values(run)
+                conn.execute(_UPDATE, (*values[1:], run.run_id))
+                recovered.append(run.run_id)
+            return recovered
+
+        return self.write(step)
+
+    def add(self, run: Run, max_runs: int | None, max_age: timedelta | None) -> None:
+        def step(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(_INSERT, _row_values(run))
+            except sqlite3.IntegrityError:
+                raise DuplicateRunError(
+                    f"a run with run_id {run.run_id!r} is already registered"
+                ) from None
+            self._retain(conn, max_runs, max_age)
+
+        self.write(step)
+
+    def update(self, run: Run) -> None:
+        def step(conn: sqlite3.Connection) -> None:
+            values = _row_values(run)
+            if conn.execute(_UPDATE, (*values[1:], run.run_id)).rowcount == 0:
+                raise RunNotFoundError(f"no run with run_id {run.run_id!r} is registered")
+
+        self.write(step)
+
+    def get(self, run_id: str) -> Run | None:
+        row = self.conn.execute(f"{_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else _run_from_row(row)
+
+    def list_runs(
+        self, status: RunStatus | None, module_id: str | None, limit: int, offset: int
+    ) -> list[Run]:
+        where, args = _where(status, module_id)
+        rows = self.conn.execute(
+            f"{_SELECT}{where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        ).fetchall()
+        return [_run_from_row(row) for row in rows]
+
+    def count(self, status: RunStatus | None, module_id: str | None) -> int:
+        where, args = _where(status, module_id)
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM runs{where}", args).fetchone()[0])
+
+    @staticmethod
+    def _delete_finished_before(conn: sqlite3.Connection, cutoff: datetime) -> int:
+        return conn.execute(
+            f"DELETE FROM runs WHERE status IN ({_FINISHED_SQL}) "
+            "AND COALESCE(finished_at, created_at) < ?",
+            (_to_micros(cutoff),),
+        ).rowcount
+
+    def delete_before(self, cutoff: datetime) -> int:
+        return self.write(lambda conn: self._delete_finished_before(conn, cutoff))
+
+    def _retain(
+        self, conn: sqlite3.Connection, max_runs: int | None, max_age: timedelta | None
+    ) -> int:
+        deleted = 0
+        if max_age is not None:
+            deleted += self._delete_finished_before(conn, utc_now() - max_age)
+        if max_runs is not None:
+            deleted += conn.execute(
+                f"DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs "
+                f"WHERE status IN ({_FINISHED_SQL}) ORDER BY created_at DESC, rowid DESC "
+                "LIMIT -1 OFFSET ?)",
+                (max_runs,),
+            ).rowcount
+        return deleted
+
+    def retain(self, max_runs: int | None, max_age: timedelta | None) -> int:
+        return self.write(lambda conn: self._retain(conn, max_runs, max_age))
+
+
+class SQLiteRunRegistry(BaseRunRegistry):
+    """Run registry in a SQLite file: history survives restarts and is shared between processes.
+
+    Opening (``await open()`` or ``async with``; the first call opens it too) creates or migrates
+    the schema, switches to WAL and then recovers after crashes: PENDING/RUNNING runs whose owner
+    process is gone (dead, or its pid now belongs to another process) become INTERRUPTED with the
+    reason in ``error_message``; runs owned by a live process are left alone. The ids recovered by
+    this instance are in :attr:`interrupted_run_ids`.
+
+    Many tasks may call it at once: all statements run in order on one worker thread. Several
+    processes may share the file; a writer waits up to ``busy_timeout`` seconds for another.
+
+    Args:
+        path: file path (``":memory:"`` gives a private, non-persistent database without WAL).
+        max_runs, max_age: retention, see :class:`BaseRunRegistry`.
+        busy_timeout: seconds to wait for another process's write lock before failing.
+
+    Raises:
+        RegistrySchemaError: (on open) the file is not a registry or has a newer schema.
+        sqlite3.Error: (on any call) the database itself failed (disk full, locked too long).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_runs: int | None = None,
+        max_age: timedelta | None = None,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(max_runs=max_runs, max_age=max_age)
+        self.path = os.fspath(path)
+        self.busy_timeout = busy_timeout
+        self.interrupted_run_ids: list[str] = []
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._db: _Database | None = None
+        self._open_lock = asyncio.Lock()
+
+    @property
+    def journal_mode(self) -> str | None:
+        """The journal mode SQLite reported after open (``"wal"`` for a file), or ``None``."""
+        return None if self._db is None else self._db.journal_mode
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        assert self._executor is not None
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _database(self) -> _Database:
+        self._check_open()
+        if self._db is None:
+            await self.open()
+        assert self._db is not None
+        return self._db
+
+    async def open(self) -> None:
+        """Open the file, migrate the schema and recover orphaned runs. Idempotent.
+
+        Cancellation: the opening finishes in the worker thread and is then closed again.
+
+        Raises:
+            RegistryClosedError: the registry was closed.
+            RegistrySchemaError: the file is not a registry or has a newer schema.
+        """
+        self._check_open()
+        async with self._open_lock:
+            if self._db is not None:
+                return
+            self._check_open()
+            executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="prismq-sqlite"
+            )
+            opened: list[_Database] = []
+
+            def open_and_recover() -> list[str]:
+                db = _Database(self.path, self.busy_timeout)
+                opened.append(db)
+                return db.recover()
+
+            self._executor = executor
+            try:
+                recovered = await self._run(open_and_recover)
+            except BaseException:
+                self._executor = None
+                # On cancellation the open may still be running; queue the close behind it so
+                # the connection never leaks, then wait for the thread.
+                def close_opened() -> None:
+                    for db in opened:
+                        db.conn.close()
+
+                cleanup = executor.submit(close_opened)
+                try:
+                    await asyncio.shield(asyncio.wrap_future(cleanup))
+                finally:
+                    executor.shutdown(wait=True)
+                raise
+            self._db = opened[0]
+            self.interrupted_run_ids = recovered
+        if self.interrupted_run_ids:
+            logger.warning(
+                "marked %d orphaned run(s) INTERRUPTED in %s",
+                len(self.interrupted_run_ids),
+                self.path,
+            )
+
+    async def _shutdown(self) -> None:
+        db, executor = self._db, self._executor
+        self._db = None
+        self._executor = None
+        if executor is None:
+            return
+        try:
+            if db is not None:
+                await asyncio.shield(asyncio.wrap_future(executor.submit(db.conn.close)))
+        finally:
+            # The close job has run (or is the only one left), so this join is short.
+            executor.shutdown(wait=True)
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread. Idempotent.
+
+        Cancellation: the connection is still closed and the thread stopped.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        async with self._open_lock:
+            await self._shutdown()
+
+    async def add_run(self, run: Run) -> None:
+        db = await self._database()
+        if run.owner is None:
+            run.owner = RunOwner.current()
+        await self._run(db.add, run.copy(), self.max_runs, self.max_age)
+
+    async def update_run(self, run: Run) -> None:
+        db = await self._database()
+        await self._run(db.update, run.copy())
+
+    async def get_run(self, run_id: str) -> Run | None:
+        db = await self._database()
+        return await self._run(db.get, run_id)
+
+    async def list_runs(
+        self,
+        status: RunStatus | None = None,
+        module_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Run]:
+        _check_paging(limit, offset)
+        db = await self._database()
+        return await self._run(db.list_runs, status, module_id, limit, offset)
+
+    async def count_runs(
+        self, status: RunStatus | None = None, module_id: str | None = None
+    ) -> int:
+        db = await self._database()
+        return await self._run(db.count, status, module_id)
+
+    async def delete_older_than(self, age: timedelta | datetime) -> int:
+        cutoff = cutoff_from(age)
+        db = await self._database()
+        return await self._run(db.delete_before, cutoff)
+
+    async def apply_retention(self) -> int:
+        db = await self._database()
+        return await self._run(db.retain, self.max_runs, self.max_age)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RegistryClosedError(f"SQLiteRunRegistry({self.path!r}) is closed")

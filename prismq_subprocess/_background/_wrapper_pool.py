@@ -1,0 +1,127 @@
+"""A bounded pool of reusable :class:`SubprocessWrapper` objects: :class:`ResourcePool`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from .._core._closing import AsyncClosing
+from .._core._exceptions import InvalidLimitError, PoolClosedError
+from .._core._modes import RunMode
+from .._core._tree_stop import DEFAULT_GRACE_PERIOD
+from .._core._validation import check_timeout
+from .._core._wrapper import SubprocessWrapper
+
+__all__ = ["ResourcePool"]
+
+
+class ResourcePool(AsyncClosing):
+    """Lend out at most ``max_workers`` :class:`SubprocessWrapper` objects at a time.
+
+    ``async with pool.acquire_subprocess() as wrapper:`` waits while ``max_workers`` wrappers
+    are lent out, then gives one (an idle one if there is one, else a new one, made lazily) for
+    the block; it goes back to the pool when the block ends. Use it to bound how many parts of
+    a program spawn at once; for a bound on modules use ``ConcurrentExecutor``.
+
+    Do not close a lent wrapper: the pool closes them all in :meth:`aclose` / :meth:`cleanup`.
+    Children a block leaves running stay with their wrapper and are stopped when the pool
+    closes. Use the pool from one event loop.
+
+    Args:
+        max_workers: wrappers lent out at once; >= 1.
+        run_mode: mode of the wrappers (``None``: detect); a ``RunMode`` or its name.
+        grace_period: the wrappers' grace period when stopping a tree.
+
+    Raises:
+        InvalidLimitError: ``max_workers`` is not an int >= 1.
+        InvalidTimeoutError: ``grace_period`` is negative.
+    """
+
+    def __init__(
+        self,
+        max_workers: int = 10,
+        *,
+        run_mode: RunMode | str | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+    ) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise InvalidLimitError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        self.max_workers = max_workers
+        self.run_mode = run_mode
+        self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
+        self._slots = asyncio.Semaphore(max_workers)
+        self._idle: list[SubprocessWrapper] = []
+        self._wrappers: list[SubprocessWrapper] = []
+        self._in_use = 0
+        self._closed = False
+
+    @property
+    def in_use(self) -> int:
+        """Wrappers lent out now."""
+        return self._in_use
+
+    @property
+    def idle(self) -> int:
+        """Wrappers waiting in the pool to be reused."""
+        return len(self._idle)
+
+    @property
+    def created(self) -> int:
+        """Wrappers made so far (never more than ``max_workers``)."""
+        return len(self._wrappers)
+
+    @property
+    def closed(self) -> bool:
+        """``True`` after :meth:`aclose` or :meth:`cleanup`."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosedError("this ResourcePool is closed; create a new one")
+
+    @contextlib.asynccontextmanager
+    async def acquire_subprocess(self) -> AsyncIterator[SubprocessWrapper]:
+        """Borrow a wrapper for the ``async with`` block (waiting while all are lent out).
+
+        Cancellation: while waiting, just stops waiting; inside the block, the wrapper goes
+        back to the pool as the block is left.
+
+        Raises:
+            PoolClosedError: the pool is closed (or closes while waiting).
+        """
+        self._check_open()
+        async with self._slots:
+            self._check_open()
+            if self._idle:
+                wrapper = self._idle.pop()
+            else:
+                wrapper = SubprocessWrapper(self.run_mode, grace_period=self.grace_period)
+                self._wrappers.append(wrapper)
+            self._in_use += 1
+            try:
+                yield wrapper
+            finally:
+                self._in_use -= 1
+                if not self._closed:
+                    self._idle.append(wrapper)
+
+    async def aclose(self) -> None:
+        """Close every wrapper (stopping their children's trees, in parallel), including ones
+        lent out (their next use raises ``WrapperClosedError``). Idempotent.
+
+        Cancellation: stops waiting; the trees already signalled are still stopped.
+        """
+        self._closed = True
+        wrappers, self._wrappers, self._idle = self._wrappers, [], []
+        if wrappers:
+            await asyncio.gather(*(w.aclose() for w in wrappers))
+
+    def cleanup(self) -> None:
+        """Synchronous close: kill the wrappers' children at once (no grace) and release their
+        threads. Idempotent. Prefer :meth:`aclose` from async code."""
+        self._closed = True
+        wrappers, self._wrappers, self._idle = self._wrappers, [], []
+        for wrapper in wrappers:
+            wrapper.cleanup()
+

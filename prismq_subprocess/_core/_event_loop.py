@@ -1,0 +1,56 @@
+"""Getting an event loop that can run subprocesses (the Windows Proactor problem), in both the
+policy style (Python 3.11-3.13) and the ``loop_factory`` style (3.12+, the only one from 3.14)."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Callable
+
+from .._platform import is_windows
+
+__all__ = ["install_subprocess_policy", "subprocess_loop_factory"]
+
+
+def subprocess_loop_factory(
+    platform: str | None = None,
+) -> Callable[[], asyncio.AbstractEventLoop]:
+    """Return a loop factory whose loops can spawn subprocesses.
+
+    On Windows that is ``asyncio.ProactorEventLoop``; elsewhere ``asyncio.new_event_loop`` (the
+    default loop already can). Use it where the host creates its loop::
+
+        asyncio.run(main(), loop_factory=subprocess_loop_factory())   # Python 3.12+
+        with asyncio.Runner(loop_factory=subprocess_loop_factory()) as runner: ...
+
+    Hosts that do not create the loop themselves (uvicorn) are covered in docs/WINDOWS.md; an
+    auto-detected wrapper falls back to THREADED on a loop that cannot spawn.
+    """
+    if is_windows(platform):
+        proactor = getattr(asyncio, "ProactorEventLoop", None)
+        if proactor is None:  # an injected "win32" platform on a POSIX machine
+            raise RuntimeError("asyncio.ProactorEventLoop exists only on Windows")
+        return proactor  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
+def install_subprocess_policy(platform: str | None = None) -> bool:
+    """Make every loop created from now on able to spawn subprocesses (policy API).
+
+    On Windows this installs ``WindowsProactorEventLoopPolicy`` (the default since 3.8, but hosts
+    and frameworks sometimes replace it); elsewhere it does nothing. Returns True when it changed
+    the policy. Call it before the loop starts. Event-loop policies are deprecated from Python
+    3.14: prefer :func:`subprocess_loop_factory` there.
+    """
+    if not is_windows(platform):
+        return False
+    policy_class = getattr(asyncio, "WindowsProactorEventLoopPolicy", None)
+    if policy_class is None:
+        raise RuntimeError("asyncio.WindowsProactorEventLoopPolicy exists only on Windows")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if isinstance(asyncio.get_event_loop_policy(), policy_class):
+            return False
+        asyncio.set_event_loop_policy(policy_class())
+    return True
+

@@ -1,0 +1,455 @@
+"""`SubprocessWrapper`: the facade host applications hold on to."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import subprocess
+from collections.abc import Mapping
+from typing import Any
+
+from .._platform import PlatformOps, platform_ops
+from .._strategies import STRATEGIES, SubprocessStrategy
+from .._strategies._base import DEFAULT_LIMIT, RunOptions, SpawnRequest
+from ._closing import AsyncClosing
+from ._detect import ModeDecision, resolve_run_mode
+from ._exceptions import InvalidCommandError, SubprocessPolicyException, WrapperClosedError
+from ._line_stream import LineStream
+from ._modes import RunMode
+from ._process import ProcessLike
+from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
+from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, stop_process_tree
+from ._validation import (
+    check_exec_command,
+    check_limit,
+    check_popen_kwargs,
+    check_shell_command,
+    check_timeout,
+)
+
+__all__ = ["SubprocessWrapper"]
+
+logger = logging.getLogger(__name__)
+
+_POLICY_HELP = (
+    "use mode=RunMode.THREADED (works on any event loop), or make the loop a Proactor loop before "
+    "it starts: prismq_subprocess.subprocess_loop_factory() with asyncio.run(..., loop_factory=...)"
+    " / asyncio.Runner, or prismq_subprocess.install_subprocess_policy() on Python 3.11-3.13"
+)
+
+
+class SubprocessWrapper(AsyncClosing):
+    """Runs commands in one :class:`RunMode`, chosen by the caller or detected.
+
+    ``mode`` is a :class:`RunMode`, its name as text, a ready strategy instance (e.g.
+    ``DryRunStrategy(recorder=...)``), or ``None`` to auto-detect (``PRISMQ_RUN_MODE``, platform,
+    event loop; see :func:`detect_run_mode`). An auto-detected ASYNC that meets a loop unable to
+    spawn (Windows' ``SelectorEventLoop``) logs one warning and uses THREADED from then on; a
+    pinned mode raises :class:`SubprocessPolicyException` instead.
+
+    Children start in their own process group/session (``new_process_group=True``) so the whole
+    tree can be stopped; pass ``new_process_group=False`` (or ``start_new_session=``/
+    ``process_group=`` per call) to opt out.
+
+    ``async with SubprocessWrapper() as w:`` stops (tree stop, ``grace_period`` then kill) every
+    child it started that is still running when the block exits, and releases its threads.
+
+    Raises:
+        InvalidRunModeError: ``mode`` or ``PRISMQ_RUN_MODE`` names no mode.
+        InvalidTimeoutError: ``grace_period`` is negative.
+    """
+
+    def __init__(
+        self,
+        mode: RunMode | str | SubprocessStrategy | None = None,
+        *,
+        max_workers: int | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        new_process_group: bool = True,
+        max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
+        ops: PlatformOps | None = None,
+    ) -> None:
+        self._ops = ops or platform_ops()
+        if isinstance(mode, SubprocessStrategy):
+            if mode.on_spawn is not None:
+                # Its children would be tracked (and stopped on close) by one wrapper only.
+                raise InvalidCommandError(
+                    f"this {type(mode).__name__} already belongs to another SubprocessWrapper; "
+                    "create one strategy per wrapper"
+                )
+            self._decision = resolve_run_mode(mode.mode)
+            self._strategy = mode
+        else:
+            self._decision = resolve_run_mode(mode)
+            self._strategy = self._make_strategy(self._decision.mode, max_workers)
+        self._max_workers = max_workers
+        self._grace = check_timeout(grace_period, "grace_period") or 0.0
+        self._new_group = new_process_group
+        if max_output_bytes is not None:
+            check_limit(max_output_bytes, "max_output_bytes", minimum=0)
+        if max_workers is not None:
+            check_limit(max_workers, "max_workers", minimum=1)
+        self._max_output = max_output_bytes
+        self._live: set[ProcessLike] = set()
+        self._prune_at = 64
+        self._closed = False
+        self._retired: list[SubprocessStrategy] = []
+        self._strategy.on_spawn = self._track
+
+    def __repr__(self) -> str:
+        return f"<SubprocessWrapper mode={self.mode.value} ({self.mode_reason})>"
+
+    # -- mode --------------------------------------------------------------------------------
+    @property
+    def mode(self) -> RunMode:
+        """The mode in use now (THREADED after a fallback)."""
+        return self._strategy.mode
+
+    @property
+    def mode_reason(self) -> str:
+        """Why :attr:`mode` is in use, for logs and ``doctor`` output."""
+        return self._decision.reason
+
+    @property
+    def decision(self) -> ModeDecision:
+        """The full decision: mode, reason, and whether the caller pinned it."""
+        return self._decision
+
+    @property
+    def strategy(self) -> SubprocessStrategy:
+        """The strategy object doing the work (e.g. a DRY_RUN strategy's ``recorder``)."""
+        return self._strategy
+
+    def _make_strategy(self, mode: RunMode, max_workers: int | None) -> SubprocessStrategy:
+        return STRATEGIES[mode](max_workers=max_workers, ops=self._ops)
+
+    def _fall_back(self, exc: NotImplementedError) -> None:
+        loop = type(asyncio.get_running_loop()).__name__
+        reason = (
+            f"auto-detected ASYNC but {loop} cannot spawn subprocesses "
+            f"({exc or 'NotImplementedError'}); using THREADED"
+        )
+        logger.warning("prismq_subprocess: %s", reason)
+        self._retired.append(self._strategy)
+        self._strategy = self._make_strategy(RunMode.THREADED, self._max_workers)
+        self._strategy.on_spawn = self._track
+        self._decision = ModeDecision(RunMode.THREADED, reason, self._decision.source)
+
+    def _policy_error(self, exc: NotImplementedError) -> SubprocessPolicyException:
+        loop = type(asyncio.get_running_loop()).__name__
+        return SubprocessPolicyException(
+            f"mode {self.mode.value!r} was pinned ({self._decision.reason}) but the running event "
+            f"loop {loop} cannot spawn subprocesses; {_POLICY_HELP}"
+        )
+
+    # -- tracking ----------------------------------------------------------------------------
+    def _track(self, process: ProcessLike) -> None:
+        self._live.add(process)
+        if len(self._live) >= self._prune_at:
+            self._live = {p for p in self._live if p.returncode is None}
+            self._prune_at = max(64, 2 * len(self._live))
+
+    @property
+    def live_processes(self) -> list[ProcessLike]:
+        """Children this wrapper started that have not been seen to exit."""
+        return [p for p in self._live if p.returncode is None]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise WrapperClosedError("this SubprocessWrapper has been closed; create a new one")
+
+    # -- requests ----------------------------------------------------------------------------
+    def _request(
+        self,
+        command: tuple[str | bytes, ...] | str | bytes,
+        shell: bool,
+        stdin: Any,
+        stdout: Any,
+        stderr: Any,
+        limit: int,
+        kwargs: dict[str, Any],
+    ) -> SpawnRequest:
+        check_popen_kwargs(kwargs, shell=shell)
+        kwargs.pop("shell", None)
+        check_limit(limit, "limit", minimum=1)
+        grouped = self._ops.group_kwargs(kwargs, self._new_group)
+        return SpawnRequest(
+            command=command,
+            shell=shell,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            limit=limit,
+            kwargs=grouped,
+            added=frozenset(grouped.keys() - kwargs.keys()),
+        )
+
+    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+        self._check_open()
+        try:
+            process = await self._strategy.spawn(request)
+        except NotImplementedError as exc:
+            if self._strategy.mode is not RunMode.ASYNC:
+                raise
+            if self._decision.pinned:
+                raise self._policy_error(exc) from exc
+            self._fall_back(exc)
+            process = await self._strategy.spawn(request)
+        if self._closed:
+            # The wrapper was closed while this spawn was under way: nobody would supervise it.
+            kill_tree_now(process, self._ops)
+            raise WrapperClosedError("the SubprocessWrapper was closed while this process started")
+        return process
+
+    # -- the asyncio-shaped API -------------------------------------------------------------
+    async def create_subprocess_exec(
+        self,
+        program: Any,
+        *args: Any,
+        stdin: Any = None,
+        stdout: Any = None,
+        stderr: Any = None,
+        limit: int = DEFAULT_LIMIT,
+        **kwds: Any,
+    ) -> ProcessLike:
+        """Start ``program`` with ``args``, exactly like ``asyncio.create_subprocess_exec``.
+
+        Returns a process object with the ``asyncio.subprocess.Process`` API. Cancelling the
+        returned process's ``wait()``/``communicate()`` does not stop the child (asyncio's
+        semantics); use :meth:`run` or :func:`terminate_gracefully` for that.
+
+        Raises:
+            InvalidCommandError: empty program, NUL byte, text mode or ``shell=True`` asked for.
+            InvalidArgumentTypeError: an argument is not str, bytes or os.PathLike.
+            CommandNotFoundError: the program does not exist (a ``FileNotFoundError``).
+            CwdNotFoundError / CwdNotADirectoryError: bad ``cwd``.
+            InvalidEnvironmentError: ``env`` holds non-string keys or values.
+            SubprocessPolicyException: a pinned mode cannot spawn on this event loop.
+            WrapperClosedError: the wrapper was closed.
+        """
+        command = check_exec_command(program, args)
+        request = self._request(command, False, stdin, stdout, stderr, limit, kwds)
+        return await self._spawn(request)
+
+    async def create_subprocess_shell(
+        self,
+        cmd: str | bytes,
+        stdin: Any = None,
+        stdout: Any = None,
+        stderr: Any = None,
+        limit: int = DEFAULT_LIMIT,
+        **kwds: Any,
+    ) -> ProcessLike:
+        """Run ``cmd`` through the shell, exactly like ``asyncio.create_subprocess_shell``.
+
+        Raises: as :meth:`create_subprocess_exec` (an empty command is an
+        :class:`InvalidCommandError`).
+        """
+        command = check_shell_command(cmd)
+        request = self._request(command, True, stdin, stdout, stderr, limit, kwds)
+        return await self._spawn(request)
+
+    async def create_subprocess(
+        self,
+        *cmd: Any,
+        cwd: Any = None,
+        env: Mapping[str, str] | None = None,
+        stdin: Any = None,
+        stdout: Any = subprocess.PIPE,
+        stderr: Any = subprocess.PIPE,
+        **kwds: Any,
+    ) -> tuple[ProcessLike, Any, Any]:
+        """Start ``cmd`` with stdout and stderr piped; return ``(process, stdout, stderr)``.
+
+        The streams support ``readline()``, ``read()`` and ``async for line in stream``; see also
+        :func:`iter_lines` for fast line streaming. Raises as :meth:`create_subprocess_exec`.
+        """
+        if not cmd:
+            raise InvalidCommandError("create_subprocess() needs a command")
+        process = await self.create_subprocess_exec(
+            *cmd, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr, **kwds
+        )
+        return process, process.stdout, process.stderr
+
+    # -- the high-level API -----------------------------------------------------------------
+    async def run(
+        self,
+        *cmd: Any,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        cwd: Any = None,
+        env: Mapping[str, str] | None = None,
+        shell: bool = False,
+        max_output_bytes: int | Any | None = ...,
+        grace_period: float | None = None,
+        **kwds: Any,
+    ) -> ProcessResult:
+        """Run a command to completion and return a :class:`ProcessResult`.
+
+        ``cmd`` is the program and its arguments, or one command line with ``shell=True``.
+        stdin is ``input`` (or ``/dev/null`` when ``input`` is None: a background command never
+        waits on the host's terminal). Output is captured, keeping the last ``max_output_bytes``
+        per stream (default: the wrapper's; ``None``: everything).
+
+        After the child exits, members of its process group that are still running are stopped
+        (so their open pipes cannot keep ``run()`` waiting).
+
+        Timeout: the tree is stopped (SIGTERM, ``grace_period``, SIGKILL) and
+        :class:`ProcessTimeoutError` (a ``TimeoutError``) is raised with the output so far.
+        Cancellation: the tree is stopped the same way before ``CancelledError`` propagates.
+
+        Raises:
+            ProcessFailedError: ``check=True`` and the exit status is not 0.
+            ProcessTimeoutError: the timeout expired.
+            InvalidTimeoutError: negative ``timeout`` or ``grace_period``.
+            and everything :meth:`create_subprocess_exec` raises for bad input.
+        """
+        limit = check_timeout(timeout)
+        grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        if input is not None and not isinstance(input, bytes | bytearray | memoryview):
+            raise InvalidCommandError(f"input must be bytes, not {type(input).__name__}")
+        cap = self._max_output if max_output_bytes is ... else max_output_bytes
+        if cap is not None:
+            check_limit(cap, "max_output_bytes", minimum=0)
+        _reject_stdio(kwds, "run")
+        if cwd is not None:
+            kwds["cwd"] = cwd
+        if env is not None:
+            kwds["env"] = env
+        if shell:
+            if len(cmd) != 1:
+                raise InvalidCommandError("shell=True takes exactly one command line")
+            command: tuple[str | bytes, ...] | str | bytes = check_shell_command(cmd[0])
+        else:
+            if not cmd:
+                raise InvalidCommandError("run() needs a command")
+            command = check_exec_command(cmd[0], cmd[1:])
+        request = self._request(command, shell, None, None, None, DEFAULT_LIMIT, kwds)
+        options = RunOptions(
+            input=bytes(input) if input is not None else None,
+            timeout=limit,
+            grace=grace or 0.0,
+            max_output_bytes=cap,
+        )
+        self._check_open()
+        try:
+            result = await self._strategy.run(request, options)
+        except NotImplementedError as exc:
+            if self._strategy.mode is not RunMode.ASYNC:
+                raise
+            if self._decision.pinned:
+                raise self._policy_error(exc) from exc
+            self._fall_back(exc)
+            result = await self._strategy.run(request, options)
+        if check:
+            result.check_returncode()
+        return result
+
+    def stream(
+        self,
+        *cmd: Any,
+        encoding: str | None = None,
+        timeout: float | None = None,
+        merge_stderr: bool = True,
+        cwd: Any = None,
+        env: Mapping[str, str] | None = None,
+        grace_period: float | None = None,
+        max_stderr_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
+        **kwds: Any,
+    ) -> LineStream[Any]:
+        """Start ``cmd`` and iterate over its output lines; the stream owns the child.
+
+        ::
+
+            async with wrapper.stream("python", "job.py", encoding="utf-8") as lines:
+                async for line in lines:
+                    print(line, end="")
+            print(lines.returncode)
+
+        stderr is merged into the lines unless ``merge_stderr=False``; stdin is ``/dev/null``.
+        Leaving the block (break, exception, cancellation) stops the child's tree if it is still
+        running; ``timeout`` bounds the whole stream (:class:`ProcessTimeoutError`).
+
+        Raises: what :meth:`create_subprocess_exec` raises for bad input, when the block is
+        entered; :class:`InvalidTimeoutError` at once for a negative timeout or grace period.
+        """
+        limit = check_timeout(timeout)
+        grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        if not cmd:
+            raise InvalidCommandError("stream() needs a command")
+        _reject_stdio(kwds, "stream")
+        command = check_exec_command(cmd[0], cmd[1:])
+        if cwd is not None:
+            kwds["cwd"] = cwd
+        if env is not None:
+            kwds["env"] = env
+        request = self._request(
+            command,
+            False,
+            subprocess.DEVNULL,
+            subprocess.PIPE,
+            subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            DEFAULT_LIMIT,
+            kwds,
+        )
+        return LineStream(
+            lambda: self._spawn(request),
+            display=request.display,
+            encoding=encoding,
+            timeout=limit,
+            grace=grace or 0.0,
+            ops=self._ops,
+            merge_stderr=merge_stderr,
+            max_stderr_bytes=max_stderr_bytes,
+        )
+
+    # -- shutting down ----------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Stop every child still running (tree stop, bounded by ``grace_period`` each, all in
+        parallel) and release threads. Idempotent. Cancelling it still kills what it signalled.
+        """
+        live = self.live_processes
+        self._closed = True
+        try:
+            if live:
+                await asyncio.gather(
+                    *(stop_process_tree(p, grace=self._grace, ops=self._ops) for p in live),
+                    return_exceptions=True,
+                )
+                for process in live:
+                    _release_pipes(process)
+        finally:
+            # Also when cancelled: whatever is still running is killed, threads are released.
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """Kill children still running (no grace: this is synchronous) and shut the thread pools
+        down. Idempotent; the wrapper cannot be used afterwards."""
+        self._closed = True
+        for process in self.live_processes:
+            with contextlib.suppress(Exception):
+                kill_tree_now(process, self._ops)
+        self._live.clear()
+        for strategy in (*self._retired, self._strategy):
+            strategy.close()
+
+
+
+def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
+    given = sorted({"stdin", "stdout", "stderr"} & set(kwds))
+    if given:
+        raise InvalidCommandError(
+            f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
+            "for stdin, or create_subprocess_exec() to choose the streams"
+        )
+
+
+def _release_pipes(process: ProcessLike) -> None:
+    # An asyncio process whose output nobody read keeps its pipe transports open (paused) after
+    # the child died; close them now rather than at garbage collection, when the loop may be gone.
+    transport = getattr(process, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()

@@ -1,0 +1,1 @@
+"""_io: see docs/ARCHITECTURE.md."""

@@ -1,0 +1,152 @@
+"""Reading system memory, CPU and process-tree RSS through psutil, tolerant of vanishing processes.
+
+Readers are plain callables returning a :class:`ResourceSnapshot`, so tests (and hosts with their
+own metrics) can inject readings. The psutil reader blocks briefly (it reads ``/proc`` and may
+list every process to find children), so async callers run it with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import psutil
+
+from .._core._exceptions import InvalidLimitError
+
+__all__ = [
+    "PsutilResourceReader",
+    "ResourceReader",
+    "ResourceSnapshot",
+    "check_percent",
+    "tree_rss_bytes",
+]
+
+
+def check_percent(value: object, what: str) -> float:
+    """Return ``value`` as a float; raise :class:`InvalidLimitError` unless it is in (0, 100]."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= 100
+    ):
+        raise InvalidLimitError(f"{what} must be a percentage in (0, 100], got {value!r}")
+    return float(value)
+
+
+#: The psutil errors meaning "this process is gone or not ours to read": skip it.
+VANISHED = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceSnapshot:
+    """One reading of the machine and of this process tree.
+
+    Attributes:
+        memory_percent: system memory in use, percent (psutil ``virtual_memory().percent``).
+        available_bytes: memory available to new processes without swapping.
+        total_bytes: total physical memory.
+        cpu_percent: system-wide CPU use since the previous reading, percent; ``None`` when not
+            measured.
+        process_rss_bytes: resident memory of this process.
+        children_rss_bytes: resident memory of all its descendants together (shared pages are
+            counted once per process, so this over-estimates trees that share memory).
+        timestamp: ``time.monotonic()`` when the reading was taken.
+    """
+
+    memory_percent: float
+    available_bytes: int
+    total_bytes: int
+    cpu_percent: float | None = None
+    process_rss_bytes: int = 0
+    children_rss_bytes: int = 0
+    timestamp: float = 0.0
+
+
+#: Anything returning a snapshot; called in a worker thread by the async APIs.
+ResourceReader = Callable[[], ResourceSnapshot]
+
+
+def tree_rss_bytes(processes: Iterable[psutil.Process]) -> int:
+    """Sum the RSS of ``processes``, skipping those that vanished or can't be read."""
+    total = 0
+    for proc in processes:
+        try:
+            total += proc.memory_info().rss
+        except VANISHED:
+            continue
+    return total
+
+
+class PsutilResourceReader:
+    """The default reader: system memory, optionally CPU, and this process tree's RSS.
+
+    CPU percent needs two samples. The reader primes psutil's non-blocking
+    ``cpu_percent(interval=None)`` baseline when it is created; a later reading that comes less
+    than ``min_cpu_interval`` seconds after the previous one returns the previous value rather than
+    a noisy figure over a tiny window, except for the first reading, which sleeps (in the calling
+    worker thread) until the window is long enough. psutil keeps that baseline per process, so
+    other code in the process calling ``psutil.cpu_percent(None)`` shortens our windows.
+
+    Args:
+        measure_cpu: read CPU percent (otherwise ``cpu_percent`` is ``None``).
+        include_children: sum the RSS of this process's descendants (lists all processes).
+        min_cpu_interval: shortest window over which CPU percent is computed, seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        measure_cpu: bool = True,
+        include_children: bool = True,
+        min_cpu_interval: float = 0.1,
+    ) -> None:
+        self._measure_cpu = measure_cpu
+        self._include_children = include_children
+        self._min_cpu_interval = min_cpu_interval
+        self._self = psutil.Process()
+        # Readers may be called from several worker threads at once; the CPU state is shared.
+        self._lock = threading.Lock()
+        self._cpu_value: float | None = None
+        self._cpu_read_at = time.monotonic()
+        if measure_cpu:
+            psutil.cpu_percent(interval=None)
+
+    def _cpu_percent(self) -> float:
+        with self._lock:
+            elapsed = time.monotonic() - self._cpu_read_at
+            if self._cpu_value is not None and elapsed < self._min_cpu_interval:
+                return self._cpu_value
+            if self._cpu_value is None and elapsed < self._min_cpu_interval:
+                time.sleep(self._min_cpu_interval - elapsed)
+            self._cpu_value = psutil.cpu_percent(interval=None)
+            self._cpu_read_at = time.monotonic()
+            return self._cpu_value
+
+    def __call__(self) -> ResourceSnapshot:
+        """Take a reading. Blocking (usually well under a few ms); call it off the event loop."""
+        memory = psutil.virtual_memory()
+        try:
+            own_rss = self._self.memory_info().rss
+        except VANISHED:
+            own_rss = 0
+        children_rss = 0
+        if self._include_children:
+            try:
+                children = self._self.children(recursive=True)
+            except VANISHED:
+                children = []
+            children_rss = tree_rss_bytes(children)
+        return ResourceSnapshot(
+            memory_percent=float(memory.percent),
+            available_bytes=int(memory.available),
+            total_bytes=int(memory.total),
+            cpu_percent=self._cpu_percent() if self._measure_cpu else None,
+            process_rss_bytes=own_rss,
+            children_rss_bytes=children_rss,
+            timestamp=time.monotonic(),
+        )

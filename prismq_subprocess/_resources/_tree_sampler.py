@@ -1,0 +1,261 @@
+"""ProcessTreeSampler: per-run accounting of a child's whole process tree (peak RSS, CPU time).
+
+The tree is sampled, so the figures are estimates: memory peaks shorter than the interval and
+descendants that start and end between two samples are missed. A descendant seen at least once
+keeps contributing its last CPU time after it exits, so the total does not drop when children end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Self
+
+import psutil
+
+from .._core._durations import interval_seconds
+from .._core._exceptions import InvalidLimitError
+from .._core._maybe_async import call_callback
+from ._readings import VANISHED
+
+__all__ = ["LimitCallback", "ProcessTreeSampler", "TreeSample"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeSample:
+    """One reading of a process tree.
+
+    Attributes:
+        rss_bytes: RSS summed over the root and its live descendants (shared pages count once per
+            process, so this over-estimates trees that share memory).
+        cpu_time_seconds: user + system CPU time of every process seen in the tree so far (the
+            last known figure for those that ended).
+        process_count: live processes read in this sample.
+        timestamp: ``time.monotonic()`` when it was taken.
+    """
+
+    rss_bytes: int
+    cpu_time_seconds: float
+    process_count: int
+    timestamp: float
+
+
+#: Called once when the tree exceeds its memory limit; may be ``async def``.
+LimitCallback = Callable[[TreeSample], Awaitable[object] | object]
+
+# A psutil process identity: (pid, create_time), so a reused pid is a new process.
+_Ident = tuple[int, float]
+
+
+class ProcessTreeSampler:
+    """Sample the process tree rooted at ``pid`` every ``interval`` seconds.
+
+    Records the peak RSS of the whole tree (sum over the root and all descendants) and its total
+    CPU time. When ``memory_limit_bytes`` is set and a sample exceeds it, ``on_limit`` is called
+    once with that sample (the sampler does not stop anything itself; the callback typically stops
+    the tree and records the reason). Readings are taken in a worker thread; processes vanishing
+    mid-read are skipped. Sampling ends by itself when the root process is gone.
+
+    Use as ``async with ProcessTreeSampler(pid, ...) as sampler:`` or ``start()`` / ``await
+    stop()``. The figures are readable at any time and stay after stopping.
+
+    Args:
+        pid: the root process (normally the child you spawned).
+        interval: seconds (or ``timedelta``) between samples; positive.
+        memory_limit_bytes: tree RSS above which ``on_limit`` fires; ``None``: no limit.
+        on_limit: sync or async callable taking the :class:`TreeSample`; its exceptions are
+            logged.
+
+    Raises:
+        InvalidIntervalError: ``interval`` is not a positive, finite duration.
+        InvalidLimitError: ``memory_limit_bytes`` is not a positive integer.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        interval: float | timedelta = 0.5,
+        memory_limit_bytes: int | None = None,
+        on_limit: LimitCallback | None = None,
+    ) -> None:
+        self.pid = pid
+        self.interval = interval_seconds(interval)
+        if memory_limit_bytes is not None and (
+            isinstance(memory_limit_bytes, bool)
+            or not isinstance(memory_limit_bytes, int)
+            or memory_limit_bytes <= 0
+        ):
+            raise InvalidLimitError(
+                f"memory_limit_bytes must be a positive int or None, got {memory_limit_bytes!r}"
+            )
+        self.memory_limit_bytes = memory_limit_bytes
+        self._on_limit = on_limit
+        self._root: psutil.Process | None = None
+        self._cpu_by_ident: dict[_Ident, float] = {}
+        self._peak_rss = 0
+        self._samples = 0
+        self._last: TreeSample | None = None
+        self._limit_sample: TreeSample | None = None
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        """The highest tree RSS seen so far, in bytes (0 before the first sample)."""
+        return self._peak_rss
+
+    @property
+    def cpu_time_seconds(self) -> float:
+        """Total user + system CPU seconds of every process seen in the tree."""
+        return sum(self._cpu_by_ident.values())
+
+    @property
+    def samples(self) -> int:
+        """Number of samples taken (including ones that found the root gone)."""
+        return self._samples
+
+    @property
+    def last_sample(self) -> TreeSample | None:
+        """The latest sample with the root alive, or ``None``."""
+        return self._last
+
+    @property
+    def limit_exceeded(self) -> TreeSample | None:
+        """The sample that exceeded ``memory_limit_bytes`` (``on_limit`` was called with it)."""
+        return self._limit_sample
+
+    @property
+    def is_running(self) -> bool:
+        """True while the sampling task is active."""
+        return self._task is not None and not self._task.done()
+
+    def _read(self) -> tuple[int, int, dict[_Ident, float]] | None:
+        """Read the tree (blocking; runs in a worker thread): RSS, live count, CPU per process.
+
+        Returns None when the root is gone. Touches no shared state but the cached root handle,
+        so the figures are only ever updated on the event loop.
+        """
+        try:
+            if self._root is None:
+                self._root = psutil.Process(self.pid)
+            root = self._root
+            if not root.is_running():
+                return None
+            procs = [root, *root.children(recursive=True)]
+        except VANISHED:
+            return None
+        rss = 0
+        alive = 0
+        cpu: dict[_Ident, float] = {}
+        for proc in procs:
+            try:
+                # oneshot() caches /proc reads so memory and CPU come from one pass.
+                with proc.oneshot():
+                    mem = proc.memory_info().rss
+                    times = proc.cpu_times()
+                cpu[(proc.pid, proc.create_time())] = times.user + times.system
+            except VANISHED:
+                continue
+            rss += mem
+            alive += 1
+        return rss, alive, cpu
+
+    async def sample(self) -> TreeSample | None:
+        """Take one sample now (in a worker thread) and update the figures.
+
+        Returns ``None`` when the root process is gone. May fire ``on_limit`` (awaited here).
+        Cancelling abandons the wait; the reading finishes in its thread and is dropped.
+        """
+        async with self._lock:
+            reading = await asyncio.to_thread(self._read)
+            self._samples += 1
+            if reading is None:
+                return None
+            rss, alive, cpu = reading
+            self._cpu_by_ident.update(cpu)
+            sample = TreeSample(rss, self.cpu_time_seconds, alive, time.monotonic())
+            self._last = sample
+            self._peak_rss = max(self._peak_rss, rss)
+            limit = self.memory_limit_bytes
+            fire = limit is not None and rss > limit and self._limit_sample is None
+            if fire:
+                self._limit_sample = sample
+        if fire:
+            logger.warning(
+                "process tree of pid %d uses %d bytes, over its %s-byte limit",
+                self.pid,
+                rss,
+                limit,
+            )
+            if self._on_limit is not None:
+                await call_callback(self._on_limit, sample, logger=logger, what="on_limit")
+        return sample
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if await self.sample() is None:
+                    return
+            except Exception:
+                logger.exception("sampling the process tree of pid %d failed", self.pid)
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+
+    def start(self) -> None:
+        """Start sampling in a task on the running loop (first sample at once).
+
+        Idempotent: a second call while running does nothing.
+
+        Raises:
+            RuntimeError: no event loop is running in this thread.
+        """
+        loop = asyncio.get_running_loop()
+        if self.is_running:
+            return
+        self._stop.clear()
+        self._task = loop.create_task(self._loop(), name=f"ProcessTreeSampler:{self.pid}")
+
+    async def stop(self) -> None:
+        """Stop sampling and return when the sampling task has ended.
+
+        A sample in progress is allowed to finish, so this returns within about one reading
+        (plus an ``on_limit`` callback that is running). If ``stop()`` is cancelled, the
+        sampling task is cancelled too.
+        """
+        task = self._task
+        if task is None:
+            return
+        self._stop.set()
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("process tree sampler failed", exc_info=task.exception())
+
+    async def __aenter__(self) -> Self:
+        """Start sampling (see :meth:`start`)."""
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop sampling (see :meth:`stop`)."""
+        await self.stop()

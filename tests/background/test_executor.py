@@ -1,0 +1,159 @@
+"""ConcurrentExecutor: ordered batch results, concurrency bound, admission (fake readings)."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import prismq_subprocess as pq
+from prismq_subprocess._background._executor import ConcurrentExecutor, ModuleSpec
+from prismq_subprocess._core._exceptions import RunnerClosedError
+
+GiB = 1 << 30
+
+
+def reader(*percents: float) -> pq.ResourceManager:
+    """A ResourceManager over scripted memory readings (the last one repeats)."""
+    readings = list(percents)
+
+    def read() -> pq.ResourceSnapshot:
+        percent = readings.pop(0) if len(readings) > 1 else readings[0]
+        return pq.ResourceSnapshot(
+            memory_percent=percent, available_bytes=8 * GiB, total_bytes=16 * GiB
+        )
+
+    return pq.ResourceManager(max_memory_percent=90.0, reader=read, poll_interval=0.01)
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> dict[str, Path]:
+    code = {
+        "ok": "import sys\nprint('ok', *sys.argv[1:])\n",
+        "fail": "import sys\nprint('failing')\nsys.exit(2)\n",
+        "sleep": "import time\nprint('sleeping', flush=True)\ntime.sleep(60)\n",
+        "short": "import time\ntime.sleep(0.2)\n",
+    }
+    paths = {}
+    for name, text in code.items():
+        paths[name] = tmp_path / f"{name}.py"
+        paths[name].write_text(textwrap.dedent(text))
+    return paths
+
+
+async def test_batch_returns_one_result_per_item_in_order(
+    scripts: dict[str, Path], tmp_path: Path
+) -> None:
+    async with ConcurrentExecutor(max_concurrent=3, run_mode="async", grace_period=1.0) as ex:
+        results = await ex.execute_batch(
+            [
+                ModuleSpec("a", "A", scripts["ok"], {"n": 1}),
+                {"module_id": "b", "module_name": "B", "script_path": scripts["fail"]},
+                ModuleSpec("c", "C", tmp_path / "missing.py"),
+                ModuleSpec("d", "D", scripts["ok"], {"bad": object()}),
+                {"module_id": "e", "module_name": "E", "script_path": scripts["ok"], "x": 1},
+                ModuleSpec("f", "F", scripts["sleep"], timeout=0.5),
+                ModuleSpec("g", "G", scripts["ok"], {"n": 2}),
+            ]
+        )
+        assert [r["module_id"] for r in results] == list("abcdefg")
+        a, b, c, d, e, f, g = results
+        assert a["status"] == "completed" and a["success"] and a["exit_code"] == 0
+        assert a["output_tail"] == ["ok --n 1"] and a["duration"] > 0
+        assert b["status"] == "failed" and b["exit_code"] == 2
+        assert b["error"] == "exited with status 2: failing" and b["error_type"] is None
+        assert c["run_id"] is None and c["error_type"] == "ScriptNotFoundError"
+        assert d["run_id"] is None and d["error_type"] == "InvalidParametersError"
+        assert e["error_type"] == "InvalidParametersError" and "x" in e["error"]
+        assert f["status"] == "failed" and f["error"].startswith("timed out after 0.5 s")
+        assert g["output_tail"] == ["ok --n 2"]
+        stored = await ex.registry.list_runs()
+        assert {run.module_id for run in stored} == {"a", "b", "f", "g"}
+
+
+async def test_at_most_max_concurrent_modules_run_at_once(scripts: dict[str, Path]) -> None:
+    async with ConcurrentExecutor(max_concurrent=2, run_mode="threaded") as ex:
+        peak = 0
+        done = asyncio.Event()
+
+        async def watch() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, len(ex.runner.processes.live()))
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        results = await ex.execute_batch(
+            ModuleSpec(str(i), "S", scripts["short"]) for i in range(6)
+        )
+        done.set()
+        await watcher
+    assert [r["status"] for r in results] == ["completed"] * 6
+    assert 1 <= peak <= 2
+
+
+async def test_refused_admission_raises_or_becomes_a_result(scripts: dict[str, Path]) -> None:
+    async with ConcurrentExecutor(
+        resource_manager=reader(95.0), admission_wait=False, run_mode="async"
+    ) as ex:
+        with pytest.raises(pq.ResourceLimitException, match=r"memory_percent 95\.0 > 90\.0"):
+            await ex.execute_module("a", "A", scripts["ok"])
+        [result] = await ex.execute_batch([ModuleSpec("b", "B", scripts["ok"])])
+        assert result["error_type"] == "ResourceLimitException" and result["run_id"] is None
+        assert await ex.registry.count_runs() == 0
+
+
+async def test_admission_waits_until_resources_free_up(scripts: dict[str, Path]) -> None:
+    manager = reader(95.0, 95.0, 50.0)
+    async with ConcurrentExecutor(resource_manager=manager, run_mode="async") as ex:
+        result = await ex.execute_module("a", "A", scripts["ok"])
+    assert result["status"] == "completed"
+
+
+async def test_admission_wait_has_a_timeout(scripts: dict[str, Path]) -> None:
+    async with ConcurrentExecutor(
+        resource_manager=reader(95.0), admission_timeout=0.05, run_mode="async"
+    ) as ex:
+        with pytest.raises(pq.ResourceWaitTimeoutError):
+            await ex.execute_module("a", "A", scripts["ok"])
+
+
+async def test_cancelling_a_batch_cancels_its_runs(scripts: dict[str, Path]) -> None:
+    output = pq.OutputCapture()
+    async with ConcurrentExecutor(
+        max_concurrent=2, run_mode="async", output=output, grace_period=1.0
+    ) as ex:
+        batch = asyncio.create_task(
+            ex.execute_batch([ModuleSpec(str(i), "S", scripts["sleep"]) for i in range(3)])
+        )
+        while len(ex.runner.processes.live()) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        runs = await ex.registry.list_runs()
+        assert [run.status for run in runs] == [pq.RunStatus.CANCELLED] * 2
+        assert ex.runner.processes.live() == {}
+    await output.aclose()
+
+
+async def test_closed_executor_refuses_work(scripts: dict[str, Path]) -> None:
+    ex = ConcurrentExecutor(run_mode="async")
+    assert (await ex.execute_module("a", "A", scripts["ok"]))["success"]
+    ex.cleanup()
+    ex.cleanup()
+    with pytest.raises(RunnerClosedError):
+        await ex.execute_module("a", "A", scripts["ok"])
+    [result] = await ex.execute_batch([ModuleSpec("a", "A", scripts["ok"])])
+    assert result["error_type"] == "RunnerClosedError"
+
+
+def test_bad_limits_and_specs() -> None:
+    with pytest.raises(pq.InvalidLimitError):
+        ConcurrentExecutor(max_concurrent=0)
+    with pytest.raises(ValueError, match="incomplete"):
+        ModuleSpec.from_any({"module_id": "a"})
+    with pytest.raises(ValueError, match="ModuleSpec or a mapping"):
+        ModuleSpec.from_any(42)  # type: ignore[arg-type]

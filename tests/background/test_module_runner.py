@@ -1,0 +1,436 @@
+"""ModuleRunner: statuses, parameter mapping, live output, cancel, timeout, memory cap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import WRAPPER_FACTORIES
+
+import prismq_subprocess as pq
+from prismq_subprocess._background._module_args import parameters_to_args
+from prismq_subprocess._background._module_runner import ModuleRunner
+from prismq_subprocess._background._process_manager import ProcessManager
+from prismq_subprocess._core._exceptions import (
+    InvalidParametersError,
+    RunnerClosedError,
+    ScriptNotFoundError,
+)
+
+MODES = ["async", "threaded"]
+
+ECHO_ARGS = """
+import json, sys
+print(json.dumps(sys.argv[1:]))
+print("to stderr", file=sys.stderr)
+"""
+
+FAIL = """
+import sys
+print("working")
+sys.exit("bad input: count must be positive")
+"""
+
+# Prints "first", waits for a go-file to appear, prints "second".
+WAIT_FOR_FILE = """
+import os, sys, time
+print("first")
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+print("second")
+"""
+
+# Prints its own pid and a grandchild's, then sleeps.
+TREE = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("pids", child.pid, flush=True)
+time.sleep(60)
+"""
+
+SLEEP = """
+import time
+print("sleeping")
+time.sleep(60)
+"""
+
+# Grows by 5 MiB every 20 ms up to 200 MiB (pages written, so they count as RSS), then idles.
+ALLOCATE_200_MIB = """
+import time
+blocks = []
+for _ in range(40):
+    blocks.append(bytearray(b"x" * (5 * 1024 * 1024)))
+    time.sleep(0.02)
+print("allocated", flush=True)
+time.sleep(30)
+"""
+
+BUSY = """
+import time
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("done")
+"""
+
+
+def script(tmp_path: Path, name: str, code: str) -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(code))
+    return path
+
+
+@pytest.fixture(params=MODES)
+async def runner(request: pytest.FixtureRequest) -> AsyncIterator[ModuleRunner]:
+    wrapper = WRAPPER_FACTORIES[request.param]()
+    async with (
+        wrapper,
+        pq.RunRegistry() as registry,
+        pq.OutputCapture() as output,
+        ModuleRunner(
+            registry, output=output, wrapper=wrapper, grace_period=1.0, sample_interval=0.05
+        ) as r,
+    ):
+        yield r
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def eventually_gone(pid: int) -> bool:
+    # A grandchild is reaped by init, not by us: give that a moment.
+    for _ in range(200):
+        if gone(pid):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def first_line(output: pq.OutputCapture, run_id: str, prefix: str) -> str:
+    async with output.subscribe(run_id) as lines:
+        async for item in lines:
+            if isinstance(item, pq.OutputLine) and item.text.startswith(prefix):
+                return item.text
+    raise AssertionError(f"run {run_id} ended without a line starting with {prefix!r}")
+
+
+# -- parameters -------------------------------------------------------------------------------
+def test_parameter_mapping_rule() -> None:
+    params = {"count": 3, "verbose": True, "tags": ["a", "b"], "skip": False, "x": None}
+    assert parameters_to_args(params) == ["--count", "3", "--verbose", "--tags", "a", "--tags", "b"]
+    assert parameters_to_args({"n": -2, "ratio": 0.5, "name": "--x"}) == [
+        "--n=-2",
+        "--ratio",
+        "0.5",
+        "--name=--x",
+    ]
+    assert parameters_to_args({"cfg": {"a": 1}, "flags": [True, 2, [1]]}) == [
+        "--cfg",
+        '{"a":1}',
+        "--flags",
+        "true",
+        "--flags",
+        "2",
+        "--flags",
+        "[1]",
+    ]
+    assert parameters_to_args({}) == parameters_to_args(None) == []
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"when": object()},
+        {"nan": float("nan")},
+        {"-bad": 1},
+        {"with space": 1},
+        {1: "x"},
+        {"items": [None]},
+        ["not", "a", "mapping"],
+    ],
+)
+def test_bad_parameters_are_refused(params: Any) -> None:
+    with pytest.raises(InvalidParametersError):
+        parameters_to_args(params)
+
+
+async def test_bad_input_raises_before_anything_is_stored(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    with pytest.raises(ScriptNotFoundError) as info:
+        await runner.execute_module("m", "M", tmp_path / "missing.py")
+    assert isinstance(info.value, FileNotFoundError)
+    assert "missing.py" in str(info.value)
+    with pytest.raises(ScriptNotFoundError):
+        await runner.start_module("m", "M", tmp_path)  # a directory without __main__.py
+    ok = script(tmp_path, "ok", "pass")
+    with pytest.raises(InvalidParametersError):
+        await runner.execute_module("m", "M", ok, {"when": object()})
+    with pytest.raises(pq.InvalidTimeoutError):
+        await runner.execute_module("m", "M", ok, timeout=-1)
+    with pytest.raises(pq.InvalidLimitError):
+        await runner.execute_module("m", "M", ok, memory_limit_bytes=0)
+    with pytest.raises(pq.CwdNotFoundError):
+        await runner.execute_module("m", "M", "ok.py", cwd=tmp_path / "nope")
+    assert await runner.registry.count_runs() == 0
+
+
+# -- statuses ---------------------------------------------------------------------------------
+async def test_completed_run_is_recorded_with_arguments_and_output(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    path = script(tmp_path, "echo", ECHO_ARGS)
+    params = {"count": 3, "verbose": True, "tags": ["a", "b"], "skip": False, "x": None}
+    run = await runner.execute_module("echo", "Echo", path, params, run_id="r-echo")
+    assert run.run_id == "r-echo"
+    assert run.status is pq.RunStatus.COMPLETED
+    assert run.exit_code == 0 and run.error_message is None
+    assert json.loads(run.output_tail[0]) == [
+        "--count", "3", "--verbose", "--tags", "a", "--tags", "b"
+    ]  # fmt: skip
+    assert run.output_tail[1] == "to stderr"
+    assert run.pid is not None and run.mode == runner.mode.value
+    assert run.started_at is not None and run.finished_at is not None
+    assert run.parameters == params
+    assert await runner.registry.get_run("r-echo") == run
+    assert runner.output is not None
+    assert runner.output.is_closed("r-echo")
+
+
+async def test_relative_script_is_found_from_cwd(runner: ModuleRunner, tmp_path: Path) -> None:
+    script(tmp_path, "echo", ECHO_ARGS)
+    run = await runner.execute_module("echo", "Echo", "echo.py", {"a": 1}, cwd=tmp_path)
+    assert run.status is pq.RunStatus.COMPLETED
+
+
+async def test_non_zero_exit_is_failed_with_the_last_line(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    run = await runner.execute_module("f", "Fail", script(tmp_path, "fail", FAIL))
+    assert run.status is pq.RunStatus.FAILED
+    assert run.exit_code == 1
+    assert run.error_message == "exited with status 1: bad input: count must be positive"
+    assert run.output_tail == ["working", "bad input: count must be positive"]
+
+
+async def test_output_reaches_a_subscriber_while_the_module_runs(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    path = script(tmp_path, "wait", WAIT_FOR_FILE)
+    run_id = await runner.start_module("w", "Wait", path, {"go": str(go)})
+    assert runner.output is not None
+    seen: list[str] = []
+    async with runner.output.subscribe(run_id) as lines:
+        async for item in lines:
+            assert isinstance(item, pq.OutputLine)
+            seen.append(item.text)
+            if item.text == "first":
+                stored = await runner.registry.get_run(run_id)
+                assert stored is not None and stored.status is pq.RunStatus.RUNNING
+                go.touch()
+    assert seen == ["first", "second"]
+    await runner.task_manager.wait_all()
+    stored = await runner.registry.get_run(run_id)
+    assert stored is not None and stored.status is pq.RunStatus.COMPLETED
+    assert stored.output_tail == ["first", "second"]
+
+
+async def test_resource_usage_is_recorded(runner: ModuleRunner, tmp_path: Path) -> None:
+    run = await runner.execute_module("b", "Busy", script(tmp_path, "busy", BUSY))
+    assert run.status is pq.RunStatus.COMPLETED
+    assert run.peak_rss_bytes is not None and run.peak_rss_bytes > 1024 * 1024
+    assert run.cpu_time_seconds is not None and run.cpu_time_seconds > 0
+
+
+# -- stopping ---------------------------------------------------------------------------------
+async def test_cancel_stops_the_tree_of_a_background_run(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    run_id = await runner.start_module("t", "Tree", script(tmp_path, "tree", TREE))
+    assert runner.output is not None
+    grandchild = int((await first_line(runner.output, run_id, "pids")).split()[1])
+    stored = await runner.registry.get_run(run_id)
+    assert stored is not None and stored.pid is not None
+    assert await runner.cancel(run_id, "user pressed stop") is True
+    stored = await runner.registry.get_run(run_id)
+    assert stored is not None
+    assert stored.status is pq.RunStatus.CANCELLED
+    assert stored.error_message == "user pressed stop"
+    assert stored.output_tail == [f"pids {grandchild}"]
+    assert stored.pid is not None and gone(stored.pid)
+    assert await eventually_gone(grandchild)
+    assert await runner.cancel(run_id) is False
+
+
+async def test_cancelling_the_awaiting_task_stops_the_tree_first(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    path = script(tmp_path, "tree", TREE)
+    task = asyncio.create_task(runner.execute_module("t", "Tree", path, run_id="fg"))
+    assert runner.output is not None
+    grandchild = int((await first_line(runner.output, "fg", "pids")).split()[1])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stored = await runner.registry.get_run("fg")
+    assert stored is not None and stored.status is pq.RunStatus.CANCELLED
+    assert stored.pid is not None and gone(stored.pid)
+    assert await eventually_gone(grandchild)
+    assert runner.processes.live() == {}
+
+
+async def test_cancel_of_a_foreground_run_returns_it_cancelled(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    path = script(tmp_path, "sleep", SLEEP)
+    task = asyncio.create_task(runner.execute_module("s", "Sleep", path, run_id="fg2"))
+    assert runner.output is not None
+    await first_line(runner.output, "fg2", "sleeping")
+    assert await runner.cancel("fg2", "no longer needed") is True
+    run = await task
+    assert run.status is pq.RunStatus.CANCELLED
+    assert run.error_message == "no longer needed"
+    assert run.exit_code is not None and run.exit_code < 0
+
+
+async def test_timeout_fails_the_run_and_stops_the_tree(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    run = await runner.execute_module("t", "Tree", script(tmp_path, "tree", TREE), timeout=1.0)
+    assert run.status is pq.RunStatus.FAILED
+    assert run.error_message == "timed out after 1 s; process tree stopped"
+    assert run.exit_code is not None and run.exit_code < 0
+    grandchild = int(run.output_tail[0].split()[1])
+    assert run.pid is not None and gone(run.pid)
+    assert await eventually_gone(grandchild)
+
+
+async def test_memory_cap_stops_the_tree_and_fails_the_run(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    cap = 100 * 1024 * 1024
+    path = script(tmp_path, "hog", ALLOCATE_200_MIB)
+    run = await runner.execute_module("h", "Hog", path, memory_limit_bytes=cap, timeout=30)
+    assert run.status is pq.RunStatus.FAILED
+    assert run.error_message is not None
+    assert run.error_message.startswith("memory limit exceeded: the process tree used ")
+    assert "(limit 100.0 MiB); process tree stopped" in run.error_message
+    assert run.peak_rss_bytes is not None and run.peak_rss_bytes > cap
+    assert run.cpu_time_seconds is not None
+    assert "allocated" not in run.output_tail  # stopped before it got to 200 MiB
+    assert run.pid is not None and gone(run.pid)
+
+
+async def test_stop_through_the_process_manager_is_a_cancel(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    path = script(tmp_path, "sleep", SLEEP)
+    task = asyncio.create_task(runner.execute_module("s", "Sleep", path, run_id="pm"))
+    assert runner.output is not None
+    await first_line(runner.output, "pm", "sleeping")
+    assert await runner.processes.stop("pm") is True
+    run = await task
+    assert run.status is pq.RunStatus.CANCELLED
+    assert run.error_message == "stopped by the process manager"
+
+
+async def test_aclose_cancels_background_runs(tmp_path: Path) -> None:
+    path = script(tmp_path, "sleep", SLEEP)
+    output = pq.OutputCapture()
+    async with pq.RunRegistry() as registry:
+        runner = ModuleRunner(registry, output=output, run_mode="async", grace_period=1.0)
+        run_ids = [await runner.start_module("s", "Sleep", path) for _ in range(2)]
+        for run_id in run_ids:
+            await first_line(output, run_id, "sleeping")
+        await runner.aclose()
+        for run_id in run_ids:
+            stored = await registry.get_run(run_id)
+            assert stored is not None and stored.status is pq.RunStatus.CANCELLED
+            assert stored.pid is not None and gone(stored.pid)
+        with pytest.raises(RunnerClosedError):
+            await runner.start_module("s", "Sleep", path)
+    await output.aclose()
+
+
+async def test_max_concurrent_queues_runs_as_pending(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    path = script(tmp_path, "wait", WAIT_FOR_FILE)
+    async with (
+        pq.RunRegistry() as registry,
+        pq.OutputCapture() as output,
+        ModuleRunner(registry, output=output, max_concurrent=1, run_mode="async") as runner,
+    ):
+        first = await runner.start_module("w", "Wait", path, {"go": str(go)})
+        second = await runner.start_module("w", "Wait", path, {"go": str(go)})
+        await first_line(output, first, "first")
+        queued = await registry.get_run(second)
+        assert queued is not None and queued.status is pq.RunStatus.PENDING
+        go.touch()
+        await runner.task_manager.wait_all()
+        for run_id in (first, second):
+            stored = await registry.get_run(run_id)
+            assert stored is not None and stored.status is pq.RunStatus.COMPLETED
+
+
+async def test_dry_run_starts_nothing(tmp_path: Path) -> None:
+    recorder = pq.DryRunRecorder()
+    path = script(tmp_path, "echo", ECHO_ARGS)
+    async with (
+        pq.RunRegistry() as registry,
+        ModuleRunner(registry, run_mode=pq.DryRunStrategy(recorder=recorder)) as runner,
+    ):
+        run = await runner.execute_module("e", "Echo", path, {"n": 1})
+    assert run.status is pq.RunStatus.COMPLETED
+    assert run.mode == "dry-run"
+    assert len(recorder.calls) == 1
+    assert list(recorder.calls[0].args)[-2:] == ["--n", "1"]
+
+
+def test_run_mode_and_wrapper_are_exclusive() -> None:
+    wrapper = pq.SubprocessWrapper("threaded")
+    try:
+        with pytest.raises(pq.InvalidRunModeError):
+            ModuleRunner(pq.RunRegistry(), run_mode="async", wrapper=wrapper)
+    finally:
+        wrapper.cleanup()
+
+
+async def test_shared_process_manager_sees_the_live_child(tmp_path: Path) -> None:
+    pm = ProcessManager()
+    path = script(tmp_path, "sleep", SLEEP)
+    async with (
+        pq.RunRegistry() as registry,
+        pq.OutputCapture() as output,
+        ModuleRunner(registry, pm, "threaded", output=output, grace_period=1.0) as runner,
+    ):
+        run_id = await runner.start_module("s", "Sleep", path)
+        await first_line(output, run_id, "sleeping")
+        assert list(pm.live()) == [run_id]
+        assert runner.active_run_ids() == [run_id]
+    assert pm.live() == {}
+
+
+async def test_a_closed_output_does_not_stall_the_module(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    path = script(tmp_path, "wait", WAIT_FOR_FILE)
+    task = asyncio.create_task(runner.execute_module("w", "W", path, {"go": str(go)}, run_id="c"))
+    assert runner.output is not None
+    await first_line(runner.output, "c", "first")
+    await runner.output.close_run("c")  # the host closed it early
+    go.touch()
+    run = await task
+    assert run.status is pq.RunStatus.COMPLETED
+    assert run.output_tail == ["first", "second"]

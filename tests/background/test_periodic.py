@@ -1,0 +1,471 @@
+"""Tests of prismq_subprocess._background._periodic.PeriodicTask.
+
+Timing guarantees are checked on schedule positions with an injected fake clock (exact), plus a
+few short real-clock tests whose bounds are generous enough for a noisy 2-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prismq_subprocess._background._periodic import PeriodicTask
+from prismq_subprocess._core._exceptions import (
+    InvalidIntervalError,
+    InvalidLimitError,
+    InvalidTimeoutError,
+    PrismQError,
+)
+
+ORIGIN = 1000.0
+
+
+class FakeClock:
+    """A clock that only moves when the scheduler sleeps or a run says it took time.
+
+    ``overshoot`` models OS wake-up latency: each sleep lasts a little longer than asked.
+    """
+
+    def __init__(self, overshoot: Callable[[], float] = lambda: 0.0) -> None:
+        self.now = ORIGIN
+        self.overshoot = overshoot
+        self.sleeps: list[float] = []
+        self.halted = False
+
+    def halt(self) -> None:
+        """Freeze the schedule: the next sleep never returns (until stop() cancels it)."""
+        self.halted = True
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        if self.halted:
+            await asyncio.Event().wait()
+        self.sleeps.append(delay)
+        self.now += delay + self.overshoot()
+        await asyncio.sleep(0)
+
+
+def fake_task(
+    clock: FakeClock, func: Callable[..., object], interval: float, **options: object
+) -> PeriodicTask:
+    options.update(clock=clock.time, sleep=clock.sleep)
+    return PeriodicTask("fake", interval, func, **options)  # type: ignore[arg-type]
+
+
+async def test_no_drift_over_1000_ticks_with_noisy_wakeups() -> None:
+    rng = random.Random(1234)
+    clock = FakeClock(overshoot=lambda: rng.uniform(0.0, 0.003))
+    interval = 0.010
+    starts: list[float] = []
+    scheduled: list[float] = []
+    done = asyncio.Event()
+
+    async def record() -> None:
+        starts.append(clock.now)
+        scheduled.append(task.stats.last_scheduled_time)  # type: ignore[arg-type]
+        if len(starts) == 1000:
+            clock.halt()
+            done.set()
+
+    task = fake_task(clock, record, interval)
+    task.start()
+    await asyncio.wait_for(done.wait(), 10)
+    await task.stop()
+
+    assert task.stats.skipped == 0
+    assert len(starts) == task.stats.runs == 1000
+    # Scheduled times are the grid origin + k * interval, exactly (up to float rounding).
+    for k, when in enumerate(scheduled, start=1):
+        assert when == pytest.approx(ORIGIN + k * interval, abs=1e-9)
+    # Each start is late only by its own wake-up latency; lateness never accumulates, although
+    # the summed overshoot (~1.5 s) is 150 intervals: a sleep(interval) loop would drift by that.
+    lateness = [s - w for s, w in zip(starts, scheduled, strict=True)]
+    assert min(lateness) >= -1e-9
+    assert max(lateness) <= 0.003 + 1e-9
+    assert abs(starts[999] - (ORIGIN + 1000 * interval)) < interval
+
+
+async def test_overrun_is_coalesced_and_counted_without_overlap() -> None:
+    clock = FakeClock()
+    durations = iter([2.5, 0.1, 0.1, 3.2, 0.1, 0.1])
+    scheduled: list[float] = []
+    active = 0
+    max_active = 0
+    done = asyncio.Event()
+
+    async def work() -> None:
+        nonlocal active, max_active
+        active += 1
+        max_active = max(max_active, active)
+        scheduled.append(task.stats.last_scheduled_time)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        clock.now += next(durations, 0.1)
+        active -= 1
+        if len(scheduled) == 6:
+            clock.halt()
+            done.set()
+
+    task = fake_task(clock, work, 1.0, run_immediately=True)
+    task.start()
+    await asyncio.wait_for(done.wait(), 5)
+    await task.stop()
+
+    # tick 0 runs 0..2.5: tick 1 skipped, tick 2 runs late at 2.5; tick 3 on time; tick 4 runs
+    # 4.0..7.2: ticks 5 and 6 skipped, tick 7 runs late at 7.2; tick 8 on time.
+    assert [w - ORIGIN for w in scheduled] == pytest.approx([0, 2, 3, 4, 7, 8])
+    assert task.stats.skipped == 3
+    assert task.stats.runs == 6
+    assert max_active == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=3.5), min_size=1, max_size=25),
+    st.booleans(),
+)
+def test_schedule_positions_property(durations: list[float], run_immediately: bool) -> None:
+    """For any run durations: scheduled times sit on the grid, strictly increase, and every
+    grid tick up to the last one is either run or counted as skipped."""
+
+    async def scenario() -> tuple[list[float], int, int]:
+        clock = FakeClock()
+        it = iter(durations)
+        scheduled: list[float] = []
+        done = asyncio.Event()
+
+        async def work() -> None:
+            scheduled.append(task.stats.last_scheduled_time)  # type: ignore[arg-type]
+            clock.now += next(it, 0.0)
+            if len(scheduled) == len(durations):
+                clock.halt()
+                done.set()
+
+        task = fake_task(clock, work, 1.0, run_immediately=run_immediately)
+        task.start()
+        await asyncio.wait_for(done.wait(), 5)
+        await task.stop()
+        return scheduled, task.stats.skipped, task.stats.runs
+
+    scheduled, skipped, runs = asyncio.run(scenario())
+    positions = [(w - ORIGIN) for w in scheduled]
+    ticks = [round(p) for p in positions]
+    assert positions == pytest.approx(ticks, abs=1e-9)
+    assert all(b > a for a, b in itertools.pairwise(ticks))
+    first = 0 if run_immediately else 1
+    assert ticks[0] == first
+    assert ticks[-1] - first + 1 == runs + skipped
+
+
+async def test_run_after_first_interval_by_default_and_next_run_time() -> None:
+    clock = FakeClock()
+    seen: list[float] = []
+    gate = asyncio.Event()
+
+    async def work() -> None:
+        seen.append(clock.now)
+        await gate.wait()
+
+    task = fake_task(clock, work, 2.0)
+    assert task.stats.next_run_time is None
+    task.start()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    stats = task.stats
+    assert seen == [ORIGIN + 2.0]
+    assert stats.run_in_progress and stats.is_running
+    assert stats.next_run_time == pytest.approx(ORIGIN + 4.0)
+    gate.set()
+    await task.stop()
+    assert task.stats.next_run_time is None
+    assert not task.stats.is_running
+
+
+async def test_jitter_delays_start_but_never_moves_the_grid() -> None:
+    clock = FakeClock()
+    starts: list[float] = []
+    scheduled: list[float] = []
+    done = asyncio.Event()
+
+    async def work() -> None:
+        starts.append(clock.now)
+        scheduled.append(task.stats.last_scheduled_time)  # type: ignore[arg-type]
+        if len(starts) == 200:
+            clock.halt()
+            done.set()
+
+    task = fake_task(clock, work, 1.0, jitter=0.4)
+    task.start()
+    await asyncio.wait_for(done.wait(), 5)
+    await task.stop()
+    offsets = [s - w for s, w in zip(starts, scheduled, strict=True)]
+    assert all(-1e-9 <= o <= 0.4 + 1e-9 for o in offsets)
+    assert max(offsets) > 0.2  # jitter actually applied
+    assert scheduled[199] == pytest.approx(ORIGIN + 200.0)
+    assert task.stats.skipped == 0
+
+
+async def test_errors_are_logged_counted_and_do_not_stop_the_schedule(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    outcomes = iter([ValueError("one"), ValueError("two"), None, KeyError("three"), None])
+    done = asyncio.Event()
+    calls = 0
+
+    async def work() -> None:
+        nonlocal calls
+        calls += 1
+        outcome = next(outcomes, None)
+        if calls == 5:
+            clock.halt()
+            done.set()
+        if outcome is not None:
+            raise outcome
+
+    task = fake_task(clock, work, 1.0)
+    with caplog.at_level(logging.ERROR, logger="prismq_subprocess._background._periodic"):
+        task.start()
+        await asyncio.wait_for(done.wait(), 5)
+        await task.stop()
+    stats = task.stats
+    assert stats.runs == 5
+    assert stats.failures == 3
+    assert stats.consecutive_failures == 0
+    assert isinstance(stats.last_error, KeyError)
+    assert stats.last_duration == 0.0
+    failures = [r for r in caplog.records if "run failed" in r.getMessage()]
+    assert len(failures) == 3
+    assert all(r.exc_info is not None for r in failures)
+
+
+async def test_max_consecutive_failures_stops_the_schedule(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+
+    def fail() -> None:
+        raise RuntimeError("always")
+
+    task = fake_task(clock, fail, 1.0, max_consecutive_failures=3)
+    with caplog.at_level(logging.ERROR, logger="prismq_subprocess._background._periodic"):
+        task.start()
+        assert task._task is not None
+        await asyncio.wait_for(asyncio.shield(task._task), 5)
+    stats = task.stats
+    assert not stats.is_running
+    assert stats.failures == stats.runs == stats.consecutive_failures == 3
+    assert any("consecutive failures" in r.getMessage() for r in caplog.records)
+    await task.stop()  # already ended: a no-op
+
+
+async def test_start_is_idempotent_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    task = PeriodicTask("twice", 10.0, lambda: None)
+    task.start()
+    first = task._task
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._background._periodic"):
+        task.start()
+    assert task._task is first
+    assert any("already running" in r.getMessage() for r in caplog.records)
+    await task.stop()
+    assert not task.is_running
+
+
+async def test_plain_function_runs_in_a_worker_thread() -> None:
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    done = threading.Event()
+
+    def work(tag: str, *, extra: int) -> None:
+        assert (tag, extra) == ("x", 7)
+        threads.append(threading.get_ident())
+        done.set()
+
+    async with PeriodicTask("thread", 0.01, work, "x", run_immediately=True, extra=7) as task:
+        await asyncio.wait_for(asyncio.to_thread(done.wait, 5), 6)
+    assert threads and all(t != loop_thread for t in threads)
+    assert not task.is_running
+    assert task.stats.failures == 0
+
+
+async def test_a_plain_callable_returning_a_coroutine_is_awaited() -> None:
+    done = asyncio.Event()
+
+    async def work() -> None:
+        done.set()
+
+    async with PeriodicTask("lambda", 0.01, lambda: work(), run_immediately=True) as task:
+        await asyncio.wait_for(done.wait(), 5)
+    assert task.stats.failures == 0
+
+
+async def test_stop_lets_the_current_run_finish() -> None:
+    started = asyncio.Event()
+    finished = False
+
+    async def work() -> None:
+        nonlocal finished
+        started.set()
+        await asyncio.sleep(0.05)
+        finished = True
+
+    task = PeriodicTask("finish", 0.01, work, run_immediately=True)
+    task.start()
+    await asyncio.wait_for(started.wait(), 5)
+    await task.stop(timeout=5.0)
+    assert finished
+    assert task.stats.runs == 1
+    assert not task.is_running
+
+
+async def test_stop_cancels_a_run_that_outlives_the_timeout() -> None:
+    started = asyncio.Event()
+    cancelled = False
+
+    async def work() -> None:
+        nonlocal cancelled
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    task = PeriodicTask("cancel", timedelta(milliseconds=10), work, run_immediately=True)
+    task.start()
+    await asyncio.wait_for(started.wait(), 5)
+    t0 = time.monotonic()
+    await task.stop(timeout=0.05)
+    assert time.monotonic() - t0 < 2.0
+    assert cancelled
+    assert task.stats.runs == 0  # a cancelled run is not counted
+    assert not task.is_running
+
+
+async def test_a_run_can_stop_its_own_schedule() -> None:
+    clock = FakeClock()
+
+    async def work() -> None:
+        if task.stats.runs == 2:  # the third run
+            await task.stop()
+
+    task = fake_task(clock, work, 1.0, run_immediately=True)
+    task.start()
+    assert task._task is not None
+    await asyncio.wait_for(asyncio.shield(task._task), 5)
+    assert task.stats.runs == 3 and task.stats.failures == 0
+    assert not task.is_running
+
+
+async def test_restart_after_stop_keeps_counters() -> None:
+    clock = FakeClock()
+    runs = 0
+
+    async def work() -> None:
+        nonlocal runs
+        runs += 1
+
+    task = fake_task(clock, work, 1.0, run_immediately=True)
+    task.start()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    await task.stop()
+    first = task.stats.runs
+    assert first >= 1
+    task.start()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    await task.stop()
+    assert task.stats.runs > first == runs - (task.stats.runs - first)
+
+
+async def test_real_clock_no_overlap_and_skips_when_runs_overrun() -> None:
+    lock = threading.Lock()
+    active = 0
+    max_active = 0
+
+    def slow() -> None:
+        nonlocal active, max_active
+        with lock:
+            active += 1
+            max_active = max(max_active, active)
+        time.sleep(0.05)
+        with lock:
+            active -= 1
+
+    async with PeriodicTask("slow", 0.02, slow, run_immediately=True) as task:
+        while task.stats.runs < 4:  # noqa: ASYNC110 - polling the counters is what we test
+            await asyncio.sleep(0.01)
+    assert max_active == 1
+    assert task.stats.skipped >= 1
+
+
+async def test_real_clock_schedule_positions() -> None:
+    loop = asyncio.get_running_loop()
+    interval = 0.02
+    records: list[tuple[float, float]] = []
+
+    async def work() -> None:
+        records.append((loop.time(), task.stats.last_scheduled_time))  # type: ignore[arg-type]
+
+    task = PeriodicTask("real", interval, work)
+    origin = loop.time()
+    task.start()
+    while len(records) < 15:  # noqa: ASYNC110 - a run-count event would add a task to the test
+        await asyncio.sleep(0.005)
+    await task.stop()
+    stats = task.stats
+    # The origin is read a moment after start(); all positions share it, so use the first.
+    base = records[0][1] - interval
+    assert base >= origin - 1e-6
+    positions = [(when - base) / interval for _, when in records]
+    ticks = [round(p) for p in positions]
+    assert positions == pytest.approx(ticks, abs=1e-6)
+    assert ticks[0] == 1 and all(b > a for a, b in itertools.pairwise(ticks))
+    assert ticks[-1] == stats.runs + stats.skipped
+    lateness = sorted(actual - when for actual, when in records)
+    assert lateness[0] >= -0.001  # never noticeably early
+    assert lateness[len(lateness) // 2] < 0.25  # generous: a noisy shared machine
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "1", True, None, timedelta(0)])
+def test_invalid_interval(bad: object) -> None:
+    with pytest.raises(InvalidIntervalError) as info:
+        PeriodicTask("bad", bad, lambda: None)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError) and isinstance(info.value, PrismQError)
+
+
+def test_interval_as_timedelta() -> None:
+    assert PeriodicTask("td", timedelta(milliseconds=10), lambda: None).interval == 0.01
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"jitter": -0.1}, {"jitter": math.inf}, {"max_consecutive_failures": 0}],
+)
+def test_invalid_options(options: dict[str, object]) -> None:
+    with pytest.raises(InvalidLimitError):
+        PeriodicTask("bad", 1.0, lambda: None, **options)  # type: ignore[arg-type]
+
+
+async def test_invalid_stop_timeout() -> None:
+    task = PeriodicTask("t", 1.0, lambda: None)
+    with pytest.raises(InvalidTimeoutError):
+        await task.stop(timeout=-1)
+
+
+def test_start_without_a_running_loop_raises() -> None:
+    with pytest.raises(RuntimeError):
+        PeriodicTask("t", 1.0, lambda: None).start()

@@ -1,0 +1,228 @@
+"""Behaviour tests of the run registry interface, run against every store through one fixture."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from prismq_subprocess._background._memory_registry import BaseRunRegistry, RunRegistry
+from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
+from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
+from prismq_subprocess._core._exceptions import (
+    DuplicateRunError,
+    InvalidQueryError,
+    PrismQError,
+    RegistryClosedError,
+    RunNotFoundError,
+)
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def make_store(kind: str, tmp_path: Path, **kwargs: object) -> BaseRunRegistry:
+    if kind == "memory":
+        return RunRegistry(**kwargs)  # type: ignore[arg-type]
+    return SQLiteRunRegistry(tmp_path / "runs.db", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def registry(kind: str, tmp_path: Path) -> AsyncIterator[BaseRunRegistry]:
+    async with make_store(kind, tmp_path) as store:
+        yield store
+
+
+def at(minutes: int) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def finished(module_id: str, minute: int, status: RunStatus = RunStatus.COMPLETED) -> Run:
+    run = Run(module_id=module_id, created_at=at(minute))
+    run.mark_running()
+    if status is RunStatus.COMPLETED:
+        run.mark_completed(0)
+    else:
+        run.mark_failed("boom", exit_code=1)
+    return run
+
+
+async def test_add_get_update_round_trip(registry: BaseRunRegistry) -> None:
+    run = Run(module_id="m1", module_name="Module 1", parameters={"n": 3, "tags": ["a", "b"]})
+    await registry.add_run(run)
+    assert run.owner == RunOwner.current()
+    stored = await registry.get_run(run.run_id)
+    assert stored == run
+    run.mark_running(pid=42)
+    run.output_tail = ["line 1", "line 2"]
+    run.peak_rss_bytes = 1024
+    run.cpu_time_seconds = 0.25
+    await registry.update_run(run)
+    stored = await registry.get_run(run.run_id)
+    assert stored == run
+    assert stored is not None and stored.status is RunStatus.RUNNING and stored.pid == 42
+    assert await registry.get_run("nope") is None
+
+
+async def test_returned_runs_are_copies(registry: BaseRunRegistry) -> None:
+    run = Run(parameters={"k": [1]})
+    await registry.add_run(run)
+    run.parameters["k"].append(2)  # the caller's object is not the stored one
+    got = await registry.get_run(run.run_id)
+    assert got is not None and got.parameters == {"k": [1]}
+    got.parameters["k"].append(3)
+    got.mark_running()
+    listed = await registry.list_runs()
+    assert listed[0].parameters == {"k": [1]} and listed[0].status is RunStatus.PENDING
+    listed[0].output_tail.append("x")
+    again = await registry.get_run(run.run_id)
+    assert again is not None and again.output_tail == [] and again.status is RunStatus.PENDING
+
+
+async def test_bad_input_raises_clear_errors(registry: BaseRunRegistry) -> None:
+    run = Run()
+    await registry.add_run(run)
+    with pytest.raises(DuplicateRunError):
+        await registry.add_run(Run(run_id=run.run_id))
+    with pytest.raises(RunNotFoundError) as info:
+        await registry.update_run(Run(run_id="missing"))
+    assert isinstance(info.value, PrismQError) and isinstance(info.value, KeyError)
+    assert "missing" in str(info.value)
+    for kwargs in ({"limit": -1}, {"offset": -1}, {"limit": 1.5}):
+        with pytest.raises(InvalidQueryError):
+            await registry.list_runs(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidQueryError):
+        await registry.delete_older_than(timedelta(seconds=-1))
+    with pytest.raises(InvalidQueryError):
+        await registry.delete_older_than(datetime(2024, 1, 1))
+    assert await registry.count_runs() == 1
+
+
+async def test_list_newest_first_filters_and_paging(registry: BaseRunRegistry) -> None:
+    runs = [Run(module_id=f"m{i % 2}", created_at=at(i)) for i in range(7)]
+    for run in reversed(runs):  # insertion order must not matter
+        await registry.add_run(run)
+    ids = [r.run_id for r in await registry.list_runs()]
+    assert ids == [r.run_id for r in reversed(runs)]
+    page = await registry.list_runs(limit=2, offset=1)
+    assert [r.run_id for r in page] == [runs[5].run_id, runs[4].run_id]
+    assert await registry.list_runs(limit=0) == []
+    assert await registry.list_runs(offset=100) == []
+    m1 = await registry.list_runs(module_id="m1")
+    assert [r.run_id for r in m1] == [runs[5].run_id, runs[3].run_id, runs[1].run_id]
+    assert await registry.count_runs() == 7
+    assert await registry.count_runs(module_id="m0") == 4
+
+    runs[2].mark_running()
+    await registry.update_run(runs[2])
+    running = await registry.list_runs(status=RunStatus.RUNNING)
+    assert [r.run_id for r in running] == [runs[2].run_id]
+    assert await registry.count_runs(status=RunStatus.PENDING, module_id="m0") == 3
+    assert await registry.count_runs(status=RunStatus.RUNNING, module_id="m1") == 0
+
+
+async def test_equal_created_at_newest_added_first(registry: BaseRunRegistry) -> None:
+    same = [Run(created_at=T0) for _ in range(3)]
+    for run in same:
+        await registry.add_run(run)
+    assert [r.run_id for r in await registry.list_runs()] == [r.run_id for r in reversed(same)]
+
+
+async def test_delete_older_than_keeps_unfinished(registry: BaseRunRegistry) -> None:
+    old_done = finished("m", 0)
+    old_failed = finished("m", 1, RunStatus.FAILED)
+    old_running = Run(created_at=at(0))
+    old_running.mark_running()
+    recent = Run()
+    for run in (old_done, old_failed, old_running, recent):
+        await registry.add_run(run)
+    assert await registry.delete_older_than(datetime(2000, 1, 1, tzinfo=UTC)) == 0
+    # The finished runs finished "now" (mark_* stamps real time), so an age cutoff keeps them.
+    assert await registry.delete_older_than(timedelta(hours=1)) == 0
+    assert await registry.delete_older_than(timedelta(0)) == 2
+    left = {r.run_id for r in await registry.list_runs()}
+    assert left == {old_running.run_id, recent.run_id}
+
+
+async def test_delete_uses_finish_time(registry: BaseRunRegistry) -> None:
+    long_run = Run(created_at=at(0))
+    long_run.mark_running()
+    long_run.mark_completed()
+    long_run.finished_at = at(100)
+    await registry.add_run(long_run)
+    assert await registry.delete_older_than(at(50)) == 0
+    assert await registry.delete_older_than(at(101)) == 1
+
+
+async def test_max_runs_keeps_newest_finished(kind: str, tmp_path: Path) -> None:
+    async with make_store(kind, tmp_path, max_runs=3) as store:
+        active = Run(created_at=at(-10))
+        await store.add_run(active)
+        done = [finished("m", i) for i in range(6)]
+        for run in done:
+            await store.add_run(run)
+        left = await store.list_runs()
+        assert [r.run_id for r in left] == [r.run_id for r in reversed(done[3:])] + [
+            active.run_id
+        ]
+        assert await store.apply_retention() == 0
+
+
+async def test_max_age_on_add_and_on_demand(kind: str, tmp_path: Path) -> None:
+    async with make_store(kind, tmp_path, max_age=timedelta(days=1)) as store:
+        old = finished("m", 0)
+        old.finished_at = datetime(2000, 1, 1, tzinfo=UTC)
+        await store.add_run(old)  # retention runs right after the insert
+        assert await store.get_run(old.run_id) is None
+        keep = finished("m", 1)
+        await store.add_run(keep)
+        keep.finished_at = datetime(2000, 1, 2, tzinfo=UTC)
+        await store.update_run(keep)
+        assert await store.count_runs() == 1
+        assert await store.apply_retention() == 1
+        assert await store.count_runs() == 0
+
+
+@pytest.mark.parametrize("bad", [{"max_runs": 0}, {"max_runs": -1}, {"max_age": timedelta(0)}])
+def test_bad_retention_settings(kind: str, tmp_path: Path, bad: dict[str, object]) -> None:
+    with pytest.raises(InvalidQueryError):
+        make_store(kind, tmp_path, **bad)
+
+
+async def test_closed_registry_refuses_use(kind: str, tmp_path: Path) -> None:
+    store = make_store(kind, tmp_path)
+    async with store:
+        await store.add_run(Run())
+    await store.close()  # idempotent
+    assert store.closed
+    with pytest.raises(RegistryClosedError):
+        await store.list_runs()
+    with pytest.raises(RegistryClosedError):
+        await store.add_run(Run())
+    with pytest.raises(RegistryClosedError):
+        await store.open()
+
+
+async def test_many_concurrent_writers(registry: BaseRunRegistry) -> None:
+    async def life(i: int) -> None:
+        run = Run(module_id=f"m{i % 3}")
+        await registry.add_run(run)
+        run.mark_running()
+        await registry.update_run(run)
+        if i % 2:
+            run.mark_completed()
+        else:
+            run.mark_failed("odd", exit_code=1)
+        await registry.update_run(run)
+
+    await asyncio.gather(*(life(i) for i in range(60)))
+    assert await registry.count_runs() == 60
+    assert await registry.count_runs(status=RunStatus.COMPLETED) == 30
+    assert await registry.count_runs(status=RunStatus.FAILED) == 30

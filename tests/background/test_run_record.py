@@ -1,0 +1,187 @@
+"""Tests of the run model (prismq_subprocess/_background/_run_record.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta, timezone
+
+import psutil
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
+from prismq_subprocess._core._exceptions import InvalidRunError, PrismQError, RunStateError
+
+
+def test_status_is_str_enum_and_finished_flags() -> None:
+    assert RunStatus("running") is RunStatus.RUNNING
+    assert RunStatus.COMPLETED == "completed"
+    assert not RunStatus.PENDING.is_finished
+    assert not RunStatus.RUNNING.is_finished
+    for status in ("completed", "failed", "cancelled", "interrupted"):
+        assert RunStatus(status).is_finished
+
+
+def test_defaults() -> None:
+    run = Run(module_id="m", module_name="Module")
+    assert len(run.run_id) == 32
+    assert run.status is RunStatus.PENDING
+    assert run.created_at.tzinfo is UTC
+    assert run.duration is None
+    assert run.owner is None
+    assert run.output_tail == []
+    assert Run().run_id != Run().run_id
+
+
+def test_happy_path_stamps_times() -> None:
+    run = Run()
+    run.mark_running(pid=1234)
+    assert run.status is RunStatus.RUNNING and run.pid == 1234
+    assert run.started_at is not None and run.finished_at is None
+    assert run.duration is not None and run.duration >= 0
+    run.mark_completed(0)
+    assert run.status is RunStatus.COMPLETED and run.exit_code == 0
+    assert run.finished_at is not None and run.finished_at >= run.started_at
+    assert run.duration == (run.finished_at - run.started_at).total_seconds()
+
+
+@pytest.mark.parametrize(
+    "finish",
+    [
+        lambda r: r.mark_completed(0),
+        lambda r: r.mark_failed("boom", exit_code=2),
+        lambda r: r.mark_cancelled("user"),
+        lambda r: r.mark_interrupted("crash"),
+    ],
+)
+def test_finished_run_cannot_move(finish) -> None:  # type: ignore[no-untyped-def]
+    run = Run()
+    run.mark_running()
+    finish(run)
+    before = run.to_dict()
+    for again in (
+        lambda: run.mark_running(),
+        lambda: run.mark_completed(),
+        lambda: run.mark_failed("x"),
+        lambda: run.mark_cancelled(),
+        lambda: run.mark_interrupted("x"),
+    ):
+        with pytest.raises(RunStateError) as info:
+            again()
+        assert isinstance(info.value, PrismQError)
+    assert run.to_dict()["status"] == before["status"]
+
+
+def test_pending_transitions() -> None:
+    with pytest.raises(RunStateError):
+        Run().mark_completed()
+    for finish in ("mark_cancelled", "mark_interrupted", "mark_failed"):
+        run = Run()
+        getattr(run, finish)("why")
+        assert run.is_finished and run.error_message == "why" and run.started_at is None
+    running = Run()
+    running.mark_running()
+    with pytest.raises(RunStateError):
+        running.mark_running()
+
+
+def test_completed_refuses_nonzero_exit() -> None:
+    run = Run()
+    run.mark_running()
+    with pytest.raises(RunStateError):
+        run.mark_completed(3)
+    assert run.status is RunStatus.RUNNING
+    run.mark_failed("exit 3", exit_code=3)
+    assert (run.status, run.exit_code) == (RunStatus.FAILED, 3)
+
+
+def test_naive_datetime_rejected_and_aware_normalised() -> None:
+    with pytest.raises(InvalidRunError):
+        Run(created_at=datetime(2024, 1, 1))
+    plus2 = timezone(timedelta(hours=2))
+    run = Run(created_at=datetime(2024, 1, 1, 12, tzinfo=plus2))
+    assert run.created_at == datetime(2024, 1, 1, 10, tzinfo=UTC)
+    assert run.created_at.tzinfo is UTC
+
+
+def test_bad_status_and_run_id() -> None:
+    with pytest.raises(InvalidRunError):
+        Run(status="sleeping")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRunError):
+        Run(run_id="")
+    assert Run(status="failed").status is RunStatus.FAILED  # type: ignore[arg-type]
+
+
+def test_copy_is_deep() -> None:
+    run = Run(parameters={"a": [1]}, output_tail=["x"])
+    other = run.copy()
+    other.parameters["a"].append(2)
+    other.output_tail.append("y")
+    assert run.parameters == {"a": [1]} and run.output_tail == ["x"]
+    assert other == Run.from_dict(other.to_dict())
+
+
+def test_from_dict_errors() -> None:
+    with pytest.raises(InvalidRunError):
+        Run.from_dict({})
+    with pytest.raises(InvalidRunError):
+        Run.from_dict({"run_id": "a", "created_at": "yesterday"})
+    with pytest.raises(InvalidRunError):
+        Run.from_dict({"run_id": "a", "owner": {"host": "h"}})
+
+
+def test_current_owner_is_alive() -> None:
+    owner = RunOwner.current()
+    assert owner.pid == os.getpid()
+    assert owner is RunOwner.current()
+    assert owner.is_alive()
+
+
+def test_owner_liveness_dead_reused_and_other_host() -> None:
+    me = RunOwner.current()
+    # Our pid with another start time is what a reused pid looks like.
+    assert not RunOwner(me.host, me.pid, me.started_at - 1000.0).is_alive()
+    assert not RunOwner(me.host + "-elsewhere", me.pid, me.started_at).is_alive()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(child.pid).create_time()
+    child.wait()
+    assert not RunOwner(me.host, child.pid, started).is_alive()
+
+
+_aware = st.datetimes(
+    min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+runs = st.builds(
+    Run,
+    module_id=st.text(),
+    module_name=st.text(),
+    parameters=st.dictionaries(st.text(), _json, max_size=4),
+    status=st.sampled_from(RunStatus),
+    exit_code=st.none() | st.integers(-255, 255),
+    error_message=st.none() | st.text(),
+    created_at=_aware,
+    started_at=st.none() | _aware,
+    finished_at=st.none() | _aware,
+    pid=st.none() | st.integers(1, 2**31),
+    mode=st.sampled_from(["async", "threaded", "local", "dry_run"]),
+    output_tail=st.lists(st.text(), max_size=5),
+    peak_rss_bytes=st.none() | st.integers(0, 2**50),
+    cpu_time_seconds=st.none() | st.floats(0, 1e6),
+    owner=st.none()
+    | st.builds(RunOwner, st.text(), st.integers(1, 2**31), st.floats(0, 2e9)),
+)
+
+
+@given(runs)
+def test_to_dict_from_dict_round_trip_through_json(run: Run) -> None:
+    data = json.loads(json.dumps(run.to_dict()))
+    assert Run.from_dict(data) == run

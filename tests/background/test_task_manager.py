@@ -1,0 +1,533 @@
+"""Tests of BackgroundTaskManager (prismq_subprocess/_background/_task_manager.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from prismq_subprocess._background._memory_registry import BaseRunRegistry, RunRegistry
+from prismq_subprocess._background._output_capture import OutputCapture
+from prismq_subprocess._background._run_record import Run, RunStatus
+from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
+from prismq_subprocess._background._task_manager import BackgroundTaskManager
+from prismq_subprocess._core._exceptions import (
+    DuplicateRunError,
+    InvalidLimitError,
+    InvalidTimeoutError,
+    RunStateError,
+    TaskManagerClosedError,
+)
+from prismq_subprocess._resources._readings import ResourceSnapshot
+from prismq_subprocess._resources._resource_manager import ResourceManager
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def registry(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[BaseRunRegistry]:
+    store: BaseRunRegistry = (
+        RunRegistry() if request.param == "memory" else SQLiteRunRegistry(tmp_path / "r.db")
+    )
+    async with store:
+        yield store
+
+
+async def stored(registry: BaseRunRegistry, run_id: str) -> Run:
+    run = await registry.get_run(run_id)
+    assert run is not None
+    return run
+
+
+async def returns(value: object) -> object:
+    await asyncio.sleep(0)
+    return value
+
+
+async def test_outcomes_recorded(registry: BaseRunRegistry) -> None:
+    async def boom() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("bad input")
+
+    async with BackgroundTaskManager(registry) as manager:
+        ok = await manager.start_task(Run(module_id="a"), returns(None))
+        zero = await manager.start_task(Run(), returns(0))
+        three = await manager.start_task(Run(), returns(3))
+        true = await manager.start_task(Run(), returns(True))
+        failed = await manager.start_task(Run(module_name="Boom"), boom())
+        await manager.wait_all()
+    expect = {
+        ok: (RunStatus.COMPLETED, None, None),
+        zero: (RunStatus.COMPLETED, 0, None),
+        three: (RunStatus.FAILED, 3, "exited with status 3"),
+        true: (RunStatus.COMPLETED, None, None),
+        failed: (RunStatus.FAILED, None, "ValueError: bad input"),
+    }
+    for run_id, (status, exit_code, message) in expect.items():
+        run = await stored(registry, run_id)
+        assert (run.status, run.exit_code, run.error_message) == (status, exit_code, message)
+        assert run.started_at is not None and run.finished_at is not None
+
+
+async def test_pending_then_running_visible_in_registry(registry: BaseRunRegistry) -> None:
+    gate = asyncio.Event()
+    looked = asyncio.Event()
+    seen: list[RunStatus] = []
+
+    async def work(run_id: str) -> int:
+        seen.append((await stored(registry, run_id)).status)
+        looked.set()
+        await gate.wait()
+        return 0
+
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run()
+        await manager.start_task(run, work(run.run_id))
+        assert (await stored(registry, run.run_id)).status in (
+            RunStatus.PENDING,
+            RunStatus.RUNNING,
+        )
+        await looked.wait()
+        assert seen == [RunStatus.RUNNING]
+        assert [r.run_id for r in manager.active_runs()] == [run.run_id]
+        gate.set()
+        await manager.wait_all()
+        assert manager.active_runs() == []
+    assert run.status is RunStatus.COMPLETED  # the caller's object is kept up to date
+
+
+async def test_exception_logged_with_traceback_and_never_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+
+    async def boom() -> None:
+        raise RuntimeError("kaput")
+
+    registry = RunRegistry()
+    manager = BackgroundTaskManager(registry)
+    with caplog.at_level(logging.ERROR, logger="prismq_subprocess._background._task_manager"):
+        run_id = await manager.start_task(Run(), boom())
+        await manager.wait_all()
+    records = [r for r in caplog.records if run_id in r.getMessage()]
+    assert records and records[0].exc_info is not None
+    assert "kaput" in caplog.text
+    gc.collect()
+    await asyncio.sleep(0)
+    assert loop_errors == []
+    await manager.shutdown()
+
+
+async def test_strong_references_survive_gc() -> None:
+    registry = RunRegistry()
+    manager = BackgroundTaskManager(registry)
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 0
+
+    ids = [await manager.start_task(Run(), work()) for _ in range(20)]
+    gc.collect()
+    await asyncio.sleep(0)
+    gc.collect()
+    assert manager.running_count == 20
+    gate.set()
+    await manager.wait_all()
+    for run_id in ids:
+        assert (await stored(registry, run_id)).status is RunStatus.COMPLETED
+    await manager.shutdown()
+
+
+async def test_cancel_running(registry: BaseRunRegistry) -> None:
+    cleaned = asyncio.Event()
+    started = asyncio.Event()
+
+    async def work() -> int:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaned.set()
+        return 0
+
+    async with BackgroundTaskManager(registry) as manager:
+        run_id = await manager.start_task(Run(), work())
+        await started.wait()
+        assert await manager.cancel_task(run_id, reason="user pressed stop")
+        assert cleaned.is_set()
+        run = await stored(registry, run_id)
+        assert (run.status, run.error_message) == (RunStatus.CANCELLED, "user pressed stop")
+        assert not await manager.cancel_task(run_id)
+        assert not await manager.cancel_task("unknown")
+
+
+async def test_cancel_before_coroutine_runs_closes_it(registry: BaseRunRegistry) -> None:
+    async with BackgroundTaskManager(registry) as manager:
+        run_id = await manager.start_task(Run(), returns(0))
+        # The task exists but has not run a step yet.
+        assert await manager.cancel_task(run_id)
+    assert (await stored(registry, run_id)).status is RunStatus.CANCELLED
+
+
+async def test_max_concurrent_fifo_queue_and_cancel_queued(registry: BaseRunRegistry) -> None:
+    gates = [asyncio.Event() for _ in range(5)]
+    order: list[int] = []
+    peak = 0
+    active = 0
+
+    async def work(i: int) -> int:
+        nonlocal peak, active
+        active += 1
+        peak = max(peak, active)
+        order.append(i)
+        await gates[i].wait()
+        active -= 1
+        return 0
+
+    async with BackgroundTaskManager(registry, max_concurrent=2) as manager:
+        runs = [Run(module_id=str(i)) for i in range(5)]
+        coros = [work(i) for i in range(5)]
+        queued_coro = coros[3]
+        for run, coro in zip(runs, coros, strict=True):
+            await manager.start_task(run, coro)
+        await asyncio.sleep(0)
+        assert (manager.running_count, manager.queued_count) == (2, 3)
+        for run in runs[2:]:
+            assert (await stored(registry, run.run_id)).status is RunStatus.PENDING
+        # Cancelling a queued run: CANCELLED, never started, its coroutine closed.
+        assert await manager.cancel_task(runs[3].run_id)
+        assert inspect.getcoroutinestate(queued_coro) == inspect.CORO_CLOSED
+        queued = await stored(registry, runs[3].run_id)
+        assert queued.status is RunStatus.CANCELLED and queued.started_at is None
+        for gate in gates:
+            gate.set()
+        await manager.wait_all()
+    assert order == [0, 1, 2, 4]
+    assert peak == 2
+    statuses = [(await stored(registry, run.run_id)).status for run in runs]
+    assert statuses == [RunStatus.COMPLETED] * 3 + [RunStatus.CANCELLED, RunStatus.COMPLETED]
+
+
+async def test_shutdown_cancels_running_and_queued(registry: BaseRunRegistry) -> None:
+    manager = BackgroundTaskManager(registry, max_concurrent=2)
+    runs = [Run() for _ in range(4)]
+    for run in runs:
+        await manager.start_task(run, asyncio.sleep(3600))
+    await asyncio.sleep(0)
+    await manager.shutdown(grace=5.0)
+    assert manager.closed and manager.active_runs() == []
+    for run in runs:
+        got = await stored(registry, run.run_id)
+        assert got.status is RunStatus.CANCELLED
+        assert got.error_message == "task manager shut down"
+    assert [r.started_at is not None for r in runs] == [True, True, False, False]
+    await manager.shutdown()  # idempotent
+    coro = returns(0)
+    with pytest.raises(TaskManagerClosedError):
+        await manager.start_task(Run(), coro)
+
+
+async def test_shutdown_abandons_a_task_that_ignores_cancellation() -> None:
+    registry = RunRegistry()
+    release = asyncio.Event()
+
+    async def stubborn() -> int:
+        while True:
+            try:
+                await release.wait()
+                return 0
+            except asyncio.CancelledError:
+                continue  # refuses to stop
+
+    manager = BackgroundTaskManager(registry)
+    run_id = await manager.start_task(Run(), stubborn())
+    await asyncio.sleep(0)
+    await manager.shutdown(grace=0.05)
+    run = await stored(registry, run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert run.error_message is not None and "grace" in run.error_message
+    release.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert (await stored(registry, run_id)).status is RunStatus.CANCELLED
+
+
+async def test_wait_all_timeout_leaves_runs_alone() -> None:
+    registry = RunRegistry()
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 0
+
+    async with BackgroundTaskManager(registry) as manager:
+        run_id = await manager.start_task(Run(), work())
+        with pytest.raises(TimeoutError):
+            await manager.wait_all(timeout=0.01)
+        assert (await stored(registry, run_id)).status is RunStatus.RUNNING
+        with pytest.raises(InvalidTimeoutError):
+            await manager.wait_all(timeout=-1)
+        gate.set()
+        await manager.wait_all(timeout=None)
+        assert (await stored(registry, run_id)).status is RunStatus.COMPLETED
+
+
+async def test_coroutine_may_decide_its_own_outcome() -> None:
+    registry = RunRegistry()
+
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run()
+
+        async def work() -> int:
+            run.pid = 4242
+            run.mark_failed("timed out after 1 s", exit_code=-9)
+            return -9
+
+        await manager.start_task(run, work())
+        await manager.wait_all()
+    got = await stored(registry, run.run_id)
+    assert (got.status, got.exit_code, got.error_message, got.pid) == (
+        RunStatus.FAILED,
+        -9,
+        "timed out after 1 s",
+        4242,
+    )
+
+
+async def test_bad_starts_close_the_coroutine() -> None:
+    registry = RunRegistry()
+    async with BackgroundTaskManager(registry) as manager:
+        gate = asyncio.Event()
+        run = Run()
+        await manager.start_task(run, gate.wait())
+        refused = [returns(0) for _ in range(3)]
+        with pytest.raises(DuplicateRunError):
+            await manager.start_task(Run(run_id=run.run_id), refused[0])
+        done = Run()
+        done.mark_cancelled()
+        with pytest.raises(RunStateError):
+            await manager.start_task(done, refused[1])
+        old = Run()
+        await registry.add_run(old)
+        with pytest.raises(DuplicateRunError):  # raised by the registry
+            await manager.start_task(old.copy(), refused[2])
+        assert [r.run_id for r in manager.active_runs()] == [run.run_id]
+        gate.set()
+    # Closed, so garbage collection never warns "coroutine ... was never awaited".
+    assert [inspect.getcoroutinestate(c) for c in refused] == [inspect.CORO_CLOSED] * 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_bad_max_concurrent(bad: object) -> None:
+    with pytest.raises(InvalidLimitError):
+        BackgroundTaskManager(RunRegistry(), max_concurrent=bad)  # type: ignore[arg-type]
+
+
+async def test_output_is_closed_and_tail_stored() -> None:
+    registry = RunRegistry()
+    output = OutputCapture()
+    async with BackgroundTaskManager(registry, output=output, output_tail_lines=2) as manager:
+        run = Run()
+
+        async def work() -> int:
+            for i in range(5):
+                await output.append_line(run.run_id, f"line {i}")
+            return 0
+
+        subscription = output.subscribe(run.run_id)
+        await manager.start_task(run, work())
+        lines = [item async for item in subscription]  # ends because the manager closes it
+        assert len(lines) == 5
+        await manager.wait_all()
+    assert (await stored(registry, run.run_id)).output_tail == ["line 3", "line 4"]
+
+
+async def test_many_tasks_concurrently_with_sqlite(tmp_path: Path) -> None:
+    async with (
+        SQLiteRunRegistry(tmp_path / "many.db") as registry,
+        BackgroundTaskManager(registry, max_concurrent=8) as manager,
+    ):
+        for i in range(100):
+            await manager.start_task(Run(module_id=str(i % 3)), returns(i % 2))
+        await manager.wait_all()
+        assert await registry.count_runs(status=RunStatus.COMPLETED) == 50
+        assert await registry.count_runs(status=RunStatus.FAILED) == 50
+
+
+# --- admission through a ResourceManager ------------------------------------------------------
+
+GiB = 1 << 30
+
+
+class Memory:
+    """A fake reader: reports ``level`` percent memory use (settable at any time) and counts calls.
+
+    With ``script``, the first readings come from it, then ``level`` is reported.
+    """
+
+    def __init__(self, level: float, *script: float) -> None:
+        self.level = level
+        self.script = list(script)
+        self.calls = 0
+
+    def __call__(self) -> ResourceSnapshot:
+        self.calls += 1
+        percent = self.script.pop(0) if self.script else self.level
+        return ResourceSnapshot(
+            memory_percent=percent, available_bytes=8 * GiB, total_bytes=16 * GiB
+        )
+
+    def manager(self) -> ResourceManager:
+        return ResourceManager(max_memory_percent=90.0, reader=self, poll_interval=0.01)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Yield to the loop until ``condition()`` holds; fail after a generous deadline."""
+    try:
+        async with asyncio.timeout(5):
+            while not condition():  # noqa: ASYNC110 - the reader runs in a worker thread
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+async def test_admitted_runs_proceed(registry: BaseRunRegistry) -> None:
+    memory = Memory(50.0)
+    async with BackgroundTaskManager(
+        registry, max_concurrent=2, resource_manager=memory.manager(), admission_wait=False
+    ) as manager:
+        ids = [await manager.start_task(Run(), returns(i % 2)) for i in range(4)]
+        await manager.wait_all()
+    statuses = [(await stored(registry, run_id)).status for run_id in ids]
+    assert statuses == [RunStatus.COMPLETED, RunStatus.FAILED] * 2
+    assert memory.calls == 4  # one admission check per run
+
+
+async def test_refused_without_waiting_fails_the_run_and_never_starts_it(
+    registry: BaseRunRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    ran: list[str] = []
+
+    async def work(name: str) -> int:
+        ran.append(name)
+        return 0
+
+    # The first check reads 95 % (over the 90 % limit), later ones 50 %.
+    memory = Memory(50.0, 95.0)
+    refused_coro = work("refused")
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._background._task_manager"):
+        async with BackgroundTaskManager(
+            registry, max_concurrent=1, resource_manager=memory.manager(), admission_wait=False
+        ) as manager:
+            refused = await manager.start_task(Run(module_name="Big"), refused_coro)
+            admitted = await manager.start_task(Run(), work("admitted"))
+            await manager.wait_all()
+            assert (manager.running_count, manager.queued_count) == (0, 0)
+    run = await stored(registry, refused)
+    assert run.status is RunStatus.FAILED
+    assert run.error_message is not None
+    assert "not enough resources" in run.error_message
+    assert "memory_percent 95.0 > 90.0" in run.error_message
+    assert run.started_at is None and run.finished_at is not None
+    assert inspect.getcoroutinestate(refused_coro) == inspect.CORO_CLOSED
+    # The slot was released: the queued run behind it was admitted and ran.
+    assert (await stored(registry, admitted)).status is RunStatus.COMPLETED
+    assert ran == ["admitted"]
+    assert any(refused in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert loop_errors == []
+
+
+async def test_waits_pending_until_memory_frees(registry: BaseRunRegistry) -> None:
+    memory = Memory(95.0)
+    started = asyncio.Event()
+
+    async def work() -> int:
+        started.set()
+        return 0
+
+    async with BackgroundTaskManager(
+        registry, resource_manager=memory.manager(), admission_wait=True
+    ) as manager:
+        run_id = await manager.start_task(Run(), work())
+        await until(lambda: memory.calls >= 3, "a few refused checks")
+        assert not started.is_set()
+        waiting = await stored(registry, run_id)
+        assert waiting.status is RunStatus.PENDING and waiting.started_at is None
+        assert manager.running_count == 1  # it holds its slot while it waits
+        memory.level = 50.0
+        await manager.wait_all()
+    assert started.is_set()
+    assert (await stored(registry, run_id)).status is RunStatus.COMPLETED
+
+
+async def test_wait_times_out_and_fails_the_run(registry: BaseRunRegistry) -> None:
+    coro = returns(0)
+    async with BackgroundTaskManager(
+        registry, resource_manager=Memory(95.0).manager(), admission_timeout=0.05
+    ) as manager:
+        run_id = await manager.start_task(Run(), coro)
+        await manager.wait_all()
+    run = await stored(registry, run_id)
+    assert run.status is RunStatus.FAILED
+    assert run.error_message is not None
+    assert "still short after waiting 0.05 s" in run.error_message
+    assert "memory_percent 95.0 > 90.0" in run.error_message
+    assert run.started_at is None
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
+@pytest.mark.parametrize("how", ["cancel_task", "shutdown"])
+async def test_cancel_while_waiting_for_admission(registry: BaseRunRegistry, how: str) -> None:
+    memory = Memory(95.0)
+    coro = returns(0)
+    manager = BackgroundTaskManager(registry, resource_manager=memory.manager())
+    run_id = await manager.start_task(Run(), coro)
+    await until(lambda: memory.calls >= 2, "waiting for admission")
+    if how == "cancel_task":
+        assert await manager.cancel_task(run_id, reason="user pressed stop")
+        expected = "user pressed stop"
+    else:
+        expected = "task manager shut down"
+    await manager.shutdown()
+    run = await stored(registry, run_id)
+    assert (run.status, run.error_message) == (RunStatus.CANCELLED, expected)
+    assert run.started_at is None
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    assert manager.active_runs() == [] and manager.running_count == 0
+
+
+async def test_failing_reader_fails_the_run_and_closes_the_coroutine(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken() -> ResourceSnapshot:
+        raise OSError("no /proc")
+
+    registry = RunRegistry()
+    coro = returns(0)
+    with caplog.at_level(logging.ERROR, logger="prismq_subprocess._background._task_manager"):
+        async with BackgroundTaskManager(
+            registry, resource_manager=ResourceManager(reader=broken)
+        ) as manager:
+            run_id = await manager.start_task(Run(), coro)
+            await manager.wait_all()
+    run = await stored(registry, run_id)
+    assert (run.status, run.error_message) == (RunStatus.FAILED, "OSError: no /proc")
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    assert any(run_id in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "soon"])
+def test_bad_admission_timeout(bad: object) -> None:
+    with pytest.raises(InvalidTimeoutError):
+        BackgroundTaskManager(RunRegistry(), admission_timeout=bad)  # type: ignore[arg-type]

@@ -1,0 +1,38 @@
+"""ProcessResult and the bounded TailBuffer behind run()."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import prismq_subprocess as pq
+from prismq_subprocess._core._result import TailBuffer
+
+
+@given(st.one_of(st.none(), st.integers(0, 64)), st.lists(st.binary(max_size=40), max_size=20))
+def test_tail_buffer_keeps_exactly_the_tail(cap: int | None, chunks: list[bytes]) -> None:
+    buffer = TailBuffer(cap)
+    everything = b""
+    for chunk in chunks:
+        buffer.append(chunk)
+        everything += chunk
+        # memory stays within the cap plus one chunk
+        assert cap is None or buffer._size <= cap + max(len(c) for c in chunks)
+    expected = everything if cap is None or len(everything) <= cap else everything[-cap:]
+    if cap == 0:
+        expected = b""
+    assert buffer.getvalue() == expected
+    assert buffer.getvalue() == expected  # idempotent
+    assert buffer.total == len(everything)
+    assert buffer.truncated == (cap is not None and len(everything) > cap)
+
+
+def test_result_helpers() -> None:
+    ok = pq.ProcessResult(("x",), 0, b"h\xffi", b"", 1, 0.1, pq.RunMode.ASYNC)
+    assert ok.ok and ok.check_returncode() is ok
+    assert ok.stdout_text == "h\ufffdi"
+    bad = pq.ProcessResult(("x", "y"), 3, b"", b"oops", 1, 0.1, pq.RunMode.ASYNC)
+    with pytest.raises(pq.ProcessFailedError, match="exited with status 3") as info:
+        bad.check_returncode()
+    assert info.value.stderr == b"oops" and info.value.cmd == ("x", "y")

@@ -1,0 +1,280 @@
+"""The pipe bridges of THREADED: the selector I/O thread (POSIX) and the thread-per-pipe route."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import py
+
+from prismq_subprocess._io._io_thread import IOThread
+from prismq_subprocess._io._pipes import MAX_IN_FLIGHT, PipeBridge, ThreadPerPipe
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes and signals")
+
+PIPE = subprocess.PIPE
+LIMIT = 64 * 1024
+
+
+@pytest.fixture(params=["selector", "threads"])
+def bridge(request: pytest.FixtureRequest) -> Iterator[PipeBridge]:
+    made: PipeBridge = (
+        IOThread("prismq-io-test") if request.param == "selector" else ThreadPerPipe()
+    )
+    yield made
+    made.close()
+
+
+def pump_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "prismq-io-test"]
+
+
+def spawn(args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a child the way THREADED does: ``Popen`` with unbuffered pipes."""
+    return subprocess.Popen(args, bufsize=0, **kwargs)
+
+
+def popen(code: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+    return spawn(py(code), **kwargs)
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.01)
+
+
+async def test_output_arrives_whole_and_in_order(bridge: PipeBridge) -> None:
+    loop = asyncio.get_running_loop()
+    code = "import sys; [sys.stdout.buffer.write(b'%07d\\n' % i) for i in range(300000)]"
+    proc = popen(code, stdout=PIPE)
+    try:
+        assert proc.stdout is not None
+        reader = bridge.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        data = await reader.read()
+        assert data == b"".join(b"%07d\n" % i for i in range(300000))
+        assert reader.at_eof()
+        assert proc.stdout.closed  # the bridge owns the pipe and closed it at end of file
+    finally:
+        reap(proc)
+
+
+async def test_paused_reader_bounds_read_ahead(bridge: PipeBridge) -> None:
+    loop = asyncio.get_running_loop()
+    total = 20 * 1024 * 1024
+    proc = popen(f"import sys; sys.stdout.buffer.write(b'x' * {total})", stdout=PIPE)
+    try:
+        assert proc.stdout is not None
+        reader = bridge.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        await asyncio.sleep(0.5)  # nobody reads: the bridge must stop, the child must block
+        buffered = len(reader._buffer)  # type: ignore[attr-defined]
+        assert 0 < buffered <= 2 * LIMIT + 2 * MAX_IN_FLIGHT
+        assert proc.poll() is None  # blocked on its full pipe, not finished
+        got = 0
+        while chunk := await reader.read(1024 * 1024):
+            got += len(chunk)
+            assert len(reader._buffer) <= 2 * LIMIT + 2 * MAX_IN_FLIGHT  # type: ignore[attr-defined]
+        assert got == total
+    finally:
+        reap(proc)
+
+
+async def test_stdin_round_trip_with_backpressure(bridge: PipeBridge) -> None:
+    loop = asyncio.get_running_loop()
+    code = (
+        "import sys, time\n"
+        "time.sleep(0.2)\n"  # let writes pile up before reading anything
+        "sys.stdout.buffer.write(sys.stdin.buffer.read())"
+    )
+    proc = popen(code, stdin=PIPE, stdout=PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        writer = bridge.open_writer(loop, proc.stdin, name="t-in")
+        reader = bridge.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        payload = bytes(range(256)) * 8000  # ~2 MB, far over the pipe buffer
+        read_task = asyncio.ensure_future(reader.read())
+        for start in range(0, len(payload), 300_000):
+            writer.write(payload[start : start + 300_000])
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        assert await read_task == payload
+    finally:
+        reap(proc)
+
+
+async def test_drain_raises_broken_pipe_once_child_is_gone(bridge: PipeBridge) -> None:
+    loop = asyncio.get_running_loop()
+    proc = popen("pass", stdin=PIPE)
+    try:
+        proc.wait()
+        assert proc.stdin is not None
+        writer = bridge.open_writer(loop, proc.stdin, name="t-in")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(50):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        assert writer.is_closing()
+        writer.close()
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            await writer.wait_closed()
+        assert proc.stdin.closed
+    finally:
+        reap(proc)
+
+
+async def test_eof_waits_for_a_grandchild_holding_the_pipe(bridge: PipeBridge) -> None:
+    loop = asyncio.get_running_loop()
+    proc = spawn(["sh", "-c", "sleep 30 & echo started"], stdout=PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        reader = bridge.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        assert await reader.readline() == b"started\n"
+        await asyncio.to_thread(proc.wait)  # the shell is gone; `sleep` still holds stdout
+        await asyncio.sleep(0.3)
+        assert not reader.at_eof()
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert reader.at_eof()
+    finally:
+        reap(proc)
+
+
+async def test_many_pipes_share_one_io_thread() -> None:
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    before = threading.active_count()
+    procs = [popen(f"import time; print({i}); time.sleep(0.3)", stdout=PIPE) for i in range(40)]
+    try:
+        readers = [
+            pump.open_reader(loop, p.stdout, limit=LIMIT, name="t") for p in procs if p.stdout
+        ]
+        assert threading.active_count() == before + 1  # one thread, however many pipes
+        outs = await asyncio.gather(*(r.read() for r in readers))
+        assert outs == [b"%d\n" % i for i in range(40)]
+    finally:
+        pump.close()
+        for p in procs:
+            reap(p)
+    assert not pump.running
+    assert threading.active_count() == before
+
+
+async def test_thread_starts_lazily_and_ends_on_close() -> None:
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    assert not pump.running  # nothing to move yet
+    proc = popen(
+        "import sys, time; sys.stdout.write('partial'); sys.stdout.flush(); time.sleep(30)",
+        stdout=PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t")
+        assert pump.running
+        await wait_until(lambda: len(reader._buffer) > 0)  # type: ignore[attr-defined]
+        pump.close()
+        pump.close()  # idempotent
+        assert not pump.running
+        assert proc.stdout.closed  # closing released the pipe of a child still running
+        assert await reader.read() == b"partial"  # what was read is delivered, then EOF
+        # After close, new pipes are not served but still released: EOF at once.
+        late = popen("print('late')", stdout=PIPE)
+        assert late.stdout is not None
+        late_reader = pump.open_reader(loop, late.stdout, limit=LIMIT, name="t")
+        await asyncio.wait_for(late_reader.read(), 5)
+        assert late_reader.at_eof() and late.stdout.closed
+        reap(late)
+    finally:
+        reap(proc)
+    assert not pump_threads()
+
+
+async def test_close_fails_pending_stdin_writes() -> None:
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    proc = popen("import time; time.sleep(30)", stdin=PIPE)
+    try:
+        assert proc.stdin is not None
+        writer = pump.open_writer(loop, proc.stdin, name="t")
+        writer.write(b"x" * (4 * 1024 * 1024))  # more than the pipe holds: queued
+        drain = asyncio.ensure_future(writer.drain())
+        await asyncio.sleep(0.05)
+        assert not drain.done()
+        pump.close()
+        with pytest.raises(BrokenPipeError):
+            await asyncio.wait_for(drain, 5)
+        assert proc.stdin.closed
+    finally:
+        reap(proc)
+
+
+async def test_pidfd_in_the_io_thread_when_the_loop_cannot_watch_it() -> None:
+    from prismq_subprocess._io._child_exit import watch_exit
+
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfd on this platform")
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    proc = popen("import time; time.sleep(0.2)")
+    done: asyncio.Future[int] = loop.create_future()
+
+    class NoReaders:
+        """Proxy of the loop whose add_reader fails, like a Proactor loop's."""
+
+        def add_reader(self, *args: Any) -> None:
+            raise NotImplementedError
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(loop, name)
+
+    try:
+        watch_exit(NoReaders(), proc, done.set_result, io_thread=pump)  # type: ignore[arg-type]
+        assert not [t for t in threading.enumerate() if t.name.startswith("prismq-wait")]
+        assert await asyncio.wait_for(done, 5) == 0
+    finally:
+        pump.close()
+        reap(proc)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_GETPIPE_SZ is Linux-only")
+async def test_a_write_to_a_full_pipe_is_queued_not_lost(bridge: PipeBridge) -> None:
+    # The first write fills the pipe exactly; the next one finds it full (EAGAIN) and must be
+    # queued for later, not dropped.
+    import fcntl
+
+    loop = asyncio.get_running_loop()
+    code = "import sys, time\ntime.sleep(0.3)\nsys.stdout.buffer.write(sys.stdin.buffer.read())"
+    proc = popen(code, stdin=PIPE, stdout=PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        size = fcntl.fcntl(proc.stdin.fileno(), 1032)  # F_GETPIPE_SZ
+        writer = bridge.open_writer(loop, proc.stdin, name="t-in")
+        reader = bridge.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        read_task = asyncio.ensure_future(reader.read())
+        first, second = b"a" * size, b"b" * 1000
+        writer.write(first)
+        await asyncio.sleep(0.05)  # let a thread-driven writer fill the pipe too
+        writer.write(second)
+        writer.close()
+        await writer.wait_closed()
+        assert await read_task == first + second
+    finally:
+        reap(proc)

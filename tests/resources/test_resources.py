@@ -1,0 +1,346 @@
+"""Tests of MemoryMonitor, ResourceManager and the psutil reader.
+
+Thresholds, hysteresis and admission run on injected fake readings, never on this machine's
+real memory; a few tests only check that the default psutil reader returns sane figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prismq_subprocess._core._exceptions import (
+    InvalidIntervalError,
+    InvalidLimitError,
+    InvalidTimeoutError,
+    PrismQError,
+    ResourceLimitException,
+    ResourceWaitTimeoutError,
+)
+from prismq_subprocess._resources._memory_monitor import MemoryMonitor
+from prismq_subprocess._resources._readings import PsutilResourceReader, ResourceSnapshot
+from prismq_subprocess._resources._resource_manager import ResourceManager
+
+GiB = 1 << 30
+
+
+class FakeReader:
+    """Serves scripted readings; the last one repeats. Safe to call from worker threads."""
+
+    def __init__(
+        self,
+        percents: Iterable[float] = (50.0,),
+        *,
+        available: int = 8 * GiB,
+        cpu: float | None = None,
+    ) -> None:
+        self.percents = list(percents)
+        self.available = available
+        self.cpu = cpu
+        self.calls = 0
+
+    def __call__(self) -> ResourceSnapshot:
+        index = min(self.calls, len(self.percents) - 1)
+        self.calls += 1
+        return ResourceSnapshot(
+            memory_percent=self.percents[index],
+            available_bytes=self.available,
+            total_bytes=16 * GiB,
+            cpu_percent=self.cpu,
+        )
+
+
+# --- MemoryMonitor ---------------------------------------------------------------------------
+
+
+def test_check_memory_compares_with_the_limit_and_keeps_the_latest_reading() -> None:
+    fired: list[str] = []
+    reader = FakeReader([79.9, 80.0, 95.0])
+    monitor = MemoryMonitor(80.0, reader=reader, on_high=lambda s: fired.append("high"))
+    assert monitor.latest is None
+    assert monitor.check_memory() is True
+    assert monitor.check_memory() is False
+    assert monitor.check_memory() is False
+    assert monitor.latest is not None and monitor.latest.memory_percent == 95.0
+    # check_memory is a plain query: no state change, no callbacks.
+    assert fired == [] and not monitor.is_high
+
+
+async def test_check_memory_async() -> None:
+    monitor = MemoryMonitor(80.0, reader=FakeReader([10.0, 90.0]))
+    assert await monitor.check_memory_async() is True
+    assert await monitor.check_memory_async() is False
+
+
+async def test_hysteresis_fires_once_per_crossing_with_sync_and_async_callbacks() -> None:
+    events: list[tuple[str, float]] = []
+
+    async def on_high(snapshot: ResourceSnapshot) -> None:
+        await asyncio.sleep(0)
+        events.append(("high", snapshot.memory_percent))
+
+    def on_low(snapshot: ResourceSnapshot) -> None:
+        events.append(("low", snapshot.memory_percent))
+
+    readings = [50, 79.9, 80, 85, 78, 76, 75.5, 75, 79, 81, 60]
+    monitor = MemoryMonitor(
+        80.0, hysteresis=5.0, on_high=on_high, on_low=on_low, reader=FakeReader(readings)
+    )
+    states = []
+    for _ in readings:
+        await monitor.poll()
+        states.append(monitor.is_high)
+    assert events == [("high", 80), ("low", 75), ("high", 81), ("low", 60)]
+    assert states == [False, False, True, True, True, True, True, False, False, True, False]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0, max_value=100), min_size=1, max_size=40),
+    st.floats(min_value=0, max_value=20),
+)
+def test_hysteresis_never_flaps(readings: list[float], hysteresis: float) -> None:
+    limit = 70.0
+    events: list[tuple[str, float]] = []
+
+    async def scenario() -> None:
+        monitor = MemoryMonitor(
+            limit,
+            hysteresis=hysteresis,
+            on_high=lambda s: events.append(("high", s.memory_percent)),
+            on_low=lambda s: events.append(("low", s.memory_percent)),
+            reader=FakeReader(readings),
+        )
+        for _ in readings:
+            await monitor.poll()
+
+    asyncio.run(scenario())
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["high", "low"] * (len(kinds) // 2) + ["high"] * (len(kinds) % 2)
+    for kind, percent in events:
+        if kind == "high":
+            assert percent >= limit
+        else:
+            assert percent <= limit - hysteresis
+    # Every transition is caused by a reading on the far side of the band, so the number of
+    # transitions is exactly what a reference state machine predicts.
+    high = False
+    expected = 0
+    for percent in readings:
+        if (not high and percent >= limit) or (high and percent <= limit - hysteresis):
+            high = not high
+            expected += 1
+    assert len(events) == expected
+
+
+async def test_monitor_continuously_until_stopped(caplog: pytest.LogCaptureFixture) -> None:
+    reader = FakeReader([50, 90, 90, 40])
+    highs = asyncio.Event()
+    lows = asyncio.Event()
+    monitor = MemoryMonitor(
+        80.0,
+        check_interval=0.01,
+        on_high=lambda s: highs.set(),
+        on_low=lambda s: lows.set(),
+        reader=reader,
+    )
+    task = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.wait_for(lows.wait(), 5)
+    assert highs.is_set() and monitor.is_monitoring
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._resources._memory_monitor"):
+        await monitor.monitor_continuously()  # second call returns at once
+    assert any("already monitoring" in r.getMessage() for r in caplog.records)
+    monitor.stop_monitoring()
+    await asyncio.wait_for(task, 1)
+    assert not monitor.is_monitoring
+    calls = reader.calls
+    await asyncio.sleep(0.03)
+    assert reader.calls == calls
+
+
+async def test_stop_monitoring_returns_without_waiting_out_the_interval() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=60, reader=FakeReader())
+    task = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.sleep(0.05)
+    monitor.stop_monitoring()
+    await asyncio.wait_for(task, 1)
+
+
+async def test_failing_reader_and_callback_are_logged_and_monitoring_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls = 0
+    done = asyncio.Event()
+
+    def reader() -> ResourceSnapshot:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("no /proc")
+        if calls >= 4:
+            done.set()
+        return ResourceSnapshot(memory_percent=99.0, available_bytes=1, total_bytes=2)
+
+    def on_high(snapshot: ResourceSnapshot) -> None:
+        raise RuntimeError("callback bug")
+
+    monitor = MemoryMonitor(80.0, check_interval=0.01, on_high=on_high, reader=reader)
+    with caplog.at_level(logging.ERROR):
+        task = asyncio.create_task(monitor.monitor_continuously())
+        await asyncio.wait_for(done.wait(), 5)
+        monitor.stop_monitoring()
+        await asyncio.wait_for(task, 1)
+    messages = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert any("memory reading failed" in m for m in messages)
+    assert any("on_high callback" in m for m in messages)
+    assert monitor.is_high
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ({"max_memory_percent": 0}, InvalidLimitError),
+        ({"max_memory_percent": 100.5}, InvalidLimitError),
+        ({"max_memory_percent": math.nan}, InvalidLimitError),
+        ({"max_memory_percent": True}, InvalidLimitError),
+        ({"hysteresis": -1}, InvalidLimitError),
+        ({"hysteresis": 80}, InvalidLimitError),
+        ({"check_interval": 0}, InvalidIntervalError),
+        ({"check_interval": math.inf}, InvalidIntervalError),
+    ],
+)
+def test_memory_monitor_validation(args: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error) as info:
+        MemoryMonitor(reader=FakeReader(), **args)  # type: ignore[arg-type]
+    assert isinstance(info.value, PrismQError) and isinstance(info.value, ValueError)
+
+
+# --- ResourceManager -------------------------------------------------------------------------
+
+
+async def test_check_resources_detailed_names_each_failed_limit_and_by_how_much() -> None:
+    reader = FakeReader([93.0], available=GiB // 2, cpu=97.5)
+    manager = ResourceManager(
+        max_memory_percent=90.0, max_cpu_percent=95.0, min_available_bytes=GiB, reader=reader
+    )
+    check = await manager.check_resources_detailed()
+    assert not check.ok and not check
+    found = {v.limit: v for v in check.violations}
+    assert set(found) == {"memory_percent", "cpu_percent", "available_bytes"}
+    assert found["memory_percent"].excess == pytest.approx(3.0)
+    assert found["cpu_percent"].excess == pytest.approx(2.5)
+    assert found["available_bytes"].excess == GiB // 2
+    assert "memory_percent 93.0 > 90.0" in check.reason
+    assert "short by" in check.reason
+    assert await manager.check_resources() is False
+
+
+async def test_check_resources_passes_under_the_limits_and_ignores_unmeasured_cpu() -> None:
+    manager = ResourceManager(90.0, max_cpu_percent=50.0, reader=FakeReader([89.9], cpu=None))
+    check = await manager.check_resources_detailed()
+    assert check.ok and check.violations == () and check.reason == ""
+    assert await manager.check_resources() is True
+
+
+async def test_cpu_limit_is_off_by_default() -> None:
+    manager = ResourceManager(90.0, reader=FakeReader([10.0], cpu=100.0))
+    assert await manager.check_resources()
+
+
+async def test_admit_without_waiting_raises_at_once() -> None:
+    manager = ResourceManager(80.0, reader=FakeReader([85.0]), poll_interval=10)
+    with pytest.raises(ResourceLimitException, match=r"memory_percent 85\.0 > 80\.0") as info:
+        await asyncio.wait_for(manager.admit(wait=False), 1)
+    assert not isinstance(info.value, TimeoutError)
+
+
+async def test_admit_waits_until_resources_free_up() -> None:
+    reader = FakeReader([95.0, 95.0, 95.0, 60.0])
+    manager = ResourceManager(80.0, reader=reader, poll_interval=0.01)
+    check = await asyncio.wait_for(manager.admit(timeout=5), 6)
+    assert check.ok and check.snapshot.memory_percent == 60.0
+    assert reader.calls == 4
+
+
+async def test_admit_times_out_with_a_timeout_error() -> None:
+    manager = ResourceManager(80.0, reader=FakeReader([99.0]), poll_interval=0.01)
+    with pytest.raises(ResourceWaitTimeoutError) as info:
+        await asyncio.wait_for(manager.admit(wait=True, timeout=0.05), 5)
+    assert isinstance(info.value, ResourceLimitException)
+    assert isinstance(info.value, TimeoutError)
+    assert "memory_percent 99.0" in str(info.value)
+
+
+async def test_admit_returns_at_once_when_resources_are_fine() -> None:
+    reader = FakeReader([10.0])
+    manager = ResourceManager(80.0, reader=reader, poll_interval=10)
+    assert (await asyncio.wait_for(manager.admit(timeout=0), 1)).ok
+    assert reader.calls == 1
+
+
+async def test_cancelling_a_waiting_admit() -> None:
+    manager = ResourceManager(80.0, reader=FakeReader([99.0]), poll_interval=0.01)
+    task = asyncio.create_task(manager.admit())
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_admit_rejects_a_bad_timeout() -> None:
+    manager = ResourceManager(80.0, reader=FakeReader([99.0]))
+    with pytest.raises(InvalidTimeoutError):
+        await manager.admit(timeout=-1)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ({"max_memory_percent": 0}, InvalidLimitError),
+        ({"max_cpu_percent": 150}, InvalidLimitError),
+        ({"min_available_bytes": -1}, InvalidLimitError),
+        ({"min_available_bytes": math.inf}, InvalidLimitError),
+        ({"poll_interval": -0.5}, InvalidIntervalError),
+    ],
+)
+def test_resource_manager_validation(args: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        ResourceManager(reader=FakeReader(), **args)  # type: ignore[arg-type]
+
+
+# --- the default psutil reader (sanity only: the machine's figures are not asserted) ---------
+
+
+async def test_psutil_reader_reads_this_process_and_its_children() -> None:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(30)"
+    )
+    try:
+        await asyncio.sleep(0.2)  # let the interpreter start so it has some RSS
+        snapshot = await asyncio.to_thread(PsutilResourceReader(measure_cpu=False))
+    finally:
+        child.kill()
+        await child.wait()
+    assert 0 < snapshot.memory_percent <= 100
+    assert 0 < snapshot.available_bytes <= snapshot.total_bytes
+    assert snapshot.process_rss_bytes > 1 << 20
+    assert snapshot.children_rss_bytes > 1 << 20
+    assert snapshot.cpu_percent is None
+
+
+async def test_default_reader_measures_cpu_with_a_primed_baseline() -> None:
+    manager = ResourceManager(max_memory_percent=100, max_cpu_percent=100)
+    check = await manager.check_resources_detailed()
+    cpu = check.snapshot.cpu_percent
+    assert cpu is not None and 0.0 <= cpu <= 100.0
+    monitor = MemoryMonitor(100)
+    assert isinstance(await monitor.check_memory_async(), bool)
+    assert monitor.latest is not None and monitor.latest.cpu_percent is None

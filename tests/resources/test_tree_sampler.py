@@ -1,0 +1,162 @@
+"""Tests of ProcessTreeSampler against real child processes (short-lived, a few seconds at most)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import textwrap
+import time
+
+import pytest
+
+from prismq_subprocess._core._exceptions import InvalidIntervalError, InvalidLimitError
+from prismq_subprocess._resources._tree_sampler import ProcessTreeSampler, TreeSample
+
+MiB = 1 << 20
+
+# Grows by 5 MiB every 20 ms up to 200 MiB (pages are written, so they count as RSS), then idles.
+ALLOCATE_200_MIB = textwrap.dedent(
+    """
+    import time
+    chunks = []
+    for _ in range(40):
+        chunks.append(b"x" * (5 * 1024 * 1024))
+        time.sleep(0.02)
+    time.sleep(30)
+    """
+)
+
+# Starts a grandchild that burns 0.3 s of CPU and exits; then idles.
+SPAWN_CPU_BURNER = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    burner = "import time\\nwhile time.process_time() < 0.3: pass"
+    subprocess.run([sys.executable, "-c", burner], check=True)
+    print("burner done", flush=True)
+    time.sleep(30)
+    """
+)
+
+
+async def spawn(code: str, **kwargs: object) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(sys.executable, "-c", code, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_tree_over_its_memory_limit_is_reported_once_and_can_be_killed() -> None:
+    child = await spawn(ALLOCATE_200_MIB)
+    readings: list[TreeSample] = []
+
+    def on_limit(sample: TreeSample) -> None:
+        readings.append(sample)
+        child.kill()
+
+    t0 = time.monotonic()
+    try:
+        async with ProcessTreeSampler(
+            child.pid, interval=0.05, memory_limit_bytes=100 * MiB, on_limit=on_limit
+        ) as sampler:
+            returncode = await asyncio.wait_for(child.wait(), 10)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    elapsed = time.monotonic() - t0
+
+    assert returncode < 0  # killed by the callback, not finished
+    assert len(readings) == 1
+    assert readings[0].rss_bytes > 100 * MiB
+    assert sampler.limit_exceeded is readings[0]
+    assert 100 * MiB < sampler.peak_rss_bytes < 260 * MiB
+    assert sampler.cpu_time_seconds > 0
+    assert elapsed < 8
+    assert not sampler.is_running
+
+
+async def test_cpu_time_of_a_descendant_that_ended_is_kept() -> None:
+    child = await spawn(SPAWN_CPU_BURNER, stdout=asyncio.subprocess.PIPE)
+    assert child.stdout is not None
+    try:
+        async with ProcessTreeSampler(child.pid, interval=0.02) as sampler:
+            line = await asyncio.wait_for(child.stdout.readline(), 10)
+            assert line == b"burner done\n"
+            final = await sampler.sample()
+        assert final is not None and final.process_count == 1  # the burner is gone
+        # The burner used 0.3 s of CPU; we last saw it at most one interval before its end (on a
+        # loaded machine the interval can stretch, hence the margin).
+        assert sampler.cpu_time_seconds >= 0.15
+        assert sampler.peak_rss_bytes > MiB
+        assert sampler.samples >= 3
+    finally:
+        child.kill()
+        await child.wait()
+
+
+async def test_sampling_ends_by_itself_when_the_root_is_gone() -> None:
+    child = await spawn("pass")
+    await child.wait()
+    sampler = ProcessTreeSampler(child.pid, interval=0.01)
+    sampler.start()
+    assert sampler._task is not None
+    await asyncio.wait_for(asyncio.shield(sampler._task), 5)
+    assert not sampler.is_running
+    assert sampler.samples == 1 and sampler.peak_rss_bytes == 0 and sampler.last_sample is None
+    assert await sampler.sample() is None
+    await sampler.stop()
+
+
+async def test_async_on_limit_errors_are_logged_and_it_fires_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    child = await spawn("import time; time.sleep(30)")
+    calls = 0
+
+    async def on_limit(sample: TreeSample) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("callback bug")
+
+    try:
+        sampler = ProcessTreeSampler(
+            child.pid, interval=0.01, memory_limit_bytes=1, on_limit=on_limit
+        )
+        with caplog.at_level(logging.WARNING, logger="prismq_subprocess._resources._tree_sampler"):
+            for _ in range(3):
+                assert await sampler.sample() is not None
+    finally:
+        child.kill()
+        await child.wait()
+    assert calls == 1
+    assert any("on_limit callback" in r.getMessage() for r in caplog.records)
+    assert any("over its 1-byte limit" in r.getMessage() for r in caplog.records)
+
+
+async def test_start_is_idempotent_and_stop_without_start_is_a_no_op() -> None:
+    child = await spawn("import time; time.sleep(30)")
+    try:
+        sampler = ProcessTreeSampler(child.pid, interval=0.01)
+        await sampler.stop()
+        sampler.start()
+        first = sampler._task
+        sampler.start()
+        assert sampler._task is first
+        await asyncio.sleep(0.05)
+        await sampler.stop()
+        assert not sampler.is_running and sampler.samples >= 1
+    finally:
+        child.kill()
+        await child.wait()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"interval": 0}, InvalidIntervalError),
+        ({"interval": -1}, InvalidIntervalError),
+        ({"memory_limit_bytes": 0}, InvalidLimitError),
+        ({"memory_limit_bytes": 1.5}, InvalidLimitError),
+    ],
+)
+def test_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        ProcessTreeSampler(1, **kwargs)  # type: ignore[arg-type]

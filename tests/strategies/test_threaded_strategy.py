@@ -1,0 +1,121 @@
+"""ThreadedStrategy: which bridge it picks, how many threads it uses, what close releases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+
+import pytest
+from helpers import py
+
+import prismq_subprocess as pq
+from prismq_subprocess._io._io_thread import IOThread
+from prismq_subprocess._io._pipes import ThreadPerPipe
+
+
+def named(prefix: str, exclude: frozenset[int | None] = frozenset()) -> list[threading.Thread]:
+    """Live threads whose name starts with ``prefix``, except those in ``exclude``."""
+    return [
+        t for t in threading.enumerate() if t.name.startswith(prefix) and t.ident not in exclude
+    ]
+
+
+def idents() -> frozenset[int | None]:
+    """Threads alive now (e.g. the I/O thread of the drop-ins' shared wrapper)."""
+    return frozenset(t.ident for t in threading.enumerate())
+
+
+def test_io_choice() -> None:
+    auto = pq.ThreadedStrategy()
+    forced = pq.ThreadedStrategy(io="threads")
+    try:
+        expected = "threads" if sys.platform == "win32" else "selector"
+        assert auto.io == expected
+        assert forced.io == "threads"
+        assert isinstance(forced._bridge, ThreadPerPipe)
+        assert "threads" in repr(forced)
+        with pytest.raises(ValueError, match="io must be"):
+            pq.ThreadedStrategy(io="fibers")  # type: ignore[arg-type]
+    finally:
+        auto.close()
+        forced.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the selector bridge is POSIX only")
+async def test_threads_do_not_grow_with_children() -> None:
+    before = idents()
+    strategy = pq.ThreadedStrategy(max_workers=4)
+    assert isinstance(strategy._bridge, IOThread)
+    peak = 0
+    async with pq.SubprocessWrapper(strategy) as w:
+
+        async def one(i: int) -> bytes:
+            result = await w.run(*py(f"import time; time.sleep(0.5); print({i})"))
+            return result.stdout
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(60)]
+        while not all(t.done() for t in tasks):
+            peak = max(peak, len({t.ident for t in threading.enumerate()} - before))
+            await asyncio.sleep(0.02)
+        outs = await asyncio.gather(*tasks)
+        assert outs == [b"%d\n" % i for i in range(60)]
+        if hasattr(os, "pidfd_open"):
+            # Formula: spawn pool + 1 I/O thread, whatever the number of children.
+            assert peak <= 4 + 1
+            assert len(named("prismq-io", before)) == 1
+            assert not named("prismq-stdout") and not named("prismq-wait")
+    assert not named("prismq-io", before)
+    assert not named("prismq-spawn", before)
+
+
+async def test_forced_thread_route_runs_and_releases_its_threads() -> None:
+    before = idents()
+    async with pq.SubprocessWrapper(pq.ThreadedStrategy(io="threads", use_pidfd=False)) as w:
+        proc = await w.create_subprocess_exec(
+            *py("import sys; sys.stdout.write(sys.stdin.read().upper())"),
+            stdin=pq.PIPE,
+            stdout=pq.PIPE,
+        )
+        assert named(f"prismq-stdout-{proc.pid}")
+        assert not named("prismq-io", before)
+        out, _ = await proc.communicate(b"abc" * 100_000)
+        assert out == b"ABC" * 100_000
+        result = await w.run(*py("print('x' * 100_000)"))
+        assert result.stdout == b"x" * 100_000 + b"\n"
+    # A waiter thread hands the exit status over just before it returns: give it a moment.
+    for thread in named("prismq-"):
+        if thread.ident not in before:
+            await asyncio.to_thread(thread.join, 5)
+    assert not named("prismq-stdout") and not named("prismq-stdin") and not named("prismq-wait")
+
+
+async def test_close_stops_the_io_thread_with_a_child_still_running() -> None:
+    before = idents()
+    w = pq.SubprocessWrapper(pq.ThreadedStrategy())
+    proc = await w.create_subprocess_exec(
+        *py("import time; print('up', flush=True); time.sleep(30)"), stdout=pq.PIPE
+    )
+    assert await proc.stdout.readline() == b"up\n"
+    await w.aclose()  # stops the child, then the strategy
+    assert proc.returncode is not None
+    assert await proc.stdout.read() == b""
+    assert not named("prismq-io", before)
+
+
+async def test_spawn_after_close_refuses() -> None:
+    strategy = pq.ThreadedStrategy()
+    strategy.close()
+    strategy.close()
+    from prismq_subprocess._strategies._base import SpawnRequest
+
+    with pytest.raises(RuntimeError):
+        await strategy.spawn(SpawnRequest(command=py("pass"), shell=False))
+
+
+async def test_waiter_route_uses_one_waiter_per_child() -> None:
+    async with pq.SubprocessWrapper(pq.ThreadedStrategy(use_pidfd=False)) as w:
+        proc = await w.create_subprocess_exec(*py("import time; time.sleep(0.3)"))
+        assert named(f"prismq-wait-{proc.pid}")
+        assert await proc.wait() == 0

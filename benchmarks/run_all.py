@@ -4,8 +4,8 @@
     python benchmarks/run_all.py --quick    # smoke-sized run (under 2 minutes)
     python benchmarks/run_all.py --only spawn,lines
 
-Writes benchmarks/results/{spawn,lines,big_output,many}.json, whatever the task-layer benchmarks
-(bench_tasks.py, bench_periodic.py, maintained separately) write, and summary.json.
+Writes benchmarks/results/{spawn,lines,big_output,many,stop}.json, whatever the task-layer
+benchmarks (bench_tasks.py, bench_periodic.py, maintained separately) write, and summary.json.
 """
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ import bench_big_output
 import bench_lines
 import bench_many
 import bench_spawn
+import bench_stop
 from _common import BENCH_DIR, PYTHON, RESULTS_DIR, Target, environment, write_json
 
-SUITES = ("spawn", "lines", "big", "many", "tasks")
+SUITES = ("spawn", "lines", "big", "many", "stop", "tasks")
 
 QUICK: dict[str, dict[str, Any]] = {
     "spawn": {"n": 20, "rounds": 3},
     "lines": {"lines": 300_000, "rounds": 2},
     "big": {"size_mb": 50, "rounds": 1},
     "many": {"children": 200, "rounds": 1},
+    "stop": {"children": [100], "unrelated": [1000], "repeats": 3, "cap": 30.0},
     "tasks": {"periodic": ["--ticks", "200"], "tasks": []},
 }
 FULL: dict[str, dict[str, Any]] = {
@@ -40,6 +42,7 @@ FULL: dict[str, dict[str, Any]] = {
     "lines": {"lines": 2_000_000, "rounds": 3},
     "big": {"size_mb": 200, "rounds": 3},
     "many": {"children": 500, "rounds": 3},
+    "stop": {"children": [1000], "unrelated": [0, 1000], "repeats": 5, "cap": 60.0},
     "tasks": {"periodic": [], "tasks": []},
 }
 
@@ -77,6 +80,7 @@ def run_task_layer(config: dict[str, Any]) -> tuple[str, list[Target], dict[str,
                 "lines",
                 "big_output",
                 "many",
+                "stop",
                 "summary",
             ):
                 found[json_path.stem] = json.loads(json_path.read_text())
@@ -112,6 +116,9 @@ def main() -> None:
         elif suite == "many":
             result = bench_many.run(**config["many"], log=log)
             module, name = bench_many, "many"
+        elif suite == "stop":
+            result = bench_stop.run(**config["stop"], log=log)
+            module, name = bench_stop, "stop"
         elif suite == "tasks":
             text, found_targets, _ = run_task_layer(config["tasks"])
             reports.append(text)

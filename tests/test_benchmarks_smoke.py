@@ -19,6 +19,7 @@ import bench_big_output  # noqa: E402
 import bench_lines  # noqa: E402
 import bench_many  # noqa: E402
 import bench_spawn  # noqa: E402
+import bench_stop  # noqa: E402
 
 
 def _check(module: Any, result: dict[str, Any]) -> None:
@@ -50,3 +51,13 @@ def test_many_smoke(case: str) -> None:
     result = bench_many.run(children=5, rounds=1, seconds=0.1, cases=[case])
     assert result["cases"][case]["peak_threads_max"] >= 1
     _check(bench_many, result)
+
+
+def test_stop_smoke() -> None:
+    result = bench_stop.run(children=[5], unrelated=[10], repeats=1, cap=20.0)
+    for mode in bench_stop.MODES:
+        sample = result["close"]["5"][mode][0]
+        assert "error" not in sample, sample
+        assert sample["running_after"] == sample["left_after_exit"] == 0
+        assert result["timeout"]["10"][mode]["marked_after"] == 0
+    _check(bench_stop, result)

@@ -102,7 +102,7 @@ def run(
     min_sample: float = 0.5,
     rounds: int = 7,
     subscribers: Sequence[int] = (0, 1, 10, 100),
-    lines: int = 20_000,
+    lines: int = 2_000,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """``lines``: smallest sample; grown per case until a sample lasts ``min_sample`` s."""

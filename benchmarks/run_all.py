@@ -51,12 +51,13 @@ QUICK: dict[str, dict[str, Any]] = {
     "spawn": {
         "min_sample": 0.1,
         "rounds": 3,
-        "groups": (("true", 1), ("true", 8), ("true", 64), ("true", 256)),
+        # c=256 only in full runs: on 3.11 ASYNC starts a watcher thread per child, slow here.
+        "groups": (("true", 1), ("true", 8), ("true", 64)),
     },
-    "lines": {"min_sample": 0.1, "rounds": 3},
+    "lines": {"min_sample": 0.1, "rounds": 3, "lines": 50_000},
     "big": {"size_mb": 50, "rounds": 1},
     "many": {"children": 200, "rounds": 1},
-    "stop": {"children": [100], "unrelated": [1000], "repeats": 3, "cap": 30.0},
+    "stop": {"children": [100], "unrelated": [1000], "repeats": 3, "cap": 10.0},
     "capture": {"min_sample": 0.1, "rounds": 3},
     "registry": {"min_sample": 0.1, "rounds": 3},
     "background": {"min_sample": 0.1, "rounds": 3, "ticks": 50},

@@ -6,8 +6,10 @@ loop on one registry (a fresh WAL file per sample, in a temporary directory).
 
 Reference (the floor for this design): bare ``sqlite3`` on one worker thread reached through
 ``run_in_executor``, same pragmas (WAL, ``synchronous=NORMAL``), the same three statements each
-in its own transaction, on a small table of our own. Each sample's run count is calibrated to
->= 0.5 s (calibration = warm-up); cases run interleaved, 7 rounds in a full run.
+in its own transaction, on a small table of our own. Yardstick: the same statements called
+directly from the loop thread (no hop; blocks the loop), i.e. what SQLite itself allows here.
+Each sample's run count is calibrated to >= 0.5 s (calibration = warm-up); cases run
+interleaved, 7 rounds in a full run.
 
     python benchmarks/bench_registry.py [--min-sample 0.5] [--rounds 7] [--writers 1,8]
 """
@@ -120,7 +122,37 @@ async def _floor_sample(path: Path, runs: int, writers: int) -> float:
     return elapsed
 
 
+async def _direct_sample(path: Path, runs: int, writers: int) -> float:
+    """The same statements straight from the caller's thread: SQLite's own speed, no hop.
+    (It blocks the event loop, so it is a yardstick, not a design; ``writers`` is ignored.)"""
+    conn = _floor_db(path)
+    try:
+        started = time.perf_counter()
+        for _ in range(runs):
+            run_id = uuid.uuid4().hex
+            _in_transaction(
+                conn,
+                "INSERT INTO bench_runs (id, status, created) VALUES (?, 'PENDING', ?)",
+                (run_id, time.time()),
+            )
+            _in_transaction(
+                conn,
+                "UPDATE bench_runs SET status = 'RUNNING', started = ? WHERE id = ?",
+                (time.time(), run_id),
+            )
+            _in_transaction(
+                conn,
+                "UPDATE bench_runs SET status = 'COMPLETED', finished = ?, exit_code = 0 "
+                "WHERE id = ?",
+                (time.time(), run_id),
+            )
+        return time.perf_counter() - started
+    finally:
+        conn.close()
+
+
 Sample = Callable[[Path, int, int], Any]
+DIRECT = "sqlite3 direct, no thread hop (yardstick)"
 
 
 def run(
@@ -155,6 +187,7 @@ def run(
             for count in writers
             for name, kind in kinds.items()
         }
+        cases[DIRECT] = (sized(_direct_sample, 1), 1)
         if log:
             log(f"registry: {len(cases)} cases, {rounds} rounds, >= {min_sample:g} s/sample")
         sizes = {
@@ -210,7 +243,11 @@ def targets(result: dict[str, Any]) -> list[Target]:
     floor = result["cases"].get(f"sqlite3 executor (floor), {TARGET_WRITERS} writers")
     detail = f"{case['runs_per_second']:,.0f} runs/s"
     if floor is not None:
-        detail += f" (bare sqlite3 floor {floor['runs_per_second']:,.0f})"
+        detail += f" (bare sqlite3 via executor {floor['runs_per_second']:,.0f}"
+        direct = result["cases"].get(DIRECT)
+        if direct is not None:
+            detail += f", direct {direct['runs_per_second']:,.0f}"
+        detail += ")"
     return [Target(target, case["runs_per_second"] >= RUNS_PER_SECOND_TARGET, detail)]
 
 

@@ -1,23 +1,35 @@
-"""`AsyncClosing`: the ``async with`` protocol for objects that have ``aclose()``."""
+"""`AsyncResource`: the package's one closing protocol, ``aclose()`` plus ``async with``."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
-__all__ = ["AsyncClosing"]
+__all__ = ["AsyncClosing", "AsyncResource"]
 
 
-class AsyncClosing:
-    """Mixin: entering checks the object is still open (:meth:`_check_open`, a no-op unless
-    overridden), leaving awaits :meth:`aclose` however the block ends."""
+class AsyncResource(ABC):
+    """Something that holds resources (children, threads, files, tasks) until it is closed.
 
-    def _check_open(self) -> None:
+    Every such object in prismq_subprocess closes the same way, as anyio's ``AsyncResource``
+    does: ``await obj.aclose()``, or an ``async with obj:`` block, which calls :meth:`aclose`
+    however the block ends. ``aclose()`` is idempotent. Objects that can be closed for good then
+    refuse further use with a :class:`ClosedError` subclass; the schedulers (``PeriodicTask``,
+    ``ProcessTreeSampler``, ``MemoryMonitor``) hold nothing once stopped and may be started
+    again. Older verbs (``cleanup()``, ``stop()``, ``close()``, ...) remain as documented aliases.
+
+    Subclasses implement :meth:`aclose`; those with a closed state override :meth:`_check_open`
+    so entering a closed object raises at once. Entering may do more (a registry opens, a
+    scheduler starts); such subclasses override :meth:`__aenter__`.
+    """
+
+    def _check_open(self) -> None:  # noqa: B027 - only objects with a closed state override it
         """Raise if the object can no longer be used; subclasses that can be closed override."""
 
+    @abstractmethod
     async def aclose(self) -> None:
-        """Release everything the object holds; subclasses implement it."""
-        raise NotImplementedError
+        """Release everything the object holds. Idempotent."""
 
     async def __aenter__(self) -> Self:
         self._check_open()
@@ -30,3 +42,7 @@ class AsyncClosing:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+#: The earlier, private name of :class:`AsyncResource`.
+AsyncClosing = AsyncResource

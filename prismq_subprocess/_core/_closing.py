@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["AsyncClosing", "AsyncResource"]
+__all__ = ["AsyncClosing", "AsyncResource", "join_stopped_task"]
 
 
 class AsyncResource(ABC):
@@ -46,3 +48,18 @@ class AsyncResource(ABC):
 
 #: The earlier, private name of :class:`AsyncResource`.
 AsyncClosing = AsyncResource
+
+
+async def join_stopped_task(task: asyncio.Task[Any], log: logging.Logger, what: str) -> None:
+    """Wait until ``task``, already asked to stop, has ended; log an unexpected error it ended
+    with (so asyncio never reports it as never retrieved).
+
+    Cancellation: ``task`` is cancelled too, then ``CancelledError`` propagates.
+    """
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", what, exc_info=task.exception())

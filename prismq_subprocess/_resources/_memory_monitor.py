@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Protocol, Self
 
-from .._core._closing import AsyncResource
+from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
 from .._core._exceptions import InvalidLimitError
 from .._core._maybe_async import call_callback
@@ -202,12 +202,5 @@ class MemoryMonitor(AsyncResource):
             # (none of its code has run).
             task.cancel()
         self.stop_monitoring()
-        if task is None:
-            return
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("memory monitoring failed", exc_info=task.exception())
+        if task is not None:
+            await join_stopped_task(task, logger, "memory monitoring")

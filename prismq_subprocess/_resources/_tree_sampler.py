@@ -17,7 +17,7 @@ from typing import Protocol, Self
 
 import psutil
 
-from .._core._closing import AsyncResource
+from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
 from .._core._exceptions import InvalidLimitError
 from .._core._maybe_async import call_callback
@@ -241,13 +241,7 @@ class ProcessTreeSampler(AsyncResource):
         if task is None:
             return
         self._stop.set()
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("process tree sampler failed", exc_info=task.exception())
+        await join_stopped_task(task, logger, "process tree sampler")
 
     async def aclose(self) -> None:
         """Alias of :meth:`stop`; what leaving ``async with`` does. Idempotent; the sampler may

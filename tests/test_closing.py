@@ -350,3 +350,22 @@ async def test_a_monitor_closed_before_its_task_ran_stops() -> None:
             await asyncio.sleep(0.01)
         assert monitor.is_monitoring and monitor.latest is not None
     assert not monitor.is_monitoring
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_aclose_stops_a_child_that_run_is_waiting_for(mode: str) -> None:
+    """run() reports its child to the wrapper like every other entry point, so closing the
+    wrapper stops it (a strategy's run() must start children through the tracked path)."""
+    wrapper = pq.SubprocessWrapper(mode, grace_period=1.0)
+    running = asyncio.create_task(wrapper.run(*py("import time; time.sleep(60)")))
+    for _ in range(1000):
+        if wrapper.live_processes or running.done():
+            break
+        await asyncio.sleep(0.01)
+    [process] = wrapper.live_processes
+    await wrapper.aclose()
+    assert process.returncode is not None
+    async with asyncio.timeout(10):
+        await asyncio.wait({running})
+    if not running.cancelled() and running.exception() is None:
+        assert running.result().returncode != 0

@@ -195,7 +195,7 @@ class ModuleRunner(AsyncClosing):
 
     # -- properties ---------------------------------------------------------------------------
     @property
-    def mode(self) -> RunMode:
+    def mode(self) -> RunMode | str:
         """The mode children are started in (THREADED after an auto-detected fallback)."""
         return self.wrapper.mode
 
@@ -292,7 +292,7 @@ class ModuleRunner(AsyncClosing):
             module_id=str(module_id),
             module_name=str(module_name),
             parameters=launch.parameters,
-            mode=self.wrapper.mode.value,
+            mode=str(self.wrapper.mode),
             **fields,
         )
 
@@ -475,7 +475,7 @@ class ModuleRunner(AsyncClosing):
         )
         timed_out = False
         try:
-            run.mode = self.wrapper.mode.value
+            run.mode = str(self.wrapper.mode)
             if run.status is RunStatus.PENDING:
                 run.mark_running(process.pid)
             else:

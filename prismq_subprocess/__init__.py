@@ -68,7 +68,12 @@ from ._core._lines import iter_lines
 from ._core._modes import RunMode
 from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
 from ._core._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
-from ._core._tree_stop import DEFAULT_GRACE_PERIOD, execute_with_timeout, terminate_gracefully
+from ._core._tree_stop import (
+    DEFAULT_GRACE_PERIOD,
+    execute_with_timeout,
+    terminate_gracefully,
+    terminate_many,
+)
 from ._core._wrapper import SubprocessWrapper
 from ._resources._memory_monitor import MemoryMonitor
 from ._resources._readings import PsutilResourceReader, ResourceSnapshot
@@ -178,6 +183,7 @@ __all__ = [
     "run",
     "subprocess_loop_factory",
     "terminate_gracefully",
+    "terminate_many",
 ]
 
 # Show public names as prismq_subprocess.X in tracebacks and docs, not the private module.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from prismq_subprocess._platform import (
     CREATE_NEW_PROCESS_GROUP,
     CTRL_BREAK_EVENT,
     PosixOps,
+    StopTarget,
     WindowsOps,
     is_proactor_loop,
     is_windows,
@@ -200,3 +203,36 @@ async def test_windows_stop_of_an_exited_child_kills_its_leftovers() -> None:
     assert await stop_process_tree(child, grace=0.05, ops=ops) == 0  # type: ignore[arg-type]
     assert leftover.signals == [signal.SIGTERM]  # asked first
     assert leftover.killed  # it ignored the request: killed after the grace period
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="Linux pidfd")
+def test_a_pinned_child_is_signalled_through_its_pin_never_by_pid() -> None:
+    # The stop's worker thread runs a moment after the loop saw the child running; by then the
+    # child may be gone and its pid reused. A pinned child is never signalled by pid.
+    calls, kill = recorder()
+    ops = platform_ops("linux", kill=kill)
+    child = subprocess.Popen(["sleep", "30"])
+    pin = ops.pin(child.pid)
+    assert pin >= 0
+    child.kill()
+    child.wait()  # reaped: its pid is free for anyone
+    [record] = ops.ask_to_stop([StopTarget(child.pid, own_group=False, pin=pin)])
+    assert not record.asked  # the caller then asks through the process object
+    assert calls == []
+    with pytest.raises(OSError):
+        os.fstat(pin)  # released by ask_to_stop
+
+
+def test_the_descendants_of_a_process_that_is_not_our_child_are_left_alone() -> None:
+    from prismq_subprocess._platform._table import Entry, ProcessTable
+
+    # As if our child's pid now named someone else's process, which has a child of its own.
+    stranger = os.getpid() + 1_000_000
+    table = ProcessTable(
+        [Entry(stranger, 1, stranger, "S", 1.0), Entry(stranger + 1, stranger, 0, "S", 2.0)]
+    )
+    table.handles = lambda entries: [FakeProc(e.pid) for e in entries]  # type: ignore[method-assign]
+    ops = platform_ops("linux", kill=recorder()[1], killpg=recorder()[1])
+    ops.scan = lambda: table  # type: ignore[method-assign]
+    [record] = ops.ask_to_stop([StopTarget(stranger, own_group=True)])
+    assert record.descendants == []

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from .._platform import PlatformOps, StopRecord, StopTarget, platform_ops
 from ._exceptions import ProcessTimeoutError
+from ._exit_wait import wait_all_exited
 from ._offloop import Coalescer
 from ._process import ProcessLike
 from ._validation import check_timeout
@@ -46,9 +47,6 @@ T = TypeVar("T")
 #: Seconds between the polite request and the kill.
 DEFAULT_GRACE_PERIOD = 5.0
 _POLL = 0.02
-_MAX_STEP = 0.05
-# In a batch, processes still running once the polls are this far apart are also wait()ed for.
-_WAIT_AFTER = 0.016
 
 # Which of our children lead their own group. Windows cannot tell afterwards; on POSIX we could
 # ask getpgid, but a child that already exited can no longer be asked.
@@ -117,48 +115,6 @@ def _workers(ops: PlatformOps) -> _Workers:
     return workers
 
 
-async def _until_exited(processes: Sequence[ProcessLike], deadline: float | None) -> None:
-    """Wait until every process has exited, or until ``deadline`` (loop time; None: no limit).
-
-    Watches ``returncode``: asyncio's ``wait()`` (3.11) returns only once every pipe is closed,
-    which a paused, unread stdout never is, while ``returncode`` is set at exit. ``wait()`` is
-    still called, on one child at once (to wake up the moment it exits) or, in a batch, on those
-    still running after a few polls: some processes only run to their end once waited for (a
-    LOCAL child whose stdin is still open), and a thousand wait tasks would cost the loop more
-    than the polls.
-    """
-    pending = [p for p in processes if p.returncode is None]
-    if not pending:
-        return
-    loop = asyncio.get_running_loop()
-    waiters: dict[ProcessLike, asyncio.Future[int]] = {}
-    delay = 0.002
-    try:
-        while pending:
-            if len(pending) == 1 or delay >= _WAIT_AFTER:
-                for process in pending:
-                    if process not in waiters:
-                        waiters[process] = asyncio.ensure_future(process.wait())
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return
-            step = delay if remaining is None else min(delay, remaining)
-            if len(pending) == 1:
-                await asyncio.wait(waiters.values(), timeout=step)
-            else:
-                await asyncio.sleep(step)
-            delay = min(delay * 2, _MAX_STEP)
-            pending = [
-                p
-                for p in pending
-                if p.returncode is None and not (p in waiters and waiters[p].done())
-            ]
-    finally:
-        for waiter in waiters.values():
-            waiter.cancel()
-        await asyncio.gather(*waiters.values(), return_exceptions=True)
-
-
 async def stop_process_trees(
     processes: Sequence[ProcessLike],
     *,
@@ -200,7 +156,7 @@ async def stop_process_trees(
         if record.target.running and not record.asked:
             _signal(process, ops.stop_signal(record.target.own_group))
     running = [(p, r) for p, r in zip(processes, records, strict=True) if r.target.running]
-    await _until_exited([p for p, _ in running], deadline)
+    await wait_all_exited([p for p, _ in running], deadline)
     overdue = [(p, r) for p, r in running if p.returncode is None]
     if overdue:
         for process, _ in overdue:
@@ -211,7 +167,7 @@ async def stop_process_trees(
         for process, record in overdue:
             if not (record.target.own_group and ops.group_kill_covers_leader):
                 _kill(process)
-        await _until_exited([p for p, _ in overdue], None)
+        await wait_all_exited([p for p, _ in overdue], None)
     # The children are gone; members of their groups (or escaped descendants) may linger.
     # Nothing notifies us when a grandchild exits, so poll.
     lingering = list(records)

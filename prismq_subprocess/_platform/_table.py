@@ -22,7 +22,7 @@ import psutil
 
 __all__ = [
     "STOPPED_STATES",
-    "Entry",
+    "ProcessEntry",
     "ProcessTable",
     "proc_state",
     "psutil_state",
@@ -36,7 +36,7 @@ STOPPED_STATES = frozenset("TtZXx")
 _GONE = "X"
 
 
-class Entry(NamedTuple):
+class ProcessEntry(NamedTuple):
     """One process as one look saw it."""
 
     pid: int
@@ -53,22 +53,22 @@ class ProcessTable:
     """The processes one look found, indexed by parent and by group."""
 
     def __init__(
-        self, entries: Iterable[Entry], handles: dict[int, psutil.Process] | None = None
+        self, entries: Iterable[ProcessEntry], handles: dict[int, psutil.Process] | None = None
     ) -> None:
-        self.entries: dict[int, Entry] = {e.pid: e for e in entries}
+        self.entries: dict[int, ProcessEntry] = {e.pid: e for e in entries}
         self._handles = handles or {}
-        self._children: dict[int, list[Entry]] = {}
+        self._children: dict[int, list[ProcessEntry]] = {}
         for entry in self.entries.values():
             self._children.setdefault(entry.ppid, []).append(entry)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def children(self, pid: int) -> list[Entry]:
+    def children(self, pid: int) -> list[ProcessEntry]:
         """Direct children of ``pid``."""
         return list(self._children.get(pid, ()))
 
-    def descendants(self, pid: int) -> list[Entry]:
+    def descendants(self, pid: int) -> list[ProcessEntry]:
         """Every process below ``pid``, parents before their children.
 
         A child that started before the root cannot be its descendant: its pid was reused
@@ -76,7 +76,7 @@ class ProcessTable:
         """
         root = self.entries.get(pid)
         floor = root.start if root is not None else None
-        found: list[Entry] = []
+        found: list[ProcessEntry] = []
         seen = {pid}
         stack = [pid]
         while stack:
@@ -88,7 +88,7 @@ class ProcessTable:
                 stack.append(child.pid)
         return found
 
-    def handles(self, entries: Iterable[Entry]) -> list[psutil.Process]:
+    def handles(self, entries: Iterable[ProcessEntry]) -> list[psutil.Process]:
         """psutil handles for ``entries``: they pin each process's identity (creation time), so
         a pid reused later is never signalled. Processes gone meanwhile are left out."""
         out = []
@@ -105,9 +105,7 @@ class ProcessTable:
     def groups_with_runners(self, pgids: Iterable[int]) -> set[int]:
         """Those of ``pgids`` that have a member that is not a zombie (nor dead)."""
         wanted = set(pgids)
-        return {
-            e.pgid for e in self.entries.values() if e.pgid in wanted and e.state not in "ZXx"
-        }
+        return {e.pgid for e in self.entries.values() if e.pgid in wanted and e.state not in "ZXx"}
 
 
 def _read_stat(path: str) -> bytes | None:
@@ -123,14 +121,16 @@ def _read_stat(path: str) -> bytes | None:
         os.close(fd)
 
 
-def _parse_stat(pid: int, data: bytes) -> Entry | None:
+def _parse_stat(pid: int, data: bytes) -> ProcessEntry | None:
     # The command name (field 2) is in parentheses and may contain spaces and ')'.
     end = data.rfind(b")")
     if end < 0:
         return None
     fields = data[end + 2 :].split(b" ", 20)
     try:
-        return Entry(pid, int(fields[1]), int(fields[2]), chr(fields[0][0]), float(fields[19]))
+        return ProcessEntry(
+            pid, int(fields[1]), int(fields[2]), chr(fields[0][0]), float(fields[19])
+        )
     except (IndexError, ValueError):
         return None
 
@@ -194,6 +194,6 @@ def scan_psutil(
             pgid = getpgid(pid) if getpgid is not None else -1
         except (psutil.Error, OSError):
             continue
-        entries.append(Entry(pid, ppid, pgid, state, start))
+        entries.append(ProcessEntry(pid, ppid, pgid, state, start))
         handles[pid] = proc
     return ProcessTable(entries, handles)

@@ -370,5 +370,5 @@ async def test_batch_stop_kills_the_stubborn_and_returns_statuses_in_order(
     for mark in marks:
         await assert_no_survivors(mark, grace=0.0)
     assert await pq.terminate_many([]) == []
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         await pq.terminate_many(procs, timeout=-1)

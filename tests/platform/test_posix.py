@@ -65,12 +65,15 @@ def test_a_pinned_child_is_signalled_through_its_pin_never_by_pid() -> None:
 
 
 def test_the_descendants_of_a_process_that_is_not_our_child_are_left_alone() -> None:
-    from prismq_subprocess._platform._table import Entry, ProcessTable
+    from prismq_subprocess._platform._table import ProcessEntry, ProcessTable
 
     # As if our child's pid now named someone else's process, which has a child of its own.
     stranger = os.getpid() + 1_000_000
     table = ProcessTable(
-        [Entry(stranger, 1, stranger, "S", 1.0), Entry(stranger + 1, stranger, 0, "S", 2.0)]
+        [
+            ProcessEntry(stranger, 1, stranger, "S", 1.0),
+            ProcessEntry(stranger + 1, stranger, 0, "S", 2.0),
+        ]
     )
     table.handles = lambda entries: [FakeProc(e.pid) for e in entries]  # type: ignore[method-assign]
     ops = platform_ops("linux", kill=recorder()[1], killpg=recorder()[1])

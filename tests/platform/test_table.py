@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prismq_subprocess._platform._table import (
-    Entry,
+    ProcessEntry,
     ProcessTable,
     proc_state,
     psutil_state,
@@ -20,7 +20,7 @@ from prismq_subprocess._platform._table import (
 
 
 def table(*entries: tuple[int, int, int, str, float]) -> ProcessTable:
-    return ProcessTable(Entry(*e) for e in entries)
+    return ProcessTable(ProcessEntry(*e) for e in entries)
 
 
 def test_descendants_follow_the_parent_map_parents_first() -> None:
@@ -63,7 +63,7 @@ def test_scan_proc_parses_names_with_spaces_and_parentheses(tmp_path: Path) -> N
     (tmp_path / "self").mkdir()  # not a pid: skipped
     (tmp_path / "7").mkdir()  # vanished meanwhile: no stat file
     t = scan_proc(str(tmp_path))
-    assert t.entries == {5: Entry(5, 1, 5, "T", 777.0), 6: Entry(6, 5, 5, "S", 778.0)}
+    assert t.entries == {5: ProcessEntry(5, 1, 5, "T", 777.0), 6: ProcessEntry(6, 5, 5, "S", 778.0)}
     assert proc_state(5, str(tmp_path)) == "T"
     assert proc_state(7, str(tmp_path)) == "X"
 

@@ -37,7 +37,7 @@ __all__ = ["BackgroundTaskManager"]
 
 logger = logging.getLogger(__name__)
 
-# ProcessEntry phases. Only QUEUED and RUNNING entries can be cancelled; once RECORDING, the outcome
+# Entry phases. Only QUEUED and RUNNING entries can be cancelled; once RECORDING, the outcome
 # is decided and the manager never interrupts the registry write.
 _ADDING = "adding"
 _QUEUED = "queued"

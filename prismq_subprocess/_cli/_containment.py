@@ -135,9 +135,7 @@ def _cgroup_v2(
         )
     path = _current_cgroup(proc_root)
     if path is None:
-        return Mechanism(
-            "cgroup-v2", label, False, "this process's cgroup v2 path is unknown"
-        )
+        return Mechanism("cgroup-v2", label, False, "this process's cgroup v2 path is unknown")
     directory = cgroup_root / path.lstrip("/")
     # A sub-group needs mkdir here, and moving a child into it needs write access to the
     # cgroup.procs of the common ancestor, which is this very group (cgroup v2 delegation rules).

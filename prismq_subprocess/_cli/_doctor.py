@@ -158,9 +158,7 @@ def render(report: dict[str, Any]) -> str:
         mode_text = f"{detected['mode']} ({detected['reason']})"
     else:
         auto = mode["auto"]
-        mode_text = (
-            f"none: {pq.ENV_VAR} is invalid (without it: {auto['mode']}, {auto['reason']})"
-        )
+        mode_text = f"none: {pq.ENV_VAR} is invalid (without it: {auto['mode']}, {auto['reason']})"
     spawn_text = "yes" if loop["can_spawn"] else f"no: {loop['spawn_error']}"
     containment = report["containment"]
     summary = ", ".join(f"{m['label']} {_yes_no(m['available'])}" for m in containment)

@@ -8,10 +8,14 @@ subprocesses, whatever uvicorn itself would pick there (a selector loop on Windo
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 
 import prismq_subprocess as pq
 
 __all__ = ["LOOP_FACTORY", "subprocess_loop"]
+
+logger = logging.getLogger(__name__)
 
 #: The import string uvicorn resolves to :func:`subprocess_loop`.
 LOOP_FACTORY = f"{__name__}:subprocess_loop"
@@ -23,4 +27,7 @@ def subprocess_loop(platform: str | None = None) -> asyncio.AbstractEventLoop:
 
     uvicorn calls it without arguments; ``platform`` is for tests.
     """
-    return pq.subprocess_loop_factory(platform)()
+    loop = pq.subprocess_loop_factory(platform)()
+    # Visible with a uvicorn --log-config that enables this logger: which loop each process got.
+    logger.debug("pid %d runs the app on %s", os.getpid(), type(loop).__name__)
+    return loop

@@ -61,8 +61,8 @@ def check_registry_file(path: str) -> None:
         )
 
 
-def _when(value: datetime | None) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+def _when(value: datetime | None, suffix: str = "") -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S") + suffix
 
 
 def _duration(seconds: float | None) -> str:
@@ -122,9 +122,9 @@ def _render_run(run: pq.Run) -> str:
         ("pid", "-" if run.pid is None else str(run.pid)),
         ("exit code", "-" if run.exit_code is None else str(run.exit_code)),
         ("error", run.error_message or "-"),
-        ("created", _when(run.created_at) + " UTC"),
-        ("started", _when(run.started_at)),
-        ("finished", _when(run.finished_at)),
+        ("created", _when(run.created_at, " UTC")),
+        ("started", _when(run.started_at, " UTC")),
+        ("finished", _when(run.finished_at, " UTC")),
         ("duration", _duration(run.duration)),
         (
             "peak rss",

@@ -68,11 +68,7 @@ def plan_loop(
     """
     name = platform or sys.platform
     choice = "auto" if requested is None else requested
-    ours = (
-        LoopPlan(LOOP_FACTORY)
-        if accepts_factory
-        else LoopPlan("none", install_policy=True)
-    )
+    ours = LoopPlan(LOOP_FACTORY) if accepts_factory else LoopPlan("none", install_policy=True)
     if choice == "auto":
         return LoopPlan("uvloop") if has_uvloop and not _is_windows(name) else ours
     if choice == "asyncio":

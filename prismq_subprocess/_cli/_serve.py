@@ -26,7 +26,7 @@ import prismq_subprocess as pq
 from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError
 from ._loops import LOOP_FACTORY
 
-__all__ = ["LoopPlan", "add_parser", "plan_loop", "uvicorn_arguments"]
+__all__ = ["LoopPlan", "add_parser", "plan_loop", "prepare_loop", "uvicorn_arguments"]
 
 _INSTALL_HINT = "install the web extra: pip install 'prismq_subprocess[web]'"
 
@@ -110,6 +110,16 @@ def uvicorn_arguments(args: list[str]) -> tuple[list[str], str | None]:
     return rest, requested
 
 
+def prepare_loop(plan: LoopPlan, platform: str | None = None) -> None:
+    """Do this process's part of ``plan`` before uvicorn starts: show its note and install the
+    subprocess-capable event-loop policy when the plan asks for it (``platform`` is for tests).
+    """
+    if plan.note:
+        print(f"prismq-subprocess serve: {plan.note}", file=sys.stderr)
+    if plan.install_policy:
+        pq.install_subprocess_policy(platform)
+
+
 def _exit_status(exc: SystemExit) -> int:
     code = exc.code
     if code is None:
@@ -137,10 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         accepts_factory=hasattr(uvicorn.Config, "get_loop_factory"),
         has_uvloop=importlib.util.find_spec("uvloop") is not None,
     )
-    if plan.note:
-        print(f"prismq-subprocess serve: {plan.note}", file=sys.stderr)
-    if plan.install_policy:
-        pq.install_subprocess_policy()
+    prepare_loop(plan)
     try:
         uvicorn_main.main(
             args=[*rest, "--loop", plan.loop],

@@ -103,16 +103,27 @@ def _exit_code(returncode: int) -> int:
     return signal_exit_code(-returncode) if returncode < 0 else returncode
 
 
-async def _forward(stream: Any, write: Callable[[bytes], None]) -> None:
+async def _forward(
+    stream: Any, write: Callable[[bytes], None], on_error: Callable[[OSError], None]
+) -> None:
     """Copy ``stream`` to ``write`` chunk by chunk until end of file.
 
     Writes happen in a worker thread: a reader of our stdout that stops reading must not stall
-    the event loop, where the timeout and the signal handling live.
+    the event loop, where the timeout and the signal handling live. When a write fails (the
+    reader went away), ``on_error`` is told and the rest is read and dropped: a pipe nobody
+    reads would never reach end of file.
     """
     if stream is None:
         return
+    failed = False
     while chunk := await stream.read(_CHUNK):
-        await asyncio.to_thread(write, chunk)
+        if failed:
+            continue
+        try:
+            await asyncio.to_thread(write, chunk)
+        except OSError as exc:
+            failed = True
+            on_error(exc)
 
 
 async def _wait_for_exit(process: pq.ProcessLike) -> None:
@@ -128,6 +139,21 @@ async def _wait_for_exit(process: pq.ProcessLike) -> None:
         if not waiter.done():
             waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
+
+
+def _close_abandoned_pipes(process: pq.ProcessLike) -> None:
+    """Close the pipes of an exited child that a descendant which escaped the tree still holds.
+
+    Only ASYNC mode needs it: its process is asyncio's own, whose pipe transports stay open and
+    registered with the loop, and are finalised after the loop is closed (a traceback on
+    stderr). Nothing public releases an exited child's pipes (``SubprocessWrapper.aclose()``
+    does it for running children only), so this closes asyncio's transport the way the wrapper
+    does. THREADED and LOCAL pipes belong to their threads and need nothing.
+    """
+    transport = getattr(process, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
 
 
 def _child_env(pairs: list[tuple[str, str]]) -> dict[str, str] | None:
@@ -149,6 +175,8 @@ class _Runner:
         self.env = _child_env(args.env)
         self.signalled: int | None = None
         self.task: asyncio.Task[Any] | None = None
+        self.output_error: OSError | None = None
+        self.output_failed = asyncio.Event()
 
     # -- starting ------------------------------------------------------------------------------
     async def _start(self, wrapper: pq.SubprocessWrapper) -> pq.ProcessLike:
@@ -229,50 +257,56 @@ class _Runner:
         for pump in pending:
             pump.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for pump in pumps:
-            if not pump.cancelled():
-                pump.result()  # a failed write (BrokenPipeError) surfaces here
+        if pending:
+            _close_abandoned_pipes(process)
+
+    def _on_output_error(self, exc: OSError) -> None:
+        if self.output_error is None:
+            self.output_error = exc
+        self.output_failed.set()
 
     # -- running -------------------------------------------------------------------------------
-    async def _forward_until_exit(
-        self, process: pq.ProcessLike, pumps: list[asyncio.Task[None]]
-    ) -> None:
+    async def _until_exit_or_output_failure(self, process: pq.ProcessLike) -> None:
         exited = asyncio.ensure_future(_wait_for_exit(process))
-        pending: set[asyncio.Future[None]] = {exited, *pumps}
+        failed = asyncio.ensure_future(self.output_failed.wait())
         try:
-            while not exited.done():
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # a failed write ends the run (the tree is stopped by caller)
+            await asyncio.wait({exited, failed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not exited.done():
-                exited.cancel()
-                await asyncio.gather(exited, return_exceptions=True)
+            for task in (exited, failed):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(exited, failed, return_exceptions=True)
+
+    def _output_failure_code(self) -> int:
+        exc = self.output_error
+        if isinstance(exc, BrokenPipeError) and _SIGPIPE is not None:
+            # Whoever read our output is gone (`... | head`): in a shell pipeline the child
+            # would now die of SIGPIPE; we stopped its tree and report just that.
+            return signal_exit_code(_SIGPIPE)
+        raise CliError(f"forwarding the command's output failed: {exc}", EXIT_CANNOT_RUN)
 
     async def _supervise(self, process: pq.ProcessLike) -> int:
         out, err = _writer(sys.stdout), _writer(sys.stderr)
         pumps = [
-            asyncio.ensure_future(_forward(process.stdout, out)),
-            asyncio.ensure_future(_forward(process.stderr, err)),
+            asyncio.ensure_future(_forward(process.stdout, out, self._on_output_error)),
+            asyncio.ensure_future(_forward(process.stderr, err, self._on_output_error)),
         ]
         try:
             scope = asyncio.timeout(self.args.timeout)
             try:
                 async with scope:
-                    await self._forward_until_exit(process, pumps)
+                    await self._until_exit_or_output_failure(process)
             except TimeoutError:
                 if not scope.expired():
                     raise
                 await self._stop(process)
                 await self._drain(process, pumps, stop_leftovers=False)
                 return EXIT_TIMEOUT
+            if self.output_error is not None:
+                await self._stop(process)
+                await self._drain(process, pumps, stop_leftovers=False)
+                return self._output_failure_code()
             await self._drain(process, pumps, stop_leftovers=True)
-        except BrokenPipeError:
-            # Whoever read our output is gone (`... | head`): in a shell pipeline the child
-            # would now die of SIGPIPE; stop its tree and report just that.
-            await self._stop(process)
-            await self._drain(process, pumps, stop_leftovers=False)
-            return signal_exit_code(_SIGPIPE) if _SIGPIPE is not None else EXIT_CANNOT_RUN
         except asyncio.CancelledError:
             # A stop signal (see _on_signal), or Ctrl-C through asyncio.Runner on Windows.
             await self._stop(process)

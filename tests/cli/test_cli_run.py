@@ -104,9 +104,10 @@ def test_command_without_dashes() -> None:
 
 
 @posix_only
-def test_timeout_exits_124_and_stops_the_tree() -> None:
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_timeout_exits_124_and_stops_the_tree(mode: str) -> None:
     started = time.monotonic()
-    result = cli("run", "--timeout", "1.5", "--grace", "2", *_py(TREE))
+    result = cli("run", "--mode", mode, "--timeout", "1.5", "--grace", "2", *_py(TREE))
     elapsed = time.monotonic() - started
     assert result.returncode == 124, result.stderr
     child, grandchild = map(int, result.stdout.split())
@@ -125,12 +126,18 @@ def test_child_killed_by_signal_exits_128_plus_n() -> None:
 
 @posix_only
 @pytest.mark.parametrize(
-    ("sig", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+    ("mode", "sig", "expected"),
+    [
+        ("async", signal.SIGINT, 130),
+        ("threaded", signal.SIGINT, 130),
+        ("async", signal.SIGTERM, 143),
+    ],
+    ids=["async-SIGINT", "threaded-SIGINT", "async-SIGTERM"],
 )
-def test_signal_to_the_cli_stops_the_tree(sig: int, expected: int) -> None:
+def test_signal_to_the_cli_stops_the_tree(mode: str, sig: int, expected: int) -> None:
     # The child starts its own session, so only the command line itself gets the signal, as
     # when Ctrl-C reaches the terminal's foreground group.
-    proc = start_cli("run", "--grace", "2", *_py(TREE))
+    proc = start_cli("run", "--mode", mode, "--grace", "2", *_py(TREE))
     pids: list[int] = []
     try:
         assert proc.stdout is not None
@@ -145,6 +152,34 @@ def test_signal_to_the_cli_stops_the_tree(sig: int, expected: int) -> None:
             proc.kill()
         proc.communicate()
         kill_quietly(pids)
+
+
+@posix_only
+def test_second_interrupt_skips_the_grace_period() -> None:
+    code = """
+    import os, signal, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+    """
+    proc = start_cli("run", "--grace", "60", *_py(code))
+    child = 0
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # waiting out the grace period: the child ignores SIGTERM
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        assert time.monotonic() - started < 10
+        assert wait_gone([child], timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        kill_quietly([child])
 
 
 @posix_only
@@ -180,6 +215,23 @@ def test_leftover_holding_the_output_is_stopped_after_exit() -> None:
     finally:
         kill_quietly([grandchild])
     assert time.monotonic() - started < 30
+
+
+@posix_only
+@pytest.mark.parametrize("mode", ["async", "threaded"])
+def test_escaped_descendant_holding_the_output_is_abandoned_quietly(mode: str) -> None:
+    # A grandchild in its own session outlives the child: nothing can reach it once the child
+    # is gone (a documented limit), but the command line still ends, without noise.
+    code = """
+    import subprocess, sys
+    g = subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(60)"])
+    print(g.pid, flush=True)
+    """
+    result = cli("run", "--mode", mode, "--grace", "0.5", *_py(code), timeout=60)
+    escaped = int(result.stdout)
+    kill_quietly([escaped])
+    assert result.returncode == 0
+    assert result.stderr == b""
 
 
 @posix_only

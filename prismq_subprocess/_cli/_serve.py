@@ -19,12 +19,15 @@ import argparse
 import importlib.util
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prismq_subprocess as pq
 
 from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError
 from ._loops import LOOP_FACTORY
+
+if TYPE_CHECKING:
+    import click
 
 __all__ = ["LoopPlan", "add_parser", "plan_loop", "prepare_loop", "uvicorn_arguments"]
 
@@ -79,6 +82,11 @@ def plan_loop(
         return LoopPlan("uvloop")
     if choice == "none":
         return LoopPlan("none", install_policy=True)
+    if not accepts_factory:
+        raise CliError(
+            f"--loop {choice}: this uvicorn (before 0.36) takes auto, asyncio, uvloop or none",
+            EXIT_USAGE,
+        )
     return LoopPlan(
         choice,
         note=(
@@ -148,13 +156,31 @@ def _run(args: argparse.Namespace) -> int:
         has_uvloop=importlib.util.find_spec("uvloop") is not None,
     )
     prepare_loop(plan)
+    return _run_uvicorn(uvicorn_main, rest, plan.loop)
+
+
+def _run_uvicorn(command: click.Command, args: list[str], loop: str) -> int:
+    """Run uvicorn's own command line with ``args``, its ``loop`` parameter set to ``loop``.
+
+    The value is set after parsing rather than passed as ``--loop``: before 0.36, uvicorn's
+    option accepts neither ``none`` nor an import string, though ``uvicorn.run()`` takes both.
+    Errors are reported the way click's standalone mode does it.
+    """
+    import click  # uvicorn's dependency: present whenever uvicorn is
+
     try:
-        uvicorn_main.main(
-            args=[*rest, "--loop", plan.loop],
-            prog_name="prismq-subprocess serve",
-            standalone_mode=True,
-        )
-    except SystemExit as exc:
+        with command.make_context("prismq-subprocess serve", args) as ctx:
+            ctx.params["loop"] = loop
+            command.invoke(ctx)
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except click.ClickException as exc:  # usage errors
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("Aborted!", file=sys.stderr)
+        return EXIT_FAILURE
+    except SystemExit as exc:  # uvicorn's own sys.exit(), e.g. when the app cannot be imported
         return _exit_status(exc)
     return EXIT_OK
 

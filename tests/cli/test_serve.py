@@ -235,6 +235,10 @@ def test_usage() -> None:
     assert bad.returncode == 2 and b"No such option" in bad.stderr
     uvicorn_help = cli("serve", "myapp:app", "--help")
     assert uvicorn_help.returncode == 0 and b"--workers" in uvicorn_help.stdout
+    # uvicorn's own failure (the app cannot be imported) ends serve with uvicorn's status.
+    missing_app = cli("serve", "no_such_module_prismq:app", "--port", "0")
+    assert missing_app.returncode == 3  # uvicorn's STARTUP_FAILURE
+    assert b"no_such_module_prismq" in missing_app.stderr
 
 
 # -- the loop plan, and the Windows route by injection ------------------------------------------
@@ -272,6 +276,12 @@ def test_custom_loop_is_passed_through_with_a_note() -> None:
     plan = plan_loop("mypkg.loops:make", platform="win32", accepts_factory=True, has_uvloop=False)
     assert plan.loop == "mypkg.loops:make" and not plan.install_policy
     assert plan.note is not None and "Proactor" in plan.note
+
+
+def test_old_uvicorn_takes_no_custom_loop() -> None:
+    with pytest.raises(CliError) as info:
+        plan_loop("mypkg.loops:make", platform="linux", accepts_factory=False, has_uvloop=False)
+    assert info.value.exit_code == 2 and "before 0.36" in str(info.value)
 
 
 def test_uvloop_on_windows_is_a_usage_error() -> None:

@@ -15,7 +15,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
 import prismq_subprocess as pq
@@ -210,7 +210,7 @@ class _Runner:
             self.task.cancel()
 
     @contextlib.contextmanager
-    def _signal_handlers(self) -> Any:
+    def _signal_handlers(self) -> Iterator[None]:
         loop = asyncio.get_running_loop()
         installed = []
         for signum in _STOP_SIGNALS:

@@ -228,13 +228,18 @@ def test_tail_follow_stops_when_the_owner_dies(tmp_path: Path) -> None:
     db = tmp_path / "orphan.db"
     owner = textwrap.dedent(
         f"""
-        import asyncio, time, prismq_subprocess as pq
+        import asyncio, prismq_subprocess as pq
         async def main():
-            async with pq.SQLiteRunRegistry({str(db)!r}) as registry:
+            async with (
+                pq.SQLiteRunRegistry({str(db)!r}) as registry,
+                pq.OutputCapture(log_dir={str(tmp_path)!r}) as capture,
+            ):
                 run = pq.Run(module_id="m", module_name="M")
                 await registry.add_run(run)          # owned by this process
                 run.mark_running(pid=None)
                 await registry.update_run(run)
+                await capture.append_line(run.run_id, "started")
+                await capture.close_run(run.run_id)  # the line is on disk
                 print(run.run_id, flush=True)
                 await asyncio.sleep(60)
         asyncio.run(main())
@@ -246,12 +251,15 @@ def test_tail_follow_stops_when_the_owner_dies(tmp_path: Path) -> None:
         assert helper.stdout is not None
         run_id = helper.stdout.readline().decode().strip()
         tail = start_cli("runs", "tail", run_id, "--db", str(db), "--log-dir", str(tmp_path), "-f")
-        time.sleep(1.0)
-        assert tail.poll() is None  # following a live run that has printed nothing yet
+        assert tail.stdout is not None
+        # The command line has opened the registry (the owner was alive: nothing recovered)
+        # and follows the running run.
+        assert tail.stdout.readline() == b"started\n"
+        assert tail.poll() is None
         helper.send_signal(signal.SIGKILL)
         helper.wait(timeout=10)
         _, err = tail.communicate(timeout=30)
-        assert tail.returncode == 1
+        assert tail.returncode == 1, err
         assert b"owner process" in err and b"is gone" in err
     finally:
         for proc in (tail, helper):

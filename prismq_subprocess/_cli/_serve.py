@@ -8,7 +8,7 @@ line, so every uvicorn option works as documented there:
 - uvicorn releases whose ``--loop`` accepts an import string (0.36 and later) get our factory,
   ``prismq_subprocess._cli._loops:subprocess_loop``. The option travels with uvicorn's config into
   every process it starts, and each of them imports the factory and builds its loop with it.
-- Older releases get ``--loop none`` (uvicorn then leaves the event-loop policy alone) and we
+- Older releases get the loop ``none`` (uvicorn then leaves the event-loop policy alone) and we
   install the Proactor policy with :func:`prismq_subprocess.install_subprocess_policy`; the
   processes they start are fresh interpreters, whose default policy on Windows is Proactor.
 """
@@ -67,7 +67,8 @@ def plan_loop(
     one; any other value is the user's own factory, passed through with a note.
 
     Raises:
-        CliError: ``uvloop`` asked for on Windows (exit 2).
+        CliError: ``uvloop`` asked for on Windows, or a factory of your own with a uvicorn
+            older than 0.36, which cannot load one (exit 2).
     """
     name = platform or sys.platform
     choice = "auto" if requested is None else requested

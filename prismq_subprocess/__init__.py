@@ -9,12 +9,17 @@ from __future__ import annotations
 import contextlib as _contextlib
 from asyncio.subprocess import DEVNULL, PIPE, STDOUT
 
+from ._background._cancel_result import CancelResult
 from ._background._executor import ConcurrentExecutor, ModuleSpec
+from ._background._log_names import run_id_from_log_path, run_log_path
 from ._background._memory_registry import BaseRunRegistry, RunRegistry
 from ._background._module_args import parameters_to_args
 from ._background._module_runner import ModuleRunner
 from ._background._output_capture import (
     OutputCapture,
+    OutputChunk,
+    OutputChunks,
+    OutputEnd,
     OutputGap,
     OutputItem,
     OutputLine,
@@ -24,6 +29,7 @@ from ._background._periodic import PeriodicTask, PeriodicTaskStats
 from ._background._process_manager import ProcessManager
 from ._background._run_record import Run, RunOwner, RunStatus
 from ._background._sqlite_registry import SQLiteRunRegistry
+from ._background._sse import SSE_HEADERS, SSEEvent, sse_events
 from ._background._task_manager import BackgroundTaskManager
 from ._background._wrapper_pool import ResourcePool
 from ._core._detect import ENV_VAR, ModeDecision, ModeSource, detect_run_mode
@@ -43,10 +49,15 @@ from ._core._exceptions import (
     InvalidParametersError,
     InvalidQueryError,
     InvalidRunError,
+    InvalidRunIdError,
     InvalidRunModeError,
+    InvalidSSEEventError,
+    InvalidSubscriptionError,
     InvalidTimeoutError,
     ModuleExecutionException,
     OutputClosedError,
+    OutputNotFoundError,
+    OutputWaitTimeoutError,
     PoolClosedError,
     PrismQError,
     ProcessFailedError,
@@ -178,6 +189,23 @@ __all__ = [
     "run",
     "subprocess_loop_factory",
     "terminate_gracefully",
+]
+# Output capture: chunks, log files, SSE, cancel results.
+__all__ += [
+    "SSE_HEADERS",
+    "CancelResult",
+    "InvalidRunIdError",
+    "InvalidSSEEventError",
+    "InvalidSubscriptionError",
+    "OutputChunk",
+    "OutputChunks",
+    "OutputEnd",
+    "OutputNotFoundError",
+    "OutputWaitTimeoutError",
+    "SSEEvent",
+    "run_id_from_log_path",
+    "run_log_path",
+    "sse_events",
 ]
 
 # Show public names as prismq_subprocess.X in tracebacks and docs, not the private module.

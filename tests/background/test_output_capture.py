@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from prismq_subprocess._background._output_capture import (
     OutputLine,
     OutputSubscription,
 )
+from prismq_subprocess._background._log_names import run_log_path
 from prismq_subprocess._core._exceptions import InvalidLimitError, OutputClosedError
 
 
@@ -51,8 +53,8 @@ async def test_replay_then_follow_until_closed() -> None:
 
 async def test_subscribe_before_any_output_and_close_without_output() -> None:
     capture = OutputCapture()
-    early = asyncio.create_task(collect(capture.subscribe("r")))
-    silent = asyncio.create_task(collect(capture.subscribe("silent")))
+    early = asyncio.create_task(collect(capture.subscribe("r", wait=True)))
+    silent = asyncio.create_task(collect(capture.subscribe("silent", wait=True)))
     await asyncio.sleep(0)
     await capture.append_line("r", "hello")
     await capture.close_run("r")
@@ -65,6 +67,7 @@ async def test_subscribe_before_any_output_and_close_without_output() -> None:
 
 async def test_many_subscribers_each_get_everything() -> None:
     capture = OutputCapture()
+    capture.open_run("r")
     readers = [asyncio.create_task(collect(capture.subscribe("r"))) for _ in range(25)]
     await asyncio.sleep(0)
     for i in range(200):
@@ -118,7 +121,9 @@ async def test_resume_after_seq() -> None:
 
 
 async def test_slow_subscriber_drops_oldest_without_blocking_producer() -> None:
-    capture = OutputCapture(subscriber_queue_size=5)
+    # The bound is the ring (5 lines), shared by all subscribers: no per-subscriber queue.
+    capture = OutputCapture(max_lines_per_run=5)
+    capture.open_run("r")
     slow = capture.subscribe("r")
     fast_items: list[OutputItem] = []
 
@@ -141,7 +146,8 @@ async def test_slow_subscriber_drops_oldest_without_blocking_producer() -> None:
 
 
 async def test_gap_is_reported_where_lines_went_missing() -> None:
-    capture = OutputCapture(subscriber_queue_size=2)
+    capture = OutputCapture(max_lines_per_run=2)
+    capture.open_run("r")
     sub = capture.subscribe("r")
     await capture.append_line("r", "a")
     assert await sub.__anext__() == OutputLine(0, "a")
@@ -153,6 +159,7 @@ async def test_gap_is_reported_where_lines_went_missing() -> None:
 
 async def test_cancelled_anext_loses_nothing() -> None:
     capture = OutputCapture()
+    capture.open_run("r")
     sub = capture.subscribe("r")
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
@@ -164,14 +171,16 @@ async def test_cancelled_anext_loses_nothing() -> None:
 
 async def test_aclose_and_gc_unregister_subscribers() -> None:
     capture = OutputCapture()
+    capture.open_run("r")
     async with capture.subscribe("r") as sub:
         await capture.append_line("r", "x")
     assert await collect(sub) == []
     abandoned = capture.subscribe("r")
+    gone = weakref.ref(abandoned)
     del abandoned
     gc.collect()
-    state = capture._runs["r"]
-    assert len(state.subscribers) == 0
+    assert gone() is None  # the capture keeps no reference to its subscribers
+    assert capture._runs["r"].subscribers == 0
 
 
 async def test_forget_frees_and_ends_subscribers() -> None:
@@ -187,7 +196,13 @@ async def test_forget_frees_and_ends_subscribers() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_lines_per_run": 0}, {"max_bytes_per_run": -1}, {"subscriber_queue_size": True}],
+    [
+        {"max_lines_per_run": 0},
+        {"max_bytes_per_run": -1},
+        {"max_line_bytes": True},
+        {"retain_ended_runs": -1},
+        {"retain_ended_bytes": 1.5},
+    ],
 )
 def test_bad_sizes(kwargs: dict[str, int]) -> None:
     with pytest.raises(InvalidLimitError):
@@ -211,7 +226,8 @@ async def test_log_file_has_everything(tmp_path: Path) -> None:
             f"line {i} ü" for i in range(500)
         ]
         assert capture.get_lines("run-1") == ["line 498 ü", "line 499 ü"]
-    evil = tmp_path / "logs" / "___evil.log"
+    evil = run_log_path(tmp_path / "logs", "../evil")
+    assert evil.parent == tmp_path / "logs"
     assert evil.read_text(encoding="utf-8") == "contained\n"
     assert log_threads() == []
 

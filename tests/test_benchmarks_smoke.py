@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import bench_big_output  # noqa: E402
 import bench_lines  # noqa: E402
 import bench_many  # noqa: E402
+import bench_output_capture  # noqa: E402
 import bench_spawn  # noqa: E402
 
 
@@ -50,3 +51,9 @@ def test_many_smoke(case: str) -> None:
     result = bench_many.run(children=5, rounds=1, seconds=0.1, cases=[case])
     assert result["cases"][case]["peak_threads_max"] >= 1
     _check(bench_many, result)
+
+
+def test_output_capture_smoke() -> None:
+    result = bench_output_capture.run(lines=2_000, rounds=1)
+    assert set(result["us_per_line"]) >= {"await noop()", "append_line", "append_lines x1000"}
+    _check(bench_output_capture, result)

@@ -15,6 +15,8 @@ released, read what the ring no longer has.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -167,7 +169,7 @@ class OutputCapture(AsyncClosing):
             log_file_name(run_id)  # refuse an id that cannot name a file, before any output
         elif not isinstance(run_id, str):
             raise TypeError(f"run_id must be a str, got {run_id!r}")
-        ring = self._runs[run_id] = RunRing()
+        ring = self._runs[run_id] = RunRing(self.max_lines_per_run, self.max_bytes_per_run)
         waiters = self._run_waiters.pop(run_id, None)
         if waiters:
             for waiter in waiters:
@@ -211,29 +213,35 @@ class OutputCapture(AsyncClosing):
                 capture is closed.
             InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
         """
-        ring = self._runs.get(run_id)
-        if ring is None or ring.closed:
+        # The hot path of a chatty producer: a few cheap operations per line (no method calls
+        # on the common paths; str methods cost more than `in` and indexing).
+        try:
+            ring = self._runs[run_id]
+        except KeyError:
             ring = self._writable(run_id)
-        if line[-1:] == "\n":
-            line = line[:-2] if line[-2:] == "\r\n" else line[:-1]
+        if ring.closed:
+            ring = self._writable(run_id)  # raises
         if "\n" in line:
-            await self.append_lines(run_id, [line])
-            return
+            if line[-1] == "\n":
+                line = line[:-1]
+                if "\r" in line and line[-1] == "\r":
+                    line = line[:-1]
+            if "\n" in line:
+                await self.append_lines(run_id, [line])
+                return
         if self._log is not None:
             self._log.write(run_id, line)
         size = len(line) if line.isascii() else utf8_size(line)
         if size > self.max_line_bytes:
-            line, size = self._cut(ring, line)
-        ring.lines.append(line)
-        ring.nbytes += size
-        if (
-            len(ring.lines) - ring.head > self.max_lines_per_run
-            or ring.nbytes > self.max_bytes_per_run
-        ):
-            ring.evict(self.max_lines_per_run, self.max_bytes_per_run)
-        if ring.waiters:
-            ring.wake()
+            line, size = self._cut(ring, line, ring.next_seq)
+        lines = ring.lines
+        lines.append(line)
+        nbytes = ring.nbytes = ring.nbytes + size
+        if len(lines) > ring.limit or nbytes > ring.max_bytes:
+            ring.evict()
         if ring.subscribers:
+            if ring.waiters:
+                ring.wake()
             ring.since_yield_lines += 1
             ring.since_yield_bytes += size
             await self._maybe_yield(ring)
@@ -262,45 +270,45 @@ class OutputCapture(AsyncClosing):
             if ring.closed and done < len(batch):
                 raise OutputClosedError(f"output of run {run_id!r} was closed during the append")
 
-    def _cut(self, ring: RunRing, line: str) -> tuple[str, int]:
+    def _cut(self, ring: RunRing, line: str, seq: int) -> tuple[str, int]:
         text, cut = bound_line(line, self.max_line_bytes)
-        ring.truncated[ring.next_seq] = cut
+        ring.truncated[seq] = cut
         return text, utf8_size(text)
 
     def _push(self, ring: RunRing, batch: list[str], start: int) -> int:
-        """Append ``batch[start:]`` to the ring, stopping early (returns where) once subscribers
-        should get a turn."""
-        lines = ring.lines
-        max_line = self.max_line_bytes
-        nbytes = ring.nbytes
+        """Append lines from ``batch[start]`` on to the ring; while someone reads the run, stop
+        after half a ring (in lines or bytes) so that they get a turn. Returns where it stopped.
+        """
         end = len(batch)
-        if not ring.subscribers:
-            for line in batch[start:]:
-                size = len(line) if line.isascii() else utf8_size(line)
-                if size > max_line:
-                    line, size = self._cut(ring, line)
-                lines.append(line)
-                nbytes += size
+        if ring.subscribers:
+            end = min(end, start + max(1, self._half_lines - ring.since_yield_lines))
+        part = batch if start == 0 and end == len(batch) else batch[start:end]
+        # Whole-list passes in C rather than a Python loop per line.
+        if all(map(str.isascii, part)):
+            sizes = list(map(len, part))
         else:
-            lines_left = self._half_lines - ring.since_yield_lines
-            bytes_left = self._half_bytes - ring.since_yield_bytes
-            index = start
-            while index < end and lines_left > 0 and bytes_left > 0:
-                line = batch[index]
-                index += 1
-                size = len(line) if line.isascii() else utf8_size(line)
-                if size > max_line:
-                    line, size = self._cut(ring, line)
-                lines.append(line)
-                nbytes += size
-                lines_left -= 1
-                bytes_left -= size
-            ring.since_yield_lines = self._half_lines - lines_left
-            ring.since_yield_bytes = self._half_bytes - bytes_left
-            end = index
-        ring.nbytes = nbytes
-        if len(lines) - ring.head > self.max_lines_per_run or nbytes > self.max_bytes_per_run:
-            ring.evict(self.max_lines_per_run, self.max_bytes_per_run)
+            sizes = [utf8_size(line) for line in part]
+        total = sum(sizes)
+        if ring.subscribers:
+            budget = self._half_bytes - ring.since_yield_bytes
+            if total > budget:
+                # Stop after the line that uses up the budget (always at least one line).
+                cut = bisect.bisect_left(list(itertools.accumulate(sizes)), budget) + 1
+                part, sizes = part[:cut], sizes[:cut]
+                end = start + cut
+                total = sum(sizes)
+            ring.since_yield_lines += len(part)
+            ring.since_yield_bytes += total
+        if max(sizes) > self.max_line_bytes:
+            part = list(part)
+            first = ring.next_seq
+            for index, size in enumerate(sizes):
+                if size > self.max_line_bytes:
+                    part[index], sizes[index] = self._cut(ring, part[index], first + index)
+            total = sum(sizes)
+        ring.lines.extend(part)
+        ring.nbytes += total
+        ring.evict()
         return end
 
     async def _maybe_yield(self, ring: RunRing) -> None:

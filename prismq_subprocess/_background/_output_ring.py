@@ -13,11 +13,18 @@ __all__ = ["RunRing"]
 # Compact the line list once this many evicted slots have piled up at its front (and they are
 # at least as many as the kept lines), so eviction stays O(1) amortised.
 _COMPACT_AFTER = 256
+# An eviction frees 1/16 of the ring at once, so that a full ring is not trimmed on every
+# append; with fewer than 16 lines (or bytes) the bounds are exact.
+_SLACK_DIVISOR = 16
 
 
 class RunRing:
     """The newest lines of one run plus its state; lines ``first_seq ..`` are
-    ``lines[head:]``. The owner (``OutputCapture``) appends and evicts; subscribers only read.
+    ``lines[head:]``. The owner (``OutputCapture``) appends and, once ``len(lines) > limit`` or
+    ``nbytes > max_bytes``, calls :meth:`evict`; subscribers only read.
+
+    The ring never holds more than ``max_lines`` lines, nor more than ``max_bytes`` bytes unless
+    that is its newest line alone.
     """
 
     __slots__ = (
@@ -25,7 +32,12 @@ class RunRing:
         "end",
         "first_seq",
         "head",
+        "keep_bytes",
+        "keep_lines",
+        "limit",
         "lines",
+        "max_bytes",
+        "max_lines",
         "nbytes",
         "released",
         "since_yield_bytes",
@@ -35,7 +47,12 @@ class RunRing:
         "waiters",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_lines: int, max_bytes: int) -> None:
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.keep_lines = max_lines - max_lines // _SLACK_DIVISOR
+        self.keep_bytes = max_bytes - max_bytes // _SLACK_DIVISOR
+        self.limit = max_lines  # evict once len(lines) exceeds this (head + max_lines)
         self.lines: list[str] = []
         self.head = 0
         self.first_seq = 0
@@ -58,24 +75,37 @@ class RunRing:
         """The seq the next appended line gets (= the number of lines so far)."""
         return self.first_seq + len(self.lines) - self.head
 
-    def evict(self, max_lines: int, max_bytes: int) -> None:
-        """Drop the oldest lines until at most ``max_lines`` and ``max_bytes`` are kept; the newest
-        line is always kept."""
+    def evict(self) -> None:
+        """If over a bound, drop the oldest lines down to 15/16 of both bounds; the newest line
+        is always kept."""
         lines = self.lines
-        head = self.head
+        old_head = head = self.head
         count = len(lines) - head
         nbytes = self.nbytes
-        while count > 1 and (count > max_lines or nbytes > max_bytes):
+        if count <= self.max_lines and nbytes <= self.max_bytes:
+            return
+        drop = count - self.keep_lines
+        if drop > 0:
+            dropped = lines[head : head + drop]
+            if all(map(str.isascii, dropped)):
+                nbytes -= sum(map(len, dropped))
+            else:
+                nbytes -= sum(map(utf8_size, dropped))
+            head += drop
+            count -= drop
+        while count > 1 and nbytes > self.keep_bytes:
             nbytes -= utf8_size(lines[head])
-            lines[head] = ""  # free the text now: the byte bound is about memory
             head += 1
             count -= 1
-        self.first_seq += head - self.head
+        self.first_seq += head - old_head
         self.nbytes = nbytes
         if head >= _COMPACT_AFTER and head >= count:
             del lines[:head]
             head = 0
+        else:
+            lines[old_head:head] = [""] * (head - old_head)  # free the texts now: bytes bound
         self.head = head
+        self.limit = head + self.max_lines
         truncated = self.truncated
         if truncated:
             first = self.first_seq
@@ -114,6 +144,7 @@ class RunRing:
         self.first_seq = self.next_seq
         self.lines = []
         self.head = 0
+        self.limit = self.max_lines
         self.nbytes = 0
         self.truncated = {}
         self.released = True

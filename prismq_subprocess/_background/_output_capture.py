@@ -45,6 +45,7 @@ from ._output_log import RunLogWriter
 from ._output_ring import RunRing
 from ._output_subscription import OutputChunks, OutputSubscription
 from ._output_tail import DEFAULT_TAIL_BYTES, OutputTail
+from ._run_record import RunStatus
 
 __all__ = [
     "OutputCapture",
@@ -321,7 +322,7 @@ class OutputCapture(AsyncClosing):
             await asyncio.sleep(0)
 
     async def close_run(
-        self, run_id: str, *, status: object = None, exit_code: int | None = None
+        self, run_id: str, *, status: RunStatus | str | None = None, exit_code: int | None = None
     ) -> None:
         """Mark the end of ``run_id``'s output: subscribers finish once they have read it all,
         later subscribers replay it and finish. ``status`` (a ``RunStatus`` or text) and
@@ -331,7 +332,7 @@ class OutputCapture(AsyncClosing):
 
         Cancellation: the run is closed anyway; the log file is closed by the writer thread.
         """
-        text = None if status is None else str(getattr(status, "value", status))
+        text = status.value if isinstance(status, RunStatus) else status
         end = None if text is None and exit_code is None else OutputEnd(text, exit_code)
         ring = self._runs.get(run_id)
         if ring is None:

@@ -168,6 +168,7 @@ class OutputCapture(AsyncClosing):
             raise OutputClosedError("this OutputCapture is closed")
         if self._log is not None:
             log_file_name(run_id)  # refuse an id that cannot name a file, before any output
+            self._log.register(run_id)
         elif not isinstance(run_id, str):
             raise TypeError(f"run_id must be a str, got {run_id!r}")
         ring = self._runs[run_id] = RunRing(self.max_lines_per_run, self.max_bytes_per_run)

@@ -39,14 +39,15 @@ class LogState:
     """What the writer knows about one run's file; shared with the loop thread (read-only there).
 
     ``written`` lines are flushed to disk; ``offsets[k]`` is the byte offset of line
-    ``k * INDEX_EVERY``; ``broken`` once a write failed (later lines are not written)."""
+    ``k * INDEX_EVERY`` (empty until the file is opened); ``broken`` once a write failed (later
+    lines are not written)."""
 
     __slots__ = ("broken", "offsets", "position", "written")
 
-    def __init__(self, position: int) -> None:
+    def __init__(self) -> None:
         self.written = 0
-        self.offsets = [position]
-        self.position = position
+        self.offsets: list[int] = []
+        self.position = 0
         self.broken = False
 
 
@@ -59,10 +60,11 @@ class _Close:
 
 
 class _Forget:
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "state")
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, state: LogState | None) -> None:
         self.run_id = run_id
+        self.state = state
 
 
 class _Stop:
@@ -139,10 +141,17 @@ class RunLogWriter:
         self._ensure_thread()
         self._queue.put((run_id, text))
 
+    def register(self, run_id: str) -> None:
+        """Start bookkeeping for a new run, before its first line is queued: a reader can then
+        wait for its lines to be flushed (see :meth:`wait_flushed`) from the start."""
+        self._states[run_id] = LogState()
+
     def forget(self, run_id: str) -> None:
         """Drop what the writer remembers of ``run_id`` (after the lines queued before)."""
         if not self._stopped and self._thread is not None:
-            self._queue.put(_Forget(run_id))
+            self._queue.put(_Forget(run_id, self._states.get(run_id)))
+        else:
+            self._states.pop(run_id, None)
 
     def _flushed(self, run_id: str, state: LogState, count: int) -> bool:
         return (
@@ -238,7 +247,9 @@ class RunLogWriter:
                     _resolve(item.done)
                 elif isinstance(item, _Forget):
                     self._close_file(files, item.run_id)
-                    self._states.pop(item.run_id, None)
+                    # Not a state registered since (the run id used again).
+                    if self._states.get(item.run_id) is item.state:
+                        del self._states[item.run_id]
                 else:
                     stop = item
             self._flush(files, pending)
@@ -253,23 +264,24 @@ class RunLogWriter:
     def _flush(self, files: dict[str, BinaryIO], pending: dict[str, list[str]]) -> None:
         for run_id, lines in pending.items():
             state = self._states.get(run_id)
-            if state is not None and state.broken:
+            if state is None:
+                state = self._states[run_id] = LogState()  # a run nobody registered
+            if state.broken:
                 continue
             try:
                 handle = files.get(run_id)
                 if handle is None:
                     handle = files[run_id] = self._open(run_id)
-                    if state is None:
+                    if not state.offsets:
+                        # Line 0 of this run starts where the file ends now.
                         handle.seek(0, os.SEEK_END)
-                        state = self._states[run_id] = LogState(handle.tell())
-                assert state is not None
+                        state.position = handle.tell()
+                        state.offsets.append(state.position)
                 self._write(handle, state, lines)
                 handle.flush()
                 state.written += len(lines)
             except OSError:
                 logger.exception("cannot write the output log of run %s", run_id)
-                if state is None:
-                    state = self._states[run_id] = LogState(0)
                 state.broken = True
                 self._close_file(files, run_id)
         pending.clear()

@@ -237,7 +237,7 @@ class OutputSubscription(AsyncClosing):
     # -- reading from the log file --------------------------------------------------------------
     def _start_for(self, state: LogState | None, cursor: int) -> tuple[int, int]:
         best = (0, 0)
-        if state is not None:
+        if state is not None and state.offsets:
             slot = min(cursor // INDEX_EVERY, len(state.offsets) - 1)
             best = (slot * INDEX_EVERY, state.offsets[slot])
         mine = self._log_start

@@ -6,8 +6,10 @@ import asyncio
 import gc
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from hypothesis import given, settings
@@ -27,6 +29,7 @@ from prismq_subprocess._background._output_capture import (
     OutputLine,
     OutputSubscription,
 )
+from prismq_subprocess._background._output_log import RunLogWriter
 from prismq_subprocess._background._run_record import RunStatus
 from prismq_subprocess._core._exceptions import (
     InvalidLimitError,
@@ -570,3 +573,28 @@ def test_a_reader_sees_lines_in_order_and_a_gap_for_each_jump(
         assert sub.dropped == sum(i.dropped for i in seen if isinstance(i, OutputGap))
 
     asyncio.run(scenario())
+
+
+async def test_a_reader_behind_the_ring_waits_for_a_slow_log_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer thread has not even opened the file when the reader needs the evicted lines
+    # (seen under CPU load): the reader must wait for it, not report a gap.
+    opening = RunLogWriter._open
+
+    def slow_open(self: RunLogWriter, run_id: str) -> BinaryIO:
+        time.sleep(0.3)
+        return opening(self, run_id)
+
+    monkeypatch.setattr(RunLogWriter, "_open", slow_open)
+    async with OutputCapture(max_lines_per_run=4, log_dir=tmp_path) as capture:
+        capture.open_run("r")
+        sub = capture.subscribe("r")
+        await capture.append_line("r", "0")
+        assert await sub.__anext__() == OutputLine(0, "0")
+        for i in range(1, 100):
+            await capture.append_line("r", str(i))
+        reader = asyncio.create_task(collect(sub))  # needs 1..95 while the writer sleeps
+        await asyncio.sleep(0.05)
+        await capture.close_run("r")
+        assert await reader == [OutputLine(i, str(i)) for i in range(1, 100)]

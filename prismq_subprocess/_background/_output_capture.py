@@ -27,6 +27,7 @@ from .._core._closing import AsyncClosing
 from .._core._durations import interval_seconds
 from .._core._exceptions import (
     InvalidLimitError,
+    InvalidRunIdError,
     InvalidSubscriptionError,
     OutputClosedError,
     OutputNotFoundError,
@@ -169,8 +170,8 @@ class OutputCapture(AsyncClosing):
         if self._log is not None:
             log_file_name(run_id)  # refuse an id that cannot name a file, before any output
             self._log.register(run_id)
-        elif not isinstance(run_id, str):
-            raise TypeError(f"run_id must be a str, got {run_id!r}")
+        elif not isinstance(run_id, str) or not run_id:
+            raise InvalidRunIdError(f"a run id must be a non-empty str, got {run_id!r}")
         ring = self._runs[run_id] = RunRing(self.max_lines_per_run, self.max_bytes_per_run)
         waiters = self._run_waiters.pop(run_id, None)
         if waiters:

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Self
 
 from .._core._closing import AsyncClosing
-from .._core._exceptions import OutputWaitTimeoutError
+from .._core._exceptions import InvalidSubscriptionError, OutputWaitTimeoutError
 from ._log_names import run_log_path
 from ._output_items import (
     NO_TRUNCATION,
@@ -148,9 +148,13 @@ class OutputSubscription(AsyncClosing):
     def chunks(self, max_lines: int = DEFAULT_CHUNK_LINES) -> OutputChunks:
         """Iterate in batches: :class:`OutputChunk` (up to ``max_lines`` consecutive lines) and
         :class:`OutputGap` items, with the same cancellation guarantee as item iteration. Shares
-        this subscription's position (items and chunks can be mixed)."""
+        this subscription's position (items and chunks can be mixed).
+
+        Raises:
+            InvalidSubscriptionError: ``max_lines`` is not an int >= 1.
+        """
         if isinstance(max_lines, bool) or not isinstance(max_lines, int) or max_lines < 1:
-            raise ValueError(f"max_lines must be an int >= 1, got {max_lines!r}")
+            raise InvalidSubscriptionError(f"max_lines must be an int >= 1, got {max_lines!r}")
         return OutputChunks(self, max_lines)
 
     async def _next_chunk(self, max_lines: int) -> OutputChunk | OutputGap | None:

@@ -30,6 +30,7 @@ from prismq_subprocess._background._output_capture import (
     OutputSubscription,
 )
 from prismq_subprocess._background._output_log import RunLogWriter
+from prismq_subprocess._background._output_tail import OutputTail
 from prismq_subprocess._background._run_record import RunStatus
 from prismq_subprocess._core._exceptions import (
     InvalidLimitError,
@@ -414,7 +415,7 @@ async def test_from_seq_chunks_and_items_share_one_position() -> None:
     assert [chunk async for chunk in chunks] == [OutputChunk(8, ["8", "9"])]
     assert sub.end == OutputEnd("failed", 2)
     assert [item async for item in sub] == []
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidSubscriptionError):
         sub.chunks(max_lines=0)
 
 
@@ -598,3 +599,24 @@ async def test_a_reader_behind_the_ring_waits_for_a_slow_log_writer(
         await asyncio.sleep(0.05)
         await capture.close_run("r")
         assert await reader == [OutputLine(i, str(i)) for i in range(1, 100)]
+
+
+async def test_run_ids_must_be_non_empty_strings_even_without_a_log() -> None:
+    capture = OutputCapture()
+    for bad in ("", 7):
+        with pytest.raises(InvalidRunIdError):
+            await capture.append_line(bad, "x")  # type: ignore[arg-type]
+
+
+def test_output_tail_bounds_lines_and_bytes() -> None:
+    tail = OutputTail(3, max_bytes=10)
+    tail.extend(["a", "b", "c", "d"])
+    assert list(tail) == ["b", "c", "d"]
+    tail.append("123456789")  # 9 + 1 + 1 > 10: older lines go
+    assert list(tail) == ["d", "123456789"]
+    tail.append("é" * 20)  # one line over the bound alone: cut, and it says so
+    assert list(tail) == ["ééééé… [line truncated: 30 more bytes]"]
+    assert len(tail) == 1
+    nothing = OutputTail(0)
+    nothing.extend(["x"])
+    assert list(nothing) == []

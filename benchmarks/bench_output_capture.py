@@ -8,6 +8,8 @@ Cases, interleaved round by round (see _common.interleave), each reported in us 
 - ``append_lines`` in batches of 1000 lines (what ModuleRunner's pump does);
 - ``append_lines`` with 1, 10 and 100 subscribers that keep up (reading chunks), per line
   appended, their reading included; the producer side per line stays flat;
+- ``append_lines`` with 100 stalled subscribers (attached, never reading): the producer's own
+  cost, which must not grow with the number of subscribers;
 - ``append_line`` with a ``log_dir`` (the writer thread's CPU time included).
 
 Times are CPU time of this process (``time.process_time``), so that other load on a shared
@@ -59,6 +61,19 @@ async def _noop_each(lines: int) -> float:
     return time.process_time() - start
 
 
+async def _append_stalled(lines: int, subscribers: int) -> float:
+    capture = OutputCapture()
+    capture.open_run("r")
+    stalled = [capture.subscribe("r") for _ in range(subscribers)]
+    batch = [LINE] * 1000
+    start = time.process_time()
+    for _ in range(lines // 1000):
+        await capture.append_lines("r", batch)
+    elapsed = time.process_time() - start
+    assert all(sub.next_seq == 0 for sub in stalled)
+    return elapsed
+
+
 async def _append_batches(lines: int, subscribers: int) -> float:
     capture = OutputCapture()
     capture.open_run("r")
@@ -96,6 +111,7 @@ def run(lines: int = 200_000, rounds: int = 7) -> dict[str, Any]:
         "append_lines, 1 subscriber": timed(lambda: _append_batches(lines, 1)),
         "append_lines, 10 subscribers": timed(lambda: _append_batches(lines, 10)),
         "append_lines, 100 subscribers": timed(lambda: _append_batches(lines, 100)),
+        "append_lines, 100 stalled": timed(lambda: _append_stalled(lines, 100)),
         "append_line, log_dir": timed(lambda: _append_each(lines, LINE, log_dir)),
     }
     measured = interleave(cases, rounds)

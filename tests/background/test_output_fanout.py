@@ -59,17 +59,24 @@ async def read_chunks(subscription: pq.OutputSubscription) -> tuple[list[str], i
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("subscribers", "how"), [(1, "items"), (10, "items"), (100, "chunks")]
+    ("mode", "subscribers", "how"),
+    [
+        ("async", 1, "items"),
+        ("async", 10, "items"),
+        ("async", 100, "chunks"),
+        ("threaded", 1, "items"),
+        ("threaded", 100, "chunks"),
+    ],
 )
 async def test_every_subscriber_that_keeps_up_gets_every_line(
-    tmp_path: Path, subscribers: int, how: str
+    tmp_path: Path, mode: str, subscribers: int, how: str
 ) -> None:
     path = script(tmp_path, BURSTS)
     reader = read_items if how == "items" else read_chunks
     async with (
         pq.RunRegistry() as registry,
         pq.OutputCapture() as output,  # the default ring: 1000 lines
-        ModuleRunner(registry, run_mode="async", output=output) as runner,
+        ModuleRunner(registry, run_mode=mode, output=output) as runner,
     ):
         run_id = await runner.start_module("burst", "Burst", path, {"lines": LINES})
         readers = [

@@ -29,7 +29,8 @@ from .._core._exceptions import (
     TaskManagerClosedError,
 )
 from .._resources._resource_manager import ResourceManager
-from ._cancel_result import CancelResult, not_active_result
+from ._cancel_result import CancelResult, cancel_elsewhere
+from ._cancel_watch import CancelRequestWatcher
 from ._memory_registry import BaseRunRegistry
 from ._output_capture import OutputCapture
 from ._run_record import Run, RunStatus
@@ -150,6 +151,9 @@ class BackgroundTaskManager(AsyncResource):
         self._idle.set()
         # Tasks given up on by shutdown() still need a strong reference until they end.
         self._abandoned: set[asyncio.Task[None]] = set()
+        # Cancel requests recorded in the registry by other processes (request_cancel).
+        self._watcher = CancelRequestWatcher(registry, self._on_cancel_request)
+        self._requested: set[asyncio.Task[CancelResult]] = set()
 
     @property
     def closed(self) -> bool:
@@ -224,12 +228,23 @@ class BackgroundTaskManager(AsyncResource):
             if self._closing:
                 raise TaskManagerClosedError("the task manager shut down while the run was added")
             return run.run_id
+        self._watcher.watch(run.run_id)
         if self.max_concurrent is None or self._running < self.max_concurrent:
             self._launch(entry)
         else:
             entry.phase = _QUEUED
             self._queue.append(entry)
         return run.run_id
+
+    def _on_cancel_request(self, run_id: str, reason: str) -> None:
+        task = asyncio.ensure_future(self.cancel_task(run_id, reason))
+        self._requested.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[CancelResult]) -> None:
+        self._requested.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("acting on a cancel request failed", exc_info=task.exception())
 
     def _launch(self, entry: _Entry) -> None:
         entry.phase = _RUNNING
@@ -371,6 +386,7 @@ class BackgroundTaskManager(AsyncResource):
         self._running -= 1
         if self._entries.get(entry.run.run_id) is entry:
             del self._entries[entry.run.run_id]
+            self._watcher.unwatch(entry.run.run_id)
         while self._queue and not self._closing and (
             self.max_concurrent is None or self._running < self.max_concurrent
         ):
@@ -391,10 +407,15 @@ class BackgroundTaskManager(AsyncResource):
         finally:
             if self._entries.get(entry.run.run_id) is entry:
                 del self._entries[entry.run.run_id]
+                self._watcher.unwatch(entry.run.run_id)
             self._check_idle()
 
+    def is_active(self, run_id: str) -> bool:
+        """Return ``True`` while ``run_id`` is queued, running or being recorded here."""
+        return run_id in self._entries
+
     async def cancel_task(
-        self, run_id: str, reason: str = "cancelled by request"
+        self, run_id: str, reason: str = "cancelled by request", *, timeout: float | None = None
     ) -> CancelResult:
         """Cancel a queued or running run and wait until its CANCELLED status is recorded.
 
@@ -403,18 +424,27 @@ class BackgroundTaskManager(AsyncResource):
         its child process); its final status is whatever it ends with (CANCELLED unless it
         swallows the cancellation and returns).
 
-        Returns :class:`CancelResult` ``CANCELLED`` (true), or, when the run is not active in
-        this manager, ``ALREADY_FINISHED`` (ending, being cancelled already, or finished in the
-        registry) or ``NOT_FOUND`` (both false).
+        A run that another process owns (another uvicorn worker sharing a SQLite registry) is
+        cancelled through the registry: the request is recorded (``registry.request_cancel``),
+        that process's manager acts on it within about 50 ms, and this call waits, up to
+        ``timeout`` seconds (``None``: as long as it takes), until the registry shows the run
+        finished. If that owner died, the run is marked INTERRUPTED instead.
 
-        Cancellation: stops waiting; the run's cancellation still goes ahead.
+        Returns :class:`CancelResult` ``CANCELLED`` (true), or (all false) ``ALREADY_FINISHED``
+        (ending, being cancelled already, finished in the registry, or ended otherwise after a
+        request), ``REQUESTED`` (another process's run did not finish within ``timeout``) or
+        ``NOT_FOUND`` (unknown, or stored by this process without being active here).
+
+        Cancellation: stops waiting; the run's cancellation (or the recorded request) still goes
+        ahead.
 
         Raises:
             RegistryClosedError: the run is not active here and the registry is closed.
+            InvalidTimeoutError: a negative ``timeout``.
         """
         entry = self._entries.get(run_id)
         if entry is None:
-            return await not_active_result(self.registry, run_id)
+            return await cancel_elsewhere(self.registry, run_id, reason, timeout)
         if entry.phase == _RECORDING or entry.cancel_reason is not None:
             return CancelResult.ALREADY_FINISHED
         entry.cancel_reason = reason
@@ -461,6 +491,7 @@ class BackgroundTaskManager(AsyncResource):
         if grace < 0:
             raise InvalidTimeoutError(f"grace must be >= 0, got {grace!r}")
         self._closing = True
+        await self._watcher.aclose()
         queued = list(self._queue)
         self._queue.clear()
         for entry in queued:
@@ -489,6 +520,7 @@ class BackgroundTaskManager(AsyncResource):
         entry.abandoned = True
         self._abandoned.add(entry.task)
         del self._entries[entry.run.run_id]
+        self._watcher.unwatch(entry.run.run_id)
         if not entry.run.is_finished:
             entry.run.mark_cancelled(f"{reason} (did not stop within the grace period)")
         await self._collect_output(entry.run)

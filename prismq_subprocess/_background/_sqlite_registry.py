@@ -33,9 +33,17 @@ from .._core._exceptions import (
     DuplicateRunError,
     RegistryClosedError,
     RegistrySchemaError,
-    RunNotFoundError,
+    RunStateError,
 )
-from ._memory_registry import BaseRunRegistry, _check_paging, cutoff_from
+from ._memory_registry import (
+    BaseRunRegistry,
+    _check_paging,
+    cutoff_from,
+    not_registered,
+    refused_update,
+    stored_statuses_for,
+    unstorable,
+)
 from ._run_record import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
@@ -82,6 +90,12 @@ _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * le
 _UPDATE = (
     f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
 )
+# The update of a run to status S only matches a stored row whose status may become S.
+_UPDATE_CHECKED = {
+    target: f"{_UPDATE} AND status IN "
+    f"({', '.join(repr(s.value) for s in sorted(stored_statuses_for(target)))})"
+    for target in RunStatus
+}
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED_STATUSES))
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
 
@@ -300,9 +314,25 @@ class _Database:
 
     def update(self, run: Run) -> None:
         def step(conn: sqlite3.Connection) -> None:
+            error = unstorable(run)
+            if error is not None:
+                raise error
             values = _row_values(run)
-            if conn.execute(_UPDATE, (*values[1:], run.run_id)).rowcount == 0:
-                raise RunNotFoundError(f"no run with run_id {run.run_id!r} is registered")
+            if conn.execute(_UPDATE_CHECKED[run.status], (*values[1:], run.run_id)).rowcount:
+                return
+            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run.run_id,)).fetchone()
+            if row is None:
+                raise not_registered(run.run_id)
+            try:
+                stored = RunStatus(row[0])
+            except ValueError:
+                raise RunStateError(
+                    f"cannot store run {run.run_id}: the stored run has an unknown status "
+                    f"{row[0]!r}"
+                ) from None
+            refused = refused_update(run.run_id, stored, run)
+            assert refused is not None  # the checked UPDATE matched nothing for a reason
+            raise refused
 
         self.write(step)
 

@@ -24,7 +24,7 @@ from ._background._periodic import PeriodicTask, PeriodicTaskStats
 from ._background._process_manager import ProcessManager
 from ._background._run_record import Run, RunOwner, RunStatus
 from ._background._sqlite_registry import SQLiteRunRegistry
-from ._background._task_manager import BackgroundTaskManager
+from ._background._task_manager import BackgroundTaskManager, ExitCode, TaskHandle
 from ._background._wrapper_pool import ResourcePool
 from ._core._detect import ENV_VAR, ModeDecision, ModeSource, detect_run_mode
 from ._core._dropin import create_subprocess_exec, create_subprocess_shell, run
@@ -44,6 +44,7 @@ from ._core._exceptions import (
     InvalidQueryError,
     InvalidRunError,
     InvalidRunModeError,
+    InvalidTaskError,
     InvalidTimeoutError,
     ModuleExecutionException,
     OutputClosedError,
@@ -61,6 +62,7 @@ from ._core._exceptions import (
     ScriptNotFoundError,
     SubprocessPolicyException,
     TaskManagerClosedError,
+    TaskTimeoutError,
     WrapperClosedError,
 )
 from ._core._line_stream import LineStream
@@ -104,6 +106,7 @@ __all__ = [
     "DryRunResponse",
     "DryRunStrategy",
     "DuplicateRunError",
+    "ExitCode",
     "InvalidArgumentTypeError",
     "InvalidCommandError",
     "InvalidCwdError",
@@ -114,6 +117,7 @@ __all__ = [
     "InvalidQueryError",
     "InvalidRunError",
     "InvalidRunModeError",
+    "InvalidTaskError",
     "InvalidTimeoutError",
     "LimitViolation",
     "LineStream",
@@ -164,7 +168,9 @@ __all__ = [
     "SubprocessPolicyException",
     "SubprocessStrategy",
     "SubprocessWrapper",
+    "TaskHandle",
     "TaskManagerClosedError",
+    "TaskTimeoutError",
     "ThreadedStrategy",
     "TreeSample",
     "WrapperClosedError",

@@ -21,7 +21,7 @@ from typing import TypeVar
 import psutil
 
 from .._platform import PlatformOps, platform_ops
-from ._exceptions import ProcessTimeoutError
+from ._exceptions import TaskTimeoutError
 from ._process import ProcessLike
 from ._validation import check_timeout
 
@@ -227,12 +227,13 @@ async def execute_with_timeout(
     """Await ``coro`` for at most ``timeout`` seconds (``None``: no limit).
 
     On timeout ``coro`` is cancelled (a ``run()`` inside it then stops its process tree) and a
-    :class:`ProcessTimeoutError` (also a ``TimeoutError``) naming ``task_name`` is raised.
+    :class:`TaskTimeoutError` (a :class:`ProcessTimeoutError` and a ``TimeoutError``) naming
+    ``task_name`` is raised.
     Cancelling the caller cancels ``coro``.
 
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
-        ProcessTimeoutError: ``coro`` did not finish in time.
+        TaskTimeoutError: ``coro`` did not finish in time.
     """
     try:
         limit = check_timeout(timeout)
@@ -247,4 +248,4 @@ async def execute_with_timeout(
     except TimeoutError as exc:
         if limit is None or not scope.expired():
             raise  # a TimeoutError raised by the coroutine itself, not by our limit
-        raise ProcessTimeoutError(cmd=task_name, timeout=limit) from exc
+        raise TaskTimeoutError(task_name=task_name, timeout=limit) from exc

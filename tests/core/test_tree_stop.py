@@ -311,3 +311,12 @@ async def test_run_returns_when_a_chatty_leftover_keeps_writing(
 async def test_missing_shell_is_a_file_not_found(wrapper: pq.SubprocessWrapper) -> None:
     with pytest.raises(FileNotFoundError):
         await wrapper.run("echo hi", shell=True, executable="/nonexistent/sh")
+
+
+async def test_execute_with_timeout_names_a_task_not_a_command() -> None:
+    # Issue 13: a coroutine that is not a command was reported as "command 'slow' timed out".
+    with pytest.raises(pq.ProcessTimeoutError) as info:
+        await pq.execute_with_timeout(asyncio.sleep(30), 0.05, "slow")
+    assert isinstance(info.value, TimeoutError) and isinstance(info.value, pq.TaskTimeoutError)
+    assert str(info.value) == "task 'slow' timed out after 0.05 s and was cancelled"
+    assert info.value.task_name == "slow" and info.value.timeout == 0.05

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import subprocess
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -428,9 +429,11 @@ class SubprocessWrapper(AsyncClosing):
         """Kill children still running (no grace: this is synchronous) and shut the thread pools
         down. Idempotent; the wrapper cannot be used afterwards."""
         self._closed = True
-        for process in self.live_processes:
+        killed = self.live_processes
+        for process in killed:
             with contextlib.suppress(Exception):
                 kill_tree_now(process, self._ops)
+        _reap_killed(killed)
         self._live.clear()
         for strategy in (*self._retired, self._strategy):
             strategy.close()
@@ -444,6 +447,23 @@ def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
             f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
             "for stdin, or create_subprocess_exec() to choose the streams"
         )
+
+
+# How long cleanup() waits, in all, for the children it just SIGKILLed to be reaped.
+_REAP_SECONDS = 1.0
+
+
+def _reap_killed(processes: list[ProcessLike]) -> None:
+    # Our Popen-backed children (THREADED, LOCAL) are reaped by a reader on the loop; if the loop
+    # closes first (a cleanup() in a finally just before asyncio.run() returns) they would stay
+    # zombies and their Popen would warn "still running" when collected. A SIGKILLed child dies
+    # at once, so reap it here, bounded. asyncio's own children are reaped by its child watcher.
+    deadline = time.monotonic() + _REAP_SECONDS
+    for process in processes:
+        popen = getattr(process, "_popen", None)
+        if isinstance(popen, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                popen.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _release_pipes(process: ProcessLike) -> None:

@@ -339,8 +339,8 @@ class ConcurrentExecutor(AsyncClosing):
           ``execute_module(module_id, script_path=..., args=...)``): ``module_name`` is
           ``module_id``, ``args`` (a list of str) are passed as given and the script runs in
           its own folder unless ``cwd`` says otherwise. The guide's shape is recognised by its
-          third argument being a list or tuple, or its second being a ``Path`` (not a str);
-          ``execute_module(module_id, path)`` with a ``Path`` runs it without arguments.
+          third argument being a list or tuple or missing, or its second being a ``Path`` (not
+          a str); ``execute_module(module_id, path)`` runs the script without arguments.
 
         A module that fails, times out or exceeds its memory cap is a result, not an exception.
 

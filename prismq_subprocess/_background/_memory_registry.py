@@ -62,6 +62,17 @@ def not_registered(run_id: str) -> RunNotFoundError:
     )
 
 
+def _sources(target: RunStatus) -> frozenset[RunStatus]:
+    if target is RunStatus.PENDING:
+        return frozenset({RunStatus.PENDING})
+    if target is RunStatus.RUNNING:
+        return frozenset({RunStatus.PENDING, RunStatus.RUNNING})
+    return frozenset({RunStatus.PENDING, RunStatus.RUNNING, target})
+
+
+_SOURCES = {target: _sources(target) for target in RunStatus}
+
+
 def stored_statuses_for(target: RunStatus) -> frozenset[RunStatus]:
     """The statuses a stored run may have for an update to ``target`` to be accepted.
 
@@ -69,11 +80,7 @@ def stored_statuses_for(target: RunStatus) -> frozenset[RunStatus]:
     never changes status. Steps may be skipped: a caller may store a run only when it is added
     and when it ends.
     """
-    if target is RunStatus.PENDING:
-        return frozenset({RunStatus.PENDING})
-    if target is RunStatus.RUNNING:
-        return frozenset({RunStatus.PENDING, RunStatus.RUNNING})
-    return frozenset({RunStatus.PENDING, RunStatus.RUNNING, target})
+    return _SOURCES[target]
 
 
 def unstorable(run: Run) -> RunStateError | None:

@@ -181,7 +181,7 @@ class Run:
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id:
             raise InvalidRunError(f"run_id must be a non-empty str, got {self.run_id!r}")
-        object.__setattr__(self, "status", _as_status(self.status))
+        _STATUS_SLOT.__set__(self, _as_status(self.status))
         for name in ("created_at", "started_at", "finished_at"):
             value = getattr(self, name)
             _require_aware(name, value)
@@ -202,17 +202,6 @@ class Run:
         end = self.finished_at if self.finished_at is not None else utc_now()
         return max(0.0, (end - self.started_at).total_seconds())
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "status":
-            try:
-                current = self.status
-            except AttributeError:
-                pass  # the constructor's first assignment (or copy()): nothing to check yet
-            else:
-                self._assign_status(current, _as_status(value))
-                return
-        object.__setattr__(self, name, value)
-
     def _assign_status(self, current: RunStatus, target: RunStatus) -> None:
         if target is current:
             return
@@ -227,7 +216,7 @@ class Run:
         why = transition_error(self.status, target)
         if why is not None:
             raise RunStateError(f"run {self.run_id}: {why}")
-        object.__setattr__(self, "status", target)
+        _STATUS_SLOT.__set__(self, target)
 
     def _finish(self, target: RunStatus) -> None:
         self._transition(target)
@@ -291,11 +280,9 @@ class Run:
         # two containers are mutable (datetimes, enums and RunOwner are immutable).
         new = object.__new__(Run)
         for name in _FIELD_NAMES:
-            object.__setattr__(new, name, getattr(self, name))
-        object.__setattr__(
-            new, "parameters", copy.deepcopy(self.parameters) if self.parameters else {}
-        )
-        object.__setattr__(new, "output_tail", list(self.output_tail))
+            setattr(new, name, getattr(self, name))
+        new.parameters = copy.deepcopy(self.parameters) if self.parameters else {}
+        new.output_tail = list(self.output_tail)
         return new
 
     def to_dict(self) -> dict[str, Any]:
@@ -384,3 +371,34 @@ class Run:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Run))
+
+
+class _CheckedStatus:
+    """``Run.status``: assignments go through the transition rules (see :class:`Run`).
+
+    It wraps the slot the dataclass made for ``status``, so only this one field pays for a
+    Python-level check; the constructor's first assignment (and ``copy()``'s) finds the slot
+    empty and just stores the value.
+    """
+
+    def __init__(self, slot: Any) -> None:
+        self._slot = slot
+
+    def __get__(self, run: Run | None, owner: type[Run] | None = None) -> Any:
+        if run is None:
+            return self
+        return self._slot.__get__(run, owner)
+
+    def __set__(self, run: Run, value: object) -> None:
+        try:
+            current = self._slot.__get__(run, Run)
+        except AttributeError:
+            self._slot.__set__(run, value)  # validated by __post_init__
+            return
+        run._assign_status(current, _as_status(value))
+
+
+_STATUS_SLOT: Any = Run.__dict__["status"]
+# Replacing the class attribute after the dataclass is built keeps ``status`` a normal field
+# (constructor argument, __eq__, __repr__, fields()) while checking assignments to it.
+setattr(Run, "status", _CheckedStatus(_STATUS_SLOT))  # noqa: B010

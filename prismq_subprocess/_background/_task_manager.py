@@ -75,6 +75,31 @@ class ExitCode(int):
     __slots__ = ()
 
 
+class _StoreOutcome:
+    """Whether a run made it into the registry: settled once by the manager, read by handles.
+
+    Each ``await handle`` waits on a future of its own, so cancelling one waiter never touches
+    another or the outcome, and no stored exception can go "never retrieved".
+    """
+
+    __slots__ = ("done", "error", "waiters")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BaseException | None = None
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def settle(self, error: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.error = error
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
+
+
 class TaskHandle(str):
     """The run id returned by :meth:`BackgroundTaskManager.start_task`: a ``str`` equal to
     ``run.run_id`` that can also be awaited.
@@ -91,35 +116,42 @@ class TaskHandle(str):
     the run is stored, cancelling the wait changes nothing.
     """
 
-    __slots__ = ("_cancel_start", "_stored")
+    __slots__ = ("_cancel_start", "_outcome")
 
-    _stored: asyncio.Future[str]
+    _outcome: _StoreOutcome
     _cancel_start: Callable[[], None]
 
     def __new__(
-        cls, run_id: str, stored: asyncio.Future[str], cancel_start: Callable[[], None]
+        cls, run_id: str, outcome: _StoreOutcome, cancel_start: Callable[[], None]
     ) -> TaskHandle:
         handle = super().__new__(cls, run_id)
-        handle._stored = stored
+        handle._outcome = outcome
         handle._cancel_start = cancel_start
         return handle
 
     @property
     def stored(self) -> bool:
         """``True`` once the run is in the registry (and stays so whatever happens next)."""
-        stored = self._stored
-        return stored.done() and not stored.cancelled() and stored.exception() is None
+        return self._outcome.done and self._outcome.error is None
 
     def __await__(self) -> Generator[Any, None, str]:
         return self._wait().__await__()
 
     async def _wait(self) -> str:
-        try:
-            return await asyncio.shield(self._stored)
-        except asyncio.CancelledError:
-            if not self._stored.done():
-                self._cancel_start()
-            raise
+        outcome = self._outcome
+        if not outcome.done:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            outcome.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if not outcome.done:
+                    outcome.waiters.remove(waiter)
+                    self._cancel_start()
+                raise
+        if outcome.error is not None:
+            raise outcome.error
+        return str(self)
 
     def __reduce__(self) -> tuple[type[str], tuple[str]]:
         return (str, (str(self),))
@@ -139,12 +171,10 @@ class _Entry:
         "task",
     )
 
-    def __init__(
-        self, run: Run, coro: Coroutine[Any, Any, object], stored: asyncio.Future[str]
-    ) -> None:
+    def __init__(self, run: Run, coro: Coroutine[Any, Any, object]) -> None:
         self.run = run
         self.coro = coro
-        self.stored = stored
+        self.stored = _StoreOutcome()
         self.phase = _ADDING
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
@@ -166,18 +196,8 @@ def _close(coro: Coroutine[Any, Any, object]) -> None:
         logger.exception("closing coroutine %r failed", coro)
 
 
-def _settle(stored: asyncio.Future[str], exc: BaseException | None, run_id: str) -> None:
-    if stored.done():
-        return
-    if exc is None:
-        stored.set_result(run_id)
-    elif isinstance(exc, asyncio.CancelledError):
-        stored.cancel()
-    else:
-        stored.set_exception(exc)
-        # Retrieved here so a caller who never awaits the handle (the guide's style) gets no
-        # "Future exception was never retrieved"; the manager has logged the error itself.
-        stored.exception()
+def _cancelled_before_stored(run: Run) -> RunStateError:
+    return RunStateError(f"run {run.run_id} was cancelled before it was known to be stored")
 
 
 def _outcome_of(result: object) -> _Outcome:
@@ -373,7 +393,7 @@ class BackgroundTaskManager:
             raise RuntimeError(
                 "start_task() needs a running event loop; call it from async code"
             ) from None
-        entry = _Entry(run, coro, loop.create_future())
+        entry = _Entry(run, coro)
         self._entries[run.run_id] = entry
         self._idle.clear()
         task = loop.create_task(self._drive(entry), name=f"prismq-run-{run.run_id}")
@@ -401,12 +421,10 @@ class BackgroundTaskManager:
             if self._closing:
                 if entry.cancel_reason is None:
                     entry.cancel_reason = "task manager shut down before the run started"
-                _settle(
-                    entry.stored,
-                    TaskManagerClosedError("the task manager shut down while the run was added"),
-                    run.run_id,
+                entry.stored.settle(
+                    TaskManagerClosedError("the task manager shut down while the run was added")
                 )
-            _settle(entry.stored, None, run.run_id)
+            entry.stored.settle(None)
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
             await self._take_slot(entry)
@@ -442,9 +460,9 @@ class BackgroundTaskManager:
                 # thread) may or may not be in the registry; record it if it is.
                 self._apply(run, outcome)
                 await self._collect_output(run)
-                await self._save(run, missing_ok=not entry.stored.done())
+                await self._save(run, missing_ok=not entry.stored.done)
         finally:
-            _settle(entry.stored, asyncio.CancelledError(), run.run_id)
+            entry.stored.settle(_cancelled_before_stored(run))
             self._release(entry)
         if reraise is not None:
             raise reraise
@@ -473,7 +491,7 @@ class BackgroundTaskManager:
             logger.error(
                 "background run %s not started: storing it failed", run.run_id, exc_info=exc
             )
-        _settle(entry.stored, exc, run.run_id)
+        entry.stored.settle(exc)
         entry.phase = _RECORDING
         _close(entry.coro)
         self._release(entry)
@@ -600,7 +618,7 @@ class BackgroundTaskManager:
             logger.exception("recording cancelled run %s failed", run.run_id)
             error = exc
         finally:
-            _settle(entry.stored, error, run.run_id)
+            entry.stored.settle(error)
             self._release(entry)
 
     # -- control --------------------------------------------------------------------------------

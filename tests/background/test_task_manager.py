@@ -746,3 +746,25 @@ async def test_shutdown_is_bounded_when_recording_hangs(caplog: pytest.LogCaptur
     assert manager.active_runs() == []
     assert any(run_id in r.getMessage() for r in caplog.records)
     await asyncio.wait_for(manager.wait_all(), 5)
+
+
+async def test_each_await_of_a_handle_waits_on_its_own(tmp_path: Path) -> None:
+    async with SQLiteRunRegistry(tmp_path / "r.db") as registry:
+        manager = BackgroundTaskManager(registry)
+        run = Run()
+        handle = manager.start_task(run, returns(None))
+
+        async def confirm() -> str:
+            return await handle
+
+        first = asyncio.create_task(confirm())
+        second = asyncio.create_task(confirm())
+        await asyncio.sleep(0)  # both wait for the store
+        first.cancel()  # cancels the start, but not the other waiter's wait
+        assert await second == run.run_id
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await manager.wait_all()
+        assert (await stored(registry, run.run_id)).status is RunStatus.CANCELLED
+        assert handle.stored and await handle == run.run_id
+        await manager.shutdown()

@@ -462,7 +462,8 @@ class BackgroundTaskManager:
                 await self._collect_output(run)
                 await self._save(run, missing_ok=not entry.stored.done)
         finally:
-            entry.stored.settle(_cancelled_before_stored(run))
+            if not entry.stored.done:  # cancelled while being stored: awaiters must not hang
+                entry.stored.settle(_cancelled_before_stored(run))
             self._release(entry)
         if reraise is not None:
             raise reraise

@@ -303,8 +303,8 @@ class ConcurrentExecutor(AsyncClosing):
     async def execute_module(
         self,
         module_id: str,
-        module_name: os.PathLike[str],
-        script_path: Sequence[StrPath] | None = None,
+        script_path: StrPath,
+        args: Sequence[StrPath] | None = None,
         /,
         *,
         run_id: str | None = None,

@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,7 +38,7 @@ from .._strategies import SubprocessStrategy
 from ._cancel_result import CancelResult, not_active_result
 from ._line_batches import iter_line_batches
 from ._memory_registry import BaseRunRegistry
-from ._module_args import check_parameters, parameters_to_args
+from ._module_args import check_args, check_parameters, parameters_to_args
 from ._output_capture import OutputCapture
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
@@ -225,6 +225,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
     ) -> _Launch:
         """Validate a module start without starting anything (``execute_module`` and
         ``start_module`` call it first; the executor uses it to fail early).
@@ -239,6 +240,8 @@ class ModuleRunner(AsyncClosing):
             InvalidLimitError: ``memory_limit_bytes`` not a positive int.
             CwdNotFoundError / CwdNotADirectoryError: bad ``cwd``.
             InvalidEnvironmentError: ``env`` is not a mapping of str to str.
+            InvalidArgumentTypeError: ``args`` (raw arguments passed after the parameters'
+                ones) is not a list of str.
         """
         if cwd is not None:
             check_cwd(cwd)
@@ -253,7 +256,7 @@ class ModuleRunner(AsyncClosing):
         elif not path.is_file():
             raise ScriptNotFoundError(str(path), "is not a regular file")
         stored = check_parameters(parameters)
-        args = parameters_to_args(stored)
+        arguments = (*parameters_to_args(stored), *check_args(args))
         limit = timeout_seconds(timeout)
         if memory_limit_bytes is not None and (
             isinstance(memory_limit_bytes, bool)
@@ -272,7 +275,7 @@ class ModuleRunner(AsyncClosing):
             **(env or {}),
         }
         return _Launch(
-            argv=(sys.executable, os.path.abspath(path), *args),
+            argv=(sys.executable, os.path.abspath(path), *arguments),
             parameters=stored,
             cwd=None if cwd is None else os.fspath(cwd),
             env=child_env,
@@ -305,12 +308,14 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
     ) -> Run:
         """Run the module to its end and return its final :class:`Run` (also in the registry).
 
         A failing, timed-out or over-limit module is not an exception: the returned run says
         FAILED and why (see the class docstring). Bad input raises before anything is stored
-        or started.
+        or started. ``args`` (a list of str) are passed as given after the arguments made
+        from ``parameters``.
 
         Cancellation: the child's tree is stopped (SIGTERM, ``grace_period``, SIGKILL), the run
         is recorded CANCELLED with its output tail, then ``CancelledError`` propagates.
@@ -328,6 +333,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            args=args,
         )
         run = self._new_run(module_id, module_name, launch, run_id)
         opened = self._open_output(run.run_id)
@@ -354,6 +360,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
     ) -> str:
         """Start the module in the background and return its ``run_id`` once the run is stored
         (PENDING; RUNNING once a slot is free and the child started).
@@ -378,6 +385,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            args=args,
         )
         run = self._new_run(module_id, module_name, launch, run_id)
         opened = self._open_output(run.run_id)

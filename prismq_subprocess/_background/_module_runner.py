@@ -48,7 +48,7 @@ from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._line_batches import iter_line_batches
 from ._memory_registry import BaseRunRegistry
-from ._module_args import check_parameters, parameters_to_args
+from ._module_args import check_args, check_parameters, parameters_to_args
 from ._output_capture import OutputCapture
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
@@ -274,6 +274,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
     ) -> _Launch:
         """Validate a module start without starting anything (``execute_module`` and
         ``start_module`` call it first; the executor uses it to fail early).
@@ -288,6 +289,8 @@ class ModuleRunner(AsyncClosing):
             InvalidLimitError: ``memory_limit_bytes`` not a positive int.
             CwdNotFoundError / CwdNotADirectoryError: bad ``cwd``.
             InvalidEnvironmentError: ``env`` is not a mapping of str to str.
+            InvalidArgumentTypeError: ``args`` (raw arguments passed after the parameters'
+                ones) is not a list of str.
         """
         if cwd is not None:
             check_cwd(cwd)
@@ -302,13 +305,13 @@ class ModuleRunner(AsyncClosing):
         elif not path.is_file():
             raise ScriptNotFoundError(str(path), "is not a regular file")
         stored = check_parameters(parameters)
-        args = parameters_to_args(stored)
+        arguments = (*parameters_to_args(stored), *check_args(args))
         limit = timeout_seconds(timeout)
         _check_memory_limit(memory_limit_bytes)
         if env is not None:
             check_env(env)
         return _Launch(
-            argv=(sys.executable, os.path.abspath(path), *args),
+            argv=(sys.executable, os.path.abspath(path), *arguments),
             shell=False,
             parameters=stored,
             cwd=None if cwd is None else os.fspath(cwd),
@@ -402,12 +405,14 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
     ) -> Run:
         """Run the module to its end and return its final :class:`Run` (also in the registry).
 
         A failing, timed-out or over-limit module is not an exception: the returned run says
         FAILED and why (see the class docstring). Bad input raises before anything is stored
-        or started.
+        or started. ``args`` (a list of str) are passed as given after the arguments made
+        from ``parameters``.
 
         Cancellation: the child's tree is stopped (SIGTERM, ``grace_period``, SIGKILL), the run
         is recorded CANCELLED with its output tail, then ``CancelledError`` propagates.
@@ -425,6 +430,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            args=args,
         )
         return await self._execute_new(module_id, module_name, launch, run_id)
 
@@ -440,6 +446,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
     ) -> str:
         """Start the module in the background and return its ``run_id`` once the run is stored
         (PENDING; RUNNING once a slot is free and the child started).
@@ -464,6 +471,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            args=args,
         )
         return await self._start_new(module_id, module_name, launch, run_id)
 

@@ -27,6 +27,7 @@ __all__ = [
     "InvalidQueryError",
     "InvalidRunError",
     "InvalidRunModeError",
+    "InvalidTaskError",
     "InvalidTimeoutError",
     "ModuleExecutionException",
     "OutputClosedError",
@@ -44,6 +45,7 @@ __all__ = [
     "ScriptNotFoundError",
     "SubprocessPolicyException",
     "TaskManagerClosedError",
+    "TaskTimeoutError",
     "WrapperClosedError",
 ]
 
@@ -345,3 +347,21 @@ class InvalidSSEEventError(PrismQError, ValueError):
 
 
 __all__ += ["InvalidSSEEventError"]
+
+
+class InvalidTaskError(PrismQError, TypeError):
+    """Raised before anything starts when background work is given the wrong kind of object: a
+    ``BackgroundTaskManager.start_task`` given something that is not a coroutine object (a
+    Task, a Future, a coroutine function not called), or a ``PeriodicTask`` / ``MemoryMonitor``
+    given a ``task_func`` or callback that is not callable. It is a ``TypeError``."""
+
+
+class TaskTimeoutError(ProcessTimeoutError):
+    """Raised by ``execute_with_timeout`` when the awaited work outlived its timeout; the work
+    has been cancelled. ``task_name`` names it. It is a :class:`ProcessTimeoutError` (so
+    handlers written for timed-out commands still catch it) and a ``TimeoutError``."""
+
+    def __init__(self, *, task_name: str, timeout: float) -> None:
+        super().__init__(cmd=task_name, timeout=timeout)
+        self.args = (f"task {task_name!r} timed out after {timeout:g} s and was cancelled",)
+        self.task_name = task_name

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import subprocess
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -462,12 +463,13 @@ class SubprocessWrapper(AsyncClosing):
         Idempotent; the wrapper cannot be used afterwards. Prefer ``await aclose()`` from async
         code: it gives children their grace period."""
         self._closed = True
-        live = self.live_processes
-        if live:
+        killed = self.live_processes
+        if killed:
             try:
-                kill_trees_now(live, self._ops)
+                kill_trees_now(killed, self._ops)
             except Exception:
                 logger.exception("killing the children of %r failed", self)
+        _reap_killed(killed)
         self._live.clear()
         for strategy in (*self._retired, self._strategy):
             strategy.close()
@@ -495,6 +497,23 @@ def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
             f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
             "for stdin, or create_subprocess_exec() to choose the streams"
         )
+
+
+# How long cleanup() waits, in all, for the children it just SIGKILLed to be reaped.
+_REAP_SECONDS = 1.0
+
+
+def _reap_killed(processes: list[ProcessLike]) -> None:
+    # Our Popen-backed children (THREADED, LOCAL) are reaped by a reader on the loop; if the loop
+    # closes first (a cleanup() in a finally just before asyncio.run() returns) they would stay
+    # zombies and their Popen would warn "still running" when collected. A SIGKILLed child dies
+    # at once, so reap it here, bounded. asyncio's own children are reaped by its child watcher.
+    deadline = time.monotonic() + _REAP_SECONDS
+    for process in processes:
+        popen = getattr(process, "_popen", None)
+        if isinstance(popen, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                popen.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _release_pipes(process: ProcessLike) -> None:

@@ -335,27 +335,32 @@ async def test_request_cancel_only_for_unfinished_runs(tmp_path: Path, kind: str
         assert await registry.recover_orphans() == []  # its owner (this process) is alive
 
 
-async def test_a_version_1_file_is_upgraded_and_keeps_its_runs(tmp_path: Path) -> None:
-    """Schema 2 added the cancel request columns; a file written by the previous release (schema
-    1, made here by its own migration step) opens, keeps its runs and takes requests."""
+@pytest.mark.parametrize("version", [1, 2])
+async def test_an_older_file_is_upgraded_and_keeps_its_runs(tmp_path: Path, version: int) -> None:
+    """Schema 3 added the cancel request columns; a file written by an earlier release (schema 1:
+    no application id; schema 2: the quarantine table), made here by that release's own
+    migration steps, opens, keeps its runs and takes requests."""
     import sqlite3
 
-    from prismq_subprocess._background._sqlite_registry import SCHEMA_VERSION, _migrate_0_to_1
+    from prismq_subprocess._background import _sqlite_registry as sqlite_registry
 
-    path = tmp_path / "v1.db"
+    path = tmp_path / f"v{version}.db"
     raw = sqlite3.connect(path)
     with raw:
-        _migrate_0_to_1(raw)
-        raw.execute("PRAGMA user_version = 1")
+        for step in range(version):
+            sqlite_registry._MIGRATIONS[step](raw)
+        raw.execute(f"PRAGMA user_version = {version}")
+        if version > 1:
+            raw.execute(f"PRAGMA application_id = {sqlite_registry.APPLICATION_ID}")
         owner = pq.RunOwner.current()
         raw.execute(
             "INSERT INTO runs (run_id, module_id, module_name, parameters, status, created_at, "
-            "mode, output_tail, owner_host, owner_pid, owner_started_at) "
-            "VALUES ('old', 'm', 'Old', '{\"n\": 1}', 'running', 1, 'async', '[\"hi\"]', ?, ?, ?)",
-            (owner.host, owner.pid, owner.started_at),
+            "started_at, mode, output_tail, owner_host, owner_pid, owner_started_at) "
+            "VALUES ('old', 'm', 'Old', ?, 'running', 1, 2, 'async', ?, ?, ?, ?)",
+            ('{"n": 1}', '["hi"]', owner.host, owner.pid, owner.started_at),
         )
     raw.close()
-    assert SCHEMA_VERSION == 2
+    assert sqlite_registry.SCHEMA_VERSION == 3
     async with pq.SQLiteRunRegistry(path) as registry:
         run = await registry.get_run("old")
         assert run is not None
@@ -368,7 +373,7 @@ async def test_a_version_1_file_is_upgraded_and_keeps_its_runs(tmp_path: Path) -
         assert await registry.cancel_requests({"old"}) == {"old": "after the upgrade"}
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
         plan = raw.execute(
             "EXPLAIN QUERY PLAN SELECT run_id FROM runs INDEXED BY runs_cancel_requested "
             "WHERE cancel_requested_at IS NOT NULL AND status IN ('pending', 'running')"

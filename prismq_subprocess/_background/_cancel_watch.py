@@ -4,14 +4,14 @@ Any process sharing a registry may ask for a run to be cancelled (``request_canc
 process that drives the run can stop it. Its ``BackgroundTaskManager`` and ``ModuleRunner`` each
 keep one watcher: while they have unfinished runs, it asks the registry every ``interval``
 seconds which of them have a request (one indexed query on the registry's own thread for
-SQLite, whatever the number of runs) and hands each request to the owner's cancel, once.
+SQLite, whatever the number of runs) and runs the owner's cancel for each request, once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .._core._exceptions import RegistryClosedError
 from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
@@ -22,25 +22,28 @@ logger = logging.getLogger(__name__)
 
 
 class CancelRequestWatcher:
-    """Polls ``registry`` for cancel requests of the watched runs; calls ``on_request(run_id,
-    reason)`` once per requested run (then stops watching it).
+    """Polls ``registry`` for cancel requests of the watched runs; runs ``cancel(run_id,
+    reason)`` in a task of its own once per requested run (then stops watching it).
 
     The poll runs only while some run is watched. A failing poll is logged and retried at the
-    next interval; a closed registry ends the polling until the next :meth:`watch`.
+    next interval; a closed registry ends the polling until the next :meth:`watch`. A failing
+    cancel is logged.
     """
 
     def __init__(
         self,
         registry: BaseRunRegistry,
-        on_request: Callable[[str, str], object],
+        cancel: Callable[[str, str], Awaitable[object]],
         *,
         interval: float = DEFAULT_POLL_INTERVAL,
     ) -> None:
         self.registry = registry
         self.interval = interval
-        self._on_request = on_request
+        self._cancel = cancel
         self._watched: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        # Cancels in progress: asyncio keeps only weak references to tasks.
+        self._cancels: set[asyncio.Future[object]] = set()
         self._closed = False
 
     def watch(self, run_id: str) -> None:
@@ -69,14 +72,18 @@ class CancelRequestWatcher:
             for run_id, reason in requests.items():
                 if run_id in self._watched:
                     self._watched.discard(run_id)
-                    try:
-                        self._on_request(run_id, reason)
-                    except Exception:
-                        logger.exception("acting on the cancel request of run %s failed", run_id)
+                    cancel = asyncio.ensure_future(self._cancel(run_id, reason))
+                    self._cancels.add(cancel)
+                    cancel.add_done_callback(self._cancel_done)
             await asyncio.sleep(self.interval)
 
+    def _cancel_done(self, cancel: asyncio.Future[object]) -> None:
+        self._cancels.discard(cancel)
+        if not cancel.cancelled() and cancel.exception() is not None:
+            logger.error("acting on a cancel request failed", exc_info=cancel.exception())
+
     async def aclose(self) -> None:
-        """Stop polling. Idempotent.
+        """Stop polling (cancels already started go on). Idempotent.
 
         Cancellation: the poll is stopped anyway.
         """

@@ -235,8 +235,7 @@ class ModuleRunner(AsyncClosing):
         self._closed = False
         # Foreground runs take cancel requests from other processes through the registry (a
         # background run's task manager watches its own).
-        self._watcher = CancelRequestWatcher(registry, self._on_cancel_request)
-        self._requested: set[asyncio.Task[CancelResult]] = set()
+        self._watcher = CancelRequestWatcher(registry, self.cancel)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -620,16 +619,6 @@ class ModuleRunner(AsyncClosing):
         await self.processes.stop(run_id, self.grace_period)
         await done.wait()
         return CancelResult.CANCELLED
-
-    def _on_cancel_request(self, run_id: str, reason: str) -> None:
-        task = asyncio.ensure_future(self.cancel(run_id, reason))
-        self._requested.add(task)
-        task.add_done_callback(self._request_done)
-
-    def _request_done(self, task: asyncio.Task[CancelResult]) -> None:
-        self._requested.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("acting on a cancel request failed", exc_info=task.exception())
 
     # -- one run ------------------------------------------------------------------------------
     def _open_output(self, run_id: str) -> bool:

@@ -310,8 +310,7 @@ class BackgroundTaskManager(AsyncResource):
         # Tasks given up on by shutdown() still need a strong reference until they end.
         self._abandoned: set[asyncio.Future[Any]] = set()
         # Cancel requests recorded in the registry by other processes (request_cancel).
-        self._watcher = CancelRequestWatcher(registry, self._on_cancel_request)
-        self._requested: set[asyncio.Task[CancelResult]] = set()
+        self._watcher = CancelRequestWatcher(registry, self.cancel_task)
 
     @property
     def closed(self) -> bool:
@@ -646,16 +645,6 @@ class BackgroundTaskManager(AsyncResource):
             self._release(entry)
 
     # -- control --------------------------------------------------------------------------------
-    def _on_cancel_request(self, run_id: str, reason: str) -> None:
-        task = asyncio.ensure_future(self.cancel_task(run_id, reason))
-        self._requested.add(task)
-        task.add_done_callback(self._request_done)
-
-    def _request_done(self, task: asyncio.Task[CancelResult]) -> None:
-        self._requested.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("acting on a cancel request failed", exc_info=task.exception())
-
     def is_active(self, run_id: str) -> bool:
         """Return ``True`` while ``run_id`` is being stored, queued, running or being recorded
         here."""

@@ -61,11 +61,13 @@ from ._core._exceptions import (
     ScriptNotFoundError,
     SubprocessPolicyException,
     TaskManagerClosedError,
+    UnscriptedCommandError,
     WrapperClosedError,
 )
 from ._core._line_stream import LineStream
 from ._core._lines import iter_lines
 from ._core._modes import RunMode
+from ._core._override import override_strategy
 from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
 from ._core._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
 from ._core._tree_stop import DEFAULT_GRACE_PERIOD, execute_with_timeout, terminate_gracefully
@@ -82,6 +84,7 @@ from ._strategies import (
     ThreadedStrategy,
 )
 from ._strategies._dry_run import DryRunCall, DryRunRecorder, DryRunResponse
+from ._testing._script import DryRunScript, ScriptRule
 
 __version__ = "0.1.0"
 
@@ -102,6 +105,7 @@ __all__ = [
     "DryRunCall",
     "DryRunRecorder",
     "DryRunResponse",
+    "DryRunScript",
     "DryRunStrategy",
     "DuplicateRunError",
     "InvalidArgumentTypeError",
@@ -159,6 +163,7 @@ __all__ = [
     "RunnerClosedError",
     "SQLiteRunRegistry",
     "ScriptNotFoundError",
+    "ScriptRule",
     "StreamReaderLike",
     "StreamWriterLike",
     "SubprocessPolicyException",
@@ -167,6 +172,7 @@ __all__ = [
     "TaskManagerClosedError",
     "ThreadedStrategy",
     "TreeSample",
+    "UnscriptedCommandError",
     "WrapperClosedError",
     "create_subprocess_exec",
     "create_subprocess_shell",
@@ -174,6 +180,7 @@ __all__ = [
     "execute_with_timeout",
     "install_subprocess_policy",
     "iter_lines",
+    "override_strategy",
     "parameters_to_args",
     "run",
     "subprocess_loop_factory",

@@ -27,6 +27,8 @@ class ModeSource(StrEnum):
 
     ARGUMENT = "argument"
     ENVIRONMENT = "environment"
+    #: Set by :func:`override_strategy` (a test fixture) for wrappers built without a mode.
+    OVERRIDE = "override"
     AUTO = "auto"
 
 
@@ -34,7 +36,8 @@ class ModeSource(StrEnum):
 class ModeDecision:
     """The mode chosen, why, and whether the caller pinned it.
 
-    A pinned mode (``source`` is ``ARGUMENT`` or ``ENVIRONMENT``) never falls back silently.
+    A pinned mode (``source`` is ``ARGUMENT``, ``ENVIRONMENT`` or ``OVERRIDE``) never falls back
+    silently.
     """
 
     mode: RunMode
@@ -43,7 +46,7 @@ class ModeDecision:
 
     @property
     def pinned(self) -> bool:
-        """True when the caller chose the mode (argument or environment variable)."""
+        """True when the caller chose the mode (argument, environment variable or override)."""
         return self.source is not ModeSource.AUTO
 
     def __str__(self) -> str:

@@ -17,6 +17,7 @@ from ._detect import ModeDecision, resolve_run_mode
 from ._exceptions import InvalidCommandError, SubprocessPolicyException, WrapperClosedError
 from ._line_stream import LineStream
 from ._modes import RunMode
+from ._override import active_override
 from ._process import ProcessLike
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
 from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, stop_process_tree
@@ -44,9 +45,10 @@ class SubprocessWrapper(AsyncClosing):
 
     ``mode`` is a :class:`RunMode`, its name as text, a ready strategy instance (e.g.
     ``DryRunStrategy(recorder=...)``), or ``None`` to auto-detect (``PRISMQ_RUN_MODE``, platform,
-    event loop; see :func:`detect_run_mode`). An auto-detected ASYNC that meets a loop unable to
-    spawn (Windows' ``SelectorEventLoop``) logs one warning and uses THREADED from then on; a
-    pinned mode raises :class:`SubprocessPolicyException` instead.
+    event loop; see :func:`detect_run_mode`; an active :func:`override_strategy` comes first).
+    An auto-detected ASYNC that meets a loop unable to spawn (Windows' ``SelectorEventLoop``) logs
+    one warning and uses THREADED from then on; a pinned mode raises
+    :class:`SubprocessPolicyException` instead.
 
     Children start in their own process group/session (``new_process_group=True``) so the whole
     tree can be stopped; pass ``new_process_group=False`` (or ``start_new_session=``/
@@ -71,6 +73,9 @@ class SubprocessWrapper(AsyncClosing):
         ops: PlatformOps | None = None,
     ) -> None:
         self._ops = ops or platform_ops()
+        override = active_override() if mode is None else None
+        if override is not None:
+            mode = override.make_strategy(max_workers, self._ops)
         if isinstance(mode, SubprocessStrategy):
             if mode.on_spawn is not None:
                 # Its children would be tracked (and stopped on close) by one wrapper only.
@@ -78,7 +83,9 @@ class SubprocessWrapper(AsyncClosing):
                     f"this {type(mode).__name__} already belongs to another SubprocessWrapper; "
                     "create one strategy per wrapper"
                 )
-            self._decision = resolve_run_mode(mode.mode)
+            self._decision = (
+                override.decision(mode) if override is not None else resolve_run_mode(mode.mode)
+            )
             self._strategy = mode
         else:
             self._decision = resolve_run_mode(mode)

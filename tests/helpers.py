@@ -10,3 +10,13 @@ PY = sys.executable
 def py(code: str) -> tuple[str, str, str]:
     """The argument tuple that runs ``code`` with this interpreter."""
     return (PY, "-c", code)
+
+
+#: pytest.ini of the host projects the plugin tests run in a pytester sub-session.
+HOST_PYTEST_INI = """
+[pytest]
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = function
+filterwarnings =
+    error::ResourceWarning
+"""

@@ -11,16 +11,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import HOST_PYTEST_INI
 
 pytest_plugins = ["pytester"]
 
-INI = """
-[pytest]
-asyncio_mode = auto
-asyncio_default_fixture_loop_scope = function
-filterwarnings =
-    error::ResourceWarning
-"""
 
 HEADER = """
 import asyncio, os, subprocess, sys, threading, time
@@ -34,7 +28,7 @@ PY = sys.executable
 @pytest.fixture
 def host(pytester: pytest.Pytester) -> pytest.Pytester:
     """A host project: an ini like ours, asyncio tests in auto mode."""
-    pytester.makeini(INI)
+    pytester.makeini(HOST_PYTEST_INI)
     return pytester
 
 
@@ -205,7 +199,7 @@ def test_pq_mode_runs_a_test_once_per_real_mode(host: pytest.Pytester) -> None:
 
 
 def test_pq_modes_ini_and_marker_choose_the_modes(host: pytest.Pytester) -> None:
-    host.makeini(INI + "pq_modes = threaded\n")
+    host.makeini(HOST_PYTEST_INI + "pq_modes = threaded\n")
     run(host, MODE_TEST).assert_outcomes(passed=2)
     marked = MODE_TEST.replace(
         "async def test_each_mode",
@@ -237,7 +231,7 @@ def test_both(pq_dry_run, pq_mode):
     )
     result.assert_outcomes(errors=3)
     assert "can use only one of them" in output(result)
-    host.makeini(INI + "pq_modes = warp\n")
+    host.makeini(HOST_PYTEST_INI + "pq_modes = warp\n")
     result = run(host, "def test_x():\n    pass\n")
     assert "pq_modes: 'warp' is not a run mode" in output(result)
 
@@ -348,7 +342,7 @@ async def test_fixture(pq_no_leaks, pq_wrapper):
 def test_ini_option_checks_every_test_and_bad_marker_arguments_are_refused(
     host: pytest.Pytester,
 ) -> None:
-    host.makeini(INI + "pq_no_leaks = true\n")
+    host.makeini(HOST_PYTEST_INI + "pq_no_leaks = true\n")
     result = run(
         host,
         """

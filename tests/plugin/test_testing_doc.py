@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import HOST_PYTEST_INI
 
 pytest_plugins = ["pytester"]
 
@@ -13,17 +14,17 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "TESTING.md"
 # A code block whose first line names the file it is: "# app.py", "# modules/report.py".
 FILE_BLOCK = re.compile(r"```python\n# (?P<name>[\w/]+\.py)\n(?P<body>.*?)```", re.DOTALL)
 
-INI = """
-[pytest]
-asyncio_mode = auto
-asyncio_default_fixture_loop_scope = function
-filterwarnings =
-    error::ResourceWarning
-"""
-
 
 def example_files() -> dict[str, str]:
     return {m["name"]: m["body"] for m in FILE_BLOCK.finditer(DOC.read_text(encoding="utf-8"))}
+
+
+def write_project(pytester: pytest.Pytester, files: dict[str, str]) -> None:
+    pytester.makeini(HOST_PYTEST_INI)
+    for name, body in files.items():
+        path = pytester.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body, encoding="utf-8")
 
 
 def test_the_doc_names_the_example_files() -> None:
@@ -31,11 +32,7 @@ def test_the_doc_names_the_example_files() -> None:
 
 
 def test_the_worked_example_passes_without_starting_anything(pytester: pytest.Pytester) -> None:
-    pytester.makeini(INI)
-    for name, body in example_files().items():
-        path = pytester.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(body, encoding="utf-8")
+    write_project(pytester, example_files())
     result = pytester.runpytest("-p", "no:cacheprovider", "-v", "test_app.py")
     result.assert_outcomes(passed=3)
 
@@ -43,7 +40,6 @@ def test_the_worked_example_passes_without_starting_anything(pytester: pytest.Py
 def test_the_worked_example_fails_if_the_endpoint_runs_an_unscripted_command(
     pytester: pytest.Pytester,
 ) -> None:
-    pytester.makeini(INI)
     files = example_files()
     # The app now also runs a command of its own before starting the module.
     files["app.py"] = (
@@ -55,10 +51,7 @@ def test_the_worked_example_fails_if_the_endpoint_runs_an_unscripted_command(
         )
         .replace("from typing import Any\n", "from typing import Any\nimport sys\n")
     )
-    for name, body in files.items():
-        path = pytester.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(body, encoding="utf-8")
+    write_project(pytester, files)
     result = pytester.runpytest("-p", "no:cacheprovider", "-k", "streams_its_output", "test_app.py")
     result.assert_outcomes(failed=1)
     assert "nothing is scripted for" in result.stdout.str()

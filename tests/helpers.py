@@ -20,3 +20,7 @@ asyncio_default_fixture_loop_scope = function
 filterwarnings =
     error::ResourceWarning
 """
+
+#: Options of those sub-sessions: no cache files, and no hypothesis plugin, which pytester's
+#: in-process runs would otherwise re-import (seconds each) since they unload new modules.
+HOST_PYTEST_ARGS = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest")

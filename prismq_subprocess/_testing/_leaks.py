@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -239,8 +240,17 @@ class LeakCheck:
 
     @staticmethod
     def _kill(procs: list[psutil.Process]) -> None:
+        if not procs:
+            return
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        # Reaps those that are our children, so no zombie is left for the next test.
+        # A Popen the test still holds would warn "subprocess N is still running" when it is
+        # collected, in whichever later test that happens: reap through it, so it knows.
+        pids = {proc.pid for proc in procs}
+        for obj in gc.get_objects():
+            if isinstance(obj, subprocess.Popen) and obj.pid in pids and obj.returncode is None:
+                with contextlib.suppress(Exception):
+                    obj.wait(3.0)
+        # Reaps the other children among them, so no zombie is left for the next test.
         psutil.wait_procs(procs, timeout=3.0)

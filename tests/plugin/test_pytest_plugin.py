@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import HOST_PYTEST_INI
+from helpers import HOST_PYTEST_ARGS, HOST_PYTEST_INI
 
 pytest_plugins = ["pytester"]
 
@@ -34,7 +34,7 @@ def host(pytester: pytest.Pytester) -> pytest.Pytester:
 
 def run(host: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
     host.makepyfile(test_host=HEADER + source)
-    return host.runpytest("-p", "no:cacheprovider", "-rA", *args)
+    return host.runpytest(*HOST_PYTEST_ARGS, "-rA", *args)
 
 
 def output(result: pytest.RunResult) -> str:

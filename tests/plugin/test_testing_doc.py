@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import HOST_PYTEST_INI
+from helpers import HOST_PYTEST_ARGS, HOST_PYTEST_INI
 
 pytest_plugins = ["pytester"]
 
@@ -33,7 +33,7 @@ def test_the_doc_names_the_example_files() -> None:
 
 def test_the_worked_example_passes_without_starting_anything(pytester: pytest.Pytester) -> None:
     write_project(pytester, example_files())
-    result = pytester.runpytest("-p", "no:cacheprovider", "-v", "test_app.py")
+    result = pytester.runpytest(*HOST_PYTEST_ARGS, "-v", "test_app.py")
     result.assert_outcomes(passed=3)
 
 
@@ -52,6 +52,6 @@ def test_the_worked_example_fails_if_the_endpoint_runs_an_unscripted_command(
         .replace("from typing import Any\n", "from typing import Any\nimport sys\n")
     )
     write_project(pytester, files)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "streams_its_output", "test_app.py")
+    result = pytester.runpytest(*HOST_PYTEST_ARGS, "-k", "streams_its_output", "test_app.py")
     result.assert_outcomes(failed=1)
     assert "nothing is scripted for" in result.stdout.str()

@@ -24,7 +24,7 @@ from .._core._validation import check_limit, check_timeout
 from .._strategies._dry_run import DryRunCall, DryRunRecorder, DryRunResponse, DryRunStrategy
 from ._streamed import StreamedResponse, StreamingDryRunStrategy
 
-__all__ = ["DryRunScript", "ScriptRule", "command_text"]
+__all__ = ["DryRunScript", "ScriptRule"]
 
 Command = tuple[str, ...] | str
 
@@ -80,7 +80,7 @@ class ScriptRule:
         )
 
 
-def command_text(args: Command) -> str:
+def _command_text(args: Command) -> str:
     """A recorded command as one line: the shell line, or the arguments joined by spaces."""
     return args if isinstance(args, str) else " ".join(args)
 
@@ -90,7 +90,7 @@ def _parts(value: object, what: str) -> Command:
         if not value:
             raise InvalidCommandError(f"{what} must not be empty")
         return value
-    if isinstance(value, bytes) or not isinstance(value, Sequence | Iterable):
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
         raise InvalidArgumentTypeError(
             f"{what} must be a tuple/list of arguments or a shell command line (str), not "
             f"{type(value).__name__} {value!r}"
@@ -112,13 +112,8 @@ def _parts(value: object, what: str) -> Command:
 
 
 def _matcher(command: object, prefix: object, regex: object, match: object) -> _Matcher:
-    given = [
-        name
-        for name, v in zip(
-            ("command", "prefix", "regex", "match"), (command, prefix, regex, match), strict=True
-        )
-        if v is not None
-    ]
+    choices = {"command": command, "prefix": prefix, "regex": regex, "match": match}
+    given = [name for name, value in choices.items() if value is not None]
     if len(given) != 1:
         raise InvalidCommandError(
             "register() needs exactly one of: a command (exact arguments, or a shell command "
@@ -128,34 +123,9 @@ def _matcher(command: object, prefix: object, regex: object, match: object) -> _
         exact = _parts(command, "command")
         return _Matcher("exact", repr(exact), lambda call: call.args == exact)
     if prefix is not None:
-        start = _parts(prefix, "prefix")
-        if isinstance(start, str):
-            line = start
-            return _Matcher(
-                "prefix",
-                repr(line),
-                lambda call: isinstance(call.args, str) and call.args.startswith(line),
-            )
-        head = start
-        return _Matcher(
-            "prefix",
-            repr(head),
-            lambda call: not isinstance(call.args, str) and call.args[: len(head)] == head,
-        )
+        return _prefix_matcher(_parts(prefix, "prefix"))
     if regex is not None:
-        if not isinstance(regex, str | re.Pattern):
-            raise InvalidArgumentTypeError(
-                f"regex must be a str or a compiled pattern, not {type(regex).__name__}"
-            )
-        try:
-            pattern = re.compile(regex)
-        except re.error as exc:
-            raise InvalidCommandError(f"regex {regex!r} does not compile: {exc}") from None
-        return _Matcher(
-            "regex",
-            repr(pattern.pattern),
-            lambda call: pattern.search(command_text(call.args)) is not None,
-        )
+        return _regex_matcher(regex)
     if not callable(match):
         raise InvalidArgumentTypeError(
             f"match must be a callable taking a DryRunCall, not {type(match).__name__}"
@@ -163,6 +133,38 @@ def _matcher(command: object, prefix: object, regex: object, match: object) -> _
     predicate: Callable[[DryRunCall], Any] = match
     shown = getattr(match, "__qualname__", repr(match))
     return _Matcher("match", shown, lambda call: bool(predicate(call)))
+
+
+def _prefix_matcher(start: Command) -> _Matcher:
+    if isinstance(start, str):
+        line = start
+        return _Matcher(
+            "prefix",
+            repr(line),
+            lambda call: isinstance(call.args, str) and call.args.startswith(line),
+        )
+    head = start
+    return _Matcher(
+        "prefix",
+        repr(head),
+        lambda call: not isinstance(call.args, str) and call.args[: len(head)] == head,
+    )
+
+
+def _regex_matcher(regex: object) -> _Matcher:
+    if not isinstance(regex, str | re.Pattern):
+        raise InvalidArgumentTypeError(
+            f"regex must be a str or a compiled pattern, not {type(regex).__name__}"
+        )
+    try:
+        pattern = re.compile(regex)
+    except re.error as exc:
+        raise InvalidCommandError(f"regex {regex!r} does not compile: {exc}") from None
+    return _Matcher(
+        "regex",
+        repr(pattern.pattern),
+        lambda call: pattern.search(_command_text(call.args)) is not None,
+    )
 
 
 def _output(value: object, name: str) -> bytes:
@@ -236,7 +238,8 @@ class DryRunScript:
         self.strict = strict
         #: The answer to unscripted commands when not strict: returncode 0, no output.
         self.default = default or DryRunResponse()
-        self._lock = threading.Lock()
+        # Re-entrant: a match= predicate may look at the script (calls, rules) while it answers.
+        self._lock = threading.RLock()
         self._rules: list[ScriptRule] = []
         self._unscripted: list[DryRunCall] = []
         self._unmatched: list[DryRunCall] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import threading
 
 import pytest
 from helpers import PY
@@ -157,3 +158,15 @@ def test_a_streamed_response_is_a_dry_run_response() -> None:
     response = rule.response
     assert isinstance(response, StreamedResponse) and isinstance(response, pq.DryRunResponse)
     assert response.duration == 1.0 and response.stdout == b"a\nb\n"
+
+
+def test_a_match_predicate_may_look_at_the_script() -> None:
+    script = pq.DryRunScript()
+    script.register(match=lambda call: not script.unmatched and len(script.rules) == 1)
+    call = pq.DryRunCall(args=(PY, "-V"), shell=False, cwd=None, env=None)
+    answers: list[pq.DryRunResponse] = []
+    # In a thread, so that a lock the predicate cannot take fails the test instead of hanging it.
+    worker = threading.Thread(target=lambda: answers.append(script(call)), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert answers == [pq.DryRunResponse()]

@@ -29,7 +29,7 @@ def _wrapper(mode: RunMode | str | None) -> SubprocessWrapper:
             if override.dropin is None:
                 override.dropin = SubprocessWrapper(max_output_bytes=None)
             return override.dropin
-    key = None if mode is None else resolve_run_mode(mode).mode
+    key = None if mode is None else RunMode(resolve_run_mode(mode).mode)
     with _lock:
         wrapper = _shared.get(key)
         if wrapper is None:

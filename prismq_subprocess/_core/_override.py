@@ -61,9 +61,9 @@ class StrategyOverride:
             )
         return strategy
 
-    def decision(self, strategy: SubprocessStrategy) -> ModeDecision:
-        """The mode decision of a wrapper whose strategy this override made."""
-        return ModeDecision(strategy.mode, self.reason, ModeSource.OVERRIDE)
+    def decision(self, mode: RunMode | str) -> ModeDecision:
+        """The mode decision of a wrapper whose strategy (running ``mode``) this override made."""
+        return ModeDecision(mode, self.reason, ModeSource.OVERRIDE)
 
 
 _lock = threading.Lock()
@@ -77,9 +77,7 @@ def active_override() -> StrategyOverride | None:
 
 
 @contextlib.contextmanager
-def override_strategy(
-    strategy: StrategySource, *, reason: str | None = None
-) -> Iterator[StrategyOverride]:
+def override_strategy(strategy: StrategySource, *, reason: str | None = None) -> Iterator[None]:
     """While the block runs, give ``strategy`` to every wrapper that would auto-detect its mode.
 
     That is every ``SubprocessWrapper()`` built without a ``mode`` (so also the wrappers a
@@ -109,7 +107,7 @@ def override_strategy(
     with _lock:
         _stack.append(override)
     try:
-        yield override
+        yield
     finally:
         with _lock:
             _stack.remove(override)

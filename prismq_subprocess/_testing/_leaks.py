@@ -13,7 +13,6 @@ import contextlib
 import gc
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import psutil
+
+from .._platform import IS_WINDOWS
 
 __all__ = ["COOKIE_VAR", "DEFAULT_IGNORED_THREADS", "LeakCheck", "LeakReport"]
 
@@ -131,7 +132,7 @@ class LeakCheck:
     ) -> None:
         self.processes = processes
         self.threads = threads
-        self.fds = fds and sys.platform != "win32"
+        self.fds = fds and not IS_WINDOWS
         self.ignore_threads = (*DEFAULT_IGNORED_THREADS, *ignore_threads)
         self.timeout = timeout
         self.cookie = uuid.uuid4().hex

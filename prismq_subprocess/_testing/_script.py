@@ -12,7 +12,6 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .._core._exceptions import (
@@ -29,14 +28,8 @@ __all__ = ["DryRunScript", "ScriptRule"]
 Command = tuple[str, ...] | str
 
 
-@dataclass(frozen=True)
-class _Matcher:
-    kind: str
-    shown: str
-    test: Callable[[DryRunCall], bool]
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.shown}"
+#: Whether a recorded command is one a rule (or a query) is about.
+Predicate = Callable[[DryRunCall], bool]
 
 
 class ScriptRule:
@@ -45,8 +38,13 @@ class ScriptRule:
     Returned by :meth:`DryRunScript.register`; :attr:`calls` lists the commands it answered.
     """
 
-    def __init__(self, matcher: _Matcher, response: DryRunResponse, times: int | None) -> None:
-        self._matcher = matcher
+    def __init__(
+        self, description: str, test: Predicate, response: DryRunResponse, times: int | None
+    ) -> None:
+        #: Which commands it matches, e.g. ``prefix ('git', 'push')``.
+        self.description = description
+        self._test = test
+        #: What it answers.
         self.response = response
         #: How many times it answers (``None``: every time).
         self.times = times
@@ -64,7 +62,7 @@ class ScriptRule:
 
     def matches(self, call: DryRunCall) -> bool:
         """Whether ``call`` is one of the commands this rule is about (used up or not)."""
-        return self._matcher.test(call)
+        return self._test(call)
 
     def _take(self, call: DryRunCall) -> bool:
         if self.used_up:
@@ -75,7 +73,7 @@ class ScriptRule:
     def __repr__(self) -> str:
         uses = "every time" if self.times is None else f"{self.times} time(s)"
         return (
-            f"<{self._matcher} -> returncode {self.response.returncode}, answered "
+            f"<{self.description} -> returncode {self.response.returncode}, answered "
             f"{len(self._calls)}, answers {uses}>"
         )
 
@@ -111,7 +109,9 @@ def _parts(value: object, what: str) -> Command:
     return tuple(parts)
 
 
-def _matcher(command: object, prefix: object, regex: object, match: object) -> _Matcher:
+def _matcher(
+    command: object, prefix: object, regex: object, match: object
+) -> tuple[str, Predicate]:
     choices = {"command": command, "prefix": prefix, "regex": regex, "match": match}
     given = [name for name, value in choices.items() if value is not None]
     if len(given) != 1:
@@ -121,7 +121,7 @@ def _matcher(command: object, prefix: object, regex: object, match: object) -> _
         )
     if command is not None:
         exact = _parts(command, "command")
-        return _Matcher("exact", repr(exact), lambda call: call.args == exact)
+        return f"exact {exact!r}", lambda call: call.args == exact
     if prefix is not None:
         return _prefix_matcher(_parts(prefix, "prefix"))
     if regex is not None:
@@ -132,26 +132,24 @@ def _matcher(command: object, prefix: object, regex: object, match: object) -> _
         )
     predicate: Callable[[DryRunCall], Any] = match
     shown = getattr(match, "__qualname__", repr(match))
-    return _Matcher("match", shown, lambda call: bool(predicate(call)))
+    return f"match {shown}", lambda call: bool(predicate(call))
 
 
-def _prefix_matcher(start: Command) -> _Matcher:
+def _prefix_matcher(start: Command) -> tuple[str, Predicate]:
     if isinstance(start, str):
         line = start
-        return _Matcher(
-            "prefix",
-            repr(line),
+        return (
+            f"prefix {line!r}",
             lambda call: isinstance(call.args, str) and call.args.startswith(line),
         )
     head = start
-    return _Matcher(
-        "prefix",
-        repr(head),
+    return (
+        f"prefix {head!r}",
         lambda call: not isinstance(call.args, str) and call.args[: len(head)] == head,
     )
 
 
-def _regex_matcher(regex: object) -> _Matcher:
+def _regex_matcher(regex: object) -> tuple[str, Predicate]:
     if not isinstance(regex, str | re.Pattern):
         raise InvalidArgumentTypeError(
             f"regex must be a str or a compiled pattern, not {type(regex).__name__}"
@@ -160,9 +158,8 @@ def _regex_matcher(regex: object) -> _Matcher:
         pattern = re.compile(regex)
     except re.error as exc:
         raise InvalidCommandError(f"regex {regex!r} does not compile: {exc}") from None
-    return _Matcher(
-        "regex",
-        repr(pattern.pattern),
+    return (
+        f"regex {pattern.pattern!r}",
         lambda call: pattern.search(_command_text(call.args)) is not None,
     )
 
@@ -289,7 +286,7 @@ class DryRunScript:
             InvalidTimeoutError: a negative ``duration`` or ``line_delay``.
             InvalidLimitError: ``times`` is not an int >= 1.
         """
-        matcher = _matcher(command, prefix, regex, match)
+        description, test = _matcher(command, prefix, regex, match)
         response = _response(
             returncode=returncode,
             stdout=stdout,
@@ -300,7 +297,7 @@ class DryRunScript:
         )
         if times is not None:
             check_limit(times, "times", minimum=1)
-        rule = ScriptRule(matcher, response, times)
+        rule = ScriptRule(description, test, response, times)
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -381,8 +378,8 @@ class DryRunScript:
         Raises:
             InvalidCommandError / InvalidArgumentTypeError: as :meth:`register`.
         """
-        matcher = _matcher(command, prefix, regex, match)
-        return [call for call in self.calls if matcher.test(call)]
+        _, test = _matcher(command, prefix, regex, match)
+        return [call for call in self.calls if test(call)]
 
     def unscripted_report(self, start: int = 0) -> str | None:
         """A description of the unscripted commands from index ``start`` on, or ``None``."""

@@ -114,7 +114,9 @@ class StreamingDryRunStrategy(DryRunStrategy):
     """DRY_RUN in which a :class:`StreamedResponse` streams its lines over time (other answers
     behave exactly as in :class:`DryRunStrategy`)."""
 
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
+        """Record the command; return a fake process that streams a :class:`StreamedResponse`'s
+        lines on their timetable (any other answer: a :class:`DryRunProcess`)."""
         index, response = self._record(request)
         loop = asyncio.get_running_loop()
         if isinstance(response, StreamedResponse):

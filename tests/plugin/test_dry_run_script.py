@@ -11,15 +11,17 @@ import pytest
 from helpers import PY
 
 import prismq_subprocess as pq
+from prismq_subprocess import exceptions as errors
+from prismq_subprocess import testing
 from prismq_subprocess._testing._streamed import StreamedDryRunProcess, StreamedResponse
 
 
-def wrapper_for(script: pq.DryRunScript) -> pq.SubprocessWrapper:
+def wrapper_for(script: testing.DryRunScript) -> pq.SubprocessWrapper:
     return pq.SubprocessWrapper(script.strategy())
 
 
 async def test_exact_prefix_regex_and_predicate_matches() -> None:
-    script = pq.DryRunScript()
+    script = testing.DryRunScript()
     exact = script.register((PY, "-V"), stdout="Python 3\n")
     head = script.register(prefix=(PY, "-m"), returncode=4)
     pattern = script.register(regex=r"-c .*boom", returncode=9, stderr=b"boom\n")
@@ -39,7 +41,7 @@ async def test_exact_prefix_regex_and_predicate_matches() -> None:
 
 
 async def test_first_matching_rule_answers_and_one_shot_rules_make_a_sequence() -> None:
-    script = pq.DryRunScript()
+    script = testing.DryRunScript()
     for code in (1, 2):
         script.register((PY, "-V"), returncode=code, times=1)
     script.register(prefix=(PY,), returncode=5)
@@ -50,11 +52,11 @@ async def test_first_matching_rule_answers_and_one_shot_rules_make_a_sequence() 
 
 
 async def test_strict_script_refuses_an_unscripted_command_with_a_clear_message() -> None:
-    script = pq.DryRunScript()
+    script = testing.DryRunScript()
     script.register((PY, "-V"), times=1)
     async with wrapper_for(script) as w:
         await w.run(PY, "-V")
-        with pytest.raises(pq.UnscriptedCommandError) as caught:
+        with pytest.raises(errors.UnscriptedCommandError) as caught:
             await w.run(PY, "-V")
         with pytest.raises(AssertionError):
             await w.create_subprocess_exec(PY, "-c", "pass")
@@ -69,14 +71,14 @@ async def test_strict_script_refuses_an_unscripted_command_with_a_clear_message(
 
 
 async def test_non_strict_script_answers_unscripted_commands_with_the_default() -> None:
-    script = pq.DryRunScript(strict=False, default=pq.DryRunResponse(returncode=3))
+    script = testing.DryRunScript(strict=False, default=testing.DryRunResponse(returncode=3))
     async with wrapper_for(script) as w:
         assert (await w.run(PY, "-c", "anything")).returncode == 3
     assert script.unscripted == [] and len(script.unmatched) == 1
 
 
 async def test_lines_stream_in_order_and_not_before_their_time() -> None:
-    script = pq.DryRunScript()
+    script = testing.DryRunScript()
     delay = 0.05
     script.register(
         (PY, "job.py"), lines=["one", b"two\n", "three"], line_delay=delay, returncode=2
@@ -99,7 +101,7 @@ async def test_lines_stream_in_order_and_not_before_their_time() -> None:
 
 
 async def test_streamed_process_merges_stderr_at_the_end_and_records_input() -> None:
-    script = pq.DryRunScript()
+    script = testing.DryRunScript()
     script.register((PY, "-"), lines=["out"], stderr="err\n", duration=0.05)
     async with wrapper_for(script) as w:
         process = await w.create_subprocess_exec(
@@ -112,7 +114,7 @@ async def test_streamed_process_merges_stderr_at_the_end_and_records_input() -> 
 
 
 async def test_stopping_a_streaming_fake_ends_it_with_the_signal() -> None:
-    script = pq.DryRunScript()
+    script = testing.DryRunScript()
     script.register((PY, "forever"), lines=["tick"] * 3, line_delay=0.01, duration=float("inf"))
     async with wrapper_for(script) as w:
         async with w.stream(PY, "forever", encoding="utf-8") as lines:
@@ -124,49 +126,49 @@ async def test_stopping_a_streaming_fake_ends_it_with_the_signal() -> None:
 
 
 def test_register_refuses_bad_input_clearly() -> None:
-    script = pq.DryRunScript()
-    with pytest.raises(pq.InvalidCommandError, match="exactly one"):
+    script = testing.DryRunScript()
+    with pytest.raises(errors.InvalidCommandError, match="exactly one"):
         script.register()
-    with pytest.raises(pq.InvalidCommandError, match="exactly one"):
+    with pytest.raises(errors.InvalidCommandError, match="exactly one"):
         script.register((PY,), prefix=(PY,))
-    with pytest.raises(pq.InvalidCommandError, match="empty"):
+    with pytest.raises(errors.InvalidCommandError, match="empty"):
         script.register(())
-    with pytest.raises(pq.InvalidArgumentTypeError, match="argument 1"):
+    with pytest.raises(errors.InvalidArgumentTypeError, match="argument 1"):
         script.register((PY, 3))  # type: ignore[arg-type]
-    with pytest.raises(pq.InvalidCommandError, match="does not compile"):
+    with pytest.raises(errors.InvalidCommandError, match="does not compile"):
         script.register(regex="(")
-    with pytest.raises(pq.InvalidArgumentTypeError, match="callable"):
+    with pytest.raises(errors.InvalidArgumentTypeError, match="callable"):
         script.register(match="yes")  # type: ignore[arg-type]
-    with pytest.raises(pq.InvalidCommandError, match="not both"):
+    with pytest.raises(errors.InvalidCommandError, match="not both"):
         script.register((PY,), stdout="x", lines=["y"])
-    with pytest.raises(pq.InvalidArgumentTypeError, match="list of lines"):
+    with pytest.raises(errors.InvalidArgumentTypeError, match="list of lines"):
         script.register((PY,), lines="one line")
-    with pytest.raises(pq.InvalidCommandError, match="needs lines"):
+    with pytest.raises(errors.InvalidCommandError, match="needs lines"):
         script.register((PY,), line_delay=1)
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(errors.InvalidTimeoutError):
         script.register((PY,), duration=-1)
-    with pytest.raises(pq.InvalidArgumentTypeError, match="returncode"):
+    with pytest.raises(errors.InvalidArgumentTypeError, match="returncode"):
         script.register((PY,), returncode=True)
-    with pytest.raises(pq.InvalidLimitError, match="times"):
+    with pytest.raises(errors.InvalidLimitError, match="times"):
         script.register((PY,), times=0)
     assert script.rules == []
 
 
 def test_a_streamed_response_is_a_dry_run_response() -> None:
-    script = pq.DryRunScript()
+    script = testing.DryRunScript()
     rule = script.register((PY,), lines=["a", "b"], line_delay=0.5, duration=0.1)
     response = rule.response
-    assert isinstance(response, StreamedResponse) and isinstance(response, pq.DryRunResponse)
+    assert isinstance(response, StreamedResponse) and isinstance(response, testing.DryRunResponse)
     assert response.duration == 1.0 and response.stdout == b"a\nb\n"
 
 
 def test_a_match_predicate_may_look_at_the_script() -> None:
-    script = pq.DryRunScript()
+    script = testing.DryRunScript()
     script.register(match=lambda call: not script.unmatched and len(script.rules) == 1)
-    call = pq.DryRunCall(args=(PY, "-V"), shell=False, cwd=None, env=None)
-    answers: list[pq.DryRunResponse] = []
+    call = testing.DryRunCall(args=(PY, "-V"), shell=False, cwd=None, env=None)
+    answers: list[testing.DryRunResponse] = []
     # In a thread, so that a lock the predicate cannot take fails the test instead of hanging it.
     worker = threading.Thread(target=lambda: answers.append(script(call)), daemon=True)
     worker.start()
     worker.join(5)
-    assert answers == [pq.DryRunResponse()]
+    assert answers == [testing.DryRunResponse()]

@@ -12,8 +12,11 @@ import pytest
 from helpers import PY, py
 
 import prismq_subprocess as pq
-from prismq_subprocess import ModeSource, RunMode
+from prismq_subprocess import ModeSource, RunMode, testing
+from prismq_subprocess import exceptions as errors
 from prismq_subprocess._core import _dropin
+from prismq_subprocess._core._override import active_override
+from prismq_subprocess.abc import ThreadedStrategy
 
 
 def _threads() -> set[threading.Thread]:
@@ -21,7 +24,7 @@ def _threads() -> set[threading.Thread]:
 
 
 async def test_wrapper_without_mode_uses_the_override() -> None:
-    with pq.override_strategy("threaded", reason="because"):
+    with testing.override_strategy("threaded", reason="because"):
         async with pq.SubprocessWrapper() as wrapper:
             assert wrapper.mode is RunMode.THREADED
             assert wrapper.decision.source is ModeSource.OVERRIDE
@@ -34,10 +37,10 @@ async def test_wrapper_without_mode_uses_the_override() -> None:
 
 
 async def test_explicit_mode_or_strategy_is_not_overridden() -> None:
-    with pq.override_strategy(RunMode.DRY_RUN):
+    with testing.override_strategy(RunMode.DRY_RUN):
         async with (
             pq.SubprocessWrapper(RunMode.LOCAL) as named,
-            pq.SubprocessWrapper(pq.ThreadedStrategy()) as given,
+            pq.SubprocessWrapper(ThreadedStrategy()) as given,
         ):
             assert named.mode is RunMode.LOCAL and named.decision.source is ModeSource.ARGUMENT
             assert given.mode is RunMode.THREADED
@@ -47,14 +50,14 @@ async def test_override_wins_over_the_environment_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(pq.ENV_VAR, "local")
-    with pq.override_strategy("dry-run"):
+    with testing.override_strategy("dry-run"):
         async with pq.SubprocessWrapper() as wrapper:
             assert wrapper.mode is RunMode.DRY_RUN
 
 
 async def test_factory_gives_each_wrapper_a_fresh_strategy_sharing_one_recorder() -> None:
-    recorder = pq.DryRunRecorder({(PY, "-V"): 7})
-    with pq.override_strategy(lambda: pq.DryRunStrategy(recorder=recorder)):
+    recorder = testing.DryRunRecorder({(PY, "-V"): 7})
+    with testing.override_strategy(lambda: testing.DryRunStrategy(recorder=recorder)):
         async with pq.SubprocessWrapper() as one, pq.SubprocessWrapper() as two:
             assert one.strategy is not two.strategy
             assert (await one.run(PY, "-V")).returncode == 7
@@ -63,8 +66,8 @@ async def test_factory_gives_each_wrapper_a_fresh_strategy_sharing_one_recorder(
 
 
 async def test_innermost_override_wins_and_nesting_unwinds() -> None:
-    with pq.override_strategy("local"):
-        with pq.override_strategy("dry-run"):
+    with testing.override_strategy("local"):
+        with testing.override_strategy("dry-run"):
             inner = pq.SubprocessWrapper()
         outer = pq.SubprocessWrapper()
     try:
@@ -77,8 +80,8 @@ async def test_innermost_override_wins_and_nesting_unwinds() -> None:
 
 async def test_dropins_use_a_wrapper_of_the_override_released_at_its_end() -> None:
     before = _threads()
-    recorder = pq.DryRunRecorder()
-    with pq.override_strategy(lambda: pq.DryRunStrategy(recorder=recorder)):
+    recorder = testing.DryRunRecorder()
+    with testing.override_strategy(lambda: testing.DryRunStrategy(recorder=recorder)):
         result = await pq.run(PY, "-c", "print(1)")
         process = await pq.create_subprocess_exec(PY, "-V", stdout=pq.PIPE)
         await process.communicate()
@@ -86,10 +89,12 @@ async def test_dropins_use_a_wrapper_of_the_override_released_at_its_end() -> No
     assert recorder.commands == [(PY, "-c", "print(1)"), (PY, "-V")]
     assert None not in _dropin._shared or _dropin._shared[None].mode is not RunMode.DRY_RUN
 
-    with pq.override_strategy("threaded") as override:
+    with testing.override_strategy("threaded"):
         result = await pq.run(*py("print('real')"))
-        assert override.dropin is not None and override.dropin.mode is RunMode.THREADED
+        override = active_override()
+        assert override is not None and override.dropin is not None
         held = override.dropin
+        assert held.mode is RunMode.THREADED
     assert result.stdout.strip() == b"real"
     assert override.dropin is None
     # The block's drop-in wrapper was closed: its threads end.
@@ -97,12 +102,12 @@ async def test_dropins_use_a_wrapper_of_the_override_released_at_its_end() -> No
         if thread.name.startswith("prismq"):
             thread.join(5)
             assert not thread.is_alive(), thread
-    with pytest.raises(pq.WrapperClosedError):
+    with pytest.raises(errors.WrapperClosedError):
         await held.run(*py("pass"))
 
 
 async def test_a_child_of_the_dropin_wrapper_still_running_is_killed_at_the_end() -> None:
-    with pq.override_strategy("async"):
+    with testing.override_strategy("async"):
         process = await pq.create_subprocess_exec(*py("import time; time.sleep(60)"))
     assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
 
@@ -110,8 +115,8 @@ async def test_a_child_of_the_dropin_wrapper_still_running_is_killed_at_the_end(
 async def test_module_runner_without_mode_follows_the_override(tmp_path: Path) -> None:
     script = tmp_path / "job.py"
     script.write_text("print('never runs')\n")
-    recorder = pq.DryRunRecorder()
-    with pq.override_strategy(lambda: pq.DryRunStrategy(recorder=recorder)):
+    recorder = testing.DryRunRecorder()
+    with testing.override_strategy(lambda: testing.DryRunStrategy(recorder=recorder)):
         async with pq.RunRegistry() as registry, pq.ModuleRunner(registry) as runner:
             run = await runner.execute_module("job", "Job", script, {"n": 2})
     assert run.status is pq.RunStatus.COMPLETED and run.mode == "dry-run"
@@ -120,24 +125,25 @@ async def test_module_runner_without_mode_follows_the_override(tmp_path: Path) -
 
 
 def test_bad_overrides_are_refused() -> None:
-    with pytest.raises(pq.InvalidRunModeError, match="not a run mode"):
-        pq.override_strategy("warp").__enter__()
-    with pytest.raises(pq.InvalidRunModeError, match="callable"):
-        pq.override_strategy(3).__enter__()  # type: ignore[arg-type]
-    not_a_strategy = pq.override_strategy(lambda: "no")  # type: ignore[arg-type,return-value]
-    with not_a_strategy, pytest.raises(pq.InvalidRunModeError, match="not a SubprocessStrategy"):
+    with pytest.raises(errors.InvalidRunModeError, match="not a run mode"):
+        testing.override_strategy("warp").__enter__()
+    with pytest.raises(errors.InvalidRunModeError, match="callable"):
+        testing.override_strategy(3).__enter__()  # type: ignore[arg-type]
+    not_a_strategy = testing.override_strategy(lambda: "no")  # type: ignore[arg-type,return-value]
+    with (
+        not_a_strategy,
+        pytest.raises(errors.InvalidRunModeError, match="not a SubprocessStrategy"),
+    ):
         pq.SubprocessWrapper()
-    shared = pq.DryRunStrategy()
-    with pq.override_strategy(lambda: shared):
+    shared = testing.DryRunStrategy()
+    with testing.override_strategy(lambda: shared):
         first = pq.SubprocessWrapper()
-        with pytest.raises(pq.InvalidCommandError, match="already belongs"):
+        with pytest.raises(errors.InvalidCommandError, match="already belongs"):
             pq.SubprocessWrapper()
     first.cleanup()
 
 
 def test_override_is_not_active_outside_a_block() -> None:
-    from prismq_subprocess._core._override import active_override
-
-    with pq.override_strategy("local"):
+    with testing.override_strategy("local"):
         assert active_override() is not None
     assert active_override() is None

@@ -21,6 +21,7 @@ import asyncio, os, subprocess, sys, threading, time
 from pathlib import Path
 import psutil, pytest
 import prismq_subprocess as pq
+from prismq_subprocess import exceptions as errors
 PY = sys.executable
 """
 
@@ -96,9 +97,9 @@ async def test_scripted(pq_dry_run):
     assert psutil.Process().children(recursive=True) == []
 
 async def test_validated_as_in_the_real_modes(pq_dry_run):
-    with pytest.raises(pq.InvalidArgumentTypeError):
+    with pytest.raises(errors.InvalidArgumentTypeError):
         await pq.run(PY, 3)
-    with pytest.raises(pq.CwdNotFoundError):
+    with pytest.raises(errors.CwdNotFoundError):
         await pq.run(PY, "-V", cwd="/no/such/dir")
     assert pq_dry_run.calls == [] and pq_dry_run.unscripted == []
 """,
@@ -136,7 +137,7 @@ def shuts_down(pq_dry_run):
     yield
     try:
         asyncio.run(pq.run(PY, "-c", "at teardown"))
-    except pq.UnscriptedCommandError:
+    except errors.UnscriptedCommandError:
         pass  # swallowed by the host: the fixture still reports it
 
 def test_teardown_command(shuts_down):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -17,7 +18,7 @@ from ._modes import RunMode
 if TYPE_CHECKING:
     from ._wrapper import SubprocessWrapper
 
-__all__ = ["StrategyOverride", "active_override", "override_strategy"]
+__all__ = ["StrategyOverride", "active_override", "override_strategy", "warn_if_bypassed"]
 
 #: What an override installs: a mode, or a factory returning a fresh strategy per wrapper.
 StrategySource: TypeAlias = RunMode | str | Callable[[], SubprocessStrategy]
@@ -120,3 +121,22 @@ def _name(strategy: StrategySource) -> str:
     if isinstance(strategy, str):
         return repr(RunMode.parse(strategy).value)
     return getattr(strategy, "__qualname__", None) or repr(strategy)
+
+
+def warn_if_bypassed(source: ModeSource, stacklevel: int) -> None:
+    """Warn when a wrapper whose mode was detected (``source``) *before* the active override
+    began starts a command: the override does not reach it, so under a test's DRY_RUN it would
+    start a real process. The wrapper calls this just before it starts anything; ``stacklevel``
+    is that of the user's call as seen from the wrapper's method."""
+    if source not in (ModeSource.AUTO, ModeSource.ENVIRONMENT) or not _stack:
+        return
+    override = active_override()
+    if override is not None:
+        warnings.warn(
+            f"a SubprocessWrapper that detected its mode before {override.reason} began is "
+            "starting a command the override does not cover; build the wrapper (or what holds "
+            "it, e.g. a ModuleRunner) while the override is active: request the pq_dry_run or "
+            "pq_mode fixture before the fixture that builds your application",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )

@@ -23,7 +23,7 @@ from ._exceptions import (
 from ._line_stream import LineStream
 from ._modes import RunMode
 from ._offloop import run_in_thread
-from ._override import active_override
+from ._override import active_override, warn_if_bypassed
 from ._process import ProcessLike
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
 from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, stop_process_trees
@@ -216,6 +216,8 @@ class SubprocessWrapper(AsyncClosing):
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         self._check_open()
+        # Its caller's caller is the user's create_subprocess_exec/_shell call.
+        warn_if_bypassed(self._decision.source, stacklevel=3)
         try:
             process = await self._strategy._spawn_tracked(request)
         except NotImplementedError as exc:
@@ -363,6 +365,7 @@ class SubprocessWrapper(AsyncClosing):
             max_output_bytes=cap,
         )
         self._check_open()
+        warn_if_bypassed(self._decision.source, stacklevel=2)
         try:
             result = await self._strategy.run(request, options)
         except NotImplementedError as exc:
@@ -478,7 +481,6 @@ class SubprocessWrapper(AsyncClosing):
         self._live.clear()
         for strategy in (*self._retired, self._strategy):
             strategy.close()
-
 
 
 def _strategy_decision(strategy: SubprocessStrategy) -> ModeDecision:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import warnings
 from pathlib import Path
 
 import psutil
@@ -147,3 +148,21 @@ def test_override_is_not_active_outside_a_block() -> None:
     with testing.override_strategy("local"):
         assert active_override() is not None
     assert active_override() is None
+
+
+async def test_a_wrapper_built_before_the_override_warns_when_it_starts_a_command() -> None:
+    async with pq.SubprocessWrapper() as early, pq.SubprocessWrapper(RunMode.ASYNC) as pinned:
+        with testing.override_strategy("dry-run", reason="the test's DRY_RUN"):
+            with pytest.warns(RuntimeWarning, match="before the test's DRY_RUN began") as seen:
+                result = await early.run(*py("print('real')"))
+            assert seen[0].filename == __file__  # it points at the caller
+            assert result.stdout == b"real\n"  # not overridden: it really ran
+            with pytest.warns(RuntimeWarning, match="does not cover") as seen:
+                process = await early.create_subprocess_exec(*py("pass"))
+            assert seen[0].filename == __file__
+            await process.wait()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                await pinned.run(*py("pass"))  # a mode chosen by the caller is meant
+                async with pq.SubprocessWrapper() as inside:
+                    await inside.run(PY, "-V")  # built inside: overridden, no warning

@@ -211,7 +211,11 @@ def _leak_check(item: pytest.Item) -> LeakCheck | None:
         if not isinstance(options.get(flag, True), bool):
             raise pytest.UsageError(f"{where}: {flag} must be True or False")
     ignore = options.get("ignore_threads", ())
-    if isinstance(ignore, str) or not all(isinstance(p, str) for p in ignore):
+    if (
+        isinstance(ignore, str)
+        or not isinstance(ignore, Iterable)
+        or not all(isinstance(p, str) for p in ignore)
+    ):
         raise pytest.UsageError(f"{where}: ignore_threads must be a list of thread-name prefixes")
     timeout = options.get("timeout", 5.0)
     if (

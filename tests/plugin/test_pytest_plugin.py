@@ -357,14 +357,19 @@ def test_leaks_a_child():
 def test_bad_marker():
     pass
 
+@pytest.mark.pq_no_leaks(ignore_threads=3)
+def test_bad_ignore_list():
+    pass
+
 def test_clean():
     pass
 """,
     )
-    result.assert_outcomes(passed=2, errors=2)
+    result.assert_outcomes(passed=2, errors=3)
     text = output(result)
     assert "the test leaked" in text
     assert "takes only the keywords" in text and "bogus" in text
+    assert "ignore_threads must be a list of thread-name prefixes" in text
     assert _wait_gone(int((host.path / "child.pid").read_text()))
 
 

@@ -121,12 +121,15 @@ EXPECTED: dict[str, list[str]] = {
         "DryRunProcess",
         "DryRunRecorder",
         "DryRunResponse",
+        "DryRunScript",
         "DryRunStrategy",
         "PlatformOps",
         "ProcessEntry",
         "ProcessTable",
+        "ScriptRule",
         "StopRecord",
         "StopTarget",
+        "override_strategy",
         "platform_ops",
     ],
     "prismq_subprocess.exceptions": [
@@ -169,6 +172,7 @@ EXPECTED: dict[str, list[str]] = {
         "SubprocessPolicyException",
         "TaskManagerClosedError",
         "TaskTimeoutError",
+        "UnscriptedCommandError",
         "WrapperClosedError",
     ],
 }

@@ -46,6 +46,7 @@ __all__ = [
     "SubprocessPolicyException",
     "TaskManagerClosedError",
     "TaskTimeoutError",
+    "UnscriptedCommandError",
     "WrapperClosedError",
 ]
 
@@ -276,6 +277,19 @@ class OutputClosedError(ClosedError):
 class TaskManagerClosedError(ClosedError):
     """Raised by ``BackgroundTaskManager.start_task`` once ``aclose()`` / ``shutdown()`` has
     begun."""
+
+
+class UnscriptedCommandError(PrismQError, AssertionError):
+    """Raised in DRY_RUN by a strict :class:`DryRunScript` (the ``pq_dry_run`` fixture) when the
+    code under test starts a command that no registered rule answers.
+
+    It is an ``AssertionError``: an expectation of the test failed, not the code under test.
+    ``command`` is the unexpected command (argument tuple, or the shell command line).
+    """
+
+    def __init__(self, message: str, command: tuple[str, ...] | str) -> None:
+        super().__init__(message)
+        self.command = command
 
 
 class ScriptNotFoundError(PrismQError, FileNotFoundError):

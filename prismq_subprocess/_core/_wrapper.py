@@ -24,6 +24,7 @@ from ._exceptions import (
 from ._line_stream import LineStream
 from ._modes import RunMode
 from ._offloop import run_in_thread
+from ._override import active_override, warn_if_bypassed
 from ._process import ProcessLike
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
 from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, stop_process_trees
@@ -50,7 +51,8 @@ class SubprocessWrapper(AsyncClosing):
     """Runs commands in one :class:`RunMode`, chosen by the caller or detected.
 
     ``mode`` is a :class:`RunMode`, its name as text, or ``None`` to auto-detect
-    (``PRISMQ_RUN_MODE``, platform, event loop; see :func:`detect_run_mode`). Alternatively pass
+    (``PRISMQ_RUN_MODE``, platform, event loop; see :func:`detect_run_mode`; an active
+    :func:`~prismq_subprocess.testing.override_strategy` comes first). Alternatively pass
     ``strategy=``, a ready strategy instance: a built-in one configured by hand (e.g.
     ``prismq_subprocess.testing.DryRunStrategy(recorder=...)``) or your own
     ``prismq_subprocess.abc.SubprocessStrategy``; :attr:`mode` is then the strategy's ``mode``
@@ -89,6 +91,9 @@ class SubprocessWrapper(AsyncClosing):
             raise InvalidRunModeError("pass mode or strategy, not both")
         if isinstance(mode, SubprocessStrategy):
             mode, strategy = None, mode
+        override = active_override() if mode is None and strategy is None else None
+        if override is not None:
+            strategy = override.make_strategy(max_workers, self._ops)
         if strategy is not None:
             if not isinstance(strategy, SubprocessStrategy):
                 raise InvalidRunModeError(
@@ -101,6 +106,8 @@ class SubprocessWrapper(AsyncClosing):
                     "SubprocessWrapper; create one strategy per wrapper"
                 )
             self._decision = _strategy_decision(strategy)
+            if override is not None:
+                self._decision = override.decision(self._decision.mode)
             self._strategy = strategy
         else:
             self._decision = resolve_run_mode(mode)
@@ -210,6 +217,8 @@ class SubprocessWrapper(AsyncClosing):
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         self._check_open()
+        # Its caller's caller is the user's create_subprocess_exec/_shell call.
+        warn_if_bypassed(self._decision.source, stacklevel=3)
         try:
             process = await self._strategy._spawn_tracked(request)
         except NotImplementedError as exc:
@@ -357,6 +366,7 @@ class SubprocessWrapper(AsyncClosing):
             max_output_bytes=cap,
         )
         self._check_open()
+        warn_if_bypassed(self._decision.source, stacklevel=2)
         try:
             result = await self._strategy.run(request, options)
         except NotImplementedError as exc:
@@ -473,7 +483,6 @@ class SubprocessWrapper(AsyncClosing):
         self._live.clear()
         for strategy in (*self._retired, self._strategy):
             strategy.close()
-
 
 
 def _strategy_decision(strategy: SubprocessStrategy) -> ModeDecision:

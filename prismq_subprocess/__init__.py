@@ -70,11 +70,13 @@ from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
 from ._core._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
 from ._core._tree_stop import (
     DEFAULT_GRACE_PERIOD,
+    containment_report,
     execute_with_timeout,
     terminate_gracefully,
     terminate_many,
 )
 from ._core._wrapper import SubprocessWrapper
+from ._platform import ContainmentReport
 from ._resources._memory_monitor import MemoryMonitor
 from ._resources._readings import PsutilResourceReader, ResourceSnapshot
 from ._resources._resource_manager import LimitViolation, ResourceCheck, ResourceManager
@@ -102,6 +104,7 @@ __all__ = [
     "BaseRunRegistry",
     "CommandNotFoundError",
     "ConcurrentExecutor",
+    "ContainmentReport",
     "CwdNotADirectoryError",
     "CwdNotFoundError",
     "DryRunCall",
@@ -173,6 +176,7 @@ __all__ = [
     "ThreadedStrategy",
     "TreeSample",
     "WrapperClosedError",
+    "containment_report",
     "create_subprocess_exec",
     "create_subprocess_shell",
     "detect_run_mode",

@@ -29,6 +29,7 @@ EXPECTED: dict[str, list[str]] = {
         "ClosedError",
         "CommandNotFoundError",
         "ConcurrentExecutor",
+        "ContainmentReport",
         "DEFAULT_GRACE_PERIOD",
         "DEFAULT_MAX_OUTPUT_BYTES",
         "DEVNULL",
@@ -84,6 +85,7 @@ EXPECTED: dict[str, list[str]] = {
         "TaskHandle",
         "TaskTimeoutError",
         "TreeSample",
+        "containment_report",
         "create_subprocess_exec",
         "create_subprocess_shell",
         "detect_run_mode",
@@ -116,6 +118,7 @@ EXPECTED: dict[str, list[str]] = {
         "ThreadedStrategy",
     ],
     "prismq_subprocess.testing": [
+        "Containment",
         "DryRunCall",
         "DryRunHandler",
         "DryRunProcess",

@@ -62,7 +62,14 @@ class SubprocessWrapper(AsyncClosing):
 
     Children start in their own process group/session (``new_process_group=True``) so the whole
     tree can be stopped; pass ``new_process_group=False`` (or ``start_new_session=``/
-    ``process_group=`` per call) to opt out.
+    ``process_group=`` per call) to opt out. Each child is also contained by the strongest means
+    the host has (a cookie in its environment always; a cgroup v2 sub-group and the child
+    subreaper on Linux where allowed; see :func:`containment_report`), so even a double-forked
+    daemon is stopped with it.
+
+    ``die_with_host=True`` makes children die when this process dies, where the platform can
+    (Linux: ``PR_SET_PDEATHSIG`` for the direct child, set by a ``preexec_fn``, which makes each
+    spawn slower; see docs/LIFECYCLE.md).
 
     ``async with SubprocessWrapper() as w:`` stops (tree stop, ``grace_period`` then kill) every
     child it started that is still running when the block exits, and releases its threads.
@@ -85,10 +92,12 @@ class SubprocessWrapper(AsyncClosing):
         new_process_group: bool = True,
         max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
         ops: PlatformOps | None = None,
+        die_with_host: bool = False,
     ) -> None:
         self._ops = ops or platform_ops()
         if strategy is not None and mode is not None:
             raise InvalidRunModeError("pass mode or strategy, not both")
+        self._die_with_host = bool(die_with_host)
         if isinstance(mode, SubprocessStrategy):
             mode, strategy = None, mode
         override = active_override() if mode is None and strategy is None else None
@@ -213,6 +222,7 @@ class SubprocessWrapper(AsyncClosing):
             limit=limit,
             kwargs=grouped,
             added=frozenset(grouped.keys() - kwargs.keys()),
+            die_with_host=self._die_with_host,
         )
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:

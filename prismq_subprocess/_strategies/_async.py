@@ -7,7 +7,7 @@ import asyncio
 from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._tree_stop import register_group
+from .._core._tree_stop import register_child
 from .._core._validation import not_found_error
 from ._base import SpawnRequest, SubprocessStrategy
 
@@ -25,7 +25,7 @@ class AsyncStrategy(SubprocessStrategy):
     mode = RunMode.ASYNC
 
     async def spawn(self, request: SpawnRequest) -> ProcessLike:
-        kwargs = request.kwargs
+        kwargs, containment = self.ops.prepare_spawn(request.kwargs, request.die_with_host)
         try:
             if request.shell:
                 process = await asyncio.create_subprocess_shell(
@@ -49,14 +49,20 @@ class AsyncStrategy(SubprocessStrategy):
                     **kwargs,
                 )
         except FileNotFoundError as exc:
+            self.ops.release(containment)
             if request.shell:
                 raise
             assert isinstance(request.command, tuple)
             raise not_found_error(request.command[0], exc) from exc
-        register_group(process, self.ops.started_own_group(kwargs))
+        except BaseException:
+            self.ops.release(containment)
+            raise
+        self.ops.adopt(process.pid, containment)
+        register_child(process, self.ops.started_own_group(kwargs), containment, self.ops)
         return process
 
     async def _wait_exit(self, process: ProcessLike) -> None:
         # asyncio's wait() (3.11) returns only once every pipe is closed, so a grandchild holding
         # stdout would keep run() waiting after the child itself exited.
         await wait_exited(process)
+        self.ops.child_exited(process.pid)

@@ -47,6 +47,8 @@ class SpawnRequest:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: The ``kwargs`` keys the wrapper added itself (process-group options), not the caller.
     added: frozenset[str] = frozenset()
+    #: Make the child die with this process where the platform can (``die_with_host``).
+    die_with_host: bool = False
 
     @property
     def display(self) -> tuple[str, ...] | str:

@@ -21,10 +21,10 @@ from .._core._exceptions import ProcessTimeoutError
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._result import ProcessResult, TailBuffer
-from .._core._tree_stop import register_group
+from .._core._tree_stop import register_child
 from .._core._validation import not_found_error
 from .._io._blocking_io import Leftovers, drain_blocking
-from .._platform import PlatformOps
+from .._platform import Containment, PlatformOps
 from ._base import DEFAULT_LIMIT, RunOptions, SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor, start_popen
 from ._process_base import PopenProcess
@@ -191,7 +191,7 @@ class LocalStrategy(SubprocessStrategy):
         return await self._start(request, None)
 
     async def _start(self, request: SpawnRequest, max_output_bytes: int | None) -> LocalProcess:
-        popen = await spawn_in_executor(self._pool.get(), request, self.ops)
+        popen, containment = await spawn_in_executor(self._pool.get(), request, self.ops)
         own_group = self.ops.started_own_group(request.kwargs)
         process = LocalProcess(
             asyncio.get_running_loop(),
@@ -200,7 +200,8 @@ class LocalStrategy(SubprocessStrategy):
             limit=request.limit,
             max_output_bytes=max_output_bytes,
         )
-        register_group(process, own_group)
+        process.on_exit = self.ops.child_exited
+        register_child(process, own_group, containment, self.ops)
         return process
 
     async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
@@ -215,6 +216,7 @@ class LocalStrategy(SubprocessStrategy):
             stderr=subprocess.PIPE,
             limit=request.limit,
             kwargs=request.kwargs,
+            die_with_host=request.die_with_host,
         )
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
@@ -296,6 +298,7 @@ class _Launch:
         self.out = TailBuffer(options.max_output_bytes)
         self.err = TailBuffer(options.max_output_bytes)
         self.popen: subprocess.Popen[bytes] | None = None
+        self.containment: Containment | None = None
         self.process: LocalProcess | None = None
         self.job: asyncio.Future[int] | None = None
         self._lock = threading.Lock()
@@ -303,13 +306,13 @@ class _Launch:
 
     def run(self) -> int:
         """The worker's part (blocking)."""
-        popen = start_popen(self._request)
+        ops = self._strategy.ops
+        popen, self.containment = start_popen(self._request, ops)
         with self._lock:
             self.popen = popen
             aborted = self._aborted
-        ops = self._strategy.ops
         if aborted:
-            ops.kill_now(popen.pid, self._own_group)
+            ops.kill_now(popen.pid, self._own_group, self.containment)
             popen.kill()
         else:
             _call_soon(self._loop, self._on_spawned)
@@ -319,7 +322,9 @@ class _Launch:
             else None
         )
         drain_blocking(popen, self._options.input, self.out, self.err, leftovers)
-        return popen.wait()
+        returncode = popen.wait()
+        ops.child_exited(popen.pid)
+        return returncode
 
     def _on_spawned(self) -> None:
         with self._lock:
@@ -349,7 +354,9 @@ class _Launch:
                 job=self.job,
                 buffers=(self.out, self.err),
             )
-            register_group(self.process, self._own_group)
+            register_child(
+                self.process, self._own_group, self.containment, self._strategy.ops
+            )
         return self.process
 
 

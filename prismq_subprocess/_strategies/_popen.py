@@ -10,28 +10,38 @@ import subprocess
 import threading
 
 from .._core._validation import not_found_error
-from .._platform import PlatformOps
+from .._platform import Containment, PlatformOps
 from ._base import SpawnRequest
 
 __all__ = ["ExecutorOwner", "spawn_in_executor", "start_popen"]
 
 
-def start_popen(request: SpawnRequest) -> subprocess.Popen[bytes]:
-    """``Popen`` for ``request`` (blocking: call it from a worker thread)."""
-    return subprocess.Popen(
-        request.command,
-        stdin=request.stdin,
-        stdout=request.stdout,
-        stderr=request.stderr,
-        shell=request.shell,
-        bufsize=0,
-        **request.kwargs,
-    )
+def start_popen(
+    request: SpawnRequest, ops: PlatformOps
+) -> tuple[subprocess.Popen[bytes], Containment]:
+    """``Popen`` for ``request``, contained (cookie, cgroup, ...: see ``ops.prepare_spawn``);
+    the child and its containment record. Blocking: call it from a worker thread."""
+    kwargs, containment = ops.prepare_spawn(request.kwargs, request.die_with_host)
+    try:
+        popen = subprocess.Popen(
+            request.command,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            shell=request.shell,
+            bufsize=0,
+            **kwargs,
+        )
+    except BaseException:
+        ops.release(containment)
+        raise
+    ops.adopt(popen.pid, containment)
+    return popen, containment
 
 
 async def spawn_in_executor(
     executor: concurrent.futures.Executor, request: SpawnRequest, ops: PlatformOps
-) -> subprocess.Popen[bytes]:
+) -> tuple[subprocess.Popen[bytes], Containment]:
     """Start ``request`` with ``Popen`` in ``executor``.
 
     If the caller is cancelled while the worker is spawning, the child it starts is killed
@@ -41,7 +51,7 @@ async def spawn_in_executor(
         CommandNotFoundError: the program does not exist.
     """
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(executor, start_popen, request)
+    future = loop.run_in_executor(executor, start_popen, request, ops)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -54,13 +64,15 @@ async def spawn_in_executor(
 
 
 def _discard_orphan(
-    ops: PlatformOps, request: SpawnRequest, future: asyncio.Future[subprocess.Popen[bytes]]
+    ops: PlatformOps,
+    request: SpawnRequest,
+    future: asyncio.Future[tuple[subprocess.Popen[bytes], Containment]],
 ) -> None:
     if future.cancelled() or future.exception() is not None:
         return
-    popen = future.result()
+    popen, containment = future.result()
     own_group = ops.started_own_group(request.kwargs)
-    ops.kill_now(popen.pid, own_group)
+    ops.kill_now(popen.pid, own_group, containment)
     with contextlib.suppress(OSError):
         popen.kill()
     for pipe in (popen.stdin, popen.stdout, popen.stderr):

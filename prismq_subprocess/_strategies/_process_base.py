@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 from .._platform import KILL_SIGNAL
@@ -25,6 +26,9 @@ class ProcessBase:
     stdin: Any
     stdout: Any
     stderr: Any
+    #: Called with the pid once the child has exited (the platform then looks for orphans it
+    #: left to this process).
+    on_exit: Callable[[int], None] | None = None
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
         self._loop = loop
@@ -57,6 +61,9 @@ class ProcessBase:
             if not fut.done():
                 fut.set_result(returncode)
         self._waiters.clear()
+        if self.on_exit is not None:
+            with contextlib.suppress(Exception):
+                self.on_exit(self._pid)
 
     async def wait(self) -> int:
         """Wait for the child to exit and return its exit status.

@@ -13,7 +13,7 @@ from .._core._validation import not_found_error
 from .._platform import PlatformOps
 from ._base import SpawnRequest
 
-__all__ = ["ExecutorOwner", "spawn_in_executor", "start_popen"]
+__all__ = ["ExecutorOwner", "discard_popen", "spawn_in_executor", "start_popen"]
 
 
 def start_popen(request: SpawnRequest) -> subprocess.Popen[bytes]:
@@ -59,15 +59,30 @@ def _discard_orphan(
     if future.cancelled() or future.exception() is not None:
         return
     popen = future.result()
+    discard_popen(ops, request, popen)
+    threading.Thread(target=popen.wait, name="prismq-reap", daemon=True).start()
+
+
+def discard_popen(
+    ops: PlatformOps,
+    request: SpawnRequest,
+    popen: subprocess.Popen[bytes],
+    *,
+    close_pipes: bool = True,
+) -> None:
+    """Kill a child nobody will supervise, with its tree, synchronously (as asyncio kills a child
+    whose creation was cancelled; we also reach what a fast child already started in its
+    group). ``close_pipes``: also close our ends (when no other thread is using them). The
+    caller reaps it."""
     own_group = ops.started_own_group(request.kwargs)
     ops.kill_tree(popen.pid, own_group, ops.snapshot_descendants(popen.pid))
     with contextlib.suppress(OSError):
         popen.kill()
-    for pipe in (popen.stdin, popen.stdout, popen.stderr):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
-    threading.Thread(target=popen.wait, name="prismq-reap", daemon=True).start()
+    if close_pipes:
+        for pipe in (popen.stdin, popen.stdout, popen.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 class ExecutorOwner:

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._tree_stop import register_group
+from .._core._tree_stop import kill_tree_now, register_group
 from .._core._validation import not_found_error
 from .._io._pipes import read_available
 from ._base import SpawnRequest, SubprocessStrategy
@@ -28,6 +28,26 @@ class AsyncStrategy(SubprocessStrategy):
     mode: ClassVar[RunMode] = RunMode.ASYNC
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+        # asyncio kills a child whose creation is cancelled, but not what that child may already
+        # have started in its group. So the creation itself is not cancelled: a caller who gives
+        # up leaves it to finish (a few loop iterations), and the child's whole tree is then
+        # killed at once. Known gap: if the loop ends before the creation finished, asyncio's
+        # shutdown cancels it and only asyncio's own kill of the child happens.
+        creation = asyncio.ensure_future(self._create(request))
+        try:
+            return await asyncio.shield(creation)
+        except asyncio.CancelledError:
+            creation.add_done_callback(self._discard_created)
+            raise
+
+    def _discard_created(self, creation: asyncio.Future[ProcessLike]) -> None:
+        if creation.cancelled() or creation.exception() is not None:
+            return
+        process = creation.result()
+        kill_tree_now(process, self.ops)
+        self.release_pipes(process)
+
+    async def _create(self, request: SpawnRequest) -> ProcessLike:
         kwargs = request.kwargs
         try:
             if request.shell:

@@ -34,18 +34,21 @@ async def spawn_in_executor(
 ) -> subprocess.Popen[bytes]:
     """Start ``request`` with ``Popen`` in ``executor``.
 
-    If the caller is cancelled while the worker is spawning, the child it starts is killed
-    and reaped, so a cancelled spawn never leaves a process behind.
+    Cancellation: a spawn still queued is dropped; one already running finishes, and the worker
+    thread then kills the child and its tree at once (:func:`discard_popen`), without the event
+    loop's help, so a cancelled spawn leaves nothing behind even if the loop is gone by then.
 
     Raises:
         CommandNotFoundError: the program does not exist.
     """
-    loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(executor, start_popen, request)
+    job = executor.submit(start_popen, request)
+    spawned = asyncio.wrap_future(job)
     try:
-        return await asyncio.shield(future)
+        return await asyncio.shield(spawned)
     except asyncio.CancelledError:
-        future.add_done_callback(functools.partial(_discard_orphan, ops, request))
+        spawned.add_done_callback(_retrieve)
+        if not job.cancel():
+            job.add_done_callback(functools.partial(_discard_orphan, ops, request))
         raise
     except FileNotFoundError as exc:
         if request.shell or isinstance(request.command, str | bytes):
@@ -53,12 +56,19 @@ async def spawn_in_executor(
         raise not_found_error(request.command[0], exc) from exc
 
 
+def _retrieve(future: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    # Nobody awaits a cancelled spawn: mark its error as seen (the worker reports nothing).
+    if not future.cancelled():
+        future.exception()
+
+
 def _discard_orphan(
-    ops: PlatformOps, request: SpawnRequest, future: asyncio.Future[subprocess.Popen[bytes]]
+    ops: PlatformOps, request: SpawnRequest, job: concurrent.futures.Future[subprocess.Popen[bytes]]
 ) -> None:
-    if future.cancelled() or future.exception() is not None:
+    # Runs in the worker thread as the spawn returns (or at once, if it already has).
+    if job.cancelled() or job.exception() is not None:
         return
-    popen = future.result()
+    popen = job.result()
     discard_popen(ops, request, popen)
     threading.Thread(target=popen.wait, name="prismq-reap", daemon=True).start()
 

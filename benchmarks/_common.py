@@ -2,12 +2,17 @@
 
 Every comparison runs its cases A/B/C... interleaved inside one round (and rotates the order from
 round to round), so slow drift of a shared machine hits every case alike; ratios are then taken
-per round and their median reported.
+per round and their median reported, with the spread (min / median / max) over the rounds.
+
+Sample sizes are calibrated per case (:func:`calibrate`) so every timed sample lasts at least a
+minimum time (0.5 s in a full run); the calibration runs are the case's untimed warm-up. Cases
+sized differently are compared per operation (per spawn, per line, per task).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -52,19 +57,70 @@ class Interleaved:
         pairs = zip(self.samples[case], self.samples[base], strict=True)
         return statistics.median(a / b for a, b in pairs)
 
+    def paired_ratios(self, case: str, base: str) -> list[float]:
+        """``case / base`` for every round (the spread behind :meth:`paired_ratio`)."""
+        return [a / b for a, b in zip(self.samples[case], self.samples[base], strict=True)]
+
+    def spread(self, case: str) -> tuple[float, float, float]:
+        """(min, median, max) of the case's samples."""
+        return spread(self.samples[case])
+
     def as_dict(self) -> dict[str, Any]:
         return {
-            case: {"median": statistics.median(v), "min": min(v), "samples": v}
+            case: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
             for case, v in self.samples.items()
         }
 
 
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(min, median, max) of ``values``."""
+    return min(values), statistics.median(values), max(values)
+
+
+def calibrate(
+    sample: Callable[[int], float],
+    min_seconds: float,
+    start: int,
+    *,
+    maximum: int = 1_000_000_000,
+    log: Callable[[str], None] | None = None,
+) -> int:
+    """A size whose sample lasts at least ``min_seconds``: ``sample(size)`` returns seconds.
+
+    Starts at ``start`` (also the smallest size returned) and scales up from the measured time;
+    these runs are not recorded, so they are the case's warm-up as well (every case runs at least
+    once before timing).
+    """
+    size = max(1, start)
+    for _ in range(8):
+        seconds = sample(size)
+        if seconds >= min_seconds or size >= maximum:
+            return size
+        # Aim 25% above the minimum so a slightly faster timed round still clears it.
+        grow = min_seconds * 1.25 / max(seconds, 1e-6)
+        size = min(maximum, max(size + 1, math.ceil(size * min(grow, 100.0))))
+    if log is not None:
+        log(f"  calibration stopped at size {size} (samples still under {min_seconds:g} s)")
+    return size
+
+
 def interleave(
-    cases: dict[str, Callable[[], float]], rounds: int, *, log: Callable[[str], None] | None = None
+    cases: dict[str, Callable[[], float]],
+    rounds: int,
+    *,
+    warmup: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Interleaved:
-    """Call every case once per round, order rotated each round; each call returns seconds."""
+    """Call every case once per round, order rotated each round; each call returns seconds.
+
+    ``warmup``: call every case once, untimed, first (cases sized with :func:`calibrate` are
+    already warm).
+    """
     names = list(cases)
     result = Interleaved({name: [] for name in names})
+    if warmup:
+        for name in names:
+            cases[name]()
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
@@ -114,6 +170,12 @@ def run_fresh(script: Path, args: Sequence[str], timeout: float = 600.0) -> dict
         )
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def fmt_spread(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+    """``min / median / max`` of ``values``, each formatted with ``fmt``."""
+    low, mid, high = spread(values)
+    return f"{fmt(low)} / {fmt(mid)} / {fmt(high)}"
 
 
 def fmt_seconds(s: float) -> str:

@@ -1,4 +1,4 @@
-"""Spawn overhead: N runs of a trivial program, sequential and at concurrency 8.
+"""Spawn overhead: runs of a trivial program, sequential and at concurrency 8 / 64 / 256.
 
 Programs: ``/bin/true`` (the spawn itself dominates) and ``python -c pass`` (a realistic small
 child). Every case captures stdout and stderr through pipes (as ``run()`` does), except the
@@ -9,7 +9,11 @@ raw ``asyncio.create_subprocess_exec``+``communicate`` (the reference for ratios
 ``anyio.run_process``, ``trio.run_process``, and ``SubprocessWrapper.run()`` in ASYNC, THREADED,
 LOCAL and DRY_RUN, plus ASYNC through the drop-in ``create_subprocess_exec``+``communicate``.
 
-    python benchmarks/bench_spawn.py [--n 100] [--rounds 7]
+Each sample runs N spawns, N calibrated per case so a sample lasts >= 0.5 s (the calibration
+runs are the warm-up); cases are compared per spawn, paired round by round, and the spread over
+the rounds is printed.
+
+    python benchmarks/bench_spawn.py [--min-sample 0.5] [--rounds 7] [--groups true:1,python:8]
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import functools
 import os
 import subprocess
 import sys
@@ -32,8 +35,10 @@ from _common import (
     TRUE,
     Interleaved,
     Target,
+    calibrate,
     fmt_seconds,
     interleave,
+    spread,
     table,
     write_json,
 )
@@ -218,43 +223,94 @@ def dry_run_100(rounds: int) -> list[float]:
     return asyncio.run(main())
 
 
+def _sized(
+    case: Callable[[list[str], int, int], float], cmd: list[str], conc: int
+) -> Callable[[int], float]:
+    """``case`` as a function of the number of spawns (for :func:`calibrate`)."""
+    return lambda size: case(cmd, size, conc)
+
+
+def _per_spawn(
+    case: Callable[[list[str], int, int], float], cmd: list[str], size: int, conc: int
+) -> Callable[[], float]:
+    """One timed sample of ``case``: ``size`` spawns, returned as seconds per spawn."""
+    return lambda: case(cmd, size, conc) / size
+
+
+#: (program, concurrency) groups of a full run; ``/bin/true`` up to 256 in flight.
+GROUPS: tuple[tuple[str, int], ...] = (
+    ("true", 1),
+    ("true", 8),
+    ("true", 64),
+    ("true", 256),
+    ("python", 1),
+    ("python", 8),
+)
+#: Perf issue target: ASYNC run('/bin/true') per spawn at most this times raw asyncio's.
+ASYNC_TRUE_LIMIT = 1.05
+
+
 def run(
-    n: int = 100,
+    min_sample: float = 0.5,
     rounds: int = 7,
-    concurrencies: tuple[int, ...] = (1, 8),
-    programs: tuple[str, ...] = ("true", "python"),
+    groups: tuple[tuple[str, int], ...] = GROUPS,
+    n: int = 20,
     cases: tuple[str, ...] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure every case; returns the JSON-ready result."""
+    """Measure every case; returns the JSON-ready result.
+
+    Each case's N (spawns per sample) is calibrated so a sample lasts at least ``min_sample``
+    seconds, and is at least ``n`` and twice the concurrency; the calibration runs are the
+    warm-up. Samples are seconds per spawn, so cases with different N compare directly.
+    """
     chosen = {k: v for k, v in CASES.items() if cases is None or k in cases or k == REFERENCE}
-    groups: dict[str, Any] = {}
-    for program in programs:
+    result_groups: dict[str, Any] = {}
+    for program, conc in groups:
         cmd = PROGRAMS[program]
-        for conc in concurrencies:
-            key = f"{program} c={conc}"
-            if log:
-                log(f"spawn: {key}, n={n}, {rounds} rounds, {len(chosen)} cases")
-            timings: Interleaved = interleave(
-                {name: functools.partial(f, cmd, n, conc) for name, f in chosen.items()},
-                rounds,
+        key = f"{program} c={conc}"
+        if log:
+            log(f"spawn: {key}, {rounds} rounds, {len(chosen)} cases, >= {min_sample:g} s/sample")
+        sizes = {
+            name: calibrate(
+                _sized(f, cmd, conc),
+                min_sample,
+                max(n, 2 * conc),
                 log=log,
             )
-            groups[key] = {
-                "n": n,
-                "concurrency": conc,
-                "command": cmd,
-                "per_spawn_median_s": {c: timings.median(c) / n for c in chosen},
-                "ratio_to_asyncio": {c: timings.paired_ratio(c, REFERENCE) for c in chosen},
-                "ratio_to_subprocess_run": (
-                    {c: timings.paired_ratio(c, "subprocess.run") for c in chosen}
-                    if "subprocess.run" in chosen
-                    else {}
-                ),
-                "timings": timings.as_dict(),
-            }
+            for name, f in chosen.items()
+        }
+
+        timings: Interleaved = interleave(
+            {name: _per_spawn(f, cmd, sizes[name], conc) for name, f in chosen.items()},
+            rounds,
+            log=log,
+        )
+        result_groups[key] = {
+            "program": program,
+            "concurrency": conc,
+            "command": cmd,
+            "n_per_sample": sizes,
+            "per_spawn_median_s": {c: timings.median(c) for c in chosen},
+            "per_spawn_spread_s": {c: timings.spread(c) for c in chosen},
+            "ratio_to_asyncio": {c: timings.paired_ratio(c, REFERENCE) for c in chosen},
+            "ratio_to_asyncio_spread": {
+                c: spread(timings.paired_ratios(c, REFERENCE)) for c in chosen
+            },
+            "ratio_to_subprocess_run": (
+                {c: timings.paired_ratio(c, "subprocess.run") for c in chosen}
+                if "subprocess.run" in chosen
+                else {}
+            ),
+            "timings": timings.as_dict(),
+        }
     dry = dry_run_100(max(rounds, 5))
-    return {"n": n, "rounds": rounds, "groups": groups, "dry_run_100_s": dry}
+    return {
+        "min_sample_s": min_sample,
+        "rounds": rounds,
+        "groups": result_groups,
+        "dry_run_100_s": dry,
+    }
 
 
 def report(result: dict[str, Any]) -> str:
@@ -263,6 +319,7 @@ def report(result: dict[str, Any]) -> str:
     cases = list(next(iter(groups.values()))["per_spawn_median_s"])
     headers = ["case"] + [f"{k}: per spawn (vs asyncio)" for k in keys]
     rows = []
+    spreads = []
     for case in cases:
         rows.append(
             [case]
@@ -272,11 +329,23 @@ def report(result: dict[str, Any]) -> str:
                 for k in keys
             ]
         )
+        spreads.append(
+            [case]
+            + [
+                "{:.2f}-{:.2f}x".format(*groups[k]["ratio_to_asyncio_spread"][case][::2])
+                + f" [{fmt_seconds(groups[k]['per_spawn_spread_s'][case][0])}"
+                f"..{fmt_seconds(groups[k]['per_spawn_spread_s'][case][2])}]"
+                for k in keys
+            ]
+        )
     dry = sorted(result["dry_run_100_s"])
     return (
-        f"Spawn: N={result['n']} per sample, median of {result['rounds']} interleaved rounds; "
-        "ratio = median of per-round (case / raw asyncio)\n"
+        f"Spawn: median of {result['rounds']} interleaved rounds, each sample >= "
+        f"{result['min_sample_s']:g} s (N calibrated per case, warm-up first); "
+        "ratio = median of per-round (case / raw asyncio) per spawn\n"
         + table(headers, rows)
+        + "\nSpread over the rounds: ratio min-max [per spawn min..max]\n"
+        + table(["case", *keys], spreads)
         + f"\nDRY_RUN: 100 run() calls take {fmt_seconds(dry[len(dry) // 2])} (median)"
     )
 
@@ -285,9 +354,11 @@ def targets(result: dict[str, Any]) -> list[Target]:
     groups = result["groups"]
     out = []
 
-    def check(name: str, case: str, base: str, limit: float) -> None:
+    def check(name: str, case: str, base: str, limit: float, program: str | None = None) -> None:
         ratios = {}
         for key, g in groups.items():
+            if program is not None and g["program"] != program:
+                continue
             table_ = g["ratio_to_asyncio"] if base == REFERENCE else g["ratio_to_subprocess_run"]
             if case in table_ and base in table_:
                 ratios[key] = table_[case]
@@ -297,6 +368,13 @@ def targets(result: dict[str, Any]) -> list[Target]:
         detail = ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
         out.append(Target(name, all(v <= limit for v in ratios.values()), detail))
 
+    check(
+        f"ASYNC run('/bin/true') <= {ASYNC_TRUE_LIMIT:.2f}x raw asyncio at every concurrency",
+        "ASYNC run()",
+        REFERENCE,
+        ASYNC_TRUE_LIMIT,
+        program="true",
+    )
     check("ASYNC run() within 10% of raw asyncio", "ASYNC run()", REFERENCE, 1.10)
     check("THREADED run() within 15% of raw asyncio", "THREADED run()", REFERENCE, 1.15)
     check("LOCAL run() within 10% of subprocess.run", "LOCAL run()", "subprocess.run", 1.10)
@@ -328,20 +406,27 @@ def targets(result: dict[str, Any]) -> list[Target]:
     return out
 
 
+def _groups(text: str) -> tuple[tuple[str, int], ...]:
+    """``true:1,true:8,python:1`` -> (("true", 1), ("true", 8), ("python", 1))."""
+    out = []
+    for item in text.split(","):
+        program, _, conc = item.strip().partition(":")
+        out.append((program, int(conc or 1)))
+    return tuple(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--min-sample", type=float, default=0.5, help="seconds per sample")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--programs", default="true,python")
-    parser.add_argument("--concurrency", default="1,8")
-    args = parser.parse_args()
-    result = run(
-        args.n,
-        args.rounds,
-        tuple(int(c) for c in args.concurrency.split(",")),
-        tuple(args.programs.split(",")),
-        log=lambda s: print(s, file=sys.stderr),
+    parser.add_argument(
+        "--groups",
+        type=_groups,
+        default=GROUPS,
+        help="program:concurrency list, default " + ",".join(f"{p}:{c}" for p, c in GROUPS),
     )
+    args = parser.parse_args()
+    result = run(args.min_sample, args.rounds, args.groups, log=lambda s: print(s, file=sys.stderr))
     print(report(result))
     for t in targets(result):
         print(t.line())

@@ -1,7 +1,8 @@
 """Smoke test of the benchmark suite: every benchmark runs on a tiny size and reports.
 
 No timing is asserted (that is the benchmark's own PASS/FAIL line); this only catches a benchmark
-broken by an API change.
+broken by an API change. ``min_sample=0`` skips the sample-size calibration, so each case runs
+once to warm up and once per round at the smallest size.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
+import bench_background  # noqa: E402
 import bench_big_output  # noqa: E402
+import bench_capture  # noqa: E402
 import bench_lines  # noqa: E402
 import bench_many  # noqa: E402
+import bench_output_capture  # noqa: E402
+import bench_registry  # noqa: E402
 import bench_spawn  # noqa: E402
+import bench_stop  # noqa: E402
 
 
 def _check(module: Any, result: dict[str, Any]) -> None:
@@ -28,13 +34,13 @@ def _check(module: Any, result: dict[str, Any]) -> None:
 
 
 def test_spawn_smoke() -> None:
-    result = bench_spawn.run(n=5, rounds=1, concurrencies=(1, 2), programs=("true",))
+    result = bench_spawn.run(min_sample=0, rounds=1, groups=(("true", 1), ("true", 2)), n=3)
     assert set(result["groups"]["true c=1"]["per_spawn_median_s"]) == set(bench_spawn.CASES)
     _check(bench_spawn, result)
 
 
 def test_lines_smoke() -> None:
-    result = bench_lines.run(lines=2_000, rounds=1)
+    result = bench_lines.run(min_sample=0, rounds=1, lines=2_000)
     assert set(result["lines_per_second"]) == set(bench_lines.CONSUMERS)
     _check(bench_lines, result)
 
@@ -50,3 +56,37 @@ def test_many_smoke(case: str) -> None:
     result = bench_many.run(children=5, rounds=1, seconds=0.1, cases=[case])
     assert result["cases"][case]["peak_threads_max"] >= 1
     _check(bench_many, result)
+
+
+def test_stop_smoke() -> None:
+    result = bench_stop.run(children=[5], unrelated=[10], repeats=1, cap=20.0)
+    for mode in bench_stop.MODES:
+        sample = result["close"]["5"][mode][0]
+        assert "error" not in sample, sample
+        assert sample["running_after"] == sample["left_after_exit"] == 0
+        assert result["timeout"]["10"][mode]["marked_after"] == 0
+    _check(bench_stop, result)
+
+
+def test_capture_smoke() -> None:
+    result = bench_capture.run(min_sample=0, rounds=1, subscribers=(0, 3), lines=600)
+    assert result["cases"]["OutputCapture, 3 subscribers"]["delivered_fraction_min"] == 1.0
+    _check(bench_capture, result)
+
+
+def test_registry_smoke() -> None:
+    result = bench_registry.run(min_sample=0, rounds=1, writers=(1, 8), runs=16)
+    assert result["cases"]["SQLiteRunRegistry, 8 writers"]["runs_per_second"] > 0
+    _check(bench_registry, result)
+
+
+def test_background_smoke() -> None:
+    result = bench_background.run(min_sample=0, rounds=1, ticks=5, tasks=50)
+    assert result["manager_over_bare"] > 0
+    _check(bench_background, result)
+
+
+def test_output_capture_smoke() -> None:
+    result = bench_output_capture.run(lines=2_000, rounds=1)
+    assert set(result["us_per_line"]) >= {"await noop()", "append_line", "append_lines x1000"}
+    _check(bench_output_capture, result)

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import abc
 from datetime import datetime, timedelta
-from types import TracebackType
 from typing import Self
 
+from .._core._closing import AsyncResource
 from .._core._exceptions import (
     DuplicateRunError,
     InvalidQueryError,
     RegistryClosedError,
     RunNotFoundError,
+    RunStateError,
 )
 from ._run_record import Run, RunOwner, RunStatus, utc_now
 
@@ -53,17 +54,72 @@ def cutoff_from(age: timedelta | datetime) -> datetime:
     raise InvalidQueryError(f"age must be a timedelta or datetime, got {age!r}")
 
 
+def not_registered(run_id: str) -> RunNotFoundError:
+    """The error ``update_run`` raises for a run that was never added (or was deleted)."""
+    return RunNotFoundError(
+        f"no run with run_id {run_id!r} is registered; add it first with add_run() "
+        "(BackgroundTaskManager.start_task adds the runs it is given)"
+    )
+
+
+def _sources(target: RunStatus) -> frozenset[RunStatus]:
+    if target is RunStatus.PENDING:
+        return frozenset({RunStatus.PENDING})
+    if target is RunStatus.RUNNING:
+        return frozenset({RunStatus.PENDING, RunStatus.RUNNING})
+    return frozenset({RunStatus.PENDING, RunStatus.RUNNING, target})
+
+
+_SOURCES = {target: _sources(target) for target in RunStatus}
+
+
+def stored_statuses_for(target: RunStatus) -> frozenset[RunStatus]:
+    """The statuses a stored run may have for an update to ``target`` to be accepted.
+
+    Updates only move forward (PENDING, then RUNNING, then a final status) and a finished run
+    never changes status. Steps may be skipped: a caller may store a run only when it is added
+    and when it ends.
+    """
+    return _SOURCES[target]
+
+
+def unstorable(run: Run) -> RunStateError | None:
+    """The error for a run no update may store whatever is stored (COMPLETED, never started)."""
+    if run.status is RunStatus.COMPLETED and run.started_at is None:
+        return RunStateError(
+            f"cannot store run {run.run_id} as completed: it never started (no started_at); use "
+            "mark_running() then mark_completed(), or assign RUNNING before COMPLETED"
+        )
+    return None
+
+
+def refused_update(run_id: str, stored: RunStatus, run: Run) -> RunStateError | None:
+    """The error for an update of a run stored as ``stored`` to ``run``, or ``None`` if fine."""
+    error = unstorable(run)
+    if error is not None:
+        return error
+    if stored in stored_statuses_for(run.status):
+        return None
+    return RunStateError(
+        f"cannot store run {run_id} as {run.status.value}: it is stored as {stored.value}, "
+        "and a run only moves forward (pending, running, then one final status)"
+    )
+
+
 def finished_moment(run: Run) -> datetime:
     """The moment retention measures a finished run's age from."""
     return run.finished_at if run.finished_at is not None else run.created_at
 
 
-class BaseRunRegistry(abc.ABC):
+class BaseRunRegistry(AsyncResource):
     """Async interface of a run store.
 
     Use it as ``async with registry:`` (opens, then closes); stores that need no setup also work
-    without it. After :meth:`close` every method raises :class:`RegistryClosedError`; a closed
-    registry cannot be reopened (make a new one).
+    without it. After :meth:`aclose` (alias :meth:`close`) every method raises
+    :class:`RegistryClosedError`; a closed registry cannot be reopened (make a new one).
+
+    To write a store, subclass this and implement the abstract methods; a store that holds
+    resources overrides :meth:`open` and :meth:`aclose` (calling ``super().aclose()``).
 
     Cancelling a call stops the caller waiting; a store whose work runs in a thread (SQLite) still
     finishes the statement it started.
@@ -93,7 +149,7 @@ class BaseRunRegistry(abc.ABC):
 
     @property
     def closed(self) -> bool:
-        """``True`` after :meth:`close`."""
+        """``True`` after :meth:`aclose`."""
         return self._closed
 
     def _check_open(self) -> None:
@@ -108,21 +164,19 @@ class BaseRunRegistry(abc.ABC):
         """
         self._check_open()
 
-    async def close(self) -> None:
-        """Release the store's resources. Idempotent."""
+    async def aclose(self) -> None:
+        """Release the store's resources; later calls raise :class:`RegistryClosedError`.
+        Idempotent."""
         self._closed = True
 
+    async def close(self) -> None:
+        """Alias of :meth:`aclose` (the name used before 0.2)."""
+        await self.aclose()
+
     async def __aenter__(self) -> Self:
+        """Open the store (see :meth:`open`); leaving the block calls :meth:`aclose`."""
         await self.open()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @abc.abstractmethod
     async def add_run(self, run: Run) -> None:
@@ -138,8 +192,15 @@ class BaseRunRegistry(abc.ABC):
     async def update_run(self, run: Run) -> None:
         """Replace the stored run that has ``run.run_id`` with (a copy of) ``run``.
 
+        It is not an upsert: the run must have been added (``BackgroundTaskManager.start_task``
+        and ``ModuleRunner`` add theirs), so a mistyped id or a run already removed by retention
+        is an error, not a new row. Statuses only move forward (pending, running, then one final
+        status; steps may be skipped), so a stale copy cannot move a finished run back; and a
+        run stored COMPLETED must have started (``started_at`` set).
+
         Raises:
             RunNotFoundError: no run with this ``run_id`` is stored.
+            RunStateError: the stored run cannot move to ``run.status``; nothing is changed.
             RegistryClosedError: the registry is closed.
         """
 
@@ -219,8 +280,12 @@ class RunRegistry(BaseRunRegistry):
 
     async def update_run(self, run: Run) -> None:
         self._check_open()
-        if run.run_id not in self._runs:
-            raise RunNotFoundError(f"no run with run_id {run.run_id!r} is registered")
+        stored = self._runs.get(run.run_id)
+        if stored is None:
+            raise not_registered(run.run_id)
+        refused = refused_update(run.run_id, stored.status, run)
+        if refused is not None:
+            raise refused
         self._runs[run.run_id] = run.copy()
 
     async def get_run(self, run_id: str) -> Run | None:

@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Sequence
 
 __all__ = [
+    "ClosedError",
     "CommandNotFoundError",
     "CwdNotADirectoryError",
     "CwdNotFoundError",
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidQueryError",
     "InvalidRunError",
     "InvalidRunModeError",
+    "InvalidTaskError",
     "InvalidTimeoutError",
     "ModuleExecutionException",
     "OutputClosedError",
@@ -43,6 +45,8 @@ __all__ = [
     "ScriptNotFoundError",
     "SubprocessPolicyException",
     "TaskManagerClosedError",
+    "TaskTimeoutError",
+    "UnscriptedCommandError",
     "WrapperClosedError",
 ]
 
@@ -117,8 +121,17 @@ class CommandNotFoundError(PrismQError, FileNotFoundError):
         self.program = program
 
 
-class WrapperClosedError(PrismQError, RuntimeError):
-    """Raised when a :class:`SubprocessWrapper` is used after ``cleanup()`` or ``aclose()``."""
+class ClosedError(PrismQError, RuntimeError):
+    """Base class of the errors raised when an object is used after ``aclose()`` (or one of its
+    aliases: ``cleanup()``, ``close()``, ``shutdown()``, or the end of its ``async with`` block).
+
+    Catch this to handle every "already closed" case at once; the subclasses say which object it
+    was. It is also a ``RuntimeError``, as it was before the base class existed.
+    """
+
+
+class WrapperClosedError(ClosedError):
+    """Raised when a :class:`SubprocessWrapper` is used after ``aclose()`` or ``cleanup()``."""
 
 
 class ModuleExecutionException(PrismQError):
@@ -246,8 +259,9 @@ class InvalidQueryError(PrismQError, ValueError):
     a ``max_runs``/``max_age`` that is not positive)."""
 
 
-class RegistryClosedError(PrismQError, RuntimeError):
-    """Raised when a run registry is used after ``close()`` (or after its ``async with`` block)."""
+class RegistryClosedError(ClosedError):
+    """Raised when a run registry is used after ``aclose()`` / ``close()`` (or after its
+    ``async with`` block)."""
 
 
 class RegistrySchemaError(PrismQError, RuntimeError):
@@ -255,12 +269,27 @@ class RegistrySchemaError(PrismQError, RuntimeError):
     understands, or is not a registry file at all."""
 
 
-class OutputClosedError(PrismQError, RuntimeError):
-    """Raised by ``OutputCapture.append_line`` for a run whose output was already closed."""
+class OutputClosedError(ClosedError):
+    """Raised by ``OutputCapture.append_line`` for a run whose output was already closed
+    (``close_run``), or for any run once the capture itself was closed (``aclose()``)."""
 
 
-class TaskManagerClosedError(PrismQError, RuntimeError):
-    """Raised by ``BackgroundTaskManager.start_task`` after ``shutdown()`` has begun."""
+class TaskManagerClosedError(ClosedError):
+    """Raised by ``BackgroundTaskManager.start_task`` once ``aclose()`` / ``shutdown()`` has
+    begun."""
+
+
+class UnscriptedCommandError(PrismQError, AssertionError):
+    """Raised in DRY_RUN by a strict :class:`DryRunScript` (the ``pq_dry_run`` fixture) when the
+    code under test starts a command that no registered rule answers.
+
+    It is an ``AssertionError``: an expectation of the test failed, not the code under test.
+    ``command`` is the unexpected command (argument tuple, or the shell command line).
+    """
+
+    def __init__(self, message: str, command: tuple[str, ...] | str) -> None:
+        super().__init__(message)
+        self.command = command
 
 
 class ScriptNotFoundError(PrismQError, FileNotFoundError):
@@ -280,10 +309,73 @@ class InvalidParametersError(PrismQError, ValueError):
     that is not JSON-serialisable)."""
 
 
-class RunnerClosedError(PrismQError, RuntimeError):
-    """Raised when a ``ModuleRunner`` or ``ConcurrentExecutor`` is used after ``aclose()`` or
-    ``cleanup()``."""
+class RunnerClosedError(ClosedError):
+    """Raised when a ``ModuleRunner`` is used after ``aclose()``, or a ``ConcurrentExecutor``
+    after ``aclose()`` or ``cleanup()``."""
 
 
-class PoolClosedError(PrismQError, RuntimeError):
-    """Raised by ``ResourcePool.acquire_subprocess`` after ``cleanup()`` or ``aclose()``."""
+class PoolClosedError(ClosedError):
+    """Raised by ``ResourcePool.acquire_subprocess`` after ``aclose()`` or ``cleanup()``."""
+
+
+class OutputNotFoundError(RunNotFoundError):
+    """Raised by ``OutputCapture.subscribe`` (and ``sse_events``) for a run the capture does not
+    know: never opened, written to or closed here, and without a log file to replay. Pass
+    ``wait=True`` (or a number of seconds) to wait for such a run to appear instead.
+
+    It is a ``RunNotFoundError`` and so a ``KeyError``.
+    """
+
+
+class OutputWaitTimeoutError(OutputNotFoundError, TimeoutError):
+    """Raised by a subscription made with ``wait=<seconds>`` when the run did not appear in time.
+
+    It is also a ``TimeoutError``.
+    """
+
+
+class InvalidRunIdError(PrismQError, ValueError):
+    """Raised when a run id cannot name a log file (not a str, empty, or longer than a file name
+    may be once encoded; see ``run_log_path``), or when a file name was not made by
+    ``run_log_path``."""
+
+
+class InvalidSubscriptionError(PrismQError, ValueError):
+    """Raised by ``OutputCapture.subscribe`` and ``sse_events`` before anything starts when
+    ``from_seq``/``after``/``last_event_id``/``wait`` is malformed, or both ``from_seq`` and
+    ``after`` are given."""
+
+
+__all__ += [
+    "InvalidRunIdError",
+    "InvalidSubscriptionError",
+    "OutputNotFoundError",
+    "OutputWaitTimeoutError",
+]
+
+
+class InvalidSSEEventError(PrismQError, ValueError):
+    """Raised when an ``SSEEvent`` field cannot be framed: an ``event`` or ``id`` with a line
+    break (or an ``id`` with NUL, which browsers ignore), or a ``retry`` that is not an int
+    >= 0."""
+
+
+__all__ += ["InvalidSSEEventError"]
+
+
+class InvalidTaskError(PrismQError, TypeError):
+    """Raised before anything starts when background work is given the wrong kind of object: a
+    ``BackgroundTaskManager.start_task`` given something that is not a coroutine object (a
+    Task, a Future, a coroutine function not called), or a ``PeriodicTask`` / ``MemoryMonitor``
+    given a ``task_func`` or callback that is not callable. It is a ``TypeError``."""
+
+
+class TaskTimeoutError(ProcessTimeoutError):
+    """Raised by ``execute_with_timeout`` when the awaited work outlived its timeout; the work
+    has been cancelled. ``task_name`` names it. It is a :class:`ProcessTimeoutError` (so
+    handlers written for timed-out commands still catch it) and a ``TimeoutError``."""
+
+    def __init__(self, *, task_name: str, timeout: float) -> None:
+        super().__init__(cmd=task_name, timeout=timeout)
+        self.args = (f"task {task_name!r} timed out after {timeout:g} s and was cancelled",)
+        self.task_name = task_name

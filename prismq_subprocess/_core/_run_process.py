@@ -58,7 +58,7 @@ class ChildControl(Protocol):
     """What the run path asks of the strategy that started a child (every strategy is one)."""
 
     @property
-    def mode(self) -> RunMode:
+    def mode(self) -> RunMode | str:
         """The mode the child runs in (it goes into the result)."""
         ...
 
@@ -105,7 +105,7 @@ class ChildRun:
         self._released = False
 
     @property
-    def mode(self) -> RunMode:
+    def mode(self) -> RunMode | str:
         """The mode of the strategy that started the child."""
         return self.control.mode
 

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -14,14 +15,21 @@ from .._platform import PlatformOps, platform_ops
 from .._strategies import STRATEGIES, SubprocessStrategy
 from .._strategies._base import DEFAULT_LIMIT, SpawnRequest
 from ._closing import AsyncClosing
-from ._detect import ModeDecision, resolve_run_mode
-from ._exceptions import InvalidCommandError, SubprocessPolicyException, WrapperClosedError
+from ._detect import ModeDecision, ModeSource, resolve_run_mode
+from ._exceptions import (
+    InvalidCommandError,
+    InvalidRunModeError,
+    SubprocessPolicyException,
+    WrapperClosedError,
+)
 from ._line_stream import LineStream
 from ._modes import RunMode
+from ._offloop import run_in_thread
+from ._override import active_override, warn_if_bypassed
 from ._process import ProcessLike
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult, TailBuffer
 from ._run_process import ChildRun, run_to_completion
-from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, stop_process_tree
+from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, stop_process_trees
 from ._validation import (
     check_exec_command,
     check_limit,
@@ -46,11 +54,15 @@ _POLICY_HELP = (
 class SubprocessWrapper(AsyncClosing):
     """Runs commands in one :class:`RunMode`, chosen by the caller or detected.
 
-    ``mode`` is a :class:`RunMode`, its name as text, a ready strategy instance (e.g.
-    ``DryRunStrategy(recorder=...)``), or ``None`` to auto-detect (``PRISMQ_RUN_MODE``, platform,
-    event loop; see :func:`detect_run_mode`). An auto-detected ASYNC that meets a loop unable to
-    spawn (Windows' ``SelectorEventLoop``) logs one warning and uses THREADED from then on; a
-    pinned mode raises :class:`SubprocessPolicyException` instead.
+    ``mode`` is a :class:`RunMode`, its name as text, or ``None`` to auto-detect
+    (``PRISMQ_RUN_MODE``, platform, event loop; see :func:`detect_run_mode`; an active
+    :func:`~prismq_subprocess.testing.override_strategy` comes first). Alternatively pass
+    ``strategy=``, a ready strategy instance: a built-in one configured by hand (e.g.
+    ``prismq_subprocess.testing.DryRunStrategy(recorder=...)``) or your own
+    ``prismq_subprocess.abc.SubprocessStrategy``; :attr:`mode` is then the strategy's ``mode``
+    (passing the instance as ``mode`` also works). An auto-detected ASYNC that meets a loop
+    unable to spawn (Windows' ``SelectorEventLoop``) logs one warning and uses THREADED from then
+    on; a pinned mode raises :class:`SubprocessPolicyException` instead.
 
     Children start in their own process group/session (``new_process_group=True``) so the whole
     tree can be stopped; pass ``new_process_group=False`` (or ``start_new_session=``/
@@ -60,7 +72,10 @@ class SubprocessWrapper(AsyncClosing):
     child it started that is still running when the block exits, and releases its threads.
 
     Raises:
-        InvalidRunModeError: ``mode`` or ``PRISMQ_RUN_MODE`` names no mode.
+        InvalidRunModeError: ``mode`` or ``PRISMQ_RUN_MODE`` names no mode; both ``mode`` and
+            ``strategy`` given; ``strategy`` is not a ``SubprocessStrategy`` or its ``mode`` is
+            neither a :class:`RunMode` nor a non-empty string.
+        InvalidCommandError: the strategy already belongs to another wrapper.
         InvalidTimeoutError: ``grace_period`` is negative.
     """
 
@@ -68,6 +83,7 @@ class SubprocessWrapper(AsyncClosing):
         self,
         mode: RunMode | str | SubprocessStrategy | None = None,
         *,
+        strategy: SubprocessStrategy | None = None,
         max_workers: int | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         new_process_group: bool = True,
@@ -75,18 +91,31 @@ class SubprocessWrapper(AsyncClosing):
         ops: PlatformOps | None = None,
     ) -> None:
         self._ops = ops or platform_ops()
+        if strategy is not None and mode is not None:
+            raise InvalidRunModeError("pass mode or strategy, not both")
         if isinstance(mode, SubprocessStrategy):
-            if mode.on_spawn is not None:
+            mode, strategy = None, mode
+        override = active_override() if mode is None and strategy is None else None
+        if override is not None:
+            strategy = override.make_strategy(max_workers, self._ops)
+        if strategy is not None:
+            if not isinstance(strategy, SubprocessStrategy):
+                raise InvalidRunModeError(
+                    f"strategy must be a SubprocessStrategy instance, got {strategy!r}"
+                )
+            if strategy.on_spawn is not None:
                 # Its children would be tracked (and stopped on close) by one wrapper only.
                 raise InvalidCommandError(
-                    f"this {type(mode).__name__} already belongs to another SubprocessWrapper; "
-                    "create one strategy per wrapper"
+                    f"this {type(strategy).__name__} already belongs to another "
+                    "SubprocessWrapper; create one strategy per wrapper"
                 )
-            self._decision = resolve_run_mode(mode.mode)
-            self._strategy = mode
+            self._decision = _strategy_decision(strategy)
+            if override is not None:
+                self._decision = override.decision(self._decision.mode)
+            self._strategy = strategy
         else:
             self._decision = resolve_run_mode(mode)
-            self._strategy = self._make_strategy(self._decision.mode, max_workers)
+            self._strategy = self._make_strategy(RunMode(self._decision.mode), max_workers)
         self._max_workers = max_workers
         self._grace = check_timeout(grace_period, "grace_period") or 0.0
         self._new_group = new_process_group
@@ -102,12 +131,13 @@ class SubprocessWrapper(AsyncClosing):
         self._strategy.on_spawn = self._track
 
     def __repr__(self) -> str:
-        return f"<SubprocessWrapper mode={self.mode.value} ({self.mode_reason})>"
+        return f"<SubprocessWrapper mode={self.mode} ({self.mode_reason})>"
 
     # -- mode --------------------------------------------------------------------------------
     @property
-    def mode(self) -> RunMode:
-        """The mode in use now (THREADED after a fallback)."""
+    def mode(self) -> RunMode | str:
+        """The mode in use now (THREADED after a fallback): a :class:`RunMode`, or the name a
+        custom strategy gives its mode."""
         return self._strategy.mode
 
     @property
@@ -143,7 +173,7 @@ class SubprocessWrapper(AsyncClosing):
     def _policy_error(self, exc: NotImplementedError) -> SubprocessPolicyException:
         loop = type(asyncio.get_running_loop()).__name__
         return SubprocessPolicyException(
-            f"mode {self.mode.value!r} was pinned ({self._decision.reason}) but the running event "
+            f"mode {str(self.mode)!r} was pinned ({self._decision.reason}) but the running event "
             f"loop {loop} cannot spawn subprocesses; {_POLICY_HELP}"
         )
 
@@ -204,7 +234,10 @@ class SubprocessWrapper(AsyncClosing):
             return await call(self._strategy)
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
-        process = await self._enter(lambda strategy: strategy.spawn(request))
+        self._check_open()
+        # Its caller's caller is the user's create_subprocess_exec/_shell call.
+        warn_if_bypassed(self._decision.source, stacklevel=3)
+        process = await self._enter(lambda strategy: strategy._spawn_tracked(request))
         if self._closed:
             # The wrapper was closed while this spawn was under way: nobody would supervise it.
             kill_tree_now(process, self._ops)
@@ -225,7 +258,9 @@ class SubprocessWrapper(AsyncClosing):
         err: TailBuffer,
     ) -> ChildRun:
         run = await self._enter(
-            lambda strategy: strategy.start_run(request, input=input, out=out, err=err, grace=grace)
+            lambda strategy: strategy._start_run(
+                request, input=input, out=out, err=err, grace=grace
+            )
         )
         if self._closed:
             run.discard()
@@ -358,6 +393,7 @@ class SubprocessWrapper(AsyncClosing):
             command = check_exec_command(cmd[0], cmd[1:])
         request = self._request(command, shell, None, None, None, DEFAULT_LIMIT, kwds)
         self._check_open()
+        warn_if_bypassed(self._decision.source, stacklevel=2)
         result = await run_to_completion(
             functools.partial(
                 self._start_run, request, bytes(input) if input is not None else None, grace or 0.0
@@ -428,33 +464,63 @@ class SubprocessWrapper(AsyncClosing):
 
     # -- shutting down ----------------------------------------------------------------------
     async def aclose(self) -> None:
-        """Stop every child still running (tree stop, bounded by ``grace_period`` each, all in
-        parallel) and release threads. Idempotent. Cancelling it still kills what it signalled.
+        """Stop every child still running (tree stop, all together, bounded by ``grace_period``)
+        and release threads. Idempotent.
+
+        The stop's blocking work runs in a worker thread and looks at the process table a few
+        times for all the children together, so closing a wrapper with many children neither
+        blocks the event loop nor takes time in proportion to the number of children.
+
+        Cancellation: whatever is still running is killed at once (no grace) and the threads
+        are released before ``CancelledError`` propagates.
         """
         live = self.live_processes
         self._closed = True
         try:
             if live:
-                await asyncio.gather(
-                    *(stop_process_tree(p, grace=self._grace, ops=self._ops) for p in live),
-                    return_exceptions=True,
-                )
+                try:
+                    await stop_process_trees(live, grace=self._grace, ops=self._ops)
+                except Exception:  # the clean-up below still kills and releases
+                    logger.exception("stopping the children of %r failed", self)
                 for process in live:
                     _release_pipes(process)
-        finally:
-            # Also when cancelled: whatever is still running is killed, threads are released.
+        except BaseException:
             self.cleanup()
+            raise
+        # Joining the pools' threads blocks: not on the loop (a cancellation stops the waiting
+        # only; the thread still finishes the clean-up).
+        await run_in_thread(self.cleanup, "prismq-close")
 
     def cleanup(self) -> None:
-        """Kill children still running (no grace: this is synchronous) and shut the thread pools
-        down. Idempotent; the wrapper cannot be used afterwards."""
+        """Synchronous form of :meth:`aclose` (the PrismQ guide's ``wrapper.cleanup()``): kill
+        children still running (no grace: this is synchronous) and shut the thread pools down.
+        Idempotent; the wrapper cannot be used afterwards. Prefer ``await aclose()`` from async
+        code: it gives children their grace period."""
         self._closed = True
-        for process in self.live_processes:
-            with contextlib.suppress(Exception):
-                kill_tree_now(process, self._ops)
+        killed = self.live_processes
+        if killed:
+            try:
+                kill_trees_now(killed, self._ops)
+            except Exception:
+                logger.exception("killing the children of %r failed", self)
+        _reap_killed(killed)
         self._live.clear()
         for strategy in (*self._retired, self._strategy):
             strategy.close()
+
+
+def _strategy_decision(strategy: SubprocessStrategy) -> ModeDecision:
+    mode = getattr(strategy, "mode", None)
+    if isinstance(mode, RunMode):
+        return resolve_run_mode(mode)
+    if not isinstance(mode, str) or not mode.strip():
+        raise InvalidRunModeError(
+            f"{type(strategy).__name__}.mode must be a RunMode or a non-empty string naming the "
+            f"strategy's mode, got {mode!r}"
+        )
+    return ModeDecision(
+        mode, f"strategy {type(strategy).__name__} passed by the caller", ModeSource.ARGUMENT
+    )
 
 
 def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
@@ -464,6 +530,23 @@ def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
             f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
             "for stdin, or create_subprocess_exec() to choose the streams"
         )
+
+
+# How long cleanup() waits, in all, for the children it just SIGKILLed to be reaped.
+_REAP_SECONDS = 1.0
+
+
+def _reap_killed(processes: list[ProcessLike]) -> None:
+    # Our Popen-backed children (THREADED, LOCAL) are reaped by a reader on the loop; if the loop
+    # closes first (a cleanup() in a finally just before asyncio.run() returns) they would stay
+    # zombies and their Popen would warn "still running" when collected. A SIGKILLed child dies
+    # at once, so reap it here, bounded. asyncio's own children are reaped by its child watcher.
+    deadline = time.monotonic() + _REAP_SECONDS
+    for process in processes:
+        popen = getattr(process, "_popen", None)
+        if isinstance(popen, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                popen.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _release_pipes(process: ProcessLike) -> None:

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from typing import IO
 
 from .._core._result import TailBuffer
+from .._platform import PIPE_BUF, PIPES_SELECTABLE
 from ._pipes import read_available
 
 __all__ = ["DrainWatch", "drain_blocking"]
 
 _READ = 256 * 1024
 # Writes to a pipe of at most PIPE_BUF bytes never block once select() said "writable".
-_WRITE = getattr(os, "PIPE_BUF", 512)
+_WRITE = PIPE_BUF
 
 #: How often a watched drain looks at the child (has it exited?) and at :meth:`DrainWatch.abandon`.
 _TICK = 0.05
@@ -64,7 +65,7 @@ def drain_blocking(
     decisions (how long to wait, what to stop) are the event loop's (``_core/_run_process.py``).
     On Windows the pipes are read by threads and a ``watch`` is not consulted.
     """
-    if os.name == "nt":  # pragma: no cover - Windows pipes cannot be select()ed
+    if not PIPES_SELECTABLE:  # pragma: no cover - Windows pipes cannot be select()ed
         _drain_with_threads(popen, input, out, err)
         return
     exited = False

@@ -24,11 +24,11 @@ import collections
 import contextlib
 import os
 import select
-import sys
 import threading
 import time
 from typing import IO, Any, Protocol
 
+from .._platform import CAN_POLL_PIPES
 from ._stdin_transport import WriterTransport
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "ThreadPerPipe",
     "ThreadedStdinWriter",
     "read_available",
+    "release_transport_pipes",
 ]
 
 #: Bytes per ``os.read``; large reads are what make line streaming fast.
@@ -55,9 +56,6 @@ WRITE_LOW_WATER = 16 * 1024
 _STOP_POLL_SECONDS = 0.25
 #: How long :meth:`ThreadPerPipe.close` waits for its threads, in all.
 _JOIN_SECONDS = 2.0
-
-_CAN_POLL = sys.platform != "win32" and hasattr(select, "poll")
-
 
 def call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
     """``loop.call_soon_threadsafe``, False instead of an error once the loop is closed."""
@@ -90,6 +88,28 @@ def read_available(fd: int, max_bytes: int = 16 * READ_CHUNK) -> tuple[list[byte
     except OSError:  # EIO, EBADF: nothing more will come
         return chunks, True
     return chunks, False
+
+
+def release_transport_pipes(process: Any) -> None:
+    """Close the pipe transports of an ``asyncio.subprocess.Process``: what the pipes hold now
+    goes to its readers (past their flow-control limit, so nothing already written is lost),
+    then end of file; the descriptors are freed and asyncio then closes the process transport.
+    Does nothing for an object without asyncio's transports."""
+    transport = getattr(process, "_transport", None)
+    if transport is None:
+        return
+    for fd, reader in ((0, None), (1, process.stdout), (2, process.stderr)):
+        pipe = None
+        with contextlib.suppress(AttributeError):  # a pipe not connected (yet) is None
+            pipe = transport.get_pipe_transport(fd)
+        if pipe is None or pipe.is_closing():
+            continue
+        if reader is not None:
+            source = pipe.get_extra_info("pipe")
+            if source is not None:
+                for data in read_available(source.fileno())[0]:
+                    reader.feed_data(data)
+        pipe.close()
 
 
 def as_broken_pipe(exc: OSError) -> OSError:
@@ -371,7 +391,7 @@ class PipeReaderThread:
 
     def _wait_readable(self, fd: int) -> bool:
         """Block until ``fd`` has data or EOF; False when asked to stop first."""
-        if not _CAN_POLL:
+        if not CAN_POLL_PIPES:
             return not self._flow.closing
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -401,7 +421,7 @@ class PipeReaderThread:
                 if not call_soon(self._loop, self._deliver, data):
                     eof = True
                     break
-            if not eof and _CAN_POLL:
+            if not eof and CAN_POLL_PIPES:
                 # Asked to stop (the pipe is let go of): keep what is already in it.
                 for data in read_available(fd)[0]:
                     flow.sent(len(data))

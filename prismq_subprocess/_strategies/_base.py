@@ -8,12 +8,14 @@ import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import IO, Any, ClassVar
+from typing import IO, Any
 
+from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._result import TailBuffer
 from .._core._run_process import ChildRun
+from .._io._pipes import release_transport_pipes
 from .._platform import PlatformOps, platform_ops
 from ._process_base import ProcessBase
 
@@ -27,10 +29,13 @@ DEFAULT_LIMIT = 2**16
 
 @dataclass(frozen=True)
 class SpawnRequest:
-    """A validated request to start one child.
+    """A validated request to start one child, as :meth:`SubprocessStrategy.spawn` receives it.
 
-    ``command`` is the argument tuple (exec) or the command line (``shell=True``); ``kwargs`` are
-    the remaining ``Popen`` keyword arguments (``cwd``, ``env``, group options, ...).
+    ``command`` is the argument tuple (exec) or the command line (``shell=True``); ``stdin``,
+    ``stdout``, ``stderr`` are ``PIPE``/``DEVNULL``/``STDOUT``/a file/``None`` as in asyncio;
+    ``limit`` is the ``StreamReader`` buffer limit; ``kwargs`` are the remaining ``Popen``
+    keyword arguments (``cwd``, ``env``, process-group options, ...), already checked; ``added``
+    names the ``kwargs`` keys the wrapper added itself rather than the caller.
     """
 
     command: tuple[str | bytes, ...] | str | bytes
@@ -56,14 +61,30 @@ class SpawnRequest:
 
 
 class SubprocessStrategy(ABC):
-    """How one :class:`RunMode` starts and runs children.
+    """How one mode starts and runs children; ``SubprocessWrapper(strategy=...)`` takes one.
 
-    Subclasses implement :meth:`_spawn`, and :meth:`wait_exit`/:meth:`release_pipes` where the
-    defaults do not fit their process objects; they may override :meth:`start_run` when their
-    mode can capture output more cheaply than through a process object (LOCAL and DRY_RUN do).
+    A subclass implements :meth:`spawn` (start a child, return an object satisfying
+    ``ProcessLike``) and sets :attr:`mode`; everything else (``run()``, ``stream()``, tree stop,
+    tracking, the drain rule) is built on ``spawn`` and written once for every mode. Two more
+    hooks answer what only the strategy knows about the process objects it returns; their
+    defaults fit ``asyncio.subprocess.Process`` and the built-in process objects, so most
+    strategies (and every one that delegates to a built-in strategy's ``spawn``) keep them:
+
+    - :meth:`wait_exit`: the exit status once the child itself has exited, even while something
+      it started still holds its pipes open;
+    - :meth:`release_pipes`: let go of the child's pipes (readers keep what was written, then
+      get end of file) when something outside its tree still holds them.
+
+    It may override :meth:`close` when it holds threads or other resources.
+
+    :attr:`mode` names the strategy's mode: a :class:`RunMode` for the built-in strategies (and
+    for one that wraps a built-in strategy and behaves as it does), any other non-empty string
+    for a new kind of strategy (e.g. ``"recording"``). Since ``RunMode`` is a ``StrEnum``, every
+    mode is a ``str``: ``str(wrapper.mode)`` and ``Run.mode`` give its name either way.
     """
 
-    mode: ClassVar[RunMode]
+    #: This strategy's mode (see the class docstring); subclasses set it.
+    mode: RunMode | str
 
     def __init__(self, *, max_workers: int | None = None, ops: PlatformOps | None = None) -> None:
         self.max_workers = max_workers
@@ -72,15 +93,10 @@ class SubprocessStrategy(ABC):
     #: Called with every process this strategy starts (the wrapper tracks them to stop them).
     on_spawn: Callable[[ProcessLike], None] | None = None
 
-    async def spawn(self, request: SpawnRequest) -> ProcessLike:
-        """Start the child described by ``request`` and return its process object.
-
-        Raises:
-            CommandNotFoundError: the program does not exist.
-            NotImplementedError: this event loop cannot run this mode (ASYNC on a Windows
-                selector loop); the wrapper decides whether to fall back.
-        """
-        process = await self._spawn(request)
+    async def _spawn_tracked(self, request: SpawnRequest) -> ProcessLike:
+        """:meth:`spawn` plus the tracking: what the wrapper and the run path call (an untracked
+        child would be missed when the wrapper closes)."""
+        process = await self.spawn(request)
         self._spawned(process)
         return process
 
@@ -89,10 +105,18 @@ class SubprocessStrategy(ABC):
             self.on_spawn(process)
 
     @abstractmethod
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
-        """Start the child; subclasses implement this, :meth:`spawn` adds the tracking."""
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
+        """Start the child described by ``request`` and return its process object (anything
+        satisfying ``ProcessLike``, e.g. an ``asyncio.subprocess.Process``). The wrapper tracks
+        and stops what this returns; a strategy that delegates to another calls its ``spawn``.
 
-    async def start_run(
+        Raises:
+            CommandNotFoundError: the program does not exist.
+            NotImplementedError: this event loop cannot run this mode (ASYNC on a Windows
+                selector loop); the wrapper decides whether to fall back.
+        """
+
+    async def _start_run(
         self,
         request: SpawnRequest,
         *,
@@ -105,13 +129,13 @@ class SubprocessStrategy(ABC):
         ``None``), stdout and stderr are read into ``out``/``err``. Returns the started run, its
         readers going; the run path (``_core/_run_process.py``) takes it from there.
 
-        This default spawns through :meth:`spawn` and reads with tasks; a strategy may override
-        it with a cheaper route (LOCAL reads in its worker thread, DRY_RUN fills the buffers from
-        its script).
+        This default spawns through :meth:`spawn` and reads with tasks. Built-in strategies
+        override it with a cheaper route (LOCAL reads in its worker thread, DRY_RUN fills the
+        buffers from its script); it is private because :class:`ChildRun` is.
 
         Cancellation: a spawn cancelled midway kills the child it was starting (and its tree).
         """
-        process = await self.spawn(
+        process = await self._spawn_tracked(
             replace(
                 request,
                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
@@ -128,17 +152,34 @@ class SubprocessStrategy(ABC):
 
     async def wait_exit(self, process: ProcessLike) -> int:
         """Return the exit status once the child itself has exited, whoever still holds its
-        pipes. Our own process objects report the exit as it happens, so this is ``wait()``."""
-        return await process.wait()
+        pipes (``run()`` and ``stream()`` wait here, then apply the drain rule to the pipes).
+
+        The default fits the process objects this package makes (they report the exit as it
+        happens: their ``wait()``) and ``asyncio.subprocess.Process``, whose ``wait()`` (3.11)
+        also waits for every pipe to close: for any other object its ``returncode`` is watched
+        (a pidfd where there is one, else polling). Override it only for a process object whose
+        ``returncode`` is not set at the exit.
+
+        Cancellation: only the waiting stops.
+        """
+        if not isinstance(process, ProcessBase):
+            await wait_exited(process)
+        returncode = process.returncode
+        return returncode if returncode is not None else await process.wait()
 
     def release_pipes(self, process: ProcessLike) -> None:
-        """Close our ends of the child's pipes (readers get end of file after what was read).
+        """Close our ends of the child's pipes: what they hold now goes to the readers, then end
+        of file, and the descriptors are freed.
 
-        Called by the run path once the child has exited or been stopped; a strategy whose pipes
-        need closing overrides it.
+        Called by the run path once the child has exited or been stopped and its pipes are
+        still open after the drain time (a process outside its tree holds them). The default
+        handles the built-in process objects and ``asyncio.subprocess.Process``; a strategy
+        whose process objects hold pipes some other way overrides it. Must not block.
         """
         if isinstance(process, ProcessBase):
             process._release_pipes()
+        else:
+            release_transport_pipes(process)
 
     def close(self) -> None:  # noqa: B027 - most strategies hold nothing to release
         """Release threads and other resources. Idempotent; processes are the wrapper's concern."""

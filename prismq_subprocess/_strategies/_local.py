@@ -17,7 +17,6 @@ import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import ClassVar
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
@@ -219,20 +218,20 @@ class LocalProcess(PopenProcess):
 class LocalStrategy(SubprocessStrategy):
     """Blocking ``subprocess.run`` semantics in a pool of ``max_workers`` threads."""
 
-    mode: ClassVar[RunMode] = RunMode.LOCAL
+    mode = RunMode.LOCAL
 
     def __init__(self, *, max_workers: int | None = None, ops: PlatformOps | None = None) -> None:
         super().__init__(max_workers=max_workers, ops=ops)
         self._pool = ExecutorOwner(max_workers, "prismq-local")
         self._drains = _Drains()
 
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
         popen = await spawn_in_executor(self._pool.get(), request, self.ops)
         process = LocalProcess(asyncio.get_running_loop(), popen, self._drains, limit=request.limit)
         register_group(process, self.ops.started_own_group(request.kwargs))
         return process
 
-    async def start_run(
+    async def _start_run(
         self,
         request: SpawnRequest,
         *,

@@ -85,7 +85,7 @@ def discard_popen(
     group). ``close_pipes``: also close our ends (when no other thread is using them). The
     caller reaps it."""
     own_group = ops.started_own_group(request.kwargs)
-    ops.kill_tree(popen.pid, own_group, ops.snapshot_descendants(popen.pid))
+    ops.kill_now(popen.pid, own_group)
     with contextlib.suppress(OSError):
         popen.kill()
     if close_pipes:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
-from typing import ClassVar, Literal
+from typing import Literal
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
@@ -32,7 +31,7 @@ from .._core._tree_stop import register_group
 from .._io._child_exit import watch_exit
 from .._io._io_thread import IOThread
 from .._io._pipes import BridgedReader, PipeBridge, ThreadPerPipe
-from .._platform import PlatformOps
+from .._platform import PIPES_SELECTABLE, PlatformOps
 from ._base import SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor
 from ._process_base import PopenProcess
@@ -117,7 +116,7 @@ class ThreadedStrategy(SubprocessStrategy):
     them); spawns then raise ``RuntimeError``.
     """
 
-    mode: ClassVar[RunMode] = RunMode.THREADED
+    mode = RunMode.THREADED
 
     def __init__(
         self,
@@ -131,15 +130,15 @@ class ThreadedStrategy(SubprocessStrategy):
         if io not in ("auto", "selector", "threads"):
             raise ValueError(f"io must be 'auto', 'selector' or 'threads', not {io!r}")
         if io == "auto":
-            io = "threads" if sys.platform == "win32" else "selector"
-        if io == "selector" and sys.platform == "win32":
+            io = "selector" if PIPES_SELECTABLE else "threads"
+        if io == "selector" and not PIPES_SELECTABLE:
             raise ValueError("io='selector' needs POSIX pipes; use io='threads' on Windows")
         self.io: IOMode = io
         self._use_pidfd = use_pidfd
         self._bridge: PipeBridge = IOThread("prismq-io") if io == "selector" else ThreadPerPipe()
         self._pool = ExecutorOwner(max_workers, "prismq-spawn")
 
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
         popen = await spawn_in_executor(self._pool.get(), request, self.ops)
         loop = asyncio.get_running_loop()
         process = ThreadedProcess(

@@ -118,7 +118,8 @@ async def eventually_gone(pid: int) -> bool:
 
 
 async def first_line(output: pq.OutputCapture, run_id: str, prefix: str) -> str:
-    async with output.subscribe(run_id) as lines:
+    # wait: a foreground run started by a task not yet scheduled is not known to the capture yet.
+    async with output.subscribe(run_id, wait=30.0) as lines:
         async for item in lines:
             if isinstance(item, pq.OutputLine) and item.text.startswith(prefix):
                 return item.text
@@ -177,11 +178,11 @@ async def test_bad_input_raises_before_anything_is_stored(
     ok = script(tmp_path, "ok", "pass")
     with pytest.raises(InvalidParametersError):
         await runner.execute_module("m", "M", ok, {"when": object()})
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         await runner.execute_module("m", "M", ok, timeout=-1)
-    with pytest.raises(pq.InvalidLimitError):
+    with pytest.raises(pq.exceptions.InvalidLimitError):
         await runner.execute_module("m", "M", ok, memory_limit_bytes=0)
-    with pytest.raises(pq.CwdNotFoundError):
+    with pytest.raises(pq.exceptions.CwdNotFoundError):
         await runner.execute_module("m", "M", "ok.py", cwd=tmp_path / "nope")
     assert await runner.registry.count_runs() == 0
 
@@ -294,7 +295,7 @@ async def test_cancel_stops_the_tree_of_a_background_run(
     grandchild = int((await first_line(runner.output, run_id, "pids")).split()[1])
     stored = await runner.registry.get_run(run_id)
     assert stored is not None and stored.pid is not None
-    assert await runner.cancel(run_id, "user pressed stop") is True
+    assert await runner.cancel(run_id, "user pressed stop") is pq.CancelResult.CANCELLED
     stored = await runner.registry.get_run(run_id)
     assert stored is not None
     assert stored.status is pq.RunStatus.CANCELLED
@@ -302,7 +303,8 @@ async def test_cancel_stops_the_tree_of_a_background_run(
     assert stored.output_tail == [f"pids {grandchild}"]
     assert stored.pid is not None and gone(stored.pid)
     assert await eventually_gone(grandchild)
-    assert await runner.cancel(run_id) is False
+    assert await runner.cancel(run_id) is pq.CancelResult.ALREADY_FINISHED
+    assert await runner.cancel("no-such-run") is pq.CancelResult.NOT_FOUND
 
 
 async def test_cancelling_the_awaiting_task_stops_the_tree_first(
@@ -329,7 +331,7 @@ async def test_cancel_of_a_foreground_run_returns_it_cancelled(
     task = asyncio.create_task(runner.execute_module("s", "Sleep", path, run_id="fg2"))
     assert runner.output is not None
     await first_line(runner.output, "fg2", "sleeping")
-    assert await runner.cancel("fg2", "no longer needed") is True
+    assert await runner.cancel("fg2", "no longer needed") is pq.CancelResult.CANCELLED
     run = await task
     assert run.status is pq.RunStatus.CANCELLED
     assert run.error_message == "no longer needed"
@@ -416,11 +418,11 @@ async def test_max_concurrent_queues_runs_as_pending(tmp_path: Path) -> None:
 
 
 async def test_dry_run_starts_nothing(tmp_path: Path) -> None:
-    recorder = pq.DryRunRecorder()
+    recorder = pq.testing.DryRunRecorder()
     path = script(tmp_path, "echo", ECHO_ARGS)
     async with (
         pq.RunRegistry() as registry,
-        ModuleRunner(registry, run_mode=pq.DryRunStrategy(recorder=recorder)) as runner,
+        ModuleRunner(registry, run_mode=pq.testing.DryRunStrategy(recorder=recorder)) as runner,
     ):
         run = await runner.execute_module("e", "Echo", path, {"n": 1})
     assert run.status is pq.RunStatus.COMPLETED
@@ -432,7 +434,7 @@ async def test_dry_run_starts_nothing(tmp_path: Path) -> None:
 def test_run_mode_and_wrapper_are_exclusive() -> None:
     wrapper = pq.SubprocessWrapper("threaded")
     try:
-        with pytest.raises(pq.InvalidRunModeError):
+        with pytest.raises(pq.exceptions.InvalidRunModeError):
             ModuleRunner(pq.RunRegistry(), run_mode="async", wrapper=wrapper)
     finally:
         wrapper.cleanup()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -20,6 +21,8 @@ from lifecycle_helpers import (
 )
 
 import prismq_subprocess as pq
+from prismq_subprocess._platform import PlatformOps, platform_ops
+from prismq_subprocess._platform._table import ProcessTable
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees; see docs/WINDOWS.md")
 
@@ -181,7 +184,7 @@ async def test_execute_with_timeout_cancels_and_stops(wrapper: pq.SubprocessWrap
         await pq.execute_with_timeout(wrapper.run(*py(TREE_CHILD), env=env), 1.0, "slow-job")
     await assert_no_survivors(mark, grace=0.0)
     assert await pq.execute_with_timeout(asyncio.sleep(0, "x"), None) == "x"
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         await pq.execute_with_timeout(asyncio.sleep(0), -1)
 
     async def raises_own_timeout() -> None:
@@ -196,7 +199,7 @@ async def test_terminate_gracefully_on_exited_process(wrapper: pq.SubprocessWrap
     proc = await wrapper.create_subprocess_exec(*py("import sys; sys.exit(7)"))
     await proc.wait()
     assert await pq.terminate_gracefully(proc, timeout=1) == 7
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         await pq.terminate_gracefully(proc, timeout=-1)
 
 
@@ -274,7 +277,7 @@ async def test_cancelled_aclose_still_kills_and_releases(mode: str) -> None:
     with pytest.raises(asyncio.CancelledError):
         await closing
     await assert_no_survivors(mark, grace=1.0)
-    with pytest.raises(pq.WrapperClosedError):
+    with pytest.raises(pq.exceptions.WrapperClosedError):
         await wrapper.run(*py("pass"))
     leftover = [
         t for t in threading.enumerate() if t.ident not in before and t.name.startswith("prismq")
@@ -289,7 +292,7 @@ async def test_a_spawn_racing_aclose_is_not_left_running(wrapper: pq.SubprocessW
     spawning = asyncio.ensure_future(wrapper.create_subprocess_exec(*py(TREE_CHILD), env=env))
     await asyncio.sleep(0)
     await wrapper.aclose()
-    with contextlib.suppress(pq.WrapperClosedError):
+    with contextlib.suppress(pq.exceptions.WrapperClosedError):
         await spawning
     await assert_no_survivors(mark, grace=1.0)
 
@@ -367,3 +370,70 @@ async def test_a_cancelled_spawn_leaves_no_tree(mode: str, route: str) -> None:
             await task
         await asyncio.sleep(1.0)  # the spawn finishes meanwhile (and must be undone)
         assert await asyncio.to_thread(survivors_after, mark, 2.0) == []
+
+
+def counting_ops() -> tuple[PlatformOps, list[threading.Thread]]:
+    """Real platform operations that record the thread of every look at the process table."""
+    ops = platform_ops(sys.platform)
+    threads: list[threading.Thread] = []
+    real_scan = ops.scan
+
+    def scan() -> ProcessTable:
+        threads.append(threading.current_thread())
+        return real_scan()
+
+    ops.scan = scan  # type: ignore[method-assign]
+    return ops, threads
+
+
+SLEEPER = py("import time; time.sleep(60)")
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_closing_many_children_takes_a_few_looks_off_the_loop(mode: str) -> None:
+    # Issue 10: a stop per child made three full process-table scans per child, on the loop.
+    ops, looks = counting_ops()
+    wrapper = pq.SubprocessWrapper(mode, grace_period=GRACE, ops=ops)
+    procs = [await wrapper.create_subprocess_exec(*SLEEPER, stdout=pq.PIPE) for _ in range(30)]
+    await wrapper.aclose()
+    assert all(p.returncode == -signal.SIGTERM for p in procs)
+    assert 0 < len(looks) <= 10, len(looks)
+    assert threading.current_thread() not in looks
+
+
+async def test_concurrent_stops_share_their_looks(wrapper: pq.SubprocessWrapper) -> None:
+    ops, looks = counting_ops()
+    procs = [await wrapper.create_subprocess_exec(*SLEEPER) for _ in range(30)]
+    statuses = await asyncio.gather(*(pq.terminate_gracefully(p, GRACE, ops=ops) for p in procs))
+    assert statuses == [-signal.SIGTERM] * 30
+    assert 0 < len(looks) <= 15, len(looks)
+    assert threading.current_thread() not in looks
+
+
+async def test_batch_stop_kills_the_stubborn_and_returns_statuses_in_order(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    marks, procs = [], []
+    for code in (TREE_CHILD, STUBBORN_CHILD, "import sys; sys.exit(3)"):
+        mark, env = marked_env()
+        marks.append(mark)
+        procs.append(await wrapper.create_subprocess_exec(*py(code), env=env))
+    await wait_marked(marks[0])
+    await wait_marked(marks[1])
+    await procs[2].wait()
+    statuses = await pq.terminate_many(procs, timeout=0.5)
+    assert statuses == [-signal.SIGTERM, -signal.SIGKILL, 3]
+    for mark in marks:
+        await assert_no_survivors(mark, grace=0.0)
+    assert await pq.terminate_many([]) == []
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
+        await pq.terminate_many(procs, timeout=-1)
+
+
+async def test_execute_with_timeout_names_a_task_not_a_command() -> None:
+    # Issue 13: a coroutine that is not a command was reported as "command 'slow' timed out".
+    with pytest.raises(pq.ProcessTimeoutError) as info:
+        await pq.execute_with_timeout(asyncio.sleep(30), 0.05, "slow")
+    assert isinstance(info.value, TimeoutError) and isinstance(info.value, pq.TaskTimeoutError)
+    assert str(info.value) == "task 'slow' timed out after 0.05 s and was cancelled"
+    assert info.value.task_name == "slow" and info.value.timeout == 0.05

@@ -62,7 +62,7 @@ def marked(mark: str) -> list[psutil.Process]:
         try:
             if proc.environ().get(MARK_VAR) == mark and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (psutil.Error, ProcessLookupError):  # psutil can let ESRCH through in a race
             continue
     return found
 

@@ -84,6 +84,10 @@ class ProcessBase:
     def _on_wait(self) -> None:
         """Hook: someone started waiting (LOCAL starts the run then)."""
 
+    def _release_pipes(self) -> None:
+        """Hook: close our ends of the output pipes; readers get what was read, then end of file
+        (the run path calls it when something outside the child's tree holds the pipes)."""
+
     async def _feed_stdin(self, input: bytes | None) -> None:
         if input is not None:
             self.stdin.write(input)

@@ -30,7 +30,7 @@ from .._core._process import ProcessLike
 from .._core._tree_stop import register_child
 from .._io._child_exit import watch_exit
 from .._io._io_thread import IOThread
-from .._io._pipes import PipeBridge, ThreadPerPipe
+from .._io._pipes import BridgedReader, PipeBridge, ThreadPerPipe
 from .._platform import PIPES_SELECTABLE, PlatformOps
 from ._base import SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor
@@ -80,6 +80,11 @@ class ThreadedProcess(PopenProcess):
             use_pidfd=use_pidfd,
             io_thread=bridge if isinstance(bridge, IOThread) else None,
         )
+
+    def _release_pipes(self) -> None:
+        for reader in (self.stdout, self.stderr):
+            if isinstance(reader, BridgedReader):
+                reader.release()
 
 
 class ThreadedStrategy(SubprocessStrategy):

@@ -12,11 +12,13 @@ import shlex
 from collections.abc import Sequence
 
 __all__ = [
+    "BackendClosedError",
     "CommandNotFoundError",
     "CwdNotADirectoryError",
     "CwdNotFoundError",
     "DuplicateRunError",
     "InvalidArgumentTypeError",
+    "InvalidBackendError",
     "InvalidCommandError",
     "InvalidCwdError",
     "InvalidEnvironmentError",
@@ -287,3 +289,13 @@ class RunnerClosedError(PrismQError, RuntimeError):
 
 class PoolClosedError(PrismQError, RuntimeError):
     """Raised by ``ResourcePool.acquire_subprocess`` after ``cleanup()`` or ``aclose()``."""
+
+
+class InvalidBackendError(PrismQError, TypeError):
+    """Raised before anything starts when a run backend is given something it cannot work with
+    (e.g. a synchronous Dask ``Client``, which would block the event loop, or an empty scheduler
+    address)."""
+
+
+class BackendClosedError(PrismQError, RuntimeError):
+    """Raised when a run backend is used after ``aclose()``."""

@@ -1,0 +1,300 @@
+"""What runs on a Dask worker for one module run: :func:`run_module_on_worker`.
+
+The module runs inside our own :class:`ModuleRunner`, in an event loop of the task's own thread,
+so everything a local run guarantees holds on the worker too: the child in its own process group,
+its whole tree stopped on timeout, memory limit and cancel, bounded output, the same statuses and
+messages. Around it:
+
+- the child's start (pid, mode) and its lines go to the host over the backend's event topic
+  (see ``_channel.py``);
+- a thread waits on the run's cancel ``distributed.Event`` (Dask cannot interrupt a running task)
+  and cancels the module, which stops the child's tree and records the run CANCELLED;
+- the run's "started" ``distributed.Event`` makes a retry (Dask re-runs the tasks of a worker
+  that died) refuse to run the module a second time, unless the host allowed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psutil
+from distributed import Event, get_client, get_worker
+from distributed.comm.addressing import get_address_host
+
+from .._background._backend import ModuleJob
+from .._background._memory_registry import RunRegistry
+from .._background._module_runner import ModuleRunner
+from .._background._output_capture import OutputCapture
+from .._background._run_record import Run, RunStatus
+from .._core._exceptions import PrismQError
+from ._channel import END, STARTED, Message, OutputForwarder
+
+__all__ = [
+    "CANCELLED_BEFORE_START",
+    "FINISHED",
+    "NOT_RETRIED",
+    "REFUSED",
+    "WorkerJob",
+    "WorkerOutcome",
+    "run_module_on_worker",
+    "stop_orphaned_tree",
+]
+
+logger = logging.getLogger(__name__)
+
+FINISHED: Final = "finished"
+"""Outcome: the module ran; ``run`` holds the worker's final record of it."""
+CANCELLED_BEFORE_START: Final = "cancelled-before-start"
+"""Outcome: the cancel event was already set when the task started; nothing ran."""
+NOT_RETRIED: Final = "not-retried"
+"""Outcome: an earlier attempt started the module on a worker that died; nothing ran again."""
+REFUSED: Final = "refused"
+"""Outcome: this worker refused the start before anything ran (e.g. the script is missing
+here); ``detail`` says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJob:
+    """Everything a worker needs for one run (pickled into the Dask task)."""
+
+    run_id: str
+    job: ModuleJob
+    topic: str
+    cancel_event: str
+    started_event: str
+    run_mode: str | None
+    grace_period: float
+    sample_interval: float
+    output_tail_lines: int
+    rerun_after_worker_loss: bool
+    cancel_poll: float
+    queue_lines: int
+    max_batch_lines: int
+    max_batch_chars: int
+    flush_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOutcome:
+    """What the task returns to the host: the outcome kind, the worker's address and, for a
+    module that ran, the worker's final :meth:`Run.to_dict` and how many lines it printed."""
+
+    kind: str
+    worker: str
+    run: dict[str, Any] | None = None
+    detail: str | None = None
+    lines: int = 0
+    dropped: int = 0
+
+
+class _StartReporter(RunRegistry):
+    """The worker's run registry: calls ``on_start`` once, when the run is saved RUNNING with
+    its child's pid (which the runner does right after spawning it)."""
+
+    def __init__(self, on_start: Callable[[Run], None]) -> None:
+        super().__init__()
+        self._on_start = on_start
+        self._reported = False
+
+    async def update_run(self, run: Run) -> None:
+        await super().update_run(run)
+        if not self._reported and run.status is RunStatus.RUNNING and run.pid is not None:
+            self._reported = True
+            self._on_start(run)
+
+
+class _CancelWatch:
+    """Waits on the run's cancel event in a thread of its own (each wait is one long poll on the
+    scheduler, ``poll`` seconds at most) and cancels the module's task once it is set.
+
+    :meth:`stop` does not join: the thread notices within one poll and ends by itself, so the
+    task's result is not held back by a poll in progress.
+    """
+
+    def __init__(self, event: Any, poll: float) -> None:
+        self._event = event
+        self._poll = poll
+        self._lock = threading.Lock()
+        self._target: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        self._fired = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="prismq-cancel-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def attach(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` when the event is set (at once if it already was). Call it from the
+        task's event loop."""
+        with self._lock:
+            self._target = (asyncio.get_running_loop(), task)
+            fired = self._fired
+        if fired:
+            task.cancel()
+
+    def _watch(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                if self._event.wait(timeout=self._poll):
+                    break
+            except Exception as exc:
+                if self._stopped.is_set():
+                    return  # the run ended; the worker may be closing its connections
+                # The scheduler is unreachable for now; its loss is handled by the host.
+                logger.warning("waiting on %s failed: %s", self._event.name, exc)
+                self._stopped.wait(self._poll)
+        else:
+            return
+        with self._lock:
+            self._fired = True
+            target = self._target
+        if target is not None:
+            loop, task = target
+            # A closed loop (RuntimeError) means the module already ended.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _started_message(forwarder: OutputForwarder, worker_address: str, run: Run) -> Message:
+    try:
+        create_time: float | None = psutil.Process(run.pid).create_time()
+    except (psutil.Error, ValueError):
+        create_time = None  # already gone: nothing to clean up after a worker death
+    return forwarder.message(
+        STARTED,
+        pid=run.pid,
+        mode=run.mode,
+        create_time=create_time,
+        worker=worker_address,
+        host=get_address_host(worker_address),
+    )
+
+
+async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> WorkerOutcome:
+    job = spec.job
+    send = functools.partial(get_worker().log_event, spec.topic)
+    # One line in the ring buffer: the forwarder subscribes before the first line, so it sees
+    # every line through its own (bounded) queue; nothing needs replaying.
+    capture = OutputCapture(max_lines_per_run=1, subscriber_queue_size=spec.queue_lines)
+    forwarder = OutputForwarder(
+        capture.subscribe(spec.run_id),
+        send,
+        {"run": spec.run_id, "attempt": uuid.uuid4().hex},
+        max_batch_lines=spec.max_batch_lines,
+        max_batch_chars=spec.max_batch_chars,
+        flush_interval=spec.flush_interval,
+    )
+    registry = _StartReporter(lambda run: send(_started_message(forwarder, address, run)))
+    forwarding = asyncio.create_task(forwarder.run())
+    runner = ModuleRunner(
+        registry,
+        run_mode=spec.run_mode,
+        output=capture,
+        grace_period=spec.grace_period,
+        output_tail_lines=spec.output_tail_lines,
+        sample_interval=spec.sample_interval,
+    )
+    run: Run | None = None
+    try:
+        module = asyncio.create_task(
+            runner.execute_module(
+                job.module_id,
+                job.module_name,
+                job.script,
+                job.parameters,
+                run_id=spec.run_id,
+                timeout=job.timeout,
+                memory_limit_bytes=job.memory_limit_bytes,
+                cwd=job.cwd,
+                env=job.env,
+            )
+        )
+        watch.attach(module)
+        try:
+            run = await module
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # The cancel event stopped it: the runner recorded the run CANCELLED.
+            run = await registry.get_run(spec.run_id)
+        except PrismQError as exc:
+            return WorkerOutcome(REFUSED, address, detail=f"{type(exc).__name__}: {exc}")
+    finally:
+        try:
+            await runner.aclose()
+        finally:
+            await capture.close_run(spec.run_id)  # ends the forwarder's subscription
+            await forwarding
+    if run is None:
+        # Cancelled before the run was even stored here: nothing started.
+        return WorkerOutcome(CANCELLED_BEFORE_START, address)
+    total = capture.line_count(spec.run_id)
+    send(forwarder.message(END, lines=total))
+    return WorkerOutcome(
+        FINISHED, address, run=run.to_dict(), lines=total, dropped=forwarder.dropped
+    )
+
+
+def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
+    """The Dask task of one run: run the module on this worker and return its outcome.
+
+    Runs in one of the worker's task threads, with an event loop of its own (the worker's loop
+    keeps serving the scheduler meanwhile).
+    """
+    worker = get_worker()
+    client = get_client()
+    cancel = Event(spec.cancel_event, client=client)
+    started = Event(spec.started_event, client=client)
+    if cancel.is_set():
+        return WorkerOutcome(CANCELLED_BEFORE_START, worker.address)
+    if started.is_set() and not spec.rerun_after_worker_loss:
+        return WorkerOutcome(NOT_RETRIED, worker.address)
+    started.set()
+    watch = _CancelWatch(cancel, spec.cancel_poll)
+    watch.start()
+    try:
+        return asyncio.run(_execute(spec, worker.address, watch))
+    finally:
+        watch.stop()
+
+
+def stop_orphaned_tree(pid: int, create_time: float) -> int:
+    """Kill what is left of a module's process tree after its worker died (run on a live worker
+    of the same host). The pid is only trusted if its start time matches, so a reused pid is
+    never touched. Returns how many processes were signalled."""
+    try:
+        leader = psutil.Process(pid)
+        if abs(leader.create_time() - create_time) >= 0.01:
+            return 0
+        victims = [leader, *leader.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    if hasattr(os, "killpg"):
+        try:
+            # The child leads its own process group (started in a new session): this also
+            # reaches descendants that were reparented away from it.
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass  # already gone
+    for process in victims:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(victims, timeout=5)
+    return len(victims)

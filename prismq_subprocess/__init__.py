@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib as _contextlib
 from asyncio.subprocess import DEVNULL, PIPE, STDOUT
 
+from ._background._backend import ModuleJob, RunBackend, RunContext
 from ._background._executor import ConcurrentExecutor, ModuleSpec
 from ._background._memory_registry import BaseRunRegistry, RunRegistry
 from ._background._module_args import parameters_to_args
@@ -30,11 +31,13 @@ from ._core._detect import ENV_VAR, ModeDecision, ModeSource, detect_run_mode
 from ._core._dropin import create_subprocess_exec, create_subprocess_shell, run
 from ._core._event_loop import install_subprocess_policy, subprocess_loop_factory
 from ._core._exceptions import (
+    BackendClosedError,
     CommandNotFoundError,
     CwdNotADirectoryError,
     CwdNotFoundError,
     DuplicateRunError,
     InvalidArgumentTypeError,
+    InvalidBackendError,
     InvalidCommandError,
     InvalidCwdError,
     InvalidEnvironmentError,
@@ -93,6 +96,7 @@ __all__ = [
     "PIPE",
     "STDOUT",
     "AsyncStrategy",
+    "BackendClosedError",
     "BackgroundTaskManager",
     "BaseRunRegistry",
     "CommandNotFoundError",
@@ -105,6 +109,7 @@ __all__ = [
     "DryRunStrategy",
     "DuplicateRunError",
     "InvalidArgumentTypeError",
+    "InvalidBackendError",
     "InvalidCommandError",
     "InvalidCwdError",
     "InvalidEnvironmentError",
@@ -122,6 +127,7 @@ __all__ = [
     "ModeDecision",
     "ModeSource",
     "ModuleExecutionException",
+    "ModuleJob",
     "ModuleRunner",
     "ModuleSpec",
     "OutputCapture",
@@ -150,6 +156,8 @@ __all__ = [
     "ResourceSnapshot",
     "ResourceWaitTimeoutError",
     "Run",
+    "RunBackend",
+    "RunContext",
     "RunMode",
     "RunNotFoundError",
     "RunOwner",

@@ -37,6 +37,7 @@ from .._core._validation import check_cwd, check_env, check_timeout
 from .._core._wrapper import SubprocessWrapper
 from .._resources._tree_sampler import ProcessTreeSampler, TreeSample
 from .._strategies import SubprocessStrategy
+from ._backend import ModuleJob, RunBackend, RunContext, check_resources
 from ._memory_registry import BaseRunRegistry
 from ._module_args import check_parameters, parameters_to_args
 from ._output_capture import OutputCapture
@@ -63,6 +64,22 @@ class _Launch:
     env: dict[str, str]
     timeout: float | None
     memory_limit_bytes: int | None
+    user_env: dict[str, str]
+    resources: dict[str, float]
+
+    def job(self, module_id: str, module_name: str) -> ModuleJob:
+        """The backend's view of this start (see :class:`ModuleJob`)."""
+        return ModuleJob(
+            module_id=module_id,
+            module_name=module_name,
+            script=self.argv[1],
+            parameters=self.parameters,
+            cwd=self.cwd,
+            env=self.user_env,
+            timeout=self.timeout,
+            memory_limit_bytes=self.memory_limit_bytes,
+            resources=self.resources,
+        )
 
 
 def _strip_newline(line: str) -> str:
@@ -128,6 +145,11 @@ class ModuleRunner(AsyncClosing):
             a run's ``timeout`` counts from its start, not from queueing).
         output_tail_lines: how many last lines ``Run.output_tail`` keeps.
         sample_interval: seconds between process-tree samples.
+        backend: where modules run (a :class:`RunBackend`, e.g.
+            ``prismq_subprocess.dask.DaskBackend``); ``None``: here, as children of this
+            process. The runner closes it in :meth:`aclose`. Everything above works the same
+            with any backend; ``wrapper``/``run_mode`` and ``process_manager`` only concern
+            local runs.
 
     Raises:
         InvalidRunModeError: both ``run_mode`` and ``wrapper`` given, or an unknown mode.
@@ -149,6 +171,7 @@ class ModuleRunner(AsyncClosing):
         max_concurrent: int | None = None,
         output_tail_lines: int = 50,
         sample_interval: float | timedelta = 0.5,
+        backend: RunBackend | None = None,
     ) -> None:
         if wrapper is not None and run_mode is not None:
             raise InvalidRunModeError("pass run_mode or wrapper, not both")
@@ -192,6 +215,7 @@ class ModuleRunner(AsyncClosing):
         self._active: dict[str, asyncio.Event] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._closed = False
+        self.backend = backend
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -229,6 +253,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> _Launch:
         """Validate a module start without starting anything (``execute_module`` and
         ``start_module`` call it first; the executor uses it to fail early).
@@ -243,6 +268,7 @@ class ModuleRunner(AsyncClosing):
             InvalidLimitError: ``memory_limit_bytes`` not a positive int.
             CwdNotFoundError / CwdNotADirectoryError: bad ``cwd``.
             InvalidEnvironmentError: ``env`` is not a mapping of str to str.
+            InvalidLimitError: ``resources`` is not a mapping of str to a positive number.
         """
         if cwd is not None:
             check_cwd(cwd)
@@ -269,6 +295,7 @@ class ModuleRunner(AsyncClosing):
             )
         if env is not None:
             check_env(env)
+        hints = check_resources(resources)
         child_env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
@@ -282,6 +309,8 @@ class ModuleRunner(AsyncClosing):
             env=child_env,
             timeout=limit,
             memory_limit_bytes=memory_limit_bytes,
+            user_env=dict(env or {}),
+            resources=hints,
         )
 
     def _new_run(
@@ -292,7 +321,7 @@ class ModuleRunner(AsyncClosing):
             module_id=str(module_id),
             module_name=str(module_name),
             parameters=launch.parameters,
-            mode=self.wrapper.mode.value,
+            mode=self._run_mode_label(),
             **fields,
         )
 
@@ -309,6 +338,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> Run:
         """Run the module to its end and return its final :class:`Run` (also in the registry).
 
@@ -332,6 +362,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            resources=resources,
         )
         run = self._new_run(module_id, module_name, launch, run_id)
         try:
@@ -355,6 +386,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> str:
         """Start the module in the background and return its ``run_id`` once the run is stored
         (PENDING; RUNNING once a slot is free and the child started).
@@ -379,9 +411,14 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            resources=resources,
         )
         run = self._new_run(module_id, module_name, launch, run_id)
-        return await self.task_manager.start_task(run, self._execute(run, launch, background=True))
+        return await self.task_manager.start_task(
+            run,
+            self._execute(run, launch, background=True),
+            marks_running=self.backend is not None,
+        )
 
     async def cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
         """Cancel a queued or running run of this runner and return once it is recorded
@@ -398,7 +435,10 @@ class ModuleRunner(AsyncClosing):
         if done is None:
             return False
         self._cancel_reasons.setdefault(run_id, reason)
-        await self.processes.stop(run_id, self.grace_period)
+        if self.backend is not None:
+            await self.backend.cancel(run_id)
+        else:
+            await self.processes.stop(run_id, self.grace_period)
         await done.wait()
         return True
 
@@ -415,6 +455,12 @@ class ModuleRunner(AsyncClosing):
         done = asyncio.Event()
         self._active[run.run_id] = done
         try:
+            if self.backend is not None:
+                return await self.backend.execute(
+                    run,
+                    launch.job(run.module_id, run.module_name),
+                    self._context(run.run_id, background),
+                )
             return await self._supervise(run, launch, background=background)
         finally:
             try:
@@ -424,6 +470,22 @@ class ModuleRunner(AsyncClosing):
                 self._active.pop(run.run_id, None)
                 self._cancel_reasons.pop(run.run_id, None)
                 done.set()
+
+    def _run_mode_label(self) -> str:
+        if self.backend is not None and self.backend.mode is not None:
+            return self.backend.mode
+        return self.wrapper.mode.value
+
+    def _context(self, run_id: str, background: bool) -> RunContext:
+        return RunContext(
+            output=self.output,
+            save=self._save,
+            cancel_reason=lambda: self._cancel_reasons.get(run_id),
+            background=background,
+            grace_period=self.grace_period,
+            sample_interval=self.sample_interval,
+            output_tail_lines=self.output_tail_lines,
+        )
 
     async def _supervise(self, run: Run, launch: _Launch, *, background: bool) -> Run:
         try:
@@ -595,10 +657,14 @@ class ModuleRunner(AsyncClosing):
             await self._task_manager.shutdown(grace=2 * self.grace_period + 1.0)
         for run_id in list(self._active):
             self._cancel_reasons.setdefault(run_id, "module runner closed")
+            if self.backend is not None:
+                await self.backend.cancel(run_id)
         await self.processes.stop_all(self.grace_period)
         pending = [event.wait() for event in self._active.values()]
         if pending:
             await asyncio.gather(*pending)
         if self._owns_wrapper:
             await self.wrapper.aclose()
+        if self.backend is not None:
+            await self.backend.aclose()
 

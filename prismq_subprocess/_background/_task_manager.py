@@ -46,11 +46,23 @@ _RECORDING = "recording"
 
 
 class _Entry:
-    __slots__ = ("abandoned", "cancel_reason", "coro", "phase", "run", "started", "task")
+    __slots__ = (
+        "abandoned",
+        "cancel_reason",
+        "coro",
+        "marks_running",
+        "phase",
+        "run",
+        "started",
+        "task",
+    )
 
-    def __init__(self, run: Run, coro: Coroutine[Any, Any, object]) -> None:
+    def __init__(
+        self, run: Run, coro: Coroutine[Any, Any, object], marks_running: bool = False
+    ) -> None:
         self.run = run
         self.coro = coro
+        self.marks_running = marks_running
         self.phase = _ADDING
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
@@ -169,8 +181,14 @@ class BackgroundTaskManager:
         """Return copies of this manager's unfinished runs (queued and running), oldest first."""
         return [entry.run.copy() for entry in self._entries.values()]
 
-    async def start_task(self, run: Run, coro: Coroutine[Any, Any, object]) -> str:
+    async def start_task(
+        self, run: Run, coro: Coroutine[Any, Any, object], *, marks_running: bool = False
+    ) -> str:
         """Record ``run`` (PENDING) in the registry and run ``coro`` in the background for it.
+
+        The manager marks the run RUNNING when ``coro`` starts, unless ``marks_running``: then
+        the coroutine does it itself when the work really begins (e.g. when a cluster worker
+        picks the run up), and the run stays PENDING until then.
 
         Returns ``run.run_id`` once the run is stored; the coroutine starts at once, or later if
         ``max_concurrent`` is reached. The manager owns ``run`` from now on and updates that
@@ -197,7 +215,7 @@ class BackgroundTaskManager:
         if run.run_id in self._entries:
             coro.close()
             raise DuplicateRunError(f"run {run.run_id!r} is already active in this manager")
-        entry = _Entry(run, coro)
+        entry = _Entry(run, coro, marks_running)
         self._entries[run.run_id] = entry
         self._idle.clear()
         try:
@@ -269,8 +287,9 @@ class BackgroundTaskManager:
                 raise asyncio.CancelledError  # cancel_task() came before this first step
             refusal = await self._admit(run)
             if refusal is None:
-                run.mark_running(pid=None)
-                await self._save(run)
+                if not entry.marks_running:
+                    run.mark_running(pid=None)
+                    await self._save(run)
                 result = await entry.coro
         except asyncio.CancelledError:
             current = asyncio.current_task()
@@ -333,6 +352,8 @@ class BackgroundTaskManager:
             return  # the coroutine decided its run's outcome itself
         status, message, exit_code = outcome
         if status is RunStatus.COMPLETED:
+            if run.status is RunStatus.PENDING:
+                run.mark_running(pid=None)  # a coroutine that was to mark it running did not
             run.mark_completed(exit_code)
         elif status is RunStatus.FAILED:
             run.mark_failed(message or "failed", exit_code=exit_code)

@@ -15,6 +15,14 @@ from __future__ import annotations
 
 import contextlib as _contextlib
 
+try:
+    import distributed as _distributed  # noqa: F401
+except ImportError as _exc:
+    raise ImportError(
+        "prismq_subprocess.dask needs Dask distributed: install the extra with"
+        " pip install 'prismq_subprocess[dask]' (on the host and on every worker)"
+    ) from _exc
+
 from ._dask_backend import DaskBackend
 from ._worker import run_module_on_worker, stop_orphaned_tree
 

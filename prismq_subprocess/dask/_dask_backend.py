@@ -253,7 +253,9 @@ class DaskBackend(RunBackend):
         attempt = message.get("attempt")
         if kind == STARTED:
             if remote.attempt is not None and attempt != remote.attempt:
-                # A retry on another worker (retry_on_worker_loss): follow the new attempt.
+                # Dask ran it again (retry_on_worker_loss), so the first worker died: stop what
+                # is left of the first attempt's tree, and follow the new attempt.
+                self._reap_later(remote)
                 remote.next_seq = 0
                 remote.ended.clear()
             remote.attempt = attempt
@@ -454,7 +456,7 @@ class DaskBackend(RunBackend):
                 run.run_id,
                 remote.missing,
             )
-        if isinstance(result, WorkerOutcome):
+        if isinstance(result, WorkerOutcome) and result.kind == FINISHED:
             run.worker = result.worker
         finished = (
             None
@@ -476,6 +478,8 @@ class DaskBackend(RunBackend):
                 run.mark_cancelled(remote.context.cancel_reason() or "cancelled")
         elif not run.is_finished:
             self._apply_outcome(remote, result, finished)
+        if run.status is RunStatus.INTERRUPTED and finished is None:
+            self._reap_later(remote)
         await remote.context.save(run)
 
     def _apply_outcome(
@@ -505,14 +509,11 @@ class DaskBackend(RunBackend):
             if result.kind == CANCELLED_BEFORE_START:
                 run.mark_cancelled(f"{reason} (before it started on the cluster)")
             elif result.kind == NOT_RETRIED:
-                run.mark_interrupted(
-                    f"the worker running the module died; it was not run again on"
-                    f" {result.worker} (retry_on_worker_loss is off)"
-                )
+                run.mark_interrupted(self._lost_reason(remote))
             else:
                 run.mark_failed(f"could not start the module on {result.worker}: {result.detail}")
         elif isinstance(result, KilledWorker):
-            run.mark_interrupted(f"the workers running the module died ({result}); not retried")
+            run.mark_interrupted(self._lost_reason(remote))
         elif isinstance(result, concurrent.futures.CancelledError):
             if remote.cancel_requested:
                 run.mark_cancelled(f"{reason} (before it started on the cluster)")
@@ -572,24 +573,35 @@ class DaskBackend(RunBackend):
                     self._lose(remote)
 
     def _lose(self, remote: _Remote) -> None:
-        worker, pid = remote.worker, remote.pid
         if self.retry_on_worker_loss:
             logger.warning(
                 "run %s: worker %s left the cluster; waiting for Dask to run it again",
                 remote.run.run_id,
-                worker,
+                remote.worker,
             )
+            self._reap_later(remote)
             remote.worker = None
+            remote.pid = None
             return
-        remote.lost = (
-            f"worker {worker} died or left the cluster while running the module (pid {pid});"
-            " not retried"
-        )
+        remote.lost = self._lost_reason(remote)
         remote.wake.set()
-        if pid is not None and remote.create_time is not None and remote.host is not None:
-            reaper = asyncio.create_task(self._reap(remote.host, pid, remote.create_time))
-            self._reapers.add(reaper)
-            reaper.add_done_callback(self._reapers.discard)
+
+    @staticmethod
+    def _lost_reason(remote: _Remote) -> str:
+        where = "its worker" if remote.worker is None else f"worker {remote.worker}"
+        pid = "" if remote.pid is None else f" (pid {remote.pid})"
+        return (
+            f"{where} died or left the cluster while running the module{pid};"
+            " not run again (retry_on_worker_loss is off)"
+        )
+
+    def _reap_later(self, remote: _Remote) -> None:
+        """Stop what is left of the tree of a module whose worker died, in the background."""
+        if remote.pid is None or remote.create_time is None or remote.host is None:
+            return
+        reaper = asyncio.create_task(self._reap(remote.host, remote.pid, remote.create_time))
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
 
     async def _reap(self, host: str, pid: int, create_time: float) -> None:
         loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ import os
 import sys
 
 import prismq_subprocess as pq
+from prismq_subprocess.testing import DryRunRecorder, DryRunResponse, DryRunStrategy
 
 PY = sys.executable
 
@@ -48,8 +49,8 @@ async def main() -> None:
             print(f"[timeout] {exc.timeout}s limit hit; output so far: {exc.stdout!r}")
 
     # 4. DRY_RUN: nothing starts; commands are recorded and answered from a script.
-    recorder = pq.DryRunRecorder({("git", "push"): pq.DryRunResponse(stdout=b"pushed\n")})
-    async with pq.SubprocessWrapper(pq.DryRunStrategy(recorder=recorder)) as dry:
+    recorder = DryRunRecorder({("git", "push"): DryRunResponse(stdout=b"pushed\n")})
+    async with pq.SubprocessWrapper(strategy=DryRunStrategy(recorder=recorder)) as dry:
         pushed = await dry.run("git", "push")
         await dry.run("rm", "-rf", "/tmp/something")
     print(f"[dry-run] git push said {pushed.stdout!r}; recorded: {recorder.commands}")

@@ -16,10 +16,10 @@ WRAPPER_FACTORIES: dict[str, Callable[[], pq.SubprocessWrapper]] = {
     "async": lambda: pq.SubprocessWrapper(RunMode.ASYNC, grace_period=2.0),
     "threaded": lambda: pq.SubprocessWrapper(RunMode.THREADED, grace_period=2.0),
     "threaded-waiter": lambda: pq.SubprocessWrapper(
-        pq.ThreadedStrategy(use_pidfd=False), grace_period=2.0
+        pq.abc.ThreadedStrategy(use_pidfd=False), grace_period=2.0
     ),
     "threaded-threads": lambda: pq.SubprocessWrapper(
-        pq.ThreadedStrategy(io="threads", use_pidfd=False), grace_period=2.0
+        pq.abc.ThreadedStrategy(io="threads", use_pidfd=False), grace_period=2.0
     ),
     "local": lambda: pq.SubprocessWrapper(RunMode.LOCAL, grace_period=2.0),
     "dry-run": lambda: pq.SubprocessWrapper(RunMode.DRY_RUN, grace_period=2.0),

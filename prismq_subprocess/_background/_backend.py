@@ -14,14 +14,12 @@ import abc
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .._core._closing import AsyncClosing
+from .._core._closing import AsyncResource
 from .._core._exceptions import InvalidLimitError
+from ._output_capture import OutputCapture
 from ._run_record import Run
-
-if TYPE_CHECKING:
-    from ._output_capture import OutputCapture
 
 __all__ = ["ModuleJob", "RunBackend", "RunContext", "check_resources"]
 
@@ -101,7 +99,7 @@ class RunContext:
     output_tail_lines: int
 
 
-class RunBackend(AsyncClosing, abc.ABC):
+class RunBackend(AsyncResource):
     """Executes module runs for a :class:`ModuleRunner` (see the module docstring).
 
     ``mode`` is what runs of this backend record in ``Run.mode``, or ``None`` to keep the

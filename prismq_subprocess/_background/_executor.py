@@ -286,9 +286,9 @@ class ConcurrentExecutor(AsyncClosing):
         await self.runner.aclose()
 
     def cleanup(self) -> None:
-        """Synchronous last resort: kill running children's trees at once (no grace) and
-        release threads. Prefer :meth:`aclose` from async code: it records the runs properly.
-        Idempotent."""
+        """Synchronous form of :meth:`aclose` (the PrismQ guide's ``executor.cleanup()``), a last
+        resort: kill running children's trees at once (no grace) and release threads. Prefer
+        :meth:`aclose` from async code: it records the runs properly. Idempotent."""
         self._closed = True
         self.runner.wrapper.cleanup()
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import abc
 from datetime import datetime, timedelta
-from types import TracebackType
 from typing import Self
 
+from .._core._closing import AsyncResource
 from .._core._exceptions import (
     DuplicateRunError,
     InvalidQueryError,
@@ -58,12 +58,15 @@ def finished_moment(run: Run) -> datetime:
     return run.finished_at if run.finished_at is not None else run.created_at
 
 
-class BaseRunRegistry(abc.ABC):
+class BaseRunRegistry(AsyncResource):
     """Async interface of a run store.
 
     Use it as ``async with registry:`` (opens, then closes); stores that need no setup also work
-    without it. After :meth:`close` every method raises :class:`RegistryClosedError`; a closed
-    registry cannot be reopened (make a new one).
+    without it. After :meth:`aclose` (alias :meth:`close`) every method raises
+    :class:`RegistryClosedError`; a closed registry cannot be reopened (make a new one).
+
+    To write a store, subclass this and implement the abstract methods; a store that holds
+    resources overrides :meth:`open` and :meth:`aclose` (calling ``super().aclose()``).
 
     Cancelling a call stops the caller waiting; a store whose work runs in a thread (SQLite) still
     finishes the statement it started.
@@ -93,7 +96,7 @@ class BaseRunRegistry(abc.ABC):
 
     @property
     def closed(self) -> bool:
-        """``True`` after :meth:`close`."""
+        """``True`` after :meth:`aclose`."""
         return self._closed
 
     def _check_open(self) -> None:
@@ -108,21 +111,19 @@ class BaseRunRegistry(abc.ABC):
         """
         self._check_open()
 
-    async def close(self) -> None:
-        """Release the store's resources. Idempotent."""
+    async def aclose(self) -> None:
+        """Release the store's resources; later calls raise :class:`RegistryClosedError`.
+        Idempotent."""
         self._closed = True
 
+    async def close(self) -> None:
+        """Alias of :meth:`aclose` (the name used before 0.2)."""
+        await self.aclose()
+
     async def __aenter__(self) -> Self:
+        """Open the store (see :meth:`open`); leaving the block calls :meth:`aclose`."""
         await self.open()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @abc.abstractmethod
     async def add_run(self, run: Run) -> None:

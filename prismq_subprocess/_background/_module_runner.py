@@ -219,7 +219,7 @@ class ModuleRunner(AsyncClosing):
 
     # -- properties ---------------------------------------------------------------------------
     @property
-    def mode(self) -> RunMode:
+    def mode(self) -> RunMode | str:
         """The mode children are started in (THREADED after an auto-detected fallback)."""
         return self.wrapper.mode
 
@@ -474,7 +474,7 @@ class ModuleRunner(AsyncClosing):
     def _run_mode_label(self) -> str:
         if self.backend is not None and self.backend.mode is not None:
             return self.backend.mode
-        return self.wrapper.mode.value
+        return str(self.wrapper.mode)
 
     def _context(self, run_id: str, background: bool) -> RunContext:
         return RunContext(
@@ -537,7 +537,7 @@ class ModuleRunner(AsyncClosing):
         )
         timed_out = False
         try:
-            run.mode = self.wrapper.mode.value
+            run.mode = str(self.wrapper.mode)
             if run.status is RunStatus.PENDING:
                 run.mark_running(process.pid)
             else:

@@ -173,11 +173,23 @@ class OutputCapture(AsyncClosing):
         self.subscriber_queue_size = _positive("subscriber_queue_size", subscriber_queue_size)
         self._runs: dict[str, _RunOutput] = {}
         self._log = None if log_dir is None else RunLogWriter(log_dir)
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """``True`` after :meth:`aclose`."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OutputClosedError("this OutputCapture is closed; create a new one")
 
     def _state(self, run_id: str) -> _RunOutput:
         state = self._runs.get(run_id)
         if state is None:
             state = self._runs[run_id] = _RunOutput()
+            # A run first seen after aclose() gets no more output: its subscribers must not wait.
+            state.closed = self._closed
         return state
 
     async def append_line(self, run_id: str, line: str) -> None:
@@ -186,8 +198,10 @@ class OutputCapture(AsyncClosing):
         Never waits for subscribers or the disk (it does not suspend at all).
 
         Raises:
-            OutputClosedError: :meth:`close_run` was already called for this run.
+            OutputClosedError: :meth:`close_run` was already called for this run, or
+                :meth:`aclose` for the capture.
         """
+        self._check_open()
         state = self._state(run_id)
         if state.closed:
             raise OutputClosedError(f"output of run {run_id!r} is closed")
@@ -278,10 +292,13 @@ class OutputCapture(AsyncClosing):
 
     async def aclose(self) -> None:
         """End every subscription and, with a ``log_dir``, flush and close all log files and stop
-        the writer thread. Idempotent. Buffers stay readable through :meth:`get_lines`.
+        the writer thread. Idempotent. Buffers stay readable through :meth:`get_lines` and
+        :meth:`subscribe` (which then replays and ends); :meth:`append_line` raises
+        :class:`OutputClosedError`.
 
         Cancellation: the writer thread still finishes writing and stops.
         """
+        self._closed = True
         for state in self._runs.values():
             state.closed = True
             for subscriber in state.subscribers:

@@ -26,9 +26,9 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from types import TracebackType
 from typing import Any, Self
 
+from .._core._closing import AsyncResource
 from .._core._durations import interval_seconds, timeout_seconds
 from .._core._exceptions import InvalidIntervalError, InvalidLimitError
 from .._core._maybe_async import is_async_callable
@@ -72,7 +72,7 @@ class PeriodicTaskStats:
     run_in_progress: bool
 
 
-class PeriodicTask:
+class PeriodicTask(AsyncResource):
     """Run ``task_func(*args, **kwargs)`` every ``interval`` on a fixed, drift-free cadence.
 
     Coroutine functions are awaited on the event loop; plain functions run in a worker thread
@@ -195,7 +195,8 @@ class PeriodicTask:
         self._task = loop.create_task(self._schedule(), name=f"PeriodicTask:{self.name}")
 
     async def stop(self, timeout: float | timedelta | None = 5.0) -> None:
-        """Stop the schedule and return when it has ended.
+        """Stop the schedule and return when it has ended (the PrismQ guide's verb;
+        :meth:`aclose` is this with the default ``timeout``).
 
         No new run starts after this is called. A run in progress is allowed ``timeout`` seconds
         to finish (``None``: wait as long as it takes), then it is cancelled. A plain function
@@ -242,19 +243,18 @@ class PeriodicTask:
                 exc_info=task.exception(),
             )
 
+    async def aclose(self) -> None:
+        """:meth:`stop` with the default timeout; what leaving ``async with`` does. Idempotent.
+
+        Like :meth:`stop` it leaves no closed state: the task may be started again.
+        """
+        await self.stop()
+
     async def __aenter__(self) -> Self:
-        """Start the schedule (see :meth:`start`) and return the task."""
+        """Start the schedule (see :meth:`start`) and return the task; leaving the block calls
+        :meth:`aclose`."""
         self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the schedule with the default timeout (see :meth:`stop`)."""
-        await self.stop()
 
     def _now(self) -> float:
         if self._clock is not None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
-from typing import Self
 
+from .._core._closing import AsyncResource
 from .._core._exceptions import DuplicateRunError
 from .._core._process import ProcessLike
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD, terminate_gracefully
@@ -23,7 +22,7 @@ __all__ = ["ProcessManager"]
 logger = logging.getLogger(__name__)
 
 
-class ProcessManager:
+class ProcessManager(AsyncResource):
     """Track the live child process of each run by ``run_id``; stop one run or all of them.
 
     The code that starts a child calls :meth:`register` right after spawning and
@@ -32,7 +31,9 @@ class ProcessManager:
     was asked for, so it can record the run as cancelled rather than failed.
 
     Safe for any number of tasks on one event loop: concurrent stops of one run share a single
-    tree stop. ``async with ProcessManager() as pm:`` stops whatever is still registered on exit.
+    tree stop. ``async with ProcessManager() as pm:`` (or ``await pm.aclose()``) stops whatever
+    is still registered. The manager holds nothing of its own, so it has no closed state: it
+    stays usable after :meth:`aclose`.
 
     Args:
         grace_period: default seconds between the polite stop request and the kill.
@@ -134,7 +135,7 @@ class ProcessManager:
 
     async def stop_all(self, grace: float | None = None) -> int:
         """Stop every registered live process (in parallel, each as :meth:`stop`); return how many
-        were running.
+        were running. :meth:`aclose` is this with the default ``grace``.
 
         Cancellation: stops waiting; the stops go on.
         """
@@ -152,13 +153,10 @@ class ProcessManager:
                 stopped += 1
         return stopped
 
-    async def __aenter__(self) -> Self:
-        return self
+    async def aclose(self) -> None:
+        """:meth:`stop_all` with the default grace period; what leaving ``async with`` does.
+        Idempotent.
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+        Cancellation: stops waiting; the stops go on.
+        """
         await self.stop_all()

@@ -472,8 +472,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
             # The close job has run (or is the only one left), so this join is short.
             executor.shutdown(wait=True)
 
-    async def close(self) -> None:
-        """Close the connection and stop the worker thread. Idempotent.
+    async def aclose(self) -> None:
+        """Close the connection and stop the worker thread (alias: :meth:`close`). Idempotent.
 
         Cancellation: the connection is still closed and the thread stopped.
         """

@@ -16,9 +16,9 @@ import logging
 from collections import deque
 from collections.abc import Coroutine
 from datetime import timedelta
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from .._core._closing import AsyncResource
 from .._core._durations import timeout_seconds
 from .._core._exceptions import (
     DuplicateRunError,
@@ -72,7 +72,7 @@ class _Entry:
         self.started = False
 
 
-class BackgroundTaskManager:
+class BackgroundTaskManager(AsyncResource):
     """Runs coroutines in the background, each tracked as a :class:`Run` in ``registry``.
 
     What a coroutine's outcome means for its run:
@@ -164,8 +164,12 @@ class BackgroundTaskManager:
 
     @property
     def closed(self) -> bool:
-        """``True`` once :meth:`shutdown` has begun."""
+        """``True`` once :meth:`aclose` / :meth:`shutdown` has begun."""
         return self._closing
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise TaskManagerClosedError("the task manager is shut down; it starts no new runs")
 
     @property
     def running_count(self) -> int:
@@ -200,7 +204,7 @@ class BackgroundTaskManager:
         if the run made it into the registry, it is recorded CANCELLED.
 
         Raises:
-            TaskManagerClosedError: :meth:`shutdown` has begun.
+            TaskManagerClosedError: :meth:`aclose` / :meth:`shutdown` has begun.
             RunStateError: ``run`` is not PENDING.
             DuplicateRunError: a run with this ``run_id`` is already active here or stored.
         """
@@ -446,7 +450,7 @@ class BackgroundTaskManager:
 
     async def shutdown(self, grace: float = 5.0, reason: str = "task manager shut down") -> None:
         """Stop: refuse new runs, cancel queued and running ones, and return once every run is
-        recorded in the registry.
+        recorded in the registry. This is :meth:`aclose` with a chosen ``grace`` and ``reason``.
 
         Queued runs are recorded CANCELLED without starting. Running coroutines are cancelled
         and get ``grace`` seconds to finish their cleanup; one still going after that is left
@@ -494,13 +498,10 @@ class BackgroundTaskManager:
         await self._save(entry.run)
         self._check_idle()
 
-    async def __aenter__(self) -> Self:
-        return self
+    async def aclose(self) -> None:
+        """:meth:`shutdown` with its defaults (5 s grace); what leaving ``async with`` does.
+        Idempotent; :meth:`start_task` then raises :class:`TaskManagerClosedError`.
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+        Cancellation: stops waiting; the cancellations already sent stay in effect.
+        """
         await self.shutdown()

@@ -118,8 +118,9 @@ class ResourcePool(AsyncClosing):
             await asyncio.gather(*(w.aclose() for w in wrappers))
 
     def cleanup(self) -> None:
-        """Synchronous close: kill the wrappers' children at once (no grace) and release their
-        threads. Idempotent. Prefer :meth:`aclose` from async code."""
+        """Synchronous form of :meth:`aclose` (the PrismQ guide's ``pool.cleanup()``): kill the
+        wrappers' children at once (no grace) and release their threads. Idempotent. Prefer
+        :meth:`aclose` from async code."""
         self._closed = True
         wrappers, self._wrappers, self._idle = self._wrappers, [], []
         for wrapper in wrappers:

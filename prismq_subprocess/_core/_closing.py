@@ -1,23 +1,37 @@
-"""`AsyncClosing`: the ``async with`` protocol for objects that have ``aclose()``."""
+"""`AsyncResource`: the package's one closing protocol, ``aclose()`` plus ``async with``."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["AsyncClosing"]
+__all__ = ["AsyncClosing", "AsyncResource", "join_stopped_task"]
 
 
-class AsyncClosing:
-    """Mixin: entering checks the object is still open (:meth:`_check_open`, a no-op unless
-    overridden), leaving awaits :meth:`aclose` however the block ends."""
+class AsyncResource(ABC):
+    """Something that holds resources (children, threads, files, tasks) until it is closed.
 
-    def _check_open(self) -> None:
+    Every such object in prismq_subprocess closes the same way, as anyio's ``AsyncResource``
+    does: ``await obj.aclose()``, or an ``async with obj:`` block, which calls :meth:`aclose`
+    however the block ends. ``aclose()`` is idempotent. Objects that can be closed for good then
+    refuse further use with a :class:`ClosedError` subclass; the schedulers (``PeriodicTask``,
+    ``ProcessTreeSampler``, ``MemoryMonitor``) hold nothing once stopped and may be started
+    again. Older verbs (``cleanup()``, ``stop()``, ``close()``, ...) remain as documented aliases.
+
+    Subclasses implement :meth:`aclose`; those with a closed state override :meth:`_check_open`
+    so entering a closed object raises at once. Entering may do more (a registry opens, a
+    scheduler starts); such subclasses override :meth:`__aenter__`.
+    """
+
+    def _check_open(self) -> None:  # noqa: B027 - only objects with a closed state override it
         """Raise if the object can no longer be used; subclasses that can be closed override."""
 
+    @abstractmethod
     async def aclose(self) -> None:
-        """Release everything the object holds; subclasses implement it."""
-        raise NotImplementedError
+        """Release everything the object holds. Idempotent."""
 
     async def __aenter__(self) -> Self:
         self._check_open()
@@ -30,3 +44,22 @@ class AsyncClosing:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+#: The earlier, private name of :class:`AsyncResource`.
+AsyncClosing = AsyncResource
+
+
+async def join_stopped_task(task: asyncio.Task[Any], log: logging.Logger, what: str) -> None:
+    """Wait until ``task``, already asked to stop, has ended; log an unexpected error it ended
+    with (so asyncio never reports it as never retrieved).
+
+    Cancellation: ``task`` is cancelled too, then ``CancelledError`` propagates.
+    """
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", what, exc_info=task.exception())

@@ -35,9 +35,10 @@ class ModeDecision:
     """The mode chosen, why, and whether the caller pinned it.
 
     A pinned mode (``source`` is ``ARGUMENT`` or ``ENVIRONMENT``) never falls back silently.
+    ``mode`` is a :class:`RunMode`, or the name a custom strategy gives its mode.
     """
 
-    mode: RunMode
+    mode: RunMode | str
     reason: str
     source: ModeSource
 
@@ -47,7 +48,7 @@ class ModeDecision:
         return self.source is not ModeSource.AUTO
 
     def __str__(self) -> str:
-        return f"{self.mode.value} ({self.reason})"
+        return f"{self.mode} ({self.reason})"
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

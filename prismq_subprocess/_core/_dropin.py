@@ -21,7 +21,7 @@ _lock = threading.Lock()
 
 
 def _wrapper(mode: RunMode | str | None) -> SubprocessWrapper:
-    key = None if mode is None else resolve_run_mode(mode).mode
+    key = None if mode is None else RunMode(resolve_run_mode(mode).mode)
     with _lock:
         wrapper = _shared.get(key)
         if wrapper is None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "BackendClosedError",
+    "ClosedError",
     "CommandNotFoundError",
     "CwdNotADirectoryError",
     "CwdNotFoundError",
@@ -119,8 +120,17 @@ class CommandNotFoundError(PrismQError, FileNotFoundError):
         self.program = program
 
 
-class WrapperClosedError(PrismQError, RuntimeError):
-    """Raised when a :class:`SubprocessWrapper` is used after ``cleanup()`` or ``aclose()``."""
+class ClosedError(PrismQError, RuntimeError):
+    """Base class of the errors raised when an object is used after ``aclose()`` (or one of its
+    aliases: ``cleanup()``, ``close()``, ``shutdown()``, or the end of its ``async with`` block).
+
+    Catch this to handle every "already closed" case at once; the subclasses say which object it
+    was. It is also a ``RuntimeError``, as it was before the base class existed.
+    """
+
+
+class WrapperClosedError(ClosedError):
+    """Raised when a :class:`SubprocessWrapper` is used after ``aclose()`` or ``cleanup()``."""
 
 
 class ModuleExecutionException(PrismQError):
@@ -248,8 +258,9 @@ class InvalidQueryError(PrismQError, ValueError):
     a ``max_runs``/``max_age`` that is not positive)."""
 
 
-class RegistryClosedError(PrismQError, RuntimeError):
-    """Raised when a run registry is used after ``close()`` (or after its ``async with`` block)."""
+class RegistryClosedError(ClosedError):
+    """Raised when a run registry is used after ``aclose()`` / ``close()`` (or after its
+    ``async with`` block)."""
 
 
 class RegistrySchemaError(PrismQError, RuntimeError):
@@ -257,12 +268,14 @@ class RegistrySchemaError(PrismQError, RuntimeError):
     understands, or is not a registry file at all."""
 
 
-class OutputClosedError(PrismQError, RuntimeError):
-    """Raised by ``OutputCapture.append_line`` for a run whose output was already closed."""
+class OutputClosedError(ClosedError):
+    """Raised by ``OutputCapture.append_line`` for a run whose output was already closed
+    (``close_run``), or for any run once the capture itself was closed (``aclose()``)."""
 
 
-class TaskManagerClosedError(PrismQError, RuntimeError):
-    """Raised by ``BackgroundTaskManager.start_task`` after ``shutdown()`` has begun."""
+class TaskManagerClosedError(ClosedError):
+    """Raised by ``BackgroundTaskManager.start_task`` once ``aclose()`` / ``shutdown()`` has
+    begun."""
 
 
 class ScriptNotFoundError(PrismQError, FileNotFoundError):
@@ -282,13 +295,13 @@ class InvalidParametersError(PrismQError, ValueError):
     that is not JSON-serialisable)."""
 
 
-class RunnerClosedError(PrismQError, RuntimeError):
-    """Raised when a ``ModuleRunner`` or ``ConcurrentExecutor`` is used after ``aclose()`` or
-    ``cleanup()``."""
+class RunnerClosedError(ClosedError):
+    """Raised when a ``ModuleRunner`` is used after ``aclose()``, or a ``ConcurrentExecutor``
+    after ``aclose()`` or ``cleanup()``."""
 
 
-class PoolClosedError(PrismQError, RuntimeError):
-    """Raised by ``ResourcePool.acquire_subprocess`` after ``cleanup()`` or ``aclose()``."""
+class PoolClosedError(ClosedError):
+    """Raised by ``ResourcePool.acquire_subprocess`` after ``aclose()`` or ``cleanup()``."""
 
 
 class InvalidBackendError(PrismQError, TypeError):
@@ -297,5 +310,5 @@ class InvalidBackendError(PrismQError, TypeError):
     address)."""
 
 
-class BackendClosedError(PrismQError, RuntimeError):
+class BackendClosedError(ClosedError):
     """Raised when a run backend is used after ``aclose()``."""

@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from .._platform import PlatformOps
+from ._closing import AsyncResource
 from ._exceptions import ProcessTimeoutError
 from ._lines import iter_lines
 from ._process import ProcessLike
@@ -20,13 +21,14 @@ __all__ = ["LineStream"]
 LineT = TypeVar("LineT", bytes, str)
 
 
-class LineStream(Generic[LineT]):
+class LineStream(AsyncResource, Generic[LineT]):
     """The lines a command prints, as an async iterator that owns the child.
 
     Use it as ``async with wrapper.stream(*cmd) as lines: async for line in lines: ...``.
     Leaving the block — normally, by ``break``, by an exception or by cancellation — stops the
     child's whole tree (SIGTERM, grace period, SIGKILL) if it is still running, so an abandoned
-    stream never leaves a process behind. After the block, :attr:`returncode` is set.
+    stream never leaves a process behind; :meth:`aclose` does the same without the block. After
+    the block, :attr:`returncode` is set.
 
     With ``timeout`` the whole stream has a deadline: when it passes, the tree is stopped and the
     iteration raises :class:`ProcessTimeoutError`. Lines are delivered whole whatever their
@@ -133,6 +135,14 @@ class LineStream(Generic[LineT]):
             with contextlib.suppress(BaseException):
                 await stopper
             raise
+
+    async def aclose(self) -> None:
+        """Stop the child's tree if it still runs and release its pipes (what leaving the
+        ``async with`` block does). Idempotent.
+
+        Cancellation: the stop that was started is finished before ``CancelledError`` propagates.
+        """
+        await self.__aexit__(None, None, None)
 
     async def __aexit__(
         self,

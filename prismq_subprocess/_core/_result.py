@@ -81,7 +81,7 @@ class ProcessResult:
     stderr: bytes
     pid: int
     duration: float
-    mode: RunMode
+    mode: RunMode | str
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     stdout_total_bytes: int = 0

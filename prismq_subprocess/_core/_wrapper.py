@@ -13,8 +13,13 @@ from .._platform import PlatformOps, platform_ops
 from .._strategies import STRATEGIES, SubprocessStrategy
 from .._strategies._base import DEFAULT_LIMIT, RunOptions, SpawnRequest
 from ._closing import AsyncClosing
-from ._detect import ModeDecision, resolve_run_mode
-from ._exceptions import InvalidCommandError, SubprocessPolicyException, WrapperClosedError
+from ._detect import ModeDecision, ModeSource, resolve_run_mode
+from ._exceptions import (
+    InvalidCommandError,
+    InvalidRunModeError,
+    SubprocessPolicyException,
+    WrapperClosedError,
+)
 from ._line_stream import LineStream
 from ._modes import RunMode
 from ._process import ProcessLike
@@ -42,11 +47,14 @@ _POLICY_HELP = (
 class SubprocessWrapper(AsyncClosing):
     """Runs commands in one :class:`RunMode`, chosen by the caller or detected.
 
-    ``mode`` is a :class:`RunMode`, its name as text, a ready strategy instance (e.g.
-    ``DryRunStrategy(recorder=...)``), or ``None`` to auto-detect (``PRISMQ_RUN_MODE``, platform,
-    event loop; see :func:`detect_run_mode`). An auto-detected ASYNC that meets a loop unable to
-    spawn (Windows' ``SelectorEventLoop``) logs one warning and uses THREADED from then on; a
-    pinned mode raises :class:`SubprocessPolicyException` instead.
+    ``mode`` is a :class:`RunMode`, its name as text, or ``None`` to auto-detect
+    (``PRISMQ_RUN_MODE``, platform, event loop; see :func:`detect_run_mode`). Alternatively pass
+    ``strategy=``, a ready strategy instance: a built-in one configured by hand (e.g.
+    ``prismq_subprocess.testing.DryRunStrategy(recorder=...)``) or your own
+    ``prismq_subprocess.abc.SubprocessStrategy``; :attr:`mode` is then the strategy's ``mode``
+    (passing the instance as ``mode`` also works). An auto-detected ASYNC that meets a loop
+    unable to spawn (Windows' ``SelectorEventLoop``) logs one warning and uses THREADED from then
+    on; a pinned mode raises :class:`SubprocessPolicyException` instead.
 
     Children start in their own process group/session (``new_process_group=True``) so the whole
     tree can be stopped; pass ``new_process_group=False`` (or ``start_new_session=``/
@@ -56,7 +64,10 @@ class SubprocessWrapper(AsyncClosing):
     child it started that is still running when the block exits, and releases its threads.
 
     Raises:
-        InvalidRunModeError: ``mode`` or ``PRISMQ_RUN_MODE`` names no mode.
+        InvalidRunModeError: ``mode`` or ``PRISMQ_RUN_MODE`` names no mode; both ``mode`` and
+            ``strategy`` given; ``strategy`` is not a ``SubprocessStrategy`` or its ``mode`` is
+            neither a :class:`RunMode` nor a non-empty string.
+        InvalidCommandError: the strategy already belongs to another wrapper.
         InvalidTimeoutError: ``grace_period`` is negative.
     """
 
@@ -64,6 +75,7 @@ class SubprocessWrapper(AsyncClosing):
         self,
         mode: RunMode | str | SubprocessStrategy | None = None,
         *,
+        strategy: SubprocessStrategy | None = None,
         max_workers: int | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         new_process_group: bool = True,
@@ -71,18 +83,26 @@ class SubprocessWrapper(AsyncClosing):
         ops: PlatformOps | None = None,
     ) -> None:
         self._ops = ops or platform_ops()
+        if strategy is not None and mode is not None:
+            raise InvalidRunModeError("pass mode or strategy, not both")
         if isinstance(mode, SubprocessStrategy):
-            if mode.on_spawn is not None:
+            mode, strategy = None, mode
+        if strategy is not None:
+            if not isinstance(strategy, SubprocessStrategy):
+                raise InvalidRunModeError(
+                    f"strategy must be a SubprocessStrategy instance, got {strategy!r}"
+                )
+            if strategy.on_spawn is not None:
                 # Its children would be tracked (and stopped on close) by one wrapper only.
                 raise InvalidCommandError(
-                    f"this {type(mode).__name__} already belongs to another SubprocessWrapper; "
-                    "create one strategy per wrapper"
+                    f"this {type(strategy).__name__} already belongs to another "
+                    "SubprocessWrapper; create one strategy per wrapper"
                 )
-            self._decision = resolve_run_mode(mode.mode)
-            self._strategy = mode
+            self._decision = _strategy_decision(strategy)
+            self._strategy = strategy
         else:
             self._decision = resolve_run_mode(mode)
-            self._strategy = self._make_strategy(self._decision.mode, max_workers)
+            self._strategy = self._make_strategy(RunMode(self._decision.mode), max_workers)
         self._max_workers = max_workers
         self._grace = check_timeout(grace_period, "grace_period") or 0.0
         self._new_group = new_process_group
@@ -98,12 +118,13 @@ class SubprocessWrapper(AsyncClosing):
         self._strategy.on_spawn = self._track
 
     def __repr__(self) -> str:
-        return f"<SubprocessWrapper mode={self.mode.value} ({self.mode_reason})>"
+        return f"<SubprocessWrapper mode={self.mode} ({self.mode_reason})>"
 
     # -- mode --------------------------------------------------------------------------------
     @property
-    def mode(self) -> RunMode:
-        """The mode in use now (THREADED after a fallback)."""
+    def mode(self) -> RunMode | str:
+        """The mode in use now (THREADED after a fallback): a :class:`RunMode`, or the name a
+        custom strategy gives its mode."""
         return self._strategy.mode
 
     @property
@@ -139,7 +160,7 @@ class SubprocessWrapper(AsyncClosing):
     def _policy_error(self, exc: NotImplementedError) -> SubprocessPolicyException:
         loop = type(asyncio.get_running_loop()).__name__
         return SubprocessPolicyException(
-            f"mode {self.mode.value!r} was pinned ({self._decision.reason}) but the running event "
+            f"mode {str(self.mode)!r} was pinned ({self._decision.reason}) but the running event "
             f"loop {loop} cannot spawn subprocesses; {_POLICY_HELP}"
         )
 
@@ -188,14 +209,14 @@ class SubprocessWrapper(AsyncClosing):
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         self._check_open()
         try:
-            process = await self._strategy.spawn(request)
+            process = await self._strategy._spawn_tracked(request)
         except NotImplementedError as exc:
             if self._strategy.mode is not RunMode.ASYNC:
                 raise
             if self._decision.pinned:
                 raise self._policy_error(exc) from exc
             self._fall_back(exc)
-            process = await self._strategy.spawn(request)
+            process = await self._strategy._spawn_tracked(request)
         if self._closed:
             # The wrapper was closed while this spawn was under way: nobody would supervise it.
             kill_tree_now(process, self._ops)
@@ -425,8 +446,10 @@ class SubprocessWrapper(AsyncClosing):
             self.cleanup()
 
     def cleanup(self) -> None:
-        """Kill children still running (no grace: this is synchronous) and shut the thread pools
-        down. Idempotent; the wrapper cannot be used afterwards."""
+        """Synchronous form of :meth:`aclose` (the PrismQ guide's ``wrapper.cleanup()``): kill
+        children still running (no grace: this is synchronous) and shut the thread pools down.
+        Idempotent; the wrapper cannot be used afterwards. Prefer ``await aclose()`` from async
+        code: it gives children their grace period."""
         self._closed = True
         for process in self.live_processes:
             with contextlib.suppress(Exception):
@@ -435,6 +458,20 @@ class SubprocessWrapper(AsyncClosing):
         for strategy in (*self._retired, self._strategy):
             strategy.close()
 
+
+
+def _strategy_decision(strategy: SubprocessStrategy) -> ModeDecision:
+    mode = getattr(strategy, "mode", None)
+    if isinstance(mode, RunMode):
+        return resolve_run_mode(mode)
+    if not isinstance(mode, str) or not mode.strip():
+        raise InvalidRunModeError(
+            f"{type(strategy).__name__}.mode must be a RunMode or a non-empty string naming the "
+            f"strategy's mode, got {mode!r}"
+        )
+    return ModeDecision(
+        mode, f"strategy {type(strategy).__name__} passed by the caller", ModeSource.ARGUMENT
+    )
 
 
 def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import timedelta
+from typing import Protocol, Self
 
+from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
 from .._core._exceptions import InvalidLimitError
 from .._core._maybe_async import call_callback
@@ -21,11 +23,14 @@ __all__ = ["MemoryCallback", "MemoryMonitor"]
 
 logger = logging.getLogger(__name__)
 
-#: A crossing callback: receives the reading that caused it; may be ``async def``.
-MemoryCallback = Callable[[ResourceSnapshot], Awaitable[object] | object]
+class MemoryCallback(Protocol):
+    """An ``on_high`` / ``on_low`` callback of a :class:`MemoryMonitor`: called with the reading
+    that caused the transition. A plain function or an ``async def`` (then awaited)."""
+
+    def __call__(self, snapshot: ResourceSnapshot, /) -> Awaitable[object] | object: ...
 
 
-class MemoryMonitor:
+class MemoryMonitor(AsyncResource):
     """Watch system memory use against ``max_memory_percent``.
 
     The monitor is *high* once memory use reaches ``max_memory_percent`` and becomes *low* again
@@ -34,6 +39,9 @@ class MemoryMonitor:
     logged and swallowed) are called with the reading on each such transition, by
     :meth:`monitor_continuously`. The monitor starts *low*: a first reading above the limit
     fires ``on_high``.
+
+    ``async with MemoryMonitor(...) as monitor:`` monitors in a task of its own for the duration
+    of the block; :meth:`aclose` (what leaving the block does) stops it.
 
     Args:
         max_memory_percent: the threshold, in (0, 100].
@@ -76,6 +84,7 @@ class MemoryMonitor:
         self._is_high = False
         self._monitoring = False
         self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def latest(self) -> ResourceSnapshot | None:
@@ -165,8 +174,33 @@ class MemoryMonitor:
 
     def stop_monitoring(self) -> None:
         """Ask :meth:`monitor_continuously` to return; it does so without waiting out its interval.
+        The PrismQ guide's synchronous spelling; ``await aclose()`` also waits for the end.
 
         Safe to call when not monitoring (it does nothing then: it does not pre-empt a later
         ``monitor_continuously`` call). Must be called from the event loop's thread.
         """
         self._stop.set()
+
+    async def __aenter__(self) -> Self:
+        """Run :meth:`monitor_continuously` in a task owned by the monitor; leaving the block
+        calls :meth:`aclose`."""
+        if self._task is None or self._task.done():
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self.monitor_continuously(), name="MemoryMonitor")
+        return self
+
+    async def aclose(self) -> None:
+        """Stop monitoring (:meth:`stop_monitoring`) and, for the task ``async with`` started,
+        wait until it has returned. Idempotent; monitoring may be started again. A loop running
+        in a task of the caller's is asked to stop; the caller awaits that task.
+
+        Cancellation: the monitoring task is cancelled too.
+        """
+        task, self._task = self._task, None
+        if task is not None and not self._monitoring:
+            # Not started yet: it would clear the stop request on entry, so cancel it instead
+            # (none of its code has run).
+            task.cancel()
+        self.stop_monitoring()
+        if task is not None:
+            await join_stopped_task(task, logger, "memory monitoring")

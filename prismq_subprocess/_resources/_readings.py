@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import psutil
 
@@ -67,8 +68,12 @@ class ResourceSnapshot:
     timestamp: float = 0.0
 
 
-#: Anything returning a snapshot; called in a worker thread by the async APIs.
-ResourceReader = Callable[[], ResourceSnapshot]
+class ResourceReader(Protocol):
+    """A source of readings (``reader=`` of ``MemoryMonitor`` and ``ResourceManager``): any
+    callable returning a :class:`ResourceSnapshot`, e.g. :class:`PsutilResourceReader` or a
+    host's own metrics. The async APIs call it in a worker thread."""
+
+    def __call__(self) -> ResourceSnapshot: ...
 
 
 def tree_rss_bytes(processes: Iterable[psutil.Process]) -> int:

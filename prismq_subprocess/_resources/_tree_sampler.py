@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
-from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import psutil
 
+from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
 from .._core._exceptions import InvalidLimitError
 from .._core._maybe_async import call_callback
@@ -47,14 +47,17 @@ class TreeSample:
     timestamp: float
 
 
-#: Called once when the tree exceeds its memory limit; may be ``async def``.
-LimitCallback = Callable[[TreeSample], Awaitable[object] | object]
+class LimitCallback(Protocol):
+    """The ``on_limit`` callback of a :class:`ProcessTreeSampler`: called once, with the first
+    sample over ``memory_limit_bytes``. A plain function or an ``async def`` (then awaited)."""
+
+    def __call__(self, sample: TreeSample, /) -> Awaitable[object] | object: ...
 
 # A psutil process identity: (pid, create_time), so a reused pid is a new process.
 _Ident = tuple[int, float]
 
 
-class ProcessTreeSampler:
+class ProcessTreeSampler(AsyncResource):
     """Sample the process tree rooted at ``pid`` every ``interval`` seconds.
 
     Records the peak RSS of the whole tree (sum over the root and all descendants) and its total
@@ -238,24 +241,14 @@ class ProcessTreeSampler:
         if task is None:
             return
         self._stop.set()
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("process tree sampler failed", exc_info=task.exception())
+        await join_stopped_task(task, logger, "process tree sampler")
+
+    async def aclose(self) -> None:
+        """Alias of :meth:`stop`; what leaving ``async with`` does. Idempotent; the sampler may
+        be started again."""
+        await self.stop()
 
     async def __aenter__(self) -> Self:
-        """Start sampling (see :meth:`start`)."""
+        """Start sampling (see :meth:`start`); leaving the block calls :meth:`aclose`."""
         self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop sampling (see :meth:`stop`)."""
-        await self.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import ClassVar
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
@@ -23,9 +22,9 @@ class AsyncStrategy(SubprocessStrategy):
     ``NotImplementedError``, which the wrapper turns into a fallback or a policy error.
     """
 
-    mode: ClassVar[RunMode] = RunMode.ASYNC
+    mode = RunMode.ASYNC
 
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
         kwargs = request.kwargs
         try:
             if request.shell:

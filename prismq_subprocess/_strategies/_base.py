@@ -9,7 +9,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import IO, Any, ClassVar
+from typing import IO, Any
 
 from .._core._exceptions import ProcessTimeoutError
 from .._core._modes import RunMode
@@ -29,10 +29,13 @@ _RUN_CHUNK = 256 * 1024
 
 @dataclass(frozen=True)
 class SpawnRequest:
-    """A validated request to start one child.
+    """A validated request to start one child, as :meth:`SubprocessStrategy.spawn` receives it.
 
-    ``command`` is the argument tuple (exec) or the command line (``shell=True``); ``kwargs`` are
-    the remaining ``Popen`` keyword arguments (``cwd``, ``env``, group options, ...).
+    ``command`` is the argument tuple (exec) or the command line (``shell=True``); ``stdin``,
+    ``stdout``, ``stderr`` are ``PIPE``/``DEVNULL``/``STDOUT``/a file/``None`` as in asyncio;
+    ``limit`` is the ``StreamReader`` buffer limit; ``kwargs`` are the remaining ``Popen``
+    keyword arguments (``cwd``, ``env``, process-group options, ...), already checked; ``added``
+    names the ``kwargs`` keys the wrapper added itself rather than the caller.
     """
 
     command: tuple[str | bytes, ...] | str | bytes
@@ -59,7 +62,8 @@ class SpawnRequest:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How ``run()`` treats one command."""
+    """How :meth:`SubprocessStrategy.run` treats one command: ``input`` for stdin, ``timeout``
+    in seconds, ``grace`` before the kill when stopping, ``max_output_bytes`` kept per stream."""
 
     input: bytes | None = None
     timeout: float | None = None
@@ -68,13 +72,22 @@ class RunOptions:
 
 
 class SubprocessStrategy(ABC):
-    """How one :class:`RunMode` starts and runs children.
+    """How one mode starts and runs children; ``SubprocessWrapper(strategy=...)`` takes one.
 
-    Subclasses implement :meth:`spawn`; they may override :meth:`run` when their mode can do it
-    more cheaply than through a process object (LOCAL and DRY_RUN do).
+    A subclass implements :meth:`spawn` (start a child, return an object satisfying
+    ``ProcessLike``) and sets :attr:`mode`; everything else (``run()``, ``stream()``, tree stop,
+    tracking) is built on ``spawn``. It may override :meth:`run` when its mode can run a
+    command to completion more cheaply than through a process object (LOCAL and DRY_RUN do),
+    and :meth:`close` when it holds threads or other resources.
+
+    :attr:`mode` names the strategy's mode: a :class:`RunMode` for the built-in strategies (and
+    for one that wraps a built-in strategy and behaves as it does), any other non-empty string
+    for a new kind of strategy (e.g. ``"recording"``). Since ``RunMode`` is a ``StrEnum``, every
+    mode is a ``str``: ``str(wrapper.mode)`` and ``Run.mode`` give its name either way.
     """
 
-    mode: ClassVar[RunMode]
+    #: This strategy's mode (see the class docstring); subclasses set it.
+    mode: RunMode | str
 
     def __init__(self, *, max_workers: int | None = None, ops: PlatformOps | None = None) -> None:
         self.max_workers = max_workers
@@ -83,15 +96,9 @@ class SubprocessStrategy(ABC):
     #: Called with every process this strategy starts (the wrapper tracks them to stop them).
     on_spawn: Callable[[ProcessLike], None] | None = None
 
-    async def spawn(self, request: SpawnRequest) -> ProcessLike:
-        """Start the child described by ``request`` and return its process object.
-
-        Raises:
-            CommandNotFoundError: the program does not exist.
-            NotImplementedError: this event loop cannot run this mode (ASYNC on a Windows
-                selector loop); the wrapper decides whether to fall back.
-        """
-        process = await self._spawn(request)
+    async def _spawn_tracked(self, request: SpawnRequest) -> ProcessLike:
+        """:meth:`spawn` plus the tracking: what the wrapper and :meth:`run` call."""
+        process = await self.spawn(request)
         self._spawned(process)
         return process
 
@@ -100,8 +107,16 @@ class SubprocessStrategy(ABC):
             self.on_spawn(process)
 
     @abstractmethod
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
-        """Start the child; subclasses implement this, :meth:`spawn` adds the tracking."""
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
+        """Start the child described by ``request`` and return its process object (anything
+        satisfying ``ProcessLike``, e.g. an ``asyncio.subprocess.Process``). The wrapper tracks
+        and stops what this returns; a strategy that delegates to another calls its ``spawn``.
+
+        Raises:
+            CommandNotFoundError: the program does not exist.
+            NotImplementedError: this event loop cannot run this mode (ASYNC on a Windows
+                selector loop); the wrapper decides whether to fall back.
+        """
 
     async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
         """Run ``request`` to completion, keeping at most ``options.max_output_bytes`` per stream.
@@ -117,7 +132,7 @@ class SubprocessStrategy(ABC):
             stderr=subprocess.PIPE,
         )
         started = time.perf_counter()
-        process = await self.spawn(request)
+        process = await self._spawn_tracked(request)
         out = TailBuffer(options.max_output_bytes)
         err = TailBuffer(options.max_output_bytes)
         loop = asyncio.get_running_loop()

@@ -14,9 +14,9 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, Protocol
 
 from .._core._exceptions import ProcessTimeoutError
 from .._core._modes import RunMode
@@ -27,7 +27,14 @@ from ._base import RunOptions, SpawnRequest, SubprocessStrategy
 from ._process_base import ProcessBase
 from ._stdin_buffer import BufferedStdin
 
-__all__ = ["DryRunCall", "DryRunProcess", "DryRunRecorder", "DryRunResponse", "DryRunStrategy"]
+__all__ = [
+    "DryRunCall",
+    "DryRunHandler",
+    "DryRunProcess",
+    "DryRunRecorder",
+    "DryRunResponse",
+    "DryRunStrategy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +74,11 @@ class DryRunCall:
     input: bytes | None = None
 
 
-Handler: TypeAlias = Callable[[DryRunCall], "DryRunResponse | int | None"]
+class DryRunHandler(Protocol):
+    """A scripted answer for :class:`DryRunRecorder`: given the :class:`DryRunCall`, return a
+    :class:`DryRunResponse`, a returncode, or ``None`` for the recorder's default."""
+
+    def __call__(self, call: DryRunCall, /) -> DryRunResponse | int | None: ...
 
 
 def _coerce(answer: DryRunResponse | int | None) -> DryRunResponse | None:
@@ -93,12 +104,14 @@ class DryRunRecorder:
 
     def __init__(
         self,
-        responses: Mapping[tuple[str, ...] | str, DryRunResponse | int] | Handler | None = None,
+        responses: (
+            Mapping[tuple[str, ...] | str, DryRunResponse | int] | DryRunHandler | None
+        ) = None,
         *,
         default: DryRunResponse | None = None,
     ) -> None:
         self._table: dict[tuple[str, ...] | str, DryRunResponse] = {}
-        self._handler: Handler | None = None
+        self._handler: DryRunHandler | None = None
         if callable(responses):
             self._handler = responses
         elif responses is not None:
@@ -204,7 +217,7 @@ class DryRunProcess(ProcessBase):
 class DryRunStrategy(SubprocessStrategy):
     """Records commands in :attr:`recorder` and returns :class:`DryRunProcess` objects."""
 
-    mode: ClassVar[RunMode] = RunMode.DRY_RUN
+    mode = RunMode.DRY_RUN
 
     def __init__(
         self,
@@ -235,7 +248,7 @@ class DryRunStrategy(SubprocessStrategy):
         logger.info("dry run: %s", _show(call.args))
         return self.recorder.record(call)
 
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
         index, response = self._record(request)
         return DryRunProcess(asyncio.get_running_loop(), request, response, self.recorder, index)
 

@@ -16,7 +16,6 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import ClassVar
 
 from .._core._exceptions import ProcessTimeoutError
 from .._core._modes import RunMode
@@ -182,13 +181,13 @@ class LocalProcess(PopenProcess):
 class LocalStrategy(SubprocessStrategy):
     """Blocking ``subprocess.run`` semantics in a pool of ``max_workers`` threads."""
 
-    mode: ClassVar[RunMode] = RunMode.LOCAL
+    mode = RunMode.LOCAL
 
     def __init__(self, *, max_workers: int | None = None, ops: PlatformOps | None = None) -> None:
         super().__init__(max_workers=max_workers, ops=ops)
         self._pool = ExecutorOwner(max_workers, "prismq-local")
 
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
         return await self._start(request, None)
 
     async def _start(self, request: SpawnRequest, max_output_bytes: int | None) -> LocalProcess:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from typing import ClassVar, Literal
+from typing import Literal
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
@@ -112,7 +112,7 @@ class ThreadedStrategy(SubprocessStrategy):
     them); spawns then raise ``RuntimeError``.
     """
 
-    mode: ClassVar[RunMode] = RunMode.THREADED
+    mode = RunMode.THREADED
 
     def __init__(
         self,
@@ -134,7 +134,7 @@ class ThreadedStrategy(SubprocessStrategy):
         self._bridge: PipeBridge = IOThread("prismq-io") if io == "selector" else ThreadPerPipe()
         self._pool = ExecutorOwner(max_workers, "prismq-spawn")
 
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
         popen = await spawn_in_executor(self._pool.get(), request, self.ops)
         loop = asyncio.get_running_loop()
         process = ThreadedProcess(

@@ -13,8 +13,6 @@ prismq_subprocess`` never does. See docs/DISTRIBUTED.md.
 
 from __future__ import annotations
 
-import contextlib as _contextlib
-
 try:
     import distributed as _distributed  # noqa: F401
 except ImportError as _exc:
@@ -23,15 +21,9 @@ except ImportError as _exc:
         " pip install 'prismq_subprocess[dask]' (on the host and on every worker)"
     ) from _exc
 
+from .._core._public import publish as _publish
 from ._dask_backend import DaskBackend
-from ._worker import run_module_on_worker, stop_orphaned_tree
 
-__all__ = ["DaskBackend", "run_module_on_worker", "stop_orphaned_tree"]
+__all__ = ["DaskBackend"]
 
-# Show public names as prismq_subprocess.dask.X in tracebacks and docs.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("prismq_subprocess.dask._"):
-        with _contextlib.suppress(AttributeError, TypeError):
-            _obj.__module__ = __name__
-del _name, _obj
+_publish(__name__, globals(), __all__)

@@ -151,7 +151,7 @@ async def test_closed_executor_refuses_work(scripts: dict[str, Path]) -> None:
 
 
 def test_bad_limits_and_specs() -> None:
-    with pytest.raises(pq.InvalidLimitError):
+    with pytest.raises(pq.exceptions.InvalidLimitError):
         ConcurrentExecutor(max_concurrent=0)
     with pytest.raises(ValueError, match="incomplete"):
         ModuleSpec.from_any({"module_id": "a"})

@@ -157,7 +157,7 @@ def expected_outcomes(
 
 
 async def check_registry(
-    registry: pq.BaseRunRegistry,
+    registry: pq.abc.BaseRunRegistry,
     expected: dict[str, tuple[str, pq.RunStatus, list[str]]],
     streams: dict[str, Stream],
 ) -> None:

@@ -176,11 +176,11 @@ async def test_bad_input_raises_before_anything_is_stored(
     ok = script(tmp_path, "ok", "pass")
     with pytest.raises(InvalidParametersError):
         await runner.execute_module("m", "M", ok, {"when": object()})
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         await runner.execute_module("m", "M", ok, timeout=-1)
-    with pytest.raises(pq.InvalidLimitError):
+    with pytest.raises(pq.exceptions.InvalidLimitError):
         await runner.execute_module("m", "M", ok, memory_limit_bytes=0)
-    with pytest.raises(pq.CwdNotFoundError):
+    with pytest.raises(pq.exceptions.CwdNotFoundError):
         await runner.execute_module("m", "M", "ok.py", cwd=tmp_path / "nope")
     assert await runner.registry.count_runs() == 0
 
@@ -384,11 +384,11 @@ async def test_max_concurrent_queues_runs_as_pending(tmp_path: Path) -> None:
 
 
 async def test_dry_run_starts_nothing(tmp_path: Path) -> None:
-    recorder = pq.DryRunRecorder()
+    recorder = pq.testing.DryRunRecorder()
     path = script(tmp_path, "echo", ECHO_ARGS)
     async with (
         pq.RunRegistry() as registry,
-        ModuleRunner(registry, run_mode=pq.DryRunStrategy(recorder=recorder)) as runner,
+        ModuleRunner(registry, run_mode=pq.testing.DryRunStrategy(recorder=recorder)) as runner,
     ):
         run = await runner.execute_module("e", "Echo", path, {"n": 1})
     assert run.status is pq.RunStatus.COMPLETED
@@ -400,7 +400,7 @@ async def test_dry_run_starts_nothing(tmp_path: Path) -> None:
 def test_run_mode_and_wrapper_are_exclusive() -> None:
     wrapper = pq.SubprocessWrapper("threaded")
     try:
-        with pytest.raises(pq.InvalidRunModeError):
+        with pytest.raises(pq.exceptions.InvalidRunModeError):
             ModuleRunner(pq.RunRegistry(), run_mode="async", wrapper=wrapper)
     finally:
         wrapper.cleanup()

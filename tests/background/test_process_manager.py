@@ -85,7 +85,7 @@ async def test_register_refuses_a_second_live_process(wrapper: pq.SubprocessWrap
         b = await wrapper.create_subprocess_exec(*py("pass"))
         pm.register("r", a)
         pm.register("r", a)  # same process again: fine
-        with pytest.raises(pq.DuplicateRunError):
+        with pytest.raises(pq.exceptions.DuplicateRunError):
             pm.register("r", b)
         pm.register("other", b)
         await b.wait()
@@ -118,5 +118,5 @@ async def test_cancelling_a_stop_does_not_abandon_it(wrapper: pq.SubprocessWrapp
 
 
 def test_negative_grace_is_refused() -> None:
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         ProcessManager(grace_period=-1)

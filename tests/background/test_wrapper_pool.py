@@ -84,7 +84,7 @@ def test_sync_cleanup_and_validation() -> None:
     pool.cleanup()
     pool.cleanup()
     assert pool.closed
-    with pytest.raises(pq.InvalidLimitError):
+    with pytest.raises(pq.exceptions.InvalidLimitError):
         ResourcePool(max_workers=0)
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         ResourcePool(grace_period=-1)

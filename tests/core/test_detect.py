@@ -33,7 +33,7 @@ def test_env_var_wins() -> None:
 
 
 def test_invalid_env_var_is_an_error_naming_it() -> None:
-    with pytest.raises(pq.InvalidRunModeError) as info:
+    with pytest.raises(pq.exceptions.InvalidRunModeError) as info:
         detect_run_mode(env={"PRISMQ_RUN_MODE": "fast"})
     assert "PRISMQ_RUN_MODE" in str(info.value)
     assert "'threaded'" in str(info.value)
@@ -99,5 +99,5 @@ def test_wrapper_pinned_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         wrapper.cleanup()
     monkeypatch.setenv("PRISMQ_RUN_MODE", "bogus")
-    with pytest.raises(pq.InvalidRunModeError):
+    with pytest.raises(pq.exceptions.InvalidRunModeError):
         pq.SubprocessWrapper()

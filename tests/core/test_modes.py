@@ -35,7 +35,7 @@ def test_forgiving_parse(text: str, mode: RunMode) -> None:
 
 @pytest.mark.parametrize("bad", ["", "thread", "dry run", "dryrun", "asyncio", 3, None])
 def test_bad_values_list_the_valid_ones(bad: object) -> None:
-    with pytest.raises(pq.InvalidRunModeError) as info:
+    with pytest.raises(pq.exceptions.InvalidRunModeError) as info:
         RunMode.parse(bad)  # type: ignore[arg-type]
     assert isinstance(info.value, ValueError)
     for value in VALID:
@@ -51,7 +51,7 @@ def test_parse_accepts_exactly_the_documented_spellings(text: str) -> None:
     if _normal(text) in VALID:
         assert RunMode.parse(text).value == _normal(text)
     else:
-        with pytest.raises(pq.InvalidRunModeError):
+        with pytest.raises(pq.exceptions.InvalidRunModeError):
             RunMode.parse(text)
 
 

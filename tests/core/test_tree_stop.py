@@ -179,7 +179,7 @@ async def test_execute_with_timeout_cancels_and_stops(wrapper: pq.SubprocessWrap
         await pq.execute_with_timeout(wrapper.run(*py(TREE_CHILD), env=env), 1.0, "slow-job")
     await assert_no_survivors(mark, grace=0.0)
     assert await pq.execute_with_timeout(asyncio.sleep(0, "x"), None) == "x"
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         await pq.execute_with_timeout(asyncio.sleep(0), -1)
 
     async def raises_own_timeout() -> None:
@@ -194,7 +194,7 @@ async def test_terminate_gracefully_on_exited_process(wrapper: pq.SubprocessWrap
     proc = await wrapper.create_subprocess_exec(*py("import sys; sys.exit(7)"))
     await proc.wait()
     assert await pq.terminate_gracefully(proc, timeout=1) == 7
-    with pytest.raises(pq.InvalidTimeoutError):
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
         await pq.terminate_gracefully(proc, timeout=-1)
 
 
@@ -272,7 +272,7 @@ async def test_cancelled_aclose_still_kills_and_releases(mode: str) -> None:
     with pytest.raises(asyncio.CancelledError):
         await closing
     await assert_no_survivors(mark, grace=1.0)
-    with pytest.raises(pq.WrapperClosedError):
+    with pytest.raises(pq.exceptions.WrapperClosedError):
         await wrapper.run(*py("pass"))
     leftover = [
         t for t in threading.enumerate() if t.ident not in before and t.name.startswith("prismq")
@@ -287,7 +287,7 @@ async def test_a_spawn_racing_aclose_is_not_left_running(wrapper: pq.SubprocessW
     spawning = asyncio.ensure_future(wrapper.create_subprocess_exec(*py(TREE_CHILD), env=env))
     await asyncio.sleep(0)
     await wrapper.aclose()
-    with contextlib.suppress(pq.WrapperClosedError):
+    with contextlib.suppress(pq.exceptions.WrapperClosedError):
         await spawning
     await assert_no_survivors(mark, grace=1.0)
 

@@ -206,26 +206,26 @@ async def test_missing_program(any_wrapper: pq.SubprocessWrapper) -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "error"),
     [
-        ((), {}, pq.InvalidCommandError),
-        (("",), {}, pq.InvalidCommandError),
-        ((PY, 3), {}, pq.InvalidArgumentTypeError),
+        ((), {}, pq.exceptions.InvalidCommandError),
+        (("",), {}, pq.exceptions.InvalidCommandError),
+        ((PY, 3), {}, pq.exceptions.InvalidArgumentTypeError),
         ((PY, None), {}, TypeError),
-        ((PY, "a\0b"), {}, pq.InvalidCommandError),
-        ((PY, "-c", "pass"), {"cwd": "/nonexistent/dir"}, pq.CwdNotFoundError),
-        ((PY, "-c", "pass"), {"cwd": PY}, pq.CwdNotADirectoryError),
-        ((PY, "-c", "pass"), {"env": {"A": 1}}, pq.InvalidEnvironmentError),
-        ((PY, "-c", "pass"), {"env": "A=1"}, pq.InvalidEnvironmentError),
-        ((PY, "-c", "pass"), {"timeout": -1}, pq.InvalidTimeoutError),
-        ((PY, "-c", "pass"), {"timeout": float("nan")}, pq.InvalidTimeoutError),
-        ((PY, "-c", "pass"), {"grace_period": -1}, pq.InvalidTimeoutError),
-        ((PY, "-c", "pass"), {"input": "text"}, pq.InvalidCommandError),
-        ((PY, "-c", "pass"), {"max_output_bytes": -5}, pq.InvalidLimitError),
-        ((PY, "-c", "pass"), {"stdout": pq.PIPE}, pq.InvalidCommandError),
-        (([PY, "-c", "pass"],), {}, pq.InvalidArgumentTypeError),
+        ((PY, "a\0b"), {}, pq.exceptions.InvalidCommandError),
+        ((PY, "-c", "pass"), {"cwd": "/nonexistent/dir"}, pq.exceptions.CwdNotFoundError),
+        ((PY, "-c", "pass"), {"cwd": PY}, pq.exceptions.CwdNotADirectoryError),
+        ((PY, "-c", "pass"), {"env": {"A": 1}}, pq.exceptions.InvalidEnvironmentError),
+        ((PY, "-c", "pass"), {"env": "A=1"}, pq.exceptions.InvalidEnvironmentError),
+        ((PY, "-c", "pass"), {"timeout": -1}, pq.exceptions.InvalidTimeoutError),
+        ((PY, "-c", "pass"), {"timeout": float("nan")}, pq.exceptions.InvalidTimeoutError),
+        ((PY, "-c", "pass"), {"grace_period": -1}, pq.exceptions.InvalidTimeoutError),
+        ((PY, "-c", "pass"), {"input": "text"}, pq.exceptions.InvalidCommandError),
+        ((PY, "-c", "pass"), {"max_output_bytes": -5}, pq.exceptions.InvalidLimitError),
+        ((PY, "-c", "pass"), {"stdout": pq.PIPE}, pq.exceptions.InvalidCommandError),
+        (([PY, "-c", "pass"],), {}, pq.exceptions.InvalidArgumentTypeError),
         ((PY, "-c", "pass"), {"env": {"A=B": "1"}}, ValueError),
-        ((PY, "-c", "pass"), {"env": {"A": "x\0y"}}, pq.InvalidEnvironmentError),
+        ((PY, "-c", "pass"), {"env": {"A": "x\0y"}}, pq.exceptions.InvalidEnvironmentError),
         ((PY, "-c", "pass"), {"text": True}, ValueError),
-        ((PY, "-c", "pass"), {"shell": True}, pq.InvalidCommandError),
+        ((PY, "-c", "pass"), {"shell": True}, pq.exceptions.InvalidCommandError),
     ],
 )
 async def test_run_rejects_bad_input(
@@ -258,9 +258,9 @@ async def test_exec_rejects_what_asyncio_rejects(
 
 
 async def test_shell_rejects_bad_commands(any_wrapper: pq.SubprocessWrapper) -> None:
-    with pytest.raises(pq.InvalidCommandError):
+    with pytest.raises(pq.exceptions.InvalidCommandError):
         await any_wrapper.create_subprocess_shell("   ")
-    with pytest.raises(pq.InvalidArgumentTypeError):
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError):
         await any_wrapper.create_subprocess_shell(["ls"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shell must be True"):
         await any_wrapper.create_subprocess_shell("true", shell=False)
@@ -270,9 +270,9 @@ async def test_closed_wrapper_refuses_work(any_wrapper: pq.SubprocessWrapper) ->
     await any_wrapper.aclose()
     await any_wrapper.aclose()  # idempotent
     any_wrapper.cleanup()
-    with pytest.raises(pq.WrapperClosedError):
+    with pytest.raises(pq.exceptions.WrapperClosedError):
         await any_wrapper.run(*py("pass"))
-    with pytest.raises(pq.WrapperClosedError):
+    with pytest.raises(pq.exceptions.WrapperClosedError):
         await any_wrapper.create_subprocess_exec(*py("pass"))
 
 
@@ -290,7 +290,7 @@ async def test_module_level_drop_ins() -> None:
     assert await proc.wait() == 0
     result = await pq.run(*py("print(1)"), mode=RunMode.LOCAL)
     assert result.stdout.strip() == b"1"
-    with pytest.raises(pq.InvalidRunModeError):
+    with pytest.raises(pq.exceptions.InvalidRunModeError):
         await pq.run(*py("pass"), mode="nope")
 
 
@@ -311,11 +311,11 @@ async def test_children_lead_their_own_group(wrapper: pq.SubprocessWrapper) -> N
 
 
 async def test_error_messages_say_what_to_do(any_wrapper: pq.SubprocessWrapper) -> None:
-    with pytest.raises(pq.InvalidArgumentTypeError, match=r"run\(\*cmd\)"):
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match=r"run\(\*cmd\)"):
         await any_wrapper.run([PY, "-V"])
-    with pytest.raises(pq.InvalidCommandError, match="create_subprocess_exec"):
+    with pytest.raises(pq.exceptions.InvalidCommandError, match="create_subprocess_exec"):
         await any_wrapper.run(PY, "-V", stderr=pq.PIPE)
-    with pytest.raises(pq.InvalidLimitError):
+    with pytest.raises(pq.exceptions.InvalidLimitError):
         pq.SubprocessWrapper(RunMode.THREADED, max_workers=0)
     if any_wrapper.mode is not RunMode.DRY_RUN:
         with pytest.raises(pq.CommandNotFoundError, match="shell=True"):
@@ -323,8 +323,8 @@ async def test_error_messages_say_what_to_do(any_wrapper: pq.SubprocessWrapper) 
 
 
 def test_a_strategy_instance_serves_one_wrapper() -> None:
-    strategy = pq.DryRunStrategy()
+    strategy = pq.testing.DryRunStrategy()
     first = pq.SubprocessWrapper(strategy)
-    with pytest.raises(pq.InvalidCommandError, match="one strategy per wrapper"):
+    with pytest.raises(pq.exceptions.InvalidCommandError, match="one strategy per wrapper"):
         pq.SubprocessWrapper(strategy)
     first.cleanup()

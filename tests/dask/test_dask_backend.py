@@ -33,6 +33,7 @@ from prismq_subprocess import (  # noqa: E402
     RunRegistry,
     RunStatus,
 )
+from prismq_subprocess.abc import ModuleJob, RunContext  # noqa: E402
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
 
 SLOTS = 4  # each worker offers {"slots": 4}
@@ -467,26 +468,34 @@ async def test_foreground_run_cancelled_by_its_caller_is_recorded_then_reraised(
 async def test_bad_configuration_raises_before_anything_starts(
     cluster: Any, scripts: dict[str, str]
 ) -> None:
-    with pytest.raises(pq.InvalidBackendError):
+    with pytest.raises(pq.exceptions.InvalidBackendError):
         DaskBackend("  ")
-    with pytest.raises(pq.InvalidBackendError):
+    with pytest.raises(pq.exceptions.InvalidBackendError):
         DaskBackend(42)
-    with pytest.raises(pq.InvalidLimitError):
+    with pytest.raises(pq.exceptions.InvalidLimitError):
         DaskBackend("tcp://127.0.0.1:1", resources={"slots": 0})
-    with pytest.raises(pq.InvalidIntervalError):
+    with pytest.raises(pq.exceptions.InvalidIntervalError):
         DaskBackend("tcp://127.0.0.1:1", worker_check_interval=0)
     sync_client = await asyncio.to_thread(
         distributed.Client, cluster.scheduler_address, set_as_default=False
     )
     try:
-        with pytest.raises(pq.InvalidBackendError, match="asynchronous"):
+        with pytest.raises(pq.exceptions.InvalidBackendError, match="asynchronous"):
             DaskBackend(sync_client)
     finally:
         await asyncio.to_thread(sync_client.close)
+    closed = DaskBackend(cluster.scheduler_address)
+    async with closed:
+        pass
+    await closed.aclose()  # idempotent
+    registry = RunRegistry()
+    context = RunContext(None, registry.update_run, lambda: None, False, 1.0, 0.5, 5)
+    with pytest.raises(pq.exceptions.BackendClosedError):
+        await closed.execute(Run(), ModuleJob("x", "x", scripts["lines"]), context)
     runner = runner_for(DaskBackend("tcp://127.0.0.1:1"))
     async with runner:
         for hints in ({"slots": -1}, {"": 1}, ["slots"]):
-            with pytest.raises(pq.InvalidLimitError):
+            with pytest.raises(pq.exceptions.InvalidLimitError):
                 await runner.start_module("x", "x", scripts["lines"], resources=hints)
         assert await runner.registry.count_runs() == 0
 

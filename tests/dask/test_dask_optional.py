@@ -22,7 +22,8 @@ def test_importing_the_package_imports_no_dask() -> None:
         """
         import sys
         import prismq_subprocess
-        from prismq_subprocess import ModuleRunner, RunBackend, ModuleJob, RunContext
+        from prismq_subprocess import ModuleRunner
+        from prismq_subprocess.abc import ModuleJob, RunBackend, RunContext
         loaded = sorted(
             name for name in sys.modules
             if name.split(".")[0] in {"dask", "distributed"} or name == "prismq_subprocess.dask"

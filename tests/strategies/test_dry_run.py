@@ -9,12 +9,13 @@ import signal
 import pytest
 
 import prismq_subprocess as pq
-from prismq_subprocess import PIPE, DryRunCall, DryRunRecorder, DryRunResponse, RunMode
+from prismq_subprocess import PIPE, RunMode
+from prismq_subprocess.testing import DryRunCall, DryRunRecorder, DryRunResponse
 
 
 def make(responses: object = None, **kwargs: object) -> tuple[pq.SubprocessWrapper, DryRunRecorder]:
     recorder = DryRunRecorder(responses, **kwargs)  # type: ignore[arg-type]
-    return pq.SubprocessWrapper(pq.DryRunStrategy(recorder=recorder)), recorder
+    return pq.SubprocessWrapper(pq.testing.DryRunStrategy(recorder=recorder)), recorder
 
 
 async def test_default_answer_and_recording(caplog: pytest.LogCaptureFixture) -> None:
@@ -109,7 +110,7 @@ def test_bad_handler_answer_is_a_type_error() -> None:
     recorder = DryRunRecorder(lambda call: "nope")  # type: ignore[arg-type,return-value]
 
     async def main() -> None:
-        async with pq.SubprocessWrapper(pq.DryRunStrategy(recorder=recorder)) as w:
+        async with pq.SubprocessWrapper(pq.testing.DryRunStrategy(recorder=recorder)) as w:
             await w.run("x")
 
     with pytest.raises(TypeError, match="DryRunResponse"):

@@ -28,8 +28,8 @@ def idents() -> frozenset[int | None]:
 
 
 def test_io_choice() -> None:
-    auto = pq.ThreadedStrategy()
-    forced = pq.ThreadedStrategy(io="threads")
+    auto = pq.abc.ThreadedStrategy()
+    forced = pq.abc.ThreadedStrategy(io="threads")
     try:
         expected = "threads" if sys.platform == "win32" else "selector"
         assert auto.io == expected
@@ -37,7 +37,7 @@ def test_io_choice() -> None:
         assert isinstance(forced._bridge, ThreadPerPipe)
         assert "threads" in repr(forced)
         with pytest.raises(ValueError, match="io must be"):
-            pq.ThreadedStrategy(io="fibers")  # type: ignore[arg-type]
+            pq.abc.ThreadedStrategy(io="fibers")  # type: ignore[arg-type]
     finally:
         auto.close()
         forced.close()
@@ -46,7 +46,7 @@ def test_io_choice() -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="the selector bridge is POSIX only")
 async def test_threads_do_not_grow_with_children() -> None:
     before = idents()
-    strategy = pq.ThreadedStrategy(max_workers=4)
+    strategy = pq.abc.ThreadedStrategy(max_workers=4)
     assert isinstance(strategy._bridge, IOThread)
     peak = 0
     async with pq.SubprocessWrapper(strategy) as w:
@@ -72,7 +72,7 @@ async def test_threads_do_not_grow_with_children() -> None:
 
 async def test_forced_thread_route_runs_and_releases_its_threads() -> None:
     before = idents()
-    async with pq.SubprocessWrapper(pq.ThreadedStrategy(io="threads", use_pidfd=False)) as w:
+    async with pq.SubprocessWrapper(pq.abc.ThreadedStrategy(io="threads", use_pidfd=False)) as w:
         proc = await w.create_subprocess_exec(
             *py("import sys; sys.stdout.write(sys.stdin.read().upper())"),
             stdin=pq.PIPE,
@@ -93,7 +93,7 @@ async def test_forced_thread_route_runs_and_releases_its_threads() -> None:
 
 async def test_close_stops_the_io_thread_with_a_child_still_running() -> None:
     before = idents()
-    w = pq.SubprocessWrapper(pq.ThreadedStrategy())
+    w = pq.SubprocessWrapper(pq.abc.ThreadedStrategy())
     proc = await w.create_subprocess_exec(
         *py("import time; print('up', flush=True); time.sleep(30)"), stdout=pq.PIPE
     )
@@ -105,7 +105,7 @@ async def test_close_stops_the_io_thread_with_a_child_still_running() -> None:
 
 
 async def test_spawn_after_close_refuses() -> None:
-    strategy = pq.ThreadedStrategy()
+    strategy = pq.abc.ThreadedStrategy()
     strategy.close()
     strategy.close()
     from prismq_subprocess._strategies._base import SpawnRequest
@@ -115,7 +115,7 @@ async def test_spawn_after_close_refuses() -> None:
 
 
 async def test_waiter_route_uses_one_waiter_per_child() -> None:
-    async with pq.SubprocessWrapper(pq.ThreadedStrategy(use_pidfd=False)) as w:
+    async with pq.SubprocessWrapper(pq.abc.ThreadedStrategy(use_pidfd=False)) as w:
         proc = await w.create_subprocess_exec(*py("import time; time.sleep(0.3)"))
         assert named(f"prismq-wait-{proc.pid}")
         assert await proc.wait() == 0

@@ -1,0 +1,54 @@
+"""Contracts for extending prismq_subprocess: the interfaces you implement and the built-in
+implementations you can wrap.
+
+- :class:`SubprocessStrategy` and its :class:`SpawnRequest`: a new way to start children.
+  Implement ``async def spawn(self, request) -> ProcessLike`` and set ``mode``; pass an instance
+  as ``SubprocessWrapper(strategy=...)``, and ``create_subprocess_exec``, ``run()`` and
+  ``stream()`` all go through it. The built-in :class:`AsyncStrategy`, :class:`ThreadedStrategy`
+  and :class:`LocalStrategy` are here to wrap or subclass (DRY_RUN's is in
+  ``prismq_subprocess.testing``).
+- :class:`ProcessLike`, :class:`StreamReaderLike`, :class:`StreamWriterLike`: what a process
+  object and its streams must offer (``asyncio.subprocess.Process`` satisfies them).
+- :class:`BaseRunRegistry`: a run store of your own (a database, a cache).
+- :class:`RunBackend`, with the :class:`ModuleJob` and :class:`RunContext` it receives: where
+  ``ModuleRunner`` runs modules (``ModuleRunner(..., backend=...)``; the Dask cluster backend is
+  ``prismq_subprocess.dask.DaskBackend``).
+- :class:`AsyncResource`: the closing protocol every closable object follows.
+- :class:`MemoryCallback`, :class:`LimitCallback`, :class:`ResourceReader`: the callables the
+  resource watchers accept.
+"""
+
+from __future__ import annotations
+
+from ._background._backend import ModuleJob, RunBackend, RunContext
+from ._background._memory_registry import BaseRunRegistry
+from ._core._closing import AsyncResource
+from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
+from ._core._public import publish
+from ._resources._memory_monitor import MemoryCallback
+from ._resources._readings import ResourceReader
+from ._resources._tree_sampler import LimitCallback
+from ._strategies import AsyncStrategy, LocalStrategy, SubprocessStrategy, ThreadedStrategy
+from ._strategies._base import RunOptions, SpawnRequest
+
+__all__ = [
+    "AsyncResource",
+    "AsyncStrategy",
+    "BaseRunRegistry",
+    "LimitCallback",
+    "LocalStrategy",
+    "MemoryCallback",
+    "ModuleJob",
+    "ProcessLike",
+    "ResourceReader",
+    "RunBackend",
+    "RunContext",
+    "RunOptions",
+    "SpawnRequest",
+    "StreamReaderLike",
+    "StreamWriterLike",
+    "SubprocessStrategy",
+    "ThreadedStrategy",
+]
+
+publish(__name__, globals(), __all__)

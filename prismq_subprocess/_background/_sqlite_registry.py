@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this library writes (stored in ``PRAGMA user_version``)."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -76,6 +76,7 @@ _COLUMNS = (
     "owner_host",
     "owner_pid",
     "owner_started_at",
+    "worker",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM runs"
 _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -116,9 +117,17 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX runs_module_created ON runs (module_id, created_at)")
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    # The cluster worker a run executed on (prismq_subprocess.dask); NULL for local runs.
+    conn.execute("ALTER TABLE runs ADD COLUMN worker TEXT")
+
+
 # _MIGRATIONS[n] upgrades a file at user_version n to n + 1. Add an entry (and bump
 # SCHEMA_VERSION) to change the schema; every step runs inside one write transaction.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: _migrate_0_to_1,
+    1: _migrate_1_to_2,
+}
 
 
 def _to_micros(value: datetime | None) -> int | None:
@@ -150,6 +159,7 @@ def _row_values(run: Run) -> tuple[Any, ...]:
         None if owner is None else owner.host,
         None if owner is None else owner.pid,
         None if owner is None else owner.started_at,
+        run.worker,
     )
 
 
@@ -173,6 +183,7 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
         owner_host,
         owner_pid,
         owner_started_at,
+        worker,
     ) = row
     owner = (
         None
@@ -198,6 +209,7 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
         peak_rss_bytes=peak_rss_bytes,
         cpu_time_seconds=cpu_time_seconds,
         owner=owner,
+        worker=worker,
     )
 
 

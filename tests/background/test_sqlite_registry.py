@@ -216,3 +216,39 @@ async def test_cancelled_open_does_not_leak(tmp_path: Path) -> None:
     assert await registry.count_runs() == 1
     await registry.close()
     assert sqlite_threads() == []
+
+
+async def test_the_worker_of_a_cluster_run_is_stored(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    run = Run(module_id="m", module_name="M", mode="dask")
+    async with SQLiteRunRegistry(path) as registry:
+        await registry.add_run(run)
+        run.mark_running(pid=42)
+        run.worker = "tls://10.0.0.7:40331"
+        await registry.update_run(run)
+    async with SQLiteRunRegistry(path) as again:
+        stored = await again.get_run(run.run_id)
+    assert stored == run and stored is not None and stored.worker == "tls://10.0.0.7:40331"
+
+
+async def test_a_version_1_file_gains_the_worker_column_and_keeps_its_runs(tmp_path: Path) -> None:
+    from prismq_subprocess._background._sqlite_registry import _migrate_0_to_1
+
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as raw:
+        _migrate_0_to_1(raw)
+        raw.execute(
+            "INSERT INTO runs (run_id, module_id, module_name, parameters, status, created_at,"
+            " mode, output_tail) VALUES ('old', 'm', 'M', '{}', 'completed', 0, 'async', '[]')"
+        )
+        raw.execute("PRAGMA user_version = 1")
+    raw.close()
+    async with SQLiteRunRegistry(path) as registry:
+        old = await registry.get_run("old")
+        assert old is not None and old.worker is None and old.status.value == "completed"
+        new = Run(module_id="m", worker="tcp://w:1")
+        await registry.add_run(new)
+        assert await registry.get_run(new.run_id) == new
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 2
+    raw.close()

@@ -32,8 +32,9 @@ from prismq_subprocess import (  # noqa: E402
     Run,
     RunRegistry,
     RunStatus,
+    SQLiteRunRegistry,
 )
-from prismq_subprocess.abc import ModuleJob, RunContext  # noqa: E402
+from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa: E402
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
 
 SLOTS = 4  # each worker offers {"slots": 4}
@@ -119,9 +120,11 @@ def scripts(tmp_path: Path) -> dict[str, str]:
     return paths
 
 
-def runner_for(backend: DaskBackend | None, **kwargs: Any) -> ModuleRunner:
+def runner_for(
+    backend: DaskBackend | None, registry: BaseRunRegistry | None = None, **kwargs: Any
+) -> ModuleRunner:
     return ModuleRunner(
-        RunRegistry(),
+        registry if registry is not None else RunRegistry(),
         output=OutputCapture(),
         backend=backend,
         grace_period=1.0,
@@ -190,10 +193,11 @@ async def finished(runner: ModuleRunner, run_id: str) -> Run:
 
 
 async def test_twenty_modules_spread_over_both_workers_stream_whole_and_in_order(
-    client: Any, scripts: dict[str, str]
+    client: Any, scripts: dict[str, str], tmp_path: Path
 ) -> None:
-    runner = runner_for(DaskBackend(client))
-    async with runner:
+    registry = SQLiteRunRegistry(tmp_path / "runs.db")
+    runner = runner_for(DaskBackend(client), registry)
+    async with registry, runner:
         run_ids = [f"spread-{i}" for i in range(20)]
         # Subscribed before the start, so every line must arrive live, none from a replay.
         readers = [asyncio.create_task(collect(out(runner), r)) for r in run_ids]
@@ -214,8 +218,9 @@ async def test_twenty_modules_spread_over_both_workers_stream_whole_and_in_order
         assert run.mode == "dask" and run.pid is not None and run.started_at is not None
     workers = {run.worker for run in runs}
     assert workers == set(await worker_pids(client)), "both workers ran modules"
-    listed = await runner.registry.list_runs(limit=100)
-    assert {r.run_id for r in listed} == set(run_ids)
+    async with SQLiteRunRegistry(tmp_path / "runs.db") as reopened:
+        listed = await reopened.list_runs(limit=100)
+    assert {r.run_id: r for r in listed} == {r.run_id: r for r in runs}
 
 
 async def test_output_is_live_and_status_goes_pending_running_final(

@@ -7,7 +7,7 @@ import concurrent.futures
 import logging
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from distributed import Client, Event
@@ -204,6 +204,7 @@ class DaskBackend(RunBackend):
         self._ready = False
         self._watcher: asyncio.Task[None] | None = None
         self._reapers: set[asyncio.Task[None]] = set()
+        self._chores: set[asyncio.Future[None]] = set()
         self._closed = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -356,7 +357,8 @@ class DaskBackend(RunBackend):
             if outcome is not None and not outcome.done():
                 outcome.cancel()
             if remote.future is not None:
-                await self._forget(remote)
+                # Off the run's path: it is recorded already; aclose() waits for these.
+                self._background(self._forget(remote))
 
     def _worker_job(self, run: Run, job: ModuleJob, context: RunContext) -> WorkerJob:
         return WorkerJob(
@@ -528,18 +530,23 @@ class DaskBackend(RunBackend):
                 f" {self.cancel_timeout:g} s)"
             )
 
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
     async def _forget(self, remote: _Remote) -> None:
-        """Release the task and, once it ended normally, the run's events on the scheduler.
-        The events of a run that was lost or cancelled unconfirmed stay set, so an attempt
-        Dask may still start sees them and runs nothing."""
+        """Release the task and, once it ended normally, the run's events on the scheduler
+        (the cancel event only exists there once set). The events of a run that was lost or
+        cancelled unconfirmed stay set, so an attempt Dask may still start runs nothing."""
         client = self._client
         try:
             remote.future.release()
             if remote.lost is None and not remote.unconfirmed and remote.future.done():
-                for name in (
-                    cancel_event_name(self._token, remote.run.run_id),
-                    started_event_name(self._token, remote.run.run_id),
-                ):
+                names = [started_event_name(self._token, remote.run.run_id)]
+                if remote.cancel_sent_at is not None:
+                    names.append(cancel_event_name(self._token, remote.run.run_id))
+                for name in names:
                     await Event(name, client=client).clear()
         except Exception as exc:
             logger.info("releasing run %s on the cluster failed: %s", remote.run.run_id, exc)
@@ -642,6 +649,8 @@ class DaskBackend(RunBackend):
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.wait({self._watcher})
+        if self._chores:
+            await asyncio.wait(self._chores)
         if self._reapers:
             await asyncio.wait(self._reapers, timeout=_REAP_SECONDS)
         client = self._client

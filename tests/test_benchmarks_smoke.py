@@ -83,3 +83,16 @@ def test_background_smoke() -> None:
     result = bench_background.run(min_sample=0, rounds=1, ticks=5, tasks=50)
     assert result["manager_over_bare"] > 0
     _check(bench_background, result)
+
+
+def test_dask_smoke() -> None:
+    pytest.importorskip(
+        "distributed",
+        reason="the [dask] extra is not installed (pip install 'prismq_subprocess[dask]')",
+    )
+    import bench_dask
+
+    result = bench_dask.run(modules=4, rounds=1, latency_samples=2, concurrency=2)
+    assert len(result["runs_per_second"]["dask"]) == 1
+    assert len(result["first_line_seconds"]["dask"]) == 2
+    _check(bench_dask, result)

@@ -519,6 +519,10 @@ class DaskBackend(RunBackend):
         elif isinstance(result, concurrent.futures.CancelledError):
             if remote.cancel_requested:
                 run.mark_cancelled(f"{reason} (before it started on the cluster)")
+            elif getattr(self._client, "status", "running") != "running":
+                run.mark_failed(
+                    f"the connection to the Dask cluster ended before the run did ({result})"
+                )
             else:
                 run.mark_failed(f"the cluster dropped the task: {result}")
         elif isinstance(result, BaseException):

@@ -8,7 +8,8 @@ messages. Around it:
 - the child's start (pid, mode) and its lines go to the host over the backend's event topic
   (see ``_channel.py``);
 - a thread waits on the run's cancel ``distributed.Event`` (Dask cannot interrupt a running task)
-  and cancels the module, which stops the child's tree and records the run CANCELLED;
+  and cancels the module, which stops the child's tree and records the run CANCELLED; it does
+  the same when the scheduler drops the task (the host's client went away);
 - the run's "started" ``distributed.Event`` makes a retry (Dask re-runs the tasks of a worker
   that died) refuse to run the module a second time, unless the host allowed it.
 """
@@ -115,15 +116,18 @@ class _StartReporter(RunRegistry):
 
 class _CancelWatch:
     """Waits on the run's cancel event in a thread of its own (each wait is one long poll on the
-    scheduler, ``poll`` seconds at most) and cancels the module's task once it is set.
+    scheduler, ``poll`` seconds at most) and cancels the module's task once it is set, or once
+    ``dropped()`` says the scheduler released the task (the host's client left, or the task was
+    cancelled), since then nobody waits for the run any more.
 
     :meth:`stop` does not join: the thread notices within one poll and ends by itself, so the
     task's result is not held back by a poll in progress.
     """
 
-    def __init__(self, event: Any, poll: float) -> None:
+    def __init__(self, event: Any, poll: float, dropped: Callable[[], bool]) -> None:
         self._event = event
         self._poll = poll
+        self._dropped = dropped
         self._lock = threading.Lock()
         self._target: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
         self._fired = False
@@ -145,7 +149,7 @@ class _CancelWatch:
     def _watch(self) -> None:
         while not self._stopped.is_set():
             try:
-                if self._event.wait(timeout=self._poll):
+                if self._event.wait(timeout=self._poll) or self._dropped():
                     break
             except Exception as exc:
                 if self._stopped.is_set():
@@ -166,6 +170,15 @@ class _CancelWatch:
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+def _task_dropped(worker: Any, key: Any) -> bool:
+    """True once the scheduler released this worker's task ``key`` (e.g. its client left)."""
+    try:
+        task = worker.state.tasks.get(key)
+    except AttributeError:
+        return False  # a worker without this state: the cancel event alone stops the run
+    return task is None or task.state in ("cancelled", "released", "forgotten")
 
 
 def _started_message(forwarder: OutputForwarder, worker_address: str, run: Run) -> Message:
@@ -264,7 +277,8 @@ def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
     if started.is_set() and not spec.rerun_after_worker_loss:
         return WorkerOutcome(NOT_RETRIED, worker.address)
     started.set()
-    watch = _CancelWatch(cancel, spec.cancel_poll)
+    key = worker.get_current_task()
+    watch = _CancelWatch(cancel, spec.cancel_poll, lambda: _task_dropped(worker, key))
     watch.start()
     try:
         return asyncio.run(_execute(spec, worker.address, watch))

@@ -467,6 +467,29 @@ async def test_foreground_run_cancelled_by_its_caller_is_recorded_then_reraised(
     assert not alive(pid)
 
 
+async def test_a_host_that_goes_away_leaves_nothing_running_on_the_workers(
+    cluster: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    # The host's client disconnects (its process died, say): the scheduler drops its tasks and
+    # each worker stops the module its task started.
+    host = await distributed.Client(
+        cluster.scheduler_address, asynchronous=True, set_as_default=False
+    )
+    runner = runner_for(DaskBackend(host))
+    run_id = await runner.start_module(
+        "h", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
+    )
+    grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+    pid = (await stored(runner, run_id)).pid
+    assert pid is not None and alive(pid)
+    await host.close()
+    await until(lambda: not alive(pid) and not alive(grandchild), "the module was stopped")
+    await runner.aclose()
+    run = await stored(runner, run_id)
+    assert run.status is RunStatus.FAILED and run.error_message is not None
+    assert run.error_message.startswith("the connection to the Dask cluster ended")
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

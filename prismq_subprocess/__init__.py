@@ -60,7 +60,12 @@ from ._core._lines import iter_lines
 from ._core._modes import RunMode
 from ._core._public import publish as _publish
 from ._core._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
-from ._core._tree_stop import DEFAULT_GRACE_PERIOD, execute_with_timeout, terminate_gracefully
+from ._core._tree_stop import (
+    DEFAULT_GRACE_PERIOD,
+    execute_with_timeout,
+    terminate_gracefully,
+    terminate_many,
+)
 from ._core._wrapper import SubprocessWrapper
 from ._resources._memory_monitor import MemoryMonitor
 from ._resources._readings import PsutilResourceReader, ResourceSnapshot
@@ -166,6 +171,7 @@ __all__ = [
     "run",
     "subprocess_loop_factory",
     "terminate_gracefully",
+    "terminate_many",
 ]
 
 # Top level first: a name available here is shown as prismq_subprocess.X.

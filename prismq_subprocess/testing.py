@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from ._core._public import publish
 from ._platform import PlatformOps, platform_ops
+from ._platform._ops import StopRecord, StopTarget
+from ._platform._table import ProcessEntry, ProcessTable
 from ._strategies._dry_run import (
     DryRunCall,
     DryRunHandler,
@@ -36,6 +38,10 @@ __all__ = [
     "DryRunResponse",
     "DryRunStrategy",
     "PlatformOps",
+    "ProcessEntry",
+    "ProcessTable",
+    "StopRecord",
+    "StopTarget",
     "platform_ops",
 ]
 

@@ -84,6 +84,7 @@ EXPECTED: dict[str, list[str]] = {
         "run",
         "subprocess_loop_factory",
         "terminate_gracefully",
+        "terminate_many",
     ],
     "prismq_subprocess.abc": [
         "AsyncResource",
@@ -112,6 +113,10 @@ EXPECTED: dict[str, list[str]] = {
         "DryRunResponse",
         "DryRunStrategy",
         "PlatformOps",
+        "ProcessEntry",
+        "ProcessTable",
+        "StopRecord",
+        "StopTarget",
         "platform_ops",
     ],
     "prismq_subprocess.exceptions": [

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .._platform import is_proactor_loop, is_windows, policy_uses_proactor
+from .._platform import is_proactor_loop, is_windows, platform_name, policy_uses_proactor
 from ._exceptions import InvalidRunModeError
 from ._modes import RunMode, valid_values
 
@@ -79,9 +78,9 @@ def detect_run_mode(
     (or, with none running, the loop the event-loop policy would create) is a Proactor loop, else
     THREADED; on every other platform ASYNC.
 
-    Every input can be injected (``env`` defaults to ``os.environ``, ``platform`` to
-    ``sys.platform``, ``loop`` to the running loop, ``policy`` to asyncio's current policy), so the
-    Windows rules are testable anywhere.
+    Every input can be injected (``env`` defaults to ``os.environ``, ``platform`` to this
+    machine's ``sys.platform``, ``loop`` to the running loop, ``policy`` to asyncio's current
+    policy), so the Windows rules are testable anywhere.
 
     Raises:
         InvalidRunModeError: ``PRISMQ_RUN_MODE`` is set to something that names no mode.
@@ -98,7 +97,7 @@ def detect_run_mode(
             ) from None
         return ModeDecision(mode, f"{ENV_VAR}={raw!r}", ModeSource.ENVIRONMENT)
 
-    name = platform or sys.platform
+    name = platform_name(platform)
     if not is_windows(name):
         return ModeDecision(
             RunMode.ASYNC, f"platform {name!r} supports asyncio subprocesses", ModeSource.AUTO

@@ -7,7 +7,7 @@ import asyncio
 import warnings
 from collections.abc import Callable
 
-from .._platform import is_windows
+from .._platform import is_windows, proactor_loop_class, proactor_policy_class
 
 __all__ = ["install_subprocess_policy", "subprocess_loop_factory"]
 
@@ -27,10 +27,7 @@ def subprocess_loop_factory(
     auto-detected wrapper falls back to THREADED on a loop that cannot spawn.
     """
     if is_windows(platform):
-        proactor = getattr(asyncio, "ProactorEventLoop", None)
-        if proactor is None:  # an injected "win32" platform on a POSIX machine
-            raise RuntimeError("asyncio.ProactorEventLoop exists only on Windows")
-        return proactor  # type: ignore[no-any-return]
+        return proactor_loop_class()  # raises for an injected "win32" on a POSIX machine
     return asyncio.new_event_loop
 
 
@@ -44,9 +41,7 @@ def install_subprocess_policy(platform: str | None = None) -> bool:
     """
     if not is_windows(platform):
         return False
-    policy_class = getattr(asyncio, "WindowsProactorEventLoopPolicy", None)
-    if policy_class is None:
-        raise RuntimeError("asyncio.WindowsProactorEventLoopPolicy exists only on Windows")
+    policy_class = proactor_policy_class()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         if isinstance(asyncio.get_event_loop_policy(), policy_class):

@@ -2,7 +2,12 @@
 
 The model is systemd's ``KillMode=control-group``: ask the whole group to stop (SIGTERM, or
 CTRL_BREAK on Windows), wait up to a grace period, then kill whatever is left (SIGKILL / the psutil
-tree). Descendants that left the group are found with psutil while the tree is still intact.
+tree). Descendants that left the group are found while the tree is still intact.
+
+The event loop only waits here. The platform's part of a stop is three coarse operations
+(:meth:`~prismq_subprocess._platform.PlatformOps.ask_to_stop`, ``kill_trees``, ``lingering``),
+each run in a worker thread and each shared by every stop in progress at that moment, so that
+stopping a thousand children costs a few looks at the process table, not thousands.
 """
 
 from __future__ import annotations
@@ -11,25 +16,28 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
-import signal
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
-import psutil
-
-from .._platform import PlatformOps, platform_ops
+from .._platform import PlatformOps, StopRecord, StopTarget, platform_ops
 from ._exceptions import ProcessTimeoutError
+from ._exit_wait import wait_all_exited
+from ._offloop import Coalescer
 from ._process import ProcessLike
 from ._validation import check_timeout
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
     "execute_with_timeout",
+    "kill_tree_now",
+    "kill_trees_now",
     "stop_process_tree",
+    "stop_process_trees",
     "terminate_gracefully",
+    "terminate_many",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,54 +69,121 @@ def _registered_at(process: object) -> float | None:
 
 
 def _own_group(process: ProcessLike, ops: PlatformOps) -> bool:
-    known = _OWN_GROUP.get(process)
-    if known is not None:
-        return known
-    getpgid = getattr(os, "getpgid", None)
-    if getpgid is None:
-        return False
     try:
-        return bool(getpgid(process.pid) == process.pid)
-    except OSError:
-        return False
+        known = _OWN_GROUP.get(process)
+    except TypeError:
+        known = None
+    return known if known is not None else ops.leads_own_group(process.pid)
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return alive
+def _target(process: ProcessLike, ops: PlatformOps, *, pin: bool = False) -> StopTarget:
+    running = process.returncode is None
+    return StopTarget(
+        pid=process.pid,
+        own_group=_own_group(process, ops),
+        running=running,
+        started_at=_registered_at(process),
+        pin=ops.pin(process.pid) if pin and running else -1,
+    )
 
 
-async def _wait_until(deadline: float | None, process: ProcessLike) -> bool:
-    """Wait for ``process`` to exit until ``deadline`` (loop.time(); None: no limit); True if it
-    did.
+@dataclass(eq=False)
+class _Workers:
+    """The worker-thread operations of one :class:`PlatformOps`, shared by concurrent stops."""
 
-    Watches ``returncode`` as well as ``wait()``: asyncio's ``wait()`` (3.11) returns only once
-    every pipe is closed, which a paused, unread stdout never is; ``returncode`` is set at exit.
+    ask: Coalescer[StopTarget, StopRecord]
+    kill: Coalescer[StopRecord, None]
+    lingering: Coalescer[StopRecord, bool]
+
+
+_WORKERS: weakref.WeakKeyDictionary[PlatformOps, _Workers] = weakref.WeakKeyDictionary()
+
+
+def _workers(ops: PlatformOps) -> _Workers:
+    workers = _WORKERS.get(ops)
+    if workers is None:
+
+        def kill(records: list[StopRecord], pace: Callable[[], None]) -> list[None]:
+            ops.kill_trees(records, pace)
+            return [None] * len(records)
+
+        workers = _WORKERS[ops] = _Workers(
+            ask=Coalescer(ops.ask_to_stop, "prismq-stop"),
+            kill=Coalescer(kill, "prismq-kill"),
+            lingering=Coalescer(ops.lingering, "prismq-look"),
+        )
+    return workers
+
+
+async def stop_process_trees(
+    processes: Sequence[ProcessLike],
+    *,
+    grace: float = DEFAULT_GRACE_PERIOD,
+    ops: PlatformOps | None = None,
+) -> list[int]:
+    """Stop every process in ``processes`` and everything each one started, all together;
+    return their exit statuses, in order.
+
+    1. Hold each tree still and find its descendants while it is intact (POSIX: SIGSTOP to the
+       group and every descendant found, looking again until nothing new appears).
+    2. Ask politely: SIGTERM to the child's process group (POSIX) or CTRL_BREAK (Windows), and
+       SIGTERM to descendants that left the group; then release the trees.
+    3. Wait up to ``grace`` seconds for the children.
+    4. Kill what is left: SIGKILL to the group and the descendants (POSIX), kill the tree
+       (Windows).
+    5. Group members and descendants still running once the child is gone are polled until the
+       grace period ends, then killed.
+
+    Steps 1, 2 and 4 run in a worker thread, shared by every stop in progress, so the event loop
+    is never blocked and N children cost a few looks at the process table, not N.
+
+    Safe to call on processes that already exited: what they left behind is still stopped.
+    Cancellation: the wait is abandoned, but a request handed to the worker thread (step 1-2 or
+    4) is carried out in full, so the trees are never left stopped nor the children unsignalled.
+
+    Raises:
+        InvalidTimeoutError: ``grace`` is negative.
     """
-    if process.returncode is not None:
-        return True
+    grace = check_timeout(grace, "grace") or 0.0
+    ops = ops or platform_ops()
+    if not processes:
+        return []
+    workers = _workers(ops)
     loop = asyncio.get_running_loop()
-    waiter = asyncio.ensure_future(process.wait())
-    delay = 0.002
-    try:
-        while process.returncode is None and not waiter.done():
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return False
-            step = delay if remaining is None else min(delay, remaining)
-            await asyncio.wait((waiter,), timeout=step)
-            delay = min(delay * 2, 0.05)
-        return True
-    finally:
-        if not waiter.done():
-            waiter.cancel()
-        await asyncio.gather(waiter, return_exceptions=True)
+    deadline = loop.time() + grace
+    records = await workers.ask.submit([_target(p, ops, pin=True) for p in processes])
+    for process, record in zip(processes, records, strict=True):
+        if record.target.running and not record.asked:
+            _signal(process, ops.stop_signal(record.target.own_group))
+    running = [(p, r) for p, r in zip(processes, records, strict=True) if r.target.running]
+    await wait_all_exited([p for p, _ in running], deadline)
+    overdue = [(p, r) for p, r in running if p.returncode is None]
+    if overdue:
+        for process, _ in overdue:
+            logger.info(
+                "pid %d outlived its %.3g s grace period; killing its tree", process.pid, grace
+            )
+        await workers.kill.submit([r for _, r in overdue])
+        for process, record in overdue:
+            if not (record.target.own_group and ops.group_kill_covers_leader):
+                _kill(process)
+        await wait_all_exited([p for p, _ in overdue], None)
+    # The children are gone; members of their groups (or escaped descendants) may linger.
+    # Nothing notifies us when a grandchild exits, so poll.
+    lingering = list(records)
+    while lingering:
+        flags = await workers.lingering.submit(lingering)
+        lingering = [r for r, flag in zip(lingering, flags, strict=True) if flag]
+        if not lingering or loop.time() >= deadline:
+            break
+        await asyncio.sleep(_POLL)
+    if lingering:
+        await workers.kill.submit(lingering)
+    statuses = []
+    for process in processes:
+        assert process.returncode is not None
+        statuses.append(process.returncode)
+    return statuses
 
 
 async def stop_process_tree(
@@ -119,66 +194,15 @@ async def stop_process_tree(
 ) -> int:
     """Stop ``process`` and every process it started; return its exit status.
 
-    1. Snapshot the descendants (psutil) while the tree is intact.
-    2. Ask politely: SIGTERM to the child's process group (POSIX) or CTRL_BREAK (Windows), and
-       SIGTERM to descendants that left the group.
-    3. Wait up to ``grace`` seconds for the child and the descendants.
-    4. Kill what is left: SIGKILL to the group and the descendants (POSIX), kill the tree (Windows).
+    :func:`stop_process_trees` for one child (see there for the steps). Safe to call on a
+    process that already exited: group members it left behind are still stopped. Cancelling
+    this coroutine abandons the wait but never leaves the child unsignalled for longer than the
+    cancellation takes.
 
-    Safe to call on a process that already exited: group members it left behind are still
-    stopped. Cancelling this coroutine abandons the wait but never leaves the child unsignalled
-    for longer than the cancellation takes.
+    Raises:
+        InvalidTimeoutError: ``grace`` is negative.
     """
-    grace = check_timeout(grace, "grace") or 0.0
-    ops = ops or platform_ops()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
-    own_group = _own_group(process, ops)
-    pid = process.pid
-    descendants: list[psutil.Process] = []
-    if process.returncode is None:
-        # Freeze, signal, thaw: no await in between, so a cancellation cannot leave the tree
-        # stopped, and the tree cannot fork new members past the snapshot.
-        descendants = ops.freeze(pid, own_group)
-        sig = ops.stop_signal(own_group)
-        if not (own_group and ops.signal_group(pid, sig)):
-            _signal(process, sig)
-        ops.signal_descendants(descendants, signal.SIGTERM)
-        # One more look while the child is still held (it cannot die, so nothing it started
-        # has been re-parented out of reach yet).
-        known = {p.pid for p in descendants}
-        late = [p for p in ops.snapshot_descendants(pid) if p.pid not in known]
-        ops.signal_descendants(late, signal.SIGTERM)
-        descendants += late
-        ops.thaw(pid, own_group, descendants)
-        if not await _wait_until(deadline, process):
-            descendants += ops.snapshot_descendants(pid)
-            logger.info("pid %d outlived its %.3g s grace period; killing its tree", pid, grace)
-            ops.kill_tree(pid, own_group, descendants)
-            if not (own_group and ops.group_kill_covers_leader):
-                _kill(process)
-        await _wait_until(None, process)
-        returncode = process.returncode
-        assert returncode is not None
-    else:
-        returncode = process.returncode
-        # Where there are no process groups to ask (Windows), find what the child left running
-        # by its parent pid; psutil checks creation times, so a reused pid is not taken.
-        descendants = ops.orphans_of(pid, _registered_at(process))
-        ops.signal_descendants(descendants, signal.SIGTERM)
-        if ops.group_alive(pid, own_group):
-            ops.signal_group(pid, ops.stop_signal(own_group))
-    # The leader is gone; members of its group (or escaped descendants) may linger.
-    # Nothing notifies us when a grandchild exits, so poll (cheap: one signal-0 per tick).
-    while _lingering(ops, pid, own_group, descendants) and loop.time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(_POLL)
-    if _lingering(ops, pid, own_group, descendants):
-        ops.kill_tree(pid, own_group, _alive(descendants))
-    return returncode
-
-
-def _lingering(ops: PlatformOps, pid: int, own_group: bool, procs: list[psutil.Process]) -> bool:
-    return ops.group_alive(pid, own_group) or bool(_alive(procs))
+    return (await stop_process_trees([process], grace=grace, ops=ops))[0]
 
 
 def _signal(process: ProcessLike, sig: int) -> None:
@@ -196,14 +220,23 @@ def _kill(process: ProcessLike) -> None:
         process.kill()
 
 
+def kill_trees_now(processes: Sequence[ProcessLike], ops: PlatformOps | None = None) -> None:
+    """Kill every process in ``processes`` and its tree at once, without waiting (for
+    synchronous clean-up). Blocks for one look at the process table."""
+    ops = ops or platform_ops()
+    live = [p for p in processes if p.returncode is None]
+    if not live:
+        return
+    records = [StopRecord(_target(p, ops)) for p in live]
+    ops.kill_trees(records)
+    for process, record in zip(live, records, strict=True):
+        if not (record.target.own_group and ops.group_kill_covers_leader):
+            _kill(process)
+
+
 def kill_tree_now(process: ProcessLike, ops: PlatformOps | None = None) -> None:
     """Kill ``process`` and its tree at once, without waiting (for synchronous clean-up)."""
-    ops = ops or platform_ops()
-    if process.returncode is None:
-        own_group = _own_group(process, ops)
-        ops.kill_tree(process.pid, own_group, ops.snapshot_descendants(process.pid))
-        if not (own_group and ops.group_kill_covers_leader):
-            _kill(process)
+    kill_trees_now([process], ops)
 
 
 async def terminate_gracefully(
@@ -219,6 +252,30 @@ async def terminate_gracefully(
     """
     check_timeout(timeout, "timeout")
     return await stop_process_tree(process, grace=timeout, ops=ops)
+
+
+async def terminate_many(
+    processes: Sequence[ProcessLike],
+    timeout: float = DEFAULT_GRACE_PERIOD,
+    *,
+    ops: PlatformOps | None = None,
+) -> list[int]:
+    """Stop every process in ``processes`` and its whole tree, all together: SIGTERM (CTRL_BREAK
+    on Windows), then SIGKILL to what is left after ``timeout`` seconds. Returns the exit
+    statuses, in order.
+
+    Equivalent to :func:`terminate_gracefully` on each, but the blocking work is shared: a
+    thousand children cost a few looks at the process table, and none of it runs on the event
+    loop.
+
+    Cancellation: the waiting stops; the requests already handed to the worker thread are
+    carried out in full.
+
+    Raises:
+        InvalidTimeoutError: ``timeout`` is negative.
+    """
+    check_timeout(timeout, "timeout")
+    return await stop_process_trees(processes, grace=timeout, ops=ops)
 
 
 async def execute_with_timeout(

@@ -22,9 +22,10 @@ from ._exceptions import (
 )
 from ._line_stream import LineStream
 from ._modes import RunMode
+from ._offloop import run_in_thread
 from ._process import ProcessLike
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
-from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, stop_process_tree
+from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, stop_process_trees
 from ._validation import (
     check_exec_command,
     check_limit,
@@ -428,22 +429,32 @@ class SubprocessWrapper(AsyncClosing):
 
     # -- shutting down ----------------------------------------------------------------------
     async def aclose(self) -> None:
-        """Stop every child still running (tree stop, bounded by ``grace_period`` each, all in
-        parallel) and release threads. Idempotent. Cancelling it still kills what it signalled.
+        """Stop every child still running (tree stop, all together, bounded by ``grace_period``)
+        and release threads. Idempotent.
+
+        The stop's blocking work runs in a worker thread and looks at the process table a few
+        times for all the children together, so closing a wrapper with many children neither
+        blocks the event loop nor takes time in proportion to the number of children.
+
+        Cancellation: whatever is still running is killed at once (no grace) and the threads
+        are released before ``CancelledError`` propagates.
         """
         live = self.live_processes
         self._closed = True
         try:
             if live:
-                await asyncio.gather(
-                    *(stop_process_tree(p, grace=self._grace, ops=self._ops) for p in live),
-                    return_exceptions=True,
-                )
+                try:
+                    await stop_process_trees(live, grace=self._grace, ops=self._ops)
+                except Exception:  # the clean-up below still kills and releases
+                    logger.exception("stopping the children of %r failed", self)
                 for process in live:
                     _release_pipes(process)
-        finally:
-            # Also when cancelled: whatever is still running is killed, threads are released.
+        except BaseException:
             self.cleanup()
+            raise
+        # Joining the pools' threads blocks: not on the loop (a cancellation stops the waiting
+        # only; the thread still finishes the clean-up).
+        await run_in_thread(self.cleanup, "prismq-close")
 
     def cleanup(self) -> None:
         """Synchronous form of :meth:`aclose` (the PrismQ guide's ``wrapper.cleanup()``): kill
@@ -451,9 +462,12 @@ class SubprocessWrapper(AsyncClosing):
         Idempotent; the wrapper cannot be used afterwards. Prefer ``await aclose()`` from async
         code: it gives children their grace period."""
         self._closed = True
-        for process in self.live_processes:
-            with contextlib.suppress(Exception):
-                kill_tree_now(process, self._ops)
+        live = self.live_processes
+        if live:
+            try:
+                kill_trees_now(live, self._ops)
+            except Exception:
+                logger.exception("killing the children of %r failed", self)
         self._live.clear()
         for strategy in (*self._retired, self._strategy):
             strategy.close()

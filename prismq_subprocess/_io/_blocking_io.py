@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import IO
 
 from .._core._result import TailBuffer
+from .._platform import PIPE_BUF, PIPES_SELECTABLE
 
 __all__ = ["LINGER", "Leftovers", "drain_blocking"]
 
 _READ = 256 * 1024
 # Writes to a pipe of at most PIPE_BUF bytes never block once select() said "writable".
-_WRITE = getattr(os, "PIPE_BUF", 512)
+_WRITE = PIPE_BUF
 
 
 #: How long the pipes may stay open after the child exited before its leftovers are stopped.
@@ -49,7 +50,7 @@ def drain_blocking(
     child has exited but descendants keep the pipes open, ``leftovers.stop`` is called (polite,
     then forced after ``leftovers.grace``); pipes still open a second after that are abandoned.
     """
-    if os.name == "nt":  # pragma: no cover - Windows pipes cannot be select()ed
+    if not PIPES_SELECTABLE:  # pragma: no cover - Windows pipes cannot be select()ed
         _drain_with_threads(popen, input, out, err)
         return
     exited_at: float | None = None

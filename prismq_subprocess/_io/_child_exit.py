@@ -18,12 +18,12 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .._platform import pidfd_open
+
 if TYPE_CHECKING:
     from ._io_thread import IOThread
 
 __all__ = ["watch_exit"]
-
-_HAS_PIDFD = hasattr(os, "pidfd_open")
 
 
 def watch_exit(
@@ -40,21 +40,18 @@ def watch_exit(
     a waiter thread. ``use_pidfd=False`` forces the thread (tests use it to cover the
     Windows/macOS route).
     """
-    if use_pidfd and _HAS_PIDFD:
+    # -1: no pidfd here (macOS, Windows, an old kernel, seccomp, or the child already reaped).
+    fd = pidfd_open(popen.pid) if use_pidfd else -1
+    if fd >= 0:
         try:
-            fd = os.pidfd_open(popen.pid)
-        except OSError:  # old kernel, seccomp, or the child is already reaped
-            fd = -1
-        if fd >= 0:
-            try:
-                loop.add_reader(fd, _on_pidfd_ready, loop, fd, popen, callback)
-            except (NotImplementedError, RuntimeError):
-                on_exit = functools.partial(_reap, loop, popen, callback)
-                if io_thread is not None and io_thread.watch_pidfd(loop, fd, on_exit):
-                    return
-                os.close(fd)
-            else:
+            loop.add_reader(fd, _on_pidfd_ready, loop, fd, popen, callback)
+        except (NotImplementedError, RuntimeError):
+            on_exit = functools.partial(_reap, loop, popen, callback)
+            if io_thread is not None and io_thread.watch_pidfd(loop, fd, on_exit):
                 return
+            os.close(fd)
+        else:
+            return
     threading.Thread(
         target=_wait_in_thread,
         args=(loop, popen, callback),

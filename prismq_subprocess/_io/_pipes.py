@@ -24,11 +24,11 @@ import collections
 import contextlib
 import os
 import select
-import sys
 import threading
 import time
 from typing import IO, Any, Protocol
 
+from .._platform import CAN_POLL_PIPES
 from ._stdin_transport import WriterTransport
 
 __all__ = [
@@ -53,9 +53,6 @@ WRITE_LOW_WATER = 16 * 1024
 _STOP_POLL_SECONDS = 0.25
 #: How long :meth:`ThreadPerPipe.close` waits for its threads, in all.
 _JOIN_SECONDS = 2.0
-
-_CAN_POLL = sys.platform != "win32" and hasattr(select, "poll")
-
 
 def call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
     """``loop.call_soon_threadsafe``, False instead of an error once the loop is closed."""
@@ -320,7 +317,7 @@ class PipeReaderThread:
 
     def _wait_readable(self, fd: int) -> bool:
         """Block until ``fd`` has data or EOF; False when asked to stop first."""
-        if not _CAN_POLL:
+        if not CAN_POLL_PIPES:
             return not self._flow.closing
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)

@@ -22,7 +22,7 @@ from .._core._exceptions import ProcessTimeoutError
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._result import ProcessResult
-from .._platform import PlatformOps
+from .._platform import KILL_SIGNAL, PlatformOps
 from ._base import RunOptions, SpawnRequest, SubprocessStrategy
 from ._process_base import ProcessBase
 from ._stdin_buffer import BufferedStdin
@@ -211,7 +211,7 @@ class DryRunProcess(ProcessBase):
 
     def kill(self) -> None:
         """End the fake run with ``-SIGKILL``."""
-        self.send_signal(getattr(signal, "SIGKILL", signal.SIGTERM))
+        self.send_signal(KILL_SIGNAL)
 
 
 class DryRunStrategy(SubprocessStrategy):

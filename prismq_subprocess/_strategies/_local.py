@@ -309,7 +309,7 @@ class _Launch:
             aborted = self._aborted
         ops = self._strategy.ops
         if aborted:
-            ops.kill_tree(popen.pid, self._own_group, ops.snapshot_descendants(popen.pid))
+            ops.kill_now(popen.pid, self._own_group)
             popen.kill()
         else:
             _call_soon(self._loop, self._on_spawned)

@@ -60,7 +60,7 @@ def _discard_orphan(
         return
     popen = future.result()
     own_group = ops.started_own_group(request.kwargs)
-    ops.kill_tree(popen.pid, own_group, ops.snapshot_descendants(popen.pid))
+    ops.kill_now(popen.pid, own_group)
     with contextlib.suppress(OSError):
         popen.kill()
     for pipe in (popen.stdin, popen.stdout, popen.stderr):

@@ -14,6 +14,8 @@ import signal
 import subprocess
 from typing import Any
 
+from .._platform import KILL_SIGNAL
+
 __all__ = ["PopenProcess", "ProcessBase"]
 
 
@@ -118,7 +120,7 @@ class ProcessBase:
 
     def kill(self) -> None:
         """Kill the child (SIGKILL; ``TerminateProcess`` on Windows)."""
-        self.send_signal(getattr(signal, "SIGKILL", signal.SIGTERM))
+        self.send_signal(KILL_SIGNAL)
 
     def _send_signal(self, sig: int) -> None:
         raise NotImplementedError

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from typing import Literal
 
 from .._core._modes import RunMode
@@ -32,7 +31,7 @@ from .._core._tree_stop import register_group
 from .._io._child_exit import watch_exit
 from .._io._io_thread import IOThread
 from .._io._pipes import PipeBridge, ThreadPerPipe
-from .._platform import PlatformOps
+from .._platform import PIPES_SELECTABLE, PlatformOps
 from ._base import SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor
 from ._process_base import PopenProcess
@@ -126,8 +125,8 @@ class ThreadedStrategy(SubprocessStrategy):
         if io not in ("auto", "selector", "threads"):
             raise ValueError(f"io must be 'auto', 'selector' or 'threads', not {io!r}")
         if io == "auto":
-            io = "threads" if sys.platform == "win32" else "selector"
-        if io == "selector" and sys.platform == "win32":
+            io = "selector" if PIPES_SELECTABLE else "threads"
+        if io == "selector" and not PIPES_SELECTABLE:
             raise ValueError("io='selector' needs POSIX pipes; use io='threads' on Windows")
         self.io: IOMode = io
         self._use_pidfd = use_pidfd

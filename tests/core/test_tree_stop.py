@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import threading
 
 import pytest
 from helpers import py
@@ -18,6 +19,8 @@ from lifecycle_helpers import (
 )
 
 import prismq_subprocess as pq
+from prismq_subprocess._platform import PlatformOps, platform_ops
+from prismq_subprocess._platform._table import ProcessTable
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees; see docs/WINDOWS.md")
 
@@ -311,3 +314,61 @@ async def test_run_returns_when_a_chatty_leftover_keeps_writing(
 async def test_missing_shell_is_a_file_not_found(wrapper: pq.SubprocessWrapper) -> None:
     with pytest.raises(FileNotFoundError):
         await wrapper.run("echo hi", shell=True, executable="/nonexistent/sh")
+
+
+def counting_ops() -> tuple[PlatformOps, list[threading.Thread]]:
+    """Real platform operations that record the thread of every look at the process table."""
+    ops = platform_ops(sys.platform)
+    threads: list[threading.Thread] = []
+    real_scan = ops.scan
+
+    def scan() -> ProcessTable:
+        threads.append(threading.current_thread())
+        return real_scan()
+
+    ops.scan = scan  # type: ignore[method-assign]
+    return ops, threads
+
+
+SLEEPER = py("import time; time.sleep(60)")
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_closing_many_children_takes_a_few_looks_off_the_loop(mode: str) -> None:
+    # Issue 10: a stop per child made three full process-table scans per child, on the loop.
+    ops, looks = counting_ops()
+    wrapper = pq.SubprocessWrapper(mode, grace_period=GRACE, ops=ops)
+    procs = [await wrapper.create_subprocess_exec(*SLEEPER, stdout=pq.PIPE) for _ in range(30)]
+    await wrapper.aclose()
+    assert all(p.returncode == -signal.SIGTERM for p in procs)
+    assert 0 < len(looks) <= 10, len(looks)
+    assert threading.current_thread() not in looks
+
+
+async def test_concurrent_stops_share_their_looks(wrapper: pq.SubprocessWrapper) -> None:
+    ops, looks = counting_ops()
+    procs = [await wrapper.create_subprocess_exec(*SLEEPER) for _ in range(30)]
+    statuses = await asyncio.gather(*(pq.terminate_gracefully(p, GRACE, ops=ops) for p in procs))
+    assert statuses == [-signal.SIGTERM] * 30
+    assert 0 < len(looks) <= 15, len(looks)
+    assert threading.current_thread() not in looks
+
+
+async def test_batch_stop_kills_the_stubborn_and_returns_statuses_in_order(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    marks, procs = [], []
+    for code in (TREE_CHILD, STUBBORN_CHILD, "import sys; sys.exit(3)"):
+        mark, env = marked_env()
+        marks.append(mark)
+        procs.append(await wrapper.create_subprocess_exec(*py(code), env=env))
+    await wait_marked(marks[0])
+    await wait_marked(marks[1])
+    await procs[2].wait()
+    statuses = await pq.terminate_many(procs, timeout=0.5)
+    assert statuses == [-signal.SIGTERM, -signal.SIGKILL, 3]
+    for mark in marks:
+        await assert_no_survivors(mark, grace=0.0)
+    assert await pq.terminate_many([]) == []
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
+        await pq.terminate_many(procs, timeout=-1)

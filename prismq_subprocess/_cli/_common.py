@@ -1,0 +1,66 @@
+"""What every command shares: exit codes, the error that carries one, and output formatting."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+__all__ = [
+    "EXIT_CANNOT_RUN",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_EXECUTABLE",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "CliError",
+    "format_pairs",
+    "print_json",
+    "signal_exit_code",
+]
+
+# The conventions of GNU `timeout` and `env` (124-127) and of shells (128 + N for signal N),
+# so scripts written against those tools read our exit codes the same way.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_CANNOT_RUN = 125
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+EXIT_INTERRUPTED = 130
+
+
+def signal_exit_code(signum: int) -> int:
+    """The exit code a shell reports for a process ended by signal ``signum``: 128 + N."""
+    return 128 + signum
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr, ending the command with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def format_pairs(pairs: Iterable[tuple[str, str]], indent: str = "") -> str:
+    """Render ``key: value`` lines with the values aligned in one column."""
+    items = list(pairs)
+    if not items:
+        return ""
+    width = max(len(key) for key, _ in items)
+    return "\n".join(f"{indent}{key.ljust(width)} : {value}" for key, value in items)
+
+
+def print_json(data: Any, stream: TextIO | None = None) -> None:
+    """Write ``data`` as one indented JSON document; keys keep their (logical) insertion order.
+
+    Values JSON does not know (paths, enums) are written as their ``str()``.
+    """
+    out = sys.stdout if stream is None else stream
+    json.dump(data, out, indent=2, default=str)
+    out.write("\n")

@@ -1,0 +1,66 @@
+"""The argument parser and the entry point shared by ``python -m prismq_subprocess`` and the
+``prismq-subprocess`` script."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import prismq_subprocess as pq
+
+from . import _doctor, _run_cmd, _runs, _serve
+from ._common import EXIT_FAILURE, EXIT_INTERRUPTED, CliError, signal_exit_code
+
+__all__ = ["build_parser", "main"]
+
+PROG = "prismq-subprocess"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser of every command (each module registers its own sub-command)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Run child processes through prismq_subprocess, inspect run registries, check a "
+            "host, and serve an ASGI app on an event loop that can spawn subprocesses."
+        ),
+        epilog="See docs/CLI.md for the commands, their exit codes and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {pq.__version__}")
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+    for module in (_doctor, _run_cmd, _runs, _serve):
+        module.add_parser(subparsers)
+    return parser
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit and would print a second BrokenPipeError traceback.
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return its exit status (usage errors exit 2 through argparse)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not getattr(args, "accepts_unknown", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # `serve` hands its options to uvicorn: those before APP land here, the rest (from APP
+        # on) in its REMAINDER argument, so joining them keeps the original order.
+        args.uvicorn_args = [*unknown, *args.uvicorn_args]
+    try:
+        return int(args.handler(args))
+    except CliError as exc:
+        print(f"{PROG} {args.subcommand}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head`): end as a shell would report it.
+        _silence_stdout()
+        sigpipe = getattr(signal, "SIGPIPE", None)
+        return EXIT_FAILURE if sigpipe is None else signal_exit_code(sigpipe)

@@ -1,0 +1,422 @@
+"""``run``: run one command through a :class:`SubprocessWrapper`, forwarding its output live.
+
+Exit codes follow GNU ``timeout``/``env`` and the shells: the child's own status, 124 after a
+timeout, 125 when it could not be started, 126 not executable, 127 not found, 128 + N when it
+(or we, on SIGINT/SIGTERM/SIGHUP) ended by signal N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TextIO
+
+import prismq_subprocess as pq
+
+from ._common import (
+    EXIT_CANNOT_RUN,
+    EXIT_NOT_EXECUTABLE,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    CliError,
+    format_pairs,
+    signal_exit_code,
+)
+
+__all__ = ["add_parser"]
+
+_CHUNK = 64 * 1024
+# After the child exited, how long its output may keep arriving before we conclude that a
+# descendant holds the pipe open and stop what is left of its tree (as ModuleRunner does).
+_DRAIN_SECONDS = 1.0
+# The signals that end the command line itself. Each stops the child's tree first: the child
+# runs in its own session, so a signal sent to our process group never reaches it.
+_STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+_SIGPIPE = getattr(signal, "SIGPIPE", None)
+
+
+def _run_mode(text: str) -> pq.RunMode:
+    try:
+        return pq.RunMode.parse(text)
+    except pq.InvalidRunModeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _writer(stream: TextIO) -> Callable[[bytes], None]:
+    """A blocking, unbuffered byte writer for ``stream`` (its file descriptor when it has one)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        binary = stream.buffer
+
+        def write_buffered(data: bytes) -> None:
+            binary.write(data)
+            binary.flush()
+
+        return write_buffered
+
+    def write_fd(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write_fd
+
+
+def _message(exc: Exception) -> str:
+    # An OSError's str() starts with "[Errno N]"; its strerror is the readable part.
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def _exit_code(returncode: int) -> int:
+    # asyncio reports death by signal N as -N; shells report 128 + N.
+    return signal_exit_code(-returncode) if returncode < 0 else returncode
+
+
+async def _forward(
+    stream: Any, write: Callable[[bytes], None], on_error: Callable[[OSError], None]
+) -> None:
+    """Copy ``stream`` to ``write`` chunk by chunk until end of file.
+
+    Writes happen in a worker thread: a reader of our stdout that stops reading must not stall
+    the event loop, where the timeout and the signal handling live. When a write fails (the
+    reader went away), ``on_error`` is told and the rest is read and dropped: a pipe nobody
+    reads would never reach end of file.
+    """
+    if stream is None:
+        return
+    failed = False
+    while chunk := await stream.read(_CHUNK):
+        if failed:
+            continue
+        try:
+            await asyncio.to_thread(write, chunk)
+        except OSError as exc:
+            failed = True
+            on_error(exc)
+
+
+async def _wait_for_exit(process: pq.ProcessLike) -> None:
+    """Return once the child has exited, even if a descendant still holds its pipes open
+    (asyncio's ``wait()`` on 3.11 returns only once every pipe is closed)."""
+    waiter = asyncio.ensure_future(process.wait())
+    delay = 0.002
+    try:
+        while process.returncode is None and not waiter.done():
+            await asyncio.wait({waiter}, timeout=delay)
+            delay = min(delay * 2, 0.05)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+
+def _close_abandoned_pipes(process: pq.ProcessLike) -> None:
+    """Close the pipes of an exited child that a descendant which escaped the tree still holds.
+
+    Only ASYNC mode needs it: its process is asyncio's own, whose pipe transports stay open and
+    registered with the loop, and are finalised after the loop is closed (a traceback on
+    stderr). Nothing public releases an exited child's pipes (``SubprocessWrapper.aclose()``
+    does it for running children only), so this closes asyncio's transport the way the wrapper
+    does. THREADED and LOCAL pipes belong to their threads and need nothing.
+    """
+    transport = getattr(process, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
+
+
+def _child_env(pairs: list[tuple[str, str]]) -> dict[str, str] | None:
+    return {**os.environ, **dict(pairs)} if pairs else None
+
+
+def _env_changes(env: Mapping[str, str] | None) -> list[str]:
+    if env is None:
+        return []
+    return [f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v]
+
+
+class _Runner:
+    """One ``run`` invocation: start the child, forward its output, map the outcome to a code."""
+
+    def __init__(self, args: argparse.Namespace, command: list[str]) -> None:
+        self.args = args
+        self.command = command
+        self.env = _child_env(args.env)
+        self.signalled: int | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.output_error: OSError | None = None
+        self.output_failed = asyncio.Event()
+
+    # -- starting ------------------------------------------------------------------------------
+    async def _start(self, wrapper: pq.SubprocessWrapper) -> pq.ProcessLike:
+        kwargs: dict[str, Any] = {"stdout": pq.PIPE, "stderr": pq.PIPE}
+        # stdin stays ours (None = inherited), so interactive and piped input both reach it.
+        if self.args.cwd is not None:
+            kwargs["cwd"] = self.args.cwd
+        if self.env is not None:
+            kwargs["env"] = self.env
+        name = self.command[0]
+        try:
+            if self.args.shell:
+                return await wrapper.create_subprocess_shell(" ".join(self.command), **kwargs)
+            return await wrapper.create_subprocess_exec(*self.command, **kwargs)
+        except pq.CommandNotFoundError as exc:
+            raise CliError(_message(exc), EXIT_NOT_FOUND) from None
+        except pq.InvalidCwdError as exc:
+            raise CliError(_message(exc), EXIT_CANNOT_RUN) from None
+        except PermissionError as exc:
+            raise CliError(f"{name}: {_message(exc)}", EXIT_NOT_EXECUTABLE) from None
+        except (pq.PrismQError, OSError, ValueError) as exc:
+            raise CliError(f"cannot run {name!r}: {_message(exc)}", EXIT_CANNOT_RUN) from None
+
+    # -- signals -------------------------------------------------------------------------------
+    def _on_signal(self, signum: int) -> None:
+        # First signal: stop the tree gracefully. A second one cancels that stop, which then
+        # kills the tree at once (see _stop).
+        if self.signalled is None:
+            self.signalled = signum
+        if self.task is not None:
+            self.task.cancel()
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for signum in _STOP_SIGNALS:
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                # Windows: asyncio.Runner still turns Ctrl-C into a cancellation (exit 130).
+                continue
+            installed.append(signum)
+        try:
+            yield
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    # -- stopping ------------------------------------------------------------------------------
+    async def _stop(self, process: pq.ProcessLike) -> None:
+        """Stop the child's whole tree: SIGTERM, ``--grace`` seconds, SIGKILL."""
+        stopper = asyncio.ensure_future(pq.terminate_gracefully(process, self.args.grace))
+        try:
+            await asyncio.shield(stopper)
+        except asyncio.CancelledError:
+            # Interrupted again while waiting out the grace period: no more grace.
+            await pq.terminate_gracefully(process, 0)
+            with contextlib.suppress(BaseException):
+                await stopper
+            raise
+
+    async def _drain(
+        self, process: pq.ProcessLike, pumps: list[asyncio.Task[None]], stop_leftovers: bool
+    ) -> None:
+        """Let the forwarders reach end of file after the child ended.
+
+        With ``stop_leftovers``, a descendant still holding a pipe after ``_DRAIN_SECONDS`` has
+        its tree stopped (so the command line can end); either way a pipe still open after that
+        is abandoned.
+        """
+        pending = {p for p in pumps if not p.done()}
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=_DRAIN_SECONDS)
+        if pending and stop_leftovers:
+            await self._stop(process)
+            _, pending = await asyncio.wait(pending, timeout=self.args.grace + 1.0)
+        for pump in pending:
+            pump.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            _close_abandoned_pipes(process)
+
+    def _on_output_error(self, exc: OSError) -> None:
+        if self.output_error is None:
+            self.output_error = exc
+        self.output_failed.set()
+
+    # -- running -------------------------------------------------------------------------------
+    async def _until_exit_or_output_failure(self, process: pq.ProcessLike) -> None:
+        exited = asyncio.ensure_future(_wait_for_exit(process))
+        failed = asyncio.ensure_future(self.output_failed.wait())
+        try:
+            await asyncio.wait({exited, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (exited, failed):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(exited, failed, return_exceptions=True)
+
+    def _output_failure_code(self) -> int:
+        exc = self.output_error
+        if isinstance(exc, BrokenPipeError) and _SIGPIPE is not None:
+            # Whoever read our output is gone (`... | head`): in a shell pipeline the child
+            # would now die of SIGPIPE; we stopped its tree and report just that.
+            return signal_exit_code(_SIGPIPE)
+        raise CliError(f"forwarding the command's output failed: {exc}", EXIT_CANNOT_RUN)
+
+    async def _supervise(self, process: pq.ProcessLike) -> int:
+        out, err = _writer(sys.stdout), _writer(sys.stderr)
+        pumps = [
+            asyncio.ensure_future(_forward(process.stdout, out, self._on_output_error)),
+            asyncio.ensure_future(_forward(process.stderr, err, self._on_output_error)),
+        ]
+        try:
+            scope = asyncio.timeout(self.args.timeout)
+            try:
+                async with scope:
+                    await self._until_exit_or_output_failure(process)
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                await self._stop(process)
+                await self._drain(process, pumps, stop_leftovers=False)
+                return EXIT_TIMEOUT
+            if self.output_error is not None:
+                await self._stop(process)
+                await self._drain(process, pumps, stop_leftovers=False)
+                return self._output_failure_code()
+            await self._drain(process, pumps, stop_leftovers=True)
+        except asyncio.CancelledError:
+            # A stop signal (see _on_signal), or Ctrl-C through asyncio.Runner on Windows.
+            await self._stop(process)
+            await self._drain(process, pumps, stop_leftovers=False)
+            raise
+        finally:
+            for pump in pumps:
+                if not pump.done():
+                    pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        returncode = process.returncode
+        assert returncode is not None
+        return _exit_code(returncode)
+
+    async def _dry_run(self, wrapper: pq.SubprocessWrapper) -> int:
+        process = await self._start(wrapper)
+        await process.wait()
+        strategy = wrapper.strategy
+        assert isinstance(strategy, pq.DryRunStrategy)
+        call = strategy.recorder.calls[-1]
+        command = call.args if isinstance(call.args, str) else shlex.join(call.args)
+        changes = _env_changes(call.env)
+        pairs = [
+            ("mode", f"{wrapper.mode.value} ({wrapper.mode_reason})"),
+            ("command", command),
+            ("shell", "yes" if call.shell else "no"),
+            ("cwd", call.cwd if call.cwd is not None else f"{os.getcwd()} (inherited)"),
+            ("env", "; ".join(changes) if changes else "(inherited, unchanged)"),
+        ]
+        if self.args.timeout is not None:
+            pairs.append(("timeout", f"{self.args.timeout:g} s"))
+        print("dry run: nothing was started")
+        print(format_pairs(pairs))
+        return EXIT_OK
+
+    async def main(self) -> int:
+        """Run the command; return the exit code for the command line."""
+        self.task = asyncio.current_task()
+        try:
+            wrapper = pq.SubprocessWrapper(self.args.mode, grace_period=self.args.grace)
+        except pq.InvalidRunModeError as exc:  # from PRISMQ_RUN_MODE
+            raise CliError(str(exc), EXIT_USAGE) from None
+        try:
+            async with wrapper:
+                if wrapper.mode is pq.RunMode.DRY_RUN:
+                    return await self._dry_run(wrapper)
+                with self._signal_handlers():
+                    process = await self._start(wrapper)
+                    return await self._supervise(process)
+        except asyncio.CancelledError:
+            if self.signalled is None or self.task is None:
+                raise  # not ours: Ctrl-C through asyncio.Runner becomes KeyboardInterrupt (130)
+            # Our own signal handler cancelled us, and the tree is stopped: end normally.
+            while self.task.cancelling():
+                self.task.uncancel()
+            return signal_exit_code(self.signalled)
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        args.parser.error("a command is required (after --)")
+    return asyncio.run(_Runner(args, command).main())
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``run`` command."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run a command through the library, forwarding its output",
+        description=(
+            "Run CMD through a SubprocessWrapper, forwarding its stdout and stderr live (bytes, "
+            "unbuffered). The exit status is the command's; 124 after --timeout, 125 when it "
+            "could not be started, 126 not executable, 127 not found, 128+N when it died of "
+            "signal N. Ctrl-C (or SIGTERM/SIGHUP) stops the command's whole process tree and "
+            "exits 130 (143/129). With --mode dry-run nothing starts: what would run is printed."
+        ),
+        epilog="example: prismq-subprocess run --timeout 30 --env DEBUG=1 -- python job.py -v",
+    )
+    parser.add_argument(
+        "--mode",
+        type=_run_mode,
+        default=None,
+        help="async, threaded, local or dry-run (default: auto-detect, see PRISMQ_RUN_MODE)",
+    )
+    parser.add_argument(
+        "--timeout", type=_seconds, default=None, metavar="S", help="stop the tree after S seconds"
+    )
+    parser.add_argument(
+        "--grace",
+        type=_seconds,
+        default=pq.DEFAULT_GRACE_PERIOD,
+        metavar="S",
+        help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)",
+    )
+    parser.add_argument("--cwd", default=None, metavar="DIR", help="working directory")
+    parser.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an environment variable for the command (repeatable)",
+    )
+    parser.add_argument(
+        "--shell",
+        action="store_true",
+        help="run CMD through the shell (its words are joined with spaces)",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    parser.set_defaults(handler=_run, parser=parser)

@@ -1,0 +1,358 @@
+"""``runs``: list, show and tail the runs recorded in a :class:`SQLiteRunRegistry` file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sqlite3
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import prismq_subprocess as pq
+
+from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError, format_pairs, print_json
+
+__all__ = ["add_parser", "check_registry_file"]
+
+_CHUNK = 256 * 1024
+# After the registry says the run finished, keep reading until its log has been quiet this long:
+# the final status is recorded a moment before the log writer's last flush.
+_SETTLE_SECONDS = 0.5
+
+
+def check_registry_file(path: str) -> None:
+    """Refuse (exit 2) anything but an existing prismq_subprocess run registry, *before* the
+    library opens it: opening creates a missing file and adds the schema to any SQLite file.
+
+    The check itself opens the file read-only. It lets through files at a newer schema version:
+    the library refuses those itself, without changing them.
+
+    Raises:
+        CliError: the file is missing, not SQLite, or SQLite without a ``runs`` table.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise CliError(f"no registry file {path!r} (runs never creates one)", EXIT_USAGE)
+    if not file.is_file():
+        raise CliError(f"{path!r} is not a file", EXIT_USAGE)
+    uri = f"file:{quote(str(file.resolve()))}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            has_runs = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'"
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CliError(f"{path!r} is not a SQLite run registry: {exc}", EXIT_USAGE) from None
+    if version < 1 or has_runs is None:
+        raise CliError(
+            f"{path!r} is a SQLite database but not a prismq_subprocess run registry "
+            "(no runs table); it was left untouched",
+            EXIT_USAGE,
+        )
+
+
+def _when(value: datetime | None, suffix: str = "") -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S") + suffix
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{int(minutes)}m{int(rest):02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{int(hours)}h{int(minutes):02d}m"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _render_list(runs: list[pq.Run], total: int) -> str:
+    rows = [["RUN_ID", "STATUS", "MODULE", "CREATED (UTC)", "DURATION", "EXIT"]]
+    for run in runs:
+        rows.append(
+            [
+                run.run_id,
+                run.status.value,
+                run.module_name or run.module_id or "-",
+                _when(run.created_at),
+                _duration(run.duration),
+                "-" if run.exit_code is None else str(run.exit_code),
+            ]
+        )
+    return f"{_table(rows)}\n{len(runs)} of {total} run(s), newest first"
+
+
+def _owner_text(run: pq.Run) -> str:
+    owner = run.owner
+    if owner is None:
+        return "-"
+    if run.is_finished:
+        return f"pid {owner.pid} on {owner.host}"
+    state = "alive" if owner.is_alive() else "gone"
+    return f"pid {owner.pid} on {owner.host} ({state})"
+
+
+def _render_run(run: pq.Run) -> str:
+    mib = 1024 * 1024
+    pairs = [
+        ("run_id", run.run_id),
+        ("status", run.status.value),
+        ("module", f"{run.module_name or '-'} (id {run.module_id or '-'})"),
+        ("parameters", json.dumps(run.parameters)),
+        ("mode", run.mode),
+        ("pid", "-" if run.pid is None else str(run.pid)),
+        ("exit code", "-" if run.exit_code is None else str(run.exit_code)),
+        ("error", run.error_message or "-"),
+        ("created", _when(run.created_at, " UTC")),
+        ("started", _when(run.started_at, " UTC")),
+        ("finished", _when(run.finished_at, " UTC")),
+        ("duration", _duration(run.duration)),
+        (
+            "peak rss",
+            "-" if run.peak_rss_bytes is None else f"{run.peak_rss_bytes / mib:.1f} MiB",
+        ),
+        ("cpu time", "-" if run.cpu_time_seconds is None else f"{run.cpu_time_seconds:.2f}s"),
+        ("owner", _owner_text(run)),
+    ]
+    lines = [format_pairs(pairs), f"output tail ({len(run.output_tail)} line(s)):"]
+    lines.extend(f"  {line}" for line in run.output_tail)
+    return "\n".join(lines)
+
+
+async def _get(registry: pq.SQLiteRunRegistry, run_id: str, db: str) -> pq.Run:
+    run = await registry.get_run(run_id)
+    if run is None:
+        raise CliError(f"no run {run_id!r} in {db!r}", EXIT_FAILURE)
+    return run
+
+
+async def _log_path(log_dir: str, run_id: str) -> Path:
+    """Where OutputCapture(log_dir=...) writes ``run_id``'s lines (asked, not re-derived)."""
+    capture = pq.OutputCapture(log_dir=log_dir)
+    try:
+        path = capture.log_path(run_id)
+    finally:
+        await capture.aclose()
+    assert path is not None  # a capture with a log_dir always has one
+    return path
+
+
+def _copy_new(path: Path, offset: int, write: Callable[[bytes], None]) -> int:
+    """Write what ``path`` holds past ``offset``; return the new offset (blocking)."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return offset
+    with handle:
+        size = handle.seek(0, 2)
+        if size < offset:
+            offset = 0  # truncated or re-created: start over
+        handle.seek(offset)
+        while chunk := handle.read(_CHUNK):
+            write(chunk)
+            offset += len(chunk)
+    return offset
+
+
+def _write_stdout(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+
+
+async def _follow(
+    registry: pq.SQLiteRunRegistry, run_id: str, db: str, path: Path, interval: float
+) -> int:
+    loop = asyncio.get_running_loop()
+    offset = 0
+    finished: pq.Run | None = None
+    finished_at = last_growth = loop.time()
+    while True:
+        new_offset = await asyncio.to_thread(_copy_new, path, offset, _write_stdout)
+        now = loop.time()
+        if new_offset != offset:
+            offset, last_growth = new_offset, now
+        if finished is None:
+            run = await registry.get_run(run_id)
+            if run is None:
+                raise CliError(f"run {run_id!r} disappeared from {db!r}", EXIT_FAILURE)
+            if run.is_finished:
+                finished, finished_at = run, now
+            elif run.owner is not None and not await asyncio.to_thread(run.owner.is_alive):
+                raise CliError(
+                    f"run {run_id!r} is {run.status.value} but its owner process "
+                    f"{run.owner.pid} is gone; it will be marked interrupted on the next open",
+                    EXIT_FAILURE,
+                )
+        elif now - finished_at >= _SETTLE_SECONDS and now - last_growth >= _SETTLE_SECONDS:
+            break
+        await asyncio.sleep(interval)
+    code = "" if finished.exit_code is None else f", exit code {finished.exit_code}"
+    print(f"run {run_id} {finished.status.value}{code}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _tail(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int:
+    run = await _get(registry, args.run_id, args.db)
+    if args.log_dir is None:
+        # Only the registry's copy exists: the last lines, stored when the run ended.
+        print(
+            f"(the last {len(run.output_tail)} line(s) kept in the registry; "
+            "--log-dir gives the whole log)",
+            file=sys.stderr,
+        )
+        for line in run.output_tail:
+            print(line)
+        return EXIT_OK
+    path = await _log_path(args.log_dir, args.run_id)
+    if args.follow:
+        return await _follow(registry, args.run_id, args.db, path, args.interval)
+    if not path.exists():
+        raise CliError(
+            f"no output log {str(path)!r} (the run printed nothing yet, or its log "
+            "directory is another one)",
+            EXIT_FAILURE,
+        )
+    await asyncio.to_thread(_copy_new, path, 0, _write_stdout)
+    return EXIT_OK
+
+
+async def _list(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int:
+    status = None if args.status is None else pq.RunStatus(args.status)
+    runs = await registry.list_runs(status=status, module_id=args.module, limit=args.limit)
+    total = await registry.count_runs(status=status, module_id=args.module)
+    if args.json:
+        print_json({"db": args.db, "total": total, "runs": [run.to_dict() for run in runs]})
+    else:
+        print(_render_list(runs, total))
+    return EXIT_OK
+
+
+async def _show(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int:
+    run = await _get(registry, args.run_id, args.db)
+    if args.json:
+        print_json(run.to_dict())
+    else:
+        print(_render_run(run))
+    return EXIT_OK
+
+
+async def _with_registry(args: argparse.Namespace) -> int:
+    try:
+        async with pq.SQLiteRunRegistry(args.db) as registry:
+            return int(await args.runs_action(args, registry))
+    except pq.RegistrySchemaError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.db is None:
+        args.parser.error("--db FILE is required")
+    if args.runs_action is _tail and args.follow and args.log_dir is None:
+        args.parser.error("--follow needs --log-dir (the registry keeps only the last lines)")
+    check_registry_file(args.db)
+    return asyncio.run(_with_registry(args))
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _add_db(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--db", default=default, metavar="FILE", help="the SQLiteRunRegistry file (required)"
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``runs`` command and its ``show`` and ``tail`` sub-commands."""
+    statuses = [status.value for status in pq.RunStatus]
+    parser = subparsers.add_parser(
+        "runs",
+        help="list, show and tail runs of a SQLiteRunRegistry file",
+        description=(
+            "List the runs in a SQLiteRunRegistry file, newest first (or see 'runs show' and "
+            "'runs tail'). The file must exist and be a registry: runs never creates one. "
+            "Opening it recovers orphaned runs as the library always does (unfinished runs "
+            "whose owner process is gone become interrupted)."
+        ),
+    )
+    _add_db(parser, None)
+    parser.add_argument("--status", choices=statuses, help="only runs with this status")
+    parser.add_argument("--module", metavar="ID", help="only runs of this module_id")
+    parser.add_argument(
+        "--limit", type=_limit, default=20, metavar="N", help="at most N runs (default: 20)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_run, runs_action=_list, parser=parser)
+
+    # The shared options use SUPPRESS below so a sub-command does not overwrite a value given
+    # before it (`runs --db F show ID`) with its own default.
+    actions = parser.add_subparsers(dest="runs_command", metavar="{show,tail}")
+    show = actions.add_parser(
+        "show", help="print one run's record", description="Print one run's record."
+    )
+    show.add_argument("run_id", metavar="RUN_ID")
+    _add_db(show, argparse.SUPPRESS)
+    show.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object"
+    )
+    show.set_defaults(runs_action=_show, parser=show)
+
+    tail = actions.add_parser(
+        "tail",
+        help="print a run's output log, optionally following it",
+        description=(
+            "Print a run's output log: LOG_DIR/<run_id>.log as written by "
+            "OutputCapture(log_dir=LOG_DIR). Without --log-dir, print the last lines the "
+            "registry keeps. With -f, follow the log as it grows until the run has finished."
+        ),
+    )
+    tail.add_argument("run_id", metavar="RUN_ID")
+    _add_db(tail, argparse.SUPPRESS)
+    tail.add_argument("--log-dir", metavar="DIR", help="the OutputCapture log directory")
+    tail.add_argument(
+        "-f", "--follow", action="store_true", help="follow until the run has finished"
+    )
+    tail.add_argument(
+        "--interval",
+        type=_interval,
+        default=0.2,
+        metavar="S",
+        help="seconds between looks when following (default: %(default)s)",
+    )
+    tail.set_defaults(runs_action=_tail, parser=tail)

@@ -1,0 +1,122 @@
+"""Waiting for a child's exit itself, not for its pipes.
+
+asyncio's ``Process.wait()`` (3.11) returns only once every pipe is closed too: a grandchild
+holding stdout, or a paused unread stdout, keeps it waiting long after the child exited. Its
+``returncode`` is set at the exit. This is the one place that works around it; ``run()`` (ASYNC)
+and the tree stop both wait here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+
+from .._platform import pidfd_open
+from ._process import ProcessLike
+
+__all__ = ["wait_all_exited", "wait_exited"]
+
+_FIRST_POLL = 0.002
+_MAX_POLL = 0.05
+# In a batch, processes still running once the polls are this far apart are also wait()ed for.
+_WAIT_AFTER = 0.016
+
+
+async def wait_exited(process: ProcessLike, deadline: float | None = None) -> bool:
+    """Return True once ``process`` has exited, False at ``deadline`` (loop time; None: never).
+
+    "Exited" means its ``returncode`` is set (the child watcher sets it at exit) or ``wait()``
+    returned. A pidfd, where the platform has one (Linux 5.3+, watched by the loop: no thread),
+    says when to look; without one ``returncode`` is polled. ``wait()`` is awaited too: some
+    processes only run to their end once waited for (a LOCAL child whose stdin is still open).
+    Cancellation: only the waiting stops.
+    """
+    if process.returncode is not None:
+        return True
+    loop = asyncio.get_running_loop()
+    waiter = asyncio.ensure_future(process.wait())
+    exited: asyncio.Future[None] = loop.create_future()
+    fd = pidfd_open(process.pid)
+    if fd >= 0:
+        try:
+            loop.add_reader(fd, _set_done, exited)
+        except (NotImplementedError, RuntimeError):  # a loop that cannot watch descriptors
+            os.close(fd)
+            fd = -1
+    try:
+        delay = _FIRST_POLL
+        while process.returncode is None and not waiter.done():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            watching = fd >= 0
+            step = None if watching else delay
+            if remaining is not None:
+                step = remaining if step is None else min(step, remaining)
+            await asyncio.wait(
+                (waiter, exited) if watching else (waiter,),
+                timeout=step,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if watching and exited.done():
+                # The child is gone; the watcher sets returncode in a moment: poll for it.
+                fd = _unwatch(loop, fd)
+                delay = _FIRST_POLL
+            elif not watching:
+                delay = min(delay * 2, _MAX_POLL)
+        return True
+    finally:
+        _unwatch(loop, fd)
+        if not waiter.done():
+            waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+
+def _unwatch(loop: asyncio.AbstractEventLoop, fd: int) -> int:
+    if fd >= 0:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return -1
+
+
+async def wait_all_exited(processes: Sequence[ProcessLike], deadline: float | None) -> None:
+    """Return once every process has exited, or at ``deadline`` (loop time; None: never).
+
+    One child: :func:`wait_exited`. Many: one loop of ``returncode`` polls serves them all, and
+    only those still running after a few polls are also ``wait()``-ed for (a thousand wait tasks
+    or descriptors would cost the loop more than the polls).
+    """
+    pending = [p for p in processes if p.returncode is None]
+    if len(pending) <= 1:
+        if pending:
+            await wait_exited(pending[0], deadline)
+        return
+    loop = asyncio.get_running_loop()
+    waiters: dict[ProcessLike, asyncio.Future[int]] = {}
+    delay = _FIRST_POLL
+    try:
+        while pending:
+            if delay >= _WAIT_AFTER:
+                for process in pending:
+                    if process not in waiters:
+                        waiters[process] = asyncio.ensure_future(process.wait())
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return
+            await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(delay * 2, _MAX_POLL)
+            pending = [
+                p
+                for p in pending
+                if p.returncode is None and not (p in waiters and waiters[p].done())
+            ]
+    finally:
+        for waiter in waiters.values():
+            waiter.cancel()
+        await asyncio.gather(*waiters.values(), return_exceptions=True)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,175 @@
+"""Windows: console process groups (``CREATE_NEW_PROCESS_GROUP``, CTRL_BREAK), psutil to find and
+kill the tree, and recognising the event loops that can spawn (Proactor).
+
+Nothing here calls a Windows-only API directly: every system call is a field that tests replace,
+so this whole module runs and is tested on Linux.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from ._ops import Pace, PlatformOps, StopRecord, StopTarget, paced
+from ._table import ProcessTable, scan_psutil
+
+__all__ = [
+    "CREATE_NEW_PROCESS_GROUP",
+    "CTRL_BREAK_EVENT",
+    "WindowsOps",
+    "is_proactor_loop",
+    "policy_uses_proactor",
+    "proactor_loop_class",
+    "proactor_policy_class",
+]
+
+#: ``subprocess.CREATE_NEW_PROCESS_GROUP``; spelled out so Linux can build Windows arguments.
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+#: ``signal.CTRL_BREAK_EVENT`` on Windows.
+CTRL_BREAK_EVENT = 1
+
+_PROACTOR_NAMES = {"ProactorEventLoop", "BaseProactorEventLoop"}
+
+
+def _class_names(obj: object) -> set[str]:
+    return {klass.__name__ for klass in type(obj).__mro__}
+
+
+def proactor_loop_class() -> type[asyncio.AbstractEventLoop]:
+    """``asyncio.ProactorEventLoop``.
+
+    Raises:
+        RuntimeError: not on Windows (e.g. a "win32" platform injected on a POSIX machine).
+    """
+    proactor: type[asyncio.AbstractEventLoop] | None = getattr(asyncio, "ProactorEventLoop", None)
+    if proactor is None:
+        raise RuntimeError("asyncio.ProactorEventLoop exists only on Windows")
+    return proactor
+
+
+def proactor_policy_class() -> type[asyncio.AbstractEventLoopPolicy]:
+    """``asyncio.WindowsProactorEventLoopPolicy``.
+
+    Raises:
+        RuntimeError: not on Windows.
+    """
+    policy: type[asyncio.AbstractEventLoopPolicy] | None = getattr(
+        asyncio, "WindowsProactorEventLoopPolicy", None
+    )
+    if policy is None:
+        raise RuntimeError("asyncio.WindowsProactorEventLoopPolicy exists only on Windows")
+    return policy
+
+
+def is_proactor_loop(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """True when ``loop`` is a Proactor event loop (the Windows loop that can spawn processes).
+
+    Decided by class name along the MRO, so a test on Linux can pass a stand-in class named
+    ``ProactorEventLoop``.
+    """
+    return loop is not None and bool(_class_names(loop) & _PROACTOR_NAMES)
+
+
+def policy_uses_proactor(policy: object) -> bool:
+    """True when the event-loop policy makes Proactor loops (``WindowsProactorEventLoopPolicy``)."""
+    if _class_names(policy) & {"WindowsProactorEventLoopPolicy"}:
+        return True
+    factory = getattr(policy, "_loop_factory", None)
+    return isinstance(factory, type) and bool(
+        {k.__name__ for k in factory.__mro__} & _PROACTOR_NAMES
+    )
+
+
+@dataclass(eq=False)
+class WindowsOps(PlatformOps):
+    """Windows: ``CREATE_NEW_PROCESS_GROUP``, CTRL_BREAK first, then kill the psutil tree."""
+
+    process_iter: Callable[[], Iterable[psutil.Process]] = field(default=psutil.process_iter)
+
+    def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
+        out = dict(kwargs)
+        if new_group:
+            out["creationflags"] = int(out.get("creationflags", 0)) | CREATE_NEW_PROCESS_GROUP
+        return out
+
+    def started_own_group(self, kwargs: Mapping[str, Any]) -> bool:
+        return bool(int(kwargs.get("creationflags", 0)) & CREATE_NEW_PROCESS_GROUP)
+
+    def scan(self) -> ProcessTable:
+        return scan_psutil(self.process_iter, getpgid=None)
+
+    def stop_signal(self, own_group: bool) -> int:
+        # CTRL_BREAK reaches only a process that leads its own console group; without a group,
+        # TerminateProcess (what SIGTERM means on Windows) is the only request available.
+        return CTRL_BREAK_EVENT if own_group else int(signal.SIGTERM)
+
+    def signal_group(self, pid: int, sig: int) -> bool:
+        if sig != CTRL_BREAK_EVENT:
+            return False  # Windows has no other group-wide signal
+        try:
+            self.kill(pid, sig)
+        except (ProcessLookupError, PermissionError, OSError):
+            return False
+        return True
+
+    def orphans_of(self, pid: int, started_after: float | None) -> list[psutil.Process]:
+        return self._orphans_among(self.process_iter(), pid, started_after)
+
+    def _orphans_among(
+        self, procs: Iterable[psutil.Process], pid: int, started_after: float | None
+    ) -> list[psutil.Process]:
+        # Windows does not reparent: the children of an exited process keep its pid as their
+        # parent pid. Only processes created after the child started can be its children (a
+        # process that later reused the pid is told apart by psutil's creation-time checks).
+        found: list[psutil.Process] = []
+        for proc in procs:
+            try:
+                if proc.ppid() != pid:
+                    continue
+                if started_after is not None and proc.create_time() < started_after - 1.0:
+                    continue
+                found.append(proc)
+                found.extend(proc.children(recursive=True))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def _ask(self, targets: Sequence[StopTarget], pace: Pace) -> list[StopRecord]:
+        # No SIGSTOP: the trees cannot be held still, so they are looked at twice (before and
+        # after the request), as close together as possible.
+        records = [StopRecord(t) for t in targets]
+        running = [r for r in records if r.target.running]
+        if running:
+            table = self.scan()
+            for record in paced(running, pace):
+                record.add(table.handles(table.descendants(record.target.pid)))
+                sig = self.stop_signal(record.target.own_group)
+                record.asked = record.target.own_group and self.signal_group(record.target.pid, sig)
+                self.signal_descendants(record.descendants, signal.SIGTERM)
+            table = self.scan()
+            for record in running:
+                known = {p.pid for p in record.descendants}
+                late = table.handles(
+                    e for e in table.descendants(record.target.pid) if e.pid not in known
+                )
+                record.add(late)
+                self.signal_descendants(late, signal.SIGTERM)
+        exited = [r for r in records if not r.target.running]
+        if exited:
+            procs = list(self.process_iter())
+            for record in exited:
+                record.add(self._orphans_among(procs, record.target.pid, record.target.started_at))
+                self.signal_descendants(record.descendants, signal.SIGTERM)
+        return records
+
+    def kill_tree(self, pid: int, own_group: bool, descendants: Iterable[psutil.Process]) -> None:
+        # No process groups to signal: kill the descendants found while the tree was intact.
+        for proc in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                proc.kill()

@@ -1,0 +1,352 @@
+"""``run``: real commands through the real command line; exit codes, exact bytes, tree stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from cli_support import cli, kill_quietly, start_cli, wait_gone
+
+PY = sys.executable
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and groups")
+
+# A child that starts a grandchild (same group), prints both pids, then waits for a long time.
+TREE = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    print(os.getpid(), grandchild.pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def _py(code: str) -> list[str]:
+    return ["--", PY, "-c", textwrap.dedent(code)]
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_exit_code_and_exact_bytes(mode: str) -> None:
+    code = r"""
+    import sys
+    sys.stdout.buffer.write(b"out\x00\xff\xfe no newline")
+    sys.stdout.flush()
+    sys.stderr.buffer.write(b"err\r\n\x80")
+    sys.exit(3)
+    """
+    result = cli("run", "--mode", mode, *_py(code))
+    assert result.returncode == 3
+    assert result.stdout == b"out\x00\xff\xfe no newline"
+    assert result.stderr == b"err\r\n\x80"
+
+
+def test_large_output_arrives_intact() -> None:
+    code = """
+    import sys
+    block = bytes(range(256)) * 4096          # 1 MiB, every byte value
+    for _ in range(3):
+        sys.stdout.buffer.write(block)
+        sys.stderr.buffer.write(block[::-1])
+    """
+    result = cli("run", *_py(code))
+    block = bytes(range(256)) * 4096
+    assert result.returncode == 0
+    assert result.stdout == block * 3
+    assert result.stderr == block[::-1] * 3
+
+
+def test_cwd_env_and_stdin_reach_the_child(tmp_path: Path) -> None:
+    code = """
+    import os, sys
+    data = sys.stdin.buffer.read()
+    print(os.getcwd(), os.environ["GREETING"], os.environ["EMPTY"] == "", data.decode())
+    """
+    result = cli(
+        "run",
+        "--cwd",
+        str(tmp_path),
+        "--env",
+        "GREETING=a=b",
+        "--env",
+        "EMPTY=",
+        *_py(code),
+        input=b"piped in",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().split() == [str(tmp_path), "a=b", "True", "piped", "in"]
+
+
+def test_shell_command_line() -> None:
+    result = cli(
+        "run",
+        "--shell",
+        "--",
+        "echo",
+        "hi",
+        "|",
+        PY,
+        "-c",
+        '"import sys; print(sys.stdin.read().upper()); sys.exit(4)"',
+    )
+    assert result.returncode == 4
+    assert result.stdout.strip() == b"HI"
+
+
+def test_command_without_dashes() -> None:
+    result = cli("run", PY, "-c", "print('plain')")
+    assert (result.returncode, result.stdout) == (0, b"plain\n")
+
+
+@posix_only
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_timeout_exits_124_and_stops_the_tree(mode: str) -> None:
+    started = time.monotonic()
+    result = cli("run", "--mode", mode, "--timeout", "1.5", "--grace", "2", *_py(TREE))
+    elapsed = time.monotonic() - started
+    assert result.returncode == 124, result.stderr
+    child, grandchild = map(int, result.stdout.split())
+    try:
+        assert wait_gone([child, grandchild], timeout=5)
+    finally:
+        kill_quietly([child, grandchild])
+    assert elapsed < 30
+
+
+@posix_only
+def test_child_killed_by_signal_exits_128_plus_n() -> None:
+    result = cli("run", *_py("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
+    assert result.returncode == 128 + signal.SIGKILL
+
+
+@posix_only
+@pytest.mark.parametrize(
+    ("mode", "sig", "expected"),
+    [
+        ("async", signal.SIGINT, 130),
+        ("threaded", signal.SIGINT, 130),
+        ("async", signal.SIGTERM, 143),
+    ],
+    ids=["async-SIGINT", "threaded-SIGINT", "async-SIGTERM"],
+)
+def test_signal_to_the_cli_stops_the_tree(mode: str, sig: int, expected: int) -> None:
+    # The child starts its own session, so only the command line itself gets the signal, as
+    # when Ctrl-C reaches the terminal's foreground group.
+    proc = start_cli("run", "--mode", mode, "--grace", "2", *_py(TREE))
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # forwarded live, while the child still runs
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2 and proc.poll() is None
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == expected
+        assert wait_gone(pids, timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        kill_quietly(pids)
+
+
+@posix_only
+def test_second_interrupt_skips_the_grace_period() -> None:
+    code = """
+    import os, signal, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+    """
+    proc = start_cli("run", "--grace", "60", *_py(code))
+    child = 0
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # waiting out the grace period: the child ignores SIGTERM
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        assert time.monotonic() - started < 10
+        assert wait_gone([child], timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        kill_quietly([child])
+
+
+@posix_only
+def test_a_child_ignoring_sigterm_is_killed_after_the_grace_period() -> None:
+    code = """
+    import signal, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+    started = time.monotonic()
+    result = cli("run", "--timeout", "1", "--grace", "0.5", *_py(code))
+    assert result.returncode == 124
+    assert result.stdout == b"ready\n"
+    assert time.monotonic() - started < 20
+
+
+@posix_only
+def test_leftover_holding_the_output_is_stopped_after_exit() -> None:
+    # The child exits at once; its grandchild keeps stdout open. The command line must not
+    # wait 60 s for it: after a short drain the rest of the tree is stopped.
+    code = """
+    import subprocess, sys
+    g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    print(g.pid, flush=True)
+    """
+    started = time.monotonic()
+    result = cli("run", "--grace", "1", *_py(code))
+    assert result.returncode == 0
+    grandchild = int(result.stdout)
+    try:
+        assert wait_gone([grandchild], timeout=5)
+    finally:
+        kill_quietly([grandchild])
+    assert time.monotonic() - started < 30
+
+
+@posix_only
+@pytest.mark.parametrize("mode", ["async", "threaded"])
+def test_escaped_descendant_holding_the_output_is_abandoned_quietly(mode: str) -> None:
+    # A grandchild in its own session outlives the child: nothing can reach it once the child
+    # is gone (a documented limit), but the command line still ends, without noise.
+    code = """
+    import subprocess, sys
+    g = subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(60)"])
+    print(g.pid, flush=True)
+    """
+    result = cli("run", "--mode", mode, "--grace", "0.5", *_py(code), timeout=60)
+    escaped = int(result.stdout)
+    kill_quietly([escaped])
+    assert result.returncode == 0
+    assert result.stderr == b""
+
+
+@posix_only
+def test_reader_going_away_stops_the_child() -> None:
+    code = """
+    import os, sys
+    print(os.getpid(), flush=True)
+    while True:
+        sys.stdout.write("y" * 1000 + "\\n")
+    """
+    proc = start_cli("run", "--grace", "1", *_py(code))
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    try:
+        proc.stdout.read(100_000)
+        proc.stdout.close()  # like `| head`: the reader is gone
+        assert proc.wait(timeout=20) == 128 + signal.SIGPIPE
+        assert wait_gone([child], timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        kill_quietly([child])
+
+
+def test_dry_run_prints_and_starts_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "created"
+    result = cli(
+        "run",
+        "--mode",
+        "dry_run",
+        "--cwd",
+        str(tmp_path),
+        "--env",
+        "ANSWER=42",
+        "--timeout",
+        "5",
+        "--",
+        PY,
+        "-c",
+        f"open({str(marker)!r}, 'w')",
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.decode()
+    assert text.startswith("dry run: nothing was started\n")
+    assert "mode    : dry-run (mode='dry-run' passed by the caller)" in text
+    assert f"cwd     : {tmp_path}" in text
+    assert "env     : ANSWER=42" in text
+    assert "timeout : 5 s" in text
+    assert "open(" in text and PY in text
+    assert not marker.exists()
+
+
+def test_dry_run_from_the_environment() -> None:
+    result = cli("run", "--", "rm", "-rf", "/nonexistent-dir", env={"PRISMQ_RUN_MODE": "dry-run"})
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    assert "command : rm -rf /nonexistent-dir" in text
+    assert "PRISMQ_RUN_MODE='dry-run'" in text
+    assert "env     : (inherited, unchanged)" in text
+
+
+def test_command_not_found_exits_127() -> None:
+    result = cli("run", "--", "no-such-program-prismq")
+    assert result.returncode == 127
+    assert b"'no-such-program-prismq' was not found" in result.stderr
+
+
+@posix_only
+def test_not_executable_exits_126(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    result = cli("run", "--", str(script))
+    assert result.returncode == 126
+    assert b"Permission denied" in result.stderr
+
+
+def test_missing_cwd_exits_125(tmp_path: Path) -> None:
+    result = cli("run", "--cwd", str(tmp_path / "nope"), "--", PY, "-c", "pass")
+    assert result.returncode == 125
+    assert b"does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--mode", "turbo", "--", "true"], {}, b"'turbo' is not a run mode"),
+        (["--", "true"], {"PRISMQ_RUN_MODE": "turbo"}, b"PRISMQ_RUN_MODE='turbo'"),
+        ([], {}, b"a command is required"),
+        (["--"], {}, b"a command is required"),
+        (["--env", "NOEQUALS", "--", "true"], {}, b"expected KEY=VALUE"),
+        (["--timeout", "-1", "--", "true"], {}, b"must be a finite number >= 0"),
+    ],
+    ids=["bad-mode", "bad-env-var", "no-command", "only-dashes", "bad-env", "bad-timeout"],
+)
+def test_usage_errors_exit_2(args: list[str], env: dict[str, str], message: bytes) -> None:
+    result = cli("run", *args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_help() -> None:
+    result = cli("run", "--help")
+    assert result.returncode == 0
+    assert b"124 after --timeout" in result.stdout
+
+
+def test_script_entry_point_is_installed() -> None:
+    script = os.path.join(os.path.dirname(sys.executable), "prismq-subprocess")
+    if not os.path.exists(script):
+        pytest.skip("package not installed with its scripts in this environment")
+    result = subprocess.run(
+        [script, "run", "--", PY, "-c", "print('via script')"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, b"via script\n")

@@ -1,0 +1,319 @@
+"""``runs``: list, show and tail a real SQLite registry filled through the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cli_support import cli, start_cli
+
+import prismq_subprocess as pq
+
+# A module (script) for ModuleRunner: prints --n lines; with --wait-for FILE it prints the first
+# half, waits until FILE exists, then prints the rest; exits 1 with --fail.
+JOB = textwrap.dedent(
+    """
+    import argparse, os, sys, time
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--fail", action="store_true")
+    parser.add_argument("--wait-for")
+    args = parser.parse_args()
+    for i in range(args.n):
+        if args.wait_for and i == args.n // 2:
+            while not os.path.exists(args.wait_for):
+                time.sleep(0.02)
+        print(f"line {i} of {args.n}", flush=True)
+    if args.fail:
+        print("boom", flush=True)
+        sys.exit(1)
+    """
+)
+
+
+@dataclass
+class Registry:
+    db: Path
+    logs: Path
+    job: Path
+    completed: pq.Run
+    failed: pq.Run
+
+
+async def _populate(db: Path, logs: Path, job: Path) -> tuple[pq.Run, pq.Run]:
+    async with (
+        pq.SQLiteRunRegistry(db) as registry,
+        pq.OutputCapture(log_dir=logs) as capture,
+        pq.ModuleRunner(registry, output=capture) as runner,
+    ):
+        completed = await runner.execute_module("greeter", "Greeter", job, {"n": 4})
+        failed = await runner.execute_module("breaker", "Breaker", job, {"n": 2, "fail": True})
+        # Read back what the registry stored: that is what the command line must show.
+        stored = [await registry.get_run(run.run_id) for run in (completed, failed)]
+    assert stored[0] is not None and stored[1] is not None
+    return stored[0], stored[1]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    root = tmp_path_factory.mktemp("registry")
+    job = root / "job.py"
+    job.write_text(JOB)
+    db, logs = root / "runs.db", root / "logs"
+    completed, failed = asyncio.run(_populate(db, logs, job))
+    assert completed.status is pq.RunStatus.COMPLETED and failed.status is pq.RunStatus.FAILED
+    return Registry(db, logs, job, completed, failed)
+
+
+# -- list ----------------------------------------------------------------------------------------
+
+
+def test_list_newest_first(registry: Registry) -> None:
+    result = cli("runs", "--db", str(registry.db))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].split() == [
+        "RUN_ID",
+        "STATUS",
+        "MODULE",
+        "CREATED",
+        "(UTC)",
+        "DURATION",
+        "EXIT",
+    ]
+    assert lines[1].split()[:3] == [registry.failed.run_id, "failed", "Breaker"]
+    assert lines[1].split()[-1] == "1"
+    assert lines[2].split()[:3] == [registry.completed.run_id, "completed", "Greeter"]
+    assert lines[-1] == "2 of 2 run(s), newest first"
+
+
+def test_list_filters_and_json(registry: Registry) -> None:
+    result = cli("runs", "--db", str(registry.db), "--status", "completed", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["total"] == 1
+    assert [run["run_id"] for run in data["runs"]] == [registry.completed.run_id]
+    assert data["runs"][0] == registry.completed.to_dict()
+
+    limited = json.loads(cli("runs", "--db", str(registry.db), "--limit", "1", "--json").stdout)
+    assert (limited["total"], len(limited["runs"])) == (2, 1)
+    by_module = json.loads(
+        cli("runs", "--db", str(registry.db), "--module", "breaker", "--json").stdout
+    )
+    assert [run["run_id"] for run in by_module["runs"]] == [registry.failed.run_id]
+
+
+# -- show ----------------------------------------------------------------------------------------
+
+
+def test_show_human_and_json(registry: Registry) -> None:
+    run = registry.failed
+    result = cli("runs", "show", run.run_id, "--db", str(registry.db))
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.decode()
+    assert f"run_id     : {run.run_id}" in text
+    assert "status     : failed" in text
+    assert "exit code  : 1" in text
+    assert "error      : exited with status 1: boom" in text
+    assert 'parameters : {"n": 2, "fail": true}' in text
+    assert text.rstrip().endswith("output tail (3 line(s)):\n  line 0 of 2\n  line 1 of 2\n  boom")
+
+    # Options may also come before the sub-command.
+    data = json.loads(cli("runs", "--db", str(registry.db), "--json", "show", run.run_id).stdout)
+    assert data == run.to_dict()
+
+
+def test_show_unknown_run_exits_1(registry: Registry) -> None:
+    result = cli("runs", "show", "no-such-run", "--db", str(registry.db))
+    assert result.returncode == 1
+    assert b"no run 'no-such-run'" in result.stderr
+
+
+# -- tail ----------------------------------------------------------------------------------------
+
+
+def test_tail_prints_the_log_file(registry: Registry) -> None:
+    run = registry.completed
+    result = cli(
+        "runs", "tail", run.run_id, "--db", str(registry.db), "--log-dir", str(registry.logs)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"".join(f"line {i} of 4\n".encode() for i in range(4))
+    assert (registry.logs / f"{run.run_id}.log").read_bytes() == result.stdout
+
+
+def test_tail_without_log_dir_prints_the_registry_tail(registry: Registry) -> None:
+    result = cli("runs", "tail", registry.failed.run_id, "--db", str(registry.db))
+    assert result.returncode == 0
+    assert result.stdout == b"line 0 of 2\nline 1 of 2\nboom\n"
+    assert b"--log-dir gives the whole log" in result.stderr
+
+
+def test_tail_errors(registry: Registry, tmp_path: Path) -> None:
+    db = str(registry.db)
+    unknown = cli("runs", "tail", "no-such-run", "--db", db, "--log-dir", str(registry.logs))
+    assert unknown.returncode == 1 and b"no run 'no-such-run'" in unknown.stderr
+    no_log = cli("runs", "tail", registry.completed.run_id, "--db", db, "--log-dir", str(tmp_path))
+    assert no_log.returncode == 1 and b"no output log" in no_log.stderr
+    follow_without_dir = cli("runs", "tail", registry.completed.run_id, "--db", db, "-f")
+    assert (
+        follow_without_dir.returncode == 2
+        and b"--follow needs --log-dir" in follow_without_dir.stderr
+    )
+
+
+def test_tail_follow_until_the_run_finishes(registry: Registry, tmp_path: Path) -> None:
+    db, logs, go = tmp_path / "live.db", tmp_path / "logs", tmp_path / "go"
+    # Another process owns the run, as a web backend would: it starts the module in the
+    # background and stays until the run has finished.
+    owner = textwrap.dedent(
+        f"""
+        import asyncio, prismq_subprocess as pq
+        async def main():
+            async with (
+                pq.SQLiteRunRegistry({str(db)!r}) as registry,
+                pq.OutputCapture(log_dir={str(logs)!r}) as capture,
+                pq.ModuleRunner(registry, output=capture) as runner,
+            ):
+                run_id = await runner.start_module(
+                    "slow", "Slow", {str(registry.job)!r}, {{"n": 6, "wait-for": {str(go)!r}}}
+                )
+                print(run_id, flush=True)
+                while not (await registry.get_run(run_id)).is_finished:
+                    await asyncio.sleep(0.05)
+        asyncio.run(main())
+        """
+    )
+    helper = subprocess.Popen([sys.executable, "-c", owner], stdout=subprocess.PIPE)
+    tail = None
+    try:
+        assert helper.stdout is not None
+        run_id = helper.stdout.readline().decode().strip()
+        log = logs / f"{run_id}.log"
+        deadline = time.monotonic() + 30
+        while not (log.exists() and b"line 2 of 6" in log.read_bytes()):
+            assert time.monotonic() < deadline, "the module never started"
+            time.sleep(0.05)
+        tail = start_cli("runs", "tail", run_id, "--db", str(db), "--log-dir", str(logs), "-f")
+        assert tail.stdout is not None
+        # The first half arrives while the run is still RUNNING (it waits for `go`).
+        first = [tail.stdout.readline() for _ in range(3)]
+        assert first == [f"line {i} of 6\n".encode() for i in range(3)]
+        assert tail.poll() is None
+        go.touch()
+        out, err = tail.communicate(timeout=30)
+        assert tail.returncode == 0, err
+        assert out == b"".join(f"line {i} of 6\n".encode() for i in range(3, 6))
+        assert f"run {run_id} completed, exit code 0".encode() in err
+        assert helper.wait(timeout=30) == 0
+    finally:
+        for proc in (tail, helper):
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()  # also closes its pipes
+
+
+def test_tail_follow_stops_when_the_owner_dies(tmp_path: Path) -> None:
+    db = tmp_path / "orphan.db"
+    owner = textwrap.dedent(
+        f"""
+        import asyncio, prismq_subprocess as pq
+        async def main():
+            async with (
+                pq.SQLiteRunRegistry({str(db)!r}) as registry,
+                pq.OutputCapture(log_dir={str(tmp_path)!r}) as capture,
+            ):
+                run = pq.Run(module_id="m", module_name="M")
+                await registry.add_run(run)          # owned by this process
+                run.mark_running(pid=None)
+                await registry.update_run(run)
+                await capture.append_line(run.run_id, "started")
+                await capture.close_run(run.run_id)  # the line is on disk
+                print(run.run_id, flush=True)
+                await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    helper = subprocess.Popen([sys.executable, "-c", owner], stdout=subprocess.PIPE)
+    tail = None
+    try:
+        assert helper.stdout is not None
+        run_id = helper.stdout.readline().decode().strip()
+        tail = start_cli("runs", "tail", run_id, "--db", str(db), "--log-dir", str(tmp_path), "-f")
+        assert tail.stdout is not None
+        # The command line has opened the registry (the owner was alive: nothing recovered)
+        # and follows the running run.
+        assert tail.stdout.readline() == b"started\n"
+        assert tail.poll() is None
+        helper.send_signal(signal.SIGKILL)
+        helper.wait(timeout=10)
+        _, err = tail.communicate(timeout=30)
+        assert tail.returncode == 1, err
+        assert b"owner process" in err and b"is gone" in err
+    finally:
+        for proc in (tail, helper):
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()  # also closes its pipes
+
+
+# -- files that are not ours ---------------------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_missing_file_is_not_created(tmp_path: Path) -> None:
+    db = tmp_path / "missing.db"
+    for args in (["runs", "--db", str(db)], ["runs", "show", "x", "--db", str(db)]):
+        result = cli(*args)
+        assert result.returncode == 2
+        assert b"no registry file" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_files_are_left_untouched(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE things (x)")
+    conn.execute("INSERT INTO things VALUES (1)")
+    conn.commit()
+    conn.close()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database at all, " * 20)
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    before = {path: _digest(path) for path in (other, text, empty)}
+    for path, message in (
+        (other, b"not a prismq_subprocess run registry"),
+        (text, b"is not a SQLite run registry"),
+        (empty, b"not a prismq_subprocess run registry"),
+    ):
+        result = cli("runs", "--db", str(path))
+        assert result.returncode == 2, path
+        assert message in result.stderr
+    assert {path: _digest(path) for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "notes.txt", "other.db"]
+    assert cli("runs", "--db", str(tmp_path)).returncode == 2  # a directory
+
+
+def test_usage_errors(registry: Registry) -> None:
+    assert cli("runs").returncode == 2  # no --db
+    bad_status = cli("runs", "--db", str(registry.db), "--status", "sleeping")
+    assert bad_status.returncode == 2 and b"invalid choice" in bad_status.stderr
+    assert cli("runs", "--db", str(registry.db), "--limit", "-3").returncode == 2
+    assert cli("runs", "show", "--db", str(registry.db)).returncode == 2  # no RUN_ID
+    assert cli("runs", "tail", "--help").returncode == 0

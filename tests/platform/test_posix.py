@@ -1,0 +1,82 @@
+"""POSIX platform operations (``_platform/_posix.py``), with the system calls injected where a
+real process cannot show the behaviour."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+from platform_fakes import FakeProc, recorder
+
+from prismq_subprocess._platform import StopTarget, platform_ops
+
+
+def test_posix_group_kwargs_respect_the_caller() -> None:
+    ops = platform_ops("linux")
+    assert ops.group_kwargs({}, new_group=True) == {"start_new_session": True}
+    assert ops.group_kwargs({"start_new_session": False}, True) == {"start_new_session": False}
+    assert ops.group_kwargs({"process_group": 0}, True) == {"process_group": 0}
+    assert ops.group_kwargs({}, new_group=False) == {}
+    assert ops.started_own_group({"process_group": 0})
+    assert not ops.started_own_group({})
+
+
+def test_posix_stop_signals_the_group_then_kills() -> None:
+    calls, kill = recorder()
+    group_calls, killpg = recorder()
+    ops = platform_ops("linux", kill=kill, killpg=killpg)
+    assert ops.stop_signal(own_group=True) == signal.SIGTERM
+    assert ops.signal_group(99, signal.SIGTERM)
+    assert group_calls == [(99, signal.SIGTERM)] and calls == []
+    escaped = FakeProc(5)
+    ops.kill_tree(99, True, [escaped])
+    assert group_calls[-1] == (99, signal.SIGKILL)
+    assert escaped.calls == [("signal", signal.SIGKILL)]
+    assert not ops.group_alive(99, False)
+
+
+def test_posix_reports_a_group_that_is_gone() -> None:
+    def killpg(pid: int, sig: int) -> None:
+        raise ProcessLookupError
+
+    ops = platform_ops("linux", killpg=killpg)
+    assert not ops.signal_group(7, signal.SIGTERM)
+    assert not ops.group_alive(7, True)
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="Linux pidfd")
+def test_a_pinned_child_is_signalled_through_its_pin_never_by_pid() -> None:
+    # The stop's worker thread runs a moment after the loop saw the child running; by then the
+    # child may be gone and its pid reused. A pinned child is never signalled by pid.
+    calls, kill = recorder()
+    ops = platform_ops("linux", kill=kill)
+    child = subprocess.Popen(["sleep", "30"])
+    pin = ops.pin(child.pid)
+    assert pin >= 0
+    child.kill()
+    child.wait()  # reaped: its pid is free for anyone
+    [record] = ops.ask_to_stop([StopTarget(child.pid, own_group=False, pin=pin)])
+    assert not record.asked  # the caller then asks through the process object
+    assert calls == []
+    with pytest.raises(OSError):
+        os.fstat(pin)  # released by ask_to_stop
+
+
+def test_the_descendants_of_a_process_that_is_not_our_child_are_left_alone() -> None:
+    from prismq_subprocess._platform._table import ProcessEntry, ProcessTable
+
+    # As if our child's pid now named someone else's process, which has a child of its own.
+    stranger = os.getpid() + 1_000_000
+    table = ProcessTable(
+        [
+            ProcessEntry(stranger, 1, stranger, "S", 1.0),
+            ProcessEntry(stranger + 1, stranger, 0, "S", 2.0),
+        ]
+    )
+    table.handles = lambda entries: [FakeProc(e.pid) for e in entries]  # type: ignore[method-assign]
+    ops = platform_ops("linux", kill=recorder()[1], killpg=recorder()[1])
+    ops.scan = lambda: table  # type: ignore[method-assign]
+    [record] = ops.ask_to_stop([StopTarget(stranger, own_group=True)])
+    assert record.descendants == []

@@ -1,0 +1,122 @@
+"""Windows platform operations (``_platform/_windows.py``), run on any OS with the system calls
+injected (nothing here has run on real Windows yet; see docs/WINDOWS.md)."""
+
+from __future__ import annotations
+
+import signal
+
+from platform_fakes import FakeProc, TreeProc, recorder
+
+from prismq_subprocess._platform import (
+    CREATE_NEW_PROCESS_GROUP,
+    CTRL_BREAK_EVENT,
+    StopTarget,
+    is_proactor_loop,
+    platform_ops,
+    policy_uses_proactor,
+)
+
+
+def test_windows_group_kwargs() -> None:
+    ops = platform_ops("win32")
+    kwargs = ops.group_kwargs({"creationflags": 0x10}, new_group=True)
+    assert kwargs["creationflags"] == 0x10 | CREATE_NEW_PROCESS_GROUP
+    assert ops.started_own_group(kwargs)
+    assert ops.group_kwargs({}, new_group=False) == {}
+    assert "start_new_session" not in ops.group_kwargs({}, new_group=True)
+
+
+def test_windows_stop_sends_ctrl_break_then_kills_the_tree() -> None:
+    calls, kill = recorder()
+    ops = platform_ops("win32", kill=kill)
+    assert ops.stop_signal(own_group=True) == CTRL_BREAK_EVENT
+    assert ops.stop_signal(own_group=False) == signal.SIGTERM  # TerminateProcess on Windows
+    assert ops.signal_group(1234, CTRL_BREAK_EVENT)
+    assert calls == [(1234, CTRL_BREAK_EVENT)]
+    assert not ops.signal_group(1234, signal.SIGTERM)  # no other group-wide signal
+    children = [FakeProc(1), FakeProc(2)]
+    ops.kill_tree(1234, True, children)
+    assert [c.calls for c in children] == [["kill"], ["kill"]]
+    assert calls == [(1234, CTRL_BREAK_EVENT)]
+    assert not ops.group_alive(1234, True)
+
+
+def test_loop_and_policy_detection_by_class_name() -> None:
+    class ProactorEventLoop:
+        pass
+
+    class Sub(ProactorEventLoop):
+        pass
+
+    class WindowsProactorEventLoopPolicy:
+        pass
+
+    class Policy:
+        _loop_factory = Sub
+
+    assert is_proactor_loop(Sub())  # type: ignore[arg-type]
+    assert not is_proactor_loop(None)
+    assert policy_uses_proactor(WindowsProactorEventLoopPolicy())
+    assert policy_uses_proactor(Policy())
+    assert not policy_uses_proactor(object())
+
+
+def test_windows_finds_what_an_exited_child_left_running() -> None:
+    grandchild = TreeProc(3, 2, 100.0)
+    left_behind = TreeProc(2, 1234, 100.0, (grandchild,))
+    unrelated = TreeProc(5, 999, 100.0)
+    stale = TreeProc(6, 1234, 10.0)  # older than our child: a previous owner of that pid
+    ops = platform_ops("win32", process_iter=lambda: [left_behind, unrelated, stale])
+    assert ops.orphans_of(1234, started_after=50.0) == [left_behind, grandchild]
+    assert platform_ops("linux").orphans_of(1234, None) == []
+
+
+async def test_windows_stop_of_an_exited_child_kills_its_leftovers() -> None:
+    from prismq_subprocess._core._tree_stop import register_group, stop_process_tree
+
+    class Exited:
+        pid = 1234
+        returncode = 0
+
+        async def wait(self) -> int:
+            return 0
+
+        def send_signal(self, sig: int) -> None:
+            raise ProcessLookupError
+
+        def kill(self) -> None:
+            raise ProcessLookupError
+
+    leftover = TreeProc(2, 1234, 10**10)  # created "after" the child
+    _, kill = recorder()
+    ops = platform_ops("win32", kill=kill, process_iter=lambda: [leftover])
+    child = Exited()
+    register_group(child, True)
+    assert await stop_process_tree(child, grace=0.05, ops=ops) == 0  # type: ignore[arg-type]
+    assert leftover.signals == [signal.SIGTERM]  # asked first
+    assert leftover.killed  # it ignored the request: killed after the grace period
+
+
+def test_windows_stop_of_running_children_in_one_batch() -> None:
+    # Two running children, looked at together: one leads its console group (CTRL_BREAK), one
+    # does not (the caller asks it through its process object: TerminateProcess).
+    grandchild = TreeProc(3, 2, 101.0)
+    child_of_grouped = TreeProc(2, 1234, 100.0)
+    child_of_plain = TreeProc(6, 5678, 100.0)
+    stranger = TreeProc(9, 999, 100.0)
+    procs = [child_of_grouped, grandchild, child_of_plain, stranger]
+    calls, kill = recorder()
+    ops = platform_ops("win32", kill=kill, process_iter=lambda: procs)
+    grouped, plain = ops.ask_to_stop([StopTarget(1234, True), StopTarget(5678, False)])
+    assert calls == [(1234, CTRL_BREAK_EVENT)]
+    assert grouped.asked and not plain.asked
+    assert sorted(p.pid for p in grouped.descendants) == [2, 3]
+    assert [p.pid for p in plain.descendants] == [6]
+    assert child_of_grouped.signals == grandchild.signals == child_of_plain.signals == [
+        signal.SIGTERM
+    ]
+    assert stranger.signals == []
+    ops.kill_trees([grouped, plain])
+    assert child_of_grouped.killed and grandchild.killed and child_of_plain.killed
+    assert not stranger.killed
+    assert ops.lingering([grouped, plain]) == [False, False]

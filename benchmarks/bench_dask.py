@@ -133,8 +133,10 @@ def run(
             n_workers=2,
             threads_per_worker=max(1, concurrency // 2),
             processes=True,
-            dashboard_address=None,
             silence_logs=40,
+            # No dashboard; the scheduler's HTTP endpoint on a free port (8787 may be taken).
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         ) as cluster:
             bench = Bench(cluster.scheduler_address, script, concurrency)
             measured = asyncio.run(_measure(bench, modules, rounds, latency_samples))

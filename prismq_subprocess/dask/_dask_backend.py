@@ -132,6 +132,8 @@ class DaskBackend(RunBackend):
         run_mode: the run mode of the children on the workers (``None``: detected there).
         worker_check_interval: seconds between checks that workers running modules are alive.
         cancel_timeout: seconds to wait for a worker to confirm a stop.
+        orphan_timeout: how long a worker keeps a module running while it cannot reach the
+            scheduler (the host has then recorded the run FAILED and nobody can follow it).
         stream_queue_lines: lines a worker buffers for the host before dropping the oldest.
         flush_interval: seconds between two batches of lines from one run (the first line after
             a quiet spell goes at once).
@@ -156,6 +158,7 @@ class DaskBackend(RunBackend):
         run_mode: RunMode | str | None = None,
         worker_check_interval: float = 1.0,
         cancel_timeout: float = 30.0,
+        orphan_timeout: float = 30.0,
         stream_queue_lines: int = 10_000,
         flush_interval: float = 0.01,
     ) -> None:
@@ -191,6 +194,7 @@ class DaskBackend(RunBackend):
         self.run_mode = None if run_mode is None else RunMode.parse(run_mode).value
         self.worker_check_interval = _positive("worker_check_interval", worker_check_interval)
         self.cancel_timeout = _positive("cancel_timeout", cancel_timeout)
+        self.orphan_timeout = _positive("orphan_timeout", orphan_timeout)
         self.stream_queue_lines = stream_queue_lines
         self.flush_interval = _positive("flush_interval", flush_interval)
         # Names on the shared scheduler (topic, events, task keys) carry this token, so two
@@ -373,6 +377,7 @@ class DaskBackend(RunBackend):
             output_tail_lines=context.output_tail_lines,
             rerun_after_worker_loss=self.retry_on_worker_loss,
             cancel_poll=0.5,
+            orphan_timeout=self.orphan_timeout,
             queue_lines=self.stream_queue_lines,
             max_batch_lines=_MAX_BATCH_LINES,
             max_batch_chars=_MAX_BATCH_CHARS,

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class WorkerJob:
     output_tail_lines: int
     rerun_after_worker_loss: bool
     cancel_poll: float
+    orphan_timeout: float
     queue_lines: int
     max_batch_lines: int
     max_batch_chars: int
@@ -118,16 +120,20 @@ class _CancelWatch:
     """Waits on the run's cancel event in a thread of its own (each wait is one long poll on the
     scheduler, ``poll`` seconds at most) and cancels the module's task once it is set, or once
     ``dropped()`` says the scheduler released the task (the host's client left, or the task was
-    cancelled), since then nobody waits for the run any more.
+    cancelled), or once the scheduler stayed unreachable for ``orphan_timeout`` seconds: in
+    each case nobody can follow the run any more.
 
     :meth:`stop` does not join: the thread notices within one poll and ends by itself, so the
     task's result is not held back by a poll in progress.
     """
 
-    def __init__(self, event: Any, poll: float, dropped: Callable[[], bool]) -> None:
+    def __init__(
+        self, event: Any, poll: float, dropped: Callable[[], bool], orphan_timeout: float
+    ) -> None:
         self._event = event
         self._poll = poll
         self._dropped = dropped
+        self._orphan_timeout = orphan_timeout
         self._lock = threading.Lock()
         self._target: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
         self._fired = False
@@ -147,15 +153,27 @@ class _CancelWatch:
             task.cancel()
 
     def _watch(self) -> None:
+        unreachable_since: float | None = None
         while not self._stopped.is_set():
             try:
                 if self._event.wait(timeout=self._poll) or self._dropped():
                     break
+                unreachable_since = None
             except Exception as exc:
                 if self._stopped.is_set():
                     return  # the run ended; the worker may be closing its connections
-                # The scheduler is unreachable for now; its loss is handled by the host.
-                logger.warning("waiting on %s failed: %s", self._event.name, exc)
+                now = time.monotonic()
+                if unreachable_since is None:
+                    unreachable_since = now
+                    logger.warning(
+                        "the scheduler is unreachable (%s); the module is stopped if it stays"
+                        " so for %g s",
+                        exc,
+                        self._orphan_timeout,
+                    )
+                elif now - unreachable_since >= self._orphan_timeout or self._dropped():
+                    logger.warning("the scheduler stayed unreachable: stopping the module")
+                    break
                 self._stopped.wait(self._poll)
         else:
             return
@@ -278,7 +296,9 @@ def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
         return WorkerOutcome(NOT_RETRIED, worker.address)
     started.set()
     key = worker.get_current_task()
-    watch = _CancelWatch(cancel, spec.cancel_poll, lambda: _task_dropped(worker, key))
+    watch = _CancelWatch(
+        cancel, spec.cancel_poll, lambda: _task_dropped(worker, key), spec.orphan_timeout
+    )
     watch.start()
     try:
         return asyncio.run(_execute(spec, worker.address, watch))

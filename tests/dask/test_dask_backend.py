@@ -8,6 +8,7 @@ the killed worker, and every test waits for two workers before it starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -38,6 +39,9 @@ from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
 
 SLOTS = 4  # each worker offers {"slots": 4}
+# No dashboard, and the scheduler's HTTP endpoint on a free port: the default (8787) may be taken
+# on a shared machine, and distributed leaks the socket of the failed attempt.
+QUIET = {"dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
 WAIT = 60.0  # upper bound for anything a test awaits (never reached unless broken)
 
 LINES = textwrap.dedent(
@@ -95,8 +99,8 @@ def cluster() -> Iterator[Any]:
         threads_per_worker=6,
         processes=True,
         resources={"slots": SLOTS},
-        dashboard_address=None,
         silence_logs=40,
+        **QUIET,
     ) as local:
         yield local
 
@@ -488,6 +492,57 @@ async def test_a_host_that_goes_away_leaves_nothing_running_on_the_workers(
     run = await stored(runner, run_id)
     assert run.status is RunStatus.FAILED and run.error_message is not None
     assert run.error_message.startswith("the connection to the Dask cluster ended")
+
+
+async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
+    scripts: dict[str, str], tmp_path: Path
+) -> None:
+    # A cluster of its own: its scheduler goes away for good.
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    workers: list[int] = []
+    small = await asyncio.to_thread(
+        distributed.LocalCluster,
+        n_workers=1,
+        threads_per_worker=2,
+        processes=True,
+        silence_logs=50,
+        **QUIET,
+    )
+    try:
+        host = await distributed.Client(
+            small.scheduler_address, asynchronous=True, set_as_default=False
+        )
+        runner = runner_for(DaskBackend(host, orphan_timeout=1.0))
+        run_id = await runner.start_module(
+            "s", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
+        )
+        grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+        pid = (await stored(runner, run_id)).pid
+        assert pid is not None and alive(pid)
+        workers = list((await worker_pids(host)).values())
+        await asyncio.to_thread(small.sync, small.scheduler.close)
+        run = await finished(runner, run_id)
+        assert run.status is RunStatus.FAILED and run.error_message is not None
+        assert run.error_message.startswith("the connection to the Dask cluster ended")
+        await until(lambda: not alive(pid) and not alive(grandchild), "the module was stopped")
+        await runner.aclose()
+        await host.close(timeout=2)
+    finally:
+        # Without its scheduler the cluster cannot close itself in good order: its workers are
+        # killed (they only hold the stopped module's finished task), then it closes.
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(worker).kill()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(small.close, timeout=5)
+    assert not any(alive(worker) for worker in workers)
+    # multiprocessing's resource tracker (started by the first spawn) lives as long as we do.
+    left = {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if alive(p.pid) and "resource_tracker" not in " ".join(p.cmdline())
+    } - before
+    assert not left, "the small cluster left processes behind"
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class Bench:
         async with self.runner(client) as runner:
             for i in range(samples):
                 run_id = f"latency-{i}"
-                subscription = runner.output.subscribe(run_id)
+                subscription = runner.output.subscribe(run_id, wait=True)
                 started = time.perf_counter()
                 await runner.start_module("m", "m", self.script, run_id=run_id)
                 await anext(subscription)

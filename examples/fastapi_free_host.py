@@ -2,16 +2,16 @@
 stream their output as Server-Sent Events, cancel one, then read the run history.
 
 Run it with ``python examples/fastapi_free_host.py``. In a FastAPI app the three pieces map to:
-``start_module`` in a POST handler, ``sse_events`` behind a ``StreamingResponse`` with
-``media_type="text/event-stream"``, and ``registry.list_runs`` in a GET handler.
+``start_module`` in a POST handler, ``pq.sse_events`` behind a ``StreamingResponse`` with
+``headers=pq.SSE_HEADERS``, and ``registry.list_runs`` in a GET handler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import prismq_subprocess as pq
@@ -29,24 +29,16 @@ for step in range(args.steps):
 """
 
 
-async def sse_events(output: pq.OutputCapture, run_id: str) -> AsyncIterator[str]:
-    """What an SSE endpoint sends: one event per line (its seq as the event id, so a browser
-    that reconnects can resume with ``subscribe(run_id, after=last_event_id)``), then "end"."""
-    async with output.subscribe(run_id) as items:
-        async for item in items:
-            if isinstance(item, pq.OutputGap):
-                yield f"event: gap\ndata: {item.dropped} lines skipped\n\n"
-            else:
-                yield f"id: {item.seq}\nevent: line\ndata: {item.text}\n\n"
-    yield "event: end\ndata: \n\n"
-
-
 async def browser(output: pq.OutputCapture, run_id: str, label: str) -> None:
-    """Stands in for a browser tab showing one run's live output."""
-    async for event in sse_events(output, run_id):
-        data = event.split("data: ", 1)[1].strip()
-        kind = event.split("event: ", 1)[1].split("\n", 1)[0]
-        print(f"  [{label}] {kind}: {data}")
+    """Stands in for a browser tab showing one run's live output through an SSE endpoint."""
+    # In FastAPI: StreamingResponse(pq.sse_events(output, run_id), headers=dict(pq.SSE_HEADERS))
+    async for chunk in pq.sse_events(output, run_id):
+        for event in chunk.split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in event.splitlines() if ": " in line)
+            if "event" in fields:
+                data = json.loads(fields["data"])
+                shown = data.get("text", data)
+                print(f"  [{label}] {fields['event']} {fields.get('id', '')}: {shown}")
 
 
 async def main() -> None:

@@ -21,12 +21,17 @@ import warnings as _warnings
 from asyncio.subprocess import DEVNULL, PIPE, STDOUT
 from typing import TYPE_CHECKING
 
+from ._background._cancel_result import CancelResult
 from ._background._executor import ConcurrentExecutor, ModuleSpec
+from ._background._log_names import run_id_from_log_path, run_log_path
 from ._background._memory_registry import RunRegistry
 from ._background._module_args import parameters_to_args
 from ._background._module_runner import ModuleRunner
 from ._background._output_capture import (
     OutputCapture,
+    OutputChunk,
+    OutputChunks,
+    OutputEnd,
     OutputGap,
     OutputItem,
     OutputLine,
@@ -36,6 +41,7 @@ from ._background._periodic import PeriodicTask, PeriodicTaskStats
 from ._background._process_manager import ProcessManager
 from ._background._run_record import Run, RunOwner, RunStatus
 from ._background._sqlite_registry import SQLiteRunRegistry
+from ._background._sse import SSE_HEADERS, SSEEvent, sse_events
 from ._background._task_manager import BackgroundTaskManager
 from ._background._wrapper_pool import ResourcePool
 from ._core._detect import ENV_VAR, ModeDecision, ModeSource, detect_run_mode
@@ -46,6 +52,7 @@ from ._core._exceptions import (
     CommandNotFoundError,
     InvalidParametersError,
     ModuleExecutionException,
+    OutputNotFoundError,
     PrismQError,
     ProcessFailedError,
     ProcessTimeoutError,
@@ -172,6 +179,19 @@ __all__ = [
     "subprocess_loop_factory",
     "terminate_gracefully",
     "terminate_many",
+]
+# Output capture: chunks, log files, SSE, cancel results.
+__all__ += [
+    "SSE_HEADERS",
+    "CancelResult",
+    "OutputChunk",
+    "OutputChunks",
+    "OutputEnd",
+    "OutputNotFoundError",
+    "SSEEvent",
+    "run_id_from_log_path",
+    "run_log_path",
+    "sse_events",
 ]
 
 # Top level first: a name available here is shown as prismq_subprocess.X.

@@ -21,6 +21,7 @@ import bench_big_output  # noqa: E402
 import bench_capture  # noqa: E402
 import bench_lines  # noqa: E402
 import bench_many  # noqa: E402
+import bench_output_capture  # noqa: E402
 import bench_registry  # noqa: E402
 import bench_spawn  # noqa: E402
 import bench_stop  # noqa: E402
@@ -83,6 +84,12 @@ def test_background_smoke() -> None:
     result = bench_background.run(min_sample=0, rounds=1, ticks=5, tasks=50)
     assert result["manager_over_bare"] > 0
     _check(bench_background, result)
+
+
+def test_output_capture_smoke() -> None:
+    result = bench_output_capture.run(lines=2_000, rounds=1)
+    assert set(result["us_per_line"]) >= {"await noop()", "append_line", "append_lines x1000"}
+    _check(bench_output_capture, result)
 
 
 def test_dask_smoke() -> None:

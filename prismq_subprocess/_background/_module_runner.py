@@ -13,7 +13,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +28,6 @@ from .._core._exceptions import (
     RunnerClosedError,
     ScriptNotFoundError,
 )
-from .._core._lines import iter_lines
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, terminate_gracefully
@@ -38,9 +36,12 @@ from .._core._wrapper import SubprocessWrapper
 from .._resources._tree_sampler import ProcessTreeSampler, TreeSample
 from .._strategies import SubprocessStrategy
 from ._backend import ModuleJob, RunBackend, RunContext, check_resources
+from ._cancel_result import CancelResult, not_active_result
+from ._line_batches import iter_line_batches
 from ._memory_registry import BaseRunRegistry
 from ._module_args import check_parameters, parameters_to_args
 from ._output_capture import OutputCapture
+from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
 from ._run_record import Run, RunStatus
 from ._task_manager import BackgroundTaskManager
@@ -80,12 +81,6 @@ class _Launch:
             memory_limit_bytes=self.memory_limit_bytes,
             resources=self.resources,
         )
-
-
-def _strip_newline(line: str) -> str:
-    if line.endswith("\n"):
-        line = line[:-1]
-    return line[:-1] if line.endswith("\r") else line
 
 
 def _megabytes(value: int) -> str:
@@ -143,7 +138,8 @@ class ModuleRunner(AsyncClosing):
         grace_period: seconds between SIGTERM and SIGKILL when a tree is stopped.
         max_concurrent: limit of the task manager the runner makes (queued runs stay PENDING;
             a run's ``timeout`` counts from its start, not from queueing).
-        output_tail_lines: how many last lines ``Run.output_tail`` keeps.
+        output_tail_lines: how many last lines ``Run.output_tail`` keeps (at most 64 KiB in all;
+            a longer line is cut and says so).
         sample_interval: seconds between process-tree samples.
         backend: where modules run (a :class:`RunBackend`, e.g.
             ``prismq_subprocess.dask.DaskBackend``); ``None``: here, as children of this
@@ -365,12 +361,15 @@ class ModuleRunner(AsyncClosing):
             resources=resources,
         )
         run = self._new_run(module_id, module_name, launch, run_id)
+        opened = self._open_output(run.run_id)
         try:
             await self.registry.add_run(run)
-        except asyncio.CancelledError:
-            # The insert may have landed (a thread-backed store finishes its statement).
-            run.mark_cancelled("cancelled before the module started")
-            await self._save(run, missing_ok=True)
+        except BaseException as exc:
+            self._drop_output(run.run_id, opened)
+            if isinstance(exc, asyncio.CancelledError):
+                # The insert may have landed (a thread-backed store finishes its statement).
+                run.mark_cancelled("cancelled before the module started")
+                await self._save(run, missing_ok=True)
             raise
         return await self._execute(run, launch, background=False)
 
@@ -414,35 +413,57 @@ class ModuleRunner(AsyncClosing):
             resources=resources,
         )
         run = self._new_run(module_id, module_name, launch, run_id)
-        return await self.task_manager.start_task(
-            run,
-            self._execute(run, launch, background=True),
-            marks_running=self.backend is not None,
-        )
+        opened = self._open_output(run.run_id)
+        try:
+            return await self.task_manager.start_task(
+                run,
+                self._execute(run, launch, background=True),
+                marks_running=self.backend is not None,
+            )
+        except BaseException:
+            self._drop_output(run.run_id, opened)
+            raise
 
-    async def cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
+    async def cancel(self, run_id: str, reason: str = "cancelled by request") -> CancelResult:
         """Cancel a queued or running run of this runner and return once it is recorded
         CANCELLED (its child's tree stopped first).
 
-        Returns ``False`` if no such run is active here (unknown or already finished).
+        Returns :class:`CancelResult` ``CANCELLED`` (true), or ``ALREADY_FINISHED`` /
+        ``NOT_FOUND`` (both false) when no such run is active here, told apart by the registry.
 
         Cancellation: stops waiting; the cancellation goes ahead.
+
+        Raises:
+            RegistryClosedError: the run is not active here and the registry is closed.
         """
         manager = self._task_manager
-        if manager is not None and await manager.cancel_task(run_id, reason):
-            return True
+        result: CancelResult = CancelResult.NOT_FOUND
+        if manager is not None:
+            result = await manager.cancel_task(run_id, reason)
+            if result is CancelResult.CANCELLED:
+                return result
         done = self._active.get(run_id)
         if done is None:
-            return False
+            if manager is not None:
+                return result  # the manager already looked the run up
+            return await not_active_result(self.registry, run_id)
         self._cancel_reasons.setdefault(run_id, reason)
         if self.backend is not None:
             await self.backend.cancel(run_id)
         else:
             await self.processes.stop(run_id, self.grace_period)
         await done.wait()
-        return True
+        return CancelResult.CANCELLED
 
     # -- one run ------------------------------------------------------------------------------
+    def _open_output(self, run_id: str) -> bool:
+        # Subscribers may follow the run as soon as start_module/execute_module has it stored.
+        return self.output is not None and self.output.open_run(run_id)
+
+    def _drop_output(self, run_id: str, opened: bool) -> None:
+        if opened and self.output is not None:
+            self.output.forget(run_id)
+
     async def _save(self, run: Run, *, missing_ok: bool = False) -> None:
         try:
             await self.registry.update_run(run)
@@ -464,8 +485,17 @@ class ModuleRunner(AsyncClosing):
             return await self._supervise(run, launch, background=background)
         finally:
             try:
-                if self.output is not None:
-                    await self.output.close_run(run.run_id)
+                manager = self._task_manager
+                # A background run's manager closes the output itself, with the final status.
+                if self.output is not None and not (
+                    background and manager is not None and manager.output is self.output
+                ):
+                    finished = run.is_finished
+                    await self.output.close_run(
+                        run.run_id,
+                        status=run.status if finished else None,
+                        exit_code=run.exit_code if finished else None,
+                    )
             finally:
                 self._active.pop(run.run_id, None)
                 self._cancel_reasons.pop(run.run_id, None)
@@ -523,7 +553,7 @@ class ModuleRunner(AsyncClosing):
         self, run: Run, launch: _Launch, process: ProcessLike, *, background: bool
     ) -> Run:
         run_id = run.run_id
-        tail: deque[str] = deque(maxlen=self.output_tail_lines)
+        tail = OutputTail(self.output_tail_lines)
         pump = asyncio.ensure_future(self._pump(run_id, process.stdout, tail))
 
         async def on_limit(sample: TreeSample) -> None:
@@ -597,7 +627,7 @@ class ModuleRunner(AsyncClosing):
         return run
 
     def _settle(
-        self, run: Run, tail: deque[str], sampler: ProcessTreeSampler, returncode: int | None
+        self, run: Run, tail: OutputTail, sampler: ProcessTreeSampler, returncode: int | None
     ) -> None:
         run.output_tail = list(tail)
         run.exit_code = returncode
@@ -605,16 +635,15 @@ class ModuleRunner(AsyncClosing):
             run.peak_rss_bytes = sampler.peak_rss_bytes
             run.cpu_time_seconds = sampler.cpu_time_seconds
 
-    async def _pump(self, run_id: str, stream: Any, tail: deque[str]) -> None:
+    async def _pump(self, run_id: str, stream: Any, tail: OutputTail) -> None:
         if stream is None:
             return
         output = self.output
-        async for line in iter_lines(stream, encoding="utf-8"):
-            text = _strip_newline(line)
-            tail.append(text)
+        async for lines in iter_line_batches(stream):
+            tail.extend(lines)
             if output is not None:
                 try:
-                    await output.append_line(run_id, text)
+                    await output.append_lines(run_id, lines)
                 except OutputClosedError:
                     # Someone closed this run's output (e.g. the host closed the capture first).
                     # Keep reading: a child blocked on a full pipe would never finish.

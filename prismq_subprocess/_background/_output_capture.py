@@ -1,178 +1,161 @@
 """Fan-out of run output to any number of live subscribers: :class:`OutputCapture`.
 
-A producer (the code reading a child's stdout) calls :meth:`OutputCapture.append_line`; an SSE
-endpoint iterates :meth:`OutputCapture.subscribe`, which first replays the buffered lines and then
-follows live ones until :meth:`OutputCapture.close_run`. Memory per run is bounded twice: a ring
-buffer of the newest lines (by count and by UTF-8 bytes) and, per subscriber, a bounded queue.
+A producer (the code reading a child's stdout) calls :meth:`OutputCapture.append_lines` (or
+``append_line``); a web endpoint iterates :meth:`OutputCapture.subscribe`, which yields the run's
+lines from a given seq on and then follows live ones until :meth:`OutputCapture.close_run`.
 
-Slow subscriber policy: the producer never waits for anyone. When a subscriber's queue is full
-its *oldest* queued line is dropped and the subscriber later receives an :class:`OutputGap`
-saying how many lines it missed; other subscribers are not affected.
+Each run has one ring buffer of its newest lines, bounded by count and by UTF-8 bytes, and each
+subscriber is just a cursor into it (see ``_output_ring`` and ``_output_subscription``): appending
+is O(1) per line whatever the number of subscribers, a subscriber that keeps up never misses a
+line, and a stalled one costs nothing but its cursor. With a ``log_dir`` every line also goes to a
+per-run log file, from which subscribers that fell behind, or that come after the buffer was
+released, read what the ring no longer has.
 """
 
 from __future__ import annotations
 
 import asyncio
-import weakref
-from collections import deque
-from dataclasses import dataclass
+import bisect
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
-from typing import Self
 
 from .._core._closing import AsyncClosing
-from .._core._exceptions import InvalidLimitError, OutputClosedError
+from .._core._durations import interval_seconds
+from .._core._exceptions import (
+    InvalidLimitError,
+    InvalidRunIdError,
+    InvalidSubscriptionError,
+    OutputClosedError,
+    OutputNotFoundError,
+)
+from ._log_names import log_file_name, run_log_path
+from ._output_items import (
+    OutputChunk,
+    OutputEnd,
+    OutputGap,
+    OutputItem,
+    OutputLine,
+    bound_line,
+    utf8_size,
+)
 from ._output_log import RunLogWriter
+from ._output_ring import RunRing
+from ._output_subscription import OutputChunks, OutputSubscription
+from ._output_tail import DEFAULT_TAIL_BYTES, OutputTail
+from ._run_record import RunStatus
 
-__all__ = ["OutputCapture", "OutputGap", "OutputItem", "OutputLine", "OutputSubscription"]
+__all__ = [
+    "OutputCapture",
+    "OutputChunk",
+    "OutputChunks",
+    "OutputEnd",
+    "OutputGap",
+    "OutputItem",
+    "OutputLine",
+    "OutputSubscription",
+]
 
-
-@dataclass(frozen=True, slots=True)
-class OutputLine:
-    """One line of output. ``seq`` counts the run's lines from 0 (usable as an SSE event id to
-    resume with ``subscribe(run_id, after=seq)``); ``text`` has no line ending."""
-
-    seq: int
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class OutputGap:
-    """Marker: ``dropped`` lines are missing here (evicted from the ring buffer before this
-    subscriber replayed them, or dropped because this subscriber fell behind)."""
-
-    dropped: int
-
-
-OutputItem = OutputLine | OutputGap
-"""What a subscription yields: tell them apart with ``isinstance``."""
+#: How many released run ids are remembered (so a late append is refused, not a new run).
+_REMEMBER_RELEASED = 10_000
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidLimitError(f"{name} must be an int >= 1, got {value!r}")
+def _count(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidLimitError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
-class _RunOutput:
-    """The buffered tail and live subscribers of one run."""
-
-    __slots__ = ("buffered_bytes", "closed", "lines", "next_seq", "subscribers")
-
-    def __init__(self) -> None:
-        self.lines: deque[tuple[OutputLine, int]] = deque()  # (line, its UTF-8 size)
-        self.buffered_bytes = 0
-        self.next_seq = 0
-        self.closed = False
-        # Weak, so a subscription the caller abandons without aclose() is still freed.
-        self.subscribers: weakref.WeakSet[OutputSubscription] = weakref.WeakSet()
-
-    @property
-    def dropped(self) -> int:
-        return self.lines[0][0].seq if self.lines else self.next_seq
+def _optional_count(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidLimitError(f"{name} must be an int >= 0 or None, got {value!r}")
+    return value
 
 
-class OutputSubscription(AsyncClosing):
-    """Async iterator over one run's output: replay, then live lines, until the run is closed.
-
-    Yields :class:`OutputLine` and :class:`OutputGap` items. Ends (``StopAsyncIteration``) once the
-    run is closed and everything queued was yielded, or after :meth:`aclose`. Use it as
-    ``async with capture.subscribe(run_id) as lines: async for item in lines: ...`` so it is
-    unregistered promptly; an abandoned subscription is unregistered when garbage collected.
-
-    Cancelling ``__anext__`` (e.g. a heartbeat timeout around it) loses nothing: the next call
-    carries on where it left off.
-    """
-
-    def __init__(self, replay: list[OutputItem], queue_size: int, closed: bool) -> None:
-        self._replay: deque[OutputItem] = deque(replay)
-        self._queue: deque[OutputLine] = deque()
-        self._queue_size = queue_size
-        self._dropped = 0
-        self._dropped_total = 0
-        self._ended = closed
-        self._wakeup = asyncio.Event()
-        self._state: _RunOutput | None = None
-
-    def _push(self, line: OutputLine) -> None:
-        if len(self._queue) >= self._queue_size:
-            self._queue.popleft()
-            self._dropped += 1
-        self._queue.append(line)
-        self._wakeup.set()
-
-    def _end(self) -> None:
-        self._ended = True
-        self._wakeup.set()
-
-    @property
-    def dropped(self) -> int:
-        """Lines this subscriber lost because it fell behind (not counting ring-buffer gaps)."""
-        return self._dropped_total + self._dropped
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> OutputItem:
-        while True:
-            if self._replay:
-                return self._replay.popleft()
-            if self._dropped:
-                # Drops always remove the oldest queued lines, so the gap precedes the queue.
-                gap = OutputGap(self._dropped)
-                self._dropped_total += self._dropped
-                self._dropped = 0
-                return gap
-            if self._queue:
-                return self._queue.popleft()
-            if self._ended:
-                raise StopAsyncIteration
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    async def aclose(self) -> None:
-        """Stop following: unregister and end the iteration. Idempotent."""
-        self._ended = True
-        self._replay.clear()
-        self._queue.clear()
-        self._dropped = 0
-        if self._state is not None:
-            self._state.subscribers.discard(self)
-            self._state = None
-        self._wakeup.set()
-
+def _clean(lines: Iterable[str]) -> list[str]:
+    """One str per line: a trailing ``\\n``/``\\r\\n`` removed, embedded newlines split."""
+    batch = lines if isinstance(lines, list) else list(lines)
+    if not batch:
+        return batch
+    if "\n".join(batch).count("\n") == len(batch) - 1:
+        return batch  # the common case: no line has a newline
+    out: list[str] = []
+    for line in batch:
+        if line.endswith("\n"):
+            line = line[:-2] if line.endswith("\r\n") else line[:-1]
+        if "\n" in line:
+            *head, last = line.split("\n")
+            out.extend(part[:-1] if part.endswith("\r") else part for part in head)
+            out.append(last)
+        else:
+            out.append(line)
+    return out
 
 
 class OutputCapture(AsyncClosing):
     """Buffers each run's output lines and fans them out to subscribers.
 
     Args:
-        max_lines_per_run: ring buffer size in lines (older lines are evicted and counted).
-        max_bytes_per_run: ring buffer size in UTF-8 bytes; the newest line is always kept even
-            if it alone is larger.
-        subscriber_queue_size: how many live lines a subscriber may lag behind before its oldest
-            queued lines are dropped (it then gets an :class:`OutputGap`).
-        log_dir: if given, every line of every run is also appended to ``log_dir/<run_id>.log``
-            by a background thread (see ``RunLogWriter``); call :meth:`aclose` to flush and stop it.
+        max_lines_per_run: ring buffer size in lines.
+        max_bytes_per_run: ring buffer size in UTF-8 bytes; the newest line is always kept, so a
+            run holds at most ``max_bytes_per_run + max_line_bytes`` bytes of text.
+        max_line_bytes: longer lines are cut to this many bytes in memory (the text says so and
+            :attr:`OutputLine.truncated` counts the cut bytes); the log file keeps them whole.
+        log_dir: if given, every line of every run is also appended to
+            ``run_log_path(log_dir, run_id)`` by a background thread; subscribers read from it
+            what the ring no longer holds. Call :meth:`aclose` to flush and stop the thread.
+        retain_ended_runs: how many ended (closed) runs keep their buffer in memory; beyond it
+            the oldest ended run's buffer is released. ``None``: no limit.
+        retain_ended_bytes: the same bound in buffered bytes over all ended runs.
+        retain_ended_seconds: an ended run's buffer is released this long after it ended
+            (seconds or ``timedelta``); ``None``: never for age.
 
-    Runs are created on first use (``append_line``, ``subscribe`` or ``close_run``) and kept
-    until :meth:`forget`; call it once a run's output is no longer needed. Use from one event loop.
+    A run exists from its first :meth:`open_run`, append or :meth:`close_run`. Once released
+    (by retention or :meth:`forget`) its buffer is gone; :meth:`subscribe` then replays it from
+    its log file if there is one. Use from one event loop.
 
     Raises:
-        InvalidLimitError: a size is not an int >= 1.
+        InvalidLimitError: a size is not an int in range (>= 1; the retention counts >= 0).
+        InvalidIntervalError: ``retain_ended_seconds`` is not positive.
     """
 
     def __init__(
         self,
         max_lines_per_run: int = 1000,
         max_bytes_per_run: int = 1024 * 1024,
-        subscriber_queue_size: int = 1000,
+        *,
+        max_line_bytes: int = 64 * 1024,
         log_dir: str | Path | None = None,
+        retain_ended_runs: int | None = 1000,
+        retain_ended_bytes: int | None = 64 * 1024 * 1024,
+        retain_ended_seconds: float | timedelta | None = 3600.0,
     ) -> None:
-        self.max_lines_per_run = _positive("max_lines_per_run", max_lines_per_run)
-        self.max_bytes_per_run = _positive("max_bytes_per_run", max_bytes_per_run)
-        self.subscriber_queue_size = _positive("subscriber_queue_size", subscriber_queue_size)
-        self._runs: dict[str, _RunOutput] = {}
+        self.max_lines_per_run = _count("max_lines_per_run", max_lines_per_run)
+        self.max_bytes_per_run = _count("max_bytes_per_run", max_bytes_per_run)
+        self.max_line_bytes = _count("max_line_bytes", max_line_bytes)
+        self.retain_ended_runs = _optional_count("retain_ended_runs", retain_ended_runs)
+        self.retain_ended_bytes = _optional_count("retain_ended_bytes", retain_ended_bytes)
+        self.retain_ended_seconds = (
+            None
+            if retain_ended_seconds is None
+            else interval_seconds(retain_ended_seconds, what="retain_ended_seconds")
+        )
+        self.log_dir = None if log_dir is None else Path(log_dir)
         self._log = None if log_dir is None else RunLogWriter(log_dir)
+        # Producers yield to the loop every half ring while someone reads, so readers keep up.
+        self._half_lines = max(1, self.max_lines_per_run // 2)
+        self._half_bytes = max(1, self.max_bytes_per_run // 2)
+        self._runs: dict[str, RunRing] = {}
+        self._ended: OrderedDict[str, int] = OrderedDict()  # closed runs in memory -> bytes
+        self._ended_bytes = 0
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._released: OrderedDict[str, OutputEnd | None] = OrderedDict()
+        self._run_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._closed = False
 
     @property
@@ -184,125 +167,379 @@ class OutputCapture(AsyncClosing):
         if self._closed:
             raise OutputClosedError("this OutputCapture is closed; create a new one")
 
-    def _state(self, run_id: str) -> _RunOutput:
-        state = self._runs.get(run_id)
-        if state is None:
-            state = self._runs[run_id] = _RunOutput()
-            # A run first seen after aclose() gets no more output: its subscribers must not wait.
-            state.closed = self._closed
-        return state
+    # -- runs -----------------------------------------------------------------------------------
+    def _open(self, run_id: str) -> RunRing:
+        if self._closed:
+            raise OutputClosedError("this OutputCapture is closed")
+        if self._log is not None:
+            log_file_name(run_id)  # refuse an id that cannot name a file, before any output
+            self._log.register(run_id)
+        elif not isinstance(run_id, str) or not run_id:
+            raise InvalidRunIdError(f"a run id must be a non-empty str, got {run_id!r}")
+        ring = self._runs[run_id] = RunRing(self.max_lines_per_run, self.max_bytes_per_run)
+        waiters = self._run_waiters.pop(run_id, None)
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        return ring
 
-    async def append_line(self, run_id: str, line: str) -> None:
-        """Add one line of ``run_id``'s output; a trailing ``\\n`` / ``\\r\\n`` is removed.
+    def _writable(self, run_id: str) -> RunRing:
+        ring = self._runs.get(run_id)
+        if ring is None:
+            if run_id in self._released:
+                raise OutputClosedError(f"output of run {run_id!r} is closed (and released)")
+            return self._open(run_id)
+        if ring.closed:
+            raise OutputClosedError(f"output of run {run_id!r} is closed")
+        return ring
 
-        Never waits for subscribers or the disk (it does not suspend at all).
+    def open_run(self, run_id: str) -> bool:
+        """Declare ``run_id`` so it can be subscribed to before its first line (``ModuleRunner``
+        and ``BackgroundTaskManager`` do it when they start a run). Returns ``True`` if the run
+        was new here; no effect on a known or released run, or once the capture is closed.
 
         Raises:
-            OutputClosedError: :meth:`close_run` was already called for this run, or
-                :meth:`aclose` for the capture.
+            InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
         """
-        self._check_open()
-        state = self._state(run_id)
-        if state.closed:
-            raise OutputClosedError(f"output of run {run_id!r} is closed")
-        if line.endswith("\n"):
-            line = line[:-2] if line.endswith("\r\n") else line[:-1]
-        item = OutputLine(state.next_seq, line)
-        state.next_seq += 1
-        size = len(line.encode("utf-8", errors="replace"))
-        state.lines.append((item, size))
-        state.buffered_bytes += size
-        while len(state.lines) > 1 and (
-            len(state.lines) > self.max_lines_per_run
-            or state.buffered_bytes > self.max_bytes_per_run
-        ):
-            _, evicted = state.lines.popleft()
-            state.buffered_bytes -= evicted
-        for subscriber in state.subscribers:
-            subscriber._push(item)
+        if self._closed or run_id in self._runs or run_id in self._released:
+            return False
+        self._open(run_id)
+        return True
+
+    async def append_line(self, run_id: str, line: str) -> None:
+        """Add one line of ``run_id``'s output; a trailing ``\\n`` / ``\\r\\n`` is removed (a
+        ``line`` with more newlines in it becomes several lines).
+
+        Never waits for subscribers or the disk. While someone follows the run it yields to the
+        event loop once per half ring of appended lines, so that subscribers that keep up get
+        every line even from a producer that never waits.
+
+        Raises:
+            OutputClosedError: :meth:`close_run` was already called for this run, or the
+                capture is closed.
+            InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
+        """
+        # The hot path of a chatty producer: a few cheap operations per line (no method calls
+        # on the common paths; str methods cost more than `in` and indexing).
+        try:
+            ring = self._runs[run_id]
+        except KeyError:
+            ring = self._writable(run_id)
+        if ring.closed:
+            ring = self._writable(run_id)  # raises
+        if "\n" in line:
+            if line[-1] == "\n":
+                line = line[:-1]
+                if "\r" in line and line[-1] == "\r":
+                    line = line[:-1]
+            if "\n" in line:
+                await self.append_lines(run_id, [line])
+                return
         if self._log is not None:
             self._log.write(run_id, line)
+        size = len(line) if line.isascii() else utf8_size(line)
+        if size > self.max_line_bytes:
+            line, size = self._cut(ring, line, ring.next_seq)
+        lines = ring.lines
+        lines.append(line)
+        nbytes = ring.nbytes = ring.nbytes + size
+        if len(lines) > ring.limit or nbytes > ring.max_bytes:
+            ring.evict()
+        if ring.subscribers:
+            if ring.waiters:
+                ring.wake()
+            ring.since_yield_lines += 1
+            ring.since_yield_bytes += size
+            await self._maybe_yield(ring)
 
-    async def close_run(self, run_id: str) -> None:
-        """Mark the end of ``run_id``'s output: subscribers finish after what they have queued,
-        later subscribers replay the buffer and finish. Idempotent. With a ``log_dir``, returns
-        once the run's log file is complete and closed.
+    async def append_lines(self, run_id: str, lines: Iterable[str]) -> None:
+        """Add several lines of ``run_id``'s output at once (each as in :meth:`append_line`),
+        waking subscribers once per batch rather than per line. This is what ``ModuleRunner``
+        uses for each read from the child's pipe.
+
+        Raises:
+            OutputClosedError: the run's output is (or, during the call, was) closed.
+            InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
+        """
+        ring = self._writable(run_id)
+        batch = _clean(lines)
+        if not batch:
+            return
+        if self._log is not None:
+            self._log.write(run_id, batch)
+        done = 0
+        while done < len(batch):
+            done = self._push(ring, batch, done)
+            if ring.waiters:
+                ring.wake()
+            await self._maybe_yield(ring)
+            if ring.closed and done < len(batch):
+                raise OutputClosedError(f"output of run {run_id!r} was closed during the append")
+
+    def _cut(self, ring: RunRing, line: str, seq: int) -> tuple[str, int]:
+        text, cut = bound_line(line, self.max_line_bytes)
+        ring.truncated[seq] = cut
+        return text, utf8_size(text)
+
+    def _push(self, ring: RunRing, batch: list[str], start: int) -> int:
+        """Append lines from ``batch[start]`` on to the ring; while someone reads the run, stop
+        after half a ring (in lines or bytes) so that they get a turn. Returns where it stopped.
+        """
+        end = len(batch)
+        if ring.subscribers:
+            end = min(end, start + max(1, self._half_lines - ring.since_yield_lines))
+        part = batch if start == 0 and end == len(batch) else batch[start:end]
+        # Whole-list passes in C rather than a Python loop per line.
+        if all(map(str.isascii, part)):
+            sizes = list(map(len, part))
+        else:
+            sizes = [utf8_size(line) for line in part]
+        total = sum(sizes)
+        if ring.subscribers:
+            budget = self._half_bytes - ring.since_yield_bytes
+            if total > budget:
+                # Stop after the line that uses up the budget (always at least one line).
+                cut = bisect.bisect_left(list(itertools.accumulate(sizes)), budget) + 1
+                part, sizes = part[:cut], sizes[:cut]
+                end = start + cut
+                total = sum(sizes)
+            ring.since_yield_lines += len(part)
+            ring.since_yield_bytes += total
+        if max(sizes) > self.max_line_bytes:
+            part = list(part)
+            first = ring.next_seq
+            for index, size in enumerate(sizes):
+                if size > self.max_line_bytes:
+                    part[index], sizes[index] = self._cut(ring, part[index], first + index)
+            total = sum(sizes)
+        ring.lines.extend(part)
+        ring.nbytes += total
+        ring.evict()
+        return end
+
+    async def _maybe_yield(self, ring: RunRing) -> None:
+        if ring.subscribers and (
+            ring.since_yield_lines >= self._half_lines or ring.since_yield_bytes >= self._half_bytes
+        ):
+            ring.since_yield_lines = 0
+            ring.since_yield_bytes = 0
+            # Woken subscribers run before us, while the ring still holds what they missed.
+            await asyncio.sleep(0)
+
+    async def close_run(
+        self, run_id: str, *, status: RunStatus | str | None = None, exit_code: int | None = None
+    ) -> None:
+        """Mark the end of ``run_id``'s output: subscribers finish once they have read it all,
+        later subscribers replay it and finish. ``status`` (a ``RunStatus`` or text) and
+        ``exit_code`` are passed on to subscribers (:attr:`OutputSubscription.end`, the SSE
+        ``end`` event); a later call may add them. With a ``log_dir``, returns once the run's log
+        file is complete and closed. Starts the run's retention period. Idempotent.
 
         Cancellation: the run is closed anyway; the log file is closed by the writer thread.
         """
-        state = self._state(run_id)
-        if not state.closed:
-            state.closed = True
-            for subscriber in state.subscribers:
-                subscriber._end()
-        if self._log is not None:
-            await self._log.close_run(run_id)
+        text = status.value if isinstance(status, RunStatus) else status
+        end = None if text is None and exit_code is None else OutputEnd(text, exit_code)
+        ring = self._runs.get(run_id)
+        if ring is None:
+            if run_id in self._released:
+                if end is not None and self._released[run_id] is None:
+                    self._released[run_id] = end
+                return
+            ring = self._open(run_id)
+        first_close = not ring.closed
+        ring.close(end)
+        try:
+            if self._log is not None:
+                await self._log.close_run(run_id)
+        finally:
+            if first_close and self._runs.get(run_id) is ring:
+                self._retire(run_id, ring)
 
-    def subscribe(self, run_id: str, *, after: int | None = None) -> OutputSubscription:
+    # -- retention ------------------------------------------------------------------------------
+    def _retire(self, run_id: str, ring: RunRing) -> None:
+        self._ended[run_id] = ring.nbytes
+        self._ended_bytes += ring.nbytes
+        count, size = self.retain_ended_runs, self.retain_ended_bytes
+        while self._ended and (
+            (count is not None and len(self._ended) > count)
+            or (size is not None and self._ended_bytes > size)
+        ):
+            self._release(next(iter(self._ended)))
+        if self.retain_ended_seconds is not None and run_id in self._ended:
+            loop = asyncio.get_running_loop()
+            self._expiry[run_id] = loop.call_later(
+                self.retain_ended_seconds, self._release, run_id
+            )
+
+    def _release(self, run_id: str, *, remember: bool = True) -> None:
+        ring = self._runs.pop(run_id, None)
+        self._ended_bytes -= self._ended.pop(run_id, 0)
+        timer = self._expiry.pop(run_id, None)
+        if timer is not None:
+            timer.cancel()
+        if ring is not None:
+            ring.release()
+            if remember:
+                self._released[run_id] = ring.end
+                while len(self._released) > _REMEMBER_RELEASED:
+                    self._released.popitem(last=False)
+        if self._log is not None:
+            self._log.forget(run_id)
+
+    def forget(self, run_id: str) -> None:
+        """Free ``run_id``'s buffer now and forget the id (it may be used again); its live
+        subscribers finish after what they already read. Its log file stays."""
+        self._released.pop(run_id, None)
+        self._release(run_id, remember=False)
+
+    # -- subscribing ----------------------------------------------------------------------------
+    def _source(self, run_id: str) -> RunRing | bool:
+        """The ring of ``run_id``, else ``True`` if it has a log file to replay, else ``False``."""
+        ring = self._runs.get(run_id)
+        if ring is not None:
+            return ring
+        return self.log_dir is not None and run_log_path(self.log_dir, run_id).is_file()
+
+    def _released_end(self, run_id: str) -> OutputEnd | None:
+        return self._released.get(run_id)
+
+    def _run_waiter(self, run_id: str) -> asyncio.Future[None]:
+        waiter = asyncio.get_running_loop().create_future()
+        self._run_waiters.setdefault(run_id, []).append(waiter)
+        return waiter
+
+    def _drop_run_waiter(self, run_id: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._run_waiters.get(run_id)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._run_waiters[run_id]
+
+    def subscribe(
+        self,
+        run_id: str,
+        *,
+        from_seq: int | None = None,
+        after: int | None = None,
+        wait: bool | float = False,
+    ) -> OutputSubscription:
         """Return an async iterator of ``run_id``'s output (see :class:`OutputSubscription`).
 
-        It replays the buffered lines (starting with an :class:`OutputGap` when older lines were
-        evicted), then follows live lines until the run is closed. With ``after`` (the last
-        ``seq`` a client saw, e.g. SSE ``Last-Event-ID``) only later lines are replayed.
-        Subscribing to a run with no output yet waits for it.
+        It yields the lines from ``from_seq`` (default 0, the first line) on, then follows live
+        lines until the run is closed. ``after`` is the other way to say it: the last ``seq`` a
+        client saw (e.g. SSE ``Last-Event-ID``), so ``after=n`` is ``from_seq=n + 1``. Lines no
+        longer in memory come from the run's log file when there is one; else one
+        :class:`OutputGap` stands for them.
+
+        A run the capture does not know (not opened, written or closed here, and no log file) is
+        an error unless ``wait`` is ``True`` (wait for it as long as it takes) or a number of
+        seconds (then iterating raises ``OutputWaitTimeoutError`` if it did not appear in time).
+
+        Raises:
+            OutputNotFoundError: unknown run and ``wait`` is false, or the run's buffer was
+                released and there is no log file.
+            InvalidSubscriptionError: a negative or non-int ``from_seq``/``after``, both given,
+                or a bad ``wait``.
         """
-        state = self._state(run_id)
-        first_wanted = 0 if after is None else after + 1
-        replay: list[OutputItem] = []
-        missing = state.dropped - first_wanted
-        if missing > 0:
-            replay.append(OutputGap(missing))
-        replay.extend(line for line, _ in state.lines if line.seq >= first_wanted)
-        subscription = OutputSubscription(replay, self.subscriber_queue_size, state.closed)
-        if not state.closed:
-            subscription._state = state
-            state.subscribers.add(subscription)
+        first = self._first_seq(from_seq, after)
+        if isinstance(wait, bool):
+            deadline = None
+        elif isinstance(wait, int | float) and wait >= 0:
+            deadline = time.monotonic() + wait
+        else:
+            raise InvalidSubscriptionError(
+                f"wait must be a bool or a number of seconds >= 0, got {wait!r}"
+            )
+        subscription = OutputSubscription(self, run_id, first)
+        source = self._source(run_id)
+        if isinstance(source, RunRing):
+            subscription._attach(source)
+        elif source:
+            subscription._follow_log()
+        elif run_id in self._released:
+            raise OutputNotFoundError(
+                f"the buffered output of run {run_id!r} was released and there is no log file"
+            )
+        elif wait is False or self._closed:
+            raise OutputNotFoundError(
+                f"no output of run {run_id!r} here (pass wait=True to wait for the run)"
+            )
+        else:
+            subscription._wait_until(deadline)
         return subscription
 
+    @staticmethod
+    def _first_seq(from_seq: int | None, after: int | None) -> int:
+        for name, value in (("from_seq", from_seq), ("after", after)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise InvalidSubscriptionError(f"{name} must be an int >= 0, got {value!r}")
+        if from_seq is not None and after is not None:
+            raise InvalidSubscriptionError("pass from_seq or after, not both")
+        if from_seq is not None:
+            return from_seq
+        return 0 if after is None else after + 1
+
+    # -- reading the buffer ---------------------------------------------------------------------
     def get_lines(self, run_id: str) -> list[str]:
-        """Return the buffered tail of ``run_id``'s output (empty for an unknown run)."""
-        state = self._runs.get(run_id)
-        return [] if state is None else [line.text for line, _ in state.lines]
+        """Return the buffered lines of ``run_id`` (empty for an unknown or released run)."""
+        ring = self._runs.get(run_id)
+        return [] if ring is None else ring.lines[ring.head :]
+
+    def tail(
+        self, run_id: str, max_lines: int, max_bytes: int = DEFAULT_TAIL_BYTES
+    ) -> list[str]:
+        """Return the last buffered lines of ``run_id``: at most ``max_lines`` and ``max_bytes``
+        UTF-8 bytes in all (a single longer line is cut, and says so)."""
+        tail = OutputTail(max_lines, max_bytes)
+        ring = self._runs.get(run_id)
+        if ring is not None and max_lines:
+            tail.extend(ring.lines[max(ring.head, len(ring.lines) - max_lines) :])
+        return list(tail)
 
     def dropped_count(self, run_id: str) -> int:
-        """Return how many of ``run_id``'s lines were evicted from its ring buffer."""
-        state = self._runs.get(run_id)
-        return 0 if state is None else state.dropped
+        """Return how many of ``run_id``'s lines are no longer buffered."""
+        ring = self._runs.get(run_id)
+        return 0 if ring is None else ring.first_seq
 
     def line_count(self, run_id: str) -> int:
-        """Return how many lines ``run_id`` produced in total."""
-        state = self._runs.get(run_id)
-        return 0 if state is None else state.next_seq
+        """Return how many lines ``run_id`` produced in total (0 once released)."""
+        ring = self._runs.get(run_id)
+        return 0 if ring is None else ring.next_seq
 
     def is_closed(self, run_id: str) -> bool:
         """Return ``True`` once :meth:`close_run` was called for ``run_id``."""
-        state = self._runs.get(run_id)
-        return state is not None and state.closed
+        ring = self._runs.get(run_id)
+        return run_id in self._released if ring is None else ring.closed
 
     def log_path(self, run_id: str) -> Path | None:
-        """Return the path of ``run_id``'s log file, or ``None`` without a ``log_dir``."""
-        return None if self._log is None else self._log.path_for(run_id)
+        """Return the path of ``run_id``'s log file, or ``None`` without a ``log_dir``.
 
-    def forget(self, run_id: str) -> None:
-        """Free ``run_id``'s buffer; its live subscribers finish (after what they have queued)."""
-        state = self._runs.pop(run_id, None)
-        if state is not None:
-            for subscriber in state.subscribers:
-                subscriber._end()
+        Raises:
+            InvalidRunIdError: ``run_id`` cannot name a log file.
+        """
+        return None if self.log_dir is None else run_log_path(self.log_dir, run_id)
 
     async def aclose(self) -> None:
         """End every subscription and, with a ``log_dir``, flush and close all log files and stop
-        the writer thread. Idempotent. Buffers stay readable through :meth:`get_lines` and
-        :meth:`subscribe` (which then replays and ends); :meth:`append_line` raises
-        :class:`OutputClosedError`.
+        the writer thread. Later appends raise ``OutputClosedError``. Idempotent. Buffers stay
+        readable through :meth:`get_lines`.
 
         Cancellation: the writer thread still finishes writing and stops.
         """
         self._closed = True
-        for state in self._runs.values():
-            state.closed = True
-            for subscriber in state.subscribers:
-                subscriber._end()
+        for ring in self._runs.values():
+            ring.close(None)
+        for timer in self._expiry.values():
+            timer.cancel()
+        self._expiry.clear()
+        waiting = [w for waiters in self._run_waiters.values() for w in waiters]
+        self._run_waiters.clear()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
         if self._log is not None:
             await self._log.aclose()
 

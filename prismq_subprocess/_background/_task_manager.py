@@ -29,6 +29,7 @@ from .._core._exceptions import (
     TaskManagerClosedError,
 )
 from .._resources._resource_manager import ResourceManager
+from ._cancel_result import CancelResult, not_active_result
 from ._memory_registry import BaseRunRegistry
 from ._output_capture import OutputCapture
 from ._run_record import Run, RunStatus
@@ -222,12 +223,17 @@ class BackgroundTaskManager(AsyncResource):
         entry = _Entry(run, coro, marks_running)
         self._entries[run.run_id] = entry
         self._idle.clear()
+        opened = False
         try:
+            # Subscribers may follow the run as soon as start_task returns.
+            opened = self.output is not None and self.output.open_run(run.run_id)
             await self.registry.add_run(run)
         except BaseException:
             self._entries.pop(run.run_id, None)
             coro.close()
             self._check_idle()
+            if opened and self.output is not None:
+                self.output.forget(run.run_id)
             raise
         if self._closing or entry.cancel_reason is not None:
             # shutdown() or cancel_task() came while the run was being stored.
@@ -277,6 +283,7 @@ class BackgroundTaskManager(AsyncResource):
         entry.coro.close()
         if not entry.run.is_finished:
             entry.run.mark_cancelled(reason)
+        await self._collect_output(entry.run)
         await self._save(entry.run)
 
     async def _drive(self, entry: _Entry) -> None:
@@ -368,11 +375,11 @@ class BackgroundTaskManager(AsyncResource):
         if self.output is None:
             return
         try:
-            await self.output.close_run(run.run_id)
+            await self.output.close_run(run.run_id, status=run.status, exit_code=run.exit_code)
         except Exception:
             logger.exception("closing the output of run %s failed", run.run_id)
         if not run.output_tail and self.output_tail_lines:
-            run.output_tail = self.output.get_lines(run.run_id)[-self.output_tail_lines :]
+            run.output_tail = self.output.tail(run.run_id, self.output_tail_lines)
 
     async def _save(self, run: Run) -> None:
         try:
@@ -400,13 +407,16 @@ class BackgroundTaskManager(AsyncResource):
         entry.coro.close()
         entry.run.mark_cancelled(reason)
         try:
+            await self._collect_output(entry.run)
             await self._save(entry.run)
         finally:
             if self._entries.get(entry.run.run_id) is entry:
                 del self._entries[entry.run.run_id]
             self._check_idle()
 
-    async def cancel_task(self, run_id: str, reason: str = "cancelled by request") -> bool:
+    async def cancel_task(
+        self, run_id: str, reason: str = "cancelled by request"
+    ) -> CancelResult:
         """Cancel a queued or running run and wait until its CANCELLED status is recorded.
 
         A run that is queued or waiting for admission is recorded CANCELLED and its coroutine
@@ -414,24 +424,31 @@ class BackgroundTaskManager(AsyncResource):
         its child process); its final status is whatever it ends with (CANCELLED unless it
         swallows the cancellation and returns).
 
-        Returns ``False`` if the run is not active in this manager (unknown or already ending).
+        Returns :class:`CancelResult` ``CANCELLED`` (true), or, when the run is not active in
+        this manager, ``ALREADY_FINISHED`` (ending, being cancelled already, or finished in the
+        registry) or ``NOT_FOUND`` (both false).
 
         Cancellation: stops waiting; the run's cancellation still goes ahead.
+
+        Raises:
+            RegistryClosedError: the run is not active here and the registry is closed.
         """
         entry = self._entries.get(run_id)
-        if entry is None or entry.phase == _RECORDING or entry.cancel_reason is not None:
-            return False
+        if entry is None:
+            return await not_active_result(self.registry, run_id)
+        if entry.phase == _RECORDING or entry.cancel_reason is not None:
+            return CancelResult.ALREADY_FINISHED
         entry.cancel_reason = reason
         if entry.phase == _ADDING:
-            return True  # start_task records it CANCELLED once the run is stored
+            return CancelResult.CANCELLED  # start_task records it CANCELLED once stored
         if entry.phase == _QUEUED:
             self._queue.remove(entry)
             await self._finish_unstarted(entry, reason)
-            return True
+            return CancelResult.CANCELLED
         assert entry.task is not None
         self._interrupt(entry, reason)
         await asyncio.wait({entry.task})
-        return True
+        return CancelResult.CANCELLED
 
     async def wait_all(self, timeout: float | None = None) -> None:
         """Wait until no run is queued or running (including runs started meanwhile).
@@ -495,6 +512,7 @@ class BackgroundTaskManager(AsyncResource):
         del self._entries[entry.run.run_id]
         if not entry.run.is_finished:
             entry.run.mark_cancelled(f"{reason} (did not stop within the grace period)")
+        await self._collect_output(entry.run)
         await self._save(entry.run)
         self._check_idle()
 

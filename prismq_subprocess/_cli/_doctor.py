@@ -29,7 +29,7 @@ def _policy() -> object:
 
 def _decision_dict(decision: pq.ModeDecision) -> dict[str, Any]:
     return {
-        "mode": decision.mode.value,
+        "mode": str(decision.mode),
         "reason": decision.reason,
         "source": decision.source.value,
         "pinned": decision.pinned,

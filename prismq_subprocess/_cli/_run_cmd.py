@@ -126,7 +126,7 @@ async def _forward(
             on_error(exc)
 
 
-async def _wait_for_exit(process: pq.ProcessLike) -> None:
+async def _wait_for_exit(process: pq.abc.ProcessLike) -> None:
     """Return once the child has exited, even if a descendant still holds its pipes open
     (asyncio's ``wait()`` on 3.11 returns only once every pipe is closed)."""
     waiter = asyncio.ensure_future(process.wait())
@@ -141,7 +141,7 @@ async def _wait_for_exit(process: pq.ProcessLike) -> None:
         await asyncio.gather(waiter, return_exceptions=True)
 
 
-def _close_abandoned_pipes(process: pq.ProcessLike) -> None:
+def _close_abandoned_pipes(process: pq.abc.ProcessLike) -> None:
     """Close the pipes of an exited child that a descendant which escaped the tree still holds.
 
     Only ASYNC mode needs it: its process is asyncio's own, whose pipe transports stay open and
@@ -179,7 +179,7 @@ class _Runner:
         self.output_failed = asyncio.Event()
 
     # -- starting ------------------------------------------------------------------------------
-    async def _start(self, wrapper: pq.SubprocessWrapper) -> pq.ProcessLike:
+    async def _start(self, wrapper: pq.SubprocessWrapper) -> pq.abc.ProcessLike:
         kwargs: dict[str, Any] = {"stdout": pq.PIPE, "stderr": pq.PIPE}
         # stdin stays ours (None = inherited), so interactive and piped input both reach it.
         if self.args.cwd is not None:
@@ -227,7 +227,7 @@ class _Runner:
                 loop.remove_signal_handler(signum)
 
     # -- stopping ------------------------------------------------------------------------------
-    async def _stop(self, process: pq.ProcessLike) -> None:
+    async def _stop(self, process: pq.abc.ProcessLike) -> None:
         """Stop the child's whole tree: SIGTERM, ``--grace`` seconds, SIGKILL."""
         stopper = asyncio.ensure_future(pq.terminate_gracefully(process, self.args.grace))
         try:
@@ -240,7 +240,7 @@ class _Runner:
             raise
 
     async def _drain(
-        self, process: pq.ProcessLike, pumps: list[asyncio.Task[None]], stop_leftovers: bool
+        self, process: pq.abc.ProcessLike, pumps: list[asyncio.Task[None]], stop_leftovers: bool
     ) -> None:
         """Let the forwarders reach end of file after the child ended.
 
@@ -266,7 +266,7 @@ class _Runner:
         self.output_failed.set()
 
     # -- running -------------------------------------------------------------------------------
-    async def _until_exit_or_output_failure(self, process: pq.ProcessLike) -> None:
+    async def _until_exit_or_output_failure(self, process: pq.abc.ProcessLike) -> None:
         exited = asyncio.ensure_future(_wait_for_exit(process))
         failed = asyncio.ensure_future(self.output_failed.wait())
         try:
@@ -285,7 +285,7 @@ class _Runner:
             return signal_exit_code(_SIGPIPE)
         raise CliError(f"forwarding the command's output failed: {exc}", EXIT_CANNOT_RUN)
 
-    async def _supervise(self, process: pq.ProcessLike) -> int:
+    async def _supervise(self, process: pq.abc.ProcessLike) -> int:
         out, err = _writer(sys.stdout), _writer(sys.stderr)
         pumps = [
             asyncio.ensure_future(_forward(process.stdout, out, self._on_output_error)),
@@ -325,12 +325,12 @@ class _Runner:
         process = await self._start(wrapper)
         await process.wait()
         strategy = wrapper.strategy
-        assert isinstance(strategy, pq.DryRunStrategy)
+        assert isinstance(strategy, pq.testing.DryRunStrategy)
         call = strategy.recorder.calls[-1]
         command = call.args if isinstance(call.args, str) else shlex.join(call.args)
         changes = _env_changes(call.env)
         pairs = [
-            ("mode", f"{wrapper.mode.value} ({wrapper.mode_reason})"),
+            ("mode", f"{wrapper.mode} ({wrapper.mode_reason})"),
             ("command", command),
             ("shell", "yes" if call.shell else "no"),
             ("cwd", call.cwd if call.cwd is not None else f"{os.getcwd()} (inherited)"),

@@ -304,6 +304,51 @@ class PoolClosedError(ClosedError):
     """Raised by ``ResourcePool.acquire_subprocess`` after ``aclose()`` or ``cleanup()``."""
 
 
+class OutputNotFoundError(RunNotFoundError):
+    """Raised by ``OutputCapture.subscribe`` (and ``sse_events``) for a run the capture does not
+    know: never opened, written to or closed here, and without a log file to replay. Pass
+    ``wait=True`` (or a number of seconds) to wait for such a run to appear instead.
+
+    It is a ``RunNotFoundError`` and so a ``KeyError``.
+    """
+
+
+class OutputWaitTimeoutError(OutputNotFoundError, TimeoutError):
+    """Raised by a subscription made with ``wait=<seconds>`` when the run did not appear in time.
+
+    It is also a ``TimeoutError``.
+    """
+
+
+class InvalidRunIdError(PrismQError, ValueError):
+    """Raised when a run id cannot name a log file (not a str, empty, or longer than a file name
+    may be once encoded; see ``run_log_path``), or when a file name was not made by
+    ``run_log_path``."""
+
+
+class InvalidSubscriptionError(PrismQError, ValueError):
+    """Raised by ``OutputCapture.subscribe`` and ``sse_events`` before anything starts when
+    ``from_seq``/``after``/``last_event_id``/``wait`` is malformed, or both ``from_seq`` and
+    ``after`` are given."""
+
+
+__all__ += [
+    "InvalidRunIdError",
+    "InvalidSubscriptionError",
+    "OutputNotFoundError",
+    "OutputWaitTimeoutError",
+]
+
+
+class InvalidSSEEventError(PrismQError, ValueError):
+    """Raised when an ``SSEEvent`` field cannot be framed: an ``event`` or ``id`` with a line
+    break (or an ``id`` with NUL, which browsers ignore), or a ``retry`` that is not an int
+    >= 0."""
+
+
+__all__ += ["InvalidSSEEventError"]
+
+
 class InvalidBackendError(PrismQError, TypeError):
     """Raised before anything starts when a run backend is given something it cannot work with
     (e.g. a synchronous Dask ``Client``, which would block the event loop, or an empty scheduler
@@ -312,3 +357,4 @@ class InvalidBackendError(PrismQError, TypeError):
 
 class BackendClosedError(ClosedError):
     """Raised when a run backend is used after ``aclose()``."""
+

@@ -10,20 +10,21 @@ newest ``distributed.admin.low-level-log-length`` messages of a topic (1,000 by 
 nothing grows there. A Dask ``Queue`` would cost two scheduler calls per batch; pub/sub is
 marked experimental.
 
-Memory on the worker is bounded by the forwarder's subscription queue and its send rate (one
-batch of at most ``max_batch_lines`` lines / ``max_batch_chars`` characters per ``flush_interval``):
-a module printing faster than that loses its oldest queued lines, counted, and the host sees the
-gap in the sequence numbers. Locally a subscriber that falls behind is treated the same way.
+Memory on the worker is bounded by the run's ring buffer there (``OutputCapture`` bounds, in lines
+and bytes) and the send rate (one batch per ``flush_interval``): a module printing faster than
+that loses the oldest lines the ring no longer holds, counted, and the host sees the gap in the
+sequence numbers. Locally a subscriber that falls behind the ring is treated the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._background._output_capture import OutputGap, OutputLine, OutputSubscription
+from .._background._output_capture import OutputChunk, OutputGap, OutputSubscription
 
 __all__ = [
     "END",
@@ -62,13 +63,14 @@ def task_key(token: str, run_id: str) -> str:
 
 
 class OutputForwarder:
-    """Worker side: sends one run's lines, read from an :class:`OutputSubscription`, in
-    order and in batches, through ``send`` (``Worker.log_event`` for the host's topic).
+    """Worker side: sends one run's lines, read from an :class:`OutputSubscription` in chunks,
+    in order, through ``send`` (``Worker.log_event`` for the host's topic).
 
-    A batch goes out when it is full, or ``flush_interval`` after the previous one (at once
-    after a quiet spell, so the first line of a burst is not delayed). A full batch waits for
-    its turn, so at most one batch per ``flush_interval`` leaves: meanwhile the subscription's
-    bounded queue takes the lines and drops the oldest if the module prints even faster.
+    At most one batch leaves per ``flush_interval``: the first line after a quiet spell goes at
+    once, and lines printed meanwhile wait in the run's ring buffer and go together in the next
+    batch (split at ``max_batch_lines`` lines / ``max_batch_chars`` characters). A module that
+    prints faster than that loses the oldest lines the ring no longer holds; they are counted in
+    :attr:`dropped` and the host sees the gap in the sequence numbers.
     """
 
     def __init__(
@@ -87,10 +89,8 @@ class OutputForwarder:
         self._max_lines = max_batch_lines
         self._max_chars = max_batch_chars
         self._interval = flush_interval
-        self._batch: list[str] = []
-        self._batch_chars = 0
-        self._first_seq = 0
         self._last_send = -math.inf
+        self._finishing = asyncio.Event()
         self.lines_sent = 0
         self.dropped = 0
 
@@ -98,57 +98,42 @@ class OutputForwarder:
         """A message of ``kind`` for this run (with the run id and attempt)."""
         return {**self._header, "kind": kind, **fields}
 
-    def _flush(self) -> None:
-        if self._batch:
-            self._send(self.message(LINES, seq=self._first_seq, lines=self._batch))
-            self.lines_sent += len(self._batch)
-            self._batch = []
-            self._batch_chars = 0
-        self._last_send = asyncio.get_running_loop().time()
+    def finish(self) -> None:
+        """The run's output is closed: send what is left without waiting for the next turn."""
+        self._finishing.set()
 
-    def _full(self) -> bool:
-        return len(self._batch) >= self._max_lines or self._batch_chars >= self._max_chars
-
-    async def _next(self, wait: float | None) -> OutputLine | OutputGap | None:
-        """The next item, ``None`` at the end; ``TimeoutError`` after ``wait`` seconds."""
-        try:
-            if wait is None:
-                return await anext(self._subscription)
-            async with asyncio.timeout(wait):
-                return await anext(self._subscription)
-        except StopAsyncIteration:
-            return None
+    def _send_chunk(self, chunk: OutputChunk) -> None:
+        lines, first = chunk.lines, chunk.first_seq
+        start = 0
+        while start < len(lines):
+            end, chars = start, 0
+            limit = min(len(lines), start + self._max_lines)
+            while end < limit and (end == start or chars + len(lines[end]) <= self._max_chars):
+                chars += len(lines[end])
+                end += 1
+            self._send(self.message(LINES, seq=first + start, lines=list(lines[start:end])))
+            start = end
+        self.lines_sent += len(lines)
 
     async def run(self) -> None:
-        """Forward until the subscription ends (the run's output is closed), then send what
-        is left. Cancellation: stops forwarding; lines not yet sent are not sent."""
+        """Forward until the subscription ends (the run's output is closed).
+
+        Cancellation: stops forwarding; lines not yet sent are not sent.
+        """
         loop = asyncio.get_running_loop()
+        chunks = self._subscription.chunks(self._max_lines)
         while True:
-            wait: float | None = None
-            if self._batch:
-                wait = self._last_send + self._interval - loop.time()
-                if self._full():
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    self._flush()
-                    continue
-                if wait <= 0:
-                    self._flush()
-                    continue
+            wait = self._last_send + self._interval - loop.time()
+            if wait > 0 and not self._finishing.is_set():
+                # Lines printed meanwhile gather in the ring and leave together.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._finishing.wait(), wait)
             try:
-                item = await self._next(wait)
-            except TimeoutError:
-                continue
-            if item is None:
-                break
+                item = await anext(chunks)
+            except StopAsyncIteration:
+                return
             if isinstance(item, OutputGap):
-                # The next line does not follow this batch: close it (the host counts the gap
-                # from the sequence numbers).
                 self.dropped += item.dropped
-                self._flush()
                 continue
-            if not self._batch:
-                self._first_seq = item.seq
-            self._batch.append(item.text)
-            self._batch_chars += len(item.text)
-        self._flush()
+            self._send_chunk(item)
+            self._last_send = loop.time()

@@ -134,7 +134,8 @@ class DaskBackend(RunBackend):
         cancel_timeout: seconds to wait for a worker to confirm a stop.
         orphan_timeout: how long a worker keeps a module running while it cannot reach the
             scheduler (the host has then recorded the run FAILED and nobody can follow it).
-        stream_queue_lines: lines a worker buffers for the host before dropping the oldest.
+        stream_queue_lines: lines a worker buffers for the host (its ring of the run's output)
+            before dropping the oldest.
         flush_interval: seconds between two batches of lines from one run (the first line after
             a quiet spell goes at once).
 
@@ -278,25 +279,32 @@ class DaskBackend(RunBackend):
         if kind == LINES:
             seq = int(message["seq"])
             lines: list[str] = message["lines"]
+            batch = lines[max(0, remote.next_seq - seq) :]
             if seq > remote.next_seq:
-                remote.missing += seq - remote.next_seq
-            skip = max(0, remote.next_seq - seq)
-            for text in lines[skip:]:
-                await self._deliver(remote, text)
+                batch = [self._gap_note(remote, seq - remote.next_seq), *batch]
             remote.next_seq = max(remote.next_seq, seq + len(lines))
+            await self._deliver(remote, batch)
         elif kind == END:
             total = int(message["lines"])
             if total > remote.next_seq:
-                remote.missing += total - remote.next_seq
+                note = self._gap_note(remote, total - remote.next_seq)
                 remote.next_seq = total
+                await self._deliver(remote, [note])
             remote.ended.set()
 
-    async def _deliver(self, remote: _Remote, text: str) -> None:
+    @staticmethod
+    def _gap_note(remote: _Remote, count: int) -> str:
+        """The line that stands for ``count`` lines the worker dropped (it printed faster than
+        they could be sent), in the style of the capture's own truncation note."""
+        remote.missing += count
+        return f"… [{count} lines dropped on the way from the worker]"
+
+    async def _deliver(self, remote: _Remote, lines: list[str]) -> None:
         output = remote.output
-        if output is None:
+        if output is None or not lines:
             return
         try:
-            await output.append_line(remote.run.run_id, text)
+            await output.append_lines(remote.run.run_id, lines)
         except OutputClosedError:
             remote.output = None  # the host closed this run's output; keep the run going
 

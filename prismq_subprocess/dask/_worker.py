@@ -217,9 +217,15 @@ def _started_message(forwarder: OutputForwarder, worker_address: str, run: Run) 
 async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> WorkerOutcome:
     job = spec.job
     send = functools.partial(get_worker().log_event, spec.topic)
-    # One line in the ring buffer: the forwarder subscribes before the first line, so it sees
-    # every line through its own (bounded) queue; nothing needs replaying.
-    capture = OutputCapture(max_lines_per_run=1, subscriber_queue_size=spec.queue_lines)
+    # The run's ring here is what the worker buffers for the host (the forwarder is its only
+    # reader); nothing outlives the task, so no retention.
+    capture = OutputCapture(
+        max_lines_per_run=spec.queue_lines,
+        retain_ended_runs=None,
+        retain_ended_bytes=None,
+        retain_ended_seconds=None,
+    )
+    capture.open_run(spec.run_id)
     forwarder = OutputForwarder(
         capture.subscribe(spec.run_id),
         send,
@@ -269,7 +275,9 @@ async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> Worker
             await runner.aclose()
         finally:
             await capture.close_run(spec.run_id)  # ends the forwarder's subscription
+            forwarder.finish()
             await forwarding
+            await capture.aclose()
     if run is None:
         # Cancelled before the run was even stored here: nothing started.
         return WorkerOutcome(CANCELLED_BEFORE_START, address)

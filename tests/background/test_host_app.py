@@ -122,7 +122,10 @@ async def test_host_runs_twenty_modules_with_cancel_failure_and_timeout(
 
             # The host cancels the long module once its output shows it is working.
             await ready.wait()
-            assert await runner.cancel(run_ids[0], "cancelled by the host") is True
+            assert (
+                await runner.cancel(run_ids[0], "cancelled by the host")
+                is pq.CancelResult.CANCELLED
+            )
             await runner.task_manager.wait_all(timeout=60)
             stop_watching.set()
             await watcher

@@ -117,7 +117,8 @@ async def eventually_gone(pid: int) -> bool:
 
 
 async def first_line(output: pq.OutputCapture, run_id: str, prefix: str) -> str:
-    async with output.subscribe(run_id) as lines:
+    # wait: a foreground run started by a task not yet scheduled is not known to the capture yet.
+    async with output.subscribe(run_id, wait=30.0) as lines:
         async for item in lines:
             if isinstance(item, pq.OutputLine) and item.text.startswith(prefix):
                 return item.text
@@ -262,7 +263,7 @@ async def test_cancel_stops_the_tree_of_a_background_run(
     grandchild = int((await first_line(runner.output, run_id, "pids")).split()[1])
     stored = await runner.registry.get_run(run_id)
     assert stored is not None and stored.pid is not None
-    assert await runner.cancel(run_id, "user pressed stop") is True
+    assert await runner.cancel(run_id, "user pressed stop") is pq.CancelResult.CANCELLED
     stored = await runner.registry.get_run(run_id)
     assert stored is not None
     assert stored.status is pq.RunStatus.CANCELLED
@@ -270,7 +271,8 @@ async def test_cancel_stops_the_tree_of_a_background_run(
     assert stored.output_tail == [f"pids {grandchild}"]
     assert stored.pid is not None and gone(stored.pid)
     assert await eventually_gone(grandchild)
-    assert await runner.cancel(run_id) is False
+    assert await runner.cancel(run_id) is pq.CancelResult.ALREADY_FINISHED
+    assert await runner.cancel("no-such-run") is pq.CancelResult.NOT_FOUND
 
 
 async def test_cancelling_the_awaiting_task_stops_the_tree_first(
@@ -297,7 +299,7 @@ async def test_cancel_of_a_foreground_run_returns_it_cancelled(
     task = asyncio.create_task(runner.execute_module("s", "Sleep", path, run_id="fg2"))
     assert runner.output is not None
     await first_line(runner.output, "fg2", "sleeping")
-    assert await runner.cancel("fg2", "no longer needed") is True
+    assert await runner.cancel("fg2", "no longer needed") is pq.CancelResult.CANCELLED
     run = await task
     assert run.status is pq.RunStatus.CANCELLED
     assert run.error_message == "no longer needed"

@@ -4,21 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import threading
+import time
+import weakref
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prismq_subprocess._background._log_names import (
+    log_file_name,
+    run_id_from_log_path,
+    run_log_path,
+)
 from prismq_subprocess._background._output_capture import (
     OutputCapture,
+    OutputChunk,
+    OutputEnd,
     OutputGap,
     OutputItem,
     OutputLine,
     OutputSubscription,
 )
-from prismq_subprocess._core._exceptions import InvalidLimitError, OutputClosedError
+from prismq_subprocess._background._output_log import RunLogWriter
+from prismq_subprocess._background._output_tail import OutputTail
+from prismq_subprocess._background._run_record import RunStatus
+from prismq_subprocess._core._exceptions import (
+    InvalidLimitError,
+    InvalidRunIdError,
+    InvalidSubscriptionError,
+    OutputClosedError,
+    OutputNotFoundError,
+    OutputWaitTimeoutError,
+)
 
 
 async def collect(subscription: OutputSubscription) -> list[OutputItem]:
@@ -51,8 +72,8 @@ async def test_replay_then_follow_until_closed() -> None:
 
 async def test_subscribe_before_any_output_and_close_without_output() -> None:
     capture = OutputCapture()
-    early = asyncio.create_task(collect(capture.subscribe("r")))
-    silent = asyncio.create_task(collect(capture.subscribe("silent")))
+    early = asyncio.create_task(collect(capture.subscribe("r", wait=True)))
+    silent = asyncio.create_task(collect(capture.subscribe("silent", wait=True)))
     await asyncio.sleep(0)
     await capture.append_line("r", "hello")
     await capture.close_run("r")
@@ -65,6 +86,7 @@ async def test_subscribe_before_any_output_and_close_without_output() -> None:
 
 async def test_many_subscribers_each_get_everything() -> None:
     capture = OutputCapture()
+    capture.open_run("r")
     readers = [asyncio.create_task(collect(capture.subscribe("r"))) for _ in range(25)]
     await asyncio.sleep(0)
     for i in range(200):
@@ -118,7 +140,9 @@ async def test_resume_after_seq() -> None:
 
 
 async def test_slow_subscriber_drops_oldest_without_blocking_producer() -> None:
-    capture = OutputCapture(subscriber_queue_size=5)
+    # The bound is the ring (5 lines), shared by all subscribers: no per-subscriber queue.
+    capture = OutputCapture(max_lines_per_run=5)
+    capture.open_run("r")
     slow = capture.subscribe("r")
     fast_items: list[OutputItem] = []
 
@@ -141,7 +165,8 @@ async def test_slow_subscriber_drops_oldest_without_blocking_producer() -> None:
 
 
 async def test_gap_is_reported_where_lines_went_missing() -> None:
-    capture = OutputCapture(subscriber_queue_size=2)
+    capture = OutputCapture(max_lines_per_run=2)
+    capture.open_run("r")
     sub = capture.subscribe("r")
     await capture.append_line("r", "a")
     assert await sub.__anext__() == OutputLine(0, "a")
@@ -153,6 +178,7 @@ async def test_gap_is_reported_where_lines_went_missing() -> None:
 
 async def test_cancelled_anext_loses_nothing() -> None:
     capture = OutputCapture()
+    capture.open_run("r")
     sub = capture.subscribe("r")
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
@@ -164,14 +190,16 @@ async def test_cancelled_anext_loses_nothing() -> None:
 
 async def test_aclose_and_gc_unregister_subscribers() -> None:
     capture = OutputCapture()
+    capture.open_run("r")
     async with capture.subscribe("r") as sub:
         await capture.append_line("r", "x")
     assert await collect(sub) == []
     abandoned = capture.subscribe("r")
+    gone = weakref.ref(abandoned)
     del abandoned
     gc.collect()
-    state = capture._runs["r"]
-    assert len(state.subscribers) == 0
+    assert gone() is None  # the capture keeps no reference to its subscribers
+    assert capture._runs["r"].subscribers == 0
 
 
 async def test_forget_frees_and_ends_subscribers() -> None:
@@ -187,7 +215,13 @@ async def test_forget_frees_and_ends_subscribers() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_lines_per_run": 0}, {"max_bytes_per_run": -1}, {"subscriber_queue_size": True}],
+    [
+        {"max_lines_per_run": 0},
+        {"max_bytes_per_run": -1},
+        {"max_line_bytes": True},
+        {"retain_ended_runs": -1},
+        {"retain_ended_bytes": 1.5},
+    ],
 )
 def test_bad_sizes(kwargs: dict[str, int]) -> None:
     with pytest.raises(InvalidLimitError):
@@ -211,7 +245,8 @@ async def test_log_file_has_everything(tmp_path: Path) -> None:
             f"line {i} ü" for i in range(500)
         ]
         assert capture.get_lines("run-1") == ["line 498 ü", "line 499 ü"]
-    evil = tmp_path / "logs" / "___evil.log"
+    evil = run_log_path(tmp_path / "logs", "../evil")
+    assert evil.parent == tmp_path / "logs"
     assert evil.read_text(encoding="utf-8") == "contained\n"
     assert log_threads() == []
 
@@ -264,3 +299,324 @@ def test_ring_buffer_invariants(lines: list[str], max_lines: int, max_bytes: int
         assert items == expected
 
     asyncio.run(scenario())
+
+
+# -- log file names (issue 11 C11) ------------------------------------------------------------
+async def test_log_files_of_similar_run_ids_do_not_collide(tmp_path: Path) -> None:
+    ids = ["job.1", "job_1", "job/1", "job 1", "Job_1", "JOB_1", "..", "nul", "a\\b"]
+    async with OutputCapture(log_dir=tmp_path) as capture:
+        for run_id in ids:
+            await capture.append_line(run_id, f"output of {run_id}")
+            await capture.close_run(run_id)
+        paths = {run_id: capture.log_path(run_id) for run_id in ids}
+    assert len({str(path).lower() for path in paths.values()}) == len(ids)  # also case-blind
+    for run_id, path in paths.items():
+        assert path is not None and path.parent == tmp_path
+        assert path.read_text(encoding="utf-8") == f"output of {run_id}\n"
+        assert run_id_from_log_path(path) == run_id
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=60), st.text(min_size=1, max_size=60))
+def test_log_names_are_safe_distinct_and_reversible(first: str, second: str) -> None:
+    encoded = sum(
+        1 if b in b"abcdefghijklmnopqrstuvwxyz0123456789-_" else 3
+        for b in first.encode("utf-8", "surrogatepass")
+    )
+    if encoded + 4 > 255:
+        with pytest.raises(InvalidRunIdError, match="too long"):
+            log_file_name(first)
+        return
+    name = log_file_name(first)
+    assert name.isascii() and name.endswith(".log")
+    assert "/" not in name and "\\" not in name and not name.startswith(".")
+    assert run_id_from_log_path(Path("/some/dir") / name) == first
+    if first != second and len(second) <= 20:
+        assert name.lower() != log_file_name(second).lower()
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 300, 7])
+def test_run_ids_that_cannot_name_a_log_file(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(InvalidRunIdError):
+        run_log_path(tmp_path, bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["job_1.txt", "%61.log", "a%2f.log", "A.log", ".log", "%ZZ.log"])
+def test_names_not_made_by_run_log_path_are_refused(name: str) -> None:
+    with pytest.raises(InvalidRunIdError):
+        run_id_from_log_path(name)
+
+
+async def test_a_bad_run_id_is_refused_before_any_output(tmp_path: Path) -> None:
+    async with OutputCapture(log_dir=tmp_path) as capture:
+        with pytest.raises(InvalidRunIdError):
+            await capture.append_line("x" * 300, "never written")
+        with pytest.raises(InvalidRunIdError):
+            capture.open_run("")
+    assert os.listdir(tmp_path) == []
+
+
+# -- unknown runs, waiting, arguments (issue 12 item 4) ---------------------------------------
+async def test_subscribing_to_an_unknown_run_raises_unless_asked_to_wait() -> None:
+    capture = OutputCapture()
+    with pytest.raises(OutputNotFoundError) as info:
+        capture.subscribe("nope")
+    assert isinstance(info.value, KeyError)
+    sub = capture.subscribe("nope", wait=0.05)
+    with pytest.raises(OutputWaitTimeoutError) as timed_out:
+        await sub.__anext__()
+    assert isinstance(timed_out.value, TimeoutError)
+    waiting = asyncio.create_task(collect(capture.subscribe("later", wait=True)))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    assert capture.open_run("later") is True
+    assert capture.open_run("later") is False
+    await capture.append_line("later", "hi")
+    await capture.close_run("later", status=RunStatus.COMPLETED, exit_code=0)
+    assert texts(await waiting) == ["hi"]
+
+
+async def test_closing_the_capture_ends_everything() -> None:
+    capture = OutputCapture()
+    waiting = asyncio.create_task(collect(capture.subscribe("never", wait=True)))
+    capture.open_run("live")
+    following = asyncio.create_task(collect(capture.subscribe("live")))
+    await asyncio.sleep(0.01)
+    await capture.aclose()
+    assert await waiting == [] and await following == []
+    with pytest.raises(OutputClosedError):
+        await capture.append_line("new", "x")
+    assert capture.open_run("new") is False
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"from_seq": -1}, {"after": "3"}, {"from_seq": 1, "after": 0}, {"wait": -1}, {"wait": "1"}],
+)
+def test_bad_subscribe_arguments(kwargs: dict[str, object]) -> None:
+    capture = OutputCapture()
+    capture.open_run("r")
+    with pytest.raises(InvalidSubscriptionError):
+        capture.subscribe("r", **kwargs)  # type: ignore[arg-type]
+
+
+# -- positions, chunks, ends ------------------------------------------------------------------
+async def test_from_seq_chunks_and_items_share_one_position() -> None:
+    capture = OutputCapture()
+    for i in range(10):
+        await capture.append_line("r", str(i))
+    sub = capture.subscribe("r", from_seq=4)
+    chunks = sub.chunks(max_lines=3)
+    assert await anext(chunks) == OutputChunk(4, ["4", "5", "6"])
+    assert await sub.__anext__() == OutputLine(7, "7")
+    assert sub.next_seq == 8
+    await capture.close_run("r", status=RunStatus.FAILED, exit_code=2)
+    assert [chunk async for chunk in chunks] == [OutputChunk(8, ["8", "9"])]
+    assert sub.end == OutputEnd("failed", 2)
+    assert [item async for item in sub] == []
+    with pytest.raises(InvalidSubscriptionError):
+        sub.chunks(max_lines=0)
+
+
+async def test_lines_with_newlines_inside_become_several_lines() -> None:
+    capture = OutputCapture()
+    await capture.append_lines("r", ["a\nb", "c\r\n", "d\r\ne\n", "", "f\r"])
+    await capture.append_line("r", "x\ny\n")
+    assert capture.get_lines("r") == ["a", "b", "c", "d", "e", "", "f\r", "x", "y"]
+    await capture.append_lines("r", iter(["from", "a generator"]))
+    await capture.append_lines("r", [])
+    assert capture.line_count("r") == 11
+
+
+async def test_long_lines_are_cut_in_memory_and_whole_in_the_log(tmp_path: Path) -> None:
+    async with OutputCapture(max_line_bytes=10, log_dir=tmp_path) as capture:
+        await capture.append_line("r", "é" * 8)  # 16 bytes; the cut falls inside no character
+        await capture.append_lines("r", ["a" + "é" * 6, "short"])  # 13 bytes; cut mid-character
+        await capture.close_run("r")
+        items = await collect(capture.subscribe("r"))
+        assert items == [
+            OutputLine(0, "ééééé… [line truncated: 6 more bytes]", 6),
+            OutputLine(1, "aéééé… [line truncated: 4 more bytes]", 4),
+            OutputLine(2, "short"),
+        ]
+        assert capture.tail("r", 5, max_bytes=12) == ["short"]
+        path = capture.log_path("r")
+    assert path is not None
+    assert path.read_text(encoding="utf-8").splitlines() == ["é" * 8, "a" + "é" * 6, "short"]
+
+
+# -- retention and replay from the log ---------------------------------------------------------
+async def test_ended_runs_are_released_by_count() -> None:
+    capture = OutputCapture(retain_ended_runs=2, retain_ended_seconds=None)
+    for run_id in "abc":
+        await capture.append_line(run_id, f"{run_id} output")
+        await capture.close_run(run_id)
+    assert capture.get_lines("a") == [] and capture.is_closed("a")
+    assert capture.get_lines("b") == ["b output"] and capture.get_lines("c") == ["c output"]
+    with pytest.raises(OutputNotFoundError, match="released"):
+        capture.subscribe("a")
+    with pytest.raises(OutputClosedError):
+        await capture.append_line("a", "late")
+    assert capture.open_run("a") is False
+    capture.open_run("open")  # a live run is never released
+    await capture.append_line("open", "still here")
+    for run_id in "de":
+        await capture.close_run(run_id)
+    assert capture.get_lines("open") == ["still here"]
+
+
+async def test_ended_runs_are_released_by_bytes_and_by_age() -> None:
+    capture = OutputCapture(retain_ended_bytes=10, retain_ended_seconds=None)
+    await capture.append_line("a", "123456")
+    await capture.close_run("a")
+    await capture.append_line("b", "123456")
+    await capture.close_run("b")  # 12 bytes ended: a goes
+    assert capture.get_lines("a") == [] and capture.get_lines("b") == ["123456"]
+
+    aging = OutputCapture(retain_ended_seconds=0.05)
+    await aging.append_line("r", "x")
+    await aging.close_run("r")
+    assert aging.get_lines("r") == ["x"]
+    await asyncio.sleep(0.3)
+    assert aging.get_lines("r") == [] and aging.is_closed("r")
+    await aging.aclose()
+
+
+async def test_a_released_run_is_replayed_from_its_log(tmp_path: Path) -> None:
+    lines = [f"line {i} ü" for i in range(3000)]
+    async with OutputCapture(max_lines_per_run=5, log_dir=tmp_path, retain_ended_runs=0) as capture:
+        await capture.append_lines("r", lines)
+        await capture.close_run("r", status="completed", exit_code=0)
+        assert capture.get_lines("r") == []  # released at once
+        sub = capture.subscribe("r")
+        assert texts(await collect(sub)) == lines
+        assert sub.end == OutputEnd("completed", 0)
+        resumed = await collect(capture.subscribe("r", after=2994))
+        assert resumed == [OutputLine(i, lines[i]) for i in range(2995, 3000)]
+    # A new capture (say, after a restart) on the same directory replays it too.
+    async with OutputCapture(log_dir=tmp_path) as later:
+        chunks = [c async for c in later.subscribe("r", from_seq=1000).chunks(max_lines=700)]
+        assert [len(c) for c in chunks] == [700, 700, 600]
+        assert [text for c in chunks for text in c.lines] == lines[1000:]
+
+
+async def test_a_subscriber_behind_the_ring_reads_the_log_instead_of_a_gap(
+    tmp_path: Path,
+) -> None:
+    async with OutputCapture(max_lines_per_run=10, log_dir=tmp_path) as capture:
+        capture.open_run("r")
+        got: list[OutputItem] = []
+
+        async def slow_reader() -> None:
+            async for chunk in capture.subscribe("r").chunks(max_lines=100):
+                got.extend(chunk.items() if isinstance(chunk, OutputChunk) else [chunk])
+                await asyncio.sleep(0.01)  # far slower than the producer
+
+        reader = asyncio.create_task(slow_reader())
+        for i in range(5000):
+            await capture.append_line("r", f"line {i}")
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+        await capture.close_run("r")
+        await reader
+    assert got == [OutputLine(i, f"line {i}") for i in range(5000)]
+
+
+async def test_a_broken_log_falls_back_to_a_gap(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    async with OutputCapture(max_lines_per_run=3, log_dir=blocker) as capture:
+        capture.open_run("r")
+        sub = capture.subscribe("r")
+        for i in range(10):
+            await capture.append_line("r", str(i))
+        await capture.close_run("r")
+        items = await collect(sub)
+    assert items == [OutputGap(7), *[OutputLine(i, str(i)) for i in range(7, 10)]]
+    assert "cannot write the output log" in caplog.text
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ring=st.integers(1, 8),
+    steps=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=25),
+)
+def test_a_reader_sees_lines_in_order_and_a_gap_for_each_jump(
+    ring: int, steps: list[tuple[int, int]]
+) -> None:
+    async def scenario() -> None:
+        capture = OutputCapture(max_lines_per_run=ring)
+        capture.open_run("r")
+        sub = capture.subscribe("r")
+        seen: list[OutputItem] = []
+        produced = 0
+        for write, read in steps:
+            await capture.append_lines("r", [str(produced + k) for k in range(write)])
+            produced += write
+            for _ in range(read):
+                if sub.next_seq >= produced:
+                    break
+                seen.append(await sub.__anext__())
+        await capture.close_run("r")
+        seen.extend(await collect(sub))
+        expected_seq = 0
+        for item in seen:
+            if isinstance(item, OutputGap):
+                assert item.dropped > 0
+                expected_seq += item.dropped
+            else:
+                assert item == OutputLine(expected_seq, str(expected_seq))
+                expected_seq += 1
+        assert expected_seq == produced
+        assert sub.dropped == sum(i.dropped for i in seen if isinstance(i, OutputGap))
+
+    asyncio.run(scenario())
+
+
+async def test_a_reader_behind_the_ring_waits_for_a_slow_log_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer thread has not even opened the file when the reader needs the evicted lines
+    # (seen under CPU load): the reader must wait for it, not report a gap.
+    opening = RunLogWriter._open
+
+    def slow_open(self: RunLogWriter, run_id: str) -> BinaryIO:
+        time.sleep(0.3)
+        return opening(self, run_id)
+
+    monkeypatch.setattr(RunLogWriter, "_open", slow_open)
+    async with OutputCapture(max_lines_per_run=4, log_dir=tmp_path) as capture:
+        capture.open_run("r")
+        sub = capture.subscribe("r")
+        await capture.append_line("r", "0")
+        assert await sub.__anext__() == OutputLine(0, "0")
+        for i in range(1, 100):
+            await capture.append_line("r", str(i))
+        reader = asyncio.create_task(collect(sub))  # needs 1..95 while the writer sleeps
+        await asyncio.sleep(0.05)
+        await capture.close_run("r")
+        assert await reader == [OutputLine(i, str(i)) for i in range(1, 100)]
+
+
+async def test_run_ids_must_be_non_empty_strings_even_without_a_log() -> None:
+    capture = OutputCapture()
+    for bad in ("", 7):
+        with pytest.raises(InvalidRunIdError):
+            await capture.append_line(bad, "x")  # type: ignore[arg-type]
+
+
+def test_output_tail_bounds_lines_and_bytes() -> None:
+    tail = OutputTail(3, max_bytes=10)
+    tail.extend(["a", "b", "c", "d"])
+    assert list(tail) == ["b", "c", "d"]
+    tail.append("123456789")  # 9 + 1 + 1 > 10: older lines go
+    assert list(tail) == ["d", "123456789"]
+    tail.append("é" * 20)  # one line over the bound alone: cut, and it says so
+    assert list(tail) == ["ééééé… [line truncated: 30 more bytes]"]
+    assert len(tail) == 1
+    nothing = OutputTail(0)
+    nothing.extend(["x"])
+    assert list(nothing) == []

@@ -341,7 +341,7 @@ async def test_output_is_closed_and_tail_stored() -> None:
                 await output.append_line(run.run_id, f"line {i}")
             return 0
 
-        subscription = output.subscribe(run.run_id)
+        subscription = output.subscribe(run.run_id, wait=True)  # the run is not started yet
         await manager.start_task(run, work())
         lines = [item async for item in subscription]  # ends because the manager closes it
         assert len(lines) == 5

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
 import textwrap
@@ -34,6 +35,7 @@ from prismq_subprocess import (  # noqa: E402
     RunRegistry,
     RunStatus,
     SQLiteRunRegistry,
+    sse_events,
 )
 from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa: E402
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
@@ -160,14 +162,14 @@ async def until(predicate: Any, what: str, timeout: float = WAIT) -> None:
 async def collect(capture: OutputCapture, run_id: str) -> list[str]:
     """Every item the run's subscription yields, gaps included (as '<gap n>')."""
     items = []
-    async with capture.subscribe(run_id) as lines:
+    async with capture.subscribe(run_id, wait=True) as lines:
         async for item in lines:
             items.append(item.text if isinstance(item, OutputLine) else f"<gap {item.dropped}>")
     return items
 
 
 async def wait_for_line(capture: OutputCapture, run_id: str, prefix: str) -> str:
-    async with asyncio.timeout(WAIT), capture.subscribe(run_id) as lines:
+    async with asyncio.timeout(WAIT), capture.subscribe(run_id, wait=True) as lines:
         async for item in lines:
             if isinstance(item, OutputLine) and item.text.startswith(prefix):
                 return item.text
@@ -251,6 +253,40 @@ async def test_output_is_live_and_status_goes_pending_running_final(
     assert run.worker == running.worker and run.pid == running.pid
 
 
+def sse_payloads(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event, JSON data) of each event in an SSE stream (retry and comments skipped)."""
+    events = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in fields:
+            events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+async def test_the_sse_helper_streams_a_cluster_run_and_resumes_from_last_event_id(
+    client: Any, scripts: dict[str, str]
+) -> None:
+    runner = runner_for(DaskBackend(client))
+    async with runner:
+        run_id = await runner.start_module("s", "lines", scripts["lines"], {"count": 4, "code": 2})
+        live = "".join(
+            [chunk async for chunk in sse_events(out(runner), run_id, heartbeat=None)]
+        )
+        resumed = "".join(
+            [chunk async for chunk in sse_events(out(runner), run_id, last_event_id="2")]
+        )
+    texts = [f"line {n}" for n in range(4)] + ["giving up with 2"]
+    assert sse_payloads(live) == [
+        *(("line", {"seq": n, "text": text}) for n, text in enumerate(texts)),
+        ("end", {"status": "failed", "exit_code": 2}),
+    ]
+    assert sse_payloads(resumed) == [
+        ("line", {"seq": 3, "text": "line 3"}),
+        ("line", {"seq": 4, "text": "giving up with 2"}),
+        ("end", {"status": "failed", "exit_code": 2}),
+    ]
+
+
 async def test_resource_hints_never_oversubscribe_a_worker(
     client: Any, scripts: dict[str, str]
 ) -> None:
@@ -282,6 +318,29 @@ async def test_resource_hints_never_oversubscribe_a_worker(
         intervals.sort()
         for (_, end), (start, _) in itertools.pairwise(intervals):
             assert start >= end, f"two runs overlapped on {worker}"
+
+
+async def test_lines_dropped_on_the_worker_show_as_one_note_and_the_tail_stays_whole(
+    client: Any, scripts: dict[str, str]
+) -> None:
+    # The worker may buffer 10 lines and send one batch per 5 s: a module printing 1,000 lines
+    # at once loses most of them on the way, which the host's subscribers see as one note.
+    runner = runner_for(DaskBackend(client, stream_queue_lines=10, flush_interval=5.0))
+    async with runner:
+        run_id = await runner.start_module("f", "lines", scripts["lines"], {"count": 1000})
+        reader = asyncio.create_task(collect(out(runner), run_id))
+        run = await finished(runner, run_id)
+        lines = await asyncio.wait_for(reader, WAIT)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output_tail == [f"line {n}" for n in range(995, 1000)]
+    note = "lines dropped on the way from the worker]"
+    notes = [i for i, text in enumerate(lines) if text.endswith(note)]
+    assert len(notes) == 1
+    dropped = int(lines[notes[0]].split("[")[1].split()[0])
+    kept = lines[: notes[0]] + lines[notes[0] + 1 :]
+    assert len(kept) + dropped == 1000
+    assert kept == sorted(kept, key=lambda text: int(text.split()[1]))  # in order
+    assert kept[-10:] == [f"line {n}" for n in range(990, 1000)]  # the ring's last ten
 
 
 # -- same results as the local backend ---------------------------------------------------------

@@ -1,0 +1,220 @@
+"""Server-Sent Events for a run's output, framework-free: :func:`sse_events` and :class:`SSEEvent`.
+
+``sse_events(capture, run_id)`` is an async iterator of ``str`` chunks, each one or more complete
+SSE events (WHATWG HTML, "Server-sent events"), ready for Starlette/FastAPI's
+``StreamingResponse(..., media_type="text/event-stream")`` or a raw ASGI ``send`` (encode as
+UTF-8). The events:
+
+- ``retry: <ms>`` first (how long a browser waits before reconnecting);
+- ``event: line``, ``id: <seq>``, ``data: {"seq": <seq>, "text": "<line>"}`` per output line
+  (plus ``"truncated": <bytes cut>`` for a cut line). The payload is JSON because an SSE data line
+  cannot hold CR or LF and a browser turns every line break (CR, LF, CRLF) into LF: JSON escapes
+  them, so ``JSON.parse(event.data).text`` is exactly the line, lone CRs, U+2028, emoji and all;
+  a lone surrogate comes back as the same escaped surrogate.
+- ``event: gap``, ``id: <last missing seq>``, ``data: {"dropped": N, "next_seq": M}`` when lines
+  are missing (the subscriber fell behind and there is no log file);
+- ``event: end``, ``data: {"status": "completed" | ... | null, "exit_code": 0 | ... | null}`` once
+  the run's output is closed, then the iterator ends. A browser's ``EventSource`` reconnects
+  whenever a stream ends, so close it on ``end``;
+- a comment line (``: keep-alive``) after ``heartbeat`` idle seconds, so proxies and load
+  balancers do not cut a quiet stream.
+
+Ids are line seqs, so a reconnecting browser's ``Last-Event-ID`` header, passed back as
+``last_event_id``, resumes right after the last line it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from json.encoder import encode_basestring, encode_basestring_ascii
+
+from .._core._exceptions import InvalidSSEEventError, InvalidSubscriptionError
+from ._output_capture import OutputCapture
+from ._output_items import OutputChunk, OutputGap
+from ._output_subscription import OutputSubscription
+
+__all__ = ["SSE_HEADERS", "SSEEvent", "sse_events"]
+
+#: Response headers for an SSE stream: the media type, no caching, and no proxy buffering
+#: (``X-Accel-Buffering`` is nginx's switch).
+SSE_HEADERS: Mapping[str, str] = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_KEEP_ALIVE = ": keep-alive\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One Server-Sent Event; :meth:`encode` frames it.
+
+    ``data`` may hold line breaks: each line becomes its own ``data:`` field, and the browser
+    joins them with LF (so CR and CRLF come back as LF; JSON-encode the data to keep them).
+    ``data=None`` sends no data field, so the browser dispatches nothing (e.g. a ``retry``-only
+    event).
+
+    Raises:
+        InvalidSSEEventError: see the exception.
+    """
+
+    data: str | None = ""
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("event", "id"):
+            value = getattr(self, name)
+            if value is not None and (_LINE_BREAK.search(value) or "\0" in value):
+                raise InvalidSSEEventError(f"SSE {name} must not contain CR, LF or NUL: {value!r}")
+        if self.retry is not None and (
+            isinstance(self.retry, bool) or not isinstance(self.retry, int) or self.retry < 0
+        ):
+            raise InvalidSSEEventError(f"SSE retry must be an int >= 0, got {self.retry!r}")
+
+    def encode(self) -> str:
+        """Return the event as SSE text, ending with the blank line that dispatches it."""
+        fields = []
+        if self.id is not None:
+            fields.append(f"id: {self.id}\n")
+        if self.event is not None:
+            fields.append(f"event: {self.event}\n")
+        if self.retry is not None:
+            fields.append(f"retry: {self.retry}\n")
+        if self.data is not None:
+            fields.extend(f"data: {line}\n" for line in _LINE_BREAK.split(self.data))
+        fields.append("\n")
+        return "".join(fields)
+
+
+def _json_string(text: str) -> str:
+    if text.isascii():
+        return encode_basestring(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate cannot be sent as UTF-8; the escaped form round-trips through JSON.
+        return encode_basestring_ascii(text)
+    return encode_basestring(text)
+
+
+def _line_events(chunk: OutputChunk) -> str:
+    parts = []
+    seq = chunk.first_seq
+    truncated = chunk.truncated
+    for text in chunk.lines:
+        extra = f',"truncated":{truncated[seq]}' if truncated and seq in truncated else ""
+        parts.append(
+            f'id: {seq}\nevent: line\ndata: {{"seq":{seq},"text":{_json_string(text)}{extra}}}\n\n'
+        )
+        seq += 1
+    return "".join(parts)
+
+
+def _gap_event(gap: OutputGap, next_seq: int) -> str:
+    data = json.dumps({"dropped": gap.dropped, "next_seq": next_seq}, separators=(",", ":"))
+    return SSEEvent(data, event="gap", id=str(next_seq - 1)).encode()
+
+
+def _parse_last_event_id(value: str | int | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise InvalidSubscriptionError(
+        f"last_event_id must be a line seq (decimal digits) or empty, got {value!r}"
+    )
+
+
+def sse_events(
+    capture: OutputCapture,
+    run_id: str,
+    *,
+    last_event_id: str | int | None = None,
+    heartbeat: float | None = 15.0,
+    retry: int | None = 3000,
+    wait: bool | float = False,
+    max_lines_per_chunk: int = 256,
+) -> AsyncGenerator[str, None]:
+    """Return an async iterator of SSE text for ``run_id``'s output (see the module docstring
+    for the events): from the line after ``last_event_id`` (a browser's ``Last-Event-ID``
+    header; ``None`` or ``""``: from the first line), live until the run's output is closed.
+
+    Each chunk holds whole events (at most ``max_lines_per_chunk`` line events). Closing the
+    iterator (``aclose()``, or the server dropping it when the client disconnects) ends the
+    subscription. Nothing is held for a client until iteration starts.
+
+    Args:
+        heartbeat: seconds of silence before a ``: keep-alive`` comment; ``None``: never.
+        retry: reconnection delay sent to the browser, in ms; ``None``: not sent.
+        wait: as in ``OutputCapture.subscribe``.
+
+    Raises:
+        OutputNotFoundError: the run is unknown to ``capture`` (and ``wait`` is false); raised
+            here, before any response is started, so an endpoint can answer 404.
+        InvalidSubscriptionError: a malformed ``last_event_id`` or ``wait``, or a bad
+            ``heartbeat``/``retry``/``max_lines_per_chunk``.
+    """
+    after = _parse_last_event_id(last_event_id)
+    if heartbeat is not None and (
+        isinstance(heartbeat, bool)
+        or not isinstance(heartbeat, int | float)
+        or not math.isfinite(heartbeat)
+        or heartbeat <= 0
+    ):
+        raise InvalidSubscriptionError(f"heartbeat must be seconds > 0 or None, got {heartbeat!r}")
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        raise InvalidSubscriptionError(f"retry must be an int >= 0 (ms) or None, got {retry!r}")
+    if (
+        isinstance(max_lines_per_chunk, bool)
+        or not isinstance(max_lines_per_chunk, int)
+        or max_lines_per_chunk < 1
+    ):
+        raise InvalidSubscriptionError(
+            f"max_lines_per_chunk must be an int >= 1, got {max_lines_per_chunk!r}"
+        )
+    subscription = capture.subscribe(run_id, after=after, wait=wait)
+    return _stream(subscription, heartbeat, retry, max_lines_per_chunk)
+
+
+async def _stream(
+    subscription: OutputSubscription, heartbeat: float | None, retry: int | None, max_lines: int
+) -> AsyncGenerator[str, None]:
+    async with subscription:
+        # Sent at once: some proxies hold the response headers back until the first bytes.
+        yield SSEEvent(None, retry=retry).encode() if retry is not None else _KEEP_ALIVE
+        chunks = subscription.chunks(max_lines)
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat) as deadline:
+                    item = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # e.g. OutputWaitTimeoutError, not our heartbeat
+                yield _KEEP_ALIVE
+                continue
+            if isinstance(item, OutputGap):
+                yield _gap_event(item, subscription.next_seq)
+            else:
+                yield _line_events(item)
+        end = subscription.end
+        data = json.dumps(
+            {
+                "status": None if end is None else end.status,
+                "exit_code": None if end is None else end.exit_code,
+            },
+            separators=(",", ":"),
+        )
+        yield SSEEvent(data, event="end").encode()

@@ -245,6 +245,7 @@ async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> Worker
         sample_interval=spec.sample_interval,
     )
     run: Run | None = None
+    total = 0
     try:
         module = asyncio.create_task(
             runner.execute_module(
@@ -275,13 +276,13 @@ async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> Worker
             await runner.aclose()
         finally:
             await capture.close_run(spec.run_id)  # ends the forwarder's subscription
+            total = capture.line_count(spec.run_id)
             forwarder.finish()
             await forwarding
             await capture.aclose()
     if run is None:
         # Cancelled before the run was even stored here: nothing started.
         return WorkerOutcome(CANCELLED_BEFORE_START, address)
-    total = capture.line_count(spec.run_id)
     send(forwarder.message(END, lines=total))
     return WorkerOutcome(
         FINISHED, address, run=run.to_dict(), lines=total, dropped=forwarder.dropped

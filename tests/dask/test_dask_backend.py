@@ -437,6 +437,19 @@ async def test_cancel_running_stops_the_whole_tree_on_the_worker(
     assert not alive(running.pid) and not alive(grandchild)
 
 
+async def occupy_both_workers(runner: ModuleRunner, gated: str, gate: Path) -> list[str]:
+    """Start two runs that take every slot of both workers until ``gate`` exists."""
+    blockers = [
+        await runner.start_module(
+            f"b{i}", "gated", gated, {"gate": str(gate)}, resources={"slots": SLOTS}
+        )
+        for i in range(2)
+    ]
+    for run_id in blockers:
+        await wait_for_line(out(runner), run_id, "ready")
+    return blockers
+
+
 async def test_cancel_while_queued_on_the_cluster_never_starts_it(
     client: Any, scripts: dict[str, str], tmp_path: Path
 ) -> None:
@@ -445,14 +458,7 @@ async def test_cancel_while_queued_on_the_cluster_never_starts_it(
     runner = runner_for(DaskBackend(client))
     async with runner:
         # Two runs that take every slot of both workers, then one that must queue.
-        blockers = [
-            await runner.start_module(
-                f"b{i}", "gated", scripts["gated"], {"gate": str(gate)}, resources={"slots": SLOTS}
-            )
-            for i in range(2)
-        ]
-        for run_id in blockers:
-            await wait_for_line(out(runner), run_id, "ready")
+        blockers = await occupy_both_workers(runner, scripts["gated"], gate)
         queued = await runner.start_module(
             "q",
             "gated",
@@ -490,14 +496,7 @@ async def test_script_missing_on_the_worker_fails_the_run_with_the_reason(
     doomed.write_text("print('hi')\n")
     runner = runner_for(DaskBackend(client))
     async with runner:
-        blockers = [
-            await runner.start_module(
-                f"b{i}", "gated", scripts["gated"], {"gate": str(gate)}, resources={"slots": SLOTS}
-            )
-            for i in range(2)
-        ]
-        for run_id in blockers:
-            await wait_for_line(out(runner), run_id, "ready")
+        await occupy_both_workers(runner, scripts["gated"], gate)
         # Valid on the host when started; gone by the time a worker picks it up.
         run_id = await runner.start_module("d", "doomed", doomed, resources={"slots": SLOTS})
         doomed.unlink()

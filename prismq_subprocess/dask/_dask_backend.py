@@ -114,9 +114,10 @@ class DaskBackend(RunBackend):
       ``retry_on_worker_loss``, and what is left of its process tree is killed from another
       worker on the same machine if there is one within 30 s;
     - admission: each run reserves ``resources``, merged name by name with its own hints
-      (``resources=`` of ``start_module``/``execute_module``), on a worker; a worker runs at most as many runs as
-      its resources allow (start workers with e.g. ``--resources "slots=4"``). A run needing
-      more than any worker offers stays PENDING until such a worker joins or it is cancelled;
+      (``resources=`` of ``start_module``/``execute_module``), on a worker; a worker runs at
+      most as many runs as its resources allow (start workers with e.g. ``--resources
+      "slots=4"``). A run needing more than any worker offers stays PENDING until such a
+      worker joins or it is cancelled;
     - the child's environment is the worker's plus the run's ``env``: the host's environment
       is never sent to the cluster.
 

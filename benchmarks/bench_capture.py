@@ -63,7 +63,7 @@ async def _capture_sample(lines: int, subscribers: int) -> dict[str, float]:
     gaps = [0] * subscribers
 
     async def follow(index: int) -> None:
-        async with capture.subscribe(run_id) as subscription:
+        async with capture.subscribe(run_id, wait=True) as subscription:
             async for item in subscription:
                 if isinstance(item, pq.OutputGap):
                     gaps[index] += item.dropped

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .._platform import is_windows, platform_name
+from .._platform._host import HAS_SESSIONS
 
 __all__ = ["Mechanism", "probe_containment"]
 
@@ -38,20 +40,16 @@ class Mechanism:
         return asdict(self)
 
 
-def _is_windows(platform: str) -> bool:
-    return platform.startswith(("win32", "cygwin"))
-
-
 def _process_groups(platform: str) -> Mechanism:
     label = "process groups/sessions"
-    if _is_windows(platform):
+    if is_windows(platform):
         return Mechanism(
             "process-groups",
             label,
             None,
             "POSIX only (Windows console process groups only carry CTRL_BREAK)",
         )
-    ok = hasattr(os, "setsid") and hasattr(os, "killpg")
+    ok = HAS_SESSIONS
     detail = "setsid() and killpg() present" if ok else "setsid()/killpg() missing"
     return Mechanism("process-groups", label, ok, detail)
 
@@ -149,7 +147,7 @@ def _cgroup_v2(
 
 def _job_objects(platform: str) -> Mechanism:
     label = "Windows Job Objects"
-    if not _is_windows(platform):
+    if not is_windows(platform):
         return Mechanism("job-objects", label, None, "Windows only")
     windll = getattr(ctypes, "windll", None)
     kernel32 = getattr(windll, "kernel32", None) if windll is not None else None
@@ -174,7 +172,7 @@ def probe_containment(
     ``cgroup.procs`` are writable), and Windows Job Objects. Every input can be injected so the
     rules are testable on any host. Nothing is changed on the host.
     """
-    name = platform or sys.platform
+    name = platform_name(platform)
     return [
         _process_groups(name),
         _subreaper(name, get_subreaper),

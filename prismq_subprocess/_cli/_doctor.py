@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import sys
 import warnings
 from typing import Any
@@ -14,6 +13,7 @@ import psutil
 
 import prismq_subprocess as pq
 
+from .._platform._host import host_description
 from ._common import EXIT_FAILURE, EXIT_OK, format_pairs, print_json
 from ._containment import probe_containment
 
@@ -97,6 +97,9 @@ def _psutil_figures() -> dict[str, Any]:
     }
 
 
+_HOST = host_description()
+
+
 def collect() -> dict[str, Any]:
     """Gather the doctor report as one JSON-ready dict (starts one short child process)."""
     policy = _policy()
@@ -104,13 +107,13 @@ def collect() -> dict[str, Any]:
     return {
         "prismq_subprocess": {"version": pq.__version__},
         "platform": {
-            "sys_platform": sys.platform,
-            "platform": platform.platform(),
-            "machine": platform.machine(),
+            "sys_platform": _HOST["sys_platform"],
+            "platform": _HOST["platform"],
+            "machine": _HOST["machine"],
         },
         "python": {
-            "version": platform.python_version(),
-            "implementation": platform.python_implementation(),
+            "version": _HOST["python_version"],
+            "implementation": _HOST["python_implementation"],
             "executable": sys.executable,
         },
         "event_loop": {

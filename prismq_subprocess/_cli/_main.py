@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 import prismq_subprocess as pq
 
+from .._platform._host import SIGPIPE
 from . import _doctor, _run_cmd, _runs, _serve
 from ._common import EXIT_FAILURE, EXIT_INTERRUPTED, CliError, signal_exit_code
 
@@ -62,5 +62,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader of our output went away (`... | head`): end as a shell would report it.
         _silence_stdout()
-        sigpipe = getattr(signal, "SIGPIPE", None)
+        sigpipe = SIGPIPE
         return EXIT_FAILURE if sigpipe is None else signal_exit_code(sigpipe)

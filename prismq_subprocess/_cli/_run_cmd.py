@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 import prismq_subprocess as pq
 
+from .._platform._host import SIGPIPE
 from ._common import (
     EXIT_CANNOT_RUN,
     EXIT_NOT_EXECUTABLE,
@@ -43,7 +44,7 @@ _DRAIN_SECONDS = 1.0
 _STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
 )
-_SIGPIPE = getattr(signal, "SIGPIPE", None)
+_SIGPIPE = SIGPIPE
 
 
 def _run_mode(text: str) -> pq.RunMode:

@@ -29,6 +29,8 @@ from ._loops import LOOP_FACTORY
 if TYPE_CHECKING:
     import click
 
+from .._platform import is_windows, platform_name
+
 __all__ = ["LoopPlan", "add_parser", "plan_loop", "prepare_loop", "uvicorn_arguments"]
 
 _INSTALL_HINT = "install the web extra: pip install 'prismq_subprocess[web]'"
@@ -46,10 +48,6 @@ class LoopPlan:
     loop: str
     install_policy: bool = False
     note: str | None = None
-
-
-def _is_windows(platform: str) -> bool:
-    return platform.startswith(("win32", "cygwin"))
 
 
 def plan_loop(
@@ -70,15 +68,15 @@ def plan_loop(
         CliError: ``uvloop`` asked for on Windows, or a factory of your own with a uvicorn
             older than 0.36, which cannot load one (exit 2).
     """
-    name = platform or sys.platform
+    name = platform_name(platform)
     choice = "auto" if requested is None else requested
     ours = LoopPlan(LOOP_FACTORY) if accepts_factory else LoopPlan("none", install_policy=True)
     if choice == "auto":
-        return LoopPlan("uvloop") if has_uvloop and not _is_windows(name) else ours
+        return LoopPlan("uvloop") if has_uvloop and not is_windows(name) else ours
     if choice == "asyncio":
         return ours
     if choice == "uvloop":
-        if _is_windows(name):
+        if is_windows(name):
             raise CliError("--loop uvloop: uvloop does not run on Windows", EXIT_USAGE)
         return LoopPlan("uvloop")
     if choice == "none":

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 # How long the host looks for a live worker on a dead worker's machine to stop the orphaned
 # tree of its module (a nanny usually restarts the worker within seconds).
 _REAP_SECONDS = 30.0
+# How long releasing a finished run's events on the scheduler may take (it is housekeeping).
+_RELEASE_SECONDS = 10.0
 _MAX_BATCH_LINES = 1000
 _MAX_BATCH_CHARS = 256 * 1024
 
@@ -560,12 +562,18 @@ class DaskBackend(RunBackend):
         client = self._client
         try:
             remote.future.release()
-            if remote.lost is None and not remote.unconfirmed and remote.future.done():
+            if (
+                remote.lost is None
+                and not remote.unconfirmed
+                and remote.future.done()
+                and client.status == "running"  # no scheduler: nothing there to release
+            ):
                 names = [started_event_name(self._token, remote.run.run_id)]
                 if remote.cancel_sent_at is not None:
                     names.append(cancel_event_name(self._token, remote.run.run_id))
-                for name in names:
-                    await Event(name, client=client).clear()
+                async with asyncio.timeout(_RELEASE_SECONDS):
+                    for name in names:
+                        await Event(name, client=client).clear()
         except Exception as exc:
             logger.info("releasing run %s on the cluster failed: %s", remote.run.run_id, exc)
 
@@ -631,7 +639,7 @@ class DaskBackend(RunBackend):
     async def _reap(self, host: str, pid: int, create_time: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _REAP_SECONDS
-        while loop.time() < deadline:
+        while loop.time() < deadline and self._client.status == "running":
             try:
                 live = await self._client.nthreads()
                 here = [address for address in live if get_address_host(address) == host]

@@ -8,7 +8,6 @@ the killed worker, and every test waits for two workers before it starts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -555,20 +554,17 @@ async def test_a_host_that_goes_away_leaves_nothing_running_on_the_workers(
 async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
     scripts: dict[str, str], tmp_path: Path
 ) -> None:
-    # A cluster of its own: its scheduler goes away for good.
+    # A cluster of its own, run in this event loop: its scheduler goes away for good.
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    workers: list[int] = []
-    small = await asyncio.to_thread(
-        distributed.LocalCluster,
-        n_workers=1,
-        threads_per_worker=2,
-        processes=True,
-        silence_logs=50,
-        **QUIET,
+    scheduler = await distributed.Scheduler(
+        host="127.0.0.1", port=0, dashboard=False, dashboard_address="127.0.0.1:0"
+    )
+    nanny = await distributed.Nanny(
+        scheduler.address, host="127.0.0.1", nthreads=2, silence_logs=50
     )
     try:
         host = await distributed.Client(
-            small.scheduler_address, asynchronous=True, set_as_default=False
+            scheduler.address, asynchronous=True, set_as_default=False
         )
         runner = runner_for(DaskBackend(host, orphan_timeout=1.0))
         run_id = await runner.start_module(
@@ -577,8 +573,7 @@ async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
         grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
         pid = (await stored(runner, run_id)).pid
         assert pid is not None and alive(pid)
-        workers = list((await worker_pids(host)).values())
-        await asyncio.to_thread(small.sync, small.scheduler.close)
+        await scheduler.close()
         run = await finished(runner, run_id)
         assert run.status is RunStatus.FAILED and run.error_message is not None
         assert run.error_message.startswith("the connection to the Dask cluster ended")
@@ -586,21 +581,15 @@ async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
         await runner.aclose()
         await host.close(timeout=2)
     finally:
-        # Without its scheduler the cluster cannot close itself in good order: its workers are
-        # killed (they only hold the stopped module's finished task), then it closes.
-        for worker in workers:
-            with contextlib.suppress(psutil.Error):
-                psutil.Process(worker).kill()
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(small.close, timeout=5)
-    assert not any(alive(worker) for worker in workers)
+        await nanny.close(timeout=10)
+        await scheduler.close()
     # multiprocessing's resource tracker (started by the first spawn) lives as long as we do.
     left = {
         p.pid
         for p in psutil.Process().children(recursive=True)
         if alive(p.pid) and "resource_tracker" not in " ".join(p.cmdline())
     } - before
-    assert not left, "the small cluster left processes behind"
+    assert not left, "the cluster left processes behind"
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from ._background._process_manager import ProcessManager
 from ._background._run_record import Run, RunOwner, RunStatus
 from ._background._sqlite_registry import SQLiteRunRegistry
 from ._background._sse import SSE_HEADERS, SSEEvent, sse_events
-from ._background._task_manager import BackgroundTaskManager
+from ._background._task_manager import BackgroundTaskManager, ExitCode, TaskHandle
 from ._background._wrapper_pool import ResourcePool
 from ._core._detect import ENV_VAR, ModeDecision, ModeSource, detect_run_mode
 from ._core._dropin import create_subprocess_exec, create_subprocess_shell, run
@@ -61,6 +61,7 @@ from ._core._exceptions import (
     RunNotFoundError,
     ScriptNotFoundError,
     SubprocessPolicyException,
+    TaskTimeoutError,
 )
 from ._core._line_stream import LineStream
 from ._core._lines import iter_lines
@@ -128,6 +129,7 @@ __all__ = [
     "ClosedError",
     "CommandNotFoundError",
     "ConcurrentExecutor",
+    "ExitCode",
     "InvalidParametersError",
     "LimitViolation",
     "LineStream",
@@ -167,6 +169,8 @@ __all__ = [
     "ScriptNotFoundError",
     "SubprocessPolicyException",
     "SubprocessWrapper",
+    "TaskHandle",
+    "TaskTimeoutError",
     "TreeSample",
     "create_subprocess_exec",
     "create_subprocess_shell",

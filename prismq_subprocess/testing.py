@@ -10,6 +10,13 @@ a table or a :class:`DryRunHandler` (default: returncode 0, no output) and keeps
         await code_under_test(wrapper)
     assert recorder.commands == [("git", "status")]
 
+:class:`DryRunScript` scripts answers per command (exact arguments, prefix, regex or predicate;
+one-shot or repeating; lines streamed over time) and is strict about commands nobody scripted;
+:func:`override_strategy` makes every wrapper that would auto-detect its mode (the application's
+own, and the drop-ins) use a given mode or strategy, e.g. ``override_strategy(script.strategy)``.
+The pytest plugin (``pq_dry_run``, ``pq_mode``, ``pq_no_leaks``; docs/TESTING.md) is built on
+them.
+
 :class:`PlatformOps` / :func:`platform_ops` (the ``ops=`` argument of ``SubprocessWrapper`` and
 the strategies) let a test run the Windows (or POSIX) process-group code on another platform with
 its operating-system calls replaced, e.g. ``platform_ops("win32", kill=record)``.
@@ -17,6 +24,7 @@ its operating-system calls replaced, e.g. ``platform_ops("win32", kill=record)``
 
 from __future__ import annotations
 
+from ._core._override import override_strategy
 from ._core._public import publish
 from ._platform import PlatformOps, platform_ops
 from ._platform._ops import StopRecord, StopTarget
@@ -29,6 +37,7 @@ from ._strategies._dry_run import (
     DryRunResponse,
     DryRunStrategy,
 )
+from ._testing._script import DryRunScript, ScriptRule
 
 __all__ = [
     "DryRunCall",
@@ -36,12 +45,15 @@ __all__ = [
     "DryRunProcess",
     "DryRunRecorder",
     "DryRunResponse",
+    "DryRunScript",
     "DryRunStrategy",
     "PlatformOps",
     "ProcessEntry",
     "ProcessTable",
+    "ScriptRule",
     "StopRecord",
     "StopTarget",
+    "override_strategy",
     "platform_ops",
 ]
 

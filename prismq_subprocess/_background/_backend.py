@@ -58,7 +58,8 @@ class ModuleJob:
     """One validated module start, as a backend receives it.
 
     ``script`` is the absolute path the host validated; ``parameters`` are the JSON-ready
-    parameters (turned into arguments by the same rule everywhere); ``env`` holds only the
+    parameters (turned into arguments by the same rule everywhere), followed by the raw
+    ``args``; ``env`` holds only the
     variables the caller passed (each backend adds them to the environment of the machine the
     child runs on, never the host's whole environment to another machine); ``resources`` are
     the run's resource hints (a cluster backend reserves them on a worker; the local backend
@@ -69,6 +70,7 @@ class ModuleJob:
     module_name: str
     script: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None

@@ -1,22 +1,30 @@
 """Many modules at once, bounded and admission-checked: :class:`ConcurrentExecutor`.
 
-A batch is a list of :class:`ModuleSpec` (or dicts with the same keys). Each item runs as a
-module run (see ``ModuleRunner``) once a slot is free and the resource manager admits it, and
-gives back one plain result dict, so a batch never fails because one item did.
+A batch is a list of :class:`ModuleSpec` (or dicts with the same keys, or the PrismQ guide's
+``(module_id, script_path, args)`` tuples). Each item runs as a module run (see
+``ModuleRunner``) once a slot is free and the resource manager admits it, and gives back one
+plain result dict, so a batch never fails because one item did.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, cast, overload
 
 from .._core._closing import AsyncClosing
-from .._core._exceptions import InvalidLimitError, InvalidParametersError, RunnerClosedError
+from .._core._exceptions import (
+    InvalidArgumentTypeError,
+    InvalidLimitError,
+    InvalidParametersError,
+    RunnerClosedError,
+)
 from .._core._modes import RunMode
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD
 from .._resources._resource_manager import ResourceManager
@@ -31,32 +39,77 @@ __all__ = ["ConcurrentExecutor", "ModuleSpec"]
 logger = logging.getLogger(__name__)
 
 
+StrPath = str | os.PathLike[str]
+#: The PrismQ guide's batch item: ``(module_id, script_path, args)``.
+GuideItem = tuple[str, StrPath, Sequence[StrPath]]
+
+
+def _check_script_path(script_path: object) -> StrPath:
+    if isinstance(script_path, str | os.PathLike):
+        return script_path
+    raise InvalidArgumentTypeError(
+        f"script_path must be a str or os.PathLike, got {type(script_path).__name__} "
+        f"{script_path!r}"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ModuleSpec:
-    """One module to run: the arguments of ``ModuleRunner.execute_module`` as data."""
+    """One module to run: the arguments of ``ModuleRunner.execute_module`` as data.
+
+    ``args`` are raw command-line arguments passed after the ones made from ``parameters``.
+    """
 
     module_id: str
     module_name: str
-    script_path: str | os.PathLike[str]
+    script_path: StrPath
     parameters: Mapping[str, Any] | None = None
     run_id: str | None = None
     timeout: float | timedelta | None = None
     memory_limit_bytes: int | None = None
-    cwd: str | os.PathLike[str] | None = None
+    cwd: StrPath | None = None
     env: Mapping[str, str] | None = None
+    args: Sequence[StrPath] | None = None
 
     @classmethod
-    def from_any(cls, spec: ModuleSpec | Mapping[str, Any]) -> ModuleSpec:
-        """Return ``spec`` itself, or a spec built from a mapping with the same keys.
+    def from_guide(
+        cls, module_id: str, script_path: StrPath, args: Sequence[StrPath] | None = None
+    ) -> ModuleSpec:
+        """The spec of the PrismQ guide's ``(module_id, script_path, args)``: ``module_name``
+        is ``module_id``, and the script runs in its own folder (``cwd``), as in the guide.
+        A relative ``script_path`` is taken from the current directory.
 
         Raises:
-            InvalidParametersError: not a mapping, a missing required key or an unknown key.
+            InvalidArgumentTypeError: ``script_path`` is not a str or ``os.PathLike``.
+        """
+        script = os.path.abspath(_check_script_path(script_path))
+        return cls(
+            module_id, str(module_id), script, args=args, cwd=str(Path(script).parent)
+        )
+
+    @classmethod
+    def from_any(cls, spec: ModuleSpec | Mapping[str, Any] | GuideItem) -> ModuleSpec:
+        """Return ``spec`` itself, a spec built from a mapping with the same keys, or from the
+        guide's ``(module_id, script_path, args)`` tuple (see :meth:`from_guide`).
+
+        Raises:
+            InvalidParametersError: not a mapping or tuple, a missing required key or an
+                unknown key, a tuple of another length.
+            InvalidArgumentTypeError: a tuple's ``script_path`` is not a path.
         """
         if isinstance(spec, ModuleSpec):
             return spec
+        if isinstance(spec, tuple | list):
+            if len(spec) != 3:
+                raise InvalidParametersError(
+                    f"a batch tuple must be (module_id, script_path, args), got {len(spec)} items"
+                )
+            module_id, script_path, args = spec
+            return cls.from_guide(module_id, script_path, args)
         if not isinstance(spec, Mapping):
             raise InvalidParametersError(
-                f"a batch item must be a ModuleSpec or a mapping, not {type(spec).__name__}"
+                "a batch item must be a ModuleSpec or a mapping (or the guide's (module_id, "
+                f"script_path, args) tuple), not {type(spec).__name__}"
             )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
@@ -90,6 +143,8 @@ def _error_result(spec: object, exc: BaseException) -> dict[str, Any]:
     def get(name: str) -> Any:
         if isinstance(spec, Mapping):
             return spec.get(name)
+        if isinstance(spec, tuple | list):  # the guide's (module_id, script_path, args)
+            return spec[0] if spec else None
         return getattr(spec, name, None)
 
     return {
@@ -187,12 +242,13 @@ class ConcurrentExecutor(AsyncClosing):
         self._check_open()
         # Fail on bad input before queueing for a slot.
         self.runner.prepare(
-            spec.script_path,
+            _check_script_path(spec.script_path),
             spec.parameters,
             timeout=spec.timeout,
             memory_limit_bytes=spec.memory_limit_bytes,
             cwd=spec.cwd,
             env=spec.env,
+            args=spec.args,
         )
         async with self._slots:
             if self.resource_manager is not None:
@@ -209,23 +265,82 @@ class ConcurrentExecutor(AsyncClosing):
                 memory_limit_bytes=spec.memory_limit_bytes,
                 cwd=spec.cwd,
                 env=spec.env,
+                args=spec.args,
             )
         return _result(run)
 
+    @overload
     async def execute_module(
         self,
         module_id: str,
         module_name: str,
-        script_path: str | os.PathLike[str],
+        script_path: StrPath,
         parameters: Mapping[str, Any] | None = None,
+        *,
+        args: Sequence[StrPath] | None = None,
+        run_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        memory_limit_bytes: int | None = None,
+        cwd: StrPath | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def execute_module(
+        self,
+        module_id: str,
+        *,
+        script_path: StrPath,
+        args: Sequence[StrPath] | None = None,
+        run_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        memory_limit_bytes: int | None = None,
+        cwd: StrPath | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def execute_module(
+        self,
+        module_id: str,
+        script_path: StrPath,
+        args: Sequence[StrPath] | None = None,
+        /,
         *,
         run_id: str | None = None,
         timeout: float | timedelta | None = None,
         memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
+        cwd: StrPath | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]: ...
+
+    async def execute_module(
+        self,
+        module_id: str,
+        module_name: StrPath | None = None,
+        script_path: StrPath | Sequence[StrPath] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        args: Sequence[StrPath] | None = None,
+        run_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        memory_limit_bytes: int | None = None,
+        cwd: StrPath | None = None,
         env: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Run one module when a slot is free and it is admitted; return its result dict.
+
+        Two call shapes:
+
+        - ``execute_module(module_id, module_name, script_path, parameters=None, *, args=None,
+          ...)``: ``parameters`` become options (see ``parameters_to_args``), then ``args`` are
+          passed as given;
+        - the PrismQ guide's ``execute_module(module_id, script_path, args)`` (also
+          ``execute_module(module_id, script_path=..., args=...)``): ``module_name`` is
+          ``module_id``, ``args`` (a list of str) are passed as given and the script runs in
+          its own folder unless ``cwd`` says otherwise. The guide's shape is recognised by its
+          third argument being a list or tuple or missing, or its second being a ``Path`` (not
+          a str); ``execute_module(module_id, path)`` runs the script without arguments.
 
         A module that fails, times out or exceeds its memory cap is a result, not an exception.
 
@@ -233,30 +348,76 @@ class ConcurrentExecutor(AsyncClosing):
         its run recorded CANCELLED before ``CancelledError`` propagates.
 
         Raises:
+            InvalidArgumentTypeError: ``script_path`` is not a path, ``args`` is not a list of
+                str, ``args`` given twice, or ``parameters`` with the guide's shape.
             ResourceLimitException: resources short and ``admission_wait=False``.
             ResourceWaitTimeoutError: still short after ``admission_timeout``.
             RunnerClosedError: after :meth:`aclose` / :meth:`cleanup`.
             and what ``ModuleRunner.execute_module`` raises for bad input.
         """
+        guide = (
+            module_name is None
+            or script_path is None
+            or isinstance(script_path, list | tuple)
+            or (isinstance(module_name, os.PathLike) and not isinstance(module_name, str))
+        )
+        if guide:
+            if module_name is not None and script_path is not None:
+                # Positional guide call (module_id, script_path, args).
+                if args is not None:
+                    raise InvalidArgumentTypeError(
+                        "execute_module() got args twice: as its third argument and as args="
+                    )
+                path: object = module_name
+                raw: object = script_path
+            else:
+                path = script_path if module_name is None else module_name
+                raw = args
+            if path is None:
+                raise InvalidArgumentTypeError("execute_module() needs a script_path")
+            if parameters is not None:
+                raise InvalidArgumentTypeError(
+                    "execute_module(module_id, script_path, args) takes no parameters; use "
+                    "execute_module(module_id, module_name, script_path, parameters, args=...)"
+                )
+            # ``raw`` is checked (a list of str) by ModuleRunner.prepare, before anything starts.
+            spec = ModuleSpec.from_guide(
+                module_id, _check_script_path(path), cast("Sequence[StrPath] | None", raw)
+            )
+            return await self._run(
+                dataclasses.replace(
+                    spec,
+                    run_id=run_id,
+                    timeout=timeout,
+                    memory_limit_bytes=memory_limit_bytes,
+                    cwd=spec.cwd if cwd is None else cwd,
+                    env=env,
+                )
+            )
+        assert module_name is not None  # guide is True otherwise
         return await self._run(
             ModuleSpec(
                 module_id,
-                module_name,
-                script_path,
+                str(module_name),
+                _check_script_path(script_path),
                 parameters,
                 run_id=run_id,
                 timeout=timeout,
                 memory_limit_bytes=memory_limit_bytes,
                 cwd=cwd,
                 env=env,
+                args=args,
             )
         )
 
     async def execute_batch(
-        self, specs: Iterable[ModuleSpec | Mapping[str, Any]]
+        self, specs: Iterable[ModuleSpec | Mapping[str, Any] | GuideItem]
     ) -> list[dict[str, Any]]:
         """Run every spec (at most ``max_concurrent`` at a time); return one result dict per
         spec, in input order. Never raises because of one item: its error becomes its result.
+
+        An item is a :class:`ModuleSpec`, a mapping with its keys, or the PrismQ guide's
+        ``(module_id, script_path, args)`` tuple (see :meth:`ModuleSpec.from_guide`).
 
         Cancellation: every running module's tree is stopped and its run recorded CANCELLED,
         then ``CancelledError`` propagates.
@@ -264,7 +425,7 @@ class ConcurrentExecutor(AsyncClosing):
         items = list(specs)
         results: list[dict[str, Any]] = [{} for _ in items]
 
-        async def one(index: int, item: ModuleSpec | Mapping[str, Any]) -> None:
+        async def one(index: int, item: ModuleSpec | Mapping[str, Any] | GuideItem) -> None:
             try:
                 results[index] = await self._run(ModuleSpec.from_any(item))
             except Exception as exc:

@@ -23,6 +23,7 @@ from .._core._exceptions import (
     InvalidQueryError,
     RegistryClosedError,
     RunNotFoundError,
+    RunStateError,
 )
 from ._run_record import Run, RunOwner, RunStatus, utc_now
 
@@ -51,6 +52,58 @@ def cutoff_from(age: timedelta | datetime) -> datetime:
             raise InvalidQueryError(f"cutoff datetime must be timezone-aware, got {age!r}")
         return age
     raise InvalidQueryError(f"age must be a timedelta or datetime, got {age!r}")
+
+
+def not_registered(run_id: str) -> RunNotFoundError:
+    """The error ``update_run`` raises for a run that was never added (or was deleted)."""
+    return RunNotFoundError(
+        f"no run with run_id {run_id!r} is registered; add it first with add_run() "
+        "(BackgroundTaskManager.start_task adds the runs it is given)"
+    )
+
+
+def _sources(target: RunStatus) -> frozenset[RunStatus]:
+    if target is RunStatus.PENDING:
+        return frozenset({RunStatus.PENDING})
+    if target is RunStatus.RUNNING:
+        return frozenset({RunStatus.PENDING, RunStatus.RUNNING})
+    return frozenset({RunStatus.PENDING, RunStatus.RUNNING, target})
+
+
+_SOURCES = {target: _sources(target) for target in RunStatus}
+
+
+def stored_statuses_for(target: RunStatus) -> frozenset[RunStatus]:
+    """The statuses a stored run may have for an update to ``target`` to be accepted.
+
+    Updates only move forward (PENDING, then RUNNING, then a final status) and a finished run
+    never changes status. Steps may be skipped: a caller may store a run only when it is added
+    and when it ends.
+    """
+    return _SOURCES[target]
+
+
+def unstorable(run: Run) -> RunStateError | None:
+    """The error for a run no update may store whatever is stored (COMPLETED, never started)."""
+    if run.status is RunStatus.COMPLETED and run.started_at is None:
+        return RunStateError(
+            f"cannot store run {run.run_id} as completed: it never started (no started_at); use "
+            "mark_running() then mark_completed(), or assign RUNNING before COMPLETED"
+        )
+    return None
+
+
+def refused_update(run_id: str, stored: RunStatus, run: Run) -> RunStateError | None:
+    """The error for an update of a run stored as ``stored`` to ``run``, or ``None`` if fine."""
+    error = unstorable(run)
+    if error is not None:
+        return error
+    if stored in stored_statuses_for(run.status):
+        return None
+    return RunStateError(
+        f"cannot store run {run_id} as {run.status.value}: it is stored as {stored.value}, "
+        "and a run only moves forward (pending, running, then one final status)"
+    )
 
 
 def finished_moment(run: Run) -> datetime:
@@ -139,8 +192,15 @@ class BaseRunRegistry(AsyncResource):
     async def update_run(self, run: Run) -> None:
         """Replace the stored run that has ``run.run_id`` with (a copy of) ``run``.
 
+        It is not an upsert: the run must have been added (``BackgroundTaskManager.start_task``
+        and ``ModuleRunner`` add theirs), so a mistyped id or a run already removed by retention
+        is an error, not a new row. Statuses only move forward (pending, running, then one final
+        status; steps may be skipped), so a stale copy cannot move a finished run back; and a
+        run stored COMPLETED must have started (``started_at`` set).
+
         Raises:
             RunNotFoundError: no run with this ``run_id`` is stored.
+            RunStateError: the stored run cannot move to ``run.status``; nothing is changed.
             RegistryClosedError: the registry is closed.
         """
 
@@ -220,8 +280,12 @@ class RunRegistry(BaseRunRegistry):
 
     async def update_run(self, run: Run) -> None:
         self._check_open()
-        if run.run_id not in self._runs:
-            raise RunNotFoundError(f"no run with run_id {run.run_id!r} is registered")
+        stored = self._runs.get(run.run_id)
+        if stored is None:
+            raise not_registered(run.run_id)
+        refused = refused_update(run.run_id, stored.status, run)
+        if refused is not None:
+            raise refused
         self._runs[run.run_id] = run.copy()
 
     async def get_run(self, run_id: str) -> Run | None:

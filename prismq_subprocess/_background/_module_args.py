@@ -25,13 +25,14 @@ Parameters must also be JSON-serialisable (finite numbers, str keys), because ru
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._core._exceptions import InvalidParametersError
+from .._core._exceptions import InvalidArgumentTypeError, InvalidParametersError
 
-__all__ = ["check_parameters", "parameters_to_args"]
+__all__ = ["check_args", "check_parameters", "parameters_to_args"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -106,3 +107,30 @@ def parameters_to_args(parameters: Mapping[str, Any] | None) -> list[str]:
         else:
             args += _option(name, _text(value, name, in_list=False))
     return args
+
+
+def check_args(args: Sequence[str | os.PathLike[str]] | None) -> tuple[str, ...]:
+    """Return raw command-line arguments (the PrismQ guide's ``args`` list) as a tuple of str.
+
+    They are passed as given, after the arguments made from the parameters.
+
+    Raises:
+        InvalidArgumentTypeError: ``args`` is a single str (a list is needed, one item per
+            argument) or not a list/tuple, or an item is not a str or ``os.PathLike``.
+    """
+    if args is None:
+        return ()
+    if not isinstance(args, list | tuple):
+        raise InvalidArgumentTypeError(
+            f"args must be a list of str, one item per argument, got {type(args).__name__} "
+            f"{args!r}"
+        )
+    checked: list[str] = []
+    for index, item in enumerate(args):
+        text = os.fspath(item) if isinstance(item, os.PathLike) else item
+        if not isinstance(text, str):
+            raise InvalidArgumentTypeError(
+                f"args[{index}] must be a str or os.PathLike, got {type(item).__name__} {item!r}"
+            )
+        checked.append(text)
+    return tuple(checked)

@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +39,7 @@ from ._backend import ModuleJob, RunBackend, RunContext, check_resources
 from ._cancel_result import CancelResult, not_active_result
 from ._line_batches import iter_line_batches
 from ._memory_registry import BaseRunRegistry
-from ._module_args import check_parameters, parameters_to_args
+from ._module_args import check_args, check_parameters, parameters_to_args
 from ._output_capture import OutputCapture
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
@@ -66,6 +66,7 @@ class _Launch:
     timeout: float | None
     memory_limit_bytes: int | None
     user_env: dict[str, str]
+    raw_args: tuple[str, ...]
     resources: dict[str, float]
 
     def job(self, module_id: str, module_name: str) -> ModuleJob:
@@ -75,6 +76,7 @@ class _Launch:
             module_name=module_name,
             script=self.argv[1],
             parameters=self.parameters,
+            args=self.raw_args,
             cwd=self.cwd,
             env=self.user_env,
             timeout=self.timeout,
@@ -249,6 +251,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
         resources: Mapping[str, float] | None = None,
     ) -> _Launch:
         """Validate a module start without starting anything (``execute_module`` and
@@ -264,6 +267,8 @@ class ModuleRunner(AsyncClosing):
             InvalidLimitError: ``memory_limit_bytes`` not a positive int.
             CwdNotFoundError / CwdNotADirectoryError: bad ``cwd``.
             InvalidEnvironmentError: ``env`` is not a mapping of str to str.
+            InvalidArgumentTypeError: ``args`` (raw arguments passed after the parameters'
+                ones) is not a list of str.
             InvalidLimitError: ``resources`` is not a mapping of str to a positive number.
         """
         if cwd is not None:
@@ -279,7 +284,8 @@ class ModuleRunner(AsyncClosing):
         elif not path.is_file():
             raise ScriptNotFoundError(str(path), "is not a regular file")
         stored = check_parameters(parameters)
-        args = parameters_to_args(stored)
+        raw_args = tuple(check_args(args))
+        arguments = (*parameters_to_args(stored), *raw_args)
         limit = timeout_seconds(timeout)
         if memory_limit_bytes is not None and (
             isinstance(memory_limit_bytes, bool)
@@ -299,13 +305,14 @@ class ModuleRunner(AsyncClosing):
             **(env or {}),
         }
         return _Launch(
-            argv=(sys.executable, os.path.abspath(path), *args),
+            argv=(sys.executable, os.path.abspath(path), *arguments),
             parameters=stored,
             cwd=None if cwd is None else os.fspath(cwd),
             env=child_env,
             timeout=limit,
             memory_limit_bytes=memory_limit_bytes,
             user_env=dict(env or {}),
+            raw_args=raw_args,
             resources=hints,
         )
 
@@ -334,13 +341,15 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
         resources: Mapping[str, float] | None = None,
     ) -> Run:
         """Run the module to its end and return its final :class:`Run` (also in the registry).
 
         A failing, timed-out or over-limit module is not an exception: the returned run says
         FAILED and why (see the class docstring). Bad input raises before anything is stored
-        or started.
+        or started. ``args`` (a list of str) are passed as given after the arguments made
+        from ``parameters``.
 
         Cancellation: the child's tree is stopped (SIGTERM, ``grace_period``, SIGKILL), the run
         is recorded CANCELLED with its output tail, then ``CancelledError`` propagates.
@@ -358,6 +367,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            args=args,
             resources=resources,
         )
         run = self._new_run(module_id, module_name, launch, run_id)
@@ -385,6 +395,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str | os.PathLike[str]] | None = None,
         resources: Mapping[str, float] | None = None,
     ) -> str:
         """Start the module in the background and return its ``run_id`` once the run is stored
@@ -410,6 +421,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            args=args,
             resources=resources,
         )
         run = self._new_run(module_id, module_name, launch, run_id)

@@ -14,23 +14,45 @@ interval: a run started at tick 0 that takes 2.5 s ends after ticks 1 and 2 have
 is skipped (``skipped += 1``), tick 2 runs immediately (late), and tick 3 is due at 3 s as usual.
 
 Jitter adds a random delay in ``[0, jitter]`` to each run's start; it never moves the grid.
+
+The first run is at once (tick 0), as in the PrismQ guide; ``run_immediately=False`` starts one
+interval later.
+
+What a run may do to the schedule
+---------------------------------
+Nothing a run raises ends the host or the schedule (unless ``max_consecutive_failures`` says so):
+an exception, a ``CancelledError`` that escapes the run without the schedule having been
+cancelled (the run awaited a helper task someone else cancelled), and ``SystemExit`` (a reused
+command-line ``main()`` calling ``sys.exit``) are each logged, counted as a failure and the
+schedule goes on. ``KeyboardInterrupt`` raised on the event loop's thread is a real interrupt and
+propagates, as it does anywhere in asyncio; raised by a plain function (in its worker thread) it
+can only come from the function itself and is a failure like the others.
+
+Plain functions run in a daemon thread of their own per run, not in the loop's default executor:
+one that hangs is abandoned by ``stop()`` after its timeout and then blocks neither
+``asyncio.run()`` (which waits for the default executor's threads) nor interpreter exit. A
+coroutine function that blocks the event loop itself (``time.sleep`` instead of
+``asyncio.sleep``) blocks everything, ``stop()`` included; nothing outside it can bound that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Self
 
 from .._core._closing import AsyncResource
 from .._core._durations import interval_seconds, timeout_seconds
-from .._core._exceptions import InvalidIntervalError, InvalidLimitError
+from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
 from .._core._maybe_async import is_async_callable
 
 __all__ = ["PeriodicTask", "PeriodicTaskStats"]
@@ -39,6 +61,45 @@ logger = logging.getLogger(__name__)
 
 # Module-level so jitter is not re-seeded per task; jitter needs spread, not security.
 _jitter_random = random.Random()
+
+
+async def call_in_daemon_thread(
+    func: Callable[..., object], args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str
+) -> object:
+    """Call ``func(*args, **kwargs)`` in a new daemon thread and await its result.
+
+    Like ``asyncio.to_thread`` (the caller's context variables are copied), except that the
+    thread is a daemon of its own: a call that never returns is abandoned when the awaiting
+    task is cancelled and holds up neither ``asyncio.run()`` nor interpreter exit. Whatever
+    the call raises, ``SystemExit`` and ``KeyboardInterrupt`` included, is raised here.
+
+    Cancellation: stops waiting; the call goes on in its thread and its result is dropped.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[object] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():
+            return  # the waiter was cancelled
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def target() -> None:
+        result: object = None
+        error: BaseException | None = None
+        try:
+            result = context.run(func, *args, **kwargs)
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            error = exc
+        # RuntimeError: the loop is closed, so nobody waits for this result any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +136,14 @@ class PeriodicTaskStats:
 class PeriodicTask(AsyncResource):
     """Run ``task_func(*args, **kwargs)`` every ``interval`` on a fixed, drift-free cadence.
 
-    Coroutine functions are awaited on the event loop; plain functions run in a worker thread
-    (``asyncio.to_thread``) so they never block the loop; an awaitable a plain function returns
-    is then awaited on the loop. See the module docstring for the
-    scheduling and coalescing policy.
+    Coroutine functions are awaited on the event loop; plain functions run in a daemon worker
+    thread of their own per run, so they never block the loop and a hung one never blocks exit;
+    an awaitable a plain function returns is then awaited on the loop. See the module docstring
+    for the scheduling and coalescing policy and for what a failing run does.
+
+    The PrismQ guide's spelling works unchanged: ``PeriodicTask(name=..., interval=
+    timedelta(hours=1), task_func=cleanup)``, ``start()``, ``await stop()``, and the ``name``,
+    ``task_func``, ``args`` and ``kwargs`` attributes (``interval`` is in seconds here).
 
     Args:
         name: used in log messages and as the asyncio task's name.
@@ -88,7 +153,8 @@ class PeriodicTask(AsyncResource):
         *args, **kwargs: passed to ``task_func`` on every run. Keyword arguments named like one
             of the options below are taken as the option; wrap ``task_func`` in
             ``functools.partial`` to pass such names through.
-        run_immediately: run at once on ``start()`` (tick 0) instead of one interval later.
+        run_immediately: run at once on ``start()`` (tick 0, the default, as in the guide);
+            ``False``: the first run is one interval later.
         jitter: random extra delay in ``[0, jitter]`` seconds before each run (>= 0).
         max_consecutive_failures: stop the schedule after this many failures in a row;
             ``None`` (default) never gives up.
@@ -97,6 +163,7 @@ class PeriodicTask(AsyncResource):
             ``sleep`` exist so tests can drive the schedule with a fake clock.
 
     Raises:
+        InvalidTaskError: ``task_func`` is not callable (``None``, say).
         InvalidIntervalError: ``interval`` is not a positive, finite duration.
         InvalidLimitError: ``jitter`` is negative or not finite, or ``max_consecutive_failures``
             is not a positive integer.
@@ -108,13 +175,17 @@ class PeriodicTask(AsyncResource):
         interval: float | timedelta,
         task_func: Callable[..., object],
         *args: Any,
-        run_immediately: bool = False,
+        run_immediately: bool = True,
         jitter: float = 0.0,
         max_consecutive_failures: int | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
         **kwargs: Any,
     ) -> None:
+        if not callable(task_func):
+            raise InvalidTaskError(
+                f"task_func must be a function or coroutine function, got {task_func!r}"
+            )
         self._interval = interval_seconds(interval)
         if isinstance(jitter, bool) or not isinstance(jitter, int | float):
             raise InvalidIntervalError(f"jitter must be a number of seconds, got {jitter!r}")
@@ -156,6 +227,21 @@ class PeriodicTask(AsyncResource):
     def interval(self) -> float:
         """The interval in seconds."""
         return self._interval
+
+    @property
+    def task_func(self) -> Callable[..., object]:
+        """The function run on every tick."""
+        return self._func
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """Positional arguments passed to :attr:`task_func`."""
+        return self._args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments passed to :attr:`task_func` (a copy)."""
+        return dict(self._kwargs)
 
     @property
     def is_running(self) -> bool:
@@ -291,29 +377,49 @@ class PeriodicTask(AsyncResource):
         """Run the function once; return False when the schedule must give up."""
         self._in_run = True
         started = self._now()
+        failure: BaseException | None = None
+        in_thread = False
         try:
             if self._is_async:
                 result = self._func(*self._args, **self._kwargs)
             else:
-                result = await asyncio.to_thread(self._func, *self._args, **self._kwargs)
+                in_thread = True
+                result = await call_in_daemon_thread(
+                    self._func, self._args, self._kwargs, f"PeriodicTask:{self.name}"
+                )
+                in_thread = False
             # A plain callable may hand back an awaitable (a lambda returning a coroutine, say):
             # await it on the loop rather than drop it un-awaited.
             if inspect.isawaitable(result):
                 await result
-        except Exception as exc:
-            self._record_end(started)
-            self._failures += 1
-            self._consecutive_failures += 1
-            self._last_error = exc
-            logger.exception(
-                "PeriodicTask %r: run failed (%d in a row)", self.name, self._consecutive_failures
-            )
-        else:
-            self._record_end(started)
-            self._consecutive_failures = 0
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the schedule itself was cancelled (stop() timed out, or its owner)
+            failure = exc  # escaped from something the run awaited; nobody cancelled us
+        except KeyboardInterrupt as exc:
+            if not in_thread:
+                raise  # a real interrupt on the loop's thread ends the host, as anywhere
+            failure = exc
+        except (Exception, SystemExit) as exc:
+            failure = exc
         finally:
             # A cancelled run (stop() timed out) is not counted as a run.
             self._in_run = False
+        self._record_end(started)
+        if failure is None:
+            self._consecutive_failures = 0
+        else:
+            self._failures += 1
+            self._consecutive_failures += 1
+            self._last_error = failure
+            logger.error(
+                "PeriodicTask %r: run failed (%d in a row)%s",
+                self.name,
+                self._consecutive_failures,
+                _FAILURE_NOTES.get(type(failure), ""),
+                exc_info=failure,
+            )
         if self._max_failures is not None and self._consecutive_failures >= self._max_failures:
             logger.error(
                 "PeriodicTask %r: %d consecutive failures; stopping the schedule",
@@ -322,3 +428,12 @@ class PeriodicTask(AsyncResource):
             )
             return False
         return True
+
+
+_FAILURE_NOTES: dict[type[BaseException], str] = {
+    asyncio.CancelledError: (
+        ": a CancelledError escaped the run although the schedule was not cancelled"
+    ),
+    SystemExit: ": SystemExit raised by the run is a failure; it does not end the host",
+    KeyboardInterrupt: ": KeyboardInterrupt raised by a plain function is a failure",
+}

@@ -2,7 +2,8 @@
 
 A :class:`Run` is one execution of a module (a script or an in-process coroutine) as a web backend
 shows it to people: what ran, with which parameters, its status, exit code, timings and the tail of
-its output. Status changes go through the ``mark_*`` methods, which refuse impossible transitions.
+its output. Status changes go through the ``mark_*`` methods or a plain ``run.status = ...``
+assignment; both refuse impossible transitions (see :func:`transition_error`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import psutil
 
 from .._core._exceptions import InvalidRunError, RunStateError
 
-__all__ = ["Run", "RunOwner", "RunStatus", "utc_now"]
+__all__ = ["Run", "RunOwner", "RunStatus", "transition_error", "utc_now"]
 
 
 def utc_now() -> datetime:
@@ -53,6 +54,25 @@ class RunStatus(enum.StrEnum):
 
 ACTIVE_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING})
 FINISHED_STATUSES = frozenset(s for s in RunStatus if s.is_finished)
+
+
+def transition_error(current: RunStatus, target: RunStatus) -> str | None:
+    """Why a run that is ``current`` cannot become ``target``, or ``None`` if it can.
+
+    The one table of legal moves, used by the ``mark_*`` methods and by ``run.status = ...``:
+    PENDING -> RUNNING -> COMPLETED; PENDING or RUNNING -> FAILED,
+    CANCELLED or INTERRUPTED; a finished run never moves. Staying in the same status is not a
+    transition and is not checked here.
+    """
+    if current.is_finished:
+        return f"it is already {current.value}; it cannot become {target.value}"
+    if target is RunStatus.PENDING and current is not RunStatus.PENDING:
+        return f"it is {current.value}; a run cannot go back to pending"
+    if target is RunStatus.RUNNING and current is not RunStatus.PENDING:
+        return f"it is {current.value}; only a pending run can start"
+    if target is RunStatus.COMPLETED and current is not RunStatus.RUNNING:
+        return f"it is {current.value}; only a running run can complete"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +123,17 @@ class RunOwner:
 _current_owner_cache: dict[int, RunOwner] = {}
 
 
+def _as_status(value: object) -> RunStatus:
+    if isinstance(value, RunStatus):
+        return value
+    if isinstance(value, str):
+        try:
+            return RunStatus(value)
+        except ValueError:
+            pass
+    raise InvalidRunError(f"unknown run status {value!r}")
+
+
 def _require_aware(name: str, value: datetime | None) -> None:
     if value is not None and (value.tzinfo is None or value.utcoffset() is None):
         raise InvalidRunError(f"{name} must be a timezone-aware datetime, got {value!r}")
@@ -112,9 +143,16 @@ def _require_aware(name: str, value: datetime | None) -> None:
 class Run:
     """One execution of a module, as stored in a run registry and shown to users.
 
-    Fields are plain data; change ``status`` only through the ``mark_*`` methods, which stamp the
-    timestamps and raise :class:`RunStateError` on an impossible transition. Datetimes are
-    timezone-aware (naive ones raise :class:`InvalidRunError`) and normalised to UTC.
+    Fields are plain data, except ``status``: change it through the ``mark_*`` methods (which
+    also record the pid, exit code or reason) or by assigning it (``run.status =
+    RunStatus.RUNNING``, as the PrismQ guide does). Both check the move against
+    :func:`transition_error` and raise :class:`RunStateError` on an impossible one (a pending run
+    assigned COMPLETED, a finished run assigned anything else), and both stamp ``started_at``
+    (on RUNNING) and ``finished_at`` (on a final status) when they are not set yet. Assigning
+    the current status again does nothing; an unknown status raises :class:`InvalidRunError`.
+    The constructor and :meth:`from_dict` accept any status (history being imported).
+    Datetimes are timezone-aware (naive ones raise :class:`InvalidRunError`) and normalised
+    to UTC.
 
     ``output_tail`` is a list of the last output lines, without their line endings (a list rather
     than one string so a UI can show lines without re-splitting). ``peak_rss_bytes`` and
@@ -146,10 +184,7 @@ class Run:
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id:
             raise InvalidRunError(f"run_id must be a non-empty str, got {self.run_id!r}")
-        try:
-            self.status = RunStatus(self.status)
-        except ValueError:
-            raise InvalidRunError(f"unknown run status {self.status!r}") from None
+        _STATUS_SLOT.__set__(self, _as_status(self.status))
         for name in ("created_at", "started_at", "finished_at"):
             value = getattr(self, name)
             _require_aware(name, value)
@@ -170,21 +205,21 @@ class Run:
         end = self.finished_at if self.finished_at is not None else utc_now()
         return max(0.0, (end - self.started_at).total_seconds())
 
+    def _assign_status(self, current: RunStatus, target: RunStatus) -> None:
+        if target is current:
+            return
+        self._transition(target)
+        now = utc_now()
+        if target is RunStatus.RUNNING and self.started_at is None:
+            self.started_at = now
+        if target.is_finished and self.finished_at is None:
+            self.finished_at = now
+
     def _transition(self, target: RunStatus) -> None:
-        current = self.status
-        if current.is_finished:
-            raise RunStateError(
-                f"run {self.run_id} is already {current.value}; it cannot become {target.value}"
-            )
-        if target is RunStatus.RUNNING and current is not RunStatus.PENDING:
-            raise RunStateError(
-                f"run {self.run_id} is {current.value}; only a pending run can start"
-            )
-        if target is RunStatus.COMPLETED and current is not RunStatus.RUNNING:
-            raise RunStateError(
-                f"run {self.run_id} is {current.value}; only a running run can complete"
-            )
-        self.status = target
+        why = transition_error(self.status, target)
+        if why is not None:
+            raise RunStateError(f"run {self.run_id}: {why}")
+        _STATUS_SLOT.__set__(self, target)
 
     def _finish(self, target: RunStatus) -> None:
         self._transition(target)
@@ -341,3 +376,34 @@ class Run:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Run))
+
+
+class _CheckedStatus:
+    """``Run.status``: assignments go through the transition rules (see :class:`Run`).
+
+    It wraps the slot the dataclass made for ``status``, so only this one field pays for a
+    Python-level check; the constructor's first assignment (and ``copy()``'s) finds the slot
+    empty and just stores the value.
+    """
+
+    def __init__(self, slot: Any) -> None:
+        self._slot = slot
+
+    def __get__(self, run: Run | None, owner: type[Run] | None = None) -> Any:
+        if run is None:
+            return self
+        return self._slot.__get__(run, owner)
+
+    def __set__(self, run: Run, value: object) -> None:
+        try:
+            current = self._slot.__get__(run, Run)
+        except AttributeError:
+            self._slot.__set__(run, value)  # validated by __post_init__
+            return
+        run._assign_status(current, _as_status(value))
+
+
+_STATUS_SLOT: Any = Run.__dict__["status"]
+# Replacing the class attribute after the dataclass is built keeps ``status`` a normal field
+# (constructor argument, __eq__, __repr__, fields()) while checking assignments to it.
+setattr(Run, "status", _CheckedStatus(_STATUS_SLOT))  # noqa: B010

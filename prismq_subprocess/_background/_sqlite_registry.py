@@ -14,6 +14,15 @@ Design notes:
   the last transactions (never corrupts the file).
 - Datetimes are stored as integer microseconds since the epoch (exact and sortable); parameters
   and the output tail as JSON, so parameters must be JSON-serialisable.
+- The file says it is ours: ``PRAGMA application_id`` is :data:`APPLICATION_ID` and
+  ``PRAGMA user_version`` the schema version. A new or empty file is initialised; a file written
+  by the first version of this library (user_version 1, our ``runs`` table, no application id) is
+  upgraded; anything else is a foreign database and is refused before anything in it changes
+  (not even its journal mode).
+- A row that cannot be read back (bad JSON, an unknown status, a value of the wrong type: only
+  someone else's writes make one) is moved to the ``runs_quarantine`` table with the reason the
+  first time a read meets it, logged, and listed in ``quarantined_run_ids``; the other runs are
+  served as usual.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import concurrent.futures
 import functools
 import json
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Callable
@@ -31,11 +41,21 @@ from typing import Any, TypeVar
 
 from .._core._exceptions import (
     DuplicateRunError,
+    InvalidRunError,
+    InvalidTimeoutError,
     RegistryClosedError,
     RegistrySchemaError,
-    RunNotFoundError,
+    RunStateError,
 )
-from ._memory_registry import BaseRunRegistry, _check_paging, cutoff_from
+from ._memory_registry import (
+    BaseRunRegistry,
+    _check_paging,
+    cutoff_from,
+    not_registered,
+    refused_update,
+    stored_statuses_for,
+    unstorable,
+)
 from ._run_record import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
@@ -45,19 +65,25 @@ from ._run_record import (
     utc_now,
 )
 
-__all__ = ["SCHEMA_VERSION", "SQLiteRunRegistry"]
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SQLiteRunRegistry"]
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this library writes (stored in ``PRAGMA user_version``)."""
+
+APPLICATION_ID = 0x50725153
+"""``PRAGMA application_id`` of our registry files (the bytes ``PrQS``): how a file says it is a
+prismq_subprocess run registry and not someone else's SQLite database."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
-_COLUMNS = (
+# The runs table as version 1 (the first version of this library) created it: how a version 1
+# file, which has no application_id yet, is told from someone else's database.
+_V1_COLUMNS = (
     "run_id",
     "module_id",
     "module_name",
@@ -76,13 +102,21 @@ _COLUMNS = (
     "owner_host",
     "owner_pid",
     "owner_started_at",
-    "worker",
 )
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM runs"
+_COLUMNS = (*_V1_COLUMNS, "worker")
+# rowid first: a row that cannot be decoded is quarantined by its rowid (its run_id may be the
+# damaged value).
+_SELECT = f"SELECT rowid, {', '.join(_COLUMNS)} FROM runs"
 _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _UPDATE = (
     f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
 )
+# The update of a run to status S only matches a stored row whose status may become S.
+_UPDATE_CHECKED = {
+    target: f"{_UPDATE} AND status IN "
+    f"({', '.join(repr(s.value) for s in sorted(stored_statuses_for(target)))})"
+    for target in RunStatus
+}
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED_STATUSES))
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
 
@@ -118,8 +152,17 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
 
 
 def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    # Rows that cannot be read back, kept as they were (no constraints) with the reason.
+    conn.execute(
+        f"CREATE TABLE runs_quarantine ({', '.join(_V1_COLUMNS)}, reason TEXT NOT NULL, "
+        "quarantined_at INTEGER NOT NULL)"
+    )
+
+
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     # The cluster worker a run executed on (prismq_subprocess.dask); NULL for local runs.
     conn.execute("ALTER TABLE runs ADD COLUMN worker TEXT")
+    conn.execute("ALTER TABLE runs_quarantine ADD COLUMN worker")
 
 
 # _MIGRATIONS[n] upgrades a file at user_version n to n + 1. Add an entry (and bump
@@ -127,7 +170,46 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _migrate_0_to_1,
     1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
 }
+
+_V1_TABLES = ["runs"]
+
+# What decoding a damaged row can raise (JSONDecodeError and InvalidRunError are ValueErrors).
+_BAD_ROW_ERRORS = (ValueError, TypeError, KeyError, OverflowError)
+
+
+def _foreign(path: str, why: str) -> RegistrySchemaError:
+    return RegistrySchemaError(
+        f"{path!r} is not a prismq_subprocess run registry ({why}); it was left untouched. "
+        "Use another file for the registry."
+    )
+
+
+def _file_kind(conn: sqlite3.Connection, path: str) -> str:
+    """``"ours"``, ``"new"`` (empty: ours to initialise) or ``"version1"`` (written by the first
+    version of this library); raise :class:`RegistrySchemaError` for anything else. Reads only."""
+    application_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if application_id == APPLICATION_ID:
+        return "ours"
+    if application_id != 0:
+        raise _foreign(path, f"its application_id is {application_id:#x}")
+    tables = sorted(
+        str(row[0])
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+    )
+    has_objects = conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None
+    if not has_objects and version == 0:
+        return "new"
+    if version == 1 and tables == _V1_TABLES:
+        columns = tuple(str(row[1]) for row in conn.execute("PRAGMA table_info(runs)"))
+        if columns == _V1_COLUMNS:
+            return "version1"
+    found = f"user_version {version}, tables: {', '.join(tables) or 'none'}"
+    raise _foreign(path, f"no prismq_subprocess application_id; {found}")
 
 
 def _to_micros(value: datetime | None) -> int | None:
@@ -164,7 +246,13 @@ def _row_values(run: Run) -> tuple[Any, ...]:
 
 
 def _run_from_row(row: tuple[Any, ...]) -> Run:
+    """Decode a row of ``_SELECT`` (rowid first).
+
+    Raises:
+        ValueError, TypeError, KeyError, OverflowError: a damaged row (see _BAD_ROW_ERRORS).
+    """
     (
+        _rowid,
         run_id,
         module_id,
         module_name,
@@ -191,13 +279,20 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
         else RunOwner(owner_host, owner_pid, owner_started_at)
     )
     created = _from_micros(created_at)
-    assert created is not None  # NOT NULL column
+    if created is None:
+        raise InvalidRunError("created_at is NULL")
+    if not isinstance(run_id, str):
+        raise InvalidRunError(f"run_id is not text: {run_id!r}")
+    try:
+        status = RunStatus(status)
+    except ValueError:
+        raise InvalidRunError(f"unknown status {status!r}") from None
     return Run(
         run_id=run_id,
         module_id=module_id,
         module_name=module_name,
         parameters=json.loads(parameters),
-        status=RunStatus(status),
+        status=status,
         exit_code=exit_code,
         error_message=error_message,
         created_at=created,
@@ -229,10 +324,15 @@ class _Database:
     """The connection and every statement; used only from the registry's worker thread."""
 
     def __init__(self, path: str, busy_timeout: float) -> None:
+        self.path = path
+        self.quarantined: list[str] = []
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
         self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
         try:
             self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            # Before anything that writes (the journal mode is stored in the file): a foreign
+            # database must be left exactly as it was.
+            _file_kind(self.conn, path)
             self.journal_mode = str(self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
@@ -257,8 +357,9 @@ class _Database:
 
     def _migrate(self) -> None:
         def step(conn: sqlite3.Connection) -> None:
-            # Re-read inside the write lock: another process may have migrated meanwhile.
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            # Re-read inside the write lock: another process may have set the file up meanwhile.
+            kind = _file_kind(conn, self.path)
+            version = 0 if kind == "new" else int(conn.execute("PRAGMA user_version").fetchone()[0])
             if version > SCHEMA_VERSION:
                 raise RegistrySchemaError(
                     f"registry schema version {version} is newer than this library supports "
@@ -268,18 +369,78 @@ class _Database:
                 _MIGRATIONS[version](conn)
                 version += 1
                 conn.execute(f"PRAGMA user_version = {version}")
+            if kind != "ours":
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
-        if int(self.conn.execute("PRAGMA user_version").fetchone()[0]) != SCHEMA_VERSION:
+        current = (
+            int(self.conn.execute("PRAGMA application_id").fetchone()[0]),
+            int(self.conn.execute("PRAGMA user_version").fetchone()[0]),
+        )
+        if current != (APPLICATION_ID, SCHEMA_VERSION):
             self.write(step)
+
+    # -- rows that cannot be read back ------------------------------------------------------
+    def _decode(self, rows: list[tuple[Any, ...]]) -> tuple[list[Run], list[tuple[int, str]]]:
+        """Split rows into runs and ``(rowid, reason)`` of the damaged ones."""
+        runs: list[Run] = []
+        bad: list[tuple[int, str]] = []
+        for row in rows:
+            try:
+                runs.append(_run_from_row(row))
+            except _BAD_ROW_ERRORS as exc:
+                bad.append((int(row[0]), f"{type(exc).__name__}: {exc}"))
+        return runs, bad
+
+    def _move_to_quarantine(self, conn: sqlite3.Connection, bad: list[tuple[int, str]]) -> None:
+        now = _to_micros(utc_now())
+        for rowid, reason in bad:
+            found = conn.execute("SELECT run_id FROM runs WHERE rowid = ?", (rowid,)).fetchone()
+            if found is None:
+                continue  # another reader quarantined it first
+            conn.execute(
+                f"INSERT INTO runs_quarantine ({', '.join(_COLUMNS)}, reason, quarantined_at) "
+                f"SELECT {', '.join(_COLUMNS)}, ?, ? FROM runs WHERE rowid = ?",
+                (reason, now, rowid),
+            )
+            conn.execute("DELETE FROM runs WHERE rowid = ?", (rowid,))
+            logger.warning(
+                "run %r in %s cannot be read (%s); moved to the runs_quarantine table",
+                found[0],
+                self.path,
+                reason,
+            )
+            self.quarantined.append(str(found[0]))
+
+    def _quarantine(self, bad: list[tuple[int, str]]) -> bool:
+        """Quarantine damaged rows in their own transaction; ``False`` if that failed."""
+        try:
+            self.write(lambda conn: self._move_to_quarantine(conn, bad))
+        except sqlite3.Error:
+            logger.exception("could not quarantine %d unreadable run(s) in %s", len(bad), self.path)
+            return False
+        return True
+
+    def _read(self, sql: str, args: tuple[Any, ...]) -> list[Run]:
+        """Run a SELECT of runs; damaged rows are quarantined and the query repeated, so the
+        answer holds only readable runs (and a page stays full)."""
+        for _ in range(5):
+            runs, bad = self._decode(self.conn.execute(sql, args).fetchall())
+            if not bad:
+                return runs
+            if not self._quarantine(bad):
+                return runs  # read-only file, say: serve the readable rows, skip the others
+        return runs
 
     def recover(self) -> list[str]:
         """Mark active runs whose owner is gone INTERRUPTED; return their run_ids."""
 
         def step(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(f"{_SELECT} WHERE status IN ({_ACTIVE_SQL})").fetchall()
+            runs, bad = self._decode(rows)
+            if bad:
+                self._move_to_quarantine(conn, bad)
             recovered: list[str] = []
-            for row in rows:
-                run = _run_from_row(row)
+            for run in runs:
                 owner = run.owner
                 if owner is not None and owner.is_alive():
                     continue
@@ -312,25 +473,40 @@ class _Database:
 
     def update(self, run: Run) -> None:
         def step(conn: sqlite3.Connection) -> None:
+            error = unstorable(run)
+            if error is not None:
+                raise error
             values = _row_values(run)
-            if conn.execute(_UPDATE, (*values[1:], run.run_id)).rowcount == 0:
-                raise RunNotFoundError(f"no run with run_id {run.run_id!r} is registered")
+            if conn.execute(_UPDATE_CHECKED[run.status], (*values[1:], run.run_id)).rowcount:
+                return
+            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run.run_id,)).fetchone()
+            if row is None:
+                raise not_registered(run.run_id)
+            try:
+                stored = RunStatus(row[0])
+            except ValueError:
+                raise RunStateError(
+                    f"cannot store run {run.run_id}: the stored run has an unknown status "
+                    f"{row[0]!r}"
+                ) from None
+            refused = refused_update(run.run_id, stored, run)
+            assert refused is not None  # the checked UPDATE matched nothing for a reason
+            raise refused
 
         self.write(step)
 
     def get(self, run_id: str) -> Run | None:
-        row = self.conn.execute(f"{_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
-        return None if row is None else _run_from_row(row)
+        runs = self._read(f"{_SELECT} WHERE run_id = ?", (run_id,))
+        return runs[0] if runs else None
 
     def list_runs(
         self, status: RunStatus | None, module_id: str | None, limit: int, offset: int
     ) -> list[Run]:
         where, args = _where(status, module_id)
-        rows = self.conn.execute(
+        return self._read(
             f"{_SELECT}{where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
             (*args, limit, offset),
-        ).fetchall()
-        return [_run_from_row(row) for row in rows]
+        )
 
     def count(self, status: RunStatus | None, module_id: str | None) -> int:
         where, args = _where(status, module_id)
@@ -378,13 +554,22 @@ class SQLiteRunRegistry(BaseRunRegistry):
     Many tasks may call it at once: all statements run in order on one worker thread. Several
     processes may share the file; a writer waits up to ``busy_timeout`` seconds for another.
 
+    The file must be ours: a new or empty file is initialised, one written by an earlier
+    version of this library is upgraded, and any other SQLite database (or a non-database file)
+    is refused with :class:`RegistrySchemaError` and left untouched. A row that cannot be read
+    back is moved to the ``runs_quarantine`` table and reported (logged, and its id added to
+    :attr:`quarantined_run_ids`), never failing the read of the others.
+
     Args:
         path: file path (``":memory:"`` gives a private, non-persistent database without WAL).
         max_runs, max_age: retention, see :class:`BaseRunRegistry`.
-        busy_timeout: seconds to wait for another process's write lock before failing.
+        busy_timeout: seconds (or a ``timedelta``) to wait for another process's write lock
+            before failing; finite and >= 0.
 
     Raises:
-        RegistrySchemaError: (on open) the file is not a registry or has a newer schema.
+        InvalidTimeoutError: ``busy_timeout`` is not a finite number >= 0 (at construction).
+        InvalidQueryError: bad ``max_runs`` / ``max_age`` (at construction).
+        RegistrySchemaError: (on open) the file is not a registry of ours or has a newer schema.
         sqlite3.Error: (on any call) the database itself failed (disk full, locked too long).
     """
 
@@ -394,15 +579,31 @@ class SQLiteRunRegistry(BaseRunRegistry):
         *,
         max_runs: int | None = None,
         max_age: timedelta | None = None,
-        busy_timeout: float = 10.0,
+        busy_timeout: float | timedelta = 10.0,
     ) -> None:
         super().__init__(max_runs=max_runs, max_age=max_age)
         self.path = os.fspath(path)
-        self.busy_timeout = busy_timeout
+        # Checked now: a bad value used to fail only inside open(), in the worker thread.
+        seconds: float | None = None
+        if isinstance(busy_timeout, timedelta):
+            seconds = busy_timeout.total_seconds()
+        elif isinstance(busy_timeout, int | float) and not isinstance(busy_timeout, bool):
+            seconds = float(busy_timeout)
+        if seconds is None or not math.isfinite(seconds) or seconds < 0:
+            raise InvalidTimeoutError(
+                "busy_timeout must be a finite number of seconds >= 0 or a timedelta, "
+                f"got {busy_timeout!r}"
+            )
+        self.busy_timeout = seconds
         self.interrupted_run_ids: list[str] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._db: _Database | None = None
         self._open_lock = asyncio.Lock()
+
+    @property
+    def quarantined_run_ids(self) -> list[str]:
+        """Run ids of the unreadable rows this instance moved to ``runs_quarantine``."""
+        return [] if self._db is None else list(self._db.quarantined)
 
     @property
     def journal_mode(self) -> str | None:

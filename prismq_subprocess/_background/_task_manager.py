@@ -2,19 +2,26 @@
 
 Every coroutine started through the manager is tied to a :class:`Run` in a run registry: the run
 is stored PENDING, becomes RUNNING when the coroutine starts (after a concurrency slot and, with a
-resource manager, admission) and gets its final status when it ends, however it ends. The
-manager keeps strong references to its tasks (asyncio only keeps weak ones) and consumes every
-exception itself, so there is never a "Task exception was never retrieved" message and never a
-silently vanished task.
+resource manager, admission) and gets its final status when it ends, however it ends. Each run is
+driven by one asyncio task from ``start_task`` to its last registry write; the manager keeps
+strong references to those tasks (asyncio only keeps weak ones) and consumes every exception
+itself, so there is never a "Task exception was never retrieved" message and never a silently
+vanished task.
+
+``start_task`` is a plain function, as in the PrismQ guide: it checks its arguments, schedules
+the work and returns the run id at once. The id it returns is a :class:`TaskHandle`, a ``str``
+that can also be awaited to wait until the run is stored, so ``await manager.start_task(...)``
+(which confirms the registry write and raises its errors) works as well.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -23,27 +30,132 @@ from .._core._durations import timeout_seconds
 from .._core._exceptions import (
     DuplicateRunError,
     InvalidLimitError,
+    InvalidTaskError,
     InvalidTimeoutError,
     ResourceLimitException,
+    RunNotFoundError,
     RunStateError,
     TaskManagerClosedError,
 )
+from .._core._result import ProcessResult
 from .._resources._resource_manager import ResourceManager
 from ._cancel_result import CancelResult, not_active_result
 from ._memory_registry import BaseRunRegistry
 from ._output_capture import OutputCapture
 from ._run_record import Run, RunStatus
 
-__all__ = ["BackgroundTaskManager"]
+__all__ = ["BackgroundTaskManager", "ExitCode", "TaskHandle"]
 
 logger = logging.getLogger(__name__)
 
-# Entry phases. Only QUEUED and RUNNING entries can be cancelled; once RECORDING, the outcome
-# is decided and the manager never interrupts the registry write.
+# Entry phases. Only QUEUED and RUNNING entries are cancelled through their task; an ADDING one
+# is cancelled once its run is stored (so the registry write is never cut in half), and once
+# RECORDING the outcome is decided and the manager never interrupts the registry write.
 _ADDING = "adding"
 _QUEUED = "queued"
 _RUNNING = "running"
 _RECORDING = "recording"
+
+# However short the shutdown grace, abandoned runs get this long to be recorded CANCELLED.
+_MIN_RECORD_WAIT = 1.0
+
+_Outcome = tuple[RunStatus, str | None, int | None]
+
+
+class ExitCode(int):
+    """An exit status returned by a coroutine run through :class:`BackgroundTaskManager`.
+
+    Any plain return value means success (COMPLETED, ``exit_code`` 0), as in the PrismQ guide,
+    even an ``int``: ``return 1`` from a helper that counts things is not a failure. To record a
+    real exit status, return ``ExitCode(n)``: ``ExitCode(0)`` is COMPLETED, any other value is
+    FAILED with that ``exit_code`` and ``error_message`` ``"exited with status n"``. Returning a
+    :class:`ProcessResult` (from ``SubprocessWrapper.run``) does the same with its
+    ``returncode``.
+    """
+
+    __slots__ = ()
+
+
+class _StoreOutcome:
+    """Whether a run made it into the registry: settled once by the manager, read by handles.
+
+    Each ``await handle`` waits on a future of its own, so cancelling one waiter never touches
+    another or the outcome, and no stored exception can go "never retrieved".
+    """
+
+    __slots__ = ("done", "error", "waiters")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BaseException | None = None
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def settle(self, error: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.error = error
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
+
+
+class TaskHandle(str):
+    """The run id returned by :meth:`BackgroundTaskManager.start_task`: a ``str`` equal to
+    ``run.run_id`` that can also be awaited.
+
+    Use it as the plain id the guide returns (a dict key, JSON, a URL part). ``await handle``
+    waits until the run is stored in the registry and returns the id as a plain ``str``; it
+    raises what storing raised (:class:`DuplicateRunError` for a run already stored and no
+    longer pending, a registry error, :class:`TaskManagerClosedError` when the manager shut down
+    meanwhile). Without an ``await`` such errors are logged by the manager and the work never
+    starts. It may be awaited any number of times. It pickles as a plain ``str``.
+
+    Cancellation: cancelling an ``await handle`` that is still waiting for the registry write
+    cancels the run: it is recorded CANCELLED once stored and its coroutine never starts. Once
+    the run is stored, cancelling the wait changes nothing.
+    """
+
+    __slots__ = ("_cancel_start", "_outcome")
+
+    _outcome: _StoreOutcome
+    _cancel_start: Callable[[], None]
+
+    def __new__(
+        cls, run_id: str, outcome: _StoreOutcome, cancel_start: Callable[[], None]
+    ) -> TaskHandle:
+        handle = super().__new__(cls, run_id)
+        handle._outcome = outcome
+        handle._cancel_start = cancel_start
+        return handle
+
+    @property
+    def stored(self) -> bool:
+        """``True`` once the run is in the registry (and stays so whatever happens next)."""
+        return self._outcome.done and self._outcome.error is None
+
+    def __await__(self) -> Generator[Any, None, str]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> str:
+        outcome = self._outcome
+        if not outcome.done:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            outcome.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if not outcome.done:
+                    outcome.waiters.remove(waiter)
+                    self._cancel_start()
+                raise
+        if outcome.error is not None:
+            raise outcome.error
+        return str(self)
+
+    def __reduce__(self) -> tuple[type[str], tuple[str]]:
+        return (str, (str(self),))
 
 
 class _Entry:
@@ -51,10 +163,14 @@ class _Entry:
         "abandoned",
         "cancel_reason",
         "coro",
+        "has_slot",
         "marks_running",
+        "opened_output",
         "phase",
         "run",
+        "slot",
         "started",
+        "stored",
         "task",
     )
 
@@ -64,13 +180,44 @@ class _Entry:
         self.run = run
         self.coro = coro
         self.marks_running = marks_running
+        self.stored = _StoreOutcome()
         self.phase = _ADDING
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
+        # The manager declared the run in its OutputCapture (forgotten again if never stored).
+        self.opened_output = False
         self.abandoned = False
-        # False until _drive's first step: cancelling a task before then would skip its body
-        # (and so its bookkeeping), so such runs are cancelled through cancel_reason instead.
+        # False until _drive's first step: a task cancelled before then never runs its body
+        # (and so its bookkeeping); _task_done does that bookkeeping instead.
         self.started = False
+        self.has_slot = False
+        self.slot: asyncio.Future[None] | None = None
+
+
+def _close(coro: Coroutine[Any, Any, object]) -> None:
+    """Close a coroutine that has ended or never started, never letting close() escape."""
+    try:
+        coro.close()
+    except Exception:
+        # Only a coroutine that was started and then suspended can fail here (it awaits in a
+        # finally on GeneratorExit); it must not cost the run its final record.
+        logger.exception("closing coroutine %r failed", coro)
+
+
+def _cancelled_before_stored(run: Run) -> RunStateError:
+    return RunStateError(f"run {run.run_id} was cancelled before it was known to be stored")
+
+
+def _outcome_of(result: object) -> _Outcome:
+    if isinstance(result, ExitCode):
+        code = int(result)
+    elif isinstance(result, ProcessResult):
+        code = result.returncode
+    else:
+        return (RunStatus.COMPLETED, None, 0)
+    if code == 0:
+        return (RunStatus.COMPLETED, None, 0)
+    return (RunStatus.FAILED, f"exited with status {code}", code)
 
 
 class BackgroundTaskManager(AsyncResource):
@@ -78,14 +225,17 @@ class BackgroundTaskManager(AsyncResource):
 
     What a coroutine's outcome means for its run:
 
-    - returns an ``int`` (not ``bool``): it is the exit code; ``0`` -> COMPLETED, anything else ->
-      FAILED with that ``exit_code``;
-    - returns anything else (``None`` included) -> COMPLETED with ``exit_code`` ``None``;
+    - returns normally -> COMPLETED with ``exit_code`` 0, whatever it returns (as in the PrismQ
+      guide); to record an exit status, return :class:`ExitCode` ``(n)`` or a
+      :class:`ProcessResult`: 0 -> COMPLETED, anything else -> FAILED with that ``exit_code``
+      and ``"exited with status n"``;
     - raises an exception -> FAILED, ``error_message`` ``"<Type>: <message>"``, logged with its
       traceback on this module's logger;
-    - is cancelled (``cancel_task``, ``shutdown``) -> CANCELLED with the reason;
+    - is cancelled (``cancel_task``, ``shutdown``, or cancelling its task in :attr:`tasks`) ->
+      CANCELLED with the reason;
     - already put the run in a final state itself (it may hold the same :class:`Run` object and
-      call e.g. ``mark_failed("timed out", exit_code=-9)``) -> that status is kept.
+      call e.g. ``mark_failed("timed out", exit_code=-9)`` or assign ``run.status``) -> that
+      status is kept.
 
     The coroutine may also fill fields such as ``pid``, ``output_tail`` or ``peak_rss_bytes`` on
     the same ``Run`` object; they are saved with the final status.
@@ -161,7 +311,7 @@ class BackgroundTaskManager(AsyncResource):
         self._idle = asyncio.Event()
         self._idle.set()
         # Tasks given up on by shutdown() still need a strong reference until they end.
-        self._abandoned: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Future[Any]] = set()
 
     @property
     def closed(self) -> bool:
@@ -174,7 +324,7 @@ class BackgroundTaskManager(AsyncResource):
 
     @property
     def running_count(self) -> int:
-        """How many coroutines are running now."""
+        """How many runs hold a concurrency slot (running, or waiting for admission)."""
         return self._running
 
     @property
@@ -182,33 +332,65 @@ class BackgroundTaskManager(AsyncResource):
         """How many runs wait for a free slot."""
         return len(self._queue)
 
+    @property
+    def tasks(self) -> Mapping[str, asyncio.Task[None]]:
+        """The unfinished runs' tasks by run id, as in the PrismQ guide (a snapshot: changing it
+        changes nothing).
+
+        Each task drives its run from storing it to recording its outcome, so ``task.done()``
+        means the outcome is in the registry, ``await task`` waits for that, and
+        ``task.cancel()`` cancels the run like :meth:`cancel_task` (recorded CANCELLED).
+        """
+        return {run_id: entry.task for run_id, entry in self._entries.items() if entry.task}
+
     def active_runs(self) -> list[Run]:
         """Return copies of this manager's unfinished runs (queued and running), oldest first."""
         return [entry.run.copy() for entry in self._entries.values()]
 
-    async def start_task(
+    def start_task(
         self, run: Run, coro: Coroutine[Any, Any, object], *, marks_running: bool = False
-    ) -> str:
-        """Record ``run`` (PENDING) in the registry and run ``coro`` in the background for it.
+    ) -> TaskHandle:
+        """Run ``coro`` in the background for ``run``; return ``run.run_id`` at once.
 
-        The manager marks the run RUNNING when ``coro`` starts, unless ``marks_running``: then
-        the coroutine does it itself when the work really begins (e.g. when a cluster worker
-        picks the run up), and the run stays PENDING until then.
+        A plain function, as in the PrismQ guide: it checks its arguments, schedules the work on
+        the running event loop and returns. The work then stores ``run`` in the registry as
+        PENDING (a run the caller already added and that is still PENDING there is taken over,
+        not refused), waits for a slot and admission, and runs ``coro``. The manager owns
+        ``run`` from now on and updates that object as the run progresses (the registry holds
+        copies). The manager marks the run RUNNING when ``coro`` starts, unless
+        ``marks_running``: then the coroutine does it itself when the work really begins (e.g.
+        when a cluster worker picks the run up), and the run stays PENDING until then.
 
-        Returns ``run.run_id`` once the run is stored; the coroutine starts at once, or later if
-        ``max_concurrent`` is reached. The manager owns ``run`` from now on and updates that
-        object as the run progresses (the registry holds copies).
+        The returned :class:`TaskHandle` is the run id (a ``str``) and is also awaitable:
+        ``await manager.start_task(run, coro)`` returns once the run is stored and raises what
+        storing raised. Without the ``await``, a failure to store is logged on this module's
+        logger and the coroutine is closed unstarted.
 
         On any error ``coro`` is closed, so it never triggers "coroutine was never awaited".
 
-        Cancellation: if cancelled while the run is being stored, the coroutine is closed and,
-        if the run made it into the registry, it is recorded CANCELLED.
-
-        Raises:
+        Raises (at once, before anything is scheduled):
+            InvalidTaskError: ``coro`` is not a coroutine object (a Task, a Future, a coroutine
+                function that was not called...), or ``run`` is not a :class:`Run`.
             TaskManagerClosedError: :meth:`aclose` / :meth:`shutdown` has begun.
             RunStateError: ``run`` is not PENDING.
-            DuplicateRunError: a run with this ``run_id`` is already active here or stored.
+            DuplicateRunError: a run with this ``run_id`` is already active in this manager.
+            RuntimeError: no event loop is running in this thread.
+
+        Raises (from ``await handle``):
+            DuplicateRunError: a run with this ``run_id`` is stored and no longer PENDING.
+            TaskManagerClosedError: the manager shut down while the run was being stored (it
+                is recorded CANCELLED).
+            and what the registry's ``add_run`` raises.
         """
+        if not inspect.iscoroutine(coro):
+            raise InvalidTaskError(
+                f"start_task() needs a coroutine object, e.g. work() rather than work, got "
+                f"{type(coro).__name__}; to track an existing task or future, pass a coroutine "
+                "that awaits it"
+            )
+        if not isinstance(run, Run):
+            coro.close()
+            raise InvalidTaskError(f"start_task() needs a Run, got {type(run).__name__}")
         if self._closing:
             coro.close()
             raise TaskManagerClosedError("the task manager is shut down; it starts no new runs")
@@ -220,88 +402,64 @@ class BackgroundTaskManager(AsyncResource):
         if run.run_id in self._entries:
             coro.close()
             raise DuplicateRunError(f"run {run.run_id!r} is already active in this manager")
-        entry = _Entry(run, coro, marks_running)
-        self._entries[run.run_id] = entry
-        self._idle.clear()
-        opened = False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            raise RuntimeError(
+                "start_task() needs a running event loop; call it from async code"
+            ) from None
         try:
             # Subscribers may follow the run as soon as start_task returns.
             opened = self.output is not None and self.output.open_run(run.run_id)
-            await self.registry.add_run(run)
         except BaseException:
-            self._entries.pop(run.run_id, None)
             coro.close()
-            self._check_idle()
-            if opened and self.output is not None:
-                self.output.forget(run.run_id)
             raise
-        if self._closing or entry.cancel_reason is not None:
-            # shutdown() or cancel_task() came while the run was being stored.
-            reason = entry.cancel_reason or "task manager shut down before the run started"
-            await self._finish_unstarted(entry, reason)
-            if self._closing:
-                raise TaskManagerClosedError("the task manager shut down while the run was added")
-            return run.run_id
-        if self.max_concurrent is None or self._running < self.max_concurrent:
-            self._launch(entry)
-        else:
-            entry.phase = _QUEUED
-            self._queue.append(entry)
-        return run.run_id
-
-    def _launch(self, entry: _Entry) -> None:
-        entry.phase = _RUNNING
-        self._running += 1
-        task = asyncio.create_task(self._drive(entry), name=f"prismq-run-{entry.run.run_id}")
+        entry = _Entry(run, coro, marks_running)
+        entry.opened_output = opened
+        self._entries[run.run_id] = entry
+        self._idle.clear()
+        task = loop.create_task(self._drive(entry), name=f"prismq-run-{run.run_id}")
         entry.task = task
         task.add_done_callback(functools.partial(self._task_done, entry))
+        logger.debug("started background run %s", run.run_id)
+        return TaskHandle(run.run_id, entry.stored, functools.partial(self._cancel_start, entry))
 
-    def _interrupt(self, entry: _Entry, reason: str) -> None:
-        if entry.cancel_reason is None:
-            entry.cancel_reason = reason
-        if entry.started and entry.task is not None:
-            entry.task.cancel()
+    def _cancel_start(self, entry: _Entry) -> None:
+        if entry.phase == _ADDING and entry.cancel_reason is None:
+            entry.cancel_reason = "start_task was cancelled before the run was stored"
 
-    def _task_done(self, entry: _Entry, task: asyncio.Task[None]) -> None:
-        self._abandoned.discard(task)
-        if task.cancelled():
-            if entry.phase == _RUNNING and not entry.started:
-                # Cancelled from outside (e.g. loop teardown) before its first step: _drive's
-                # bookkeeping never ran, so record the run here.
-                self._release(entry)
-                recorder = asyncio.ensure_future(
-                    self._record_unstarted(entry, entry.cancel_reason or "cancelled")
-                )
-                self._abandoned.add(recorder)
-                recorder.add_done_callback(self._abandoned.discard)
-            return
-        # _drive records every Exception itself; this only consumes what escaped it (a
-        # BaseException such as KeyboardInterrupt, which asyncio re-raises anyway).
-        task.exception()
-
-    async def _record_unstarted(self, entry: _Entry, reason: str) -> None:
-        entry.coro.close()
-        if not entry.run.is_finished:
-            entry.run.mark_cancelled(reason)
-        await self._collect_output(entry.run)
-        await self._save(entry.run)
-
+    # -- the life of one run --------------------------------------------------------------------
     async def _drive(self, entry: _Entry) -> None:
         run = entry.run
-        outcome: tuple[RunStatus, str | None, int | None]
+        outcome: _Outcome
         reraise: BaseException | None = None
-        refusal: str | None = None
-        result: object = None
         entry.started = True
         try:
+            try:
+                await self._store(run)
+            except Exception as exc:
+                self._store_failed(entry, exc)
+                return
+            if self._closing:
+                if entry.cancel_reason is None:
+                    entry.cancel_reason = "task manager shut down before the run started"
+                entry.stored.settle(
+                    TaskManagerClosedError("the task manager shut down while the run was added")
+                )
+            entry.stored.settle(None)
             if entry.cancel_reason is not None:
-                raise asyncio.CancelledError  # cancel_task() came before this first step
+                raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
+            await self._take_slot(entry)
             refusal = await self._admit(run)
             if refusal is None:
                 if not entry.marks_running:
                     run.mark_running(pid=None)
                     await self._save(run)
                 result = await entry.coro
+                outcome = _outcome_of(result)
+            else:
+                outcome = (RunStatus.FAILED, refusal, None)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:
@@ -315,29 +473,78 @@ class BackgroundTaskManager(AsyncResource):
         except BaseException as exc:
             outcome = (RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None)
             reraise = exc
-        else:
-            if refusal is not None:
-                outcome = (RunStatus.FAILED, refusal, None)
-            elif isinstance(result, int) and not isinstance(result, bool):
-                if result == 0:
-                    outcome = (RunStatus.COMPLETED, None, 0)
-                else:
-                    outcome = (RunStatus.FAILED, f"exited with status {result}", result)
-            else:
-                outcome = (RunStatus.COMPLETED, None, None)
-        # No-op once the coroutine has run; otherwise (cancelled or refused before it started,
-        # or admit() itself failed) it never started and must not warn "never awaited".
-        entry.coro.close()
+        finally:
+            # No-op once the coroutine has run; otherwise (cancelled, refused or failed before
+            # it started) it never started and must not warn "never awaited".
+            _close(entry.coro)
         entry.phase = _RECORDING
         try:
             if not entry.abandoned:
+                # A run cancelled while it was being stored (SQLite finishes the insert in its
+                # thread) may or may not be in the registry; record it if it is.
                 self._apply(run, outcome)
                 await self._collect_output(run)
-                await self._save(run)
+                await self._save(run, missing_ok=not entry.stored.done)
         finally:
+            if not entry.stored.done:  # cancelled while being stored: awaiters must not hang
+                entry.stored.settle(_cancelled_before_stored(run))
             self._release(entry)
         if reraise is not None:
             raise reraise
+
+    async def _store(self, run: Run) -> None:
+        """Add ``run`` to the registry, or take over the PENDING run the caller added."""
+        try:
+            await self.registry.add_run(run)
+        except DuplicateRunError:
+            stored = await self.registry.get_run(run.run_id)
+            if stored is None or stored.status is not RunStatus.PENDING:
+                state = "gone again" if stored is None else stored.status.value
+                raise DuplicateRunError(
+                    f"run {run.run_id!r} is already stored ({state}); only a run that is still "
+                    "pending can be started"
+                ) from None
+            if run.owner is None:
+                run.owner = stored.owner
+            await self.registry.update_run(run)
+
+    def _store_failed(self, entry: _Entry, exc: Exception) -> None:
+        run = entry.run
+        if isinstance(exc, DuplicateRunError):
+            logger.error("background run %s not started: %s", run.run_id, exc)
+        else:
+            logger.error(
+                "background run %s not started: storing it failed", run.run_id, exc_info=exc
+            )
+        entry.stored.settle(exc)
+        if entry.opened_output and self.output is not None:
+            self.output.forget(run.run_id)
+        entry.phase = _RECORDING
+        _close(entry.coro)
+        self._release(entry)
+
+    async def _take_slot(self, entry: _Entry) -> None:
+        if self.max_concurrent is None or (
+            self._running < self.max_concurrent and not self._queue
+        ):
+            self._running += 1
+            entry.has_slot = True
+            entry.phase = _RUNNING
+            return
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry.slot = slot
+        entry.phase = _QUEUED
+        self._queue.append(entry)
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                entry.has_slot = True  # handed over just as we were cancelled: pass it on
+            else:
+                self._queue.remove(entry)
+            raise
+        entry.has_slot = True  # _release counted it for us when it handed it over
+        entry.phase = _RUNNING
 
     async def _admit(self, run: Run) -> str | None:
         """Ask the resource manager to admit ``run``; return ``None`` or the refusal reason."""
@@ -358,7 +565,7 @@ class BackgroundTaskManager(AsyncResource):
         return None
 
     @staticmethod
-    def _apply(run: Run, outcome: tuple[RunStatus, str | None, int | None]) -> None:
+    def _apply(run: Run, outcome: _Outcome) -> None:
         if run.is_finished:
             return  # the coroutine decided its run's outcome itself
         status, message, exit_code = outcome
@@ -381,48 +588,84 @@ class BackgroundTaskManager(AsyncResource):
         if not run.output_tail and self.output_tail_lines:
             run.output_tail = self.output.tail(run.run_id, self.output_tail_lines)
 
-    async def _save(self, run: Run) -> None:
+    async def _save(self, run: Run, *, missing_ok: bool = False) -> None:
         try:
             await self.registry.update_run(run)
+        except RunNotFoundError:
+            if not missing_ok:
+                logger.exception("recording run %s (%s) failed", run.run_id, run.status.value)
         except Exception:
             # The run itself must go on; a registry failure is reported, not propagated.
             logger.exception("recording run %s (%s) failed", run.run_id, run.status.value)
 
     def _release(self, entry: _Entry) -> None:
-        self._running -= 1
+        if entry.has_slot:
+            entry.has_slot = False
+            self._running -= 1
         if self._entries.get(entry.run.run_id) is entry:
             del self._entries[entry.run.run_id]
-        while self._queue and not self._closing and (
-            self.max_concurrent is None or self._running < self.max_concurrent
+        while (
+            self._queue
+            and not self._closing
+            and (self.max_concurrent is None or self._running < self.max_concurrent)
         ):
-            self._launch(self._queue.popleft())
+            waiter = self._queue.popleft()
+            if waiter.slot is not None and not waiter.slot.done():
+                self._running += 1
+                waiter.slot.set_result(None)
         self._check_idle()
 
     def _check_idle(self) -> None:
         if not self._entries:
             self._idle.set()
 
-    async def _finish_unstarted(self, entry: _Entry, reason: str) -> None:
+    def _task_done(self, entry: _Entry, task: asyncio.Task[None]) -> None:
+        self._abandoned.discard(task)
+        if task.cancelled():
+            if not entry.started:
+                # Cancelled before its first step (tasks[id].cancel() at once, loop teardown):
+                # _drive's body never ran, so store the run CANCELLED from a task of its own.
+                recorder = asyncio.ensure_future(self._record_unstarted(entry))
+                entry.task = recorder
+                recorder.add_done_callback(functools.partial(self._task_done, entry))
+            return
+        # _drive records every Exception itself; this only consumes what escaped it (a
+        # BaseException such as KeyboardInterrupt, which asyncio re-raises anyway).
+        task.exception()
+
+    async def _record_unstarted(self, entry: _Entry) -> None:
+        run = entry.run
+        entry.started = True
         entry.phase = _RECORDING
-        entry.coro.close()
-        entry.run.mark_cancelled(reason)
+        _close(entry.coro)
+        error: BaseException | None = None
         try:
-            await self._collect_output(entry.run)
-            await self._save(entry.run)
+            if not run.is_finished:
+                run.mark_cancelled(entry.cancel_reason or "cancelled before it started")
+            await self._store(run)
+        except Exception as exc:
+            logger.exception("recording cancelled run %s failed", run.run_id)
+            error = exc
         finally:
-            if self._entries.get(entry.run.run_id) is entry:
-                del self._entries[entry.run.run_id]
-            self._check_idle()
+            entry.stored.settle(error)
+            self._release(entry)
+
+    # -- control --------------------------------------------------------------------------------
+    def _interrupt(self, entry: _Entry, reason: str) -> None:
+        if entry.cancel_reason is None:
+            entry.cancel_reason = reason
+        if entry.phase in (_QUEUED, _RUNNING) and entry.task is not None:
+            entry.task.cancel()
 
     async def cancel_task(
         self, run_id: str, reason: str = "cancelled by request"
     ) -> CancelResult:
         """Cancel a queued or running run and wait until its CANCELLED status is recorded.
 
-        A run that is queued or waiting for admission is recorded CANCELLED and its coroutine
-        closed without ever starting. A running one is cancelled and may clean up (e.g. stop
-        its child process); its final status is whatever it ends with (CANCELLED unless it
-        swallows the cancellation and returns).
+        A run that is being stored, queued or waiting for admission is recorded CANCELLED and
+        its coroutine closed without ever starting. A running one is cancelled and may clean up
+        (e.g. stop its child process); its final status is whatever it ends with (CANCELLED
+        unless it swallows the cancellation and returns).
 
         Returns :class:`CancelResult` ``CANCELLED`` (true), or, when the run is not active in
         this manager, ``ALREADY_FINISHED`` (ending, being cancelled already, or finished in the
@@ -438,15 +681,8 @@ class BackgroundTaskManager(AsyncResource):
             return await not_active_result(self.registry, run_id)
         if entry.phase == _RECORDING or entry.cancel_reason is not None:
             return CancelResult.ALREADY_FINISHED
-        entry.cancel_reason = reason
-        if entry.phase == _ADDING:
-            return CancelResult.CANCELLED  # start_task records it CANCELLED once stored
-        if entry.phase == _QUEUED:
-            self._queue.remove(entry)
-            await self._finish_unstarted(entry, reason)
-            return CancelResult.CANCELLED
-        assert entry.task is not None
         self._interrupt(entry, reason)
+        assert entry.task is not None
         await asyncio.wait({entry.task})
         return CancelResult.CANCELLED
 
@@ -467,12 +703,16 @@ class BackgroundTaskManager(AsyncResource):
 
     async def shutdown(self, grace: float = 5.0, reason: str = "task manager shut down") -> None:
         """Stop: refuse new runs, cancel queued and running ones, and return once every run is
-        recorded in the registry. This is :meth:`aclose` with a chosen ``grace`` and ``reason``.
+        recorded in the registry, or given up on. This is :meth:`aclose` with a chosen ``grace``
+        and ``reason``.
 
         Queued runs are recorded CANCELLED without starting. Running coroutines are cancelled
-        and get ``grace`` seconds to finish their cleanup; one still going after that is left
-        to itself (its task keeps a reference until it ends, but its outcome is no longer
-        recorded) and its run is recorded CANCELLED now. Idempotent.
+        and get ``grace`` seconds to finish their cleanup. A run still going after that
+        (a coroutine that ignores cancellation, or a registry write that hangs) is abandoned:
+        it is recorded CANCELLED now, with at most ``max(grace, 1)`` more seconds for that
+        write, and its later outcome is not recorded (its task keeps a reference until it
+        ends). So shutdown returns within about ``2 * grace`` (at least 1 s more) whatever the
+        runs do, unless a coroutine blocks the event loop itself. Idempotent.
 
         Cancellation: stops waiting; the cancellations already sent stay in effect.
 
@@ -482,39 +722,52 @@ class BackgroundTaskManager(AsyncResource):
         if grace < 0:
             raise InvalidTimeoutError(f"grace must be >= 0, got {grace!r}")
         self._closing = True
-        queued = list(self._queue)
-        self._queue.clear()
-        for entry in queued:
-            entry.cancel_reason = reason
-            await self._finish_unstarted(entry, reason)
-        tasks: set[asyncio.Task[None]] = set()
         for entry in list(self._entries.values()):
-            if entry.phase == _RUNNING:
-                self._interrupt(entry, reason)
-            if entry.task is not None:
-                tasks.add(entry.task)
-        if tasks:
-            _, stubborn = await asyncio.wait(tasks, timeout=grace)
-            for entry in list(self._entries.values()):
-                if entry.task in stubborn and entry.phase == _RUNNING:
-                    await self._abandon(entry, reason)
-        while self._entries:
-            await self._idle.wait()
+            self._interrupt(entry, reason)
+        tasks = {entry.task for entry in self._entries.values() if entry.task is not None}
+        if not tasks:
+            return
+        _, stubborn = await asyncio.wait(tasks, timeout=grace)
+        left = [entry for entry in self._entries.values() if entry.task in stubborn]
+        if left:
+            await self._abandon(left, reason, max(grace, _MIN_RECORD_WAIT))
 
-    async def _abandon(self, entry: _Entry, reason: str) -> None:
-        assert entry.task is not None
-        logger.warning(
-            "run %s did not stop within the shutdown grace period; recording it cancelled",
-            entry.run.run_id,
-        )
-        entry.abandoned = True
-        self._abandoned.add(entry.task)
-        del self._entries[entry.run.run_id]
-        if not entry.run.is_finished:
-            entry.run.mark_cancelled(f"{reason} (did not stop within the grace period)")
-        await self._collect_output(entry.run)
-        await self._save(entry.run)
+    async def _abandon(self, entries: list[_Entry], reason: str, wait: float) -> None:
+        saves: set[asyncio.Future[Any]] = set()
+        for entry in entries:
+            assert entry.task is not None
+            logger.warning(
+                "run %s did not stop within the shutdown grace period; recording it cancelled",
+                entry.run.run_id,
+            )
+            entry.abandoned = True
+            self._abandoned.add(entry.task)
+            del self._entries[entry.run.run_id]
+            run = entry.run
+            if entry.phase == _RECORDING:
+                continue  # its outcome is being written already; a second write would not help
+            if not run.is_finished:
+                run.mark_cancelled(f"{reason} (did not stop within the grace period)")
+            save = asyncio.ensure_future(
+                self._record_abandoned(run, missing_ok=entry.phase == _ADDING)
+            )
+            self._abandoned.add(save)
+            save.add_done_callback(self._abandoned.discard)
+            saves.add(save)
         self._check_idle()
+        if not saves:
+            return
+        _, hung = await asyncio.wait(saves, timeout=wait)
+        if hung:
+            logger.error(
+                "%d abandoned run(s) could not be recorded within %s s; the registry hangs",
+                len(hung),
+                wait,
+            )
+
+    async def _record_abandoned(self, run: Run, *, missing_ok: bool) -> None:
+        await self._collect_output(run)
+        await self._save(run, missing_ok=missing_ok)
 
     async def aclose(self) -> None:
         """:meth:`shutdown` with its defaults (5 s grace); what leaving ``async with`` does.

@@ -26,6 +26,8 @@ class ModeSource(StrEnum):
 
     ARGUMENT = "argument"
     ENVIRONMENT = "environment"
+    #: Set by :func:`override_strategy` (a test fixture) for wrappers built without a mode.
+    OVERRIDE = "override"
     AUTO = "auto"
 
 
@@ -33,8 +35,8 @@ class ModeSource(StrEnum):
 class ModeDecision:
     """The mode chosen, why, and whether the caller pinned it.
 
-    A pinned mode (``source`` is ``ARGUMENT`` or ``ENVIRONMENT``) never falls back silently.
-    ``mode`` is a :class:`RunMode`, or the name a custom strategy gives its mode.
+    A pinned mode (``source`` is ``ARGUMENT``, ``ENVIRONMENT`` or ``OVERRIDE``) never falls back
+    silently. ``mode`` is a :class:`RunMode`, or the name a custom strategy gives its mode.
     """
 
     mode: RunMode | str
@@ -43,7 +45,7 @@ class ModeDecision:
 
     @property
     def pinned(self) -> bool:
-        """True when the caller chose the mode (argument or environment variable)."""
+        """True when the caller chose the mode (argument, environment variable or override)."""
         return self.source is not ModeSource.AUTO
 
     def __str__(self) -> str:

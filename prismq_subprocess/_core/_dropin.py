@@ -8,6 +8,7 @@ from typing import Any
 from .._strategies._base import DEFAULT_LIMIT
 from ._detect import resolve_run_mode
 from ._modes import RunMode
+from ._override import active_override
 from ._process import ProcessLike
 from ._result import ProcessResult
 from ._wrapper import SubprocessWrapper
@@ -21,6 +22,13 @@ _lock = threading.Lock()
 
 
 def _wrapper(mode: RunMode | str | None) -> SubprocessWrapper:
+    override = active_override() if mode is None else None
+    if override is not None:
+        # Not the shared one: it belongs to the override, which closes it when it ends.
+        with _lock:
+            if override.dropin is None:
+                override.dropin = SubprocessWrapper(max_output_bytes=None)
+            return override.dropin
     key = None if mode is None else RunMode(resolve_run_mode(mode).mode)
     with _lock:
         wrapper = _shared.get(key)

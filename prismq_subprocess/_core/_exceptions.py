@@ -29,6 +29,7 @@ __all__ = [
     "InvalidQueryError",
     "InvalidRunError",
     "InvalidRunModeError",
+    "InvalidTaskError",
     "InvalidTimeoutError",
     "ModuleExecutionException",
     "OutputClosedError",
@@ -46,6 +47,8 @@ __all__ = [
     "ScriptNotFoundError",
     "SubprocessPolicyException",
     "TaskManagerClosedError",
+    "TaskTimeoutError",
+    "UnscriptedCommandError",
     "WrapperClosedError",
 ]
 
@@ -278,6 +281,19 @@ class TaskManagerClosedError(ClosedError):
     begun."""
 
 
+class UnscriptedCommandError(PrismQError, AssertionError):
+    """Raised in DRY_RUN by a strict :class:`DryRunScript` (the ``pq_dry_run`` fixture) when the
+    code under test starts a command that no registered rule answers.
+
+    It is an ``AssertionError``: an expectation of the test failed, not the code under test.
+    ``command`` is the unexpected command (argument tuple, or the shell command line).
+    """
+
+    def __init__(self, message: str, command: tuple[str, ...] | str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
 class ScriptNotFoundError(PrismQError, FileNotFoundError):
     """Raised by ``ModuleRunner`` (and the executor) before anything starts when a module's
     script does not exist or is not a file (or a directory with ``__main__.py``).
@@ -349,6 +365,24 @@ class InvalidSSEEventError(PrismQError, ValueError):
 __all__ += ["InvalidSSEEventError"]
 
 
+class InvalidTaskError(PrismQError, TypeError):
+    """Raised before anything starts when background work is given the wrong kind of object: a
+    ``BackgroundTaskManager.start_task`` given something that is not a coroutine object (a
+    Task, a Future, a coroutine function not called), or a ``PeriodicTask`` / ``MemoryMonitor``
+    given a ``task_func`` or callback that is not callable. It is a ``TypeError``."""
+
+
+class TaskTimeoutError(ProcessTimeoutError):
+    """Raised by ``execute_with_timeout`` when the awaited work outlived its timeout; the work
+    has been cancelled. ``task_name`` names it. It is a :class:`ProcessTimeoutError` (so
+    handlers written for timed-out commands still catch it) and a ``TimeoutError``."""
+
+    def __init__(self, *, task_name: str, timeout: float) -> None:
+        super().__init__(cmd=task_name, timeout=timeout)
+        self.args = (f"task {task_name!r} timed out after {timeout:g} s and was cancelled",)
+        self.task_name = task_name
+
+
 class InvalidBackendError(PrismQError, TypeError):
     """Raised before anything starts when a run backend is given something it cannot work with
     (e.g. a synchronous Dask ``Client``, which would block the event loop, or an empty scheduler
@@ -357,4 +391,3 @@ class InvalidBackendError(PrismQError, TypeError):
 
 class BackendClosedError(ClosedError):
     """Raised when a run backend is used after ``aclose()``."""
-

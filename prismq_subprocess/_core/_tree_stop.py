@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .._platform import PlatformOps, StopRecord, StopTarget, platform_ops
-from ._exceptions import ProcessTimeoutError
+from ._exceptions import TaskTimeoutError
 from ._exit_wait import wait_all_exited
 from ._offloop import Coalescer
 from ._process import ProcessLike
@@ -284,12 +284,13 @@ async def execute_with_timeout(
     """Await ``coro`` for at most ``timeout`` seconds (``None``: no limit).
 
     On timeout ``coro`` is cancelled (a ``run()`` inside it then stops its process tree) and a
-    :class:`ProcessTimeoutError` (also a ``TimeoutError``) naming ``task_name`` is raised.
+    :class:`TaskTimeoutError` (a :class:`ProcessTimeoutError` and a ``TimeoutError``) naming
+    ``task_name`` is raised.
     Cancelling the caller cancels ``coro``.
 
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
-        ProcessTimeoutError: ``coro`` did not finish in time.
+        TaskTimeoutError: ``coro`` did not finish in time.
     """
     try:
         limit = check_timeout(timeout)
@@ -304,4 +305,4 @@ async def execute_with_timeout(
     except TimeoutError as exc:
         if limit is None or not scope.expired():
             raise  # a TimeoutError raised by the coroutine itself, not by our limit
-        raise ProcessTimeoutError(cmd=task_name, timeout=limit) from exc
+        raise TaskTimeoutError(task_name=task_name, timeout=limit) from exc

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import subprocess
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from ._exceptions import (
 from ._line_stream import LineStream
 from ._modes import RunMode
 from ._offloop import run_in_thread
+from ._override import active_override, warn_if_bypassed
 from ._process import ProcessLike
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
 from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, stop_process_trees
@@ -49,7 +51,8 @@ class SubprocessWrapper(AsyncClosing):
     """Runs commands in one :class:`RunMode`, chosen by the caller or detected.
 
     ``mode`` is a :class:`RunMode`, its name as text, or ``None`` to auto-detect
-    (``PRISMQ_RUN_MODE``, platform, event loop; see :func:`detect_run_mode`). Alternatively pass
+    (``PRISMQ_RUN_MODE``, platform, event loop; see :func:`detect_run_mode`; an active
+    :func:`~prismq_subprocess.testing.override_strategy` comes first). Alternatively pass
     ``strategy=``, a ready strategy instance: a built-in one configured by hand (e.g.
     ``prismq_subprocess.testing.DryRunStrategy(recorder=...)``) or your own
     ``prismq_subprocess.abc.SubprocessStrategy``; :attr:`mode` is then the strategy's ``mode``
@@ -88,6 +91,9 @@ class SubprocessWrapper(AsyncClosing):
             raise InvalidRunModeError("pass mode or strategy, not both")
         if isinstance(mode, SubprocessStrategy):
             mode, strategy = None, mode
+        override = active_override() if mode is None and strategy is None else None
+        if override is not None:
+            strategy = override.make_strategy(max_workers, self._ops)
         if strategy is not None:
             if not isinstance(strategy, SubprocessStrategy):
                 raise InvalidRunModeError(
@@ -100,6 +106,8 @@ class SubprocessWrapper(AsyncClosing):
                     "SubprocessWrapper; create one strategy per wrapper"
                 )
             self._decision = _strategy_decision(strategy)
+            if override is not None:
+                self._decision = override.decision(self._decision.mode)
             self._strategy = strategy
         else:
             self._decision = resolve_run_mode(mode)
@@ -209,6 +217,8 @@ class SubprocessWrapper(AsyncClosing):
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         self._check_open()
+        # Its caller's caller is the user's create_subprocess_exec/_shell call.
+        warn_if_bypassed(self._decision.source, stacklevel=3)
         try:
             process = await self._strategy._spawn_tracked(request)
         except NotImplementedError as exc:
@@ -356,6 +366,7 @@ class SubprocessWrapper(AsyncClosing):
             max_output_bytes=cap,
         )
         self._check_open()
+        warn_if_bypassed(self._decision.source, stacklevel=2)
         try:
             result = await self._strategy.run(request, options)
         except NotImplementedError as exc:
@@ -462,16 +473,16 @@ class SubprocessWrapper(AsyncClosing):
         Idempotent; the wrapper cannot be used afterwards. Prefer ``await aclose()`` from async
         code: it gives children their grace period."""
         self._closed = True
-        live = self.live_processes
-        if live:
+        killed = self.live_processes
+        if killed:
             try:
-                kill_trees_now(live, self._ops)
+                kill_trees_now(killed, self._ops)
             except Exception:
                 logger.exception("killing the children of %r failed", self)
+        _reap_killed(killed)
         self._live.clear()
         for strategy in (*self._retired, self._strategy):
             strategy.close()
-
 
 
 def _strategy_decision(strategy: SubprocessStrategy) -> ModeDecision:
@@ -495,6 +506,23 @@ def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
             f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
             "for stdin, or create_subprocess_exec() to choose the streams"
         )
+
+
+# How long cleanup() waits, in all, for the children it just SIGKILLed to be reaped.
+_REAP_SECONDS = 1.0
+
+
+def _reap_killed(processes: list[ProcessLike]) -> None:
+    # Our Popen-backed children (THREADED, LOCAL) are reaped by a reader on the loop; if the loop
+    # closes first (a cleanup() in a finally just before asyncio.run() returns) they would stay
+    # zombies and their Popen would warn "still running" when collected. A SIGKILLed child dies
+    # at once, so reap it here, bounded. asyncio's own children are reaped by its child watcher.
+    deadline = time.monotonic() + _REAP_SECONDS
+    for process in processes:
+        popen = getattr(process, "_popen", None)
+        if isinstance(popen, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                popen.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _release_pipes(process: ProcessLike) -> None:

@@ -10,7 +10,7 @@ from typing import Protocol, Self
 
 from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
-from .._core._exceptions import InvalidLimitError
+from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
 from .._core._maybe_async import call_callback
 from ._readings import (
     PsutilResourceReader,
@@ -19,7 +19,7 @@ from ._readings import (
     check_percent,
 )
 
-__all__ = ["MemoryCallback", "MemoryMonitor"]
+__all__ = ["MIN_CHECK_INTERVAL", "MemoryCallback", "MemoryMonitor"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,15 @@ class MemoryCallback(Protocol):
     that caused the transition. A plain function or an ``async def`` (then awaited)."""
 
     def __call__(self, snapshot: ResourceSnapshot, /) -> Awaitable[object] | object: ...
+
+#: The shortest ``check_interval`` accepted, in seconds. A psutil reading lists this process's
+#: children: 1-4 ms of CPU each (measured on a loaded 2-core machine), so polling 10 times a
+#: second already costs up to 4 % of a core, and memory moves on a scale of seconds anyway.
+MIN_CHECK_INTERVAL = 0.1
+
+#: The hysteresis used when none is given: 5 percentage points, or half the threshold when the
+#: threshold is 10 % or less (so a low threshold works without choosing a hysteresis).
+DEFAULT_HYSTERESIS = 5.0
 
 
 class MemoryMonitor(AsyncResource):
@@ -43,17 +52,27 @@ class MemoryMonitor(AsyncResource):
     ``async with MemoryMonitor(...) as monitor:`` monitors in a task of its own for the duration
     of the block; :meth:`aclose` (what leaving the block does) stops it.
 
+    The PrismQ guide's spelling works unchanged: ``MemoryMonitor(max_memory_percent=80.0,
+    check_interval=5.0)``, ``check_memory()``, ``await monitor_continuously()`` (as a task) and
+    ``stop_monitoring()``. One monitor may be used in several ``asyncio.run()`` calls in turn.
+
     Args:
         max_memory_percent: the threshold, in (0, 100].
-        check_interval: seconds (or ``timedelta``) between readings in ``monitor_continuously``.
-        on_high, on_low: transition callbacks; sync ones run on the event loop, keep them quick.
+        check_interval: seconds (or ``timedelta``) between readings in ``monitor_continuously``;
+            at least :data:`MIN_CHECK_INTERVAL` (0.1 s).
+        on_high, on_low: transition callbacks. Async ones are cancelled when monitoring stops, so
+            one that hangs does not keep :meth:`monitor_continuously` running; sync ones run on
+            the event loop and block it while they run, so keep them quick.
         hysteresis: width of the band below the threshold, in percentage points (>= 0, and less
-            than ``max_memory_percent``).
+            than ``max_memory_percent``); ``None``: 5, or half the threshold when that is
+            smaller.
         reader: returns a :class:`ResourceSnapshot`; defaults to psutil (without CPU).
 
     Raises:
         InvalidLimitError: a percentage or the hysteresis is out of range.
-        InvalidIntervalError: ``check_interval`` is not a positive, finite duration.
+        InvalidIntervalError: ``check_interval`` is not a finite duration of at least
+            :data:`MIN_CHECK_INTERVAL`.
+        InvalidTaskError: ``on_high`` or ``on_low`` is given and not callable.
     """
 
     def __init__(
@@ -63,19 +82,30 @@ class MemoryMonitor(AsyncResource):
         *,
         on_high: MemoryCallback | None = None,
         on_low: MemoryCallback | None = None,
-        hysteresis: float = 5.0,
+        hysteresis: float | None = None,
         reader: ResourceReader | None = None,
     ) -> None:
         self.max_memory_percent = check_percent(max_memory_percent, "max_memory_percent")
         self.check_interval = interval_seconds(check_interval, what="check_interval")
+        if self.check_interval < MIN_CHECK_INTERVAL:
+            raise InvalidIntervalError(
+                f"check_interval must be at least {MIN_CHECK_INTERVAL} s, got {check_interval!r}"
+            )
+        if hysteresis is None:
+            hysteresis = min(DEFAULT_HYSTERESIS, self.max_memory_percent / 2)
         if (
             isinstance(hysteresis, bool)
             or not isinstance(hysteresis, int | float)
             or not 0 <= hysteresis < self.max_memory_percent
         ):
             raise InvalidLimitError(
-                f"hysteresis must be >= 0 and below max_memory_percent, got {hysteresis!r}"
+                f"hysteresis ({hysteresis!r}) must be >= 0 and below max_memory_percent "
+                f"({self.max_memory_percent!r}): memory is low again at max_memory_percent - "
+                "hysteresis"
             )
+        for name, callback in (("on_high", on_high), ("on_low", on_low)):
+            if callback is not None and not callable(callback):
+                raise InvalidTaskError(f"{name} must be callable or None, got {callback!r}")
         self.hysteresis = float(hysteresis)
         self._on_high = on_high
         self._on_low = on_low
@@ -83,7 +113,9 @@ class MemoryMonitor(AsyncResource):
         self._latest: ResourceSnapshot | None = None
         self._is_high = False
         self._monitoring = False
-        self._stop = asyncio.Event()
+        # Made by each monitor_continuously() call: an asyncio.Event belongs to the loop that
+        # first waits on it, and a monitor may be used under several asyncio.run() calls.
+        self._stop: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -152,34 +184,57 @@ class MemoryMonitor(AsyncResource):
         reading is logged and the loop goes on. Calling it while it already runs logs a warning and
         returns at once. Cancelling the task ends the loop (the usual way to stop it on shutdown
         besides ``stop_monitoring``).
+
+        Cancellation: a reading or async callback in progress is cancelled with it; so is one
+        in progress when :meth:`stop_monitoring` is called, so a callback that hangs never keeps
+        this running.
         """
         if self._monitoring:
             logger.warning("MemoryMonitor is already monitoring; second call ignored")
             return
+        stop = asyncio.Event()
+        self._stop = stop
         self._monitoring = True
-        self._stop.clear()
         try:
-            while not self._stop.is_set():
-                try:
-                    await self.poll()
-                except Exception:
-                    logger.exception("memory reading failed")
+            while not stop.is_set():
+                await self._poll_unless_stopped(stop)
+                if stop.is_set():
+                    break
                 try:
                     async with asyncio.timeout(self.check_interval):
-                        await self._stop.wait()
+                        await stop.wait()
                 except TimeoutError:
                     pass
         finally:
             self._monitoring = False
+            if self._stop is stop:
+                self._stop = None
+
+    async def _poll_unless_stopped(self, stop: asyncio.Event) -> None:
+        poll = asyncio.ensure_future(self.poll())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not poll.done():
+                poll.cancel()
+                await asyncio.wait({poll})
+        if poll.cancelled():
+            logger.warning("monitoring stopped during a reading or callback; it was cancelled")
+        elif poll.exception() is not None:
+            logger.error("memory reading failed", exc_info=poll.exception())
 
     def stop_monitoring(self) -> None:
-        """Ask :meth:`monitor_continuously` to return; it does so without waiting out its interval.
-        The PrismQ guide's synchronous spelling; ``await aclose()`` also waits for the end.
+        """Ask :meth:`monitor_continuously` to return; it does so without waiting out its
+        interval, cancelling a reading or async callback in progress. The PrismQ guide's synchronous
+        spelling; ``await aclose()`` also waits for the end.
 
         Safe to call when not monitoring (it does nothing then: it does not pre-empt a later
         ``monitor_continuously`` call). Must be called from the event loop's thread.
         """
-        self._stop.set()
+        if self._stop is not None:
+            self._stop.set()
 
     async def __aenter__(self) -> Self:
         """Run :meth:`monitor_continuously` in a task owned by the monitor; leaving the block

@@ -253,6 +253,7 @@ async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> Worker
                 job.module_name,
                 job.script,
                 job.parameters,
+                args=list(job.args),
                 run_id=spec.run_id,
                 timeout=job.timeout,
                 memory_limit_bytes=job.memory_limit_bytes,

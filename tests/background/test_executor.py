@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,3 +158,78 @@ def test_bad_limits_and_specs() -> None:
         ModuleSpec.from_any({"module_id": "a"})
     with pytest.raises(ValueError, match="ModuleSpec or a mapping"):
         ModuleSpec.from_any(42)  # type: ignore[arg-type]
+
+
+# --- the PrismQ guide's call shapes (issue 13, issue 11 D13) -----------------------------------
+
+
+@pytest.fixture
+def argv_script(tmp_path: Path) -> Path:
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    script = folder / "show.py"
+    script.write_text("import os, sys\nprint('args', *sys.argv[1:])\nprint('cwd', os.getcwd())\n")
+    return script
+
+
+async def test_guide_execute_module_with_an_argument_list(argv_script: Path) -> None:
+    async with ConcurrentExecutor(max_concurrent=2, run_mode="async") as ex:
+        # ConcurrentExecutor.execute_module(module_id, script_path, args), as in the guide.
+        result = await ex.execute_module("show", argv_script, ["--mode", "fast", "-v"])
+        assert result["module_id"] == "show"
+        assert (result["exit_code"], result["success"]) == (0, True)
+        # The guide runs the script in its own folder.
+        assert result["output_tail"] == ["args --mode fast -v", f"cwd {argv_script.parent}"]
+        keywords = await ex.execute_module(
+            module_id="kw", script_path=str(argv_script), args=("x",)
+        )
+        assert keywords["output_tail"][0] == "args x" and keywords["module_name"] == "kw"
+        no_args = await ex.execute_module("bare", argv_script)
+        assert no_args["output_tail"][0] == "args"
+        run = await ex.registry.get_run(result["run_id"])
+        assert run is not None and run.status is pq.RunStatus.COMPLETED
+
+
+async def test_guide_execute_batch_with_tuples(argv_script: Path, tmp_path: Path) -> None:
+    async with ConcurrentExecutor(max_concurrent=2, run_mode="threaded") as ex:
+        results = await ex.execute_batch(
+            [
+                ("a", argv_script, ["1"]),
+                ("b", tmp_path / "missing.py", []),
+                ModuleSpec("c", "C", argv_script, {"n": 2}),
+                ("d", argv_script, "not-a-list"),
+            ]
+        )
+    assert [r["module_id"] for r in results] == ["a", "b", "c", "d"]
+    a, b, c, d = results
+    assert a["success"] and a["output_tail"][0] == "args 1"
+    assert b["error_type"] == "ScriptNotFoundError" and not b["success"]
+    assert c["output_tail"][0] == "args --n 2"
+    assert d["error_type"] == "InvalidArgumentTypeError" and "args" in d["error"]
+
+
+@pytest.mark.parametrize(
+    ("call", "names"),
+    [
+        (lambda ex, p: ex.execute_module("id", "Name", 5), "script_path"),
+        (lambda ex, p: ex.execute_module("id", p, "--flag"), "args"),
+        (lambda ex, p: ex.execute_module("id", p, ["--n", 3]), "args"),
+        (lambda ex, p: ex.execute_module("id", p, ["x"], args=["y"]), "args"),
+        (lambda ex, p: ex.execute_module("id", p, ["x"], {"n": 1}), "parameters"),
+        (lambda ex, p: ex.execute_module("id", "Name", p, args="--x"), "args"),
+    ],
+)
+async def test_bad_shapes_raise_a_specific_error_before_anything_starts(
+    argv_script: Path, call: Any, names: str
+) -> None:
+    async with ConcurrentExecutor(run_mode="async") as ex:
+        with pytest.raises(pq.PrismQError, match=names) as info:
+            await call(ex, argv_script)
+        assert isinstance(info.value, TypeError | ValueError)
+        assert await ex.registry.count_runs() == 0
+
+
+async def test_parameters_and_args_together(argv_script: Path) -> None:
+    async with ConcurrentExecutor(run_mode="async") as ex:
+        result = await ex.execute_module("m", "M", argv_script, {"n": 1}, args=["tail"])
+    assert result["output_tail"][0] == "args --n 1 tail"

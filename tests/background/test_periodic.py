@@ -11,10 +11,13 @@ import itertools
 import logging
 import math
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -24,6 +27,7 @@ from prismq_subprocess._background._periodic import PeriodicTask
 from prismq_subprocess._core._exceptions import (
     InvalidIntervalError,
     InvalidLimitError,
+    InvalidTaskError,
     InvalidTimeoutError,
     PrismQError,
 )
@@ -80,7 +84,7 @@ async def test_no_drift_over_1000_ticks_with_noisy_wakeups() -> None:
             clock.halt()
             done.set()
 
-    task = fake_task(clock, record, interval)
+    task = fake_task(clock, record, interval, run_immediately=False)
     task.start()
     await asyncio.wait_for(done.wait(), 10)
     await task.stop()
@@ -169,7 +173,7 @@ def test_schedule_positions_property(durations: list[float], run_immediately: bo
     assert ticks[-1] - first + 1 == runs + skipped
 
 
-async def test_run_after_first_interval_by_default_and_next_run_time() -> None:
+async def test_run_after_first_interval_when_not_immediate_and_next_run_time() -> None:
     clock = FakeClock()
     seen: list[float] = []
     gate = asyncio.Event()
@@ -178,7 +182,7 @@ async def test_run_after_first_interval_by_default_and_next_run_time() -> None:
         seen.append(clock.now)
         await gate.wait()
 
-    task = fake_task(clock, work, 2.0)
+    task = fake_task(clock, work, 2.0, run_immediately=False)
     assert task.stats.next_run_time is None
     task.start()
     for _ in range(5):
@@ -206,7 +210,7 @@ async def test_jitter_delays_start_but_never_moves_the_grid() -> None:
             clock.halt()
             done.set()
 
-    task = fake_task(clock, work, 1.0, jitter=0.4)
+    task = fake_task(clock, work, 1.0, jitter=0.4, run_immediately=False)
     task.start()
     await asyncio.wait_for(done.wait(), 5)
     await task.stop()
@@ -420,7 +424,7 @@ async def test_real_clock_schedule_positions() -> None:
     async def work() -> None:
         records.append((loop.time(), task.stats.last_scheduled_time))  # type: ignore[arg-type]
 
-    task = PeriodicTask("real", interval, work)
+    task = PeriodicTask("real", interval, work, run_immediately=False)
     origin = loop.time()
     task.start()
     while len(records) < 15:  # noqa: ASYNC110 - a run-count event would add a task to the test
@@ -469,3 +473,162 @@ async def test_invalid_stop_timeout() -> None:
 def test_start_without_a_running_loop_raises() -> None:
     with pytest.raises(RuntimeError):
         PeriodicTask("t", 1.0, lambda: None).start()
+
+
+# --- the PrismQ guide's defaults and issue 11 (B8, D13) -------------------------------------
+
+
+async def test_first_run_is_immediate_by_default_as_in_the_guide() -> None:
+    clock = FakeClock()
+    seen: list[float] = []
+    gate = asyncio.Event()
+
+    async def work() -> None:
+        seen.append(clock.now)
+        await gate.wait()
+
+    task = fake_task(clock, work, 2.0)
+    task.start()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert seen == [ORIGIN]
+    assert task.stats.next_run_time == pytest.approx(ORIGIN + 2.0)
+    gate.set()
+    await task.stop()
+
+
+def test_guide_attributes() -> None:
+    async def cleanup(days: int, *, dry: bool) -> None:
+        return None
+
+    task = PeriodicTask("cleanup", timedelta(hours=1), cleanup, 30, dry=True)
+    assert (task.name, task.task_func, task.args, task.kwargs) == (
+        "cleanup",
+        cleanup,
+        (30,),
+        {"dry": True},
+    )
+    assert task.interval == 3600.0
+
+
+@pytest.mark.parametrize("bad", [None, 5, "cleanup"])
+def test_task_func_must_be_callable(bad: object) -> None:
+    with pytest.raises(InvalidTaskError) as info:
+        PeriodicTask("bad", 1.0, bad)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError) and isinstance(info.value, PrismQError)
+    assert "task_func" in str(info.value)
+
+
+async def test_a_cancelled_error_escaping_a_run_is_a_failure_not_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    done = asyncio.Event()
+
+    async def helper() -> None:
+        await asyncio.sleep(3600)
+
+    async def work() -> None:
+        # Awaits a helper task that someone else cancels: its CancelledError escapes the run.
+        if task.stats.runs == 2:
+            clock.halt()
+            done.set()
+        inner = asyncio.create_task(helper())
+        asyncio.get_running_loop().call_soon(inner.cancel)
+        await inner
+
+    task = fake_task(clock, work, 1.0)
+    with caplog.at_level(logging.ERROR, logger="prismq_subprocess._background._periodic"):
+        task.start()
+        await asyncio.wait_for(done.wait(), 5)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert task.is_running  # the schedule went on after each escaped CancelledError
+        await task.stop()
+    stats = task.stats
+    assert stats.runs == 3 and stats.failures == 3
+    assert isinstance(stats.last_error, asyncio.CancelledError)
+    assert sum("CancelledError" in r.getMessage() for r in caplog.records) == 3
+
+
+EXITING_CALLBACKS = """
+import asyncio, sys
+from prismq_subprocess import PeriodicTask
+
+def sync_exit():
+    sys.exit(3)
+
+async def async_exit():
+    raise SystemExit(4)
+
+def sync_interrupt():
+    raise KeyboardInterrupt
+
+async def main():
+    tasks = [PeriodicTask(f.__name__, 0.01, f) for f in (sync_exit, async_exit, sync_interrupt)]
+    for task in tasks:
+        task.start()
+    while any(task.stats.runs < 3 for task in tasks):
+        await asyncio.sleep(0.01)
+    for task in tasks:
+        await task.stop()
+        print(task.name, task.stats.runs >= 3, task.stats.failures == task.stats.runs,
+              type(task.stats.last_error).__name__)
+    print("host survived")
+
+asyncio.run(main())
+"""
+
+
+def test_system_exit_from_a_run_does_not_end_the_host(tmp_path: Path) -> None:
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING_CALLBACKS)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "sync_exit True True SystemExit",
+        "async_exit True True SystemExit",
+        "sync_interrupt True True KeyboardInterrupt",
+        "host survived",
+    ]
+
+
+HUNG_CALLBACK = """
+import asyncio, threading
+from prismq_subprocess import PeriodicTask
+
+started = threading.Event()
+
+def hangs():
+    started.set()
+    threading.Event().wait()  # never returns
+
+async def main():
+    task = PeriodicTask("hangs", 0.01, hangs)
+    task.start()
+    await asyncio.to_thread(started.wait)
+    await task.stop(timeout=0.1)
+    print("stopped", task.is_running)
+
+asyncio.run(main())
+print("asyncio.run returned")
+"""
+
+
+def test_a_hung_plain_function_does_not_block_asyncio_run_exit(tmp_path: Path) -> None:
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_CALLBACK)
+    child = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # A hang guard, not a timing goal: without the fix the child never exits.
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 0, err
+    assert out.splitlines() == ["stopped False", "asyncio.run returned"]

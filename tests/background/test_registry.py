@@ -18,6 +18,7 @@ from prismq_subprocess._core._exceptions import (
     PrismQError,
     RegistryClosedError,
     RunNotFoundError,
+    RunStateError,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -226,3 +227,30 @@ async def test_many_concurrent_writers(registry: BaseRunRegistry) -> None:
     assert await registry.count_runs() == 60
     assert await registry.count_runs(status=RunStatus.COMPLETED) == 30
     assert await registry.count_runs(status=RunStatus.FAILED) == 30
+
+
+async def test_update_refuses_an_impossible_status_change(registry: BaseRunRegistry) -> None:
+    # Issue 11, D16: a stale copy must not move a finished run back, and a pending run cannot
+    # be stored COMPLETED without having run.
+    run = Run()
+    await registry.add_run(run)
+    skipped = Run(run_id=run.run_id, status=RunStatus.COMPLETED, exit_code=0)
+    with pytest.raises(RunStateError):
+        await registry.update_run(skipped)
+    stale = run.copy()
+    run.mark_running()
+    await registry.update_run(run)
+    run.mark_completed()
+    await registry.update_run(run)
+    stale.mark_running()
+    with pytest.raises(RunStateError):
+        await registry.update_run(stale)
+    stored = await registry.get_run(run.run_id)
+    assert stored is not None and stored.status is RunStatus.COMPLETED
+    run.output_tail = ["late line"]
+    await registry.update_run(run)  # same status: other fields may still change
+
+
+async def test_update_of_a_run_never_added_names_the_fix(registry: BaseRunRegistry) -> None:
+    with pytest.raises(RunNotFoundError, match="add_run"):
+        await registry.update_run(Run(run_id="never-added"))

@@ -185,3 +185,53 @@ runs = st.builds(
 def test_to_dict_from_dict_round_trip_through_json(run: Run) -> None:
     data = json.loads(json.dumps(run.to_dict()))
     assert Run.from_dict(data) == run
+
+
+# --- direct status assignment (issue 11, D16) -------------------------------------------------
+
+
+def test_assigning_status_follows_the_transition_rules_and_stamps_times() -> None:
+    # The guide's style: ``run.status = RunStatus.RUNNING`` ... ``run.status = COMPLETED``.
+    run = Run()
+    run.status = RunStatus.RUNNING
+    assert run.status is RunStatus.RUNNING
+    assert run.started_at is not None and run.finished_at is None
+    run.status = RunStatus.COMPLETED
+    run.exit_code = 0
+    assert run.status is RunStatus.COMPLETED and run.finished_at is not None
+    assert run.finished_at >= run.started_at
+    run.status = RunStatus.COMPLETED  # the same status again is a no-op
+    with pytest.raises(RunStateError):
+        run.status = RunStatus.RUNNING
+    with pytest.raises(RunStateError):
+        run.status = RunStatus.FAILED
+    assert run.status is RunStatus.COMPLETED
+
+
+def test_pending_cannot_be_assigned_completed() -> None:
+    run = Run()
+    with pytest.raises(RunStateError) as info:
+        run.status = RunStatus.COMPLETED
+    assert isinstance(info.value, PrismQError) and isinstance(info.value, ValueError)
+    assert run.status is RunStatus.PENDING and run.finished_at is None
+    with pytest.raises(InvalidRunError):
+        run.status = "sleeping"  # type: ignore[assignment]
+    run.status = "failed"  # type: ignore[assignment]
+    assert run.status is RunStatus.FAILED and run.finished_at is not None
+    assert run.started_at is None
+    running = Run()
+    running.mark_running()
+    with pytest.raises(RunStateError):
+        running.status = RunStatus.PENDING
+
+
+def test_assignment_keeps_timestamps_already_set() -> None:
+    run = Run()
+    run.mark_running(pid=5)
+    started = run.started_at
+    run.status = RunStatus.FAILED
+    assert run.started_at == started and run.pid == 5
+    # Constructing a run in any state stays possible (importing history, from_dict).
+    imported = Run(status=RunStatus.COMPLETED, exit_code=0)
+    assert imported.status is RunStatus.COMPLETED
+    assert imported.copy() == imported

@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import pytest
 
 from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
-from prismq_subprocess._background._sqlite_registry import SCHEMA_VERSION, SQLiteRunRegistry
-from prismq_subprocess._core._exceptions import RegistryClosedError, RegistrySchemaError
+from prismq_subprocess._background._sqlite_registry import (
+    _V1_COLUMNS,
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    SQLiteRunRegistry,
+    _migrate_0_to_1,
+    _migrate_1_to_2,
+    _row_values,
+)
+from prismq_subprocess._core._exceptions import (
+    InvalidTimeoutError,
+    PrismQError,
+    RegistryClosedError,
+    RegistrySchemaError,
+)
 
 
 def sqlite_threads() -> list[threading.Thread]:
@@ -218,6 +235,178 @@ async def test_cancelled_open_does_not_leak(tmp_path: Path) -> None:
     assert sqlite_threads() == []
 
 
+# --- issue 11, D13: bad settings refused at construction ------------------------------------
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, "10", True, None])
+def test_bad_busy_timeout_is_refused_at_construction(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(InvalidTimeoutError) as info:
+        SQLiteRunRegistry(tmp_path / "r.db", busy_timeout=bad)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError) and isinstance(info.value, PrismQError)
+    assert "busy_timeout" in str(info.value)
+    assert not (tmp_path / "r.db").exists() and sqlite_threads() == []
+
+
+async def test_busy_timeout_accepts_zero_and_a_timedelta(tmp_path: Path) -> None:
+    async with SQLiteRunRegistry(tmp_path / "a.db", busy_timeout=0) as registry:
+        await registry.add_run(Run())
+    async with SQLiteRunRegistry(tmp_path / "b.db", busy_timeout=timedelta(seconds=2)) as other:
+        assert other.busy_timeout == 2.0
+
+
+# --- issue 11, D15: foreign files and bad rows ----------------------------------------------
+
+
+def raw_pragmas(path: Path) -> tuple[int, int, str, list[str]]:
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        return (
+            raw.execute("PRAGMA application_id").fetchone()[0],
+            raw.execute("PRAGMA user_version").fetchone()[0],
+            raw.execute("PRAGMA journal_mode").fetchone()[0],
+            sorted(r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")),
+        )
+
+
+def make_foreign(path: Path, *, user_version: int = 0, application_id: int = 0) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        raw.execute("INSERT INTO notes (text) VALUES ('keep me')")
+        raw.execute(f"PRAGMA user_version = {user_version}")
+        raw.execute(f"PRAGMA application_id = {application_id}")
+        raw.commit()
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        {"user_version": 0},
+        {"user_version": 1},
+        {"user_version": 7},
+        {"user_version": 1, "application_id": 0x12345678},
+    ],
+)
+async def test_a_foreign_database_is_refused_and_left_untouched(
+    tmp_path: Path, foreign: dict[str, int]
+) -> None:
+    path = tmp_path / "theirs.db"
+    make_foreign(path, **foreign)
+    before = raw_pragmas(path)
+    registry = SQLiteRunRegistry(path)
+    with pytest.raises(RegistrySchemaError, match="not a prismq_subprocess run registry"):
+        await registry.open()
+    await registry.close()
+    assert raw_pragmas(path) == before  # no runs table, no version change, no WAL switch
+    assert before[3] == ["notes"] and before[2] == "delete"
+    assert sqlite_threads() == []
+
+
+async def test_a_new_or_empty_file_is_initialised_with_our_application_id(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for path in (empty, tmp_path / "new.db"):
+        async with SQLiteRunRegistry(path) as registry:
+            await registry.add_run(Run())
+        application_id, version, mode, tables = raw_pragmas(path)
+        assert (application_id, version, mode) == (APPLICATION_ID, SCHEMA_VERSION, "wal")
+        assert "runs" in tables
+
+
+async def test_our_application_id_with_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    async with SQLiteRunRegistry(path) as registry:
+        await registry.add_run(Run())
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(RegistrySchemaError, match="newer"):
+        await SQLiteRunRegistry(path).open()
+
+
+def write_version_1_file(path: Path, runs: list[Run]) -> None:
+    """A registry file as the previous version of this library wrote it: user_version 1 and
+    the runs table, no application_id."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        raw.execute("PRAGMA journal_mode = WAL")
+        raw.execute("BEGIN IMMEDIATE")
+        _migrate_0_to_1(raw)
+        raw.execute("PRAGMA user_version = 1")
+        insert = (
+            f"INSERT INTO runs ({', '.join(_V1_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(_V1_COLUMNS))})"
+        )
+        for run in runs:
+            raw.execute(insert, _row_values(run)[: len(_V1_COLUMNS)])
+        raw.execute("COMMIT")
+
+
+async def test_a_file_from_the_previous_version_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    done = Run(module_id="old", owner=RunOwner.current())
+    done.mark_running(pid=3)
+    done.mark_completed()
+    write_version_1_file(path, [done])
+    assert raw_pragmas(path)[:2] == (0, 1)
+    async with SQLiteRunRegistry(path) as registry:
+        assert await registry.get_run(done.run_id) == done
+        await registry.add_run(Run(module_id="new"))
+        assert await registry.count_runs() == 2
+    assert raw_pragmas(path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    async with SQLiteRunRegistry(path) as again:
+        assert await again.count_runs() == 2
+
+
+def damage(path: Path, run_id: str, column: str, value: object) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.execute(f"UPDATE runs SET {column} = ? WHERE run_id = ?", (value, run_id))
+        raw.commit()
+
+
+async def test_bad_rows_are_quarantined_and_the_good_ones_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "damaged.db"
+    good = [Run(module_id=f"good{i}") for i in range(3)]
+    bad_json = Run(module_id="bad-json")
+    bad_status = Run(module_id="bad-status")
+    bad_running = Run(module_id="bad-running")  # an active row: recovery reads it on open
+    bad_time = Run(module_id="bad-time")
+    async with SQLiteRunRegistry(path) as registry:
+        for run in [*good, bad_json, bad_status, bad_running, bad_time]:
+            await registry.add_run(run)
+    damage(path, bad_json.run_id, "parameters", "{not json")
+    damage(path, bad_status.run_id, "status", "sleeping")
+    damage(path, bad_running.run_id, "output_tail", "[oops")
+    damage(path, bad_time.run_id, "created_at", "yesterday")
+    bad_ids = {bad_json.run_id, bad_status.run_id, bad_running.run_id, bad_time.run_id}
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._background._sqlite_registry"):
+        async with SQLiteRunRegistry(path) as registry:
+            listed = await registry.list_runs()
+            assert {run.run_id for run in listed} == {run.run_id for run in good}
+            assert set(registry.quarantined_run_ids) == bad_ids
+            assert await registry.get_run(bad_json.run_id) is None
+            assert await registry.count_runs() == 3
+            assert [run.run_id for run in await registry.list_runs(limit=2)] == [
+                good[2].run_id,
+                good[1].run_id,
+            ]
+    assert all(any(i in r.getMessage() for r in caplog.records) for i in bad_ids)
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        kept = dict(raw.execute("SELECT run_id, reason FROM runs_quarantine").fetchall())
+    assert set(kept) == bad_ids
+    assert "JSON" in kept[bad_json.run_id] or "Expecting" in kept[bad_json.run_id]
+    assert "sleeping" in kept[bad_status.run_id]
+
+
+async def test_a_bad_row_found_by_get_run_is_quarantined(tmp_path: Path) -> None:
+    path = tmp_path / "one-bad.db"
+    async with SQLiteRunRegistry(path) as registry:
+        run = Run()
+        await registry.add_run(run)
+        damage(path, run.run_id, "parameters", "[1, 2")  # damaged while open
+        assert await registry.get_run(run.run_id) is None
+        assert registry.quarantined_run_ids == [run.run_id]
+        assert await registry.count_runs() == 0
+
+
 async def test_the_worker_of_a_cluster_run_is_stored(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     run = Run(module_id="m", module_name="M", mode="dask")
@@ -231,24 +420,24 @@ async def test_the_worker_of_a_cluster_run_is_stored(tmp_path: Path) -> None:
     assert stored == run and stored is not None and stored.worker == "tls://10.0.0.7:40331"
 
 
-async def test_a_version_1_file_gains_the_worker_column_and_keeps_its_runs(tmp_path: Path) -> None:
-    from prismq_subprocess._background._sqlite_registry import _migrate_0_to_1
-
-    path = tmp_path / "v1.db"
-    with sqlite3.connect(path) as raw:
-        _migrate_0_to_1(raw)
-        raw.execute(
-            "INSERT INTO runs (run_id, module_id, module_name, parameters, status, created_at,"
-            " mode, output_tail) VALUES ('old', 'm', 'M', '{}', 'completed', 0, 'async', '[]')"
-        )
-        raw.execute("PRAGMA user_version = 1")
-    raw.close()
-    async with SQLiteRunRegistry(path) as registry:
-        old = await registry.get_run("old")
-        assert old is not None and old.worker is None and old.status.value == "completed"
-        new = Run(module_id="m", worker="tcp://w:1")
-        await registry.add_run(new)
-        assert await registry.get_run(new.run_id) == new
-    with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 2
-    raw.close()
+async def test_older_files_gain_the_worker_column_and_keep_their_runs(tmp_path: Path) -> None:
+    # Version 1 (the first release) and version 2 (with the quarantine table) both reach the
+    # current schema, where cluster runs record their worker.
+    old = Run(module_id="m", module_name="M", owner=RunOwner.current())
+    old.mark_running(pid=3)
+    old.mark_completed()
+    write_version_1_file(tmp_path / "v1.db", [old])
+    write_version_1_file(tmp_path / "v2.db", [old])
+    with contextlib.closing(sqlite3.connect(tmp_path / "v2.db", isolation_level=None)) as raw:
+        _migrate_1_to_2(raw)
+        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        raw.execute("PRAGMA user_version = 2")
+    for version in (1, 2):
+        path = tmp_path / f"v{version}.db"
+        async with SQLiteRunRegistry(path) as registry:
+            stored = await registry.get_run(old.run_id)
+            assert stored == old and stored is not None and stored.worker is None
+            new = Run(module_id="m", worker="tcp://w:1")
+            await registry.add_run(new)
+            assert await registry.get_run(new.run_id) == new
+        assert raw_pragmas(path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)

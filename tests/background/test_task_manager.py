@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import json
 import logging
+import pickle
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,14 +17,18 @@ from prismq_subprocess._background._memory_registry import BaseRunRegistry, RunR
 from prismq_subprocess._background._output_capture import OutputCapture
 from prismq_subprocess._background._run_record import Run, RunStatus
 from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
-from prismq_subprocess._background._task_manager import BackgroundTaskManager
+from prismq_subprocess._background._task_manager import BackgroundTaskManager, ExitCode
 from prismq_subprocess._core._exceptions import (
     DuplicateRunError,
     InvalidLimitError,
+    InvalidTaskError,
     InvalidTimeoutError,
+    PrismQError,
     RunStateError,
     TaskManagerClosedError,
 )
+from prismq_subprocess._core._modes import RunMode
+from prismq_subprocess._core._result import ProcessResult
 from prismq_subprocess._resources._readings import ResourceSnapshot
 from prismq_subprocess._resources._resource_manager import ResourceManager
 
@@ -54,18 +60,29 @@ async def test_outcomes_recorded(registry: BaseRunRegistry) -> None:
         await asyncio.sleep(0)
         raise ValueError("bad input")
 
+    result = ProcessResult(
+        args=("x",), returncode=2, stdout=b"", stderr=b"", pid=1, duration=0.0, mode=RunMode.ASYNC
+    )
     async with BackgroundTaskManager(registry) as manager:
         ok = await manager.start_task(Run(module_id="a"), returns(None))
         zero = await manager.start_task(Run(), returns(0))
+        # As in the PrismQ guide, any normal return is success, a plain int included.
         three = await manager.start_task(Run(), returns(3))
         true = await manager.start_task(Run(), returns(True))
+        # An explicit exit status is an ExitCode or a ProcessResult.
+        exit_three = await manager.start_task(Run(), returns(ExitCode(3)))
+        exit_zero = await manager.start_task(Run(), returns(ExitCode(0)))
+        process = await manager.start_task(Run(), returns(result))
         failed = await manager.start_task(Run(module_name="Boom"), boom())
         await manager.wait_all()
     expect = {
-        ok: (RunStatus.COMPLETED, None, None),
+        ok: (RunStatus.COMPLETED, 0, None),
         zero: (RunStatus.COMPLETED, 0, None),
-        three: (RunStatus.FAILED, 3, "exited with status 3"),
-        true: (RunStatus.COMPLETED, None, None),
+        three: (RunStatus.COMPLETED, 0, None),
+        true: (RunStatus.COMPLETED, 0, None),
+        exit_three: (RunStatus.FAILED, 3, "exited with status 3"),
+        exit_zero: (RunStatus.COMPLETED, 0, None),
+        process: (RunStatus.FAILED, 2, "exited with status 2"),
         failed: (RunStatus.FAILED, None, "ValueError: bad input"),
     }
     for run_id, (status, exit_code, message) in expect.items():
@@ -202,11 +219,14 @@ async def test_cancel_running(registry: BaseRunRegistry) -> None:
 
 
 async def test_cancel_before_coroutine_runs_closes_it(registry: BaseRunRegistry) -> None:
+    coro = returns(0)
     async with BackgroundTaskManager(registry) as manager:
-        run_id = await manager.start_task(Run(), returns(0))
-        # The task exists but has not run a step yet.
+        # Called without await (the guide's style): the task exists but has not run a step yet.
+        run_id = manager.start_task(Run(), coro)
         assert await manager.cancel_task(run_id)
-    assert (await stored(registry, run_id)).status is RunStatus.CANCELLED
+    run = await stored(registry, run_id)
+    assert run.status is RunStatus.CANCELLED and run.started_at is None
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
 
 
 async def test_max_concurrent_fifo_queue_and_cancel_queued(registry: BaseRunRegistry) -> None:
@@ -349,8 +369,10 @@ async def test_bad_starts_close_the_coroutine() -> None:
             await manager.start_task(done, refused[1])
         old = Run()
         await registry.add_run(old)
-        with pytest.raises(DuplicateRunError):  # raised by the registry
-            await manager.start_task(old.copy(), refused[2])
+        old.mark_cancelled()
+        await registry.update_run(old)
+        with pytest.raises(DuplicateRunError):  # stored and no longer pending
+            await manager.start_task(Run(run_id=old.run_id), refused[2])
         assert [r.run_id for r in manager.active_runs()] == [run.run_id]
         gate.set()
     # Closed, so garbage collection never warns "coroutine ... was never awaited".
@@ -388,7 +410,7 @@ async def test_many_tasks_concurrently_with_sqlite(tmp_path: Path) -> None:
         BackgroundTaskManager(registry, max_concurrent=8) as manager,
     ):
         for i in range(100):
-            await manager.start_task(Run(module_id=str(i % 3)), returns(i % 2))
+            await manager.start_task(Run(module_id=str(i % 3)), returns(ExitCode(i % 2)))
         await manager.wait_all()
         assert await registry.count_runs(status=RunStatus.COMPLETED) == 50
         assert await registry.count_runs(status=RunStatus.FAILED) == 50
@@ -436,7 +458,7 @@ async def test_admitted_runs_proceed(registry: BaseRunRegistry) -> None:
     async with BackgroundTaskManager(
         registry, max_concurrent=2, resource_manager=memory.manager(), admission_wait=False
     ) as manager:
-        ids = [await manager.start_task(Run(), returns(i % 2)) for i in range(4)]
+        ids = [await manager.start_task(Run(), returns(ExitCode(i % 2))) for i in range(4)]
         await manager.wait_all()
     statuses = [(await stored(registry, run_id)).status for run_id in ids]
     assert statuses == [RunStatus.COMPLETED, RunStatus.FAILED] * 2
@@ -564,3 +586,218 @@ async def test_failing_reader_fails_the_run_and_closes_the_coroutine(
 def test_bad_admission_timeout(bad: object) -> None:
     with pytest.raises(InvalidTimeoutError):
         BackgroundTaskManager(RunRegistry(), admission_timeout=bad)  # type: ignore[arg-type]
+
+
+# --- the PrismQ guide's call shape (issue 13) -------------------------------------------------
+
+
+async def test_start_task_called_without_await_runs_the_work(
+    registry: BaseRunRegistry, recwarn: pytest.WarningsRecorder
+) -> None:
+    ran = asyncio.Event()
+
+    async def work() -> None:
+        ran.set()
+
+    manager = BackgroundTaskManager(registry)
+    run = Run(module_id="guide")
+    run_id = manager.start_task(run, work())  # the guide: a plain call returning the id
+    assert run_id == run.run_id and isinstance(run_id, str)
+    assert {run_id: 1}[run.run_id] == 1  # usable as the plain id
+    await manager.wait_all()
+    assert ran.is_set()
+    got = await stored(registry, run_id)
+    assert (got.status, got.exit_code) == (RunStatus.COMPLETED, 0)
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    await manager.shutdown()
+
+
+async def test_handle_is_a_plain_id_that_can_be_awaited(registry: BaseRunRegistry) -> None:
+    gate = asyncio.Event()
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run()
+        handle = manager.start_task(run, gate.wait())
+        assert await handle == run.run_id
+        assert type(await handle) is str  # awaiting twice is fine; gives a plain str
+        assert handle.stored
+        assert (await stored(registry, run.run_id)).status in (
+            RunStatus.PENDING,
+            RunStatus.RUNNING,
+        )
+        assert pickle.loads(pickle.dumps(handle)) == run.run_id
+        assert json.dumps({"run_id": handle}) == json.dumps({"run_id": run.run_id})
+        gate.set()
+
+
+async def test_a_run_the_caller_added_is_taken_over(registry: BaseRunRegistry) -> None:
+    run = Run(module_id="added-first")
+    await registry.add_run(run)  # the guide's caller may add the run itself
+    async with BackgroundTaskManager(registry) as manager:
+        assert await manager.start_task(run, returns(None)) == run.run_id
+        copy_added = Run(module_id="copy")
+        await registry.add_run(copy_added)
+        manager.start_task(copy_added.copy(), returns(None))  # not the same object: fine too
+        await manager.wait_all()
+    for run_id in (run.run_id, copy_added.run_id):
+        assert (await stored(registry, run_id)).status is RunStatus.COMPLETED
+    assert await registry.count_runs() == 2
+
+
+async def test_store_failure_without_await_is_logged_not_lost(
+    registry: BaseRunRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    done = Run()
+    await registry.add_run(done)
+    done.mark_cancelled("earlier")
+    await registry.update_run(done)
+    coro = returns(None)
+    with caplog.at_level(logging.ERROR, logger="prismq_subprocess._background._task_manager"):
+        async with BackgroundTaskManager(registry) as manager:
+            handle = manager.start_task(Run(run_id=done.run_id), coro)
+            await manager.wait_all()
+            assert not handle.stored
+            with pytest.raises(DuplicateRunError, match="cancelled"):
+                await handle
+    assert any(done.run_id in r.getMessage() for r in caplog.records)
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    assert (await stored(registry, done.run_id)).error_message == "earlier"
+    del handle
+    gc.collect()
+    await asyncio.sleep(0)
+    assert loop_errors == []
+
+
+async def test_tasks_maps_active_run_ids_to_their_tasks(registry: BaseRunRegistry) -> None:
+    gate = asyncio.Event()
+    async with BackgroundTaskManager(registry) as manager:
+        first = manager.start_task(Run(), gate.wait())
+        second = manager.start_task(Run(), gate.wait())
+        tasks = manager.tasks
+        assert set(tasks) == {first, second}
+        assert all(isinstance(t, asyncio.Task) and not t.done() for t in tasks.values())
+        await second  # stored
+        tasks[second].cancel()  # cancels the run like cancel_task(): recorded CANCELLED
+        await asyncio.wait({tasks[second]})
+        assert set(manager.tasks) == {first}
+        assert (await stored(registry, second)).status is RunStatus.CANCELLED
+        gate.set()
+        await manager.tasks[first]  # done means recorded
+        assert (await stored(registry, first)).status is RunStatus.COMPLETED
+        assert manager.tasks == {}
+        # Cancelled before its task ran a single step: still recorded CANCELLED.
+        coro = gate.wait()
+        third = manager.start_task(Run(), coro)
+        manager.tasks[third].cancel()
+        await manager.wait_all()
+        assert (await stored(registry, third)).status is RunStatus.CANCELLED
+        assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
+async def test_cancelling_an_awaited_start_cancels_the_run(tmp_path: Path) -> None:
+    # SQLite stores in its worker thread, so the starter's cancellation lands while storing.
+    async with SQLiteRunRegistry(tmp_path / "r.db") as registry:
+        manager = BackgroundTaskManager(registry)
+        run = Run()
+        coro = returns(None)
+
+        async def start() -> str:
+            return await manager.start_task(run, coro)
+
+        starter = asyncio.create_task(start())
+        await asyncio.sleep(0)  # the starter now waits for the store
+        starter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starter
+        await manager.wait_all()
+        got = await stored(registry, run.run_id)
+        assert got.status is RunStatus.CANCELLED and got.started_at is None
+        assert got.error_message == "start_task was cancelled before the run was stored"
+        assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+        await manager.shutdown()
+
+
+# --- issue 11, B7: non-coroutines, and a shutdown bounded whatever a run does ------------------
+
+
+async def test_non_coroutines_are_refused_before_anything_starts() -> None:
+    registry = RunRegistry()
+    manager = BackgroundTaskManager(registry)
+
+    async def work() -> None:
+        await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(work())
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    for bad in (task, future, work, lambda: None, None):
+        run = Run()
+        with pytest.raises(InvalidTaskError) as info:
+            manager.start_task(run, bad)  # type: ignore[arg-type]
+        assert isinstance(info.value, TypeError) and isinstance(info.value, PrismQError)
+        assert await registry.get_run(run.run_id) is None
+    assert manager.active_runs() == [] and manager.tasks == {}
+    await asyncio.wait_for(manager.wait_all(), 5)  # nothing left RUNNING to hang on
+    await task  # not ours: it was left alone
+    future.cancel()
+    coro = work()
+    with pytest.raises(InvalidTaskError):
+        manager.start_task("not a run", coro)  # type: ignore[arg-type]
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    await asyncio.wait_for(manager.shutdown(), 5)
+
+
+class HangingRegistry(RunRegistry):
+    """A memory registry whose writes hang forever once ``hang`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = False
+
+    async def update_run(self, run: Run) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        await super().update_run(run)
+
+
+async def test_shutdown_is_bounded_when_recording_hangs(caplog: pytest.LogCaptureFixture) -> None:
+    registry = HangingRegistry()
+    manager = BackgroundTaskManager(registry)
+    started = asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    run_id = await manager.start_task(Run(), work())
+    await started.wait()
+    registry.hang = True  # the CANCELLED write of the cancelled run never returns
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._background._task_manager"):
+        # Generous bound: the promise is about 2 x grace + 1 s; this guards against a hang.
+        await asyncio.wait_for(manager.shutdown(grace=0.05), 30)
+    assert manager.active_runs() == []
+    assert any(run_id in r.getMessage() for r in caplog.records)
+    await asyncio.wait_for(manager.wait_all(), 5)
+
+
+async def test_each_await_of_a_handle_waits_on_its_own(tmp_path: Path) -> None:
+    async with SQLiteRunRegistry(tmp_path / "r.db") as registry:
+        manager = BackgroundTaskManager(registry)
+        run = Run()
+        handle = manager.start_task(run, returns(None))
+
+        async def confirm() -> str:
+            return await handle
+
+        first = asyncio.create_task(confirm())
+        second = asyncio.create_task(confirm())
+        await asyncio.sleep(0)  # both wait for the store
+        first.cancel()  # cancels the start, but not the other waiter's wait
+        assert await second == run.run_id
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await manager.wait_all()
+        assert (await stored(registry, run.run_id)).status is RunStatus.CANCELLED
+        assert handle.stored and await handle == run.run_id
+        await manager.shutdown()

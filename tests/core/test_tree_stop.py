@@ -372,3 +372,12 @@ async def test_batch_stop_kills_the_stubborn_and_returns_statuses_in_order(
     assert await pq.terminate_many([]) == []
     with pytest.raises(pq.exceptions.InvalidTimeoutError):
         await pq.terminate_many(procs, timeout=-1)
+
+
+async def test_execute_with_timeout_names_a_task_not_a_command() -> None:
+    # Issue 13: a coroutine that is not a command was reported as "command 'slow' timed out".
+    with pytest.raises(pq.ProcessTimeoutError) as info:
+        await pq.execute_with_timeout(asyncio.sleep(30), 0.05, "slow")
+    assert isinstance(info.value, TimeoutError) and isinstance(info.value, pq.TaskTimeoutError)
+    assert str(info.value) == "task 'slow' timed out after 0.05 s and was cancelled"
+    assert info.value.task_name == "slow" and info.value.timeout == 0.05

@@ -328,3 +328,16 @@ def test_a_strategy_instance_serves_one_wrapper() -> None:
     with pytest.raises(pq.exceptions.InvalidCommandError, match="one strategy per wrapper"):
         pq.SubprocessWrapper(strategy)
     first.cleanup()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX reaping (waitpid)")
+@pytest.mark.parametrize("mode", [RunMode.THREADED, RunMode.LOCAL])
+async def test_cleanup_reaps_the_children_it_kills(mode: RunMode) -> None:
+    # Found by the guide's Pattern 1 (issue 13): `finally: wrapper.cleanup()` after a timeout,
+    # then the loop closed before its pidfd reader ran: the killed child stayed a zombie and its
+    # Popen warned "subprocess N is still running" when collected.
+    wrapper = pq.SubprocessWrapper(mode)
+    process, _, _ = await wrapper.create_subprocess(*py("import time; time.sleep(30)"))
+    wrapper.cleanup()  # no loop iteration runs between the kill and this check
+    with pytest.raises(ChildProcessError):
+        os.waitpid(process.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG: never blocks

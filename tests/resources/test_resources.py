@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterable
+from datetime import timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -19,12 +20,13 @@ from hypothesis import strategies as st
 from prismq_subprocess._core._exceptions import (
     InvalidIntervalError,
     InvalidLimitError,
+    InvalidTaskError,
     InvalidTimeoutError,
     PrismQError,
     ResourceLimitException,
     ResourceWaitTimeoutError,
 )
-from prismq_subprocess._resources._memory_monitor import MemoryMonitor
+from prismq_subprocess._resources._memory_monitor import MIN_CHECK_INTERVAL, MemoryMonitor
 from prismq_subprocess._resources._readings import PsutilResourceReader, ResourceSnapshot
 from prismq_subprocess._resources._resource_manager import ResourceManager
 
@@ -146,7 +148,7 @@ async def test_monitor_continuously_until_stopped(caplog: pytest.LogCaptureFixtu
     lows = asyncio.Event()
     monitor = MemoryMonitor(
         80.0,
-        check_interval=0.01,
+        check_interval=0.1,
         on_high=lambda s: highs.set(),
         on_low=lambda s: lows.set(),
         reader=reader,
@@ -161,7 +163,7 @@ async def test_monitor_continuously_until_stopped(caplog: pytest.LogCaptureFixtu
     await asyncio.wait_for(task, 1)
     assert not monitor.is_monitoring
     calls = reader.calls
-    await asyncio.sleep(0.03)
+    await asyncio.sleep(0.3)  # three intervals: no reading after the stop
     assert reader.calls == calls
 
 
@@ -191,7 +193,7 @@ async def test_failing_reader_and_callback_are_logged_and_monitoring_goes_on(
     def on_high(snapshot: ResourceSnapshot) -> None:
         raise RuntimeError("callback bug")
 
-    monitor = MemoryMonitor(80.0, check_interval=0.01, on_high=on_high, reader=reader)
+    monitor = MemoryMonitor(80.0, check_interval=0.1, on_high=on_high, reader=reader)
     with caplog.at_level(logging.ERROR):
         task = asyncio.create_task(monitor.monitor_continuously())
         await asyncio.wait_for(done.wait(), 5)
@@ -220,6 +222,67 @@ def test_memory_monitor_validation(args: dict[str, object], error: type[Exceptio
     with pytest.raises(error) as info:
         MemoryMonitor(reader=FakeReader(), **args)  # type: ignore[arg-type]
     assert isinstance(info.value, PrismQError) and isinstance(info.value, ValueError)
+
+
+def test_a_low_threshold_needs_no_hysteresis_argument() -> None:
+    # MemoryMonitor(max_memory_percent=1.0) used to fail on the default 5-point hysteresis.
+    monitor = MemoryMonitor(max_memory_percent=1.0, reader=FakeReader())
+    assert monitor.max_memory_percent == 1.0 and 0 <= monitor.hysteresis < 1.0
+    assert MemoryMonitor(reader=FakeReader()).hysteresis == 5.0
+    with pytest.raises(InvalidLimitError) as info:
+        MemoryMonitor(max_memory_percent=1.0, hysteresis=5.0, reader=FakeReader())
+    message = str(info.value)
+    assert "hysteresis (5.0)" in message and "max_memory_percent (1.0)" in message
+
+
+@pytest.mark.parametrize("bad", [0.05, 1e-9, timedelta(milliseconds=5)])
+def test_check_interval_below_the_floor_is_refused(bad: object) -> None:
+    with pytest.raises(InvalidIntervalError, match="at least"):
+        MemoryMonitor(check_interval=bad, reader=FakeReader())  # type: ignore[arg-type]
+    MemoryMonitor(check_interval=MIN_CHECK_INTERVAL, reader=FakeReader())
+
+
+@pytest.mark.parametrize("bad", [{"on_high": 5}, {"on_low": "log"}])
+def test_callbacks_must_be_callable(bad: dict[str, object]) -> None:
+    with pytest.raises(InvalidTaskError) as info:
+        MemoryMonitor(reader=FakeReader(), **bad)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError) and isinstance(info.value, PrismQError)
+
+
+def test_monitor_is_reusable_across_asyncio_run_calls() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=FakeReader([50.0]))
+
+    async def watch_briefly() -> None:
+        task = asyncio.create_task(monitor.monitor_continuously())
+        await asyncio.sleep(0.15)
+        monitor.stop_monitoring()
+        await asyncio.wait_for(task, 5)
+
+    for _ in range(3):
+        asyncio.run(watch_briefly())
+    assert not monitor.is_monitoring
+
+
+async def test_a_hanging_callback_does_not_keep_monitoring_alive() -> None:
+    entered = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def on_high(snapshot: ResourceSnapshot) -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # never returns
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monitor = MemoryMonitor(
+        80.0, check_interval=0.1, on_high=on_high, reader=FakeReader([95.0])
+    )
+    task = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.wait_for(entered.wait(), 5)
+    monitor.stop_monitoring()
+    await asyncio.wait_for(task, 5)  # a hang guard: without the fix this never returns
+    assert cancelled.is_set() and not monitor.is_monitoring
 
 
 # --- ResourceManager -------------------------------------------------------------------------

@@ -1,0 +1,257 @@
+"""Finding what a test left behind: child processes, threads and file descriptors.
+
+A :class:`LeakCheck` takes a baseline before the test and compares after it, giving the leftovers
+a moment to go (threads finishing, children being reaped, descriptors closing) before it reports.
+Processes are found two ways: as descendants of this process, and by an environment cookie set
+for the duration of the check, which every child inherits (unless given an explicit ``env=``
+without it), so a grandchild that escaped into its own session is found even once re-parented.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import psutil
+
+from .._platform import IS_WINDOWS
+
+__all__ = ["COOKIE_VAR", "DEFAULT_IGNORED_THREADS", "LeakCheck", "LeakReport"]
+
+#: The environment variable carrying the check's cookie to every child started during the test.
+COOKIE_VAR = "PRISMQ_PYTEST_COOKIE"
+
+#: Thread-name prefixes that belong to the event loop's worker pools, not to the test: asyncio's
+#: default executor and anyio's worker threads (both outlive a task by design).
+DEFAULT_IGNORED_THREADS = ("asyncio_", "AnyIO worker thread")
+
+_POLL = 0.05
+# Linux can list this process's descriptors with what each one is; elsewhere we count them.
+_FD_DIR = "/proc/self/fd"
+
+
+@dataclass
+class LeakReport:
+    """What was still there after the test: one description per leaked item."""
+
+    processes: list[str] = field(default_factory=list)
+    threads: list[str] = field(default_factory=list)
+    fds: list[str] = field(default_factory=list)
+    waited: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.processes or self.threads or self.fds)
+
+    def __str__(self) -> str:
+        if not self:
+            return "no leaks"
+        parts = [f"the test leaked (still there {self.waited:.1f} s after its teardown):"]
+        for title, items in (
+            ("child processes (killed now)", self.processes),
+            ("threads", self.threads),
+            ("file descriptors", self.fds),
+        ):
+            if items:
+                parts.append(f"  {title}:")
+                parts += [f"    - {item}" for item in items]
+        return "\n".join(parts)
+
+
+def _process_key(proc: psutil.Process) -> tuple[int, float] | None:
+    try:
+        return proc.pid, proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def _describe_process(proc: psutil.Process) -> str:
+    try:
+        with proc.oneshot():
+            command = " ".join(proc.cmdline()) or proc.name()
+            status = proc.status()
+            parent = proc.ppid()
+    except psutil.Error as exc:
+        return f"pid {proc.pid} ({type(exc).__name__})"
+    if len(command) > 200:
+        command = command[:197] + "..."
+    return f"pid {proc.pid} [{status}, parent {parent}]: {command}"
+
+
+def _describe_thread(thread: threading.Thread) -> str:
+    target = getattr(thread, "_target", None)
+    where = getattr(target, "__qualname__", None) or type(thread).__qualname__
+    kind = "daemon" if thread.daemon else "non-daemon"
+    return f"{thread.name!r} ({kind}, runs {where})"
+
+
+def _open_fds() -> dict[int, str]:
+    """This process's descriptors and what each names (Linux), or {} where that is unknown."""
+    found: dict[int, str] = {}
+    try:
+        names = os.listdir(_FD_DIR)
+    except OSError:
+        return found
+    for name in names:
+        with contextlib.suppress(OSError, ValueError):
+            # The descriptor listdir itself used is closed by now: readlink fails, skip it.
+            found[int(name)] = os.readlink(os.path.join(_FD_DIR, name))
+    return found
+
+
+def _fd_count() -> int | None:
+    me = psutil.Process()
+    num_fds = getattr(me, "num_fds", None)
+    return num_fds() if num_fds is not None else None
+
+
+class LeakCheck:
+    """A baseline of this process's children, threads and descriptors, compared after a test.
+
+    Use :meth:`start` before the test (before its fixtures) and :meth:`finish` after its
+    teardown. ``timeout`` bounds how long leftovers get to go away; a clean test costs one look.
+    Threads whose names start with ``ignore_threads`` (added to
+    :data:`DEFAULT_IGNORED_THREADS`) are not reported. Descriptors are listed on Linux, counted
+    on other POSIX systems, and not checked on Windows (handle counts move on their own there).
+    """
+
+    def __init__(
+        self,
+        *,
+        processes: bool = True,
+        threads: bool = True,
+        fds: bool = True,
+        ignore_threads: Iterable[str] = (),
+        timeout: float = 5.0,
+    ) -> None:
+        self.processes = processes
+        self.threads = threads
+        self.fds = fds and not IS_WINDOWS
+        self.ignore_threads = (*DEFAULT_IGNORED_THREADS, *ignore_threads)
+        self.timeout = timeout
+        self.cookie = uuid.uuid4().hex
+        #: True once :meth:`start` has taken the baseline.
+        self.started = False
+        self._saved_cookie: str | None = None
+        self._started = 0.0
+        self._children: set[tuple[int, float]] = set()
+        self._thread_set: set[threading.Thread] = set()
+        self._fd_map: dict[int, str] = {}
+        self._fd_total: int | None = None
+
+    def start(self) -> None:
+        """Take the baseline and set the environment cookie."""
+        self.started = True
+        self._started = time.time()
+        me = psutil.Process()
+        self._children = {
+            key for key in map(_process_key, me.children(recursive=True)) if key is not None
+        }
+        self._thread_set = set(threading.enumerate())
+        self._fd_map = _open_fds()
+        self._fd_total = _fd_count()
+        if self.processes:
+            self._saved_cookie = os.environ.get(COOKIE_VAR)
+            os.environ[COOKIE_VAR] = self.cookie
+
+    def finish(self) -> LeakReport:
+        """Wait up to ``timeout`` for leftovers to go, restore the environment, kill leaked
+        processes, and return what leaked (empty: nothing)."""
+        try:
+            deadline = time.monotonic() + self.timeout
+            began = time.monotonic()
+            collected = False
+            while True:
+                report = self._look()
+                if not report or time.monotonic() >= deadline:
+                    break
+                if not collected:
+                    # Objects in reference cycles may hold descriptors until collected.
+                    gc.collect()
+                    collected = True
+                time.sleep(_POLL)
+            report.waited = time.monotonic() - began
+            return report
+        finally:
+            if self.processes:
+                if self._saved_cookie is None:
+                    os.environ.pop(COOKIE_VAR, None)
+                else:
+                    os.environ[COOKIE_VAR] = self._saved_cookie
+                self._kill(self._leaked_processes())
+
+    def _look(self) -> LeakReport:
+        report = LeakReport()
+        if self.processes:
+            report.processes = [_describe_process(p) for p in self._leaked_processes()]
+        if self.threads:
+            report.threads = [_describe_thread(t) for t in self._leaked_threads()]
+        if self.fds:
+            report.fds = self._leaked_fds()
+        return report
+
+    def _leaked_processes(self) -> list[psutil.Process]:
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.Process().children(recursive=True):
+            key = _process_key(proc)
+            if key is not None and key not in self._children:
+                found[proc.pid] = proc  # zombies too: exited, but nobody reaped them
+        for proc in psutil.process_iter(["create_time"]):
+            if proc.pid in found or proc.info["create_time"] is None:
+                continue
+            if proc.info["create_time"] < self._started - 1.0:
+                continue
+            try:
+                carries = proc.environ().get(COOKIE_VAR) == self.cookie
+                if carries and proc.status() != psutil.STATUS_ZOMBIE:
+                    found[proc.pid] = proc
+            except psutil.Error:
+                continue
+        return list(found.values())
+
+    def _leaked_threads(self) -> list[threading.Thread]:
+        return [
+            thread
+            for thread in threading.enumerate()
+            if thread not in self._thread_set
+            and thread.is_alive()
+            and not thread.name.startswith(self.ignore_threads)
+        ]
+
+    def _leaked_fds(self) -> list[str]:
+        now = _open_fds()
+        if now or self._fd_map:
+            # New descriptor numbers only: pytest's output capture re-points 0-2 (and whatever
+            # was open before) between the phases of a test with dup2, which is no leak.
+            return [
+                f"fd {fd} -> {target}"
+                for fd, target in sorted(now.items())
+                if fd not in self._fd_map and fd > 2
+            ]
+        total, before = _fd_count(), self._fd_total
+        if total is None or before is None or total <= before:
+            return []
+        return [f"{total - before} more open than before the test ({before} -> {total})"]
+
+    @staticmethod
+    def _kill(procs: list[psutil.Process]) -> None:
+        if not procs:
+            return
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        # A Popen the test still holds would warn "subprocess N is still running" when it is
+        # collected, in whichever later test that happens: reap through it, so it knows.
+        pids = {proc.pid for proc in procs}
+        for obj in gc.get_objects():
+            if isinstance(obj, subprocess.Popen) and obj.pid in pids and obj.returncode is None:
+                with contextlib.suppress(Exception):
+                    obj.wait(3.0)
+        # Reaps the other children among them, so no zombie is left for the next test.
+        psutil.wait_procs(procs, timeout=3.0)

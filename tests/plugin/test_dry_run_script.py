@@ -1,0 +1,174 @@
+"""DryRunScript: per-command scripted answers, strictness, and lines streamed over time."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+
+import pytest
+from helpers import PY
+
+import prismq_subprocess as pq
+from prismq_subprocess import exceptions as errors
+from prismq_subprocess import testing
+from prismq_subprocess._testing._streamed import StreamedDryRunProcess, StreamedResponse
+
+
+def wrapper_for(script: testing.DryRunScript) -> pq.SubprocessWrapper:
+    return pq.SubprocessWrapper(script.strategy())
+
+
+async def test_exact_prefix_regex_and_predicate_matches() -> None:
+    script = testing.DryRunScript()
+    exact = script.register((PY, "-V"), stdout="Python 3\n")
+    head = script.register(prefix=(PY, "-m"), returncode=4)
+    pattern = script.register(regex=r"-c .*boom", returncode=9, stderr=b"boom\n")
+    chosen = script.register(match=lambda call: call.cwd is not None, stdout=b"in a dir")
+    shell = script.register("echo hi | cat", stdout="hi\n")
+    async with wrapper_for(script) as w:
+        assert (await w.run(PY, "-V")).stdout == b"Python 3\n"
+        assert (await w.run(PY, "-m", "pip", "list")).returncode == 4
+        failed = await w.run(PY, "-c", "raise SystemExit('boom')")
+        assert (failed.returncode, failed.stderr) == (9, b"boom\n")
+        assert (await w.run(PY, "-c", "pass", cwd=".")).stdout == b"in a dir"
+        assert (await w.run("echo hi | cat", shell=True)).stdout == b"hi\n"
+    assert [len(rule.calls) for rule in (exact, head, pattern, chosen, shell)] == [1] * 5
+    assert script.calls_matching(prefix=(PY, "-m"))[0].args == (PY, "-m", "pip", "list")
+    assert len(script.calls_matching(regex=re.compile(r"^\S+ -"))) == 4
+    assert script.commands[-1] == "echo hi | cat"
+
+
+async def test_first_matching_rule_answers_and_one_shot_rules_make_a_sequence() -> None:
+    script = testing.DryRunScript()
+    for code in (1, 2):
+        script.register((PY, "-V"), returncode=code, times=1)
+    script.register(prefix=(PY,), returncode=5)
+    async with wrapper_for(script) as w:
+        codes = [(await w.run(PY, "-V")).returncode for _ in range(4)]
+    assert codes == [1, 2, 5, 5]
+    assert [rule.used_up for rule in script.rules] == [True, True, False]
+
+
+async def test_strict_script_refuses_an_unscripted_command_with_a_clear_message() -> None:
+    script = testing.DryRunScript()
+    script.register((PY, "-V"), times=1)
+    async with wrapper_for(script) as w:
+        await w.run(PY, "-V")
+        with pytest.raises(errors.UnscriptedCommandError) as caught:
+            await w.run(PY, "-V")
+        with pytest.raises(AssertionError):
+            await w.create_subprocess_exec(PY, "-c", "pass")
+    message = str(caught.value)
+    assert repr((PY, "-V")) in message and "used up" in message and "register(" in message
+    assert caught.value.command == (PY, "-V")
+    assert [call.args for call in script.unscripted] == [(PY, "-V"), (PY, "-c", "pass")]
+    assert script.commands == [(PY, "-V")]  # refused commands were not answered
+    report = script.unscripted_report()
+    assert report is not None and report.startswith("2 command(s)")
+    assert script.unscripted_report(start=2) is None
+
+
+async def test_non_strict_script_answers_unscripted_commands_with_the_default() -> None:
+    script = testing.DryRunScript(strict=False, default=testing.DryRunResponse(returncode=3))
+    async with wrapper_for(script) as w:
+        assert (await w.run(PY, "-c", "anything")).returncode == 3
+    assert script.unscripted == [] and len(script.unmatched) == 1
+
+
+async def test_lines_stream_in_order_and_not_before_their_time() -> None:
+    script = testing.DryRunScript()
+    delay = 0.05
+    script.register(
+        (PY, "job.py"), lines=["one", b"two\n", "three"], line_delay=delay, returncode=2
+    )
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[str, float, int | None]] = []
+    async with wrapper_for(script) as w:
+        started = loop.time()
+        async with w.stream(PY, "job.py", encoding="utf-8") as lines:
+            async for line in lines:
+                seen.append((line, loop.time() - started, lines.process.returncode))
+        assert lines.returncode == 2
+        result = await w.run(PY, "job.py")
+    assert [text for text, _, _ in seen] == ["one\n", "two\n", "three\n"]
+    for position, (_, at, _) in enumerate(seen):
+        assert at >= (position + 1) * delay - 0.01  # a timer never fires early
+    assert seen[0][2] is None  # the first line arrived while the fake child was still running
+    assert result.stdout == b"one\ntwo\nthree\n" and result.returncode == 2
+    assert result.duration >= 3 * delay - 0.01
+
+
+async def test_streamed_process_merges_stderr_at_the_end_and_records_input() -> None:
+    script = testing.DryRunScript()
+    script.register((PY, "-"), lines=["out"], stderr="err\n", duration=0.05)
+    async with wrapper_for(script) as w:
+        process = await w.create_subprocess_exec(
+            PY, "-", stdin=pq.PIPE, stdout=pq.PIPE, stderr=pq.STDOUT
+        )
+        assert isinstance(process, StreamedDryRunProcess)
+        out, err = await process.communicate(b"data")
+    assert (out, err, process.returncode) == (b"out\nerr\n", None, 0)
+    assert script.calls[0].input == b"data"
+
+
+async def test_stopping_a_streaming_fake_ends_it_with_the_signal() -> None:
+    script = testing.DryRunScript()
+    script.register((PY, "forever"), lines=["tick"] * 3, line_delay=0.01, duration=float("inf"))
+    async with wrapper_for(script) as w:
+        async with w.stream(PY, "forever", encoding="utf-8") as lines:
+            async for _ in lines:
+                break
+        assert lines.returncode == -signal.SIGTERM
+        with pytest.raises(pq.ProcessTimeoutError):
+            await w.run(PY, "forever", timeout=0.05)
+
+
+def test_register_refuses_bad_input_clearly() -> None:
+    script = testing.DryRunScript()
+    with pytest.raises(errors.InvalidCommandError, match="exactly one"):
+        script.register()
+    with pytest.raises(errors.InvalidCommandError, match="exactly one"):
+        script.register((PY,), prefix=(PY,))
+    with pytest.raises(errors.InvalidCommandError, match="empty"):
+        script.register(())
+    with pytest.raises(errors.InvalidArgumentTypeError, match="argument 1"):
+        script.register((PY, 3))  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidCommandError, match="does not compile"):
+        script.register(regex="(")
+    with pytest.raises(errors.InvalidArgumentTypeError, match="callable"):
+        script.register(match="yes")  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidCommandError, match="not both"):
+        script.register((PY,), stdout="x", lines=["y"])
+    with pytest.raises(errors.InvalidArgumentTypeError, match="list of lines"):
+        script.register((PY,), lines="one line")
+    with pytest.raises(errors.InvalidCommandError, match="needs lines"):
+        script.register((PY,), line_delay=1)
+    with pytest.raises(errors.InvalidTimeoutError):
+        script.register((PY,), duration=-1)
+    with pytest.raises(errors.InvalidArgumentTypeError, match="returncode"):
+        script.register((PY,), returncode=True)
+    with pytest.raises(errors.InvalidLimitError, match="times"):
+        script.register((PY,), times=0)
+    assert script.rules == []
+
+
+def test_a_streamed_response_is_a_dry_run_response() -> None:
+    script = testing.DryRunScript()
+    rule = script.register((PY,), lines=["a", "b"], line_delay=0.5, duration=0.1)
+    response = rule.response
+    assert isinstance(response, StreamedResponse) and isinstance(response, testing.DryRunResponse)
+    assert response.duration == 1.0 and response.stdout == b"a\nb\n"
+
+
+def test_a_match_predicate_may_look_at_the_script() -> None:
+    script = testing.DryRunScript()
+    script.register(match=lambda call: not script.unmatched and len(script.rules) == 1)
+    call = testing.DryRunCall(args=(PY, "-V"), shell=False, cwd=None, env=None)
+    answers: list[testing.DryRunResponse] = []
+    # In a thread, so that a lock the predicate cannot take fails the test instead of hanging it.
+    worker = threading.Thread(target=lambda: answers.append(script(call)), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert answers == [testing.DryRunResponse()]

@@ -1,0 +1,401 @@
+"""The pytest plugin, exercised the way a host project uses it: small test files run in a pytest
+sub-session (pytester), whose outcomes and messages are checked."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import HOST_PYTEST_ARGS, HOST_PYTEST_INI
+
+pytest_plugins = ["pytester"]
+
+
+HEADER = """
+import asyncio, os, subprocess, sys, threading, time
+from pathlib import Path
+import psutil, pytest
+import prismq_subprocess as pq
+from prismq_subprocess import exceptions as errors
+PY = sys.executable
+"""
+
+
+@pytest.fixture
+def host(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A host project: an ini like ours, asyncio tests in auto mode."""
+    pytester.makeini(HOST_PYTEST_INI)
+    return pytester
+
+
+def run(host: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
+    host.makepyfile(test_host=HEADER + source)
+    return host.runpytest(*HOST_PYTEST_ARGS, "-rA", *args)
+
+
+def output(result: pytest.RunResult) -> str:
+    return "\n".join(result.outlines + result.errlines)
+
+
+# -- no effect on projects that do not use it --------------------------------------------------
+def test_a_project_not_using_the_fixtures_is_unaffected(host: pytest.Pytester) -> None:
+    source = """
+from prismq_subprocess._core._override import active_override
+
+def test_plain():
+    assert active_override() is None
+    assert "PRISMQ_PYTEST_COOKIE" not in os.environ
+
+async def test_auto_detected_real_child():
+    async with pq.SubprocessWrapper() as w:
+        assert w.decision.source is pq.ModeSource.AUTO
+        result = await w.run(PY, "-c", "print(1)")
+    assert result.stdout.strip() == b"1"
+
+@pytest.mark.parametrize("x", [1, 2])
+def test_parametrised(x):
+    assert x in (1, 2)
+"""
+    result = run(host, source, "--strict-markers")
+    result.assert_outcomes(passed=4)
+    plan = run(host, source, "--setup-plan")
+    assert "pq_" not in output(plan)  # no fixture of ours is set up for them
+    without = run(host, source, "-p", "no:prismq_subprocess")
+    without.assert_outcomes(passed=4)
+
+
+# -- pq_dry_run ---------------------------------------------------------------------------------
+def test_dry_run_answers_host_code_from_the_script_and_records_calls(
+    host: pytest.Pytester,
+) -> None:
+    result = run(
+        host,
+        """
+class Host:
+    '''Host code: makes its own wrapper and uses the drop-ins, knows nothing of tests.'''
+    async def version(self):
+        async with pq.SubprocessWrapper() as w:
+            return (await w.run(PY, "-V")).stdout
+
+    async def status(self):
+        process = await pq.create_subprocess_exec(PY, "status.py", stdout=pq.PIPE)
+        out, _ = await process.communicate()
+        return process.returncode, out
+
+async def test_scripted(pq_dry_run):
+    pq_dry_run.register((PY, "-V"), stdout="Python 9\\n")
+    pq_dry_run.register(prefix=(PY, "status.py"), returncode=3, stdout=b"dirty")
+    host = Host()
+    assert await host.version() == b"Python 9\\n"
+    assert await host.status() == (3, b"dirty")
+    assert pq_dry_run.commands == [(PY, "-V"), (PY, "status.py")]
+    assert psutil.Process().children(recursive=True) == []
+
+async def test_validated_as_in_the_real_modes(pq_dry_run):
+    with pytest.raises(errors.InvalidArgumentTypeError):
+        await pq.run(PY, 3)
+    with pytest.raises(errors.CwdNotFoundError):
+        await pq.run(PY, "-V", cwd="/no/such/dir")
+    assert pq_dry_run.calls == [] and pq_dry_run.unscripted == []
+""",
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_strict_dry_run_fails_a_test_that_ran_an_unscripted_command(host: pytest.Pytester) -> None:
+    result = run(
+        host,
+        """
+async def test_swallowed(pq_dry_run):
+    try:
+        await pq.run(PY, "-c", "unexpected")
+    except Exception:
+        pass  # host code that logs and goes on must not hide it
+
+async def test_raised(pq_dry_run):
+    await pq.run(PY, "-c", "boom")
+
+async def test_other_failure_gets_the_list(pq_dry_run):
+    try:
+        await pq.run(PY, "-c", "hidden")
+    except Exception:
+        pass
+    assert 1 == 2
+
+async def test_lenient(pq_dry_run):
+    pq_dry_run.strict = False
+    assert (await pq.run(PY, "-c", "anything")).returncode == 0
+
+@pytest.fixture
+def shuts_down(pq_dry_run):
+    pq_dry_run.register((PY, "-V"))
+    yield
+    try:
+        asyncio.run(pq.run(PY, "-c", "at teardown"))
+    except errors.UnscriptedCommandError:
+        pass  # swallowed by the host: the fixture still reports it
+
+def test_teardown_command(shuts_down):
+    pass
+""",
+    )
+    result.assert_outcomes(passed=2, failed=3, errors=1)
+    text = output(result)
+    assert re.search(
+        r"FAILED test_host.py::test_swallowed - (Failed: )?1 command\(s\) ran in DRY_RUN", text
+    )
+    assert "'-c', 'unexpected')" in text
+    assert "nothing is scripted for" in text and "'-c', 'boom')" in text
+    assert "'-c', 'hidden')" in text and "assert 1 == 2" in text
+    assert re.search(r"ERROR test_host.py::test_teardown_command - (Failed: )?1 command", text)
+    assert "'-c', 'at teardown')" in text and "(PY, '-V')" not in text
+
+
+def test_dry_run_lines_stream_with_their_delays(host: pytest.Pytester) -> None:
+    result = run(
+        host,
+        """
+async def test_stream(pq_dry_run):
+    pq_dry_run.register((PY, "job.py"), lines=["a", "b", "c"], line_delay=0.05)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    times = []
+    async with pq.SubprocessWrapper() as w:
+        async with w.stream(PY, "job.py", encoding="utf-8") as lines:
+            async for line in lines:
+                times.append((line, loop.time() - start))
+    assert [line for line, _ in times] == ["a\\n", "b\\n", "c\\n"]
+    assert all(at >= 0.05 * (k + 1) - 0.01 for k, (_, at) in enumerate(times))
+""",
+    )
+    result.assert_outcomes(passed=1)
+
+
+# -- pq_mode / pq_wrapper ---------------------------------------------------------------------
+MODE_TEST = """
+async def test_each_mode(pq_mode):
+    async with pq.SubprocessWrapper() as w:  # the host's own, mode-less wrapper
+        assert w.mode is pq_mode and w.decision.source is pq.ModeSource.OVERRIDE
+        result = await w.run(PY, "-c", "print('hi')")
+    assert result.mode is pq_mode and result.stdout.strip() == b"hi"
+    assert (await pq.run(PY, "-c", "pass")).mode is pq_mode
+
+async def test_wrapper(pq_wrapper, pq_mode):
+    result = await pq_wrapper.run(PY, "-c", "import os; print(os.getpid())")
+    assert pq_wrapper.mode is pq_mode and int(result.stdout) == result.pid
+"""
+
+
+def test_pq_mode_runs_a_test_once_per_real_mode(host: pytest.Pytester) -> None:
+    result = run(host, MODE_TEST, "-v")
+    result.assert_outcomes(passed=6)
+    for mode in ("async", "threaded", "local"):
+        result.stdout.fnmatch_lines([f"*test_each_mode?{mode}? PASSED*"])
+        result.stdout.fnmatch_lines([f"*test_wrapper?{mode}? PASSED*"])
+
+
+def test_pq_modes_ini_and_marker_choose_the_modes(host: pytest.Pytester) -> None:
+    host.makeini(HOST_PYTEST_INI + "pq_modes = threaded\n")
+    run(host, MODE_TEST).assert_outcomes(passed=2)
+    marked = MODE_TEST.replace(
+        "async def test_each_mode",
+        "@pytest.mark.pq_modes('local', 'ASYNC')\nasync def test_each_mode",
+    )
+    result = run(host, marked, "-v")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        ["*test_each_mode?local? PASSED*", "*test_each_mode?async? PASSED*"]
+    )
+
+
+def test_pq_mode_misuse_is_reported_clearly(host: pytest.Pytester) -> None:
+    result = run(
+        host,
+        """
+@pytest.mark.pq_modes("dry-run")
+def test_dry(pq_mode):
+    pass
+""",
+    )
+    assert "pq_mode runs real modes; use the pq_dry_run fixture" in output(result)
+    result = run(
+        host,
+        """
+def test_both(pq_dry_run, pq_mode):
+    pass
+""",
+    )
+    result.assert_outcomes(errors=3)
+    assert "can use only one of them" in output(result)
+    host.makeini(HOST_PYTEST_INI + "pq_modes = warp\n")
+    result = run(host, "def test_x():\n    pass\n")
+    assert "pq_modes: 'warp' is not a run mode" in output(result)
+
+
+# -- pq_no_leaks ------------------------------------------------------------------------------
+def _wait_gone(pid: int) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        proc.wait(5)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def test_a_leaked_child_and_an_escaped_grandchild_are_reported_and_killed(
+    host: pytest.Pytester,
+) -> None:
+    result = run(
+        host,
+        """
+KEEP = []
+SLEEPER = [PY, "-c", "import time; time.sleep(60)"]
+ESCAPE = (
+    "import subprocess, sys; "
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True); "
+    "print(p.pid)"
+)
+
+@pytest.mark.pq_no_leaks(timeout=0.5)
+def test_child():
+    KEEP.append(subprocess.Popen(SLEEPER))
+    Path("child.pid").write_text(str(KEEP[-1].pid))
+
+@pytest.mark.pq_no_leaks(timeout=0.5)
+def test_grandchild():
+    # The middle process exits at once: the grandchild is no descendant of ours any more.
+    out = subprocess.run([PY, "-c", ESCAPE], capture_output=True, check=True).stdout
+    Path("grandchild.pid").write_text(out.decode().strip())
+    assert int(out) not in [p.pid for p in psutil.Process().children(recursive=True)]
+""",
+    )
+    result.assert_outcomes(passed=2, errors=2)
+    text = output(result)
+    assert text.count("the test leaked (still there") == 4  # the two reports + summary lines
+    assert "child processes (killed now)" in text
+    child = int((host.path / "child.pid").read_text())
+    grandchild = int((host.path / "grandchild.pid").read_text())
+    assert f"pid {child} " in text and f"pid {grandchild} " in text
+    assert _wait_gone(child) and _wait_gone(grandchild)
+
+
+def test_leaked_threads_and_descriptors_are_reported(host: pytest.Pytester) -> None:
+    result = run(
+        host,
+        """
+@pytest.mark.pq_no_leaks(timeout=0.2)
+def test_thread():
+    threading.Thread(target=time.sleep, args=(2.0,), name="left-behind", daemon=True).start()
+
+@pytest.mark.pq_no_leaks(timeout=0.2, ignore_threads=["left-"])
+def test_ignored_thread():
+    threading.Thread(target=time.sleep, args=(2.0,), name="left-behind", daemon=True).start()
+
+@pytest.mark.pq_no_leaks(timeout=0.2)
+def test_fd():
+    r, w = os.pipe()
+    Path("fds").write_text(f"{r} {w}")
+""",
+    )
+    try:
+        result.assert_outcomes(passed=3, errors=2)
+        text = output(result)
+        assert "'left-behind' (daemon, runs sleep)" in text
+        assert "file descriptors:" in text
+        if os.path.isdir("/proc/self/fd"):
+            assert re.search(r"fd \d+ -> pipe:", text)
+    finally:
+        for fd in map(int, (host.path / "fds").read_text().split()):
+            os.close(fd)
+        for thread in threading.enumerate():
+            if thread.name == "left-behind":
+                thread.join(5)
+
+
+def test_clean_tests_pass_the_leak_check_in_every_mode(host: pytest.Pytester) -> None:
+    result = run(
+        host,
+        """
+@pytest.mark.pq_no_leaks
+async def test_marker(pq_mode):
+    async with pq.SubprocessWrapper() as w:
+        await w.run(PY, "-c", "print(1)")
+        async with w.stream(PY, "-c", "print(2)") as lines:
+            assert [line async for line in lines] == [b"2\\n"]
+    await pq.run(PY, "-c", "pass")  # the drop-ins' wrapper of the pq_mode override
+
+async def test_fixture(pq_no_leaks, pq_wrapper):
+    assert pq_no_leaks.started
+    await pq_wrapper.run(PY, "-c", "pass")
+""",
+    )
+    result.assert_outcomes(passed=6)
+
+
+def test_ini_option_checks_every_test_and_bad_marker_arguments_are_refused(
+    host: pytest.Pytester,
+) -> None:
+    host.makeini(HOST_PYTEST_INI + "pq_no_leaks = true\n")
+    result = run(
+        host,
+        """
+KEEP = []
+
+def test_leaks_a_child():
+    KEEP.append(subprocess.Popen([PY, "-c", "import time; time.sleep(60)"]))
+    Path("child.pid").write_text(str(KEEP[-1].pid))
+
+@pytest.mark.pq_no_leaks(bogus=1)
+def test_bad_marker():
+    pass
+
+@pytest.mark.pq_no_leaks(ignore_threads=3)
+def test_bad_ignore_list():
+    pass
+
+def test_clean():
+    pass
+""",
+    )
+    result.assert_outcomes(passed=2, errors=3)
+    text = output(result)
+    assert "the test leaked" in text
+    assert "takes only the keywords" in text and "bogus" in text
+    assert "ignore_threads must be a list of thread-name prefixes" in text
+    assert _wait_gone(int((host.path / "child.pid").read_text()))
+
+
+def test_leak_check_waits_for_leftovers_that_go_away(host: pytest.Pytester) -> None:
+    started = time.monotonic()
+    result = run(
+        host,
+        """
+@pytest.mark.pq_no_leaks(timeout=10)
+def test_slow_to_end():
+    threading.Thread(target=time.sleep, args=(0.3,), name="finishing", daemon=True).start()
+""",
+    )
+    result.assert_outcomes(passed=1)
+    assert time.monotonic() - started < 10  # returned once the thread ended, not at the limit
+
+
+def test_plugin_module_is_the_entry_point_and_the_package_does_not_import_pytest() -> None:
+    from importlib.metadata import entry_points
+
+    [entry] = [ep for ep in entry_points(group="pytest11") if ep.name == "prismq_subprocess"]
+    assert entry.value == "prismq_subprocess.pytest_plugin"
+    code = "import sys, prismq_subprocess; print('pytest' in sys.modules)"
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
+    assert out.stdout.strip() == "False"
+    assert Path(__file__).parent.name == "plugin"

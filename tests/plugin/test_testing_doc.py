@@ -1,0 +1,57 @@
+"""docs/TESTING.md's worked example (a FastAPI app tested with pq_dry_run) runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from helpers import HOST_PYTEST_ARGS, HOST_PYTEST_INI
+
+pytest_plugins = ["pytester"]
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "TESTING.md"
+# A code block whose first line names the file it is: "# app.py", "# modules/report.py".
+FILE_BLOCK = re.compile(r"```python\n# (?P<name>[\w/]+\.py)\n(?P<body>.*?)```", re.DOTALL)
+
+
+def example_files() -> dict[str, str]:
+    return {m["name"]: m["body"] for m in FILE_BLOCK.finditer(DOC.read_text(encoding="utf-8"))}
+
+
+def write_project(pytester: pytest.Pytester, files: dict[str, str]) -> None:
+    pytester.makeini(HOST_PYTEST_INI)
+    for name, body in files.items():
+        path = pytester.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body, encoding="utf-8")
+
+
+def test_the_doc_names_the_example_files() -> None:
+    assert set(example_files()) == {"app.py", "modules/report.py", "test_app.py"}
+
+
+def test_the_worked_example_passes_without_starting_anything(pytester: pytest.Pytester) -> None:
+    write_project(pytester, example_files())
+    result = pytester.runpytest(*HOST_PYTEST_ARGS, "-v", "test_app.py")
+    result.assert_outcomes(passed=3)
+
+
+def test_the_worked_example_fails_if_the_endpoint_runs_an_unscripted_command(
+    pytester: pytest.Pytester,
+) -> None:
+    files = example_files()
+    # The app now also runs a command of its own before starting the module.
+    files["app.py"] = (
+        files["app.py"]
+        .replace(
+            '    script = MODULES / f"{body.module}.py"\n',
+            '    script = MODULES / f"{body.module}.py"\n'
+            "    await pq.run(sys.executable, '-c', 'print(1)')\n",
+        )
+        .replace("from typing import Any\n", "from typing import Any\nimport sys\n")
+    )
+    write_project(pytester, files)
+    result = pytester.runpytest(*HOST_PYTEST_ARGS, "-k", "streams_its_output", "test_app.py")
+    result.assert_outcomes(failed=1)
+    assert "nothing is scripted for" in result.stdout.str()

@@ -371,6 +371,7 @@ async def test_results_identical_to_the_local_backend(
             {
                 "script_path": env_echo,
                 "parameters": {"tags": ["a", "b"], "flag": True, "n": 2},
+                "args": ["raw", "--x=1"],
                 "env": {"PRISMQ_TEST_VALUE": "v1"},
                 "cwd": tmp_path,
             },
@@ -402,7 +403,7 @@ async def test_results_identical_to_the_local_backend(
     assert remote["timeout"].error_message == "timed out after 1 s; process tree stopped"
     assert remote["memory"].status is RunStatus.FAILED
     assert remote["env-cwd-args"].output_tail == [
-        f"v1 {tmp_path} ['--tags', 'a', '--tags', 'b', '--flag', '--n', '2']"
+        f"v1 {tmp_path} ['--tags', 'a', '--tags', 'b', '--flag', '--n', '2', 'raw', '--x=1']"
     ]
 
 

@@ -116,7 +116,7 @@ if TYPE_CHECKING:
     from ._strategies._dry_run import DryRunRecorder as DryRunRecorder
     from ._strategies._dry_run import DryRunResponse as DryRunResponse
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",

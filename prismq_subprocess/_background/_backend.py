@@ -55,11 +55,13 @@ def check_resources(
 
 @dataclass(frozen=True, slots=True)
 class ModuleJob:
-    """One validated module start, as a backend receives it.
+    """One validated start, as a backend receives it: a module or (``command``) any command.
 
-    ``script`` is the absolute path the host validated; ``parameters`` are the JSON-ready
-    parameters (turned into arguments by the same rule everywhere), followed by the raw
-    ``args``; ``env`` holds only the
+    For a module, ``script`` is the absolute path the host validated; ``parameters`` are the
+    JSON-ready parameters (turned into arguments by the same rule everywhere), followed by the
+    raw ``args``. For a command, ``script`` is empty and ``command`` is the program and its
+    arguments, or with ``shell`` the one command line (``parameters`` are then only recorded).
+    ``env`` holds only the
     variables the caller passed (each backend adds them to the environment of the machine the
     child runs on, never the host's whole environment to another machine); ``resources`` are
     the run's resource hints (a cluster backend reserves them on a worker; the local backend
@@ -71,6 +73,8 @@ class ModuleJob:
     script: str
     parameters: dict[str, Any] = field(default_factory=dict)
     args: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    shell: bool = False
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None
@@ -85,6 +89,9 @@ class RunContext:
     Attributes:
         output: receives the run's lines as they arrive (``None``: only ``output_tail``).
         save: records the run's current state in the host's registry (never raises).
+        finish: records the run's final state: closes its output first (so a process that
+            follows the run's log until the registry says it finished gets every line), then
+            saves it (never raises).
         cancel_reason: the reason a stop was asked for this run, or ``None``.
         background: the run belongs to a task manager, which records a cancelled run itself.
         grace_period: seconds between SIGTERM and SIGKILL when the tree is stopped.
@@ -94,6 +101,7 @@ class RunContext:
 
     output: OutputCapture | None
     save: Callable[[Run], Awaitable[None]]
+    finish: Callable[[Run], Awaitable[None]]
     cancel_reason: Callable[[], str | None]
     background: bool
     grace_period: float

@@ -14,20 +14,32 @@ dropped by retention. Both apply after every :meth:`~BaseRunRegistry.add_run` an
 from __future__ import annotations
 
 import abc
+import asyncio
+import math
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Self
 
 from .._core._closing import AsyncResource
 from .._core._exceptions import (
     DuplicateRunError,
+    InvalidIntervalError,
     InvalidQueryError,
+    InvalidTimeoutError,
     RegistryClosedError,
     RunNotFoundError,
     RunStateError,
 )
-from ._run_record import Run, RunOwner, RunStatus, utc_now
+from ._run_record import ACTIVE_STATUSES, Run, RunOwner, RunStatus, utc_now
 
-__all__ = ["BaseRunRegistry", "RunRegistry"]
+__all__ = [
+    "DEFAULT_POLL_INTERVAL",
+    "OWNER_CHECK_INTERVAL",
+    "BaseRunRegistry",
+    "RunRegistry",
+    "check_wait",
+    "orphan_reason",
+]
 
 
 def _check_paging(limit: int, offset: int) -> None:
@@ -52,6 +64,45 @@ def cutoff_from(age: timedelta | datetime) -> datetime:
             raise InvalidQueryError(f"cutoff datetime must be timezone-aware, got {age!r}")
         return age
     raise InvalidQueryError(f"age must be a timedelta or datetime, got {age!r}")
+
+
+#: How often a process that waits for another one's run looks at the registry (seconds).
+DEFAULT_POLL_INTERVAL = 0.05
+#: How often such a waiter checks that the run's owner process is still alive (seconds).
+OWNER_CHECK_INTERVAL = 1.0
+
+
+def orphan_reason(run: Run) -> str:
+    """The ``error_message`` of a run found unfinished with its owner gone."""
+    owner = run.owner
+    if owner is None:
+        return "run has no recorded owner process; it cannot still be running"
+    return (
+        f"owner process {owner.pid} on host {owner.host!r} is gone; the run was "
+        f"left {run.status.value} (crash or restart)"
+    )
+
+
+def check_wait(timeout: float | None, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    """Refuse a bad ``timeout`` / ``poll_interval`` of a wait on the registry.
+
+    Raises:
+        InvalidTimeoutError: a negative or non-number ``timeout``.
+        InvalidIntervalError: ``poll_interval`` is not a positive number.
+    """
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not timeout >= 0  # also refuses NaN
+    ):
+        raise InvalidTimeoutError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
+    if (
+        isinstance(poll_interval, bool)
+        or not isinstance(poll_interval, int | float)
+        or not math.isfinite(poll_interval)
+        or poll_interval <= 0
+    ):
+        raise InvalidIntervalError(f"poll_interval must be seconds > 0, got {poll_interval!r}")
 
 
 def not_registered(run_id: str) -> RunNotFoundError:
@@ -146,6 +197,8 @@ class BaseRunRegistry(AsyncResource):
         self.max_runs = max_runs
         self.max_age = max_age
         self._closed = False
+        # Cancel requests of stores that keep them in memory (one process); see request_cancel.
+        self._cancel_requests: dict[str, str] = {}
 
     @property
     def closed(self) -> bool:
@@ -254,6 +307,112 @@ class BaseRunRegistry(AsyncResource):
         Raises:
             RegistryClosedError: the registry is closed.
         """
+
+    # -- working across processes ---------------------------------------------------------------
+    async def request_cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
+        """Record that ``run_id`` should be cancelled, for whichever process owns it.
+
+        The process that drives the run (its ``BackgroundTaskManager`` or ``ModuleRunner``)
+        looks for requests every 50 ms and cancels the run itself; follow it with
+        :meth:`wait_finished`. A second request keeps the first reason. ``SQLiteRunRegistry``
+        stores the request in the file, so it reaches other processes; this default keeps it in
+        this object, so it reaches owners in this process only.
+
+        Returns ``True`` if the run is unfinished (the request is recorded), ``False`` if it is
+        finished or unknown.
+
+        Raises:
+            RegistryClosedError: the registry is closed.
+        """
+        run = await self.get_run(run_id)
+        if run is None or run.is_finished:
+            return False
+        self._cancel_requests.setdefault(run_id, str(reason))
+        return True
+
+    async def cancel_requests(self, run_ids: Collection[str]) -> dict[str, str]:
+        """Return the cancel requests (run id -> reason) recorded for unfinished runs among
+        ``run_ids``. What an owner polls; a request stays until its run finishes.
+
+        Raises:
+            RegistryClosedError: the registry is closed.
+        """
+        self._check_open()
+        if not self._cancel_requests:
+            return {}
+        found: dict[str, str] = {}
+        for run_id in run_ids:
+            reason = self._cancel_requests.get(run_id)
+            if reason is None:
+                continue
+            run = await self.get_run(run_id)
+            if run is None or run.is_finished:
+                del self._cancel_requests[run_id]
+            else:
+                found[run_id] = reason
+        return found
+
+    async def recover_orphans(self) -> list[str]:
+        """Mark unfinished runs whose owner process is gone INTERRUPTED (with the reason in
+        ``error_message``) and return their ids. Opening a ``SQLiteRunRegistry`` does this;
+        call it again whenever you notice a dead owner (``wait_finished`` and live output
+        followers do). Runs owned by live processes are left alone.
+
+        Raises:
+            RegistryClosedError: the registry is closed.
+        """
+        recovered: list[str] = []
+        for status in sorted(ACTIVE_STATUSES):
+            total = await self.count_runs(status=status)
+            for run in await self.list_runs(status=status, limit=total):
+                owner = run.owner
+                if owner is not None and await asyncio.to_thread(owner.is_alive):
+                    continue
+                # Stores without transactions: look again right before writing, so a run that
+                # just finished is not overwritten (SQLiteRunRegistry does it in one transaction).
+                fresh = await self.get_run(run.run_id)
+                if fresh is None or fresh.is_finished:
+                    continue
+                fresh.mark_interrupted(orphan_reason(fresh))
+                await self.update_run(fresh)
+                recovered.append(run.run_id)
+        return recovered
+
+    async def wait_finished(
+        self,
+        run_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> Run | None:
+        """Wait until ``run_id`` has a final status, looking every ``poll_interval`` seconds,
+        and return it (``None`` if the run is unknown or was deleted meanwhile). Works for runs
+        of any process sharing the store. If the run's owner process dies meanwhile, the run
+        is marked INTERRUPTED (see :meth:`recover_orphans`) and returned.
+
+        Cancellation and timeout leave the run alone.
+
+        Raises:
+            TimeoutError: the run did not finish within ``timeout`` seconds.
+            InvalidTimeoutError: a negative ``timeout``.
+            InvalidIntervalError: ``poll_interval`` is not a positive number.
+            RegistryClosedError: the registry is closed.
+        """
+        check_wait(timeout, poll_interval)
+        loop = asyncio.get_running_loop()
+        next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
+        async with asyncio.timeout(timeout):
+            while True:
+                run = await self.get_run(run_id)
+                if run is None or run.is_finished:
+                    return run
+                if loop.time() >= next_owner_check:
+                    next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
+                    owner = run.owner
+                    if owner is None or not await asyncio.to_thread(owner.is_alive):
+                        await self.recover_orphans()
+                        continue
+                await asyncio.sleep(poll_interval)
 
 
 class RunRegistry(BaseRunRegistry):

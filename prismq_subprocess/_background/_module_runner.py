@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from .._core._closing import AsyncClosing
 from .._core._durations import interval_seconds, timeout_seconds
 from .._core._exceptions import (
+    CommandNotFoundError,
+    InvalidArgumentTypeError,
     InvalidLimitError,
     InvalidRunModeError,
     OutputClosedError,
@@ -31,12 +34,19 @@ from .._core._exceptions import (
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, terminate_gracefully
-from .._core._validation import check_cwd, check_env, check_timeout
+from .._core._validation import (
+    check_cwd,
+    check_env,
+    check_exec_command,
+    check_shell_command,
+    check_timeout,
+)
 from .._core._wrapper import SubprocessWrapper
 from .._resources._tree_sampler import ProcessTreeSampler, TreeSample
 from .._strategies import SubprocessStrategy
 from ._backend import ModuleJob, RunBackend, RunContext, check_resources
-from ._cancel_result import CancelResult, not_active_result
+from ._cancel_result import CancelResult, cancel_elsewhere
+from ._cancel_watch import CancelRequestWatcher
 from ._line_batches import iter_line_batches
 from ._memory_registry import BaseRunRegistry
 from ._module_args import check_args, check_parameters, parameters_to_args
@@ -57,26 +67,33 @@ _DRAIN_SECONDS = 1.0
 
 @dataclass(frozen=True, slots=True)
 class _Launch:
-    """A validated module start: everything needed to spawn, decided before anything runs."""
+    """A validated start: everything needed to spawn, decided before anything runs. ``argv``
+    is the program and its arguments, or (``shell``) the one command line."""
 
     argv: tuple[str, ...]
+    shell: bool
     parameters: dict[str, Any]
     cwd: str | None
     env: dict[str, str]
     timeout: float | None
     memory_limit_bytes: int | None
-    user_env: dict[str, str]
-    raw_args: tuple[str, ...]
-    resources: dict[str, float]
+    # What a run backend needs besides (it rebuilds argv and env where the child runs): the
+    # module's script (None: a command), the raw args, the caller's own env, resource hints.
+    script: str | None = None
+    raw_args: tuple[str, ...] = ()
+    user_env: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)
 
     def job(self, module_id: str, module_name: str) -> ModuleJob:
         """The backend's view of this start (see :class:`ModuleJob`)."""
         return ModuleJob(
             module_id=module_id,
             module_name=module_name,
-            script=self.argv[1],
+            script=self.script or "",
             parameters=self.parameters,
             args=self.raw_args,
+            command=() if self.script is not None else self.argv,
+            shell=self.shell,
             cwd=self.cwd,
             env=self.user_env,
             timeout=self.timeout,
@@ -87,6 +104,39 @@ class _Launch:
 
 def _megabytes(value: int) -> str:
     return f"{value / (1024 * 1024):.1f} MiB"
+
+
+def _check_memory_limit(memory_limit_bytes: int | None) -> None:
+    if memory_limit_bytes is not None and (
+        isinstance(memory_limit_bytes, bool)
+        or not isinstance(memory_limit_bytes, int)
+        or memory_limit_bytes <= 0
+    ):
+        raise InvalidLimitError(
+            f"memory_limit_bytes must be a positive int or None, got {memory_limit_bytes!r}"
+        )
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    # Unbuffered UTF-8 for Python children (and Python behind a shell or a launcher), so lines
+    # arrive as they are printed; harmless for other programs; the caller's env wins.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
+
+
+def _find_program(
+    program: str, cwd: str | os.PathLike[str] | None, env: Mapping[str, str] | None
+) -> None:
+    """Refuse a program that cannot be found, the way the spawn would look for it."""
+    if os.path.dirname(program):
+        path = program
+        if not os.path.isabs(path) and cwd is not None:
+            path = os.path.join(os.fspath(cwd), path)
+        if not os.path.isfile(path):
+            raise CommandNotFoundError(program, "no such file")
+        return
+    search = (env or {}).get("PATH", os.environ.get("PATH", os.defpath))
+    if shutil.which(program, path=search) is None:
+        raise CommandNotFoundError(program, "not on PATH")
 
 
 class ModuleRunner(AsyncClosing):
@@ -143,7 +193,7 @@ class ModuleRunner(AsyncClosing):
         output_tail_lines: how many last lines ``Run.output_tail`` keeps (at most 64 KiB in all;
             a longer line is cut and says so).
         sample_interval: seconds between process-tree samples.
-        backend: where modules run (a :class:`RunBackend`, e.g.
+        backend: where modules and commands run (a :class:`RunBackend`, e.g.
             ``prismq_subprocess.dask.DaskBackend``); ``None``: here, as children of this
             process. The runner closes it in :meth:`aclose`. Everything above works the same
             with any backend; ``wrapper``/``run_mode`` and ``process_manager`` only concern
@@ -214,6 +264,9 @@ class ModuleRunner(AsyncClosing):
         self._cancel_reasons: dict[str, str] = {}
         self._closed = False
         self.backend = backend
+        # Foreground runs take cancel requests from other processes through the registry (a
+        # background run's task manager watches its own).
+        self._watcher = CancelRequestWatcher(registry, self.cancel)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -284,35 +337,89 @@ class ModuleRunner(AsyncClosing):
         elif not path.is_file():
             raise ScriptNotFoundError(str(path), "is not a regular file")
         stored = check_parameters(parameters)
-        raw_args = tuple(check_args(args))
+        raw_args = check_args(args)
         arguments = (*parameters_to_args(stored), *raw_args)
         limit = timeout_seconds(timeout)
-        if memory_limit_bytes is not None and (
-            isinstance(memory_limit_bytes, bool)
-            or not isinstance(memory_limit_bytes, int)
-            or memory_limit_bytes <= 0
-        ):
-            raise InvalidLimitError(
-                f"memory_limit_bytes must be a positive int or None, got {memory_limit_bytes!r}"
-            )
+        _check_memory_limit(memory_limit_bytes)
         if env is not None:
             check_env(env)
         hints = check_resources(resources)
-        child_env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONIOENCODING": "utf-8",
-            **(env or {}),
-        }
+        script = os.path.abspath(path)
         return _Launch(
-            argv=(sys.executable, os.path.abspath(path), *arguments),
+            argv=(sys.executable, script, *arguments),
+            shell=False,
             parameters=stored,
             cwd=None if cwd is None else os.fspath(cwd),
-            env=child_env,
+            env=_child_env(env),
+            timeout=limit,
+            memory_limit_bytes=memory_limit_bytes,
+            script=script,
+            raw_args=raw_args,
+            user_env=dict(env or {}),
+            resources=hints,
+        )
+
+    def prepare_command(
+        self,
+        command: Sequence[str | os.PathLike[str]] | str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        shell: bool = False,
+        timeout: float | timedelta | None = None,
+        memory_limit_bytes: int | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
+    ) -> _Launch:
+        """Validate a command start without starting anything (``execute_command`` and
+        ``start_command`` call it first).
+
+        Raises:
+            InvalidArgumentTypeError: ``command`` is not a sequence of str/path (``shell=False``)
+                or not a str (``shell=True``).
+            InvalidCommandError: an empty command, or a NUL byte in it.
+            CommandNotFoundError: the program is not on ``PATH`` (``env``'s ``PATH`` when it
+                has one) or, given as a path, does not exist (relative to ``cwd`` if given).
+            and what :meth:`prepare` raises for the other arguments.
+        """
+        if cwd is not None:
+            check_cwd(cwd)
+        if env is not None:
+            check_env(env)
+        if shell:
+            if not isinstance(command, str):
+                raise InvalidArgumentTypeError(
+                    f"with shell=True the command is one str, not {type(command).__name__}"
+                )
+            argv: tuple[str, ...] = (str(check_shell_command(command)),)
+            recorded: dict[str, Any] = {"shell": command}
+        else:
+            if isinstance(command, str | bytes) or not isinstance(command, Sequence):
+                raise InvalidArgumentTypeError(
+                    "the command is a sequence of the program and its arguments, e.g. "
+                    f"['ls', '-l'] (or one str with shell=True), not {type(command).__name__}"
+                )
+            if not command:
+                raise InvalidArgumentTypeError("the command is empty: name a program to run")
+            parts = check_exec_command(command[0], tuple(command[1:]))
+            if any(isinstance(part, bytes) for part in parts):
+                raise InvalidArgumentTypeError("command parts must be str or paths, not bytes")
+            argv = tuple(str(part) for part in parts)
+            _find_program(argv[0], cwd, env)
+            recorded = {"argv": list(argv)}
+        stored = check_parameters(recorded if parameters is None else parameters)
+        limit = timeout_seconds(timeout)
+        _check_memory_limit(memory_limit_bytes)
+        hints = check_resources(resources)
+        return _Launch(
+            argv=argv,
+            shell=shell,
+            parameters=stored,
+            cwd=None if cwd is None else os.fspath(cwd),
+            env=_child_env(env),
             timeout=limit,
             memory_limit_bytes=memory_limit_bytes,
             user_env=dict(env or {}),
-            raw_args=raw_args,
             resources=hints,
         )
 
@@ -349,7 +456,8 @@ class ModuleRunner(AsyncClosing):
         A failing, timed-out or over-limit module is not an exception: the returned run says
         FAILED and why (see the class docstring). Bad input raises before anything is stored
         or started. ``args`` (a list of str) are passed as given after the arguments made
-        from ``parameters``.
+        from ``parameters``. ``resources`` (``{"name": amount}``) are hints a cluster backend
+        reserves on a worker for the run; unused locally.
 
         Cancellation: the child's tree is stopped (SIGTERM, ``grace_period``, SIGKILL), the run
         is recorded CANCELLED with its output tail, then ``CancelledError`` propagates.
@@ -370,18 +478,7 @@ class ModuleRunner(AsyncClosing):
             args=args,
             resources=resources,
         )
-        run = self._new_run(module_id, module_name, launch, run_id)
-        opened = self._open_output(run.run_id)
-        try:
-            await self.registry.add_run(run)
-        except BaseException as exc:
-            self._drop_output(run.run_id, opened)
-            if isinstance(exc, asyncio.CancelledError):
-                # The insert may have landed (a thread-backed store finishes its statement).
-                run.mark_cancelled("cancelled before the module started")
-                await self._save(run, missing_ok=True)
-            raise
-        return await self._execute(run, launch, background=False)
+        return await self._execute_new(module_id, module_name, launch, run_id)
 
     async def start_module(
         self,
@@ -424,6 +521,115 @@ class ModuleRunner(AsyncClosing):
             args=args,
             resources=resources,
         )
+        return await self._start_new(module_id, module_name, launch, run_id)
+
+    async def execute_command(
+        self,
+        module_id: str,
+        module_name: str,
+        command: Sequence[str | os.PathLike[str]] | str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        shell: bool = False,
+        run_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        memory_limit_bytes: int | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
+    ) -> Run:
+        """Run any command to its end as a tracked run and return its final :class:`Run`: a
+        program and its arguments (``command=["node", "build.js"]``), or with ``shell=True``
+        one command line for the shell (``"sort data.txt | uniq -c"``; ``/bin/sh`` or
+        ``cmd.exe``).
+
+        Everything else is as in :meth:`execute_module`: the registry record, merged output
+        lines to ``output`` and ``output_tail``, ``timeout``, ``memory_limit_bytes``, pid, peak
+        RSS and CPU time of the whole tree, cancellation and the way the run ends (a non-zero
+        exit is FAILED with ``"exited with status N: <last line>"``). ``parameters`` is only
+        recorded (nothing is added to the command); ``None`` records the command itself, as
+        ``{"argv": [...]}`` or ``{"shell": "..."}``.
+
+        Cancellation: the child's tree is stopped (a shell's children too), the run is recorded
+        CANCELLED, then ``CancelledError`` propagates.
+
+        Raises:
+            RunnerClosedError: after :meth:`aclose`.
+            DuplicateRunError: ``run_id`` is already in the registry.
+            and what :meth:`prepare_command` raises.
+        """
+        self._check_open()
+        launch = self.prepare_command(
+            command,
+            parameters,
+            shell=shell,
+            timeout=timeout,
+            memory_limit_bytes=memory_limit_bytes,
+            cwd=cwd,
+            env=env,
+            resources=resources,
+        )
+        return await self._execute_new(module_id, module_name, launch, run_id)
+
+    async def start_command(
+        self,
+        module_id: str,
+        module_name: str,
+        command: Sequence[str | os.PathLike[str]] | str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        shell: bool = False,
+        run_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        memory_limit_bytes: int | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
+    ) -> str:
+        """Start any command (see :meth:`execute_command`) in the background and return its
+        ``run_id`` once the run is stored, as :meth:`start_module` does.
+
+        Cancellation: if cancelled while the run is being stored, the run is recorded
+        CANCELLED and nothing starts.
+
+        Raises:
+            RunnerClosedError: after :meth:`aclose`.
+            TaskManagerClosedError: the task manager was shut down.
+            DuplicateRunError: ``run_id`` is already active or stored.
+            and what :meth:`prepare_command` raises.
+        """
+        self._check_open()
+        launch = self.prepare_command(
+            command,
+            parameters,
+            shell=shell,
+            timeout=timeout,
+            memory_limit_bytes=memory_limit_bytes,
+            cwd=cwd,
+            env=env,
+            resources=resources,
+        )
+        return await self._start_new(module_id, module_name, launch, run_id)
+
+    async def _execute_new(
+        self, module_id: str, module_name: str, launch: _Launch, run_id: str | None
+    ) -> Run:
+        run = self._new_run(module_id, module_name, launch, run_id)
+        opened = self._open_output(run.run_id)
+        try:
+            await self.registry.add_run(run)
+        except BaseException as exc:
+            self._drop_output(run.run_id, opened)
+            if isinstance(exc, asyncio.CancelledError):
+                # The insert may have landed (a thread-backed store finishes its statement).
+                run.mark_cancelled("cancelled before the module started")
+                await self._save(run, missing_ok=True)
+            raise
+        return await self._execute(run, launch, background=False)
+
+    async def _start_new(
+        self, module_id: str, module_name: str, launch: _Launch, run_id: str | None
+    ) -> str:
         run = self._new_run(module_id, module_name, launch, run_id)
         opened = self._open_output(run.run_id)
         try:
@@ -436,29 +642,34 @@ class ModuleRunner(AsyncClosing):
             self._drop_output(run.run_id, opened)
             raise
 
-    async def cancel(self, run_id: str, reason: str = "cancelled by request") -> CancelResult:
-        """Cancel a queued or running run of this runner and return once it is recorded
-        CANCELLED (its child's tree stopped first).
+    async def cancel(
+        self, run_id: str, reason: str = "cancelled by request", *, timeout: float | None = None
+    ) -> CancelResult:
+        """Cancel a queued or running run and return once it is recorded CANCELLED (its
+        child's tree stopped first).
 
-        Returns :class:`CancelResult` ``CANCELLED`` (true), or ``ALREADY_FINISHED`` /
-        ``NOT_FOUND`` (both false) when no such run is active here, told apart by the registry.
+        A run of this runner is stopped at once. A run that another process owns (another
+        uvicorn worker sharing a SQLite registry) is cancelled through the registry: the request
+        is recorded, the owning runner acts on it within about 50 ms, and this call waits up to
+        ``timeout`` seconds (``None``: as long as it takes) until the registry shows the run
+        finished; a run whose owner died is marked INTERRUPTED.
 
-        Cancellation: stops waiting; the cancellation goes ahead.
+        Returns :class:`CancelResult` ``CANCELLED`` (true), or (all false) ``ALREADY_FINISHED``
+        / ``NOT_FOUND``, told apart by the registry, or ``REQUESTED`` (another process's run did
+        not finish within ``timeout``; it will).
+
+        Cancellation: stops waiting; the cancellation (or the recorded request) goes ahead.
 
         Raises:
             RegistryClosedError: the run is not active here and the registry is closed.
+            InvalidTimeoutError: a negative ``timeout``.
         """
         manager = self._task_manager
-        result: CancelResult = CancelResult.NOT_FOUND
-        if manager is not None:
-            result = await manager.cancel_task(run_id, reason)
-            if result is CancelResult.CANCELLED:
-                return result
+        if manager is not None and manager.is_active(run_id):
+            return await manager.cancel_task(run_id, reason)
         done = self._active.get(run_id)
         if done is None:
-            if manager is not None:
-                return result  # the manager already looked the run up
-            return await not_active_result(self.registry, run_id)
+            return await cancel_elsewhere(self.registry, run_id, reason, timeout)
         self._cancel_reasons.setdefault(run_id, reason)
         if self.backend is not None:
             await self.backend.cancel(run_id)
@@ -484,9 +695,24 @@ class ModuleRunner(AsyncClosing):
             if not missing_ok:
                 logger.exception("recording run %s (%s) failed", run.run_id, run.status.value)
 
+    async def _record_final(self, run: Run) -> None:
+        """Close the run's output (so its log file is complete), then record its final status:
+        a process that follows the log until the registry says the run finished (another
+        uvicorn worker) then has every line."""
+        if self.output is not None:
+            try:
+                await self.output.close_run(
+                    run.run_id, status=run.status, exit_code=run.exit_code
+                )
+            except Exception:
+                logger.exception("closing the output of run %s failed", run.run_id)
+        await self._save(run)
+
     async def _execute(self, run: Run, launch: _Launch, *, background: bool) -> Run:
         done = asyncio.Event()
         self._active[run.run_id] = done
+        if not background:
+            self._watcher.watch(run.run_id)
         try:
             if self.backend is not None:
                 return await self.backend.execute(
@@ -496,6 +722,7 @@ class ModuleRunner(AsyncClosing):
                 )
             return await self._supervise(run, launch, background=background)
         finally:
+            self._watcher.unwatch(run.run_id)
             try:
                 manager = self._task_manager
                 # A background run's manager closes the output itself, with the final status.
@@ -522,6 +749,7 @@ class ModuleRunner(AsyncClosing):
         return RunContext(
             output=self.output,
             save=self._save,
+            finish=self._record_final,
             cancel_reason=lambda: self._cancel_reasons.get(run_id),
             background=background,
             grace_period=self.grace_period,
@@ -531,30 +759,40 @@ class ModuleRunner(AsyncClosing):
 
     async def _supervise(self, run: Run, launch: _Launch, *, background: bool) -> Run:
         try:
-            process = await self.wrapper.create_subprocess_exec(
-                *launch.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=launch.cwd,
-                env=launch.env,
-            )
+            if launch.shell:
+                process = await self.wrapper.create_subprocess_shell(
+                    launch.argv[0],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd=launch.cwd,
+                    env=launch.env,
+                )
+            else:
+                process = await self.wrapper.create_subprocess_exec(
+                    *launch.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd=launch.cwd,
+                    env=launch.env,
+                )
         except asyncio.CancelledError:
             if not background:
                 run.mark_cancelled(self._cancel_reasons.get(run.run_id, "cancelled"))
-                await self._save(run)
+                await self._record_final(run)
             raise
         except Exception as exc:
             logger.warning("module %s (run %s) did not start: %s", run.module_name, run.run_id, exc)
             run.mark_failed(f"could not start the module: {type(exc).__name__}: {exc}")
-            await self._save(run)
+            await self._record_final(run)
             return run
         try:
             self.processes.register(run.run_id, process)
         except BaseException as exc:
             kill_tree_now(process)
             run.mark_failed(f"could not track the module: {type(exc).__name__}: {exc}")
-            await self._save(run)
+            await self._record_final(run)
             raise
         try:
             return await self._follow(run, launch, process, background=background)
@@ -604,7 +842,7 @@ class ModuleRunner(AsyncClosing):
             if not background:
                 # A background run's task manager records CANCELLED with its own reason.
                 run.mark_cancelled(self._cancel_reasons.get(run_id, "cancelled"))
-                await self._save(run)
+                await self._record_final(run)
             raise
         finally:
             await sampler.stop()
@@ -635,7 +873,7 @@ class ModuleRunner(AsyncClosing):
             if run.output_tail and run.output_tail[-1].strip():
                 message = f"{message}: {run.output_tail[-1].strip()[:500]}"
             run.mark_failed(message, exit_code=returncode)
-        await self._save(run)
+        await self._record_final(run)
         return run
 
     def _settle(
@@ -689,7 +927,7 @@ class ModuleRunner(AsyncClosing):
     async def aclose(self) -> None:
         """Stop everything: refuse new runs, cancel background runs (if the runner made the task
         manager), stop the trees of foreground runs (recorded CANCELLED), wait until every run
-        is recorded, and close the wrapper if the runner made it. Idempotent.
+        is recorded, and close the wrapper if the runner made it, and its backend. Idempotent.
 
         Cancellation: stops waiting; the stops already sent go on.
         """
@@ -704,6 +942,7 @@ class ModuleRunner(AsyncClosing):
         pending = [event.wait() for event in self._active.values()]
         if pending:
             await asyncio.gather(*pending)
+        await self._watcher.aclose()
         if self._owns_wrapper:
             await self.wrapper.aclose()
         if self.backend is not None:

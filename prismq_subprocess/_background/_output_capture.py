@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ from .._core._exceptions import (
     OutputNotFoundError,
 )
 from ._log_names import log_file_name, run_log_path
+from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
 from ._output_items import (
     OutputChunk,
     OutputEnd,
@@ -423,6 +425,8 @@ class OutputCapture(AsyncClosing):
         from_seq: int | None = None,
         after: int | None = None,
         wait: bool | float = False,
+        registry: BaseRunRegistry | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> OutputSubscription:
         """Return an async iterator of ``run_id``'s output (see :class:`OutputSubscription`).
 
@@ -436,11 +440,22 @@ class OutputCapture(AsyncClosing):
         an error unless ``wait`` is ``True`` (wait for it as long as it takes) or a number of
         seconds (then iterating raises ``OutputWaitTimeoutError`` if it did not appear in time).
 
+        **Runs of other processes.** With ``registry`` (the run registry the processes share)
+        and a ``log_dir`` (the same directory as the owner's capture), a run this capture does
+        not hold (another uvicorn worker runs it, or it ran before a restart) is followed from
+        its log file: every ``poll_interval`` seconds the new complete lines are read, until the
+        registry records the run's final status; then the rest of the file is read and the
+        subscription ends with that status. Seqs are line numbers in the file, the same as the
+        owner's, so ``after`` (``Last-Event-ID``) works across processes. If the run's owner
+        dies, the run is marked INTERRUPTED and the subscription ends. A run neither in the
+        registry nor with a log file raises ``OutputNotFoundError`` from iteration (unless
+        ``wait``). Without a ``log_dir``, ``registry`` is not used.
+
         Raises:
             OutputNotFoundError: unknown run and ``wait`` is false, or the run's buffer was
                 released and there is no log file.
             InvalidSubscriptionError: a negative or non-int ``from_seq``/``after``, both given,
-                or a bad ``wait``.
+                or a bad ``wait`` or ``poll_interval``.
         """
         first = self._first_seq(from_seq, after)
         if isinstance(wait, bool):
@@ -451,10 +466,21 @@ class OutputCapture(AsyncClosing):
             raise InvalidSubscriptionError(
                 f"wait must be a bool or a number of seconds >= 0, got {wait!r}"
             )
+        if (
+            isinstance(poll_interval, bool)
+            or not isinstance(poll_interval, int | float)
+            or not math.isfinite(poll_interval)
+            or poll_interval <= 0
+        ):
+            raise InvalidSubscriptionError(
+                f"poll_interval must be seconds > 0, got {poll_interval!r}"
+            )
         subscription = OutputSubscription(self, run_id, first)
         source = self._source(run_id)
         if isinstance(source, RunRing):
             subscription._attach(source)
+        elif registry is not None and self.log_dir is not None and run_id not in self._released:
+            subscription._follow_registry(registry, poll_interval, wait is not False, deadline)
         elif source:
             subscription._follow_log()
         elif run_id in self._released:

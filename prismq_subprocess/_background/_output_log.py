@@ -340,12 +340,15 @@ def read_log_lines(
     start: tuple[int, int] = (0, 0),
     max_bytes: int,
     max_line_bytes: int,
+    complete_only: bool = False,
 ) -> LogRead:
     """Read up to ``max_lines`` lines (and about ``max_bytes``) from line ``first_seq`` on.
 
     ``start`` is a known ``(seq, byte offset)`` at or before ``first_seq`` to begin from (the
     lines between are skipped). Lines are decoded as UTF-8 with ``replace`` and cut to
-    ``max_line_bytes`` like live ones. Blocking: call it in a worker thread.
+    ``max_line_bytes`` like live ones. With ``complete_only``, a last line without its newline
+    (another process is still writing it) is left for a later read. Blocking: call it in a
+    worker thread.
 
     Raises:
         OSError: the file cannot be opened or read (e.g. it was deleted).
@@ -365,7 +368,7 @@ def read_log_lines(
             seq += 1
         while len(lines) < max_lines and size < max_bytes:
             raw = handle.readline()
-            if not raw:
+            if not raw or (complete_only and not raw.endswith(b"\n")):
                 eof = True
                 break
             offset += len(raw)

@@ -14,8 +14,13 @@ import time
 from typing import TYPE_CHECKING, Self
 
 from .._core._closing import AsyncClosing
-from .._core._exceptions import InvalidSubscriptionError, OutputWaitTimeoutError
+from .._core._exceptions import (
+    InvalidSubscriptionError,
+    OutputNotFoundError,
+    OutputWaitTimeoutError,
+)
 from ._log_names import run_log_path
+from ._memory_registry import OWNER_CHECK_INTERVAL, BaseRunRegistry
 from ._output_items import (
     NO_TRUNCATION,
     OutputChunk,
@@ -53,11 +58,18 @@ class OutputSubscription(AsyncClosing):
     otherwise it gets one :class:`OutputGap` with their count and carries on with the oldest
     buffered line. The producer never waits for a subscriber.
 
+    A run that another process writes (made with ``registry=``; see
+    ``OutputCapture.subscribe``) is followed from its log file: complete lines as they reach
+    the file, until the registry records the run's final status; then the rest of the file is
+    read and :attr:`end` is that status. Ids (seqs) are the same as in the owner's process.
+
     Cancellation: cancelling ``__anext__`` (e.g. a heartbeat timeout around it) loses nothing:
     the next call carries on where it left off.
 
     Raises (from iteration):
         OutputWaitTimeoutError: made with ``wait=<seconds>`` and the run did not appear in time.
+        OutputNotFoundError: made with ``registry=`` and ``wait=False``, and the run is neither
+            in the registry nor has a log file.
     """
 
     def __init__(self, capture: OutputCapture, run_id: str, first_seq: int) -> None:
@@ -72,6 +84,12 @@ class OutputSubscription(AsyncClosing):
         self._chunk_pos = 0
         self._log_start: tuple[int, int] | None = None  # (seq, offset) after our last log read
         self._waiter: asyncio.Future[None] | None = None
+        # Following another process's run (see _follow_registry).
+        self._registry: BaseRunRegistry | None = None
+        self._poll_interval = 0.05
+        self._may_wait = False
+        self._final: OutputEnd | None = None
+        self._final_known = False
         self.dropped = 0
         """How many lines this subscriber was told (by :class:`OutputGap` items) it missed."""
         self.end: OutputEnd | None = None
@@ -86,6 +104,19 @@ class OutputSubscription(AsyncClosing):
         self._log_only = True
 
     def _wait_until(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def _follow_registry(
+        self,
+        registry: BaseRunRegistry,
+        poll_interval: float,
+        may_wait: bool,
+        deadline: float | None,
+    ) -> None:
+        self._log_only = True
+        self._registry = registry
+        self._poll_interval = poll_interval
+        self._may_wait = may_wait
         self._deadline = deadline
 
     def _finish(self, end: OutputEnd | None) -> None:
@@ -179,6 +210,8 @@ class OutputSubscription(AsyncClosing):
         while not self._done:
             ring = self._ring
             if ring is None:
+                if self._registry is not None:
+                    return await self._follow_file(self._registry, limit)
                 if self._log_only:
                     return await self._read_log_only(limit)
                 await self._wait_for_run()
@@ -250,7 +283,7 @@ class OutputSubscription(AsyncClosing):
         return best
 
     async def _read_log(
-        self, state: LogState | None, cursor: int, count: int
+        self, state: LogState | None, cursor: int, count: int, *, growing: bool = False
     ) -> OutputChunk | None:
         capture = self._capture
         assert capture.log_dir is not None
@@ -263,7 +296,12 @@ class OutputSubscription(AsyncClosing):
                 start=self._start_for(state, cursor),
                 max_bytes=capture.max_bytes_per_run,
                 max_line_bytes=capture.max_line_bytes,
+                complete_only=growing,
             )
+        except FileNotFoundError:
+            if not growing:  # a growing file may simply not exist yet
+                logger.warning("the output log of run %s is gone", self._run_id)
+            return None
         except OSError as exc:
             logger.warning("cannot read the output log of run %s: %s", self._run_id, exc)
             return None
@@ -303,6 +341,53 @@ class OutputSubscription(AsyncClosing):
         if chunk is None:
             self._finish(self._capture._released_end(self._run_id))
         return chunk
+
+    async def _follow_file(self, registry: BaseRunRegistry, limit: int) -> OutputChunk | None:
+        """Follow a run written by another process: complete lines from its log file as they
+        come, until the registry has its final status; then the rest of the file, then the end.
+
+        The owner closes the log before it records the final status (``ModuleRunner``), so the
+        read after seeing that status gets every line.
+        """
+        loop = asyncio.get_running_loop()
+        next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
+        while not self._done:
+            final = self._final_known
+            chunk = await self._read_log(None, self._cursor, limit, growing=not final)
+            if chunk is not None:
+                return chunk
+            if final:
+                self._finish(self._final)
+                return None
+            run = await registry.get_run(self._run_id)
+            if run is None:
+                if self._capture._source(self._run_id):
+                    # Deleted from the registry (retention), but its log is there: replay it.
+                    self._final_known = True
+                    continue
+                self._check_may_wait()
+            elif run.is_finished:
+                self._final = OutputEnd(run.status.value, run.exit_code)
+                self._final_known = True
+                continue
+            elif loop.time() >= next_owner_check:
+                next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
+                owner = run.owner
+                if owner is None or not await asyncio.to_thread(owner.is_alive):
+                    # Its owner died: mark it INTERRUPTED (whoever notices first does).
+                    await registry.recover_orphans()
+                    continue
+            await asyncio.sleep(self._poll_interval)
+        return None
+
+    def _check_may_wait(self) -> None:
+        if not self._may_wait:
+            raise OutputNotFoundError(
+                f"run {self._run_id!r} is not in the registry and has no output log "
+                "(pass wait=True to wait for it)"
+            )
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise OutputWaitTimeoutError(f"run {self._run_id!r} did not appear in time")
 
     # -- closing --------------------------------------------------------------------------------
     async def aclose(self) -> None:

@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -52,6 +52,7 @@ from ._memory_registry import (
     _check_paging,
     cutoff_from,
     not_registered,
+    orphan_reason,
     refused_update,
     stored_statuses_for,
     unstorable,
@@ -71,7 +72,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this library writes (stored in ``PRAGMA user_version``)."""
 
 APPLICATION_ID = 0x50725153
@@ -159,7 +160,20 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     )
 
 
+# Only unfinished runs with a request are in this index, so an owner's poll reads nothing when
+# nobody asked for a cancel; a query must repeat these WHERE terms for SQLite to use it.
+_REQUESTED_WHERE = f"cancel_requested_at IS NOT NULL AND status IN ({_ACTIVE_SQL})"
+
+
 def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    # Cancel requests from any process sharing the file (request_cancel); not in _COLUMNS, so
+    # the owner's update_run never overwrites them.
+    conn.execute("ALTER TABLE runs ADD COLUMN cancel_requested_at INTEGER")
+    conn.execute("ALTER TABLE runs ADD COLUMN cancel_reason TEXT")
+    conn.execute(f"CREATE INDEX runs_cancel_requested ON runs (run_id) WHERE {_REQUESTED_WHERE}")
+
+
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
     # The cluster worker a run executed on (prismq_subprocess.dask); NULL for local runs.
     conn.execute("ALTER TABLE runs ADD COLUMN worker TEXT")
     conn.execute("ALTER TABLE runs_quarantine ADD COLUMN worker")
@@ -171,6 +185,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _migrate_0_to_1,
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
 }
 
 _V1_TABLES = ["runs"]
@@ -444,14 +459,7 @@ class _Database:
                 owner = run.owner
                 if owner is not None and owner.is_alive():
                     continue
-                if owner is None:
-                    reason = "run has no recorded owner process; it cannot still be running"
-                else:
-                    reason = (
-                        f"owner process {owner.pid} on host {owner.host!r} is gone; the run was "
-                        f"left {run.status.value} (crash or restart)"
-                    )
-                run.mark_interrupted(reason)
+                run.mark_interrupted(orphan_reason(run))
                 values = _row_values(run)
                 conn.execute(_UPDATE, (*values[1:], run.run_id))
                 recovered.append(run.run_id)
@@ -494,6 +502,30 @@ class _Database:
             raise refused
 
         self.write(step)
+
+    def request_cancel(self, run_id: str, reason: str) -> bool:
+        def step(conn: sqlite3.Connection) -> bool:
+            # The first request's moment and reason stay.
+            return (
+                conn.execute(
+                    "UPDATE runs SET cancel_requested_at = COALESCE(cancel_requested_at, ?), "
+                    "cancel_reason = COALESCE(cancel_reason, ?) "
+                    f"WHERE run_id = ? AND status IN ({_ACTIVE_SQL})",
+                    (_to_micros(utc_now()), reason, run_id),
+                ).rowcount
+                == 1
+            )
+
+        return self.write(step)
+
+    def cancel_requests(self, run_ids: frozenset[str]) -> dict[str, str]:
+        # INDEXED BY: the planner would rather scan every active run by status; this index
+        # holds only the requested ones (and SQLite refuses the query if it cannot use it).
+        rows = self.conn.execute(
+            "SELECT run_id, cancel_reason FROM runs INDEXED BY runs_cancel_requested "
+            f"WHERE {_REQUESTED_WHERE}"
+        ).fetchall()
+        return {run_id: reason for run_id, reason in rows if run_id in run_ids}
 
     def get(self, run_id: str) -> Run | None:
         runs = self._read(f"{_SELECT} WHERE run_id = ?", (run_id,))
@@ -735,6 +767,31 @@ class SQLiteRunRegistry(BaseRunRegistry):
     async def apply_retention(self) -> int:
         db = await self._database()
         return await self._run(db.retain, self.max_runs, self.max_age)
+
+    async def request_cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
+        """Record a cancel request for ``run_id`` in the file (see
+        :meth:`BaseRunRegistry.request_cancel`): every process sharing it sees the request, and
+        the owner acts on it. It stays in the file with the run.
+        """
+        db = await self._database()
+        return await self._run(db.request_cancel, run_id, str(reason))
+
+    async def cancel_requests(self, run_ids: Collection[str]) -> dict[str, str]:
+        """One indexed query: the requests for unfinished runs among ``run_ids`` (see
+        :meth:`BaseRunRegistry.cancel_requests`)."""
+        db = await self._database()
+        if not run_ids:
+            return {}
+        return await self._run(db.cancel_requests, frozenset(run_ids))
+
+    async def recover_orphans(self) -> list[str]:
+        """As on open: in one write transaction, unfinished runs whose owner is gone become
+        INTERRUPTED (see :meth:`BaseRunRegistry.recover_orphans`)."""
+        db = await self._database()
+        recovered = await self._run(db.recover)
+        if recovered:
+            logger.warning("marked %d orphaned run(s) INTERRUPTED in %s", len(recovered), self.path)
+        return recovered
 
     def _check_open(self) -> None:
         if self._closed:

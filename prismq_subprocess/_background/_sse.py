@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring, encode_basestring_ascii
 
 from .._core._exceptions import InvalidSSEEventError, InvalidSubscriptionError
+from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
 from ._output_capture import OutputCapture
 from ._output_items import OutputChunk, OutputGap
-from ._output_subscription import OutputSubscription
+from ._output_subscription import OutputChunks, OutputSubscription
 
 __all__ = ["SSE_HEADERS", "SSEEvent", "sse_events"]
 
@@ -145,6 +146,9 @@ def sse_events(
     retry: int | None = 3000,
     wait: bool | float = False,
     max_lines_per_chunk: int = 256,
+    registry: BaseRunRegistry | None = None,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+    stop: asyncio.Event | None = None,
 ) -> AsyncGenerator[str, None]:
     """Return an async iterator of SSE text for ``run_id``'s output (see the module docstring
     for the events): from the line after ``last_event_id`` (a browser's ``Last-Event-ID``
@@ -154,16 +158,27 @@ def sse_events(
     iterator (``aclose()``, or the server dropping it when the client disconnects) ends the
     subscription. Nothing is held for a client until iteration starts.
 
+    With ``registry`` (and a capture with a ``log_dir``), a run that another process writes,
+    e.g. another uvicorn worker, is streamed from its log file as it grows, with the same ids,
+    until the registry has its final status (see ``OutputCapture.subscribe``); the ``end``
+    event then carries that status. Check that the run exists (``registry.get_run``) before
+    starting the response: for such a run, "unknown" is only found out while streaming.
+
     Args:
         heartbeat: seconds of silence before a ``: keep-alive`` comment; ``None``: never.
         retry: reconnection delay sent to the browser, in ms; ``None``: not sent.
         wait: as in ``OutputCapture.subscribe``.
+        registry, poll_interval: as in ``OutputCapture.subscribe``.
+        stop: once this event is set, the stream ends after the events already sent, without
+            an ``end`` event, so a browser reconnects (with ``Last-Event-ID``) to whichever
+            server answers next. Set it when the server begins to shut down: uvicorn waits
+            for open responses before it runs the app's lifespan shutdown.
 
     Raises:
         OutputNotFoundError: the run is unknown to ``capture`` (and ``wait`` is false); raised
             here, before any response is started, so an endpoint can answer 404.
         InvalidSubscriptionError: a malformed ``last_event_id`` or ``wait``, or a bad
-            ``heartbeat``/``retry``/``max_lines_per_chunk``.
+            ``heartbeat``/``retry``/``max_lines_per_chunk``/``poll_interval``/``stop``.
     """
     after = _parse_last_event_id(last_event_id)
     if heartbeat is not None and (
@@ -183,12 +198,41 @@ def sse_events(
         raise InvalidSubscriptionError(
             f"max_lines_per_chunk must be an int >= 1, got {max_lines_per_chunk!r}"
         )
-    subscription = capture.subscribe(run_id, after=after, wait=wait)
-    return _stream(subscription, heartbeat, retry, max_lines_per_chunk)
+    if stop is not None and not isinstance(stop, asyncio.Event):
+        raise InvalidSubscriptionError(f"stop must be an asyncio.Event or None, got {stop!r}")
+    subscription = capture.subscribe(
+        run_id, after=after, wait=wait, registry=registry, poll_interval=poll_interval
+    )
+    return _stream(subscription, heartbeat, retry, max_lines_per_chunk, stop)
+
+
+async def _next_or_stop(
+    chunks: OutputChunks, stop: asyncio.Event
+) -> OutputChunk | OutputGap | None:
+    """The next item, or ``None`` once ``stop`` is set (the pending read is cancelled, which
+    loses nothing)."""
+    if stop.is_set():
+        return None
+    reader = asyncio.ensure_future(anext(chunks))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (reader, stopper):
+            if not task.done():
+                task.cancel()
+        await asyncio.wait({reader, stopper})
+    if reader.cancelled():
+        return None
+    return reader.result()  # raises StopAsyncIteration at the end
 
 
 async def _stream(
-    subscription: OutputSubscription, heartbeat: float | None, retry: int | None, max_lines: int
+    subscription: OutputSubscription,
+    heartbeat: float | None,
+    retry: int | None,
+    max_lines: int,
+    stop: asyncio.Event | None,
 ) -> AsyncGenerator[str, None]:
     async with subscription:
         # Sent at once: some proxies hold the response headers back until the first bytes.
@@ -197,7 +241,10 @@ async def _stream(
         while True:
             try:
                 async with asyncio.timeout(heartbeat) as deadline:
-                    item = await anext(chunks)
+                    if stop is None:
+                        item: OutputChunk | OutputGap | None = await anext(chunks)
+                    else:
+                        item = await _next_or_stop(chunks, stop)
             except StopAsyncIteration:
                 break
             except TimeoutError:
@@ -205,6 +252,8 @@ async def _stream(
                     raise  # e.g. OutputWaitTimeoutError, not our heartbeat
                 yield _KEEP_ALIVE
                 continue
+            if item is None:
+                return  # stopped: no end event, so the browser reconnects
             if isinstance(item, OutputGap):
                 yield _gap_event(item, subscription.next_seq)
             else:

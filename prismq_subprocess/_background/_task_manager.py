@@ -39,7 +39,8 @@ from .._core._exceptions import (
 )
 from .._core._result import ProcessResult
 from .._resources._resource_manager import ResourceManager
-from ._cancel_result import CancelResult, not_active_result
+from ._cancel_result import CancelResult, cancel_elsewhere
+from ._cancel_watch import CancelRequestWatcher
 from ._memory_registry import BaseRunRegistry
 from ._output_capture import OutputCapture
 from ._run_record import Run, RunStatus
@@ -312,6 +313,8 @@ class BackgroundTaskManager(AsyncResource):
         self._idle.set()
         # Tasks given up on by shutdown() still need a strong reference until they end.
         self._abandoned: set[asyncio.Future[Any]] = set()
+        # Cancel requests recorded in the registry by other processes (request_cancel).
+        self._watcher = CancelRequestWatcher(registry, self.cancel_task)
 
     @property
     def closed(self) -> bool:
@@ -448,6 +451,7 @@ class BackgroundTaskManager(AsyncResource):
                     TaskManagerClosedError("the task manager shut down while the run was added")
                 )
             entry.stored.settle(None)
+            self._watcher.watch(run.run_id)
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
             await self._take_slot(entry)
@@ -604,6 +608,7 @@ class BackgroundTaskManager(AsyncResource):
             self._running -= 1
         if self._entries.get(entry.run.run_id) is entry:
             del self._entries[entry.run.run_id]
+            self._watcher.unwatch(entry.run.run_id)
         while (
             self._queue
             and not self._closing
@@ -651,6 +656,11 @@ class BackgroundTaskManager(AsyncResource):
             self._release(entry)
 
     # -- control --------------------------------------------------------------------------------
+    def is_active(self, run_id: str) -> bool:
+        """Return ``True`` while ``run_id`` is being stored, queued, running or being recorded
+        here."""
+        return run_id in self._entries
+
     def _interrupt(self, entry: _Entry, reason: str) -> None:
         if entry.cancel_reason is None:
             entry.cancel_reason = reason
@@ -658,7 +668,7 @@ class BackgroundTaskManager(AsyncResource):
             entry.task.cancel()
 
     async def cancel_task(
-        self, run_id: str, reason: str = "cancelled by request"
+        self, run_id: str, reason: str = "cancelled by request", *, timeout: float | None = None
     ) -> CancelResult:
         """Cancel a queued or running run and wait until its CANCELLED status is recorded.
 
@@ -667,18 +677,27 @@ class BackgroundTaskManager(AsyncResource):
         (e.g. stop its child process); its final status is whatever it ends with (CANCELLED
         unless it swallows the cancellation and returns).
 
-        Returns :class:`CancelResult` ``CANCELLED`` (true), or, when the run is not active in
-        this manager, ``ALREADY_FINISHED`` (ending, being cancelled already, or finished in the
-        registry) or ``NOT_FOUND`` (both false).
+        A run that another process owns (another uvicorn worker sharing a SQLite registry) is
+        cancelled through the registry: the request is recorded (``registry.request_cancel``),
+        that process's manager acts on it within about 50 ms, and this call waits, up to
+        ``timeout`` seconds (``None``: as long as it takes), until the registry shows the run
+        finished. If that owner died, the run is marked INTERRUPTED instead.
 
-        Cancellation: stops waiting; the run's cancellation still goes ahead.
+        Returns :class:`CancelResult` ``CANCELLED`` (true), or (all false) ``ALREADY_FINISHED``
+        (ending, being cancelled already, finished in the registry, or ended otherwise after a
+        request), ``REQUESTED`` (another process's run did not finish within ``timeout``) or
+        ``NOT_FOUND`` (unknown, or stored by this process without being active here).
+
+        Cancellation: stops waiting; the run's cancellation (or the recorded request) still goes
+        ahead.
 
         Raises:
             RegistryClosedError: the run is not active here and the registry is closed.
+            InvalidTimeoutError: a negative ``timeout``.
         """
         entry = self._entries.get(run_id)
         if entry is None:
-            return await not_active_result(self.registry, run_id)
+            return await cancel_elsewhere(self.registry, run_id, reason, timeout)
         if entry.phase == _RECORDING or entry.cancel_reason is not None:
             return CancelResult.ALREADY_FINISHED
         self._interrupt(entry, reason)
@@ -722,6 +741,7 @@ class BackgroundTaskManager(AsyncResource):
         if grace < 0:
             raise InvalidTimeoutError(f"grace must be >= 0, got {grace!r}")
         self._closing = True
+        await self._watcher.aclose()
         for entry in list(self._entries.values()):
             self._interrupt(entry, reason)
         tasks = {entry.task for entry in self._entries.values() if entry.task is not None}
@@ -743,6 +763,7 @@ class BackgroundTaskManager(AsyncResource):
             entry.abandoned = True
             self._abandoned.add(entry.task)
             del self._entries[entry.run.run_id]
+            self._watcher.unwatch(entry.run.run_id)
             run = entry.run
             if entry.phase == _RECORDING:
                 continue  # its outcome is being written already; a second write would not help

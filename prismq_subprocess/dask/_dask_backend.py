@@ -339,13 +339,13 @@ class DaskBackend(RunBackend):
             except asyncio.CancelledError:
                 if not context.background:
                     run.mark_cancelled(context.cancel_reason() or "cancelled")
-                    await context.save(run)
+                    await context.finish(run)
                 raise
             except (BackendClosedError, InvalidBackendError):
                 raise
             except Exception as exc:
                 run.mark_failed(f"could not reach the Dask cluster: {type(exc).__name__}: {exc}")
-                await context.save(run)
+                await context.finish(run)
                 return run
             remote.future = client.submit(
                 run_module_on_worker,
@@ -498,7 +498,7 @@ class DaskBackend(RunBackend):
             self._apply_outcome(remote, result, finished)
         if run.status is RunStatus.INTERRUPTED and finished is None:
             self._reap_later(remote)
-        await remote.context.save(run)
+        await remote.context.finish(run)
 
     def _apply_outcome(
         self,

@@ -214,8 +214,37 @@ def _started_message(forwarder: OutputForwarder, worker_address: str, run: Run) 
     )
 
 
-async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> WorkerOutcome:
+async def _start(runner: ModuleRunner, spec: WorkerJob) -> Run:
+    """Run the job's module (or command) to its end with ``runner``, as the host would."""
     job = spec.job
+    if job.command:
+        return await runner.execute_command(
+            job.module_id,
+            job.module_name,
+            job.command[0] if job.shell else list(job.command),
+            job.parameters,
+            shell=job.shell,
+            run_id=spec.run_id,
+            timeout=job.timeout,
+            memory_limit_bytes=job.memory_limit_bytes,
+            cwd=job.cwd,
+            env=job.env,
+        )
+    return await runner.execute_module(
+        job.module_id,
+        job.module_name,
+        job.script,
+        job.parameters,
+        args=list(job.args),
+        run_id=spec.run_id,
+        timeout=job.timeout,
+        memory_limit_bytes=job.memory_limit_bytes,
+        cwd=job.cwd,
+        env=job.env,
+    )
+
+
+async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> WorkerOutcome:
     send = functools.partial(get_worker().log_event, spec.topic)
     # The run's ring here is what the worker buffers for the host (the forwarder is its only
     # reader); nothing outlives the task, so no retention.
@@ -247,20 +276,7 @@ async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> Worker
     run: Run | None = None
     total = 0
     try:
-        module = asyncio.create_task(
-            runner.execute_module(
-                job.module_id,
-                job.module_name,
-                job.script,
-                job.parameters,
-                args=list(job.args),
-                run_id=spec.run_id,
-                timeout=job.timeout,
-                memory_limit_bytes=job.memory_limit_bytes,
-                cwd=job.cwd,
-                env=job.env,
-            )
-        )
+        module = asyncio.create_task(_start(runner, spec))
         watch.attach(module)
         try:
             run = await module

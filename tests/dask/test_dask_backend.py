@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -378,16 +379,22 @@ async def test_results_identical_to_the_local_backend(
         ),
     ]
 
+    commands: list[tuple[str, dict[str, Any]]] = [
+        ("argv", {"command": [sys.executable, "-c", "print('from argv'); raise SystemExit(4)"]}),
+        ("shell", {"command": "echo one; echo two >&2", "shell": True}),
+    ]
+
     async def outcomes(backend: DaskBackend | None) -> dict[str, Run]:
         async with runner_for(backend) as runner:
             runs = await asyncio.gather(
-                *(runner.execute_module(name, name, **kw) for name, kw in cases)
+                *(runner.execute_module(name, name, **kw) for name, kw in cases),
+                *(runner.execute_command(name, name, **kw) for name, kw in commands),
             )
         return {run.module_id: run for run in runs}
 
     local = await outcomes(None)
     remote = await outcomes(DaskBackend(client))
-    for name, _ in cases:
+    for name, _ in cases + commands:
         a, b = local[name], remote[name]
         assert (a.status, a.exit_code) == (b.status, b.exit_code), name
         assert a.output_tail == b.output_tail, name
@@ -402,6 +409,9 @@ async def test_results_identical_to_the_local_backend(
     assert remote["fails"].status is RunStatus.FAILED and remote["fails"].exit_code == 3
     assert remote["timeout"].error_message == "timed out after 1 s; process tree stopped"
     assert remote["memory"].status is RunStatus.FAILED
+    assert remote["argv"].exit_code == 4 and remote["argv"].output_tail == ["from argv"]
+    assert remote["shell"].status is RunStatus.COMPLETED
+    assert remote["shell"].output_tail == ["one", "two"]
     assert remote["env-cwd-args"].output_tail == [
         f"v1 {tmp_path} ['--tags', 'a', '--tags', 'b', '--flag', '--n', '2', 'raw', '--x=1']"
     ]
@@ -620,7 +630,9 @@ async def test_bad_configuration_raises_before_anything_starts(
         pass
     await closed.aclose()  # idempotent
     registry = RunRegistry()
-    context = RunContext(None, registry.update_run, lambda: None, False, 1.0, 0.5, 5)
+    context = RunContext(
+        None, registry.update_run, registry.update_run, lambda: None, False, 1.0, 0.5, 5
+    )
     with pytest.raises(pq.exceptions.BackendClosedError):
         await closed.execute(Run(), ModuleJob("x", "x", scripts["lines"]), context)
     runner = runner_for(DaskBackend("tcp://127.0.0.1:1"))

@@ -1,0 +1,96 @@
+"""Acting on cancel requests recorded in a run registry: :class:`CancelRequestWatcher`.
+
+Any process sharing a registry may ask for a run to be cancelled (``request_cancel``); only the
+process that drives the run can stop it. Its ``BackgroundTaskManager`` and ``ModuleRunner`` each
+keep one watcher: while they have unfinished runs, it asks the registry every ``interval``
+seconds which of them have a request (one indexed query on the registry's own thread for
+SQLite, whatever the number of runs) and runs the owner's cancel for each request, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from .._core._exceptions import RegistryClosedError
+from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
+
+__all__ = ["CancelRequestWatcher"]
+
+logger = logging.getLogger(__name__)
+
+
+class CancelRequestWatcher:
+    """Polls ``registry`` for cancel requests of the watched runs; runs ``cancel(run_id,
+    reason)`` in a task of its own once per requested run (then stops watching it).
+
+    The poll runs only while some run is watched. A failing poll is logged and retried at the
+    next interval; a closed registry ends the polling until the next :meth:`watch`. A failing
+    cancel is logged.
+    """
+
+    def __init__(
+        self,
+        registry: BaseRunRegistry,
+        cancel: Callable[[str, str], Awaitable[object]],
+        *,
+        interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        self.registry = registry
+        self.interval = interval
+        self._cancel = cancel
+        self._watched: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        # Cancels in progress: asyncio keeps only weak references to tasks.
+        self._cancels: set[asyncio.Future[object]] = set()
+        self._closed = False
+
+    def watch(self, run_id: str) -> None:
+        """Start looking for requests to cancel ``run_id`` (call from the event loop)."""
+        if self._closed:
+            return
+        self._watched.add(run_id)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._poll(), name="prismq-cancel-requests"
+            )
+
+    def unwatch(self, run_id: str) -> None:
+        """Stop looking for ``run_id`` (its run ended here)."""
+        self._watched.discard(run_id)
+
+    async def _poll(self) -> None:
+        while self._watched and not self._closed:
+            try:
+                requests = await self.registry.cancel_requests(frozenset(self._watched))
+            except RegistryClosedError:
+                return
+            except Exception:
+                logger.exception("looking for cancel requests failed; trying again")
+                requests = {}
+            for run_id, reason in requests.items():
+                if run_id in self._watched:
+                    self._watched.discard(run_id)
+                    cancel = asyncio.ensure_future(self._cancel(run_id, reason))
+                    self._cancels.add(cancel)
+                    cancel.add_done_callback(self._cancel_done)
+            await asyncio.sleep(self.interval)
+
+    def _cancel_done(self, cancel: asyncio.Future[object]) -> None:
+        self._cancels.discard(cancel)
+        if not cancel.cancelled() and cancel.exception() is not None:
+            logger.error("acting on a cancel request failed", exc_info=cancel.exception())
+
+    async def aclose(self) -> None:
+        """Stop polling (cancels already started go on). Idempotent.
+
+        Cancellation: the poll is stopped anyway.
+        """
+        self._closed = True
+        self._watched.clear()
+        task = self._task
+        self._task = None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})

@@ -1,0 +1,383 @@
+"""Runs shared between processes through one SQLite registry and one log directory (issue 12
+item 3): cancel a run another process owns, follow its output live and after it ended, notice
+its owner's death."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import prismq_subprocess as pq
+from prismq_subprocess import exceptions as errors
+
+OWNER = Path(__file__).with_name("owner_process.py")
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL of the owner")
+
+# Prints its grandchild's pid, then sleeps (as does the grandchild).
+TREE = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    print("pids", child.pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+# --count lines, --delay seconds apart, then exit with --code.
+COUNT = textwrap.dedent(
+    """
+    import argparse, sys, time
+    p = argparse.ArgumentParser()
+    p.add_argument("--count", type=int)
+    p.add_argument("--delay", type=float)
+    p.add_argument("--code", type=int, default=0)
+    a = p.parse_args()
+    for i in range(a.count):
+        print(f"line {i} " + "x" * (i % 7), flush=True)
+        time.sleep(a.delay)
+    sys.exit(a.code)
+    """
+)
+
+
+class Owner:
+    """The other process (see owner_process.py)."""
+
+    def __init__(self, db: Path, log_dir: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(OWNER), str(db), str(log_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.read() == "READY"
+
+    def read(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    async def start(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = await asyncio.to_thread(self.read)
+        assert answer.startswith("RUN "), answer
+        return answer.split()[1]
+
+    def close(self) -> None:
+        descendants = []
+        with contextlib.suppress(psutil.Error):
+            descendants = psutil.Process(self.proc.pid).children(recursive=True)
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "tree.py").write_text(TREE)
+    (tmp_path / "count.py").write_text(COUNT)
+    return tmp_path / "runs.db", tmp_path / "logs"
+
+
+@pytest.fixture
+def owner(paths: tuple[Path, Path]) -> Iterator[Owner]:
+    db, log_dir = paths
+    # The schema exists before either side opens it, so neither waits for the other's migration.
+    asyncio.run(_create(db))
+    process = Owner(db, log_dir)
+    yield process
+    process.close()
+
+
+async def _create(db: Path) -> None:
+    async with pq.SQLiteRunRegistry(db):
+        pass
+
+
+@pytest.fixture
+async def here(
+    paths: tuple[Path, Path],
+) -> AsyncIterator[tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner]]:
+    """This process: a worker that owns nothing."""
+    db, log_dir = paths
+    async with (
+        pq.SQLiteRunRegistry(db) as registry,
+        pq.OutputCapture(log_dir=log_dir) as capture,
+        pq.ModuleRunner(registry, output=capture) as runner,
+    ):
+        yield registry, capture, runner
+
+
+async def read_lines(
+    capture: pq.OutputCapture,
+    registry: pq.SQLiteRunRegistry,
+    run_id: str,
+    *,
+    after: int | None = None,
+    stop_after: int | None = None,
+) -> tuple[list[tuple[int, str]], pq.OutputEnd | None]:
+    seen: list[tuple[int, str]] = []
+    async with capture.subscribe(run_id, after=after, registry=registry) as sub:
+        async for item in sub:
+            assert isinstance(item, pq.OutputLine), item
+            seen.append((item.seq, item.text))
+            if stop_after is not None and len(seen) == stop_after:
+                break
+    return seen, sub.end
+
+
+async def test_cancel_from_another_process_stops_the_owners_tree(
+    owner: Owner,
+    here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
+    paths: tuple[Path, Path],
+) -> None:
+    registry, capture, runner = here
+    run_id = await owner.start(f"module {paths[0].parent / 'tree.py'} {{}}")
+    lines, _ = await read_lines(capture, registry, run_id, stop_after=1)
+    grandchild = int(lines[0][1].split()[1])
+    run = await registry.get_run(run_id)
+    assert run is not None and run.status is pq.RunStatus.RUNNING and run.pid is not None
+    assert run.owner is not None and run.owner.pid == owner.proc.pid
+    # Not this process's run: before issue 12 this was NOT_FOUND (False).
+    assert await runner.cancel(run_id, "stop from worker B") is pq.CancelResult.CANCELLED
+    final = await registry.get_run(run_id)
+    assert final is not None
+    assert (final.status, final.error_message) == (pq.RunStatus.CANCELLED, "stop from worker B")
+    for pid in (run.pid, grandchild):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # The log ends where the run ended, and a late reader on this side gets it all.
+    assert await read_lines(capture, registry, run_id) == (
+        [(0, f"pids {grandchild}")],
+        pq.OutputEnd("cancelled", final.exit_code),
+    )
+    assert await runner.cancel(run_id) is pq.CancelResult.ALREADY_FINISHED
+
+
+async def test_task_manager_cancels_a_coroutine_of_another_process(
+    owner: Owner, here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner]
+) -> None:
+    registry, _, _ = here
+    run_id = await owner.start("coroutine")
+    async with pq.BackgroundTaskManager(registry) as manager:
+        assert await manager.cancel_task(run_id, "not needed") is pq.CancelResult.CANCELLED
+    run = await registry.get_run(run_id)
+    assert run is not None and (run.status, run.error_message) == (
+        pq.RunStatus.CANCELLED,
+        "not needed",
+    )
+
+
+async def test_a_run_nobody_drives_is_only_requested(
+    owner: Owner, here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner]
+) -> None:
+    registry, _, runner = here
+    run_id = await owner.start("raw")
+    assert await runner.cancel(run_id, "first", timeout=0.2) is pq.CancelResult.REQUESTED
+    assert await registry.request_cancel(run_id, "second") is True
+    assert await registry.cancel_requests([run_id, "other"]) == {run_id: "first"}
+    run = await registry.get_run(run_id)
+    assert run is not None and run.status is pq.RunStatus.PENDING
+    with pytest.raises(errors.InvalidTimeoutError):
+        await runner.cancel(run_id, timeout=-1)
+
+
+@posix_only
+async def test_a_dead_owners_run_becomes_interrupted_when_cancelled(
+    owner: Owner, here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner]
+) -> None:
+    registry, _, runner = here
+    run_id = await owner.start("raw")
+    owner.proc.send_signal(signal.SIGKILL)
+    owner.proc.wait()
+    assert await runner.cancel(run_id) is pq.CancelResult.ALREADY_FINISHED
+    run = await registry.get_run(run_id)
+    assert run is not None and run.status is pq.RunStatus.INTERRUPTED
+    assert f"owner process {owner.proc.pid}" in (run.error_message or "")
+
+
+async def test_output_of_another_process_live_resumed_and_after_the_end(
+    owner: Owner,
+    here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
+    paths: tuple[Path, Path],
+) -> None:
+    registry, capture, _ = here
+    params = json.dumps({"count": 300, "delay": 0.002, "code": 3})
+    run_id = await owner.start(f"module {paths[0].parent / 'count.py'} {params}")
+    expected = [(i, f"line {i} " + "x" * (i % 7)) for i in range(300)]
+    live, resumed = await asyncio.gather(
+        read_lines(capture, registry, run_id),
+        read_lines(capture, registry, run_id, after=149),
+    )
+    end = pq.OutputEnd("failed", 3)
+    assert live == (expected, end)
+    assert resumed == (expected[150:], end)
+    assert await read_lines(capture, registry, run_id) == (expected, end)
+
+
+@posix_only
+async def test_following_ends_interrupted_when_the_owner_dies(
+    owner: Owner,
+    here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
+    paths: tuple[Path, Path],
+) -> None:
+    registry, capture, _ = here
+    params = json.dumps({"count": 100000, "delay": 0.01})
+    run_id = await owner.start(f"module {paths[0].parent / 'count.py'} {params}")
+    seen = 0
+    async with capture.subscribe(run_id, registry=registry) as sub:
+        async for item in sub:
+            assert isinstance(item, pq.OutputLine) and item.seq == seen
+            seen += 1
+            if seen == 3:
+                owner.proc.send_signal(signal.SIGKILL)
+    assert seen >= 3
+    assert sub.end is not None and sub.end.status == "interrupted"
+
+
+async def test_unknown_run_of_no_process(
+    here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
+) -> None:
+    registry, capture, runner = here
+    with pytest.raises(errors.OutputNotFoundError):
+        await read_lines(capture, registry, "nobody")
+    with pytest.raises(errors.OutputWaitTimeoutError):
+        async with capture.subscribe("nobody", registry=registry, wait=0.1) as sub:
+            async for _ in sub:
+                pass
+    with pytest.raises(errors.InvalidSubscriptionError):
+        capture.subscribe("nobody", registry=registry, poll_interval=0)
+    assert await runner.cancel("nobody") is pq.CancelResult.NOT_FOUND
+
+
+async def test_foreground_run_takes_a_request_from_the_registry(tmp_path: Path) -> None:
+    (tmp_path / "tree.py").write_text(TREE)
+    async with (
+        pq.SQLiteRunRegistry(tmp_path / "runs.db") as registry,
+        pq.OutputCapture() as capture,
+        pq.ModuleRunner(registry, output=capture) as runner,
+    ):
+        task = asyncio.create_task(
+            runner.execute_module("t", "Tree", tmp_path / "tree.py", run_id="fg")
+        )
+        async with capture.subscribe("fg", wait=True) as sub:
+            first = await anext(sub)
+        assert isinstance(first, pq.OutputLine)
+        assert await registry.request_cancel("fg", "asked through the file")
+        run = await asyncio.wait_for(task, 30)
+    assert (run.status, run.error_message) == (pq.RunStatus.CANCELLED, "asked through the file")
+    assert not psutil.pid_exists(int(first.text.split()[1])) or (
+        psutil.Process(int(first.text.split()[1])).status() == psutil.STATUS_ZOMBIE
+    )
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_request_cancel_only_for_unfinished_runs(tmp_path: Path, kind: str) -> None:
+    registry: pq.BaseRunRegistry = (
+        pq.RunRegistry() if kind == "memory" else pq.SQLiteRunRegistry(tmp_path / "r.db")
+    )
+    async with registry:
+        active, done = pq.Run(), pq.Run()
+        await registry.add_run(active)
+        await registry.add_run(done)
+        done.mark_running()
+        done.mark_completed()
+        await registry.update_run(done)
+        assert await registry.request_cancel("unknown") is False
+        assert await registry.request_cancel(done.run_id) is False
+        assert await registry.cancel_requests([done.run_id, active.run_id]) == {}
+        assert await registry.request_cancel(active.run_id, "why") is True
+        assert await registry.cancel_requests([active.run_id]) == {active.run_id: "why"}
+        assert await registry.cancel_requests([]) == {}
+        # The owner's own writes keep the request; a finished run has none.
+        active.mark_running(pid=os.getpid())
+        await registry.update_run(active)
+        assert await registry.cancel_requests([active.run_id]) == {active.run_id: "why"}
+        active.mark_cancelled("why")
+        await registry.update_run(active)
+        assert await registry.cancel_requests([active.run_id]) == {}
+        assert (await registry.wait_finished(active.run_id)) == active
+        assert await registry.wait_finished("unknown") is None
+        with pytest.raises(errors.InvalidTimeoutError):
+            await registry.wait_finished(active.run_id, timeout=-1)
+        with pytest.raises(errors.InvalidIntervalError):
+            await registry.wait_finished(active.run_id, poll_interval=0)
+        pending = pq.Run()
+        await registry.add_run(pending)
+        with pytest.raises(TimeoutError):
+            await registry.wait_finished(pending.run_id, timeout=0.05)
+        assert await registry.recover_orphans() == []  # its owner (this process) is alive
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_an_older_file_is_upgraded_and_keeps_its_runs(tmp_path: Path, version: int) -> None:
+    """Schema 3 added the cancel request columns; a file written by an earlier release (schema 1:
+    no application id; schema 2: the quarantine table), made here by that release's own
+    migration steps, opens, keeps its runs and takes requests."""
+    import sqlite3
+
+    from prismq_subprocess._background import _sqlite_registry as sqlite_registry
+
+    path = tmp_path / f"v{version}.db"
+    raw = sqlite3.connect(path)
+    with raw:
+        for step in range(version):
+            sqlite_registry._MIGRATIONS[step](raw)
+        raw.execute(f"PRAGMA user_version = {version}")
+        if version > 1:
+            raw.execute(f"PRAGMA application_id = {sqlite_registry.APPLICATION_ID}")
+        owner = pq.RunOwner.current()
+        raw.execute(
+            "INSERT INTO runs (run_id, module_id, module_name, parameters, status, created_at, "
+            "started_at, mode, output_tail, owner_host, owner_pid, owner_started_at) "
+            "VALUES ('old', 'm', 'Old', ?, 'running', 1, 2, 'async', ?, ?, ?, ?)",
+            ('{"n": 1}', '["hi"]', owner.host, owner.pid, owner.started_at),
+        )
+    raw.close()
+    assert sqlite_registry.SCHEMA_VERSION == 4  # 4 added the cluster worker column
+    async with pq.SQLiteRunRegistry(path) as registry:
+        run = await registry.get_run("old")
+        assert run is not None
+        assert (run.status, run.parameters, run.output_tail) == (
+            pq.RunStatus.RUNNING,
+            {"n": 1},
+            ["hi"],
+        )
+        assert await registry.request_cancel("old", "after the upgrade") is True
+        assert await registry.cancel_requests({"old"}) == {"old": "after the upgrade"}
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == sqlite_registry.SCHEMA_VERSION
+        plan = raw.execute(
+            "EXPLAIN QUERY PLAN SELECT run_id FROM runs INDEXED BY runs_cancel_requested "
+            "WHERE cancel_requested_at IS NOT NULL AND status IN ('pending', 'running')"
+        ).fetchall()
+        assert "runs_cancel_requested" in str(plan)
+    finally:
+        raw.close()

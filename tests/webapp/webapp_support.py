@@ -1,0 +1,213 @@
+"""Helpers for the example app's tests: the app under real uvicorn (through ``python -m
+prismq_subprocess serve``), clients that pick the worker they talk to, an SSE reader.
+
+(pytest puts this directory on sys.path for the test modules next to it.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "examples.fastapi_app.app:app"
+RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+STARTUP = re.compile(r"Application startup complete")
+
+
+class AppServer:
+    """``python -m prismq_subprocess serve examples.fastapi_app.app:app`` on 127.0.0.1, a free
+    port, ``workers`` worker processes, its data in ``data_dir``; stderr collected."""
+
+    def __init__(self, data_dir: Path, workers: int = 1) -> None:
+        self.data_dir = data_dir
+        self.workers = workers
+        env = {k: v for k, v in os.environ.items() if k != "PRISMQ_RUN_MODE"}
+        env["PRISMQ_APP_DATA"] = str(data_dir)
+        args = [
+            sys.executable,
+            "-m",
+            "prismq_subprocess",
+            "serve",
+            APP,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-access-log",
+        ]
+        if workers > 1:
+            args += ["--workers", str(workers)]
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        port_line = self.wait_for(RUNNING)[0]
+        match = RUNNING.search(port_line)
+        assert match is not None
+        self.url = f"http://127.0.0.1:{match.group(1)}"
+        self.wait_for(STARTUP, count=workers)
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self._queue.put(raw.decode(errors="replace").rstrip("\n"))
+        self._queue.put(None)
+
+    def _drain(self, timeout: float) -> bool:
+        try:
+            line = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return True
+        if line is None:
+            return False
+        self.lines.append(line)
+        return True
+
+    def wait_for(self, pattern: re.Pattern[str], count: int = 1, timeout: float = 60) -> list[str]:
+        """Wait until ``count`` stderr lines match ``pattern``; return them."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for line in self.lines if pattern.search(line)) < count:
+            assert time.monotonic() < deadline, "\n".join(self.lines)
+            assert self._drain(0.2), "server ended:\n" + "\n".join(self.lines)
+        return [line for line in self.lines if pattern.search(line)]
+
+    def client(self) -> httpx.Client:
+        """A client with one connection, kept alive: every request goes to one worker."""
+        return httpx.Client(base_url=self.url, timeout=30, limits=httpx.Limits(max_connections=1))
+
+    @contextlib.contextmanager
+    def on_worker(
+        self, *, pid: int | None = None, not_pid: int | None = None, tries: int = 200
+    ) -> Iterator[tuple[httpx.Client, int]]:
+        """A client connected to the worker with ``pid`` (or any but ``not_pid``): fresh
+        connections until uvicorn's shared socket hands one to such a worker."""
+        for _ in range(tries):
+            client = self.client()
+            worker = int(client.get("/api/health").json()["worker_pid"])
+            if (pid is None or worker == pid) and worker != not_pid:
+                try:
+                    yield client, worker
+                finally:
+                    client.close()
+                return
+            client.close()
+        raise AssertionError(f"no connection reached the wanted worker in {tries} tries")
+
+    def find_workers(self, tries: int = 200) -> set[int]:
+        """The pids of the workers that answer (all ``workers`` of them), by fresh connections."""
+        seen: set[int] = set()
+        for _ in range(tries):
+            with self.client() as client:
+                seen.add(int(client.get("/api/health").json()["worker_pid"]))
+            if len(seen) == self.workers:
+                return seen
+        raise AssertionError(f"only workers {seen} answered in {tries} tries")
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM the server (uvicorn's graceful shutdown) and wait for it to exit."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        while self._drain(0):
+            if self._queue.empty():
+                break
+        return code
+
+    def close(self) -> None:
+        """Clean-up: kill whatever is left of the server, its workers and their children."""
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@dataclass
+class Stream:
+    """What one SSE response delivered."""
+
+    worker: int
+    lines: list[tuple[int, str]] = field(default_factory=list)
+    end: dict[str, Any] | None = None
+    first_line_at: float | None = None
+
+
+def read_events(
+    client: httpx.Client,
+    run_id: str,
+    *,
+    stop_after: int | None = None,
+    last_event_id: int | None = None,
+) -> Stream:
+    """Read ``/api/runs/{run_id}/events`` until its ``end`` event (or ``stop_after`` lines, or
+    the server closing the stream), checking that ids are the line seqs."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    with client.stream("GET", f"/api/runs/{run_id}/events", headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        stream = Stream(int(response.headers["x-worker-pid"]))
+        event: dict[str, str] = {}
+        for line in response.iter_lines():
+            if line:
+                name, _, value = line.partition(": ")
+                event[name] = value
+                continue
+            kind = event.get("event")
+            if kind == "line":
+                data = json.loads(event["data"])
+                assert event["id"] == str(data["seq"])
+                if stream.first_line_at is None:
+                    stream.first_line_at = time.monotonic()
+                stream.lines.append((data["seq"], data["text"]))
+                if stop_after is not None and len(stream.lines) >= stop_after:
+                    return stream
+            elif kind == "end":
+                stream.end = json.loads(event["data"])
+                return stream
+            else:
+                assert kind is None, event  # retry / keep-alive only: no gaps with a log dir
+            event = {}
+    return stream
+
+
+def gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (a zombie counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(gone(pid) for pid in pids):
+        time.sleep(0.05)
+    return all(gone(pid) for pid in pids)
+
+
+def count_lines(n: int) -> list[tuple[int, str]]:
+    """What the ``count`` module prints with ``lines=n``, as (seq, text)."""
+    return [(i, f"line {i + 1} of {n}") for i in range(n)]

@@ -603,6 +603,52 @@ async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
     assert not left, "the cluster left processes behind"
 
 
+def load_example_app() -> Any:
+    """examples/fastapi_app/app.py, imported from its file (the repository root is not a
+    package on sys.path)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app" / "app.py"
+    spec = importlib.util.spec_from_file_location("prismq_example_app", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_example_app_moves_to_the_cluster_by_configuration_only(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("fastapi", reason="the [web] extra is not installed")
+    import httpx
+
+    monkeypatch.setenv("PRISMQ_DASK_SCHEDULER", cluster.scheduler_address)
+    app = load_example_app().create_app(tmp_path)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://app") as http,
+    ):
+        started = await http.post("/api/modules/count/runs", json={"lines": 3, "delay": 0})
+        assert started.status_code == 201, started.text
+        run_id = started.json()["run_id"]
+        stream = (await http.get(f"/api/runs/{run_id}/events")).text  # ends with the run
+        # The output is closed just before the final status is recorded.
+        async with asyncio.timeout(WAIT):
+            while True:  # polling the app is what a client does
+                run = (await http.get(f"/api/runs/{run_id}")).json()
+                if run["status"] != "running":
+                    break
+                await asyncio.sleep(0.02)
+    assert sse_payloads(stream) == [
+        *(("line", {"seq": n, "text": f"line {n + 1} of 3"}) for n in range(3)),
+        ("end", {"status": "completed", "exit_code": 0}),
+    ]
+    assert run["status"] == "completed" and run["mode"] == "dask"
+    assert run["worker"] in set(cluster.scheduler_info["workers"])
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

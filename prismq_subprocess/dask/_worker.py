@@ -20,8 +20,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import signal
 import threading
 import time
 import uuid
@@ -39,6 +37,7 @@ from .._background._module_runner import ModuleRunner
 from .._background._output_capture import OutputCapture
 from .._background._run_record import Run, RunStatus
 from .._core._exceptions import PrismQError
+from .._platform import platform_ops
 from ._channel import END, STARTED, Message, OutputForwarder
 
 __all__ = [
@@ -340,21 +339,15 @@ def stop_orphaned_tree(pid: int, create_time: float) -> int:
         leader = psutil.Process(pid)
         if abs(leader.create_time() - create_time) >= 0.01:
             return 0
-        victims = [leader, *leader.children(recursive=True)]
     except psutil.Error:
         return 0
-    if hasattr(os, "killpg"):
-        try:
-            # The child leads its own process group (started in a new session): this also
-            # reaches descendants that were reparented away from it.
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass  # already gone
-    for process in victims:
-        try:
-            process.kill()
-        except psutil.Error:
-            continue
+    ops = platform_ops()
+    descendants = ops.snapshot_descendants(pid)
+    # The child leads its own process group (a new session on POSIX): the group kill also
+    # reaches descendants that were reparented away from it.
+    ops.kill_tree(pid, ops.leads_own_group(pid), descendants)
+    with contextlib.suppress(psutil.Error):
+        leader.kill()
+    victims = [leader, *descendants]
     psutil.wait_procs(victims, timeout=5)
     return len(victims)

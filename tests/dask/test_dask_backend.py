@@ -1,4 +1,5 @@
-"""ModuleRunner on a real Dask LocalCluster (two worker processes): the DaskBackend end to end.
+"""ModuleRunner on a real Dask cluster (a scheduler and two worker processes under nannies, as
+``dask scheduler`` / ``dask worker`` start them): the DaskBackend end to end.
 
 One cluster is shared by the whole file (starting one takes seconds); each test connects its own
 asynchronous client in its own event loop. The worker-killing tests run last: the nanny restarts
@@ -26,6 +27,8 @@ distributed = pytest.importorskip(
     reason="the [dask] extra is not installed (pip install 'prismq_subprocess[dask]')",
 )
 
+from dask_support import SubprocessCluster  # noqa: E402
+
 import prismq_subprocess as pq  # noqa: E402
 from prismq_subprocess import (  # noqa: E402
     ModuleRunner,
@@ -41,9 +44,6 @@ from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
 
 SLOTS = 4  # each worker offers {"slots": 4}
-# No dashboard, and the scheduler's HTTP endpoint on a free port: the default (8787) may be taken
-# on a shared machine, and distributed leaks the socket of the failed attempt.
-QUIET = {"dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
 WAIT = 60.0  # upper bound for anything a test awaits (never reached unless broken)
 
 LINES = textwrap.dedent(
@@ -93,24 +93,20 @@ GATED = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    # Worker processes are spawned (Dask's default); pytest's own __main__ is guarded, so the
-    # spawned workers import nothing of the test run.
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=6,
-        processes=True,
-        resources={"slots": SLOTS},
-        silence_logs=40,
-        **QUIET,
-    ) as local:
-        yield local
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SubprocessCluster]:
+    started = SubprocessCluster(
+        tmp_path_factory.mktemp("cluster"), n_workers=2, nthreads=6, resources=f"slots={SLOTS}"
+    )
+    try:
+        yield started
+    finally:
+        started.close()
 
 
 @pytest.fixture
-async def client(cluster: Any) -> AsyncIterator[Any]:
+async def client(cluster: SubprocessCluster) -> AsyncIterator[Any]:
     async with distributed.Client(
-        cluster.scheduler_address, asynchronous=True, set_as_default=False
+        cluster.address, asynchronous=True, set_as_default=False
     ) as c:
         await c.wait_for_workers(2, timeout=WAIT)
         yield c
@@ -540,12 +536,12 @@ async def test_foreground_run_cancelled_by_its_caller_is_recorded_then_reraised(
 
 
 async def test_a_host_that_goes_away_leaves_nothing_running_on_the_workers(
-    cluster: Any, scripts: dict[str, str], tmp_path: Path
+    cluster: SubprocessCluster, scripts: dict[str, str], tmp_path: Path
 ) -> None:
     # The host's client disconnects (its process died, say): the scheduler drops its tasks and
     # each worker stops the module its task started.
     host = await distributed.Client(
-        cluster.scheduler_address, asynchronous=True, set_as_default=False
+        cluster.address, asynchronous=True, set_as_default=False
     )
     runner = runner_for(DaskBackend(host))
     run_id = await runner.start_module(
@@ -565,18 +561,13 @@ async def test_a_host_that_goes_away_leaves_nothing_running_on_the_workers(
 async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
     scripts: dict[str, str], tmp_path: Path
 ) -> None:
-    # A cluster of its own, run in this event loop: its scheduler goes away for good.
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    scheduler = await distributed.Scheduler(
-        host="127.0.0.1", port=0, dashboard=False, dashboard_address="127.0.0.1:0"
-    )
-    nanny = await distributed.Nanny(
-        scheduler.address, host="127.0.0.1", nthreads=2, silence_logs=50
+    # A cluster of its own: its scheduler dies for good.
+    small = await asyncio.to_thread(
+        SubprocessCluster, tmp_path / "small", n_workers=1, nthreads=2
     )
     try:
-        host = await distributed.Client(
-            scheduler.address, asynchronous=True, set_as_default=False
-        )
+        host = await distributed.Client(small.address, asynchronous=True, set_as_default=False)
+        await host.wait_for_workers(1, timeout=WAIT)
         runner = runner_for(DaskBackend(host, orphan_timeout=1.0))
         run_id = await runner.start_module(
             "s", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
@@ -584,7 +575,7 @@ async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
         grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
         pid = (await stored(runner, run_id)).pid
         assert pid is not None and alive(pid)
-        await scheduler.close()
+        await asyncio.to_thread(small.kill_scheduler)
         run = await finished(runner, run_id)
         assert run.status is RunStatus.FAILED and run.error_message is not None
         assert run.error_message.startswith("the connection to the Dask cluster ended")
@@ -592,15 +583,7 @@ async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
         await runner.aclose()
         await host.close(timeout=2)
     finally:
-        await nanny.close(timeout=10)
-        await scheduler.close()
-    # multiprocessing's resource tracker (started by the first spawn) lives as long as we do.
-    left = {
-        p.pid
-        for p in psutil.Process().children(recursive=True)
-        if alive(p.pid) and "resource_tracker" not in " ".join(p.cmdline())
-    } - before
-    assert not left, "the cluster left processes behind"
+        await asyncio.to_thread(small.close)
 
 
 def load_example_app() -> Any:
@@ -618,12 +601,12 @@ def load_example_app() -> Any:
 
 
 async def test_the_example_app_moves_to_the_cluster_by_configuration_only(
-    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    client: Any, cluster: SubprocessCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("fastapi", reason="the [web] extra is not installed")
     import httpx
 
-    monkeypatch.setenv("PRISMQ_DASK_SCHEDULER", cluster.scheduler_address)
+    monkeypatch.setenv("PRISMQ_DASK_SCHEDULER", cluster.address)
     app = load_example_app().create_app(tmp_path)
     transport = httpx.ASGITransport(app=app)
     async with (
@@ -646,14 +629,14 @@ async def test_the_example_app_moves_to_the_cluster_by_configuration_only(
         ("end", {"status": "completed", "exit_code": 0}),
     ]
     assert run["status"] == "completed" and run["mode"] == "dask"
-    assert run["worker"] in set(cluster.scheduler_info["workers"])
+    assert run["worker"] in await worker_pids(client)
 
 
 # -- bad input -----------------------------------------------------------------------------------
 
 
 async def test_bad_configuration_raises_before_anything_starts(
-    cluster: Any, scripts: dict[str, str]
+    cluster: SubprocessCluster, scripts: dict[str, str]
 ) -> None:
     with pytest.raises(pq.exceptions.InvalidBackendError):
         DaskBackend("  ")
@@ -664,14 +647,14 @@ async def test_bad_configuration_raises_before_anything_starts(
     with pytest.raises(pq.exceptions.InvalidIntervalError):
         DaskBackend("tcp://127.0.0.1:1", worker_check_interval=0)
     sync_client = await asyncio.to_thread(
-        distributed.Client, cluster.scheduler_address, set_as_default=False
+        distributed.Client, cluster.address, set_as_default=False
     )
     try:
         with pytest.raises(pq.exceptions.InvalidBackendError, match="asynchronous"):
             DaskBackend(sync_client)
     finally:
         await asyncio.to_thread(sync_client.close)
-    closed = DaskBackend(cluster.scheduler_address)
+    closed = DaskBackend(cluster.address)
     async with closed:
         pass
     await closed.aclose()  # idempotent
@@ -707,13 +690,19 @@ async def test_unreachable_scheduler_fails_the_run_with_the_reason(
 
 @pytest.mark.parametrize("allowed_failures", [3, 0], ids=["dask-would-retry", "killed-worker"])
 async def test_worker_killed_mid_run_interrupts_the_run_without_retrying_it(
-    client: Any, cluster: Any, scripts: dict[str, str], tmp_path: Path, allowed_failures: int
+    client: Any, scripts: dict[str, str], tmp_path: Path, allowed_failures: int
 ) -> None:
     # With Dask's default (3) the scheduler re-runs the task on the other worker, which must
     # refuse; with 0 the task errs at once with KilledWorker. Either way: INTERRUPTED, once.
     marker = tmp_path / "starts"
-    previous = cluster.scheduler.allowed_failures
-    cluster.scheduler.allowed_failures = allowed_failures
+
+    def set_allowed_failures(value: int, dask_scheduler: Any = None) -> int:
+        # Runs in the scheduler's process (sent by value: it is local to this test).
+        previous = int(dask_scheduler.allowed_failures)
+        dask_scheduler.allowed_failures = value
+        return previous
+
+    previous = await client.run_on_scheduler(set_allowed_failures, allowed_failures)
     try:
         runner = runner_for(DaskBackend(client))
         async with runner:
@@ -737,7 +726,7 @@ async def test_worker_killed_mid_run_interrupts_the_run_without_retrying_it(
                 "the orphaned tree was stopped",
             )
     finally:
-        cluster.scheduler.allowed_failures = previous
+        await client.run_on_scheduler(set_allowed_failures, previous)
     assert run.status is RunStatus.INTERRUPTED
     assert run.error_message is not None
     assert f"worker {running.worker} died" in run.error_message

@@ -13,6 +13,9 @@ implementations you can wrap.
 - :class:`ProcessLike`, :class:`StreamReaderLike`, :class:`StreamWriterLike`: what a process
   object and its streams must offer (``asyncio.subprocess.Process`` satisfies them).
 - :class:`BaseRunRegistry`: a run store of your own (a database, a cache).
+- :class:`RunBackend`, with the :class:`ModuleJob` and :class:`RunContext` it receives: where
+  ``ModuleRunner`` runs modules (``ModuleRunner(..., backend=...)``; the Dask cluster backend is
+  ``prismq_subprocess.dask.DaskBackend``).
 - :class:`AsyncResource`: the closing protocol every closable object follows.
 - :class:`MemoryCallback`, :class:`LimitCallback`, :class:`ResourceReader`: the callables the
   resource watchers accept.
@@ -20,6 +23,7 @@ implementations you can wrap.
 
 from __future__ import annotations
 
+from ._background._backend import ModuleJob, RunBackend, RunContext
 from ._background._memory_registry import BaseRunRegistry
 from ._core._closing import AsyncResource
 from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
@@ -37,8 +41,11 @@ __all__ = [
     "LimitCallback",
     "LocalStrategy",
     "MemoryCallback",
+    "ModuleJob",
     "ProcessLike",
     "ResourceReader",
+    "RunBackend",
+    "RunContext",
     "SpawnRequest",
     "StreamReaderLike",
     "StreamWriterLike",

@@ -90,3 +90,33 @@ def test_output_capture_smoke() -> None:
     result = bench_output_capture.run(lines=2_000, rounds=1)
     assert set(result["us_per_line"]) >= {"await noop()", "append_line", "append_lines x1000"}
     _check(bench_output_capture, result)
+
+
+def test_dask_smoke(tmp_path: Path) -> None:
+    pytest.importorskip(
+        "distributed",
+        reason="the [dask] extra is not installed (pip install 'prismq_subprocess[dask]')",
+    )
+    import json
+    import subprocess
+
+    # In a fresh interpreter: its LocalCluster's worker processes start multiprocessing's
+    # resource tracker, which would otherwise outlive the test as a child of the test run.
+    out = tmp_path / "dask.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_DIR / "bench_dask.py"),
+            *("--modules", "4", "--rounds", "1", "--latency-samples", "2"),
+            *("--concurrency", "2", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cluster throughput" in done.stdout and "added first-line latency" in done.stdout
+    result = json.loads(out.read_text())
+    assert len(result["runs_per_second"]["dask"]) == 1
+    assert len(result["first_line_seconds"]["dask"]) == 2

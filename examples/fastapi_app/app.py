@@ -8,6 +8,8 @@ Run it from the repository root (``pip install 'prismq_subprocess[web]'``)::
 and open http://127.0.0.1:8000/. ``serve`` is uvicorn with an event loop that can spawn
 subprocesses in every worker, also on Windows. ``PRISMQ_APP_DATA`` names the data directory
 (default ``./.prismq_app``): ``runs.db`` (the registry) and ``logs/`` (one output log per run).
+``PRISMQ_DASK_SCHEDULER`` (a scheduler address, e.g. ``tls://scheduler:8786``) runs the modules
+on that Dask cluster instead of this machine (the ``dask`` extra; docs/DISTRIBUTED.md).
 
 Every process serves every request: a run started by one worker is listed, shown, streamed and
 cancelled by any other one, through the shared registry and log directory (see
@@ -114,6 +116,17 @@ MODULES: dict[str, Module] = {
 }
 
 
+def _backend() -> pq.abc.RunBackend | None:
+    """Where the modules run: here, or with ``PRISMQ_DASK_SCHEDULER`` set on that Dask cluster
+    (the only switch; every endpoint stays the same)."""
+    address = os.environ.get("PRISMQ_DASK_SCHEDULER")
+    if not address:
+        return None
+    from prismq_subprocess.dask import DaskBackend
+
+    return DaskBackend(address)
+
+
 # -- shutting down while browsers stream ----------------------------------------------------------
 def _on_shutdown_signals(
     loop: asyncio.AbstractEventLoop, stopping: asyncio.Event
@@ -172,7 +185,11 @@ def create_app(data_dir: str | os.PathLike[str] | None = None) -> FastAPI:
                 pq.SQLiteRunRegistry(data / "runs.db", max_runs=10_000) as registry,
                 pq.OutputCapture(log_dir=data / "logs") as output,
                 pq.ModuleRunner(
-                    registry, output=output, max_concurrent=8, grace_period=2.0
+                    registry,
+                    output=output,
+                    max_concurrent=8,
+                    grace_period=2.0,
+                    backend=_backend(),
                 ) as runner,
             ):
                 app.state.registry = registry

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from .._core._validation import (
 from .._core._wrapper import SubprocessWrapper
 from .._resources._tree_sampler import ProcessTreeSampler, TreeSample
 from .._strategies import SubprocessStrategy
+from ._backend import ModuleJob, RunBackend, RunContext, check_resources
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._line_batches import iter_line_batches
@@ -74,6 +75,29 @@ class _Launch:
     env: dict[str, str]
     timeout: float | None
     memory_limit_bytes: int | None
+    # What a run backend needs besides (it rebuilds argv and env where the child runs): the
+    # module's script (None: a command), the raw args, the caller's own env, resource hints.
+    script: str | None = None
+    raw_args: tuple[str, ...] = ()
+    user_env: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def job(self, module_id: str, module_name: str) -> ModuleJob:
+        """The backend's view of this start (see :class:`ModuleJob`)."""
+        return ModuleJob(
+            module_id=module_id,
+            module_name=module_name,
+            script=self.script or "",
+            parameters=self.parameters,
+            args=self.raw_args,
+            command=() if self.script is not None else self.argv,
+            shell=self.shell,
+            cwd=self.cwd,
+            env=self.user_env,
+            timeout=self.timeout,
+            memory_limit_bytes=self.memory_limit_bytes,
+            resources=self.resources,
+        )
 
 
 def _megabytes(value: int) -> str:
@@ -167,6 +191,11 @@ class ModuleRunner(AsyncClosing):
         output_tail_lines: how many last lines ``Run.output_tail`` keeps (at most 64 KiB in all;
             a longer line is cut and says so).
         sample_interval: seconds between process-tree samples.
+        backend: where modules and commands run (a :class:`RunBackend`, e.g.
+            ``prismq_subprocess.dask.DaskBackend``); ``None``: here, as children of this
+            process. The runner closes it in :meth:`aclose`. Everything above works the same
+            with any backend; ``wrapper``/``run_mode`` and ``process_manager`` only concern
+            local runs.
 
     Raises:
         InvalidRunModeError: both ``run_mode`` and ``wrapper`` given, or an unknown mode.
@@ -188,6 +217,7 @@ class ModuleRunner(AsyncClosing):
         max_concurrent: int | None = None,
         output_tail_lines: int = 50,
         sample_interval: float | timedelta = 0.5,
+        backend: RunBackend | None = None,
     ) -> None:
         if wrapper is not None and run_mode is not None:
             raise InvalidRunModeError("pass run_mode or wrapper, not both")
@@ -231,6 +261,7 @@ class ModuleRunner(AsyncClosing):
         self._active: dict[str, asyncio.Event] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._closed = False
+        self.backend = backend
         # Foreground runs take cancel requests from other processes through the registry (a
         # background run's task manager watches its own).
         self._watcher = CancelRequestWatcher(registry, self.cancel)
@@ -272,6 +303,7 @@ class ModuleRunner(AsyncClosing):
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         args: Sequence[str | os.PathLike[str]] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> _Launch:
         """Validate a module start without starting anything (``execute_module`` and
         ``start_module`` call it first; the executor uses it to fail early).
@@ -288,6 +320,7 @@ class ModuleRunner(AsyncClosing):
             InvalidEnvironmentError: ``env`` is not a mapping of str to str.
             InvalidArgumentTypeError: ``args`` (raw arguments passed after the parameters'
                 ones) is not a list of str.
+            InvalidLimitError: ``resources`` is not a mapping of str to a positive number.
         """
         if cwd is not None:
             check_cwd(cwd)
@@ -302,19 +335,26 @@ class ModuleRunner(AsyncClosing):
         elif not path.is_file():
             raise ScriptNotFoundError(str(path), "is not a regular file")
         stored = check_parameters(parameters)
-        arguments = (*parameters_to_args(stored), *check_args(args))
+        raw_args = check_args(args)
+        arguments = (*parameters_to_args(stored), *raw_args)
         limit = timeout_seconds(timeout)
         _check_memory_limit(memory_limit_bytes)
         if env is not None:
             check_env(env)
+        hints = check_resources(resources)
+        script = os.path.abspath(path)
         return _Launch(
-            argv=(sys.executable, os.path.abspath(path), *arguments),
+            argv=(sys.executable, script, *arguments),
             shell=False,
             parameters=stored,
             cwd=None if cwd is None else os.fspath(cwd),
             env=_child_env(env),
             timeout=limit,
             memory_limit_bytes=memory_limit_bytes,
+            script=script,
+            raw_args=raw_args,
+            user_env=dict(env or {}),
+            resources=hints,
         )
 
     def prepare_command(
@@ -327,6 +367,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> _Launch:
         """Validate a command start without starting anything (``execute_command`` and
         ``start_command`` call it first).
@@ -367,6 +408,7 @@ class ModuleRunner(AsyncClosing):
         stored = check_parameters(recorded if parameters is None else parameters)
         limit = timeout_seconds(timeout)
         _check_memory_limit(memory_limit_bytes)
+        hints = check_resources(resources)
         return _Launch(
             argv=argv,
             shell=shell,
@@ -375,6 +417,8 @@ class ModuleRunner(AsyncClosing):
             env=_child_env(env),
             timeout=limit,
             memory_limit_bytes=memory_limit_bytes,
+            user_env=dict(env or {}),
+            resources=hints,
         )
 
     def _new_run(
@@ -385,7 +429,7 @@ class ModuleRunner(AsyncClosing):
             module_id=str(module_id),
             module_name=str(module_name),
             parameters=launch.parameters,
-            mode=str(self.wrapper.mode),
+            mode=self._run_mode_label(),
             **fields,
         )
 
@@ -403,13 +447,15 @@ class ModuleRunner(AsyncClosing):
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         args: Sequence[str | os.PathLike[str]] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> Run:
         """Run the module to its end and return its final :class:`Run` (also in the registry).
 
         A failing, timed-out or over-limit module is not an exception: the returned run says
         FAILED and why (see the class docstring). Bad input raises before anything is stored
         or started. ``args`` (a list of str) are passed as given after the arguments made
-        from ``parameters``.
+        from ``parameters``. ``resources`` (``{"name": amount}``) are hints a cluster backend
+        reserves on a worker for the run; unused locally.
 
         Cancellation: the child's tree is stopped (SIGTERM, ``grace_period``, SIGKILL), the run
         is recorded CANCELLED with its output tail, then ``CancelledError`` propagates.
@@ -428,6 +474,7 @@ class ModuleRunner(AsyncClosing):
             cwd=cwd,
             env=env,
             args=args,
+            resources=resources,
         )
         return await self._execute_new(module_id, module_name, launch, run_id)
 
@@ -444,6 +491,7 @@ class ModuleRunner(AsyncClosing):
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         args: Sequence[str | os.PathLike[str]] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> str:
         """Start the module in the background and return its ``run_id`` once the run is stored
         (PENDING; RUNNING once a slot is free and the child started).
@@ -469,6 +517,7 @@ class ModuleRunner(AsyncClosing):
             cwd=cwd,
             env=env,
             args=args,
+            resources=resources,
         )
         return await self._start_new(module_id, module_name, launch, run_id)
 
@@ -485,6 +534,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> Run:
         """Run any command to its end as a tracked run and return its final :class:`Run`: a
         program and its arguments (``command=["node", "build.js"]``), or with ``shell=True``
@@ -515,6 +565,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            resources=resources,
         )
         return await self._execute_new(module_id, module_name, launch, run_id)
 
@@ -531,6 +582,7 @@ class ModuleRunner(AsyncClosing):
         memory_limit_bytes: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> str:
         """Start any command (see :meth:`execute_command`) in the background and return its
         ``run_id`` once the run is stored, as :meth:`start_module` does.
@@ -553,6 +605,7 @@ class ModuleRunner(AsyncClosing):
             memory_limit_bytes=memory_limit_bytes,
             cwd=cwd,
             env=env,
+            resources=resources,
         )
         return await self._start_new(module_id, module_name, launch, run_id)
 
@@ -579,7 +632,9 @@ class ModuleRunner(AsyncClosing):
         opened = self._open_output(run.run_id)
         try:
             return await self.task_manager.start_task(
-                run, self._execute(run, launch, background=True)
+                run,
+                self._execute(run, launch, background=True),
+                marks_running=self.backend is not None,
             )
         except BaseException:
             self._drop_output(run.run_id, opened)
@@ -614,7 +669,10 @@ class ModuleRunner(AsyncClosing):
         if done is None:
             return await cancel_elsewhere(self.registry, run_id, reason, timeout)
         self._cancel_reasons.setdefault(run_id, reason)
-        await self.processes.stop(run_id, self.grace_period)
+        if self.backend is not None:
+            await self.backend.cancel(run_id)
+        else:
+            await self.processes.stop(run_id, self.grace_period)
         await done.wait()
         return CancelResult.CANCELLED
 
@@ -654,6 +712,12 @@ class ModuleRunner(AsyncClosing):
         if not background:
             self._watcher.watch(run.run_id)
         try:
+            if self.backend is not None:
+                return await self.backend.execute(
+                    run,
+                    launch.job(run.module_id, run.module_name),
+                    self._context(run.run_id, background),
+                )
             return await self._supervise(run, launch, background=background)
         finally:
             self._watcher.unwatch(run.run_id)
@@ -673,6 +737,23 @@ class ModuleRunner(AsyncClosing):
                 self._active.pop(run.run_id, None)
                 self._cancel_reasons.pop(run.run_id, None)
                 done.set()
+
+    def _run_mode_label(self) -> str:
+        if self.backend is not None and self.backend.mode is not None:
+            return self.backend.mode
+        return str(self.wrapper.mode)
+
+    def _context(self, run_id: str, background: bool) -> RunContext:
+        return RunContext(
+            output=self.output,
+            save=self._save,
+            finish=self._record_final,
+            cancel_reason=lambda: self._cancel_reasons.get(run_id),
+            background=background,
+            grace_period=self.grace_period,
+            sample_interval=self.sample_interval,
+            output_tail_lines=self.output_tail_lines,
+        )
 
     async def _supervise(self, run: Run, launch: _Launch, *, background: bool) -> Run:
         try:
@@ -830,7 +911,7 @@ class ModuleRunner(AsyncClosing):
     async def aclose(self) -> None:
         """Stop everything: refuse new runs, cancel background runs (if the runner made the task
         manager), stop the trees of foreground runs (recorded CANCELLED), wait until every run
-        is recorded, and close the wrapper if the runner made it. Idempotent.
+        is recorded, and close the wrapper if the runner made it, and its backend. Idempotent.
 
         Cancellation: stops waiting; the stops already sent go on.
         """
@@ -839,6 +920,8 @@ class ModuleRunner(AsyncClosing):
             await self._task_manager.shutdown(grace=2 * self.grace_period + 1.0)
         for run_id in list(self._active):
             self._cancel_reasons.setdefault(run_id, "module runner closed")
+            if self.backend is not None:
+                await self.backend.cancel(run_id)
         await self.processes.stop_all(self.grace_period)
         pending = [event.wait() for event in self._active.values()]
         if pending:
@@ -846,3 +929,6 @@ class ModuleRunner(AsyncClosing):
         await self._watcher.aclose()
         if self._owns_wrapper:
             await self.wrapper.aclose()
+        if self.backend is not None:
+            await self.backend.aclose()
+

@@ -158,7 +158,9 @@ class Run:
     than one string so a UI can show lines without re-splitting). ``peak_rss_bytes`` and
     ``cpu_time_seconds`` are filled by per-run resource accounting when it is enabled.
     ``owner`` is the process driving the run; registries stamp the current process when a run
-    without an owner is added, and use it to find runs orphaned by a crash.
+    without an owner is added, and use it to find runs orphaned by a crash. ``worker`` is the
+    address of the cluster worker the module ran on (``None`` for a run on this host; see
+    ``prismq_subprocess.dask``); ``pid`` is then the child's pid on that worker's machine.
     """
 
     module_id: str = ""
@@ -177,6 +179,7 @@ class Run:
     peak_rss_bytes: int | None = None
     cpu_time_seconds: float | None = None
     owner: RunOwner | None = None
+    worker: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id:
@@ -313,6 +316,7 @@ class Run:
             "owner": None
             if owner is None
             else {"host": owner.host, "pid": owner.pid, "started_at": owner.started_at},
+            "worker": self.worker,
         }
 
     @classmethod
@@ -363,6 +367,7 @@ class Run:
                 peak_rss_bytes=data.get("peak_rss_bytes"),
                 cpu_time_seconds=data.get("cpu_time_seconds"),
                 owner=owner,
+                worker=data.get("worker"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidRunError):

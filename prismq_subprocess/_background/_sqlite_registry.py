@@ -72,7 +72,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this library writes (stored in ``PRAGMA user_version``)."""
 
 APPLICATION_ID = 0x50725153
@@ -82,7 +82,9 @@ prismq_subprocess run registry and not someone else's SQLite database."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
-_COLUMNS = (
+# The runs table as version 1 (the first version of this library) created it: how a version 1
+# file, which has no application_id yet, is told from someone else's database.
+_V1_COLUMNS = (
     "run_id",
     "module_id",
     "module_name",
@@ -102,6 +104,7 @@ _COLUMNS = (
     "owner_pid",
     "owner_started_at",
 )
+_COLUMNS = (*_V1_COLUMNS, "worker")
 # rowid first: a row that cannot be decoded is quarantined by its rowid (its run_id may be the
 # damaged value).
 _SELECT = f"SELECT rowid, {', '.join(_COLUMNS)} FROM runs"
@@ -152,7 +155,7 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
 def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     # Rows that cannot be read back, kept as they were (no constraints) with the reason.
     conn.execute(
-        f"CREATE TABLE runs_quarantine ({', '.join(_COLUMNS)}, reason TEXT NOT NULL, "
+        f"CREATE TABLE runs_quarantine ({', '.join(_V1_COLUMNS)}, reason TEXT NOT NULL, "
         "quarantined_at INTEGER NOT NULL)"
     )
 
@@ -170,17 +173,21 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     conn.execute(f"CREATE INDEX runs_cancel_requested ON runs (run_id) WHERE {_REQUESTED_WHERE}")
 
 
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    # The cluster worker a run executed on (prismq_subprocess.dask); NULL for local runs.
+    conn.execute("ALTER TABLE runs ADD COLUMN worker TEXT")
+    conn.execute("ALTER TABLE runs_quarantine ADD COLUMN worker")
+
+
 # _MIGRATIONS[n] upgrades a file at user_version n to n + 1. Add an entry (and bump
 # SCHEMA_VERSION) to change the schema; every step runs inside one write transaction.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _migrate_0_to_1,
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
 }
 
-# The runs table as version 1 (the first version of this library) created it: how a version 1
-# file, which has no application_id yet, is told from someone else's database.
-_V1_COLUMNS = _COLUMNS
 _V1_TABLES = ["runs"]
 
 # What decoding a damaged row can raise (JSONDecodeError and InvalidRunError are ValueErrors).
@@ -249,6 +256,7 @@ def _row_values(run: Run) -> tuple[Any, ...]:
         None if owner is None else owner.host,
         None if owner is None else owner.pid,
         None if owner is None else owner.started_at,
+        run.worker,
     )
 
 
@@ -278,6 +286,7 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
         owner_host,
         owner_pid,
         owner_started_at,
+        worker,
     ) = row
     owner = (
         None
@@ -310,6 +319,7 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
         peak_rss_bytes=peak_rss_bytes,
         cpu_time_seconds=cpu_time_seconds,
         owner=owner,
+        worker=worker,
     )
 
 

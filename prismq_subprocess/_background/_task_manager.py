@@ -165,6 +165,7 @@ class _Entry:
         "cancel_reason",
         "coro",
         "has_slot",
+        "marks_running",
         "opened_output",
         "phase",
         "run",
@@ -174,9 +175,12 @@ class _Entry:
         "task",
     )
 
-    def __init__(self, run: Run, coro: Coroutine[Any, Any, object]) -> None:
+    def __init__(
+        self, run: Run, coro: Coroutine[Any, Any, object], marks_running: bool = False
+    ) -> None:
         self.run = run
         self.coro = coro
+        self.marks_running = marks_running
         self.stored = _StoreOutcome()
         self.phase = _ADDING
         self.task: asyncio.Task[None] | None = None
@@ -346,7 +350,9 @@ class BackgroundTaskManager(AsyncResource):
         """Return copies of this manager's unfinished runs (queued and running), oldest first."""
         return [entry.run.copy() for entry in self._entries.values()]
 
-    def start_task(self, run: Run, coro: Coroutine[Any, Any, object]) -> TaskHandle:
+    def start_task(
+        self, run: Run, coro: Coroutine[Any, Any, object], *, marks_running: bool = False
+    ) -> TaskHandle:
         """Run ``coro`` in the background for ``run``; return ``run.run_id`` at once.
 
         A plain function, as in the PrismQ guide: it checks its arguments, schedules the work on
@@ -354,7 +360,9 @@ class BackgroundTaskManager(AsyncResource):
         PENDING (a run the caller already added and that is still PENDING there is taken over,
         not refused), waits for a slot and admission, and runs ``coro``. The manager owns
         ``run`` from now on and updates that object as the run progresses (the registry holds
-        copies).
+        copies). The manager marks the run RUNNING when ``coro`` starts, unless
+        ``marks_running``: then the coroutine does it itself when the work really begins (e.g.
+        when a cluster worker picks the run up), and the run stays PENDING until then.
 
         The returned :class:`TaskHandle` is the run id (a ``str``) and is also awaitable:
         ``await manager.start_task(run, coro)`` returns once the run is stored and raises what
@@ -410,7 +418,7 @@ class BackgroundTaskManager(AsyncResource):
         except BaseException:
             coro.close()
             raise
-        entry = _Entry(run, coro)
+        entry = _Entry(run, coro, marks_running)
         entry.opened_output = opened
         self._entries[run.run_id] = entry
         self._idle.clear()
@@ -449,8 +457,9 @@ class BackgroundTaskManager(AsyncResource):
             await self._take_slot(entry)
             refusal = await self._admit(run)
             if refusal is None:
-                run.mark_running(pid=None)
-                await self._save(run)
+                if not entry.marks_running:
+                    run.mark_running(pid=None)
+                    await self._save(run)
                 result = await entry.coro
                 outcome = _outcome_of(result)
             else:
@@ -565,6 +574,8 @@ class BackgroundTaskManager(AsyncResource):
             return  # the coroutine decided its run's outcome itself
         status, message, exit_code = outcome
         if status is RunStatus.COMPLETED:
+            if run.status is RunStatus.PENDING:
+                run.mark_running(pid=None)  # a coroutine that was to mark it running did not
             run.mark_completed(exit_code)
         elif status is RunStatus.FAILED:
             run.mark_failed(message or "failed", exit_code=exit_code)

@@ -12,12 +12,14 @@ import shlex
 from collections.abc import Sequence
 
 __all__ = [
+    "BackendClosedError",
     "ClosedError",
     "CommandNotFoundError",
     "CwdNotADirectoryError",
     "CwdNotFoundError",
     "DuplicateRunError",
     "InvalidArgumentTypeError",
+    "InvalidBackendError",
     "InvalidCommandError",
     "InvalidCwdError",
     "InvalidEnvironmentError",
@@ -379,3 +381,13 @@ class TaskTimeoutError(ProcessTimeoutError):
         super().__init__(cmd=task_name, timeout=timeout)
         self.args = (f"task {task_name!r} timed out after {timeout:g} s and was cancelled",)
         self.task_name = task_name
+
+
+class InvalidBackendError(PrismQError, TypeError):
+    """Raised before anything starts when a run backend is given something it cannot work with
+    (e.g. a synchronous Dask ``Client``, which would block the event loop, or an empty scheduler
+    address)."""
+
+
+class BackendClosedError(ClosedError):
+    """Raised when a run backend is used after ``aclose()``."""

@@ -360,7 +360,7 @@ async def test_an_older_file_is_upgraded_and_keeps_its_runs(tmp_path: Path, vers
             ('{"n": 1}', '["hi"]', owner.host, owner.pid, owner.started_at),
         )
     raw.close()
-    assert sqlite_registry.SCHEMA_VERSION == 3
+    assert sqlite_registry.SCHEMA_VERSION == 4  # 4 added the cluster worker column
     async with pq.SQLiteRunRegistry(path) as registry:
         run = await registry.get_run("old")
         assert run is not None
@@ -373,7 +373,7 @@ async def test_an_older_file_is_upgraded_and_keeps_its_runs(tmp_path: Path, vers
         assert await registry.cancel_requests({"old"}) == {"old": "after the upgrade"}
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == sqlite_registry.SCHEMA_VERSION
         plan = raw.execute(
             "EXPLAIN QUERY PLAN SELECT run_id FROM runs INDEXED BY runs_cancel_requested "
             "WHERE cancel_requested_at IS NOT NULL AND status IN ('pending', 'running')"

@@ -19,11 +19,12 @@ import pytest
 
 from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
 from prismq_subprocess._background._sqlite_registry import (
-    _INSERT,
+    _V1_COLUMNS,
     APPLICATION_ID,
     SCHEMA_VERSION,
     SQLiteRunRegistry,
     _migrate_0_to_1,
+    _migrate_1_to_2,
     _row_values,
 )
 from prismq_subprocess._core._exceptions import (
@@ -328,8 +329,12 @@ def write_version_1_file(path: Path, runs: list[Run]) -> None:
         raw.execute("BEGIN IMMEDIATE")
         _migrate_0_to_1(raw)
         raw.execute("PRAGMA user_version = 1")
+        insert = (
+            f"INSERT INTO runs ({', '.join(_V1_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(_V1_COLUMNS))})"
+        )
         for run in runs:
-            raw.execute(_INSERT, _row_values(run))
+            raw.execute(insert, _row_values(run)[: len(_V1_COLUMNS)])
         raw.execute("COMMIT")
 
 
@@ -400,3 +405,39 @@ async def test_a_bad_row_found_by_get_run_is_quarantined(tmp_path: Path) -> None
         assert await registry.get_run(run.run_id) is None
         assert registry.quarantined_run_ids == [run.run_id]
         assert await registry.count_runs() == 0
+
+
+async def test_the_worker_of_a_cluster_run_is_stored(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    run = Run(module_id="m", module_name="M", mode="dask")
+    async with SQLiteRunRegistry(path) as registry:
+        await registry.add_run(run)
+        run.mark_running(pid=42)
+        run.worker = "tls://10.0.0.7:40331"
+        await registry.update_run(run)
+    async with SQLiteRunRegistry(path) as again:
+        stored = await again.get_run(run.run_id)
+    assert stored == run and stored is not None and stored.worker == "tls://10.0.0.7:40331"
+
+
+async def test_older_files_gain_the_worker_column_and_keep_their_runs(tmp_path: Path) -> None:
+    # Version 1 (the first release) and version 2 (with the quarantine table) both reach the
+    # current schema, where cluster runs record their worker.
+    old = Run(module_id="m", module_name="M", owner=RunOwner.current())
+    old.mark_running(pid=3)
+    old.mark_completed()
+    write_version_1_file(tmp_path / "v1.db", [old])
+    write_version_1_file(tmp_path / "v2.db", [old])
+    with contextlib.closing(sqlite3.connect(tmp_path / "v2.db", isolation_level=None)) as raw:
+        _migrate_1_to_2(raw)
+        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        raw.execute("PRAGMA user_version = 2")
+    for version in (1, 2):
+        path = tmp_path / f"v{version}.db"
+        async with SQLiteRunRegistry(path) as registry:
+            stored = await registry.get_run(old.run_id)
+            assert stored == old and stored is not None and stored.worker is None
+            new = Run(module_id="m", worker="tcp://w:1")
+            await registry.add_run(new)
+            assert await registry.get_run(new.run_id) == new
+        assert raw_pragmas(path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)

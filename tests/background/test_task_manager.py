@@ -118,6 +118,39 @@ async def test_pending_then_running_visible_in_registry(registry: BaseRunRegistr
     assert run.status is RunStatus.COMPLETED  # the caller's object is kept up to date
 
 
+async def test_a_coroutine_that_marks_its_run_running_itself(registry: BaseRunRegistry) -> None:
+    # marks_running: the run stays PENDING while the coroutine waits (e.g. queued on a cluster)
+    # and becomes RUNNING only when the coroutine says so.
+    picked_up = asyncio.Event()
+    looked = asyncio.Event()
+    seen: list[RunStatus] = []
+
+    async def remote(run: Run) -> int:
+        seen.append((await stored(registry, run.run_id)).status)
+        await picked_up.wait()
+        run.mark_running(pid=4242)
+        await registry.update_run(run)
+        seen.append((await stored(registry, run.run_id)).status)
+        looked.set()
+        return 0
+
+    async def silent() -> None:
+        return None  # never marks its run: the manager still records it COMPLETED
+
+    async with BackgroundTaskManager(registry) as manager:
+        run, other = Run(), Run()
+        await manager.start_task(run, remote(run), marks_running=True)
+        await manager.start_task(other, silent(), marks_running=True)
+        await asyncio.sleep(0)
+        assert (await stored(registry, run.run_id)).status is RunStatus.PENDING
+        picked_up.set()
+        await looked.wait()
+        await manager.wait_all()
+    assert seen == [RunStatus.PENDING, RunStatus.RUNNING]
+    assert run.status is RunStatus.COMPLETED and run.pid == 4242
+    assert (await stored(registry, other.run_id)).status is RunStatus.COMPLETED
+
+
 async def test_exception_logged_with_traceback_and_never_unretrieved(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -1,0 +1,698 @@
+"""Host side of running modules on a Dask distributed cluster: :class:`DaskBackend`."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import uuid
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from distributed import Client, Event
+from distributed.comm.addressing import get_address_host
+from distributed.scheduler import KilledWorker
+
+from .._background._backend import ModuleJob, RunBackend, RunContext, check_resources
+from .._background._run_record import Run, RunStatus
+from .._core._exceptions import (
+    BackendClosedError,
+    DuplicateRunError,
+    InvalidBackendError,
+    InvalidIntervalError,
+    InvalidLimitError,
+    OutputClosedError,
+)
+from .._core._modes import RunMode
+from ._channel import (
+    END,
+    LINES,
+    STARTED,
+    Message,
+    cancel_event_name,
+    started_event_name,
+    task_key,
+)
+from ._worker import (
+    CANCELLED_BEFORE_START,
+    FINISHED,
+    NOT_RETRIED,
+    WorkerJob,
+    WorkerOutcome,
+    run_module_on_worker,
+    stop_orphaned_tree,
+)
+
+__all__ = ["DaskBackend"]
+
+logger = logging.getLogger(__name__)
+
+# How long the host looks for a live worker on a dead worker's machine to stop the orphaned
+# tree of its module (a nanny usually restarts the worker within seconds).
+_REAP_SECONDS = 30.0
+# How long releasing a finished run's events on the scheduler may take (it is housekeeping).
+_RELEASE_SECONDS = 10.0
+_MAX_BATCH_LINES = 1000
+_MAX_BATCH_CHARS = 256 * 1024
+
+
+def _positive(name: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidIntervalError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+class _Remote:
+    """The host's view of one run executing on the cluster."""
+
+    def __init__(self, run: Run, context: RunContext) -> None:
+        self.run = run
+        self.context = context
+        self.output = context.output
+        self.future: Any = None
+        self.attempt: str | None = None
+        self.start: Message | None = None  # the latest start message, not yet recorded
+        self.worker: str | None = None
+        self.host: str | None = None
+        self.pid: int | None = None
+        self.create_time: float | None = None
+        self.next_seq = 0
+        self.missing = 0
+        self.ended = asyncio.Event()
+        self.lost: str | None = None
+        self.cancel_requested = False
+        self.cancel_sent_at: float | None = None
+        self.unconfirmed = False
+        self.wake = asyncio.Event()
+
+
+class DaskBackend(RunBackend):
+    """Run :class:`ModuleRunner` modules on a Dask distributed cluster.
+
+    ``ModuleRunner(registry, output=capture, backend=DaskBackend("tls://scheduler:8786"))``
+    starts, streams, cancels and lists runs exactly like a local runner; only where the child
+    runs changes. On the worker the module runs inside our own ``ModuleRunner`` (same process
+    group, timeout, memory limit, output bounds and statuses as locally), its lines stream back
+    live into ``capture`` through a Dask event topic, and its status goes PENDING (queued on the
+    cluster) -> RUNNING (``Run.worker`` is the worker's address, ``Run.pid`` the child's pid on
+    that machine) -> the final state, recorded in the host's registry. ``Run.mode`` is
+    ``"dask"``.
+
+    Guarantees and limits (docs/DISTRIBUTED.md has the details):
+
+    - cancel: a queued run is removed from the cluster without starting; a running one is
+      stopped by the worker itself (it watches the run's ``distributed.Event``), whole tree, and
+      recorded CANCELLED once the worker confirms (after ``cancel_timeout`` seconds without
+      confirmation it is recorded CANCELLED anyway, saying so);
+    - a worker that dies (or leaves) while running a module: the run is recorded INTERRUPTED
+      with the reason within about ``worker_check_interval`` seconds, the module is not run again
+      (Dask re-runs the tasks of dead workers; the task refuses) unless
+      ``retry_on_worker_loss``, and what is left of its process tree is killed from another
+      worker on the same machine if there is one within 30 s;
+    - admission: each run reserves ``resources``, merged name by name with its own hints
+      (``resources=`` of ``start_module``/``execute_module``), on a worker; a worker runs at
+      most as many runs as its resources allow (start workers with e.g. ``--resources
+      "slots=4"``). A run needing more than any worker offers stays PENDING until such a
+      worker joins or it is cancelled;
+    - the child's environment is the worker's plus the run's ``env``: the host's environment
+      is never sent to the cluster.
+
+    Args:
+        cluster: a scheduler address (``"tcp://..."``, ``"tls://..."``; the backend connects on
+            first use and closes its client in :meth:`aclose`) or a ``distributed.Client``
+            made with ``asynchronous=True`` in the host's event loop (yours to close).
+        security: a ``distributed.Security`` for an address (TLS); ``None``: Dask's
+            configuration (``DASK_DISTRIBUTED__COMM__TLS__...`` variables) applies.
+        resources: what each run reserves on a worker unless it gives its own hints.
+        retry_on_worker_loss: let Dask run a module again on another worker when the one
+            running it died (only for modules safe to run twice).
+        run_mode: the run mode of the children on the workers (``None``: detected there).
+        worker_check_interval: seconds between checks that workers running modules are alive.
+        cancel_timeout: seconds to wait for a worker to confirm a stop.
+        orphan_timeout: how long a worker keeps a module running while it cannot reach the
+            scheduler (the host has then recorded the run FAILED and nobody can follow it).
+        stream_queue_lines: lines a worker buffers for the host (its ring of the run's output)
+            before dropping the oldest.
+        flush_interval: seconds between two batches of lines from one run (the first line after
+            a quiet spell goes at once).
+
+    Raises:
+        InvalidBackendError: ``cluster`` is neither a non-empty address nor a Client, or is a
+            synchronous Client.
+        InvalidLimitError: bad ``resources`` or ``stream_queue_lines``.
+        InvalidIntervalError: a non-positive interval or timeout.
+        InvalidRunModeError: an unknown ``run_mode``.
+    """
+
+    mode = "dask"
+
+    def __init__(
+        self,
+        cluster: Client | str,
+        *,
+        security: Any = None,
+        resources: Mapping[str, float] | None = None,
+        retry_on_worker_loss: bool = False,
+        run_mode: RunMode | str | None = None,
+        worker_check_interval: float = 1.0,
+        cancel_timeout: float = 30.0,
+        orphan_timeout: float = 30.0,
+        stream_queue_lines: int = 10_000,
+        flush_interval: float = 0.01,
+    ) -> None:
+        if isinstance(cluster, str):
+            if not cluster.strip():
+                raise InvalidBackendError("the scheduler address must not be empty")
+            self._address: str | None = cluster
+            self._client: Any = None
+        elif isinstance(cluster, Client):
+            if getattr(cluster, "_asynchronous", False) is not True:
+                raise InvalidBackendError(
+                    "DaskBackend needs an asynchronous Client (Client(..., asynchronous=True),"
+                    " awaited in the host's event loop): a synchronous one blocks the loop"
+                )
+            self._address = None
+            self._client = cluster
+        else:
+            raise InvalidBackendError(
+                f"cluster must be a scheduler address or a distributed.Client, got {cluster!r}"
+            )
+        if (
+            isinstance(stream_queue_lines, bool)
+            or not isinstance(stream_queue_lines, int)
+            or stream_queue_lines < 1
+        ):
+            raise InvalidLimitError(
+                f"stream_queue_lines must be an int >= 1, got {stream_queue_lines!r}"
+            )
+        self._owns_client = self._address is not None
+        self.security = security
+        self.resources = check_resources(resources)
+        self.retry_on_worker_loss = bool(retry_on_worker_loss)
+        self.run_mode = None if run_mode is None else RunMode.parse(run_mode).value
+        self.worker_check_interval = _positive("worker_check_interval", worker_check_interval)
+        self.cancel_timeout = _positive("cancel_timeout", cancel_timeout)
+        self.orphan_timeout = _positive("orphan_timeout", orphan_timeout)
+        self.stream_queue_lines = stream_queue_lines
+        self.flush_interval = _positive("flush_interval", flush_interval)
+        # Names on the shared scheduler (topic, events, task keys) carry this token, so two
+        # hosts on one cluster never see each other's runs even with equal run ids.
+        self._token = uuid.uuid4().hex[:12]
+        self.topic = f"prismq-output-{self._token}"
+        self._remotes: dict[str, _Remote] = {}
+        self._idle = asyncio.Event()  # set while no run executes here
+        self._idle.set()
+        self._connect_lock = asyncio.Lock()
+        self._ready = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._reapers: set[asyncio.Task[None]] = set()
+        self._chores: set[asyncio.Future[None]] = set()
+        self._closed = False
+
+    # -- connection ---------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` in use (``None`` before the first run of an address)."""
+        return self._client
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendClosedError("this DaskBackend is closed; create a new one")
+
+    async def _connect(self) -> Any:
+        async with self._connect_lock:
+            self._check_open()
+            if self._client is None:
+                self._client = await Client(
+                    self._address, asynchronous=True, security=self.security, set_as_default=False
+                )
+            client = self._client
+            if not self._ready:
+                if not client.asynchronous:
+                    raise InvalidBackendError(
+                        "the Client is not asynchronous in this event loop; make it with"
+                        " Client(..., asynchronous=True) inside the host's loop"
+                    )
+                client.subscribe_topic(self.topic, self._on_event)
+                self._watcher = asyncio.create_task(
+                    self._watch_workers(), name=f"prismq-dask-workers-{self._token}"
+                )
+                self._ready = True
+            return client
+
+    # -- messages from the workers ------------------------------------------------------------
+    async def _on_event(self, event: tuple[float, Message]) -> None:
+        try:
+            message = event[1]
+            remote = self._remotes.get(message.get("run", ""))
+            if remote is not None:
+                await self._handle(remote, message)
+        except Exception:
+            # Never let a bad message break the client's stream handling.
+            logger.exception("handling a message on %s failed", self.topic)
+
+    async def _handle(self, remote: _Remote, message: Message) -> None:
+        kind = message.get("kind")
+        attempt = message.get("attempt")
+        if kind == STARTED:
+            if remote.attempt is not None and attempt != remote.attempt:
+                # Dask ran it again (retry_on_worker_loss), so the first worker died: stop what
+                # is left of the first attempt's tree, and follow the new attempt.
+                self._reap_later(remote)
+                remote.next_seq = 0
+                remote.ended.clear()
+            remote.attempt = attempt
+            remote.start = message
+            remote.worker = message.get("worker")
+            remote.host = message.get("host")
+            remote.pid = message.get("pid")
+            remote.create_time = message.get("create_time")
+            remote.wake.set()
+            return
+        if remote.attempt is None:
+            remote.attempt = attempt
+        elif attempt != remote.attempt:
+            return  # a late message of an attempt we no longer follow
+        if kind == LINES:
+            seq = int(message["seq"])
+            lines: list[str] = message["lines"]
+            batch = lines[max(0, remote.next_seq - seq) :]
+            if seq > remote.next_seq:
+                batch = [self._gap_note(remote, seq - remote.next_seq), *batch]
+            remote.next_seq = max(remote.next_seq, seq + len(lines))
+            await self._deliver(remote, batch)
+        elif kind == END:
+            total = int(message["lines"])
+            if total > remote.next_seq:
+                note = self._gap_note(remote, total - remote.next_seq)
+                remote.next_seq = total
+                await self._deliver(remote, [note])
+            remote.ended.set()
+
+    @staticmethod
+    def _gap_note(remote: _Remote, count: int) -> str:
+        """The line that stands for ``count`` lines the worker dropped (it printed faster than
+        they could be sent), in the style of the capture's own truncation note."""
+        remote.missing += count
+        return f"… [{count} lines dropped on the way from the worker]"
+
+    async def _deliver(self, remote: _Remote, lines: list[str]) -> None:
+        output = remote.output
+        if output is None or not lines:
+            return
+        try:
+            await output.append_lines(remote.run.run_id, lines)
+        except OutputClosedError:
+            remote.output = None  # the host closed this run's output; keep the run going
+
+    # -- one run ------------------------------------------------------------------------------
+    async def execute(self, run: Run, job: ModuleJob, context: RunContext) -> Run:
+        """Run ``job`` on the cluster for ``run`` (see :class:`RunBackend` and the class
+        docstring). A cluster that cannot be reached makes the run FAILED with the reason.
+
+        Cancellation: a queued run is removed from the cluster; a running one is stopped by its
+        worker (up to ``cancel_timeout`` seconds are waited for the confirmation; a second
+        cancellation stops waiting). A foreground run is recorded CANCELLED; then
+        ``CancelledError`` propagates.
+
+        Raises:
+            BackendClosedError: after :meth:`aclose`.
+            DuplicateRunError: a run with this id is already executing on this backend.
+        """
+        self._check_open()
+        if run.run_id in self._remotes:
+            raise DuplicateRunError(f"run {run.run_id!r} is already executing on this backend")
+        run.mode = self.mode
+        remote = _Remote(run, context)
+        self._remotes[run.run_id] = remote
+        self._idle.clear()
+        outcome: asyncio.Future[WorkerOutcome | BaseException] | None = None
+        try:
+            try:
+                client = await self._connect()
+            except asyncio.CancelledError:
+                if not context.background:
+                    run.mark_cancelled(context.cancel_reason() or "cancelled")
+                    await context.finish(run)
+                raise
+            except (BackendClosedError, InvalidBackendError):
+                raise
+            except Exception as exc:
+                run.mark_failed(f"could not reach the Dask cluster: {type(exc).__name__}: {exc}")
+                await context.finish(run)
+                return run
+            remote.future = client.submit(
+                run_module_on_worker,
+                self._worker_job(run, job, context),
+                key=task_key(self._token, run.run_id),
+                pure=False,
+                retries=0,
+                resources={**self.resources, **job.resources} or None,
+            )
+            outcome = asyncio.ensure_future(_outcome_of(remote.future))
+            try:
+                await self._follow(remote, outcome)
+            except asyncio.CancelledError:
+                remote.cancel_requested = True
+                await self._follow(remote, outcome)  # a second cancellation stops waiting
+                await self._conclude(remote, outcome, host_cancelled=True)
+                raise
+            await self._conclude(remote, outcome, host_cancelled=False)
+            return run
+        finally:
+            del self._remotes[run.run_id]
+            if not self._remotes:
+                self._idle.set()
+            if outcome is not None and not outcome.done():
+                outcome.cancel()
+            if remote.future is not None:
+                # Off the run's path: it is recorded already; aclose() waits for these.
+                self._background(self._forget(remote))
+
+    def _worker_job(self, run: Run, job: ModuleJob, context: RunContext) -> WorkerJob:
+        return WorkerJob(
+            run_id=run.run_id,
+            job=job,
+            topic=self.topic,
+            cancel_event=cancel_event_name(self._token, run.run_id),
+            started_event=started_event_name(self._token, run.run_id),
+            run_mode=self.run_mode,
+            grace_period=context.grace_period,
+            sample_interval=context.sample_interval,
+            output_tail_lines=context.output_tail_lines,
+            rerun_after_worker_loss=self.retry_on_worker_loss,
+            cancel_poll=0.5,
+            orphan_timeout=self.orphan_timeout,
+            queue_lines=self.stream_queue_lines,
+            max_batch_lines=_MAX_BATCH_LINES,
+            max_batch_chars=_MAX_BATCH_CHARS,
+            flush_interval=self.flush_interval,
+        )
+
+    async def _follow(
+        self, remote: _Remote, outcome: asyncio.Future[WorkerOutcome | BaseException]
+    ) -> None:
+        """Record the start, pass on a cancel request, and return once the task ended, the
+        worker was lost, or a requested stop went unconfirmed for ``cancel_timeout`` s."""
+        loop = asyncio.get_running_loop()
+        while True:
+            remote.wake.clear()
+            if remote.start is not None:
+                await self._record_start(remote)
+            if remote.cancel_requested and remote.cancel_sent_at is None:
+                await self._send_cancel(remote)
+            if remote.lost is not None and remote.cancel_sent_at is None:
+                await self._send_cancel(remote)  # keep a Dask retry from running it again
+            if outcome.done() or remote.lost is not None:
+                return
+            timeout = None
+            if remote.cancel_sent_at is not None:
+                timeout = remote.cancel_sent_at + self.cancel_timeout - loop.time()
+                if timeout <= 0:
+                    remote.unconfirmed = True
+                    return
+            waiter = asyncio.ensure_future(remote.wake.wait())
+            watched: set[asyncio.Future[Any]] = {outcome, waiter}
+            try:
+                await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+
+    def _apply_start(self, remote: _Remote) -> bool:
+        message, remote.start = remote.start, None
+        if message is None:
+            return False
+        run = remote.run
+        if run.status is RunStatus.PENDING:
+            run.mark_running(remote.pid)
+        else:
+            run.pid = remote.pid
+        run.worker = remote.worker
+        return True
+
+    async def _record_start(self, remote: _Remote) -> None:
+        if self._apply_start(remote) and not remote.run.is_finished:
+            await remote.context.save(remote.run)
+
+    async def _send_cancel(self, remote: _Remote) -> None:
+        remote.cancel_sent_at = asyncio.get_running_loop().time()
+        client = self._client
+        try:
+            await Event(cancel_event_name(self._token, remote.run.run_id), client=client).set()
+            if remote.attempt is None or remote.lost is not None:
+                # Still queued (as far as we know), or its worker is gone: take it off the
+                # cluster. Had a worker just picked it up, it sees the event before or right
+                # after spawning and stops.
+                await client.cancel([remote.future], reason="cancelled by the host")
+        except Exception as exc:
+            logger.warning("cancelling run %s on the cluster failed: %s", remote.run.run_id, exc)
+
+    async def _conclude(
+        self,
+        remote: _Remote,
+        outcome: asyncio.Future[WorkerOutcome | BaseException],
+        *,
+        host_cancelled: bool,
+    ) -> None:
+        run = remote.run
+        result = outcome.result() if outcome.done() else None
+        if isinstance(result, WorkerOutcome) and result.kind == FINISHED:
+            try:
+                await asyncio.wait_for(remote.ended.wait(), timeout=5.0)
+            except TimeoutError:
+                logger.warning("run %s: the end of its output never arrived", run.run_id)
+        self._apply_start(remote)
+        if remote.missing:
+            logger.warning(
+                "run %s: %d output lines were dropped on the way from the worker",
+                run.run_id,
+                remote.missing,
+            )
+        if isinstance(result, WorkerOutcome) and result.kind == FINISHED:
+            run.worker = result.worker
+        finished = (
+            None
+            if not isinstance(result, WorkerOutcome) or result.run is None
+            else Run.from_dict(result.run)
+        )
+        if finished is not None:
+            if run.status is RunStatus.PENDING:
+                run.mark_running(finished.pid)
+            run.pid = finished.pid
+            run.exit_code = finished.exit_code
+            run.output_tail = finished.output_tail
+            run.peak_rss_bytes = finished.peak_rss_bytes
+            run.cpu_time_seconds = finished.cpu_time_seconds
+        if host_cancelled:
+            if remote.context.background:
+                return  # the task manager records the cancelled run with its own reason
+            if not run.is_finished:
+                run.mark_cancelled(remote.context.cancel_reason() or "cancelled")
+        elif not run.is_finished:
+            self._apply_outcome(remote, result, finished)
+        if run.status is RunStatus.INTERRUPTED and finished is None:
+            self._reap_later(remote)
+        await remote.context.finish(run)
+
+    def _apply_outcome(
+        self,
+        remote: _Remote,
+        result: WorkerOutcome | BaseException | None,
+        finished: Run | None,
+    ) -> None:
+        run = remote.run
+        reason = remote.context.cancel_reason() or "cancelled"
+        if remote.lost is not None:
+            run.mark_interrupted(remote.lost)
+        elif finished is not None:
+            exit_code = finished.exit_code
+            if finished.status is RunStatus.COMPLETED:
+                run.mark_completed(exit_code)
+            elif finished.status is RunStatus.CANCELLED:
+                run.mark_cancelled(
+                    reason if remote.cancel_requested else finished.error_message or "cancelled"
+                )
+            elif finished.status is RunStatus.INTERRUPTED:
+                run.mark_interrupted(finished.error_message or "interrupted on the worker")
+            else:
+                run.mark_failed(finished.error_message or "failed", exit_code=exit_code)
+            run.exit_code = exit_code
+        elif isinstance(result, WorkerOutcome):
+            if result.kind == CANCELLED_BEFORE_START:
+                run.mark_cancelled(f"{reason} (before it started on the cluster)")
+            elif result.kind == NOT_RETRIED:
+                run.mark_interrupted(self._lost_reason(remote))
+            else:
+                run.mark_failed(f"could not start the module on {result.worker}: {result.detail}")
+        elif isinstance(result, KilledWorker):
+            run.mark_interrupted(self._lost_reason(remote))
+        elif isinstance(result, concurrent.futures.CancelledError):
+            if remote.cancel_requested:
+                run.mark_cancelled(f"{reason} (before it started on the cluster)")
+            elif getattr(self._client, "status", "running") != "running":
+                run.mark_failed(
+                    f"the connection to the Dask cluster ended before the run did ({result})"
+                )
+            else:
+                run.mark_failed(f"the cluster dropped the task: {result}")
+        elif isinstance(result, BaseException):
+            run.mark_failed(f"could not run on the cluster: {type(result).__name__}: {result}")
+        else:
+            # No result: a requested stop the worker never confirmed.
+            run.mark_cancelled(
+                f"{reason} (worker {remote.worker or '?'} did not confirm the stop within"
+                f" {self.cancel_timeout:g} s)"
+            )
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def _forget(self, remote: _Remote) -> None:
+        """Release the task and, once it ended normally, the run's events on the scheduler
+        (the cancel event only exists there once set). The events of a run that was lost or
+        cancelled unconfirmed stay set, so an attempt Dask may still start runs nothing."""
+        client = self._client
+        try:
+            remote.future.release()
+            if (
+                remote.lost is None
+                and not remote.unconfirmed
+                and remote.future.done()
+                and client.status == "running"  # no scheduler: nothing there to release
+            ):
+                names = [started_event_name(self._token, remote.run.run_id)]
+                if remote.cancel_sent_at is not None:
+                    names.append(cancel_event_name(self._token, remote.run.run_id))
+                async with asyncio.timeout(_RELEASE_SECONDS):
+                    for name in names:
+                        await Event(name, client=client).clear()
+        except Exception as exc:
+            logger.info("releasing run %s on the cluster failed: %s", remote.run.run_id, exc)
+
+    async def cancel(self, run_id: str) -> bool:
+        """Ask for ``run_id`` to be stopped (see :meth:`execute`); ``False`` if it is not
+        executing here."""
+        remote = self._remotes.get(run_id)
+        if remote is None:
+            return False
+        remote.cancel_requested = True
+        remote.wake.set()
+        return True
+
+    # -- lost workers -------------------------------------------------------------------------
+    async def _watch_workers(self) -> None:
+        while True:
+            await asyncio.sleep(self.worker_check_interval)
+            watched = [
+                r for r in self._remotes.values() if r.worker is not None and r.lost is None
+            ]
+            if not watched:
+                continue
+            try:
+                live = set(await self._client.nthreads())
+            except Exception as exc:
+                logger.warning("asking the scheduler for its workers failed: %s", exc)
+                continue
+            for remote in watched:
+                if remote.worker not in live:
+                    self._lose(remote)
+
+    def _lose(self, remote: _Remote) -> None:
+        if self.retry_on_worker_loss:
+            logger.warning(
+                "run %s: worker %s left the cluster; waiting for Dask to run it again",
+                remote.run.run_id,
+                remote.worker,
+            )
+            self._reap_later(remote)
+            remote.worker = None
+            remote.pid = None
+            return
+        remote.lost = self._lost_reason(remote)
+        remote.wake.set()
+
+    @staticmethod
+    def _lost_reason(remote: _Remote) -> str:
+        where = "its worker" if remote.worker is None else f"worker {remote.worker}"
+        pid = "" if remote.pid is None else f" (pid {remote.pid})"
+        return (
+            f"{where} died or left the cluster while running the module{pid};"
+            " not run again (retry_on_worker_loss is off)"
+        )
+
+    def _reap_later(self, remote: _Remote) -> None:
+        """Stop what is left of the tree of a module whose worker died, in the background."""
+        if remote.pid is None or remote.create_time is None or remote.host is None:
+            return
+        reaper = asyncio.create_task(self._reap(remote.host, remote.pid, remote.create_time))
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
+
+    async def _reap(self, host: str, pid: int, create_time: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _REAP_SECONDS
+        while loop.time() < deadline and self._client.status == "running":
+            try:
+                live = await self._client.nthreads()
+                here = [address for address in live if get_address_host(address) == host]
+                if here:
+                    done = await self._client.run(
+                        stop_orphaned_tree, pid, create_time, workers=here[:1]
+                    )
+                    logger.info("orphaned tree of pid %d on %s: %s", pid, host, done)
+                    return
+            except Exception as exc:
+                logger.info("stopping the orphaned tree of pid %d failed: %s", pid, exc)
+            await asyncio.sleep(0.5)
+        logger.warning(
+            "no live worker on %s to stop the orphaned tree of pid %d; it may still run",
+            host,
+            pid,
+        )
+
+    # -- closing ------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Stop the runs still executing here (they end CANCELLED), stop watching workers,
+        unsubscribe, and close the client if the backend made it. Idempotent.
+
+        Cancellation: stops waiting; the client may be left open.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for remote in self._remotes.values():
+            remote.cancel_requested = True
+            remote.wake.set()
+        await self._idle.wait()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait({self._watcher})
+        if self._chores:
+            await asyncio.wait(self._chores)
+        if self._reapers:
+            await asyncio.wait(self._reapers, timeout=_REAP_SECONDS)
+        client = self._client
+        if client is not None and self._ready:
+            try:
+                client.unsubscribe_topic(self.topic)
+            except Exception as exc:
+                logger.info("unsubscribing from %s failed: %s", self.topic, exc)
+        if client is not None and self._owns_client:
+            await client.close()
+
+
+async def _outcome_of(future: Any) -> WorkerOutcome | BaseException:
+    """The task's result, or the exception it ended with (as a value, so the host decides)."""
+    try:
+        result = await future
+    except Exception as exc:
+        return exc
+    return result if isinstance(result, WorkerOutcome) else TypeError(repr(result))

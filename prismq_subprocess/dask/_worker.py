@@ -1,0 +1,353 @@
+"""What runs on a Dask worker for one module run: :func:`run_module_on_worker`.
+
+The module runs inside our own :class:`ModuleRunner`, in an event loop of the task's own thread,
+so everything a local run guarantees holds on the worker too: the child in its own process group,
+its whole tree stopped on timeout, memory limit and cancel, bounded output, the same statuses and
+messages. Around it:
+
+- the child's start (pid, mode) and its lines go to the host over the backend's event topic
+  (see ``_channel.py``);
+- a thread waits on the run's cancel ``distributed.Event`` (Dask cannot interrupt a running task)
+  and cancels the module, which stops the child's tree and records the run CANCELLED; it does
+  the same when the scheduler drops the task (the host's client went away);
+- the run's "started" ``distributed.Event`` makes a retry (Dask re-runs the tasks of a worker
+  that died) refuse to run the module a second time, unless the host allowed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psutil
+from distributed import Event, get_client, get_worker
+from distributed.comm.addressing import get_address_host
+
+from .._background._backend import ModuleJob
+from .._background._memory_registry import RunRegistry
+from .._background._module_runner import ModuleRunner
+from .._background._output_capture import OutputCapture
+from .._background._run_record import Run, RunStatus
+from .._core._exceptions import PrismQError
+from .._platform import platform_ops
+from ._channel import END, STARTED, Message, OutputForwarder
+
+__all__ = [
+    "CANCELLED_BEFORE_START",
+    "FINISHED",
+    "NOT_RETRIED",
+    "REFUSED",
+    "WorkerJob",
+    "WorkerOutcome",
+    "run_module_on_worker",
+    "stop_orphaned_tree",
+]
+
+logger = logging.getLogger(__name__)
+
+FINISHED: Final = "finished"
+"""Outcome: the module ran; ``run`` holds the worker's final record of it."""
+CANCELLED_BEFORE_START: Final = "cancelled-before-start"
+"""Outcome: the cancel event was already set when the task started; nothing ran."""
+NOT_RETRIED: Final = "not-retried"
+"""Outcome: an earlier attempt started the module on a worker that died; nothing ran again."""
+REFUSED: Final = "refused"
+"""Outcome: this worker refused the start before anything ran (e.g. the script is missing
+here); ``detail`` says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJob:
+    """Everything a worker needs for one run (pickled into the Dask task)."""
+
+    run_id: str
+    job: ModuleJob
+    topic: str
+    cancel_event: str
+    started_event: str
+    run_mode: str | None
+    grace_period: float
+    sample_interval: float
+    output_tail_lines: int
+    rerun_after_worker_loss: bool
+    cancel_poll: float
+    orphan_timeout: float
+    queue_lines: int
+    max_batch_lines: int
+    max_batch_chars: int
+    flush_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOutcome:
+    """What the task returns to the host: the outcome kind, the worker's address and, for a
+    module that ran, the worker's final :meth:`Run.to_dict` and how many lines it printed."""
+
+    kind: str
+    worker: str
+    run: dict[str, Any] | None = None
+    detail: str | None = None
+    lines: int = 0
+    dropped: int = 0
+
+
+class _StartReporter(RunRegistry):
+    """The worker's run registry: calls ``on_start`` once, when the run is saved RUNNING with
+    its child's pid (which the runner does right after spawning it)."""
+
+    def __init__(self, on_start: Callable[[Run], None]) -> None:
+        super().__init__()
+        self._on_start = on_start
+        self._reported = False
+
+    async def update_run(self, run: Run) -> None:
+        await super().update_run(run)
+        if not self._reported and run.status is RunStatus.RUNNING and run.pid is not None:
+            self._reported = True
+            self._on_start(run)
+
+
+class _CancelWatch:
+    """Waits on the run's cancel event in a thread of its own (each wait is one long poll on the
+    scheduler, ``poll`` seconds at most) and cancels the module's task once it is set, or once
+    ``dropped()`` says the scheduler released the task (the host's client left, or the task was
+    cancelled), or once the scheduler stayed unreachable for ``orphan_timeout`` seconds: in
+    each case nobody can follow the run any more.
+
+    :meth:`stop` does not join: the thread notices within one poll and ends by itself, so the
+    task's result is not held back by a poll in progress.
+    """
+
+    def __init__(
+        self, event: Any, poll: float, dropped: Callable[[], bool], orphan_timeout: float
+    ) -> None:
+        self._event = event
+        self._poll = poll
+        self._dropped = dropped
+        self._orphan_timeout = orphan_timeout
+        self._lock = threading.Lock()
+        self._target: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        self._fired = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="prismq-cancel-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def attach(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` when the event is set (at once if it already was). Call it from the
+        task's event loop."""
+        with self._lock:
+            self._target = (asyncio.get_running_loop(), task)
+            fired = self._fired
+        if fired:
+            task.cancel()
+
+    def _watch(self) -> None:
+        unreachable_since: float | None = None
+        while not self._stopped.is_set():
+            try:
+                if self._event.wait(timeout=self._poll) or self._dropped():
+                    break
+                unreachable_since = None
+            except Exception as exc:
+                if self._stopped.is_set():
+                    return  # the run ended; the worker may be closing its connections
+                now = time.monotonic()
+                if unreachable_since is None:
+                    unreachable_since = now
+                    logger.warning(
+                        "the scheduler is unreachable (%s); the module is stopped if it stays"
+                        " so for %g s",
+                        exc,
+                        self._orphan_timeout,
+                    )
+                elif now - unreachable_since >= self._orphan_timeout or self._dropped():
+                    logger.warning("the scheduler stayed unreachable: stopping the module")
+                    break
+                self._stopped.wait(self._poll)
+        else:
+            return
+        with self._lock:
+            self._fired = True
+            target = self._target
+        if target is not None:
+            loop, task = target
+            # A closed loop (RuntimeError) means the module already ended.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _task_dropped(worker: Any, key: Any) -> bool:
+    """True once the scheduler released this worker's task ``key`` (e.g. its client left)."""
+    try:
+        task = worker.state.tasks.get(key)
+    except AttributeError:
+        return False  # a worker without this state: the cancel event alone stops the run
+    return task is None or task.state in ("cancelled", "released", "forgotten")
+
+
+def _started_message(forwarder: OutputForwarder, worker_address: str, run: Run) -> Message:
+    try:
+        create_time: float | None = psutil.Process(run.pid).create_time()
+    except (psutil.Error, ValueError):
+        create_time = None  # already gone: nothing to clean up after a worker death
+    return forwarder.message(
+        STARTED,
+        pid=run.pid,
+        mode=run.mode,
+        create_time=create_time,
+        worker=worker_address,
+        host=get_address_host(worker_address),
+    )
+
+
+async def _start(runner: ModuleRunner, spec: WorkerJob) -> Run:
+    """Run the job's module (or command) to its end with ``runner``, as the host would."""
+    job = spec.job
+    if job.command:
+        return await runner.execute_command(
+            job.module_id,
+            job.module_name,
+            job.command[0] if job.shell else list(job.command),
+            job.parameters,
+            shell=job.shell,
+            run_id=spec.run_id,
+            timeout=job.timeout,
+            memory_limit_bytes=job.memory_limit_bytes,
+            cwd=job.cwd,
+            env=job.env,
+        )
+    return await runner.execute_module(
+        job.module_id,
+        job.module_name,
+        job.script,
+        job.parameters,
+        args=list(job.args),
+        run_id=spec.run_id,
+        timeout=job.timeout,
+        memory_limit_bytes=job.memory_limit_bytes,
+        cwd=job.cwd,
+        env=job.env,
+    )
+
+
+async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> WorkerOutcome:
+    send = functools.partial(get_worker().log_event, spec.topic)
+    # The run's ring here is what the worker buffers for the host (the forwarder is its only
+    # reader); nothing outlives the task, so no retention.
+    capture = OutputCapture(
+        max_lines_per_run=spec.queue_lines,
+        retain_ended_runs=None,
+        retain_ended_bytes=None,
+        retain_ended_seconds=None,
+    )
+    capture.open_run(spec.run_id)
+    forwarder = OutputForwarder(
+        capture.subscribe(spec.run_id),
+        send,
+        {"run": spec.run_id, "attempt": uuid.uuid4().hex},
+        max_batch_lines=spec.max_batch_lines,
+        max_batch_chars=spec.max_batch_chars,
+        flush_interval=spec.flush_interval,
+    )
+    registry = _StartReporter(lambda run: send(_started_message(forwarder, address, run)))
+    forwarding = asyncio.create_task(forwarder.run())
+    runner = ModuleRunner(
+        registry,
+        run_mode=spec.run_mode,
+        output=capture,
+        grace_period=spec.grace_period,
+        output_tail_lines=spec.output_tail_lines,
+        sample_interval=spec.sample_interval,
+    )
+    run: Run | None = None
+    total = 0
+    try:
+        module = asyncio.create_task(_start(runner, spec))
+        watch.attach(module)
+        try:
+            run = await module
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # The cancel event stopped it: the runner recorded the run CANCELLED.
+            run = await registry.get_run(spec.run_id)
+        except PrismQError as exc:
+            return WorkerOutcome(REFUSED, address, detail=f"{type(exc).__name__}: {exc}")
+    finally:
+        try:
+            await runner.aclose()
+        finally:
+            await capture.close_run(spec.run_id)  # ends the forwarder's subscription
+            total = capture.line_count(spec.run_id)
+            forwarder.finish()
+            await forwarding
+            await capture.aclose()
+    if run is None:
+        # Cancelled before the run was even stored here: nothing started.
+        return WorkerOutcome(CANCELLED_BEFORE_START, address)
+    send(forwarder.message(END, lines=total))
+    return WorkerOutcome(
+        FINISHED, address, run=run.to_dict(), lines=total, dropped=forwarder.dropped
+    )
+
+
+def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
+    """The Dask task of one run: run the module on this worker and return its outcome.
+
+    Runs in one of the worker's task threads, with an event loop of its own (the worker's loop
+    keeps serving the scheduler meanwhile).
+    """
+    worker = get_worker()
+    client = get_client()
+    cancel = Event(spec.cancel_event, client=client)
+    started = Event(spec.started_event, client=client)
+    if cancel.is_set():
+        return WorkerOutcome(CANCELLED_BEFORE_START, worker.address)
+    if started.is_set() and not spec.rerun_after_worker_loss:
+        return WorkerOutcome(NOT_RETRIED, worker.address)
+    started.set()
+    key = worker.get_current_task()
+    watch = _CancelWatch(
+        cancel, spec.cancel_poll, lambda: _task_dropped(worker, key), spec.orphan_timeout
+    )
+    watch.start()
+    try:
+        return asyncio.run(_execute(spec, worker.address, watch))
+    finally:
+        watch.stop()
+
+
+def stop_orphaned_tree(pid: int, create_time: float) -> int:
+    """Kill what is left of a module's process tree after its worker died (run on a live worker
+    of the same host). The pid is only trusted if its start time matches, so a reused pid is
+    never touched. Returns how many processes were signalled."""
+    try:
+        leader = psutil.Process(pid)
+        if abs(leader.create_time() - create_time) >= 0.01:
+            return 0
+    except psutil.Error:
+        return 0
+    ops = platform_ops()
+    descendants = ops.snapshot_descendants(pid)
+    # The child leads its own process group (a new session on POSIX): the group kill also
+    # reaches descendants that were reparented away from it.
+    ops.kill_tree(pid, ops.leads_own_group(pid), descendants)
+    with contextlib.suppress(psutil.Error):
+        leader.kill()
+    victims = [leader, *descendants]
+    psutil.wait_procs(victims, timeout=5)
+    return len(victims)

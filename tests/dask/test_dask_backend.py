@@ -1,0 +1,769 @@
+"""ModuleRunner on a real Dask cluster (a scheduler and two worker processes under nannies, as
+``dask scheduler`` / ``dask worker`` start them): the DaskBackend end to end.
+
+One cluster is shared by the whole file (starting one takes seconds); each test connects its own
+asynchronous client in its own event loop. The worker-killing tests run last: the nanny restarts
+the killed worker, and every test waits for two workers before it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+distributed = pytest.importorskip(
+    "distributed",
+    reason="the [dask] extra is not installed (pip install 'prismq_subprocess[dask]')",
+)
+
+from dask_support import SubprocessCluster  # noqa: E402
+
+import prismq_subprocess as pq  # noqa: E402
+from prismq_subprocess import (  # noqa: E402
+    ModuleRunner,
+    OutputCapture,
+    OutputLine,
+    Run,
+    RunRegistry,
+    RunStatus,
+    SQLiteRunRegistry,
+    sse_events,
+)
+from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa: E402
+from prismq_subprocess.dask import DaskBackend  # noqa: E402
+
+SLOTS = 4  # each worker offers {"slots": 4}
+WAIT = 60.0  # upper bound for anything a test awaits (never reached unless broken)
+
+LINES = textwrap.dedent(
+    """
+    import argparse, sys, time
+    p = argparse.ArgumentParser()
+    p.add_argument("--count", type=int, default=3)
+    p.add_argument("--prefix", default="line")
+    p.add_argument("--pause", type=float, default=0.0)
+    p.add_argument("--code", type=int, default=0)
+    a = p.parse_args()
+    for i in range(a.count):
+        print(f"{a.prefix} {i}", flush=True)
+        if a.pause:
+            time.sleep(a.pause)
+    if a.code:
+        print(f"giving up with {a.code}", file=sys.stderr, flush=True)
+    sys.exit(a.code)
+    """
+)
+
+# Records its start in --marker, optionally starts a grandchild, says "ready", then waits for
+# the --gate file before printing --after more lines. Prints nothing while waiting, so a child
+# orphaned by a dead worker does not end by itself on a broken pipe.
+GATED = textwrap.dedent(
+    """
+    import argparse, os, subprocess, sys, time
+    p = argparse.ArgumentParser()
+    p.add_argument("--gate", required=True)
+    p.add_argument("--marker")
+    p.add_argument("--grandchild", action="store_true")
+    p.add_argument("--after", type=int, default=0)
+    a = p.parse_args()
+    if a.marker:
+        with open(a.marker, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+    if a.grandchild:
+        g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        print(f"grandchild {g.pid}", flush=True)
+    print("ready", flush=True)
+    while not os.path.exists(a.gate):
+        time.sleep(0.02)
+    for i in range(a.after):
+        print(f"after {i}", flush=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SubprocessCluster]:
+    started = SubprocessCluster(
+        tmp_path_factory.mktemp("cluster"), n_workers=2, nthreads=6, resources=f"slots={SLOTS}"
+    )
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture
+async def client(cluster: SubprocessCluster) -> AsyncIterator[Any]:
+    async with distributed.Client(
+        cluster.address, asynchronous=True, set_as_default=False
+    ) as c:
+        await c.wait_for_workers(2, timeout=WAIT)
+        yield c
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> dict[str, str]:
+    paths = {}
+    for name, text in {"lines": LINES, "gated": GATED}.items():
+        path = tmp_path / f"{name}.py"
+        path.write_text(text)
+        paths[name] = str(path)
+    return paths
+
+
+def runner_for(
+    backend: DaskBackend | None, registry: BaseRunRegistry | None = None, **kwargs: Any
+) -> ModuleRunner:
+    return ModuleRunner(
+        registry if registry is not None else RunRegistry(),
+        output=OutputCapture(),
+        backend=backend,
+        grace_period=1.0,
+        output_tail_lines=5,
+        sample_interval=0.1,
+        **kwargs,
+    )
+
+
+def out(runner: ModuleRunner) -> OutputCapture:
+    assert runner.output is not None
+    return runner.output
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def until(predicate: Any, what: str, timeout: float = WAIT) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - process state has no event to wait on
+            await asyncio.sleep(0.02)
+    assert predicate(), what
+
+
+async def collect(capture: OutputCapture, run_id: str) -> list[str]:
+    """Every item the run's subscription yields, gaps included (as '<gap n>')."""
+    items = []
+    async with capture.subscribe(run_id, wait=True) as lines:
+        async for item in lines:
+            items.append(item.text if isinstance(item, OutputLine) else f"<gap {item.dropped}>")
+    return items
+
+
+async def wait_for_line(capture: OutputCapture, run_id: str, prefix: str) -> str:
+    async with asyncio.timeout(WAIT), capture.subscribe(run_id, wait=True) as lines:
+        async for item in lines:
+            if isinstance(item, OutputLine) and item.text.startswith(prefix):
+                return item.text
+    raise AssertionError(f"no line starting with {prefix!r}")
+
+
+async def worker_pids(client: Any) -> dict[str, int]:
+    return dict(await client.run(os.getpid))
+
+
+async def stored(runner: ModuleRunner, run_id: str) -> Run:
+    run = await runner.registry.get_run(run_id)
+    assert run is not None
+    return run
+
+
+async def finished(runner: ModuleRunner, run_id: str) -> Run:
+    async with asyncio.timeout(WAIT):
+        while True:
+            run = await stored(runner, run_id)
+            if run.is_finished and run_id not in runner.active_run_ids():
+                return run
+            await asyncio.sleep(0.02)
+
+
+# -- streaming, spread, admission ----------------------------------------------------------------
+
+
+async def test_twenty_modules_spread_over_both_workers_stream_whole_and_in_order(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    registry = SQLiteRunRegistry(tmp_path / "runs.db")
+    runner = runner_for(DaskBackend(client), registry)
+    async with registry, runner:
+        run_ids = [f"spread-{i}" for i in range(20)]
+        # Subscribed before the start, so every line must arrive live, none from a replay.
+        readers = [asyncio.create_task(collect(out(runner), r)) for r in run_ids]
+        for i, run_id in enumerate(run_ids):
+            await runner.start_module(
+                f"m{i}",
+                "lines",
+                scripts["lines"],
+                {"count": 40, "prefix": f"m{i}", "pause": 0.005},
+                run_id=run_id,
+            )
+        outputs = await asyncio.wait_for(asyncio.gather(*readers), WAIT)
+        runs = [await finished(runner, r) for r in run_ids]
+    for i, (run, lines) in enumerate(zip(runs, outputs, strict=True)):
+        assert lines == [f"m{i} {n}" for n in range(40)], run.run_id
+        assert run.status is RunStatus.COMPLETED and run.exit_code == 0
+        assert run.output_tail == [f"m{i} {n}" for n in range(35, 40)]
+        assert run.mode == "dask" and run.pid is not None and run.started_at is not None
+    workers = {run.worker for run in runs}
+    assert workers == set(await worker_pids(client)), "both workers ran modules"
+    async with SQLiteRunRegistry(tmp_path / "runs.db") as reopened:
+        listed = await reopened.list_runs(limit=100)
+    assert {r.run_id: r for r in listed} == {r.run_id: r for r in runs}
+
+
+async def test_output_is_live_and_status_goes_pending_running_final(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    runner = runner_for(DaskBackend(client))
+    async with runner:
+        run_id = await runner.start_module(
+            "g", "gated", scripts["gated"], {"gate": str(gate), "after": 3}
+        )
+        assert (await stored(runner, run_id)).status is RunStatus.PENDING
+        reader = asyncio.create_task(collect(out(runner), run_id))
+        # "ready" reaches the host while the module waits for the gate: output is live.
+        await wait_for_line(out(runner), run_id, "ready")
+        running = await stored(runner, run_id)
+        assert running.status is RunStatus.RUNNING
+        assert running.worker in await worker_pids(client)
+        assert running.pid is not None
+        gate.touch()
+        run = await finished(runner, run_id)
+        assert await asyncio.wait_for(reader, WAIT) == ["ready", "after 0", "after 1", "after 2"]
+    assert run.status is RunStatus.COMPLETED
+    assert run.worker == running.worker and run.pid == running.pid
+
+
+def sse_payloads(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event, JSON data) of each event in an SSE stream (retry and comments skipped)."""
+    events = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in fields:
+            events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+async def test_the_sse_helper_streams_a_cluster_run_and_resumes_from_last_event_id(
+    client: Any, scripts: dict[str, str]
+) -> None:
+    runner = runner_for(DaskBackend(client))
+    async with runner:
+        run_id = await runner.start_module("s", "lines", scripts["lines"], {"count": 4, "code": 2})
+        live = "".join(
+            [chunk async for chunk in sse_events(out(runner), run_id, heartbeat=None)]
+        )
+        resumed = "".join(
+            [chunk async for chunk in sse_events(out(runner), run_id, last_event_id="2")]
+        )
+    texts = [f"line {n}" for n in range(4)] + ["giving up with 2"]
+    assert sse_payloads(live) == [
+        *(("line", {"seq": n, "text": text}) for n, text in enumerate(texts)),
+        ("end", {"status": "failed", "exit_code": 2}),
+    ]
+    assert sse_payloads(resumed) == [
+        ("line", {"seq": 3, "text": "line 3"}),
+        ("line", {"seq": 4, "text": "giving up with 2"}),
+        ("end", {"status": "failed", "exit_code": 2}),
+    ]
+
+
+async def test_resource_hints_never_oversubscribe_a_worker(
+    client: Any, scripts: dict[str, str]
+) -> None:
+    # Each run needs 3 of a worker's 4 slots: a worker runs one at a time, whatever the host
+    # submits at once.
+    script = textwrap.dedent(
+        """
+        import time
+        print(f"start {time.time()!r}", flush=True)
+        time.sleep(0.3)
+        print(f"end {time.time()!r}", flush=True)
+        """
+    )
+    path = Path(scripts["lines"]).with_name("timed.py")
+    path.write_text(script)
+    runner = runner_for(DaskBackend(client))
+    async with runner:
+        run_ids = [
+            await runner.start_module(f"t{i}", "timed", path, resources={"slots": 3})
+            for i in range(6)
+        ]
+        runs = [await finished(runner, r) for r in run_ids]
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        assert run.status is RunStatus.COMPLETED, run.error_message
+        start, end = (float(line.split()[1]) for line in run.output_tail)
+        spans.setdefault(str(run.worker), []).append((start, end))
+    for worker, intervals in spans.items():
+        intervals.sort()
+        for (_, end), (start, _) in itertools.pairwise(intervals):
+            assert start >= end, f"two runs overlapped on {worker}"
+
+
+async def test_lines_dropped_on_the_worker_show_as_one_note_and_the_tail_stays_whole(
+    client: Any, scripts: dict[str, str]
+) -> None:
+    # The worker may buffer 10 lines and send one batch per 5 s: a module printing 1,000 lines
+    # at once loses most of them on the way, which the host's subscribers see as one note.
+    runner = runner_for(DaskBackend(client, stream_queue_lines=10, flush_interval=5.0))
+    async with runner:
+        run_id = await runner.start_module("f", "lines", scripts["lines"], {"count": 1000})
+        reader = asyncio.create_task(collect(out(runner), run_id))
+        run = await finished(runner, run_id)
+        lines = await asyncio.wait_for(reader, WAIT)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output_tail == [f"line {n}" for n in range(995, 1000)]
+    note = "lines dropped on the way from the worker]"
+    notes = [i for i, text in enumerate(lines) if text.endswith(note)]
+    assert len(notes) == 1
+    dropped = int(lines[notes[0]].split("[")[1].split()[0])
+    kept = lines[: notes[0]] + lines[notes[0] + 1 :]
+    assert len(kept) + dropped == 1000
+    assert kept == sorted(kept, key=lambda text: int(text.split()[1]))  # in order
+    assert kept[-10:] == [f"line {n}" for n in range(990, 1000)]  # the ring's last ten
+
+
+# -- same results as the local backend ---------------------------------------------------------
+
+
+async def test_results_identical_to_the_local_backend(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    hog = tmp_path / "hog.py"
+    hog.write_text(
+        "import time\nb = bytearray(256 * 1024 * 1024)\nb[::4096] = b'x' * len(b[::4096])\n"
+        "print('allocated', flush=True)\ntime.sleep(60)\n"
+    )
+    env_echo = tmp_path / "env_echo.py"
+    env_echo.write_text(
+        "import os, sys\nprint(os.environ['PRISMQ_TEST_VALUE'], os.getcwd(), sys.argv[1:])\n"
+    )
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("ok", {"script_path": scripts["lines"], "parameters": {"count": 3}}),
+        ("many", {"script_path": scripts["lines"], "parameters": {"count": 500}}),
+        ("fails", {"script_path": scripts["lines"], "parameters": {"count": 2, "code": 3}}),
+        (
+            "timeout",
+            {"script_path": scripts["gated"], "parameters": {"gate": "/nonexistent"}, "timeout": 1},
+        ),
+        ("memory", {"script_path": hog, "memory_limit_bytes": 64 * 1024 * 1024}),
+        (
+            "env-cwd-args",
+            {
+                "script_path": env_echo,
+                "parameters": {"tags": ["a", "b"], "flag": True, "n": 2},
+                "args": ["raw", "--x=1"],
+                "env": {"PRISMQ_TEST_VALUE": "v1"},
+                "cwd": tmp_path,
+            },
+        ),
+    ]
+
+    commands: list[tuple[str, dict[str, Any]]] = [
+        ("argv", {"command": [sys.executable, "-c", "print('from argv'); raise SystemExit(4)"]}),
+        ("shell", {"command": "echo one; echo two >&2", "shell": True}),
+    ]
+
+    async def outcomes(backend: DaskBackend | None) -> dict[str, Run]:
+        async with runner_for(backend) as runner:
+            runs = await asyncio.gather(
+                *(runner.execute_module(name, name, **kw) for name, kw in cases),
+                *(runner.execute_command(name, name, **kw) for name, kw in commands),
+            )
+        return {run.module_id: run for run in runs}
+
+    local = await outcomes(None)
+    remote = await outcomes(DaskBackend(client))
+    for name, _ in cases + commands:
+        a, b = local[name], remote[name]
+        assert (a.status, a.exit_code) == (b.status, b.exit_code), name
+        assert a.output_tail == b.output_tail, name
+        if name == "memory":
+            # The message quotes the RSS measured at the time, which differs run to run.
+            assert a.error_message and b.error_message
+            assert a.error_message.split(":")[0] == b.error_message.split(":")[0]
+        else:
+            assert a.error_message == b.error_message, name
+        assert a.mode != "dask" and b.mode == "dask" and a.worker is None and b.worker
+    assert remote["ok"].status is RunStatus.COMPLETED
+    assert remote["fails"].status is RunStatus.FAILED and remote["fails"].exit_code == 3
+    assert remote["timeout"].error_message == "timed out after 1 s; process tree stopped"
+    assert remote["memory"].status is RunStatus.FAILED
+    assert remote["argv"].exit_code == 4 and remote["argv"].output_tail == ["from argv"]
+    assert remote["shell"].status is RunStatus.COMPLETED
+    assert remote["shell"].output_tail == ["one", "two"]
+    assert remote["env-cwd-args"].output_tail == [
+        f"v1 {tmp_path} ['--tags', 'a', '--tags', 'b', '--flag', '--n', '2', 'raw', '--x=1']"
+    ]
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+async def test_cancel_running_stops_the_whole_tree_on_the_worker(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    runner = runner_for(DaskBackend(client))
+    async with runner:
+        run_id = await runner.start_module(
+            "c", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
+        )
+        grandchild = int(
+            (await wait_for_line(out(runner), run_id, "grandchild")).split()[1]
+        )
+        running = await stored(runner, run_id)
+        assert running.status is RunStatus.RUNNING and running.pid is not None
+        worker_pid = (await worker_pids(client))[str(running.worker)]
+        tree = {p.pid for p in psutil.Process(worker_pid).children(recursive=True)}
+        assert {running.pid, grandchild} <= tree, "the module's tree runs under its worker"
+
+        assert await runner.cancel(run_id, "stop it")
+        run = await stored(runner, run_id)
+    assert run.status is RunStatus.CANCELLED and run.error_message == "stop it"
+    assert run.output_tail[-1] == "ready"
+    assert run.exit_code is not None and run.exit_code < 0
+    left = {p.pid for p in psutil.Process(worker_pid).children(recursive=True) if alive(p.pid)}
+    assert running.pid not in left and grandchild not in left
+    assert not alive(running.pid) and not alive(grandchild)
+
+
+async def occupy_both_workers(runner: ModuleRunner, gated: str, gate: Path) -> list[str]:
+    """Start two runs that take every slot of both workers until ``gate`` exists."""
+    blockers = [
+        await runner.start_module(
+            f"b{i}", "gated", gated, {"gate": str(gate)}, resources={"slots": SLOTS}
+        )
+        for i in range(2)
+    ]
+    for run_id in blockers:
+        await wait_for_line(out(runner), run_id, "ready")
+    return blockers
+
+
+async def test_cancel_while_queued_on_the_cluster_never_starts_it(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    marker = tmp_path / "queued-started"
+    runner = runner_for(DaskBackend(client))
+    async with runner:
+        # Two runs that take every slot of both workers, then one that must queue.
+        blockers = await occupy_both_workers(runner, scripts["gated"], gate)
+        queued = await runner.start_module(
+            "q",
+            "gated",
+            scripts["gated"],
+            {"gate": str(gate), "marker": str(marker)},
+            resources={"slots": SLOTS},
+        )
+        assert (await stored(runner, queued)).status is RunStatus.PENDING
+        assert await runner.cancel(queued, "not needed")
+        run = await stored(runner, queued)
+        assert run.status is RunStatus.CANCELLED
+        assert run.error_message is not None and run.error_message.startswith("not needed")
+        assert run.started_at is None and run.pid is None and run.worker is None
+        gate.touch()
+        for run_id in blockers:
+            assert (await finished(runner, run_id)).status is RunStatus.COMPLETED
+        # Both workers are free again: had the cancelled task stayed on the cluster, it would
+        # run now. A fresh run on each worker goes first in line after it.
+        after = [
+            await runner.start_module(
+                f"a{i}", "lines", scripts["lines"], resources={"slots": SLOTS}
+            )
+            for i in range(2)
+        ]
+        for run_id in after:
+            assert (await finished(runner, run_id)).status is RunStatus.COMPLETED
+    assert not marker.exists(), "the cancelled run never started"
+
+
+async def test_script_missing_on_the_worker_fails_the_run_with_the_reason(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    doomed = tmp_path / "doomed.py"
+    doomed.write_text("print('hi')\n")
+    runner = runner_for(DaskBackend(client))
+    async with runner:
+        await occupy_both_workers(runner, scripts["gated"], gate)
+        # Valid on the host when started; gone by the time a worker picks it up.
+        run_id = await runner.start_module("d", "doomed", doomed, resources={"slots": SLOTS})
+        doomed.unlink()
+        gate.touch()
+        run = await finished(runner, run_id)
+    assert run.status is RunStatus.FAILED
+    assert run.error_message is not None
+    assert run.error_message.startswith("could not start the module on tcp://")
+    assert "ScriptNotFoundError" in run.error_message and run.pid is None
+
+
+async def test_foreground_run_cancelled_by_its_caller_is_recorded_then_reraised(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    runner = runner_for(DaskBackend(client))
+    async with runner:
+        task = asyncio.create_task(
+            runner.execute_module(
+                "f", "gated", scripts["gated"], {"gate": str(tmp_path / "never")}, run_id="fg"
+            )
+        )
+        await wait_for_line(out(runner), "fg", "ready")
+        pid = (await stored(runner, "fg")).pid
+        assert pid is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        run = await stored(runner, "fg")
+    assert run.status is RunStatus.CANCELLED and run.output_tail == ["ready"]
+    assert not alive(pid)
+
+
+async def test_a_host_that_goes_away_leaves_nothing_running_on_the_workers(
+    cluster: SubprocessCluster, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    # The host's client disconnects (its process died, say): the scheduler drops its tasks and
+    # each worker stops the module its task started.
+    host = await distributed.Client(
+        cluster.address, asynchronous=True, set_as_default=False
+    )
+    runner = runner_for(DaskBackend(host))
+    run_id = await runner.start_module(
+        "h", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
+    )
+    grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+    pid = (await stored(runner, run_id)).pid
+    assert pid is not None and alive(pid)
+    await host.close()
+    await until(lambda: not alive(pid) and not alive(grandchild), "the module was stopped")
+    await runner.aclose()
+    run = await stored(runner, run_id)
+    assert run.status is RunStatus.FAILED and run.error_message is not None
+    assert run.error_message.startswith("the connection to the Dask cluster ended")
+
+
+async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
+    scripts: dict[str, str], tmp_path: Path
+) -> None:
+    # A cluster of its own: its scheduler dies for good.
+    small = await asyncio.to_thread(
+        SubprocessCluster, tmp_path / "small", n_workers=1, nthreads=2
+    )
+    try:
+        host = await distributed.Client(small.address, asynchronous=True, set_as_default=False)
+        await host.wait_for_workers(1, timeout=WAIT)
+        runner = runner_for(DaskBackend(host, orphan_timeout=1.0))
+        run_id = await runner.start_module(
+            "s", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
+        )
+        grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+        pid = (await stored(runner, run_id)).pid
+        assert pid is not None and alive(pid)
+        await asyncio.to_thread(small.kill_scheduler)
+        run = await finished(runner, run_id)
+        assert run.status is RunStatus.FAILED and run.error_message is not None
+        assert run.error_message.startswith("the connection to the Dask cluster ended")
+        await until(lambda: not alive(pid) and not alive(grandchild), "the module was stopped")
+        await runner.aclose()
+        await host.close(timeout=2)
+    finally:
+        await asyncio.to_thread(small.close)
+
+
+def load_example_app() -> Any:
+    """examples/fastapi_app/app.py, imported from its file (the repository root is not a
+    package on sys.path)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app" / "app.py"
+    spec = importlib.util.spec_from_file_location("prismq_example_app", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_example_app_moves_to_the_cluster_by_configuration_only(
+    client: Any, cluster: SubprocessCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("fastapi", reason="the [web] extra is not installed")
+    import httpx
+
+    monkeypatch.setenv("PRISMQ_DASK_SCHEDULER", cluster.address)
+    app = load_example_app().create_app(tmp_path)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://app") as http,
+    ):
+        started = await http.post("/api/modules/count/runs", json={"lines": 3, "delay": 0})
+        assert started.status_code == 201, started.text
+        run_id = started.json()["run_id"]
+        stream = (await http.get(f"/api/runs/{run_id}/events")).text  # ends with the run
+        # The output is closed just before the final status is recorded.
+        async with asyncio.timeout(WAIT):
+            while True:  # polling the app is what a client does
+                run = (await http.get(f"/api/runs/{run_id}")).json()
+                if run["status"] != "running":
+                    break
+                await asyncio.sleep(0.02)
+    assert sse_payloads(stream) == [
+        *(("line", {"seq": n, "text": f"line {n + 1} of 3"}) for n in range(3)),
+        ("end", {"status": "completed", "exit_code": 0}),
+    ]
+    assert run["status"] == "completed" and run["mode"] == "dask"
+    assert run["worker"] in await worker_pids(client)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+async def test_bad_configuration_raises_before_anything_starts(
+    cluster: SubprocessCluster, scripts: dict[str, str]
+) -> None:
+    with pytest.raises(pq.exceptions.InvalidBackendError):
+        DaskBackend("  ")
+    with pytest.raises(pq.exceptions.InvalidBackendError):
+        DaskBackend(42)
+    with pytest.raises(pq.exceptions.InvalidLimitError):
+        DaskBackend("tcp://127.0.0.1:1", resources={"slots": 0})
+    with pytest.raises(pq.exceptions.InvalidIntervalError):
+        DaskBackend("tcp://127.0.0.1:1", worker_check_interval=0)
+    sync_client = await asyncio.to_thread(
+        distributed.Client, cluster.address, set_as_default=False
+    )
+    try:
+        with pytest.raises(pq.exceptions.InvalidBackendError, match="asynchronous"):
+            DaskBackend(sync_client)
+    finally:
+        await asyncio.to_thread(sync_client.close)
+    closed = DaskBackend(cluster.address)
+    async with closed:
+        pass
+    await closed.aclose()  # idempotent
+    registry = RunRegistry()
+    context = RunContext(
+        None, registry.update_run, registry.update_run, lambda: None, False, 1.0, 0.5, 5
+    )
+    with pytest.raises(pq.exceptions.BackendClosedError):
+        await closed.execute(Run(), ModuleJob("x", "x", scripts["lines"]), context)
+    runner = runner_for(DaskBackend("tcp://127.0.0.1:1"))
+    async with runner:
+        for hints in ({"slots": -1}, {"": 1}, ["slots"]):
+            with pytest.raises(pq.exceptions.InvalidLimitError):
+                await runner.start_module("x", "x", scripts["lines"], resources=hints)
+        assert await runner.registry.count_runs() == 0
+
+
+async def test_unreachable_scheduler_fails_the_run_with_the_reason(
+    scripts: dict[str, str],
+) -> None:
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "0.5s"}):
+        async with runner_for(DaskBackend("tcp://127.0.0.1:9")) as runner:
+            run = await runner.execute_module("u", "unreachable", scripts["lines"])
+    assert run.status is RunStatus.FAILED
+    assert run.error_message is not None
+    assert run.error_message.startswith("could not reach the Dask cluster")
+
+
+# -- workers dying mid-run (last: they restart a worker) -------------------------------------
+
+
+@pytest.mark.parametrize("allowed_failures", [3, 0], ids=["dask-would-retry", "killed-worker"])
+async def test_worker_killed_mid_run_interrupts_the_run_without_retrying_it(
+    client: Any, scripts: dict[str, str], tmp_path: Path, allowed_failures: int
+) -> None:
+    # With Dask's default (3) the scheduler re-runs the task on the other worker, which must
+    # refuse; with 0 the task errs at once with KilledWorker. Either way: INTERRUPTED, once.
+    marker = tmp_path / "starts"
+
+    def set_allowed_failures(value: int, dask_scheduler: Any = None) -> int:
+        # Runs in the scheduler's process (sent by value: it is local to this test).
+        previous = int(dask_scheduler.allowed_failures)
+        dask_scheduler.allowed_failures = value
+        return previous
+
+    previous = await client.run_on_scheduler(set_allowed_failures, allowed_failures)
+    try:
+        runner = runner_for(DaskBackend(client))
+        async with runner:
+            run_id = await runner.start_module(
+                "k",
+                "gated",
+                scripts["gated"],
+                {"gate": str(tmp_path / "never"), "marker": str(marker), "grandchild": True},
+            )
+            grandchild = int(
+                (await wait_for_line(out(runner), run_id, "grandchild")).split()[1]
+            )
+            running = await stored(runner, run_id)
+            assert running.pid is not None
+            os.kill((await worker_pids(client))[str(running.worker)], signal.SIGKILL)
+            run = await finished(runner, run_id)
+            await client.wait_for_workers(2, timeout=WAIT)
+            # What the dead worker left behind is killed from the other worker of this host.
+            await until(
+                lambda: not alive(running.pid) and not alive(grandchild),
+                "the orphaned tree was stopped",
+            )
+    finally:
+        await client.run_on_scheduler(set_allowed_failures, previous)
+    assert run.status is RunStatus.INTERRUPTED
+    assert run.error_message is not None
+    assert f"worker {running.worker} died" in run.error_message
+    assert "not run again" in run.error_message
+    assert run.worker == running.worker and run.pid == running.pid
+    assert len(marker.read_text().split()) == 1, "the module ran once"
+
+
+async def test_retry_on_worker_loss_runs_the_module_again_elsewhere(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    marker = tmp_path / "starts"
+    script = tmp_path / "twice.py"
+    # The first attempt hangs (until its worker is killed); the second finishes.
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, time
+            with open({str(marker)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            attempt = len(open({str(marker)!r}).read().split())
+            print(f"attempt {{attempt}}", flush=True)
+            if attempt == 1:
+                time.sleep(300)
+            """
+        )
+    )
+    runner = runner_for(DaskBackend(client, retry_on_worker_loss=True))
+    async with runner:
+        run_id = await runner.start_module("r", "twice", script)
+        await wait_for_line(out(runner), run_id, "attempt 1")
+        first = await stored(runner, run_id)
+        assert first.pid is not None
+        os.kill((await worker_pids(client))[str(first.worker)], signal.SIGKILL)
+        run = await finished(runner, run_id)
+        await until(lambda: not alive(first.pid), "the first attempt's tree was stopped")
+    assert run.status is RunStatus.COMPLETED, run.error_message
+    assert run.output_tail == ["attempt 2"]
+    assert run.worker != first.worker and run.pid != first.pid
+    assert len(marker.read_text().split()) == 2

@@ -97,12 +97,15 @@ def _known(process: object) -> _Child | None:
 def _target(process: ProcessLike, ops: PlatformOps, *, pin: bool = False) -> StopTarget:
     running = process.returncode is None
     child = _known(process)
+    own_group = child.own_group if child is not None else ops.leads_own_group(process.pid)
     return StopTarget(
         pid=process.pid,
-        own_group=child.own_group if child is not None else ops.leads_own_group(process.pid),
+        own_group=own_group,
         running=running,
         started_at=child.started_at if child is not None else None,
-        pin=ops.pin(process.pid) if pin and running else -1,
+        # Only a child signalled by pid needs pinning: a group is reached by its id, which no
+        # new process can take while any member lives.
+        pin=ops.pin(process.pid) if pin and running and not own_group else -1,
         containment=child.containment if child is not None else None,
     )
 

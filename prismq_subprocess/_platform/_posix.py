@@ -135,8 +135,14 @@ class PosixOps(PlatformOps):
 
     def _signal_child(self, target: StopTarget, sig: int) -> bool:
         """Signal the child's group, or the child alone; False if neither could be reached."""
-        if target.own_group and self.signal_group(target.pid, sig):
-            return True
+        if target.own_group:
+            if self.signal_group(target.pid, sig):
+                return True
+            if target.pin < 0:
+                # No member left: the child is gone (a session leader cannot leave its group;
+                # the rare child that joined another group is asked through its process
+                # object), and its pid may name someone else already.
+                return False
         if target.pid <= 0:
             return False
         try:

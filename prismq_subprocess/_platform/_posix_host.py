@@ -1,9 +1,12 @@
 """The POSIX host's containment: the cookie always, a cgroup v2 sub-group per run and the child
 subreaper where Linux allows them. Chosen once, on first use, and logged.
 
-``PRISMQ_CGROUP=0`` and ``PRISMQ_SUBREAPER=0`` in the environment turn those two off (both
-change how this process relates to the system: a sub-group per run next to it, orphans of its
-children re-parented to it); ``PRISMQ_COOKIE=0`` leaves children's environments alone.
+``PRISMQ_CGROUP=0`` turns the sub-groups off. The subreaper is opt-in, ``PRISMQ_SUBREAPER=1``
+(or ``use_subreaper=True``): it changes a process-wide property of the host (orphans of every
+descendant, including ones the host started without us, are re-parented to it and become its
+zombies when they exit), which a library should not do behind the host's back; the cookie and
+the cgroup find double-forked daemons without it. ``PRISMQ_COOKIE=0`` leaves children's
+environments alone.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ logger = logging.getLogger("prismq_subprocess.containment")
 _CGROUP_SWEEP_EVERY = 1.0
 
 
-def _enabled(environ: Mapping[str, str], name: str) -> bool:
-    return environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+def _enabled(environ: Mapping[str, str], name: str, default: str = "1") -> bool:
+    return environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
 
 
 class PosixHost:
@@ -54,7 +57,7 @@ class PosixHost:
             _enabled(env, "PRISMQ_CGROUP") if use_cgroup is None else use_cgroup
         )
         self._want_subreaper = linux and (
-            _enabled(env, "PRISMQ_SUBREAPER") if use_subreaper is None else use_subreaper
+            _enabled(env, "PRISMQ_SUBREAPER", "0") if use_subreaper is None else use_subreaper
         )
         self._use_cookie = _enabled(env, "PRISMQ_COOKIE") if use_cookie is None else use_cookie
         self._prctl_override = prctl

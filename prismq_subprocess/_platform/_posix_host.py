@@ -11,6 +11,7 @@ environments alone.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -94,8 +95,13 @@ class PosixHost:
                 self.cgroups = Cgroups.probe(self._proc_root, f"prismq-probe-{os.getpid()}")
                 if self.cgroups is None:
                     self._notes.append("no writable cgroup v2 directory for sub-groups")
-                elif not self.cgroups.can_kill:
-                    self._notes.append("no cgroup.kill (Linux < 5.14): members killed one by one")
+                else:
+                    if not self.cgroups.can_kill:
+                        self._notes.append(
+                            "no cgroup.kill (Linux < 5.14): members killed one by one"
+                        )
+                    self._remove_stale_cgroups()
+                    atexit.register(self._sweep_cgroups, due_only=False, all_runs=True)
             if self._want_subreaper and self.prctl is not None:
                 self.subreaper = become_subreaper(self.prctl)
                 if self.subreaper:
@@ -210,6 +216,17 @@ class PosixHost:
         with self._lock:
             return set(self._cookie_of)
 
+    def _remove_stale_cgroups(self) -> None:
+        # Sub-groups of hosts that died before removing them (killed, or their last children
+        # outlived them). The name carries the owner's pid; a live owner's are left alone, an
+        # empty one of a dead owner goes (a populated one refuses).
+        assert self.cgroups is not None
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.cgroups.base):
+                owner = _owner_pid(name)
+                if owner is not None and owner != os.getpid() and not _pid_exists(owner):
+                    self.cgroups.remove(os.path.join(self.cgroups.base, name))
+
     def _next(self) -> int:
         with self._lock:
             self._runs += 1
@@ -241,9 +258,9 @@ class PosixHost:
             self.reaper.sweep()
         self._sweep_cgroups(due_only=False)
 
-    def _sweep_cgroups(self, *, due_only: bool) -> None:
+    def _sweep_cgroups(self, *, due_only: bool, all_runs: bool = False) -> None:
         # Runs that ended without a stop leave their (empty) sub-group behind: remove those now
-        # and then. A populated one refuses (EBUSY), which is the test.
+        # and then, and at exit. A populated one refuses (EBUSY), which is the test.
         if self.cgroups is None:
             return
         with self._lock:
@@ -251,12 +268,33 @@ class PosixHost:
             if due_only and now - self._last_cgroup_sweep < _CGROUP_SWEEP_EVERY:
                 return
             self._last_cgroup_sweep = now
-            ready = [path for path, adopted in self._run_cgroups.items() if adopted]
+            ready = [p for p, adopted in self._run_cgroups.items() if adopted or all_runs]
         for path in ready:
             with contextlib.suppress(OSError):
                 if self.cgroups.remove(path):
                     with self._lock:
                         self._run_cgroups.pop(path, None)
+
+
+def _owner_pid(name: str) -> int | None:
+    # "prismq-<pid in hex><6 hex digits>-<n>"
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] != "prismq" or len(parts[1]) <= 6:
+        return None
+    try:
+        return int(parts[1][:-6], 16)
+    except ValueError:
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _HOST: PosixHost | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -105,3 +106,42 @@ def test_a_real_sub_group_holds_freezes_and_kills_a_tree() -> None:
         assert child.stdout is not None
         child.stdout.close()
         groups.remove(path)
+
+
+def test_sub_groups_of_dead_hosts_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    from prismq_subprocess._platform._posix_host import PosixHost
+
+    dead_pid = 4_000_000  # above pid_max: no such process
+    names = [
+        f"prismq-{dead_pid:x}abcdef-1",  # a dead host's, empty: goes
+        f"prismq-{os.getpid():x}abcdef-2",  # ours: kept
+        "prismq-1abcdef-3",  # pid 1 lives: kept
+        "unrelated",
+    ]
+    for name in names:
+        (tmp_path / name).mkdir()
+    host = PosixHost(use_subreaper=False)
+    host.cgroups = Cgroups(str(tmp_path))
+    host._remove_stale_cgroups()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def test_a_host_leaves_no_sub_group_behind() -> None:
+    groups = Cgroups.probe()
+    if groups is None:
+        pytest.skip("no writable cgroup v2 directory here")
+    code = (
+        "import asyncio, prismq_subprocess as pq\n"
+        "async def main():\n"
+        "    async with pq.SubprocessWrapper('async') as w:\n"
+        "        for _ in range(5):\n"
+        "            await w.run('true')\n"
+        "        await w.create_subprocess_exec('true')\n"  # ends unseen, no stop
+        "    print(pq.containment_report().cookie_variable[11:].lower(), flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    token = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, check=True, text=True
+    ).stdout.strip()
+    left = [name for name in os.listdir(groups.base) if name.startswith(f"prismq-{token}-")]
+    assert left == []

@@ -10,7 +10,6 @@ from conftest import WRAPPER_FACTORIES
 from helpers import py
 from lifecycle_helpers import (
     STUBBORN_CHILD,
-    marked,
     marked_env,
     resource_counts,
     settle,

@@ -70,11 +70,13 @@ from ._core._public import publish as _publish
 from ._core._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
 from ._core._tree_stop import (
     DEFAULT_GRACE_PERIOD,
+    containment_report,
     execute_with_timeout,
     terminate_gracefully,
     terminate_many,
 )
 from ._core._wrapper import SubprocessWrapper
+from ._platform import ContainmentReport
 from ._resources._memory_monitor import MemoryMonitor
 from ._resources._readings import PsutilResourceReader, ResourceSnapshot
 from ._resources._resource_manager import LimitViolation, ResourceCheck, ResourceManager
@@ -129,6 +131,7 @@ __all__ = [
     "ClosedError",
     "CommandNotFoundError",
     "ConcurrentExecutor",
+    "ContainmentReport",
     "ExitCode",
     "InvalidParametersError",
     "LimitViolation",
@@ -172,6 +175,7 @@ __all__ = [
     "TaskHandle",
     "TaskTimeoutError",
     "TreeSample",
+    "containment_report",
     "create_subprocess_exec",
     "create_subprocess_shell",
     "detect_run_mode",

@@ -4,9 +4,12 @@ implementations you can wrap.
 - :class:`SubprocessStrategy` and its :class:`SpawnRequest`: a new way to start children.
   Implement ``async def spawn(self, request) -> ProcessLike`` and set ``mode``; pass an instance
   as ``SubprocessWrapper(strategy=...)``, and ``create_subprocess_exec``, ``run()`` and
-  ``stream()`` all go through it. The built-in :class:`AsyncStrategy`, :class:`ThreadedStrategy`
-  and :class:`LocalStrategy` are here to wrap or subclass (DRY_RUN's is in
-  ``prismq_subprocess.testing``).
+  ``stream()`` all go through it (one run path takes every child to its end, whatever the
+  strategy). Two optional hooks, ``wait_exit(process)`` and ``release_pipes(process)``, answer
+  what only a strategy knows about its process objects; their defaults fit
+  ``asyncio.subprocess.Process`` and the built-in process objects. The built-in
+  :class:`AsyncStrategy`, :class:`ThreadedStrategy` and :class:`LocalStrategy` are here to wrap
+  or subclass (DRY_RUN's is in ``prismq_subprocess.testing``).
 - :class:`ProcessLike`, :class:`StreamReaderLike`, :class:`StreamWriterLike`: what a process
   object and its streams must offer (``asyncio.subprocess.Process`` satisfies them).
 - :class:`BaseRunRegistry`: a run store of your own (a database, a cache).
@@ -29,7 +32,7 @@ from ._resources._memory_monitor import MemoryCallback
 from ._resources._readings import ResourceReader
 from ._resources._tree_sampler import LimitCallback
 from ._strategies import AsyncStrategy, LocalStrategy, SubprocessStrategy, ThreadedStrategy
-from ._strategies._base import RunOptions, SpawnRequest
+from ._strategies._base import SpawnRequest
 
 __all__ = [
     "AsyncResource",
@@ -43,7 +46,6 @@ __all__ = [
     "ResourceReader",
     "RunBackend",
     "RunContext",
-    "RunOptions",
     "SpawnRequest",
     "StreamReaderLike",
     "StreamWriterLike",

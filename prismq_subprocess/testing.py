@@ -27,6 +27,7 @@ from __future__ import annotations
 from ._core._override import override_strategy
 from ._core._public import publish
 from ._platform import PlatformOps, platform_ops
+from ._platform._containment import Containment
 from ._platform._ops import StopRecord, StopTarget
 from ._platform._table import ProcessEntry, ProcessTable
 from ._strategies._dry_run import (
@@ -40,6 +41,7 @@ from ._strategies._dry_run import (
 from ._testing._script import DryRunScript, ScriptRule
 
 __all__ = [
+    "Containment",
     "DryRunCall",
     "DryRunHandler",
     "DryRunProcess",

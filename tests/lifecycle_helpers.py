@@ -30,6 +30,25 @@ TREE_CHILD = (
 STUBBORN_CHILD = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + TREE_CHILD
 
 
+def daemonizer(daemon_seconds: float, then: str = "time.sleep(60)\n") -> str:
+    """Code for a child that daemonizes a helper the classic way (fork, setsid, fork again, the
+    middle process exits; the daemon's stdio goes to /dev/null), then runs ``then``. The daemon
+    lives ``daemon_seconds``."""
+    return (
+        "import os, sys, time\n"
+        "middle = os.fork()\n"
+        "if middle == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        fd = os.open(os.devnull, os.O_RDWR)\n"
+        "        for std in (0, 1, 2):\n"
+        "            os.dup2(fd, std)\n"
+        f"        time.sleep({daemon_seconds})\n"
+        "    os._exit(0)\n"
+        "os.waitpid(middle, 0)\n" + then
+    )
+
+
 def marked_env() -> tuple[str, dict[str, str]]:
     """A unique marker and an environment that carries it to the whole tree."""
     mark = uuid.uuid4().hex
@@ -43,7 +62,7 @@ def marked(mark: str) -> list[psutil.Process]:
         try:
             if proc.environ().get(MARK_VAR) == mark and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (psutil.Error, ProcessLookupError):  # psutil can let ESRCH through in a race
             continue
     return found
 
@@ -109,6 +128,7 @@ __all__ = [
     "PY",
     "STUBBORN_CHILD",
     "TREE_CHILD",
+    "daemonizer",
     "marked",
     "marked_env",
     "resource_counts",

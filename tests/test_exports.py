@@ -29,6 +29,7 @@ EXPECTED: dict[str, list[str]] = {
         "ClosedError",
         "CommandNotFoundError",
         "ConcurrentExecutor",
+        "ContainmentReport",
         "DEFAULT_GRACE_PERIOD",
         "DEFAULT_MAX_OUTPUT_BYTES",
         "DEVNULL",
@@ -84,6 +85,7 @@ EXPECTED: dict[str, list[str]] = {
         "TaskHandle",
         "TaskTimeoutError",
         "TreeSample",
+        "containment_report",
         "create_subprocess_exec",
         "create_subprocess_shell",
         "detect_run_mode",
@@ -111,7 +113,6 @@ EXPECTED: dict[str, list[str]] = {
         "ResourceReader",
         "RunBackend",
         "RunContext",
-        "RunOptions",
         "SpawnRequest",
         "StreamReaderLike",
         "StreamWriterLike",
@@ -119,6 +120,7 @@ EXPECTED: dict[str, list[str]] = {
         "ThreadedStrategy",
     ],
     "prismq_subprocess.testing": [
+        "Containment",
         "DryRunCall",
         "DryRunHandler",
         "DryRunProcess",
@@ -260,6 +262,9 @@ MOVED = {
 PRIVATE_IN_SIGNATURES = {
     # ModuleRunner.prepare() returns an opaque validated launch; callers only pass it on.
     "_Launch",
+    # LineStream is made by SubprocessWrapper.stream(), never by callers: its constructor takes
+    # the run path's internal ChildRun starter.
+    "ChildRun",
 }
 
 PUBLIC_MODULES = sorted(EXPECTED)

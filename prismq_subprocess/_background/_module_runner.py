@@ -9,6 +9,7 @@ mode and timestamps are kept in a run registry from start to finish, however it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -33,7 +34,8 @@ from .._core._exceptions import (
 )
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, terminate_gracefully
+from .._core._run_process import ChildRun
+from .._core._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now
 from .._core._validation import (
     check_cwd,
     check_env,
@@ -59,10 +61,6 @@ from ._task_manager import BackgroundTaskManager
 __all__ = ["ModuleRunner"]
 
 logger = logging.getLogger(__name__)
-
-# After the child exits, how long its output may keep arriving before we conclude that a
-# descendant holds the pipe open and stop the rest of its group.
-_DRAIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -804,7 +802,15 @@ class ModuleRunner(AsyncClosing):
     ) -> Run:
         run_id = run.run_id
         tail = OutputTail(self.output_tail_lines)
-        pump = asyncio.ensure_future(self._pump(run_id, process.stdout, tail))
+        # The one run path (drain rule, stop on cancel) with our stop: through the process
+        # manager, so a cancel() from elsewhere and ours share one tree stop.
+        child = ChildRun(
+            process,
+            self.wrapper.strategy,
+            grace=self.grace_period,
+            stop=functools.partial(self.processes.stop, run_id, self.grace_period),
+        )
+        child.read(self._pump(run_id, process.stdout, tail))
 
         async def on_limit(sample: TreeSample) -> None:
             await self.processes.stop(run_id, self.grace_period)
@@ -829,14 +835,15 @@ class ModuleRunner(AsyncClosing):
             sampler.start()
             try:
                 async with asyncio.timeout(launch.timeout):
-                    returncode = await process.wait()
+                    await child.wait_exit()
             except TimeoutError:
                 timed_out = True
-                await self.processes.stop(run_id, self.grace_period)
-                returncode = await process.wait()
-            await self._drain(process, pump)
+                await child.abort()
+            else:
+                await child.finish()
+            returncode = process.returncode
         except asyncio.CancelledError:
-            await self._stop_on_cancel(run_id, process, pump)
+            await child.abort()
             await sampler.stop()
             self._settle(run, tail, sampler, process.returncode)
             if not background:
@@ -846,9 +853,10 @@ class ModuleRunner(AsyncClosing):
             raise
         finally:
             await sampler.stop()
-            if not pump.done():
-                pump.cancel()
-                await asyncio.wait({pump})
+            await child.aclose()
+            error = child.reader_error()
+            if error is not None:
+                logger.error("reading the output of pid %d failed", process.pid, exc_info=error)
 
         self._settle(run, tail, sampler, returncode)
         exceeded = sampler.limit_exceeded
@@ -898,30 +906,6 @@ class ModuleRunner(AsyncClosing):
                     # Someone closed this run's output (e.g. the host closed the capture first).
                     # Keep reading: a child blocked on a full pipe would never finish.
                     output = None
-
-    async def _drain(self, process: ProcessLike, pump: asyncio.Future[None]) -> None:
-        """Let the rest of the output arrive after the child exited; if a descendant keeps the
-        pipe open, stop what is left of the tree so the run can end."""
-        await asyncio.wait({pump}, timeout=_DRAIN_SECONDS)
-        if not pump.done():
-            logger.info("pid %d exited but its pipe is still open; stopping its group", process.pid)
-            await terminate_gracefully(process, self.grace_period)
-            await asyncio.wait({pump}, timeout=_DRAIN_SECONDS)
-        if pump.done() and not pump.cancelled() and pump.exception() is not None:
-            logger.error(
-                "reading the output of pid %d failed", process.pid, exc_info=pump.exception()
-            )
-
-    async def _stop_on_cancel(
-        self, run_id: str, process: ProcessLike, pump: asyncio.Future[None]
-    ) -> None:
-        try:
-            await self.processes.stop(run_id, self.grace_period)
-            # Keep what the child printed up to its end, but do not wait on stray descendants.
-            await asyncio.wait({pump}, timeout=_DRAIN_SECONDS)
-        except asyncio.CancelledError:
-            kill_tree_now(process)  # cancelled again: no more grace
-            raise
 
     # -- shutting down ------------------------------------------------------------------------
     async def aclose(self) -> None:

@@ -8,13 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from .._platform import PlatformOps
 from ._closing import AsyncResource
 from ._exceptions import ProcessTimeoutError
 from ._lines import iter_lines
 from ._process import ProcessLike
 from ._result import TailBuffer
-from ._tree_stop import stop_process_tree
+from ._run_process import ChildRun, discard_output
 
 __all__ = ["LineStream"]
 
@@ -38,13 +37,11 @@ class LineStream(AsyncResource, Generic[LineT]):
 
     def __init__(
         self,
-        start: Callable[[], Awaitable[ProcessLike]],
+        start: Callable[[], Awaitable[ChildRun]],
         *,
         display: tuple[str, ...] | str,
         encoding: str | None,
         timeout: float | None,
-        grace: float,
-        ops: PlatformOps,
         merge_stderr: bool,
         max_stderr_bytes: int | None,
     ) -> None:
@@ -52,26 +49,28 @@ class LineStream(AsyncResource, Generic[LineT]):
         self._display = display
         self._encoding = encoding
         self._timeout = timeout
-        self._grace = grace
-        self._ops = ops
         self._merge = merge_stderr
         self._stderr = TailBuffer(max_stderr_bytes)
-        self._stderr_task: asyncio.Task[None] | None = None
-        self._process: ProcessLike | None = None
+        self._run: ChildRun | None = None
         self._lines: AsyncIterator[Any] | None = None
         self._deadline: float | None = None
+        # Resolved when the consumer has read to the end: for the run path, the consumer is the
+        # reader of stdout.
+        self._ended: asyncio.Future[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def process(self) -> ProcessLike:
         """The running child (available inside the ``async with`` block)."""
-        if self._process is None:
+        if self._run is None:
             raise RuntimeError("the stream is not open; use 'async with wrapper.stream(...)'")
-        return self._process
+        return self._run.process
 
     @property
     def returncode(self) -> int | None:
         """The child's exit status once it has ended."""
-        return None if self._process is None else self._process.returncode
+        return None if self._run is None else self._run.process.returncode
 
     @property
     def stderr(self) -> bytes:
@@ -79,33 +78,49 @@ class LineStream(AsyncResource, Generic[LineT]):
         return self._stderr.getvalue()
 
     async def __aenter__(self) -> LineStream[LineT]:
-        process = await self._start()
-        self._process = process
+        run = await self._start()
+        self._run = run
         loop = asyncio.get_running_loop()
         if self._timeout is not None:
             self._deadline = loop.time() + self._timeout
-        if not self._merge and process.stderr is not None:
-            self._stderr_task = loop.create_task(_drain(process.stderr, self._stderr))
-        self._lines = iter_lines(process.stdout, encoding=self._encoding)
+        if not self._merge:
+            run.capture(run.process.stderr, self._stderr)
+        self._lines = iter_lines(run.process.stdout, encoding=self._encoding)
+        self._ended = loop.create_future()
+        run.read(self._ended)
+        self._watcher = loop.create_task(self._finish_when_exited(run))
         return self
+
+    async def _finish_when_exited(self, run: ChildRun) -> None:
+        # The drain rule while the block is open: once the child exits, the lines end when its
+        # output does, even if something it left running holds the pipe.
+        await run.wait_exit()
+        await run.finish()
+
+    def _end(self) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
 
     def __aiter__(self) -> AsyncIterator[LineT]:
         return self
 
     async def __anext__(self) -> LineT:
-        if self._lines is None:
+        if self._lines is None or self._run is None:
             raise RuntimeError("iterate inside 'async with wrapper.stream(...)'")
-        if self._deadline is None:
-            line: LineT = await anext(self._lines)
-            return line
         try:
+            if self._deadline is None:
+                line: LineT = await anext(self._lines)
+                return line
             async with asyncio.timeout_at(self._deadline):
                 line = await anext(self._lines)
                 return line
+        except StopAsyncIteration:
+            self._end()
+            raise
         except TimeoutError:
-            if asyncio.get_running_loop().time() < self._deadline:
+            if self._deadline is None or asyncio.get_running_loop().time() < self._deadline:
                 raise
-            await self._stop()
+            await self._run.stop()
             raise ProcessTimeoutError(
                 cmd=self._display,
                 timeout=self._timeout or 0.0,
@@ -115,25 +130,12 @@ class LineStream(AsyncResource, Generic[LineT]):
 
     async def wait(self) -> int:
         """Wait for the child to exit (cancellation stops its tree) and return its status."""
-        process = self.process
+        if self._run is None:
+            raise RuntimeError("the stream is not open; use 'async with wrapper.stream(...)'")
         try:
-            return await process.wait()
+            return await self._run.wait_exit()
         except asyncio.CancelledError:
-            await self._stop()
-            raise
-
-    async def _stop(self) -> None:
-        process = self._process
-        if process is None:
-            return
-        stopper = asyncio.ensure_future(
-            stop_process_tree(process, grace=self._grace, ops=self._ops)
-        )
-        try:
-            await asyncio.shield(stopper)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                await stopper
+            await self._run.stop()
             raise
 
     async def aclose(self) -> None:
@@ -150,33 +152,29 @@ class LineStream(AsyncResource, Generic[LineT]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        run = self._run
+        if run is None or self._closed:
+            return
+        self._closed = True
         try:
-            process = self._process
-            if process is not None:
-                if process.returncode is None:
-                    await self._stop()
-                else:
-                    await stop_process_tree(process, grace=self._grace, ops=self._ops)
+            # The block owns the tree: stop it if the child still runs, and stop what an exited
+            # child left in its group.
+            await run.stop()
         finally:
-            if self._lines is not None:
-                with contextlib.suppress(Exception):
-                    await self._lines.aclose()  # type: ignore[attr-defined]
-            if process is not None and process.stdout is not None:
-                # Read what is left (bounded): a stdout the consumer stopped reading stays paused,
-                # and its pipe would never reach end of file and close.
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(self._grace + 1.0):
-                        while await process.stdout.read(256 * 1024):
-                            pass
-            if self._stderr_task is not None:
-                if not self._stderr_task.done():
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(self._stderr_task), self._grace + 1)
-                    self._stderr_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._stderr_task
-
-
-async def _drain(stream: Any, buffer: TailBuffer) -> None:
-    while chunk := await stream.read(256 * 1024):
-        buffer.append(chunk)
+            try:
+                if self._lines is not None:
+                    with contextlib.suppress(Exception):
+                        await self._lines.aclose()  # type: ignore[attr-defined]
+                if run.process.stdout is not None:
+                    # What the consumer left unread: a stdout nobody reads stays paused and its
+                    # pipe would never reach end of file.
+                    run.read(discard_output(run.process.stdout))
+                self._end()
+                await run.settle()
+            finally:
+                watcher = self._watcher
+                if watcher is not None:
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
+                await run.aclose()

@@ -22,7 +22,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .._platform import PlatformOps, StopRecord, StopTarget, platform_ops
+from .._platform import (
+    Containment,
+    ContainmentReport,
+    PlatformOps,
+    StopRecord,
+    StopTarget,
+    platform_ops,
+)
 from ._exceptions import TaskTimeoutError
 from ._exit_wait import wait_all_exited
 from ._offloop import Coalescer
@@ -31,6 +38,7 @@ from ._validation import check_timeout
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
+    "containment_report",
     "execute_with_timeout",
     "kill_tree_now",
     "kill_trees_now",
@@ -48,42 +56,57 @@ T = TypeVar("T")
 DEFAULT_GRACE_PERIOD = 5.0
 _POLL = 0.02
 
-# Which of our children lead their own group. Windows cannot tell afterwards; on POSIX we could
-# ask getpgid, but a child that already exited can no longer be asked.
-_OWN_GROUP: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
-_STARTED: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class _Child:
+    """What we know about a child we spawned, that the system cannot tell us afterwards."""
+
+    #: It leads its own process group (Windows cannot say; a POSIX child that already exited
+    #: can no longer be asked).
+    own_group: bool
+    #: Wall-clock time of the spawn.
+    started_at: float
+    #: Its cookie, cgroup, job: how its tree is found whatever became of the parent chain.
+    containment: Containment | None
 
 
-def register_group(process: object, own_group: bool) -> None:
-    """Remember whether ``process`` leads its own process group, and when it was started."""
+_CHILDREN: weakref.WeakKeyDictionary[object, _Child] = weakref.WeakKeyDictionary()
+
+
+def register_child(
+    process: object,
+    own_group: bool,
+    containment: Containment | None = None,
+    ops: PlatformOps | None = None,
+) -> None:
+    """Remember how ``process`` was started (its group, when, its containment). Once the
+    process object is gone, ``ops`` releases the containment (a Job Object handle, an empty
+    cgroup), since nothing can stop that child through us any more."""
     with contextlib.suppress(TypeError):
-        _OWN_GROUP[process] = own_group
-        _STARTED[process] = time.time()
+        _CHILDREN[process] = _Child(own_group, time.time(), containment)
+        if containment is not None and ops is not None and containment != Containment():
+            weakref.finalize(process, ops.release, containment)
 
 
-def _registered_at(process: object) -> float | None:
+def _known(process: object) -> _Child | None:
     try:
-        return _STARTED.get(process)
+        return _CHILDREN.get(process)
     except TypeError:
         return None
 
 
-def _own_group(process: ProcessLike, ops: PlatformOps) -> bool:
-    try:
-        known = _OWN_GROUP.get(process)
-    except TypeError:
-        known = None
-    return known if known is not None else ops.leads_own_group(process.pid)
-
-
 def _target(process: ProcessLike, ops: PlatformOps, *, pin: bool = False) -> StopTarget:
     running = process.returncode is None
+    child = _known(process)
+    own_group = child.own_group if child is not None else ops.leads_own_group(process.pid)
     return StopTarget(
         pid=process.pid,
-        own_group=_own_group(process, ops),
+        own_group=own_group,
         running=running,
-        started_at=_registered_at(process),
-        pin=ops.pin(process.pid) if pin and running else -1,
+        started_at=child.started_at if child is not None else None,
+        # Only a child signalled by pid needs pinning: a group is reached by its id, which no
+        # new process can take while any member lives.
+        pin=ops.pin(process.pid) if pin and running and not own_group else -1,
+        containment=child.containment if child is not None else None,
     )
 
 
@@ -276,6 +299,17 @@ async def terminate_many(
     """
     check_timeout(timeout, "timeout")
     return await stop_process_trees(processes, grace=timeout, ops=ops)
+
+
+def containment_report() -> ContainmentReport:
+    """Which means this host uses to find a child's whole tree when it is stopped, strongest
+    first: a cgroup v2 sub-group per run and the child subreaper (Linux, where allowed), a Job
+    Object per run (Windows), a cookie in every child's environment, the process group.
+
+    The first call (or the first spawn) chooses them and logs the choice once (logger
+    ``prismq_subprocess.containment``, level INFO). See docs/LIFECYCLE.md for the guarantees.
+    """
+    return platform_ops().containment_report()
 
 
 async def execute_with_timeout(

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import subprocess
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from .._platform import PlatformOps, platform_ops
 from .._strategies import STRATEGIES, SubprocessStrategy
-from .._strategies._base import DEFAULT_LIMIT, RunOptions, SpawnRequest
+from .._strategies._base import DEFAULT_LIMIT, SpawnRequest
 from ._closing import AsyncClosing
 from ._detect import ModeDecision, ModeSource, resolve_run_mode
 from ._exceptions import (
@@ -26,7 +27,8 @@ from ._modes import RunMode
 from ._offloop import run_in_thread
 from ._override import active_override, warn_if_bypassed
 from ._process import ProcessLike
-from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
+from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult, TailBuffer
+from ._run_process import ChildRun, run_to_completion
 from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, stop_process_trees
 from ._validation import (
     check_exec_command,
@@ -39,6 +41,8 @@ from ._validation import (
 __all__ = ["SubprocessWrapper"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _POLICY_HELP = (
     "use mode=RunMode.THREADED (works on any event loop), or make the loop a Proactor loop before "
@@ -62,7 +66,14 @@ class SubprocessWrapper(AsyncClosing):
 
     Children start in their own process group/session (``new_process_group=True``) so the whole
     tree can be stopped; pass ``new_process_group=False`` (or ``start_new_session=``/
-    ``process_group=`` per call) to opt out.
+    ``process_group=`` per call) to opt out. Each child is also contained by the strongest means
+    the host has (a cookie in its environment always; a cgroup v2 sub-group and the child
+    subreaper on Linux where allowed; see :func:`containment_report`), so even a double-forked
+    daemon is stopped with it.
+
+    ``die_with_host=True`` makes children die when this process dies, where the platform can
+    (Linux: ``PR_SET_PDEATHSIG`` for the direct child, set by a ``preexec_fn``, which makes each
+    spawn slower; see docs/LIFECYCLE.md).
 
     ``async with SubprocessWrapper() as w:`` stops (tree stop, ``grace_period`` then kill) every
     child it started that is still running when the block exits, and releases its threads.
@@ -85,10 +96,12 @@ class SubprocessWrapper(AsyncClosing):
         new_process_group: bool = True,
         max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
         ops: PlatformOps | None = None,
+        die_with_host: bool = False,
     ) -> None:
         self._ops = ops or platform_ops()
         if strategy is not None and mode is not None:
             raise InvalidRunModeError("pass mode or strategy, not both")
+        self._die_with_host = bool(die_with_host)
         if isinstance(mode, SubprocessStrategy):
             mode, strategy = None, mode
         override = active_override() if mode is None and strategy is None else None
@@ -213,26 +226,56 @@ class SubprocessWrapper(AsyncClosing):
             limit=limit,
             kwargs=grouped,
             added=frozenset(grouped.keys() - kwargs.keys()),
+            die_with_host=self._die_with_host,
         )
 
-    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+    async def _enter(self, call: Callable[[SubprocessStrategy], Awaitable[T]]) -> T:
+        """Every way into a strategy: refuse a closed wrapper; fall back from an auto-detected
+        ASYNC whose loop cannot spawn (a pinned one raises instead)."""
         self._check_open()
-        # Its caller's caller is the user's create_subprocess_exec/_shell call.
-        warn_if_bypassed(self._decision.source, stacklevel=3)
         try:
-            process = await self._strategy._spawn_tracked(request)
+            return await call(self._strategy)
         except NotImplementedError as exc:
             if self._strategy.mode is not RunMode.ASYNC:
                 raise
             if self._decision.pinned:
                 raise self._policy_error(exc) from exc
             self._fall_back(exc)
-            process = await self._strategy._spawn_tracked(request)
+            return await call(self._strategy)
+
+    async def _spawn(self, request: SpawnRequest) -> ProcessLike:
+        self._check_open()
+        # Its caller's caller is the user's create_subprocess_exec/_shell call.
+        warn_if_bypassed(self._decision.source, stacklevel=3)
+        process = await self._enter(lambda strategy: strategy._spawn_tracked(request))
         if self._closed:
             # The wrapper was closed while this spawn was under way: nobody would supervise it.
             kill_tree_now(process, self._ops)
             raise WrapperClosedError("the SubprocessWrapper was closed while this process started")
         return process
+
+    async def _open(self, request: SpawnRequest, grace: float) -> ChildRun:
+        """Spawn ``request`` as a run the run path takes to its end (``stream()``)."""
+        process = await self._spawn(request)
+        return ChildRun(process, self._strategy, grace=grace, ops=self._ops)
+
+    async def _start_run(
+        self,
+        request: SpawnRequest,
+        input: bytes | None,
+        grace: float,
+        out: TailBuffer,
+        err: TailBuffer,
+    ) -> ChildRun:
+        run = await self._enter(
+            lambda strategy: strategy._start_run(
+                request, input=input, out=out, err=err, grace=grace
+            )
+        )
+        if self._closed:
+            run.discard()
+            raise WrapperClosedError("the SubprocessWrapper was closed while this process started")
+        return run
 
     # -- the asyncio-shaped API -------------------------------------------------------------
     async def create_subprocess_exec(
@@ -359,23 +402,16 @@ class SubprocessWrapper(AsyncClosing):
                 raise InvalidCommandError("run() needs a command")
             command = check_exec_command(cmd[0], cmd[1:])
         request = self._request(command, shell, None, None, None, DEFAULT_LIMIT, kwds)
-        options = RunOptions(
-            input=bytes(input) if input is not None else None,
-            timeout=limit,
-            grace=grace or 0.0,
-            max_output_bytes=cap,
-        )
         self._check_open()
         warn_if_bypassed(self._decision.source, stacklevel=2)
-        try:
-            result = await self._strategy.run(request, options)
-        except NotImplementedError as exc:
-            if self._strategy.mode is not RunMode.ASYNC:
-                raise
-            if self._decision.pinned:
-                raise self._policy_error(exc) from exc
-            self._fall_back(exc)
-            result = await self._strategy.run(request, options)
+        result = await run_to_completion(
+            functools.partial(
+                self._start_run, request, bytes(input) if input is not None else None, grace or 0.0
+            ),
+            display=request.display,
+            timeout=limit,
+            max_output_bytes=cap,
+        )
         if check:
             result.check_returncode()
         return result
@@ -428,12 +464,10 @@ class SubprocessWrapper(AsyncClosing):
             kwds,
         )
         return LineStream(
-            lambda: self._spawn(request),
+            functools.partial(self._open, request, grace or 0.0),
             display=request.display,
             encoding=encoding,
             timeout=limit,
-            grace=grace or 0.0,
-            ops=self._ops,
             merge_stderr=merge_stderr,
             max_stderr_bytes=max_stderr_bytes,
         )

@@ -14,26 +14,39 @@ from typing import IO
 
 from .._core._result import TailBuffer
 from .._platform import PIPE_BUF, PIPES_SELECTABLE
+from ._pipes import read_available
 
-__all__ = ["LINGER", "Leftovers", "drain_blocking"]
+__all__ = ["DrainWatch", "drain_blocking"]
 
 _READ = 256 * 1024
 # Writes to a pipe of at most PIPE_BUF bytes never block once select() said "writable".
 _WRITE = PIPE_BUF
 
-
-#: How long the pipes may stay open after the child exited before its leftovers are stopped.
-LINGER = 0.05
+#: How often a watched drain looks at the child (has it exited?) and at :meth:`DrainWatch.abandon`.
 _TICK = 0.05
 
 
-class Leftovers:
-    """What to do when the child has exited but something it started still holds its pipes:
-    ``stop(force)`` signals the leftovers (SIGTERM first, SIGKILL when ``force``)."""
+class DrainWatch:
+    """Links a blocking drain to the event loop, from the worker thread's side.
 
-    def __init__(self, stop: Callable[[bool], None], grace: float) -> None:
-        self.stop = stop
-        self.grace = grace
+    ``on_exit(returncode)`` is called (in the worker thread) as soon as the drain sees that the
+    child has exited while its pipes are still open, i.e. when something the child started holds
+    them; when the pipes close first, the drain just returns. :meth:`abandon` (any thread) makes
+    the drain close the pipes and return within :data:`_TICK` seconds, keeping what it read.
+    """
+
+    def __init__(self, on_exit: Callable[[int], None]) -> None:
+        self.on_exit = on_exit
+        self._abandoned = threading.Event()
+
+    def abandon(self) -> None:
+        """Ask the drain to stop reading, close the pipes and return. Idempotent."""
+        self._abandoned.set()
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether :meth:`abandon` was called."""
+        return self._abandoned.is_set()
 
 
 def drain_blocking(
@@ -41,20 +54,21 @@ def drain_blocking(
     input: bytes | None,
     out: TailBuffer | None,
     err: TailBuffer | None,
-    leftovers: Leftovers | None = None,
+    watch: DrainWatch | None = None,
 ) -> None:
     """Write ``input`` to the child's stdin (then close it) while reading stdout/stderr into the
     buffers, until both reach end of file. Blocks; run it in a worker thread.
 
-    A child that closes stdin early is not an error (``communicate()`` ignores it too). When the
-    child has exited but descendants keep the pipes open, ``leftovers.stop`` is called (polite,
-    then forced after ``leftovers.grace``); pipes still open a second after that are abandoned.
+    A child that closes stdin early is not an error (``communicate()`` ignores it too). With a
+    ``watch``, the child's exit is reported while its pipes are still held open (checked on a
+    clock, so a leftover that keeps writing cannot hide it) and the drain can be abandoned; the
+    decisions (how long to wait, what to stop) are the event loop's (``_core/_run_process.py``).
+    On Windows the pipes are read by threads and a ``watch`` is not consulted.
     """
     if not PIPES_SELECTABLE:  # pragma: no cover - Windows pipes cannot be select()ed
         _drain_with_threads(popen, input, out, err)
         return
-    exited_at: float | None = None
-    stage = 0
+    exited = False
     with selectors.DefaultSelector() as selector:
         view = memoryview(input or b"")
         if popen.stdin is not None:
@@ -69,28 +83,23 @@ def drain_blocking(
                 sinks[output.fileno()] = sink
         next_check = time.monotonic() + _TICK
         while selector.get_map():
-            ready = selector.select(_TICK if leftovers is not None else None)
-            if leftovers is not None and time.monotonic() >= next_check:
-                # On a clock, not only when idle: a leftover that keeps writing must not keep
-                # us from noticing that the child itself has exited.
-                now = next_check = time.monotonic()
-                next_check += _TICK
-                if exited_at is None:
-                    if popen.poll() is not None:
-                        exited_at = now
-                else:
-                    waited = now - exited_at
-                    if stage == 0 and waited >= LINGER:
-                        leftovers.stop(False)
-                        stage = 1
-                    elif stage == 1 and waited >= LINGER + leftovers.grace:
-                        leftovers.stop(True)
-                        stage = 2
-                    elif stage == 2 and waited >= LINGER + leftovers.grace + 1.0:
-                        for key in list(selector.get_map().values()):
-                            selector.unregister(key.fd)
-                            _close(key.fileobj)  # type: ignore[arg-type]
-                        break
+            ready = selector.select(_TICK if watch is not None else None)
+            if watch is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + _TICK
+                if watch.abandoned:
+                    for key in list(selector.get_map().values()):
+                        selector.unregister(key.fd)
+                        sink = sinks.get(key.fd)
+                        if sink is not None:  # keep what is in the pipe already
+                            for data in read_available(key.fd)[0]:
+                                sink.append(data)
+                        _close(key.fileobj)  # type: ignore[arg-type]
+                    break
+                if not exited:
+                    returncode = popen.poll()
+                    if returncode is not None:
+                        exited = True
+                        watch.on_exit(returncode)
             for key, _ in ready:
                 pipe = key.fileobj
                 fd = key.fd

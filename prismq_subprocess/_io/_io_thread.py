@@ -40,7 +40,14 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
-from ._pipes import MAX_IN_FLIGHT, READ_CHUNK, StdinWriterBase, as_broken_pipe, call_soon
+from ._pipes import (
+    MAX_IN_FLIGHT,
+    READ_CHUNK,
+    BridgedReader,
+    StdinWriterBase,
+    as_broken_pipe,
+    call_soon,
+)
 
 __all__ = ["IOThread"]
 
@@ -94,7 +101,7 @@ class IOThread:
     # -- public API (any thread) ------------------------------------------------------------
     def open_reader(
         self, loop: asyncio.AbstractEventLoop, pipe: IO[bytes], *, limit: int, name: str = ""
-    ) -> asyncio.StreamReader:
+    ) -> BridgedReader:
         """A ``StreamReader`` on ``loop`` fed from ``pipe`` until end of file; owns ``pipe``."""
         source = _ReadSource(self, loop, pipe, limit)
         self._register(source)
@@ -275,8 +282,7 @@ class _ReadSource:
         self._pipe = pipe
         self._fd = pipe.fileno()
         os.set_blocking(self._fd, False)
-        self.reader = asyncio.StreamReader(limit=limit, loop=loop)
-        self.reader.set_transport(self)  # type: ignore[arg-type]
+        self.reader = BridgedReader(self, limit=limit, loop=loop)
         self._paused = False
         self._in_flight = 0
         self._parked = False
@@ -302,7 +308,12 @@ class _ReadSource:
         return self._done
 
     def close(self) -> None:
-        """Nothing to do: the pipe is closed at end of file or when the I/O thread closes."""
+        """Let go of the pipe (:meth:`BridgedReader.release`): the I/O thread delivers what it
+        holds now, then end of file, and closes it."""
+        self._pump.submit(self._release)
+
+    def _release(self, out: Batch) -> None:
+        self._pump._forget(self, out)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._pipe if name == "pipe" else default

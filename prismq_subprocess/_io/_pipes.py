@@ -34,11 +34,14 @@ from ._stdin_transport import WriterTransport
 __all__ = [
     "MAX_IN_FLIGHT",
     "READ_CHUNK",
+    "BridgedReader",
     "PipeBridge",
     "PipeReaderThread",
     "StdinWriterBase",
     "ThreadPerPipe",
     "ThreadedStdinWriter",
+    "read_available",
+    "release_transport_pipes",
 ]
 
 #: Bytes per ``os.read``; large reads are what make line streaming fast.
@@ -63,6 +66,52 @@ def call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> boo
     return True
 
 
+def read_available(fd: int, max_bytes: int = 16 * READ_CHUNK) -> tuple[list[bytes], bool]:
+    """Read what the pipe ``fd`` holds right now without blocking (it is made non-blocking).
+
+    Returns the chunks and whether end of file was reached. At most ``max_bytes`` are read, so a
+    writer that keeps the pipe full cannot keep us here. Used when we let go of a pipe that
+    something else still holds: what it wrote before that moment is kept, not dropped.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        os.set_blocking(fd, False)
+        while size < max_bytes:
+            data = os.read(fd, READ_CHUNK)
+            if not data:
+                return chunks, True
+            chunks.append(data)
+            size += len(data)
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:  # EIO, EBADF: nothing more will come
+        return chunks, True
+    return chunks, False
+
+
+def release_transport_pipes(process: Any) -> None:
+    """Close the pipe transports of an ``asyncio.subprocess.Process``: what the pipes hold now
+    goes to its readers (past their flow-control limit, so nothing already written is lost),
+    then end of file; the descriptors are freed and asyncio then closes the process transport.
+    Does nothing for an object without asyncio's transports."""
+    transport = getattr(process, "_transport", None)
+    if transport is None:
+        return
+    for fd, reader in ((0, None), (1, process.stdout), (2, process.stderr)):
+        pipe = None
+        with contextlib.suppress(AttributeError):  # a pipe not connected (yet) is None
+            pipe = transport.get_pipe_transport(fd)
+        if pipe is None or pipe.is_closing():
+            continue
+        if reader is not None:
+            source = pipe.get_extra_info("pipe")
+            if source is not None:
+                for data in read_available(source.fileno())[0]:
+                    reader.feed_data(data)
+        pipe.close()
+
+
 def as_broken_pipe(exc: OSError) -> OSError:
     """The error ``drain()`` raises for a failed write: asyncio's two, whatever the OS said."""
     if isinstance(exc, BrokenPipeError | ConnectionResetError):
@@ -70,12 +119,38 @@ def as_broken_pipe(exc: OSError) -> OSError:
     return BrokenPipeError(exc.errno, exc.strerror)
 
 
+class _PipeEnd(Protocol):
+    """The "transport" behind a :class:`BridgedReader`: flow control, and letting go."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BridgedReader(asyncio.StreamReader):
+    """The ``asyncio.StreamReader`` a bridge feeds; :meth:`release` lets go of its pipe."""
+
+    def __init__(self, end: _PipeEnd, *, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self._end = end
+        self.set_transport(end)  # type: ignore[arg-type]
+
+    def release(self) -> None:
+        """Stop reading the pipe and close it: what was read is delivered, then end of file.
+
+        For a pipe that something outside the child's tree keeps open after the child exited.
+        """
+        self._end.close()
+
+
 class PipeBridge(Protocol):
     """Moves bytes between a child's pipes and asyncio streams without the loop's help."""
 
     def open_reader(
         self, loop: asyncio.AbstractEventLoop, pipe: IO[bytes], *, limit: int, name: str
-    ) -> asyncio.StreamReader:
+    ) -> BridgedReader:
         """A ``StreamReader`` on ``loop`` fed from ``pipe`` until end of file; owns ``pipe``."""
 
     def open_writer(
@@ -293,9 +368,8 @@ class PipeReaderThread:
         limit: int,
         name: str,
     ) -> None:
-        self.reader = asyncio.StreamReader(limit=limit, loop=loop)
         self._flow = _ThreadFlowControl()
-        self.reader.set_transport(self._flow)  # type: ignore[arg-type]
+        self.reader = BridgedReader(self._flow, limit=limit, loop=loop)
         self._loop = loop
         self._pipe = pipe
         self._done = threading.Event()
@@ -329,6 +403,7 @@ class PipeReaderThread:
     def _run(self) -> None:
         fd = self._pipe.fileno()
         flow = self._flow
+        eof = False
         try:
             while True:
                 room = flow.room()
@@ -337,12 +412,20 @@ class PipeReaderThread:
                 try:
                     data = os.read(fd, room)
                 except OSError:  # e.g. the handle was closed under us on Windows
+                    eof = True
                     break
                 if not data:
+                    eof = True
                     break
                 flow.sent(len(data))
                 if not call_soon(self._loop, self._deliver, data):
+                    eof = True
                     break
+            if not eof and CAN_POLL_PIPES:
+                # Asked to stop (the pipe is let go of): keep what is already in it.
+                for data in read_available(fd)[0]:
+                    flow.sent(len(data))
+                    call_soon(self._loop, self._deliver, data)
         finally:
             with contextlib.suppress(OSError):
                 self._pipe.close()
@@ -450,7 +533,7 @@ class ThreadPerPipe:
 
     def open_reader(
         self, loop: asyncio.AbstractEventLoop, pipe: IO[bytes], *, limit: int, name: str
-    ) -> asyncio.StreamReader:
+    ) -> BridgedReader:
         """Start a :class:`PipeReaderThread` on ``pipe`` and return its reader."""
         reader = PipeReaderThread(loop, pipe, limit=limit, name=name)
         with self._lock:

@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import Any
 
+from ._containment import Containment, ContainmentReport
 from ._ops import Pace, PlatformOps, StopRecord, StopTarget, no_pace
 from ._posix import PosixOps, pidfd_open
 from ._windows import (
@@ -36,6 +37,8 @@ __all__ = [
     "KILL_SIGNAL",
     "PIPES_SELECTABLE",
     "PIPE_BUF",
+    "Containment",
+    "ContainmentReport",
     "Pace",
     "PlatformOps",
     "PosixOps",

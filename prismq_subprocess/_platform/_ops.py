@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from ._containment import Containment, ContainmentReport
 from ._table import ProcessTable, psutil_state
 
 __all__ = [
@@ -44,6 +45,23 @@ class StopTarget:
     #: A handle that names this very process even after its pid is reused (a Linux pidfd, from
     #: :meth:`PlatformOps.pin`), or -1. :meth:`PlatformOps.ask_to_stop` closes it.
     pin: int = -1
+    #: What the child was started with to find its tree again (:meth:`PlatformOps.prepare_spawn`).
+    containment: Containment | None = None
+
+    @property
+    def cookie(self) -> str | None:
+        """The child's cookie value, if it was given one."""
+        return self.containment.cookie if self.containment is not None else None
+
+    @property
+    def cgroup(self) -> str | None:
+        """The child's cgroup v2 sub-group, if it has one."""
+        return self.containment.cgroup if self.containment is not None else None
+
+    @property
+    def job(self) -> int | None:
+        """The child's Job Object handle, if it has one."""
+        return self.containment.job if self.containment is not None else None
 
 
 @dataclass(eq=False)
@@ -57,6 +75,8 @@ class StopRecord:
     #: The polite request reached the child itself; when False the caller sends it through the
     #: process object (a child we cannot signal by pid, e.g. a DRY_RUN stand-in).
     asked: bool = False
+    #: pid -> start time (as the process table has it) of every descendant seen.
+    seen: dict[int, float] = field(default_factory=dict)
 
     def add(self, procs: Iterable[psutil.Process]) -> None:
         """Remember ``procs`` as descendants (once each)."""
@@ -68,7 +88,7 @@ class StopRecord:
 # until the event loop had a turn): the children then exit in bursts too, and the loop, which
 # handles each exit, serves its other tasks in between. Killing 1,000 children in one go queues
 # 1,000 exit callbacks at once and stalls the loop for about 0.2 s (raw asyncio on 3.11 too).
-_BURST = 16
+_BURST = 32
 
 R = TypeVar("R")
 
@@ -141,6 +161,33 @@ class PlatformOps:
 
     def unpin(self, handle: int) -> None:
         """Release a handle from :meth:`pin`."""
+
+    # -- containment ---------------------------------------------------------------------------
+    def prepare_spawn(
+        self, kwargs: Mapping[str, Any], die_with_host: bool = False
+    ) -> tuple[dict[str, Any], Containment]:
+        """``Popen`` keyword arguments that let the stop find the child's whole tree later (a
+        cookie in its environment, ...), and the record to pass to :meth:`adopt` once it runs.
+
+        ``die_with_host``: also make the child die when this process dies, where the platform
+        can (it may cost spawn speed: see docs/LIFECYCLE.md).
+        """
+        return dict(kwargs), Containment()
+
+    def adopt(self, pid: int, containment: Containment) -> None:
+        """The child ``pid`` was started with ``containment``: finish containing it (move it
+        into its cgroup, assign it to its job)."""
+
+    def release(self, containment: Containment) -> None:
+        """The child's run is over: release what :meth:`prepare_spawn` set up for it."""
+
+    def child_exited(self, pid: int) -> None:
+        """A child we spawned has exited: what it left running may just have been handed to
+        this process (a child subreaper), and what had already exited must be reaped."""
+
+    def containment_report(self) -> ContainmentReport:
+        """Which means of finding a child's whole tree this platform uses."""
+        return ContainmentReport(platform=self.name, mechanisms=("process-group",))
 
     # -- looking -------------------------------------------------------------------------------
     def scan(self) -> ProcessTable:
@@ -220,9 +267,9 @@ class PlatformOps:
             record.add(table.handles(table.descendants(record.target.pid)))
             self.kill_tree(record.target.pid, record.target.own_group, alive(record.descendants))
 
-    def kill_now(self, pid: int, own_group: bool) -> None:
+    def kill_now(self, pid: int, own_group: bool, containment: Containment | None = None) -> None:
         """Kill the tree of ``pid`` at once (for synchronous clean-up paths)."""
-        self.kill_trees([StopRecord(StopTarget(pid, own_group))])
+        self.kill_trees([StopRecord(StopTarget(pid, own_group, containment=containment))])
 
     def lingering(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> list[bool]:
         """For each record: is a group member or a seen descendant still running?"""

@@ -8,13 +8,24 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
+from ._containment import Containment, ContainmentReport
 from ._ops import Pace, PlatformOps, StopRecord, StopTarget, alive, no_pace, paced
-from ._table import STOPPED_STATES, ProcessTable, proc_state, psutil_state, scan_proc, scan_psutil
+from ._posix_host import PosixHost, posix_host
+from ._table import (
+    STOPPED_STATES,
+    ProcessEntry,
+    ProcessTable,
+    proc_state,
+    psutil_state,
+    scan_proc,
+    scan_psutil,
+)
 
 __all__ = ["PosixOps", "pidfd_open"]
 
@@ -44,6 +55,34 @@ class PosixOps(PlatformOps):
     proc_root: str | None = field(
         default_factory=lambda: "/proc" if os.path.exists("/proc/self/stat") else None
     )
+    #: This process's containment (cookie, cgroup, subreaper); None: process groups only.
+    host: PosixHost | None = field(default_factory=posix_host)
+
+    # -- containment -------------------------------------------------------------------------
+    def prepare_spawn(
+        self, kwargs: Mapping[str, Any], die_with_host: bool = False
+    ) -> tuple[dict[str, Any], Containment]:
+        if self.host is None:
+            return dict(kwargs), Containment()
+        return self.host.prepare(kwargs, die_with_host)
+
+    def adopt(self, pid: int, containment: Containment) -> None:
+        if self.host is not None:
+            self.host.adopt(pid, containment)
+
+    def release(self, containment: Containment) -> None:
+        if self.host is not None:
+            self.host.release(containment)
+
+    def child_exited(self, pid: int) -> None:
+        if self.host is not None and self.host.reaper is not None:
+            self.host.reaper.exited(pid)
+
+    def containment_report(self) -> ContainmentReport:
+        if self.host is None:
+            return super().containment_report()
+        self.host.activate()
+        return self.host.report()
 
     def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
         out = dict(kwargs)
@@ -96,8 +135,14 @@ class PosixOps(PlatformOps):
 
     def _signal_child(self, target: StopTarget, sig: int) -> bool:
         """Signal the child's group, or the child alone; False if neither could be reached."""
-        if target.own_group and self.signal_group(target.pid, sig):
-            return True
+        if target.own_group:
+            if self.signal_group(target.pid, sig):
+                return True
+            if target.pin < 0:
+                # No member left: the child is gone (a session leader cannot leave its group;
+                # the rare child that joined another group is asked through its process
+                # object), and its pid may name someone else already.
+                return False
         if target.pid <= 0:
             return False
         try:
@@ -115,7 +160,7 @@ class PosixOps(PlatformOps):
         self.signal_descendants(descendants, signal.SIGKILL)
 
     def group_alive(self, pid: int, own_group: bool) -> bool:
-        return self._groups_running([pid] if own_group else [])[0] if own_group else False
+        return own_group and self._groups_running([pid])[0]
 
     def group_has_runner(self, pgid: int) -> bool:
         """True when a non-zombie process belongs to process group ``pgid``."""
@@ -130,57 +175,84 @@ class PosixOps(PlatformOps):
 
     def _ask(self, targets: Sequence[StopTarget], pace: Pace) -> list[StopRecord]:
         records = [StopRecord(t) for t in targets]
+        finder = _Finder(self)
         running = [r for r in records if r.target.running and r.target.pid > 0]
         if running:
-            self._freeze(running)
+            held = self._freeze_cgroups(running, finder)
             try:
+                self._freeze(running, finder, set().union(*held.values()))
                 for record in paced(running, pace):
                     record.asked = self._signal_child(record.target, signal.SIGTERM)
                     self.signal_descendants(record.descendants, signal.SIGTERM)
                 # One more look while the trees are held: nothing could fork since the last one,
                 # but a child that died at once from SIGTERM released its children, and they
                 # must have been seen before that.
-                self._look(running, signal.SIGTERM)
+                self._look(running, signal.SIGTERM, finder)
             finally:
+                cgroups = self.host.cgroups if self.host is not None else None
                 for record in paced(running, pace):
                     self._signal_child(record.target, signal.SIGCONT)
                     self.signal_descendants(record.descendants, signal.SIGCONT)
-        exited = [r for r in records if not r.target.running and r.target.own_group]
+                    if cgroups is not None and record.target.cgroup is not None:
+                        cgroups.freeze(record.target.cgroup, False)
+        exited = [r for r in records if not r.target.running]
         if exited:
-            groups = self._groups_running([r.target.pid for r in exited])
-            for record, group_running in zip(exited, groups, strict=True):
+            # What an exited child left running: its group, and what containment still finds.
+            self._look(exited, signal.SIGTERM, finder)
+            grouped = [r for r in exited if r.target.own_group]
+            groups = self._groups_running([r.target.pid for r in grouped])
+            for record, group_running in zip(grouped, groups, strict=True):
                 if group_running:
                     self.signal_group(record.target.pid, signal.SIGTERM)
         return records
 
-    def _look(self, records: Sequence[StopRecord], sig: int) -> list[psutil.Process]:
-        """One look for descendants not seen yet; signal them with ``sig``; return them."""
+    def _look(
+        self, records: Sequence[StopRecord], sig: int | None, finder: _Finder
+    ) -> list[psutil.Process]:
+        """One look for processes of the records' trees not seen yet; signal them with ``sig``
+        (None: do not); return them.
+
+        A record's tree is what descends from its child (while the child is still ours: a pid
+        that names another process now is none of our business) plus what its containment
+        finds (cgroup members, cookie holders) and what descends from those.
+        """
         table = self.scan()
-        fresh_all: list[psutil.Process] = []
+        finder.start(table, records)
         me = os.getpid()
+        fresh_all: list[psutil.Process] = []
         for record in records:
-            root = table.entries.get(record.target.pid)
-            if root is None or root.ppid != me:
-                # Gone, or no longer our child: its pid may already name another process,
-                # whose children are none of our business.
-                continue
+            pid = record.target.pid
+            wanted: dict[int, ProcessEntry] = {}
+            root = table.entries.get(pid) if record.target.running else None
+            if root is not None and root.ppid == me:
+                # (An exited child's pid may already name another child of ours.)
+                wanted.update((e.pid, e) for e in table.descendants(pid))
+            for entry in finder.contained(record):
+                wanted[entry.pid] = entry
+                wanted.update((e.pid, e) for e in table.descendants(entry.pid))
+            wanted.pop(pid, None)
             known = {p.pid for p in record.descendants}
-            fresh = table.handles(
-                e for e in table.descendants(record.target.pid) if e.pid not in known
-            )
+            fresh_entries = [e for p, e in wanted.items() if p not in known]
+            fresh = table.handles(fresh_entries)
+            record.seen.update((e.pid, e.start) for e in fresh_entries)
             if fresh:
                 record.descendants.extend(fresh)
-                self.signal_descendants(fresh, sig)
+                if sig is not None:
+                    self.signal_descendants(fresh, sig)
                 fresh_all.extend(fresh)
         return fresh_all
 
-    def _freeze(self, records: Sequence[StopRecord]) -> None:
-        """SIGSTOP every child (its group) and every descendant found, looking again until no new
-        one appears. Stopped processes cannot fork; a signal is delivered asynchronously, so each
-        look waits until what was signalled has really stopped (or else it could fork just after
-        the look). The tree is accepted as complete only after two looks in a row, a moment
-        apart, find nothing new (a fork in flight when the leader stopped surfaces a little
-        later). All the waits share one 0.5 s bound."""
+    def _freeze(
+        self, records: Sequence[StopRecord], finder: _Finder, held: AbstractSet[int] = frozenset()
+    ) -> None:
+        """SIGSTOP every child (its group) and every process of its tree found, looking again
+        until no new one appears. Stopped processes cannot fork; a signal is delivered
+        asynchronously, so each look waits until what was signalled has really stopped (or else
+        it could fork just after the look). The tree is accepted as complete only after two
+        looks in a row, a moment apart, find nothing new (a fork in flight when the leader
+        stopped surfaces a little later). All the waits share one 0.5 s bound. Processes in
+        ``held`` (members of a frozen sub-group, which never show as stopped) are not waited
+        for: nothing in a frozen sub-group can run, let alone fork."""
         pending = set()
         for record in records:
             if self._signal_child(record.target, signal.SIGSTOP):
@@ -188,8 +260,8 @@ class PosixOps(PlatformOps):
         deadline = time.monotonic() + 0.5
         quiet = 0
         for _ in range(40):
-            pending = self._await_stopped(pending, deadline)
-            fresh = self._look(records, signal.SIGSTOP)
+            pending = self._await_stopped(pending - held, deadline)
+            fresh = self._look(records, signal.SIGSTOP, finder)
             if not fresh:
                 quiet += 1
                 if quiet == 2:
@@ -198,6 +270,28 @@ class PosixOps(PlatformOps):
                 continue
             quiet = 0
             pending.update(p.pid for p in fresh)
+
+    def _freeze_cgroups(
+        self, records: Sequence[StopRecord], finder: _Finder
+    ) -> dict[str, set[int]]:
+        """Freeze the records' sub-groups (one write each holds a whole sub-group still,
+        including what is forked in it afterwards; thawed with the SIGCONTs, in ``_ask``);
+        return the members of those that froze (which ``finder`` then need not read again)."""
+        cgroups = self.host.cgroups if self.host is not None else None
+        if cgroups is None:
+            return {}
+        paths = [r.target.cgroup for r in records if r.target.cgroup is not None]
+        for path in paths:
+            cgroups.freeze(path, True)
+        deadline = time.monotonic() + 0.5
+        pending = list(paths)
+        while pending and time.monotonic() < deadline:
+            pending = [p for p in pending if not cgroups.is_frozen(p)]
+            if pending:
+                time.sleep(0.0005)
+        frozen = {path: set(cgroups.members(path)) for path in paths if path not in pending}
+        finder.frozen_members.update(frozen)
+        return frozen
 
     def _await_stopped(self, pids: set[int], deadline: float) -> set[int]:
         """Block (until ``deadline`` at most; usually well under a millisecond) until every
@@ -209,9 +303,91 @@ class PosixOps(PlatformOps):
             time.sleep(0.0005)
         return pids
 
+    def kill_trees(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> None:
+        self._look(records, None, _Finder(self))
+        cgroups = self.host.cgroups if self.host is not None else None
+        for record in paced(records, pace):
+            path = record.target.cgroup
+            if cgroups is not None and path is not None and cgroups.can_kill:
+                cgroups.kill(path)
+            self.kill_tree(record.target.pid, record.target.own_group, alive(record.descendants))
+        self._after(records)
+
     def lingering(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> list[bool]:
         groups = [r.target.pid for r in records if r.target.own_group]
         running = dict(zip(groups, self._groups_running(groups), strict=True))
-        return [
-            running.get(r.target.pid, False) or bool(alive(r.descendants)) for r in records
+        cgroups = self.host.cgroups if self.host is not None else None
+        flags = [
+            running.get(r.target.pid, False)
+            or bool(alive(r.descendants))
+            or (cgroups is not None and r.target.cgroup is not None and cgroups.populated(
+                r.target.cgroup
+            ))
+            for r in records
         ]
+        done = [r for r, flag in zip(records, flags, strict=True) if not flag]
+        if done:
+            self._after(done)
+        return flags
+
+    def _after(self, records: Sequence[StopRecord]) -> None:
+        """The stop of ``records`` is over or nearly: what it saw below the children may come
+        to us as orphans (ours to reap then), and empty sub-groups go."""
+        if self.host is None:
+            return
+        for record in records:
+            if record.target.containment is not None:
+                self.host.release(record.target.containment)
+        self.host.after_stop(pair for r in records for pair in r.seen.items())
+
+
+class _Finder:
+    """What containment finds during one operation of a stop: sub-group members and cookie
+    holders, by record. Environments are read once per process per operation."""
+
+    def __init__(self, ops: PosixOps) -> None:
+        self._host = ops.host
+        self._cookies: dict[tuple[int, float], str | None] = {}
+        self._table: ProcessTable | None = None
+        self._holders: dict[str, list[ProcessEntry]] = {}
+        #: Members of sub-groups frozen for this operation: nothing can join them meanwhile.
+        self.frozen_members: dict[str, set[int]] = {}
+
+    def start(self, table: ProcessTable, records: Sequence[StopRecord]) -> None:
+        """A new look: index the cookie holders among the candidates of ``table``."""
+        self._table = table
+        self._holders = {}
+        host = self._host
+        wanted = {r.target.cookie for r in records if r.target.cookie is not None}
+        if host is None or not wanted:
+            return
+        # Children that runs started are not candidates: they carry their own run's cookie.
+        leaders = {r.target.pid for r in records} | host.spawned_children()
+        me = os.getpid()
+        if host.subreaper:
+            # Orphans come to us, not to init: the candidates are our own children.
+            candidates = [e for e in table.children(me) if e.pid not in leaders]
+        else:
+            candidates = [e for e in table.entries.values() if e.pid not in leaders and e.pid != me]
+        for entry in candidates:
+            key = (entry.pid, entry.start)
+            if key not in self._cookies:
+                self._cookies[key] = host.cookies.read(entry.pid)
+            cookie = self._cookies[key]
+            if cookie in wanted:
+                self._holders.setdefault(cookie, []).append(entry)
+
+    def contained(self, record: StopRecord) -> list[ProcessEntry]:
+        """The processes containment attributes to ``record`` in the current look."""
+        table = self._table
+        assert table is not None
+        found = list(self._holders.get(record.target.cookie or "", ()))
+        cgroups = self._host.cgroups if self._host is not None else None
+        path = record.target.cgroup
+        if cgroups is not None and path is not None:
+            members = self.frozen_members.get(path)
+            for pid in members if members is not None else cgroups.members(path):
+                entry = table.entries.get(pid)
+                if entry is not None:
+                    found.append(entry)
+        return found

@@ -24,6 +24,7 @@ __all__ = [
     "STOPPED_STATES",
     "ProcessEntry",
     "ProcessTable",
+    "proc_entry",
     "proc_state",
     "psutil_state",
     "scan_proc",
@@ -47,6 +48,8 @@ class ProcessEntry(NamedTuple):
     state: str
     #: Start time, in the scanner's own unit: only ever compared with another entry's.
     start: float
+    #: Session id; -1 where the platform has none.
+    sid: int = -1
 
 
 class ProcessTable:
@@ -129,7 +132,12 @@ def _parse_stat(pid: int, data: bytes) -> ProcessEntry | None:
     fields = data[end + 2 :].split(b" ", 20)
     try:
         return ProcessEntry(
-            pid, int(fields[1]), int(fields[2]), chr(fields[0][0]), float(fields[19])
+            pid,
+            int(fields[1]),
+            int(fields[2]),
+            chr(fields[0][0]),
+            float(fields[19]),
+            int(fields[3]),
         )
     except (IndexError, ValueError):
         return None
@@ -150,10 +158,15 @@ def scan_proc(root: str = "/proc") -> ProcessTable:
     return ProcessTable(entries)
 
 
+def proc_entry(pid: int, root: str = "/proc") -> ProcessEntry | None:
+    """``pid`` as ``<root>/<pid>/stat`` shows it now (Linux); None when it is gone."""
+    data = _read_stat(f"{root}/{pid}/stat")
+    return _parse_stat(pid, data) if data is not None else None
+
+
 def proc_state(pid: int, root: str = "/proc") -> str:
     """The state letter of ``pid`` (Linux); ``"X"`` when it is gone."""
-    data = _read_stat(f"{root}/{pid}/stat")
-    entry = _parse_stat(pid, data) if data is not None else None
+    entry = proc_entry(pid, root)
     return entry.state if entry is not None else _GONE
 
 
@@ -181,6 +194,7 @@ def psutil_state(pid: int) -> str:
 def scan_psutil(
     process_iter: Callable[[], Iterable[psutil.Process]] = psutil.process_iter,
     getpgid: Callable[[int], int] | None = getattr(os, "getpgid", None),  # noqa: B008
+    getsid: Callable[[int], int] | None = getattr(os, "getsid", None),  # noqa: B008
 ) -> ProcessTable:
     """Build a table from ``process_iter()`` (macOS, Windows; tests inject stand-ins)."""
     entries = []
@@ -192,8 +206,9 @@ def scan_psutil(
             start = proc.create_time()
             state = _PSUTIL_LETTERS.get(proc.status(), "R")
             pgid = getpgid(pid) if getpgid is not None else -1
+            sid = getsid(pid) if getsid is not None else -1
         except (psutil.Error, OSError):
             continue
-        entries.append(ProcessEntry(pid, ppid, pgid, state, start))
+        entries.append(ProcessEntry(pid, ppid, pgid, state, start, sid))
         handles[pid] = proc
     return ProcessTable(entries, handles)

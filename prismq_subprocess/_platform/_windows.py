@@ -16,7 +16,9 @@ from typing import Any
 
 import psutil
 
-from ._ops import Pace, PlatformOps, StopRecord, StopTarget, paced
+from ._containment import Containment, ContainmentReport
+from ._job import JobObjects
+from ._ops import Pace, PlatformOps, StopRecord, StopTarget, no_pace, paced
 from ._table import ProcessTable, scan_psutil
 
 __all__ = [
@@ -91,6 +93,45 @@ class WindowsOps(PlatformOps):
     """Windows: ``CREATE_NEW_PROCESS_GROUP``, CTRL_BREAK first, then kill the psutil tree."""
 
     process_iter: Callable[[], Iterable[psutil.Process]] = field(default=psutil.process_iter)
+    #: Job Objects (None off Windows, where tests inject a stand-in ``kernel32``).
+    jobs: JobObjects | None = field(default_factory=JobObjects.load)
+
+    # -- containment -------------------------------------------------------------------------
+    def prepare_spawn(
+        self, kwargs: Mapping[str, Any], die_with_host: bool = False
+    ) -> tuple[dict[str, Any], Containment]:
+        job = self.jobs.create(kill_on_close=die_with_host) if self.jobs is not None else None
+        return dict(kwargs), Containment(job=job)
+
+    def adopt(self, pid: int, containment: Containment) -> None:
+        if self.jobs is not None and containment.job is not None:
+            self.jobs.assign(containment.job, pid)
+
+    def release(self, containment: Containment) -> None:
+        # Only once nothing can stop this child again (its process object is gone): a closed
+        # handle's number is soon given to another object.
+        if self.jobs is not None and containment.job is not None:
+            self.jobs.close(containment.job)
+
+    def containment_report(self) -> ContainmentReport:
+        if self.jobs is None:
+            return ContainmentReport(
+                platform=self.name,
+                mechanisms=("process-group",),
+                notes=("no Job Objects (kernel32 unavailable)",),
+            )
+        return ContainmentReport(
+            platform=self.name,
+            mechanisms=("job-object", "process-group"),
+            die_with_host=(
+                "opt-in: SubprocessWrapper(die_with_host=True) marks each run's Job Object "
+                "kill-on-close"
+            ),
+            notes=(
+                "a child is assigned to its job right after it starts: what it starts in "
+                "between is found through the process tree only",
+            ),
+        )
 
     def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
         out = dict(kwargs)
@@ -173,3 +214,20 @@ class WindowsOps(PlatformOps):
         for proc in descendants:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 proc.kill()
+
+    def kill_trees(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> None:
+        # The job holds the whole tree, however it was started: one call kills it.
+        if self.jobs is not None:
+            for record in records:
+                if record.target.job is not None:
+                    self.jobs.terminate(record.target.job)
+        super().kill_trees(records, pace)
+
+    def lingering(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> list[bool]:
+        flags = super().lingering(records, pace)
+        if self.jobs is None:
+            return flags
+        return [
+            flag or (r.target.job is not None and self.jobs.active(r.target.job) > 0)
+            for r, flag in zip(records, flags, strict=True)
+        ]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._tree_stop import register_group
+from .._core._tree_stop import kill_tree_now, register_child
 from .._core._validation import not_found_error
 from ._base import SpawnRequest, SubprocessStrategy
 
@@ -25,7 +24,27 @@ class AsyncStrategy(SubprocessStrategy):
     mode = RunMode.ASYNC
 
     async def spawn(self, request: SpawnRequest) -> ProcessLike:
-        kwargs = request.kwargs
+        # asyncio kills a child whose creation is cancelled, but not what that child may already
+        # have started in its group. So the creation itself is not cancelled: a caller who gives
+        # up leaves it to finish (a few loop iterations), and the child's whole tree is then
+        # killed at once. Known gap: if the loop ends before the creation finished, asyncio's
+        # shutdown cancels it and only asyncio's own kill of the child happens.
+        creation = asyncio.ensure_future(self._create(request))
+        try:
+            return await asyncio.shield(creation)
+        except asyncio.CancelledError:
+            creation.add_done_callback(self._discard_created)
+            raise
+
+    def _discard_created(self, creation: asyncio.Future[ProcessLike]) -> None:
+        if creation.cancelled() or creation.exception() is not None:
+            return
+        process = creation.result()
+        kill_tree_now(process, self.ops)
+        self.release_pipes(process)
+
+    async def _create(self, request: SpawnRequest) -> ProcessLike:
+        kwargs, containment = self.ops.prepare_spawn(request.kwargs, request.die_with_host)
         try:
             if request.shell:
                 process = await asyncio.create_subprocess_shell(
@@ -49,14 +68,14 @@ class AsyncStrategy(SubprocessStrategy):
                     **kwargs,
                 )
         except FileNotFoundError as exc:
+            self.ops.release(containment)
             if request.shell:
                 raise
             assert isinstance(request.command, tuple)
             raise not_found_error(request.command[0], exc) from exc
-        register_group(process, self.ops.started_own_group(kwargs))
+        except BaseException:
+            self.ops.release(containment)
+            raise
+        self.ops.adopt(process.pid, containment)
+        register_child(process, self.ops.started_own_group(kwargs), containment, self.ops)
         return process
-
-    async def _wait_exit(self, process: ProcessLike) -> None:
-        # asyncio's wait() (3.11) returns only once every pipe is closed, so a grandchild holding
-        # stdout would keep run() waiting after the child itself exited.
-        await wait_exited(process)

@@ -1,30 +1,30 @@
-"""The interface every strategy implements, and the mode-neutral ``run()`` built on it."""
+"""The interface every strategy implements: start a child, say when it exited, let go of its
+pipes. Running a child to its end is not a strategy's job; ``_core/_run_process.py`` does it once
+for every mode."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import subprocess
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from .._core._exceptions import ProcessTimeoutError
+from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._result import ProcessResult, TailBuffer
-from .._core._tree_stop import stop_process_tree
+from .._core._result import TailBuffer
+from .._core._run_process import ChildRun
+from .._io._pipes import release_transport_pipes
 from .._platform import PlatformOps, platform_ops
+from ._process_base import ProcessBase
 
-__all__ = ["RunOptions", "SpawnRequest", "SubprocessStrategy"]
+__all__ = ["SpawnRequest", "SubprocessStrategy"]
 
 Stdio = int | IO[Any] | None
 
 #: asyncio's default StreamReader limit.
 DEFAULT_LIMIT = 2**16
-_RUN_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class SpawnRequest:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: The ``kwargs`` keys the wrapper added itself (process-group options), not the caller.
     added: frozenset[str] = frozenset()
+    #: Make the child die with this process where the platform can (``die_with_host``).
+    die_with_host: bool = False
 
     @property
     def display(self) -> tuple[str, ...] | str:
@@ -60,25 +62,22 @@ class SpawnRequest:
         )
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """How :meth:`SubprocessStrategy.run` treats one command: ``input`` for stdin, ``timeout``
-    in seconds, ``grace`` before the kill when stopping, ``max_output_bytes`` kept per stream."""
-
-    input: bytes | None = None
-    timeout: float | None = None
-    grace: float = 5.0
-    max_output_bytes: int | None = None
-
-
 class SubprocessStrategy(ABC):
     """How one mode starts and runs children; ``SubprocessWrapper(strategy=...)`` takes one.
 
     A subclass implements :meth:`spawn` (start a child, return an object satisfying
     ``ProcessLike``) and sets :attr:`mode`; everything else (``run()``, ``stream()``, tree stop,
-    tracking) is built on ``spawn``. It may override :meth:`run` when its mode can run a
-    command to completion more cheaply than through a process object (LOCAL and DRY_RUN do),
-    and :meth:`close` when it holds threads or other resources.
+    tracking, the drain rule) is built on ``spawn`` and written once for every mode. Two more
+    hooks answer what only the strategy knows about the process objects it returns; their
+    defaults fit ``asyncio.subprocess.Process`` and the built-in process objects, so most
+    strategies (and every one that delegates to a built-in strategy's ``spawn``) keep them:
+
+    - :meth:`wait_exit`: the exit status once the child itself has exited, even while something
+      it started still holds its pipes open;
+    - :meth:`release_pipes`: let go of the child's pipes (readers keep what was written, then
+      get end of file) when something outside its tree still holds them.
+
+    It may override :meth:`close` when it holds threads or other resources.
 
     :attr:`mode` names the strategy's mode: a :class:`RunMode` for the built-in strategies (and
     for one that wraps a built-in strategy and behaves as it does), any other non-empty string
@@ -97,7 +96,8 @@ class SubprocessStrategy(ABC):
     on_spawn: Callable[[ProcessLike], None] | None = None
 
     async def _spawn_tracked(self, request: SpawnRequest) -> ProcessLike:
-        """:meth:`spawn` plus the tracking: what the wrapper and :meth:`run` call."""
+        """:meth:`spawn` plus the tracking: what the wrapper and the run path call (an untracked
+        child would be missed when the wrapper closes)."""
         process = await self.spawn(request)
         self._spawned(process)
         return process
@@ -118,127 +118,72 @@ class SubprocessStrategy(ABC):
                 selector loop); the wrapper decides whether to fall back.
         """
 
-    async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
-        """Run ``request`` to completion, keeping at most ``options.max_output_bytes`` per stream.
+    async def _start_run(
+        self,
+        request: SpawnRequest,
+        *,
+        input: bytes | None,
+        out: TailBuffer,
+        err: TailBuffer,
+        grace: float,
+    ) -> ChildRun:
+        """Start ``request`` the way ``run()`` wants it: stdin is ``input`` (``/dev/null`` when
+        ``None``), stdout and stderr are read into ``out``/``err``. Returns the started run, its
+        readers going; the run path (``_core/_run_process.py``) takes it from there.
 
-        Timeout: the tree is stopped and :class:`ProcessTimeoutError` carries the output so far.
-        Cancellation: the tree is stopped (bounded by ``options.grace``) before ``CancelledError``
-        propagates.
+        This default spawns through :meth:`spawn` and reads with tasks. Built-in strategies
+        override it with a cheaper route (LOCAL reads in its worker thread, DRY_RUN fills the
+        buffers from its script); it is private because :class:`ChildRun` is.
+
+        Cancellation: a spawn cancelled midway kills the child it was starting (and its tree).
         """
-        request = replace(
-            request,
-            stdin=subprocess.PIPE if options.input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        process = await self._spawn_tracked(
+            replace(
+                request,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         )
-        started = time.perf_counter()
-        process = await self._spawn_tracked(request)
-        out = TailBuffer(options.max_output_bytes)
-        err = TailBuffer(options.max_output_bytes)
-        loop = asyncio.get_running_loop()
-        pumps = [
-            loop.create_task(_pump(process.stdout, out)),
-            loop.create_task(_pump(process.stderr, err)),
-        ]
-        if options.input is not None:
-            pumps.append(loop.create_task(_feed(process.stdin, options.input)))
-        scope = asyncio.timeout(options.timeout)
-        try:
-            async with scope:
-                await self._wait_exit(process)
-                await self._finish_pumps(process, pumps, options.grace)
-                await process.wait()
-        except TimeoutError:
-            await self._abort(process, pumps, options.grace)
-            if not scope.expired():
-                raise  # a TimeoutError from elsewhere: the tree is stopped all the same
-            raise ProcessTimeoutError(
-                cmd=request.display,
-                timeout=options.timeout or 0.0,
-                returncode=process.returncode,
-                stdout=out.getvalue(),
-                stderr=err.getvalue(),
-            ) from None
-        except BaseException:
-            await self._abort(process, pumps, options.grace)
-            raise
-        assert process.returncode is not None
-        return ProcessResult(
-            args=request.display,
-            returncode=process.returncode,
-            stdout=out.getvalue(),
-            stderr=err.getvalue(),
-            pid=process.pid,
-            duration=time.perf_counter() - started,
-            mode=self.mode,
-            stdout_truncated=out.truncated,
-            stderr_truncated=err.truncated,
-            stdout_total_bytes=out.total,
-            stderr_total_bytes=err.total,
-        )
+        run = ChildRun(process, self, grace=grace, ops=self.ops)
+        run.capture(process.stdout, out)
+        run.capture(process.stderr, err)
+        if input is not None:
+            run.feed(process.stdin, input)
+        return run
 
-    async def _wait_exit(self, process: ProcessLike) -> None:
-        """Return once the child has exited (even if its pipes are still held open)."""
-        await process.wait()
+    async def wait_exit(self, process: ProcessLike) -> int:
+        """Return the exit status once the child itself has exited, whoever still holds its
+        pipes (``run()`` and ``stream()`` wait here, then apply the drain rule to the pipes).
 
-    async def _finish_pumps(
-        self, process: ProcessLike, pumps: list[asyncio.Task[None]], grace: float
-    ) -> None:
-        """After the child exited: let the readers reach end of file.
+        The default fits the process objects this package makes (they report the exit as it
+        happens: their ``wait()``) and ``asyncio.subprocess.Process``, whose ``wait()`` (3.11)
+        also waits for every pipe to close: for any other object its ``returncode`` is watched
+        (a pidfd where there is one, else polling). Override it only for a process object whose
+        ``returncode`` is not set at the exit.
 
-        A descendant still holding the pipes open would keep them waiting forever, so the
-        leftover group is stopped first (``KillMode=control-group`` semantics).
+        Cancellation: only the waiting stops.
         """
-        if all(p.done() for p in pumps):
-            for p in pumps:
-                p.result()
-            return
-        done, pending = await asyncio.wait(pumps, timeout=0.05)
-        if pending:
-            await stop_process_tree(process, grace=grace, ops=self.ops)
-            done, pending = await asyncio.wait(pumps, timeout=grace + 1.0)
-            for p in pending:  # a descendant that escaped us still holds the pipe
-                p.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        for p in done:
-            p.result()
+        if not isinstance(process, ProcessBase):
+            await wait_exited(process)
+            # Our own process objects report their exit to the platform layer themselves.
+            self.ops.child_exited(process.pid)
+        returncode = process.returncode
+        return returncode if returncode is not None else await process.wait()
 
-    async def _abort(
-        self, process: ProcessLike, pumps: list[asyncio.Task[None]], grace: float
-    ) -> None:
-        """Stop the tree and the readers; keep whatever the readers already captured."""
-        stopper = asyncio.ensure_future(stop_process_tree(process, grace=grace, ops=self.ops))
-        try:
-            await asyncio.shield(stopper)
-        except asyncio.CancelledError:
-            # Cancelled again while stopping: finish the stop anyway, then give in.
-            with contextlib.suppress(BaseException):
-                await stopper
-            raise
-        finally:
-            _, pending = await asyncio.wait(pumps, timeout=0.5) if pumps else (set(), set())
-            for p in pending:
-                p.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+    def release_pipes(self, process: ProcessLike) -> None:
+        """Close our ends of the child's pipes: what they hold now goes to the readers, then end
+        of file, and the descriptors are freed.
+
+        Called by the run path once the child has exited or been stopped and its pipes are
+        still open after the drain time (a process outside its tree holds them). The default
+        handles the built-in process objects and ``asyncio.subprocess.Process``; a strategy
+        whose process objects hold pipes some other way overrides it. Must not block.
+        """
+        if isinstance(process, ProcessBase):
+            process._release_pipes()
+        else:
+            release_transport_pipes(process)
 
     def close(self) -> None:  # noqa: B027 - most strategies hold nothing to release
         """Release threads and other resources. Idempotent; processes are the wrapper's concern."""
-
-
-async def _pump(stream: Any, buffer: TailBuffer) -> None:
-    read = stream.read
-    while True:
-        chunk = await read(_RUN_CHUNK)
-        if not chunk:
-            return
-        buffer.append(chunk)
-
-
-async def _feed(stdin: Any, data: bytes) -> None:
-    try:
-        stdin.write(data)
-        await stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the child does not want more input; as communicate() does, ignore it
-    finally:
-        stdin.close()

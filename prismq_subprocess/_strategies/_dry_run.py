@@ -13,17 +13,16 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .._core._exceptions import ProcessTimeoutError
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._result import ProcessResult
+from .._core._result import TailBuffer
+from .._core._run_process import ChildRun
 from .._platform import KILL_SIGNAL, PlatformOps
-from ._base import RunOptions, SpawnRequest, SubprocessStrategy
+from ._base import SpawnRequest, SubprocessStrategy
 from ._process_base import ProcessBase
 from ._stdin_buffer import BufferedStdin
 
@@ -252,36 +251,30 @@ class DryRunStrategy(SubprocessStrategy):
         index, response = self._record(request)
         return DryRunProcess(asyncio.get_running_loop(), request, response, self.recorder, index)
 
-    async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
-        """Answer from the script without building stream objects (cheap enough for load tests)."""
-        started = time.perf_counter()
-        _, response = self._record(request, options.input)
-        if response.duration > 0:
-            if options.timeout is not None and response.duration > options.timeout:
-                await asyncio.sleep(options.timeout)
-                raise ProcessTimeoutError(
-                    cmd=request.display, timeout=options.timeout, returncode=-signal.SIGTERM
-                )
-            await asyncio.sleep(response.duration)
-        out, err = _cap(response.stdout, options), _cap(response.stderr, options)
-        return ProcessResult(
-            args=request.display,
-            returncode=response.returncode,
-            stdout=out,
-            stderr=err,
-            pid=next(_fake_pids),
-            duration=time.perf_counter() - started,
-            mode=self.mode,
-            stdout_truncated=len(out) < len(response.stdout),
-            stderr_truncated=len(err) < len(response.stderr),
-            stdout_total_bytes=len(response.stdout),
-            stderr_total_bytes=len(response.stderr),
+    async def _start_run(
+        self,
+        request: SpawnRequest,
+        *,
+        input: bytes | None,
+        out: TailBuffer,
+        err: TailBuffer,
+        grace: float,
+    ) -> ChildRun:
+        """Answer from the script: the output goes straight into the buffers, no stream objects
+        are built (cheap enough for load tests); the fake process then "runs" for the answer's
+        ``duration``."""
+        index, response = self._record(request, input)
+        quiet = replace(
+            request,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-
-
-def _cap(data: bytes, options: RunOptions) -> bytes:
-    limit = options.max_output_bytes
-    return data if limit is None or len(data) <= limit else data[len(data) - limit :]
+        process = DryRunProcess(asyncio.get_running_loop(), quiet, response, self.recorder, index)
+        self._spawned(process)
+        out.append(response.stdout)
+        err.append(response.stderr)
+        return ChildRun(process, self, grace=grace, ops=self.ops)
 
 
 def _show(args: Sequence[str] | str) -> str:

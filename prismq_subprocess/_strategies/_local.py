@@ -1,10 +1,11 @@
 """LOCAL mode: ``subprocess.run`` semantics without freezing the event loop.
 
-The child runs to completion in a worker thread; its output becomes readable when it has exited.
-Trade-offs (see docs/RUN_MODES.md): no real-time output; input written to ``stdin`` is delivered
-when stdin is closed (or ``communicate``/``wait`` is called), not as it is written; at most
-``max_workers`` LOCAL children make progress at once. Cancellation and timeouts still stop the
-child's tree from the loop, which ends the worker's blocking call.
+The child's pipes are moved by a worker thread in one blocking call; its output becomes readable
+when it has finished. Trade-offs (see docs/RUN_MODES.md): no real-time output; input written to
+``stdin`` is delivered when stdin is closed (or ``communicate``/``wait`` is called), not as it is
+written; at most ``max_workers`` ``run()`` children make progress at once. The worker reports the
+child's exit as it happens (so the run path's drain rule and tree stops work as in every mode),
+and lets go of the pipes when the loop asks it to.
 """
 
 from __future__ import annotations
@@ -14,19 +15,19 @@ import contextlib
 import functools
 import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
-from .._core._exceptions import ProcessTimeoutError
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._result import ProcessResult, TailBuffer
-from .._core._tree_stop import register_group
+from .._core._result import TailBuffer
+from .._core._run_process import ChildRun
+from .._core._tree_stop import register_child
 from .._core._validation import not_found_error
-from .._io._blocking_io import Leftovers, drain_blocking
-from .._platform import PlatformOps
-from ._base import DEFAULT_LIMIT, RunOptions, SpawnRequest, SubprocessStrategy
-from ._popen import ExecutorOwner, spawn_in_executor, start_popen
+from .._io._blocking_io import DrainWatch, drain_blocking
+from .._platform import Containment, PlatformOps
+from ._base import DEFAULT_LIMIT, SpawnRequest, SubprocessStrategy
+from ._popen import ExecutorOwner, discard_popen, spawn_in_executor, start_popen
 from ._process_base import PopenProcess
 from ._stdin_buffer import BufferedStdin
 
@@ -85,28 +86,60 @@ class _DeferredReader:
         return line
 
 
+class _Drains:
+    """The blocking drains in progress, so closing the strategy can make them all let go."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: set[DrainWatch] = set()
+        self._closed = False
+
+    def add(self, watch: DrainWatch) -> None:
+        with self._lock:
+            if not self._closed:
+                self._watches.add(watch)
+                return
+        watch.abandon()
+
+    def discard(self, watch: DrainWatch) -> None:
+        with self._lock:
+            self._watches.discard(watch)
+
+    def abandon_all(self) -> None:
+        with self._lock:
+            self._closed = True
+            watches, self._watches = self._watches, set()
+        for watch in watches:
+            watch.abandon()
+
+
 class LocalProcess(PopenProcess):
-    """An ``asyncio.subprocess.Process`` look-alike whose child runs to completion in a worker
-    thread; see the module docstring for the trade-offs."""
+    """An ``asyncio.subprocess.Process`` look-alike whose pipes a worker thread moves in one
+    blocking call; see the module docstring for the trade-offs.
+
+    ``returncode`` is set (and ``wait()`` returns) when the child exits, as in the other modes;
+    the output streams deliver once the pipes are closed.
+    """
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         popen: subprocess.Popen[bytes],
-        pool: ExecutorOwner,
+        drains: _Drains,
         *,
         limit: int = DEFAULT_LIMIT,
-        max_output_bytes: int | None = None,
         job: asyncio.Future[int] | None = None,
         buffers: tuple[TailBuffer | None, TailBuffer | None] | None = None,
+        watch: DrainWatch | None = None,
     ) -> None:
         super().__init__(loop, popen)
-        self._pool = pool
+        self._drains = drains
         self._job: asyncio.Future[int] | None = None
+        self._watch = watch or DrainWatch(self._exited_in_thread)
         if buffers is None:
             buffers = (
-                TailBuffer(max_output_bytes) if popen.stdout is not None else None,
-                TailBuffer(max_output_bytes) if popen.stderr is not None else None,
+                TailBuffer(None) if popen.stdout is not None else None,
+                TailBuffer(None) if popen.stderr is not None else None,
             )
         self._out, self._err = buffers
         if popen.stdin is not None and job is None:
@@ -135,22 +168,23 @@ class LocalProcess(PopenProcess):
         ).start()
 
     def _complete_in_thread(self, input: bytes | None, job: asyncio.Future[int]) -> None:
+        self._drains.add(self._watch)
         try:
-            returncode = self._complete(input)
+            drain_blocking(self._popen, input, self._out, self._err, self._watch)
+            returncode = self._popen.wait()
         except BaseException as exc:
             _call_soon(self._loop, functools.partial(_settle, job, None, exc))
         else:
             _call_soon(self._loop, functools.partial(_settle, job, returncode, None))
+        finally:
+            self._drains.discard(self._watch)
+
+    def _exited_in_thread(self, returncode: int) -> None:
+        _call_soon(self._loop, functools.partial(self._set_returncode, returncode))
 
     def _adopt(self, job: asyncio.Future[int]) -> None:
         self._job = job
         job.add_done_callback(self._job_done)
-
-    def _complete(self, input: bytes | None) -> int:
-        # The raw process keeps asyncio's semantics: descendants holding the pipes are waited
-        # for, not stopped (run() stops them; see _Launch).
-        drain_blocking(self._popen, input, self._out, self._err)
-        return self._popen.wait()
 
     def _job_done(self, job: asyncio.Future[int]) -> None:
         if not job.cancelled() and job.exception() is None:
@@ -160,6 +194,9 @@ class LocalProcess(PopenProcess):
         if self._job is None:
             # Waiting with stdin still open: give the child what was written so far and EOF.
             self.stdin.close()
+
+    def _release_pipes(self) -> None:
+        self._watch.abandon()
 
     async def _finished(self) -> None:
         self._on_wait()
@@ -186,89 +223,60 @@ class LocalStrategy(SubprocessStrategy):
     def __init__(self, *, max_workers: int | None = None, ops: PlatformOps | None = None) -> None:
         super().__init__(max_workers=max_workers, ops=ops)
         self._pool = ExecutorOwner(max_workers, "prismq-local")
+        self._drains = _Drains()
 
     async def spawn(self, request: SpawnRequest) -> ProcessLike:
-        return await self._start(request, None)
-
-    async def _start(self, request: SpawnRequest, max_output_bytes: int | None) -> LocalProcess:
-        popen = await spawn_in_executor(self._pool.get(), request, self.ops)
-        own_group = self.ops.started_own_group(request.kwargs)
-        process = LocalProcess(
-            asyncio.get_running_loop(),
-            popen,
-            self._pool,
-            limit=request.limit,
-            max_output_bytes=max_output_bytes,
-        )
-        register_group(process, own_group)
+        popen, containment = await spawn_in_executor(self._pool.get(), request, self.ops)
+        process = LocalProcess(asyncio.get_running_loop(), popen, self._drains, limit=request.limit)
+        process.on_exit = self.ops.child_exited
+        register_child(process, self.ops.started_own_group(request.kwargs), containment, self.ops)
         return process
 
-    async def run(self, request: SpawnRequest, options: RunOptions) -> ProcessResult:
-        """Spawn, drain and reap in one worker job (as ``subprocess.run`` does in its thread),
-        keeping at most ``max_output_bytes`` per stream; timeout and cancellation stop the tree
-        from the loop."""
-        request = SpawnRequest(
-            command=request.command,
-            shell=request.shell,
-            stdin=subprocess.PIPE if options.input is not None else subprocess.DEVNULL,
+    async def _start_run(
+        self,
+        request: SpawnRequest,
+        *,
+        input: bytes | None,
+        out: TailBuffer,
+        err: TailBuffer,
+        grace: float,
+    ) -> ChildRun:
+        """The fast path: spawn, drain and reap in one worker job (as ``subprocess.run`` does in
+        its thread); the loop learns of the child once, and of its exit only if its pipes are
+        still held open then.
+
+        Cancellation: a child still being spawned is killed with its tree by whichever thread
+        sees it first, even if the event loop is gone by then.
+        """
+        request = replace(
+            request,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            limit=request.limit,
-            kwargs=request.kwargs,
         )
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        own_group = self.ops.started_own_group(request.kwargs)
-        launch = _Launch(loop, self, request, options, own_group)
+        launch = _Launch(loop, self, request, input, out, err)
         job = launch.job = loop.run_in_executor(self._pool.get(), launch.run)
-        scope = asyncio.timeout(options.timeout)
         try:
-            async with scope:
-                await asyncio.shield(job)
-        except FileNotFoundError as exc:
-            if request.shell or not isinstance(request.command, tuple):
-                raise
-            raise not_found_error(request.command[0], exc) from exc
-        except TimeoutError:
-            process = await launch.abort()
-            if process is not None:
-                await self._stop(process, options.grace)
-            if not scope.expired():
-                raise  # a TimeoutError from elsewhere: the tree is stopped all the same
-            raise ProcessTimeoutError(
-                cmd=request.display,
-                timeout=options.timeout or 0.0,
-                returncode=None if process is None else process.returncode,
-                stdout=launch.out.getvalue(),
-                stderr=launch.err.getvalue(),
-            ) from None
-        except BaseException:
-            process = await launch.abort()
-            if process is not None:
-                await self._stop(process, options.grace)
+            await asyncio.wait((launch.spawned, job), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            launch.abort()
             raise
-        out, err = launch.out, launch.err
-        popen = launch.popen
-        assert popen is not None
-        return ProcessResult(
-            args=request.display,
-            returncode=job.result(),
-            stdout=out.getvalue(),
-            stderr=err.getvalue(),
-            pid=popen.pid,
-            duration=time.perf_counter() - started,
-            mode=self.mode,
-            stdout_truncated=out.truncated,
-            stderr_truncated=err.truncated,
-            stdout_total_bytes=out.total,
-            stderr_total_bytes=err.total,
-        )
-
-    async def _stop(self, process: LocalProcess, grace: float) -> None:
-        await self._abort(process, [], grace)
+        if not launch.spawned.done():
+            try:
+                job.result()
+            except FileNotFoundError as exc:
+                if request.shell or not isinstance(request.command, tuple):
+                    raise
+                raise not_found_error(request.command[0], exc) from exc
+            raise RuntimeError("the LOCAL worker finished without starting the child")
+        return ChildRun(launch.spawned.result(), self, grace=grace, ops=self.ops, readers=[job])
 
     def close(self) -> None:
-        """Shut the worker pool down (waits for running children to finish). Idempotent."""
+        """Make every drain in progress let go of its pipes (their children were stopped by the
+        wrapper; only a process outside their trees can still hold them), then shut the worker
+        pool down, waiting for its jobs. Idempotent."""
+        self._drains.abandon_all()
         self._pool.close()
 
 
@@ -276,8 +284,8 @@ class _Launch:
     """One ``run()`` in one worker job: spawn, drain, reap.
 
     The loop learns the child exists through one ``call_soon_threadsafe`` (it then tracks a
-    :class:`LocalProcess` for shutdown and stop); a stop requested before the spawn finished is
-    honoured by the worker as soon as the child exists.
+    :class:`LocalProcess` for shutdown and stop); an abort before the spawn finished is honoured
+    by the worker as soon as the child exists, without the loop's help.
     """
 
     def __init__(
@@ -285,72 +293,87 @@ class _Launch:
         loop: asyncio.AbstractEventLoop,
         strategy: LocalStrategy,
         request: SpawnRequest,
-        options: RunOptions,
-        own_group: bool,
+        input: bytes | None,
+        out: TailBuffer,
+        err: TailBuffer,
     ) -> None:
         self._loop = loop
         self._strategy = strategy
         self._request = request
-        self._options = options
-        self._own_group = own_group
-        self.out = TailBuffer(options.max_output_bytes)
-        self.err = TailBuffer(options.max_output_bytes)
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.process: LocalProcess | None = None
+        self._input = input
+        self._out = out
+        self._err = err
+        self._own_group = strategy.ops.started_own_group(request.kwargs)
+        self.spawned: asyncio.Future[LocalProcess] = loop.create_future()
         self.job: asyncio.Future[int] | None = None
+        self.watch = DrainWatch(self._exited_in_thread)
+        self._process: LocalProcess | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._containment: Containment | None = None
         self._lock = threading.Lock()
         self._aborted = False
 
     def run(self) -> int:
         """The worker's part (blocking)."""
-        popen = start_popen(self._request)
-        with self._lock:
-            self.popen = popen
-            aborted = self._aborted
         ops = self._strategy.ops
+        popen, containment = start_popen(self._request, ops)
+        with self._lock:
+            self._popen = popen
+            self._containment = containment
+            aborted = self._aborted
         if aborted:
-            ops.kill_now(popen.pid, self._own_group)
-            popen.kill()
-        else:
-            _call_soon(self._loop, self._on_spawned)
-        leftovers = (
-            Leftovers(functools.partial(_stop_leftovers, ops, popen.pid), self._options.grace)
-            if self._own_group
-            else None
-        )
-        drain_blocking(popen, self._options.input, self.out, self.err, leftovers)
-        return popen.wait()
+            discard_popen(ops, self._request, popen, containment)
+            returncode = popen.wait()
+            ops.child_exited(popen.pid)
+            return returncode
+        _call_soon(self._loop, functools.partial(self._on_spawned, popen))
+        drains = self._strategy._drains
+        drains.add(self.watch)
+        try:
+            drain_blocking(popen, self._input, self._out, self._err, self.watch)
+        finally:
+            drains.discard(self.watch)
+        returncode = popen.wait()
+        ops.child_exited(popen.pid)
+        return returncode
 
-    def _on_spawned(self) -> None:
+    def _on_spawned(self, popen: subprocess.Popen[bytes]) -> None:
         with self._lock:
             if self._aborted:
                 return
-        self._strategy._spawned(self.adopt())
+        assert self.job is not None
+        process = LocalProcess(
+            self._loop,
+            popen,
+            self._strategy._drains,
+            job=self.job,
+            buffers=(self._out, self._err),
+            watch=self.watch,
+        )
+        register_child(process, self._own_group, self._containment, self._strategy.ops)
+        self._process = process
+        self._strategy._spawned(process)
+        self.spawned.set_result(process)
 
-    async def abort(self) -> LocalProcess | None:
-        """Stop the run: before the spawn, make the worker kill the child at once; after it,
-        return a process object the caller stops gracefully (tree stop)."""
+    def _exited_in_thread(self, returncode: int) -> None:
+        _call_soon(self._loop, functools.partial(self._report_exit, returncode))
+
+    def _report_exit(self, returncode: int) -> None:
+        if self._process is not None:
+            self._process._set_returncode(returncode)
+
+    def abort(self) -> None:
+        """The caller gave up while the child was starting: kill it and its tree now if it
+        exists, else let the worker do it the moment it does; and make the drain let go."""
         with self._lock:
             self._aborted = True
-            popen = self.popen
-        if popen is None:
-            return None
-        return self.adopt()
-
-    def adopt(self) -> LocalProcess:
-        """A :class:`LocalProcess` view of the running child (for tracking and stopping)."""
-        if self.process is None:
-            popen = self.popen
-            assert popen is not None and self.job is not None
-            self.process = LocalProcess(
-                self._loop,
-                popen,
-                self._strategy._pool,
-                job=self.job,
-                buffers=(self.out, self.err),
+            popen = self._popen
+            containment = self._containment
+        self.watch.abandon()
+        if popen is not None:
+            discard_popen(
+                self._strategy.ops, self._request, popen, containment, close_pipes=False
             )
-            register_group(self.process, self._own_group)
-        return self.process
 
 
 def _settle(job: asyncio.Future[int], result: int | None, exc: BaseException | None) -> None:
@@ -361,13 +384,6 @@ def _settle(job: asyncio.Future[int], result: int | None, exc: BaseException | N
     else:
         assert result is not None
         job.set_result(result)
-
-
-def _stop_leftovers(ops: PlatformOps, pid: int, force: bool) -> None:
-    if force:
-        ops.kill_tree(pid, True, [])
-    else:
-        ops.signal_group(pid, ops.stop_signal(True))
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

@@ -10,42 +10,56 @@ import subprocess
 import threading
 
 from .._core._validation import not_found_error
-from .._platform import PlatformOps
+from .._platform import Containment, PlatformOps
 from ._base import SpawnRequest
 
-__all__ = ["ExecutorOwner", "spawn_in_executor", "start_popen"]
+__all__ = ["ExecutorOwner", "discard_popen", "spawn_in_executor", "start_popen"]
 
 
-def start_popen(request: SpawnRequest) -> subprocess.Popen[bytes]:
-    """``Popen`` for ``request`` (blocking: call it from a worker thread)."""
-    return subprocess.Popen(
-        request.command,
-        stdin=request.stdin,
-        stdout=request.stdout,
-        stderr=request.stderr,
-        shell=request.shell,
-        bufsize=0,
-        **request.kwargs,
-    )
+Spawned = tuple[subprocess.Popen[bytes], Containment]
+
+
+def start_popen(request: SpawnRequest, ops: PlatformOps) -> Spawned:
+    """``Popen`` for ``request``, contained (cookie, cgroup, ...: see ``ops.prepare_spawn``);
+    the child and its containment record. Blocking: call it from a worker thread."""
+    kwargs, containment = ops.prepare_spawn(request.kwargs, request.die_with_host)
+    try:
+        popen = subprocess.Popen(
+            request.command,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            shell=request.shell,
+            bufsize=0,
+            **kwargs,
+        )
+    except BaseException:
+        ops.release(containment)
+        raise
+    ops.adopt(popen.pid, containment)
+    return popen, containment
 
 
 async def spawn_in_executor(
     executor: concurrent.futures.Executor, request: SpawnRequest, ops: PlatformOps
-) -> subprocess.Popen[bytes]:
+) -> Spawned:
     """Start ``request`` with ``Popen`` in ``executor``.
 
-    If the caller is cancelled while the worker is spawning, the child it starts is killed
-    and reaped, so a cancelled spawn never leaves a process behind.
+    Cancellation: a spawn still queued is dropped; one already running finishes, and the worker
+    thread then kills the child and its tree at once (:func:`discard_popen`), without the event
+    loop's help, so a cancelled spawn leaves nothing behind even if the loop is gone by then.
 
     Raises:
         CommandNotFoundError: the program does not exist.
     """
-    loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(executor, start_popen, request)
+    job = executor.submit(start_popen, request, ops)
+    spawned = asyncio.wrap_future(job)
     try:
-        return await asyncio.shield(future)
+        return await asyncio.shield(spawned)
     except asyncio.CancelledError:
-        future.add_done_callback(functools.partial(_discard_orphan, ops, request))
+        spawned.add_done_callback(_retrieve)
+        if not job.cancel():
+            job.add_done_callback(functools.partial(_discard_orphan, ops, request))
         raise
     except FileNotFoundError as exc:
         if request.shell or isinstance(request.command, str | bytes):
@@ -53,21 +67,44 @@ async def spawn_in_executor(
         raise not_found_error(request.command[0], exc) from exc
 
 
+def _retrieve(future: asyncio.Future[Spawned]) -> None:
+    # Nobody awaits a cancelled spawn: mark its error as seen (the worker reports nothing).
+    if not future.cancelled():
+        future.exception()
+
+
 def _discard_orphan(
-    ops: PlatformOps, request: SpawnRequest, future: asyncio.Future[subprocess.Popen[bytes]]
+    ops: PlatformOps, request: SpawnRequest, job: concurrent.futures.Future[Spawned]
 ) -> None:
-    if future.cancelled() or future.exception() is not None:
+    # Runs in the worker thread as the spawn returns (or at once, if it already has).
+    if job.cancelled() or job.exception() is not None:
         return
-    popen = future.result()
+    popen, containment = job.result()
+    discard_popen(ops, request, popen, containment)
+    threading.Thread(target=popen.wait, name="prismq-reap", daemon=True).start()
+
+
+def discard_popen(
+    ops: PlatformOps,
+    request: SpawnRequest,
+    popen: subprocess.Popen[bytes],
+    containment: Containment | None,
+    *,
+    close_pipes: bool = True,
+) -> None:
+    """Kill a child nobody will supervise, with its tree, synchronously (as asyncio kills a child
+    whose creation was cancelled; we also reach what a fast child already started in its
+    group). ``close_pipes``: also close our ends (when no other thread is using them). The
+    caller reaps it."""
     own_group = ops.started_own_group(request.kwargs)
-    ops.kill_now(popen.pid, own_group)
+    ops.kill_now(popen.pid, own_group, containment)
     with contextlib.suppress(OSError):
         popen.kill()
-    for pipe in (popen.stdin, popen.stdout, popen.stderr):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
-    threading.Thread(target=popen.wait, name="prismq-reap", daemon=True).start()
+    if close_pipes:
+        for pipe in (popen.stdin, popen.stdout, popen.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 class ExecutorOwner:

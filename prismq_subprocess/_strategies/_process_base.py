@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 from .._platform import KILL_SIGNAL
@@ -25,6 +26,9 @@ class ProcessBase:
     stdin: Any
     stdout: Any
     stderr: Any
+    #: Called with the pid once the child has exited (the platform then looks for orphans it
+    #: left to this process).
+    on_exit: Callable[[int], None] | None = None
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
         self._loop = loop
@@ -57,6 +61,9 @@ class ProcessBase:
             if not fut.done():
                 fut.set_result(returncode)
         self._waiters.clear()
+        if self.on_exit is not None:
+            with contextlib.suppress(Exception):
+                self.on_exit(self._pid)
 
     async def wait(self) -> int:
         """Wait for the child to exit and return its exit status.
@@ -76,6 +83,10 @@ class ProcessBase:
 
     def _on_wait(self) -> None:
         """Hook: someone started waiting (LOCAL starts the run then)."""
+
+    def _release_pipes(self) -> None:
+        """Hook: close our ends of the output pipes; readers get what was read, then end of file
+        (the run path calls it when something outside the child's tree holds the pipes)."""
 
     async def _feed_stdin(self, input: bytes | None) -> None:
         if input is not None:

@@ -27,10 +27,10 @@ from typing import Literal
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._tree_stop import register_group
+from .._core._tree_stop import register_child
 from .._io._child_exit import watch_exit
 from .._io._io_thread import IOThread
-from .._io._pipes import PipeBridge, ThreadPerPipe
+from .._io._pipes import BridgedReader, PipeBridge, ThreadPerPipe
 from .._platform import PIPES_SELECTABLE, PlatformOps
 from ._base import SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, spawn_in_executor
@@ -80,6 +80,11 @@ class ThreadedProcess(PopenProcess):
             use_pidfd=use_pidfd,
             io_thread=bridge if isinstance(bridge, IOThread) else None,
         )
+
+    def _release_pipes(self) -> None:
+        for reader in (self.stdout, self.stderr):
+            if isinstance(reader, BridgedReader):
+                reader.release()
 
 
 class ThreadedStrategy(SubprocessStrategy):
@@ -134,12 +139,15 @@ class ThreadedStrategy(SubprocessStrategy):
         self._pool = ExecutorOwner(max_workers, "prismq-spawn")
 
     async def spawn(self, request: SpawnRequest) -> ProcessLike:
-        popen = await spawn_in_executor(self._pool.get(), request, self.ops)
+        popen, containment = await spawn_in_executor(self._pool.get(), request, self.ops)
         loop = asyncio.get_running_loop()
         process = ThreadedProcess(
             loop, popen, limit=request.limit, bridge=self._bridge, use_pidfd=self._use_pidfd
         )
-        register_group(process, self.ops.started_own_group(request.kwargs))
+        process.on_exit = self.ops.child_exited
+        register_child(
+            process, self.ops.started_own_group(request.kwargs), containment, self.ops
+        )
         return process
 
     def close(self) -> None:

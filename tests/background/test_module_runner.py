@@ -11,7 +11,8 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import WRAPPER_FACTORIES
+from conftest import REAL, WRAPPER_FACTORIES
+from lifecycle_helpers import marked_env, survivors_after
 
 import prismq_subprocess as pq
 from prismq_subprocess._background._module_args import parameters_to_args
@@ -252,6 +253,37 @@ async def test_resource_usage_is_recorded(runner: ModuleRunner, tmp_path: Path) 
     assert run.status is pq.RunStatus.COMPLETED
     assert run.peak_rss_bytes is not None and run.peak_rss_bytes > 1024 * 1024
     assert run.cpu_time_seconds is not None and run.cpu_time_seconds > 0
+
+
+# Starts a helper that inherits stdout and outlives the module, then exits 0.
+LEAVES_A_HELPER = """
+import subprocess, sys
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("parent done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", REAL)
+async def test_a_helper_holding_the_pipe_does_not_keep_the_run_open(
+    mode: str, tmp_path: Path
+) -> None:
+    # The run path's drain rule: the module is COMPLETED (not RUNNING until the helper exits, nor
+    # "timed out" with exit 0), and the helper is stopped with the rest of the tree.
+    mark, env = marked_env()
+    wrapper = WRAPPER_FACTORIES[mode]()
+    async with (
+        wrapper,
+        pq.RunRegistry() as registry,
+        ModuleRunner(registry, wrapper=wrapper, grace_period=1.0) as runner,
+    ):
+        path = script(tmp_path, "helper", LEAVES_A_HELPER)
+        run = await asyncio.wait_for(
+            runner.execute_module("h", "Helper", path, env=env, timeout=15), 30
+        )
+    assert run.status is pq.RunStatus.COMPLETED, run.error_message
+    assert run.exit_code == 0
+    assert run.output_tail == ["parent done"]
+    assert await asyncio.to_thread(survivors_after, mark, 1.0) == []
 
 
 # -- stopping ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,9 +202,16 @@ def test_subreaper_probe_failure_is_reported() -> None:
 
 @linux_only
 def test_subreaper_probe_really_calls_prctl() -> None:
-    subreaper = _by_name(probe_containment())["child-subreaper"]
-    assert subreaper.available is True
-    assert "is not a subreaper" in subreaper.detail  # looking never sets it
+    # In a fresh interpreter: once the library has started a child, this very process may be a
+    # subreaper (containment sets it on purpose); the probe itself must never set it.
+    code = (
+        "from prismq_subprocess._cli._containment import probe_containment\n"
+        "m = {x.name: x for x in probe_containment()}['child-subreaper']\n"
+        "print(m.available, m.detail)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("True ")
+    assert "is not a subreaper" in done.stdout  # looking never sets it
 
 
 def test_windows_and_macos_rules() -> None:

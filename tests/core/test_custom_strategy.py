@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 from helpers import py
+from lifecycle_helpers import marked_env, survivors_after
 
 import prismq_subprocess as pq
 from prismq_subprocess.abc import (
@@ -106,6 +109,45 @@ async def test_a_custom_mode_is_reported_by_name() -> None:
 
         with pytest.raises(pq.ProcessTimeoutError):
             await wrapper.run(*py("import time; time.sleep(30)"), timeout=0.2)
+
+
+# The child leaves a process that quits its session (beyond any tree stop) holding its pipes.
+ESCAPED_HOLDER = (
+    "import subprocess, sys\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],"
+    " start_new_session=True)\n"
+    "print('parent done', flush=True)\n"
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX sessions")
+@pytest.mark.parametrize(
+    "make", [PlainAsyncioStrategy, lambda: RecordingStrategy(AsyncStrategy())], ids=["own", "wrap"]
+)
+async def test_the_run_path_ends_a_custom_strategys_run_whoever_holds_the_pipes(
+    make: Callable[[], SubprocessStrategy],
+) -> None:
+    # The default wait_exit/release_pipes hooks serve any asyncio process: the run ends once the
+    # child exits (asyncio's wait() on 3.11 would wait for the escaped holder), output kept.
+    mark, env = marked_env()
+    try:
+        async with pq.SubprocessWrapper(strategy=make(), grace_period=0.2) as wrapper:
+            for run in (
+                lambda: wrapper.run(*py(ESCAPED_HOLDER), env=env),
+                lambda: collect(wrapper.stream(*py(ESCAPED_HOLDER), env=env)),
+            ):
+                result = await asyncio.wait_for(run(), 20)
+                assert result == b"parent done\n" or (
+                    isinstance(result, pq.ProcessResult)
+                    and (result.returncode, result.stdout) == (0, b"parent done\n")
+                )
+    finally:
+        await asyncio.to_thread(survivors_after, mark, 0.0)
+
+
+async def collect(stream: pq.LineStream[bytes]) -> bytes:
+    async with stream as lines:
+        return b"".join([line async for line in lines])
 
 
 async def test_a_module_run_records_the_custom_mode(tmp_path: Path) -> None:

@@ -51,11 +51,11 @@ def test_groups_with_runners_ignores_zombies() -> None:
 
 def test_scan_proc_parses_names_with_spaces_and_parentheses(tmp_path: Path) -> None:
     def stat(pid: int, name: str, state: str, ppid: int, pgid: int, start: int) -> None:
-        between = " ".join(["0"] * 16)  # fields 6-21 (session ... itrealvalue)
+        between = " ".join(["0"] * 15)  # fields 7-21 (tty_nr ... itrealvalue)
         after = " ".join(["0"] * 30)
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "stat").write_text(
-            f"{pid} ({name}) {state} {ppid} {pgid} {between} {start} {after}\n"
+            f"{pid} ({name}) {state} {ppid} {pgid} {pgid + 100} {between} {start} {after}\n"
         )
 
     stat(5, "a b) (c", "T", 1, 5, 777)
@@ -63,7 +63,10 @@ def test_scan_proc_parses_names_with_spaces_and_parentheses(tmp_path: Path) -> N
     (tmp_path / "self").mkdir()  # not a pid: skipped
     (tmp_path / "7").mkdir()  # vanished meanwhile: no stat file
     t = scan_proc(str(tmp_path))
-    assert t.entries == {5: ProcessEntry(5, 1, 5, "T", 777.0), 6: ProcessEntry(6, 5, 5, "S", 778.0)}
+    assert t.entries == {
+        5: ProcessEntry(5, 1, 5, "T", 777.0, sid=105),
+        6: ProcessEntry(6, 5, 5, "S", 778.0, sid=105),
+    }
     assert proc_state(5, str(tmp_path)) == "T"
     assert proc_state(7, str(tmp_path)) == "X"
 
@@ -75,7 +78,7 @@ def test_scan_proc_sees_a_real_child_in_its_group() -> None:
     try:
         t = scan_proc()
         entry = t.entries[child.pid]
-        assert entry.ppid == os.getpid() and entry.pgid == child.pid
+        assert entry.ppid == os.getpid() and entry.pgid == child.pid == entry.sid
         assert child.pid in {e.pid for e in t.descendants(os.getpid())}
         assert t.groups_with_runners([child.pid]) == {child.pid}
         assert proc_state(child.pid) in "RS"

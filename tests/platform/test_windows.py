@@ -3,17 +3,27 @@ injected (nothing here has run on real Windows yet; see docs/WINDOWS.md)."""
 
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
+from typing import Any
 
 from platform_fakes import FakeProc, TreeProc, recorder
 
 from prismq_subprocess._platform import (
     CREATE_NEW_PROCESS_GROUP,
     CTRL_BREAK_EVENT,
+    Containment,
     StopTarget,
     is_proactor_loop,
     platform_ops,
     policy_uses_proactor,
+)
+from prismq_subprocess._platform._job import (
+    JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE,
+    Accounting,
+    ExtendedLimits,
+    JobObjects,
 )
 
 
@@ -72,7 +82,7 @@ def test_windows_finds_what_an_exited_child_left_running() -> None:
 
 
 async def test_windows_stop_of_an_exited_child_kills_its_leftovers() -> None:
-    from prismq_subprocess._core._tree_stop import register_group, stop_process_tree
+    from prismq_subprocess._core._tree_stop import register_child, stop_process_tree
 
     class Exited:
         pid = 1234
@@ -91,7 +101,7 @@ async def test_windows_stop_of_an_exited_child_kills_its_leftovers() -> None:
     _, kill = recorder()
     ops = platform_ops("win32", kill=kill, process_iter=lambda: [leftover])
     child = Exited()
-    register_group(child, True)
+    register_child(child, True)
     assert await stop_process_tree(child, grace=0.05, ops=ops) == 0  # type: ignore[arg-type]
     assert leftover.signals == [signal.SIGTERM]  # asked first
     assert leftover.killed  # it ignored the request: killed after the grace period
@@ -120,3 +130,90 @@ def test_windows_stop_of_running_children_in_one_batch() -> None:
     assert child_of_grouped.killed and grandchild.killed and child_of_plain.killed
     assert not stranger.killed
     assert ops.lingering([grouped, plain]) == [False, False]
+
+
+class FakeKernel32:
+    """Records the Job Object calls; jobs are numbers, processes are pids + 10_000."""
+
+    def __init__(self, active: int = 0) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.limit_flags: dict[int, int] = {}
+        self.members: dict[int, set[int]] = {}
+        self.active = active
+        self._next = 100
+
+    def CreateJobObjectW(self, attributes: Any, name: Any) -> int:
+        self._next += 1
+        self.calls.append(("create", self._next))
+        self.members[self._next] = set()
+        return self._next
+
+    def SetInformationJobObject(self, job: int, info_class: int, info: Any, size: int) -> int:
+        limits = ctypes.cast(info, ctypes.POINTER(ExtendedLimits)).contents
+        self.limit_flags[job] = limits.BasicLimitInformation.LimitFlags
+        self.calls.append(("set", job, info_class))
+        return 1
+
+    def QueryInformationJobObject(
+        self, job: int, info_class: int, info: Any, size: int, returned: Any
+    ) -> int:
+        ctypes.cast(info, ctypes.POINTER(Accounting)).contents.ActiveProcesses = self.active
+        self.calls.append(("query", job, info_class))
+        return 1
+
+    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:
+        self.calls.append(("open", pid, access))
+        return pid + 10_000
+
+    def AssignProcessToJobObject(self, job: int, process: int) -> int:
+        self.members[job].add(process - 10_000)
+        self.calls.append(("assign", job, process))
+        return 1
+
+    def TerminateJobObject(self, job: int, exit_code: int) -> int:
+        self.calls.append(("terminate", job))
+        return 1
+
+    def CloseHandle(self, handle: int) -> int:
+        self.calls.append(("close", handle))
+        return 1
+
+
+def test_each_run_gets_a_job_object_that_the_stop_kills_in_one_call() -> None:
+    kernel = FakeKernel32()
+    ops = platform_ops("win32", kill=recorder()[1], process_iter=lambda: [],
+                       jobs=JobObjects(kernel))
+    report = ops.containment_report()
+    assert report.mechanisms == ("job-object", "process-group")
+    assert "kill-on-close" in report.die_with_host
+    kwargs, containment = ops.prepare_spawn({"cwd": "x"}, die_with_host=False)
+    assert kwargs == {"cwd": "x"} and containment.job == 101
+    assert 101 not in kernel.limit_flags  # no kill-on-close unless asked
+    ops.adopt(4242, containment)
+    assert kernel.members[101] == {4242}
+    assert ("close", 14242) in kernel.calls  # the process handle, not the job
+    [record] = ops.ask_to_stop([StopTarget(4242, True, containment=containment)])
+    kernel.active = 2
+    assert ops.lingering([record]) == [True]  # the job still has running processes
+    ops.kill_trees([record])
+    assert ("terminate", 101) in kernel.calls
+    kernel.active = 0
+    assert ops.lingering([record]) == [False]
+    assert ("close", 101) not in kernel.calls  # kept while the child's process object lives
+    ops.release(containment)
+    assert kernel.calls[-1] == ("close", 101)
+
+
+def test_die_with_host_marks_the_job_kill_on_close() -> None:
+    kernel = FakeKernel32()
+    ops = platform_ops("win32", jobs=JobObjects(kernel))
+    _, containment = ops.prepare_spawn({}, die_with_host=True)
+    assert containment.job is not None
+    assert kernel.limit_flags[containment.job] == JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+
+
+def test_without_job_objects_windows_falls_back_to_the_process_tree() -> None:
+    ops = platform_ops("win32", jobs=None)
+    assert ops.prepare_spawn({}, die_with_host=True)[1] == Containment()
+    assert ops.containment_report().mechanisms == ("process-group",)
+    assert JobObjects.load() is None or sys.platform == "win32"

@@ -1,0 +1,330 @@
+"""Running a child to its end: the one path ``run()``, ``stream()`` and ``ModuleRunner`` share.
+
+anyio writes ``run_process`` once, on top of ``open_process``, and no backend re-implements it. We
+do the same: a strategy starts the child (``SubprocessStrategy.spawn``) and answers the two
+questions only it can (:class:`ChildControl`: when has the child itself exited, and how do we let
+go of its pipes); everything else about taking a child to its end is written here, once:
+
+- **The drain rule** (:data:`DRAIN_SECONDS`): what happens to output still arriving after the
+  child exited, and to a leftover process holding the pipes (see the constant).
+- **Stopping**: on cancellation, timeout or error the child's whole tree is stopped (SIGTERM, the
+  grace period, SIGKILL) before the exception propagates; a second cancellation while stopping
+  kills what is left at once and still waits for the child (:meth:`ChildRun.stop`).
+- **The result**: :func:`run_to_completion` is the only place a :class:`ProcessResult` is made.
+
+A strategy may read the output its own way (LOCAL reads in its worker thread, DRY_RUN answers from
+its script): it hands :class:`ChildRun` the futures that finish when the output is read, and the
+rules above apply unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Protocol
+
+from .._platform import PlatformOps, platform_ops
+from ._exceptions import ProcessTimeoutError
+from ._modes import RunMode
+from ._process import ProcessLike
+from ._result import ProcessResult, TailBuffer
+from ._tree_stop import kill_tree_now, stop_process_tree
+
+__all__ = ["DRAIN_SECONDS", "ChildControl", "ChildRun", "discard_output", "run_to_completion"]
+
+logger = logging.getLogger(__name__)
+
+#: How long, after the child itself has exited, we keep reading output that is still arriving.
+#:
+#: The child's own output is in the pipe when it exits; what can still come is written by a
+#: descendant that inherited the pipe (a helper finishing up, or something left running). If the
+#: pipes are not at end of file within this time, the rest of the child's tree is stopped
+#: (SIGTERM, grace period, SIGKILL: ``KillMode=control-group``) and its output read for up to this
+#: long again. A pipe still open after that is held by a process outside the tree (one that left
+#: the child's session and was re-parented, e.g. a daemon): we close our end, keep what was read,
+#: and end the run. That process keeps running; its next write to the pipe fails (SIGPIPE/EPIPE).
+#:
+#: Long enough that a loaded machine delivering the last bytes late does not get a helper stopped;
+#: short enough that a child leaving a daemon behind does not keep its caller waiting.
+DRAIN_SECONDS = 0.5
+
+_READ_CHUNK = 256 * 1024
+
+
+class ChildControl(Protocol):
+    """What the run path asks of the strategy that started a child (every strategy is one)."""
+
+    @property
+    def mode(self) -> RunMode | str:
+        """The mode the child runs in (it goes into the result)."""
+        ...
+
+    async def wait_exit(self, process: ProcessLike) -> int:
+        """Return the child's exit status once it has exited, even while something it started
+        still holds its pipes open (asyncio's own ``wait()`` on 3.11 waits for the pipes too)."""
+        ...
+
+    def release_pipes(self, process: ProcessLike) -> None:
+        """Close our ends of the child's pipes: its readers get what was already read, then end
+        of file, and the descriptors are freed. Called once the child has exited or been
+        stopped."""
+        ...
+
+
+class ChildRun:
+    """A started child and the readers of its output, taken to its end by the rules above.
+
+    The owner starts readers (:meth:`capture`, :meth:`read`, :meth:`feed`), waits with
+    :meth:`wait_exit`, ends with :meth:`finish` (the child exited by itself) or :meth:`abort`
+    (cancellation, timeout, error), and always calls :meth:`aclose` last.
+
+    ``stop`` replaces the default tree stop (``stop_process_tree`` with ``grace``), e.g. to go
+    through a ``ProcessManager`` whose stops are shared. ``readers`` are futures already reading
+    the child's output (a strategy that reads it itself passes them).
+    """
+
+    def __init__(
+        self,
+        process: ProcessLike,
+        control: ChildControl,
+        *,
+        grace: float,
+        ops: PlatformOps | None = None,
+        stop: Callable[[], Awaitable[object]] | None = None,
+        readers: Iterable[asyncio.Future[Any]] = (),
+    ) -> None:
+        self.process = process
+        self.control = control
+        self.grace = grace
+        self._ops = ops or platform_ops()
+        self._stop_tree = stop
+        self._readers: list[asyncio.Future[Any]] = list(readers)
+        self._released = False
+
+    @property
+    def mode(self) -> RunMode | str:
+        """The mode of the strategy that started the child."""
+        return self.control.mode
+
+    # -- readers ------------------------------------------------------------------------------
+    def read(self, reader: Coroutine[Any, Any, object] | asyncio.Future[Any]) -> None:
+        """Make ``reader`` (a coroutine reading one of the child's pipes to its end, run as a
+        task, or a future resolved when such reading is done) part of this run."""
+        self._readers.append(asyncio.ensure_future(reader))
+
+    def capture(self, stream: Any, sink: TailBuffer) -> None:
+        """Read ``stream`` (if piped) into ``sink`` until end of file."""
+        if stream is not None:
+            self.read(_copy(stream, sink))
+
+    def feed(self, stdin: Any, data: bytes) -> None:
+        """Write ``data`` to the child's ``stdin``, then close it (a child that stops reading is
+        not an error, as in ``communicate()``)."""
+        if stdin is not None:
+            self.read(_feed(stdin, data))
+
+    def reader_error(self) -> BaseException | None:
+        """The first error a finished reader raised, if any."""
+        for reader in self._readers:
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                return reader.exception()
+        return None
+
+    # -- the run's end ------------------------------------------------------------------------
+    async def wait_exit(self) -> int:
+        """Wait for the child itself to exit and return its status (pipes may still be open).
+
+        Cancellation: only the wait is abandoned (the owner then calls :meth:`abort`).
+        """
+        return await self.control.wait_exit(self.process)
+
+    async def finish(self) -> None:
+        """The child has exited: read the rest of its output by the drain rule (stopping the rest
+        of its tree if that keeps the pipes open)."""
+        if await self._drained():
+            return
+        logger.info(
+            "pid %d exited but its pipes are still open after %g s; stopping the rest of its tree",
+            self.process.pid,
+            DRAIN_SECONDS,
+        )
+        await self.stop()
+        await self.settle()
+
+    async def abort(self) -> None:
+        """Cancellation, timeout or error: stop the tree, then read what is left (drain rule).
+
+        Cancellation: see :meth:`stop`.
+        """
+        await self.stop()
+        await self.settle()
+
+    async def stop(self) -> None:
+        """Stop the child and its tree (SIGTERM, grace period, SIGKILL) and wait for the child.
+
+        Safe on a child that already exited (members of its group it left are stopped).
+
+        Cancellation: a cancellation arriving while stopping kills what is left at once, still
+        waits for the child, then propagates; the tree is never left half-stopped.
+        """
+        stopper = asyncio.ensure_future(self._stop())
+        try:
+            await asyncio.shield(stopper)
+        except asyncio.CancelledError:
+            kill_tree_now(self.process, self._ops)
+            with contextlib.suppress(BaseException):
+                await stopper
+            raise
+
+    async def _stop(self) -> None:
+        if self._stop_tree is not None:
+            await self._stop_tree()
+        else:
+            await stop_process_tree(self.process, grace=self.grace, ops=self._ops)
+
+    async def settle(self) -> None:
+        """After the child ended (and its tree was stopped): read for up to
+        :data:`DRAIN_SECONDS`, then let go of pipes something outside the tree still holds."""
+        if await self._drained():
+            return
+        logger.warning(
+            "pid %d: a process outside its tree still holds its pipes; closing our end",
+            self.process.pid,
+        )
+        self._release()
+        if not await self._drained():
+            self._cancel_readers()
+
+    async def _drained(self) -> bool:
+        """Whether every reader reached end of file within :data:`DRAIN_SECONDS`."""
+        pending = [reader for reader in self._readers if not reader.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=DRAIN_SECONDS)
+            return not still
+        return True
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.control.release_pipes(self.process)
+
+    def _cancel_readers(self) -> list[asyncio.Future[Any]]:
+        pending = [reader for reader in self._readers if not reader.done()]
+        for reader in pending:
+            reader.cancel()
+        return pending
+
+    def discard(self) -> None:
+        """Synchronously kill the tree and drop the readers (a run nobody will supervise)."""
+        kill_tree_now(self.process, self._ops)
+        self._release()
+        self._cancel_readers()
+
+    async def aclose(self) -> None:
+        """End of the owner's scope: readers still going are stopped and the pipes let go (the
+        owner has already waited for, or stopped, the child). Idempotent."""
+        pending = [reader for reader in self._readers if not reader.done()]
+        if pending:
+            self._release()
+            self._cancel_readers()
+            await asyncio.wait(pending)
+        for reader in self._readers:  # retrieved, so asyncio does not log them as unhandled
+            if not reader.cancelled():
+                reader.exception()
+
+
+async def run_to_completion(
+    start: Callable[[TailBuffer, TailBuffer], Awaitable[ChildRun]],
+    *,
+    display: tuple[str, ...] | str,
+    timeout: float | None,
+    max_output_bytes: int | None,
+) -> ProcessResult:
+    """Start a child with ``start`` and take it to its end; the body of
+    ``SubprocessWrapper.run()``.
+
+    ``start(out, err)`` spawns the child and returns its :class:`ChildRun` with readers filling
+    ``out``/``err`` (each keeping its last ``max_output_bytes``). ``timeout`` covers everything
+    from the start.
+
+    Timeout: the tree is stopped and :class:`ProcessTimeoutError` carries the output read so far.
+    Cancellation: the tree is stopped (see :meth:`ChildRun.stop`) before ``CancelledError``
+    propagates; a spawn cancelled midway kills the child it was starting.
+
+    Raises:
+        ProcessTimeoutError: ``timeout`` expired.
+    """
+    out = TailBuffer(max_output_bytes)
+    err = TailBuffer(max_output_bytes)
+    started = time.perf_counter()
+    run: ChildRun | None = None
+    scope = asyncio.timeout(timeout)
+    try:
+        try:
+            async with scope:
+                run = await start(out, err)
+                await run.wait_exit()
+                await run.finish()
+        except BaseException:
+            if run is not None:
+                await run.abort()
+            raise
+        finally:
+            if run is not None:
+                await run.aclose()
+    except TimeoutError:
+        if not scope.expired():
+            raise  # a TimeoutError from elsewhere: the tree was stopped all the same
+        raise ProcessTimeoutError(
+            cmd=display,
+            timeout=timeout or 0.0,
+            returncode=None if run is None else run.process.returncode,
+            stdout=out.getvalue(),
+            stderr=err.getvalue(),
+        ) from None
+    assert run is not None
+    error = run.reader_error()
+    if error is not None:
+        raise error
+    returncode = run.process.returncode
+    assert returncode is not None
+    return ProcessResult(
+        args=display,
+        returncode=returncode,
+        stdout=out.getvalue(),
+        stderr=err.getvalue(),
+        pid=run.process.pid,
+        duration=time.perf_counter() - started,
+        mode=run.mode,
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+        stdout_total_bytes=out.total,
+        stderr_total_bytes=err.total,
+    )
+
+
+async def _copy(stream: Any, sink: TailBuffer) -> None:
+    read = stream.read
+    append = sink.append
+    while chunk := await read(_READ_CHUNK):
+        append(chunk)
+
+
+async def discard_output(stream: Any) -> None:
+    """Read ``stream`` to its end, dropping the bytes (so a pipe nobody reads can close)."""
+    read = stream.read
+    while await read(_READ_CHUNK):
+        pass
+
+
+async def _feed(stdin: Any, data: bytes) -> None:
+    try:
+        stdin.write(data)
+        await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the child does not want more input; as communicate() does, ignore it
+    finally:
+        stdin.close()

@@ -1,0 +1,95 @@
+"""A per-run cookie in the child's environment, inherited by every descendant.
+
+Jenkins' ProcessTreeKiller finds a build's processes this way: whatever became of the parent
+chain (a double-forked daemon is re-parented to init, or to us), the environment a process was
+started with still carries the variable. The variable's name is unique to this host process
+(``PRISMQ_RUN_<token>``) and its value numbers the run, so nested hosts (a child that itself runs
+children through prismq_subprocess) keep both their cookies.
+
+A process that replaces its environment before ``exec`` (``env -i``, ``clearenv()``) drops the
+cookie and can only be found by the other means.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+from collections.abc import Mapping
+
+import psutil
+
+__all__ = ["COOKIE_PREFIX", "Cookies"]
+
+#: Every cookie variable starts with this.
+COOKIE_PREFIX = "PRISMQ_RUN_"
+_ENVIRON_LIMIT = 1 << 20
+
+
+class Cookies:
+    """Issues run numbers under one variable name of this host process, and reads them back."""
+
+    def __init__(self, token: str | None = None, proc_root: str | None = None) -> None:
+        #: Unique to this host process (and its part of the variable's name).
+        self.token = token or f"{os.getpid():X}{secrets.token_hex(3).upper()}"
+        self.name = COOKIE_PREFIX + self.token
+        self._needle = (self.name + "=").encode()
+        self._proc_root = proc_root
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def issue(self) -> str:
+        """A cookie value no other run of this host process has."""
+        with self._lock:
+            return str(next(self._numbers))
+
+    def child_env(self, env: Mapping[str, str] | None, value: str) -> dict[str, str]:
+        """``env`` (default: this process's environment) plus the cookie."""
+        out = dict(os.environ if env is None else env)
+        out[self.name] = value
+        return out
+
+    def parse(self, environ: bytes) -> str | None:
+        """The cookie value in a raw ``NUL``-separated environment block, or None."""
+        if environ.startswith(self._needle):
+            start = len(self._needle)
+        else:
+            at = environ.find(b"\0" + self._needle)
+            if at < 0:
+                return None
+            start = at + 1 + len(self._needle)
+        end = environ.find(b"\0", start)
+        return environ[start : end if end >= 0 else len(environ)].decode("ascii", "replace")
+
+    def read(self, pid: int) -> str | None:
+        """The cookie value in ``pid``'s environment; None when absent or unreadable (another
+        user's process, a zombie, gone)."""
+        if self._proc_root is not None:
+            raw = _read_environ(f"{self._proc_root}/{pid}/environ")
+            return None if raw is None else self.parse(raw)
+        try:
+            return psutil.Process(pid).environ().get(self.name)
+        except (psutil.Error, OSError):
+            return None
+
+
+def _read_environ(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        size = 0
+        while size < _ENVIRON_LIMIT:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

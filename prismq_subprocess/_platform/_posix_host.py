@@ -1,0 +1,269 @@
+"""The POSIX host's containment: the cookie always, a cgroup v2 sub-group per run and the child
+subreaper where Linux allows them. Chosen once, on first use, and logged.
+
+``PRISMQ_CGROUP=0`` and ``PRISMQ_SUBREAPER=0`` in the environment turn those two off (both
+change how this process relates to the system: a sub-group per run next to it, orphans of its
+children re-parented to it); ``PRISMQ_COOKIE=0`` leaves children's environments alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ._cgroup import Cgroups
+from ._containment import Containment, ContainmentReport
+from ._cookie import Cookies
+from ._linux import Prctl, become_subreaper, load_prctl, pre_exec
+from ._reaper import Reaper
+
+__all__ = ["PosixHost", "posix_host"]
+
+logger = logging.getLogger("prismq_subprocess.containment")
+
+_CGROUP_SWEEP_EVERY = 1.0
+
+
+def _enabled(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class PosixHost:
+    """Containment of this process's children on Linux and macOS."""
+
+    def __init__(
+        self,
+        *,
+        proc_root: str | None = "/proc",
+        environ: Mapping[str, str] | None = None,
+        use_cgroup: bool | None = None,
+        use_subreaper: bool | None = None,
+        use_cookie: bool | None = None,
+        prctl: Prctl | None = None,
+    ) -> None:
+        env = os.environ if environ is None else environ
+        linux = proc_root is not None and os.path.exists(f"{proc_root}/self/stat")
+        self._proc_root = proc_root if linux else None
+        self._want_cgroup = linux and (
+            _enabled(env, "PRISMQ_CGROUP") if use_cgroup is None else use_cgroup
+        )
+        self._want_subreaper = linux and (
+            _enabled(env, "PRISMQ_SUBREAPER") if use_subreaper is None else use_subreaper
+        )
+        self._use_cookie = _enabled(env, "PRISMQ_COOKIE") if use_cookie is None else use_cookie
+        self._prctl_override = prctl
+        self.cookies = Cookies(proc_root=self._proc_root)
+        self.cgroups: Cgroups | None = None
+        self.prctl: Prctl | None = None
+        self.subreaper = False
+        self.reaper: Reaper | None = None
+        self._notes: list[str] = []
+        self._active = False
+        # Re-entrant: release() also runs from garbage collection, possibly in a thread that
+        # is inside another method of this object.
+        self._lock = threading.RLock()
+        # Run sub-groups by path: True once the child is in (only then may an empty one go).
+        self._run_cgroups: dict[str, bool] = {}
+        # Cookie values issued whose child is not registered yet, and the child of each run
+        # that is (while it runs).
+        self._pending: set[str] = set()
+        self._leader_of: dict[str, int] = {}
+        self._cookie_of: dict[int, str] = {}
+        self._runs = 0
+        self._last_cgroup_sweep = 0.0
+
+    # -- choosing, once ----------------------------------------------------------------------
+    def activate(self) -> None:
+        """Probe and switch on what this host allows (first call only)."""
+        with self._lock:
+            if self._active:
+                return
+            self._active = True
+            if self._proc_root is not None:
+                self.prctl = self._prctl_override or load_prctl()
+            if self._want_cgroup and self._proc_root is not None:
+                self.cgroups = Cgroups.probe(self._proc_root, f"prismq-probe-{os.getpid()}")
+                if self.cgroups is None:
+                    self._notes.append("no writable cgroup v2 directory for sub-groups")
+                elif not self.cgroups.can_kill:
+                    self._notes.append("no cgroup.kill (Linux < 5.14): members killed one by one")
+            if self._want_subreaper and self.prctl is not None:
+                self.subreaper = become_subreaper(self.prctl)
+                if self.subreaper:
+                    self.reaper = Reaper(
+                        self._orphan_by_cookie, self._proc_root or "/proc", self._forget
+                    )
+                else:
+                    self._notes.append("the kernel refused PR_SET_CHILD_SUBREAPER")
+        logger.info("prismq_subprocess %s", str(self.report()).replace("\n", ";"))
+
+    def report(self) -> ContainmentReport:
+        """Which means are in use (see :class:`ContainmentReport`)."""
+        mechanisms = []
+        if self.cgroups is not None:
+            mechanisms.append("cgroup")
+        if self.subreaper:
+            mechanisms.append("subreaper")
+        if self._use_cookie:
+            mechanisms.append("cookie")
+        mechanisms.append("process-group")
+        notes = list(self._notes)
+        if self._proc_root is None:
+            notes.append("no /proc: no cgroup, no subreaper; cookies are read through psutil")
+        if self._use_cookie:
+            notes.append(
+                "a process that replaces its environment before exec loses the cookie"
+                + ("" if self.cgroups else " and is then found only through the process tree")
+            )
+        if self.cgroups is not None:
+            notes.append(
+                "a child is moved into its sub-group right after exec (before exec with "
+                "die_with_host=True); what it forks in between is found by tree and cookie"
+            )
+        return ContainmentReport(
+            platform=sys.platform,
+            mechanisms=tuple(mechanisms),
+            cgroup_dir=self.cgroups.base if self.cgroups else None,
+            cookie_variable=self.cookies.name if self._use_cookie else None,
+            die_with_host=(
+                "opt-in: SubprocessWrapper(die_with_host=True) sets PR_SET_PDEATHSIG (SIGKILL) "
+                "for the direct child, tied to the spawning thread"
+                if self.prctl is not None
+                else "none"
+            ),
+            notes=tuple(notes),
+        )
+
+    # -- spawning ----------------------------------------------------------------------------
+    def prepare(
+        self, kwargs: Mapping[str, Any], die_with_host: bool
+    ) -> tuple[dict[str, Any], Containment]:
+        """``Popen`` keyword arguments that contain the child, and its containment record."""
+        self.activate()
+        out = dict(kwargs)
+        cookie = None
+        if self._use_cookie:
+            cookie = self.cookies.issue()
+            with self._lock:
+                self._pending.add(cookie)
+            out["env"] = self.cookies.child_env(out.get("env"), cookie)
+        cgroup = None
+        if self.cgroups is not None:
+            cgroup = self.cgroups.create(f"prismq-{self.cookies.token.lower()}-{self._next()}")
+            if cgroup is not None:
+                with self._lock:
+                    self._run_cgroups[cgroup] = False
+        entered = False
+        if die_with_host and (self.prctl is not None or cgroup is not None):
+            procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
+            out["preexec_fn"] = pre_exec(self.prctl, procs, out.get("preexec_fn"))
+            entered = cgroup is not None
+        return out, Containment(cookie=cookie, cgroup=cgroup, entered=entered)
+
+    def adopt(self, pid: int, containment: Containment) -> None:
+        """The child ``pid`` started: move it into its sub-group (unless it did so itself)."""
+        if containment.cookie is not None:
+            with self._lock:
+                self._pending.discard(containment.cookie)
+                # Until the run is released (its stop ended, or its process object is gone).
+                self._leader_of[containment.cookie] = pid
+                self._cookie_of[pid] = containment.cookie
+        if containment.cgroup is not None and self.cgroups is not None:
+            if not containment.entered:
+                self.cgroups.enter(containment.cgroup, pid)
+            with self._lock:
+                self._run_cgroups[containment.cgroup] = True
+        if self.reaper is not None:
+            self.reaper.spawned(pid)
+        self._sweep_cgroups(due_only=True)
+
+    def release(self, containment: Containment) -> None:
+        """The run is over (its spawn failed, or its stop finished): remove its sub-group if
+        empty."""
+        if containment.cookie is not None:
+            with self._lock:
+                self._pending.discard(containment.cookie)
+                pid = self._leader_of.pop(containment.cookie, None)
+                if pid is not None:
+                    self._cookie_of.pop(pid, None)
+        path = containment.cgroup
+        if path is None or self.cgroups is None:
+            return
+        with self._lock:
+            if path not in self._run_cgroups:  # removed already (e.g. by its stop)
+                return
+        if self.cgroups.remove(path):
+            with self._lock:
+                self._run_cgroups.pop(path, None)
+
+    def spawned_children(self) -> set[int]:
+        """pids of the children this process spawned that are still running (or unreaped)."""
+        with self._lock:
+            return set(self._cookie_of)
+
+    def _next(self) -> int:
+        with self._lock:
+            self._runs += 1
+            return self._runs
+
+    def _orphan_by_cookie(self, pid: int) -> bool:
+        """``pid`` (our child, not one we spawned) carries the cookie of a run of ours whose own
+        child is registered and is another process: it was adopted from that run's tree."""
+        value = self.cookies.read(pid)
+        if value is None:
+            return False
+        with self._lock:
+            # A run whose child is not registered yet: this may be that very child.
+            return value not in self._pending and self._leader_of.get(value) != pid
+
+    def _forget(self, pids: set[int]) -> None:
+        # Children reaped by their owners: their pids may name someone else from now on.
+        with self._lock:
+            for pid in pids:
+                value = self._cookie_of.pop(pid, None)
+                if value is not None:
+                    self._leader_of.pop(value, None)
+
+    def after_stop(self, seen: Iterable[tuple[int, float]]) -> None:
+        """A stop found these processes (pid, start) below its children: if they come to us as
+        orphans, they are ours to reap. Reap what has already come, drop empty sub-groups."""
+        if self.reaper is not None:
+            self.reaper.note(seen)
+            self.reaper.sweep()
+        self._sweep_cgroups(due_only=False)
+
+    def _sweep_cgroups(self, *, due_only: bool) -> None:
+        # Runs that ended without a stop leave their (empty) sub-group behind: remove those now
+        # and then. A populated one refuses (EBUSY), which is the test.
+        if self.cgroups is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if due_only and now - self._last_cgroup_sweep < _CGROUP_SWEEP_EVERY:
+                return
+            self._last_cgroup_sweep = now
+            ready = [path for path, adopted in self._run_cgroups.items() if adopted]
+        for path in ready:
+            with contextlib.suppress(OSError):
+                if self.cgroups.remove(path):
+                    with self._lock:
+                        self._run_cgroups.pop(path, None)
+
+
+_HOST: PosixHost | None = None
+_HOST_LOCK = threading.Lock()
+
+
+def posix_host() -> PosixHost:
+    """The containment of this process (one per process)."""
+    global _HOST
+    with _HOST_LOCK:
+        if _HOST is None:
+            _HOST = PosixHost()
+        return _HOST

@@ -1,0 +1,213 @@
+"""Issue 11 (A1): containment that does not depend on the parent chain.
+
+A module that daemonizes a helper the classic way (fork, setsid, fork again, the middle process
+exits) leaves a process that is neither in the child's group nor below it in the tree. Every
+stop must still reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import py
+from lifecycle_helpers import daemonizer, marked_env, survivors_after, wait_for_marked
+
+import prismq_subprocess as pq
+from prismq_subprocess._platform import platform_ops
+from prismq_subprocess._platform._cookie import Cookies
+from prismq_subprocess._platform._posix_host import PosixHost
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX fork; see docs/WINDOWS.md")
+
+GRACE = 2.0
+
+# The module daemonizes a helper, then keeps running (so only a stop ends it).
+DAEMONIZER = daemonizer(60, "print('ready', flush=True)\ntime.sleep(60)\n")
+
+
+async def assert_no_survivors(mark: str) -> None:
+    alive = await asyncio.to_thread(survivors_after, mark, 1.0)
+    assert alive == [], f"survivors: {[(p.pid, p.ppid()) for p in alive]}"
+
+
+async def started(mark: str) -> None:
+    # The module and its daemon (the middle process has exited).
+    await asyncio.to_thread(wait_for_marked, mark, 2)
+
+
+async def test_a_double_forked_daemon_does_not_survive_a_timeout(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    with pytest.raises(pq.ProcessTimeoutError):
+        await wrapper.run(*py(DAEMONIZER), env=env, timeout=1.5, grace_period=GRACE)
+    await assert_no_survivors(mark)
+
+
+async def test_a_double_forked_daemon_does_not_survive_a_cancel(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    task = asyncio.ensure_future(wrapper.run(*py(DAEMONIZER), env=env, grace_period=GRACE))
+    await started(mark)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await assert_no_survivors(mark)
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_a_double_forked_daemon_does_not_survive_closing_the_wrapper(mode: str) -> None:
+    mark, env = marked_env()
+    async with pq.SubprocessWrapper(mode, grace_period=GRACE) as wrapper:
+        await wrapper.create_subprocess_exec(*py(DAEMONIZER), env=env, stdout=pq.PIPE)
+        await started(mark)
+    await assert_no_survivors(mark)
+
+
+async def test_a_double_forked_daemon_does_not_survive_terminate_gracefully(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    proc = await wrapper.create_subprocess_exec(*py(DAEMONIZER), env=env)
+    await started(mark)
+    await pq.terminate_gracefully(proc, GRACE)
+    await assert_no_survivors(mark)
+
+
+# -- each means alone ---------------------------------------------------------------------------
+def _host(kind: str) -> PosixHost:
+    if kind == "cookie":
+        return PosixHost(use_cgroup=False, use_subreaper=False)
+    if kind == "subreaper+cookie":
+        return PosixHost(use_cgroup=False)
+    host = PosixHost(use_cookie=False, use_subreaper=False)
+    host.activate()
+    if host.cgroups is None:
+        pytest.skip("no writable cgroup v2 directory here")
+    return host
+
+
+MEANS = {
+    "cookie": ("cookie", "process-group"),
+    "subreaper+cookie": ("subreaper", "cookie", "process-group"),
+    "cgroup": ("cgroup", "process-group"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MEANS))
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_each_means_alone_reaches_the_daemon(kind: str, mode: str) -> None:
+    host = _host(kind)
+    ops = platform_ops(sys.platform, host=host)
+    assert ops.containment_report().mechanisms == MEANS[kind]
+    mark, env = marked_env()
+    async with pq.SubprocessWrapper(mode, grace_period=GRACE, ops=ops) as wrapper:
+        with pytest.raises(pq.ProcessTimeoutError):
+            await wrapper.run(*py(DAEMONIZER), env=env, timeout=1.5)
+    await assert_no_survivors(mark)
+
+
+async def test_without_containment_the_daemon_escapes() -> None:
+    # The reproduction of issue 11: process groups and the parent chain alone miss it.
+    ops = platform_ops(sys.platform, host=None)
+    mark, env = marked_env()
+    async with pq.SubprocessWrapper("async", grace_period=GRACE, ops=ops) as wrapper:
+        with pytest.raises(pq.ProcessTimeoutError):
+            await wrapper.run(*py(DAEMONIZER), env=env, timeout=1.5)
+    escaped = await asyncio.to_thread(survivors_after, mark, 1.0)  # (and kills them)
+    assert len(escaped) == 1
+
+
+# -- the report ---------------------------------------------------------------------------------
+def test_containment_report_names_the_means_in_use(caplog: pytest.LogCaptureFixture) -> None:
+    report = pq.containment_report()
+    assert isinstance(report, pq.ContainmentReport)
+    assert report.mechanisms[-2:] == ("cookie", "process-group")
+    assert report.strongest == report.mechanisms[0]
+    assert report.cookie_variable and report.cookie_variable.startswith("PRISMQ_RUN_")
+    assert "containment:" in str(report) and report.strongest in str(report)
+    with caplog.at_level(logging.INFO, logger="prismq_subprocess.containment"):
+        PosixHost(use_cgroup=False, use_subreaper=False).activate()
+    assert "containment: cookie + process-group" in caplog.text
+
+
+def test_a_host_without_proc_uses_the_cookie_through_psutil(tmp_path: Path) -> None:
+    host = PosixHost(proc_root=str(tmp_path))  # as on macOS: no /proc
+    report = platform_ops("darwin", host=host).containment_report()
+    assert report.mechanisms == ("cookie", "process-group")
+    assert any("no /proc" in note for note in report.notes)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"],
+        env=host.cookies.child_env(None, "42"),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        assert host.cookies.read(child.pid) == "42"
+        assert Cookies(token="OTHER").read(child.pid) is None
+    finally:
+        child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+
+
+def test_cookie_parsing() -> None:
+    cookies = Cookies(token="T0K")
+    assert cookies.name == "PRISMQ_RUN_T0K"
+    assert cookies.parse(b"A=1\0PRISMQ_RUN_T0K=17\0B=2\0") == "17"
+    assert cookies.parse(b"PRISMQ_RUN_T0K=3") == "3"
+    assert cookies.parse(b"A=1\0XPRISMQ_RUN_T0K=9\0") is None
+    assert cookies.parse(b"PRISMQ_RUN_OTHER=5\0") is None
+    assert cookies.child_env({"A": "1"}, "4") == {"A": "1", "PRISMQ_RUN_T0K": "4"}
+    assert cookies.issue() != cookies.issue()
+
+
+# -- dying with the host (A4) -------------------------------------------------------------------
+HOST = (
+    "import asyncio, sys\n"
+    "import prismq_subprocess as pq\n"
+    "async def main():\n"
+    "    w = pq.SubprocessWrapper(sys.argv[1], die_with_host=sys.argv[2] == 'yes')\n"
+    "    p = await w.create_subprocess_exec('sleep', '60', stdout=pq.DEVNULL)\n"
+    "    try:\n"
+    "        with open(f'/proc/{p.pid}/cgroup') as f:\n"
+    "            cgroup = f.read().strip().splitlines()[-1]\n"
+    "    except OSError:\n"
+    "        cgroup = 'none'\n"
+    "    print(p.pid, cgroup, flush=True)\n"
+    "    await asyncio.sleep(60)\n"
+    "asyncio.run(main())\n"
+)
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+@pytest.mark.parametrize("die_with_host", [True, False])
+async def test_children_die_with_a_killed_host_when_asked(mode: str, die_with_host: bool) -> None:
+    mark, env = marked_env()
+    host = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOST, mode, "yes" if die_with_host else "no",
+        env=env, stdout=asyncio.subprocess.PIPE,
+    )
+    assert host.stdout is not None
+    pid, cgroup = (await asyncio.wait_for(host.stdout.readline(), 30)).decode().split(" ", 1)
+    if die_with_host and PosixHost().report().cgroup_dir is not None:
+        # The child moved itself into its run's sub-group before exec.
+        assert "/prismq-" in cgroup, cgroup
+    host.kill()  # SIGKILL: no clean-up code of the host runs
+    await host.wait()
+    survivors = await asyncio.to_thread(survivors_after, mark, 2.0)
+    assert [p.pid for p in survivors] == ([] if die_with_host else [int(pid)])
+    # The child was re-parented to this test process (a child subreaper) and ended by someone
+    # else (its parent-death signal, or the kill above): no run of ours started it and no stop
+    # saw it, so the library rightly leaves its reaping alone.
+    with contextlib.suppress(ChildProcessError):
+        await asyncio.to_thread(os.waitpid, int(pid), 0)

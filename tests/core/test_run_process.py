@@ -1,0 +1,164 @@
+"""The one run path (``_core/_run_process.py``): the drain rule and the stops, in every mode."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+from conftest import WRAPPER_FACTORIES
+from helpers import py
+from lifecycle_helpers import (
+    STUBBORN_CHILD,
+    marked,
+    marked_env,
+    resource_counts,
+    settle,
+    survivors_after,
+    wait_for_marked,
+)
+
+import prismq_subprocess as pq
+from prismq_subprocess._core._run_process import DRAIN_SECONDS
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees and fds")
+
+# The child starts a helper in its group that prints a line and then lingers holding the pipes;
+# the child waits until the line is out, then exits.
+LINGERING_HELPER = (
+    "import os, subprocess, sys, tempfile, time\n"
+    "flag = tempfile.mktemp()\n"
+    'helper = f\'import pathlib, time; print("helper up", flush=True); '
+    "pathlib.Path({flag!r}).touch(); time.sleep(60)'\n"
+    "subprocess.Popen([sys.executable, '-c', helper])\n"
+    "while not os.path.exists(flag):\n"
+    "    time.sleep(0.01)\n"
+    "os.unlink(flag)\n"
+    "print('parent done', flush=True)\n"
+)
+
+# The child starts a process that leaves its session (out of reach of any group stop) and holds
+# stdout and stderr, then exits.
+ESCAPED_HOLDER = (
+    "import subprocess, sys\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],"
+    " start_new_session=True)\n"
+    "print('parent done', flush=True)\n"
+)
+
+
+async def kill_marked(mark: str) -> None:
+    await asyncio.to_thread(survivors_after, mark, 0.0)
+
+
+def test_the_drain_rule_is_one_documented_constant() -> None:
+    assert 0 < DRAIN_SECONDS <= 1.0
+
+
+async def test_a_lingering_helper_is_stopped_and_its_output_kept(
+    any_wrapper: pq.SubprocessWrapper,
+) -> None:
+    if any_wrapper.mode is pq.RunMode.DRY_RUN:
+        pytest.skip("DRY_RUN starts nothing")
+    mark, env = marked_env()
+    result = await asyncio.wait_for(
+        any_wrapper.run(*py(LINGERING_HELPER), env=env, grace_period=0.5), 30
+    )
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [b"helper up", b"parent done"]
+    assert await asyncio.to_thread(survivors_after, mark, 1.0) == []
+
+
+async def test_run_lets_go_of_pipes_an_escaped_process_holds(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    try:
+        await wrapper.run(*py("pass"))
+        baseline = resource_counts()
+        for _ in range(3):
+            result = await asyncio.wait_for(
+                wrapper.run(*py(ESCAPED_HOLDER), env=env, grace_period=0.2), 30
+            )
+            assert (result.returncode, result.stdout) == (0, b"parent done\n")
+        # Containment (the run's environment cookie, a cgroup sub-group, the subreaper) reaches
+        # even a process that left the tree; with only process groups it is out of reach and
+        # keeps running. Either way our ends of its pipes are let go of.
+        contained = pq.containment_report().mechanisms != ("process-group",)
+        assert len(await asyncio.to_thread(survivors_after, mark, 2.0)) == (0 if contained else 3)
+        now = await asyncio.to_thread(settle, baseline, (3, 2))
+        assert now[1] <= baseline[1] + 2, f"descriptors leaked: {baseline} -> {now}"
+    finally:
+        await kill_marked(mark)
+
+
+async def test_stream_lets_go_of_pipes_an_escaped_process_holds(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    try:
+        await wrapper.run(*py("pass"))
+        baseline = resource_counts()
+        async with wrapper.stream(*py(ESCAPED_HOLDER), env=env, grace_period=0.2) as lines:
+            got = [line async for line in lines]
+        assert got == [b"parent done\n"]
+        assert lines.returncode == 0
+        with pytest.raises(pq.ProcessTimeoutError):
+            async with wrapper.stream(
+                *py(ESCAPED_HOLDER + "import time; time.sleep(30)\n"),
+                env=env,
+                timeout=1.0,
+                grace_period=0.2,
+            ) as lines:
+                async for _ in lines:
+                    pass
+        now = await asyncio.to_thread(settle, baseline, (3, 2))
+        assert now[1] <= baseline[1] + 2, f"descriptors leaked: {baseline} -> {now}"
+    finally:
+        await kill_marked(mark)
+
+
+async def test_stream_ends_when_a_lingering_helper_is_stopped(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    async with wrapper.stream(*py(LINGERING_HELPER), env=env, grace_period=0.5) as lines:
+        got = [line async for line in lines]
+    assert got == [b"helper up\n", b"parent done\n"]
+    assert lines.returncode == 0
+    assert await asyncio.to_thread(survivors_after, mark, 1.0) == []
+
+
+async def test_letting_go_keeps_what_a_slow_consumer_has_not_read(
+    wrapper: pq.SubprocessWrapper, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A 1 MiB pipe lets the child write 600 KB and exit although nobody reads; the holder out of
+    # reach keeps the pipe open, so it is let go of while most of the output still waits in it.
+    mark, env = marked_env()
+    code = ESCAPED_HOLDER + "sys.stdout.write(''.join('line %06d\\n' % i for i in range(50000)))\n"
+    try:
+        async with wrapper.stream(
+            *py(code), env=env, grace_period=0.2, pipesize=1024 * 1024
+        ) as lines:
+            await asyncio.sleep(2.5)  # the child has exited and the drain rule has run out
+            got = [line async for line in lines]
+        assert got[0] == b"parent done\n"
+        assert got[1:] == [b"line %06d\n" % i for i in range(50000)]
+        assert "still holds its pipes" in caplog.text
+    finally:
+        await kill_marked(mark)
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_a_second_cancellation_kills_at_once(mode: str) -> None:
+    mark, env = marked_env()
+    async with WRAPPER_FACTORIES[mode]() as wrapper:
+        task = asyncio.ensure_future(wrapper.run(*py(STUBBORN_CHILD), env=env, grace_period=60))
+        await asyncio.to_thread(wait_for_marked, mark, 3)
+        task.cancel()
+        await asyncio.sleep(0.2)  # the stop is under way: SIGTERM sent, waiting out the grace
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 20)  # 60 s of grace if the second one were ignored
+        assert await asyncio.to_thread(survivors_after, mark, 0.0) == []

@@ -1,0 +1,107 @@
+"""cgroup v2 sub-groups: finding our cgroup, the file protocol, and the real hierarchy here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prismq_subprocess._platform._cgroup import Cgroups, find_cgroup_dir
+
+
+def fake_proc(tmp_path: Path, cgroup: str, mountinfo: str) -> str:
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "cgroup").write_text(cgroup)
+    (tmp_path / "self" / "mountinfo").write_text(mountinfo)
+    return str(tmp_path)
+
+
+def test_finds_the_cgroup_directory_in_a_hybrid_hierarchy(tmp_path: Path) -> None:
+    proc = fake_proc(
+        tmp_path,
+        "4:memory:/x\n0::/user.slice/app.scope\n",
+        "30 25 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        "35 25 0:30 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n",
+    )
+    assert find_cgroup_dir(proc) == "/sys/fs/cgroup/unified/user.slice/app.scope"
+
+
+def test_finds_the_cgroup_directory_under_a_namespaced_mount(tmp_path: Path) -> None:
+    # In a container the mount's root is the container's cgroup.
+    proc = fake_proc(
+        tmp_path,
+        "0::/docker/abc/worker\n",
+        "40 30 0:31 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+    )
+    assert find_cgroup_dir(proc) == "/sys/fs/cgroup/worker"
+
+
+def test_no_cgroup2_means_none(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, "1:cpu:/\n", "30 25 0:26 / /sys/fs/cgroup/cpu rw - cgroup cgroup\n")
+    assert find_cgroup_dir(proc) is None
+    assert find_cgroup_dir(str(tmp_path / "missing")) is None
+
+
+def test_the_file_protocol(tmp_path: Path) -> None:
+    groups = Cgroups(str(tmp_path))
+    path = groups.create("run-1")
+    assert path is not None and groups.create("run-1") is None  # exists already
+    Path(path, "cgroup.procs").write_text("12\n34\n")
+    Path(path, "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    Path(path, "cgroup.freeze").write_text("0")
+    Path(path, "cgroup.kill").write_text("")
+    assert groups.members(path) == [12, 34]
+    assert groups.populated(path) and not groups.is_frozen(path)
+    assert groups.freeze(path, True) and Path(path, "cgroup.freeze").read_text() == "1"
+    assert groups.kill(path) and Path(path, "cgroup.kill").read_text() == "1"
+    assert not groups.remove(path)  # not empty (here: files; in cgroupfs: EBUSY)
+    for f in Path(path).iterdir():
+        f.unlink()
+    assert groups.remove(path) and groups.remove(path)  # gone is removed
+    assert groups.members(path) == [] and not groups.populated(path)
+    assert groups.is_frozen(path)  # a sub-group that is gone holds nothing that could run
+
+
+def test_a_real_sub_group_holds_freezes_and_kills_a_tree() -> None:
+    groups = Cgroups.probe()
+    if groups is None:
+        pytest.skip("no writable cgroup v2 directory here")
+    path = groups.create(f"prismq-test-{time.monotonic_ns()}")
+    assert path is not None
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '30']);"
+         "print('ready', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert groups.enter(path, child.pid)
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        members = groups.members(path)
+        assert child.pid in members and len(members) == 2  # the grandchild was born inside
+        assert groups.freeze(path, True)
+        deadline = time.monotonic() + 5
+        while not groups.is_frozen(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert groups.is_frozen(path)
+        assert groups.freeze(path, False)
+        if groups.can_kill:
+            assert groups.kill(path)
+        else:
+            for pid in members:
+                subprocess.run(["kill", "-9", str(pid)], check=False)
+        assert child.wait(10) == -9
+        deadline = time.monotonic() + 5
+        while groups.populated(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not groups.populated(path)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+        groups.remove(path)

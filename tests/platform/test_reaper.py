@@ -1,0 +1,94 @@
+"""The child subreaper: orphans come to us, and we reap them, and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from helpers import py
+from lifecycle_helpers import daemonizer, marked_env, survivors_after, wait_for_marked, zombies
+
+import prismq_subprocess as pq
+from prismq_subprocess._platform._posix_host import posix_host
+from prismq_subprocess._platform._reaper import Reaper
+
+
+def reaper() -> Reaper:
+    host = posix_host()
+    host.activate()
+    if host.reaper is None:
+        pytest.skip("this host is not a child subreaper (not Linux, refused, or turned off)")
+    return host.reaper
+
+
+# A double fork whose daemon lives a moment, then exits; the middle process exits at once.
+SHORT_DAEMON = daemonizer(0.5, "print('daemon started', flush=True)\n")
+
+
+def wait_until(predicate: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_adopted_daemon_is_reaped_when_it_exits() -> None:
+    r = reaper()
+    mark, env = marked_env()
+    starter = subprocess.run([sys.executable, "-c", SHORT_DAEMON], env=env, check=True,
+                             capture_output=True, start_new_session=True)
+    assert starter.stdout == b"daemon started\n"
+    [daemon] = wait_for_marked(mark, 1)
+    assert daemon.ppid() == os.getpid()  # re-parented to us, not to init
+    before = r.reaped
+    assert r.sweep() >= 1  # seen alive: the reaper thread now watches it
+    assert wait_until(lambda: r.reaped > before)
+    assert wait_until(lambda: not psutil.pid_exists(daemon.pid) or
+                      daemon.status() != psutil.STATUS_ZOMBIE)
+
+
+def test_direct_children_are_never_reaped_by_us() -> None:
+    r = reaper()
+    same_session = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
+    own_session = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.exit(5)"], start_new_session=True
+    )
+    assert wait_until(
+        lambda: all(
+            psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE
+            for p in (same_session, own_session)
+        )
+    )
+    for _ in range(3):
+        r.sweep()
+    # Still there for their owner, with their real status.
+    assert same_session.wait() == 7
+    assert own_session.wait() == 5
+
+
+async def test_asyncio_statuses_stay_right_while_orphans_come_and_go() -> None:
+    reaper()
+    code = SHORT_DAEMON + "raise SystemExit(3)\n"
+    async with pq.SubprocessWrapper("async") as wrapper:
+        results = await asyncio.gather(*(wrapper.run(*py(code)) for _ in range(10)))
+    assert [r.returncode for r in results] == [3] * 10  # never 255: nobody stole a child
+    # The ten daemons exit after half a second; every one of them is reaped.
+    assert await asyncio.to_thread(wait_until, lambda: zombies() == [], 10.0), zombies()
+
+
+async def test_stopping_a_run_reaps_what_it_killed() -> None:
+    reaper()
+    code = daemonizer(60)
+    mark, env = marked_env()
+    async with pq.SubprocessWrapper("threaded", grace_period=1.0) as wrapper:
+        with pytest.raises(pq.ProcessTimeoutError):
+            await wrapper.run(*py(code), env=env, timeout=1.0)
+    assert await asyncio.to_thread(survivors_after, mark, 1.0) == []
+    assert await asyncio.to_thread(wait_until, lambda: zombies() == [], 5.0), zombies()

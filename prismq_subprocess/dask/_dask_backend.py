@@ -93,7 +93,8 @@ class _Remote:
 
 
 class DaskBackend(RunBackend):
-    """Run :class:`ModuleRunner` modules on a Dask distributed cluster.
+    """Run :class:`ModuleRunner` modules (and ``execute_command``/``start_command`` commands) on
+    a Dask distributed cluster.
 
     ``ModuleRunner(registry, output=capture, backend=DaskBackend("tls://scheduler:8786"))``
     starts, streams, cancels and lists runs exactly like a local runner; only where the child

@@ -87,7 +87,7 @@ def _host(kind: str) -> PosixHost:
     if kind == "cookie":
         return PosixHost(use_cgroup=False, use_subreaper=False)
     if kind == "subreaper+cookie":
-        return PosixHost(use_cgroup=False)
+        return PosixHost(use_cgroup=False, use_subreaper=True)  # opt-in
     host = PosixHost(use_cookie=False, use_subreaper=False)
     host.activate()
     if host.cgroups is None:

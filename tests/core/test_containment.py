@@ -13,8 +13,10 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import py
 from lifecycle_helpers import daemonizer, marked_env, survivors_after, wait_for_marked
@@ -22,6 +24,7 @@ from lifecycle_helpers import daemonizer, marked_env, survivors_after, wait_for_
 import prismq_subprocess as pq
 from prismq_subprocess._platform import platform_ops
 from prismq_subprocess._platform._cookie import Cookies
+from prismq_subprocess._platform._linux import PR_SET_CHILD_SUBREAPER, load_prctl
 from prismq_subprocess._platform._posix_host import PosixHost
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX fork; see docs/WINDOWS.md")
@@ -102,9 +105,27 @@ MEANS = {
 }
 
 
+@pytest.fixture
+def subreaper_undone() -> Iterator[None]:
+    """The subreaper is a property of the whole (pytest) process: turn it off again after the
+    test and reap what it adopted, so later tests do not find adopted orphans among their
+    children."""
+    before = {child.pid for child in psutil.Process().children()}
+    yield
+    prctl = load_prctl()
+    if prctl is not None:
+        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if child.pid not in before and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+
+
 @pytest.mark.parametrize("kind", list(MEANS))
 @pytest.mark.parametrize("mode", ["async", "threaded", "local"])
-async def test_each_means_alone_reaches_the_daemon(kind: str, mode: str) -> None:
+async def test_each_means_alone_reaches_the_daemon(
+    kind: str, mode: str, subreaper_undone: None
+) -> None:
     host = _host(kind)
     ops = platform_ops(sys.platform, host=host)
     assert ops.containment_report().mechanisms == MEANS[kind]

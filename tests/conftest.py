@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import faulthandler
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 import prismq_subprocess as pq
 from prismq_subprocess import RunMode
+
+# A test still running after this long is hung: dump every thread's stack and end the run, so a
+# hang costs CI minutes and says where it is, instead of holding the job until its time limit.
+HUNG_TEST_SECONDS = 240
+_REAL_STDERR: list[int] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Output capture is suspended while plugins configure: descriptor 2 is the terminal here.
+    _REAL_STDERR.append(os.dup(2))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    faulthandler.dump_traceback_later(HUNG_TEST_SECONDS, exit=True, file=_REAL_STDERR[0])
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
 
 # Each entry builds a wrapper. "threaded-waiter" is THREADED without pidfd: the route macOS takes
 # (one waiter thread per child). "threaded-threads" is the Windows route (a thread per pipe, a

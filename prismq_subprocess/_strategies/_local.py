@@ -306,6 +306,11 @@ class _Launch:
         self._own_group = strategy.ops.started_own_group(request.kwargs)
         self.spawned: asyncio.Future[LocalProcess] = loop.create_future()
         self.job: asyncio.Future[int] | None = None
+        # The process's own record of the exit, settled by the worker: ``job`` is the run's
+        # reader, which the run path cancels when it discards the run, and a cancelled future
+        # would leave ``returncode`` unset (and a tree stop waiting for it) for good.
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.exited.add_done_callback(_retrieved)
         self.watch = DrainWatch(self._exited_in_thread)
         self._process: LocalProcess | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -315,6 +320,15 @@ class _Launch:
 
     def run(self) -> int:
         """The worker's part (blocking)."""
+        try:
+            returncode = self._run()
+        except BaseException as exc:
+            _call_soon(self._loop, functools.partial(_settle, self.exited, None, exc))
+            raise
+        _call_soon(self._loop, functools.partial(_settle, self.exited, returncode, None))
+        return returncode
+
+    def _run(self) -> int:
         ops = self._strategy.ops
         popen, containment = start_popen(self._request, ops)
         with self._lock:
@@ -341,12 +355,11 @@ class _Launch:
         with self._lock:
             if self._aborted:
                 return
-        assert self.job is not None
         process = LocalProcess(
             self._loop,
             popen,
             self._strategy._drains,
-            job=self.job,
+            job=self.exited,
             buffers=(self._out, self._err),
             watch=self.watch,
         )
@@ -384,6 +397,12 @@ def _settle(job: asyncio.Future[int], result: int | None, exc: BaseException | N
     else:
         assert result is not None
         job.set_result(result)
+
+
+def _retrieved(future: asyncio.Future[int]) -> None:
+    # The job reports a failure to start too; the exit record must not log it a second time.
+    if not future.cancelled():
+        future.exception()
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

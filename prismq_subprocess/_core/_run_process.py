@@ -211,11 +211,12 @@ class ChildRun:
             self._released = True
             self.control.release_pipes(self.process)
 
-    def _cancel_readers(self) -> list[asyncio.Future[Any]]:
-        pending = [reader for reader in self._readers if not reader.done()]
-        for reader in pending:
-            reader.cancel()
-        return pending
+    def _cancel_readers(self) -> None:
+        # Only our own tasks: a future a strategy handed us (LOCAL's worker job) ends by itself
+        # once the pipes are let go of, and reports the child's status as it does.
+        for reader in self._readers:
+            if isinstance(reader, asyncio.Task) and not reader.done():
+                reader.cancel()
 
     def discard(self) -> None:
         """Synchronously kill the tree and drop the readers (a run nobody will supervise)."""

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -98,6 +99,9 @@ class SubprocessWrapper(AsyncClosing):
         self._live: set[ProcessLike] = set()
         self._prune_at = 64
         self._closed = False
+        # One future per call into a strategy still under way (resolved when it returns), so
+        # closing can wait for what is starting.
+        self._starting: set[asyncio.Future[None]] = set()
         self._retired: list[SubprocessStrategy] = []
         self._strategy.on_spawn = self._track
 
@@ -191,17 +195,24 @@ class SubprocessWrapper(AsyncClosing):
 
     async def _enter(self, call: Callable[[SubprocessStrategy], Awaitable[T]]) -> T:
         """Every way into a strategy: refuse a closed wrapper; fall back from an auto-detected
-        ASYNC whose loop cannot spawn (a pinned one raises instead)."""
+        ASYNC whose loop cannot spawn (a pinned one raises instead); let :meth:`aclose` know a
+        start is under way. The caller checks :attr:`_closed` again once it returns."""
         self._check_open()
+        starting = asyncio.get_running_loop().create_future()
+        self._starting.add(starting)
         try:
-            return await call(self._strategy)
-        except NotImplementedError as exc:
-            if self._strategy.mode is not RunMode.ASYNC:
-                raise
-            if self._decision.pinned:
-                raise self._policy_error(exc) from exc
-            self._fall_back(exc)
-            return await call(self._strategy)
+            try:
+                return await call(self._strategy)
+            except NotImplementedError as exc:
+                if self._strategy.mode is not RunMode.ASYNC:
+                    raise
+                if self._decision.pinned:
+                    raise self._policy_error(exc) from exc
+                self._fall_back(exc)
+                return await call(self._strategy)
+        finally:
+            self._starting.discard(starting)
+            starting.set_result(None)
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         process = await self._enter(lambda strategy: strategy.spawn(request))
@@ -430,10 +441,16 @@ class SubprocessWrapper(AsyncClosing):
     async def aclose(self) -> None:
         """Stop every child still running (tree stop, bounded by ``grace_period`` each, all in
         parallel) and release threads. Idempotent. Cancelling it still kills what it signalled.
+
+        A spawn or ``run()`` still starting when this is called is waited for (up to
+        ``grace_period``); it finds the wrapper closed, kills what it started and raises
+        :class:`WrapperClosedError`. The thread pools are shut down off the event loop.
         """
-        live = self.live_processes
         self._closed = True
         try:
+            if self._starting:
+                await asyncio.wait(list(self._starting), timeout=self._grace)
+            live = self.live_processes
             if live:
                 await asyncio.gather(
                     *(stop_process_tree(p, grace=self._grace, ops=self._ops) for p in live),
@@ -441,6 +458,7 @@ class SubprocessWrapper(AsyncClosing):
                 )
                 for process in live:
                     _release_pipes(process)
+            await _off_the_loop(self._close_strategies)
         finally:
             # Also when cancelled: whatever is still running is killed, threads are released.
             self.cleanup()
@@ -453,6 +471,9 @@ class SubprocessWrapper(AsyncClosing):
             with contextlib.suppress(Exception):
                 kill_tree_now(process, self._ops)
         self._live.clear()
+        self._close_strategies()
+
+    def _close_strategies(self) -> None:
         for strategy in (*self._retired, self._strategy):
             strategy.close()
 
@@ -464,6 +485,39 @@ def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
             f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
             "for stdin, or create_subprocess_exec() to choose the streams"
         )
+
+
+async def _off_the_loop(work: Callable[[], None]) -> None:
+    """Run blocking ``work`` in a thread of its own (not the loop's default executor, which the
+    host may have saturated) and wait for it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as exc:  # handed to the waiting coroutine
+            _settle_soon(loop, done, exc)
+        else:
+            _settle_soon(loop, done, None)
+
+    threading.Thread(target=target, name="prismq-close", daemon=True).start()
+    await done
+
+
+def _settle_soon(
+    loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], exc: BaseException | None
+) -> None:
+    def settle() -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+        loop.call_soon_threadsafe(settle)
 
 
 def _release_pipes(process: ProcessLike) -> None:

@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import bench_big_output  # noqa: E402
 import bench_lines  # noqa: E402
+import bench_long_lines  # noqa: E402
 import bench_many  # noqa: E402
 import bench_spawn  # noqa: E402
 
@@ -37,6 +38,12 @@ def test_lines_smoke() -> None:
     result = bench_lines.run(lines=2_000, rounds=1)
     assert set(result["lines_per_second"]) == set(bench_lines.CONSUMERS)
     _check(bench_lines, result)
+
+
+def test_long_lines_smoke() -> None:
+    result = bench_long_lines.run(sizes=(1, 2), rounds=1)
+    assert set(result["seconds"]) == set(bench_long_lines.CASES)
+    _check(bench_long_lines, result)
 
 
 def test_big_output_smoke() -> None:

@@ -83,6 +83,17 @@ from ._strategies import (
 )
 from ._strategies._dry_run import DryRunCall, DryRunRecorder, DryRunResponse
 
+# isort: split
+# Issue 11 additions, kept apart (the list above is curated elsewhere).
+from ._core._exceptions import (
+    CommandNotExecutableError,
+    ExecutableFormatError,
+    InvalidEncodingError,
+    InvalidOptionError,
+    SpawnFailedError,
+    UnknownUserError,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -178,6 +189,14 @@ __all__ = [
     "run",
     "subprocess_loop_factory",
     "terminate_gracefully",
+]
+__all__ += [
+    "CommandNotExecutableError",
+    "ExecutableFormatError",
+    "InvalidEncodingError",
+    "InvalidOptionError",
+    "SpawnFailedError",
+    "UnknownUserError",
 ]
 
 # Show public names as prismq_subprocess.X in tracebacks and docs, not the private module.

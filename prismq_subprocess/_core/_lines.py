@@ -7,6 +7,9 @@ import codecs
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, overload
 
+from ._exceptions import InvalidArgumentTypeError, InvalidLimitError
+from ._validation import check_encoding
+
 __all__ = ["DEFAULT_CHUNK_SIZE", "OFF_LOOP_BYTES", "iter_lines"]
 
 T = TypeVar("T")
@@ -54,17 +57,22 @@ def iter_lines(
 
     Cancelling the iteration leaves the stream usable; bytes already read past the last
     yielded line are lost to later readers.
+
+    Raises:
+        InvalidArgumentTypeError: ``stream`` has no ``read`` (e.g. stdout was not piped).
+        InvalidLimitError: ``chunk_size`` is not a positive int.
+        InvalidEncodingError: unknown ``encoding`` or ``errors`` handler.
     """
     if stream is None or not callable(getattr(stream, "read", None)):
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"iter_lines() needs a stream with an async read(n), not {stream!r}; was the process "
             "started with stdout=PIPE?"
         )
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, not {chunk_size!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise InvalidLimitError(f"chunk_size must be a positive int, not {chunk_size!r}")
+    check_encoding(encoding, errors)  # fail now, not at the first line
     if encoding is None:
         return _iter_bytes(stream, chunk_size)
-    codecs.lookup(encoding)  # fail now on an unknown encoding, not at the first line
     return _iter_text(stream, chunk_size, encoding, errors)
 
 

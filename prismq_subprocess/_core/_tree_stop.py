@@ -23,7 +23,7 @@ import psutil
 from .._platform import PlatformOps, platform_ops
 from ._exceptions import ProcessTimeoutError
 from ._process import ProcessLike
-from ._validation import check_timeout
+from ._validation import check_process, check_timeout
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
@@ -216,7 +216,9 @@ async def terminate_gracefully(
 
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
+        InvalidArgumentTypeError: ``process`` is not a process object.
     """
+    check_process(process)
     check_timeout(timeout, "timeout")
     return await stop_process_tree(process, grace=timeout, ops=ops)
 

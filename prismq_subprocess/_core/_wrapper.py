@@ -24,6 +24,7 @@ from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult, TailBuffer
 from ._run_process import ChildRun, run_to_completion
 from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, stop_process_tree
 from ._validation import (
+    check_encoding,
     check_exec_command,
     check_limit,
     check_popen_kwargs,
@@ -266,6 +267,11 @@ class SubprocessWrapper(AsyncClosing):
             CommandNotFoundError: the program does not exist (a ``FileNotFoundError``).
             CwdNotFoundError / CwdNotADirectoryError: bad ``cwd``.
             InvalidEnvironmentError: ``env`` holds non-string keys or values.
+            InvalidOptionError: an unknown keyword argument, or a ``Popen`` option ``Popen``
+                would reject (``pass_fds``, ``umask``, ...); UnknownUserError: ``user=``/
+                ``group=`` names no account. Checked before anything starts, in every mode.
+            CommandNotExecutableError / ExecutableFormatError / SpawnFailedError: the system
+                refused to start the program (nothing was left running).
             SubprocessPolicyException: a pinned mode cannot spawn on this event loop.
             WrapperClosedError: the wrapper was closed.
         """
@@ -406,11 +412,17 @@ class SubprocessWrapper(AsyncClosing):
         Leaving the block (break, exception, cancellation) stops the child's tree if it is still
         running; ``timeout`` bounds the whole stream (:class:`ProcessTimeoutError`).
 
-        Raises: what :meth:`create_subprocess_exec` raises for bad input, when the block is
-        entered; :class:`InvalidTimeoutError` at once for a negative timeout or grace period.
+        Raises: at once, :class:`InvalidTimeoutError` (negative timeout or grace period),
+        :class:`InvalidLimitError` (``max_stderr_bytes`` not an int >= 0),
+        :class:`InvalidEncodingError` (unknown ``encoding``) and what
+        :meth:`create_subprocess_exec` raises for bad input; when the block is entered, what the
+        spawn raises (e.g. :class:`CommandNotFoundError`).
         """
         limit = check_timeout(timeout)
         grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        if max_stderr_bytes is not None:
+            check_limit(max_stderr_bytes, "max_stderr_bytes", minimum=0)
+        check_encoding(encoding, "replace")
         if not cmd:
             raise InvalidCommandError("stream() needs a command")
         _reject_stdio(kwds, "stream")

@@ -10,7 +10,6 @@ from typing import ClassVar
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import kill_tree_now, register_group
-from .._core._validation import not_found_error
 from .._io._pipes import read_available
 from ._base import SpawnRequest, SubprocessStrategy
 
@@ -44,33 +43,27 @@ class AsyncStrategy(SubprocessStrategy):
 
     async def _create(self, request: SpawnRequest) -> ProcessLike:
         kwargs = request.kwargs
-        try:
-            if request.shell:
-                process = await asyncio.create_subprocess_shell(
-                    request.command,  # type: ignore[arg-type]
-                    stdin=request.stdin,
-                    stdout=request.stdout,
-                    stderr=request.stderr,
-                    limit=request.limit,
-                    **kwargs,
-                )
-            else:
-                assert isinstance(request.command, tuple)
-                program, *args = request.command
-                process = await asyncio.create_subprocess_exec(
-                    program,
-                    *args,
-                    stdin=request.stdin,
-                    stdout=request.stdout,
-                    stderr=request.stderr,
-                    limit=request.limit,
-                    **kwargs,
-                )
-        except FileNotFoundError as exc:
-            if request.shell:
-                raise
+        if request.shell:
+            process = await asyncio.create_subprocess_shell(
+                request.command,  # type: ignore[arg-type]
+                stdin=request.stdin,
+                stdout=request.stdout,
+                stderr=request.stderr,
+                limit=request.limit,
+                **kwargs,
+            )
+        else:
             assert isinstance(request.command, tuple)
-            raise not_found_error(request.command[0], exc) from exc
+            program, *args = request.command
+            process = await asyncio.create_subprocess_exec(
+                program,
+                *args,
+                stdin=request.stdin,
+                stdout=request.stdout,
+                stderr=request.stderr,
+                limit=request.limit,
+                **kwargs,
+            )
         register_group(process, self.ops.started_own_group(kwargs))
         return process
 

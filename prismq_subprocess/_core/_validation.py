@@ -121,7 +121,9 @@ def check_popen_kwargs(kwargs: dict[str, Any], *, shell: bool) -> None:
         CwdNotFoundError / CwdNotADirectoryError: ``cwd`` is not an existing directory.
         InvalidEnvironmentError: ``env`` is not a mapping of str to str (or bytes to bytes).
     """
-    unknown = sorted(set(kwargs) - POPEN_OPTIONS)
+    if not kwargs:
+        return
+    unknown = sorted(kwargs.keys() - POPEN_OPTIONS)
     if unknown:
         raise InvalidOptionError(
             f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}: not an option of "
@@ -148,7 +150,26 @@ def check_popen_kwargs(kwargs: dict[str, Any], *, shell: bool) -> None:
     env = kwargs.get("env")
     if env is not None:
         check_env(env)
-    _check_options(kwargs)
+    if kwargs.keys() & _CHECKED_OPTIONS:
+        _check_options(kwargs)
+
+
+#: The options :func:`_check_options` looks at.
+_CHECKED_OPTIONS = frozenset(
+    {
+        "executable",
+        "preexec_fn",
+        "startupinfo",
+        "creationflags",
+        "pass_fds",
+        "umask",
+        "process_group",
+        "pipesize",
+        "user",
+        "group",
+        "extra_groups",
+    }
+)
 
 
 def _check_options(kwargs: dict[str, Any]) -> None:

@@ -100,9 +100,10 @@ class SubprocessWrapper(AsyncClosing):
         self._live: set[ProcessLike] = set()
         self._prune_at = 64
         self._closed = False
-        # One future per call into a strategy still under way (resolved when it returns), so
-        # closing can wait for what is starting.
-        self._starting: set[asyncio.Future[None]] = set()
+        # Calls into a strategy still under way, so closing can wait for what is starting;
+        # _settled is made by aclose() and resolved when the last of them returns.
+        self._starting = 0
+        self._settled: asyncio.Future[None] | None = None
         self._retired: list[SubprocessStrategy] = []
         self._strategy.on_spawn = self._track
 
@@ -199,8 +200,7 @@ class SubprocessWrapper(AsyncClosing):
         ASYNC whose loop cannot spawn (a pinned one raises instead); let :meth:`aclose` know a
         start is under way. The caller checks :attr:`_closed` again once it returns."""
         self._check_open()
-        starting = asyncio.get_running_loop().create_future()
-        self._starting.add(starting)
+        self._starting += 1
         try:
             try:
                 return await call(self._strategy)
@@ -212,8 +212,10 @@ class SubprocessWrapper(AsyncClosing):
                 self._fall_back(exc)
                 return await call(self._strategy)
         finally:
-            self._starting.discard(starting)
-            starting.set_result(None)
+            self._starting -= 1
+            settled = self._settled
+            if not self._starting and settled is not None and not settled.done():
+                settled.set_result(None)
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         process = await self._enter(lambda strategy: strategy.spawn(request))
@@ -461,7 +463,8 @@ class SubprocessWrapper(AsyncClosing):
         self._closed = True
         try:
             if self._starting:
-                await asyncio.wait(list(self._starting), timeout=self._grace)
+                self._settled = asyncio.get_running_loop().create_future()
+                await asyncio.wait((self._settled,), timeout=self._grace)
             live = self.live_processes
             if live:
                 await asyncio.gather(

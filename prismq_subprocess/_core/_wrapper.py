@@ -472,7 +472,8 @@ class SubprocessWrapper(AsyncClosing):
                     return_exceptions=True,
                 )
                 for process in live:
-                    _release_pipes(process)
+                    # Output nobody read would keep its pipes open (paused) after the child died.
+                    self._strategy.release_pipes(process)
             await _off_the_loop(self._close_strategies)
         finally:
             # Also when cancelled: whatever is still running is killed, threads are released.
@@ -533,12 +534,3 @@ def _settle_soon(
 
     with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
         loop.call_soon_threadsafe(settle)
-
-
-def _release_pipes(process: ProcessLike) -> None:
-    # An asyncio process whose output nobody read keeps its pipe transports open (paused) after
-    # the child died; close them now rather than at garbage collection, when the loop may be gone.
-    transport = getattr(process, "_transport", None)
-    if transport is not None:
-        with contextlib.suppress(Exception):
-            transport.close()

@@ -20,6 +20,7 @@ import bench_background  # noqa: E402
 import bench_big_output  # noqa: E402
 import bench_capture  # noqa: E402
 import bench_lines  # noqa: E402
+import bench_long_lines  # noqa: E402
 import bench_many  # noqa: E402
 import bench_output_capture  # noqa: E402
 import bench_registry  # noqa: E402
@@ -43,6 +44,12 @@ def test_lines_smoke() -> None:
     result = bench_lines.run(min_sample=0, rounds=1, lines=2_000)
     assert set(result["lines_per_second"]) == set(bench_lines.CONSUMERS)
     _check(bench_lines, result)
+
+
+def test_long_lines_smoke() -> None:
+    result = bench_long_lines.run(sizes=(1, 2), rounds=1)
+    assert set(result["seconds"]) == set(bench_long_lines.CASES)
+    _check(bench_long_lines, result)
 
 
 def test_big_output_smoke() -> None:

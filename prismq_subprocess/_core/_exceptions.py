@@ -391,3 +391,52 @@ class InvalidBackendError(PrismQError, TypeError):
 
 class BackendClosedError(ClosedError):
     """Raised when a run backend is used after ``aclose()``."""
+
+
+# -- spawn failures and option checks (issue 11 D13, D14) ----------------------------------------
+__all__ += [
+    "CommandNotExecutableError",
+    "ExecutableFormatError",
+    "InvalidEncodingError",
+    "InvalidOptionError",
+    "SpawnFailedError",
+    "UnknownUserError",
+]
+
+
+class SpawnFailedError(PrismQError, OSError):
+    """Raised when the operating system refused to start the program; nothing was left running.
+
+    ``errno``, ``strerror`` and ``filename`` are those of the failure. The subclasses name the
+    common causes; :class:`CommandNotFoundError` covers a program that does not exist.
+    """
+
+
+class CommandNotExecutableError(SpawnFailedError, PermissionError):
+    """Raised when the program exists but cannot be executed: a file without execute permission,
+    or a directory. It is a ``PermissionError``, as the failed spawn itself would raise."""
+
+
+class ExecutableFormatError(SpawnFailedError):
+    """Raised when the program is a file the system cannot execute (``ENOEXEC``): a binary for
+    another platform, or a script without a ``#!`` line."""
+
+
+class InvalidOptionError(PrismQError, TypeError, ValueError):
+    """Raised before spawning when a ``Popen`` keyword argument is unknown, or has a type or
+    value ``Popen`` would reject (``pass_fds`` that are not open descriptors, a ``umask`` that
+    is not an int, ``creationflags`` outside Windows, ...). Also a ``TypeError`` (what an
+    unexpected keyword argument raises) and a ``ValueError``."""
+
+
+class UnknownUserError(PrismQError, KeyError):
+    """Raised before spawning when ``user=``, ``group=`` or ``extra_groups=`` names no account on
+    this system (a ``KeyError``, as ``Popen``'s own lookup raises)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidEncodingError(PrismQError, LookupError):
+    """Raised before anything starts when an ``encoding`` or ``errors`` handler name is unknown
+    (a ``LookupError``, as ``codecs.lookup`` raises)."""

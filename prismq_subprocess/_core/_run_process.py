@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 DRAIN_SECONDS = 0.5
 
 _READ_CHUNK = 256 * 1024
+_NO_LIMIT = contextlib.nullcontext()
 
 
 class ChildControl(Protocol):
@@ -190,9 +191,12 @@ class ChildRun:
         :data:`DRAIN_SECONDS`, then let go of pipes something outside the tree still holds."""
         if await self._drained():
             return
-        logger.warning(
-            "pid %d: a process outside its tree still holds its pipes; closing our end",
+        logger.info(
+            "pid %d: its output has not ended %g s after its tree was stopped (a process out of "
+            "reach holds the pipes, or nobody reads them); letting go of them, keeping what "
+            "they hold",
             self.process.pid,
+            DRAIN_SECONDS,
         )
         self._release()
         if not await self._drained():
@@ -211,11 +215,12 @@ class ChildRun:
             self._released = True
             self.control.release_pipes(self.process)
 
-    def _cancel_readers(self) -> list[asyncio.Future[Any]]:
-        pending = [reader for reader in self._readers if not reader.done()]
-        for reader in pending:
-            reader.cancel()
-        return pending
+    def _cancel_readers(self) -> None:
+        # Only our own tasks: a future a strategy handed us (LOCAL's worker job) ends by itself
+        # once the pipes are let go of, and reports the child's status as it does.
+        for reader in self._readers:
+            if isinstance(reader, asyncio.Task) and not reader.done():
+                reader.cancel()
 
     def discard(self) -> None:
         """Synchronously kill the tree and drop the readers (a run nobody will supervise)."""
@@ -261,10 +266,10 @@ async def run_to_completion(
     err = TailBuffer(max_output_bytes)
     started = time.perf_counter()
     run: ChildRun | None = None
-    scope = asyncio.timeout(timeout)
+    scope = asyncio.timeout(timeout) if timeout is not None else None
     try:
         try:
-            async with scope:
+            async with scope or _NO_LIMIT:
                 run = await start(out, err)
                 await run.wait_exit()
                 await run.finish()
@@ -276,7 +281,7 @@ async def run_to_completion(
             if run is not None:
                 await run.aclose()
     except TimeoutError:
-        if not scope.expired():
+        if scope is None or not scope.expired():
             raise  # a TimeoutError from elsewhere: the tree was stopped all the same
         raise ProcessTimeoutError(
             cmd=display,

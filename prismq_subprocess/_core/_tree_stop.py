@@ -34,7 +34,7 @@ from ._exceptions import TaskTimeoutError
 from ._exit_wait import wait_all_exited
 from ._offloop import Coalescer
 from ._process import ProcessLike
-from ._validation import check_timeout
+from ._validation import check_process, check_timeout
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
@@ -272,7 +272,9 @@ async def terminate_gracefully(
 
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
+        InvalidArgumentTypeError: ``process`` is not a process object.
     """
+    check_process(process)
     check_timeout(timeout, "timeout")
     return await stop_process_tree(process, grace=timeout, ops=ops)
 

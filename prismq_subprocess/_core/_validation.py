@@ -2,29 +2,55 @@
 
 from __future__ import annotations
 
+import codecs
+import errno
+import inspect
 import math
+import operator
 import os
-from collections.abc import Mapping
+import subprocess
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from ._exceptions import (
+    CommandNotExecutableError,
     CommandNotFoundError,
     CwdNotADirectoryError,
     CwdNotFoundError,
+    ExecutableFormatError,
     InvalidArgumentTypeError,
     InvalidCommandError,
+    InvalidCwdError,
+    InvalidEncodingError,
     InvalidEnvironmentError,
     InvalidLimitError,
+    InvalidOptionError,
     InvalidTimeoutError,
+    PrismQError,
+    SpawnFailedError,
+    UnknownUserError,
 )
 
 __all__ = [
+    "check_encoding",
     "check_exec_command",
     "check_popen_kwargs",
+    "check_process",
     "check_shell_command",
     "check_timeout",
     "not_found_error",
+    "spawn_error",
 ]
+
+#: The keyword arguments the asyncio API passes on to ``Popen`` (the three streams are parameters
+#: of their own); anything else is refused before spawning, in every mode.
+POPEN_OPTIONS = frozenset(inspect.signature(subprocess.Popen).parameters) - {
+    "args",
+    "stdin",
+    "stdout",
+    "stderr",
+}
+_POSIX = os.name == "posix"
 
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
@@ -78,15 +104,31 @@ def check_shell_command(cmd: object) -> str | bytes:
     return _check_part(cmd, 0)
 
 
-def check_popen_kwargs(kwargs: Mapping[str, Any], *, shell: bool) -> None:
-    """Reject what asyncio rejects (text mode, buffering, ``shell``) and a bad ``cwd``/``env``.
+def check_popen_kwargs(kwargs: dict[str, Any], *, shell: bool) -> None:
+    """Reject, before anything starts, what asyncio or ``Popen`` would reject at spawn time:
+    every strategy (DRY_RUN included) goes through this one check.
+
+    A one-shot iterator given as ``pass_fds`` or ``extra_groups`` is replaced by a tuple in
+    ``kwargs`` (checking it must not use it up).
 
     Raises:
         InvalidCommandError: text mode, ``bufsize`` or ``shell`` asked for (a ``ValueError``, with
             asyncio's own message).
+        InvalidOptionError: an unknown keyword argument, or an option of the wrong type or value
+            (``pass_fds``, ``umask``, ``pipesize``, ``process_group``, ``preexec_fn``,
+            ``executable``, Windows-only options elsewhere, negative ids).
+        UnknownUserError: ``user``/``group``/``extra_groups`` names no account.
         CwdNotFoundError / CwdNotADirectoryError: ``cwd`` is not an existing directory.
         InvalidEnvironmentError: ``env`` is not a mapping of str to str (or bytes to bytes).
     """
+    if not kwargs:
+        return
+    unknown = sorted(kwargs.keys() - POPEN_OPTIONS)
+    if unknown:
+        raise InvalidOptionError(
+            f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}: not an option of "
+            "subprocess.Popen"
+        )
     if kwargs.get("universal_newlines"):
         raise InvalidCommandError("universal_newlines must be False")
     if kwargs.get("text"):
@@ -108,6 +150,164 @@ def check_popen_kwargs(kwargs: Mapping[str, Any], *, shell: bool) -> None:
     env = kwargs.get("env")
     if env is not None:
         check_env(env)
+    if kwargs.keys() & _CHECKED_OPTIONS:
+        _check_options(kwargs)
+
+
+#: The options :func:`_check_options` looks at.
+_CHECKED_OPTIONS = frozenset(
+    {
+        "executable",
+        "preexec_fn",
+        "startupinfo",
+        "creationflags",
+        "pass_fds",
+        "umask",
+        "process_group",
+        "pipesize",
+        "user",
+        "group",
+        "extra_groups",
+    }
+)
+
+
+def _check_options(kwargs: dict[str, Any]) -> None:
+    """The checks ``Popen`` makes on its other options (as of CPython 3.11-3.13), made early."""
+    executable = kwargs.get("executable")
+    if executable is not None and not isinstance(executable, str | bytes | os.PathLike):
+        raise InvalidOptionError(
+            f"executable must be a path, not {type(executable).__name__} {executable!r}"
+        )
+    preexec_fn = kwargs.get("preexec_fn")
+    if preexec_fn is not None and not callable(preexec_fn):
+        raise InvalidOptionError(f"preexec_fn must be callable, not {preexec_fn!r}")
+    if not _POSIX:
+        return
+    if kwargs.get("startupinfo") is not None:
+        raise InvalidOptionError("startupinfo is only supported on Windows")
+    if kwargs.get("creationflags", 0) != 0:
+        raise InvalidOptionError("creationflags is only supported on Windows")
+    if "pass_fds" in kwargs:
+        kwargs["pass_fds"] = _check_pass_fds(kwargs["pass_fds"])
+    for name in ("umask", "process_group"):
+        value = kwargs.get(name)
+        if value is not None:
+            try:
+                operator.index(value)
+            except TypeError:
+                raise InvalidOptionError(
+                    f"{name} must be an int, not {type(value).__name__} {value!r}"
+                ) from None
+    pipesize = kwargs.get("pipesize", -1)
+    if isinstance(pipesize, bool) or not isinstance(pipesize, int):
+        raise InvalidOptionError(f"pipesize must be an int, not {pipesize!r}")
+    _check_account("user", kwargs.get("user"))
+    _check_account("group", kwargs.get("group"))
+    extra_groups = kwargs.get("extra_groups")
+    if extra_groups is not None:
+        if isinstance(extra_groups, str | bytes) or not _iterable(extra_groups):
+            raise InvalidOptionError(
+                f"extra_groups must be an iterable of group names or ids, not {extra_groups!r}"
+            )
+        if not isinstance(extra_groups, Collection):
+            kwargs["extra_groups"] = extra_groups = tuple(extra_groups)
+        for group in extra_groups:
+            _check_account("extra_groups", group, kind="group")
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_pass_fds(value: Any) -> Any:
+    if not _iterable(value):
+        raise InvalidOptionError(
+            f"pass_fds must be an iterable of file descriptors, not {type(value).__name__}"
+        )
+    fds = value if isinstance(value, Collection) else tuple(value)
+    for fd in fds:
+        try:
+            number = int(fd)  # what Popen does with each
+        except (TypeError, ValueError):
+            raise InvalidOptionError(f"pass_fds holds {fd!r}, not a file descriptor") from None
+        if number < 0:
+            raise InvalidOptionError(f"pass_fds holds {fd!r}, not a file descriptor")
+        try:
+            os.fstat(number)
+        except OSError:
+            raise InvalidOptionError(
+                f"pass_fds holds {number}, which is not an open file descriptor"
+            ) from None
+    return fds
+
+
+def _check_account(option: str, value: object, *, kind: str | None = None) -> None:
+    if value is None:
+        return
+    kind = kind or option
+    if isinstance(value, str):
+        try:
+            if kind == "user":
+                import pwd
+
+                pwd.getpwnam(value)
+            else:
+                import grp
+
+                grp.getgrnam(value)
+        except KeyError:
+            raise UnknownUserError(f"{option}={value!r}: no such {kind} on this system") from None
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOptionError(
+            f"{option} must be a {kind} name or a numeric id, not {type(value).__name__} "
+            f"{value!r}"
+        )
+    if value < 0:
+        raise InvalidOptionError(f"{option}: a {kind} id cannot be negative, got {value}")
+
+
+def check_encoding(encoding: object, errors: object = "strict") -> None:
+    """Raise unless ``encoding`` (``None``: no decoding) and ``errors`` name known codecs.
+
+    Raises:
+        InvalidEncodingError: unknown codec or error handler (a ``LookupError``).
+        InvalidArgumentTypeError: either is not a str.
+    """
+    if encoding is not None:
+        if not isinstance(encoding, str):
+            raise InvalidArgumentTypeError(f"encoding must be a str, not {encoding!r}")
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise InvalidEncodingError(f"unknown encoding {encoding!r}") from None
+    if not isinstance(errors, str):
+        raise InvalidArgumentTypeError(f"errors must be a str, not {errors!r}")
+    try:
+        codecs.lookup_error(errors)
+    except LookupError:
+        raise InvalidEncodingError(
+            f"unknown error handler {errors!r} (e.g. 'strict', 'replace', 'ignore')"
+        ) from None
+
+
+def check_process(process: object) -> None:
+    """Raise :class:`InvalidArgumentTypeError` unless ``process`` looks like a process object
+    (``pid``, ``returncode``, ``wait()``)."""
+    if (
+        process is None
+        or not isinstance(getattr(process, "pid", None), int)
+        or not hasattr(process, "returncode")
+        or not callable(getattr(process, "wait", None))
+    ):
+        raise InvalidArgumentTypeError(
+            f"expected a process object (e.g. from create_subprocess_exec), not {process!r}"
+        )
 
 
 def check_cwd(cwd: object) -> None:
@@ -159,6 +359,35 @@ def check_timeout(value: float | None, name: str = "timeout") -> float | None:
     if math.isnan(value) or value < 0:
         raise InvalidTimeoutError(f"{name} must be >= 0 seconds, got {value!r}")
     return float(value)
+
+
+def spawn_error(program: str | bytes, exc: OSError, cwd: Any = None) -> OSError:
+    """Our exception for an ``OSError`` a spawn raised (``program``: what was to be run). The
+    spawn failed, so nothing is running; the original error is kept as ``__cause__``."""
+    if isinstance(exc, PrismQError):
+        return exc
+    target = os.fsdecode(exc.filename) if exc.filename is not None else os.fsdecode(program)
+    if cwd is not None and exc.filename is not None and target == os.fsdecode(cwd):
+        return InvalidCwdError(
+            exc.errno, f"cannot enter working directory {target!r}: {exc.strerror}", target
+        )
+    if isinstance(exc, FileNotFoundError):
+        return not_found_error(target, exc)
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename is not None:
+        why = "is a directory" if os.path.isdir(target) else "is not executable by this user"
+        return CommandNotExecutableError(
+            exc.errno, f"cannot execute {target!r}: it {why}", target
+        )
+    if exc.errno == errno.ENOEXEC:
+        return ExecutableFormatError(
+            exc.errno,
+            f"cannot execute {target!r}: not a program this system can run (a binary for "
+            "another platform, or a script without a #! line naming its interpreter)",
+            target,
+        )
+    return SpawnFailedError(
+        exc.errno, f"could not start {target!r}: {exc.strerror or exc}", exc.filename
+    )
 
 
 def not_found_error(program: str | bytes, exc: FileNotFoundError) -> CommandNotFoundError:

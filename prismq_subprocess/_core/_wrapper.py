@@ -31,6 +31,7 @@ from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult, TailBuffer
 from ._run_process import ChildRun, run_to_completion
 from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, stop_process_trees
 from ._validation import (
+    check_encoding,
     check_exec_command,
     check_limit,
     check_popen_kwargs,
@@ -136,6 +137,10 @@ class SubprocessWrapper(AsyncClosing):
         self._live: set[ProcessLike] = set()
         self._prune_at = 64
         self._closed = False
+        # Calls into a strategy still under way, so closing can wait for what is starting;
+        # _settled is made by aclose() and resolved when the last of them returns.
+        self._starting = 0
+        self._settled: asyncio.Future[None] | None = None
         self._retired: list[SubprocessStrategy] = []
         self._strategy.on_spawn = self._track
 
@@ -231,17 +236,25 @@ class SubprocessWrapper(AsyncClosing):
 
     async def _enter(self, call: Callable[[SubprocessStrategy], Awaitable[T]]) -> T:
         """Every way into a strategy: refuse a closed wrapper; fall back from an auto-detected
-        ASYNC whose loop cannot spawn (a pinned one raises instead)."""
+        ASYNC whose loop cannot spawn (a pinned one raises instead); let :meth:`aclose` know a
+        start is under way. The caller checks :attr:`_closed` again once it returns."""
         self._check_open()
+        self._starting += 1
         try:
-            return await call(self._strategy)
-        except NotImplementedError as exc:
-            if self._strategy.mode is not RunMode.ASYNC:
-                raise
-            if self._decision.pinned:
-                raise self._policy_error(exc) from exc
-            self._fall_back(exc)
-            return await call(self._strategy)
+            try:
+                return await call(self._strategy)
+            except NotImplementedError as exc:
+                if self._strategy.mode is not RunMode.ASYNC:
+                    raise
+                if self._decision.pinned:
+                    raise self._policy_error(exc) from exc
+                self._fall_back(exc)
+                return await call(self._strategy)
+        finally:
+            self._starting -= 1
+            settled = self._settled
+            if not self._starting and settled is not None and not settled.done():
+                settled.set_result(None)
 
     async def _spawn(self, request: SpawnRequest) -> ProcessLike:
         self._check_open()
@@ -300,6 +313,11 @@ class SubprocessWrapper(AsyncClosing):
             CommandNotFoundError: the program does not exist (a ``FileNotFoundError``).
             CwdNotFoundError / CwdNotADirectoryError: bad ``cwd``.
             InvalidEnvironmentError: ``env`` holds non-string keys or values.
+            InvalidOptionError: an unknown keyword argument, or a ``Popen`` option ``Popen``
+                would reject (``pass_fds``, ``umask``, ...); UnknownUserError: ``user=``/
+                ``group=`` names no account. Checked before anything starts, in every mode.
+            CommandNotExecutableError / ExecutableFormatError / SpawnFailedError: the system
+                refused to start the program (nothing was left running).
             SubprocessPolicyException: a pinned mode cannot spawn on this event loop.
             WrapperClosedError: the wrapper was closed.
         """
@@ -441,11 +459,17 @@ class SubprocessWrapper(AsyncClosing):
         Leaving the block (break, exception, cancellation) stops the child's tree if it is still
         running; ``timeout`` bounds the whole stream (:class:`ProcessTimeoutError`).
 
-        Raises: what :meth:`create_subprocess_exec` raises for bad input, when the block is
-        entered; :class:`InvalidTimeoutError` at once for a negative timeout or grace period.
+        Raises: at once, :class:`InvalidTimeoutError` (negative timeout or grace period),
+        :class:`InvalidLimitError` (``max_stderr_bytes`` not an int >= 0),
+        :class:`InvalidEncodingError` (unknown ``encoding``) and what
+        :meth:`create_subprocess_exec` raises for bad input; when the block is entered, what the
+        spawn raises (e.g. :class:`CommandNotFoundError`).
         """
         limit = check_timeout(timeout)
         grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        if max_stderr_bytes is not None:
+            check_limit(max_stderr_bytes, "max_stderr_bytes", minimum=0)
+        check_encoding(encoding, "replace")
         if not cmd:
             raise InvalidCommandError("stream() needs a command")
         _reject_stdio(kwds, "stream")
@@ -481,19 +505,28 @@ class SubprocessWrapper(AsyncClosing):
         times for all the children together, so closing a wrapper with many children neither
         blocks the event loop nor takes time in proportion to the number of children.
 
+        A spawn or ``run()`` still starting when this is called is waited for (up to
+        ``grace_period``); it finds the wrapper closed, kills what it started and raises
+        :class:`WrapperClosedError`.
+
         Cancellation: whatever is still running is killed at once (no grace) and the threads
         are released before ``CancelledError`` propagates.
         """
-        live = self.live_processes
         self._closed = True
         try:
+            if self._starting:
+                self._settled = asyncio.get_running_loop().create_future()
+                await asyncio.wait((self._settled,), timeout=self._grace)
+            live = self.live_processes
             if live:
                 try:
                     await stop_process_trees(live, grace=self._grace, ops=self._ops)
                 except Exception:  # the clean-up below still kills and releases
                     logger.exception("stopping the children of %r failed", self)
                 for process in live:
-                    _release_pipes(process)
+                    # Output nobody read would keep its pipes open (paused) after the child died.
+                    self._strategy.release_pipes(process)
+                    _close_transport(process)
         except BaseException:
             self.cleanup()
             raise
@@ -515,6 +548,9 @@ class SubprocessWrapper(AsyncClosing):
                 logger.exception("killing the children of %r failed", self)
         _reap_killed(killed)
         self._live.clear()
+        self._close_strategies()
+
+    def _close_strategies(self) -> None:
         for strategy in (*self._retired, self._strategy):
             strategy.close()
 
@@ -559,9 +595,9 @@ def _reap_killed(processes: list[ProcessLike]) -> None:
                 popen.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
-def _release_pipes(process: ProcessLike) -> None:
-    # An asyncio process whose output nobody read keeps its pipe transports open (paused) after
-    # the child died; close them now rather than at garbage collection, when the loop may be gone.
+def _close_transport(process: ProcessLike) -> None:
+    # An asyncio process keeps its process transport until its pipes close and it is reaped;
+    # close it now rather than at garbage collection, when the loop may be gone.
     transport = getattr(process, "_transport", None)
     if transport is not None:
         with contextlib.suppress(Exception):

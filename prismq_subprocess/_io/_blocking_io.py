@@ -86,6 +86,11 @@ def drain_blocking(
             ready = selector.select(_TICK if watch is not None else None)
             if watch is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + _TICK
+                if not exited:
+                    returncode = popen.poll()
+                    if returncode is not None:
+                        exited = True
+                        watch.on_exit(returncode)
                 if watch.abandoned:
                     for key in list(selector.get_map().values()):
                         selector.unregister(key.fd)
@@ -95,11 +100,6 @@ def drain_blocking(
                                 sink.append(data)
                         _close(key.fileobj)  # type: ignore[arg-type]
                     break
-                if not exited:
-                    returncode = popen.poll()
-                    if returncode is not None:
-                        exited = True
-                        watch.on_exit(returncode)
             for key, _ in ready:
                 pipe = key.fileobj
                 fd = key.fd

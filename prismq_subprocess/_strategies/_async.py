@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import kill_tree_now, register_child
-from .._core._validation import not_found_error
 from ._base import SpawnRequest, SubprocessStrategy
 
 __all__ = ["AsyncStrategy"]
@@ -25,23 +25,18 @@ class AsyncStrategy(SubprocessStrategy):
 
     async def spawn(self, request: SpawnRequest) -> ProcessLike:
         # asyncio kills a child whose creation is cancelled, but not what that child may already
-        # have started in its group. So the creation itself is not cancelled: a caller who gives
-        # up leaves it to finish (a few loop iterations), and the child's whole tree is then
-        # killed at once. Known gap: if the loop ends before the creation finished, asyncio's
-        # shutdown cancels it and only asyncio's own kill of the child happens.
+        # have started in its group. So the creation runs in a task of its own that our caller's
+        # cancellation does not reach: when the caller gives up, we wait for the creation (a few
+        # loop iterations, as asyncio's own clean-up waits for the child) and kill the whole tree.
         creation = asyncio.ensure_future(self._create(request))
         try:
             return await asyncio.shield(creation)
         except asyncio.CancelledError:
-            creation.add_done_callback(self._discard_created)
+            process = await _abandon(creation)
+            if process is not None:
+                kill_tree_now(process, self.ops)
+                self.release_pipes(process)
             raise
-
-    def _discard_created(self, creation: asyncio.Future[ProcessLike]) -> None:
-        if creation.cancelled() or creation.exception() is not None:
-            return
-        process = creation.result()
-        kill_tree_now(process, self.ops)
-        self.release_pipes(process)
 
     async def _create(self, request: SpawnRequest) -> ProcessLike:
         kwargs, containment = self.ops.prepare_spawn(request.kwargs, request.die_with_host)
@@ -67,15 +62,38 @@ class AsyncStrategy(SubprocessStrategy):
                     limit=request.limit,
                     **kwargs,
                 )
-        except FileNotFoundError as exc:
-            self.ops.release(containment)
-            if request.shell:
-                raise
-            assert isinstance(request.command, tuple)
-            raise not_found_error(request.command[0], exc) from exc
         except BaseException:
             self.ops.release(containment)
             raise
         self.ops.adopt(process.pid, containment)
         register_child(process, self.ops.started_own_group(kwargs), containment, self.ops)
         return process
+
+
+async def _abandon(creation: asyncio.Task[ProcessLike]) -> ProcessLike | None:
+    """Wait for a creation our caller gave up on and return the child (``None`` if there is
+    none to undo).
+
+    When the creation itself was cancelled (``asyncio.run()`` shutting down cancels every task)
+    or we are cancelled again meanwhile, the child cannot be had: asyncio's clean-up of a
+    cancelled creation kills it, then waits for pipes a shutting-down loop never connects, so
+    the creation is cancelled again until it gives up (or that shutdown would wait forever).
+    """
+    try:
+        if not creation.cancelling():
+            await asyncio.shield(creation)
+            return creation.result()
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        return None
+    for _ in range(100):
+        if creation.done():
+            break
+        creation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+    if creation.done() and not creation.cancelled():
+        creation.exception()  # seen: nobody else will look
+    return None
+

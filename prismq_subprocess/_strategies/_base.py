@@ -15,6 +15,7 @@ from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._result import TailBuffer
 from .._core._run_process import ChildRun
+from .._core._validation import spawn_error
 from .._io._pipes import release_transport_pipes
 from .._platform import PlatformOps, platform_ops
 from ._process_base import ProcessBase
@@ -96,11 +97,30 @@ class SubprocessStrategy(ABC):
     on_spawn: Callable[[ProcessLike], None] | None = None
 
     async def _spawn_tracked(self, request: SpawnRequest) -> ProcessLike:
-        """:meth:`spawn` plus the tracking: what the wrapper and the run path call (an untracked
-        child would be missed when the wrapper closes)."""
-        process = await self.spawn(request)
+        """:meth:`spawn` plus the tracking and our spawn errors: what the wrapper and the run
+        path call (an untracked child would be missed when the wrapper closes).
+
+        Raises:
+            CommandNotFoundError: the program does not exist.
+            CommandNotExecutableError / ExecutableFormatError / SpawnFailedError: the system
+                refused to start it (no execute permission, a directory, not a program, ...).
+            NotImplementedError: this event loop cannot run this mode (ASYNC on a Windows
+                selector loop); the wrapper decides whether to fall back.
+        """
+        try:
+            process = await self.spawn(request)
+        except OSError as exc:
+            raise self.spawn_failed(request, exc) from exc
         self._spawned(process)
         return process
+
+    @staticmethod
+    def spawn_failed(request: SpawnRequest, exc: OSError) -> OSError:
+        """The exception to raise for ``exc``, an ``OSError`` from starting ``request``."""
+        program = (
+            request.command if isinstance(request.command, str | bytes) else request.command[0]
+        )
+        return spawn_error(program, exc, request.kwargs.get("cwd"))
 
     def _spawned(self, process: ProcessLike) -> None:
         if self.on_spawn is not None:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .._core._modes import RunMode
@@ -156,7 +156,10 @@ class DryRunRecorder:
 
 class DryRunProcess(ProcessBase):
     """A fake process: finished at once (or after the response's ``duration``), with the scripted
-    returncode and output on its streams. Its ``pid`` can never name a real process."""
+    returncode and output on its streams. Its ``pid`` can never name a real process.
+
+    ``streams=False`` builds no stream objects (``run()``'s fast path takes the output directly).
+    """
 
     def __init__(
         self,
@@ -165,11 +168,23 @@ class DryRunProcess(ProcessBase):
         response: DryRunResponse,
         recorder: DryRunRecorder,
         index: int,
+        *,
+        streams: bool = True,
     ) -> None:
         super().__init__(loop, next(_fake_pids))
         self._recorder = recorder
         self._index = index
         self._timer: asyncio.TimerHandle | None = None
+        if streams:
+            self._open_streams(request, response)
+        if response.duration > 0:
+            self._timer = loop.call_later(
+                response.duration, self._set_returncode, response.returncode
+            )
+        else:
+            self._set_returncode(response.returncode)
+
+    def _open_streams(self, request: SpawnRequest, response: DryRunResponse) -> None:
         if request.stdin == subprocess.PIPE:
             self.stdin = BufferedStdin(self._record_input)
         self.stdout = self._stream(request.stdout, response.stdout, request.limit)
@@ -182,12 +197,6 @@ class DryRunProcess(ProcessBase):
         for stream in (self.stdout, self.stderr):
             if stream is not None:
                 stream.feed_eof()
-        if response.duration > 0:
-            self._timer = loop.call_later(
-                response.duration, self._set_returncode, response.returncode
-            )
-        else:
-            self._set_returncode(response.returncode)
 
     def _stream(self, how: Any, data: bytes, limit: int) -> asyncio.StreamReader | None:
         if how != subprocess.PIPE:
@@ -264,13 +273,9 @@ class DryRunStrategy(SubprocessStrategy):
         are built (cheap enough for load tests); the fake process then "runs" for the answer's
         ``duration``."""
         index, response = self._record(request, input)
-        quiet = replace(
-            request,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        process = DryRunProcess(
+            asyncio.get_running_loop(), request, response, self.recorder, index, streams=False
         )
-        process = DryRunProcess(asyncio.get_running_loop(), quiet, response, self.recorder, index)
         self._spawned(process)
         out.append(response.stdout)
         err.append(response.stderr)

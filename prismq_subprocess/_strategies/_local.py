@@ -23,7 +23,6 @@ from .._core._process import ProcessLike
 from .._core._result import TailBuffer
 from .._core._run_process import ChildRun
 from .._core._tree_stop import register_child
-from .._core._validation import not_found_error
 from .._io._blocking_io import DrainWatch, drain_blocking
 from .._platform import Containment, PlatformOps
 from ._base import DEFAULT_LIMIT, SpawnRequest, SubprocessStrategy
@@ -265,10 +264,8 @@ class LocalStrategy(SubprocessStrategy):
         if not launch.spawned.done():
             try:
                 job.result()
-            except FileNotFoundError as exc:
-                if request.shell or not isinstance(request.command, tuple):
-                    raise
-                raise not_found_error(request.command[0], exc) from exc
+            except OSError as exc:
+                raise self.spawn_failed(request, exc) from exc
             raise RuntimeError("the LOCAL worker finished without starting the child")
         return ChildRun(launch.spawned.result(), self, grace=grace, ops=self.ops, readers=[job])
 

@@ -9,7 +9,6 @@ import functools
 import subprocess
 import threading
 
-from .._core._validation import not_found_error
 from .._platform import Containment, PlatformOps
 from ._base import SpawnRequest
 
@@ -50,7 +49,7 @@ async def spawn_in_executor(
     loop's help, so a cancelled spawn leaves nothing behind even if the loop is gone by then.
 
     Raises:
-        CommandNotFoundError: the program does not exist.
+        OSError: the spawn failed (``SubprocessStrategy.spawn`` turns it into our error).
     """
     job = executor.submit(start_popen, request, ops)
     spawned = asyncio.wrap_future(job)
@@ -61,10 +60,6 @@ async def spawn_in_executor(
         if not job.cancel():
             job.add_done_callback(functools.partial(_discard_orphan, ops, request))
         raise
-    except FileNotFoundError as exc:
-        if request.shell or isinstance(request.command, str | bytes):
-            raise
-        raise not_found_error(request.command[0], exc) from exc
 
 
 def _retrieve(future: asyncio.Future[Spawned]) -> None:

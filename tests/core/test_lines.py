@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from helpers import py
@@ -168,3 +169,75 @@ async def test_text_mode_last_line_with_an_incomplete_character(
     lines = await readline_all(reader_with([data]))
     reference = [line.decode("utf-8", "replace") for line in lines]
     assert got == reference
+
+
+class CountingBytes(bytes):
+    """Chunks that count the bytes ``+`` copies when they are concatenated (either side)."""
+
+    copied = 0
+
+    def __add__(self, other: bytes) -> bytes:  # type: ignore[override]
+        CountingBytes.copied += len(self) + len(other)
+        return bytes(self) + bytes(other)
+
+    def __radd__(self, other: bytes) -> bytes:
+        CountingBytes.copied += len(self) + len(other)
+        return bytes(other) + bytes(self)
+
+
+class PiecesStream:
+    """A stream handing out ``pieces`` without ever suspending (the data is already there);
+    ``on_last`` runs as the last piece is handed out."""
+
+    def __init__(self, pieces: list[bytes], on_last: Any = None) -> None:
+        self._pieces = list(pieces)
+        self._on_last = on_last
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._pieces:
+            return b""
+        piece = self._pieces.pop(0)
+        if not self._pieces and self._on_last is not None:
+            self._on_last()
+        return piece
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8"])
+async def test_a_long_line_is_joined_once_not_piece_by_piece(encoding: str | None) -> None:
+    # 1,000 pieces of 4 KiB make one 4 MB line: joining them as they come copies ~2 GB.
+    piece = b"x" * 4096
+    pieces = [CountingBytes(piece) for _ in range(1000)] + [CountingBytes(b"\nnext\n")]
+    CountingBytes.copied = 0
+    lines = [line async for line in pq.iter_lines(PiecesStream(pieces), encoding=encoding)]
+    expected = [piece * 1000 + b"\n", b"next\n"]
+    assert lines == (expected if encoding is None else [b.decode() for b in expected])
+    assert CountingBytes.copied <= 2 * 1000 * len(piece)
+
+
+async def test_a_long_line_is_put_together_off_the_event_loop() -> None:
+    # While a 16 MB line is joined and decoded, other tasks keep running.
+    ticks = 0
+    at_last_piece = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    def last_piece() -> None:
+        nonlocal at_last_piece
+        at_last_piece = ticks
+
+    pieces = [b"y" * 262144 for _ in range(64)] + [b"\n"]
+    running = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    try:
+        for encoding in (None, "utf-8"):
+            stream = PiecesStream(pieces, on_last=last_piece)
+            lines = pq.iter_lines(stream, encoding=encoding)
+            line = await anext(lines)  # type: ignore[call-overload]
+            assert len(line) == 64 * 262144 + 1
+            assert ticks > at_last_piece, "the loop was held while the line was put together"
+    finally:
+        running.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -352,6 +353,39 @@ def test_a_cancelled_spawn_leaves_nothing_when_the_loop_ends(mode: str, route: s
     assert survivors_after(mark, 2.0) == []
 
 
+ENDS_THE_LOOP_MID_SPAWN = """
+import asyncio, sys
+import prismq_subprocess as pq
+
+async def main():
+    w = pq.SubprocessWrapper("async")
+    ours = asyncio.ensure_future(w.run("/bin/sh", "-c", "sleep 30 & exec sleep 30"))
+    await asyncio.sleep(0)
+    if sys.argv[1] == "cancel":
+        ours.cancel()
+
+asyncio.run(main())
+print("ended")
+"""
+
+
+@pytest.mark.parametrize("how", ["cancel", "abandon"])
+def test_an_async_spawn_cut_short_by_the_loop_end_does_not_hang_it(how: str) -> None:
+    # asyncio's clean-up of a creation cancelled by its shutdown waits for pipes the shutdown
+    # never connects; our creation task must not be left in that wait.
+    mark, env = marked_env()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", ENDS_THE_LOOP_MID_SPAWN, how],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.stdout == b"ended\n", done.stderr
+    finally:
+        survivors_after(mark, 0.0)
+
+
 @pytest.mark.parametrize("mode", ["async", "threaded", "local"])
 @pytest.mark.parametrize("route", ["wrapper", "run", "drop-in"])
 async def test_a_cancelled_spawn_leaves_no_tree(mode: str, route: str) -> None:
@@ -431,3 +465,31 @@ async def test_execute_with_timeout_names_a_task_not_a_command() -> None:
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, pq.TaskTimeoutError)
     assert str(info.value) == "task 'slow' timed out after 0.05 s and was cancelled"
     assert info.value.task_name == "slow" and info.value.timeout == 0.05
+# A child that would end by itself after a while (what a blocked close would wait for).
+SLEEPS_8_S = "import time; print('up', flush=True); time.sleep(8)"
+
+
+async def test_aclose_stops_a_run_that_is_still_spawning(wrapper: pq.SubprocessWrapper) -> None:
+    # Every path into a strategy checks the wrapper's state, and close stops what is starting,
+    # off the loop: the run ends as refused, not with a result, and nothing is left running.
+    mark, env = marked_env()
+    task = asyncio.ensure_future(wrapper.run(*py(SLEEPS_8_S), env=env))
+    await asyncio.sleep(0)  # the spawn is under way
+    await wrapper.aclose()
+    assert task.done(), "aclose() returned while a run() of this wrapper was still starting"
+    with pytest.raises(pq.exceptions.WrapperClosedError):
+        await task
+    await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_aclose_stops_a_raw_spawn_that_is_still_starting(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    mark, env = marked_env()
+    task = asyncio.ensure_future(wrapper.create_subprocess_exec(*py(SLEEPS_8_S), env=env))
+    await asyncio.sleep(0)
+    await wrapper.aclose()
+    assert task.done(), "aclose() returned while a spawn of this wrapper was still starting"
+    with pytest.raises(pq.exceptions.WrapperClosedError):
+        await task
+    await assert_no_survivors(mark, grace=0.0)

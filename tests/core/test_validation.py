@@ -1,0 +1,193 @@
+"""Bad input is a specific PrismQError (also the builtin a caller would catch), raised before
+anything starts, and the same in every mode, DRY_RUN included (issue 11 D13, D14)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import py
+
+import prismq_subprocess as pq
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions and accounts")
+
+
+def threads() -> set[int | None]:
+    return {t.ident for t in threading.enumerate()}
+
+
+def no_such_user() -> str:
+    import pwd
+
+    name = "prismq-no-such-user"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(name)
+    return name
+
+
+@pytest.fixture
+def not_executable(tmp_path: Path) -> Path:
+    path = tmp_path / "script.sh"
+    path.write_text("#!/bin/sh\necho hi\n")
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    return path
+
+
+@pytest.fixture
+def bad_binary(tmp_path: Path) -> Path:
+    path = tmp_path / "garbage"
+    path.write_bytes(b"\x00\x01\x02 this is not a program\n")
+    path.chmod(stat.S_IRWXU)
+    return path
+
+
+# -- failures the spawn reports (every real mode, through run() and create_subprocess_exec) ----
+@pytest.mark.parametrize("api", ["run", "exec"])
+async def test_a_program_that_cannot_be_executed(
+    wrapper: pq.SubprocessWrapper, not_executable: Path, tmp_path: Path, api: str
+) -> None:
+    for program, detail in ((not_executable, "not executable"), (tmp_path, "is a directory")):
+        with pytest.raises(PermissionError) as info:
+            if api == "run":
+                await wrapper.run(program)
+            else:
+                await wrapper.create_subprocess_exec(program)
+        assert isinstance(info.value, pq.exceptions.CommandNotExecutableError)
+        assert isinstance(info.value, pq.exceptions.SpawnFailedError)
+        assert detail in str(info.value)
+        assert info.value.filename == str(program)
+    assert wrapper.live_processes == []
+
+
+@pytest.mark.parametrize("api", ["run", "exec"])
+async def test_a_file_that_is_not_a_program(
+    wrapper: pq.SubprocessWrapper, bad_binary: Path, api: str
+) -> None:
+    with pytest.raises(OSError) as info:
+        if api == "run":
+            await wrapper.run(bad_binary)
+        else:
+            await wrapper.create_subprocess_exec(bad_binary)
+    assert isinstance(info.value, pq.exceptions.ExecutableFormatError)
+    assert info.value.errno == errno.ENOEXEC
+    assert "#!" in str(info.value)
+    assert wrapper.live_processes == []
+
+
+async def test_a_missing_executable_is_named(wrapper: pq.SubprocessWrapper) -> None:
+    with pytest.raises(pq.CommandNotFoundError, match="/nonexistent/interpreter"):
+        await wrapper.run(*py("pass"), executable="/nonexistent/interpreter")
+
+
+# -- checks before anything starts, identical in every mode (DRY_RUN included) ----------------
+BAD_OPTIONS: list[tuple[dict[str, Any], type[BaseException], type[BaseException]]] = [
+    ({"foo": 1}, pq.exceptions.InvalidOptionError, TypeError),
+    ({"limit": 5}, pq.exceptions.InvalidOptionError, TypeError),  # run() takes no limit=
+    ({"pass_fds": 5}, pq.exceptions.InvalidOptionError, TypeError),
+    ({"pass_fds": ["x"]}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"pass_fds": [-1]}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"pass_fds": [9999]}, pq.exceptions.InvalidOptionError, ValueError),  # not an open descriptor
+    ({"user": -5}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"user": 1.5}, pq.exceptions.InvalidOptionError, TypeError),
+    ({"extra_groups": 5}, pq.exceptions.InvalidOptionError, TypeError),
+    ({"umask": "x"}, pq.exceptions.InvalidOptionError, TypeError),
+    ({"pipesize": "x"}, pq.exceptions.InvalidOptionError, TypeError),
+    ({"process_group": "x"}, pq.exceptions.InvalidOptionError, TypeError),
+    ({"startupinfo": 1}, pq.exceptions.InvalidOptionError, ValueError),  # Windows only
+    ({"creationflags": 4}, pq.exceptions.InvalidOptionError, ValueError),  # Windows only
+    ({"preexec_fn": 5}, pq.exceptions.InvalidOptionError, TypeError),
+    ({"executable": 5}, pq.exceptions.InvalidOptionError, TypeError),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "builtin"), BAD_OPTIONS)
+async def test_bad_options_are_refused_in_every_mode(
+    any_wrapper: pq.SubprocessWrapper,
+    kwargs: dict[str, Any],
+    error: type[BaseException],
+    builtin: type[BaseException],
+) -> None:
+    before = threads()
+    with pytest.raises(error) as info:
+        await any_wrapper.run(*py("pass"), **kwargs)
+    assert isinstance(info.value, builtin)
+    assert isinstance(info.value, pq.PrismQError)
+    assert any_wrapper.live_processes == []
+    assert threads() <= before
+    if "limit" not in kwargs:
+        with pytest.raises(error):
+            await any_wrapper.create_subprocess_exec(*py("pass"), **kwargs)
+
+
+@pytest.mark.parametrize("option", ["user", "group", "extra_groups"])
+async def test_unknown_accounts_are_refused_in_every_mode(
+    any_wrapper: pq.SubprocessWrapper, option: str
+) -> None:
+    name = no_such_user()
+    value: Any = [name] if option == "extra_groups" else name
+    with pytest.raises(KeyError) as info:
+        await any_wrapper.run(*py("pass"), **{option: value})
+    assert isinstance(info.value, pq.exceptions.UnknownUserError)
+    assert name in str(info.value) and option in str(info.value)
+    assert any_wrapper.live_processes == []
+
+
+async def test_good_options_still_pass(any_wrapper: pq.SubprocessWrapper) -> None:
+    read, write = os.pipe()
+    try:
+        result = await any_wrapper.run(
+            *py("pass"), pass_fds=[write], umask=0o22, process_group=-1, close_fds=True
+        )
+        assert result.returncode == 0
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+# -- stream() and iter_lines() arguments ------------------------------------------------------
+@pytest.mark.parametrize("cap", ["x", 1.5, -1])
+async def test_stream_checks_max_stderr_bytes_before_starting(
+    any_wrapper: pq.SubprocessWrapper, cap: Any
+) -> None:
+    with pytest.raises(pq.exceptions.InvalidLimitError):
+        any_wrapper.stream(*py("pass"), merge_stderr=False, max_stderr_bytes=cap)
+    assert any_wrapper.live_processes == []
+
+
+async def test_stream_checks_the_encoding_before_starting(
+    any_wrapper: pq.SubprocessWrapper,
+) -> None:
+    with pytest.raises(LookupError) as info:
+        any_wrapper.stream(*py("pass"), encoding="no-such-codec")
+    assert isinstance(info.value, pq.exceptions.InvalidEncodingError)
+    assert any_wrapper.live_processes == []
+
+
+async def test_iter_lines_checks_its_arguments() -> None:
+    reader = asyncio.StreamReader()
+    with pytest.raises(LookupError) as bad_errors:
+        pq.iter_lines(reader, encoding="utf-8", errors="no-such-handler")
+    assert isinstance(bad_errors.value, pq.exceptions.InvalidEncodingError)
+    with pytest.raises(pq.exceptions.InvalidEncodingError):
+        pq.iter_lines(reader, encoding="no-such-codec")
+    with pytest.raises(TypeError) as no_stream:
+        pq.iter_lines(None)
+    assert isinstance(no_stream.value, pq.exceptions.InvalidArgumentTypeError)
+    with pytest.raises(ValueError) as bad_size:
+        pq.iter_lines(reader, chunk_size=0)
+    assert isinstance(bad_size.value, pq.exceptions.InvalidLimitError)
+
+
+async def test_terminate_gracefully_needs_a_process() -> None:
+    with pytest.raises(TypeError) as info:
+        await pq.terminate_gracefully(None)  # type: ignore[arg-type]
+    assert isinstance(info.value, pq.exceptions.InvalidArgumentTypeError)
+

@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from .._platform import IS_WINDOWS
 from ._exceptions import (
     CommandNotExecutableError,
     CommandNotFoundError,
@@ -50,7 +51,7 @@ POPEN_OPTIONS = frozenset(inspect.signature(subprocess.Popen).parameters) - {
     "stdout",
     "stderr",
 }
-_POSIX = os.name == "posix"
+_POSIX = not IS_WINDOWS
 
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
@@ -376,7 +377,7 @@ def spawn_error(program: str | bytes, exc: OSError, cwd: Any = None) -> OSError:
     if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename is not None:
         why = "is a directory" if os.path.isdir(target) else "is not executable by this user"
         return CommandNotExecutableError(
-            exc.errno, f"cannot execute {target!r}: it {why}", target
+            exc.errno, f"cannot execute {target!r}: it {why} ({exc.strerror})", target
         )
     if exc.errno == errno.ENOEXEC:
         return ExecutableFormatError(

@@ -1,0 +1,182 @@
+"""Finding and stopping the tree a dead host left running, without ever touching a stranger.
+
+A host killed outright (SIGKILL, a crash, SIGTERM without a handler) leaves its children running:
+they lead their own sessions, so nothing reaches them, and their parent is now init. The next
+process to open the run registry finds the run still RUNNING with its owner gone. Before it marks
+the run INTERRUPTED it stops that tree, but only once three facts agree: the recorded pid is
+alive, it was started at the recorded moment (so the pid was not reused), and its environment
+holds the run's cookie (so it is the very child the run started). A process failing any check is
+left alone. The tree is then every process holding the cookie (a double-forked daemon too) and
+everything below them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from ._cookie import COOKIE_PREFIX, Cookies
+from ._table import ProcessEntry, ProcessTable, scan_proc, scan_psutil
+
+__all__ = ["OrphanCheck", "ProcessIdentity", "stop_orphan_tree", "verify_orphan"]
+
+# create_time is derived from boot time and clock ticks: equal within float rounding only.
+_SAME_START = 0.01
+# How long the kill's effect is waited for (SIGKILL is not refusable; this bounds a D-state).
+_KILL_WAIT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """What tells one process apart from any later process given the same pid: its pid, its
+    start time (``psutil.Process.create_time()``) and the run's containment cookie
+    (``"PRISMQ_RUN_<token>=<n>"``, the variable every descendant inherits; ``None`` where the
+    child had none, e.g. on Windows).
+
+    A run registry keeps it with each run (``record_child``) so that a later process can stop
+    a tree its dead owner left running, and only that tree (see ``recover_orphans``).
+    """
+
+    pid: int
+    started_at: float
+    cookie: str | None = None
+
+    @classmethod
+    def of(
+        cls, pid: int, cookie_variable: str | None, cookie: str | None
+    ) -> ProcessIdentity | None:
+        """The identity of the running process ``pid``, given its cookie variable and value;
+        None once it is gone."""
+        try:
+            started = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+        mark = f"{cookie_variable}={cookie}" if cookie_variable and cookie is not None else None
+        return cls(pid, started, mark)
+
+
+class OrphanCheck(enum.Enum):
+    """What :func:`verify_orphan` found at the recorded pid."""
+
+    #: The very child the run started: same start time, the run's cookie in its environment.
+    VERIFIED = "verified"
+    #: No process (or a zombie) with that pid.
+    GONE = "gone"
+    #: A process with another start time: the pid was reused.
+    REUSED = "pid reused"
+    #: The start time matches but the cookie is missing, or there is none to check, or the
+    #: environment cannot be read (another user's process): not provably ours.
+    UNPROVEN = "not provably the run's child"
+
+
+def _cookie_reader(mark: str, proc_root: str | None) -> tuple[Cookies, str] | None:
+    name, sep, value = mark.partition("=")
+    if not sep or not name.startswith(COOKIE_PREFIX) or len(name) == len(COOKIE_PREFIX):
+        return None
+    return Cookies(token=name[len(COOKIE_PREFIX) :], proc_root=proc_root), value
+
+
+def _default_proc_root() -> str | None:
+    return "/proc" if os.path.exists("/proc/self/stat") else None
+
+
+def verify_orphan(identity: ProcessIdentity, proc_root: str | None = None) -> OrphanCheck:
+    """Check that ``identity.pid`` is still the child recorded (see :class:`OrphanCheck`)."""
+    try:
+        proc = psutil.Process(identity.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return OrphanCheck.GONE
+        started = proc.create_time()
+    except psutil.NoSuchProcess:
+        return OrphanCheck.GONE
+    except psutil.Error:
+        return OrphanCheck.UNPROVEN
+    if abs(started - identity.started_at) >= _SAME_START:
+        return OrphanCheck.REUSED
+    reader = _cookie_reader(identity.cookie or "", proc_root or _default_proc_root())
+    if reader is None:
+        return OrphanCheck.UNPROVEN
+    cookies, value = reader
+    if cookies.read(identity.pid) != value:
+        return OrphanCheck.UNPROVEN
+    return OrphanCheck.VERIFIED
+
+
+def _tree(
+    identity: ProcessIdentity, cookies: Cookies, value: str, proc_root: str | None
+) -> list[psutil.Process]:
+    """The recorded child, every holder of its cookie, and everything below them."""
+    table: ProcessTable = scan_proc(proc_root) if proc_root is not None else scan_psutil()
+    me = os.getpid()
+    wanted: dict[int, ProcessEntry] = {}
+    roots = [e for e in table.entries.values() if e.pid != me and cookies.read(e.pid) == value]
+    root = table.entries.get(identity.pid)
+    if root is not None:
+        roots.append(root)
+    for entry in roots:
+        wanted[entry.pid] = entry
+        wanted.update((e.pid, e) for e in table.descendants(entry.pid) if e.pid != me)
+    return table.handles(wanted.values())
+
+
+def _signal(procs: list[psutil.Process], kill: bool) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error, OSError):
+            if kill:
+                proc.kill()
+            else:
+                proc.terminate()
+
+
+def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _wait(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + seconds
+    left = _running(procs)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = _running(left)
+    return left
+
+
+def stop_orphan_tree(
+    identity: ProcessIdentity, grace: float = 5.0, proc_root: str | None = None
+) -> OrphanCheck:
+    """Stop the tree of a dead host's run if ``identity`` still names its child.
+
+    Verifies first (:func:`verify_orphan`); anything but VERIFIED is returned at once and
+    nothing is signalled. Otherwise SIGTERM (``TerminateProcess`` on Windows) to the child, to
+    every process holding its cookie and to their descendants; up to ``grace`` seconds; then
+    one more look (for what was forked meanwhile) and SIGKILL to what is left. Every signal
+    goes through a psutil handle, which checks the start time first. Blocking: call it from a
+    worker thread. Returns within about ``grace + 1`` seconds.
+    """
+    root = proc_root or _default_proc_root()
+    check = verify_orphan(identity, root)
+    if check is not OrphanCheck.VERIFIED:
+        return check
+    reader = _cookie_reader(identity.cookie or "", root)
+    assert reader is not None  # verified: the cookie parsed
+    cookies, value = reader
+    procs = _tree(identity, cookies, value, root)
+    _signal(procs, kill=False)
+    left = _wait(procs, grace)
+    known = {p.pid for p in procs}
+    late = [p for p in _tree(identity, cookies, value, root) if p.pid not in known]
+    _signal([*left, *late], kill=True)
+    _wait([*left, *late], _KILL_WAIT)
+    return check

@@ -165,7 +165,7 @@ class _Kernel32:
         self.added: list[Callable[[int], int]] = []
         self.removed: list[Callable[[int], int]] = []
 
-    def SetConsoleCtrlHandler(self, routine: Callable[[int], int], add: bool) -> int:  # noqa: N802
+    def SetConsoleCtrlHandler(self, routine: Callable[[int], int], add: bool) -> int:
         (self.added if add else self.removed).append(routine)
         return 1
 

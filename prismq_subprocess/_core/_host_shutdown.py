@@ -218,7 +218,8 @@ class ShutdownHandler:
         self._previous: dict[int, _Previous] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self._lock = threading.Lock()
+        # A second signal passed the signal on already: the first stop must not do it again.
+        self._escalated = False
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -252,6 +253,7 @@ class ShutdownHandler:
         """
         global _INSTALLED
         with _INSTALL_LOCK:
+            _drop_stale()
             if self.installed:
                 return self
             if _INSTALLED is not None:
@@ -271,6 +273,8 @@ class ShutdownHandler:
                     "signal handlers can only be installed from the main thread"
                 )
             self._loop = loop
+            self._task = None
+            self._escalated = False
             try:
                 for sig in self.signals:
                     self._previous[sig] = self._install_one(loop, sig)
@@ -353,6 +357,7 @@ class ShutdownHandler:
         reason = f"host received {_signal_name(signum)}"
         if self._task is not None and not self._task.done():
             logger.warning("%s again during the shutdown stop: killing the trees now", reason)
+            self._escalated = True
             self._kill_now_and_chain(signum)
             return
         logger.warning("%s: stopping every child tree before passing it on", reason)
@@ -362,7 +367,8 @@ class ShutdownHandler:
         try:
             await stop_for_host_shutdown(reason, grace=self.grace)
         finally:
-            self._chain(signum)
+            if not self._escalated:
+                self._chain(signum)
 
     def _kill_now_and_chain(self, signum: int) -> None:
         _kill_all(list(_PARTICIPANTS))
@@ -417,6 +423,15 @@ _INSTALLED: ShutdownHandler | None = None
 _INSTALL_LOCK = threading.RLock()
 
 
+def _drop_stale() -> None:
+    # A handler whose loop has closed without uninstalling it: closing a loop removes its
+    # signal handlers (leaving the default action), so restore what was there before ours.
+    installed = _INSTALLED
+    if installed is not None and installed._loop is not None and installed._loop.is_closed():
+        logger.warning("%r: its event loop closed without uninstalling it; uninstalled", installed)
+        installed.uninstall()
+
+
 def install_shutdown_handler(
     signals: Iterable[int] | None = None,
     *,
@@ -433,6 +448,7 @@ def install_shutdown_handler(
         InvalidTimeoutError: ``grace`` is negative.
     """
     with _INSTALL_LOCK:
+        _drop_stale()
         if _INSTALLED is not None:
             return _INSTALLED
         if console_events is None:

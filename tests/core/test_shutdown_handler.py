@@ -189,3 +189,68 @@ async def test_windows_console_close_stops_the_trees_then_passes_it_on() -> None
         finally:
             assert handler.uninstall() == {}
         assert kernel32.removed == [routine]
+
+
+@posix_only
+async def test_without_loop_signal_handlers_a_plain_handler_hands_over_to_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As on Windows' loops: add_signal_handler is not there.
+    loop = asyncio.get_running_loop()
+
+    def refuse(*args: object) -> None:
+        raise NotImplementedError
+
+    monkeypatch.setattr(loop, "add_signal_handler", refuse)
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    async with pq.SubprocessWrapper(grace_period=2.0) as wrapper:
+        proc, mark = await _tree(wrapper)
+        with pq.install_shutdown_handler(grace=2.0):
+            assert signal.getsignal(signal.SIGTERM) not in (previous, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await _until(lambda: calls == [signal.SIGTERM])
+            assert proc.returncode is not None
+            assert await asyncio.to_thread(marked, mark) == []
+
+
+@posix_only
+async def test_a_second_signal_kills_at_once_and_passes_it_on_once() -> None:
+    calls: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    async with pq.SubprocessWrapper(grace_period=60.0) as wrapper:
+        proc, mark = await _tree(wrapper, STUBBORN_CHILD)
+        with pq.install_shutdown_handler(grace=60.0):
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.5)  # the polite stop is under way; the child ignores it
+            assert calls == [] and proc.returncode is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            await _until(lambda: calls == [signal.SIGTERM])
+            await _until(lambda: proc.returncode is not None)
+            await _until(lambda: marked(mark) == [])
+            await asyncio.sleep(0.3)
+            assert calls == [signal.SIGTERM]  # the first stop, now over, did not chain again
+
+
+def test_a_handler_whose_loop_closed_is_replaced() -> None:
+    calls: list[int] = []
+
+    def previous(signum: int, frame: FrameType | None) -> None:
+        calls.append(signum)
+
+    signal.signal(signal.SIGTERM, previous)
+
+    async def install() -> pq.ShutdownHandler:
+        return pq.install_shutdown_handler()
+
+    stale = asyncio.run(install())  # the loop closes without uninstalling it
+
+    async def again() -> pq.ShutdownHandler:
+        return pq.install_shutdown_handler()
+
+    fresh = asyncio.run(again())
+    try:
+        assert fresh is not stale and not stale.installed
+    finally:
+        fresh.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is previous

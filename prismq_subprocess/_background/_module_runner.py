@@ -890,7 +890,8 @@ class ModuleRunner(AsyncClosing):
     async def _record_child(self, run_id: str, process: ProcessLike) -> None:
         # What lets a later process stop this tree if this one dies without stopping it, and
         # only this tree (see SQLiteRunRegistry's recovery).
-        identity = child_identity(process)
+        # Reads /proc (or asks psutil): not on the loop.
+        identity = await asyncio.to_thread(child_identity, process)
         if identity is None:
             return
         try:

@@ -328,9 +328,11 @@ class ShutdownHandler:
                         loop.add_signal_handler(sig, callback, *args)
                         restored[sig] = previous.handler
                         continue
-                signal.signal(
-                    sig, previous.handler if previous.handler is not None else signal.SIG_DFL
-                )
+                handler = previous.handler
+                if handler is None or previous.loop_callback is not None:
+                    # Unknown, or a closed loop's no-op (its callback can no longer run).
+                    handler = signal.SIG_DFL
+                signal.signal(sig, handler)
             restored[sig] = previous.handler
         self._previous = {}
         if self._console is not None and self._console_token != -1:

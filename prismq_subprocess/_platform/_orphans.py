@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import psutil
 
 from ._cookie import COOKIE_PREFIX, Cookies
+from ._ops import alive
 from ._table import ProcessEntry, ProcessTable, scan_proc, scan_psutil
 
 __all__ = ["OrphanCheck", "ProcessIdentity", "stop_orphan_tree", "verify_orphan"]
@@ -133,23 +134,12 @@ def _signal(procs: list[psutil.Process], kill: bool) -> None:
                 proc.terminate()
 
 
-def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except psutil.Error:
-            continue
-    return out
-
-
 def _wait(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
     deadline = time.monotonic() + seconds
-    left = _running(procs)
+    left = alive(procs)
     while left and time.monotonic() < deadline:
         time.sleep(0.02)
-        left = _running(left)
+        left = alive(left)
     return left
 
 

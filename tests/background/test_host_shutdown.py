@@ -25,6 +25,7 @@ import prismq_subprocess as pq
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals to the host")
 
 HOST = Path(__file__).with_name("shutdown_host.py")
+UVICORN_HOST = Path(__file__).with_name("uvicorn_host.py")
 
 # The module: one grandchild in its own session (beyond the reach of the host's group) and one
 # in the module's group, then it sleeps.
@@ -91,8 +92,13 @@ def tree(tmp_path: Path) -> Iterator[tuple[Path, Path, str, dict[str, str]]]:
 def _start_host(
     db: Path, module: Path, how: str, mode: str, env: dict[str, str]
 ) -> tuple[subprocess.Popen[str], str]:
+    argv = (
+        [str(UVICORN_HOST), str(db), str(module), how]
+        if mode == "uvicorn"
+        else [str(HOST), str(db), str(module), how, mode]
+    )
     host = subprocess.Popen(
-        [sys.executable, str(HOST), str(db), str(module), how, mode],
+        [sys.executable, *argv],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -237,3 +243,26 @@ def test_verify_and_stop_an_orphan_by_its_cookie(tmp_path: Path) -> None:
         child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+def test_under_uvicorn_the_handler_installed_in_the_lifespan_chains_to_uvicorns(
+    tree: tuple[Path, Path, str, dict[str, str]],
+) -> None:
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    db, module, mark, env = tree
+    marker = db.with_name("lifespan-exited")
+    host, run_id = _start_host(db, module, str(marker), "uvicorn", env)
+    procs = wait_for_marked(mark, 4)
+    host.send_signal(signal.SIGTERM)
+    # uvicorn's handler ran after ours: a graceful shutdown (the lifespan exited), then uvicorn
+    # raised the signal it had caught again, so the process still ended by SIGTERM.
+    assert host.wait(timeout=30) == -signal.SIGTERM
+    assert host.stdout is not None
+    host.stdout.close()
+    assert marker.read_text() == "lifespan exited"
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    assert alive == [] and marked(mark) == []
+    run, recovered = _stored(db, run_id)
+    assert recovered == [] and run is not None
+    assert (run.status, run.error_message) == (pq.RunStatus.CANCELLED, "host received SIGTERM")

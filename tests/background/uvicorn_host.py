@@ -10,6 +10,7 @@ Prints ``run <run_id>`` once the module's run is stored; writes MARKER when the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             run_id = await runner.start_module("tree", "Tree", MODULE)
             print("run", run_id, flush=True)
             yield
-    Path(MARKER).write_text("lifespan exited")
+    await asyncio.to_thread(Path(MARKER).write_text, "lifespan exited")
 
 
 app = FastAPI(lifespan=lifespan)

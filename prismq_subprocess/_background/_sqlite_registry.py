@@ -47,7 +47,7 @@ from .._core._exceptions import (
     RegistrySchemaError,
     RunStateError,
 )
-from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphan_tree
+from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphan_trees
 from ._memory_registry import (
     BaseRunRegistry,
     _check_paging,
@@ -468,22 +468,26 @@ class _Database:
             f"owner_started_at FROM runs WHERE status IN ({_ACTIVE_SQL}) "
             "AND child_started_at IS NOT NULL AND pid IS NOT NULL AND worker IS NULL"
         ).fetchall()
-        stopped: dict[str, str] = {}
+        orphans: dict[str, ProcessIdentity] = {}
         for run_id, pid, started, cookie, host, owner_pid, owner_started in rows:
             try:
                 owner = RunOwner(host, owner_pid, owner_started) if host is not None else None
                 if owner is not None and owner.is_alive():
                     continue
-                identity = ProcessIdentity(int(pid), float(started), cookie)
+                orphans[str(run_id)] = ProcessIdentity(int(pid), float(started), cookie)
             except (TypeError, ValueError):
                 continue  # a damaged row: recover() quarantines it
-            check = stop_orphan_tree(identity, _ORPHAN_GRACE)
+        if not orphans:
+            return {}
+        checks = stop_orphan_trees(list(orphans.values()), _ORPHAN_GRACE)
+        stopped: dict[str, str] = {}
+        for (run_id, identity), check in zip(orphans.items(), checks, strict=True):
             if check is OrphanCheck.VERIFIED:
                 logger.warning(
                     "run %s: its child (pid %d) outlived its owner; its process tree was stopped",
                     run_id, identity.pid,
                 )
-                stopped[str(run_id)] = (
+                stopped[run_id] = (
                     f"; its process tree (pid {identity.pid}) was still running and was stopped"
                 )
         return stopped

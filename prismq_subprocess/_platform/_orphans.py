@@ -16,15 +16,22 @@ import contextlib
 import enum
 import os
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import psutil
 
-from ._cookie import COOKIE_PREFIX, Cookies
+from ._cookie import COOKIE_PREFIX, Cookies, _read_environ
 from ._ops import alive
 from ._table import ProcessEntry, ProcessTable, scan_proc, scan_psutil
 
-__all__ = ["OrphanCheck", "ProcessIdentity", "stop_orphan_tree", "verify_orphan"]
+__all__ = [
+    "OrphanCheck",
+    "ProcessIdentity",
+    "stop_orphan_tree",
+    "stop_orphan_trees",
+    "verify_orphan",
+]
 
 # create_time is derived from boot time and clock ticks: equal within float rounding only.
 _SAME_START = 0.01
@@ -108,17 +115,42 @@ def verify_orphan(identity: ProcessIdentity, proc_root: str | None = None) -> Or
     return OrphanCheck.VERIFIED
 
 
-def _tree(
-    identity: ProcessIdentity, cookies: Cookies, value: str, proc_root: str | None
-) -> list[psutil.Process]:
-    """The recorded child, every holder of its cookie, and everything below them."""
+def _environ_cookies(pid: int, names: Collection[str], proc_root: str | None) -> dict[str, str]:
+    """The values of the cookie variables ``names`` in ``pid``'s environment (read once)."""
+    found: dict[str, str] = {}
+    if proc_root is not None:
+        raw = _read_environ(f"{proc_root}/{pid}/environ")
+        if raw is None:
+            return found
+        for name in names:
+            value = Cookies(token=name[len(COOKIE_PREFIX) :]).parse(raw)
+            if value is not None:
+                found[name] = value
+        return found
+    try:
+        environ = psutil.Process(pid).environ()
+    except (psutil.Error, OSError):
+        return found
+    return {name: environ[name] for name in names if name in environ}
+
+
+def _trees(marks: Collection[tuple[int, str, str]], proc_root: str | None) -> list[psutil.Process]:
+    """For each verified child ``(pid, variable, value)``: the child, every holder of its
+    cookie, and everything below them; one look at the process table for all."""
     table: ProcessTable = scan_proc(proc_root) if proc_root is not None else scan_psutil()
     me = os.getpid()
+    wanted_values: dict[str, set[str]] = {}
+    for _, name, value in marks:
+        wanted_values.setdefault(name, set()).add(value)
+    roots: list[ProcessEntry] = []
+    for entry in table.entries.values():
+        if entry.pid == me:
+            continue
+        held = _environ_cookies(entry.pid, wanted_values, proc_root)
+        if any(value in wanted_values[name] for name, value in held.items()):
+            roots.append(entry)
+    roots.extend(table.entries[pid] for pid, _, _ in marks if pid in table.entries)
     wanted: dict[int, ProcessEntry] = {}
-    roots = [e for e in table.entries.values() if e.pid != me and cookies.read(e.pid) == value]
-    root = table.entries.get(identity.pid)
-    if root is not None:
-        roots.append(root)
     for entry in roots:
         wanted[entry.pid] = entry
         wanted.update((e.pid, e) for e in table.descendants(entry.pid) if e.pid != me)
@@ -143,6 +175,30 @@ def _wait(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
     return left
 
 
+def stop_orphan_trees(
+    identities: Sequence[ProcessIdentity], grace: float = 5.0, proc_root: str | None = None
+) -> list[OrphanCheck]:
+    """:func:`stop_orphan_tree` for many at once: one grace period and a few looks at the
+    process table for all of them; returns each one's check, in order."""
+    root = proc_root or _default_proc_root()
+    checks = [verify_orphan(identity, root) for identity in identities]
+    marks: list[tuple[int, str, str]] = []
+    for identity, check in zip(identities, checks, strict=True):
+        if check is OrphanCheck.VERIFIED:
+            name, _, value = (identity.cookie or "").partition("=")
+            marks.append((identity.pid, name, value))
+    if not marks:
+        return checks
+    procs = _trees(marks, root)
+    _signal(procs, kill=False)
+    left = _wait(procs, grace)
+    known = {p.pid for p in procs}
+    late = [p for p in _trees(marks, root) if p.pid not in known]
+    _signal([*left, *late], kill=True)
+    _wait([*left, *late], _KILL_WAIT)
+    return checks
+
+
 def stop_orphan_tree(
     identity: ProcessIdentity, grace: float = 5.0, proc_root: str | None = None
 ) -> OrphanCheck:
@@ -155,18 +211,4 @@ def stop_orphan_tree(
     goes through a psutil handle, which checks the start time first. Blocking: call it from a
     worker thread. Returns within about ``grace + 1`` seconds.
     """
-    root = proc_root or _default_proc_root()
-    check = verify_orphan(identity, root)
-    if check is not OrphanCheck.VERIFIED:
-        return check
-    reader = _cookie_reader(identity.cookie or "", root)
-    assert reader is not None  # verified: the cookie parsed
-    cookies, value = reader
-    procs = _tree(identity, cookies, value, root)
-    _signal(procs, kill=False)
-    left = _wait(procs, grace)
-    known = {p.pid for p in procs}
-    late = [p for p in _tree(identity, cookies, value, root) if p.pid not in known]
-    _signal([*left, *late], kill=True)
-    _wait([*left, *late], _KILL_WAIT)
-    return check
+    return stop_orphan_trees([identity], grace, proc_root)[0]

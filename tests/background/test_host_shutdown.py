@@ -266,3 +266,36 @@ def test_under_uvicorn_the_handler_installed_in_the_lifespan_chains_to_uvicorns(
     run, recovered = _stored(db, run_id)
     assert recovered == [] and run is not None
     assert (run.status, run.error_message) == (pq.RunStatus.CANCELLED, "host received SIGTERM")
+
+
+def test_many_orphans_are_stopped_together_and_strangers_left_alone() -> None:
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ours = [
+        subprocess.Popen(sleeper, env=dict(os.environ, PRISMQ_RUN_ABCDEF111111=str(n)))
+        for n in range(3)
+    ]
+    stranger = subprocess.Popen(sleeper)
+    try:
+        identities = [
+            pq.ProcessIdentity(
+                p.pid, psutil.Process(p.pid).create_time(), f"PRISMQ_RUN_ABCDEF111111={n}"
+            )
+            for n, p in enumerate(ours)
+        ]
+        identities.append(
+            pq.ProcessIdentity(
+                stranger.pid,
+                psutil.Process(stranger.pid).create_time(),
+                "PRISMQ_RUN_ABCDEF111111=9",
+            )
+        )
+        from prismq_subprocess._platform._orphans import stop_orphan_trees
+
+        checks = stop_orphan_trees(identities, grace=2.0)
+        assert checks == [pq.OrphanCheck.VERIFIED] * 3 + [pq.OrphanCheck.UNPROVEN]
+        assert [p.wait(timeout=5) for p in ours] == [-signal.SIGTERM] * 3
+        assert stranger.poll() is None
+    finally:
+        for proc in (*ours, stranger):
+            proc.kill()
+            proc.wait()

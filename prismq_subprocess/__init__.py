@@ -63,6 +63,11 @@ from ._core._exceptions import (
     SubprocessPolicyException,
     TaskTimeoutError,
 )
+from ._core._host_shutdown import (
+    ShutdownHandler,
+    install_shutdown_handler,
+    stop_for_host_shutdown,
+)
 from ._core._line_stream import LineStream
 from ._core._lines import iter_lines
 from ._core._modes import RunMode
@@ -77,6 +82,7 @@ from ._core._tree_stop import (
 )
 from ._core._wrapper import SubprocessWrapper
 from ._platform import ContainmentReport
+from ._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphan_tree
 from ._resources._memory_monitor import MemoryMonitor
 from ._resources._readings import PsutilResourceReader, ResourceSnapshot
 from ._resources._resource_manager import LimitViolation, ResourceCheck, ResourceManager
@@ -200,6 +206,15 @@ __all__ += [
     "run_id_from_log_path",
     "run_log_path",
     "sse_events",
+]
+# Host shutdown: stop every tree on SIGTERM; recover what a dead host left running.
+__all__ += [
+    "OrphanCheck",
+    "ProcessIdentity",
+    "ShutdownHandler",
+    "install_shutdown_handler",
+    "stop_for_host_shutdown",
+    "stop_orphan_tree",
 ]
 
 # Top level first: a name available here is shown as prismq_subprocess.X.

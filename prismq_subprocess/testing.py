@@ -20,6 +20,8 @@ them.
 :class:`PlatformOps` / :func:`platform_ops` (the ``ops=`` argument of ``SubprocessWrapper`` and
 the strategies) let a test run the Windows (or POSIX) process-group code on another platform with
 its operating-system calls replaced, e.g. ``platform_ops("win32", kill=record)``.
+:class:`ConsoleEvents` (the ``console=`` argument of ``ShutdownHandler``) does the same for the
+Windows console control events: ``ConsoleEvents(kernel32=stand_in, routine_factory=lambda f: f)``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 from ._core._override import override_strategy
 from ._core._public import publish
 from ._platform import PlatformOps, platform_ops
+from ._platform._console import ConsoleEvents
 from ._platform._containment import Containment
 from ._platform._ops import StopRecord, StopTarget
 from ._platform._table import ProcessEntry, ProcessTable
@@ -41,6 +44,7 @@ from ._strategies._dry_run import (
 from ._testing._script import DryRunScript, ScriptRule
 
 __all__ = [
+    "ConsoleEvents",
     "Containment",
     "DryRunCall",
     "DryRunHandler",

@@ -30,6 +30,7 @@ from .._core._exceptions import (
     RunNotFoundError,
     RunStateError,
 )
+from .._platform._orphans import ProcessIdentity
 from ._run_record import ACTIVE_STATUSES, Run, RunOwner, RunStatus, utc_now
 
 __all__ = [
@@ -351,6 +352,23 @@ class BaseRunRegistry(AsyncResource):
             else:
                 found[run_id] = reason
         return found
+
+    async def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
+        """Keep the identity of ``run_id``'s child process (pid, start time, containment cookie;
+        ``ModuleRunner`` records it once the child runs), so that a later process recovering
+        the run after its owner died can stop the tree still running, and only that tree.
+
+        Returns whether it was kept. A store that dies with its owner (this in-memory one)
+        never meets such a run and keeps nothing; :class:`SQLiteRunRegistry` keeps it with the
+        run. A store of your own that outlives its owner should keep it too and, in
+        :meth:`recover_orphans`, call ``prismq_subprocess.stop_orphan_tree(identity)`` before
+        marking the run INTERRUPTED.
+
+        Raises:
+            RegistryClosedError: the registry is closed.
+        """
+        self._check_open()
+        return False
 
     async def recover_orphans(self) -> list[str]:
         """Mark unfinished runs whose owner process is gone INTERRUPTED (with the reason in

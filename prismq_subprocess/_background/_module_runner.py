@@ -32,10 +32,11 @@ from .._core._exceptions import (
     RunnerClosedError,
     ScriptNotFoundError,
 )
+from .._core._host_shutdown import child_identity, take_part_in_host_shutdown
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._run_process import ChildRun
-from .._core._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now
+from .._core._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now
 from .._core._validation import (
     check_cwd,
     check_env,
@@ -265,6 +266,7 @@ class ModuleRunner(AsyncClosing):
         # Foreground runs take cancel requests from other processes through the registry (a
         # background run's task manager watches its own).
         self._watcher = CancelRequestWatcher(registry, self.cancel)
+        take_part_in_host_shutdown(self)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -832,6 +834,7 @@ class ModuleRunner(AsyncClosing):
                 # cancel() came while the child was being spawned, before it could be stopped.
                 await self.processes.stop(run_id, self.grace_period)
             await self._save(run)
+            await self._record_child(run_id, process)
             sampler.start()
             try:
                 async with asyncio.timeout(launch.timeout):
@@ -884,6 +887,18 @@ class ModuleRunner(AsyncClosing):
         await self._record_final(run)
         return run
 
+    async def _record_child(self, run_id: str, process: ProcessLike) -> None:
+        # What lets a later process stop this tree if this one dies without stopping it, and
+        # only this tree (see SQLiteRunRegistry's recovery).
+        # Reads /proc (or asks psutil): not on the loop.
+        identity = await asyncio.to_thread(child_identity, process)
+        if identity is None:
+            return
+        try:
+            await self.registry.record_child(run_id, identity)
+        except Exception:
+            logger.exception("recording the child of run %s failed", run_id)
+
     def _settle(
         self, run: Run, tail: OutputTail, sampler: ProcessTreeSampler, returncode: int | None
     ) -> None:
@@ -932,3 +947,15 @@ class ModuleRunner(AsyncClosing):
         if self.backend is not None:
             await self.backend.aclose()
 
+    # -- host shutdown (see _core/_host_shutdown.py) --------------------------------------------
+    def _host_claims(self) -> list[ProcessLike]:
+        return list(self.processes.live().values())
+
+    async def _host_stop(self, reason: str, claimed: frozenset[int]) -> None:
+        run_ids = set(self._active)
+        if self._task_manager is not None:
+            run_ids.update(self._task_manager.tasks)
+        await asyncio.gather(*(self.cancel(rid, reason) for rid in run_ids), return_exceptions=True)
+
+    def _host_kill(self) -> None:
+        kill_trees_now(list(self.processes.live().values()))

@@ -47,6 +47,7 @@ from .._core._exceptions import (
     RegistrySchemaError,
     RunStateError,
 )
+from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphan_trees
 from ._memory_registry import (
     BaseRunRegistry,
     _check_paging,
@@ -72,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema version this library writes (stored in ``PRAGMA user_version``)."""
 
 APPLICATION_ID = 0x50725153
@@ -179,6 +180,14 @@ def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE runs_quarantine ADD COLUMN worker")
 
 
+def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
+    # The child's start time and containment cookie (record_child): with pid, they prove a live
+    # process is the run's child, so recovery may stop its tree. Not in _COLUMNS, like the
+    # cancel request: update_run never overwrites them.
+    conn.execute("ALTER TABLE runs ADD COLUMN child_started_at REAL")
+    conn.execute("ALTER TABLE runs ADD COLUMN child_cookie TEXT")
+
+
 # _MIGRATIONS[n] upgrades a file at user_version n to n + 1. Add an entry (and bump
 # SCHEMA_VERSION) to change the schema; every step runs inside one write transaction.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
@@ -186,7 +195,11 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
     3: _migrate_3_to_4,
+    4: _migrate_4_to_5,
 }
+
+# Seconds a recovered orphan's tree gets between SIGTERM and SIGKILL.
+_ORPHAN_GRACE = 5.0
 
 _V1_TABLES = ["runs"]
 
@@ -446,8 +459,53 @@ class _Database:
                 return runs  # read-only file, say: serve the readable rows, skip the others
         return runs
 
+    def _stop_orphans(self) -> dict[str, str]:
+        """Stop the trees that dead owners' runs left running, where the recorded child is
+        proven to be the run's (pid, start time, cookie); return what was stopped, by run id.
+        Outside any transaction: a stop takes up to the grace period."""
+        rows = self.conn.execute(
+            "SELECT run_id, pid, child_started_at, child_cookie, owner_host, owner_pid, "
+            f"owner_started_at FROM runs WHERE status IN ({_ACTIVE_SQL}) "
+            "AND child_started_at IS NOT NULL AND pid IS NOT NULL AND worker IS NULL"
+        ).fetchall()
+        orphans: dict[str, ProcessIdentity] = {}
+        for run_id, pid, started, cookie, host, owner_pid, owner_started in rows:
+            try:
+                owner = RunOwner(host, owner_pid, owner_started) if host is not None else None
+                if owner is not None and owner.is_alive():
+                    continue
+                orphans[str(run_id)] = ProcessIdentity(int(pid), float(started), cookie)
+            except (TypeError, ValueError):
+                continue  # a damaged row: recover() quarantines it
+        if not orphans:
+            return {}
+        checks = stop_orphan_trees(list(orphans.values()), _ORPHAN_GRACE)
+        stopped: dict[str, str] = {}
+        for (run_id, identity), check in zip(orphans.items(), checks, strict=True):
+            if check is OrphanCheck.VERIFIED:
+                logger.warning(
+                    "run %s: its child (pid %d) outlived its owner; its process tree was stopped",
+                    run_id, identity.pid,
+                )
+                stopped[run_id] = (
+                    f"; its process tree (pid {identity.pid}) was still running and was stopped"
+                )
+        return stopped
+
+    def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
+        return self.write(
+            lambda conn: conn.execute(
+                "UPDATE runs SET child_started_at = ?, child_cookie = ? "
+                f"WHERE run_id = ? AND pid = ? AND status IN ({_ACTIVE_SQL})",
+                (identity.started_at, identity.cookie, run_id, identity.pid),
+            ).rowcount
+            == 1
+        )
+
     def recover(self) -> list[str]:
-        """Mark active runs whose owner is gone INTERRUPTED; return their run_ids."""
+        """Mark active runs whose owner is gone INTERRUPTED (first stopping the trees they
+        provably left running); return their run_ids."""
+        stopped = self._stop_orphans()
 
         def step(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(f"{_SELECT} WHERE status IN ({_ACTIVE_SQL})").fetchall()
@@ -459,7 +517,7 @@ class _Database:
                 owner = run.owner
                 if owner is not None and owner.is_alive():
                     continue
-                run.mark_interrupted(orphan_reason(run))
+                run.mark_interrupted(orphan_reason(run) + stopped.get(run.run_id, ""))
                 values = _row_values(run)
                 conn.execute(_UPDATE, (*values[1:], run.run_id))
                 recovered.append(run.run_id)
@@ -580,8 +638,12 @@ class SQLiteRunRegistry(BaseRunRegistry):
     Opening (``await open()`` or ``async with``; the first call opens it too) creates or migrates
     the schema, switches to WAL and then recovers after crashes: PENDING/RUNNING runs whose owner
     process is gone (dead, or its pid now belongs to another process) become INTERRUPTED with the
-    reason in ``error_message``; runs owned by a live process are left alone. The ids recovered by
-    this instance are in :attr:`interrupted_run_ids`.
+    reason in ``error_message``; runs owned by a live process are left alone. A run whose child
+    is still running (its dead owner was killed before it could stop it) has that child's tree
+    stopped first (SIGTERM, up to 5 s, SIGKILL), but only when the child is proven to be the
+    run's: the pid recorded with :meth:`record_child`, the same start time and the run's
+    containment cookie in its environment. A pid now used by another process is never touched.
+    The ids recovered by this instance are in :attr:`interrupted_run_ids`.
 
     Many tasks may call it at once: all statements run in order on one worker thread. Several
     processes may share the file; a writer waits up to ``busy_timeout`` seconds for another.
@@ -792,6 +854,13 @@ class SQLiteRunRegistry(BaseRunRegistry):
         if recovered:
             logger.warning("marked %d orphaned run(s) INTERRUPTED in %s", len(recovered), self.path)
         return recovered
+
+    async def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
+        """Keep the identity of ``run_id``'s child with the run (see
+        :meth:`BaseRunRegistry.record_child`); recovery uses it to stop a tree a dead owner
+        left running. Returns False when the run is not active or has another pid."""
+        db = await self._database()
+        return await self._run(db.record_child, run_id, identity)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -440,3 +440,13 @@ class UnknownUserError(PrismQError, KeyError):
 class InvalidEncodingError(PrismQError, LookupError):
     """Raised before anything starts when an ``encoding`` or ``errors`` handler name is unknown
     (a ``LookupError``, as ``codecs.lookup`` raises)."""
+
+
+# -- host shutdown (issue 11 A4) -------------------------------------------------------------------
+__all__ += ["ShutdownHandlerError"]
+
+
+class ShutdownHandlerError(PrismQError, RuntimeError):
+    """Raised when the shutdown handler cannot be installed: no running event loop, not the main
+    thread (Python sets signal handlers from the main thread only), or another one is installed.
+    """

@@ -22,6 +22,7 @@ from ._exceptions import (
     SubprocessPolicyException,
     WrapperClosedError,
 )
+from ._host_shutdown import take_part_in_host_shutdown
 from ._line_stream import LineStream
 from ._modes import RunMode
 from ._offloop import run_in_thread
@@ -143,6 +144,7 @@ class SubprocessWrapper(AsyncClosing):
         self._settled: asyncio.Future[None] | None = None
         self._retired: list[SubprocessStrategy] = []
         self._strategy.on_spawn = self._track
+        take_part_in_host_shutdown(self)
 
     def __repr__(self) -> str:
         return f"<SubprocessWrapper mode={self.mode} ({self.mode_reason})>"
@@ -202,6 +204,18 @@ class SubprocessWrapper(AsyncClosing):
     def live_processes(self) -> list[ProcessLike]:
         """Children this wrapper started that have not been seen to exit."""
         return [p for p in self._live if p.returncode is None]
+
+    # -- host shutdown (see _host_shutdown.py) -------------------------------------------------
+    def _host_claims(self) -> list[ProcessLike]:
+        return []  # a module runner claims the children it records
+
+    async def _host_stop(self, reason: str, claimed: frozenset[int]) -> None:
+        live = [p for p in self.live_processes if id(p) not in claimed]
+        if live:
+            await stop_process_trees(live, grace=self._grace, ops=self._ops)
+
+    def _host_kill(self) -> None:
+        kill_trees_now(self.live_processes, self._ops)
 
     def _check_open(self) -> None:
         if self._closed:

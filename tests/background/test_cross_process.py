@@ -360,7 +360,7 @@ async def test_an_older_file_is_upgraded_and_keeps_its_runs(tmp_path: Path, vers
             ('{"n": 1}', '["hi"]', owner.host, owner.pid, owner.started_at),
         )
     raw.close()
-    assert sqlite_registry.SCHEMA_VERSION == 4  # 4 added the cluster worker column
+    assert sqlite_registry.SCHEMA_VERSION == 5  # 4 added the cluster worker column, 5 the child
     async with pq.SQLiteRunRegistry(path) as registry:
         run = await registry.get_run("old")
         assert run is not None

@@ -1,0 +1,214 @@
+"""Finding and stopping the tree a dead host left running, without ever touching a stranger.
+
+A host killed outright (SIGKILL, a crash, SIGTERM without a handler) leaves its children running:
+they lead their own sessions, so nothing reaches them, and their parent is now init. The next
+process to open the run registry finds the run still RUNNING with its owner gone. Before it marks
+the run INTERRUPTED it stops that tree, but only once three facts agree: the recorded pid is
+alive, it was started at the recorded moment (so the pid was not reused), and its environment
+holds the run's cookie (so it is the very child the run started). A process failing any check is
+left alone. The tree is then every process holding the cookie (a double-forked daemon too) and
+everything below them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+from ._cookie import COOKIE_PREFIX, Cookies, _read_environ
+from ._ops import alive
+from ._table import ProcessEntry, ProcessTable, scan_proc, scan_psutil
+
+__all__ = [
+    "OrphanCheck",
+    "ProcessIdentity",
+    "stop_orphan_tree",
+    "stop_orphan_trees",
+    "verify_orphan",
+]
+
+# create_time is derived from boot time and clock ticks: equal within float rounding only.
+_SAME_START = 0.01
+# How long the kill's effect is waited for (SIGKILL is not refusable; this bounds a D-state).
+_KILL_WAIT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """What tells one process apart from any later process given the same pid: its pid, its
+    start time (``psutil.Process.create_time()``) and the run's containment cookie
+    (``"PRISMQ_RUN_<token>=<n>"``, the variable every descendant inherits; ``None`` where the
+    child had none, e.g. on Windows).
+
+    A run registry keeps it with each run (``record_child``) so that a later process can stop
+    a tree its dead owner left running, and only that tree (see ``recover_orphans``).
+    """
+
+    pid: int
+    started_at: float
+    cookie: str | None = None
+
+    @classmethod
+    def of(
+        cls, pid: int, cookie_variable: str | None, cookie: str | None
+    ) -> ProcessIdentity | None:
+        """The identity of the running process ``pid``, given its cookie variable and value;
+        None once it is gone."""
+        try:
+            started = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+        mark = f"{cookie_variable}={cookie}" if cookie_variable and cookie is not None else None
+        return cls(pid, started, mark)
+
+
+class OrphanCheck(enum.Enum):
+    """What :func:`verify_orphan` found at the recorded pid."""
+
+    #: The very child the run started: same start time, the run's cookie in its environment.
+    VERIFIED = "verified"
+    #: No process (or a zombie) with that pid.
+    GONE = "gone"
+    #: A process with another start time: the pid was reused.
+    REUSED = "pid reused"
+    #: The start time matches but the cookie is missing, or there is none to check, or the
+    #: environment cannot be read (another user's process): not provably ours.
+    UNPROVEN = "not provably the run's child"
+
+
+def _cookie_reader(mark: str, proc_root: str | None) -> tuple[Cookies, str] | None:
+    name, sep, value = mark.partition("=")
+    if not sep or not name.startswith(COOKIE_PREFIX) or len(name) == len(COOKIE_PREFIX):
+        return None
+    return Cookies(token=name[len(COOKIE_PREFIX) :], proc_root=proc_root), value
+
+
+def _default_proc_root() -> str | None:
+    return "/proc" if os.path.exists("/proc/self/stat") else None
+
+
+def verify_orphan(identity: ProcessIdentity, proc_root: str | None = None) -> OrphanCheck:
+    """Check that ``identity.pid`` is still the child recorded (see :class:`OrphanCheck`)."""
+    try:
+        proc = psutil.Process(identity.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return OrphanCheck.GONE
+        started = proc.create_time()
+    except psutil.NoSuchProcess:
+        return OrphanCheck.GONE
+    except psutil.Error:
+        return OrphanCheck.UNPROVEN
+    if abs(started - identity.started_at) >= _SAME_START:
+        return OrphanCheck.REUSED
+    reader = _cookie_reader(identity.cookie or "", proc_root or _default_proc_root())
+    if reader is None:
+        return OrphanCheck.UNPROVEN
+    cookies, value = reader
+    if cookies.read(identity.pid) != value:
+        return OrphanCheck.UNPROVEN
+    return OrphanCheck.VERIFIED
+
+
+def _environ_cookies(pid: int, names: Collection[str], proc_root: str | None) -> dict[str, str]:
+    """The values of the cookie variables ``names`` in ``pid``'s environment (read once)."""
+    found: dict[str, str] = {}
+    if proc_root is not None:
+        raw = _read_environ(f"{proc_root}/{pid}/environ")
+        if raw is None:
+            return found
+        for name in names:
+            value = Cookies(token=name[len(COOKIE_PREFIX) :]).parse(raw)
+            if value is not None:
+                found[name] = value
+        return found
+    try:
+        environ = psutil.Process(pid).environ()
+    except (psutil.Error, OSError):
+        return found
+    return {name: environ[name] for name in names if name in environ}
+
+
+def _trees(marks: Collection[tuple[int, str, str]], proc_root: str | None) -> list[psutil.Process]:
+    """For each verified child ``(pid, variable, value)``: the child, every holder of its
+    cookie, and everything below them; one look at the process table for all."""
+    table: ProcessTable = scan_proc(proc_root) if proc_root is not None else scan_psutil()
+    me = os.getpid()
+    wanted_values: dict[str, set[str]] = {}
+    for _, name, value in marks:
+        wanted_values.setdefault(name, set()).add(value)
+    roots: list[ProcessEntry] = []
+    for entry in table.entries.values():
+        if entry.pid == me:
+            continue
+        held = _environ_cookies(entry.pid, wanted_values, proc_root)
+        if any(value in wanted_values[name] for name, value in held.items()):
+            roots.append(entry)
+    roots.extend(table.entries[pid] for pid, _, _ in marks if pid in table.entries)
+    wanted: dict[int, ProcessEntry] = {}
+    for entry in roots:
+        wanted[entry.pid] = entry
+        wanted.update((e.pid, e) for e in table.descendants(entry.pid) if e.pid != me)
+    return table.handles(wanted.values())
+
+
+def _signal(procs: list[psutil.Process], kill: bool) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error, OSError):
+            if kill:
+                proc.kill()
+            else:
+                proc.terminate()
+
+
+def _wait(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + seconds
+    left = alive(procs)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = alive(left)
+    return left
+
+
+def stop_orphan_trees(
+    identities: Sequence[ProcessIdentity], grace: float = 5.0, proc_root: str | None = None
+) -> list[OrphanCheck]:
+    """:func:`stop_orphan_tree` for many at once: one grace period and a few looks at the
+    process table for all of them; returns each one's check, in order."""
+    root = proc_root or _default_proc_root()
+    checks = [verify_orphan(identity, root) for identity in identities]
+    marks: list[tuple[int, str, str]] = []
+    for identity, check in zip(identities, checks, strict=True):
+        if check is OrphanCheck.VERIFIED:
+            name, _, value = (identity.cookie or "").partition("=")
+            marks.append((identity.pid, name, value))
+    if not marks:
+        return checks
+    procs = _trees(marks, root)
+    _signal(procs, kill=False)
+    left = _wait(procs, grace)
+    known = {p.pid for p in procs}
+    late = [p for p in _trees(marks, root) if p.pid not in known]
+    _signal([*left, *late], kill=True)
+    _wait([*left, *late], _KILL_WAIT)
+    return checks
+
+
+def stop_orphan_tree(
+    identity: ProcessIdentity, grace: float = 5.0, proc_root: str | None = None
+) -> OrphanCheck:
+    """Stop the tree of a dead host's run if ``identity`` still names its child.
+
+    Verifies first (:func:`verify_orphan`); anything but VERIFIED is returned at once and
+    nothing is signalled. Otherwise SIGTERM (``TerminateProcess`` on Windows) to the child, to
+    every process holding its cookie and to their descendants; up to ``grace`` seconds; then
+    one more look (for what was forked meanwhile) and SIGKILL to what is left. Every signal
+    goes through a psutil handle, which checks the start time first. Blocking: call it from a
+    worker thread. Returns within about ``grace + 1`` seconds.
+    """
+    return stop_orphan_trees([identity], grace, proc_root)[0]

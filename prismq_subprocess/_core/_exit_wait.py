@@ -9,6 +9,7 @@ and the tree stop both wait here.
 from __future__ import annotations
 
 import asyncio
+import asyncio.subprocess
 import os
 from collections.abc import Sequence
 
@@ -21,6 +22,10 @@ _FIRST_POLL = 0.002
 _MAX_POLL = 0.05
 # In a batch, processes still running once the polls are this far apart are also wait()ed for.
 _WAIT_AFTER = 0.016
+# Per-process loop work in a batch is done this many at a time, letting the loop run in between
+# (its other tasks wait for at most one chunk: well under a millisecond).
+_CHUNK = 64
+_AsyncioProcess = asyncio.subprocess.Process
 
 
 async def wait_exited(process: ProcessLike, deadline: float | None = None) -> bool:
@@ -98,9 +103,16 @@ async def wait_all_exited(processes: Sequence[ProcessLike], deadline: float | No
     try:
         while pending:
             if delay >= _WAIT_AFTER:
+                created = 0
                 for process in pending:
-                    if process not in waiters:
+                    # asyncio's own process objects have their returncode set at the exit by
+                    # the loop's child watcher: polling is enough, and a thousand wait() tasks
+                    # started (then cancelled) in one loop iteration would stall it.
+                    if process not in waiters and not isinstance(process, _AsyncioProcess):
                         waiters[process] = asyncio.ensure_future(process.wait())
+                        created += 1
+                        if created % _CHUNK == 0:
+                            await asyncio.sleep(0)
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return
@@ -112,8 +124,10 @@ async def wait_all_exited(processes: Sequence[ProcessLike], deadline: float | No
                 if p.returncode is None and not (p in waiters and waiters[p].done())
             ]
     finally:
-        for waiter in waiters.values():
+        for index, waiter in enumerate(waiters.values(), 1):
             waiter.cancel()
+            if index % _CHUNK == 0:  # each cancelled task runs a step: spread them
+                await asyncio.sleep(0)
         await asyncio.gather(*waiters.values(), return_exceptions=True)
 
 

@@ -43,6 +43,8 @@ from ._validation import (
 __all__ = ["SubprocessWrapper"]
 
 logger = logging.getLogger(__name__)
+#: aclose() lets go of this many children's pipes per loop iteration.
+_RELEASE_CHUNK = 64
 
 T = TypeVar("T")
 
@@ -537,10 +539,14 @@ class SubprocessWrapper(AsyncClosing):
                     await stop_process_trees(live, grace=self._grace, ops=self._ops)
                 except Exception:  # the clean-up below still kills and releases
                     logger.exception("stopping the children of %r failed", self)
-                for process in live:
+                for index, process in enumerate(live, 1):
                     # Output nobody read would keep its pipes open (paused) after the child died.
                     self._strategy.release_pipes(process)
                     _close_transport(process)
+                    if index % _RELEASE_CHUNK == 0:
+                        # A thousand transports closed in one callback stall the loop for tens
+                        # of milliseconds: let it run between chunks.
+                        await asyncio.sleep(0)
         except BaseException:
             self.cleanup()
             raise

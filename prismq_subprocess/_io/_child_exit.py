@@ -1,8 +1,9 @@
 """Learning when a ``subprocess.Popen`` child exits, without blocking the event loop.
 
-On Linux 5.3+ a pidfd becomes readable when the child exits. The loop watches it when it can
-(``add_reader``: no thread, no hop); otherwise the THREADED strategy's I/O thread puts it in its
-selector next to the pipes (still no thread per child). Only where neither works (Windows, macOS,
+On Linux 5.3+ a pidfd becomes readable when the child exits. The THREADED strategy's I/O thread
+puts it in its selector next to the child's pipes (no thread per child, and the exit is handed
+to the loop together with the pipes' end of file, in one wake-up); without an I/O thread the loop
+watches it (``add_reader``). Only where neither works (Windows, macOS,
 or a kernel without pidfd) does one short-lived thread per child block in ``Popen.wait()``, as
 asyncio's own ``ThreadedChildWatcher`` does.
 """
@@ -36,19 +37,22 @@ def watch_exit(
 ) -> None:
     """Call ``callback(returncode)`` on ``loop`` once ``popen`` has exited and been reaped.
 
-    Tries, in order: a pidfd watched by ``loop``; the same pidfd in ``io_thread``'s selector;
+    Tries, in order: a pidfd in ``io_thread``'s selector; the same pidfd watched by ``loop``;
     a waiter thread. ``use_pidfd=False`` forces the thread (tests use it to cover the
     Windows/macOS route).
     """
     # -1: no pidfd here (macOS, Windows, an old kernel, seccomp, or the child already reaped).
     fd = pidfd_open(popen.pid) if use_pidfd else -1
     if fd >= 0:
+        # The I/O thread first: its selector already watches the child's pipes, so the exit
+        # reaches the loop in the same hand-off as their end of file (one wake-up, and the loop
+        # registers and unregisters nothing per child).
+        on_exit = functools.partial(_reap, loop, popen, callback)
+        if io_thread is not None and io_thread.watch_pidfd(loop, fd, on_exit):
+            return
         try:
             loop.add_reader(fd, _on_pidfd_ready, loop, fd, popen, callback)
         except (NotImplementedError, RuntimeError):
-            on_exit = functools.partial(_reap, loop, popen, callback)
-            if io_thread is not None and io_thread.watch_pidfd(loop, fd, on_exit):
-                return
             os.close(fd)
         else:
             return

@@ -1,16 +1,76 @@
-"""ASYNC mode: the event loop's own subprocess support."""
+"""ASYNC mode: the event loop's own subprocess support.
+
+The process object is ``asyncio.subprocess.Process``, built as ``create_subprocess_exec`` builds
+it, with one difference: its protocol (:class:`ExitProtocol`) also tells us when the child
+itself exits. asyncio's own ``Process.wait()`` (3.11) returns only once every pipe is closed too,
+so ``run()`` needs the exit on its own (a grandchild holding the pipes must not keep it waiting).
+The loop already learns of the exit (its child watcher calls ``process_exited`` on the
+protocol), so listening there costs nothing per run: no pidfd, no descriptor watch, no extra
+task (what ``wait_exited`` has to do for a process object it did not make).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.subprocess
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
+from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import kill_tree_now, register_child
 from ._base import SpawnRequest, SubprocessStrategy
 
-__all__ = ["AsyncStrategy"]
+__all__ = ["AsyncStrategy", "ExitProtocol"]
+
+
+class ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's subprocess protocol, also reporting the child's own exit (pipes may be open).
+
+    ``on_exit(pid)`` runs at the exit (the platform then looks for orphans it left);
+    :meth:`wait_exit` waits for it.
+    """
+
+    def __init__(
+        self, limit: int, loop: asyncio.AbstractEventLoop, on_exit: Callable[[int], None]
+    ) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self._exit_loop = loop
+        self._on_exit = on_exit
+        self._exited = False
+        self._exit_waiters: list[asyncio.Future[None]] = []
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._pid: int = transport.get_pid()
+
+    def process_exited(self) -> None:
+        # The transport has set the return code before calling us.
+        self._exited = True
+        waiters, self._exit_waiters = self._exit_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        with contextlib.suppress(Exception):
+            self._on_exit(self._pid)
+        super().process_exited()
+
+    async def wait_exit(self) -> None:
+        """Return once the child itself has exited.
+
+        Cancellation: only the waiting stops.
+        """
+        if self._exited:
+            return
+        waiter: asyncio.Future[None] = self._exit_loop.create_future()
+        self._exit_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._exit_waiters:
+                self._exit_waiters.remove(waiter)
 
 
 class AsyncStrategy(SubprocessStrategy):
@@ -40,34 +100,60 @@ class AsyncStrategy(SubprocessStrategy):
 
     async def _create(self, request: SpawnRequest) -> ProcessLike:
         kwargs, containment = self.ops.prepare_spawn(request.kwargs, request.die_with_host)
+        loop = asyncio.get_running_loop()
+        limit, on_exit = request.limit, self.ops.child_exited
+
+        def protocol() -> ExitProtocol:
+            return ExitProtocol(limit, loop, on_exit)
+
+        # What asyncio.create_subprocess_exec/_shell do, with our protocol.
         try:
             if request.shell:
-                process = await asyncio.create_subprocess_shell(
+                transport, proto = await loop.subprocess_shell(
+                    protocol,
                     request.command,  # type: ignore[arg-type]
                     stdin=request.stdin,
                     stdout=request.stdout,
                     stderr=request.stderr,
-                    limit=request.limit,
                     **kwargs,
                 )
             else:
                 assert isinstance(request.command, tuple)
-                program, *args = request.command
-                process = await asyncio.create_subprocess_exec(
-                    program,
-                    *args,
+                transport, proto = await loop.subprocess_exec(
+                    protocol,
+                    *request.command,
                     stdin=request.stdin,
                     stdout=request.stdout,
                     stderr=request.stderr,
-                    limit=request.limit,
                     **kwargs,
                 )
         except BaseException:
             self.ops.release(containment)
             raise
+        process = asyncio.subprocess.Process(transport, proto, loop)
         self.ops.adopt(process.pid, containment)
         register_child(process, self.ops.started_own_group(kwargs), containment, self.ops)
         return process
+
+    async def wait_exit(self, process: ProcessLike) -> int:
+        """Return the exit status once the child itself has exited, whoever still holds its
+        pipes: our protocol reports the exit (see the module docstring); a process object made
+        elsewhere is watched by the default.
+
+        Cancellation: only the waiting stops.
+        """
+        protocol = getattr(process, "_protocol", None)
+        if not isinstance(protocol, ExitProtocol):
+            return await super().wait_exit(process)
+        if process.returncode is None:
+            await protocol.wait_exit()
+        returncode = process.returncode
+        # Set by the transport before it told the protocol; a loop that did otherwise is
+        # covered by the general watch.
+        if returncode is None:
+            await wait_exited(process)
+            returncode = process.returncode
+        return returncode if returncode is not None else await process.wait()
 
 
 async def _abandon(creation: asyncio.Task[ProcessLike]) -> ProcessLike | None:
@@ -96,4 +182,3 @@ async def _abandon(creation: asyncio.Task[ProcessLike]) -> ProcessLike | None:
     if creation.done() and not creation.cancelled():
         creation.exception()  # seen: nobody else will look
     return None
-

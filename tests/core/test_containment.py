@@ -192,6 +192,22 @@ def test_cookie_parsing() -> None:
     assert cookies.issue() != cookies.issue()
 
 
+def test_the_cookie_environment_follows_changes_to_os_environ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The decoded environment is reused between spawns, but never a stale one.
+    cookies = Cookies(token="T0K")
+    monkeypatch.setenv("PRISMQ_TEST_VAR", "one")
+    first = cookies.child_env(None, "1")
+    assert first == {**os.environ, "PRISMQ_RUN_T0K": "1"}
+    first["MUTATED_BY_CALLER"] = "x"  # a copy each time: a caller's change stays its own
+    assert "MUTATED_BY_CALLER" not in cookies.child_env(None, "2")
+    monkeypatch.setenv("PRISMQ_TEST_VAR", "two")
+    assert cookies.child_env(None, "3")["PRISMQ_TEST_VAR"] == "two"
+    monkeypatch.delenv("PRISMQ_TEST_VAR")
+    assert "PRISMQ_TEST_VAR" not in cookies.child_env(None, "4")
+
+
 # -- dying with the host (A4) -------------------------------------------------------------------
 HOST = (
     "import asyncio, sys\n"

@@ -493,3 +493,64 @@ async def test_aclose_stops_a_raw_spawn_that_is_still_starting(
     with pytest.raises(pq.exceptions.WrapperClosedError):
         await task
     await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_a_batch_wait_polls_asyncio_processes_without_wait_tasks() -> None:
+    # asyncio sets returncode at the exit: a batch stop of many of them needs no wait() task
+    # each (a thousand started and cancelled in one iteration would stall the loop).
+    from prismq_subprocess._core._exit_wait import wait_all_exited
+
+    processes = [
+        await asyncio.create_subprocess_exec(*py("import time; time.sleep(0.2)"))
+        for _ in range(3)
+    ]
+    calls: list[int] = []
+    for process in processes:
+        original = process.wait
+
+        async def counted(original: Callable[[], Awaitable[int]] = original) -> int:
+            calls.append(1)
+            return await original()
+
+        process.wait = counted  # type: ignore[method-assign]
+    await asyncio.wait_for(wait_all_exited(processes, None), 30)
+    assert [p.returncode for p in processes] == [0, 0, 0]
+    assert calls == []
+    for process in processes:
+        await process.communicate()
+
+
+@pytest.mark.parametrize("mode", [pq.RunMode.ASYNC, pq.RunMode.THREADED])
+async def test_closing_many_children_lets_the_loop_run_between_chunks(
+    mode: pq.RunMode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Letting go of many children's pipes is spread over loop iterations: a task counting the
+    # iterations sees them advance while aclose() works through the children.
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    seen: list[int] = []
+    async with pq.SubprocessWrapper(mode, grace_period=2.0) as wrapper:
+        release = wrapper._strategy.release_pipes
+
+        def recording_release(process: object) -> None:
+            seen.append(ticks)
+            release(process)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(wrapper._strategy, "release_pipes", recording_release)
+        for _ in range(150):
+            await wrapper.create_subprocess_exec(
+                "sleep", "60", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        counting = asyncio.ensure_future(ticker())
+        try:
+            await asyncio.wait_for(wrapper.aclose(), 60)
+        finally:
+            counting.cancel()
+    assert len(seen) == 150
+    assert len(set(seen)) >= 3, "every child's pipes were let go of in one loop iteration"

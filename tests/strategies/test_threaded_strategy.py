@@ -119,3 +119,27 @@ async def test_waiter_route_uses_one_waiter_per_child() -> None:
         proc = await w.create_subprocess_exec(*py("import time; time.sleep(0.3)"))
         assert named(f"prismq-wait-{proc.pid}")
         assert await proc.wait() == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the selector route is POSIX")
+async def test_the_exit_notice_comes_from_the_io_thread_not_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The I/O thread's selector watches the pidfd next to the pipes, so the exit reaches the
+    # loop in the same hand-off as the end of file: the loop itself watches no descriptor.
+    loop = asyncio.get_running_loop()
+    watched: list[int] = []
+    add_reader = loop.add_reader
+
+    def counting_add_reader(fd: int, *args: object) -> None:
+        watched.append(fd)
+        add_reader(fd, *args)
+
+    monkeypatch.setattr(loop, "add_reader", counting_add_reader)
+    async with pq.SubprocessWrapper(pq.abc.ThreadedStrategy(io="selector")) as w:
+        for _ in range(3):
+            result = await asyncio.wait_for(w.run(*py("print('hi')")), 30)
+            assert (result.returncode, result.stdout) == (0, b"hi\n")
+        proc = await w.create_subprocess_exec(*py("import sys; sys.exit(4)"))
+        assert await asyncio.wait_for(proc.wait(), 30) == 4
+    assert watched == []

@@ -26,7 +26,6 @@ from .._core._durations import interval_seconds, timeout_seconds
 from .._core._exceptions import (
     CommandNotFoundError,
     InvalidArgumentTypeError,
-    InvalidLimitError,
     InvalidRunModeError,
     OutputClosedError,
     RunnerClosedError,
@@ -40,6 +39,7 @@ from .._core._validation import (
     check_cwd,
     check_env,
     check_exec_command,
+    check_limit,
     check_shell_command,
     check_timeout,
 )
@@ -105,14 +105,8 @@ def _megabytes(value: int) -> str:
 
 
 def _check_memory_limit(memory_limit_bytes: int | None) -> None:
-    if memory_limit_bytes is not None and (
-        isinstance(memory_limit_bytes, bool)
-        or not isinstance(memory_limit_bytes, int)
-        or memory_limit_bytes <= 0
-    ):
-        raise InvalidLimitError(
-            f"memory_limit_bytes must be a positive int or None, got {memory_limit_bytes!r}"
-        )
+    if memory_limit_bytes is not None:
+        check_limit(memory_limit_bytes, "memory_limit_bytes", minimum=1)
 
 
 def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -221,22 +215,9 @@ class ModuleRunner(AsyncClosing):
     ) -> None:
         if wrapper is not None and run_mode is not None:
             raise InvalidRunModeError("pass run_mode or wrapper, not both")
-        if (
-            isinstance(output_tail_lines, bool)
-            or not isinstance(output_tail_lines, int)
-            or (output_tail_lines < 0)
-        ):
-            raise InvalidLimitError(
-                f"output_tail_lines must be an int >= 0, got {output_tail_lines!r}"
-            )
-        if max_concurrent is not None and (
-            isinstance(max_concurrent, bool)
-            or not isinstance(max_concurrent, int)
-            or max_concurrent < 1
-        ):
-            raise InvalidLimitError(
-                f"max_concurrent must be an int >= 1 or None, got {max_concurrent!r}"
-            )
+        check_limit(output_tail_lines, "output_tail_lines", minimum=0)
+        if max_concurrent is not None:
+            check_limit(max_concurrent, "max_concurrent", minimum=1)
         self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
         self.sample_interval = interval_seconds(sample_interval, what="sample_interval")
         self.registry = registry

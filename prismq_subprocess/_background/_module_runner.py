@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from .._core._closing import AsyncClosing
 from .._core._durations import interval_seconds, timeout_seconds
@@ -56,6 +56,7 @@ from ._output_capture import OutputCapture
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
 from ._run_record import Run, RunStatus
+from ._start_options import CommandStartOptions, ModuleStartOptions
 from ._task_manager import BackgroundTaskManager
 
 __all__ = ["ModuleRunner"]
@@ -423,20 +424,16 @@ class ModuleRunner(AsyncClosing):
         parameters: Mapping[str, Any] | None = None,
         *,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        args: Sequence[str | os.PathLike[str]] | None = None,
-        resources: Mapping[str, float] | None = None,
+        **options: Unpack[ModuleStartOptions],
     ) -> Run:
         """Run the module to its end and return its final :class:`Run` (also in the registry).
 
         A failing, timed-out or over-limit module is not an exception: the returned run says
         FAILED and why (see the class docstring). Bad input raises before anything is stored
-        or started. ``args`` (a list of str) are passed as given after the arguments made
-        from ``parameters``. ``resources`` (``{"name": amount}``) are hints a cluster backend
-        reserves on a worker for the run; unused locally.
+        or started. ``options`` are the keywords of :meth:`prepare`: ``timeout``,
+        ``memory_limit_bytes``, ``cwd``, ``env``, ``args`` (a list of str, passed as given
+        after the arguments made from ``parameters``) and ``resources`` (``{"name": amount}``,
+        hints a cluster backend reserves on a worker for the run; unused locally).
 
         Cancellation: the child's tree is stopped (SIGTERM, ``grace_period``, SIGKILL), the run
         is recorded CANCELLED with its output tail, then ``CancelledError`` propagates.
@@ -447,16 +444,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare` raises.
         """
         self._check_open()
-        launch = self.prepare(
-            script_path,
-            parameters,
-            timeout=timeout,
-            memory_limit_bytes=memory_limit_bytes,
-            cwd=cwd,
-            env=env,
-            args=args,
-            resources=resources,
-        )
+        launch = self.prepare(script_path, parameters, **options)
         return await self._execute_new(module_id, module_name, launch, run_id)
 
     async def start_module(
@@ -467,12 +455,7 @@ class ModuleRunner(AsyncClosing):
         parameters: Mapping[str, Any] | None = None,
         *,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        args: Sequence[str | os.PathLike[str]] | None = None,
-        resources: Mapping[str, float] | None = None,
+        **options: Unpack[ModuleStartOptions],
     ) -> str:
         """Start the module in the background and return its ``run_id`` once the run is stored
         (PENDING; RUNNING once a slot is free and the child started).
@@ -490,16 +473,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare` raises.
         """
         self._check_open()
-        launch = self.prepare(
-            script_path,
-            parameters,
-            timeout=timeout,
-            memory_limit_bytes=memory_limit_bytes,
-            cwd=cwd,
-            env=env,
-            args=args,
-            resources=resources,
-        )
+        launch = self.prepare(script_path, parameters, **options)
         return await self._start_new(module_id, module_name, launch, run_id)
 
     async def execute_command(
@@ -509,20 +483,17 @@ class ModuleRunner(AsyncClosing):
         command: Sequence[str | os.PathLike[str]] | str,
         parameters: Mapping[str, Any] | None = None,
         *,
-        shell: bool = False,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        resources: Mapping[str, float] | None = None,
+        **options: Unpack[CommandStartOptions],
     ) -> Run:
         """Run any command to its end as a tracked run and return its final :class:`Run`: a
         program and its arguments (``command=["node", "build.js"]``), or with ``shell=True``
         one command line for the shell (``"sort data.txt | uniq -c"``; ``/bin/sh`` or
         ``cmd.exe``).
 
-        Everything else is as in :meth:`execute_module`: the registry record, merged output
+        ``options`` are the keywords of :meth:`prepare_command` (``shell``, ``timeout``,
+        ``memory_limit_bytes``, ``cwd``, ``env``, ``resources``). Everything else is as in
+        :meth:`execute_module`: the registry record, merged output
         lines to ``output`` and ``output_tail``, ``timeout``, ``memory_limit_bytes``, pid, peak
         RSS and CPU time of the whole tree, cancellation and the way the run ends (a non-zero
         exit is FAILED with ``"exited with status N: <last line>"``). ``parameters`` is only
@@ -538,16 +509,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare_command` raises.
         """
         self._check_open()
-        launch = self.prepare_command(
-            command,
-            parameters,
-            shell=shell,
-            timeout=timeout,
-            memory_limit_bytes=memory_limit_bytes,
-            cwd=cwd,
-            env=env,
-            resources=resources,
-        )
+        launch = self.prepare_command(command, parameters, **options)
         return await self._execute_new(module_id, module_name, launch, run_id)
 
     async def start_command(
@@ -557,13 +519,8 @@ class ModuleRunner(AsyncClosing):
         command: Sequence[str | os.PathLike[str]] | str,
         parameters: Mapping[str, Any] | None = None,
         *,
-        shell: bool = False,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        resources: Mapping[str, float] | None = None,
+        **options: Unpack[CommandStartOptions],
     ) -> str:
         """Start any command (see :meth:`execute_command`) in the background and return its
         ``run_id`` once the run is stored, as :meth:`start_module` does.
@@ -578,16 +535,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare_command` raises.
         """
         self._check_open()
-        launch = self.prepare_command(
-            command,
-            parameters,
-            shell=shell,
-            timeout=timeout,
-            memory_limit_bytes=memory_limit_bytes,
-            cwd=cwd,
-            env=env,
-            resources=resources,
-        )
+        launch = self.prepare_command(command, parameters, **options)
         return await self._start_new(module_id, module_name, launch, run_id)
 
     async def _execute_new(

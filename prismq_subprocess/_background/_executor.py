@@ -45,12 +45,6 @@ StrPath = str | os.PathLike[str]
 GuideItem = tuple[str, StrPath, Sequence[StrPath]]
 
 
-class _SpecOptions(StartOptions, total=False):
-    """The keywords ``execute_module`` puts into its :class:`ModuleSpec` as they are."""
-
-    run_id: str | None
-
-
 def _check_script_path(script_path: object) -> StrPath:
     if isinstance(script_path, str | os.PathLike):
         return script_path
@@ -284,7 +278,8 @@ class ConcurrentExecutor(AsyncClosing):
         parameters: Mapping[str, Any] | None = None,
         *,
         args: Sequence[StrPath] | None = None,
-        **options: Unpack[_SpecOptions],
+        run_id: str | None = None,
+        **options: Unpack[StartOptions],
     ) -> dict[str, Any]: ...
 
     @overload
@@ -294,7 +289,8 @@ class ConcurrentExecutor(AsyncClosing):
         *,
         script_path: StrPath,
         args: Sequence[StrPath] | None = None,
-        **options: Unpack[_SpecOptions],
+        run_id: str | None = None,
+        **options: Unpack[StartOptions],
     ) -> dict[str, Any]: ...
 
     @overload
@@ -304,7 +300,9 @@ class ConcurrentExecutor(AsyncClosing):
         script_path: StrPath,
         args: Sequence[StrPath] | None = None,
         /,
-        **options: Unpack[_SpecOptions],
+        *,
+        run_id: str | None = None,
+        **options: Unpack[StartOptions],
     ) -> dict[str, Any]: ...
 
     async def execute_module(
@@ -315,7 +313,8 @@ class ConcurrentExecutor(AsyncClosing):
         parameters: Mapping[str, Any] | None = None,
         *,
         args: Sequence[StrPath] | None = None,
-        **options: Unpack[_SpecOptions],
+        run_id: str | None = None,
+        **options: Unpack[StartOptions],
     ) -> dict[str, Any]:
         """Run one module when a slot is free and it is admitted; return its result dict.
 
@@ -377,7 +376,7 @@ class ConcurrentExecutor(AsyncClosing):
             )
             if options.get("cwd") is None:
                 options["cwd"] = spec.cwd
-            return await self._run(dataclasses.replace(spec, **options))
+            return await self._run(dataclasses.replace(spec, run_id=run_id, **options))
         assert module_name is not None  # guide is True otherwise
         return await self._run(
             ModuleSpec(
@@ -385,6 +384,7 @@ class ConcurrentExecutor(AsyncClosing):
                 str(module_name),
                 _check_script_path(script_path),
                 parameters,
+                run_id=run_id,
                 args=args,
                 **options,
             )

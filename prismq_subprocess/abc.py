@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from ._background._backend import ModuleJob, RunBackend, RunContext
 from ._background._memory_registry import BaseRunRegistry
+from ._background._start_options import CommandStartOptions, ModuleStartOptions, StartOptions
 from ._core._closing import AsyncResource
 from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
 from ._core._public import publish
@@ -38,15 +39,18 @@ __all__ = [
     "AsyncResource",
     "AsyncStrategy",
     "BaseRunRegistry",
+    "CommandStartOptions",
     "LimitCallback",
     "LocalStrategy",
     "MemoryCallback",
     "ModuleJob",
+    "ModuleStartOptions",
     "ProcessLike",
     "ResourceReader",
     "RunBackend",
     "RunContext",
     "SpawnRequest",
+    "StartOptions",
     "StreamReaderLike",
     "StreamWriterLike",
     "SubprocessStrategy",

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, Unpack, cast, overload
 
 from .._core._closing import AsyncClosing
 from .._core._exceptions import (
@@ -33,6 +33,7 @@ from ._memory_registry import BaseRunRegistry, RunRegistry
 from ._module_runner import ModuleRunner
 from ._output_capture import OutputCapture
 from ._run_record import Run
+from ._start_options import ModuleStartOptions, StartOptions
 
 __all__ = ["ConcurrentExecutor", "ModuleSpec"]
 
@@ -70,6 +71,16 @@ class ModuleSpec:
     cwd: StrPath | None = None
     env: Mapping[str, str] | None = None
     args: Sequence[StrPath] | None = None
+
+    def start_options(self) -> ModuleStartOptions:
+        """The keywords ``ModuleRunner.prepare`` / ``execute_module`` take from this spec."""
+        return ModuleStartOptions(
+            timeout=self.timeout,
+            memory_limit_bytes=self.memory_limit_bytes,
+            cwd=self.cwd,
+            env=self.env,
+            args=self.args,
+        )
 
     @classmethod
     def from_guide(
@@ -241,15 +252,8 @@ class ConcurrentExecutor(AsyncClosing):
     async def _run(self, spec: ModuleSpec) -> dict[str, Any]:
         self._check_open()
         # Fail on bad input before queueing for a slot.
-        self.runner.prepare(
-            _check_script_path(spec.script_path),
-            spec.parameters,
-            timeout=spec.timeout,
-            memory_limit_bytes=spec.memory_limit_bytes,
-            cwd=spec.cwd,
-            env=spec.env,
-            args=spec.args,
-        )
+        options = spec.start_options()
+        self.runner.prepare(_check_script_path(spec.script_path), spec.parameters, **options)
         async with self._slots:
             if self.resource_manager is not None:
                 await self.resource_manager.admit(
@@ -261,11 +265,7 @@ class ConcurrentExecutor(AsyncClosing):
                 spec.script_path,
                 spec.parameters,
                 run_id=spec.run_id,
-                timeout=spec.timeout,
-                memory_limit_bytes=spec.memory_limit_bytes,
-                cwd=spec.cwd,
-                env=spec.env,
-                args=spec.args,
+                **options,
             )
         return _result(run)
 
@@ -279,10 +279,7 @@ class ConcurrentExecutor(AsyncClosing):
         *,
         args: Sequence[StrPath] | None = None,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: StrPath | None = None,
-        env: Mapping[str, str] | None = None,
+        **options: Unpack[StartOptions],
     ) -> dict[str, Any]: ...
 
     @overload
@@ -293,10 +290,7 @@ class ConcurrentExecutor(AsyncClosing):
         script_path: StrPath,
         args: Sequence[StrPath] | None = None,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: StrPath | None = None,
-        env: Mapping[str, str] | None = None,
+        **options: Unpack[StartOptions],
     ) -> dict[str, Any]: ...
 
     @overload
@@ -308,10 +302,7 @@ class ConcurrentExecutor(AsyncClosing):
         /,
         *,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: StrPath | None = None,
-        env: Mapping[str, str] | None = None,
+        **options: Unpack[StartOptions],
     ) -> dict[str, Any]: ...
 
     async def execute_module(
@@ -323,10 +314,7 @@ class ConcurrentExecutor(AsyncClosing):
         *,
         args: Sequence[StrPath] | None = None,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: StrPath | None = None,
-        env: Mapping[str, str] | None = None,
+        **options: Unpack[StartOptions],
     ) -> dict[str, Any]:
         """Run one module when a slot is free and it is admitted; return its result dict.
 
@@ -342,7 +330,9 @@ class ConcurrentExecutor(AsyncClosing):
           third argument being a list or tuple or missing, or its second being a ``Path`` (not
           a str); ``execute_module(module_id, path)`` runs the script without arguments.
 
-        A module that fails, times out or exceeds its memory cap is a result, not an exception.
+        ``options`` (``run_id``, ``timeout``, ``memory_limit_bytes``, ``cwd``, ``env``) are as
+        in ``ModuleRunner.execute_module``. A module that fails, times out or exceeds its memory
+        cap is a result, not an exception.
 
         Cancellation: a queued call just stops waiting; a running module's tree is stopped and
         its run recorded CANCELLED before ``CancelledError`` propagates.
@@ -384,16 +374,9 @@ class ConcurrentExecutor(AsyncClosing):
             spec = ModuleSpec.from_guide(
                 module_id, _check_script_path(path), cast("Sequence[StrPath] | None", raw)
             )
-            return await self._run(
-                dataclasses.replace(
-                    spec,
-                    run_id=run_id,
-                    timeout=timeout,
-                    memory_limit_bytes=memory_limit_bytes,
-                    cwd=spec.cwd if cwd is None else cwd,
-                    env=env,
-                )
-            )
+            if options.get("cwd") is None:
+                options["cwd"] = spec.cwd
+            return await self._run(dataclasses.replace(spec, run_id=run_id, **options))
         assert module_name is not None  # guide is True otherwise
         return await self._run(
             ModuleSpec(
@@ -402,11 +385,8 @@ class ConcurrentExecutor(AsyncClosing):
                 _check_script_path(script_path),
                 parameters,
                 run_id=run_id,
-                timeout=timeout,
-                memory_limit_bytes=memory_limit_bytes,
-                cwd=cwd,
-                env=env,
                 args=args,
+                **options,
             )
         )
 

@@ -19,14 +19,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from .._core._closing import AsyncClosing
 from .._core._durations import interval_seconds, timeout_seconds
 from .._core._exceptions import (
     CommandNotFoundError,
     InvalidArgumentTypeError,
-    InvalidLimitError,
     InvalidRunModeError,
     OutputClosedError,
     RunnerClosedError,
@@ -41,6 +40,7 @@ from .._core._validation import (
     check_cwd,
     check_env,
     check_exec_command,
+    check_limit,
     check_shell_command,
     check_timeout,
 )
@@ -57,6 +57,7 @@ from ._output_capture import OutputCapture
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
 from ._run_record import Run, RunStatus
+from ._start_options import CommandStartOptions, ModuleStartOptions
 from ._task_manager import BackgroundTaskManager
 
 __all__ = ["ModuleRunner"]
@@ -106,14 +107,8 @@ def _megabytes(value: int) -> str:
 
 
 def _check_memory_limit(memory_limit_bytes: int | None) -> None:
-    if memory_limit_bytes is not None and (
-        isinstance(memory_limit_bytes, bool)
-        or not isinstance(memory_limit_bytes, int)
-        or memory_limit_bytes <= 0
-    ):
-        raise InvalidLimitError(
-            f"memory_limit_bytes must be a positive int or None, got {memory_limit_bytes!r}"
-        )
+    if memory_limit_bytes is not None:
+        check_limit(memory_limit_bytes, "memory_limit_bytes", minimum=1)
 
 
 def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -222,22 +217,9 @@ class ModuleRunner(AsyncClosing):
     ) -> None:
         if wrapper is not None and run_mode is not None:
             raise InvalidRunModeError("pass run_mode or wrapper, not both")
-        if (
-            isinstance(output_tail_lines, bool)
-            or not isinstance(output_tail_lines, int)
-            or (output_tail_lines < 0)
-        ):
-            raise InvalidLimitError(
-                f"output_tail_lines must be an int >= 0, got {output_tail_lines!r}"
-            )
-        if max_concurrent is not None and (
-            isinstance(max_concurrent, bool)
-            or not isinstance(max_concurrent, int)
-            or max_concurrent < 1
-        ):
-            raise InvalidLimitError(
-                f"max_concurrent must be an int >= 1 or None, got {max_concurrent!r}"
-            )
+        check_limit(output_tail_lines, "output_tail_lines", minimum=0)
+        if max_concurrent is not None:
+            check_limit(max_concurrent, "max_concurrent", minimum=1)
         self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
         self.sample_interval = interval_seconds(sample_interval, what="sample_interval")
         self.registry = registry
@@ -444,20 +426,16 @@ class ModuleRunner(AsyncClosing):
         parameters: Mapping[str, Any] | None = None,
         *,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        args: Sequence[str | os.PathLike[str]] | None = None,
-        resources: Mapping[str, float] | None = None,
+        **options: Unpack[ModuleStartOptions],
     ) -> Run:
         """Run the module to its end and return its final :class:`Run` (also in the registry).
 
         A failing, timed-out or over-limit module is not an exception: the returned run says
         FAILED and why (see the class docstring). Bad input raises before anything is stored
-        or started. ``args`` (a list of str) are passed as given after the arguments made
-        from ``parameters``. ``resources`` (``{"name": amount}``) are hints a cluster backend
-        reserves on a worker for the run; unused locally.
+        or started. ``options`` are the keywords of :meth:`prepare`: ``timeout``,
+        ``memory_limit_bytes``, ``cwd``, ``env``, ``args`` (a list of str, passed as given
+        after the arguments made from ``parameters``) and ``resources`` (``{"name": amount}``,
+        hints a cluster backend reserves on a worker for the run; unused locally).
 
         Cancellation: the child's tree is stopped (SIGTERM, ``grace_period``, SIGKILL), the run
         is recorded CANCELLED with its output tail, then ``CancelledError`` propagates.
@@ -468,16 +446,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare` raises.
         """
         self._check_open()
-        launch = self.prepare(
-            script_path,
-            parameters,
-            timeout=timeout,
-            memory_limit_bytes=memory_limit_bytes,
-            cwd=cwd,
-            env=env,
-            args=args,
-            resources=resources,
-        )
+        launch = self.prepare(script_path, parameters, **options)
         return await self._execute_new(module_id, module_name, launch, run_id)
 
     async def start_module(
@@ -488,12 +457,7 @@ class ModuleRunner(AsyncClosing):
         parameters: Mapping[str, Any] | None = None,
         *,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        args: Sequence[str | os.PathLike[str]] | None = None,
-        resources: Mapping[str, float] | None = None,
+        **options: Unpack[ModuleStartOptions],
     ) -> str:
         """Start the module in the background and return its ``run_id`` once the run is stored
         (PENDING; RUNNING once a slot is free and the child started).
@@ -511,16 +475,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare` raises.
         """
         self._check_open()
-        launch = self.prepare(
-            script_path,
-            parameters,
-            timeout=timeout,
-            memory_limit_bytes=memory_limit_bytes,
-            cwd=cwd,
-            env=env,
-            args=args,
-            resources=resources,
-        )
+        launch = self.prepare(script_path, parameters, **options)
         return await self._start_new(module_id, module_name, launch, run_id)
 
     async def execute_command(
@@ -530,20 +485,17 @@ class ModuleRunner(AsyncClosing):
         command: Sequence[str | os.PathLike[str]] | str,
         parameters: Mapping[str, Any] | None = None,
         *,
-        shell: bool = False,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        resources: Mapping[str, float] | None = None,
+        **options: Unpack[CommandStartOptions],
     ) -> Run:
         """Run any command to its end as a tracked run and return its final :class:`Run`: a
         program and its arguments (``command=["node", "build.js"]``), or with ``shell=True``
         one command line for the shell (``"sort data.txt | uniq -c"``; ``/bin/sh`` or
         ``cmd.exe``).
 
-        Everything else is as in :meth:`execute_module`: the registry record, merged output
+        ``options`` are the keywords of :meth:`prepare_command` (``shell``, ``timeout``,
+        ``memory_limit_bytes``, ``cwd``, ``env``, ``resources``). Everything else is as in
+        :meth:`execute_module`: the registry record, merged output
         lines to ``output`` and ``output_tail``, ``timeout``, ``memory_limit_bytes``, pid, peak
         RSS and CPU time of the whole tree, cancellation and the way the run ends (a non-zero
         exit is FAILED with ``"exited with status N: <last line>"``). ``parameters`` is only
@@ -559,16 +511,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare_command` raises.
         """
         self._check_open()
-        launch = self.prepare_command(
-            command,
-            parameters,
-            shell=shell,
-            timeout=timeout,
-            memory_limit_bytes=memory_limit_bytes,
-            cwd=cwd,
-            env=env,
-            resources=resources,
-        )
+        launch = self.prepare_command(command, parameters, **options)
         return await self._execute_new(module_id, module_name, launch, run_id)
 
     async def start_command(
@@ -578,13 +521,8 @@ class ModuleRunner(AsyncClosing):
         command: Sequence[str | os.PathLike[str]] | str,
         parameters: Mapping[str, Any] | None = None,
         *,
-        shell: bool = False,
         run_id: str | None = None,
-        timeout: float | timedelta | None = None,
-        memory_limit_bytes: int | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        resources: Mapping[str, float] | None = None,
+        **options: Unpack[CommandStartOptions],
     ) -> str:
         """Start any command (see :meth:`execute_command`) in the background and return its
         ``run_id`` once the run is stored, as :meth:`start_module` does.
@@ -599,16 +537,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare_command` raises.
         """
         self._check_open()
-        launch = self.prepare_command(
-            command,
-            parameters,
-            shell=shell,
-            timeout=timeout,
-            memory_limit_bytes=memory_limit_bytes,
-            cwd=cwd,
-            env=env,
-            resources=resources,
-        )
+        launch = self.prepare_command(command, parameters, **options)
         return await self._start_new(module_id, module_name, launch, run_id)
 
     async def _execute_new(

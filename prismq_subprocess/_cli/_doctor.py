@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 import warnings
@@ -15,7 +16,6 @@ import prismq_subprocess as pq
 
 from .._platform._host import host_description
 from ._common import EXIT_FAILURE, EXIT_OK, format_pairs, print_json
-from ._containment import probe_containment
 
 __all__ = ["add_parser", "collect", "render"]
 
@@ -130,16 +130,19 @@ def collect() -> dict[str, Any]:
             "auto": loop_info["auto"],
         },
         "psutil": _psutil_figures(),
-        "containment": [m.to_dict() for m in probe_containment()],
+        "containment": _containment(),
     }
+
+
+def _containment() -> dict[str, Any]:
+    # The library's own report: what a spawn from this interpreter would use (asking for it
+    # switches the means on, as the first spawn would; doctor's process ends right after).
+    report = pq.containment_report()
+    return {**dataclasses.asdict(report), "strongest": report.strongest}
 
 
 def _bytes(value: int) -> str:
     return f"{value / 1024**3:.1f} GiB"
-
-
-def _yes_no(value: bool | None) -> str:
-    return "n/a" if value is None else ("yes" if value else "no")
 
 
 def render(report: dict[str, Any]) -> str:
@@ -164,7 +167,7 @@ def render(report: dict[str, Any]) -> str:
         mode_text = f"none: {pq.ENV_VAR} is invalid (without it: {auto['mode']}, {auto['reason']})"
     spawn_text = "yes" if loop["can_spawn"] else f"no: {loop['spawn_error']}"
     containment = report["containment"]
-    summary = ", ".join(f"{m['label']} {_yes_no(m['available'])}" for m in containment)
+    summary = f"{' + '.join(containment['mechanisms'])} (strongest: {containment['strongest']})"
     pairs = [
         ("prismq_subprocess", report["prismq_subprocess"]["version"]),
         ("platform", f"{report['platform']['sys_platform']} ({report['platform']['platform']})"),
@@ -188,7 +191,12 @@ def render(report: dict[str, Any]) -> str:
         ("containment", summary),
     ]
     details = format_pairs(
-        ((m["label"], f"{_yes_no(m['available'])} - {m['detail']}") for m in containment),
+        [
+            ("cgroup v2 sub-groups in", containment["cgroup_dir"] or "-"),
+            ("cookie variable", containment["cookie_variable"] or "-"),
+            ("children die with host", containment["die_with_host"]),
+            *(("note", note) for note in containment["notes"]),
+        ],
         indent="  ",
     )
     return f"{format_pairs(pairs)}\n{details}"
@@ -212,7 +220,7 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Report the platform, Python, the event loop asyncio.run() would create and whether "
             "it can spawn subprocesses (a real probe), PRISMQ_RUN_MODE, the auto-detected run "
-            "mode and why, psutil figures and the descendant-containment mechanisms available. "
+            "mode and why, psutil figures and the means used to contain a child's whole tree. "
             "Exit status 1 when PRISMQ_RUN_MODE is invalid, else 0."
         ),
     )

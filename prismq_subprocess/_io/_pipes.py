@@ -29,7 +29,7 @@ import time
 from typing import IO, Any, Protocol
 
 from .._platform import CAN_POLL_PIPES
-from ._stdin_transport import WriterTransport
+from ._stdin_transport import StreamWriterMethods, WriterTransport
 
 __all__ = [
     "MAX_IN_FLIGHT",
@@ -162,7 +162,7 @@ class PipeBridge(Protocol):
         """Stop moving bytes, close every pipe still open and end the bridge's threads."""
 
 
-class StdinWriterBase:
+class StdinWriterBase(StreamWriterMethods):
     """A ``StreamWriter``-like stdin; subclasses decide who performs the writes.
 
     Follows asyncio's contract: ``write()`` never blocks, ``drain()`` waits while more than
@@ -187,28 +187,10 @@ class StdinWriterBase:
         """The write transport (``get_write_buffer_size()``, ``is_closing()``, ...)."""
         return WriterTransport(self, self._pending)
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data`` for the child; never blocks. Ignored once closing (as asyncio does)."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(
-                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
-            )
+    def _take(self, data: bytes | bytearray | memoryview) -> None:
         if not data or self._closing or self._exc is not None:
             return
         self._enqueue(data)
-
-    def writelines(self, data: Any) -> None:
-        """Queue every bytes-like item of ``data``."""
-        for chunk in data:
-            self.write(chunk)
-
-    def can_write_eof(self) -> bool:
-        """Always True: closing the pipe is the end-of-file."""
-        return True
-
-    def write_eof(self) -> None:
-        """Close the child's stdin once what is queued has been written."""
-        self.close()
 
     def is_closing(self) -> bool:
         """True once :meth:`close` was called or the child closed its end."""

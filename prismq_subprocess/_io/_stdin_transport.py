@@ -1,10 +1,12 @@
-"""`WriterTransport`: what ``StreamWriter.transport`` offers, for our stdin writers."""
+"""What our stdin writers share: `StreamWriterMethods` (the ``StreamWriter`` methods that do not
+depend on where the bytes go) and `WriterTransport` (what ``StreamWriter.transport`` offers)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
-__all__ = ["WriterTransport"]
+__all__ = ["StreamWriterMethods", "WriterTransport"]
 
 
 class _Writer(Protocol):
@@ -17,6 +19,45 @@ class _Writer(Protocol):
     def write_eof(self) -> None: ...
 
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+class StreamWriterMethods(ABC):
+    """``write()``'s type check, ``writelines()``, ``can_write_eof()`` and ``write_eof()`` as
+    ``asyncio.StreamWriter`` has them; a subclass says what becomes of the bytes (:meth:`_take`)
+    and what closing does."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Take ``data`` for the child; never blocks. Ignored once closing (as asyncio does).
+
+        Raises:
+            TypeError: ``data`` is not bytes-like (asyncio's message).
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
+            )
+        self._take(data)
+
+    def writelines(self, data: Any) -> None:
+        """Take every bytes-like item of ``data``."""
+        for chunk in data:
+            self.write(chunk)
+
+    def can_write_eof(self) -> bool:
+        """Always True: closing stdin is the end-of-file."""
+        return True
+
+    def write_eof(self) -> None:
+        """Same as :meth:`close`."""
+        self.close()
+
+    @abstractmethod
+    def _take(self, data: bytes | bytearray | memoryview) -> None:
+        """Keep or queue ``data`` (bytes-like), unless stdin is closing."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close stdin once what was taken is delivered."""
 
 
 class WriterTransport:

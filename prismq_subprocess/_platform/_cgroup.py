@@ -17,24 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 
+from ._procfs import read_small_file
+
 __all__ = ["Cgroups", "find_cgroup_dir"]
 
 
 def _read(path: str) -> str | None:
-    # os.read, not open(): a stop reads thousands of these small files.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode("ascii", "replace")
+    raw = read_small_file(path)
+    return None if raw is None else raw.decode("ascii", "replace")
 
 
 def _write(path: str, text: str) -> bool:

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import psutil
 
+from ._procfs import read_small_file
+
 __all__ = ["COOKIE_PREFIX", "Cookies"]
 
 #: Every cookie variable starts with this.
@@ -85,30 +87,9 @@ class Cookies:
         """The cookie value in ``pid``'s environment; None when absent or unreadable (another
         user's process, a zombie, gone)."""
         if self._proc_root is not None:
-            raw = _read_environ(f"{self._proc_root}/{pid}/environ")
+            raw = read_small_file(f"{self._proc_root}/{pid}/environ", _ENVIRON_LIMIT)
             return None if raw is None else self.parse(raw)
         try:
             return psutil.Process(pid).environ().get(self.name)
         except (psutil.Error, OSError):
             return None
-
-
-def _read_environ(path: str) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        chunks = []
-        size = 0
-        while size < _ENVIRON_LIMIT:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)

@@ -12,12 +12,7 @@ from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
 from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
 from .._core._maybe_async import call_callback
-from ._readings import (
-    PsutilResourceReader,
-    ResourceReader,
-    ResourceSnapshot,
-    check_percent,
-)
+from ._readings import PsutilResourceReader, ResourceReader, ResourceSnapshot, check_percent
 
 __all__ = ["MIN_CHECK_INTERVAL", "MemoryCallback", "MemoryMonitor"]
 

@@ -11,12 +11,7 @@ from typing import Literal
 
 from .._core._durations import interval_seconds, timeout_seconds
 from .._core._exceptions import InvalidLimitError, ResourceLimitException, ResourceWaitTimeoutError
-from ._readings import (
-    PsutilResourceReader,
-    ResourceReader,
-    ResourceSnapshot,
-    check_percent,
-)
+from ._readings import PsutilResourceReader, ResourceReader, ResourceSnapshot, check_percent
 
 __all__ = ["LimitViolation", "ResourceCheck", "ResourceManager"]
 

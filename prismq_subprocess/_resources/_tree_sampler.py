@@ -19,8 +19,8 @@ import psutil
 
 from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
-from .._core._exceptions import InvalidLimitError
 from .._core._maybe_async import call_callback
+from .._core._validation import check_limit
 from ._readings import VANISHED
 
 __all__ = ["LimitCallback", "ProcessTreeSampler", "TreeSample"]
@@ -91,14 +91,8 @@ class ProcessTreeSampler(AsyncResource):
     ) -> None:
         self.pid = pid
         self.interval = interval_seconds(interval)
-        if memory_limit_bytes is not None and (
-            isinstance(memory_limit_bytes, bool)
-            or not isinstance(memory_limit_bytes, int)
-            or memory_limit_bytes <= 0
-        ):
-            raise InvalidLimitError(
-                f"memory_limit_bytes must be a positive int or None, got {memory_limit_bytes!r}"
-            )
+        if memory_limit_bytes is not None:
+            check_limit(memory_limit_bytes, "memory_limit_bytes", minimum=1)
         self.memory_limit_bytes = memory_limit_bytes
         self._on_limit = on_limit
         self._root: psutil.Process | None = None

@@ -20,7 +20,7 @@ from .._io._pipes import release_transport_pipes
 from .._platform import PlatformOps, platform_ops
 from ._process_base import ProcessBase
 
-__all__ = ["SpawnRequest", "SubprocessStrategy"]
+__all__ = ["RunStart", "SpawnRequest", "SubprocessStrategy"]
 
 Stdio = int | IO[Any] | None
 
@@ -61,6 +61,19 @@ class SpawnRequest:
         return tuple(
             p.decode(errors="replace") if isinstance(p, bytes) else p for p in self.command
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RunStart:
+    """One ``run()`` start as a strategy's :meth:`SubprocessStrategy._begin_run` receives it:
+    ``request`` with its pipes set (stdin ``PIPE`` when ``input`` is given, else ``DEVNULL``;
+    stdout and stderr ``PIPE``), the buffers the output goes to, and the run's stop grace."""
+
+    request: SpawnRequest
+    input: bytes | None
+    out: TailBuffer
+    err: TailBuffer
+    grace: float
 
 
 class SubprocessStrategy(ABC):
@@ -151,25 +164,35 @@ class SubprocessStrategy(ABC):
         ``None``), stdout and stderr are read into ``out``/``err``. Returns the started run, its
         readers going; the run path (``_core/_run_process.py``) takes it from there.
 
-        This default spawns through :meth:`spawn` and reads with tasks. Built-in strategies
-        override it with a cheaper route (LOCAL reads in its worker thread, DRY_RUN fills the
-        buffers from its script); it is private because :class:`ChildRun` is.
+        The pipes are set here for every mode; how the child is then started is
+        :meth:`_begin_run`, the one a strategy overrides (it is private because
+        :class:`ChildRun` is).
 
         Cancellation: a spawn cancelled midway kills the child it was starting (and its tree).
         """
-        process = await self._spawn_tracked(
-            replace(
-                request,
-                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
+        piped = replace(
+            request,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
-        run = ChildRun(process, self, grace=grace, ops=self.ops)
-        run.capture(process.stdout, out)
-        run.capture(process.stderr, err)
-        if input is not None:
-            run.feed(process.stdin, input)
+        return await self._begin_run(RunStart(piped, input, out, err, grace))
+
+    async def _begin_run(self, start: RunStart) -> ChildRun:
+        """Start ``start.request`` (its pipes already set) for :meth:`_start_run`.
+
+        This default spawns through :meth:`spawn` and reads with tasks. Built-in strategies
+        override it with a cheaper route (LOCAL reads in its worker thread, DRY_RUN fills the
+        buffers from its script).
+
+        Cancellation: as :meth:`_start_run`.
+        """
+        process = await self._spawn_tracked(start.request)
+        run = ChildRun(process, self, grace=start.grace, ops=self.ops)
+        run.capture(process.stdout, start.out)
+        run.capture(process.stderr, start.err)
+        if start.input is not None:
+            run.feed(process.stdin, start.input)
         return run
 
     async def wait_exit(self, process: ProcessLike) -> int:

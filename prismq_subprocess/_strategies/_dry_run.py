@@ -19,10 +19,9 @@ from typing import Any, Protocol
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
-from .._core._result import TailBuffer
 from .._core._run_process import ChildRun
 from .._platform import KILL_SIGNAL, PlatformOps
-from ._base import SpawnRequest, SubprocessStrategy
+from ._base import RunStart, SpawnRequest, SubprocessStrategy
 from ._process_base import ProcessBase
 from ._stdin_buffer import BufferedStdin
 
@@ -260,26 +259,19 @@ class DryRunStrategy(SubprocessStrategy):
         index, response = self._record(request)
         return DryRunProcess(asyncio.get_running_loop(), request, response, self.recorder, index)
 
-    async def _start_run(
-        self,
-        request: SpawnRequest,
-        *,
-        input: bytes | None,
-        out: TailBuffer,
-        err: TailBuffer,
-        grace: float,
-    ) -> ChildRun:
+    async def _begin_run(self, start: RunStart) -> ChildRun:
         """Answer from the script: the output goes straight into the buffers, no stream objects
         are built (cheap enough for load tests); the fake process then "runs" for the answer's
         ``duration``."""
-        index, response = self._record(request, input)
+        request = start.request
+        index, response = self._record(request, start.input)
         process = DryRunProcess(
             asyncio.get_running_loop(), request, response, self.recorder, index, streams=False
         )
         self._spawned(process)
-        out.append(response.stdout)
-        err.append(response.stderr)
-        return ChildRun(process, self, grace=grace, ops=self.ops)
+        start.out.append(response.stdout)
+        start.err.append(response.stderr)
+        return ChildRun(process, self, grace=start.grace, ops=self.ops)
 
 
 def _show(args: Sequence[str] | str) -> str:

@@ -16,7 +16,6 @@ import functools
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
@@ -25,7 +24,7 @@ from .._core._run_process import ChildRun
 from .._core._tree_stop import register_child
 from .._io._blocking_io import DrainWatch, drain_blocking
 from .._platform import Containment, PlatformOps
-from ._base import DEFAULT_LIMIT, SpawnRequest, SubprocessStrategy
+from ._base import DEFAULT_LIMIT, RunStart, SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, discard_popen, spawn_in_executor, start_popen
 from ._process_base import PopenProcess
 from ._stdin_buffer import BufferedStdin
@@ -231,15 +230,7 @@ class LocalStrategy(SubprocessStrategy):
         register_child(process, self.ops.started_own_group(request.kwargs), containment, self.ops)
         return process
 
-    async def _start_run(
-        self,
-        request: SpawnRequest,
-        *,
-        input: bytes | None,
-        out: TailBuffer,
-        err: TailBuffer,
-        grace: float,
-    ) -> ChildRun:
+    async def _begin_run(self, start: RunStart) -> ChildRun:
         """The fast path: spawn, drain and reap in one worker job (as ``subprocess.run`` does in
         its thread); the loop learns of the child once, and of its exit only if its pipes are
         still held open then.
@@ -247,14 +238,9 @@ class LocalStrategy(SubprocessStrategy):
         Cancellation: a child still being spawned is killed with its tree by whichever thread
         sees it first, even if the event loop is gone by then.
         """
-        request = replace(
-            request,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        request = start.request
         loop = asyncio.get_running_loop()
-        launch = _Launch(loop, self, request, input, out, err)
+        launch = _Launch(loop, self, request, start.input, start.out, start.err)
         job = launch.job = loop.run_in_executor(self._pool.get(), launch.run)
         try:
             await asyncio.wait((launch.spawned, job), return_when=asyncio.FIRST_COMPLETED)
@@ -267,7 +253,9 @@ class LocalStrategy(SubprocessStrategy):
             except OSError as exc:
                 raise self.spawn_failed(request, exc) from exc
             raise RuntimeError("the LOCAL worker finished without starting the child")
-        return ChildRun(launch.spawned.result(), self, grace=grace, ops=self.ops, readers=[job])
+        return ChildRun(
+            launch.spawned.result(), self, grace=start.grace, ops=self.ops, readers=[job]
+        )
 
     def close(self) -> None:
         """Make every drain in progress let go of its pipes (their children were stopped by the
@@ -381,9 +369,7 @@ class _Launch:
             containment = self._containment
         self.watch.abandon()
         if popen is not None:
-            discard_popen(
-                self._strategy.ops, self._request, popen, containment, close_pipes=False
-            )
+            discard_popen(self._strategy.ops, self._request, popen, containment, close_pipes=False)
 
 
 def _settle(job: asyncio.Future[int], result: int | None, exc: BaseException | None) -> None:

@@ -7,12 +7,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from .._io._stdin_transport import WriterTransport
+from .._io._stdin_transport import StreamWriterMethods, WriterTransport
 
 __all__ = ["BufferedStdin"]
 
 
-class BufferedStdin:
+class BufferedStdin(StreamWriterMethods):
     """A ``StreamWriter`` look-alike whose bytes go to ``on_close`` when it is closed."""
 
     def __init__(self, on_close: Callable[[bytes], None]) -> None:
@@ -25,27 +25,10 @@ class BufferedStdin:
         """The write transport (``get_write_buffer_size()``: bytes held back so far)."""
         return WriterTransport(self, lambda: sum(map(len, self._chunks)))
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Keep ``data`` until stdin is closed; ignored once closed (as asyncio does)."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(
-                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
-            )
+    def _take(self, data: bytes | bytearray | memoryview) -> None:
+        # Kept until stdin is closed; ignored after that (as asyncio does).
         if not self._closing:
             self._chunks.append(bytes(data))
-
-    def writelines(self, data: Any) -> None:
-        """Keep every item of ``data``."""
-        for chunk in data:
-            self.write(chunk)
-
-    def can_write_eof(self) -> bool:
-        """Always True."""
-        return True
-
-    def write_eof(self) -> None:
-        """Same as :meth:`close`."""
-        self.close()
 
     def is_closing(self) -> bool:
         """True once closed."""

@@ -36,6 +36,7 @@ from .._background._memory_registry import RunRegistry
 from .._background._module_runner import ModuleRunner
 from .._background._output_capture import OutputCapture
 from .._background._run_record import Run, RunStatus
+from .._background._start_options import StartOptions
 from .._core._exceptions import PrismQError
 from .._platform import platform_ops
 from ._channel import END, STARTED, Message, OutputForwarder
@@ -216,30 +217,27 @@ def _started_message(forwarder: OutputForwarder, worker_address: str, run: Run) 
 async def _start(runner: ModuleRunner, spec: WorkerJob) -> Run:
     """Run the job's module (or command) to its end with ``runner``, as the host would."""
     job = spec.job
+    options = StartOptions(
+        timeout=job.timeout, memory_limit_bytes=job.memory_limit_bytes, cwd=job.cwd, env=job.env
+    )
     if job.command:
         return await runner.execute_command(
             job.module_id,
             job.module_name,
             job.command[0] if job.shell else list(job.command),
             job.parameters,
-            shell=job.shell,
             run_id=spec.run_id,
-            timeout=job.timeout,
-            memory_limit_bytes=job.memory_limit_bytes,
-            cwd=job.cwd,
-            env=job.env,
+            shell=job.shell,
+            **options,
         )
     return await runner.execute_module(
         job.module_id,
         job.module_name,
         job.script,
         job.parameters,
-        args=list(job.args),
         run_id=spec.run_id,
-        timeout=job.timeout,
-        memory_limit_bytes=job.memory_limit_bytes,
-        cwd=job.cwd,
-        env=job.env,
+        args=list(job.args),
+        **options,
     )
 
 

@@ -1,23 +1,19 @@
-"""``doctor``: the real report, its JSON form, and the containment probe's rules."""
+"""``doctor``: the real report, its JSON form, and the library's containment report in it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_support import cli
 
 from prismq_subprocess._cli import _doctor
-from prismq_subprocess._cli._containment import probe_containment
-
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux host")
+from prismq_subprocess._platform._cookie import COOKIE_PREFIX
 
 
 def test_doctor_text_report() -> None:
@@ -67,8 +63,9 @@ def test_doctor_json_report() -> None:
     ps = report["psutil"]
     assert ps["cpu_count"] >= 1 and ps["process_count"] > 1
     assert 0 < ps["memory_available_bytes"] <= ps["memory_total_bytes"]
-    names = [m["name"] for m in report["containment"]]
-    assert names == ["process-groups", "child-subreaper", "cgroup-v2", "job-objects"]
+    containment = report["containment"]
+    assert containment["platform"] == sys.platform
+    assert containment["mechanisms"] and containment["strongest"] == containment["mechanisms"][0]
 
 
 def test_doctor_reports_the_pinned_mode() -> None:
@@ -123,105 +120,43 @@ def test_doctor_reports_a_loop_that_cannot_spawn() -> None:
     )
 
 
-# -- the containment probe, with an injected /proc and cgroup tree ------------------------------
+# -- containment: the library's own report (pq.containment_report()) -------------------------
 
 
-def _fake_host(tmp_path: Path, mounts: str, cgroup: str) -> tuple[Path, Path]:
-    proc = tmp_path / "proc"
-    (proc / "self").mkdir(parents=True)
-    (proc / "self" / "mounts").write_text(mounts)
-    (proc / "self" / "cgroup").write_text(cgroup)
-    root = tmp_path / "cgroup"
-    group = root / "user.slice" / "app.scope"
-    group.mkdir(parents=True)
-    (group / "cgroup.procs").write_text("")
-    return proc, root
-
-
-def _by_name(mechanisms: list[Any]) -> dict[str, Any]:
-    return {m.name: m for m in mechanisms}
-
-
-def test_unified_writable_cgroup_is_available(tmp_path: Path) -> None:
-    proc, root = _fake_host(tmp_path, "", "0::/user.slice/app.scope\n")
-    (proc / "self" / "mounts").write_text(f"cgroup2 {root} cgroup2 rw,nosuid 0 0\n")
-    found = _by_name(
-        probe_containment(
-            platform="linux", proc_root=proc, cgroup_root=root, get_subreaper=lambda: 0
-        )
-    )
-    cgroup = found["cgroup-v2"]
-    assert cgroup.available is True
-    assert str(root / "user.slice" / "app.scope") in cgroup.detail
-    assert found["child-subreaper"].available is True
-    assert found["process-groups"].available is (hasattr(os, "setsid") and hasattr(os, "killpg"))
-    assert found["job-objects"].available is None
-
-
-def test_read_only_cgroup_is_not_available(tmp_path: Path) -> None:
-    proc, root = _fake_host(tmp_path, "", "0::/user.slice/app.scope\n")
-    (proc / "self" / "mounts").write_text(f"cgroup2 {root} cgroup2 ro 0 0\n")
-    cgroup = _by_name(
-        probe_containment(
-            platform="linux",
-            proc_root=proc,
-            cgroup_root=root,
-            access=lambda path, mode: False,
-            get_subreaper=lambda: 0,
-        )
-    )["cgroup-v2"]
-    assert cgroup.available is False and "not writable" in cgroup.detail
-
-
-def test_hybrid_cgroup_host_is_not_unified(tmp_path: Path) -> None:
-    mounts = (
-        "tmpfs {root} tmpfs rw 0 0\n"
-        "cgroup {root}/memory cgroup rw,memory 0 0\n"
-        "cgroup2 {root}/unified cgroup2 rw 0 0\n"
-    )
-    proc, root = _fake_host(tmp_path, "", "4:memory:/x\n0::/\n")
-    (proc / "self" / "mounts").write_text(mounts.format(root=root))
-    cgroup = _by_name(
-        probe_containment(
-            platform="linux", proc_root=proc, cgroup_root=root, get_subreaper=lambda: 0
-        )
-    )["cgroup-v2"]
-    assert cgroup.available is False
-    assert f"cgroup2 is mounted at {root}/unified" in cgroup.detail
-
-
-def test_subreaper_probe_failure_is_reported() -> None:
-    def broken() -> int:
-        raise OSError(22, "Invalid argument")
-
-    subreaper = _by_name(probe_containment(platform="linux", get_subreaper=broken))[
-        "child-subreaper"
-    ]
-    assert subreaper.available is False and "Invalid argument" in subreaper.detail
-
-
-@linux_only
-def test_subreaper_probe_really_calls_prctl() -> None:
-    # In a fresh interpreter: once the library has started a child, this very process may be a
-    # subreaper (containment sets it on purpose); the probe itself must never set it.
+def _fresh_containment_report() -> dict[str, Any]:
+    # In a fresh interpreter, as doctor runs: the report is chosen once per process.
     code = (
-        "from prismq_subprocess._cli._containment import probe_containment\n"
-        "m = {x.name: x for x in probe_containment()}['child-subreaper']\n"
-        "print(m.available, m.detail)\n"
+        "import dataclasses, json\n"
+        "import prismq_subprocess as pq\n"
+        "print(json.dumps(dataclasses.asdict(pq.containment_report())))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.startswith("True ")
-    assert "is not a subreaper" in done.stdout  # looking never sets it
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
-def test_windows_and_macos_rules() -> None:
-    windows = _by_name(probe_containment(platform="win32"))
-    assert windows["process-groups"].available is None
-    assert windows["child-subreaper"].available is None
-    assert windows["cgroup-v2"].available is None
-    # Off Windows there is no ctypes.windll, so the injected platform finds no kernel32.
-    expected = sys.platform == "win32"
-    assert windows["job-objects"].available is expected
-    mac = _by_name(probe_containment(platform="darwin"))
-    assert mac["child-subreaper"].available is None and mac["cgroup-v2"].available is None
-    assert mac["job-objects"].available is None
+def test_doctor_containment_is_the_librarys_report() -> None:
+    report = json.loads(cli("doctor", "--json").stdout)["containment"]
+    expected = _fresh_containment_report()
+    assert report["platform"] == sys.platform == expected["platform"]
+    assert report["mechanisms"] == expected["mechanisms"]
+    assert report["mechanisms"][-1] == "process-group"  # every host has the last resort
+    assert report["strongest"] == report["mechanisms"][0]
+    assert report["cgroup_dir"] == expected["cgroup_dir"]
+    assert report["die_with_host"] == expected["die_with_host"]
+    assert report["notes"] == expected["notes"]
+    if "cookie" in report["mechanisms"]:
+        # The variable is unique to each host process, so only its prefix can be compared.
+        assert report["cookie_variable"].startswith(COOKIE_PREFIX)
+
+
+def test_doctor_text_shows_the_containment_report() -> None:
+    text = cli("doctor").stdout.decode()
+    report = json.loads(cli("doctor", "--json").stdout)["containment"]
+    line = next(line for line in text.splitlines() if line.startswith("containment "))
+    assert line.endswith(
+        f": {' + '.join(report['mechanisms'])} (strongest: {report['strongest']})"
+    ), text
+    assert "children die with host" in text
+    for note in report["notes"]:
+        assert note in text

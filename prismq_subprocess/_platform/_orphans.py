@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import psutil
 
-from ._cookie import COOKIE_PREFIX, Cookies, _read_environ
+from ._cookie import _ENVIRON_LIMIT, COOKIE_PREFIX, Cookies
 from ._ops import alive
+from ._procfs import read_small_file
 from ._table import ProcessEntry, ProcessTable, scan_proc, scan_psutil
 
 __all__ = [
@@ -119,7 +120,7 @@ def _environ_cookies(pid: int, names: Collection[str], proc_root: str | None) ->
     """The values of the cookie variables ``names`` in ``pid``'s environment (read once)."""
     found: dict[str, str] = {}
     if proc_root is not None:
-        raw = _read_environ(f"{proc_root}/{pid}/environ")
+        raw = read_small_file(f"{proc_root}/{pid}/environ", _ENVIRON_LIMIT)
         if raw is None:
             return found
         for name in names:

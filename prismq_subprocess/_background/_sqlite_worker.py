@@ -186,12 +186,13 @@ class SQLiteWorker:
             if job.loop is None:
                 future = job.future
                 assert isinstance(future, concurrent.futures.Future)
-                if future.cancelled():
-                    continue  # the job ran anyway; its submitter cleans up (see open())
-                if job.error is not None:
-                    future.set_exception(job.error)
-                else:
-                    future.set_result(job.result)
+                # A cancelled submitter (its job ran anyway) cleans up itself, see open(); the
+                # cancel may race this, and must not end the thread.
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    if job.error is not None:
+                        future.set_exception(job.error)
+                    else:
+                        future.set_result(job.result)
             else:
                 by_loop.setdefault(job.loop, []).append(job)
         for loop, waiting in by_loop.items():

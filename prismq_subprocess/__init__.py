@@ -101,7 +101,6 @@ if TYPE_CHECKING:
     from ._core._exceptions import OutputClosedError as OutputClosedError
     from ._core._exceptions import PoolClosedError as PoolClosedError
     from ._core._exceptions import RegistryClosedError as RegistryClosedError
-    from ._core._exceptions import RegistryReadOnlyError as RegistryReadOnlyError
     from ._core._exceptions import RegistrySchemaError as RegistrySchemaError
     from ._core._exceptions import RunnerClosedError as RunnerClosedError
     from ._core._exceptions import RunStateError as RunStateError
@@ -250,7 +249,6 @@ _MOVED: dict[str, str] = {
             "PoolClosedError",
             "RegistryClosedError",
             "RegistrySchemaError",
-            "RegistryReadOnlyError",
             "RunStateError",
             "RunnerClosedError",
             "TaskManagerClosedError",

@@ -257,7 +257,6 @@ MOVED = {
         "OutputClosedError",
         "PoolClosedError",
         "RegistryClosedError",
-        "RegistryReadOnlyError",
         "RegistrySchemaError",
         "RunStateError",
         "RunnerClosedError",

@@ -226,11 +226,26 @@ def report(result: dict[str, Any]) -> str:
         ]
         for name, c in result["cases"].items()
     ]
+    cases = result["cases"]
+    ratios = []
+    direct = cases.get(DIRECT)
+    for name, case in cases.items():
+        if not name.startswith("SQLiteRunRegistry, "):
+            continue
+        floor = cases.get(name.replace("SQLiteRunRegistry", "sqlite3 executor (floor)"))
+        parts = []
+        if floor is not None:
+            parts.append(f"{case['runs_per_second'] / floor['runs_per_second']:.2f}x the floor")
+        if direct is not None:
+            parts.append(f"{case['runs_per_second'] / direct['runs_per_second']:.2f}x direct")
+        if parts:
+            ratios.append(f"{name}: {', '.join(parts)}")
     return (
         "Registry: runs recorded per second (add PENDING + RUNNING + COMPLETED), median of "
         f"{result['rounds']} interleaved rounds, each sample >= {result['min_sample_s']:g} s "
         "(warm-up first), fresh WAL file per sample\n"
         + table(["case", "runs/s", "min / median / max", "runs per sample"], rows)
+        + "".join(f"\n{line}" for line in ratios)
     )
 
 

@@ -183,6 +183,7 @@ EXPECTED: dict[str, list[str]] = {
         "ProcessFailedError",
         "ProcessTimeoutError",
         "RegistryClosedError",
+        "RegistryReadOnlyError",
         "RegistrySchemaError",
         "ResourceLimitException",
         "ResourceWaitTimeoutError",

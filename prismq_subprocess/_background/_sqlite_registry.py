@@ -2,16 +2,22 @@
 
 Design notes:
 
-- All database work runs on one dedicated worker thread per registry (a single-thread executor),
-  so the event loop never blocks on disk and the connection is only ever used by the thread that
-  created it.
+- All database work runs on one dedicated worker thread per registry (``SQLiteWorker``), so
+  the event loop never blocks on disk and the connection is only ever used by the thread that
+  created it. Writes queued at the same moment share one transaction (group commit), each in a
+  savepoint of its own, so one failing write never undoes or fails the others.
 - WAL mode lets readers and one writer work at once, also across processes (several uvicorn
   workers on one file). WAL needs shared memory, so every process sharing the file is on the same
   host; crash recovery relies on that (see :meth:`RunOwner.is_alive`).
 - Writes use ``BEGIN IMMEDIATE`` so two processes never both hold a read snapshot and then fail
   to upgrade it; ``busy_timeout`` makes a writer wait for the other instead of failing at once.
-- ``synchronous=NORMAL``: a committed run survives the process being killed; a power cut may lose
-  the last transactions (never corrupts the file).
+- Durability, exactly: a write call returns only after the transaction holding it committed.
+  With WAL and ``synchronous=NORMAL`` the commit is in the WAL file (in the OS page cache, not yet
+  fsynced), so a returned write survives the process being killed (SIGKILL, a crash) and is seen
+  by every other process; a power cut or OS crash may lose the last transactions (never corrupts
+  the file). Group commit does not change this: it only lets several writes share one commit.
+- ``read_only=True`` opens the file with the ``mode=ro`` URI: no schema change, no journal mode
+  change, no recovery, no quarantine; every write raises :class:`RegistryReadOnlyError`.
 - Datetimes are stored as integer microseconds since the epoch (exact and sortable); parameters
   and the output tail as JSON, so parameters must be JSON-serialisable.
 - The file says it is ours: ``PRAGMA application_id`` is :data:`APPLICATION_ID` and
@@ -28,13 +34,13 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import json
 import logging
 import math
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -44,6 +50,7 @@ from .._core._exceptions import (
     InvalidRunError,
     InvalidTimeoutError,
     RegistryClosedError,
+    RegistryReadOnlyError,
     RegistrySchemaError,
     RunStateError,
 )
@@ -66,6 +73,7 @@ from ._run_record import (
     RunStatus,
     utc_now,
 )
+from ._sqlite_worker import SQLiteWorker
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SQLiteRunRegistry"]
 
@@ -240,6 +248,38 @@ def _file_kind(conn: sqlite3.Connection, path: str) -> str:
     raise _foreign(path, f"no prismq_subprocess application_id; {found}")
 
 
+def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """Open ``path`` with the ``mode=ro`` URI and check it is a current registry of ours.
+
+    Raises:
+        RegistrySchemaError: missing file, not ours, or a schema other than SCHEMA_VERSION (a
+            reader cannot migrate; opening it once read-write does).
+    """
+    if path == ":memory:" or not os.path.isfile(path):
+        raise RegistrySchemaError(
+            f"{path!r} is not an existing registry file; read_only=True needs one"
+        )
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        kind = _file_kind(conn, path)
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if kind != "ours" or version != SCHEMA_VERSION:
+            raise RegistrySchemaError(
+                f"{path!r} has registry schema version {version if kind == 'ours' else 0}, "
+                f"this library reads version {SCHEMA_VERSION}; a read-only registry cannot "
+                "migrate it (open it once without read_only=True)"
+            )
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise RegistrySchemaError(f"{path!r} is not a usable registry: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _to_micros(value: datetime | None) -> int | None:
     return None if value is None else (value - _EPOCH) // _MICRO
 
@@ -351,9 +391,14 @@ def _where(status: RunStatus | None, module_id: str | None) -> tuple[str, list[A
 class _Database:
     """The connection and every statement; used only from the registry's worker thread."""
 
-    def __init__(self, path: str, busy_timeout: float) -> None:
+    def __init__(self, path: str, busy_timeout: float, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self.quarantined: list[str] = []
+        if read_only:
+            self.conn = _connect_read_only(path, busy_timeout)
+            self.journal_mode = str(self.conn.execute("PRAGMA journal_mode").fetchone()[0])
+            return
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
         self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
         try:
@@ -374,6 +419,23 @@ class _Database:
             raise
 
     def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self.read_only:
+            raise RegistryReadOnlyError(
+                f"the registry {self.path!r} was opened read-only; it cannot be written"
+            )
+        if self.conn.in_transaction:
+            # Inside a group transaction (SQLiteWorker): a savepoint, so a failing write undoes
+            # only itself and the group's other writes still commit.
+            self.conn.execute("SAVEPOINT write")
+            try:
+                result = fn(self.conn)
+            except BaseException:
+                if self.conn.in_transaction:  # some errors end the whole transaction
+                    self.conn.execute("ROLLBACK TO write")
+                    self.conn.execute("RELEASE write")
+                raise
+            self.conn.execute("RELEASE write")
+            return result
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(self.conn)
@@ -441,6 +503,8 @@ class _Database:
 
     def _quarantine(self, bad: list[tuple[int, str]]) -> bool:
         """Quarantine damaged rows in their own transaction; ``False`` if that failed."""
+        if self.read_only:
+            return False  # a reader never writes: the damaged rows are just skipped
         try:
             self.write(lambda conn: self._move_to_quarantine(conn, bad))
         except sqlite3.Error:
@@ -645,8 +709,12 @@ class SQLiteRunRegistry(BaseRunRegistry):
     containment cookie in its environment. A pid now used by another process is never touched.
     The ids recovered by this instance are in :attr:`interrupted_run_ids`.
 
-    Many tasks may call it at once: all statements run in order on one worker thread. Several
-    processes may share the file; a writer waits up to ``busy_timeout`` seconds for another.
+    Many tasks may call it at once: all statements run in order on one worker thread, and the
+    writes queued at the same moment share one transaction (group commit; a failing write fails
+    only its own caller). A write returns once committed: it then survives this process being
+    killed, but not necessarily a power cut (WAL with ``synchronous=NORMAL``, see the module
+    notes). Several processes may share the file; a writer waits up to ``busy_timeout`` seconds
+    for another.
 
     The file must be ours: a new or empty file is initialised, one written by an earlier
     version of this library is upgraded, and any other SQLite database (or a non-database file)
@@ -659,11 +727,16 @@ class SQLiteRunRegistry(BaseRunRegistry):
         max_runs, max_age: retention, see :class:`BaseRunRegistry`.
         busy_timeout: seconds (or a ``timedelta``) to wait for another process's write lock
             before failing; finite and >= 0.
+        read_only: open an existing registry for reading only (``mode=ro``): no migration, no
+            recovery on open, no quarantine of damaged rows (they are skipped); for tools
+            that watch a file other processes write, such as ``prismq runs``.
 
     Raises:
         InvalidTimeoutError: ``busy_timeout`` is not a finite number >= 0 (at construction).
         InvalidQueryError: bad ``max_runs`` / ``max_age`` (at construction).
-        RegistrySchemaError: (on open) the file is not a registry of ours or has a newer schema.
+        RegistrySchemaError: (on open) the file is not a registry of ours or has a newer schema;
+            with ``read_only``, also a missing file or an older schema.
+        RegistryReadOnlyError: (on a write) the registry was opened with ``read_only=True``.
         sqlite3.Error: (on any call) the database itself failed (disk full, locked too long).
     """
 
@@ -674,6 +747,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
         max_runs: int | None = None,
         max_age: timedelta | None = None,
         busy_timeout: float | timedelta = 10.0,
+        read_only: bool = False,
     ) -> None:
         super().__init__(max_runs=max_runs, max_age=max_age)
         self.path = os.fspath(path)
@@ -689,8 +763,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 f"got {busy_timeout!r}"
             )
         self.busy_timeout = seconds
+        self.read_only = bool(read_only)
         self.interrupted_run_ids: list[str] = []
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: SQLiteWorker | None = None
         self._db: _Database | None = None
         self._open_lock = asyncio.Lock()
 
@@ -705,9 +780,21 @@ class SQLiteRunRegistry(BaseRunRegistry):
         return None if self._db is None else self._db.journal_mode
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        loop = asyncio.get_running_loop()
         assert self._executor is not None
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await self._executor.call(functools.partial(fn, *args))
+
+    async def _write(self, db: _Database, fn: Callable[..., _T], *args: Any) -> _T:
+        """Like _run, for a method that writes through ``db.write``: it may share a group
+        transaction, and returns after that committed."""
+        self._check_writable(db)
+        assert self._executor is not None
+        return await self._executor.call(functools.partial(fn, *args), group=db)
+
+    def _check_writable(self, db: _Database) -> None:
+        if db.read_only:
+            raise RegistryReadOnlyError(
+                f"SQLiteRunRegistry({self.path!r}) was opened read-only; it cannot be written"
+            )
 
     async def _database(self) -> _Database:
         self._check_open()
@@ -730,19 +817,17 @@ class SQLiteRunRegistry(BaseRunRegistry):
             if self._db is not None:
                 return
             self._check_open()
-            executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="prismq-sqlite"
-            )
+            executor = SQLiteWorker("prismq-sqlite")
             opened: list[_Database] = []
 
             def open_and_recover() -> list[str]:
-                db = _Database(self.path, self.busy_timeout)
+                db = _Database(self.path, self.busy_timeout, self.read_only)
                 opened.append(db)
-                return db.recover()
+                return [] if db.read_only else db.recover()
 
             self._executor = executor
             try:
-                recovered = await self._run(open_and_recover)
+                recovered = await asyncio.wrap_future(executor.submit(open_and_recover))
             except BaseException:
                 self._executor = None
                 # On cancellation the open may still be running; queue the close behind it so
@@ -755,7 +840,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 try:
                     await asyncio.shield(asyncio.wrap_future(cleanup))
                 finally:
-                    executor.shutdown(wait=True)
+                    executor.shutdown()
                 raise
             self._db = opened[0]
             self.interrupted_run_ids = recovered
@@ -777,7 +862,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 await asyncio.shield(asyncio.wrap_future(executor.submit(db.conn.close)))
         finally:
             # The close job has run (or is the only one left), so this join is short.
-            executor.shutdown(wait=True)
+            executor.shutdown()
 
     async def aclose(self) -> None:
         """Close the connection and stop the worker thread (alias: :meth:`close`). Idempotent.
@@ -792,13 +877,14 @@ class SQLiteRunRegistry(BaseRunRegistry):
 
     async def add_run(self, run: Run) -> None:
         db = await self._database()
+        self._check_writable(db)  # before the caller's run is touched
         if run.owner is None:
             run.owner = RunOwner.current()
-        await self._run(db.add, run.copy(), self.max_runs, self.max_age)
+        await self._write(db, db.add, run.copy(), self.max_runs, self.max_age)
 
     async def update_run(self, run: Run) -> None:
         db = await self._database()
-        await self._run(db.update, run.copy())
+        await self._write(db, db.update, run.copy())
 
     async def get_run(self, run_id: str) -> Run | None:
         db = await self._database()
@@ -824,11 +910,11 @@ class SQLiteRunRegistry(BaseRunRegistry):
     async def delete_older_than(self, age: timedelta | datetime) -> int:
         cutoff = cutoff_from(age)
         db = await self._database()
-        return await self._run(db.delete_before, cutoff)
+        return await self._write(db, db.delete_before, cutoff)
 
     async def apply_retention(self) -> int:
         db = await self._database()
-        return await self._run(db.retain, self.max_runs, self.max_age)
+        return await self._write(db, db.retain, self.max_runs, self.max_age)
 
     async def request_cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
         """Record a cancel request for ``run_id`` in the file (see
@@ -836,7 +922,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
         the owner acts on it. It stays in the file with the run.
         """
         db = await self._database()
-        return await self._run(db.request_cancel, run_id, str(reason))
+        return await self._write(db, db.request_cancel, run_id, str(reason))
 
     async def cancel_requests(self, run_ids: Collection[str]) -> dict[str, str]:
         """One indexed query: the requests for unfinished runs among ``run_ids`` (see
@@ -850,7 +936,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
         """As on open: in one write transaction, unfinished runs whose owner is gone become
         INTERRUPTED (see :meth:`BaseRunRegistry.recover_orphans`)."""
         db = await self._database()
-        recovered = await self._run(db.recover)
+        recovered = await self._write(db, db.recover)
         if recovered:
             logger.warning("marked %d orphaned run(s) INTERRUPTED in %s", len(recovered), self.path)
         return recovered

@@ -21,9 +21,6 @@ from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError, format_pairs, 
 __all__ = ["add_parser", "check_registry_file"]
 
 _CHUNK = 256 * 1024
-# After the registry says the run finished, keep reading until its log has been quiet this long:
-# the final status is recorded a moment before the log writer's last flush.
-_SETTLE_SECONDS = 0.5
 
 
 def check_registry_file(path: str) -> None:
@@ -181,29 +178,24 @@ def _write_stdout(data: bytes) -> None:
 async def _follow(
     registry: pq.SQLiteRunRegistry, run_id: str, db: str, path: Path, interval: float
 ) -> int:
-    loop = asyncio.get_running_loop()
     offset = 0
-    finished: pq.Run | None = None
-    finished_at = last_growth = loop.time()
     while True:
-        new_offset = await asyncio.to_thread(_copy_new, path, offset, _write_stdout)
-        now = loop.time()
-        if new_offset != offset:
-            offset, last_growth = new_offset, now
-        if finished is None:
-            run = await registry.get_run(run_id)
-            if run is None:
-                raise CliError(f"run {run_id!r} disappeared from {db!r}", EXIT_FAILURE)
-            if run.is_finished:
-                finished, finished_at = run, now
-            elif run.owner is not None and not await asyncio.to_thread(run.owner.is_alive):
-                raise CliError(
-                    f"run {run_id!r} is {run.status.value} but its owner process "
-                    f"{run.owner.pid} is gone; it will be marked interrupted on the next open",
-                    EXIT_FAILURE,
-                )
-        elif now - finished_at >= _SETTLE_SECONDS and now - last_growth >= _SETTLE_SECONDS:
+        # The status first, then the log: the task manager closes a run's log (complete, on
+        # disk) before it records the final status, and a recorded status is committed; so a
+        # log read after seeing the run finished holds all of it, with no quiet wait.
+        run = await registry.get_run(run_id)
+        if run is None:
+            raise CliError(f"run {run_id!r} disappeared from {db!r}", EXIT_FAILURE)
+        offset = await asyncio.to_thread(_copy_new, path, offset, _write_stdout)
+        if run.is_finished:
+            finished = run
             break
+        if run.owner is not None and not await asyncio.to_thread(run.owner.is_alive):
+            raise CliError(
+                f"run {run_id!r} is {run.status.value} but its owner process "
+                f"{run.owner.pid} is gone; it will be marked interrupted on the next open",
+                EXIT_FAILURE,
+            )
         await asyncio.sleep(interval)
     code = "" if finished.exit_code is None else f", exit code {finished.exit_code}"
     print(f"run {run_id} {finished.status.value}{code}", file=sys.stderr)
@@ -257,7 +249,8 @@ async def _show(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
 
 async def _with_registry(args: argparse.Namespace) -> int:
     try:
-        async with pq.SQLiteRunRegistry(args.db) as registry:
+        # read_only: a viewer never migrates, recovers or quarantines the file it watches.
+        async with pq.SQLiteRunRegistry(args.db, read_only=True) as registry:
             return int(await args.runs_action(args, registry))
     except pq.RegistrySchemaError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None

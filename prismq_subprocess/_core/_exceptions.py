@@ -38,6 +38,7 @@ __all__ = [
     "ProcessFailedError",
     "ProcessTimeoutError",
     "RegistryClosedError",
+    "RegistryReadOnlyError",
     "RegistrySchemaError",
     "ResourceLimitException",
     "ResourceWaitTimeoutError",
@@ -269,6 +270,11 @@ class RegistryClosedError(ClosedError):
 class RegistrySchemaError(PrismQError, RuntimeError):
     """Raised when a SQLite registry file has a schema newer than this version of the library
     understands, or is not a registry file at all."""
+
+
+class RegistryReadOnlyError(PrismQError, PermissionError):
+    """Raised when a registry opened with ``read_only=True`` is asked to write (add, update,
+    delete, cancel request, recovery); nothing is written."""
 
 
 class OutputClosedError(ClosedError):

@@ -317,3 +317,40 @@ def test_usage_errors(registry: Registry) -> None:
     assert cli("runs", "--db", str(registry.db), "--limit", "-3").returncode == 2
     assert cli("runs", "show", "--db", str(registry.db)).returncode == 2  # no RUN_ID
     assert cli("runs", "tail", "--help").returncode == 0
+
+
+async def test_tail_follow_has_the_whole_log_without_a_quiet_wait(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # The run's last lines come right before it finishes (no pause at all): `tail -f` started
+    # meanwhile stops when the registry says finished, and still prints every line, because
+    # the log is closed before the final status is committed (the 0.5 s settle wait is gone).
+    db, logs = tmp_path / "fast.db", tmp_path / "logs"
+    async with (
+        pq.SQLiteRunRegistry(db) as reg,
+        pq.OutputCapture(log_dir=logs) as capture,
+        pq.ModuleRunner(reg, output=capture) as runner,
+    ):
+        for _ in range(3):
+            run_id = await runner.start_module("fast", "Fast", registry.job, {"n": 2000})
+            result = await asyncio.to_thread(
+                cli,
+                "runs",
+                "tail",
+                run_id,
+                "--db",
+                str(db),
+                "--log-dir",
+                str(logs),
+                "-f",
+                "--interval",
+                "0.01",
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == b"".join(f"line {i} of 2000\n".encode() for i in range(2000))
+            stored = await reg.get_run(run_id)
+            assert stored is not None and stored.status is pq.RunStatus.COMPLETED
+    # The viewer opened the file read-only: its header is as the owner left it.
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] >= 4
+    raw.close()

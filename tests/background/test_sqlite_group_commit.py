@@ -1,0 +1,231 @@
+"""SQLiteRunRegistry's group commit (one transaction for the writes queued together), its
+durability against SIGKILL, and ``read_only=True``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from prismq_subprocess._background._run_record import Run, RunStatus
+from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
+from prismq_subprocess._core._exceptions import (
+    DuplicateRunError,
+    PrismQError,
+    RegistryReadOnlyError,
+    RegistrySchemaError,
+    RunNotFoundError,
+    RunStateError,
+)
+
+
+def sqlite_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("prismq-sqlite")]
+
+
+async def test_failing_writes_in_a_group_fail_only_their_caller(tmp_path: Path) -> None:
+    path = tmp_path / "group.db"
+    async with SQLiteRunRegistry(path) as registry:
+        existing = Run(run_id="existing")
+        await registry.add_run(existing)
+        finished = Run(run_id="finished")
+        await registry.add_run(finished)
+        back = finished.copy()  # a stale copy: PENDING -> RUNNING, but the store has COMPLETED
+        back.mark_running(pid=2)
+        finished.mark_running(pid=1)
+        finished.mark_completed(0)
+        await registry.update_run(finished)
+        fresh = [Run(run_id=f"fresh-{i}") for i in range(20)]
+        # All queued in one go: the worker takes them as one group.
+        results = await asyncio.gather(
+            *(registry.add_run(run) for run in fresh[:10]),
+            registry.add_run(Run(run_id="existing")),
+            registry.update_run(Run(run_id="missing")),
+            registry.update_run(back),
+            *(registry.add_run(run) for run in fresh[10:]),
+            return_exceptions=True,
+        )
+        assert results[:10] == [None] * 10 and results[13:] == [None] * 10
+        assert isinstance(results[10], DuplicateRunError)
+        assert isinstance(results[11], RunNotFoundError)
+        assert isinstance(results[12], RunStateError)
+    # Reopened from the file: every good write is there, the refused ones changed nothing.
+    async with SQLiteRunRegistry(path) as again:
+        assert await again.count_runs() == 22
+        for run in fresh:
+            assert await again.get_run(run.run_id) == run
+        stored = await again.get_run("finished")
+        assert stored is not None and stored.status is RunStatus.COMPLETED
+    assert sqlite_threads() == []
+
+
+async def test_concurrent_writers_all_land(tmp_path: Path) -> None:
+    path = tmp_path / "many.db"
+    async with SQLiteRunRegistry(path) as registry:
+
+        async def writer(n: int) -> None:
+            for i in range(25):
+                run = Run(run_id=f"w{n}-{i}")
+                await registry.add_run(run)
+                run.mark_running(pid=os.getpid())
+                await registry.update_run(run)
+                run.mark_completed(0)
+                await registry.update_run(run)
+
+        await asyncio.gather(*(writer(n) for n in range(8)))
+        assert await registry.count_runs(status=RunStatus.COMPLETED) == 200
+
+
+async def test_a_cancelled_caller_does_not_stop_the_others(tmp_path: Path) -> None:
+    async with SQLiteRunRegistry(tmp_path / "c.db") as registry:
+        await registry.count_runs()
+        runs = [Run() for _ in range(10)]
+        tasks = [asyncio.create_task(registry.add_run(run)) for run in runs]
+        await asyncio.sleep(0)  # all queued
+        tasks[3].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[3], asyncio.CancelledError)
+        # The cancelled caller only stopped waiting: its write was queued and still happens.
+        assert await registry.count_runs() == 10
+
+
+DURABILITY_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from prismq_subprocess import Run, SQLiteRunRegistry
+
+    async def main(path):
+        async with SQLiteRunRegistry(path) as registry:
+            async def writer(n):
+                i = 0
+                while True:
+                    run = Run(run_id=f"w{n}-{i}")
+                    await registry.add_run(run)
+                    # Acknowledged: add_run returned, so the commit is done.
+                    sys.stdout.write(run.run_id + "\\n")
+                    sys.stdout.flush()
+                    i += 1
+            await asyncio.gather(*(writer(n) for n in range(8)))
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+async def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "durable.db"
+    script = tmp_path / "writer.py"
+    script.write_text(DURABILITY_CHILD)
+    child = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True
+    )
+    acknowledged: list[str] = []
+    try:
+        assert child.stdout is not None
+        # Kill it mid-stream, while its 8 writers keep committing groups.
+        while len(acknowledged) < 300:
+            line = child.stdout.readline()
+            assert line, f"the writer ended early (exit {child.poll()})"
+            acknowledged.append(line.strip())
+        os.kill(child.pid, signal.SIGKILL)
+        acknowledged.extend(line.strip() for line in child.stdout if line.strip())
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    # Read the file as it was left (no recovery writes): every acknowledged run is in it.
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as raw:
+        stored = {row[0] for row in raw.execute("SELECT run_id FROM runs")}
+    raw.close()
+    missing = [run_id for run_id in acknowledged if run_id not in stored]
+    assert missing == [], f"{len(missing)} acknowledged run(s) lost, e.g. {missing[:5]}"
+    assert len(stored) >= len(acknowledged) >= 300
+
+
+# --- read_only=True ---------------------------------------------------------------------------
+
+
+async def test_read_only_reads_and_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "ro.db"
+    run = Run(run_id="r1", module_id="m")
+    async with SQLiteRunRegistry(path) as writer:
+        await writer.add_run(run)
+        before = path.read_bytes()
+        async with SQLiteRunRegistry(path, read_only=True) as reader:
+            assert await reader.get_run("r1") == run
+            assert await reader.count_runs() == 1
+            assert [r.run_id for r in await reader.list_runs()] == ["r1"]
+            assert reader.interrupted_run_ids == []
+            other = Run(run_id="r2")
+            with pytest.raises(RegistryReadOnlyError) as info:
+                await reader.add_run(other)
+            assert isinstance(info.value, PrismQError) and isinstance(info.value, PermissionError)
+            assert other.owner is None  # refused before the caller's run was touched
+            for write in (
+                reader.update_run(run),
+                reader.request_cancel("r1"),
+                reader.recover_orphans(),
+                reader.apply_retention(),
+                reader.delete_older_than(run.created_at),
+            ):
+                with pytest.raises(RegistryReadOnlyError):
+                    await write
+            # It sees the writer's later commits.
+            await writer.add_run(Run(run_id="r3"))
+            assert await reader.count_runs() == 2
+        assert path.read_bytes()[:100] == before[:100]  # header (schema, versions) untouched
+    assert sqlite_threads() == []
+
+
+async def test_read_only_leaves_orphans_and_damaged_rows_alone(tmp_path: Path) -> None:
+    path = tmp_path / "orph.db"
+    async with SQLiteRunRegistry(path) as writer:
+        dead = Run(run_id="dead")
+        await writer.add_run(dead)
+        good = Run(run_id="good")
+        await writer.add_run(good)
+    with sqlite3.connect(path) as raw:
+        # An owner that cannot be alive, and a damaged row.
+        raw.execute("UPDATE runs SET owner_pid = 999999999 WHERE run_id = 'dead'")
+        raw.execute("UPDATE runs SET parameters = '{bad' WHERE run_id = 'good'")
+    raw.close()
+    async with SQLiteRunRegistry(path, read_only=True) as reader:
+        assert reader.interrupted_run_ids == []
+        assert [r.run_id for r in await reader.list_runs()] == ["dead"]
+        assert reader.quarantined_run_ids == []
+    with sqlite3.connect(path) as raw:
+        rows = dict(raw.execute("SELECT run_id, status FROM runs").fetchall())
+    raw.close()
+    assert rows == {"dead": "pending", "good": "pending"}
+
+
+@pytest.mark.parametrize("kind", ["missing", "foreign", "old"])
+async def test_read_only_refuses_what_it_cannot_read(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x.db"
+    if kind == "foreign":
+        with sqlite3.connect(path) as raw:
+            raw.execute("CREATE TABLE other (x)")
+        raw.close()
+    elif kind == "old":
+        async with SQLiteRunRegistry(path) as writer:
+            await writer.count_runs()
+        with sqlite3.connect(path) as raw:
+            raw.execute("PRAGMA user_version = 3")
+        raw.close()
+    before = path.read_bytes() if path.exists() else None
+    registry = SQLiteRunRegistry(path, read_only=True)
+    with pytest.raises(RegistrySchemaError):
+        await registry.open()
+    await registry.aclose()
+    assert (path.read_bytes() if path.exists() else None) == before
+    assert sqlite_threads() == []

@@ -91,6 +91,7 @@ EXPECTED: dict[str, list[str]] = {
         "detect_run_mode",
         "execute_with_timeout",
         "install_subprocess_policy",
+        "iter_line_batches",
         "iter_lines",
         "parameters_to_args",
         "run",

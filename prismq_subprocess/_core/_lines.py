@@ -202,8 +202,9 @@ async def _off_the_loop(work: Callable[..., T], *args: Any) -> T:
 def _split_bytes(body: bytes) -> list[bytes]:
     """``body`` (whole lines, ending with ``b"\\n"``) cut after each ``b"\\n"``."""
     lines = body.splitlines(keepends=True)
-    # splitlines also cuts after a lone b"\r"; readline() cuts after b"\n" only.
-    if len(lines) == body.count(b"\n"):
+    # splitlines also cuts after a lone b"\r"; readline() cuts after b"\n" only. (Looking for
+    # b"\r" is a memchr; counting the b"\n" costs a fifth of the split.)
+    if b"\r" not in body or len(lines) == body.count(b"\n"):
         return lines
     pieces = body.split(b"\n")
     pieces.pop()  # the b"" after the last b"\n"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import STREAMING, WRAPPER_FACTORIES
 from helpers import py
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import prismq_subprocess as pq
@@ -116,13 +116,14 @@ PIECES = [
     b"\x00",
 ]
 output = st.lists(st.sampled_from(PIECES), max_size=60).map(b"".join)
-readings = st.lists(st.integers(1, 23), min_size=1, max_size=6)
+readings = st.lists(st.integers(1, 40), min_size=1, max_size=6)
 ENCODINGS = ["utf-8", "utf-8-sig", "latin-1", "cp1252", "ascii", "utf-16-le", "cp037"]
 ERRORS = ["replace", "strict", "ignore", "backslashreplace", "surrogateescape", "surrogatepass"]
 
 
 @settings(max_examples=300, deadline=None)
 @given(output, readings, st.integers(1, 40))
+@example(b"a\rb\nc\r\n\rd\n", [1, 20], 40)  # lone b"\r" inside lines read whole
 def test_bytes_lines_are_the_whole_output_split(data: bytes, sizes: list[int], n: int) -> None:
     async def main() -> None:
         expected = split_after_newlines(data)
@@ -142,6 +143,8 @@ def test_bytes_lines_are_the_whole_output_split(data: bytes, sizes: list[int], n
     st.sampled_from(ENCODINGS),
     st.sampled_from([*ERRORS, "test-newline"]),
 )
+@example("a\rb\x0bc\x85d\u2028e\n\r\nf\n".encode(), [1, 30], 40, "utf-8", "strict")
+@example("a\rb\x0bc\x85d\n\r\nf\n".encode("latin-1"), [1, 30], 40, "latin-1", "strict")
 def test_text_lines_are_the_lines_decoded(
     data: bytes, sizes: list[int], n: int, encoding: str, errors: str
 ) -> None:

@@ -69,7 +69,7 @@ from ._core._host_shutdown import (
     stop_for_host_shutdown,
 )
 from ._core._line_stream import LineStream
-from ._core._lines import iter_lines
+from ._core._lines import iter_line_batches, iter_lines
 from ._core._modes import RunMode
 from ._core._public import publish as _publish
 from ._core._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
@@ -187,6 +187,7 @@ __all__ = [
     "detect_run_mode",
     "execute_with_timeout",
     "install_subprocess_policy",
+    "iter_line_batches",
     "iter_lines",
     "parameters_to_args",
     "run",

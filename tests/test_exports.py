@@ -95,6 +95,7 @@ EXPECTED: dict[str, list[str]] = {
         "execute_with_timeout",
         "install_shutdown_handler",
         "install_subprocess_policy",
+        "iter_line_batches",
         "iter_lines",
         "parameters_to_args",
         "run",

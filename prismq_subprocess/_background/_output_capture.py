@@ -233,20 +233,22 @@ class OutputCapture(AsyncClosing):
         if "\n" in line:
             if line[-1] == "\n":
                 line = line[:-1]
-                if "\r" in line and line[-1] == "\r":
+                # Indexing, not a second scan of the line for "\r".
+                if line and line[-1] == "\r":
                     line = line[:-1]
             if "\n" in line:
                 await self.append_lines(run_id, [line])
                 return
-        if self._log is not None:
-            self._log.write(run_id, line)
+        log = self._log
+        if log is not None:
+            log.write(run_id, line)
         size = len(line) if line.isascii() else utf8_size(line)
         if size > self.max_line_bytes:
             line, size = self._cut(ring, line, ring.next_seq)
         lines = ring.lines
         lines.append(line)
         nbytes = ring.nbytes = ring.nbytes + size
-        if len(lines) > ring.limit or nbytes > ring.max_bytes:
+        if nbytes > ring.max_bytes or len(lines) > ring.limit:
             ring.evict()
         if ring.subscribers:
             if ring.waiters:

@@ -86,6 +86,15 @@ def _clean(lines: Iterable[str]) -> list[str]:
         return batch
     if "\n".join(batch).count("\n") == len(batch) - 1:
         return batch  # the common case: no line has a newline
+    if all(map(str.endswith, batch, itertools.repeat("\n"))):
+        # The other common case, lines as read from a pipe: every one ends with "\n", so
+        # joining and splitting keeps the line boundaries, in C passes rather than a Python loop.
+        text = "".join(batch)
+        parts = text.split("\n")
+        parts.pop()  # after the last "\n"
+        if "\r" in text:
+            parts = [part[:-1] if part.endswith("\r") else part for part in parts]
+        return parts
     out: list[str] = []
     for line in batch:
         if line.endswith("\n"):

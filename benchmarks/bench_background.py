@@ -1,10 +1,14 @@
 """Task layer against bare asyncio: BackgroundTaskManager per-task overhead, PeriodicTask lateness.
 
 Per-task overhead: N trivial coroutines started through ``BackgroundTaskManager.start_task``
-(a ``Run`` per task, in-memory ``RunRegistry``: PENDING, RUNNING, COMPLETED recorded) and waited
-for with ``wait_all()``, against the same coroutines started with bare ``asyncio.create_task``
-and gathered. N is calibrated per case so a sample lasts >= 0.5 s (calibration = warm-up);
-compared per task, paired round by round.
+(a new ``Run`` per task, in-memory ``RunRegistry``: PENDING, RUNNING, COMPLETED recorded) and
+waited for with ``wait_all()``, against the same coroutines started with bare
+``asyncio.create_task`` and gathered, and in an ``asyncio.TaskGroup``. Like the bare cases, the
+manager's starts are fire-and-forget (the guide's use: ``start_task`` returns the id); a fourth,
+informative case awaits every ``TaskHandle`` (a loop round trip per task) before the next start.
+N is calibrated per case so a sample lasts >= 0.5 s (calibration = warm-up); compared per task,
+paired round by round. The cases are single-threaded and CPU-bound, so a sample is the process's
+CPU time (``time.process_time``): on a shared machine wall time also counts the neighbours' turns.
 
 Periodic lateness: a trivial coroutine every 10 ms through ``PeriodicTask`` against a bare
 asyncio schedule on the same fixed grid (``await asyncio.sleep(next_tick - loop.time())``).
@@ -37,7 +41,9 @@ PERIODIC_MEDIAN_ALLOWANCE_S = 0.5e-3
 PERIODIC_P99_ALLOWANCE_S = 1.0e-3
 INTERVAL = 0.01
 BARE_TASKS = "asyncio.create_task (bare)"
+TASK_GROUP = "asyncio.TaskGroup"
 MANAGER = "BackgroundTaskManager.start_task"
+MANAGER_AWAITED = "start_task, each handle awaited"
 BARE_SCHEDULE = "bare asyncio schedule"
 PERIODIC = "PeriodicTask"
 
@@ -47,25 +53,41 @@ async def _trivial() -> int:
 
 
 async def _bare_tasks(n: int) -> float:
-    started = time.perf_counter()
+    started = time.process_time()
     tasks = [asyncio.create_task(_trivial()) for _ in range(n)]
     await asyncio.gather(*tasks)
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
-async def _manager_tasks(n: int) -> float:
+async def _task_group(n: int) -> float:
+    started = time.process_time()
+    async with asyncio.TaskGroup() as group:
+        for _ in range(n):
+            group.create_task(_trivial())
+    return time.process_time() - started
+
+
+async def _manager_tasks(n: int, *, awaited: bool = False) -> float:
     async with pq.RunRegistry() as registry:
         manager = pq.BackgroundTaskManager(registry)
-        started = time.perf_counter()
-        for _ in range(n):
-            await manager.start_task(pq.Run(module_id="bench"), _trivial())
+        started = time.process_time()
+        if awaited:
+            for _ in range(n):
+                await manager.start_task(pq.Run(module_id="bench"), _trivial())
+        else:
+            for _ in range(n):
+                manager.start_task(pq.Run(module_id="bench"), _trivial())
         await manager.wait_all()
-        elapsed = time.perf_counter() - started
+        elapsed = time.process_time() - started
         await manager.shutdown()
         done = await registry.count_runs(status=pq.RunStatus.COMPLETED)
     if done != n:
         raise AssertionError(f"expected {n} completed runs, the registry has {done}")
     return elapsed
+
+
+async def _manager_awaited(n: int) -> float:
+    return await _manager_tasks(n, awaited=True)
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -114,7 +136,12 @@ def run(
 ) -> dict[str, Any]:
     if log:
         log(f"background: {rounds} rounds, >= {min_sample:g} s/sample, {ticks} ticks at 10 ms")
-    kinds = {BARE_TASKS: _bare_tasks, MANAGER: _manager_tasks}
+    kinds = {
+        BARE_TASKS: _bare_tasks,
+        TASK_GROUP: _task_group,
+        MANAGER: _manager_tasks,
+        MANAGER_AWAITED: _manager_awaited,
+    }
     sizes = {
         name: calibrate(_runner(kind), min_sample, tasks, log=log) for name, kind in kinds.items()
     }
@@ -154,6 +181,8 @@ def run(
         },
         "manager_over_bare": t.paired_ratio(MANAGER, BARE_TASKS),
         "manager_over_bare_spread": spread(t.paired_ratios(MANAGER, BARE_TASKS)),
+        "task_group_over_bare": t.paired_ratio(TASK_GROUP, BARE_TASKS),
+        "awaited_over_bare": t.paired_ratio(MANAGER_AWAITED, BARE_TASKS),
         "ticks": ticks,
         "interval_s": INTERVAL,
         "periodic": periodic,

@@ -36,6 +36,9 @@ LINE = "2026-01-01 12:00:00 INFO worker 7 processed item 123456\n"
 #: Target of the performance issue: append cost with no subscriber.
 APPEND_LIMIT_S = 0.3e-6
 BASELINE = "deque.append (floor)"
+#: Fan-out is O(1) per line per subscriber: the end-to-end cost per delivery with 10 or 100
+#: subscribers may be at most this many times the cost with one.
+FANOUT_PER_DELIVERY_LIMIT = 1.5
 
 
 def _fmt_us(seconds: float) -> str:
@@ -206,6 +209,24 @@ def targets(result: dict[str, Any]) -> list[Target]:
                 ),
             )
         )
+        one = next((v for v in fanned.values() if v["subscribers"] == 1), None)
+        if one is not None:
+            base = one["total_s_per_line"][1]
+            ratios = {
+                v["subscribers"]: v["total_s_per_line"][1] / v["subscribers"] / base
+                for v in fanned.values()
+                if v["subscribers"] > 1
+            }
+            if ratios:
+                out.append(
+                    Target(
+                        f"OutputCapture fan-out cost per delivery with 10/100 subscribers <= "
+                        f"{FANOUT_PER_DELIVERY_LIMIT:g}x the cost with 1 (O(1) per subscriber)",
+                        max(ratios.values()) <= FANOUT_PER_DELIVERY_LIMIT,
+                        ", ".join(f"{n}: {r:.2f}x" for n, r in ratios.items())
+                        + f" of {base * 1e6:.2f} us",
+                    )
+                )
     return out
 
 

@@ -86,6 +86,15 @@ def _clean(lines: Iterable[str]) -> list[str]:
         return batch
     if "\n".join(batch).count("\n") == len(batch) - 1:
         return batch  # the common case: no line has a newline
+    if all(map(str.endswith, batch, itertools.repeat("\n"))):
+        # The other common case, lines as read from a pipe: every one ends with "\n", so
+        # joining and splitting keeps the line boundaries, in C passes rather than a Python loop.
+        text = "".join(batch)
+        parts = text.split("\n")
+        parts.pop()  # after the last "\n"
+        if "\r" in text:
+            parts = [part[:-1] if part.endswith("\r") else part for part in parts]
+        return parts
     out: list[str] = []
     for line in batch:
         if line.endswith("\n"):
@@ -233,20 +242,22 @@ class OutputCapture(AsyncClosing):
         if "\n" in line:
             if line[-1] == "\n":
                 line = line[:-1]
-                if "\r" in line and line[-1] == "\r":
+                # Indexing, not a second scan of the line for "\r".
+                if line and line[-1] == "\r":
                     line = line[:-1]
             if "\n" in line:
                 await self.append_lines(run_id, [line])
                 return
-        if self._log is not None:
-            self._log.write(run_id, line)
+        log = self._log
+        if log is not None:
+            log.write(run_id, line)
         size = len(line) if line.isascii() else utf8_size(line)
         if size > self.max_line_bytes:
             line, size = self._cut(ring, line, ring.next_seq)
         lines = ring.lines
         lines.append(line)
         nbytes = ring.nbytes = ring.nbytes + size
-        if len(lines) > ring.limit or nbytes > ring.max_bytes:
+        if nbytes > ring.max_bytes or len(lines) > ring.limit:
             ring.evict()
         if ring.subscribers:
             if ring.waiters:

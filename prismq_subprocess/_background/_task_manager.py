@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
+import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Coroutine, Generator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -61,6 +61,8 @@ _RECORDING = "recording"
 _MIN_RECORD_WAIT = 1.0
 
 _Outcome = tuple[RunStatus, str | None, int | None]
+_new_str = str.__new__
+_COMPLETED: _Outcome = (RunStatus.COMPLETED, None, 0)
 
 
 class ExitCode(int):
@@ -75,31 +77,6 @@ class ExitCode(int):
     """
 
     __slots__ = ()
-
-
-class _StoreOutcome:
-    """Whether a run made it into the registry: settled once by the manager, read by handles.
-
-    Each ``await handle`` waits on a future of its own, so cancelling one waiter never touches
-    another or the outcome, and no stored exception can go "never retrieved".
-    """
-
-    __slots__ = ("done", "error", "waiters")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.error: BaseException | None = None
-        self.waiters: list[asyncio.Future[None]] = []
-
-    def settle(self, error: BaseException | None) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.error = error
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self.waiters.clear()
 
 
 class TaskHandle(str):
@@ -118,41 +95,43 @@ class TaskHandle(str):
     the run is stored, cancelling the wait changes nothing.
     """
 
-    __slots__ = ("_cancel_start", "_outcome")
+    __slots__ = ("_entry",)
 
-    _outcome: _StoreOutcome
-    _cancel_start: Callable[[], None]
+    _entry: _Entry
 
-    def __new__(
-        cls, run_id: str, outcome: _StoreOutcome, cancel_start: Callable[[], None]
-    ) -> TaskHandle:
+    def __new__(cls, run_id: str, entry: _Entry) -> TaskHandle:
         handle = super().__new__(cls, run_id)
-        handle._outcome = outcome
-        handle._cancel_start = cancel_start
+        handle._entry = entry
         return handle
 
     @property
     def stored(self) -> bool:
         """``True`` once the run is in the registry (and stays so whatever happens next)."""
-        return self._outcome.done and self._outcome.error is None
+        entry = self._entry
+        return entry.store_done and entry.store_error is None
 
     def __await__(self) -> Generator[Any, None, str]:
         return self._wait().__await__()
 
     async def _wait(self) -> str:
-        outcome = self._outcome
-        if not outcome.done:
+        entry = self._entry
+        if not entry.store_done:
+            # Each await waits on a future of its own, so cancelling one waiter never touches
+            # another or the outcome, and no stored exception can go "never retrieved".
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            outcome.waiters.append(waiter)
+            if entry.store_waiters is None:
+                entry.store_waiters = []
+            entry.store_waiters.append(waiter)
             try:
                 await waiter
             except asyncio.CancelledError:
-                if not outcome.done:
-                    outcome.waiters.remove(waiter)
-                    self._cancel_start()
+                if not entry.store_done:
+                    entry.store_waiters.remove(waiter)
+                    if entry.phase == _ADDING and entry.cancel_reason is None:
+                        entry.cancel_reason = "start_task was cancelled before the run was stored"
                 raise
-        if outcome.error is not None:
-            raise outcome.error
+        if entry.store_error is not None:
+            raise entry.store_error
         return str(self)
 
     def __reduce__(self) -> tuple[type[str], tuple[str]]:
@@ -160,6 +139,12 @@ class TaskHandle(str):
 
 
 class _Entry:
+    """One run's state in the manager, from ``start_task`` to its last registry write.
+
+    It also holds whether the run made it into the registry (``store_*``: settled once by the
+    manager, read by the run's :class:`TaskHandle`), so a run costs one such object.
+    """
+
     __slots__ = (
         "abandoned",
         "cancel_reason",
@@ -171,28 +156,50 @@ class _Entry:
         "run",
         "slot",
         "started",
-        "stored",
+        "store_done",
+        "store_error",
+        "store_waiters",
         "task",
     )
 
     def __init__(
-        self, run: Run, coro: Coroutine[Any, Any, object], marks_running: bool = False
+        self,
+        run: Run,
+        coro: Coroutine[Any, Any, object],
+        marks_running: bool,
+        opened_output: bool,
     ) -> None:
         self.run = run
         self.coro = coro
         self.marks_running = marks_running
-        self.stored = _StoreOutcome()
+        self.store_done = False
+        self.store_error: BaseException | None = None
+        # Futures of ``await handle`` calls waiting for the store; made by the first one.
+        self.store_waiters: list[asyncio.Future[None]] | None = None
         self.phase = _ADDING
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
         # The manager declared the run in its OutputCapture (forgotten again if never stored).
-        self.opened_output = False
+        self.opened_output = opened_output
         self.abandoned = False
         # False until _drive's first step: a task cancelled before then never runs its body
         # (and so its bookkeeping); _task_done does that bookkeeping instead.
         self.started = False
         self.has_slot = False
         self.slot: asyncio.Future[None] | None = None
+
+    def settle(self, error: BaseException | None) -> None:
+        """Record whether storing the run worked (the first call counts); wake the waiters."""
+        if self.store_done:
+            return
+        self.store_done = True
+        self.store_error = error
+        waiters = self.store_waiters
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            waiters.clear()
 
 
 def _close(coro: Coroutine[Any, Any, object]) -> None:
@@ -215,9 +222,9 @@ def _outcome_of(result: object) -> _Outcome:
     elif isinstance(result, ProcessResult):
         code = result.returncode
     else:
-        return (RunStatus.COMPLETED, None, 0)
+        return _COMPLETED
     if code == 0:
-        return (RunStatus.COMPLETED, None, 0)
+        return _COMPLETED
     return (RunStatus.FAILED, f"exited with status {code}", code)
 
 
@@ -385,7 +392,7 @@ class BackgroundTaskManager(AsyncResource):
                 is recorded CANCELLED).
             and what the registry's ``add_run`` raises.
         """
-        if not inspect.iscoroutine(coro):
+        if not isinstance(coro, types.CoroutineType):
             raise InvalidTaskError(
                 f"start_task() needs a coroutine object, e.g. work() rather than work, got "
                 f"{type(coro).__name__}; to track an existing task or future, pass a coroutine "
@@ -402,9 +409,11 @@ class BackgroundTaskManager(AsyncResource):
             raise RunStateError(
                 f"run {run.run_id} is {run.status.value}; only a pending run can be started"
             )
-        if run.run_id in self._entries:
+        run_id = run.run_id
+        entries = self._entries
+        if run_id in entries:
             coro.close()
-            raise DuplicateRunError(f"run {run.run_id!r} is already active in this manager")
+            raise DuplicateRunError(f"run {run_id!r} is already active in this manager")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -412,56 +421,74 @@ class BackgroundTaskManager(AsyncResource):
             raise RuntimeError(
                 "start_task() needs a running event loop; call it from async code"
             ) from None
-        try:
-            # Subscribers may follow the run as soon as start_task returns.
-            opened = self.output is not None and self.output.open_run(run.run_id)
-        except BaseException:
-            coro.close()
-            raise
-        entry = _Entry(run, coro, marks_running)
-        entry.opened_output = opened
-        self._entries[run.run_id] = entry
-        self._idle.clear()
-        task = loop.create_task(self._drive(entry), name=f"prismq-run-{run.run_id}")
+        opened = False
+        if self.output is not None:
+            try:
+                # Subscribers may follow the run as soon as start_task returns.
+                opened = self.output.open_run(run_id)
+            except BaseException:
+                coro.close()
+                raise
+        entry = _Entry(run, coro, marks_running, opened)
+        if not entries:
+            self._idle.clear()
+        entries[run_id] = entry
+        task = loop.create_task(self._drive(entry), name=f"prismq-run-{run_id}")
         entry.task = task
         task.add_done_callback(functools.partial(self._task_done, entry))
-        logger.debug("started background run %s", run.run_id)
-        return TaskHandle(run.run_id, entry.stored, functools.partial(self._cancel_start, entry))
-
-    def _cancel_start(self, entry: _Entry) -> None:
-        if entry.phase == _ADDING and entry.cancel_reason is None:
-            entry.cancel_reason = "start_task was cancelled before the run was stored"
+        logger.debug("started background run %s", run_id)
+        # TaskHandle(run_id, entry) without the Python-level __new__ call (hot path).
+        handle: TaskHandle = _new_str(TaskHandle, run_id)
+        handle._entry = entry
+        return handle
 
     # -- the life of one run --------------------------------------------------------------------
+    # _drive is the per-run hot path (benchmarks/bench_background.py): the common case (no
+    # concurrency limit, no resource manager, registry writes that succeed) is written inline
+    # rather than through the helper coroutines, each of which would cost a coroutine object
+    # per call; the helpers handle the rest.
     async def _drive(self, entry: _Entry) -> None:
         run = entry.run
-        outcome: _Outcome
+        registry = self.registry
+        outcome: _Outcome = _COMPLETED
         reraise: BaseException | None = None
         entry.started = True
         try:
             try:
-                await self._store(run)
+                try:
+                    await registry.add_run(run)
+                except DuplicateRunError:
+                    await self._take_over(run)
             except Exception as exc:
                 self._store_failed(entry, exc)
                 return
             if self._closing:
                 if entry.cancel_reason is None:
                     entry.cancel_reason = "task manager shut down before the run started"
-                entry.stored.settle(
+                entry.settle(
                     TaskManagerClosedError("the task manager shut down while the run was added")
                 )
-            entry.stored.settle(None)
+            entry.settle(None)
             self._watcher.watch(run.run_id)
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
-            await self._take_slot(entry)
-            refusal = await self._admit(run)
+            if self.max_concurrent is None:
+                self._running += 1
+                entry.has_slot = True
+                entry.phase = _RUNNING
+            else:
+                await self._take_slot(entry)
+            refusal = None if self.resource_manager is None else await self._admit(run)
             if refusal is None:
                 if not entry.marks_running:
                     run.mark_running(pid=None)
-                    await self._save(run)
+                    try:
+                        await registry.update_run(run)
+                    except Exception as exc:
+                        self._save_failed(run, exc)
                 result = await entry.coro
-                outcome = _outcome_of(result)
+                if result is not None:
+                    outcome = _outcome_of(result)
             else:
                 outcome = (RunStatus.FAILED, refusal, None)
         except asyncio.CancelledError:
@@ -487,11 +514,15 @@ class BackgroundTaskManager(AsyncResource):
                 # A run cancelled while it was being stored (SQLite finishes the insert in its
                 # thread) may or may not be in the registry; record it if it is.
                 self._apply(run, outcome)
-                await self._collect_output(run)
-                await self._save(run, missing_ok=not entry.stored.done)
+                if self.output is not None:
+                    await self._collect_output(run)
+                try:
+                    await registry.update_run(run)
+                except Exception as exc:
+                    self._save_failed(run, exc, missing_ok=not entry.store_done)
         finally:
-            if not entry.stored.done:  # cancelled while being stored: awaiters must not hang
-                entry.stored.settle(_cancelled_before_stored(run))
+            if not entry.store_done:  # cancelled while being stored: awaiters must not hang
+                entry.settle(_cancelled_before_stored(run))
             self._release(entry)
         if reraise is not None:
             raise reraise
@@ -501,16 +532,24 @@ class BackgroundTaskManager(AsyncResource):
         try:
             await self.registry.add_run(run)
         except DuplicateRunError:
-            stored = await self.registry.get_run(run.run_id)
-            if stored is None or stored.status is not RunStatus.PENDING:
-                state = "gone again" if stored is None else stored.status.value
-                raise DuplicateRunError(
-                    f"run {run.run_id!r} is already stored ({state}); only a run that is still "
-                    "pending can be started"
-                ) from None
-            if run.owner is None:
-                run.owner = stored.owner
-            await self.registry.update_run(run)
+            await self._take_over(run)
+
+    async def _take_over(self, run: Run) -> None:
+        """Take over the run the caller added before ``start_task``, if it is still PENDING.
+
+        Raises:
+            DuplicateRunError: it is gone again or no longer PENDING.
+        """
+        stored = await self.registry.get_run(run.run_id)
+        if stored is None or stored.status is not RunStatus.PENDING:
+            state = "gone again" if stored is None else stored.status.value
+            raise DuplicateRunError(
+                f"run {run.run_id!r} is already stored ({state}); only a run that is still "
+                "pending can be started"
+            ) from None
+        if run.owner is None:
+            run.owner = stored.owner
+        await self.registry.update_run(run)
 
     def _store_failed(self, entry: _Entry, exc: Exception) -> None:
         run = entry.run
@@ -520,7 +559,7 @@ class BackgroundTaskManager(AsyncResource):
             logger.error(
                 "background run %s not started: storing it failed", run.run_id, exc_info=exc
             )
-        entry.stored.settle(exc)
+        entry.settle(exc)
         if entry.opened_output and self.output is not None:
             self.output.forget(run.run_id)
         entry.phase = _RECORDING
@@ -595,20 +634,25 @@ class BackgroundTaskManager(AsyncResource):
     async def _save(self, run: Run, *, missing_ok: bool = False) -> None:
         try:
             await self.registry.update_run(run)
-        except RunNotFoundError:
-            if not missing_ok:
-                logger.exception("recording run %s (%s) failed", run.run_id, run.status.value)
-        except Exception:
-            # The run itself must go on; a registry failure is reported, not propagated.
-            logger.exception("recording run %s (%s) failed", run.run_id, run.status.value)
+        except Exception as exc:
+            self._save_failed(run, exc, missing_ok=missing_ok)
+
+    @staticmethod
+    def _save_failed(run: Run, exc: Exception, *, missing_ok: bool = False) -> None:
+        # The run itself must go on; a registry failure is reported, not propagated.
+        if missing_ok and isinstance(exc, RunNotFoundError):
+            return
+        logger.error("recording run %s (%s) failed", run.run_id, run.status.value, exc_info=exc)
 
     def _release(self, entry: _Entry) -> None:
         if entry.has_slot:
             entry.has_slot = False
             self._running -= 1
-        if self._entries.get(entry.run.run_id) is entry:
-            del self._entries[entry.run.run_id]
-            self._watcher.unwatch(entry.run.run_id)
+        run_id = entry.run.run_id
+        entries = self._entries
+        if entries.get(run_id) is entry:
+            del entries[run_id]
+            self._watcher.unwatch(run_id)
         while (
             self._queue
             and not self._closing
@@ -625,7 +669,8 @@ class BackgroundTaskManager(AsyncResource):
             self._idle.set()
 
     def _task_done(self, entry: _Entry, task: asyncio.Task[None]) -> None:
-        self._abandoned.discard(task)
+        if entry.abandoned:
+            self._abandoned.discard(task)
         if task.cancelled():
             if not entry.started:
                 # Cancelled before its first step (tasks[id].cancel() at once, loop teardown):
@@ -652,7 +697,7 @@ class BackgroundTaskManager(AsyncResource):
             logger.exception("recording cancelled run %s failed", run.run_id)
             error = exc
         finally:
-            entry.stored.settle(error)
+            entry.settle(error)
             self._release(entry)
 
     # -- control --------------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
+import pickle
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import psutil
@@ -123,6 +127,81 @@ def test_copy_is_deep() -> None:
     other.output_tail.append("y")
     assert run.parameters == {"a": [1]} and run.output_tail == ["x"]
     assert other == Run.from_dict(other.to_dict())
+
+
+def test_copy_covers_every_field() -> None:
+    # Run.copy() lists the fields one by one (for speed): a field added to Run must be added
+    # there too, or copies would lose it.
+    started = datetime(2024, 1, 1, 12, tzinfo=UTC)
+    run = Run(
+        module_id="m",
+        module_name="Module",
+        parameters={"a": [1]},
+        run_id="r1",
+        status=RunStatus.FAILED,
+        exit_code=3,
+        error_message="boom",
+        created_at=started - timedelta(seconds=1),
+        started_at=started,
+        finished_at=started + timedelta(seconds=1),
+        pid=42,
+        mode="threaded",
+        output_tail=["x"],
+        peak_rss_bytes=1024,
+        cpu_time_seconds=0.5,
+        owner=RunOwner("host", 42, 1.0),
+        worker="tcp://worker:1",
+    )
+    defaults = Run()
+    other = run.copy()
+    for field in dataclasses.fields(Run):
+        value = getattr(run, field.name)
+        assert value != getattr(defaults, field.name), field.name  # every field is exercised
+        assert getattr(other, field.name) == value, field.name
+    assert other == run
+
+
+def test_constructor_matches_fields() -> None:
+    # Run.__init__ is written out (for speed): its parameters are the fields, in field order,
+    # with the same defaults (None standing for a default factory's fresh value).
+    params = list(inspect.signature(Run).parameters.values())
+    assert [p.name for p in params] == [f.name for f in dataclasses.fields(Run)]
+    defaults = Run(run_id="r")
+    for param, field in zip(params, dataclasses.fields(Run), strict=True):
+        if field.default is not dataclasses.MISSING:
+            assert param.default == field.default, field.name
+        else:
+            assert param.default is None, field.name
+            assert field.default_factory is not dataclasses.MISSING, field.name
+            if field.name in ("parameters", "output_tail"):
+                assert getattr(defaults, field.name) == field.default_factory(), field.name
+    assert Run(parameters=None, output_tail=None).parameters == {}
+    a, b = Run(), Run()
+    assert a.parameters is not b.parameters and a.output_tail is not b.output_tail
+    assert Run("m", "Module", {"k": 1}, "r2").run_id == "r2"
+    assert dataclasses.replace(defaults, module_id="x") == Run(
+        module_id="x", run_id="r", created_at=defaults.created_at
+    )
+    with pytest.raises(InvalidRunError):
+        Run(created_at="2024-01-01")  # type: ignore[arg-type]
+
+
+def test_run_pickles() -> None:
+    run = Run(module_id="m", parameters={"a": 1}, output_tail=["x"])
+    run.mark_running(pid=5)
+    again = pickle.loads(pickle.dumps(run))
+    assert again == run
+    again.mark_completed(0)
+    assert again.status is RunStatus.COMPLETED
+
+
+def test_default_run_ids_are_uuid4_hex() -> None:
+    ids = {Run().run_id for _ in range(1000)}
+    assert len(ids) == 1000
+    for run_id in ids:
+        parsed = uuid.UUID(run_id)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert parsed.hex == run_id
 
 
 def test_from_dict_errors() -> None:

@@ -181,6 +181,13 @@ class PlatformOps:
     def release(self, containment: Containment) -> None:
         """The child's run is over: release what :meth:`prepare_spawn` set up for it."""
 
+    def kill_contained(self, containment: Containment) -> None:
+        """Kill at once whatever ``containment`` finds, then :meth:`release` it: for a spawn
+        undone before its pid was known (asyncio kills the child of a cancelled creation, not
+        what that child already started). Blocks for one look at the process table, and only
+        where the containment can find something without the pid."""
+        self.release(containment)
+
     def child_exited(self, pid: int) -> None:
         """A child we spawned has exited: what it left running may just have been handed to
         this process (a child subreaper), and what had already exited must be reaped."""

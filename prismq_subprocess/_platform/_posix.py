@@ -74,6 +74,16 @@ class PosixOps(PlatformOps):
         if self.host is not None:
             self.host.release(containment)
 
+    def kill_contained(self, containment: Containment) -> None:
+        if containment.cookie is None and containment.cgroup is None:
+            self.release(containment)
+            return
+        # No pid: the record finds its tree through the cookie and the sub-group alone (pid 0
+        # is never signalled: see signal_group and _signal_child).
+        self.kill_trees(
+            [StopRecord(StopTarget(0, own_group=False, running=False, containment=containment))]
+        )
+
     def child_exited(self, pid: int) -> None:
         if self.host is not None and self.host.reaper is not None:
             self.host.reaper.exited(pid)
@@ -320,9 +330,11 @@ class PosixOps(PlatformOps):
         flags = [
             running.get(r.target.pid, False)
             or bool(alive(r.descendants))
-            or (cgroups is not None and r.target.cgroup is not None and cgroups.populated(
-                r.target.cgroup
-            ))
+            or (
+                cgroups is not None
+                and r.target.cgroup is not None
+                and cgroups.populated(r.target.cgroup)
+            )
             for r in records
         ]
         done = [r for r, flag in zip(records, flags, strict=True) if not flag]

@@ -127,6 +127,11 @@ class AsyncStrategy(SubprocessStrategy):
                     stderr=request.stderr,
                     **kwargs,
                 )
+        except asyncio.CancelledError:
+            # asyncio killed the child it may have started; what the child forked already
+            # carries its containment.
+            self.ops.kill_contained(containment)
+            raise
         except BaseException:
             self.ops.release(containment)
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import subprocess
 import sys
@@ -336,9 +337,20 @@ def routes(
     }
 
 
-# ASYNC is left out: there the creation is asyncio's, and when the loop ends before it finished,
-# asyncio's shutdown cancels it and only asyncio's own kill of the child happens (documented gap).
-@pytest.mark.parametrize("mode", ["threaded", "local"])
+# In ASYNC the creation is asyncio's: when the loop ends, asyncio kills the child, but the
+# ``Popen`` it keeps for it never hears the exit its watcher reaped, nor closes the pipes it had
+# not connected yet; both warn when collected. Those objects are asyncio's, out of our reach.
+ASYNCIO_POPEN_WARNING = "ignore::ResourceWarning"
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("async", marks=pytest.mark.filterwarnings(ASYNCIO_POPEN_WARNING)),
+        "threaded",
+        "local",
+    ],
+)
 @pytest.mark.parametrize("route", ["wrapper", "run", "drop-in"])
 def test_a_cancelled_spawn_leaves_nothing_when_the_loop_ends(mode: str, route: str) -> None:
     # asyncio kills a child whose creation was cancelled, synchronously; so must every mode, with
@@ -349,6 +361,7 @@ def test_a_cancelled_spawn_leaves_nothing_when_the_loop_ends(mode: str, route: s
         cancel_the_spawn_and_end_the_loop(routes(wrapper, mode, env)[route])
     finally:
         wrapper.cleanup()  # waits for a spawn still running in a worker thread
+        gc.collect()  # (see ASYNCIO_POPEN_WARNING) here, not in a later test
     time.sleep(1.0)  # the drop-ins' shared pool is not ours to wait for
     assert survivors_after(mark, 2.0) == []
 
@@ -383,7 +396,9 @@ def test_an_async_spawn_cut_short_by_the_loop_end_does_not_hang_it(how: str) -> 
         )
         assert done.stdout == b"ended\n", done.stderr
     finally:
-        survivors_after(mark, 0.0)
+        left = survivors_after(mark, 2.0)
+    # asyncio's own clean-up kills the child only; what it forked into its session is ours.
+    assert left == []
 
 
 @pytest.mark.parametrize("mode", ["async", "threaded", "local"])

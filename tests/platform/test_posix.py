@@ -80,3 +80,36 @@ def test_the_descendants_of_a_process_that_is_not_our_child_are_left_alone() -> 
     ops.scan = lambda: table  # type: ignore[method-assign]
     [record] = ops.ask_to_stop([StopTarget(stranger, own_group=True)])
     assert record.descendants == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc environments")
+def test_kill_contained_finds_a_tree_by_its_cookie_alone() -> None:
+    # A spawn undone before its pid was known: only the cookie names what it started.
+    calls, kill = recorder()
+    group_calls, killpg = recorder()
+    ops = platform_ops("linux", kill=kill, killpg=killpg)
+    kwargs, containment = ops.prepare_spawn({})
+    if containment.cookie is None:
+        pytest.skip("no cookie containment on this host")
+    env = kwargs.get("env") or os.environ
+    ours = subprocess.Popen(["sleep", "30"], env=env)
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        ops.kill_contained(containment)
+        assert ours.wait(10) == -signal.SIGKILL
+        assert stranger.poll() is None
+        # Nothing was sent to pid 0 or group 0 (ourselves) on the way.
+        assert all(pid > 0 for pid, _ in calls + group_calls)
+    finally:
+        stranger.kill()
+        stranger.wait()
+        ours.kill()
+        ours.wait()
+
+
+def test_kill_contained_without_a_cookie_or_sub_group_only_releases() -> None:
+    from prismq_subprocess._platform import Containment
+
+    ops = platform_ops("linux")
+    ops.scan = lambda: pytest.fail("no look at the process table")  # type: ignore[method-assign]
+    ops.kill_contained(Containment())

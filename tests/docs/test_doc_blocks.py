@@ -5,6 +5,8 @@ that starts a server is marked in the Markdown with ``<!-- docs-test: server (..
 above it and runs as a server here (beside a stand-in ``myapp.py``, on a free port, until it has
 answered a request that runs a child and been stopped); a block that
 shows an error on purpose or is a fragment says ``<!-- docs-test: skip (reason) -->``; a block
+that imports the reader's own module says ``<!-- docs-test: stand-in NAME -->`` and runs beside
+the stand-in files ``STAND_INS[NAME]`` (a small ``my_app``, say); a block
 whose first line is ``# name.py`` is one file of a worked example that its own test runs whole.
 """
 
@@ -30,6 +32,20 @@ _FENCE = re.compile(
 
 _EXAMPLE_FILE = re.compile(r"# [\w/.-]+\.py\n")
 
+#: Files a ``stand-in NAME`` block runs beside, for the reader's own code it imports.
+STAND_INS: dict[str, dict[str, str]] = {
+    # docs/TESTING.md "Without pytest": an app whose deploy runs `make deploy`, which really runs
+    # in the block's THREADED part.
+    "my_app": {
+        "my_app.py": (
+            "import prismq_subprocess as pq\n\n\n"
+            "async def deploy() -> None:\n"
+            '    await pq.run("make", "deploy", check=True)\n'
+        ),
+        "Makefile": "deploy:\n\t@echo deployed\n",
+    },
+}
+
 
 def _blocks(*, server: bool = False) -> list[object]:
     params: list[object] = []
@@ -49,13 +65,18 @@ def _blocks(*, server: bool = False) -> list[object]:
                 # One file of a multi-file worked example (its first line names it); the example
                 # runs as a whole in its own test (tests/plugin/ for docs/TESTING.md).
                 marks.append(pytest.mark.skip(reason="a file of a worked example, run whole"))
-            params.append(pytest.param(code, id=ident, marks=marks))
+            stand_in = mark.removeprefix("stand-in").strip() if mark.startswith("stand-in") else ""
+            if stand_in and stand_in not in STAND_INS:
+                raise LookupError(f"{ident}: no stand-in named {stand_in!r} in STAND_INS")
+            params.append(pytest.param(code, stand_in, id=ident, marks=marks))
             del number
     return params
 
 
-@pytest.mark.parametrize("code", _blocks())
-def test_block_runs_as_written(code: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("code", "stand_in"), _blocks())
+def test_block_runs_as_written(code: str, stand_in: str, tmp_path: Path) -> None:
+    for name, text in STAND_INS.get(stand_in, {}).items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
     done = subprocess.run(
         [sys.executable, "-X", "dev", "-c", code],
         cwd=tmp_path,
@@ -89,8 +110,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("code", _blocks(server=True))
-def test_server_block_serves_as_written(code: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("code", "stand_in"), _blocks(server=True))
+def test_server_block_serves_as_written(code: str, stand_in: str, tmp_path: Path) -> None:
     (tmp_path / "myapp.py").write_text(MYAPP, encoding="utf-8")
     port = _free_port()
     # Only the port changes (8000 may be taken on a shared machine).

@@ -560,6 +560,20 @@ async def test_pattern_5_periodic_task() -> None:
     assert (prune_task.args, prune_task.kwargs) == (("runs",), {"keep": 30})
 
 
+def test_pattern_5_start_at_module_level_says_what_to_do() -> None:
+    # The guide calls cleanup_task.start() at module level, where no event loop runs (GUIDE
+    # mistake 8): the error says so and what to do, rather than asyncio's bare message.
+    async def cleanup_old_runs() -> None:
+        logger.info("Running cleanup of old runs")
+
+    cleanup_task = PeriodicTask(
+        name="cleanup_old_runs", interval=timedelta(hours=1), task_func=cleanup_old_runs
+    )
+    with pytest.raises(RuntimeError, match=r"start\(\) needs a running event loop.*async code"):
+        cleanup_task.start()
+    assert not cleanup_task.is_running
+
+
 # --- Timeout handling -------------------------------------------------------------------------
 
 

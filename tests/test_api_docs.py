@@ -15,6 +15,10 @@ MODULES = [
     "prismq_subprocess.abc",
     "prismq_subprocess.testing",
     "prismq_subprocess.exceptions",
+    # The pytest plugin's module (loaded by pytest through its entry point) and the Dask backend
+    # (installed with the `dask` extra) are public too.
+    "prismq_subprocess.pytest_plugin",
+    "prismq_subprocess.dask",
 ]
 
 

@@ -150,6 +150,17 @@ async def test_prismq_run_mode_values(
         wrapper.cleanup()
 
 
+async def test_auto_detection_without_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "Linux/macOS: ASYNC" (the Windows rules are unit-tested through injected platform calls).
+    monkeypatch.delenv("PRISMQ_RUN_MODE", raising=False)
+    wrapper = SubprocessWrapper()
+    try:
+        expected = RunMode.THREADED if sys.platform == "win32" else RunMode.ASYNC
+        assert wrapper.mode is expected
+    finally:
+        wrapper.cleanup()
+
+
 async def test_programmatic_configuration() -> None:
     registry = RunRegistry()
     process_manager = ProcessManager()
@@ -171,7 +182,7 @@ async def test_isolation_principle(mode: str) -> None:
     logger.debug(f"Using subprocess mode: {wrapper.mode}")
     assert await process.wait() == 0
     assert await stdout.read() == real(mode, b"hello from script\n", b"")
-    wrapper.cleanup()
+    wrapper.cleanup()  # GUIDE FIX: the guide's snippet never cleans up (its own Anti-pattern 3)
 
 
 async def test_explicit_resource_management() -> None:
@@ -423,6 +434,12 @@ async def test_pattern_4_background_task_manager(mode: str, guide_dir: Path) -> 
         raise RuntimeError("module crashed")
 
     failed = manager.start_task(Run(module_id="crash"), fails())
+
+    async def returns_one() -> int:
+        return 1
+
+    # The guide's meaning: any normal return is COMPLETED with exit code 0, whatever the value.
+    one = manager.start_task(Run(module_id="one"), returns_one())
     slow = manager.start_task(Run(module_id="slow"), asyncio.sleep(3600))
 
     await asyncio.sleep(0.01)
@@ -436,6 +453,9 @@ async def test_pattern_4_background_task_manager(mode: str, guide_dir: Path) -> 
 
     done = await registry.get_run(run_id)
     assert done is not None and (done.status, done.exit_code) == (RunStatus.COMPLETED, 0)
+    returned_one = await registry.get_run(one)
+    assert returned_one is not None
+    assert (returned_one.status, returned_one.exit_code) == (RunStatus.COMPLETED, 0)
     crashed = await registry.get_run(failed)
     assert crashed is not None and crashed.status is RunStatus.FAILED
     assert crashed.error_message is not None and "module crashed" in crashed.error_message
@@ -511,7 +531,8 @@ async def test_pattern_5_periodic_task() -> None:
         logger.info("Running cleanup of old runs")
         ran.set()
 
-    # Start periodic cleanup
+    # Start periodic cleanup (GUIDE FIX: from async code, not at module level: start() needs a
+    # running event loop)
     cleanup_task = PeriodicTask(
         name="cleanup_old_runs", interval=timedelta(hours=1), task_func=cleanup_old_runs
     )
@@ -522,6 +543,35 @@ async def test_pattern_5_periodic_task() -> None:
     assert (cleanup_task.args, cleanup_task.kwargs) == ((), {})
     await cleanup_task.stop()
     assert cleanup_task.stats.runs == 1 and not cleanup_task.is_running
+
+    # The constructor's *args and **kwargs are passed to task_func on every run.
+    calls: list[tuple[str, int]] = []
+
+    async def prune(table: str, keep: int = 0) -> None:
+        calls.append((table, keep))
+
+    prune_task = PeriodicTask("prune", timedelta(hours=1), prune, "runs", keep=30)
+    prune_task.start()
+    async with asyncio.timeout(10):
+        while not calls:  # noqa: ASYNC110 - the first run is at once
+            await asyncio.sleep(0.01)
+    await prune_task.stop()
+    assert calls == [("runs", 30)]
+    assert (prune_task.args, prune_task.kwargs) == (("runs",), {"keep": 30})
+
+
+def test_pattern_5_start_at_module_level_says_what_to_do() -> None:
+    # The guide calls cleanup_task.start() at module level, where no event loop runs (GUIDE
+    # mistake 8): the error says so and what to do, rather than asyncio's bare message.
+    async def cleanup_old_runs() -> None:
+        logger.info("Running cleanup of old runs")
+
+    cleanup_task = PeriodicTask(
+        name="cleanup_old_runs", interval=timedelta(hours=1), task_func=cleanup_old_runs
+    )
+    with pytest.raises(RuntimeError, match=r"start\(\) needs a running event loop.*async code"):
+        cleanup_task.start()
+    assert not cleanup_task.is_running
 
 
 # --- Timeout handling -------------------------------------------------------------------------
@@ -676,7 +726,7 @@ async def test_anti_pattern_fixes(mode: str) -> None:
     wrapper = SubprocessWrapper()
     process, stdout, stderr = await wrapper.create_subprocess("python", "script.py")
     assert await process.wait() == 0
-    wrapper.cleanup()
+    wrapper.cleanup()  # GUIDE FIX: the "DO THIS" never cleans up (its own Anti-pattern 3)
 
     # Anti-pattern 2
     async def good_async_function() -> int:

@@ -271,9 +271,16 @@ class PeriodicTask(AsyncResource):
         be started again; its counters carry on and its grid restarts from now.
 
         Raises:
-            RuntimeError: no event loop is running in this thread.
+            RuntimeError: no event loop is running in this thread (e.g. called at module level,
+                as the PrismQ guide does); call it from async code.
         """
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"PeriodicTask {self.name!r}: start() needs a running event loop; call it from "
+                "async code (e.g. a FastAPI lifespan handler), not at module level"
+            ) from None
         if self.is_running:
             logger.warning("PeriodicTask %r is already running; start() ignored", self.name)
             return

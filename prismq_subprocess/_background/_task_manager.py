@@ -431,7 +431,11 @@ class BackgroundTaskManager(AsyncResource):
                 raise
         entry = _Entry(run, coro, marks_running, opened)
         if not entries:
-            self._idle.clear()
+            # A fresh event, not clear(): an asyncio.Event binds to the loop that first waits on
+            # it, and an idle manager (one built at import time, say) may next serve another
+            # loop (a host's tests, a restarted server). Nobody waits on the old one: wait_all()
+            # waits only while runs are active, and re-reads the attribute each time.
+            self._idle = asyncio.Event()
         entries[run_id] = entry
         task = loop.create_task(self._drive(entry), name=f"prismq-run-{run_id}")
         entry.task = task

@@ -2,9 +2,11 @@
 
 A :class:`LeakCheck` takes a baseline before the test and compares after it, giving the leftovers
 a moment to go (threads finishing, children being reaped, descriptors closing) before it reports.
-Processes are found two ways: as descendants of this process, and by an environment cookie set
+Processes are found three ways: as descendants of this process; by an environment cookie set
 for the duration of the check, which every child inherits (unless given an explicit ``env=``
-without it), so a grandchild that escaped into its own session is found even once re-parented.
+without it); and by the containment cookie prismq_subprocess puts in the environment of every
+child it starts (explicit ``env=`` included), for the runs started during the check. So a
+grandchild that escaped into its own session is found even once re-parented.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from .._platform import IS_WINDOWS
+from .._platform import IS_WINDOWS, PosixOps, platform_ops
 
 __all__ = ["COOKIE_VAR", "DEFAULT_IGNORED_THREADS", "LeakCheck", "LeakReport"]
 
@@ -105,6 +107,27 @@ def _open_fds() -> dict[int, str]:
     return found
 
 
+def _run_cookie_baseline() -> tuple[str, int] | None:
+    """This host's containment cookie variable and a run number below every run started from
+    now on, or None where children get no cookie (Windows, ``PRISMQ_COOKIE=0``)."""
+    ops = platform_ops()
+    if not isinstance(ops, PosixOps) or ops.host is None:
+        return None
+    # report(), not containment_report(): the latter activates the host (cgroup probe...) and
+    # a leak check must not change what it checks.
+    variable = ops.host.report().cookie_variable
+    if variable is None:
+        return None
+    # Run numbers only grow: one issued now (and never used) is below every later run's.
+    return variable, int(ops.host.cookies.issue())
+
+
+def _carries_a_new_run_cookie(environ: dict[str, str], baseline: tuple[str, int]) -> bool:
+    variable, below = baseline
+    value = environ.get(variable)
+    return value is not None and value.isdigit() and int(value) > below
+
+
 def _fd_count() -> int | None:
     me = psutil.Process()
     num_fds = getattr(me, "num_fds", None)
@@ -139,6 +162,7 @@ class LeakCheck:
         #: True once :meth:`start` has taken the baseline.
         self.started = False
         self._saved_cookie: str | None = None
+        self._run_cookie: tuple[str, int] | None = None
         self._started = 0.0
         self._children: set[tuple[int, float]] = set()
         self._thread_set: set[threading.Thread] = set()
@@ -159,6 +183,7 @@ class LeakCheck:
         if self.processes:
             self._saved_cookie = os.environ.get(COOKIE_VAR)
             os.environ[COOKIE_VAR] = self.cookie
+            self._run_cookie = _run_cookie_baseline()
 
     def finish(self) -> LeakReport:
         """Wait up to ``timeout`` for leftovers to go, restore the environment, kill leaked
@@ -208,7 +233,11 @@ class LeakCheck:
             if proc.info["create_time"] < self._started - 1.0:
                 continue
             try:
-                carries = proc.environ().get(COOKIE_VAR) == self.cookie
+                environ = proc.environ()
+                carries = environ.get(COOKIE_VAR) == self.cookie or (
+                    self._run_cookie is not None
+                    and _carries_a_new_run_cookie(environ, self._run_cookie)
+                )
                 if carries and proc.status() != psutil.STATUS_ZOMBIE:
                     found[proc.pid] = proc
             except psutil.Error:

@@ -801,3 +801,29 @@ async def test_each_await_of_a_handle_waits_on_its_own(tmp_path: Path) -> None:
         assert (await stored(registry, run.run_id)).status is RunStatus.CANCELLED
         assert handle.stored and await handle == run.run_id
         await manager.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_manager_made_at_import_time_serves_one_event_loop_after_another(
+    kind: str, tmp_path: Path
+) -> None:
+    # A host builds its manager at module level; its tests (one event loop each) and a server
+    # restarted in the same process use it from successive loops, idle in between.
+    store: BaseRunRegistry = (
+        RunRegistry() if kind == "memory" else SQLiteRunRegistry(tmp_path / "r.db")
+    )
+    manager = BackgroundTaskManager(store)
+
+    async def one_loop(value: int) -> RunStatus:
+        run_id = manager.start_task(Run(module_id=f"loop-{value}"), returns(value))
+        await manager.wait_all()
+        return (await stored(store, run_id)).status
+
+    assert asyncio.run(one_loop(1)) is RunStatus.COMPLETED
+    assert asyncio.run(one_loop(2)) is RunStatus.COMPLETED
+
+    async def close() -> None:
+        await manager.shutdown()
+        await store.aclose()
+
+    asyncio.run(close())

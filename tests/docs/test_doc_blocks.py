@@ -1,17 +1,24 @@
 """Every Python block in README.md and docs/*.md runs as written.
 
 A block runs in a fresh interpreter, in an empty temporary directory, and must exit 0. A block
-that only makes sense inside a running server is marked in the Markdown with
-``<!-- docs-test: server -->`` right above it and runs in the host-app tests instead; a block that
+that starts a server is marked in the Markdown with ``<!-- docs-test: server (...) -->`` right
+above it and runs as a server here (beside a stand-in ``myapp.py``, on a free port, until it has
+answered a request that runs a child and been stopped); a block that
 shows an error on purpose or is a fragment says ``<!-- docs-test: skip (reason) -->``; a block
+that imports the reader's own module says ``<!-- docs-test: stand-in NAME -->`` and runs beside
+the stand-in files ``STAND_INS[NAME]`` (a small ``my_app``, say); a block
 whose first line is ``# name.py`` is one file of a worked example that its own test runs whole.
 """
 
 from __future__ import annotations
 
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,8 +32,22 @@ _FENCE = re.compile(
 
 _EXAMPLE_FILE = re.compile(r"# [\w/.-]+\.py\n")
 
+#: Files a ``stand-in NAME`` block runs beside, for the reader's own code it imports.
+STAND_INS: dict[str, dict[str, str]] = {
+    # docs/TESTING.md "Without pytest": an app whose deploy runs `make deploy`, which really runs
+    # in the block's THREADED part.
+    "my_app": {
+        "my_app.py": (
+            "import prismq_subprocess as pq\n\n\n"
+            "async def deploy() -> None:\n"
+            '    await pq.run("make", "deploy", check=True)\n'
+        ),
+        "Makefile": "deploy:\n\t@echo deployed\n",
+    },
+}
 
-def _blocks() -> list[object]:
+
+def _blocks(*, server: bool = False) -> list[object]:
     params: list[object] = []
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
@@ -36,19 +57,26 @@ def _blocks() -> list[object]:
             mark = (match.group("mark") or "").strip()
             marks = []
             code = match.group("code")
-            if mark.startswith(("skip", "server")):
+            if mark.startswith("server") != server:
+                continue
+            if mark.startswith("skip"):
                 marks.append(pytest.mark.skip(reason=f"marked in the Markdown: {mark}"))
             elif _EXAMPLE_FILE.match(code):
                 # One file of a multi-file worked example (its first line names it); the example
                 # runs as a whole in its own test (tests/plugin/ for docs/TESTING.md).
                 marks.append(pytest.mark.skip(reason="a file of a worked example, run whole"))
-            params.append(pytest.param(code, id=ident, marks=marks))
+            stand_in = mark.removeprefix("stand-in").strip() if mark.startswith("stand-in") else ""
+            if stand_in and stand_in not in STAND_INS:
+                raise LookupError(f"{ident}: no stand-in named {stand_in!r} in STAND_INS")
+            params.append(pytest.param(code, stand_in, id=ident, marks=marks))
             del number
     return params
 
 
-@pytest.mark.parametrize("code", _blocks())
-def test_block_runs_as_written(code: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("code", "stand_in"), _blocks())
+def test_block_runs_as_written(code: str, stand_in: str, tmp_path: Path) -> None:
+    for name, text in STAND_INS.get(stand_in, {}).items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
     done = subprocess.run(
         [sys.executable, "-X", "dev", "-c", code],
         cwd=tmp_path,
@@ -59,3 +87,62 @@ def test_block_runs_as_written(code: str, tmp_path: Path) -> None:
     )
     report = f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     assert done.returncode == 0, report
+
+
+# The stand-in for the reader's ASGI app: each request runs a child through the library, on the
+# loop the block built with subprocess_loop_factory().
+MYAPP = """\
+import sys
+import prismq_subprocess as pq
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    result = await pq.run(sys.executable, "-c", "print('child ran')", check=True)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": result.stdout})
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(("code", "stand_in"), _blocks(server=True))
+def test_server_block_serves_as_written(code: str, stand_in: str, tmp_path: Path) -> None:
+    (tmp_path / "myapp.py").write_text(MYAPP, encoding="utf-8")
+    port = _free_port()
+    # Only the port changes (8000 may be taken on a shared machine).
+    code, replaced = re.subn(r"\bport=8000\b", f"port={port}", code)
+    assert replaced == 1, "the server block no longer sets port=8000"
+    server = subprocess.Popen(
+        [sys.executable, "-X", "dev", "-c", code],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
+                    body = answer.read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert body == b"child ran\n"
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (exit by SIGTERM).
+    assert server.returncode in (0, -signal.SIGTERM), err
+    assert "Finished server process" in err, err

@@ -6,6 +6,7 @@ import asyncio
 import re
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 from helpers import PY
@@ -172,3 +173,21 @@ def test_a_match_predicate_may_look_at_the_script() -> None:
     worker.start()
     worker.join(5)
     assert answers == [testing.DryRunResponse()]
+
+
+async def test_arguments_are_checked_but_the_program_is_not_looked_up(tmp_path: Path) -> None:
+    # docs/TESTING.md: the arguments are validated as in the real modes; whether the program
+    # exists on this machine is not (a test may script `git` where git is not installed).
+    script = testing.DryRunScript()
+    script.register(prefix=("no-such-program-here",), stdout="scripted\n")
+    async with wrapper_for(script) as w:
+        result = await w.run("no-such-program-here", "--flag")
+        assert result.stdout == b"scripted\n"
+        with pytest.raises(errors.InvalidArgumentTypeError):
+            await w.run("no-such-program-here", 3)  # type: ignore[arg-type]
+        with pytest.raises(errors.CwdNotFoundError):
+            await w.run("no-such-program-here", cwd=tmp_path / "missing")
+    async with pq.SubprocessWrapper(pq.RunMode.THREADED) as real:
+        with pytest.raises(errors.CommandNotFoundError):
+            await real.run("no-such-program-here", "--flag")
+    assert script.commands == [("no-such-program-here", "--flag")]

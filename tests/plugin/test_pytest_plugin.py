@@ -3,6 +3,7 @@ sub-session (pytester), whose outcomes and messages are checked."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -285,6 +286,39 @@ def test_grandchild():
     grandchild = int((host.path / "grandchild.pid").read_text())
     assert f"pid {child} " in text and f"pid {grandchild} " in text
     assert _wait_gone(child) and _wait_gone(grandchild)
+
+
+def test_an_escaped_grandchild_without_the_test_cookie_is_found_by_the_run_cookie(
+    host: pytest.Pytester,
+) -> None:
+    # The host gives its child an environment of its own (no PRISMQ_PYTEST_COOKIE in it); the
+    # library still puts its containment cookie there, and the leak check looks for that too.
+    result = run(
+        host,
+        """
+ESCAPE = (
+    "import subprocess, sys; "
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True); "
+    "print(p.pid)"
+)
+
+@pytest.mark.pq_no_leaks(timeout=0.5)
+async def test_grandchild():
+    env = {"PATH": os.environ["PATH"]}
+    async with pq.SubprocessWrapper("threaded") as wrapper:
+        result = await wrapper.run(PY, "-c", ESCAPE, env=env, check=True)
+    Path("grandchild.pid").write_text(result.stdout.decode().strip())
+""",
+    )
+    grandchild = int((host.path / "grandchild.pid").read_text())
+    try:
+        result.assert_outcomes(passed=1, errors=1)
+        assert f"pid {grandchild} " in output(result)
+        assert _wait_gone(grandchild)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(grandchild).kill()
 
 
 def test_leaked_threads_and_descriptors_are_reported(host: pytest.Pytester) -> None:

@@ -16,8 +16,11 @@ line, so every uvicorn option works as documented there:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +34,28 @@ if TYPE_CHECKING:
 
 from .._platform import is_windows, platform_name
 
-__all__ = ["LoopPlan", "add_parser", "plan_loop", "prepare_loop", "uvicorn_arguments"]
+__all__ = [
+    "LoopPlan",
+    "add_parser",
+    "plan_loop",
+    "prepare_loop",
+    "starts_processes",
+    "uvicorn_arguments",
+]
 
 _INSTALL_HINT = "install the web extra: pip install 'prismq_subprocess[web]'"
+
+# IOCP ties a socket to one completion port for good, and the processes that --reload and
+# --workers start all get the one listening socket: with Proactor loops, reports say only the
+# first can accept on it (uvicorn issues #342 and #529; the reason uvicorn itself gives them a
+# selector loop). Not verified on Windows here, so it is a warning, not a refusal.
+_SHARED_SOCKET_NOTE = (
+    "on Windows, Proactor loops in the processes that --reload and --workers start may fail to "
+    "accept connections on the listening socket they share ('Accept failed on a socket', "
+    "OSError WinError 87; uvicorn issues #342 and #529; not verified here). If the server "
+    "stops answering, run it without --reload/--workers, or with plain uvicorn, whose selector "
+    "loop makes the app run its subprocesses in THREADED mode"
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,7 @@ def plan_loop(
     platform: str | None = None,
     accepts_factory: bool,
     has_uvloop: bool,
+    multi_process: bool = False,
 ) -> LoopPlan:
     """Decide uvicorn's ``--loop`` for the loop the user asked for (``None``: ``auto``).
 
@@ -63,13 +86,22 @@ def plan_loop(
     ``auto`` where it is installed and not Windows, as uvicorn would); ``uvloop`` is passed
     through (not on Windows); ``none`` keeps the event-loop policy, made a subprocess-capable
     one; any other value is the user's own factory, passed through with a note.
+    ``multi_process`` (uvicorn will start processes: ``--reload``, ``--workers N``): on Windows
+    our Proactor plans then carry a warning about the listening socket those processes share.
 
     Raises:
         CliError: ``uvloop`` asked for on Windows, or a factory of your own with a uvicorn
             older than 0.36, which cannot load one (exit 2).
     """
     name = platform_name(platform)
-    choice = "auto" if requested is None else requested
+    plan = _base_plan("auto" if requested is None else requested, name, accepts_factory, has_uvloop)
+    ours = plan.loop == LOOP_FACTORY or plan.install_policy
+    if multi_process and ours and is_windows(name):
+        return dataclasses.replace(plan, note=_SHARED_SOCKET_NOTE)
+    return plan
+
+
+def _base_plan(choice: str, name: str, accepts_factory: bool, has_uvloop: bool) -> LoopPlan:
     ours = LoopPlan(LOOP_FACTORY) if accepts_factory else LoopPlan("none", install_policy=True)
     if choice == "auto":
         return LoopPlan("uvloop") if has_uvloop and not is_windows(name) else ours
@@ -93,6 +125,24 @@ def plan_loop(
             "Proactor loops for the ASYNC run mode to spawn subprocesses"
         ),
     )
+
+
+def starts_processes(args: list[str], env: Mapping[str, str] | None = None) -> bool:
+    """Whether uvicorn, given ``args`` (and ``env``, default ``os.environ``), will run the app
+    in processes it starts: ``--reload``, or more than one worker (``--workers N``, or uvicorn's
+    ``WEB_CONCURRENCY`` variable when ``--workers`` is not given). A value uvicorn would refuse
+    counts as one worker: its own parser reports it.
+    """
+    workers = (os.environ if env is None else env).get("WEB_CONCURRENCY")
+    reload = False
+    for i, arg in enumerate(args):
+        if arg == "--reload":
+            reload = True
+        elif arg == "--workers" and i + 1 < len(args):
+            workers = args[i + 1]
+        elif arg.startswith("--workers="):
+            workers = arg.partition("=")[2]
+    return reload or (workers is not None and workers.isdigit() and int(workers) > 1)
 
 
 def uvicorn_arguments(args: list[str]) -> tuple[list[str], str | None]:
@@ -153,6 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         # import string for --loop.
         accepts_factory=hasattr(uvicorn.Config, "get_loop_factory"),
         has_uvloop=importlib.util.find_spec("uvloop") is not None,
+        multi_process=starts_processes(rest),
     )
     prepare_loop(plan)
     return _run_uvicorn(uvicorn_main, rest, plan.loop)

@@ -26,7 +26,13 @@ from cli_support import cli, start_cli
 import prismq_subprocess as pq
 from prismq_subprocess._cli._common import CliError
 from prismq_subprocess._cli._loops import LOOP_FACTORY, subprocess_loop
-from prismq_subprocess._cli._serve import LoopPlan, plan_loop, prepare_loop, uvicorn_arguments
+from prismq_subprocess._cli._serve import (
+    LoopPlan,
+    plan_loop,
+    prepare_loop,
+    starts_processes,
+    uvicorn_arguments,
+)
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
@@ -270,6 +276,60 @@ def test_loop_plan(
         requested, platform=platform, accepts_factory=accepts_factory, has_uvloop=has_uvloop
     )
     assert plan == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "accepts_factory"),
+    [(None, True), ("asyncio", True), (None, False), ("none", True)],
+)
+def test_windows_proactor_in_started_processes_comes_with_a_warning(
+    requested: str | None, accepts_factory: bool
+) -> None:
+    # IOCP: a socket is bound to one completion port, so the processes --reload/--workers start
+    # on the shared listening socket may fail to accept (uvicorn issues #342, #529).
+    alone = plan_loop(
+        requested, platform="win32", accepts_factory=accepts_factory, has_uvloop=False
+    )
+    started = plan_loop(
+        requested,
+        platform="win32",
+        accepts_factory=accepts_factory,
+        has_uvloop=False,
+        multi_process=True,
+    )
+    assert alone.note is None
+    assert (started.loop, started.install_policy) == (alone.loop, alone.install_policy)
+    assert started.note is not None
+    assert "WinError 87" in started.note and "THREADED" in started.note
+    for platform in ("linux", "darwin"):
+        plan = plan_loop(
+            requested,
+            platform=platform,
+            accepts_factory=accepts_factory,
+            has_uvloop=False,
+            multi_process=True,
+        )
+        assert plan.note is None
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["app:app"], {}, False),
+        (["app:app", "--reload"], {}, True),
+        (["app:app", "--workers", "2"], {}, True),
+        (["--workers=4", "app:app"], {}, True),
+        (["app:app", "--workers", "1"], {}, False),
+        (["app:app", "--workers=1"], {}, False),
+        (["app:app"], {"WEB_CONCURRENCY": "3"}, True),
+        (["app:app", "--workers", "1"], {"WEB_CONCURRENCY": "3"}, False),
+        (["app:app", "--workers", "x"], {}, False),  # uvicorn's own parser reports it
+    ],
+)
+def test_which_uvicorn_arguments_start_processes(
+    args: list[str], env: dict[str, str], expected: bool
+) -> None:
+    assert starts_processes(args, env) is expected
 
 
 def test_custom_loop_is_passed_through_with_a_note() -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,9 +162,12 @@ def read_events(
     *,
     stop_after: int | None = None,
     last_event_id: int | None = None,
+    on_first_line: Callable[[], object] | None = None,
 ) -> Stream:
     """Read ``/api/runs/{run_id}/events`` until its ``end`` event (or ``stop_after`` lines, or
-    the server closing the stream), checking that ids are the line seqs."""
+    the server closing the stream), checking that ids are the line seqs. ``on_first_line`` is
+    called once the first line has arrived, while the stream stays open (e.g. a barrier's
+    ``wait``: the stream is then known to be open and live)."""
     headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
     with client.stream("GET", f"/api/runs/{run_id}/events", headers=headers) as response:
         assert response.status_code == 200, response.read()
@@ -179,9 +182,12 @@ def read_events(
             if kind == "line":
                 data = json.loads(event["data"])
                 assert event["id"] == str(data["seq"])
-                if stream.first_line_at is None:
+                first = stream.first_line_at is None
+                if first:
                     stream.first_line_at = time.monotonic()
                 stream.lines.append((data["seq"], data["text"]))
+                if first and on_first_line is not None:
+                    on_first_line()
                 if stop_after is not None and len(stream.lines) >= stop_after:
                     return stream
             elif kind == "end":

@@ -3,7 +3,9 @@
 uvicorn picks the event loop itself, and on Windows it picks a selector loop (which cannot spawn)
 whenever it runs the app in a child process (``--reload``, ``--workers``). ``serve`` decides the
 ``--loop`` option instead (:func:`plan_loop`) and hands everything else to uvicorn's own command
-line, so every uvicorn option works as documented there:
+line, so every uvicorn option works as documented there. (On Windows with ``--reload`` or
+``--workers``, the selector loop uvicorn picks is kept: Proactor loops cannot accept on the
+listening socket those processes share, and the library spawns in THREADED mode there.)
 
 - uvicorn releases whose ``--loop`` accepts an import string (0.36 and later) get our factory,
   ``prismq_subprocess._cli._loops:subprocess_loop``. The option travels with uvicorn's config into
@@ -46,15 +48,21 @@ __all__ = [
 _INSTALL_HINT = "install the web extra: pip install 'prismq_subprocess[web]'"
 
 # IOCP ties a socket to one completion port for good, and the processes that --reload and
-# --workers start all get the one listening socket: with Proactor loops, reports say only the
-# first can accept on it (uvicorn issues #342 and #529; the reason uvicorn itself gives them a
-# selector loop). Not verified on Windows here, so it is a warning, not a refusal.
+# --workers start all get the one listening socket: with Proactor loops only the first can accept
+# on it (uvicorn issues #342 and #529; the reason uvicorn itself gives them a selector loop). So
+# there serve keeps uvicorn's selector loop, and the library runs subprocesses in THREADED mode
+# (auto-detected: it works on any loop).
 _SHARED_SOCKET_NOTE = (
+    "on Windows, the processes that --reload and --workers start share one listening socket, "
+    "which Proactor loops cannot accept on (OSError WinError 87; uvicorn issues #342 and #529): "
+    "they keep uvicorn's selector loop, and the app's subprocesses run in THREADED mode "
+    "(auto-detected; it spawns on any loop)"
+)
+_SHARED_SOCKET_RISK = (
     "on Windows, Proactor loops in the processes that --reload and --workers start may fail to "
     "accept connections on the listening socket they share ('Accept failed on a socket', "
-    "OSError WinError 87; uvicorn issues #342 and #529; not verified here). If the server "
-    "stops answering, run it without --reload/--workers, or with plain uvicorn, whose selector "
-    "loop makes the app run its subprocesses in THREADED mode"
+    "OSError WinError 87; uvicorn issues #342 and #529). Without --loop, serve keeps uvicorn's "
+    "selector loop there and the app's subprocesses run in THREADED mode"
 )
 
 
@@ -87,17 +95,24 @@ def plan_loop(
     through (not on Windows); ``none`` keeps the event-loop policy, made a subprocess-capable
     one; any other value is the user's own factory, passed through with a note.
     ``multi_process`` (uvicorn will start processes: ``--reload``, ``--workers N``): on Windows
-    our Proactor plans then carry a warning about the listening socket those processes share.
+    those processes share one listening socket, which Proactor loops cannot accept on, so
+    ``auto``/``asyncio`` then keep uvicorn's own (selector) loop, where the library runs
+    subprocesses in THREADED mode; ``none`` still installs the Proactor policy, with a warning.
 
     Raises:
         CliError: ``uvloop`` asked for on Windows, or a factory of your own with a uvicorn
             older than 0.36, which cannot load one (exit 2).
     """
     name = platform_name(platform)
-    plan = _base_plan("auto" if requested is None else requested, name, accepts_factory, has_uvloop)
-    ours = plan.loop == LOOP_FACTORY or plan.install_policy
-    if multi_process and ours and is_windows(name):
-        return dataclasses.replace(plan, note=_SHARED_SOCKET_NOTE)
+    choice = "auto" if requested is None else requested
+    plan = _base_plan(choice, name, accepts_factory, has_uvloop)
+    if not (multi_process and is_windows(name)):
+        return plan
+    if choice in ("auto", "asyncio"):
+        # uvicorn's "asyncio" gives the processes it starts a selector loop on Windows.
+        return LoopPlan("asyncio", note=_SHARED_SOCKET_NOTE)
+    if plan.loop == LOOP_FACTORY or plan.install_policy:
+        return dataclasses.replace(plan, note=_SHARED_SOCKET_RISK)
     return plan
 
 
@@ -243,11 +258,12 @@ def add_parser(subparsers: Any) -> None:
         usage="prismq-subprocess serve APP [uvicorn options...]",
         description=(
             "Run APP (e.g. 'myapp:app') with uvicorn, taking every uvicorn option ('serve APP "
-            "--help' lists them), with one difference: --loop is chosen so that the app's event "
-            "loop can spawn subprocesses in every process uvicorn runs it in, also with --reload "
-            "and --workers on Windows. --loop auto (default) and asyncio give such a loop "
-            "(uvloop where installed, for auto, off Windows); uvloop and your own factory are "
-            "passed through. Needs uvicorn: pip install 'prismq_subprocess[web]' (exit 2 if "
+            "--help' lists them), with one difference: --loop is chosen so that the app can "
+            "spawn subprocesses in every process uvicorn runs it in. --loop auto (default) and "
+            "asyncio give a loop that can spawn (uvloop where installed, for auto, off Windows); "
+            "on Windows with --reload/--workers they keep uvicorn's selector loop, the only one "
+            "that can share the listening socket, and the app spawns in THREADED mode; uvloop "
+            "and your own factory are passed through. Needs uvicorn: pip install 'prismq_subprocess[web]' (exit 2 if "
             "it is missing)."
         ),
     )

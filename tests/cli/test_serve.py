@@ -280,13 +280,15 @@ def test_loop_plan(
 
 @pytest.mark.parametrize(
     ("requested", "accepts_factory"),
-    [(None, True), ("asyncio", True), (None, False), ("none", True)],
+    [(None, True), ("asyncio", True), (None, False), ("asyncio", False)],
 )
-def test_windows_proactor_in_started_processes_comes_with_a_warning(
+def test_windows_started_processes_keep_uvicorns_selector_loop_and_threaded_mode(
     requested: str | None, accepts_factory: bool
 ) -> None:
-    # IOCP: a socket is bound to one completion port, so the processes --reload/--workers start
-    # on the shared listening socket may fail to accept (uvicorn issues #342, #529).
+    # IOCP: a socket is bound to one completion port, so Proactor loops in the processes that
+    # --reload/--workers start cannot accept on the shared listening socket (uvicorn issues #342,
+    # #529). There serve leaves uvicorn's own loop ("asyncio": a selector loop on Windows in
+    # those processes) and the library spawns in THREADED mode.
     alone = plan_loop(
         requested, platform="win32", accepts_factory=accepts_factory, has_uvloop=False
     )
@@ -297,10 +299,17 @@ def test_windows_proactor_in_started_processes_comes_with_a_warning(
         has_uvloop=False,
         multi_process=True,
     )
-    assert alone.note is None
-    assert (started.loop, started.install_policy) == (alone.loop, alone.install_policy)
+    assert alone.note is None and (alone.loop == LOOP_FACTORY or alone.install_policy)
+    assert (started.loop, started.install_policy) == ("asyncio", False)
     assert started.note is not None
     assert "WinError 87" in started.note and "THREADED" in started.note
+    # ... which is the mode auto-detection picks on the loop uvicorn gives those processes.
+    loop = asyncio.SelectorEventLoop()
+    try:
+        decision = pq.detect_run_mode(platform="win32", loop=loop, env={})
+    finally:
+        loop.close()
+    assert decision.mode is pq.RunMode.THREADED
     for platform in ("linux", "darwin"):
         plan = plan_loop(
             requested,
@@ -310,6 +319,14 @@ def test_windows_proactor_in_started_processes_comes_with_a_warning(
             multi_process=True,
         )
         assert plan.note is None
+
+
+def test_windows_loop_none_in_started_processes_is_kept_with_a_warning() -> None:
+    plan = plan_loop(
+        "none", platform="win32", accepts_factory=True, has_uvloop=False, multi_process=True
+    )
+    assert (plan.loop, plan.install_policy) == ("none", True)
+    assert plan.note is not None and "WinError 87" in plan.note
 
 
 @pytest.mark.parametrize(

@@ -263,8 +263,8 @@ def add_parser(subparsers: Any) -> None:
             "asyncio give a loop that can spawn (uvloop where installed, for auto, off Windows); "
             "on Windows with --reload/--workers they keep uvicorn's selector loop, the only one "
             "that can share the listening socket, and the app spawns in THREADED mode; uvloop "
-            "and your own factory are passed through. Needs uvicorn: pip install 'prismq_subprocess[web]' (exit 2 if "
-            "it is missing)."
+            "and your own factory are passed through. Needs uvicorn: pip install "
+            "'prismq_subprocess[web]' (exit 2 if it is missing)."
         ),
     )
     parser.add_argument(

@@ -10,6 +10,7 @@ them.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import time
@@ -29,6 +30,7 @@ from helpers import PY  # noqa: E402
 from lifecycle_helpers import daemonizer, marked_env, wait_for_marked  # noqa: E402
 
 from prismq_subprocess._platform._linux import (  # noqa: E402
+    PR_GET_CHILD_SUBREAPER,
     PR_SET_CHILD_SUBREAPER,
     become_subreaper,
     load_prctl,
@@ -37,14 +39,23 @@ from prismq_subprocess._platform._linux import (  # noqa: E402
 
 @pytest.fixture
 def test_process_is_a_subreaper() -> Iterator[None]:
-    """This (pytest) process is a child subreaper for the test, as PRISMQ_SUBREAPER=1 makes it."""
+    """This (pytest) process is a child subreaper for the test, as PRISMQ_SUBREAPER=1 makes it;
+    afterwards it is one only if it was before (with PRISMQ_SUBREAPER=1 the library made it one
+    and relies on it)."""
     prctl = load_prctl()
-    if prctl is None or not become_subreaper(prctl):
-        pytest.skip("no child subreaper here (not Linux, or the kernel refused)")
+    if prctl is None:
+        pytest.skip("no prctl here (not Linux)")
+    flag = ctypes.c_int(0)
+    if prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(flag), 0, 0, 0) != 0:
+        pytest.skip("no child subreaper here (the kernel refused)")
+    was_subreaper = bool(flag.value)
+    if not become_subreaper(prctl):
+        pytest.skip("no child subreaper here (the kernel refused)")
     try:
         yield
     finally:
-        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        if not was_subreaper:
+            prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def gone_or_zombie(proc: psutil.Process) -> bool:

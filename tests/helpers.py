@@ -24,3 +24,40 @@ filterwarnings =
 #: Options of those sub-sessions: no cache files, and no hypothesis plugin, which pytester's
 #: in-process runs would otherwise re-import (seconds each) since they unload new modules.
 HOST_PYTEST_ARGS = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+
+
+# Runs argv[1:] and reaps every process re-parented to it until none is left; SIGTERM and SIGINT
+# go on to the command. A child subreaper on Linux.
+_REAPER = """
+import ctypes, os, signal, subprocess, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+except (AttributeError, OSError):
+    pass  # not Linux: leftovers go to init as usual
+command = subprocess.Popen(sys.argv[1:])
+def forward(signum, frame):
+    try:
+        command.send_signal(signum)
+    except ProcessLookupError:
+        pass
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGINT, forward)
+code = 0
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        break
+    if pid == command.pid:
+        code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def reaped(*argv: str) -> list[str]:
+    """A command line that runs ``argv`` under a small reaper process, so that what the command
+    leaves behind (multiprocessing's resource tracker, the children of a killed process) is
+    re-parented to the reaper, not to the test process, which the library makes a subreaper
+    once it started a child. The reaper ends when everything under it has, with the command's
+exit status (128 + N for a signal N)."""
+    return [PY, "-c", _REAPER, *argv]

@@ -107,16 +107,18 @@ def test_dask_smoke(tmp_path: Path) -> None:
     import json
     import subprocess
 
-    # In a fresh interpreter: its LocalCluster's worker processes start multiprocessing's
-    # resource tracker, which would otherwise outlive the test as a child of the test run.
+    from helpers import reaped
+
+    # In a fresh interpreter under a reaper: its LocalCluster's worker processes start
+    # multiprocessing's resource tracker, which must not end up a child of the test run.
     out = tmp_path / "dask.json"
     done = subprocess.run(
-        [
+        reaped(
             sys.executable,
             str(BENCH_DIR / "bench_dask.py"),
             *("--modules", "4", "--rounds", "1", "--latency-samples", "2"),
             *("--concurrency", "2", "--json", str(out)),
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=300,

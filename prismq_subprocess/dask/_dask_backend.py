@@ -88,6 +88,7 @@ class _Remote:
         self.lost: str | None = None
         self.cancel_requested = False
         self.cancel_sent_at: float | None = None
+        self.withdrawn = False  # taken off the cluster by client.cancel, result unknown
         self.unconfirmed = False
         self.wake = asyncio.Event()
 
@@ -214,6 +215,8 @@ class DaskBackend(RunBackend):
         self._watcher: asyncio.Task[None] | None = None
         self._reapers: set[asyncio.Task[None]] = set()
         self._chores: set[asyncio.Future[None]] = set()
+        # Cancel events of runs taken off the cluster while queued: set until aclose().
+        self._withdrawn: list[str] = []
         self._closed = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -450,6 +453,7 @@ class DaskBackend(RunBackend):
                 # Still queued (as far as we know), or its worker is gone: take it off the
                 # cluster. Had a worker just picked it up, it sees the event before or right
                 # after spawning and stops.
+                remote.withdrawn = True
                 await client.cancel([remote.future], reason="cancelled by the host")
         except Exception as exc:
             logger.warning("cancelling run %s on the cluster failed: %s", remote.run.run_id, exc)
@@ -559,7 +563,12 @@ class DaskBackend(RunBackend):
     async def _forget(self, remote: _Remote) -> None:
         """Release the task and, once it ended normally, the run's events on the scheduler
         (the cancel event only exists there once set). The events of a run that was lost or
-        cancelled unconfirmed stay set, so an attempt Dask may still start runs nothing."""
+        cancelled unconfirmed stay set, so an attempt Dask may still start runs nothing.
+
+        The cancel event of a run taken off the cluster while queued stays set until
+        :meth:`aclose`: the scheduler may have placed the task on a worker already, which
+        learns of the cancel a moment later and starts the task if slots free up meanwhile;
+        the task then finds the event set and runs nothing."""
         client = self._client
         try:
             remote.future.release()
@@ -570,8 +579,11 @@ class DaskBackend(RunBackend):
                 and client.status == "running"  # no scheduler: nothing there to release
             ):
                 names = [started_event_name(self._token, remote.run.run_id)]
-                if remote.cancel_sent_at is not None:
-                    names.append(cancel_event_name(self._token, remote.run.run_id))
+                cancel = cancel_event_name(self._token, remote.run.run_id)
+                if remote.withdrawn:
+                    self._withdrawn.append(cancel)
+                elif remote.cancel_sent_at is not None:
+                    names.append(cancel)
                 async with asyncio.timeout(_RELEASE_SECONDS):
                     for name in names:
                         await Event(name, client=client).clear()
@@ -662,7 +674,8 @@ class DaskBackend(RunBackend):
     # -- closing ------------------------------------------------------------------------------
     async def aclose(self) -> None:
         """Stop the runs still executing here (they end CANCELLED), stop watching workers,
-        unsubscribe, and close the client if the backend made it. Idempotent.
+        release the cancel events of runs withdrawn while queued, unsubscribe, and close the
+        client if the backend made it. Idempotent.
 
         Cancellation: stops waiting; the client may be left open.
         """
@@ -681,6 +694,14 @@ class DaskBackend(RunBackend):
         if self._reapers:
             await asyncio.wait(self._reapers, timeout=_REAP_SECONDS)
         client = self._client
+        if self._withdrawn and client is not None and client.status == "running":
+            try:
+                async with asyncio.timeout(_RELEASE_SECONDS):
+                    for name in self._withdrawn:
+                        await Event(name, client=client).clear()
+            except Exception as exc:
+                logger.info("releasing the cancel events of withdrawn runs failed: %s", exc)
+            self._withdrawn.clear()
         if client is not None and self._ready:
             try:
                 client.unsubscribe_topic(self.topic)

@@ -2,8 +2,10 @@
 
 Not a ``LocalCluster`` in the test process: its worker processes are started through
 multiprocessing, whose resource tracker then lives as long as the test run does, and tests
-elsewhere check that nothing outlives them. Here everything the cluster starts is a descendant
-of the two commands and ends with them.
+elsewhere check that nothing outlives them. Each command runs under a small reaper process (a
+child subreaper on Linux): what the cluster leaves behind (the children of a killed worker, a
+nanny's resource tracker) is re-parented to it, not to the test process (``helpers.reaped``).
+Everything ends with :meth:`SubprocessCluster.close`.
 
 (pytest puts this directory on sys.path for the test modules next to it.)
 """
@@ -17,8 +19,24 @@ import time
 from pathlib import Path
 
 import psutil
+from helpers import reaped
 
 STARTUP_SECONDS = 90.0
+
+def _reaped(argv: list[str], log: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        reaped(*argv),
+        stdin=subprocess.DEVNULL,
+        stdout=log,  # type: ignore[arg-type]
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _descendants(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 class SubprocessCluster:
@@ -34,7 +52,7 @@ class SubprocessCluster:
         directory.mkdir(parents=True, exist_ok=True)
         scheduler_file = directory / "scheduler.json"
         self._logs = [open(directory / name, "wb") for name in ("scheduler.log", "workers.log")]  # noqa: SIM115 - closed in close()
-        self.scheduler = subprocess.Popen(
+        self.scheduler = _reaped(
             [
                 sys.executable,
                 "-m",
@@ -49,9 +67,7 @@ class SubprocessCluster:
                 "--scheduler-file",
                 str(scheduler_file),
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._logs[0],
-            stderr=subprocess.STDOUT,
+            self._logs[0],
         )
         self.workers: subprocess.Popen[bytes] | None = None
         try:
@@ -71,12 +87,7 @@ class SubprocessCluster:
             ]
             if resources is not None:
                 worker_args += ["--resources", resources]
-            self.workers = subprocess.Popen(
-                worker_args,
-                stdin=subprocess.DEVNULL,
-                stdout=self._logs[1],
-                stderr=subprocess.STDOUT,
-            )
+            self.workers = _reaped(worker_args, self._logs[1])
         except BaseException:
             self.close()
             raise
@@ -94,31 +105,30 @@ class SubprocessCluster:
 
     def kill_scheduler(self) -> None:
         """The scheduler dies (SIGKILL): no goodbye to anyone."""
-        self.scheduler.kill()
+        for proc in _descendants(self.scheduler):
+            proc.kill()
         self.scheduler.wait(30)
 
     def close(self) -> None:
-        """Stop the workers, then the scheduler, and anything either left running."""
-        started = [p for p in (self.workers, self.scheduler) if p is not None]
-        tree: list[psutil.Process] = []
-        for proc in started:
-            try:
-                tree.extend(psutil.Process(proc.pid).children(recursive=True))
-            except psutil.Error:
+        """Stop the workers, then the scheduler; kill what is left under each reaper after
+        20 s; each reaper ends once it reaped everything."""
+        for reaper in (self.workers, self.scheduler):
+            if reaper is None:
                 continue
-        for proc in started:
-            if proc.poll() is None:
-                proc.terminate()
+            if reaper.poll() is None:
+                reaper.terminate()  # passed on to the command
             try:
-                proc.wait(30)
+                reaper.wait(20)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
-        for child in tree:
-            try:
-                child.kill()
-            except psutil.Error:
-                continue
-        psutil.wait_procs(tree, timeout=30)
+                for proc in _descendants(reaper):
+                    try:
+                        proc.kill()
+                    except psutil.Error:
+                        continue
+                try:
+                    reaper.wait(20)
+                except subprocess.TimeoutExpired:
+                    reaper.kill()
+                    reaper.wait(20)
         for log in self._logs:
             log.close()

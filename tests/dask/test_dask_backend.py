@@ -42,6 +42,7 @@ from prismq_subprocess import (  # noqa: E402
 )
 from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa: E402
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
+from prismq_subprocess.dask._channel import cancel_event_name  # noqa: E402
 
 SLOTS = 4  # each worker offers {"slots": 4}
 WAIT = 60.0  # upper bound for anything a test awaits (never reached unless broken)
@@ -463,7 +464,8 @@ async def test_cancel_while_queued_on_the_cluster_never_starts_it(
 ) -> None:
     gate = tmp_path / "gate"
     marker = tmp_path / "queued-started"
-    runner = runner_for(DaskBackend(client))
+    backend = DaskBackend(client)
+    runner = runner_for(backend)
     async with runner:
         # Two runs that take every slot of both workers, then one that must queue.
         blockers = await occupy_both_workers(runner, scripts["gated"], gate)
@@ -480,6 +482,12 @@ async def test_cancel_while_queued_on_the_cluster_never_starts_it(
         assert run.status is RunStatus.CANCELLED
         assert run.error_message is not None and run.error_message.startswith("not needed")
         assert run.started_at is None and run.pid is None and run.worker is None
+        # The worker the scheduler had placed the task on learns of the cancel a moment later:
+        # if slots free up meanwhile it starts the task, which must still find the run's cancel
+        # event set, after the host recorded the run and did its housekeeping.
+        await until(lambda: not backend._chores, "the backend's housekeeping ended")
+        cancel_event = distributed.Event(cancel_event_name(backend._token, queued), client=client)
+        assert await cancel_event.is_set(), "a late start of the cancelled task runs nothing"
         gate.touch()
         for run_id in blockers:
             assert (await finished(runner, run_id)).status is RunStatus.COMPLETED
@@ -494,6 +502,7 @@ async def test_cancel_while_queued_on_the_cluster_never_starts_it(
         for run_id in after:
             assert (await finished(runner, run_id)).status is RunStatus.COMPLETED
     assert not marker.exists(), "the cancelled run never started"
+    assert not await cancel_event.is_set(), "closing the backend releases the event"
 
 
 async def test_script_missing_on_the_worker_fails_the_run_with_the_reason(

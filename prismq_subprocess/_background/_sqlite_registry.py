@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
@@ -224,7 +225,23 @@ def _foreign(path: str, why: str) -> RegistrySchemaError:
 
 def _file_kind(conn: sqlite3.Connection, path: str) -> str:
     """``"ours"``, ``"new"`` (empty: ours to initialise) or ``"version1"`` (written by the first
-    version of this library); raise :class:`RegistrySchemaError` for anything else. Reads only."""
+    version of this library); raise :class:`RegistrySchemaError` for anything else. Reads only.
+
+    Every look is at one snapshot of the file: another process may be setting it up meanwhile,
+    and reading its ids, version and tables in separate transactions could mix a state from
+    before that set-up with one from after it (a file of ours taken for a foreign one).
+    """
+    if conn.in_transaction:
+        return _file_kind_now(conn, path)
+    conn.execute("BEGIN")  # deferred: a read transaction, one snapshot for all the reads below
+    try:
+        return _file_kind_now(conn, path)
+    finally:
+        if conn.in_transaction:  # (an error may already have ended it)
+            conn.execute("ROLLBACK")
+
+
+def _file_kind_now(conn: sqlite3.Connection, path: str) -> str:
     application_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if application_id == APPLICATION_ID:
@@ -246,6 +263,21 @@ def _file_kind(conn: sqlite3.Connection, path: str) -> str:
             return "version1"
     found = f"user_version {version}, tables: {', '.join(tables) or 'none'}"
     raise _foreign(path, f"no prismq_subprocess application_id; {found}")
+
+
+def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
+    """Switch ``conn``'s file to WAL and return the journal mode it has then. SQLite answers a
+    switch that meets another connection's lock with SQLITE_BUSY at once (no busy handler), as
+    when several processes open a new file together: retried until ``busy_timeout``."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED")
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)
 
 
 def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
@@ -406,7 +438,7 @@ class _Database:
             # Before anything that writes (the journal mode is stored in the file): a foreign
             # database must be left exactly as it was.
             _file_kind(self.conn, path)
-            self.journal_mode = str(self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            self.journal_mode = _enter_wal(self.conn, busy_timeout)
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as exc:

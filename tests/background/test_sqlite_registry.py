@@ -441,3 +441,34 @@ async def test_older_files_gain_the_worker_column_and_keep_their_runs(tmp_path: 
             await registry.add_run(new)
             assert await registry.get_run(new.run_id) == new
         assert raw_pragmas(path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+
+
+def test_processes_opening_a_new_file_at_once_all_see_a_registry(tmp_path: Path) -> None:
+    # Several server workers open the same new file at start-up. A look at the file that read
+    # its ids, version and tables in separate statements could see one before and one after
+    # another opener's set-up committed, and refuse the file as foreign (seen: `uvicorn
+    # --workers 2`, "no prismq_subprocess application_id; user_version 5").
+    errors: list[BaseException] = []
+
+    def open_once(path: Path, barrier: threading.Barrier) -> None:
+        async def main() -> None:
+            async with SQLiteRunRegistry(path) as registry:
+                await registry.count_runs()
+
+        barrier.wait()
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported below, with the file it happened on
+            errors.append(exc)
+
+    for index in range(40):
+        barrier = threading.Barrier(4)
+        threads = [
+            threading.Thread(target=open_once, args=(tmp_path / f"runs{index}.db", barrier))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []

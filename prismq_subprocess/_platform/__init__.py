@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import Any
 
+from ._child_watcher import prefer_pidfd_watcher
 from ._containment import Containment, ContainmentReport
 from ._ops import Pace, PlatformOps, StopRecord, StopTarget, no_pace
 from ._posix import PosixOps, pidfd_open
@@ -52,6 +53,7 @@ __all__ = [
     "platform_name",
     "platform_ops",
     "policy_uses_proactor",
+    "prefer_pidfd_watcher",
     "proactor_loop_class",
     "proactor_policy_class",
 ]

@@ -21,6 +21,7 @@ from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import kill_tree_now, register_child
+from .._platform import prefer_pidfd_watcher
 from ._base import SpawnRequest, SubprocessStrategy
 
 __all__ = ["AsyncStrategy", "ExitProtocol"]
@@ -100,6 +101,9 @@ class AsyncStrategy(SubprocessStrategy):
 
     async def _create(self, request: SpawnRequest) -> ProcessLike:
         kwargs, containment = self.ops.prepare_spawn(request.kwargs, request.die_with_host)
+        # Python 3.11: exits through the loop's selector rather than a thread per child (as
+        # 3.12 does by default), unless the host chose its watcher.
+        prefer_pidfd_watcher()
         loop = asyncio.get_running_loop()
         limit, on_exit = request.limit, self.ops.child_exited
 

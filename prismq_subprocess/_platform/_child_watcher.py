@@ -1,0 +1,124 @@
+"""Python 3.11 on Linux: asyncio's child watcher, as Python 3.12 chooses it.
+
+Before 3.12 asyncio learns of each child's exit from a thread of its own that waits for that one
+child (``ThreadedChildWatcher``). When many children end together (closing a wrapper with a
+thousand of them) a thousand threads wake and fight the event loop for the GIL: the loop stalls
+for tens of milliseconds. Python 3.12 uses ``PidfdChildWatcher`` by default wherever the kernel
+has pidfds: the exit arrives through the event loop's own selector, no thread at all.
+
+:func:`prefer_pidfd_watcher` gives 3.11 hosts the 3.12 choice, but only where asyncio would
+otherwise make its default one: the policy is asyncio's own and nobody has chosen or made a
+watcher yet. A host that set a watcher keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+__all__ = ["pidfds_work", "prefer_pidfd_watcher"]  # (and LoopPidfdWatcher before 3.12)
+
+logger = logging.getLogger("prismq_subprocess")
+
+_pidfds_work: bool | None = None
+
+
+def pidfds_work() -> bool:
+    """Whether this process can open a pidfd (Linux 5.3+, not blocked by seccomp); asked once."""
+    global _pidfds_work
+    if _pidfds_work is None:
+        opener = getattr(os, "pidfd_open", None)
+        try:
+            fd = opener(os.getpid()) if opener is not None else -1
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            os.close(fd)
+        _pidfds_work = fd >= 0
+    return _pidfds_work
+
+
+# Subclassing asyncio's watcher base warns from 3.12 on (child watchers are deprecated there;
+# gone in 3.14): the class exists only where it is used.
+if sys.version_info < (3, 12):
+
+    class LoopPidfdWatcher(asyncio.AbstractChildWatcher):
+        """Hears each child's exit through a pidfd in the selector of the loop that started it (the
+        running loop), so it serves every loop in every thread; where a pidfd cannot be had (no
+        descriptor left) that child is waited for by a thread, as asyncio's default does."""
+
+        def __init__(self) -> None:
+            self._threads = asyncio.ThreadedChildWatcher()
+
+        def add_child_handler(  # type: ignore[override]  # (typeshed's TypeVarTuple form)
+            self, pid: int, callback: Any, *args: Any
+        ) -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                self._threads.add_child_handler(pid, callback, *args)
+                return
+            loop._add_reader(pidfd, self._exited, loop, pid, pidfd, callback, args)  # type: ignore[attr-defined]
+
+        @staticmethod
+        def _exited(
+            loop: asyncio.AbstractEventLoop, pid: int, pidfd: int, callback: Any, args: Any
+        ) -> None:
+            loop._remove_reader(pidfd)  # type: ignore[attr-defined]
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:  # reaped by someone else: its status is lost (as in asyncio)
+                returncode = 255
+                logger.warning("child %d was reaped elsewhere; its exit status is unknown", pid)
+            else:
+                returncode = os.waitstatus_to_exitcode(status)
+            finally:
+                os.close(pidfd)
+            callback(pid, returncode, *args)
+
+        def remove_child_handler(self, pid: int) -> bool:
+            return True  # (asyncio never calls it for this watcher's children)
+
+        def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+            pass  # every child is watched by the loop that is running when it starts
+
+        def is_active(self) -> bool:
+            return True
+
+        def close(self) -> None:
+            self._threads.close()
+
+        def __enter__(self) -> LoopPidfdWatcher:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+
+def prefer_pidfd_watcher(
+    policy: Any = None, *, version: tuple[int, int] = sys.version_info[:2]
+) -> bool:
+    """Before the first asyncio subprocess of a Python 3.11 process on Linux, install a pidfd
+    watcher (:class:`LoopPidfdWatcher`) in ``policy`` (default: the current policy), as Python
+    3.12 does by default; True when it did. Nothing happens on 3.12+ (asyncio chooses it
+    itself), without pidfds, under another policy class, or when a watcher was already set or
+    made."""
+    if version >= (3, 12) or sys.version_info >= (3, 12):
+        return False
+    default_policy = getattr(asyncio, "DefaultEventLoopPolicy", None)
+    if default_policy is None or not hasattr(asyncio, "ThreadedChildWatcher"):
+        return False
+    if policy is None:
+        policy = asyncio.get_event_loop_policy()
+    # The exact class: a policy of the host's own may manage watchers its own way.
+    if type(policy) is not default_policy or getattr(policy, "_watcher", False) is not None:
+        return False
+    if not pidfds_work():
+        return False
+    policy.set_child_watcher(LoopPidfdWatcher())  # (the version check above: it exists)
+    logger.debug("asyncio child watcher: pidfds in the running loop (as Python 3.12 chooses)")
+    return True

@@ -343,6 +343,18 @@ async def test_lines_dropped_on_the_worker_show_as_one_note_and_the_tail_stays_w
 # -- same results as the local backend ---------------------------------------------------------
 
 
+def assert_cluster_outcomes(remote: dict[str, Run]) -> None:
+    """What the module and command cases shared by both cluster test files must give on the
+    cluster (this file's and ``test_dask_local_cluster.py``'s identical-results tests)."""
+    assert remote["ok"].status is RunStatus.COMPLETED
+    assert remote["fails"].status is RunStatus.FAILED and remote["fails"].exit_code == 3
+    assert remote["timeout"].error_message == "timed out after 1 s; process tree stopped"
+    assert remote["memory"].status is RunStatus.FAILED
+    assert remote["argv"].exit_code == 4 and remote["argv"].output_tail == ["from argv"]
+    assert remote["shell"].status is RunStatus.COMPLETED
+    assert remote["shell"].output_tail == ["one", "two"]
+
+
 async def test_results_identical_to_the_local_backend(
     client: Any, scripts: dict[str, str], tmp_path: Path
 ) -> None:
@@ -404,13 +416,7 @@ async def test_results_identical_to_the_local_backend(
         else:
             assert a.error_message == b.error_message, name
         assert a.mode != "dask" and b.mode == "dask" and a.worker is None and b.worker
-    assert remote["ok"].status is RunStatus.COMPLETED
-    assert remote["fails"].status is RunStatus.FAILED and remote["fails"].exit_code == 3
-    assert remote["timeout"].error_message == "timed out after 1 s; process tree stopped"
-    assert remote["memory"].status is RunStatus.FAILED
-    assert remote["argv"].exit_code == 4 and remote["argv"].output_tail == ["from argv"]
-    assert remote["shell"].status is RunStatus.COMPLETED
-    assert remote["shell"].output_tail == ["one", "two"]
+    assert_cluster_outcomes(remote)
     assert remote["env-cwd-args"].output_tail == [
         f"v1 {tmp_path} ['--tags', 'a', '--tags', 'b', '--flag', '--n', '2', 'raw', '--x=1']"
     ]

@@ -7,6 +7,11 @@ so ``run()`` needs the exit on its own (a grandchild holding the pipes must not 
 The loop already learns of the exit (its child watcher calls ``process_exited`` on the
 protocol), so listening there costs nothing per run: no pidfd, no descriptor watch, no extra
 task (what ``wait_exited`` has to do for a process object it did not make).
+
+On POSIX the object is a subclass (:class:`AsyncProcess`) whose signals do not go through
+``Popen.send_signal``: that polls the child first, which can reap it behind the loop's child
+watcher, and the watcher then reports 255 instead of the exit status (CPython gh-87744, fixed
+in 3.13 only).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import asyncio.subprocess
 import contextlib
+import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +32,56 @@ from .._core._tree_stop import kill_tree_now, register_child
 from .._platform import prefer_pidfd_watcher
 from ._base import SpawnRequest, SubprocessStrategy
 
-__all__ = ["AsyncStrategy", "ExitProtocol"]
+__all__ = ["AsyncProcess", "AsyncStrategy", "ExitProtocol"]
+
+
+class AsyncProcess(asyncio.subprocess.Process):
+    """``asyncio.subprocess.Process``; on POSIX, signalling never reaps the child.
+
+    asyncio before 3.13 signals through ``Popen.send_signal``, whose ``poll()`` reaps a child
+    that has just exited before the loop's child watcher does: the watcher then finds nothing
+    and reports 255, and the exit status is lost (CPython gh-87744). Here the signal goes to the
+    pid only while it is still an unreaped child of ours (``waitid`` with ``WNOWAIT`` looks
+    without reaping): never to a pid the watcher has reaped and the system may have reused in
+    the loop turn before the status arrives (CPython gh-127049).
+    """
+
+    if sys.platform != "win32":
+
+        def send_signal(self, signal: int) -> None:
+            """Send ``signal`` to the child (not to its tree); nothing once it is known to
+            have exited.
+
+            Raises:
+                ProcessLookupError: the child has exited and asyncio has let go of it.
+            """
+            transport: Any = self._transport  # type: ignore[attr-defined]
+            transport._check_proc()  # ProcessLookupError once asyncio has let go of it
+            if self.returncode is not None or not _unreaped_child(self.pid):
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal)
+
+        def terminate(self) -> None:
+            """Ask the child to stop (SIGTERM)."""
+            self.send_signal(signal.SIGTERM)
+
+        def kill(self) -> None:
+            """Kill the child (SIGKILL)."""
+            self.send_signal(signal.SIGKILL)
+
+
+def _unreaped_child(pid: int) -> bool:
+    """True while ``pid`` is a child of ours nobody has reaped (running, or exited and waiting
+    for the child watcher); looks without reaping."""
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:  # as asyncio 3.13 does everywhere: the pid is ours until reaped
+        return True
+    try:
+        waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 class ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -139,7 +196,7 @@ class AsyncStrategy(SubprocessStrategy):
         except BaseException:
             self.ops.release(containment)
             raise
-        process = asyncio.subprocess.Process(transport, proto, loop)
+        process = AsyncProcess(transport, proto, loop)
         self.ops.adopt(process.pid, containment)
         register_child(process, self.ops.started_own_group(kwargs), containment, self.ops)
         return process

@@ -25,6 +25,7 @@ import pathlib
 import shlex
 import signal
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -523,6 +524,34 @@ async def test_signal_racing_the_exit_is_harmless(wrapper: pq.SubprocessWrapper)
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGUSR1)
         assert await asyncio.wait_for(proc.wait(), PROMPT) != 255
+
+
+def _until_zombie(pid: int) -> None:
+    """Block (no loop turn, so no child watcher on the loop runs) until ``pid`` has exited:
+    unreaped, or reaped by a mode's own thread (THREADED's waiter, LOCAL's runner)."""
+    for _ in range(10_000):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                time.sleep(0.001)
+                continue
+        return
+    raise AssertionError(f"child {pid} did not exit")
+
+
+@real_modes()
+@pytest.mark.parametrize("act", ["send_signal", "terminate", "kill"])
+async def test_signalling_an_exited_unreaped_child_keeps_its_status(
+    wrapper: pq.SubprocessWrapper, act: str
+) -> None:
+    # The race above, made certain (CPython gh-87744, fixed in 3.13 only): the child has exited
+    # but the loop has not reaped it yet. Popen.send_signal polls first, which reaps the child
+    # behind asyncio's child watcher, and the watcher then reports 255 instead of the status.
+    proc = await wrapper.create_subprocess_exec(*child("raise SystemExit(7)"))
+    _until_zombie(proc.pid)
+    signals = {"send_signal": lambda: proc.send_signal(signal.SIGUSR1)}
+    with contextlib.suppress(ProcessLookupError):
+        signals.get(act, getattr(proc, act))()
+    assert await asyncio.wait_for(proc.wait(), PROMPT) == 7
 
 
 # -- wait() -------------------------------------------------------------------------------------

@@ -211,6 +211,13 @@ class PlatformOps:
         return table.handles(table.descendants(pid))
 
     # -- signalling ----------------------------------------------------------------------------
+    def signal_unreaped_child(self, pid: int, sig: int | None) -> bool:
+        """Send ``sig`` (``None``: the platform's kill) to our child ``pid`` without reaping it,
+        and only while nobody has reaped it; True once handled (sent, or not sent because the
+        pid is no longer an unreaped child of ours). False where the platform has no such
+        route (Windows: no zombies, and the caller uses ``Popen``'s own signalling)."""
+        return False
+
     def stop_signal(self, own_group: bool) -> int:
         """The polite stop request: SIGTERM on POSIX, CTRL_BREAK on Windows for a group leader."""
         raise NotImplementedError

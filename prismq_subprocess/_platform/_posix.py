@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from ._containment import Containment, ContainmentReport
+from ._gil import GilShare
 from ._ops import Pace, PlatformOps, StopRecord, StopTarget, alive, no_pace, paced
 from ._posix_host import PosixHost, posix_host
 from ._table import (
@@ -51,6 +52,9 @@ class PosixOps(PlatformOps):
 
     killpg: Callable[[int, int], None] = field(default=getattr(os, "killpg", lambda _p, _s: None))
     getpgid: Callable[[int], int] | None = field(default=getattr(os, "getpgid", None))
+    #: ``os.waitid`` (None where the platform lacks it: our children are then signalled by pid
+    #: until asyncio reports their exit, as asyncio 3.13 does).
+    waitid: Callable[..., Any] | None = field(default=getattr(os, "waitid", None))
     #: Where ``/proc`` is when the fast Linux scan applies; None: scan through psutil.
     proc_root: str | None = field(
         default_factory=lambda: "/proc" if os.path.exists("/proc/self/stat") else None
@@ -131,6 +135,18 @@ class PosixOps(PlatformOps):
             return proc_state(pid, self.proc_root)
         return psutil_state(pid)
 
+    def signal_unreaped_child(self, pid: int, sig: int | None) -> bool:
+        # waitid with WNOWAIT looks without reaping: a pid reaped already (its exit status on
+        # its way to the loop) may name another process by now, and is left alone.
+        if self.waitid is not None:
+            try:
+                self.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return True
+        with contextlib.suppress(ProcessLookupError):
+            self.kill(pid, signal.SIGKILL if sig is None else sig)
+        return True
+
     def stop_signal(self, own_group: bool) -> int:
         return int(signal.SIGTERM)
 
@@ -190,14 +206,16 @@ class PosixOps(PlatformOps):
         if running:
             held = self._freeze_cgroups(running, finder)
             try:
-                self._freeze(running, finder, set().union(*held.values()))
+                self._freeze(running, finder, held)
                 for record in paced(running, pace):
                     record.asked = self._signal_child(record.target, signal.SIGTERM)
                     self.signal_descendants(record.descendants, signal.SIGTERM)
                 # One more look while the trees are held: nothing could fork since the last one,
                 # but a child that died at once from SIGTERM released its children, and they
-                # must have been seen before that.
-                self._look(running, signal.SIGTERM, finder)
+                # must have been seen before that (members of a frozen sub-group were: it
+                # keeps them when their parent dies).
+                if not _held_whole(running, held):
+                    self._look(running, signal.SIGTERM, finder)
             finally:
                 cgroups = self.host.cgroups if self.host is not None else None
                 for record in paced(running, pace):
@@ -253,16 +271,25 @@ class PosixOps(PlatformOps):
         return fresh_all
 
     def _freeze(
-        self, records: Sequence[StopRecord], finder: _Finder, held: AbstractSet[int] = frozenset()
+        self,
+        records: Sequence[StopRecord],
+        finder: _Finder,
+        held: Mapping[str, AbstractSet[int]] | None = None,
     ) -> None:
         """SIGSTOP every child (its group) and every process of its tree found, looking again
         until no new one appears. Stopped processes cannot fork; a signal is delivered
         asynchronously, so each look waits until what was signalled has really stopped (or else
         it could fork just after the look). The tree is accepted as complete only after two
         looks in a row, a moment apart, find nothing new (a fork in flight when the leader
-        stopped surfaces a little later). All the waits share one 0.5 s bound. Processes in
-        ``held`` (members of a frozen sub-group, which never show as stopped) are not waited
-        for: nothing in a frozen sub-group can run, let alone fork."""
+        stopped surfaces a little later). All the waits share one 0.5 s bound.
+
+        ``held``: the members of each frozen sub-group. They never show as stopped and are not
+        waited for: nothing in a frozen sub-group can run, let alone fork, and what a task
+        forked in flight joined the sub-group before it reported frozen. So when every child
+        and everything found of its tree are members, the first look is the whole tree (each
+        look costs a read of the whole process table: 10 to 30 ms with 1,000 processes)."""
+        held = held or {}
+        members = set().union(*held.values())
         pending = set()
         for record in records:
             if self._signal_child(record.target, signal.SIGSTOP):
@@ -270,8 +297,10 @@ class PosixOps(PlatformOps):
         deadline = time.monotonic() + 0.5
         quiet = 0
         for _ in range(40):
-            pending = self._await_stopped(pending - held, deadline)
+            pending = self._await_stopped(pending - members, deadline)
             fresh = self._look(records, signal.SIGSTOP, finder)
+            if _held_whole(records, held):
+                return
             if not fresh:
                 quiet += 1
                 if quiet == 2:
@@ -353,6 +382,20 @@ class PosixOps(PlatformOps):
         self.host.after_stop(pair for r in records for pair in r.seen.items())
 
 
+def _held_whole(records: Sequence[StopRecord], held: Mapping[str, AbstractSet[int]]) -> bool:
+    """True when each record's child and every process found of its tree are members of the
+    record's frozen sub-group (``held``: members by sub-group): then nothing of those trees can
+    fork or leave until thawed."""
+    for record in records:
+        path = record.target.cgroup
+        members = held.get(path) if path is not None else None
+        if members is None or record.target.pid not in members:
+            return False
+        if any(proc.pid not in members for proc in record.descendants):
+            return False
+    return True
+
+
 class _Finder:
     """What containment finds during one operation of a stop: sub-group members and cookie
     holders, by record. Environments are read once per process per operation."""
@@ -381,7 +424,9 @@ class _Finder:
             candidates = [e for e in table.children(me) if e.pid not in leaders]
         else:
             candidates = [e for e in table.entries.values() if e.pid not in leaders and e.pid != me]
+        share = GilShare()
         for entry in candidates:
+            share()
             key = (entry.pid, entry.start)
             if key not in self._cookies:
                 self._cookies[key] = host.cookies.read(entry.pid)

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import psutil
 
+from ._gil import GilShare
+
 __all__ = [
     "STOPPED_STATES",
     "ProcessEntry",
@@ -146,10 +148,12 @@ def _parse_stat(pid: int, data: bytes) -> ProcessEntry | None:
 def scan_proc(root: str = "/proc") -> ProcessTable:
     """Read every ``<root>/<pid>/stat`` once (Linux)."""
     entries = []
+    share = GilShare()
     with contextlib.suppress(OSError):
         for name in os.listdir(root):
             if not name.isdigit():
                 continue
+            share()
             data = _read_stat(f"{root}/{name}/stat")
             if data is not None:
                 entry = _parse_stat(int(name), data)

@@ -8,7 +8,7 @@ The loop already learns of the exit (its child watcher calls ``process_exited`` 
 protocol), so listening there costs nothing per run: no pidfd, no descriptor watch, no extra
 task (what ``wait_exited`` has to do for a process object it did not make).
 
-On POSIX the object is a subclass (:class:`AsyncProcess`) whose signals do not go through
+The object is a subclass (:class:`AsyncProcess`) whose signals (on POSIX) do not go through
 ``Popen.send_signal``: that polls the child first, which can reap it behind the loop's child
 watcher, and the watcher then reports 255 instead of the exit status (CPython gh-87744, fixed
 in 3.13 only).
@@ -19,9 +19,6 @@ from __future__ import annotations
 import asyncio
 import asyncio.subprocess
 import contextlib
-import os
-import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,59 +26,59 @@ from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import kill_tree_now, register_child
-from .._platform import prefer_pidfd_watcher
+from .._platform import PlatformOps, prefer_pidfd_watcher
 from ._base import SpawnRequest, SubprocessStrategy
 
 __all__ = ["AsyncProcess", "AsyncStrategy", "ExitProtocol"]
 
 
 class AsyncProcess(asyncio.subprocess.Process):
-    """``asyncio.subprocess.Process``; on POSIX, signalling never reaps the child.
+    """``asyncio.subprocess.Process``, whose signals never reap the child.
 
     asyncio before 3.13 signals through ``Popen.send_signal``, whose ``poll()`` reaps a child
     that has just exited before the loop's child watcher does: the watcher then finds nothing
-    and reports 255, and the exit status is lost (CPython gh-87744). Here the signal goes to the
-    pid only while it is still an unreaped child of ours (``waitid`` with ``WNOWAIT`` looks
-    without reaping): never to a pid the watcher has reaped and the system may have reused in
-    the loop turn before the status arrives (CPython gh-127049).
+    and reports 255, and the exit status is lost (CPython gh-87744). Here (POSIX) the signal
+    goes to the pid only while it is still an unreaped child of ours, looked at without reaping:
+    never to a pid the watcher has reaped and the system may have reused in the loop turn before
+    the status arrives (CPython gh-127049). On Windows asyncio's own route is kept.
     """
 
-    if sys.platform != "win32":
+    def __init__(
+        self,
+        transport: asyncio.SubprocessTransport,
+        protocol: asyncio.subprocess.SubprocessStreamProtocol,
+        loop: asyncio.AbstractEventLoop,
+        ops: PlatformOps,
+    ) -> None:
+        super().__init__(transport, protocol, loop)
+        self._ops = ops
 
-        def send_signal(self, signal: int) -> None:
-            """Send ``signal`` to the child (not to its tree); nothing once it is known to
-            have exited.
+    def _signalled(self, sig: int | None) -> bool:
+        # asyncio raises ProcessLookupError once it has let go of the child.
+        transport: Any = self._transport  # type: ignore[attr-defined]
+        transport._check_proc()
+        # Like Popen: a child known to have exited is not signalled.
+        return self.returncode is not None or self._ops.signal_unreaped_child(self.pid, sig)
 
-            Raises:
-                ProcessLookupError: the child has exited and asyncio has let go of it.
-            """
-            transport: Any = self._transport  # type: ignore[attr-defined]
-            transport._check_proc()  # ProcessLookupError once asyncio has let go of it
-            if self.returncode is not None or not _unreaped_child(self.pid):
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal)
+    def send_signal(self, signal: int) -> None:
+        """Send ``signal`` to the child (not to its tree); nothing once it is known to have
+        exited.
 
-        def terminate(self) -> None:
-            """Ask the child to stop (SIGTERM)."""
-            self.send_signal(signal.SIGTERM)
+        Raises:
+            ProcessLookupError: the child has exited and asyncio has let go of it.
+        """
+        if not self._signalled(signal):
+            super().send_signal(signal)
 
-        def kill(self) -> None:
-            """Kill the child (SIGKILL)."""
-            self.send_signal(signal.SIGKILL)
+    def terminate(self) -> None:
+        """Ask the child to stop (SIGTERM; ``TerminateProcess`` on Windows)."""
+        if not self._signalled(int(self._ops.stop_signal(own_group=False))):
+            super().terminate()
 
-
-def _unreaped_child(pid: int) -> bool:
-    """True while ``pid`` is a child of ours nobody has reaped (running, or exited and waiting
-    for the child watcher); looks without reaping."""
-    waitid = getattr(os, "waitid", None)
-    if waitid is None:  # as asyncio 3.13 does everywhere: the pid is ours until reaped
-        return True
-    try:
-        waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return False
-    return True
+    def kill(self) -> None:
+        """Kill the child (SIGKILL; ``TerminateProcess`` on Windows)."""
+        if not self._signalled(None):
+            super().kill()
 
 
 class ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -196,7 +193,7 @@ class AsyncStrategy(SubprocessStrategy):
         except BaseException:
             self.ops.release(containment)
             raise
-        process = AsyncProcess(transport, proto, loop)
+        process = AsyncProcess(transport, proto, loop, self.ops)
         self.ops.adopt(process.pid, containment)
         register_child(process, self.ops.started_own_group(kwargs), containment, self.ops)
         return process

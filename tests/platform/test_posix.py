@@ -3,14 +3,18 @@ real process cannot show the behaviour."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 
+import psutil
 import pytest
 from platform_fakes import FakeProc, recorder
 
 from prismq_subprocess._platform import StopTarget, platform_ops
+from prismq_subprocess._platform._posix_host import PosixHost
 
 
 def test_posix_group_kwargs_respect_the_caller() -> None:
@@ -113,3 +117,85 @@ def test_kill_contained_without_a_cookie_or_sub_group_only_releases() -> None:
     ops = platform_ops("linux")
     ops.scan = lambda: pytest.fail("no look at the process table")  # type: ignore[method-assign]
     ops.kill_contained(Containment())
+
+
+def test_signal_unreaped_child_leaves_a_reaped_pid_alone() -> None:
+    # The asyncio process's route (CPython gh-87744/gh-127049): signal the child while it is an
+    # unreaped child of ours (running, or exited and waiting for the loop), never once reaped.
+    calls, kill = recorder()
+    ops = platform_ops("linux", kill=kill)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert ops.signal_unreaped_child(child.pid, signal.SIGUSR1)
+        assert calls == [(child.pid, signal.SIGUSR1)]
+        os.kill(child.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert ops.signal_unreaped_child(child.pid, None)
+        assert calls[-1] == (child.pid, signal.SIGKILL)
+        assert child.poll() == -signal.SIGKILL  # the look did not reap it
+        calls.clear()
+        assert ops.signal_unreaped_child(child.pid, signal.SIGTERM)  # handled: nothing to do
+        assert calls == []
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_signal_unreaped_child_without_waitid_signals_by_pid() -> None:
+    calls, kill = recorder()
+    ops = platform_ops("linux", kill=kill, waitid=None)
+    assert ops.signal_unreaped_child(4321, signal.SIGTERM)
+    assert calls == [(4321, signal.SIGTERM)]
+
+
+def test_windows_has_no_unreaped_child_route() -> None:
+    calls, kill = recorder()
+    ops = platform_ops("win32", kill=kill)
+    assert not ops.signal_unreaped_child(4321, signal.SIGTERM)
+    assert calls == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cgroup v2")
+@pytest.mark.parametrize("forks_before_entering", [False, True], ids=["held", "outside"])
+def test_a_tree_held_whole_in_its_frozen_sub_group_takes_one_look(
+    forks_before_entering: bool,
+) -> None:
+    # Each look reads the whole process table (10-30 ms with 1,000 processes, on the stop's
+    # worker thread). A tree whose every process is in its frozen sub-group cannot change: one
+    # look is the whole tree. A process outside it (forked before the child entered) can fork
+    # on until it is seen stopped: the full protocol still runs (the look that finds it, two
+    # quiet ones, and one after the SIGTERM).
+    host = PosixHost(use_cookie=False, use_subreaper=False)
+    host.activate()
+    if host.cgroups is None:
+        pytest.skip("no writable cgroup v2 directory here")
+    ops = platform_ops("linux", host=host)
+    kwargs, containment = ops.prepare_spawn({"start_new_session": True})
+    code = (
+        "import subprocess, time; subprocess.Popen(['sleep', '30']);"
+        "print('ready', flush=True); time.sleep(30)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, **kwargs)
+    assert child.stdout is not None
+    if forks_before_entering:
+        child.stdout.readline()
+    ops.adopt(child.pid, containment)
+    if not forks_before_entering:
+        child.stdout.readline()
+    [grandchild] = psutil.Process(child.pid).children()
+    looks = []
+    scan = ops.scan
+    ops.scan = lambda: looks.append(1) or scan()  # type: ignore[method-assign]
+    try:
+        [record] = ops.ask_to_stop([StopTarget(child.pid, True, containment=containment)])
+        assert grandchild.pid in {p.pid for p in record.descendants}
+        assert len(looks) == (4 if forks_before_entering else 1)
+        assert child.wait(10) == -signal.SIGTERM
+        grandchild.wait(10)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        with contextlib.suppress(psutil.Error):
+            grandchild.kill()
+        ops.release(containment)

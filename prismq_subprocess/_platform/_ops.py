@@ -178,6 +178,11 @@ class PlatformOps:
         """The child ``pid`` was started with ``containment``: finish containing it (move it
         into its cgroup, assign it to its job)."""
 
+    def adopt_soon(self, pid: int, containment: Containment) -> None:
+        """:meth:`adopt`, for a caller on an event loop's thread: what blocks (moving the child
+        into its cgroup) is left to a worker thread, and this returns at once."""
+        self.adopt(pid, containment)
+
     def release(self, containment: Containment) -> None:
         """The child's run is over: release what :meth:`prepare_spawn` set up for it."""
 

@@ -4,7 +4,9 @@ to look at it."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import select
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -14,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from ._backlog import Backlog
 from ._containment import Containment, ContainmentReport
 from ._gil import GilShare
 from ._ops import Pace, PlatformOps, StopRecord, StopTarget, alive, no_pace, paced
@@ -73,6 +76,23 @@ class PosixOps(PlatformOps):
     def adopt(self, pid: int, containment: Containment) -> None:
         if self.host is not None:
             self.host.adopt(pid, containment)
+
+    def adopt_soon(self, pid: int, containment: Containment) -> None:
+        host = self.host
+        if host is None or not host.adopt(pid, containment, enter=False):
+            return
+        # The move names the child by pid, and the loop's child watcher may reap the child
+        # meanwhile (its pid then free for anyone): pinned now, while it cannot have been
+        # reaped, the child is moved only if the pin shows it still running. (Between that
+        # look and the move, the pid could only name someone else if the child exited, was
+        # reaped and the pid numbers went round in those microseconds.)
+        if not self._unreaped_child(pid):
+            return  # the loop's child watcher reaped it already: the pid may be anyone's
+        pin = self.pin(pid)
+        if pin < 0:  # no pidfd (macOS has no cgroups; an old kernel, no descriptor left)
+            host.enter(pid, containment)
+            return
+        _MOVES.submit(functools.partial(_enter_if_running, host, pid, pin, containment))
 
     def release(self, containment: Containment) -> None:
         if self.host is not None:
@@ -135,16 +155,22 @@ class PosixOps(PlatformOps):
             return proc_state(pid, self.proc_root)
         return psutil_state(pid)
 
+    def _unreaped_child(self, pid: int) -> bool:
+        """True while ``pid`` is a child of ours nobody has reaped (running, or exited and
+        waiting for its status to be read); a pid reaped already may name another process by
+        now. Looks without reaping (``waitid`` with ``WNOWAIT``); True where it cannot look."""
+        if self.waitid is None:
+            return True
+        try:
+            self.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return True
+
     def signal_unreaped_child(self, pid: int, sig: int | None) -> bool:
-        # waitid with WNOWAIT looks without reaping: a pid reaped already (its exit status on
-        # its way to the loop) may name another process by now, and is left alone.
-        if self.waitid is not None:
-            try:
-                self.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return True
-        with contextlib.suppress(ProcessLookupError):
-            self.kill(pid, signal.SIGKILL if sig is None else sig)
+        if self._unreaped_child(pid):
+            with contextlib.suppress(ProcessLookupError):
+                self.kill(pid, signal.SIGKILL if sig is None else sig)
         return True
 
     def stop_signal(self, own_group: bool) -> int:
@@ -380,6 +406,20 @@ class PosixOps(PlatformOps):
             if record.target.containment is not None:
                 self.host.release(record.target.containment)
         self.host.after_stop(pair for r in records for pair in r.seen.items())
+
+
+#: Moves of ASYNC children into their sub-groups (see ``PosixOps.adopt_soon``).
+_MOVES = Backlog("prismq-cgroup-enter")
+
+
+def _enter_if_running(host: PosixHost, pid: int, pin: int, containment: Containment) -> None:
+    try:
+        poller = select.poll()
+        poller.register(pin, select.POLLIN)
+        if not poller.poll(0):  # a pidfd turns readable when its process exits
+            host.enter(pid, containment)
+    finally:
+        os.close(pin)
 
 
 def _held_whole(records: Sequence[StopRecord], held: Mapping[str, AbstractSet[int]]) -> bool:

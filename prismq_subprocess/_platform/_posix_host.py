@@ -175,22 +175,45 @@ class PosixHost:
             entered = cgroup is not None
         return out, Containment(cookie=cookie, cgroup=cgroup, entered=entered)
 
-    def adopt(self, pid: int, containment: Containment) -> None:
-        """The child ``pid`` started: move it into its sub-group (unless it did so itself)."""
+    def adopt(self, pid: int, containment: Containment, *, enter: bool = True) -> bool:
+        """The child ``pid`` started: move it into its sub-group (unless it did so itself).
+
+        ``enter=False``: everything but the move, which is left to the caller (it blocks for 5
+        to 30 ms: see :meth:`enter`); returns whether a move is left to do.
+        """
         if containment.cookie is not None:
             with self._lock:
                 self._pending.discard(containment.cookie)
                 # Until the run is released (its stop ended, or its process object is gone).
                 self._leader_of[containment.cookie] = pid
                 self._cookie_of[pid] = containment.cookie
+        left = False
         if containment.cgroup is not None and self.cgroups is not None:
-            if not containment.entered:
-                self.cgroups.enter(containment.cgroup, pid)
-            with self._lock:
-                self._run_cgroups[containment.cgroup] = True
+            if containment.entered or enter:
+                self.enter(pid, containment)
+            else:
+                left = True  # (until then the sub-group is empty, and must not be removed)
         if self.reaper is not None:
             self.reaper.spawned(pid)
         self._sweep_cgroups(due_only=True)
+        return left
+
+    def enter(self, pid: int, containment: Containment) -> None:
+        """Move the child ``pid`` into its sub-group (unless it moved itself before exec); the
+        sub-group may go once empty from then on.
+
+        Blocks in the kernel for 5 to 30 ms: moving a process between cgroups waits for an RCU
+        grace period (``cgroup_threadgroup_rwsem``), unless the hierarchy is mounted with
+        ``favordynmods``.
+        """
+        path = containment.cgroup
+        if path is None or self.cgroups is None:
+            return
+        if not containment.entered:
+            self.cgroups.enter(path, pid)
+        with self._lock:
+            if path in self._run_cgroups:  # (not released meanwhile)
+                self._run_cgroups[path] = True
 
     def release(self, containment: Containment) -> None:
         """The run is over (its spawn failed, or its stop finished): remove its sub-group if

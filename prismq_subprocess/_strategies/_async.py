@@ -194,7 +194,8 @@ class AsyncStrategy(SubprocessStrategy):
             self.ops.release(containment)
             raise
         process = AsyncProcess(transport, proto, loop, self.ops)
-        self.ops.adopt(process.pid, containment)
+        # Off the loop: moving the child into its cgroup blocks for milliseconds.
+        self.ops.adopt_soon(process.pid, containment)
         register_child(process, self.ops.started_own_group(kwargs), containment, self.ops)
         return process
 

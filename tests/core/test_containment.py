@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from helpers import py
 from lifecycle_helpers import daemonizer, marked_env, survivors_after, wait_for_marked
 
 import prismq_subprocess as pq
-from prismq_subprocess._platform import platform_ops
+from prismq_subprocess._platform import _posix, platform_ops
 from prismq_subprocess._platform._cookie import Cookies
 from prismq_subprocess._platform._linux import PR_SET_CHILD_SUBREAPER, load_prctl
 from prismq_subprocess._platform._posix_host import PosixHost
@@ -248,3 +249,57 @@ async def test_children_die_with_a_killed_host_when_asked(mode: str, die_with_ho
     # saw it, so the library rightly leaves its reaping alone.
     with contextlib.suppress(ChildProcessError):
         await asyncio.to_thread(os.waitpid, int(pid), 0)
+
+
+# -- the move into the sub-group, off the loop (ASYNC) ------------------------------------------
+class _HeldMoves:
+    """Moves into sub-groups that wait for :meth:`release` (the real move follows)."""
+
+    def __init__(self, host: PosixHost) -> None:
+        assert host.cgroups is not None
+        self._enter = host.cgroups.enter
+        self.gate = threading.Event()
+        self.calls: list[int] = []
+        host.cgroups.enter = self  # type: ignore[method-assign]
+
+    def __call__(self, path: str, pid: int) -> bool:
+        self.calls.append(pid)
+        self.gate.wait(10)
+        return self._enter(path, pid)
+
+
+async def test_async_spawn_does_not_wait_for_the_move_into_the_sub_group() -> None:
+    # Moving a process between cgroups blocks 5-30 ms in the kernel (an RCU grace period): on
+    # the loop's thread, every ASYNC spawn stalled the host's other tasks that long.
+    host = _host("cgroup")
+    moves = _HeldMoves(host)
+    ops = platform_ops(sys.platform, host=host)
+    async with pq.SubprocessWrapper("async", ops=ops) as wrapper:
+        # Were the move on the loop's thread, this spawn would wait for the gate (10 s).
+        proc = await asyncio.wait_for(
+            wrapper.create_subprocess_exec("sleep", "30"), timeout=5
+        )
+        assert not moves.gate.is_set()
+        moves.gate.set()
+        assert await asyncio.to_thread(_posix._MOVES.wait_idle, 10)
+        assert moves.calls == [proc.pid]
+        [path] = [p for p in os.listdir(host.cgroups.base) if p.startswith("prismq-")]
+        assert host.cgroups.members(os.path.join(host.cgroups.base, path)) == [proc.pid]
+        proc.kill()
+        await proc.wait()
+
+
+async def test_a_child_reaped_before_its_move_is_not_moved() -> None:
+    # The move names the child by pid; once asyncio has reaped it, that pid may be anyone's.
+    host = _host("cgroup")
+    moves = _HeldMoves(host)
+    ops = platform_ops(sys.platform, host=host)
+    async with pq.SubprocessWrapper("async", ops=ops) as wrapper:
+        first = await wrapper.create_subprocess_exec("sleep", "30")  # holds the worker
+        second = await wrapper.create_subprocess_exec("true")
+        assert await second.wait() == 0
+        moves.gate.set()
+        assert await asyncio.to_thread(_posix._MOVES.wait_idle, 10)
+        assert moves.calls == [first.pid]
+        first.kill()
+        await first.wait()

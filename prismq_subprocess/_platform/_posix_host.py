@@ -132,7 +132,7 @@ class PosixHost:
             )
         if self.cgroups is not None:
             notes.append(
-                "a child is moved into its sub-group right after exec (before exec with "
+                "a child is moved into its sub-group just after exec (before exec with "
                 "die_with_host=True); what it forks in between is found by tree and cookie"
             )
         return ContainmentReport(

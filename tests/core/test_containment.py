@@ -283,8 +283,11 @@ async def test_async_spawn_does_not_wait_for_the_move_into_the_sub_group() -> No
         moves.gate.set()
         assert await asyncio.to_thread(_posix._MOVES.wait_idle, 10)
         assert moves.calls == [proc.pid]
-        [path] = [p for p in os.listdir(host.cgroups.base) if p.startswith("prismq-")]
-        assert host.cgroups.members(os.path.join(host.cgroups.base, path)) == [proc.pid]
+        # This host's sub-groups only (other test processes may have theirs beside them).
+        prefix = f"prismq-{host.cookies.token.lower()}-"
+        ours = [p for p in os.listdir(host.cgroups.base) if p.startswith(prefix)]
+        members = [host.cgroups.members(os.path.join(host.cgroups.base, p)) for p in ours]
+        assert members == [[proc.pid]]
         proc.kill()
         await proc.wait()
 

@@ -284,6 +284,12 @@ class Scenarios:
             # The nanny starts a new worker; what the dead one left behind is stopped from the
             # other worker of this host.
             await self.client.wait_for_workers(2, timeout=WAIT)
+            # (The scheduler may still count the dead worker, and its nanny still name it, for
+            # a moment on a busy machine.)
+            await until(
+                lambda: len(self.worker_pids()) == 2
+                and str(running.worker) not in self.worker_pids()
+            )
             orphans_stopped = await until(lambda: not alive(running.pid) and not alive(grandchild))
         self.note_processes()
         return {

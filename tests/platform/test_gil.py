@@ -21,7 +21,7 @@ def _walk(share: _gil.GilShare, seconds: float) -> None:
 
 def test_a_worker_thread_pauses_every_slice(monkeypatch: pytest.MonkeyPatch) -> None:
     pauses: list[float] = []
-    monkeypatch.setattr(_gil.time, "sleep", pauses.append)
+    monkeypatch.setattr(_gil, "_sleep", pauses.append)
 
     def worker() -> None:
         _walk(_gil.GilShare(), 20 * _gil._SLICE)
@@ -36,6 +36,6 @@ def test_a_worker_thread_pauses_every_slice(monkeypatch: pytest.MonkeyPatch) -> 
 async def test_the_event_loops_own_thread_never_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
     # There the pause itself would stall the loop (e.g. kill_trees_now from a loop callback).
     pauses: list[float] = []
-    monkeypatch.setattr(_gil.time, "sleep", pauses.append)
+    monkeypatch.setattr(_gil, "_sleep", pauses.append)
     _walk(_gil.GilShare(), 10 * _gil._SLICE)
     assert pauses == []

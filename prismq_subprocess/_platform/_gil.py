@@ -20,8 +20,9 @@ __all__ = ["GilShare"]
 _SLICE = 0.0005
 #: A pause: long enough for a thread woken by the GIL's release to take it.
 _PAUSE = 0.0001
-#: (A name of this module's own, so tests can replace it without touching ``time.sleep``.)
+#: (Names of this module's own, so tests can replace them without touching ``time``.)
 _sleep = time.sleep
+_clock = time.perf_counter
 
 
 class GilShare:
@@ -40,9 +41,9 @@ class GilShare:
             self._on = True
         else:
             self._on = False
-        self._next = time.perf_counter() + _SLICE
+        self._next = _clock() + _SLICE
 
     def __call__(self) -> None:
-        if self._on and time.perf_counter() >= self._next:
+        if self._on and _clock() >= self._next:
             _sleep(_PAUSE)
-            self._next = time.perf_counter() + _SLICE
+            self._next = _clock() + _SLICE

@@ -34,7 +34,6 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import math
@@ -123,11 +122,23 @@ _UPDATE = (
     f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
 )
 # The update of a run to status S only matches a stored row whose status may become S.
-_UPDATE_CHECKED = {
-    target: f"{_UPDATE} AND status IN "
-    f"({', '.join(repr(s.value) for s in sorted(stored_statuses_for(target)))})"
+_STATUS_MAY_BECOME = {
+    target: f"status IN ({', '.join(repr(s.value) for s in sorted(stored_statuses_for(target)))})"
     for target in RunStatus
 }
+_UPDATE_CHECKED = {target: f"{_UPDATE} AND {where}" for target, where in _STATUS_MAY_BECOME.items()}
+# The usual update: module_id and created_at as stored. Setting an indexed column rewrites its
+# index entries even to the same value (runs_created and runs_module_created: about 40% of an
+# update's time), so this form leaves them out of SET and matches them in WHERE instead; a run
+# whose caller changed either falls back to _UPDATE_CHECKED. Its parameters: _keeping_keys().
+_KEPT = frozenset(("run_id", "module_id", "created_at"))
+_UPDATE_KEEPING_KEYS = {
+    target: f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS if c not in _KEPT)} "
+    f"WHERE run_id = ? AND module_id = ? AND created_at = ? AND {where}"
+    for target, where in _STATUS_MAY_BECOME.items()
+}
+_MODULE_ID, _CREATED_AT = _COLUMNS.index("module_id"), _COLUMNS.index("created_at")
+assert _COLUMNS[0] == "run_id" and _MODULE_ID == 1 and _CREATED_AT == 7
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED_STATUSES))
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
 
@@ -320,13 +331,20 @@ def _from_micros(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + value * _MICRO
 
 
+def _keeping_keys(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The parameters of _UPDATE_KEEPING_KEYS for a row's values (_COLUMNS order)."""
+    return (*values[2:7], *values[8:], values[0], values[1], values[7])
+
+
 def _row_values(run: Run) -> tuple[Any, ...]:
     owner = run.owner
+    parameters, tail = run.parameters, run.output_tail
     return (
         run.run_id,
         run.module_id,
         run.module_name,
-        json.dumps(run.parameters),
+        # Most runs have neither parameters nor an output tail: skip the encoder for those.
+        json.dumps(parameters) if parameters or type(parameters) is not dict else "{}",
         run.status.value,
         run.exit_code,
         run.error_message,
@@ -335,7 +353,7 @@ def _row_values(run: Run) -> tuple[Any, ...]:
         _to_micros(run.finished_at),
         run.pid,
         run.mode,
-        json.dumps(run.output_tail),
+        json.dumps(tail) if tail or type(tail) is not list else "[]",
         run.peak_rss_bytes,
         run.cpu_time_seconds,
         None if owner is None else owner.host,
@@ -450,12 +468,20 @@ class _Database:
             self.conn.close()
             raise
 
-    def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    def write(self, fn: Callable[[sqlite3.Connection], _T], atomic: bool = False) -> _T:
+        """Run ``fn`` as one write: its own transaction, or a savepoint in a group's.
+
+        ``atomic``: ``fn`` changes the database with at most one statement (others it runs
+        only read or change nothing), so SQLite's own statement rollback already undoes a
+        failure, and inside a group no savepoint is needed.
+        """
         if self.read_only:
             raise RegistryReadOnlyError(
                 f"the registry {self.path!r} was opened read-only; it cannot be written"
             )
         if self.conn.in_transaction:
+            if atomic:
+                return fn(self.conn)
             # Inside a group transaction (SQLiteWorker): a savepoint, so a failing write undoes
             # only itself and the group's other writes still commit.
             self.conn.execute("SAVEPOINT write")
@@ -631,7 +657,7 @@ class _Database:
                 ) from None
             self._retain(conn, max_runs, max_age)
 
-        self.write(step)
+        self.write(step, atomic=max_runs is None and max_age is None)
 
     def update(self, run: Run) -> None:
         def step(conn: sqlite3.Connection) -> None:
@@ -639,7 +665,12 @@ class _Database:
             if error is not None:
                 raise error
             values = _row_values(run)
-            if conn.execute(_UPDATE_CHECKED[run.status], (*values[1:], run.run_id)).rowcount:
+            status = run.status
+            # At most one of the two UPDATEs changes the row: the second only runs when the
+            # first matched nothing.
+            if conn.execute(_UPDATE_KEEPING_KEYS[status], _keeping_keys(values)).rowcount:
+                return
+            if conn.execute(_UPDATE_CHECKED[status], (*values[1:], run.run_id)).rowcount:
                 return
             row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run.run_id,)).fetchone()
             if row is None:
@@ -655,7 +686,7 @@ class _Database:
             assert refused is not None  # the checked UPDATE matched nothing for a reason
             raise refused
 
-        self.write(step)
+        self.write(step, atomic=True)
 
     def request_cancel(self, run_id: str, reason: str) -> bool:
         def step(conn: sqlite3.Connection) -> bool:
@@ -813,14 +844,14 @@ class SQLiteRunRegistry(BaseRunRegistry):
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         assert self._executor is not None
-        return await self._executor.call(functools.partial(fn, *args))
+        return await self._executor.call(fn, *args)
 
     async def _write(self, db: _Database, fn: Callable[..., _T], *args: Any) -> _T:
         """Like _run, for a method that writes through ``db.write``: it may share a group
         transaction, and returns after that committed."""
         self._check_writable(db)
         assert self._executor is not None
-        return await self._executor.call(functools.partial(fn, *args), group=db)
+        return await self._executor.call(fn, *args, group=db)
 
     def _check_writable(self, db: _Database) -> None:
         if db.read_only:
@@ -908,15 +939,22 @@ class SQLiteRunRegistry(BaseRunRegistry):
             await self._shutdown()
 
     async def add_run(self, run: Run) -> None:
-        db = await self._database()
+        db = self._db
+        if db is None or self._closed:  # the open registry's writes skip a coroutine
+            db = await self._database()
         self._check_writable(db)  # before the caller's run is touched
         if run.owner is None:
             run.owner = RunOwner.current()
-        await self._write(db, db.add, run.copy(), self.max_runs, self.max_age)
+        assert self._executor is not None
+        await self._executor.call(db.add, run.copy(), self.max_runs, self.max_age, group=db)
 
     async def update_run(self, run: Run) -> None:
-        db = await self._database()
-        await self._write(db, db.update, run.copy())
+        db = self._db
+        if db is None or self._closed:
+            db = await self._database()
+        self._check_writable(db)
+        assert self._executor is not None
+        await self._executor.call(db.update, run.copy(), group=db)
 
     async def get_run(self, run_id: str) -> Run | None:
         db = await self._database()

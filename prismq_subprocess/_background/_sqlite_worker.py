@@ -36,16 +36,18 @@ class GroupTarget(Protocol):
 
 
 class _Job(Generic[_T]):
-    __slots__ = ("error", "fn", "future", "group", "loop", "result")
+    __slots__ = ("args", "error", "fn", "future", "group", "loop", "result")
 
     def __init__(
         self,
-        fn: Callable[[], _T],
+        fn: Callable[..., _T],
+        args: tuple[Any, ...],
         group: GroupTarget | None,
         loop: asyncio.AbstractEventLoop | None,
         future: asyncio.Future[_T] | concurrent.futures.Future[_T],
     ) -> None:
         self.fn = fn
+        self.args = args
         self.group = group
         self.loop = loop
         self.future = future
@@ -79,8 +81,10 @@ class SQLiteWorker:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
-    async def call(self, fn: Callable[[], _T], group: GroupTarget | None = None) -> _T:
-        """Run ``fn`` on the thread and return its result.
+    async def call(
+        self, fn: Callable[..., _T], *args: Any, group: GroupTarget | None = None
+    ) -> _T:
+        """Run ``fn(*args)`` on the thread and return its result.
 
         ``group``: ``fn`` writes through ``group.conn`` (via a savepoint when a transaction is
         open) and may share one transaction with the other writes queued beside it; its result
@@ -90,13 +94,13 @@ class SQLiteWorker:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        self._queue.put(_Job(fn, group, loop, future))
+        self._queue.put(_Job(fn, args, group, loop, future))
         return await future
 
     def submit(self, fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
         """Run ``fn`` on the thread on its own (not grouped); for open and close."""
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
-        self._queue.put(_Job(fn, None, None, future))
+        self._queue.put(_Job(fn, (), None, None, future))
         return future
 
     def shutdown(self) -> None:
@@ -137,7 +141,7 @@ class SQLiteWorker:
     @staticmethod
     def _run_one(job: _Job[Any]) -> None:
         try:
-            job.result = job.fn()
+            job.result = job.fn(*job.args)
         except BaseException as exc:  # handed to the caller; the thread keeps serving
             job.error = exc
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,28 @@ async def test_read_only_refuses_what_it_cannot_read(tmp_path: Path, kind: str) 
     await registry.aclose()
     assert (path.read_bytes() if path.exists() else None) == before
     assert sqlite_threads() == []
+
+
+async def test_an_update_stores_the_fields_that_rarely_change(tmp_path: Path) -> None:
+    # update_run skips rewriting the indexed module_id / created_at when they are unchanged;
+    # when a caller did change them, the stored row must follow, alone and inside a group.
+    path = tmp_path / "rare.db"
+    async with SQLiteRunRegistry(path) as registry:
+        alone = Run(run_id="alone", module_id="before")
+        grouped = [Run(run_id=f"grouped-{i}", module_id="before") for i in range(8)]
+        for run in (alone, *grouped):
+            await registry.add_run(run)
+        for run in (alone, *grouped):
+            run.module_id = "after"
+            run.module_name = "renamed"
+            run.created_at = run.created_at - timedelta(days=1)
+            run.mark_running(pid=3)
+        await registry.update_run(alone)
+        await asyncio.gather(*(registry.update_run(run) for run in grouped))
+        assert await registry.count_runs(module_id="before") == 0
+        assert await registry.count_runs(module_id="after") == 9
+    async with SQLiteRunRegistry(path) as again:
+        for run in (alone, *grouped):
+            assert await again.get_run(run.run_id) == run
+        listed = await again.list_runs(module_id="after", limit=20)
+        assert sorted(r.run_id for r in listed) == sorted(r.run_id for r in (alone, *grouped))

@@ -80,11 +80,12 @@ def register_child(
 ) -> None:
     """Remember how ``process`` was started (its group, when, its containment). Once the
     process object is gone, ``ops`` releases the containment (a Job Object handle, an empty
-    cgroup), since nothing can stop that child through us any more."""
+    cgroup; off the calling thread where that blocks), since nothing can stop that child
+    through us any more."""
     with contextlib.suppress(TypeError):
         _CHILDREN[process] = _Child(own_group, time.time(), containment)
         if containment is not None and ops is not None and containment != Containment():
-            weakref.finalize(process, ops.release, containment)
+            weakref.finalize(process, ops.release_soon, containment)
 
 
 def _known(process: object) -> _Child | None:

@@ -2,8 +2,10 @@
 
 Moving an ASYNC child into its cgroup blocks for 5 to 30 ms in the kernel; on the loop's thread
 that is a stall for every task of the host. A :class:`Backlog` takes such jobs without waiting:
-its thread exists only while there are jobs (an idle host holds no thread for it), and jobs
-submitted while it works join the queue it is draining.
+its thread exists only while there are jobs and for a short linger after them (an idle host
+holds no thread for it, and a host spawning in a steady stream does not start a thread per job:
+``Thread.start()`` costs the loop's thread tens of microseconds and waits for the new thread to
+run). Jobs submitted while it works join the queue it is draining.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ __all__ = ["Backlog"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds the worker thread waits for another job before it ends.
+DEFAULT_LINGER = 0.25
+
 
 class Backlog:
-    """Runs the callables given to :meth:`submit`, in order, on a worker thread named ``name``."""
+    """Runs the callables given to :meth:`submit`, in order, on a worker thread named ``name``;
+    the thread ends once it has been idle for ``linger`` seconds."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, linger: float = DEFAULT_LINGER) -> None:
         self._name = name
+        self._linger = linger
         self._lock = threading.Lock()
+        self._more = threading.Condition(self._lock)
         self._jobs: collections.deque[Callable[[], object]] = collections.deque()
-        self._busy = False
+        self._busy = False  # a worker thread exists (running or lingering)
         self._idle = threading.Event()
         self._idle.set()
 
@@ -35,6 +43,7 @@ class Backlog:
             self._jobs.append(job)
             self._idle.clear()
             if self._busy:
+                self._more.notify()
                 return
             self._busy = True
         # A daemon: a job left when the interpreter exits concerns a child of a host that is
@@ -49,9 +58,12 @@ class Backlog:
         while True:
             with self._lock:
                 if not self._jobs:
-                    self._busy = False
                     self._idle.set()
-                    return
+                    self._more.wait_for(lambda: bool(self._jobs), self._linger)
+                    if not self._jobs:
+                        # Decided under the lock: a submit after this starts a new thread.
+                        self._busy = False
+                        return
                 job = self._jobs.popleft()
             try:
                 job()

@@ -108,6 +108,17 @@ class Cgroups:
             return None
         return path
 
+    def make(self, path: str) -> bool:
+        """Create the sub-group at ``path`` (one of :attr:`base`'s) unless it exists; whether it
+        exists now."""
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            return True
+        except OSError:
+            return False
+        return True
+
     def enter(self, path: str, pid: int) -> bool:
         """Move process ``pid`` (0: the caller) into the sub-group at ``path``."""
         return _write(os.path.join(path, "cgroup.procs"), str(pid))

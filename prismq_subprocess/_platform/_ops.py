@@ -186,6 +186,11 @@ class PlatformOps:
     def release(self, containment: Containment) -> None:
         """The child's run is over: release what :meth:`prepare_spawn` set up for it."""
 
+    def release_soon(self, containment: Containment) -> None:
+        """:meth:`release`, possibly on another thread, after the :meth:`adopt_soon` moves
+        already asked for: for the event loop's thread, which must not block on the kernel."""
+        self.release(containment)
+
     def kill_contained(self, containment: Containment) -> None:
         """Kill at once whatever ``containment`` finds, then :meth:`release` it: for a spawn
         undone before its pid was known (asyncio kills the child of a cancelled creation, not

@@ -98,6 +98,14 @@ class PosixOps(PlatformOps):
         if self.host is not None:
             self.host.release(containment)
 
+    def release_soon(self, containment: Containment) -> None:
+        if self.host is not None and containment.cgroup is not None:
+            # Behind the moves in the same queue: a sub-group is never removed before its
+            # child's move was tried (the move would then make it again, for nobody).
+            _MOVES.submit(functools.partial(self.host.release, containment))
+        else:
+            self.release(containment)
+
     def kill_contained(self, containment: Containment) -> None:
         if containment.cookie is None and containment.cgroup is None:
             self.release(containment)

@@ -164,7 +164,14 @@ class PosixHost:
             out["env"] = self.cookies.child_env(out.get("env"), cookie)
         cgroup = None
         if self.cgroups is not None:
-            cgroup = self.cgroups.create(f"prismq-{self.cookies.token.lower()}-{self._next()}")
+            name = f"prismq-{self.cookies.token.lower()}-{self._next()}"
+            if die_with_host:  # the child moves itself in before exec: it must exist now
+                cgroup = self.cgroups.create(name)
+            else:
+                # Made by enter(), with the move: for ASYNC that is off the loop's thread
+                # (mkdir takes the kernel's cgroup mutex: milliseconds under load). Until
+                # then a stop finds no such sub-group, as it finds an empty one.
+                cgroup = os.path.join(self.cgroups.base, name)
             if cgroup is not None:
                 with self._lock:
                     self._run_cgroups[cgroup] = False
@@ -199,8 +206,8 @@ class PosixHost:
         return left
 
     def enter(self, pid: int, containment: Containment) -> None:
-        """Move the child ``pid`` into its sub-group (unless it moved itself before exec); the
-        sub-group may go once empty from then on.
+        """Create the child's sub-group and move the child ``pid`` into it (unless it moved
+        itself before exec); the sub-group may go once empty from then on.
 
         Blocks in the kernel for 5 to 30 ms: moving a process between cgroups waits for an RCU
         grace period (``cgroup_threadgroup_rwsem``), unless the hierarchy is mounted with
@@ -210,6 +217,16 @@ class PosixHost:
         if path is None or self.cgroups is None:
             return
         if not containment.entered:
+            made = self.cgroups.make(path)
+            with self._lock:
+                wanted = path in self._run_cgroups  # (not released meanwhile)
+                if not made:
+                    self._run_cgroups.pop(path, None)
+            if not made:
+                return
+            if not wanted:  # the run ended before its move: nothing will remove this one
+                self.cgroups.remove(path)
+                return
             self.cgroups.enter(path, pid)
         with self._lock:
             if path in self._run_cgroups:  # (not released meanwhile)

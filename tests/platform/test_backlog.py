@@ -1,0 +1,64 @@
+"""Backlog: blocking jobs run in order on one worker thread that lingers briefly when idle."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from prismq_subprocess._platform._backlog import Backlog
+
+
+def _threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def test_jobs_run_in_order_and_a_failure_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    backlog = Backlog("test-backlog-order", linger=0.05)
+    ran: list[int] = []
+
+    def fail() -> None:
+        raise ValueError("boom")
+
+    with caplog.at_level(logging.ERROR):
+        for i in range(5):
+            backlog.submit(lambda i=i: ran.append(i))
+            if i == 2:
+                backlog.submit(fail)
+        assert backlog.wait_idle(5)
+    assert ran == [0, 1, 2, 3, 4]
+    assert "a job failed" in caplog.text and "boom" in caplog.text
+
+
+def test_jobs_in_quick_succession_share_one_thread_which_then_goes() -> None:
+    # Starting a thread costs the submitter (the event loop's thread) tens of microseconds and
+    # waits for the new thread to run: a job per spawn must not pay that each time.
+    name = "test-backlog-linger"
+    backlog = Backlog(name, linger=0.5)
+    seen: list[int] = []
+    for _ in range(20):
+        backlog.submit(lambda: seen.append(threading.get_ident()))
+        assert backlog.wait_idle(5)
+        time.sleep(0.001)
+    assert len(set(seen)) == 1
+    assert _threads(name)  # still lingering
+    deadline = time.monotonic() + 5
+    while _threads(name) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _threads(name) == []  # an idle host holds no thread for it
+    backlog.submit(lambda: seen.append(threading.get_ident()))
+    assert backlog.wait_idle(5)
+    assert len(seen) == 21
+
+
+def test_a_job_submitted_as_the_thread_gives_up_still_runs() -> None:
+    backlog = Backlog("test-backlog-race", linger=0.0)
+    ran = []
+    for i in range(300):
+        backlog.submit(lambda i=i: ran.append(i))
+        if i % 3 == 0:
+            time.sleep(0.0005)
+    assert backlog.wait_idle(5)
+    assert ran == list(range(300))

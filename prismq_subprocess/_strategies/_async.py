@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import asyncio.subprocess
 import contextlib
-from collections.abc import Callable
-from typing import Any
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
@@ -28,6 +29,8 @@ from .._core._process import ProcessLike
 from .._core._tree_stop import kill_tree_now, register_child
 from .._platform import PlatformOps, prefer_pidfd_watcher
 from ._base import SpawnRequest, SubprocessStrategy
+
+_T = TypeVar("_T")
 
 __all__ = ["AsyncProcess", "AsyncStrategy", "ExitProtocol"]
 
@@ -143,15 +146,38 @@ class AsyncStrategy(SubprocessStrategy):
         # have started in its group. So the creation runs in a task of its own that our caller's
         # cancellation does not reach: when the caller gives up, we wait for the creation (a few
         # loop iterations, as asyncio's own clean-up waits for the child) and kill the whole tree.
-        creation = asyncio.ensure_future(self._create(request))
+        # The creation hands its result to `created` itself: one loop iteration fewer than
+        # awaiting the task through asyncio.shield (whose outer future is resolved by a done
+        # callback, itself scheduled), and our caller's cancellation cancels only `created`.
+        loop = asyncio.get_running_loop()
+        created: asyncio.Future[ProcessLike] = loop.create_future()
+        creation = _start_task(loop, self._create_into(request, created))
         try:
-            return await asyncio.shield(creation)
+            return await created
         except asyncio.CancelledError:
             process = await _abandon(creation)
             if process is not None:
                 kill_tree_now(process, self.ops)
                 self.release_pipes(process)
             raise
+
+    async def _create_into(
+        self, request: SpawnRequest, created: asyncio.Future[ProcessLike]
+    ) -> ProcessLike | None:
+        try:
+            process = await self._create(request)
+        except asyncio.CancelledError:
+            created.cancel()  # (a no-op when our caller was cancelled first)
+            raise
+        except BaseException as exc:
+            if not created.done():
+                created.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return None  # the error reached the caller through `created`
+        if not created.done():
+            created.set_result(process)
+        return process
 
     async def _create(self, request: SpawnRequest) -> ProcessLike:
         kwargs, containment = self.ops.prepare_spawn(request.kwargs, request.die_with_host)
@@ -220,7 +246,24 @@ class AsyncStrategy(SubprocessStrategy):
         return returncode if returncode is not None else await process.wait()
 
 
-async def _abandon(creation: asyncio.Task[ProcessLike]) -> ProcessLike | None:
+def _start_task(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]
+) -> asyncio.Task[_T]:
+    """A task for ``coro``, started at once where asyncio can (3.12+: an eager task runs until
+    its first suspension now, not on the next loop iteration)."""
+    if (
+        sys.version_info >= (3, 12)
+        and type(loop).create_task is _BASE_CREATE_TASK
+        and loop.get_task_factory() is None
+    ):
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+    return loop.create_task(coro)
+
+
+_BASE_CREATE_TASK = asyncio.BaseEventLoop.create_task
+
+
+async def _abandon(creation: asyncio.Task[ProcessLike | None]) -> ProcessLike | None:
     """Wait for a creation our caller gave up on and return the child (``None`` if there is
     none to undo).
 

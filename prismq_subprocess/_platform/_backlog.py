@@ -48,18 +48,24 @@ class Backlog:
             self._busy = True
         # A daemon: a job left when the interpreter exits concerns a child of a host that is
         # going away (and whose clean-up at exit covers it).
-        threading.Thread(target=self._drain, name=self._name, daemon=True).start()
+        try:
+            threading.Thread(target=self._drain, name=self._name, daemon=True).start()
+        except RuntimeError:
+            # No new thread (Python 3.12+ at interpreter shutdown, where finalizers still
+            # submit jobs): run what is queued here and now.
+            self._drain(linger=False)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every job submitted so far has run (True), or ``timeout`` passed."""
         return self._idle.wait(timeout)
 
-    def _drain(self) -> None:
+    def _drain(self, linger: bool = True) -> None:
         while True:
             with self._lock:
                 if not self._jobs:
                     self._idle.set()
-                    self._more.wait_for(lambda: bool(self._jobs), self._linger)
+                    if linger:
+                        self._more.wait_for(lambda: bool(self._jobs), self._linger)
                     if not self._jobs:
                         # Decided under the lock: a submit after this starts a new thread.
                         self._busy = False

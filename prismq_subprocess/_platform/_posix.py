@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -99,7 +100,10 @@ class PosixOps(PlatformOps):
             self.host.release(containment)
 
     def release_soon(self, containment: Containment) -> None:
-        if self.host is not None and containment.cgroup is not None:
+        # weakref.finalize marks its run at exit: a thread started then may never finish, and
+        # there is no loop left to protect.
+        exiting = getattr(weakref.finalize, "_shutdown", False)
+        if self.host is not None and containment.cgroup is not None and not exiting:
             # Behind the moves in the same queue: a sub-group is never removed before its
             # child's move was tried (the move would then make it again, for nobody).
             _MOVES.submit(functools.partial(self.host.release, containment))

@@ -371,6 +371,40 @@ async def test_an_async_run_makes_and_removes_its_sub_group_off_the_loop() -> No
     assert [op for op, thread in calls if thread == threading.get_ident()] == []
 
 
+EXIT_WITH_LIVE_PROCESS_OBJECTS = """
+import asyncio, os, sys
+import prismq_subprocess as pq
+from prismq_subprocess._platform import _posix
+from prismq_subprocess._platform._posix_host import posix_host
+KEPT = []
+async def main():
+    wrapper = pq.SubprocessWrapper("async")
+    for _ in range(3):
+        proc = await wrapper.create_subprocess_exec("sleep", "30")
+        assert await asyncio.to_thread(_posix._MOVES.wait_idle, 10)  # in its sub-group
+        proc.kill()
+        await proc.wait()
+        KEPT.append(proc)  # still alive when the interpreter exits
+    await asyncio.sleep(0.5)  # the containment thread has ended (it lingers 0.25 s)
+    host = posix_host()
+    print(host.cgroups.base if host.cgroups else "", host.cookies.token.lower(), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_process_objects_alive_at_exit_release_their_sub_groups_quietly() -> None:
+    # Their finalizers run at exit, where Python 3.12+ refuses new threads.
+    _host("cgroup")  # skips where there are no sub-groups to make
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_LIVE_PROCESS_OBJECTS],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    base, token = done.stdout.split()
+    assert [p for p in os.listdir(base) if p.startswith(f"prismq-{token}-")] == []
+
+
 async def test_a_child_reaped_before_its_move_is_not_moved() -> None:
     # The move names the child by pid; once asyncio has reaped it, that pid may be anyone's.
     host = _host("cgroup")

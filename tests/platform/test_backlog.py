@@ -62,3 +62,23 @@ def test_a_job_submitted_as_the_thread_gives_up_still_runs() -> None:
             time.sleep(0.0005)
     assert backlog.wait_idle(5)
     assert ran == list(range(300))
+
+
+def test_where_no_thread_can_start_the_jobs_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python 3.12+ refuses new threads at interpreter shutdown, where weakref finalizers (a
+    # process object's release) still submit jobs: they must run, and quietly.
+    backlog = Backlog("test-backlog-shutdown", linger=0.05)
+    ran: list[str] = []
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", refuse)
+        backlog.submit(lambda: ran.append("first"))
+        backlog.submit(lambda: ran.append("second"))
+        assert ran == ["first", "second"]
+        assert backlog.wait_idle(0)
+    backlog.submit(lambda: ran.append("third"))  # threads again: back to normal
+    assert backlog.wait_idle(5)
+    assert ran == ["first", "second", "third"]

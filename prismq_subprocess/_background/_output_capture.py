@@ -303,13 +303,16 @@ class OutputCapture(AsyncClosing):
             self._start_batch(run_id, line)
             return
         if "\n" in line:
+            whole = line
             if line[-1] == "\n":
                 line = line[:-1]
                 # Indexing, not a second scan of the line for "\r".
                 if line and line[-1] == "\r":
                     line = line[:-1]
             if "\n" in line:
-                await self.append_lines(run_id, [line])
+                # The line as given: cleaning the stripped one would strip a second newline
+                # ("x\n\n" is "x" and "", not "x" alone).
+                await self.append_lines(run_id, [whole])
                 return
         log = self._log
         if log is not None:

@@ -198,7 +198,6 @@ class OutputCapture(AsyncClosing):
         # ring. A run is here only while its batch is not empty (an absent run makes the next
         # append take the full path, which starts a batch and schedules its flush).
         self._pending: dict[str, list[str]] = {}
-        self._batch_lines = _BATCH_LINES
         # Longer lines skip the batch, so that it stays small in bytes (4 bytes a character at
         # worst) and none of its lines needs cutting to max_line_bytes.
         self._fast_chars = min(
@@ -274,10 +273,13 @@ class OutputCapture(AsyncClosing):
         # The fast path: a run with a pending batch is open, known and followed by nobody (a
         # close or a subscriber flushes and removes the batch first), so a short str needs no
         # check; everything else is for the batch, in C passes (see _flush).
-        pending = self._pending.get(run_id)
+        try:
+            pending: list[str] | None = self._pending[run_id]
+        except KeyError:  # once per batch: cheaper per line than dict.get
+            pending = None
         if pending is not None and line.__class__ is str and len(line) <= self._fast_chars:
             pending.append(line)
-            if len(pending) >= self._batch_lines:
+            if len(pending) >= _BATCH_LINES:  # a global: one attribute lookup less
                 self._flush(run_id)
             return
         # The rest lives in another coroutine: a coroutine's frame is allocated and copied

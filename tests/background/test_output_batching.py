@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prismq_subprocess._background import _output_capture
 from prismq_subprocess._background._output_capture import (
     OutputCapture,
     OutputGap,
@@ -107,9 +108,8 @@ def test_batched_appends_lose_and_reorder_nothing(
             max_line_bytes=max_line_bytes,
             log_dir=log_dir,
         )
-        # Small batches and any line length on the fast path, so that short scenarios fill,
-        # flush and interleave batches (and cut lines inside a batch).
-        capture._batch_lines = batch_lines
+        # Any line length on the fast path (and small batches, below), so that short scenarios
+        # fill, flush and interleave batches (and cut lines inside a batch).
         if fast_chars is not None:
             capture._fast_chars = fast_chars
         capture.open_run("r")
@@ -175,11 +175,16 @@ def test_batched_appends_lose_and_reorder_nothing(
             data = path.read_bytes().decode("utf-8") if path.exists() else ""
             assert data == "".join(text + "\n" for text in model)
 
-    if with_log:
-        with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(scenario(Path(tmp) / "logs"))
-    else:
-        asyncio.run(scenario(None))
+    saved = _output_capture._BATCH_LINES
+    _output_capture._BATCH_LINES = batch_lines
+    try:
+        if with_log:
+            with tempfile.TemporaryDirectory() as tmp:
+                asyncio.run(scenario(Path(tmp) / "logs"))
+        else:
+            asyncio.run(scenario(None))
+    finally:
+        _output_capture._BATCH_LINES = saved
 
 
 def test_append_line_stays_a_coroutine_function() -> None:
@@ -211,9 +216,9 @@ async def test_lines_take_the_batch_and_reach_the_ring_within_one_loop_turn(
         assert path.read_text(encoding="utf-8") == "".join(f"line {i}\n" for i in range(10))
 
 
-async def test_a_full_batch_is_added_at_once() -> None:
+async def test_a_full_batch_is_added_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_output_capture, "_BATCH_LINES", 4)
     capture = OutputCapture()
-    capture._batch_lines = 4
     for i in range(9):
         await capture.append_line("r", str(i))
     ring = capture._runs["r"]
@@ -315,7 +320,7 @@ async def test_long_lines_skip_the_batch_so_memory_stays_bounded() -> None:
     # Lines at the limit take the batch; a full batch is at most a quarter of the byte bound.
     limit = capture._fast_chars
     assert limit == 1024 * 1024 // 1024
-    for _ in range(capture._batch_lines - 1):
+    for _ in range(_output_capture._BATCH_LINES - 1):
         await capture.append_line("r", "y" * limit)
     pending = capture._pending["r"]
     assert sum(map(len, pending)) <= capture.max_bytes_per_run // 4

@@ -282,12 +282,8 @@ class OutputCapture(AsyncClosing):
             if len(pending) >= _BATCH_LINES:  # a global: one attribute lookup less
                 self._flush(run_id)
             return
-        # The rest lives in another coroutine: a coroutine's frame is allocated and copied
-        # per call, so the fast path is cheaper the fewer locals this function has.
-        await self._append_one(run_id, line, pending)
-
-    async def _append_one(self, run_id: str, line: str, pending: list[str] | None) -> None:
-        """``append_line`` off its fast path: the run has no batch, or ``line`` cannot join it."""
+        # The full path: the run has no batch (new, followed, or its batch was just added), or
+        # the line cannot join it.
         try:
             ring = self._runs[run_id]
         except KeyError:

@@ -394,7 +394,9 @@ class OutputCapture(AsyncClosing):
             self._log.write(run_id, batch)
         if self._fast_chars * 4 > self.max_line_bytes:
             # A batch line may need cutting (only if _fast_chars was raised, as tests do).
-            self._push(ring, batch, 0)
+            done = 0
+            while done < len(batch):
+                done = self._push(ring, batch, done)
         else:
             ring.lines.extend(batch)
             ring.nbytes += size

@@ -123,10 +123,10 @@ _last_char = operator.itemgetter(-1)
 
 
 def _all_end_with_newline(batch: list[str]) -> bool:
-    # One C pass (1-character strs are cached: no allocation per line); an empty line ends
-    # with nothing.
+    # C passes only: 1-character strs are cached (no allocation per line) and list.count
+    # compares them by identity first. An empty line ends with nothing.
     try:
-        return "".join(map(_last_char, batch)) == "\n" * len(batch)
+        return list(map(_last_char, batch)).count("\n") == len(batch)
     except IndexError:
         return False
 

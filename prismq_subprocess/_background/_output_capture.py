@@ -273,10 +273,9 @@ class OutputCapture(AsyncClosing):
         # The fast path: a run with a pending batch is open, known and followed by nobody (a
         # close or a subscriber flushes and removes the batch first), so a short str needs no
         # check; everything else is for the batch, in C passes (see _flush).
-        try:
-            pending: list[str] | None = self._pending[run_id]
-        except KeyError:  # once per batch: cheaper per line than dict.get
-            pending = None
+        # .get, not a subscript in try: a followed run has no batch, and a KeyError per line
+        # would cost its appends more than .get costs these.
+        pending = self._pending.get(run_id)
         if pending is not None and line.__class__ is str and len(line) <= self._fast_chars:
             pending.append(line)
             if len(pending) >= _BATCH_LINES:  # a global: one attribute lookup less

@@ -9,6 +9,7 @@ import tempfile
 import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -93,7 +94,7 @@ def check_items(reader: Reader, model: list[str], max_line_bytes: int, gaps: boo
     with_log=st.booleans(),
 )
 def test_batched_appends_lose_and_reorder_nothing(
-    ops: list[tuple[object, ...]],
+    ops: list[tuple[Any, ...]],
     max_lines: int,
     max_bytes: int,
     max_line_bytes: int,
@@ -116,7 +117,7 @@ def test_batched_appends_lose_and_reorder_nothing(
         model: list[str] = []
         readers: dict[int, Reader] = {}
         for op in ops:
-            kind, arg = op[0], op[1]
+            kind, arg, *more = op
             if kind == "line":
                 assert isinstance(arg, str)
                 await capture.append_line("r", arg)
@@ -131,14 +132,14 @@ def test_batched_appends_lose_and_reorder_nothing(
                     first = min(arg, len(model))
                     readers[arg] = Reader(capture.subscribe("r", from_seq=first), first)
             elif kind == "read":
-                reader = readers.get(op[1])  # type: ignore[call-overload]
-                for _ in range(op[2] if reader is not None else 0):  # type: ignore[operator]
+                reader = readers.get(arg)
+                for _ in range(more[0] if reader is not None else 0):
                     assert reader is not None
                     if reader.subscription.next_seq >= len(model):
                         break  # caught up: the next read would wait
                     reader.items.append(await reader.subscription.__anext__())
             elif kind == "unsubscribe":
-                gone = readers.pop(arg, None)  # type: ignore[call-overload]
+                gone = readers.pop(arg, None)
                 if gone is not None:
                     await gone.subscription.aclose()
                     check_items(gone, model[: gone.subscription.next_seq], max_line_bytes, True)

@@ -10,6 +10,11 @@ is O(1) per line whatever the number of subscribers, a subscriber that keeps up 
 line, and a stalled one costs nothing but its cursor. With a ``log_dir`` every line also goes to a
 per-run log file, from which subscribers that fell behind, or that come after the buffer was
 released, read what the ring no longer has.
+
+A run nobody follows takes lines on a fast path: ``append_line`` only puts the raw line on the
+run's pending batch, and the per-line bookkeeping (newline stripping, sizes, seqs, eviction, the
+log hand-off) is done for the whole batch in C-level passes when it is full, at the end of the
+loop iteration, or as soon as anything reads the run (see ``OutputCapture._flush``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import bisect
 import itertools
 import math
+import operator
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -63,6 +69,9 @@ __all__ = [
 
 #: How many released run ids are remembered (so a late append is refused, not a new run).
 _REMEMBER_RELEASED = 10_000
+#: Lines a run's pending batch (the fast path of ``append_line``) holds before it is added to
+#: the ring; the batch's fixed cost (a join, a few C passes, one eviction) is spread over these.
+_BATCH_LINES = 256
 
 
 def _count(name: str, value: int, minimum: int = 1) -> int:
@@ -79,17 +88,19 @@ def _optional_count(name: str, value: int | None) -> int | None:
     return value
 
 
-def _clean(lines: Iterable[str]) -> list[str]:
-    """One str per line: a trailing ``\\n``/``\\r\\n`` removed, embedded newlines split."""
+def _clean(lines: Iterable[str], text: str | None = None) -> list[str]:
+    """One str per line: a trailing ``\\n``/``\\r\\n`` removed, embedded newlines split.
+    ``text``, if given, is ``"".join(lines)`` (the caller had it already)."""
     batch = lines if isinstance(lines, list) else list(lines)
     if not batch:
         return batch
-    if "\n".join(batch).count("\n") == len(batch) - 1:
-        return batch  # the common case: no line has a newline
-    if all(map(str.endswith, batch, itertools.repeat("\n"))):
+    if text is None:
+        text = "".join(batch)
+    if "\n" not in text:
+        return batch  # the common case: no line has a newline (a memchr, no count)
+    if _all_end_with_newline(batch):
         # The other common case, lines as read from a pipe: every one ends with "\n", so
         # joining and splitting keeps the line boundaries, in C passes rather than a Python loop.
-        text = "".join(batch)
         parts = text.split("\n")
         parts.pop()  # after the last "\n"
         if "\r" in text:
@@ -108,13 +119,28 @@ def _clean(lines: Iterable[str]) -> list[str]:
     return out
 
 
+_last_char = operator.itemgetter(-1)
+
+
+def _all_end_with_newline(batch: list[str]) -> bool:
+    # C passes only: 1-character strs are cached (no allocation per line) and list.count
+    # compares them by identity first. An empty line ends with nothing.
+    try:
+        return list(map(_last_char, batch)).count("\n") == len(batch)
+    except IndexError:
+        return False
+
+
 class OutputCapture(AsyncClosing):
     """Buffers each run's output lines and fans them out to subscribers.
 
     Args:
         max_lines_per_run: ring buffer size in lines.
         max_bytes_per_run: ring buffer size in UTF-8 bytes; the newest line is always kept, so a
-            run holds at most ``max_bytes_per_run + max_line_bytes`` bytes of text.
+            run holds at most ``max_bytes_per_run + max_line_bytes`` bytes of text, plus a
+            pending batch of at most 256 lines of at most ``max_bytes_per_run // 1024``
+            characters each (a quarter of ``max_bytes_per_run`` for ASCII text) while nobody
+            follows the run (longer lines skip the batch).
         max_line_bytes: longer lines are cut to this many bytes in memory (the text says so and
             :attr:`OutputLine.truncated` counts the cut bytes); the log file keeps them whole.
         log_dir: if given, every line of every run is also appended to
@@ -168,6 +194,17 @@ class OutputCapture(AsyncClosing):
         self._released: OrderedDict[str, OutputEnd | None] = OrderedDict()
         self._run_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._closed = False
+        # The fast path of append_line: the raw lines of runs nobody follows, not yet in their
+        # ring. A run is here only while its batch is not empty (an absent run makes the next
+        # append take the full path, which starts a batch and schedules its flush).
+        self._pending: dict[str, list[str]] = {}
+        # Longer lines skip the batch, so that it stays small in bytes (4 bytes a character at
+        # worst) and none of its lines needs cutting to max_line_bytes.
+        self._fast_chars = min(
+            self.max_bytes_per_run // (4 * _BATCH_LINES), self.max_line_bytes // 4
+        )
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def closed(self) -> bool:
@@ -224,29 +261,55 @@ class OutputCapture(AsyncClosing):
 
         Never waits for subscribers or the disk. While someone follows the run it yields to the
         event loop once per half ring of appended lines, so that subscribers that keep up get
-        every line even from a producer that never waits.
+        every line even from a producer that never waits. While nobody follows it, the line
+        joins a pending batch that every reader of the run (and the end of the current loop
+        iteration) adds to the buffer first, so no reader can tell.
 
         Raises:
             OutputClosedError: :meth:`close_run` was already called for this run, or the
                 capture is closed.
             InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
         """
-        # The hot path of a chatty producer: a few cheap operations per line (no method calls
-        # on the common paths; str methods cost more than `in` and indexing).
+        # The fast path: a run with a pending batch is open, known and followed by nobody (a
+        # close or a subscriber flushes and removes the batch first), so a short str needs no
+        # check; everything else is for the batch, in C passes (see _flush).
+        # .get, not a subscript in try: a followed run has no batch, and a KeyError per line
+        # would cost its appends more than .get costs these.
+        pending = self._pending.get(run_id)
+        if pending is not None and line.__class__ is str and len(line) <= self._fast_chars:
+            pending.append(line)
+            if len(pending) >= _BATCH_LINES:  # a global: one attribute lookup less
+                self._flush(run_id)
+            return
+        # The full path: the run has no batch (new, followed, or its batch was just added), or
+        # the line cannot join it.
         try:
             ring = self._runs[run_id]
         except KeyError:
             ring = self._writable(run_id)
         if ring.closed:
             ring = self._writable(run_id)  # raises
+        if pending is not None:
+            self._flush(run_id)  # the lines before this one go first
+        if (
+            not ring.subscribers
+            and line.__class__ is str
+            and len(line) <= self._fast_chars
+            and not self._closed
+        ):
+            self._start_batch(run_id, line)
+            return
         if "\n" in line:
+            whole = line
             if line[-1] == "\n":
                 line = line[:-1]
                 # Indexing, not a second scan of the line for "\r".
                 if line and line[-1] == "\r":
                     line = line[:-1]
             if "\n" in line:
-                await self.append_lines(run_id, [line])
+                # The line as given: cleaning the stripped one would strip a second newline
+                # ("x\n\n" is "x" and "", not "x" alone).
+                await self.append_lines(run_id, [whole])
                 return
         log = self._log
         if log is not None:
@@ -276,6 +339,7 @@ class OutputCapture(AsyncClosing):
             InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
         """
         ring = self._writable(run_id)
+        self._flush(run_id)
         batch = _clean(lines)
         if not batch:
             return
@@ -289,6 +353,56 @@ class OutputCapture(AsyncClosing):
             await self._maybe_yield(ring)
             if ring.closed and done < len(batch):
                 raise OutputClosedError(f"output of run {run_id!r} was closed during the append")
+
+    def _start_batch(self, run_id: str, line: str) -> None:
+        self._pending[run_id] = [line]
+        # Flush at the end of this loop iteration: a producer that waits between lines has its
+        # lines in the ring (and on their way to the log file) within one loop turn.
+        loop = asyncio.get_running_loop()
+        if self._flush_handle is None or self._flush_loop is not loop:
+            self._flush_loop = loop
+            self._flush_handle = loop.call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        """Add every pending batch to its ring (run by the loop once per iteration with
+        batches, and before the capture closes)."""
+        self._flush_handle = None
+        for run_id in list(self._pending):
+            self._flush(run_id)
+
+    def _flush(self, run_id: str) -> None:
+        """Add ``run_id``'s pending batch, if any, to its ring: what every reader of the ring
+        calls first. The per-line bookkeeping of the fast path happens here, per batch."""
+        batch = self._pending.pop(run_id, None)
+        if not batch:
+            return
+        ring = self._runs[run_id]
+        text = "".join(batch)
+        if "\n" in text:
+            if "\r" not in text and _all_end_with_newline(batch):
+                # Lines as read from a pipe: one split strips them all.
+                batch = text.split("\n")
+                batch.pop()
+                size = (len(text) if text.isascii() else utf8_size(text)) - len(batch)
+            else:
+                batch = _clean(batch, text)
+                size = utf8_size("".join(batch))
+        else:
+            size = len(text) if text.isascii() else utf8_size(text)
+        if self._log is not None:
+            self._log.write(run_id, batch)
+        if self._fast_chars * 4 > self.max_line_bytes:
+            # A batch line may need cutting (only if _fast_chars was raised, as tests do).
+            done = 0
+            while done < len(batch):
+                done = self._push(ring, batch, done)
+        else:
+            ring.lines.extend(batch)
+            ring.nbytes += size
+            if ring.nbytes > ring.max_bytes or len(ring.lines) > ring.limit:
+                ring.evict()
+        if ring.waiters:
+            ring.wake()
 
     def _cut(self, ring: RunRing, line: str, seq: int) -> tuple[str, int]:
         text, cut = bound_line(line, self.max_line_bytes)
@@ -360,6 +474,7 @@ class OutputCapture(AsyncClosing):
                     self._released[run_id] = end
                 return
             ring = self._open(run_id)
+        self._flush(run_id)
         first_close = not ring.closed
         ring.close(end)
         try:
@@ -386,6 +501,8 @@ class OutputCapture(AsyncClosing):
             )
 
     def _release(self, run_id: str, *, remember: bool = True) -> None:
+        if run_id in self._pending:
+            self._flush(run_id)  # its lines still go to the log file
         ring = self._runs.pop(run_id, None)
         self._ended_bytes -= self._ended.pop(run_id, 0)
         timer = self._expiry.pop(run_id, None)
@@ -408,9 +525,12 @@ class OutputCapture(AsyncClosing):
 
     # -- subscribing ----------------------------------------------------------------------------
     def _source(self, run_id: str) -> RunRing | bool:
-        """The ring of ``run_id``, else ``True`` if it has a log file to replay, else ``False``."""
+        """The ring of ``run_id``, else ``True`` if it has a log file to replay, else ``False``.
+        A ring is returned with its pending batch added: the caller attaches a subscriber
+        (which turns the fast path off for the run)."""
         ring = self._runs.get(run_id)
         if ring is not None:
+            self._flush(run_id)
             return ring
         return self.log_dir is not None and run_log_path(self.log_dir, run_id).is_file()
 
@@ -522,6 +642,7 @@ class OutputCapture(AsyncClosing):
     # -- reading the buffer ---------------------------------------------------------------------
     def get_lines(self, run_id: str) -> list[str]:
         """Return the buffered lines of ``run_id`` (empty for an unknown or released run)."""
+        self._flush(run_id)
         ring = self._runs.get(run_id)
         return [] if ring is None else ring.lines[ring.head :]
 
@@ -531,6 +652,7 @@ class OutputCapture(AsyncClosing):
         """Return the last buffered lines of ``run_id``: at most ``max_lines`` and ``max_bytes``
         UTF-8 bytes in all (a single longer line is cut, and says so)."""
         tail = OutputTail(max_lines, max_bytes)
+        self._flush(run_id)
         ring = self._runs.get(run_id)
         if ring is not None and max_lines:
             tail.extend(ring.lines[max(ring.head, len(ring.lines) - max_lines) :])
@@ -538,11 +660,13 @@ class OutputCapture(AsyncClosing):
 
     def dropped_count(self, run_id: str) -> int:
         """Return how many of ``run_id``'s lines are no longer buffered."""
+        self._flush(run_id)
         ring = self._runs.get(run_id)
         return 0 if ring is None else ring.first_seq
 
     def line_count(self, run_id: str) -> int:
         """Return how many lines ``run_id`` produced in total (0 once released)."""
+        self._flush(run_id)
         ring = self._runs.get(run_id)
         return 0 if ring is None else ring.next_seq
 
@@ -566,6 +690,11 @@ class OutputCapture(AsyncClosing):
 
         Cancellation: the writer thread still finishes writing and stops.
         """
+        self._flush_all()
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self._flush_handle = None
         self._closed = True
         for ring in self._runs.values():
             ring.close(None)

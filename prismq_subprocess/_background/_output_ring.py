@@ -86,11 +86,9 @@ class RunRing:
             return
         drop = count - self.keep_lines
         if drop > 0:
-            dropped = lines[head : head + drop]
-            if all(map(str.isascii, dropped)):
-                nbytes -= sum(map(len, dropped))
-            else:
-                nbytes -= sum(map(utf8_size, dropped))
+            # One join, then O(1) isascii and len: cheaper than a size per dropped line (the
+            # UTF-8 size of a concatenation is the sum of the parts' sizes).
+            nbytes -= utf8_size("".join(lines[head : head + drop]))
             head += drop
             count -= drop
         while count > 1 and nbytes > self.keep_bytes:

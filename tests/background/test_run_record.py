@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
+from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus, transition_error
 from prismq_subprocess._core._exceptions import InvalidRunError, PrismQError, RunStateError
 
 
@@ -314,3 +314,29 @@ def test_assignment_keeps_timestamps_already_set() -> None:
     imported = Run(status=RunStatus.COMPLETED, exit_code=0)
     assert imported.status is RunStatus.COMPLETED
     assert imported.copy() == imported
+
+
+@pytest.mark.parametrize("current", list(RunStatus))
+def test_mark_methods_follow_the_transition_table(current: RunStatus) -> None:
+    # The mark_* methods check their legal source states inline (for speed); they must agree
+    # with transition_error, the one table of legal moves, and word refusals the same way.
+    marks = {
+        RunStatus.RUNNING: lambda r: r.mark_running(pid=3),
+        RunStatus.COMPLETED: lambda r: r.mark_completed(0),
+        RunStatus.FAILED: lambda r: r.mark_failed("f", exit_code=1),
+        RunStatus.CANCELLED: lambda r: r.mark_cancelled("c"),
+        RunStatus.INTERRUPTED: lambda r: r.mark_interrupted("i"),
+    }
+    for target, mark in marks.items():
+        run = Run(run_id="r", status=current)
+        why = transition_error(current, target)
+        if why is None:
+            mark(run)
+            assert run.status is target
+            assert (run.started_at is not None) == (target is RunStatus.RUNNING)
+            assert (run.finished_at is not None) == target.is_finished
+        else:
+            with pytest.raises(RunStateError) as info:
+                mark(run)
+            assert str(info.value) == f"run r: {why}"
+            assert run.status is current and run.started_at is None and run.finished_at is None

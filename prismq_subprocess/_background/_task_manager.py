@@ -17,7 +17,6 @@ that can also be awaited to wait until the run is stored, so ``await manager.sta
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import types
 from collections import deque
@@ -41,7 +40,7 @@ from .._core._result import ProcessResult
 from .._resources._resource_manager import ResourceManager
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
-from ._memory_registry import BaseRunRegistry
+from ._memory_registry import BaseRunRegistry, direct_writes
 from ._output_capture import OutputCapture
 from ._run_record import Run, RunStatus
 
@@ -142,7 +141,8 @@ class _Entry:
     """One run's state in the manager, from ``start_task`` to its last registry write.
 
     It also holds whether the run made it into the registry (``store_*``: settled once by the
-    manager, read by the run's :class:`TaskHandle`), so a run costs one such object.
+    manager, read by the run's :class:`TaskHandle`), so a run costs one such object; and it is
+    its task's done callback itself (no bound method or partial per run).
     """
 
     __slots__ = (
@@ -150,6 +150,7 @@ class _Entry:
         "cancel_reason",
         "coro",
         "has_slot",
+        "manager",
         "marks_running",
         "opened_output",
         "phase",
@@ -164,11 +165,13 @@ class _Entry:
 
     def __init__(
         self,
+        manager: BackgroundTaskManager,
         run: Run,
         coro: Coroutine[Any, Any, object],
         marks_running: bool,
         opened_output: bool,
     ) -> None:
+        self.manager = manager
         self.run = run
         self.coro = coro
         self.marks_running = marks_running
@@ -187,6 +190,10 @@ class _Entry:
         self.started = False
         self.has_slot = False
         self.slot: asyncio.Future[None] | None = None
+
+    def __call__(self, task: asyncio.Task[None]) -> None:
+        """The done callback of the run's task (see ``BackgroundTaskManager._task_done``)."""
+        self.manager._task_done(self, task)
 
     def settle(self, error: BaseException | None) -> None:
         """Record whether storing the run worked (the first call counts); wake the waiters."""
@@ -429,7 +436,7 @@ class BackgroundTaskManager(AsyncResource):
             except BaseException:
                 coro.close()
                 raise
-        entry = _Entry(run, coro, marks_running, opened)
+        entry = _Entry(self, run, coro, marks_running, opened)
         if not entries:
             # A fresh event, not clear(): an asyncio.Event binds to the loop that first waits on
             # it, and an idle manager (one built at import time, say) may next serve another
@@ -439,7 +446,7 @@ class BackgroundTaskManager(AsyncResource):
         entries[run_id] = entry
         task = loop.create_task(self._drive(entry), name=f"prismq-run-{run_id}")
         entry.task = task
-        task.add_done_callback(functools.partial(self._task_done, entry))
+        task.add_done_callback(entry)
         logger.debug("started background run %s", run_id)
         # TaskHandle(run_id, entry) without the Python-level __new__ call (hot path).
         handle: TaskHandle = _new_str(TaskHandle, run_id)
@@ -454,13 +461,18 @@ class BackgroundTaskManager(AsyncResource):
     async def _drive(self, entry: _Entry) -> None:
         run = entry.run
         registry = self.registry
+        # The in-memory registry's writes never wait: made directly, without a coroutine each.
+        direct = direct_writes(registry)
         outcome: _Outcome = _COMPLETED
         reraise: BaseException | None = None
         entry.started = True
         try:
             try:
                 try:
-                    await registry.add_run(run)
+                    if direct is None:
+                        await registry.add_run(run)
+                    else:
+                        direct._add_run_now(run)
                 except DuplicateRunError:
                     await self._take_over(run)
             except Exception as exc:
@@ -487,7 +499,10 @@ class BackgroundTaskManager(AsyncResource):
                 if not entry.marks_running:
                     run.mark_running(pid=None)
                     try:
-                        await registry.update_run(run)
+                        if direct is None:
+                            await registry.update_run(run)
+                        else:
+                            direct._update_run_now(run)
                     except Exception as exc:
                         self._save_failed(run, exc)
                 result = await entry.coro
@@ -521,7 +536,10 @@ class BackgroundTaskManager(AsyncResource):
                 if self.output is not None:
                     await self._collect_output(run)
                 try:
-                    await registry.update_run(run)
+                    if direct is None:
+                        await registry.update_run(run)
+                    else:
+                        direct._update_run_now(run)
                 except Exception as exc:
                     self._save_failed(run, exc, missing_ok=not entry.store_done)
         finally:
@@ -530,6 +548,11 @@ class BackgroundTaskManager(AsyncResource):
             self._release(entry)
         if reraise is not None:
             raise reraise
+        if not entry.abandoned and entry.task is not None:
+            # Ending normally, the task leaves its done callback nothing to do (it matters for
+            # a task cancelled before its first step, an abandoned one, or a BaseException):
+            # removing it saves a loop callback per run.
+            entry.task.remove_done_callback(entry)
 
     async def _store(self, run: Run) -> None:
         """Add ``run`` to the registry, or take over the PENDING run the caller added."""
@@ -681,7 +704,7 @@ class BackgroundTaskManager(AsyncResource):
                 # _drive's body never ran, so store the run CANCELLED from a task of its own.
                 recorder = asyncio.ensure_future(self._record_unstarted(entry))
                 entry.task = recorder
-                recorder.add_done_callback(functools.partial(self._task_done, entry))
+                recorder.add_done_callback(entry)
             return
         # _drive records every Exception itself; this only consumes what escaped it (a
         # BaseException such as KeyboardInterrupt, which asyncio re-raises anyway).

@@ -340,3 +340,28 @@ def test_mark_methods_follow_the_transition_table(current: RunStatus) -> None:
                 mark(run)
             assert str(info.value) == f"run r: {why}"
             assert run.status is current and run.started_at is None and run.finished_at is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_has_ids_and_an_owner_of_its_own() -> None:
+    # Ids and the owner record may be prepared ahead (a pool of random ids, a cached owner):
+    # a forked child must not hand out the parent's next ids nor claim the parent's pid.
+    script = (
+        "import json, os\n"
+        "from prismq_subprocess._background._run_record import RunOwner, new_run_id\n"
+        "new_run_id(); RunOwner.current()\n"
+        "r, w = os.pipe()\n"
+        "if os.fork() == 0:\n"
+        "    ids = [new_run_id() for _ in range(3)]\n"
+        "    os.write(w, json.dumps([ids, RunOwner.current().pid, os.getpid()]).encode())\n"
+        "    os._exit(0)\n"
+        "os.close(w)\n"
+        "child = json.loads(os.read(r, 65536))\n"
+        "print(json.dumps([[new_run_id() for _ in range(3)], child]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    mine, (theirs, child_owner_pid, child_pid) = json.loads(out)
+    assert not set(mine) & set(theirs)
+    assert child_owner_pid == child_pid

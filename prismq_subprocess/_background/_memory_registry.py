@@ -18,7 +18,7 @@ import asyncio
 import math
 from collections.abc import Collection
 from datetime import datetime, timedelta
-from typing import Self, cast
+from typing import Self
 
 from .._core._closing import AsyncResource
 from .._core._exceptions import (
@@ -447,14 +447,12 @@ def direct_writes(registry: BaseRunRegistry) -> RunRegistry | None:
     caller may use :meth:`RunRegistry._add_run_now` / :meth:`RunRegistry._update_run_now`
     instead (same effect and errors, no coroutine); ``None`` otherwise (SQLite, or a subclass or
     instance that replaces either method and so must be called through it)."""
-    cls = registry.__class__
-    if (
-        cls.add_run is _MEMORY_ADD
-        and cls.update_run is _MEMORY_UPDATE
-        and "add_run" not in registry.__dict__
-        and "update_run" not in registry.__dict__
-    ):
-        return cast(RunRegistry, registry)
+    if isinstance(registry, RunRegistry):
+        cls = type(registry)
+        if cls.add_run is _MEMORY_ADD and cls.update_run is _MEMORY_UPDATE:
+            overrides = registry.__dict__
+            if "add_run" not in overrides and "update_run" not in overrides:
+                return registry
     return None
 
 

@@ -62,6 +62,8 @@ _MIN_RECORD_WAIT = 1.0
 _Outcome = tuple[RunStatus, str | None, int | None]
 _new_str = str.__new__
 _COMPLETED: _Outcome = (RunStatus.COMPLETED, None, 0)
+_PENDING_STATUS = RunStatus.PENDING
+_RUNNING_STATUS = RunStatus.RUNNING
 
 
 class ExitCode(int):
@@ -411,7 +413,7 @@ class BackgroundTaskManager(AsyncResource):
         if self._closing:
             coro.close()
             raise TaskManagerClosedError("the task manager is shut down; it starts no new runs")
-        if run.status is not RunStatus.PENDING:
+        if run._status is not _PENDING_STATUS:
             coro.close()
             raise RunStateError(
                 f"run {run.run_id} is {run.status.value}; only a pending run can be started"
@@ -447,7 +449,8 @@ class BackgroundTaskManager(AsyncResource):
         task = loop.create_task(self._drive(entry), name=f"prismq-run-{run_id}")
         entry.task = task
         task.add_done_callback(entry)
-        logger.debug("started background run %s", run_id)
+        if logger.isEnabledFor(logging.DEBUG):  # saves the debug() call per run when off
+            logger.debug("started background run %s", run_id)
         # TaskHandle(run_id, entry) without the Python-level __new__ call (hot path).
         handle: TaskHandle = _new_str(TaskHandle, run_id)
         handle._entry = entry
@@ -465,6 +468,7 @@ class BackgroundTaskManager(AsyncResource):
         direct = direct_writes(registry)
         outcome: _Outcome = _COMPLETED
         reraise: BaseException | None = None
+        ended = False
         entry.started = True
         try:
             try:
@@ -484,7 +488,10 @@ class BackgroundTaskManager(AsyncResource):
                 entry.settle(
                     TaskManagerClosedError("the task manager shut down while the run was added")
                 )
-            entry.settle(None)
+            elif entry.store_waiters is None:
+                entry.store_done = True  # entry.settle(None) with nobody to wake
+            else:
+                entry.settle(None)
             self._watcher.watch(run.run_id)
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
@@ -506,6 +513,7 @@ class BackgroundTaskManager(AsyncResource):
                     except Exception as exc:
                         self._save_failed(run, exc)
                 result = await entry.coro
+                ended = True
                 if result is not None:
                     outcome = _outcome_of(result)
             else:
@@ -524,15 +532,19 @@ class BackgroundTaskManager(AsyncResource):
             outcome = (RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None)
             reraise = exc
         finally:
-            # No-op once the coroutine has run; otherwise (cancelled, refused or failed before
-            # it started) it never started and must not warn "never awaited".
-            _close(entry.coro)
+            # A coroutine that did not return (cancelled, refused or failed before it started,
+            # or raised) is closed: one that never started must not warn "never awaited".
+            if not ended:
+                _close(entry.coro)
         entry.phase = _RECORDING
         try:
             if not entry.abandoned:
                 # A run cancelled while it was being stored (SQLite finishes the insert in its
                 # thread) may or may not be in the registry; record it if it is.
-                self._apply(run, outcome)
+                if outcome is _COMPLETED and run._status is _RUNNING_STATUS:
+                    run.mark_completed(0)  # self._apply(run, outcome) without the call
+                else:
+                    self._apply(run, outcome)
                 if self.output is not None:
                     await self._collect_output(run)
                 try:
@@ -680,16 +692,18 @@ class BackgroundTaskManager(AsyncResource):
         if entries.get(run_id) is entry:
             del entries[run_id]
             self._watcher.unwatch(run_id)
+        queue = self._queue
         while (
-            self._queue
+            queue
             and not self._closing
             and (self.max_concurrent is None or self._running < self.max_concurrent)
         ):
-            waiter = self._queue.popleft()
+            waiter = queue.popleft()
             if waiter.slot is not None and not waiter.slot.done():
                 self._running += 1
                 waiter.slot.set_result(None)
-        self._check_idle()
+        if not entries:
+            self._idle.set()
 
     def _check_idle(self) -> None:
         if not self._entries:

@@ -510,6 +510,26 @@ class RunRegistry(BaseRunRegistry):
         tail = run.output_tail
         run._copy_into(stored, list(tail) if tail else _NO_LINES)
 
+    def _update_started_now(self, run: Run) -> None:
+        """:meth:`_update_run_now` for a run that changed only through ``mark_running()``
+        since it was last written here: only what that changes (status, pid, start time) is
+        refreshed, which leaves the stored copy as a full copy would. The same checks and
+        errors. The caller vouches for the precondition (the task manager right after adding
+        the run, in the same step).
+        """
+        if self._closed:
+            self._check_open()
+        run_id = run.run_id
+        stored = self._runs.get(run_id)
+        if stored is None:
+            raise not_registered(run_id)
+        refused = refused_update(run_id, stored._status, run)
+        if refused is not None:
+            raise refused
+        stored._status = run._status
+        stored.pid = run.pid
+        stored.started_at = run.started_at
+
     async def get_run(self, run_id: str) -> Run | None:
         self._check_open()
         run = self._runs.get(run_id)

@@ -495,21 +495,32 @@ class BackgroundTaskManager(AsyncResource):
             self._watcher.watch(run.run_id)
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
+            # Nothing below awaits before the RUNNING write unless there is a concurrency limit
+            # or a resource manager: then nobody else can have changed the run since it was
+            # added, and the memory registry refreshes only what mark_running() changes.
+            waits = False
             if self.max_concurrent is None:
                 self._running += 1
                 entry.has_slot = True
                 entry.phase = _RUNNING
             else:
+                waits = True
                 await self._take_slot(entry)
-            refusal = None if self.resource_manager is None else await self._admit(run)
+            if self.resource_manager is None:
+                refusal = None
+            else:
+                waits = True
+                refusal = await self._admit(run)
             if refusal is None:
                 if not entry.marks_running:
                     run.mark_running(pid=None)
                     try:
                         if direct is None:
                             await registry.update_run(run)
-                        else:
+                        elif waits:
                             direct._update_run_now(run)
+                        else:
+                            direct._update_started_now(run)
                     except Exception as exc:
                         self._save_failed(run, exc)
                 result = await entry.coro

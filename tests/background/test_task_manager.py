@@ -917,3 +917,60 @@ async def test_the_registry_keeps_copies_never_the_callers_run() -> None:
     assert final.output_tail == ["not saved"] and final.parameters == {"n": [1, 2]}
     assert final.created_at == run.created_at and final.owner == run.owner is not None
 
+
+
+@pytest.mark.parametrize("added_first", [False, True], ids=["new", "taken-over"])
+async def test_the_running_record_is_the_whole_run(
+    registry: BaseRunRegistry, added_first: bool
+) -> None:
+    # While the coroutine runs, the registry holds the whole run as it was when it started,
+    # including changes the caller made after start_task returned, not only the RUNNING fields.
+    seen: list[Run | None] = []
+
+    async def work(run: Run) -> int:
+        seen.append(await registry.get_run(run.run_id))
+        seen.append(run.copy())
+        return 0
+
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run(module_id="m", parameters={"a": [1]})
+        if added_first:
+            await registry.add_run(run)
+        manager.start_task(run, work(run))
+        run.module_name = "named after start_task"
+        run.parameters["a"].append(2)
+        run.output_tail = ["early line"]
+        await manager.wait_all()
+    stored, own = seen
+    assert stored == own and stored is not None
+    assert stored.status is RunStatus.RUNNING and stored.started_at is not None
+    assert stored.module_name == "named after start_task" and stored.parameters == {"a": [1, 2]}
+    assert stored.output_tail == ["early line"]
+
+
+async def test_a_run_changed_while_queued_is_stored_whole_when_it_starts(
+    registry: BaseRunRegistry,
+) -> None:
+    gate = asyncio.Event()
+    seen: list[Run | None] = []
+
+    async def first() -> int:
+        await gate.wait()
+        return 0
+
+    async def second(run: Run) -> int:
+        seen.append(await registry.get_run(run.run_id))
+        return 0
+
+    async with BackgroundTaskManager(registry, max_concurrent=1) as manager:
+        await manager.start_task(Run(), first())
+        queued = Run(module_id="m")
+        await manager.start_task(queued, second(queued))  # stored PENDING, waits for a slot
+        assert manager.queued_count == 1
+        queued.module_name = "changed while queued"
+        queued.parameters["late"] = True
+        gate.set()
+        await manager.wait_all()
+    (stored,) = seen
+    assert stored is not None and stored.status is RunStatus.RUNNING
+    assert stored.module_name == "changed while queued" and stored.parameters == {"late": True}

@@ -495,9 +495,9 @@ class BackgroundTaskManager(AsyncResource):
             self._watcher.watch(run.run_id)
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
-            # Nothing below awaits before the RUNNING write unless there is a concurrency limit
-            # or a resource manager: then nobody else can have changed the run since it was
-            # added, and the memory registry refreshes only what mark_running() changes.
+            # Without a concurrency limit or a resource manager nothing from the PENDING write
+            # to the RUNNING one awaits, so nobody else can have changed the run in between:
+            # the memory registry then refreshes only what mark_running() changes.
             waits = False
             if self.max_concurrent is None:
                 self._running += 1

@@ -39,6 +39,7 @@ __all__ = [
     "BaseRunRegistry",
     "RunRegistry",
     "check_wait",
+    "direct_writes",
     "orphan_reason",
 ]
 
@@ -139,7 +140,7 @@ def stored_statuses_for(target: RunStatus) -> frozenset[RunStatus]:
 
 def unstorable(run: Run) -> RunStateError | None:
     """The error for a run no update may store whatever is stored (COMPLETED, never started)."""
-    if run.status is _COMPLETED and run.started_at is None:
+    if run._status is _COMPLETED and run.started_at is None:
         return RunStateError(
             f"cannot store run {run.run_id} as completed: it never started (no started_at); use "
             "mark_running() then mark_completed(), or assign RUNNING before COMPLETED"
@@ -149,7 +150,7 @@ def unstorable(run: Run) -> RunStateError | None:
 
 def refused_update(run_id: str, stored: RunStatus, run: Run) -> RunStateError | None:
     """The error for an update of a run stored as ``stored`` to ``run``, or ``None`` if fine."""
-    status = run.status
+    status = run._status
     if status is _COMPLETED and run.started_at is None:
         return unstorable(run)
     if stored in _SOURCES[status]:
@@ -435,6 +436,26 @@ class BaseRunRegistry(AsyncResource):
                 await asyncio.sleep(poll_interval)
 
 
+# The output tail of every stored run that has none (see RunRegistry._add_run_now): never
+# changed, and never handed out (Run.copy makes a new list).
+_NO_LINES: list[str] = []
+_blank = object.__new__
+
+
+def direct_writes(registry: BaseRunRegistry) -> RunRegistry | None:
+    """``registry`` if its ``add_run`` and ``update_run`` are :class:`RunRegistry`'s own, so a
+    caller may use :meth:`RunRegistry._add_run_now` / :meth:`RunRegistry._update_run_now`
+    instead (same effect and errors, no coroutine); ``None`` otherwise (SQLite, or a subclass or
+    instance that replaces either method and so must be called through it)."""
+    if isinstance(registry, RunRegistry):
+        cls = type(registry)
+        if cls.add_run is _MEMORY_ADD and cls.update_run is _MEMORY_UPDATE:
+            overrides = registry.__dict__
+            if "add_run" not in overrides and "update_run" not in overrides:
+                return registry
+    return None
+
+
 class RunRegistry(BaseRunRegistry):
     """In-memory run registry (the default store). History is lost when the process exits.
 
@@ -448,24 +469,75 @@ class RunRegistry(BaseRunRegistry):
         self._runs: dict[str, Run] = {}
 
     async def add_run(self, run: Run) -> None:
-        self._check_open()
-        if run.run_id in self._runs:
-            raise DuplicateRunError(f"a run with run_id {run.run_id!r} is already registered")
+        self._add_run_now(run)
+
+    async def update_run(self, run: Run) -> None:
+        self._update_run_now(run)
+
+    # The writes themselves, synchronous: nothing in them waits, and BackgroundTaskManager calls
+    # them directly (see direct_writes) to save a coroutine per write on its per-run path.
+    #
+    # The stored runs are this registry's own copies, never handed out (reads copy them again),
+    # so an update refreshes the stored copy in place rather than allocating a new one, and a
+    # run with no output tail shares _NO_LINES: fewer objects per run for the cyclic GC to
+    # allocate and trace.
+    def _add_run_now(self, run: Run) -> None:
+        """:meth:`add_run` without the coroutine: the same checks, copy and errors."""
+        if self._closed:
+            self._check_open()
+        run_id = run.run_id
+        runs = self._runs
+        if run_id in runs:
+            raise DuplicateRunError(f"a run with run_id {run_id!r} is already registered")
         if run.owner is None:
             run.owner = RunOwner.current()
-        self._runs[run.run_id] = run.copy()
+        tail = run.output_tail
+        runs[run_id] = run._copy_into(_blank(Run), list(tail) if tail else _NO_LINES)
         if self.max_runs is not None or self.max_age is not None:
             self._retain()
 
-    async def update_run(self, run: Run) -> None:
-        self._check_open()
-        stored = self._runs.get(run.run_id)
+    def _update_run_now(self, run: Run) -> None:
+        """:meth:`update_run` without the coroutine: the same checks, copy and errors."""
+        if self._closed:
+            self._check_open()
+        run_id = run.run_id
+        stored = self._runs.get(run_id)
         if stored is None:
-            raise not_registered(run.run_id)
-        refused = refused_update(run.run_id, stored.status, run)
-        if refused is not None:
-            raise refused
-        self._runs[run.run_id] = run.copy()
+            raise not_registered(run_id)
+        status = run._status
+        # refused_update's usual "fine" answer without its call; it words any refusal.
+        if stored._status not in _SOURCES[status] or (
+            status is _COMPLETED and run.started_at is None
+        ):
+            refused = refused_update(run_id, stored._status, run)
+            if refused is not None:
+                raise refused
+        tail = run.output_tail
+        run._copy_into(stored, list(tail) if tail else _NO_LINES)
+
+    def _update_started_now(self, run: Run) -> None:
+        """:meth:`_update_run_now` for a run that changed only through ``mark_running()``
+        since it was last written here: only what that changes (status, pid, start time) is
+        refreshed, which leaves the stored copy as a full copy would. The same checks and
+        errors. The caller vouches for the precondition (the task manager right after adding
+        the run, in the same step).
+        """
+        if self._closed:
+            self._check_open()
+        run_id = run.run_id
+        stored = self._runs.get(run_id)
+        if stored is None:
+            raise not_registered(run_id)
+        status = run._status
+        if stored._status not in _SOURCES[status] or (
+            status is _COMPLETED and run.started_at is None
+        ):
+            refused = refused_update(run_id, stored._status, run)
+            if refused is not None:
+                raise refused
+        stored._status = status
+        stored.pid = run.pid
+        stored.started_at = run.started_at
 
     async def get_run(self, run_id: str) -> Run | None:
         self._check_open()
@@ -532,3 +604,7 @@ class RunRegistry(BaseRunRegistry):
     async def apply_retention(self) -> int:
         self._check_open()
         return self._retain()
+
+
+_MEMORY_ADD = RunRegistry.add_run
+_MEMORY_UPDATE = RunRegistry.update_run

@@ -17,7 +17,6 @@ that can also be awaited to wait until the run is stored, so ``await manager.sta
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import types
 from collections import deque
@@ -41,7 +40,7 @@ from .._core._result import ProcessResult
 from .._resources._resource_manager import ResourceManager
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
-from ._memory_registry import BaseRunRegistry
+from ._memory_registry import BaseRunRegistry, direct_writes
 from ._output_capture import OutputCapture
 from ._run_record import Run, RunStatus
 
@@ -63,6 +62,8 @@ _MIN_RECORD_WAIT = 1.0
 _Outcome = tuple[RunStatus, str | None, int | None]
 _new_str = str.__new__
 _COMPLETED: _Outcome = (RunStatus.COMPLETED, None, 0)
+_PENDING_STATUS = RunStatus.PENDING
+_RUNNING_STATUS = RunStatus.RUNNING
 
 
 class ExitCode(int):
@@ -142,7 +143,8 @@ class _Entry:
     """One run's state in the manager, from ``start_task`` to its last registry write.
 
     It also holds whether the run made it into the registry (``store_*``: settled once by the
-    manager, read by the run's :class:`TaskHandle`), so a run costs one such object.
+    manager, read by the run's :class:`TaskHandle`), so a run costs one such object; and it is
+    its task's done callback itself (no bound method or partial per run).
     """
 
     __slots__ = (
@@ -150,6 +152,7 @@ class _Entry:
         "cancel_reason",
         "coro",
         "has_slot",
+        "manager",
         "marks_running",
         "opened_output",
         "phase",
@@ -164,11 +167,13 @@ class _Entry:
 
     def __init__(
         self,
+        manager: BackgroundTaskManager,
         run: Run,
         coro: Coroutine[Any, Any, object],
         marks_running: bool,
         opened_output: bool,
     ) -> None:
+        self.manager = manager
         self.run = run
         self.coro = coro
         self.marks_running = marks_running
@@ -187,6 +192,10 @@ class _Entry:
         self.started = False
         self.has_slot = False
         self.slot: asyncio.Future[None] | None = None
+
+    def __call__(self, task: asyncio.Task[None]) -> None:
+        """The done callback of the run's task (see ``BackgroundTaskManager._task_done``)."""
+        self.manager._task_done(self, task)
 
     def settle(self, error: BaseException | None) -> None:
         """Record whether storing the run worked (the first call counts); wake the waiters."""
@@ -404,7 +413,7 @@ class BackgroundTaskManager(AsyncResource):
         if self._closing:
             coro.close()
             raise TaskManagerClosedError("the task manager is shut down; it starts no new runs")
-        if run.status is not RunStatus.PENDING:
+        if run._status is not _PENDING_STATUS:
             coro.close()
             raise RunStateError(
                 f"run {run.run_id} is {run.status.value}; only a pending run can be started"
@@ -429,7 +438,7 @@ class BackgroundTaskManager(AsyncResource):
             except BaseException:
                 coro.close()
                 raise
-        entry = _Entry(run, coro, marks_running, opened)
+        entry = _Entry(self, run, coro, marks_running, opened)
         if not entries:
             # A fresh event, not clear(): an asyncio.Event binds to the loop that first waits on
             # it, and an idle manager (one built at import time, say) may next serve another
@@ -439,8 +448,9 @@ class BackgroundTaskManager(AsyncResource):
         entries[run_id] = entry
         task = loop.create_task(self._drive(entry), name=f"prismq-run-{run_id}")
         entry.task = task
-        task.add_done_callback(functools.partial(self._task_done, entry))
-        logger.debug("started background run %s", run_id)
+        task.add_done_callback(entry)
+        if logger.isEnabledFor(logging.DEBUG):  # saves the debug() call per run when off
+            logger.debug("started background run %s", run_id)
         # TaskHandle(run_id, entry) without the Python-level __new__ call (hot path).
         handle: TaskHandle = _new_str(TaskHandle, run_id)
         handle._entry = entry
@@ -454,13 +464,19 @@ class BackgroundTaskManager(AsyncResource):
     async def _drive(self, entry: _Entry) -> None:
         run = entry.run
         registry = self.registry
+        # The in-memory registry's writes never wait: made directly, without a coroutine each.
+        direct = direct_writes(registry)
         outcome: _Outcome = _COMPLETED
         reraise: BaseException | None = None
+        ended = False
         entry.started = True
         try:
             try:
                 try:
-                    await registry.add_run(run)
+                    if direct is None:
+                        await registry.add_run(run)
+                    else:
+                        direct._add_run_now(run)
                 except DuplicateRunError:
                     await self._take_over(run)
             except Exception as exc:
@@ -472,25 +488,43 @@ class BackgroundTaskManager(AsyncResource):
                 entry.settle(
                     TaskManagerClosedError("the task manager shut down while the run was added")
                 )
-            entry.settle(None)
+            elif entry.store_waiters is None:
+                entry.store_done = True  # entry.settle(None) with nobody to wake
+            else:
+                entry.settle(None)
             self._watcher.watch(run.run_id)
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
+            # Without a concurrency limit or a resource manager nothing from the PENDING write
+            # to the RUNNING one awaits, so nobody else can have changed the run in between:
+            # the memory registry then refreshes only what mark_running() changes.
+            waits = False
             if self.max_concurrent is None:
                 self._running += 1
                 entry.has_slot = True
                 entry.phase = _RUNNING
             else:
+                waits = True
                 await self._take_slot(entry)
-            refusal = None if self.resource_manager is None else await self._admit(run)
+            if self.resource_manager is None:
+                refusal = None
+            else:
+                waits = True
+                refusal = await self._admit(run)
             if refusal is None:
                 if not entry.marks_running:
                     run.mark_running(pid=None)
                     try:
-                        await registry.update_run(run)
+                        if direct is None:
+                            await registry.update_run(run)
+                        elif waits:
+                            direct._update_run_now(run)
+                        else:
+                            direct._update_started_now(run)
                     except Exception as exc:
                         self._save_failed(run, exc)
                 result = await entry.coro
+                ended = True
                 if result is not None:
                     outcome = _outcome_of(result)
             else:
@@ -509,19 +543,26 @@ class BackgroundTaskManager(AsyncResource):
             outcome = (RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None)
             reraise = exc
         finally:
-            # No-op once the coroutine has run; otherwise (cancelled, refused or failed before
-            # it started) it never started and must not warn "never awaited".
-            _close(entry.coro)
+            # A coroutine that did not return (cancelled, refused or failed before it started,
+            # or raised) is closed: one that never started must not warn "never awaited".
+            if not ended:
+                _close(entry.coro)
         entry.phase = _RECORDING
         try:
             if not entry.abandoned:
                 # A run cancelled while it was being stored (SQLite finishes the insert in its
                 # thread) may or may not be in the registry; record it if it is.
-                self._apply(run, outcome)
+                if outcome is _COMPLETED and run._status is _RUNNING_STATUS:
+                    run.mark_completed(0)  # self._apply(run, outcome) without the call
+                else:
+                    self._apply(run, outcome)
                 if self.output is not None:
                     await self._collect_output(run)
                 try:
-                    await registry.update_run(run)
+                    if direct is None:
+                        await registry.update_run(run)
+                    else:
+                        direct._update_run_now(run)
                 except Exception as exc:
                     self._save_failed(run, exc, missing_ok=not entry.store_done)
         finally:
@@ -530,6 +571,11 @@ class BackgroundTaskManager(AsyncResource):
             self._release(entry)
         if reraise is not None:
             raise reraise
+        if not entry.abandoned and entry.task is not None:
+            # Ending normally, the task leaves its done callback nothing to do (it matters for
+            # a task cancelled before its first step, an abandoned one, or a BaseException):
+            # removing it saves a loop callback per run.
+            entry.task.remove_done_callback(entry)
 
     async def _store(self, run: Run) -> None:
         """Add ``run`` to the registry, or take over the PENDING run the caller added."""
@@ -657,16 +703,18 @@ class BackgroundTaskManager(AsyncResource):
         if entries.get(run_id) is entry:
             del entries[run_id]
             self._watcher.unwatch(run_id)
+        queue = self._queue
         while (
-            self._queue
+            queue
             and not self._closing
             and (self.max_concurrent is None or self._running < self.max_concurrent)
         ):
-            waiter = self._queue.popleft()
+            waiter = queue.popleft()
             if waiter.slot is not None and not waiter.slot.done():
                 self._running += 1
                 waiter.slot.set_result(None)
-        self._check_idle()
+        if not entries:
+            self._idle.set()
 
     def _check_idle(self) -> None:
         if not self._entries:
@@ -681,7 +729,7 @@ class BackgroundTaskManager(AsyncResource):
                 # _drive's body never ran, so store the run CANCELLED from a task of its own.
                 recorder = asyncio.ensure_future(self._record_unstarted(entry))
                 entry.task = recorder
-                recorder.add_done_callback(functools.partial(self._task_done, entry))
+                recorder.add_done_callback(entry)
             return
         # _drive records every Exception itself; this only consumes what escaped it (a
         # BaseException such as KeyboardInterrupt, which asyncio re-raises anyway).

@@ -87,6 +87,77 @@ async def test_returned_runs_are_copies(registry: BaseRunRegistry) -> None:
     assert again is not None and again.output_tail == [] and again.status is RunStatus.PENDING
 
 
+
+async def test_returned_runs_never_share_their_lists(registry: BaseRunRegistry) -> None:
+    # Runs stored with no output tail (the usual case) hand out a fresh list each time.
+    first, second = Run(), Run()
+    await registry.add_run(first)
+    await registry.add_run(second)
+    got = await registry.get_run(first.run_id)
+    assert got is not None
+    got.output_tail.append("mine")
+    for listed in await registry.list_runs():
+        assert listed.output_tail == []
+        listed.output_tail.append("also mine")
+    first.mark_running()
+    await registry.update_run(first)
+    first.output_tail.append("the caller's")
+    for run_id in (first.run_id, second.run_id):
+        again = await registry.get_run(run_id)
+        assert again is not None and again.output_tail == []
+    first.output_tail = ["saved"]
+    await registry.update_run(first)
+    first.output_tail.append("not saved")
+    again = await registry.get_run(first.run_id)
+    assert again is not None and again.output_tail == ["saved"]
+
+
+async def test_every_field_survives_each_write(registry: BaseRunRegistry) -> None:
+    started = datetime(2024, 1, 1, 12, tzinfo=UTC)
+    run = Run(
+        module_id="m",
+        module_name="Module",
+        parameters={"a": [1]},
+        created_at=started - timedelta(seconds=1),
+        mode="threaded",
+        owner=RunOwner("host", 42, 1.0),
+        worker="tcp://worker:1",
+    )
+    await registry.add_run(run)
+    assert await registry.get_run(run.run_id) == run
+    run.mark_running(pid=7)
+    run.parameters = {"b": {"c": 2}}
+    run.output_tail = ["x"]
+    run.peak_rss_bytes = 1024
+    run.cpu_time_seconds = 0.5
+    await registry.update_run(run)
+    assert await registry.get_run(run.run_id) == run
+    run.mark_failed("boom", exit_code=3)
+    run.module_name = "Renamed"
+    await registry.update_run(run)
+    assert await registry.get_run(run.run_id) == run
+
+
+class _NoCopies:
+    def __deepcopy__(self, memo: object) -> object:
+        raise TypeError("cannot be copied")
+
+
+async def test_a_failed_memory_write_leaves_the_stored_run_alone() -> None:
+    registry = RunRegistry()
+    run = Run(parameters={"k": 1})
+    await registry.add_run(run)
+    run.mark_running(pid=5)
+    run.parameters = {"k": _NoCopies()}
+    with pytest.raises(TypeError):
+        await registry.update_run(run)
+    stored = await registry.get_run(run.run_id)
+    assert stored is not None and stored.status is RunStatus.PENDING
+    assert stored.parameters == {"k": 1} and stored.pid is None
+    with pytest.raises(TypeError):
+        await registry.add_run(Run(parameters={"k": _NoCopies()}))
+    assert await registry.count_runs() == 1
+
 async def test_bad_input_raises_clear_errors(registry: BaseRunRegistry) -> None:
     run = Run()
     await registry.add_run(run)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
+from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus, transition_error
 from prismq_subprocess._core._exceptions import InvalidRunError, PrismQError, RunStateError
 
 
@@ -314,3 +314,54 @@ def test_assignment_keeps_timestamps_already_set() -> None:
     imported = Run(status=RunStatus.COMPLETED, exit_code=0)
     assert imported.status is RunStatus.COMPLETED
     assert imported.copy() == imported
+
+
+@pytest.mark.parametrize("current", list(RunStatus))
+def test_mark_methods_follow_the_transition_table(current: RunStatus) -> None:
+    # The mark_* methods check their legal source states inline (for speed); they must agree
+    # with transition_error, the one table of legal moves, and word refusals the same way.
+    marks = {
+        RunStatus.RUNNING: lambda r: r.mark_running(pid=3),
+        RunStatus.COMPLETED: lambda r: r.mark_completed(0),
+        RunStatus.FAILED: lambda r: r.mark_failed("f", exit_code=1),
+        RunStatus.CANCELLED: lambda r: r.mark_cancelled("c"),
+        RunStatus.INTERRUPTED: lambda r: r.mark_interrupted("i"),
+    }
+    for target, mark in marks.items():
+        run = Run(run_id="r", status=current)
+        why = transition_error(current, target)
+        if why is None:
+            mark(run)
+            assert run.status is target
+            assert (run.started_at is not None) == (target is RunStatus.RUNNING)
+            assert (run.finished_at is not None) == target.is_finished
+        else:
+            with pytest.raises(RunStateError) as info:
+                mark(run)
+            assert str(info.value) == f"run r: {why}"
+            assert run.status is current and run.started_at is None and run.finished_at is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_has_ids_and_an_owner_of_its_own() -> None:
+    # Ids and the owner record may be prepared ahead (a pool of random ids, a cached owner):
+    # a forked child must not hand out the parent's next ids nor claim the parent's pid.
+    script = (
+        "import json, os\n"
+        "from prismq_subprocess._background._run_record import RunOwner, new_run_id\n"
+        "new_run_id(); RunOwner.current()\n"
+        "r, w = os.pipe()\n"
+        "if os.fork() == 0:\n"
+        "    ids = [new_run_id() for _ in range(3)]\n"
+        "    os.write(w, json.dumps([ids, RunOwner.current().pid, os.getpid()]).encode())\n"
+        "    os._exit(0)\n"
+        "os.close(w)\n"
+        "child = json.loads(os.read(r, 65536))\n"
+        "print(json.dumps([[new_run_id() for _ in range(3)], child]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    mine, (theirs, child_owner_pid, child_pid) = json.loads(out)
+    assert not set(mine) & set(theirs)
+    assert child_owner_pid == child_pid

@@ -827,3 +827,150 @@ def test_a_manager_made_at_import_time_serves_one_event_loop_after_another(
         await store.aclose()
 
     asyncio.run(close())
+
+
+class WriteLog(RunRegistry):
+    """A memory registry that notes every write the manager makes through its async methods."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[str, RunStatus]] = []
+
+    async def add_run(self, run: Run) -> None:
+        self.writes.append(("add", run.status))
+        await super().add_run(run)
+
+    async def update_run(self, run: Run) -> None:
+        self.writes.append(("update", run.status))
+        await super().update_run(run)
+
+
+class UpdateLog(RunRegistry):
+    """Overrides update_run only: its add_run is the memory registry's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates: list[RunStatus] = []
+
+    async def update_run(self, run: Run) -> None:
+        self.updates.append(run.status)
+        await super().update_run(run)
+
+
+async def test_registry_subclasses_see_every_write_through_their_methods() -> None:
+    # The manager writes to a plain RunRegistry without a coroutine per write; a subclass (or
+    # an instance) that replaces a write method must still be called through it, each time.
+    logged, partly = WriteLog(), UpdateLog()
+    patched = RunRegistry()
+    patched_writes: list[tuple[str, RunStatus]] = []
+    plain_add, plain_update = patched.add_run, patched.update_run
+
+    async def add_run(run: Run) -> None:
+        patched_writes.append(("add", run.status))
+        await plain_add(run)
+
+    async def update_run(run: Run) -> None:
+        patched_writes.append(("update", run.status))
+        await plain_update(run)
+
+    patched.add_run = add_run  # type: ignore[method-assign]
+    patched.update_run = update_run  # type: ignore[method-assign]
+    expected = [
+        ("add", RunStatus.PENDING),
+        ("update", RunStatus.RUNNING),
+        ("update", RunStatus.COMPLETED),
+    ]
+    for store in (logged, partly, patched):
+        async with BackgroundTaskManager(store) as manager:
+            run_id = await manager.start_task(Run(), returns(None))
+            await manager.wait_all()
+        assert (await stored(store, run_id)).status is RunStatus.COMPLETED
+    assert logged.writes == expected
+    assert partly.updates == [RunStatus.RUNNING, RunStatus.COMPLETED]
+    assert patched_writes == expected
+
+
+async def test_the_registry_keeps_copies_never_the_callers_run() -> None:
+    registry = RunRegistry()
+    gate = asyncio.Event()
+    looked = asyncio.Event()
+
+    async def work() -> int:
+        looked.set()
+        await gate.wait()
+        return 0
+
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run(parameters={"n": [1]})
+        await manager.start_task(run, work())
+        await looked.wait()
+        run.parameters["n"].append(2)  # the caller's object, changed while RUNNING is stored
+        run.output_tail.append("not saved")
+        running = await stored(registry, run.run_id)
+        assert running.status is RunStatus.RUNNING and running.started_at == run.started_at
+        assert running.parameters == {"n": [1]} and running.output_tail == []
+        gate.set()
+        await manager.wait_all()
+    run.output_tail.append("after the end")
+    final = await stored(registry, run.run_id)
+    assert final.status is RunStatus.COMPLETED and final.finished_at == run.finished_at
+    assert final.output_tail == ["not saved"] and final.parameters == {"n": [1, 2]}
+    assert final.created_at == run.created_at and final.owner == run.owner is not None
+
+
+
+@pytest.mark.parametrize("added_first", [False, True], ids=["new", "taken-over"])
+async def test_the_running_record_is_the_whole_run(
+    registry: BaseRunRegistry, added_first: bool
+) -> None:
+    # While the coroutine runs, the registry holds the whole run as it was when it started,
+    # including changes the caller made after start_task returned, not only the RUNNING fields.
+    seen: list[Run | None] = []
+
+    async def work(run: Run) -> int:
+        seen.append(await registry.get_run(run.run_id))
+        seen.append(run.copy())
+        return 0
+
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run(module_id="m", parameters={"a": [1]})
+        if added_first:
+            await registry.add_run(run)
+        manager.start_task(run, work(run))
+        run.module_name = "named after start_task"
+        run.parameters["a"].append(2)
+        run.output_tail = ["early line"]
+        await manager.wait_all()
+    stored, own = seen
+    assert stored == own and stored is not None
+    assert stored.status is RunStatus.RUNNING and stored.started_at is not None
+    assert stored.module_name == "named after start_task" and stored.parameters == {"a": [1, 2]}
+    assert stored.output_tail == ["early line"]
+
+
+async def test_a_run_changed_while_queued_is_stored_whole_when_it_starts(
+    registry: BaseRunRegistry,
+) -> None:
+    gate = asyncio.Event()
+    seen: list[Run | None] = []
+
+    async def first() -> int:
+        await gate.wait()
+        return 0
+
+    async def second(run: Run) -> int:
+        seen.append(await registry.get_run(run.run_id))
+        return 0
+
+    async with BackgroundTaskManager(registry, max_concurrent=1) as manager:
+        await manager.start_task(Run(), first())
+        queued = Run(module_id="m")
+        await manager.start_task(queued, second(queued))  # stored PENDING, waits for a slot
+        assert manager.queued_count == 1
+        queued.module_name = "changed while queued"
+        queued.parameters["late"] = True
+        gate.set()
+        await manager.wait_all()
+    (stored,) = seen
+    assert stored is not None and stored.status is RunStatus.RUNNING
+    assert stored.module_name == "changed while queued" and stored.parameters == {"late": True}

@@ -6,8 +6,9 @@ waited for with ``wait_all()``, against the same coroutines started with bare
 ``asyncio.create_task`` and gathered, and in an ``asyncio.TaskGroup``. Like the bare cases, the
 manager's starts are fire-and-forget (the guide's use: ``start_task`` returns the id); a fourth,
 informative case awaits every ``TaskHandle`` (a loop round trip per task) before the next start.
-N is calibrated per case so a sample lasts >= 0.5 s (calibration = warm-up); compared per task,
-paired round by round. The cases are single-threaded and CPU-bound, so a sample is the process's
+N is calibrated so every case's sample lasts >= 0.5 s (calibration = warm-up), and all cases
+run the same N (the largest calibrated: a task costs more when more are alive, so equal
+durations would favour the dearer cases); compared per task, paired round by round. The cases are single-threaded and CPU-bound, so a sample is the process's
 CPU time (``time.process_time``): on a shared machine wall time also counts the neighbours' turns.
 
 Periodic lateness: a trivial coroutine every 10 ms through ``PeriodicTask`` against a bare
@@ -142,9 +143,11 @@ def run(
         MANAGER: _manager_tasks,
         MANAGER_AWAITED: _manager_awaited,
     }
-    sizes = {
-        name: calibrate(_runner(kind), min_sample, tasks, log=log) for name, kind in kinds.items()
-    }
+    calibrated = [calibrate(_runner(kind), min_sample, tasks, log=log) for kind in kinds.values()]
+    # One size for every case: the cost per task grows with the number of live tasks (the
+    # cyclic GC's passes), so cases sized to the same duration would give the cheapest case
+    # the most tasks and flatter the others' ratios.
+    sizes = dict.fromkeys(kinds, max(calibrated))
     t = interleave({name: _per_task(kinds[name], sizes[name]) for name in kinds}, rounds, log=log)
 
     schedules = {BARE_SCHEDULE: _bare_schedule, PERIODIC: _periodic_schedule}

@@ -498,6 +498,12 @@ class RunRegistry(BaseRunRegistry):
 
     def _update_run_now(self, run: Run) -> None:
         """:meth:`update_run` without the coroutine: the same checks, copy and errors."""
+        stored = self._stored_to_update(run)
+        tail = run.output_tail
+        run._copy_into(stored, list(tail) if tail else _NO_LINES)
+
+    def _stored_to_update(self, run: Run) -> Run:
+        """The stored copy an update of ``run`` may overwrite; the update's errors otherwise."""
         if self._closed:
             self._check_open()
         run_id = run.run_id
@@ -512,8 +518,7 @@ class RunRegistry(BaseRunRegistry):
             refused = refused_update(run_id, stored._status, run)
             if refused is not None:
                 raise refused
-        tail = run.output_tail
-        run._copy_into(stored, list(tail) if tail else _NO_LINES)
+        return stored
 
     def _update_started_now(self, run: Run) -> None:
         """:meth:`_update_run_now` for a run that changed only through ``mark_running()``
@@ -522,20 +527,8 @@ class RunRegistry(BaseRunRegistry):
         errors. The caller vouches for the precondition (the task manager right after adding
         the run, in the same step).
         """
-        if self._closed:
-            self._check_open()
-        run_id = run.run_id
-        stored = self._runs.get(run_id)
-        if stored is None:
-            raise not_registered(run_id)
-        status = run._status
-        if stored._status not in _SOURCES[status] or (
-            status is _COMPLETED and run.started_at is None
-        ):
-            refused = refused_update(run_id, stored._status, run)
-            if refused is not None:
-                raise refused
-        stored._status = status
+        stored = self._stored_to_update(run)
+        stored._status = run._status
         stored.pid = run.pid
         stored.started_at = run.started_at
 

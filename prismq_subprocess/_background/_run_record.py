@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import psutil
 
 from .._core._exceptions import InvalidRunError, RunStateError
+from .._platform import after_fork_in_child
 
 __all__ = ["Run", "RunOwner", "RunStatus", "transition_error", "utc_now"]
 
@@ -182,8 +183,7 @@ def _after_fork() -> None:
     _id_pool = iter(())
 
 
-if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
-    os.register_at_fork(after_in_child=_after_fork)
+after_fork_in_child(_after_fork)
 
 
 def _as_status(value: object) -> RunStatus:

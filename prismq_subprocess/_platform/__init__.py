@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ._child_watcher import prefer_pidfd_watcher
@@ -46,6 +47,7 @@ __all__ = [
     "StopRecord",
     "StopTarget",
     "WindowsOps",
+    "after_fork_in_child",
     "is_proactor_loop",
     "is_windows",
     "no_pace",
@@ -57,6 +59,14 @@ __all__ = [
     "proactor_loop_class",
     "proactor_policy_class",
 ]
+
+
+def after_fork_in_child(callback: Callable[[], object]) -> None:
+    """Have ``callback`` called in the child after every ``fork`` of this process (POSIX;
+    nothing on Windows, which never forks)."""
+    register = getattr(os, "register_at_fork", None)
+    if register is not None:
+        register(after_in_child=callback)
 
 
 def platform_name(platform: str | None = None) -> str:

@@ -164,13 +164,16 @@ class PlatformOps:
 
     # -- containment ---------------------------------------------------------------------------
     def prepare_spawn(
-        self, kwargs: Mapping[str, Any], die_with_host: bool = False
+        self, kwargs: Mapping[str, Any], die_with_host: bool = False, *, ahead: bool = False
     ) -> tuple[dict[str, Any], Containment]:
         """``Popen`` keyword arguments that let the stop find the child's whole tree later (a
         cookie in its environment, ...), and the record to pass to :meth:`adopt` once it runs.
 
         ``die_with_host``: also make the child die when this process dies, where the platform
         can (it may cost spawn speed: see docs/LIFECYCLE.md).
+        ``ahead``: the caller is the event loop's thread and will adopt the child with
+        :meth:`adopt_soon`: what blocks in the kernel is prepared on another thread, ahead of
+        the next such spawn, instead of now.
         """
         return dict(kwargs), Containment()
 

@@ -68,11 +68,15 @@ class PosixOps(PlatformOps):
 
     # -- containment -------------------------------------------------------------------------
     def prepare_spawn(
-        self, kwargs: Mapping[str, Any], die_with_host: bool = False
+        self, kwargs: Mapping[str, Any], die_with_host: bool = False, *, ahead: bool = False
     ) -> tuple[dict[str, Any], Containment]:
-        if self.host is None:
+        host = self.host
+        if host is None:
             return dict(kwargs), Containment()
-        return self.host.prepare(kwargs, die_with_host)
+        prepared = host.prepare(kwargs, die_with_host, ahead=ahead)
+        if ahead and host.cgroups is not None:
+            _MOVES.submit(host.make_ready)  # the next ASYNC spawn's sub-group
+        return prepared
 
     def adopt(self, pid: int, containment: Containment) -> None:
         if self.host is not None:

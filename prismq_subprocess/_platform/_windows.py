@@ -98,7 +98,7 @@ class WindowsOps(PlatformOps):
 
     # -- containment -------------------------------------------------------------------------
     def prepare_spawn(
-        self, kwargs: Mapping[str, Any], die_with_host: bool = False
+        self, kwargs: Mapping[str, Any], die_with_host: bool = False, *, ahead: bool = False
     ) -> tuple[dict[str, Any], Containment]:
         job = self.jobs.create(kill_on_close=die_with_host) if self.jobs is not None else None
         return dict(kwargs), Containment(job=job)

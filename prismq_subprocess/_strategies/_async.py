@@ -180,7 +180,9 @@ class AsyncStrategy(SubprocessStrategy):
         return process
 
     async def _create(self, request: SpawnRequest) -> ProcessLike:
-        kwargs, containment = self.ops.prepare_spawn(request.kwargs, request.die_with_host)
+        kwargs, containment = self.ops.prepare_spawn(
+            request.kwargs, request.die_with_host, ahead=True
+        )
         # Python 3.11: exits through the loop's selector rather than a thread per child (as
         # 3.12 does by default), unless the host chose its watcher.
         prefer_pidfd_watcher()

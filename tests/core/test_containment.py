@@ -311,11 +311,12 @@ async def test_async_spawn_does_not_wait_for_the_move_into_the_sub_group() -> No
         moves.gate.set()
         assert await asyncio.to_thread(_posix._MOVES.wait_idle, 10)
         assert moves.calls == [proc.pid]
-        # This host's sub-groups only (other test processes may have theirs beside them).
+        # This host's sub-groups only (other test processes may have theirs beside them),
+        # but not the empty ones made ahead for the next spawns.
         prefix = f"prismq-{host.cookies.token.lower()}-"
         ours = [p for p in os.listdir(host.cgroups.base) if p.startswith(prefix)]
         members = [host.cgroups.members(os.path.join(host.cgroups.base, p)) for p in ours]
-        assert members == [[proc.pid]]
+        assert [m for m in members if m] == [[proc.pid]]
         proc.kill()
         await proc.wait()
 
@@ -346,9 +347,12 @@ async def test_an_async_run_makes_and_removes_its_sub_group_off_the_loop() -> No
     ops = platform_ops(sys.platform, host=host)
     prefix = f"prismq-{host.cookies.token.lower()}-"
 
-    def ours() -> list[str]:
+    def ours() -> list[str]:  # the runs' sub-groups, not those made ahead for the next ones
         assert host.cgroups is not None
-        return [p for p in os.listdir(host.cgroups.base) if p.startswith(prefix)]
+        ready = {os.path.basename(p) for p in host._ready}
+        return [
+            p for p in os.listdir(host.cgroups.base) if p.startswith(prefix) and p not in ready
+        ]
 
     async with pq.SubprocessWrapper("async", ops=ops) as wrapper:
         proc = await wrapper.create_subprocess_exec("sleep", "30")
@@ -366,7 +370,7 @@ async def test_an_async_run_makes_and_removes_its_sub_group_off_the_loop() -> No
     assert await asyncio.to_thread(_posix._MOVES.wait_idle, 10)
     assert ours() == []
     # The short run's child may be reaped before its move is tried: then nothing is made.
-    assert sorted(op for op, _ in calls)[-2:] == ["remove", "remove"]
+    assert sorted(op for op, _ in calls).count("remove") == 2
     assert "create" in [op for op, _ in calls]
     assert [op for op, thread in calls if thread == threading.get_ident()] == []
 
@@ -403,6 +407,43 @@ def test_process_objects_alive_at_exit_release_their_sub_groups_quietly() -> Non
     assert done.stderr == ""
     base, token = done.stdout.split()
     assert [p for p in os.listdir(base) if p.startswith(f"prismq-{token}-")] == []
+
+
+@pytest.mark.parametrize("mode", ["threaded", "local"])
+async def test_a_spawn_thread_makes_the_sub_group_before_the_child_starts(mode: str) -> None:
+    # Off the loop already, THREADED and LOCAL make the sub-group before Popen, so the move
+    # follows the spawn at once: making it after (as ASYNC must when none was made ahead) let
+    # a daemon fork outside it on a busy machine (found by CI: local-cgroup).
+    host = _host("cgroup")
+    assert host.cgroups is not None
+    events: list[str] = []
+    create, enter = host.cgroups.create, host.cgroups.enter
+
+    def creating(name: str) -> str | None:
+        events.append("create")
+        return create(name)
+
+    def entering(path: str, pid: int) -> bool:
+        events.append("enter")
+        return enter(path, pid)
+
+    host.cgroups.create = creating  # type: ignore[method-assign]
+    host.cgroups.enter = entering  # type: ignore[method-assign]
+    real_popen = subprocess.Popen
+
+    class Recorded(real_popen):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            events.append("spawn")
+            super().__init__(*args, **kwargs)
+
+    ops = platform_ops(sys.platform, host=host)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", Recorded)
+        async with pq.SubprocessWrapper(mode, ops=ops) as wrapper:
+            proc = await wrapper.create_subprocess_exec("sleep", "30")
+            proc.kill()
+            await proc.wait()
+    assert events[:3] == ["create", "spawn", "enter"]
 
 
 async def test_a_child_reaped_before_its_move_is_not_moved() -> None:

@@ -8,8 +8,9 @@ manager's starts are fire-and-forget (the guide's use: ``start_task`` returns th
 informative case awaits every ``TaskHandle`` (a loop round trip per task) before the next start.
 N is calibrated so every case's sample lasts >= 0.5 s (calibration = warm-up), and all cases
 run the same N (the largest calibrated: a task costs more when more are alive, so equal
-durations would favour the dearer cases); compared per task, paired round by round. The cases are single-threaded and CPU-bound, so a sample is the process's
-CPU time (``time.process_time``): on a shared machine wall time also counts the neighbours' turns.
+durations would favour the dearer cases); compared per task, paired round by round. The
+cases are single-threaded and CPU-bound, so a sample is the process's CPU time
+(``time.process_time``): on a shared machine wall time also counts the neighbours' turns.
 
 Periodic lateness: a trivial coroutine every 10 ms through ``PeriodicTask`` against a bare
 asyncio schedule on the same fixed grid (``await asyncio.sleep(next_tick - loop.time())``).

@@ -205,6 +205,8 @@ class OutputCapture(AsyncClosing):
         )
         self._flush_handle: asyncio.Handle | None = None
         self._flush_loop: asyncio.AbstractEventLoop | None = None
+        # Errors a flush met in the loop's callback (a log write), by run, for its next call.
+        self._failed: dict[str, Exception] = {}
 
     @property
     def closed(self) -> bool:
@@ -289,6 +291,8 @@ class OutputCapture(AsyncClosing):
             ring = self._writable(run_id)
         if ring.closed:
             ring = self._writable(run_id)  # raises
+        if self._failed:
+            self._raise_failed(run_id)
         if pending is not None:
             self._flush(run_id)  # the lines before this one go first
         if (
@@ -296,8 +300,8 @@ class OutputCapture(AsyncClosing):
             and line.__class__ is str
             and len(line) <= self._fast_chars
             and not self._closed
+            and self._start_batch(run_id, line)
         ):
-            self._start_batch(run_id, line)
             return
         if "\n" in line:
             whole = line
@@ -339,6 +343,8 @@ class OutputCapture(AsyncClosing):
             InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
         """
         ring = self._writable(run_id)
+        if self._failed:
+            self._raise_failed(run_id)
         self._flush(run_id)
         batch = _clean(lines)
         if not batch:
@@ -354,21 +360,38 @@ class OutputCapture(AsyncClosing):
             if ring.closed and done < len(batch):
                 raise OutputClosedError(f"output of run {run_id!r} was closed during the append")
 
-    def _start_batch(self, run_id: str, line: str) -> None:
-        self._pending[run_id] = [line]
+    def _start_batch(self, run_id: str, line: str) -> bool:
+        """Start ``run_id``'s pending batch with ``line``; False (nothing done) where no loop
+        runs to flush it (a coroutine driven by hand): the line then takes the full path."""
         # Flush at the end of this loop iteration: a producer that waits between lines has its
         # lines in the ring (and on their way to the log file) within one loop turn.
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._pending[run_id] = [line]
         if self._flush_handle is None or self._flush_loop is not loop:
             self._flush_loop = loop
             self._flush_handle = loop.call_soon(self._flush_all)
+        return True
 
     def _flush_all(self) -> None:
         """Add every pending batch to its ring (run by the loop once per iteration with
-        batches, and before the capture closes)."""
+        batches, and before the capture closes). A batch whose log write fails is still in its
+        ring; the error is kept for that run's next append or close (nobody is awaiting here)
+        and the other runs' batches are flushed all the same."""
         self._flush_handle = None
         for run_id in list(self._pending):
-            self._flush(run_id)
+            try:
+                self._flush(run_id)
+            except Exception as exc:
+                self._failed[run_id] = exc
+
+    def _raise_failed(self, run_id: str) -> None:
+        """Raise the error a flush of ``run_id``'s batch met in the loop's callback, once."""
+        error = self._failed.pop(run_id, None)
+        if error is not None:
+            raise error
 
     def _flush(self, run_id: str) -> None:
         """Add ``run_id``'s pending batch, if any, to its ring: what every reader of the ring
@@ -389,8 +412,7 @@ class OutputCapture(AsyncClosing):
                 size = utf8_size("".join(batch))
         else:
             size = len(text) if text.isascii() else utf8_size(text)
-        if self._log is not None:
-            self._log.write(run_id, batch)
+        log = self._log
         if self._fast_chars * 4 > self.max_line_bytes:
             # A batch line may need cutting (only if _fast_chars was raised, as tests do).
             done = 0
@@ -403,6 +425,8 @@ class OutputCapture(AsyncClosing):
                 ring.evict()
         if ring.waiters:
             ring.wake()
+        if log is not None:  # last: a write that fails leaves the lines in the ring
+            log.write(run_id, batch)
 
     def _cut(self, ring: RunRing, line: str, seq: int) -> tuple[str, int]:
         text, cut = bound_line(line, self.max_line_bytes)
@@ -474,7 +498,11 @@ class OutputCapture(AsyncClosing):
                     self._released[run_id] = end
                 return
             ring = self._open(run_id)
-        self._flush(run_id)
+        failed = self._failed.pop(run_id, None) if self._failed else None
+        try:
+            self._flush(run_id)
+        except Exception as exc:  # the log write: the lines are in the ring, the run closes
+            failed = failed or exc
         first_close = not ring.closed
         ring.close(end)
         try:
@@ -483,6 +511,8 @@ class OutputCapture(AsyncClosing):
         finally:
             if first_close and self._runs.get(run_id) is ring:
                 self._retire(run_id, ring)
+        if failed is not None:
+            raise failed  # the run is closed all the same
 
     # -- retention ------------------------------------------------------------------------------
     def _retire(self, run_id: str, ring: RunRing) -> None:

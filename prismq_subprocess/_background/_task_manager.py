@@ -173,7 +173,9 @@ class _Entry:
         marks_running: bool,
         opened_output: bool,
     ) -> None:
-        self.manager = manager
+        # None once the run's last callback is done: a TaskHandle kept by the application
+        # (it is the run id, a str) must not keep the manager and its registry alive.
+        self.manager: BackgroundTaskManager | None = manager
         self.run = run
         self.coro = coro
         self.marks_running = marks_running
@@ -195,7 +197,9 @@ class _Entry:
 
     def __call__(self, task: asyncio.Task[None]) -> None:
         """The done callback of the run's task (see ``BackgroundTaskManager._task_done``)."""
-        self.manager._task_done(self, task)
+        manager = self.manager
+        if manager is not None:
+            manager._task_done(self, task)
 
     def settle(self, error: BaseException | None) -> None:
         """Record whether storing the run worked (the first call counts); wake the waiters."""
@@ -576,6 +580,7 @@ class BackgroundTaskManager(AsyncResource):
             # a task cancelled before its first step, an abandoned one, or a BaseException):
             # removing it saves a loop callback per run.
             entry.task.remove_done_callback(entry)
+            entry.manager = None
 
     async def _store(self, run: Run) -> None:
         """Add ``run`` to the registry, or take over the PENDING run the caller added."""
@@ -730,10 +735,12 @@ class BackgroundTaskManager(AsyncResource):
                 recorder = asyncio.ensure_future(self._record_unstarted(entry))
                 entry.task = recorder
                 recorder.add_done_callback(entry)
-            return
-        # _drive records every Exception itself; this only consumes what escaped it (a
-        # BaseException such as KeyboardInterrupt, which asyncio re-raises anyway).
-        task.exception()
+                return
+        else:
+            # _drive records every Exception itself; this only consumes what escaped it (a
+            # BaseException such as KeyboardInterrupt, which asyncio re-raises anyway).
+            task.exception()
+        entry.manager = None  # the run's last callback
 
     async def _record_unstarted(self, entry: _Entry) -> None:
         run = entry.run

@@ -341,3 +341,50 @@ async def test_a_line_ending_in_two_newlines_is_two_lines(followed: bool) -> Non
     assert capture.get_lines("r") == ["x", "", "", ""]
     if follower is not None:
         await follower.aclose()
+
+
+async def test_a_log_write_failing_in_the_loops_flush_loses_no_line_and_is_reported(
+    tmp_path: Path,
+) -> None:
+    # The end-of-iteration flush runs in a loop callback, where nobody awaits: the batch's
+    # lines must still reach the ring, the error the run's next call, and the other runs'
+    # batches their log files.
+    capture = OutputCapture(log_dir=tmp_path)
+    assert capture._log is not None
+    written: list[tuple[str, list[str]]] = []
+    real_write = capture._log.write
+
+    def write(run_id: str, lines: list[str]) -> None:
+        if run_id == "a" and not any(r == "a" for r, _ in written):
+            written.append((run_id, []))
+            raise RuntimeError("can't start new thread")
+        written.append((run_id, list(lines)))
+        real_write(run_id, lines)
+
+    capture._log.write = write  # type: ignore[method-assign]
+    await capture.append_line("a", "a1\n")
+    await capture.append_line("a", "a2\n")
+    await capture.append_line("b", "b1\n")
+    await asyncio.sleep(0)  # the loop runs the flush
+    await asyncio.sleep(0)
+    assert capture.get_lines("a") == ["a1", "a2"]
+    assert ("b", ["b1"]) in written
+    with pytest.raises(RuntimeError, match="new thread"):
+        await capture.append_line("a", "a3\n")
+    await capture.append_line("a", "a4\n")  # reported once
+    await capture.close_run("a")
+    await capture.close_run("b")
+    await capture.aclose()
+    assert capture.get_lines("a") == ["a1", "a2", "a4"]
+
+
+def test_append_line_driven_without_a_loop_still_completes() -> None:
+    # A coroutine driven by hand (no running loop) cannot have a batch flushed for it: its
+    # line takes the full path, as before the fast path existed.
+    capture = OutputCapture()
+    for text in ("one\n", "two"):
+        coro = capture.append_line("r", text)
+        with pytest.raises(StopIteration):
+            coro.send(None)
+    assert capture.get_lines("r") == ["one", "two"]
+    assert capture._pending == {}

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import pickle
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -974,3 +975,29 @@ async def test_a_run_changed_while_queued_is_stored_whole_when_it_starts(
     (stored,) = seen
     assert stored is not None and stored.status is RunStatus.RUNNING
     assert stored.module_name == "changed while queued" and stored.parameters == {"late": True}
+
+
+async def test_a_kept_handle_does_not_keep_the_manager_alive() -> None:
+    # A TaskHandle is the run id (a str) and is kept as one (dict keys, caches); once its run
+    # is over it must not hold the manager, its registry and every stored run.
+    registry = RunRegistry()
+    manager = BackgroundTaskManager(registry)
+
+    async def work() -> int:
+        return 1
+
+    # (No failing run here: the logged traceback would hold this frame, and so the manager.)
+    kept = [manager.start_task(Run(module_id="m"), work()) for _ in range(4)]
+    cancelled = manager.start_task(Run(module_id="m"), work())
+    manager.tasks[cancelled].cancel()  # before its first step
+    kept.append(cancelled)
+    await manager.wait_all()
+    for handle in kept[:3]:
+        await handle
+    await manager.shutdown()
+    await asyncio.sleep(0)  # the last done callbacks run
+    gone = weakref.ref(manager), weakref.ref(registry)
+    del manager, registry
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+    assert len(kept) == 5

@@ -172,8 +172,7 @@ class PlatformOps:
         ``die_with_host``: also make the child die when this process dies, where the platform
         can (it may cost spawn speed: see docs/LIFECYCLE.md).
         ``ahead``: the caller is the event loop's thread and will adopt the child with
-        :meth:`adopt_soon`: what blocks in the kernel is prepared on another thread, ahead of
-        the next such spawn, instead of now.
+        :meth:`adopt_soon`: what blocks in the kernel is left to that (on another thread).
         """
         return dict(kwargs), Containment()
 

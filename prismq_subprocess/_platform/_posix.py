@@ -70,13 +70,9 @@ class PosixOps(PlatformOps):
     def prepare_spawn(
         self, kwargs: Mapping[str, Any], die_with_host: bool = False, *, ahead: bool = False
     ) -> tuple[dict[str, Any], Containment]:
-        host = self.host
-        if host is None:
+        if self.host is None:
             return dict(kwargs), Containment()
-        prepared = host.prepare(kwargs, die_with_host, ahead=ahead)
-        if ahead and host.cgroups is not None:
-            _MOVES.submit(host.make_ready)  # the next ASYNC spawn's sub-group
-        return prepared
+        return self.host.prepare(kwargs, die_with_host, ahead=ahead)
 
     def adopt(self, pid: int, containment: Containment) -> None:
         if self.host is not None:

@@ -45,7 +45,12 @@ def gone(pid: int) -> bool:
 async def test_argv_runs_to_completion_with_output_and_accounting(
     runner: pq.ModuleRunner,
 ) -> None:
-    code = "import sys\nprint('out')\nprint('err', file=sys.stderr)\nprint('done')"
+    # The figures are stored for a run sampled at least once: a child that lives 30 ms can end
+    # before the first sample on a busy machine (CI, THREADED), so this one outlives it.
+    code = (
+        "import sys, time\nprint('out')\nprint('err', file=sys.stderr)\ntime.sleep(0.3)\n"
+        "print('done')"
+    )
     run = await runner.execute_command("py", "Python -c", [PY, "-c", code])
     assert (run.status, run.exit_code, run.error_message) == (pq.RunStatus.COMPLETED, 0, None)
     assert run.output_tail == ["out", "err", "done"]

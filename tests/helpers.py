@@ -61,3 +61,17 @@ def reaped(*argv: str) -> list[str]:
     once it started a child. The reaper ends when everything under it has, with the command's
 exit status (128 + N for a signal N)."""
     return [PY, "-c", _REAPER, *argv]
+
+
+def clean_one_by_one(lines: list[str]) -> list[str]:
+    """The documented meaning of an OutputCapture append, line by line: a trailing "\\n" /
+    "\\r\\n" removed, then embedded newlines split (each piece before a "\\n" losing a
+    trailing "\\r")."""
+    out: list[str] = []
+    for line in lines:
+        if line.endswith("\n"):
+            line = line[:-2] if line.endswith("\r\n") else line[:-1]
+        *head, last = line.split("\n")
+        out.extend(part[:-1] if part.endswith("\r") else part for part in head)
+        out.append(last)
+    return out

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import clean_one_by_one
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,20 +26,6 @@ from prismq_subprocess._background._output_capture import (
 )
 from prismq_subprocess._background._output_items import bound_line
 from prismq_subprocess._core._exceptions import InvalidRunIdError, OutputClosedError
-
-
-def clean_one_by_one(lines: list[str]) -> list[str]:
-    """The documented meaning of an append: a trailing "\\n" / "\\r\\n" removed, then embedded
-    newlines split (each piece before a "\\n" losing a trailing "\\r")."""
-    out: list[str] = []
-    for line in lines:
-        if line.endswith("\n"):
-            line = line[:-2] if line.endswith("\r\n") else line[:-1]
-        *head, last = line.split("\n")
-        out.extend(part[:-1] if part.endswith("\r") else part for part in head)
-        out.append(last)
-    return out
-
 
 TEXT = st.one_of(
     st.text(alphabet="ab\r\né", max_size=6),

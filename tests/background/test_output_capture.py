@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from helpers import clean_one_by_one
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -623,24 +624,11 @@ def test_output_tail_bounds_lines_and_bytes() -> None:
     assert list(nothing) == []
 
 
-def _clean_one_by_one(batch: list[str]) -> list[str]:
-    """The documented meaning of _clean, line by line: a trailing "\\n" / "\\r\\n" removed,
-    then embedded newlines split (each piece before a "\\n" losing a trailing "\\r")."""
-    out: list[str] = []
-    for line in batch:
-        if line.endswith("\n"):
-            line = line[:-2] if line.endswith("\r\n") else line[:-1]
-        *head, last = line.split("\n")
-        out.extend(part[:-1] if part.endswith("\r") else part for part in head)
-        out.append(last)
-    return out
-
-
 @given(st.lists(st.text(alphabet="ab\r\n", max_size=6), max_size=8))
 def test_clean_batches_match_line_by_line_cleaning(batch: list[str]) -> None:
     # _clean takes C-level shortcuts for batches without newlines and for batches whose every
     # line ends with "\n"; every batch must come out as cleaning each line alone would.
-    assert _clean(list(batch)) == _clean_one_by_one(batch)
-    assert _clean([line + "\n" for line in batch]) == _clean_one_by_one(
+    assert _clean(list(batch)) == clean_one_by_one(batch)
+    assert _clean([line + "\n" for line in batch]) == clean_one_by_one(
         [line + "\n" for line in batch]
     )

@@ -138,7 +138,8 @@ _UPDATE_KEEPING_KEYS = {
     for target, where in _STATUS_MAY_BECOME.items()
 }
 _MODULE_ID, _CREATED_AT = _COLUMNS.index("module_id"), _COLUMNS.index("created_at")
-assert _COLUMNS[0] == "run_id" and _MODULE_ID == 1 and _CREATED_AT == 7
+# _keeping_keys() relies on this order: run_id, module_id, the rest with created_at inside.
+assert _COLUMNS[0] == "run_id" and _MODULE_ID == 1 and _CREATED_AT > _MODULE_ID
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED_STATUSES))
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
 
@@ -333,7 +334,13 @@ def _from_micros(value: int | None) -> datetime | None:
 
 def _keeping_keys(values: tuple[Any, ...]) -> tuple[Any, ...]:
     """The parameters of _UPDATE_KEEPING_KEYS for a row's values (_COLUMNS order)."""
-    return (*values[2:7], *values[8:], values[0], values[1], values[7])
+    return (
+        *values[_MODULE_ID + 1 : _CREATED_AT],
+        *values[_CREATED_AT + 1 :],
+        values[0],
+        values[_MODULE_ID],
+        values[_CREATED_AT],
+    )
 
 
 def _row_values(run: Run) -> tuple[Any, ...]:

@@ -17,6 +17,7 @@ that can also be awaited to wait until the run is stored, so ``await manager.sta
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import types
 from collections import deque
@@ -450,9 +451,18 @@ class BackgroundTaskManager(AsyncResource):
             # waits only while runs are active, and re-reads the attribute each time.
             self._idle = asyncio.Event()
         entries[run_id] = entry
-        task = loop.create_task(self._drive(entry), name=f"prismq-run-{run_id}")
+        name = f"prismq-run-{run_id}"
+        if loop.get_task_factory() is None:
+            # The done callback runs in the run's own context instead of a second copy of the
+            # caller's: one Context fewer per live run for the cyclic GC. Only without a task
+            # factory, as one written before 3.11 takes no ``context`` argument.
+            context = contextvars.copy_context()
+            task = loop.create_task(self._drive(entry), name=name, context=context)
+            task.add_done_callback(entry, context=context)
+        else:
+            task = loop.create_task(self._drive(entry), name=name)
+            task.add_done_callback(entry)
         entry.task = task
-        task.add_done_callback(entry)
         if logger.isEnabledFor(logging.DEBUG):  # saves the debug() call per run when off
             logger.debug("started background run %s", run_id)
         # TaskHandle(run_id, entry) without the Python-level __new__ call (hot path).
@@ -622,9 +632,7 @@ class BackgroundTaskManager(AsyncResource):
         self._release(entry)
 
     async def _take_slot(self, entry: _Entry) -> None:
-        if self.max_concurrent is None or (
-            self._running < self.max_concurrent and not self._queue
-        ):
+        if self.max_concurrent is None or (self._running < self.max_concurrent and not self._queue):
             self._running += 1
             entry.has_slot = True
             entry.phase = _RUNNING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import inspect
 import json
@@ -11,6 +12,7 @@ import pickle
 import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -919,7 +921,6 @@ async def test_the_registry_keeps_copies_never_the_callers_run() -> None:
     assert final.created_at == run.created_at and final.owner == run.owner is not None
 
 
-
 @pytest.mark.parametrize("added_first", [False, True], ids=["new", "taken-over"])
 async def test_the_running_record_is_the_whole_run(
     registry: BaseRunRegistry, added_first: bool
@@ -1001,3 +1002,70 @@ async def test_a_kept_handle_does_not_keep_the_manager_alive() -> None:
     gc.collect()
     assert [ref() for ref in gone] == [None, None]
     assert len(kept) == 5
+
+
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+async def test_a_run_sees_the_callers_context_and_keeps_its_own(
+    registry: BaseRunRegistry,
+) -> None:
+    manager = BackgroundTaskManager(registry)
+    seen: list[str] = []
+
+    async def work() -> None:
+        seen.append(_REQUEST_ID.get())
+        _REQUEST_ID.set("changed by the run")
+
+    token = _REQUEST_ID.set("request 7")
+    try:
+        run = Run(module_id="m")
+        manager.start_task(run, work())
+        _REQUEST_ID.set("changed by the caller")
+        await manager.wait_all()
+    finally:
+        _REQUEST_ID.reset(token)
+    assert seen == ["request 7"]
+    assert _REQUEST_ID.get() == "-"
+    assert (await stored(registry, run.run_id)).status is RunStatus.COMPLETED
+    await manager.shutdown()
+
+
+async def test_a_task_factory_of_the_old_two_argument_form_still_works() -> None:
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop)
+        made.append(task.get_name())
+        return task
+
+    loop.set_task_factory(factory)
+    try:
+        async with RunRegistry() as registry:
+            manager = BackgroundTaskManager(registry)
+            run = Run(module_id="m")
+            await manager.start_task(run, returns(None))
+            await manager.wait_all()
+            assert (await stored(registry, run.run_id)).status is RunStatus.COMPLETED
+            await manager.shutdown()
+    finally:
+        loop.set_task_factory(None)
+    assert made
+
+
+async def test_a_run_copies_the_callers_context_once() -> None:
+    # The done callback runs in the run's own context rather than in a second copy of the
+    # caller's (one Context object fewer per live run for the cyclic GC to trace).
+    async with RunRegistry() as registry:
+        manager = BackgroundTaskManager(registry)
+        gc.collect()
+        before = {id(o) for o in gc.get_objects() if type(o) is contextvars.Context}
+        for _ in range(10):
+            manager.start_task(Run(module_id="m"), returns(None))
+        made = [
+            o for o in gc.get_objects() if type(o) is contextvars.Context and id(o) not in before
+        ]
+        assert len(made) == 10
+        await manager.wait_all()
+        await manager.shutdown()

@@ -41,6 +41,7 @@ __all__ = [
     "check_wait",
     "direct_writes",
     "orphan_reason",
+    "updates_directly",
 ]
 
 
@@ -454,6 +455,13 @@ def direct_writes(registry: BaseRunRegistry) -> RunRegistry | None:
             if "add_run" not in overrides and "update_run" not in overrides:
                 return registry
     return None
+
+
+def updates_directly(registry: RunRegistry) -> bool:
+    """Whether ``registry``, found by :func:`direct_writes` earlier, still has our own
+    ``update_run``: a host (its tests, say) may patch the class or the instance while a run
+    works, and the run's later writes must then go through the patch."""
+    return type(registry).update_run is _MEMORY_UPDATE and "update_run" not in registry.__dict__
 
 
 class RunRegistry(BaseRunRegistry):

@@ -41,7 +41,7 @@ from .._core._result import ProcessResult
 from .._resources._resource_manager import ResourceManager
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
-from ._memory_registry import BaseRunRegistry, direct_writes
+from ._memory_registry import BaseRunRegistry, direct_writes, updates_directly
 from ._output_capture import OutputCapture
 from ._run_record import Run, RunStatus
 
@@ -531,10 +531,12 @@ class BackgroundTaskManager(AsyncResource):
                     try:
                         if direct is None:
                             await registry.update_run(run)
-                        elif waits:
-                            direct._update_run_now(run)
-                        else:
+                        elif not waits:
                             direct._update_started_now(run)
+                        elif updates_directly(direct):
+                            direct._update_run_now(run)
+                        else:  # patched while the run waited for its slot or admission
+                            await registry.update_run(run)
                     except Exception as exc:
                         self._save_failed(run, exc)
                 result = await entry.coro
@@ -573,10 +575,11 @@ class BackgroundTaskManager(AsyncResource):
                 if self.output is not None:
                     await self._collect_output(run)
                 try:
-                    if direct is None:
-                        await registry.update_run(run)
-                    else:
+                    # Checked again: the run's own code may have patched the registry.
+                    if direct is not None and updates_directly(direct):
                         direct._update_run_now(run)
+                    else:
+                        await registry.update_run(run)
                 except Exception as exc:
                     self._save_failed(run, exc, missing_ok=not entry.store_done)
         finally:

@@ -893,32 +893,31 @@ async def test_registry_subclasses_see_every_write_through_their_methods() -> No
     assert patched_writes == expected
 
 
-async def test_a_write_method_replaced_while_a_run_works_is_used_for_its_later_writes() -> None:
+@pytest.mark.parametrize("where", ["instance", "class"])
+async def test_a_write_method_replaced_while_a_run_works_is_used_for_its_later_writes(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # What a host's test does: start a run, then patch the registry (on the instance or the
     # class) to watch or fail the writes that follow. Those must go through the patch.
-    for where in ("instance", "class"):
-        registry = RunRegistry()
-        seen: list[RunStatus] = []
-        plain_update = RunRegistry.update_run
+    registry = RunRegistry()
+    seen: list[RunStatus] = []
+    plain_update = RunRegistry.update_run
 
-        async def update_run(self: RunRegistry, run: Run) -> None:
-            seen.append(run.status)
-            await plain_update(self, run)
+    async def update_run(self: RunRegistry, run: Run) -> None:
+        seen.append(run.status)
+        await plain_update(self, run)
 
-        async def work() -> None:
-            if where == "instance":
-                registry.update_run = update_run.__get__(registry)  # type: ignore[method-assign]
-            else:
-                RunRegistry.update_run = update_run  # type: ignore[method-assign]
-            await asyncio.sleep(0)
+    async def work() -> None:
+        if where == "instance":
+            monkeypatch.setattr(registry, "update_run", update_run.__get__(registry))
+        else:
+            monkeypatch.setattr(RunRegistry, "update_run", update_run)
+        await asyncio.sleep(0)
 
-        try:
-            async with BackgroundTaskManager(registry) as manager:
-                await manager.start_task(Run(), work())
-                await manager.wait_all()
-        finally:
-            RunRegistry.update_run = plain_update  # type: ignore[method-assign]
-        assert seen == [RunStatus.COMPLETED], where
+    async with BackgroundTaskManager(registry) as manager:
+        await manager.start_task(Run(), work())
+        await manager.wait_all()
+    assert seen == [RunStatus.COMPLETED]
 
 
 async def test_the_registry_keeps_copies_never_the_callers_run() -> None:

@@ -190,4 +190,3 @@ async def test_terminate_gracefully_needs_a_process() -> None:
     with pytest.raises(TypeError) as info:
         await pq.terminate_gracefully(None)  # type: ignore[arg-type]
     assert isinstance(info.value, pq.exceptions.InvalidArgumentTypeError)
-

@@ -252,7 +252,8 @@ class DryRunStrategy(SubprocessStrategy):
             },
             input=input,
         )
-        logger.info("dry run: %s", _show(call.args))
+        if logger.isEnabledFor(logging.INFO):  # saves joining the command when it is off
+            logger.info("dry run: %s", _show(call.args))
         return self.recorder.record(call)
 
     async def spawn(self, request: SpawnRequest) -> ProcessLike:

@@ -12,6 +12,7 @@ import copy
 import enum
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -35,31 +36,56 @@ _now = datetime.now
 
 
 # Run ids are made _IDS_PER_READ at a time from one os.urandom read: the system call and the
-# per-id string surgery were most of the cost of creating a Run. Byte 6 of each id gets the
-# version nibble 4 and byte 8 the RFC 4122 variant bits 10, all at once with bytes.translate.
+# per-id string surgery were most of the cost of creating a Run.
 _IDS_PER_READ = 256
-_VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
+# The top two bits of each id's random part become the RFC 4122 variant bits 10, all at once.
 _VARIANT_RFC_4122 = bytes((b & 0x3F) | 0x80 for b in range(256))
+# The 12-bit counter after the version nibble 7 (RFC 9562, method 1): 4 bits count the pools
+# made within one millisecond, 8 bits the ids of a pool (as hex, with the version nibble).
+_POOLS_PER_MS = 16
+_COUNTERS = [[f"7{pool:x}{k:02x}" for k in range(_IDS_PER_READ)] for pool in range(_POOLS_PER_MS)]
 # next() on a list iterator is one C call, so threads taking ids at once never get the same
 # one; two threads refilling at once each make a pool of their own (the loser's rest is unused).
 _id_pool: Iterator[str] = iter(())
+# The millisecond and number of the newest pool: one process's ids only grow. A pool made in the
+# same millisecond as the last (or after the clock stepped back) takes the next number; only
+# past 16 pools (4,096 ids) in one millisecond does the stamp move on to the next one.
+_last_pool = (0, 0)
 
 
 def _make_ids() -> Iterator[str]:
-    raw = bytearray(os.urandom(16 * _IDS_PER_READ))
-    raw[6::16] = raw[6::16].translate(_VERSION_4)
-    raw[8::16] = raw[8::16].translate(_VARIANT_RFC_4122)
+    global _last_pool
+    ms = time.time_ns() // 1_000_000
+    last_ms, last_number = _last_pool
+    if ms > last_ms:
+        number = 0
+    elif last_number + 1 < _POOLS_PER_MS:
+        ms, number = last_ms, last_number + 1
+    else:
+        ms, number = last_ms + 1, 0
+    _last_pool = (ms, number)
+    raw = bytearray(os.urandom(8 * _IDS_PER_READ))
+    raw[::8] = raw[::8].translate(_VARIANT_RFC_4122)
     digits = raw.hex()
-    return iter([digits[i : i + 32] for i in range(0, len(digits), 32)])
+    stamp = f"{ms & 0xFFFF_FFFF_FFFF:012x}"
+    return iter(
+        [
+            stamp + counter + digits[i : i + 16]
+            for i, counter in zip(range(0, len(digits), 16), _COUNTERS[number], strict=True)
+        ]
+    )
 
 
 def new_run_id() -> str:
-    """Return a fresh run id: a random version-4 UUID as 32 lower-case hex digits.
+    """Return a fresh run id: a version-7 UUID (RFC 9562) as 32 lower-case hex digits.
 
-    The same value space and shape as ``uuid.uuid4().hex`` (122 random bits from
-    ``os.urandom``, so unique across processes and restarts and not guessable), built without
-    the ``uuid.UUID`` object and read from the system 256 ids at a time (a forked child starts
-    a pool of its own, see ``_after_fork``).
+    The id starts with its creation time in milliseconds, then a counter and 62 random bits
+    from ``os.urandom``. One process's new ids sort after its older ones, so they land at one
+    end of an index rather than anywhere in it (SQLite's run_id index then no longer dirties a
+    random page per insert; see docs/PERFORMANCE.md, registry). The random part keeps ids
+    unique across processes and restarts, and not guessable even next to a known one. Read
+    from the system 256 ids at a time (a forked child starts a pool of its own, see
+    ``_after_fork``).
     """
     global _id_pool
     run_id = next(_id_pool, None)

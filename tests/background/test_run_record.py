@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -17,7 +18,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus, transition_error
+from prismq_subprocess._background._run_record import (
+    Run,
+    RunOwner,
+    RunStatus,
+    new_run_id,
+    transition_error,
+)
 from prismq_subprocess._core._exceptions import InvalidRunError, PrismQError, RunStateError
 
 
@@ -195,13 +202,32 @@ def test_run_pickles() -> None:
     assert again.status is RunStatus.COMPLETED
 
 
-def test_default_run_ids_are_uuid4_hex() -> None:
-    ids = {Run().run_id for _ in range(1000)}
-    assert len(ids) == 1000
+def test_default_run_ids_are_time_ordered_uuid7_hex() -> None:
+    # Version 7 (RFC 9562): the creation time in milliseconds first, so new ids land at one end
+    # of an index (SQLite's run_id index, a host's own) instead of at random places in it.
+    before_ms = time.time_ns() // 1_000_000
+    ids = [Run().run_id for _ in range(1000)]
+    after_ms = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 1000
+    assert ids == sorted(ids)  # one process's ids only grow
     for run_id in ids:
         parsed = uuid.UUID(run_id)
-        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
         assert parsed.hex == run_id
+        # A pool made just before the test may be older; never from the future.
+        assert int(run_id[:12], 16) <= after_ms + 1
+    assert int(ids[-1][:12], 16) >= before_ms
+
+
+def test_run_ids_stay_unguessable_next_to_a_known_one() -> None:
+    # Neighbouring ids share the time and differ in the counter, but 62 bits stay random.
+    a, b = new_run_id(), new_run_id()
+    tail_a, tail_b = int(a[16:], 16) & (2**62 - 1), int(b[16:], 16) & (2**62 - 1)
+    assert tail_a != tail_b
+    samples = [int(new_run_id()[16:], 16) & (2**62 - 1) for _ in range(2000)]
+    assert len(set(samples)) == 2000
+    # Every one of the 62 bits varies.
+    assert all(len({(x >> bit) & 1 for x in samples}) == 2 for bit in range(62))
 
 
 def test_from_dict_errors() -> None:

@@ -94,7 +94,9 @@ class ModuleSpec:
             InvalidArgumentTypeError: ``script_path`` is not a str or ``os.PathLike``.
         """
         script = os.path.abspath(_check_script_path(script_path))
-        return cls(module_id, str(module_id), script, args=args, cwd=str(Path(script).parent))
+        return cls(
+            module_id, str(module_id), script, args=args, cwd=str(Path(script).parent)
+        )
 
     @classmethod
     def from_any(cls, spec: ModuleSpec | Mapping[str, Any] | GuideItem) -> ModuleSpec:
@@ -430,3 +432,4 @@ class ConcurrentExecutor(AsyncClosing):
         :meth:`aclose` from async code: it records the runs properly. Idempotent."""
         self._closed = True
         self.runner.wrapper.cleanup()
+

@@ -29,7 +29,8 @@ _SUFFIX = ".log"
 _MAX_NAME_BYTES = 255
 _KEEP = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
 _WINDOWS_DEVICES = frozenset(
-    ["con", "prn", "aux", "nul"] + [f"{prefix}{n}" for prefix in ("com", "lpt") for n in range(10)]
+    ["con", "prn", "aux", "nul"]
+    + [f"{prefix}{n}" for prefix in ("com", "lpt") for n in range(10)]
 )
 _CANONICAL = re.compile(r"(?:[a-z0-9_-]|%[0-9A-F]{2})+")
 

@@ -193,7 +193,9 @@ class BaseRunRegistry(AsyncResource):
             isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1
         ):
             raise InvalidQueryError(f"max_runs must be an int >= 1 or None, got {max_runs!r}")
-        if max_age is not None and (not isinstance(max_age, timedelta) or max_age <= timedelta(0)):
+        if max_age is not None and (
+            not isinstance(max_age, timedelta) or max_age <= timedelta(0)
+        ):
             raise InvalidQueryError(
                 f"max_age must be a positive timedelta or None, got {max_age!r}"
             )

@@ -122,7 +122,8 @@ def check_args(args: Sequence[str | os.PathLike[str]] | None) -> tuple[str, ...]
         return ()
     if not isinstance(args, list | tuple):
         raise InvalidArgumentTypeError(
-            f"args must be a list of str, one item per argument, got {type(args).__name__} {args!r}"
+            f"args must be a list of str, one item per argument, got {type(args).__name__} "
+            f"{args!r}"
         )
     checked: list[str] = []
     for index, item in enumerate(args):

@@ -630,7 +630,9 @@ class ModuleRunner(AsyncClosing):
         uvicorn worker) then has every line."""
         if self.output is not None:
             try:
-                await self.output.close_run(run.run_id, status=run.status, exit_code=run.exit_code)
+                await self.output.close_run(
+                    run.run_id, status=run.status, exit_code=run.exit_code
+                )
             except Exception:
                 logger.exception("closing the output of run %s failed", run.run_id)
         await self._save(run)

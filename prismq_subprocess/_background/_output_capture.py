@@ -526,7 +526,9 @@ class OutputCapture(AsyncClosing):
             self._release(next(iter(self._ended)))
         if self.retain_ended_seconds is not None and run_id in self._ended:
             loop = asyncio.get_running_loop()
-            self._expiry[run_id] = loop.call_later(self.retain_ended_seconds, self._release, run_id)
+            self._expiry[run_id] = loop.call_later(
+                self.retain_ended_seconds, self._release, run_id
+            )
 
     def _release(self, run_id: str, *, remember: bool = True) -> None:
         if run_id in self._pending:
@@ -674,7 +676,9 @@ class OutputCapture(AsyncClosing):
         ring = self._runs.get(run_id)
         return [] if ring is None else ring.lines[ring.head :]
 
-    def tail(self, run_id: str, max_lines: int, max_bytes: int = DEFAULT_TAIL_BYTES) -> list[str]:
+    def tail(
+        self, run_id: str, max_lines: int, max_bytes: int = DEFAULT_TAIL_BYTES
+    ) -> list[str]:
         """Return the last buffered lines of ``run_id``: at most ``max_lines`` and ``max_bytes``
         UTF-8 bytes in all (a single longer line is cut, and says so)."""
         tail = OutputTail(max_lines, max_bytes)
@@ -734,3 +738,4 @@ class OutputCapture(AsyncClosing):
                 waiter.set_result(None)
         if self._log is not None:
             await self._log.aclose()
+

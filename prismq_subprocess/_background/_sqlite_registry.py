@@ -118,7 +118,9 @@ _COLUMNS = (*_V1_COLUMNS, "worker")
 # damaged value).
 _SELECT = f"SELECT rowid, {', '.join(_COLUMNS)} FROM runs"
 _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
+_UPDATE = (
+    f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
+)
 # The update of a run to status S only matches a stored row whose status may become S.
 _STATUS_MAY_BECOME = {
     target: f"status IN ({', '.join(repr(s.value) for s in sorted(stored_statuses_for(target)))})"
@@ -612,8 +614,7 @@ class _Database:
             if check is OrphanCheck.VERIFIED:
                 logger.warning(
                     "run %s: its child (pid %d) outlived its owner; its process tree was stopped",
-                    run_id,
-                    identity.pid,
+                    run_id, identity.pid,
                 )
                 stopped[run_id] = (
                     f"; its process tree (pid {identity.pid}) was still running and was stopped"
@@ -622,14 +623,12 @@ class _Database:
 
     def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
         return self.write(
-            lambda conn: (
-                conn.execute(
-                    "UPDATE runs SET child_started_at = ?, child_cookie = ? "
-                    f"WHERE run_id = ? AND pid = ? AND status IN ({_ACTIVE_SQL})",
-                    (identity.started_at, identity.cookie, run_id, identity.pid),
-                ).rowcount
-                == 1
-            )
+            lambda conn: conn.execute(
+                "UPDATE runs SET child_started_at = ?, child_cookie = ? "
+                f"WHERE run_id = ? AND pid = ? AND status IN ({_ACTIVE_SQL})",
+                (identity.started_at, identity.cookie, run_id, identity.pid),
+            ).rowcount
+            == 1
         )
 
     def recover(self) -> list[str]:
@@ -901,7 +900,6 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 recovered = await asyncio.wrap_future(executor.submit(open_and_recover))
             except BaseException:
                 self._executor = None
-
                 # On cancellation the open may still be running; queue the close behind it so
                 # the connection never leaks, then wait for the thread.
                 def close_opened() -> None:

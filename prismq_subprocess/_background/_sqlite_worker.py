@@ -81,7 +81,9 @@ class SQLiteWorker:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
-    async def call(self, fn: Callable[..., _T], *args: Any, group: GroupTarget | None = None) -> _T:
+    async def call(
+        self, fn: Callable[..., _T], *args: Any, group: GroupTarget | None = None
+    ) -> _T:
         """Run ``fn(*args)`` on the thread and return its result.
 
         ``group``: ``fn`` writes through ``group.conn`` (via a savepoint when a transaction is

@@ -635,7 +635,9 @@ class BackgroundTaskManager(AsyncResource):
         self._release(entry)
 
     async def _take_slot(self, entry: _Entry) -> None:
-        if self.max_concurrent is None or (self._running < self.max_concurrent and not self._queue):
+        if self.max_concurrent is None or (
+            self._running < self.max_concurrent and not self._queue
+        ):
             self._running += 1
             entry.has_slot = True
             entry.phase = _RUNNING

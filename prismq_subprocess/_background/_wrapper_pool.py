@@ -125,3 +125,4 @@ class ResourcePool(AsyncClosing):
         wrappers, self._wrappers, self._idle = self._wrappers, [], []
         for wrapper in wrappers:
             wrapper.cleanup()
+

@@ -211,8 +211,8 @@ class ShutdownHandler:
         self.grace = check_timeout(grace, "grace") or 0.0
         self.signals = _ints(_default_signals() if signals is None else signals, "signals")
         self.console_events = _ints(console_events, "console_events")
-        self._console = (
-            console if console is not None else (ConsoleEvents.load() if IS_WINDOWS else None)
+        self._console = console if console is not None else (
+            ConsoleEvents.load() if IS_WINDOWS else None
         )
         self._console_token = -1
         self._previous: dict[int, _Previous] = {}

@@ -56,7 +56,6 @@ T = TypeVar("T")
 DEFAULT_GRACE_PERIOD = 5.0
 _POLL = 0.02
 
-
 @dataclass(frozen=True)
 class _Child:
     """What we know about a child we spawned, that the system cannot tell us afterwards."""

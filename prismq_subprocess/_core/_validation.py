@@ -266,7 +266,8 @@ def _check_account(option: str, value: object, *, kind: str | None = None) -> No
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidOptionError(
-            f"{option} must be a {kind} name or a numeric id, not {type(value).__name__} {value!r}"
+            f"{option} must be a {kind} name or a numeric id, not {type(value).__name__} "
+            f"{value!r}"
         )
     if value < 0:
         raise InvalidOptionError(f"{option}: a {kind} id cannot be negative, got {value}")

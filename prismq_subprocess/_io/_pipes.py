@@ -57,7 +57,6 @@ _STOP_POLL_SECONDS = 0.25
 #: How long :meth:`ThreadPerPipe.close` waits for its threads, in all.
 _JOIN_SECONDS = 2.0
 
-
 def call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
     """``loop.call_soon_threadsafe``, False instead of an error once the loop is closed."""
     try:

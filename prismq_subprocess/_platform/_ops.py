@@ -265,7 +265,9 @@ class PlatformOps:
         return []
 
     # -- the coarse operations of a stop (blocking: call them from a worker thread) ------------
-    def ask_to_stop(self, targets: Sequence[StopTarget], pace: Pace = no_pace) -> list[StopRecord]:
+    def ask_to_stop(
+        self, targets: Sequence[StopTarget], pace: Pace = no_pace
+    ) -> list[StopRecord]:
         """Send every target's tree the polite stop request; return what was learned.
 
         Running targets: hold the trees still where the platform can (so nothing forks past the

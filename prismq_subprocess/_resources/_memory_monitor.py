@@ -18,13 +18,11 @@ __all__ = ["MIN_CHECK_INTERVAL", "MemoryCallback", "MemoryMonitor"]
 
 logger = logging.getLogger(__name__)
 
-
 class MemoryCallback(Protocol):
     """An ``on_high`` / ``on_low`` callback of a :class:`MemoryMonitor`: called with the reading
     that caused the transition. A plain function or an ``async def`` (then awaited)."""
 
     def __call__(self, snapshot: ResourceSnapshot, /) -> Awaitable[object] | object: ...
-
 
 #: The shortest ``check_interval`` accepted, in seconds. A psutil reading lists this process's
 #: children: 1-4 ms of CPU each (measured on a loaded 2-core machine), so polling 10 times a

@@ -53,7 +53,6 @@ class LimitCallback(Protocol):
 
     def __call__(self, sample: TreeSample, /) -> Awaitable[object] | object: ...
 
-
 # A psutil process identity: (pid, create_time), so a reused pid is a new process.
 _Ident = tuple[int, float]
 

@@ -248,7 +248,9 @@ class AsyncStrategy(SubprocessStrategy):
         return returncode if returncode is not None else await process.wait()
 
 
-def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+def _start_task(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]
+) -> asyncio.Task[_T]:
     """A task for ``coro``, started at once where asyncio can (3.12+: an eager task runs until
     its first suspension now, not on the next loop iteration)."""
     if (

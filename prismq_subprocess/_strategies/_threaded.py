@@ -145,7 +145,9 @@ class ThreadedStrategy(SubprocessStrategy):
             loop, popen, limit=request.limit, bridge=self._bridge, use_pidfd=self._use_pidfd
         )
         process.on_exit = self.ops.child_exited
-        register_child(process, self.ops.started_own_group(request.kwargs), containment, self.ops)
+        register_child(
+            process, self.ops.started_own_group(request.kwargs), containment, self.ops
+        )
         return process
 
     def close(self) -> None:

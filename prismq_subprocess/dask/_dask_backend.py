@@ -604,7 +604,9 @@ class DaskBackend(RunBackend):
     async def _watch_workers(self) -> None:
         while True:
             await asyncio.sleep(self.worker_check_interval)
-            watched = [r for r in self._remotes.values() if r.worker is not None and r.lost is None]
+            watched = [
+                r for r in self._remotes.values() if r.worker is not None and r.lost is None
+            ]
             if not watched:
                 continue
             try:

@@ -223,18 +223,15 @@ def test_verify_and_stop_an_orphan_by_its_cookie(tmp_path: Path) -> None:
         daemon = psutil.Process(int(child.stdout.readline()))
         started = psutil.Process(child.pid).create_time()
         right = pq.ProcessIdentity(child.pid, started, "PRISMQ_RUN_ABCDEF654321=3")
-        assert (
-            pq.stop_orphan_tree(pq.ProcessIdentity(child.pid, started, "PRISMQ_RUN_ABCDEF654321=4"))
-            is pq.OrphanCheck.UNPROVEN
-        )
-        assert (
-            pq.stop_orphan_tree(pq.ProcessIdentity(child.pid, started, None))
-            is pq.OrphanCheck.UNPROVEN
-        )
-        assert (
-            pq.stop_orphan_tree(pq.ProcessIdentity(child.pid, started + 5, right.cookie))
-            is pq.OrphanCheck.REUSED
-        )
+        assert pq.stop_orphan_tree(
+            pq.ProcessIdentity(child.pid, started, "PRISMQ_RUN_ABCDEF654321=4")
+        ) is pq.OrphanCheck.UNPROVEN
+        assert pq.stop_orphan_tree(
+            pq.ProcessIdentity(child.pid, started, None)
+        ) is pq.OrphanCheck.UNPROVEN
+        assert pq.stop_orphan_tree(
+            pq.ProcessIdentity(child.pid, started + 5, right.cookie)
+        ) is pq.OrphanCheck.REUSED
         assert child.poll() is None and daemon.is_running()
         assert pq.stop_orphan_tree(right, grace=2.0) is pq.OrphanCheck.VERIFIED
         assert child.wait(timeout=5) == -signal.SIGTERM

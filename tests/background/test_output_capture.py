@@ -243,7 +243,9 @@ async def test_log_file_has_everything(tmp_path: Path) -> None:
         path = capture.log_path("run-1")
         assert path is not None
         # close_run returned: the file is complete even though the buffer kept only 2 lines.
-        assert path.read_text(encoding="utf-8").splitlines() == [f"line {i} ü" for i in range(500)]
+        assert path.read_text(encoding="utf-8").splitlines() == [
+            f"line {i} ü" for i in range(500)
+        ]
         assert capture.get_lines("run-1") == ["line 498 ü", "line 499 ü"]
     evil = run_log_path(tmp_path / "logs", "../evil")
     assert evil.parent == tmp_path / "logs"

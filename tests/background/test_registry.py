@@ -87,6 +87,7 @@ async def test_returned_runs_are_copies(registry: BaseRunRegistry) -> None:
     assert again is not None and again.output_tail == [] and again.status is RunStatus.PENDING
 
 
+
 async def test_returned_runs_never_share_their_lists(registry: BaseRunRegistry) -> None:
     # Runs stored with no output tail (the usual case) hand out a fresh list each time.
     first, second = Run(), Run()
@@ -156,7 +157,6 @@ async def test_a_failed_memory_write_leaves_the_stored_run_alone() -> None:
     with pytest.raises(TypeError):
         await registry.add_run(Run(parameters={"k": _NoCopies()}))
     assert await registry.count_runs() == 1
-
 
 async def test_bad_input_raises_clear_errors(registry: BaseRunRegistry) -> None:
     run = Run()
@@ -241,7 +241,9 @@ async def test_max_runs_keeps_newest_finished(kind: str, tmp_path: Path) -> None
         for run in done:
             await store.add_run(run)
         left = await store.list_runs()
-        assert [r.run_id for r in left] == [r.run_id for r in reversed(done[3:])] + [active.run_id]
+        assert [r.run_id for r in left] == [r.run_id for r in reversed(done[3:])] + [
+            active.run_id
+        ]
         assert await store.apply_retention() == 0
 
 

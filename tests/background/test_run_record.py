@@ -281,7 +281,8 @@ runs = st.builds(
     output_tail=st.lists(st.text(), max_size=5),
     peak_rss_bytes=st.none() | st.integers(0, 2**50),
     cpu_time_seconds=st.none() | st.floats(0, 1e6),
-    owner=st.none() | st.builds(RunOwner, st.text(), st.integers(1, 2**31), st.floats(0, 2e9)),
+    owner=st.none()
+    | st.builds(RunOwner, st.text(), st.integers(1, 2**31), st.floats(0, 2e9)),
 )
 
 

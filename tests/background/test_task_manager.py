@@ -948,6 +948,7 @@ async def test_the_registry_keeps_copies_never_the_callers_run() -> None:
     assert final.created_at == run.created_at and final.owner == run.owner is not None
 
 
+
 @pytest.mark.parametrize("added_first", [False, True], ids=["new", "taken-over"])
 async def test_the_running_record_is_the_whole_run(
     registry: BaseRunRegistry, added_first: bool

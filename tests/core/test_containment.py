@@ -260,13 +260,8 @@ HOST = (
 async def test_children_die_with_a_killed_host_when_asked(mode: str, die_with_host: bool) -> None:
     mark, env = marked_env()
     host = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        HOST,
-        mode,
-        "yes" if die_with_host else "no",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-c", HOST, mode, "yes" if die_with_host else "no",
+        env=env, stdout=asyncio.subprocess.PIPE,
     )
     assert host.stdout is not None
     pid, cgroup = (await asyncio.wait_for(host.stdout.readline(), 30)).decode().split(" ", 1)
@@ -309,7 +304,9 @@ async def test_async_spawn_does_not_wait_for_the_move_into_the_sub_group() -> No
     ops = platform_ops(sys.platform, host=host)
     async with pq.SubprocessWrapper("async", ops=ops) as wrapper:
         # Were the move on the loop's thread, this spawn would wait for the gate (10 s).
-        proc = await asyncio.wait_for(wrapper.create_subprocess_exec("sleep", "30"), timeout=5)
+        proc = await asyncio.wait_for(
+            wrapper.create_subprocess_exec("sleep", "30"), timeout=5
+        )
         assert not moves.gate.is_set()
         moves.gate.set()
         assert await asyncio.to_thread(_posix._MOVES.wait_idle, 10)
@@ -400,9 +397,7 @@ def test_process_objects_alive_at_exit_release_their_sub_groups_quietly() -> Non
     _host("cgroup")  # skips where there are no sub-groups to make
     done = subprocess.run(
         [sys.executable, "-c", EXIT_WITH_LIVE_PROCESS_OBJECTS],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""

@@ -46,9 +46,9 @@ async def readline_all(reader: asyncio.StreamReader) -> list[bytes]:
 
 
 payload = st.lists(
-    st.binary(max_size=40)
-    .map(lambda b: b.replace(b"\n", b""))
-    .flatmap(lambda b: st.sampled_from([b, b + b"\n", b + b"\r\n", b + b"\r"])),
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")).flatmap(
+        lambda b: st.sampled_from([b, b + b"\n", b + b"\r\n", b + b"\r"])
+    ),
     max_size=30,
 )
 
@@ -113,7 +113,9 @@ async def test_readline_keeps_asyncio_limit_semantics(
     rest = await proc.stdout.read()
     assert set(rest) <= set(b"a\n")
     await proc.wait()
-    big = await streaming_wrapper.create_subprocess_exec(*py(code), stdout=pq.PIPE, limit=2 * LONG)
+    big = await streaming_wrapper.create_subprocess_exec(
+        *py(code), stdout=pq.PIPE, limit=2 * LONG
+    )
     assert len(await big.stdout.readline()) == LONG + 1
     await big.wait()
 

@@ -234,7 +234,10 @@ async def test_stop_holds_a_forking_tree_still(wrapper: pq.SubprocessWrapper, at
 
 
 CHATTY_THEN_SLEEP = (
-    "import sys, time\nsys.stdout.write('line\\n' * 200000)\nsys.stdout.flush()\ntime.sleep(60)\n"
+    "import sys, time\n"
+    "sys.stdout.write('line\\n' * 200000)\n"
+    "sys.stdout.flush()\n"
+    "time.sleep(60)\n"
 )
 
 
@@ -297,7 +300,7 @@ async def test_run_returns_when_a_chatty_leftover_keeps_writing(
     code = (
         "import subprocess, sys\n"
         "subprocess.Popen([sys.executable, '-c', 'import time\\n"
-        'while True:\\n print("tick", flush=True)\\n time.sleep(0.01)\'])\n'
+        "while True:\\n print(\"tick\", flush=True)\\n time.sleep(0.01)'])\n"
         "print('started', flush=True)\n"
     )
     result = await wrapper.run(*py(code), env=env, timeout=20, grace_period=0.5)
@@ -477,8 +480,6 @@ async def test_execute_with_timeout_names_a_task_not_a_command() -> None:
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, pq.TaskTimeoutError)
     assert str(info.value) == "task 'slow' timed out after 0.05 s and was cancelled"
     assert info.value.task_name == "slow" and info.value.timeout == 0.05
-
-
 # A child that would end by itself after a while (what a blocked close would wait for).
 SLEEPS_8_S = "import time; print('up', flush=True); time.sleep(8)"
 
@@ -515,7 +516,8 @@ async def test_a_batch_wait_polls_asyncio_processes_without_wait_tasks() -> None
     from prismq_subprocess._core._exit_wait import wait_all_exited
 
     processes = [
-        await asyncio.create_subprocess_exec(*py("import time; time.sleep(0.2)")) for _ in range(3)
+        await asyncio.create_subprocess_exec(*py("import time; time.sleep(0.2)"))
+        for _ in range(3)
     ]
     calls: list[int] = []
     for process in processes:

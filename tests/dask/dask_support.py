@@ -23,7 +23,6 @@ from helpers import reaped
 
 STARTUP_SECONDS = 90.0
 
-
 def _reaped(argv: list[str], log: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         reaped(*argv),

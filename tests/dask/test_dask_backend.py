@@ -106,7 +106,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SubprocessClus
 
 @pytest.fixture
 async def client(cluster: SubprocessCluster) -> AsyncIterator[Any]:
-    async with distributed.Client(cluster.address, asynchronous=True, set_as_default=False) as c:
+    async with distributed.Client(
+        cluster.address, asynchronous=True, set_as_default=False
+    ) as c:
         await c.wait_for_workers(2, timeout=WAIT)
         yield c
 
@@ -264,7 +266,9 @@ async def test_the_sse_helper_streams_a_cluster_run_and_resumes_from_last_event_
     runner = runner_for(DaskBackend(client))
     async with runner:
         run_id = await runner.start_module("s", "lines", scripts["lines"], {"count": 4, "code": 2})
-        live = "".join([chunk async for chunk in sse_events(out(runner), run_id, heartbeat=None)])
+        live = "".join(
+            [chunk async for chunk in sse_events(out(runner), run_id, heartbeat=None)]
+        )
         resumed = "".join(
             [chunk async for chunk in sse_events(out(runner), run_id, last_event_id="2")]
         )
@@ -429,7 +433,9 @@ async def test_cancel_running_stops_the_whole_tree_on_the_worker(
         run_id = await runner.start_module(
             "c", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
         )
-        grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+        grandchild = int(
+            (await wait_for_line(out(runner), run_id, "grandchild")).split()[1]
+        )
         running = await stored(runner, run_id)
         assert running.status is RunStatus.RUNNING and running.pid is not None
         worker_pid = (await worker_pids(client))[str(running.worker)]
@@ -551,7 +557,9 @@ async def test_a_host_that_goes_away_leaves_nothing_running_on_the_workers(
 ) -> None:
     # The host's client disconnects (its process died, say): the scheduler drops its tasks and
     # each worker stops the module its task started.
-    host = await distributed.Client(cluster.address, asynchronous=True, set_as_default=False)
+    host = await distributed.Client(
+        cluster.address, asynchronous=True, set_as_default=False
+    )
     runner = runner_for(DaskBackend(host))
     run_id = await runner.start_module(
         "h", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
@@ -571,7 +579,9 @@ async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
     scripts: dict[str, str], tmp_path: Path
 ) -> None:
     # A cluster of its own: its scheduler dies for good.
-    small = await asyncio.to_thread(SubprocessCluster, tmp_path / "small", n_workers=1, nthreads=2)
+    small = await asyncio.to_thread(
+        SubprocessCluster, tmp_path / "small", n_workers=1, nthreads=2
+    )
     try:
         host = await distributed.Client(small.address, asynchronous=True, set_as_default=False)
         await host.wait_for_workers(1, timeout=WAIT)
@@ -653,7 +663,9 @@ async def test_bad_configuration_raises_before_anything_starts(
         DaskBackend("tcp://127.0.0.1:1", resources={"slots": 0})
     with pytest.raises(pq.exceptions.InvalidIntervalError):
         DaskBackend("tcp://127.0.0.1:1", worker_check_interval=0)
-    sync_client = await asyncio.to_thread(distributed.Client, cluster.address, set_as_default=False)
+    sync_client = await asyncio.to_thread(
+        distributed.Client, cluster.address, set_as_default=False
+    )
     try:
         with pytest.raises(pq.exceptions.InvalidBackendError, match="asynchronous"):
             DaskBackend(sync_client)
@@ -717,7 +729,9 @@ async def test_worker_killed_mid_run_interrupts_the_run_without_retrying_it(
                 scripts["gated"],
                 {"gate": str(tmp_path / "never"), "marker": str(marker), "grandchild": True},
             )
-            grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+            grandchild = int(
+                (await wait_for_line(out(runner), run_id, "grandchild")).split()[1]
+            )
             running = await stored(runner, run_id)
             assert running.pid is not None
             os.kill((await worker_pids(client))[str(running.worker)], signal.SIGKILL)

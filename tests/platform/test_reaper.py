@@ -42,22 +42,16 @@ def wait_until(predicate: object, timeout: float = 10.0) -> bool:
 def test_an_adopted_daemon_is_reaped_when_it_exits() -> None:
     r = reaper()
     mark, env = marked_env()
-    starter = subprocess.run(
-        [sys.executable, "-c", SHORT_DAEMON],
-        env=env,
-        check=True,
-        capture_output=True,
-        start_new_session=True,
-    )
+    starter = subprocess.run([sys.executable, "-c", SHORT_DAEMON], env=env, check=True,
+                             capture_output=True, start_new_session=True)
     assert starter.stdout == b"daemon started\n"
     [daemon] = wait_for_marked(mark, 1)
     assert daemon.ppid() == os.getpid()  # re-parented to us, not to init
     before = r.reaped
     assert r.sweep() >= 1  # seen alive: the reaper thread now watches it
     assert wait_until(lambda: r.reaped > before)
-    assert wait_until(
-        lambda: not psutil.pid_exists(daemon.pid) or daemon.status() != psutil.STATUS_ZOMBIE
-    )
+    assert wait_until(lambda: not psutil.pid_exists(daemon.pid) or
+                      daemon.status() != psutil.STATUS_ZOMBIE)
 
 
 def test_direct_children_are_never_reaped_by_us() -> None:

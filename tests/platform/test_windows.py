@@ -122,9 +122,9 @@ def test_windows_stop_of_running_children_in_one_batch() -> None:
     assert grouped.asked and not plain.asked
     assert sorted(p.pid for p in grouped.descendants) == [2, 3]
     assert [p.pid for p in plain.descendants] == [6]
-    assert (
-        child_of_grouped.signals == grandchild.signals == child_of_plain.signals == [signal.SIGTERM]
-    )
+    assert child_of_grouped.signals == grandchild.signals == child_of_plain.signals == [
+        signal.SIGTERM
+    ]
     assert stranger.signals == []
     ops.kill_trees([grouped, plain])
     assert child_of_grouped.killed and grandchild.killed and child_of_plain.killed
@@ -181,9 +181,8 @@ class FakeKernel32:
 
 def test_each_run_gets_a_job_object_that_the_stop_kills_in_one_call() -> None:
     kernel = FakeKernel32()
-    ops = platform_ops(
-        "win32", kill=recorder()[1], process_iter=lambda: [], jobs=JobObjects(kernel)
-    )
+    ops = platform_ops("win32", kill=recorder()[1], process_iter=lambda: [],
+                       jobs=JobObjects(kernel))
     report = ops.containment_report()
     assert report.mechanisms == ("job-object", "process-group")
     assert "kill-on-close" in report.die_with_host

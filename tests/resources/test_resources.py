@@ -275,7 +275,9 @@ async def test_a_hanging_callback_does_not_keep_monitoring_alive() -> None:
             cancelled.set()
             raise
 
-    monitor = MemoryMonitor(80.0, check_interval=0.1, on_high=on_high, reader=FakeReader([95.0]))
+    monitor = MemoryMonitor(
+        80.0, check_interval=0.1, on_high=on_high, reader=FakeReader([95.0])
+    )
     task = asyncio.create_task(monitor.monitor_continuously())
     await asyncio.wait_for(entered.wait(), 5)
     monitor.stop_monitoring()

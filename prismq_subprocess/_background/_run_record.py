@@ -35,64 +35,61 @@ def utc_now() -> datetime:
 _now = datetime.now
 
 
-# Run ids are made _IDS_PER_READ at a time from one os.urandom read: the system call and the
-# per-id string surgery were most of the cost of creating a Run.
-_IDS_PER_READ = 256
-# The top two bits of each id's random part become the RFC 4122 variant bits 10, all at once.
+# Run ids: the random part of _TAILS_PER_READ ids comes from one os.urandom read (the system
+# call was most of the cost of creating a Run); the time and counter are added per id. The top
+# two bits of each random part become the RFC 4122 variant bits 10, all at once.
+_TAILS_PER_READ = 256
 _VARIANT_RFC_4122 = bytes((b & 0x3F) | 0x80 for b in range(256))
-# The 12-bit counter after the version nibble 7 (RFC 9562, method 1): 4 bits count the pools
-# made within one millisecond, 8 bits the ids of a pool (as hex, with the version nibble).
-_POOLS_PER_MS = 16
-_COUNTERS = [[f"7{pool:x}{k:02x}" for k in range(_IDS_PER_READ)] for pool in range(_POOLS_PER_MS)]
 # next() on a list iterator is one C call, so threads taking ids at once never get the same
-# one; two threads refilling at once each make a pool of their own (the loser's rest is unused).
-_id_pool: Iterator[str] = iter(())
-# The millisecond and number of the newest pool: one process's ids only grow. A pool made in the
-# same millisecond as the last (or after the clock stepped back) takes the next number; only
-# past 16 pools (4,096 ids) in one millisecond does the stamp move on to the next one.
-_last_pool = (0, 0)
+# random part; two threads refilling at once each make a pool of their own.
+_tails: Iterator[str] = iter(())
+_time_ns = time.time_ns
+# The millisecond the ids are stamped with, as hex, and the 12-bit counter within it (RFC 9562,
+# method 1). One process's ids only grow: in the same millisecond, or after the clock stepped
+# back a little, the counter goes on; past 4,096 ids in one millisecond the stamp moves on by
+# one. A clock that stepped back more than _CLOCK_STEP_MS is followed (ids then start lower).
+_stamp_ms = 0
+_stamp = ""
+_count = 0
+_CLOCK_STEP_MS = 10_000
+_COUNTER_HEX = [f"{k:03x}" for k in range(0x1000)]
 
 
-def _make_ids() -> Iterator[str]:
-    global _last_pool
-    ms = time.time_ns() // 1_000_000
-    last_ms, last_number = _last_pool
-    if ms > last_ms:
-        number = 0
-    elif last_number + 1 < _POOLS_PER_MS:
-        ms, number = last_ms, last_number + 1
-    else:
-        ms, number = last_ms + 1, 0
-    _last_pool = (ms, number)
-    raw = bytearray(os.urandom(8 * _IDS_PER_READ))
+def _new_tails() -> Iterator[str]:
+    raw = bytearray(os.urandom(8 * _TAILS_PER_READ))
     raw[::8] = raw[::8].translate(_VARIANT_RFC_4122)
     digits = raw.hex()
-    stamp = f"{ms & 0xFFFF_FFFF_FFFF:012x}"
-    return iter(
-        [
-            stamp + counter + digits[i : i + 16]
-            for i, counter in zip(range(0, len(digits), 16), _COUNTERS[number], strict=True)
-        ]
-    )
+    return iter([digits[i : i + 16] for i in range(0, len(digits), 16)])
 
 
 def new_run_id() -> str:
     """Return a fresh run id: a version-7 UUID (RFC 9562) as 32 lower-case hex digits.
 
-    The id starts with its creation time in milliseconds, then a counter and 62 random bits
-    from ``os.urandom``. One process's new ids sort after its older ones, so they land at one
-    end of an index rather than anywhere in it (SQLite's run_id index then no longer dirties a
-    random page per insert; see docs/PERFORMANCE.md, registry). The random part keeps ids
-    unique across processes and restarts, and not guessable even next to a known one. Read
-    from the system 256 ids at a time (a forked child starts a pool of its own, see
+    The id starts with the time it was made, in milliseconds, then a counter and 62 random
+    bits from ``os.urandom``. One process's new ids sort after its older ones, so they land at
+    one end of an index rather than anywhere in it (SQLite's run_id index then no longer
+    dirties a random page per insert; see docs/PERFORMANCE.md, registry); ids made by threads
+    at the same moment may come in either order. The random part keeps ids unique across
+    threads, processes and restarts, and not guessable even next to a known one. The random
+    parts are read from the system 256 at a time (a forked child starts a pool of its own, see
     ``_after_fork``).
     """
-    global _id_pool
-    run_id = next(_id_pool, None)
-    if run_id is None:
-        _id_pool = pool = _make_ids()
-        run_id = next(pool)
-    return run_id
+    global _tails, _stamp_ms, _stamp, _count
+    ms = _time_ns() // 1_000_000
+    if ms > _stamp_ms or ms < _stamp_ms - _CLOCK_STEP_MS:
+        _stamp_ms, _count = ms, 0
+        _stamp = f"{ms & 0xFFFF_FFFF_FFFF:012x}7"
+    else:
+        _count += 1
+        if _count > 0xFFF:
+            _stamp_ms += 1
+            _count = 0
+            _stamp = f"{_stamp_ms & 0xFFFF_FFFF_FFFF:012x}7"
+    tail = next(_tails, None)
+    if tail is None:
+        _tails = tails = _new_tails()
+        tail = next(tails)
+    return _stamp + _COUNTER_HEX[_count] + tail
 
 
 class RunStatus(enum.StrEnum):
@@ -204,9 +201,9 @@ _current_owner: RunOwner | None = None
 
 def _after_fork() -> None:
     """In a forked child: forget the parent's owner record and its unused run ids."""
-    global _current_owner, _id_pool
+    global _current_owner, _tails
     _current_owner = None
-    _id_pool = iter(())
+    _tails = iter(())
 
 
 after_fork_in_child(_after_fork)

@@ -140,6 +140,9 @@ class TaskHandle(str):
         return (str, (str(self),))
 
 
+# asyncio's own create_task, which takes ``context`` (3.11+); see start_task.
+_PLAIN_CREATE_TASK = asyncio.BaseEventLoop.create_task
+
 class _Entry:
     """One run's state in the manager, from ``start_task`` to its last registry write.
 
@@ -452,16 +455,30 @@ class BackgroundTaskManager(AsyncResource):
             self._idle = asyncio.Event()
         entries[run_id] = entry
         name = f"prismq-run-{run_id}"
-        if loop.get_task_factory() is None:
-            # The done callback runs in the run's own context instead of a second copy of the
-            # caller's: one Context fewer per live run for the cyclic GC. Only without a task
-            # factory, as one written before 3.11 takes no ``context`` argument.
-            context = contextvars.copy_context()
-            task = loop.create_task(self._drive(entry), name=name, context=context)
-            task.add_done_callback(entry, context=context)
-        else:
-            task = loop.create_task(self._drive(entry), name=name)
-            task.add_done_callback(entry)
+        drive = self._drive(entry)
+        try:
+            if loop.get_task_factory() is None and type(loop).create_task is _PLAIN_CREATE_TASK:
+                # The done callback runs in the run's own context instead of a second copy of
+                # the caller's: one Context fewer per live run for the cyclic GC. Only with
+                # asyncio's own create_task and no task factory: a loop's create_task or a
+                # factory written before 3.11 takes no ``context`` argument.
+                context = contextvars.copy_context()
+                task = loop.create_task(drive, name=name, context=context)
+                task.add_done_callback(entry, context=context)
+            else:
+                task = loop.create_task(drive, name=name)
+                task.add_done_callback(entry)
+        except BaseException:
+            # Nothing was scheduled (a loop or task factory that refused): undo start_task.
+            drive.close()
+            coro.close()
+            if entries.get(run_id) is entry:
+                del entries[run_id]
+            if opened and self.output is not None:
+                self.output.forget(run_id)
+            entry.manager = None
+            self._check_idle()
+            raise
         entry.task = task
         if logger.isEnabledFor(logging.DEBUG):  # saves the debug() call per run when off
             logger.debug("started background run %s", run_id)

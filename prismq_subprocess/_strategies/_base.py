@@ -4,6 +4,7 @@ for every mode."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -55,8 +56,13 @@ class SpawnRequest:
         """This request with ``stdin`` and with stdout and stderr piped: what ``run()`` starts.
 
         The constructor called directly, at half the cost of ``dataclasses.replace`` (per run);
-        test_with_run_pipes_matches_replace keeps it in step with the fields.
+        test_with_run_pipes_matches_replace keeps it in step with the fields. A subclass (which
+        may add fields) goes through ``replace``.
         """
+        if type(self) is not SpawnRequest:
+            return dataclasses.replace(
+                self, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
         return SpawnRequest(
             self.command,
             self.shell,

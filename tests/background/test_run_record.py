@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from prismq_subprocess._background import _run_record
 from prismq_subprocess._background._run_record import (
     Run,
     RunOwner,
@@ -214,9 +215,7 @@ def test_default_run_ids_are_time_ordered_uuid7_hex() -> None:
         parsed = uuid.UUID(run_id)
         assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
         assert parsed.hex == run_id
-        # A pool made just before the test may be older; never from the future.
-        assert int(run_id[:12], 16) <= after_ms + 1
-    assert int(ids[-1][:12], 16) >= before_ms
+        assert before_ms <= int(run_id[:12], 16) <= after_ms
 
 
 def test_run_ids_stay_unguessable_next_to_a_known_one() -> None:
@@ -228,6 +227,34 @@ def test_run_ids_stay_unguessable_next_to_a_known_one() -> None:
     assert len(set(samples)) == 2000
     # Every one of the 62 bits varies.
     assert all(len({(x >> bit) & 1 for x in samples}) == 2 for bit in range(62))
+
+
+def test_a_run_id_carries_the_time_it_was_made() -> None:
+    # Not the time of an earlier id: an id made long after the last one has its own moment.
+    first = new_run_id()
+    time.sleep(0.02)
+    before_ms = time.time_ns() // 1_000_000
+    second = new_run_id()
+    assert int(second[:12], 16) >= before_ms >= int(first[:12], 16) + 15
+    assert second > first
+
+
+def test_run_ids_keep_growing_through_a_busy_millisecond_and_a_small_clock_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [time.time_ns() + 10**9]
+    monkeypatch.setattr(_run_record, "_time_ns", lambda: now[0])
+    busy = [new_run_id() for _ in range(5000)]  # more than the 4,096 a millisecond counts
+    assert busy == sorted(busy) and len(set(busy)) == 5000
+    stamp = now[0] // 1_000_000
+    assert {int(run_id[:12], 16) for run_id in busy} == {stamp, stamp + 1}
+    now[0] -= 2 * 10**9  # the clock steps back 2 s: ids still grow, on the old stamp
+    later = new_run_id()
+    assert later > busy[-1]
+    now[0] -= 60 * 10**9  # a step of a minute is followed: ids then start lower
+    followed = new_run_id()
+    assert int(followed[:12], 16) == now[0] // 1_000_000
+    assert uuid.UUID(followed).version == 7
 
 
 def test_from_dict_errors() -> None:

@@ -920,6 +920,34 @@ async def test_a_write_method_replaced_while_a_run_works_is_used_for_its_later_w
     assert seen == [RunStatus.COMPLETED]
 
 
+async def test_a_write_method_replaced_while_a_run_waits_for_its_slot_is_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With a concurrency limit the second run waits; the first one patches the registry
+    # meanwhile. The second run's RUNNING write (after its wait) goes through the patch.
+    registry = RunRegistry()
+    seen: list[tuple[str, RunStatus]] = []
+    plain_update = RunRegistry.update_run
+
+    async def update_run(self: RunRegistry, run: Run) -> None:
+        seen.append((run.module_id, run.status))
+        await plain_update(self, run)
+
+    go = asyncio.Event()
+
+    async def first() -> None:
+        await go.wait()  # until the second run is stored and queued behind this one
+        monkeypatch.setattr(RunRegistry, "update_run", update_run)
+
+    async with BackgroundTaskManager(registry, max_concurrent=1) as manager:
+        await manager.start_task(Run(module_id="first"), first())
+        await manager.start_task(Run(module_id="second"), returns(None))
+        go.set()
+        await manager.wait_all()
+    assert ("second", RunStatus.RUNNING) in seen
+    assert ("second", RunStatus.COMPLETED) in seen
+
+
 async def test_the_registry_keeps_copies_never_the_callers_run() -> None:
     registry = RunRegistry()
     gate = asyncio.Event()
@@ -1068,6 +1096,7 @@ async def test_a_task_factory_of_the_old_two_argument_form_still_works() -> None
         made.append(task.get_name())
         return task
 
+    previous = loop.get_task_factory()
     loop.set_task_factory(factory)
     try:
         async with RunRegistry() as registry:
@@ -1078,8 +1107,74 @@ async def test_a_task_factory_of_the_old_two_argument_form_still_works() -> None
             assert (await stored(registry, run.run_id)).status is RunStatus.COMPLETED
             await manager.shutdown()
     finally:
-        loop.set_task_factory(None)
+        loop.set_task_factory(previous)
     assert made
+
+
+class _OldCreateTaskLoop(asyncio.SelectorEventLoop):
+    """A loop whose create_task predates 3.11's ``context`` argument."""
+
+    def create_task(self, coro: Any, *, name: str | None = None) -> asyncio.Task[Any]:  # type: ignore[override]
+        return super().create_task(coro, name=name)
+
+
+class _RefusingLoop(asyncio.SelectorEventLoop):
+    """A loop that refuses new tasks (as one shutting down might)."""
+
+    refuse = False
+
+    def create_task(self, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        if self.refuse:
+            raise RuntimeError("this loop takes no new tasks")
+        return super().create_task(coro, **kwargs)
+
+
+def test_a_loop_whose_create_task_takes_no_context_still_runs_runs() -> None:
+    async def main() -> RunStatus:
+        async with RunRegistry() as registry:
+            manager = BackgroundTaskManager(registry)
+            run = Run(module_id="m")
+            await manager.start_task(run, returns(None))
+            await manager.wait_all()
+            await manager.shutdown()
+            return (await stored(registry, run.run_id)).status
+
+    loop = _OldCreateTaskLoop()
+    try:
+        assert loop.run_until_complete(main()) is RunStatus.COMPLETED
+    finally:
+        loop.close()
+
+
+def test_a_refused_task_leaves_nothing_behind(recwarn: pytest.WarningsRecorder) -> None:
+    # The loop refuses the run's task: start_task raises, and the run is not left "active",
+    # its output not left open, no coroutine left unawaited; the same run can start later.
+    async def main() -> RunStatus:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, _RefusingLoop)
+        async with RunRegistry() as registry:
+            output = OutputCapture()
+            manager = BackgroundTaskManager(registry, output=output)
+            run = Run(module_id="m")
+            loop.refuse = True
+            with pytest.raises(RuntimeError, match="no new tasks"):
+                manager.start_task(run, returns(None))
+            loop.refuse = False
+            assert manager.active_runs() == []
+            await asyncio.wait_for(manager.wait_all(), 5)
+            await manager.start_task(run, returns(None))
+            await manager.wait_all()
+            await manager.shutdown()
+            await output.aclose()
+            return (await stored(registry, run.run_id)).status
+
+    loop = _RefusingLoop()
+    try:
+        assert loop.run_until_complete(main()) is RunStatus.COMPLETED
+    finally:
+        loop.close()
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
 async def test_a_run_copies_the_callers_context_once() -> None:
@@ -1088,12 +1183,15 @@ async def test_a_run_copies_the_callers_context_once() -> None:
     async with RunRegistry() as registry:
         manager = BackgroundTaskManager(registry)
         gc.collect()
-        before = {id(o) for o in gc.get_objects() if type(o) is contextvars.Context}
+        # Kept alive, so that no new Context can take an old one's address.
+        before = [o for o in gc.get_objects() if type(o) is contextvars.Context]
+        known = {id(o) for o in before}
         for _ in range(10):
             manager.start_task(Run(module_id="m"), returns(None))
         made = [
-            o for o in gc.get_objects() if type(o) is contextvars.Context and id(o) not in before
+            o for o in gc.get_objects() if type(o) is contextvars.Context and id(o) not in known
         ]
         assert len(made) == 10
+        del before
         await manager.wait_all()
         await manager.shutdown()

@@ -33,3 +33,19 @@ def test_with_run_pipes_matches_replace(stdin: int) -> None:
         request, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert request.with_run_pipes(stdin) == expected
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaggedRequest(SpawnRequest):
+    tag: str = ""
+
+
+def test_with_run_pipes_keeps_a_subclass_and_its_fields() -> None:
+    request = _TaggedRequest(("x",), False, tag="mine")
+    piped = request.with_run_pipes(subprocess.DEVNULL)
+    assert type(piped) is _TaggedRequest and piped.tag == "mine"
+    assert (piped.stdin, piped.stdout, piped.stderr) == (
+        subprocess.DEVNULL,
+        subprocess.PIPE,
+        subprocess.PIPE,
+    )

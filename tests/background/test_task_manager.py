@@ -10,7 +10,7 @@ import json
 import logging
 import pickle
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -1129,6 +1129,14 @@ class _RefusingLoop(asyncio.SelectorEventLoop):
         return super().create_task(coro, **kwargs)
 
 
+def _run_on(loop: asyncio.AbstractEventLoop, main: Coroutine[Any, Any, RunStatus]) -> RunStatus:
+    """Run ``main`` to completion on ``loop`` (a loop class of the test's own), then close it."""
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        loop.close()
+
+
 def test_a_loop_whose_create_task_takes_no_context_still_runs_runs() -> None:
     async def main() -> RunStatus:
         async with RunRegistry() as registry:
@@ -1139,11 +1147,7 @@ def test_a_loop_whose_create_task_takes_no_context_still_runs_runs() -> None:
             await manager.shutdown()
             return (await stored(registry, run.run_id)).status
 
-    loop = _OldCreateTaskLoop()
-    try:
-        assert loop.run_until_complete(main()) is RunStatus.COMPLETED
-    finally:
-        loop.close()
+    assert _run_on(_OldCreateTaskLoop(), main()) is RunStatus.COMPLETED
 
 
 def test_a_refused_task_leaves_nothing_behind(recwarn: pytest.WarningsRecorder) -> None:
@@ -1168,11 +1172,7 @@ def test_a_refused_task_leaves_nothing_behind(recwarn: pytest.WarningsRecorder) 
             await output.aclose()
             return (await stored(registry, run.run_id)).status
 
-    loop = _RefusingLoop()
-    try:
-        assert loop.run_until_complete(main()) is RunStatus.COMPLETED
-    finally:
-        loop.close()
+    assert _run_on(_RefusingLoop(), main()) is RunStatus.COMPLETED
     gc.collect()
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
 

@@ -38,6 +38,7 @@ from .._core._exceptions import (
     TaskManagerClosedError,
 )
 from .._core._result import ProcessResult
+from .._core._task_start import loop_makes_plain_tasks
 from .._resources._resource_manager import ResourceManager
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
@@ -139,9 +140,6 @@ class TaskHandle(str):
     def __reduce__(self) -> tuple[type[str], tuple[str]]:
         return (str, (str(self),))
 
-
-# asyncio's own create_task, which takes ``context`` (3.11+); see start_task.
-_PLAIN_CREATE_TASK = asyncio.BaseEventLoop.create_task
 
 class _Entry:
     """One run's state in the manager, from ``start_task`` to its last registry write.
@@ -457,11 +455,10 @@ class BackgroundTaskManager(AsyncResource):
         name = f"prismq-run-{run_id}"
         drive = self._drive(entry)
         try:
-            if loop.get_task_factory() is None and type(loop).create_task is _PLAIN_CREATE_TASK:
+            if loop_makes_plain_tasks(loop):
                 # The done callback runs in the run's own context instead of a second copy of
-                # the caller's: one Context fewer per live run for the cyclic GC. Only with
-                # asyncio's own create_task and no task factory: a loop's create_task or a
-                # factory written before 3.11 takes no ``context`` argument.
+                # the caller's: one Context fewer per live run for the cyclic GC (only where
+                # create_task is sure to take ``context``).
                 context = contextvars.copy_context()
                 task = loop.create_task(drive, name=name, context=context)
                 task.add_done_callback(entry, context=context)

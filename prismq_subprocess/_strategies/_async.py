@@ -19,18 +19,16 @@ from __future__ import annotations
 import asyncio
 import asyncio.subprocess
 import contextlib
-import sys
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
+from .._core._task_start import start_task_eagerly
 from .._core._tree_stop import kill_tree_now, register_child
 from .._platform import PlatformOps, prefer_pidfd_watcher
 from ._base import SpawnRequest, SubprocessStrategy
-
-_T = TypeVar("_T")
 
 __all__ = ["AsyncProcess", "AsyncStrategy", "ExitProtocol"]
 
@@ -151,7 +149,7 @@ class AsyncStrategy(SubprocessStrategy):
         # callback, itself scheduled), and our caller's cancellation cancels only `created`.
         loop = asyncio.get_running_loop()
         created: asyncio.Future[ProcessLike] = loop.create_future()
-        creation = _start_task(loop, self._create_into(request, created))
+        creation = start_task_eagerly(loop, self._create_into(request, created))
         try:
             return await created
         except asyncio.CancelledError:
@@ -246,23 +244,6 @@ class AsyncStrategy(SubprocessStrategy):
             await wait_exited(process)
             returncode = process.returncode
         return returncode if returncode is not None else await process.wait()
-
-
-def _start_task(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T]
-) -> asyncio.Task[_T]:
-    """A task for ``coro``, started at once where asyncio can (3.12+: an eager task runs until
-    its first suspension now, not on the next loop iteration)."""
-    if (
-        sys.version_info >= (3, 12)
-        and type(loop).create_task is _BASE_CREATE_TASK
-        and loop.get_task_factory() is None
-    ):
-        return asyncio.Task(coro, loop=loop, eager_start=True)
-    return loop.create_task(coro)
-
-
-_BASE_CREATE_TASK = asyncio.BaseEventLoop.create_task
 
 
 async def _abandon(creation: asyncio.Task[ProcessLike | None]) -> ProcessLike | None:

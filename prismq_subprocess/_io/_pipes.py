@@ -1,9 +1,10 @@
 """Bridges between a child's OS pipes and asyncio streams, for the THREADED strategy.
 
 THREADED must work on event loops that cannot watch pipes (Windows' ``SelectorEventLoop``), so
-the loop never touches a pipe itself: something else reads the child's stdout/stderr into a real
-``asyncio.StreamReader`` and writes its stdin. This module holds what both ways of doing that
-share, and the portable one:
+the loop never waits on a pipe itself: something else reads the child's stdout/stderr into a real
+``asyncio.StreamReader`` and writes its stdin (on POSIX the loop's thread may take bytes that are
+already there, with a non-blocking read or write, before it hands the waiting over). This module
+holds what both ways of doing that share, and the portable one:
 
 - :class:`PipeBridge`, the interface the strategy talks to (open a reader, open a writer, close);
 - :class:`StdinWriterBase`, the ``StreamWriter``-like half shared by every bridge;
@@ -26,6 +27,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 from .._platform import CAN_POLL_PIPES
@@ -136,6 +138,30 @@ class BridgedReader(asyncio.StreamReader):
         super().__init__(limit=limit, loop=loop)
         self._end = end
         self.set_transport(end)  # type: ignore[arg-type]
+        # The I/O thread's pipes (POSIX) can be read on the loop's thread when the reader runs
+        # dry (see _wait_for_data); a thread per pipe (Windows) cannot.
+        self._read_now: Callable[[int], bool] | None = getattr(end, "read_now", None)
+
+    async def _wait_for_data(self, func_name: str) -> None:
+        # asyncio's StreamReader calls this when its buffer cannot serve a read. While a child
+        # writes fast its pipe seldom runs empty: taking the bytes here, with one non-blocking
+        # read, beats waiting for the I/O thread to read and hand them over (it needs the GIL,
+        # which this thread holds until it waits). The reader's own checks stay with asyncio:
+        # a second waiter, a paused reader (resumed there) and a full buffer take its path,
+        # as does any interpreter whose StreamReader lacks these private attributes.
+        read_now = self._read_now
+        if (
+            read_now is not None
+            and getattr(self, "_waiter", False) is None
+            and getattr(self, "_paused", True) is False
+        ):
+            room = 2 * getattr(self, "_limit", 0) - len(getattr(self, "_buffer", b""))
+            if room > 0 and read_now(room):
+                # Let other tasks run, as waiting would: a child that never stops writing
+                # must not keep its reader's task from ever giving up the loop.
+                await asyncio.sleep(0)
+                return
+        await super()._wait_for_data(func_name)  # type: ignore[misc]
 
     def release(self) -> None:
         """Stop reading the pipe and close it: what was read is delivered, then end of file.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,3 +279,208 @@ async def test_a_write_to_a_full_pipe_is_queued_not_lost(bridge: PipeBridge) -> 
         assert await read_task == first + second
     finally:
         reap(proc)
+
+
+# -- the loop's thread taking a pipe's bytes itself (IOThread's read_now) ---------------------
+_FOREVER = "import sys\nwhile True: sys.stdout.buffer.write(b'y\\n' * 65536)"
+_NUMBERED = (
+    "import sys\n"
+    "w = sys.stdout.buffer.write\n"
+    "for start in range(0, 400000, 1000):\n"
+    "    w(b''.join(b'%07d\\n' % i for i in range(start, start + 1000)))\n"
+)
+
+
+@pytest.fixture
+def loop_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the reads the loop's thread made itself (``_ReadSource.read_now``); each is
+    checked to run on the thread that created the fixture's loop."""
+    from prismq_subprocess._io import _io_thread
+
+    loop_thread = threading.get_ident()
+    taken: list[int] = []
+    real = _io_thread._ReadSource.read_now
+
+    def counting(self: Any, size: int) -> bool:
+        assert threading.get_ident() == loop_thread
+        before = len(self.reader._buffer)
+        fed = real(self, size)
+        if fed:
+            taken.append(len(self.reader._buffer) - before)
+        return fed
+
+    monkeypatch.setattr(_io_thread._ReadSource, "read_now", counting)
+    return taken
+
+
+async def test_a_dry_reader_takes_the_bytes_on_the_loops_thread(loop_reads: list[int]) -> None:
+    # While a child writes fast, the reader's buffer runs dry with the next bytes already in
+    # the pipe: the loop's thread reads them itself instead of waiting for the I/O thread.
+    # (A child scheduled too late to refill its pipe in time leaves it to the I/O thread: on a
+    # loaded machine a whole stream can go that way, hence a few tries.)
+    loop = asyncio.get_running_loop()
+    total = 20_000_000
+    for _ in range(5):
+        pump = IOThread("prismq-io-test")
+        proc = popen(f"import sys; sys.stdout.buffer.write(b'x' * {total})", stdout=PIPE)
+        try:
+            assert proc.stdout is not None
+            reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+            got = 0
+            while chunk := await reader.read(1 << 20):
+                got += len(chunk)
+            assert got == total
+        finally:
+            pump.close()
+            reap(proc)
+        if loop_reads:
+            break
+    assert loop_reads, "the loop's thread never read the pipe itself"
+    assert max(loop_reads) <= 2 * LIMIT  # never past the reader's pause threshold
+
+
+async def test_bytes_keep_their_order_whoever_reads_the_pipe(loop_reads: list[int]) -> None:
+    # Every way of reading, mixed, with pauses that let the I/O thread read ahead too: the
+    # loop's thread and the I/O thread take turns at the pipe, and the bytes arrive in order.
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    proc = popen(_NUMBERED, stdout=PIPE)
+    try:
+        assert proc.stdout is not None
+        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        got: list[bytes] = []
+        step = 0
+        while not reader.at_eof():
+            step += 1
+            if step % 7 == 0:
+                await asyncio.sleep(0.001)
+            kind = step % 4
+            if kind == 0:
+                got.append(await reader.readline())
+            elif kind == 1:
+                got.append(await reader.read(100_000))
+            elif kind == 2:
+                try:
+                    got.append(await reader.readexactly(8 * 3))
+                except asyncio.IncompleteReadError as exc:
+                    got.append(exc.partial)
+            else:
+                try:
+                    got.append(await reader.readuntil(b"9\n"))
+                except asyncio.IncompleteReadError as exc:
+                    got.append(exc.partial)
+        assert b"".join(got) == b"".join(b"%07d\n" % i for i in range(400000))
+        assert proc.stdout.closed
+    finally:
+        pump.close()
+        reap(proc)
+    assert all(size <= 2 * LIMIT for size in loop_reads)
+
+
+async def test_a_pipe_the_loop_read_itself_is_read_ahead_again_when_it_pauses(
+    loop_reads: list[int],
+) -> None:
+    # While the loop takes a pipe's bytes itself the I/O thread leaves that pipe alone; once
+    # the consumer pauses, the thread reads ahead again up to the reader's pause threshold,
+    # as asyncio's own transport does (a child writing a little more then exiting is not left
+    # blocked on its pipe).
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    proc = popen("import sys; sys.stdout.buffer.write(b'x' * 20_000_000)", stdout=PIPE)
+    try:
+        assert proc.stdout is not None
+        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        got = 0
+        while len(loop_reads) < 20:  # streaming, the loop reading the pipe itself
+            chunk = await reader.read(1 << 20)
+            assert chunk
+            got += len(chunk)
+        mark = len(loop_reads)
+        await asyncio.sleep(0.5)  # the consumer pauses
+        assert len(loop_reads) == mark
+        assert len(reader._buffer) > 2 * LIMIT  # type: ignore[attr-defined]
+        while chunk := await reader.read(1 << 20):
+            got += len(chunk)
+        assert got == 20_000_000
+    finally:
+        pump.close()
+        reap(proc)
+
+
+async def test_a_never_ending_writer_does_not_keep_the_loop_from_other_tasks() -> None:
+    # Reading on the loop's thread returns without waiting; the reader still gives way as a
+    # wait would, or a child writing for ever would hold up every other task.
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    # `yes` refills the pipe faster than it can be read, so the reader never runs dry.
+    yes = shutil.which("yes")
+    proc = spawn([yes], stdout=PIPE) if yes else popen(_FOREVER, stdout=PIPE)
+    ticks = reads = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    async def drain(reader: asyncio.StreamReader) -> int:
+        nonlocal reads
+        total = 0
+        while chunk := await reader.read(1 << 20):
+            total += len(chunk)
+            reads += 1
+        return total
+
+    try:
+        assert proc.stdout is not None
+        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        reading = asyncio.ensure_future(drain(reader))
+        ticking = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0.5)
+        # Each read gives the other task a turn, as a read that waits does (without that, only
+        # the I/O thread winning the GIL now and then would end the reader's run).
+        assert reads > 100
+        assert ticks >= reads // 2
+        assert not reading.done()
+        ticking.cancel()
+        reading.cancel()
+        await asyncio.gather(ticking, reading, return_exceptions=True)
+    finally:
+        pump.close()
+        reap(proc)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+async def test_closing_while_the_loop_reads_keeps_order_and_leaks_nothing() -> None:
+    # release() and IOThread.close() read a pipe one last time and close it, while the loop's
+    # thread may be taking bytes from it itself: one reader at a time, the bytes in order, and
+    # the descriptor closed exactly once (never read after a close, never left open).
+    loop = asyncio.get_running_loop()
+    before = _open_fds()
+    for attempt in range(30):
+        pump = IOThread("prismq-io-test")
+        proc = popen(_NUMBERED, stdout=PIPE, stderr=subprocess.DEVNULL)  # its EPIPE is expected
+        try:
+            assert proc.stdout is not None
+            reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+            got = [await reader.read(1 + attempt * 997)]
+            if attempt % 2:
+                reader.release()  # type: ignore[attr-defined]
+            else:
+                pump.close()
+            while chunk := await asyncio.wait_for(reader.read(65536), 10):
+                got.append(chunk)
+            data = b"".join(got)
+            whole, rest = divmod(len(data), 8)  # the close may cut the output mid-line
+            expected = b"".join(b"%07d\n" % i for i in range(whole + 1))
+            assert data == expected[: whole * 8 + rest]
+            assert proc.stdout.closed
+        finally:
+            pump.close()
+            reap(proc)
+    assert not pump_threads()
+    assert _open_fds() == before

@@ -70,7 +70,8 @@ Command = Callable[[Batch], None]
 #: Reads per pipe when draining it at close (non-blocking, so a pipe buffer's worth each).
 _FINAL_READS = 4
 #: How often the last reads of a pipe look again while the loop's ``read_now`` holds it, and
-#: for how long at most (that is one non-blocking read: longer means its holder failed).
+#: for how long (one non-blocking read takes microseconds; past that, e.g. a signal handler
+#: running inside it, the loop's thread finishes the pipe itself when it lets go).
 _CLAIM_POLL_SECONDS = 0.0001
 _CLAIM_WAIT_SECONDS = 1.0
 #: A pipe the loop reads itself goes back to the I/O thread once the loop has not read it for
@@ -216,7 +217,11 @@ class IOThread:
                 if self._lent:
                     now = time.monotonic()
                     for source in list(self._lent):
-                        source.take_back(now, out)
+                        try:
+                            source.take_back(now, out)
+                        except Exception:
+                            logger.exception("prismq I/O thread: handler %r failed", source)
+                            self._forget(source, out)
                 if out:
                     self._post(out)
                     out = []
@@ -292,11 +297,13 @@ class _ReadSource:
     """One output pipe: reads it on the I/O thread, feeds its ``StreamReader`` on the loop.
 
     It is also the reader's "transport", so ``pause_reading``/``resume_reading`` arrive here.
-    ``_paused``, ``_in_flight``, ``_parked``, ``_claimed``, ``_loop_owned`` and ``_done`` are
-    shared by the two threads (written under the pump's lock); ``_registered`` belongs to the
-    I/O thread. ``_claimed``: someone is reading the pipe (the I/O thread, or the loop in
-    :meth:`read_now`). ``_loop_owned``: the loop's last :meth:`read_now` found bytes, so it will
-    read the pipe itself while they keep coming; the I/O thread stops watching it meanwhile.
+    ``_paused``, ``_in_flight``, ``_parked``, ``_claimed_by``, ``_loop_owned``, ``_handover``
+    and ``_done`` are shared by the two threads (written under the pump's lock); ``_registered``
+    belongs to the I/O thread. ``_claimed_by``: the thread reading the pipe now (the I/O thread,
+    or the loop's in :meth:`read_now`), 0 for none. ``_loop_owned``: the loop's last
+    :meth:`read_now` found bytes, so it will read the pipe itself while they keep coming; the
+    I/O thread stops watching it meanwhile. ``_handover``: the pipe's last reads and its close
+    are left to the ``read_now`` holding it (see :meth:`_claim_last`).
     """
 
     def __init__(
@@ -313,7 +320,8 @@ class _ReadSource:
         self._in_flight = 0
         self._parked = False
         self._registered = False
-        self._claimed = False
+        self._claimed_by = 0
+        self._handover = False
         self._loop_owned = False
         self._taken_at = 0.0  # time.monotonic() of the loop's last read_now that found bytes
         self._in_lent = False  # in (or on its way into) the pump's _lent set
@@ -330,6 +338,16 @@ class _ReadSource:
     def resume_reading(self) -> None:
         with self._lock:
             self._paused = False
+            self._loop_owned = False  # a reader that paused may wait next: the thread reads
+            rearm = self._unpark()
+        if rearm:
+            self._pump.submit(self.arm)
+
+    def give_back(self) -> None:
+        """Loop thread: its reader is about to wait for the I/O thread; make sure the thread
+        watches the pipe (the loop may have kept it)."""
+        with self._lock:
+            self._loop_owned = False
             rearm = self._unpark()
         if rearm:
             self._pump.submit(self.arm)
@@ -373,47 +391,77 @@ class _ReadSource:
 
     def read_now(self, size: int) -> bool:
         """Loop thread, its reader out of bytes: feed it up to ``size`` bytes the pipe holds
-        right now, without the I/O thread. True if bytes were fed.
+        right now, without the I/O thread. True if it fed bytes (or, rarely, end of file: see
+        :meth:`_claim_last`); False: the reader must wait for the I/O thread.
 
-        Declines (False) while the I/O thread reads the pipe or holds bytes it read and the
-        loop has not been handed yet (these would come after them), while the reader is
-        paused, and once the pipe is finished. An empty pipe, end of file and read errors are
-        left to the I/O thread, which reports them as always.
+        Declines while the I/O thread reads the pipe or holds bytes it read and the loop has
+        not been handed yet (these would come after them), while the reader is paused, and
+        once the pipe is finished. An empty pipe, end of file and read errors are left to the
+        I/O thread, which reports them as always.
 
         While bytes keep coming the loop keeps the pipe: the I/O thread parks it instead of
         waking (and wanting the GIL) for bytes the loop will take anyway, until a
-        ``read_now`` finds nothing (the reader then waits for the I/O thread) or the loop
-        has not read for ``_LEND_SECONDS`` (:meth:`take_back`).
+        ``read_now`` finds nothing, the reader waits for another reason
+        (:meth:`give_back`), or the loop has not read for ``_LEND_SECONDS``
+        (:meth:`take_back`).
         """
         lend = False
+        me = threading.get_ident()
         with self._lock:
-            busy = self._claimed or self._done or self._paused
+            busy = bool(self._claimed_by) or self._done or self._paused
             if not busy and self._in_flight:
                 # The I/O thread's bytes are on their way (they wake the reader): the loop can
                 # read the next ones itself, so the thread leaves the pipe alone from now on.
                 lend = self._keep(True)
                 busy = True
             elif not busy:
-                self._claimed = True
+                self._claimed_by = me
         if busy:
             if lend:
                 self._pump.submit(self._lend)
             return False
+        data = b""
+        rearm = handover = False
         try:
             data = os.read(self._fd, min(size, READ_CHUNK))
         except OSError:  # BlockingIOError: nothing there yet
             data = b""
-        with self._lock:
-            self._claimed = False
-            lend = self._keep(bool(data))
-            rearm = not data and self._unpark()
-        if lend:
-            self._pump.submit(self._lend)
-        if rearm:
-            self._pump.submit(self.arm)
+        finally:
+            # Released whatever happens (a KeyboardInterrupt from a signal handler, say): a
+            # claim left behind, or a pipe left parked, would keep the I/O thread off it.
+            with self._lock:
+                handover = self._handover
+                if not handover:
+                    self._claimed_by = 0
+                    lend = self._keep(bool(data))
+                    rearm = not data and self._unpark()
+            if lend:
+                self._pump.submit(self._lend)
+            if rearm:
+                self._pump.submit(self.arm)
+        if handover:
+            return self._finish_here(data)
         if not data:
             return False
         self.reader.feed_data(data)
+        return True
+
+    def _finish_here(self, data: bytes) -> bool:
+        """Loop thread, still holding the claim the I/O thread gave up waiting for: do the
+        pipe's last reads, close it and end the reader, as :meth:`shutdown` would have."""
+        if data:
+            self.reader.feed_data(data)
+        for _ in range(_FINAL_READS):
+            try:
+                data = os.read(self._fd, READ_CHUNK)
+            except OSError:
+                break
+            if not data:
+                break
+            self.reader.feed_data(data)
+        with contextlib.suppress(OSError):
+            self._pipe.close()
+        self.reader.feed_eof()
         return True
 
     def _keep(self, keep: bool) -> bool:
@@ -450,15 +498,16 @@ class _ReadSource:
 
     def on_ready(self, mask: int, out: Batch) -> None:
         with self._lock:
-            if self._claimed:
-                return  # the loop is taking the bytes itself (read_now); asked again if any remain
-            lent = self._loop_owned
+            # The loop is reading the pipe itself right now (read_now): park it rather than be
+            # woken again and again until it is done; it re-arms or lends it as it lets go.
+            lent = self._loop_owned or bool(self._claimed_by)
             room = 0 if self._paused or lent else MAX_IN_FLIGHT - self._in_flight
             if room <= 0:
                 self._parked = True
-                self._in_lent = self._in_lent or lent
+                self._in_lent = self._in_lent or self._loop_owned
+                lent = self._loop_owned
             else:
-                self._claimed = True
+                self._claimed_by = threading.get_ident()
         if room <= 0:
             self._park()
             if lent:
@@ -472,13 +521,13 @@ class _ReadSource:
             data = b""
         except BaseException:
             with self._lock:
-                self._claimed = False
+                self._claimed_by = 0
             raise
         if data is not None and not data:
             self._finish(out)  # still claimed: nobody reads the pipe it closes
             return
         with self._lock:
-            self._claimed = False
+            self._claimed_by = 0
             if data is None:
                 return
             self._in_flight += len(data)
@@ -514,22 +563,38 @@ class _ReadSource:
             self._pipe.close()
         out.append((self._loop, self._eof, None))
 
-    def _claim_last(self) -> None:
-        """Claim the pipe for its last reads; waits out a ``read_now`` in progress (one
-        non-blocking read on the loop's thread: microseconds)."""
+    def _claim_last(self) -> bool:
+        """Claim the pipe for its last reads and its close, for good; True if claimed.
+
+        Waits out a ``read_now`` in progress (one non-blocking read: microseconds). One that
+        holds on past ``_CLAIM_WAIT_SECONDS`` (its thread is held up inside it, by a signal
+        handler, say) is left to finish the pipe itself as it lets go (False): the descriptor
+        must not be closed under a read, which could then read another file's bytes.
+        """
+        me = threading.get_ident()
         deadline = time.monotonic() + _CLAIM_WAIT_SECONDS
         while True:
             with self._lock:
-                if not self._claimed or time.monotonic() > deadline:
-                    self._claimed = True
-                    return
+                if self._claimed_by in (0, me):
+                    self._claimed_by = me
+                    self._done = True  # no read_now from now on
+                    return True
+                if time.monotonic() > deadline:
+                    self._handover = True
+                    self._done = True
+                    return False
             time.sleep(_CLAIM_POLL_SECONDS)
 
     def shutdown(self, out: Batch) -> None:
         """Read what the pipe holds now (ignoring flow control), deliver it, then EOF."""
         if self._done:
             return
-        self._claim_last()
+        if not self._claim_last():
+            self._pump._lent.discard(self)
+            if self._registered:
+                self._park()
+            self._pump._live.discard(self)
+            return
         for _ in range(_FINAL_READS):
             try:
                 data = os.read(self._fd, READ_CHUNK)

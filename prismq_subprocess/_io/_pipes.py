@@ -35,6 +35,7 @@ from ._stdin_transport import StreamWriterMethods, WriterTransport
 
 __all__ = [
     "MAX_IN_FLIGHT",
+    "MIN_DIRECT_ROOM",
     "READ_CHUNK",
     "BridgedReader",
     "PipeBridge",
@@ -54,6 +55,10 @@ MAX_IN_FLIGHT = READ_CHUNK
 WRITE_HIGH_WATER = 64 * 1024
 #: ...and wakes again once the queue is at or below this.
 WRITE_LOW_WATER = 16 * 1024
+#: The loop's thread reads a pipe itself (see ``BridgedReader._wait_for_data``) only for
+#: readers whose pause threshold, ``2 * limit``, is at least this: below it its reads would be
+#: smaller than the I/O thread's.
+MIN_DIRECT_ROOM = 64 * 1024
 #: How often a blocked POSIX reader looks up to see whether it was asked to stop.
 _STOP_POLL_SECONDS = 0.25
 #: How long :meth:`ThreadPerPipe.close` waits for its threads, in all.
@@ -140,7 +145,11 @@ class BridgedReader(asyncio.StreamReader):
         self.set_transport(end)  # type: ignore[arg-type]
         # The I/O thread's pipes (POSIX) can be read on the loop's thread when the reader runs
         # dry (see _wait_for_data); a thread per pipe (Windows) cannot.
-        self._read_now: Callable[[int], bool] | None = getattr(end, "read_now", None)
+        self._read_now: Callable[[int], bool] | None = None
+        self._give_back: Callable[[], None] | None = None
+        if 2 * limit >= MIN_DIRECT_ROOM:
+            self._read_now = getattr(end, "read_now", None)
+            self._give_back = getattr(end, "give_back", None)
 
     async def _wait_for_data(self, func_name: str) -> None:
         # asyncio's StreamReader calls this when its buffer cannot serve a read. While a child
@@ -150,17 +159,23 @@ class BridgedReader(asyncio.StreamReader):
         # a second waiter, a paused reader (resumed there) and a full buffer take its path,
         # as does any interpreter whose StreamReader lacks these private attributes.
         read_now = self._read_now
-        if (
-            read_now is not None
-            and getattr(self, "_waiter", False) is None
-            and getattr(self, "_paused", True) is False
-        ):
-            room = 2 * getattr(self, "_limit", 0) - len(getattr(self, "_buffer", b""))
-            if room > 0 and read_now(room):
-                # Let other tasks run, as waiting would: a child that never stops writing
-                # must not keep its reader's task from ever giving up the loop.
-                await asyncio.sleep(0)
-                return
+        if read_now is not None:
+            room = 0
+            if getattr(self, "_waiter", False) is None and getattr(self, "_paused", True) is False:
+                room = 2 * getattr(self, "_limit", 0) - len(getattr(self, "_buffer", b""))
+            if room > 0:
+                if read_now(room):
+                    # Let other tasks run, as waiting would: a child that never stops writing
+                    # must not keep its reader's task from ever giving up the loop.
+                    await asyncio.sleep(0)
+                    return
+                # Declined: read_now has left the pipe to the I/O thread, or the thread's
+                # bytes are on their way.
+            elif self._give_back is not None:
+                # Waiting for the I/O thread without asking for bytes (a paused reader, or
+                # readexactly(n > 2 * limit) with a full buffer): it must watch the pipe,
+                # which the loop may have kept, or it takes it back only after a while.
+                self._give_back()
         await super()._wait_for_data(func_name)  # type: ignore[misc]
 
     def release(self) -> None:

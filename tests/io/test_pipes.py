@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -484,3 +485,166 @@ async def test_closing_while_the_loop_reads_keeps_order_and_leaks_nothing() -> N
             reap(proc)
     assert not pump_threads()
     assert _open_fds() == before
+
+
+@pytest.fixture
+def no_take_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The I/O thread never takes a pipe back from the loop by itself: whatever must hand it
+    back shows as a hang instead of a 50 ms stall."""
+    from prismq_subprocess._io import _io_thread
+
+    monkeypatch.setattr(_io_thread, "_LEND_SECONDS", 3600.0)
+
+
+@pytest.mark.usefixtures("no_take_back")
+async def test_a_reader_wanting_more_than_its_buffer_holds_gets_the_pipe_read_for_it() -> None:
+    # readexactly(n > 2 * limit): the loop's own reads stop at the pause threshold, so the
+    # reader must wait for the I/O thread, which must be watching the pipe again.
+    loop = asyncio.get_running_loop()
+    frame = 1 << 20
+    code = f"import sys\nfor i in range(20): sys.stdout.buffer.write(bytes([i]) * {frame})"
+    pump = IOThread("prismq-io-test")
+    proc = popen(code, stdout=PIPE)
+    try:
+        assert proc.stdout is not None
+        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        for i in range(20):
+            assert await asyncio.wait_for(reader.readexactly(frame), 10) == bytes([i]) * frame
+    finally:
+        pump.close()
+        reap(proc)
+
+
+@pytest.mark.usefixtures("no_take_back")
+async def test_an_exception_inside_the_loops_read_leaves_the_pipe_usable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A KeyboardInterrupt (a signal handler) raised inside the loop's own read of the pipe:
+    # the claim is released and the pipe watched again, so reading goes on.
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    real_read = os.read
+    armed = False
+
+    def interrupted(fd: int, n: int) -> bytes:
+        nonlocal armed
+        if armed and threading.get_ident() == loop_thread:
+            armed = False
+            raise KeyboardInterrupt
+        return real_read(fd, n)
+
+    pump = IOThread("prismq-io-test")
+    proc = popen(
+        "import sys, time\nsys.stdout.buffer.write(b'x' * 2000000)\ntime.sleep(30)",
+        stdout=PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        got = len(await reader.read(10))
+        monkeypatch.setattr(os, "read", interrupted)
+        armed = True
+        with pytest.raises(KeyboardInterrupt):
+            while True:
+                got += len(await reader.read(1 << 20))
+        monkeypatch.setattr(os, "read", real_read)
+        while got < 2000000:
+            got += len(await asyncio.wait_for(reader.read(1 << 20), 10))
+        assert got == 2000000
+    finally:
+        pump.close()
+        reap(proc)
+
+
+@pytest.mark.usefixtures("no_take_back")
+async def test_a_close_that_cannot_wait_for_the_loops_read_leaves_the_close_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The loop's thread is held up inside its own read of the pipe (a signal handler running
+    # there, say) while the pipe is released from another thread: the I/O thread gives up
+    # waiting, and the loop's thread finishes the pipe as it lets go. The descriptor is closed
+    # once, after the last read; every byte arrives, then end of file.
+    from prismq_subprocess._io import _io_thread
+
+    monkeypatch.setattr(_io_thread, "_CLAIM_WAIT_SECONDS", 0.05)
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    real_read = os.read
+    held = threading.Event()
+
+    def slow(fd: int, n: int) -> bytes:
+        if threading.get_ident() == loop_thread and not held.is_set():
+            held.set()
+            time.sleep(0.3)
+        return real_read(fd, n)
+
+    pump = IOThread("prismq-io-test")
+    r, w = os.pipe()
+    pipe = os.fdopen(r, "rb", buffering=0)
+    try:
+        reader = pump.open_reader(loop, pipe, limit=LIMIT, name="t-out")
+        source = reader._end  # type: ignore[attr-defined]
+        for _ in range(100):  # until the loop reads the pipe itself (the thread leaves it)
+            os.write(w, b"first;")
+            assert await asyncio.wait_for(reader.read(100), 5) == b"first;"
+            if source._loop_owned:
+                break
+        assert source._loop_owned
+        os.write(w, b"second;")
+        await asyncio.sleep(0.05)
+        assert not reader._buffer  # type: ignore[attr-defined]
+        monkeypatch.setattr(os, "read", slow)
+        releasing = threading.Timer(0.1, reader.release)  # type: ignore[attr-defined]
+        releasing.start()
+        rest = b""
+        while chunk := await asyncio.wait_for(reader.read(100), 5):
+            rest += chunk
+        releasing.join()
+        monkeypatch.setattr(os, "read", real_read)
+        assert rest == b"second;"
+        assert source._handover  # the loop's thread did finish the pipe
+        assert reader.at_eof()
+        assert pipe.closed
+    finally:
+        os.close(w)
+        pump.close()
+        pipe.close()
+
+
+async def test_a_pipe_that_cannot_be_taken_back_does_not_end_the_io_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Watching a pipe again after the loop read it itself fails (its descriptor was closed
+    # behind the bridge's back, say): that pipe is let go, and the I/O thread goes on serving
+    # the others.
+    from prismq_subprocess._io import _io_thread
+
+    def failing(self: Any, now: float, out: Any) -> None:
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(_io_thread._ReadSource, "take_back", failing)
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    r, w = os.pipe()
+    pipe = os.fdopen(r, "rb", buffering=0)
+    other = None
+    try:
+        reader = pump.open_reader(loop, pipe, limit=LIMIT, name="t-out")
+        source = reader._end  # type: ignore[attr-defined]
+        with source._lock:
+            source._loop_owned = True  # as read_now leaves it: the I/O thread lends the pipe
+        os.write(w, b"x" * 1000)
+        await wait_until(lambda: source._done)  # the failed take-back let the pipe go
+        assert pump.running
+        assert await asyncio.wait_for(reader.read(), 5) == b"x" * 1000  # delivered, then EOF
+        assert pipe.closed
+        other = popen("print('hello')", stdout=PIPE)
+        assert other.stdout is not None
+        second = pump.open_reader(loop, other.stdout, limit=LIMIT, name="t-other")
+        assert await asyncio.wait_for(second.read(), 5) == b"hello\n"
+    finally:
+        os.close(w)
+        pump.close()
+        pipe.close()
+        if other is not None:
+            reap(other)

@@ -405,64 +405,66 @@ class _ReadSource:
         (:meth:`give_back`), or the loop has not read for ``_LEND_SECONDS``
         (:meth:`take_back`).
         """
-        lend = False
         me = threading.get_ident()
-        with self._lock:
-            busy = bool(self._claimed_by) or self._done or self._paused
-            if not busy and self._in_flight:
-                # The I/O thread's bytes are on their way (they wake the reader): the loop can
-                # read the next ones itself, so the thread leaves the pipe alone from now on.
-                lend = self._keep(True)
-                busy = True
-            elif not busy:
-                self._claimed_by = me
-        if busy:
-            if lend:
-                self._pump.submit(self._lend)
-            return False
+        claimed = lend = rearm = handover = False
         data = b""
-        rearm = handover = False
         try:
-            data = os.read(self._fd, min(size, READ_CHUNK))
-        except OSError:  # BlockingIOError: nothing there yet
-            data = b""
-        finally:
-            # Released whatever happens (a KeyboardInterrupt from a signal handler, say): a
-            # claim left behind, or a pipe left parked, would keep the I/O thread off it.
             with self._lock:
-                handover = self._handover
-                if not handover:
-                    self._claimed_by = 0
-                    lend = self._keep(bool(data))
-                    rearm = not data and self._unpark()
+                busy = bool(self._claimed_by) or self._done or self._paused
+                if not busy and self._in_flight:
+                    # The I/O thread's bytes are on their way (they wake the reader): the loop
+                    # can read the next ones itself, so the thread leaves the pipe alone now.
+                    lend = self._keep(True)
+                elif not busy:
+                    self._claimed_by = me
+                    claimed = True
+            if claimed:
+                try:
+                    data = os.read(self._fd, min(size, READ_CHUNK))
+                except OSError:  # BlockingIOError: nothing there yet
+                    data = b""
+        finally:
+            # Whatever escapes (a KeyboardInterrupt from a signal handler, say), the claim is
+            # let go and the pipe watched again, or the pipe finished if the I/O thread left
+            # that to us: a claim left behind would keep the thread off the pipe for good.
+            with self._lock:
+                if self._claimed_by == me:
+                    handover = self._handover
+                    if not handover:
+                        self._claimed_by = 0
+                        lend = self._keep(bool(data))
+                        rearm = not data and self._unpark()
+            if handover:
+                self._finish_here(data)
             if lend:
                 self._pump.submit(self._lend)
             if rearm:
                 self._pump.submit(self.arm)
         if handover:
-            return self._finish_here(data)
+            return True
         if not data:
             return False
         self.reader.feed_data(data)
         return True
 
-    def _finish_here(self, data: bytes) -> bool:
+    def _finish_here(self, data: bytes) -> None:
         """Loop thread, still holding the claim the I/O thread gave up waiting for: do the
         pipe's last reads, close it and end the reader, as :meth:`shutdown` would have."""
-        if data:
-            self.reader.feed_data(data)
-        for _ in range(_FINAL_READS):
-            try:
-                data = os.read(self._fd, READ_CHUNK)
-            except OSError:
-                break
-            if not data:
-                break
-            self.reader.feed_data(data)
-        with contextlib.suppress(OSError):
-            self._pipe.close()
-        self.reader.feed_eof()
-        return True
+        try:
+            if data:
+                self.reader.feed_data(data)
+            for _ in range(_FINAL_READS):
+                try:
+                    data = os.read(self._fd, READ_CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.reader.feed_data(data)
+        finally:
+            with contextlib.suppress(OSError):
+                self._pipe.close()
+            self.reader.feed_eof()
 
     def _keep(self, keep: bool) -> bool:
         """Lock held: the loop keeps reading the pipe itself (or gives it back). True if the
@@ -497,6 +499,8 @@ class _ReadSource:
         self._registered = False
 
     def on_ready(self, mask: int, out: Batch) -> None:
+        if self._done or not self._registered:
+            return  # an event from the same select() as the command that finished the pipe
         with self._lock:
             # The loop is reading the pipe itself right now (read_now): park it rather than be
             # woken again and again until it is done; it re-arms or lends it as it lets go.
@@ -589,10 +593,10 @@ class _ReadSource:
         """Read what the pipe holds now (ignoring flow control), deliver it, then EOF."""
         if self._done:
             return
+        if self._registered:
+            self._park()  # before the claim: once handed over, the descriptor is not ours
         if not self._claim_last():
             self._pump._lent.discard(self)
-            if self._registered:
-                self._park()
             self._pump._live.discard(self)
             return
         for _ in range(_FINAL_READS):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -584,12 +585,11 @@ async def test_a_close_that_cannot_wait_for_the_loops_read_leaves_the_close_to_i
     try:
         reader = pump.open_reader(loop, pipe, limit=LIMIT, name="t-out")
         source = reader._end  # type: ignore[attr-defined]
-        for _ in range(100):  # until the loop reads the pipe itself (the thread leaves it)
-            os.write(w, b"first;")
-            assert await asyncio.wait_for(reader.read(100), 5) == b"first;"
-            if source._loop_owned:
-                break
-        assert source._loop_owned
+        os.write(w, b"first;")
+        assert await asyncio.wait_for(reader.read(100), 5) == b"first;"
+        with source._lock:  # as a read_now that found bytes leaves it: the thread leaves the pipe
+            source._loop_owned = True
+            source._taken_at = time.monotonic()
         os.write(w, b"second;")
         await asyncio.sleep(0.05)
         assert not reader._buffer  # type: ignore[attr-defined]
@@ -648,3 +648,35 @@ async def test_a_pipe_that_cannot_be_taken_back_does_not_end_the_io_thread(
         pipe.close()
         if other is not None:
             reap(other)
+
+
+async def test_an_event_of_a_pipe_finished_in_the_same_pass_is_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One select() pass reports the wake-up (its commands finish a released pipe) and that
+    # pipe's own readiness: the stale event is dropped quietly, the pipe's bytes delivered.
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    r, w = os.pipe()
+    pipe = os.fdopen(r, "rb", buffering=0)
+    gate = threading.Event()
+    try:
+        reader = pump.open_reader(loop, pipe, limit=LIMIT, name="t-out")
+        os.write(w, b"a")
+        assert await asyncio.wait_for(reader.read(10), 5) == b"a"
+        pump.submit(lambda out: gate.wait(5))  # holds the I/O thread inside its commands
+        await asyncio.sleep(0.05)
+        with caplog.at_level(logging.ERROR, logger="prismq_subprocess"):
+            reader.release()  # type: ignore[attr-defined]
+            os.write(w, b"tail")
+            gate.set()
+            assert await asyncio.wait_for(reader.read(), 5) == b"tail"
+            await asyncio.sleep(0.05)
+        assert reader.at_eof() and pipe.closed
+        assert pump.running
+        assert not caplog.records
+    finally:
+        gate.set()
+        os.close(w)
+        pump.close()
+        pipe.close()

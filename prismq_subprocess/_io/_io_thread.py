@@ -56,6 +56,7 @@ from ._pipes import (
     StdinWriterBase,
     as_broken_pipe,
     call_soon,
+    read_available,
 )
 
 __all__ = ["IOThread"]
@@ -67,8 +68,8 @@ Delivery = tuple[asyncio.AbstractEventLoop, Callable[[Any], None], Any]
 Batch = list[Delivery]
 Command = Callable[[Batch], None]
 
-#: Reads per pipe when draining it at close (non-blocking, so a pipe buffer's worth each).
-_FINAL_READS = 4
+#: At most this much is read from a pipe when draining it at close (non-blocking).
+_FINAL_BYTES = 4 * READ_CHUNK
 #: How often the last reads of a pipe look again while the loop's ``read_now`` holds it, and
 #: for how long (one non-blocking read takes microseconds; past that, e.g. a signal handler
 #: running inside it, the loop's thread finishes the pipe itself when it lets go).
@@ -453,14 +454,8 @@ class _ReadSource:
         try:
             if data:
                 self.reader.feed_data(data)
-            for _ in range(_FINAL_READS):
-                try:
-                    data = os.read(self._fd, READ_CHUNK)
-                except OSError:
-                    break
-                if not data:
-                    break
-                self.reader.feed_data(data)
+            for chunk in read_available(self._fd, _FINAL_BYTES)[0]:
+                self.reader.feed_data(chunk)
         finally:
             with contextlib.suppress(OSError):
                 self._pipe.close()
@@ -502,19 +497,22 @@ class _ReadSource:
         if self._done or not self._registered:
             return  # an event from the same select() as the command that finished the pipe
         with self._lock:
-            # The loop is reading the pipe itself right now (read_now): park it rather than be
-            # woken again and again until it is done; it re-arms or lends it as it lets go.
-            lent = self._loop_owned or bool(self._claimed_by)
-            room = 0 if self._paused or lent else MAX_IN_FLIGHT - self._in_flight
+            # Parked, not read: a paused reader, a full hand-over, a pipe the loop keeps
+            # (timed in _lent), or one the loop is reading right now (read_now re-arms or
+            # lends it as it lets go; returning instead would be woken again and again).
+            owned = self._loop_owned
+            if self._paused or owned or self._claimed_by:
+                room = 0
+            else:
+                room = MAX_IN_FLIGHT - self._in_flight
             if room <= 0:
                 self._parked = True
-                self._in_lent = self._in_lent or self._loop_owned
-                lent = self._loop_owned
+                self._in_lent = self._in_lent or owned
             else:
                 self._claimed_by = threading.get_ident()
         if room <= 0:
             self._park()
-            if lent:
+            if owned:
                 self._pump._lent.add(self)
             return
         try:
@@ -599,14 +597,8 @@ class _ReadSource:
             self._pump._lent.discard(self)
             self._pump._live.discard(self)
             return
-        for _ in range(_FINAL_READS):
-            try:
-                data = os.read(self._fd, READ_CHUNK)
-            except OSError:
-                break
-            if not data:
-                break
-            out.append((self._loop, self.reader.feed_data, data))
+        for chunk in read_available(self._fd, _FINAL_BYTES)[0]:
+            out.append((self._loop, self.reader.feed_data, chunk))
         self._finish(out)
 
 

@@ -127,7 +127,12 @@ def as_broken_pipe(exc: OSError) -> OSError:
 
 
 class _PipeEnd(Protocol):
-    """The "transport" behind a :class:`BridgedReader`: flow control, and letting go."""
+    """The "transport" behind a :class:`BridgedReader`: flow control, and letting go.
+
+    An end may also offer ``read_now(size) -> bool`` (feed the reader up to ``size`` bytes the
+    pipe holds right now, on the loop's thread) and ``give_back()`` (the reader is about to
+    wait: watch the pipe again); the reader then uses them (see its ``_wait_for_data``).
+    """
 
     def pause_reading(self) -> None: ...
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import threading
+import time
 
 import pytest
 from helpers import py
@@ -44,8 +46,23 @@ def test_io_choice() -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the selector bridge is POSIX only")
+async def settled_idents(quiet: float = 0.3, limit: float = 3.0) -> frozenset[int | None]:
+    """The threads alive once earlier tests' stragglers are gone: garbage collected first (a
+    dropped process's finalizer may start the containment worker, which lingers 0.25 s), then
+    no change for ``quiet`` seconds (at most ``limit``)."""
+    gc.collect()
+    deadline = time.monotonic() + limit
+    seen, since = idents(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        now = idents()
+        if now != seen:
+            seen, since = now, time.monotonic()
+    return seen
+
+
 async def test_threads_do_not_grow_with_children() -> None:
-    before = idents()
+    before = await settled_idents()
     strategy = pq.abc.ThreadedStrategy(max_workers=4)
     assert isinstance(strategy._bridge, IOThread)
     peak = 0

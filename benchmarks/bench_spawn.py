@@ -7,7 +7,9 @@ child). Every case captures stdout and stderr through pipes (as ``run()`` does),
 Cases, interleaved round by round: ``os.posix_spawn``+``waitpid`` (floor), ``subprocess.run``,
 raw ``asyncio.create_subprocess_exec``+``communicate`` (the reference for ratios),
 ``anyio.run_process``, ``trio.run_process``, and ``SubprocessWrapper.run()`` in ASYNC, THREADED,
-LOCAL and DRY_RUN, plus ASYNC through the drop-in ``create_subprocess_exec``+``communicate``.
+LOCAL and DRY_RUN, plus ASYNC through the drop-in ``create_subprocess_exec``+``communicate``,
+and ASYNC ``run()`` with containment off (process group only: no cgroup sub-group, no cookie;
+informative, printed beside the ASYNC target so the run path's own cost shows).
 
 Each sample runs N spawns, N calibrated per case so a sample lasts >= 0.5 s (the calibration
 runs are the warm-up); cases are compared per spawn, paired round by round, and the spread over
@@ -53,6 +55,7 @@ PROGRAMS: dict[str, list[str]] = {
     "python": [PYTHON, "-c", "pass"],
 }
 REFERENCE = "asyncio"
+CONTAINMENT_OFF = "ASYNC run(), containment off"
 
 
 # -- synchronous baselines ---------------------------------------------------------------------
@@ -110,10 +113,28 @@ def asyncio_case(cmd: list[str], n: int, conc: int) -> float:
     return asyncio.run(_drive(n, conc, one))
 
 
-def wrapper_run_case(mode: pq.RunMode) -> Callable[[list[str], int, int], float]:
+def _without_containment() -> Any:
+    """Platform operations whose children get only their process group: no cgroup sub-group,
+    no cookie (what ``PRISMQ_CGROUP=0 PRISMQ_COOKIE=0`` select at start-up), or ``None`` where
+    there is no such host (Windows)."""
+    try:
+        from prismq_subprocess._platform._posix import PosixOps
+        from prismq_subprocess._platform._posix_host import PosixHost
+    except ImportError:  # pragma: no cover - the package's layout changed
+        return None
+    if os.name != "posix":
+        return None
+    host = PosixHost(use_cgroup=False, use_cookie=False, use_subreaper=False)
+    return PosixOps(name=sys.platform, host=host)
+
+
+def wrapper_run_case(
+    mode: pq.RunMode, *, contained: bool = True
+) -> Callable[[list[str], int, int], float]:
     def case(cmd: list[str], n: int, conc: int) -> float:
         async def main() -> float:
-            async with pq.SubprocessWrapper(mode) as w:
+            ops = None if contained else _without_containment()
+            async with pq.SubprocessWrapper(mode, ops=ops) as w:
 
                 async def one() -> None:
                     await w.run(*cmd)
@@ -199,6 +220,9 @@ CASES: dict[str, Callable[[list[str], int, int], float]] = {
     "anyio.run_process": anyio_case,
     "trio.run_process": trio_case,
     "ASYNC run()": wrapper_run_case(pq.RunMode.ASYNC),
+    # Informative: the run path without the containment of double-forked daemons (issue 13),
+    # so its cost and the run path's own can be told apart in every run.
+    CONTAINMENT_OFF: wrapper_run_case(pq.RunMode.ASYNC, contained=False),
     "ASYNC exec+communicate": wrapper_exec_case(pq.RunMode.ASYNC),
     "THREADED run()": wrapper_run_case(pq.RunMode.THREADED),
     "LOCAL run()": wrapper_run_case(pq.RunMode.LOCAL),
@@ -375,6 +399,18 @@ def targets(result: dict[str, Any]) -> list[Target]:
         ASYNC_TRUE_LIMIT,
         program="true",
     )
+    # The same run path without the containment of daemons (informative, not a target): the
+    # part of the ratio that is the run path's own, and the part that is containment's.
+    off = {
+        key: g["ratio_to_asyncio"][CONTAINMENT_OFF]
+        for key, g in groups.items()
+        if g["program"] == "true" and CONTAINMENT_OFF in g["ratio_to_asyncio"]
+    }
+    if off and out and out[-1].passed is not None:
+        detail = ", ".join(f"{k}: {v:.2f}x" for k, v in off.items())
+        out[-1] = Target(
+            out[-1].name, out[-1].passed, f"{out[-1].detail} (containment off: {detail})"
+        )
     check("ASYNC run() within 10% of raw asyncio", "ASYNC run()", REFERENCE, 1.10)
     check("THREADED run() within 15% of raw asyncio", "THREADED run()", REFERENCE, 1.15)
     check("LOCAL run() within 10% of subprocess.run", "LOCAL run()", "subprocess.run", 1.10)

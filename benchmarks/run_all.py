@@ -51,7 +51,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "spawn": {
         "min_sample": 0.1,
         "rounds": 3,
-        # c=256 only in full runs: on 3.11 ASYNC starts a watcher thread per child, slow here.
+        # c=256 only in full runs: 256 live children per sample is slow on 2 cores.
         "groups": (("true", 1), ("true", 8), ("true", 64)),
     },
     "lines": {"min_sample": 0.1, "rounds": 3, "lines": 50_000},

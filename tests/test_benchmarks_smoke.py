@@ -38,6 +38,10 @@ def test_spawn_smoke() -> None:
     result = bench_spawn.run(min_sample=0, rounds=1, groups=(("true", 1), ("true", 2)), n=3)
     assert set(result["groups"]["true c=1"]["per_spawn_median_s"]) == set(bench_spawn.CASES)
     _check(bench_spawn, result)
+    # The ASYNC target also shows the run path without containment, so the two costs can be
+    # told apart in every run.
+    (async_target,) = [t for t in bench_spawn.targets(result) if "ASYNC run('/bin/true')" in t.name]
+    assert "(containment off: true c=1:" in async_target.detail
 
 
 def test_lines_smoke() -> None:

@@ -34,11 +34,13 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
 import os
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Collection
@@ -505,7 +507,10 @@ class _Database:
         try:
             result = fn(self.conn)
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # Some errors (a full disk) end the transaction themselves; a ROLLBACK then would
+            # replace the caller's error with "no transaction is active".
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
         return result
@@ -837,7 +842,12 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self.interrupted_run_ids: list[str] = []
         self._executor: SQLiteWorker | None = None
         self._db: _Database | None = None
-        self._open_lock = asyncio.Lock()
+        # Opening and closing may be asked for by several event loops (threads) at once: their
+        # state changes under a thread lock (an asyncio.Lock serves one loop), and the opening
+        # itself is one job on the worker that every caller waits for.
+        self._state = threading.Lock()
+        self._opening: concurrent.futures.Future[tuple[_Database, list[str]]] | None = None
+        self._openers = 0
 
     @property
     def quarantined_run_ids(self) -> list[str]:
@@ -849,16 +859,23 @@ class SQLiteRunRegistry(BaseRunRegistry):
         """The journal mode SQLite reported after open (``"wal"`` for a file), or ``None``."""
         return None if self._db is None else self._db.journal_mode
 
+    def _closed_error(self) -> RegistryClosedError:
+        return RegistryClosedError(f"SQLiteRunRegistry({self.path!r}) is closed")
+
+    def _worker(self) -> SQLiteWorker:
+        executor = self._executor
+        if executor is None:  # closed meanwhile, from another loop
+            raise self._closed_error()
+        return executor
+
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        assert self._executor is not None
-        return await self._executor.call(fn, *args)
+        return await self._worker().call(fn, *args)
 
     async def _write(self, db: _Database, fn: Callable[..., _T], *args: Any) -> _T:
         """Like _run, for a method that writes through ``db.write``: it may share a group
         transaction, and returns after that committed."""
         self._check_writable(db)
-        assert self._executor is not None
-        return await self._executor.call(fn, *args, group=db)
+        return await self._worker().call(fn, *args, group=db)
 
     def _check_writable(self, db: _Database) -> None:
         if db.read_only:
@@ -874,76 +891,103 @@ class SQLiteRunRegistry(BaseRunRegistry):
         return self._db
 
     async def open(self) -> None:
-        """Open the file, migrate the schema and recover orphaned runs. Idempotent.
+        """Open the file, migrate the schema and recover orphaned runs. Idempotent; callers on
+        several event loops share one opening.
 
-        Cancellation: the opening finishes in the worker thread and is then closed again.
+        Cancellation: only the wait ends; an opening nobody waits for any more finishes in the
+        worker thread and is then closed again (the next call opens afresh).
 
         Raises:
-            RegistryClosedError: the registry was closed.
+            RegistryClosedError: the registry was closed (also while it was opening).
             RegistrySchemaError: the file is not a registry or has a newer schema.
         """
         self._check_open()
-        async with self._open_lock:
+        with self._state:
+            self._check_open()
             if self._db is not None:
                 return
-            self._check_open()
-            executor = SQLiteWorker("prismq-sqlite")
-            opened: list[_Database] = []
-
-            def open_and_recover() -> list[str]:
-                db = _Database(self.path, self.busy_timeout, self.read_only)
-                opened.append(db)
-                return [] if db.read_only else db.recover()
-
-            self._executor = executor
-            try:
-                recovered = await asyncio.wrap_future(executor.submit(open_and_recover))
-            except BaseException:
-                self._executor = None
-                # On cancellation the open may still be running; queue the close behind it so
-                # the connection never leaks, then wait for the thread.
-                def close_opened() -> None:
-                    for db in opened:
-                        db.conn.close()
-
-                cleanup = executor.submit(close_opened)
-                try:
-                    await asyncio.shield(asyncio.wrap_future(cleanup))
-                finally:
-                    executor.shutdown()
-                raise
-            self._db = opened[0]
-            self.interrupted_run_ids = recovered
-        if self.interrupted_run_ids:
-            logger.warning(
-                "marked %d orphaned run(s) INTERRUPTED in %s",
-                len(self.interrupted_run_ids),
-                self.path,
-            )
-
-    async def _shutdown(self) -> None:
-        db, executor = self._db, self._executor
-        self._db = None
-        self._executor = None
-        if executor is None:
-            return
+            opening = self._opening
+            if opening is None:
+                worker = SQLiteWorker("prismq-sqlite", closed=self._closed_error)
+                opening = worker.submit(self._open_now)
+                self._executor, self._opening = worker, opening
+            self._openers += 1
         try:
+            # Shielded: one caller's cancellation must not cancel the job the others wait for.
+            db, recovered = await asyncio.shield(asyncio.wrap_future(opening))
+        except BaseException:
+            with self._state:
+                self._openers -= 1
+                failed = opening.done() and opening.exception() is not None
+                # A failed opening is over for every waiter; a cancelled wait gives it up only
+                # when nobody else waits.
+                give_up = self._opening is opening and (failed or self._openers == 0)
+                executor = self._executor
+                if give_up:
+                    self._opening = self._executor = None
+            if give_up and executor is not None:
+                await self._close_worker(executor, None, opening)
+            raise
+        taken = False
+        with self._state:
+            self._openers -= 1
+            if self._opening is opening:  # the first waiter back takes it
+                self._opening = None
+                self._db = db
+                self.interrupted_run_ids = recovered
+                taken = True
+        if taken and recovered:
+            logger.warning("marked %d orphaned run(s) INTERRUPTED in %s", len(recovered), self.path)
+        self._check_open()  # closed while it opened: aclose() closed what was opened
+
+    def _open_now(self) -> tuple[_Database, list[str]]:
+        db = _Database(self.path, self.busy_timeout, self.read_only)
+        try:
+            return db, ([] if db.read_only else db.recover())
+        except BaseException:
+            db.conn.close()
+            raise
+
+    @staticmethod
+    async def _close_worker(
+        executor: SQLiteWorker,
+        db: _Database | None,
+        opening: concurrent.futures.Future[tuple[_Database, list[str]]] | None,
+    ) -> None:
+        """Close ``db`` and what ``opening`` opened (after it, in the worker's order), then stop
+        the thread. Cancellation: the closing still happens, in the worker thread, which then
+        ends by itself (the loop is not held up by a job in progress, e.g. an open waiting for
+        another process's write lock)."""
+
+        def close() -> None:
             if db is not None:
-                await asyncio.shield(asyncio.wrap_future(executor.submit(db.conn.close)))
-        finally:
-            # The close job has run (or is the only one left), so this join is short.
-            executor.shutdown()
+                db.conn.close()
+            if opening is not None and opening.done() and opening.exception() is None:
+                opening.result()[0].conn.close()
+
+        try:
+            await asyncio.shield(asyncio.wrap_future(executor.submit(close)))
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        executor.shutdown()  # the close job has run, so this join is short
 
     async def aclose(self) -> None:
-        """Close the connection and stop the worker thread (alias: :meth:`close`). Idempotent.
+        """Close the connection and stop the worker thread (alias: :meth:`close`). Idempotent;
+        safe from any event loop, also while another loop opens or writes (those calls then
+        raise :class:`RegistryClosedError`).
 
-        Cancellation: the connection is still closed and the thread stopped.
+        Cancellation: the connection is still closed and the thread stopped, by the worker
+        thread once its job in progress is done.
         """
-        if self._closed:
-            return
-        self._closed = True
-        async with self._open_lock:
-            await self._shutdown()
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            db, executor, opening = self._db, self._executor, self._opening
+            self._db = self._executor = self._opening = None
+        if executor is not None:
+            await self._close_worker(executor, db, opening)
 
     async def add_run(self, run: Run) -> None:
         db = self._db
@@ -952,16 +996,14 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self._check_writable(db)  # before the caller's run is touched
         if run.owner is None:
             run.owner = RunOwner.current()
-        assert self._executor is not None
-        await self._executor.call(db.add, run.copy(), self.max_runs, self.max_age, group=db)
+        await self._worker().call(db.add, run.copy(), self.max_runs, self.max_age, group=db)
 
     async def update_run(self, run: Run) -> None:
         db = self._db
         if db is None or self._closed:
             db = await self._database()
         self._check_writable(db)
-        assert self._executor is not None
-        await self._executor.call(db.update, run.copy(), group=db)
+        await self._worker().call(db.update, run.copy(), group=db)
 
     async def get_run(self, run_id: str) -> Run | None:
         db = await self._database()
@@ -1013,7 +1055,10 @@ class SQLiteRunRegistry(BaseRunRegistry):
         """As on open: in one write transaction, unfinished runs whose owner is gone become
         INTERRUPTED (see :meth:`BaseRunRegistry.recover_orphans`)."""
         db = await self._database()
-        recovered = await self._write(db, db.recover)
+        self._check_writable(db)
+        # Not grouped: recover() stops orphan trees first (up to a grace period each), which
+        # must not happen inside a group's transaction, holding the file's write lock.
+        recovered = await self._run(db.recover)
         if recovered:
             logger.warning("marked %d orphaned run(s) INTERRUPTED in %s", len(recovered), self.path)
         return recovered
@@ -1027,4 +1072,4 @@ class SQLiteRunRegistry(BaseRunRegistry):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RegistryClosedError(f"SQLiteRunRegistry({self.path!r}) is closed")
+            raise self._closed_error()

@@ -71,19 +71,34 @@ def _deliver(jobs: list[_Job[Any]]) -> None:
             future.set_result(job.result)
 
 
+def _closed_worker() -> BaseException:
+    return RuntimeError("this SQLite worker thread has stopped")
+
+
 class SQLiteWorker:
     """A daemon thread running jobs in order; consecutive write jobs on one connection share
     a transaction (group commit). Use :meth:`call` from a loop, :meth:`submit` from anywhere,
     and :meth:`shutdown` once."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, closed: Callable[[], BaseException] = _closed_worker) -> None:
+        """``closed`` makes the exception a call or submit raises once :meth:`shutdown` began
+        (callers may be on other loops and threads than the one that shuts it down)."""
         self._queue: queue.SimpleQueue[_Job[Any] | object] = queue.SimpleQueue()
+        self._closed_error = closed
+        # Queueing and stopping under one lock: no job lands behind the stop, where no thread
+        # would ever answer it.
+        self._lock = threading.Lock()
+        self._stopping = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
-    async def call(
-        self, fn: Callable[..., _T], *args: Any, group: GroupTarget | None = None
-    ) -> _T:
+    def _put(self, job: _Job[Any]) -> None:
+        with self._lock:
+            if self._stopping:
+                raise self._closed_error()
+            self._queue.put(job)
+
+    async def call(self, fn: Callable[..., _T], *args: Any, group: GroupTarget | None = None) -> _T:
         """Run ``fn(*args)`` on the thread and return its result.
 
         ``group``: ``fn`` writes through ``group.conn`` (via a savepoint when a transaction is
@@ -94,19 +109,24 @@ class SQLiteWorker:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        self._queue.put(_Job(fn, args, group, loop, future))
+        self._put(_Job(fn, args, group, loop, future))
         return await future
 
     def submit(self, fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
         """Run ``fn`` on the thread on its own (not grouped); for open and close."""
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
-        self._queue.put(_Job(fn, (), None, None, future))
+        self._put(_Job(fn, (), None, None, future))
         return future
 
-    def shutdown(self) -> None:
-        """Let the queued jobs finish, then stop the thread and join it."""
-        self._queue.put(_STOP)
-        self._thread.join()
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Let the queued jobs finish, then stop the thread; with ``wait``, join it. Idempotent;
+        later calls and submits raise the ``closed`` exception."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._queue.put(_STOP)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
 
     # -- on the thread ------------------------------------------------------------------------
     def _main(self) -> None:
@@ -142,6 +162,14 @@ class SQLiteWorker:
     def _run_one(job: _Job[Any]) -> None:
         try:
             job.result = job.fn(*job.args)
+        except StopIteration as exc:
+            # asyncio refuses StopIteration as a future's exception (set_exception raises, and
+            # the rest of the batch's callers would never be answered): as a coroutine would.
+            error = RuntimeError(
+                f"{getattr(job.fn, '__qualname__', job.fn)!s} raised StopIteration"
+            )
+            error.__cause__ = exc
+            job.error = error
         except BaseException as exc:  # handed to the caller; the thread keeps serving
             job.error = exc
 

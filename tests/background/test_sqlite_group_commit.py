@@ -255,3 +255,206 @@ async def test_an_update_stores_the_fields_that_rarely_change(tmp_path: Path) ->
             assert await again.get_run(run.run_id) == run
         listed = await again.list_runs(module_id="after", limit=20)
         assert sorted(r.run_id for r in listed) == sorted(r.run_id for r in (alone, *grouped))
+
+
+# --- review of the group commit (2026-12-01): hangs, a leaked thread, a lock held too long ---
+
+
+async def test_a_job_raising_stop_iteration_does_not_strand_its_batch() -> None:
+    """asyncio refuses StopIteration as a future's exception: the job's caller gets a
+    RuntimeError from it, and the other callers woken with it still get their answers."""
+    from prismq_subprocess._background._sqlite_worker import SQLiteWorker
+
+    def stops() -> object:
+        return next(iter([]))
+
+    worker = SQLiteWorker("prismq-sqlite-test")
+    try:
+        gate = threading.Event()
+        held = asyncio.ensure_future(worker.call(gate.wait, 5.0))  # the next two form a batch
+        await asyncio.sleep(0.05)
+        bad = asyncio.ensure_future(worker.call(stops))
+        good = asyncio.ensure_future(worker.call(lambda: "ok"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await held
+        done, pending = await asyncio.wait([bad, good], timeout=5)
+        assert not pending
+        assert good.result() == "ok"
+        error = bad.exception()
+        assert isinstance(error, RuntimeError) and isinstance(error.__cause__, StopIteration)
+    finally:
+        worker.shutdown()
+
+
+async def test_a_call_after_the_worker_stopped_raises_instead_of_waiting() -> None:
+    from prismq_subprocess._background._sqlite_worker import SQLiteWorker
+
+    worker = SQLiteWorker("prismq-sqlite-test", closed=lambda: LookupError("closed here"))
+    assert await worker.call(lambda: 1) == 1
+    worker.shutdown()
+    worker.shutdown()  # idempotent
+    with pytest.raises(LookupError, match="closed here"):
+        await asyncio.wait_for(worker.call(lambda: 2), 5)
+    with pytest.raises(LookupError):
+        worker.submit(lambda: 3)
+
+
+def test_a_registry_closed_by_another_loop_mid_write_raises_closed(tmp_path: Path) -> None:
+    """Loop B is inside add_run (copying the run) when loop A, in another thread, closes the
+    registry: B gets RegistryClosedError at once, not a wait on a stopped thread."""
+    from prismq_subprocess._core._exceptions import RegistryClosedError
+
+    registry = SQLiteRunRegistry(tmp_path / "r.db")
+    asyncio.run(registry.open())
+
+    class CloseOnCopy:
+        def __deepcopy__(self, memo: object) -> str:
+            closer = threading.Thread(target=asyncio.run, args=(registry.aclose(),))
+            closer.start()
+            closer.join(10)
+            return "copied"
+
+    async def write() -> None:
+        await asyncio.wait_for(
+            registry.add_run(Run(run_id="late", parameters={"x": CloseOnCopy()})), 10
+        )
+
+    with pytest.raises(RegistryClosedError):
+        asyncio.run(write())
+    assert sqlite_threads() == []
+
+
+def test_two_loops_opening_at_once_both_proceed(tmp_path: Path) -> None:
+    """The lazy open is shared by threads: a loop that finds another loop's open in progress
+    waits for it and is woken (an asyncio.Lock is bound to one loop, and was not)."""
+    registry = SQLiteRunRegistry(tmp_path / "r.db")
+    results: dict[str, str] = {}
+
+    def use(name: str, after_other: bool) -> None:
+        async def main() -> None:
+            if after_other:
+                while registry._executor is None:  # the other loop's open has begun
+                    await asyncio.sleep(0)
+            await asyncio.wait_for(registry.add_run(Run(run_id=name)), 10)
+            results[name] = "done"
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported below
+            results[name] = repr(exc)
+
+    b = threading.Thread(target=use, args=("b", True))
+    a = threading.Thread(target=use, args=("a", False))
+    b.start()
+    a.start()
+    a.join(20)
+    b.join(20)
+    assert results == {"a": "done", "b": "done"}
+
+    async def check() -> int:
+        count = await registry.count_runs()
+        await registry.aclose()
+        return count
+
+    assert asyncio.run(check()) == 2
+    assert sqlite_threads() == []
+
+
+async def test_aclose_cancelled_while_an_open_waits_still_closes(tmp_path: Path) -> None:
+    """aclose() cancelled while open() waits for another connection's write lock: the open
+    still ends closed, and no thread or connection is left."""
+    from prismq_subprocess._core._exceptions import RegistryClosedError
+
+    path = tmp_path / "r.db"
+    async with SQLiteRunRegistry(path) as first:
+        await first.add_run(Run(run_id="a"))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing: the open's recovery waits
+    registry = SQLiteRunRegistry(path, busy_timeout=5)
+    opening = asyncio.ensure_future(registry.open())
+    await asyncio.sleep(0.2)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(registry.aclose(), 0.2)
+    other.execute("ROLLBACK")
+    other.close()
+    with pytest.raises(RegistryClosedError):
+        await asyncio.wait_for(opening, 10)
+    await registry.aclose()
+    for _ in range(50):
+        if not sqlite_threads():
+            break
+        await asyncio.sleep(0.1)
+    assert sqlite_threads() == []
+    assert registry._db is None
+
+
+async def test_recover_orphans_stops_trees_outside_the_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recover_orphans() queued beside another write must not stop orphan trees inside the
+    group's transaction: a stop takes up to its grace period, and the file's write lock would
+    be held (other processes' writers blocked) all that time."""
+    import socket
+
+    import prismq_subprocess._background._sqlite_registry as module
+    from prismq_subprocess._background._run_record import RunOwner
+    from prismq_subprocess._platform._orphans import OrphanCheck, ProcessIdentity
+
+    path = tmp_path / "r.db"
+    seen: list[str] = []
+
+    def probe(identities: list[ProcessIdentity], grace: float) -> list[OrphanCheck]:
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            seen.append("free")
+        except sqlite3.OperationalError:
+            seen.append("held")
+        finally:
+            other.close()
+        return [OrphanCheck.GONE] * len(identities)
+
+    monkeypatch.setattr(module, "stop_orphan_trees", probe)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    async with SQLiteRunRegistry(path) as registry:
+        run = Run(run_id="orphan")
+        run.owner = RunOwner(socket.gethostname(), dead.pid, 1.0)
+        await registry.add_run(run)
+        run.mark_running(pid=dead.pid)
+        await registry.update_run(run)
+        assert await registry.record_child("orphan", ProcessIdentity(dead.pid, 1.0, "C"))
+        assert registry._executor is not None
+        gate = threading.Event()
+        busy = asyncio.ensure_future(registry._executor.call(gate.wait, 5.0))
+        await asyncio.sleep(0.05)
+        both = asyncio.gather(registry.recover_orphans(), registry.add_run(Run(run_id="x")))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await busy
+        recovered, _ = await both
+        assert recovered == ["orphan"]
+    assert seen == ["free"]
+
+
+def test_a_lone_write_reports_its_own_error_when_the_transaction_already_ended(
+    tmp_path: Path,
+) -> None:
+    """An error that ended the transaction (SQLite does on a full disk) reaches the caller
+    as itself, not as 'cannot rollback - no transaction is active'."""
+    from prismq_subprocess._background._sqlite_registry import _Database
+
+    db = _Database(str(tmp_path / "r.db"), 1.0)
+    try:
+
+        def ends_then_fails(conn: sqlite3.Connection) -> None:
+            conn.execute("ROLLBACK")
+            raise ZeroDivisionError("the write's own error")
+
+        with pytest.raises(ZeroDivisionError, match="own error"):
+            db.write(ends_then_fails)
+        assert not db.conn.in_transaction
+    finally:
+        db.conn.close()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -278,7 +279,7 @@ async def test_a_job_raising_stop_iteration_does_not_strand_its_batch() -> None:
         await asyncio.sleep(0.05)
         gate.set()
         await held
-        done, pending = await asyncio.wait([bad, good], timeout=5)
+        _, pending = await asyncio.wait([bad, good], timeout=5)
         assert not pending
         assert good.result() == "ok"
         error = bad.exception()
@@ -328,15 +329,21 @@ def test_a_registry_closed_by_another_loop_mid_write_raises_closed(tmp_path: Pat
 def test_two_loops_opening_at_once_both_proceed(tmp_path: Path) -> None:
     """The lazy open is shared by threads: a loop that finds another loop's open in progress
     waits for it and is woken (an asyncio.Lock is bound to one loop, and was not)."""
-    registry = SQLiteRunRegistry(tmp_path / "r.db")
+    path = tmp_path / "r.db"
+
+    async def make() -> None:
+        async with SQLiteRunRegistry(path) as first:
+            await first.add_run(Run(run_id="earlier"))
+
+    asyncio.run(make())
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # holds A's open (its recovery) in progress
+    registry = SQLiteRunRegistry(path, busy_timeout=10)
     results: dict[str, str] = {}
 
-    def use(name: str, after_other: bool) -> None:
+    def use(name: str) -> None:
         async def main() -> None:
-            if after_other:
-                while registry._executor is None:  # the other loop's open has begun
-                    await asyncio.sleep(0)
-            await asyncio.wait_for(registry.add_run(Run(run_id=name)), 10)
+            await asyncio.wait_for(registry.add_run(Run(run_id=name)), 15)
             results[name] = "done"
 
         try:
@@ -344,10 +351,17 @@ def test_two_loops_opening_at_once_both_proceed(tmp_path: Path) -> None:
         except BaseException as exc:  # reported below
             results[name] = repr(exc)
 
-    b = threading.Thread(target=use, args=("b", True))
-    a = threading.Thread(target=use, args=("a", False))
-    b.start()
+    a = threading.Thread(target=use, args=("a",))
     a.start()
+    for _ in range(500):  # A's open has begun (and waits for the write lock)
+        if registry._executor is not None:
+            break
+        time.sleep(0.01)
+    b = threading.Thread(target=use, args=("b",))
+    b.start()
+    time.sleep(0.3)  # B is waiting for the same open
+    other.execute("ROLLBACK")
+    other.close()
     a.join(20)
     b.join(20)
     assert results == {"a": "done", "b": "done"}
@@ -357,7 +371,7 @@ def test_two_loops_opening_at_once_both_proceed(tmp_path: Path) -> None:
         await registry.aclose()
         return count
 
-    assert asyncio.run(check()) == 2
+    assert asyncio.run(check()) == 3  # with the earlier run
     assert sqlite_threads() == []
 
 
@@ -417,8 +431,8 @@ async def test_recover_orphans_stops_trees_outside_the_write_lock(
         return [OrphanCheck.GONE] * len(identities)
 
     monkeypatch.setattr(module, "stop_orphan_trees", probe)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await dead.wait()
     async with SQLiteRunRegistry(path) as registry:
         run = Run(run_id="orphan")
         run.owner = RunOwner(socket.gethostname(), dead.pid, 1.0)

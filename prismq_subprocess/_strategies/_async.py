@@ -251,9 +251,10 @@ async def _abandon(creation: asyncio.Task[ProcessLike | None]) -> ProcessLike | 
     none to undo).
 
     When the creation itself was cancelled (``asyncio.run()`` shutting down cancels every task)
-    or we are cancelled again meanwhile, the child cannot be had: asyncio's clean-up of a
-    cancelled creation kills it, then waits for pipes a shutting-down loop never connects, so
-    the creation is cancelled again until it gives up (or that shutdown would wait forever).
+    or we are cancelled again meanwhile, the creation is cancelled until it gives up: asyncio's
+    clean-up of a cancelled creation kills the child, then waits for pipes a shutting-down loop
+    never connects (that shutdown would wait forever). A creation that finished before those
+    cancellations reached it still hands its child back, for our caller to kill its tree.
     """
     try:
         if not creation.cancelling():
@@ -269,6 +270,8 @@ async def _abandon(creation: asyncio.Task[ProcessLike | None]) -> ProcessLike | 
         creation.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0)
-    if creation.done() and not creation.cancelled():
-        creation.exception()  # seen: nobody else will look
+    # Cancelled again after the creation had finished but before the shield handed it over:
+    # the child exists, and only our caller (killing its tree) can undo it.
+    if creation.done() and not creation.cancelled() and creation.exception() is None:
+        return creation.result()
     return None

@@ -415,6 +415,34 @@ async def test_a_cancelled_spawn_leaves_no_tree(mode: str, route: str) -> None:
         assert await asyncio.to_thread(survivors_after, mark, 2.0) == []
 
 
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+@pytest.mark.parametrize("route", ["wrapper", "run"])
+async def test_a_spawn_cancelled_twice_leaves_no_tree(mode: str, route: str) -> None:
+    # A caller cancelled, then cancelled again (a timeout after a cancel, a shutdown) at every
+    # pair of moments in the first few loop iterations: the second cancellation used to find
+    # ASYNC's creation done but not yet handed over, and dropped the child it had made.
+    mark, env = marked_env()
+    async with pq.SubprocessWrapper(mode, grace_period=GRACE) as wrapper:
+        start = routes(wrapper, mode, env)[route]
+        for first in range(8):
+            for second in range(5):
+                task = asyncio.ensure_future(start())
+                for _ in range(first):
+                    await asyncio.sleep(0)
+                task.cancel()
+                for _ in range(second):
+                    await asyncio.sleep(0)
+                task.cancel()
+                try:
+                    won = await task
+                except asyncio.CancelledError:
+                    continue
+                # The spawn finished before either cancellation landed: the caller owns it.
+                if route == "wrapper":
+                    await pq.terminate_gracefully(won, 0)  # type: ignore[arg-type]
+        assert await asyncio.to_thread(survivors_after, mark, 2.0) == []
+
+
 def counting_ops() -> tuple[PlatformOps, list[threading.Thread]]:
     """Real platform operations that record the thread of every look at the process table."""
     ops = platform_ops(sys.platform)

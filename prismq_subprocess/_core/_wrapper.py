@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from .._platform import PlatformOps, platform_ops
+from .._platform._child_watcher import reap_orphaned
 from .._strategies import STRATEGIES, SubprocessStrategy
 from .._strategies._base import DEFAULT_LIMIT, SpawnRequest
 from ._closing import AsyncClosing
@@ -606,13 +607,25 @@ def _reap_killed(processes: list[ProcessLike]) -> None:
     # Our Popen-backed children (THREADED, LOCAL) are reaped by a reader on the loop; if the loop
     # closes first (a cleanup() in a finally just before asyncio.run() returns) they would stay
     # zombies and their Popen would warn "still running" when collected. A SIGKILLed child dies
-    # at once, so reap it here, bounded. asyncio's own children are reaped by its child watcher.
+    # at once, so reap it here, bounded. asyncio's children are reaped by its child watcher,
+    # except when their loop has closed: a pidfd watcher (3.11's LoopPidfdWatcher, 3.12's own)
+    # hears an exit only in the loop that started the child, so those are reaped here too.
     deadline = time.monotonic() + _REAP_SECONDS
     for process in processes:
         popen = getattr(process, "_popen", None)
+        transport = None
+        if not isinstance(popen, subprocess.Popen):
+            transport = getattr(process, "_transport", None)
+            loop = getattr(transport, "_loop", None)
+            popen = getattr(transport, "_proc", None)
+            if loop is None or not loop.is_closed():
+                continue
         if isinstance(popen, subprocess.Popen):
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                 popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if transport is not None and getattr(transport, "_returncode", 0) is None:
+                transport._returncode = popen.returncode  # what the exit callback would set
+    reap_orphaned()  # closes the pidfds of the children just reaped
 
 
 def _close_transport(process: ProcessLike) -> None:

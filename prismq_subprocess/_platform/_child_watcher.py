@@ -17,9 +17,14 @@ import asyncio
 import logging
 import os
 import sys
+import weakref
 from typing import Any
 
-__all__ = ["pidfds_work", "prefer_pidfd_watcher"]  # (and LoopPidfdWatcher before 3.12)
+__all__ = [  # (and LoopPidfdWatcher before 3.12)
+    "pidfds_work",
+    "prefer_pidfd_watcher",
+    "reap_orphaned",
+]
 
 logger = logging.getLogger("prismq_subprocess")
 
@@ -41,6 +46,19 @@ def pidfds_work() -> bool:
     return _pidfds_work
 
 
+# Every LoopPidfdWatcher made, for reap_orphaned().
+_watchers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def reap_orphaned() -> None:
+    """Reap children of closed event loops that have exited, and close their pidfds (3.11's
+    :class:`LoopPidfdWatcher` hears an exit only in the loop that started the child; a
+    ``cleanup()`` after that loop closed kills children nobody would reap). No effect on
+    3.12+, where asyncio's own watcher is used."""
+    for watcher in list(_watchers):
+        watcher.reap_orphaned()
+
+
 # Subclassing asyncio's watcher base warns from 3.12 on (child watchers are deprecated there;
 # gone in 3.14): the class exists only where it is used.
 if sys.version_info < (3, 12):
@@ -52,6 +70,10 @@ if sys.version_info < (3, 12):
 
         def __init__(self) -> None:
             self._threads = asyncio.ThreadedChildWatcher()
+            # pid -> (its pidfd, the loop watching it), until the exit is heard: a loop that
+            # closes first never reads that pidfd (see reap_orphaned()).
+            self._watched: dict[int, tuple[int, asyncio.AbstractEventLoop]] = {}
+            _watchers.add(self)
 
         def add_child_handler(  # type: ignore[override]  # (typeshed's TypeVarTuple form)
             self, pid: int, callback: Any, *args: Any
@@ -62,12 +84,34 @@ if sys.version_info < (3, 12):
             except OSError:
                 self._threads.add_child_handler(pid, callback, *args)
                 return
+            self._watched[pid] = (pidfd, loop)
             loop._add_reader(pidfd, self._exited, loop, pid, pidfd, callback, args)  # type: ignore[attr-defined]
 
-        @staticmethod
+        def reap_orphaned(self) -> None:
+            """Reap the children whose loop closed before they exited, once they have (their
+            pidfd is then closed); the others stay watched. Callable from any thread."""
+            for pid, (pidfd, loop) in list(self._watched.items()):
+                if not loop.is_closed():
+                    continue  # its own loop hears the exit
+                try:
+                    # By pidfd, not pid: a pid already reaped elsewhere may be someone else's.
+                    exited = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None
+                except ChildProcessError:
+                    exited = True  # reaped elsewhere (its Popen, say)
+                except OSError:
+                    continue
+                if exited and self._watched.pop(pid, None) is not None:
+                    os.close(pidfd)
+
         def _exited(
-            loop: asyncio.AbstractEventLoop, pid: int, pidfd: int, callback: Any, args: Any
+            self,
+            loop: asyncio.AbstractEventLoop,
+            pid: int,
+            pidfd: int,
+            callback: Any,
+            args: Any,
         ) -> None:
+            self._watched.pop(pid, None)
             loop._remove_reader(pidfd)  # type: ignore[attr-defined]
             try:
                 _, status = os.waitpid(pid, 0)

@@ -71,8 +71,9 @@ if sys.version_info < (3, 12):
         def __init__(self) -> None:
             self._threads = asyncio.ThreadedChildWatcher()
             # pid -> (its pidfd, the loop watching it), until the exit is heard: a loop that
-            # closes first never reads that pidfd (see reap_orphaned()).
-            self._watched: dict[int, tuple[int, asyncio.AbstractEventLoop]] = {}
+            # closes first never reads that pidfd (see reap_orphaned()). A weak reference: a
+            # closed loop is not kept alive by a child it left behind.
+            self._watched: dict[int, tuple[int, weakref.ref[asyncio.AbstractEventLoop]]] = {}
             _watchers.add(self)
 
         def add_child_handler(  # type: ignore[override]  # (typeshed's TypeVarTuple form)
@@ -84,14 +85,15 @@ if sys.version_info < (3, 12):
             except OSError:
                 self._threads.add_child_handler(pid, callback, *args)
                 return
-            self._watched[pid] = (pidfd, loop)
+            self._watched[pid] = (pidfd, weakref.ref(loop))
             loop._add_reader(pidfd, self._exited, loop, pid, pidfd, callback, args)  # type: ignore[attr-defined]
 
         def reap_orphaned(self) -> None:
             """Reap the children whose loop closed before they exited, once they have (their
             pidfd is then closed); the others stay watched. Callable from any thread."""
-            for pid, (pidfd, loop) in list(self._watched.items()):
-                if not loop.is_closed():
+            for pid, (pidfd, loop_ref) in list(self._watched.items()):
+                loop = loop_ref()
+                if loop is not None and not loop.is_closed():
                     continue  # its own loop hears the exit
                 try:
                     # By pidfd, not pid: a pid already reaped elsewhere may be someone else's.

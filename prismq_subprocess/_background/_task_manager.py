@@ -17,6 +17,7 @@ that can also be awaited to wait until the run is stored, so ``await manager.sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import types
@@ -158,6 +159,8 @@ class _Entry:
         "marks_running",
         "opened_output",
         "phase",
+        "released",
+        "released_waiter",
         "run",
         "slot",
         "started",
@@ -196,6 +199,20 @@ class _Entry:
         self.started = False
         self.has_slot = False
         self.slot: asyncio.Future[None] | None = None
+        # Set by _release, when the run's last registry write is done here; the future is made
+        # only for those who wait (cancel_task, shutdown).
+        self.released = False
+        self.released_waiter: asyncio.Future[None] | None = None
+
+    def wait_released(self) -> asyncio.Future[None]:
+        """A future done once the run is released (its record final here): whichever task
+        writes it, _drive or the recorder of a run cancelled before its first step."""
+        waiter = self.released_waiter
+        if waiter is None:
+            waiter = self.released_waiter = asyncio.get_running_loop().create_future()
+            if self.released:
+                waiter.set_result(None)
+        return waiter
 
     def __call__(self, task: asyncio.Task[None]) -> None:
         """The done callback of the run's task (see ``BackgroundTaskManager._task_done``)."""
@@ -666,7 +683,10 @@ class BackgroundTaskManager(AsyncResource):
             if slot.done() and not slot.cancelled():
                 entry.has_slot = True  # handed over just as we were cancelled: pass it on
             else:
-                self._queue.remove(entry)
+                # _release may have taken it off the queue already (it skips a cancelled
+                # slot), when another run ended in the same loop iteration.
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(entry)
             raise
         entry.has_slot = True  # _release counted it for us when it handed it over
         entry.phase = _RUNNING
@@ -727,6 +747,10 @@ class BackgroundTaskManager(AsyncResource):
         logger.error("recording run %s (%s) failed", run.run_id, run.status.value, exc_info=exc)
 
     def _release(self, entry: _Entry) -> None:
+        entry.released = True
+        watching = entry.released_waiter
+        if watching is not None and not watching.done():
+            watching.set_result(None)
         if entry.has_slot:
             entry.has_slot = False
             self._running -= 1
@@ -832,8 +856,8 @@ class BackgroundTaskManager(AsyncResource):
         if entry.phase == _RECORDING or entry.cancel_reason is not None:
             return CancelResult.ALREADY_FINISHED
         self._interrupt(entry, reason)
-        assert entry.task is not None
-        await asyncio.wait({entry.task})
+        # Not the task: a run cancelled before its first step is recorded by another one.
+        await asyncio.shield(entry.wait_released())
         return CancelResult.CANCELLED
 
     async def wait_all(self, timeout: float | None = None) -> None:
@@ -875,11 +899,13 @@ class BackgroundTaskManager(AsyncResource):
         await self._watcher.aclose()
         for entry in list(self._entries.values()):
             self._interrupt(entry, reason)
-        tasks = {entry.task for entry in self._entries.values() if entry.task is not None}
-        if not tasks:
+        # Each run's release, not its task: a run cancelled before its first step is recorded
+        # by a task of its own, started when the first one ended.
+        waits = [entry.wait_released() for entry in self._entries.values()]
+        if not waits:
             return
-        _, stubborn = await asyncio.wait(tasks, timeout=grace)
-        left = [entry for entry in self._entries.values() if entry.task in stubborn]
+        await asyncio.wait(waits, timeout=grace)
+        left = [entry for entry in self._entries.values() if not entry.released]
         if left:
             await self._abandon(left, reason, max(grace, _MIN_RECORD_WAIT))
 

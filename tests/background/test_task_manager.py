@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from prismq_subprocess._background._cancel_result import CancelResult
 from prismq_subprocess._background._memory_registry import BaseRunRegistry, RunRegistry
 from prismq_subprocess._background._output_capture import OutputCapture
 from prismq_subprocess._background._run_record import Run, RunStatus
@@ -1195,3 +1196,102 @@ async def test_a_run_copies_the_callers_context_once() -> None:
         del before
         await manager.wait_all()
         await manager.shutdown()
+
+
+# --- review of the fast paths (2026-12-01) ---------------------------------------------------
+
+
+async def test_a_queued_run_cancelled_as_a_slot_frees_is_recorded_cancelled() -> None:
+    """The queued run's slot is cancelled, and in the same loop iteration another run's end
+    pops it from the queue: it used to fail on its own removal (ValueError, FAILED)."""
+    registry = RunRegistry()
+    manager = BackgroundTaskManager(registry, max_concurrent=1)
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def first() -> None:
+        await gate
+
+    async def second() -> None:
+        return None
+
+    a, b = Run(), Run()
+    manager.start_task(a, first())
+    manager.start_task(b, second())
+    await asyncio.sleep(0.01)
+    gate.set_result(None)  # a ends in the next iteration, b's cancellation lands in the same
+    assert await manager.cancel_task(b.run_id) is CancelResult.CANCELLED
+    await manager.wait_all(timeout=5)
+    stored_a, stored_b = await registry.get_run(a.run_id), await registry.get_run(b.run_id)
+    assert stored_a is not None and stored_a.status is RunStatus.COMPLETED
+    assert stored_b is not None and stored_b.status is RunStatus.CANCELLED, stored_b
+    assert manager.running_count == 0 and manager.queued_count == 0
+    await manager.shutdown()
+
+
+class _SlowRegistry(RunRegistry):
+    """A store whose writes take a moment (a subclass, a network store...)."""
+
+    async def add_run(self, run: Run) -> None:
+        await asyncio.sleep(0.02)
+        await super().add_run(run)
+
+    async def update_run(self, run: Run) -> None:
+        await asyncio.sleep(0.02)
+        await super().update_run(run)
+
+
+async def _never() -> None:
+    await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("how", ["cancel_task", "shutdown"])
+async def test_a_run_cancelled_before_its_first_step_is_recorded_before_the_call_returns(
+    how: str,
+) -> None:
+    """cancel_task() and shutdown() return once the run is recorded CANCELLED, also when its
+    task was cancelled before its first step (a task of its own then records it)."""
+    registry = _SlowRegistry()
+    manager = BackgroundTaskManager(registry)
+    run = Run()
+    manager.start_task(run, _never())
+    manager.tasks[run.run_id].cancel()
+    if how == "cancel_task":
+        await manager.cancel_task(run.run_id)
+    else:
+        await manager.shutdown()
+    stored = await RunRegistry.get_run(registry, run.run_id)
+    assert stored is not None and stored.status is RunStatus.CANCELLED
+    assert not manager.is_active(run.run_id)
+    await manager.shutdown()
+
+
+def test_cancel_requests_are_heard_on_the_next_loop_after_one_closed_with_tasks_left() -> None:
+    """A manager serving a second event loop after the first was closed without cancelling
+    its tasks (run_until_complete, then close()): its watcher's poll task was that loop's."""
+    registry = RunRegistry()
+    manager = BackgroundTaskManager(registry)
+
+    async def phase() -> RunStatus:
+        release = asyncio.Event()
+
+        async def work() -> None:
+            await release.wait()
+
+        run = Run()
+        await manager.start_task(run, work())
+        await registry.request_cancel(run.run_id, "from elsewhere")
+        try:
+            await asyncio.wait_for(manager.wait_all(), 5)
+        finally:
+            release.set()
+            await manager.wait_all()
+        stored = await registry.get_run(run.run_id)
+        assert stored is not None
+        return stored.status
+
+    for _ in range(2):
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(phase()) is RunStatus.CANCELLED
+        finally:
+            loop.close()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -847,6 +848,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
         # itself is one job on the worker that every caller waits for.
         self._state = threading.Lock()
         self._opening: concurrent.futures.Future[tuple[_Database, list[str]]] | None = None
+        # What the opening job opened, as soon as it did: a close queued right behind it may run
+        # in the same batch, before the opening's future is resolved.
+        self._opened: list[_Database] = []
         self._openers = 0
 
     @property
@@ -909,8 +913,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
             opening = self._opening
             if opening is None:
                 worker = SQLiteWorker("prismq-sqlite", closed=self._closed_error)
-                opening = worker.submit(self._open_now)
-                self._executor, self._opening = worker, opening
+                opened: list[_Database] = []
+                opening = worker.submit(functools.partial(self._open_now, opened))
+                self._executor, self._opening, self._opened = worker, opening, opened
             self._openers += 1
         try:
             # Shielded: one caller's cancellation must not cancel the job the others wait for.
@@ -922,17 +927,19 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 # A failed opening is over for every waiter; a cancelled wait gives it up only
                 # when nobody else waits.
                 give_up = self._opening is opening and (failed or self._openers == 0)
-                executor = self._executor
+                executor, opened = self._executor, self._opened
                 if give_up:
                     self._opening = self._executor = None
+                    self._opened = []
             if give_up and executor is not None:
-                await self._close_worker(executor, None, opening)
+                await self._close_worker(executor, opened)
             raise
         taken = False
         with self._state:
             self._openers -= 1
             if self._opening is opening:  # the first waiter back takes it
                 self._opening = None
+                self._opened = []
                 self._db = db
                 self.interrupted_run_ids = recovered
                 taken = True
@@ -940,8 +947,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
             logger.warning("marked %d orphaned run(s) INTERRUPTED in %s", len(recovered), self.path)
         self._check_open()  # closed while it opened: aclose() closed what was opened
 
-    def _open_now(self) -> tuple[_Database, list[str]]:
+    def _open_now(self, opened: list[_Database]) -> tuple[_Database, list[str]]:
         db = _Database(self.path, self.busy_timeout, self.read_only)
+        opened.append(db)
         try:
             return db, ([] if db.read_only else db.recover())
         except BaseException:
@@ -949,21 +957,15 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise
 
     @staticmethod
-    async def _close_worker(
-        executor: SQLiteWorker,
-        db: _Database | None,
-        opening: concurrent.futures.Future[tuple[_Database, list[str]]] | None,
-    ) -> None:
-        """Close ``db`` and what ``opening`` opened (after it, in the worker's order), then stop
-        the thread. Cancellation: the closing still happens, in the worker thread, which then
-        ends by itself (the loop is not held up by a job in progress, e.g. an open waiting for
-        another process's write lock)."""
+    async def _close_worker(executor: SQLiteWorker, dbs: list[_Database]) -> None:
+        """Close ``dbs`` (an opening still running adds to its list before this job runs, in
+        the worker's order), then stop the thread. Cancellation: the closing still happens, in
+        the worker thread, which then ends by itself (the loop is not held up by a job in
+        progress, e.g. an open waiting for another process's write lock)."""
 
         def close() -> None:
-            if db is not None:
-                db.conn.close()
-            if opening is not None and opening.done() and opening.exception() is None:
-                opening.result()[0].conn.close()
+            for db in dbs:
+                db.conn.close()  # (again, for one the opening closed itself: harmless)
 
         try:
             await asyncio.shield(asyncio.wrap_future(executor.submit(close)))
@@ -984,10 +986,12 @@ class SQLiteRunRegistry(BaseRunRegistry):
             if self._closed:
                 return
             self._closed = True
-            db, executor, opening = self._db, self._executor, self._opening
+            dbs = [self._db] if self._db is not None else self._opened
+            executor = self._executor
             self._db = self._executor = self._opening = None
+            self._opened = []
         if executor is not None:
-            await self._close_worker(executor, db, opening)
+            await self._close_worker(executor, dbs)
 
     async def add_run(self, run: Run) -> None:
         db = self._db

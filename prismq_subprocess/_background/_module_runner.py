@@ -9,6 +9,7 @@ mode and timestamps are kept in a run registry from start to finish, however it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -242,6 +243,7 @@ class ModuleRunner(AsyncClosing):
         self._owns_task_manager = task_manager is None
         # run_id -> set once the run's outcome is recorded (foreground and background runs).
         self._active: dict[str, asyncio.Event] = {}
+        self._active_runs: dict[str, Run] = {}  # the same runs: what cancel() reports
         self._cancel_reasons: dict[str, str] = {}
         self._closed = False
         self.backend = backend
@@ -597,15 +599,22 @@ class ModuleRunner(AsyncClosing):
         if manager is not None and manager.is_active(run_id):
             return await manager.cancel_task(run_id, reason)
         done = self._active.get(run_id)
-        if done is None:
+        run = self._active_runs.get(run_id)
+        if done is None or run is None:
             return await cancel_elsewhere(self.registry, run_id, reason, timeout)
+        if run.is_finished:  # being recorded already
+            await done.wait()
+            return CancelResult.ALREADY_FINISHED
         self._cancel_reasons.setdefault(run_id, reason)
         if self.backend is not None:
             await self.backend.cancel(run_id)
         else:
             await self.processes.stop(run_id, self.grace_period)
         await done.wait()
-        return CancelResult.CANCELLED
+        # A run that finished by itself just before the stop reached it keeps its outcome.
+        if run.status is RunStatus.CANCELLED:
+            return CancelResult.CANCELLED
+        return CancelResult.ALREADY_FINISHED
 
     # -- one run ------------------------------------------------------------------------------
     def _open_output(self, run_id: str) -> bool:
@@ -640,6 +649,7 @@ class ModuleRunner(AsyncClosing):
     async def _execute(self, run: Run, launch: _Launch, *, background: bool) -> Run:
         done = asyncio.Event()
         self._active[run.run_id] = done
+        self._active_runs[run.run_id] = run
         if not background:
             self._watcher.watch(run.run_id)
         try:
@@ -666,6 +676,7 @@ class ModuleRunner(AsyncClosing):
                     )
             finally:
                 self._active.pop(run.run_id, None)
+                self._active_runs.pop(run.run_id, None)
                 self._cancel_reasons.pop(run.run_id, None)
                 done.set()
 
@@ -775,13 +786,17 @@ class ModuleRunner(AsyncClosing):
                 await child.finish()
             returncode = process.returncode
         except asyncio.CancelledError:
-            await child.abort()
-            await sampler.stop()
+            # A second cancellation while the tree is stopped (it is then killed and waited for:
+            # ChildRun.stop) must not skip the record: the run would stay RUNNING for good.
+            with contextlib.suppress(asyncio.CancelledError):
+                await child.abort()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler.stop()
             self._settle(run, tail, sampler, process.returncode)
             if not background:
                 # A background run's task manager records CANCELLED with its own reason.
                 run.mark_cancelled(self._cancel_reasons.get(run_id, "cancelled"))
-                await self._record_final(run)
+                await asyncio.shield(self._record_final(run))
             raise
         finally:
             await sampler.stop()
@@ -813,7 +828,8 @@ class ModuleRunner(AsyncClosing):
             if run.output_tail and run.output_tail[-1].strip():
                 message = f"{message}: {run.output_tail[-1].strip()[:500]}"
             run.mark_failed(message, exit_code=returncode)
-        await self._record_final(run)
+        # Shielded: a caller cancelled now must not leave a finished run RUNNING in the registry.
+        await asyncio.shield(self._record_final(run))
         return run
 
     async def _record_child(self, run_id: str, process: ProcessLike) -> None:

@@ -394,6 +394,11 @@ def spawn_error(program: str | bytes, exc: OSError, cwd: Any = None) -> OSError:
 def not_found_error(program: str | bytes, exc: FileNotFoundError) -> CommandNotFoundError:
     """Wrap the spawn's ``FileNotFoundError`` into our more helpful one."""
     name = os.fsdecode(program)
+    interpreter = _missing_interpreter(name)
+    if interpreter is not None:
+        return CommandNotFoundError(
+            name, f"its interpreter {interpreter!r} (its #! line) was not found"
+        )
     detail = "not on PATH" if os.sep not in name else "no such file"
     if " " in name.strip():
         detail += (
@@ -401,3 +406,22 @@ def not_found_error(program: str | bytes, exc: FileNotFoundError) -> CommandNotF
             "shell=True for a command line"
         )
     return CommandNotFoundError(name, f"{detail} ({exc.strerror or exc})")
+
+
+def _missing_interpreter(name: str) -> str | None:
+    """The interpreter named by ``name``'s ``#!`` line when ``name`` is a file and that
+    interpreter does not exist (the kernel then reports the script itself as not found)."""
+    if os.sep not in name or not os.path.isfile(name):
+        return None
+    try:
+        with open(name, "rb") as script:
+            first = script.readline(256)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].split()
+    if not parts:
+        return None
+    interpreter = os.fsdecode(parts[0])
+    return None if os.path.exists(interpreter) else interpreter

@@ -468,3 +468,108 @@ async def test_a_closed_output_does_not_stall_the_module(
     run = await task
     assert run.status is pq.RunStatus.COMPLETED
     assert run.output_tail == ["first", "second"]
+
+
+# --- review of the model user's path (2026-12-01) --------------------------------------------
+
+_IGNORES_TERM = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_a_foreground_run_cancelled_twice_is_recorded_cancelled(tmp_path: Path) -> None:
+    """The caller is cancelled, and cancelled again while the tree is being stopped (a
+    shutdown that cancels, then times out): the run used to stay RUNNING for good."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(_IGNORES_TERM)
+    async with pq.RunRegistry() as registry, ModuleRunner(registry, grace_period=1.0) as runner:
+        task = asyncio.ensure_future(runner.execute_module("m", "m", str(script), run_id="twice"))
+        for _ in range(100):
+            stored = await registry.get_run("twice")
+            if stored is not None and stored.pid is not None:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.2)
+        task.cancel()  # while the tree's stop waits out the grace period
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # the record may finish just after the caller's cancellation
+            stored = await registry.get_run("twice")
+            if stored is not None and stored.is_finished:
+                break
+            await asyncio.sleep(0.05)
+        assert stored is not None and stored.status is pq.RunStatus.CANCELLED, stored
+        assert stored.pid is not None and _gone(stored.pid)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def _until_closed(capture: pq.OutputCapture, run_id: str) -> None:
+    for _ in range(1_000_000):  # a loop iteration at a time: the moment matters
+        if capture.is_closed(run_id):
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"the output of {run_id} was never closed")
+
+
+_MANY_LINES = "import sys\nw = sys.stdout.write\nfor i in range(200000): w('line %d\\n' % i)\n"
+
+
+async def test_a_run_finished_while_its_caller_is_cancelled_is_still_recorded(
+    tmp_path: Path,
+) -> None:
+    """The child exited and the runner is recording it (closing its output, whose log is
+    being written) when the caller is cancelled: the record still happens."""
+    script = tmp_path / "lines.py"
+    script.write_text(_MANY_LINES)
+    capture = pq.OutputCapture(log_dir=tmp_path / "logs")
+    async with pq.RunRegistry() as registry, ModuleRunner(registry, output=capture) as runner:
+        task = asyncio.ensure_future(runner.execute_module("m", "m", str(script), run_id="r"))
+        await _until_closed(capture, "r")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            stored = await registry.get_run("r")
+            if stored is not None and stored.is_finished:
+                break
+            await asyncio.sleep(0.05)
+        assert stored is not None and stored.status is pq.RunStatus.COMPLETED, stored
+    await capture.aclose()
+
+
+async def test_cancel_of_a_run_that_completed_meanwhile_says_already_finished(
+    tmp_path: Path,
+) -> None:
+    """cancel() arriving while a finished run is being recorded returns what was recorded."""
+    script = tmp_path / "lines.py"
+    script.write_text(_MANY_LINES)
+    capture = pq.OutputCapture(log_dir=tmp_path / "logs")
+    async with pq.RunRegistry() as registry, ModuleRunner(registry, output=capture) as runner:
+        task = asyncio.ensure_future(runner.execute_module("m", "m", str(script), run_id="r"))
+        await _until_closed(capture, "r")
+        result = await runner.cancel("r")
+        run = await task
+        assert run.status is pq.RunStatus.COMPLETED
+        assert result is pq.CancelResult.ALREADY_FINISHED
+    await capture.aclose()
+
+
+def test_a_script_whose_interpreter_is_missing_says_so(tmp_path: Path) -> None:
+    from prismq_subprocess._core._validation import not_found_error
+
+    script = tmp_path / "bad.sh"
+    script.write_text("#!/nonexistent/interp -x\necho hi\n")
+    script.chmod(0o755)
+    error = not_found_error(str(script), FileNotFoundError(2, "No such file or directory"))
+    assert "interpreter" in str(error) and "/nonexistent/interp" in str(error), str(error)
+    assert isinstance(error, pq.CommandNotFoundError)

@@ -65,6 +65,10 @@ __all__ = ["ModuleRunner"]
 
 logger = logging.getLogger(__name__)
 
+#: A line still without its newline past this many bytes is read in pieces of this size (or
+#: the capture's max_line_bytes if larger); see _pump.
+_LINE_PIECE_BYTES = 4 * 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class _Launch:
@@ -857,7 +861,10 @@ class ModuleRunner(AsyncClosing):
         if stream is None:
             return
         output = self.output
-        async for lines in iter_line_batches(stream):
+        # A line that never ends (output without newlines) comes in pieces: the host holds at
+        # most one piece of it. Long enough that real lines stay whole (the log keeps them so).
+        longest = max(_LINE_PIECE_BYTES, output.max_line_bytes if output is not None else 0)
+        async for lines in iter_line_batches(stream, max_line_bytes=longest):
             tail.extend(lines)
             if output is not None:
                 try:

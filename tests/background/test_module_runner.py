@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -487,23 +487,28 @@ async def test_a_foreground_run_cancelled_twice_is_recorded_cancelled(tmp_path: 
     script.write_text(_IGNORES_TERM)
     async with pq.RunRegistry() as registry, ModuleRunner(registry, grace_period=1.0) as runner:
         task = asyncio.ensure_future(runner.execute_module("m", "m", str(script), run_id="twice"))
-        for _ in range(100):
-            stored = await registry.get_run("twice")
-            if stored is not None and stored.pid is not None:
-                break
-            await asyncio.sleep(0.05)
+        await _stored_when(registry, "twice", lambda run: run.pid is not None)
         task.cancel()
         await asyncio.sleep(0.2)
         task.cancel()  # while the tree's stop waits out the grace period
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):  # the record may finish just after the caller's cancellation
-            stored = await registry.get_run("twice")
-            if stored is not None and stored.is_finished:
-                break
-            await asyncio.sleep(0.05)
-        assert stored is not None and stored.status is pq.RunStatus.CANCELLED, stored
+        # The record may end just after the caller's cancellation.
+        stored = await _stored_when(registry, "twice", lambda run: run.is_finished)
+        assert stored.status is pq.RunStatus.CANCELLED, stored
         assert stored.pid is not None and _gone(stored.pid)
+
+
+async def _stored_when(
+    registry: pq.RunRegistry, run_id: str, ready: Callable[[pq.Run], bool]
+) -> pq.Run:
+    """The stored run once ``ready`` holds for it (up to 5 s)."""
+    for _ in range(100):
+        stored = await registry.get_run(run_id)
+        if stored is not None and ready(stored):
+            return stored
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} never got there: {stored}")
 
 
 def _gone(pid: int) -> bool:
@@ -524,43 +529,29 @@ async def _until_closed(capture: pq.OutputCapture, run_id: str) -> None:
 _MANY_LINES = "import sys\nw = sys.stdout.write\nfor i in range(200000): w('line %d\\n' % i)\n"
 
 
-async def test_a_run_finished_while_its_caller_is_cancelled_is_still_recorded(
-    tmp_path: Path,
+@pytest.mark.parametrize("how", ["caller cancelled", "runner.cancel()"])
+async def test_a_run_finished_while_it_is_cancelled_is_recorded_as_it_ended(
+    tmp_path: Path, how: str
 ) -> None:
-    """The child exited and the runner is recording it (closing its output, whose log is
-    being written) when the caller is cancelled: the record still happens."""
+    """The child exited and the runner is recording it (closing its output, whose log is being
+    written) when the caller is cancelled, or cancel() is called: the run is still recorded
+    COMPLETED (it stayed RUNNING), and cancel() says so (it said CANCELLED)."""
     script = tmp_path / "lines.py"
     script.write_text(_MANY_LINES)
     capture = pq.OutputCapture(log_dir=tmp_path / "logs")
     async with pq.RunRegistry() as registry, ModuleRunner(registry, output=capture) as runner:
         task = asyncio.ensure_future(runner.execute_module("m", "m", str(script), run_id="r"))
         await _until_closed(capture, "r")
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        for _ in range(100):
-            stored = await registry.get_run("r")
-            if stored is not None and stored.is_finished:
-                break
-            await asyncio.sleep(0.05)
-        assert stored is not None and stored.status is pq.RunStatus.COMPLETED, stored
-    await capture.aclose()
-
-
-async def test_cancel_of_a_run_that_completed_meanwhile_says_already_finished(
-    tmp_path: Path,
-) -> None:
-    """cancel() arriving while a finished run is being recorded returns what was recorded."""
-    script = tmp_path / "lines.py"
-    script.write_text(_MANY_LINES)
-    capture = pq.OutputCapture(log_dir=tmp_path / "logs")
-    async with pq.RunRegistry() as registry, ModuleRunner(registry, output=capture) as runner:
-        task = asyncio.ensure_future(runner.execute_module("m", "m", str(script), run_id="r"))
-        await _until_closed(capture, "r")
-        result = await runner.cancel("r")
-        run = await task
-        assert run.status is pq.RunStatus.COMPLETED
-        assert result is pq.CancelResult.ALREADY_FINISHED
+        if how == "runner.cancel()":
+            assert await runner.cancel("r") is pq.CancelResult.ALREADY_FINISHED
+            assert (await task).status is pq.RunStatus.COMPLETED
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # The record may end just after the caller's cancellation.
+        stored = await _stored_when(registry, "r", lambda run: run.is_finished)
+        assert stored.status is pq.RunStatus.COMPLETED, stored
     await capture.aclose()
 
 

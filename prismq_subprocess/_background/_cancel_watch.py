@@ -52,10 +52,11 @@ class CancelRequestWatcher:
             return
         self._watched.add(run_id)
         task = self._task
-        loop = asyncio.get_running_loop()
-        # A poll task of another loop (one closed with its tasks left pending) never runs again.
-        if task is None or task.done() or task.get_loop() is not loop:
-            self._task = loop.create_task(self._poll(), name="prismq-cancel-requests")
+        # A poll task of a loop that was closed with its tasks left pending never runs again.
+        if task is None or task.done() or task.get_loop().is_closed():
+            self._task = asyncio.get_running_loop().create_task(
+                self._poll(), name="prismq-cancel-requests"
+            )
 
     def unwatch(self, run_id: str) -> None:
         """Stop looking for ``run_id`` (its run ended here)."""

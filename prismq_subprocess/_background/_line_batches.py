@@ -54,7 +54,8 @@ async def iter_line_batches(
             if max_line_bytes is not None and held > max_line_bytes:
                 pieces, rest = _pieces(b"".join(partial), max_line_bytes)
                 partial, held = [rest], len(rest)
-                yield pieces
+                if pieces:
+                    yield pieces
             continue
         complete = chunk[:cut]
         if partial:
@@ -77,7 +78,9 @@ def _pieces(data: bytes, size: int) -> tuple[list[str], bytes]:
     between two UTF-8 characters, and what is left (shorter than ``size``)."""
     pieces: list[str] = []
     start = 0
-    while len(data) - start > size:
+    # A last b"\r" stays with what is left: its b"\n" may be in the next read (a CRLF line end).
+    limit = len(data) - 1 if data.endswith(b"\r") else len(data)
+    while limit - start > size:
         end = start + size
         # Back off from continuation bytes (0b10xxxxxx) to the start of a character; a run of
         # more than three of them is not UTF-8 anyway, and is cut where it is.

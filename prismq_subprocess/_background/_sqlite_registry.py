@@ -448,6 +448,18 @@ def _where(status: RunStatus | None, module_id: str | None) -> tuple[str, list[A
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
+def _seen(future: asyncio.Future[_T]) -> asyncio.Future[_T]:
+    """``future``, its outcome marked as seen: a caller that stops waiting on it (through a
+    shield) must not leave asyncio reporting "exception was never retrieved" later."""
+    future.add_done_callback(_retrieve)
+    return future
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _Database:
     """The connection and every statement; used only from the registry's worker thread."""
 
@@ -891,8 +903,10 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self._check_open()
         if self._db is None:
             await self.open()
-        assert self._db is not None
-        return self._db
+        db = self._db
+        if db is None:  # closed from another thread right after it opened
+            raise self._closed_error()
+        return db
 
     async def open(self) -> None:
         """Open the file, migrate the schema and recover orphaned runs. Idempotent; callers on
@@ -919,7 +933,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
             self._openers += 1
         try:
             # Shielded: one caller's cancellation must not cancel the job the others wait for.
-            db, recovered = await asyncio.shield(asyncio.wrap_future(opening))
+            db, recovered = await asyncio.shield(_seen(asyncio.wrap_future(opening)))
         except BaseException:
             with self._state:
                 self._openers -= 1
@@ -968,7 +982,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 db.conn.close()  # (again, for one the opening closed itself: harmless)
 
         try:
-            await asyncio.shield(asyncio.wrap_future(executor.submit(close)))
+            await asyncio.shield(_seen(asyncio.wrap_future(executor.submit(close))))
         except BaseException:
             executor.shutdown(wait=False)
             raise

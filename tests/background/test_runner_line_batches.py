@@ -76,3 +76,13 @@ async def test_a_module_printing_without_newlines_is_read_in_pieces(tmp_path: Pa
         logged.pop()
     piece = 4 * 1024 * 1024
     assert logged == ["a" * 100_000, "y" * piece, "y" * piece, "y" * (10_000_000 - 2 * piece)]
+
+
+async def test_a_crlf_line_of_the_bound_split_between_reads_stays_one_line() -> None:
+    """A line of exactly the bound ended by \\r\\n, the \\r and the \\n in two reads: the \\r
+    must not be left alone as a piece (it became an extra empty line)."""
+    split = await collect(Chunks([b"a" * 10 + b"\r", b"\nnext\n"]), max_line_bytes=10)
+    whole = await collect(Chunks([b"a" * 10 + b"\r\nnext\n"]), max_line_bytes=10)
+    assert [line for batch in split for line in batch] == ["a" * 10, "next"]
+    assert [line for batch in whole for line in batch] == ["a" * 10, "next"]
+    assert all(batch for batch in split)  # never an empty batch

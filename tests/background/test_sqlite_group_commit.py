@@ -472,3 +472,58 @@ def test_a_lone_write_reports_its_own_error_when_the_transaction_already_ended(
         assert not db.conn.in_transaction
     finally:
         db.conn.close()
+
+
+async def test_a_call_racing_a_close_from_another_thread_says_closed(tmp_path: Path) -> None:
+    """aclose() from another thread lands right after a call's lazy open returned: the call
+    raises RegistryClosedError (it was a bare AssertionError)."""
+    from prismq_subprocess._core._exceptions import RegistryClosedError
+
+    class ClosedRightAfterOpen(SQLiteRunRegistry):
+        async def open(self) -> None:
+            await super().open()
+            closer = threading.Thread(target=asyncio.run, args=(self.aclose(),))
+            closer.start()
+            closer.join(10)
+
+    registry = ClosedRightAfterOpen(tmp_path / "r.db")
+    with pytest.raises(RegistryClosedError):
+        await registry.get_run("x")
+    assert sqlite_threads() == []
+
+
+async def test_a_cancelled_open_that_then_fails_leaves_no_unretrieved_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller gave up on the open, which then failed: nobody reads that error, and asyncio
+    must not report it as never retrieved."""
+    import gc
+
+    import prismq_subprocess._background._sqlite_registry as module
+
+    def slow_failure(self: object, opened: list[object]) -> object:
+        time.sleep(0.3)
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(module.SQLiteRunRegistry, "_open_now", slow_failure)
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        registry = SQLiteRunRegistry(tmp_path / "r.db")
+        opening = asyncio.ensure_future(registry.open())
+        await asyncio.sleep(0.1)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        for _ in range(50):
+            if not sqlite_threads():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        del opening
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert [c for c in reported if "never retrieved" in str(c.get("message"))] == []

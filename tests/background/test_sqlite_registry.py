@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -235,14 +236,19 @@ def open_connections() -> int:
     return count
 
 
-async def test_cancelled_open_does_not_leak(tmp_path: Path) -> None:
-    before = open_connections()
-    registry = SQLiteRunRegistry(tmp_path / "cancel.db")
+async def cancel_an_open(registry: SQLiteRunRegistry, after: float) -> None:
+    """Start ``registry.open()``, cancel it ``after`` seconds later (0: at its first step)."""
     task = asyncio.create_task(registry.open())
-    await asyncio.sleep(0)
+    await asyncio.sleep(after)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_cancelled_open_does_not_leak(tmp_path: Path) -> None:
+    before = open_connections()
+    registry = SQLiteRunRegistry(tmp_path / "cancel.db")
+    await cancel_an_open(registry, 0)
     assert sqlite_threads() == []
     # The close queued behind the opening may run in the same batch, before the opening's
     # future is resolved: the connection it opened is closed all the same.
@@ -252,6 +258,35 @@ async def test_cancelled_open_does_not_leak(tmp_path: Path) -> None:
     assert await registry.count_runs() == 1
     await registry.close()
     assert sqlite_threads() == []
+
+
+async def test_a_cancelled_open_that_then_fails_leaves_no_unretrieved_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller gave up on the open, which then failed: nobody reads that error, and asyncio
+    must not report it as never retrieved."""
+    import prismq_subprocess._background._sqlite_registry as module
+
+    def slow_failure(self: object, opened: list[object]) -> object:
+        time.sleep(0.3)
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(module.SQLiteRunRegistry, "_open_now", slow_failure)
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        await cancel_an_open(SQLiteRunRegistry(tmp_path / "r.db"), 0.1)
+        for _ in range(50):
+            if not sqlite_threads():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert [c for c in reported if "never retrieved" in str(c.get("message"))] == []
 
 
 # --- issue 11, D13: bad settings refused at construction ------------------------------------

@@ -189,8 +189,8 @@ class ModuleRunner(AsyncClosing):
         grace_period: seconds between SIGTERM and SIGKILL when a tree is stopped.
         max_concurrent: limit of the task manager the runner makes (queued runs stay PENDING;
             a run's ``timeout`` counts from its start, not from queueing).
-        output_tail_lines: how many last lines ``Run.output_tail`` keeps (at most 64 KiB in all;
-            a longer line is cut and says so).
+        output_tail_lines: how many last lines ``Run.output_tail`` keeps (at most 64 KiB in all,
+            plus the note of a line cut to fit; a longer line is cut and says so).
         sample_interval: seconds between process-tree samples.
         backend: where modules and commands run (a :class:`RunBackend`, e.g.
             ``prismq_subprocess.dask.DaskBackend``); ``None``: here, as children of this

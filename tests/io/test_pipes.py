@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -55,6 +56,23 @@ def reap(proc: subprocess.Popen[bytes]) -> None:
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
+
+
+@contextlib.contextmanager
+def child_stdout(
+    proc: subprocess.Popen[bytes], pump: IOThread | None = None
+) -> Iterator[asyncio.StreamReader]:
+    """The reader of ``proc``'s stdout through ``pump`` (default: a fresh I/O thread);
+    afterwards the thread is closed and the child reaped."""
+    if pump is None:
+        pump = IOThread("prismq-io-test")
+    try:
+        assert proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        yield pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+    finally:
+        pump.close()
+        reap(proc)
 
 
 async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
@@ -320,21 +338,14 @@ async def test_a_dry_reader_takes_the_bytes_on_the_loops_thread(loop_reads: list
     # the pipe: the loop's thread reads them itself instead of waiting for the I/O thread.
     # (A child scheduled too late to refill its pipe in time leaves it to the I/O thread: on a
     # loaded machine a whole stream can go that way, hence a few tries.)
-    loop = asyncio.get_running_loop()
     total = 20_000_000
     for _ in range(5):
-        pump = IOThread("prismq-io-test")
         proc = popen(f"import sys; sys.stdout.buffer.write(b'x' * {total})", stdout=PIPE)
-        try:
-            assert proc.stdout is not None
-            reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        with child_stdout(proc) as reader:
             got = 0
             while chunk := await reader.read(1 << 20):
                 got += len(chunk)
             assert got == total
-        finally:
-            pump.close()
-            reap(proc)
         if loop_reads:
             break
     assert loop_reads, "the loop's thread never read the pipe itself"
@@ -344,12 +355,8 @@ async def test_a_dry_reader_takes_the_bytes_on_the_loops_thread(loop_reads: list
 async def test_bytes_keep_their_order_whoever_reads_the_pipe(loop_reads: list[int]) -> None:
     # Every way of reading, mixed, with pauses that let the I/O thread read ahead too: the
     # loop's thread and the I/O thread take turns at the pipe, and the bytes arrive in order.
-    loop = asyncio.get_running_loop()
-    pump = IOThread("prismq-io-test")
     proc = popen(_NUMBERED, stdout=PIPE)
-    try:
-        assert proc.stdout is not None
-        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+    with child_stdout(proc) as reader:
         got: list[bytes] = []
         step = 0
         while not reader.at_eof():
@@ -373,9 +380,6 @@ async def test_bytes_keep_their_order_whoever_reads_the_pipe(loop_reads: list[in
                     got.append(exc.partial)
         assert b"".join(got) == b"".join(b"%07d\n" % i for i in range(400000))
         assert proc.stdout.closed
-    finally:
-        pump.close()
-        reap(proc)
     assert all(size <= 2 * LIMIT for size in loop_reads)
 
 
@@ -386,12 +390,8 @@ async def test_a_pipe_the_loop_read_itself_is_read_ahead_again_when_it_pauses(
     # the consumer pauses, the thread reads ahead again up to the reader's pause threshold,
     # as asyncio's own transport does (a child writing a little more then exiting is not left
     # blocked on its pipe).
-    loop = asyncio.get_running_loop()
-    pump = IOThread("prismq-io-test")
     proc = popen("import sys; sys.stdout.buffer.write(b'x' * 20_000_000)", stdout=PIPE)
-    try:
-        assert proc.stdout is not None
-        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+    with child_stdout(proc) as reader:
         got = 0
         while len(loop_reads) < 20:  # streaming, the loop reading the pipe itself
             chunk = await reader.read(1 << 20)
@@ -404,16 +404,11 @@ async def test_a_pipe_the_loop_read_itself_is_read_ahead_again_when_it_pauses(
         while chunk := await reader.read(1 << 20):
             got += len(chunk)
         assert got == 20_000_000
-    finally:
-        pump.close()
-        reap(proc)
 
 
 async def test_a_never_ending_writer_does_not_keep_the_loop_from_other_tasks() -> None:
     # Reading on the loop's thread returns without waiting; the reader still gives way as a
     # wait would, or a child writing for ever would hold up every other task.
-    loop = asyncio.get_running_loop()
-    pump = IOThread("prismq-io-test")
     # `yes` refills the pipe faster than it can be read, so the reader never runs dry.
     yes = shutil.which("yes")
     proc = spawn([yes], stdout=PIPE) if yes else popen(_FOREVER, stdout=PIPE)
@@ -433,9 +428,7 @@ async def test_a_never_ending_writer_does_not_keep_the_loop_from_other_tasks() -
             reads += 1
         return total
 
-    try:
-        assert proc.stdout is not None
-        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+    with child_stdout(proc) as reader:
         reading = asyncio.ensure_future(drain(reader))
         ticking = asyncio.ensure_future(ticker())
         await asyncio.sleep(0.5)
@@ -447,9 +440,6 @@ async def test_a_never_ending_writer_does_not_keep_the_loop_from_other_tasks() -
         ticking.cancel()
         reading.cancel()
         await asyncio.gather(ticking, reading, return_exceptions=True)
-    finally:
-        pump.close()
-        reap(proc)
 
 
 def _open_fds() -> int:
@@ -461,14 +451,11 @@ async def test_closing_while_the_loop_reads_keeps_order_and_leaks_nothing() -> N
     # release() and IOThread.close() read a pipe one last time and close it, while the loop's
     # thread may be taking bytes from it itself: one reader at a time, the bytes in order, and
     # the descriptor closed exactly once (never read after a close, never left open).
-    loop = asyncio.get_running_loop()
     before = _open_fds()
     for attempt in range(30):
         pump = IOThread("prismq-io-test")
         proc = popen(_NUMBERED, stdout=PIPE, stderr=subprocess.DEVNULL)  # its EPIPE is expected
-        try:
-            assert proc.stdout is not None
-            reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+        with child_stdout(proc, pump) as reader:
             got = [await reader.read(1 + attempt * 997)]
             if attempt % 2:
                 reader.release()  # type: ignore[attr-defined]
@@ -481,9 +468,6 @@ async def test_closing_while_the_loop_reads_keeps_order_and_leaks_nothing() -> N
             expected = b"".join(b"%07d\n" % i for i in range(whole + 1))
             assert data == expected[: whole * 8 + rest]
             assert proc.stdout.closed
-        finally:
-            pump.close()
-            reap(proc)
     assert not pump_threads()
     assert _open_fds() == before
 
@@ -501,19 +485,12 @@ def no_take_back(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_reader_wanting_more_than_its_buffer_holds_gets_the_pipe_read_for_it() -> None:
     # readexactly(n > 2 * limit): the loop's own reads stop at the pause threshold, so the
     # reader must wait for the I/O thread, which must be watching the pipe again.
-    loop = asyncio.get_running_loop()
     frame = 1 << 20
     code = f"import sys\nfor i in range(20): sys.stdout.buffer.write(bytes([i]) * {frame})"
-    pump = IOThread("prismq-io-test")
     proc = popen(code, stdout=PIPE)
-    try:
-        assert proc.stdout is not None
-        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+    with child_stdout(proc) as reader:
         for i in range(20):
             assert await asyncio.wait_for(reader.readexactly(frame), 10) == bytes([i]) * frame
-    finally:
-        pump.close()
-        reap(proc)
 
 
 @pytest.mark.usefixtures("no_take_back")
@@ -522,7 +499,6 @@ async def test_an_exception_inside_the_loops_read_leaves_the_pipe_usable(
 ) -> None:
     # A KeyboardInterrupt (a signal handler) raised inside the loop's own read of the pipe:
     # the claim is released and the pipe watched again, so reading goes on.
-    loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
     real_read = os.read
     armed = False
@@ -534,14 +510,11 @@ async def test_an_exception_inside_the_loops_read_leaves_the_pipe_usable(
             raise KeyboardInterrupt
         return real_read(fd, n)
 
-    pump = IOThread("prismq-io-test")
     proc = popen(
         "import sys, time\nsys.stdout.buffer.write(b'x' * 2000000)\ntime.sleep(30)",
         stdout=PIPE,
     )
-    try:
-        assert proc.stdout is not None
-        reader = pump.open_reader(loop, proc.stdout, limit=LIMIT, name="t-out")
+    with child_stdout(proc) as reader:
         got = len(await reader.read(10))
         monkeypatch.setattr(os, "read", interrupted)
         armed = True
@@ -552,9 +525,6 @@ async def test_an_exception_inside_the_loops_read_leaves_the_pipe_usable(
         while got < 2000000:
             got += len(await asyncio.wait_for(reader.read(1 << 20), 10))
         assert got == 2000000
-    finally:
-        pump.close()
-        reap(proc)
 
 
 @pytest.mark.usefixtures("no_take_back")

@@ -3,8 +3,12 @@ module's ``__all__``, under that module's heading, and no entry for a name that 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import re
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,85 @@ def test_every_entry_says_what_it_is(module_name: str) -> None:
     assert len(blocks) == len(entries(sections()[module_name]))
     for block in blocks:
         assert re.match(r"- `[^`]+`[^:]*:\s+\S.{15,}", block, flags=re.S), block
+
+
+def documented_signatures(module_name: str) -> list[tuple[str, str]]:
+    """``(name, parameters)`` of each ``- `Name(parameters)``` entry."""
+    return re.findall(r"^- `(\w+)\(([^`]*)\)`", sections()[module_name], flags=re.M)
+
+
+def _parameters(text: str) -> list[str]:
+    """Top-level comma-separated parts of a documented parameter list."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    if current.strip():
+        parts.append(current.strip())
+    return parts
+
+
+def _globals_of(obj: object) -> dict[str, object]:
+    """The globals of the code that defines ``obj``'s parameters (public names may carry the
+    package's ``__module__``, not the defining module's)."""
+    function = obj.__init__ if isinstance(obj, type) else obj  # type: ignore[misc]
+    found = getattr(function, "__globals__", None)
+    if found is None:  # a class whose __init__ is not Python (a dataclass's is)
+        found = vars(sys.modules[obj.__module__])  # type: ignore[attr-defined]
+    return dict(found)
+
+
+def _default_of(obj: object, param: str, default: object) -> object:
+    """``default``, or what a dataclass field's ``default_factory`` makes."""
+    if repr(default) == "<factory>" and dataclasses.is_dataclass(obj):
+        field = next(f for f in dataclasses.fields(obj) if f.name == param)
+        return field.default_factory()  # type: ignore[misc]
+    return default
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_documented_parameters_exist_with_their_defaults(module_name: str) -> None:
+    """Each parameter an entry shows exists in the code, and a default it shows is the code's
+    (a reader takes `run_immediately=False` at its word)."""
+    module = importlib.import_module(module_name)
+    checked = 0
+    for name, documented in documented_signatures(module_name):
+        obj = getattr(module, name)
+        try:
+            signature = inspect.signature(obj)
+        except (TypeError, ValueError):  # no signature to compare (a builtin, say)
+            continue
+        actual = signature.parameters
+        for part in _parameters(documented):
+            if part in ("*", "/", "...") or part.startswith("**"):
+                continue
+            param, _, default = part.lstrip("*").partition("=")
+            assert param in actual, f"{name}: docs/API.md shows a parameter {param!r}"
+            if default:
+                value = _default_of(obj, param, actual[param].default)
+                assert value is not inspect.Parameter.empty, (
+                    f"{name}: docs/API.md shows a default for {param}, the code has none"
+                )
+                # Evaluated where the object is defined: a default may be shown by the name of
+                # its constant (DEFAULT_GRACE_PERIOD) or as an expression (2**16).
+                namespace = {**_globals_of(obj), **vars(module)}
+                shown = eval(default, namespace)
+                if isinstance(value, Mapping):  # a read-only default shown as {}
+                    value = dict(value)
+                # 3600 for 3600.0 is fine; True for 1 is not.
+                numbers = all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in (shown, value)
+                )
+                assert shown == value and (numbers or type(shown) is type(value)), (
+                    f"{name}: docs/API.md shows {param}={default}, the code's default is "
+                    f"{value!r}"
+                )
+            checked += 1
+    assert checked or not documented_signatures(module_name)

@@ -155,7 +155,8 @@ class PeriodicTask(AsyncResource):
             ``functools.partial`` to pass such names through.
         run_immediately: run at once on ``start()`` (tick 0, the default, as in the guide);
             ``False``: the first run is one interval later.
-        jitter: random extra delay in ``[0, jitter]`` seconds before each run (>= 0).
+        jitter: random extra delay in ``[0, jitter]`` seconds before each run (>= 0 and less
+            than ``interval``, so that no run is pushed past the next tick).
         max_consecutive_failures: stop the schedule after this many failures in a row;
             ``None`` (default) never gives up.
         clock: returns the current time in seconds; defaults to the running loop's ``time()``.
@@ -164,9 +165,10 @@ class PeriodicTask(AsyncResource):
 
     Raises:
         InvalidTaskError: ``task_func`` is not callable (``None``, say).
-        InvalidIntervalError: ``interval`` is not a positive, finite duration.
-        InvalidLimitError: ``jitter`` is negative or not finite, or ``max_consecutive_failures``
-            is not a positive integer.
+        InvalidIntervalError: ``interval`` is not a positive, finite duration, or ``jitter`` is
+            not a number.
+        InvalidLimitError: ``jitter`` is negative, not finite or not less than ``interval``, or
+            ``max_consecutive_failures`` is not a positive integer.
     """
 
     def __init__(
@@ -191,6 +193,11 @@ class PeriodicTask(AsyncResource):
             raise InvalidIntervalError(f"jitter must be a number of seconds, got {jitter!r}")
         if not math.isfinite(jitter) or jitter < 0:
             raise InvalidLimitError(f"jitter must be finite and >= 0, got {jitter!r}")
+        if jitter and jitter >= self._interval:
+            # A run delayed past the next tick would make that tick coalesce (skipped).
+            raise InvalidLimitError(
+                f"jitter must be less than the interval ({self._interval} s), got {jitter!r}"
+            )
         if max_consecutive_failures is not None and (
             isinstance(max_consecutive_failures, bool)
             or not isinstance(max_consecutive_failures, int)

@@ -177,7 +177,9 @@ class ResourceManager:
           :class:`ResourceWaitTimeoutError` (a ``ResourceLimitException`` and a ``TimeoutError``).
 
         Returns the passing :class:`ResourceCheck`. Nothing is held, so there is nothing to
-        release. Cancelling while waiting just stops waiting.
+        release. Cancelling while waiting just stops waiting. The reader's errors propagate as
+        they are (its own ``TimeoutError`` included: only ``timeout`` elapsing is
+        ``ResourceWaitTimeoutError``).
 
         Raises:
             ResourceLimitException: resources short and ``wait=False``.
@@ -191,14 +193,17 @@ class ResourceManager:
         if not wait:
             raise ResourceLimitException(f"not enough resources to start: {check.reason}")
         logger.info("waiting for resources: %s", check.reason)
+        deadline = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit):
+            async with deadline:
                 while True:
                     await asyncio.sleep(self.poll_interval)
                     check = await self.check_resources_detailed()
                     if check.ok:
                         return check
         except TimeoutError:
+            if not deadline.expired():
+                raise  # the reader's own (a host's metrics endpoint timing out, say)
             raise ResourceWaitTimeoutError(
                 f"resources still short after waiting {limit} s: {check.reason}"
             ) from None

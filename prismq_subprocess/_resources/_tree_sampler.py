@@ -19,6 +19,7 @@ import psutil
 
 from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
+from .._core._exceptions import InvalidArgumentTypeError
 from .._core._maybe_async import call_callback
 from .._core._validation import check_limit
 from ._readings import VANISHED
@@ -78,7 +79,8 @@ class ProcessTreeSampler(AsyncResource):
 
     Raises:
         InvalidIntervalError: ``interval`` is not a positive, finite duration.
-        InvalidLimitError: ``memory_limit_bytes`` is not a positive integer.
+        InvalidLimitError: ``memory_limit_bytes`` or ``pid`` is not a positive integer.
+        InvalidArgumentTypeError: ``pid`` is not an int.
     """
 
     def __init__(
@@ -89,6 +91,9 @@ class ProcessTreeSampler(AsyncResource):
         memory_limit_bytes: int | None = None,
         on_limit: LimitCallback | None = None,
     ) -> None:
+        if isinstance(pid, bool) or not isinstance(pid, int):
+            raise InvalidArgumentTypeError(f"pid must be an int, not {type(pid).__name__}")
+        check_limit(pid, "pid", minimum=1)
         self.pid = pid
         self.interval = interval_seconds(interval)
         if memory_limit_bytes is not None:
@@ -101,6 +106,8 @@ class ProcessTreeSampler(AsyncResource):
         self._samples = 0
         self._last: TreeSample | None = None
         self._limit_sample: TreeSample | None = None
+        # Made again by each start(): an asyncio primitive that was ever waited on belongs to
+        # that loop, and a stopped sampler may be started again in another one.
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -221,7 +228,8 @@ class ProcessTreeSampler(AsyncResource):
         loop = asyncio.get_running_loop()
         if self.is_running:
             return
-        self._stop.clear()
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
         self._task = loop.create_task(self._loop(), name=f"ProcessTreeSampler:{self.pid}")
 
     async def stop(self) -> None:

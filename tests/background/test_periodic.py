@@ -457,7 +457,15 @@ def test_interval_as_timedelta() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"jitter": -0.1}, {"jitter": math.inf}, {"max_consecutive_failures": 0}],
+    [
+        {"jitter": -0.1},
+        {"jitter": math.inf},
+        # A jitter of a whole interval or more pushes runs past the next ticks, which were then
+        # coalesced and counted as skipped: no longer "never moves the grid".
+        {"jitter": 1.0},
+        {"jitter": 2.5},
+        {"max_consecutive_failures": 0},
+    ],
 )
 def test_invalid_options(options: dict[str, object]) -> None:
     with pytest.raises(InvalidLimitError):

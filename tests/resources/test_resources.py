@@ -341,6 +341,26 @@ async def test_admit_times_out_with_a_timeout_error() -> None:
     assert "memory_percent 99.0" in str(info.value)
 
 
+async def test_a_reader_timing_out_while_admit_waits_is_its_own_error() -> None:
+    # A host's reader (a metrics endpoint, say) raising TimeoutError is not the admission
+    # timeout: no timeout was set and none elapsed, so it propagates as itself.
+    calls = 0
+
+    def reader() -> ResourceSnapshot:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return ResourceSnapshot(memory_percent=99.0, available_bytes=GiB, total_bytes=16 * GiB)
+        raise TimeoutError("metrics endpoint did not answer")
+
+    manager = ResourceManager(90.0, reader=reader, poll_interval=0.01)
+    for timeout in (None, 30.0):
+        calls = 0
+        with pytest.raises(TimeoutError, match="metrics endpoint") as info:
+            await asyncio.wait_for(manager.admit(timeout=timeout), 5)
+        assert not isinstance(info.value, ResourceWaitTimeoutError)
+
+
 async def test_admit_returns_at_once_when_resources_are_fine() -> None:
     reader = FakeReader([10.0])
     manager = ResourceManager(80.0, reader=reader, poll_interval=10)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
 
-from prismq_subprocess._core._exceptions import InvalidIntervalError, InvalidLimitError
+from prismq_subprocess._core._exceptions import (
+    InvalidArgumentTypeError,
+    InvalidIntervalError,
+    InvalidLimitError,
+)
 from prismq_subprocess._resources._tree_sampler import ProcessTreeSampler, TreeSample
 
 MiB = 1 << 20
@@ -155,8 +160,38 @@ async def test_start_is_idempotent_and_stop_without_start_is_a_no_op() -> None:
         ({"interval": -1}, InvalidIntervalError),
         ({"memory_limit_bytes": 0}, InvalidLimitError),
         ({"memory_limit_bytes": 1.5}, InvalidLimitError),
+        ({"pid": 0}, InvalidLimitError),
+        ({"pid": -1}, InvalidLimitError),
+        ({"pid": True}, InvalidArgumentTypeError),
+        ({"pid": "123"}, InvalidArgumentTypeError),
+        ({"pid": 1.0}, InvalidArgumentTypeError),
     ],
 )
 def test_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
+    # A bad pid is refused here; accepted, its sampling task logged the same error every
+    # interval and never ended.
+    kwargs = {"pid": 1, **kwargs}
     with pytest.raises(error):
-        ProcessTreeSampler(1, **kwargs)  # type: ignore[arg-type]
+        ProcessTreeSampler(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_sampler_samples_again_in_a_later_event_loop() -> None:
+    # Documented: stopped, it holds nothing and may be used again; its stop event was bound to
+    # the first loop, so the second loop's sampling task failed after one sample.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    sampler = ProcessTreeSampler(child.pid, interval=0.01)
+
+    async def sample_for_a_while() -> int:
+        before = sampler.samples
+        sampler.start()
+        await asyncio.sleep(0.2)
+        assert sampler.is_running
+        await sampler.stop()
+        return sampler.samples - before
+
+    try:
+        assert asyncio.run(sample_for_a_while()) >= 3
+        assert asyncio.run(sample_for_a_while()) >= 3
+    finally:
+        child.kill()
+        child.wait()

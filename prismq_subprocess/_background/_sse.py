@@ -26,12 +26,14 @@ Ids are line seqs, so a reconnecting browser's ``Last-Event-ID`` header, passed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring, encode_basestring_ascii
+from typing import Any
 
 from .._core._exceptions import InvalidSSEEventError, InvalidSubscriptionError
 from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
@@ -206,25 +208,57 @@ def sse_events(
     return _stream(subscription, heartbeat, retry, max_lines_per_chunk, stop)
 
 
-async def _next_or_stop(
-    chunks: OutputChunks, stop: asyncio.Event
-) -> OutputChunk | OutputGap | None:
-    """The next item, or ``None`` once ``stop`` is set (the pending read is cancelled, which
-    loses nothing)."""
-    if stop.is_set():
-        return None
-    reader = asyncio.ensure_future(anext(chunks))
-    stopper = asyncio.ensure_future(stop.wait())
+def _item_events(item: OutputChunk | OutputGap, subscription: OutputSubscription) -> str:
+    if isinstance(item, OutputGap):
+        return _gap_event(item, subscription.next_seq)
+    return _line_events(item)
+
+
+async def _until_stopped(
+    chunks: OutputChunks,
+    subscription: OutputSubscription,
+    heartbeat: float | None,
+    stop: asyncio.Event,
+) -> AsyncGenerator[str | None, None]:
+    """The stream's events until the end (then returns) or ``stop`` (then yields ``None``).
+
+    One read task lives across heartbeats: it is cancelled only when ``stop`` is set while it
+    waits, which loses nothing (a read moves the subscription's cursor only as it returns). A
+    read that finished is always sent, even when the heartbeat or ``stop`` came in the same
+    loop iteration (a read restarted at every heartbeat lost its chunk then, and on a busy loop
+    could starve).
+    """
+    reader: asyncio.Future[Any] | None = None
+    stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        while True:
+            if reader is None:
+                if stop.is_set():
+                    yield None
+                    return
+                reader = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait(
+                {reader, stopper}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
+            )
+            if reader.done():
+                finished, reader = reader, None
+                try:
+                    item = finished.result()
+                except StopAsyncIteration:
+                    return
+                yield _item_events(item, subscription)
+            elif stopper in done:
+                yield None
+                return
+            else:
+                yield _KEEP_ALIVE
     finally:
-        for task in (reader, stopper):
-            if not task.done():
-                task.cancel()
-        await asyncio.wait({reader, stopper})
-    if reader.cancelled():
-        return None
-    return reader.result()  # raises StopAsyncIteration at the end
+        pending = [task for task in (reader, stopper) if task is not None]
+        for task in pending:
+            task.cancel()
+        # Their outcomes are ours to take (a StopAsyncIteration or an error must not be
+        # reported as never retrieved).
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _stream(
@@ -238,26 +272,28 @@ async def _stream(
         # Sent at once: some proxies hold the response headers back until the first bytes.
         yield SSEEvent(None, retry=retry).encode() if retry is not None else _KEEP_ALIVE
         chunks = subscription.chunks(max_lines)
-        while True:
-            try:
-                async with asyncio.timeout(heartbeat) as deadline:
-                    if stop is None:
-                        item: OutputChunk | OutputGap | None = await anext(chunks)
-                    else:
-                        item = await _next_or_stop(chunks, stop)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                if not deadline.expired():
-                    raise  # e.g. OutputWaitTimeoutError, not our heartbeat
-                yield _KEEP_ALIVE
-                continue
-            if item is None:
-                return  # stopped: no end event, so the browser reconnects
-            if isinstance(item, OutputGap):
-                yield _gap_event(item, subscription.next_seq)
-            else:
-                yield _line_events(item)
+        if stop is None:
+            while True:
+                try:
+                    async with asyncio.timeout(heartbeat) as deadline:
+                        item = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise  # e.g. OutputWaitTimeoutError, not our heartbeat
+                    yield _KEEP_ALIVE
+                    continue
+                yield _item_events(item, subscription)
+        else:
+            # aclosing: a client that leaves closes this generator, and the inner one's read
+            # and stop tasks must end with it, not whenever the inner one is collected.
+            events = _until_stopped(chunks, subscription, heartbeat, stop)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if event is None:
+                        return  # stopped: no end event, so the browser reconnects
+                    yield event
         end = subscription.end
         data = json.dumps(
             {

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,47 @@ async def test_heartbeats_go_on_while_stop_is_not_set() -> None:
     await capture.close_run("r")
     rest = [chunk async for chunk in stream]
     assert json.loads(rest[-1].split("data: ")[1]) == {"status": None, "exit_code": None}
+
+
+@pytest.mark.parametrize("with_stop", [False, True])
+async def test_lines_arriving_as_heartbeats_fall_due_are_all_sent(with_stop: bool) -> None:
+    # Lines appended about one heartbeat apart: with stop=, a heartbeat that fell due in the
+    # iteration where the read had just taken a chunk threw that chunk away (its lines never
+    # sent, no gap event, and Last-Event-ID moved past them).
+    capture = pq.OutputCapture(max_lines_per_run=10_000)
+    capture.open_run("r")
+    heartbeat = 0.002
+    count = 400
+    chooser = random.Random(14)
+
+    async def produce() -> None:
+        for n in range(count):
+            await capture.append_line("r", f"line {n}")
+            await asyncio.sleep(chooser.uniform(0.5, 1.5) * heartbeat)
+        await capture.close_run("r", status=pq.RunStatus.COMPLETED, exit_code=0)
+
+    async def busy_loop() -> None:
+        # A loaded server: each loop iteration takes most of a heartbeat, so a finished read
+        # and a due heartbeat often meet in one iteration.
+        while True:
+            time.sleep(0.7 * heartbeat)  # noqa: ASYNC251 - blocking is the point
+            await asyncio.sleep(0)
+
+    producer = asyncio.create_task(produce())
+    hog = asyncio.create_task(busy_loop())
+    parser = SSEParser()
+    stop = asyncio.Event() if with_stop else None
+    try:
+        async with asyncio.timeout(60):  # it starved before: every heartbeat restarted the read
+            async for chunk in pq.sse_events(capture, "r", heartbeat=heartbeat, stop=stop):
+                parser.feed(chunk)
+            await producer
+    finally:
+        hog.cancel()
+        producer.cancel()
+    seqs = [json.loads(e.data)["seq"] for e in parser.events if e.type == "line"]
+    assert seqs == list(range(count))
+    assert parser.events[-1].type == "end"
 
 
 async def test_registry_streams_a_run_this_capture_never_held(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ plain result dict, so a batch never fails because one item did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Unpack, cast, overload
 
 from .._core._closing import AsyncClosing
+from .._core._durations import timeout_seconds
 from .._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidLimitError,
@@ -26,6 +28,7 @@ from .._core._exceptions import (
     RunnerClosedError,
 )
 from .._core._modes import RunMode
+from .._core._slots import Slots
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD
 from .._resources._resource_manager import ResourceManager
 from .._strategies import SubprocessStrategy
@@ -94,9 +97,7 @@ class ModuleSpec:
             InvalidArgumentTypeError: ``script_path`` is not a str or ``os.PathLike``.
         """
         script = os.path.abspath(_check_script_path(script_path))
-        return cls(
-            module_id, str(module_id), script, args=args, cwd=str(Path(script).parent)
-        )
+        return cls(module_id, str(module_id), script, args=args, cwd=str(Path(script).parent))
 
     @classmethod
     def from_any(cls, spec: ModuleSpec | Mapping[str, Any] | GuideItem) -> ModuleSpec:
@@ -122,6 +123,10 @@ class ModuleSpec:
                 "a batch item must be a ModuleSpec or a mapping (or the guide's (module_id, "
                 f"script_path, args) tuple), not {type(spec).__name__}"
             )
+        if not all(isinstance(key, str) for key in spec):
+            raise InvalidParametersError(
+                f"module spec keys must be str, got {sorted(map(repr, spec))}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
         if unknown:
@@ -130,6 +135,11 @@ class ModuleSpec:
             return cls(**spec)
         except TypeError as exc:
             raise InvalidParametersError(f"incomplete module spec: {exc}") from None
+
+
+def _set_if_pending(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _result(run: Run) -> dict[str, Any]:
@@ -233,6 +243,7 @@ class ConcurrentExecutor(AsyncClosing):
         self.max_concurrent = max_concurrent
         self.resource_manager = resource_manager
         self.admission_wait = admission_wait
+        timeout_seconds(admission_timeout, what="admission_timeout")  # refused now, not per call
         self.admission_timeout = admission_timeout
         self.registry = registry if registry is not None else RunRegistry()
         self.runner = ModuleRunner(
@@ -242,23 +253,57 @@ class ConcurrentExecutor(AsyncClosing):
             grace_period=grace_period,
             sample_interval=sample_interval,
         )
-        self._slots = asyncio.Semaphore(max_concurrent)
+        # Not an asyncio.Semaphore: that binds to the first loop that waits on it, and an
+        # executor may serve one asyncio.run() after another.
+        self._slots = Slots(max_concurrent, self._closed_error)
+        # Futures set by aclose()/cleanup(), one per call waiting for admission.
+        self._close_signals: set[asyncio.Future[Any]] = set()
         self._closed = False
+
+    @staticmethod
+    def _closed_error() -> RunnerClosedError:
+        return RunnerClosedError("this ConcurrentExecutor is closed; create a new one")
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RunnerClosedError("this ConcurrentExecutor is closed; create a new one")
+            raise self._closed_error()
+
+    async def _admit(self, manager: ResourceManager) -> None:
+        """``manager.admit(...)``, ended with RunnerClosedError if the executor closes first
+        (resources may stay short for ever, and nothing else would end the wait)."""
+        closed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._close_signals.add(closed)
+        admission: asyncio.Future[Any] = asyncio.ensure_future(
+            manager.admit(wait=self.admission_wait, timeout=self.admission_timeout)
+        )
+        try:
+            await asyncio.wait({admission, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._close_signals.discard(closed)
+            if not admission.done():
+                admission.cancel()
+                # Its end is ours to take; a cancel of this caller meanwhile goes on anyway.
+                await asyncio.wait({admission})
+        if admission.cancelled():  # the executor closed (aclose or cleanup)
+            raise self._closed_error()
+        admission.result()  # ResourceLimitException, ResourceWaitTimeoutError, reader errors
+
+    def _signal_closed(self) -> None:
+        signals, self._close_signals = self._close_signals, set()
+        for signal in signals:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                signal.get_loop().call_soon_threadsafe(_set_if_pending, signal)
 
     async def _run(self, spec: ModuleSpec) -> dict[str, Any]:
         self._check_open()
         # Fail on bad input before queueing for a slot.
         options = spec.start_options()
         self.runner.prepare(_check_script_path(spec.script_path), spec.parameters, **options)
-        async with self._slots:
+        await self._slots.acquire()  # raises RunnerClosedError if closed meanwhile
+        try:
+            self._check_open()
             if self.resource_manager is not None:
-                await self.resource_manager.admit(
-                    wait=self.admission_wait, timeout=self.admission_timeout
-                )
+                await self._admit(self.resource_manager)
             run = await self.runner.execute_module(
                 spec.module_id,
                 spec.module_name,
@@ -267,6 +312,8 @@ class ConcurrentExecutor(AsyncClosing):
                 run_id=spec.run_id,
                 **options,
             )
+        finally:
+            self._slots.release()
         return _result(run)
 
     @overload
@@ -421,9 +468,14 @@ class ConcurrentExecutor(AsyncClosing):
         """Stop running modules (trees stopped, runs recorded CANCELLED) and release the
         executor's wrapper and threads. Idempotent; the executor cannot be used afterwards.
 
+        Calls waiting for a slot or for admission raise ``RunnerClosedError`` (in a batch: that
+        item's result).
+
         Cancellation: stops waiting; the stops already sent go on.
         """
         self._closed = True
+        self._slots.close()
+        self._signal_closed()
         await self.runner.aclose()
 
     def cleanup(self) -> None:
@@ -431,5 +483,6 @@ class ConcurrentExecutor(AsyncClosing):
         resort: kill running children's trees at once (no grace) and release threads. Prefer
         :meth:`aclose` from async code: it records the runs properly. Idempotent."""
         self._closed = True
+        self._slots.close()
+        self._signal_closed()
         self.runner.wrapper.cleanup()
-

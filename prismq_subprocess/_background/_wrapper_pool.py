@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from .._core._closing import AsyncClosing
 from .._core._exceptions import InvalidLimitError, PoolClosedError
 from .._core._modes import RunMode
+from .._core._slots import Slots
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD
 from .._core._validation import check_timeout
 from .._core._wrapper import SubprocessWrapper
@@ -26,7 +27,8 @@ class ResourcePool(AsyncClosing):
 
     Do not close a lent wrapper: the pool closes them all in :meth:`aclose` / :meth:`cleanup`.
     Children a block leaves running stay with their wrapper and are stopped when the pool
-    closes. Use the pool from one event loop.
+    closes. Use the pool from one event loop at a time (one ``asyncio.run`` after another is
+    fine).
 
     Args:
         max_workers: wrappers lent out at once; >= 1.
@@ -36,6 +38,7 @@ class ResourcePool(AsyncClosing):
     Raises:
         InvalidLimitError: ``max_workers`` is not an int >= 1.
         InvalidTimeoutError: ``grace_period`` is negative.
+        InvalidRunModeError: ``run_mode`` names no mode.
     """
 
     def __init__(
@@ -48,9 +51,10 @@ class ResourcePool(AsyncClosing):
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise InvalidLimitError(f"max_workers must be an int >= 1, got {max_workers!r}")
         self.max_workers = max_workers
-        self.run_mode = run_mode
+        # Checked now, not at the first loan.
+        self.run_mode = None if run_mode is None else RunMode.parse(run_mode)
         self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
-        self._slots = asyncio.Semaphore(max_workers)
+        self._slots = Slots(max_workers, self._closed_error)
         self._idle: list[SubprocessWrapper] = []
         self._wrappers: list[SubprocessWrapper] = []
         self._in_use = 0
@@ -76,9 +80,13 @@ class ResourcePool(AsyncClosing):
         """``True`` after :meth:`aclose` or :meth:`cleanup`."""
         return self._closed
 
+    @staticmethod
+    def _closed_error() -> PoolClosedError:
+        return PoolClosedError("this ResourcePool is closed; create a new one")
+
     def _check_open(self) -> None:
         if self._closed:
-            raise PoolClosedError("this ResourcePool is closed; create a new one")
+            raise self._closed_error()
 
     @contextlib.asynccontextmanager
     async def acquire_subprocess(self) -> AsyncIterator[SubprocessWrapper]:
@@ -91,7 +99,8 @@ class ResourcePool(AsyncClosing):
             PoolClosedError: the pool is closed (or closes while waiting).
         """
         self._check_open()
-        async with self._slots:
+        await self._slots.acquire()  # raises PoolClosedError if the pool closes meanwhile
+        try:
             self._check_open()
             if self._idle:
                 wrapper = self._idle.pop()
@@ -105,24 +114,41 @@ class ResourcePool(AsyncClosing):
                 self._in_use -= 1
                 if not self._closed:
                     self._idle.append(wrapper)
+        finally:
+            self._slots.release()
 
     async def aclose(self) -> None:
         """Close every wrapper (stopping their children's trees, in parallel), including ones
         lent out (their next use raises ``WrapperClosedError``). Idempotent.
 
-        Cancellation: stops waiting; the trees already signalled are still stopped.
+        Callers waiting for a wrapper get ``PoolClosedError``.
+
+        Cancellation: the children still running are killed at once (no grace), then
+        ``CancelledError`` propagates.
         """
         self._closed = True
-        wrappers, self._wrappers, self._idle = self._wrappers, [], []
-        if wrappers:
-            await asyncio.gather(*(w.aclose() for w in wrappers))
+        self._slots.close()
+        wrappers = list(self._wrappers)
+        try:
+            if wrappers:
+                await asyncio.gather(*(w.aclose() for w in wrappers))
+        except BaseException:
+            # Some closes may not even have started (gather's tasks cancelled before their
+            # first step): every wrapper is cleaned up here, so no child outlives the pool.
+            for wrapper in wrappers:
+                wrapper.cleanup()
+            raise
+        finally:
+            # Forgotten only once closed or cleaned up: until then a retry can still reach them.
+            self._wrappers = [w for w in self._wrappers if w not in wrappers]
+            self._idle = []
 
     def cleanup(self) -> None:
         """Synchronous form of :meth:`aclose` (the PrismQ guide's ``pool.cleanup()``): kill the
         wrappers' children at once (no grace) and release their threads. Idempotent. Prefer
         :meth:`aclose` from async code."""
         self._closed = True
+        self._slots.close()
         wrappers, self._wrappers, self._idle = self._wrappers, [], []
         for wrapper in wrappers:
             wrapper.cleanup()
-

@@ -151,6 +151,49 @@ async def test_closed_executor_refuses_work(scripts: dict[str, Path]) -> None:
     assert result["error_type"] == "RunnerClosedError"
 
 
+async def test_closing_ends_calls_waiting_for_admission(scripts: dict[str, Path]) -> None:
+    # Resources stay short and there is no admission timeout: aclose() must end the waiting
+    # calls (they polled the resource manager for ever), and the batch still gets its result.
+    ex = ConcurrentExecutor(max_concurrent=1, resource_manager=reader(99.0), run_mode="async")
+    call = asyncio.create_task(ex.execute_module("a", "A", scripts["ok"]))
+    batch = asyncio.create_task(ex.execute_batch([ModuleSpec("b", "B", scripts["ok"])]))
+    await asyncio.sleep(0.1)
+    assert not call.done() and not batch.done()
+    await ex.aclose()
+    async with asyncio.timeout(5):
+        with pytest.raises(RunnerClosedError):
+            await call
+        [result] = await batch
+    assert result["error_type"] == "RunnerClosedError"
+
+
+async def test_cancelling_a_call_waiting_for_admission(scripts: dict[str, Path]) -> None:
+    async with ConcurrentExecutor(
+        max_concurrent=1, resource_manager=reader(99.0), run_mode="async"
+    ) as ex:
+        call = asyncio.create_task(ex.execute_module("a", "A", scripts["ok"]))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # Its slot was given back: a call admitted now runs.
+        ex.resource_manager = None
+        async with asyncio.timeout(10):
+            assert (await ex.execute_module("b", "B", scripts["ok"]))["success"]
+
+
+def test_an_executor_serves_one_event_loop_after_another(scripts: dict[str, Path]) -> None:
+    # A module-level executor and one asyncio.run() per command or test: its slots were an
+    # asyncio.Semaphore bound to the first loop that waited on it, so every call that had to
+    # wait in a later loop failed with "bound to a different event loop".
+    ex = ConcurrentExecutor(max_concurrent=1, run_mode="async")
+    specs = [ModuleSpec(f"m{i}", "M", scripts["short"]) for i in range(3)]
+    for _ in range(2):
+        results = asyncio.run(ex.execute_batch(specs))
+        assert [r["status"] for r in results] == ["completed"] * 3, results
+    ex.cleanup()
+
+
 def test_bad_limits_and_specs() -> None:
     with pytest.raises(pq.exceptions.InvalidLimitError):
         ConcurrentExecutor(max_concurrent=0)
@@ -158,6 +201,11 @@ def test_bad_limits_and_specs() -> None:
         ModuleSpec.from_any({"module_id": "a"})
     with pytest.raises(ValueError, match="ModuleSpec or a mapping"):
         ModuleSpec.from_any(42)  # type: ignore[arg-type]
+    # Refused when made, not at every call (nor never, without a resource manager).
+    with pytest.raises(pq.exceptions.InvalidTimeoutError):
+        ConcurrentExecutor(admission_timeout=-5)
+    with pytest.raises(pq.exceptions.InvalidParametersError, match="keys must be str"):
+        ModuleSpec.from_any({"module_id": "a", 1: "x"})  # type: ignore[dict-item]
 
 
 # --- the PrismQ guide's call shapes (issue 13, issue 11 D13) -----------------------------------

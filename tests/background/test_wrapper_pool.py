@@ -88,3 +88,70 @@ def test_sync_cleanup_and_validation() -> None:
         ResourcePool(max_workers=0)
     with pytest.raises(pq.exceptions.InvalidTimeoutError):
         ResourcePool(grace_period=-1)
+
+
+async def test_closing_wakes_callers_waiting_for_a_wrapper() -> None:
+    # Documented: PoolClosedError when the pool closes while waiting; the waiter stayed
+    # blocked until some borrower left its block, which a long-lived one may never do.
+    pool = ResourcePool(max_workers=1, run_mode="async")
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with pool.acquire_subprocess():
+            await release.wait()
+
+    async def wait_for_one() -> None:
+        async with pool.acquire_subprocess():
+            pass
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.02)
+    waiter = asyncio.create_task(wait_for_one())
+    await asyncio.sleep(0.02)
+    await pool.aclose()
+    async with asyncio.timeout(2):
+        with pytest.raises(PoolClosedError):
+            await waiter
+    release.set()
+    await holder
+
+
+async def test_a_cancelled_aclose_still_stops_the_children_left_running() -> None:
+    # aclose() forgot its wrappers before closing them, and a cancel right after it started
+    # cancelled their closes before they ran: the child ran on, out of every retry's reach.
+    pool = ResourcePool(max_workers=2, run_mode="async", grace_period=0.5)
+    async with pool.acquire_subprocess() as wrapper:
+        proc = await wrapper.create_subprocess_exec(*py("import time; time.sleep(60)"))
+    closing = asyncio.create_task(pool.aclose())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    try:
+        async with asyncio.timeout(5):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    pool.cleanup()
+
+
+def test_a_pool_serves_one_event_loop_after_another() -> None:
+    pool = ResourcePool(max_workers=1, run_mode="async")
+
+    async def contend() -> None:
+        async def borrow() -> None:
+            async with pool.acquire_subprocess():
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(borrow() for _ in range(3)))
+
+    asyncio.run(contend())
+    asyncio.run(contend())
+    pool.cleanup()
+
+
+def test_a_bad_run_mode_is_refused_when_the_pool_is_made() -> None:
+    with pytest.raises(pq.exceptions.InvalidRunModeError):
+        ResourcePool(run_mode="bogus")

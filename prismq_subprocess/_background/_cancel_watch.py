@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from .._core._exceptions import RegistryClosedError
 from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
@@ -25,9 +25,13 @@ class CancelRequestWatcher:
     """Polls ``registry`` for cancel requests of the watched runs; runs ``cancel(run_id,
     reason)`` in a task of its own once per requested run (then stops watching it).
 
+    The watched runs are those given to :meth:`watch` and not yet to :meth:`unwatch`, or, with
+    ``source``, the run ids ``source()`` returns at each poll (an owner that already keeps its
+    active runs then pays nothing per run; it calls :meth:`wake` when it gets its first).
+
     The poll runs only while some run is watched. A failing poll is logged and retried at the
-    next interval; a closed registry ends the polling until the next :meth:`watch`. A failing
-    cancel is logged.
+    next interval; a closed registry ends the polling until the next :meth:`watch` or
+    :meth:`wake`. A failing cancel is logged.
     """
 
     def __init__(
@@ -36,11 +40,16 @@ class CancelRequestWatcher:
         cancel: Callable[[str, str], Awaitable[object]],
         *,
         interval: float = DEFAULT_POLL_INTERVAL,
+        source: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.registry = registry
         self.interval = interval
         self._cancel = cancel
+        self._source = source
         self._watched: set[str] = set()
+        # With a source: the runs whose cancel was started (it stays in the source until the
+        # run ends, and must not be cancelled twice).
+        self._requested: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         # Cancels in progress: asyncio keeps only weak references to tasks.
         self._cancels: set[asyncio.Future[object]] = set()
@@ -51,6 +60,13 @@ class CancelRequestWatcher:
         if self._closed:
             return
         self._watched.add(run_id)
+        self.wake()
+
+    def wake(self) -> None:
+        """Make sure the poll runs (call from the event loop), e.g. when ``source`` got its
+        first run."""
+        if self._closed:
+            return
         task = self._task
         # A poll task of a loop that was closed with its tasks left pending never runs again.
         if task is None or task.done() or task.get_loop().is_closed():
@@ -62,18 +78,40 @@ class CancelRequestWatcher:
         """Stop looking for ``run_id`` (its run ended here)."""
         self._watched.discard(run_id)
 
+    def _candidates(self) -> frozenset[str]:
+        """The watched runs whose cancel was not started yet."""
+        if self._source is None:
+            return frozenset(self._watched)
+        ids = frozenset(self._source())
+        self._requested &= ids  # forget the runs that ended
+        return ids - self._requested
+
+    def _take(self, run_id: str) -> bool:
+        """Stop watching ``run_id`` for a request; False if it is no longer watched."""
+        if self._source is None:
+            if run_id not in self._watched:
+                return False
+            self._watched.discard(run_id)
+            return True
+        if run_id in self._requested or run_id not in self._source():
+            return False
+        self._requested.add(run_id)
+        return True
+
     async def _poll(self) -> None:
-        while self._watched and not self._closed:
+        while not self._closed:
+            candidates = self._candidates()
+            if not candidates:
+                return
             try:
-                requests = await self.registry.cancel_requests(frozenset(self._watched))
+                requests = await self.registry.cancel_requests(candidates)
             except RegistryClosedError:
                 return
             except Exception:
                 logger.exception("looking for cancel requests failed; trying again")
                 requests = {}
             for run_id, reason in requests.items():
-                if run_id in self._watched:
-                    self._watched.discard(run_id)
+                if self._take(run_id):  # (it may have ended while the registry was asked)
                     cancel = asyncio.ensure_future(self._cancel(run_id, reason))
                     self._cancels.add(cancel)
                     cancel.add_done_callback(self._cancel_done)
@@ -91,6 +129,7 @@ class CancelRequestWatcher:
         """
         self._closed = True
         self._watched.clear()
+        self._requested.clear()
         task = self._task
         self._task = None
         if task is not None and not task.done():

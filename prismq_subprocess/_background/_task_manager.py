@@ -353,7 +353,8 @@ class BackgroundTaskManager(AsyncResource):
         # Tasks given up on by shutdown() still need a strong reference until they end.
         self._abandoned: set[asyncio.Future[Any]] = set()
         # Cancel requests recorded in the registry by other processes (request_cancel).
-        self._watcher = CancelRequestWatcher(registry, self.cancel_task)
+        # Its watched runs are the active ones (no call per run).
+        self._watcher = CancelRequestWatcher(registry, self.cancel_task, source=self._entries.keys)
 
     @property
     def closed(self) -> bool:
@@ -462,7 +463,8 @@ class BackgroundTaskManager(AsyncResource):
                 coro.close()
                 raise
         entry = _Entry(self, run, coro, marks_running, opened)
-        if not entries:
+        first = not entries
+        if first:
             # A fresh event, not clear(): an asyncio.Event binds to the loop that first waits on
             # it, and an idle manager (one built at import time, say) may next serve another
             # loop (a host's tests, a restarted server). Nobody waits on the old one: wait_all()
@@ -494,6 +496,8 @@ class BackgroundTaskManager(AsyncResource):
             self._check_idle()
             raise
         entry.task = task
+        if first:
+            self._watcher.wake()  # the cancel-request poll runs while runs are active
         if logger.isEnabledFor(logging.DEBUG):  # saves the debug() call per run when off
             logger.debug("started background run %s", run_id)
         # TaskHandle(run_id, entry) without the Python-level __new__ call (hot path).
@@ -537,7 +541,6 @@ class BackgroundTaskManager(AsyncResource):
                 entry.store_done = True  # entry.settle(None) with nobody to wake
             else:
                 entry.settle(None)
-            self._watcher.watch(run.run_id)
             if entry.cancel_reason is not None:
                 raise asyncio.CancelledError  # cancel_task() or shutdown() came while storing
             # Without a concurrency limit or a resource manager nothing from the PENDING write
@@ -666,9 +669,7 @@ class BackgroundTaskManager(AsyncResource):
         self._release(entry)
 
     async def _take_slot(self, entry: _Entry) -> None:
-        if self.max_concurrent is None or (
-            self._running < self.max_concurrent and not self._queue
-        ):
+        if self.max_concurrent is None or (self._running < self.max_concurrent and not self._queue):
             self._running += 1
             entry.has_slot = True
             entry.phase = _RUNNING
@@ -758,7 +759,6 @@ class BackgroundTaskManager(AsyncResource):
         entries = self._entries
         if entries.get(run_id) is entry:
             del entries[run_id]
-            self._watcher.unwatch(run_id)
         queue = self._queue
         while (
             queue
@@ -920,7 +920,6 @@ class BackgroundTaskManager(AsyncResource):
             entry.abandoned = True
             self._abandoned.add(entry.task)
             del self._entries[entry.run.run_id]
-            self._watcher.unwatch(entry.run.run_id)
             run = entry.run
             if entry.phase == _RECORDING:
                 continue  # its outcome is being written already; a second write would not help

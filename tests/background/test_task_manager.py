@@ -1183,6 +1183,8 @@ async def test_a_run_copies_the_callers_context_once() -> None:
     # caller's (one Context object fewer per live run for the cyclic GC to trace).
     async with RunRegistry() as registry:
         manager = BackgroundTaskManager(registry)
+        # The first run starts the cancel-request poll (a task, so a context, per busy spell).
+        manager.start_task(Run(module_id="m"), returns(None))
         gc.collect()
         # Kept alive, so that no new Context can take an old one's address.
         before = [o for o in gc.get_objects() if type(o) is contextvars.Context]

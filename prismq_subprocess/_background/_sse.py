@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import re
+import reprlib
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring, encode_basestring_ascii
@@ -59,7 +60,8 @@ _KEEP_ALIVE = ": keep-alive\n\n"
 class SSEEvent:
     """One Server-Sent Event; :meth:`encode` frames it.
 
-    ``data`` may hold line breaks: each line becomes its own ``data:`` field, and the browser
+    ``data``, ``event`` and ``id`` are ``str`` or ``None`` (format a number yourself). ``data``
+    may hold line breaks: each line becomes its own ``data:`` field, and the browser
     joins them with LF (so CR and CRLF come back as LF; JSON-encode the data to keep them).
     ``data=None`` sends no data field, so the browser dispatches nothing (e.g. a ``retry``-only
     event).
@@ -74,6 +76,10 @@ class SSEEvent:
     retry: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("data", "event", "id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidSSEEventError(f"SSE {name} must be a str or None, got {value!r}")
         for name in ("event", "id"):
             value = getattr(self, name)
             if value is not None and (_LINE_BREAK.search(value) or "\0" in value):
@@ -133,9 +139,13 @@ def _parse_last_event_id(value: str | int | None) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            pass  # more digits than int() converts (sys.get_int_max_str_digits)
+    # reprlib: the header is the client's, of any length, and the message may go back to it.
     raise InvalidSubscriptionError(
-        f"last_event_id must be a line seq (decimal digits) or empty, got {value!r}"
+        f"last_event_id must be a line seq (decimal digits) or empty, got {reprlib.repr(value)}"
     )
 
 

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from .._core._closing import AsyncClosing
 from .._core._durations import interval_seconds
@@ -72,6 +73,13 @@ _REMEMBER_RELEASED = 10_000
 #: Lines a run's pending batch (the fast path of ``append_line``) holds before it is added to
 #: the ring; the batch's fixed cost (a join, a few C passes, one eviction) is spread over these.
 _BATCH_LINES = 256
+
+
+class _Released(NamedTuple):
+    """What is remembered of a run whose buffer was released."""
+
+    end: OutputEnd | None
+    lines: int  # how many it produced: none means it never had a log file
 
 
 def _count(name: str, value: int, minimum: int = 1) -> int:
@@ -154,7 +162,8 @@ class OutputCapture(AsyncClosing):
 
     A run exists from its first :meth:`open_run`, append or :meth:`close_run`. Once released
     (by retention or :meth:`forget`) its buffer is gone; :meth:`subscribe` then replays it from
-    its log file if there is one. Use from one event loop.
+    its log file if there is one (a run that printed nothing has none, and with a ``log_dir``
+    is replayed as empty). Use from one event loop.
 
     Raises:
         InvalidLimitError: a size is not an int in range (>= 1; the retention counts >= 0).
@@ -191,7 +200,7 @@ class OutputCapture(AsyncClosing):
         self._ended: OrderedDict[str, int] = OrderedDict()  # closed runs in memory -> bytes
         self._ended_bytes = 0
         self._expiry: dict[str, asyncio.TimerHandle] = {}
-        self._released: OrderedDict[str, OutputEnd | None] = OrderedDict()
+        self._released: OrderedDict[str, _Released] = OrderedDict()
         self._run_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._closed = False
         # The fast path of append_line: the raw lines of runs nobody follows, not yet in their
@@ -493,9 +502,10 @@ class OutputCapture(AsyncClosing):
         end = None if text is None and exit_code is None else OutputEnd(text, exit_code)
         ring = self._runs.get(run_id)
         if ring is None:
-            if run_id in self._released:
-                if end is not None and self._released[run_id] is None:
-                    self._released[run_id] = end
+            released = self._released.get(run_id)
+            if released is not None:
+                if end is not None and released.end is None:
+                    self._released[run_id] = released._replace(end=end)
                 return
             ring = self._open(run_id)
         failed = self._failed.pop(run_id, None) if self._failed else None
@@ -526,9 +536,7 @@ class OutputCapture(AsyncClosing):
             self._release(next(iter(self._ended)))
         if self.retain_ended_seconds is not None and run_id in self._ended:
             loop = asyncio.get_running_loop()
-            self._expiry[run_id] = loop.call_later(
-                self.retain_ended_seconds, self._release, run_id
-            )
+            self._expiry[run_id] = loop.call_later(self.retain_ended_seconds, self._release, run_id)
 
     def _release(self, run_id: str, *, remember: bool = True) -> None:
         if run_id in self._pending:
@@ -541,7 +549,7 @@ class OutputCapture(AsyncClosing):
         if ring is not None:
             ring.release()
             if remember:
-                self._released[run_id] = ring.end
+                self._released[run_id] = _Released(ring.end, ring.next_seq)
                 while len(self._released) > _REMEMBER_RELEASED:
                     self._released.popitem(last=False)
         if self._log is not None:
@@ -565,7 +573,8 @@ class OutputCapture(AsyncClosing):
         return self.log_dir is not None and run_log_path(self.log_dir, run_id).is_file()
 
     def _released_end(self, run_id: str) -> OutputEnd | None:
-        return self._released.get(run_id)
+        released = self._released.get(run_id)
+        return None if released is None else released.end
 
     def _run_waiter(self, run_id: str) -> asyncio.Future[None]:
         waiter = asyncio.get_running_loop().create_future()
@@ -614,7 +623,8 @@ class OutputCapture(AsyncClosing):
 
         Raises:
             OutputNotFoundError: unknown run and ``wait`` is false, or the run's buffer was
-                released and there is no log file.
+                released and there is no log file (a run that printed nothing has none: with
+                a ``log_dir`` it is replayed as empty, with its end).
             InvalidSubscriptionError: a negative or non-int ``from_seq``/``after``, both given,
                 or a bad ``wait`` or ``poll_interval``.
         """
@@ -638,16 +648,24 @@ class OutputCapture(AsyncClosing):
             )
         subscription = OutputSubscription(self, run_id, first)
         source = self._source(run_id)
+        released = self._released.get(run_id)
         if isinstance(source, RunRing):
             subscription._attach(source)
-        elif registry is not None and self.log_dir is not None and run_id not in self._released:
+        elif released is not None:
+            # Its end is known here: no registry needed.
+            if source:
+                subscription._follow_log()
+            elif self.log_dir is not None and not released.lines:
+                # A run that printed nothing never had a log file; there is nothing to replay.
+                subscription._finish(released.end)
+            else:
+                raise OutputNotFoundError(
+                    f"the buffered output of run {run_id!r} was released and there is no log file"
+                )
+        elif registry is not None and self.log_dir is not None:
             subscription._follow_registry(registry, poll_interval, wait is not False, deadline)
         elif source:
             subscription._follow_log()
-        elif run_id in self._released:
-            raise OutputNotFoundError(
-                f"the buffered output of run {run_id!r} was released and there is no log file"
-            )
         elif wait is False or self._closed:
             raise OutputNotFoundError(
                 f"no output of run {run_id!r} here (pass wait=True to wait for the run)"
@@ -676,9 +694,7 @@ class OutputCapture(AsyncClosing):
         ring = self._runs.get(run_id)
         return [] if ring is None else ring.lines[ring.head :]
 
-    def tail(
-        self, run_id: str, max_lines: int, max_bytes: int = DEFAULT_TAIL_BYTES
-    ) -> list[str]:
+    def tail(self, run_id: str, max_lines: int, max_bytes: int = DEFAULT_TAIL_BYTES) -> list[str]:
         """Return the last buffered lines of ``run_id``: at most ``max_lines`` and ``max_bytes``
         UTF-8 bytes in all (a single longer line is cut, and says so)."""
         tail = OutputTail(max_lines, max_bytes)
@@ -738,4 +754,3 @@ class OutputCapture(AsyncClosing):
                 waiter.set_result(None)
         if self._log is not None:
             await self._log.aclose()
-

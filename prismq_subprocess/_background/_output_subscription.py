@@ -283,7 +283,13 @@ class OutputSubscription(AsyncClosing):
         return best
 
     async def _read_log(
-        self, state: LogState | None, cursor: int, count: int, *, growing: bool = False
+        self,
+        state: LogState | None,
+        cursor: int,
+        count: int,
+        *,
+        growing: bool = False,
+        absent_ok: bool = False,
     ) -> OutputChunk | None:
         capture = self._capture
         assert capture.log_dir is not None
@@ -299,7 +305,8 @@ class OutputSubscription(AsyncClosing):
                 complete_only=growing,
             )
         except FileNotFoundError:
-            if not growing:  # a growing file may simply not exist yet
+            # A growing file may simply not exist yet.
+            if not (growing or absent_ok):
                 logger.warning("the output log of run %s is gone", self._run_id)
             return None
         except OSError as exc:
@@ -353,7 +360,11 @@ class OutputSubscription(AsyncClosing):
         next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
         while not self._done:
             final = self._final_known
-            chunk = await self._read_log(None, self._cursor, limit, growing=not final)
+            # Seqs are line numbers in the file: from line 0 on, a missing file may just be
+            # that of a run that printed nothing (it never gets one).
+            chunk = await self._read_log(
+                None, self._cursor, limit, growing=not final, absent_ok=self._cursor == 0
+            )
             if chunk is not None:
                 return chunk
             if final:

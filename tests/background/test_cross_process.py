@@ -276,6 +276,28 @@ async def test_unknown_run_of_no_process(
     assert await runner.cancel("nobody") is pq.CancelResult.NOT_FOUND
 
 
+async def test_a_run_that_printed_nothing_ends_with_its_status_after_release(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Such a run has no log file: once its buffer is released, its owner must not call it
+    # unknown, and no worker may call its log "gone".
+    async with (
+        pq.SQLiteRunRegistry(tmp_path / "runs.db") as registry,
+        pq.OutputCapture(log_dir=tmp_path / "logs", retain_ended_runs=0) as owner,
+        pq.OutputCapture(log_dir=tmp_path / "logs") as other,
+    ):
+        run = pq.Run(module_id="m")
+        await registry.add_run(run)
+        await owner.close_run(run.run_id, status="failed", exit_code=3)  # released at once
+        run.mark_failed("boom", exit_code=3)
+        await registry.update_run(run)
+        for capture, shared in ((owner, None), (owner, registry), (other, registry)):
+            async with capture.subscribe(run.run_id, registry=shared) as sub:
+                assert [item async for item in sub] == []
+            assert sub.end == pq.OutputEnd("failed", 3)
+    assert "gone" not in caplog.text
+
+
 async def test_foreground_run_takes_a_request_from_the_registry(tmp_path: Path) -> None:
     (tmp_path / "tree.py").write_text(TREE)
     async with (

@@ -62,6 +62,8 @@ class OutputSubscription(AsyncClosing):
     ``OutputCapture.subscribe``) is followed from its log file: complete lines as they reach
     the file, until the registry records the run's final status; then the rest of the file is
     read and :attr:`end` is that status. Ids (seqs) are the same as in the owner's process.
+    Closing the capture ends such a subscription at once, not at its next poll (:attr:`end`
+    ``None``).
 
     Cancellation: cancelling ``__anext__`` (e.g. a heartbeat timeout around it) loses nothing:
     the next call carries on where it left off.
@@ -352,6 +354,7 @@ class OutputSubscription(AsyncClosing):
     async def _follow_file(self, registry: BaseRunRegistry, limit: int) -> OutputChunk | None:
         """Follow a run written by another process: complete lines from its log file as they
         come, until the registry has its final status; then the rest of the file, then the end.
+        Ends at once, without an end, when the capture is closed.
 
         The owner closes the log before it records the final status (``ModuleRunner``), so the
         read after seeing that status gets every line.
@@ -359,6 +362,9 @@ class OutputSubscription(AsyncClosing):
         loop = asyncio.get_running_loop()
         next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
         while not self._done:
+            if self._capture.closed:
+                self._finish(None)
+                return None
             final = self._final_known
             # Seqs are line numbers in the file: from line 0 on, a missing file may just be
             # that of a run that printed nothing (it never gets one).
@@ -388,8 +394,20 @@ class OutputSubscription(AsyncClosing):
                     # Its owner died: mark it INTERRUPTED (whoever notices first does).
                     await registry.recover_orphans()
                     continue
-            await asyncio.sleep(self._poll_interval)
+            await self._pause()
         return None
+
+    async def _pause(self) -> None:
+        """Wait a poll interval, or less: the capture's ``aclose`` (and ours) wakes run waiters,
+        so a host waiting for its streams at shutdown does not wait for the next poll."""
+        capture = self._capture
+        waiter = capture._run_waiter(self._run_id)
+        self._waiter = waiter
+        try:
+            await asyncio.wait((waiter,), timeout=self._poll_interval)
+        finally:
+            self._waiter = None
+            capture._drop_run_waiter(self._run_id, waiter)
 
     def _check_may_wait(self) -> None:
         if not self._may_wait:

@@ -298,6 +298,20 @@ async def test_a_run_that_printed_nothing_ends_with_its_status_after_release(
     assert "gone" not in caplog.text
 
 
+async def test_closing_the_capture_ends_its_followers_at_once(tmp_path: Path) -> None:
+    async with pq.SQLiteRunRegistry(tmp_path / "runs.db") as registry:
+        run = pq.Run(module_id="m")
+        run.mark_running()
+        await registry.add_run(run)  # another worker's run, still going
+        capture = pq.OutputCapture(log_dir=tmp_path / "logs")
+        sub = capture.subscribe(run.run_id, registry=registry, poll_interval=60)
+        reader = asyncio.create_task(anext(sub, None))
+        await asyncio.sleep(0.2)  # it polls, then sleeps
+        await capture.aclose()
+        assert await asyncio.wait_for(reader, 5) is None  # not at its next poll
+        assert sub.end is None  # as for ring subscribers: no end was told
+
+
 async def test_foreground_run_takes_a_request_from_the_registry(tmp_path: Path) -> None:
     (tmp_path / "tree.py").write_text(TREE)
     async with (

@@ -154,10 +154,16 @@ def refused_update(run_id: str, stored: RunStatus, run: Run) -> RunStateError | 
     status = run._status
     if status is _COMPLETED and run.started_at is None:
         return unstorable(run)
+    return refused_status(run_id, stored, status)
+
+
+def refused_status(run_id: str, stored: RunStatus, status: RunStatus) -> RunStateError | None:
+    """The error for an update of a run stored as ``stored`` to a run whose status is
+    ``status`` (and which :func:`unstorable` accepts), or ``None`` if fine."""
     if stored in _SOURCES[status]:
         return None
     return RunStateError(
-        f"cannot store run {run_id} as {run.status.value}: it is stored as {stored.value}, "
+        f"cannot store run {run_id} as {status.value}: it is stored as {stored.value}, "
         "and a run only moves forward (pending, running, then one final status)"
     )
 
@@ -193,9 +199,7 @@ class BaseRunRegistry(AsyncResource):
             isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1
         ):
             raise InvalidQueryError(f"max_runs must be an int >= 1 or None, got {max_runs!r}")
-        if max_age is not None and (
-            not isinstance(max_age, timedelta) or max_age <= timedelta(0)
-        ):
+        if max_age is not None and (not isinstance(max_age, timedelta) or max_age <= timedelta(0)):
             raise InvalidQueryError(
                 f"max_age must be a positive timedelta or None, got {max_age!r}"
             )

@@ -64,7 +64,7 @@ from ._memory_registry import (
     cutoff_from,
     not_registered,
     orphan_reason,
-    refused_update,
+    refused_status,
     stored_statuses_for,
     unstorable,
 )
@@ -121,9 +121,7 @@ _COLUMNS = (*_V1_COLUMNS, "worker")
 # damaged value).
 _SELECT = f"SELECT rowid, {', '.join(_COLUMNS)} FROM runs"
 _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_UPDATE = (
-    f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
-)
+_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
 # The update of a run to status S only matches a stored row whose status may become S.
 _STATUS_MAY_BECOME = {
     target: f"status IN ({', '.join(repr(s.value) for s in sorted(stored_statuses_for(target)))})"
@@ -632,7 +630,8 @@ class _Database:
             if check is OrphanCheck.VERIFIED:
                 logger.warning(
                     "run %s: its child (pid %d) outlived its owner; its process tree was stopped",
-                    run_id, identity.pid,
+                    run_id,
+                    identity.pid,
                 )
                 stopped[run_id] = (
                     f"; its process tree (pid {identity.pid}) was still running and was stopped"
@@ -641,12 +640,14 @@ class _Database:
 
     def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
         return self.write(
-            lambda conn: conn.execute(
-                "UPDATE runs SET child_started_at = ?, child_cookie = ? "
-                f"WHERE run_id = ? AND pid = ? AND status IN ({_ACTIVE_SQL})",
-                (identity.started_at, identity.cookie, run_id, identity.pid),
-            ).rowcount
-            == 1
+            lambda conn: (
+                conn.execute(
+                    "UPDATE runs SET child_started_at = ?, child_cookie = ? "
+                    f"WHERE run_id = ? AND pid = ? AND status IN ({_ACTIVE_SQL})",
+                    (identity.started_at, identity.cookie, run_id, identity.pid),
+                ).rowcount
+                == 1
+            )
         )
 
     def recover(self) -> list[str]:
@@ -672,42 +673,42 @@ class _Database:
 
         return self.write(step)
 
-    def add(self, run: Run, max_runs: int | None, max_age: timedelta | None) -> None:
+    # add and update take the run as its row (_row_values, made by the caller on its loop):
+    # the snapshot a write needs, taken without copying the Run and its containers first.
+    def add(self, values: tuple[Any, ...], max_runs: int | None, max_age: timedelta | None) -> None:
         def step(conn: sqlite3.Connection) -> None:
             try:
-                conn.execute(_INSERT, _row_values(run))
+                conn.execute(_INSERT, values)
             except sqlite3.IntegrityError:
                 raise DuplicateRunError(
-                    f"a run with run_id {run.run_id!r} is already registered"
+                    f"a run with run_id {values[0]!r} is already registered"
                 ) from None
             self._retain(conn, max_runs, max_age)
 
         self.write(step, atomic=max_runs is None and max_age is None)
 
-    def update(self, run: Run) -> None:
+    def update(self, values: tuple[Any, ...], status: RunStatus) -> None:
+        """Store the row of a run whose status is ``status``; the caller checked
+        :func:`unstorable` already."""
+        run_id = values[0]
+
         def step(conn: sqlite3.Connection) -> None:
-            error = unstorable(run)
-            if error is not None:
-                raise error
-            values = _row_values(run)
-            status = run.status
             # At most one of the two UPDATEs changes the row: the second only runs when the
             # first matched nothing.
             if conn.execute(_UPDATE_KEEPING_KEYS[status], _keeping_keys(values)).rowcount:
                 return
-            if conn.execute(_UPDATE_CHECKED[status], (*values[1:], run.run_id)).rowcount:
+            if conn.execute(_UPDATE_CHECKED[status], (*values[1:], run_id)).rowcount:
                 return
-            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run.run_id,)).fetchone()
+            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
-                raise not_registered(run.run_id)
+                raise not_registered(run_id)
             try:
                 stored = RunStatus(row[0])
             except ValueError:
                 raise RunStateError(
-                    f"cannot store run {run.run_id}: the stored run has an unknown status "
-                    f"{row[0]!r}"
+                    f"cannot store run {run_id}: the stored run has an unknown status {row[0]!r}"
                 ) from None
-            refused = refused_update(run.run_id, stored, run)
+            refused = refused_status(run_id, stored, status)
             assert refused is not None  # the checked UPDATE matched nothing for a reason
             raise refused
 
@@ -1014,14 +1015,17 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self._check_writable(db)  # before the caller's run is touched
         if run.owner is None:
             run.owner = RunOwner.current()
-        await self._worker().call(db.add, run.copy(), self.max_runs, self.max_age, group=db)
+        await self._worker().call(db.add, _row_values(run), self.max_runs, self.max_age, group=db)
 
     async def update_run(self, run: Run) -> None:
         db = self._db
         if db is None or self._closed:
             db = await self._database()
         self._check_writable(db)
-        await self._worker().call(db.update, run.copy(), group=db)
+        error = unstorable(run)
+        if error is not None:
+            raise error
+        await self._worker().call(db.update, _row_values(run), run._status, group=db)
 
     async def get_run(self, run_id: str) -> Run | None:
         db = await self._database()

@@ -302,24 +302,24 @@ async def test_a_call_after_the_worker_stopped_raises_instead_of_waiting() -> No
 
 
 def test_a_registry_closed_by_another_loop_mid_write_raises_closed(tmp_path: Path) -> None:
-    """Loop B is inside add_run (copying the run) when loop A, in another thread, closes the
-    registry: B gets RegistryClosedError at once, not a wait on a stopped thread."""
+    """Loop B is inside add_run (taking the run's row) when loop A, in another thread, closes
+    the registry: B gets RegistryClosedError at once, not a wait on a stopped thread."""
     from prismq_subprocess._core._exceptions import RegistryClosedError
 
     registry = SQLiteRunRegistry(tmp_path / "r.db")
     asyncio.run(registry.open())
 
-    class CloseOnCopy:
-        def __deepcopy__(self, memo: object) -> str:
+    class CloseOnEncode(dict[str, object]):
+        # The JSON encoder asks a dict subclass for its items: the moment to close.
+        def items(self):  # type: ignore[override]
             closer = threading.Thread(target=asyncio.run, args=(registry.aclose(),))
             closer.start()
             closer.join(10)
-            return "copied"
+            return super().items()
 
     async def write() -> None:
-        await asyncio.wait_for(
-            registry.add_run(Run(run_id="late", parameters={"x": CloseOnCopy()})), 10
-        )
+        parameters = CloseOnEncode(x=1)
+        await asyncio.wait_for(registry.add_run(Run(run_id="late", parameters=parameters)), 10)
 
     with pytest.raises(RegistryClosedError):
         asyncio.run(write())

@@ -2,7 +2,7 @@
 
 Exit codes follow GNU ``timeout``/``env`` and the shells: the child's own status, 124 after a
 timeout, 125 when it could not be started, 126 not executable, 127 not found, 128 + N when it
-(or we, on SIGINT/SIGTERM/SIGHUP) ended by signal N.
+(or we, on SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2/SIGALRM) ended by signal N.
 """
 
 from __future__ import annotations
@@ -40,9 +40,15 @@ _CHUNK = 64 * 1024
 # descendant holds the pipe open and stop what is left of its tree (as ModuleRunner does).
 _DRAIN_SECONDS = 1.0
 # The signals that end the command line itself. Each stops the child's tree first: the child
-# runs in its own session, so a signal sent to our process group never reaches it.
+# runs in its own session, so a signal sent to our process group (Ctrl-C, Ctrl-\) never reaches
+# it, and left to its default action the signal would end us and orphan the child. These are
+# the signals whose default action ends a process and that we can catch and do not use
+# ourselves (GNU timeout takes INT, QUIT, HUP, TERM and ALRM the same way); SIGKILL cannot be
+# caught: die_with_host covers the direct child there.
 _STOP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
+    if hasattr(signal, name)
 )
 _SIGPIPE = SIGPIPE
 
@@ -347,7 +353,12 @@ class _Runner:
         """Run the command; return the exit code for the command line."""
         self.task = asyncio.current_task()
         try:
-            wrapper = pq.SubprocessWrapper(self.args.mode, grace_period=self.args.grace)
+            # die_with_host: a SIGKILL of the command line takes the child with it (Linux:
+            # PR_SET_PDEATHSIG, Windows: a kill-on-close Job Object; elsewhere nothing). Its
+            # cost, a slower spawn, is paid once here.
+            wrapper = pq.SubprocessWrapper(
+                self.args.mode, grace_period=self.args.grace, die_with_host=True
+            )
         except pq.InvalidRunModeError as exc:  # from PRISMQ_RUN_MODE
             raise CliError(str(exc), EXIT_USAGE) from None
         try:
@@ -384,8 +395,9 @@ def add_parser(subparsers: Any) -> None:
             "Run CMD through a SubprocessWrapper, forwarding its stdout and stderr live (bytes, "
             "unbuffered). The exit status is the command's; 124 after --timeout, 125 when it "
             "could not be started, 126 not executable, 127 not found, 128+N when it died of "
-            "signal N. Ctrl-C (or SIGTERM/SIGHUP) stops the command's whole process tree and "
-            "exits 130 (143/129). With --mode dry-run nothing starts: what would run is printed."
+            "signal N. Ctrl-C (or SIGTERM, SIGHUP, Ctrl-\\ SIGQUIT, SIGUSR1/2, SIGALRM) stops the "
+            "command's whole process tree and exits 130 (128+N). With --mode dry-run nothing "
+            "starts: what would run is printed."
         ),
         epilog="example: prismq-subprocess run --timeout 30 --env DEBUG=1 -- python job.py -v",
     )

@@ -131,8 +131,18 @@ def test_child_killed_by_signal_exits_128_plus_n() -> None:
         ("async", signal.SIGINT, 130),
         ("threaded", signal.SIGINT, 130),
         ("async", signal.SIGTERM, 143),
+        ("async", signal.SIGQUIT, 131),
+        ("threaded", signal.SIGUSR1, 138),
+        ("async", signal.SIGALRM, 142),
     ],
-    ids=["async-SIGINT", "threaded-SIGINT", "async-SIGTERM"],
+    ids=[
+        "async-SIGINT",
+        "threaded-SIGINT",
+        "async-SIGTERM",
+        "async-SIGQUIT",
+        "threaded-SIGUSR1",
+        "async-SIGALRM",
+    ],
 )
 def test_signal_to_the_cli_stops_the_tree(mode: str, sig: int, expected: int) -> None:
     # The child starts its own session, so only the command line itself gets the signal, as
@@ -152,6 +162,37 @@ def test_signal_to_the_cli_stops_the_tree(mode: str, sig: int, expected: int) ->
             proc.kill()
         proc.communicate()
         kill_quietly(pids)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_sigkill_to_the_cli_takes_the_child_with_it(mode: str, tmp_path: Path) -> None:
+    # SIGKILL cannot be caught: only die_with_host (PR_SET_PDEATHSIG) ends the direct child.
+    # The pid goes through a file: LOCAL forwards output only once the child has exited.
+    pid_file = tmp_path / "pid"
+    code = f"""
+    import os, time
+    with open({str(pid_file)!r} + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
+    time.sleep(60)
+    """
+    proc = start_cli("run", "--mode", mode, *_py(code))
+    child = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        child = int(pid_file.read_text())
+        proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert wait_gone([child], timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        kill_quietly([child])
 
 
 @posix_only

@@ -284,13 +284,22 @@ class _Runner:
                     task.cancel()
             await asyncio.gather(exited, failed, return_exceptions=True)
 
-    def _output_failure_code(self) -> int:
+    def _output_failure_code(self, exited_with: int | None = None) -> int:
+        """The code for a failed forward; ``exited_with``: the command had already exited so.
+
+        A failure after the exit still counts: output was lost, which must not read as the
+        command's success (a shell's `cmd | cat > full` fails in `cat` the same way).
+        """
         exc = self.output_error
         if isinstance(exc, BrokenPipeError) and _SIGPIPE is not None:
             # Whoever read our output is gone (`... | head`): in a shell pipeline the child
-            # would now die of SIGPIPE; we stopped its tree and report just that.
+            # would now die of SIGPIPE (or, had it exited, the forwarder between them would,
+            # as `pipefail` reports); we stopped its tree and report just that.
             return signal_exit_code(_SIGPIPE)
-        raise CliError(f"forwarding the command's output failed: {exc}", EXIT_CANNOT_RUN)
+        message = f"forwarding the command's output failed: {exc}"
+        if exited_with is not None:
+            message += f" (the command itself exited with status {exited_with})"
+        raise CliError(message, EXIT_CANNOT_RUN)
 
     async def _supervise(self, process: pq.abc.ProcessLike) -> int:
         out, err = _writer(sys.stdout), _writer(sys.stderr)
@@ -314,6 +323,9 @@ class _Runner:
                 await self._drain(process, pumps, stop_leftovers=False)
                 return self._output_failure_code()
             await self._drain(process, pumps, stop_leftovers=True)
+            if self.output_error is not None:
+                assert process.returncode is not None
+                return self._output_failure_code(_exit_code(process.returncode))
         except asyncio.CancelledError:
             # A stop signal (see _on_signal), or Ctrl-C through asyncio.Runner on Windows.
             await self._stop(process)

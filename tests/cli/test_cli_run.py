@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_support import cli, kill_quietly, start_cli, wait_gone
+from cli_support import CLI, cli, cli_env, kill_quietly, start_cli, wait_gone
 
 PY = sys.executable
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and groups")
@@ -296,6 +296,47 @@ def test_reader_going_away_stops_the_child() -> None:
             proc.kill()
         proc.communicate()
         kill_quietly([child])
+
+
+# The command exits 0 at once; its background job writes a moment later, while the command
+# line drains the output of a command that has already exited.
+LATE_OUTPUT = ["--", "sh", "-c", "(sleep 0.3; printf 'important result\\n') & exit 0"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_output_that_cannot_be_written_after_the_exit_exits_125(mode: str) -> None:
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [*CLI, "run", "--mode", mode, *LATE_OUTPUT],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 125, result.stderr
+    assert b"forwarding the command's output failed" in result.stderr
+    assert b"the command itself exited with status 0" in result.stderr
+
+
+@posix_only
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_reader_gone_after_the_exit_exits_141(mode: str) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*CLI, "run", "--mode", mode, *LATE_OUTPUT],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
 
 
 def test_dry_run_prints_and_starts_nothing(tmp_path: Path) -> None:

@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except CliError as exc:
-        print(f"{PROG} {args.subcommand}: {exc}", file=sys.stderr)
+        if sys.stderr is not None:  # None: started with fd 2 closed (print would use stdout)
+            print(f"{PROG} {args.subcommand}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

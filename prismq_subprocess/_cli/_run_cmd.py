@@ -77,8 +77,18 @@ def _env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _writer(stream: TextIO) -> Callable[[bytes], None]:
-    """A blocking, unbuffered byte writer for ``stream`` (its file descriptor when it has one)."""
+def _discard(data: bytes) -> None:
+    del data
+
+
+def _writer(stream: TextIO | None) -> Callable[[bytes], None]:
+    """A blocking, unbuffered byte writer for ``stream`` (its file descriptor when it has one).
+
+    ``None`` (Python's stream for a descriptor closed when it started, as with ``>&-``) drops
+    what is written: the command still runs, and its output there goes where ours would.
+    """
+    if stream is None:
+        return _discard
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -337,6 +338,22 @@ def test_reader_gone_after_the_exit_exits_141(mode: str) -> None:
     finally:
         os.close(write_end)
     assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+
+
+@posix_only
+@pytest.mark.parametrize(("closed", "kept"), [(1, 2), (2, 1)], ids=["stdout", "stderr"])
+def test_a_closed_stream_is_discarded(closed: int, kept: int) -> None:
+    # As cron or a daemon launcher may start us: fd 1 or 2 closed (`>&-`), sys.stdout or
+    # sys.stderr None. The command still runs; what it writes to the closed stream is dropped.
+    inner = shlex.join(["sh", "-c", "echo to-1; echo to-2 >&2; exit 3"])
+    command = f"exec {shlex.join(CLI)} run -- {inner} {closed}>&-"
+    result = subprocess.run(
+        ["sh", "-c", command], capture_output=True, env=cli_env(), timeout=60, check=False
+    )
+    assert result.returncode == 3, result
+    kept_output = result.stdout if kept == 1 else result.stderr
+    assert kept_output == f"to-{kept}\n".encode()
+    assert (result.stdout if closed == 1 else result.stderr) == b""
 
 
 def test_dry_run_prints_and_starts_nothing(tmp_path: Path) -> None:

@@ -70,6 +70,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _timeout(text: str) -> float | None:
+    # 0 disables the timeout, as in GNU timeout (whose exit codes run follows).
+    value = _seconds(text)
+    return None if value == 0 else value
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -430,7 +436,11 @@ def add_parser(subparsers: Any) -> None:
         help="async, threaded, local or dry-run (default: auto-detect, see PRISMQ_RUN_MODE)",
     )
     parser.add_argument(
-        "--timeout", type=_seconds, default=None, metavar="S", help="stop the tree after S seconds"
+        "--timeout",
+        type=_timeout,
+        default=None,
+        metavar="S",
+        help="stop the tree after S seconds (0: no timeout)",
     )
     parser.add_argument(
         "--grace",

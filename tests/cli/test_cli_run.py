@@ -119,6 +119,12 @@ def test_timeout_exits_124_and_stops_the_tree(mode: str) -> None:
     assert elapsed < 30
 
 
+def test_timeout_zero_means_no_timeout() -> None:
+    # As GNU timeout's 0.
+    result = cli("run", "--timeout", "0", *_py("import time; time.sleep(0.2); print('done')"))
+    assert (result.returncode, result.stdout) == (0, b"done\n"), result.stderr
+
+
 @posix_only
 def test_child_killed_by_signal_exits_128_plus_n() -> None:
     result = cli("run", *_py("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))

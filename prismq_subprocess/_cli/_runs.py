@@ -82,13 +82,25 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
-def _render_list(runs: list[pq.Run], total: int) -> str:
+def _owner_gone(run: pq.Run) -> bool:
+    """Whether ``run`` is unfinished with no living owner: what the library's recovery marks
+    interrupted on a read-write open, which this read-only viewer never does (blocking)."""
+    if run.is_finished:
+        return False
+    return run.owner is None or not run.owner.is_alive()
+
+
+def _status_text(run: pq.Run, gone: bool) -> str:
+    return f"{run.status.value} (owner gone)" if gone else run.status.value
+
+
+def _render_list(runs: list[pq.Run], total: int, gone: set[str]) -> str:
     rows = [["RUN_ID", "STATUS", "MODULE", "CREATED (UTC)", "DURATION", "EXIT"]]
     for run in runs:
         rows.append(
             [
                 run.run_id,
-                run.status.value,
+                _status_text(run, run.run_id in gone),
                 run.module_name or run.module_id or "-",
                 _when(run.created_at),
                 _duration(run.duration),
@@ -108,11 +120,11 @@ def _owner_text(run: pq.Run) -> str:
     return f"pid {owner.pid} on {owner.host} ({state})"
 
 
-def _render_run(run: pq.Run) -> str:
+def _render_run(run: pq.Run, gone: bool) -> str:
     mib = 1024 * 1024
     pairs = [
         ("run_id", run.run_id),
-        ("status", run.status.value),
+        ("status", _status_text(run, gone)),
         ("module", f"{run.module_name or '-'} (id {run.module_id or '-'})"),
         ("parameters", json.dumps(run.parameters)),
         ("mode", run.mode),
@@ -190,10 +202,12 @@ async def _follow(
         if run.is_finished:
             finished = run
             break
-        if run.owner is not None and not await asyncio.to_thread(run.owner.is_alive):
+        if await asyncio.to_thread(_owner_gone, run):
+            owner = "owner process" if run.owner is None else f"owner process {run.owner.pid}"
             raise CliError(
-                f"run {run_id!r} is {run.status.value} but its owner process "
-                f"{run.owner.pid} is gone; it will be marked interrupted on the next open",
+                f"run {run_id!r} is {run.status.value} but its {owner} is gone; the library "
+                "marks it interrupted when it next opens the registry read-write (this "
+                "viewer opens it read-only)",
                 EXIT_FAILURE,
             )
         await asyncio.sleep(interval)
@@ -234,7 +248,8 @@ async def _list(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
     if args.json:
         print_json({"db": args.db, "total": total, "runs": [run.to_dict() for run in runs]})
     else:
-        print(_render_list(runs, total))
+        gone = await asyncio.to_thread(lambda: {r.run_id for r in runs if _owner_gone(r)})
+        print(_render_list(runs, total, gone))
     return EXIT_OK
 
 
@@ -243,7 +258,7 @@ async def _show(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
     if args.json:
         print_json(run.to_dict())
     else:
-        print(_render_run(run))
+        print(_render_run(run, await asyncio.to_thread(_owner_gone, run)))
     return EXIT_OK
 
 
@@ -299,9 +314,11 @@ def add_parser(subparsers: Any) -> None:
         help="list, show and tail runs of a SQLiteRunRegistry file",
         description=(
             "List the runs in a SQLiteRunRegistry file, newest first (or see 'runs show' and "
-            "'runs tail'). The file must exist and be a registry: runs never creates one. "
-            "Opening it recovers orphaned runs as the library always does (unfinished runs "
-            "whose owner process is gone become interrupted)."
+            "'runs tail'). The file must exist and be a registry: runs never creates one. It is "
+            "opened read-only and never changed: an unfinished run whose owner process is gone "
+            "is shown as such ('running (owner gone)') and stays so until the library opens "
+            "the file read-write (which marks it interrupted); a registry of an older schema "
+            "needs such an open first."
         ),
     )
     _add_db(parser, None)

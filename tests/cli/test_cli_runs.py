@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -261,12 +262,56 @@ def test_tail_follow_stops_when_the_owner_dies(tmp_path: Path) -> None:
         _, err = tail.communicate(timeout=30)
         assert tail.returncode == 1, err
         assert b"owner process" in err and b"is gone" in err
+        assert b"when it next opens the registry read-write" in err
     finally:
         for proc in (tail, helper):
             if proc is not None:
                 if proc.poll() is None:
                     proc.kill()
                 proc.communicate()  # also closes its pipes
+
+
+# -- read-only: runs whose owner is gone ---------------------------------------------------------
+
+
+async def _add_live_and_orphaned_runs(db: Path, dead_pid: int) -> None:
+    async with pq.SQLiteRunRegistry(db) as registry:
+        live = pq.Run(module_id="m", module_name="Live", run_id="live1")
+        await registry.add_run(live)  # owned by this (living) test process
+        live.mark_running(pid=None)
+        await registry.update_run(live)
+        gone_owner = pq.RunOwner(socket.gethostname(), dead_pid, time.time() - 10)
+        orphan = pq.Run(
+            module_id="m",
+            module_name="Orphan",
+            run_id="orphan1",
+            status=pq.RunStatus.RUNNING,
+            owner=gone_owner,
+        )
+        await registry.add_run(orphan)
+
+
+def test_runs_is_a_read_only_viewer_that_shows_a_gone_owner(tmp_path: Path) -> None:
+    db = tmp_path / "orphans.db"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    asyncio.run(_add_live_and_orphaned_runs(db, dead.pid))
+    before = _digest(db)
+    for _ in range(2):  # nothing is recovered: the second look sees the same
+        result = cli("runs", "--db", str(db))
+        assert result.returncode == 0, result.stderr
+        rows = {line.split()[0]: line for line in result.stdout.decode().splitlines()[1:-1]}
+        assert "running (owner gone)  Orphan" in rows["orphan1"]
+        assert "running  " in rows["live1"] and "owner gone" not in rows["live1"]
+    show = cli("runs", "show", "orphan1", "--db", str(db))
+    assert b"status     : running (owner gone)" in show.stdout
+    assert _digest(db) == before
+    assert (
+        cli("runs", "--db", str(db), "--status", "interrupted", "--json").stdout.count(b'"run_id"')
+        == 0
+    )
+    help_text = cli("runs", "--help").stdout.decode()
+    assert "read-only" in help_text and "recovers" not in help_text
 
 
 # -- files that are not ours ---------------------------------------------------------------------

@@ -21,6 +21,20 @@ from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError, format_pairs, 
 __all__ = ["add_parser", "check_registry_file"]
 
 _CHUNK = 256 * 1024
+# How long to wait for another process's lock on the registry before saying it is locked
+# (SQLite's own default; in WAL mode only an exclusive lock keeps a reader out that long).
+_BUSY_SECONDS = 5.0
+
+
+def _is_locked(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is SQLite's BUSY or LOCKED: another connection held its lock longer than
+    the busy timeout. The file is fine; a later try may succeed."""
+    name = getattr(exc, "sqlite_errorname", None)
+    return isinstance(name, str) and name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+
+
+def _locked_error(path: str) -> CliError:
+    return CliError(f"{path!r} is locked by another process; try again", EXIT_FAILURE)
 
 
 def check_registry_file(path: str) -> None:
@@ -31,7 +45,8 @@ def check_registry_file(path: str) -> None:
     the library refuses those itself, without changing them.
 
     Raises:
-        CliError: the file is missing, not SQLite, or SQLite without a ``runs`` table.
+        CliError: the file is missing, not SQLite, or SQLite without a ``runs`` table (exit 2);
+            another process holds its lock for longer than ``_BUSY_SECONDS`` (exit 1).
     """
     file = Path(path)
     if not file.exists():
@@ -40,7 +55,7 @@ def check_registry_file(path: str) -> None:
         raise CliError(f"{path!r} is not a file", EXIT_USAGE)
     uri = f"file:{quote(str(file.resolve()))}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True)
+        conn = sqlite3.connect(uri, uri=True, timeout=_BUSY_SECONDS)
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             has_runs = conn.execute(
@@ -49,6 +64,8 @@ def check_registry_file(path: str) -> None:
         finally:
             conn.close()
     except sqlite3.Error as exc:
+        if _is_locked(exc):
+            raise _locked_error(path) from None
         raise CliError(f"{path!r} is not a SQLite run registry: {exc}", EXIT_USAGE) from None
     if version < 1 or has_runs is None:
         raise CliError(
@@ -265,10 +282,19 @@ async def _show(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
 async def _with_registry(args: argparse.Namespace) -> int:
     try:
         # read_only: a viewer never migrates, recovers or quarantines the file it watches.
-        async with pq.SQLiteRunRegistry(args.db, read_only=True) as registry:
+        async with pq.SQLiteRunRegistry(
+            args.db, read_only=True, busy_timeout=_BUSY_SECONDS
+        ) as registry:
             return int(await args.runs_action(args, registry))
     except pq.RegistrySchemaError as exc:
+        # The library's open reports a lock taken after our check as an unusable file.
+        if _is_locked(exc.__cause__):
+            raise _locked_error(args.db) from None
         raise CliError(str(exc), EXIT_USAGE) from None
+    except sqlite3.Error as exc:
+        if _is_locked(exc):
+            raise _locked_error(args.db) from None
+        raise
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -355,6 +355,38 @@ def test_foreign_files_are_left_untouched(tmp_path: Path) -> None:
     assert cli("runs", "--db", str(tmp_path)).returncode == 2  # a directory
 
 
+def test_a_locked_registry_is_reported_as_locked(registry: Registry, tmp_path: Path) -> None:
+    db = tmp_path / "locked.db"
+    db.write_bytes(registry.db.read_bytes())  # the WAL was checkpointed when it closed
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sqlite3, sys
+                conn = sqlite3.connect({str(db)!r}, isolation_level=None)
+                conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+                conn.execute("BEGIN EXCLUSIVE")
+                conn.execute("UPDATE runs SET module_name = module_name")
+                print("locked", flush=True)
+                sys.stdin.read()
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert locker.stdout is not None and locker.stdout.readline() == b"locked\n"
+        result = cli("runs", "--db", str(db))
+        assert result.returncode == 1, result.stderr
+        assert b"is locked by another process; try again" in result.stderr
+    finally:
+        locker.kill()
+        locker.communicate()
+
+
 def test_usage_errors(registry: Registry) -> None:
     assert cli("runs").returncode == 2  # no --db
     bad_status = cli("runs", "--db", str(registry.db), "--status", "sleeping")

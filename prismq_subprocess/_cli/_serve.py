@@ -142,14 +142,32 @@ def _base_plan(choice: str, name: str, accepts_factory: bool, has_uvloop: bool) 
     )
 
 
+# What click (uvicorn's parser) reads as true from a flag's variable, after strip() and lower().
+_TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
+
+
+def _int_or_none(text: str | None) -> int | None:
+    # int(), as click and uvicorn convert the worker count; what they refuse, they report.
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
+
+
 def starts_processes(args: list[str], env: Mapping[str, str] | None = None) -> bool:
     """Whether uvicorn, given ``args`` (and ``env``, default ``os.environ``), will run the app
-    in processes it starts: ``--reload``, or more than one worker (``--workers N``, or uvicorn's
-    ``WEB_CONCURRENCY`` variable when ``--workers`` is not given). A value uvicorn would refuse
-    counts as one worker: its own parser reports it.
+    in processes it starts: ``--reload``, or more than one worker.
+
+    uvicorn's command line takes every option from a ``UVICORN_<NAME>`` variable too (click's
+    ``auto_envvar_prefix``), an empty one counting as unset, and an option given wins over its
+    variable. So the worker count is ``--workers N``, else ``UVICORN_WORKERS``, else uvicorn's
+    ``WEB_CONCURRENCY``; reloading is ``--reload`` or a true ``UVICORN_RELOAD`` (``1``,
+    ``true``, ``yes``, ``on``...). A value uvicorn would refuse counts as one worker and no
+    reload: its own parser reports it.
     """
-    workers = (os.environ if env is None else env).get("WEB_CONCURRENCY")
-    reload = False
+    environ = os.environ if env is None else env
+    workers = environ.get("UVICORN_WORKERS") or environ.get("WEB_CONCURRENCY")
+    reload = environ.get("UVICORN_RELOAD", "").strip().lower() in _TRUE_WORDS
     for i, arg in enumerate(args):
         if arg == "--reload":
             reload = True
@@ -157,7 +175,8 @@ def starts_processes(args: list[str], env: Mapping[str, str] | None = None) -> b
             workers = args[i + 1]
         elif arg.startswith("--workers="):
             workers = arg.partition("=")[2]
-    return reload or (workers is not None and workers.isdigit() and int(workers) > 1)
+    count = _int_or_none(workers)
+    return reload or (count is not None and count > 1)
 
 
 def uvicorn_arguments(args: list[str]) -> tuple[list[str], str | None]:
@@ -204,6 +223,10 @@ def _exit_status(exc: SystemExit) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     uvicorn_args = list(args.uvicorn_args)
+    if uvicorn_args[:1] == ["--"]:
+        # `serve -- APP --port N`, as `run -- CMD`: to click a leading `--` would make every
+        # option after it a positional argument.
+        uvicorn_args = uvicorn_args[1:]
     if not uvicorn_args:
         args.parser.error("APP is required, e.g. 'myapp:app'")
     try:

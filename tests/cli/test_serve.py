@@ -341,12 +341,44 @@ def test_windows_loop_none_in_started_processes_is_kept_with_a_warning() -> None
         (["app:app"], {"WEB_CONCURRENCY": "3"}, True),
         (["app:app", "--workers", "1"], {"WEB_CONCURRENCY": "3"}, False),
         (["app:app", "--workers", "x"], {}, False),  # uvicorn's own parser reports it
+        # uvicorn reads every option from UVICORN_<NAME> too; the command line wins.
+        (["app:app"], {"UVICORN_WORKERS": "2"}, True),
+        (["app:app", "--workers", "1"], {"UVICORN_WORKERS": "2"}, False),
+        (["app:app"], {"UVICORN_WORKERS": "1", "WEB_CONCURRENCY": "3"}, False),
+        (["app:app"], {"UVICORN_WORKERS": "", "WEB_CONCURRENCY": "3"}, True),  # empty: unset
+        (["app:app"], {"UVICORN_WORKERS": "x"}, False),
+        (["app:app"], {"UVICORN_RELOAD": "true"}, True),
+        (["app:app"], {"UVICORN_RELOAD": " Yes "}, True),
+        (["app:app"], {"UVICORN_RELOAD": "1"}, True),
+        (["app:app"], {"UVICORN_RELOAD": "false"}, False),
+        (["app:app"], {"UVICORN_RELOAD": "0"}, False),
+        (["app:app"], {"UVICORN_RELOAD": ""}, False),
+        (["app:app", "--reload"], {"UVICORN_RELOAD": "false"}, True),
     ],
 )
 def test_which_uvicorn_arguments_start_processes(
     args: list[str], env: dict[str, str], expected: bool
 ) -> None:
     assert starts_processes(args, env) is expected
+
+
+def test_uvicorn_workers_variable_gives_the_windows_multi_process_plan() -> None:
+    env = {"UVICORN_WORKERS": "2"}
+    plan = plan_loop(
+        None,
+        platform="win32",
+        accepts_factory=True,
+        has_uvloop=False,
+        multi_process=starts_processes(["app:app", "--port", "0"], env),
+    )
+    assert plan.loop == "asyncio" and plan.note is not None and "WinError 87" in plan.note
+
+
+def test_a_leading_double_dash_is_not_passed_to_uvicorn() -> None:
+    # As `run -- CMD`: everything after `--` is uvicorn's; its options still count as options.
+    result = cli("serve", "--", "no_such_module_prismq:app", "--port", "0")
+    assert result.returncode == 3, result.stderr  # uvicorn's STARTUP_FAILURE: it parsed them
+    assert b"no_such_module_prismq" in result.stderr
 
 
 def test_custom_loop_is_passed_through_with_a_note() -> None:

@@ -12,10 +12,10 @@ import asyncio
 import logging
 
 from .._core._closing import AsyncResource
-from .._core._exceptions import DuplicateRunError
+from .._core._exceptions import DuplicateRunError, InvalidRunIdError
 from .._core._process import ProcessLike
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD, terminate_gracefully
-from .._core._validation import check_timeout
+from .._core._validation import check_process, check_timeout
 
 __all__ = ["ProcessManager"]
 
@@ -45,7 +45,9 @@ class ProcessManager(AsyncResource):
     def __init__(self, *, grace_period: float = DEFAULT_GRACE_PERIOD) -> None:
         self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
         self._processes: dict[str, ProcessLike] = {}
-        self._stops: dict[str, asyncio.Task[int]] = {}
+        # Keyed by the process, not the run id: a run id whose process exited may be given a new
+        # one while the old tree's stop still runs, and a stop of the new one must not join it.
+        self._stops: dict[int, asyncio.Task[int]] = {}
         self._stop_requested: set[str] = set()
 
     def __len__(self) -> int:
@@ -61,8 +63,14 @@ class ProcessManager(AsyncResource):
         may be given a new one.
 
         Raises:
+            InvalidRunIdError: ``run_id`` is not a non-empty str.
+            InvalidArgumentTypeError: ``process`` is not a process object (``pid``,
+                ``returncode``, ``wait()``).
             DuplicateRunError: ``run_id`` already has another process that is still running.
         """
+        if not isinstance(run_id, str) or not run_id:
+            raise InvalidRunIdError(f"a run id must be a non-empty str, got {run_id!r}")
+        check_process(process)
         current = self._processes.get(run_id)
         if current is not None and current is not process and current.returncode is None:
             raise DuplicateRunError(
@@ -99,8 +107,9 @@ class ProcessManager(AsyncResource):
 
         SIGTERM (CTRL_BREAK on Windows) to the child's process group, up to ``grace`` seconds
         (default: :attr:`grace_period`), then SIGKILL to what is left. A stop already under way
-        for this run is joined rather than repeated. The process stays registered: its owner
-        unregisters it.
+        for this run's current process is joined rather than repeated (one still stopping the
+        tree of a previous process of the run is not: the current one gets its own). The process
+        stays registered: its owner unregisters it.
 
         Returns ``True`` if a running process was stopped, ``False`` if ``run_id`` is unknown
         or its process had already exited (stray members of its group are still stopped).
@@ -118,10 +127,10 @@ class ProcessManager(AsyncResource):
         was_running = process.returncode is None
         if was_running:
             self._stop_requested.add(run_id)
-        task = self._stops.get(run_id)
+        task = self._stops.get(id(process))
         if task is None:
             task = asyncio.ensure_future(self._stop_tree(run_id, process, limit))
-            self._stops[run_id] = task
+            self._stops[id(process)] = task
         await asyncio.shield(task)
         return was_running
 
@@ -131,7 +140,8 @@ class ProcessManager(AsyncResource):
             logger.debug("run %s (pid %d) stopped with status %s", run_id, process.pid, returncode)
             return returncode
         finally:
-            self._stops.pop(run_id, None)
+            # The task holds the process, so its id cannot be reused while the entry exists.
+            self._stops.pop(id(process), None)
 
     async def stop_all(self, grace: float | None = None) -> int:
         """Stop every registered live process (in parallel, each as :meth:`stop`); return how many

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import textwrap
 from collections.abc import AsyncIterator
 
@@ -120,3 +121,53 @@ async def test_cancelling_a_stop_does_not_abandon_it(wrapper: pq.SubprocessWrapp
 def test_negative_grace_is_refused() -> None:
     with pytest.raises(pq.exceptions.InvalidTimeoutError):
         ProcessManager(grace_period=-1)
+
+
+# The parent ends on SIGTERM; a member of its group ignores it, so the parent's tree stop goes on
+# until its grace period is over, after the parent itself has exited.
+PARENT_WITH_STUBBORN_MEMBER = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+async def test_a_new_process_under_the_same_run_id_gets_a_stop_of_its_own() -> None:
+    async with pq.SubprocessWrapper(grace_period=2.0) as wrapper:
+        pm = ProcessManager(grace_period=2.0)
+        old = await wrapper.create_subprocess_exec(*py(PARENT_WITH_STUBBORN_MEMBER), stdout=pq.PIPE)
+        assert old.stdout is not None
+        await old.stdout.readline()
+        pm.register("r", old)
+        first = asyncio.ensure_future(pm.stop("r"))
+        await old.wait()
+        assert not first.done()  # the old tree's stop waits for its stubborn member
+        # Its owner sees it end and starts a new attempt under the same run id.
+        pm.unregister("r")
+        new = await wrapper.create_subprocess_exec(*py("import time; time.sleep(60)"))
+        pm.register("r", new)
+        assert await pm.stop("r") is True
+        assert new.returncode is not None
+        assert await first is True
+
+
+async def test_register_refuses_what_is_not_a_process_or_a_run_id(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    pm = ProcessManager(grace_period=1.0)
+    for bad in (None, 12345, "pid"):
+        with pytest.raises(pq.exceptions.InvalidArgumentTypeError):
+            pm.register("bad", bad)  # type: ignore[arg-type]
+    proc = await wrapper.create_subprocess_exec(*py("import time; time.sleep(60)"))
+    for run_id in ("", None, 7):
+        with pytest.raises(pq.exceptions.InvalidRunIdError):
+            pm.register(run_id, proc)  # type: ignore[arg-type]
+    assert len(pm) == 0
+    pm.register("good", proc)
+    assert await pm.stop_all() == 1  # nothing bad was kept to break it
+    assert proc.returncode is not None

@@ -454,5 +454,7 @@ __all__ += ["ShutdownHandlerError"]
 
 class ShutdownHandlerError(PrismQError, RuntimeError):
     """Raised when the shutdown handler cannot be installed: no running event loop, not the main
-    thread (Python sets signal handlers from the main thread only), or another one is installed.
+    thread (Python sets signal handlers from the main thread only), or another one is installed;
+    when it is made for a signal that cannot be handled (SIGKILL, SIGSTOP, not a signal of this
+    platform); or when it is uninstalled from another thread than the main one.
     """

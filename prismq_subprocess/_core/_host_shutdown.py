@@ -17,8 +17,8 @@ closing, log-off, shutdown) are handled the same way, through the platform layer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import signal
 import threading
 import weakref
@@ -36,7 +36,7 @@ from .._platform._console import (
     console_event_name,
 )
 from .._platform._orphans import ProcessIdentity
-from ._exceptions import InvalidArgumentTypeError, ShutdownHandlerError
+from ._exceptions import InvalidArgumentTypeError, InvalidTimeoutError, ShutdownHandlerError
 from ._process import ProcessLike
 from ._tree_stop import DEFAULT_GRACE_PERIOD, _known
 from ._validation import check_timeout
@@ -186,18 +186,20 @@ class ShutdownHandler:
 
     Installing is idempotent (a second :meth:`install` does nothing); :meth:`uninstall`
     restores the previous handlers and returns them. ``with handler:`` installs and
-    uninstalls.
+    uninstalls. Both need the main thread.
 
     Args:
-        signals: the signals to handle (default: SIGTERM).
+        signals: the signals to handle (default: SIGTERM); one given twice counts once.
         grace: seconds the trees get to stop before they are killed.
         console_events: the Windows console events to handle (ignored elsewhere).
         console: the Windows console layer (tests inject one; default: the real one on
             Windows, none elsewhere).
 
     Raises:
-        InvalidTimeoutError: ``grace`` is negative.
+        InvalidTimeoutError: ``grace`` is negative or not finite.
         InvalidArgumentTypeError: ``signals`` or ``console_events`` are not ints.
+        ShutdownHandlerError: a signal cannot be handled (not a signal of this platform,
+            SIGKILL, SIGSTOP).
     """
 
     def __init__(
@@ -209,16 +211,22 @@ class ShutdownHandler:
         console: ConsoleEvents | None = None,
     ) -> None:
         self.grace = check_timeout(grace, "grace") or 0.0
+        if math.isinf(self.grace):
+            # The stop is bounded by grace + 2 s, and Windows' console thread waits that long.
+            raise InvalidTimeoutError("grace must be a finite number of seconds, got inf")
         self.signals = _ints(_default_signals() if signals is None else signals, "signals")
+        for sig in self.signals:
+            _check_catchable(sig)
         self.console_events = _ints(console_events, "console_events")
-        self._console = console if console is not None else (
-            ConsoleEvents.load() if IS_WINDOWS else None
+        self._console = (
+            console if console is not None else (ConsoleEvents.load() if IS_WINDOWS else None)
         )
         self._console_token = -1
         self._previous: dict[int, _Previous] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        # A second signal passed the signal on already: the first stop must not do it again.
+        # A second signal passed the signal on already: the running stop must not do it again.
+        # It belongs to that one stop; the next stop starts without it.
         self._escalated = False
 
     # -- state ----------------------------------------------------------------------------------
@@ -256,11 +264,6 @@ class ShutdownHandler:
             _drop_stale()
             if self.installed:
                 return self
-            if _INSTALLED is not None:
-                raise ShutdownHandlerError(
-                    f"{_INSTALLED!r} is installed already; uninstall it first (one per process: "
-                    "signal handlers are process-wide)"
-                )
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
@@ -268,9 +271,11 @@ class ShutdownHandler:
                     "install the shutdown handler from a coroutine of the event loop that runs "
                     "your children (e.g. in a FastAPI lifespan)"
                 ) from None
-            if threading.current_thread() is not threading.main_thread():
+            _check_main_thread("installed")
+            if _INSTALLED is not None:
                 raise ShutdownHandlerError(
-                    "signal handlers can only be installed from the main thread"
+                    f"{_INSTALLED!r} is installed already; uninstall it first (one per process: "
+                    "signal handlers are process-wide)"
                 )
             self._loop = loop
             self._task = None
@@ -295,6 +300,12 @@ class ShutdownHandler:
         handle = table.get(sig) if isinstance(table, dict) else None
         if handle is not None and hasattr(handle, "_callback"):
             previous.loop_callback = (handle._callback, tuple(handle._args or ()))
+        if _is_ours(previous.handler) or (
+            previous.loop_callback is not None and _is_ours(previous.loop_callback[0])
+        ):
+            # Chaining to a handler of ours would call it again, for ever, and restoring it
+            # would leave it installed: what ours replaced is unknown, so the default stands in.
+            previous = _Previous(signal.SIG_DFL)
         try:
             loop.add_signal_handler(sig, self._on_signal, sig)
             previous.via = "loop"
@@ -306,11 +317,20 @@ class ShutdownHandler:
     def uninstall(self) -> dict[int, Any]:
         """Restore the previous handlers; return them by signal number (what
         ``signal.getsignal`` gave for each before :meth:`install`). Idempotent ({} when not
-        installed)."""
+        installed).
+
+        A handler that could not be restored is left out of the result and logged.
+
+        Raises:
+            ShutdownHandlerError: not the main thread (Python sets signal handlers from the main
+                thread only); the handler stays installed, and uninstalling it from the main
+                thread restores the previous handlers.
+        """
         global _INSTALLED
         with _INSTALL_LOCK:
             if not self.installed:
                 return {}
+            _check_main_thread("uninstalled")
             restored = self._restore()
             if _INSTALLED is self:
                 _INSTALLED = None
@@ -320,19 +340,11 @@ class ShutdownHandler:
         loop = self._loop
         restored: dict[int, Any] = {}
         for sig, previous in self._previous.items():
-            with contextlib.suppress(Exception):
-                if previous.via == "loop" and loop is not None and not loop.is_closed():
-                    loop.remove_signal_handler(sig)
-                    if previous.loop_callback is not None:
-                        callback, args = previous.loop_callback
-                        loop.add_signal_handler(sig, callback, *args)
-                        restored[sig] = previous.handler
-                        continue
-                handler = previous.handler
-                if handler is None or previous.loop_callback is not None:
-                    # Unknown, or a closed loop's no-op (its callback can no longer run).
-                    handler = signal.SIG_DFL
-                signal.signal(sig, handler)
+            try:
+                self._restore_one(loop, sig, previous)
+            except Exception:
+                logger.exception("%r: restoring the handler of %s failed", self, _signal_name(sig))
+                continue
             restored[sig] = previous.handler
         self._previous = {}
         if self._console is not None and self._console_token != -1:
@@ -340,6 +352,20 @@ class ShutdownHandler:
             self._console_token = -1
         self._loop = None
         return restored
+
+    @staticmethod
+    def _restore_one(loop: asyncio.AbstractEventLoop | None, sig: int, previous: _Previous) -> None:
+        if previous.via == "loop" and loop is not None and not loop.is_closed():
+            loop.remove_signal_handler(sig)
+            if previous.loop_callback is not None:
+                callback, args = previous.loop_callback
+                loop.add_signal_handler(sig, callback, *args)
+                return
+        handler = previous.handler
+        if handler is None or previous.loop_callback is not None:
+            # Unknown, or a closed loop's no-op (its callback can no longer run).
+            handler = signal.SIG_DFL
+        signal.signal(sig, handler)
 
     # -- receiving ------------------------------------------------------------------------------
     def _from_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -363,6 +389,7 @@ class ShutdownHandler:
             self._kill_now_and_chain(signum)
             return
         logger.warning("%s: stopping every child tree before passing it on", reason)
+        self._escalated = False
         self._task = asyncio.ensure_future(self._stop_then_chain(signum, reason))
 
     async def _stop_then_chain(self, signum: int, reason: str) -> None:
@@ -370,7 +397,10 @@ class ShutdownHandler:
             await stop_for_host_shutdown(reason, grace=self.grace)
         finally:
             if not self._escalated:
-                self._chain(signum)
+                # From a loop callback rather than this task: a SystemExit or KeyboardInterrupt
+                # the previous handler raises then ends the loop as from any signal callback,
+                # instead of also being kept in a task nobody awaits ("never retrieved").
+                asyncio.get_running_loop().call_soon(self._chain, signum)
 
     def _kill_now_and_chain(self, signum: int) -> None:
         _kill_all(list(_PARTICIPANTS))
@@ -380,13 +410,21 @@ class ShutdownHandler:
         previous = self._previous.get(signum)
         if previous is None:
             return  # uninstalled meanwhile: the signal was handled by the stop
-        if previous.loop_callback is not None:
-            callback, args = previous.loop_callback
-            callback(*args)
-            return
-        handler = previous.handler
-        if callable(handler):
-            handler(signum, None)
+        try:
+            if previous.loop_callback is not None:
+                callback, args = previous.loop_callback
+                callback(*args)
+                return
+            handler = previous.handler
+            if callable(handler):
+                handler(signum, None)
+                return
+        except Exception:
+            # The trees are stopped; a failing handler is the host's bug, not a reason to lose
+            # it (it would end in a task nobody awaits, or in the middle of the main thread).
+            logger.exception(
+                "host shutdown: the previous handler of %s raised", _signal_name(signum)
+            )
             return
         if handler == signal.SIG_IGN:
             return
@@ -428,10 +466,28 @@ _INSTALL_LOCK = threading.RLock()
 def _drop_stale() -> None:
     # A handler whose loop has closed without uninstalling it: closing a loop removes its
     # signal handlers (leaving the default action), so restore what was there before ours.
+    # Only the main thread can restore signal handlers; elsewhere the caller fails on its own
+    # main-thread check instead.
     installed = _INSTALLED
-    if installed is not None and installed._loop is not None and installed._loop.is_closed():
+    if installed is not None and _is_stale(installed) and _on_main_thread():
         logger.warning("%r: its event loop closed without uninstalling it; uninstalled", installed)
         installed.uninstall()
+
+
+def _is_stale(handler: ShutdownHandler) -> bool:
+    return handler._loop is not None and handler._loop.is_closed()
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _check_main_thread(what: str) -> None:
+    if not _on_main_thread():
+        raise ShutdownHandlerError(
+            f"the shutdown handler can only be {what} from the main thread (Python sets signal "
+            "handlers there only)"
+        )
 
 
 def install_shutdown_handler(
@@ -446,12 +502,13 @@ def install_shutdown_handler(
     restores the previous handlers.
 
     Raises:
-        ShutdownHandlerError: no running event loop, or not the main thread.
-        InvalidTimeoutError: ``grace`` is negative.
+        ShutdownHandlerError: no running event loop, not the main thread, or a signal that
+            cannot be handled.
+        InvalidTimeoutError: ``grace`` is negative or not finite.
     """
     with _INSTALL_LOCK:
         _drop_stale()
-        if _INSTALLED is not None:
+        if _INSTALLED is not None and not _is_stale(_INSTALLED):
             return _INSTALLED
         if console_events is None:
             return ShutdownHandler(signals, grace=grace).install()
@@ -471,7 +528,26 @@ def _ints(values: Iterable[int], what: str) -> tuple[int, ...]:
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int):
             raise InvalidArgumentTypeError(f"{what} must hold ints, got {item!r}")
-    return tuple(int(i) for i in items)
+    # Each once: a signal given twice would find our own handler as the one to pass it on to.
+    return tuple(dict.fromkeys(int(i) for i in items))
+
+
+#: Signals no process can catch.
+_UNCATCHABLE = frozenset(
+    int(getattr(signal, name)) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
+)
+
+
+def _check_catchable(sig: int) -> None:
+    if sig in _UNCATCHABLE or sig not in {int(s) for s in signal.valid_signals()}:
+        raise ShutdownHandlerError(
+            f"{_signal_name(sig)} cannot be handled: not a signal of this platform, or one no "
+            "process can catch"
+        )
+
+
+def _is_ours(callback: object) -> bool:
+    return isinstance(getattr(callback, "__self__", None), ShutdownHandler)
 
 
 def _signal_name(signum: int) -> str:

@@ -6,6 +6,7 @@ handles the Windows console events through the platform layer (injected here).""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -254,3 +255,87 @@ def test_a_handler_whose_loop_closed_is_replaced() -> None:
     finally:
         fresh.uninstall()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@posix_only
+async def test_uninstalling_off_the_main_thread_is_refused_not_faked() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    handler = pq.ShutdownHandler(grace=1.0).install()
+    with pytest.raises(errors.ShutdownHandlerError, match="main thread"):
+        await asyncio.to_thread(handler.uninstall)
+    assert handler.installed  # still ours, and still restorable from the main thread
+    assert handler.uninstall() == {signal.SIGTERM: previous}
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+@posix_only
+async def test_after_an_escalated_stop_the_next_signal_is_passed_on_again() -> None:
+    calls: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    async with pq.SubprocessWrapper(grace_period=60.0) as wrapper:
+        proc, _ = await _tree(wrapper, STUBBORN_CHILD)
+        with pq.install_shutdown_handler(grace=60.0) as handler:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)  # escalates: kills and passes it on at once
+            await _until(lambda: calls == [signal.SIGTERM] and proc.returncode is not None)
+            await _until(lambda: handler._task is not None and handler._task.done())
+            proc, mark = await _tree(wrapper)
+            os.kill(os.getpid(), signal.SIGTERM)  # a later shutdown, not escalated
+            await _until(lambda: calls == [signal.SIGTERM] * 2)
+            assert proc.returncode is not None
+            assert await asyncio.to_thread(marked, mark) == []
+
+
+@posix_only
+async def test_a_signal_given_twice_is_handled_once_and_restored() -> None:
+    calls: list[int] = []
+
+    def previous(signum: int, frame: FrameType | None) -> None:
+        calls.append(signum)
+
+    signal.signal(signal.SIGTERM, previous)
+    handler = pq.ShutdownHandler([signal.SIGTERM, signal.SIGTERM], grace=1.0)
+    assert handler.signals == (signal.SIGTERM,)
+    handler.install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    await _until(lambda: calls == [signal.SIGTERM])  # chained once, not into itself
+    assert handler.uninstall() == {signal.SIGTERM: previous}
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_signals_that_cannot_be_handled_and_an_endless_grace_are_refused() -> None:
+    uncatchable = [
+        getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
+    ]
+    for sig in (*uncatchable, 0, -1, 99999):
+        with pytest.raises(errors.ShutdownHandlerError):
+            pq.ShutdownHandler([sig])
+    with pytest.raises(errors.InvalidTimeoutError):
+        pq.ShutdownHandler(grace=float("inf"))
+
+
+@posix_only
+def test_a_previous_handler_that_raises(caplog: pytest.LogCaptureFixture) -> None:
+    def failing(signum: int, frame: FrameType | None) -> None:
+        raise RuntimeError("previous handler failed")
+
+    def exiting(signum: int, frame: FrameType | None) -> None:
+        sys.exit(3)
+
+    async def main(previous: Callable[[int, FrameType | None], None]) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        with pq.install_shutdown_handler(grace=1.0):
+            os.kill(os.getpid(), signal.SIGTERM)
+            await _until(lambda: "previous handler failed" in caplog.text)
+
+    # An Exception is logged with its context; the loop goes on.
+    asyncio.run(main(failing))
+    [record] = [r for r in caplog.records if r.exc_info and r.name.startswith("prismq")]
+    assert "SIGTERM" in record.getMessage() and isinstance(record.exc_info[1], RuntimeError)
+    # SystemExit ends the loop as before, and is not also left in a task nobody awaited.
+    caplog.clear()
+    with pytest.raises(SystemExit):
+        asyncio.run(main(exiting))
+    gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import uuid
@@ -75,6 +76,7 @@ class _Remote:
         self.run = run
         self.context = context
         self.output = context.output
+        self.client: Any = None  # the client its task was submitted through
         self.future: Any = None
         self.attempt: str | None = None
         self.start: Message | None = None  # the latest start message, not yet recorded
@@ -127,7 +129,8 @@ class DaskBackend(RunBackend):
 
     Args:
         cluster: a scheduler address (``"tcp://..."``, ``"tls://..."``; the backend connects on
-            first use and closes its client in :meth:`aclose`) or a ``distributed.Client``
+            first use, again on the next run once its client closed itself after losing the
+            scheduler, and closes its client in :meth:`aclose`) or a ``distributed.Client``
             made with ``asynchronous=True`` in the host's event loop (yours to close).
         security: a ``distributed.Security`` for an address (TLS); ``None``: Dask's
             configuration (``DASK_DISTRIBUTED__COMM__TLS__...`` variables) applies.
@@ -232,6 +235,8 @@ class DaskBackend(RunBackend):
     async def _connect(self) -> Any:
         async with self._connect_lock:
             self._check_open()
+            if self._owns_client and self._client is not None and _gone(self._client):
+                await self._drop_client()
             if self._client is None:
                 self._client = await Client(
                     self._address, asynchronous=True, security=self.security, set_as_default=False
@@ -249,6 +254,22 @@ class DaskBackend(RunBackend):
                 )
                 self._ready = True
             return client
+
+    async def _drop_client(self) -> None:
+        """Forget our own client once it closed itself (it gave up on a lost scheduler), so the
+        next run connects again instead of failing on it for good."""
+        client, self._client = self._client, None
+        logger.warning("the connection to the Dask cluster was closed; reconnecting")
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait({self._watcher})
+            self._watcher = None
+        if self._ready:
+            with contextlib.suppress(Exception):
+                client.unsubscribe_topic(self.topic)
+            self._ready = False
+        # They lived on the scheduler that went away.
+        self._withdrawn.clear()
 
     # -- messages from the workers ------------------------------------------------------------
     async def _on_event(self, event: tuple[float, Message]) -> None:
@@ -340,6 +361,17 @@ class DaskBackend(RunBackend):
         try:
             try:
                 client = await self._connect()
+                remote.client = client
+                # A closed client raises here rather than in connecting (one given to us, or
+                # ours closing meanwhile): the run must still end FAILED, not stay PENDING.
+                remote.future = client.submit(
+                    run_module_on_worker,
+                    self._worker_job(run, job, context),
+                    key=task_key(self._token, run.run_id),
+                    pure=False,
+                    retries=0,
+                    resources={**self.resources, **job.resources} or None,
+                )
             except asyncio.CancelledError:
                 if not context.background:
                     run.mark_cancelled(context.cancel_reason() or "cancelled")
@@ -351,14 +383,6 @@ class DaskBackend(RunBackend):
                 run.mark_failed(f"could not reach the Dask cluster: {type(exc).__name__}: {exc}")
                 await context.finish(run)
                 return run
-            remote.future = client.submit(
-                run_module_on_worker,
-                self._worker_job(run, job, context),
-                key=task_key(self._token, run.run_id),
-                pure=False,
-                retries=0,
-                resources={**self.resources, **job.resources} or None,
-            )
             outcome = asyncio.ensure_future(_outcome_of(remote.future))
             try:
                 await self._follow(remote, outcome)
@@ -446,7 +470,7 @@ class DaskBackend(RunBackend):
 
     async def _send_cancel(self, remote: _Remote) -> None:
         remote.cancel_sent_at = asyncio.get_running_loop().time()
-        client = self._client
+        client = remote.client
         try:
             await Event(cancel_event_name(self._token, remote.run.run_id), client=client).set()
             if remote.attempt is None or remote.lost is not None:
@@ -540,7 +564,7 @@ class DaskBackend(RunBackend):
         elif isinstance(result, concurrent.futures.CancelledError):
             if remote.cancel_requested:
                 run.mark_cancelled(f"{reason} (before it started on the cluster)")
-            elif getattr(self._client, "status", "running") != "running":
+            elif getattr(remote.client, "status", "running") != "running":
                 run.mark_failed(
                     f"the connection to the Dask cluster ended before the run did ({result})"
                 )
@@ -569,13 +593,14 @@ class DaskBackend(RunBackend):
         :meth:`aclose`: the scheduler may have placed the task on a worker already, which
         learns of the cancel a moment later and starts the task if slots free up meanwhile;
         the task then finds the event set and runs nothing."""
-        client = self._client
+        client = remote.client
         try:
             remote.future.release()
             if (
                 remote.lost is None
                 and not remote.unconfirmed
                 and remote.future.done()
+                and client is self._client  # not one dropped since: its scheduler is gone
                 and client.status == "running"  # no scheduler: nothing there to release
             ):
                 names = [started_event_name(self._token, remote.run.run_id)]
@@ -709,6 +734,12 @@ class DaskBackend(RunBackend):
                 logger.info("unsubscribing from %s failed: %s", self.topic, exc)
         if client is not None and self._owns_client:
             await client.close()
+
+
+def _gone(client: Any) -> bool:
+    """Whether ``client`` closed (it does so by itself once the scheduler stayed away for
+    ``distributed.comm.timeouts.connect``); a reconnecting one is still ``"connecting"``."""
+    return getattr(client, "status", "running") in ("closing", "closed", "failed")
 
 
 async def _outcome_of(future: Any) -> WorkerOutcome | BaseException:

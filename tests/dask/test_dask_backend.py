@@ -702,6 +702,50 @@ async def test_unreachable_scheduler_fails_the_run_with_the_reason(
     assert run.error_message.startswith("could not reach the Dask cluster")
 
 
+async def test_after_a_scheduler_outage_runs_fail_with_the_reason_then_reconnect(
+    scripts: dict[str, str],
+) -> None:
+    # A scheduler in this process and no workers: every run stays queued, which is enough to
+    # see the backend connect. The client gives up on a lost scheduler after the connect
+    # timeout and closes itself; the backend made it, so it must make a new one.
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "0.5s"}):
+        scheduler = await distributed.Scheduler(
+            host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0"
+        )
+        port = scheduler.port
+        backend = DaskBackend(scheduler.address)
+        try:
+            async with runner_for(backend) as runner:
+                first = await runner.start_module("o", "lines", scripts["lines"])
+                await until(lambda: backend.client is not None, "the backend connected")
+                await scheduler.close()
+                assert (await finished(runner, first)).status is RunStatus.FAILED
+                await until(lambda: backend.client.status == "closed", "the client gave up")
+                queued = await runner.start_module("b", "lines", scripts["lines"])
+                background = await finished(runner, queued)
+                async with asyncio.timeout(WAIT):
+                    foreground = await runner.execute_module("f", "lines", scripts["lines"])
+                for run in (background, foreground):
+                    assert run.status is RunStatus.FAILED, run
+                    assert run.error_message is not None
+                    assert run.error_message.startswith("could not reach the Dask cluster")
+                scheduler = await distributed.Scheduler(
+                    host="127.0.0.1", port=port, dashboard_address="127.0.0.1:0"
+                )
+                again = await runner.start_module("a", "lines", scripts["lines"])
+                await until(
+                    lambda: backend.client is not None and backend.client.status == "running",
+                    "the backend connected again",
+                )
+                assert (await stored(runner, again)).status is RunStatus.PENDING
+                assert await runner.cancel(again, "done")
+                assert (await stored(runner, again)).status is RunStatus.CANCELLED
+        finally:
+            await scheduler.close()
+
+
 # -- workers dying mid-run (last: they restart a worker) -------------------------------------
 
 

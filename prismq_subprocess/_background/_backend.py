@@ -137,6 +137,14 @@ class RunBackend(AsyncResource):
         it CANCELLED with ``context.cancel_reason()``. Returns ``False`` if the run is not
         executing here. Returns once the request is sent, not when the run ended."""
 
+    def kill_now(self) -> None:
+        """Kill the trees of the runs executing here at once, without waiting out the rest of
+        their grace period: the host shutdown calls it once its own grace is over, after it
+        cancelled the runs (:func:`stop_for_host_shutdown`). The runs still end through
+        :meth:`execute`. Called from the runner's event loop or from any other thread; must
+        return at once. The default does nothing: override it for runs whose processes the
+        runner's wrapper does not hold."""
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release what the backend holds (connections, threads). Idempotent. The runner

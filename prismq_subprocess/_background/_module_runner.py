@@ -911,3 +911,5 @@ class ModuleRunner(AsyncClosing):
 
     def _host_kill(self) -> None:
         kill_trees_now(list(self.processes.live().values()))
+        if self.backend is not None:
+            self.backend.kill_now()

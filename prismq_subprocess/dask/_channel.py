@@ -32,6 +32,7 @@ __all__ = [
     "STARTED",
     "OutputForwarder",
     "cancel_event_name",
+    "kill_event_name",
     "started_event_name",
     "task_key",
 ]
@@ -49,6 +50,13 @@ Message = dict[str, Any]
 def cancel_event_name(token: str, run_id: str) -> str:
     """The ``distributed.Event`` a host sets to stop one run."""
     return f"prismq-cancel-{token}-{run_id}"
+
+
+def kill_event_name(token: str, run_id: str) -> str:
+    """The ``distributed.Event`` a host sets, after the run's cancel event, to have its tree
+    killed at once instead of after the rest of its grace period (the host shutdown's own
+    grace is over)."""
+    return f"prismq-kill-{token}-{run_id}"
 
 
 def started_event_name(token: str, run_id: str) -> str:

@@ -32,6 +32,7 @@ from ._channel import (
     STARTED,
     Message,
     cancel_event_name,
+    kill_event_name,
     started_event_name,
     task_key,
 )
@@ -90,6 +91,8 @@ class _Remote:
         self.lost: str | None = None
         self.cancel_requested = False
         self.cancel_sent_at: float | None = None
+        self.kill_requested = False
+        self.kill_sent = False
         self.withdrawn = False  # taken off the cluster by client.cancel, result unknown
         self.unconfirmed = False
         self.wake = asyncio.Event()
@@ -214,6 +217,7 @@ class DaskBackend(RunBackend):
         self._idle = asyncio.Event()  # set while no run executes here
         self._idle.set()
         self._connect_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the runs execute
         self._ready = False
         self._watcher: asyncio.Task[None] | None = None
         self._reapers: set[asyncio.Task[None]] = set()
@@ -354,6 +358,7 @@ class DaskBackend(RunBackend):
         if run.run_id in self._remotes:
             raise DuplicateRunError(f"run {run.run_id!r} is already executing on this backend")
         run.mode = self.mode
+        self._loop = asyncio.get_running_loop()
         remote = _Remote(run, context)
         self._remotes[run.run_id] = remote
         self._idle.clear()
@@ -409,6 +414,7 @@ class DaskBackend(RunBackend):
             job=job,
             topic=self.topic,
             cancel_event=cancel_event_name(self._token, run.run_id),
+            kill_event=kill_event_name(self._token, run.run_id),
             started_event=started_event_name(self._token, run.run_id),
             run_mode=self.run_mode,
             grace_period=context.grace_period,
@@ -435,6 +441,8 @@ class DaskBackend(RunBackend):
                 await self._record_start(remote)
             if remote.cancel_requested and remote.cancel_sent_at is None:
                 await self._send_cancel(remote)
+            if remote.kill_requested and not remote.kill_sent:
+                await self._send_kill(remote)
             if remote.lost is not None and remote.cancel_sent_at is None:
                 await self._send_cancel(remote)  # keep a Dask retry from running it again
             if outcome.done() or remote.lost is not None:
@@ -481,6 +489,15 @@ class DaskBackend(RunBackend):
                 await client.cancel([remote.future], reason="cancelled by the host")
         except Exception as exc:
             logger.warning("cancelling run %s on the cluster failed: %s", remote.run.run_id, exc)
+
+    async def _send_kill(self, remote: _Remote) -> None:
+        remote.kill_sent = True
+        if remote.withdrawn:
+            return  # taken off the cluster: no tree to kill
+        try:
+            await Event(kill_event_name(self._token, remote.run.run_id), client=remote.client).set()
+        except Exception as exc:
+            logger.warning("killing run %s on the cluster failed: %s", remote.run.run_id, exc)
 
     async def _conclude(
         self,
@@ -609,6 +626,8 @@ class DaskBackend(RunBackend):
                     self._withdrawn.append(cancel)
                 elif remote.cancel_sent_at is not None:
                     names.append(cancel)
+                if remote.kill_sent and not remote.withdrawn:
+                    names.append(kill_event_name(self._token, remote.run.run_id))
                 async with asyncio.timeout(_RELEASE_SECONDS):
                     for name in names:
                         await Event(name, client=client).clear()
@@ -624,6 +643,29 @@ class DaskBackend(RunBackend):
         remote.cancel_requested = True
         remote.wake.set()
         return True
+
+    def kill_now(self) -> None:
+        """Have the workers kill the trees of every run executing here at once, without the
+        rest of their grace period (see :meth:`RunBackend.kill_now`); a run not yet asked to
+        stop is cancelled too. Safe from any thread; returns at once."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            self._kill_all()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._kill_all)
+
+    def _kill_all(self) -> None:
+        for remote in self._remotes.values():
+            remote.cancel_requested = True
+            remote.kill_requested = True
+            remote.wake.set()
 
     # -- lost workers -------------------------------------------------------------------------
     async def _watch_workers(self) -> None:

@@ -73,6 +73,7 @@ class WorkerJob:
     job: ModuleJob
     topic: str
     cancel_event: str
+    kill_event: str
     started_event: str
     run_mode: str | None
     grace_period: float
@@ -121,36 +122,74 @@ class _CancelWatch:
     scheduler, ``poll`` seconds at most) and cancels the module's task once it is set, or once
     ``dropped()`` says the scheduler released the task (the host's client left, or the task was
     cancelled), or once the scheduler stayed unreachable for ``orphan_timeout`` seconds: in
-    each case nobody can follow the run any more.
+    each case nobody can follow the run any more. After that it waits on the run's kill event,
+    which the host sets when the tree must die before its grace period is over.
 
     :meth:`stop` does not join: the thread notices within one poll and ends by itself, so the
     task's result is not held back by a poll in progress.
     """
 
     def __init__(
-        self, event: Any, poll: float, dropped: Callable[[], bool], orphan_timeout: float
+        self,
+        event: Any,
+        kill_event: Any,
+        poll: float,
+        dropped: Callable[[], bool],
+        orphan_timeout: float,
     ) -> None:
         self._event = event
+        self._kill_event = kill_event
         self._poll = poll
         self._dropped = dropped
         self._orphan_timeout = orphan_timeout
         self._lock = threading.Lock()
-        self._target: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        self._target: (
+            tuple[asyncio.AbstractEventLoop, asyncio.Task[Any], Callable[[], None]] | None
+        ) = None
         self._fired = False
+        self._killed = False
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="prismq-cancel-watch", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def attach(self, task: asyncio.Task[Any]) -> None:
-        """Cancel ``task`` when the event is set (at once if it already was). Call it from the
-        task's event loop."""
+    def attach(self, task: asyncio.Task[Any], kill: Callable[[], None]) -> None:
+        """Cancel ``task`` when the cancel event is set, and call ``kill`` when the kill event
+        is (each at once if that happened already). Call it from the task's event loop."""
         with self._lock:
-            self._target = (asyncio.get_running_loop(), task)
-            fired = self._fired
+            self._target = (asyncio.get_running_loop(), task, kill)
+            fired, killed = self._fired, self._killed
         if fired:
             task.cancel()
+        if killed:
+            kill()
+
+    def fire(self) -> None:
+        """Cancel the module's task (from any thread; once: a second cancel would cut its
+        tree's graceful stop short)."""
+        with self._lock:
+            if self._fired:
+                return
+            self._fired = True
+            target = self._target
+        if target is not None:
+            loop, task, _ = target
+            # A closed loop (RuntimeError) means the module already ended.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
+
+    def kill(self) -> None:
+        """Kill the module's tree at once (from any thread; after :meth:`fire`)."""
+        with self._lock:
+            if self._killed:
+                return
+            self._killed = True
+            target = self._target
+        if target is not None:
+            loop, _, kill = target
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(kill)
 
     def _watch(self) -> None:
         unreachable_since: float | None = None
@@ -177,14 +216,15 @@ class _CancelWatch:
                 self._stopped.wait(self._poll)
         else:
             return
-        with self._lock:
-            self._fired = True
-            target = self._target
-        if target is not None:
-            loop, task = target
-            # A closed loop (RuntimeError) means the module already ended.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(task.cancel)
+        self.fire()
+        while not self._stopped.is_set():
+            try:
+                if self._kill_event.wait(timeout=self._poll):
+                    self.kill()
+                    return
+            except Exception:
+                # Unreachable, or the run ended meanwhile: the stop goes on with its grace.
+                self._stopped.wait(self._poll)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -274,7 +314,8 @@ async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> Worker
     total = 0
     try:
         module = asyncio.create_task(_start(runner, spec))
-        watch.attach(module)
+        # The runner's host-shutdown kill: the whole tree of its run, at once.
+        watch.attach(module, runner._host_kill)
         try:
             run = await module
         except asyncio.CancelledError:
@@ -312,6 +353,7 @@ def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
     worker = get_worker()
     client = get_client()
     cancel = Event(spec.cancel_event, client=client)
+    kill = Event(spec.kill_event, client=client)
     started = Event(spec.started_event, client=client)
     if cancel.is_set():
         return WorkerOutcome(CANCELLED_BEFORE_START, worker.address)
@@ -320,7 +362,7 @@ def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
     started.set()
     key = worker.get_current_task()
     watch = _CancelWatch(
-        cancel, spec.cancel_poll, lambda: _task_dropped(worker, key), spec.orphan_timeout
+        cancel, kill, spec.cancel_poll, lambda: _task_dropped(worker, key), spec.orphan_timeout
     )
     watch.start()
     try:

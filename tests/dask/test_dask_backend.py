@@ -452,6 +452,33 @@ async def test_cancel_running_stops_the_whole_tree_on_the_worker(
     assert not alive(running.pid) and not alive(grandchild)
 
 
+async def test_host_shutdown_kills_a_cluster_run_once_the_hosts_grace_is_over(
+    client: Any, tmp_path: Path
+) -> None:
+    # The module ignores SIGTERM and the runner's grace is long: only the host shutdown's
+    # kill, after its own shorter grace, stops it within the promised grace + 2 s.
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    runner = ModuleRunner(
+        RunRegistry(), output=OutputCapture(), backend=DaskBackend(client), grace_period=30.0
+    )
+    async with runner:
+        run_id = await runner.start_module("t", "stubborn", script)
+        await wait_for_line(out(runner), run_id, "ready")
+        pid = (await stored(runner, run_id)).pid
+        assert pid is not None and alive(pid)
+        await pq.stop_for_host_shutdown("host received SIGTERM", grace=0.2)
+        run = await stored(runner, run_id)
+        assert run.status is RunStatus.CANCELLED, run
+        assert run.error_message == "host received SIGTERM"
+        assert not alive(pid)
+
+
 async def occupy_both_workers(runner: ModuleRunner, gated: str, gate: Path) -> list[str]:
     """Start two runs that take every slot of both workers until ``gate`` exists."""
     blockers = [

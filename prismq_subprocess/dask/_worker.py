@@ -11,7 +11,9 @@ messages. Around it:
   and cancels the module, which stops the child's tree and records the run CANCELLED; it does
   the same when the scheduler drops the task (the host's client went away);
 - the run's "started" ``distributed.Event`` makes a retry (Dask re-runs the tasks of a worker
-  that died) refuse to run the module a second time, unless the host allowed it.
+  that died) refuse to run the module a second time, unless the host allowed it;
+- a worker plugin stops the modules still running when the worker closes (the cluster shut
+  down, the worker retired): each child leads its own session, so nothing else would.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import psutil
-from distributed import Event, get_client, get_worker
+from distributed import Event, WorkerPlugin, get_client, get_worker
 from distributed.comm.addressing import get_address_host
+from distributed.core import Status
+from distributed.utils import sync
 
 from .._background._backend import ModuleJob
 from .._background._memory_registry import RunRegistry
@@ -229,6 +233,80 @@ class _CancelWatch:
     def stop(self) -> None:
         self._stopped.set()
 
+    @property
+    def ended(self) -> bool:
+        """Whether the run's task is over (:meth:`stop` was called)."""
+        return self._stopped.is_set()
+
+
+_CLOSE_PLUGIN: Final = "prismq-stop-runs-on-close"
+# What a closing worker still waits for the runs it killed after their grace period.
+_KILLED_SECONDS: Final = 2.0
+_CLOSING: Final = (Status.closing, Status.closing_gracefully, Status.closed, Status.failed)
+_running_lock = threading.Lock()
+# Worker id -> the watch of each run it executes -> the run's grace period.
+_running: dict[str, dict[_CancelWatch, float]] = {}
+
+
+class _StopRunsOnClose(WorkerPlugin):
+    """Stops the modules a worker runs when the worker closes, as a cancel from the host
+    would (SIGTERM, the run's grace period, SIGKILL), and waits for them; what still runs after
+    the grace period is killed. Whoever closes the worker may end its process sooner (a nanny
+    gives it 80 % of its own close timeout: 4 s by default, 8 s when ``dask worker`` gets
+    SIGTERM); the children then have had their SIGTERM at least.
+
+    Dask calls ``teardown`` when the worker closes and also when the plugin is replaced (the
+    runs then go on, tracked by the plugin that replaces it): only a closing worker stops them.
+    """
+
+    async def teardown(self, worker: Any) -> None:
+        if worker.status not in _CLOSING:
+            return
+        with _running_lock:
+            runs = dict(_running.get(worker.id, {}))
+        if not runs:
+            return
+        logger.warning("the worker is closing: stopping the %d modules it runs", len(runs))
+        for watch in runs:
+            watch.fire()
+        if await _ended(runs, max(runs.values())):
+            return
+        for watch in runs:
+            watch.kill()
+        await _ended(runs, _KILLED_SECONDS)
+
+
+async def _ended(watches: Iterable[_CancelWatch], seconds: float) -> bool:
+    """Whether every run of ``watches`` ended within ``seconds`` (their tasks run in other
+    threads, which signal nothing to this loop)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while not all(watch.ended for watch in watches):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _track(worker: Any, watch: _CancelWatch, grace: float) -> None:
+    """Have ``watch``'s run stopped if ``worker`` closes while it runs."""
+    with _running_lock:
+        _running.setdefault(worker.id, {})[watch] = grace
+        installed = isinstance(worker.plugins.get(_CLOSE_PLUGIN), _StopRunsOnClose)
+    if not installed:
+        try:
+            sync(worker.loop, worker.plugin_add, _StopRunsOnClose(), name=_CLOSE_PLUGIN)
+        except Exception as exc:
+            logger.warning("modules of this worker may outlive it (no close hook): %s", exc)
+
+
+def _untrack(worker: Any, watch: _CancelWatch) -> None:
+    with _running_lock:
+        runs = _running.get(worker.id, {})
+        runs.pop(watch, None)
+        if not runs:
+            _running.pop(worker.id, None)
+
 
 def _task_dropped(worker: Any, key: Any) -> bool:
     """True once the scheduler released this worker's task ``key`` (e.g. its client left)."""
@@ -364,11 +442,13 @@ def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
     watch = _CancelWatch(
         cancel, kill, spec.cancel_poll, lambda: _task_dropped(worker, key), spec.orphan_timeout
     )
+    _track(worker, watch, spec.grace_period)
     watch.start()
     try:
         return asyncio.run(_execute(spec, worker.address, watch))
     finally:
         watch.stop()
+        _untrack(worker, watch)
 
 
 def stop_orphaned_tree(pid: int, create_time: float) -> int:

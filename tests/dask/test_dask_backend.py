@@ -42,6 +42,7 @@ from prismq_subprocess import (  # noqa: E402
 )
 from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa: E402
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
+from prismq_subprocess.dask import _dask_backend as dask_backend_module  # noqa: E402
 from prismq_subprocess.dask._channel import cancel_event_name  # noqa: E402
 
 SLOTS = 4  # each worker offers {"slots": 4}
@@ -624,6 +625,37 @@ async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
         assert run.status is RunStatus.FAILED and run.error_message is not None
         assert run.error_message.startswith("the connection to the Dask cluster ended")
         await until(lambda: not alive(pid) and not alive(grandchild), "the module was stopped")
+        await runner.aclose()
+        await host.close(timeout=2)
+    finally:
+        await asyncio.to_thread(small.close)
+
+
+async def test_a_worker_that_closes_stops_the_modules_it_runs(
+    scripts: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cluster of its own with one worker, so no other worker of this machine can stop an
+    # orphan for the host. `dask worker` closes its worker on SIGTERM (a cluster shut down).
+    # The host, seeing the worker gone, looks for another one to stop the tree: not for 30 s.
+    monkeypatch.setattr(dask_backend_module, "_REAP_SECONDS", 1.0)
+    small = await asyncio.to_thread(SubprocessCluster, tmp_path / "small", n_workers=1, nthreads=2)
+    try:
+        host = await distributed.Client(small.address, asynchronous=True, set_as_default=False)
+        await host.wait_for_workers(1, timeout=WAIT)
+        runner = runner_for(DaskBackend(host))
+        run_id = await runner.start_module(
+            "w", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
+        )
+        grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+        pid = (await stored(runner, run_id)).pid
+        assert pid is not None and alive(pid)
+        assert small.workers is not None
+        small.workers.terminate()  # the reaper passes it on to `dask worker`
+        await until(
+            lambda: not alive(pid) and not alive(grandchild), "the module was stopped", 10.0
+        )
+        run = await finished(runner, run_id)
+        assert run.status in (RunStatus.INTERRUPTED, RunStatus.CANCELLED), run
         await runner.aclose()
         await host.close(timeout=2)
     finally:

@@ -248,6 +248,10 @@ def _cancelled_before_stored(run: Run) -> RunStateError:
     return RunStateError(f"run {run.run_id} was cancelled before it was known to be stored")
 
 
+# Results that carry an exit status (see _outcome_of).
+_STATUS_RESULTS = (ExitCode, ProcessResult)
+
+
 def _outcome_of(result: object) -> _Outcome:
     if isinstance(result, ExitCode):
         code = int(result)
@@ -575,7 +579,7 @@ class BackgroundTaskManager(AsyncResource):
                         self._save_failed(run, exc)
                 result = await entry.coro
                 ended = True
-                if result is not None:
+                if isinstance(result, _STATUS_RESULTS):  # any other value: COMPLETED, 0
                     outcome = _outcome_of(result)
             else:
                 outcome = (RunStatus.FAILED, refusal, None)

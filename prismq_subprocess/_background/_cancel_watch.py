@@ -64,7 +64,7 @@ class CancelRequestWatcher:
 
     def wake(self) -> None:
         """Make sure the poll runs (call from the event loop), e.g. when ``source`` got its
-        first run."""
+        first run, or its first on a new loop."""
         if self._closed:
             return
         task = self._task
@@ -78,12 +78,18 @@ class CancelRequestWatcher:
         """Stop looking for ``run_id`` (its run ended here)."""
         self._watched.discard(run_id)
 
-    def _candidates(self) -> frozenset[str]:
-        """The watched runs whose cancel was not started yet."""
+    def _candidates(self) -> frozenset[str] | None:
+        """The watched runs whose cancel was not started yet; ``None`` when nothing is
+        watched (the poll then ends)."""
         if self._source is None:
-            return frozenset(self._watched)
+            return frozenset(self._watched) or None
         ids = frozenset(self._source())
+        if not ids:
+            self._requested.clear()
+            return None
         self._requested &= ids  # forget the runs that ended
+        # Empty while every active run's cancel is under way: the poll goes on, for the runs
+        # that start meanwhile.
         return ids - self._requested
 
     def _take(self, run_id: str) -> bool:
@@ -101,8 +107,11 @@ class CancelRequestWatcher:
     async def _poll(self) -> None:
         while not self._closed:
             candidates = self._candidates()
-            if not candidates:
+            if candidates is None:
                 return
+            if not candidates:
+                await asyncio.sleep(self.interval)
+                continue
             try:
                 requests = await self.registry.cancel_requests(candidates)
             except RegistryClosedError:

@@ -358,6 +358,7 @@ class BackgroundTaskManager(AsyncResource):
         self._abandoned: set[asyncio.Future[Any]] = set()
         # Cancel requests recorded in the registry by other processes (request_cancel).
         # Its watched runs are the active ones (no call per run).
+        self._watch_loop: asyncio.AbstractEventLoop | None = None  # where it was last woken
         self._watcher = CancelRequestWatcher(registry, self.cancel_task, source=self._entries.keys)
 
     @property
@@ -467,8 +468,8 @@ class BackgroundTaskManager(AsyncResource):
                 coro.close()
                 raise
         entry = _Entry(self, run, coro, marks_running, opened)
-        first = not entries
-        if first:
+        wake = not entries or loop is not self._watch_loop
+        if not entries:
             # A fresh event, not clear(): an asyncio.Event binds to the loop that first waits on
             # it, and an idle manager (one built at import time, say) may next serve another
             # loop (a host's tests, a restarted server). Nobody waits on the old one: wait_all()
@@ -500,8 +501,11 @@ class BackgroundTaskManager(AsyncResource):
             self._check_idle()
             raise
         entry.task = task
-        if first:
-            self._watcher.wake()  # the cancel-request poll runs while runs are active
+        if wake:
+            # The cancel-request poll runs while runs are active, and ends only when none is;
+            # on a new loop it may have died with the last one (which left a run behind).
+            self._watch_loop = loop
+            self._watcher.wake()
         if logger.isEnabledFor(logging.DEBUG):  # saves the debug() call per run when off
             logger.debug("started background run %s", run_id)
         # TaskHandle(run_id, entry) without the Python-level __new__ call (hot path).

@@ -1297,3 +1297,71 @@ def test_cancel_requests_are_heard_on_the_next_loop_after_one_closed_with_tasks_
             assert loop.run_until_complete(phase()) is RunStatus.CANCELLED
         finally:
             loop.close()
+
+
+# --- cancel requests with the watcher reading the active runs (2026-12-01, night review) -----
+
+
+async def _until_finished(registry: BaseRunRegistry, run_id: str, limit: float = 5.0) -> Run:
+    async with asyncio.timeout(limit):
+        while True:
+            run = await registry.get_run(run_id)
+            assert run is not None
+            if run.is_finished:
+                return run
+            await asyncio.sleep(0.01)
+
+
+async def test_a_run_started_while_another_one_stops_still_hears_its_cancel_request() -> None:
+    # Run A's cancel takes a while; B starts meanwhile (so it is not the manager's first run)
+    # and is asked to stop. The poll ended once every active run had a cancel under way, and
+    # nothing started it again while runs were active: B ran on, its request never acted on.
+    registry = RunRegistry()
+    manager = BackgroundTaskManager(registry)
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)
+            raise
+
+    a = Run(module_id="m")
+    b = Run(module_id="m")
+    manager.start_task(a, slow_to_stop())
+    await asyncio.sleep(0.05)
+    await registry.request_cancel(a.run_id, "stop A")
+    await asyncio.sleep(0.15)  # A's cancel is under way
+    manager.start_task(b, asyncio.sleep(30))
+    await asyncio.sleep(0.05)
+    await registry.request_cancel(b.run_id, "stop B")
+    stopped = await _until_finished(registry, b.run_id, limit=0.4)  # A is still stopping
+    assert stopped.status is RunStatus.CANCELLED and stopped.error_message == "stop B"
+    assert (await _until_finished(registry, a.run_id)).status is RunStatus.CANCELLED
+    await manager.shutdown()
+
+
+def test_cancel_requests_are_heard_in_a_later_event_loop_with_a_run_left_behind() -> None:
+    # A loop closed with a run of the manager still pending leaves that run active; the runs of
+    # the next loop are then never the manager's first, and its poll task died with the old
+    # loop: their cancel requests were never acted on.
+    registry = RunRegistry()
+    manager = BackgroundTaskManager(registry)
+    left = asyncio.new_event_loop()
+    try:
+        async def leave_one() -> None:
+            manager.start_task(Run(module_id="m"), asyncio.sleep(30))
+            await asyncio.sleep(0.05)
+
+        left.run_until_complete(leave_one())
+    finally:
+        left.close()  # the run's task never ends: it stays among the manager's runs
+
+    async def later() -> RunStatus:
+        run = Run(module_id="m")
+        manager.start_task(run, asyncio.sleep(30))
+        await asyncio.sleep(0.05)
+        await registry.request_cancel(run.run_id, "asked")
+        return (await _until_finished(registry, run.run_id, limit=2)).status
+
+    assert asyncio.run(later()) is RunStatus.CANCELLED

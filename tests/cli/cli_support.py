@@ -80,3 +80,12 @@ def kill_quietly(pids: Sequence[int]) -> None:
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).kill()
+
+
+def end_cli(proc: subprocess.Popen[bytes], pids: Sequence[int]) -> None:
+    """Clean-up of a test that started the command line: kill it if it still runs, collect
+    its output, and kill whatever of ``pids`` (the command's processes) still runs."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+    kill_quietly(pids)

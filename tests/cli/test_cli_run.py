@@ -10,9 +10,10 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cli_support import CLI, cli, cli_env, kill_quietly, start_cli, wait_gone
+from cli_support import CLI, cli, cli_env, end_cli, kill_quietly, start_cli, wait_gone
 
 PY = sys.executable
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and groups")
@@ -196,10 +197,7 @@ def test_sigkill_to_the_cli_takes_the_child_with_it(mode: str, tmp_path: Path) -
         assert proc.wait(timeout=10) == -signal.SIGKILL
         assert wait_gone([child], timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        kill_quietly([child])
+        end_cli(proc, [child])
 
 
 @posix_only
@@ -224,10 +222,7 @@ def test_second_interrupt_skips_the_grace_period() -> None:
         assert time.monotonic() - started < 10
         assert wait_gone([child], timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        kill_quietly([child])
+        end_cli(proc, [child])
 
 
 @posix_only
@@ -299,10 +294,7 @@ def test_reader_going_away_stops_the_child() -> None:
         assert proc.wait(timeout=20) == 128 + signal.SIGPIPE
         assert wait_gone([child], timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        kill_quietly([child])
+        end_cli(proc, [child])
 
 
 # The command exits 0 at once; its background job writes a moment later, while the command
@@ -310,18 +302,23 @@ def test_reader_going_away_stops_the_child() -> None:
 LATE_OUTPUT = ["--", "sh", "-c", "(sleep 0.3; printf 'important result\\n') & exit 0"]
 
 
+def run_late_output(mode: str, stdout: Any) -> subprocess.CompletedProcess[bytes]:
+    """The command line running LATE_OUTPUT in ``mode``, its stdout going to ``stdout``."""
+    return subprocess.run(
+        [*CLI, "run", "--mode", mode, *LATE_OUTPUT],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize("mode", ["async", "threaded", "local"])
 def test_output_that_cannot_be_written_after_the_exit_exits_125(mode: str) -> None:
     with open("/dev/full", "wb") as full:
-        result = subprocess.run(
-            [*CLI, "run", "--mode", mode, *LATE_OUTPUT],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            env=cli_env(),
-            timeout=60,
-            check=False,
-        )
+        result = run_late_output(mode, full)
     assert result.returncode == 125, result.stderr
     assert b"forwarding the command's output failed" in result.stderr
     assert b"the command itself exited with status 0" in result.stderr
@@ -333,14 +330,7 @@ def test_reader_gone_after_the_exit_exits_141(mode: str) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        result = subprocess.run(
-            [*CLI, "run", "--mode", mode, *LATE_OUTPUT],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            env=cli_env(),
-            timeout=60,
-            check=False,
-        )
+        result = run_late_output(mode, write_end)
     finally:
         os.close(write_end)
     assert result.returncode == 128 + signal.SIGPIPE, result.stderr

@@ -42,6 +42,18 @@ def keep_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, original)
 
 
+def record_sigterm() -> tuple[Callable[[int, FrameType | None], None], list[int]]:
+    """Make a Python SIGTERM handler the previous one (the fixture restores it); return it and
+    the list of the signals it is called with."""
+    calls: list[int] = []
+
+    def previous(signum: int, frame: FrameType | None) -> None:
+        calls.append(signum)
+
+    signal.signal(signal.SIGTERM, previous)
+    return previous, calls
+
+
 async def _until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -60,12 +72,7 @@ async def _tree(wrapper: pq.SubprocessWrapper, code: str = TREE_CHILD) -> tuple[
 
 @posix_only
 async def test_sigterm_stops_the_trees_then_calls_the_previous_handler() -> None:
-    calls: list[int] = []
-
-    def previous(signum: int, frame: FrameType | None) -> None:
-        calls.append(signum)
-
-    signal.signal(signal.SIGTERM, previous)
+    previous, calls = record_sigterm()
     async with pq.SubprocessWrapper(grace_period=2.0) as wrapper:
         proc, mark = await _tree(wrapper)
         handler = pq.install_shutdown_handler(grace=2.0)
@@ -217,8 +224,7 @@ async def test_without_loop_signal_handlers_a_plain_handler_hands_over_to_the_lo
 
 @posix_only
 async def test_a_second_signal_kills_at_once_and_passes_it_on_once() -> None:
-    calls: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    _, calls = record_sigterm()
     async with pq.SubprocessWrapper(grace_period=60.0) as wrapper:
         proc, mark = await _tree(wrapper, STUBBORN_CHILD)
         with pq.install_shutdown_handler(grace=60.0):
@@ -234,12 +240,7 @@ async def test_a_second_signal_kills_at_once_and_passes_it_on_once() -> None:
 
 
 def test_a_handler_whose_loop_closed_is_replaced() -> None:
-    calls: list[int] = []
-
-    def previous(signum: int, frame: FrameType | None) -> None:
-        calls.append(signum)
-
-    signal.signal(signal.SIGTERM, previous)
+    previous, _ = record_sigterm()
 
     async def install() -> pq.ShutdownHandler:
         return pq.install_shutdown_handler()
@@ -270,8 +271,7 @@ async def test_uninstalling_off_the_main_thread_is_refused_not_faked() -> None:
 
 @posix_only
 async def test_after_an_escalated_stop_the_next_signal_is_passed_on_again() -> None:
-    calls: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    _, calls = record_sigterm()
     async with pq.SubprocessWrapper(grace_period=60.0) as wrapper:
         proc, _ = await _tree(wrapper, STUBBORN_CHILD)
         with pq.install_shutdown_handler(grace=60.0) as handler:
@@ -289,12 +289,7 @@ async def test_after_an_escalated_stop_the_next_signal_is_passed_on_again() -> N
 
 @posix_only
 async def test_a_signal_given_twice_is_handled_once_and_restored() -> None:
-    calls: list[int] = []
-
-    def previous(signum: int, frame: FrameType | None) -> None:
-        calls.append(signum)
-
-    signal.signal(signal.SIGTERM, previous)
+    previous, calls = record_sigterm()
     handler = pq.ShutdownHandler([signal.SIGTERM, signal.SIGTERM], grace=1.0)
     assert handler.signals == (signal.SIGTERM,)
     handler.install()

@@ -247,6 +247,37 @@ def _check_pass_fds(value: Any) -> Any:
     return fds
 
 
+def check_stdio(name: str, value: object) -> None:
+    """Raise :class:`InvalidOptionError` unless ``value`` is what ``Popen`` takes for the
+    stream ``name`` (``"stdin"``, ``"stdout"`` or ``"stderr"``): ``None``, ``PIPE``,
+    ``DEVNULL``, ``STDOUT`` (``stderr`` only), an open file descriptor or an object whose
+    ``fileno()`` gives one. Checked in every mode, so DRY_RUN refuses what a real spawn would."""
+    if value is None:
+        return
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value in (subprocess.PIPE, subprocess.DEVNULL):
+            return
+        if value == subprocess.STDOUT and name == "stderr":
+            return
+        if value < 0:
+            raise InvalidOptionError(f"{name}={value!r} is not a file descriptor or stream")
+        try:
+            os.fstat(value)
+        except OSError:
+            raise InvalidOptionError(f"{name}={value} is not an open file descriptor") from None
+        return
+    fileno = getattr(value, "fileno", None)
+    if isinstance(value, bool) or not callable(fileno):
+        raise InvalidOptionError(
+            f"{name} must be None, PIPE, DEVNULL, a file descriptor or a file object, not "
+            f"{type(value).__name__}"
+        )
+    try:
+        fileno()
+    except (OSError, ValueError) as exc:  # io.UnsupportedOperation is both
+        raise InvalidOptionError(f"{name} has no file descriptor behind it: {exc}") from None
+
+
 def _check_account(option: str, value: object, *, kind: str | None = None) -> None:
     if value is None:
         return
@@ -266,8 +297,7 @@ def _check_account(option: str, value: object, *, kind: str | None = None) -> No
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidOptionError(
-            f"{option} must be a {kind} name or a numeric id, not {type(value).__name__} "
-            f"{value!r}"
+            f"{option} must be a {kind} name or a numeric id, not {type(value).__name__} {value!r}"
         )
     if value < 0:
         raise InvalidOptionError(f"{option}: a {kind} id cannot be negative, got {value}")

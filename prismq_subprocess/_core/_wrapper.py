@@ -38,6 +38,7 @@ from ._validation import (
     check_limit,
     check_popen_kwargs,
     check_shell_command,
+    check_stdio,
     check_timeout,
 )
 
@@ -238,6 +239,9 @@ class SubprocessWrapper(AsyncClosing):
         check_popen_kwargs(kwargs, shell=shell)
         kwargs.pop("shell", None)
         check_limit(limit, "limit", minimum=1)
+        check_stdio("stdin", stdin)
+        check_stdio("stdout", stdout)
+        check_stdio("stderr", stderr)
         grouped = self._ops.group_kwargs(kwargs, self._new_group)
         return SpawnRequest(
             command=command,

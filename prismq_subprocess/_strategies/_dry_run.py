@@ -7,11 +7,13 @@ then inspect :attr:`DryRunRecorder.calls`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,28 @@ __all__ = [
     "DryRunResponse",
     "DryRunStrategy",
 ]
+
+_POSIX = sys.platform != "win32"
+_VALID_SIGNALS = frozenset(int(sig) for sig in signal.valid_signals())
+# Signals whose default action does not end a POSIX process: ignored, or stopped (a stopped
+# process is still running, its returncode None).
+_KEEPS_RUNNING = frozenset(
+    {0}
+    | {
+        int(getattr(signal, name))
+        for name in (
+            "SIGCHLD",
+            "SIGCONT",
+            "SIGWINCH",
+            "SIGURG",
+            "SIGSTOP",
+            "SIGTSTP",
+            "SIGTTIN",
+            "SIGTTOU",
+        )
+        if hasattr(signal, name)
+    }
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +232,18 @@ class DryRunProcess(ProcessBase):
         self._recorder._set_input(self._index, data)
 
     def _send_signal(self, sig: int) -> None:
+        number = int(sig)
+        if _POSIX:
+            # As os.kill would: a number that names no signal is refused, and a signal that
+            # leaves a real process running (0, the "still alive?" probe; those ignored or
+            # stopping by default) leaves the fake one running too.
+            if number != 0 and number not in _VALID_SIGNALS:
+                raise OSError(errno.EINVAL, f"invalid signal number {number}")
+            if number in _KEEPS_RUNNING:
+                return
         if self._timer is not None:
             self._timer.cancel()
-        self._set_returncode(-int(sig))
+        self._set_returncode(-number)
 
     def terminate(self) -> None:
         """End the fake run with ``-SIGTERM``."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -160,6 +162,47 @@ async def test_good_options_still_pass(any_wrapper: pq.SubprocessWrapper) -> Non
             *py("pass"), pass_fds=[write], umask=0o22, process_group=-1, close_fds=True
         )
         assert result.returncode == 0
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+# Not a stream Popen takes: subprocess failed deep inside with a bare AttributeError (or EBADF
+# after the fork), and DRY_RUN accepted each of them.
+BAD_STDIO: list[dict[str, Any]] = [
+    {"stdout": "junk"},
+    {"stdin": object()},
+    {"stderr": -7},
+    {"stdout": 99999},  # not an open descriptor
+    {"stdout": True},
+    {"stdout": subprocess.STDOUT},  # for stderr only
+    {"stdin": io.BytesIO()},  # no descriptor behind it
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_STDIO, ids=lambda kwargs: repr(kwargs)[:30])
+async def test_bad_stdio_is_refused_in_every_mode(
+    any_wrapper: pq.SubprocessWrapper, kwargs: dict[str, Any]
+) -> None:
+    with pytest.raises(pq.exceptions.InvalidOptionError) as info:
+        await any_wrapper.create_subprocess_exec(*py("pass"), **kwargs)
+    assert next(iter(kwargs)) in str(info.value)
+    assert any_wrapper.live_processes == []
+
+
+async def test_good_stdio_still_passes(any_wrapper: pq.SubprocessWrapper) -> None:
+    read, write = os.pipe()
+    try:
+        with os.fdopen(os.dup(read), "rb") as reader:  # a file object
+            proc = await any_wrapper.create_subprocess_exec(
+                *py("pass"), stdin=reader, stdout=write, stderr=subprocess.STDOUT
+            )
+            assert await proc.wait() == 0
+        proc = await any_wrapper.create_subprocess_exec(
+            *py("pass"), stdin=subprocess.DEVNULL, stdout=None, stderr=subprocess.PIPE
+        )
+        await proc.communicate()
+        assert proc.returncode == 0
     finally:
         os.close(read)
         os.close(write)

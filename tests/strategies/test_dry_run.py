@@ -131,3 +131,22 @@ async def test_recorded_kwargs_are_the_callers() -> None:
     await wrapper.run("y")
     assert [c.kwargs for c in recorder.calls] == [{"close_fds": False}, {}]
     await wrapper.aclose()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGWINCH"), reason="POSIX signals")
+async def test_signals_that_leave_a_real_process_running_leave_the_fake_one_running() -> None:
+    # send_signal(0) is the usual "still alive?" probe; SIGCONT and SIGWINCH are ignored by
+    # default. Each ended the fake run (returncode 0, -18, -28), which production never does.
+    wrapper, _ = make({("sleep", "60"): DryRunResponse(duration=60.0)})
+    async with wrapper:
+        proc = await wrapper.create_subprocess_exec("sleep", "60")
+        for sig in (0, signal.SIGCONT, signal.SIGWINCH, signal.SIGCHLD, signal.SIGURG):
+            proc.send_signal(sig)
+            assert proc.returncode is None, sig
+        with pytest.raises(OSError):  # as os.kill says of a number that names no signal
+            proc.send_signal(-1)
+        with pytest.raises(OSError):
+            proc.send_signal(100_000)
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGHUP)  # ends a real process by default
+        assert await proc.wait() == -signal.SIGHUP

@@ -22,6 +22,9 @@ def start_popen(request: SpawnRequest, ops: PlatformOps) -> Spawned:
     """``Popen`` for ``request``, contained (cookie, cgroup, ...: see ``ops.prepare_spawn``);
     the child and its containment record. Blocking: call it from a worker thread."""
     kwargs, containment = ops.prepare_spawn(request.kwargs, request.die_with_host)
+    # Unbuffered, as below: the only value asyncio (and so our validation) lets through, which
+    # must not reach Popen twice.
+    kwargs.pop("bufsize", None)
     try:
         popen = subprocess.Popen(
             request.command,

@@ -85,6 +85,10 @@ class ThreadedProcess(PopenProcess):
         for reader in (self.stdout, self.stderr):
             if isinstance(reader, BridgedReader):
                 reader.release()
+        # Our end of its stdin too (as asyncio's transport does): the child is gone or its
+        # tree stopped, and the descriptor would otherwise stay open until collected.
+        if self.stdin is not None:
+            self.stdin.close()
 
 
 class ThreadedStrategy(SubprocessStrategy):
@@ -145,9 +149,7 @@ class ThreadedStrategy(SubprocessStrategy):
             loop, popen, limit=request.limit, bridge=self._bridge, use_pidfd=self._use_pidfd
         )
         process.on_exit = self.ops.child_exited
-        register_child(
-            process, self.ops.started_own_group(request.kwargs), containment, self.ops
-        )
+        register_child(process, self.ops.started_own_group(request.kwargs), containment, self.ops)
         return process
 
     def close(self) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
 import sys
 
 import pytest
+from conftest import WRAPPER_FACTORIES
 from helpers import PY, py
 
 import prismq_subprocess as pq
@@ -256,6 +258,30 @@ async def test_exec_rejects_what_asyncio_rejects(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         await any_wrapper.create_subprocess_exec(PY, "-c", "pass", **kwargs)
+
+
+async def test_exec_takes_what_asyncio_takes(any_wrapper: pq.SubprocessWrapper) -> None:
+    # bufsize=0 (asyncio's only value) reached Popen twice in THREADED and LOCAL: a bare
+    # TypeError "got multiple values for keyword argument 'bufsize'".
+    proc = await any_wrapper.create_subprocess_exec(
+        PY, "-c", "pass", bufsize=0, universal_newlines=False, shell=False
+    )
+    assert await proc.wait() == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("mode", ["async", "threaded", "threaded-threads", "local"])
+async def test_closing_the_wrapper_closes_a_running_childs_stdin(mode: str) -> None:
+    # THREADED released the child's stdout and stderr but kept its stdin's write end open
+    # (one descriptor per child until garbage collection, then a ResourceWarning).
+    before = len(os.listdir("/proc/self/fd"))
+    async with WRAPPER_FACTORIES[mode]() as wrapper:
+        proc = await wrapper.create_subprocess_exec(*py("import time; time.sleep(30)"), stdin=PIPE)
+    assert await asyncio.wait_for(proc.wait(), 10) is not None
+    assert proc.stdin is not None and proc.stdin.is_closing()
+    with contextlib.suppress(OSError):  # the child is gone: a broken pipe, at most
+        await asyncio.wait_for(proc.stdin.wait_closed(), 10)
+    assert len(os.listdir("/proc/self/fd")) <= before
 
 
 async def test_shell_rejects_bad_commands(any_wrapper: pq.SubprocessWrapper) -> None:

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, Protocol
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._run_process import ChildRun
-from .._platform import KILL_SIGNAL, PlatformOps
+from .._platform import IS_WINDOWS, KILL_SIGNAL, PlatformOps
 from ._base import RunStart, SpawnRequest, SubprocessStrategy
 from ._process_base import ProcessBase
 from ._stdin_buffer import BufferedStdin
@@ -36,7 +35,7 @@ __all__ = [
     "DryRunStrategy",
 ]
 
-_POSIX = sys.platform != "win32"
+_POSIX = not IS_WINDOWS
 _VALID_SIGNALS = frozenset(int(sig) for sig in signal.valid_signals())
 # Signals whose default action does not end a POSIX process: ignored, or stopped (a stopped
 # process is still running, its returncode None).

@@ -11,9 +11,11 @@ run). Jobs submitted while it works join the queue it is draining.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 __all__ = ["Backlog"]
 
@@ -36,12 +38,43 @@ class Backlog:
         self._busy = False  # a worker thread exists (running or lingering)
         self._idle = threading.Event()
         self._idle.set()
+        # Jobs submitted by a thread from inside this backlog's own locked sections: the cyclic
+        # GC runs weakref finalizers (containment releases submit here) wherever an allocation
+        # happens, the lock is not reentrant, and queue.SimpleQueue's put is (it is made for
+        # finalizers). The lock's holder moves them to the queue proper before it lets go.
+        self._inside = threading.local()
+        self._reentered: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
 
-    def submit(self, job: Callable[[], object]) -> None:
-        """Queue ``job``; returns at once. An exception it raises is logged, never raised."""
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         with self._lock:
+            self._inside.held = True
+            try:
+                yield
+            finally:
+                self._inside.held = False
+
+    def _take_reentered(self) -> None:
+        """Move jobs submitted from inside a locked section to the queue (lock held)."""
+        while True:
+            try:
+                job = self._reentered.get_nowait()
+            except queue.Empty:
+                return
             self._jobs.append(job)
             self._idle.clear()
+
+    def submit(self, job: Callable[[], object]) -> None:
+        """Queue ``job``; returns at once. An exception it raises is logged, never raised.
+
+        Safe to call from a finalizer, even one the GC runs inside this backlog's own code."""
+        if getattr(self._inside, "held", False):
+            self._reentered.put(job)
+            return
+        with self._locked():
+            self._jobs.append(job)
+            self._idle.clear()
+            self._take_reentered()
             if self._busy:
                 self._more.notify()
                 return
@@ -61,11 +94,13 @@ class Backlog:
 
     def _drain(self, linger: bool = True) -> None:
         while True:
-            with self._lock:
+            with self._locked():
+                self._take_reentered()
                 if not self._jobs:
                     self._idle.set()
                     if linger:
                         self._more.wait_for(lambda: bool(self._jobs), self._linger)
+                    self._take_reentered()  # (one may have come in during set() or the wait)
                     if not self._jobs:
                         # Decided under the lock: a submit after this starts a new thread.
                         self._busy = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -82,3 +83,56 @@ def test_where_no_thread_can_start_the_jobs_run_at_once(monkeypatch: pytest.Monk
     backlog.submit(lambda: ran.append("third"))  # threads again: back to normal
     assert backlog.wait_idle(5)
     assert ran == ["first", "second", "third"]
+
+
+class _ReenteringEvent(threading.Event):
+    """Calls ``reenter`` from inside set()/clear(), as a weakref finalizer run by the cyclic
+    GC in the middle of those calls would (one ran Containment's release_soon there)."""
+
+    def __init__(self, reenter: Callable[[], None], on: str) -> None:
+        super().__init__()
+        super().set()  # idle at first, as the backlog makes it
+        self.reenter = reenter
+        self.on = on  # "set" (the drain thread going idle) or "clear" (a submit)
+
+    def _fire(self, where: str) -> None:
+        if self.on == where:
+            self.on = ""
+            self.reenter()
+
+    def set(self) -> None:
+        with self._cond:  # held, as when the GC strikes inside Event.set
+            self._fire("set")
+        super().set()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._fire("clear")
+        super().clear()
+
+
+@pytest.mark.parametrize("where", ["drain", "submit"])
+def test_a_job_submitted_from_inside_the_backlog_itself_neither_deadlocks_nor_is_lost(
+    where: str,
+) -> None:
+    # A finalizer may submit on a thread that holds the backlog's lock (the drain thread setting
+    # its idle event, or a submit clearing it): the lock is not reentrant, and the whole host
+    # hung (CI: test_roundtrip, the drain thread and the main thread both in submit()).
+    backlog = Backlog("prismq-test-reenter", linger=0.05)
+    ran: list[str] = []
+    on = "set" if where == "drain" else "clear"
+    backlog._idle = _ReenteringEvent(lambda: backlog.submit(lambda: ran.append("nested")), on)
+    submitter = threading.Thread(target=backlog.submit, args=(lambda: ran.append("outer"),))
+    submitter.start()
+    submitter.join(5)
+    assert not submitter.is_alive(), "submit() deadlocked"
+    # In a thread of its own: a deadlocked backlog holds the idle event's lock for good.
+    idle: list[bool] = []
+    waiter = threading.Thread(target=lambda: idle.append(backlog.wait_idle(5)), daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert idle == [True], "the drain thread deadlocked"
+    deadline = time.monotonic() + 5
+    while sorted(ran) != ["nested", "outer"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(ran) == ["nested", "outer"]

@@ -173,27 +173,24 @@ class _CancelWatch:
         """Cancel the module's task (from any thread; once: a second cancel would cut its
         tree's graceful stop short)."""
         with self._lock:
-            if self._fired:
-                return
-            self._fired = True
+            first, self._fired = not self._fired, True
             target = self._target
-        if target is not None:
-            loop, task, _ = target
-            # A closed loop (RuntimeError) means the module already ended.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(task.cancel)
+        if first and target is not None:
+            self._on_loop(target[0], target[1].cancel)
 
     def kill(self) -> None:
         """Kill the module's tree at once (from any thread; after :meth:`fire`)."""
         with self._lock:
-            if self._killed:
-                return
-            self._killed = True
+            first, self._killed = not self._killed, True
             target = self._target
-        if target is not None:
-            loop, _, kill = target
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(kill)
+        if first and target is not None:
+            self._on_loop(target[0], target[2])
+
+    @staticmethod
+    def _on_loop(loop: asyncio.AbstractEventLoop, call: Callable[[], object]) -> None:
+        # A closed loop (RuntimeError) means the module already ended.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(call)
 
     def _watch(self) -> None:
         unreachable_since: float | None = None

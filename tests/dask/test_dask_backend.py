@@ -107,9 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SubprocessClus
 
 @pytest.fixture
 async def client(cluster: SubprocessCluster) -> AsyncIterator[Any]:
-    async with distributed.Client(
-        cluster.address, asynchronous=True, set_as_default=False
-    ) as c:
+    async with distributed.Client(cluster.address, asynchronous=True, set_as_default=False) as c:
         await c.wait_for_workers(2, timeout=WAIT)
         yield c
 
@@ -182,6 +180,22 @@ async def stored(runner: ModuleRunner, run_id: str) -> Run:
     run = await runner.registry.get_run(run_id)
     assert run is not None
     return run
+
+
+async def start_gated_tree(
+    runner: ModuleRunner, scripts: dict[str, str], tmp_path: Path, module_id: str
+) -> tuple[str, int, int]:
+    """A gated module with a grandchild, running: ``(run_id, its pid, the grandchild's pid)``."""
+    run_id = await runner.start_module(
+        module_id,
+        "gated",
+        scripts["gated"],
+        {"gate": str(tmp_path / "never"), "grandchild": True},
+    )
+    grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+    pid = (await stored(runner, run_id)).pid
+    assert pid is not None and alive(pid)
+    return run_id, pid, grandchild
 
 
 async def finished(runner: ModuleRunner, run_id: str) -> Run:
@@ -267,9 +281,7 @@ async def test_the_sse_helper_streams_a_cluster_run_and_resumes_from_last_event_
     runner = runner_for(DaskBackend(client))
     async with runner:
         run_id = await runner.start_module("s", "lines", scripts["lines"], {"count": 4, "code": 2})
-        live = "".join(
-            [chunk async for chunk in sse_events(out(runner), run_id, heartbeat=None)]
-        )
+        live = "".join([chunk async for chunk in sse_events(out(runner), run_id, heartbeat=None)])
         resumed = "".join(
             [chunk async for chunk in sse_events(out(runner), run_id, last_event_id="2")]
         )
@@ -434,9 +446,7 @@ async def test_cancel_running_stops_the_whole_tree_on_the_worker(
         run_id = await runner.start_module(
             "c", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
         )
-        grandchild = int(
-            (await wait_for_line(out(runner), run_id, "grandchild")).split()[1]
-        )
+        grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
         running = await stored(runner, run_id)
         assert running.status is RunStatus.RUNNING and running.pid is not None
         worker_pid = (await worker_pids(client))[str(running.worker)]
@@ -585,16 +595,9 @@ async def test_a_host_that_goes_away_leaves_nothing_running_on_the_workers(
 ) -> None:
     # The host's client disconnects (its process died, say): the scheduler drops its tasks and
     # each worker stops the module its task started.
-    host = await distributed.Client(
-        cluster.address, asynchronous=True, set_as_default=False
-    )
+    host = await distributed.Client(cluster.address, asynchronous=True, set_as_default=False)
     runner = runner_for(DaskBackend(host))
-    run_id = await runner.start_module(
-        "h", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
-    )
-    grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
-    pid = (await stored(runner, run_id)).pid
-    assert pid is not None and alive(pid)
+    run_id, pid, grandchild = await start_gated_tree(runner, scripts, tmp_path, "h")
     await host.close()
     await until(lambda: not alive(pid) and not alive(grandchild), "the module was stopped")
     await runner.aclose()
@@ -607,19 +610,12 @@ async def test_a_lost_scheduler_leaves_nothing_running_on_the_workers(
     scripts: dict[str, str], tmp_path: Path
 ) -> None:
     # A cluster of its own: its scheduler dies for good.
-    small = await asyncio.to_thread(
-        SubprocessCluster, tmp_path / "small", n_workers=1, nthreads=2
-    )
+    small = await asyncio.to_thread(SubprocessCluster, tmp_path / "small", n_workers=1, nthreads=2)
     try:
         host = await distributed.Client(small.address, asynchronous=True, set_as_default=False)
         await host.wait_for_workers(1, timeout=WAIT)
         runner = runner_for(DaskBackend(host, orphan_timeout=1.0))
-        run_id = await runner.start_module(
-            "s", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
-        )
-        grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
-        pid = (await stored(runner, run_id)).pid
-        assert pid is not None and alive(pid)
+        run_id, pid, grandchild = await start_gated_tree(runner, scripts, tmp_path, "s")
         await asyncio.to_thread(small.kill_scheduler)
         run = await finished(runner, run_id)
         assert run.status is RunStatus.FAILED and run.error_message is not None
@@ -643,12 +639,7 @@ async def test_a_worker_that_closes_stops_the_modules_it_runs(
         host = await distributed.Client(small.address, asynchronous=True, set_as_default=False)
         await host.wait_for_workers(1, timeout=WAIT)
         runner = runner_for(DaskBackend(host))
-        run_id = await runner.start_module(
-            "w", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
-        )
-        grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
-        pid = (await stored(runner, run_id)).pid
-        assert pid is not None and alive(pid)
+        run_id, pid, grandchild = await start_gated_tree(runner, scripts, tmp_path, "w")
         assert small.workers is not None
         small.workers.terminate()  # the reaper passes it on to `dask worker`
         await until(
@@ -722,9 +713,7 @@ async def test_bad_configuration_raises_before_anything_starts(
         DaskBackend("tcp://127.0.0.1:1", resources={"slots": 0})
     with pytest.raises(pq.exceptions.InvalidIntervalError):
         DaskBackend("tcp://127.0.0.1:1", worker_check_interval=0)
-    sync_client = await asyncio.to_thread(
-        distributed.Client, cluster.address, set_as_default=False
-    )
+    sync_client = await asyncio.to_thread(distributed.Client, cluster.address, set_as_default=False)
     try:
         with pytest.raises(pq.exceptions.InvalidBackendError, match="asynchronous"):
             DaskBackend(sync_client)
@@ -832,9 +821,7 @@ async def test_worker_killed_mid_run_interrupts_the_run_without_retrying_it(
                 scripts["gated"],
                 {"gate": str(tmp_path / "never"), "marker": str(marker), "grandchild": True},
             )
-            grandchild = int(
-                (await wait_for_line(out(runner), run_id, "grandchild")).split()[1]
-            )
+            grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
             running = await stored(runner, run_id)
             assert running.pid is not None
             os.kill((await worker_pids(client))[str(running.worker)], signal.SIGKILL)

@@ -121,26 +121,36 @@ _COLUMNS = (*_V1_COLUMNS, "worker")
 # damaged value).
 _SELECT = f"SELECT rowid, {', '.join(_COLUMNS)} FROM runs"
 _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
-# The update of a run to status S only matches a stored row whose status may become S.
+# Numbered parameters (?1 is run_id, ?2 module_id, ...: _COLUMNS order): every UPDATE below
+# takes a run's row (_row_values) as it is, whatever the order of its SET and WHERE terms.
+_PARAM = {column: f"?{number}" for number, column in enumerate(_COLUMNS, start=1)}
+_UPDATE = (
+    f"UPDATE runs SET {', '.join(f'{c} = {_PARAM[c]}' for c in _COLUMNS[1:])} WHERE run_id = ?1"
+)
+# The update of a run to status S only matches a stored row whose status may become S. Keyed
+# by the status's value (a row's own item), not the member: an enum member's hash is a Python
+# call, and the writer thread looks one up per update.
 _STATUS_MAY_BECOME = {
-    target: f"status IN ({', '.join(repr(s.value) for s in sorted(stored_statuses_for(target)))})"
+    target.value: (
+        f"status IN ({', '.join(repr(s.value) for s in sorted(stored_statuses_for(target)))})"
+    )
     for target in RunStatus
 }
 _UPDATE_CHECKED = {target: f"{_UPDATE} AND {where}" for target, where in _STATUS_MAY_BECOME.items()}
 # The usual update: module_id and created_at as stored. Setting an indexed column rewrites its
 # index entries even to the same value (runs_created and runs_module_created: about 40% of an
 # update's time), so this form leaves them out of SET and matches them in WHERE instead; a run
-# whose caller changed either falls back to _UPDATE_CHECKED. Its parameters: _keeping_keys().
+# whose caller changed either falls back to _UPDATE_CHECKED.
 _KEPT = frozenset(("run_id", "module_id", "created_at"))
 _UPDATE_KEEPING_KEYS = {
-    target: f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS if c not in _KEPT)} "
-    f"WHERE run_id = ? AND module_id = ? AND created_at = ? AND {where}"
+    target: "UPDATE runs SET "
+    + ", ".join(f"{c} = {_PARAM[c]}" for c in _COLUMNS if c not in _KEPT)
+    + " WHERE "
+    + " AND ".join(f"{c} = {_PARAM[c]}" for c in _COLUMNS if c in _KEPT)
+    + f" AND {where}"
     for target, where in _STATUS_MAY_BECOME.items()
 }
-_MODULE_ID, _CREATED_AT = _COLUMNS.index("module_id"), _COLUMNS.index("created_at")
-# _keeping_keys() relies on this order: run_id, module_id, the rest with created_at inside.
-assert _COLUMNS[0] == "run_id" and _MODULE_ID == 1 and _CREATED_AT > _MODULE_ID
+_STATUS = _COLUMNS.index("status")
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED_STATUSES))
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
 
@@ -333,32 +343,24 @@ def _from_micros(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + value * _MICRO
 
 
-def _keeping_keys(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The parameters of _UPDATE_KEEPING_KEYS for a row's values (_COLUMNS order)."""
-    return (
-        *values[_MODULE_ID + 1 : _CREATED_AT],
-        *values[_CREATED_AT + 1 :],
-        values[0],
-        values[_MODULE_ID],
-        values[_CREATED_AT],
-    )
-
-
 def _row_values(run: Run) -> tuple[Any, ...]:
+    # Made on the loop for every write: _to_micros written out, and the status's value read
+    # from its member (``_value_``) rather than through the enum's ``value`` property.
     owner = run.owner
     parameters, tail = run.parameters, run.output_tail
+    created, started, finished = run.created_at, run.started_at, run.finished_at
     return (
         run.run_id,
         run.module_id,
         run.module_name,
         # Most runs have neither parameters nor an output tail: skip the encoder for those.
         json.dumps(parameters) if parameters or type(parameters) is not dict else "{}",
-        run.status.value,
+        run._status._value_,
         run.exit_code,
         run.error_message,
-        _to_micros(run.created_at),
-        _to_micros(run.started_at),
-        _to_micros(run.finished_at),
+        None if created is None else (created - _EPOCH) // _MICRO,
+        None if started is None else (started - _EPOCH) // _MICRO,
+        None if finished is None else (finished - _EPOCH) // _MICRO,
         run.pid,
         run.mode,
         json.dumps(tail) if tail or type(tail) is not list else "[]",
@@ -667,7 +669,7 @@ class _Database:
                     continue
                 run.mark_interrupted(orphan_reason(run) + stopped.get(run.run_id, ""))
                 values = _row_values(run)
-                conn.execute(_UPDATE, (*values[1:], run.run_id))
+                conn.execute(_UPDATE, values)
                 recovered.append(run.run_id)
             return recovered
 
@@ -683,9 +685,11 @@ class _Database:
                 raise DuplicateRunError(
                     f"a run with run_id {values[0]!r} is already registered"
                 ) from None
-            self._retain(conn, max_runs, max_age)
+            if not atomic:
+                self._retain(conn, max_runs, max_age)
 
-        self.write(step, atomic=max_runs is None and max_age is None)
+        atomic = max_runs is None and max_age is None
+        self.write(step, atomic=atomic)
 
     def update(self, values: tuple[Any, ...], status: RunStatus) -> None:
         """Store the row of a run whose status is ``status``; the caller checked
@@ -695,9 +699,10 @@ class _Database:
         def step(conn: sqlite3.Connection) -> None:
             # At most one of the two UPDATEs changes the row: the second only runs when the
             # first matched nothing.
-            if conn.execute(_UPDATE_KEEPING_KEYS[status], _keeping_keys(values)).rowcount:
+            target = values[_STATUS]
+            if conn.execute(_UPDATE_KEEPING_KEYS[target], values).rowcount:
                 return
-            if conn.execute(_UPDATE_CHECKED[status], (*values[1:], run_id)).rowcount:
+            if conn.execute(_UPDATE_CHECKED[target], values).rowcount:
                 return
             row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
@@ -1012,20 +1017,30 @@ class SQLiteRunRegistry(BaseRunRegistry):
         db = self._db
         if db is None or self._closed:  # the open registry's writes skip a coroutine
             db = await self._database()
-        self._check_writable(db)  # before the caller's run is touched
+        if db.read_only:  # before the caller's run is touched
+            self._check_writable(db)
         if run.owner is None:
             run.owner = RunOwner.current()
-        await self._worker().call(db.add, _row_values(run), self.max_runs, self.max_age, group=db)
+        executor = self._executor
+        if executor is None:  # closed meanwhile, from another loop
+            raise self._closed_error()
+        # enqueue, not call: one coroutine fewer per write (the loop's share of a write is
+        # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
+        await executor.enqueue(db.add, (_row_values(run), self.max_runs, self.max_age), db)
 
     async def update_run(self, run: Run) -> None:
         db = self._db
         if db is None or self._closed:
             db = await self._database()
-        self._check_writable(db)
+        if db.read_only:
+            self._check_writable(db)
         error = unstorable(run)
         if error is not None:
             raise error
-        await self._worker().call(db.update, _row_values(run), run._status, group=db)
+        executor = self._executor
+        if executor is None:
+            raise self._closed_error()
+        await executor.enqueue(db.update, (_row_values(run), run._status), db)
 
     async def get_run(self, run_id: str) -> Run | None:
         db = await self._database()

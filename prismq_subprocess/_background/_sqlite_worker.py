@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import operator
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["GroupTarget", "SQLiteWorker"]
 
@@ -35,40 +36,37 @@ class GroupTarget(Protocol):
     conn: sqlite3.Connection
 
 
-class _Job(Generic[_T]):
-    __slots__ = ("args", "error", "fn", "future", "group", "loop", "result")
-
-    def __init__(
-        self,
-        fn: Callable[..., _T],
-        args: tuple[Any, ...],
-        group: GroupTarget | None,
-        loop: asyncio.AbstractEventLoop | None,
-        future: asyncio.Future[_T] | concurrent.futures.Future[_T],
-    ) -> None:
-        self.fn = fn
-        self.args = args
-        self.group = group
-        self.loop = loop
-        self.future = future
-        self.result: Any = None
-        self.error: BaseException | None = None
-
+# A queued job: (fn, args, group, loop, future). A plain tuple, made in C: the loop makes one
+# per registry write, and a class's __init__ was a tenth of the loop's Python per write.
+# ``loop`` is None for a job from submit() (its future a concurrent.futures.Future).
+_Job = tuple[
+    Callable[..., Any],
+    tuple[Any, ...],
+    "GroupTarget | None",
+    "asyncio.AbstractEventLoop | None",
+    "asyncio.Future[Any] | concurrent.futures.Future[Any]",
+]
+# What a job came to: (error, result), error None for a result.
+_Outcome = tuple["BaseException | None", Any]
 
 _STOP = object()
 
 
-def _deliver(jobs: list[_Job[Any]]) -> None:
-    # On the loop: a caller that was cancelled meanwhile gets nothing (its write happened).
-    for job in jobs:
-        future = job.future
-        assert isinstance(future, asyncio.Future)
+_group_of = operator.itemgetter(2)
+_loop_of = operator.itemgetter(3)
+
+
+def _deliver(jobs: list[_Job], outcomes: list[_Outcome]) -> None:
+    # On the loop, for jobs queued from it: a caller that was cancelled meanwhile gets nothing
+    # (its write happened).
+    for job, (error, result) in zip(jobs, outcomes, strict=True):
+        future = job[4]
         if future.done():
             continue
-        if job.error is not None:
-            future.set_exception(job.error)
+        if error is not None:
+            future.set_exception(error)
         else:
-            future.set_result(job.result)
+            future.set_result(result)
 
 
 def _closed_worker() -> BaseException:
@@ -83,7 +81,7 @@ class SQLiteWorker:
     def __init__(self, name: str, *, closed: Callable[[], BaseException] = _closed_worker) -> None:
         """``closed`` makes the exception a call or submit raises once :meth:`shutdown` began
         (callers may be on other loops and threads than the one that shuts it down)."""
-        self._queue: queue.SimpleQueue[_Job[Any] | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._closed_error = closed
         # Queueing and stopping under one lock: no job lands behind the stop, where no thread
         # would ever answer it.
@@ -92,11 +90,22 @@ class SQLiteWorker:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
-    def _put(self, job: _Job[Any]) -> None:
+    def _put(self, job: _Job | object) -> None:
         with self._lock:
             if self._stopping:
                 raise self._closed_error()
             self._queue.put(job)
+
+    def enqueue(
+        self, fn: Callable[..., _T], args: tuple[Any, ...], group: GroupTarget | None = None
+    ) -> asyncio.Future[_T]:
+        """Queue ``fn(*args)`` from a running loop and return the future of its result: what
+        :meth:`call` awaits, for a caller that awaits it itself (one coroutine fewer per
+        write). Raises the ``closed`` exception once :meth:`shutdown` began."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._put((fn, args, group, loop, future))
+        return future
 
     async def call(self, fn: Callable[..., _T], *args: Any, group: GroupTarget | None = None) -> _T:
         """Run ``fn(*args)`` on the thread and return its result.
@@ -107,15 +116,12 @@ class SQLiteWorker:
 
         Cancellation: the job still runs (or already ran); only the wait ends.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_T] = loop.create_future()
-        self._put(_Job(fn, args, group, loop, future))
-        return await future
+        return await self.enqueue(fn, args, group)
 
     def submit(self, fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
         """Run ``fn`` on the thread on its own (not grouped); for open and close."""
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
-        self._put(_Job(fn, (), None, None, future))
+        self._put((fn, (), None, None, future))
         return future
 
     def shutdown(self, *, wait: bool = True) -> None:
@@ -139,67 +145,74 @@ class SQLiteWorker:
                 except queue.Empty:
                     break
             stop = _STOP in batch
-            jobs = [job for job in batch if isinstance(job, _Job)]
-            self._run_batch(jobs)
+            if stop:
+                batch.remove(_STOP)  # the only non-job; nothing is queued behind it
+            jobs: list[_Job] = batch  # type: ignore[assignment]
+            self._notify(jobs, self._run_batch(jobs))
             if stop:
                 return
 
-    def _run_batch(self, jobs: list[_Job[Any]]) -> None:
+    def _run_batch(self, jobs: list[_Job]) -> list[_Outcome]:
+        if len(jobs) > 1:
+            groups = set(map(_group_of, jobs))
+            if len(groups) == 1:  # the usual batch: writes to one registry
+                group = groups.pop()
+                if group is not None:
+                    return self._run_group(group, jobs)
+        outcomes: list[_Outcome] = []
         start = 0
         while start < len(jobs):
-            group = jobs[start].group
+            group = jobs[start][2]
             end = start + 1
             if group is not None:
-                while end < len(jobs) and jobs[end].group is group:
+                while end < len(jobs) and jobs[end][2] is group:
                     end += 1
-                self._run_group(group, jobs[start:end])
+            if end - start > 1:
+                assert group is not None
+                outcomes += self._run_group(group, jobs[start:end])
             else:
-                self._run_one(jobs[start])
+                # One write alone: its own write() opens and commits its transaction.
+                outcomes.append(self._run_one(jobs[start]))
             start = end
-        self._notify(jobs)
+        return outcomes
 
     @staticmethod
-    def _run_one(job: _Job[Any]) -> None:
+    def _run_one(job: _Job) -> _Outcome:
         try:
-            job.result = job.fn(*job.args)
+            return None, job[0](*job[1])
         except StopIteration as exc:
             # asyncio refuses StopIteration as a future's exception (set_exception raises, and
             # the rest of the batch's callers would never be answered): as a coroutine would.
-            error = RuntimeError(
-                f"{getattr(job.fn, '__qualname__', job.fn)!s} raised StopIteration"
-            )
+            fn = job[0]
+            error = RuntimeError(f"{getattr(fn, '__qualname__', fn)!s} raised StopIteration")
             error.__cause__ = exc
-            job.error = error
+            return error, None
         except BaseException as exc:  # handed to the caller; the thread keeps serving
-            job.error = exc
+            return exc, None
 
-    def _run_group(self, group: GroupTarget, jobs: list[_Job[Any]]) -> None:
+    def _run_group(self, group: GroupTarget, jobs: list[_Job]) -> list[_Outcome]:
         conn = group.conn
-        if len(jobs) == 1:
-            self._run_one(jobs[0])  # its own write() opens and commits its transaction
-            return
         try:
             conn.execute("BEGIN IMMEDIATE")
         except BaseException as exc:  # busy beyond busy_timeout, disk error: nobody ran
-            for job in jobs:
-                job.error = exc
-            return
-        done: list[_Job[Any]] = []  # ran inside the open transaction, not yet committed
+            return [(exc, None)] * len(jobs)
+        run_one = self._run_one
+        outcomes: list[_Outcome] = []
+        done = 0  # outcomes[done:] ran inside the open transaction, not yet committed
         for job in jobs:
-            self._run_one(job)
+            outcome = run_one(job)
+            outcomes.append(outcome)
             if conn.in_transaction:
-                done.append(job)
                 continue
             # The failure ended the whole transaction (SQLite does so on some errors, e.g. a
             # full disk): the earlier writes of the group are gone, so they fail too; the rest
             # run on their own, each in its own transaction.
-            lost = job.error or sqlite3.OperationalError("the group transaction ended early")
-            for earlier in done:
-                earlier.error = lost
-                earlier.result = None
-            done = []
+            lost = outcome[0] or sqlite3.OperationalError("the group transaction ended early")
+            for index in range(done, len(outcomes) - 1):
+                outcomes[index] = (lost, None)
+            done = len(outcomes)
         if not conn.in_transaction:
-            return
+            return outcomes
         try:
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -207,28 +220,39 @@ class SQLiteWorker:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-            for job in done:
-                job.error = exc
-                job.result = None
+            for index in range(done, len(outcomes)):
+                outcomes[index] = (exc, None)
+        return outcomes
 
     @staticmethod
-    def _notify(jobs: list[_Job[Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Job[Any]]] = {}
-        for job in jobs:
-            if job.loop is None:
-                future = job.future
+    def _notify(jobs: list[_Job], outcomes: list[_Outcome]) -> None:
+        loops = set(map(_loop_of, jobs))
+        if len(loops) == 1 and None not in loops:  # the usual batch: callers on one loop
+            _call_soon(loops.pop(), jobs, outcomes)
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, tuple[list[_Job], list[_Outcome]]] = {}
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            loop, future = job[3], job[4]
+            if loop is None:
                 assert isinstance(future, concurrent.futures.Future)
+                error, result = outcome
                 # A cancelled submitter (its job ran anyway) cleans up itself, see open(); the
                 # cancel may race this, and must not end the thread.
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
-                    if job.error is not None:
-                        future.set_exception(job.error)
+                    if error is not None:
+                        future.set_exception(error)
                     else:
-                        future.set_result(job.result)
+                        future.set_result(result)
             else:
-                by_loop.setdefault(job.loop, []).append(job)
-        for loop, waiting in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, waiting)
-            except RuntimeError:
-                continue  # that loop is closed: nobody is waiting any more
+                if loop not in by_loop:
+                    by_loop[loop] = ([], [])
+                on_loop = by_loop[loop]
+                on_loop[0].append(job)
+                on_loop[1].append(outcome)
+        for loop, (loop_jobs, loop_outcomes) in by_loop.items():
+            _call_soon(loop, loop_jobs, loop_outcomes)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, jobs: list[_Job], outcomes: list[_Outcome]) -> None:
+    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(_deliver, jobs, outcomes)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from prismq_subprocess._background._run_record import Run, RunStatus
-from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
+from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry, _Database
 from prismq_subprocess._core._exceptions import (
     DuplicateRunError,
     PrismQError,
@@ -490,3 +490,92 @@ async def test_a_call_racing_a_close_from_another_thread_says_closed(tmp_path: P
     with pytest.raises(RegistryClosedError):
         await registry.get_run("x")
     assert sqlite_threads() == []
+
+
+def table_on_thread(tmp_path: Path) -> _Database:
+    """A registry database with a scratch table, made on the calling (the worker's) thread."""
+    db = _Database(str(tmp_path / "r.db"), 1.0)
+    db.conn.execute("CREATE TABLE t (v INTEGER)")
+    return db
+
+
+async def test_one_batch_answers_callers_on_two_loops_and_a_submitter(tmp_path: Path) -> None:
+    """Writes queued together from two event loops (two threads) and a ``submit`` share one
+    batch: each caller gets its own result on its own loop."""
+    from prismq_subprocess._background._sqlite_worker import SQLiteWorker
+
+    worker = SQLiteWorker("prismq-sqlite-test")
+    db = worker.submit(lambda: table_on_thread(tmp_path)).result(timeout=5)
+
+    def insert(value: int) -> tuple[int, str]:
+        db.write(lambda conn: conn.execute("INSERT INTO t VALUES (?)", (value,)), atomic=True)
+        return value, threading.current_thread().name
+
+    try:
+        gate = threading.Event()
+        held = worker.submit(lambda: gate.wait(5.0))  # what follows queues up behind it
+        other_loop: list[object] = []
+
+        def on_another_loop() -> None:
+            async def write() -> object:
+                return await worker.call(insert, 2, group=db)
+
+            other_loop.append(asyncio.run(write()))
+
+        thread = threading.Thread(target=on_another_loop)
+        thread.start()
+        mine = asyncio.ensure_future(worker.call(insert, 1, group=db))
+        submitted = worker.submit(lambda: insert(3))
+        await asyncio.sleep(0.1)  # the other loop's job is queued too
+        gate.set()
+        assert held.result(timeout=5) is True
+        assert (await asyncio.wait_for(mine, 5))[0] == 1
+        assert submitted.result(timeout=5)[0] == 3
+        thread.join(5)
+        assert other_loop and other_loop[0] == (2, "prismq-sqlite-test")
+        rows = await worker.call(lambda: db.conn.execute("SELECT v FROM t ORDER BY v").fetchall())
+        assert rows == [(1,), (2,), (3,)]
+    finally:
+        worker.submit(db.conn.close).result(timeout=5)
+        worker.shutdown()
+
+
+async def test_a_write_that_ends_the_group_transaction_fails_the_writes_before_it(
+    tmp_path: Path,
+) -> None:
+    """A write inside a group that ends the transaction (as SQLite does on a full disk) takes
+    the group's earlier, uncommitted writes with it: their callers get an error, not a success
+    that was never stored. The writes after it still run, each on its own."""
+    from prismq_subprocess._background._sqlite_worker import SQLiteWorker
+
+    worker = SQLiteWorker("prismq-sqlite-test")
+    db = worker.submit(lambda: table_on_thread(tmp_path)).result(timeout=5)
+
+    def insert(value: int) -> int:
+        db.write(lambda conn: conn.execute("INSERT INTO t VALUES (?)", (value,)), atomic=True)
+        return value
+
+    def ends_the_transaction() -> str:
+        db.conn.execute("ROLLBACK")
+        raise OSError("disk full, as SQLite reports it")
+
+    try:
+        gate = threading.Event()
+        held = asyncio.ensure_future(worker.call(gate.wait, 5.0))
+        await asyncio.sleep(0.05)
+        calls = [
+            asyncio.ensure_future(worker.call(insert, 1, group=db)),
+            asyncio.ensure_future(worker.call(ends_the_transaction, group=db)),
+            asyncio.ensure_future(worker.call(insert, 3, group=db)),
+        ]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await held
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert isinstance(results[0], OSError) and "disk full" in str(results[0])
+        assert isinstance(results[1], OSError)
+        assert results[2] == 3
+        assert await worker.call(lambda: db.conn.execute("SELECT v FROM t").fetchall()) == [(3,)]
+    finally:
+        worker.submit(db.conn.close).result(timeout=5)
+        worker.shutdown()

@@ -121,12 +121,7 @@ _COLUMNS = (*_V1_COLUMNS, "worker")
 # damaged value).
 _SELECT = f"SELECT rowid, {', '.join(_COLUMNS)} FROM runs"
 _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-# Numbered parameters (?1 is run_id, ?2 module_id, ...: _COLUMNS order): every UPDATE below
-# takes a run's row (_row_values) as it is, whatever the order of its SET and WHERE terms.
-_PARAM = {column: f"?{number}" for number, column in enumerate(_COLUMNS, start=1)}
-_UPDATE = (
-    f"UPDATE runs SET {', '.join(f'{c} = {_PARAM[c]}' for c in _COLUMNS[1:])} WHERE run_id = ?1"
-)
+_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE run_id = ?"
 # The update of a run to status S only matches a stored row whose status may become S. Keyed
 # by the status's value (a row's own item), not the member: an enum member's hash is a Python
 # call, and the writer thread looks one up per update.
@@ -140,17 +135,19 @@ _UPDATE_CHECKED = {target: f"{_UPDATE} AND {where}" for target, where in _STATUS
 # The usual update: module_id and created_at as stored. Setting an indexed column rewrites its
 # index entries even to the same value (runs_created and runs_module_created: about 40% of an
 # update's time), so this form leaves them out of SET and matches them in WHERE instead; a run
-# whose caller changed either falls back to _UPDATE_CHECKED.
+# whose caller changed either falls back to _UPDATE_CHECKED. Its parameters: _keeping_keys().
+# (Plain "?" placeholders: numbered ones, which would take the row as it is, may not be bound
+# from a sequence from Python 3.14 on, and warn from 3.12.)
 _KEPT = frozenset(("run_id", "module_id", "created_at"))
 _UPDATE_KEEPING_KEYS = {
-    target: "UPDATE runs SET "
-    + ", ".join(f"{c} = {_PARAM[c]}" for c in _COLUMNS if c not in _KEPT)
-    + " WHERE "
-    + " AND ".join(f"{c} = {_PARAM[c]}" for c in _COLUMNS if c in _KEPT)
-    + f" AND {where}"
+    target: f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS if c not in _KEPT)} "
+    f"WHERE run_id = ? AND module_id = ? AND created_at = ? AND {where}"
     for target, where in _STATUS_MAY_BECOME.items()
 }
+_MODULE_ID, _CREATED_AT = _COLUMNS.index("module_id"), _COLUMNS.index("created_at")
 _STATUS = _COLUMNS.index("status")
+# _keeping_keys() relies on this order: run_id, module_id, the rest with created_at inside.
+assert _COLUMNS[0] == "run_id" and _MODULE_ID == 1 and _CREATED_AT > _MODULE_ID
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED_STATUSES))
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
 
@@ -341,6 +338,17 @@ def _to_micros(value: datetime | None) -> int | None:
 
 def _from_micros(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + value * _MICRO
+
+
+def _keeping_keys(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The parameters of _UPDATE_KEEPING_KEYS for a row's values (_COLUMNS order)."""
+    return (
+        *values[_MODULE_ID + 1 : _CREATED_AT],
+        *values[_CREATED_AT + 1 :],
+        values[0],
+        values[_MODULE_ID],
+        values[_CREATED_AT],
+    )
 
 
 def _row_values(run: Run) -> tuple[Any, ...]:
@@ -669,7 +677,7 @@ class _Database:
                     continue
                 run.mark_interrupted(orphan_reason(run) + stopped.get(run.run_id, ""))
                 values = _row_values(run)
-                conn.execute(_UPDATE, values)
+                conn.execute(_UPDATE, (*values[1:], run.run_id))
                 recovered.append(run.run_id)
             return recovered
 
@@ -700,9 +708,9 @@ class _Database:
             # At most one of the two UPDATEs changes the row: the second only runs when the
             # first matched nothing.
             target = values[_STATUS]
-            if conn.execute(_UPDATE_KEEPING_KEYS[target], values).rowcount:
+            if conn.execute(_UPDATE_KEEPING_KEYS[target], _keeping_keys(values)).rowcount:
                 return
-            if conn.execute(_UPDATE_CHECKED[target], values).rowcount:
+            if conn.execute(_UPDATE_CHECKED[target], (*values[1:], run_id)).rowcount:
                 return
             row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:

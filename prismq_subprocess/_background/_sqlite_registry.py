@@ -381,12 +381,54 @@ def _row_values(run: Run) -> tuple[Any, ...]:
     )
 
 
+# The types a column may hold in a row this library wrote (what sqlite3 hands back for it):
+# anything else is damage, and the row is quarantined rather than served (a bytes module_id
+# breaks a host's json.dumps(run.to_dict()); a text owner_pid broke recovery, so the open).
+_TEXT = (str,)
+_OPTIONAL_TEXT = (str, type(None))
+_OPTIONAL_INT = (int, type(None))
+_OPTIONAL_REAL = (float, int, type(None))
+_COLUMN_TYPES: tuple[tuple[int, str, tuple[type, ...]], ...] = tuple(
+    (_COLUMNS.index(name) + 1, name, types)  # + 1: rowid comes first in a _SELECT row
+    for name, types in (
+        ("module_id", _TEXT),
+        ("module_name", _TEXT),
+        ("exit_code", _OPTIONAL_INT),
+        ("error_message", _OPTIONAL_TEXT),
+        ("pid", _OPTIONAL_INT),
+        ("mode", _TEXT),
+        ("peak_rss_bytes", _OPTIONAL_INT),
+        ("cpu_time_seconds", _OPTIONAL_REAL),
+        ("owner_host", _OPTIONAL_TEXT),
+        ("owner_pid", _OPTIONAL_INT),
+        ("owner_started_at", _OPTIONAL_REAL),
+        ("worker", _OPTIONAL_TEXT),
+    )
+)
+
+
+def _check_types(row: tuple[Any, ...]) -> None:
+    for index, name, types in _COLUMN_TYPES:
+        value = row[index]
+        # bool is an int, but sqlite3 never returns one: no need to refuse it here.
+        if not isinstance(value, types):
+            raise InvalidRunError(f"{name} has the wrong type: {value!r}")
+
+
+def _json_column(name: str, text: Any, kind: type) -> Any:
+    value = json.loads(text)
+    if value is not None and not isinstance(value, kind):
+        raise InvalidRunError(f"{name} is not a JSON {kind.__name__}: {text!r}")
+    return value
+
+
 def _run_from_row(row: tuple[Any, ...]) -> Run:
     """Decode a row of ``_SELECT`` (rowid first).
 
     Raises:
         ValueError, TypeError, KeyError, OverflowError: a damaged row (see _BAD_ROW_ERRORS).
     """
+    _check_types(row)
     (
         _rowid,
         run_id,
@@ -412,7 +454,7 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
     owner = (
         None
         if owner_host is None or owner_pid is None or owner_started_at is None
-        else RunOwner(owner_host, owner_pid, owner_started_at)
+        else RunOwner(owner_host, owner_pid, float(owner_started_at))
     )
     created = _from_micros(created_at)
     if created is None:
@@ -423,11 +465,14 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
         status = RunStatus(status)
     except ValueError:
         raise InvalidRunError(f"unknown status {status!r}") from None
+    tail = _json_column("output_tail", output_tail, list)
+    if tail and not all(isinstance(line, str) for line in tail):
+        raise InvalidRunError(f"output_tail is not a JSON list of strings: {output_tail!r}")
     return Run(
         run_id=run_id,
         module_id=module_id,
         module_name=module_name,
-        parameters=json.loads(parameters),
+        parameters=_json_column("parameters", parameters, dict),
         status=status,
         exit_code=exit_code,
         error_message=error_message,
@@ -436,9 +481,9 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
         finished_at=_from_micros(finished_at),
         pid=pid,
         mode=mode,
-        output_tail=json.loads(output_tail),
+        output_tail=tail,
         peak_rss_bytes=peak_rss_bytes,
-        cpu_time_seconds=cpu_time_seconds,
+        cpu_time_seconds=None if cpu_time_seconds is None else float(cpu_time_seconds),
         owner=owner,
         worker=worker,
     )

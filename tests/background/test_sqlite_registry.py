@@ -450,6 +450,78 @@ async def test_bad_rows_are_quarantined_and_the_good_ones_kept(
     assert "sleeping" in kept[bad_status.run_id]
 
 
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        # An active run's owner is checked on open (recovery): these used to fail the open
+        # itself with a bare TypeError, so the registry could not be used at all.
+        ("owner_pid", "not a pid"),
+        ("owner_started_at", "yesterday"),
+        ("owner_host", b"\x00host"),
+        # Values of the wrong type were served as they were (a bytes module_id then broke
+        # json.dumps(run.to_dict()) in the host).
+        ("module_id", b"\x00\x01"),
+        ("module_name", b"name"),
+        ("mode", b"async"),
+        ("error_message", b"\xff"),
+        ("worker", b"tcp://x"),
+        ("exit_code", "abc"),
+        ("pid", "abc"),
+        ("pid", 1.5),
+        ("peak_rss_bytes", "big"),
+        ("cpu_time_seconds", "slow"),
+        ("parameters", "[1, 2]"),
+        ("parameters", '"text"'),
+        ("output_tail", '"hello"'),
+        ("output_tail", '{"a": 1}'),
+        ("output_tail", "[1, 2]"),
+    ],
+)
+async def test_a_value_of_the_wrong_type_is_quarantined(
+    tmp_path: Path, column: str, value: object
+) -> None:
+    path = tmp_path / "typed.db"
+    good = Run(module_id="good", owner=RunOwner.current())
+    bad = Run(module_id="bad", owner=RunOwner.current())
+    async with SQLiteRunRegistry(path) as registry:
+        for run in (good, bad):
+            await registry.add_run(run)
+            run.mark_running(pid=4242)
+            await registry.update_run(run)
+    damage(path, bad.run_id, column, value)
+    async with SQLiteRunRegistry(path) as registry:
+        assert [run.run_id for run in await registry.list_runs()] == [good.run_id]
+        assert registry.quarantined_run_ids == [bad.run_id]
+        assert await registry.get_run(bad.run_id) is None
+        assert registry.interrupted_run_ids == []  # the good run's owner (this process) lives
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        (reason,) = raw.execute("SELECT reason FROM runs_quarantine").fetchone()
+    assert column in reason
+
+
+async def test_rows_of_the_types_this_library_writes_are_read_back(tmp_path: Path) -> None:
+    # The checks above must not quarantine what the library itself stores: integers in REAL
+    # columns, JSON null for parameters/tail, a partial owner, empty strings.
+    path = tmp_path / "ok.db"
+    run = Run(module_id="", module_name="", mode="", owner=RunOwner("h", 1, 2.0))
+    async with SQLiteRunRegistry(path) as registry:
+        await registry.add_run(run)
+        run.mark_running(pid=3)
+        run.mark_failed("", exit_code=-9)
+        run.peak_rss_bytes, run.cpu_time_seconds, run.worker = 10, 0.25, "tcp://w"
+        await registry.update_run(run)
+    damage(path, run.run_id, "parameters", "null")
+    damage(path, run.run_id, "output_tail", "null")
+    damage(path, run.run_id, "cpu_time_seconds", 3)
+    damage(path, run.run_id, "owner_started_at", 2)
+    async with SQLiteRunRegistry(path) as registry:
+        got = await registry.get_run(run.run_id)
+        assert registry.quarantined_run_ids == []
+    assert got is not None
+    assert (got.parameters, got.output_tail, got.cpu_time_seconds) == ({}, [], 3.0)
+    assert got.owner == RunOwner("h", 1, 2.0)
+
+
 async def test_a_bad_row_found_by_get_run_is_quarantined(tmp_path: Path) -> None:
     path = tmp_path / "one-bad.db"
     async with SQLiteRunRegistry(path) as registry:

@@ -243,6 +243,13 @@ def _foreign(path: str, why: str) -> RegistrySchemaError:
     )
 
 
+def _newer(path: str, version: int) -> RegistrySchemaError:
+    return RegistrySchemaError(
+        f"{path!r} has registry schema version {version}, newer than this library supports "
+        f"({SCHEMA_VERSION}); it was left untouched. Upgrade prismq_subprocess to use it."
+    )
+
+
 def _file_kind(conn: sqlite3.Connection, path: str) -> str:
     """``"ours"``, ``"new"`` (empty: ours to initialise) or ``"version1"`` (written by the first
     version of this library); raise :class:`RegistrySchemaError` for anything else. Reads only.
@@ -317,6 +324,8 @@ def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         kind = _file_kind(conn, path)
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if kind == "ours" and version > SCHEMA_VERSION:
+            raise _newer(path, version)
         if kind != "ours" or version != SCHEMA_VERSION:
             raise RegistrySchemaError(
                 f"{path!r} has registry schema version {version if kind == 'ours' else 0}, "
@@ -529,8 +538,11 @@ class _Database:
         try:
             self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             # Before anything that writes (the journal mode is stored in the file): a foreign
-            # database must be left exactly as it was.
-            _file_kind(self.conn, path)
+            # database, or one of ours from a newer version, must be left exactly as it was.
+            if _file_kind(self.conn, path) == "ours":
+                version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+                if version > SCHEMA_VERSION:
+                    raise _newer(path, version)
             self.journal_mode = _enter_wal(self.conn, busy_timeout)
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
@@ -587,10 +599,7 @@ class _Database:
             kind = _file_kind(conn, self.path)
             version = 0 if kind == "new" else int(conn.execute("PRAGMA user_version").fetchone()[0])
             if version > SCHEMA_VERSION:
-                raise RegistrySchemaError(
-                    f"registry schema version {version} is newer than this library supports "
-                    f"({SCHEMA_VERSION})"
-                )
+                raise _newer(self.path, version)
             while version < SCHEMA_VERSION:
                 _MIGRATIONS[version](conn)
                 version += 1

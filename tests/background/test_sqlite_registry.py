@@ -375,6 +375,28 @@ async def test_our_application_id_with_a_newer_schema_is_refused(tmp_path: Path)
         await SQLiteRunRegistry(path).open()
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_a_newer_registry_is_left_exactly_as_it_was(tmp_path: Path, read_only: bool) -> None:
+    # A later version may use another journal mode: the refusal must not switch it to WAL
+    # (it did, before the version was looked at), and the read-only refusal must not send
+    # the user to open it read-write (which refuses it too).
+    path = tmp_path / "future.db"
+    async with SQLiteRunRegistry(path) as registry:
+        await registry.add_run(Run())
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        assert raw.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    before = path.read_bytes()
+    registry = SQLiteRunRegistry(path, read_only=read_only)
+    with pytest.raises(RegistrySchemaError, match="newer") as caught:
+        await registry.open()
+    await registry.aclose()
+    assert str(path) in str(caught.value)
+    assert "without read_only" not in str(caught.value)
+    assert path.read_bytes() == before
+    assert not (tmp_path / "future.db-wal").exists()  # no WAL was started
+
+
 def write_version_1_file(path: Path, runs: list[Run]) -> None:
     """A registry file as the previous version of this library wrote it: user_version 1 and
     the runs table, no application_id."""

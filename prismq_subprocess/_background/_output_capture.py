@@ -576,6 +576,11 @@ class OutputCapture(AsyncClosing):
         released = self._released.get(run_id)
         return None if released is None else released.end
 
+    def _released_lines(self, run_id: str) -> int:
+        """How many lines released ``run_id`` had (0 if this capture does not know)."""
+        released = self._released.get(run_id)
+        return 0 if released is None else released.lines
+
     def _run_waiter(self, run_id: str) -> asyncio.Future[None]:
         waiter = asyncio.get_running_loop().create_future()
         self._run_waiters.setdefault(run_id, []).append(waiter)

@@ -36,7 +36,8 @@ class OutputLine:
 @dataclass(frozen=True, slots=True)
 class OutputGap:
     """Marker: ``dropped`` lines are missing here (they left the run's ring buffer before this
-    subscriber read them, and there was no log file to read them from)."""
+    subscriber read them, and there was no log file to read them from, or writing them to it
+    failed, e.g. on a full disk)."""
 
     dropped: int
 

@@ -268,6 +268,7 @@ class RunLogWriter:
                 state = self._states[run_id] = LogState()  # a run nobody registered
             if state.broken:
                 continue
+            whole = -1  # where the run's last whole line ends in its file, once it is open
             try:
                 handle = files.get(run_id)
                 if handle is None:
@@ -277,6 +278,7 @@ class RunLogWriter:
                         handle.seek(0, os.SEEK_END)
                         state.position = handle.tell()
                         state.offsets.append(state.position)
+                whole = state.position
                 self._write(handle, state, lines)
                 handle.flush()
                 state.written += len(lines)
@@ -284,7 +286,36 @@ class RunLogWriter:
                 logger.exception("cannot write the output log of run %s", run_id)
                 state.broken = True
                 self._close_file(files, run_id)
+                if whole >= 0:
+                    self._keep_whole_lines(run_id, state, whole, lines)
         pending.clear()
+
+    def _keep_whole_lines(self, run_id: str, state: LogState, whole: int, lines: list[str]) -> None:
+        """After a failed write of ``lines`` from offset ``whole`` on (a full disk writes what
+        fits, then fails; the file is closed by now): count the lines that reached the file
+        whole as written, and cut the file back to the end of the last of them. A half line at
+        the end would be replayed as a line of its own."""
+        path = self.path_for(run_id)
+        try:
+            size = os.stat(path).st_size
+            end = whole
+            kept = 0
+            for line in lines:
+                length = len(line.encode("utf-8", "replace")) + 1  # as _encode writes it
+                if end + length > size:
+                    break
+                end += length
+                kept += 1
+            if size > end:
+                os.truncate(path, end)
+        except OSError:
+            logger.exception("cannot cut the output log of run %s back to whole lines", run_id)
+            return
+        state.written += kept
+        state.position = end
+        # Offsets recorded for lines that did not make it (readers only use those of written
+        # lines, so trimming them is for a consistent record).
+        del state.offsets[state.written // INDEX_EVERY + 1 :]
 
     @staticmethod
     def _write(handle: BinaryIO, state: LogState, lines: list[str]) -> None:

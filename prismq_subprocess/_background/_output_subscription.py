@@ -344,11 +344,19 @@ class OutputSubscription(AsyncClosing):
         self.dropped += missing
         return OutputGap(missing)
 
-    async def _read_log_only(self, limit: int) -> OutputChunk | None:
-        """Replay a run known only from its log file (released, or from an earlier process)."""
+    async def _read_log_only(self, limit: int) -> OutputChunk | OutputGap | None:
+        """Replay a run known only from its log file (released, or from an earlier process).
+        Where the file ends before the lines this capture knows the run had (its writes failed:
+        a full disk), the rest is one gap rather than a silent end."""
         chunk = await self._read_log(None, self._cursor, limit)
         if chunk is None:
-            self._finish(self._capture._released_end(self._run_id))
+            capture = self._capture
+            missing = capture._released_lines(self._run_id) - self._cursor
+            if missing > 0:
+                self._cursor += missing
+                self.dropped += missing
+                return OutputGap(missing)
+            self._finish(capture._released_end(self._run_id))
         return chunk
 
     async def _follow_file(self, registry: BaseRunRegistry, limit: int) -> OutputChunk | None:

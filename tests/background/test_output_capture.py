@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -243,9 +246,7 @@ async def test_log_file_has_everything(tmp_path: Path) -> None:
         path = capture.log_path("run-1")
         assert path is not None
         # close_run returned: the file is complete even though the buffer kept only 2 lines.
-        assert path.read_text(encoding="utf-8").splitlines() == [
-            f"line {i} ü" for i in range(500)
-        ]
+        assert path.read_text(encoding="utf-8").splitlines() == [f"line {i} ü" for i in range(500)]
         assert capture.get_lines("run-1") == ["line 498 ü", "line 499 ü"]
     evil = run_log_path(tmp_path / "logs", "../evil")
     assert evil.parent == tmp_path / "logs"
@@ -632,3 +633,62 @@ def test_clean_batches_match_line_by_line_cleaning(batch: list[str]) -> None:
     assert _clean([line + "\n" for line in batch]) == clean_one_by_one(
         [line + "\n" for line in batch]
     )
+
+
+# A real write failure part-way through a batch: the file size limit (RLIMIT_FSIZE) makes the
+# kernel write what fits and then fail with EFBIG, as a full disk does with ENOSPC. Process-wide,
+# so it runs in a child of its own.
+_FULL_DISK_SCRIPT = r"""
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from prismq_subprocess import OutputCapture, OutputGap
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))
+log_dir = Path(sys.argv[1])
+
+def shape(items):
+    return [["gap", i.dropped] if isinstance(i, OutputGap) else [i.seq, i.text] for i in items]
+
+async def main():
+    async with OutputCapture(max_lines_per_run=5, log_dir=log_dir, retain_ended_runs=0) as cap:
+        for i in range(3000):
+            await cap.append_line("r", f"line {i:05d}")
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+        await cap.close_run("r", status="completed", exit_code=0)
+        replayed = shape([item async for item in cap.subscribe("r")])
+    async with OutputCapture(log_dir=log_dir) as again:
+        restarted = shape([item async for item in again.subscribe("r")])
+    print(json.dumps({"replayed": replayed, "restarted": restarted}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="RLIMIT_FSIZE is POSIX")
+def test_a_write_that_fails_part_way_leaves_no_half_line_and_replays_a_gap(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "cannot write the output log of run r" in done.stderr
+    data = (tmp_path / "r.log").read_bytes()
+    # Only whole lines stay in the file (the failed batch's bytes that fit were cut back).
+    assert data.endswith(b"\n")
+    kept = data.decode().splitlines()
+    assert 0 < len(kept) < 3000
+    assert kept == [f"line {i:05d}" for i in range(len(kept))]
+    result = json.loads(done.stdout)
+    # The capture knew 3000 lines: what never reached the file is a gap, not a silent end.
+    assert result["replayed"] == [
+        *([i, f"line {i:05d}"] for i in range(len(kept))),
+        ["gap", 3000 - len(kept)],
+    ]
+    assert result["restarted"] == [[i, f"line {i:05d}"] for i in range(len(kept))]

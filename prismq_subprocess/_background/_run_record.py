@@ -522,6 +522,15 @@ class Run:
             except (TypeError, ValueError):
                 raise InvalidRunError(f"{key}: not an ISO 8601 datetime: {value!r}") from None
 
+        parameters = data.get("parameters")
+        if parameters is not None and not isinstance(parameters, Mapping):
+            raise InvalidRunError(f"parameters: not a mapping: {parameters!r}")
+        output_tail = data.get("output_tail")
+        if output_tail is not None and (
+            not isinstance(output_tail, list | tuple)
+            or not all(isinstance(line, str) for line in output_tail)
+        ):
+            raise InvalidRunError(f"output_tail: not a list of str: {output_tail!r}")
         try:
             owner_data = data.get("owner")
             owner = (
@@ -538,7 +547,7 @@ class Run:
                 run_id=data["run_id"],
                 module_id=data.get("module_id", ""),
                 module_name=data.get("module_name", ""),
-                parameters=dict(copy.deepcopy(data.get("parameters") or {})),
+                parameters=dict(copy.deepcopy(parameters or {})),
                 status=data.get("status", RunStatus.PENDING),
                 exit_code=data.get("exit_code"),
                 error_message=data.get("error_message"),
@@ -547,7 +556,7 @@ class Run:
                 finished_at=when("finished_at"),
                 pid=data.get("pid"),
                 mode=data.get("mode", "async"),
-                output_tail=list(data.get("output_tail") or []),
+                output_tail=list(output_tail or ()),
                 peak_rss_bytes=data.get("peak_rss_bytes"),
                 cpu_time_seconds=data.get("cpu_time_seconds"),
                 owner=owner,

@@ -266,6 +266,28 @@ def test_from_dict_errors() -> None:
         Run.from_dict({"run_id": "a", "owner": {"host": "h"}})
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        # Each was taken apart rather than refused: "abc" became ["a", "b", "c"], a list of
+        # pairs became a dict.
+        ("output_tail", "abc"),
+        ("output_tail", {"a": "b"}),
+        ("output_tail", [1, 2]),
+        ("parameters", [["a", 1]]),
+        ("parameters", "ab"),
+    ],
+)
+def test_from_dict_refuses_containers_of_the_wrong_shape(key: str, value: object) -> None:
+    with pytest.raises(InvalidRunError, match=key):
+        Run.from_dict({"run_id": "a", key: value})
+
+
+def test_from_dict_takes_tuples_and_none_for_the_containers() -> None:
+    run = Run.from_dict({"run_id": "a", "output_tail": ("x", "y"), "parameters": None})
+    assert (run.output_tail, run.parameters) == (["x", "y"], {})
+
+
 def test_current_owner_is_alive() -> None:
     owner = RunOwner.current()
     assert owner.pid == os.getpid()
@@ -308,8 +330,7 @@ runs = st.builds(
     output_tail=st.lists(st.text(), max_size=5),
     peak_rss_bytes=st.none() | st.integers(0, 2**50),
     cpu_time_seconds=st.none() | st.floats(0, 1e6),
-    owner=st.none()
-    | st.builds(RunOwner, st.text(), st.integers(1, 2**31), st.floats(0, 2e9)),
+    owner=st.none() | st.builds(RunOwner, st.text(), st.integers(1, 2**31), st.floats(0, 2e9)),
 )
 
 

@@ -97,8 +97,8 @@ def _encode(lines: list[str]) -> bytes:
 class RunLogWriter:
     """Appends each run's lines to its log file in ``log_dir`` (see the module docstring).
 
-    A write error is logged once for that run and its later lines are skipped; other runs are
-    unaffected. Run ids must have been checked with ``log_file_name`` by the caller.
+    A write error (of any kind) is logged once for that run and its later lines are skipped;
+    other runs are unaffected. Run ids must have been checked with ``log_file_name`` by the caller.
     """
 
     def __init__(self, log_dir: str | os.PathLike[str]) -> None:
@@ -282,7 +282,10 @@ class RunLogWriter:
                 self._write(handle, state, lines)
                 handle.flush()
                 state.written += len(lines)
-            except OSError:
+            except Exception:
+                # Not only OSError (a full disk, a read-only directory): a path the OS cannot
+                # take raises ValueError, and any error that ended this thread would leave
+                # close_run() and aclose() waiting forever.
                 logger.exception("cannot write the output log of run %s", run_id)
                 state.broken = True
                 self._close_file(files, run_id)
@@ -308,7 +311,7 @@ class RunLogWriter:
                 kept += 1
             if size > end:
                 os.truncate(path, end)
-        except OSError:
+        except (OSError, ValueError):
             logger.exception("cannot cut the output log of run %s back to whole lines", run_id)
             return
         state.written += kept

@@ -692,3 +692,19 @@ def test_a_write_that_fails_part_way_leaves_no_half_line_and_replays_a_gap(
         ["gap", 3000 - len(kept)],
     ]
     assert result["restarted"] == [[i, f"line {i:05d}"] for i in range(len(kept))]
+
+
+async def test_a_log_error_that_is_not_an_oserror_is_contained_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A NUL in the path makes the writer thread's mkdir/open raise ValueError: it killed the
+    # thread, and close_run() and aclose() then waited forever.
+    capture = OutputCapture(log_dir=tmp_path / "bad\x00dir")
+    await capture.append_line("r", "x")
+    await capture.append_lines("r", ["y", "z"])
+    async with asyncio.timeout(30):
+        await capture.close_run("r")
+        assert capture.get_lines("r") == ["x", "y", "z"]
+        await capture.aclose()
+    assert "cannot write the output log of run r" in caplog.text
+    assert log_threads() == []

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 
 from .._core._exceptions import (
     DuplicateRunError,
+    InvalidParametersError,
     InvalidRunError,
     InvalidTimeoutError,
     RegistryClosedError,
@@ -360,6 +361,17 @@ def _keeping_keys(values: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
+def _json_text(field: str, value: Any) -> str:
+    """``value`` as the JSON stored in the ``field`` column; the documented error if JSON
+    cannot hold it (a bare TypeError or ValueError from the encoder said neither which field
+    nor that it was the caller's input)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        error = InvalidParametersError if field == "parameters" else InvalidRunError
+        raise error(f"{field} must be JSON-serialisable to be stored in SQLite: {exc}") from None
+
+
 def _row_values(run: Run) -> tuple[Any, ...]:
     # Made on the loop for every write: _to_micros written out, and the status's value read
     # from its member (``_value_``) rather than through the enum's ``value`` property.
@@ -371,7 +383,9 @@ def _row_values(run: Run) -> tuple[Any, ...]:
         run.module_id,
         run.module_name,
         # Most runs have neither parameters nor an output tail: skip the encoder for those.
-        json.dumps(parameters) if parameters or type(parameters) is not dict else "{}",
+        _json_text("parameters", parameters)
+        if parameters or type(parameters) is not dict
+        else "{}",
         run._status._value_,
         run.exit_code,
         run.error_message,
@@ -380,7 +394,7 @@ def _row_values(run: Run) -> tuple[Any, ...]:
         None if finished is None else (finished - _EPOCH) // _MICRO,
         run.pid,
         run.mode,
-        json.dumps(tail) if tail or type(tail) is not list else "[]",
+        _json_text("output_tail", tail) if tail or type(tail) is not list else "[]",
         run.peak_rss_bytes,
         run.cpu_time_seconds,
         None if owner is None else owner.host,

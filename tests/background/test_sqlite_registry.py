@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import prismq_subprocess as pq
 from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
 from prismq_subprocess._background._sqlite_registry import (
     _V1_COLUMNS,
@@ -620,3 +621,33 @@ def test_processes_opening_a_new_file_at_once_all_see_a_registry(tmp_path: Path)
         for thread in threads:
             thread.join()
     assert errors == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("parameters", {"when": object()}, pq.exceptions.InvalidParametersError),
+        ("parameters", {"lock": threading.Lock()}, pq.exceptions.InvalidParametersError),
+        ("output_tail", [b"bytes, not text"], pq.exceptions.InvalidRunError),
+    ],
+)
+async def test_a_run_that_cannot_be_stored_as_json_is_refused_clearly(
+    tmp_path: Path, field: str, value: object, error: type[Exception]
+) -> None:
+    """Parameters (or a tail) JSON cannot hold raise the documented error, a PrismQError,
+    from add_run and update_run alike, and nothing is stored."""
+    async with pq.SQLiteRunRegistry(tmp_path / "r.db") as registry:
+        bad = pq.Run(module_id="m")
+        setattr(bad, field, value)
+        with pytest.raises(error, match=field) as caught:
+            await registry.add_run(bad)
+        assert isinstance(caught.value, pq.exceptions.PrismQError)
+        assert await registry.get_run(bad.run_id) is None
+
+        good = pq.Run(module_id="m")
+        await registry.add_run(good)
+        setattr(good, field, value)
+        with pytest.raises(error, match=field):
+            await registry.update_run(good)
+        stored = await registry.get_run(good.run_id)
+        assert stored is not None and getattr(stored, field) in ({}, [])

@@ -56,6 +56,7 @@ T = TypeVar("T")
 DEFAULT_GRACE_PERIOD = 5.0
 _POLL = 0.02
 
+
 @dataclass(frozen=True)
 class _Child:
     """What we know about a child we spawned, that the system cannot tell us afterwards."""
@@ -194,6 +195,10 @@ async def stop_process_trees(
         await wait_all_exited([p for p, _ in overdue], None)
     # The children are gone; members of their groups (or escaped descendants) may linger.
     # Nothing notifies us when a grandchild exits, so poll.
+    for record in records:
+        # Exited and reaped: from now on a child's pid (and the number of its group, once that
+        # is empty) may be given to another process, which the stop must not take for it.
+        record.target.running = False
     lingering = list(records)
     while lingering:
         flags = await workers.lingering.submit(lingering)

@@ -37,7 +37,8 @@ class StopTarget:
     pid: int
     #: The child leads its own process group (POSIX) / console group (Windows).
     own_group: bool
-    #: The child had not exited when the stop began.
+    #: The child had not exited (nor been reaped) when the stop began; the stop sets it False
+    #: once the child has exited, from when its pid may name another process.
     running: bool = True
     #: Wall-clock time the child was started, where known (finds an exited child's leftovers on
     #: Windows, where processes are not re-parented).
@@ -265,9 +266,7 @@ class PlatformOps:
         return []
 
     # -- the coarse operations of a stop (blocking: call them from a worker thread) ------------
-    def ask_to_stop(
-        self, targets: Sequence[StopTarget], pace: Pace = no_pace
-    ) -> list[StopRecord]:
+    def ask_to_stop(self, targets: Sequence[StopTarget], pace: Pace = no_pace) -> list[StopRecord]:
         """Send every target's tree the polite stop request; return what was learned.
 
         Running targets: hold the trees still where the platform can (so nothing forks past the

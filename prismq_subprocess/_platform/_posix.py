@@ -224,18 +224,22 @@ class PosixOps(PlatformOps):
         self.signal_descendants(descendants, signal.SIGKILL)
 
     def group_alive(self, pid: int, own_group: bool) -> bool:
-        return own_group and self._groups_running([pid])[0]
+        return own_group and self._groups_running([StopTarget(pid, own_group)])[0]
 
     def group_has_runner(self, pgid: int) -> bool:
         """True when a non-zombie process belongs to process group ``pgid``."""
         return pgid in self.scan().groups_with_runners([pgid])
 
-    def _groups_running(self, pgids: Sequence[int]) -> list[bool]:
+    def _groups_running(self, targets: Sequence[StopTarget]) -> list[bool]:
+        """For each target (leading its own group): does a member of its group still run?"""
         # signal 0 succeeds on zombies too (re-parented grandchildren that nobody reaped yet), so
         # a positive answer is confirmed by one look for a group member that still runs.
-        answered = [pgid for pgid in pgids if self.signal_group(pgid, 0)]
-        runners = self.scan().groups_with_runners(answered) if answered else set()
-        return [pgid in runners for pgid in pgids]
+        answered = [t.pid for t in targets if self.signal_group(t.pid, 0)]
+        if not answered:
+            return [False] * len(targets)
+        table = self.scan()
+        runners = table.groups_with_runners(answered)
+        return [t.pid in runners and _group_is_the_childs(t, table) for t in targets]
 
     def _ask(self, targets: Sequence[StopTarget], pace: Pace) -> list[StopRecord]:
         records = [StopRecord(t) for t in targets]
@@ -266,23 +270,27 @@ class PosixOps(PlatformOps):
             # What an exited child left running: its group, and what containment still finds.
             self._look(exited, signal.SIGTERM, finder)
             grouped = [r for r in exited if r.target.own_group]
-            groups = self._groups_running([r.target.pid for r in grouped])
+            groups = self._groups_running([r.target for r in grouped])
             for record, group_running in zip(grouped, groups, strict=True):
                 if group_running:
                     self.signal_group(record.target.pid, signal.SIGTERM)
         return records
 
     def _look(
-        self, records: Sequence[StopRecord], sig: int | None, finder: _Finder
+        self,
+        records: Sequence[StopRecord],
+        sig: int | None,
+        finder: _Finder,
+        table: ProcessTable | None = None,
     ) -> list[psutil.Process]:
-        """One look for processes of the records' trees not seen yet; signal them with ``sig``
-        (None: do not); return them.
+        """One look (at ``table``, default: a new scan) for processes of the records' trees not
+        seen yet; signal them with ``sig`` (None: do not); return them.
 
         A record's tree is what descends from its child (while the child is still ours: a pid
         that names another process now is none of our business) plus what its containment
         finds (cgroup members, cookie holders) and what descends from those.
         """
-        table = self.scan()
+        table = table if table is not None else self.scan()
         finder.start(table, records)
         me = os.getpid()
         fresh_all: list[psutil.Process] = []
@@ -381,18 +389,20 @@ class PosixOps(PlatformOps):
         return pids
 
     def kill_trees(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> None:
-        self._look(records, None, _Finder(self))
+        table = self.scan()
+        self._look(records, None, _Finder(self), table)
         cgroups = self.host.cgroups if self.host is not None else None
         for record in paced(records, pace):
-            path = record.target.cgroup
-            if cgroups is not None and path is not None and cgroups.can_kill:
-                cgroups.kill(path)
-            self.kill_tree(record.target.pid, record.target.own_group, alive(record.descendants))
+            target = record.target
+            if cgroups is not None and target.cgroup is not None and cgroups.can_kill:
+                cgroups.kill(target.cgroup)
+            group = target.own_group and _group_is_the_childs(target, table)
+            self.kill_tree(target.pid, group, alive(record.descendants))
         self._after(records)
 
     def lingering(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> list[bool]:
-        groups = [r.target.pid for r in records if r.target.own_group]
-        running = dict(zip(groups, self._groups_running(groups), strict=True))
+        grouped = [r.target for r in records if r.target.own_group]
+        running = dict(zip((t.pid for t in grouped), self._groups_running(grouped), strict=True))
         cgroups = self.host.cgroups if self.host is not None else None
         flags = [
             running.get(r.target.pid, False)
@@ -432,6 +442,18 @@ def _enter_if_running(host: PosixHost, pid: int, pin: int, containment: Containm
             host.enter(pid, containment)
     finally:
         os.close(pin)
+
+
+def _group_is_the_childs(target: StopTarget, table: ProcessTable) -> bool:
+    """Whether the process group numbered like ``target``'s child (which leads its own) can
+    still be that child's group, as ``table`` shows the system.
+
+    While the child runs, it is. Once it has exited and been reaped, its group lives on only
+    while a member does, and so long the kernel gives its number to no new process; a process
+    that has that number now was given it after the group emptied, and a group of that number
+    is a stranger's (a pid that went round: signalling it would hit whoever leads it now).
+    """
+    return target.running or target.pid not in table.entries
 
 
 def _held_whole(records: Sequence[StopRecord], held: Mapping[str, AbstractSet[int]]) -> bool:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from helpers import py
@@ -213,6 +215,92 @@ async def test_plain_asyncio_process_tree_stop() -> None:
     await assert_no_survivors(mark, grace=0.0)
 
 
+NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
+STRANGER = py("import time; time.sleep(60)")
+# A child whose grandchild leaves for a session of its own and ignores SIGTERM, so a stop has
+# leftovers to poll for until its grace period ends (and then kills).
+LEAVES_A_STUBBORN_GRANDCHILD = (
+    "import subprocess, sys, time\n"
+    "subprocess.Popen([sys.executable, '-c', 'import pathlib, signal, sys, time; "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); pathlib.Path(sys.argv[1]).touch(); "
+    "time.sleep(60)', sys.argv[1]], start_new_session=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def stranger_with_pid(pid: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A process that has nothing to do with any stop, leading its own group, given ``pid``
+    (as the system does once pids wrap around): ``ns_last_pid`` says which pid comes next."""
+    for _ in range(200):  # other processes of the machine may take it first
+        with open(NS_LAST_PID, "w") as f:
+            f.write(str(pid - 1))
+        stranger = subprocess.Popen(STRANGER, start_new_session=True, env=env)
+        if stranger.pid == pid:
+            return stranger
+        stranger.kill()
+        stranger.wait()
+    pytest.skip(f"pid {pid} could not be had again")
+
+
+needs_pid_control = pytest.mark.skipif(
+    not os.access(NS_LAST_PID, os.W_OK), reason="choosing the next pid needs ns_last_pid"
+)
+
+
+@needs_pid_control
+async def test_stopping_a_long_exited_child_leaves_the_new_owner_of_its_pid_alone(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # The child exited long ago (it was reaped) and its group is empty: its pid is free, and a
+    # stranger now leads a group of that number. The stop must not signal that group.
+    proc = await wrapper.create_subprocess_exec(*py("pass"))
+    await proc.wait()
+    mark, env = marked_env()
+    stranger = stranger_with_pid(proc.pid, env)
+    try:
+        assert await pq.terminate_gracefully(proc, timeout=0.5) == 0
+        await asyncio.sleep(0.2)
+        assert stranger.poll() is None, f"the stranger got {stranger.returncode}"
+    finally:
+        await asyncio.to_thread(survivors_after, mark, 0.0)  # (kills it)
+        stranger.wait()
+
+
+@needs_pid_control
+async def test_leftovers_are_polled_without_signalling_the_new_owner_of_the_pid(
+    wrapper: pq.SubprocessWrapper, tmp_path: Path
+) -> None:
+    # The child ends at SIGTERM and is reaped; its grandchild (own session, ignores SIGTERM)
+    # keeps the stop polling until the grace period ends, then it is killed. Meanwhile the
+    # child's pid went to a stranger leading a group of that number: neither the polls nor
+    # the kill may count or signal that group.
+    mark, env = marked_env()
+    ready = tmp_path / "ready"
+    proc = await wrapper.create_subprocess_exec(
+        *py(LEAVES_A_STUBBORN_GRANDCHILD), str(ready), env=env
+    )
+    for _ in range(1000):  # the grandchild ignores SIGTERM from now on
+        if ready.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert ready.exists()
+    stop = asyncio.ensure_future(pq.terminate_gracefully(proc, timeout=3.0))
+    for _ in range(2000):  # until the child has exited (at SIGTERM) and been reaped
+        if proc.returncode is not None or stop.done():
+            break
+        await asyncio.sleep(0.005)
+    assert proc.returncode is not None
+    stranger_mark, stranger_env = marked_env()
+    stranger = await asyncio.to_thread(stranger_with_pid, proc.pid, stranger_env)
+    try:
+        assert await stop == -signal.SIGTERM
+        await assert_no_survivors(mark, grace=0.0)  # the grandchild was killed
+        assert stranger.poll() is None, f"the stranger got {stranger.returncode}"
+    finally:
+        await asyncio.to_thread(survivors_after, stranger_mark, 0.0)  # (kills it)
+        stranger.wait()
+
+
 # A child that keeps starting grandchildren that escape into their own sessions: a stop that
 # snapshots the tree without holding it still misses the one forked in between.
 FORKER = (
@@ -234,10 +322,7 @@ async def test_stop_holds_a_forking_tree_still(wrapper: pq.SubprocessWrapper, at
 
 
 CHATTY_THEN_SLEEP = (
-    "import sys, time\n"
-    "sys.stdout.write('line\\n' * 200000)\n"
-    "sys.stdout.flush()\n"
-    "time.sleep(60)\n"
+    "import sys, time\nsys.stdout.write('line\\n' * 200000)\nsys.stdout.flush()\ntime.sleep(60)\n"
 )
 
 
@@ -300,7 +385,7 @@ async def test_run_returns_when_a_chatty_leftover_keeps_writing(
     code = (
         "import subprocess, sys\n"
         "subprocess.Popen([sys.executable, '-c', 'import time\\n"
-        "while True:\\n print(\"tick\", flush=True)\\n time.sleep(0.01)'])\n"
+        'while True:\\n print("tick", flush=True)\\n time.sleep(0.01)\'])\n'
         "print('started', flush=True)\n"
     )
     result = await wrapper.run(*py(code), env=env, timeout=20, grace_period=0.5)
@@ -508,6 +593,8 @@ async def test_execute_with_timeout_names_a_task_not_a_command() -> None:
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, pq.TaskTimeoutError)
     assert str(info.value) == "task 'slow' timed out after 0.05 s and was cancelled"
     assert info.value.task_name == "slow" and info.value.timeout == 0.05
+
+
 # A child that would end by itself after a while (what a blocked close would wait for).
 SLEEPS_8_S = "import time; print('up', flush=True); time.sleep(8)"
 
@@ -544,8 +631,7 @@ async def test_a_batch_wait_polls_asyncio_processes_without_wait_tasks() -> None
     from prismq_subprocess._core._exit_wait import wait_all_exited
 
     processes = [
-        await asyncio.create_subprocess_exec(*py("import time; time.sleep(0.2)"))
-        for _ in range(3)
+        await asyncio.create_subprocess_exec(*py("import time; time.sleep(0.2)")) for _ in range(3)
     ]
     calls: list[int] = []
     for process in processes:

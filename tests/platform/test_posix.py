@@ -86,6 +86,36 @@ def test_the_descendants_of_a_process_that_is_not_our_child_are_left_alone() -> 
     assert record.descendants == []
 
 
+def test_the_group_of_a_reaped_child_whose_pid_went_round_is_left_alone() -> None:
+    from prismq_subprocess._platform import StopRecord
+    from prismq_subprocess._platform._table import ProcessEntry, ProcessTable
+
+    # Our child (pid 4000, leading group 4000) exited and was reaped; its group emptied and a
+    # stranger was given pid 4000 and leads a group of that number now. No phase of a stop may
+    # signal that group: not the look for what an exited child left, not the polls for
+    # leftovers, not the kill.
+    child = os.getpid() + 1_000_000
+    table = ProcessTable([ProcessEntry(child, 1, child, "S", 5.0)])
+    group_calls, killpg = recorder()
+    ops = platform_ops("linux", kill=recorder()[1], killpg=killpg, host=None)
+    ops.scan = lambda: table  # type: ignore[method-assign]
+    [record] = ops.ask_to_stop([StopTarget(child, own_group=True, running=False)])
+    assert ops.lingering([record]) == [False]
+    ops.kill_trees([record])
+    assert [sig for _, sig in group_calls if sig != 0] == []
+    # Leftovers of ours keep the number from being given away: the group is ours, signalled.
+    table = ProcessTable([ProcessEntry(child + 1, 1, child, "S", 5.0)])
+    [record] = ops.ask_to_stop([StopTarget(child, own_group=True, running=False)])
+    assert ops.lingering([record]) == [True]
+    ops.kill_trees([record])
+    assert [sig for _, sig in group_calls if sig != 0] == [signal.SIGTERM, signal.SIGKILL]
+    # A child still running is its group's leader: its group is signalled.
+    table = ProcessTable([ProcessEntry(child, os.getpid(), child, "S", 5.0)])
+    group_calls.clear()
+    ops.kill_trees([StopRecord(StopTarget(child, own_group=True))])
+    assert group_calls == [(child, signal.SIGKILL)]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc environments")
 def test_kill_contained_finds_a_tree_by_its_cookie_alone() -> None:
     # A spawn undone before its pid was known: only the cookie names what it started.

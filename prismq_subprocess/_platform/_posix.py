@@ -414,6 +414,20 @@ class PosixOps(PlatformOps):
             )
             for r in records
         ]
+        # What a tree started after the snapshot into a session of its own, and whose parent
+        # has exited since (a helper a SIGTERM handler starts before it exits), is in no group
+        # of ours and below nothing seen: without a sub-group to hold it, only its cookie
+        # finds it. So a record that seems done gets one more look through its cookie (a done
+        # record leaves the polls: one look per record, unless it finds something).
+        unsure = [
+            r
+            for r, flag in zip(records, flags, strict=True)
+            if not flag and r.target.cookie is not None and r.target.cgroup is None
+        ]
+        if unsure:
+            self._look(unsure, signal.SIGTERM, _Finder(self))
+            found = {r for r in unsure if alive(r.descendants)}
+            flags = [flag or r in found for r, flag in zip(records, flags, strict=True)]
         done = [r for r, flag in zip(records, flags, strict=True) if not flag]
         if done:
             self._after(done)

@@ -154,6 +154,44 @@ async def test_each_means_alone_reaches_the_daemon(
     await assert_no_survivors(mark)
 
 
+# At SIGTERM the module starts a helper in a session of its own and exits at once: the helper
+# appears after the stop's snapshot, and its parent is gone before anything looks for leftovers.
+SPAWNS_A_HELPER_AT_SIGTERM = (
+    "import os, signal, subprocess, sys, time\n"
+    "def on_term(*_):\n"
+    "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+    "                     start_new_session=True, stdin=subprocess.DEVNULL,\n"
+    "                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "    os._exit(0)\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "open(sys.argv[1], 'w').close()\n"
+    "time.sleep(60)\n"
+)
+
+
+@pytest.mark.parametrize("kind", list(MEANS))
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+async def test_a_helper_started_at_sigterm_after_the_snapshot_is_stopped(
+    kind: str, mode: str, subreaper_undone: None, tmp_path: Path
+) -> None:
+    host = _host(kind)
+    ops = platform_ops(sys.platform, host=host)
+    mark, env = marked_env()
+    code = SPAWNS_A_HELPER_AT_SIGTERM
+    if mode == "async" and kind == "cgroup":
+        code = AFTER_THE_MOVE + code  # (see test_each_means_alone_reaches_the_daemon)
+    ready = tmp_path / "ready"
+    async with pq.SubprocessWrapper(mode, grace_period=GRACE, ops=ops) as wrapper:
+        proc = await wrapper.create_subprocess_exec(*py(code), str(ready), env=env)
+        for _ in range(1000):  # (its SIGTERM handler is installed)
+            if ready.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert ready.exists()
+        assert await pq.terminate_gracefully(proc, GRACE, ops=ops) == 0
+    await assert_no_survivors(mark)
+
+
 async def test_without_containment_the_daemon_escapes() -> None:
     # The reproduction of issue 11: process groups and the parent chain alone miss it.
     ops = platform_ops(sys.platform, host=None)
@@ -275,8 +313,13 @@ HOST = (
 async def test_children_die_with_a_killed_host_when_asked(mode: str, die_with_host: bool) -> None:
     mark, env = marked_env()
     host = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOST, mode, "yes" if die_with_host else "no",
-        env=env, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        HOST,
+        mode,
+        "yes" if die_with_host else "no",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
     )
     assert host.stdout is not None
     pid, cgroup = (await asyncio.wait_for(host.stdout.readline(), 30)).decode().split(" ", 1)
@@ -319,9 +362,7 @@ async def test_async_spawn_does_not_wait_for_the_move_into_the_sub_group() -> No
     ops = platform_ops(sys.platform, host=host)
     async with pq.SubprocessWrapper("async", ops=ops) as wrapper:
         # Were the move on the loop's thread, this spawn would wait for the gate (10 s).
-        proc = await asyncio.wait_for(
-            wrapper.create_subprocess_exec("sleep", "30"), timeout=5
-        )
+        proc = await asyncio.wait_for(wrapper.create_subprocess_exec("sleep", "30"), timeout=5)
         assert not moves.gate.is_set()
         moves.gate.set()
         assert await asyncio.to_thread(_posix._MOVES.wait_idle, 10)
@@ -412,7 +453,9 @@ def test_process_objects_alive_at_exit_release_their_sub_groups_quietly() -> Non
     _host("cgroup")  # skips where there are no sub-groups to make
     done = subprocess.run(
         [sys.executable, "-c", EXIT_WITH_LIVE_PROCESS_OBJECTS],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""

@@ -122,9 +122,9 @@ def test_windows_stop_of_running_children_in_one_batch() -> None:
     assert grouped.asked and not plain.asked
     assert sorted(p.pid for p in grouped.descendants) == [2, 3]
     assert [p.pid for p in plain.descendants] == [6]
-    assert child_of_grouped.signals == grandchild.signals == child_of_plain.signals == [
-        signal.SIGTERM
-    ]
+    assert (
+        child_of_grouped.signals == grandchild.signals == child_of_plain.signals == [signal.SIGTERM]
+    )
     assert stranger.signals == []
     ops.kill_trees([grouped, plain])
     assert child_of_grouped.killed and grandchild.killed and child_of_plain.killed
@@ -181,8 +181,9 @@ class FakeKernel32:
 
 def test_each_run_gets_a_job_object_that_the_stop_kills_in_one_call() -> None:
     kernel = FakeKernel32()
-    ops = platform_ops("win32", kill=recorder()[1], process_iter=lambda: [],
-                       jobs=JobObjects(kernel))
+    ops = platform_ops(
+        "win32", kill=recorder()[1], process_iter=lambda: [], jobs=JobObjects(kernel)
+    )
     report = ops.containment_report()
     assert report.mechanisms == ("job-object", "process-group")
     assert "kill-on-close" in report.die_with_host
@@ -210,6 +211,42 @@ def test_die_with_host_marks_the_job_kill_on_close() -> None:
     _, containment = ops.prepare_spawn({}, die_with_host=True)
     assert containment.job is not None
     assert kernel.limit_flags[containment.job] == JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+
+
+def test_job_object_failures_fall_back_and_close_exactly_the_handles_they_opened() -> None:
+    kernel = FakeKernel32()
+    jobs = JobObjects(kernel)
+    # No job: nothing to close, the run goes on with process groups.
+    kernel.CreateJobObjectW = lambda attributes, name: 0  # type: ignore[method-assign]
+    assert jobs.create(kill_on_close=True) is None
+    assert kernel.calls == []
+    # Kill-on-close refused: the new job is closed, not kept half set up.
+    kernel = FakeKernel32()
+    jobs = JobObjects(kernel)
+    kernel.SetInformationJobObject = lambda *args: 0  # type: ignore[method-assign]
+    assert jobs.create(kill_on_close=True) is None
+    assert kernel.calls == [("create", 101), ("close", 101)]
+    # The child cannot be opened (gone already): nothing to close, the job stays open.
+    kernel = FakeKernel32()
+    jobs = JobObjects(kernel)
+    job = jobs.create(kill_on_close=False)
+    assert job == 101
+    kernel.OpenProcess = lambda access, inherit, pid: 0  # type: ignore[method-assign]
+    assert not jobs.assign(job, 4242)
+    assert kernel.calls == [("create", 101)]
+    # The assignment refused: the process handle is closed, never the job's.
+    kernel = FakeKernel32()
+    ops = platform_ops(
+        "win32", kill=recorder()[1], process_iter=lambda: [], jobs=JobObjects(kernel)
+    )
+    _, containment = ops.prepare_spawn({})
+    kernel.AssignProcessToJobObject = lambda job, process: 0  # type: ignore[method-assign]
+    ops.adopt(4242, containment)  # (no exception: the stop falls back to the process tree)
+    assert kernel.calls == [("create", 101), ("open", 4242, 0x0101), ("close", 14242)]
+    # A query that fails counts as nothing running (the tree's own check still applies).
+    kernel.QueryInformationJobObject = lambda *args: 0  # type: ignore[method-assign]
+    [record] = ops.ask_to_stop([StopTarget(4242, True, containment=containment)])
+    assert ops.lingering([record]) == [False]
 
 
 def test_without_job_objects_windows_falls_back_to_the_process_tree() -> None:

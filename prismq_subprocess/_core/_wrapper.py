@@ -261,15 +261,20 @@ class SubprocessWrapper(AsyncClosing):
         start is under way. The caller checks :attr:`_closed` again once it returns."""
         self._check_open()
         self._starting += 1
+        strategy = self._strategy
         try:
             try:
-                return await call(self._strategy)
+                return await call(strategy)
             except NotImplementedError as exc:
-                if self._strategy.mode is not RunMode.ASYNC:
+                # Judge by the strategy that raised: a concurrent spawn may have fallen back
+                # meanwhile, and this one must then go the same way, not raise the bare error.
+                if strategy.mode is not RunMode.ASYNC:
                     raise
                 if self._decision.pinned:
                     raise self._policy_error(exc) from exc
-                self._fall_back(exc)
+                if self._strategy is strategy:
+                    self._fall_back(exc)
+                self._check_open()
                 return await call(self._strategy)
         finally:
             self._starting -= 1

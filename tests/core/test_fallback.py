@@ -104,3 +104,58 @@ def test_threaded_works_on_a_loop_that_cannot_spawn() -> None:
             return (await w.run(*py("print('fine')"))).stdout
 
     assert run_on_selector_like_windows(main) == b"fine\n"
+
+
+class SuspendingNoSubprocessLoop(asyncio.SelectorEventLoop):
+    """A loop (uvloop-like, not asyncio's own) that finds out it cannot spawn only after a
+    suspension, so concurrent first spawns overlap on every Python version."""
+
+    async def _make_subprocess_transport(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.01)
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("loop_factory", [NoSubprocessLoop, SuspendingNoSubprocessLoop])
+def test_concurrent_first_spawns_all_fall_back(
+    loop_factory: type[asyncio.AbstractEventLoop], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A web app's first requests often spawn together. Every spawn that was already under way in
+    # ASYNC when the first of them fell back must fall back too, not hand the loop's bare
+    # NotImplementedError to its caller (on 3.11 even asyncio's own loop, raising at once,
+    # overlaps them: the creation task starts on the next loop iteration).
+    monkeypatch.delenv("PRISMQ_RUN_MODE", raising=False)
+
+    async def main() -> list[object]:
+        async with pq.SubprocessWrapper() as w:
+            runs = [w.run(*py("print('run')")) for _ in range(3)]
+            spawns = [w.create_subprocess_exec(*py("print('exec')"), stdout=pq.PIPE)]
+            results = await asyncio.gather(*runs, *spawns, return_exceptions=True)
+            outputs: list[object] = []
+            for result in results:
+                if isinstance(result, pq.ProcessResult):
+                    outputs.append(result.stdout)
+                elif isinstance(result, BaseException):
+                    outputs.append(result)
+                else:
+                    outputs.append((await result.communicate())[0])
+            assert w.mode is RunMode.THREADED
+            return outputs
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        outputs = runner.run(main())
+    assert outputs == [b"run\n"] * 3 + [b"exec\n"]
+
+
+@pytest.mark.parametrize("loop_factory", [NoSubprocessLoop, SuspendingNoSubprocessLoop])
+def test_concurrent_spawns_in_a_pinned_async_all_raise_the_policy_error(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    async def main() -> list[BaseException]:
+        async with pq.SubprocessWrapper(RunMode.ASYNC) as w:
+            return await asyncio.gather(
+                *(w.run(*py("pass")) for _ in range(3)), return_exceptions=True
+            )
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        errors = runner.run(main())
+    assert all(isinstance(e, pq.SubprocessPolicyException) for e in errors), errors

@@ -193,6 +193,11 @@ class LocalProcess(PopenProcess):
             # Waiting with stdin still open: give the child what was written so far and EOF.
             self.stdin.close()
 
+    def _holds_pipes(self) -> bool:
+        # The worker drains the output pipes until they close, then settles the job.
+        piped = self._out is not None or self._err is not None
+        return piped and (self._job is None or not self._job.done())
+
     def _release_pipes(self) -> None:
         self._watch.abandon()
 

@@ -3,7 +3,8 @@
 It reproduces ``asyncio.subprocess.Process``: ``wait()`` can be awaited by many tasks and
 cancelling one never stops the child; ``communicate()`` writes the input, ignoring
 ``BrokenPipeError``/``ConnectionResetError`` as asyncio does, reads both streams concurrently,
-then waits; signalling a process that has already exited raises ``ProcessLookupError``.
+then waits; signalling a process that has already exited raises ``ProcessLookupError`` once
+asyncio would have let go of it (its output pipes are closed too), and does nothing before that.
 """
 
 from __future__ import annotations
@@ -84,6 +85,24 @@ class ProcessBase:
     def _on_wait(self) -> None:
         """Hook: someone started waiting (LOCAL starts the run then)."""
 
+    def _holds_pipes(self) -> bool:
+        """Hook: whether an output pipe of the child is still open (unread output, or something
+        it started holds it). asyncio keeps its child until every pipe is closed, and signals
+        sent meanwhile to a child that exited are ignored rather than refused."""
+        return False
+
+    def _signallable(self) -> bool:
+        """Whether a signal should go to the child: not once it has exited (asyncio's rule).
+
+        Raises:
+            ProcessLookupError: the child has exited and asyncio would have let go of it.
+        """
+        if self._returncode is None:
+            return True
+        if self._holds_pipes():
+            return False
+        raise ProcessLookupError(f"process {self._pid} has already exited")
+
     def _release_pipes(self) -> None:
         """Hook: close our ends of the output pipes; readers get what was read, then end of file
         (the run path calls it when something outside the child's tree holds the pipes)."""
@@ -116,14 +135,14 @@ class ProcessBase:
         return stdout, stderr
 
     def send_signal(self, signal: int) -> None:
-        """Send ``signal`` to the child.
+        """Send ``signal`` to the child; nothing once it has exited while its output pipes are
+        still open (as asyncio).
 
         Raises:
-            ProcessLookupError: the child has already exited.
+            ProcessLookupError: the child has exited and its output pipes are closed.
         """
-        if self._returncode is not None:
-            raise ProcessLookupError(f"process {self._pid} has already exited")
-        self._send_signal(signal)
+        if self._signallable():
+            self._send_signal(signal)
 
     def terminate(self) -> None:
         """Ask the child to stop (SIGTERM; ``TerminateProcess`` on Windows)."""
@@ -151,18 +170,16 @@ class PopenProcess(ProcessBase):
         """Ask the child to stop (``Popen.terminate``: SIGTERM, ``TerminateProcess`` on Windows).
 
         Raises:
-            ProcessLookupError: the child has already exited.
+            ProcessLookupError: as :meth:`send_signal`.
         """
-        if self._returncode is not None:
-            raise ProcessLookupError(f"process {self.pid} has already exited")
-        self._popen.terminate()
+        if self._signallable():
+            self._popen.terminate()
 
     def kill(self) -> None:
         """Kill the child (``Popen.kill``: SIGKILL, ``TerminateProcess`` on Windows).
 
         Raises:
-            ProcessLookupError: the child has already exited.
+            ProcessLookupError: as :meth:`send_signal`.
         """
-        if self._returncode is not None:
-            raise ProcessLookupError(f"process {self.pid} has already exited")
-        self._popen.kill()
+        if self._signallable():
+            self._popen.kill()

@@ -81,6 +81,14 @@ class ThreadedProcess(PopenProcess):
             io_thread=bridge if isinstance(bridge, IOThread) else None,
         )
 
+    def _holds_pipes(self) -> bool:
+        # A reader has not seen end of file: the pipe is still open (asyncio's rule for letting
+        # go of its child). StreamReader has kept ``_eof`` since 3.4; without it, assume closed.
+        return any(
+            reader is not None and not getattr(reader, "_eof", True)
+            for reader in (self.stdout, self.stderr)
+        )
+
     def _release_pipes(self) -> None:
         for reader in (self.stdout, self.stderr):
             if isinstance(reader, BridgedReader):

@@ -526,6 +526,46 @@ async def test_signal_racing_the_exit_is_harmless(wrapper: pq.SubprocessWrapper)
         assert await asyncio.wait_for(proc.wait(), PROMPT) != 255
 
 
+@real_modes()
+async def test_signalling_an_exited_child_whose_grandchild_holds_stdout_is_ignored(
+    wrapper: pq.SubprocessWrapper, tmp_path: pathlib.Path
+) -> None:
+    # asyncio keeps its child until every pipe is closed and ignores signals to it meanwhile
+    # (Popen's rule), so the usual "communicate() timed out: kill()" must not raise when the
+    # child exited but left a grandchild holding stdout. Once the pipes close, a signal raises
+    # ProcessLookupError (the test above).
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import pathlib, subprocess, sys; p = subprocess.Popen([sys.executable, '-S', '-c', "
+        "'import time; time.sleep(60)'], start_new_session=True); "
+        "pathlib.Path(sys.argv[1]).write_text(str(p.pid)); print('started', flush=True)"
+    )
+    proc = await wrapper.create_subprocess_exec(*child(code), str(pid_file), stdout=PIPE)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(proc.communicate(), LIVE)
+        for _ in range(int(PROMPT / 0.01)):  # a loaded machine: the exit may come later
+            if proc.returncode is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert proc.returncode == 0
+        for act in (proc.kill, proc.terminate, lambda: proc.send_signal(signal.SIGTERM)):
+            act()  # ignored, no ProcessLookupError: the pipe is still open
+        assert proc.returncode == 0
+    finally:
+        for _ in range(int(PROMPT / 0.01)):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                break
+            await asyncio.sleep(0.01)
+    # What communicate() had read when it was cancelled is lost (asyncio's read() too).
+    assert await asyncio.wait_for(proc.stdout.read(), PROMPT) in (b"", b"started\n")
+    assert await asyncio.wait_for(proc.wait(), PROMPT) == 0
+    await asyncio.sleep(0.05)  # asyncio lets go of the child one loop turn after the pipes close
+    with pytest.raises(ProcessLookupError):
+        proc.kill()
+
+
 def _until_zombie(pid: int) -> None:
     """Block (no loop turn, so no child watcher on the loop runs) until ``pid`` has exited:
     unreaped, or reaped by a mode's own thread (THREADED's waiter, LOCAL's runner)."""

@@ -9,6 +9,7 @@ import math
 import operator
 import os
 import subprocess
+import sys
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -377,6 +378,10 @@ def check_limit(value: object, name: str, *, minimum: int) -> None:
         raise InvalidLimitError(f"{name} must be an int >= {minimum}, not {value!r}")
 
 
+#: The largest int a timeout can be: beyond, it is no float (``None`` or ``inf`` mean no limit).
+_MAX_SECONDS = int(sys.float_info.max)
+
+
 def check_timeout(value: float | None, name: str = "timeout") -> float | None:
     """Return ``value`` if it is ``None`` or a number >= 0 (``inf`` means no limit, as ``None``).
 
@@ -387,6 +392,11 @@ def check_timeout(value: float | None, name: str = "timeout") -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidTimeoutError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if isinstance(value, int) and not -_MAX_SECONDS <= value <= _MAX_SECONDS:
+        # float() of it (or formatting it) would raise a bare OverflowError.
+        if value < 0:
+            raise InvalidTimeoutError(f"{name} must be >= 0 seconds, got a huge negative int")
+        raise InvalidTimeoutError(f"{name} is too large a number of seconds; None means no limit")
     if math.isnan(value) or value < 0:
         raise InvalidTimeoutError(f"{name} must be >= 0 seconds, got {value!r}")
     return float(value)

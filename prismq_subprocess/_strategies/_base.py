@@ -16,7 +16,7 @@ from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._result import TailBuffer
 from .._core._run_process import ChildRun
-from .._core._validation import spawn_error
+from .._core._validation import check_limit, spawn_error
 from .._io._pipes import release_transport_pipes
 from .._platform import PlatformOps, platform_ops
 from ._process_base import ProcessBase
@@ -127,6 +127,14 @@ class SubprocessStrategy(ABC):
     mode: RunMode | str
 
     def __init__(self, *, max_workers: int | None = None, ops: PlatformOps | None = None) -> None:
+        """``max_workers``: the size of the strategy's thread pool, if it has one (``None``: the
+        pool's default); ``ops``: platform hooks (tests inject them).
+
+        Raises:
+            InvalidLimitError: ``max_workers`` is not an int >= 1 (here, not at the first spawn).
+        """
+        if max_workers is not None:
+            check_limit(max_workers, "max_workers", minimum=1)
         self.max_workers = max_workers
         self.ops = ops or platform_ops()
 

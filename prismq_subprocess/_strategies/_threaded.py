@@ -25,6 +25,7 @@ import asyncio
 import subprocess
 from typing import Literal
 
+from .._core._exceptions import InvalidOptionError
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import register_child
@@ -126,6 +127,10 @@ class ThreadedStrategy(SubprocessStrategy):
 
     :meth:`close` ends all of them (the I/O thread delivers what the pipes still hold and closes
     them); spawns then raise ``RuntimeError``.
+
+    Raises:
+        InvalidOptionError: ``io`` is not one of the choices, or ``"selector"`` on Windows.
+        InvalidLimitError: ``max_workers`` is not an int >= 1.
     """
 
     mode = RunMode.THREADED
@@ -140,11 +145,11 @@ class ThreadedStrategy(SubprocessStrategy):
     ) -> None:
         super().__init__(max_workers=max_workers, ops=ops)
         if io not in ("auto", "selector", "threads"):
-            raise ValueError(f"io must be 'auto', 'selector' or 'threads', not {io!r}")
+            raise InvalidOptionError(f"io must be 'auto', 'selector' or 'threads', not {io!r}")
         if io == "auto":
             io = "selector" if PIPES_SELECTABLE else "threads"
         if io == "selector" and not PIPES_SELECTABLE:
-            raise ValueError("io='selector' needs POSIX pipes; use io='threads' on Windows")
+            raise InvalidOptionError("io='selector' needs POSIX pipes; use io='threads' on Windows")
         self.io: IOMode = io
         self._use_pidfd = use_pidfd
         self._bridge: PipeBridge = IOThread("prismq-io") if io == "selector" else ThreadPerPipe()

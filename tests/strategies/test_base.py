@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import subprocess
+from typing import Any
 
 import pytest
 
+import prismq_subprocess as pq
+from prismq_subprocess._core._validation import check_timeout
 from prismq_subprocess._strategies._base import SpawnRequest
 
 
@@ -49,3 +52,36 @@ def test_with_run_pipes_keeps_a_subclass_and_its_fields() -> None:
         subprocess.PIPE,
         subprocess.PIPE,
     )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda w: pq.abc.ThreadedStrategy(max_workers=w),
+        lambda w: pq.abc.LocalStrategy(max_workers=w),
+        lambda w: pq.abc.AsyncStrategy(max_workers=w),
+        lambda w: pq.testing.DryRunStrategy(max_workers=w),
+    ],
+    ids=["threaded", "local", "async", "dry-run"],
+)
+@pytest.mark.parametrize("workers", [0, -1, "2", 1.5, True])
+def test_a_strategy_refuses_a_bad_max_workers_when_it_is_made(make: Any, workers: object) -> None:
+    # It used to be taken, then fail at the first spawn with a bare ValueError/TypeError from
+    # the thread pool.
+    with pytest.raises(pq.exceptions.InvalidLimitError, match="max_workers"):
+        make(workers)
+
+
+def test_a_strategy_takes_a_good_max_workers() -> None:
+    strategy = pq.abc.ThreadedStrategy(max_workers=1)
+    try:
+        assert strategy.max_workers == 1
+    finally:
+        strategy.close()
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["huge", "-huge"])
+def test_a_timeout_too_large_for_a_float_is_refused_clearly(value: int) -> None:
+    # float() of it raised a bare OverflowError from every timeout/grace_period check.
+    with pytest.raises(pq.exceptions.InvalidTimeoutError, match="timeout"):
+        check_timeout(value)

@@ -38,7 +38,7 @@ def test_io_choice() -> None:
         assert forced.io == "threads"
         assert isinstance(forced._bridge, ThreadPerPipe)
         assert "threads" in repr(forced)
-        with pytest.raises(ValueError, match="io must be"):
+        with pytest.raises(pq.exceptions.InvalidOptionError, match="io must be"):
             pq.abc.ThreadedStrategy(io="fibers")  # type: ignore[arg-type]
     finally:
         auto.close()

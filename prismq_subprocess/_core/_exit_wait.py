@@ -13,10 +13,10 @@ import asyncio.subprocess
 import os
 from collections.abc import Sequence
 
-from .._platform import pidfd_open
+from .._platform import pidfd_open, platform_ops
 from ._process import ProcessLike
 
-__all__ = ["wait_all_exited", "wait_exited"]
+__all__ = ["has_exited", "wait_all_exited", "wait_exited"]
 
 _FIRST_POLL = 0.002
 _MAX_POLL = 0.05
@@ -26,6 +26,29 @@ _WAIT_AFTER = 0.016
 # (its other tasks wait for at most one chunk: well under a millisecond).
 _CHUNK = 64
 _AsyncioProcess = asyncio.subprocess.Process
+# State letters of a process that has ended (zombie, dead; "X" also when it is gone).
+_ENDED = frozenset("ZXx")
+
+
+def _elsewhere(process: ProcessLike, loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``process`` belongs to another event loop than ``loop``: typically one that
+    ended with the child still running (a CLI's ``asyncio.run`` per command, a wrapper kept
+    across the per-test loops of a test suite). Its ``wait()`` cannot be awaited here and the
+    ``returncode`` its loop would set never comes, so its exit is read from its pid."""
+    owner = getattr(process, "_loop", None)
+    return owner is not None and owner is not loop
+
+
+def _pid_ended(process: ProcessLike) -> bool:
+    return platform_ops().state_of(process.pid) in _ENDED
+
+
+def has_exited(process: ProcessLike, loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``process`` is known to have exited, as seen from ``loop``: its ``returncode``
+    is set, or it belongs to another loop and its pid shows it ended."""
+    if process.returncode is not None:
+        return True
+    return _elsewhere(process, loop) and _pid_ended(process)
 
 
 async def wait_exited(process: ProcessLike, deadline: float | None = None) -> bool:
@@ -40,6 +63,8 @@ async def wait_exited(process: ProcessLike, deadline: float | None = None) -> bo
     if process.returncode is not None:
         return True
     loop = asyncio.get_running_loop()
+    if _elsewhere(process, loop):
+        return await _wait_pid_ended(process, loop, deadline)
     waiter = asyncio.ensure_future(process.wait())
     exited: asyncio.Future[None] = loop.create_future()
     fd = pidfd_open(process.pid)
@@ -78,6 +103,35 @@ async def wait_exited(process: ProcessLike, deadline: float | None = None) -> bo
         await asyncio.gather(waiter, return_exceptions=True)
 
 
+async def _wait_pid_ended(
+    process: ProcessLike, loop: asyncio.AbstractEventLoop, deadline: float | None
+) -> bool:
+    """:func:`wait_exited` for a process of another loop: by its pidfd where there is one
+    (readable once the child has exited, reaped or not), else by polling its state."""
+    exited: asyncio.Future[None] = loop.create_future()
+    fd = pidfd_open(process.pid)
+    if fd >= 0:
+        try:
+            loop.add_reader(fd, _set_done, exited)
+        except (NotImplementedError, RuntimeError):
+            os.close(fd)
+            fd = -1
+    try:
+        delay = _FIRST_POLL
+        while not has_exited(process, loop) and not exited.done():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            step = None if fd >= 0 else delay
+            if remaining is not None:
+                step = remaining if step is None else min(step, remaining)
+            await asyncio.wait((exited,), timeout=step)
+            delay = min(delay * 2, _MAX_POLL)
+        return True
+    finally:
+        _unwatch(loop, fd)
+
+
 def _unwatch(loop: asyncio.AbstractEventLoop, fd: int) -> int:
     if fd >= 0:
         loop.remove_reader(fd)
@@ -92,12 +146,12 @@ async def wait_all_exited(processes: Sequence[ProcessLike], deadline: float | No
     only those still running after a few polls are also ``wait()``-ed for (a thousand wait tasks
     or descriptors would cost the loop more than the polls).
     """
-    pending = [p for p in processes if p.returncode is None]
+    loop = asyncio.get_running_loop()
+    pending = [p for p in processes if not has_exited(p, loop)]
     if len(pending) <= 1:
         if pending:
             await wait_exited(pending[0], deadline)
         return
-    loop = asyncio.get_running_loop()
     waiters: dict[ProcessLike, asyncio.Future[int]] = {}
     delay = _FIRST_POLL
     try:
@@ -108,7 +162,11 @@ async def wait_all_exited(processes: Sequence[ProcessLike], deadline: float | No
                     # asyncio's own process objects have their returncode set at the exit by
                     # the loop's child watcher: polling is enough, and a thousand wait() tasks
                     # started (then cancelled) in one loop iteration would stall it.
-                    if process not in waiters and not isinstance(process, _AsyncioProcess):
+                    if (
+                        process not in waiters
+                        and not isinstance(process, _AsyncioProcess)
+                        and not _elsewhere(process, loop)
+                    ):
                         waiters[process] = asyncio.ensure_future(process.wait())
                         created += 1
                         if created % _CHUNK == 0:
@@ -121,7 +179,7 @@ async def wait_all_exited(processes: Sequence[ProcessLike], deadline: float | No
             pending = [
                 p
                 for p in pending
-                if p.returncode is None and not (p in waiters and waiters[p].done())
+                if not (has_exited(p, loop) or (p in waiters and waiters[p].done()))
             ]
     finally:
         for index, waiter in enumerate(waiters.values(), 1):

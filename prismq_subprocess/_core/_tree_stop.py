@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import subprocess
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,7 +32,7 @@ from .._platform import (
     platform_ops,
 )
 from ._exceptions import TaskTimeoutError
-from ._exit_wait import wait_all_exited
+from ._exit_wait import has_exited, wait_all_exited
 from ._offloop import Coalescer
 from ._process import ProcessLike
 from ._validation import check_process, check_timeout
@@ -182,7 +183,7 @@ async def stop_process_trees(
             _signal(process, ops.stop_signal(record.target.own_group))
     running = [(p, r) for p, r in zip(processes, records, strict=True) if r.target.running]
     await wait_all_exited([p for p, _ in running], deadline)
-    overdue = [(p, r) for p, r in running if p.returncode is None]
+    overdue = [(p, r) for p, r in running if not has_exited(p, loop)]
     if overdue:
         for process, _ in overdue:
             logger.info(
@@ -208,11 +209,25 @@ async def stop_process_trees(
         await asyncio.sleep(_POLL)
     if lingering:
         await workers.kill.submit(lingering)
-    statuses = []
-    for process in processes:
-        assert process.returncode is not None
-        statuses.append(process.returncode)
-    return statuses
+    return [_exit_status(process) for process in processes]
+
+
+def _exit_status(process: ProcessLike) -> int:
+    """The exit status of a child the stop saw end. One of another event loop (see
+    ``_exit_wait._elsewhere``) has no ``returncode`` from its loop: its ``Popen`` is asked,
+    which reaps it where nobody did (0 where another waiter took the status: ``Popen``'s rule)."""
+    code = process.returncode
+    if code is not None:
+        return code
+    popen = getattr(process, "_popen", None)  # THREADED / LOCAL
+    if popen is None:  # asyncio's own process: its transport's Popen
+        popen = getattr(getattr(process, "_transport", None), "_proc", None)
+    if isinstance(popen, subprocess.Popen):
+        with contextlib.suppress(OSError):
+            code = popen.poll()
+    if code is None:
+        raise AssertionError(f"the stop of pid {process.pid} ended without its exit status")
+    return code
 
 
 async def stop_process_tree(

@@ -64,6 +64,7 @@ _STOP_POLL_SECONDS = 0.25
 #: How long :meth:`ThreadPerPipe.close` waits for its threads, in all.
 _JOIN_SECONDS = 2.0
 
+
 def call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
     """``loop.call_soon_threadsafe``, False instead of an error once the loop is closed."""
     try:
@@ -116,7 +117,19 @@ def release_transport_pipes(process: Any) -> None:
             if source is not None:
                 for data in read_available(source.fileno())[0]:
                     reader.feed_data(data)
-        pipe.close()
+        try:
+            pipe.close()
+        except RuntimeError:
+            # Its loop is closed (the child outlived the event loop that started it): close()
+            # marked it closing, then could not schedule its last step there. Run that step
+            # here: it closes the descriptor and ends the reader (else the descriptor stays
+            # open until the garbage collector finds the transport, with a ResourceWarning).
+            # (Telling the process transport fails the same way, after the descriptor closed.)
+            connection_lost = getattr(pipe, "_call_connection_lost", None)
+            if connection_lost is None:
+                raise
+            with contextlib.suppress(RuntimeError):
+                connection_lost(None)
 
 
 def as_broken_pipe(exc: OSError) -> OSError:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import py
 from lifecycle_helpers import (
@@ -683,3 +684,55 @@ async def test_closing_many_children_lets_the_loop_run_between_chunks(
             counting.cancel()
     assert len(seen) == 150
     assert len(set(seen)) >= 3, "every child's pipes were let go of in one loop iteration"
+
+
+_POLITE_CHILD = """
+import pathlib, signal, sys, time
+def bye(*_):
+    pathlib.Path(sys.argv[1]).write_text("asked")
+    time.sleep(0.2)
+    sys.exit(3)
+signal.signal(signal.SIGTERM, bye)
+pathlib.Path(sys.argv[2]).write_text("ready")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "threaded-threads", "local"])
+@pytest.mark.parametrize("children", [1, 2])
+def test_closing_from_another_loop_stops_politely_and_quietly(
+    mode: str, children: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Children started in one event loop that ended with them running, and the wrapper closed
+    from the next loop (a CLI's asyncio.run per command, a session-scoped wrapper with
+    per-test loops): each gets SIGTERM and its grace period, nothing is logged as an error,
+    and nothing is left running. (The wait for the exit could not use the old loop's wait():
+    the stop asserted, logged an ERROR traceback, and killed at once.)"""
+    from conftest import WRAPPER_FACTORIES
+
+    wrapper = WRAPPER_FACTORIES[mode]()
+    files = [tmp_path / f"asked{i}" for i in range(children)]
+    pids: list[int] = []
+
+    async def start() -> None:
+        for index, file in enumerate(files):
+            ready = tmp_path / f"ready{index}"
+            process = await wrapper.create_subprocess_exec(
+                sys.executable, "-c", _POLITE_CHILD, str(file), str(ready), stdout=pq.PIPE
+            )
+            pids.append(process.pid)
+            # Not a readline: LOCAL hands output over only once the child has ended.
+            for _ in range(600):
+                if ready.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert ready.exists()
+
+    asyncio.run(start())
+    with caplog.at_level("ERROR", logger="prismq_subprocess"):
+        asyncio.run(asyncio.wait_for(wrapper.aclose(), 30))
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [file.read_text() for file in files] == ["asked"] * children
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -30,7 +30,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._core._exceptions import InvalidArgumentTypeError, InvalidParametersError
+from .._core._exceptions import (
+    InvalidArgumentTypeError,
+    InvalidCommandError,
+    InvalidParametersError,
+)
 
 __all__ = ["check_args", "check_parameters", "parameters_to_args"]
 
@@ -69,6 +73,12 @@ def _text(value: object, name: str, *, in_list: bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        if "\0" in value:
+            # No program can receive it (the spawn would fail after the run was stored).
+            raise InvalidParametersError(
+                f"parameter {name!r}: {value!r} contains a NUL byte, which cannot be passed "
+                "as a command-line argument"
+            )
         return value
     if isinstance(value, int | float):
         return str(value)
@@ -91,7 +101,8 @@ def parameters_to_args(parameters: Mapping[str, Any] | None) -> list[str]:
     ``["--count", "3", "--verbose", "--tags", "a", "--tags", "b"]``.
 
     Raises:
-        InvalidParametersError: see :func:`check_parameters`.
+        InvalidParametersError: see :func:`check_parameters`; also a str value (or list item)
+            holding a NUL byte, which no program can receive.
     """
     args: list[str] = []
     for name, value in check_parameters(parameters).items():
@@ -117,13 +128,13 @@ def check_args(args: Sequence[str | os.PathLike[str]] | None) -> tuple[str, ...]
     Raises:
         InvalidArgumentTypeError: ``args`` is a single str (a list is needed, one item per
             argument) or not a list/tuple, or an item is not a str or ``os.PathLike``.
+        InvalidCommandError: an item holds a NUL byte (no program can receive it).
     """
     if args is None:
         return ()
     if not isinstance(args, list | tuple):
         raise InvalidArgumentTypeError(
-            f"args must be a list of str, one item per argument, got {type(args).__name__} "
-            f"{args!r}"
+            f"args must be a list of str, one item per argument, got {type(args).__name__} {args!r}"
         )
     checked: list[str] = []
     for index, item in enumerate(args):
@@ -132,5 +143,7 @@ def check_args(args: Sequence[str | os.PathLike[str]] | None) -> tuple[str, ...]
             raise InvalidArgumentTypeError(
                 f"args[{index}] must be a str or os.PathLike, got {type(item).__name__} {item!r}"
             )
+        if "\0" in text:
+            raise InvalidCommandError(f"args[{index}] {text!r} contains a NUL byte")
         checked.append(text)
     return tuple(checked)

@@ -303,13 +303,15 @@ class ModuleRunner(AsyncClosing):
         Raises:
             ScriptNotFoundError: the script does not exist, or is a directory without
                 ``__main__.py``.
-            InvalidParametersError: parameters not JSON-serialisable or not mappable.
+            InvalidParametersError: parameters not JSON-serialisable or not mappable, or a str
+                value holding a NUL byte.
             InvalidTimeoutError: negative ``timeout``.
             InvalidLimitError: ``memory_limit_bytes`` not a positive int.
             CwdNotFoundError / CwdNotADirectoryError: bad ``cwd``.
             InvalidEnvironmentError: ``env`` is not a mapping of str to str.
             InvalidArgumentTypeError: ``args`` (raw arguments passed after the parameters'
                 ones) is not a list of str.
+            InvalidCommandError: an item of ``args`` holds a NUL byte.
             InvalidLimitError: ``resources`` is not a mapping of str to a positive number.
         """
         if cwd is not None:
@@ -643,9 +645,7 @@ class ModuleRunner(AsyncClosing):
         uvicorn worker) then has every line."""
         if self.output is not None:
             try:
-                await self.output.close_run(
-                    run.run_id, status=run.status, exit_code=run.exit_code
-                )
+                await self.output.close_run(run.run_id, status=run.status, exit_code=run.exit_code)
             except Exception:
                 logger.exception("closing the output of run %s failed", run.run_id)
         await self._save(run)

@@ -158,6 +158,8 @@ def test_parameter_mapping_rule() -> None:
         {"with space": 1},
         {1: "x"},
         {"items": [None]},
+        {"text": "a\x00b"},
+        {"items": ["ok", "a\x00b"]},
         ["not", "a", "mapping"],
     ],
 )
@@ -184,6 +186,15 @@ async def test_bad_input_raises_before_anything_is_stored(
         await runner.execute_module("m", "M", ok, memory_limit_bytes=0)
     with pytest.raises(pq.exceptions.CwdNotFoundError):
         await runner.execute_module("m", "M", "ok.py", cwd=tmp_path / "nope")
+    # A NUL byte cannot be passed to a program: refused here, not recorded as a failed start.
+    with pytest.raises(InvalidParametersError, match="NUL"):
+        await runner.execute_module("m", "M", ok, {"text": "a\x00b"})
+    with pytest.raises(InvalidParametersError, match="NUL"):
+        await runner.start_module("m", "M", ok, {"items": ["a\x00b"]})
+    with pytest.raises(pq.exceptions.InvalidCommandError, match="NUL"):
+        await runner.execute_module("m", "M", ok, args=["ok", "a\x00b"])
+    with pytest.raises(pq.exceptions.InvalidCommandError, match="NUL"):
+        await runner.start_module("m", "M", ok, args=[Path("a\x00b")])
     assert await runner.registry.count_runs() == 0
 
 

@@ -26,6 +26,7 @@ from .._core._closing import AsyncClosing
 from .._core._durations import interval_seconds, timeout_seconds
 from .._core._exceptions import (
     CommandNotFoundError,
+    DuplicateRunError,
     InvalidArgumentTypeError,
     InvalidRunModeError,
     OutputClosedError,
@@ -450,7 +451,7 @@ class ModuleRunner(AsyncClosing):
 
         Raises:
             RunnerClosedError: after :meth:`aclose`.
-            DuplicateRunError: ``run_id`` is already in the registry.
+            DuplicateRunError: ``run_id`` is already in the registry or active here.
             and what :meth:`prepare` raises.
         """
         self._check_open()
@@ -515,7 +516,7 @@ class ModuleRunner(AsyncClosing):
 
         Raises:
             RunnerClosedError: after :meth:`aclose`.
-            DuplicateRunError: ``run_id`` is already in the registry.
+            DuplicateRunError: ``run_id`` is already in the registry or active here.
             and what :meth:`prepare_command` raises.
         """
         self._check_open()
@@ -552,22 +553,51 @@ class ModuleRunner(AsyncClosing):
         self, module_id: str, module_name: str, launch: _Launch, run_id: str | None
     ) -> Run:
         run = self._new_run(module_id, module_name, launch, run_id)
+        if run.run_id in self._active:
+            # Refused here: the registry may not have the other one yet (it is being stored).
+            raise DuplicateRunError(f"run {run.run_id!r} is already active in this runner")
         opened = self._open_output(run.run_id)
+        # Active from now on, not once stored: a cancel() or aclose() that comes while the run
+        # is being stored (a SQLite insert takes its thread's time) must find it and wait.
+        done = self._begin(run)
         try:
             await self.registry.add_run(run)
         except BaseException as exc:
-            self._drop_output(run.run_id, opened)
-            if isinstance(exc, asyncio.CancelledError):
-                # The insert may have landed (a thread-backed store finishes its statement).
-                run.mark_cancelled("cancelled before the module started")
-                await self._save(run, missing_ok=True)
+            try:
+                self._drop_output(run.run_id, opened)
+                if isinstance(exc, asyncio.CancelledError):
+                    # The insert may have landed (a thread-backed store finishes its statement).
+                    run.mark_cancelled(
+                        self._cancel_reasons.get(run.run_id, "cancelled before the module started")
+                    )
+                    await self._save(run, missing_ok=True)
+            finally:
+                self._end(run, done)
             raise
-        return await self._execute(run, launch, background=False)
+        return await self._execute(run, launch, background=False, done=done)
+
+    def _begin(self, run: Run) -> asyncio.Event:
+        """Make ``run`` active here (cancel() and aclose() see it); return its done event."""
+        done = asyncio.Event()
+        self._active[run.run_id] = done
+        self._active_runs[run.run_id] = run
+        return done
+
+    def _end(self, run: Run, done: asyncio.Event) -> None:
+        """The run's outcome is recorded (or it never got stored): it is no longer active."""
+        if self._active.get(run.run_id) is done:
+            del self._active[run.run_id]
+            self._active_runs.pop(run.run_id, None)
+            self._cancel_reasons.pop(run.run_id, None)
+        done.set()
 
     async def _start_new(
         self, module_id: str, module_name: str, launch: _Launch, run_id: str | None
     ) -> str:
         run = self._new_run(module_id, module_name, launch, run_id)
+        if run.run_id in self._active:
+            # A foreground run stored but still PENDING would otherwise be taken over.
+            raise DuplicateRunError(f"run {run.run_id!r} is already active in this runner")
         opened = self._open_output(run.run_id)
         try:
             return await self.task_manager.start_task(
@@ -620,6 +650,8 @@ class ModuleRunner(AsyncClosing):
         # A run that finished by itself just before the stop reached it keeps its outcome.
         if run.status is RunStatus.CANCELLED:
             return CancelResult.CANCELLED
+        if not run.is_finished:  # it could not be stored, so it never ran
+            return CancelResult.NOT_FOUND
         return CancelResult.ALREADY_FINISHED
 
     # -- one run ------------------------------------------------------------------------------
@@ -650,13 +682,20 @@ class ModuleRunner(AsyncClosing):
                 logger.exception("closing the output of run %s failed", run.run_id)
         await self._save(run)
 
-    async def _execute(self, run: Run, launch: _Launch, *, background: bool) -> Run:
-        done = asyncio.Event()
-        self._active[run.run_id] = done
-        self._active_runs[run.run_id] = run
+    async def _execute(
+        self, run: Run, launch: _Launch, *, background: bool, done: asyncio.Event | None = None
+    ) -> Run:
+        if done is None:
+            done = self._begin(run)
         if not background:
             self._watcher.watch(run.run_id)
         try:
+            reason = self._cancel_reasons.get(run.run_id)
+            if reason is not None:
+                # cancel() or aclose() came while the run was being stored: nothing starts.
+                run.mark_cancelled(reason)
+                await asyncio.shield(self._record_final(run))
+                return run
             if self.backend is not None:
                 return await self.backend.execute(
                     run,
@@ -679,10 +718,7 @@ class ModuleRunner(AsyncClosing):
                         exit_code=run.exit_code if finished else None,
                     )
             finally:
-                self._active.pop(run.run_id, None)
-                self._active_runs.pop(run.run_id, None)
-                self._cancel_reasons.pop(run.run_id, None)
-                done.set()
+                self._end(run, done)
 
     def _run_mode_label(self) -> str:
         if self.backend is not None and self.backend.mode is not None:

@@ -575,3 +575,107 @@ def test_a_script_whose_interpreter_is_missing_says_so(tmp_path: Path) -> None:
     error = not_found_error(str(script), FileNotFoundError(2, "No such file or directory"))
     assert "interpreter" in str(error) and "/nonexistent/interp" in str(error), str(error)
     assert isinstance(error, pq.CommandNotFoundError)
+
+
+# --- review: module runs (session 19) ---------------------------------------------------------
+
+
+class _SlowInsertRegistry(pq.RunRegistry):
+    """A registry whose inserts wait for ``gate`` (a SQLite registry's insert takes its own
+    thread's time, and a busy disk longer): a run's store window held open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inserting = asyncio.Event()
+        self.gate = asyncio.Event()
+        # Set by the test to hold a run's RUNNING write too (it stays PENDING when stored).
+        self.running_gate: asyncio.Event | None = None
+
+    async def add_run(self, run: pq.Run) -> None:
+        self.inserting.set()
+        await self.gate.wait()
+        await super().add_run(run)
+
+    async def update_run(self, run: pq.Run) -> None:
+        if self.running_gate is not None and run.status is pq.RunStatus.RUNNING:
+            await self.running_gate.wait()
+        await super().update_run(run)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancel_while_a_foreground_run_is_stored_cancels_it(
+    tmp_path: Path, mode: str
+) -> None:
+    """cancel() came while execute_module() was storing its run: it said NOT_FOUND and the
+    module then ran to its end."""
+    path = script(tmp_path, "sleep", SLEEP)
+    async with (
+        _SlowInsertRegistry() as registry,
+        ModuleRunner(registry, run_mode=mode, grace_period=1.0) as runner,
+    ):
+        task = asyncio.ensure_future(runner.execute_module("s", "S", path, run_id="stored"))
+        await registry.inserting.wait()
+        cancel = asyncio.ensure_future(runner.cancel("stored", "changed my mind"))
+        await asyncio.sleep(0.1)
+        assert not cancel.done()  # it waits for the run to be recorded
+        registry.gate.set()
+        assert await asyncio.wait_for(cancel, 30) is pq.CancelResult.CANCELLED
+        run = await asyncio.wait_for(task, 30)
+        assert run.status is pq.RunStatus.CANCELLED
+        assert run.error_message == "changed my mind"
+        assert run.pid is None  # nothing was started
+        stored = await registry.get_run("stored")
+        assert stored is not None and stored.status is pq.RunStatus.CANCELLED
+        assert runner.processes.live() == {}
+
+
+async def test_aclose_while_a_foreground_run_is_stored_records_it_cancelled(
+    tmp_path: Path,
+) -> None:
+    """aclose() came while execute_module() was storing its run: it returned at once, and the
+    run then met the closed wrapper and was recorded FAILED ("could not start the module")."""
+    path = script(tmp_path, "sleep", SLEEP)
+    async with _SlowInsertRegistry() as registry:
+        runner = ModuleRunner(registry, grace_period=1.0)
+        task = asyncio.ensure_future(runner.execute_module("s", "S", path, run_id="closing"))
+        await registry.inserting.wait()
+        closing = asyncio.ensure_future(runner.aclose())
+        await asyncio.sleep(0.1)
+        assert not closing.done()  # it waits for every run to be recorded
+        registry.gate.set()
+        await asyncio.wait_for(closing, 30)
+        assert task.done()
+        run = task.result()
+        assert run.status is pq.RunStatus.CANCELLED, run.error_message
+        assert run.error_message == "module runner closed"
+        stored = await registry.get_run("closing")
+        assert stored is not None and stored.status is pq.RunStatus.CANCELLED
+
+
+async def test_a_run_id_active_in_the_runner_is_refused_at_once(tmp_path: Path) -> None:
+    """A second execute_module() with the id of a run still being stored is refused before it
+    touches the first run's bookkeeping; the first run is unaffected."""
+    path = script(tmp_path, "ok", "print('ok')")
+    async with _SlowInsertRegistry() as registry, ModuleRunner(registry) as runner:
+        first = asyncio.ensure_future(runner.execute_module("s", "S", path, run_id="same"))
+        await registry.inserting.wait()
+        with pytest.raises(pq.exceptions.DuplicateRunError):
+            await asyncio.wait_for(runner.execute_module("s", "S", path, run_id="same"), 10)
+        assert runner.active_run_ids() == ["same"]
+        registry.running_gate = asyncio.Event()
+        registry.gate.set()
+        # Stored and still PENDING: a background run with its id took it over and ran the
+        # module a second time.
+        stored = await _stored_when(registry, "same", lambda run: True)
+        assert stored.status is pq.RunStatus.PENDING
+        try:
+            with pytest.raises(pq.exceptions.DuplicateRunError):
+                await runner.start_module("s", "S", path, run_id="same")
+        finally:
+            registry.running_gate.set()
+        run = await asyncio.wait_for(first, 30)
+        assert run.status is pq.RunStatus.COMPLETED, run.error_message
+        assert run.output_tail == ["ok"]
+        await runner.task_manager.wait_all(timeout=30)
+        stored = await registry.get_run("same")
+        assert stored is not None and stored.output_tail == ["ok"] and stored.pid == run.pid

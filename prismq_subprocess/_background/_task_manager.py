@@ -849,7 +849,8 @@ class BackgroundTaskManager(AsyncResource):
         Returns :class:`CancelResult` ``CANCELLED`` (true), or (all false) ``ALREADY_FINISHED``
         (ending, being cancelled already, finished in the registry, or ended otherwise after a
         request), ``REQUESTED`` (another process's run did not finish within ``timeout``) or
-        ``NOT_FOUND`` (unknown, or stored by this process without being active here).
+        ``NOT_FOUND`` (unknown, or stored by this process without being active here). A run
+        active here, even one being cancelled already or ending, is recorded when this returns.
 
         Cancellation: stops waiting; the run's cancellation (or the recorded request) still goes
         ahead.
@@ -862,6 +863,12 @@ class BackgroundTaskManager(AsyncResource):
         if entry is None:
             return await cancel_elsewhere(self.registry, run_id, reason, timeout)
         if entry.phase == _RECORDING or entry.cancel_reason is not None:
+            # Still waits for the record: a caller reading the registry next must not find
+            # the run RUNNING (a second cancel of a run whose clean-up takes a grace period).
+            # Not from the run's own task (its clean-up cancelling itself): it would wait for
+            # itself.
+            if asyncio.current_task() is not entry.task:
+                await asyncio.shield(entry.wait_released())
             return CancelResult.ALREADY_FINISHED
         self._interrupt(entry, reason)
         # Not the task: a run cancelled before its first step is recorded by another one.

@@ -977,7 +977,6 @@ async def test_the_registry_keeps_copies_never_the_callers_run() -> None:
     assert final.created_at == run.created_at and final.owner == run.owner is not None
 
 
-
 @pytest.mark.parametrize("added_first", [False, True], ids=["new", "taken-over"])
 async def test_the_running_record_is_the_whole_run(
     registry: BaseRunRegistry, added_first: bool
@@ -1349,6 +1348,7 @@ def test_cancel_requests_are_heard_in_a_later_event_loop_with_a_run_left_behind(
     manager = BackgroundTaskManager(registry)
     left = asyncio.new_event_loop()
     try:
+
         async def leave_one() -> None:
             manager.start_task(Run(module_id="m"), asyncio.sleep(30))
             await asyncio.sleep(0.05)
@@ -1365,3 +1365,56 @@ def test_cancel_requests_are_heard_in_a_later_event_loop_with_a_run_left_behind(
         return (await _until_finished(registry, run.run_id, limit=2)).status
 
     assert asyncio.run(later()) is RunStatus.CANCELLED
+
+
+# --- review: module runs (session 19) ---------------------------------------------------------
+
+
+async def test_a_second_cancel_returns_once_the_run_is_recorded(registry: BaseRunRegistry) -> None:
+    """Two cancel_task() calls for one run (a double click on "stop"): the second returned
+    ALREADY_FINISHED at once, while the first was still waiting for the coroutine's clean-up
+    and the registry still said RUNNING. It now returns once the outcome is recorded."""
+    cleaning = asyncio.Event()
+    started = asyncio.Event()  # the run is stored RUNNING before its coroutine starts
+
+    async def slow_to_stop() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cleaning.set()
+            await asyncio.sleep(0.3)  # stopping a child's tree takes its grace period
+            raise
+
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run(module_id="m", module_name="m")
+        await manager.start_task(run, slow_to_stop())
+        await started.wait()
+        assert (await stored(registry, run.run_id)).status is RunStatus.RUNNING
+        first = asyncio.ensure_future(manager.cancel_task(run.run_id, "first"))
+        await cleaning.wait()
+        assert await manager.cancel_task(run.run_id, "second") is CancelResult.ALREADY_FINISHED
+        now = await stored(registry, run.run_id)
+        assert now.status is RunStatus.CANCELLED, now
+        assert now.error_message == "first"
+        assert await first is CancelResult.CANCELLED
+
+
+async def test_a_run_cancelling_itself_again_in_its_clean_up_does_not_wait_for_itself(
+    registry: BaseRunRegistry,
+) -> None:
+    manager = BackgroundTaskManager(registry)
+    run = Run(module_id="m", module_name="m")
+    answers: list[CancelResult] = []
+
+    async def stops_itself() -> None:
+        try:
+            await manager.cancel_task(run.run_id, "itself")
+        finally:
+            answers.append(await manager.cancel_task(run.run_id, "again"))
+
+    await manager.start_task(run, stops_itself())
+    await asyncio.wait_for(manager.wait_all(), 10)
+    assert answers == [CancelResult.ALREADY_FINISHED]
+    assert (await stored(registry, run.run_id)).status is RunStatus.CANCELLED
+    await manager.aclose()

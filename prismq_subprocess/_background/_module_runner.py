@@ -276,7 +276,8 @@ class ModuleRunner(AsyncClosing):
         return self._task_manager
 
     def active_run_ids(self) -> list[str]:
-        """Run ids whose module is running (child started or starting) in this runner."""
+        """Run ids whose module is running in this runner (being stored, its child starting or
+        started)."""
         return list(self._active)
 
     # -- validation ---------------------------------------------------------------------------

@@ -430,7 +430,12 @@ class OutputSubscription(AsyncClosing):
     async def aclose(self) -> None:
         """Stop following: end the iteration (a pending ``__anext__`` returns at once).
         Idempotent."""
-        self._chunk = None
+        chunk = self._chunk
+        if chunk is not None:
+            # Lines fetched but not yielded yet are not consumed: next_seq (the resume point)
+            # stays at the first of them.
+            self._cursor = chunk.first_seq + self._chunk_pos
+            self._chunk = None
         self._finish(self.end)
         waiter = self._waiter
         if waiter is not None and not waiter.done():

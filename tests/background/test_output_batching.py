@@ -375,3 +375,27 @@ def test_append_line_driven_without_a_loop_still_completes() -> None:
             coro.send(None)
     assert capture.get_lines("r") == ["one", "two"]
     assert capture._pending == {}
+
+
+async def test_next_seq_after_aclose_is_the_first_line_not_yielded(tmp_path: Path) -> None:
+    """A subscriber behind the ring reads the log file a chunk at a time and yields its lines
+    one by one; closed after the first, its ``next_seq`` (the documented resume point) is the
+    second, not the end of the chunk it had fetched (found by the property test above, seed 1:
+    resuming from there lost a line)."""
+    capture = OutputCapture(2, 40, max_line_bytes=12, log_dir=tmp_path / "logs")
+    capture.open_run("r")
+    await capture.append_lines("r", ["a", "b"])
+    subscription = capture.subscribe("r", from_seq=0)
+    await capture.append_lines("r", ["c", "d"])  # "a" and "b" leave the ring: read from the log
+    assert await subscription.__anext__() == OutputLine(0, "a", 0)
+    assert subscription.next_seq == 1
+    await subscription.aclose()
+    assert subscription.next_seq == 1
+    resumed = capture.subscribe("r", from_seq=subscription.next_seq)
+    await capture.close_run("r")
+    assert [item async for item in resumed] == [
+        OutputLine(1, "b", 0),
+        OutputLine(2, "c", 0),
+        OutputLine(3, "d", 0),
+    ]
+    await capture.aclose()

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import asyncio.subprocess
 import os
+import subprocess
 from collections.abc import Sequence
 
 from .._platform import pidfd_open, platform_ops
 from ._process import ProcessLike
 
-__all__ = ["has_exited", "wait_all_exited", "wait_exited"]
+__all__ = ["has_exited", "popen_of", "reaped", "wait_all_exited", "wait_exited"]
 
 _FIRST_POLL = 0.002
 _MAX_POLL = 0.05
@@ -39,8 +40,27 @@ def _elsewhere(process: ProcessLike, loop: asyncio.AbstractEventLoop) -> bool:
     return owner is not None and owner is not loop
 
 
+def popen_of(process: ProcessLike) -> subprocess.Popen[bytes] | None:
+    """The ``Popen`` behind ``process``: its own (THREADED, LOCAL) or its transport's (asyncio's
+    process objects); ``None`` for others (DRY_RUN, a host's stand-in)."""
+    popen = getattr(process, "_popen", None)
+    if popen is None:
+        popen = getattr(getattr(process, "_transport", None), "_proc", None)
+    return popen if isinstance(popen, subprocess.Popen) else None
+
+
+def reaped(process: ProcessLike) -> bool:
+    """Whether ``process``'s exit status was read already though its ``returncode`` is not set:
+    its ``Popen`` was reaped by a thread of its mode whose event loop then could not be told
+    (it was closed). Its pid may name another process by now, so nothing may be signalled or
+    waited for by that number."""
+    popen = popen_of(process)
+    return popen is not None and popen.returncode is not None
+
+
 def _pid_ended(process: ProcessLike) -> bool:
-    return platform_ops().state_of(process.pid) in _ENDED
+    # Reaped first: the pid's state then describes whoever holds the pid now.
+    return reaped(process) or platform_ops().state_of(process.pid) in _ENDED
 
 
 def has_exited(process: ProcessLike, loop: asyncio.AbstractEventLoop) -> bool:

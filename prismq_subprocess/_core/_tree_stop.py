@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import subprocess
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,7 +31,7 @@ from .._platform import (
     platform_ops,
 )
 from ._exceptions import TaskTimeoutError
-from ._exit_wait import has_exited, wait_all_exited
+from ._exit_wait import has_exited, popen_of, reaped, wait_all_exited
 from ._offloop import Coalescer
 from ._process import ProcessLike
 from ._validation import check_process, check_timeout
@@ -97,8 +96,14 @@ def _known(process: object) -> _Child | None:
         return None
 
 
+def _running(process: ProcessLike) -> bool:
+    """Whether ``process`` may still hold its pid: no ``returncode``, and (a child of a closed
+    event loop) not reaped by its ``Popen`` either, when a stranger may hold the pid."""
+    return process.returncode is None and not reaped(process)
+
+
 def _target(process: ProcessLike, ops: PlatformOps, *, pin: bool = False) -> StopTarget:
-    running = process.returncode is None
+    running = _running(process)
     child = _known(process)
     own_group = child.own_group if child is not None else ops.leads_own_group(process.pid)
     return StopTarget(
@@ -219,10 +224,8 @@ def _exit_status(process: ProcessLike) -> int:
     code = process.returncode
     if code is not None:
         return code
-    popen = getattr(process, "_popen", None)  # THREADED / LOCAL
-    if popen is None:  # asyncio's own process: its transport's Popen
-        popen = getattr(getattr(process, "_transport", None), "_proc", None)
-    if isinstance(popen, subprocess.Popen):
+    popen = popen_of(process)
+    if popen is not None:
         with contextlib.suppress(OSError):
             code = popen.poll()
     if code is None:
@@ -268,7 +271,7 @@ def kill_trees_now(processes: Sequence[ProcessLike], ops: PlatformOps | None = N
     """Kill every process in ``processes`` and its tree at once, without waiting (for
     synchronous clean-up). Blocks for one look at the process table."""
     ops = ops or platform_ops()
-    live = [p for p in processes if p.returncode is None]
+    live = [p for p in processes if _running(p)]
     if not live:
         return
     records = [StopRecord(_target(p, ops)) for p in live]

@@ -736,3 +736,49 @@ def test_closing_from_another_loop_stops_politely_and_quietly(
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@needs_pid_control
+# The modes whose Popen is reaped by a thread of theirs (ASYNC and THREADED with a pidfd leave
+# the child of a closed loop a zombie, which keeps its pid).
+@pytest.mark.parametrize("mode", ["threaded-waiter", "threaded-threads", "local"])
+@pytest.mark.parametrize("how", ["aclose", "kill_now"])
+def test_a_child_of_another_loop_reaped_there_leaves_the_new_owner_of_its_pid_alone(
+    mode: str, how: str
+) -> None:
+    """A child whose event loop ended while it ran, then exited and was reaped by a thread of
+    its mode (its returncode never set: that loop is closed), its pid taken by a stranger
+    leading its own group. Closing the wrapper from the next loop (or the synchronous kill)
+    must neither signal the stranger's group nor wait for the stranger (it was sent SIGTERM:
+    the stop took the process for one still running)."""
+    from conftest import WRAPPER_FACTORIES
+
+    from prismq_subprocess._core._tree_stop import kill_tree_now
+
+    wrapper = WRAPPER_FACTORIES[mode]()
+    started: list[asyncio.subprocess.Process] = []
+
+    async def start() -> None:
+        started.append(await wrapper.create_subprocess_exec(*py("import time; time.sleep(0.5)")))
+
+    asyncio.run(start())
+    proc = started[0]
+    for _ in range(300):  # until it exited and was reaped
+        if not os.path.exists(f"/proc/{proc.pid}"):
+            break
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{proc.pid}")
+    assert proc.returncode is None  # (the case: its loop never heard of the exit)
+    mark, env = marked_env()
+    stranger = stranger_with_pid(proc.pid, env)
+    try:
+        if how == "aclose":
+            asyncio.run(asyncio.wait_for(wrapper.aclose(), 30))
+        else:
+            kill_tree_now(proc)
+            asyncio.run(asyncio.wait_for(wrapper.aclose(), 30))
+        time.sleep(0.2)
+        assert stranger.poll() is None, f"the stranger got {stranger.returncode}"
+    finally:
+        survivors_after(mark, 0.0)  # (kills it)
+        stranger.wait()

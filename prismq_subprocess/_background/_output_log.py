@@ -304,7 +304,7 @@ class RunLogWriter:
             end = whole
             kept = 0
             for line in lines:
-                length = len(line.encode("utf-8", "replace")) + 1  # as _encode writes it
+                length = len(_encode([line]))  # the bytes this line took in the file
                 if end + length > size:
                     break
                 end += length

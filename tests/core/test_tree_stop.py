@@ -449,7 +449,19 @@ def test_a_cancelled_spawn_leaves_nothing_when_the_loop_ends(mode: str, route: s
         wrapper.cleanup()  # waits for a spawn still running in a worker thread
         gc.collect()  # (see ASYNCIO_POPEN_WARNING) here, not in a later test
     time.sleep(1.0)  # the drop-ins' shared pool is not ours to wait for
-    assert survivors_after(mark, 2.0) == []
+    left = survivors_after(mark, 2.0)
+    if mode == "async":
+        reap_popens_collected_while_their_child_died()
+    assert left == []
+
+
+def reap_popens_collected_while_their_child_died() -> None:
+    # asyncio's Popen (see ASYNCIO_POPEN_WARNING) can be collected while the child it has just
+    # killed is still dying: subprocess then keeps it in its list of children to reap, and the
+    # next Popen anywhere (another test's, outside this test's filter) reaps it and frees its
+    # unclosed pipes, which warn there (CI, once, under load). The child is gone by now: reap it
+    # here, inside this test's filter.
+    subprocess._cleanup()  # type: ignore[attr-defined]
 
 
 ENDS_THE_LOOP_MID_SPAWN = """

@@ -967,13 +967,29 @@ class SQLiteRunRegistry(BaseRunRegistry):
         return executor
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await self._worker().call(fn, *args)
+        try:
+            return await self._worker().call(fn, *args)
+        except sqlite3.ProgrammingError:
+            # A call that took the worker just before aclose() from another thread cleared
+            # it queues its job behind the close job, and SQLite refuses the closed
+            # connection: the caller learns what happened, not SQLite's wording.
+            if self._closed:
+                raise self._closed_error() from None
+            raise
 
     async def _write(self, db: _Database, fn: Callable[..., _T], *args: Any) -> _T:
         """Like _run, for a method that writes through ``db.write``: it may share a group
         transaction, and returns after that committed."""
         self._check_writable(db)
-        return await self._worker().call(fn, *args, group=db)
+        try:
+            return await self._worker().call(fn, *args, group=db)
+        except sqlite3.ProgrammingError:
+            # A call that took the worker just before aclose() from another thread cleared
+            # it queues its job behind the close job, and SQLite refuses the closed
+            # connection: the caller learns what happened, not SQLite's wording.
+            if self._closed:
+                raise self._closed_error() from None
+            raise
 
     def _check_writable(self, db: _Database) -> None:
         if db.read_only:
@@ -1102,7 +1118,15 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise self._closed_error()
         # enqueue, not call: one coroutine fewer per write (the loop's share of a write is
         # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
-        await executor.enqueue(db.add, (_row_values(run), self.max_runs, self.max_age), db)
+        try:
+            await executor.enqueue(db.add, (_row_values(run), self.max_runs, self.max_age), db)
+        except sqlite3.ProgrammingError:
+            # A call that took the worker just before aclose() from another thread cleared
+            # it queues its job behind the close job, and SQLite refuses the closed
+            # connection: the caller learns what happened, not SQLite's wording.
+            if self._closed:
+                raise self._closed_error() from None
+            raise
 
     async def update_run(self, run: Run) -> None:
         db = self._db
@@ -1116,7 +1140,15 @@ class SQLiteRunRegistry(BaseRunRegistry):
         executor = self._executor
         if executor is None:
             raise self._closed_error()
-        await executor.enqueue(db.update, (_row_values(run), run._status), db)
+        try:
+            await executor.enqueue(db.update, (_row_values(run), run._status), db)
+        except sqlite3.ProgrammingError:
+            # A call that took the worker just before aclose() from another thread cleared
+            # it queues its job behind the close job, and SQLite refuses the closed
+            # connection: the caller learns what happened, not SQLite's wording.
+            if self._closed:
+                raise self._closed_error() from None
+            raise
 
     async def get_run(self, run_id: str) -> Run | None:
         db = await self._database()

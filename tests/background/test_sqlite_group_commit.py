@@ -14,6 +14,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -489,6 +490,62 @@ async def test_a_call_racing_a_close_from_another_thread_says_closed(tmp_path: P
     registry = ClosedRightAfterOpen(tmp_path / "r.db")
     with pytest.raises(RegistryClosedError):
         await registry.get_run("x")
+    assert sqlite_threads() == []
+
+
+@pytest.mark.parametrize("call", ["add_run", "update_run", "get_run", "list_runs"])
+async def test_a_call_queued_behind_a_close_from_another_thread_says_closed(
+    tmp_path: Path, call: str
+) -> None:
+    """aclose() from another thread lands between a call taking the worker and queueing its
+    job: the job runs after the connection was closed, and the call raises
+    RegistryClosedError (it was sqlite3.ProgrammingError: 'Cannot operate on a closed
+    database')."""
+    from prismq_subprocess._core._exceptions import RegistryClosedError
+
+    registry = SQLiteRunRegistry(tmp_path / "r.db")
+    run = Run(run_id="r1")
+    await registry.add_run(run)
+    worker = registry._executor
+    assert worker is not None
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        holding.set()
+        return gate.wait(10)
+
+    held = worker.submit(hold)  # the close job queues up behind it
+    assert holding.wait(10)  # (out of the queue: what is queued next is the close job)
+    enqueue = worker.enqueue
+    closer = threading.Thread(target=asyncio.run, args=(registry.aclose(),))
+
+    def close_then_enqueue(*args: Any, **kwargs: Any) -> Any:
+        closer.start()
+        deadline = time.monotonic() + 10
+        while worker._queue.qsize() < 1:  # the close job is queued
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        try:
+            return enqueue(*args, **kwargs)
+        finally:
+            gate.set()
+
+    worker.enqueue = close_then_enqueue  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RegistryClosedError):
+            if call == "add_run":
+                await registry.add_run(Run(run_id="r2"))
+            elif call == "update_run":
+                run.mark_running(pid=1)
+                await registry.update_run(run)
+            elif call == "get_run":
+                await registry.get_run("r1")
+            else:
+                await registry.list_runs()
+    finally:
+        gate.set()
+        closer.join(10)
+    assert held.result(timeout=5) is True
     assert sqlite_threads() == []
 
 

@@ -6,6 +6,10 @@ its thread exists only while there are jobs and for a short linger after them (a
 holds no thread for it, and a host spawning in a steady stream does not start a thread per job:
 ``Thread.start()`` costs the loop's thread tens of microseconds and waits for the new thread to
 run). Jobs submitted while it works join the queue it is draining.
+
+A child forked from the host (gunicorn's ``--preload``, a ``fork`` multiprocessing pool) starts
+with every backlog empty and idle: the parent's thread does not exist there, its lock may have
+been held at the fork, and its queued jobs concern the parent's children.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 __all__ = ["Backlog"]
@@ -32,6 +38,10 @@ class Backlog:
     def __init__(self, name: str, linger: float = DEFAULT_LINGER) -> None:
         self._name = name
         self._linger = linger
+        self._start_empty()
+        _BACKLOGS.add(self)
+
+    def _start_empty(self) -> None:
         self._lock = threading.Lock()
         self._more = threading.Condition(self._lock)
         self._jobs: collections.deque[Callable[[], object]] = collections.deque()
@@ -44,6 +54,22 @@ class Backlog:
         # finalizers). The lock's holder moves them to the queue proper before it lets go.
         self._inside = threading.local()
         self._reentered: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+
+    def _forked(self) -> None:
+        """In a forked child: no thread, no job; each of the parent's queued jobs that has a
+        ``drop()`` method is told it will never run (to release what it holds)."""
+        dropped = list(self._jobs)
+        while True:
+            try:
+                dropped.append(self._reentered.get_nowait())
+            except queue.Empty:
+                break
+        self._start_empty()
+        for job in dropped:
+            drop = getattr(job, "drop", None)
+            if drop is not None:
+                with contextlib.suppress(Exception):
+                    drop()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -66,6 +92,8 @@ class Backlog:
 
     def submit(self, job: Callable[[], object]) -> None:
         """Queue ``job``; returns at once. An exception it raises is logged, never raised.
+        A job still queued when the process forks never runs in the child (its ``drop()``, if
+        it has one, is called there instead).
 
         Safe to call from a finalizer, even one the GC runs inside this backlog's own code."""
         if getattr(self._inside, "held", False):
@@ -110,3 +138,15 @@ class Backlog:
                 job()
             except Exception:
                 logger.exception("%s: a job failed", self._name)
+
+
+_BACKLOGS: weakref.WeakSet[Backlog] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backlog in list(_BACKLOGS):
+        backlog._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -93,7 +93,7 @@ class PosixOps(PlatformOps):
         if pin < 0:  # no pidfd (macOS has no cgroups; an old kernel, no descriptor left)
             host.enter(pid, containment)
             return
-        _MOVES.submit(functools.partial(_enter_if_running, host, pid, pin, containment))
+        _MOVES.submit(_Move(host, pid, pin, containment))
 
     def release(self, containment: Containment) -> None:
         if self.host is not None:
@@ -448,14 +448,27 @@ class PosixOps(PlatformOps):
 _MOVES = Backlog("prismq-cgroup-enter")
 
 
-def _enter_if_running(host: PosixHost, pid: int, pin: int, containment: Containment) -> None:
-    try:
-        poller = select.poll()
-        poller.register(pin, select.POLLIN)
-        if not poller.poll(0):  # a pidfd turns readable when its process exits
-            host.enter(pid, containment)
-    finally:
-        os.close(pin)
+@dataclass(eq=False)
+class _Move:
+    """Move the child ``pid`` into its sub-group if its pidfd ``pin`` shows it still running;
+    the pin is closed either way (``drop()``: in a forked child, where the move never runs)."""
+
+    host: PosixHost
+    pid: int
+    pin: int
+    containment: Containment
+
+    def __call__(self) -> None:
+        try:
+            poller = select.poll()
+            poller.register(self.pin, select.POLLIN)
+            if not poller.poll(0):  # a pidfd turns readable when its process exits
+                self.host.enter(self.pid, self.containment)
+        finally:
+            os.close(self.pin)
+
+    def drop(self) -> None:
+        os.close(self.pin)
 
 
 def _group_is_the_childs(target: StopTarget, table: ProcessTable) -> bool:

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -62,6 +63,18 @@ class PosixHost:
         )
         self._use_cookie = _enabled(env, "PRISMQ_COOKIE") if use_cookie is None else use_cookie
         self._prctl_override = prctl
+        self._start_afresh()
+        _HOSTS.add(self)
+
+    def _start_afresh(self) -> None:
+        """Nothing chosen yet, no run: a new host, or a forked child of one.
+
+        A forked child (gunicorn's ``--preload``, a ``fork`` multiprocessing pool) must not go
+        on with the parent's state: with the parent's cookie variable and run numbers, its runs
+        carried the very cookies of the parent's, and a stop in either process stopped the
+        other's children; with the parent's sub-group names, they shared sub-groups; the
+        subreaper setting is not inherited by ``fork``, the parent's children are not ours, and
+        the parent's lock may have been held at the fork."""
         self.cookies = Cookies(proc_root=self._proc_root)
         self.cgroups: Cgroups | None = None
         self.prctl: Prctl | None = None
@@ -327,6 +340,16 @@ class PosixHost:
                         self._run_cgroups.pop(path, None)
 
 
+_HOSTS: weakref.WeakSet[PosixHost] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _HOST_LOCK
+    _HOST_LOCK = threading.Lock()
+    for host in list(_HOSTS):
+        host._start_afresh()
+
+
 def _owner_pid(name: str) -> int | None:
     # "prismq-<pid in hex><6 hex digits>-<n>"
     parts = name.split("-")
@@ -350,6 +373,8 @@ def _pid_exists(pid: int) -> bool:
 
 _HOST: PosixHost | None = None
 _HOST_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def posix_host() -> PosixHost:

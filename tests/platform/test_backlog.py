@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -136,3 +139,53 @@ def test_a_job_submitted_from_inside_the_backlog_itself_neither_deadlocks_nor_is
     while sorted(ran) != ["nested", "outer"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sorted(ran) == ["nested", "outer"]
+
+
+# A host that forks (gunicorn --preload, a multiprocessing "fork" pool) while the worker thread
+# lingers: the child inherits a backlog that believes its thread exists.
+_FORK_SCRIPT = """
+import os, sys, threading
+from prismq_subprocess._platform._backlog import Backlog
+
+class Move:
+    def __init__(self, gate):
+        self.gate = gate
+        self.dropped = False
+    def __call__(self):
+        self.gate.wait(10)
+    def drop(self):
+        self.dropped = True
+
+backlog = Backlog("prismq-test-fork", linger=30.0)
+gate = threading.Event()
+backlog.submit(lambda: gate.wait(10))  # the thread is busy (or lingers) at the fork
+queued = Move(gate)
+backlog.submit(queued)                   # and a job of the parent's is still queued
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    ran = []
+    backlog.submit(lambda: ran.append(1))
+    idle = backlog.wait_idle(10)
+    os.write(w, f"{idle} {ran} {queued.dropped}".encode())
+    os._exit(0)
+gate.set()
+os.waitpid(pid, 0)
+print(os.read(r, 100).decode())
+print("parent", backlog.wait_idle(10), queued.dropped)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_runs_its_own_jobs_and_drops_the_parents() -> None:
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _FORK_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    # The child: its job ran (on a thread of its own), the parent's queued job was dropped
+    # (never run there: it concerns the parent's children) and told so (its pidfd closed).
+    # The parent: untouched, its queued job ran.
+    assert done.stdout.split("\n")[:2] == ["True [1] True", "parent True False"]

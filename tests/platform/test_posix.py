@@ -229,3 +229,61 @@ def test_a_tree_held_whole_in_its_frozen_sub_group_takes_one_look(
         with contextlib.suppress(psutil.Error):
             grandchild.kill()
         ops.release(containment)
+
+
+# A host that forks after its first run (gunicorn --preload, a "fork" multiprocessing pool):
+# the forked worker starts a child, then the parent starts one and stops it.
+_FORKED_HOST = """
+import asyncio, os, sys
+import psutil
+import prismq_subprocess as pq
+from prismq_subprocess._platform._posix_host import posix_host
+
+MODE = sys.argv[1]
+
+async def first():
+    async with pq.SubprocessWrapper(MODE) as w:
+        await w.run("true")
+
+asyncio.run(first())  # containment chosen and in use before the fork
+r, w = os.pipe()
+done_r, done_w = os.pipe()
+worker = os.fork()
+if worker == 0:
+    async def serve():
+        async with pq.SubprocessWrapper(MODE) as wrapper:
+            child = await wrapper.create_subprocess_exec("sleep", "60")
+            os.write(w, f"{child.pid} {posix_host().cookies.name}\\n".encode())
+            await asyncio.to_thread(os.read, done_r, 1)  # until the parent's stop is over
+            print("worker's child", child.returncode, flush=True)
+    asyncio.run(serve())
+    os._exit(0)
+victim, worker_cookie = os.read(r, 200).decode().split()
+
+async def stop_one():
+    async with pq.SubprocessWrapper(MODE) as wrapper:
+        await wrapper.create_subprocess_exec("sleep", "60")
+    # (leaving the wrapper stopped its child's whole tree)
+
+asyncio.run(stop_one())
+print("same cookie variable", worker_cookie == posix_host().cookies.name, flush=True)
+os.write(done_w, b"x")
+os.waitpid(worker, 0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_a_stop_in_a_forked_host_leaves_the_other_processs_children_alone(mode: str) -> None:
+    # The forked worker kept the parent's cookie variable and run numbers: its first child
+    # carried the very cookie of the parent's next run, and the parent's stop killed it.
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _FORKED_HOST, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "same cookie variable False" in lines, done.stdout
+    assert "worker's child None" in lines, done.stdout  # still running when the stop ended

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 _PERIOD = 0.5
 _SPAWN_SWEEP_EVERY = 1.0
 _EXIT_SWEEP_EVERY = 0.05
+_EXITED_EARLY_KEPT = 1024
 
 
 class Reaper:
@@ -61,6 +62,10 @@ class Reaper:
         self._children_files = os.path.exists(f"{proc_root}/self/task/{self._me}/children")
         self._lock = threading.Lock()
         self._leaders: set[int] = set()
+        # Children whose exit was reported before their spawn was (ASYNC: the loop can hear a
+        # fast child's exit while its creation is still connecting the pipes); oldest first,
+        # a bounded few: the spawn report comes a loop iteration or two later.
+        self._exited_early: dict[int, None] = {}
         #: pid -> start time of processes seen that are not children we spawned.
         self._known: dict[int, float] = {}
         self._thread: threading.Thread | None = None
@@ -72,7 +77,10 @@ class Reaper:
     def spawned(self, pid: int) -> None:
         """``pid`` is a child we spawned: its owner reaps it, never us."""
         with self._lock:
-            self._leaders.add(pid)
+            if pid in self._exited_early:
+                del self._exited_early[pid]  # exited and reaped already: nothing to keep
+            else:
+                self._leaders.add(pid)
             due = time.monotonic() - self._last_sweep >= _SPAWN_SWEEP_EVERY
         if due:
             self._prune_leaders()
@@ -86,7 +94,12 @@ class Reaper:
         sweep would have found is found by the next one, or by the sweep that ends every stop.
         """
         with self._lock:
-            self._leaders.discard(pid)
+            if pid in self._leaders:
+                self._leaders.discard(pid)
+            else:
+                self._exited_early[pid] = None
+                if len(self._exited_early) > _EXITED_EARLY_KEPT:
+                    del self._exited_early[next(iter(self._exited_early))]
             due = time.monotonic() - self._last_sweep >= _EXIT_SWEEP_EVERY
         if self._leaders_gone is not None:
             self._leaders_gone({pid})

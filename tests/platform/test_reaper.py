@@ -42,16 +42,22 @@ def wait_until(predicate: object, timeout: float = 10.0) -> bool:
 def test_an_adopted_daemon_is_reaped_when_it_exits() -> None:
     r = reaper()
     mark, env = marked_env()
-    starter = subprocess.run([sys.executable, "-c", SHORT_DAEMON], env=env, check=True,
-                             capture_output=True, start_new_session=True)
+    starter = subprocess.run(
+        [sys.executable, "-c", SHORT_DAEMON],
+        env=env,
+        check=True,
+        capture_output=True,
+        start_new_session=True,
+    )
     assert starter.stdout == b"daemon started\n"
     [daemon] = wait_for_marked(mark, 1)
     assert daemon.ppid() == os.getpid()  # re-parented to us, not to init
     before = r.reaped
     assert r.sweep() >= 1  # seen alive: the reaper thread now watches it
     assert wait_until(lambda: r.reaped > before)
-    assert wait_until(lambda: not psutil.pid_exists(daemon.pid) or
-                      daemon.status() != psutil.STATUS_ZOMBIE)
+    assert wait_until(
+        lambda: not psutil.pid_exists(daemon.pid) or daemon.status() != psutil.STATUS_ZOMBIE
+    )
 
 
 def test_direct_children_are_never_reaped_by_us() -> None:
@@ -92,3 +98,30 @@ async def test_stopping_a_run_reaps_what_it_killed() -> None:
             await wrapper.run(*py(code), env=env, timeout=1.0)
     assert await asyncio.to_thread(survivors_after, mark, 1.0) == []
     assert await asyncio.to_thread(wait_until, lambda: zombies() == [], 5.0), zombies()
+
+
+def test_a_child_that_exited_before_it_was_registered_is_not_kept_as_spawned() -> None:
+    # ASYNC: the loop can hear a fast child's exit (and report it) while the creation is still
+    # connecting its pipes, before the child is registered as spawned.
+    r = Reaper(lambda pid: False)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    r.exited(child.pid)
+    r.spawned(child.pid)
+    assert child.pid not in r._leaders
+    r.spawned(child.pid)  # (a later child given the same pid is registered as usual)
+    assert child.pid in r._leaders
+
+
+async def test_fast_async_children_do_not_pile_up_as_spawned() -> None:
+    # They did: a child whose exit was heard before its registration stayed registered as a
+    # running child we spawned (8,000 after 12 s of steady `true` runs; each sweep copied them
+    # all, and an orphan later given one of their pids would never be reaped). They were
+    # dropped only after a whole second without a sweep, which steady traffic never leaves.
+    r = reaper()
+    async with pq.SubprocessWrapper("async") as wrapper:
+        results = []
+        for _ in range(5):
+            results += await asyncio.gather(*(wrapper.run("true") for _ in range(20)))
+    assert [res.returncode for res in results] == [0] * 100
+    assert {res.pid for res in results} & r._leaders == set()

@@ -43,6 +43,8 @@ _PERIOD = 0.5
 _SPAWN_SWEEP_EVERY = 1.0
 _EXIT_SWEEP_EVERY = 0.05
 _EXITED_EARLY_KEPT = 1024
+# How long such an early exit explains a spawn report: longer, and the pid may be a new child's.
+_EXITED_EARLY_FOR = 5.0
 
 
 class Reaper:
@@ -64,8 +66,8 @@ class Reaper:
         self._leaders: set[int] = set()
         # Children whose exit was reported before their spawn was (ASYNC: the loop can hear a
         # fast child's exit while its creation is still connecting the pipes); oldest first,
-        # a bounded few: the spawn report comes a loop iteration or two later.
-        self._exited_early: dict[int, None] = {}
+        # a bounded few: the spawn report comes a loop iteration or two later. pid -> when.
+        self._exited_early: dict[int, float] = {}
         #: pid -> start time of processes seen that are not children we spawned.
         self._known: dict[int, float] = {}
         self._thread: threading.Thread | None = None
@@ -76,12 +78,16 @@ class Reaper:
 
     def spawned(self, pid: int) -> None:
         """``pid`` is a child we spawned: its owner reaps it, never us."""
+        now = time.monotonic()
         with self._lock:
-            if pid in self._exited_early:
-                del self._exited_early[pid]  # exited and reaped already: nothing to keep
-            else:
+            early = self._exited_early.pop(pid, None)
+            # An exit reported just before: exited and reaped already, nothing to keep. An old
+            # one (a spawn whose report never came, say a cancelled creation) says nothing
+            # about the child that has this pid now: never leave our own child unregistered,
+            # where a sweep would take it for an orphan and reap it behind its owner.
+            if early is None or now - early >= _EXITED_EARLY_FOR:
                 self._leaders.add(pid)
-            due = time.monotonic() - self._last_sweep >= _SPAWN_SWEEP_EVERY
+            due = now - self._last_sweep >= _SPAWN_SWEEP_EVERY
         if due:
             self._prune_leaders()
             self.sweep()
@@ -93,14 +99,16 @@ class Reaper:
         would otherwise make a thousand sweeps on the event loop's thread); what a skipped
         sweep would have found is found by the next one, or by the sweep that ends every stop.
         """
+        now = time.monotonic()
         with self._lock:
             if pid in self._leaders:
                 self._leaders.discard(pid)
             else:
-                self._exited_early[pid] = None
+                self._exited_early.pop(pid, None)  # (re-inserted last: the newest)
+                self._exited_early[pid] = now
                 if len(self._exited_early) > _EXITED_EARLY_KEPT:
                     del self._exited_early[next(iter(self._exited_early))]
-            due = time.monotonic() - self._last_sweep >= _EXIT_SWEEP_EVERY
+            due = now - self._last_sweep >= _EXIT_SWEEP_EVERY
         if self._leaders_gone is not None:
             self._leaders_gone({pid})
         if due:

@@ -113,6 +113,19 @@ def test_a_child_that_exited_before_it_was_registered_is_not_kept_as_spawned() -
     assert child.pid in r._leaders
 
 
+def test_an_old_early_exit_does_not_hide_a_new_child_with_its_pid() -> None:
+    # An exit reported without a spawn report following it (a creation cancelled midway) must
+    # not leave the next child given that pid unregistered: a sweep would take that child for
+    # an orphan and reap it behind its owner's back.
+    r = Reaper(lambda pid: False)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    r.exited(child.pid)
+    r._exited_early[child.pid] -= 60.0  # reported a minute ago; the pid came round since
+    r.spawned(child.pid)
+    assert child.pid in r._leaders
+
+
 async def test_fast_async_children_do_not_pile_up_as_spawned() -> None:
     # They did: a child whose exit was heard before its registration stayed registered as a
     # running child we spawned (8,000 after 12 s of steady `true` runs; each sweep copied them

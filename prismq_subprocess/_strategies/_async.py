@@ -41,7 +41,12 @@ class AsyncProcess(asyncio.subprocess.Process):
     and reports 255, and the exit status is lost (CPython gh-87744). Here (POSIX) the signal
     goes to the pid only while it is still an unreaped child of ours, looked at without reaping:
     never to a pid the watcher has reaped and the system may have reused in the loop turn before
-    the status arrives (CPython gh-127049). On Windows asyncio's own route is kept.
+    the status arrives (CPython gh-127049), as long as the watcher reaps on the loop's thread
+    (the pidfd watchers this package and Python 3.12+ use by default on Linux). A watcher that
+    reaps in a thread of its own (``ThreadedChildWatcher``: macOS, or a host that chose it)
+    leaves asyncio's own window: should the pid go to another child of ours in the moment
+    before the status reaches the loop, that child would get the signal.
+    On Windows asyncio's own route is kept.
     """
 
     def __init__(

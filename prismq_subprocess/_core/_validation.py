@@ -118,7 +118,7 @@ def check_popen_kwargs(kwargs: dict[str, Any], *, shell: bool) -> None:
             asyncio's own message).
         InvalidOptionError: an unknown keyword argument, or an option of the wrong type or value
             (``pass_fds``, ``umask``, ``pipesize``, ``process_group``, ``preexec_fn``,
-            ``executable``, Windows-only options elsewhere, negative ids).
+            ``executable``, Windows-only options elsewhere, ids or descriptors out of range).
         UnknownUserError: ``user``/``group``/``extra_groups`` names no account.
         CwdNotFoundError / CwdNotADirectoryError: ``cwd`` is not an existing directory.
         InvalidEnvironmentError: ``env`` is not a mapping of str to str (or bytes to bytes).
@@ -170,8 +170,16 @@ _CHECKED_OPTIONS = frozenset(
         "user",
         "group",
         "extra_groups",
+        "start_new_session",
+        "restore_signals",
     }
 )
+
+#: The largest user or group id (``uid_t``/``gid_t`` are 32-bit unsigned on Linux and macOS);
+#: ``Popen`` raises a bare ``OverflowError`` beyond.
+_MAX_ID = 2**32 - 1
+#: Descriptors and Python 3.11's flags are C ints to ``Popen``.
+_MAX_C_INT = 2**31 - 1
 
 
 def _check_options(kwargs: dict[str, Any]) -> None:
@@ -201,6 +209,11 @@ def _check_options(kwargs: dict[str, Any]) -> None:
                 raise InvalidOptionError(
                     f"{name} must be an int, not {type(value).__name__} {value!r}"
                 ) from None
+    if sys.version_info < (3, 12):
+        # 3.11's Popen passes these two to C as ints (3.12+ takes any object's truth value).
+        for name in ("start_new_session", "restore_signals"):
+            if name in kwargs:
+                _check_c_int(name, kwargs[name])
     pipesize = kwargs.get("pipesize", -1)
     if isinstance(pipesize, bool) or not isinstance(pipesize, int):
         raise InvalidOptionError(f"pipesize must be an int, not {pipesize!r}")
@@ -216,6 +229,17 @@ def _check_options(kwargs: dict[str, Any]) -> None:
             kwargs["extra_groups"] = extra_groups = tuple(extra_groups)
         for group in extra_groups:
             _check_account("extra_groups", group, kind="group")
+
+
+def _check_c_int(name: str, value: Any) -> None:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidOptionError(
+            f"{name} must be a bool or an int, not {type(value).__name__} {value!r}"
+        ) from None
+    if not -_MAX_C_INT - 1 <= number <= _MAX_C_INT:
+        raise InvalidOptionError(f"{name}={value!r} is out of range for a C int")
 
 
 def _iterable(value: Any) -> bool:
@@ -237,7 +261,7 @@ def _check_pass_fds(value: Any) -> Any:
             number = int(fd)  # what Popen does with each
         except (TypeError, ValueError):
             raise InvalidOptionError(f"pass_fds holds {fd!r}, not a file descriptor") from None
-        if number < 0:
+        if not 0 <= number <= _MAX_C_INT:
             raise InvalidOptionError(f"pass_fds holds {fd!r}, not a file descriptor")
         try:
             os.fstat(number)
@@ -260,7 +284,7 @@ def check_stdio(name: str, value: object) -> None:
             return
         if value == subprocess.STDOUT and name == "stderr":
             return
-        if value < 0:
+        if not 0 <= value <= _MAX_C_INT:
             raise InvalidOptionError(f"{name}={value!r} is not a file descriptor or stream")
         try:
             os.fstat(value)
@@ -302,30 +326,52 @@ def _check_account(option: str, value: object, *, kind: str | None = None) -> No
         )
     if value < 0:
         raise InvalidOptionError(f"{option}: a {kind} id cannot be negative, got {value}")
+    if value > _MAX_ID:
+        raise InvalidOptionError(f"{option}: {value} is larger than any {kind} id ({_MAX_ID})")
 
 
 def check_encoding(encoding: object, errors: object = "strict") -> None:
-    """Raise unless ``encoding`` (``None``: no decoding) and ``errors`` name known codecs.
+    """Raise unless bytes can be decoded to text with ``encoding`` (``None``: no decoding) and
+    the error handler ``errors``.
 
     Raises:
-        InvalidEncodingError: unknown codec or error handler (a ``LookupError``).
+        InvalidEncodingError: unknown codec or error handler, a codec that does not decode bytes
+            to text (``rot13``, ``hex``, ``zlib``: ``bytes.decode`` refuses them too), or one
+            that refuses ``errors`` (``idna`` takes only ``"strict"``) (a ``LookupError``).
         InvalidArgumentTypeError: either is not a str.
     """
-    if encoding is not None:
-        if not isinstance(encoding, str):
-            raise InvalidArgumentTypeError(f"encoding must be a str, not {encoding!r}")
-        try:
-            codecs.lookup(encoding)
-        except LookupError:
-            raise InvalidEncodingError(f"unknown encoding {encoding!r}") from None
+    if encoding is not None and not isinstance(encoding, str):
+        raise InvalidArgumentTypeError(f"encoding must be a str, not {encoding!r}")
     if not isinstance(errors, str):
         raise InvalidArgumentTypeError(f"errors must be a str, not {errors!r}")
     try:
         codecs.lookup_error(errors)
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         raise InvalidEncodingError(
             f"unknown error handler {errors!r} (e.g. 'strict', 'replace', 'ignore')"
         ) from None
+    if encoding is None:
+        return
+    try:
+        info = codecs.lookup(encoding)
+    except (LookupError, ValueError):
+        raise InvalidEncodingError(f"unknown encoding {encoding!r}") from None
+    if not getattr(info, "_is_text_encoding", True):
+        raise InvalidEncodingError(
+            f"{encoding!r} is not a text encoding (it does not decode bytes to str)"
+        )
+    # Some codecs refuse an error handler only when they first decode (idna: "strict" only);
+    # decoding nothing finds out now, before any child starts, rather than at its first line.
+    if info.incrementaldecoder is None:
+        raise InvalidEncodingError(f"{encoding!r} has no incremental decoder to decode a stream")
+    try:
+        text = info.incrementaldecoder(errors=errors).decode(b"")
+    except Exception as exc:
+        raise InvalidEncodingError(
+            f"encoding {encoding!r} cannot decode with errors={errors!r}: {exc}"
+        ) from None
+    if not isinstance(text, str):
+        raise InvalidEncodingError(f"{encoding!r} does not decode bytes to str")
 
 
 def check_process(process: object) -> None:

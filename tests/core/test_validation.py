@@ -120,7 +120,21 @@ BAD_OPTIONS: list[tuple[dict[str, Any], type[BaseException], type[BaseException]
     ({"creationflags": 4}, pq.exceptions.InvalidOptionError, ValueError),  # Windows only
     ({"preexec_fn": 5}, pq.exceptions.InvalidOptionError, TypeError),
     ({"executable": 5}, pq.exceptions.InvalidOptionError, TypeError),
+    # Ints too big for the C types Popen converts them to: a bare OverflowError before (DRY_RUN
+    # took the ids).
+    ({"pass_fds": [10**20]}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"user": 2**32}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"group": 10**30}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"extra_groups": [2**32]}, pq.exceptions.InvalidOptionError, ValueError),
 ]
+if sys.version_info < (3, 12):
+    # Python 3.11's Popen takes these two as C ints (a bare TypeError/OverflowError there, while
+    # DRY_RUN accepted them); later versions take any object's truth value.
+    BAD_OPTIONS += [
+        ({"start_new_session": "x"}, pq.exceptions.InvalidOptionError, TypeError),
+        ({"restore_signals": None}, pq.exceptions.InvalidOptionError, TypeError),
+        ({"start_new_session": 10**30}, pq.exceptions.InvalidOptionError, ValueError),
+    ]
 
 
 @pytest.mark.parametrize(("kwargs", "error", "builtin"), BAD_OPTIONS)
@@ -177,6 +191,7 @@ BAD_STDIO: list[dict[str, Any]] = [
     {"stdout": True},
     {"stdout": subprocess.STDOUT},  # for stderr only
     {"stdin": io.BytesIO()},  # no descriptor behind it
+    {"stdout": 10**20},  # no C int: a bare OverflowError before
 ]
 
 
@@ -225,6 +240,39 @@ async def test_stream_checks_the_encoding_before_starting(
         any_wrapper.stream(*py("pass"), encoding="no-such-codec")
     assert isinstance(info.value, pq.exceptions.InvalidEncodingError)
     assert any_wrapper.live_processes == []
+
+
+# Names codecs.lookup() refuses with a bare ValueError (NUL), codecs that do not turn bytes into
+# text (they failed at the first line: TypeError or AssertionError, after the child started), and
+# one that refuses stream()'s "replace" handler (UnicodeError at the first line).
+BAD_ENCODINGS = ["utf-8\0", "rot13", "hex", "base64", "zlib", "idna"]
+
+
+@pytest.mark.parametrize("encoding", BAD_ENCODINGS)
+async def test_stream_refuses_an_encoding_it_cannot_decode_with_before_starting(
+    any_wrapper: pq.SubprocessWrapper, encoding: str
+) -> None:
+    with pytest.raises(LookupError) as info:
+        any_wrapper.stream(*py("print('x')"), encoding=encoding)
+    assert isinstance(info.value, pq.exceptions.InvalidEncodingError)
+    assert repr(encoding) in str(info.value)
+    assert any_wrapper.live_processes == []
+
+
+@pytest.mark.parametrize("encoding", BAD_ENCODINGS[:-1])
+async def test_iter_lines_refuses_an_encoding_it_cannot_decode_with(encoding: str) -> None:
+    with pytest.raises(pq.exceptions.InvalidEncodingError):
+        pq.iter_lines(asyncio.StreamReader(), encoding=encoding)
+
+
+async def test_iter_lines_checks_the_encoding_with_its_error_handler() -> None:
+    reader = asyncio.StreamReader()
+    with pytest.raises(pq.exceptions.InvalidEncodingError, match="idna"):
+        pq.iter_lines(reader, encoding="idna")  # errors="replace" by default
+    with pytest.raises(pq.exceptions.InvalidEncodingError):
+        pq.iter_lines(reader, encoding="utf-8", errors="strict\0")
+    lines = pq.iter_lines(reader, encoding="idna", errors="strict")  # the handler idna takes
+    await lines.aclose()  # type: ignore[attr-defined]
 
 
 async def test_iter_lines_checks_its_arguments() -> None:

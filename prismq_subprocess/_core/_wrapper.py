@@ -276,6 +276,16 @@ class SubprocessWrapper(AsyncClosing):
                     self._fall_back(exc)
                 self._check_open()
                 return await call(self._strategy)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                # Nobody cancelled this task: closing dropped a spawn still queued for the
+                # strategy's spawn pool (nothing started). A bare CancelledError would pass for
+                # a cancellation of the caller (a TaskGroup would end its siblings).
+                raise WrapperClosedError(
+                    "the SubprocessWrapper was closed while this process started"
+                ) from None
+            raise
         finally:
             self._starting -= 1
             settled = self._settled

@@ -406,3 +406,50 @@ async def test_cleanup_reaps_the_children_it_kills(mode: RunMode) -> None:
     wrapper.cleanup()  # no loop iteration runs between the kill and this check
     with pytest.raises(ChildProcessError):
         os.waitpid(process.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG: never blocks
+
+
+@pytest.mark.parametrize("close", ["cleanup", "aclose"])
+@pytest.mark.parametrize("mode", ["async", "threaded", "local", "dry-run"])
+async def test_closing_while_spawns_wait_for_the_spawn_pool_raises_closed_not_cancelled(
+    mode: str, close: str
+) -> None:
+    # Found by the session 20 review: spawns queued behind a busy spawn pool were dropped by the
+    # pool's shutdown, and their callers, never cancelled, got a bare CancelledError (which a
+    # TaskGroup or a web framework takes for a cancellation of the whole request).
+    import psutil
+
+    mode_of = {"async": RunMode.ASYNC, "threaded": RunMode.THREADED, "local": RunMode.LOCAL}
+    wrapper = pq.SubprocessWrapper(
+        mode_of.get(mode, RunMode.DRY_RUN), max_workers=1, grace_period=0
+    )
+
+    async def start(kind: str) -> str:
+        try:
+            if kind == "run":
+                await wrapper.run(*py("pass"))
+            elif kind == "exec":
+                process = await wrapper.create_subprocess_exec(*py("pass"))
+                await process.wait()
+            else:
+                async with wrapper.stream(*py("pass")) as lines:
+                    [line async for line in lines]
+        except pq.exceptions.WrapperClosedError:
+            return "closed"
+        return "done"
+
+    tasks = [asyncio.create_task(start(kind)) for kind in ("run", "exec", "stream") * 4]
+    await asyncio.sleep(0)  # every task is on its way into the strategy
+    if close == "cleanup":
+        wrapper.cleanup()
+    else:
+        await wrapper.aclose()
+    outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+    assert all(outcome in ("closed", "done") for outcome in outcomes), outcomes
+    assert not any(task.cancelled() for task in tasks)
+    for _ in range(200):  # a child killed by the close is reaped by its mode, soon
+        children = [c for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE]
+        if not children and not wrapper.live_processes:
+            break
+        await asyncio.sleep(0.05)
+    assert not children
+    assert wrapper.live_processes == []

@@ -17,8 +17,18 @@ def _as_float(value: object) -> float | None:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the largest float
+            return None
     return None
+
+
+def _show(value: object) -> str:
+    # repr() of an int of thousands of digits is long, or raises ValueError past 4300 digits.
+    if isinstance(value, int) and not isinstance(value, bool) and _as_float(value) is None:
+        return "an int too large for a float"
+    return repr(value)
 
 
 def interval_seconds(value: float | timedelta, *, what: str = "interval") -> float:
@@ -29,7 +39,8 @@ def interval_seconds(value: float | timedelta, *, what: str = "interval") -> flo
     seconds = _as_float(value)
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
         raise InvalidIntervalError(
-            f"{what} must be a positive, finite number of seconds or a timedelta, got {value!r}"
+            f"{what} must be a positive, finite number of seconds or a timedelta, got "
+            f"{_show(value)}"
         )
     return seconds
 
@@ -45,6 +56,7 @@ def timeout_seconds(value: float | timedelta | None, *, what: str = "timeout") -
     seconds = _as_float(value)
     if seconds is None or math.isnan(seconds) or seconds < 0:
         raise InvalidTimeoutError(
-            f"{what} must be a non-negative number of seconds, a timedelta or None, got {value!r}"
+            f"{what} must be a non-negative number of seconds, a timedelta or None, got "
+            f"{_show(value)}"
         )
     return None if math.isinf(seconds) else seconds

@@ -73,7 +73,14 @@ async def _probe_loop() -> dict[str, Any]:
 
 def _env_var() -> dict[str, Any]:
     raw = os.environ.get(pq.ENV_VAR)
-    info: dict[str, Any] = {"name": pq.ENV_VAR, "value": raw, "valid": None, "error": None}
+    # Every key is always there (None when it does not apply), so a reader of --json can index it.
+    info: dict[str, Any] = {
+        "name": pq.ENV_VAR,
+        "value": raw,
+        "valid": None,
+        "error": None,
+        "mode": None,
+    }
     if raw is None or not raw.strip():
         return info  # unset or blank both mean "auto-detect"
     try:

@@ -49,11 +49,13 @@ def test_doctor_json_report() -> None:
     assert report["platform"]["sys_platform"] == sys.platform
     assert report["event_loop"]["can_spawn"] is True
     assert report["event_loop"]["spawn_error"] is None
+    # Every key docs/CLI.md lists is there whatever the variable holds (None when unset).
     assert report["env_var"] == {
         "name": "PRISMQ_RUN_MODE",
         "value": None,
         "valid": None,
         "error": None,
+        "mode": None,
     }
     detected = report["mode"]["detected"]
     if not sys.platform.startswith("win"):
@@ -83,6 +85,7 @@ def test_doctor_flags_an_invalid_env_var() -> None:
     assert "PRISMQ_RUN_MODE is invalid (without it:" in text
     report = json.loads(cli("doctor", "--json", env={"PRISMQ_RUN_MODE": "turbo"}).stdout)
     assert report["env_var"]["valid"] is False and "turbo" in report["env_var"]["error"]
+    assert report["env_var"]["mode"] is None
     assert report["mode"]["detected"] is None and "turbo" in report["mode"]["error"]
 
 

@@ -37,7 +37,9 @@ def test_the_doc_names_the_example_files() -> None:
 def test_the_worked_example_passes_without_starting_anything(pytester: pytest.Pytester) -> None:
     write_project(pytester, example_files())
     # (The suite's own strictness about unclosed resources on top of what the reader is shown.)
-    result = pytester.runpytest(*HOST_PYTEST_ARGS, "-W", "error::ResourceWarning", "-v", "test_app.py")
+    result = pytester.runpytest(
+        *HOST_PYTEST_ARGS, "-W", "error::ResourceWarning", "-v", "test_app.py"
+    )
     result.assert_outcomes(passed=3)
 
 

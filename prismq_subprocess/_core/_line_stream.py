@@ -146,6 +146,10 @@ class LineStream(AsyncResource, Generic[LineT]):
             if self._deadline is None:
                 batch: list[LineT] = await anext(self._batches)
                 return batch
+            # A deadline already gone by ends the stream here: lines ready without waiting
+            # (DRY_RUN's) would otherwise pass it, where the modes that wait for them time out.
+            if asyncio.get_running_loop().time() >= self._deadline:
+                raise TimeoutError
             async with asyncio.timeout_at(self._deadline):
                 batch = await anext(self._batches)
                 return batch

@@ -262,6 +262,11 @@ async def run_to_completion(
     Raises:
         ProcessTimeoutError: ``timeout`` expired.
     """
+    if timeout is not None and timeout <= 0:
+        # No time at all: nothing is started for it. (asyncio.timeout(0) would let a child start
+        # and then kill it at the first suspension, and a DRY_RUN that never suspends would
+        # finish: the modes would disagree.)
+        raise ProcessTimeoutError(cmd=display, timeout=0.0, returncode=None)
     out = TailBuffer(max_output_bytes)
     err = TailBuffer(max_output_bytes)
     started = time.perf_counter()

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 
+import psutil
 import pytest
 from conftest import WRAPPER_FACTORIES
 from helpers import py
@@ -167,3 +168,30 @@ async def test_a_second_cancellation_kills_at_once(mode: str) -> None:
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 20)  # 60 s of grace if the second one were ignored
         assert await asyncio.to_thread(survivors_after, mark, 0.0) == []
+
+
+# --- timeout=0 (session 20) ---------------------------------------------------------------------
+
+
+async def test_a_zero_timeout_runs_nothing_and_times_out_in_every_mode(
+    any_wrapper: pq.SubprocessWrapper,
+) -> None:
+    # A review found DRY_RUN returning a result where the real modes raised (they spawned the
+    # child, then killed it at the first suspension): no time at all is a timeout in every mode,
+    # and nothing is started for it.
+    before = {child.pid for child in psutil.Process().children()}
+    with pytest.raises(pq.exceptions.ProcessTimeoutError) as caught:
+        await any_wrapper.run("true", timeout=0)
+    assert caught.value.returncode is None
+    assert {child.pid for child in psutil.Process().children()} <= before
+
+
+async def test_a_zero_timeout_ends_a_stream_in_every_mode(
+    any_wrapper: pq.SubprocessWrapper,
+) -> None:
+    # The stream's deadline has passed before the first line: its iteration times out in every
+    # mode, even where the lines are ready without waiting (DRY_RUN completed the stream).
+    with pytest.raises(pq.exceptions.ProcessTimeoutError):
+        async with any_wrapper.stream("echo", "x", timeout=0) as lines:
+            async for _ in lines:
+                pass

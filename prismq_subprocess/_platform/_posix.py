@@ -132,7 +132,11 @@ class PosixOps(PlatformOps):
 
     def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
         out = dict(kwargs)
-        caller_chose = "start_new_session" in out or "process_group" in out
+        # Popen's own defaults passed explicitly (a caller forwarding ``process_group=None``)
+        # choose nothing: the child still gets its group.
+        caller_chose = out.get("start_new_session") is not None or out.get(
+            "process_group", -1
+        ) not in (None, -1)
         if new_group and not caller_chose:
             out["start_new_session"] = True
         return out

@@ -8,6 +8,7 @@ import gc
 import os
 import signal
 import sys
+from typing import Any
 
 import pytest
 from conftest import WRAPPER_FACTORIES
@@ -373,6 +374,18 @@ async def test_children_lead_their_own_group(wrapper: pq.SubprocessWrapper) -> N
         *py("import os; print(os.getpgid(0) == os.getpid())"), start_new_session=False
     )
     assert result.stdout.strip() == b"False"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+@pytest.mark.parametrize("given", [{"process_group": None}, {"process_group": -1}])
+async def test_passing_the_group_defaults_explicitly_still_gives_the_child_its_group(
+    wrapper: pq.SubprocessWrapper, given: dict[str, Any]
+) -> None:
+    # Found by a review: a caller forwarding Popen's own defaults (a helper with
+    # `process_group: int | None = None`) counted as choosing, and the child silently stayed in
+    # our group, out of reach of the group stop.
+    result = await wrapper.run(*py("import os; print(os.getpgid(0) == os.getpid())"), **given)
+    assert result.stdout.strip() == b"True"
 
 
 async def test_error_messages_say_what_to_do(any_wrapper: pq.SubprocessWrapper) -> None:

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from .._core._exceptions import InvalidRunIdError
+from .._core._exceptions import InvalidArgumentTypeError, InvalidRunIdError
 
 __all__ = ["log_file_name", "run_id_from_log_path", "run_log_path"]
 
@@ -29,8 +29,7 @@ _SUFFIX = ".log"
 _MAX_NAME_BYTES = 255
 _KEEP = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
 _WINDOWS_DEVICES = frozenset(
-    ["con", "prn", "aux", "nul"]
-    + [f"{prefix}{n}" for prefix in ("com", "lpt") for n in range(10)]
+    ["con", "prn", "aux", "nul"] + [f"{prefix}{n}" for prefix in ("com", "lpt") for n in range(10)]
 )
 _CANONICAL = re.compile(r"(?:[a-z0-9_-]|%[0-9A-F]{2})+")
 
@@ -79,7 +78,12 @@ def run_id_from_log_path(path: str | os.PathLike[str]) -> str:
 
     Raises:
         InvalidRunIdError: the file name is not one :func:`run_log_path` makes.
+        InvalidArgumentTypeError: ``path`` is not a str or ``os.PathLike``.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidArgumentTypeError(
+            f"path must be a str or os.PathLike, not {type(path).__name__}"
+        )
     name = Path(path).name
     stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else ""
     if not _CANONICAL.fullmatch(stem):

@@ -24,6 +24,7 @@ import bisect
 import itertools
 import math
 import operator
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ from typing import NamedTuple
 from .._core._closing import AsyncClosing
 from .._core._durations import interval_seconds
 from .._core._exceptions import (
+    InvalidArgumentTypeError,
     InvalidLimitError,
     InvalidRunIdError,
     InvalidSubscriptionError,
@@ -191,6 +193,10 @@ class OutputCapture(AsyncClosing):
             if retain_ended_seconds is None
             else interval_seconds(retain_ended_seconds, what="retain_ended_seconds")
         )
+        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
+            raise InvalidArgumentTypeError(
+                f"log_dir must be a str, an os.PathLike or None, not {type(log_dir).__name__}"
+            )
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._log = None if log_dir is None else RunLogWriter(log_dir)
         # Producers yield to the loop every half ring while someone reads, so readers keep up.

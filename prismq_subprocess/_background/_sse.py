@@ -36,7 +36,11 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
-from .._core._exceptions import InvalidSSEEventError, InvalidSubscriptionError
+from .._core._exceptions import (
+    InvalidArgumentTypeError,
+    InvalidSSEEventError,
+    InvalidSubscriptionError,
+)
 from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
 from ._output_capture import OutputCapture
 from ._output_items import OutputChunk, OutputGap
@@ -187,11 +191,16 @@ def sse_events(
             for open responses before it runs the app's lifespan shutdown.
 
     Raises:
+        InvalidArgumentTypeError: ``capture`` is not an :class:`OutputCapture`.
         OutputNotFoundError: the run is unknown to ``capture`` (and ``wait`` is false); raised
             here, before any response is started, so an endpoint can answer 404.
         InvalidSubscriptionError: a malformed ``last_event_id`` or ``wait``, or a bad
             ``heartbeat``/``retry``/``max_lines_per_chunk``/``poll_interval``/``stop``.
     """
+    if not isinstance(capture, OutputCapture):
+        raise InvalidArgumentTypeError(
+            f"sse_events needs an OutputCapture, not {type(capture).__name__}"
+        )
     after = _parse_last_event_id(last_event_id)
     if heartbeat is not None and (
         isinstance(heartbeat, bool)

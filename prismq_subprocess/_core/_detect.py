@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from .._platform import is_proactor_loop, is_windows, platform_name, policy_uses_proactor
-from ._exceptions import InvalidRunModeError
+from ._exceptions import InvalidArgumentTypeError, InvalidRunModeError
 from ._modes import RunMode, valid_values
 
 __all__ = ["ENV_VAR", "ModeDecision", "ModeSource", "detect_run_mode", "resolve_run_mode"]
@@ -86,7 +86,10 @@ def detect_run_mode(
 
     Raises:
         InvalidRunModeError: ``PRISMQ_RUN_MODE`` is set to something that names no mode.
+        InvalidArgumentTypeError: ``env`` is not a mapping.
     """
+    if env is not None and not isinstance(env, Mapping):
+        raise InvalidArgumentTypeError(f"env must be a mapping or None, not {type(env).__name__}")
     environ = os.environ if env is None else env
     raw = environ.get(ENV_VAR)
     if raw is not None and raw.strip():

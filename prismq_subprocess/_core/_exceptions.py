@@ -86,7 +86,9 @@ class InvalidCommandError(PrismQError, ValueError):
 
 
 class InvalidArgumentTypeError(PrismQError, TypeError):
-    """Raised before spawning when a command argument is not str, bytes or ``os.PathLike``."""
+    """Raised before spawning when a command argument is not str, bytes or ``os.PathLike``; and
+    before anything is done when a public function is given another kind of object than it
+    takes (a path that is not str or ``os.PathLike``, an ``env`` that is not a mapping, ...)."""
 
 
 class InvalidEnvironmentError(PrismQError, TypeError, ValueError):

@@ -30,7 +30,7 @@ from .._platform import (
     StopTarget,
     platform_ops,
 )
-from ._exceptions import TaskTimeoutError
+from ._exceptions import InvalidTaskError, TaskTimeoutError
 from ._exit_wait import has_exited, popen_of, reaped, wait_all_exited
 from ._offloop import Coalescer
 from ._process import ProcessLike
@@ -350,8 +350,14 @@ async def execute_with_timeout(
 
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
+        InvalidTaskError: ``coro`` is not awaitable.
         TaskTimeoutError: ``coro`` did not finish in time.
     """
+    if not inspect.isawaitable(coro):
+        hint = " (a coroutine function: call it)" if inspect.iscoroutinefunction(coro) else ""
+        raise InvalidTaskError(
+            f"execute_with_timeout needs an awaitable, not {type(coro).__name__}{hint}"
+        )
     try:
         limit = check_timeout(timeout)
     except BaseException:

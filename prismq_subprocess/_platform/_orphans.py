@@ -181,6 +181,9 @@ def stop_orphan_trees(
 ) -> list[OrphanCheck]:
     """:func:`stop_orphan_tree` for many at once: one grace period and a few looks at the
     process table for all of them; returns each one's check, in order."""
+    for identity in identities:
+        if not isinstance(identity, ProcessIdentity):
+            raise TypeError(f"expected a ProcessIdentity, not {type(identity).__name__}")
     root = proc_root or _default_proc_root()
     checks = [verify_orphan(identity, root) for identity in identities]
     marks: list[tuple[int, str, str]] = []

@@ -1,0 +1,71 @@
+"""Public functions given an object of the wrong kind raise our own error (also a TypeError),
+naming what they wanted, before doing anything: not a bare AttributeError or TypeError from deep
+inside. Found by a fuzz of every public name (session 20)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import prismq_subprocess as pq
+from prismq_subprocess.exceptions import InvalidArgumentTypeError, InvalidTaskError
+
+
+async def _sse_first(capture: Any) -> None:
+    async for _ in pq.sse_events(capture, "r"):
+        break
+
+
+async def _trivial() -> int:
+    return 1
+
+
+# stop_orphan_tree lives below the layer our exceptions are defined in: a plain TypeError there.
+CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
+    "run_id_from_log_path(None)": (
+        lambda: pq.run_id_from_log_path(None),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "path",
+    ),
+    "OutputCapture(log_dir=1.5)": (
+        lambda: pq.OutputCapture(log_dir=1.5),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "log_dir",
+    ),
+    "detect_run_mode(env=True)": (
+        lambda: pq.detect_run_mode(env=True),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "env",
+    ),
+    "sse_events(object(), ...)": (
+        lambda: asyncio.run(_sse_first(object())),
+        InvalidArgumentTypeError,
+        "OutputCapture",
+    ),
+    "stop_orphan_tree(object())": (
+        lambda: pq.stop_orphan_tree(object()),  # type: ignore[arg-type]
+        TypeError,
+        "ProcessIdentity",
+    ),
+    "execute_with_timeout(5, 1)": (
+        lambda: asyncio.run(pq.execute_with_timeout(5, 1)),  # type: ignore[arg-type]
+        InvalidTaskError,
+        "awaitable",
+    ),
+    "execute_with_timeout(a coroutine function, 1)": (
+        lambda: asyncio.run(pq.execute_with_timeout(_trivial, 1)),  # type: ignore[arg-type]
+        InvalidTaskError,
+        "call it",
+    ),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_a_wrong_kind_of_object_gets_our_error(call: str) -> None:
+    make, error, says = CALLS[call]
+    with pytest.raises(error, match=says) as caught:
+        make()
+    assert isinstance(caught.value, TypeError)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -638,6 +639,12 @@ def _reap_killed(processes: list[ProcessLike]) -> None:
             loop = getattr(transport, "_loop", None)
             popen = getattr(transport, "_proc", None)
             if loop is None or not loop.is_closed():
+                # Its loop's child watcher reaps it, once it has died and the loop runs an
+                # iteration. A SIGKILLed child takes a moment to die, and a loop ending right
+                # after this cleanup() (asyncio.run() returning) would otherwise close first and
+                # never hear of it: a zombie, its transport left open. Dead by the time this
+                # returns, it is reaped in the iterations a closing loop still runs.
+                _wait_dead(process.pid, deadline)
                 continue
         if isinstance(popen, subprocess.Popen):
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
@@ -645,6 +652,25 @@ def _reap_killed(processes: list[ProcessLike]) -> None:
             if transport is not None and getattr(transport, "_returncode", 0) is None:
                 transport._returncode = popen.returncode  # what the exit callback would set
     reap_orphaned()  # closes the pidfds of the children just reaped
+
+
+def _wait_dead(pid: int, deadline: float) -> None:
+    """Wait until the child ``pid`` has exited, without reaping it (its owner reads the status),
+    or until ``deadline``; at once where this cannot be seen (no ``waitid``: Windows)."""
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:
+        return
+    pause = 0.0005
+    while True:
+        try:
+            if waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return  # exited, its status left for the watcher
+        except ChildProcessError:
+            return  # reaped already (a watcher thread), or not ours
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
 
 
 def _close_transport(process: ProcessLike) -> None:

@@ -168,6 +168,15 @@ class BridgedReader(asyncio.StreamReader):
         if 2 * limit >= MIN_DIRECT_ROOM:
             self._read_now = getattr(end, "read_now", None)
             self._give_back = getattr(end, "give_back", None)
+        #: Called once, on the loop's thread, right after end of file was fed.
+        self.on_eof: Callable[[], None] | None = None
+
+    def feed_eof(self) -> None:
+        """End the stream (``StreamReader.feed_eof``), then run :attr:`on_eof` once."""
+        super().feed_eof()
+        callback, self.on_eof = self.on_eof, None
+        if callback is not None:
+            callback()
 
     async def _wait_for_data(self, func_name: str) -> None:
         # asyncio's StreamReader calls this when its buffer cannot serve a read. While a child
@@ -277,10 +286,15 @@ class StdinWriterBase(StreamWriterMethods):
         Cancelling it only stops the wait; queued bytes are still written.
 
         Raises:
-            BrokenPipeError: the child closed its stdin (typically: it has exited).
+            BrokenPipeError: the child closed its stdin (typically: it has exited) while bytes
+                were queued for it.
+            ConnectionResetError: the pipe is closed (by :meth:`close`, or because the child
+                exited and its output pipes ended), as asyncio's ``drain()`` says then.
         """
         if self._exc is not None:
             raise self._exc
+        if self._closed:
+            raise ConnectionResetError("Connection lost")
         with self._lock:
             fut = None
             if self._pending() > WRITE_HIGH_WATER:

@@ -74,6 +74,9 @@ class ThreadedProcess(PopenProcess):
             self.stderr = bridge.open_reader(
                 loop, popen.stderr, limit=limit, name=f"prismq-stderr-{pid}"
             )
+        for reader in (self.stdout, self.stderr):
+            if reader is not None:
+                reader.on_eof = self._close_stdin_when_done
         watch_exit(
             loop,
             popen,
@@ -81,6 +84,18 @@ class ThreadedProcess(PopenProcess):
             use_pidfd=use_pidfd,
             io_thread=bridge if isinstance(bridge, IOThread) else None,
         )
+
+    def _set_returncode(self, returncode: int) -> None:
+        super()._set_returncode(returncode)
+        self._close_stdin_when_done()
+
+    def _close_stdin_when_done(self) -> None:
+        # asyncio's rule: once the child has exited and its output pipes have ended, its
+        # transport closes, stdin included (what is queued is still flushed first). Without
+        # it a stdin nobody closed kept its descriptor (and, with a thread per pipe, its
+        # writer thread) until the strategy closed: one of each per child, without bound.
+        if self._returncode is not None and self.stdin is not None and not self._holds_pipes():
+            self.stdin.close()
 
     def _holds_pipes(self) -> bool:
         # A reader has not seen end of file: the pipe is still open (asyncio's rule for letting

@@ -160,3 +160,63 @@ async def test_the_exit_notice_comes_from_the_io_thread_not_the_loop(
         proc = await w.create_subprocess_exec(*py("import sys; sys.exit(4)"))
         assert await asyncio.wait_for(proc.wait(), 30) == 4
     assert watched == []
+
+
+def _stdin_wrapper(kind: str) -> pq.SubprocessWrapper:
+    if kind == "async":
+        return pq.SubprocessWrapper(pq.RunMode.ASYNC)
+    return pq.SubprocessWrapper(pq.abc.ThreadedStrategy(io=kind))  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
+@pytest.mark.parametrize("kind", ["async", "selector", "threads"])
+async def test_stdin_left_open_is_closed_once_the_child_has_exited(kind: str) -> None:
+    # asyncio closes its end of stdin when the child's end closes (the child exited), even if
+    # nobody calls close(); THREADED kept the descriptor (and, io="threads", the writer thread
+    # waiting for more bytes) until the wrapper closed: one of each per child, without bound.
+    async with _stdin_wrapper(kind) as w:
+        procs = []
+        for _ in range(3):
+            proc = await w.create_subprocess_exec(
+                *py("import sys; sys.stdin.buffer.read(3)"), stdin=pq.PIPE
+            )
+            proc.stdin.write(b"abc")
+            await proc.stdin.drain()
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            procs.append(proc)
+        deadline = time.monotonic() + 10
+        while not all(p.stdin.get_extra_info("pipe").closed for p in procs):
+            assert time.monotonic() < deadline, "stdin stayed open after the child exited"
+            await asyncio.sleep(0.02)
+        for proc in procs:
+            assert proc.stdin.is_closing()
+            await asyncio.wait_for(proc.stdin.wait_closed(), 10)  # closed cleanly: no error
+            proc.stdin.write(b"late")  # ignored, as asyncio does once the pipe is gone
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                await proc.stdin.drain()
+            assert not named(f"prismq-stdin-{proc.pid}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX grandchild sharing the pipes")
+@pytest.mark.parametrize("kind", ["async", "selector", "threads"])
+async def test_stdin_stays_open_while_an_output_pipe_is_held_after_the_child_exits(
+    kind: str,
+) -> None:
+    # The other half of asyncio's rule: stdin is closed once the child has exited *and* its
+    # output pipes ended; a grandchild holding them (here: echoing stdin) still gets input.
+    grandchild = "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"
+    code = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {grandchild!r}])"
+    async with _stdin_wrapper(kind) as w:
+        proc = await w.create_subprocess_exec(*py(code), stdin=pq.PIPE, stdout=pq.PIPE)
+        # (not wait(): asyncio's waits for the output pipes to close too)
+        deadline = time.monotonic() + 30
+        while proc.returncode is None:
+            assert time.monotonic() < deadline, "the child never exited"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # time for a wrong close to happen
+        assert not proc.stdin.is_closing()
+        proc.stdin.write(b"for the grandchild")
+        await proc.stdin.drain()
+        proc.stdin.close()
+        await asyncio.wait_for(proc.stdin.wait_closed(), 10)
+        assert await asyncio.wait_for(proc.stdout.read(), 30) == b"for the grandchild"

@@ -24,7 +24,39 @@ from .._platform import pidfd_open
 if TYPE_CHECKING:
     from ._io_thread import IOThread
 
-__all__ = ["watch_exit"]
+__all__ = ["release_orphaned_pidfds", "watch_exit"]
+
+#: The pidfds each event loop watches (``add_reader``) until its child exits. A loop closed
+#: before that never reads them, and closing a loop closes none of its watched descriptors:
+#: :func:`release_orphaned_pidfds` does. (A strong reference: only closed loops are dropped,
+#: and any event loop class can be a key.)
+_loop_pidfds: dict[asyncio.AbstractEventLoop, set[int]] = {}
+_loop_pidfds_lock = threading.Lock()
+
+
+def release_orphaned_pidfds() -> None:
+    """Close the pidfds of closed event loops (their children's exits will not be heard there).
+
+    Any thread. Called on each new loop-watched child and when a THREADED strategy closes.
+    """
+    with _loop_pidfds_lock:
+        gone = [loop for loop in _loop_pidfds if loop.is_closed()]
+        fds = [fd for loop in gone for fd in _loop_pidfds.pop(loop)]
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _forget_pidfd(loop: asyncio.AbstractEventLoop, fd: int) -> bool:
+    """Stop tracking ``fd``; True if it was tracked (then the caller closes it, nobody else)."""
+    with _loop_pidfds_lock:
+        fds = _loop_pidfds.get(loop)
+        if fds is None or fd not in fds:
+            return False
+        fds.discard(fd)
+        if not fds:
+            del _loop_pidfds[loop]
+        return True
 
 
 def watch_exit(
@@ -50,10 +82,14 @@ def watch_exit(
         on_exit = functools.partial(_reap, loop, popen, callback)
         if io_thread is not None and io_thread.watch_pidfd(loop, fd, on_exit):
             return
+        release_orphaned_pidfds()
+        with _loop_pidfds_lock:
+            _loop_pidfds.setdefault(loop, set()).add(fd)
         try:
             loop.add_reader(fd, _on_pidfd_ready, loop, fd, popen, callback)
         except (NotImplementedError, RuntimeError):
-            os.close(fd)
+            if _forget_pidfd(loop, fd):
+                os.close(fd)
         else:
             return
     threading.Thread(
@@ -71,7 +107,8 @@ def _on_pidfd_ready(
     callback: Callable[[int], None],
 ) -> None:
     loop.remove_reader(fd)
-    os.close(fd)
+    if _forget_pidfd(loop, fd):
+        os.close(fd)
     _reap(loop, popen, callback)
 
 

@@ -29,7 +29,7 @@ from .._core._exceptions import InvalidOptionError
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._tree_stop import register_child
-from .._io._child_exit import watch_exit
+from .._io._child_exit import release_orphaned_pidfds, watch_exit
 from .._io._io_thread import IOThread
 from .._io._pipes import BridgedReader, PipeBridge, ThreadPerPipe
 from .._platform import PIPES_SELECTABLE, PlatformOps
@@ -181,12 +181,16 @@ class ThreadedStrategy(SubprocessStrategy):
         return process
 
     def close(self) -> None:
-        """Shut the spawn pool down (waits for spawns in progress), then end the pipe threads.
+        """Shut the spawn pool down (waits for spawns in progress), then end the pipe threads
+        and close the exit watches that event loops closed before their children exited.
 
         Idempotent.
         """
         self._pool.close()
         self._bridge.close()
+        # The pidfds of children whose event loop closed before they exited (io="threads":
+        # the loop watches them), which that loop will never read.
+        release_orphaned_pidfds()
 
     def __repr__(self) -> str:
         return f"<ThreadedStrategy io={self.io!r} use_pidfd={self._use_pidfd}>"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import sys
@@ -220,3 +221,39 @@ async def test_stdin_stays_open_while_an_output_pipe_is_held_after_the_child_exi
         proc.stdin.close()
         await asyncio.wait_for(proc.stdin.wait_closed(), 10)
         assert await asyncio.wait_for(proc.stdout.read(), 30) == b"for the grandchild"
+
+
+def _pidfds_of(pid: int) -> list[str]:
+    """Our descriptors that are pidfds of ``pid`` (their fdinfo names the pid)."""
+    found = []
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                if f"Pid:\t{pid}\n" in info.read():
+                    found.append(fd)
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor, say)
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="Linux pidfds")
+def test_a_pidfd_its_loop_watched_is_closed_when_that_loop_closed_before_the_child_exited() -> None:
+    # With io="threads" the loop watches each child's pidfd (add_reader). A loop that closed
+    # before the child exited never read it, and nothing closed it: a descriptor leaked per
+    # such child, even after the wrapper was closed from the next loop.
+    wrapper = pq.SubprocessWrapper(pq.abc.ThreadedStrategy(io="threads"))
+
+    async def start() -> list[str]:
+        proc = await wrapper.create_subprocess_exec(*py("import time; time.sleep(0.3)"))
+        return _pidfds_of(proc.pid)
+
+    watched = asyncio.run(start())
+    assert watched  # the route under test: a pidfd the loop watches
+    time.sleep(0.6)  # the child exits after its loop closed
+    asyncio.run(wrapper.aclose())
+    still_open = []
+    for fd in watched:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                still_open.append(fd)
+    assert still_open == []

@@ -232,6 +232,7 @@ class IOThread:
                 self._forget(handler, out)
             self._post(out)
             with self._lock:
+                self._drop_closed_loops()
                 selector.close()
                 os.close(self._wake_r)
                 os.close(self._wake_w)
@@ -271,6 +272,7 @@ class IOThread:
                 groups.setdefault(item[0], []).append(item)
         schedule = []
         with self._lock:
+            self._drop_closed_loops()
             for loop, items in groups.items():
                 pending = self._outbox.get(loop)
                 if pending is None:
@@ -282,6 +284,13 @@ class IOThread:
             if not call_soon(loop, self._flush, loop):
                 with self._lock:
                     self._outbox.pop(loop, None)
+
+    def _drop_closed_loops(self) -> None:
+        """``_lock`` held: forget the hand-overs of loops closed before they ran them (their
+        ``_flush`` never comes), with the readers and the bytes they would keep alive."""
+        if self._outbox:
+            for loop in [loop for loop in self._outbox if loop.is_closed()]:
+                del self._outbox[loop]
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """Loop thread: run what the I/O thread delivered, in order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -659,3 +661,28 @@ async def test_an_event_of_a_pipe_finished_in_the_same_pass_is_ignored(
         os.close(w)
         pump.close()
         pipe.close()
+
+
+async def test_a_loop_closed_before_its_deliveries_ran_is_not_kept_by_the_io_thread() -> None:
+    # A loop that closes with a hand-over of the I/O thread still queued for it (asyncio.run
+    # ending while a child writes) never runs it. Its entry stayed in the thread's outbox for
+    # good, so the closed loop, its readers and the bytes read for them were kept as long as
+    # the strategy lived, and after it closed: one more per such loop.
+    pump = IOThread("prismq-io-test")
+    other = asyncio.new_event_loop()
+    proc = popen("import sys; sys.stdout.buffer.write(b'x' * 1000)", stdout=PIPE)
+    try:
+        assert proc.stdout is not None
+        pump.open_reader(other, proc.stdout, limit=LIMIT, name="t-other")
+        gone = weakref.ref(other)
+        await wait_until(lambda: gone() in pump._outbox)  # the loop never runs: it waits there
+        other.close()
+        del other
+        # Any later hand-over (here: to the running loop) lets go of the closed loop.
+        with child_stdout(popen("print('next')", stdout=PIPE), pump) as reader:
+            assert await reader.read() == b"next\n"
+            gc.collect()
+            assert gone() is None
+    finally:
+        pump.close()
+        reap(proc)

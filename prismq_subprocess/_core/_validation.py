@@ -472,8 +472,10 @@ def spawn_error(program: str | bytes, exc: OSError, cwd: Any = None) -> OSError:
             "another platform, or a script without a #! line naming its interpreter)",
             target,
         )
+    # Named by the program: the file the error names may be another (out of descriptors while
+    # opening /dev/null for stdin); it stays the error's filename.
     return SpawnFailedError(
-        exc.errno, f"could not start {target!r}: {exc.strerror or exc}", exc.filename
+        exc.errno, f"could not start {os.fsdecode(program)!r}: {exc.strerror or exc}", exc.filename
     )
 
 

@@ -294,3 +294,16 @@ async def test_terminate_gracefully_needs_a_process() -> None:
     with pytest.raises(TypeError) as info:
         await pq.terminate_gracefully(None)  # type: ignore[arg-type]
     assert isinstance(info.value, pq.exceptions.InvalidArgumentTypeError)
+
+
+def test_a_spawn_that_fails_on_another_file_names_the_program_and_that_file() -> None:
+    # Found by a review: out of descriptors while opening /dev/null for stdin, the error read
+    # "could not start '/dev/null': Too many open files", for a command that was `sh`.
+    from prismq_subprocess._core._validation import spawn_error
+
+    error = spawn_error("sh", OSError(errno.EMFILE, "Too many open files", "/dev/null"))
+    assert isinstance(error, pq.exceptions.SpawnFailedError)
+    assert "could not start 'sh': Too many open files" in str(error)
+    assert error.filename == "/dev/null"  # (str() shows it last)
+    plain = spawn_error("sh", OSError(errno.EAGAIN, "Resource temporarily unavailable"))
+    assert "could not start 'sh': Resource temporarily unavailable" in str(plain)

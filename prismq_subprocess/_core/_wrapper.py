@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -587,7 +586,7 @@ class SubprocessWrapper(AsyncClosing):
                 kill_trees_now(killed, self._ops)
             except Exception:
                 logger.exception("killing the children of %r failed", self)
-        _reap_killed(killed)
+        _reap_killed(killed, self._ops)
         self._live.clear()
         self._close_strategies()
 
@@ -623,7 +622,7 @@ def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
 _REAP_SECONDS = 1.0
 
 
-def _reap_killed(processes: list[ProcessLike]) -> None:
+def _reap_killed(processes: list[ProcessLike], ops: PlatformOps) -> None:
     # Our Popen-backed children (THREADED, LOCAL) are reaped by a reader on the loop; if the loop
     # closes first (a cleanup() in a finally just before asyncio.run() returns) they would stay
     # zombies and their Popen would warn "still running" when collected. A SIGKILLed child dies
@@ -644,7 +643,7 @@ def _reap_killed(processes: list[ProcessLike]) -> None:
                 # after this cleanup() (asyncio.run() returning) would otherwise close first and
                 # never hear of it: a zombie, its transport left open. Dead by the time this
                 # returns, it is reaped in the iterations a closing loop still runs.
-                _wait_dead(process.pid, deadline)
+                ops.wait_child_dead(process.pid, deadline)
                 continue
         if isinstance(popen, subprocess.Popen):
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
@@ -652,25 +651,6 @@ def _reap_killed(processes: list[ProcessLike]) -> None:
             if transport is not None and getattr(transport, "_returncode", 0) is None:
                 transport._returncode = popen.returncode  # what the exit callback would set
     reap_orphaned()  # closes the pidfds of the children just reaped
-
-
-def _wait_dead(pid: int, deadline: float) -> None:
-    """Wait until the child ``pid`` has exited, without reaping it (its owner reads the status),
-    or until ``deadline``; at once where this cannot be seen (no ``waitid``: Windows)."""
-    waitid = getattr(os, "waitid", None)
-    if waitid is None:
-        return
-    pause = 0.0005
-    while True:
-        try:
-            if waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return  # exited, its status left for the watcher
-        except ChildProcessError:
-            return  # reaped already (a watcher thread), or not ours
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(pause)
-        pause = min(pause * 2, 0.01)
 
 
 def _close_transport(process: ProcessLike) -> None:

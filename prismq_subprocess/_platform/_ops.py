@@ -223,6 +223,11 @@ class PlatformOps:
         table = self.scan()
         return table.handles(table.descendants(pid))
 
+    def wait_child_dead(self, pid: int, deadline: float) -> None:
+        """Block until our child ``pid`` has exited, without reaping it (its owner reads the
+        status), or until ``deadline`` (``time.monotonic()``). Returns at once where this
+        cannot be seen (Windows: no zombies; a process handle's owner waits on it)."""
+
     # -- signalling ----------------------------------------------------------------------------
     def signal_unreaped_child(self, pid: int, sig: int | None) -> bool:
         """Send ``sig`` (``None``: the platform's kill) to our child ``pid`` without reaping it,

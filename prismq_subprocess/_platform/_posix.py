@@ -183,6 +183,21 @@ class PosixOps(PlatformOps):
             return False
         return True
 
+    def wait_child_dead(self, pid: int, deadline: float) -> None:
+        if self.waitid is None:
+            return
+        pause = 0.0005
+        while True:
+            try:
+                if self.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    return  # exited, its status left for its owner
+            except ChildProcessError:
+                return  # reaped already (a watcher thread), or not ours
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
     def signal_unreaped_child(self, pid: int, sig: int | None) -> bool:
         if self._unreaped_child(pid):
             with contextlib.suppress(ProcessLookupError):

@@ -129,8 +129,11 @@ class _CancelWatch:
     each case nobody can follow the run any more. After that it waits on the run's kill event,
     which the host sets when the tree must die before its grace period is over.
 
-    :meth:`stop` does not join: the thread notices within one poll and ends by itself, so the
-    task's result is not held back by a poll in progress.
+    :meth:`stop` ends a poll in progress at once, unless ``closing()`` (it sets the event polled,
+    waits for the poll's answer, and clears the event again), so the task's result is not held
+    back by the poll and nothing of the run is left waiting on the scheduler once its task
+    returned: a scheduler closed right after (a ``LocalCluster`` leaving its ``with`` block)
+    would log the cancelled wait as an ERROR traceback.
     """
 
     def __init__(
@@ -140,19 +143,27 @@ class _CancelWatch:
         poll: float,
         dropped: Callable[[], bool],
         orphan_timeout: float,
+        closing: Callable[[], bool],
     ) -> None:
         self._event = event
         self._kill_event = kill_event
         self._poll = poll
         self._dropped = dropped
         self._orphan_timeout = orphan_timeout
+        self._closing = closing
         self._lock = threading.Lock()
         self._target: (
             tuple[asyncio.AbstractEventLoop, asyncio.Task[Any], Callable[[], None]] | None
         ) = None
         self._fired = False
         self._killed = False
+        # The event of the poll in progress, if any; None while not polling. Guarded by _lock
+        # together with _stopped, so no poll starts once stop() looked for one to end.
+        self._polling: Any = None
+        # False from a failed poll to the next answered one: stop() then sends nothing.
+        self._reachable = True
         self._stopped = threading.Event()
+        self._ended = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="prismq-cancel-watch", daemon=True)
 
     def start(self) -> None:
@@ -192,11 +203,33 @@ class _CancelWatch:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(call)
 
+    def _poll_on(self, event: Any) -> bool | None:
+        """One long poll on ``event``: whether it is set; ``None`` (and no poll) once the run
+        ended. Raises what the poll raises (the scheduler is unreachable)."""
+        with self._lock:
+            if self._stopped.is_set():
+                return None
+            self._polling = event
+        try:
+            answer = bool(event.wait(timeout=self._poll))
+        except Exception:
+            self._reachable = False
+            raise
+        finally:
+            with self._lock:
+                self._polling = None
+        self._reachable = True
+        # Set by stop() to end this poll: the run ended, there is nothing to stop.
+        return None if self._stopped.is_set() else answer
+
     def _watch(self) -> None:
         unreachable_since: float | None = None
-        while not self._stopped.is_set():
+        while True:
             try:
-                if self._event.wait(timeout=self._poll) or self._dropped():
+                cancelled = self._poll_on(self._event)
+                if cancelled is None:
+                    return
+                if cancelled or self._dropped():
                     break
                 unreachable_since = None
             except Exception as exc:
@@ -215,27 +248,61 @@ class _CancelWatch:
                     logger.warning("the scheduler stayed unreachable: stopping the module")
                     break
                 self._stopped.wait(self._poll)
-        else:
-            return
         self.fire()
-        while not self._stopped.is_set():
+        while True:
             try:
-                if self._kill_event.wait(timeout=self._poll):
+                killed = self._poll_on(self._kill_event)
+                if killed is None:
+                    return
+                if killed:
                     self.kill()
                     return
             except Exception:
                 # Unreachable, or the run ended meanwhile: the stop goes on with its grace.
+                if self._stopped.is_set():
+                    return
                 self._stopped.wait(self._poll)
 
     def stop(self) -> None:
-        self._stopped.set()
+        """The run ended: end the watch, and its poll in progress at once (see the class).
+
+        Setting the polled event answers the poll now rather than up to ``poll`` seconds
+        later; the run's task is over, so nothing here acts on it, and clearing the event
+        afterwards leaves nothing of it on the scheduler (the host releases the events it set
+        itself once it has the run's result)."""
+        try:
+            with self._lock:
+                self._stopped.set()
+                polling = self._polling
+            if polling is None or not self._reachable or self._closing():
+                # Not polling, or polling a scheduler that does not answer (that poll fails by
+                # itself, and a set would only wait for the same scheduler), or on a closing
+                # worker: the scheduler may have removed it while it lived and Dask may run the
+                # task again elsewhere (retry_on_worker_loss), whose watch polls the same events.
+                return
+            try:
+                polling.set()
+            except Exception as exc:
+                logger.debug("could not end the cancel watch's poll: %s", exc)
+                return
+            try:
+                self._thread.join(self._poll + _STOP_ANSWER_SECONDS)
+            finally:
+                try:
+                    polling.clear()
+                except Exception as exc:
+                    logger.debug("could not release the cancel watch's event: %s", exc)
+        finally:
+            self._ended.set()
 
     @property
     def ended(self) -> bool:
-        """Whether the run's task is over (:meth:`stop` was called)."""
-        return self._stopped.is_set()
+        """Whether the run's task is over (:meth:`stop` returned)."""
+        return self._ended.is_set()
 
 
+# What stop() waits, beyond one poll, for the answer to the poll it ended.
+_STOP_ANSWER_SECONDS: Final = 2.0
 _CLOSE_PLUGIN: Final = "prismq-stop-runs-on-close"
 # What a closing worker still waits for the runs it killed after their grace period.
 _KILLED_SECONDS: Final = 2.0
@@ -437,7 +504,12 @@ def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
     started.set()
     key = worker.get_current_task()
     watch = _CancelWatch(
-        cancel, kill, spec.cancel_poll, lambda: _task_dropped(worker, key), spec.orphan_timeout
+        cancel,
+        kill,
+        spec.cancel_poll,
+        lambda: _task_dropped(worker, key),
+        spec.orphan_timeout,
+        closing=lambda: worker.status in _CLOSING,
     )
     _track(worker, watch, spec.grace_period)
     watch.start()

@@ -43,7 +43,7 @@ from prismq_subprocess import (  # noqa: E402
 from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa: E402
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
 from prismq_subprocess.dask import _dask_backend as dask_backend_module  # noqa: E402
-from prismq_subprocess.dask._channel import cancel_event_name  # noqa: E402
+from prismq_subprocess.dask._channel import cancel_event_name, kill_event_name  # noqa: E402
 
 SLOTS = 4  # each worker offers {"slots": 4}
 WAIT = 60.0  # upper bound for anything a test awaits (never reached unless broken)
@@ -567,6 +567,45 @@ async def test_script_missing_on_the_worker_fails_the_run_with_the_reason(
     assert run.error_message is not None
     assert run.error_message.startswith("could not start the module on tcp://")
     assert "ScriptNotFoundError" in run.error_message and run.pid is None
+
+
+async def test_a_run_that_ended_leaves_no_cancel_wait_pending_on_the_scheduler(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    # The worker's cancel watch long-polls the run's cancel event (after a cancel, its kill
+    # event) on the scheduler. A poll still pending once the run ended made a scheduler closed
+    # right after it log an ERROR traceback (CancelledError in distributed.event): the
+    # LocalCluster example of docs/DISTRIBUTED.md did, on a normal, successful run.
+    def pending_waits(names: list[str], dask_scheduler: Any = None) -> dict[str, Any]:
+        # Runs in the scheduler's process (sent by value: it is local to this test).
+        events = dask_scheduler.extensions["events"]
+        waits = {
+            name: events._waiter_count[name] for name in names if events._waiter_count.get(name)
+        }
+        return {"waits": waits, "left": [name for name in names if name in events._events]}
+
+    backend = DaskBackend(client)
+    runner = runner_for(backend)
+
+    def names(run_id: str) -> list[str]:
+        return [cancel_event_name(backend._token, run_id), kill_event_name(backend._token, run_id)]
+
+    async with runner:
+        # Several runs, each ending at a different moment of its watch's poll.
+        for i in range(5):
+            run = await runner.execute_module(
+                f"e{i}", "lines", scripts["lines"], {"count": 2, "pause": 0.2 + 0.07 * i}
+            )
+            assert run.status is RunStatus.COMPLETED
+            state = await client.run_on_scheduler(pending_waits, names(run.run_id))
+            assert state == {"waits": {}, "left": []}, f"run {i} ended: {state}"
+        # A cancelled run's watch waits on its kill event once it cancelled the module.
+        run_id, pid, grandchild = await start_gated_tree(runner, scripts, tmp_path, "w")
+        assert await runner.cancel(run_id, "stop it")
+        assert (await stored(runner, run_id)).status is RunStatus.CANCELLED
+        state = await client.run_on_scheduler(pending_waits, names(run_id))
+        assert state["waits"] == {}, f"the cancelled run ended: {state}"
+    assert not alive(pid) and not alive(grandchild)
 
 
 async def test_foreground_run_cancelled_by_its_caller_is_recorded_then_reraised(

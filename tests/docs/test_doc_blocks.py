@@ -1,13 +1,13 @@
 """Every Python block in README.md and docs/*.md runs as written.
 
-A block runs in a fresh interpreter, in an empty temporary directory, and must exit 0. A block
-that starts a server is marked in the Markdown with ``<!-- docs-test: server (...) -->`` right
-above it and runs as a server here (beside a stand-in ``myapp.py``, on a free port, until it has
-answered a request that runs a child and been stopped); a block that
-shows an error on purpose or is a fragment says ``<!-- docs-test: skip (reason) -->``; a block
-that imports the reader's own module says ``<!-- docs-test: stand-in NAME -->`` and runs beside
-the stand-in files ``STAND_INS[NAME]`` (a small ``my_app``, say); a block
-whose first line is ``# name.py`` is one file of a worked example that its own test runs whole.
+A block runs in a fresh interpreter, in an empty temporary directory, and must exit 0 with no
+traceback or logged error on stderr. A block that starts a server is marked in the Markdown with
+``<!-- docs-test: server (...) -->`` right above it and runs as a server here (beside a stand-in
+``myapp.py``, on a free port, until it has answered a request that runs a child and been stopped); a
+block that shows an error on purpose or is a fragment says ``<!-- docs-test: skip (reason) -->``; a
+block that imports the reader's own module says ``<!-- docs-test: stand-in NAME -->`` and runs
+beside the stand-in files ``STAND_INS[NAME]`` (a small ``my_app``, say); a block whose first line is
+``# name.py`` is one file of a worked example that its own test runs whole.
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ def test_block_runs_as_written(code: str, stand_in: str, tmp_path: Path) -> None
     )
     report = f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     assert done.returncode == 0, report
+    # A reader who copies a block must not see a traceback or an error logged on its way to a
+    # successful end (the Dask example once printed one from the scheduler as its cluster closed).
+    assert "Traceback" not in done.stderr and " - ERROR - " not in done.stderr, report
 
 
 # The stand-in for the reader's ASGI app: each request runs a child through the library, on the

@@ -58,7 +58,7 @@ from .._core._exceptions import (
     RegistrySchemaError,
     RunStateError,
 )
-from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphan_trees
+from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphans
 from ._memory_registry import (
     BaseRunRegistry,
     _check_paging,
@@ -702,10 +702,10 @@ class _Database:
                 continue  # a damaged row: recover() quarantines it
         if not orphans:
             return {}
-        checks = stop_orphan_trees(list(orphans.values()), _ORPHAN_GRACE)
+        stops = stop_orphans(list(orphans.values()), _ORPHAN_GRACE)
         stopped: dict[str, str] = {}
-        for (run_id, identity), check in zip(orphans.items(), checks, strict=True):
-            if check is OrphanCheck.VERIFIED:
+        for (run_id, identity), stop in zip(orphans.items(), stops, strict=True):
+            if stop.check is OrphanCheck.VERIFIED:
                 logger.warning(
                     "run %s: its child (pid %d) outlived its owner; its process tree was stopped",
                     run_id,
@@ -713,6 +713,20 @@ class _Database:
                 )
                 stopped[run_id] = (
                     f"; its process tree (pid {identity.pid}) was still running and was stopped"
+                )
+            elif stop.stopped:
+                # The child died (of the broken pipe its dead owner left, typically), its
+                # descendants did not.
+                logger.warning(
+                    "run %s: %d descendant(s) of its exited child (pid %d) outlived its owner; "
+                    "they were stopped",
+                    run_id,
+                    stop.stopped,
+                    identity.pid,
+                )
+                stopped[run_id] = (
+                    f"; its child (pid {identity.pid}) had exited, but {stop.stopped} process(es)"
+                    " of its tree were still running and were stopped"
                 )
         return stopped
 

@@ -8,6 +8,11 @@ alive, it was started at the recorded moment (so the pid was not reused), and it
 holds the run's cookie (so it is the very child the run started). A process failing any check is
 left alone. The tree is then every process holding the cookie (a double-forked daemon too) and
 everything below them.
+
+The child itself is often gone by then while its descendants are not: it wrote to the pipe its
+dead owner read and died of the broken pipe. What still holds the run's cookie is stopped then
+too (with everything below it): the variable's name is unique to the dead host process and its
+value to the run, so only that run's descendants can hold it.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from ._table import ProcessEntry, ProcessTable, scan_proc, scan_psutil
 
 __all__ = [
     "OrphanCheck",
+    "OrphanStop",
     "ProcessIdentity",
     "stop_orphan_tree",
     "stop_orphan_trees",
+    "stop_orphans",
     "verify_orphan",
 ]
 
@@ -135,27 +142,37 @@ def _environ_cookies(pid: int, names: Collection[str], proc_root: str | None) ->
     return {name: environ[name] for name in names if name in environ}
 
 
-def _trees(marks: Collection[tuple[int, str, str]], proc_root: str | None) -> list[psutil.Process]:
-    """For each verified child ``(pid, variable, value)``: the child, every holder of its
-    cookie, and everything below them; one look at the process table for all."""
+def _trees(
+    marks: Sequence[tuple[int | None, str, str]], proc_root: str | None
+) -> list[list[psutil.Process]]:
+    """For each mark ``(pid, variable, value)``: the child at ``pid`` (``None``: it is gone),
+    every holder of its cookie, and everything below them; one look at the process table for
+    all."""
     table: ProcessTable = scan_proc(proc_root) if proc_root is not None else scan_psutil()
     me = os.getpid()
     wanted_values: dict[str, set[str]] = {}
     for _, name, value in marks:
         wanted_values.setdefault(name, set()).add(value)
-    roots: list[ProcessEntry] = []
+    index = {(name, value): i for i, (_, name, value) in enumerate(marks)}
+    roots: list[list[ProcessEntry]] = [[] for _ in marks]
     for entry in table.entries.values():
         if entry.pid == me:
             continue
-        held = _environ_cookies(entry.pid, wanted_values, proc_root)
-        if any(value in wanted_values[name] for name, value in held.items()):
-            roots.append(entry)
-    roots.extend(table.entries[pid] for pid, _, _ in marks if pid in table.entries)
-    wanted: dict[int, ProcessEntry] = {}
-    for entry in roots:
-        wanted[entry.pid] = entry
-        wanted.update((e.pid, e) for e in table.descendants(entry.pid) if e.pid != me)
-    return table.handles(wanted.values())
+        for held in _environ_cookies(entry.pid, wanted_values, proc_root).items():
+            i = index.get(held)
+            if i is not None:
+                roots[i].append(entry)
+    for i, (pid, _, _) in enumerate(marks):
+        if pid is not None and pid in table.entries:
+            roots[i].append(table.entries[pid])
+    trees: list[list[psutil.Process]] = []
+    for group in roots:
+        wanted: dict[int, ProcessEntry] = {}
+        for entry in group:
+            wanted[entry.pid] = entry
+            wanted.update((e.pid, e) for e in table.descendants(entry.pid) if e.pid != me)
+        trees.append(table.handles(wanted.values()))
+    return trees
 
 
 def _signal(procs: list[psutil.Process], kill: bool) -> None:
@@ -176,31 +193,73 @@ def _wait(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
     return left
 
 
-def stop_orphan_trees(
+@dataclass(frozen=True, slots=True)
+class OrphanStop:
+    """What :func:`stop_orphans` found for one identity: the check of its recorded pid and how
+    many processes of its tree were signalled (for a GONE child: its descendants that still
+    held the run's cookie)."""
+
+    check: OrphanCheck
+    stopped: int
+
+
+def _well_formed(cookie: str | None) -> tuple[str, str] | None:
+    name, sep, value = (cookie or "").partition("=")
+    if not sep or not value or not name.startswith(COOKIE_PREFIX) or name == COOKIE_PREFIX:
+        return None
+    return name, value
+
+
+def stop_orphans(
     identities: Sequence[ProcessIdentity], grace: float = 5.0, proc_root: str | None = None
-) -> list[OrphanCheck]:
-    """:func:`stop_orphan_tree` for many at once: one grace period and a few looks at the
-    process table for all of them; returns each one's check, in order."""
+) -> list[OrphanStop]:
+    """Stop what the runs of ``identities`` left running: the tree of each VERIFIED child, and,
+    where the child is GONE, what still holds its cookie and everything below that. One grace
+    period and a few looks at the process table for all; returns one :class:`OrphanStop` per
+    identity, in order. Blocking."""
     for identity in identities:
         if not isinstance(identity, ProcessIdentity):
             raise TypeError(f"expected a ProcessIdentity, not {type(identity).__name__}")
     root = proc_root or _default_proc_root()
     checks = [verify_orphan(identity, root) for identity in identities]
-    marks: list[tuple[int, str, str]] = []
-    for identity, check in zip(identities, checks, strict=True):
+    marks: list[tuple[int | None, str, str]] = []
+    owners: list[int] = []  # the identity of each mark
+    for i, (identity, check) in enumerate(zip(identities, checks, strict=True)):
+        cookie = _well_formed(identity.cookie)
+        if cookie is None:
+            continue
         if check is OrphanCheck.VERIFIED:
-            name, _, value = (identity.cookie or "").partition("=")
-            marks.append((identity.pid, name, value))
+            marks.append((identity.pid, *cookie))
+        elif check is OrphanCheck.GONE:
+            # A REUSED pid is left alone with whatever holds the cookie (a stranger at the
+            # recorded pid is never touched, whatever its environment says).
+            marks.append((None, *cookie))
+        else:
+            continue
+        owners.append(i)
+    stopped = [0] * len(identities)
     if not marks:
-        return checks
-    procs = _trees(marks, root)
+        return [OrphanStop(check, 0) for check in checks]
+    trees = _trees(marks, root)
+    procs = [p for tree in trees for p in tree]
     _signal(procs, kill=False)
     left = _wait(procs, grace)
     known = {p.pid for p in procs}
-    late = [p for p in _trees(marks, root) if p.pid not in known]
+    late_trees = _trees(marks, root)
+    late = [p for tree in late_trees for p in tree if p.pid not in known]
     _signal([*left, *late], kill=True)
     _wait([*left, *late], _KILL_WAIT)
-    return checks
+    for i, tree, late_tree in zip(owners, trees, late_trees, strict=True):
+        stopped[i] = len({p.pid for p in (*tree, *late_tree)})
+    return [OrphanStop(check, n) for check, n in zip(checks, stopped, strict=True)]
+
+
+def stop_orphan_trees(
+    identities: Sequence[ProcessIdentity], grace: float = 5.0, proc_root: str | None = None
+) -> list[OrphanCheck]:
+    """:func:`stop_orphan_tree` for many at once: one grace period and a few looks at the
+    process table for all of them; returns each one's check, in order."""
+    return [stop.check for stop in stop_orphans(identities, grace, proc_root)]
 
 
 def stop_orphan_tree(
@@ -208,11 +267,12 @@ def stop_orphan_tree(
 ) -> OrphanCheck:
     """Stop the tree of a dead host's run if ``identity`` still names its child.
 
-    Verifies first (:func:`verify_orphan`); anything but VERIFIED is returned at once and
-    nothing is signalled. Otherwise SIGTERM (``TerminateProcess`` on Windows) to the child, to
-    every process holding its cookie and to their descendants; up to ``grace`` seconds; then
-    one more look (for what was forked meanwhile) and SIGKILL to what is left. Every signal
-    goes through a psutil handle, which checks the start time first. Blocking: call it from a
-    worker thread. Returns within about ``grace + 1`` seconds.
+    Verifies first (:func:`verify_orphan`). VERIFIED: SIGTERM (``TerminateProcess`` on
+    Windows) to the child, to every process holding its cookie and to their descendants; up to
+    ``grace`` seconds; then one more look (for what was forked meanwhile) and SIGKILL to what is
+    left. GONE (the child has exited): the same for every process still holding its cookie and
+    their descendants. REUSED, UNPROVEN: nothing is signalled. Every signal goes through a
+    psutil handle, which checks the start time first. Blocking: call it from a worker thread.
+    Returns within about ``grace + 1`` seconds.
     """
     return stop_orphan_trees([identity], grace, proc_root)[0]

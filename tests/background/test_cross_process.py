@@ -35,6 +35,21 @@ TREE = textwrap.dedent(
     """
 )
 
+# Starts a grandchild that prints nothing, prints its pid, then keeps printing: once its owner
+# is gone, the next line breaks the pipe and this child dies, the grandchild lives on.
+CHATTY_TREE = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL
+    )
+    print("pids", child.pid, flush=True)
+    while True:
+        print("tick", flush=True)
+        time.sleep(0.02)
+    """
+)
+
 # --count lines, --delay seconds apart, then exit with --code.
 COUNT = textwrap.dedent(
     """
@@ -103,6 +118,7 @@ class Owner:
 def paths(tmp_path: Path) -> tuple[Path, Path]:
     (tmp_path / "tree.py").write_text(TREE)
     (tmp_path / "count.py").write_text(COUNT)
+    (tmp_path / "chatty_tree.py").write_text(CHATTY_TREE)
     return tmp_path / "runs.db", tmp_path / "logs"
 
 
@@ -220,6 +236,38 @@ async def test_a_dead_owners_run_becomes_interrupted_when_cancelled(
     run = await registry.get_run(run_id)
     assert run is not None and run.status is pq.RunStatus.INTERRUPTED
     assert f"owner process {owner.proc.pid}" in (run.error_message or "")
+
+
+@posix_only
+async def test_a_dead_owners_tree_is_stopped_when_its_child_already_died(
+    owner: Owner,
+    here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
+    paths: tuple[Path, Path],
+) -> None:
+    """The common way a worker's SIGKILL leaves a tree: the module writes to the pipe the dead
+    owner read, dies of the broken pipe, and its grandchild (holding the run's cookie) lives on.
+    Recovery used to stop a tree only when the recorded child itself was still there."""
+    registry, capture, runner = here
+    run_id = await owner.start(f"module {paths[0].parent / 'chatty_tree.py'} {{}}")
+    lines, _ = await read_lines(capture, registry, run_id, stop_after=1)
+    grandchild = psutil.Process(int(lines[0][1].split()[1]))
+    recorded = await registry.get_run(run_id)
+    assert recorded is not None and recorded.pid is not None
+    child = psutil.Process(recorded.pid)
+    owner.proc.send_signal(signal.SIGKILL)
+    owner.proc.wait()
+    try:
+        _, alive = await asyncio.to_thread(psutil.wait_procs, [child], 10)
+        assert alive == []  # the broken pipe ended it
+        assert await runner.cancel(run_id, timeout=30) is pq.CancelResult.ALREADY_FINISHED
+        run = await registry.get_run(run_id)
+        assert run is not None and run.status is pq.RunStatus.INTERRUPTED
+        assert "were still running and were stopped" in (run.error_message or ""), run
+        _, alive = await asyncio.to_thread(psutil.wait_procs, [grandchild], 10)
+        assert alive == []
+    finally:
+        with contextlib.suppress(psutil.Error):
+            grandchild.kill()
 
 
 async def test_output_of_another_process_live_resumed_and_after_the_end(

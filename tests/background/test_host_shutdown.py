@@ -6,6 +6,7 @@ now names another process is never touched."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -223,15 +224,18 @@ def test_verify_and_stop_an_orphan_by_its_cookie(tmp_path: Path) -> None:
         daemon = psutil.Process(int(child.stdout.readline()))
         started = psutil.Process(child.pid).create_time()
         right = pq.ProcessIdentity(child.pid, started, "PRISMQ_RUN_ABCDEF654321=3")
-        assert pq.stop_orphan_tree(
-            pq.ProcessIdentity(child.pid, started, "PRISMQ_RUN_ABCDEF654321=4")
-        ) is pq.OrphanCheck.UNPROVEN
-        assert pq.stop_orphan_tree(
-            pq.ProcessIdentity(child.pid, started, None)
-        ) is pq.OrphanCheck.UNPROVEN
-        assert pq.stop_orphan_tree(
-            pq.ProcessIdentity(child.pid, started + 5, right.cookie)
-        ) is pq.OrphanCheck.REUSED
+        assert (
+            pq.stop_orphan_tree(pq.ProcessIdentity(child.pid, started, "PRISMQ_RUN_ABCDEF654321=4"))
+            is pq.OrphanCheck.UNPROVEN
+        )
+        assert (
+            pq.stop_orphan_tree(pq.ProcessIdentity(child.pid, started, None))
+            is pq.OrphanCheck.UNPROVEN
+        )
+        assert (
+            pq.stop_orphan_tree(pq.ProcessIdentity(child.pid, started + 5, right.cookie))
+            is pq.OrphanCheck.REUSED
+        )
         assert child.poll() is None and daemon.is_running()
         assert pq.stop_orphan_tree(right, grace=2.0) is pq.OrphanCheck.VERIFIED
         assert child.wait(timeout=5) == -signal.SIGTERM
@@ -241,6 +245,51 @@ def test_verify_and_stop_an_orphan_by_its_cookie(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="cookies are POSIX environment variables")
+def test_the_cookie_holders_of_a_gone_child_are_stopped_and_strangers_left_alone() -> None:
+    """A dead owner's child often exits first (the broken pipe): its descendants, which hold
+    the run's cookie, must still be stopped; another run's cookie and a REUSED pid are not."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    # The child starts a grandchild (inheriting the cookie), prints its pid and exits.
+    code = f"import subprocess, sys\np = subprocess.Popen({sleeper!r})\nprint(p.pid, flush=True)\n"
+    env = dict(os.environ, PRISMQ_RUN_ABCDEF777777="5")
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
+    other_run = subprocess.Popen(sleeper, env=dict(os.environ, PRISMQ_RUN_ABCDEF777777="6"))
+    reused_at = subprocess.Popen(sleeper, env=dict(os.environ, PRISMQ_RUN_ABCDEF888888="1"))
+    grandchild: psutil.Process | None = None
+    try:
+        assert child.stdout is not None
+        grandchild = psutil.Process(int(child.stdout.readline()))
+        started = psutil.Process(child.pid).create_time()
+        assert child.wait(timeout=10) == 0
+        from prismq_subprocess._platform._orphans import OrphanStop, stop_orphans
+
+        reused = pq.ProcessIdentity(
+            reused_at.pid,
+            psutil.Process(reused_at.pid).create_time() - 30.0,
+            "PRISMQ_RUN_ABCDEF888888=1",
+        )
+        gone = pq.ProcessIdentity(child.pid, started, "PRISMQ_RUN_ABCDEF777777=5")
+        assert stop_orphans([gone, reused], grace=2.0) == [
+            OrphanStop(pq.OrphanCheck.GONE, 1),
+            OrphanStop(pq.OrphanCheck.REUSED, 0),
+        ]
+        _, alive = psutil.wait_procs([grandchild], timeout=5)
+        assert alive == []
+        assert other_run.poll() is None and reused_at.poll() is None
+        # Nothing left: GONE, nothing signalled.
+        assert pq.stop_orphan_tree(gone) is pq.OrphanCheck.GONE
+    finally:
+        for proc in (other_run, reused_at):
+            proc.kill()
+            proc.wait()
+        if grandchild is not None:
+            with contextlib.suppress(psutil.Error):
+                grandchild.kill()
         if child.stdout is not None:
             child.stdout.close()
 

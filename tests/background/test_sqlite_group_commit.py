@@ -414,12 +414,12 @@ async def test_recover_orphans_stops_trees_outside_the_write_lock(
 
     import prismq_subprocess._background._sqlite_registry as module
     from prismq_subprocess._background._run_record import RunOwner
-    from prismq_subprocess._platform._orphans import OrphanCheck, ProcessIdentity
+    from prismq_subprocess._platform._orphans import OrphanCheck, OrphanStop, ProcessIdentity
 
     path = tmp_path / "r.db"
     seen: list[str] = []
 
-    def probe(identities: list[ProcessIdentity], grace: float) -> list[OrphanCheck]:
+    def probe(identities: list[ProcessIdentity], grace: float) -> list[OrphanStop]:
         other = sqlite3.connect(path, timeout=0, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
@@ -429,9 +429,9 @@ async def test_recover_orphans_stops_trees_outside_the_write_lock(
             seen.append("held")
         finally:
             other.close()
-        return [OrphanCheck.GONE] * len(identities)
+        return [OrphanStop(OrphanCheck.GONE, 0)] * len(identities)
 
-    monkeypatch.setattr(module, "stop_orphan_trees", probe)
+    monkeypatch.setattr(module, "stop_orphans", probe)
     dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
     await dead.wait()
     async with SQLiteRunRegistry(path) as registry:

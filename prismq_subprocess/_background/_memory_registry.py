@@ -27,6 +27,7 @@ from .._core._exceptions import (
     InvalidQueryError,
     InvalidTimeoutError,
     RegistryClosedError,
+    RegistryReadOnlyError,
     RunNotFoundError,
     RunStateError,
 )
@@ -84,6 +85,28 @@ def orphan_reason(run: Run) -> str:
         f"owner process {owner.pid} on host {owner.host!r} is gone; the run was "
         f"left {run.status.value} (crash or restart)"
     )
+
+
+async def settle_orphan(registry: BaseRunRegistry, run_id: str) -> Run | None:
+    """The owner of the unfinished run ``run_id`` is gone: mark it INTERRUPTED through
+    ``registry.recover_orphans()`` and return ``None`` (look at the registry again). A registry
+    opened read-only cannot record it: return the run as stored when it finished meanwhile (or
+    ``None`` when it is gone), else a copy marked INTERRUPTED, what a writer will record (not
+    stored), so a reader that noticed the death still ends.
+
+    Raises:
+        what ``registry.recover_orphans`` raises, but ``RegistryReadOnlyError``.
+    """
+    try:
+        await registry.recover_orphans()
+    except RegistryReadOnlyError:
+        # Read after the owner was seen dead: it writes nothing more, so this is the last word
+        # until a writer recovers the run.
+        run = await registry.get_run(run_id)
+        if run is not None and not run.is_finished:
+            run.mark_interrupted(orphan_reason(run))
+        return run
+    return None
 
 
 def check_wait(timeout: float | None, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
@@ -414,7 +437,8 @@ class BaseRunRegistry(AsyncResource):
         """Wait until ``run_id`` has a final status, looking every ``poll_interval`` seconds,
         and return it (``None`` if the run is unknown or was deleted meanwhile). Works for runs
         of any process sharing the store. If the run's owner process dies meanwhile, the run
-        is marked INTERRUPTED (see :meth:`recover_orphans`) and returned.
+        is marked INTERRUPTED (see :meth:`recover_orphans`) and returned; a registry opened
+        read-only cannot record that, and returns a copy marked INTERRUPTED (not stored).
 
         Cancellation and timeout leave the run alone.
 
@@ -436,7 +460,9 @@ class BaseRunRegistry(AsyncResource):
                     next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
                     owner = run.owner
                     if owner is None or not await asyncio.to_thread(owner.is_alive):
-                        await self.recover_orphans()
+                        seen = await settle_orphan(self, run_id)
+                        if seen is not None:  # a read-only registry's answer
+                            return seen
                         continue
                 await asyncio.sleep(poll_interval)
 

@@ -628,9 +628,10 @@ class OutputCapture(AsyncClosing):
         registry records the run's final status; then the rest of the file is read and the
         subscription ends with that status. Seqs are line numbers in the file, the same as the
         owner's, so ``after`` (``Last-Event-ID``) works across processes. If the run's owner
-        dies, the run is marked INTERRUPTED and the subscription ends. A run neither in the
-        registry nor with a log file raises ``OutputNotFoundError`` from iteration (unless
-        ``wait``). Without a ``log_dir``, ``registry`` is not used.
+        dies, the run is marked INTERRUPTED and the subscription ends (with a read-only
+        registry, which cannot record it, it ends with that status all the same). A run
+        neither in the registry nor with a log file raises ``OutputNotFoundError`` from
+        iteration (unless ``wait``). Without a ``log_dir``, ``registry`` is not used.
 
         Raises:
             OutputNotFoundError: unknown run and ``wait`` is false, or the run's buffer was

@@ -20,7 +20,7 @@ from .._core._exceptions import (
     OutputWaitTimeoutError,
 )
 from ._log_names import run_log_path
-from ._memory_registry import OWNER_CHECK_INTERVAL, BaseRunRegistry
+from ._memory_registry import OWNER_CHECK_INTERVAL, BaseRunRegistry, settle_orphan
 from ._output_items import (
     NO_TRUNCATION,
     OutputChunk,
@@ -400,7 +400,10 @@ class OutputSubscription(AsyncClosing):
                 owner = run.owner
                 if owner is None or not await asyncio.to_thread(owner.is_alive):
                     # Its owner died: mark it INTERRUPTED (whoever notices first does).
-                    await registry.recover_orphans()
+                    seen = await settle_orphan(registry, self._run_id)
+                    if seen is not None:  # read-only: end with what a writer will record
+                        self._final = OutputEnd(seen.status.value, seen.exit_code)
+                        self._final_known = True
                     continue
             await self._pause()
         return None

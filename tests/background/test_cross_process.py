@@ -309,6 +309,47 @@ async def test_following_ends_interrupted_when_the_owner_dies(
     assert sub.end is not None and sub.end.status == "interrupted"
 
 
+@posix_only
+async def test_a_read_only_viewer_ends_a_dead_owners_run_as_interrupted(
+    owner: Owner,
+    here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
+    paths: tuple[Path, Path],
+) -> None:
+    """A viewer with a read-only registry cannot record INTERRUPTED: its followers and
+    wait_finished raised RegistryReadOnlyError ('cannot be written') when the owner died. They
+    now end with the status a writer would record, and store nothing."""
+    registry, capture, _ = here
+    db, _ = paths
+    params = json.dumps({"count": 100000, "delay": 0.01})
+    run_id = await owner.start(f"module {paths[0].parent / 'count.py'} {params}")
+    async with pq.SQLiteRunRegistry(db, read_only=True) as viewer:
+        seen = 0
+        async with capture.subscribe(run_id, registry=viewer) as sub:
+            async for item in sub:
+                assert isinstance(item, pq.OutputLine) and item.seq == seen
+                seen += 1
+                if seen == 3:
+                    owner.proc.send_signal(signal.SIGKILL)
+                    owner.proc.wait()
+        assert seen >= 3
+        assert sub.end == pq.OutputEnd("interrupted", None)
+        lines = [
+            json.loads(line[len("data: ") :])
+            async for chunk in pq.sse_events(capture, run_id, registry=viewer)
+            for line in chunk.splitlines()
+            if line.startswith("data: ")
+        ]
+        assert lines[-1] == {"status": "interrupted", "exit_code": None}
+        assert [line["seq"] for line in lines[:-1]] == list(range(len(lines) - 1))
+        waited = await viewer.wait_finished(run_id, timeout=10)
+        assert waited is not None and waited.status is pq.RunStatus.INTERRUPTED
+        assert f"owner process {owner.proc.pid}" in (waited.error_message or "")
+        stored = await viewer.get_run(run_id)
+        assert stored is not None and stored.status is pq.RunStatus.RUNNING  # nothing written
+    # A writer records it.
+    assert await registry.recover_orphans() == [run_id]
+
+
 async def test_unknown_run_of_no_process(
     here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
 ) -> None:

@@ -436,9 +436,10 @@ class BaseRunRegistry(AsyncResource):
     ) -> Run | None:
         """Wait until ``run_id`` has a final status, looking every ``poll_interval`` seconds,
         and return it (``None`` if the run is unknown or was deleted meanwhile). Works for runs
-        of any process sharing the store. If the run's owner process dies meanwhile, the run
-        is marked INTERRUPTED (see :meth:`recover_orphans`) and returned; a registry opened
-        read-only cannot record that, and returns a copy marked INTERRUPTED (not stored).
+        of any process sharing the store. If the run's owner process is gone (checked at the
+        first look, then every second), the run is marked INTERRUPTED (see
+        :meth:`recover_orphans`) and returned; a registry opened read-only cannot record that,
+        and returns a copy marked INTERRUPTED (not stored).
 
         Cancellation and timeout leave the run alone.
 
@@ -450,7 +451,9 @@ class BaseRunRegistry(AsyncResource):
         """
         check_wait(timeout, poll_interval)
         loop = asyncio.get_running_loop()
-        next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
+        # The first unfinished look checks the owner too: a wait shorter than the interval
+        # (runner.cancel(timeout=0.5), say, called again and again) would never check it.
+        next_owner_check = loop.time()
         async with asyncio.timeout(timeout):
             while True:
                 run = await self.get_run(run_id)

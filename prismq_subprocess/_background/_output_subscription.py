@@ -92,6 +92,9 @@ class OutputSubscription(AsyncClosing):
         self._may_wait = False
         self._final: OutputEnd | None = None
         self._final_known = False
+        # When to check the owner next (loop time); kept across reads: a read cut short by a
+        # heartbeat more often than OWNER_CHECK_INTERVAL must not put the check off for good.
+        self._next_owner_check: float | None = None
         self.dropped = 0
         """How many lines this subscriber was told (by :class:`OutputGap` items) it missed."""
         self.end: OutputEnd | None = None
@@ -368,7 +371,8 @@ class OutputSubscription(AsyncClosing):
         read after seeing that status gets every line.
         """
         loop = asyncio.get_running_loop()
-        next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
+        if self._next_owner_check is None:
+            self._next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
         while not self._done:
             if self._capture.closed:
                 self._finish(None)
@@ -395,8 +399,8 @@ class OutputSubscription(AsyncClosing):
                 self._final = OutputEnd(run.status.value, run.exit_code)
                 self._final_known = True
                 continue
-            elif loop.time() >= next_owner_check:
-                next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
+            elif loop.time() >= self._next_owner_check:
+                self._next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
                 owner = run.owner
                 if owner is None or not await asyncio.to_thread(owner.is_alive):
                     # Its owner died: mark it INTERRUPTED (whoever notices first does).

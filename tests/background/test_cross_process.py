@@ -270,6 +270,23 @@ async def test_a_dead_owners_tree_is_stopped_when_its_child_already_died(
             grandchild.kill()
 
 
+@posix_only
+async def test_a_short_cancel_of_a_dead_owners_run_is_not_only_requested(
+    owner: Owner, here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner]
+) -> None:
+    """A wait shorter than the owner check's second never checked the owner: cancel(timeout=
+    0.3) answered REQUESTED ('its owner acts on the request') for a run whose owner was dead,
+    every time, and wait_finished(timeout=0.3) raised TimeoutError."""
+    registry, _, runner = here
+    run_ids = [await owner.start("raw") for _ in range(2)]
+    owner.proc.send_signal(signal.SIGKILL)
+    owner.proc.wait()
+    assert await runner.cancel(run_ids[0], timeout=0.3) is pq.CancelResult.ALREADY_FINISHED
+    waited = await registry.wait_finished(run_ids[1], timeout=0.3)
+    for run in (await registry.get_run(run_ids[0]), waited):
+        assert run is not None and run.status is pq.RunStatus.INTERRUPTED
+
+
 async def test_output_of_another_process_live_resumed_and_after_the_end(
     owner: Owner,
     here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
@@ -307,6 +324,45 @@ async def test_following_ends_interrupted_when_the_owner_dies(
                 owner.proc.send_signal(signal.SIGKILL)
     assert seen >= 3
     assert sub.end is not None and sub.end.status == "interrupted"
+
+
+@posix_only
+async def test_a_follower_woken_more_often_than_the_owner_check_still_ends(
+    owner: Owner,
+    here: tuple[pq.SQLiteRunRegistry, pq.OutputCapture, pq.ModuleRunner],
+    paths: tuple[Path, Path],
+) -> None:
+    """The owner is checked once a second; each read restarted the count, so a stream whose
+    reads are cut by a shorter heartbeat (sse_events without ``stop``, or wait_for around
+    __anext__) never noticed a dead owner: it sent keep-alives for good, the run stayed RUNNING."""
+    registry, capture, _ = here
+    params = json.dumps({"count": 100000, "delay": 0.01})
+    run_id = await owner.start(f"module {paths[0].parent / 'count.py'} {params}")
+    await read_lines(capture, registry, run_id, stop_after=3)
+    owner.proc.send_signal(signal.SIGKILL)
+    owner.proc.wait()
+
+    async def stream() -> str:
+        chunks = [
+            chunk
+            async for chunk in pq.sse_events(capture, run_id, registry=registry, heartbeat=0.2)
+        ]
+        return chunks[-1]
+
+    async def wait_for_each_item() -> pq.OutputEnd | None:
+        async with capture.subscribe(run_id, registry=registry) as sub:
+            while True:
+                try:
+                    await asyncio.wait_for(anext(sub), 0.2)
+                except TimeoutError:
+                    continue
+                except StopAsyncIteration:
+                    return sub.end
+
+    async with asyncio.timeout(30):
+        last, end = await asyncio.gather(stream(), wait_for_each_item())
+    assert last.startswith("event: end\n") and '"status":"interrupted"' in last, last
+    assert end == pq.OutputEnd("interrupted", None)
 
 
 @posix_only

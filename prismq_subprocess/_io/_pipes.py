@@ -246,6 +246,8 @@ class StdinWriterBase(StreamWriterMethods):
         self._closing = False
         self._closed = False
         self._exc: OSError | None = None
+        # Closed because the child's side is gone (:meth:`close_gone`), not by the caller.
+        self._gone = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._close_waiters: list[asyncio.Future[None]] = []
 
@@ -271,6 +273,14 @@ class StdinWriterBase(StreamWriterMethods):
         self._closing = True
         self._start_close()
 
+    def close_gone(self) -> None:
+        """Close because the child's side is gone (it exited and its output pipes ended):
+        :meth:`close`, and from then on :meth:`drain` raises ``ConnectionResetError``, as
+        asyncio's does once it has lost the pipe. Nothing if the caller closed it already."""
+        if not self._closing:
+            self._gone = True
+            self.close()
+
     async def wait_closed(self) -> None:
         """Wait until the pipe is closed; raises the write error if the child broke the pipe."""
         if not self._closed:
@@ -288,12 +298,15 @@ class StdinWriterBase(StreamWriterMethods):
         Raises:
             BrokenPipeError: the child closed its stdin (typically: it has exited) while bytes
                 were queued for it.
-            ConnectionResetError: the pipe is closed (by :meth:`close`, or because the child
-                exited and its output pipes ended), as asyncio's ``drain()`` says then.
+            ConnectionResetError: the pipe was closed because the child exited and its output
+                pipes ended (:meth:`close_gone`), as asyncio's ``drain()`` says then. Not after
+                the caller's own :meth:`close`: asyncio's first ``drain()`` after it returns
+                (it learns of the lost pipe loop iterations later), and code written so must
+                not fail here.
         """
         if self._exc is not None:
             raise self._exc
-        if self._closed:
+        if self._gone and self._closed:
             raise ConnectionResetError("Connection lost")
         with self._lock:
             fut = None

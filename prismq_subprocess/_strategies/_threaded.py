@@ -95,7 +95,7 @@ class ThreadedProcess(PopenProcess):
         # it a stdin nobody closed kept its descriptor (and, with a thread per pipe, its
         # writer thread) until the strategy closed: one of each per child, without bound.
         if self._returncode is not None and self.stdin is not None and not self._holds_pipes():
-            self.stdin.close()
+            self.stdin.close_gone()
 
     def _holds_pipes(self) -> bool:
         # A reader has not seen end of file: the pipe is still open (asyncio's rule for letting

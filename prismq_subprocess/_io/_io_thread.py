@@ -46,9 +46,11 @@ import os
 import selectors
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
+from .._platform import after_fork_in_child
 from ._pipes import (
     MAX_IN_FLIGHT,
     READ_CHUNK,
@@ -112,6 +114,30 @@ class IOThread:
         #: Pipes parked while their loop reads them itself (I/O thread only), taken back
         #: after _LEND_SECONDS without a read.
         self._lent: set[_ReadSource] = set()
+        _IO_THREADS.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the thread does not exist there, and the parent's pipes and
+        exits are not this process's to serve. Start afresh (a new thread and selector on
+        next use), without touching the selector: an epoll instance is shared with the
+        parent, and unregistering would take the parent's pipes out of its own thread's set.
+        """
+        selector, self._selector = self._selector, None
+        if selector is not None:
+            with contextlib.suppress(OSError):
+                selector.close()  # (closes this process's descriptor only)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self._lock = threading.Lock()
+        self._commands = []
+        self._woken = False
+        self._thread = None
+        self._outbox = {}
+        self._live = set()
+        self._lent = set()
 
     @property
     def running(self) -> bool:
@@ -775,3 +801,14 @@ class _ExitWatch:
 
     def _run_callback(self, _: object) -> None:
         self._callback()
+
+
+_IO_THREADS: weakref.WeakSet[IOThread] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for io_thread in list(_IO_THREADS):
+        io_thread._forked()
+
+
+after_fork_in_child(_after_fork_in_child)

@@ -8,8 +8,9 @@ import contextlib
 import functools
 import subprocess
 import threading
+import weakref
 
-from .._platform import Containment, PlatformOps
+from .._platform import Containment, PlatformOps, after_fork_in_child
 from ._base import SpawnRequest
 
 __all__ = ["ExecutorOwner", "discard_popen", "spawn_in_executor", "start_popen"]
@@ -114,6 +115,14 @@ class ExecutorOwner:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
+        _OWNERS.add(self)
+
+    def _forked(self) -> None:
+        # A forked child has none of the pool's threads (fork copies only the forking one), and
+        # the pool still counts them: work submitted there would wait forever. A new pool is
+        # made on next use; the lock may have been held at the fork.
+        self._lock = threading.Lock()
+        self._pool = None
 
     def get(self) -> concurrent.futures.ThreadPoolExecutor:
         """The pool, created on first use.
@@ -137,3 +146,14 @@ class ExecutorOwner:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+_OWNERS: weakref.WeakSet[ExecutorOwner] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for owner in list(_OWNERS):
+        owner._forked()
+
+
+after_fork_in_child(_after_fork_in_child)

@@ -490,3 +490,59 @@ async def test_closing_while_spawns_wait_for_the_spawn_pool_raises_closed_not_ca
         await asyncio.sleep(0.05)
     assert not children
     assert wrapper.live_processes == []
+
+
+# A wrapper made before a fork (a module-level one under gunicorn --preload, a "fork"
+# multiprocessing pool) and used in the forked process, while the parent has a child running.
+_INHERITED_WRAPPER = """
+import asyncio, os, sys
+import psutil
+import prismq_subprocess as pq
+
+MODE, IO = sys.argv[1], sys.argv[2]
+strategy = pq.abc.ThreadedStrategy(io=IO) if IO != "-" else None
+W = pq.SubprocessWrapper(strategy=strategy) if strategy else pq.SubprocessWrapper(MODE)
+loop = asyncio.new_event_loop()
+loop.run_until_complete(W.run("true"))  # pools and I/O thread in use before the fork
+parents_child = loop.run_until_complete(W.create_subprocess_exec("sleep", "60"))
+worker = os.fork()
+if worker == 0:
+    async def serve():
+        result = await asyncio.wait_for(W.run("sh", "-c", "echo hi"), 30)
+        print("worker ran", result.returncode, result.stdout, flush=True)
+        await W.aclose()
+    try:
+        asyncio.run(serve())
+    except BaseException as exc:
+        print("worker failed", repr(exc), flush=True)
+    os._exit(0)
+os.waitpid(worker, 0)
+print("parent's child", psutil.Process(parents_child.pid).status(), flush=True)
+loop.run_until_complete(W.aclose())
+loop.close()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+@pytest.mark.parametrize(
+    ("mode", "io"),
+    [("async", "-"), ("threaded", "selector"), ("threaded", "threads"), ("local", "-")],
+)
+def test_a_wrapper_inherited_by_fork_works_there_and_leaves_the_parents_children_alone(
+    mode: str, io: str
+) -> None:
+    # Found by the session 20 review of the fork handling: in the forked process, THREADED and
+    # LOCAL spawns waited forever for the parent's pool and I/O threads (fork copies no
+    # thread), and closing the wrapper there killed the parent's children, listed as its own.
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _INHERITED_WRAPPER, mode, io],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "worker ran 0 b'hi\\n'" in lines, done.stdout + done.stderr
+    assert "parent's child sleeping" in lines, done.stdout + done.stderr

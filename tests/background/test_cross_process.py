@@ -306,6 +306,23 @@ async def test_output_of_another_process_live_resumed_and_after_the_end(
     assert await read_lines(capture, registry, run_id) == (expected, end)
 
 
+async def follow_killing_the_owner(
+    capture: pq.OutputCapture, run_id: str, registry: pq.abc.BaseRunRegistry, owner: Owner
+) -> pq.OutputSubscription:
+    """Follow ``run_id`` to its end, SIGKILLing its owner after the third line; every line in
+    order. Returns the ended subscription."""
+    seen = 0
+    async with capture.subscribe(run_id, registry=registry) as sub:
+        async for item in sub:
+            assert isinstance(item, pq.OutputLine) and item.seq == seen
+            seen += 1
+            if seen == 3:
+                owner.proc.send_signal(signal.SIGKILL)
+                owner.proc.wait()
+    assert seen >= 3
+    return sub
+
+
 @posix_only
 async def test_following_ends_interrupted_when_the_owner_dies(
     owner: Owner,
@@ -315,14 +332,7 @@ async def test_following_ends_interrupted_when_the_owner_dies(
     registry, capture, _ = here
     params = json.dumps({"count": 100000, "delay": 0.01})
     run_id = await owner.start(f"module {paths[0].parent / 'count.py'} {params}")
-    seen = 0
-    async with capture.subscribe(run_id, registry=registry) as sub:
-        async for item in sub:
-            assert isinstance(item, pq.OutputLine) and item.seq == seen
-            seen += 1
-            if seen == 3:
-                owner.proc.send_signal(signal.SIGKILL)
-    assert seen >= 3
+    sub = await follow_killing_the_owner(capture, run_id, registry, owner)
     assert sub.end is not None and sub.end.status == "interrupted"
 
 
@@ -379,15 +389,7 @@ async def test_a_read_only_viewer_ends_a_dead_owners_run_as_interrupted(
     params = json.dumps({"count": 100000, "delay": 0.01})
     run_id = await owner.start(f"module {paths[0].parent / 'count.py'} {params}")
     async with pq.SQLiteRunRegistry(db, read_only=True) as viewer:
-        seen = 0
-        async with capture.subscribe(run_id, registry=viewer) as sub:
-            async for item in sub:
-                assert isinstance(item, pq.OutputLine) and item.seq == seen
-                seen += 1
-                if seen == 3:
-                    owner.proc.send_signal(signal.SIGKILL)
-                    owner.proc.wait()
-        assert seen >= 3
+        sub = await follow_killing_the_owner(capture, run_id, viewer, owner)
         assert sub.end == pq.OutputEnd("interrupted", None)
         lines = [
             json.loads(line[len("data: ") :])

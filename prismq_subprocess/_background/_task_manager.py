@@ -838,7 +838,8 @@ class BackgroundTaskManager(AsyncResource):
         A run that is being stored, queued or waiting for admission is recorded CANCELLED and
         its coroutine closed without ever starting. A running one is cancelled and may clean up
         (e.g. stop its child process); its final status is whatever it ends with (CANCELLED
-        unless it swallows the cancellation and returns).
+        unless it swallows the cancellation and returns, or had just ended), and the answer
+        says which.
 
         A run that another process owns (another uvicorn worker sharing a SQLite registry) is
         cancelled through the registry: the request is recorded (``registry.request_cancel``),
@@ -846,11 +847,12 @@ class BackgroundTaskManager(AsyncResource):
         ``timeout`` seconds (``None``: as long as it takes), until the registry shows the run
         finished. If that owner died, the run is marked INTERRUPTED instead.
 
-        Returns :class:`CancelResult` ``CANCELLED`` (true), or (all false) ``ALREADY_FINISHED``
-        (ending, being cancelled already, finished in the registry, or ended otherwise after a
-        request), ``REQUESTED`` (another process's run did not finish within ``timeout``) or
-        ``NOT_FOUND`` (unknown, or stored by this process without being active here). A run
-        active here, even one being cancelled already or ending, is recorded when this returns.
+        Returns :class:`CancelResult` ``CANCELLED`` (true: the run is recorded CANCELLED), or
+        (all false) ``ALREADY_FINISHED`` (ending, being cancelled already, finished in the
+        registry, or ended otherwise after a request), ``REQUESTED`` (another process's run did
+        not finish within ``timeout``) or ``NOT_FOUND`` (unknown, stored by this process without
+        being active here, or its storing failed). A run active here, even one being cancelled
+        already or ending, is recorded when this returns.
 
         Cancellation: stops waiting; the run's cancellation (or the recorded request) still goes
         ahead.
@@ -873,7 +875,15 @@ class BackgroundTaskManager(AsyncResource):
         self._interrupt(entry, reason)
         # Not the task: a run cancelled before its first step is recorded by another one.
         await asyncio.shield(entry.wait_released())
-        return CancelResult.CANCELLED
+        # The answer follows what was recorded: a coroutine may catch the cancellation and
+        # return (COMPLETED / FAILED), or have ended just as the cancel came, and a run whose
+        # insert failed is in no registry.
+        run = entry.run
+        if run.status is RunStatus.CANCELLED:
+            return CancelResult.CANCELLED
+        if not run.is_finished:  # it could not be stored, so it never ran
+            return CancelResult.NOT_FOUND
+        return CancelResult.ALREADY_FINISHED
 
     async def wait_all(self, timeout: float | None = None) -> None:
         """Wait until no run is queued or running (including runs started meanwhile).

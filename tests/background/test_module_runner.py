@@ -679,3 +679,45 @@ async def test_a_run_id_active_in_the_runner_is_refused_at_once(tmp_path: Path) 
         await runner.task_manager.wait_all(timeout=30)
         stored = await registry.get_run("same")
         assert stored is not None and stored.output_tail == ["ok"] and stored.pid == run.pid
+
+
+# --- review: background runs (session 20) -----------------------------------------------------
+
+
+class _SlowFinalRegistry(pq.RunRegistry):
+    """A registry whose writes of a finished run wait for ``gate``: the moment a module has
+    exited and its outcome is being recorded, held open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finishing = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def update_run(self, run: pq.Run) -> None:
+        if run.is_finished:
+            self.finishing.set()
+            await self.gate.wait()
+        await super().update_run(run)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancel_of_a_background_run_that_ended_meanwhile_says_already_finished(
+    tmp_path: Path, mode: str
+) -> None:
+    """cancel() of a background run whose module had exited and was being recorded returned
+    CANCELLED although the run is recorded COMPLETED (a foreground run said ALREADY_FINISHED)."""
+    path = script(tmp_path, "ok", "print('ok')")
+    async with (
+        WRAPPER_FACTORIES[mode]() as wrapper,
+        _SlowFinalRegistry() as registry,
+        ModuleRunner(registry, wrapper=wrapper) as runner,
+    ):
+        run_id = await runner.start_module("m", "M", path)
+        await asyncio.wait_for(registry.finishing.wait(), 30)
+        cancelling = asyncio.ensure_future(runner.cancel(run_id))
+        await asyncio.sleep(0.1)
+        registry.gate.set()
+        assert await asyncio.wait_for(cancelling, 30) is pq.CancelResult.ALREADY_FINISHED
+        stored = await registry.get_run(run_id)
+        assert stored is not None and stored.status is pq.RunStatus.COMPLETED, stored
+        assert stored.exit_code == 0 and stored.output_tail == ["ok"]

@@ -1418,3 +1418,62 @@ async def test_a_run_cancelling_itself_again_in_its_clean_up_does_not_wait_for_i
     assert answers == [CancelResult.ALREADY_FINISHED]
     assert (await stored(registry, run.run_id)).status is RunStatus.CANCELLED
     await manager.aclose()
+
+
+# --- review: background runs (session 20) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("returned", "status"),
+    [(None, RunStatus.COMPLETED), (ExitCode(3), RunStatus.FAILED)],
+)
+async def test_cancel_of_a_run_that_ends_otherwise_is_not_reported_cancelled(
+    registry: BaseRunRegistry, returned: object, status: RunStatus
+) -> None:
+    """A coroutine that catches the cancellation and returns keeps the outcome it returns (as
+    documented), but cancel_task() said CANCELLED, true, of a run recorded COMPLETED or FAILED."""
+    started = asyncio.Event()
+
+    async def finishes_anyway() -> object:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)
+        return returned
+
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run(module_id="m", module_name="m")
+        await manager.start_task(run, finishes_anyway())
+        await started.wait()
+        answer = await asyncio.wait_for(manager.cancel_task(run.run_id), 10)
+        assert answer is CancelResult.ALREADY_FINISHED
+        assert (await stored(registry, run.run_id)).status is status
+
+
+async def test_cancel_of_a_run_that_could_not_be_stored_says_not_found(tmp_path: Path) -> None:
+    """cancel_task() of a run whose insert was under way and then failed said CANCELLED, true,
+    of a run that is in no registry and never ran."""
+
+    class FailingInsert(RunRegistry):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inserting = asyncio.Event()
+            self.gate = asyncio.Event()
+
+        async def add_run(self, run: Run) -> None:
+            self.inserting.set()
+            await self.gate.wait()
+            raise OSError(28, "No space left on device")
+
+    async with FailingInsert() as registry, BackgroundTaskManager(registry) as manager:
+        run = Run(module_id="m", module_name="m")
+        handle = manager.start_task(run, asyncio.sleep(0))
+        await registry.inserting.wait()
+        cancelling = asyncio.ensure_future(manager.cancel_task(run.run_id))
+        await asyncio.sleep(0.05)
+        registry.gate.set()
+        assert await asyncio.wait_for(cancelling, 10) is CancelResult.NOT_FOUND
+        with pytest.raises(OSError, match="No space"):
+            await handle
+        assert await registry.get_run(run.run_id) is None

@@ -58,6 +58,7 @@ from ._module_args import check_args, check_parameters, parameters_to_args
 from ._output_capture import OutputCapture
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
+from ._record_retry import RecordRetry, worth_retrying
 from ._run_record import Run, RunStatus
 from ._start_options import CommandStartOptions, ModuleStartOptions
 from ._task_manager import BackgroundTaskManager
@@ -255,6 +256,8 @@ class ModuleRunner(AsyncClosing):
         # Foreground runs take cancel requests from other processes through the registry (a
         # background run's task manager watches its own).
         self._watcher = CancelRequestWatcher(registry, self.cancel)
+        # Final records the registry failed to store (a full disk): written again until stored.
+        self._unsaved = RecordRetry(registry)
         take_part_in_host_shutdown(self)
 
     # -- properties ---------------------------------------------------------------------------
@@ -667,10 +670,13 @@ class ModuleRunner(AsyncClosing):
     async def _save(self, run: Run, *, missing_ok: bool = False) -> None:
         try:
             await self.registry.update_run(run)
-        except Exception:
+        except Exception as exc:
             # The run itself must go on; a registry failure is reported, not propagated.
             if not missing_ok:
                 logger.exception("recording run %s (%s) failed", run.run_id, run.status.value)
+                if worth_retrying(run, exc):
+                    # Nobody writes a finished run again: it would stay RUNNING for good.
+                    self._unsaved.add(run)
 
     async def _record_final(self, run: Run) -> None:
         """Close the run's output (so its log file is complete), then record its final status:
@@ -931,6 +937,8 @@ class ModuleRunner(AsyncClosing):
         if pending:
             await asyncio.gather(*pending)
         await self._watcher.aclose()
+        if self._unsaved:
+            await self._unsaved.aclose(max(self.grace_period, 1.0))
         if self._owns_wrapper:
             await self.wrapper.aclose()
         if self.backend is not None:

@@ -45,6 +45,7 @@ from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._memory_registry import BaseRunRegistry, direct_writes, updates_directly
 from ._output_capture import OutputCapture
+from ._record_retry import RecordRetry, worth_retrying
 from ._run_record import Run, RunStatus
 
 __all__ = ["BackgroundTaskManager", "ExitCode", "TaskHandle"]
@@ -360,6 +361,8 @@ class BackgroundTaskManager(AsyncResource):
         # Its watched runs are the active ones (no call per run).
         self._watch_loop: asyncio.AbstractEventLoop | None = None  # where it was last woken
         self._watcher = CancelRequestWatcher(registry, self.cancel_task, source=self._entries.keys)
+        # Final records the registry failed to store (a full disk): written again until stored.
+        self._unsaved = RecordRetry(registry)
 
     @property
     def closed(self) -> bool:
@@ -748,12 +751,14 @@ class BackgroundTaskManager(AsyncResource):
         except Exception as exc:
             self._save_failed(run, exc, missing_ok=missing_ok)
 
-    @staticmethod
-    def _save_failed(run: Run, exc: Exception, *, missing_ok: bool = False) -> None:
+    def _save_failed(self, run: Run, exc: Exception, *, missing_ok: bool = False) -> None:
         # The run itself must go on; a registry failure is reported, not propagated.
         if missing_ok and isinstance(exc, RunNotFoundError):
             return
         logger.error("recording run %s (%s) failed", run.run_id, run.status.value, exc_info=exc)
+        if worth_retrying(run, exc):
+            # Nobody writes a finished run again: left alone, it would stay RUNNING for good.
+            self._unsaved.add(run)
 
     def _release(self, entry: _Entry) -> None:
         entry.released = True
@@ -910,8 +915,10 @@ class BackgroundTaskManager(AsyncResource):
         (a coroutine that ignores cancellation, or a registry write that hangs) is abandoned:
         it is recorded CANCELLED now, with at most ``max(grace, 1)`` more seconds for that
         write, and its later outcome is not recorded (its task keeps a reference until it
-        ends). So shutdown returns within about ``2 * grace`` (at least 1 s more) whatever the
-        runs do, unless a coroutine blocks the event loop itself. Idempotent.
+        ends). A final record the registry failed to store (a full disk; such records are
+        written again in the background until stored) gets a last try, as long. So shutdown
+        returns within about ``3 * grace`` (at least 2 s more) whatever the runs and the
+        registry do, unless a coroutine blocks the event loop itself. Idempotent.
 
         Cancellation: stops waiting; the cancellations already sent stay in effect.
 
@@ -927,12 +934,13 @@ class BackgroundTaskManager(AsyncResource):
         # Each run's release, not its task: a run cancelled before its first step is recorded
         # by a task of its own, started when the first one ended.
         waits = [entry.wait_released() for entry in self._entries.values()]
-        if not waits:
-            return
-        await asyncio.wait(waits, timeout=grace)
-        left = [entry for entry in self._entries.values() if not entry.released]
-        if left:
-            await self._abandon(left, reason, max(grace, _MIN_RECORD_WAIT))
+        if waits:
+            await asyncio.wait(waits, timeout=grace)
+            left = [entry for entry in self._entries.values() if not entry.released]
+            if left:
+                await self._abandon(left, reason, max(grace, _MIN_RECORD_WAIT))
+        if self._unsaved:
+            await self._unsaved.aclose(max(grace, _MIN_RECORD_WAIT))
 
     async def _abandon(self, entries: list[_Entry], reason: str, wait: float) -> None:
         saves: set[asyncio.Future[Any]] = set()

@@ -721,3 +721,34 @@ async def test_cancel_of_a_background_run_that_ended_meanwhile_says_already_fini
         stored = await registry.get_run(run_id)
         assert stored is not None and stored.status is pq.RunStatus.COMPLETED, stored
         assert stored.exit_code == 0 and stored.output_tail == ["ok"]
+
+
+class _FullDiskRegistry(pq.RunRegistry):
+    """A registry whose writes of a finished run fail ``failures`` times (a full disk)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def update_run(self, run: pq.Run) -> None:
+        if run.is_finished and self.failures > 0:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        await super().update_run(run)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+async def test_a_module_run_whose_final_record_failed_is_recorded_later(
+    tmp_path: Path, background: bool
+) -> None:
+    """The registry failed the final write of a module run for a moment: the run stayed RUNNING
+    in the registry for good (a cross-worker cancel of it then waited for ever)."""
+    path = script(tmp_path, "ok", "print('ok')")
+    async with _FullDiskRegistry(failures=4) as registry, ModuleRunner(registry) as runner:
+        if background:
+            run_id = await runner.start_module("m", "M", path)
+            await runner.task_manager.wait_all(timeout=30)
+        else:
+            run_id = (await runner.execute_module("m", "M", path)).run_id
+        stored = await _stored_when(registry, run_id, lambda run: run.is_finished)
+        assert stored.status is pq.RunStatus.COMPLETED and stored.output_tail == ["ok"]

@@ -1477,3 +1477,77 @@ async def test_cancel_of_a_run_that_could_not_be_stored_says_not_found(tmp_path:
         with pytest.raises(OSError, match="No space"):
             await handle
         assert await registry.get_run(run.run_id) is None
+
+
+def _failing_final_writes(base: type[BaseRunRegistry], failures: int) -> type[BaseRunRegistry]:
+    """``base`` whose writes of a finished run fail ``failures`` times, as on a full disk."""
+
+    class FullDisk(base):  # type: ignore[valid-type,misc]
+        left = failures
+
+        async def update_run(self, run: Run) -> None:
+            if run.is_finished and self.left > 0:
+                self.left -= 1
+                raise OSError(28, "No space left on device")
+            await super().update_run(run)
+
+    return FullDisk
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_class(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[int], BaseRunRegistry]:
+    def make(failures: int) -> BaseRunRegistry:
+        if request.param == "memory":
+            return _failing_final_writes(RunRegistry, failures)()
+        return _failing_final_writes(SQLiteRunRegistry, failures)(tmp_path / "r.db")
+
+    return make
+
+
+async def test_a_final_record_that_failed_is_written_again(
+    store_class: Callable[[int], BaseRunRegistry],
+) -> None:
+    """The final write of a run failed (a full disk for a moment): the run stayed RUNNING in the
+    registry for as long as the process lived, since nobody writes a finished run again."""
+    async with store_class(3) as registry:
+        manager = BackgroundTaskManager(registry)
+        done = Run(module_id="m", module_name="m")
+        cancelled = Run(module_id="m", module_name="m")
+        await manager.start_task(done, returns(None))
+        await manager.start_task(cancelled, asyncio.sleep(60))
+        await asyncio.sleep(0.05)
+        await manager.cancel_task(cancelled.run_id)
+        await manager.wait_all(timeout=10)
+        for run_id, status in ((done.run_id, RunStatus.COMPLETED), (cancelled.run_id, None)):
+            for _ in range(200):
+                now = await stored(registry, run_id)
+                if now.is_finished:
+                    break
+                await asyncio.sleep(0.05)
+            assert now.is_finished, now
+            assert status is None or now.status is status
+        assert (await stored(registry, cancelled.run_id)).status is RunStatus.CANCELLED
+        await manager.aclose()
+
+
+async def test_shutdown_makes_a_last_try_for_failed_final_records(
+    store_class: Callable[[int], BaseRunRegistry], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A final record still failing at shutdown gets one last try there, within the grace; one
+    that keeps failing is given up on, logged, and shutdown still returns."""
+    async with store_class(1) as registry:
+        manager = BackgroundTaskManager(registry)
+        run = Run(module_id="m", module_name="m")
+        await manager.start_task(run, returns(None))
+        await manager.wait_all(timeout=10)
+        await asyncio.wait_for(manager.shutdown(grace=0.5), 10)  # before the first retry
+        assert (await stored(registry, run.run_id)).status is RunStatus.COMPLETED
+    async with store_class(10**6) as registry:
+        manager = BackgroundTaskManager(registry)
+        run = Run(module_id="m", module_name="m")
+        await manager.start_task(run, returns(None))
+        await manager.wait_all(timeout=10)
+        with caplog.at_level(logging.ERROR):
+            await asyncio.wait_for(manager.shutdown(grace=0.5), 10)
+        assert "could not be recorded completed" in caplog.text
+        assert (await stored(registry, run.run_id)).status is RunStatus.RUNNING

@@ -215,6 +215,13 @@ class _Entry:
                 waiter.set_result(None)
         return waiter
 
+    def recorded_elsewhere(self, save: asyncio.Future[Any]) -> None:
+        """Done callback of the write of an abandoned run (see ``_abandon``): its record is
+        final, so whoever waits for it (``cancel_task``) need not wait for its task."""
+        waiter = self.released_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def __call__(self, task: asyncio.Task[None]) -> None:
         """The done callback of the run's task (see ``BackgroundTaskManager._task_done``)."""
         manager = self.manager
@@ -963,6 +970,9 @@ class BackgroundTaskManager(AsyncResource):
             )
             self._abandoned.add(save)
             save.add_done_callback(self._abandoned.discard)
+            # A cancel_task() waiting for this run returns once it is recorded, not when the
+            # coroutine that ignored the cancellation ends (maybe never).
+            save.add_done_callback(entry.recorded_elsewhere)
             saves.add(save)
         self._check_idle()
         if not saves:

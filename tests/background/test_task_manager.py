@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import inspect
@@ -1551,3 +1552,35 @@ async def test_shutdown_makes_a_last_try_for_failed_final_records(
             await asyncio.wait_for(manager.shutdown(grace=0.5), 10)
         assert "could not be recorded completed" in caplog.text
         assert (await stored(registry, run.run_id)).status is RunStatus.RUNNING
+
+
+async def test_a_cancel_waiting_for_a_run_that_shutdown_abandons_returns_once_recorded(
+    registry: BaseRunRegistry,
+) -> None:
+    """A cancel_task() in progress for a coroutine that ignores cancellation kept waiting after
+    shutdown() had given up on the run and recorded it CANCELLED (for as long as the coroutine
+    went on; a second cancel_task() then answered at once)."""
+    stop = asyncio.Event()
+    started = asyncio.Event()
+
+    async def stubborn() -> None:
+        started.set()
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop.wait()
+
+    manager = BackgroundTaskManager(registry)
+    run = Run(module_id="m", module_name="m")
+    await manager.start_task(run, stubborn())
+    await started.wait()
+    cancelling = asyncio.ensure_future(manager.cancel_task(run.run_id, "by request"))
+    await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(manager.shutdown(grace=0.2), 10)
+        assert (await stored(registry, run.run_id)).status is RunStatus.CANCELLED
+        assert await asyncio.wait_for(cancelling, 10) is CancelResult.CANCELLED
+    finally:
+        stop.set()
+        cancelling.cancel()
+    for task in list(manager._abandoned):
+        await asyncio.wait_for(asyncio.wait([task]), 10)

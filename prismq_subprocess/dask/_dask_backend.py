@@ -81,6 +81,10 @@ class _Remote:
         self.future: Any = None
         self.attempt: str | None = None
         self.start: Message | None = None  # the latest start message, not yet recorded
+        # Clear from a start message until the run's supervisor has recorded it: its lines wait
+        # for that (see _handle). Set again when the supervisor ends, whatever happened.
+        self.start_recorded = asyncio.Event()
+        self.start_recorded.set()
         self.worker: str | None = None
         self.host: str | None = None
         self.pid: int | None = None
@@ -298,6 +302,7 @@ class DaskBackend(RunBackend):
                 remote.ended.clear()
             remote.attempt = attempt
             remote.start = message
+            remote.start_recorded.clear()
             remote.worker = message.get("worker")
             remote.host = message.get("host")
             remote.pid = message.get("pid")
@@ -308,6 +313,10 @@ class DaskBackend(RunBackend):
             remote.attempt = attempt
         elif attempt != remote.attempt:
             return  # a late message of an attempt we no longer follow
+        if not remote.start_recorded.is_set():
+            # The start and the first lines travel separately: no line of a run shows before
+            # the run is recorded RUNNING (a viewer would see output of a PENDING run).
+            await remote.start_recorded.wait()
         if kind == LINES:
             seq = int(message["seq"])
             lines: list[str] = message["lines"]
@@ -399,6 +408,7 @@ class DaskBackend(RunBackend):
             await self._conclude(remote, outcome, host_cancelled=False)
             return run
         finally:
+            remote.start_recorded.set()  # no line waits for a record nobody will write
             del self._remotes[run.run_id]
             if not self._remotes:
                 self._idle.set()
@@ -473,8 +483,12 @@ class DaskBackend(RunBackend):
         return True
 
     async def _record_start(self, remote: _Remote) -> None:
-        if self._apply_start(remote) and not remote.run.is_finished:
-            await remote.context.save(remote.run)
+        try:
+            if self._apply_start(remote) and not remote.run.is_finished:
+                await remote.context.save(remote.run)
+        finally:
+            if remote.start is None:  # (a newer start that came meanwhile is recorded next)
+                remote.start_recorded.set()
 
     async def _send_cancel(self, remote: _Remote) -> None:
         remote.cancel_sent_at = asyncio.get_running_loop().time()
@@ -671,9 +685,7 @@ class DaskBackend(RunBackend):
     async def _watch_workers(self) -> None:
         while True:
             await asyncio.sleep(self.worker_check_interval)
-            watched = [
-                r for r in self._remotes.values() if r.worker is not None and r.lost is None
-            ]
+            watched = [r for r in self._remotes.values() if r.worker is not None and r.lost is None]
             if not watched:
                 continue
             try:

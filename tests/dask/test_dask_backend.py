@@ -265,6 +265,34 @@ async def test_output_is_live_and_status_goes_pending_running_final(
     assert run.worker == running.worker and run.pid == running.pid
 
 
+class SlowToRecordRunning(RunRegistry):
+    """A registry whose write of a RUNNING run takes a while (a busy SQLite file)."""
+
+    async def update_run(self, run: Run) -> None:
+        if run.status is RunStatus.RUNNING:
+            await asyncio.sleep(0.5)
+        await super().update_run(run)
+
+
+async def test_no_output_shows_before_the_run_is_recorded_running(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    # The worker's start and its first lines travel separately; the host delivered the lines
+    # at once but recorded RUNNING in its own time, so a viewer saw output of a PENDING run
+    # (CI, once, under load; every time with a registry slow to write).
+    gate = tmp_path / "gate"
+    runner = runner_for(DaskBackend(client), SlowToRecordRunning())
+    async with runner:
+        run_id = await runner.start_module(
+            "g", "gated", scripts["gated"], {"gate": str(gate), "after": 1}
+        )
+        await wait_for_line(out(runner), run_id, "ready")
+        assert (await stored(runner, run_id)).status is RunStatus.RUNNING
+        gate.touch()
+        run = await finished(runner, run_id)
+    assert run.status is RunStatus.COMPLETED
+
+
 def sse_payloads(text: str) -> list[tuple[str, dict[str, Any]]]:
     """(event, JSON data) of each event in an SSE stream (retry and comments skipped)."""
     events = []

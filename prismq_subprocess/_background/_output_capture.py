@@ -286,6 +286,7 @@ class OutputCapture(AsyncClosing):
             OutputClosedError: :meth:`close_run` was already called for this run, or the
                 capture is closed.
             InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
+            InvalidArgumentTypeError: ``line`` is not a ``str``.
         """
         # The fast path: a run with a pending batch is open, known and followed by nobody (a
         # close or a subscriber flushes and removes the batch first), so a short str needs no
@@ -300,6 +301,10 @@ class OutputCapture(AsyncClosing):
             return
         # The full path: the run has no batch (new, followed, or its batch was just added), or
         # the line cannot join it.
+        if not isinstance(line, str):
+            raise InvalidArgumentTypeError(
+                f"a line must be a str (decode bytes first), not {type(line).__name__}"
+            )
         try:
             ring = self._runs[run_id]
         except KeyError:
@@ -354,21 +359,46 @@ class OutputCapture(AsyncClosing):
         uses for each read from the child's pipe.
 
         Raises:
-            OutputClosedError: the run's output is (or, during the call, was) closed.
+            OutputClosedError: the run's output is (or, during the call, was) closed; the lines
+                not added by then are not in the log file either.
             InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
+            InvalidArgumentTypeError: ``lines`` is a ``str`` or not iterable, or a line is not
+                a ``str``; nothing is added.
         """
+        # Checked first, so that nothing is done with lines of the wrong kind (a str would be
+        # taken as one line per character).
+        if isinstance(lines, str) or not isinstance(lines, Iterable):
+            raise InvalidArgumentTypeError(
+                f"lines must be an iterable of str (not a str), not {type(lines).__name__}"
+            )
+        # A copy even of a list: the log's writer thread reads the batch later, and a producer
+        # may clear and refill its list for the next call (then the file lost those lines).
+        given = list(lines)
+        try:
+            batch = _clean(given)
+        except TypeError:
+            wrong = next(line for line in given if not isinstance(line, str))
+            raise InvalidArgumentTypeError(
+                f"each line must be a str (decode bytes first), not {type(wrong).__name__}"
+            ) from None
         ring = self._writable(run_id)
         if self._failed:
             self._raise_failed(run_id)
         self._flush(run_id)
-        batch = _clean(lines)
         if not batch:
             return
-        if self._log is not None:
-            self._log.write(run_id, batch)
+        log = self._log
         done = 0
         while done < len(batch):
+            start = done
             done = self._push(ring, batch, done)
+            if log is not None:
+                # What the ring took, before a subscriber can see it leave the ring (a reader
+                # behind the ring waits for the file to have it). Not the whole batch at
+                # once: the run may be closed while we yield below, and the lines not taken
+                # then must not be in the file either (a replay would have lines that live
+                # subscribers never got and that the append reported as refused).
+                log.write(run_id, batch if start == 0 and done == len(batch) else batch[start:done])
             if ring.waiters:
                 ring.wake()
             await self._maybe_yield(ring)

@@ -29,7 +29,7 @@ from ._output_items import (
     OutputItem,
     OutputLine,
 )
-from ._output_log import INDEX_EVERY, LogState, read_log_lines
+from ._output_log import INDEX_EVERY, LogRead, LogState, read_log_lines
 from ._output_ring import RunRing
 
 if TYPE_CHECKING:
@@ -41,6 +41,13 @@ logger = logging.getLogger(__name__)
 
 #: Lines per chunk unless ``chunks(max_lines=...)`` says otherwise.
 DEFAULT_CHUNK_LINES = 1024
+
+
+def _retrieve(future: asyncio.Future[LogRead]) -> None:
+    # The outcome of a read nobody awaits any more (its subscription was closed) is taken
+    # here, so that an error is not reported as never retrieved.
+    if not future.cancelled():
+        future.exception()
 
 
 class OutputSubscription(AsyncClosing):
@@ -86,6 +93,8 @@ class OutputSubscription(AsyncClosing):
         self._chunk_pos = 0
         self._log_start: tuple[int, int] | None = None  # (seq, offset) after our last log read
         self._waiter: asyncio.Future[None] | None = None
+        # A log read in progress, by (cursor, count, growing): see _read_log.
+        self._reading: tuple[tuple[int, int, bool], asyncio.Future[LogRead]] | None = None
         # Following another process's run (see _follow_registry).
         self._registry: BaseRunRegistry | None = None
         self._poll_interval = 0.05
@@ -298,17 +307,37 @@ class OutputSubscription(AsyncClosing):
     ) -> OutputChunk | None:
         capture = self._capture
         assert capture.log_dir is not None
-        try:
-            result = await asyncio.to_thread(
-                read_log_lines,
-                run_log_path(capture.log_dir, self._run_id),
-                cursor,
-                count,
-                start=self._start_for(state, cursor),
-                max_bytes=capture.max_bytes_per_run,
-                max_line_bytes=capture.max_line_bytes,
-                complete_only=growing,
+        # A read cancelled by a timeout around __anext__ (a heartbeat) goes on in its thread,
+        # and the next call from the same line takes its result (at most `count` lines):
+        # starting over each time, a read longer than the timeout (a long file to skip
+        # through) never finished, and every attempt held a thread of the default executor.
+        reading = self._reading
+        if (
+            reading is None
+            or reading[0][0] != cursor
+            or reading[0][1] > count
+            or reading[0][2] != growing
+        ):
+            future = asyncio.ensure_future(
+                asyncio.to_thread(
+                    read_log_lines,
+                    run_log_path(capture.log_dir, self._run_id),
+                    cursor,
+                    count,
+                    start=self._start_for(state, cursor),
+                    max_bytes=capture.max_bytes_per_run,
+                    max_line_bytes=capture.max_line_bytes,
+                    complete_only=growing,
+                )
             )
+            future.add_done_callback(_retrieve)
+            reading = self._reading = ((cursor, count, growing), future)
+        kept = False
+        try:
+            result = await asyncio.shield(reading[1])
+        except asyncio.CancelledError:
+            kept = not reading[1].cancelled()  # we were cancelled, not the read
+            raise
         except FileNotFoundError:
             # A growing file may simply not exist yet.
             if not (growing or absent_ok):
@@ -317,6 +346,9 @@ class OutputSubscription(AsyncClosing):
         except OSError as exc:
             logger.warning("cannot read the output log of run %s: %s", self._run_id, exc)
             return None
+        finally:
+            if not kept:
+                self._reading = None
         if not result.lines:
             return None
         self._log_start = (result.next_seq, result.offset)

@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 from helpers import clean_one_by_one
@@ -38,6 +38,7 @@ from prismq_subprocess._background._output_log import RunLogWriter
 from prismq_subprocess._background._output_tail import OutputTail
 from prismq_subprocess._background._run_record import RunStatus
 from prismq_subprocess._core._exceptions import (
+    InvalidArgumentTypeError,
     InvalidLimitError,
     InvalidRunIdError,
     InvalidSubscriptionError,
@@ -708,3 +709,124 @@ async def test_a_log_error_that_is_not_an_oserror_is_contained_too(
         await capture.aclose()
     assert "cannot write the output log of run r" in caplog.text
     assert log_threads() == []
+
+
+# -- review of the output fan-out (session 20) ----------------------------------------------------
+async def test_a_log_read_longer_than_the_callers_timeouts_still_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay from the log file that takes longer than the timeout around each __anext__ (a
+    heartbeat): the timed-out call's read goes on, and the next call takes its result. Each
+    call used to start the read over in a new worker thread, so none ever finished (and the
+    default executor filled up with them)."""
+    import prismq_subprocess._background._output_subscription as subscription_module
+
+    real = subscription_module.read_log_lines
+    calls = 0
+
+    def slow_read(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.5)  # a big file on a slow disk: longer than the caller waits
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(subscription_module, "read_log_lines", slow_read)
+    async with OutputCapture(log_dir=tmp_path, retain_ended_runs=0) as capture:
+        await capture.append_lines("r", [f"line {i}" for i in range(10)])
+        await capture.close_run("r", status="completed")  # released: replayed from the log
+        for make in (lambda s: s, lambda s: s.chunks(max_lines=3)):
+            calls = 0
+            sub = capture.subscribe("r", after=5)
+            source = make(sub)
+            got: list[object] = []
+            async with asyncio.timeout(60):
+                while True:
+                    try:
+                        async with asyncio.timeout(0.05):
+                            got.append(await anext(source))
+                    except TimeoutError:
+                        continue
+                    except StopAsyncIteration:
+                        break
+            lines = [
+                x
+                for item in got
+                for x in (item.items() if isinstance(item, OutputChunk) else [item])
+            ]
+            assert lines == [OutputLine(i, f"line {i}") for i in range(6, 10)]
+            assert calls <= 3  # one read per chunk (and the end), not one per timeout
+            assert sub.end == OutputEnd("completed")
+
+
+async def test_a_run_closed_during_append_lines_logs_only_the_lines_it_took(
+    tmp_path: Path,
+) -> None:
+    """append_lines raises OutputClosedError for the lines left when the run was closed while
+    it yielded to a subscriber: those lines are not the run's, in memory or in the log file
+    (a replay from the file used to have them, live subscribers never did)."""
+    async with OutputCapture(max_lines_per_run=10, log_dir=tmp_path) as capture:
+        capture.open_run("r")
+        reader = asyncio.create_task(collect(capture.subscribe("r")))
+        await asyncio.sleep(0)
+
+        # Runs at the producer's first yield to the reader, half a ring in.
+        closer = asyncio.create_task(capture.close_run("r"))
+        with pytest.raises(OutputClosedError, match="during the append"):
+            await capture.append_lines("r", [f"line {i}" for i in range(100)])
+        await closer  # the log file is complete
+        live = texts(await reader)
+        taken = capture.line_count("r")
+        assert 0 < taken < 100 and live == [f"line {i}" for i in range(taken)]
+        capture.forget("r")
+        assert texts(await collect(capture.subscribe("r"))) == live  # from the file now
+        assert capture.log_path("r").read_text().splitlines() == live  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda c: c.append_line("r", b"x\n"), "str"),
+        (lambda c: c.append_line("r", 5), "str"),
+        (lambda c: c.append_lines("r", "abc"), "not a str"),
+        (lambda c: c.append_lines("r", [b"x"]), "str"),
+        (lambda c: c.append_lines("r", ["ok", 5]), "str"),
+        (lambda c: c.append_lines("r", 5), "iterable"),
+    ],
+)
+async def test_lines_of_the_wrong_kind_get_our_error(call: Any, says: str) -> None:
+    """A bytes line or a non-str is refused with InvalidArgumentTypeError (a TypeError), not a
+    bare TypeError from inside, and a str passed as the lines of append_lines is refused rather
+    than split into one line per character. Nothing is added."""
+    async with OutputCapture() as capture:
+        await capture.append_line("r", "before")
+        with pytest.raises(InvalidArgumentTypeError, match=says):
+            await call(capture)
+        await capture.append_line("r", "after")
+        assert capture.get_lines("r") == ["before", "after"]
+
+
+@pytest.mark.parametrize("follower", [False, True])
+async def test_a_list_the_producer_reuses_after_append_lines_is_logged_whole(
+    tmp_path: Path, follower: bool
+) -> None:
+    """append_lines may be given the same list again and again, cleared in between (a read
+    buffer): the log file gets every line. The writer thread used to read the caller's list
+    when it got to it, by then empty, so the file had none of them, and a reader behind the
+    ring waited forever for lines that would never be written."""
+    # Batches of less than half a ring: each goes into the ring in one piece.
+    async with OutputCapture(max_lines_per_run=200, log_dir=tmp_path) as capture:
+        capture.open_run("r")
+        # One that never reads while the lines come: it falls behind the ring.
+        sub = capture.subscribe("r") if follower else None
+        buffer: list[str] = []
+        for i in range(1000):
+            buffer.append(f"line {i}")
+            if len(buffer) == 50:
+                await capture.append_lines("r", buffer)
+                buffer.clear()
+        await capture.close_run("r")
+        expected = [f"line {i}" for i in range(1000)]
+        assert capture.log_path("r").read_text().splitlines() == expected  # type: ignore[union-attr]
+        async with asyncio.timeout(30):
+            got = await collect(sub or capture.subscribe("r"))
+        assert got == [OutputLine(i, text) for i, text in enumerate(expected)]

@@ -25,6 +25,7 @@ import itertools
 import math
 import operator
 import os
+import reprlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -666,7 +667,10 @@ class OutputCapture(AsyncClosing):
         Raises:
             OutputNotFoundError: unknown run and ``wait`` is false, or the run's buffer was
                 released and there is no log file (a run that printed nothing has none: with
-                a ``log_dir`` it is replayed as empty, with its end).
+                a ``log_dir`` it is replayed as empty, with its end); also, whatever ``wait``,
+                an id no run can have here (empty, or, with a ``log_dir``, one that cannot
+                name a log file).
+            InvalidRunIdError: ``run_id`` is not a ``str``.
             InvalidSubscriptionError: a negative or non-int ``from_seq``/``after``, both given,
                 or a bad ``wait`` or ``poll_interval``.
         """
@@ -687,6 +691,15 @@ class OutputCapture(AsyncClosing):
         ):
             raise InvalidSubscriptionError(
                 f"poll_interval must be seconds > 0, got {poll_interval!r}"
+            )
+        if not isinstance(run_id, str):
+            raise InvalidRunIdError(f"a run id must be a non-empty str, got {run_id!r}")
+        if not self._possible(run_id):
+            # Client-supplied, as often as not (a URL): an unknown run, whatever the reason,
+            # and no point in waiting for it.
+            raise OutputNotFoundError(
+                f"no output of run {reprlib.repr(run_id)} here: no run can have that id "
+                + ("(it cannot name a log file)" if run_id else "(empty)")
             )
         subscription = OutputSubscription(self, run_id, first)
         source = self._source(run_id)
@@ -715,6 +728,16 @@ class OutputCapture(AsyncClosing):
         else:
             subscription._wait_until(deadline)
         return subscription
+
+    def _possible(self, run_id: str) -> bool:
+        """Whether a run of this capture can have ``run_id`` (see :meth:`_open`)."""
+        if self.log_dir is None:
+            return bool(run_id)
+        try:
+            log_file_name(run_id)
+        except InvalidRunIdError:
+            return False
+        return True
 
     @staticmethod
     def _first_seq(from_seq: int | None, after: int | None) -> int:

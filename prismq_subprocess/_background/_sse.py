@@ -192,8 +192,10 @@ def sse_events(
 
     Raises:
         InvalidArgumentTypeError: ``capture`` is not an :class:`OutputCapture`.
-        OutputNotFoundError: the run is unknown to ``capture`` (and ``wait`` is false); raised
-            here, before any response is started, so an endpoint can answer 404.
+        OutputNotFoundError: the run is unknown to ``capture`` (and ``wait`` is false), or no
+            run can have that id (see ``OutputCapture.subscribe``); raised here, before any
+            response is started, so an endpoint can answer 404.
+        InvalidRunIdError: ``run_id`` is not a ``str``.
         InvalidSubscriptionError: a malformed ``last_event_id`` or ``wait``, or a bad
             ``heartbeat``/``retry``/``max_lines_per_chunk``/``poll_interval``/``stop``.
     """

@@ -830,3 +830,26 @@ async def test_a_list_the_producer_reuses_after_append_lines_is_logged_whole(
         async with asyncio.timeout(30):
             got = await collect(sub or capture.subscribe("r"))
         assert got == [OutputLine(i, text) for i, text in enumerate(expected)]
+
+
+@pytest.mark.parametrize("with_log", [False, True])
+async def test_an_id_no_run_can_have_is_not_found_with_or_without_a_log_dir(
+    tmp_path: Path, with_log: bool
+) -> None:
+    """A client-supplied id (the URL of an SSE endpoint) too long to name a log file, or empty,
+    is a run this capture cannot have: OutputNotFoundError (a 404 in the documented endpoint),
+    as without a log_dir, not InvalidRunIdError (a 500 there); waiting for it is pointless too.
+    An id that is not a str at all is the caller's bug: InvalidRunIdError either way."""
+    import prismq_subprocess as pq
+
+    async with OutputCapture(log_dir=tmp_path if with_log else None) as capture:
+        for run_id in ("x" * 300, ""):
+            with pytest.raises(OutputNotFoundError, match="no output of run"):
+                capture.subscribe(run_id)
+            with pytest.raises(OutputNotFoundError, match="no output of run"):
+                pq.sse_events(capture, run_id)
+            if with_log or not run_id:  # without a log_dir, a long id is a run's like any other
+                with pytest.raises(OutputNotFoundError, match="no output of run"):
+                    capture.subscribe(run_id, wait=True)
+        with pytest.raises(InvalidRunIdError, match="non-empty str"):
+            capture.subscribe(5)  # type: ignore[arg-type]

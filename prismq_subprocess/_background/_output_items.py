@@ -94,7 +94,14 @@ def bound_line(text: str, max_bytes: int) -> tuple[str, int]:
     if text.isascii():
         kept = text[:max_bytes]
     else:
-        # "ignore" drops a character split by the cut.
-        kept = text.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
+        data = text.encode("utf-8", "surrogatepass")
+        # Back up over the continuation bytes of a character split by the cut, to its start.
+        # Not decode(errors="ignore"): that also dropped every lone surrogate (encoded here
+        # with surrogatepass, which "ignore" does not read back), so the kept text was not a
+        # prefix of the line.
+        end = max_bytes
+        while end > 0 and data[end] & 0xC0 == 0x80:
+            end -= 1
+        kept = data[:end].decode("utf-8", "surrogatepass")
     cut = size - utf8_size(kept)
     return f"{kept}… [line truncated: {cut} more bytes]", cut

@@ -853,3 +853,24 @@ async def test_an_id_no_run_can_have_is_not_found_with_or_without_a_log_dir(
                     capture.subscribe(run_id, wait=True)
         with pytest.raises(InvalidRunIdError, match="non-empty str"):
             capture.subscribe(5)  # type: ignore[arg-type]
+
+
+@given(
+    st.text(alphabet=st.sampled_from(["a", "é", "✓", "😀", "\udc80", "\ud800"]), max_size=60),
+    st.integers(min_value=1, max_value=100),
+)
+def test_a_cut_line_keeps_a_prefix_of_itself_lone_surrogates_too(text: str, limit: int) -> None:
+    """bound_line keeps the longest prefix of whole characters within the limit: a lone
+    surrogate (text decoded with surrogateescape) is a character like any other. They were all
+    dropped from the kept part (the "ignore" meant for the character split by the cut), so the
+    kept text was not the line's start."""
+    from prismq_subprocess._background._output_items import bound_line, utf8_size
+
+    kept, cut = bound_line(text, limit)
+    if utf8_size(text) <= limit:
+        assert (kept, cut) == (text, 0)
+        return
+    prefix = kept.removesuffix(f"… [line truncated: {cut} more bytes]")
+    assert text.startswith(prefix) and utf8_size(prefix) <= limit
+    assert utf8_size(prefix) + cut == utf8_size(text)
+    assert utf8_size(text[: len(prefix) + 1]) > limit  # no whole character more would fit

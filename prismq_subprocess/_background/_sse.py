@@ -10,7 +10,8 @@ UTF-8). The events:
   (plus ``"truncated": <bytes cut>`` for a cut line). The payload is JSON because an SSE data line
   cannot hold CR or LF and a browser turns every line break (CR, LF, CRLF) into LF: JSON escapes
   them, so ``JSON.parse(event.data).text`` is exactly the line, lone CRs, U+2028, emoji and all;
-  a lone surrogate comes back as the same escaped surrogate.
+  a lone surrogate comes back as the same escaped surrogate (from the ring; a line replayed
+  from a log file has it as ``?``, the file being UTF-8).
 - ``event: gap``, ``id: <last missing seq>``, ``data: {"dropped": N, "next_seq": M}`` when lines
   are missing (the subscriber fell behind and there is no log file);
 - ``event: end``, ``data: {"status": "completed" | ... | null, "exit_code": 0 | ... | null}`` once

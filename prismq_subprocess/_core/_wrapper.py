@@ -8,11 +8,10 @@ import functools
 import logging
 import subprocess
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from .._platform import PlatformOps, after_fork_in_child, platform_ops
+from .._platform import PlatformOps, platform_ops, start_afresh_after_fork
 from .._platform._child_watcher import reap_orphaned
 from .._strategies import STRATEGIES, SubprocessStrategy
 from .._strategies._base import DEFAULT_LIMIT, SpawnRequest
@@ -150,7 +149,7 @@ class SubprocessWrapper(AsyncClosing):
         self._retired: list[SubprocessStrategy] = []
         self._strategy.on_spawn = self._track
         take_part_in_host_shutdown(self)
-        _WRAPPERS.add(self)
+        start_afresh_after_fork(self)
 
     def _forked(self) -> None:
         # In a forked child (a wrapper made before gunicorn --preload forks its workers, a
@@ -627,17 +626,6 @@ def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
             f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
             "for stdin, or create_subprocess_exec() to choose the streams"
         )
-
-
-_WRAPPERS: weakref.WeakSet[SubprocessWrapper] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for wrapper in list(_WRAPPERS):
-        wrapper._forked()
-
-
-after_fork_in_child(_after_fork_in_child)
 
 
 # How long cleanup() waits, in all, for the children it just SIGKILLed to be reaped.

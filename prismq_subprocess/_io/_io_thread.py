@@ -46,11 +46,10 @@ import os
 import selectors
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
-from .._platform import after_fork_in_child
+from .._platform import start_afresh_after_fork
 from ._pipes import (
     MAX_IN_FLIGHT,
     READ_CHUNK,
@@ -114,7 +113,7 @@ class IOThread:
         #: Pipes parked while their loop reads them itself (I/O thread only), taken back
         #: after _LEND_SECONDS without a read.
         self._lent: set[_ReadSource] = set()
-        _IO_THREADS.add(self)
+        start_afresh_after_fork(self)
 
     def _forked(self) -> None:
         """In a forked child: the thread does not exist there, and the parent's pipes and
@@ -801,14 +800,3 @@ class _ExitWatch:
 
     def _run_callback(self, _: object) -> None:
         self._callback()
-
-
-_IO_THREADS: weakref.WeakSet[IOThread] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for io_thread in list(_IO_THREADS):
-        io_thread._forked()
-
-
-after_fork_in_child(_after_fork_in_child)

@@ -14,11 +14,11 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from ._child_watcher import prefer_pidfd_watcher
 from ._containment import Containment, ContainmentReport
+from ._fork import after_fork_in_child, start_afresh_after_fork
 from ._ops import Pace, PlatformOps, StopRecord, StopTarget, no_pace
 from ._posix import PosixOps, pidfd_open
 from ._windows import (
@@ -58,15 +58,8 @@ __all__ = [
     "prefer_pidfd_watcher",
     "proactor_loop_class",
     "proactor_policy_class",
+    "start_afresh_after_fork",
 ]
-
-
-def after_fork_in_child(callback: Callable[[], object]) -> None:
-    """Have ``callback`` called in the child after every ``fork`` of this process (POSIX;
-    nothing on Windows, which never forks)."""
-    register = getattr(os, "register_at_fork", None)
-    if register is not None:
-        register(after_in_child=callback)
 
 
 def platform_name(platform: str | None = None) -> str:

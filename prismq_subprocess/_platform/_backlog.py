@@ -17,11 +17,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import queue
 import threading
-import weakref
 from collections.abc import Callable, Iterator
+
+from ._fork import start_afresh_after_fork
 
 __all__ = ["Backlog"]
 
@@ -39,7 +39,7 @@ class Backlog:
         self._name = name
         self._linger = linger
         self._start_empty()
-        _BACKLOGS.add(self)
+        start_afresh_after_fork(self)
 
     def _start_empty(self) -> None:
         self._lock = threading.Lock()
@@ -138,15 +138,3 @@ class Backlog:
                 job()
             except Exception:
                 logger.exception("%s: a job failed", self._name)
-
-
-_BACKLOGS: weakref.WeakSet[Backlog] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for backlog in list(_BACKLOGS):
-        backlog._forked()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

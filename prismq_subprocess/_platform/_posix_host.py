@@ -18,13 +18,13 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._cgroup import Cgroups
 from ._containment import Containment, ContainmentReport
 from ._cookie import Cookies
+from ._fork import after_fork_in_child, start_afresh_after_fork
 from ._linux import Prctl, become_subreaper, load_prctl, pre_exec
 from ._reaper import Reaper
 
@@ -64,7 +64,10 @@ class PosixHost:
         self._use_cookie = _enabled(env, "PRISMQ_COOKIE") if use_cookie is None else use_cookie
         self._prctl_override = prctl
         self._start_afresh()
-        _HOSTS.add(self)
+        start_afresh_after_fork(self)
+
+    def _forked(self) -> None:
+        self._start_afresh()
 
     def _start_afresh(self) -> None:
         """Nothing chosen yet, no run: a new host, or a forked child of one.
@@ -340,14 +343,9 @@ class PosixHost:
                         self._run_cgroups.pop(path, None)
 
 
-_HOSTS: weakref.WeakSet[PosixHost] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
+def _new_host_lock() -> None:
     global _HOST_LOCK
-    _HOST_LOCK = threading.Lock()
-    for host in list(_HOSTS):
-        host._start_afresh()
+    _HOST_LOCK = threading.Lock()  # (it may have been held at the fork)
 
 
 def _owner_pid(name: str) -> int | None:
@@ -373,8 +371,7 @@ def _pid_exists(pid: int) -> bool:
 
 _HOST: PosixHost | None = None
 _HOST_LOCK = threading.Lock()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork_in_child(_new_host_lock)
 
 
 def posix_host() -> PosixHost:

@@ -8,9 +8,8 @@ import contextlib
 import functools
 import subprocess
 import threading
-import weakref
 
-from .._platform import Containment, PlatformOps, after_fork_in_child
+from .._platform import Containment, PlatformOps, start_afresh_after_fork
 from ._base import SpawnRequest
 
 __all__ = ["ExecutorOwner", "discard_popen", "spawn_in_executor", "start_popen"]
@@ -115,7 +114,7 @@ class ExecutorOwner:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
-        _OWNERS.add(self)
+        start_afresh_after_fork(self)
 
     def _forked(self) -> None:
         # A forked child has none of the pool's threads (fork copies only the forking one), and
@@ -146,14 +145,3 @@ class ExecutorOwner:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-_OWNERS: weakref.WeakSet[ExecutorOwner] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for owner in list(_OWNERS):
-        owner._forked()
-
-
-after_fork_in_child(_after_fork_in_child)

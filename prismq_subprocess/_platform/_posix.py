@@ -459,8 +459,12 @@ class PosixOps(PlatformOps):
             return
         for record in records:
             if record.target.containment is not None:
-                self.host.release(record.target.containment)
-        self.host.after_stop(pair for r in records for pair in r.seen.items())
+                # pid 0: the undo of a spawn whose child was never registered (kill_contained).
+                self.host.release(record.target.containment, leader_known=record.target.pid > 0)
+        self.host.after_stop(
+            [pair for r in records if r.target.pid > 0 for pair in r.seen.items()],
+            [pair for r in records if r.target.pid <= 0 for pair in r.seen.items()],
+        )
 
 
 #: Moves of ASYNC children into their sub-groups (see ``PosixOps.adopt_soon``).

@@ -12,6 +12,7 @@ environments alone.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
 import os
@@ -27,12 +28,15 @@ from ._cookie import Cookies
 from ._fork import after_fork_in_child, start_afresh_after_fork
 from ._linux import Prctl, become_subreaper, load_prctl, pre_exec
 from ._reaper import Reaper
+from ._table import ProcessEntry
 
 __all__ = ["PosixHost", "posix_host"]
 
 logger = logging.getLogger("prismq_subprocess.containment")
 
 _CGROUP_SWEEP_EVERY = 1.0
+# Undone spawns remembered (their cookies): a child of one is reaped by its spawner within ms.
+_UNKNOWN_LEADERS_KEPT = 1024
 
 
 def _enabled(environ: Mapping[str, str], name: str, default: str = "1") -> bool:
@@ -95,6 +99,9 @@ class PosixHost:
         self._pending: set[str] = set()
         self._leader_of: dict[str, int] = {}
         self._cookie_of: dict[int, str] = {}
+        # Cookie values of spawns undone before their child was registered (newest last): that
+        # child, if there is one, is its spawner's to reap (see _orphan_by_cookie).
+        self._unknown_leaders: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._runs = 0
         self._last_cgroup_sweep = 0.0
 
@@ -256,12 +263,16 @@ class PosixHost:
             if path in self._run_cgroups:  # (not released meanwhile)
                 self._run_cgroups[path] = True
 
-    def release(self, containment: Containment) -> None:
+    def release(self, containment: Containment, *, leader_known: bool = True) -> None:
         """The run is over (its spawn failed, or its stop finished): remove its sub-group if
-        empty."""
+        empty. ``leader_known=False``: its spawn was undone before its child was registered."""
         if containment.cookie is not None:
             with self._lock:
                 self._pending.discard(containment.cookie)
+                if not leader_known:
+                    self._unknown_leaders[containment.cookie] = None
+                    if len(self._unknown_leaders) > _UNKNOWN_LEADERS_KEPT:
+                        self._unknown_leaders.popitem(last=False)
                 pid = self._leader_of.pop(containment.cookie, None)
                 if pid is not None:
                     self._cookie_of.pop(pid, None)
@@ -299,15 +310,20 @@ class PosixHost:
             self._runs += 1
             return self._runs
 
-    def _orphan_by_cookie(self, pid: int) -> bool:
-        """``pid`` (our child, not one we spawned) carries the cookie of a run of ours whose own
-        child is registered and is another process: it was adopted from that run's tree."""
-        value = self.cookies.read(pid)
+    def _orphan_by_cookie(self, entry: ProcessEntry) -> bool:
+        """``entry`` (our child, not one we spawned) carries the cookie of a run of ours whose
+        own child is registered and is another process: it was adopted from that run's tree."""
+        value = self.cookies.read(entry.pid)
         if value is None:
             return False
         with self._lock:
             # A run whose child is not registered yet: this may be that very child.
-            return value not in self._pending and self._leader_of.get(value) != pid
+            if value in self._pending or self._leader_of.get(value) == entry.pid:
+                return False
+            # A spawn undone before its child was registered: one that may be that child is
+            # left to its spawner.
+            undone = value in self._unknown_leaders
+        return not (undone and self.reaper is not None and self.reaper.may_be_spawned(entry))
 
     def _forget(self, pids: set[int]) -> None:
         # Children reaped by their owners: their pids may name someone else from now on.
@@ -317,11 +333,16 @@ class PosixHost:
                 if value is not None:
                     self._leader_of.pop(value, None)
 
-    def after_stop(self, seen: Iterable[tuple[int, float]]) -> None:
-        """A stop found these processes (pid, start) below its children: if they come to us as
-        orphans, they are ours to reap. Reap what has already come, drop empty sub-groups."""
+    def after_stop(
+        self, seen: Iterable[tuple[int, float]], undone: Iterable[tuple[int, float]] = ()
+    ) -> None:
+        """A stop found these processes (pid, start) below its children (``undone``: through
+        the cookie or sub-group of a spawn undone before its child was registered): if they come
+        to us as orphans, they are ours to reap. Reap what has already come, drop empty
+        sub-groups."""
         if self.reaper is not None:
             self.reaper.note(seen)
+            self.reaper.note_undone(undone)
             self.reaper.sweep()
         self._sweep_cgroups(due_only=False)
 

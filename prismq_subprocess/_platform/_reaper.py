@@ -17,7 +17,9 @@ for:
 
 A zombie that is neither (an orphan that stayed in our own session, from a child the host started
 itself without a new session; or one that set up its own session and was never seen alive) is
-left alone. Sweeps run when a child we spawned exits (its orphans have just come to us; THREADED
+left alone. So is a child of ours that may be the child of a spawn undone before its pid was
+known (asyncio's clean-up of a cancelled creation reaps it), found through that spawn's cookie
+or sub-group: in our session or leading its own, it is not taken for an orphan. Sweeps run when a child we spawned exits (its orphans have just come to us; THREADED
 and LOCAL children, and ``run()`` in every mode), after every stop, on spawns (at most once a
 second) and, while adopted processes are alive, every half second in a short-lived
 ``prismq-reaper`` thread. A sweep reads one file (our main thread's ``children``: the kernel
@@ -52,7 +54,7 @@ class Reaper:
 
     def __init__(
         self,
-        orphan_by_cookie: Callable[[int], bool],
+        orphan_by_cookie: Callable[[ProcessEntry], bool],
         proc_root: str = "/proc",
         leaders_gone: Callable[[set[int]], None] | None = None,
     ) -> None:
@@ -137,6 +139,23 @@ class Reaper:
                 if pid not in self._leaders:
                     self._known[pid] = start
 
+    def note_undone(self, entries: Iterable[tuple[int, float]]) -> None:
+        """Like :meth:`note`, for what the undo of a spawn whose child was never registered
+        found: a child of ours that may be that very child (in our session or leading its own)
+        is its spawner's to reap (asyncio's clean-up waits for it), never ours."""
+        kept = []
+        for pid, start in entries:
+            entry = proc_entry(pid, self._proc_root)
+            if entry is None or entry.start != start or not self.may_be_spawned(entry):
+                kept.append((pid, start))
+        self.note(kept)
+
+    def may_be_spawned(self, entry: ProcessEntry) -> bool:
+        """``entry``, a child of ours, may be one somebody in this process spawned (and waits
+        for): it is in our session or leads its own. Only a descendant of a child can be in a
+        foreign session it does not lead."""
+        return entry.ppid == self._me and entry.sid in (-1, self._my_sid, entry.pid)
+
     def _children(self) -> list[int]:
         # The kernel hands an orphan to the first live thread of its subreaper: our main thread
         # (the thread group leader). So one read of its children file (zombies stay listed until
@@ -161,7 +180,7 @@ class Reaper:
     def _adopted(self, entry: ProcessEntry) -> bool:
         if entry.pid in self._known:
             return self._known[entry.pid] == entry.start
-        return entry.sid not in (-1, self._my_sid, entry.pid)
+        return not self.may_be_spawned(entry)
 
     def sweep(self) -> int:
         """Reap the adopted zombies; remember the adopted processes still running; return how
@@ -195,7 +214,7 @@ class Reaper:
                 if adopted:
                     self._reap(pid)
                 continue
-            if adopted or self._orphan_by_cookie(pid):
+            if adopted or self._orphan_by_cookie(entry):
                 with self._lock:
                     self._known[pid] = entry.start
                 alive += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -103,7 +104,7 @@ async def test_stopping_a_run_reaps_what_it_killed() -> None:
 def test_a_child_that_exited_before_it_was_registered_is_not_kept_as_spawned() -> None:
     # ASYNC: the loop can hear a fast child's exit (and report it) while the creation is still
     # connecting its pipes, before the child is registered as spawned.
-    r = Reaper(lambda pid: False)
+    r = Reaper(lambda entry: False)
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     r.exited(child.pid)
@@ -117,7 +118,7 @@ def test_an_old_early_exit_does_not_hide_a_new_child_with_its_pid() -> None:
     # An exit reported without a spawn report following it (a creation cancelled midway) must
     # not leave the next child given that pid unregistered: a sweep would take that child for
     # an orphan and reap it behind its owner's back.
-    r = Reaper(lambda pid: False)
+    r = Reaper(lambda entry: False)
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     r.exited(child.pid)
@@ -138,3 +139,32 @@ async def test_fast_async_children_do_not_pile_up_as_spawned() -> None:
             results += await asyncio.gather(*(wrapper.run("true") for _ in range(20)))
     assert [res.returncode for res in results] == [0] * 100
     assert {res.pid for res in results} & r._leaders == set()
+
+
+@pytest.mark.parametrize("own_session", [False, True])
+def test_the_child_of_a_spawn_undone_before_its_pid_was_known_is_left_to_its_owner(
+    own_session: bool,
+) -> None:
+    # asyncio's creation, cancelled, kills its child and waits for it itself; our undo finds
+    # the same child by its cookie alone (CI: the reaper took it first, and Popen.wait said 0).
+    from prismq_subprocess._platform import platform_ops
+
+    r = reaper()
+    ops = platform_ops()
+    kwargs, containment = ops.prepare_spawn({})
+    if containment.cookie is None:
+        pytest.skip("no cookie containment on this host")
+    ours = subprocess.Popen(
+        ["sleep", "30"], env=kwargs.get("env") or os.environ, start_new_session=own_session
+    )
+    try:
+        # Its cookie is read while it runs: a sweep before the undo must not claim it either.
+        r.sweep()
+        ops.kill_contained(containment)
+        assert wait_until(lambda: psutil.Process(ours.pid).status() == psutil.STATUS_ZOMBIE)
+        for _ in range(3):
+            r.sweep()
+        assert ours.wait(10) == -signal.SIGKILL
+    finally:
+        ours.kill()
+        ours.wait()

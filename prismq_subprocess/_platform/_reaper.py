@@ -19,7 +19,9 @@ A zombie that is neither (an orphan that stayed in our own session, from a child
 itself without a new session; or one that set up its own session and was never seen alive) is
 left alone. So is a child of ours that may be the child of a spawn undone before its pid was
 known (asyncio's clean-up of a cancelled creation reaps it), found through that spawn's cookie
-or sub-group: in our session or leading its own, it is not taken for an orphan. Sweeps run when a child we spawned exits (its orphans have just come to us; THREADED
+or sub-group: in our session or leading its own, it is not taken for an orphan.
+
+Sweeps run when a child we spawned exits (its orphans have just come to us; THREADED
 and LOCAL children, and ``run()`` in every mode), after every stop, on spawns (at most once a
 second) and, while adopted processes are alive, every half second in a short-lived
 ``prismq-reaper`` thread. A sweep reads one file (our main thread's ``children``: the kernel

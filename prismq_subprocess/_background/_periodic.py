@@ -9,7 +9,8 @@ accumulate into drift.
 
 Runs never overlap. When a run (or a late wake-up) makes one or more ticks pass unserved, those
 ticks are *coalesced*: the schedule jumps to the latest tick that is already due, runs it once,
-right away, and counts every earlier tick it jumped over in ``stats.skipped``. Example with a 1 s
+right away (after letting the rest of the event loop have one turn), and counts every earlier
+tick it jumped over in ``stats.skipped``. Example with a 1 s
 interval: a run started at tick 0 that takes 2.5 s ends after ticks 1 and 2 have passed; tick 1
 is skipped (``skipped += 1``), tick 2 runs immediately (late), and tick 3 is due at 3 s as usual.
 
@@ -22,15 +23,21 @@ What a run may do to the schedule
 ---------------------------------
 Nothing a run raises ends the host or the schedule (unless ``max_consecutive_failures`` says so):
 an exception, a ``CancelledError`` that escapes the run without the schedule having been
-cancelled (the run awaited a helper task someone else cancelled), and ``SystemExit`` (a reused
-command-line ``main()`` calling ``sys.exit``) are each logged, counted as a failure and the
-schedule goes on. ``KeyboardInterrupt`` raised on the event loop's thread is a real interrupt and
-propagates, as it does anywhere in asyncio; raised by a plain function (in its worker thread) it
-can only come from the function itself and is a failure like the others.
+cancelled (the run awaited a helper task someone else cancelled), ``SystemExit`` (a reused
+command-line ``main()`` calling ``sys.exit``), ``GeneratorExit`` and any other ``BaseException``
+are each logged, counted as a failure and the schedule goes on (a plain function's
+``StopIteration``, which asyncio cannot carry, is recorded as a ``RuntimeError`` caused by it).
+``KeyboardInterrupt`` raised on the event loop's thread is a real interrupt and propagates, as
+it does anywhere in asyncio; raised by a plain function (in its worker thread) it can only come
+from the function itself and is a failure like the others.
 
 Plain functions run in a daemon thread of their own per run, not in the loop's default executor:
 one that hangs is abandoned by ``stop()`` after its timeout and then blocks neither
-``asyncio.run()`` (which waits for the default executor's threads) nor interpreter exit. A
+``asyncio.run()`` (which waits for the default executor's threads) nor interpreter exit.
+
+A run may stop its own schedule: ``await task.stop()`` from the run, from a task or thread the
+run started (``asyncio.wait_for``, ``gather``, ``run_coroutine_threadsafe`` from a plain
+function), returns at once and the schedule ends when the run returns. A
 coroutine function that blocks the event loop itself (``time.sleep`` instead of
 ``asyncio.sleep``) blocks everything, ``stop()`` included; nothing outside it can bound that.
 """
@@ -63,6 +70,37 @@ logger = logging.getLogger(__name__)
 _jitter_random = random.Random()
 
 
+class _RunMark:
+    """Which task's run the code in this context belongs to, and whether it is still going."""
+
+    __slots__ = ("active", "owner")
+
+    def __init__(self, owner: PeriodicTask) -> None:
+        self.owner = owner
+        self.active = True
+
+
+# Set for the duration of a run; the tasks and threads the run starts inherit it, so stop()
+# can tell a call the run waits on (waiting for the run would deadlock) from any other caller.
+_current_run: contextvars.ContextVar[_RunMark | None] = contextvars.ContextVar(
+    "prismq_periodic_run", default=None
+)
+
+
+class _Schedule:
+    """One start()'s schedule: stop() marks it, the next start() makes a new one."""
+
+    __slots__ = ("stopping",)
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+
+def _alive(task: asyncio.Task[None] | None) -> bool:
+    # A task left pending on a loop that was closed will never run again.
+    return task is not None and not task.done() and not task.get_loop().is_closed()
+
+
 async def call_in_daemon_thread(
     func: Callable[..., object], args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str
 ) -> object:
@@ -71,21 +109,22 @@ async def call_in_daemon_thread(
     Like ``asyncio.to_thread`` (the caller's context variables are copied), except that the
     thread is a daemon of its own: a call that never returns is abandoned when the awaiting
     task is cancelled and holds up neither ``asyncio.run()`` nor interpreter exit. Whatever
-    the call raises, ``SystemExit`` and ``KeyboardInterrupt`` included, is raised here.
+    the call raises, ``SystemExit``, ``KeyboardInterrupt`` and ``GeneratorExit`` included, is
+    raised here (a ``StopIteration`` as a ``RuntimeError`` caused by it).
 
     Cancellation: stops waiting; the call goes on in its thread and its result is dropped.
     """
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[object] = loop.create_future()
+    # The outcome travels as a result and is raised here, in this frame: a future refuses a
+    # StopIteration (TypeError on 3.11/3.12, and the waiter waited for ever), and a
+    # GeneratorExit thrown into the awaiting task closes every coroutine up its await chain
+    # instead of reaching the nearest ``except``.
+    future: asyncio.Future[tuple[object, BaseException | None]] = loop.create_future()
     context = contextvars.copy_context()
 
-    def settle(result: object, error: BaseException | None) -> None:
-        if future.done():
-            return  # the waiter was cancelled
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
+    def settle(outcome: tuple[object, BaseException | None]) -> None:
+        if not future.done():  # else the waiter was cancelled
+            future.set_result(outcome)
 
     def target() -> None:
         result: object = None
@@ -96,10 +135,19 @@ async def call_in_daemon_thread(
             error = exc
         # RuntimeError: the loop is closed, so nobody waits for this result any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle, (result, error))
 
     threading.Thread(target=target, name=name, daemon=True).start()
-    return await future
+    result, error = await future
+    if isinstance(error, StopIteration):
+        # Raised from a coroutine it would become "coroutine raised StopIteration"; say who.
+        raise RuntimeError(f"{name}: the function raised StopIteration") from error
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error  # no reference cycle through the traceback
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +267,7 @@ class PeriodicTask(AsyncResource):
         self._sleep: Callable[[float], Awaitable[object]] = sleep or asyncio.sleep
 
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._schedule_state = _Schedule()
         self._in_run = False
         self._runs = 0
         self._failures = 0
@@ -253,7 +301,7 @@ class PeriodicTask(AsyncResource):
     @property
     def is_running(self) -> bool:
         """True while the schedule is active."""
-        return self._task is not None and not self._task.done()
+        return _alive(self._task)
 
     @property
     def stats(self) -> PeriodicTaskStats:
@@ -275,7 +323,9 @@ class PeriodicTask(AsyncResource):
         """Start the schedule on the running event loop.
 
         Idempotent: when already running it logs a warning and does nothing. A stopped task can
-        be started again; its counters carry on and its grid restarts from now.
+        be started again; its counters carry on and its grid restarts from now. Called while a
+        :meth:`stop` is under way (waiting for a run to finish), the new schedule begins once
+        the old one has ended: runs never overlap.
 
         Raises:
             RuntimeError: no event loop is running in this thread (e.g. called at module level,
@@ -288,11 +338,14 @@ class PeriodicTask(AsyncResource):
                 f"PeriodicTask {self.name!r}: start() needs a running event loop; call it from "
                 "async code (e.g. a FastAPI lifespan handler), not at module level"
             ) from None
-        if self.is_running:
+        previous = self._task if _alive(self._task) else None
+        if previous is not None and not self._schedule_state.stopping:
             logger.warning("PeriodicTask %r is already running; start() ignored", self.name)
             return
-        self._stopping = False
-        self._task = loop.create_task(self._schedule(), name=f"PeriodicTask:{self.name}")
+        self._schedule_state = _Schedule()
+        self._task = loop.create_task(
+            self._schedule(self._schedule_state, previous), name=f"PeriodicTask:{self.name}"
+        )
 
     async def stop(self, timeout: float | timedelta | None = 5.0) -> None:
         """Stop the schedule and return when it has ended (the PrismQ guide's verb;
@@ -302,8 +355,8 @@ class PeriodicTask(AsyncResource):
         to finish (``None``: wait as long as it takes), then it is cancelled. A plain function
         running in a worker thread cannot be interrupted: on timeout we stop waiting for it and
         it finishes in its thread, its result discarded. Stopping a task that is not running
-        does nothing. A coroutine run may call ``await task.stop()`` itself: it returns at once
-        and the schedule ends when that run returns.
+        does nothing. A run may call ``await task.stop()`` itself (also from a task or thread it
+        started): it returns at once and the schedule ends when that run returns.
 
         If ``stop()`` itself is cancelled, the schedule is cancelled too and the cancellation
         propagates.
@@ -313,12 +366,15 @@ class PeriodicTask(AsyncResource):
         """
         limit = timeout_seconds(timeout)
         task = self._task
-        if task is None or task.done():
+        if task is None or not _alive(task):
             return
-        self._stopping = True
-        if asyncio.current_task() is task:
-            # Called from inside a run: waiting for ourselves would deadlock. The flag ends the
-            # schedule as soon as this run returns.
+        self._schedule_state.stopping = True
+        mark = _current_run.get()
+        if asyncio.current_task() is task or (
+            mark is not None and mark.owner is self and mark.active
+        ):
+            # Called from inside a run (or from something it waits on): waiting for the run
+            # would deadlock. The flag ends the schedule as soon as this run returns.
             return
         try:
             if self._in_run:
@@ -361,17 +417,29 @@ class PeriodicTask(AsyncResource):
             return self._clock()
         return asyncio.get_running_loop().time()
 
-    async def _schedule(self) -> None:
+    async def _schedule(self, state: _Schedule, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            # Restarted while a stop() waits for the previous schedule's run: begin after it.
+            try:
+                await asyncio.wait({previous})
+            except asyncio.CancelledError:
+                previous.cancel()  # this stop() gave up waiting: the old run goes too
+                raise
         interval = self._interval
         origin = self._now()
         tick = 0 if self._run_immediately else 1
-        while not self._stopping:
+        while not state.stopping:
             due = origin + tick * interval
             offset = _jitter_random.uniform(0.0, self._jitter) if self._jitter else 0.0
             self._next_run = due + offset
             delay = self._next_run - self._now()
             if delay > 0:
                 await self._sleep(delay)
+            else:
+                # Overdue (the last run overran, or the interval is shorter than a turn of the
+                # loop): without this an async run slower than the interval would hold the loop
+                # for ever, run after run, and nothing else (stop() included) would ever run.
+                await asyncio.sleep(0)
             # Coalesce: jump to the latest tick already due, counting the ones jumped over.
             latest_due = math.floor((self._now() - origin) / interval)
             if latest_due > tick:
@@ -393,6 +461,8 @@ class PeriodicTask(AsyncResource):
         started = self._now()
         failure: BaseException | None = None
         in_thread = False
+        mark = _RunMark(self)
+        context_token = _current_run.set(mark)
         try:
             if self._is_async:
                 result = self._func(*self._args, **self._kwargs)
@@ -415,11 +485,13 @@ class PeriodicTask(AsyncResource):
             if not in_thread:
                 raise  # a real interrupt on the loop's thread ends the host, as anywhere
             failure = exc
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:  # SystemExit, GeneratorExit, a host's own BaseException
             failure = exc
         finally:
             # A cancelled run (stop() timed out) is not counted as a run.
             self._in_run = False
+            mark.active = False
+            _current_run.reset(context_token)
         self._record_end(started)
         if failure is None:
             self._consecutive_failures = 0
@@ -450,4 +522,5 @@ _FAILURE_NOTES: dict[type[BaseException], str] = {
     ),
     SystemExit: ": SystemExit raised by the run is a failure; it does not end the host",
     KeyboardInterrupt: ": KeyboardInterrupt raised by a plain function is a failure",
+    GeneratorExit: ": GeneratorExit raised by the run is a failure; it does not end the schedule",
 }

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -640,3 +640,334 @@ def test_a_hung_plain_function_does_not_block_asyncio_run_exit(tmp_path: Path) -
             child.communicate()
     assert child.returncode == 0, err
     assert out.splitlines() == ["stopped False", "asyncio.run returned"]
+
+
+# -- review (session 21): adversarial runs, stop/start races, loops --------------------------
+
+
+async def test_a_plain_function_raising_stop_iteration_is_a_failure_not_a_hang() -> None:
+    # ``next(iter([]))`` in a cleanup function: asyncio refuses StopIteration in a future
+    # (TypeError in a loop callback on 3.11/3.12), so the run never ended and the schedule hung
+    # with run_in_progress True until stop() timed out.
+    calls = 0
+
+    def empty_next() -> None:
+        nonlocal calls
+        calls += 1
+        next(iter([]))
+
+    task = PeriodicTask("stopiteration", 0.01, empty_next)
+    task.start()
+    try:
+        async with asyncio.timeout(30):
+            while task.stats.failures < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        await task.stop(timeout=1.0)
+    stats = task.stats
+    assert stats.runs == stats.failures >= 3
+    assert isinstance(stats.last_error, RuntimeError)
+    assert isinstance(stats.last_error.__cause__, StopIteration)
+
+
+class _NotAnException(BaseException):
+    """A BaseException subclass of a host's own (neither Exception nor an interrupt)."""
+
+
+@pytest.mark.parametrize("raised", [GeneratorExit, _NotAnException])
+@pytest.mark.parametrize("plain", [False, True], ids=["coroutine", "plain"])
+async def test_other_base_exceptions_from_a_run_are_failures_not_the_end(
+    raised: type[BaseException], plain: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # They ended the schedule silently: not counted, not logged, is_running False.
+    def sync_work() -> None:
+        raise raised
+
+    async def async_work() -> None:
+        raise raised
+
+    work: Callable[[], object] = sync_work if plain else async_work
+    task = PeriodicTask("base", 0.01, work)
+    with caplog.at_level(logging.ERROR, logger="prismq_subprocess._background._periodic"):
+        task.start()
+        try:
+            async with asyncio.timeout(30):
+                while task.stats.failures < 3:
+                    assert task.is_running
+                    await asyncio.sleep(0.01)
+        finally:
+            await task.stop(timeout=1.0)
+    assert isinstance(task.stats.last_error, raised)
+    assert sum(r.exc_info is not None for r in caplog.records) >= 3
+
+
+async def test_runs_slower_than_the_interval_do_not_starve_the_event_loop() -> None:
+    # An async run doing 20 ms of blocking work with a 5 ms interval: every tick is overdue when
+    # it returns, and the schedule ran the next one at once without yielding, for ever: nothing
+    # else on the loop (stop() included) ever ran again.
+    runs = 0
+    # The hang guard is a thread (a starved loop runs no timeout of its own); once it fires, the
+    # run yields, which frees the loop so the test can fail instead of hanging.
+    rescued = threading.Event()
+
+    async def busy() -> None:
+        nonlocal runs
+        runs += 1
+        time.sleep(0.02)  # noqa: ASYNC251 - blocking on purpose
+        if rescued.is_set():
+            await asyncio.sleep(0.1)
+
+    task = PeriodicTask("busy", 0.005, busy)
+    watchdog = threading.Timer(30, rescued.set)
+    watchdog.start()
+    task.start()
+    try:
+        await asyncio.sleep(0.2)
+    finally:
+        watchdog.cancel()
+        await task.stop(timeout=5.0)
+    assert not rescued.is_set(), "the schedule starved the event loop"
+    assert runs >= 2
+    assert task.stats.skipped >= 1
+
+
+@pytest.mark.parametrize("interval", [1e-6, 1e-12, 1e-300])
+async def test_a_tiny_interval_does_not_starve_the_event_loop(interval: float) -> None:
+    runs = 0
+    rescued = threading.Event()
+
+    async def quick() -> None:
+        nonlocal runs
+        runs += 1
+        if rescued.is_set():
+            await asyncio.sleep(0.1)
+
+    task = PeriodicTask("tiny", interval, quick)
+    watchdog = threading.Timer(30, rescued.set)
+    watchdog.start()
+    task.start()
+    try:
+        await asyncio.sleep(0.1)
+    finally:
+        watchdog.cancel()
+        await task.stop(timeout=5.0)
+    assert not rescued.is_set(), "the schedule starved the event loop"
+    assert runs >= 1 and not task.is_running
+
+
+async def _stop_through_wait_for(task: PeriodicTask) -> None:
+    # On 3.11 wait_for runs stop() in a task of its own.
+    await asyncio.wait_for(task.stop(), 30)
+
+
+async def _stop_through_a_child_task(task: PeriodicTask) -> None:
+    await asyncio.create_task(task.stop())
+
+
+async def _stop_through_gather(task: PeriodicTask) -> None:
+    await asyncio.gather(task.stop())
+
+
+@pytest.mark.parametrize(
+    "how", [_stop_through_wait_for, _stop_through_a_child_task, _stop_through_gather]
+)
+async def test_a_run_can_stop_its_schedule_from_a_task_of_its_own(
+    how: Callable[[PeriodicTask], Awaitable[None]],
+) -> None:
+    # stop() from a task the run awaits waited its whole timeout for the run (which waited for
+    # it), then cancelled the run: 5 s and a cancelled run instead of an immediate stop.
+    finished = False
+
+    async def work() -> None:
+        nonlocal finished
+        await how(task)
+        finished = True
+
+    task = PeriodicTask("self-stop", 0.01, work)
+    task.start()
+    assert task._task is not None
+    t0 = time.monotonic()
+    async with asyncio.timeout(30):
+        await asyncio.wait({task._task})
+    assert time.monotonic() - t0 < 4.0  # stop()'s own timeout is 5 s
+    assert finished and task.stats.runs == 1 and task.stats.failures == 0
+    assert not task.is_running
+
+
+async def test_a_plain_function_can_stop_its_schedule_through_the_loop() -> None:
+    loop = asyncio.get_running_loop()
+    finished = threading.Event()
+
+    def work() -> None:
+        asyncio.run_coroutine_threadsafe(task.stop(), loop).result(timeout=30)
+        finished.set()
+
+    task = PeriodicTask("thread-stop", 0.01, work)
+    task.start()
+    assert task._task is not None
+    t0 = time.monotonic()
+    async with asyncio.timeout(30):
+        await asyncio.wait({task._task})
+    assert time.monotonic() - t0 < 4.0
+    assert finished.is_set() and task.stats.runs == 1 and task.stats.failures == 0
+
+
+async def test_stop_from_a_task_started_by_an_earlier_run_still_waits() -> None:
+    # Only the run that is going on may stop without waiting for itself: a task it left behind
+    # is an ordinary caller once that run is over.
+    clock = FakeClock()
+    left_behind: list[asyncio.Task[None]] = []
+    release = asyncio.Event()
+    second_finished = False
+
+    async def stopper() -> None:
+        await release.wait()
+        await task.stop(timeout=30)
+
+    async def work() -> None:
+        nonlocal second_finished
+        if task.stats.runs == 0:
+            left_behind.append(asyncio.create_task(stopper()))
+        else:
+            release.set()
+            await asyncio.sleep(0.05)
+            second_finished = True
+            clock.halt()
+
+    task = fake_task(clock, work, 1.0)
+    task.start()
+    async with asyncio.timeout(30):
+        while not left_behind or not left_behind[0].done():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    # The stopper waited for the second run to finish.
+    assert second_finished and not task.is_running
+    assert task.stats.runs == 2
+
+
+async def test_start_while_a_stop_is_under_way_restarts_once_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # start() after stop() began (stop() waiting for the run in progress) was ignored as
+    # "already running" and the schedule then ended: the last call did not win.
+    started = asyncio.Event()
+    runs = 0
+    active = 0
+    max_active = 0
+
+    async def work() -> None:
+        nonlocal runs, active, max_active
+        runs += 1
+        active += 1
+        max_active = max(max_active, active)
+        started.set()
+        await asyncio.sleep(0.2)
+        active -= 1
+
+    task = PeriodicTask("restart", 0.01, work)
+    task.start()
+    await asyncio.wait_for(started.wait(), 5)
+    stopping = asyncio.create_task(task.stop(timeout=10))
+    await asyncio.sleep(0.05)
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._background._periodic"):
+        task.start()
+    assert not any("already running" in r.getMessage() for r in caplog.records)
+    await asyncio.wait_for(stopping, 10)
+    assert task.is_running
+    async with asyncio.timeout(30):
+        while runs < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await task.stop(timeout=10)
+    assert max_active == 1  # the new schedule began once the old run had finished
+    assert not task.is_running
+
+
+async def test_a_run_may_stop_then_start_its_own_schedule_again() -> None:
+    clock = FakeClock()
+
+    async def work() -> None:
+        if task.stats.runs == 1:
+            await task.stop()
+            task.start()
+        if task.stats.runs == 4:
+            clock.halt()
+
+    task = fake_task(clock, work, 1.0)
+    task.start()
+    async with asyncio.timeout(30):
+        while task.stats.runs < 4:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert task.is_running
+    await task.stop()
+    assert task.stats.failures == 0
+
+
+async def test_stop_while_a_restart_waits_for_the_old_schedule() -> None:
+    started = asyncio.Event()
+    runs = 0
+
+    async def work() -> None:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await asyncio.sleep(0.2)
+
+    task = PeriodicTask("restart-stop", 0.01, work)
+    task.start()
+    await asyncio.wait_for(started.wait(), 5)
+    first = asyncio.create_task(task.stop(timeout=10))
+    await asyncio.sleep(0)
+    task.start()
+    await asyncio.wait_for(task.stop(timeout=10), 15)
+    await asyncio.wait_for(first, 15)
+    assert not task.is_running and runs == 1
+
+
+def test_a_schedule_left_on_a_closed_loop_does_not_block_the_next_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A loop closed with the schedule still pending (a hand-made loop, a test fixture): the
+    # task looked running for ever, so start() on the next loop was ignored and stop() raised
+    # RuntimeError('Event loop is closed').
+    runs = 0
+
+    async def work() -> None:
+        nonlocal runs
+        runs += 1
+
+    task = PeriodicTask("loops", 0.01, work)
+
+    async def briefly() -> None:
+        task.start()
+        await asyncio.sleep(0.05)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(briefly())
+    finally:
+        loop.close()
+    left = [task._task]
+    assert not task.is_running
+    before = runs
+
+    async def again() -> None:
+        task.start()
+        async with asyncio.timeout(30):
+            while runs <= before:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await task.stop()
+
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._background._periodic"):
+        asyncio.run(again())
+    assert not any("already running" in r.getMessage() for r in caplog.records)
+    assert runs > before and not task.is_running
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(briefly())
+    finally:
+        loop.close()
+    left.append(task._task)
+    asyncio.run(task.stop())  # nothing to stop: no error
+    for leftover in left:
+        # Left pending by the test on purpose: asyncio's "destroyed but pending" note is right.
+        leftover._log_destroy_pending = False  # type: ignore[union-attr]

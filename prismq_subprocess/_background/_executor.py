@@ -448,7 +448,18 @@ class ConcurrentExecutor(AsyncClosing):
 
         Cancellation: every running module's tree is stopped and its run recorded CANCELLED,
         then ``CancelledError`` propagates.
+
+        Raises:
+            InvalidArgumentTypeError: ``specs`` is not an iterable of items (one spec or one
+                mapping given alone, a str, ``None``); nothing runs.
         """
+        # One spec or mapping alone would otherwise be iterated: its keys (or a str's
+        # characters) would each become an error result, and nothing would run.
+        if isinstance(specs, ModuleSpec | Mapping | str | bytes) or not isinstance(specs, Iterable):
+            raise InvalidArgumentTypeError(
+                "execute_batch() takes an iterable of specs (a list of ModuleSpec, mappings or "
+                f"(module_id, script_path, args) tuples), not {type(specs).__name__}"
+            )
         items = list(specs)
         results: list[dict[str, Any]] = [{} for _ in items]
 

@@ -281,3 +281,26 @@ async def test_parameters_and_args_together(argv_script: Path) -> None:
     async with ConcurrentExecutor(run_mode="async") as ex:
         result = await ex.execute_module("m", "M", argv_script, {"n": 1}, args=["tail"])
     assert result["output_tail"][0] == "args --n 1 tail"
+
+
+# --- review (session 21) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        None,
+        5,
+        "abc",
+        ModuleSpec("a", "A", "ok.py"),
+        {"module_id": "a", "module_name": "A", "script_path": "ok.py"},
+    ],
+    ids=["None", "int", "str", "one-spec", "one-mapping"],
+)
+async def test_a_batch_that_is_not_a_list_of_specs_is_refused(batch: object) -> None:
+    # One spec (or mapping) instead of a list ran nothing and gave one error result per key or
+    # character, or raised a bare TypeError ("'ModuleSpec' object is not iterable").
+    async with ConcurrentExecutor(run_mode="dry_run") as ex:
+        with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="execute_batch"):
+            await ex.execute_batch(batch)  # type: ignore[arg-type]
+        assert await ex.registry.list_runs() == []

@@ -241,7 +241,9 @@ class LocalStrategy(SubprocessStrategy):
         still held open then.
 
         Cancellation: a child still being spawned is killed with its tree by whichever thread
-        sees it first, even if the event loop is gone by then.
+        sees it first, even if the event loop is gone by then; as asyncio does for a cancelled
+        creation, the cancellation reaches the caller once it is dead and reaped (cancelled
+        again meanwhile: at once). A run whose job has not started yet starts nothing.
         """
         request = start.request
         loop = asyncio.get_running_loop()
@@ -250,7 +252,8 @@ class LocalStrategy(SubprocessStrategy):
         try:
             await asyncio.wait((launch.spawned, job), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            launch.abort()
+            if launch.abort():
+                await asyncio.wait((launch.exited,))
             raise
         if not launch.spawned.done():
             try:
@@ -307,9 +310,15 @@ class _Launch:
         self._containment: Containment | None = None
         self._lock = threading.Lock()
         self._aborted = False
+        self._started = False
 
     def run(self) -> int:
         """The worker's part (blocking)."""
+        with self._lock:
+            self._started = True
+            if self._aborted:  # given up while the job was queued: start nothing
+                _call_soon(self._loop, functools.partial(_drop, self.exited))
+                return -1
         try:
             returncode = self._run()
         except BaseException as exc:
@@ -365,16 +374,20 @@ class _Launch:
         if self._process is not None:
             self._process._set_returncode(returncode)
 
-    def abort(self) -> None:
+    def abort(self) -> bool:
         """The caller gave up while the child was starting: kill it and its tree now if it
-        exists, else let the worker do it the moment it does; and make the drain let go."""
+        exists, else let the worker do it the moment it does; and make the drain let go.
+        Returns whether the worker had started (then :attr:`exited` tells when it is done;
+        otherwise it starts nothing)."""
         with self._lock:
             self._aborted = True
+            started = self._started
             popen = self._popen
             containment = self._containment
         self.watch.abandon()
         if popen is not None:
             discard_popen(self._strategy.ops, self._request, popen, containment, close_pipes=False)
+        return started
 
 
 def _settle(job: asyncio.Future[int], result: int | None, exc: BaseException | None) -> None:
@@ -385,6 +398,10 @@ def _settle(job: asyncio.Future[int], result: int | None, exc: BaseException | N
     else:
         assert result is not None
         job.set_result(result)
+
+
+def _drop(future: asyncio.Future[int]) -> None:
+    future.cancel()
 
 
 def _retrieved(future: asyncio.Future[int]) -> None:

@@ -50,6 +50,9 @@ async def spawn_in_executor(
     Cancellation: a spawn still queued is dropped; one already running finishes, and the worker
     thread then kills the child and its tree at once (:func:`discard_popen`), without the event
     loop's help, so a cancelled spawn leaves nothing behind even if the loop is gone by then.
+    As asyncio does for a cancelled creation, the cancellation reaches the caller once the
+    child is dead and reaped (cancelled again meanwhile: at once, the worker thread finishing
+    the undo on its own).
 
     Raises:
         OSError: the spawn failed (``SubprocessStrategy.spawn`` turns it into our error).
@@ -61,7 +64,10 @@ async def spawn_in_executor(
     except asyncio.CancelledError:
         spawned.add_done_callback(_retrieve)
         if not job.cancel():
-            job.add_done_callback(functools.partial(_discard_orphan, ops, request))
+            loop = asyncio.get_running_loop()
+            undone: asyncio.Future[None] = loop.create_future()
+            job.add_done_callback(functools.partial(_discard_orphan, ops, request, loop, undone))
+            await undone
         raise
 
 
@@ -72,14 +78,35 @@ def _retrieve(future: asyncio.Future[Spawned]) -> None:
 
 
 def _discard_orphan(
-    ops: PlatformOps, request: SpawnRequest, job: concurrent.futures.Future[Spawned]
+    ops: PlatformOps,
+    request: SpawnRequest,
+    loop: asyncio.AbstractEventLoop,
+    undone: asyncio.Future[None],
+    job: concurrent.futures.Future[Spawned],
 ) -> None:
     # Runs in the worker thread as the spawn returns (or at once, if it already has).
     if job.cancelled() or job.exception() is not None:
+        _tell(loop, undone)
         return
     popen, containment = job.result()
     discard_popen(ops, request, popen, containment)
-    threading.Thread(target=popen.wait, name="prismq-reap", daemon=True).start()
+
+    def reap() -> None:
+        popen.wait()
+        _tell(loop, undone)
+
+    threading.Thread(target=reap, name="prismq-reap", daemon=True).start()
+
+
+def _tell(loop: asyncio.AbstractEventLoop, undone: asyncio.Future[None]) -> None:
+    # RuntimeError: the loop is closed, and nobody waits any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_set_done, undone)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():  # (its waiter was cancelled again)
+        future.set_result(None)
 
 
 def discard_popen(

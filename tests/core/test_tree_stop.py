@@ -26,7 +26,7 @@ from lifecycle_helpers import (
 )
 
 import prismq_subprocess as pq
-from prismq_subprocess._platform import PlatformOps, platform_ops
+from prismq_subprocess._platform import Containment, PlatformOps, platform_ops
 from prismq_subprocess._platform._table import ProcessTable
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees; see docs/WINDOWS.md")
@@ -539,6 +539,58 @@ async def test_a_spawn_cancelled_twice_leaves_no_tree(mode: str, route: str) -> 
                 if route == "wrapper":
                     await pq.terminate_gracefully(won, 0)  # type: ignore[arg-type]
         assert await asyncio.to_thread(survivors_after, mark, 2.0) == []
+
+
+@pytest.mark.parametrize("mode", ["threaded", "local"])
+@pytest.mark.parametrize("route", ["wrapper", "run"])
+async def test_a_spawn_cancelled_while_its_child_runs_has_killed_it_when_the_cancel_ends(
+    mode: str, route: str
+) -> None:
+    # As asyncio's creation does: the child of a cancelled spawn is dead when the cancellation
+    # reaches the caller, not some time later. The spawn's worker thread is held after Popen
+    # (a slow cgroup move), so the child runs while the spawn is still under way.
+    ops = platform_ops(sys.platform)
+    real_adopt = ops.adopt
+
+    def slow_adopt(pid: int, containment: Containment) -> None:
+        time.sleep(1.5)
+        real_adopt(pid, containment)
+
+    ops.adopt = slow_adopt  # type: ignore[method-assign]
+    mark, env = marked_env()
+    async with pq.SubprocessWrapper(mode, grace_period=GRACE, ops=ops) as wrapper:
+        task = asyncio.ensure_future(routes(wrapper, mode, env)[route]())
+        await asyncio.to_thread(wait_for_marked, mark, 2)  # the child and its own child run
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Killed by then; a moment for the kernel to finish them (far less than the 1.5 s).
+        assert await asyncio.to_thread(survivors_after, mark, 0.5) == []
+
+
+@pytest.mark.parametrize("mode", ["threaded", "local"])
+async def test_a_run_cancelled_while_queued_for_a_worker_returns_at_once_and_starts_nothing(
+    mode: str,
+) -> None:
+    # Waiting for a cancelled spawn to be undone must not mean waiting for a worker to free
+    # up: the one worker runs a long child, and the queued run is dropped.
+    mark, env = marked_env()
+    async with pq.SubprocessWrapper(mode, grace_period=GRACE, max_workers=1) as wrapper:
+        busy = asyncio.ensure_future(wrapper.run(*SLEEPER, env=env))
+        await asyncio.to_thread(wait_for_marked, mark, 1)
+        queued_mark, queued_env = marked_env()
+        queued = asyncio.ensure_future(wrapper.run(*FAST_LAUNCHER, env=queued_env))
+        await asyncio.sleep(0.2)
+        queued.cancel()
+        done, _ = await asyncio.wait({queued}, timeout=5.0)  # not the busy child's 60 s
+        assert done == {queued}
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        busy.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await busy
+    assert await asyncio.to_thread(survivors_after, queued_mark, 1.0) == []
+    assert await asyncio.to_thread(survivors_after, mark, 2.0) == []
 
 
 def counting_ops() -> tuple[PlatformOps, list[threading.Thread]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 from datetime import timedelta
@@ -12,17 +13,26 @@ from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
 from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
 from .._core._maybe_async import call_callback
-from ._readings import PsutilResourceReader, ResourceReader, ResourceSnapshot, check_percent
+from .._platform import start_afresh_after_fork
+from ._readings import (
+    PsutilResourceReader,
+    ResourceReader,
+    ResourceSnapshot,
+    check_percent,
+    check_reader,
+)
 
 __all__ = ["MIN_CHECK_INTERVAL", "MemoryCallback", "MemoryMonitor"]
 
 logger = logging.getLogger(__name__)
+
 
 class MemoryCallback(Protocol):
     """An ``on_high`` / ``on_low`` callback of a :class:`MemoryMonitor`: called with the reading
     that caused the transition. A plain function or an ``async def`` (then awaited)."""
 
     def __call__(self, snapshot: ResourceSnapshot, /) -> Awaitable[object] | object: ...
+
 
 #: The shortest ``check_interval`` accepted, in seconds. A psutil reading lists this process's
 #: children: 1-4 ms of CPU each (measured on a loaded 2-core machine), so polling 10 times a
@@ -49,7 +59,8 @@ class MemoryMonitor(AsyncResource):
 
     The PrismQ guide's spelling works unchanged: ``MemoryMonitor(max_memory_percent=80.0,
     check_interval=5.0)``, ``check_memory()``, ``await monitor_continuously()`` (as a task) and
-    ``stop_monitoring()``. One monitor may be used in several ``asyncio.run()`` calls in turn.
+    ``stop_monitoring()``. One monitor may be used in several ``asyncio.run()`` calls in turn,
+    and in a child forked from the host.
 
     Args:
         max_memory_percent: the threshold, in (0, 100].
@@ -61,13 +72,14 @@ class MemoryMonitor(AsyncResource):
         hysteresis: width of the band below the threshold, in percentage points (>= 0, and less
             than ``max_memory_percent``); ``None``: 5, or half the threshold when that is
             smaller.
-        reader: returns a :class:`ResourceSnapshot`; defaults to psutil (without CPU).
+        reader: returns a :class:`ResourceSnapshot`; defaults to psutil (without CPU; the
+            synchronous :meth:`check_memory` then leaves out the children's RSS).
 
     Raises:
         InvalidLimitError: a percentage or the hysteresis is out of range.
         InvalidIntervalError: ``check_interval`` is not a finite duration of at least
             :data:`MIN_CHECK_INTERVAL`.
-        InvalidTaskError: ``on_high`` or ``on_low`` is given and not callable.
+        InvalidTaskError: ``on_high``, ``on_low`` or ``reader`` is given and not callable.
     """
 
     def __init__(
@@ -101,17 +113,40 @@ class MemoryMonitor(AsyncResource):
         for name, callback in (("on_high", on_high), ("on_low", on_low)):
             if callback is not None and not callable(callback):
                 raise InvalidTaskError(f"{name} must be callable or None, got {callback!r}")
+        check_reader(reader)
         self.hysteresis = float(hysteresis)
         self._on_high = on_high
         self._on_low = on_low
-        self._reader: ResourceReader = reader or PsutilResourceReader(measure_cpu=False)
+        self._reader: ResourceReader
+        self._quick_reader: ResourceReader
+        if reader is None:
+            self._reader = PsutilResourceReader(measure_cpu=False)
+            # For check_memory(), which runs on the caller's thread, usually the event loop's:
+            # summing the children's RSS lists every process (185 ms with 1000 children), for a
+            # figure the decision does not use.
+            self._quick_reader = PsutilResourceReader(measure_cpu=False, include_children=False)
+        else:
+            self._reader = self._quick_reader = reader
         self._latest: ResourceSnapshot | None = None
         self._is_high = False
         self._monitoring = False
-        # Made by each monitor_continuously() call: an asyncio.Event belongs to the loop that
-        # first waits on it, and a monitor may be used under several asyncio.run() calls.
+        # Made for each monitoring loop (an asyncio.Event belongs to the loop that first waits
+        # on it, and a monitor may be used under several asyncio.run() calls): the current
+        # loop's stop request and the event loop it runs on (stop_monitoring() may come from
+        # another thread), and the event set when that monitoring loop has ended (a restart
+        # waits for it: one monitoring loop at a time).
         self._stop: asyncio.Event | None = None
+        self._stop_loop: asyncio.AbstractEventLoop | None = None
+        self._ended: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        start_afresh_after_fork(self)
+
+    def _forked(self) -> None:
+        # A forked child has none of the parent's event loop or tasks: copied, they read as
+        # "already monitoring", and the child could never monitor in a loop of its own.
+        self._monitoring = False
+        self._stop = self._stop_loop = self._ended = None
+        self._task = None
 
     @property
     def latest(self) -> ResourceSnapshot | None:
@@ -132,10 +167,12 @@ class MemoryMonitor(AsyncResource):
         """Take a reading now; True when memory use is under ``max_memory_percent``.
 
         Updates :attr:`latest` but neither the hysteresis state nor the callbacks (those belong to
-        the monitoring loop). The default reader blocks briefly (it lists this process's
-        children); from async code prefer ``await check_memory_async()``.
+        the monitoring loop). It blocks while it reads; with the default reader that is system
+        memory and this process only (well under a millisecond), so ``latest.children_rss_bytes``
+        is 0 after it: :meth:`check_memory_async` and :meth:`poll` read the whole tree, in a
+        worker thread.
         """
-        snapshot = self._reader()
+        snapshot = self._quick_reader()
         self._latest = snapshot
         return snapshot.memory_percent < self.max_memory_percent
 
@@ -177,33 +214,66 @@ class MemoryMonitor(AsyncResource):
 
         Run it as a task (``asyncio.create_task(monitor.monitor_continuously())``). A failing
         reading is logged and the loop goes on. Calling it while it already runs logs a warning and
-        returns at once. Cancelling the task ends the loop (the usual way to stop it on shutdown
-        besides ``stop_monitoring``).
+        returns at once; called after :meth:`stop_monitoring` while the stopped loop is still
+        ending (cancelling its reading), it starts once that one has ended. Cancelling the task
+        ends the loop (the usual way to stop it on shutdown besides ``stop_monitoring``).
 
         Cancellation: a reading or async callback in progress is cancelled with it; so is one
         in progress when :meth:`stop_monitoring` is called, so a callback that hangs never keeps
         this running.
         """
-        if self._monitoring:
+        claim = self._claim()
+        if claim is None:
             logger.warning("MemoryMonitor is already monitoring; second call ignored")
             return
-        stop = asyncio.Event()
-        self._stop = stop
-        self._monitoring = True
+        await self._monitor(*claim)
+
+    def _claim(self) -> tuple[asyncio.Event, asyncio.Event, asyncio.Event | None] | None:
+        """Register a new monitoring loop on the running event loop: its stop request, its end
+        and the end of a stopped loop still ending (to wait for). None if one is active."""
+        loop = asyncio.get_running_loop()
+        current, previous = self._stop, self._ended
+        old_loop = self._stop_loop
+        if old_loop is not None and old_loop is not loop and old_loop.is_closed():
+            # Left behind by an event loop closed with the monitoring task still pending.
+            current = previous = None
+        if current is not None and not current.is_set():
+            return None
+        stop, ended = asyncio.Event(), asyncio.Event()
+        self._stop, self._stop_loop, self._ended = stop, loop, ended
+        return stop, ended, previous
+
+    async def _monitor(
+        self, stop: asyncio.Event, ended: asyncio.Event, previous: asyncio.Event | None
+    ) -> None:
         try:
-            while not stop.is_set():
-                await self._poll_unless_stopped(stop)
-                if stop.is_set():
-                    break
-                try:
-                    async with asyncio.timeout(self.check_interval):
-                        await stop.wait()
-                except TimeoutError:
-                    pass
+            if previous is not None:
+                await previous.wait()
+            if stop.is_set():
+                return
+            self._monitoring = True
+            try:
+                while not stop.is_set():
+                    await self._poll_unless_stopped(stop)
+                    if stop.is_set():
+                        break
+                    try:
+                        async with asyncio.timeout(self.check_interval):
+                            await stop.wait()
+                    except TimeoutError:
+                        pass
+            finally:
+                self._monitoring = False
         finally:
-            self._monitoring = False
-            if self._stop is stop:
-                self._stop = None
+            self._release(stop, ended)
+
+    def _release(self, stop: asyncio.Event, ended: asyncio.Event) -> None:
+        """A monitoring loop has ended: a restart waiting for it may begin. Idempotent."""
+        ended.set()
+        if self._stop is stop:
+            self._stop = self._stop_loop = None
+        if self._ended is ended:
+            self._ended = None
 
     async def _poll_unless_stopped(self, stop: asyncio.Event) -> None:
         poll = asyncio.ensure_future(self.poll())
@@ -226,17 +296,39 @@ class MemoryMonitor(AsyncResource):
         spelling; ``await aclose()`` also waits for the end.
 
         Safe to call when not monitoring (it does nothing then: it does not pre-empt a later
-        ``monitor_continuously`` call). Must be called from the event loop's thread.
+        ``monitor_continuously`` call), and from any thread (a synchronous FastAPI endpoint
+        runs in a worker thread): the loop is woken at once either way.
         """
-        if self._stop is not None:
-            self._stop.set()
+        stop, loop = self._stop, self._stop_loop
+        if stop is None or loop is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            stop.set()
+        else:
+            # Event.set() from another thread does not wake the loop (monitoring went on for up
+            # to check_interval) and is refused in debug mode.
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nothing to stop
+                loop.call_soon_threadsafe(stop.set)
 
     async def __aenter__(self) -> Self:
         """Run :meth:`monitor_continuously` in a task owned by the monitor; leaving the block
         calls :meth:`aclose`."""
         if self._task is None or self._task.done():
-            loop = asyncio.get_running_loop()
-            self._task = loop.create_task(self.monitor_continuously(), name="MemoryMonitor")
+            # Claimed here, not in the task: aclose() right after must find the stop request.
+            claim = self._claim()
+            if claim is None:
+                logger.warning("MemoryMonitor is already monitoring; second call ignored")
+            else:
+                loop = asyncio.get_running_loop()
+                task = loop.create_task(self._monitor(*claim), name="MemoryMonitor")
+                # A task cancelled before its first step never runs _monitor's cleanup.
+                stop, ended, _ = claim
+                task.add_done_callback(lambda _: self._release(stop, ended))
+                self._task = task
         return self
 
     async def aclose(self) -> None:
@@ -247,10 +339,6 @@ class MemoryMonitor(AsyncResource):
         Cancellation: the monitoring task is cancelled too.
         """
         task, self._task = self._task, None
-        if task is not None and not self._monitoring:
-            # Not started yet: it would clear the stop request on entry, so cancel it instead
-            # (none of its code has run).
-            task.cancel()
         self.stop_monitoring()
         if task is not None:
             await join_stopped_task(task, logger, "memory monitoring")

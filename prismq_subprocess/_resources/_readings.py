@@ -16,13 +16,15 @@ from typing import Protocol
 
 import psutil
 
-from .._core._exceptions import InvalidLimitError
+from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
+from .._platform import start_afresh_after_fork
 
 __all__ = [
     "PsutilResourceReader",
     "ResourceReader",
     "ResourceSnapshot",
     "check_percent",
+    "check_reader",
     "tree_rss_bytes",
 ]
 
@@ -68,6 +70,13 @@ class ResourceSnapshot:
     timestamp: float = 0.0
 
 
+def check_reader(reader: object) -> None:
+    """Raise :class:`InvalidTaskError` unless ``reader`` is ``None`` or callable (a reader that is
+    not would fail every reading, long after the mistake)."""
+    if reader is not None and not callable(reader):
+        raise InvalidTaskError(f"reader must be callable or None, got {reader!r}")
+
+
 class ResourceReader(Protocol):
     """A source of readings (``reader=`` of ``MemoryMonitor`` and ``ResourceManager``): any
     callable returning a :class:`ResourceSnapshot`, e.g. :class:`PsutilResourceReader` or a
@@ -97,10 +106,16 @@ class PsutilResourceReader:
     worker thread) until the window is long enough. psutil keeps that baseline per process, so
     other code in the process calling ``psutil.cpu_percent(None)`` shortens our windows.
 
+    "This process" is the one reading: in a child forked after the reader was made (a worker of
+    gunicorn ``--preload``), the child, its own children and a fresh CPU baseline.
+
     Args:
         measure_cpu: read CPU percent (otherwise ``cpu_percent`` is ``None``).
         include_children: sum the RSS of this process's descendants (lists all processes).
-        min_cpu_interval: shortest window over which CPU percent is computed, seconds.
+        min_cpu_interval: shortest window over which CPU percent is computed, seconds (>= 0).
+
+    Raises:
+        InvalidIntervalError: ``min_cpu_interval`` is not a finite number >= 0.
     """
 
     def __init__(
@@ -110,16 +125,37 @@ class PsutilResourceReader:
         include_children: bool = True,
         min_cpu_interval: float = 0.1,
     ) -> None:
+        if (
+            isinstance(min_cpu_interval, bool)
+            or not isinstance(min_cpu_interval, int | float)
+            or not math.isfinite(min_cpu_interval)
+            or min_cpu_interval < 0
+        ):
+            # Unchecked, inf raised OverflowError from time.sleep in a worker thread.
+            raise InvalidIntervalError(
+                "min_cpu_interval must be a finite number of seconds >= 0, got "
+                f"{min_cpu_interval!r}"
+            )
         self._measure_cpu = measure_cpu
         self._include_children = include_children
-        self._min_cpu_interval = min_cpu_interval
+        self._min_cpu_interval = float(min_cpu_interval)
+        self._start_afresh()
+        start_afresh_after_fork(self)
+
+    def _start_afresh(self) -> None:
         self._self = psutil.Process()
         # Readers may be called from several worker threads at once; the CPU state is shared.
         self._lock = threading.Lock()
         self._cpu_value: float | None = None
         self._cpu_read_at = time.monotonic()
-        if measure_cpu:
+        if self._measure_cpu:
             psutil.cpu_percent(interval=None)
+
+    def _forked(self) -> None:
+        # In a forked child: the parent's psutil.Process would make its RSS and its children
+        # (every sibling worker) ours, and a lock a parent's thread held at the fork is held
+        # for ever here (that thread does not exist in the child).
+        self._start_afresh()
 
     def _cpu_percent(self) -> float:
         with self._lock:

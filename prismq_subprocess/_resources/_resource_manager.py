@@ -11,7 +11,13 @@ from typing import Literal
 
 from .._core._durations import interval_seconds, timeout_seconds
 from .._core._exceptions import InvalidLimitError, ResourceLimitException, ResourceWaitTimeoutError
-from ._readings import PsutilResourceReader, ResourceReader, ResourceSnapshot, check_percent
+from ._readings import (
+    PsutilResourceReader,
+    ResourceReader,
+    ResourceSnapshot,
+    check_percent,
+    check_reader,
+)
 
 __all__ = ["LimitViolation", "ResourceCheck", "ResourceManager"]
 
@@ -89,6 +95,7 @@ class ResourceManager:
     Raises:
         InvalidLimitError: a percentage outside (0, 100] or a negative byte count.
         InvalidIntervalError: ``poll_interval`` is not a positive, finite duration.
+        InvalidTaskError: ``reader`` is not callable.
     """
 
     def __init__(
@@ -116,8 +123,13 @@ class ResourceManager:
             )
         self.min_available_bytes = min_available_bytes
         self.poll_interval = interval_seconds(poll_interval, what="poll_interval")
-        self._reader: ResourceReader = reader or PsutilResourceReader(
-            measure_cpu=max_cpu_percent is not None, include_children=False
+        check_reader(reader)
+        self._reader: ResourceReader = (
+            reader
+            if reader is not None
+            else PsutilResourceReader(
+                measure_cpu=max_cpu_percent is not None, include_children=False
+            )
         )
 
     def evaluate(self, snapshot: ResourceSnapshot) -> ResourceCheck:

@@ -19,9 +19,10 @@ import psutil
 
 from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
-from .._core._exceptions import InvalidArgumentTypeError
+from .._core._exceptions import InvalidArgumentTypeError, InvalidTaskError
 from .._core._maybe_async import call_callback
 from .._core._validation import check_limit
+from .._platform import start_afresh_after_fork
 from ._readings import VANISHED
 
 __all__ = ["LimitCallback", "ProcessTreeSampler", "TreeSample"]
@@ -54,6 +55,7 @@ class LimitCallback(Protocol):
 
     def __call__(self, sample: TreeSample, /) -> Awaitable[object] | object: ...
 
+
 # A psutil process identity: (pid, create_time), so a reused pid is a new process.
 _Ident = tuple[int, float]
 
@@ -65,7 +67,9 @@ class ProcessTreeSampler(AsyncResource):
     CPU time. When ``memory_limit_bytes`` is set and a sample exceeds it, ``on_limit`` is called
     once with that sample (the sampler does not stop anything itself; the callback typically stops
     the tree and records the reason). Readings are taken in a worker thread; processes vanishing
-    mid-read are skipped. Sampling ends by itself when the root process is gone.
+    mid-read are skipped, and so are those that exited but were not waited for yet (zombies:
+    their CPU time counts, they are not live). Sampling ends by itself when the root process is
+    gone or a zombie.
 
     Use as ``async with ProcessTreeSampler(pid, ...) as sampler:`` or ``start()`` / ``await
     stop()``. The figures are readable at any time and stay after stopping.
@@ -81,6 +85,7 @@ class ProcessTreeSampler(AsyncResource):
         InvalidIntervalError: ``interval`` is not a positive, finite duration.
         InvalidLimitError: ``memory_limit_bytes`` or ``pid`` is not a positive integer.
         InvalidArgumentTypeError: ``pid`` is not an int.
+        InvalidTaskError: ``on_limit`` is given and not callable.
     """
 
     def __init__(
@@ -98,6 +103,8 @@ class ProcessTreeSampler(AsyncResource):
         self.interval = interval_seconds(interval)
         if memory_limit_bytes is not None:
             check_limit(memory_limit_bytes, "memory_limit_bytes", minimum=1)
+        if on_limit is not None and not callable(on_limit):
+            raise InvalidTaskError(f"on_limit must be callable or None, got {on_limit!r}")
         self.memory_limit_bytes = memory_limit_bytes
         self._on_limit = on_limit
         self._root: psutil.Process | None = None
@@ -111,6 +118,14 @@ class ProcessTreeSampler(AsyncResource):
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        start_afresh_after_fork(self)
+
+    def _forked(self) -> None:
+        # A forked child has none of the parent's event loop or tasks: a copied task reads as
+        # running, so start() did nothing and stop() waited for it for ever.
+        self._task = None
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
 
     @property
     def peak_rss_bytes(self) -> int:
@@ -152,7 +167,8 @@ class ProcessTreeSampler(AsyncResource):
             if self._root is None:
                 self._root = psutil.Process(self.pid)
             root = self._root
-            if not root.is_running():
+            if not root.is_running() or root.status() == psutil.STATUS_ZOMBIE:
+                # A zombie has exited; only its parent's wait() is missing.
                 return None
             procs = [root, *root.children(recursive=True)]
         except VANISHED:
@@ -164,10 +180,13 @@ class ProcessTreeSampler(AsyncResource):
             try:
                 # oneshot() caches /proc reads so memory and CPU come from one pass.
                 with proc.oneshot():
+                    zombie = proc.status() == psutil.STATUS_ZOMBIE
                     mem = proc.memory_info().rss
                     times = proc.cpu_times()
                 cpu[(proc.pid, proc.create_time())] = times.user + times.system
             except VANISHED:
+                continue
+            if zombie:
                 continue
             rss += mem
             alive += 1
@@ -204,8 +223,11 @@ class ProcessTreeSampler(AsyncResource):
                 await call_callback(self._on_limit, sample, logger=logger, what="on_limit")
         return sample
 
-    async def _loop(self) -> None:
-        while not self._stop.is_set():
+    async def _loop(self, stop: asyncio.Event, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            # Stopped and finishing its sample: one sampling task at a time.
+            await asyncio.wait({previous})
+        while not stop.is_set():
             try:
                 if await self.sample() is None:
                     return
@@ -213,24 +235,31 @@ class ProcessTreeSampler(AsyncResource):
                 logger.exception("sampling the process tree of pid %d failed", self.pid)
             try:
                 async with asyncio.timeout(self.interval):
-                    await self._stop.wait()
+                    await stop.wait()
             except TimeoutError:
                 pass
 
     def start(self) -> None:
         """Start sampling in a task on the running loop (first sample at once).
 
-        Idempotent: a second call while running does nothing.
+        Idempotent: a second call while running does nothing. Called while a :meth:`stop` is
+        under way, it samples again once the stopping task has ended.
 
         Raises:
             RuntimeError: no event loop is running in this thread.
         """
         loop = asyncio.get_running_loop()
-        if self.is_running:
+        previous = self._task
+        if previous is not None and (previous.done() or previous.get_loop() is not loop):
+            previous = None  # ended, or left behind by an event loop that is gone
+        if previous is not None and not self._stop.is_set():
             return
-        self._lock = asyncio.Lock()
+        if previous is None:
+            self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        self._task = loop.create_task(self._loop(), name=f"ProcessTreeSampler:{self.pid}")
+        self._task = loop.create_task(
+            self._loop(self._stop, previous), name=f"ProcessTreeSampler:{self.pid}"
+        )
 
     async def stop(self) -> None:
         """Stop sampling and return when the sampling task has ended.

@@ -9,10 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import subprocess
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
+import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -275,9 +280,7 @@ async def test_a_hanging_callback_does_not_keep_monitoring_alive() -> None:
             cancelled.set()
             raise
 
-    monitor = MemoryMonitor(
-        80.0, check_interval=0.1, on_high=on_high, reader=FakeReader([95.0])
-    )
+    monitor = MemoryMonitor(80.0, check_interval=0.1, on_high=on_high, reader=FakeReader([95.0]))
     task = asyncio.create_task(monitor.monitor_continuously())
     await asyncio.wait_for(entered.wait(), 5)
     monitor.stop_monitoring()
@@ -427,3 +430,296 @@ async def test_default_reader_measures_cpu_with_a_primed_baseline() -> None:
     monitor = MemoryMonitor(100)
     assert isinstance(await monitor.check_memory_async(), bool)
     assert monitor.latest is not None and monitor.latest.cpu_percent is None
+
+
+# --- review of session 21: restarts, other threads, forks, bad input, the loop's time ---------
+
+
+def _slow_reading() -> ResourceSnapshot:
+    time.sleep(0.2)  # a reading in flight when the stop comes
+    return ResourceSnapshot(memory_percent=50.0, available_bytes=GiB, total_bytes=16 * GiB)
+
+
+async def test_monitoring_restarted_while_the_last_loop_winds_down_runs() -> None:
+    # stop_monitoring() cancels a reading in progress; the loop ends a moment later. A restart
+    # in that moment was ignored ("already monitoring"), and then nothing monitored at all.
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=_slow_reading)
+    first = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.sleep(0.05)  # inside the first (0.2 s) reading
+    monitor.stop_monitoring()
+    second = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.wait_for(first, 5)
+    await asyncio.sleep(0.5)
+    assert monitor.is_monitoring and not second.done()
+    monitor.stop_monitoring()
+    await asyncio.wait_for(second, 5)
+    assert not monitor.is_monitoring
+
+
+async def test_a_restart_stopped_before_the_last_loop_ended_does_not_run() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=_slow_reading)
+    first = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.sleep(0.05)
+    monitor.stop_monitoring()
+    second = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.sleep(0)  # the restart is waiting for the first loop to end
+    monitor.stop_monitoring()  # the last word is "stop"
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert not monitor.is_monitoring
+
+
+async def test_async_with_entered_again_while_aclose_winds_down_monitors() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=_slow_reading)
+    await monitor.__aenter__()
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(monitor.aclose())
+    await asyncio.sleep(0)
+    await monitor.__aenter__()
+    await asyncio.wait_for(closing, 5)
+    await asyncio.sleep(0.5)
+    assert monitor.is_monitoring
+    await asyncio.wait_for(monitor.aclose(), 5)
+    assert not monitor.is_monitoring
+
+
+async def test_aclose_right_after_async_with_entry_stops_the_loop_not_yet_started() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=_slow_reading)
+    first = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.sleep(0.05)
+    monitor.stop_monitoring()
+    await monitor.__aenter__()  # queued behind the loop winding down
+    await asyncio.wait_for(monitor.aclose(), 5)
+    await asyncio.wait_for(first, 5)
+    await asyncio.sleep(0.3)
+    assert not monitor.is_monitoring
+
+
+def test_stop_monitoring_from_another_thread_stops_at_once() -> None:
+    # A sync FastAPI endpoint runs in a worker thread. Event.set() from there did not wake the
+    # loop: monitoring went on for up to check_interval (and debug mode raised RuntimeError).
+    async def scenario() -> float:
+        monitor = MemoryMonitor(80.0, check_interval=60, reader=FakeReader())
+        task = asyncio.create_task(monitor.monitor_continuously())
+        await asyncio.sleep(0.2)
+
+        def stop_later() -> None:
+            time.sleep(0.3)  # the loop is asleep in its 60 s wait by now
+            monitor.stop_monitoring()
+
+        thread = threading.Thread(target=stop_later)
+        started = time.monotonic()
+        thread.start()
+        await asyncio.wait_for(task, 30)
+        thread.join()
+        assert not monitor.is_monitoring
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 20
+    assert asyncio.run(scenario(), debug=True) < 20
+
+
+def test_a_monitor_left_running_by_a_closed_loop_can_be_stopped_and_used_again() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=60, reader=FakeReader())
+
+    async def start() -> asyncio.Task[None]:
+        task = asyncio.create_task(monitor.monitor_continuously())
+        await asyncio.sleep(0.1)
+        return task
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.run_until_complete(start())
+    finally:
+        loop.close()  # the monitoring task is left pending
+    assert not task.done()
+    thread = threading.Thread(target=monitor.stop_monitoring)  # must not raise
+    thread.start()
+    thread.join()
+
+    async def watch_briefly() -> bool:
+        async with monitor:
+            await asyncio.sleep(0.2)
+            return monitor.is_monitoring
+
+    assert asyncio.run(watch_briefly())
+
+
+async def test_sync_check_memory_does_not_walk_the_process_tree_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # check_memory() (the guide's, called from async code) listed every process to sum the
+    # children's RSS: 185 ms on the loop with 1000 children, for a figure it does not use.
+    walks: list[int] = []
+    real_children = psutil.Process.children
+
+    def counting_children(self: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
+        walks.append(self.pid)
+        return real_children(self, recursive=recursive)
+
+    monkeypatch.setattr(psutil.Process, "children", counting_children)
+    monitor = MemoryMonitor(80.0)
+    assert isinstance(monitor.check_memory(), bool)
+    assert walks == []
+    assert monitor.latest is not None and 0 < monitor.latest.memory_percent <= 100
+    assert monitor.latest.process_rss_bytes > 0
+    await monitor.check_memory_async()  # in a worker thread: the whole reading
+    assert walks == [os.getpid()]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MemoryMonitor(reader=5),  # type: ignore[arg-type]
+        lambda: MemoryMonitor(reader="psutil"),  # type: ignore[arg-type]
+        lambda: ResourceManager(reader=5),  # type: ignore[arg-type]
+    ],
+    ids=["monitor-int", "monitor-str", "manager-int"],
+)
+def test_a_reader_that_is_not_callable_is_refused(make: Callable[[], object]) -> None:
+    # Accepted, every reading failed: the monitor logged an error each interval for ever, the
+    # manager's checks raised a bare TypeError at the first admission.
+    with pytest.raises(InvalidTaskError, match="reader") as info:
+        make()
+    assert isinstance(info.value, TypeError) and isinstance(info.value, PrismQError)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan, -1.0, "0.1", True, None])
+def test_psutil_reader_refuses_a_bad_min_cpu_interval(bad: object) -> None:
+    # inf raised OverflowError from time.sleep in the worker thread; a str a bare TypeError.
+    with pytest.raises(InvalidIntervalError, match="min_cpu_interval"):
+        PsutilResourceReader(min_cpu_interval=bad)  # type: ignore[arg-type]
+    assert PsutilResourceReader(measure_cpu=False, min_cpu_interval=0)().cpu_percent is None
+
+
+# A worker forked from a host (gunicorn --preload, a "fork" multiprocessing pool) while one of
+# the host's threads is inside the first CPU reading (holding the reader's lock, sleeping).
+_FORK_READER_SCRIPT = """
+import os, subprocess, sys, threading, time
+from prismq_subprocess import PsutilResourceReader
+
+reader = PsutilResourceReader(min_cpu_interval=2.0)
+big = subprocess.Popen([sys.executable, "-c", "b = b'x' * (40 << 20); import time; time.sleep(60)"])
+time.sleep(1.0)
+threading.Thread(target=reader, daemon=True).start()
+time.sleep(0.3)  # the thread holds the reader's lock for about 2 s
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    snapshot = reader()
+    os.write(w, f"{snapshot.process_rss_bytes > 0} {snapshot.children_rss_bytes}".encode())
+    os._exit(0)
+deadline = time.monotonic() + 20
+while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    if time.monotonic() > deadline:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        print("child hung")
+        break
+    time.sleep(0.05)
+else:
+    print(os.read(r, 100).decode())
+parent = reader()
+print(parent.children_rss_bytes > (30 << 20))
+big.kill()
+big.wait()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_the_psutil_reader_in_a_forked_child_reads_the_child() -> None:
+    # It kept the parent's psutil.Process: the worker reported the parent's RSS and the RSS of
+    # the parent's children (every other worker included) as its own; and a lock held at the
+    # fork hung its first CPU reading for good.
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _FORK_READER_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["True 0", "True"]
+
+
+# A host forking while it monitors (a worker started from inside a running app): the child's
+# copies believed the parent's tasks ran, so they refused to start in the child's own loop.
+_FORK_MONITOR_SCRIPT = """
+import asyncio, os, subprocess, sys, threading, time
+import prismq_subprocess as pq
+
+def fake():
+    return pq.ResourceSnapshot(memory_percent=50.0, available_bytes=1, total_bytes=2)
+
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+monitor = pq.MemoryMonitor(check_interval=0.1, reader=fake)
+sampler = pq.ProcessTreeSampler(sleeper.pid, interval=0.05)
+
+async def in_child() -> str:
+    task = asyncio.create_task(monitor.monitor_continuously())
+    sampler.start()
+    before = sampler.samples
+    await asyncio.sleep(0.5)
+    sampled = sampler.samples > before
+    result = f"{monitor.is_monitoring} {task.done()} {sampler.is_running} {sampled}"
+    monitor.stop_monitoring()
+    await sampler.stop()
+    await asyncio.wait_for(task, 5)
+    return result
+
+async def parent() -> None:
+    task = asyncio.create_task(monitor.monitor_continuously())
+    sampler.start()
+    await asyncio.sleep(0.3)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out = []
+        thread = threading.Thread(target=lambda: out.append(asyncio.run(in_child())))
+        thread.start()
+        thread.join()
+        os.write(w, (out[0] if out else "failed").encode())
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            os.write(w, b"child hung")
+            break
+        await asyncio.sleep(0.05)
+    print(os.read(r, 100).decode())
+    print(monitor.is_monitoring, sampler.is_running)
+    monitor.stop_monitoring()
+    await sampler.stop()
+    await asyncio.wait_for(task, 5)
+
+asyncio.run(parent())
+sleeper.kill()
+sleeper.wait()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_can_monitor_and_sample_in_its_own_loop() -> None:
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _FORK_MONITOR_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr
+    # The child: monitoring and sampling; the parent: its own still running, untouched.
+    assert done.stdout.split("\n")[:2] == ["True False True True", "True True"]
+
+
+async def test_a_monitor_whose_task_was_cancelled_before_it_ran_can_monitor_again() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=FakeReader())
+    await monitor.__aenter__()
+    assert monitor._task is not None
+    task = monitor._task
+    task.cancel()  # e.g. the host's shutdown cancelling every task
+    await asyncio.wait({task})
+    await asyncio.sleep(0)  # its done callbacks
+    async with monitor:
+        await asyncio.sleep(0.3)
+        assert monitor.is_monitoring
+    assert not monitor.is_monitoring

@@ -9,12 +9,14 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from prismq_subprocess._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidIntervalError,
     InvalidLimitError,
+    InvalidTaskError,
 )
 from prismq_subprocess._resources._tree_sampler import ProcessTreeSampler, TreeSample
 
@@ -195,3 +197,105 @@ def test_a_sampler_samples_again_in_a_later_event_loop() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+# --- review of session 21 ---------------------------------------------------------------------
+
+
+async def test_a_sampler_started_again_while_stopping_samples() -> None:
+    # start() while a stop() was under way did nothing (the old task still ran): once the stop
+    # completed, the sampler the caller had just started never sampled.
+    child = await spawn("import time; time.sleep(30)")
+    try:
+        sampler = ProcessTreeSampler(child.pid, interval=0.05)
+        sampler.start()
+        await asyncio.sleep(0.2)
+        stopping = asyncio.create_task(sampler.stop())
+        await asyncio.sleep(0)
+        sampler.start()
+        await asyncio.wait_for(stopping, 5)
+        before = sampler.samples
+        await asyncio.sleep(0.5)
+        assert sampler.is_running and sampler.samples > before
+        await asyncio.wait_for(sampler.stop(), 5)
+        assert not sampler.is_running
+        settled = sampler.samples
+        await asyncio.sleep(0.2)
+        assert sampler.samples == settled
+    finally:
+        child.kill()
+        await child.wait()
+
+
+async def test_a_restart_stopped_again_before_it_ran_stays_stopped() -> None:
+    child = await spawn("import time; time.sleep(30)")
+    try:
+        sampler = ProcessTreeSampler(child.pid, interval=0.05)
+        sampler.start()
+        await asyncio.sleep(0.1)
+        first_stop = asyncio.create_task(sampler.stop())
+        await asyncio.sleep(0)
+        sampler.start()
+        await asyncio.wait_for(asyncio.gather(first_stop, sampler.stop()), 5)
+        assert not sampler.is_running
+        settled = sampler.samples
+        await asyncio.sleep(0.3)
+        assert sampler.samples == settled
+    finally:
+        child.kill()
+        await child.wait()
+
+
+async def test_sampling_ends_when_the_root_is_a_zombie() -> None:
+    # A root that exited but was not waited for yet (a Popen the host has not polled) is a
+    # zombie: psutil calls it running, so the sampler went on for ever, counting it as a live
+    # process with 0 bytes.
+    child = subprocess.Popen(  # noqa: ASYNC220 - a Popen nobody waits for is the point
+        [sys.executable, "-c", "import time; time.sleep(1.0)"]
+    )
+    try:
+        sampler = ProcessTreeSampler(child.pid, interval=0.05)
+        sampler.start()
+        assert sampler._task is not None
+        await asyncio.wait_for(asyncio.shield(sampler._task), 10)
+        assert child.poll() is not None  # it was a zombie until now
+        assert not sampler.is_running
+        assert sampler.peak_rss_bytes > MiB  # it was seen alive
+        await sampler.stop()
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_zombie_descendants_are_not_counted_as_live() -> None:
+    # The child starts a grandchild that exits at once and is never waited for.
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'pass'])\n"
+        "print('started', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    child = await spawn(code, stdout=asyncio.subprocess.PIPE)
+    assert child.stdout is not None
+    try:
+        assert await asyncio.wait_for(child.stdout.readline(), 10) == b"started\n"
+        sampler = ProcessTreeSampler(child.pid, interval=60)
+        for _ in range(200):  # until the grandchild has exited (a zombie, never reaped)
+            found = psutil.Process(child.pid).children()
+            if found and found[0].status() == psutil.STATUS_ZOMBIE:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the grandchild never became a zombie")
+        sample = await sampler.sample()
+        assert sample is not None and sample.process_count == 1
+    finally:
+        child.kill()
+        await child.wait()
+
+
+def test_an_on_limit_that_is_not_callable_is_refused() -> None:
+    # Accepted, the limit was passed without anything done but a logged TypeError.
+    with pytest.raises(InvalidTaskError, match="on_limit") as info:
+        ProcessTreeSampler(1, memory_limit_bytes=MiB, on_limit=5)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)

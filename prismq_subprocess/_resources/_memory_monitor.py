@@ -317,13 +317,13 @@ class MemoryMonitor(AsyncResource):
     async def __aenter__(self) -> Self:
         """Run :meth:`monitor_continuously` in a task owned by the monitor; leaving the block
         calls :meth:`aclose`."""
-        if self._task is None or self._task.done():
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             # Claimed here, not in the task: aclose() right after must find the stop request.
             claim = self._claim()
             if claim is None:
                 logger.warning("MemoryMonitor is already monitoring; second call ignored")
             else:
-                loop = asyncio.get_running_loop()
                 task = loop.create_task(self._monitor(*claim), name="MemoryMonitor")
                 # A task cancelled before its first step never runs _monitor's cleanup.
                 stop, ended, _ = claim
@@ -340,5 +340,6 @@ class MemoryMonitor(AsyncResource):
         """
         task, self._task = self._task, None
         self.stop_monitoring()
-        if task is not None:
+        # A task of another event loop (one closed while it ran) can't be awaited here.
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
             await join_stopped_task(task, logger, "memory monitoring")

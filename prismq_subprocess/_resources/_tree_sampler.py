@@ -266,10 +266,16 @@ class ProcessTreeSampler(AsyncResource):
 
         A sample in progress is allowed to finish, so this returns within about one reading
         (plus an ``on_limit`` callback that is running). If ``stop()`` is cancelled, the
-        sampling task is cancelled too.
+        sampling task is cancelled too. A sampling task left by an event loop closed while it
+        ran is forgotten.
         """
         task = self._task
         if task is None:
+            return
+        if task.get_loop() is not asyncio.get_running_loop():
+            # Left by an event loop that is gone (closed with the task pending): nothing runs
+            # it any more, its stop event belongs to that loop, and it can't be awaited here.
+            self._task = None
             return
         self._stop.set()
         await join_stopped_task(task, logger, "process tree sampler")

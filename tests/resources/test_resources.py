@@ -723,3 +723,21 @@ async def test_a_monitor_whose_task_was_cancelled_before_it_ran_can_monitor_agai
         await asyncio.sleep(0.3)
         assert monitor.is_monitoring
     assert not monitor.is_monitoring
+
+
+def test_a_monitor_entered_in_a_loop_closed_inside_the_block_monitors_in_the_next() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=60, reader=FakeReader())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(monitor.__aenter__())  # the block never left: the host died
+        loop.run_until_complete(asyncio.sleep(0.1))
+    finally:
+        loop.close()
+
+    async def watch_briefly() -> bool:
+        async with monitor:
+            await asyncio.sleep(0.2)
+            return monitor.is_monitoring
+
+    assert asyncio.run(watch_briefly())
+    assert not monitor.is_monitoring

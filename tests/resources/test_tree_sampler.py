@@ -299,3 +299,32 @@ def test_an_on_limit_that_is_not_callable_is_refused() -> None:
     with pytest.raises(InvalidTaskError, match="on_limit") as info:
         ProcessTreeSampler(1, memory_limit_bytes=MiB, on_limit=5)  # type: ignore[arg-type]
     assert isinstance(info.value, TypeError)
+
+
+def test_a_sampler_left_running_by_a_closed_loop_stops_and_samples_in_the_next() -> None:
+    # stop() in the next loop waited for the dead loop's task for ever.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        sampler = ProcessTreeSampler(child.pid, interval=0.05)
+
+        async def start() -> None:
+            sampler.start()
+            await asyncio.sleep(0.2)
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(start())
+        finally:
+            loop.close()  # the sampling task is left pending
+
+        async def stop_then_sample() -> int:
+            await asyncio.wait_for(sampler.stop(), 10)
+            before = sampler.samples
+            async with sampler:
+                await asyncio.sleep(0.3)
+            return sampler.samples - before
+
+        assert asyncio.run(stop_then_sample()) >= 2
+    finally:
+        child.kill()
+        child.wait()

@@ -13,7 +13,10 @@ for:
   being registered carries its own run's cookie and is never taken for an orphan); or
 - it is in a session that is neither ours nor its own: a child spawned by anyone in this process
   is either in our session or leads a new one (``setsid`` makes the caller the leader), so only a
-  descendant of a child can be in a foreign session it does not lead.
+  descendant of a child can be in a foreign session it does not lead. Ours are two: the one this
+  process was in when it loaded this module (or forked), and the one it leads once it calls
+  ``setsid()`` itself (a child it started before that stays in the first). A child started
+  before this module was loaded, in a session the host then left, would look foreign.
 
 A zombie that is neither (an orphan that stayed in our own session, from a child the host started
 itself without a new session; or one that set up its own session and was never seen alive) is
@@ -37,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from ._fork import after_fork_in_child
 from ._table import ProcessEntry, proc_entry, scan_proc
 
 __all__ = ["Reaper"]
@@ -49,6 +53,26 @@ _EXIT_SWEEP_EVERY = 0.05
 _EXITED_EARLY_KEPT = 1024
 # How long such an early exit explains a spawn report: longer, and the pid may be a new child's.
 _EXITED_EARLY_FOR = 5.0
+
+
+def _session() -> int:
+    getsid = getattr(os, "getsid", None)  # (this module is imported on Windows too)
+    return getsid(0) if getsid is not None else -1
+
+
+# The session this process was in when it loaded us (or forked): a process changes session
+# only by setsid(), which makes it the leader of a session numbered like itself, so children
+# the host started since are in this one or that one (or lead their own), whenever the
+# reaper was made.
+_SESSION_AT_START = _session()
+
+
+def _forked() -> None:
+    global _SESSION_AT_START
+    _SESSION_AT_START = _session()
+
+
+after_fork_in_child(_forked)
 
 
 class Reaper:
@@ -64,7 +88,7 @@ class Reaper:
         self._leaders_gone = leaders_gone
         self._proc_root = proc_root
         self._me = os.getpid()
-        self._my_sid = os.getsid(0)
+        self._my_sids = frozenset((_SESSION_AT_START, _session(), self._me))
         self._children_files = os.path.exists(f"{proc_root}/self/task/{self._me}/children")
         self._lock = threading.Lock()
         self._leaders: set[int] = set()
@@ -155,8 +179,12 @@ class Reaper:
     def may_be_spawned(self, entry: ProcessEntry) -> bool:
         """``entry``, a child of ours, may be one somebody in this process spawned (and waits
         for): it is in our session or leads its own. Only a descendant of a child can be in a
-        foreign session it does not lead."""
-        return entry.ppid == self._me and entry.sid in (-1, self._my_sid, entry.pid)
+        foreign session it does not lead. Ours: the one this process was in at start-up (a
+        host may leave it with ``setsid()``, its earlier children staying there) or the one it
+        leads from then on."""
+        return entry.ppid == self._me and (
+            entry.sid in (-1, entry.pid) or entry.sid in self._my_sids
+        )
 
     def _children(self) -> list[int]:
         # The kernel hands an orphan to the first live thread of its subreaper: our main thread

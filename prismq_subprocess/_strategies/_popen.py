@@ -93,6 +93,9 @@ def _discard_orphan(
 
     def reap() -> None:
         popen.wait()
+        # Reported like every other exit: the child stays registered as spawned (and running)
+        # otherwise, and the subreaper skips an orphan later given its pid.
+        ops.child_exited(popen.pid)
         _tell(loop, undone)
 
     threading.Thread(target=reap, name="prismq-reap", daemon=True).start()

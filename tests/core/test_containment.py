@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -27,7 +28,11 @@ from lifecycle_helpers import daemonizer, marked_env, survivors_after, wait_for_
 import prismq_subprocess as pq
 from prismq_subprocess._platform import _posix, platform_ops
 from prismq_subprocess._platform._cookie import Cookies
-from prismq_subprocess._platform._linux import PR_SET_CHILD_SUBREAPER, load_prctl
+from prismq_subprocess._platform._linux import (
+    PR_GET_CHILD_SUBREAPER,
+    PR_SET_CHILD_SUBREAPER,
+    load_prctl,
+)
 from prismq_subprocess._platform._posix_host import PosixHost
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX fork; see docs/WINDOWS.md")
@@ -120,11 +125,20 @@ MEANS = {
 def subreaper_undone() -> Iterator[None]:
     """The subreaper is a property of the whole (pytest) process: turn it off again after the
     test and reap what it adopted, so later tests do not find adopted orphans among their
-    children."""
+    children.
+
+    Under ``PRISMQ_SUBREAPER=1`` the process was one already: the library made it one and
+    relies on it, so it stays one (turned off, orphans went to init behind the library's back
+    and reaper tests that ran later in the same worker failed). What it adopted from this
+    test's own host (which has no reaper: the process's own one never saw those trees) is
+    reaped all the same."""
+    prctl = load_prctl()
+    flag = ctypes.c_int(0)
+    if prctl is not None and prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(flag), 0, 0, 0) != 0:
+        prctl = None
     before = {child.pid for child in psutil.Process().children()}
     yield
-    prctl = load_prctl()
-    if prctl is not None:
+    if prctl is not None and not flag.value:
         prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error, ChildProcessError):
@@ -192,7 +206,7 @@ async def test_a_helper_started_at_sigterm_after_the_snapshot_is_stopped(
     await assert_no_survivors(mark)
 
 
-async def test_without_containment_the_daemon_escapes() -> None:
+async def test_without_containment_the_daemon_escapes(subreaper_undone: None) -> None:
     # The reproduction of issue 11: process groups and the parent chain alone miss it.
     ops = platform_ops(sys.platform, host=None)
     mark, env = marked_env()

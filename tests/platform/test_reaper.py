@@ -168,3 +168,82 @@ def test_the_child_of_a_spawn_undone_before_its_pid_was_known_is_left_to_its_own
     finally:
         ours.kill()
         ours.wait()
+
+
+@pytest.mark.parametrize("mode", ["threaded", "local"])
+async def test_the_child_of_a_cancelled_pool_spawn_is_not_kept_as_spawned(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A spawn cancelled while its worker runs Popen is undone by that worker, and its child
+    # reaped by a thread of its own; that child stayed registered as a running child we
+    # spawned (until a later spawn's prune): an orphan given its pid meanwhile is skipped by
+    # every sweep, and is never pruned either (its parent is us), so it would stay a zombie.
+    from prismq_subprocess._strategies import _popen
+
+    r = reaper()
+    discarded: list[int] = []
+    original = _popen.discard_popen
+
+    def spy(ops: object, request: object, popen: subprocess.Popen[bytes], *a: object, **k: object):  # type: ignore[no-untyped-def]
+        discarded.append(popen.pid)
+        return original(ops, request, popen, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_popen, "discard_popen", spy)
+    async with pq.SubprocessWrapper(mode) as wrapper:
+        for attempt in range(400):
+            if len(discarded) >= 3:
+                break
+            with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+                process = await asyncio.wait_for(
+                    wrapper.create_subprocess_exec("sleep", "30"), (attempt % 20) / 2000
+                )
+                await pq.terminate_gracefully(process, timeout=5)
+                raise TimeoutError  # (spawned in time: not the case under test)
+    if not discarded:
+        pytest.skip("no spawn was cancelled while its worker ran Popen")
+    assert await asyncio.to_thread(
+        wait_until, lambda: not any(psutil.pid_exists(pid) for pid in discarded)
+    )
+    assert set(discarded) & r._leaders == set()
+
+
+# A host that calls setsid() itself (detaching from its terminal) with children of its own
+# around: before or after the reaper was made, the children stay its own, whichever session.
+SETSID_HOST = """
+import os, subprocess, sys, time
+from prismq_subprocess._platform._posix_host import posix_host
+host = posix_host()
+before = subprocess.Popen(["sh", "-c", "exit 7"])  # started in the session we leave
+if sys.argv[1] == "early":
+    host.activate()
+os.setsid()
+host.activate()
+if host.reaper is None:
+    print("skip"); raise SystemExit
+after = subprocess.Popen(["sh", "-c", "exit 5"])  # started in our new session
+time.sleep(0.5)
+for _ in range(3):
+    host.reaper.sweep()
+print(before.wait(), after.wait())
+"""
+
+
+@pytest.mark.parametrize("activated", ["early", "late"])
+def test_children_of_a_host_that_starts_its_own_session_are_left_to_it(activated: str) -> None:
+    # The reaper took a child in a session that was neither the one it was made in nor the
+    # child's own for an orphan: after the host's own setsid() (or before the reaper was
+    # made), its children were reaped behind Popen's back and Popen.wait() said 0.
+    reaper()
+    env = dict(os.environ, PRISMQ_SUBREAPER="1")
+    # (A child of ours leads no process group: setsid() is allowed there.)
+    out = subprocess.run(
+        [sys.executable, "-c", SETSID_HOST, activated],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    if out == ["skip"]:
+        pytest.skip("this host is not a child subreaper")
+    assert out == ["7", "5"]

@@ -88,6 +88,16 @@ class Cookies:
         end = environ.find(b"\0", start)
         return environ[start : end if end >= 0 else len(environ)].decode("ascii", "replace")
 
+    def unreadable(self, pid: int) -> bool:
+        """Whether ``pid``'s environment reads as nothing now: gone, another user's, a zombie,
+        exiting (its memory already released), or started with an empty environment."""
+        if self._proc_root is not None:
+            return not read_small_file(f"{self._proc_root}/{pid}/environ", _ENVIRON_LIMIT)
+        try:
+            return not psutil.Process(pid).environ()
+        except (psutil.Error, OSError):
+            return True
+
     def read(self, pid: int) -> str | None:
         """The cookie value in ``pid``'s environment; None when absent or unreadable (another
         user's process, a zombie, gone)."""

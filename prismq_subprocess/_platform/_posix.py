@@ -549,7 +549,8 @@ class _Finder:
         else:
             candidates = [e for e in table.entries.values() if e.pid not in leaders and e.pid != me]
         share = GilShare()
-        for entry in candidates:
+        looked = {e.pid for e in candidates}
+        for entry in candidates:  # (grows: see below)
             share()
             key = (entry.pid, entry.start)
             if key not in self._cookies:
@@ -557,6 +558,15 @@ class _Finder:
             cookie = self._cookies[key]
             if cookie in wanted:
                 self._holders.setdefault(cookie, []).append(entry)
+            elif host.subreaper and cookie is None and host.cookies.unreadable(entry.pid):
+                # A child that is exiting has released its memory (its environment reads
+                # empty) before its children are handed to us: they are still its own, and
+                # only their own cookies find them (the undo of a cancelled spawn: asyncio has
+                # just killed the child, whose `cmd &` lives on).
+                for below in table.descendants(entry.pid):
+                    if below.pid not in looked and below.pid not in leaders:
+                        looked.add(below.pid)
+                        candidates.append(below)
 
     def contained(self, record: StopRecord) -> list[ProcessEntry]:
         """The processes containment attributes to ``record`` in the current look."""

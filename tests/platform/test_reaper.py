@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -247,3 +248,50 @@ def test_children_of_a_host_that_starts_its_own_session_are_left_to_it(activated
     if out == ["skip"]:
         pytest.skip("this host is not a child subreaper")
     assert out == ["7", "5"]
+
+
+# Forks a grandchild (which keeps the environment, cookie included), then replaces itself with
+# a program whose environment is empty: to a reader of /proc it looks like a child that is
+# exiting (its memory released, so its environment reads empty, while its children are still
+# its own and not yet handed to us).
+EMPTY_ENVIRON_PARENT = """
+import os, sys, time
+if os.fork() == 0:
+    time.sleep(30)
+    os._exit(0)
+os.execve("/bin/sleep", ["sleep", "30"], {})
+"""
+
+
+def test_the_undo_finds_a_grandchild_below_a_child_whose_environment_reads_empty() -> None:
+    # CI-like failure (test_a_spawn_cancelled_twice_leaves_no_tree[run-async], 1 in 4 under
+    # load): asyncio killed the child of a cancelled creation; while it was exiting, its
+    # environment read empty and its `sleep &` grandchild was not ours yet, so the undo (the
+    # cookie among our own children only, with the subreaper) found nothing and the
+    # grandchild survived. Without the subreaper every process is a candidate.
+    from prismq_subprocess._platform import platform_ops
+
+    reaper()
+    ops = platform_ops()
+    kwargs, containment = ops.prepare_spawn({})
+    if containment.cookie is None:
+        pytest.skip("no cookie containment on this host")
+    child = subprocess.Popen([sys.executable, "-c", EMPTY_ENVIRON_PARENT], env=kwargs["env"])
+    try:
+        assert wait_until(
+            lambda: (
+                psutil.Process(child.pid).exe().endswith("sleep")
+                and len(psutil.Process(child.pid).children()) == 1
+            )
+        )
+        [grandchild] = psutil.Process(child.pid).children()
+        ops.kill_contained(containment)
+        assert wait_until(
+            lambda: not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+        )
+    finally:
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(child.pid).children():
+                proc.kill()
+        child.kill()
+        child.wait()

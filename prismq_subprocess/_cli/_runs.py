@@ -294,7 +294,9 @@ async def _with_registry(args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         if _is_locked(exc):
             raise _locked_error(args.db) from None
-        raise
+        # A file that passed the check but whose pages SQLite cannot read ("database disk image
+        # is malformed"): a problem with the file, as a file that is not SQLite at all is.
+        raise CliError(f"{args.db!r} cannot be read as a run registry: {exc}", EXIT_USAGE) from None
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -355,6 +355,31 @@ def test_foreign_files_are_left_untouched(tmp_path: Path) -> None:
     assert cli("runs", "--db", str(tmp_path)).returncode == 2  # a directory
 
 
+def test_a_damaged_registry_is_reported_without_a_traceback(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # A registry whose first page (the schema) is intact but whose other pages are garbage:
+    # it passes the read-only check, then SQLite finds the damage when the runs are read.
+    db = tmp_path / "damaged.db"
+    data = registry.db.read_bytes()
+    page = 4096
+    assert len(data) > page
+    db.write_bytes(data[:page] + bytes([0xA5]) * (len(data) - page))
+    before = _digest(db)
+    run_id = registry.completed.run_id
+    for args in (
+        ["runs", "--db", str(db)],
+        ["runs", "--db", str(db), "--json"],
+        ["runs", "show", run_id, "--db", str(db)],
+        ["runs", "tail", run_id, "--db", str(db)],
+    ):
+        result = cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert b"Traceback" not in result.stderr, result.stderr
+        assert b"damaged.db" in result.stderr and b"malformed" in result.stderr, result.stderr
+    assert _digest(db) == before
+
+
 def test_a_locked_registry_is_reported_as_locked(registry: Registry, tmp_path: Path) -> None:
     db = tmp_path / "locked.db"
     db.write_bytes(registry.db.read_bytes())  # the WAL was checkpointed when it closed

@@ -92,16 +92,17 @@ def plan_loop(
 
     ``auto``/``asyncio`` give a loop that can spawn subprocesses on every platform (uvloop for
     ``auto`` where it is installed and not Windows, as uvicorn would); ``uvloop`` is passed
-    through (not on Windows); ``none`` keeps the event-loop policy, made a subprocess-capable
-    one; any other value is the user's own factory, passed through with a note.
+    through (where it is installed, not on Windows); ``none`` keeps the event-loop policy,
+    made a subprocess-capable one; any other value is the user's own factory, passed through
+    with a note.
     ``multi_process`` (uvicorn will start processes: ``--reload``, ``--workers N``): on Windows
     those processes share one listening socket, which Proactor loops cannot accept on, so
     ``auto``/``asyncio`` then keep uvicorn's own (selector) loop, where the library runs
     subprocesses in THREADED mode; ``none`` still installs the Proactor policy, with a warning.
 
     Raises:
-        CliError: ``uvloop`` asked for on Windows, or a factory of your own with a uvicorn
-            older than 0.36, which cannot load one (exit 2).
+        CliError: ``uvloop`` asked for on Windows or where it is not installed, or a factory of
+            your own with a uvicorn older than 0.36, which cannot load one (exit 2).
     """
     name = platform_name(platform)
     choice = "auto" if requested is None else requested
@@ -125,6 +126,11 @@ def _base_plan(choice: str, name: str, accepts_factory: bool, has_uvloop: bool) 
     if choice == "uvloop":
         if is_windows(name):
             raise CliError("--loop uvloop: uvloop does not run on Windows", EXIT_USAGE)
+        if not has_uvloop:
+            # uvicorn would fail only when it builds the loop, with an import traceback.
+            raise CliError(
+                "--loop uvloop: uvloop is not installed (pip install uvloop)", EXIT_USAGE
+            )
         return LoopPlan("uvloop")
     if choice == "none":
         return LoopPlan("none", install_policy=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import queue
 import re
@@ -397,6 +398,22 @@ def test_uvloop_on_windows_is_a_usage_error() -> None:
     with pytest.raises(CliError) as info:
         plan_loop("uvloop", platform="win32", accepts_factory=True, has_uvloop=True)
     assert info.value.exit_code == 2
+
+
+def test_uvloop_not_installed_is_a_usage_error() -> None:
+    with pytest.raises(CliError) as info:
+        plan_loop("uvloop", platform="linux", accepts_factory=True, has_uvloop=False)
+    assert info.value.exit_code == 2 and "not installed" in str(info.value)
+
+
+def test_uvloop_not_installed_exits_2_without_a_traceback() -> None:
+    # uvicorn itself would fail only when building the loop, with a ModuleNotFoundError traceback.
+    if importlib.util.find_spec("uvloop") is not None:
+        pytest.skip("uvloop is installed here")
+    result = cli("serve", "probe_app:app", "--loop", "uvloop", "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"uvloop is not installed" in result.stderr
 
 
 def test_loop_option_is_taken_out_of_uvicorn_arguments() -> None:

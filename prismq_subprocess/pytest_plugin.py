@@ -53,6 +53,9 @@ _SCRIPT = pytest.StashKey[DryRunScript]()
 _REPORTED = pytest.StashKey[int]()
 _LEAKS = pytest.StashKey[LeakCheck]()
 _MODE_USED = pytest.StashKey[str]()
+# On the config: the leak check of the test running now, once started (wider fixtures set up
+# during the test see it there; their request's node is not the test).
+_ACTIVE = pytest.StashKey[LeakCheck]()
 
 _LEAK_OPTIONS = {"processes", "threads", "fds", "ignore_threads", "timeout"}
 
@@ -231,6 +234,7 @@ def _start_leak_check(item: pytest.Item) -> None:
     check = item.stash.get(_LEAKS, None)
     if check is not None and not check.started:
         check.start()
+        item.config.stash[_ACTIVE] = check
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -246,10 +250,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_fixture_setup(
     fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
 ) -> Generator[None, Any, Any]:
-    """Start a pending leak check before the first function-scoped fixture is set up."""
+    """Start a pending leak check before the first function-scoped fixture is set up; leave
+    out of it what a fixture of wider scope set up during the test opens (pytest-asyncio's
+    module- or session-scoped loop is set up after the test's own fixtures)."""
     if fixturedef.scope == "function" and isinstance(request.node, pytest.Item):
         _start_leak_check(request.node)
-    return (yield)
+        return (yield)
+    check = request.config.stash.get(_ACTIVE, None)
+    if check is None:
+        return (yield)
+    with check.exempt():
+        return (yield)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -283,6 +294,8 @@ def pytest_runtest_teardown(
     if check is None or not check.started:
         return (yield)
     del item.stash[_LEAKS]
+    # Teardown sets nothing up: the wider fixtures that stay are exempt already.
+    del item.config.stash[_ACTIVE]
     try:
         result = yield
     except BaseException as exc:

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import psutil
@@ -173,10 +173,7 @@ class LeakCheck:
         """Take the baseline and set the environment cookie."""
         self.started = True
         self._started = time.time()
-        me = psutil.Process()
-        self._children = {
-            key for key in map(_process_key, me.children(recursive=True)) if key is not None
-        }
+        self._children = self._descendant_keys()
         self._thread_set = set(threading.enumerate())
         self._fd_map = _open_fds()
         self._fd_total = _fd_count()
@@ -184,6 +181,42 @@ class LeakCheck:
             self._saved_cookie = os.environ.get(COOKIE_VAR)
             os.environ[COOKIE_VAR] = self.cookie
             self._run_cookie = _run_cookie_baseline()
+
+    @contextlib.contextmanager
+    def exempt(self) -> Iterator[None]:
+        """Leave out what appears while the block runs: the resources of a fixture of wider
+        scope set up during the test (pytest-asyncio's module- or session-scoped event loop, a
+        session fixture requested through ``getfixturevalue``), which outlive the test by
+        design. Its children do not get the check's cookie. A no-op before :meth:`start`."""
+        if not self.started:
+            yield
+            return
+        threads = set(threading.enumerate())
+        fds = _open_fds()
+        total = _fd_count()
+        children = self._descendant_keys()
+        restore = self.processes and os.environ.get(COOKIE_VAR) == self.cookie
+        if restore:
+            if self._saved_cookie is None:
+                os.environ.pop(COOKIE_VAR, None)
+            else:
+                os.environ[COOKIE_VAR] = self._saved_cookie
+        try:
+            yield
+        finally:
+            if restore:
+                os.environ[COOKIE_VAR] = self.cookie
+            self._thread_set |= set(threading.enumerate()) - threads
+            self._fd_map.update((fd, target) for fd, target in _open_fds().items() if fd not in fds)
+            after = _fd_count()
+            if self._fd_total is not None and total is not None and after is not None:
+                self._fd_total += max(0, after - total)
+            self._children |= self._descendant_keys() - children
+
+    @staticmethod
+    def _descendant_keys() -> set[tuple[int, float]]:
+        children = psutil.Process().children(recursive=True)
+        return {key for key in map(_process_key, children) if key is not None}
 
     def finish(self) -> LeakReport:
         """Wait up to ``timeout`` for leftovers to go, restore the environment, kill leaked
@@ -230,6 +263,8 @@ class LeakCheck:
         for proc in psutil.process_iter(["create_time"]):
             if proc.pid in found or proc.info["create_time"] is None:
                 continue
+            if (proc.pid, proc.info["create_time"]) in self._children:
+                continue  # started by a wider fixture meanwhile (see exempt())
             if proc.info["create_time"] < self._started - 1.0:
                 continue
             try:

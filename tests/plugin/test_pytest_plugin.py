@@ -410,6 +410,56 @@ def test_clean():
     assert _wait_gone(int((host.path / "child.pid").read_text()))
 
 
+def test_what_a_wider_fixture_opens_during_the_check_is_not_the_tests_leak(
+    host: pytest.Pytester,
+) -> None:
+    # pytest-asyncio sets up a module- or session-scoped loop (its epoll descriptor, its
+    # self-pipe) in the first test that runs on it, after that test's function-scoped fixtures:
+    # inside the leak check. A session fixture requested through getfixturevalue is the same.
+    # Neither is the test's: they outlive it by design. What the test itself leaks still counts.
+    host.makeini(HOST_PYTEST_INI + "asyncio_default_test_loop_scope = module\n")
+    result = run(
+        host,
+        """
+@pytest.fixture(scope="session")
+def session_resources():
+    r, w = os.pipe()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="session-thread", daemon=True)
+    thread.start()
+    child = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    yield
+    child.kill()
+    child.wait()
+    stop.set()
+    thread.join()
+    os.close(r)
+    os.close(w)
+
+@pytest.mark.pq_no_leaks  # (the library's own worker threads linger a moment: default timeout)
+async def test_first_on_the_module_loop(pq_wrapper):
+    await pq_wrapper.run(PY, "-c", "pass")
+
+@pytest.mark.pq_no_leaks(timeout=0.2)
+def test_lazy_session_fixture(request):
+    request.getfixturevalue("session_resources")
+
+@pytest.mark.pq_no_leaks(timeout=0.2)
+async def test_own_leak_still_counts():
+    r, w = os.pipe()
+    Path("fds").write_text(f"{r} {w}")
+""",
+    )
+    try:
+        text = output(result)
+        result.assert_outcomes(passed=5, errors=1)
+        assert "ERROR at teardown of test_own_leak_still_counts" in text, text
+        assert re.search(r"fd \d+ -> pipe:", text) or not os.path.isdir("/proc/self/fd")
+    finally:
+        for fd in map(int, (host.path / "fds").read_text().split()):
+            os.close(fd)
+
+
 def test_leak_check_waits_for_leftovers_that_go_away(host: pytest.Pytester) -> None:
     started = time.monotonic()
     result = run(

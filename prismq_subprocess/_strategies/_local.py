@@ -171,6 +171,9 @@ class LocalProcess(PopenProcess):
             drain_blocking(self._popen, input, self._out, self._err, self._watch)
             returncode = self._popen.wait()
         except BaseException as exc:
+            # The output is incomplete: readers get the error. The child is still ours to
+            # reap and its exit still to report, or wait() (and a tree stop) waits for ever.
+            self._reap_after_failure()
             _call_soon(self._loop, functools.partial(_settle, job, None, exc))
         else:
             _call_soon(self._loop, functools.partial(_settle, job, returncode, None))
@@ -179,6 +182,14 @@ class LocalProcess(PopenProcess):
 
     def _exited_in_thread(self, returncode: int) -> None:
         _call_soon(self._loop, functools.partial(self._set_returncode, returncode))
+
+    def _reap_after_failure(self) -> None:
+        """After a failed drain: close the pipes (a child still writing gets EPIPE rather than
+        blocking on a pipe nobody reads), wait for the child, report its exit (blocking)."""
+        popen = self._popen
+        _close_pipes(popen)
+        with contextlib.suppress(Exception):
+            self._exited_in_thread(popen.wait())
 
     def _adopt(self, job: asyncio.Future[int]) -> None:
         self._job = job
@@ -344,6 +355,15 @@ class _Launch:
         drains.add(self.watch)
         try:
             drain_blocking(popen, self._input, self._out, self._err, self.watch)
+        except BaseException:
+            # As LocalProcess does: the run fails, but its child is reaped and its exit
+            # reported (a tree stop of the run waits for it).
+            _close_pipes(popen)
+            with contextlib.suppress(Exception):
+                returncode = popen.wait()
+                ops.child_exited(popen.pid)
+                self._exited_in_thread(returncode)
+            raise
         finally:
             drains.discard(self.watch)
         returncode = popen.wait()
@@ -388,6 +408,13 @@ class _Launch:
         if popen is not None:
             discard_popen(self._strategy.ops, self._request, popen, containment, close_pipes=False)
         return started
+
+
+def _close_pipes(popen: subprocess.Popen[bytes]) -> None:
+    for pipe in (popen.stdin, popen.stdout, popen.stderr):
+        if pipe is not None:
+            with contextlib.suppress(Exception):
+                pipe.close()
 
 
 def _settle(job: asyncio.Future[int], result: int | None, exc: BaseException | None) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import psutil
+import pytest
 from helpers import py
 
+import prismq_subprocess as pq
 from prismq_subprocess._core._result import TailBuffer
+from prismq_subprocess._strategies import _local
 from prismq_subprocess._strategies._base import SpawnRequest
 from prismq_subprocess._strategies._local import LocalStrategy
 
@@ -31,3 +36,54 @@ async def test_a_discarded_run_still_reports_its_childs_exit() -> None:
         assert run.process.returncode == returncode
     finally:
         strategy.close()
+
+
+async def test_a_failed_drain_still_reaps_the_child_and_reports_its_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker thread moving a raw process's pipes can fail (a MemoryError while a child
+    like ``yes`` fills an unbounded buffer). ``wait()`` then waited for ever and the child was
+    left a zombie: ``prismq-subprocess run --mode local`` never ended, even on SIGTERM. The
+    child must still be reaped and its exit reported; the output, now incomplete, raises."""
+
+    def failing_drain(popen: Any, input: Any, out: Any, err: Any, watch: Any = None) -> None:
+        assert popen.stdout is not None
+        popen.stdout.read(1024)
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(_local, "drain_blocking", failing_drain)
+    async with pq.SubprocessWrapper(pq.RunMode.LOCAL) as wrapper:
+        process = await wrapper.create_subprocess_exec(
+            *py("import sys\nwhile True: sys.stdout.write('y' * 4096)"),
+            stdout=pq.PIPE,
+            stderr=pq.PIPE,
+        )
+        async with asyncio.timeout(30):
+            returncode = await process.wait()
+        assert returncode != 0
+        with pytest.raises(MemoryError, match="injected"):
+            await process.stdout.read()
+        assert not psutil.pid_exists(process.pid) or (
+            psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE
+        )
+
+
+async def test_a_failed_drain_fails_the_run_and_reaps_its_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same failure in ``run()``'s one-job path: the run raised nothing and never ended
+    (its tree stop waited for an exit nobody reported), even under a timeout."""
+
+    def failing_drain(popen: Any, input: Any, out: Any, err: Any, watch: Any = None) -> None:
+        assert popen.stdout is not None
+        popen.stdout.read(1024)
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(_local, "drain_blocking", failing_drain)
+    before = {child.pid for child in psutil.Process().children()}
+    async with pq.SubprocessWrapper(pq.RunMode.LOCAL) as wrapper:
+        async with asyncio.timeout(30):
+            with pytest.raises(MemoryError, match="injected"):
+                await wrapper.run(*py("import sys\nwhile True: sys.stdout.write('y' * 4096)"))
+        # Reaped by the worker before the run failed: no new child, not even a zombie.
+        assert {child.pid for child in psutil.Process().children()} <= before

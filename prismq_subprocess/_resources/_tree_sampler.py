@@ -108,7 +108,11 @@ class ProcessTreeSampler(AsyncResource):
         self.memory_limit_bytes = memory_limit_bytes
         self._on_limit = on_limit
         self._root: psutil.Process | None = None
+        # CPU seconds by process, for the processes that may still run; those known to have
+        # ended are folded into _ended_cpu (a run that starts many short processes would
+        # otherwise keep, and sum at every sample, one entry per process it ever had).
         self._cpu_by_ident: dict[_Ident, float] = {}
+        self._ended_cpu = 0.0
         self._peak_rss = 0
         self._samples = 0
         self._last: TreeSample | None = None
@@ -135,7 +139,7 @@ class ProcessTreeSampler(AsyncResource):
     @property
     def cpu_time_seconds(self) -> float:
         """Total user + system CPU seconds of every process seen in the tree."""
-        return sum(self._cpu_by_ident.values())
+        return self._ended_cpu + sum(self._cpu_by_ident.values())
 
     @property
     def samples(self) -> int:
@@ -157,8 +161,11 @@ class ProcessTreeSampler(AsyncResource):
         """True while the sampling task is active."""
         return self._task is not None and not self._task.done()
 
-    def _read(self) -> tuple[int, int, dict[_Ident, float]] | None:
-        """Read the tree (blocking; runs in a worker thread): RSS, live count, CPU per process.
+    def _read(
+        self, known: list[_Ident]
+    ) -> tuple[int, int, dict[_Ident, float], list[_Ident]] | None:
+        """Read the tree (blocking; runs in a worker thread): RSS, live count, CPU per process,
+        and which of the ``known`` processes not in the tree now have ended.
 
         Returns None when the root is gone. Touches no shared state but the cached root handle,
         so the figures are only ever updated on the event loop.
@@ -190,7 +197,11 @@ class ProcessTreeSampler(AsyncResource):
                 continue
             rss += mem
             alive += 1
-        return rss, alive, cpu
+        # Not in the tree any more: ended, or left it (re-parented by a parent that exited).
+        # Only a pid that no longer exists is surely ended; it can never be read again, so its
+        # CPU time is final. (One that left the tree is kept, as it was before.)
+        ended = [ident for ident in known if ident not in cpu and not psutil.pid_exists(ident[0])]
+        return rss, alive, cpu, ended
 
     async def sample(self) -> TreeSample | None:
         """Take one sample now (in a worker thread) and update the figures.
@@ -199,12 +210,15 @@ class ProcessTreeSampler(AsyncResource):
         Cancelling abandons the wait; the reading finishes in its thread and is dropped.
         """
         async with self._lock:
-            reading = await asyncio.to_thread(self._read)
+            reading = await asyncio.to_thread(self._read, list(self._cpu_by_ident))
             self._samples += 1
             if reading is None:
                 return None
-            rss, alive, cpu = reading
-            self._cpu_by_ident.update(cpu)
+            rss, alive, cpu, ended = reading
+            by_ident = self._cpu_by_ident
+            by_ident.update(cpu)
+            for ident in ended:
+                self._ended_cpu += by_ident.pop(ident, 0.0)
             sample = TreeSample(rss, self.cpu_time_seconds, alive, time.monotonic())
             self._last = sample
             self._peak_rss = max(self._peak_rss, rss)

@@ -328,3 +328,40 @@ def test_a_sampler_left_running_by_a_closed_loop_stops_and_samples_in_the_next()
     finally:
         child.kill()
         child.wait()
+
+
+# Starts short grandchildren one after another (each burns a little CPU), until stdin closes.
+SPAWN_MANY_SHORT = textwrap.dedent(
+    """
+    import subprocess, sys
+    burner = "import time\\nwhile time.process_time() < 0.02: pass"
+    for _ in range(60):
+        subprocess.run([sys.executable, "-c", burner], check=True)
+    print("done", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+async def test_descendants_that_ended_are_not_kept_one_by_one_but_their_cpu_is() -> None:
+    # A long run that starts many short processes (a build) must not make the sampler keep an
+    # entry per process ever seen (and sum them all at each sample): memory grew without bound.
+    child = await spawn(SPAWN_MANY_SHORT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    sampler = ProcessTreeSampler(child.pid, interval=0.01)
+    try:
+        sampler.start()
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 120) == b"done\n"
+        await sampler.sample()
+        await sampler.sample()
+        # Seen: many of the 60 grandchildren (each lived for tens of ms).
+        assert sampler.samples > 10
+        # Kept one by one: the live tree (the child), not every grandchild it ever had.
+        assert len(sampler._cpu_by_ident) <= 2
+        # Their CPU still counts: at least what the ones seen burned (0.02 s each).
+        assert sampler.cpu_time_seconds >= 0.02 * 5
+    finally:
+        await sampler.stop()
+        assert child.stdin is not None
+        child.stdin.close()
+        await child.wait()

@@ -127,19 +127,27 @@ def _exit_code(returncode: int) -> int:
 
 
 async def _forward(
-    stream: Any, write: Callable[[bytes], None], on_error: Callable[[OSError], None]
+    stream: Any, write: Callable[[bytes], None], on_error: Callable[[Exception], None]
 ) -> None:
     """Copy ``stream`` to ``write`` chunk by chunk until end of file.
 
     Writes happen in a worker thread: a reader of our stdout that stops reading must not stall
     the event loop, where the timeout and the signal handling live. When a write fails (the
     reader went away), ``on_error`` is told and the rest is read and dropped: a pipe nobody
-    reads would never reach end of file.
+    reads would never reach end of file. When reading fails, ``on_error`` is told too (as a
+    :class:`_ReadFailed`) and forwarding ends: the rest of the output is lost.
     """
     if stream is None:
         return
     failed = False
-    while chunk := await stream.read(_CHUNK):
+    while True:
+        try:
+            chunk = await stream.read(_CHUNK)
+        except Exception as exc:  # e.g. MemoryError: LOCAL buffers the whole output
+            on_error(_ReadFailed(exc))
+            return
+        if not chunk:
+            return
         if failed:
             continue
         try:
@@ -147,6 +155,14 @@ async def _forward(
         except OSError as exc:
             failed = True
             on_error(exc)
+
+
+class _ReadFailed(Exception):
+    """Reading the command's output failed (the error is the cause)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error) or type(error).__name__)
+        self.error = error
 
 
 async def _wait_for_exit(process: pq.abc.ProcessLike) -> None:
@@ -198,7 +214,7 @@ class _Runner:
         self.env = _child_env(args.env)
         self.signalled: int | None = None
         self.task: asyncio.Task[Any] | None = None
-        self.output_error: OSError | None = None
+        self.output_error: Exception | None = None
         self.output_failed = asyncio.Event()
 
     # -- starting ------------------------------------------------------------------------------
@@ -283,7 +299,7 @@ class _Runner:
         if pending:
             _close_abandoned_pipes(process)
 
-    def _on_output_error(self, exc: OSError) -> None:
+    def _on_output_error(self, exc: Exception) -> None:
         if self.output_error is None:
             self.output_error = exc
         self.output_failed.set()
@@ -312,7 +328,10 @@ class _Runner:
             # would now die of SIGPIPE (or, had it exited, the forwarder between them would,
             # as `pipefail` reports); we stopped its tree and report just that.
             return signal_exit_code(_SIGPIPE)
-        message = f"forwarding the command's output failed: {exc}"
+        if isinstance(exc, _ReadFailed):
+            message = f"reading the command's output failed: {exc}"
+        else:
+            message = f"forwarding the command's output failed: {exc}"
         if exited_with is not None:
             message += f" (the command itself exited with status {exited_with})"
         raise CliError(message, EXIT_CANNOT_RUN)

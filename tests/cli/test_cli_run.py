@@ -445,3 +445,60 @@ def test_script_entry_point_is_installed() -> None:
         check=False,
     )
     assert (result.returncode, result.stdout) == (0, b"via script\n")
+
+
+# The command line with its output readers failing after their first read (as LOCAL's did with
+# a MemoryError buffering a `yes`): the failure must be reported, not dropped.
+FAILING_READS = textwrap.dedent(
+    """
+    import sys
+    from prismq_subprocess._cli import _run_cmd, main
+
+    real = _run_cmd._forward
+
+    class Failing:
+        def __init__(self, stream):
+            self.stream, self.reads = stream, 0
+
+        async def read(self, n):
+            self.reads += 1
+            if self.reads > 1:
+                raise MemoryError
+            return await self.stream.read(n)
+
+    async def forward(stream, write, on_error):
+        return await real(None if stream is None else Failing(stream), write, on_error)
+
+    _run_cmd._forward = forward
+    sys.argv[0] = "prismq-subprocess"
+    sys.exit(main())
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_a_failure_to_read_the_output_exits_125_and_stops_the_command(
+    mode: str, tmp_path: Path
+) -> None:
+    # LOCAL forwards the output only once the command has exited (then the command is not
+    # stopped, and the status says what it exited with): a short one there.
+    lines = 100 if mode == "local" else 2000
+    pid_file = tmp_path / "pid"
+    chatty = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        f"for i in range({lines}): print(i, flush=True); time.sleep(0.01)"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [PY, "-c", FAILING_READS, "run", "--mode", mode, "--", PY, "-c", chatty],
+        capture_output=True,
+        env=cli_env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 125, result.stderr
+    assert b"reading the command's output failed: MemoryError" in result.stderr
+    assert b"Traceback" not in result.stderr
+    if mode != "local":
+        assert time.monotonic() - started < 15  # stopped, not left to print for 20 s
+    assert wait_gone([int(pid_file.read_text())])

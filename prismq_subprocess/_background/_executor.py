@@ -48,6 +48,17 @@ StrPath = str | os.PathLike[str]
 GuideItem = tuple[str, StrPath, Sequence[StrPath]]
 
 
+def _is_one_guide_item(specs: object) -> bool:
+    """``specs`` has the shape of one guide ``(module_id, script_path, args)`` item: a str and a
+    path can never be batch items themselves."""
+    return (
+        isinstance(specs, tuple | list)
+        and len(specs) == 3
+        and isinstance(specs[0], str)
+        and isinstance(specs[1], str | os.PathLike)
+    )
+
+
 def _check_script_path(script_path: object) -> StrPath:
     if isinstance(script_path, str | os.PathLike):
         return script_path
@@ -450,12 +461,18 @@ class ConcurrentExecutor(AsyncClosing):
         then ``CancelledError`` propagates.
 
         Raises:
-            InvalidArgumentTypeError: ``specs`` is not an iterable of items (one spec or one
-                mapping given alone, a str, ``None``); nothing runs.
+            InvalidArgumentTypeError: ``specs`` is not an iterable of items (one spec, one
+                mapping or one ``(module_id, script_path, args)`` tuple given alone, a str,
+                ``None``); nothing runs.
         """
         # One spec or mapping alone would otherwise be iterated: its keys (or a str's
-        # characters) would each become an error result, and nothing would run.
-        if isinstance(specs, ModuleSpec | Mapping | str | bytes) or not isinstance(specs, Iterable):
+        # characters, or a guide tuple's fields) would each become an error result, and
+        # nothing would run.
+        if (
+            isinstance(specs, ModuleSpec | Mapping | str | bytes)
+            or not isinstance(specs, Iterable)
+            or _is_one_guide_item(specs)
+        ):
             raise InvalidArgumentTypeError(
                 "execute_batch() takes an iterable of specs (a list of ModuleSpec, mappings or "
                 f"(module_id, script_path, args) tuples), not {type(specs).__name__}"

@@ -294,8 +294,10 @@ async def test_parameters_and_args_together(argv_script: Path) -> None:
         "abc",
         ModuleSpec("a", "A", "ok.py"),
         {"module_id": "a", "module_name": "A", "script_path": "ok.py"},
+        ("a", "ok.py", ["--flag"]),
+        ["a", Path("ok.py"), []],
     ],
-    ids=["None", "int", "str", "one-spec", "one-mapping"],
+    ids=["None", "int", "str", "one-spec", "one-mapping", "one-guide-tuple", "one-guide-list"],
 )
 async def test_a_batch_that_is_not_a_list_of_specs_is_refused(batch: object) -> None:
     # One spec (or mapping) instead of a list ran nothing and gave one error result per key or

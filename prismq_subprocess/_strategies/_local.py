@@ -263,6 +263,8 @@ class LocalStrategy(SubprocessStrategy):
         try:
             await asyncio.wait((launch.spawned, job), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
+            # Nobody awaits the job now: an error of its (the spawn failing after all) is seen.
+            job.add_done_callback(_retrieved)
             if launch.abort():
                 await asyncio.wait((launch.exited,))
             raise

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import subprocess
 import threading
 
@@ -13,6 +14,8 @@ from .._platform import Containment, PlatformOps, start_afresh_after_fork
 from ._base import SpawnRequest
 
 __all__ = ["ExecutorOwner", "discard_popen", "spawn_in_executor", "start_popen"]
+
+logger = logging.getLogger(__name__)
 
 
 Spawned = tuple[subprocess.Popen[bytes], Containment]
@@ -89,16 +92,25 @@ def _discard_orphan(
         _tell(loop, undone)
         return
     popen, containment = job.result()
-    discard_popen(ops, request, popen, containment)
 
     def reap() -> None:
-        popen.wait()
-        # Reported like every other exit: the child stays registered as spawned (and running)
-        # otherwise, and the subreaper skips an orphan later given its pid.
-        ops.child_exited(popen.pid)
-        _tell(loop, undone)
+        try:
+            popen.wait()
+            # Reported like every other exit: the child stays registered as spawned (and
+            # running) otherwise, and the subreaper skips an orphan later given its pid.
+            ops.child_exited(popen.pid)
+        except Exception:
+            logger.exception("reaping the child %d of a cancelled spawn failed", popen.pid)
+        finally:
+            # Whatever happened: the cancelled caller waits for this, and must not for ever.
+            _tell(loop, undone)
 
-    threading.Thread(target=reap, name="prismq-reap", daemon=True).start()
+    try:
+        discard_popen(ops, request, popen, containment)
+        threading.Thread(target=reap, name="prismq-reap", daemon=True).start()
+    except BaseException:
+        _tell(loop, undone)  # (no thread to reap it: can't start one)
+        raise
 
 
 def _tell(loop: asyncio.AbstractEventLoop, undone: asyncio.Future[None]) -> None:
@@ -123,9 +135,13 @@ def discard_popen(
     """Kill a child nobody will supervise, with its tree, synchronously (as asyncio kills a child
     whose creation was cancelled; we also reach what a fast child already started in its
     group). ``close_pipes``: also close our ends (when no other thread is using them). The
-    caller reaps it."""
+    caller reaps it. An error killing the tree is logged: the child itself is killed anyway,
+    and the caller (a cancellation in progress, a worker undoing a spawn) goes on."""
     own_group = ops.started_own_group(request.kwargs)
-    ops.kill_now(popen.pid, own_group, containment)
+    try:
+        ops.kill_now(popen.pid, own_group, containment)
+    except Exception:
+        logger.exception("killing the tree of the child %d of a cancelled spawn failed", popen.pid)
     with contextlib.suppress(OSError):
         popen.kill()
     if close_pipes:

@@ -569,6 +569,45 @@ async def test_a_spawn_cancelled_while_its_child_runs_has_killed_it_when_the_can
 
 
 @pytest.mark.parametrize("mode", ["threaded", "local"])
+@pytest.mark.parametrize("route", ["wrapper", "run"])
+@pytest.mark.parametrize("failing", ["kill_now", "child_exited"])
+async def test_a_failing_undo_of_a_cancelled_spawn_does_not_hold_the_cancellation(
+    mode: str, route: str, failing: str
+) -> None:
+    # The cancellation of a THREADED/LOCAL spawn waits for the undo (kill, reap, report): an
+    # error in it (here injected into the tree kill or the exit report) must still let the
+    # cancellation through, and the child itself is still killed and reaped.
+    ops = platform_ops(sys.platform)
+    real_adopt = ops.adopt
+    spawned: list[int] = []
+
+    def slow_adopt(pid: int, containment: Containment) -> None:
+        spawned.append(pid)
+        time.sleep(1.0)
+        real_adopt(pid, containment)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"injected failure in {failing}")
+
+    ops.adopt = slow_adopt  # type: ignore[method-assign]
+    setattr(ops, failing, fail)
+    mark, env = marked_env()
+    try:
+        async with pq.SubprocessWrapper(mode, grace_period=GRACE, ops=ops) as wrapper:
+            task = asyncio.ensure_future(routes(wrapper, mode, env)[route]())
+            await asyncio.to_thread(wait_for_marked, mark, 2)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=20.0)
+            assert done == {task}, "the cancellation waited for an undo that had failed"
+            assert task.cancelled()
+            (pid,) = spawned
+            # The child itself was killed and reaped (its own children are the tree kill's).
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).ppid() != os.getpid()
+    finally:
+        survivors_after(mark, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["threaded", "local"])
 async def test_a_run_cancelled_while_queued_for_a_worker_returns_at_once_and_starts_nothing(
     mode: str,
 ) -> None:

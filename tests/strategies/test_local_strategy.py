@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
+import time
 from typing import Any
 
 import psutil
@@ -11,6 +14,7 @@ from helpers import py
 
 import prismq_subprocess as pq
 from prismq_subprocess._core._result import TailBuffer
+from prismq_subprocess._platform import platform_ops
 from prismq_subprocess._strategies import _local
 from prismq_subprocess._strategies._base import SpawnRequest
 from prismq_subprocess._strategies._local import LocalStrategy
@@ -87,3 +91,34 @@ async def test_a_failed_drain_fails_the_run_and_reaps_its_child(
                 await wrapper.run(*py("import sys\nwhile True: sys.stdout.write('y' * 4096)"))
         # Reaped by the worker before the run failed: no new child, not even a zombie.
         assert {child.pid for child in psutil.Process().children()} <= before
+
+
+# --- review: this session's own changes (session 21) ----------------------------------------
+
+
+async def test_a_run_cancelled_while_its_spawn_fails_leaves_no_unretrieved_error() -> None:
+    # The caller gave up while the worker was starting the child, and the start then failed
+    # (here: no such command): nobody awaits the worker's job any more, and its error was
+    # logged at collection as "Future exception was never retrieved".
+    seen: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda loop, context: seen.append(str(context.get("message")))
+    )
+    ops = platform_ops(sys.platform)
+    real_prepare = ops.prepare_spawn
+
+    def slow_prepare(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # the cancellation lands while the worker is in here
+        return real_prepare(*args, **kwargs)
+
+    ops.prepare_spawn = slow_prepare  # type: ignore[method-assign]
+    async with pq.SubprocessWrapper("local", ops=ops) as wrapper:
+        task = asyncio.ensure_future(wrapper.run("/nonexistent/prismq-command"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)  # the worker fails meanwhile
+        gc.collect()
+        await asyncio.sleep(0.1)
+    assert seen == []

@@ -316,7 +316,8 @@ class PeriodicTask(AsyncResource):
             last_scheduled_time=self._last_scheduled,
             next_run_time=self._next_run if self.is_running else None,
             is_running=self.is_running,
-            run_in_progress=self._in_run,
+            # (a run cut short by its loop's closing never got to clear the flag)
+            run_in_progress=self._in_run and self.is_running,
         )
 
     def start(self) -> None:
@@ -342,6 +343,10 @@ class PeriodicTask(AsyncResource):
         if previous is not None and not self._schedule_state.stopping:
             logger.warning("PeriodicTask %r is already running; start() ignored", self.name)
             return
+        if previous is None:
+            # No schedule is live: a run flagged as in progress was cut short by its loop's
+            # closing, and stop() must not wait for it.
+            self._in_run = False
         self._schedule_state = _Schedule()
         self._task = loop.create_task(
             self._schedule(self._schedule_state, previous), name=f"PeriodicTask:{self.name}"

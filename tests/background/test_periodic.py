@@ -971,3 +971,50 @@ def test_a_schedule_left_on_a_closed_loop_does_not_block_the_next_loop(
     for leftover in left:
         # Left pending by the test on purpose: asyncio's "destroyed but pending" note is right.
         leftover._log_destroy_pending = False  # type: ignore[union-attr]
+
+
+def test_a_run_left_on_a_closed_loop_is_not_taken_for_one_in_progress_on_the_next(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A loop closed in the middle of a run: the schedule counts as stopped, but the run still
+    # counted as in progress. On the next loop stop() then waited its whole timeout for a run
+    # that was not there (meanwhile starting a new one, after stop() had been called) and
+    # warned "run still going ... cancelling it".
+    started = 0
+
+    async def work() -> None:
+        nonlocal started
+        started += 1
+        await asyncio.sleep(3600)
+
+    task = PeriodicTask("loops", 2.0, work, run_immediately=False)
+
+    async def into_a_run() -> None:
+        task.start()
+        async with asyncio.timeout(30):
+            while not started:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(into_a_run())
+    finally:
+        loop.close()
+    left = task._task
+    assert not task.is_running
+    assert not task.stats.run_in_progress
+    before = started
+
+    async def start_and_stop() -> float:
+        task.start()  # its first run is 2 s away
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        await task.stop(timeout=10)
+        return time.monotonic() - began
+
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._background._periodic"):
+        took = asyncio.run(start_and_stop())
+    assert started == before  # no run after stop()
+    assert took < 1.5
+    assert not any("still going" in r.getMessage() for r in caplog.records)
+    left._log_destroy_pending = False  # type: ignore[union-attr]

@@ -96,6 +96,13 @@ class _Schedule:
         self.stopping = False
 
 
+def _current_task_or_none() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
+
+
 def _alive(task: asyncio.Task[None] | None) -> bool:
     # A task left pending on a loop that was closed will never run again.
     return task is not None and not task.done() and not task.get_loop().is_closed()
@@ -468,6 +475,7 @@ class PeriodicTask(AsyncResource):
         in_thread = False
         mark = _RunMark(self)
         context_token = _current_run.set(mark)
+        me = asyncio.current_task()
         try:
             if self._is_async:
                 result = self._func(*self._args, **self._kwargs)
@@ -490,13 +498,22 @@ class PeriodicTask(AsyncResource):
             if not in_thread:
                 raise  # a real interrupt on the loop's thread ends the host, as anywhere
             failure = exc
-        except BaseException as exc:  # SystemExit, GeneratorExit, a host's own BaseException
+        except GeneratorExit as exc:
+            if _current_task_or_none() is not me:
+                # Not the run's: its coroutine is being closed (the task, abandoned on a
+                # closed loop, is collected); nothing may be awaited any more.
+                raise
+            failure = exc
+        except BaseException as exc:  # SystemExit, a host's own BaseException
             failure = exc
         finally:
             # A cancelled run (stop() timed out) is not counted as a run.
             self._in_run = False
             mark.active = False
-            _current_run.reset(context_token)
+            # ValueError: a run cut short by its loop's closing is finished here when its
+            # coroutine is collected, outside the task's context (the mark is then moot).
+            with contextlib.suppress(ValueError):
+                _current_run.reset(context_token)
         self._record_end(started)
         if failure is None:
             self._consecutive_failures = 0

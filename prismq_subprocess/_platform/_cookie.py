@@ -16,17 +16,34 @@ import itertools
 import os
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import psutil
 
 from ._procfs import read_small_file
 
-__all__ = ["COOKIE_PREFIX", "Cookies"]
+__all__ = ["COOKIE_PREFIX", "CookieRead", "Cookies"]
 
 #: Every cookie variable starts with this.
 COOKIE_PREFIX = "PRISMQ_RUN_"
 _ENVIRON_LIMIT = 1 << 20
+# Flags of a task (/proc/<pid>/stat, field 9): it is exiting; it is a kernel thread.
+_PF_EXITING = 0x4
+_PF_KTHREAD = 0x00200000
+
+
+class CookieRead(NamedTuple):
+    """What one read of a process's environment showed."""
+
+    #: The cookie value; None when absent or unreadable.
+    value: str | None
+    #: The environment read as nothing: gone, another user's, a zombie, exiting, inside an
+    #: exec, or started with an empty environment.
+    empty: bool
+    #: It read as nothing only for the moment: the process is alive inside an exec (see
+    #: :meth:`Cookies.look`), and a read a moment later shows its environment.
+    settling: bool
 
 
 def _raw_environ() -> dict[bytes, bytes] | None:
@@ -40,12 +57,19 @@ def _raw_environ() -> dict[bytes, bytes] | None:
 class Cookies:
     """Issues run numbers under one variable name of this host process, and reads them back."""
 
-    def __init__(self, token: str | None = None, proc_root: str | None = None) -> None:
+    def __init__(
+        self,
+        token: str | None = None,
+        proc_root: str | None = None,
+        read_file: Callable[[str, int | None], bytes | None] = read_small_file,
+    ) -> None:
         #: Unique to this host process (and its part of the variable's name).
         self.token = token or f"{os.getpid():X}{secrets.token_hex(3).upper()}"
         self.name = COOKIE_PREFIX + self.token
         self._needle = (self.name + "=").encode()
         self._proc_root = proc_root
+        #: Reads a file of ``proc_root`` (tests inject one that shows a process mid-exec).
+        self._read_file = read_file
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._name_bytes = self.name.encode("ascii")
@@ -92,7 +116,7 @@ class Cookies:
         """Whether ``pid``'s environment reads as nothing now: gone, another user's, a zombie,
         exiting (its memory already released), or started with an empty environment."""
         if self._proc_root is not None:
-            return not read_small_file(f"{self._proc_root}/{pid}/environ", _ENVIRON_LIMIT)
+            return not self._read_file(f"{self._proc_root}/{pid}/environ", _ENVIRON_LIMIT)
         try:
             return not psutil.Process(pid).environ()
         except (psutil.Error, OSError):
@@ -102,9 +126,49 @@ class Cookies:
         """The cookie value in ``pid``'s environment; None when absent or unreadable (another
         user's process, a zombie, gone)."""
         if self._proc_root is not None:
-            raw = read_small_file(f"{self._proc_root}/{pid}/environ", _ENVIRON_LIMIT)
+            raw = self._read_file(f"{self._proc_root}/{pid}/environ", _ENVIRON_LIMIT)
             return None if raw is None else self.parse(raw)
         try:
             return psutil.Process(pid).environ().get(self.name)
         except (psutil.Error, OSError):
             return None
+
+    def look(self, pid: int) -> CookieRead:
+        """Read ``pid``'s cookie, telling a process caught inside an exec (whose environment
+        reads as nothing for a moment) from one that has none to show.
+
+        An exec switches the process to its new memory some time before it lays out the new
+        stack, where the environment lives: in between (microseconds, or as long as the process
+        waits for a CPU on a loaded machine), ``/proc/<pid>/environ`` reads as nothing, and so
+        does a read that began before the switch. Such a process is ``settling``: alive, not
+        exiting, not a kernel thread, and its ``stat`` shows the environment's bounds not set
+        yet, or not empty (set meanwhile). One started with an empty environment shows equal
+        bounds, and is not waited for.
+        """
+        if self._proc_root is None:
+            try:
+                environ = psutil.Process(pid).environ()
+            except (psutil.Error, OSError):
+                return CookieRead(None, True, False)
+            return CookieRead(environ.get(self.name), not environ, False)
+        raw = self._read_file(f"{self._proc_root}/{pid}/environ", _ENVIRON_LIMIT)
+        if raw:
+            return CookieRead(self.parse(raw), False, False)
+        # (None: it could not be opened: gone, or not ours to read.)
+        return CookieRead(None, True, raw is not None and self._inside_exec(pid))
+
+    def _inside_exec(self, pid: int) -> bool:
+        stat = self._read_file(f"{self._proc_root}/{pid}/stat", None)
+        if not stat:
+            return False
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        try:
+            state, flags = fields[0], int(fields[6])
+            env_start, env_end = int(fields[47]), int(fields[48])  # fields 50 and 51
+        except (IndexError, ValueError):
+            return False  # (Linux before 3.5 shows no bounds: nothing is waited for)
+        if state in (b"Z", b"X", b"x") or flags & (_PF_EXITING | _PF_KTHREAD):
+            return False
+        # (Bounds read as 0 also when the stat hides them: another user's process, which the
+        # next read of its environment, refused, settles.)
+        return env_end == 0 or env_end > env_start

@@ -19,6 +19,7 @@ import psutil
 
 from ._backlog import Backlog
 from ._containment import Containment, ContainmentReport
+from ._cookie import CookieRead
 from ._gil import GilShare
 from ._ops import Pace, PlatformOps, StopRecord, StopTarget, alive, no_pace, paced
 from ._posix_host import PosixHost, posix_host
@@ -409,7 +410,8 @@ class PosixOps(PlatformOps):
 
     def kill_trees(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> None:
         table = self.scan()
-        self._look(records, None, _Finder(self), table)
+        finder = _Finder(self)
+        self._look(records, None, finder, table)
         cgroups = self.host.cgroups if self.host is not None else None
         for record in paced(records, pace):
             target = record.target
@@ -417,6 +419,13 @@ class PosixOps(PlatformOps):
                 cgroups.kill(target.cgroup)
             group = target.own_group and _group_is_the_childs(target, table)
             self.kill_tree(target.pid, group, alive(record.descendants))
+        # A holder found only once its exec had ended ran meanwhile, and what it forked since is
+        # in no table read so far: one more look (rare: it follows such a wait) finds that.
+        for _ in range(3):
+            if not finder.found_late:
+                break
+            finder.found_late = False
+            self._look(records, signal.SIGKILL, finder)
         self._after(records)
 
     def lingering(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> list[bool]:
@@ -520,17 +529,27 @@ def _held_whole(records: Sequence[StopRecord], held: Mapping[str, AbstractSet[in
     return True
 
 
+#: How long one look waits, at most, for the processes it caught inside an exec to show their
+#: environments (see ``Cookies.look``); usually well under a millisecond. A process still inside
+#: its exec then (blocked reading its program from a hung disk) is taken as having no cookie,
+#: and is not waited for again in the same operation (its read is kept, as every read is).
+_EXEC_SETTLE = 0.2
+
+
 class _Finder:
     """What containment finds during one operation of a stop: sub-group members and cookie
     holders, by record. Environments are read once per process per operation."""
 
     def __init__(self, ops: PosixOps) -> None:
         self._host = ops.host
-        self._cookies: dict[tuple[int, float], str | None] = {}
+        self._reads: dict[tuple[int, float], CookieRead] = {}
         self._table: ProcessTable | None = None
         self._holders: dict[str, list[ProcessEntry]] = {}
         #: Members of sub-groups frozen for this operation: nothing can join them meanwhile.
         self.frozen_members: dict[str, set[int]] = {}
+        #: A look found a holder only after waiting for its exec: it ran meanwhile, and what it
+        #: forked since is not in that look's table (reset by whoever acts on it).
+        self.found_late = False
 
     def start(self, table: ProcessTable, records: Sequence[StopRecord]) -> None:
         """A new look: index the cookie holders among the candidates of ``table``."""
@@ -550,23 +569,47 @@ class _Finder:
             candidates = [e for e in table.entries.values() if e.pid not in leaders and e.pid != me]
         share = GilShare()
         looked = {e.pid for e in candidates}
-        for entry in candidates:  # (grows: see below)
-            share()
-            key = (entry.pid, entry.start)
-            if key not in self._cookies:
-                self._cookies[key] = host.cookies.read(entry.pid)
-            cookie = self._cookies[key]
-            if cookie in wanted:
-                self._holders.setdefault(cookie, []).append(entry)
-            elif host.subreaper and cookie is None and host.cookies.unreadable(entry.pid):
-                # A child that is exiting has released its memory (its environment reads
-                # empty) before its children are handed to us: they are still its own, and
-                # only their own cookies find them (the undo of a cancelled spawn: asyncio has
-                # just killed the child, whose `cmd &` lives on).
-                for below in table.descendants(entry.pid):
-                    if below.pid not in looked and below.pid not in leaders:
-                        looked.add(below.pid)
-                        candidates.append(below)
+        # Processes caught inside an exec read as having no environment: read again in a moment
+        # (the undo of a cancelled spawn: the child's `cmd &` may be just exec'ing `cmd`).
+        inside_exec: list[ProcessEntry] = []
+        deadline = 0.0
+        pause = 0.0005
+        while True:
+            for entry in candidates:  # (grows: see below)
+                share()
+                key = (entry.pid, entry.start)
+                read = self._reads.get(key)
+                fresh = read is None
+                if read is None:
+                    read = host.cookies.look(entry.pid)
+                    if read.settling and (not deadline or time.monotonic() < deadline):
+                        inside_exec.append(entry)
+                        continue
+                    # (Kept for the operation's later looks, even one that never settled.)
+                    self._reads[key] = read
+                    if deadline and read.value in wanted:
+                        self.found_late = True
+                value = read.value
+                if value is not None and value in wanted:
+                    self._holders.setdefault(value, []).append(entry)
+                elif host.subreaper and (
+                    read.empty if fresh else value is None and host.cookies.unreadable(entry.pid)
+                ):
+                    # A child that is exiting has released its memory (its environment reads
+                    # empty) before its children are handed to us: they are still its own, and
+                    # only their own cookies find them (the undo of a cancelled spawn: asyncio
+                    # has just killed the child, whose `cmd &` lives on). (Read again in each
+                    # look: it may have begun exiting since an earlier one.)
+                    for below in table.descendants(entry.pid):
+                        if below.pid not in looked and below.pid not in leaders:
+                            looked.add(below.pid)
+                            candidates.append(below)
+            if not inside_exec:
+                return
+            deadline = deadline or time.monotonic() + _EXEC_SETTLE
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+            candidates, inside_exec = inside_exec, []
 
     def contained(self, record: StopRecord) -> list[ProcessEntry]:
         """The processes containment attributes to ``record`` in the current look."""

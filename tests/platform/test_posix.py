@@ -8,13 +8,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import psutil
 import pytest
 from platform_fakes import FakeProc, recorder
 
-from prismq_subprocess._platform import StopTarget, platform_ops
+from prismq_subprocess._platform import PlatformOps, StopTarget, platform_ops
+from prismq_subprocess._platform._cookie import Cookies
 from prismq_subprocess._platform._posix_host import PosixHost
+from prismq_subprocess._platform._procfs import read_small_file
+from prismq_subprocess._platform._table import scan_proc
 
 
 def test_posix_group_kwargs_respect_the_caller() -> None:
@@ -139,6 +144,179 @@ def test_kill_contained_finds_a_tree_by_its_cookie_alone() -> None:
         stranger.wait()
         ours.kill()
         ours.wait()
+
+
+# Eight children of the leader, each a chain of execs (every `env` execs the next): at any
+# moment one may be inside an exec, where its /proc/<pid>/environ reads as nothing (between the
+# switch to the new memory and the new stack's setup).
+_EXEC_CHAINS = (
+    "for i in 1 2 3 4 5 6 7 8; do " + "env " * 2000 + "sleep 30 & done; echo ready; exec sleep 30"
+)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes (not zombies) of session ``sid``: found whatever their environment reads."""
+    return [e.pid for e in scan_proc().entries.values() if e.sid == sid and e.state not in "ZXx"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc environments")
+def test_kill_contained_finds_descendants_caught_inside_an_exec() -> None:
+    # The undo of a cancelled ASYNC spawn: asyncio has killed and reaped the child; what it had
+    # forked is found through the cookie alone, in one look. One caught inside an exec used to
+    # read as having no environment and live on (about a third of these rounds, before).
+    ops = platform_ops("linux")
+    for _ in range(12):
+        kwargs, containment = ops.prepare_spawn({"start_new_session": True})
+        if containment.cookie is None:
+            pytest.skip("no cookie containment on this host")
+        leader = subprocess.Popen(["/bin/sh", "-c", _EXEC_CHAINS], stdout=subprocess.PIPE, **kwargs)
+        assert leader.stdout is not None
+        try:
+            assert leader.stdout.readline() == b"ready\n"
+            leader.kill()
+            leader.wait()
+            ops.kill_contained(containment)
+            deadline = time.monotonic() + 2.0
+            while _session_members(leader.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _session_members(leader.pid) == []
+        finally:
+            leader.kill()
+            leader.wait()
+            leader.stdout.close()
+            for pid in _session_members(leader.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+class _CaughtInExec:
+    """A /proc reader that shows ``pid`` inside an exec for its first ``reads`` looks: its
+    environment reads as nothing, and (``mid_exec``) its stat shows no environment set up yet;
+    without ``mid_exec`` the stat is the real one (a read that raced the exec: the environment
+    is there again by the time the stat is read)."""
+
+    def __init__(self, pid: int, reads: int, mid_exec: bool) -> None:
+        self.pid, self.left, self.mid_exec = pid, reads, mid_exec
+        self.environ_reads = 0
+
+    def __call__(self, path: str, limit: int | None = None) -> bytes | None:
+        data = read_small_file(path, limit)
+        if path == f"/proc/{self.pid}/environ":
+            self.environ_reads += 1
+            if self.left > 0 and data is not None:
+                self.left -= 1
+                return b""
+        if path == f"/proc/{self.pid}/stat" and self.mid_exec and self.left > 0 and data:
+            head, _, tail = data.rpartition(b") ")
+            fields = tail.split(b" ")
+            fields[47] = fields[48] = b"0"  # env_start, env_end (fields 50 and 51)
+            return head + b") " + b" ".join(fields)
+        return data
+
+
+def _cookie_ops(read_file: Callable[[str, int | None], bytes | None]) -> PlatformOps:
+    host = PosixHost(use_cgroup=False, use_subreaper=False)
+    host.cookies = Cookies(proc_root="/proc", read_file=read_file)
+    return platform_ops("linux", host=host)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc environments")
+@pytest.mark.parametrize("mid_exec", [False, True], ids=["raced", "mid-exec"])
+def test_a_cookie_holder_whose_environment_reads_as_nothing_for_a_moment_is_found(
+    mid_exec: bool,
+) -> None:
+    # Deterministic: the holder's environment reads as nothing for its first three reads.
+    reader = _CaughtInExec(-1, 3, mid_exec)
+    ops = _cookie_ops(reader)
+    kwargs, containment = ops.prepare_spawn({})
+    holder = subprocess.Popen(["sleep", "30"], **kwargs)
+    reader.pid = holder.pid
+    try:
+        ops.kill_contained(containment)
+        assert holder.wait(10) == -signal.SIGKILL
+        assert reader.environ_reads == 4
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc environments")
+def test_an_empty_environment_or_a_zombie_is_read_once_per_look() -> None:
+    # What always reads as nothing is never waited for: a normal look costs no more.
+    counts: dict[str, int] = {}
+
+    def counting(path: str, limit: int | None = None) -> bytes | None:
+        counts[path] = counts.get(path, 0) + 1
+        return read_small_file(path, limit)
+
+    ops = _cookie_ops(counting)
+    _, containment = ops.prepare_spawn({})
+    empty = subprocess.Popen(["/bin/sleep", "30"], env={})
+    zombie = subprocess.Popen(["/bin/true"])
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)
+    try:
+        ops.kill_contained(containment)
+        assert counts[f"/proc/{empty.pid}/environ"] == 1
+        assert counts.get(f"/proc/{zombie.pid}/environ", 0) <= 1
+        assert empty.poll() is None
+    finally:
+        empty.kill()
+        empty.wait()
+        zombie.wait()
+
+
+# Forks a child that lives on each time it gets SIGUSR1.
+_FORKS_ON_USR1 = """
+import os, signal, time
+def fork(*_):
+    if os.fork() == 0:
+        os.execvp("sleep", ["sleep", "30"])
+signal.signal(signal.SIGUSR1, fork)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc environments")
+def test_a_holder_found_after_its_exec_is_looked_at_again_for_what_it_forked_meanwhile() -> None:
+    # The look waited for the holder's exec to end; it ran on meanwhile and forked a child the
+    # process table (read before) does not show. One more look finds it.
+    holder_pid = [-1]
+    forked: list[int] = []
+
+    def reader(path: str, limit: int | None = None) -> bytes | None:
+        data = read_small_file(path, limit)
+        if path == f"/proc/{holder_pid[0]}/environ" and not forked:
+            os.kill(holder_pid[0], signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not forked and time.monotonic() < deadline:
+                forked.extend(c.pid for c in psutil.Process(holder_pid[0]).children())
+                time.sleep(0.01)
+            return b""
+        return data
+
+    ops = _cookie_ops(reader)
+    kwargs, containment = ops.prepare_spawn({})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FORKS_ON_USR1], stdout=subprocess.PIPE, **kwargs
+    )
+    assert holder.stdout is not None
+    holder_pid[0] = holder.pid
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        ops.kill_contained(containment)
+        assert holder.wait(10) == -signal.SIGKILL
+        assert len(forked) == 1
+        assert psutil.wait_procs([psutil.Process(forked[0])], timeout=10)[1] == []
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        for pid in forked:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_kill_contained_without_a_cookie_or_sub_group_only_releases() -> None:

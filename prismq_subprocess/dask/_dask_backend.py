@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 # How long the host looks for a live worker on a dead worker's machine to stop the orphaned
 # tree of its module (a nanny usually restarts the worker within seconds).
 _REAP_SECONDS = 30.0
+# How long one worker is given to run the stop: one that does not answer (the lost worker,
+# still listed for a moment, or another dying) must not use up the whole _REAP_SECONDS.
+_REAP_TRY_SECONDS = 10.0
 # How long releasing a finished run's events on the scheduler may take (it is housekeeping).
 _RELEASE_SECONDS = 10.0
 _MAX_BATCH_LINES = 1000
@@ -724,25 +727,36 @@ class DaskBackend(RunBackend):
         """Stop what is left of the tree of a module whose worker died, in the background."""
         if remote.pid is None or remote.create_time is None or remote.host is None:
             return
-        reaper = asyncio.create_task(self._reap(remote.host, remote.pid, remote.create_time))
+        reaper = asyncio.create_task(
+            self._reap(remote.host, remote.pid, remote.create_time, remote.worker)
+        )
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
 
-    async def _reap(self, host: str, pid: int, create_time: float) -> None:
+    async def _reap(self, host: str, pid: int, create_time: float, lost: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _REAP_SECONDS
         while loop.time() < deadline and self._client.status == "running":
             try:
                 live = await self._client.nthreads()
-                here = [address for address in live if get_address_host(address) == host]
-                if here:
-                    done = await self._client.run(
-                        stop_orphaned_tree, pid, create_time, workers=here[:1]
-                    )
-                    logger.info("orphaned tree of pid %d on %s: %s", pid, host, done)
-                    return
             except Exception as exc:
                 logger.info("stopping the orphaned tree of pid %d failed: %s", pid, exc)
+                live = {}
+            # The lost worker (``lost``) may still be listed for a moment: it runs nothing more.
+            here = [a for a in live if get_address_host(a) == host and a != lost]
+            for address in here:
+                try:
+                    done = await asyncio.wait_for(
+                        self._client.run(stop_orphaned_tree, pid, create_time, workers=[address]),
+                        _REAP_TRY_SECONDS,
+                    )
+                except Exception as exc:  # (TimeoutError included: try the next one)
+                    logger.info(
+                        "stopping the orphaned tree of pid %d on %s failed: %r", pid, address, exc
+                    )
+                    continue
+                logger.info("orphaned tree of pid %d on %s: %s", pid, host, done)
+                return
             await asyncio.sleep(0.5)
         logger.warning(
             "no live worker on %s to stop the orphaned tree of pid %d; it may still run",

@@ -9,10 +9,13 @@ the killed worker, and every test waits for two workers before it starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +31,7 @@ distributed = pytest.importorskip(
 )
 
 from dask_support import SubprocessCluster  # noqa: E402
+from distributed.comm.addressing import get_address_host  # noqa: E402
 
 import prismq_subprocess as pq  # noqa: E402
 from prismq_subprocess import (  # noqa: E402
@@ -941,3 +945,53 @@ async def test_retry_on_worker_loss_runs_the_module_again_elsewhere(
     assert run.output_tail == ["attempt 2"]
     assert run.worker != first.worker and run.pid != first.pid
     assert len(marker.read_text().split()) == 2
+
+
+ORPHAN_STARTER = (
+    "import subprocess, sys; "
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+    "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)"
+)
+
+
+async def test_the_orphan_reaper_skips_the_lost_worker_and_bounds_each_try(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under load the scheduler may still list the dead worker when the reaper first looks: the
+    # stop sent there waited for a connection that never answers (distributed's 30 s), which was
+    # all of the reaper's time, and the orphaned tree ran on (CI, once: the test above). A
+    # listening socket that never answers stands for that worker.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    dead = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+    real = client.nthreads
+
+    async def nthreads(*args: Any, **kwargs: Any) -> dict[str, int]:
+        return {dead: 1, **(await real(*args, **kwargs))}
+
+    monkeypatch.setattr(client, "nthreads", nthreads)
+    monkeypatch.setattr(dask_backend_module, "_REAP_TRY_SECONDS", 3.0, raising=False)
+    backend = DaskBackend(client)
+    orphans: list[int] = []
+    try:
+        host = get_address_host(dead)
+        for lost in (dead, None):  # skipped as the lost worker; tried and given up on in time
+            # A tree whose parent is gone, as a dead worker leaves it (not our child: init
+            # reaps it once killed).
+            starter = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-c", ORPHAN_STARTER],
+                capture_output=True,
+                check=True,
+            )
+            pid = int(starter.stdout)
+            orphans.append(pid)
+            create_time = psutil.Process(pid).create_time()
+            await asyncio.wait_for(backend._reap(host, pid, create_time, lost), 20)
+            await until(lambda: not alive(pid), "the orphaned tree was stopped", 10)  # noqa: B023
+    finally:
+        silent.close()
+        for pid in orphans:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()

@@ -479,6 +479,9 @@ async def test_cancel_running_stops_the_whole_tree_on_the_worker(
             "c", "gated", scripts["gated"], {"gate": str(tmp_path / "never"), "grandchild": True}
         )
         grandchild = int((await wait_for_line(out(runner), run_id, "grandchild")).split()[1])
+        # The module prints "ready" right after, but on a loaded machine it may not have yet: a
+        # cancel before then ends a tail without it (CI, once).
+        await wait_for_line(out(runner), run_id, "ready")
         running = await stored(runner, run_id)
         assert running.status is RunStatus.RUNNING and running.pid is not None
         worker_pid = (await worker_pids(client))[str(running.worker)]

@@ -974,7 +974,7 @@ async def test_the_orphan_reaper_skips_the_lost_worker_and_bounds_each_try(
         return {dead: 1, **(await real(*args, **kwargs))}
 
     monkeypatch.setattr(client, "nthreads", nthreads)
-    monkeypatch.setattr(dask_backend_module, "_REAP_TRY_SECONDS", 3.0, raising=False)
+    monkeypatch.setattr(dask_backend_module, "_REAP_TRY_SECONDS", 3.0)
     backend = DaskBackend(client)
     orphans: list[int] = []
     try:

@@ -625,19 +625,26 @@ big.wait()
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
-def test_the_psutil_reader_in_a_forked_child_reads_the_child() -> None:
-    # It kept the parent's psutil.Process: the worker reported the parent's RSS and the RSS of
-    # the parent's children (every other worker included) as its own; and a lock held at the
-    # fork hung its first CPU reading for good.
+def run_forking_script(script: str) -> list[str]:
+    """Run ``script`` (it forks: Python 3.12+ warns of that in a threaded process) in a fresh
+    interpreter, with a deadline; its first two lines of output."""
     done = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _FORK_READER_SCRIPT],
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
         capture_output=True,
         text=True,
         timeout=90,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["True 0", "True"]
+    return done.stdout.split("\n")[:2]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_the_psutil_reader_in_a_forked_child_reads_the_child() -> None:
+    # It kept the parent's psutil.Process: the worker reported the parent's RSS and the RSS of
+    # the parent's children (every other worker included) as its own; and a lock held at the
+    # fork hung its first CPU reading for good.
+    first_lines = run_forking_script(_FORK_READER_SCRIPT)
+    assert first_lines == ["True 0", "True"]
 
 
 # A host forking while it monitors (a worker started from inside a running app): the child's
@@ -700,15 +707,9 @@ sleeper.wait()
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
 def test_a_forked_child_can_monitor_and_sample_in_its_own_loop() -> None:
-    done = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _FORK_MONITOR_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert done.returncode == 0, done.stderr
+    first_lines = run_forking_script(_FORK_MONITOR_SCRIPT)
     # The child: monitoring and sampling; the parent: its own still running, untouched.
-    assert done.stdout.split("\n")[:2] == ["True False True True", "True True"]
+    assert first_lines == ["True False True True", "True True"]
 
 
 async def test_a_monitor_whose_task_was_cancelled_before_it_ran_can_monitor_again() -> None:

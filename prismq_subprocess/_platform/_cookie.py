@@ -16,6 +16,7 @@ import itertools
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -31,6 +32,11 @@ _ENVIRON_LIMIT = 1 << 20
 # Flags of a task (/proc/<pid>/stat, field 9): it is exiting; it is a kernel thread.
 _PF_EXITING = 0x4
 _PF_KTHREAD = 0x00200000
+# A process whose environment's bounds stay equal this long has an empty environment, not one
+# an exec is laying out (microseconds, unless it lost its CPU right then).
+_LAYOUT_SETTLE = 0.1
+# Processes remembered with equal bounds (the oldest is forgotten first: it is waited for again).
+_EQUAL_KEPT = 256
 
 
 class CookieRead(NamedTuple):
@@ -62,6 +68,7 @@ class Cookies:
         token: str | None = None,
         proc_root: str | None = None,
         read_file: Callable[[str, int | None], bytes | None] = read_small_file,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         #: Unique to this host process (and its part of the variable's name).
         self.token = token or f"{os.getpid():X}{secrets.token_hex(3).upper()}"
@@ -70,6 +77,10 @@ class Cookies:
         self._proc_root = proc_root
         #: Reads a file of ``proc_root`` (tests inject one that shows a process mid-exec).
         self._read_file = read_file
+        self._clock = clock
+        #: pid -> (its start time, when its environment's bounds were first seen equal, whether
+        #: they stayed so for _LAYOUT_SETTLE: an empty environment).
+        self._equal: dict[int, tuple[bytes, float, bool]] = {}
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._name_bytes = self.name.encode("ascii")
@@ -142,8 +153,9 @@ class Cookies:
         waits for a CPU on a loaded machine), ``/proc/<pid>/environ`` reads as nothing, and so
         does a read that began before the switch. Such a process is ``settling``: alive, not
         exiting, not a kernel thread, and its ``stat`` shows the environment's bounds not set
-        yet, or not empty (set meanwhile). One started with an empty environment shows equal
-        bounds, and is not waited for.
+        yet, not empty (set meanwhile), or equal (being laid out). A process started with an
+        empty environment shows equal bounds too: it is waited for once, for
+        ``_LAYOUT_SETTLE``, and then known (by pid and start time) and not waited for again.
         """
         if self._proc_root is None:
             try:
@@ -153,6 +165,8 @@ class Cookies:
             return CookieRead(environ.get(self.name), not environ, False)
         raw = self._read_file(f"{self._proc_root}/{pid}/environ", _ENVIRON_LIMIT)
         if raw:
+            if self._equal:
+                self._equal.pop(pid, None)  # (its bounds were an exec's layout)
             return CookieRead(self.parse(raw), False, False)
         # (None: it could not be opened: gone, or not ours to read.)
         return CookieRead(None, True, raw is not None and self._inside_exec(pid))
@@ -171,4 +185,25 @@ class Cookies:
             return False
         # (Bounds read as 0 also when the stat hides them: another user's process, which the
         # next read of its environment, refused, settles.)
-        return env_end == 0 or env_end > env_start
+        if env_end == 0 or env_end > env_start:
+            return True
+        if env_end != env_start:
+            return False
+        # Equal bounds: an empty environment, or an exec laying the new one out (the kernel sets
+        # both bounds to its start, then moves the end past each variable). Wait a moment the
+        # first time; bounds that stay equal that long are an empty environment, remembered so
+        # that later looks do not wait for it again.
+        start, now = fields[19], self._clock()
+        with self._lock:
+            seen = self._equal.get(pid)
+            if seen is None or seen[0] != start:
+                if len(self._equal) >= _EQUAL_KEPT:
+                    del self._equal[next(iter(self._equal))]
+                self._equal[pid] = (start, now, False)
+                return True
+            if seen[2]:
+                return False
+            if now - seen[1] >= _LAYOUT_SETTLE:
+                self._equal[pid] = (start, seen[1], True)
+                return False
+            return True

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from ._closing import AsyncResource
-from ._exceptions import ProcessTimeoutError
+from ._exceptions import ClosedError, ProcessTimeoutError
 from ._lines import iter_line_batches
 from ._process import ProcessLike
 from ._result import TailBuffer
@@ -34,6 +34,9 @@ class LineStream(AsyncResource, Generic[LineT]):
     length (see :func:`iter_lines`). With ``merge_stderr=False`` stderr is not interleaved; its
     last ``max_stderr_bytes`` are kept in :attr:`stderr`. :meth:`iter_batches` gives the same
     lines a list at a time (see :func:`iter_line_batches`), which is faster.
+
+    A stream runs its command once: entering it again (or entering it after :meth:`aclose`)
+    raises :class:`ClosedError`; call ``wrapper.stream(...)`` again for another run.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class LineStream(AsyncResource, Generic[LineT]):
         # reader of stdout.
         self._ended: asyncio.Future[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._entered = False
         self._closed = False
 
     @property
@@ -81,6 +85,19 @@ class LineStream(AsyncResource, Generic[LineT]):
         return self._stderr.getvalue()
 
     async def __aenter__(self) -> LineStream[LineT]:
+        """Start the command.
+
+        Raises:
+            ClosedError: the stream was entered before or closed: a second child would replace
+                the first, and leaving the block would stop neither.
+            and what the spawn raises (e.g. :class:`CommandNotFoundError`).
+        """
+        if self._entered or self._closed:
+            raise ClosedError(
+                "this LineStream has already been used; call wrapper.stream(...) again to run "
+                "the command again"
+            )
+        self._entered = True
         run = await self._start()
         self._run = run
         loop = asyncio.get_running_loop()
@@ -193,6 +210,7 @@ class LineStream(AsyncResource, Generic[LineT]):
     ) -> None:
         run = self._run
         if run is None or self._closed:
+            self._closed = True
             return
         self._closed = True
         try:

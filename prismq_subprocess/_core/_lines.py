@@ -67,10 +67,14 @@ def iter_lines(
     grows with the longest line; time grows linearly with it (its pieces are joined once), and
     a line over :data:`OFF_LOOP_BYTES` is joined and decoded in a worker thread.
 
-    With ``encoding`` lines are ``str``: the same lines decoded, as ``readline()`` followed by an
-    incremental decoder would give them (a character split across reads is decoded whole) with
-    ``errors`` (default ``"replace"``: invalid bytes become U+FFFD). With ``errors="strict"`` the
-    lines before an undecodable one are delivered, then ``UnicodeDecodeError`` is raised.
+    With ``encoding`` lines are ``str``, decoded with ``errors`` (default ``"replace"``: invalid
+    bytes become U+FFFD; a character split across reads is decoded whole), each ending after a
+    ``"\\n"``. With a codec whose newline is the byte ``b"\\n"`` alone (UTF-8, ASCII, Latin-1,
+    cp1252, ...) these are the lines ``readline()`` followed by an incremental decoder gives (a
+    ``"\\n"`` that an error handler writes does not end a line); with UTF-16, UTF-32, EBCDIC and
+    other codecs, where that byte may be half of a character, lines end at the ``"\\n"``
+    characters of the decoded text, as ``TextIOWrapper`` cuts them. With ``errors="strict"``
+    the lines before an undecodable one are delivered, then ``UnicodeDecodeError`` is raised.
 
     Cancelling the iteration leaves the stream usable; bytes already read past the last
     yielded line are lost to later readers.
@@ -142,11 +146,15 @@ def _batches(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise InvalidLimitError(f"chunk_size must be a positive int, not {chunk_size!r}")
     check_encoding(encoding, errors)  # fail now, not at the first line
-    blocks = _line_blocks(stream, chunk_size)
     if encoding is None:
-        return _byte_batches(blocks)
+        return _byte_batches(_line_blocks(stream, chunk_size))
     decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
-    if errors in _BUILTIN_ERRORS and _splits_like_bytes(encoding):
+    if not _splits_like_bytes(encoding):
+        # UTF-16, UTF-32, EBCDIC, ...: a b"\n" byte may be half of a character, or not the
+        # newline at all; only the decoded text says where lines end.
+        return _decoded_text_batches(stream, chunk_size, decoder)
+    blocks = _line_blocks(stream, chunk_size)
+    if errors in _BUILTIN_ERRORS:
         return _text_batches(blocks, decoder)
     return _text_batches_line_by_line(blocks, decoder)
 
@@ -271,8 +279,9 @@ async def _text_batches(
 async def _text_batches_line_by_line(
     blocks: AsyncIterator[tuple[bytes, bytes]], decoder: codecs.IncrementalDecoder
 ) -> AsyncIterator[list[str]]:
-    # For codecs where a b"\n" byte may belong to another character (UTF-16, UTF-32, EBCDIC) or
-    # handlers that may write "\n": the lines are cut on the bytes and decoded one by one.
+    # For error handlers that may write a "\n" (with a codec whose b"\n" byte is always the
+    # newline): the lines are cut on the bytes and decoded one by one, so such a "\n" does
+    # not end a line.
     decode = decoder.decode
     async for head, body in blocks:
         lines = [await _decode_line(decode, head)] if head else []
@@ -282,6 +291,83 @@ async def _text_batches_line_by_line(
                 yield lines
             raise error
         yield lines
+
+
+async def _decoded_text_batches(
+    stream: Any, chunk_size: int, decoder: codecs.IncrementalDecoder
+) -> AsyncIterator[list[str]]:
+    """The lines of a codec whose newline is not simply the byte b"\\n" (UTF-16, UTF-32,
+    EBCDIC, ...): each read is decoded, then cut after each "\\n" of the text, as
+    ``TextIOWrapper`` does. With ``errors="strict"`` the whole lines decoded before the bad
+    bytes are delivered, then the decoder's error is raised."""
+    read = stream.read
+    decode = decoder.decode
+    # The pieces of a line not finished yet, joined once when its end arrives.
+    parts: list[str] = []
+    size = 0
+    while True:
+        chunk = await read(chunk_size)
+        final = not chunk
+        state = decoder.getstate()
+        error: UnicodeDecodeError | None = None
+        try:
+            text = decode(chunk, final)
+        except UnicodeDecodeError as exc:
+            error = exc
+            text = _decoded_before(decoder, state, chunk, exc)
+        lines: list[str] = []
+        cut = text.rfind("\n") + 1
+        if cut:
+            start = 0
+            if parts:
+                start = text.find("\n") + 1
+                parts.append(text[:start])
+                lines.append(await _join_text(parts, size + start))
+                parts = []
+                size = 0
+            if cut > start:
+                lines += _split_text(text[start:cut])
+        if error is None and cut < len(text):
+            parts.append(text[cut:])
+            size += len(text) - cut
+        if final and parts and error is None:
+            lines.append(await _join_text(parts, size))
+        if lines:
+            yield lines
+        if error is not None:
+            raise error
+        if final:
+            return
+
+
+def _decoded_before(
+    decoder: codecs.IncrementalDecoder,
+    state: tuple[bytes, int],
+    chunk: bytes,
+    error: UnicodeDecodeError,
+) -> str:
+    """The text ``chunk`` decodes to before the bytes ``error`` is about (``decoder`` back in
+    ``state``, where it was before ``chunk``); ``""`` if that cannot be told."""
+    pending = state[0]
+    # A buffered decoder reports positions in its held-back bytes followed by the chunk.
+    if bytes(error.object) != pending + chunk:
+        return ""
+    good = error.start - len(pending)
+    if good <= 0:
+        return ""
+    decoder.setstate(state)
+    try:
+        return decoder.decode(chunk[:good])
+    except UnicodeDecodeError:
+        return ""
+
+
+async def _join_text(parts: list[str], size: int) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    if size <= OFF_LOOP_BYTES:
+        return "".join(parts)
+    return await _off_the_loop("".join, parts)
 
 
 def _decode_each(

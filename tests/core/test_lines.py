@@ -46,9 +46,9 @@ async def readline_all(reader: asyncio.StreamReader) -> list[bytes]:
 
 
 payload = st.lists(
-    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")).flatmap(
-        lambda b: st.sampled_from([b, b + b"\n", b + b"\r\n", b + b"\r"])
-    ),
+    st.binary(max_size=40)
+    .map(lambda b: b.replace(b"\n", b""))
+    .flatmap(lambda b: st.sampled_from([b, b + b"\n", b + b"\r\n", b + b"\r"])),
     max_size=30,
 )
 
@@ -113,9 +113,7 @@ async def test_readline_keeps_asyncio_limit_semantics(
     rest = await proc.stdout.read()
     assert set(rest) <= set(b"a\n")
     await proc.wait()
-    big = await streaming_wrapper.create_subprocess_exec(
-        *py(code), stdout=pq.PIPE, limit=2 * LONG
-    )
+    big = await streaming_wrapper.create_subprocess_exec(*py(code), stdout=pq.PIPE, limit=2 * LONG)
     assert len(await big.stdout.readline()) == LONG + 1
     await big.wait()
 
@@ -241,3 +239,50 @@ async def test_a_long_line_is_put_together_off_the_event_loop() -> None:
             assert ticks > at_last_piece, "the loop was held while the line was put together"
     finally:
         running.cancel()
+
+
+# Texts with characters one of whose bytes is b"\n": U+0A41, U+0A0A and U+4E0A in UTF-16 and
+# UTF-32; in EBCDIC (cp037) U+008E, whose byte is 0x0A, while "\n" itself is 0x25 there.
+WIDE_TEXT = "a\n\u0a41b\nc\u0a0a\n\u4e0a\n\nlast"
+EBCDIC_TEXT = "a\n\x8eb\nc\x8e\n\n\x8e\x8e\nlast"
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "cp037"]
+)
+@pytest.mark.parametrize("size", [1, 3, 5, 1000])
+async def test_text_lines_end_at_newline_characters_not_newline_bytes(
+    encoding: str, size: int
+) -> None:
+    # Lines were cut after every b"\n" byte, then decoded: in UTF-16/UTF-32 that byte is half
+    # of a character ("a\n" came out as "a" and "\nb"), and in EBCDIC it is not the newline.
+    text = EBCDIC_TEXT if encoding == "cp037" else WIDE_TEXT
+    data = text.encode(encoding)
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    expected = text.splitlines(keepends=True)
+    assert all(line.endswith("\n") for line in expected[:-1])
+    got = [line async for line in pq.iter_lines(ChunkedStream(chunks), encoding=encoding)]
+    assert got == expected
+    batches = pq.iter_line_batches(ChunkedStream(chunks), encoding=encoding, chunk_size=size)
+    assert [line async for batch in batches for line in batch] == expected
+
+
+async def test_utf16_strict_decoding_delivers_the_good_lines_then_raises() -> None:
+    # A lone low surrogate (0xDC00) in the third line.
+    data = "ok\nalso ok\nbad ".encode("utf-16-le") + b"\x00\xdc" + "\nnever\n".encode("utf-16-le")
+    for size in (1, 3, len(data)):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        lines = pq.iter_lines(ChunkedStream(chunks), encoding="utf-16-le", errors="strict")
+        assert [await anext(lines), await anext(lines)] == ["ok\n", "also ok\n"]
+        with pytest.raises(UnicodeDecodeError):
+            await anext(lines)
+
+
+async def test_a_long_utf16_line_is_whole(wrapper: pq.SubprocessWrapper) -> None:
+    code = (
+        "import sys; sys.stdout.buffer.write(('\\u0a41' * 300000 + '\\nx\\u4e0a\\ny')"
+        ".encode('utf-16'))"
+    )
+    async with wrapper.stream(*py(code), encoding="utf-16") as lines:
+        got = [line async for line in lines]
+    assert got == ["\u0a41" * 300000 + "\n", "x\u4e0a\n", "y"]

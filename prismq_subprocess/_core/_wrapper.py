@@ -619,13 +619,38 @@ def _strategy_decision(strategy: SubprocessStrategy) -> ModeDecision:
     )
 
 
+#: What each high-level method offers instead of the streams and text options it refuses.
+_INSTEAD = {
+    "run": (
+        "use input= for stdin, or create_subprocess_exec() to choose the streams",
+        "run() returns bytes: decode result.stdout (result.stdout_text is UTF-8), or use "
+        "stream(..., encoding=...) for text lines",
+    ),
+    "stream": (
+        "stdin is the null device and stderr is merged into the lines (merge_stderr=False keeps "
+        "it apart); use create_subprocess_exec() to choose the streams",
+        "stream() decodes with its encoding= argument (undecodable bytes become U+FFFD); for "
+        "other error handling use iter_lines(process.stdout, encoding=..., errors=...)",
+    ),
+}
+
+
 def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
+    """Refuse what ``run()``/``stream()`` set themselves, saying what to use instead (asyncio's
+    own messages, "encoding must be None", would not)."""
+    streams, text = _INSTEAD[method]
     given = sorted({"stdin", "stdout", "stderr"} & set(kwds))
     if given:
         raise InvalidCommandError(
-            f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); use input= "
-            "for stdin, or create_subprocess_exec() to choose the streams"
+            f"{method}() wires stdin/stdout/stderr itself (got {', '.join(given)}); {streams}"
         )
+    given = sorted(
+        name
+        for name in ("encoding", "errors", "text", "universal_newlines")
+        if kwds.get(name) not in (None, False)
+    )
+    if given:
+        raise InvalidCommandError(f"{method}() got {', '.join(given)}: {text}")
 
 
 # How long cleanup() waits, in all, for the children it just SIGKILLed to be reaped.

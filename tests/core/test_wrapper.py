@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -546,3 +547,29 @@ def test_a_wrapper_inherited_by_fork_works_there_and_leaves_the_parents_children
     lines = done.stdout.splitlines()
     assert "worker ran 0 b'hi\\n'" in lines, done.stdout + done.stderr
     assert "parent's child sleeping" in lines, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "hint"),
+    [
+        ("run", {"encoding": "utf-8"}, "stream(..., encoding=...)"),
+        ("run", {"text": True}, "result.stdout_text"),
+        ("run", {"errors": "strict"}, "decode result.stdout"),
+        ("stream", {"errors": "strict"}, "iter_lines(process.stdout"),
+        ("stream", {"universal_newlines": True}, "encoding= argument"),
+        ("stream", {"stdin": pq.PIPE}, "create_subprocess_exec()"),
+    ],
+)
+async def test_run_and_stream_say_what_to_use_instead_of_text_options(
+    any_wrapper: pq.SubprocessWrapper, method: str, kwargs: dict, hint: str
+) -> None:
+    # run(encoding=...) said only "encoding must be None" (asyncio's words), stream(errors=...)
+    # "errors must be None" although it decodes text, and stream(stdin=PIPE) advised input=,
+    # which stream() does not take.
+    with pytest.raises(pq.exceptions.InvalidCommandError, match=re.escape(hint)) as info:
+        if method == "run":
+            await any_wrapper.run(*py("pass"), **kwargs)
+        else:
+            any_wrapper.stream(*py("pass"), **kwargs)
+    assert "input=" not in str(info.value) or method == "run"
+    assert any_wrapper.live_processes == []

@@ -60,8 +60,11 @@ def reap_orphaned() -> None:
 
 
 # Subclassing asyncio's watcher base warns from 3.12 on (child watchers are deprecated there;
-# gone in 3.14): the class exists only where it is used.
-if sys.version_info < (3, 12):
+# gone in 3.14): the class exists only where it is used. Windows' asyncio has no child watchers
+# at all (they come from unix_events): there the name must not even be looked up, or the
+# package cannot be imported on Windows under 3.11.
+_HAS_WATCHERS = sys.version_info < (3, 12) and hasattr(asyncio, "AbstractChildWatcher")
+if _HAS_WATCHERS:
 
     class LoopPidfdWatcher(asyncio.AbstractChildWatcher):
         """Hears each child's exit through a pidfd in the selector of the loop that started it (the
@@ -153,7 +156,7 @@ def prefer_pidfd_watcher(
     3.12 does by default; True when it did. Nothing happens on 3.12+ (asyncio chooses it
     itself), without pidfds, under another policy class, or when a watcher was already set or
     made."""
-    if version >= (3, 12) or sys.version_info >= (3, 12):
+    if version >= (3, 12) or not _HAS_WATCHERS:
         return False
     default_policy = getattr(asyncio, "DefaultEventLoopPolicy", None)
     if default_policy is None or not hasattr(asyncio, "ThreadedChildWatcher"):

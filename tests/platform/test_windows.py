@@ -4,12 +4,16 @@ injected (nothing here has run on real Windows yet; see docs/WINDOWS.md)."""
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from platform_fakes import FakeProc, TreeProc, recorder
 
+import prismq_subprocess
 from prismq_subprocess._platform import (
     CREATE_NEW_PROCESS_GROUP,
     CTRL_BREAK_EVENT,
@@ -254,3 +258,16 @@ def test_without_job_objects_windows_falls_back_to_the_process_tree() -> None:
     assert ops.prepare_spawn({}, die_with_host=True)[1] == Containment()
     assert ops.containment_report().mechanisms == ("process-group",)
     assert JobObjects.load() is None or sys.platform == "win32"
+
+
+def test_every_module_imports_with_the_names_windows_has() -> None:
+    # CPython's Windows build lacks asyncio's child watchers (AbstractChildWatcher & co. come
+    # from unix_events), most signals, os.fork/killpg/..., select.poll and, before 3.12,
+    # os.set_blocking. A module that touches one of them at import time breaks the whole
+    # package on Windows; the helper removes them, says win32, and imports every module.
+    script = Path(__file__).with_name("windows_namespace.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(prismq_subprocess.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr

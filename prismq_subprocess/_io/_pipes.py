@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
-from .._platform import CAN_POLL_PIPES
+from .._platform import CAN_POLL_PIPES, PIPES_SELECTABLE
 from ._stdin_transport import StreamWriterMethods, WriterTransport
 
 __all__ = [
@@ -100,8 +100,8 @@ def read_available(fd: int, max_bytes: int = 16 * READ_CHUNK) -> tuple[list[byte
 
 def release_transport_pipes(process: Any) -> None:
     """Close the pipe transports of an ``asyncio.subprocess.Process``: what the pipes hold now
-    goes to its readers (past their flow-control limit, so nothing already written is lost),
-    then end of file; the descriptors are freed and asyncio then closes the process transport.
+    goes to its readers (past their flow-control limit, so nothing already written is lost; on
+    POSIX, where the pipes are read on the loop's thread), then end of file; the descriptors are freed and asyncio then closes the process transport.
     Does nothing for an object without asyncio's transports."""
     transport = getattr(process, "_transport", None)
     if transport is None:
@@ -112,7 +112,11 @@ def release_transport_pipes(process: Any) -> None:
             pipe = transport.get_pipe_transport(fd)
         if pipe is None or pipe.is_closing():
             continue
-        if reader is not None:
+        # POSIX: the transport reads on the loop's thread, so what the pipe holds is still in
+        # it. Windows (Proactor): the "pipe" is a PipeHandle whose fileno() is a HANDLE, not a
+        # descriptor, and the transport's own overlapped read is pending on it; closing the
+        # transport is all there is to do.
+        if reader is not None and PIPES_SELECTABLE:
             source = pipe.get_extra_info("pipe")
             if source is not None:
                 for data in read_available(source.fileno())[0]:

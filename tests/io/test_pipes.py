@@ -686,3 +686,68 @@ async def test_a_loop_closed_before_its_deliveries_ran_is_not_kept_by_the_io_thr
     finally:
         pump.close()
         reap(proc)
+
+
+class _PipeHandle:
+    """asyncio's ``windows_utils.PipeHandle``: ``fileno()`` is a Win32 HANDLE, not a C runtime
+    file descriptor."""
+
+    def __init__(self, handle: int) -> None:
+        self._handle = handle
+
+    def fileno(self) -> int:
+        return self._handle
+
+
+class _ProactorPipe:
+    """A Proactor pipe transport (an overlapped read is pending on its handle)."""
+
+    def __init__(self, handle: int) -> None:
+        self._pipe = _PipeHandle(handle)
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> Any:
+        return self._pipe if name == "pipe" else None
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_letting_go_of_proactor_pipes_reads_no_descriptor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On Windows an ASYNC child's pipe transports are the Proactor's: the "pipe" they hold is a
+    # PipeHandle whose fileno() is a HANDLE, and the transport's own overlapped read is pending
+    # on it. Reading it "non-blocking" as on POSIX called os.set_blocking (absent on Windows
+    # before 3.12: AttributeError) and os.read with the HANDLE's number taken for a descriptor
+    # (another open file, should the numbers meet). Here the number is a real pipe holding data,
+    # which must stay unread, and set_blocking is gone as on Windows 3.11.
+    from prismq_subprocess._io import _pipes
+
+    monkeypatch.setattr(_pipes, "PIPES_SELECTABLE", False)
+    monkeypatch.delattr(os, "set_blocking")
+    r, w = os.pipe()
+    try:
+        os.write(w, b"not ours")
+        pipes = {1: _ProactorPipe(r), 2: _ProactorPipe(r)}
+
+        class Transport:
+            def get_pipe_transport(self, fd: int) -> Any:
+                return pipes.get(fd)
+
+        class Process:
+            _transport = Transport()
+            stdout = asyncio.StreamReader(loop=asyncio.new_event_loop())
+            stderr = None
+
+        Process.stdout._loop.close()
+        _pipes.release_transport_pipes(Process())
+        assert pipes[1].closed and pipes[2].closed
+        assert not Process.stdout._buffer
+        assert os.read(r, 100) == b"not ours"
+    finally:
+        os.close(r)
+        os.close(w)

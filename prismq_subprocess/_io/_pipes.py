@@ -101,8 +101,9 @@ def read_available(fd: int, max_bytes: int = 16 * READ_CHUNK) -> tuple[list[byte
 def release_transport_pipes(process: Any) -> None:
     """Close the pipe transports of an ``asyncio.subprocess.Process``: what the pipes hold now
     goes to its readers (past their flow-control limit, so nothing already written is lost; on
-    POSIX, where the pipes are read on the loop's thread), then end of file; the descriptors are freed and asyncio then closes the process transport.
-    Does nothing for an object without asyncio's transports."""
+    POSIX, where the pipes are read on the loop's thread), then end of file; the descriptors are
+    freed and asyncio then closes the process transport. Does nothing for an object without
+    asyncio's transports."""
     transport = getattr(process, "_transport", None)
     if transport is None:
         return

@@ -63,10 +63,11 @@ def drain_blocking(
     ``watch``, the child's exit is reported while its pipes are still held open (checked on a
     clock, so a leftover that keeps writing cannot hide it) and the drain can be abandoned; the
     decisions (how long to wait, what to stop) are the event loop's (``_core/_run_process.py``).
-    On Windows the pipes are read by threads and a ``watch`` is not consulted.
+    On Windows, whose pipes cannot be select()ed, a thread moves each pipe (see
+    :func:`_drain_with_threads`).
     """
-    if not PIPES_SELECTABLE:  # pragma: no cover - Windows pipes cannot be select()ed
-        _drain_with_threads(popen, input, out, err)
+    if not PIPES_SELECTABLE:
+        _drain_with_threads(popen, input, out, err, watch)
         return
     exited = False
     with selectors.DefaultSelector() as selector:
@@ -132,26 +133,61 @@ def _drain_with_threads(
     input: bytes | None,
     out: TailBuffer | None,
     err: TailBuffer | None,
+    watch: DrainWatch | None,
 ) -> None:
+    """:func:`drain_blocking` with a thread per pipe (Windows). The calling thread keeps the
+    ``watch`` as the select() route does: it reports the child's exit while the pipes are held
+    open and returns when abandoned. A thread blocked in a read cannot be interrupted there (and
+    closing its pipe under it could hand the number to another file), so an abandoned drain
+    leaves its threads to end when the last writer closes the pipe, dropping what they still
+    read; each closes its own pipe."""
+    lock = threading.Lock()
+    let_go = False  # (under lock) the drain has returned: nothing more goes to the sinks
+
     def read(pipe: IO[bytes], sink: TailBuffer | None) -> None:
         try:
             while data := pipe.read(_READ):
-                if sink is not None:
-                    sink.append(data)
+                with lock:
+                    if let_go:
+                        continue  # drain it all the same: a writer must not block on us
+                    if sink is not None:
+                        sink.append(data)
+        except (OSError, ValueError):
+            pass  # the pipe broke or was closed: nothing more will come
         finally:
             _close(pipe)
+
+    def write(pipe: IO[bytes]) -> None:
+        # A thread of its own: a child that does not read its stdin must not keep the calling
+        # thread from the watch.
+        with contextlib.suppress(OSError, ValueError):
+            if input:
+                pipe.write(input)
+        _close(pipe)
 
     threads = [
         threading.Thread(target=read, args=(pipe, sink), daemon=True)
         for pipe, sink in ((popen.stdout, out), (popen.stderr, err))
         if pipe is not None
     ]
+    if popen.stdin is not None:
+        threads.append(threading.Thread(target=write, args=(popen.stdin,), daemon=True))
     for thread in threads:
         thread.start()
-    if popen.stdin is not None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError, OSError):
-            if input:
-                popen.stdin.write(input)
-        _close(popen.stdin)
-    for thread in threads:
-        thread.join()
+    exited = False
+    while True:
+        alive = [thread for thread in threads if thread.is_alive()]
+        if not alive:
+            return
+        alive[0].join(_TICK if watch is not None else None)
+        if watch is None:
+            continue
+        if not exited:
+            returncode = popen.poll()
+            if returncode is not None:
+                exited = True
+                watch.on_exit(returncode)
+        if watch.abandoned:
+            with lock:
+                let_go = True
+            return

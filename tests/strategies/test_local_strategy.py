@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sys
 import time
@@ -122,3 +123,45 @@ async def test_a_run_cancelled_while_its_spawn_fails_leaves_no_unretrieved_error
         gc.collect()
         await asyncio.sleep(0.1)
     assert seen == []
+
+
+# A child that leaves a process holding its stdout and exits at once. "tree": the leftover is
+# in the child's tree (the drain rule's tree stop ends it); "outside": in a session of its own,
+# out of the tree's reach (the run lets go of the pipes). Its pid goes to a file, for clean-up.
+_LEAVES_A_HOLDER = """
+import pathlib, subprocess, sys
+holder = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session={outside}
+)
+pathlib.Path({pid_file!r}).write_text(str(holder.pid))
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("route", ["select", "threads"])
+@pytest.mark.parametrize("holder", ["tree", "outside"])
+async def test_a_leftover_holding_the_pipes_does_not_hold_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, route: str, holder: str
+) -> None:
+    """LOCAL drains in one blocking call. Where pipes cannot be select()ed (Windows; "threads",
+    forced here) it read them with a thread each and never looked at its watch: the child's
+    exit went unreported while a leftover held the pipes, so the drain rule never started and
+    ``run()`` waited for as long as the leftover lived (forever for a daemon); letting go of
+    the pipes was ignored too. It now behaves as the select() route."""
+    from prismq_subprocess._io import _blocking_io
+
+    if route == "threads":
+        monkeypatch.setattr(_blocking_io, "PIPES_SELECTABLE", False)
+    pid_file = tmp_path / "holder.pid"
+    code = _LEAVES_A_HOLDER.format(outside=holder == "outside", pid_file=str(pid_file))
+    try:
+        async with pq.SubprocessWrapper(mode="local", grace_period=1.0) as w:
+            async with asyncio.timeout(60):
+                result = await w.run(*py(code))
+            assert (result.returncode, result.stdout) == (0, b"done\n")
+            if holder == "tree":  # stopped by the drain rule
+                psutil.Process(int(pid_file.read_text())).wait(timeout=30)
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(int(pid_file.read_text())).kill()

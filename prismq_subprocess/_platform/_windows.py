@@ -184,6 +184,10 @@ class WindowsOps(PlatformOps):
     def _ask(self, targets: Sequence[StopTarget], pace: Pace) -> list[StopRecord]:
         # No SIGSTOP: the trees cannot be held still, so they are looked at twice (before and
         # after the request), as close together as possible.
+        # Windows has one polite request, the CTRL_BREAK to a console group; psutil's SIGTERM
+        # is TerminateProcess. So a tree whose group got the CTRL_BREAK is left to handle it
+        # (what is outside the group is killed after the grace period); one without it is
+        # ended at once, as its child is (terminate() is TerminateProcess too).
         records = [StopRecord(t) for t in targets]
         running = [r for r in records if r.target.running]
         if running:
@@ -192,7 +196,8 @@ class WindowsOps(PlatformOps):
                 record.add(table.handles(table.descendants(record.target.pid)))
                 sig = self.stop_signal(record.target.own_group)
                 record.asked = record.target.own_group and self.signal_group(record.target.pid, sig)
-                self.signal_descendants(record.descendants, signal.SIGTERM)
+                if not record.asked:
+                    self.signal_descendants(record.descendants, signal.SIGTERM)
             table = self.scan()
             for record in running:
                 known = {p.pid for p in record.descendants}
@@ -200,7 +205,8 @@ class WindowsOps(PlatformOps):
                     e for e in table.descendants(record.target.pid) if e.pid not in known
                 )
                 record.add(late)
-                self.signal_descendants(late, signal.SIGTERM)
+                if not record.asked:
+                    self.signal_descendants(late, signal.SIGTERM)
         exited = [r for r in records if not r.target.running]
         if exited:
             procs = list(self.process_iter())

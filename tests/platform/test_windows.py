@@ -107,8 +107,10 @@ async def test_windows_stop_of_an_exited_child_kills_its_leftovers() -> None:
     child = Exited()
     register_child(child, True)
     assert await stop_process_tree(child, grace=0.05, ops=ops) == 0  # type: ignore[arg-type]
-    assert leftover.signals == [signal.SIGTERM]  # asked first
-    assert leftover.killed  # it ignored the request: killed after the grace period
+    # No group to send CTRL_BREAK to once the child is gone: psutil's SIGTERM (TerminateProcess
+    # on Windows) at once, the kill after the grace period for what still shows as running.
+    assert leftover.signals == [signal.SIGTERM]
+    assert leftover.killed
 
 
 def test_windows_stop_of_running_children_in_one_batch() -> None:
@@ -126,9 +128,10 @@ def test_windows_stop_of_running_children_in_one_batch() -> None:
     assert grouped.asked and not plain.asked
     assert sorted(p.pid for p in grouped.descendants) == [2, 3]
     assert [p.pid for p in plain.descendants] == [6]
-    assert (
-        child_of_grouped.signals == grandchild.signals == child_of_plain.signals == [signal.SIGTERM]
-    )
+    # The CTRL_BREAK reaches the group; the plain child's tree has no polite request at all, so
+    # its descendant is ended with it (psutil's SIGTERM is TerminateProcess on Windows).
+    assert child_of_grouped.signals == grandchild.signals == []
+    assert child_of_plain.signals == [signal.SIGTERM]
     assert stranger.signals == []
     ops.kill_trees([grouped, plain])
     assert child_of_grouped.killed and grandchild.killed and child_of_plain.killed
@@ -271,3 +274,23 @@ def test_every_module_imports_with_the_names_windows_has() -> None:
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr
+
+
+def test_windows_ctrl_break_is_not_overtaken_by_terminate_process() -> None:
+    # psutil's send_signal(SIGTERM) on Windows is TerminateProcess (psutil/_pswindows.py), not
+    # a request. The stop sent it to every descendant together with the group's CTRL_BREAK, so
+    # a worker under a shell or launcher was killed outright before it could handle the break
+    # it was sent; the grace period meant nothing for it. They are killed after the grace
+    # period only, including one that appears between the two looks at the process table.
+    worker = TreeProc(2, 1234, 100.0)
+    late = TreeProc(3, 2, 101.0)
+    looks: list[list[TreeProc]] = [[worker], [worker, late]]
+    calls, kill = recorder()
+    ops = platform_ops("win32", kill=kill, process_iter=lambda: looks.pop(0) if looks else [])
+    (record,) = ops.ask_to_stop([StopTarget(1234, True)])
+    assert record.asked and calls == [(1234, CTRL_BREAK_EVENT)]
+    assert sorted(p.pid for p in record.descendants) == [2, 3]
+    assert worker.signals == late.signals == []
+    assert not worker.killed and not late.killed
+    ops.kill_trees([record])
+    assert worker.killed and late.killed

@@ -226,7 +226,7 @@ class ConcurrentExecutor(AsyncClosing):
             :class:`RunRegistry` of the executor's own.
         output: an :class:`OutputCapture` receiving every run's lines; ``None``: tails only.
         grace_period: seconds between SIGTERM and SIGKILL when a tree is stopped.
-        sample_interval: seconds between process-tree samples.
+        sample_interval: seconds between process-tree samples (at least 0.01).
 
     Raises:
         InvalidLimitError: ``max_concurrent`` is not an int >= 1.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Unpack
 
 from .._core._closing import AsyncClosing
-from .._core._durations import interval_seconds, timeout_seconds
+from .._core._durations import timeout_seconds
 from .._core._exceptions import (
     CommandNotFoundError,
     DuplicateRunError,
@@ -47,7 +47,7 @@ from .._core._validation import (
     check_timeout,
 )
 from .._core._wrapper import SubprocessWrapper
-from .._resources._tree_sampler import ProcessTreeSampler, TreeSample
+from .._resources._tree_sampler import ProcessTreeSampler, TreeSample, check_sample_interval
 from .._strategies import SubprocessStrategy
 from ._backend import ModuleJob, RunBackend, RunContext, check_resources
 from ._cancel_result import CancelResult, cancel_elsewhere
@@ -204,7 +204,8 @@ class ModuleRunner(AsyncClosing):
         InvalidRunModeError: both ``run_mode`` and ``wrapper`` given, or an unknown mode.
         InvalidTimeoutError: ``grace_period`` is negative.
         InvalidLimitError: ``output_tail_lines`` < 0 or ``max_concurrent`` < 1.
-        InvalidIntervalError: ``sample_interval`` is not positive.
+        InvalidIntervalError: ``sample_interval`` is not a finite duration of at least 0.01 s
+            (see :class:`ProcessTreeSampler`).
     """
 
     def __init__(
@@ -228,7 +229,7 @@ class ModuleRunner(AsyncClosing):
         if max_concurrent is not None:
             check_limit(max_concurrent, "max_concurrent", minimum=1)
         self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
-        self.sample_interval = interval_seconds(sample_interval, what="sample_interval")
+        self.sample_interval = check_sample_interval(sample_interval, "sample_interval")
         self.registry = registry
         # Not ``or``: an empty ProcessManager is falsy (it has a length).
         self.processes = (

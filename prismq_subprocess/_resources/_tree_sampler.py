@@ -19,13 +19,17 @@ import psutil
 
 from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
-from .._core._exceptions import InvalidArgumentTypeError, InvalidTaskError
+from .._core._exceptions import InvalidArgumentTypeError, InvalidIntervalError, InvalidTaskError
 from .._core._maybe_async import call_callback
 from .._core._validation import check_limit
 from .._platform import start_afresh_after_fork
 from ._readings import VANISHED
 
-__all__ = ["LimitCallback", "ProcessTreeSampler", "TreeSample"]
+__all__ = ["MIN_SAMPLE_INTERVAL", "LimitCallback", "ProcessTreeSampler", "TreeSample"]
+
+#: The shortest interval between samples: a sample of a tree takes a worker thread about a
+#: millisecond, so anything shorter would keep a core busy sampling back to back.
+MIN_SAMPLE_INTERVAL = 0.01
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,17 @@ class LimitCallback(Protocol):
 _Ident = tuple[int, float]
 
 
+def check_sample_interval(value: float | timedelta, what: str) -> float:
+    """``value`` in seconds, refused unless finite and at least :data:`MIN_SAMPLE_INTERVAL`."""
+    seconds = interval_seconds(value, what=what)
+    if seconds < MIN_SAMPLE_INTERVAL:
+        raise InvalidIntervalError(
+            f"{what} must be at least {MIN_SAMPLE_INTERVAL} s (sampling a process tree takes "
+            f"about a millisecond of a worker thread), got {value!r}"
+        )
+    return seconds
+
+
 class ProcessTreeSampler(AsyncResource):
     """Sample the process tree rooted at ``pid`` every ``interval`` seconds.
 
@@ -76,13 +91,15 @@ class ProcessTreeSampler(AsyncResource):
 
     Args:
         pid: the root process (normally the child you spawned).
-        interval: seconds (or ``timedelta``) between samples; positive.
+        interval: seconds (or ``timedelta``) between samples; at least
+            :data:`MIN_SAMPLE_INTERVAL` (0.01 s).
         memory_limit_bytes: tree RSS above which ``on_limit`` fires; ``None``: no limit.
         on_limit: sync or async callable taking the :class:`TreeSample`; its exceptions are
             logged.
 
     Raises:
-        InvalidIntervalError: ``interval`` is not a positive, finite duration.
+        InvalidIntervalError: ``interval`` is not a finite duration of at least
+            :data:`MIN_SAMPLE_INTERVAL`.
         InvalidLimitError: ``memory_limit_bytes`` or ``pid`` is not a positive integer.
         InvalidArgumentTypeError: ``pid`` is not an int.
         InvalidTaskError: ``on_limit`` is given and not callable.
@@ -100,7 +117,7 @@ class ProcessTreeSampler(AsyncResource):
             raise InvalidArgumentTypeError(f"pid must be an int, not {type(pid).__name__}")
         check_limit(pid, "pid", minimum=1)
         self.pid = pid
-        self.interval = interval_seconds(interval)
+        self.interval = check_sample_interval(interval, "interval")
         if memory_limit_bytes is not None:
             check_limit(memory_limit_bytes, "memory_limit_bytes", minimum=1)
         if on_limit is not None and not callable(on_limit):

@@ -19,6 +19,7 @@ from prismq_subprocess._background._module_args import parameters_to_args
 from prismq_subprocess._background._module_runner import ModuleRunner
 from prismq_subprocess._background._process_manager import ProcessManager
 from prismq_subprocess._core._exceptions import (
+    InvalidIntervalError,
     InvalidParametersError,
     RunnerClosedError,
     ScriptNotFoundError,
@@ -752,3 +753,9 @@ async def test_a_module_run_whose_final_record_failed_is_recorded_later(
             run_id = (await runner.execute_module("m", "M", path)).run_id
         stored = await _stored_when(registry, run_id, lambda run: run.is_finished)
         assert stored.status is pq.RunStatus.COMPLETED and stored.output_tail == ["ok"]
+
+
+def test_a_sample_interval_under_the_samplers_floor_is_refused() -> None:
+    # Refused at construction, not at the first run (which would start its child first).
+    with pytest.raises(InvalidIntervalError, match="at least 0.01"):
+        ModuleRunner(pq.RunRegistry(), sample_interval=0.001)

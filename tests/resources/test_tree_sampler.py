@@ -160,6 +160,8 @@ async def test_start_is_idempotent_and_stop_without_start_is_a_no_op() -> None:
     [
         ({"interval": 0}, InvalidIntervalError),
         ({"interval": -1}, InvalidIntervalError),
+        ({"interval": 1e-9}, InvalidIntervalError),  # samples back to back: a busy core
+        ({"interval": 0.009}, InvalidIntervalError),
         ({"memory_limit_bytes": 0}, InvalidLimitError),
         ({"memory_limit_bytes": 1.5}, InvalidLimitError),
         ({"pid": 0}, InvalidLimitError),

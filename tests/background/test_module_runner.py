@@ -757,5 +757,5 @@ async def test_a_module_run_whose_final_record_failed_is_recorded_later(
 
 def test_a_sample_interval_under_the_samplers_floor_is_refused() -> None:
     # Refused at construction, not at the first run (which would start its child first).
-    with pytest.raises(InvalidIntervalError, match="at least 0.01"):
+    with pytest.raises(InvalidIntervalError, match=r"at least 0\.01"):
         ModuleRunner(pq.RunRegistry(), sample_interval=0.001)

@@ -20,7 +20,7 @@ from ._child_watcher import prefer_pidfd_watcher
 from ._containment import Containment, ContainmentReport
 from ._fork import after_fork_in_child, start_afresh_after_fork
 from ._ops import Pace, PlatformOps, StopRecord, StopTarget, no_pace
-from ._posix import PosixOps, pidfd_open
+from ._posix import CGROUP_ENTER_THREAD, PosixOps, pidfd_open
 from ._windows import (
     CREATE_NEW_PROCESS_GROUP,
     CTRL_BREAK_EVENT,
@@ -33,6 +33,7 @@ from ._windows import (
 
 __all__ = [
     "CAN_POLL_PIPES",
+    "CGROUP_ENTER_THREAD",
     "CREATE_NEW_PROCESS_GROUP",
     "CTRL_BREAK_EVENT",
     "IS_WINDOWS",

@@ -23,16 +23,17 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from .._platform import IS_WINDOWS, PosixOps, platform_ops
+from .._platform import CGROUP_ENTER_THREAD, IS_WINDOWS, PosixOps, platform_ops
 
 __all__ = ["COOKIE_VAR", "DEFAULT_IGNORED_THREADS", "LeakCheck", "LeakReport"]
 
 #: The environment variable carrying the check's cookie to every child started during the test.
 COOKIE_VAR = "PRISMQ_PYTEST_COOKIE"
 
-#: Thread-name prefixes that belong to the event loop's worker pools, not to the test: asyncio's
-#: default executor and anyio's worker threads (both outlive a task by design).
-DEFAULT_IGNORED_THREADS = ("asyncio_", "AnyIO worker thread")
+#: Thread-name prefixes that belong to worker pools, not to the test: asyncio's default
+#: executor, anyio's worker threads and this library's cgroup mover (all outlive a task by
+#: design; the last ends 0.25 s after its last job).
+DEFAULT_IGNORED_THREADS = ("asyncio_", "AnyIO worker thread", CGROUP_ENTER_THREAD)
 
 _POLL = 0.05
 # Linux can list this process's descriptors with what each one is; elsewhere we count them.

@@ -597,8 +597,33 @@ class SubprocessWrapper(AsyncClosing):
             except Exception:
                 logger.exception("killing the children of %r failed", self)
         _reap_killed(killed, self._ops)
+        self._release_unread(killed)
         self._live.clear()
         self._close_strategies()
+
+    def _release_unread(self, killed: list[ProcessLike]) -> None:
+        # As aclose() does: output nobody read keeps an asyncio child's pipe paused by flow
+        # control, so its descriptor and transport stayed open after the kill until garbage
+        # collection (then a ResourceWarning, or "Event loop is closed" once asyncio.run() has
+        # returned). Transports are not thread-safe: only on their loop's thread, or once that
+        # loop has closed (release_transport_pipes finishes the close itself then).
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for process in killed:
+            loop = getattr(getattr(process, "_transport", None), "_loop", None)
+            if loop is None or not (loop is running or loop.is_closed()):
+                continue  # not asyncio's (our Popen-backed modes release their own), or elsewhere
+            try:
+                self._strategy.release_pipes(process)
+            except Exception:
+                logger.exception("releasing the pipes of %r failed", process)
+            if loop.is_closed():
+                # Reaped by _reap_killed. On a live loop the transport closes itself once its
+                # watcher reports the exit: closing it first would reap the child behind the
+                # watcher's back (Popen.poll), losing the exit status.
+                _close_transport(process)
 
     def _close_strategies(self) -> None:
         for strategy in (*self._retired, self._strategy):

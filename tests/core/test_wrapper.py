@@ -286,6 +286,70 @@ async def test_closing_the_wrapper_closes_a_running_childs_stdin(mode: str) -> N
     assert len(os.listdir("/proc/self/fd")) <= before
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("mode", ["async", "threaded", "threaded-threads", "local"])
+async def test_cleanup_releases_the_pipes_of_output_nobody_read(mode: str) -> None:
+    # Found by the session 22 review: the guide's `finally: wrapper.cleanup()` after a timeout
+    # or a cancel (Pattern 2 never reads stderr; many snippets only wait()). In ASYNC the
+    # killed child's stdout pipe stayed open, paused by asyncio's flow control, until the
+    # garbage collector found it; asyncio.run() returning right after the cleanup() then
+    # printed "Exception ignored in BaseSubprocessTransport.__del__: Event loop is closed".
+    # aclose() released those pipes already; cleanup() is documented as its synchronous form.
+    before = len(os.listdir("/proc/self/fd"))
+    wrapper = WRAPPER_FACTORIES[mode]()
+    process, stdout, _ = await wrapper.create_subprocess(
+        *py("import sys, time; sys.stdout.write('y' * 1000000); sys.stdout.flush(); time.sleep(60)")
+    )
+    await asyncio.sleep(0.5)  # the child fills the pipe and our reader's buffer, then blocks
+    wrapper.cleanup()
+    for _ in range(100):
+        if len(os.listdir("/proc/self/fd")) <= before:
+            break
+        await asyncio.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert await asyncio.wait_for(process.wait(), 10) != 0
+    # What the pipes held is not lost: it went to the reader.
+    assert 0 < len(await asyncio.wait_for(stdout.read(), 10)) <= 1000000
+
+
+_CLEANUP_AS_ASYNCIO_RUN_ENDS = """
+import asyncio, sys
+import prismq_subprocess as pq
+
+async def main():
+    wrapper = pq.SubprocessWrapper(pq.RunMode.ASYNC)
+    try:
+        process, stdout, stderr = await wrapper.create_subprocess(
+            sys.executable, "-c", "import sys; sys.stderr.write('x' * 1000000)"
+        )
+        try:
+            await asyncio.wait_for(process.wait(), 1.0)  # stderr is never read: blocks
+        except asyncio.TimeoutError:
+            print("timed out", flush=True)
+    finally:
+        wrapper.cleanup()
+
+asyncio.run(main())
+"""
+
+
+def test_cleanup_as_asyncio_run_ends_leaves_no_open_transport() -> None:
+    # The guide's shape (a timeout, then `finally: wrapper.cleanup()`, then asyncio.run()
+    # returns) printed "Exception ignored in ... BaseSubprocessTransport.__del__" with
+    # "RuntimeError: Event loop is closed": the killed child's paused pipe was never closed.
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", _CLEANUP_AS_ASYNCIO_RUN_ENDS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == "timed out\n"
+    assert "Exception ignored" not in done.stderr, done.stderr
+    assert "ResourceWarning" not in done.stderr, done.stderr
+
+
 async def test_shell_rejects_bad_commands(any_wrapper: pq.SubprocessWrapper) -> None:
     with pytest.raises(pq.exceptions.InvalidCommandError):
         await any_wrapper.create_subprocess_shell("   ")

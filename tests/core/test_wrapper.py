@@ -333,6 +333,42 @@ asyncio.run(main())
 """
 
 
+_CLEANUP_AFTER_ASYNCIO_RUN = """
+import asyncio, gc, sys
+import prismq_subprocess as pq
+
+wrapper = pq.SubprocessWrapper(pq.RunMode.ASYNC)  # the guide's module-level pool/wrapper
+kept = []
+
+async def start():
+    code = "import sys, time; sys.stdout.write('y' * 1000000); sys.stdout.flush(); time.sleep(60)"
+    kept.append(await wrapper.create_subprocess(sys.executable, "-c", code))
+
+asyncio.run(start())
+wrapper.cleanup()  # on shutdown, after the loop has closed (the guide's `pool.cleanup()`)
+print(kept[0][0].returncode, flush=True)
+kept.clear()
+gc.collect()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX signal status")
+def test_cleanup_after_asyncio_run_closes_the_pipes_nobody_read() -> None:
+    # The same pipes, when cleanup() comes after the loop closed: they stayed open until
+    # collected, with ResourceWarnings and "Exception ignored ... Event loop is closed".
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", _CLEANUP_AFTER_ASYNCIO_RUN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == f"{-signal.SIGKILL}\n", done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
+    assert "ResourceWarning" not in done.stderr, done.stderr
+
+
 def test_cleanup_as_asyncio_run_ends_leaves_no_open_transport() -> None:
     # The guide's shape (a timeout, then `finally: wrapper.cleanup()`, then asyncio.run()
     # returns) printed "Exception ignored in ... BaseSubprocessTransport.__del__" with

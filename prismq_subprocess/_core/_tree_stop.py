@@ -296,7 +296,8 @@ async def terminate_gracefully(
 
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
-        InvalidArgumentTypeError: ``process`` is not a process object.
+        InvalidArgumentTypeError: ``process`` is not an asyncio-style process object (a
+            ``subprocess.Popen``, whose ``wait()`` blocks, included).
     """
     check_process(process)
     check_timeout(timeout, "timeout")
@@ -322,7 +323,10 @@ async def terminate_many(
 
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
+        InvalidArgumentTypeError: an item of ``processes`` is not a process object.
     """
+    for process in processes:
+        check_process(process)
     check_timeout(timeout, "timeout")
     return await stop_process_trees(processes, grace=timeout, ops=ops)
 

@@ -376,7 +376,15 @@ def check_encoding(encoding: object, errors: object = "strict") -> None:
 
 def check_process(process: object) -> None:
     """Raise :class:`InvalidArgumentTypeError` unless ``process`` looks like a process object
-    (``pid``, ``returncode``, ``wait()``)."""
+    (``pid``, ``returncode``, ``wait()``) of asyncio's kind."""
+    if isinstance(process, subprocess.Popen):
+        # It has all three, but its wait() blocks: awaited on the loop, it froze the loop for
+        # the child's whole life and then failed with a bare TypeError.
+        raise InvalidArgumentTypeError(
+            f"expected an asyncio process object (from create_subprocess_exec or a "
+            f"SubprocessWrapper), not a subprocess.Popen (pid {process.pid}): its wait() "
+            "blocks the event loop"
+        )
     if (
         process is None
         or not isinstance(getattr(process, "pid", None), int)

@@ -296,6 +296,35 @@ async def test_terminate_gracefully_needs_a_process() -> None:
     assert isinstance(info.value, pq.exceptions.InvalidArgumentTypeError)
 
 
+async def test_terminate_gracefully_refuses_a_popen_without_blocking_the_loop() -> None:
+    # Found by the session 22 review: a subprocess.Popen passed the process check (pid,
+    # returncode, wait), then its blocking wait() ran on the event loop: the loop froze for the
+    # child's whole life (the timeout's SIGKILL never came), then a bare TypeError "An
+    # asyncio.Future, a coroutine or an awaitable is required".
+    child = subprocess.Popen(  # noqa: ASYNC220 - the Popen is the point
+        py("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)")
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(TypeError, match="Popen") as info:
+            await pq.terminate_gracefully(child, timeout=0.1)  # type: ignore[arg-type]
+        assert isinstance(info.value, pq.exceptions.InvalidArgumentTypeError)
+        with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="Popen"):
+            await pq.terminate_many([child])  # type: ignore[list-item]
+        assert time.monotonic() - started < 10
+        assert child.poll() is None  # refused before anything was signalled
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_terminate_many_needs_processes() -> None:
+    # It raised a bare AttributeError ("'NoneType' object has no attribute 'returncode'").
+    for bad in (None, "x", 123):
+        with pytest.raises(pq.exceptions.InvalidArgumentTypeError):
+            await pq.terminate_many([bad])  # type: ignore[list-item]
+
+
 def test_a_spawn_that_fails_on_another_file_names_the_program_and_that_file() -> None:
     # Found by a review: out of descriptors while opening /dev/null for stdin, the error read
     # "could not start '/dev/null': Too many open files", for a command that was `sh`.

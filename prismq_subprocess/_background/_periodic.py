@@ -219,7 +219,8 @@ class PeriodicTask(AsyncResource):
             ``sleep`` exist so tests can drive the schedule with a fake clock.
 
     Raises:
-        InvalidTaskError: ``task_func`` is not callable (``None``, say).
+        InvalidTaskError: ``task_func`` is not callable (``None``, say), nor ``clock`` or
+            ``sleep`` when given.
         InvalidIntervalError: ``interval`` is not a positive, finite duration, or ``jitter`` is
             not a number.
         InvalidLimitError: ``jitter`` is negative, not finite or not less than ``interval``, or
@@ -243,6 +244,15 @@ class PeriodicTask(AsyncResource):
             raise InvalidTaskError(
                 f"task_func must be a function or coroutine function, got {task_func!r}"
             )
+        for option, given in (("clock", clock), ("sleep", sleep)):
+            if given is not None and not callable(given):
+                # Checked now: the schedule's task would die at its first tick, unseen. The
+                # guide passes **kwargs to task_func, so this is likely one meant for it.
+                raise InvalidTaskError(
+                    f"PeriodicTask {name!r}: {option}= is an option of PeriodicTask and must be "
+                    f"callable, got {given!r}; to pass {option}= to task_func, wrap task_func "
+                    "in functools.partial"
+                )
         self._interval = interval_seconds(interval)
         if isinstance(jitter, bool) or not isinstance(jitter, int | float):
             raise InvalidIntervalError(f"jitter must be a number of seconds, got {jitter!r}")

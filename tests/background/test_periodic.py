@@ -527,6 +527,23 @@ def test_task_func_must_be_callable(bad: object) -> None:
     assert "task_func" in str(info.value)
 
 
+@pytest.mark.parametrize("option", ["clock", "sleep"])
+async def test_a_task_kwarg_named_like_an_option_that_is_not_callable_is_refused(
+    option: str,
+) -> None:
+    # Found by the session 22 review: the guide passes **kwargs through to task_func, so
+    # `PeriodicTask("backup", 60, backup, sleep=2.0)` is the guide's shape for a backup(sleep=)
+    # function. `clock` and `sleep` were taken as options unchecked: start() returned, the
+    # schedule's task died at once with "'float' object is not callable" ("Task exception was
+    # never retrieved"), task_func never ran and stop() said nothing.
+    async def backup(**kwargs: object) -> None:
+        pass
+
+    with pytest.raises(InvalidTaskError, match=rf"{option}.*functools.partial") as info:
+        PeriodicTask("backup", 60.0, backup, **{option: 2.0})  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError) and isinstance(info.value, PrismQError)
+
+
 async def test_a_cancelled_error_escaping_a_run_is_a_failure_not_the_end(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

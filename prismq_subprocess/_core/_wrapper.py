@@ -8,7 +8,7 @@ import functools
 import logging
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from .._platform import PlatformOps, platform_ops, start_afresh_after_fork
@@ -569,14 +569,18 @@ class SubprocessWrapper(AsyncClosing):
                     await stop_process_trees(live, grace=self._grace, ops=self._ops)
                 except Exception:  # the clean-up below still kills and releases
                     logger.exception("stopping the children of %r failed", self)
-                for index, process in enumerate(live, 1):
-                    # Output nobody read would keep its pipes open (paused) after the child died.
-                    self._strategy.release_pipes(process)
-                    _close_transport(process)
-                    if index % _RELEASE_CHUNK == 0:
-                        # A thousand transports closed in one callback stall the loop for tens
-                        # of milliseconds: let it run between chunks.
-                        await asyncio.sleep(0)
+            # Children that had exited already count too: an asyncio child that wrote more than
+            # its reader buffers keeps its pipe paused after its exit just the same.
+            stopped = set(live)
+            released = [*live, *(p for p in _unread_asyncio(self._live) if p not in stopped)]
+            for index, process in enumerate(released, 1):
+                # Output nobody read would keep its pipes open (paused) after the child died.
+                self._strategy.release_pipes(process)
+                _close_transport(process)
+                if index % _RELEASE_CHUNK == 0:
+                    # A thousand transports closed in one callback stall the loop for tens
+                    # of milliseconds: let it run between chunks.
+                    await asyncio.sleep(0)
         except BaseException:
             self.cleanup()
             raise
@@ -597,11 +601,15 @@ class SubprocessWrapper(AsyncClosing):
             except Exception:
                 logger.exception("killing the children of %r failed", self)
         _reap_killed(killed, self._ops)
-        self._release_unread(killed)
+        # The killed children, and those that had exited already with output nobody read.
+        killed_ids = set(map(id, killed))
+        self._release_unread(
+            [*killed, *(p for p in _unread_asyncio(self._live) if id(p) not in killed_ids)]
+        )
         self._live.clear()
         self._close_strategies()
 
-    def _release_unread(self, killed: list[ProcessLike]) -> None:
+    def _release_unread(self, processes: list[ProcessLike]) -> None:
         # As aclose() does: output nobody read keeps an asyncio child's pipe paused by flow
         # control, so its descriptor and transport stayed open after the kill until garbage
         # collection (then a ResourceWarning, or "Event loop is closed" once asyncio.run() has
@@ -611,7 +619,7 @@ class SubprocessWrapper(AsyncClosing):
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        for process in killed:
+        for process in processes:
             loop = getattr(getattr(process, "_transport", None), "_loop", None)
             if loop is None or not (loop is running or loop.is_closed()):
                 continue  # not asyncio's (our Popen-backed modes release their own), or elsewhere
@@ -711,6 +719,29 @@ def _reap_killed(processes: list[ProcessLike], ops: PlatformOps) -> None:
             if transport is not None and getattr(transport, "_returncode", 0) is None:
                 transport._returncode = popen.returncode  # what the exit callback would set
     reap_orphaned()  # closes the pidfds of the children just reaped
+
+
+def _unread_asyncio(processes: Iterable[ProcessLike]) -> list[ProcessLike]:
+    """The asyncio children among ``processes`` that have exited but whose process transport is
+    still open (a pipe paused on output nobody read), and that may be touched from here: their
+    loop is the one running in this thread, or closed (transports are not thread-safe). Our
+    Popen-backed modes release their own pipes once the child has exited."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    found = []
+    for process in processes:
+        transport = getattr(process, "_transport", None)
+        loop = getattr(transport, "_loop", None)  # None once the transport has finished
+        if (
+            loop is not None
+            and process.returncode is not None
+            and not getattr(transport, "_closed", True)
+            and (loop is running or loop.is_closed())
+        ):
+            found.append(process)
+    return found
 
 
 def _close_transport(process: ProcessLike) -> None:

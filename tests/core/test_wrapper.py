@@ -312,6 +312,37 @@ async def test_cleanup_releases_the_pipes_of_output_nobody_read(mode: str) -> No
     assert 0 < len(await asyncio.wait_for(stdout.read(), 10)) <= 1000000
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("close", ["cleanup", "aclose"])
+async def test_closing_releases_the_pipes_of_an_exited_child_nobody_read(close: str) -> None:
+    # Found by the session 22 review: a child that wrote more than asyncio's reader buffers
+    # (128 KiB) and exited is no longer live, so neither close released its paused pipe: its
+    # descriptor stayed open until collected (a ResourceWarning, or "Event loop is closed"
+    # once the loop had gone). The guide's snippets that only wait() leave exactly that.
+    before = len(os.listdir("/proc/self/fd"))
+    wrapper = pq.SubprocessWrapper(RunMode.ASYNC)
+    process, stdout, _ = await wrapper.create_subprocess(
+        *py("import sys; sys.stdout.write('y' * 150000)")
+    )
+    for _ in range(200):  # it exits; its last bytes wait in the pipe, nobody reading
+        if process.returncode is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert process.returncode == 0
+    if close == "cleanup":
+        wrapper.cleanup()
+    else:
+        await wrapper.aclose()
+    for _ in range(100):
+        if len(os.listdir("/proc/self/fd")) <= before:
+            break
+        await asyncio.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert await asyncio.wait_for(process.wait(), 10) == 0
+    # What the pipe held went to the reader.
+    assert len(await asyncio.wait_for(stdout.read(), 10)) == 150000
+
+
 _CLEANUP_AS_ASYNCIO_RUN_ENDS = """
 import asyncio, sys
 import prismq_subprocess as pq

@@ -194,6 +194,7 @@ EXPECTED: dict[str, list[str]] = {
         "ScriptNotFoundError",
         "ShutdownHandlerError",
         "SpawnFailedError",
+        "StrategyContractError",
         "SubprocessPolicyException",
         "TaskManagerClosedError",
         "TaskTimeoutError",

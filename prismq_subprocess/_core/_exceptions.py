@@ -401,6 +401,18 @@ class BackendClosedError(ClosedError):
     """Raised when a run backend is used after ``aclose()``."""
 
 
+# -- strategies written outside the package ----------------------------------------------------
+__all__ += ["StrategyContractError"]
+
+
+class StrategyContractError(PrismQError, TypeError):
+    """Raised when a strategy passed by the caller (``SubprocessWrapper(strategy=...)``) breaks
+    the contract of ``prismq_subprocess.abc.SubprocessStrategy``: its ``spawn()`` returned
+    something that is not a process object (``ProcessLike``: ``asyncio.subprocess.Process``'s
+    members, with awaitable ``wait()``/``communicate()``), e.g. ``None`` or a
+    ``subprocess.Popen``. The child it may have started is killed; nothing is tracked."""
+
+
 # -- spawn failures and option checks (issue 11 D13, D14) ----------------------------------------
 __all__ += [
     "CommandNotExecutableError",

@@ -4,18 +4,22 @@ for every mode."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
+from .._core._exceptions import StrategyContractError
 from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._result import TailBuffer
 from .._core._run_process import ChildRun
+from .._core._tree_stop import kill_tree_now
 from .._core._validation import check_limit, spawn_error
 from .._io._pipes import release_transport_pipes
 from .._platform import PlatformOps, platform_ops
@@ -27,6 +31,12 @@ Stdio = int | IO[Any] | None
 
 #: asyncio's default StreamReader limit.
 DEFAULT_LIMIT = 2**16
+
+#: Process objects that satisfy ``ProcessLike`` by construction: not inspected member by member.
+_KNOWN_PROCESSES = (ProcessBase, asyncio.subprocess.Process)
+#: The members of ``ProcessLike`` that are called.
+_PROCESS_METHODS = ("wait", "communicate", "send_signal", "terminate", "kill")
+_PROCESS_ATTRIBUTES = ("returncode", "stdin", "stdout", "stderr")
 
 
 @dataclass(frozen=True)
@@ -151,13 +161,60 @@ class SubprocessStrategy(ABC):
                 refused to start it (no execute permission, a directory, not a program, ...).
             NotImplementedError: this event loop cannot run this mode (ASYNC on a Windows
                 selector loop); the wrapper decides whether to fall back.
+            StrategyContractError: :meth:`spawn` returned something that is not a process
+                object.
         """
         try:
             process = await self.spawn(request)
         except OSError as exc:
             raise self.spawn_failed(request, exc) from exc
+        if not isinstance(process, _KNOWN_PROCESSES):
+            self._check_spawned(process)
         self._spawned(process)
         return process
+
+    def _check_spawned(self, process: object) -> None:
+        """Refuse what a strategy written elsewhere returned from :meth:`spawn` unless it is a
+        process object: the run path, the tree stop and the wrapper's tracking would otherwise
+        fail later on a missing member (or block the loop on a ``Popen``'s pipes), leaving the
+        child running.
+
+        Raises:
+            StrategyContractError: ``process`` is not a process object (the child it stands
+                for is killed first, as far as it can be).
+        """
+        where = f"{type(self).__name__}.spawn()"
+        if isinstance(process, subprocess.Popen):
+            # A real child of ours, in its own group: kill its tree, reap it (it dies at once).
+            with contextlib.suppress(Exception):
+                # The tree kill reads only pid, returncode and kill(), which a Popen has.
+                kill_tree_now(cast(ProcessLike, process), self.ops)
+            with contextlib.suppress(Exception):
+                process.wait(timeout=1.0)
+            for stream in (process.stdin, process.stdout, process.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            raise StrategyContractError(
+                f"{where} returned a subprocess.Popen, whose wait() and pipes block; return an "
+                "asyncio process (asyncio.create_subprocess_exec) or delegate to a built-in "
+                "strategy (ThreadedStrategy bridges Popen to asyncio); the child was killed"
+            )
+        pid = getattr(process, "pid", None)
+        missing = [] if isinstance(pid, int) and not isinstance(pid, bool) else ["pid"]
+        missing += [name for name in _PROCESS_ATTRIBUTES if not hasattr(process, name)]
+        missing += [name for name in _PROCESS_METHODS if not callable(getattr(process, name, None))]
+        if not missing:
+            return
+        # Only its own kill(): a pid we cannot vouch for may name a stranger's process.
+        kill = getattr(process, "kill", None)
+        if callable(kill):
+            with contextlib.suppress(Exception):
+                kill()
+        raise StrategyContractError(
+            f"{where} returned {process!r}, which is not a process object (ProcessLike, "
+            f"e.g. an asyncio.subprocess.Process): it lacks {', '.join(missing)}"
+        )
 
     @staticmethod
     def spawn_failed(request: SpawnRequest, exc: OSError) -> OSError:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -27,7 +28,7 @@ from prismq_subprocess.abc import (
     SubprocessStrategy,
     ThreadedStrategy,
 )
-from prismq_subprocess.exceptions import InvalidRunModeError
+from prismq_subprocess.exceptions import InvalidRunModeError, StrategyContractError
 
 
 class RecordingStrategy(SubprocessStrategy):
@@ -218,3 +219,145 @@ async def test_passing_the_strategy_as_mode_still_works() -> None:
         assert wrapper.strategy is strategy and wrapper.mode is pq.RunMode.ASYNC
         assert (await wrapper.run(*py("pass"))).returncode == 0
     assert len(strategy.commands) == 1
+
+
+# -- a strategy that breaks its contract --------------------------------------------------------
+
+
+class _Bare:
+    """Has a pid and little else: not a process object."""
+
+    pid = 4_194_305  # a fake pid above Linux's pid_max: never a real process
+    returncode = None
+
+
+class _NoSignal:
+    """A hand-written proxy around an asyncio process that forgot ``send_signal``."""
+
+    def __init__(self, inner: asyncio.subprocess.Process) -> None:
+        self._inner = inner
+        self.pid = inner.pid
+        self.stdin, self.stdout, self.stderr = inner.stdin, inner.stdout, inner.stderr
+
+    @property
+    def returncode(self) -> int | None:
+        return self._inner.returncode
+
+    async def wait(self) -> int:
+        return await self._inner.wait()
+
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+        return await self._inner.communicate(input)
+
+    def terminate(self) -> None:
+        self._inner.terminate()
+
+    def kill(self) -> None:
+        self._inner.kill()
+
+
+class ReturnsWhat(SubprocessStrategy):
+    """Returns ``make(request)`` from spawn (starting a real child first when asked)."""
+
+    mode = "returns-what"
+
+    def __init__(self, make: Callable[[SpawnRequest], object]) -> None:
+        super().__init__()
+        self.make = make
+        self.closed = False
+
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
+        return self.make(request)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ProxyStrategy(PlainAsyncioStrategy):
+    """Starts a real child, returns it behind a proxy that lacks ``send_signal``."""
+
+    mode = "proxy"
+
+    async def spawn(self, request: SpawnRequest) -> ProcessLike:
+        process = await super().spawn(request)
+        assert isinstance(process, asyncio.subprocess.Process)
+        return _NoSignal(process)  # type: ignore[return-value]
+
+
+async def _each_entry_point(
+    wrapper: pq.SubprocessWrapper, *cmd: str, **kwargs: Any
+) -> list[BaseException]:
+    """Start ``cmd`` through create_subprocess_exec, run() and stream(); the errors raised."""
+    errors: list[BaseException] = []
+    for attempt in (
+        lambda: wrapper.create_subprocess_exec(*cmd, stdout=pq.PIPE, **kwargs),
+        lambda: wrapper.run(*cmd, **kwargs),
+        lambda: collect(wrapper.stream(*cmd, **kwargs)),
+    ):
+        try:
+            await asyncio.wait_for(attempt(), 20)
+        except Exception as exc:
+            errors.append(exc)
+    return errors
+
+
+@pytest.mark.parametrize(
+    ("returned", "missing"),
+    [(lambda request: None, "pid"), (lambda request: _Bare(), "send_signal")],
+    ids=["none", "bare"],
+)
+async def test_a_spawn_returning_no_process_object_is_refused_clearly(
+    returned: Callable[[SpawnRequest], object], missing: str
+) -> None:
+    # Before: create_subprocess_exec returned None, run()/stream() raised AttributeError deep in
+    # the run path, and the object was tracked, so aclose() raised too and never closed the
+    # strategy.
+    strategy = ReturnsWhat(returned)
+    wrapper = pq.SubprocessWrapper(strategy=strategy, grace_period=0.5)
+    errors = await _each_entry_point(wrapper, *py("pass"))
+    assert len(errors) == 3
+    for error in errors:
+        assert isinstance(error, StrategyContractError), repr(error)
+        assert isinstance(error, pq.PrismQError) and isinstance(error, TypeError)
+        assert "ReturnsWhat.spawn()" in str(error) and missing in str(error)
+    assert wrapper.live_processes == []
+    await wrapper.aclose()
+    assert strategy.closed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX sessions")
+async def test_a_spawn_returning_a_popen_is_refused_and_its_child_killed() -> None:
+    # A Popen has every member a process object has, but its wait() and reads block: the run
+    # path would block the event loop on its pipe. The child it started is not left running.
+    mark, env = marked_env()
+
+    def popen(request: SpawnRequest) -> subprocess.Popen[bytes]:
+        assert isinstance(request.command, tuple)
+        return subprocess.Popen(
+            request.command,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            **request.kwargs,
+        )
+
+    try:
+        async with pq.SubprocessWrapper(strategy=ReturnsWhat(popen), grace_period=0.5) as wrapper:
+            errors = await _each_entry_point(wrapper, *py("import time; time.sleep(30)"), env=env)
+            assert [type(error) for error in errors] == [StrategyContractError] * 3
+            assert "Popen" in str(errors[0])
+            assert wrapper.live_processes == []
+    finally:
+        assert await asyncio.to_thread(survivors_after, mark, 5.0) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX sessions")
+async def test_a_proxy_lacking_a_member_is_refused_and_its_child_killed() -> None:
+    mark, env = marked_env()
+    try:
+        async with pq.SubprocessWrapper(strategy=ProxyStrategy(), grace_period=0.5) as wrapper:
+            errors = await _each_entry_point(wrapper, *py("import time; time.sleep(30)"), env=env)
+            assert [type(error) for error in errors] == [StrategyContractError] * 3
+            assert "send_signal" in str(errors[0])
+    finally:
+        assert await asyncio.to_thread(survivors_after, mark, 5.0) == []

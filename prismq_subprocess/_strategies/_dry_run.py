@@ -18,9 +18,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .._core._exceptions import (
+    InvalidArgumentTypeError,
+    InvalidCommandError,
+    InvalidTimeoutError,
+)
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._run_process import ChildRun
+from .._core._validation import check_timeout
 from .._platform import IS_WINDOWS, KILL_SIGNAL, PlatformOps
 from ._base import RunStart, SpawnRequest, SubprocessStrategy
 from ._process_base import ProcessBase
@@ -78,6 +84,34 @@ class DryRunResponse:
     stderr: bytes = b""
     duration: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Check the answer now: a wrong one would fail only at the spawn, far from its cause
+        (a str output), or never end (``returncode=None``).
+
+        Raises:
+            InvalidArgumentTypeError: ``returncode`` is not an int, or ``stdout``/``stderr``
+                are not bytes (bytearray and memoryview are kept as bytes).
+            InvalidTimeoutError: ``duration`` is not a number >= 0 (``inf``: until stopped).
+        """
+        if isinstance(self.returncode, bool) or not isinstance(self.returncode, int):
+            raise InvalidArgumentTypeError(
+                f"returncode must be an int, not {self.returncode!r} (a fake process that "
+                "should run until it is stopped takes duration=float('inf'))"
+            )
+        for name in ("stdout", "stderr"):
+            value = getattr(self, name)
+            if isinstance(value, bytearray | memoryview):
+                object.__setattr__(self, name, bytes(value))
+            elif not isinstance(value, bytes):
+                hint = " (encode it, or use DryRunScript.register, which takes str)"
+                raise InvalidArgumentTypeError(
+                    f"{name} must be bytes, not {type(value).__name__}"
+                    + (hint if isinstance(value, str) else "")
+                )
+        if self.duration is None:
+            raise InvalidTimeoutError("duration must be a number of seconds, not None")
+        check_timeout(self.duration, "duration")
+
 
 @dataclass(frozen=True)
 class DryRunCall:
@@ -107,20 +141,59 @@ def _coerce(answer: DryRunResponse | int | None) -> DryRunResponse | None:
         return answer
     if isinstance(answer, int) and not isinstance(answer, bool):
         return DryRunResponse(returncode=answer)
-    raise TypeError(
+    raise InvalidArgumentTypeError(
         f"a dry-run answer must be a DryRunResponse, an int returncode or None, not {answer!r}"
     )
+
+
+def _table_key(key: object) -> tuple[str, ...] | str:
+    """A table key spelled as commands are recorded (:attr:`SpawnRequest.display`): a shell
+    line as str, arguments as a tuple of str (bytes decoded, paths as text).
+
+    Raises:
+        InvalidArgumentTypeError: not a command line nor a tuple of str/bytes/paths.
+        InvalidCommandError: an empty command.
+    """
+    if isinstance(key, str | bytes):
+        line = key if isinstance(key, str) else key.decode(errors="replace")
+        if not line:
+            raise InvalidCommandError("a DryRunRecorder table key must not be empty")
+        return line
+    if not isinstance(key, tuple):
+        raise InvalidArgumentTypeError(
+            "a DryRunRecorder table key is the argument tuple or the shell command line (str), "
+            f"not {type(key).__name__} {key!r}"
+        )
+    parts: list[str] = []
+    for position, part in enumerate(key):
+        if isinstance(part, bytes):
+            parts.append(part.decode(errors="replace"))
+        elif isinstance(part, str | os.PathLike):
+            parts.append(os.fsdecode(part))
+        else:
+            raise InvalidArgumentTypeError(
+                f"DryRunRecorder table key {key!r}: argument {position} is "
+                f"{type(part).__name__}; expected str, bytes or os.PathLike"
+            )
+    if not parts:
+        raise InvalidCommandError("a DryRunRecorder table key must not be empty")
+    return tuple(parts)
 
 
 class DryRunRecorder:
     """Records dry-run commands and scripts their results.
 
     ``responses`` is either a table mapping a command (argument tuple, or the command line for
-    shell commands) to a :class:`DryRunResponse` or a returncode, or a callable
+    shell commands; bytes and paths in it are read as the text commands are recorded as) to a
+    :class:`DryRunResponse` or a returncode, or a callable
     ``handler(call) -> DryRunResponse | int | None``. Commands the table or handler does not
     answer get ``default`` (returncode 0, no output).
 
     Thread-safe; :attr:`calls` lists every command in the order it was started.
+
+    Raises:
+        InvalidArgumentTypeError: a table key or answer of the wrong kind (``None`` included).
+        InvalidCommandError: an empty table key.
     """
 
     def __init__(
@@ -138,8 +211,12 @@ class DryRunRecorder:
         elif responses is not None:
             for key, answer in responses.items():
                 coerced = _coerce(answer)
-                assert coerced is not None
-                self._table[key if isinstance(key, str) else tuple(key)] = coerced
+                if coerced is None:
+                    raise InvalidArgumentTypeError(
+                        f"the answer for {key!r} is None; a table answer is a DryRunResponse "
+                        "or an int returncode (leave the command out for the default)"
+                    )
+                self._table[_table_key(key)] = coerced
         self.default = default or DryRunResponse()
         self._lock = threading.Lock()
         self._calls: list[DryRunCall] = []

@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import pytest
 
 import prismq_subprocess as pq
 from prismq_subprocess import PIPE, RunMode
+from prismq_subprocess.exceptions import (
+    InvalidArgumentTypeError,
+    InvalidCommandError,
+    InvalidTimeoutError,
+)
 from prismq_subprocess.testing import DryRunCall, DryRunRecorder, DryRunResponse
 
 
@@ -150,3 +156,71 @@ async def test_signals_that_leave_a_real_process_running_leave_the_fake_one_runn
         assert proc.returncode is None
         proc.send_signal(signal.SIGHUP)  # ends a real process by default
         assert await proc.wait() == -signal.SIGHUP
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "match"),
+    [
+        ({"stdout": "clean\n"}, InvalidArgumentTypeError, "stdout"),
+        ({"stderr": 1}, InvalidArgumentTypeError, "stderr"),
+        ({"returncode": None}, InvalidArgumentTypeError, "returncode"),
+        ({"returncode": True}, InvalidArgumentTypeError, "returncode"),
+        ({"returncode": 1.5}, InvalidArgumentTypeError, "returncode"),
+        ({"duration": -1.0}, InvalidTimeoutError, "duration"),
+        ({"duration": float("nan")}, InvalidTimeoutError, "duration"),
+        ({"duration": "1"}, InvalidTimeoutError, "duration"),
+    ],
+)
+def test_a_response_that_cannot_be_answered_is_refused_when_made(
+    fields: dict[str, object], error: type[Exception], match: str
+) -> None:
+    # Before: accepted, then a str output failed at the spawn with "'str' object cannot be
+    # interpreted as an integer", and returncode=None made a fake process that never ended.
+    with pytest.raises(error, match=match) as info:
+        DryRunResponse(**fields)  # type: ignore[arg-type]
+    assert isinstance(info.value, pq.PrismQError)
+
+
+def test_a_response_keeps_bytes_like_output_as_bytes() -> None:
+    response = DryRunResponse(stdout=bytearray(b"out"), stderr=memoryview(b"err"))  # type: ignore[arg-type]
+    assert (response.stdout, response.stderr) == (b"out", b"err")
+    assert DryRunResponse(duration=float("inf")).duration == float("inf")  # until stopped
+
+
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ({("git",): None}, InvalidArgumentTypeError),
+        ({("git",): "0"}, InvalidArgumentTypeError),
+        ({("git", 3): 0}, InvalidArgumentTypeError),
+        ({(): 0}, InvalidCommandError),
+        ({"": 0}, InvalidCommandError),
+    ],
+)
+def test_a_table_that_cannot_be_answered_from_is_refused(
+    table: dict[object, object], error: type[Exception]
+) -> None:
+    # Before: None gave a bare AssertionError, the others a TypeError or a key never matched.
+    with pytest.raises(error):
+        DryRunRecorder(table)  # type: ignore[arg-type]
+
+
+async def test_table_keys_are_matched_as_the_command_is_recorded(tmp_path: Path) -> None:
+    # A path or bytes in a key is recorded as text: the key is spelled the same way, so it
+    # answers (before, it silently never matched and the command got the default answer).
+    script = tmp_path / "job.py"
+    wrapper, _ = make(
+        {("python", script): 3, (b"python", b"y.py"): 4, b"echo hi": 5, ("make", "all"): 6}
+    )
+    async with wrapper:
+        assert (await wrapper.run("python", str(script))).returncode == 3
+        assert (await wrapper.run("python", "y.py")).returncode == 4
+        assert (await wrapper.run("echo hi", shell=True)).returncode == 5
+        assert (await wrapper.run("make", "all")).returncode == 6
+
+
+async def test_a_handler_answer_of_the_wrong_kind_is_a_prismq_error() -> None:
+    wrapper, _ = make(lambda call: "nope")
+    async with wrapper:
+        with pytest.raises(InvalidArgumentTypeError, match="DryRunResponse"):
+            await wrapper.run("git")

@@ -375,7 +375,8 @@ class ModuleRunner(AsyncClosing):
                 or not a str (``shell=True``).
             InvalidCommandError: an empty command, or a NUL byte in it.
             CommandNotFoundError: the program is not on ``PATH`` (``env``'s ``PATH`` when it
-                has one) or, given as a path, does not exist (relative to ``cwd`` if given).
+                has one) or, given as a path, does not exist (relative to ``cwd`` if given);
+                not in DRY_RUN, where nothing is started.
             and what :meth:`prepare` raises for the other arguments.
         """
         if cwd is not None:
@@ -401,7 +402,10 @@ class ModuleRunner(AsyncClosing):
             if any(isinstance(part, bytes) for part in parts):
                 raise InvalidArgumentTypeError("command parts must be str or paths, not bytes")
             argv = tuple(str(part) for part in parts)
-            _find_program(argv[0], cwd, env)
+            if self.backend is not None or self.wrapper.mode is not RunMode.DRY_RUN:
+                # DRY_RUN starts nothing: a test may script a program this machine lacks, as
+                # the wrapper's own run() allows (docs/TESTING.md).
+                _find_program(argv[0], cwd, env)
             recorded = {"argv": list(argv)}
         stored = check_parameters(recorded if parameters is None else parameters)
         limit = timeout_seconds(timeout)

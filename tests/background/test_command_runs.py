@@ -184,3 +184,30 @@ async def test_program_found_on_the_path_of_env_and_relative_to_cwd(
     assert run.output_tail == ["hello from the tool"]
     run = await runner.execute_command("tool", "Tool", ["bin/hello-tool"], cwd=tmp_path)
     assert run.output_tail == ["hello from the tool"]
+
+
+async def test_dry_run_answers_a_scripted_program_this_machine_lacks(tmp_path: Path) -> None:
+    # docs/TESTING.md: in DRY_RUN the program is not looked up on PATH (a test may script git
+    # where git is not installed). Before, execute_command/start_command raised
+    # CommandNotFoundError for it, where wrapper.run() answered from the script.
+    script = pq.testing.DryRunScript()
+    script.register(("no-such-program-xyz", "push"), stdout="pushed\n", returncode=0)
+    script.register(("./tools/missing", "go"), returncode=4)
+    async with (
+        pq.RunRegistry() as registry,
+        pq.OutputCapture() as capture,
+        pq.ModuleRunner(registry, run_mode=script.strategy(), output=capture) as runner,
+    ):
+        run = await runner.execute_command("c", "C", ["no-such-program-xyz", "push"])
+        assert (run.status, run.output_tail) == (pq.RunStatus.COMPLETED, ["pushed"])
+        run_id = await runner.start_command("c", "C", ["./tools/missing", "go"], cwd=tmp_path)
+        await runner.task_manager.wait_all()
+        stored = await registry.get_run(run_id)
+        assert stored is not None and (stored.status, stored.exit_code) == (
+            pq.RunStatus.FAILED,
+            4,
+        )
+        # What does not depend on the machine is still checked as in the real modes.
+        with pytest.raises(errors.CwdNotFoundError):
+            await runner.start_command("c", "C", ["no-such-program-xyz"], cwd=tmp_path / "no")
+    assert script.commands == [("no-such-program-xyz", "push"), ("./tools/missing", "go")]

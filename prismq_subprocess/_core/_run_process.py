@@ -125,7 +125,16 @@ class ChildRun:
         """Write ``data`` to the child's ``stdin``, then close it (a child that stops reading is
         not an error, as in ``communicate()``)."""
         if stdin is not None:
-            self.read(_feed(stdin, data))
+            # Written now, before the owner waits for the exit: a process that hands its input
+            # over when it is waited for (LOCAL's) would otherwise start with none of it.
+            error: Exception | None = None
+            try:
+                stdin.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the child does not want input; as communicate() does, ignore it
+            except Exception as exc:  # a reader's error, reported as the run's (not here)
+                error = exc
+            self.read(_finish_feed(stdin, error))
 
     def reader_error(self) -> BaseException | None:
         """The first error a finished reader raised, if any."""
@@ -330,9 +339,10 @@ async def discard_output(stream: Any) -> None:
         pass
 
 
-async def _feed(stdin: Any, data: bytes) -> None:
+async def _finish_feed(stdin: Any, error: Exception | None) -> None:
     try:
-        stdin.write(data)
+        if error is not None:
+            raise error
         await stdin.drain()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the child does not want more input; as communicate() does, ignore it

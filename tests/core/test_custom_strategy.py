@@ -23,12 +23,14 @@ from lifecycle_helpers import marked_env, survivors_after
 import prismq_subprocess as pq
 from prismq_subprocess.abc import (
     AsyncStrategy,
+    LocalStrategy,
     ProcessLike,
     SpawnRequest,
     SubprocessStrategy,
     ThreadedStrategy,
 )
 from prismq_subprocess.exceptions import InvalidRunModeError, StrategyContractError
+from prismq_subprocess.testing import DryRunRecorder, DryRunStrategy
 
 
 class RecordingStrategy(SubprocessStrategy):
@@ -361,3 +363,26 @@ async def test_a_proxy_lacking_a_member_is_refused_and_its_child_killed() -> Non
             assert "send_signal" in str(errors[0])
     finally:
         assert await asyncio.to_thread(survivors_after, mark, 5.0) == []
+
+
+@pytest.mark.parametrize("inner", [AsyncStrategy, ThreadedStrategy, LocalStrategy])
+async def test_a_wrapping_strategys_run_delivers_its_input(
+    inner: Callable[[], SubprocessStrategy],
+) -> None:
+    # Before: wrapping LOCAL, run(input=...) gave the child an empty stdin: the run path waited
+    # for the exit before its feeding task had written anything, and a LOCAL process waited for
+    # hands its input over (and closes stdin) at that moment.
+    data = b"abc" * 50_000  # more than a pipe holds
+    async with pq.SubprocessWrapper(strategy=RecordingStrategy(inner())) as wrapper:
+        result = await wrapper.run(
+            *py("import sys; d = sys.stdin.buffer.read(); print(len(d), d[:3])"), input=data
+        )
+    assert result.stdout.split() == [str(len(data)).encode(), b"b'abc'"]
+
+
+async def test_a_wrapping_strategy_over_dry_run_records_the_input() -> None:
+    recorder = DryRunRecorder()
+    strategy = RecordingStrategy(DryRunStrategy(recorder=recorder))
+    async with pq.SubprocessWrapper(strategy=strategy) as wrapper:
+        await wrapper.run("git", "apply", input=b"patch")
+    assert [call.input for call in recorder.calls] == [b"patch"]

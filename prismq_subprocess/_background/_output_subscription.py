@@ -145,6 +145,10 @@ class OutputSubscription(AsyncClosing):
     def __del__(self) -> None:
         ring = getattr(self, "_ring", None)
         if ring is not None:
+            # Cleared: collected in a reference cycle (a stream a server dropped without
+            # closing it), this runs before the generator holding us is closed by its
+            # finalizer, whose aclose() then calls _finish, which must not count us again.
+            self._ring = None
             ring.subscribers -= 1
 
     @property

@@ -9,7 +9,9 @@ UTF-8). The events:
 - ``event: line``, ``id: <seq>``, ``data: {"seq": <seq>, "text": "<line>"}`` per output line
   (plus ``"truncated": <bytes cut>`` for a cut line). The payload is JSON because an SSE data line
   cannot hold CR or LF and a browser turns every line break (CR, LF, CRLF) into LF: JSON escapes
-  them, so ``JSON.parse(event.data).text`` is exactly the line, lone CRs, U+2028, emoji and all;
+  them, so ``JSON.parse(event.data).text`` is exactly the line, lone CRs, U+2028, emoji and all
+  (U+0085, U+2028 and U+2029 are escaped too: no SSE line breaks, but a client reading lines
+  with Python's ``str.splitlines``, as httpx's ``iter_lines`` does, would break there);
   a lone surrogate comes back as the same escaped surrogate (from the ring; a line replayed
   from a log file has it as ``?``, the file being UTF-8).
 - ``event: gap``, ``id: <last missing seq>``, ``data: {"dropped": N, "next_seq": M}`` when lines
@@ -109,6 +111,16 @@ class SSEEvent:
         return "".join(fields)
 
 
+# No line breaks in SSE, but str.splitlines() breaks lines there, and so do Python clients
+# built on it (httpx's iter_lines()): sent raw, they cut a data field in two for such a client.
+# JSON-escaped they decode to the same text.
+_UNICODE_BREAKS = re.compile("[\x85\u2028\u2029]")
+
+
+def _escape_unicode_break(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def _json_string(text: str) -> str:
     if text.isascii():
         return encode_basestring(text)
@@ -117,7 +129,10 @@ def _json_string(text: str) -> str:
     except UnicodeEncodeError:
         # A lone surrogate cannot be sent as UTF-8; the escaped form round-trips through JSON.
         return encode_basestring_ascii(text)
-    return encode_basestring(text)
+    encoded = encode_basestring(text)
+    if "\x85" in encoded or "\u2028" in encoded or "\u2029" in encoded:
+        return _UNICODE_BREAKS.sub(_escape_unicode_break, encoded)
+    return encoded
 
 
 def _line_events(chunk: OutputChunk) -> str:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -206,6 +207,34 @@ async def test_aclose_and_gc_unregister_subscribers() -> None:
     gc.collect()
     assert gone() is None  # the capture keeps no reference to its subscribers
     assert capture._runs["r"].subscribers == 0
+
+
+async def test_a_stream_collected_in_a_cycle_unregisters_its_subscriber_once() -> None:
+    """Starlette drops a disconnected client's body iterator without closing it. Collected in
+    a reference cycle, the subscription's ``__del__`` runs and then the generator's finalizer
+    closes it (``aclose``): the subscriber count was decremented twice (-1 per stream), so a
+    run nobody followed looked followed (no fast path, yields every half ring)."""
+    capture = OutputCapture()
+    capture.open_run("r")
+    await capture.append_lines("r", ["a", "b"])
+
+    async def body() -> AsyncIterator[str]:  # what sse_events is, reduced
+        async with capture.subscribe("r") as sub:
+            async for item in sub:
+                assert isinstance(item, OutputLine)
+                yield item.text
+
+    for _ in range(5):
+        stream = body()
+        assert await anext(stream) == "a"
+        assert capture._runs["r"].subscribers == 1
+        holder: list[Any] = [stream]
+        holder.append(holder)  # a cycle, as a frame kept by a traceback makes
+        del stream, holder
+        gc.collect()
+        for _ in range(5):
+            await asyncio.sleep(0)  # the aclose() the loop's async generator hook scheduled
+        assert capture._runs["r"].subscribers == 0
 
 
 async def test_forget_frees_and_ends_subscribers() -> None:

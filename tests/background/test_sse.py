@@ -157,6 +157,34 @@ async def test_tricky_lines_round_trip_through_a_real_parser(fragment: bool) -> 
     assert json.loads(end.data) == {"status": "completed", "exit_code": 0}
 
 
+@pytest.mark.parametrize("source", ["ring", "log file"])
+async def test_unicode_line_breaks_are_escaped_for_line_splitting_clients(
+    tmp_path: Path, source: str
+) -> None:
+    """U+2028, U+2029 and U+0085 are no line breaks in SSE, but ``str.splitlines()`` and so
+    httpx's ``iter_lines()`` (a Python client's usual SSE reader) split on them: sent raw, they
+    cut a ``data:`` field in two for such a client. Escaped in the JSON they decode the same."""
+    texts = ["a\u2028b", "c\u2029d", "e\x85f", "\u2028\u2029\x85", "ok ✓"]
+    async with pq.OutputCapture(log_dir=tmp_path) as capture:
+        await capture.append_lines("r", texts)
+        await capture.close_run("r", status=pq.RunStatus.COMPLETED, exit_code=0)
+        if source == "log file":
+            capture.forget("r")
+        body = "".join(await collect(pq.sse_events(capture, "r")))
+    assert not set("\u2028\u2029\x85") & set(body)
+    # Parsed as a line-splitting client does (httpx's LineDecoder is str.splitlines).
+    events: list[dict[str, str]] = [{}]
+    for line in body.splitlines():
+        if line:
+            name, _, value = line.partition(": ")
+            events[-1][name] = value
+        elif events[-1]:
+            events.append({})
+    lines = [json.loads(e["data"])["text"] for e in events if e.get("event") == "line"]
+    assert lines == texts
+    assert parse([body]).events[-1].type == "end"
+
+
 def test_sse_event_framing() -> None:
     parser = parse(
         [

@@ -29,7 +29,6 @@ Ids are line seqs, so a reconnecting browser's ``Last-Event-ID`` header, passed 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import re
@@ -47,7 +46,7 @@ from .._core._exceptions import (
 from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
 from ._output_capture import OutputCapture
 from ._output_items import OutputChunk, OutputGap
-from ._output_subscription import OutputChunks, OutputSubscription
+from ._output_subscription import OutputSubscription
 
 __all__ = ["SSE_HEADERS", "SSEEvent", "sse_events"]
 
@@ -251,53 +250,6 @@ def _item_events(item: OutputChunk | OutputGap, subscription: OutputSubscription
     return _line_events(item)
 
 
-async def _until_stopped(
-    chunks: OutputChunks,
-    subscription: OutputSubscription,
-    heartbeat: float | None,
-    stop: asyncio.Event,
-) -> AsyncGenerator[str | None, None]:
-    """The stream's events until the end (then returns) or ``stop`` (then yields ``None``).
-
-    One read task lives across heartbeats: it is cancelled only when ``stop`` is set while it
-    waits, which loses nothing (a read moves the subscription's cursor only as it returns). A
-    read that finished is always sent, even when the heartbeat or ``stop`` came in the same
-    loop iteration (a read restarted at every heartbeat lost its chunk then, and on a busy loop
-    could starve).
-    """
-    reader: asyncio.Future[Any] | None = None
-    stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-    try:
-        while True:
-            if reader is None:
-                if stop.is_set():
-                    yield None
-                    return
-                reader = asyncio.ensure_future(anext(chunks))
-            done, _ = await asyncio.wait(
-                {reader, stopper}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
-            )
-            if reader.done():
-                finished, reader = reader, None
-                try:
-                    item = finished.result()
-                except StopAsyncIteration:
-                    return
-                yield _item_events(item, subscription)
-            elif stopper in done:
-                yield None
-                return
-            else:
-                yield _KEEP_ALIVE
-    finally:
-        pending = [task for task in (reader, stopper) if task is not None]
-        for task in pending:
-            task.cancel()
-        # Their outcomes are ours to take (a StopAsyncIteration or an error must not be
-        # reported as never retrieved).
-        await asyncio.gather(*pending, return_exceptions=True)
-
-
 async def _stream(
     subscription: OutputSubscription,
     heartbeat: float | None,
@@ -323,14 +275,45 @@ async def _stream(
                     continue
                 yield _item_events(item, subscription)
         else:
-            # aclosing: a client that leaves closes this generator, and the inner one's read
-            # and stop tasks must end with it, not whenever the inner one is collected.
-            events = _until_stopped(chunks, subscription, heartbeat, stop)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if event is None:
-                        return  # stopped: no end event, so the browser reconnects
-                    yield event
+            # In this generator, not a nested one: a stream a server drops unclosed (Starlette
+            # does when the client leaves) is closed by its finalizer, and a nested generator
+            # collected with it in a cycle was closed twice at once (the loser's "already
+            # running" error logged for a mere disconnect).
+            #
+            # One read task lives across heartbeats: it is cancelled only when `stop` is set
+            # while it waits, which loses nothing (a read moves the subscription's cursor only
+            # as it returns). A read that finished is always sent, even when the heartbeat or
+            # `stop` came in the same loop iteration (a read restarted at every heartbeat lost
+            # its chunk then, and on a busy loop could starve).
+            reader: asyncio.Future[Any] | None = None
+            stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+            try:
+                while True:
+                    if reader is None:
+                        if stop.is_set():
+                            return  # stopped: no end event, so the browser reconnects
+                        reader = asyncio.ensure_future(anext(chunks))
+                    done, _ = await asyncio.wait(
+                        {reader, stopper}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if reader.done():
+                        finished, reader = reader, None
+                        try:
+                            item = finished.result()
+                        except StopAsyncIteration:
+                            break
+                        yield _item_events(item, subscription)
+                    elif stopper in done:
+                        return  # as above
+                    else:
+                        yield _KEEP_ALIVE
+            finally:
+                pending = [task for task in (reader, stopper) if task is not None]
+                for task in pending:
+                    task.cancel()
+                # Their outcomes are ours to take (a StopAsyncIteration or an error must not
+                # be reported as never retrieved).
+                await asyncio.gather(*pending, return_exceptions=True)
         end = subscription.end
         data = json.dumps(
             {

@@ -55,6 +55,42 @@ async def test_a_stop_already_set_sends_only_the_opening() -> None:
         pq.sse_events(capture, "r", stop=True)  # type: ignore[arg-type]
 
 
+async def test_a_stream_dropped_unclosed_in_a_cycle_is_closed_quietly() -> None:
+    """Starlette drops a disconnected client's stream without closing it; collected in a
+    reference cycle, every async generator in it is finalized at once. The stream's inner
+    generator was then closed twice at the same time (by its own finalizer and by the outer
+    one's ``aclosing``), and the loser failed with "aclose(): asynchronous generator is already
+    running", logged as "Task exception was never retrieved" for a mere disconnect."""
+    import gc
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    capture = pq.OutputCapture()
+    capture.open_run("r")
+    await capture.append_lines("r", ["a", "b"])
+    stop = asyncio.Event()
+    try:
+        for _ in range(5):
+            stream = pq.sse_events(capture, "r", stop=stop, heartbeat=None)
+            await anext(stream)  # retry
+            assert "event: line" in await anext(stream)
+            holder: list[object] = [stream]
+            holder.append(holder)  # a cycle, as a frame kept by a traceback makes
+            del stream, holder
+            gc.collect()
+            for _ in range(10):
+                await asyncio.sleep(0)  # the acloses the finalizers scheduled
+            gc.collect()  # what a failed aclose task left behind is reported now
+            await asyncio.sleep(0)
+            assert errors == []
+            assert capture._runs["r"].subscribers == 0
+        # No stop.wait() task left behind either.
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    finally:
+        loop.set_exception_handler(None)
+
+
 async def test_heartbeats_go_on_while_stop_is_not_set() -> None:
     capture = pq.OutputCapture()
     capture.open_run("r")

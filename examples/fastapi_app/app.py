@@ -23,7 +23,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +167,25 @@ def _on_shutdown_signals(
     return restore
 
 
+class EventStream(StreamingResponse):
+    """The response for ``pq.sse_events``: closes the stream when the response ends, however.
+
+    Starlette leaves a response's iterator unclosed when the client disconnects; the stream
+    (with the run's subscription and its tasks) then lived until the garbage collector got to
+    it, which for a stream caught in a reference cycle may be a long while.
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+        super().__init__(events, headers=dict(pq.SSE_HEADERS))
+        self._events = events
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+
+
 # -- the app --------------------------------------------------------------------------------------
 def create_app(data_dir: str | os.PathLike[str] | None = None) -> FastAPI:
     """The app, keeping its registry and logs in ``data_dir`` (default: ``$PRISMQ_APP_DATA`` or
@@ -278,7 +297,7 @@ def create_app(data_dir: str | os.PathLike[str] | None = None) -> FastAPI:
     @app.get("/api/runs/{run_id}/events")
     async def run_events(
         request: Request, run_id: str, last_event_id: str | None = None
-    ) -> StreamingResponse:
+    ) -> EventStream:
         """Live output as Server-Sent Events, from whichever worker runs it; ``Last-Event-ID``
         (or ``?last_event_id=``) resumes after that line."""
         await _get(request, run_id)
@@ -293,7 +312,7 @@ def create_app(data_dir: str | os.PathLike[str] | None = None) -> FastAPI:
             )
         except InvalidSubscriptionError as exc:
             raise HTTPException(400, str(exc)) from None
-        return StreamingResponse(stream, headers=dict(pq.SSE_HEADERS))
+        return EventStream(stream)
 
     @app.post("/api/runs/{run_id}/cancel")
     async def cancel_run(request: Request, run_id: str) -> dict[str, Any]:

@@ -186,8 +186,11 @@ def sse_events(
     header; ``None`` or ``""``: from the first line), live until the run's output is closed.
 
     Each chunk holds whole events (at most ``max_lines_per_chunk`` line events). Closing the
-    iterator (``aclose()``, or the server dropping it when the client disconnects) ends the
-    subscription. Nothing is held for a client until iteration starts.
+    iterator (``aclose()``) ends the subscription; one dropped unclosed (Starlette's
+    ``StreamingResponse`` drops it when the client disconnects) ends it once it is garbage
+    collected, which in a reference cycle can be much later: close it when the response ends.
+    The subscription exists from this call on (it is how an unknown run is refused here), but
+    no task, thread or file is used for a client until iteration starts.
 
     With ``registry`` (and a capture with a ``log_dir``), a run that another process writes,
     e.g. another uvicorn worker, is streamed from its log file as it grows, with the same ids,

@@ -352,7 +352,9 @@ class RunLogWriter:
 @dataclass(frozen=True, slots=True)
 class LogRead:
     """Lines ``first_seq ...`` read from a log file; ``offset`` is where line ``next_seq``
-    starts; ``eof`` when the file ended before the requested count."""
+    starts; ``eof`` when the file ended before the requested count. A file that ended before
+    the first line asked for gives no lines and ``first_seq`` the line it ends at: a later read
+    can start from there."""
 
     first_seq: int
     lines: list[str]
@@ -397,7 +399,8 @@ def read_log_lines(
         while seq < first_seq:
             skipped = handle.readline()
             if not skipped.endswith(b"\n"):
-                return LogRead(first_seq, [], {}, offset, True)
+                # Where the file ends (for now): line `seq` starts at `offset`.
+                return LogRead(seq, [], {}, offset, True)
             offset += len(skipped)
             seq += 1
         while len(lines) < max_lines and size < max_bytes:

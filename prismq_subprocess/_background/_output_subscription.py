@@ -353,9 +353,11 @@ class OutputSubscription(AsyncClosing):
         finally:
             if not kept:
                 self._reading = None
+        # Kept even without lines: a follower polling a quiet run from the end of a long file
+        # skipped all of it again from line 0 at every poll.
+        self._log_start = (result.next_seq, result.offset)
         if not result.lines:
             return None
-        self._log_start = (result.next_seq, result.offset)
         self._cursor = result.next_seq
         return OutputChunk(result.first_seq, result.lines, result.truncated or NO_TRUNCATION)
 

@@ -903,3 +903,51 @@ def test_a_cut_line_keeps_a_prefix_of_itself_lone_surrogates_too(text: str, limi
     assert text.startswith(prefix) and utf8_size(prefix) <= limit
     assert utf8_size(prefix) + cut == utf8_size(text)
     assert utf8_size(text[: len(prefix) + 1]) > limit  # no whole character more would fit
+
+
+async def test_following_a_foreign_run_from_the_end_of_its_log_does_not_rescan_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's run, resumed (``after=``, a browser's Last-Event-ID) at the end of a
+    long log while the run is quiet: each poll read the whole file again from line 0 to skip
+    to the cursor, as a read that found no new line did not keep the offset it skipped to
+    (seen: 45% of a core for one such client of a 1,000,000-line log)."""
+    import prismq_subprocess as pq
+    import prismq_subprocess._background._output_subscription as subscription_module
+
+    real = subscription_module.read_log_lines
+    starts: list[tuple[int, int]] = []
+
+    def recording_read(*args: Any, **kwargs: Any) -> Any:
+        starts.append(kwargs["start"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subscription_module, "read_log_lines", recording_read)
+    script = tmp_path / "quiet.py"
+    script.write_text(
+        "import sys, time\n"
+        "print('\\n'.join(f'line {i}' for i in range(3000)), flush=True)\n"
+        "time.sleep(1.5)\n"
+        "print('last', flush=True)\n"
+    )
+    async with (
+        pq.RunRegistry() as registry,
+        OutputCapture(log_dir=tmp_path / "logs") as owner_output,
+        OutputCapture(log_dir=tmp_path / "logs") as other_output,
+        pq.ModuleRunner(registry, output=owner_output) as runner,
+    ):
+        run_id = await runner.start_module("q", "Quiet", script)
+        async with owner_output.subscribe(run_id) as sub:  # until the 3000 lines are in
+            async for item in sub:
+                if isinstance(item, OutputLine) and item.seq == 2999:
+                    break
+        await asyncio.sleep(0.2)  # and in the file
+        sub = other_output.subscribe(run_id, after=2999, registry=registry, poll_interval=0.02)
+        async with asyncio.timeout(60):
+            got = [item async for item in sub]
+    assert got == [OutputLine(3000, "last")]
+    assert sub.end == OutputEnd("completed", 0)
+    assert len(starts) > 10  # it polled while the run was quiet
+    assert starts[0] == (0, 0)
+    # Every later read starts where the last one ended (line 3000, then 3001), not at line 0.
+    assert all(seq >= 3000 for seq, _ in starts[1:]), starts

@@ -269,15 +269,19 @@ def _kill(process: ProcessLike) -> None:
 
 def kill_trees_now(processes: Sequence[ProcessLike], ops: PlatformOps | None = None) -> None:
     """Kill every process in ``processes`` and its tree at once, without waiting (for
-    synchronous clean-up). Blocks for one look at the process table."""
+    synchronous clean-up). Blocks for one look at the process table.
+
+    A process that has already exited still has its tree killed (what it left in its group,
+    and what its containment finds, e.g. a daemon holding its pipes), as
+    :func:`stop_process_trees` does.
+    """
     ops = ops or platform_ops()
-    live = [p for p in processes if _running(p)]
-    if not live:
+    if not processes:
         return
-    records = [StopRecord(_target(p, ops)) for p in live]
+    records = [StopRecord(_target(p, ops)) for p in processes]
     ops.kill_trees(records)
-    for process, record in zip(live, records, strict=True):
-        if not (record.target.own_group and ops.group_kill_covers_leader):
+    for process, record in zip(processes, records, strict=True):
+        if record.target.running and not (record.target.own_group and ops.group_kill_covers_leader):
             _kill(process)
 
 

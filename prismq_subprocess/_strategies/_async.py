@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.subprocess
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +27,13 @@ from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._task_start import start_task_eagerly
-from .._core._tree_stop import kill_tree_now, register_child
+from .._core._tree_stop import kill_tree_now, register_child, stop_process_tree
 from .._platform import PlatformOps, prefer_pidfd_watcher
 from ._base import SpawnRequest, SubprocessStrategy
 
 __all__ = ["AsyncProcess", "AsyncStrategy", "ExitProtocol"]
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncProcess(asyncio.subprocess.Process):
@@ -160,9 +163,48 @@ class AsyncStrategy(SubprocessStrategy):
         except asyncio.CancelledError:
             process = await _abandon(creation)
             if process is not None:
-                kill_tree_now(process, self.ops)
-                self.release_pipes(process)
+                await self._undo(process)
             raise
+
+    async def _undo(self, process: ProcessLike) -> None:
+        """Undo the spawn of ``process``, whose caller gave up: its tree stopped with no grace,
+        its pipes let go of, the child waited for and its transport closed; the caller's
+        cancellation then propagates.
+
+        The stop is the full one (``stop_process_tree``), not one look at the process table:
+        asyncio hands the child over only once its pipes are connected, by when it may be
+        forking (a daemon's middle process forks it the moment after the look, and the kill
+        of the middle would leave it running), or have exited, leaving a daemon behind.
+
+        As asyncio does with the child of a creation it cancels (kill, then wait), the
+        cancellation reaches our caller once the child is dead and reaped and its transport
+        closed: returning at once left that to a loop which may end right after (a request
+        cancelled at shutdown), with the child unreaped and its transport unclosed
+        (ResourceWarnings when collected).
+
+        Cancellation (again, meanwhile): what is left is killed at once (``kill_tree_now``)
+        and the transport closed without more waiting.
+        """
+        stopper = asyncio.ensure_future(stop_process_tree(process, grace=0.0, ops=self.ops))
+        try:
+            await asyncio.shield(stopper)
+        except asyncio.CancelledError:
+            kill_tree_now(process, self.ops)
+        except Exception:  # the child itself is still killed and waited for below
+            logger.exception("stopping the tree of the cancelled spawn %d failed", process.pid)
+            kill_tree_now(process, self.ops)
+        if not stopper.done():
+            stopper.add_done_callback(_retrieve)
+        self.release_pipes(process)
+        try:
+            await self.wait_exit(process)
+        except asyncio.CancelledError:
+            pass  # our caller's cancellation propagates all the same
+        finally:
+            transport: Any = getattr(process, "_transport", None)
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    transport.close()
 
     async def _create_into(
         self, request: SpawnRequest, created: asyncio.Future[ProcessLike]
@@ -280,3 +322,9 @@ async def _abandon(creation: asyncio.Task[ProcessLike | None]) -> ProcessLike | 
     if creation.done() and not creation.cancelled() and creation.exception() is None:
         return creation.result()
     return None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A stop left running after a second cancellation: its error is seen, not logged unhandled.
+    if not future.cancelled():
+        future.exception()

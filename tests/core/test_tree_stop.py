@@ -26,6 +26,7 @@ from lifecycle_helpers import (
 )
 
 import prismq_subprocess as pq
+from prismq_subprocess._core._tree_stop import kill_tree_now
 from prismq_subprocess._platform import Containment, PlatformOps, platform_ops
 from prismq_subprocess._platform._table import ProcessTable
 
@@ -885,3 +886,124 @@ def test_a_child_of_another_loop_reaped_there_leaves_the_new_owner_of_its_pid_al
     finally:
         survivors_after(mark, 0.0)  # (kills it)
         stranger.wait()
+
+
+# A child that daemonizes a helper (its environment, and so its cookie, kept; its stdio still the
+# child's pipes) and exits at once.
+LEAVES_A_DAEMON = (
+    "import os, time\n"
+    "middle = os.fork()\n"
+    "if middle == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        time.sleep(30)\n"
+    "    os._exit(0)\n"
+    "os.waitpid(middle, 0)\n"
+    "print('parent done', flush=True)\n"
+)
+
+
+async def test_kill_tree_now_kills_what_an_exited_child_left(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # kill_tree_now is the synchronous stop of the undo paths (a cancelled spawn, a second
+    # cancellation while stopping, a spawn that found the wrapper closed). It skipped a child
+    # that had already exited, and with it the daemon that child left (found by its cookie),
+    # where stop_process_tree stops it: a cancelled run() left it running.
+    mark, env = marked_env()
+    process = await wrapper.create_subprocess_exec(
+        *py(LEAVES_A_DAEMON), env=env, stdout=subprocess.DEVNULL
+    )
+    assert await process.wait() == 0
+    assert len(await asyncio.to_thread(wait_for_marked, mark, 1)) == 1  # the daemon
+    kill_tree_now(process)
+    await assert_no_survivors(mark, grace=0.0)
+
+
+def test_an_async_spawn_cancelled_after_its_child_exited_leaves_no_daemon() -> None:
+    # The child of a cancelled ASYNC spawn is killed with its tree; when the child had already
+    # exited by then (it daemonized a helper and returned), its tree was skipped, and the
+    # daemon, which still held the run's pipes, went on running.
+    from prismq_subprocess._strategies._async import AsyncStrategy
+
+    mark, env = marked_env()
+    real_create = AsyncStrategy._create
+
+    async def create_then_wait(self: AsyncStrategy, request: object) -> object:
+        process = await real_create(self, request)  # type: ignore[arg-type]
+        await self.wait_exit(process)  # the creation ends once the child has exited
+        return process
+
+    async def main() -> None:
+        async with pq.SubprocessWrapper("async", grace_period=0.5) as wrapper:
+            task = asyncio.ensure_future(wrapper.run(*py(LEAVES_A_DAEMON), env=env))
+            await asyncio.sleep(0)  # the spawn is under way
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert survivors_after(mark, 0.5) == []
+
+    AsyncStrategy._create = create_then_wait  # type: ignore[method-assign]
+    try:
+        asyncio.run(main())
+    finally:
+        AsyncStrategy._create = real_create  # type: ignore[method-assign]
+    assert survivors_after(mark, 1.0) == []
+
+
+# A child whose helper (in the child's group) keeps daemonizing new processes, each in a session
+# of its own and carrying the child's cookie: a tree that is forking while it is stopped.
+KEEPS_DAEMONIZING = (
+    "import os, sys, time\n"
+    "if os.fork() == 0:\n"
+    "    for _ in range(2000):\n"
+    "        if os.fork() == 0:\n"
+    "            os.setsid()\n"
+    "            time.sleep(30)\n"
+    "            os._exit(0)\n"
+    "        time.sleep(0.002)\n"
+    "    os._exit(0)\n"
+    "time.sleep(0.3)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(30)\n"
+)
+
+
+@pytest.mark.parametrize("means", ["default", "cookie"])
+def test_an_async_spawn_cancelled_while_its_tree_forks_leaves_nothing(means: str) -> None:
+    # The undo of a cancelled ASYNC spawn killed the tree after one look at the process table:
+    # what the tree forked between the look and the kill (a daemon's middle process forking it)
+    # went on running (a cgroup, where there is one, held them; with the cookie alone, they
+    # escaped). It now stops the tree as every stop does (held still, looked at until nothing
+    # new appears, then killed).
+    from prismq_subprocess._platform._posix_host import PosixHost
+    from prismq_subprocess._strategies._async import AsyncStrategy
+
+    ops = (
+        platform_ops()
+        if means == "default"
+        else platform_ops(sys.platform, host=PosixHost(use_cgroup=False, use_subreaper=False))
+    )
+    mark, env = marked_env()
+    real_create = AsyncStrategy._create
+
+    async def create_then_wait(self: AsyncStrategy, request: object) -> object:
+        process = await real_create(self, request)  # type: ignore[arg-type]
+        await process.stdout.readline()  # type: ignore[attr-defined]  # the tree is forking
+        return process
+
+    async def main() -> None:
+        async with pq.SubprocessWrapper("async", grace_period=0.5, ops=ops) as wrapper:
+            for _ in range(3):
+                task = asyncio.ensure_future(wrapper.run(*py(KEEPS_DAEMONIZING), env=env))
+                await asyncio.sleep(0)  # the spawn is under way
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+    AsyncStrategy._create = create_then_wait  # type: ignore[method-assign]
+    try:
+        asyncio.run(main())
+    finally:
+        AsyncStrategy._create = real_create  # type: ignore[method-assign]
+    assert survivors_after(mark, 1.0) == []

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
+import warnings
 
+import psutil
 import pytest
 from helpers import py
 from lifecycle_helpers import marked_env, survivors_after
@@ -92,3 +95,69 @@ async def test_a_cancelled_exit_wait_leaves_the_process_alone() -> None:
         process.stdin.close()
         assert await asyncio.wait_for(second, 30) == 0
         assert process._protocol._exit_waiters == []  # type: ignore[attr-defined]
+
+
+def _our_children(pids: set[int]) -> list[int]:
+    """Those of ``pids`` that are still children of this process (running or unreaped)."""
+    return [c.pid for c in psutil.Process().children() if c.pid in pids]
+
+
+@pytest.mark.parametrize("route", ["run", "create_subprocess_exec"])
+def test_a_cancelled_spawn_has_ended_and_let_go_of_its_child_when_the_cancel_arrives(
+    route: str,
+) -> None:
+    # As asyncio's own creation does (it kills the child, then waits for it), and as THREADED
+    # and LOCAL do: when the cancellation reaches the caller the child is dead and reaped and
+    # its transport closed. ASYNC used to kill it and return at once: a loop ending just after
+    # (a request cancelled at shutdown) left the child unreaped and its transport unclosed
+    # ("unclosed transport ... running" and "subprocess ... is still running" when collected).
+    mark, env = marked_env()
+    started: list[int] = []
+    outcomes: list[str] = []
+
+    async def main(iterations: int) -> None:
+        wrapper = pq.SubprocessWrapper("async", grace_period=0.5)
+        real_create = AsyncStrategy._create
+
+        async def create(self: AsyncStrategy, request: object) -> object:
+            process = await real_create(self, request)  # type: ignore[arg-type]
+            started.append(process.pid)
+            return process
+
+        AsyncStrategy._create = create  # type: ignore[method-assign]
+        try:
+            if route == "run":
+                task = asyncio.ensure_future(
+                    wrapper.run(*py("import time; time.sleep(30)"), env=env)
+                )
+            else:
+                task = asyncio.ensure_future(
+                    wrapper.create_subprocess_exec(
+                        *py("import time; time.sleep(30)"), env=env, stdout=subprocess.PIPE
+                    )
+                )
+            for _ in range(iterations):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                process = await task
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+                # Dead and reaped by now: no child of ours is left for it.
+                assert _our_children(set(started)) == []
+            else:  # the spawn finished before the cancellation came: the caller owns it
+                outcomes.append("won")
+                await pq.terminate_gracefully(process, 0)  # type: ignore[arg-type]
+            await wrapper.aclose()
+        finally:
+            AsyncStrategy._create = real_create  # type: ignore[method-assign]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for iterations in range(12):
+            asyncio.run(main(iterations))
+            gc.collect()
+    assert "cancelled" in outcomes
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+    assert _our_children(set(started)) == []
+    assert survivors_after(mark, 2.0) == []

@@ -25,7 +25,7 @@ from .._core._tree_stop import register_child
 from .._io._blocking_io import DrainWatch, drain_blocking
 from .._platform import Containment, PlatformOps
 from ._base import DEFAULT_LIMIT, RunStart, SpawnRequest, SubprocessStrategy
-from ._popen import ExecutorOwner, discard_popen, spawn_in_executor, start_popen
+from ._popen import ExecutorOwner, discard_popen, run_off_loop, spawn_in_executor, start_popen
 from ._process_base import PopenProcess
 from ._stdin_buffer import BufferedStdin
 
@@ -408,7 +408,19 @@ class _Launch:
             containment = self._containment
         self.watch.abandon()
         if popen is not None:
-            discard_popen(self._strategy.ops, self._request, popen, containment, close_pipes=False)
+            # In a thread: the kill looks at the process table, which would stall the event
+            # loop (the caller's, on whose thread this runs) for tens of milliseconds.
+            run_off_loop(
+                functools.partial(
+                    discard_popen,
+                    self._strategy.ops,
+                    self._request,
+                    popen,
+                    containment,
+                    close_pipes=False,
+                ),
+                "prismq-undo",
+            )
         return started
 
 

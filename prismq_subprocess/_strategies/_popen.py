@@ -9,11 +9,12 @@ import functools
 import logging
 import subprocess
 import threading
+from collections.abc import Callable
 
 from .._platform import Containment, PlatformOps, start_afresh_after_fork
 from ._base import SpawnRequest
 
-__all__ = ["ExecutorOwner", "discard_popen", "spawn_in_executor", "start_popen"]
+__all__ = ["ExecutorOwner", "discard_popen", "run_off_loop", "spawn_in_executor", "start_popen"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,35 @@ async def spawn_in_executor(
         if not job.cancel():
             loop = asyncio.get_running_loop()
             undone: asyncio.Future[None] = loop.create_future()
-            job.add_done_callback(functools.partial(_discard_orphan, ops, request, loop, undone))
+            undo = functools.partial(_discard_orphan, ops, request, loop, undone)
+            job.add_done_callback(functools.partial(_off_thread, threading.get_ident(), undo))
             await undone
         raise
+
+
+def _off_thread(
+    caller: int,
+    undo: Callable[[concurrent.futures.Future[Spawned]], None],
+    job: concurrent.futures.Future[Spawned],
+) -> None:
+    # concurrent.futures runs a callback added to a finished future at once, in the thread that
+    # adds it: a spawn whose worker had returned when its caller was cancelled would be undone
+    # on the event loop's thread, which the undo (a look at the process table, the kills)
+    # blocks for tens of milliseconds, more under load.
+    if threading.get_ident() == caller:
+        run_off_loop(functools.partial(undo, job), "prismq-undo")
+    else:
+        undo(job)
+
+
+def run_off_loop(work: Callable[[], None], name: str) -> None:
+    """Run ``work`` in a new thread named ``name`` (not a daemon: an undo that was begun is
+    finished even when the interpreter exits), or here when no thread can be started (an
+    interpreter shutting down)."""
+    try:
+        threading.Thread(target=work, name=name).start()
+    except RuntimeError:
+        work()
 
 
 def _retrieve(future: asyncio.Future[Spawned]) -> None:

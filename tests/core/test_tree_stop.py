@@ -1007,3 +1007,52 @@ def test_an_async_spawn_cancelled_while_its_tree_forks_leaves_nothing(means: str
     finally:
         AsyncStrategy._create = real_create  # type: ignore[method-assign]
     assert survivors_after(mark, 1.0) == []
+
+
+@pytest.mark.parametrize("mode", ["threaded", "local"])
+@pytest.mark.parametrize("route", ["wrapper", "run"])
+async def test_the_undo_of_a_spawn_cancelled_as_it_ends_runs_off_the_event_loop(
+    mode: str, route: str
+) -> None:
+    # A spawn cancelled after its worker had started the child but before the loop heard of it:
+    # the undo (a look at the process table, reading the environments of the candidates, and
+    # the kills) ran on the event loop's thread (concurrent.futures runs a callback added to a
+    # finished future at once, in the caller's thread; LOCAL's abort killed inline), stalling
+    # every other task for it (0.1-0.2 s seen under load). It runs in a worker thread now, and
+    # the cancellation still arrives once the child is dead.
+    ops = platform_ops(sys.platform)
+    real_kill_now = ops.kill_now
+    real_adopt = ops.adopt
+    spawned = threading.Event()
+    undone_on: list[str] = []
+
+    def adopt(pid: int, containment: Containment) -> None:
+        real_adopt(pid, containment)
+        spawned.set()
+
+    def kill_now(pid: int, own_group: bool, containment: Containment | None = None) -> None:
+        undone_on.append(threading.current_thread().name)
+        real_kill_now(pid, own_group, containment)
+
+    ops.adopt = adopt  # type: ignore[method-assign]
+    ops.kill_now = kill_now  # type: ignore[method-assign]
+    mark, env = marked_env()
+    async with pq.SubprocessWrapper(mode, grace_period=GRACE, ops=ops) as wrapper:
+        for _ in range(20):  # until the cancellation lands before the spawn is handed over
+            spawned.clear()
+            task = asyncio.ensure_future(routes(wrapper, mode, env)[route]())
+            await asyncio.to_thread(spawned.wait, 10)
+            # The worker returns meanwhile; the loop, blocked, does not hear of it yet.
+            time.sleep(0.1)  # noqa: ASYNC251
+            task.cancel()
+            try:
+                won = await task
+            except asyncio.CancelledError:
+                if undone_on:  # (else the run had its child already, and stopped it)
+                    break
+                continue
+            if route == "wrapper":  # the spawn was handed over first: the caller owns it
+                await pq.terminate_gracefully(won, 0)  # type: ignore[arg-type]
+        assert await asyncio.to_thread(survivors_after, mark, 0.5) == []
+    assert undone_on, "the spawn was not undone"
+    assert threading.main_thread().name not in undone_on

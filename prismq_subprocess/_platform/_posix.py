@@ -408,6 +408,26 @@ class PosixOps(PlatformOps):
             time.sleep(0.0005)
         return pids
 
+    def kill_now(self, pid: int, own_group: bool, containment: Containment | None = None) -> None:
+        # Held still first (SIGSTOP, looked at until nothing new appears), as a stop is: killed
+        # after one look, a tree loses what it forks between the look and the kill (a daemon's
+        # middle process forking it) wherever no frozen sub-group holds it. This is the undo of
+        # a THREADED/LOCAL spawn, run off the event loop; the hold costs two looks or more.
+        records = [StopRecord(StopTarget(pid, own_group, containment=containment))]
+        if pid <= 0:
+            self.kill_trees(records)
+            return
+        finder = _Finder(self)
+        held = self._freeze_cgroups(records, finder)
+        try:
+            self._freeze(records, finder, held)
+            self.kill_trees(records)
+        finally:
+            cgroups = self.host.cgroups if self.host is not None else None
+            path = records[0].target.cgroup
+            if cgroups is not None and path is not None:
+                cgroups.freeze(path, False)
+
     def kill_trees(self, records: Sequence[StopRecord], pace: Pace = no_pace) -> None:
         table = self.scan()
         finder = _Finder(self)

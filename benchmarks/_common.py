@@ -4,9 +4,11 @@ Every comparison runs its cases A/B/C... interleaved inside one round (and rotat
 round to round), so slow drift of a shared machine hits every case alike; ratios are then taken
 per round and their median reported, with the spread (min / median / max) over the rounds.
 
-Sample sizes are calibrated per case (:func:`calibrate`) so every timed sample lasts at least a
-minimum time (0.5 s in a full run); the calibration runs are the case's untimed warm-up. Cases
-sized differently are compared per operation (per spawn, per line, per task).
+Sample sizes are calibrated per case (:func:`calibrate`) so a warm sample lasts 1.25-1.5 times a
+minimum time (0.5 s in a full run), which keeps timed samples above the minimum unless the
+machine speeds up by more than that between calibration and timing (the JSON keeps every
+sample); the calibration runs are the case's untimed warm-up. Cases sized differently are
+compared per operation (per spawn, per line, per task).
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
     return min(values), statistics.median(values), max(values)
 
 
+#: Calibration aims samples this far above the minimum and accepts none under ``HEADROOM`` times
+#: it: a timed round on a shared machine can run much faster than the calibration run (a full
+#: run once had timed samples of 0.34 s from a size calibrated to 0.5 s).
+HEADROOM = 1.25
+AIM = 1.5
+
+
 def calibrate(
     sample: Callable[[int], float],
     min_seconds: float,
@@ -85,19 +94,26 @@ def calibrate(
     maximum: int = 1_000_000_000,
     log: Callable[[str], None] | None = None,
 ) -> int:
-    """A size whose sample lasts at least ``min_seconds``: ``sample(size)`` returns seconds.
+    """A size whose sample lasts at least ``HEADROOM * min_seconds``: ``sample(size)`` returns
+    seconds.
 
-    Starts at ``start`` (also the smallest size returned) and scales up from the measured time;
-    these runs are not recorded, so they are the case's warm-up as well (every case runs at least
-    once before timing).
+    Starts at ``start`` (also the smallest size returned) and scales up from the measured time,
+    aiming at ``AIM * min_seconds``; these runs are not recorded, so they are the case's warm-up
+    as well (every case runs at least once before timing). The first run is cold (imports,
+    caches, thread pools), so a size is never accepted on the first run's time alone: it is
+    measured again warm.
     """
     size = max(1, start)
+    cold = True
     for _ in range(8):
         seconds = sample(size)
-        if seconds >= min_seconds or size >= maximum:
-            return size
-        # Aim 25% above the minimum so a slightly faster timed round still clears it.
-        grow = min_seconds * 1.25 / max(seconds, 1e-6)
+        if seconds >= min_seconds * HEADROOM or size >= maximum:
+            if not cold or size >= maximum or min_seconds <= 0:
+                return size
+            cold = False
+            continue  # the same size once more, warm
+        cold = False
+        grow = min_seconds * AIM / max(seconds, 1e-6)
         size = min(maximum, max(size + 1, math.ceil(size * min(grow, 100.0))))
     if log is not None:
         log(f"  calibration stopped at size {size} (samples still under {min_seconds:g} s)")

@@ -133,3 +133,26 @@ def test_dask_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert len(result["runs_per_second"]["dask"]) == 1
     assert len(result["first_line_seconds"]["dask"]) == 2
+
+
+def test_calibrate_leaves_headroom_above_the_minimum_and_never_trusts_the_cold_run() -> None:
+    """A size is not accepted from a cold first run, nor from a run just over the minimum: a
+    full run once had timed samples of 0.34 s from sizes calibrated to 0.5 s."""
+    from _common import calibrate
+
+    calls: list[int] = []
+
+    def sample(size: int) -> float:
+        calls.append(size)
+        cold = 0.3 if len(calls) == 1 else 0.0  # imports, caches: the first run is slower
+        return size * 0.001 + cold
+
+    size = calibrate(sample, 0.5, 400)
+    assert size * 0.001 >= 0.5 * 1.25, (size, calls)
+    calls.clear()
+    # A warm sample landing just over the minimum is grown too.
+    size = calibrate(lambda n: n * 0.001, 0.5, 510)
+    assert size * 0.001 >= 0.5 * 1.25, size
+    # min_sample=0 (the smoke tests): one warm-up run, the start size.
+    calls.clear()
+    assert calibrate(sample, 0, 7) == 7 and len(calls) == 1

@@ -185,3 +185,17 @@ def test_periodic_lateness_is_measured_alike_for_both_schedules() -> None:
     lateness, _ = asyncio.run(stalled(bench_background._bare_schedule))
     # Measured against the tick that runs: never a whole interval late.
     assert max(lateness) < bench_background.INTERVAL
+
+
+def test_a_full_run_gives_every_suite_at_least_7_rounds() -> None:
+    """What run_all.py and docs/PERFORMANCE.md promise: >= 7 interleaved rounds per comparison
+    in a full run (the stop suite ran 1, its module's default)."""
+    import inspect
+
+    import run_all
+
+    for suite, (module, _) in run_all.MODULES.items():
+        config = run_all.FULL[suite]
+        rounds = config.get("rounds", inspect.signature(module.run).parameters["rounds"].default)
+        assert rounds >= 7, (suite, rounds)
+    assert run_all.FULL["stop"]["repeats"] >= 7

@@ -6,10 +6,12 @@ Consumers, interleaved round by round (each sample = spawn + read every line + w
 - ours: ``readline()`` / ``async for`` on ASYNC and THREADED streams, ``iter_lines`` in bytes
   and in text mode (``encoding="utf-8"``), and a batch line API when the package has one
   (:data:`BATCH_API_NAMES`; "n/a" otherwise), bytes and text;
-- the peers' fastest idiomatic paths: anyio ``async for chunk in proc.stdout`` + split (bytes)
-  and ``TextReceiveStream`` + split (text), trio ``receive_some()`` + split; anyio's
-  ``receive_until`` is left out: it is several times slower than these;
-- synchronous ``for line in Popen.stdout``, bytes and text: the ceiling, no event loop at all;
+- the peers' fastest idiomatic paths: raw asyncio ``read(64 KiB)`` + split, anyio
+  ``async for chunk in proc.stdout`` + split (bytes) and ``TextReceiveStream`` + split (text),
+  trio ``receive_some()`` + split; anyio's ``receive_until`` is left out: it is several times
+  slower than these;
+- synchronous ``for line in Popen.stdout``, bytes (64 KiB buffer, the async readers' read size)
+  and text: the ceiling, no event loop at all;
 - ``read(256k)`` + count newlines: the I/O cost alone, no line objects.
 
 Against the peers, like is compared with like: their paths give the consumer a chunk's lines to
@@ -163,6 +165,29 @@ async def _batches_text(stream: Any) -> int:
     return count
 
 
+def asyncio_bytes_split(lines: int) -> tuple[float, int]:
+    """Raw asyncio's fastest line path: ``read(64 KiB)`` and split each chunk."""
+
+    async def main() -> tuple[float, int]:
+        started = time.perf_counter()
+        count = 0
+        proc = await asyncio.create_subprocess_exec(*writer_cmd(lines), stdout=PIPE)
+        assert proc.stdout is not None
+        tail = b""
+        read = proc.stdout.read
+        while chunk := await read(PIPE_CHUNK):
+            parts = (tail + chunk).split(b"\n")
+            tail = parts.pop()
+            for _ in parts:
+                count += 1
+        if tail:
+            count += 1
+        await proc.wait()
+        return time.perf_counter() - started, count
+
+    return asyncio.run(main())
+
+
 def anyio_bytes_split(lines: int) -> tuple[float, int]:
     import anyio
 
@@ -234,10 +259,16 @@ def trio_bytes_split(lines: int) -> tuple[float, int]:
     return trio.run(main)
 
 
+#: Read size of the peers' chunk paths (anyio's and trio's default, a Linux pipe's capacity).
+PIPE_CHUNK = 64 * 1024
+
+
 def popen_sync(lines: int) -> tuple[float, int]:
     started = time.perf_counter()
     count = 0
-    with subprocess.Popen(writer_cmd(lines), stdout=PIPE) as proc:
+    # The ceiling reads as much per call as the async readers do: with Popen's default 8 KiB
+    # buffer it made 8 reads per pipe-full and was about 10% slower (CPU and wall, paired).
+    with subprocess.Popen(writer_cmd(lines), stdout=PIPE, bufsize=PIPE_CHUNK) as proc:
         assert proc.stdout is not None
         for _ in proc.stdout:
             count += 1
@@ -260,7 +291,12 @@ BATCH = "ASYNC batch API"
 BATCH_THREADED = "THREADED batch API"
 BATCH_TEXT = "ASYNC batch API text"
 BATCH_THREADED_TEXT = "THREADED batch API text"
-PEERS = ("anyio chunks+split", "anyio TextReceiveStream+split", "trio receive_some+split")
+PEERS = (
+    "asyncio read(64k)+split",
+    "anyio chunks+split",
+    "anyio TextReceiveStream+split",
+    "trio receive_some+split",
+)
 
 CONSUMERS: dict[str, Consumer] = {
     "asyncio readline()": raw_asyncio(_readline_loop),
@@ -273,9 +309,10 @@ CONSUMERS: dict[str, Consumer] = {
     "THREADED iter_lines": ours(pq.RunMode.THREADED, _iter_lines),
     "THREADED iter_lines text": ours(pq.RunMode.THREADED, _iter_text),
     "ASYNC read(256k)+count (no lines)": ours(pq.RunMode.ASYNC, _chunks),
-    PEERS[0]: anyio_bytes_split,
-    PEERS[1]: anyio_text_split,
-    PEERS[2]: trio_bytes_split,
+    PEERS[0]: asyncio_bytes_split,
+    PEERS[1]: anyio_bytes_split,
+    PEERS[2]: anyio_text_split,
+    PEERS[3]: trio_bytes_split,
     CEILING: popen_sync,
     TEXT_CEILING: popen_sync_text,
 }
@@ -436,11 +473,12 @@ def targets(result: dict[str, Any]) -> list[Target]:
     out.append(Target("iter_lines >= 5x readline() in ASYNC", a >= 5, f"{a:.2f}x"))
     out.append(Target("iter_lines >= 4x readline() in THREADED", th >= 4, f"{th:.2f}x"))
     peers = {
-        k: v
-        for k, v in s.items()
-        if " batch API" in k and any(k.endswith(f"/ {p}") for p in PEERS)
+        k: v for k, v in s.items() if " batch API" in k and any(k.endswith(f"/ {p}") for p in PEERS)
     }
-    title = f"batch API >= {VS_PEERS:g}x the peers' fastest line paths (anyio, trio), like for like"
+    title = (
+        f"batch API >= {VS_PEERS:g}x the peers' fastest line paths (asyncio, anyio, trio), "
+        "like for like"
+    )
     if peers:
         worst = min(peers, key=peers.__getitem__)
         out.append(

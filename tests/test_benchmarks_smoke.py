@@ -199,3 +199,26 @@ def test_a_full_run_gives_every_suite_at_least_7_rounds() -> None:
         rounds = config.get("rounds", inspect.signature(module.run).parameters["rounds"].default)
         assert rounds >= 7, (suite, rounds)
     assert run_all.FULL["stop"]["repeats"] >= 7
+
+
+def test_line_peers_include_raw_asyncio_and_the_ceiling_reads_like_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch API's like-for-like target counts raw asyncio's chunk path too (it was compared
+    only with asyncio's per-line readers), and the sync ceiling reads 64 KiB at a time like the
+    async readers (Popen's default 8 KiB buffer made it about 10% slower)."""
+    assert "asyncio read(64k)+split" in bench_lines.PEERS
+    seconds, count = bench_lines.CONSUMERS["asyncio read(64k)+split"](1_001)
+    assert count == 1_001 and seconds > 0
+    import subprocess
+
+    seen: list[Any] = []
+    real = subprocess.Popen
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("bufsize", -1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    assert bench_lines.popen_sync(500)[1] == 500
+    assert seen == [bench_lines.PIPE_CHUNK] and bench_lines.PIPE_CHUNK >= 64 * 1024

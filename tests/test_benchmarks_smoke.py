@@ -222,3 +222,17 @@ def test_line_peers_include_raw_asyncio_and_the_ceiling_reads_like_them(
     monkeypatch.setattr(subprocess, "Popen", spy)
     assert bench_lines.popen_sync(500)[1] == 500
     assert seen == [bench_lines.PIPE_CHUNK] and bench_lines.PIPE_CHUNK >= 64 * 1024
+
+
+def test_output_capture_cases_are_warmed_up_before_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_output_capture.py has no calibration runs, so its first round was the cold one."""
+    calls: list[bool] = []
+    real = bench_output_capture.interleave
+
+    def spy(cases: Any, rounds: int, **kwargs: Any) -> Any:
+        calls.append(bool(kwargs.get("warmup")))
+        return real(cases, rounds, **kwargs)
+
+    monkeypatch.setattr(bench_output_capture, "interleave", spy)
+    bench_output_capture.run(lines=1_000, rounds=1)
+    assert calls == [True]

@@ -230,11 +230,13 @@ def targets(result: dict[str, Any]) -> list[Target]:
             out.append(
                 Target(
                     f"{result['children']} children closed in <= 1 s, stall <= 20 ms ({mode})",
+                    # "No stall > 20 ms" is about the worst round, not the median one.
                     close["wall_seconds_median"] <= 1.0
-                    and close["max_stall_median"] <= 0.020
+                    and close["max_stall_max"] <= 0.020
                     and close["left_max"] == 0,
-                    f"{close['wall_seconds_median']:.2f} s, stall "
-                    f"{close['max_stall_median'] * 1000:.1f} ms, left {close['left_max']}",
+                    f"{close['wall_seconds_median']:.2f} s, worst stall "
+                    f"{close['max_stall_max'] * 1000:.1f} ms (median round "
+                    f"{close['max_stall_median'] * 1000:.1f} ms), left {close['left_max']}",
                 )
             )
         single = cases.get(f"single {mode}")
@@ -243,8 +245,9 @@ def targets(result: dict[str, Any]) -> list[Target]:
                 Target(
                     f"one stop with {result['unrelated']} unrelated processes stalls <= 5 ms "
                     f"({mode})",
-                    single["max_stall_median"] <= 0.005,
-                    f"stall {single['max_stall_median'] * 1000:.1f} ms",
+                    single["max_stall_max"] <= 0.005 and single["left_max"] == 0,
+                    f"worst stall {single['max_stall_max'] * 1000:.1f} ms (median round "
+                    f"{single['max_stall_median'] * 1000:.1f} ms), left {single['left_max']}",
                 )
             )
     return out

@@ -246,3 +246,31 @@ def test_output_capture_cases_are_warmed_up_before_timing(monkeypatch: pytest.Mo
     monkeypatch.setattr(bench_output_capture, "interleave", spy)
     bench_output_capture.run(lines=1_000, rounds=1)
     assert calls == [True]
+
+
+def test_stop_scale_stall_targets_judge_the_worst_round() -> None:
+    """The stall targets (no stall > 20 ms; <= 5 ms for one stop) judged the median round's
+    worst stall: one round of three at 30 ms passed."""
+    import bench_stop_scale
+
+    def case(stalls: list[float]) -> dict[str, Any]:
+        return {
+            "wall_seconds_median": 0.5,
+            "max_stall_median": sorted(stalls)[1],
+            "max_stall_max": max(stalls),
+            "idle_stall_max": 0.001,
+            "left_max": 0,
+        }
+
+    result = {
+        "children": 1000,
+        "unrelated": 1000,
+        "rounds": 3,
+        "cases": {
+            "close async": case([0.010, 0.012, 0.030]),
+            "single async": case([0.002, 0.003, 0.009]),
+        },
+    }
+    verdicts = [t.passed for t in bench_stop_scale.targets(result)]
+    assert verdicts == [False, False]
+    assert bench_stop_scale.report(result)

@@ -4,8 +4,9 @@
     python benchmarks/run_all.py --quick    # smoke-sized run (under 3 minutes; not for quoting)
     python benchmarks/run_all.py --only spawn,lines
 
-A full run times every comparison with warm-up, >= 0.5 s per sample and 7 interleaved rounds;
-quick mode shrinks samples (0.1 s) and rounds (3).
+A full run times every comparison with warm-up, samples calibrated to >= 0.5 s (1.25-1.5x that
+when calibrated; fresh-interpreter suites take one whole case per sample) and 7 interleaved rounds;
+quick mode shrinks samples (0.1 s) and rounds (3; 1 for big, many and stop).
 
 Writes benchmarks/results/{spawn,lines,big_output,many,stop,capture,registry,background}.json,
 whatever the task-layer benchmarks (bench_tasks.py, bench_periodic.py, maintained separately)

@@ -668,9 +668,16 @@ _INSTEAD = {
 }
 
 
+_REFUSED = frozenset(
+    ("stdin", "stdout", "stderr", "encoding", "errors", "text", "universal_newlines")
+)
+
+
 def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:
     """Refuse what ``run()``/``stream()`` set themselves, saying what to use instead (asyncio's
     own messages, "encoding must be None", would not)."""
+    if not kwds or _REFUSED.isdisjoint(kwds):  # the common case: one set operation per run
+        return
     streams, text = _INSTEAD[method]
     given = sorted({"stdin", "stdout", "stderr"} & set(kwds))
     if given:

@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Unpack
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncClosing
 from .._core._durations import timeout_seconds
 from .._core._exceptions import (
@@ -579,7 +580,8 @@ class ModuleRunner(AsyncClosing):
                     run.mark_cancelled(
                         self._cancel_reasons.get(run.run_id, "cancelled before the module started")
                     )
-                    await self._save(run, missing_ok=True)
+                    with shielded_if_cancelled():  # a cancelled anyio scope: still recorded
+                        await self._save(run, missing_ok=True)
             finally:
                 self._end(run, done)
             raise
@@ -724,11 +726,12 @@ class ModuleRunner(AsyncClosing):
                     background and manager is not None and manager.output is self.output
                 ):
                     finished = run.is_finished
-                    await self.output.close_run(
-                        run.run_id,
-                        status=run.status if finished else None,
-                        exit_code=run.exit_code if finished else None,
-                    )
+                    with shielded_if_cancelled():  # a cancelled anyio scope: still closed
+                        await self.output.close_run(
+                            run.run_id,
+                            status=run.status if finished else None,
+                            exit_code=run.exit_code if finished else None,
+                        )
             finally:
                 self._end(run, done)
 
@@ -772,7 +775,8 @@ class ModuleRunner(AsyncClosing):
         except asyncio.CancelledError:
             if not background:
                 run.mark_cancelled(self._cancel_reasons.get(run.run_id, "cancelled"))
-                await self._record_final(run)
+                with shielded_if_cancelled():  # a cancelled anyio scope: still recorded
+                    await self._record_final(run)
             raise
         except Exception as exc:
             logger.warning("module %s (run %s) did not start: %s", run.module_name, run.run_id, exc)
@@ -838,21 +842,26 @@ class ModuleRunner(AsyncClosing):
                 await child.finish()
             returncode = process.returncode
         except asyncio.CancelledError:
-            # A second cancellation while the tree is stopped (it is then killed and waited for:
-            # ChildRun.stop) must not skip the record: the run would stay RUNNING for good.
-            with contextlib.suppress(asyncio.CancelledError):
-                await child.abort()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler.stop()
-            self._settle(run, tail, sampler, process.returncode)
-            if not background:
-                # A background run's task manager records CANCELLED with its own reason.
-                run.mark_cancelled(self._cancel_reasons.get(run_id, "cancelled"))
-                await asyncio.shield(self._record_final(run))
+            # Shielded from a cancelled anyio scope, whose level-triggered cancellation would
+            # cut every await short: the tree killed with no grace and the run recorded without
+            # its exit status, or after the caller had moved on.
+            with shielded_if_cancelled():
+                # A second cancellation while the tree is stopped (it is then killed and waited
+                # for: ChildRun.stop) must not skip the record: the run would stay RUNNING.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await child.abort()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler.stop()
+                self._settle(run, tail, sampler, process.returncode)
+                if not background:
+                    # A background run's task manager records CANCELLED with its own reason.
+                    run.mark_cancelled(self._cancel_reasons.get(run_id, "cancelled"))
+                    await asyncio.shield(self._record_final(run))
             raise
         finally:
-            await sampler.stop()
-            await child.aclose()
+            with shielded_if_cancelled():
+                await sampler.stop()
+                await child.aclose()
             error = child.reader_error()
             if error is not None:
                 logger.error("reading the output of pid %d failed", process.pid, exc_info=error)
@@ -928,8 +937,13 @@ class ModuleRunner(AsyncClosing):
         manager), stop the trees of foreground runs (recorded CANCELLED), wait until every run
         is recorded, and close the wrapper if the runner made it, and its backend. Idempotent.
 
-        Cancellation: stops waiting; the stops already sent go on.
+        Cancellation: stops waiting; the stops already sent go on. Called inside an anyio scope
+        that is already cancelled, the close runs in full, shielded from that scope.
         """
+        with shielded_if_cancelled():
+            await self._aclose()
+
+    async def _aclose(self) -> None:
         self._closed = True
         if self._owns_task_manager and self._task_manager is not None:
             await self._task_manager.shutdown(grace=2 * self.grace_period + 1.0)

@@ -26,6 +26,7 @@ from collections.abc import Coroutine, Generator, Mapping
 from datetime import timedelta
 from typing import Any
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncResource
 from .._core._durations import timeout_seconds
 from .._core._exceptions import (
@@ -927,13 +928,20 @@ class BackgroundTaskManager(AsyncResource):
         returns within about ``3 * grace`` (at least 2 s more) whatever the runs and the
         registry do, unless a coroutine blocks the event loop itself. Idempotent.
 
-        Cancellation: stops waiting; the cancellations already sent stay in effect.
+        Cancellation: stops waiting; the cancellations already sent stay in effect. Called
+        inside an anyio scope that is already cancelled (a ``finally`` block after
+        ``move_on_after``), the shutdown runs in full, shielded from that scope: it used to be
+        cut short at its first await, before any run was cancelled.
 
         Raises:
             InvalidTimeoutError: ``grace`` is negative.
         """
         if grace < 0:
             raise InvalidTimeoutError(f"grace must be >= 0, got {grace!r}")
+        with shielded_if_cancelled():
+            await self._shutdown(grace, reason)
+
+    async def _shutdown(self, grace: float, reason: str) -> None:
         self._closing = True
         await self._watcher.aclose()
         for entry in list(self._entries.values()):

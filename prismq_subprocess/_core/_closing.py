@@ -8,6 +8,8 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Any, Self
 
+from ._cancel_shield import shielded_if_cancelled
+
 __all__ = ["AsyncClosing", "AsyncResource", "join_stopped_task"]
 
 
@@ -16,7 +18,8 @@ class AsyncResource(ABC):
 
     Every such object in prismq_subprocess closes the same way, as anyio's ``AsyncResource``
     does: ``await obj.aclose()``, or an ``async with obj:`` block, which calls :meth:`aclose`
-    however the block ends. ``aclose()`` is idempotent. Objects that can be closed for good then
+    however the block ends (inside a cancelled anyio scope too: the close is shielded from it).
+    ``aclose()`` is idempotent. Objects that can be closed for good then
     refuse further use with a :class:`ClosedError` subclass; the schedulers (``PeriodicTask``,
     ``ProcessTreeSampler``, ``MemoryMonitor``) hold nothing once stopped and may be started
     again. Older verbs (``cleanup()``, ``stop()``, ``close()``, ...) remain as documented aliases.
@@ -43,7 +46,12 @@ class AsyncResource(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        # A block left because an anyio scope was cancelled (a disconnected client, a
+        # move_on_after): aclose() runs as it does after asyncio's one-shot cancellation,
+        # shielded from the scope's level-triggered one, which would cut it short at its first
+        # await (children killed without their grace period, threads left to finish alone).
+        with shielded_if_cancelled():
+            await self.aclose()
 
 
 #: The earlier, private name of :class:`AsyncResource`.

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from ._cancel_shield import shielded_if_cancelled
 from ._closing import AsyncResource
 from ._exceptions import ClosedError, ProcessTimeoutError
 from ._lines import iter_line_batches
@@ -191,7 +192,7 @@ class LineStream(AsyncResource, Generic[LineT]):
         try:
             return await self._run.wait_exit()
         except asyncio.CancelledError:
-            await self._run.stop()
+            await self._run.stop()  # shielded from a cancelled anyio scope: see ChildRun.stop
             raise
 
     async def aclose(self) -> None:
@@ -213,26 +214,30 @@ class LineStream(AsyncResource, Generic[LineT]):
             self._closed = True
             return
         self._closed = True
-        try:
-            # The block owns the tree: stop it if the child still runs, and stop what an exited
-            # child left in its group.
-            await run.stop()
-        finally:
+        # Leaving the block because an anyio scope was cancelled (a disconnected client, a
+        # move_on_after): shielded from it, or its level-triggered cancellation would cut
+        # every await below short (the stop, the drain, the readers' end).
+        with shielded_if_cancelled():
             try:
-                self._pending = []
-                if self._batches is not None:
-                    with contextlib.suppress(Exception):
-                        await self._batches.aclose()  # type: ignore[attr-defined]
-                if run.process.stdout is not None:
-                    # What the consumer left unread: a stdout nobody reads stays paused and its
-                    # pipe would never reach end of file.
-                    run.read(discard_output(run.process.stdout))
-                self._end()
-                await run.settle()
+                # The block owns the tree: stop it if the child still runs, and stop what an
+                # exited child left in its group.
+                await run.stop()
             finally:
-                watcher = self._watcher
-                if watcher is not None:
-                    watcher.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watcher
-                await run.aclose()
+                try:
+                    self._pending = []
+                    if self._batches is not None:
+                        with contextlib.suppress(Exception):
+                            await self._batches.aclose()  # type: ignore[attr-defined]
+                    if run.process.stdout is not None:
+                        # What the consumer left unread: a stdout nobody reads stays paused and
+                        # its pipe would never reach end of file.
+                        run.read(discard_output(run.process.stdout))
+                    self._end()
+                    await run.settle()
+                finally:
+                    watcher = self._watcher
+                    if watcher is not None:
+                        watcher.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await watcher
+                    await run.aclose()

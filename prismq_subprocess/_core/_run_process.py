@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from .._platform import PlatformOps, platform_ops
+from ._cancel_shield import shielded_if_cancelled
 from ._exceptions import ProcessTimeoutError
 from ._modes import RunMode
 from ._process import ProcessLike
@@ -178,16 +179,21 @@ class ChildRun:
         Safe on a child that already exited (members of its group it left are stopped).
 
         Cancellation: a cancellation arriving while stopping kills what is left at once, still
-        waits for the child, then propagates; the tree is never left half-stopped.
+        waits for the child, then propagates; the tree is never left half-stopped. Called inside
+        an anyio scope that is already cancelled (clean-up after a ``move_on_after``, a
+        disconnected client), the stop runs in full, shielded from that scope.
         """
-        stopper = asyncio.ensure_future(self._stop())
-        try:
-            await asyncio.shield(stopper)
-        except asyncio.CancelledError:
-            kill_tree_now(self.process, self._ops)
-            with contextlib.suppress(BaseException):
-                await stopper
-            raise
+        with shielded_if_cancelled():
+            stopper = asyncio.ensure_future(self._stop())
+            try:
+                await asyncio.shield(stopper)
+            except asyncio.CancelledError:
+                kill_tree_now(self.process, self._ops)
+                # Shielded: an anyio scope cancelled meanwhile would cancel this wait too (and
+                # the stopper with it), so the child would not be waited for.
+                with shielded_if_cancelled(), contextlib.suppress(BaseException):
+                    await stopper
+                raise
 
     async def _stop(self) -> None:
         if self._stop_tree is not None:
@@ -266,7 +272,8 @@ async def run_to_completion(
 
     Timeout: the tree is stopped and :class:`ProcessTimeoutError` carries the output read so far.
     Cancellation: the tree is stopped (see :meth:`ChildRun.stop`) before ``CancelledError``
-    propagates; a spawn cancelled midway kills the child it was starting.
+    propagates; a spawn cancelled midway kills the child it was starting. A cancelled anyio
+    scope gets the same stop (shielded from the scope).
 
     Raises:
         ProcessTimeoutError: ``timeout`` expired.
@@ -289,11 +296,15 @@ async def run_to_completion(
                 await run.finish()
         except BaseException:
             if run is not None:
-                await run.abort()
+                # Shielded from a cancelled anyio scope, which would cancel every await of the
+                # clean-up (its cancellation is level-triggered, not asyncio's one-shot).
+                with shielded_if_cancelled():
+                    await run.abort()
             raise
         finally:
             if run is not None:
-                await run.aclose()
+                with shielded_if_cancelled():
+                    await run.aclose()
     except TimeoutError:
         if scope is None or not scope.expired():
             raise  # a TimeoutError from elsewhere: the tree was stopped all the same

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .._platform import (
     Containment,
@@ -30,9 +31,10 @@ from .._platform import (
     StopTarget,
     platform_ops,
 )
+from ._cancel_shield import shielded_if_cancelled
 from ._exceptions import InvalidTaskError, TaskTimeoutError
 from ._exit_wait import has_exited, popen_of, reaped, wait_all_exited
-from ._offloop import Coalescer
+from ._offloop import Coalescer, run_in_thread
 from ._process import ProcessLike
 from ._validation import check_process, check_timeout
 
@@ -298,6 +300,11 @@ async def terminate_gracefully(
 
     Works on the processes of every mode and on plain ``asyncio.subprocess.Process`` objects.
 
+    Cancellation: the tree is killed at once (no more grace) and the child waited for, then
+    ``CancelledError`` propagates: a child that ignores SIGTERM is never left running. Called
+    inside an anyio scope that is already cancelled (a ``finally`` block of a cancelled request
+    handler or ``move_on_after``), the stop runs in full as asked, shielded from that scope.
+
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
         InvalidArgumentTypeError: ``process`` is not an asyncio-style process object (a
@@ -305,7 +312,7 @@ async def terminate_gracefully(
     """
     check_process(process)
     check_timeout(timeout, "timeout")
-    return await stop_process_tree(process, grace=timeout, ops=ops)
+    return (await _stop_or_kill([process], timeout, ops))[0]
 
 
 async def terminate_many(
@@ -322,8 +329,8 @@ async def terminate_many(
     thousand children cost a few looks at the process table, and none of it runs on the event
     loop.
 
-    Cancellation: the waiting stops; the requests already handed to the worker thread are
-    carried out in full.
+    Cancellation: as :func:`terminate_gracefully`: every tree is killed at once and the
+    children waited for, then ``CancelledError`` propagates.
 
     Raises:
         InvalidTimeoutError: ``timeout`` is negative.
@@ -332,7 +339,40 @@ async def terminate_many(
     for process in processes:
         check_process(process)
     check_timeout(timeout, "timeout")
-    return await stop_process_trees(processes, grace=timeout, ops=ops)
+    return await _stop_or_kill(processes, timeout, ops)
+
+
+async def _stop_or_kill(
+    processes: Sequence[ProcessLike], grace: float | None, ops: PlatformOps | None
+) -> list[int]:
+    """:func:`stop_process_trees`, with the caller's cancellation turned into a kill.
+
+    A cancelled stop used to stop waiting only: the SIGTERM was sent, but the SIGKILL after the
+    grace period never came, so a child ignoring SIGTERM kept running. And an anyio scope
+    already cancelled (the ``finally`` block of a cancelled request) cancelled the stop at its
+    first await, every time.
+    """
+    with shielded_if_cancelled():
+        stopper = asyncio.ensure_future(stop_process_trees(processes, grace=grace or 0.0, ops=ops))
+        try:
+            return await asyncio.shield(stopper)
+        except asyncio.CancelledError:
+            # Shielded: a cancelled anyio scope would cancel these waits too. Cancelled again
+            # by asyncio meanwhile, the kill still happens (its thread finishes it).
+            with shielded_if_cancelled(), contextlib.suppress(BaseException):
+                await run_in_thread(
+                    functools.partial(kill_trees_now, processes, ops), "prismq-kill"
+                )
+                await stopper
+            if not stopper.done():
+                stopper.add_done_callback(_retrieve)
+            raise
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A stop left running after a second cancellation: its error is seen, not logged unhandled.
+    if not future.cancelled():
+        future.exception()
 
 
 def containment_report() -> ContainmentReport:

@@ -15,6 +15,7 @@ from .._platform import PlatformOps, platform_ops, start_afresh_after_fork
 from .._platform._child_watcher import reap_orphaned
 from .._strategies import STRATEGIES, SubprocessStrategy
 from .._strategies._base import DEFAULT_LIMIT, SpawnRequest
+from ._cancel_shield import shielded_if_cancelled
 from ._closing import AsyncClosing
 from ._detect import ModeDecision, ModeSource, resolve_run_mode
 from ._exceptions import (
@@ -556,8 +557,14 @@ class SubprocessWrapper(AsyncClosing):
         :class:`WrapperClosedError`.
 
         Cancellation: whatever is still running is killed at once (no grace) and the threads
-        are released before ``CancelledError`` propagates.
+        are released before ``CancelledError`` propagates. Called inside an anyio scope that is
+        already cancelled (a ``finally`` block after ``move_on_after``), the close runs in full,
+        shielded from that scope.
         """
+        with shielded_if_cancelled():
+            await self._aclose()
+
+    async def _aclose(self) -> None:
         self._closed = True
         try:
             if self._starting:

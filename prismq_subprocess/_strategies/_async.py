@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
@@ -161,9 +162,13 @@ class AsyncStrategy(SubprocessStrategy):
         try:
             return await created
         except asyncio.CancelledError:
-            process = await _abandon(creation)
-            if process is not None:
-                await self._undo(process)
+            # Shielded from a cancelled anyio scope (level-triggered: it would cancel every
+            # await of the undo, leaving the child unreaped); asyncio's own cancellations still
+            # reach it.
+            with shielded_if_cancelled():
+                process = await _abandon(creation)
+                if process is not None:
+                    await self._undo(process)
             raise
 
     async def _undo(self, process: ProcessLike) -> None:

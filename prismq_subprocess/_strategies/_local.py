@@ -17,6 +17,7 @@ import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._result import TailBuffer
@@ -266,7 +267,8 @@ class LocalStrategy(SubprocessStrategy):
             # Nobody awaits the job now: an error of its (the spawn failing after all) is seen.
             job.add_done_callback(_retrieved)
             if launch.abort():
-                await asyncio.wait((launch.exited,))
+                with shielded_if_cancelled():  # a cancelled anyio scope: still waited for
+                    await asyncio.wait((launch.exited,))
             raise
         if not launch.spawned.done():
             try:

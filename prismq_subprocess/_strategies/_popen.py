@@ -11,6 +11,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._platform import Containment, PlatformOps, start_afresh_after_fork
 from ._base import SpawnRequest
 
@@ -72,7 +73,8 @@ async def spawn_in_executor(
             undone: asyncio.Future[None] = loop.create_future()
             undo = functools.partial(_discard_orphan, ops, request, loop, undone)
             job.add_done_callback(functools.partial(_off_thread, threading.get_ident(), undo))
-            await undone
+            with shielded_if_cancelled():  # a cancelled anyio scope: still waited for
+                await undone
         raise
 
 

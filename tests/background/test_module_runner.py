@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psutil
 import pytest
 from conftest import REAL, WRAPPER_FACTORIES
@@ -759,3 +761,51 @@ def test_a_sample_interval_under_the_samplers_floor_is_refused() -> None:
     # Refused at construction, not at the first run (which would start its child first).
     with pytest.raises(InvalidIntervalError, match=r"at least 0\.01"):
         ModuleRunner(pq.RunRegistry(), sample_interval=0.001)
+
+
+# A child that records the SIGTERM it got, then exits 3 (a stop with grace, not a SIGKILL).
+SIGTERM_SEEN = """
+import signal, sys, time
+def on_term(*_):
+    open(sys.argv[1], "w").write("term")
+    sys.exit(3)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", REAL)
+@pytest.mark.parametrize("registry_kind", ["memory", "sqlite"])
+def test_a_run_cancelled_by_an_anyio_scope_is_stopped_and_recorded_before_it_is_left(
+    mode: str, registry_kind: str, tmp_path: Path
+) -> None:
+    """A FastAPI handler awaiting execute_command, its scope cancelled (``move_on_after``, a
+    client gone): the tree gets SIGTERM and its grace period, and the run is recorded CANCELLED
+    with the child's exit status before the scope is left. anyio's level-triggered
+    cancellation used to cut the clean-up short: SIGKILL at once, ``exit_code`` None (the child
+    not waited for), the record written after the caller had moved on."""
+    seen = tmp_path / "term"
+    mark, env = marked_env()
+    found: list[tuple[pq.RunStatus, int | None]] = []
+
+    async def main() -> None:
+        registry = (
+            pq.RunRegistry()
+            if registry_kind == "memory"
+            else pq.SQLiteRunRegistry(tmp_path / "r.db")
+        )
+        async with registry, ModuleRunner(registry, wrapper=WRAPPER_FACTORIES[mode]()) as runner:
+            with anyio.move_on_after(1.5):
+                await runner.execute_command(
+                    "m", "m", [sys.executable, "-c", SIGTERM_SEEN, str(seen)], run_id="r1", env=env
+                )
+            run = await registry.get_run("r1")
+            assert run is not None
+            found.append((run.status, run.exit_code))
+            await runner.wrapper.aclose()
+
+    anyio.run(main)
+    assert survivors_after(mark, 3.0) == []
+    assert seen.exists(), "the child was killed without its SIGTERM and grace period"
+    assert found == [(pq.RunStatus.CANCELLED, 3)]

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from prismq_subprocess._background._cancel_result import CancelResult
@@ -1584,3 +1585,32 @@ async def test_a_cancel_waiting_for_a_run_that_shutdown_abandons_returns_once_re
         cancelling.cancel()
     for task in list(manager._abandoned):
         await asyncio.wait_for(asyncio.wait([task]), 10)
+
+
+def test_a_task_manager_shut_down_inside_a_cancelled_anyio_scope_cancels_its_runs() -> None:
+    """``finally: await manager.shutdown()`` inside a cancelled scope was cut short at its
+    first await, before any run was cancelled: the runs went on after the manager said it was
+    shut down."""
+    ended: list[str] = []
+
+    async def main() -> None:
+        registry = RunRegistry()
+        manager = BackgroundTaskManager(registry)
+
+        async def work() -> None:
+            try:
+                await anyio.sleep(60)
+            finally:
+                ended.append("cancelled")
+
+        with anyio.move_on_after(0.3):
+            try:
+                await manager.start_task(Run(module_id="m", module_name="m", run_id="r1"), work())
+                await anyio.sleep(60)
+            finally:
+                await manager.shutdown(grace=5.0)
+        run = await registry.get_run("r1")
+        assert run is not None and run.status is RunStatus.CANCELLED
+
+    anyio.run(main)
+    assert ended == ["cancelled"]

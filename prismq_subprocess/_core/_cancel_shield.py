@@ -1,0 +1,55 @@
+"""Clean-up that runs to its end inside a cancelled anyio cancel scope.
+
+asyncio cancels a task once: the ``CancelledError`` is raised at one ``await``, and the clean-up
+that follows (stopping a tree with its grace period, waiting for the child, recording the run)
+runs undisturbed. anyio (and so FastAPI and Starlette, which run request handlers and background
+tasks under anyio) cancels level-triggered: once a cancel scope is cancelled, every ``await``
+inside it raises ``CancelledError`` again until the scope is left, and only a scope entered with
+``shield=True`` keeps it out. Without that shield our clean-up was cut short at its first await:
+a child never got its SIGTERM and grace period, a stop did not wait for the child, a run was
+recorded without its exit status, a ``terminate_gracefully()`` in a ``finally`` block returned at
+once and left a child that ignores SIGTERM running.
+
+:func:`shielded_if_cancelled` gives the clean-up the shield trio and anyio give their own
+(``Process.aclose()``), only when the calling task sits in a cancelled anyio scope: plain asyncio
+code never imports anyio for it and keeps its edge-triggered semantics (a second
+``task.cancel()`` still reaches the clean-up; anyio's shield does not stop asyncio's
+cancellations). The clean-up it shields is bounded (a grace period, the drain time, a registry
+write), so a shielded clean-up never hangs the scope for longer than that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+
+__all__ = ["anyio_cancelled", "shielded_if_cancelled"]
+
+
+def anyio_cancelled() -> bool:
+    """Whether the calling task is inside an anyio cancel scope that has been cancelled (and
+    no shielded scope in between): every ``await`` of it would raise ``CancelledError``."""
+    anyio = sys.modules.get("anyio")
+    if anyio is None:  # nobody imported anyio, so no anyio scope can be around us
+        return False
+    try:
+        return bool(anyio.current_effective_deadline() == -math.inf)
+    except Exception:  # not on an event loop anyio knows: no anyio scope either
+        return False
+
+
+@contextlib.contextmanager
+def shielded_if_cancelled() -> Iterator[None]:
+    """Run the block inside ``anyio.CancelScope(shield=True)`` when the calling task is in a
+    cancelled anyio scope (see :func:`anyio_cancelled`); otherwise run it as it is.
+
+    The cancellation is not lost: once the block ends, the scope's next ``await`` raises again
+    (and the ``CancelledError`` being handled, if any, propagates as before).
+    """
+    if not anyio_cancelled():
+        yield
+        return
+    with sys.modules["anyio"].CancelScope(shield=True):
+        yield

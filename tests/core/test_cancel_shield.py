@@ -1,0 +1,261 @@
+"""Clean-up inside a cancelled anyio cancel scope (FastAPI/Starlette handlers, ``move_on_after``,
+``fail_after``, a task group whose sibling failed): anyio cancels level-triggered, every await in
+a cancelled scope raises again, and the clean-up must still run as it does after asyncio's
+one-shot cancellation. Real children, checked with psutil; each test runs its own ``anyio.run``
+on the asyncio backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+from conftest import REAL, WRAPPER_FACTORIES
+from helpers import py
+from lifecycle_helpers import (
+    STUBBORN_CHILD,
+    marked,
+    marked_env,
+    survivors_after,
+    wait_for_marked,
+)
+
+import prismq_subprocess as pq
+from prismq_subprocess._core._cancel_shield import anyio_cancelled, shielded_if_cancelled
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees and signals")
+
+# A child that records the SIGTERM it got (then exits 3), so a test can tell a graceful stop
+# from a SIGKILL at once. Prints "ready" once the handler is in place.
+SIGTERM_SEEN = (
+    "import signal, sys, time\n"
+    "def on_term(*_):\n"
+    "    open(sys.argv[1], 'w').write('term')\n"
+    "    sys.exit(3)\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+CANCELS = ["move_on_after", "fail_after", "cancel_scope", "failing_sibling"]
+
+
+async def cancelled_after(kind: str, seconds: float, body: Callable[[], Awaitable[object]]) -> None:
+    """Run ``body`` until an anyio scope cancels it after ``seconds``, in the way ``kind`` says."""
+    if kind == "move_on_after":
+        with anyio.move_on_after(seconds):
+            await body()
+    elif kind == "fail_after":
+        with pytest.raises(TimeoutError), anyio.fail_after(seconds):
+            await body()
+    elif kind == "cancel_scope":
+        with anyio.CancelScope() as scope:
+
+            async def cancel_later() -> None:
+                await anyio.sleep(seconds)
+                scope.cancel()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(cancel_later)
+                await body()
+    else:
+
+        async def fail_later() -> None:
+            await anyio.sleep(seconds)
+            raise LookupError("sibling failed")
+
+        with pytest.raises(ExceptionGroup) as info:
+            async with anyio.create_task_group() as group:
+                group.start_soon(fail_later)
+                await body()
+        assert info.group_contains(LookupError)
+
+
+def test_only_a_cancelled_anyio_scope_is_shielded() -> None:
+    async def plain() -> bool:
+        asyncio.current_task().cancel()  # type: ignore[union-attr]
+        try:
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            return anyio_cancelled()  # asyncio's own cancellation: edge-triggered, no shield
+        raise AssertionError("not cancelled")
+
+    async def scoped() -> tuple[bool, bool, bool]:
+        with anyio.CancelScope() as scope:
+            before = anyio_cancelled()
+            scope.cancel()
+            inside = anyio_cancelled()
+            with shielded_if_cancelled():
+                shielded = anyio_cancelled()
+                await anyio.sleep(0.01)  # would raise without the shield
+        return before, inside, shielded
+
+    assert asyncio.run(plain()) is False
+    assert anyio.run(scoped) == (False, True, False)
+
+
+@pytest.mark.parametrize("kind", CANCELS)
+@pytest.mark.parametrize("mode", REAL)
+def test_run_cancelled_by_a_scope_stops_the_tree_gracefully(
+    mode: str, kind: str, tmp_path: Path
+) -> None:
+    """As after asyncio's cancellation: SIGTERM and the grace period (the child's handler
+    runs), and the tree is gone by the time the scope is left. anyio's level-triggered
+    cancellation used to cut the stop short: SIGKILL at once, and run() returned before the
+    children were dead."""
+    seen = tmp_path / "term"
+    mark, env = marked_env()
+    alive_at_exit: list[psutil.Process] = []
+
+    async def main() -> None:
+        async with WRAPPER_FACTORIES[mode]() as wrapper:
+            # A grandchild too, started once the handler is set.
+            code = SIGTERM_SEEN.replace(
+                "print('ready'",
+                "import subprocess\n"
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                "print('ready'",
+            )
+            await cancelled_after(kind, 1.5, lambda: wrapper.run(*py(code), str(seen), env=env))
+            alive_at_exit.extend(marked(mark))
+
+    anyio.run(main)
+    assert survivors_after(mark, 3.0) == []
+    assert seen.exists(), "the child was killed without its SIGTERM and grace period"
+    assert alive_at_exit == []
+
+
+@pytest.mark.parametrize("mode", REAL)
+def test_stream_left_by_a_cancelled_scope_stops_the_tree_gracefully(
+    mode: str, tmp_path: Path
+) -> None:
+    seen = tmp_path / "term"
+    mark, env = marked_env()
+
+    async def main() -> None:
+        async with WRAPPER_FACTORIES[mode]() as wrapper:
+            with anyio.move_on_after(1.0):
+                async with wrapper.stream(*py(SIGTERM_SEEN), str(seen), env=env) as lines:
+                    async for _ in lines:
+                        pass
+            assert marked(mark) == []
+
+    anyio.run(main)
+    assert seen.exists()
+    assert survivors_after(mark, 3.0) == []
+
+
+@pytest.mark.parametrize("mode", REAL)
+def test_terminate_gracefully_in_the_finally_of_a_cancelled_scope(mode: str) -> None:
+    """The usual clean-up, ``finally: await terminate_gracefully(p)``, runs inside the
+    cancelled scope: it used to return at once, the SIGTERM sent, a child ignoring it left
+    running."""
+    mark, env = marked_env()
+    statuses: list[int] = []
+
+    async def main() -> None:
+        async with WRAPPER_FACTORIES[mode]() as wrapper:
+            with anyio.move_on_after(1.0):
+                process = await wrapper.create_subprocess_exec(
+                    *py(STUBBORN_CHILD), env=env, stdout=asyncio.subprocess.DEVNULL
+                )
+                try:
+                    await process.wait()
+                finally:
+                    statuses.append(await pq.terminate_gracefully(process, 0.5))
+            assert marked(mark) == []  # before the wrapper's own clean-up
+
+    anyio.run(main)
+    assert statuses == [-signal.SIGKILL]
+    assert survivors_after(mark, 3.0) == []
+
+
+@pytest.mark.parametrize("mode", REAL)
+def test_terminate_gracefully_cancelled_midway_kills_the_tree(mode: str) -> None:
+    """A stop cancelled during its grace period used to abandon the child that ignores SIGTERM;
+    now the tree is killed at once, and waited for, before ``CancelledError`` propagates (with
+    asyncio's cancellation as with an anyio scope's)."""
+    mark, env = marked_env()
+
+    async def main() -> None:
+        async with WRAPPER_FACTORIES[mode]() as wrapper:
+            process = await wrapper.create_subprocess_exec(
+                *py(STUBBORN_CHILD), env=env, stdout=asyncio.subprocess.DEVNULL
+            )
+            await anyio.to_thread.run_sync(wait_for_marked, mark, 3)  # handler set, tree up
+            stop = asyncio.ensure_future(pq.terminate_gracefully(process, 30.0))
+            await asyncio.sleep(0.5)
+            stop.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stop
+            assert process.returncode == -signal.SIGKILL
+            assert marked(mark) == []
+            process = await wrapper.create_subprocess_exec(
+                *py(STUBBORN_CHILD), env=env, stdout=asyncio.subprocess.DEVNULL
+            )
+            await anyio.to_thread.run_sync(wait_for_marked, mark, 3)
+            with anyio.move_on_after(0.5):
+                await pq.terminate_gracefully(process, 30.0)
+            assert process.returncode == -signal.SIGKILL
+            assert marked(mark) == []
+
+    anyio.run(main)
+    assert survivors_after(mark, 3.0) == []
+
+
+@pytest.mark.parametrize("mode", REAL)
+def test_wrapper_left_by_a_cancelled_scope_gives_its_children_their_grace(
+    mode: str, tmp_path: Path
+) -> None:
+    """``async with SubprocessWrapper()`` left by a cancelled scope: after asyncio's
+    cancellation its aclose() runs undisturbed (SIGTERM, grace, SIGKILL); under anyio it was
+    cancelled at its first await and killed everything at once."""
+    seen = tmp_path / "term"
+    mark, env = marked_env()
+
+    async def main() -> None:
+        with anyio.move_on_after(1.0):
+            async with WRAPPER_FACTORIES[mode]() as wrapper:
+                await wrapper.create_subprocess_exec(
+                    *py(SIGTERM_SEEN), str(seen), env=env, stdout=asyncio.subprocess.DEVNULL
+                )
+                await anyio.sleep(30)
+
+    anyio.run(main)
+    assert seen.exists()
+    assert survivors_after(mark, 3.0) == []
+
+
+def test_called_from_an_anyio_worker_thread(tmp_path: Path) -> None:
+    """The library called from an anyio worker thread through ``anyio.from_thread.run``, the
+    scope of the ``to_thread`` call then cancelled: anyio cancels the call's task through that
+    scope; the child gets its grace and is gone when the scope is left."""
+    seen = tmp_path / "term"
+    mark, env = marked_env()
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        async with WRAPPER_FACTORIES["threaded"]() as wrapper:
+            call = functools.partial(wrapper.run, *py(SIGTERM_SEEN), str(seen), env=env)
+
+            def in_thread() -> None:
+                try:
+                    anyio.from_thread.run(call)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            with anyio.move_on_after(1.0):
+                await anyio.to_thread.run_sync(in_thread)
+            assert marked(mark) == []
+
+    anyio.run(main)
+    assert [type(exc) for exc in errors] == [asyncio.CancelledError]
+    assert seen.exists()
+    assert survivors_after(mark, 3.0) == []

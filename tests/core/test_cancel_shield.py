@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import signal
 import sys
+import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -21,10 +23,12 @@ from conftest import REAL, WRAPPER_FACTORIES
 from helpers import py
 from lifecycle_helpers import (
     STUBBORN_CHILD,
+    TREE_CHILD,
     marked,
     marked_env,
     survivors_after,
     wait_for_marked,
+    zombies,
 )
 
 import prismq_subprocess as pq
@@ -259,3 +263,27 @@ def test_called_from_an_anyio_worker_thread(tmp_path: Path) -> None:
     assert [type(exc) for exc in errors] == [asyncio.CancelledError]
     assert seen.exists()
     assert survivors_after(mark, 3.0) == []
+
+
+@pytest.mark.parametrize("mode", REAL)
+def test_a_spawn_cancelled_by_a_scope_is_undone_before_the_loop_ends(mode: str) -> None:
+    """A scope cancelled while the child is being created, the loop ending right after (a
+    request cancelled at shutdown): the undo is waited for. Under anyio it was cut short, and
+    in ASYNC the child stayed a zombie with its pipe transport unclosed (ResourceWarning)."""
+    for delay in (0.0, 0.001, 0.002, 0.003, 0.004, 0.005):
+        mark, env = marked_env()
+        wrapper = WRAPPER_FACTORIES[mode]()
+
+        async def main() -> None:
+            with anyio.move_on_after(delay):  # noqa: B023 - run at once, in this iteration
+                await wrapper.run(*py(TREE_CHILD), env=env)  # noqa: B023
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            anyio.run(main)  # the wrapper is not closed: only the run's own undo counts
+            left = zombies()
+            gc.collect()
+        wrapper.cleanup()
+        assert survivors_after(mark, 2.0) == []
+        assert left == []
+        assert [str(w.message) for w in caught] == []

@@ -40,6 +40,10 @@ from ._start_options import ModuleStartOptions, StartOptions
 
 __all__ = ["ConcurrentExecutor", "ModuleSpec"]
 
+#: Finished runs the executor's own registry keeps (when none is passed): each call returns its
+#: result, and a host that keeps one executor for weeks must not keep every run it ever ran.
+_OWN_REGISTRY_MAX_RUNS = 1000
+
 logger = logging.getLogger(__name__)
 
 
@@ -223,7 +227,9 @@ class ConcurrentExecutor(AsyncClosing):
         run_mode: the mode children start in (``None``: detect).
         admission_wait, admission_timeout: see above.
         registry: where runs are recorded (yours to open and close); ``None``: an in-memory
-            :class:`RunRegistry` of the executor's own.
+            :class:`RunRegistry` of the executor's own, keeping the newest 1000 finished runs
+            (``max_runs=1000``; each call returns its result, so a long-running host does not
+            keep every run it ever ran).
         output: an :class:`OutputCapture` receiving every run's lines; ``None``: tails only.
         grace_period: seconds between SIGTERM and SIGKILL when a tree is stopped.
         sample_interval: seconds between process-tree samples (at least 0.01).
@@ -256,7 +262,9 @@ class ConcurrentExecutor(AsyncClosing):
         self.admission_wait = admission_wait
         timeout_seconds(admission_timeout, what="admission_timeout")  # refused now, not per call
         self.admission_timeout = admission_timeout
-        self.registry = registry if registry is not None else RunRegistry()
+        self.registry = (
+            registry if registry is not None else RunRegistry(max_runs=_OWN_REGISTRY_MAX_RUNS)
+        )
         self.runner = ModuleRunner(
             self.registry,
             run_mode=run_mode,

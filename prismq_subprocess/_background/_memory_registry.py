@@ -72,6 +72,9 @@ def cutoff_from(age: timedelta | datetime) -> datetime:
 
 #: How often a process that waits for another one's run looks at the registry (seconds).
 DEFAULT_POLL_INTERVAL = 0.05
+#: Cancel requests a store keeps in memory before request_cancel first drops those of finished
+#: runs (then at twice what is left).
+_CANCEL_SWEEP_MIN = 64
 #: How often such a waiter checks that the run's owner process is still alive (seconds).
 OWNER_CHECK_INTERVAL = 1.0
 
@@ -231,6 +234,8 @@ class BaseRunRegistry(AsyncResource):
         self._closed = False
         # Cancel requests of stores that keep them in memory (one process); see request_cancel.
         self._cancel_requests: dict[str, str] = {}
+        # request_cancel sweeps the requests of finished runs once there are this many.
+        self._cancel_sweep_at = _CANCEL_SWEEP_MIN
 
     @property
     def closed(self) -> bool:
@@ -359,8 +364,21 @@ class BaseRunRegistry(AsyncResource):
         run = await self.get_run(run_id)
         if run is None or run.is_finished:
             return False
+        if len(self._cancel_requests) >= self._cancel_sweep_at:
+            await self._sweep_cancel_requests()
         self._cancel_requests.setdefault(run_id, str(reason))
         return True
+
+    async def _sweep_cancel_requests(self) -> None:
+        """Drop the requests of runs finished or removed since: their owner asks for a run's
+        requests only while it runs, so nothing else would ever drop them (one entry per
+        request for good, in a host that stays up for weeks)."""
+        requests = self._cancel_requests
+        for run_id in list(requests):
+            run = await self.get_run(run_id)
+            if run is None or run.is_finished:
+                requests.pop(run_id, None)
+        self._cancel_sweep_at = max(_CANCEL_SWEEP_MIN, 2 * len(requests))
 
     async def cancel_requests(self, run_ids: Collection[str]) -> dict[str, str]:
         """Return the cancel requests (run id -> reason) recorded for unfinished runs among
@@ -542,6 +560,9 @@ class RunRegistry(BaseRunRegistry):
         stored = self._stored_to_update(run)
         tail = run.output_tail
         run._copy_into(stored, list(tail) if tail else _NO_LINES)
+        if self._cancel_requests and stored.is_finished:
+            # Its request (if any) is done with: owners ask only about unfinished runs.
+            self._cancel_requests.pop(run.run_id, None)
 
     def _stored_to_update(self, run: Run) -> Run:
         """The stored copy an update of ``run`` may overwrite; the update's errors otherwise."""

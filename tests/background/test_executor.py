@@ -10,7 +10,11 @@ from typing import Any
 import pytest
 
 import prismq_subprocess as pq
-from prismq_subprocess._background._executor import ConcurrentExecutor, ModuleSpec
+from prismq_subprocess._background._executor import (
+    _OWN_REGISTRY_MAX_RUNS,
+    ConcurrentExecutor,
+    ModuleSpec,
+)
 from prismq_subprocess._core._exceptions import RunnerClosedError
 
 GiB = 1 << 30
@@ -306,3 +310,26 @@ async def test_a_batch_that_is_not_a_list_of_specs_is_refused(batch: object) -> 
         with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="execute_batch"):
             await ex.execute_batch(batch)  # type: ignore[arg-type]
         assert await ex.registry.list_runs() == []
+
+
+async def test_the_executors_own_registry_keeps_a_bounded_history(tmp_path: Path) -> None:
+    # A host keeps one executor up for weeks: its own in-memory registry (nobody else reads
+    # it; each call returns its result) kept every run for good, output tail included (8.5 KB
+    # a run for 60 lines of output: 10,000 modules, 85 MB). It keeps the newest finished runs.
+    script = tmp_path / "m.py"
+    script.write_text("print('x')\n")
+    kept = _OWN_REGISTRY_MAX_RUNS
+    async with ConcurrentExecutor(max_concurrent=16, run_mode=pq.RunMode.DRY_RUN) as executor:
+        results = await executor.execute_batch(
+            [ModuleSpec("m", "M", script) for _ in range(kept + 150)]
+        )
+        assert all(r["status"] == "completed" for r in results)
+        # (Retention runs on each add_run: the runs that finished after the last one stay.)
+        assert kept <= await executor.registry.count_runs() <= kept + 16
+        newest = results[-1]["run_id"]
+        assert (await executor.registry.get_run(newest)) is not None
+    # A registry of the caller's is left as it was given (its retention is the caller's).
+    mine = pq.RunRegistry()
+    async with mine, ConcurrentExecutor(run_mode=pq.RunMode.DRY_RUN, registry=mine) as executor:
+        await executor.execute_batch([ModuleSpec("m", "M", script) for _ in range(3)])
+        assert mine.max_runs is None and await mine.count_runs() == 3

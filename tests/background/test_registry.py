@@ -325,3 +325,50 @@ async def test_update_refuses_an_impossible_status_change(registry: BaseRunRegis
 async def test_update_of_a_run_never_added_names_the_fix(registry: BaseRunRegistry) -> None:
     with pytest.raises(RunNotFoundError, match="add_run"):
         await registry.update_run(Run(run_id="never-added"))
+
+
+async def test_memory_cancel_requests_do_not_outlive_their_runs() -> None:
+    # A host that cancels runs through the registry (request_cancel, as another worker would)
+    # for weeks: each request stayed in the store's dict after its run was cancelled (the owner
+    # stops polling a run once it acts on its request), one entry per request for good.
+    from prismq_subprocess import BackgroundTaskManager
+
+    registry = RunRegistry(max_runs=10)
+    async with registry, BackgroundTaskManager(registry) as manager:
+        for _ in range(10):
+            runs = [Run(module_id="m") for _ in range(30)]
+            for run in runs:
+                await manager.start_task(run, asyncio.sleep(30))
+            for run in runs:
+                assert await registry.request_cancel(run.run_id, "asked")
+            await manager.wait_all(timeout=10)
+            assert all(run.status is RunStatus.CANCELLED for run in runs)
+        assert registry._cancel_requests == {}
+        # A request for a live run is still kept and heard.
+        run = Run(module_id="m")
+        await manager.start_task(run, asyncio.sleep(30))
+        assert await registry.request_cancel(run.run_id, "last")
+        final = await registry.wait_finished(run.run_id, timeout=10)
+        assert final is not None and final.error_message == "last"
+
+
+class _OwnStore(RunRegistry):
+    """A store of a user's that writes through its own ``update_run`` (not the fast path)."""
+
+    async def update_run(self, run: Run) -> None:
+        await asyncio.sleep(0)
+        self._update_run_now(run)
+
+
+async def test_cancel_requests_of_finished_runs_are_swept_in_any_store() -> None:
+    # BaseRunRegistry keeps requests for stores that hold them in memory; whatever a store
+    # does on its writes, the requests of runs finished or gone do not pile up.
+    registry = _OwnStore()
+    for _ in range(500):
+        run = Run(module_id="m")
+        await registry.add_run(run)
+        assert await registry.request_cancel(run.run_id)
+        run.mark_running()
+        run.mark_cancelled("asked")
+        registry._runs[run.run_id] = run  # (finished behind the store's back)
+    assert len(registry._cancel_requests) <= 64

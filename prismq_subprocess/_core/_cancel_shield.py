@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["anyio_cancelled", "shielded_if_cancelled"]
 
@@ -40,16 +40,19 @@ def anyio_cancelled() -> bool:
         return False
 
 
-@contextlib.contextmanager
-def shielded_if_cancelled() -> Iterator[None]:
-    """Run the block inside ``anyio.CancelScope(shield=True)`` when the calling task is in a
-    cancelled anyio scope (see :func:`anyio_cancelled`); otherwise run it as it is.
+# What the block runs in when no anyio scope is cancelled: one shared object, so the common case
+# (every run's clean-up) costs no generator or context object per call.
+_AS_IS: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
+def shielded_if_cancelled() -> contextlib.AbstractContextManager[Any]:
+    """A context manager: ``anyio.CancelScope(shield=True)`` when the calling task is in a
+    cancelled anyio scope (see :func:`anyio_cancelled`); otherwise one that does nothing.
 
     The cancellation is not lost: once the block ends, the scope's next ``await`` raises again
     (and the ``CancelledError`` being handled, if any, propagates as before).
     """
     if not anyio_cancelled():
-        yield
-        return
-    with sys.modules["anyio"].CancelScope(shield=True):
-        yield
+        return _AS_IS
+    shield: contextlib.AbstractContextManager[Any] = sys.modules["anyio"].CancelScope(shield=True)
+    return shield

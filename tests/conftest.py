@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,9 +18,24 @@ HUNG_TEST_SECONDS = 240
 _REAL_STDERR: list[int] = []
 
 
+#: ``PRISMQ_TEST_LOOP=uvloop`` runs every test's loop (pytest-asyncio's, and asyncio.run's) on
+#: uvloop, the loop ``uvicorn[standard]`` picks: ``PRISMQ_TEST_LOOP=uvloop pytest tests/core``.
+TEST_LOOP_VAR = "PRISMQ_TEST_LOOP"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Output capture is suspended while plugins configure: descriptor 2 is the terminal here.
     _REAL_STDERR.append(os.dup(2))
+    loop = os.environ.get(TEST_LOOP_VAR, "")
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise pytest.UsageError(f"{TEST_LOOP_VAR}=uvloop: uvloop is not installed") from None
+        # pytest-asyncio's event_loop_policy fixture returns the policy current at its start.
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    elif loop not in ("", "asyncio"):
+        raise pytest.UsageError(f"{TEST_LOOP_VAR}={loop!r}: expected 'asyncio' or 'uvloop'")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -50,7 +50,9 @@ class AsyncProcess(asyncio.subprocess.Process):
     reaps in a thread of its own (``ThreadedChildWatcher``: macOS, or a host that chose it)
     leaves asyncio's own window: should the pid go to another child of ours in the moment
     before the status reaches the loop, that child would get the signal.
-    On Windows asyncio's own route is kept.
+    On Windows asyncio's own route is kept, and so is the loop's own on a loop whose transport
+    is not asyncio's (uvloop's signals through libuv, which reaps on the loop's thread; it
+    raises ``ProcessLookupError`` as soon as the child has exited).
     """
 
     def __init__(
@@ -64,9 +66,15 @@ class AsyncProcess(asyncio.subprocess.Process):
         self._ops = ops
 
     def _signalled(self, sig: int | None) -> bool:
-        # asyncio raises ProcessLookupError once it has let go of the child.
         transport: Any = self._transport  # type: ignore[attr-defined]
-        transport._check_proc()
+        check = getattr(transport, "_check_proc", None)
+        if check is None:
+            # Another loop's transport (uvloop's): its own route, which signals through the
+            # loop (no Popen.poll) and refuses once it has reaped the child, as
+            # asyncio.create_subprocess_exec on that loop does.
+            return False
+        # asyncio raises ProcessLookupError once it has let go of the child.
+        check()
         # Like Popen: a child known to have exited is not signalled.
         return self.returncode is not None or self._ops.signal_unreaped_child(self.pid, sig)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -627,7 +628,7 @@ class SubprocessWrapper(AsyncClosing):
         except RuntimeError:
             running = None
         for process in processes:
-            loop = getattr(getattr(process, "_transport", None), "_loop", None)
+            loop = _transport_loop(process)
             if loop is None or not (loop is running or loop.is_closed()):
                 continue  # not asyncio's (our Popen-backed modes release their own), or elsewhere
             try:
@@ -717,7 +718,7 @@ def _reap_killed(processes: list[ProcessLike], ops: PlatformOps) -> None:
         transport = None
         if not isinstance(popen, subprocess.Popen):
             transport = getattr(process, "_transport", None)
-            loop = getattr(transport, "_loop", None)
+            loop = _transport_loop(process)
             popen = getattr(transport, "_proc", None)
             if loop is None or not loop.is_closed():
                 # Its loop's child watcher reaps it, once it has died and the loop runs an
@@ -732,7 +733,53 @@ def _reap_killed(processes: list[ProcessLike], ops: PlatformOps) -> None:
                 popen.wait(timeout=max(0.0, deadline - time.monotonic()))
             if transport is not None and getattr(transport, "_returncode", 0) is None:
                 transport._returncode = popen.returncode  # what the exit callback would set
+        elif transport is not None and process.returncode is None:
+            # Another loop's child (uvloop's: libuv reaps in the loop, which has closed; no
+            # Popen to wait with). Nobody else waits for this pid: reap it by pid.
+            _reap_pid(process.pid, deadline)
     reap_orphaned()  # closes the pidfds of the children just reaped
+
+
+def _reap_pid(pid: int, deadline: float) -> None:
+    pause = 0.0005
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return  # reaped already, or not ours
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+
+
+def _transport_loop(process: ProcessLike) -> asyncio.AbstractEventLoop | None:
+    """The loop of an asyncio process whose process transport is still open (None once it has
+    finished, and for the other modes' processes)."""
+    transport = getattr(process, "_transport", None)
+    if transport is None:
+        return None
+    # asyncio's transport lets go of its loop once finished; another loop's (uvloop's) keeps
+    # its loop to itself, and the process object has it.
+    loop = transport._loop if hasattr(transport, "_loop") else getattr(process, "_loop", None)
+    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+
+
+def _pipes_open(process: ProcessLike) -> bool:
+    """Whether the process transport of an asyncio process still holds a pipe open."""
+    transport = getattr(process, "_transport", None)
+    if transport is None:
+        return False
+    if hasattr(transport, "_closed"):  # asyncio's closes itself once every pipe has
+        return not transport._closed
+    # uvloop's closes at the child's exit, its pipes each on their own.
+    for fd in (0, 1, 2):
+        with contextlib.suppress(Exception):
+            pipe = transport.get_pipe_transport(fd)
+            if pipe is not None and not pipe.is_closing():
+                return True
+    return False
 
 
 def _unread_asyncio(processes: Iterable[ProcessLike]) -> list[ProcessLike]:
@@ -746,12 +793,11 @@ def _unread_asyncio(processes: Iterable[ProcessLike]) -> list[ProcessLike]:
         running = None
     found = []
     for process in processes:
-        transport = getattr(process, "_transport", None)
-        loop = getattr(transport, "_loop", None)  # None once the transport has finished
+        loop = _transport_loop(process)
         if (
             loop is not None
             and process.returncode is not None
-            and not getattr(transport, "_closed", True)
+            and _pipes_open(process)
             and (loop is running or loop.is_closed())
         ):
             found.append(process)

@@ -118,7 +118,9 @@ def release_transport_pipes(process: Any) -> None:
         # descriptor, and the transport's own overlapped read is pending on it; closing the
         # transport is all there is to do.
         if reader is not None and PIPES_SELECTABLE:
-            source = pipe.get_extra_info("pipe")
+            # asyncio names the pipe's file; uvloop hides it behind a socket-like object
+            # (libuv's pipes to a child are socket pairs).
+            source = pipe.get_extra_info("pipe") or pipe.get_extra_info("socket")
             if source is not None:
                 for data in read_available(source.fileno())[0]:
                     reader.feed_data(data)

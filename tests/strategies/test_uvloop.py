@@ -7,6 +7,7 @@ Skipped where uvloop is not installed. The whole suite can also run on uvloop:
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -59,3 +60,62 @@ def test_signals_reach_the_child_as_on_asyncio(verb: str) -> None:
 
     ours, raw = on_uvloop(main)
     assert ours == raw == (-9 if verb == "kill" else -15)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("close", ["cleanup", "aclose"])
+def test_closing_releases_the_pipes_of_an_exited_child_nobody_read(close: str) -> None:
+    # The wrapper found the open pipes of an exited child through asyncio's private transport
+    # attributes (_loop, _closed), absent on uvloop's transport: the pipe stayed open, paused,
+    # after close (a ResourceWarning when the loop closed), and what it held could not be
+    # taken (uvloop names the pipe's descriptor "socket", not "pipe").
+    async def main() -> tuple[int, int, int]:
+        wrapper = pq.SubprocessWrapper(pq.RunMode.ASYNC)
+        # The first spawn on a uvloop loop opens descriptors (/dev/null) kept for its life.
+        await wrapper.run(*py("pass"))
+        before = _fds()
+        process, stdout, _ = await wrapper.create_subprocess(
+            *py("import sys; sys.stdout.write('y' * 300000)")
+        )
+        for _ in range(200):  # it exits; its last bytes wait in the pipe, nobody reading
+            if process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        if close == "cleanup":
+            wrapper.cleanup()
+        else:
+            await wrapper.aclose()
+        for _ in range(100):
+            if _fds() <= before:
+                break
+            await asyncio.sleep(0.05)
+        leaked = _fds() - before
+        returncode = await asyncio.wait_for(process.wait(), 10)
+        return leaked, returncode, len(await asyncio.wait_for(stdout.read(), 10))
+
+    leaked, returncode, read = on_uvloop(main)
+    assert leaked <= 0
+    assert returncode == 0
+    assert read == 300000  # what the pipe held went to the reader
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="waitid without reaping")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # (uvloop's handles of a closed loop)
+def test_cleanup_after_the_loop_closed_reaps_the_children() -> None:
+    # cleanup() reaps an ASYNC child whose loop has closed (its watcher gone): it found the
+    # loop through asyncio's transport (_loop), so a uvloop child was left a zombie.
+    wrapper = pq.SubprocessWrapper(pq.RunMode.ASYNC)
+    pids: list[int] = []
+
+    async def start() -> None:
+        pids.append((await wrapper.create_subprocess_exec(*py(SLEEPS))).pid)
+
+    on_uvloop(start)  # the loop closes with the child running
+    wrapper.cleanup()
+    (pid,) = pids
+    with pytest.raises(ChildProcessError):  # reaped: no zombie left
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)

@@ -6,6 +6,7 @@ import asyncio
 import faulthandler
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
@@ -21,6 +22,27 @@ _REAL_STDERR: list[int] = []
 #: ``PRISMQ_TEST_LOOP=uvloop`` runs every test's loop (pytest-asyncio's, and asyncio.run's) on
 #: uvloop, the loop ``uvicorn[standard]`` picks: ``PRISMQ_TEST_LOOP=uvloop pytest tests/core``.
 TEST_LOOP_VAR = "PRISMQ_TEST_LOOP"
+#: Whether this run's loops are uvloop's.
+ON_UVLOOP = os.environ.get(TEST_LOOP_VAR, "") == "uvloop"
+
+_Test = TypeVar("_Test", bound=Callable[..., Any])
+
+
+def skip_on_uvloop(reason: str) -> pytest.MarkDecorator:
+    """Skip a test under ``PRISMQ_TEST_LOOP=uvloop``, saying why: it checks asyncio's own
+    internals, or a difference that is uvloop's (docs/RUN_MODES.md lists those)."""
+    return pytest.mark.skipif(ON_UVLOOP, reason=f"on uvloop: {reason}")
+
+
+def ends_a_loop_with_children_running(test: _Test) -> _Test:
+    """For a test whose event loop ends while its children run, on purpose. uvloop warns of
+    every handle still open when its loop closes (the child's, its pipes'), and under
+    ``error::ResourceWarning`` the warning keeps it from closing them: ``loop.close()`` then
+    waits for the children to exit and fails with ``OSError: [Errno 16] EBUSY``. The same with
+    ``asyncio.create_subprocess_exec`` alone: uvloop's, not ours."""
+    if ON_UVLOOP:
+        return pytest.mark.filterwarnings("ignore::ResourceWarning")(test)  # type: ignore[no-any-return]
+    return test
 
 
 def pytest_configure(config: pytest.Config) -> None:

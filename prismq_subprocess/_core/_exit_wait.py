@@ -12,12 +12,20 @@ import asyncio
 import asyncio.subprocess
 import os
 import subprocess
+import weakref
 from collections.abc import Sequence
 
 from .._platform import pidfd_open, platform_ops
 from ._process import ProcessLike
 
-__all__ = ["has_exited", "popen_of", "reaped", "wait_all_exited", "wait_exited"]
+__all__ = [
+    "has_exited",
+    "popen_of",
+    "reap_closed_loop_child",
+    "reaped",
+    "wait_all_exited",
+    "wait_exited",
+]
 
 _FIRST_POLL = 0.002
 _MAX_POLL = 0.05
@@ -49,13 +57,59 @@ def popen_of(process: ProcessLike) -> subprocess.Popen[bytes] | None:
     return popen if isinstance(popen, subprocess.Popen) else None
 
 
+# The exit statuses of children of a closed loop reaped by pid (see reap_closed_loop_child):
+# their returncode never comes, and their pid may be given to another process.
+_REAPED_BY_PID: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+
+
 def reaped(process: ProcessLike) -> bool:
     """Whether ``process``'s exit status was read already though its ``returncode`` is not set:
     its ``Popen`` was reaped by a thread of its mode whose event loop then could not be told
-    (it was closed). Its pid may name another process by now, so nothing may be signalled or
-    waited for by that number."""
+    (it was closed), or it was reaped by :func:`reap_closed_loop_child`. Its pid may name
+    another process by now, so nothing may be signalled or waited for by that number."""
     popen = popen_of(process)
-    return popen is not None and popen.returncode is not None
+    if popen is not None:
+        return popen.returncode is not None
+    try:
+        return process in _REAPED_BY_PID
+    except TypeError:
+        return False
+
+
+def reap_closed_loop_child(process: ProcessLike) -> int | None:
+    """Reap ``process``, a child of an event loop that has closed and whose transport has no
+    ``Popen`` (uvloop's: libuv reaps in its loop, which will never run again), if it has exited;
+    return its exit status (``None``: still running, or not such a child).
+
+    Nobody else waits for that pid: unreaped, it stays a zombie, and its ``returncode`` is never
+    set. The status is remembered (:func:`reaped`), since the pid is free from now on.
+    """
+    try:
+        known = _REAPED_BY_PID.get(process)
+    except TypeError:
+        return None
+    if known is not None:
+        return known
+    loop = getattr(process, "_loop", None)
+    if (
+        process.returncode is not None
+        or popen_of(process) is not None
+        or getattr(process, "_transport", None) is None
+        or not isinstance(loop, asyncio.AbstractEventLoop)
+        or not loop.is_closed()
+        or not hasattr(os, "WNOHANG")
+    ):
+        return None
+    try:
+        pid, status = os.waitpid(process.pid, os.WNOHANG)
+    except ChildProcessError:
+        code = 255  # reaped by someone else: its status is lost (asyncio's rule)
+    else:
+        if pid == 0:
+            return None
+        code = os.waitstatus_to_exitcode(status)
+    _REAPED_BY_PID[process] = code
+    return code
 
 
 def _pid_ended(process: ProcessLike) -> bool:

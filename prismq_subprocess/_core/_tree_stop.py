@@ -33,7 +33,7 @@ from .._platform import (
 )
 from ._cancel_shield import shielded_if_cancelled
 from ._exceptions import InvalidTaskError, TaskTimeoutError
-from ._exit_wait import has_exited, popen_of, reaped, wait_all_exited
+from ._exit_wait import has_exited, popen_of, reap_closed_loop_child, reaped, wait_all_exited
 from ._offloop import Coalescer, run_in_thread
 from ._process import ProcessLike
 from ._validation import check_process, check_timeout
@@ -222,7 +222,8 @@ async def stop_process_trees(
 def _exit_status(process: ProcessLike) -> int:
     """The exit status of a child the stop saw end. One of another event loop (see
     ``_exit_wait._elsewhere``) has no ``returncode`` from its loop: its ``Popen`` is asked,
-    which reaps it where nobody did (0 where another waiter took the status: ``Popen``'s rule)."""
+    which reaps it where nobody did (0 where another waiter took the status: ``Popen``'s rule);
+    without a ``Popen`` (uvloop's children) and once its loop has closed, it is reaped by pid."""
     code = process.returncode
     if code is not None:
         return code
@@ -230,6 +231,8 @@ def _exit_status(process: ProcessLike) -> int:
     if popen is not None:
         with contextlib.suppress(OSError):
             code = popen.poll()
+    else:
+        code = reap_closed_loop_child(process)
     if code is None:
         raise AssertionError(f"the stop of pid {process.pid} ended without its exit status")
     return code

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -25,6 +24,7 @@ from ._exceptions import (
     SubprocessPolicyException,
     WrapperClosedError,
 )
+from ._exit_wait import reap_closed_loop_child
 from ._host_shutdown import take_part_in_host_shutdown
 from ._line_stream import LineStream
 from ._modes import RunMode
@@ -736,20 +736,14 @@ def _reap_killed(processes: list[ProcessLike], ops: PlatformOps) -> None:
         elif transport is not None and process.returncode is None:
             # Another loop's child (uvloop's: libuv reaps in the loop, which has closed; no
             # Popen to wait with). Nobody else waits for this pid: reap it by pid.
-            _reap_pid(process.pid, deadline)
+            _reap_pid(process, deadline)
     reap_orphaned()  # closes the pidfds of the children just reaped
 
 
-def _reap_pid(pid: int, deadline: float) -> None:
+def _reap_pid(process: ProcessLike, deadline: float) -> None:
+    # Recorded as reaped: its pid is free from now on, and its returncode never comes.
     pause = 0.0005
-    while True:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-        except ChildProcessError:
-            return  # reaped already, or not ours
-        if time.monotonic() >= deadline:
-            return
+    while reap_closed_loop_child(process) is None and time.monotonic() < deadline:
         time.sleep(pause)
         pause = min(pause * 2, 0.01)
 

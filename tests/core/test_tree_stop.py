@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ends_a_loop_with_children_running
 from helpers import py
 from lifecycle_helpers import (
     STUBBORN_CHILD,
@@ -802,6 +803,7 @@ time.sleep(60)
 """
 
 
+@ends_a_loop_with_children_running
 @pytest.mark.parametrize("mode", ["async", "threaded", "threaded-threads", "local"])
 @pytest.mark.parametrize("children", [1, 2])
 def test_closing_from_another_loop_stops_politely_and_quietly(

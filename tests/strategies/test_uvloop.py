@@ -119,3 +119,50 @@ def test_cleanup_after_the_loop_closed_reaps_the_children() -> None:
     (pid,) = pids
     with pytest.raises(ChildProcessError):  # reaped: no zombie left
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+
+
+_POLITE = """
+import pathlib, signal, sys, time
+def bye(*_):
+    pathlib.Path(sys.argv[1]).write_text("asked")
+    sys.exit(3)
+signal.signal(signal.SIGTERM, bye)
+pathlib.Path(sys.argv[2]).write_text("ready")
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="waitid without reaping")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # (uvloop's handles of a closed loop)
+def test_closing_from_the_next_loop_stops_and_reaps_the_children(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A child started in a uvloop loop that ended with it running, the wrapper closed from the
+    # next loop: the stop asked it politely, saw it end, then asserted ("ended without its exit
+    # status": no returncode from the closed loop, no Popen to ask) and logged an ERROR; the
+    # child stayed a zombie until cleanup() reaped it.
+    wrapper = pq.SubprocessWrapper(pq.RunMode.ASYNC, grace_period=5.0)
+    asked, ready = tmp_path / "asked", tmp_path / "ready"
+    started: list[Any] = []
+
+    async def start() -> None:
+        started.append(await wrapper.create_subprocess_exec(*py(_POLITE), str(asked), str(ready)))
+        for _ in range(600):
+            if ready.exists():
+                break
+            await asyncio.sleep(0.05)
+
+    async def stop() -> int:
+        (process,) = started
+        status = await asyncio.wait_for(pq.terminate_gracefully(process, 5.0), 30)
+        await asyncio.wait_for(wrapper.aclose(), 30)
+        return status
+
+    on_uvloop(start)  # the loop closes with the child running
+    with caplog.at_level("ERROR", logger="prismq_subprocess"):
+        status = on_uvloop(stop)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert status == 3
+    assert asked.read_text() == "asked"
+    with pytest.raises(ChildProcessError):  # reaped: no zombie left
+        os.waitid(os.P_PID, started[0].pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._core._cancel_shield import shielded_if_cancelled
+from .._core._exceptions import InvalidOptionError
 from .._core._exit_wait import wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
@@ -238,13 +239,13 @@ class AsyncStrategy(SubprocessStrategy):
         return process
 
     async def _create(self, request: SpawnRequest) -> ProcessLike:
+        loop = asyncio.get_running_loop()
         kwargs, containment = self.ops.prepare_spawn(
-            request.kwargs, request.die_with_host, ahead=True
+            _options_for(loop, request.kwargs), request.die_with_host, ahead=True
         )
         # Python 3.11: exits through the loop's selector rather than a thread per child (as
         # 3.12 does by default), unless the host chose its watcher.
         prefer_pidfd_watcher()
-        loop = asyncio.get_running_loop()
         limit, on_exit = request.limit, self.ops.child_exited
 
         def protocol() -> ExitProtocol:
@@ -304,6 +305,45 @@ class AsyncStrategy(SubprocessStrategy):
             await wait_exited(process)
             returncode = process.returncode
         return returncode if returncode is not None else await process.wait()
+
+
+#: The ``Popen`` options uvloop's ``subprocess_exec``/``_shell`` refuse whatever their value
+#: ("unexpected kwargs", uvloop 0.17-0.23), with the values that are ``Popen``'s own defaults
+#: (``process_group=-1`` is what ``Popen`` makes of ``None``).
+_UVLOOP_REFUSES: dict[str, tuple[object, ...]] = {
+    "process_group": (None, -1),
+    "umask": (-1,),
+    "pipesize": (-1,),
+    "user": (None,),
+    "group": (None,),
+    "extra_groups": (None,),
+}
+
+
+def _options_for(loop: asyncio.AbstractEventLoop, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` as ``loop`` takes them: on uvloop, the options it refuses are dropped where
+    they hold ``Popen``'s default (a caller forwarding them, or our own ``process_group=None``
+    pass-through), and refused by name otherwise, before anything starts.
+
+    Raises:
+        InvalidOptionError: an option uvloop cannot honour has a value of its own.
+    """
+    if not type(loop).__module__.startswith("uvloop") or kwargs.keys().isdisjoint(_UVLOOP_REFUSES):
+        return kwargs
+    out = dict(kwargs)
+    for name, defaults in _UVLOOP_REFUSES.items():
+        if name not in out:
+            continue
+        value = out[name]
+        if any(value is default or value == default for default in defaults):
+            del out[name]
+            continue
+        raise InvalidOptionError(
+            f"uvloop's subprocesses do not support {name}= (got {value!r}): start this child "
+            "with RunMode.THREADED (SubprocessWrapper(RunMode.THREADED)), or on asyncio's own "
+            "event loop"
+        )
+    return out
 
 
 async def _abandon(creation: asyncio.Task[ProcessLike | None]) -> ProcessLike | None:

@@ -166,3 +166,60 @@ def test_closing_from_the_next_loop_stops_and_reaps_the_children(
     assert asked.read_text() == "asked"
     with pytest.raises(ChildProcessError):  # reaped: no zombie left
         os.waitid(os.P_PID, started[0].pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+
+
+# Popen's own defaults, which a caller may forward (a helper with `umask: int = -1`).
+POPEN_DEFAULTS: dict[str, Any] = {
+    "process_group": None,
+    "umask": -1,
+    "pipesize": -1,
+    "user": None,
+    "group": None,
+    "extra_groups": None,
+}
+
+
+@pytest.mark.parametrize("name", [*POPEN_DEFAULTS, "process_group=-1"])
+def test_popen_defaults_passed_explicitly_are_accepted(name: str) -> None:
+    # uvloop's subprocess_exec refuses these keywords whatever their value ("unexpected
+    # kwargs"): a caller forwarding Popen's defaults (or our own pass-through of
+    # process_group=None) could not start anything on uvloop, while asyncio accepts them.
+    option = {"process_group": -1} if name == "process_group=-1" else {name: POPEN_DEFAULTS[name]}
+
+    async def main() -> bytes:
+        async with pq.SubprocessWrapper(pq.RunMode.ASYNC) as wrapper:
+            result = await wrapper.run(
+                *py("import os; print(os.getpgid(0) == os.getpid())"), timeout=30, **option
+            )
+            return result.stdout.strip()
+
+    assert on_uvloop(main) == b"True"  # and the child still leads its own group
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"umask": 0o22},
+        {"process_group": 0},
+        {"pipesize": 1 << 16},
+        {"user": os.getuid()},
+        {"group": os.getgid()},
+        {"extra_groups": []},
+    ],
+    ids=lambda option: next(iter(option)),
+)
+def test_options_uvloop_cannot_honour_are_refused_by_name(option: dict[str, Any]) -> None:
+    # uvloop raised a bare "ValueError: unexpected kwargs" naming neither the option nor
+    # uvloop; a caller could not tell what to change.
+    (name,) = option
+
+    async def main() -> tuple[str, int]:
+        async with pq.SubprocessWrapper(pq.RunMode.ASYNC) as wrapper:
+            with pytest.raises(pq.exceptions.InvalidOptionError) as info:
+                await wrapper.run(*py("pass"), timeout=30, **option)
+            return str(info.value), len(wrapper.live_processes)
+
+    message, live = on_uvloop(main)
+    assert "uvloop" in message and f"{name}=" in message
+    assert "THREADED" in message  # what to do instead
+    assert live == 0

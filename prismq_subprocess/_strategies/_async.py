@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import asyncio.subprocess
 import contextlib
+import errno
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -277,8 +279,10 @@ class AsyncStrategy(SubprocessStrategy):
             # carries its containment.
             self.ops.kill_contained(containment)
             raise
-        except BaseException:
+        except BaseException as exc:
             self.ops.release(containment)
+            if isinstance(exc, OSError):
+                _name_the_program(exc, request, kwargs)
             raise
         process = AsyncProcess(transport, proto, loop, self.ops)
         # Off the loop: moving the child into its cgroup blocks for milliseconds.
@@ -344,6 +348,24 @@ def _options_for(loop: asyncio.AbstractEventLoop, kwargs: dict[str, Any]) -> dic
             "event loop"
         )
     return out
+
+
+#: The spawn errors that concern the program itself (not a descriptor, not memory).
+_PROGRAM_ERRORS = frozenset((errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.ENOTDIR))
+
+
+def _name_the_program(exc: OSError, request: SpawnRequest, kwargs: dict[str, Any]) -> None:
+    """Give ``exc`` the file name ``Popen`` would have: libuv's spawn errors (uvloop) carry
+    none, and the error then named the command's first word (not ``executable=``) and could not
+    say why a file did not run (not executable, a directory)."""
+    if exc.filename is not None or exc.errno not in _PROGRAM_ERRORS:
+        return
+    program = kwargs.get("executable")
+    if program is None:
+        command = request.command
+        # (What uvloop runs for a shell command.)
+        program = command[0] if isinstance(command, tuple) and not request.shell else "/bin/sh"
+    exc.filename = os.fsdecode(program)
 
 
 async def _abandon(creation: asyncio.Task[ProcessLike | None]) -> ProcessLike | None:

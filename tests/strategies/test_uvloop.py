@@ -223,3 +223,32 @@ def test_options_uvloop_cannot_honour_are_refused_by_name(option: dict[str, Any]
     assert "uvloop" in message and f"{name}=" in message
     assert "THREADED" in message  # what to do instead
     assert live == 0
+
+
+def test_a_failed_spawn_names_the_program_and_says_why(tmp_path: Any) -> None:
+    # libuv's spawn errors carry no file name (Popen's do): the error named the command's
+    # first word instead of executable=, and a file that is not executable (or a directory)
+    # came out as a bare SpawnFailedError, not CommandNotExecutableError ("not executable").
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o600)
+
+    async def main() -> list[tuple[type[BaseException], str]]:
+        errors = []
+        async with pq.SubprocessWrapper(pq.RunMode.ASYNC) as wrapper:
+            for call in (
+                lambda: wrapper.run(*py("pass"), executable="/nonexistent/interpreter"),
+                lambda: wrapper.run(script),
+                lambda: wrapper.create_subprocess_exec(tmp_path),
+            ):
+                with pytest.raises(OSError) as info:
+                    await call()
+                errors.append((type(info.value), str(info.value)))
+        return errors
+
+    missing, not_executable, directory = on_uvloop(main)
+    assert missing[0] is pq.CommandNotFoundError and "/nonexistent/interpreter" in missing[1]
+    assert issubclass(not_executable[0], pq.exceptions.CommandNotExecutableError)
+    assert "not executable" in not_executable[1] and str(script) in not_executable[1]
+    assert issubclass(directory[0], pq.exceptions.CommandNotExecutableError)
+    assert "is a directory" in directory[1]

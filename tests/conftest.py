@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -32,6 +33,20 @@ def skip_on_uvloop(reason: str) -> pytest.MarkDecorator:
     """Skip a test under ``PRISMQ_TEST_LOOP=uvloop``, saying why: it checks asyncio's own
     internals, or a difference that is uvloop's (docs/RUN_MODES.md lists those)."""
     return pytest.mark.skipif(ON_UVLOOP, reason=f"on uvloop: {reason}")
+
+
+async def open_the_loops_own_descriptors() -> None:
+    """Before counting descriptors in a test: on uvloop, the first spawns in a loop (one with a
+    ``DEVNULL`` stream, one with a stdin pipe in a new session) open ``/dev/null`` and keep it
+    until the loop closes (uvloop's own, with ``asyncio.create_subprocess_exec`` alike); those
+    are not the test's. Nothing elsewhere."""
+    if ON_UVLOOP:
+        for options in (
+            {"stdin": asyncio.subprocess.DEVNULL},
+            {"stdin": asyncio.subprocess.PIPE, "start_new_session": True},
+        ):
+            process = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass", **options)
+            await process.communicate()
 
 
 def ends_a_loop_with_children_running(test: _Test) -> _Test:

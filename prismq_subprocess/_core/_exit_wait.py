@@ -23,6 +23,7 @@ __all__ = [
     "popen_of",
     "reap_closed_loop_child",
     "reaped",
+    "reaped_status",
     "wait_all_exited",
     "wait_exited",
 ]
@@ -74,6 +75,14 @@ def reaped(process: ProcessLike) -> bool:
         return process in _REAPED_BY_PID
     except TypeError:
         return False
+
+
+def reaped_status(process: object) -> int | None:
+    """The exit status :func:`reap_closed_loop_child` read for ``process`` (None: it did not)."""
+    try:
+        return _REAPED_BY_PID.get(process)
+    except TypeError:
+        return None
 
 
 def reap_closed_loop_child(process: ProcessLike) -> int | None:

@@ -151,6 +151,8 @@ class _Previous:
     loop_callback: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
     #: How we are installed for this signal: ``"loop"`` or ``"signal"``.
     via: str = "signal"
+    #: The loop hands the signal to a handler of its own table itself (see ``_install_one``).
+    loop_dispatches: bool = False
 
 
 def _default_signals() -> tuple[int, ...]:
@@ -306,6 +308,16 @@ class ShutdownHandler:
             # Chaining to a handler of ours would call it again, for ever, and restoring it
             # would leave it installed: what ours replaced is unknown, so the default stands in.
             previous = _Previous(signal.SIG_DFL)
+        elif not isinstance(table, dict) and getattr(previous.handler, "__self__", None) is loop:
+            # A loop that keeps its table to itself (uvloop): a handler installed through its
+            # add_signal_handler sits behind the Python-level handler the loop set (a method of
+            # the loop). Replacing it through add_signal_handler would drop it for good (it can
+            # be neither chained nor restored). Ours goes in front through signal.signal and the
+            # entry stays: the loop still hands the signal to it at once (from its own wakeup
+            # descriptor), so chaining must not call it again; uninstalling puts it back.
+            previous.loop_dispatches = True
+            signal.signal(sig, self._from_signal)
+            return previous
         try:
             loop.add_signal_handler(sig, self._on_signal, sig)
             previous.via = "loop"
@@ -410,6 +422,8 @@ class ShutdownHandler:
         previous = self._previous.get(signum)
         if previous is None:
             return  # uninstalled meanwhile: the signal was handled by the stop
+        if previous.loop_dispatches:
+            return  # the loop handed it to its handler already
         try:
             if previous.loop_callback is not None:
                 callback, args = previous.loop_callback

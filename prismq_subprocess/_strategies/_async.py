@@ -27,7 +27,7 @@ from typing import Any
 
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._exceptions import InvalidOptionError
-from .._core._exit_wait import wait_exited
+from .._core._exit_wait import reaped_status, wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._task_start import start_task_eagerly
@@ -67,6 +67,14 @@ class AsyncProcess(asyncio.subprocess.Process):
     ) -> None:
         super().__init__(transport, protocol, loop)
         self._ops = ops
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status, once known (asyncio's); for a child of a loop that closed first and
+        could not set it (uvloop's), the one read when it was reaped here (``cleanup()``, the
+        stop from the next loop)."""
+        code: int | None = self._transport.get_returncode()  # type: ignore[attr-defined]
+        return code if code is not None else reaped_status(self)
 
     def _signalled(self, sig: int | None) -> bool:
         transport: Any = self._transport  # type: ignore[attr-defined]

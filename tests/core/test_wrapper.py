@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import WRAPPER_FACTORIES
+from conftest import WRAPPER_FACTORIES, open_the_loops_own_descriptors
 from helpers import PY, py
 
 import prismq_subprocess as pq
@@ -276,6 +276,7 @@ async def test_exec_takes_what_asyncio_takes(any_wrapper: pq.SubprocessWrapper) 
 async def test_closing_the_wrapper_closes_a_running_childs_stdin(mode: str) -> None:
     # THREADED released the child's stdout and stderr but kept its stdin's write end open
     # (one descriptor per child until garbage collection, then a ResourceWarning).
+    await open_the_loops_own_descriptors()
     before = len(os.listdir("/proc/self/fd"))
     async with WRAPPER_FACTORIES[mode]() as wrapper:
         proc = await wrapper.create_subprocess_exec(*py("import time; time.sleep(30)"), stdin=PIPE)
@@ -295,6 +296,7 @@ async def test_cleanup_releases_the_pipes_of_output_nobody_read(mode: str) -> No
     # garbage collector found it; asyncio.run() returning right after the cleanup() then
     # printed "Exception ignored in BaseSubprocessTransport.__del__: Event loop is closed".
     # aclose() released those pipes already; cleanup() is documented as its synchronous form.
+    await open_the_loops_own_descriptors()
     before = len(os.listdir("/proc/self/fd"))
     wrapper = WRAPPER_FACTORIES[mode]()
     process, stdout, _ = await wrapper.create_subprocess(
@@ -319,6 +321,7 @@ async def test_closing_releases_the_pipes_of_an_exited_child_nobody_read(close: 
     # (128 KiB) and exited is no longer live, so neither close released its paused pipe: its
     # descriptor stayed open until collected (a ResourceWarning, or "Event loop is closed"
     # once the loop had gone). The guide's snippets that only wait() leave exactly that.
+    await open_the_loops_own_descriptors()
     before = len(os.listdir("/proc/self/fd"))
     wrapper = pq.SubprocessWrapper(RunMode.ASYNC)
     process, stdout, _ = await wrapper.create_subprocess(

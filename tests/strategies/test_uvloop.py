@@ -110,15 +110,19 @@ def test_cleanup_after_the_loop_closed_reaps_the_children() -> None:
     # loop through asyncio's transport (_loop), so a uvloop child was left a zombie.
     wrapper = pq.SubprocessWrapper(pq.RunMode.ASYNC)
     pids: list[int] = []
+    processes: list[Any] = []
 
     async def start() -> None:
-        pids.append((await wrapper.create_subprocess_exec(*py(SLEEPS))).pid)
+        processes.append(await wrapper.create_subprocess_exec(*py(SLEEPS)))
+        pids.append(processes[0].pid)
 
     on_uvloop(start)  # the loop closes with the child running
     wrapper.cleanup()
     (pid,) = pids
     with pytest.raises(ChildProcessError):  # reaped: no zombie left
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    # The status read when it was reaped (uvloop's transport of a closed loop never sets it).
+    assert processes[0].returncode == -9
 
 
 _POLITE = """
@@ -162,7 +166,7 @@ def test_closing_from_the_next_loop_stops_and_reaps_the_children(
     with caplog.at_level("ERROR", logger="prismq_subprocess"):
         status = on_uvloop(stop)
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
-    assert status == 3
+    assert status == 3 and started[0].returncode == 3
     assert asked.read_text() == "asked"
     with pytest.raises(ChildProcessError):  # reaped: no zombie left
         os.waitid(os.P_PID, started[0].pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -252,3 +256,39 @@ def test_a_failed_spawn_names_the_program_and_says_why(tmp_path: Any) -> None:
     assert "not executable" in not_executable[1] and str(script) in not_executable[1]
     assert issubclass(directory[0], pq.exceptions.CommandNotExecutableError)
     assert "is a directory" in directory[1]
+
+
+def test_the_shutdown_handler_chains_to_a_loop_signal_handler_installed_before() -> None:
+    # uvicorn (before 0.29) and others install their SIGTERM handler with
+    # loop.add_signal_handler. The ShutdownHandler found it in asyncio's private table
+    # (loop._signal_handlers), which uvloop does not expose: installing replaced it for good,
+    # so after the stop the host was never told to shut down (nor after uninstall). On uvloop
+    # the loop tells its handler at once, while the children are being stopped (once only).
+    import signal
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        calls: list[str] = []
+        loop.add_signal_handler(signal.SIGTERM, calls.append, "host")
+        try:
+            async with pq.SubprocessWrapper(pq.RunMode.ASYNC, grace_period=2.0) as wrapper:
+                process = await wrapper.create_subprocess_exec(*py(SLEEPS))
+                with pq.ShutdownHandler(grace=2.0):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    for _ in range(400):
+                        if calls and process.returncode is not None:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert process.returncode is not None  # the children were stopped
+                    await asyncio.sleep(0.5)
+                    assert calls == ["host"]  # and the host was told once
+                os.kill(os.getpid(), signal.SIGTERM)  # restored: the host's handler alone
+                for _ in range(400):
+                    if len(calls) == 2:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+        return calls
+
+    assert on_uvloop(main) == ["host", "host"]

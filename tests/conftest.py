@@ -35,6 +35,13 @@ def skip_on_uvloop(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(ON_UVLOOP, reason=f"on uvloop: {reason}")
 
 
+def skip_if_async_on_uvloop(wrapper: pq.SubprocessWrapper, reason: str) -> None:
+    """Inside a test parametrised over the modes: skip its ASYNC case under
+    ``PRISMQ_TEST_LOOP=uvloop`` (the other modes still run on uvloop), saying why."""
+    if ON_UVLOOP and wrapper.mode is RunMode.ASYNC:
+        pytest.skip(f"on uvloop: {reason}")
+
+
 async def open_the_loops_own_descriptors() -> None:
     """Before counting descriptors in a test: on uvloop, the first spawns in a loop (one with a
     ``DEVNULL`` stream, one with a stdin pipe in a new session) open ``/dev/null`` and keep it

@@ -34,7 +34,7 @@ from unittest import mock
 
 import psutil
 import pytest
-from conftest import REAL, STREAMING
+from conftest import REAL, STREAMING, open_the_loops_own_descriptors, skip_if_async_on_uvloop
 from helpers import PY
 
 import prismq_subprocess as pq
@@ -244,6 +244,9 @@ async def test_stdin_not_leaked_with_close_fds_false(wrapper: pq.SubprocessWrapp
 
 @real_modes()
 async def test_child_can_open_dev_stdin(wrapper: pq.SubprocessWrapper) -> None:
+    skip_if_async_on_uvloop(
+        wrapper, "its pipes to a child are socket pairs: /dev/stdin cannot be opened (ENXIO)"
+    )
     code = "data = open('/dev/stdin', 'rb').read(); print(len(data))"
     proc = await wrapper.create_subprocess_exec(*child(code), stdin=PIPE, stdout=PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(b"abc"), PROMPT)
@@ -286,6 +289,9 @@ async def test_reading_slowly_after_the_child_exited(wrapper: pq.SubprocessWrapp
 
 @real_modes({"local": LOCAL_STDIN_ON_CLOSE})
 async def test_drain_raises_once_the_child_is_gone(wrapper: pq.SubprocessWrapper) -> None:
+    skip_if_async_on_uvloop(
+        wrapper, "writing to a closed stdin raises RuntimeError, not BrokenPipeError"
+    )
     proc = await wrapper.create_subprocess_exec(*child("pass"), stdin=PIPE)
     try:
         await asyncio.wait_for(proc.wait(), PROMPT)  # the child has closed its stdin
@@ -348,6 +354,7 @@ async def test_stdin_get_extra_info_default(wrapper: pq.SubprocessWrapper) -> No
     }
 )
 async def test_stdin_get_extra_info_pipe(wrapper: pq.SubprocessWrapper) -> None:
+    skip_if_async_on_uvloop(wrapper, "its pipe transports have no get_extra_info('pipe')")
     proc = await wrapper.create_subprocess_exec(*CAT, stdin=PIPE, stdout=DEVNULL)
     try:
         pipe = proc.stdin.get_extra_info("pipe")
@@ -530,6 +537,9 @@ async def test_signal_racing_the_exit_is_harmless(wrapper: pq.SubprocessWrapper)
 async def test_signalling_an_exited_child_whose_grandchild_holds_stdout_is_ignored(
     wrapper: pq.SubprocessWrapper, tmp_path: pathlib.Path
 ) -> None:
+    skip_if_async_on_uvloop(
+        wrapper, "a signal raises ProcessLookupError once the child exited, pipes open or not"
+    )
     # asyncio keeps its child until every pipe is closed and ignores signals to it meanwhile
     # (Popen's rule), so the usual "communicate() timed out: kill()" must not raise when the
     # child exited but left a grandchild holding stdout. Once the pipes close, a signal raises
@@ -685,6 +695,9 @@ async def test_cancelled_spawn_leaves_no_child(wrapper: pq.SubprocessWrapper) ->
 async def test_popen_failure_propagates_and_leaks_nothing(
     wrapper: pq.SubprocessWrapper, stdin: int | None
 ) -> None:
+    skip_if_async_on_uvloop(
+        wrapper, "it spawns through libuv, not subprocess.Popen (what the test patches)"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with (
@@ -698,6 +711,7 @@ async def test_popen_failure_propagates_and_leaks_nothing(
 
 @real_modes()
 async def test_missing_program_is_file_not_found(wrapper: pq.SubprocessWrapper) -> None:
+    await open_the_loops_own_descriptors()
     fds = psutil.Process().num_fds()
     with pytest.raises(FileNotFoundError):
         await wrapper.create_subprocess_exec(
@@ -832,6 +846,10 @@ async def test_pass_fds(wrapper: pq.SubprocessWrapper) -> None:
 @real_modes()
 @pytest.mark.parametrize("close_fds", [True, False])
 async def test_close_fds(wrapper: pq.SubprocessWrapper, close_fds: bool) -> None:
+    if close_fds:
+        skip_if_async_on_uvloop(
+            wrapper, "it ignores close_fds: inheritable descriptors reach the child"
+        )
     r, w = os.pipe()
     os.set_inheritable(w, True)
     code = f"import os\ntry: os.write({w}, b'x'); print('open')\nexcept OSError: print('closed')"

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import psutil
 import pytest
-from conftest import WRAPPER_FACTORIES
+from conftest import WRAPPER_FACTORIES, skip_if_async_on_uvloop
 from helpers import py
 from lifecycle_helpers import (
     STUBBORN_CHILD,
@@ -137,6 +137,7 @@ async def test_stream_ends_when_a_lingering_helper_is_stopped(
 async def test_letting_go_keeps_what_a_slow_consumer_has_not_read(
     wrapper: pq.SubprocessWrapper, caplog: pytest.LogCaptureFixture
 ) -> None:
+    skip_if_async_on_uvloop(wrapper, "it refuses pipesize= (test_uvloop.py)")
     caplog.set_level(logging.INFO, logger="prismq_subprocess")
     # A 1 MiB pipe lets the child write 600 KB and exit although nobody reads; the holder out of
     # reach keeps the pipe open, so it is let go of while most of the output still waits in it.

@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from conftest import skip_on_uvloop
 from helpers import PY
 from lifecycle_helpers import STUBBORN_CHILD, TREE_CHILD, marked, marked_env, wait_for_marked
 
@@ -91,6 +92,9 @@ async def test_sigterm_stops_the_trees_then_calls_the_previous_handler() -> None
 
 
 @posix_only
+@skip_on_uvloop(
+    "the loop hands the signal to its handler at once, during the stop (test_uvloop.py)"
+)
 async def test_a_loop_handler_installed_before_is_chained_and_restored() -> None:
     loop = asyncio.get_running_loop()
     calls: list[str] = []

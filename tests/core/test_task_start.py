@@ -6,6 +6,8 @@ import asyncio
 import sys
 from typing import Any
 
+from conftest import skip_on_uvloop
+
 from prismq_subprocess._core._task_start import loop_makes_plain_tasks, start_task_eagerly
 
 
@@ -14,6 +16,7 @@ class _OwnCreateTask(asyncio.SelectorEventLoop):
         return super().create_task(coro, **kwargs)
 
 
+@skip_on_uvloop("its loop makes its own tasks (the test is of asyncio's own loop)")
 async def test_plain_tasks_only_with_asyncios_create_task_and_no_factory() -> None:
     loop = asyncio.get_running_loop()
     assert loop_makes_plain_tasks(loop)

@@ -79,6 +79,8 @@ def reaped(process: ProcessLike) -> bool:
 
 def reaped_status(process: object) -> int | None:
     """The exit status :func:`reap_closed_loop_child` read for ``process`` (None: it did not)."""
+    if not _REAPED_BY_PID:  # the common case, asked at every returncode of a running child
+        return None
     try:
         return _REAPED_BY_PID.get(process)
     except TypeError:

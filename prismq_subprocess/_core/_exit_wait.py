@@ -15,7 +15,7 @@ import subprocess
 import weakref
 from collections.abc import Sequence
 
-from .._platform import pidfd_open, platform_ops
+from .._platform import IS_WINDOWS, pidfd_open, platform_ops
 from ._process import ProcessLike
 
 __all__ = [
@@ -108,7 +108,7 @@ def reap_closed_loop_child(process: ProcessLike) -> int | None:
         or getattr(process, "_transport", None) is None
         or not isinstance(loop, asyncio.AbstractEventLoop)
         or not loop.is_closed()
-        or not hasattr(os, "WNOHANG")
+        or IS_WINDOWS  # (no zombies there: a process handle holds the status)
     ):
         return None
     try:

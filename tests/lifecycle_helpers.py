@@ -137,3 +137,21 @@ __all__ = [
     "wait_for_marked",
     "zombies",
 ]
+
+
+# A child whose helper (in the child's group) keeps daemonizing new processes, each in a session
+# of its own and carrying the child's cookie: a tree that is forking while it is stopped.
+KEEPS_DAEMONIZING = (
+    "import os, sys, time\n"
+    "if os.fork() == 0:\n"
+    "    for _ in range(2000):\n"
+    "        if os.fork() == 0:\n"
+    "            os.setsid()\n"
+    "            time.sleep(30)\n"
+    "            os._exit(0)\n"
+    "        time.sleep(0.002)\n"
+    "    os._exit(0)\n"
+    "time.sleep(0.3)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(30)\n"
+)

@@ -19,6 +19,7 @@ import pytest
 from conftest import ends_a_loop_with_children_running
 from helpers import py
 from lifecycle_helpers import (
+    KEEPS_DAEMONIZING,
     STUBBORN_CHILD,
     TREE_CHILD,
     marked_env,
@@ -951,24 +952,6 @@ def test_an_async_spawn_cancelled_after_its_child_exited_leaves_no_daemon() -> N
     finally:
         AsyncStrategy._create = real_create  # type: ignore[method-assign]
     assert survivors_after(mark, 1.0) == []
-
-
-# A child whose helper (in the child's group) keeps daemonizing new processes, each in a session
-# of its own and carrying the child's cookie: a tree that is forking while it is stopped.
-KEEPS_DAEMONIZING = (
-    "import os, sys, time\n"
-    "if os.fork() == 0:\n"
-    "    for _ in range(2000):\n"
-    "        if os.fork() == 0:\n"
-    "            os.setsid()\n"
-    "            time.sleep(30)\n"
-    "            os._exit(0)\n"
-    "        time.sleep(0.002)\n"
-    "    os._exit(0)\n"
-    "time.sleep(0.3)\n"
-    "print('ready', flush=True)\n"
-    "time.sleep(30)\n"
-)
 
 
 @pytest.mark.parametrize("means", ["default", "cookie"])

@@ -485,31 +485,13 @@ def test_a_stop_in_a_forked_host_leaves_the_other_processs_children_alone(mode: 
     assert "worker's child None" in lines, done.stdout  # still running when the stop ended
 
 
-# A child whose helper (in the child's group) keeps daemonizing new processes, each in a session
-# of its own and carrying the child's cookie: a tree that forks while it is being killed.
-_KEEPS_DAEMONIZING = (
-    "import os, sys, time\n"
-    "if os.fork() == 0:\n"
-    "    for _ in range(2000):\n"
-    "        if os.fork() == 0:\n"
-    "            os.setsid()\n"
-    "            time.sleep(30)\n"
-    "            os._exit(0)\n"
-    "        time.sleep(0.002)\n"
-    "    os._exit(0)\n"
-    "time.sleep(0.3)\n"
-    "print('ready', flush=True)\n"
-    "time.sleep(30)\n"
-)
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc environments")
 def test_kill_now_holds_a_forking_tree_still_before_killing_it() -> None:
     # The synchronous kill of a THREADED/LOCAL spawn's undo looked at the process table once,
     # then killed: what the tree forked in between (a daemon's middle process forking it) lived
     # on wherever no cgroup held the tree (the chaos harness, cookie only: a daemon in 1 round
     # of 3). It now holds the tree still first, as every stop does.
-    from lifecycle_helpers import marked_env, survivors_after
+    from lifecycle_helpers import KEEPS_DAEMONIZING, marked_env, survivors_after
 
     host = PosixHost(use_cgroup=False, use_subreaper=False)
     ops = platform_ops("linux", host=host)
@@ -517,7 +499,7 @@ def test_kill_now_holds_a_forking_tree_still_before_killing_it() -> None:
     for _ in range(3):
         kwargs, containment = ops.prepare_spawn({"start_new_session": True, "env": env})
         child = subprocess.Popen(
-            [sys.executable, "-c", _KEEPS_DAEMONIZING], stdout=subprocess.PIPE, **kwargs
+            [sys.executable, "-c", KEEPS_DAEMONIZING], stdout=subprocess.PIPE, **kwargs
         )
         assert child.stdout is not None
         try:

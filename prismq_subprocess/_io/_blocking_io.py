@@ -88,10 +88,7 @@ def drain_blocking(
             if watch is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + _TICK
                 if not exited:
-                    returncode = popen.poll()
-                    if returncode is not None:
-                        exited = True
-                        watch.on_exit(returncode)
+                    exited = _report_exit(popen, watch)
                 if watch.abandoned:
                     for key in list(selector.get_map().values()):
                         selector.unregister(key.fd)
@@ -126,6 +123,16 @@ def drain_blocking(
 def _close(pipe: IO[bytes]) -> None:
     with contextlib.suppress(OSError):
         pipe.close()
+
+
+def _report_exit(popen: subprocess.Popen[bytes], watch: DrainWatch) -> bool:
+    """Tell ``watch`` the child's exit status if it has exited (both drain routes ask on their
+    clock); True once told."""
+    returncode = popen.poll()
+    if returncode is None:
+        return False
+    watch.on_exit(returncode)
+    return True
 
 
 def _drain_with_threads(
@@ -183,10 +190,7 @@ def _drain_with_threads(
         if watch is None:
             continue
         if not exited:
-            returncode = popen.poll()
-            if returncode is not None:
-                exited = True
-                watch.on_exit(returncode)
+            exited = _report_exit(popen, watch)
         if watch.abandoned:
             with lock:
                 let_go = True

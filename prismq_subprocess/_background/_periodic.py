@@ -285,7 +285,10 @@ class PeriodicTask(AsyncResource):
 
         self._task: asyncio.Task[None] | None = None
         self._schedule_state = _Schedule()
-        self._in_run = False
+        # The mark of the run in progress, None between runs: a run's clean-up clears only its
+        # own (one abandoned on a closed loop is cleaned up whenever a garbage collection
+        # finalises it, maybe during a run on a later loop).
+        self._in_run: _RunMark | None = None
         self._runs = 0
         self._failures = 0
         self._consecutive_failures = 0
@@ -334,7 +337,7 @@ class PeriodicTask(AsyncResource):
             next_run_time=self._next_run if self.is_running else None,
             is_running=self.is_running,
             # (a run cut short by its loop's closing never got to clear the flag)
-            run_in_progress=self._in_run and self.is_running,
+            run_in_progress=self._in_run is not None and self.is_running,
         )
 
     def start(self) -> None:
@@ -363,7 +366,7 @@ class PeriodicTask(AsyncResource):
         if previous is None:
             # No schedule is live: a run flagged as in progress was cut short by its loop's
             # closing, and stop() must not wait for it.
-            self._in_run = False
+            self._in_run = None
         self._schedule_state = _Schedule()
         self._task = loop.create_task(
             self._schedule(self._schedule_state, previous), name=f"PeriodicTask:{self.name}"
@@ -399,10 +402,10 @@ class PeriodicTask(AsyncResource):
             # would deadlock. The flag ends the schedule as soon as this run returns.
             return
         try:
-            if self._in_run:
+            if self._in_run is not None:
                 await asyncio.wait({task}, timeout=limit)
             if not task.done():
-                if self._in_run:
+                if self._in_run is not None:
                     logger.warning(
                         "PeriodicTask %r: run still going after %s s; cancelling it",
                         self.name,
@@ -479,11 +482,11 @@ class PeriodicTask(AsyncResource):
 
     async def _run_once(self) -> bool:
         """Run the function once; return False when the schedule must give up."""
-        self._in_run = True
+        mark = _RunMark(self)
+        self._in_run = mark
         started = self._now()
         failure: BaseException | None = None
         in_thread = False
-        mark = _RunMark(self)
         context_token = _current_run.set(mark)
         me = asyncio.current_task()
         try:
@@ -518,7 +521,8 @@ class PeriodicTask(AsyncResource):
             failure = exc
         finally:
             # A cancelled run (stop() timed out) is not counted as a run.
-            self._in_run = False
+            if self._in_run is mark:
+                self._in_run = None
             mark.active = False
             # ValueError: a run cut short by its loop's closing is finished here when its
             # coroutine is collected, outside the task's context (the mark is then moot).

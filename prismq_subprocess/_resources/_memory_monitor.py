@@ -129,7 +129,10 @@ class MemoryMonitor(AsyncResource):
             self._reader = self._quick_reader = reader
         self._latest: ResourceSnapshot | None = None
         self._is_high = False
-        self._monitoring = False
+        # The stop request of the monitoring loop that is polling, None when none is: a loop's
+        # clean-up clears only its own (a coroutine left pending in a closed event loop runs its
+        # clean-up whenever a garbage collection finalises it, maybe inside a later loop's run).
+        self._monitoring: asyncio.Event | None = None
         # Made for each monitoring loop (an asyncio.Event belongs to the loop that first waits
         # on it, and a monitor may be used under several asyncio.run() calls): the current
         # loop's stop request and the event loop it runs on (stop_monitoring() may come from
@@ -144,7 +147,7 @@ class MemoryMonitor(AsyncResource):
     def _forked(self) -> None:
         # A forked child has none of the parent's event loop or tasks: copied, they read as
         # "already monitoring", and the child could never monitor in a loop of its own.
-        self._monitoring = False
+        self._monitoring = None
         self._stop = self._stop_loop = self._ended = None
         self._task = None
 
@@ -161,7 +164,7 @@ class MemoryMonitor(AsyncResource):
     @property
     def is_monitoring(self) -> bool:
         """True while :meth:`monitor_continuously` is running."""
-        return self._monitoring
+        return self._monitoring is not None
 
     def check_memory(self) -> bool:
         """Take a reading now; True when memory use is under ``max_memory_percent``.
@@ -251,7 +254,7 @@ class MemoryMonitor(AsyncResource):
                 await previous.wait()
             if stop.is_set():
                 return
-            self._monitoring = True
+            self._monitoring = stop
             try:
                 while not stop.is_set():
                     await self._poll_unless_stopped(stop)
@@ -263,7 +266,8 @@ class MemoryMonitor(AsyncResource):
                     except TimeoutError:
                         pass
             finally:
-                self._monitoring = False
+                if self._monitoring is stop:
+                    self._monitoring = None
         finally:
             self._release(stop, ended)
 

@@ -7,6 +7,7 @@ few short real-clock tests whose bounds are generous enough for a noisy 2-core m
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import math
@@ -1039,3 +1040,49 @@ def test_a_run_left_on_a_closed_loop_is_not_taken_for_one_in_progress_on_the_nex
     assert left is not None
     left._log_destroy_pending = False  # type: ignore[attr-defined]
     left.get_coro().close()  # type: ignore[union-attr]
+
+
+def test_collecting_a_run_left_on_a_closed_loop_leaves_the_next_loops_run_in_progress() -> None:
+    # The abandoned run's coroutine is finalised by whichever garbage collection finds it, maybe
+    # during a run on the next loop; its clean-up cleared "run in progress", so stop() cancelled
+    # that run at once instead of letting it finish.
+    started = 0
+    finished = 0
+
+    async def work() -> None:
+        nonlocal started, finished
+        started += 1
+        await asyncio.sleep(3600 if started == 1 else 0.5)
+        finished += 1
+
+    task = PeriodicTask("loops", 60.0, work)
+
+    async def into_a_run() -> None:
+        task.start()
+        async with asyncio.timeout(30):
+            while not started:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(into_a_run())
+    finally:
+        loop.close()
+    del loop
+    left = task._task
+    assert left is not None
+    left._log_destroy_pending = False  # type: ignore[attr-defined]
+    del left
+
+    async def run_through_a_collection() -> bool:
+        task.start()
+        async with asyncio.timeout(30):
+            while started < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        gc.collect()  # finalises the first loop's schedule and run
+        in_progress = task.stats.run_in_progress
+        await task.stop(timeout=10)  # lets the run in progress finish
+        return in_progress
+
+    assert asyncio.run(run_through_a_collection())
+    assert finished == 1

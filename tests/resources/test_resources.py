@@ -7,6 +7,7 @@ real memory; a few tests only check that the default psutil reader returns sane 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -741,4 +742,28 @@ def test_a_monitor_entered_in_a_loop_closed_inside_the_block_monitors_in_the_nex
             return monitor.is_monitoring
 
     assert asyncio.run(watch_briefly())
+    assert not monitor.is_monitoring
+
+
+def test_a_monitor_keeps_monitoring_when_the_closed_loops_task_is_collected() -> None:
+    # The task left pending in the closed loop is a reference cycle; when a garbage collection
+    # finalises its coroutine, the coroutine's clean-up runs, and it must not end the new loop's
+    # monitoring (CI saw is_monitoring False inside the new block when that collection happened).
+    monitor = MemoryMonitor(80.0, check_interval=60, reader=FakeReader())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(monitor.__aenter__())
+        loop.run_until_complete(asyncio.sleep(0.1))
+    finally:
+        loop.close()
+    del loop
+
+    async def watch_through_a_collection() -> bool:
+        async with monitor:
+            await asyncio.sleep(0.1)
+            gc.collect()
+            await asyncio.sleep(0.1)
+            return monitor.is_monitoring
+
+    assert asyncio.run(watch_through_a_collection())
     assert not monitor.is_monitoring

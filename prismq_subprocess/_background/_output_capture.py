@@ -248,6 +248,11 @@ class OutputCapture(AsyncClosing):
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+                    # Counted as following from now: until its task runs and attaches, a
+                    # producer that does not wait would otherwise take the run for unfollowed
+                    # and push past the ring what this subscriber is about to read.
+                    ring.arriving.add(waiter)
+            ring.subscribers += len(ring.arriving)
         return ring
 
     def _writable(self, run_id: str) -> RunRing:
@@ -624,6 +629,12 @@ class OutputCapture(AsyncClosing):
         return waiter
 
     def _drop_run_waiter(self, run_id: str, waiter: asyncio.Future[None]) -> None:
+        """The subscription that made ``waiter`` stops waiting for ``run_id`` (it attaches
+        next, or gives up)."""
+        ring = self._runs.get(run_id)
+        if ring is not None and waiter in ring.arriving:
+            ring.arriving.discard(waiter)
+            ring.subscribers -= 1
         waiters = self._run_waiters.get(run_id)
         if waiters is not None and waiter in waiters:
             waiters.remove(waiter)

@@ -28,6 +28,7 @@ class RunRing:
     """
 
     __slots__ = (
+        "arriving",
         "closed",
         "end",
         "first_seq",
@@ -67,6 +68,9 @@ class RunRing:
         # Subscriptions reading this ring; while there are any, the producer yields to the event
         # loop every half ring so that they can keep up.
         self.subscribers = 0
+        # The run-appearance futures of subscriptions woken by the run's opening that have not
+        # attached yet; each is counted in ``subscribers`` until it does (or gives up).
+        self.arriving: set[asyncio.Future[None]] = set()
         self.since_yield_lines = 0
         self.since_yield_bytes = 0
 

@@ -410,6 +410,46 @@ async def test_subscribing_to_an_unknown_run_raises_unless_asked_to_wait() -> No
     assert texts(await waiting) == ["hi"]
 
 
+@pytest.mark.parametrize("how", ["append_lines", "append_line", "open_run"])
+async def test_a_subscriber_waiting_for_the_run_gets_a_first_burst_bigger_than_the_ring(
+    how: str,
+) -> None:
+    # The run appears with a subscriber waiting for it (wait=True): until that subscriber's
+    # task ran and attached, the run counted as unfollowed, so a producer that did not wait
+    # pushed past the ring and the subscriber that had "kept up" got a gap (3,062 of 4,000
+    # lines of a first append_lines of 4,000 lines, ring of 1,000).
+    capture = OutputCapture(max_lines_per_run=100)
+    waiting = [asyncio.create_task(collect(capture.subscribe("r", wait=True))) for _ in range(3)]
+    await asyncio.sleep(0)
+    lines = [f"line {i}" for i in range(1000)]
+    if how == "append_lines":
+        await capture.append_lines("r", lines)
+    else:
+        if how == "open_run":
+            capture.open_run("r")
+        for line in lines:
+            await capture.append_line("r", line)
+    await capture.close_run("r")
+    for task in waiting:
+        items = await task
+        assert not [item for item in items if isinstance(item, OutputGap)]
+        assert texts(items) == lines
+
+
+async def test_a_waiting_subscriber_that_gives_up_does_not_keep_the_run_followed() -> None:
+    capture = OutputCapture(max_lines_per_run=100)
+    subscription = capture.subscribe("r", wait=True)
+    waiting = asyncio.create_task(collect(subscription))
+    await asyncio.sleep(0)
+    capture.open_run("r")  # wakes it
+    waiting.cancel()  # ... but it is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert capture._runs["r"].subscribers == 0
+    await capture.append_line("r", "x")
+    assert "r" in capture._pending  # the unfollowed fast path again
+
+
 async def test_closing_the_capture_ends_everything() -> None:
     capture = OutputCapture()
     waiting = asyncio.create_task(collect(capture.subscribe("never", wait=True)))

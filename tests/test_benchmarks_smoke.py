@@ -80,8 +80,15 @@ def test_stop_smoke() -> None:
 
 
 def test_capture_smoke() -> None:
-    result = bench_capture.run(min_sample=0, rounds=1, subscribers=(0, 3), lines=600)
-    assert result["cases"]["OutputCapture, 3 subscribers"]["delivered_fraction_min"] == 1.0
+    result = bench_capture.run(min_sample=0, rounds=1, subscribers=(0, 1, 3), lines=600)
+    three = result["cases"]["OutputCapture, 3 subscribers"]
+    assert three["delivered_fraction_min"] == 1.0
+    # The producer's own steps are timed apart from the subscribers' turns, and compared
+    # paired with the one-subscriber case.
+    assert three["producer_own_s_per_line"][1] > 0
+    assert three["producer_own_vs_1"][1] > 0
+    titles = [target.name for target in bench_capture.targets(result)]
+    assert any("producer's own cost" in title for title in titles)
     _check(bench_capture, result)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 from conftest import REAL, WRAPPER_FACTORIES
 from helpers import py
@@ -11,7 +12,14 @@ from hypothesis import strategies as st
 
 import prismq_subprocess as pq
 
-CAT = py("import sys, shutil; shutil.copyfileobj(sys.stdin.buffer, sys.stdout.buffer)")
+# The system's cat where there is one: 12 examples x every mode x 2 spawns of a Python child
+# took 11-25 s of the suite, most of it the interpreter starting.
+_cat = shutil.which("cat")
+CAT = (
+    [_cat]
+    if _cat is not None
+    else py("import sys, shutil; shutil.copyfileobj(sys.stdin.buffer, sys.stdout.buffer)")
+)
 
 interesting = st.one_of(
     st.binary(max_size=2048),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import functools
+import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, overload
 
@@ -209,14 +210,10 @@ async def _off_the_loop(work: Callable[..., T], *args: Any) -> T:
 
 def _split_bytes(body: bytes) -> list[bytes]:
     """``body`` (whole lines, ending with ``b"\\n"``) cut after each ``b"\\n"``."""
-    lines = body.splitlines(keepends=True)
-    # splitlines also cuts after a lone b"\r"; readline() cuts after b"\n" only. (Looking for
-    # b"\r" is a memchr; counting the b"\n" costs a fifth of the split.)
-    if b"\r" not in body or len(lines) == body.count(b"\n"):
-        return lines
-    pieces = body.split(b"\n")
-    pieces.pop()  # the b"" after the last b"\n"
-    return [piece + b"\n" for piece in pieces]
+    # BytesIO shares the bytes (no copy) and its readlines() cuts exactly where readline()
+    # does, after b"\n" only, finding each with memchr: a quarter fewer instructions a line than
+    # bytes.splitlines(), which tests every byte and also cuts after a lone b"\r".
+    return io.BytesIO(body).readlines()
 
 
 def _split_text(text: str) -> list[str]:

@@ -46,7 +46,9 @@ logger = logging.getLogger(__name__)
 #: (SIGTERM, grace period, SIGKILL: ``KillMode=control-group``) and its output read for up to this
 #: long again. A pipe still open after that is held by a process outside the tree (one that left
 #: the child's session and was re-parented, e.g. a daemon): we close our end, keep what was read,
-#: and end the run. That process keeps running; its next write to the pipe fails (SIGPIPE/EPIPE).
+#: and end the run once the readers have taken all of it, however slowly they read (as long as
+#: each such wait sees some of it read). That process keeps running; its next write to the pipe
+#: fails (SIGPIPE/EPIPE).
 #:
 #: Long enough that a loaded machine delivering the last bytes late does not get a helper stopped;
 #: short enough that a child leaving a daemon behind does not keep its caller waiting.
@@ -214,8 +216,7 @@ class ChildRun:
             DRAIN_SECONDS,
         )
         self._release()
-        if not await self._drained():
-            self._cancel_readers()
+        await self._read_what_is_left()
 
     async def _drained(self) -> bool:
         """Whether every reader reached end of file within :data:`DRAIN_SECONDS`."""
@@ -224,6 +225,38 @@ class ChildRun:
             _, still = await asyncio.wait(pending, timeout=DRAIN_SECONDS)
             return not still
         return True
+
+    async def _read_what_is_left(self) -> None:
+        """The pipes were let go of: nothing more can arrive, and what the readers still hold
+        is all there is. Wait while they work through it: a reader slower than the child
+        (ModuleRunner's, feeding subscribers) lost the end of the output when it was cut off
+        :data:`DRAIN_SECONDS` after the release. Readers that read nothing for that long (a
+        consumer that stopped) are stopped."""
+        unread = self._unread()
+        while True:
+            pending = [reader for reader in self._readers if not reader.done()]
+            if not pending:
+                return
+            _, still = await asyncio.wait(pending, timeout=DRAIN_SECONDS)
+            if not still:
+                return
+            now = self._unread()
+            if len(still) < len(pending) or (
+                now is not None and unread is not None and now < unread
+            ):
+                unread = now
+                continue
+            self._cancel_readers()
+            return
+
+    def _unread(self) -> int | None:
+        """Bytes the child's output readers hold that nobody has read yet (``None``: unknown)."""
+        total: int | None = None
+        for stream in (self.process.stdout, self.process.stderr):
+            held = _unread_bytes(stream)
+            if held is not None:
+                total = held + (total or 0)
+        return total
 
     def _release(self) -> None:
         if not self._released:
@@ -334,6 +367,17 @@ async def run_to_completion(
         stdout_total_bytes=out.total,
         stderr_total_bytes=err.total,
     )
+
+
+def _unread_bytes(stream: Any) -> int | None:
+    """How many bytes ``stream`` holds that were not read yet, if it can tell: an
+    ``asyncio.StreamReader`` (ours are its subclasses) keeps them in its private ``_buffer``;
+    a reader of another kind may offer ``_unread_bytes()``."""
+    if isinstance(stream, asyncio.StreamReader):
+        buffer = getattr(stream, "_buffer", None)
+        return len(buffer) if isinstance(buffer, bytearray | bytes) else None
+    held = getattr(stream, "_unread_bytes", None)
+    return held() if callable(held) else None
 
 
 async def _copy(stream: Any, sink: TailBuffer) -> None:

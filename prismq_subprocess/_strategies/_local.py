@@ -51,6 +51,13 @@ class _DeferredReader:
                 self._inner.feed_eof()
         return self._inner
 
+    def _unread_bytes(self) -> int:
+        # What the run path asks while a slow reader works through the output (see
+        # _core/_run_process._unread_bytes): before the child finishes, all of it.
+        if not self._filled:
+            return self._sink.total - self._sink.dropped
+        return len(self._inner._buffer)  # type: ignore[attr-defined]
+
     async def read(self, n: int = -1) -> bytes:
         """Read up to ``n`` bytes (all when ``n`` is -1), waiting for the child to finish first."""
         return await (await self._ready()).read(n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 
@@ -22,7 +23,7 @@ from lifecycle_helpers import (
 )
 
 import prismq_subprocess as pq
-from prismq_subprocess._core._run_process import DRAIN_SECONDS
+from prismq_subprocess._core._run_process import DRAIN_SECONDS, ChildRun
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees and fds")
 
@@ -154,6 +155,41 @@ async def test_letting_go_keeps_what_a_slow_consumer_has_not_read(
         assert "letting go of them" in caplog.text
     finally:
         await kill_marked(mark)
+
+
+# 150 KB at once, then the child exits: most of it is still unread when it does.
+QUICK_BURST = "import sys; sys.stdout.write(''.join('line %06d\\n' % i for i in range(13637)))"
+
+
+async def test_a_reader_slower_than_the_child_still_gets_all_its_output(
+    wrapper: pq.SubprocessWrapper, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reader slower than the child (ModuleRunner's, feeding subscribers): the child exits with
+    # part of its output unread, in the pipe and in the reader's buffer; nothing else holds the
+    # pipe. The drain rule gave the reader 0.5 s after the pipes were let go of, then cancelled
+    # it: ModuleRunner recorded the run COMPLETED without its last lines (2,500 of 200,000 in
+    # test_output_fanout on uvloop, whose pipes to a child are socket pairs holding about 200 KB
+    # where a pipe holds 64 KiB). A reader that keeps reading now gets to the end.
+    caplog.set_level(logging.INFO, logger="prismq_subprocess")
+    process = await wrapper.create_subprocess_exec(*py(QUICK_BURST), stdout=subprocess.PIPE)
+    got = bytearray()
+
+    async def slow_reader() -> None:
+        assert process.stdout is not None
+        while chunk := await process.stdout.read(1024):
+            got.extend(chunk)
+            await asyncio.sleep(0.02)  # about 50 KB/s
+
+    child = ChildRun(process, wrapper.strategy, grace=0.5)
+    child.read(slow_reader())
+    try:
+        await asyncio.wait_for(child.wait_exit(), 60)
+        await asyncio.wait_for(child.finish(), 60)
+    finally:
+        await child.aclose()
+    assert child.reader_error() is None
+    assert bytes(got) == b"".join(b"line %06d\n" % i for i in range(13637))
+    assert process.returncode == 0
 
 
 @pytest.mark.parametrize("mode", ["async", "threaded", "local"])

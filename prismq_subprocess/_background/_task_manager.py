@@ -40,7 +40,7 @@ from .._core._exceptions import (
     TaskManagerClosedError,
 )
 from .._core._result import ProcessResult
-from .._core._task_start import loop_makes_plain_tasks
+from .._core._task_start import create_task_takes_context
 from .._resources._resource_manager import ResourceManager
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
@@ -490,10 +490,10 @@ class BackgroundTaskManager(AsyncResource):
         name = f"prismq-run-{run_id}"
         drive = self._drive(entry)
         try:
-            if loop_makes_plain_tasks(loop):
+            if create_task_takes_context(loop):
                 # The done callback runs in the run's own context instead of a second copy of
                 # the caller's: one Context fewer per live run for the cyclic GC (only where
-                # create_task is sure to take ``context``).
+                # create_task is sure to take ``context``: asyncio's loops and uvloop's).
                 context = contextvars.copy_context()
                 task = loop.create_task(drive, name=name, context=context)
                 task.add_done_callback(entry, context=context)

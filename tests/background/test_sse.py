@@ -346,6 +346,29 @@ def sse_app(capture: pq.OutputCapture) -> Callable[[Scope, Receive, Send], Await
 
 
 async def test_end_to_end_through_uvicorn_and_httpx(tmp_path: Path) -> None:
+    await end_to_end_through_uvicorn_and_httpx(tmp_path)
+
+
+def test_end_to_end_on_the_loop_uvicorn_picks_where_uvloop_is_installed(tmp_path: Path) -> None:
+    # What a host with uvicorn[standard] runs: uvicorn's loop="auto" makes uvloop loops. The
+    # whole path (ModuleRunner spawning in ASYNC mode, OutputCapture, sse_events, uvicorn's
+    # HTTP server, a dropped client and its resume) on such a loop.
+    uvicorn = pytest.importorskip("uvicorn")
+    uvloop = pytest.importorskip("uvloop")
+    config = uvicorn.Config("unused:app", loop="auto")  # the app is not loaded
+    if not hasattr(config, "get_loop_factory"):
+        pytest.skip("uvicorn before 0.36 sets up its loop without a factory")
+    factory = config.get_loop_factory()
+
+    async def main() -> None:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        await end_to_end_through_uvicorn_and_httpx(tmp_path)
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+async def end_to_end_through_uvicorn_and_httpx(tmp_path: Path) -> None:
     uvicorn = pytest.importorskip("uvicorn")
     httpx = pytest.importorskip("httpx")
     module = tmp_path / "count.py"

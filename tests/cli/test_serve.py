@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import queue
 import re
@@ -184,7 +183,9 @@ RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 @posix_only
 def test_one_worker_app_gets_a_spawning_loop_and_async_mode(serve: Any) -> None:
-    server = serve()
+    # --loop asyncio: our factory's loop even where uvloop is installed (auto would pick it:
+    # test_auto_serves_on_uvloop_where_it_is_installed).
+    server = serve("--loop", "asyncio")
     port = int(RUNNING.search(server.wait_for(RUNNING)[0]).group(1))  # type: ignore[union-attr]
     info = server.get(port)
     assert info == {
@@ -204,7 +205,7 @@ def test_one_worker_app_gets_a_spawning_loop_and_async_mode(serve: Any) -> None:
 
 @posix_only
 def test_worker_processes_get_the_loop_factory_too(serve: Any) -> None:
-    server = serve("--workers", "2")
+    server = serve("--workers", "2", "--loop", "asyncio")
     port = int(RUNNING.search(server.wait_for(RUNNING)[0]).group(1))  # type: ignore[union-attr]
     made = [LOOP_LINE.search(line) for line in server.wait_for(LOOP_LINE, count=2)]
     workers = {int(m.group(1)) for m in made if m}
@@ -218,6 +219,30 @@ def test_worker_processes_get_the_loop_factory_too(serve: Any) -> None:
         seen.add(info["pid"])
     assert seen <= workers
     assert server.stop() == 0
+
+
+@posix_only
+@pytest.mark.parametrize("workers", [1, 2])
+def test_auto_serves_on_uvloop_where_it_is_installed(serve: Any, workers: int) -> None:
+    # What a host with uvicorn[standard] gets: uvloop in every process serving the app, which
+    # spawns in ASYNC mode there. (These tests assumed our factory's loop, and failed wherever
+    # uvloop was installed.)
+    pytest.importorskip("uvloop")
+    server = serve("--workers", str(workers))
+    port = int(RUNNING.search(server.wait_for(RUNNING)[0]).group(1))  # type: ignore[union-attr]
+    seen = set()
+    for _ in range(2 * workers):
+        info = server.get(port)
+        assert (info["loop"], info["mode"], info["child_output"]) == ("Loop", "async", "spawned")
+        seen.add(info["pid"])
+    serving = {server.proc.pid} if workers == 1 else set(child_pids(server.proc.pid))
+    assert seen <= serving
+    assert not any(LOOP_LINE.search(line) for line in server.lines)  # not our factory's
+    assert server.stop() == 0
+
+
+def child_pids(pid: int) -> list[int]:
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
 
 
 def test_missing_uvicorn_exits_2() -> None:
@@ -408,9 +433,14 @@ def test_uvloop_not_installed_is_a_usage_error() -> None:
 
 def test_uvloop_not_installed_exits_2_without_a_traceback() -> None:
     # uvicorn itself would fail only when building the loop, with a ModuleNotFoundError traceback.
-    if importlib.util.find_spec("uvloop") is not None:
-        pytest.skip("uvloop is installed here")
-    result = cli("serve", "probe_app:app", "--loop", "uvloop", "--port", "0")
+    code = (
+        "import sys; sys.modules['uvloop'] = None\n"  # uvloop not importable, installed or not
+        "from prismq_subprocess._cli import main\n"
+        "sys.exit(main(['serve', 'probe_app:app', '--loop', 'uvloop', '--port', '0']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=False
+    )
     assert result.returncode == 2, result.stderr
     assert b"Traceback" not in result.stderr
     assert b"uvloop is not installed" in result.stderr

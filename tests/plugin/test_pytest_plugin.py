@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import skip_on_uvloop
 from helpers import HOST_PYTEST_ARGS, HOST_PYTEST_INI
 
 pytest_plugins = ["pytester"]
@@ -427,6 +428,11 @@ def test_clean():
     assert _wait_gone(int((host.path / "child.pid").read_text()))
 
 
+@skip_on_uvloop(
+    "a uvloop loop opens /dev/null at its first spawns and keeps it until it closes; a "
+    "module-scoped loop's is opened inside the first test's check, indistinguishable from the "
+    "test's own descriptors (docs/RUN_MODES.md)"
+)
 def test_what_a_wider_fixture_opens_during_the_check_is_not_the_tests_leak(
     host: pytest.Pytester,
 ) -> None:

@@ -13,12 +13,12 @@ import gc
 import signal
 import sys
 import warnings
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
 import psutil
 import pytest
+from anyio_support import CANCELS, cancelled_after
 from conftest import REAL, WRAPPER_FACTORIES
 from helpers import py
 from lifecycle_helpers import (
@@ -47,39 +47,6 @@ SIGTERM_SEEN = (
     "print('ready', flush=True)\n"
     "time.sleep(60)\n"
 )
-
-CANCELS = ["move_on_after", "fail_after", "cancel_scope", "failing_sibling"]
-
-
-async def cancelled_after(kind: str, seconds: float, body: Callable[[], Awaitable[object]]) -> None:
-    """Run ``body`` until an anyio scope cancels it after ``seconds``, in the way ``kind`` says."""
-    if kind == "move_on_after":
-        with anyio.move_on_after(seconds):
-            await body()
-    elif kind == "fail_after":
-        with pytest.raises(TimeoutError), anyio.fail_after(seconds):
-            await body()
-    elif kind == "cancel_scope":
-        with anyio.CancelScope() as scope:
-
-            async def cancel_later() -> None:
-                await anyio.sleep(seconds)
-                scope.cancel()
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(cancel_later)
-                await body()
-    else:
-
-        async def fail_later() -> None:
-            await anyio.sleep(seconds)
-            raise LookupError("sibling failed")
-
-        with pytest.raises(ExceptionGroup) as info:
-            async with anyio.create_task_group() as group:
-                group.start_soon(fail_later)
-                await body()
-        assert info.group_contains(LookupError)
 
 
 def test_only_a_cancelled_anyio_scope_is_shielded() -> None:

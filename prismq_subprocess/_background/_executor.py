@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Unpack, cast, overload
 
+from .._core._cancel_shield import wait_all_or_cancel
 from .._core._closing import AsyncClosing
 from .._core._durations import timeout_seconds
 from .._core._exceptions import (
@@ -496,8 +497,10 @@ class ConcurrentExecutor(AsyncClosing):
                 results[index] = _error_result(item, exc)
 
         async with asyncio.TaskGroup() as group:
-            for index, item in enumerate(items):
-                group.create_task(one(index, item))
+            tasks = [group.create_task(one(index, item)) for index, item in enumerate(items)]
+            # Waited for here, not by the group's exit: cancelled inside an anyio scope, that
+            # exit spun the loop while the runs' trees were stopped (see wait_all_or_cancel).
+            await wait_all_or_cancel(tasks)
         return results
 
     async def aclose(self) -> None:

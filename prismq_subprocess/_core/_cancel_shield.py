@@ -20,12 +20,14 @@ write), so a shielded clean-up never hangs the scope for longer than that.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import sys
+from collections.abc import Collection
 from typing import Any
 
-__all__ = ["anyio_cancelled", "shielded_if_cancelled"]
+__all__ = ["anyio_cancelled", "shielded_if_cancelled", "wait_all_or_cancel"]
 
 
 def anyio_cancelled() -> bool:
@@ -56,3 +58,26 @@ def shielded_if_cancelled() -> contextlib.AbstractContextManager[Any]:
         return _AS_IS
     shield: contextlib.AbstractContextManager[Any] = sys.modules["anyio"].CancelScope(shield=True)
     return shield
+
+
+async def wait_all_or_cancel(tasks: Collection[asyncio.Task[Any]]) -> None:
+    """Wait until every one of ``tasks`` is done. Cancelled meanwhile: cancel them all, wait
+    until they have ended (their clean-up ran), then let ``CancelledError`` propagate.
+
+    Call it in the body of the ``asyncio.TaskGroup`` that owns ``tasks``, instead of leaving
+    the wait to the group's exit: inside a cancelled anyio scope the group's exit is cancelled
+    again at every loop iteration, and it waits again every time, so the loop spins at full
+    speed for as long as the children's clean-up lasts. Here the wait for their ends is
+    shielded from such a scope (see :func:`shielded_if_cancelled`). asyncio's own second
+    cancellation still reaches it, and the group's exit then waits for the children as usual.
+    """
+    if not tasks:
+        return
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        with shielded_if_cancelled():
+            await asyncio.wait(tasks)
+        raise

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Unpack, cast, overload
 
-from .._core._cancel_shield import wait_all_or_cancel
+from .._core._cancel_shield import shielded_if_cancelled, wait_all_or_cancel
 from .._core._closing import AsyncClosing
 from .._core._durations import timeout_seconds
 from .._core._exceptions import (
@@ -303,7 +303,10 @@ class ConcurrentExecutor(AsyncClosing):
             if not admission.done():
                 admission.cancel()
                 # Its end is ours to take; a cancel of this caller meanwhile goes on anyway.
-                await asyncio.wait({admission})
+                # Shielded from a cancelled anyio scope, which cut this wait short at once: the
+                # call returned while the check's own clean-up still ran, unawaited.
+                with shielded_if_cancelled():
+                    await asyncio.wait({admission})
         if admission.cancelled():  # the executor closed (aclose or cleanup)
             raise self._closed_error()
         admission.result()  # ResourceLimitException, ResourceWaitTimeoutError, reader errors

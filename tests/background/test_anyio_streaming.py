@@ -210,3 +210,53 @@ def test_a_batch_cancelled_by_a_scope_waits_for_its_runs_without_spinning(
     assert spent < 2_000, f"{spent} loop iterations for a batch stopped with a {grace} s grace"
     assert report.reported == []
     assert report.warned == []
+
+
+@pytest.mark.parametrize("kind", CANCELS)
+def test_calls_queued_for_a_slot_or_admission_leave_nothing_when_cancelled(
+    kind: str, tmp_path: Path
+) -> None:
+    """One call runs, one waits for the slot, one for admission (a resource manager that never
+    admits): cancelled by the scope, the slot and the admission waits leave nothing behind and
+    the executor serves the next call."""
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import time\ntime.sleep(30)\n")
+    quick = tmp_path / "quick.py"
+    quick.write_text("print('ok')\n")
+
+    cleaned: list[str] = []
+
+    class NeverAdmits(pq.ResourceManager):
+        async def admit(self, *, wait: bool = True, timeout: Any = None) -> Any:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.3)  # its own clean-up, e.g. a reservation given back
+                cleaned.append("admission")
+                raise
+
+    async def main(report: LoopReport) -> dict[str, Any]:
+        async with (
+            pq.ConcurrentExecutor(1, grace_period=0.5) as queued,
+            pq.ConcurrentExecutor(1, NeverAdmits(), grace_period=0.5) as refused,
+        ):
+
+            async def three() -> None:
+                async with anyio.create_task_group() as group:
+                    for _ in range(2):
+                        group.start_soon(lambda: queued.execute_module("s", sleeper))
+                    group.start_soon(lambda: refused.execute_module("r", sleeper))
+
+            await cancelled_after(kind, 0.5, three)
+            assert cleaned == ["admission"]  # waited for, as after asyncio's cancellation
+            assert (queued._slots.held, list(queued._slots._waiters)) == (0, [])
+            assert (refused._slots.held, refused._close_signals) == (0, set())
+            assert other_tasks() == []
+            assert not await spinning(report)
+            with anyio.fail_after(30):
+                return await queued.execute_module("ok", quick)
+
+    result, report = run_counted(main)
+    assert result["status"] == "completed"
+    assert report.reported == []
+    assert report.warned == []

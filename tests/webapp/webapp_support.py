@@ -31,10 +31,13 @@ STARTUP = re.compile(r"Application startup complete")
 
 
 class AppServer:
-    """``python -m prismq_subprocess serve examples.fastapi_app.app:app`` on 127.0.0.1, a free
-    port, ``workers`` worker processes, its data in ``data_dir``; stderr collected."""
+    """``python -m prismq_subprocess serve examples.fastapi_app.app:app`` (or ``app``, found in
+    ``app_dir`` if given) on 127.0.0.1, a free port, ``workers`` worker processes, its data in
+    ``data_dir`` (``PRISMQ_APP_DATA``); stderr collected."""
 
-    def __init__(self, data_dir: Path, workers: int = 1) -> None:
+    def __init__(
+        self, data_dir: Path, workers: int = 1, *, app: str = APP, app_dir: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.workers = workers
         env = {k: v for k, v in os.environ.items() if k != "PRISMQ_RUN_MODE"}
@@ -44,7 +47,8 @@ class AppServer:
             "-m",
             "prismq_subprocess",
             "serve",
-            APP,
+            app,
+            *(() if app_dir is None else ("--app-dir", str(app_dir))),
             "--host",
             "127.0.0.1",
             "--port",
@@ -89,6 +93,17 @@ class AppServer:
             assert time.monotonic() < deadline, "\n".join(self.lines)
             assert self._drain(0.2), "server ended:\n" + "\n".join(self.lines)
         return [line for line in self.lines if pattern.search(line)]
+
+    def logged(self, quiet: float = 0.3) -> list[str]:
+        """Every stderr line so far, once none has come for ``quiet`` seconds."""
+        while True:
+            try:
+                line = self._queue.get(timeout=quiet)
+            except queue.Empty:
+                return self.lines
+            if line is None:
+                return self.lines
+            self.lines.append(line)
 
     def client(self) -> httpx.Client:
         """A client with one connection, kept alive: every request goes to one worker."""

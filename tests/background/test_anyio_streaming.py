@@ -111,6 +111,54 @@ def test_a_subscription_left_by_a_cancelled_scope_is_released(
     assert report.warned == []
 
 
+@pytest.mark.parametrize("source", ["ring", "log"])
+def test_reads_cut_short_by_move_on_after_lose_and_repeat_nothing(
+    source: str, tmp_path: Path
+) -> None:
+    """A heartbeat written with anyio (``move_on_after`` around each read) cuts reads short,
+    in the ring's wait or in a log read in its thread: the next read carries on where the cut
+    one left off, every line once, in order."""
+    count = 400
+
+    async def main(report: LoopReport) -> tuple[list[int], int]:
+        async with pq.OutputCapture(max_lines_per_run=4, log_dir=tmp_path / "logs") as capture:
+            capture.open_run("r")
+            if source == "log":  # written before: all but the last 4 come from the file
+                await capture.append_lines("r", [f"line {i}" for i in range(count)])
+                await capture.close_run("r", status=pq.RunStatus.COMPLETED, exit_code=0)
+
+            async def produce() -> None:
+                for i in range(count):
+                    await capture.append_line("r", f"line {i}")
+                    if i % 7 == 0:
+                        await asyncio.sleep(0.002)
+                await capture.close_run("r", status=pq.RunStatus.COMPLETED, exit_code=0)
+
+            producer = asyncio.ensure_future(produce()) if source == "ring" else None
+            seqs: list[int] = []
+            cut = 0
+            async with capture.subscribe("r") as subscription:
+                chunks = subscription.chunks(max_lines=16)
+                while True:
+                    with anyio.move_on_after(0.0005) as scope:
+                        item = await anext(chunks, None)
+                        if item is None:
+                            break
+                        assert isinstance(item, pq.OutputChunk), item  # no gap: a log
+                        seqs.extend(range(item.first_seq, item.first_seq + len(item.lines)))
+                    cut += scope.cancelled_caught
+            assert subscription.end == pq.OutputEnd("completed", 0)
+            if producer is not None:
+                await producer
+            return seqs, cut
+
+    (seqs, cut), report = run_counted(main)
+    assert seqs == list(range(count))
+    assert cut > 0, "no read was cut short: the test did not test anything"
+    assert report.reported == []
+    assert report.warned == []
+
+
 # -- sse_events() ----------------------------------------------------------------------------
 @pytest.mark.parametrize("lands", ["in_the_stream", "in_the_consumer"])
 @pytest.mark.parametrize("with_stop", [False, True], ids=["no_stop", "stop"])
@@ -148,6 +196,7 @@ def test_an_sse_stream_cancelled_by_a_scope_is_released(
 
         await cancelled_after(kind, 0.3, consume)
         assert stream.ag_frame is None  # closed
+        assert other_tasks() == [producer], other_tasks()
         assert (capture._runs["r"].subscribers, capture._runs["r"].waiters) == (0, [])
         assert not await spinning(report)
         assert other_tasks() == [producer]

@@ -216,11 +216,16 @@ def _split_bytes(body: bytes) -> list[bytes]:
     return io.BytesIO(body).readlines()
 
 
+# Where str.splitlines() cuts besides "\n" (readline() and our lines cut at "\n" only).
+_OTHER_LINE_ENDS = ("\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+
+
 def _split_text(text: str) -> list[str]:
     """``text`` (whole lines, ending with ``"\\n"``) cut after each ``"\\n"``."""
     lines = text.splitlines(keepends=True)
-    # str.splitlines also cuts at "\r", "\v", "\f", "\x1c"-"\x1e", "\x85", "\u2028", "\u2029".
-    if len(lines) == text.count("\n"):
+    # Looking for each other line end (a memchr each, in ASCII text) costs a fraction of counting
+    # the "\n" (which is then needed only when one is there: "\r\n" ends are one cut).
+    if not any(end in text for end in _OTHER_LINE_ENDS) or len(lines) == text.count("\n"):
         return lines
     pieces = text.split("\n")
     pieces.pop()

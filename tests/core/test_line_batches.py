@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import prismq_subprocess as pq
+from prismq_subprocess._core._lines import _split_text
 
 
 class ChunkedStream:
@@ -314,3 +315,14 @@ async def test_line_stream_batches_need_the_block(any_wrapper: pq.SubprocessWrap
     stream = any_wrapper.stream(*py("print(1)"))
     with pytest.raises(RuntimeError, match="async with"):
         await anext(stream.iter_batches())
+
+
+@pytest.mark.parametrize(
+    "end", ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
+def test_text_is_cut_after_newlines_only_whatever_other_line_end_it_holds(end: str) -> None:
+    # str.splitlines() also cuts at these; the quick path takes its result only when none is
+    # in the text.
+    text = f"a{end}b\nc\n{end}\n"
+    assert _split_text(text) == [f"a{end}b\n", "c\n", f"{end}\n"]
+    assert _split_text("a\r\nb\n") == ["a\r\n", "b\n"]

@@ -61,3 +61,33 @@ def test_the_worked_example_fails_if_the_endpoint_runs_an_unscripted_command(
     result = pytester.runpytest(*HOST_PYTEST_ARGS, "-k", "streams_its_output", "test_app.py")
     result.assert_outcomes(failed=1)
     assert "nothing is scripted for" in result.stdout.str()
+
+
+def test_the_worked_example_app_answers_a_bad_last_event_id_with_400(
+    pytester: pytest.Pytester,
+) -> None:
+    """Any client can send a ``Last-Event-ID`` that is not a line number: the reader's app must
+    answer it as a bad request, not a 500 with a traceback."""
+    files = example_files()
+    files["test_app.py"] += """
+
+async def test_a_bad_last_event_id_is_a_bad_request(pq_dry_run, client):
+    pq_dry_run.register(prefix=(sys.executable,), lines=["x"])
+    run_id = (await client.post("/runs", json={"module": "report"})).json()["run_id"]
+    response = await client.get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "abc"})
+    assert response.status_code == 400, response.text
+    assert "last_event_id" in response.json()["detail"]
+    await client.get(f"/runs/{run_id}/events")  # the run ends before the lifespan closes
+
+
+async def test_a_run_whose_output_was_released_is_gone(pq_dry_run, client):
+    pq_dry_run.register(prefix=(sys.executable,), lines=["x"])
+    run_id = (await client.post("/runs", json={"module": "report"})).json()["run_id"]
+    await client.get(f"/runs/{run_id}/events")
+    backend.app.state.runner.output.forget(run_id)  # as retention does, later
+    response = await client.get(f"/runs/{run_id}/events")
+    assert response.status_code == 410, response.text
+"""
+    write_project(pytester, files)
+    result = pytester.runpytest(*HOST_PYTEST_ARGS, "-k", "bad_request or released", "test_app.py")
+    result.assert_outcomes(passed=2)

@@ -63,11 +63,10 @@ def test_the_worked_example_fails_if_the_endpoint_runs_an_unscripted_command(
     assert "nothing is scripted for" in result.stdout.str()
 
 
-def test_the_worked_example_app_answers_a_bad_last_event_id_with_400(
-    pytester: pytest.Pytester,
-) -> None:
-    """Any client can send a ``Last-Event-ID`` that is not a line number: the reader's app must
-    answer it as a bad request, not a 500 with a traceback."""
+def test_the_worked_example_app_answers_client_errors_with_4xx(pytester: pytest.Pytester) -> None:
+    """Any client can send a ``Last-Event-ID`` that is not a line number, or ask for a run whose
+    output is no longer kept: the reader's app answers 400 and 410, not a 500 (or a request that
+    waits forever)."""
     files = example_files()
     files["test_app.py"] += """
 

@@ -125,6 +125,17 @@ def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
 
 
+def _relative_hint(path: str, cwd: str | os.PathLike[str] | None) -> str:
+    """Where a relative ``path`` was looked for, for the error that says it is missing: a
+    server's current directory is wherever it was started from, so a path that works from one
+    directory is missing from another."""
+    if os.path.isabs(path):
+        return ""
+    if cwd is not None:
+        return f" (relative to cwd {os.fspath(cwd)!r})"
+    return f" (a relative path is taken from the current directory {os.getcwd()!r})"
+
+
 def _find_program(
     program: str, cwd: str | os.PathLike[str] | None, env: Mapping[str, str] | None
 ) -> None:
@@ -134,7 +145,7 @@ def _find_program(
         if not os.path.isabs(path) and cwd is not None:
             path = os.path.join(os.fspath(cwd), path)
         if not os.path.isfile(path):
-            raise CommandNotFoundError(program, "no such file")
+            raise CommandNotFoundError(program, "no such file" + _relative_hint(program, cwd))
         return
     search = (env or {}).get("PATH", os.environ.get("PATH", os.defpath))
     if shutil.which(program, path=search) is None:
@@ -327,7 +338,8 @@ class ModuleRunner(AsyncClosing):
         if not path.is_absolute() and cwd is not None:
             path = Path(os.fspath(cwd)) / path
         if not path.exists():
-            raise ScriptNotFoundError(str(path))
+            hint = _relative_hint(os.fspath(script_path), cwd)
+            raise ScriptNotFoundError(str(path), "does not exist" + hint)
         if path.is_dir():
             if not (path / "__main__.py").is_file():
                 raise ScriptNotFoundError(str(path), "is a directory without __main__.py")

@@ -738,12 +738,28 @@ class OutputCapture(AsyncClosing):
         elif source:
             subscription._follow_log()
         elif wait is False or self._closed:
-            raise OutputNotFoundError(
-                f"no output of run {run_id!r} here (pass wait=True to wait for the run)"
-            )
+            raise OutputNotFoundError(self._not_found_message(run_id, registry))
         else:
             subscription._wait_until(deadline)
         return subscription
+
+    def _not_found_message(self, run_id: str, registry: BaseRunRegistry | None) -> str:
+        """Why ``run_id`` is unknown here, with what to do about it: "wait" alone sent people
+        into requests that never end when the run is written elsewhere."""
+        head = f"no output of run {run_id!r} in this OutputCapture"
+        if self._closed:
+            return f"{head}: the capture is closed"
+        if registry is not None:
+            # self.log_dir is None here, or the registry would have been followed.
+            return (
+                f"{head}: registry= follows another process's run through its log file, so "
+                "it needs an OutputCapture with the same log_dir as that process's"
+            )
+        return (
+            f"{head}: a ModuleRunner or BackgroundTaskManager writes only to the capture given "
+            "as its output=; a run of another process (uvicorn --workers) needs registry= and "
+            "a shared log_dir; a run not started yet needs wait=True"
+        )
 
     def _possible(self, run_id: str) -> bool:
         """Whether a run of this capture can have ``run_id`` (see :meth:`_open`)."""

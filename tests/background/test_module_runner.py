@@ -171,6 +171,31 @@ def test_bad_parameters_are_refused(params: Any) -> None:
         parameters_to_args(params)
 
 
+async def test_a_missing_relative_path_says_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web server's current directory is wherever it was started from, so a relative script
+    path that works from one directory is missing from another; the error said only
+    "module script 'jobs/count.py' does not exist", not where it had looked."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    async with pq.RunRegistry() as registry, ModuleRunner(registry) as runner:
+        with pytest.raises(ScriptNotFoundError) as info:
+            await runner.start_module("m", "M", "jobs/count.py")
+        assert f"from the current directory {str(tmp_path)!r}" in str(info.value)
+        with pytest.raises(ScriptNotFoundError) as info:
+            await runner.start_module("m", "M", "jobs/count.py", cwd="data")
+        assert "relative to cwd 'data'" in str(info.value)
+        with pytest.raises(pq.CommandNotFoundError) as found:
+            await runner.start_command("m", "M", ["./build.sh"])
+        assert f"from the current directory {str(tmp_path)!r}" in str(found.value)
+        # An absolute path needs no hint.
+        with pytest.raises(ScriptNotFoundError) as info:
+            await runner.start_module("m", "M", tmp_path / "jobs" / "count.py")
+        assert "current directory" not in str(info.value)
+        assert await registry.count_runs() == 0
+
+
 async def test_bad_input_raises_before_anything_is_stored(
     runner: ModuleRunner, tmp_path: Path
 ) -> None:

@@ -491,7 +491,8 @@ class ModuleRunner(AsyncClosing):
         **options: Unpack[ModuleStartOptions],
     ) -> str:
         """Start the module in the background and return its ``run_id`` once the run is stored
-        (PENDING; RUNNING once a slot is free and the child started).
+        (PENDING; RUNNING once a slot is free, as the child is being started: its ``pid`` is
+        stored a moment later, so a RUNNING run may still show ``pid`` None).
 
         The run then behaves as in :meth:`execute_module`; follow it through the registry and
         ``output.subscribe(run_id)``, stop it with :meth:`cancel`.

@@ -1,7 +1,7 @@
 """A FastAPI backend on prismq_subprocess: start modules, follow their output live (SSE), cancel
 them and show the run history, from any number of uvicorn workers sharing one SQLite file.
 
-Run it from the repository root (``pip install 'prismq_subprocess[web]'``)::
+Run it from the repository root (``pip install -e ".[web]"`` there first)::
 
     python -m prismq_subprocess serve examples.fastapi_app.app:app --workers 2
 

@@ -220,11 +220,16 @@ class ChildRun:
 
     async def _drained(self) -> bool:
         """Whether every reader reached end of file within :data:`DRAIN_SECONDS`."""
+        return (await self._wait_for_readers())[1] == 0
+
+    async def _wait_for_readers(self) -> tuple[int, int]:
+        """Wait up to :data:`DRAIN_SECONDS` for the readers still reading to reach end of file:
+        how many were reading, and how many still are."""
         pending = [reader for reader in self._readers if not reader.done()]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=DRAIN_SECONDS)
-            return not still
-        return True
+        if not pending:
+            return 0, 0
+        _, still = await asyncio.wait(pending, timeout=DRAIN_SECONDS)
+        return len(pending), len(still)
 
     async def _read_what_is_left(self) -> None:
         """The pipes were let go of: nothing more can arrive, and what the readers still hold
@@ -234,16 +239,11 @@ class ChildRun:
         consumer that stopped) are stopped."""
         unread = self._unread()
         while True:
-            pending = [reader for reader in self._readers if not reader.done()]
-            if not pending:
-                return
-            _, still = await asyncio.wait(pending, timeout=DRAIN_SECONDS)
+            reading, still = await self._wait_for_readers()
             if not still:
                 return
             now = self._unread()
-            if len(still) < len(pending) or (
-                now is not None and unread is not None and now < unread
-            ):
+            if still < reading or (now is not None and unread is not None and now < unread):
                 unread = now
                 continue
             self._cancel_readers()

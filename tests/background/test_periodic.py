@@ -991,6 +991,23 @@ def test_a_schedule_left_on_a_closed_loop_does_not_block_the_next_loop(
         leftover._log_destroy_pending = False  # type: ignore[union-attr]
 
 
+def _leave_in_a_run_on_a_closed_loop(task: PeriodicTask, in_a_run: Callable[[], bool]) -> None:
+    """Start ``task`` on a loop of its own and close that loop once ``in_a_run()`` says a run
+    has begun: the schedule and its run are left pending there."""
+
+    async def into_a_run() -> None:
+        task.start()
+        async with asyncio.timeout(30):
+            while not in_a_run():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(into_a_run())
+    finally:
+        loop.close()
+
+
 def test_a_run_left_on_a_closed_loop_is_not_taken_for_one_in_progress_on_the_next(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1006,18 +1023,7 @@ def test_a_run_left_on_a_closed_loop_is_not_taken_for_one_in_progress_on_the_nex
         await asyncio.sleep(3600)
 
     task = PeriodicTask("loops", 2.0, work, run_immediately=False)
-
-    async def into_a_run() -> None:
-        task.start()
-        async with asyncio.timeout(30):
-            while not started:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(into_a_run())
-    finally:
-        loop.close()
+    _leave_in_a_run_on_a_closed_loop(task, lambda: started > 0)
     left = task._task
     assert not task.is_running
     assert not task.stats.run_in_progress
@@ -1056,19 +1062,7 @@ def test_collecting_a_run_left_on_a_closed_loop_leaves_the_next_loops_run_in_pro
         finished += 1
 
     task = PeriodicTask("loops", 60.0, work)
-
-    async def into_a_run() -> None:
-        task.start()
-        async with asyncio.timeout(30):
-            while not started:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(into_a_run())
-    finally:
-        loop.close()
-    del loop
+    _leave_in_a_run_on_a_closed_loop(task, lambda: started > 0)
     left = task._task
     assert left is not None
     left._log_destroy_pending = False  # type: ignore[attr-defined]

@@ -10,16 +10,12 @@ does not own the run ended at once, with ``"status": null``, while the run went 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import queue
 import re
 import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from served_app import ServedApp
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -35,8 +32,6 @@ pytest.importorskip("uvicorn")
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BACKGROUND.md"
 FILE_BLOCK = re.compile(r"```python\n# (?P<name>[\w/]+\.py)\n(?P<body>.*?)```", re.DOTALL)
 SERVE = re.compile(r"^\s*(python -m prismq_subprocess serve runs_app:app .*)$", re.M)
-RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-STARTUP = re.compile(r"Application startup complete")
 
 
 def example_files() -> dict[str, str]:
@@ -52,7 +47,7 @@ def serve_command() -> list[str]:
     return [sys.executable, *words[1:], "--host", "127.0.0.1", "--port", "0", "--no-access-log"]
 
 
-class Server:
+class Server(ServedApp):
     """The doc's app under the doc's command, in ``folder``; stderr collected."""
 
     def __init__(self, folder: Path) -> None:
@@ -60,65 +55,10 @@ class Server:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(body, encoding="utf-8")
         self.folder = folder
-        env = {k: v for k, v in os.environ.items() if k != "PRISMQ_RUN_MODE"}
-        self.proc = subprocess.Popen(
-            serve_command(), cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        match = RUNNING.search(self.wait_for(RUNNING)[0])
-        assert match is not None
-        self.url = f"http://127.0.0.1:{match.group(1)}"
-        self.wait_for(STARTUP, count=2)
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self._queue.put(raw.decode(errors="replace").rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, pattern: re.Pattern[str], count: int = 1) -> list[str]:
-        deadline = time.monotonic() + 60
-        while sum(1 for line in self.lines if pattern.search(line)) < count:
-            assert time.monotonic() < deadline, "\n".join(self.lines)
-            try:
-                line = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            assert line is not None, "server ended:\n" + "\n".join(self.lines)
-            self.lines.append(line)
-        return [line for line in self.lines if pattern.search(line)]
-
-    def workers(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children()
+        super().__init__(serve_command(), cwd=folder, workers=2)
 
     def stderr(self) -> str:
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                return "\n".join(self.lines)
-            if line is None:
-                return "\n".join(self.lines)
-            self.lines.append(line)
-
-    def close(self) -> None:
-        """Kill whatever is left of the server, its workers and their children."""
-        try:
-            leftovers = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:  # the server has ended (and was reaped)
-            leftovers = []
-        for process in leftovers:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self._reader.join(timeout=30)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        return "\n".join(self.logged(quiet=0.0))
 
 
 @pytest.fixture
@@ -133,7 +73,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def serving_pid(server: Server, response: Any) -> int:
     """The worker process holding the server end of ``response``'s connection."""
     client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
-    for worker in server.workers():
+    for worker in server.worker_processes():
         for conn in worker.net_connections(kind="tcp"):
             if conn.raddr and conn.raddr.port == client_port:
                 return worker.pid

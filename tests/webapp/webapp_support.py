@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import queue
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,14 +17,13 @@ from typing import Any
 
 import httpx
 import psutil
+from served_app import ServedApp
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "examples.fastapi_app.app:app"
-RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-STARTUP = re.compile(r"Application startup complete")
 
 
-class AppServer:
+class AppServer(ServedApp):
     """``python -m prismq_subprocess serve examples.fastapi_app.app:app`` (or ``app``, found in
     ``app_dir`` if given) on 127.0.0.1, a free port, ``workers`` worker processes, its data in
     ``data_dir`` (``PRISMQ_APP_DATA``); stderr collected."""
@@ -39,9 +32,6 @@ class AppServer:
         self, data_dir: Path, workers: int = 1, *, app: str = APP, app_dir: Path | None = None
     ) -> None:
         self.data_dir = data_dir
-        self.workers = workers
-        env = {k: v for k, v in os.environ.items() if k != "PRISMQ_RUN_MODE"}
-        env["PRISMQ_APP_DATA"] = str(data_dir)
         args = [
             sys.executable,
             "-m",
@@ -57,53 +47,7 @@ class AppServer:
         ]
         if workers > 1:
             args += ["--workers", str(workers)]
-        self.proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        port_line = self.wait_for(RUNNING)[0]
-        match = RUNNING.search(port_line)
-        assert match is not None
-        self.url = f"http://127.0.0.1:{match.group(1)}"
-        self.wait_for(STARTUP, count=workers)
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self._queue.put(raw.decode(errors="replace").rstrip("\n"))
-        self._queue.put(None)
-
-    def _drain(self, timeout: float) -> bool:
-        try:
-            line = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return True
-        if line is None:
-            return False
-        self.lines.append(line)
-        return True
-
-    def wait_for(self, pattern: re.Pattern[str], count: int = 1, timeout: float = 60) -> list[str]:
-        """Wait until ``count`` stderr lines match ``pattern``; return them."""
-        deadline = time.monotonic() + timeout
-        while sum(1 for line in self.lines if pattern.search(line)) < count:
-            assert time.monotonic() < deadline, "\n".join(self.lines)
-            assert self._drain(0.2), "server ended:\n" + "\n".join(self.lines)
-        return [line for line in self.lines if pattern.search(line)]
-
-    def logged(self, quiet: float = 0.3) -> list[str]:
-        """Every stderr line so far, once none has come for ``quiet`` seconds."""
-        while True:
-            try:
-                line = self._queue.get(timeout=quiet)
-            except queue.Empty:
-                return self.lines
-            if line is None:
-                return self.lines
-            self.lines.append(line)
+        super().__init__(args, cwd=ROOT, env={"PRISMQ_APP_DATA": str(data_dir)}, workers=workers)
 
     def client(self) -> httpx.Client:
         """A client with one connection, kept alive: every request goes to one worker."""
@@ -136,29 +80,6 @@ class AppServer:
             if len(seen) == self.workers:
                 return seen
         raise AssertionError(f"only workers {seen} answered in {tries} tries")
-
-    def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM the server (uvicorn's graceful shutdown) and wait for it to exit."""
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        while self._drain(0):
-            if self._queue.empty():
-                break
-        return code
-
-    def close(self) -> None:
-        """Clean-up: kill whatever is left of the server, its workers and their children."""
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    child.kill()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self._reader.join(timeout=30)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 @dataclass

@@ -57,6 +57,8 @@ T = TypeVar("T")
 #: Seconds between the polite request and the kill.
 DEFAULT_GRACE_PERIOD = 5.0
 _POLL = 0.02
+# How long a stop waits for the exit status of a child it saw end (see _exit_status).
+_STATUS_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -216,26 +218,35 @@ async def stop_process_trees(
         await asyncio.sleep(_POLL)
     if lingering:
         await workers.kill.submit(lingering)
-    return [_exit_status(process) for process in processes]
+    return [await _exit_status(process, loop) for process in processes]
 
 
-def _exit_status(process: ProcessLike) -> int:
+async def _exit_status(process: ProcessLike, loop: asyncio.AbstractEventLoop) -> int:
     """The exit status of a child the stop saw end. One of another event loop (see
     ``_exit_wait._elsewhere``) has no ``returncode`` from its loop: its ``Popen`` is asked,
     which reaps it where nobody did (0 where another waiter took the status: ``Popen``'s rule);
-    without a ``Popen`` (uvloop's children) and once its loop has closed, it is reaped by pid."""
-    code = process.returncode
-    if code is not None:
-        return code
+    without a ``Popen`` (uvloop's children) and once its loop has closed, it is reaped by pid.
+
+    A thread of the child's mode may be blocked in ``Popen.wait()`` for it: that holds the
+    ``Popen``'s wait lock, and until the thread runs again after the exit (late, on a busy
+    machine) ``poll()`` answers None. So the status is waited for, up to ``_STATUS_WAIT``.
+    """
+    deadline = loop.time() + _STATUS_WAIT
     popen = popen_of(process)
-    if popen is not None:
-        with contextlib.suppress(OSError):
-            code = popen.poll()
-    else:
-        code = reap_closed_loop_child(process)
-    if code is None:
-        raise AssertionError(f"the stop of pid {process.pid} ended without its exit status")
-    return code
+    while True:
+        code = process.returncode
+        if code is not None:
+            return code
+        if popen is not None:
+            with contextlib.suppress(OSError):
+                code = popen.poll()
+        else:
+            code = reap_closed_loop_child(process)
+        if code is not None:
+            return code
+        if loop.time() >= deadline:
+            raise AssertionError(f"the stop of pid {process.pid} ended without its exit status")
+        await asyncio.sleep(_POLL)
 
 
 async def stop_process_tree(

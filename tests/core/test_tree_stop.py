@@ -28,7 +28,7 @@ from lifecycle_helpers import (
 )
 
 import prismq_subprocess as pq
-from prismq_subprocess._core._tree_stop import kill_tree_now
+from prismq_subprocess._core._tree_stop import kill_tree_now, stop_process_trees
 from prismq_subprocess._platform import Containment, PlatformOps, platform_ops
 from prismq_subprocess._platform._table import ProcessTable
 
@@ -843,6 +843,60 @@ def test_closing_from_another_loop_stops_politely_and_quietly(
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+
+@ends_a_loop_with_children_running
+@pytest.mark.parametrize("how", ["aclose", "stop_process_trees"])
+@pytest.mark.parametrize("mode", ["threaded-waiter", "threaded-threads", "local"])
+def test_a_waiter_thread_slow_to_reap_does_not_fail_the_stop_from_another_loop(
+    mode: str,
+    how: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child of a loop that ended, whose exit a thread of its mode waits for in
+    ``Popen.wait()``: that thread holds the ``Popen``'s wait lock, so between the exit and the
+    moment the thread runs again (late on a busy machine) ``Popen.poll()`` answers None. The
+    stop from the next loop saw the exit, asked ``poll()`` once, and logged "the stop of pid N
+    ended without its exit status" (CI, four test workers on 2 cores); it now waits for the
+    status, and gets the child's own."""
+    from conftest import WRAPPER_FACTORIES
+
+    blocking_wait = subprocess.Popen._try_wait
+
+    def late_waiter(self: subprocess.Popen[bytes], wait_flags: int) -> tuple[int, int]:
+        result = blocking_wait(self, wait_flags)
+        if wait_flags == 0:  # the blocking wait of a waiter thread: the child has exited
+            time.sleep(0.5)  # and the thread is not scheduled again for a while
+        return result
+
+    monkeypatch.setattr(subprocess.Popen, "_try_wait", late_waiter)
+    wrapper = WRAPPER_FACTORIES[mode]()
+    asked, ready = tmp_path / "asked", tmp_path / "ready"
+
+    async def start() -> pq.abc.ProcessLike:
+        process = await wrapper.create_subprocess_exec(
+            sys.executable, "-c", _POLITE_CHILD, str(asked), str(ready), stdout=pq.PIPE
+        )
+        for _ in range(600):
+            if ready.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert ready.exists()
+        return process
+
+    process = asyncio.run(start())
+    with caplog.at_level("ERROR", logger="prismq_subprocess"):
+        if how == "aclose":
+            asyncio.run(asyncio.wait_for(wrapper.aclose(), 30))
+        else:
+            statuses = asyncio.run(asyncio.wait_for(stop_process_trees([process], grace=5), 30))
+            assert statuses == [3]  # the child's own, from its SIGTERM handler
+            asyncio.run(wrapper.aclose())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert asked.read_text() == "asked"
 
 
 @needs_pid_control

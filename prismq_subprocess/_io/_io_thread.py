@@ -393,13 +393,6 @@ class _ReadSource:
     def close(self) -> None:
         """Let go of the pipe (:meth:`BridgedReader.release`): the I/O thread delivers what it
         holds now, then end of file, and closes it."""
-        with self._lock:
-            if self._done:
-                # Finished already (end of file read, or being delivered): nothing to let go
-                # of. A wrapper closing a thousand children otherwise queued two thousand
-                # commands the I/O thread had nothing to do for, and each wake of that thread
-                # cost the loop's thread the GIL for up to a switch interval: 20-45 ms stalls.
-                return
         self._pump.submit(self._release)
 
     def _release(self, out: Batch) -> None:

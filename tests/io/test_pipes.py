@@ -200,48 +200,6 @@ async def test_many_pipes_share_one_io_thread() -> None:
     assert threading.active_count() == before
 
 
-async def test_letting_go_of_pipes_that_ended_gives_the_io_thread_nothing_to_do(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Releasing a reader whose pipe the I/O thread has finished (end of file read) queues no
-    command for that thread. A wrapper closing a thousand children released two thousand such
-    pipes, and each wake of the busy I/O thread cost the loop's thread the GIL for up to a
-    switch interval: one release took 30-43 ms, the closing loop's worst stall."""
-    loop = asyncio.get_running_loop()
-    pump = IOThread("prismq-io-test")
-    procs = [popen(f"print({i})", stdout=PIPE) for i in range(20)]
-    try:
-        readers = [
-            pump.open_reader(loop, p.stdout, limit=LIMIT, name="t") for p in procs if p.stdout
-        ]
-        outs = await asyncio.gather(*(r.read() for r in readers))
-        assert outs == [b"%d\n" % i for i in range(20)]
-        submitted: list[object] = []
-        real_submit = pump.submit
-
-        def counting_submit(command: Any) -> bool:
-            if getattr(command, "__name__", "") == "_release":  # not a new pipe's arm
-                submitted.append(command)
-            return real_submit(command)
-
-        monkeypatch.setattr(pump, "submit", counting_submit)
-        for reader in readers:
-            reader.release()
-        assert submitted == []
-        # A pipe still open is let go of through the thread, as before.
-        running = popen("import time; time.sleep(30)", stdout=PIPE)
-        procs.append(running)
-        assert running.stdout is not None
-        held = pump.open_reader(loop, running.stdout, limit=LIMIT, name="t")
-        held.release()
-        assert len(submitted) == 1
-        assert await asyncio.wait_for(held.read(), 5) == b""
-    finally:
-        pump.close()
-        for p in procs:
-            reap(p)
-
-
 async def test_thread_starts_lazily_and_ends_on_close() -> None:
     loop = asyncio.get_running_loop()
     pump = IOThread("prismq-io-test")

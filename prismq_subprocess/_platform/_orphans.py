@@ -43,6 +43,9 @@ __all__ = [
 
 # create_time is derived from boot time and clock ticks: equal within float rounding only.
 _SAME_START = 0.01
+# How long, and how often, a process caught inside its exec is read again (see verify_orphan).
+_EXEC_SETTLE = 0.2
+_EXEC_POLL = 0.001
 # How long the kill's effect is waited for (SIGKILL is not refusable; this bounds a D-state).
 _KILL_WAIT = 1.0
 
@@ -118,7 +121,15 @@ def verify_orphan(identity: ProcessIdentity, proc_root: str | None = None) -> Or
     if reader is None:
         return OrphanCheck.UNPROVEN
     cookies, value = reader
-    if cookies.read(identity.pid) != value:
+    # A process caught inside its exec reads as having no environment for a moment (Popen
+    # returns once the exec is past its point of no return, before the new stack is laid out):
+    # read again until it settles, bounded, rather than call the run's own child unproven.
+    read = cookies.look(identity.pid)
+    deadline = time.monotonic() + _EXEC_SETTLE
+    while read.settling and time.monotonic() < deadline:
+        time.sleep(_EXEC_POLL)
+        read = cookies.look(identity.pid)
+    if read.value != value:
         return OrphanCheck.UNPROVEN
     return OrphanCheck.VERIFIED
 

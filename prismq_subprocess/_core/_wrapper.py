@@ -589,12 +589,27 @@ class SubprocessWrapper(AsyncClosing):
                     # A thousand transports closed in one callback stall the loop for tens
                     # of milliseconds: let it run between chunks.
                     await asyncio.sleep(0)
+            del live, stopped, released
+            await self._forget_exited()
         except BaseException:
             self.cleanup()
             raise
         # Joining the pools' threads blocks: not on the loop (a cancellation stops the waiting
         # only; the thread still finishes the clean-up).
         await run_in_thread(self.cleanup, "prismq-close")
+
+    async def _forget_exited(self) -> None:
+        # Our references may be the last ones to these children's objects (transports,
+        # readers, buffers: some fifty each). A thousand of them let go of at once is a single
+        # deallocation of ~10 ms that stalls the loop (or, in cleanup()'s thread, holds the
+        # GIL from it), so a chunk at a time, with a loop turn between.
+        exited = [p for p in self._live if p.returncode is not None]
+        while exited:
+            chunk = exited[-_RELEASE_CHUNK:]
+            del exited[-_RELEASE_CHUNK:]
+            self._live.difference_update(chunk)
+            del chunk
+            await asyncio.sleep(0)
 
     def cleanup(self) -> None:
         """Synchronous form of :meth:`aclose` (the PrismQ guide's ``wrapper.cleanup()``): kill

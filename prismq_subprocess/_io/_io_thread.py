@@ -79,6 +79,8 @@ _CLAIM_WAIT_SECONDS = 1.0
 #: A pipe the loop reads itself goes back to the I/O thread once the loop has not read it for
 #: this long: a consumer that pauses gets the same read-ahead as with asyncio's transport.
 _LEND_SECONDS = 0.05
+#: At most this many deliveries run per loop callback; the rest in the next loop iteration.
+_FLUSH_CHUNK = 128
 
 
 class _Handler(Protocol):
@@ -320,7 +322,14 @@ class IOThread:
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """Loop thread: run what the I/O thread delivered, in order."""
         with self._lock:
-            items = self._outbox.pop(loop, ())
+            items = self._outbox.pop(loop, [])
+            if len(items) > _FLUSH_CHUNK:
+                # A thousand children stopped together end two thousand pipes at once: their
+                # ends of file in one callback would stall the loop for tens of ms. The rest
+                # stays first in the outbox (what the thread posts meanwhile goes after it).
+                self._outbox[loop] = items[_FLUSH_CHUNK:]
+                del items[_FLUSH_CHUNK:]
+                loop.call_soon(self._flush, loop)
         for _, callback, arg in items:
             try:
                 callback(arg)

@@ -161,6 +161,28 @@ class _PipeEnd(Protocol):
     def close(self) -> None: ...
 
 
+class _FinishedEnd:
+    """The end of a pipe that was read to its end and closed: nothing left to control."""
+
+    def pause_reading(self) -> None:
+        """Nothing to pause: the pipe is finished."""
+
+    def resume_reading(self) -> None:
+        """Nothing to resume: the pipe is finished."""
+
+    def close(self) -> None:
+        """Nothing to let go of: the pipe is closed already."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+_FINISHED_END = _FinishedEnd()
+
+
 class BridgedReader(asyncio.StreamReader):
     """The ``asyncio.StreamReader`` a bridge feeds; :meth:`release` lets go of its pipe."""
 
@@ -181,6 +203,12 @@ class BridgedReader(asyncio.StreamReader):
     def feed_eof(self) -> None:
         """End the stream (``StreamReader.feed_eof``), then run :attr:`on_eof` once."""
         super().feed_eof()
+        # End of file comes after the pipe was closed. The end and the reader refer to each
+        # other: let go of it, or only the garbage collector frees the pair, and one collection
+        # that frees a thousand children's pipes at once stalls the loop for tens of ms.
+        self._end = _FINISHED_END
+        self._transport = _FINISHED_END
+        self._read_now = self._give_back = None
         callback, self.on_eof = self.on_eof, None
         if callback is not None:
             callback()

@@ -37,14 +37,17 @@ class _DeferredReader:
     """A ``StreamReader`` look-alike whose data appears once the child has finished."""
 
     def __init__(self, process: LocalProcess, sink: TailBuffer, limit: int) -> None:
-        self._process = process
+        # None once the child's job succeeded (see LocalProcess._let_go): nothing to wait for.
+        self._process: LocalProcess | None = process
         self._sink = sink
         self._inner = asyncio.StreamReader(limit=limit)
         self._filled = False
 
     async def _ready(self) -> asyncio.StreamReader:
         if not self._filled:
-            await self._process._finished()
+            process = self._process
+            if process is not None:
+                await process._finished()
             if not self._filled:
                 self._filled = True
                 self._inner.feed_data(self._sink.getvalue())
@@ -90,6 +93,10 @@ class _DeferredReader:
         if not line:
             raise StopAsyncIteration
         return line
+
+
+def _exit_ignored(returncode: int) -> None:
+    """The ``on_exit`` of a drain that is over."""
 
 
 class _Drains:
@@ -206,6 +213,16 @@ class LocalProcess(PopenProcess):
     def _job_done(self, job: asyncio.Future[int]) -> None:
         if not job.cancelled() and job.exception() is None:
             self._set_returncode(job.result())
+            self._let_go()
+
+    def _let_go(self) -> None:
+        # The drain is over: nothing calls back into this process any more. Its watch (through
+        # on_exit) and its readers refer back to it, a cycle only the garbage collector would
+        # free, and one collection freeing a thousand children's cycles stalls the loop.
+        self._watch.on_exit = _exit_ignored
+        for reader in (self.stdout, self.stderr):
+            if isinstance(reader, _DeferredReader):
+                reader._process = None
 
     def _on_wait(self) -> None:
         if self._job is None:

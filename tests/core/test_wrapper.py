@@ -734,14 +734,16 @@ def _no_garbage_collector() -> Any:
             gc.enable()
 
 
-@pytest.mark.parametrize("mode", ["async", "threaded", "threaded-waiter", "threaded-threads"])
+@pytest.mark.parametrize(
+    "mode", ["async", "threaded", "threaded-waiter", "threaded-threads", "local"]
+)
 async def test_a_finished_childs_objects_are_freed_without_the_garbage_collector(
     mode: str,
 ) -> None:
     # Found in session 25 while timing the stop of 1,000 children: in THREADED each pipe's
     # reader and its end referred to each other, so only a garbage collection freed them, and
     # the one collection that freed a thousand children's pipes at once stalled the loop for
-    # 20-45 ms. (LOCAL's process and its deferred readers still refer to each other.)
+    # 20-45 ms. In LOCAL the process, its drain's watch and its deferred readers did too.
     import weakref
 
     with _no_garbage_collector():

@@ -397,17 +397,29 @@ def test_a_tree_held_whole_in_its_frozen_sub_group_takes_one_look(
         pytest.skip("no writable cgroup v2 directory here")
     ops = platform_ops("linux", host=host)
     kwargs, containment = ops.prepare_spawn({"start_new_session": True})
+    # The child forks only when told: "held" adopts it first. (It used to fork at once, and a
+    # test process descheduled between the spawn and the adopt, as under CI's four workers on
+    # two cores, let the grandchild be born outside the sub-group: 4 looks, not 1.)
     code = (
-        "import subprocess, time; subprocess.Popen(['sleep', '30']);"
+        "import subprocess, sys, time; sys.stdin.readline(); subprocess.Popen(['sleep', '30']);"
         "print('ready', flush=True); time.sleep(30)"
     )
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, **kwargs)
-    assert child.stdout is not None
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, **kwargs
+    )
+    assert child.stdin is not None and child.stdout is not None
+
+    def fork_and_wait() -> None:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"ready\n"
+
     if forks_before_entering:
-        child.stdout.readline()
+        fork_and_wait()
     ops.adopt(child.pid, containment)
     if not forks_before_entering:
-        child.stdout.readline()
+        fork_and_wait()
     [grandchild] = psutil.Process(child.pid).children()
     looks = []
     scan = ops.scan
@@ -422,6 +434,7 @@ def test_a_tree_held_whole_in_its_frozen_sub_group_takes_one_look(
         child.kill()
         child.wait()
         child.stdout.close()
+        child.stdin.close()
         with contextlib.suppress(psutil.Error):
             grandchild.kill()
         ops.release(containment)

@@ -31,6 +31,7 @@ from .._platform import (
     StopTarget,
     platform_ops,
 )
+from .._platform._ops import alive
 from ._cancel_shield import shielded_if_cancelled
 from ._exceptions import InvalidTaskError, TaskTimeoutError
 from ._exit_wait import has_exited, popen_of, reap_closed_loop_child, reaped, wait_all_exited
@@ -59,6 +60,9 @@ DEFAULT_GRACE_PERIOD = 5.0
 _POLL = 0.02
 # How long a stop waits for the exit status of a child it saw end (see _exit_status).
 _STATUS_WAIT = 5.0
+# How long a stop waits, after its last SIGKILL, for what it killed to be gone: a killed
+# process ends once the kernel runs it again, on a loaded machine milliseconds later.
+_KILLED_SETTLE = 1.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class _Workers:
     ask: Coalescer[StopTarget, StopRecord]
     kill: Coalescer[StopRecord, None]
     lingering: Coalescer[StopRecord, bool]
+    killed_alive: Coalescer[StopRecord, bool]
 
 
 _WORKERS: weakref.WeakKeyDictionary[PlatformOps, _Workers] = weakref.WeakKeyDictionary()
@@ -146,8 +151,35 @@ def _workers(ops: PlatformOps) -> _Workers:
             ask=Coalescer(ops.ask_to_stop, "prismq-stop"),
             kill=Coalescer(kill, "prismq-kill"),
             lingering=Coalescer(ops.lingering, "prismq-look"),
+            killed_alive=Coalescer(_killed_alive, "prismq-look"),
         )
     return workers
+
+
+def _killed_alive(records: list[StopRecord], pace: Callable[[], None]) -> list[bool]:
+    return [bool(alive(record.descendants)) for record in records]
+
+
+async def _until_killed_gone(
+    workers: _Workers, records: list[StopRecord], loop: asyncio.AbstractEventLoop
+) -> None:
+    """Wait (bounded) until the descendants just SIGKILLed have ended, so that nothing of a
+    tree is seen running once its stop returned."""
+    deadline = loop.time() + _KILLED_SETTLE
+    while True:
+        flags = await workers.killed_alive.submit(records)
+        records = [record for record, flag in zip(records, flags, strict=True) if flag]
+        if not records:
+            return
+        if loop.time() >= deadline:
+            logger.warning(
+                "%d process(es) of a stopped tree still ran %.3g s after SIGKILL: %s",
+                sum(len(alive(r.descendants)) for r in records),
+                _KILLED_SETTLE,
+                [p.pid for r in records for p in alive(r.descendants)],
+            )
+            return
+        await asyncio.sleep(_POLL)
 
 
 async def stop_process_trees(
@@ -218,6 +250,7 @@ async def stop_process_trees(
         await asyncio.sleep(_POLL)
     if lingering:
         await workers.kill.submit(lingering)
+        await _until_killed_gone(workers, lingering, loop)
     return [await _exit_status(process, loop) for process in processes]
 
 

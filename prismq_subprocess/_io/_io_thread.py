@@ -323,10 +323,12 @@ class IOThread:
         """Loop thread: run what the I/O thread delivered, in order."""
         with self._lock:
             items = self._outbox.pop(loop, [])
-            if len(items) > _FLUSH_CHUNK:
+            if len(items) > _FLUSH_CHUNK and not self._closed:
                 # A thousand children stopped together end two thousand pipes at once: their
                 # ends of file in one callback would stall the loop for tens of ms. The rest
                 # stays first in the outbox (what the thread posts meanwhile goes after it).
+                # Not once closed: a loop that is ending (cleanup() as asyncio.run() returns)
+                # runs only a few more iterations, and the rest would never be delivered.
                 self._outbox[loop] = items[_FLUSH_CHUNK:]
                 del items[_FLUSH_CHUNK:]
                 loop.call_soon(self._flush, loop)
@@ -431,7 +433,7 @@ class _ReadSource:
             self._pump.submit(self.arm)
 
     def _eof(self, _: object) -> None:
-        self.reader.feed_eof()
+        self.reader.feed_pipe_eof()
 
     def read_now(self, size: int) -> bool:
         """Loop thread, its reader out of bytes: feed it up to ``size`` bytes the pipe holds
@@ -502,7 +504,7 @@ class _ReadSource:
         finally:
             with contextlib.suppress(OSError):
                 self._pipe.close()
-            self.reader.feed_eof()
+            self.reader.feed_pipe_eof()
 
     def _keep(self, keep: bool) -> bool:
         """Lock held: the loop keeps reading the pipe itself (or gives it back). True if the

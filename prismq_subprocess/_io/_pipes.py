@@ -203,15 +203,20 @@ class BridgedReader(asyncio.StreamReader):
     def feed_eof(self) -> None:
         """End the stream (``StreamReader.feed_eof``), then run :attr:`on_eof` once."""
         super().feed_eof()
-        # End of file comes after the pipe was closed. The end and the reader refer to each
-        # other: let go of it, or only the garbage collector frees the pair, and one collection
-        # that frees a thousand children's pipes at once stalls the loop for tens of ms.
-        self._end = _FINISHED_END
-        self._transport = _FINISHED_END
-        self._read_now = self._give_back = None
         callback, self.on_eof = self.on_eof, None
         if callback is not None:
             callback()
+
+    def feed_pipe_eof(self) -> None:
+        """:meth:`feed_eof` from the bridge, once it has closed the pipe: the reader also lets
+        go of the pipe's end, which refers back to it. Otherwise only the garbage collector
+        frees the pair, and one collection freeing a thousand children's pipes at once stalls
+        the loop for tens of ms. (A caller's own ``feed_eof()`` keeps the end: the pipe may
+        still be open, and :meth:`release` must still close it.)"""
+        self._end = _FINISHED_END
+        self._transport = _FINISHED_END
+        self._read_now = self._give_back = None
+        self.feed_eof()
 
     async def _wait_for_data(self, func_name: str) -> None:
         # asyncio's StreamReader calls this when its buffer cannot serve a read. While a child
@@ -540,7 +545,7 @@ class PipeReaderThread:
         self._flow.delivered(len(data))
 
     def _feed_eof(self) -> None:
-        self.reader.feed_eof()
+        self.reader.feed_pipe_eof()
 
 
 class ThreadedStdinWriter(StdinWriterBase):

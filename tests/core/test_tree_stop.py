@@ -1095,3 +1095,42 @@ async def test_the_undo_of_a_spawn_cancelled_as_it_ends_runs_off_the_event_loop(
         assert await asyncio.to_thread(survivors_after, mark, 0.5) == []
     assert undone_on, "the spawn was not undone"
     assert threading.main_thread().name not in undone_on
+
+
+async def test_a_stop_returns_once_what_it_killed_has_ended() -> None:
+    # Found by CI (Python 3.12, four workers on two cores): right after terminate_gracefully()
+    # of a child ignoring SIGTERM returned, a grandchild it had SIGKILLed still showed as
+    # running; a killed process ends only once the kernel runs it again. The stop now waits
+    # (bounded) for what its last SIGKILL hit. Here the machine's slowness is played by
+    # a kill that reaches the descendants 0.3 s late.
+    from lifecycle_helpers import marked
+
+    from prismq_subprocess._core._offloop import Pace, no_pace
+    from prismq_subprocess._platform import StopRecord
+
+    mark, env = marked_env()
+    process = await asyncio.create_subprocess_exec(
+        *py(STUBBORN_CHILD), env=env, stdout=subprocess.DEVNULL
+    )
+    await wait_marked(mark)
+    ops = platform_ops()
+    real_kill_trees = ops.kill_trees
+    timers: list[threading.Timer] = []
+
+    def late_kill_trees(records: list[StopRecord], pace: Pace = no_pace) -> None:
+        for record in records:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.target.pid, signal.SIGKILL)  # the child itself at once
+        timer = threading.Timer(0.3, real_kill_trees, (records,))
+        timers.append(timer)
+        timer.start()
+
+    ops.kill_trees = late_kill_trees  # type: ignore[method-assign]
+    try:
+        [status] = await stop_process_trees([process], grace=0.3, ops=ops)
+        assert status == -signal.SIGKILL
+        assert await asyncio.to_thread(marked, mark) == []
+    finally:
+        for timer in timers:
+            timer.join()
+        await assert_no_survivors(mark, grace=0.0)

@@ -21,7 +21,7 @@ import pytest
 from helpers import py
 
 from prismq_subprocess._io._io_thread import IOThread
-from prismq_subprocess._io._pipes import MAX_IN_FLIGHT, PipeBridge, ThreadPerPipe
+from prismq_subprocess._io._pipes import MAX_IN_FLIGHT, BridgedReader, PipeBridge, ThreadPerPipe
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes and signals")
 
@@ -783,3 +783,32 @@ async def test_many_deliveries_run_in_order_over_several_loop_turns() -> None:
         pump.close()
     assert [index for index, _ in ran] == list(range(1500))
     assert len({turn for _, turn in ran}) >= 4
+
+
+async def test_release_after_a_callers_own_feed_eof_still_closes_the_pipe() -> None:
+    # Found by a review in session 25: feed_eof() let go of the pipe's end (so that the reader
+    # and the end no longer keep each other alive), but feed_eof() is public StreamReader API;
+    # a caller's own, with the pipe still open, made a later release() a no-op. Only the
+    # bridge's end of file, after it closed the pipe, lets go of the end now.
+    loop = asyncio.get_running_loop()
+    pump = IOThread("prismq-io-test")
+    read_end, write_end = os.pipe()
+    try:
+        reader = pump.open_reader(
+            loop, os.fdopen(read_end, "rb", buffering=0), limit=LIMIT, name="t"
+        )
+        reader.feed_eof()
+        assert isinstance(reader, BridgedReader)
+        reader.release()
+
+        def closed() -> bool:
+            try:
+                os.fstat(read_end)
+            except OSError:
+                return True
+            return False
+
+        await wait_until(closed)
+    finally:
+        pump.close()
+        os.close(write_end)

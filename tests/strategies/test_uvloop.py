@@ -165,7 +165,10 @@ def test_closing_from_the_next_loop_stops_and_reaps_the_children(
     on_uvloop(start)  # the loop closes with the child running
     with caplog.at_level("ERROR", logger="prismq_subprocess"):
         status = on_uvloop(stop)
-    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    # Ours only: asyncio's "Task was destroyed but it is pending!" for a task an earlier test
+    # left on a loop it closed on purpose comes whenever a collection frees that task (CI).
+    ours = [r for r in caplog.records if r.name.startswith("prismq_subprocess")]
+    assert [r.getMessage() for r in ours if r.levelname == "ERROR"] == []
     assert status == 3 and started[0].returncode == 3
     assert asked.read_text() == "asked"
     with pytest.raises(ChildProcessError):  # reaped: no zombie left

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 
 PY = sys.executable
 
@@ -10,6 +13,34 @@ PY = sys.executable
 def py(code: str) -> tuple[str, str, str]:
     """The argument tuple that runs ``code`` with this interpreter."""
     return (PY, "-c", code)
+
+
+class LoopTurns:
+    """How many times a task that only yields has run: the event loop's turns so far."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@contextlib.asynccontextmanager
+async def counting_loop_turns() -> AsyncIterator[LoopTurns]:
+    """``async with counting_loop_turns() as turns:``: ``turns.count`` grows by one per turn of
+    the running loop while the block runs (to tell work done in one callback from work spread
+    over several)."""
+    turns = LoopTurns()
+    stop = False
+
+    async def count() -> None:
+        while not stop:
+            turns.count += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count())
+    try:
+        yield turns
+    finally:
+        stop = True
+        await counter
 
 
 #: pytest.ini of the host projects the plugin tests run in a pytester sub-session.

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import WRAPPER_FACTORIES, open_the_loops_own_descriptors, skip_if_async_on_uvloop
-from helpers import PY, py
+from helpers import PY, counting_loop_turns, py
 
 import prismq_subprocess as pq
 from prismq_subprocess import PIPE, STDOUT, RunMode
@@ -767,30 +767,19 @@ async def test_closing_lets_go_of_many_exited_children_a_chunk_at_a_time(mode: s
     # exited children are now let go of in chunks, with loop turns between.
     import weakref
 
-    turns = 0
     freed_at: list[int] = []
-    stop = False
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while not stop:
-            turns += 1
-            await asyncio.sleep(0)
-
     children = 3 * 64 + 10
     wrapper = WRAPPER_FACTORIES[mode]()
-    for _ in range(children):
-        proc = await wrapper.create_subprocess_exec(
-            *py("import time; time.sleep(60)"), stdout=PIPE, stderr=PIPE
-        )
-        weakref.finalize(proc, lambda: freed_at.append(turns))
-    del proc
-    counter = asyncio.create_task(count_turns())
-    try:
+    async with counting_loop_turns() as turns:
+        for _ in range(children):
+            proc = await wrapper.create_subprocess_exec(
+                *py("import time; time.sleep(60)"), stdout=PIPE, stderr=PIPE
+            )
+            weakref.finalize(proc, lambda: freed_at.append(turns.count))
+        del proc
+        spawned_by = turns.count
         await wrapper.aclose()
-    finally:
-        stop = True
-        await counter
+    assert min(freed_at) >= spawned_by  # none freed before the close
     assert len(freed_at) == children  # all let go of by aclose(), without a collection...
     assert len(set(freed_at)) >= 4  # ...over several loop turns, not all at once
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import py
+from helpers import counting_loop_turns, py
 
 from prismq_subprocess._io._io_thread import IOThread
 from prismq_subprocess._io._pipes import MAX_IN_FLIGHT, BridgedReader, PipeBridge, ThreadPerPipe
@@ -758,28 +758,18 @@ async def test_many_deliveries_run_in_order_over_several_loop_turns() -> None:
     # once, and the loop ran all their ends of file in one callback (tens of ms of stall).
     loop = asyncio.get_running_loop()
     pump = IOThread("prismq-io-test")
-    turns = 0
     ran: list[tuple[int, int]] = []
-    stop = False
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while not stop:
-            turns += 1
-            await asyncio.sleep(0)
-
-    def deliver(index: object) -> None:
-        assert isinstance(index, int)
-        ran.append((index, turns))
-
-    counter = asyncio.create_task(count_turns())
     try:
-        pump._post([(loop, deliver, i) for i in range(1000)])
-        pump._post([(loop, deliver, i) for i in range(1000, 1500)])  # joins the pending ones
-        await wait_until(lambda: len(ran) == 1500)
+        async with counting_loop_turns() as turns:
+
+            def deliver(index: object) -> None:
+                assert isinstance(index, int)
+                ran.append((index, turns.count))
+
+            pump._post([(loop, deliver, i) for i in range(1000)])
+            pump._post([(loop, deliver, i) for i in range(1000, 1500)])  # joins the pending
+            await wait_until(lambda: len(ran) == 1500)
     finally:
-        stop = True
-        await counter
         pump.close()
     assert [index for index, _ in ran] == list(range(1500))
     assert len({turn for _, turn in ran}) >= 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncResource
 from .._core._exceptions import DuplicateRunError, InvalidRunIdError
 from .._core._process import ProcessLike
@@ -167,6 +168,9 @@ class ProcessManager(AsyncResource):
         """:meth:`stop_all` with the default grace period; what leaving ``async with`` does.
         Idempotent.
 
-        Cancellation: stops waiting; the stops go on.
+        Cancellation: stops waiting; the stops go on. Called inside an anyio scope that is
+        already cancelled (a ``finally`` block after ``move_on_after``), it runs in full,
+        shielded from that scope, as after asyncio's one-shot cancellation.
         """
-        await self.stop_all()
+        with shielded_if_cancelled():
+            await self.stop_all()

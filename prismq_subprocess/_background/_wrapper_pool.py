@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncClosing
 from .._core._exceptions import InvalidLimitError, PoolClosedError
 from .._core._modes import RunMode
@@ -124,8 +125,14 @@ class ResourcePool(AsyncClosing):
         Callers waiting for a wrapper get ``PoolClosedError``.
 
         Cancellation: the children still running are killed at once (no grace), then
-        ``CancelledError`` propagates.
+        ``CancelledError`` propagates. Called inside an anyio scope that is already cancelled
+        (a ``finally`` block after ``move_on_after``), the close runs in full, shielded from
+        that scope.
         """
+        with shielded_if_cancelled():
+            await self._aclose()
+
+    async def _aclose(self) -> None:
         self._closed = True
         self._slots.close()
         wrappers = list(self._wrappers)

@@ -254,3 +254,48 @@ def test_a_spawn_cancelled_by_a_scope_is_undone_before_the_loop_ends(mode: str) 
         assert survivors_after(mark, 2.0) == []
         assert left == []
         assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("owner", ["ProcessManager", "ResourcePool"])
+def test_an_aclose_in_the_finally_of_a_cancelled_scope_gives_the_children_their_grace(
+    owner: str, tmp_path: Path
+) -> None:
+    """``finally: await owner.aclose()`` inside a cancelled scope (not ``async with``, which was
+    shielded already): the wrapper's and the runner's aclose() shield themselves; the process
+    manager's and the pool's were cut short at their first await, the children left running
+    (the manager's stops went on unwatched) or killed at once (the pool)."""
+    seen = tmp_path / "term"
+    mark, env = marked_env()
+    spawned: list[psutil.Process] = []
+
+    async def main() -> None:
+        wrapper = pq.SubprocessWrapper(grace_period=5.0)
+        pool = pq.ResourcePool(1, grace_period=5.0)
+        manager = pq.ProcessManager(grace_period=5.0)
+        closing = manager if owner == "ProcessManager" else pool
+        with anyio.move_on_after(1.0):
+            try:
+                if owner == "ProcessManager":
+                    process = await wrapper.create_subprocess_exec(
+                        *py(SIGTERM_SEEN), str(seen), env=env, stdout=asyncio.subprocess.DEVNULL
+                    )
+                    manager.register("run-1", process)
+                else:
+                    async with pool.acquire_subprocess() as lent:
+                        process = await lent.create_subprocess_exec(
+                            *py(SIGTERM_SEEN), str(seen), env=env, stdout=asyncio.subprocess.DEVNULL
+                        )
+                spawned.append(psutil.Process(process.pid))
+                await anyio.sleep(30)
+            finally:
+                await closing.aclose()
+                # Reached only if the close ran in full; 3: its SIGTERM handler ran.
+                statuses.append(process.returncode)
+        await wrapper.aclose()
+        await pool.aclose()
+
+    statuses: list[int | None] = []
+    anyio.run(main)
+    assert statuses == [3]
+    assert seen.exists()
+    assert survivors_after(mark, 3.0) == []

@@ -172,11 +172,13 @@ async def _until_killed_gone(
         if not records:
             return
         if loop.time() >= deadline:
+            # (The pids from the worker's answer's records: one more look, rare, on the loop.)
+            pids = [p.pid for r in records for p in alive(r.descendants)]
             logger.warning(
                 "%d process(es) of a stopped tree still ran %.3g s after SIGKILL: %s",
-                sum(len(alive(r.descendants)) for r in records),
+                len(pids),
                 _KILLED_SETTLE,
-                [p.pid for r in records for p in alive(r.descendants)],
+                pids,
             )
             return
         await asyncio.sleep(_POLL)

@@ -339,6 +339,10 @@ async def _timeout_case(case: str, repeats: int, marker: str) -> dict[str, Any]:
                         "stop_seconds": ended - started - TIMEOUT,
                         "stop_stall": meter.max_stall(started + TIMEOUT, ended),
                         "whole_stall": meter.max_stall(started, ended),
+                        "stop_stall_without_gc": meter.max_stall_without_collections(
+                            started + TIMEOUT, ended
+                        ),
+                        "longest_gc": meter.longest_collection(started + TIMEOUT, ended),
                     }
                 )
     finally:
@@ -351,6 +355,8 @@ async def _timeout_case(case: str, repeats: int, marker: str) -> dict[str, Any]:
         "stop_stall_max": max(s["stop_stall"] for s in samples),
         "stop_stall_median": statistics.median(s["stop_stall"] for s in samples),
         "whole_stall_max": max(s["whole_stall"] for s in samples),
+        "stop_stall_without_gc_max": max(s["stop_stall_without_gc"] for s in samples),
+        "longest_gc": max(s["longest_gc"] for s in samples),
         "stop_seconds_median": statistics.median(s["stop_seconds"] for s in samples),
         "marked_after": len(list(_marked(MARKER_VAR, marker))),
     }
@@ -614,10 +620,20 @@ def targets(result: dict[str, Any]) -> list[Target]:
                 name,
                 s["stop_stall_max"] <= TARGET_TIMEOUT_STALL_S,
                 f"max {_ms(s['stop_stall_max'])}, median {_ms(s['stop_stall_median'])} "
-                f"over {s['repeats']} stops",
+                f"over {s['repeats']} stops{_gc_note(s)}",
             )
         )
     return out
+
+
+def _gc_note(s: dict[str, Any]) -> str:
+    """Where a full garbage collection fell inside a stop: the worst stall without it, and it."""
+    if not s.get("longest_gc"):
+        return ""
+    return (
+        f" ({_ms(s['stop_stall_without_gc_max'])} where no full GC ran; longest full GC "
+        f"{_ms(s['longest_gc'])})"
+    )
 
 
 def _int_list(text: str) -> list[int]:

@@ -1141,3 +1141,58 @@ async def test_a_stop_returns_once_what_it_killed_has_ended() -> None:
         for timer in timers:
             timer.join()
         await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_the_wait_for_what_a_stop_killed_is_bounded_and_names_the_survivors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The other side of the wait above: what a SIGKILL hit may stay for longer than the bound
+    # (a process in uninterruptible sleep, a machine far behind). The stop must return after
+    # the bound, not wait for it, and say which processes still ran. Played here by a kill that
+    # reaches the descendants 4 s late, well past the 1 s bound.
+    from prismq_subprocess._core import _tree_stop
+    from prismq_subprocess._core._offloop import Pace, no_pace
+    from prismq_subprocess._platform import StopRecord
+
+    mark, env = marked_env()
+    process = await asyncio.create_subprocess_exec(
+        *py(STUBBORN_CHILD), env=env, stdout=subprocess.DEVNULL
+    )
+    await wait_marked(mark)
+    ops = platform_ops()
+    real_kill_trees = ops.kill_trees
+    timers: list[threading.Timer] = []
+    late_kill_done = threading.Event()
+    descendants: list[int] = []
+
+    def late(records: list[StopRecord]) -> None:
+        real_kill_trees(records)
+        late_kill_done.set()
+
+    def late_kill_trees(records: list[StopRecord], pace: Pace = no_pace) -> None:
+        for record in records:
+            descendants.extend(p.pid for p in record.descendants)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.target.pid, signal.SIGKILL)  # the child itself at once
+        timer = threading.Timer(4.0, late, (records,))
+        timers.append(timer)
+        timer.start()
+
+    ops.kill_trees = late_kill_trees  # type: ignore[method-assign]
+    try:
+        with caplog.at_level("WARNING", logger="prismq_subprocess"):
+            started = time.monotonic()
+            [status] = await stop_process_trees([process], grace=0.3, ops=ops)
+            waited = time.monotonic() - started
+        assert status == -signal.SIGKILL
+        # Returned without waiting for the late kill, after the grace and the whole bound.
+        assert not late_kill_done.is_set(), f"the stop waited for the late kill ({waited:.2f} s)"
+        assert waited >= 0.3 + _tree_stop._KILLED_SETTLE
+        assert descendants
+        [warning] = [r for r in _our_records(caplog) if "after SIGKILL" in r.getMessage()]
+        assert warning.levelname == "WARNING"
+        assert all(str(pid) in warning.getMessage() for pid in descendants)
+    finally:
+        for timer in timers:
+            timer.join()
+        await assert_no_survivors(mark, grace=0.0)

@@ -831,7 +831,9 @@ class OutputCapture(AsyncClosing):
         the writer thread. Later appends raise ``OutputClosedError``. Idempotent. Buffers stay
         readable through :meth:`get_lines`.
 
-        Cancellation: the writer thread still finishes writing and stops.
+        Cancellation: the writer thread still finishes writing and stops. Called inside an
+        anyio scope that is already cancelled (a ``finally`` block after ``move_on_after``), it
+        waits for that, shielded from the scope.
         """
         self._flush_all()
         handle = self._flush_handle

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from .._core._cancel_shield import shielded_if_cancelled
 from ._log_names import run_log_path
 from ._output_items import bound_line
 
@@ -205,7 +206,10 @@ class RunLogWriter:
     async def aclose(self) -> None:
         """Write everything queued, close all files and stop the thread. Idempotent.
 
-        Cancellation: the thread still finishes and stops; only the wait is abandoned.
+        Cancellation: the thread still finishes and stops; only the wait is abandoned. Called
+        inside an anyio scope that is already cancelled (a ``finally`` block after
+        ``move_on_after``), it still waits, shielded from the scope: for lines already queued
+        to reach the disk, which no new line can prolong.
         """
         if self._stopped:
             return
@@ -215,7 +219,8 @@ class RunLogWriter:
             return
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._queue.put(_Stop(done))
-        await asyncio.wrap_future(done)
+        with shielded_if_cancelled():
+            await asyncio.wrap_future(done)
         # The thread returns right after resolving `done`, so this join is short.
         thread.join()
 

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Self
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncResource
 from .._core._durations import interval_seconds, timeout_seconds
 from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
@@ -384,7 +385,10 @@ class PeriodicTask(AsyncResource):
         started): it returns at once and the schedule ends when that run returns.
 
         If ``stop()`` itself is cancelled, the schedule is cancelled too and the cancellation
-        propagates.
+        propagates. Called inside an anyio scope that is already cancelled (a ``finally`` block
+        after ``move_on_after``) with a ``timeout``, it runs in full, shielded from that scope
+        (for at most about ``timeout`` seconds); with ``timeout=None`` that would be unbounded,
+        so there it is a cancelled stop.
 
         Raises:
             InvalidTimeoutError: ``timeout`` is negative or not a number.
@@ -401,18 +405,21 @@ class PeriodicTask(AsyncResource):
             # Called from inside a run (or from something it waits on): waiting for the run
             # would deadlock. The flag ends the schedule as soon as this run returns.
             return
+        # Shielded only when bounded: a scope held up for as long as a run takes could hang.
+        shield = shielded_if_cancelled() if limit is not None else contextlib.nullcontext()
         try:
-            if self._in_run is not None:
-                await asyncio.wait({task}, timeout=limit)
-            if not task.done():
+            with shield:
                 if self._in_run is not None:
-                    logger.warning(
-                        "PeriodicTask %r: run still going after %s s; cancelling it",
-                        self.name,
-                        limit,
-                    )
-                task.cancel()
-                await asyncio.wait({task})
+                    await asyncio.wait({task}, timeout=limit)
+                if not task.done():
+                    if self._in_run is not None:
+                        logger.warning(
+                            "PeriodicTask %r: run still going after %s s; cancelling it",
+                            self.name,
+                            limit,
+                        )
+                    task.cancel()
+                    await asyncio.wait({task})
         except asyncio.CancelledError:
             task.cancel()
             raise

@@ -48,6 +48,7 @@ from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._exceptions import (
     DuplicateRunError,
     InvalidParametersError,
@@ -1106,7 +1107,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
         raise :class:`RegistryClosedError`).
 
         Cancellation: the connection is still closed and the thread stopped, by the worker
-        thread once its job in progress is done.
+        thread once its job in progress is done. Called inside an anyio scope that is already
+        cancelled (a ``finally`` block after ``move_on_after``), it waits for that, shielded
+        from the scope: a write in progress is bounded by ``busy_timeout``.
         """
         with self._state:
             if self._closed:
@@ -1117,7 +1120,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
             self._db = self._executor = self._opening = None
             self._opened = []
         if executor is not None:
-            await self._close_worker(executor, dbs)
+            with shielded_if_cancelled():
+                await self._close_worker(executor, dbs)
 
     async def add_run(self, run: Run) -> None:
         db = self._db

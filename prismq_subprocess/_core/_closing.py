@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Any, Self
 
-from ._cancel_shield import shielded_if_cancelled
+from ._cancel_shield import anyio_cancelled, shielded_if_cancelled
 
 __all__ = ["AsyncClosing", "AsyncResource", "join_stopped_task"]
 
@@ -58,14 +58,34 @@ class AsyncResource(ABC):
 AsyncClosing = AsyncResource
 
 
+#: How long :func:`join_stopped_task`, shielded from a cancelled anyio scope, lets the task
+#: finish what it is doing before it cancels it.
+SHIELDED_JOIN_SECONDS = 5.0
+
+
 async def join_stopped_task(task: asyncio.Task[Any], log: logging.Logger, what: str) -> None:
     """Wait until ``task``, already asked to stop, has ended; log an unexpected error it ended
     with (so asyncio never reports it as never retrieved).
 
+    Called inside an anyio scope that is already cancelled (a ``finally`` block after
+    ``move_on_after``), the wait runs in full, shielded from that scope, as after asyncio's
+    one-shot cancellation; bounded there: after :data:`SHIELDED_JOIN_SECONDS` the task is
+    cancelled (a callback it awaits may take any time) and then waited for.
+
     Cancellation: ``task`` is cancelled too, then ``CancelledError`` propagates.
     """
+    shielded = anyio_cancelled()
     try:
-        await asyncio.wait({task})
+        with shielded_if_cancelled():
+            await asyncio.wait({task}, timeout=SHIELDED_JOIN_SECONDS if shielded else None)
+            if not task.done():
+                log.warning(
+                    "%s still going %s s after it was asked to stop; cancelling it",
+                    what,
+                    SHIELDED_JOIN_SECONDS,
+                )
+                task.cancel()
+                await asyncio.wait({task})
     except asyncio.CancelledError:
         task.cancel()
         raise

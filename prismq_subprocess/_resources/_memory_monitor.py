@@ -340,7 +340,9 @@ class MemoryMonitor(AsyncResource):
         wait until it has returned. Idempotent; monitoring may be started again. A loop running
         in a task of the caller's is asked to stop; the caller awaits that task.
 
-        Cancellation: the monitoring task is cancelled too.
+        Cancellation: the monitoring task is cancelled too. Called inside an anyio scope that
+        is already cancelled (a ``finally`` block after ``move_on_after``), it runs in full,
+        shielded from that scope (a reading in progress is cancelled, so that is short).
         """
         task, self._task = self._task, None
         self.stop_monitoring()

@@ -297,8 +297,10 @@ class ProcessTreeSampler(AsyncResource):
 
         A sample in progress is allowed to finish, so this returns within about one reading
         (plus an ``on_limit`` callback that is running). If ``stop()`` is cancelled, the
-        sampling task is cancelled too. A sampling task left by an event loop closed while it
-        ran is forgotten.
+        sampling task is cancelled too. Called inside an anyio scope that is already cancelled
+        (a ``finally`` block after ``move_on_after``), it runs in full, shielded from that
+        scope, for at most a few seconds (then the task is cancelled). A sampling task left by
+        an event loop closed while it ran is forgotten.
         """
         task = self._task
         if task is None:

@@ -17,6 +17,7 @@ from distributed.scheduler import KilledWorker
 
 from .._background._backend import ModuleJob, RunBackend, RunContext, check_resources
 from .._background._run_record import Run, RunStatus
+from .._core._cancel_shield import shielded_if_cancelled
 from .._core._exceptions import (
     BackendClosedError,
     DuplicateRunError,
@@ -770,11 +771,18 @@ class DaskBackend(RunBackend):
         release the cancel events of runs withdrawn while queued, unsubscribe, and close the
         client if the backend made it. Idempotent.
 
-        Cancellation: stops waiting; the client may be left open.
+        Cancellation: stops waiting; the client may be left open. Called inside an anyio scope
+        that is already cancelled (a ``finally`` block after ``move_on_after``), the close runs
+        in full, shielded from that scope; each of its waits is bounded (the runs' stop by
+        ``cancel_timeout``, the releases and the client's close by their own timeouts).
         """
         if self._closed:
             return
         self._closed = True
+        with shielded_if_cancelled():
+            await self._aclose()
+
+    async def _aclose(self) -> None:
         for remote in self._remotes.values():
             remote.cancel_requested = True
             remote.wake.set()

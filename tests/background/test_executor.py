@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import prismq_subprocess as pq
@@ -333,3 +334,65 @@ async def test_the_executors_own_registry_keeps_a_bounded_history(tmp_path: Path
     async with mine, ConcurrentExecutor(run_mode=pq.RunMode.DRY_RUN, registry=mine) as executor:
         await executor.execute_batch([ModuleSpec("m", "M", script) for _ in range(3)])
         assert mine.max_runs is None and await mine.count_runs() == 3
+
+
+SIGTERM_SEEN = textwrap.dedent(
+    """
+    import pathlib, signal, sys, time
+    def on_term(*_):
+        pathlib.Path(sys.argv[1]).write_text("term")
+        sys.exit(3)
+    signal.signal(signal.SIGTERM, on_term)
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["aclose", "async with"])
+def test_closed_in_a_cancelled_anyio_scope_a_running_module_gets_its_grace(
+    how: str, tmp_path: Path
+) -> None:
+    """Closed in the ``finally`` of a cancelled anyio scope (or by leaving ``async with``) while
+    a module runs (in a task of its own): as after asyncio's one-shot cancellation the child
+    gets SIGTERM and its grace period, and the run is recorded CANCELLED before aclose()
+    returns (the runner's own aclose() is shielded)."""
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_SEEN)
+    seen_term = tmp_path / "term"
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        ex = ConcurrentExecutor(run_mode="async", grace_period=5.0)
+        call = asyncio.create_task(ex.execute_module("m", "M", script, args=[str(seen_term)]))
+
+        async def until_running() -> None:
+            while not ex.runner.processes.live():  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.3)  # its SIGTERM handler is in place
+
+        with anyio.move_on_after(5.0) as scope:
+            if how == "async with":
+                async with ex:
+                    await until_running()
+                    scope.cancel()
+                    await anyio.sleep(30)
+            else:
+                try:
+                    await until_running()
+                    scope.cancel()
+                    await anyio.sleep(30)
+                finally:
+                    await ex.aclose()
+                    seen["returned"] = True
+        seen["term"] = seen_term.exists()
+        seen["live"] = ex.runner.processes.live()
+        seen["statuses"] = [run.status for run in await ex.registry.list_runs()]
+        seen["result"] = await call
+
+    anyio.run(main, backend="asyncio")
+    assert seen["term"] is True
+    assert seen["live"] == {}
+    assert seen["statuses"] == [pq.RunStatus.CANCELLED]
+    if how == "aclose":
+        assert seen.get("returned") is True

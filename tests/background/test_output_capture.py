@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import anyio
 import pytest
 from helpers import clean_one_by_one
 from hypothesis import given, settings
@@ -991,3 +992,59 @@ async def test_following_a_foreign_run_from_the_end_of_its_log_does_not_rescan_i
     assert starts[0] == (0, 0)
     # Every later read starts where the last one ended (line 3000, then 3001), not at line 0.
     assert all(seq >= 3000 for seq, _ in starts[1:]), starts
+
+
+@pytest.mark.parametrize(
+    "how", ["OutputCapture.aclose", "async with OutputCapture", "RunLogWriter"]
+)
+def test_closed_in_a_cancelled_anyio_scope_the_logs_are_whole_and_the_thread_ended(
+    how: str, tmp_path: Path
+) -> None:
+    """Closed in the ``finally`` of a cancelled anyio scope (or by leaving ``async with``) with
+    many lines still queued for the writer thread: the close returns once every line is in its
+    file and the thread has ended, as after asyncio's one-shot cancellation. Awaited directly,
+    the writer's aclose() (and so the capture's) was cut short at its first await and returned
+    with the thread still writing."""
+    count = 200_000
+    lines = [f"line {i}" for i in range(count)]
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        capture = OutputCapture(log_dir=tmp_path)
+        writer = RunLogWriter(tmp_path)
+
+        async def queue_lines() -> None:
+            # Just before the close: the writer thread has all of them still to write when
+            # aclose() begins. (Shielded: an append may yield to the loop, which the scope
+            # would cut short.)
+            with anyio.CancelScope(shield=True):
+                if how == "RunLogWriter":
+                    writer.write("run-1", lines)
+                else:
+                    await capture.append_lines("run-1", lines)
+
+        with anyio.move_on_after(0.05):
+            if how == "async with OutputCapture":
+                async with capture:
+                    try:
+                        await anyio.sleep(30)
+                    finally:
+                        await queue_lines()
+            else:
+                try:
+                    await anyio.sleep(30)
+                finally:
+                    await queue_lines()
+                    await (writer if how == "RunLogWriter" else capture).aclose()
+                    seen["returned"] = True
+        seen["threads"] = log_threads()
+        log = run_log_path(tmp_path, "run-1")
+        seen["written"] = log.read_text().count("\n") if log.exists() else 0
+        await capture.aclose()
+        await writer.aclose()
+
+    anyio.run(main, backend="asyncio")
+    assert seen["threads"] == []
+    assert seen["written"] == count
+    if how != "async with OutputCapture":
+        assert seen.get("returned") is True

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1080,3 +1081,85 @@ def test_collecting_a_run_left_on_a_closed_loop_leaves_the_next_loops_run_in_pro
 
     assert asyncio.run(run_through_a_collection())
     assert finished == 1
+
+
+@pytest.mark.parametrize("how", ["aclose", "async with"])
+def test_closed_in_a_cancelled_anyio_scope_the_run_finishes_and_the_schedule_ends(
+    how: str,
+) -> None:
+    """Closed in the ``finally`` of a cancelled anyio scope (or by leaving ``async with``) while
+    a run is in progress: as after asyncio's one-shot cancellation, the run is let finish and
+    aclose() returns once the schedule has ended; no run starts afterwards. Awaited directly,
+    aclose() was cut short at its first await: the run was cancelled halfway and the schedule
+    was still winding down when it returned."""
+    seen: dict[str, object] = {}
+    started = asyncio.Event()
+    finished: list[bool] = []
+
+    async def work() -> None:
+        started.set()
+        await asyncio.sleep(0.2)
+        finished.append(True)
+
+    async def main() -> None:
+        task = PeriodicTask("shielded", 0.05, work, run_immediately=True)
+        with anyio.move_on_after(0.1):
+            if how == "async with":
+                async with task:
+                    schedule = task._task
+                    await started.wait()
+                    await anyio.sleep(30)
+            else:
+                task.start()
+                schedule = task._task
+                try:
+                    await started.wait()
+                    await anyio.sleep(30)
+                finally:
+                    await task.aclose()
+                    seen["returned"] = True
+        assert schedule is not None
+        seen["schedule done"] = schedule.done()
+        seen["finished"] = list(finished)
+        runs = task.stats.runs
+        await anyio.sleep(0.3)  # six intervals
+        seen["runs after"] = task.stats.runs - runs
+
+    anyio.run(main, backend="asyncio")
+    assert seen["schedule done"] is True
+    assert seen["finished"] == [True]
+    assert seen["runs after"] == 0
+    if how == "aclose":
+        assert seen.get("returned") is True
+
+
+def test_stop_without_a_timeout_in_a_cancelled_anyio_scope_does_not_hold_the_scope() -> None:
+    """``stop(timeout=None)`` waits for the run as long as it takes; shielded from a cancelled
+    anyio scope that could hold the scope for ever, so there it is a cancelled stop: the run is
+    cancelled and the cancellation propagates at once."""
+    seen: dict[str, object] = {}
+    started = asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    async def main() -> None:
+        task = PeriodicTask("unbounded", 0.05, work, run_immediately=True)
+        task.start()
+        schedule = task._task
+        assert schedule is not None
+        begun = time.monotonic()
+        with anyio.move_on_after(0.1):
+            try:
+                await started.wait()
+                await anyio.sleep(30)
+            finally:
+                await task.stop(timeout=None)
+        seen["held"] = time.monotonic() - begun
+        await asyncio.wait({schedule}, timeout=5)
+        seen["cancelled"] = schedule.cancelled()
+
+    anyio.run(main, backend="asyncio")
+    assert seen["held"] < 5
+    assert seen["cancelled"] is True

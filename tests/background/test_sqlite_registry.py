@@ -16,6 +16,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import psutil
 import pytest
 
@@ -651,3 +652,57 @@ async def test_a_run_that_cannot_be_stored_as_json_is_refused_clearly(
             await registry.update_run(good)
         stored = await registry.get_run(good.run_id)
         assert stored is not None and getattr(stored, field) in ({}, [])
+
+
+@pytest.mark.parametrize("how", ["aclose", "async with"])
+def test_closed_in_a_cancelled_anyio_scope_the_last_write_is_in_and_the_thread_ended(
+    how: str, tmp_path: Path
+) -> None:
+    """A write in progress when an anyio scope is cancelled (a client that disconnected), the
+    registry closed in the scope's ``finally`` (or by leaving ``async with``): the close waits
+    for the write, closes the connection and ends the thread before it returns, as after
+    asyncio's one-shot cancellation. Awaited directly, aclose() was cut short at its first
+    await: it returned with the write still waiting for another writer's lock, the connection
+    open (its -wal file still there) and the thread running."""
+    path = tmp_path / "runs.db"
+    last = Run(module_id="last")
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        before = set(sqlite_threads())
+        registry = SQLiteRunRegistry(path, busy_timeout=10.0)
+        await registry.add_run(Run(module_id="first"))  # opens: the file and its thread exist
+        (thread,) = set(sqlite_threads()) - before
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists()
+        # Another process's write transaction holds the lock for 0.5 s: the last write waits.
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.5, lambda: (other.execute("COMMIT"), other.close()))
+        release.start()
+        try:
+            with anyio.move_on_after(0.2):
+                if how == "aclose":
+                    try:
+                        await registry.add_run(last)
+                    finally:
+                        await registry.aclose()
+                        seen["returned"] = True
+                else:
+                    async with registry:
+                        await registry.add_run(last)
+            seen["thread alive"] = thread.is_alive()
+            # The last connection to a WAL database to close checkpoints it and removes the
+            # -wal file: gone once ours closed too (the other one closed at 0.5 s).
+            seen["wal file"] = wal.exists()
+        finally:
+            release.join()
+
+    anyio.run(main, backend="asyncio")
+    assert seen["thread alive"] is False
+    assert seen["wal file"] is False
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        stored = {row[0] for row in raw.execute("SELECT module_id FROM runs")}
+    assert stored == {"first", "last"}
+    if how == "aclose":
+        assert seen.get("returned") is True

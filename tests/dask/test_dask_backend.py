@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psutil
 import pytest
 
@@ -998,3 +999,48 @@ async def test_the_orphan_reaper_skips_the_lost_worker_and_bounds_each_try(
         for pid in orphans:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
+
+
+@pytest.mark.parametrize("how", ["aclose", "async with"])
+def test_closed_in_a_cancelled_anyio_scope_the_backend_releases_its_client(
+    how: str, scripts: dict[str, str]
+) -> None:
+    """Closed in the ``finally`` of a cancelled anyio scope (or by leaving ``async with``), as a
+    host's shutdown path may: as after asyncio's one-shot cancellation, the worker watch has
+    ended and the client the backend made is closed when aclose() returns. Awaited directly,
+    aclose() was cut short at its first await and left both running. (An in-process
+    ``LocalCluster``: no worker processes, so nothing of multiprocessing outlives the test.)"""
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        async with distributed.LocalCluster(
+            n_workers=1, processes=False, asynchronous=True, dashboard_address=":0"
+        ) as cluster:
+            backend = DaskBackend(cluster.scheduler_address)
+            runner = runner_for(backend)
+            try:
+                run_id = await runner.start_module("m", "lines", scripts["lines"], {"count": 2})
+                run = await finished(runner, run_id)
+                assert run.status is RunStatus.COMPLETED
+                client, watcher = backend.client, backend._watcher
+                assert client is not None and watcher is not None
+                with anyio.move_on_after(0.1):
+                    if how == "async with":
+                        async with backend:
+                            await anyio.sleep(30)
+                    else:
+                        try:
+                            await anyio.sleep(30)
+                        finally:
+                            await backend.aclose()
+                            seen["returned"] = True
+                seen["watcher done"] = watcher.done()
+                seen["client"] = client.status
+            finally:
+                await runner.aclose()
+
+    anyio.run(main, backend="asyncio")
+    assert seen["watcher done"] is True
+    assert seen["client"] == "closed"
+    if how == "aclose":
+        assert seen.get("returned") is True

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
+import anyio
 import psutil
 import pytest
 from hypothesis import given, settings
@@ -767,3 +768,47 @@ def test_a_monitor_keeps_monitoring_when_the_closed_loops_task_is_collected() ->
 
     assert asyncio.run(watch_through_a_collection())
     assert not monitor.is_monitoring
+
+
+@pytest.mark.parametrize("how", ["aclose", "async with"])
+def test_closed_in_a_cancelled_anyio_scope_monitoring_has_ended(how: str) -> None:
+    """Closed in the ``finally`` of a cancelled anyio scope (or by leaving ``async with``) during
+    a reading: aclose() returns once the monitoring task has ended, as after asyncio's one-shot
+    cancellation; no reading follows. Awaited directly, it was cut short at its first await and
+    returned with the task still running."""
+    seen: dict[str, object] = {}
+    calls = 0
+
+    def reading() -> ResourceSnapshot:
+        nonlocal calls
+        calls += 1
+        return _slow_reading()
+
+    async def main() -> None:
+        monitor = MemoryMonitor(80.0, check_interval=0.1, reader=reading)
+        with anyio.move_on_after(0.1):  # inside the first (0.2 s) reading
+            if how == "async with":
+                async with monitor:
+                    task = monitor._task
+                    await anyio.sleep(30)
+            else:
+                await monitor.__aenter__()
+                task = monitor._task
+                try:
+                    await anyio.sleep(30)
+                finally:
+                    await monitor.aclose()
+                    seen["returned"] = True
+        assert task is not None
+        seen["task done"] = task.done()
+        seen["monitoring"] = monitor.is_monitoring
+        before = calls
+        await anyio.sleep(0.5)  # five intervals
+        seen["readings after"] = calls - before
+
+    anyio.run(main, backend="asyncio")
+    assert seen["task done"] is True
+    assert seen["monitoring"] is False
+    assert seen["readings after"] == 0
+    if how == "aclose":
+        assert seen.get("returned") is True

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import subprocess
 import sys
 import textwrap
 import time
 
+import anyio
 import psutil
 import pytest
 
+from prismq_subprocess._core import _closing as closing_module
 from prismq_subprocess._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidIntervalError,
@@ -372,3 +375,94 @@ async def test_descendants_that_ended_are_not_kept_one_by_one_but_their_cpu_is()
         assert child.stdin is not None
         child.stdin.close()
         await child.wait()
+
+
+@pytest.mark.parametrize("how", ["aclose", "async with"])
+def test_closed_in_a_cancelled_anyio_scope_the_sample_finishes_and_sampling_ends(
+    how: str,
+) -> None:
+    """Closed in the ``finally`` of a cancelled anyio scope (or by leaving ``async with``) while
+    an ``on_limit`` callback runs: as after asyncio's one-shot cancellation, the sample in
+    progress (its callback included) finishes and aclose() returns once the sampling task has
+    ended; no sample follows. Awaited directly, aclose() was cut short at its first await: the
+    callback was cancelled halfway and the task was still running when it returned."""
+    seen: dict[str, object] = {}
+    fired = asyncio.Event()
+    finished: list[bool] = []
+
+    async def on_limit(sample: TreeSample) -> None:
+        fired.set()
+        await asyncio.sleep(0.2)
+        finished.append(True)
+
+    async def main() -> None:
+        # This process as the root: over a 1-byte limit at its first sample.
+        sampler = ProcessTreeSampler(
+            os.getpid(), interval=0.05, memory_limit_bytes=1, on_limit=on_limit
+        )
+        with anyio.move_on_after(0.1):  # inside the (0.2 s) callback of the first sample
+            if how == "async with":
+                async with sampler:
+                    task = sampler._task
+                    await fired.wait()
+                    await anyio.sleep(30)
+            else:
+                sampler.start()
+                task = sampler._task
+                try:
+                    await fired.wait()
+                    await anyio.sleep(30)
+                finally:
+                    await sampler.aclose()
+                    seen["returned"] = True
+        assert task is not None
+        seen["task done"] = task.done()
+        seen["finished"] = list(finished)
+        samples = sampler.samples
+        await anyio.sleep(0.3)  # six intervals
+        seen["samples after"] = sampler.samples - samples
+
+    anyio.run(main, backend="asyncio")
+    assert seen["task done"] is True
+    assert seen["finished"] == [True]
+    assert seen["samples after"] == 0
+    if how == "aclose":
+        assert seen.get("returned") is True
+
+
+def test_a_callback_that_never_returns_does_not_hold_a_cancelled_anyio_scope(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shielded close is bounded: an ``on_limit`` callback still running after the bound
+    is cancelled (with a warning), and aclose() returns with the task ended."""
+    monkeypatch.setattr(closing_module, "SHIELDED_JOIN_SECONDS", 0.3)
+    seen: dict[str, object] = {}
+    held: list[float] = []
+    fired = asyncio.Event()
+
+    async def on_limit(sample: TreeSample) -> None:
+        fired.set()
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        sampler = ProcessTreeSampler(
+            os.getpid(), interval=0.05, memory_limit_bytes=1, on_limit=on_limit
+        )
+        sampler.start()
+        task = sampler._task
+        assert task is not None
+        with anyio.move_on_after(0.1):
+            try:
+                await fired.wait()
+                await anyio.sleep(30)
+            finally:
+                begun = time.monotonic()
+                await sampler.aclose()
+                held.append(time.monotonic() - begun)
+        seen["task done"] = task.done()
+
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._resources._tree_sampler"):
+        anyio.run(main, backend="asyncio")
+    assert len(held) == 1 and 0.25 < held[0] < 3
+    assert seen["task done"] is True
+    assert any("asked to stop; cancelling it" in r.getMessage() for r in caplog.records)

@@ -184,6 +184,7 @@ EXPECTED: dict[str, list[str]] = {
         "ProcessFailedError",
         "ProcessTimeoutError",
         "RegistryClosedError",
+        "RegistryOpenError",
         "RegistryReadOnlyError",
         "RegistrySchemaError",
         "ResourceLimitException",

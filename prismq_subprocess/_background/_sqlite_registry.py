@@ -55,6 +55,7 @@ from .._core._exceptions import (
     InvalidRunError,
     InvalidTimeoutError,
     RegistryClosedError,
+    RegistryOpenError,
     RegistryReadOnlyError,
     RegistrySchemaError,
     RunStateError,
@@ -309,6 +310,27 @@ def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
         time.sleep(0.005)
 
 
+def _raise_if_unopenable(path: str, cause: BaseException | None = None) -> None:
+    """Raise :class:`RegistryOpenError` naming why ``path`` cannot be opened, when the file
+    system tells (SQLite's own error says only "unable to open database file")."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        why = "it is a directory"
+    elif not os.path.isdir(folder):
+        why = f"its folder {folder!r} does not exist (create it first)"
+    elif not os.access(folder, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
+    ):
+        why = "permission denied"
+    elif cause is not None:
+        why = str(cause)
+    else:
+        return
+    raise RegistryOpenError(f"cannot open the run registry {path!r}: {why}") from cause
+
+
 def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
     """Open ``path`` with the ``mode=ro`` URI and check it is a current registry of ours.
 
@@ -317,6 +339,7 @@ def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
             reader cannot migrate; opening it once read-write does).
     """
     if path == ":memory:" or not os.path.isfile(path):
+        _raise_if_unopenable(path)
         raise RegistrySchemaError(
             f"{path!r} is not an existing registry file; read_only=True needs one"
         )
@@ -549,7 +572,12 @@ class _Database:
             self.journal_mode = str(self.conn.execute("PRAGMA journal_mode").fetchone()[0])
             return
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-        self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        try:
+            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_CANTOPEN":
+                _raise_if_unopenable(path, exc)
+            raise
         try:
             self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             # Before anything that writes (the journal mode is stored in the file): a foreign

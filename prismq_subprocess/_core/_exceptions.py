@@ -38,6 +38,7 @@ __all__ = [
     "ProcessFailedError",
     "ProcessTimeoutError",
     "RegistryClosedError",
+    "RegistryOpenError",
     "RegistryReadOnlyError",
     "RegistrySchemaError",
     "ResourceLimitException",
@@ -272,6 +273,12 @@ class RegistryClosedError(ClosedError):
 class RegistrySchemaError(PrismQError, RuntimeError):
     """Raised when a SQLite registry file has a schema newer than this version of the library
     understands, or is not a registry file at all."""
+
+
+class RegistryOpenError(PrismQError, OSError):
+    """Raised when a SQLite registry's file cannot be opened or created: its folder does not
+    exist (it is not made for you: a mistyped path would otherwise become a new, empty
+    registry), the path is a directory, or the file or its folder is not accessible."""
 
 
 class RegistryReadOnlyError(PrismQError, PermissionError):

@@ -35,6 +35,7 @@ from prismq_subprocess._core._exceptions import (
     InvalidTimeoutError,
     PrismQError,
     RegistryClosedError,
+    RegistryOpenError,
     RegistrySchemaError,
 )
 
@@ -706,3 +707,28 @@ def test_closed_in_a_cancelled_anyio_scope_the_last_write_is_in_and_the_thread_e
     assert stored == {"first", "last"}
     if how == "aclose":
         assert seen.get("returned") is True
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_a_path_that_cannot_be_opened_names_the_reason(
+    tmp_path: Path, read_only: bool
+) -> None:
+    # A new user's first mistake: the data folder not created yet. sqlite3 said only "unable to
+    # open database file", without the path, and not as one of our errors.
+    missing = tmp_path / "not-made-yet" / "runs.db"
+    registry = SQLiteRunRegistry(missing, read_only=read_only)
+    with pytest.raises(RegistryOpenError) as info:
+        await registry.open()
+    assert isinstance(info.value, PrismQError)
+    assert isinstance(info.value, OSError)
+    assert str(missing) in str(info.value)
+    assert "does not exist" in str(info.value)
+    await registry.close()
+    assert not missing.parent.exists()  # nothing made on the way
+    folder = tmp_path / "a-folder.db"
+    folder.mkdir()
+    registry = SQLiteRunRegistry(folder, read_only=read_only)
+    with pytest.raises(RegistryOpenError, match="is a directory"):
+        await registry.open()
+    await registry.close()
+    assert sqlite_threads() == []

@@ -195,6 +195,7 @@ EXPECTED: dict[str, list[str]] = {
         "ScriptNotFoundError",
         "ShutdownHandlerError",
         "SpawnFailedError",
+        "StreamNotOpenError",
         "StrategyContractError",
         "SubprocessPolicyException",
         "TaskManagerClosedError",

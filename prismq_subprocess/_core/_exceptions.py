@@ -265,6 +265,11 @@ class InvalidQueryError(PrismQError, ValueError):
     a ``max_runs``/``max_age`` that is not positive)."""
 
 
+class StreamNotOpenError(PrismQError, RuntimeError):
+    """Raised when a ``LineStream`` (``wrapper.stream(...)``) is iterated, waited for or asked
+    for its process outside its ``async with`` block: the block is what starts the command."""
+
+
 class RegistryClosedError(ClosedError):
     """Raised when a run registry is used after ``aclose()`` / ``close()`` (or after its
     ``async with`` block)."""
@@ -427,6 +432,7 @@ __all__ += [
     "InvalidEncodingError",
     "InvalidOptionError",
     "SpawnFailedError",
+    "StreamNotOpenError",
     "UnknownUserError",
 ]
 

@@ -10,13 +10,15 @@ from typing import Any, Generic, TypeVar
 
 from ._cancel_shield import shielded_if_cancelled
 from ._closing import AsyncResource
-from ._exceptions import ClosedError, ProcessTimeoutError
+from ._exceptions import ClosedError, ProcessTimeoutError, StreamNotOpenError
 from ._lines import iter_line_batches
 from ._process import ProcessLike
 from ._result import TailBuffer
 from ._run_process import ChildRun, discard_output
 
 __all__ = ["LineStream"]
+
+_NOT_OPEN = "the stream is not open: use it inside 'async with wrapper.stream(...) as lines:'"
 
 LineT = TypeVar("LineT", bytes, str)
 
@@ -65,6 +67,7 @@ class LineStream(AsyncResource, Generic[LineT]):
         # reader of stdout.
         self._ended: asyncio.Future[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._stderr_read: asyncio.Future[Any] | None = None
         self._entered = False
         self._closed = False
 
@@ -72,17 +75,20 @@ class LineStream(AsyncResource, Generic[LineT]):
     def process(self) -> ProcessLike:
         """The running child (available inside the ``async with`` block)."""
         if self._run is None:
-            raise RuntimeError("the stream is not open; use 'async with wrapper.stream(...)'")
+            raise StreamNotOpenError(_NOT_OPEN)
         return self._run.process
 
     @property
     def returncode(self) -> int | None:
-        """The child's exit status once it has ended."""
+        """The child's exit status once its end has been seen: after the block always; inside
+        it, once :meth:`wait` returned (reading every line does not wait for the exit: the
+        output may end before the child does). ``None`` until then."""
         return None if self._run is None else self._run.process.returncode
 
     @property
     def stderr(self) -> bytes:
-        """The kept tail of stderr (``merge_stderr=False`` only)."""
+        """The kept tail of stderr (``merge_stderr=False`` only): whole after the block, or
+        inside it once :meth:`wait` returned; until then, what has been read so far."""
         return self._stderr.getvalue()
 
     async def __aenter__(self) -> LineStream[LineT]:
@@ -105,7 +111,7 @@ class LineStream(AsyncResource, Generic[LineT]):
         if self._timeout is not None:
             self._deadline = loop.time() + self._timeout
         if not self._merge:
-            run.capture(run.process.stderr, self._stderr)
+            self._stderr_read = run.capture(run.process.stderr, self._stderr)
         self._batches = iter_line_batches(run.process.stdout, encoding=self._encoding)
         self._ended = loop.create_future()
         run.read(self._ended)
@@ -159,7 +165,7 @@ class LineStream(AsyncResource, Generic[LineT]):
 
     async def _next_batch(self) -> list[LineT]:
         if self._batches is None or self._run is None:
-            raise RuntimeError("iterate inside 'async with wrapper.stream(...)'")
+            raise StreamNotOpenError(_NOT_OPEN)
         try:
             if self._deadline is None:
                 batch: list[LineT] = await anext(self._batches)
@@ -186,11 +192,20 @@ class LineStream(AsyncResource, Generic[LineT]):
             ) from None
 
     async def wait(self) -> int:
-        """Wait for the child to exit (cancellation stops its tree) and return its status."""
+        """Wait for the child to exit (cancellation stops its tree) and return its status; with
+        ``merge_stderr=False``, also for its stderr to be read to the end (bounded, as the drain
+        rule), so :attr:`stderr` is whole when this returns.
+
+        Raises:
+            StreamNotOpenError: called outside the ``async with`` block.
+        """
         if self._run is None:
-            raise RuntimeError("the stream is not open; use 'async with wrapper.stream(...)'")
+            raise StreamNotOpenError(_NOT_OPEN)
         try:
-            return await self._run.wait_exit()
+            status = await self._run.wait_exit()
+            if self._stderr_read is not None:
+                await self._run.wait_read(self._stderr_read)
+            return status
         except asyncio.CancelledError:
             await self._run.stop()  # shielded from a cancelled anyio scope: see ChildRun.stop
             raise

@@ -114,15 +114,27 @@ class ChildRun:
         return self.control.mode
 
     # -- readers ------------------------------------------------------------------------------
-    def read(self, reader: Coroutine[Any, Any, object] | asyncio.Future[Any]) -> None:
+    def read(
+        self, reader: Coroutine[Any, Any, object] | asyncio.Future[Any]
+    ) -> asyncio.Future[Any]:
         """Make ``reader`` (a coroutine reading one of the child's pipes to its end, run as a
-        task, or a future resolved when such reading is done) part of this run."""
-        self._readers.append(asyncio.ensure_future(reader))
+        task, or a future resolved when such reading is done) part of this run; returns the
+        future that is done when it is."""
+        future = asyncio.ensure_future(reader)
+        self._readers.append(future)
+        return future
 
-    def capture(self, stream: Any, sink: TailBuffer) -> None:
-        """Read ``stream`` (if piped) into ``sink`` until end of file."""
-        if stream is not None:
-            self.read(_copy(stream, sink))
+    def capture(self, stream: Any, sink: TailBuffer) -> asyncio.Future[Any] | None:
+        """Read ``stream`` (if piped) into ``sink`` until end of file; the reading's future."""
+        if stream is None:
+            return None
+        return self.read(_copy(stream, sink))
+
+    async def wait_read(self, reader: asyncio.Future[Any]) -> None:
+        """The child has exited: wait (up to :data:`DRAIN_SECONDS`, as the drain rule does) for
+        ``reader`` to reach the end of its pipe."""
+        if not reader.done():
+            await asyncio.wait({reader}, timeout=DRAIN_SECONDS)
 
     def feed(self, stdin: Any, data: bytes) -> None:
         """Write ``data`` to the child's ``stdin``, then close it (a child that stops reading is

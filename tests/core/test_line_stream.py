@@ -42,3 +42,43 @@ async def test_a_stream_closed_before_use_starts_nothing(any_wrapper: pq.Subproc
         async with stream:
             pass
     assert any_wrapper.live_processes == []
+
+
+# Writes 200 KB to stderr (more than a pipe holds) ending with a marker, one line to stdout, and
+# exits 3: at the exit, the end of stderr is still in the pipe.
+LOUD_STDERR = (
+    "import sys\n"
+    "sys.stderr.write(('x' * 99 + '\\n') * 2000 + 'END\\n')\n"
+    "sys.stderr.flush()\n"
+    "print('out', flush=True)\n"
+    "sys.exit(3)\n"
+)
+
+
+async def test_inside_the_block_wait_gives_the_status_and_the_whole_stderr(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # A new user's walkthrough: inside the block, after reading every line, returncode was
+    # sometimes None and stderr empty or short; both were right only after the block. wait()
+    # now returns once the status is known and stderr has been read to its end.
+    for _ in range(3):
+        async with wrapper.stream(*py(LOUD_STDERR), merge_stderr=False) as lines:
+            assert [line async for line in lines] == [b"out\n"]
+            assert await lines.wait() == 3
+            assert lines.returncode == 3
+            assert lines.stderr.endswith(b"END\n")
+        assert lines.stderr.endswith(b"END\n")
+
+
+async def test_iterating_outside_the_block_is_a_clear_error(
+    any_wrapper: pq.SubprocessWrapper,
+) -> None:
+    stream = any_wrapper.stream(*py(SLEEPER))
+    for use in (stream.__anext__(), stream.wait()):
+        with pytest.raises(pq.exceptions.StreamNotOpenError, match="async with") as info:
+            await use
+        assert isinstance(info.value, pq.PrismQError)
+        assert isinstance(info.value, RuntimeError)
+    with pytest.raises(pq.exceptions.StreamNotOpenError):
+        stream.process  # noqa: B018
+    assert any_wrapper.live_processes == []

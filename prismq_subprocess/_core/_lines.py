@@ -140,9 +140,12 @@ def _batches(
     stream: Any, encoding: str | None, errors: str, chunk_size: int
 ) -> AsyncIterator[list[Any]]:
     if stream is None or not callable(getattr(stream, "read", None)):
+        if stream is not None and hasattr(stream, "stdout") and hasattr(stream, "pid"):
+            hint = "pass process.stdout (or process.stderr), not the process"
+        else:
+            hint = "was the process started with stdout=PIPE?"
         raise InvalidArgumentTypeError(
-            f"iter_lines() needs a stream with an async read(n), not {stream!r}; was the process "
-            "started with stdout=PIPE?"
+            f"iter_lines() needs a stream with an async read(n), not {stream!r}; {hint}"
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise InvalidLimitError(f"chunk_size must be a positive int, not {chunk_size!r}")

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Collection, Mapping
+from datetime import timedelta
 from typing import Any
 
 from .._platform import IS_WINDOWS
@@ -106,6 +107,16 @@ def check_shell_command(cmd: object) -> str | bytes:
     return _check_part(cmd, 0)
 
 
+
+# subprocess.run() options that Popen does not take: what to do instead here.
+_HINTS = {
+    "capture_output": "; run() always captures stdout and stderr (ProcessResult.stdout/.stderr)",
+    "check": "; check= is an option of run(), not of a process",
+    "input": "; input= is an option of run() (or pass stdin=PIPE and use communicate(input))",
+    "timeout": "; timeout= is an option of run() and stream() (or use asyncio.timeout)",
+}
+
+
 def check_popen_kwargs(kwargs: dict[str, Any], *, shell: bool) -> None:
     """Reject, before anything starts, what asyncio or ``Popen`` would reject at spawn time:
     every strategy (DRY_RUN included) goes through this one check.
@@ -127,9 +138,10 @@ def check_popen_kwargs(kwargs: dict[str, Any], *, shell: bool) -> None:
         return
     unknown = sorted(kwargs.keys() - POPEN_OPTIONS)
     if unknown:
+        hints = "".join(_HINTS[name] for name in unknown if name in _HINTS)
         raise InvalidOptionError(
             f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}: not an option of "
-            "subprocess.Popen"
+            f"subprocess.Popen{hints}"
         )
     if kwargs.get("universal_newlines"):
         raise InvalidCommandError("universal_newlines must be False")
@@ -436,6 +448,18 @@ def check_limit(value: object, name: str, *, minimum: int) -> None:
 _MAX_SECONDS = int(sys.float_info.max)
 
 
+def check_flag(value: object, name: str) -> bool:
+    """Return ``value`` if it is a bool.
+
+    Raises:
+        InvalidArgumentTypeError: anything else ("yes", "no", 0, None): a string such as "no"
+            is true, and would silently turn the option on.
+    """
+    if value.__class__ is not bool:
+        raise InvalidArgumentTypeError(f"{name} must be True or False, not {value!r}")
+    return value is True
+
+
 def check_timeout(value: float | None, name: str = "timeout") -> float | None:
     """Return ``value`` if it is ``None`` or a number >= 0 (``inf`` means no limit, as ``None``).
 
@@ -445,7 +469,12 @@ def check_timeout(value: float | None, name: str = "timeout") -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidTimeoutError(f"{name} must be a number of seconds, not {type(value).__name__}")
+        hint = ""
+        if isinstance(value, timedelta):
+            hint = f" (pass {name}=delta.total_seconds())"
+        raise InvalidTimeoutError(
+            f"{name} must be a number of seconds, not {type(value).__name__}{hint}"
+        )
     if isinstance(value, int) and not -_MAX_SECONDS <= value <= _MAX_SECONDS:
         # float() of it (or formatting it) would raise a bare OverflowError.
         if value < 0:
@@ -498,8 +527,9 @@ def not_found_error(program: str | bytes, exc: FileNotFoundError) -> CommandNotF
     detail = "not on PATH" if os.sep not in name else "no such file"
     if " " in name.strip():
         detail += (
-            "; it contains spaces: pass the arguments separately (run('ls', '-l')) or use "
-            "shell=True for a command line"
+            "; it contains spaces: pass the program and its arguments separately ('ls', '-l'), "
+            "or run the line through a shell: create_subprocess_shell('ls -l') or "
+            "run('ls -l', shell=True)"
         )
     return CommandNotFoundError(name, f"{detail} ({exc.strerror or exc})")
 

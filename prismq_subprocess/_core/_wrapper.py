@@ -37,6 +37,7 @@ from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, sto
 from ._validation import (
     check_encoding,
     check_exec_command,
+    check_flag,
     check_limit,
     check_popen_kwargs,
     check_shell_command,
@@ -109,7 +110,8 @@ class SubprocessWrapper(AsyncClosing):
         self._ops = ops or platform_ops()
         if strategy is not None and mode is not None:
             raise InvalidRunModeError("pass mode or strategy, not both")
-        self._die_with_host = bool(die_with_host)
+        self._die_with_host = check_flag(die_with_host, "die_with_host")
+        check_flag(new_process_group, "new_process_group")
         if isinstance(mode, SubprocessStrategy):
             mode, strategy = None, mode
         override = active_override() if mode is None and strategy is None else None
@@ -449,8 +451,11 @@ class SubprocessWrapper(AsyncClosing):
         """
         limit = check_timeout(timeout)
         grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        check_flag(check, "check")
+        check_flag(shell, "shell")
         if input is not None and not isinstance(input, bytes | bytearray | memoryview):
-            raise InvalidCommandError(f"input must be bytes, not {type(input).__name__}")
+            hint = " (encode it: input=text.encode())" if isinstance(input, str) else ""
+            raise InvalidCommandError(f"input must be bytes, not {type(input).__name__}{hint}")
         cap = self._max_output if max_output_bytes is ... else max_output_bytes
         if cap is not None:
             check_limit(cap, "max_output_bytes", minimum=0)
@@ -515,6 +520,7 @@ class SubprocessWrapper(AsyncClosing):
         """
         limit = check_timeout(timeout)
         grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        check_flag(merge_stderr, "merge_stderr")
         if max_stderr_bytes is not None:
             check_limit(max_stderr_bytes, "max_stderr_bytes", minimum=0)
         check_encoding(encoding, "replace")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -341,3 +342,40 @@ def test_a_spawn_that_fails_on_another_file_names_the_program_and_that_file() ->
     assert error.filename == "/dev/null"  # (str() shows it last)
     plain = spawn_error("sh", OSError(errno.EAGAIN, "Resource temporarily unavailable"))
     assert "could not start 'sh': Resource temporarily unavailable" in str(plain)
+
+
+# -- a new user's walkthrough (session 26): habits from subprocess get a hint that fits -----------
+async def test_yes_no_options_take_a_bool(any_wrapper: pq.SubprocessWrapper) -> None:
+    # "yes"/"no" were accepted: die_with_host="no" is truthy and turned the option on.
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="check must be True or"):
+        await any_wrapper.run("true", check="yes")  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="shell must be True or"):
+        await any_wrapper.run("true", shell="no")  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="merge_stderr must be"):
+        any_wrapper.stream("true", merge_stderr="yes")  # type: ignore[arg-type]
+    for option in ("die_with_host", "new_process_group"):
+        with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match=f"{option} must be"):
+            pq.SubprocessWrapper(pq.RunMode.DRY_RUN, **{option: "no"})
+    assert any_wrapper.live_processes == []
+
+
+async def test_hints_for_habits_from_subprocess(any_wrapper: pq.SubprocessWrapper) -> None:
+    with pytest.raises(pq.exceptions.InvalidOptionError, match="run\\(\\) always captures"):
+        await any_wrapper.run("true", capture_output=True)
+    with pytest.raises(pq.exceptions.InvalidCommandError, match="encode"):
+        await any_wrapper.run("cat", input="hello")  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidTimeoutError, match="total_seconds"):
+        await any_wrapper.run("true", timeout=timedelta(seconds=1))  # type: ignore[arg-type]
+    process = await any_wrapper.create_subprocess_exec("true", stdout=subprocess.PIPE)
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match=r"process\.stdout"):
+        pq.iter_lines(process)
+    await process.wait()
+
+
+async def test_a_command_line_given_as_a_program_names_both_ways(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    with pytest.raises(pq.CommandNotFoundError) as info:
+        await wrapper.create_subprocess_exec("ls -l")
+    assert "create_subprocess_shell" in str(info.value)
+    assert "shell=True" in str(info.value)

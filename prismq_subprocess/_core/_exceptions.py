@@ -221,8 +221,15 @@ class RunStateError(PrismQError, ValueError):
 def _describe(cmd: Sequence[str] | str) -> str:
     if isinstance(cmd, str):
         return repr(cmd)
-    text = shlex.join(str(part) for part in cmd)
-    return repr(text if len(text) <= 200 else text[:197] + "...")
+    parts = [str(part) for part in cmd]
+    text = shlex.join(parts)
+    shown = repr(text if len(text) <= 200 else text[:197] + "...")
+    if "\\" in shown and "\\" not in text:
+        # Quotes of both kinds: shlex's quoting ('"'"') inside repr's escaping was unreadable;
+        # the list's repr, as subprocess.CalledProcessError shows it, is not.
+        shown = repr(parts)
+        return shown if len(shown) <= 200 else shown[:197] + "..."
+    return shown
 
 
 class InvalidIntervalError(PrismQError, ValueError):

@@ -36,3 +36,16 @@ def test_result_helpers() -> None:
     with pytest.raises(pq.ProcessFailedError, match="exited with status 3") as info:
         bad.check_returncode()
     assert info.value.stderr == b"oops" and info.value.cmd == ("x", "y")
+
+
+def test_a_failed_command_with_quotes_of_both_kinds_reads_plainly() -> None:
+    # A new user's walkthrough: shlex's quoting inside repr's escaping gave
+    # 'python -c \'import sys; print(\'"\'"\'oops\'"\'"\'...' for this command.
+    code = "import sys; print('oops', file=sys.stderr); sys.exit(3)"
+    error = pq.ProcessFailedError(cmd=["python3", "-c", code], returncode=3)
+    assert str(error).startswith(f"command {['python3', '-c', code]!r} exited with status 3")
+    assert "\\'" not in str(error)
+    # Plain commands keep the shell form a user could paste.
+    assert str(pq.ProcessFailedError(cmd=["ls", "-l", "my file"], returncode=2)).startswith(
+        "command \"ls -l 'my file'\" exited"
+    )

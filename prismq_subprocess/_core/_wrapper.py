@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import subprocess
@@ -52,6 +53,15 @@ logger = logging.getLogger(__name__)
 _RELEASE_CHUNK = 64
 
 T = TypeVar("T")
+
+class _Default(enum.Enum):
+    """A ``run()`` argument left out: the wrapper's own setting applies."""
+
+    WRAPPERS = "the wrapper's"
+
+    def __repr__(self) -> str:
+        return "<the wrapper's>"
+
 
 _POLICY_HELP = (
     "use mode=RunMode.THREADED (works on any event loop), or make the loop a Proactor loop before "
@@ -425,7 +435,7 @@ class SubprocessWrapper(AsyncClosing):
         cwd: Any = None,
         env: Mapping[str, str] | None = None,
         shell: bool = False,
-        max_output_bytes: int | Any | None = ...,
+        max_output_bytes: int | _Default | None = _Default.WRAPPERS,
         grace_period: float | None = None,
         **kwds: Any,
     ) -> ProcessResult:
@@ -456,9 +466,13 @@ class SubprocessWrapper(AsyncClosing):
         if input is not None and not isinstance(input, bytes | bytearray | memoryview):
             hint = " (encode it: input=text.encode())" if isinstance(input, str) else ""
             raise InvalidCommandError(f"input must be bytes, not {type(input).__name__}{hint}")
-        cap = self._max_output if max_output_bytes is ... else max_output_bytes
-        if cap is not None:
-            check_limit(cap, "max_output_bytes", minimum=0)
+        # (``...`` was the documented placeholder before the sentinel: still the default.)
+        given: object = max_output_bytes
+        cap = self._max_output
+        if given is not _Default.WRAPPERS and given is not ...:
+            if given is not None:
+                check_limit(given, "max_output_bytes", minimum=0)
+            cap = given  # type: ignore[assignment]  # (an int >= 0, checked just above)
         _reject_stdio(kwds, "run")
         if cwd is not None:
             kwds["cwd"] = cwd

@@ -49,3 +49,15 @@ def test_a_failed_command_with_quotes_of_both_kinds_reads_plainly() -> None:
     assert str(pq.ProcessFailedError(cmd=["ls", "-l", "my file"], returncode=2)).startswith(
         "command \"ls -l 'my file'\" exited"
     )
+
+
+async def test_run_output_cap_defaults_to_the_wrappers_and_shows_so() -> None:
+    import inspect
+
+    default = inspect.signature(pq.SubprocessWrapper.run).parameters["max_output_bytes"].default
+    assert repr(default) == "<the wrapper's>"  # help() showed "= Ellipsis"
+    async with pq.SubprocessWrapper(pq.RunMode.ASYNC, max_output_bytes=3) as wrapper:
+        for given in ({}, {"max_output_bytes": ...}):  # the old placeholder still works
+            result = await wrapper.run("echo", "hello", **given)
+            assert result.stdout == b"lo\n" and result.stdout_truncated
+        assert (await wrapper.run("echo", "hello", max_output_bytes=None)).stdout == b"hello\n"

@@ -449,8 +449,10 @@ class SubprocessWrapper(AsyncClosing):
         After the child exits, members of its process group that are still running are stopped
         (so their open pipes cannot keep ``run()`` waiting).
 
-        Timeout: the tree is stopped (SIGTERM, ``grace_period``, SIGKILL) and
-        :class:`ProcessTimeoutError` (a ``TimeoutError``) is raised with the output so far.
+        Timeout (``timeout`` seconds; ``None``, the default, is no limit, and ``0`` times out at
+        once, as with ``asyncio.wait_for``): the tree is stopped (SIGTERM, ``grace_period``,
+        SIGKILL) and :class:`ProcessTimeoutError` (a ``TimeoutError``) is raised with the output
+        so far.
         Cancellation: the tree is stopped the same way before ``CancelledError`` propagates.
 
         Raises:

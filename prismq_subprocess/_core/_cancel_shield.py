@@ -22,12 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import sys
 from collections.abc import Collection
+from types import TracebackType
 from typing import Any
 
-__all__ = ["anyio_cancelled", "shielded_if_cancelled", "wait_all_or_cancel"]
+__all__ = [
+    "anyio_cancelled",
+    "cleaning_up_after_a_cancel",
+    "shielded_if_cancelled",
+    "wait_all_or_cancel",
+]
+
+# True inside a block that shielded_if_cancelled() did shield: there the scope no longer looks
+# cancelled (the shield hides it), yet the clean-up inside still runs on a cancelled caller's
+# time, and a nested clean-up must keep its own bounds (see cleaning_up_after_a_cancel()).
+_SHIELDING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "prismq_shielding", default=False
+)
 
 
 def anyio_cancelled() -> bool:
@@ -47,6 +61,45 @@ def anyio_cancelled() -> bool:
 _AS_IS: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
+def cleaning_up_after_a_cancel() -> bool:
+    """Whether the calling task is in a cancelled anyio scope, or inside a clean-up that
+    :func:`shielded_if_cancelled` shielded from one (where :func:`anyio_cancelled` answers
+    ``False``: the shield hides the scope). A clean-up that may wait without end bounds its
+    wait when this is true, so a cancelled scope is never held for long."""
+    return _SHIELDING.get() or anyio_cancelled()
+
+
+class _Shield:
+    """``anyio.CancelScope(shield=True)`` that also marks its block (``_SHIELDING``)."""
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self) -> None:
+        self._scope = sys.modules["anyio"].CancelScope(shield=True)
+        self._token: contextvars.Token[bool] | None = None
+
+    def __enter__(self) -> Any:
+        self._token = _SHIELDING.set(True)
+        try:
+            return self._scope.__enter__()
+        except BaseException:
+            _SHIELDING.reset(self._token)
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            suppressed: bool | None = self._scope.__exit__(exc_type, exc, tb)
+            return suppressed
+        finally:
+            if self._token is not None:
+                _SHIELDING.reset(self._token)
+
+
 def shielded_if_cancelled() -> contextlib.AbstractContextManager[Any]:
     """A context manager: ``anyio.CancelScope(shield=True)`` when the calling task is in a
     cancelled anyio scope (see :func:`anyio_cancelled`); otherwise one that does nothing.
@@ -56,8 +109,7 @@ def shielded_if_cancelled() -> contextlib.AbstractContextManager[Any]:
     """
     if not anyio_cancelled():
         return _AS_IS
-    shield: contextlib.AbstractContextManager[Any] = sys.modules["anyio"].CancelScope(shield=True)
-    return shield
+    return _Shield()
 
 
 async def wait_all_or_cancel(tasks: Collection[asyncio.Task[Any]]) -> None:

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Any, Self
 
-from ._cancel_shield import anyio_cancelled, shielded_if_cancelled
+from ._cancel_shield import cleaning_up_after_a_cancel, shielded_if_cancelled
 
 __all__ = ["AsyncClosing", "AsyncResource", "join_stopped_task"]
 
@@ -68,13 +68,14 @@ async def join_stopped_task(task: asyncio.Task[Any], log: logging.Logger, what: 
     with (so asyncio never reports it as never retrieved).
 
     Called inside an anyio scope that is already cancelled (a ``finally`` block after
-    ``move_on_after``), the wait runs in full, shielded from that scope, as after asyncio's
-    one-shot cancellation; bounded there: after :data:`SHIELDED_JOIN_SECONDS` the task is
-    cancelled (a callback it awaits may take any time) and then waited for.
+    ``move_on_after``), or inside a clean-up shielded from one (an ``async with`` exit), the
+    wait runs in full, shielded from that scope, as after asyncio's one-shot cancellation;
+    bounded there: after :data:`SHIELDED_JOIN_SECONDS` the task is cancelled (a callback it
+    awaits may take any time) and then waited for.
 
     Cancellation: ``task`` is cancelled too, then ``CancelledError`` propagates.
     """
-    shielded = anyio_cancelled()
+    shielded = cleaning_up_after_a_cancel()
     try:
         with shielded_if_cancelled():
             await asyncio.wait({task}, timeout=SHIELDED_JOIN_SECONDS if shielded else None)

@@ -430,11 +430,14 @@ def test_closed_in_a_cancelled_anyio_scope_the_sample_finishes_and_sampling_ends
         assert seen.get("returned") is True
 
 
+@pytest.mark.parametrize("how", ["aclose", "async with"])
 def test_a_callback_that_never_returns_does_not_hold_a_cancelled_anyio_scope(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     """The shielded close is bounded: an ``on_limit`` callback still running after the bound
-    is cancelled (with a warning), and aclose() returns with the task ended."""
+    is cancelled (with a warning), and aclose() returns with the task ended. Also when the
+    close is already shielded by the ``async with`` exit (a review found it unbounded there:
+    inside that shield the scope no longer looked cancelled)."""
     monkeypatch.setattr(closing_module, "SHIELDED_JOIN_SECONDS", 0.3)
     seen: dict[str, object] = {}
     held: list[float] = []
@@ -442,7 +445,7 @@ def test_a_callback_that_never_returns_does_not_hold_a_cancelled_anyio_scope(
 
     async def on_limit(sample: TreeSample) -> None:
         fired.set()
-        await asyncio.Event().wait()
+        await asyncio.sleep(10)  # (finite: an unbounded close fails the test, not hangs it)
 
     async def main() -> None:
         sampler = ProcessTreeSampler(
@@ -451,14 +454,24 @@ def test_a_callback_that_never_returns_does_not_hold_a_cancelled_anyio_scope(
         sampler.start()
         task = sampler._task
         assert task is not None
-        with anyio.move_on_after(0.1):
-            try:
-                await fired.wait()
-                await anyio.sleep(30)
-            finally:
-                begun = time.monotonic()
-                await sampler.aclose()
-                held.append(time.monotonic() - begun)
+        if how == "aclose":
+            with anyio.move_on_after(0.1):
+                try:
+                    await fired.wait()
+                    await anyio.sleep(30)
+                finally:
+                    begun = time.monotonic()
+                    await sampler.aclose()
+                    held.append(time.monotonic() - begun)
+        else:
+            begun = time.monotonic()
+            with anyio.move_on_after(0.1):
+                try:
+                    async with sampler:
+                        await fired.wait()
+                        await anyio.sleep(30)
+                finally:
+                    held.append(time.monotonic() - begun)
         seen["task done"] = task.done()
 
     with caplog.at_level(logging.WARNING, logger="prismq_subprocess._resources._tree_sampler"):

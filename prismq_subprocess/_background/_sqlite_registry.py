@@ -310,16 +310,29 @@ def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
         time.sleep(0.005)
 
 
-def _raise_if_unopenable(path: str, cause: BaseException | None = None) -> None:
+def _raise_if_unopenable(
+    path: str, cause: BaseException | None = None, *, read_only: bool = False
+) -> None:
     """Raise :class:`RegistryOpenError` naming why ``path`` cannot be opened, when the file
-    system tells (SQLite's own error says only "unable to open database file")."""
+    system tells (SQLite's own error says only "unable to open database file"). Read-only, a
+    missing file in a folder that exists is left to the caller (not a permission problem)."""
     if path == ":memory:" or path.startswith("file:"):
         return
     folder = os.path.dirname(os.path.abspath(path))
+    tilde = " (a leading ~ is not expanded: os.path.expanduser())" if path[:1] == "~" else ""
     if os.path.isdir(path):
         why = "it is a directory"
+    elif os.path.exists(folder) and not os.path.isdir(folder):
+        why = f"{folder!r} is a file, not a folder"
     elif not os.path.isdir(folder):
-        why = f"its folder {folder!r} does not exist (create it first)"
+        why = f"its folder {folder!r} does not exist (create it first){tilde}"
+    elif read_only:
+        if not os.access(folder, os.X_OK) or (
+            os.path.exists(path) and not os.access(path, os.R_OK)
+        ):
+            why = "permission denied"
+        else:
+            return
     elif not os.access(folder, os.W_OK | os.X_OK) or (
         os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
     ):
@@ -339,7 +352,7 @@ def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
             reader cannot migrate; opening it once read-write does).
     """
     if path == ":memory:" or not os.path.isfile(path):
-        _raise_if_unopenable(path)
+        _raise_if_unopenable(path, read_only=True)
         raise RegistrySchemaError(
             f"{path!r} is not an existing registry file; read_only=True needs one"
         )
@@ -950,6 +963,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
         RegistrySchemaError: (on open) the file is not a registry of ours or has a newer schema;
             with ``read_only``, also a missing file or an older schema.
         RegistryReadOnlyError: (on a write) the registry was opened with ``read_only=True``.
+        RegistryOpenError: (on open) the file cannot be opened or created: its folder does not
+            exist, the path is a directory, or access is denied.
         sqlite3.Error: (on any call) the database itself failed (disk full, locked too long).
     """
 
@@ -1059,6 +1074,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
         Raises:
             RegistryClosedError: the registry was closed (also while it was opening).
             RegistrySchemaError: the file is not a registry or has a newer schema.
+            RegistryOpenError: the file cannot be opened or created (see the class).
         """
         self._check_open()
         with self._state:

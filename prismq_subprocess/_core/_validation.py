@@ -111,9 +111,10 @@ def check_shell_command(cmd: object) -> str | bytes:
 # subprocess.run() options that Popen does not take: what to do instead here.
 _HINTS = {
     "capture_output": "; run() always captures stdout and stderr (ProcessResult.stdout/.stderr)",
-    "check": "; check= is an option of run(), not of a process",
-    "input": "; input= is an option of run() (or pass stdin=PIPE and use communicate(input))",
-    "timeout": "; timeout= is an option of run() and stream() (or use asyncio.timeout)",
+    "check": "; check= is an option of run() only (elsewhere, look at returncode)",
+    "input": "; input= is an option of run() only (for a process: stdin=PIPE, then "
+    "communicate(input))",
+    "timeout": "; timeout= is an option of run() and stream() only (elsewhere: asyncio.timeout)",
 }
 
 

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -731,4 +732,24 @@ async def test_a_path_that_cannot_be_opened_names_the_reason(
     with pytest.raises(RegistryOpenError, match="is a directory"):
         await registry.open()
     await registry.close()
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    registry = SQLiteRunRegistry(not_a_folder / "runs.db", read_only=read_only)
+    with pytest.raises(RegistryOpenError, match="is a file, not a folder"):
+        await registry.open()
+    await registry.close()
     assert sqlite_threads() == []
+
+
+async def test_read_only_on_a_missing_file_in_a_folder_it_cannot_write_is_not_a_permission_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: the read-only open checked that the folder was writable, and called a missing
+    # file in a read-only folder "permission denied". A reader needs no write access. (The
+    # folder is made unwritable for the check itself: root, as in CI, may write anywhere.)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not mode & os.W_OK and real_access(p, mode))
+    registry = SQLiteRunRegistry(tmp_path / "missing.db", read_only=True)
+    with pytest.raises(RegistrySchemaError, match="not an existing registry file"):
+        await registry.open()
+    await registry.close()

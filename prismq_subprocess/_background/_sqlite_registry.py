@@ -1132,7 +1132,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
         """Close ``dbs`` (an opening still running adds to its list before this job runs, in
         the worker's order), then stop the thread. Cancellation: the closing still happens, in
         the worker thread, which then ends by itself (the loop is not held up by a job in
-        progress, e.g. an open waiting for another process's write lock)."""
+        progress, e.g. an open waiting for another process's write lock). Inside a cancelled
+        anyio scope the caller shields this wait (see ``aclose``), so there it does wait for the
+        jobs already queued, each bounded by ``busy_timeout``."""
 
         def close() -> None:
             for db in dbs:

@@ -287,6 +287,9 @@ PRIVATE_IN_SIGNATURES = {
     # LineStream is made by SubprocessWrapper.stream(), never by callers: its constructor takes
     # the run path's internal ChildRun starter.
     "ChildRun",
+    # run(max_output_bytes=) defaults to a sentinel meaning "the wrapper's" (shown as such in
+    # help()); callers never pass it, they leave the argument out.
+    "_Default",
 }
 
 PUBLIC_MODULES = sorted(EXPECTED)

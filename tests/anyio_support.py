@@ -53,6 +53,37 @@ async def cancelled_after(kind: str, seconds: float, body: Callable[[], Awaitabl
         assert info.group_contains(LookupError)
 
 
+async def closed_by_a_cancelled_scope(
+    resource: Any,
+    how: str,
+    seen: dict[str, object],
+    ready: Callable[[], Awaitable[object]] | None = None,
+) -> asyncio.Task[Any] | None:
+    """Start ``resource`` (one of ours with a ``_task``) by entering it, wait for ``ready``,
+    then let a ``move_on_after`` cancel the body; the resource is closed by leaving its
+    ``async with`` (``how == "async with"``) or by ``aclose()`` awaited directly in the
+    ``finally`` (then ``seen["returned"]`` is set once that returned). Returns its task."""
+    task: asyncio.Task[Any] | None = None
+    with anyio.move_on_after(0.1):
+        if how == "async with":
+            async with resource:
+                task = resource._task
+                if ready is not None:
+                    await ready()
+                await anyio.sleep(30)
+        else:
+            await resource.__aenter__()
+            task = resource._task
+            try:
+                if ready is not None:
+                    await ready()
+                await anyio.sleep(30)
+            finally:
+                await resource.aclose()
+                seen["returned"] = True
+    return task
+
+
 @dataclass
 class LoopReport:
     """What a :func:`run_counted` loop saw."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio_support import closed_by_a_cancelled_scope
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -1103,21 +1104,7 @@ def test_closed_in_a_cancelled_anyio_scope_the_run_finishes_and_the_schedule_end
 
     async def main() -> None:
         task = PeriodicTask("shielded", 0.05, work, run_immediately=True)
-        with anyio.move_on_after(0.1):
-            if how == "async with":
-                async with task:
-                    schedule = task._task
-                    await started.wait()
-                    await anyio.sleep(30)
-            else:
-                task.start()
-                schedule = task._task
-                try:
-                    await started.wait()
-                    await anyio.sleep(30)
-                finally:
-                    await task.aclose()
-                    seen["returned"] = True
+        schedule = await closed_by_a_cancelled_scope(task, how, seen, started.wait)
         assert schedule is not None
         seen["schedule done"] = schedule.done()
         seen["finished"] = list(finished)

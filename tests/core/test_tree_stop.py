@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -1104,6 +1105,51 @@ async def test_the_undo_of_a_spawn_cancelled_as_it_ends_runs_off_the_event_loop(
     assert threading.main_thread().name not in undone_on
 
 
+@dataclass
+class _LateKill:
+    """``ops.kill_trees`` replaced: the stopped child is SIGKILLed at once, its descendants only
+    ``delay`` seconds later (in a timer thread), as on a machine far behind."""
+
+    delay: float
+    descendants: list[int] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    timers: list[threading.Timer] = field(default_factory=list)
+
+    def install(self, ops: PlatformOps) -> None:
+        from prismq_subprocess._core._offloop import Pace, no_pace
+        from prismq_subprocess._platform import StopRecord
+
+        real_kill_trees = ops.kill_trees
+
+        def late(records: list[StopRecord]) -> None:
+            real_kill_trees(records)
+            self.done.set()
+
+        def late_kill_trees(records: list[StopRecord], pace: Pace = no_pace) -> None:
+            for record in records:
+                self.descendants.extend(p.pid for p in record.descendants)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(record.target.pid, signal.SIGKILL)  # the child itself at once
+            timer = threading.Timer(self.delay, late, (records,))
+            self.timers.append(timer)
+            timer.start()
+
+        ops.kill_trees = late_kill_trees  # type: ignore[method-assign]
+
+    def join(self) -> None:
+        for timer in self.timers:
+            timer.join()
+
+
+async def _stubborn_tree() -> tuple[str, asyncio.subprocess.Process]:
+    mark, env = marked_env()
+    process = await asyncio.create_subprocess_exec(
+        *py(STUBBORN_CHILD), env=env, stdout=subprocess.DEVNULL
+    )
+    await wait_marked(mark)
+    return mark, process
+
+
 async def test_a_stop_returns_once_what_it_killed_has_ended() -> None:
     # Found by CI (Python 3.12, four workers on two cores): right after terminate_gracefully()
     # of a child ignoring SIGTERM returned, a grandchild it had SIGKILLed still showed as
@@ -1112,34 +1158,16 @@ async def test_a_stop_returns_once_what_it_killed_has_ended() -> None:
     # a kill that reaches the descendants 0.3 s late.
     from lifecycle_helpers import marked
 
-    from prismq_subprocess._core._offloop import Pace, no_pace
-    from prismq_subprocess._platform import StopRecord
-
-    mark, env = marked_env()
-    process = await asyncio.create_subprocess_exec(
-        *py(STUBBORN_CHILD), env=env, stdout=subprocess.DEVNULL
-    )
-    await wait_marked(mark)
+    mark, process = await _stubborn_tree()
     ops = platform_ops()
-    real_kill_trees = ops.kill_trees
-    timers: list[threading.Timer] = []
-
-    def late_kill_trees(records: list[StopRecord], pace: Pace = no_pace) -> None:
-        for record in records:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.target.pid, signal.SIGKILL)  # the child itself at once
-        timer = threading.Timer(0.3, real_kill_trees, (records,))
-        timers.append(timer)
-        timer.start()
-
-    ops.kill_trees = late_kill_trees  # type: ignore[method-assign]
+    late_kill = _LateKill(0.3)
+    late_kill.install(ops)
     try:
         [status] = await stop_process_trees([process], grace=0.3, ops=ops)
         assert status == -signal.SIGKILL
         assert await asyncio.to_thread(marked, mark) == []
     finally:
-        for timer in timers:
-            timer.join()
+        late_kill.join()
         await assert_no_survivors(mark, grace=0.0)
 
 
@@ -1151,34 +1179,11 @@ async def test_the_wait_for_what_a_stop_killed_is_bounded_and_names_the_survivor
     # the bound, not wait for it, and say which processes still ran. Played here by a kill that
     # reaches the descendants 4 s late, well past the 1 s bound.
     from prismq_subprocess._core import _tree_stop
-    from prismq_subprocess._core._offloop import Pace, no_pace
-    from prismq_subprocess._platform import StopRecord
 
-    mark, env = marked_env()
-    process = await asyncio.create_subprocess_exec(
-        *py(STUBBORN_CHILD), env=env, stdout=subprocess.DEVNULL
-    )
-    await wait_marked(mark)
+    mark, process = await _stubborn_tree()
     ops = platform_ops()
-    real_kill_trees = ops.kill_trees
-    timers: list[threading.Timer] = []
-    late_kill_done = threading.Event()
-    descendants: list[int] = []
-
-    def late(records: list[StopRecord]) -> None:
-        real_kill_trees(records)
-        late_kill_done.set()
-
-    def late_kill_trees(records: list[StopRecord], pace: Pace = no_pace) -> None:
-        for record in records:
-            descendants.extend(p.pid for p in record.descendants)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.target.pid, signal.SIGKILL)  # the child itself at once
-        timer = threading.Timer(4.0, late, (records,))
-        timers.append(timer)
-        timer.start()
-
-    ops.kill_trees = late_kill_trees  # type: ignore[method-assign]
+    late_kill = _LateKill(4.0)
+    late_kill.install(ops)
     try:
         with caplog.at_level("WARNING", logger="prismq_subprocess"):
             started = time.monotonic()
@@ -1186,13 +1191,12 @@ async def test_the_wait_for_what_a_stop_killed_is_bounded_and_names_the_survivor
             waited = time.monotonic() - started
         assert status == -signal.SIGKILL
         # Returned without waiting for the late kill, after the grace and the whole bound.
-        assert not late_kill_done.is_set(), f"the stop waited for the late kill ({waited:.2f} s)"
+        assert not late_kill.done.is_set(), f"the stop waited for the late kill ({waited:.2f} s)"
         assert waited >= 0.3 + _tree_stop._KILLED_SETTLE
-        assert descendants
+        assert late_kill.descendants
         [warning] = [r for r in _our_records(caplog) if "after SIGKILL" in r.getMessage()]
         assert warning.levelname == "WARNING"
-        assert all(str(pid) in warning.getMessage() for pid in descendants)
+        assert all(str(pid) in warning.getMessage() for pid in late_kill.descendants)
     finally:
-        for timer in timers:
-            timer.join()
+        late_kill.join()
         await assert_no_survivors(mark, grace=0.0)

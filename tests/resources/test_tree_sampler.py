@@ -14,6 +14,7 @@ import time
 import anyio
 import psutil
 import pytest
+from anyio_support import closed_by_a_cancelled_scope
 
 from prismq_subprocess._core import _closing as closing_module
 from prismq_subprocess._core._exceptions import (
@@ -400,21 +401,8 @@ def test_closed_in_a_cancelled_anyio_scope_the_sample_finishes_and_sampling_ends
         sampler = ProcessTreeSampler(
             os.getpid(), interval=0.05, memory_limit_bytes=1, on_limit=on_limit
         )
-        with anyio.move_on_after(0.1):  # inside the (0.2 s) callback of the first sample
-            if how == "async with":
-                async with sampler:
-                    task = sampler._task
-                    await fired.wait()
-                    await anyio.sleep(30)
-            else:
-                sampler.start()
-                task = sampler._task
-                try:
-                    await fired.wait()
-                    await anyio.sleep(30)
-                finally:
-                    await sampler.aclose()
-                    seen["returned"] = True
+        # The scope is cancelled inside the (0.2 s) callback of the first sample.
+        task = await closed_by_a_cancelled_scope(sampler, how, seen, fired.wait)
         assert task is not None
         seen["task done"] = task.done()
         seen["finished"] = list(finished)

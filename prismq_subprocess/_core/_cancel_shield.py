@@ -25,8 +25,7 @@ import contextlib
 import contextvars
 import math
 import sys
-from collections.abc import Collection
-from types import TracebackType
+from collections.abc import Collection, Iterator
 from typing import Any
 
 __all__ = [
@@ -69,35 +68,15 @@ def cleaning_up_after_a_cancel() -> bool:
     return _SHIELDING.get() or anyio_cancelled()
 
 
-class _Shield:
+@contextlib.contextmanager
+def _shield() -> Iterator[Any]:
     """``anyio.CancelScope(shield=True)`` that also marks its block (``_SHIELDING``)."""
-
-    __slots__ = ("_scope", "_token")
-
-    def __init__(self) -> None:
-        self._scope = sys.modules["anyio"].CancelScope(shield=True)
-        self._token: contextvars.Token[bool] | None = None
-
-    def __enter__(self) -> Any:
-        self._token = _SHIELDING.set(True)
-        try:
-            return self._scope.__enter__()
-        except BaseException:
-            _SHIELDING.reset(self._token)
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        try:
-            suppressed: bool | None = self._scope.__exit__(exc_type, exc, tb)
-            return suppressed
-        finally:
-            if self._token is not None:
-                _SHIELDING.reset(self._token)
+    token = _SHIELDING.set(True)
+    try:
+        with sys.modules["anyio"].CancelScope(shield=True) as scope:
+            yield scope
+    finally:
+        _SHIELDING.reset(token)
 
 
 def shielded_if_cancelled() -> contextlib.AbstractContextManager[Any]:
@@ -109,7 +88,7 @@ def shielded_if_cancelled() -> contextlib.AbstractContextManager[Any]:
     """
     if not anyio_cancelled():
         return _AS_IS
-    return _Shield()
+    return _shield()
 
 
 async def wait_all_or_cancel(tasks: Collection[asyncio.Task[Any]]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .._core._exceptions import PrismQError
+from .._core._exceptions import PrismQError, RegistryDatabaseError
 from ._memory_registry import BaseRunRegistry
 from ._run_record import Run
 
@@ -27,10 +27,12 @@ _MAX_DELAY = 5.0
 
 def worth_retrying(run: Run, exc: Exception) -> bool:
     """Whether the failed write of ``run`` may work later: a final status, and an error of the
-    environment (OSError, sqlite3's errors). Our own errors are answers (the run is gone, the
-    registry is closed or read-only, the stored run is further on) that another try would
-    repeat."""
-    return run.is_finished and not isinstance(exc, PrismQError)
+    environment (OSError, sqlite3's errors, a full or locked database). Our other errors are
+    answers (the run is gone, the registry is closed or read-only, the stored run is further
+    on) that another try would repeat."""
+    return run.is_finished and (
+        isinstance(exc, RegistryDatabaseError) or not isinstance(exc, PrismQError)
+    )
 
 
 class RecordRetry:

@@ -54,7 +54,11 @@ from .._core._exceptions import (
     InvalidParametersError,
     InvalidRunError,
     InvalidTimeoutError,
+    PrismQError,
+    RegistryBusyError,
     RegistryClosedError,
+    RegistryDatabaseError,
+    RegistryFullError,
     RegistryOpenError,
     RegistryReadOnlyError,
     RegistrySchemaError,
@@ -308,6 +312,46 @@ def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
             if not busy or time.monotonic() >= deadline:
                 raise
         time.sleep(0.005)
+
+
+def _explained(exc: sqlite3.OperationalError, path: str, busy_timeout: float) -> BaseException:
+    """Our error for SQLite's ``exc`` under a call to the registry at ``path``: what happened,
+    in words, with the file's name and SQLite's own codes."""
+    name = str(getattr(exc, "sqlite_errorname", None) or "")
+    error: RegistryDatabaseError
+    if name == "SQLITE_FULL":
+        error = RegistryFullError(
+            f"SQLiteRunRegistry({path!r}): the disk is full ({_free_space(path)} free where "
+            "the file is); this write is not in the file, every write acknowledged before it is"
+        )
+    elif name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        error = RegistryBusyError(
+            f"SQLiteRunRegistry({path!r}): another connection held the database's lock for "
+            f"longer than busy_timeout ({busy_timeout:g} s); this call did nothing. Retry later, "
+            "or give busy_timeout more time if writers hold the lock that long by design"
+        )
+    else:
+        code = f" ({name})" if name else ""
+        error = RegistryDatabaseError(f"SQLiteRunRegistry({path!r}): {exc}{code}")
+    # SQLite's codes, as sqlite3 sets them on the exceptions it raises (one made in Python, as
+    # the worker's "group transaction ended early", has none).
+    number: Any = getattr(exc, "sqlite_errorcode", None)
+    error.sqlite_errorcode = number
+    error.sqlite_errorname = name or None  # type: ignore[assignment]
+    return error
+
+
+def _free_space(path: str) -> str:
+    try:
+        stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        return "little or no space"
+    free = stat.f_bavail * stat.f_frsize
+    if free < 1024:
+        return f"{free} bytes"
+    if free < 1024**2:
+        return f"{free / 1024:.1f} KiB"
+    return f"{free / 1024**2:.1f} MiB"
 
 
 def _raise_if_unopenable(
@@ -965,7 +1009,12 @@ class SQLiteRunRegistry(BaseRunRegistry):
         RegistryReadOnlyError: (on a write) the registry was opened with ``read_only=True``.
         RegistryOpenError: (on open) the file cannot be opened or created: its folder does not
             exist, the path is a directory, or access is denied.
-        sqlite3.Error: (on any call) the database itself failed (disk full, locked too long).
+        RegistryFullError: (on any call) the disk is full; the write is not in the file.
+        RegistryBusyError: (on any call, open included) another connection held the lock for
+            longer than ``busy_timeout``; the call did nothing.
+        RegistryDatabaseError: (on any call) another failure of SQLite's (a disk I/O error...).
+            The three are ``sqlite3.OperationalError`` too, as raised before.
+        sqlite3.DatabaseError: (on any call) a file damaged under the registry.
     """
 
     def __init__(
@@ -1027,12 +1076,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         try:
             return await self._worker().call(fn, *args)
-        except sqlite3.ProgrammingError:
-            # A call that took the worker just before aclose() from another thread cleared
-            # it queues its job behind the close job, and SQLite refuses the closed
-            # connection: the caller learns what happened, not SQLite's wording.
-            if self._closed:
-                raise self._closed_error() from None
+        except sqlite3.Error as exc:
+            self._raise_explained(exc)
             raise
 
     async def _write(self, db: _Database, fn: Callable[..., _T], *args: Any) -> _T:
@@ -1041,13 +1086,20 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self._check_writable(db)
         try:
             return await self._worker().call(fn, *args, group=db)
-        except sqlite3.ProgrammingError:
+        except sqlite3.Error as exc:
+            self._raise_explained(exc)
+            raise
+
+    def _raise_explained(self, exc: sqlite3.Error) -> None:
+        """Raise what a call whose job failed with ``exc`` raises instead of SQLite's own error,
+        if anything (called in the ``except`` block; the caller re-raises ``exc`` otherwise)."""
+        if isinstance(exc, sqlite3.ProgrammingError) and self._closed:
             # A call that took the worker just before aclose() from another thread cleared
             # it queues its job behind the close job, and SQLite refuses the closed
             # connection: the caller learns what happened, not SQLite's wording.
-            if self._closed:
-                raise self._closed_error() from None
-            raise
+            raise self._closed_error() from None
+        if isinstance(exc, sqlite3.OperationalError) and not isinstance(exc, PrismQError):
+            raise _explained(exc, self.path, self.busy_timeout) from exc
 
     def _check_writable(self, db: _Database) -> None:
         if db.read_only:
@@ -1119,12 +1171,18 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self._check_open()  # closed while it opened: aclose() closed what was opened
 
     def _open_now(self, opened: list[_Database]) -> tuple[_Database, list[str]]:
-        db = _Database(self.path, self.busy_timeout, self.read_only)
+        try:
+            db = _Database(self.path, self.busy_timeout, self.read_only)
+        except sqlite3.OperationalError as exc:
+            self._raise_explained(exc)
+            raise
         opened.append(db)
         try:
             return db, ([] if db.read_only else db.recover())
-        except BaseException:
+        except BaseException as exc:
             db.conn.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                self._raise_explained(exc)
             raise
 
     @staticmethod
@@ -1184,12 +1242,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
         # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
         try:
             await executor.enqueue(db.add, (_row_values(run), self.max_runs, self.max_age), db)
-        except sqlite3.ProgrammingError:
-            # A call that took the worker just before aclose() from another thread cleared
-            # it queues its job behind the close job, and SQLite refuses the closed
-            # connection: the caller learns what happened, not SQLite's wording.
-            if self._closed:
-                raise self._closed_error() from None
+        except sqlite3.Error as exc:
+            self._raise_explained(exc)
             raise
 
     async def update_run(self, run: Run) -> None:
@@ -1206,12 +1260,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise self._closed_error()
         try:
             await executor.enqueue(db.update, (_row_values(run), run._status), db)
-        except sqlite3.ProgrammingError:
-            # A call that took the worker just before aclose() from another thread cleared
-            # it queues its job behind the close job, and SQLite refuses the closed
-            # connection: the caller learns what happened, not SQLite's wording.
-            if self._closed:
-                raise self._closed_error() from None
+        except sqlite3.Error as exc:
+            self._raise_explained(exc)
             raise
 
     async def get_run(self, run_id: str) -> Run | None:

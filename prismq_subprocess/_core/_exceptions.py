@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import shlex
+import sqlite3
 from collections.abc import Sequence
 
 __all__ = [
@@ -37,7 +38,10 @@ __all__ = [
     "PrismQError",
     "ProcessFailedError",
     "ProcessTimeoutError",
+    "RegistryBusyError",
     "RegistryClosedError",
+    "RegistryDatabaseError",
+    "RegistryFullError",
     "RegistryOpenError",
     "RegistryReadOnlyError",
     "RegistrySchemaError",
@@ -296,6 +300,27 @@ class RegistryOpenError(PrismQError, OSError):
 class RegistryReadOnlyError(PrismQError, PermissionError):
     """Raised when a registry opened with ``read_only=True`` is asked to write (add, update,
     delete, cancel request, recovery); nothing is written."""
+
+
+class RegistryDatabaseError(PrismQError, sqlite3.OperationalError):
+    """Raised when a SQLite registry's database fails a call (SQLite's "operational" errors: a
+    disk I/O error, a file made read-only under it...); the message names the file. What the
+    call was to write is not in the file.
+
+    It is also the ``sqlite3.OperationalError`` earlier versions raised, with SQLite's own
+    ``sqlite_errorcode`` / ``sqlite_errorname``, and SQLite's exception as ``__cause__``."""
+
+
+class RegistryFullError(RegistryDatabaseError):
+    """Raised when the disk holding a SQLite registry is full (``SQLITE_FULL``): the write is
+    not in the file, and every write acknowledged before it still is. Writes work again once
+    there is room."""
+
+
+class RegistryBusyError(RegistryDatabaseError):
+    """Raised when another connection (another worker process, a tool) held a SQLite
+    registry's lock for longer than its ``busy_timeout`` (``SQLITE_BUSY`` / ``SQLITE_LOCKED``):
+    the call did nothing. The file is fine; a later call may succeed."""
 
 
 class OutputClosedError(ClosedError):

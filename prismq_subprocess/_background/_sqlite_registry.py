@@ -634,6 +634,8 @@ class _Database:
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorname", "") == "SQLITE_CANTOPEN":
                 _raise_if_unopenable(path, exc)
+                # Nothing the file system tells (a ``file:`` URI, a race): SQLite's words.
+                raise RegistryOpenError(f"cannot open the registry file {path!r}: {exc}") from exc
             raise
         try:
             self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")

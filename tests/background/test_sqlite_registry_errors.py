@@ -103,6 +103,19 @@ def test_a_failed_final_record_on_a_busy_or_full_database_is_retried() -> None:
     assert not worth_retrying(run, pq.RunNotFoundError("gone"))
 
 
+async def test_a_file_uri_that_cannot_be_opened_raises_registry_open_error(tmp_path: Path) -> None:
+    # SQLite reads a path starting "file:" as a URI; one it cannot open gave sqlite3's bare
+    # "unable to open database file" (the diagnosis of plain paths does not read URIs).
+    uri = f"file:{tmp_path / 'not-made-yet' / 'runs.db'}"
+    registry = pq.SQLiteRunRegistry(uri)
+    with pytest.raises(pq.exceptions.RegistryOpenError) as info:
+        await registry.open()
+    assert uri in str(info.value)
+    assert "unable to open" in str(info.value)
+    await registry.aclose()
+    assert not (tmp_path / "not-made-yet").exists()
+
+
 @pytest.fixture
 def tiny_disk() -> Iterator[Path]:
     """A real 512 KiB file system (tmpfs): needs root, as in CI; skipped otherwise."""

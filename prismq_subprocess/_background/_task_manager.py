@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import types
+import weakref
 from collections import deque
 from collections.abc import Coroutine, Generator, Mapping
 from datetime import timedelta
@@ -47,7 +49,7 @@ from ._cancel_watch import CancelRequestWatcher
 from ._memory_registry import BaseRunRegistry, direct_writes, updates_directly
 from ._output_capture import OutputCapture
 from ._record_retry import RecordRetry, worth_retrying
-from ._run_record import Run, RunStatus
+from ._run_record import Run, RunOwner, RunStatus
 
 __all__ = ["BackgroundTaskManager", "ExitCode", "TaskHandle"]
 
@@ -260,6 +262,21 @@ def _cancelled_before_stored(run: Run) -> RunStateError:
 # Results that carry an exit status (see _outcome_of).
 _STATUS_RESULTS = (ExitCode, ProcessResult)
 
+#: Every manager of this process, for a takeover's look at the runs the others hold.
+_MANAGERS: weakref.WeakSet[BackgroundTaskManager] = weakref.WeakSet()
+
+
+def _same_store(one: BaseRunRegistry, other: BaseRunRegistry) -> bool:
+    """Whether two registries keep their runs in the same place: one object, or one file."""
+    if one is other:
+        return True
+    path, other_path = getattr(one, "path", None), getattr(other, "path", None)
+    if not isinstance(path, str) or not isinstance(other_path, str):
+        return False
+    if ":memory:" in (path, other_path):
+        return False
+    return os.path.realpath(path) == os.path.realpath(other_path)
+
 
 def _outcome_of(result: object) -> _Outcome:
     if isinstance(result, ExitCode):
@@ -371,6 +388,7 @@ class BackgroundTaskManager(AsyncResource):
         self._watcher = CancelRequestWatcher(registry, self.cancel_task, source=self._entries.keys)
         # Final records the registry failed to store (a full disk): written again until stored.
         self._unsaved = RecordRetry(registry)
+        _MANAGERS.add(self)
 
     @property
     def closed(self) -> bool:
@@ -414,7 +432,7 @@ class BackgroundTaskManager(AsyncResource):
         A plain function, as in the PrismQ guide: it checks its arguments, schedules the work on
         the running event loop and returns. The work then stores ``run`` in the registry as
         PENDING (a run the caller already added and that is still PENDING there is taken over,
-        not refused), waits for a slot and admission, and runs ``coro``. The manager owns
+        not refused, unless another manager has it queued), waits for a slot and admission, and runs ``coro``. The manager owns
         ``run`` from now on and updates that object as the run progresses (the registry holds
         copies). The manager marks the run RUNNING when ``coro`` starts, unless
         ``marks_running``: then the coroutine does it itself when the work really begins (e.g.
@@ -436,7 +454,9 @@ class BackgroundTaskManager(AsyncResource):
             RuntimeError: no event loop is running in this thread.
 
         Raises (from ``await handle``):
-            DuplicateRunError: a run with this ``run_id`` is stored and no longer PENDING.
+            DuplicateRunError: a run with this ``run_id`` is stored and no longer PENDING, or
+                is PENDING in another manager (of this process, or of another live process on
+                the same registry file) that will run it.
             TaskManagerClosedError: the manager shut down while the run was being stored (it
                 is recorded CANCELLED).
             and what the registry's ``add_run`` raises.
@@ -656,20 +676,42 @@ class BackgroundTaskManager(AsyncResource):
             await self._take_over(run)
 
     async def _take_over(self, run: Run) -> None:
-        """Take over the run the caller added before ``start_task``, if it is still PENDING.
+        """Take over the run the caller added before ``start_task``, if it is still PENDING and
+        nobody else is about to run it; this process becomes its owner.
+
+        A PENDING run queued by another manager (of this process, or of another live process
+        on the same file: another server worker) is that manager's to run: taken over, one run
+        id would run two jobs. A run read from the registry (its stored owner with it) may be
+        started by another process than the one that added it: that is a deliberate pick-up.
 
         Raises:
-            DuplicateRunError: it is gone again or no longer PENDING.
+            DuplicateRunError: it is gone again, no longer PENDING, or queued elsewhere.
         """
-        stored = await self.registry.get_run(run.run_id)
+        run_id = run.run_id
+        stored = await self.registry.get_run(run_id)
         if stored is None or stored.status is not RunStatus.PENDING:
             state = "gone again" if stored is None else stored.status.value
             raise DuplicateRunError(
-                f"run {run.run_id!r} is already stored ({state}); only a run that is still "
+                f"run {run_id!r} is already stored ({state}); only a run that is still "
                 "pending can be started"
             ) from None
-        if run.owner is None:
-            run.owner = stored.owner
+        for other in list(_MANAGERS):
+            if other is not self and run_id in other._entries and _same_store(
+                other.registry, self.registry
+            ):
+                raise DuplicateRunError(
+                    f"run {run_id!r} is pending in another BackgroundTaskManager of this "
+                    "process, which will run it"
+                )
+        owner, here = stored.owner, RunOwner.current()
+        if owner is not None and owner != here and run.owner != owner and owner.is_alive():
+            raise DuplicateRunError(
+                f"run {run_id!r} is pending in another process (pid {owner.pid} on "
+                f"{owner.host}), which is alive and will run it; to start a run another process "
+                "added for this one, pass the Run as read from the registry"
+            )
+        if run.owner is None or run.owner == owner:
+            run.owner = here
         await self.registry.update_run(run)
 
     def _store_failed(self, entry: _Entry, exc: Exception) -> None:

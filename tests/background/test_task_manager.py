@@ -10,6 +10,9 @@ import inspect
 import json
 import logging
 import pickle
+import subprocess
+import sys
+import textwrap
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -22,7 +25,7 @@ from conftest import skip_on_uvloop
 from prismq_subprocess._background._cancel_result import CancelResult
 from prismq_subprocess._background._memory_registry import BaseRunRegistry, RunRegistry
 from prismq_subprocess._background._output_capture import OutputCapture
-from prismq_subprocess._background._run_record import Run, RunStatus
+from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
 from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
 from prismq_subprocess._background._task_manager import BackgroundTaskManager, ExitCode
 from prismq_subprocess._core._exceptions import (
@@ -649,6 +652,139 @@ async def test_a_run_the_caller_added_is_taken_over(registry: BaseRunRegistry) -
     for run_id in (run.run_id, copy_added.run_id):
         assert (await stored(registry, run_id)).status is RunStatus.COMPLETED
     assert await registry.count_runs() == 2
+
+
+async def test_a_run_queued_in_another_manager_is_not_taken_over(
+    registry: BaseRunRegistry,
+) -> None:
+    # An adversary's find: a second manager on the same registry "took over" a run another
+    # manager had queued (PENDING behind its concurrency limit), so one run id ran two jobs.
+    ran: list[str] = []
+
+    async def job(label: str) -> None:
+        ran.append(label)
+        await asyncio.sleep(0)
+
+    gate = asyncio.Event()
+    async with BackgroundTaskManager(registry, max_concurrent=1) as first, BackgroundTaskManager(
+        registry
+    ) as second:
+        await first.start_task(Run(module_id="busy"), gate.wait())
+        await first.start_task(Run(run_id="job1", module_id="A"), job("A"))
+        with pytest.raises(DuplicateRunError, match="another BackgroundTaskManager"):
+            await second.start_task(Run(run_id="job1", module_id="B"), job("B"))
+        gate.set()
+        await first.wait_all()
+        await second.wait_all()
+    assert ran == ["A"]
+    done = await stored(registry, "job1")
+    assert (done.module_id, done.status) == ("A", RunStatus.COMPLETED)
+
+
+_QUEUES_A_RUN = textwrap.dedent(
+    """
+    import asyncio, sys
+    import prismq_subprocess as pq
+
+    async def main():
+        async with pq.SQLiteRunRegistry(sys.argv[1]) as registry:
+            async with pq.BackgroundTaskManager(registry, max_concurrent=1) as manager:
+                gate = asyncio.Event()
+                await manager.start_task(pq.Run(module_id="busy"), gate.wait())
+                await manager.start_task(pq.Run(run_id="job1", module_id="A"), asyncio.sleep(0))
+                print("queued", flush=True)
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+                gate.set()
+                await manager.wait_all()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_run_queued_by_another_live_process_is_not_taken_over(tmp_path: Path) -> None:
+    # The same across server workers sharing one SQLite file: worker B's start of "job1" while
+    # worker A has it queued ran B's job under A's run id (A's own record then refused).
+    path = tmp_path / "runs.db"
+    other = subprocess.Popen(  # noqa: ASYNC220 - a second server worker
+        [sys.executable, "-c", _QUEUES_A_RUN, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdin is not None
+        assert other.stdout.readline().strip() == "queued"
+        ran: list[str] = []
+
+        async def job() -> None:
+            ran.append("B")
+
+        async with SQLiteRunRegistry(path) as registry, BackgroundTaskManager(registry) as manager:
+            with pytest.raises(DuplicateRunError, match=f"pid {other.pid}"):
+                await manager.start_task(Run(run_id="job1", module_id="B"), job())
+            # A deliberate pick-up: the run as read from the registry (its owner included).
+            picked = await stored(registry, "job1")
+            assert picked.owner is not None and picked.owner.pid == other.pid
+        assert ran == []
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.wait(timeout=30) == 0
+        async with SQLiteRunRegistry(path) as registry:
+            done = await stored(registry, "job1")
+            assert (done.module_id, done.status) == ("A", RunStatus.COMPLETED)
+    finally:
+        if other.poll() is None:
+            other.kill()
+        other.communicate()
+
+
+_ADDS_A_RUN = textwrap.dedent(
+    """
+    import asyncio, sys
+    import prismq_subprocess as pq
+
+    async def main():
+        async with pq.SQLiteRunRegistry(sys.argv[1]) as registry:
+            await registry.add_run(pq.Run(run_id="queued", module_id="m"))
+            print("added", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_pending_run_of_another_process_read_from_the_registry_is_taken_over(
+    tmp_path: Path,
+) -> None:
+    # The pick-up pattern: one process (an API worker) adds PENDING runs, another reads them
+    # from the registry and starts them; the driver becomes the run's owner.
+    path = tmp_path / "runs.db"
+    adder = subprocess.Popen(  # noqa: ASYNC220 - an API worker that adds runs
+        [sys.executable, "-c", _ADDS_A_RUN, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert adder.stdout is not None and adder.stdin is not None
+        assert adder.stdout.readline().strip() == "added"
+        async with SQLiteRunRegistry(path) as registry:
+            picked = await stored(registry, "queued")
+            async with BackgroundTaskManager(registry) as manager:
+                await manager.start_task(picked, returns(None))
+                await manager.wait_all()
+            done = await stored(registry, "queued")
+            assert done.status is RunStatus.COMPLETED
+            assert done.owner == RunOwner.current()
+        adder.stdin.write("\n")
+        adder.stdin.flush()
+        assert adder.wait(timeout=30) == 0
+    finally:
+        if adder.poll() is None:
+            adder.kill()
+        adder.communicate()
 
 
 async def test_store_failure_without_await_is_logged_not_lost(

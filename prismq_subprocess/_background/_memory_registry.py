@@ -39,6 +39,7 @@ __all__ = [
     "OWNER_CHECK_INTERVAL",
     "BaseRunRegistry",
     "RunRegistry",
+    "check_filters",
     "check_wait",
     "direct_writes",
     "orphan_reason",
@@ -51,6 +52,26 @@ def _check_paging(limit: int, offset: int) -> None:
         raise InvalidQueryError(f"limit must be an int >= 0, got {limit!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise InvalidQueryError(f"offset must be an int >= 0, got {offset!r}")
+
+
+def check_filters(status: RunStatus | str | None, module_id: str | None) -> RunStatus | None:
+    """The status filter as a member (its value, e.g. ``"running"``, is taken too).
+
+    Raises:
+        InvalidQueryError: an unknown status, or a ``module_id`` that is not a str: a mistake
+            that would otherwise match nothing (or, in SQLite, fail with a bare ValueError).
+    """
+    if status is not None and status.__class__ is not RunStatus:
+        try:
+            status = RunStatus(status)
+        except ValueError:
+            known = ", ".join(member.value for member in RunStatus)
+            raise InvalidQueryError(
+                f"status must be a RunStatus or one of its values ({known}), got {status!r}"
+            ) from None
+    if module_id is not None and not isinstance(module_id, str):
+        raise InvalidQueryError(f"module_id must be a str or None, got {module_id!r}")
+    return status
 
 
 def cutoff_from(age: timedelta | datetime) -> datetime:
@@ -313,7 +334,8 @@ class BaseRunRegistry(AsyncResource):
         """Return copies of matching runs, newest (``created_at``) first, then paged.
 
         Raises:
-            InvalidQueryError: ``limit`` or ``offset`` is negative.
+            InvalidQueryError: ``limit`` or ``offset`` is negative (or not an int), ``status``
+                is not a :class:`RunStatus` (or one of its values), ``module_id`` not a str.
             RegistryClosedError: the registry is closed.
         """
 
@@ -324,6 +346,8 @@ class BaseRunRegistry(AsyncResource):
         """Return how many runs match.
 
         Raises:
+            InvalidQueryError: ``status`` is not a :class:`RunStatus` (or one of its values),
+                ``module_id`` not a str.
             RegistryClosedError: the registry is closed.
         """
 
@@ -616,7 +640,7 @@ class RunRegistry(BaseRunRegistry):
     ) -> list[Run]:
         self._check_open()
         _check_paging(limit, offset)
-        matching = self._matching(status, module_id)
+        matching = self._matching(check_filters(status, module_id), module_id)
         # Reverse insertion order first so the stable sort keeps "later added first" for ties.
         matching.reverse()
         matching.sort(key=lambda run: run.created_at, reverse=True)
@@ -626,7 +650,7 @@ class RunRegistry(BaseRunRegistry):
         self, status: RunStatus | None = None, module_id: str | None = None
     ) -> int:
         self._check_open()
-        return len(self._matching(status, module_id))
+        return len(self._matching(check_filters(status, module_id), module_id))
 
     def _delete_finished_before(self, cutoff: datetime) -> int:
         doomed = [

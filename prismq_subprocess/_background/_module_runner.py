@@ -33,6 +33,7 @@ from .._core._exceptions import (
     OutputClosedError,
     RunnerClosedError,
     ScriptNotFoundError,
+    TaskManagerClosedError,
 )
 from .._core._host_shutdown import child_identity, take_part_in_host_shutdown
 from .._core._modes import RunMode
@@ -439,6 +440,14 @@ class ModuleRunner(AsyncClosing):
     def _new_run(
         self, module_id: str, module_name: str, launch: _Launch, run_id: str | None
     ) -> Run:
+        for what, value in (("module_id", module_id), ("module_name", module_name)):
+            # An int id is written as text, as before; anything else is a mistake (arguments
+            # mixed up: None, the parameters' dict...), not a name.
+            if not isinstance(value, str | int) or isinstance(value, bool):
+                raise InvalidArgumentTypeError(
+                    f"{what} must be a str, got {type(value).__name__} {value!r:.80} (the first "
+                    "two arguments are module_id and module_name)"
+                )
         fields: dict[str, Any] = {} if run_id is None else {"run_id": run_id}
         return Run(
             module_id=str(module_id),
@@ -629,6 +638,16 @@ class ModuleRunner(AsyncClosing):
                 self._execute(run, launch, background=True),
                 marks_running=self.backend is not None,
             )
+        except TaskManagerClosedError as exc:
+            self._drop_output(run.run_id, opened)
+            if not self._closed:
+                raise
+            # Our aclose() shut the manager down while the run was being stored: the caller
+            # learns it from the runner, with the run's id (stored, it is recorded CANCELLED).
+            raise RunnerClosedError(
+                f"this ModuleRunner was closed while run {run.run_id!r} was starting; the run "
+                f"did not start ({exc})"
+            ) from exc
         except BaseException:
             self._drop_output(run.run_id, opened)
             raise

@@ -68,6 +68,7 @@ from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphans
 from ._memory_registry import (
     BaseRunRegistry,
     _check_paging,
+    check_filters,
     cutoff_from,
     not_registered,
     orphan_reason,
@@ -99,6 +100,7 @@ APPLICATION_ID = 0x50725153
 prismq_subprocess run registry and not someone else's SQLite database."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SQL_INT_MAX = 2**63 - 1
 _MICRO = timedelta(microseconds=1)
 
 # The runs table as version 1 (the first version of this library) created it: how a version 1
@@ -454,12 +456,26 @@ def _json_text(field: str, value: Any) -> str:
 
 
 def _row_values(run: Run) -> tuple[Any, ...]:
+    """The row of ``run``, as the statements bind it.
+
+    Raises:
+        InvalidRunError, InvalidParametersError: a field SQLite could not hold as a read gives
+            it back (the run would be stored, then quarantined by the first read).
+    """
     # Made on the loop for every write: _to_micros written out, and the status's value read
     # from its member (``_value_``) rather than through the enum's ``value`` property.
     owner = run.owner
     parameters, tail = run.parameters, run.output_tail
+    if type(parameters) is not dict and not isinstance(parameters, dict):
+        raise InvalidParametersError(
+            f"run {run.run_id!r}: parameters must be a dict, got {type(parameters).__name__}"
+        )
+    if type(tail) is not list and not isinstance(tail, list):
+        raise InvalidRunError(
+            f"run {run.run_id!r}: output_tail must be a list of lines, got {type(tail).__name__}"
+        )
     created, started, finished = run.created_at, run.started_at, run.finished_at
-    return (
+    values = (
         run.run_id,
         run.module_id,
         run.module_name,
@@ -483,6 +499,27 @@ def _row_values(run: Run) -> tuple[Any, ...]:
         None if owner is None else owner.started_at,
         run.worker,
     )
+    # The usual run: every checked column of the types a read accepts (a few type tests).
+    if (
+        type(values[1]) is str
+        and type(values[2]) is str
+        and type(values[_MODE]) is str
+        and values[_EXIT_CODE].__class__ in _PLAIN_OPTIONAL_INT
+        and values[_PID].__class__ in _PLAIN_OPTIONAL_INT
+        and values[_ERROR].__class__ in _PLAIN_OPTIONAL_TEXT
+        and values[_PEAK_RSS].__class__ in _PLAIN_OPTIONAL_INT
+        and values[_CPU_TIME].__class__ in _PLAIN_OPTIONAL_REAL
+        and values[_WORKER].__class__ in _PLAIN_OPTIONAL_TEXT
+    ):
+        return values
+    for index, name, types in _COLUMN_TYPES:
+        value = values[index - 1]  # (the checks count rowid first)
+        if not isinstance(value, types) or value.__class__ is bool:
+            wanted = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            raise InvalidRunError(
+                f"run {run.run_id!r}: {name} must be {wanted} to be stored, got {value!r}"
+            )
+    return values
 
 
 # The types a column may hold in a row this library wrote (what sqlite3 hands back for it):
@@ -509,6 +546,19 @@ _COLUMN_TYPES: tuple[tuple[int, str, tuple[type, ...]], ...] = tuple(
         ("worker", _OPTIONAL_TEXT),
     )
 )
+
+
+# Positions in a _row_values tuple, and the exact classes of its usual values (a subclass, e.g.
+# an IntEnum exit code, takes the slower isinstance test above).
+_EXIT_CODE, _ERROR, _PID, _MODE = (
+    _COLUMNS.index(n) for n in ("exit_code", "error_message", "pid", "mode")
+)
+_PEAK_RSS, _CPU_TIME, _WORKER = (
+    _COLUMNS.index(n) for n in ("peak_rss_bytes", "cpu_time_seconds", "worker")
+)
+_PLAIN_OPTIONAL_INT = frozenset({int, type(None)})
+_PLAIN_OPTIONAL_TEXT = frozenset({str, type(None)})
+_PLAIN_OPTIONAL_REAL = frozenset({float, int, type(None)})
 
 
 def _check_types(row: tuple[Any, ...]) -> None:
@@ -859,10 +909,14 @@ class _Database:
         def step(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(_INSERT, values)
-            except sqlite3.IntegrityError:
-                raise DuplicateRunError(
-                    f"a run with run_id {values[0]!r} is already registered"
-                ) from None
+            except sqlite3.IntegrityError as exc:
+                name = str(getattr(exc, "sqlite_errorname", ""))
+                if name in ("SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"):
+                    raise DuplicateRunError(
+                        f"a run with run_id {values[0]!r} is already registered"
+                    ) from None
+                # (Another constraint: a None where the table wants a value, say.)
+                raise InvalidRunError(f"run {values[0]!r} cannot be stored: {exc}") from None
             if not atomic:
                 self._retain(conn, max_runs, max_age)
 
@@ -1278,12 +1332,16 @@ class SQLiteRunRegistry(BaseRunRegistry):
         offset: int = 0,
     ) -> list[Run]:
         _check_paging(limit, offset)
+        status = check_filters(status, module_id)
+        # SQLite's integers stop at 2**63 - 1: more is "no limit" / "past the end", as in a list.
+        limit, offset = min(limit, _SQL_INT_MAX), min(offset, _SQL_INT_MAX)
         db = await self._database()
         return await self._run(db.list_runs, status, module_id, limit, offset)
 
     async def count_runs(
         self, status: RunStatus | None = None, module_id: str | None = None
     ) -> int:
+        status = check_filters(status, module_id)
         db = await self._database()
         return await self._run(db.count, status, module_id)
 

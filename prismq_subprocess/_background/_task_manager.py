@@ -432,11 +432,12 @@ class BackgroundTaskManager(AsyncResource):
         A plain function, as in the PrismQ guide: it checks its arguments, schedules the work on
         the running event loop and returns. The work then stores ``run`` in the registry as
         PENDING (a run the caller already added and that is still PENDING there is taken over,
-        not refused, unless another manager has it queued), waits for a slot and admission, and runs ``coro``. The manager owns
-        ``run`` from now on and updates that object as the run progresses (the registry holds
-        copies). The manager marks the run RUNNING when ``coro`` starts, unless
-        ``marks_running``: then the coroutine does it itself when the work really begins (e.g.
-        when a cluster worker picks the run up), and the run stays PENDING until then.
+        not refused, unless another manager has it queued), waits for a slot and admission, and
+        runs ``coro``. The manager owns ``run`` from now on and updates that object as the run
+        progresses (the registry holds copies). The manager marks the run RUNNING when ``coro``
+        starts, unless ``marks_running``: then the coroutine does it itself when the work
+        really begins (e.g. when a cluster worker picks the run up), and the run stays PENDING
+        until then.
 
         The returned :class:`TaskHandle` is the run id (a ``str``) and is also awaitable:
         ``await manager.start_task(run, coro)`` returns once the run is stored and raises what

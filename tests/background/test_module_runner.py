@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
@@ -223,6 +224,14 @@ async def test_bad_input_raises_before_anything_is_stored(
         await runner.execute_module("m", "M", ok, args=["ok", "a\x00b"])
     with pytest.raises(pq.exceptions.InvalidCommandError, match="NUL"):
         await runner.start_module("m", "M", ok, args=[Path("a\x00b")])
+    # Arguments mixed up (an adversary's find: recorded as module_id 'None' and module_name
+    # "{'count': 3}", and run).
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="module_id"):
+        await runner.start_module(None, {"count": 3}, ok, {})  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="module_name"):
+        await runner.execute_module("m", None, ok)  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="module_id"):
+        await runner.execute_command(b"m", "M", ["true"])  # type: ignore[arg-type]
     assert await runner.registry.count_runs() == 0
 
 
@@ -416,6 +425,31 @@ async def test_stop_through_the_process_manager_is_a_cancel(
     run = await task
     assert run.status is pq.RunStatus.CANCELLED
     assert run.error_message == "stopped by the process manager"
+
+
+async def test_a_start_under_way_when_the_runner_closes_says_the_runner_closed(
+    tmp_path: Path,
+) -> None:
+    # An adversary's find: such a start raised the inner TaskManagerClosedError, without the id
+    # of the run it had already stored (recorded CANCELLED, so the history has a run nobody was
+    # told about). Now the runner's own error, naming that run.
+    path = script(tmp_path, "ok", "pass")
+    async with pq.SQLiteRunRegistry(tmp_path / "runs.db") as registry:
+        runner = ModuleRunner(registry)
+        starts = [
+            asyncio.create_task(runner.start_module("m", "M", path, {"i": i})) for i in range(3)
+        ]
+        await asyncio.sleep(0)  # the starts are storing their runs
+        await runner.aclose()
+        results = await asyncio.gather(*starts, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors, results
+        for error in errors:
+            assert type(error) is pq.exceptions.RunnerClosedError, error
+        named = {run_id for error in errors for run_id in re.findall(r"run '(\w+)'", str(error))}
+        stored = {run.run_id: run for run in await registry.list_runs()}
+        assert named <= set(stored)
+        assert all(stored[run_id].status is pq.RunStatus.CANCELLED for run_id in named)
 
 
 async def test_aclose_cancels_background_runs(tmp_path: Path) -> None:

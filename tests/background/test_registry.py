@@ -177,6 +177,27 @@ async def test_bad_input_raises_clear_errors(registry: BaseRunRegistry) -> None:
     assert await registry.count_runs() == 1
 
 
+async def test_queries_agree_between_registries_on_odd_input(registry: BaseRunRegistry) -> None:
+    # An adversary's find: SQLite raised OverflowError for a huge offset (a web API's query
+    # string: the example app answered 500) and ValueError for an unknown status, while the
+    # memory registry answered [] / 0. Both now read huge numbers as "no more" / "no limit"
+    # and refuse an unknown status or a non-str module_id with InvalidQueryError.
+    run = Run(module_id="m")
+    await registry.add_run(run)
+    assert await registry.list_runs(offset=2**63) == []
+    assert await registry.list_runs(offset=10**30) == []
+    assert [r.run_id for r in await registry.list_runs(limit=2**64)] == [run.run_id]
+    assert [r.run_id for r in await registry.list_runs(status="pending")] == [run.run_id]  # type: ignore[arg-type]
+    assert await registry.count_runs(status=RunStatus.PENDING) == 1
+    for call in (registry.list_runs, registry.count_runs):
+        with pytest.raises(InvalidQueryError, match="status"):
+            await call(status="bogus")  # type: ignore[arg-type]
+        with pytest.raises(InvalidQueryError, match="status"):
+            await call(status=3)  # type: ignore[arg-type]
+        with pytest.raises(InvalidQueryError, match="module_id"):
+            await call(module_id=7)  # type: ignore[arg-type]
+
+
 async def test_list_newest_first_filters_and_paging(registry: BaseRunRegistry) -> None:
     runs = [Run(module_id=f"m{i % 2}", created_at=at(i)) for i in range(7)]
     for run in reversed(runs):  # insertion order must not matter

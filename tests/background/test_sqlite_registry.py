@@ -753,3 +753,40 @@ async def test_read_only_on_a_missing_file_in_a_folder_it_cannot_write_is_not_a_
     with pytest.raises(RegistrySchemaError, match="not an existing registry file"):
         await registry.open()
     await registry.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("module_id", None, pq.exceptions.InvalidRunError),
+        ("module_name", None, pq.exceptions.InvalidRunError),
+        ("module_id", b"bytes", pq.exceptions.InvalidRunError),
+        ("pid", "5", pq.exceptions.InvalidRunError),
+        ("peak_rss_bytes", 1.5, pq.exceptions.InvalidRunError),
+        ("exit_code", "0", pq.exceptions.InvalidRunError),
+        ("parameters", [1, 2], pq.exceptions.InvalidParametersError),
+        ("output_tail", "all done\n", pq.exceptions.InvalidRunError),
+    ],
+)
+async def test_a_run_it_could_not_read_back_is_refused_on_write_not_lost_on_read(
+    tmp_path: Path, field: str, value: object, error: type[Exception]
+) -> None:
+    # An adversary's find: such a run was stored without complaint, then quarantined by the
+    # first read (gone from get_run and list_runs); a None module_id even gave a false "already
+    # registered". Now the write refuses it, naming the field, and nothing is stored.
+    async with SQLiteRunRegistry(tmp_path / "runs.db") as registry:
+        run = Run(module_id="m")
+        setattr(run, field, value)
+        with pytest.raises(error, match=field):
+            await registry.add_run(run)
+        assert await registry.count_runs() == 0
+        fine = Run(module_id="m")
+        await registry.add_run(fine)
+        fine.mark_running(pid=None)
+        setattr(fine, field, value)
+        with pytest.raises(error, match=field):
+            await registry.update_run(fine)
+        setattr(fine, field, getattr(Run(module_id="m"), field))
+        stored = await registry.get_run(fine.run_id)
+        assert stored is not None and stored.status is RunStatus.PENDING
+        assert registry.quarantined_run_ids == []

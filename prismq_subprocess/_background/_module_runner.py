@@ -335,6 +335,11 @@ class ModuleRunner(AsyncClosing):
         """
         if cwd is not None:
             check_cwd(cwd)
+        if not isinstance(script_path, str | os.PathLike):
+            raise InvalidArgumentTypeError(
+                f"script_path must be a str or os.PathLike, got {type(script_path).__name__} "
+                f"{script_path!r:.60}"
+            )
         path = Path(os.fspath(script_path))
         if not path.is_absolute() and cwd is not None:
             path = Path(os.fspath(cwd)) / path

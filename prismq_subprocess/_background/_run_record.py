@@ -510,6 +510,11 @@ class Run:
         Raises:
             InvalidRunError: a required key is missing or a value has the wrong shape.
         """
+        if not isinstance(data, Mapping):
+            raise InvalidRunError(
+                f"Run.from_dict() needs a mapping (what to_dict() returns), got "
+                f"{type(data).__name__}"
+            )
 
         def when(key: str) -> datetime | None:
             value = data.get(key)

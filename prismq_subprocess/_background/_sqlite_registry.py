@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._exceptions import (
     DuplicateRunError,
+    InvalidArgumentTypeError,
     InvalidParametersError,
     InvalidRunError,
     InvalidTimeoutError,
@@ -341,6 +342,15 @@ def _explained(exc: sqlite3.OperationalError, path: str, busy_timeout: float) ->
     error.sqlite_errorcode = number
     error.sqlite_errorname = name or None  # type: ignore[assignment]
     return error
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _free_space(path: str) -> str:
@@ -1083,7 +1093,12 @@ class SQLiteRunRegistry(BaseRunRegistry):
         read_only: bool = False,
     ) -> None:
         super().__init__(max_runs=max_runs, max_age=max_age)
-        self.path = os.fspath(path)
+        try:
+            self.path = os.fspath(path)
+        except TypeError:
+            raise InvalidArgumentTypeError(
+                f"path must be a str or os.PathLike, got {type(path).__name__} {path!r:.60}"
+            ) from None
         # Checked now: a bad value used to fail only inside open(), in the worker thread.
         seconds: float | None = None
         if isinstance(busy_timeout, timedelta):
@@ -1132,7 +1147,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         try:
             return await self._worker().call(fn, *args)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
             self._raise_explained(exc)
             raise
 
@@ -1142,11 +1157,11 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self._check_writable(db)
         try:
             return await self._worker().call(fn, *args, group=db)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
             self._raise_explained(exc)
             raise
 
-    def _raise_explained(self, exc: sqlite3.Error) -> None:
+    def _raise_explained(self, exc: sqlite3.Error | UnicodeEncodeError) -> None:
         """Raise what a call whose job failed with ``exc`` raises instead of SQLite's own error,
         if anything (called in the ``except`` block; the caller re-raises ``exc`` otherwise)."""
         if isinstance(exc, sqlite3.ProgrammingError) and self._closed:
@@ -1156,6 +1171,14 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise self._closed_error() from None
         if isinstance(exc, sqlite3.OperationalError) and not isinstance(exc, PrismQError):
             raise _explained(exc, self.path, self.busy_timeout) from exc
+        if isinstance(exc, UnicodeEncodeError):
+            # sqlite3 binds text as UTF-8, which a lone surrogate (e.g. from decoding bytes
+            # with errors="surrogateescape") is not.
+            raise InvalidRunError(
+                f"SQLiteRunRegistry({self.path!r}) stores text as UTF-8: a run whose text has "
+                f"a lone surrogate cannot be stored ({exc.object[exc.start : exc.end]!r} in "
+                f"{exc.object!r:.80})"
+            ) from None
 
     def _check_writable(self, db: _Database) -> None:
         if db.read_only:
@@ -1298,7 +1321,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
         # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
         try:
             await executor.enqueue(db.add, (_row_values(run), self.max_runs, self.max_age), db)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
             self._raise_explained(exc)
             raise
 
@@ -1316,12 +1339,14 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise self._closed_error()
         try:
             await executor.enqueue(db.update, (_row_values(run), run._status), db)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
             self._raise_explained(exc)
             raise
 
     async def get_run(self, run_id: str) -> Run | None:
         db = await self._database()
+        if isinstance(run_id, str) and not run_id.isascii() and not _utf8(run_id):
+            return None  # (no run can have such an id here: see _raise_explained)
         return await self._run(db.get, run_id)
 
     async def list_runs(

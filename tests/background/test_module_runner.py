@@ -232,6 +232,8 @@ async def test_bad_input_raises_before_anything_is_stored(
         await runner.execute_module("m", None, ok)  # type: ignore[arg-type]
     with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="module_id"):
         await runner.execute_command(b"m", "M", ["true"])  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="script_path"):
+        await runner.start_module("m", "M", 5)  # type: ignore[arg-type]
     assert await runner.registry.count_runs() == 0
 
 

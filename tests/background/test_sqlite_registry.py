@@ -790,3 +790,22 @@ async def test_a_run_it_could_not_read_back_is_refused_on_write_not_lost_on_read
         stored = await registry.get_run(fine.run_id)
         assert stored is not None and stored.status is RunStatus.PENDING
         assert registry.quarantined_run_ids == []
+
+
+async def test_odd_input_gets_our_errors_not_builtin_ones(tmp_path: Path) -> None:
+    # An adversary's find: these raised a bare TypeError, AttributeError or UnicodeEncodeError.
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="path"):
+        SQLiteRunRegistry(3)  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidRunError, match="needs a mapping"):
+        Run.from_dict([1])  # type: ignore[arg-type]
+    async with SQLiteRunRegistry(tmp_path / "runs.db") as registry:
+        # SQLite keeps text as UTF-8, which a lone surrogate is not: no such run can be there,
+        # and none can be stored.
+        assert await registry.get_run("\ud800") is None
+        with pytest.raises(pq.exceptions.InvalidRunError, match="surrogate"):
+            await registry.add_run(Run(run_id="\ud800x", module_id="m"))
+        with pytest.raises(pq.exceptions.InvalidRunError, match="surrogate"):
+            await registry.add_run(Run(module_id="m", module_name="caf\udce9"))
+        assert await registry.count_runs() == 0
+        await registry.add_run(Run(module_id="m"))  # the registry goes on
+        assert await registry.count_runs() == 1

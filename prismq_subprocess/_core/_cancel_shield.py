@@ -70,13 +70,75 @@ def cleaning_up_after_a_cancel() -> bool:
 
 @contextlib.contextmanager
 def _shield() -> Iterator[Any]:
-    """``anyio.CancelScope(shield=True)`` that also marks its block (``_SHIELDING``)."""
+    """``anyio.CancelScope(shield=True)`` that also marks its block (``_SHIELDING``), and is
+    cancelled itself when a scope around it that was not cancelled yet is (see
+    :func:`_watch_enclosing`)."""
     token = _SHIELDING.set(True)
+    cancelled: asyncio.CancelledError | None = None
     try:
         with sys.modules["anyio"].CancelScope(shield=True) as scope:
-            yield scope
+            watch = _watch_enclosing(scope)
+            try:
+                yield scope
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+                raise
+            finally:
+                if watch is not None:
+                    watch.cancel()
     finally:
         _SHIELDING.reset(token)
+    if cancelled is not None and scope.cancelled_caught:
+        # The shield took the cancellation it was given by the watch for its own and ended it
+        # here; it belongs to the scope around, so it goes on, as the clean-up raised it.
+        raise cancelled
+
+
+def _watch_enclosing(shield: Any) -> asyncio.Task[None] | None:
+    """A task that cancels ``shield`` once one of the scopes around it is cancelled that was
+    not when the shield was entered; None when there is none to watch.
+
+    The shield keeps out the cancellation that started the clean-up, and with it every other:
+    an outer scope cancelled meanwhile (a request's deadline, a client that left, a server
+    shutting down) would wait for the whole clean-up, grace period included. That is the
+    second cancellation, which kills what is left at once (the clean-up's own handling of a
+    ``CancelledError`` during its wait). anyio has no hook for a scope's cancellation, so the
+    scopes are looked at every 50 ms (and at a deadline when one is due sooner); they are found
+    through the scope's parent link, anyio's own attribute: where it is missing nothing is
+    watched, and the clean-up keeps its bound as before.
+    """
+    around = []
+    parent = getattr(shield, "_parent_scope", None)
+    while parent is not None:
+        around.append(parent)
+        if getattr(parent, "shield", True):
+            break  # nothing beyond a shielded scope can cancel us
+        parent = getattr(parent, "_parent_scope", None)
+    # A scope inside one that is cancelled is cancelled already, whether or not it was told
+    # (a task group's scope is, when a member then fails): only those beyond the outermost
+    # cancelled one bring a new cancellation.
+    cancelled = [i for i, scope in enumerate(around) if getattr(scope, "cancel_called", True)]
+    watched = around[cancelled[-1] + 1 :] if cancelled else around
+    if not watched:
+        return None
+    return asyncio.get_running_loop().create_task(_cancel_when_cancelled(shield, watched))
+
+
+async def _cancel_when_cancelled(shield: Any, watched: list[Any]) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        now = loop.time()
+        pause = _WATCH_EVERY
+        for scope in watched:
+            deadline = scope.deadline
+            if scope.cancel_called or deadline <= now:
+                shield.cancel()
+                return
+            pause = min(pause, deadline - now)
+        await asyncio.sleep(pause)
+
+
+_WATCH_EVERY = 0.05
 
 
 def shielded_if_cancelled() -> contextlib.AbstractContextManager[Any]:

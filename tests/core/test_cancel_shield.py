@@ -149,6 +149,47 @@ def test_terminate_gracefully_in_the_finally_of_a_cancelled_scope(mode: str) -> 
 
 
 @pytest.mark.parametrize("mode", REAL)
+@pytest.mark.parametrize("how", ["run", "terminate_gracefully"])
+def test_an_outer_scope_cancelled_during_a_shielded_clean_up_cuts_it_short(
+    mode: str, how: str
+) -> None:
+    """An adversary's find: an inner scope cancels a run, whose clean-up (a 30 s grace period
+    for a child ignoring SIGTERM) runs shielded from it; an outer scope (a request's deadline,
+    a client that left) cancelled meanwhile was hidden by that shield too, so the outer scope
+    was held for the whole grace period. It is the second cancellation: what is left is
+    killed at once, and still waited for."""
+    mark, env = marked_env()
+    took: list[float] = []
+
+    async def main() -> None:
+        async with WRAPPER_FACTORIES[mode]() as wrapper:
+            started = anyio.current_time()
+            with anyio.move_on_after(1.5) as outer:
+                if how == "run":
+                    with anyio.move_on_after(0.3):
+                        await wrapper.run(*py(STUBBORN_CHILD), env=env, grace_period=30.0)
+                else:
+                    process = await wrapper.create_subprocess_exec(
+                        *py(STUBBORN_CHILD), env=env, stdout=asyncio.subprocess.DEVNULL
+                    )
+                    try:
+                        with anyio.move_on_after(0.3):
+                            await process.wait()
+                    finally:
+                        with anyio.CancelScope() as inner:
+                            inner.cancel()  # the clean-up runs in a cancelled scope
+                            await pq.terminate_gracefully(process, 30.0)
+                    assert process.returncode == -signal.SIGKILL
+            took.append(anyio.current_time() - started)
+            assert outer.cancelled_caught
+            assert marked(mark) == []  # killed and waited for before the scope was left
+
+    anyio.run(main)
+    assert took[0] < 10.0, f"the outer scope was held {took[0]:.1f} s (grace period 30 s)"
+    assert survivors_after(mark, 3.0) == []
+
+
+@pytest.mark.parametrize("mode", REAL)
 def test_terminate_gracefully_cancelled_midway_kills_the_tree(mode: str) -> None:
     """A stop cancelled during its grace period used to abandon the child that ignores SIGTERM;
     now the tree is killed at once, and waited for, before ``CancelledError`` propagates (with

@@ -105,11 +105,23 @@ class LineStream(AsyncResource, Generic[LineT]):
                 "the command again"
             )
         self._entered = True
-        run = await self._start()
-        self._run = run
         loop = asyncio.get_running_loop()
-        if self._timeout is not None:
+        if self._timeout is None:
+            run = await self._start()
+        else:
+            # From the call on, as run()'s: a wait for a free worker (LOCAL) counts too.
             self._deadline = loop.time() + self._timeout
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    run = await self._start()
+            except TimeoutError:
+                if loop.time() < self._deadline:
+                    raise  # a TimeoutError of the spawn's own
+                # The cancelled spawn was undone: nothing runs.
+                raise ProcessTimeoutError(
+                    cmd=self._display, timeout=self._timeout, returncode=None
+                ) from None
+        self._run = run
         if not self._merge:
             self._stderr_read = run.capture(run.process.stderr, self._stderr)
         self._batches = iter_line_batches(run.process.stdout, encoding=self._encoding)

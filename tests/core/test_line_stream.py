@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from helpers import py
 
@@ -82,3 +84,22 @@ async def test_iterating_outside_the_block_is_a_clear_error(
     with pytest.raises(pq.exceptions.StreamNotOpenError):
         stream.process  # noqa: B018
     assert any_wrapper.live_processes == []
+
+
+async def test_the_timeout_counts_the_wait_for_a_worker() -> None:
+    # An adversary's find: with every worker busy, run(timeout=0.5) timed out after 0.5 s,
+    # but stream(timeout=0.5) waited for a free worker as long as it took (3.3 s), then ran the
+    # command to its end: "timeout= covers the whole stream" did not count the queue.
+    # (LOCAL runs each child in a worker thread of its own, from spawn to exit.)
+    async with pq.SubprocessWrapper("local", max_workers=1) as wrapper:
+        busy = asyncio.ensure_future(wrapper.run(*py("import time; time.sleep(3)")))
+        await asyncio.sleep(0.3)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(pq.ProcessTimeoutError) as info:
+            async with wrapper.stream(*py("print('x')"), timeout=0.5) as lines:
+                [line async for line in lines]
+        took = asyncio.get_running_loop().time() - started
+        assert took < 2.0, f"the stream's timeout waited {took:.1f} s for a worker"
+        assert info.value.timeout == 0.5
+        await busy
+        assert wrapper.live_processes == []

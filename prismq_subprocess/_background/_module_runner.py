@@ -877,6 +877,7 @@ class ModuleRunner(AsyncClosing):
                 await child.abort()
             else:
                 await child.finish()
+                await child.stop_leftovers()
             returncode = process.returncode
         except asyncio.CancelledError:
             # Shielded from a cancelled anyio scope, whose level-triggered cancellation would

@@ -32,7 +32,7 @@ from ._exceptions import ProcessTimeoutError
 from ._modes import RunMode
 from ._process import ProcessLike
 from ._result import ProcessResult, TailBuffer
-from ._tree_stop import kill_tree_now, stop_process_tree
+from ._tree_stop import kill_tree_now, leads_own_group, stop_process_tree
 
 __all__ = ["DRAIN_SECONDS", "ChildControl", "ChildRun", "discard_output", "run_to_completion"]
 
@@ -178,6 +178,25 @@ class ChildRun:
         )
         await self.stop()
         await self.settle()
+
+    async def stop_leftovers(self) -> None:
+        """The child exited and its output ended: stop what it left running in its process
+        group (a helper it started in the background with its output elsewhere), as leaving a
+        ``stream()`` block does; the run owns its tree. One ``kill(-pgid, 0)`` when the group
+        is empty, the usual case."""
+        process = self.process
+        ops = self._ops
+        # signal 0 first: the usual empty group answers ESRCH without a look at the table.
+        if (
+            leads_own_group(process)
+            and ops.signal_group(process.pid, 0)
+            and ops.group_alive(process.pid, True)
+        ):
+            logger.info(
+                "pid %d exited and left members of its process group running; stopping them",
+                process.pid,
+            )
+            await self.stop()
 
     async def abort(self) -> None:
         """Cancellation, timeout or error: stop the tree, then read what is left (drain rule).
@@ -339,6 +358,7 @@ async def run_to_completion(
                 run = await start(out, err)
                 await run.wait_exit()
                 await run.finish()
+                await run.stop_leftovers()
         except BaseException:
             if run is not None:
                 # Shielded from a cancelled anyio scope, which would cancel every await of the

@@ -97,6 +97,13 @@ def register_child(
             weakref.finalize(process, ops.release_soon, containment)
 
 
+def leads_own_group(process: object) -> bool:
+    """Whether we started ``process`` as the leader of its own process group (False for a
+    process we did not start, or a platform without groups)."""
+    child = _known(process)
+    return child is not None and child.own_group
+
+
 def _known(process: object) -> _Child | None:
     try:
         return _CHILDREN.get(process)

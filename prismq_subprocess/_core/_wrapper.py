@@ -446,8 +446,9 @@ class SubprocessWrapper(AsyncClosing):
         waits on the host's terminal). Output is captured, keeping the last ``max_output_bytes``
         per stream (default: the wrapper's; ``None``: everything).
 
-        After the child exits, members of its process group that are still running are stopped
-        (so their open pipes cannot keep ``run()`` waiting).
+        After the child exits, members of its process group that are still running are stopped:
+        those holding its pipes once the drain time is over (they cannot keep ``run()``
+        waiting), the others once its output has ended (a helper it left in the background).
 
         Timeout (``timeout`` seconds; ``None``, the default, is no limit, and ``0`` times out at
         once, as with ``asyncio.wait_for``): the tree is stopped (SIGTERM, ``grace_period``,

@@ -454,6 +454,25 @@ async def test_a_start_under_way_when_the_runner_closes_says_the_runner_closed(
         assert all(stored[run_id].status is pq.RunStatus.CANCELLED for run_id in named)
 
 
+async def test_a_module_s_helper_left_in_its_group_is_stopped_when_it_exits(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    # As run(): a helper started in the background, its output elsewhere, outlived the run.
+    mark, env = marked_env()
+    path = script(
+        tmp_path,
+        "bg",
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,\n"
+        "                 stderr=subprocess.DEVNULL)\n"
+        "print('done')\n",
+    )
+    run = await runner.execute_module("bg", "Background", path, env=env)
+    assert run.status is pq.RunStatus.COMPLETED
+    assert await asyncio.to_thread(survivors_after, mark, 3.0) == []
+
+
 async def test_aclose_cancels_background_runs(tmp_path: Path) -> None:
     path = script(tmp_path, "sleep", SLEEP)
     output = pq.OutputCapture()

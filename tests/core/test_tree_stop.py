@@ -178,6 +178,27 @@ async def test_leftover_group_members_do_not_hang_run(wrapper: pq.SubprocessWrap
     await assert_no_survivors(mark, grace=0.0)
 
 
+async def test_run_stops_group_members_left_behind_without_the_pipes(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # An adversary's find: a command that backgrounds a helper with its output elsewhere
+    # returned with the helper running in its process group, and closing the wrapper did not
+    # stop it either (the child was gone): run()'s docstring says they are stopped, stream()
+    # stops them when its block is left.
+    mark, env = marked_env()
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,\n"
+        "                 stderr=subprocess.DEVNULL)\n"
+        "print('parent done')\n"
+    )
+    result = await asyncio.wait_for(wrapper.run(*py(code), env=env, grace_period=0.5), 20)
+    assert result.returncode == 0
+    assert result.stdout.strip() == b"parent done"
+    await assert_no_survivors(mark, grace=0.0)
+
+
 async def test_raw_wait_cancel_keeps_asyncio_semantics(
     streaming_wrapper: pq.SubprocessWrapper,
 ) -> None:

@@ -241,7 +241,7 @@ class ModuleRunner(AsyncClosing):
         check_limit(output_tail_lines, "output_tail_lines", minimum=0)
         if max_concurrent is not None:
             check_limit(max_concurrent, "max_concurrent", minimum=1)
-        self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
+        self.grace_period = check_timeout(grace_period, "grace_period", finite=True) or 0.0
         self.sample_interval = check_sample_interval(sample_interval, "sample_interval")
         self.registry = registry
         # Not ``or``: an empty ProcessManager is falsy (it has a length).

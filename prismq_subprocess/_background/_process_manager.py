@@ -44,7 +44,7 @@ class ProcessManager(AsyncResource):
     """
 
     def __init__(self, *, grace_period: float = DEFAULT_GRACE_PERIOD) -> None:
-        self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
+        self.grace_period = check_timeout(grace_period, "grace_period", finite=True) or 0.0
         self._processes: dict[str, ProcessLike] = {}
         # Keyed by the process, not the run id: a run id whose process exited may be given a new
         # one while the old tree's stop still runs, and a stop of the new one must not join it.
@@ -121,7 +121,11 @@ class ProcessManager(AsyncResource):
         Raises:
             InvalidTimeoutError: ``grace`` is negative.
         """
-        limit = self.grace_period if grace is None else check_timeout(grace, "grace") or 0.0
+        limit = (
+            self.grace_period
+            if grace is None
+            else check_timeout(grace, "grace", finite=True) or 0.0
+        )
         process = self._processes.get(run_id)
         if process is None:
             return False

@@ -54,7 +54,7 @@ class ResourcePool(AsyncClosing):
         self.max_workers = max_workers
         # Checked now, not at the first loan.
         self.run_mode = None if run_mode is None else RunMode.parse(run_mode)
-        self.grace_period = check_timeout(grace_period, "grace_period") or 0.0
+        self.grace_period = check_timeout(grace_period, "grace_period", finite=True) or 0.0
         self._slots = Slots(max_workers, self._closed_error)
         self._idle: list[SubprocessWrapper] = []
         self._wrappers: list[SubprocessWrapper] = []

@@ -19,7 +19,7 @@ import inspect
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ from .._platform import (
 )
 from .._platform._ops import alive
 from ._cancel_shield import shielded_if_cancelled
-from ._exceptions import InvalidTaskError, TaskTimeoutError
+from ._exceptions import InvalidArgumentTypeError, InvalidTaskError, TaskTimeoutError
 from ._exit_wait import has_exited, popen_of, reap_closed_loop_child, reaped, wait_all_exited
 from ._offloop import Coalescer, run_in_thread
 from ._process import ProcessLike
@@ -220,7 +220,7 @@ async def stop_process_trees(
     Raises:
         InvalidTimeoutError: ``grace`` is negative.
     """
-    grace = check_timeout(grace, "grace") or 0.0
+    grace = check_timeout(grace, "grace", finite=True) or 0.0
     ops = ops or platform_ops()
     if not processes:
         return []
@@ -367,7 +367,7 @@ async def terminate_gracefully(
             ``subprocess.Popen``, whose ``wait()`` blocks, included).
     """
     check_process(process)
-    check_timeout(timeout, "timeout")
+    check_timeout(timeout, "timeout", finite=True)
     return (await _stop_or_kill([process], timeout, ops))[0]
 
 
@@ -389,12 +389,18 @@ async def terminate_many(
     children waited for, then ``CancelledError`` propagates.
 
     Raises:
-        InvalidTimeoutError: ``timeout`` is negative.
-        InvalidArgumentTypeError: an item of ``processes`` is not a process object.
+        InvalidTimeoutError: ``timeout`` is negative or infinite.
+        InvalidArgumentTypeError: ``processes`` is not a sequence of process objects.
     """
+    if isinstance(processes, str | bytes) or not isinstance(processes, Iterable):
+        raise InvalidArgumentTypeError(
+            f"terminate_many() needs a sequence of process objects, got "
+            f"{type(processes).__name__}"
+        )
+    processes = list(processes)
     for process in processes:
         check_process(process)
-    check_timeout(timeout, "timeout")
+    check_timeout(timeout, "timeout", finite=True)
     return await _stop_or_kill(processes, timeout, ops)
 
 

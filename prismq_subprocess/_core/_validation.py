@@ -75,7 +75,26 @@ def _check_part(value: object, position: int) -> str | bytes:
         )
     if (b"\0" if isinstance(part, bytes) else "\0") in part:  # type: ignore[operator]
         raise InvalidCommandError(f"command argument {position} {part!r} contains a NUL byte")
+    if isinstance(part, str) and not _encodable(part):
+        raise InvalidCommandError(
+            f"command argument {position} {part!r} cannot be passed to a program: it has a "
+            "lone surrogate, which no encoding of the OS holds (decode bytes with "
+            "errors='surrogateescape' to pass them through, or pass bytes)"
+        )
     return part
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` can be handed to the OS as a POSIX argument or environment entry
+    (``os.fsencode``: UTF-8, undecodable bytes carried as ``surrogateescape`` code points).
+    Windows takes wide strings, lone surrogates included."""
+    if text.isascii() or not _POSIX:
+        return True
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_exec_command(program: object, args: tuple[object, ...]) -> tuple[str | bytes, ...]:
@@ -437,6 +456,13 @@ def check_env(env: object) -> None:
             )
         if "\0" in os.fsdecode(value):
             raise InvalidEnvironmentError(f"env[{key!r}] contains a NUL byte")
+        if not (isinstance(key, bytes) or _encodable(key)) or not (
+            isinstance(value, bytes) or _encodable(value)
+        ):
+            raise InvalidEnvironmentError(
+                f"env[{key!r}] = {value!r} cannot be passed to a program: a lone surrogate, "
+                "which no encoding of the OS holds"
+            )
 
 
 def check_limit(value: object, name: str, *, minimum: int) -> None:
@@ -461,11 +487,16 @@ def check_flag(value: object, name: str) -> bool:
     return value is True
 
 
-def check_timeout(value: float | None, name: str = "timeout") -> float | None:
+def check_timeout(
+    value: float | None, name: str = "timeout", *, finite: bool = False
+) -> float | None:
     """Return ``value`` if it is ``None`` or a number >= 0 (``inf`` means no limit, as ``None``).
 
+    ``finite``: a grace period, after which a stop kills: ``inf`` would never kill a child that
+    ignores SIGTERM, so the stop (and whatever waits for it) would never end.
+
     Raises:
-        InvalidTimeoutError: negative, NaN, or not a number.
+        InvalidTimeoutError: negative, NaN, or not a number (with ``finite``, also ``inf``).
     """
     if value is None:
         return None
@@ -483,6 +514,11 @@ def check_timeout(value: float | None, name: str = "timeout") -> float | None:
         raise InvalidTimeoutError(f"{name} is too large a number of seconds; None means no limit")
     if math.isnan(value) or value < 0:
         raise InvalidTimeoutError(f"{name} must be >= 0 seconds, got {value!r}")
+    if finite and math.isinf(value):
+        raise InvalidTimeoutError(
+            f"{name} must be a finite number of seconds: after it the stop kills, and with "
+            f"{value!r} a child that ignores SIGTERM would never be stopped"
+        )
     return float(value)
 
 

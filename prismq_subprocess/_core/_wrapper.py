@@ -20,6 +20,7 @@ from ._cancel_shield import shielded_if_cancelled
 from ._closing import AsyncClosing
 from ._detect import ModeDecision, ModeSource, resolve_run_mode
 from ._exceptions import (
+    InvalidArgumentTypeError,
     InvalidCommandError,
     InvalidRunModeError,
     SubprocessPolicyException,
@@ -117,6 +118,10 @@ class SubprocessWrapper(AsyncClosing):
         ops: PlatformOps | None = None,
         die_with_host: bool = False,
     ) -> None:
+        if ops is not None and not isinstance(ops, PlatformOps):
+            raise InvalidArgumentTypeError(
+                f"ops must be a PlatformOps (e.g. from platform_ops()), got {type(ops).__name__}"
+            )
         self._ops = ops or platform_ops()
         if strategy is not None and mode is not None:
             raise InvalidRunModeError("pass mode or strategy, not both")
@@ -146,7 +151,7 @@ class SubprocessWrapper(AsyncClosing):
             self._decision = resolve_run_mode(mode)
             self._strategy = self._make_strategy(RunMode(self._decision.mode), max_workers)
         self._max_workers = max_workers
-        self._grace = check_timeout(grace_period, "grace_period") or 0.0
+        self._grace = check_timeout(grace_period, "grace_period", finite=True) or 0.0
         self._new_group = new_process_group
         if max_output_bytes is not None:
             check_limit(max_output_bytes, "max_output_bytes", minimum=0)
@@ -463,7 +468,11 @@ class SubprocessWrapper(AsyncClosing):
             and everything :meth:`create_subprocess_exec` raises for bad input.
         """
         limit = check_timeout(timeout)
-        grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        grace = (
+            self._grace
+            if grace_period is None
+            else check_timeout(grace_period, "grace_period", finite=True)
+        )
         check_flag(check, "check")
         check_flag(shell, "shell")
         if input is not None and not isinstance(input, bytes | bytearray | memoryview):
@@ -536,7 +545,11 @@ class SubprocessWrapper(AsyncClosing):
         spawn raises (e.g. :class:`CommandNotFoundError`).
         """
         limit = check_timeout(timeout)
-        grace = self._grace if grace_period is None else check_timeout(grace_period, "grace_period")
+        grace = (
+            self._grace
+            if grace_period is None
+            else check_timeout(grace_period, "grace_period", finite=True)
+        )
         check_flag(merge_stderr, "merge_stderr")
         if max_stderr_bytes is not None:
             check_limit(max_stderr_bytes, "max_stderr_bytes", minimum=0)

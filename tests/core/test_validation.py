@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
+import math
 import os
 import stat
 import subprocess
@@ -159,6 +160,34 @@ async def test_bad_options_are_refused_in_every_mode(
     if "limit" not in kwargs:
         with pytest.raises(error):
             await any_wrapper.create_subprocess_exec(*py("pass"), **kwargs)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows takes wide strings as they are")
+@pytest.mark.parametrize("where", ["argument", "program", "shell", "env key", "env value"])
+async def test_text_the_os_cannot_hold_is_refused_in_every_mode(
+    any_wrapper: pq.SubprocessWrapper, where: str
+) -> None:
+    # An adversary's find: a lone surrogate reached the caller as a bare UnicodeEncodeError
+    # from Popen in the real modes, and DRY_RUN accepted it. "\udcff" (an undecodable byte
+    # carried by surrogateescape) stays fine: it is the byte 0xff.
+    bad = "x\ud800"
+    call: Any
+    error: type[BaseException] = pq.exceptions.InvalidCommandError
+    if where == "argument":
+        call = any_wrapper.run("echo", bad)
+    elif where == "program":
+        call = any_wrapper.run(bad)
+    elif where == "shell":
+        call = any_wrapper.run(f"echo {bad}", shell=True)
+    else:
+        error = pq.exceptions.InvalidEnvironmentError
+        env = {bad: "1"} if where == "env key" else {"A": bad}
+        call = any_wrapper.run(*py("pass"), env={**os.environ, **env})
+    with pytest.raises(error, match="surrogate"):
+        await call
+    assert any_wrapper.live_processes == []
+    result = await any_wrapper.run("echo", "x\udcff")
+    assert result.returncode == 0
 
 
 @pytest.mark.parametrize("option", ["user", "group", "extra_groups"])
@@ -379,3 +408,26 @@ async def test_a_command_line_given_as_a_program_names_both_ways(
         await wrapper.create_subprocess_exec("ls -l")
     assert "create_subprocess_shell" in str(info.value)
     assert "shell=True" in str(info.value)
+
+
+async def test_odd_stop_arguments_are_refused_before_anything_is_stopped(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # An adversary's finds: an infinite grace period was accepted (a stop of a child ignoring
+    # SIGTERM then never ended), terminate_many(None) raised a bare TypeError, and a wrapper
+    # took any object as its platform operations (failing at its first call).
+    with pytest.raises(pq.exceptions.InvalidTimeoutError, match="finite"):
+        pq.SubprocessWrapper(grace_period=math.inf)
+    with pytest.raises(pq.exceptions.InvalidTimeoutError, match="finite"):
+        await wrapper.run(*py("pass"), grace_period=math.inf)
+    with pytest.raises(pq.exceptions.InvalidTimeoutError, match="finite"):
+        pq.ModuleRunner(pq.RunRegistry(), grace_period=math.inf)
+    process = await wrapper.create_subprocess_exec(*py("import time; time.sleep(30)"))
+    with pytest.raises(pq.exceptions.InvalidTimeoutError, match="finite"):
+        await pq.terminate_gracefully(process, math.inf)
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="sequence"):
+        await pq.terminate_many(None)  # type: ignore[arg-type]
+    assert process.returncode is None  # nothing was stopped by a refused call
+    await pq.terminate_gracefully(process, 1.0)
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="PlatformOps"):
+        pq.SubprocessWrapper(ops=object())  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -702,41 +702,50 @@ _QUEUES_A_RUN = textwrap.dedent(
 )
 
 
-async def test_a_run_queued_by_another_live_process_is_not_taken_over(tmp_path: Path) -> None:
-    # The same across server workers sharing one SQLite file: worker B's start of "job1" while
-    # worker A has it queued ran B's job under A's run id (A's own record then refused).
-    path = tmp_path / "runs.db"
-    other = subprocess.Popen(  # noqa: ASYNC220 - a second server worker
-        [sys.executable, "-c", _QUEUES_A_RUN, str(path)],
+@contextlib.contextmanager
+def _another_worker(script: str, path: Path, ready: str) -> Iterator[subprocess.Popen[str]]:
+    """A second process on the registry file at ``path`` (another server worker), running
+    ``script`` until the block ends: its first line is ``ready``; a line on its stdin lets it
+    finish, and it must then exit 0."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert other.stdout is not None and other.stdin is not None
-        assert other.stdout.readline().strip() == "queued"
-        ran: list[str] = []
+        assert other.stdout.readline().strip() == ready
+        yield other
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.wait(timeout=30) == 0
+    finally:
+        if other.poll() is None:
+            other.kill()
+        other.communicate()
 
-        async def job() -> None:
-            ran.append("B")
 
+async def test_a_run_queued_by_another_live_process_is_not_taken_over(tmp_path: Path) -> None:
+    # The same across server workers sharing one SQLite file: worker B's start of "job1" while
+    # worker A has it queued ran B's job under A's run id (A's own record then refused).
+    path = tmp_path / "runs.db"
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("B")
+
+    with _another_worker(_QUEUES_A_RUN, path, "queued") as other:
         async with SQLiteRunRegistry(path) as registry, BackgroundTaskManager(registry) as manager:
             with pytest.raises(DuplicateRunError, match=f"pid {other.pid}"):
                 await manager.start_task(Run(run_id="job1", module_id="B"), job())
             # A deliberate pick-up: the run as read from the registry (its owner included).
             picked = await stored(registry, "job1")
             assert picked.owner is not None and picked.owner.pid == other.pid
-        assert ran == []
-        other.stdin.write("\n")
-        other.stdin.flush()
-        assert other.wait(timeout=30) == 0
-        async with SQLiteRunRegistry(path) as registry:
-            done = await stored(registry, "job1")
-            assert (done.module_id, done.status) == ("A", RunStatus.COMPLETED)
-    finally:
-        if other.poll() is None:
-            other.kill()
-        other.communicate()
+    assert ran == []
+    async with SQLiteRunRegistry(path) as registry:
+        done = await stored(registry, "job1")
+        assert (done.module_id, done.status) == ("A", RunStatus.COMPLETED)
 
 
 _ADDS_A_RUN = textwrap.dedent(
@@ -761,15 +770,7 @@ async def test_a_pending_run_of_another_process_read_from_the_registry_is_taken_
     # The pick-up pattern: one process (an API worker) adds PENDING runs, another reads them
     # from the registry and starts them; the driver becomes the run's owner.
     path = tmp_path / "runs.db"
-    adder = subprocess.Popen(  # noqa: ASYNC220 - an API worker that adds runs
-        [sys.executable, "-c", _ADDS_A_RUN, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert adder.stdout is not None and adder.stdin is not None
-        assert adder.stdout.readline().strip() == "added"
+    with _another_worker(_ADDS_A_RUN, path, "added"):
         async with SQLiteRunRegistry(path) as registry:
             picked = await stored(registry, "queued")
             async with BackgroundTaskManager(registry) as manager:
@@ -778,13 +779,6 @@ async def test_a_pending_run_of_another_process_read_from_the_registry_is_taken_
             done = await stored(registry, "queued")
             assert done.status is RunStatus.COMPLETED
             assert done.owner == RunOwner.current()
-        adder.stdin.write("\n")
-        adder.stdin.flush()
-        assert adder.wait(timeout=30) == 0
-    finally:
-        if adder.poll() is None:
-            adder.kill()
-        adder.communicate()
 
 
 async def test_store_failure_without_await_is_logged_not_lost(

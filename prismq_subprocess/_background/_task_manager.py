@@ -717,12 +717,15 @@ class BackgroundTaskManager(AsyncResource):
 
     def _store_failed(self, entry: _Entry, exc: Exception) -> None:
         run = entry.run
-        if isinstance(exc, DuplicateRunError):
-            logger.error("background run %s not started: %s", run.run_id, exc)
-        else:
-            logger.error(
-                "background run %s not started: storing it failed", run.run_id, exc_info=exc
-            )
+        if not entry.store_waiters:
+            # Nobody awaits the handle (yet): the log is where the failure shows. One who does
+            # gets the exception instead (and a log line too would report it twice).
+            if isinstance(exc, DuplicateRunError):
+                logger.error("background run %s not started: %s", run.run_id, exc)
+            else:
+                logger.error(
+                    "background run %s not started: storing it failed", run.run_id, exc_info=exc
+                )
         entry.settle(exc)
         if entry.opened_output and self.output is not None:
             self.output.forget(run.run_id)

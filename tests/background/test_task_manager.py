@@ -655,7 +655,7 @@ async def test_a_run_the_caller_added_is_taken_over(registry: BaseRunRegistry) -
 
 
 async def test_a_run_queued_in_another_manager_is_not_taken_over(
-    registry: BaseRunRegistry,
+    registry: BaseRunRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     # An adversary's find: a second manager on the same registry "took over" a run another
     # manager had queued (PENDING behind its concurrency limit), so one run id ran two jobs.
@@ -671,8 +671,12 @@ async def test_a_run_queued_in_another_manager_is_not_taken_over(
     ) as second:
         await first.start_task(Run(module_id="busy"), gate.wait())
         await first.start_task(Run(run_id="job1", module_id="A"), job("A"))
-        with pytest.raises(DuplicateRunError, match="another BackgroundTaskManager"):
+        with caplog.at_level(logging.ERROR), pytest.raises(
+            DuplicateRunError, match="another BackgroundTaskManager"
+        ):
             await second.start_task(Run(run_id="job1", module_id="B"), job("B"))
+        # The caller awaited and got the error: no log line reports it a second time.
+        assert [r for r in caplog.records if "not started" in r.getMessage()] == []
         gate.set()
         await first.wait_all()
         await second.wait_all()

@@ -121,7 +121,11 @@ def _watch_enclosing(shield: Any) -> asyncio.Task[None] | None:
     watched = around[cancelled[-1] + 1 :] if cancelled else around
     if not watched:
         return None
-    return asyncio.get_running_loop().create_task(_cancel_when_cancelled(shield, watched))
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # (anyio on trio: the library's own work always runs on asyncio)
+        return None
+    return loop.create_task(_cancel_when_cancelled(shield, watched))
 
 
 async def _cancel_when_cancelled(shield: Any, watched: list[Any]) -> None:

@@ -520,6 +520,9 @@ def _row_values(run: Run) -> tuple[Any, ...]:
         and values[_PEAK_RSS].__class__ in _PLAIN_OPTIONAL_INT
         and values[_CPU_TIME].__class__ in _PLAIN_OPTIONAL_REAL
         and values[_WORKER].__class__ in _PLAIN_OPTIONAL_TEXT
+        and values[_OWNER_HOST].__class__ in _PLAIN_OPTIONAL_TEXT
+        and values[_OWNER_PID].__class__ in _PLAIN_OPTIONAL_INT
+        and values[_OWNER_STARTED].__class__ in _PLAIN_OPTIONAL_REAL
     ):
         return values
     for index, name, types in _COLUMN_TYPES:
@@ -565,6 +568,9 @@ _EXIT_CODE, _ERROR, _PID, _MODE = (
 )
 _PEAK_RSS, _CPU_TIME, _WORKER = (
     _COLUMNS.index(n) for n in ("peak_rss_bytes", "cpu_time_seconds", "worker")
+)
+_OWNER_HOST, _OWNER_PID, _OWNER_STARTED = (
+    _COLUMNS.index(n) for n in ("owner_host", "owner_pid", "owner_started_at")
 )
 _PLAIN_OPTIONAL_INT = frozenset({int, type(None)})
 _PLAIN_OPTIONAL_TEXT = frozenset({str, type(None)})
@@ -1147,7 +1153,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         try:
             return await self._worker().call(fn, *args)
-        except (sqlite3.Error, UnicodeEncodeError) as exc:
+        except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise
 
@@ -1157,11 +1163,11 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self._check_writable(db)
         try:
             return await self._worker().call(fn, *args, group=db)
-        except (sqlite3.Error, UnicodeEncodeError) as exc:
+        except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise
 
-    def _raise_explained(self, exc: sqlite3.Error | UnicodeEncodeError) -> None:
+    def _raise_explained(self, exc: sqlite3.Error | UnicodeEncodeError | OverflowError) -> None:
         """Raise what a call whose job failed with ``exc`` raises instead of SQLite's own error,
         if anything (called in the ``except`` block; the caller re-raises ``exc`` otherwise)."""
         if isinstance(exc, sqlite3.ProgrammingError) and self._closed:
@@ -1171,6 +1177,10 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise self._closed_error() from None
         if isinstance(exc, sqlite3.OperationalError) and not isinstance(exc, PrismQError):
             raise _explained(exc, self.path, self.busy_timeout) from exc
+        if isinstance(exc, OverflowError):
+            raise InvalidRunError(
+                f"SQLiteRunRegistry({self.path!r}) stores integers in 64 bits: {exc}"
+            ) from None
         if isinstance(exc, UnicodeEncodeError):
             # sqlite3 binds text as UTF-8, which a lone surrogate (e.g. from decoding bytes
             # with errors="surrogateescape") is not.
@@ -1321,7 +1331,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
         # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
         try:
             await executor.enqueue(db.add, (_row_values(run), self.max_runs, self.max_age), db)
-        except (sqlite3.Error, UnicodeEncodeError) as exc:
+        except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise
 
@@ -1339,7 +1349,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise self._closed_error()
         try:
             await executor.enqueue(db.update, (_row_values(run), run._status), db)
-        except (sqlite3.Error, UnicodeEncodeError) as exc:
+        except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise
 
@@ -1358,6 +1368,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
     ) -> list[Run]:
         _check_paging(limit, offset)
         status = check_filters(status, module_id)
+        if module_id is not None and not module_id.isascii() and not _utf8(module_id):
+            return []  # (no run can have it here: SQLite's text is UTF-8)
         # SQLite's integers stop at 2**63 - 1: more is "no limit" / "past the end", as in a list.
         limit, offset = min(limit, _SQL_INT_MAX), min(offset, _SQL_INT_MAX)
         db = await self._database()
@@ -1367,6 +1379,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self, status: RunStatus | None = None, module_id: str | None = None
     ) -> int:
         status = check_filters(status, module_id)
+        if module_id is not None and not module_id.isascii() and not _utf8(module_id):
+            return 0
         db = await self._database()
         return await self._run(db.count, status, module_id)
 
@@ -1385,6 +1399,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
         the owner acts on it. It stays in the file with the run.
         """
         db = await self._database()
+        if isinstance(run_id, str) and not run_id.isascii() and not _utf8(run_id):
+            return False  # no such run (as get_run)
         return await self._write(db, db.request_cancel, run_id, str(reason))
 
     async def cancel_requests(self, run_ids: Collection[str]) -> dict[str, str]:

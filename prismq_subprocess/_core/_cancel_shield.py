@@ -70,43 +70,50 @@ def cleaning_up_after_a_cancel() -> bool:
 
 @contextlib.contextmanager
 def _shield() -> Iterator[Any]:
-    """``anyio.CancelScope(shield=True)`` that also marks its block (``_SHIELDING``), and is
-    cancelled itself when a scope around it that was not cancelled yet is (see
-    :func:`_watch_enclosing`)."""
+    """``anyio.CancelScope(shield=True)`` that also marks its block (``_SHIELDING``), and lets
+    a new cancellation of a scope around it through once, as asyncio's second cancellation
+    (see :func:`_watch_enclosing`)."""
     token = _SHIELDING.set(True)
-    cancelled: asyncio.CancelledError | None = None
+    task = asyncio.current_task()
+    fired: list[bool] = []
     try:
         with sys.modules["anyio"].CancelScope(shield=True) as scope:
-            watch = _watch_enclosing(scope)
+            watch = _watch_enclosing(scope, task, fired)
             try:
                 yield scope
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-                raise
             finally:
                 if watch is not None:
                     watch.cancel()
+                if fired and task is not None:
+                    # The watch's own cancel request is withdrawn from the count (whether the
+                    # clean-up let its CancelledError out or handled it): anyio's scopes around
+                    # tell their own cancellations from foreign ones by that count.
+                    task.uncancel()
     finally:
         _SHIELDING.reset(token)
-    if cancelled is not None and scope.cancelled_caught:
-        # The shield took the cancellation it was given by the watch for its own and ended it
-        # here; it belongs to the scope around, so it goes on, as the clean-up raised it.
-        raise cancelled
 
 
-def _watch_enclosing(shield: Any) -> asyncio.Task[None] | None:
-    """A task that cancels ``shield`` once one of the scopes around it is cancelled that was
-    not when the shield was entered; None when there is none to watch.
+def _watch_enclosing(
+    shield: Any, task: asyncio.Task[Any] | None, fired: list[bool]
+) -> _Watch | None:
+    """A watch that cancels ``task`` once (``task.cancel()``, appending to ``fired``) when one
+    of the scopes around ``shield`` is cancelled that was not when the shield was entered;
+    None when there is none to watch.
 
     The shield keeps out the cancellation that started the clean-up, and with it every other:
     an outer scope cancelled meanwhile (a request's deadline, a client that left, a server
     shutting down) would wait for the whole clean-up, grace period included. That is the
-    second cancellation, which kills what is left at once (the clean-up's own handling of a
-    ``CancelledError`` during its wait). anyio has no hook for a scope's cancellation, so the
-    scopes are looked at every 50 ms (and at a deadline when one is due sooner); they are found
-    through the scope's parent link, anyio's own attribute: where it is missing nothing is
-    watched, and the clean-up keeps its bound as before.
+    second cancellation, which kills what is left at once. It is delivered as asyncio delivers
+    a second ``task.cancel()``, once (edge-triggered), because that is what every clean-up here
+    handles: it kills, then still waits for the child, unhindered. (Cancelling the shielded
+    scope instead would be level-triggered: every later await of the clean-up would fail too.)
+    anyio has no hook for a scope's cancellation, so the scopes are looked at every 50 ms (and
+    at a deadline when one is due sooner); they are found through the scope's parent link,
+    anyio's own attribute: where it is missing nothing is watched, and the clean-up keeps its
+    bound as before.
     """
+    if task is None:
+        return None
     around = []
     parent = getattr(shield, "_parent_scope", None)
     while parent is not None:
@@ -125,21 +132,42 @@ def _watch_enclosing(shield: Any) -> asyncio.Task[None] | None:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # (anyio on trio: the library's own work always runs on asyncio)
         return None
-    return loop.create_task(_cancel_when_cancelled(shield, watched))
+    return _Watch(loop, task, watched, fired)
 
 
-async def _cancel_when_cancelled(shield: Any, watched: list[Any]) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        now = loop.time()
+class _Watch:
+    """Looks at ``watched`` every 50 ms (sooner when a deadline is due), from loop callbacks
+    rather than a task: nothing is left pending once :meth:`cancel` is called."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+        watched: list[Any],
+        fired: list[bool],
+    ) -> None:
+        self._loop = loop
+        self._task = task
+        self._watched = watched
+        self._fired = fired
+        self._handle: asyncio.Handle = loop.call_soon(self._look)
+
+    def _look(self) -> None:
+        now = self._loop.time()
         pause = _WATCH_EVERY
-        for scope in watched:
+        for scope in self._watched:
             deadline = scope.deadline
             if scope.cancel_called or deadline <= now:
-                shield.cancel()
+                self._fired.append(True)
+                # In the words anyio cancels with, so the scope takes the CancelledError for
+                # its own when it reaches it (and ends it there, as after its own delivery).
+                self._task.cancel(f"Cancelled via cancel scope {id(scope):x}")
                 return
             pause = min(pause, deadline - now)
-        await asyncio.sleep(pause)
+        self._handle = self._loop.call_later(pause, self._look)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 _WATCH_EVERY = 0.05

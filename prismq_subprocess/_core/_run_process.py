@@ -179,11 +179,13 @@ class ChildRun:
         await self.stop()
         await self.settle()
 
-    async def stop_leftovers(self) -> None:
+    async def stop_leftovers(self, deadline: float | None = None) -> None:
         """The child exited and its output ended: stop what it left running in its process
         group (a helper it started in the background with its output elsewhere), as leaving a
         ``stream()`` block does; the run owns its tree. One ``kill(-pgid, 0)`` when the group
-        is empty, the usual case."""
+        is empty, the usual case. ``deadline`` (loop time; a ``run(timeout=)``'s end): the
+        grace period is cut to what is left of it, so a finished command is not held past
+        its timeout by what it left."""
         process = self.process
         ops = self._ops
         # signal 0 first: the usual empty group answers ESRCH without a look at the table.
@@ -196,7 +198,13 @@ class ChildRun:
                 "pid %d exited and left members of its process group running; stopping them",
                 process.pid,
             )
-            await self.stop()
+            grace = self.grace
+            if deadline is not None:
+                self.grace = min(grace, max(0.0, deadline - asyncio.get_running_loop().time()))
+            try:
+                await self.stop()
+            finally:
+                self.grace = grace
 
     async def abort(self) -> None:
         """Cancellation, timeout or error: stop the tree, then read what is left (drain rule).
@@ -358,7 +366,9 @@ async def run_to_completion(
                 run = await start(out, err)
                 await run.wait_exit()
                 await run.finish()
-                await run.stop_leftovers()
+            # Outside the timeout: the command is done, and what it left behind is no reason to
+            # report it timed out (its stop takes the grace period when it ignores SIGTERM).
+            await run.stop_leftovers(None if scope is None else scope.when())
         except BaseException:
             if run is not None:
                 # Shielded from a cancelled anyio scope, which would cancel every await of the

@@ -807,5 +807,19 @@ async def test_odd_input_gets_our_errors_not_builtin_ones(tmp_path: Path) -> Non
         with pytest.raises(pq.exceptions.InvalidRunError, match="surrogate"):
             await registry.add_run(Run(module_id="m", module_name="caf\udce9"))
         assert await registry.count_runs() == 0
+        # Nor can such a run be found, asked about or cancelled (a review's find: these
+        # said such a run "cannot be stored").
+        assert await registry.list_runs(module_id="\ud800") == []
+        assert await registry.count_runs(module_id="\ud800") == 0
+        assert await registry.request_cancel("\ud800") is False
+        # An owner a read would refuse, and an int past SQLite's 64 bits (a review's finds:
+        # the first was stored, then quarantined; the second a bare OverflowError).
+        odd_owner = Run(module_id="m")
+        odd_owner.owner = RunOwner("host", "abc", 1.0)  # type: ignore[arg-type]
+        with pytest.raises(pq.exceptions.InvalidRunError, match="owner_pid"):
+            await registry.add_run(odd_owner)
+        with pytest.raises(pq.exceptions.InvalidRunError, match="64 bits"):
+            await registry.add_run(Run(module_id="m", peak_rss_bytes=2**64))
+        assert await registry.count_runs() == 0
         await registry.add_run(Run(module_id="m"))  # the registry goes on
         assert await registry.count_runs() == 1

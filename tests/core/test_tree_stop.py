@@ -199,6 +199,27 @@ async def test_run_stops_group_members_left_behind_without_the_pipes(
     await assert_no_survivors(mark, grace=0.0)
 
 
+async def test_a_leftover_ignoring_sigterm_does_not_hold_run_past_its_timeout(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # A review's find: the leftover's stop ran inside the timeout, so a command that had
+    # succeeded at once raised ProcessTimeoutError (returncode 0) while its helper, ignoring
+    # SIGTERM, used up the grace period. It stops within what is left of the timeout now.
+    mark, env = marked_env()
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'],\n"
+        "                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,\n"
+        "                 stderr=subprocess.DEVNULL)\n"
+    )
+    started = time.monotonic()
+    result = await wrapper.run(*py(code), env=env, timeout=3.0, grace_period=30.0)
+    assert result.returncode == 0
+    assert time.monotonic() - started < 10.0
+    await assert_no_survivors(mark, grace=0.0)
+
+
 async def test_raw_wait_cancel_keeps_asyncio_semantics(
     streaming_wrapper: pq.SubprocessWrapper,
 ) -> None:
@@ -1132,6 +1153,7 @@ class _LateKill:
     ``delay`` seconds later (in a timer thread), as on a machine far behind."""
 
     delay: float
+    ops: PlatformOps | None = None
     descendants: list[int] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     timers: list[threading.Timer] = field(default_factory=list)
@@ -1156,10 +1178,16 @@ class _LateKill:
             timer.start()
 
         ops.kill_trees = late_kill_trees  # type: ignore[method-assign]
+        self.ops = ops
 
     def join(self) -> None:
+        """Wait for the late kills, and give ``ops`` its own ``kill_trees`` back: it is the
+        process's shared platform object, and the patch used to stay for every later test of
+        the same worker (their SIGKILLs then came seconds late)."""
         for timer in self.timers:
             timer.join()
+        with contextlib.suppress(AttributeError):
+            del self.ops.kill_trees  # (the instance attribute: the class's method shows again)
 
 
 async def _stubborn_tree() -> tuple[str, asyncio.subprocess.Process]:

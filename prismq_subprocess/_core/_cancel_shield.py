@@ -74,31 +74,22 @@ def _shield() -> Iterator[Any]:
     a new cancellation of a scope around it through once, as asyncio's second cancellation
     (see :func:`_watch_enclosing`)."""
     token = _SHIELDING.set(True)
-    task = asyncio.current_task()
-    fired: list[bool] = []
     try:
         with sys.modules["anyio"].CancelScope(shield=True) as scope:
-            watch = _watch_enclosing(scope, task, fired)
+            watch = _watch_enclosing(scope)
             try:
                 yield scope
             finally:
                 if watch is not None:
-                    watch.cancel()
-                if fired and task is not None:
-                    # The watch's own cancel request is withdrawn from the count (whether the
-                    # clean-up let its CancelledError out or handled it): anyio's scopes around
-                    # tell their own cancellations from foreign ones by that count.
-                    task.uncancel()
+                    watch.end()
     finally:
         _SHIELDING.reset(token)
 
 
-def _watch_enclosing(
-    shield: Any, task: asyncio.Task[Any] | None, fired: list[bool]
-) -> _Watch | None:
-    """A watch that cancels ``task`` once (``task.cancel()``, appending to ``fired``) when one
-    of the scopes around ``shield`` is cancelled that was not when the shield was entered;
-    None when there is none to watch.
+def _watch_enclosing(shield: Any) -> _Watch | None:
+    """A watch that cancels the calling task once (``task.cancel()``) when one of the scopes
+    around ``shield`` is cancelled that was not when the shield was entered; None when there
+    is none to watch.
 
     The shield keeps out the cancellation that started the clean-up, and with it every other:
     an outer scope cancelled meanwhile (a request's deadline, a client that left, a server
@@ -112,8 +103,6 @@ def _watch_enclosing(
     anyio's own attribute: where it is missing nothing is watched, and the clean-up keeps its
     bound as before.
     """
-    if task is None:
-        return None
     around = []
     parent = getattr(shield, "_parent_scope", None)
     while parent is not None:
@@ -132,7 +121,8 @@ def _watch_enclosing(
         loop = asyncio.get_running_loop()
     except RuntimeError:  # (anyio on trio: the library's own work always runs on asyncio)
         return None
-    return _Watch(loop, task, watched, fired)
+    task = asyncio.current_task()
+    return None if task is None else _Watch(loop, task, watched)
 
 
 class _Watch:
@@ -140,16 +130,12 @@ class _Watch:
     rather than a task: nothing is left pending once :meth:`cancel` is called."""
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        task: asyncio.Task[Any],
-        watched: list[Any],
-        fired: list[bool],
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], watched: list[Any]
     ) -> None:
         self._loop = loop
         self._task = task
         self._watched = watched
-        self._fired = fired
+        self._fired = False
         self._handle: asyncio.Handle = loop.call_soon(self._look)
 
     def _look(self) -> None:
@@ -158,7 +144,7 @@ class _Watch:
         for scope in self._watched:
             deadline = scope.deadline
             if scope.cancel_called or deadline <= now:
-                self._fired.append(True)
+                self._fired = True
                 # In the words anyio cancels with, so the scope takes the CancelledError for
                 # its own when it reaches it (and ends it there, as after its own delivery).
                 self._task.cancel(f"Cancelled via cancel scope {id(scope):x}")
@@ -166,8 +152,14 @@ class _Watch:
             pause = min(pause, deadline - now)
         self._handle = self._loop.call_later(pause, self._look)
 
-    def cancel(self) -> None:
+    def end(self) -> None:
+        """The shielded block is over: stop looking, and withdraw the cancel request made, if
+        any, from the task's count (whether the clean-up let its ``CancelledError`` out or
+        handled it): anyio's scopes around tell their own cancellations from foreign ones by
+        that count."""
         self._handle.cancel()
+        if self._fired:
+            self._task.uncancel()
 
 
 _WATCH_EVERY = 0.05

@@ -230,7 +230,7 @@ async def stop_process_trees(
     records = await workers.ask.submit([_target(p, ops, pin=True) for p in processes])
     for process, record in zip(processes, records, strict=True):
         if record.target.running and not record.asked:
-            _signal(process, ops.stop_signal(record.target.own_group))
+            _signal(process, ops.stop_signal(record.target.own_group), ops)
     running = [(p, r) for p, r in zip(processes, records, strict=True) if r.target.running]
     await wait_all_exited([p for p, _ in running], deadline)
     overdue = [(p, r) for p, r in running if not has_exited(p, loop)]
@@ -242,7 +242,7 @@ async def stop_process_trees(
         await workers.kill.submit([r for _, r in overdue])
         for process, record in overdue:
             if not (record.target.own_group and ops.group_kill_covers_leader):
-                _kill(process)
+                _signal(process, None, ops)  # (a group kill did not reach it)
         await wait_all_exited([p for p, _ in overdue], None)
     # The children are gone; members of their groups (or escaped descendants) may linger.
     # Nothing notifies us when a grandchild exits, so poll.
@@ -310,19 +310,34 @@ async def stop_process_tree(
     return (await stop_process_trees([process], grace=grace, ops=ops))[0]
 
 
-def _signal(process: ProcessLike, sig: int) -> None:
+def _signal(process: ProcessLike, sig: int | None, ops: PlatformOps) -> None:
+    """Send ``sig`` (None: the platform's kill) to the child itself, never reaping it.
+
+    asyncio's ``Process`` signals through its ``Popen``, which polls first (bpo-38630): a child
+    that has just died is reaped there, before asyncio's child watcher (which reads the status
+    by pid) hears of it, and the watcher then reports 255. So a child whose status a watcher
+    reads is signalled by pid while it is an unreaped child of ours (POSIX; a zombie's pid
+    cannot be anyone else's); the others through their own route.
+    """
     # OSError too: on Windows CTRL_BREAK fails with other errors (e.g. a host without a console);
     # the kill after the grace period still comes.
     with contextlib.suppress(OSError):
-        process.send_signal(sig)
+        if (
+            process.returncode is None
+            and _status_read_by_watcher(process)
+            and ops.signal_unreaped_child(process.pid, sig)
+        ):
+            return
+        if sig is None:
+            process.kill()
+        else:
+            process.send_signal(sig)
 
 
-def _kill(process: ProcessLike) -> None:
-    # Only when the group kill did not reach the child: on an asyncio process, kill() polls the
-    # Popen first (bpo-38630), which can reap a child the group kill just ended, before asyncio's
-    # own child watcher does, so the watcher reports 255 instead of -SIGKILL.
-    with contextlib.suppress(OSError):
-        process.kill()
+def _status_read_by_watcher(process: ProcessLike) -> bool:
+    # asyncio's process objects: a transport holding the Popen, and no Popen of their own (ours
+    # of THREADED and LOCAL reap through it, so its poll is the reap).
+    return getattr(process, "_popen", None) is None and popen_of(process) is not None
 
 
 def kill_trees_now(processes: Sequence[ProcessLike], ops: PlatformOps | None = None) -> None:
@@ -340,7 +355,7 @@ def kill_trees_now(processes: Sequence[ProcessLike], ops: PlatformOps | None = N
     ops.kill_trees(records)
     for process, record in zip(processes, records, strict=True):
         if record.target.running and not (record.target.own_group and ops.group_kill_covers_leader):
-            _kill(process)
+            _signal(process, None, ops)
 
 
 def kill_tree_now(process: ProcessLike, ops: PlatformOps | None = None) -> None:

@@ -1249,3 +1249,30 @@ async def test_the_wait_for_what_a_stop_killed_is_bounded_and_names_the_survivor
     finally:
         late_kill.join()
         await assert_no_survivors(mark, grace=0.0)
+
+
+async def test_a_kill_never_reaps_an_asyncio_child_behind_its_child_watcher() -> None:
+    # Found by CI (3.12, one run in several; 3.11 once): the stop of a plain asyncio child
+    # reported 255 ("exit status already read"). A child that does not lead its own group is
+    # killed by pid through its Process; asyncio's Process.kill() goes to Popen.send_signal(),
+    # which polls first (bpo-38630) and so reaps a child that had just died before the loop's
+    # child watcher heard of it: the watcher then finds no status. Played here without a race:
+    # the child is dead (a zombie) while the loop is held, so its watcher has not run.
+    from prismq_subprocess._platform import prefer_pidfd_watcher
+
+    prefer_pidfd_watcher()  # (3.11: asyncio's default watcher reaps in a thread of its own)
+    process = await asyncio.create_subprocess_exec(*py("import time; time.sleep(30)"))
+    os.kill(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _state(process.pid) != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the killed child never ended"
+        time.sleep(0.005)  # noqa: ASYNC251 - the loop must not run (its watcher would reap)
+    kill_tree_now(process)
+    assert await process.wait() == -signal.SIGKILL
+
+
+def _state(pid: int) -> str:
+    try:
+        return str(psutil.Process(pid).status())
+    except psutil.NoSuchProcess:
+        pytest.skip("this process's asyncio child watcher reaps in a thread: there is no race")

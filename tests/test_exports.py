@@ -180,6 +180,7 @@ EXPECTED: dict[str, list[str]] = {
         "OutputNotFoundError",
         "OutputWaitTimeoutError",
         "PoolClosedError",
+        "PreexecFnError",
         "PrismQError",
         "ProcessFailedError",
         "ProcessTimeoutError",

@@ -454,12 +454,18 @@ def _keeping_keys(values: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
+# Strict JSON: NaN and the infinities are no JSON values, and stored as Python's bare tokens
+# they broke every strict reader of the run afterwards (a browser's JSON.parse of to_dict()).
+# One encoder for all writes: json.dumps with an option builds a new one per call.
+_ENCODER = json.JSONEncoder(allow_nan=False)
+
+
 def _json_text(field: str, value: Any) -> str:
     """``value`` as the JSON stored in the ``field`` column; the documented error if JSON
     cannot hold it (a bare TypeError or ValueError from the encoder said neither which field
     nor that it was the caller's input)."""
     try:
-        return json.dumps(value)
+        return _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         error = InvalidParametersError if field == "parameters" else InvalidRunError
         raise error(f"{field} must be JSON-serialisable to be stored in SQLite: {exc}") from None

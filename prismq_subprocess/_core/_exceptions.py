@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import shlex
 import sqlite3
+import subprocess
 from collections.abc import Sequence
 
 __all__ = [
@@ -463,6 +464,7 @@ __all__ += [
     "ExecutableFormatError",
     "InvalidEncodingError",
     "InvalidOptionError",
+    "PreexecFnError",
     "SpawnFailedError",
     "StreamNotOpenError",
     "UnknownUserError",
@@ -485,6 +487,13 @@ class CommandNotExecutableError(SpawnFailedError, PermissionError):
 class ExecutableFormatError(SpawnFailedError):
     """Raised when the program is a file the system cannot execute (``ENOEXEC``): a binary for
     another platform, or a script without a ``#!`` line."""
+
+
+class PreexecFnError(SpawnFailedError, subprocess.SubprocessError):
+    """Raised when the ``preexec_fn`` passed to a spawn raised in the child, before the
+    program was executed; nothing was left running. Its exception cannot cross from the child
+    (``Popen`` knows only that there was one); it is also the ``subprocess.SubprocessError``
+    ``Popen`` and asyncio raise then."""
 
 
 class InvalidOptionError(PrismQError, TypeError, ValueError):

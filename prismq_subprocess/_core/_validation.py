@@ -29,6 +29,7 @@ from ._exceptions import (
     InvalidLimitError,
     InvalidOptionError,
     InvalidTimeoutError,
+    PreexecFnError,
     PrismQError,
     SpawnFailedError,
     UnknownUserError,
@@ -124,7 +125,6 @@ def check_shell_command(cmd: object) -> str | bytes:
     if not cmd.strip():
         raise InvalidCommandError("the shell command is empty")
     return _check_part(cmd, 0)
-
 
 
 # subprocess.run() options that Popen does not take: what to do instead here.
@@ -522,11 +522,20 @@ def check_timeout(
     return float(value)
 
 
-def spawn_error(program: str | bytes, exc: OSError, cwd: Any = None) -> OSError:
-    """Our exception for an ``OSError`` a spawn raised (``program``: what was to be run). The
-    spawn failed, so nothing is running; the original error is kept as ``__cause__``."""
-    if isinstance(exc, PrismQError):
+def spawn_error(
+    program: str | bytes, exc: OSError | subprocess.SubprocessError, cwd: Any = None
+) -> OSError:
+    """Our exception for an ``OSError`` (or ``Popen``'s ``SubprocessError`` for a failed
+    ``preexec_fn``) a spawn raised (``program``: what was to be run). The spawn failed, so
+    nothing is running; the original error is kept as ``__cause__``."""
+    if isinstance(exc, PrismQError) and isinstance(exc, OSError):
         return exc
+    if not isinstance(exc, OSError):
+        return PreexecFnError(
+            f"could not start {os.fsdecode(program)!r}: its preexec_fn raised in the child "
+            "before the program was executed (the child cannot report the exception); nothing "
+            "was started"
+        )
     target = os.fsdecode(exc.filename) if exc.filename is not None else os.fsdecode(program)
     if cwd is not None and exc.filename is not None and target == os.fsdecode(cwd):
         return InvalidCwdError(

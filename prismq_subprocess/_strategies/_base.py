@@ -166,7 +166,7 @@ class SubprocessStrategy(ABC):
         """
         try:
             process = await self.spawn(request)
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             raise self.spawn_failed(request, exc) from exc
         if not isinstance(process, _KNOWN_PROCESSES):
             self._check_spawned(process)
@@ -217,8 +217,9 @@ class SubprocessStrategy(ABC):
         )
 
     @staticmethod
-    def spawn_failed(request: SpawnRequest, exc: OSError) -> OSError:
-        """The exception to raise for ``exc``, an ``OSError`` from starting ``request``."""
+    def spawn_failed(request: SpawnRequest, exc: OSError | subprocess.SubprocessError) -> OSError:
+        """The exception to raise for ``exc``, an ``OSError`` (or the ``SubprocessError`` of a
+        failed ``preexec_fn``) from starting ``request``."""
         program = (
             request.command if isinstance(request.command, str | bytes) else request.command[0]
         )

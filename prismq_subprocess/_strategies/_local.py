@@ -297,7 +297,7 @@ class LocalStrategy(SubprocessStrategy):
         if not launch.spawned.done():
             try:
                 job.result()
-            except OSError as exc:
+            except (OSError, subprocess.SubprocessError) as exc:
                 raise self.spawn_failed(request, exc) from exc
             raise RuntimeError("the LOCAL worker finished without starting the child")
         return ChildRun(

@@ -631,6 +631,10 @@ def test_processes_opening_a_new_file_at_once_all_see_a_registry(tmp_path: Path)
     [
         ("parameters", {"when": object()}, pq.exceptions.InvalidParametersError),
         ("parameters", {"lock": threading.Lock()}, pq.exceptions.InvalidParametersError),
+        # Not JSON either: stored as the bare NaN token, it broke a strict JSON consumer of
+        # to_dict() (a browser's JSON.parse) for every later read.
+        ("parameters", {"ratio": float("nan")}, pq.exceptions.InvalidParametersError),
+        ("parameters", {"nested": [float("-inf")]}, pq.exceptions.InvalidParametersError),
         ("output_tail", [b"bytes, not text"], pq.exceptions.InvalidRunError),
     ],
 )

@@ -103,6 +103,29 @@ async def test_a_file_that_is_not_a_program(
     assert wrapper.live_processes == []
 
 
+def _fails_in_the_child() -> None:
+    raise ValueError("the host's set-up failed")
+
+
+@pytest.mark.parametrize("api", ["run", "exec"])
+async def test_a_preexec_fn_that_raises_is_a_spawn_failure(
+    wrapper: pq.SubprocessWrapper, api: str
+) -> None:
+    # Popen's bare SubprocessError("Exception occurred in preexec_fn.") said neither which
+    # spawn failed nor that nothing was started, and was no PrismQError (nor an OSError, as
+    # every other spawn failure is). Still a SubprocessError, as asyncio raises.
+    with pytest.raises(subprocess.SubprocessError) as info:
+        if api == "run":
+            await wrapper.run("/bin/true", preexec_fn=_fails_in_the_child)
+        else:
+            await wrapper.create_subprocess_exec("/bin/true", preexec_fn=_fails_in_the_child)
+    assert isinstance(info.value, pq.exceptions.PreexecFnError)
+    assert isinstance(info.value, pq.exceptions.SpawnFailedError)
+    message = str(info.value)
+    assert "preexec_fn" in message and "/bin/true" in message and "nothing" in message
+    assert wrapper.live_processes == []
+
+
 async def test_a_missing_executable_is_named(wrapper: pq.SubprocessWrapper) -> None:
     with pytest.raises(pq.CommandNotFoundError, match="/nonexistent/interpreter"):
         await wrapper.run(*py("pass"), executable="/nonexistent/interpreter")

@@ -22,6 +22,7 @@ import contextvars
 import logging
 import os
 import types
+import urllib.parse
 import weakref
 from collections import deque
 from collections.abc import Coroutine, Generator, Mapping
@@ -270,12 +271,29 @@ def _same_store(one: BaseRunRegistry, other: BaseRunRegistry) -> bool:
     """Whether two registries keep their runs in the same place: one object, or one file."""
     if one is other:
         return True
-    path, other_path = getattr(one, "path", None), getattr(other, "path", None)
-    if not isinstance(path, str) or not isinstance(other_path, str):
+    path, other_path = _file_of(one), _file_of(other)
+    if path is None or other_path is None:
         return False
-    if ":memory:" in (path, other_path):
-        return False
-    return os.path.realpath(path) == os.path.realpath(other_path)
+    try:
+        return os.path.samefile(path, other_path)  # (hard links too)
+    except OSError:
+        return os.path.realpath(path) == os.path.realpath(other_path)
+
+
+def _file_of(registry: BaseRunRegistry) -> str | None:
+    """The file ``registry`` keeps its runs in, however it was spelled (a path, or a ``file:``
+    URI, as SQLite reads one); None for none (memory)."""
+    path = getattr(registry, "path", None)
+    if not isinstance(path, str) or path == ":memory:":
+        return None
+    if path.startswith("file:"):
+        uri = urllib.parse.urlsplit(path)
+        if "memory" in urllib.parse.parse_qs(uri.query).get("mode", ()):
+            return None
+        path = urllib.parse.unquote(uri.path)
+        if path in ("", ":memory:"):
+            return None
+    return path
 
 
 def _outcome_of(result: object) -> _Outcome:

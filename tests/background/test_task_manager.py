@@ -685,6 +685,43 @@ async def test_a_run_queued_in_another_manager_is_not_taken_over(
     assert (done.module_id, done.status) == ("A", RunStatus.COMPLETED)
 
 
+@pytest.mark.parametrize("spelling", ["uri", "symlink"])
+async def test_a_run_queued_in_a_manager_of_the_same_file_spelled_otherwise_is_not_taken_over(
+    tmp_path: Path, spelling: str
+) -> None:
+    # The same file opened as a path and as a ``file:`` URI (or through a symlink) was taken
+    # for two stores: the second manager took the first one's queued run over, and one run id
+    # ran two jobs, as with one registry object above.
+    ran: list[str] = []
+
+    async def job(label: str) -> None:
+        ran.append(label)
+        await asyncio.sleep(0)
+
+    path = tmp_path / "runs db" / "r%1.db"  # (a space and a % for the URI's quoting)
+    path.parent.mkdir()
+    if spelling == "uri":
+        other = path.as_uri() + "?cache=private"
+    else:
+        (tmp_path / "link").symlink_to(path.parent)
+        other = str(tmp_path / "link" / path.name)
+    gate = asyncio.Event()
+    async with (
+        SQLiteRunRegistry(path) as one,
+        SQLiteRunRegistry(other) as two,
+        BackgroundTaskManager(one, max_concurrent=1) as first,
+        BackgroundTaskManager(two) as second,
+    ):
+        await first.start_task(Run(module_id="busy"), gate.wait())
+        await first.start_task(Run(run_id="job1", module_id="A"), job("A"))
+        with pytest.raises(DuplicateRunError, match="another BackgroundTaskManager"):
+            await second.start_task(Run(run_id="job1", module_id="B"), job("B"))
+        gate.set()
+        await first.wait_all()
+        await second.wait_all()
+    assert ran == ["A"]
+
+
 _QUEUES_A_RUN = textwrap.dedent(
     """
     import asyncio, sys

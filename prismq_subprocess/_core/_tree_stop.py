@@ -260,14 +260,18 @@ async def stop_process_trees(
     if lingering:
         await workers.kill.submit(lingering)
         await _until_killed_gone(workers, lingering, loop)
-    return [await _exit_status(process, loop) for process in processes]
+    return [await _exit_status(process, loop, ops) for process in processes]
 
 
-async def _exit_status(process: ProcessLike, loop: asyncio.AbstractEventLoop) -> int:
+async def _exit_status(
+    process: ProcessLike, loop: asyncio.AbstractEventLoop, ops: PlatformOps
+) -> int:
     """The exit status of a child the stop saw end. One of another event loop (see
     ``_exit_wait._elsewhere``) has no ``returncode`` from its loop: its ``Popen`` is asked,
     which reaps it where nobody did (0 where another waiter took the status: ``Popen``'s rule);
     without a ``Popen`` (uvloop's children) and once its loop has closed, it is reaped by pid.
+    But an asyncio child whose loop still runs (in another thread) is that loop's watcher's to
+    reap, by pid: the status is read without reaping it (POSIX), or waited for.
 
     A thread of the child's mode may be blocked in ``Popen.wait()`` for it: that holds the
     ``Popen``'s wait lock, and until the thread runs again after the exit (late, on a busy
@@ -279,7 +283,14 @@ async def _exit_status(process: ProcessLike, loop: asyncio.AbstractEventLoop) ->
         code = process.returncode
         if code is not None:
             return code
-        if popen is not None:
+        if popen is not None and _owner_watches(process):
+            peeked = ops.peek_exit_status(process.pid)
+            if peeked is True:  # (where a status is not consumed by reading it)
+                with contextlib.suppress(OSError):
+                    code = popen.poll()
+            elif peeked is not False:
+                code = peeked
+        elif popen is not None:
             with contextlib.suppress(OSError):
                 code = popen.poll()
         else:
@@ -332,6 +343,17 @@ def _signal(process: ProcessLike, sig: int | None, ops: PlatformOps) -> None:
             process.kill()
         else:
             process.send_signal(sig)
+
+
+def _owner_watches(process: ProcessLike) -> bool:
+    # An asyncio child whose own loop runs (in another thread): its child watcher reaps it
+    # there, by pid, and a status read here first would be lost to it (255).
+    owner = getattr(process, "_loop", None)
+    return (
+        isinstance(owner, asyncio.AbstractEventLoop)
+        and owner.is_running()
+        and _status_read_by_watcher(process)
+    )
 
 
 def _status_read_by_watcher(process: ProcessLike) -> bool:

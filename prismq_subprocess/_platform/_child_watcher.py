@@ -24,6 +24,7 @@ __all__ = [  # (and LoopPidfdWatcher before 3.12)
     "pidfds_work",
     "prefer_pidfd_watcher",
     "reap_orphaned",
+    "returncode_of",
 ]
 
 logger = logging.getLogger("prismq_subprocess")
@@ -119,14 +120,18 @@ if _HAS_WATCHERS:
             self._watched.pop(pid, None)
             loop._remove_reader(pidfd)  # type: ignore[attr-defined]
             try:
-                _, status = os.waitpid(pid, 0)
+                # By pidfd, not pid: if another waiter took the status first, the pid may be
+                # someone else's by now (a new child of ours, whose status it would steal).
+                info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
             except ChildProcessError:  # reaped by someone else: its status is lost (as in asyncio)
+                info = None
+            finally:
+                os.close(pidfd)
+            if info is None:
                 returncode = 255
                 logger.warning("child %d was reaped elsewhere; its exit status is unknown", pid)
             else:
-                returncode = os.waitstatus_to_exitcode(status)
-            finally:
-                os.close(pidfd)
+                returncode = returncode_of(info)
             callback(pid, returncode, *args)
 
         def remove_child_handler(self, pid: int) -> bool:
@@ -146,6 +151,14 @@ if _HAS_WATCHERS:
 
         def __exit__(self, *exc: object) -> None:
             pass
+
+
+def returncode_of(info: Any) -> int:
+    """The ``returncode`` (``Popen``'s convention: ``-signal`` when killed) of the
+    ``os.waitid_result`` of an exited child."""
+    if info.si_code == os.CLD_EXITED:
+        return int(info.si_status)
+    return -int(info.si_status)  # CLD_KILLED, CLD_DUMPED
 
 
 def prefer_pidfd_watcher(

@@ -154,11 +154,20 @@ def _environ_cookies(pid: int, names: Collection[str], proc_root: str | None) ->
 
 
 def _trees(
-    marks: Sequence[tuple[int | None, str, str]], proc_root: str | None
+    marks: Sequence[tuple[int | None, str, str]],
+    proc_root: str | None,
+    roots_seen: list[float | None],
+    *,
+    first: bool,
 ) -> list[list[psutil.Process]]:
     """For each mark ``(pid, variable, value)``: the child at ``pid`` (``None``: it is gone),
     every holder of its cookie, and everything below them; one look at the process table for
-    all."""
+    all.
+
+    ``roots_seen``: the start (the table's unit) of each mark's child, as the first look saw
+    it, which records it; a later look takes the process at ``pid`` only if it is that one (the
+    child may have exited since and its pid been given to a stranger, whose tree would be
+    killed)."""
     table: ProcessTable = scan_proc(proc_root) if proc_root is not None else scan_psutil()
     me = os.getpid()
     wanted_values: dict[str, set[str]] = {}
@@ -174,8 +183,14 @@ def _trees(
             if i is not None:
                 roots[i].append(entry)
     for i, (pid, _, _) in enumerate(marks):
-        if pid is not None and pid in table.entries:
-            roots[i].append(table.entries[pid])
+        child = table.entries.get(pid) if pid is not None else None
+        if child is None:
+            continue
+        if first:
+            roots_seen[i] = child.start
+        elif roots_seen[i] != child.start:
+            continue
+        roots[i].append(child)
     trees: list[list[psutil.Process]] = []
     for group in roots:
         wanted: dict[int, ProcessEntry] = {}
@@ -251,12 +266,13 @@ def stop_orphans(
     stopped = [0] * len(identities)
     if not marks:
         return [OrphanStop(check, 0) for check in checks]
-    trees = _trees(marks, root)
+    roots_seen: list[float | None] = [None] * len(marks)
+    trees = _trees(marks, root, roots_seen, first=True)
     procs = [p for tree in trees for p in tree]
     _signal(procs, kill=False)
     left = _wait(procs, grace)
     known = {p.pid for p in procs}
-    late_trees = _trees(marks, root)
+    late_trees = _trees(marks, root, roots_seen, first=False)
     late = [p for tree in late_trees for p in tree if p.pid not in known]
     _signal([*left, *late], kill=True)
     _wait([*left, *late], _KILL_WAIT)

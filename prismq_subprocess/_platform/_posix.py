@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from ._backlog import Backlog
+from ._child_watcher import returncode_of
 from ._containment import Containment, ContainmentReport
 from ._cookie import CookieRead
 from ._gil import GilShare
@@ -198,6 +199,17 @@ class PosixOps(PlatformOps):
                 return
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
+
+    def peek_exit_status(self, pid: int) -> int | bool:
+        if self.waitid is None:
+            return True
+        try:
+            info = self.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False  # reaped already (its owner's watcher), or not ours
+        if info is None:
+            return False
+        return returncode_of(info)
 
     def signal_unreaped_child(self, pid: int, sig: int | None) -> bool:
         if self._unreaped_child(pid):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -1276,3 +1277,44 @@ def _state(pid: int) -> str:
         return str(psutil.Process(pid).status())
     except psutil.NoSuchProcess:
         pytest.skip("this process's asyncio child watcher reaps in a thread: there is no race")
+
+
+@pytest.mark.parametrize("spawner", ["asyncio", "ASYNC"])
+def test_a_stop_from_another_loop_leaves_the_exit_status_to_the_childs_own_loop(
+    spawner: str,
+) -> None:
+    # Found by an adversarial probe: a child of a loop still running in another thread, stopped
+    # from this one, was reaped by the stop (its exit status read through the Popen of its
+    # transport: a child of another loop gets no returncode here) before its own loop's child
+    # watcher ran: the owner's wait() then gave 255 ("exit status already read"). Played
+    # without timing: the owning loop is busy while the stop runs.
+    from prismq_subprocess._platform import prefer_pidfd_watcher
+
+    prefer_pidfd_watcher()
+    spawned = threading.Event()
+    stopped = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def owner() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if spawner == "asyncio":
+                spawn = asyncio.create_subprocess_exec
+            else:
+                wrapper = await stack.enter_async_context(pq.SubprocessWrapper("async"))
+                spawn = wrapper.create_subprocess_exec
+            process = await spawn("sleep", "30", start_new_session=True)
+            box["process"] = process
+            spawned.set()
+            stopped.wait(10)  # the loop is busy (its child watcher cannot run) during the stop
+            box["waited"] = await process.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(owner(),))
+    thread.start()
+    try:
+        assert spawned.wait(10)
+        stopped_with = asyncio.run(pq.terminate_gracefully(box["process"], timeout=2.0))
+    finally:
+        stopped.set()
+        thread.join(10)
+    assert stopped_with == -signal.SIGTERM
+    assert box["waited"] == -signal.SIGTERM

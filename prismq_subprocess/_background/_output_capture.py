@@ -544,7 +544,20 @@ class OutputCapture(AsyncClosing):
         file is complete and closed. Starts the run's retention period. Idempotent.
 
         Cancellation: the run is closed anyway; the log file is closed by the writer thread.
+
+        Raises:
+            InvalidArgumentTypeError: ``status`` is not a ``RunStatus``, a str or None, or
+                ``exit_code`` not an int or None: the SSE ``end`` event, sent to a browser as
+                JSON, could not carry them (the run stays open).
         """
+        if status is not None and not isinstance(status, str):  # (a RunStatus is a str)
+            raise InvalidArgumentTypeError(
+                f"close_run(): status must be a RunStatus, a str or None, got {status!r}"
+            )
+        if exit_code is not None and (type(exit_code) is bool or not isinstance(exit_code, int)):
+            raise InvalidArgumentTypeError(
+                f"close_run(): exit_code must be an int or None, got {exit_code!r}"
+            )
         text = status.value if isinstance(status, RunStatus) else status
         end = None if text is None and exit_code is None else OutputEnd(text, exit_code)
         ring = self._runs.get(run_id)

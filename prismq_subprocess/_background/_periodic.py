@@ -388,7 +388,8 @@ class PeriodicTask(AsyncResource):
         propagates. Called inside an anyio scope that is already cancelled (a ``finally`` block
         after ``move_on_after``) with a ``timeout``, it runs in full, shielded from that scope
         (for at most about ``timeout`` seconds); with ``timeout=None`` that would be unbounded,
-        so there it is a cancelled stop.
+        so there it is a cancelled stop. Awaited on another event loop than the schedule's (a
+        thread of the host's), the stop is carried out on the schedule's loop and awaited here.
 
         Raises:
             InvalidTimeoutError: ``timeout`` is negative or not a number.
@@ -396,6 +397,19 @@ class PeriodicTask(AsyncResource):
         limit = timeout_seconds(timeout)
         task = self._task
         if task is None or not _alive(task):
+            return
+        owner = task.get_loop()
+        if owner is not asyncio.get_running_loop():
+            # The schedule runs on another loop (another thread's): its task can be cancelled
+            # and waited for only there; from here its end would never wake this loop.
+            self._schedule_state.stopping = True
+            if not owner.is_running():
+                return  # it starts no run now: the flag ends the schedule when it resumes
+            try:
+                handed = asyncio.run_coroutine_threadsafe(self.stop(timeout), owner)
+            except RuntimeError:
+                return  # closed meanwhile: nothing runs there any more
+            await asyncio.wrap_future(handed)
             return
         self._schedule_state.stopping = True
         mark = _current_run.get()

@@ -10,7 +10,12 @@ from datetime import timedelta
 from typing import Literal
 
 from .._core._durations import interval_seconds, timeout_seconds
-from .._core._exceptions import InvalidLimitError, ResourceLimitException, ResourceWaitTimeoutError
+from .._core._exceptions import (
+    InvalidArgumentTypeError,
+    InvalidLimitError,
+    ResourceLimitException,
+    ResourceWaitTimeoutError,
+)
 from ._readings import (
     PsutilResourceReader,
     ResourceReader,
@@ -19,7 +24,7 @@ from ._readings import (
     check_reader,
 )
 
-__all__ = ["LimitViolation", "ResourceCheck", "ResourceManager"]
+__all__ = ["LimitViolation", "ResourceCheck", "ResourceManager", "check_resource_manager"]
 
 logger = logging.getLogger(__name__)
 
@@ -219,3 +224,21 @@ class ResourceManager:
             raise ResourceWaitTimeoutError(
                 f"resources still short after waiting {limit} s: {check.reason}"
             ) from None
+
+
+def check_resource_manager(value: object, owner: str) -> ResourceManager | None:
+    """``value`` if it can serve as ``owner``'s admission control (a :class:`ResourceManager`,
+    or anything with an ``admit()`` of its signature), or None.
+
+    Raises:
+        InvalidArgumentTypeError: anything else (it used to fail each later start instead,
+            with a bare ``AttributeError``).
+    """
+    if value is None or isinstance(value, ResourceManager):
+        return value
+    if callable(getattr(value, "admit", None)):
+        return value  # type: ignore[return-value]  # (a host's own admission control)
+    raise InvalidArgumentTypeError(
+        f"{owner}: resource_manager must be a ResourceManager (or have its admit()) or None, "
+        f"got {value!r}"
+    )

@@ -396,3 +396,13 @@ def test_closed_in_a_cancelled_anyio_scope_a_running_module_gets_its_grace(
     assert seen["statuses"] == [pq.RunStatus.CANCELLED]
     if how == "aclose":
         assert seen.get("returned") is True
+
+
+@pytest.mark.parametrize("make", [pq.ConcurrentExecutor, pq.BackgroundTaskManager])
+def test_a_resource_manager_that_is_not_one_is_refused_at_once(make: Any) -> None:
+    # Found by an adversarial probe: ConcurrentExecutor(resource_manager=5) was accepted, and
+    # then every module failed with a bare AttributeError ('int' object has no attribute
+    # 'admit'), execute_module raising it instead of returning a result.
+    args: tuple[Any, ...] = () if make is pq.ConcurrentExecutor else (pq.RunRegistry(),)
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="resource_manager"):
+        make(*args, resource_manager=5)

@@ -1048,3 +1048,24 @@ def test_closed_in_a_cancelled_anyio_scope_the_logs_are_whole_and_the_thread_end
     assert seen["written"] == count
     if how != "async with OutputCapture":
         assert seen.get("returned") is True
+
+
+@pytest.mark.parametrize(
+    ("status", "exit_code"),
+    [(object(), None), (3, None), ("completed", float("nan")), ("failed", "1"), (None, True)],
+)
+async def test_close_run_refuses_an_end_a_browser_could_not_read(
+    status: Any, exit_code: Any
+) -> None:
+    # Found by an adversarial probe: close_run() took any status and exit code; the SSE stream
+    # of the run then died at its end event, after the response had begun (a bare TypeError
+    # from json.dumps: no end event, so the browser's EventSource reconnected for ever), or
+    # sent `"exit_code":NaN`, which JSON.parse refuses. Refused at the call now, the run open.
+    capture = OutputCapture()
+    await capture.append_line("r", "hello")
+    with pytest.raises(InvalidArgumentTypeError, match=r"status|exit_code"):
+        await capture.close_run("r", status=status, exit_code=exit_code)
+    assert not capture.is_closed("r")
+    await capture.close_run("r", status=RunStatus.COMPLETED, exit_code=0)
+    assert capture.is_closed("r")
+    await capture.aclose()

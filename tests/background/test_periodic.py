@@ -1150,3 +1150,36 @@ def test_stop_without_a_timeout_in_a_cancelled_anyio_scope_does_not_hold_the_sco
     anyio.run(main, backend="asyncio")
     assert seen["held"] < 5
     assert seen["cancelled"] is True
+
+
+async def test_stop_awaited_on_another_loop_hands_the_stop_to_the_schedules_loop() -> None:
+    # Found by an adversarial probe: stop() awaited on a second event loop (another thread's
+    # asyncio.run) cancelled the schedule's task from that thread and then waited on it, and
+    # the task's end, announced on its own loop, never woke the waiting one: stop() hung
+    # forever (its thread with it).
+    runs: list[float] = []
+
+    async def beat() -> None:
+        runs.append(time.monotonic())
+
+    task = PeriodicTask("beat", 0.05, beat)
+    task.start()
+    await asyncio.sleep(0.12)
+    outcome: list[object] = []
+
+    def stop_elsewhere() -> None:
+        try:
+            asyncio.run(task.stop(timeout=1.0))
+            outcome.append("returned")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    stopper = threading.Thread(target=stop_elsewhere, daemon=True)
+    stopper.start()
+    await asyncio.to_thread(stopper.join, 10)
+    assert not stopper.is_alive(), "stop() from another loop hung"
+    assert outcome == ["returned"]
+    assert not task.is_running
+    count = len(runs)
+    await asyncio.sleep(0.15)
+    assert len(runs) == count  # the schedule really ended

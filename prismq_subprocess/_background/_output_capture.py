@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .._core._closing import AsyncClosing
-from .._core._durations import interval_seconds
+from .._core._durations import finite, interval_seconds
 from .._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidLimitError,
@@ -706,7 +706,7 @@ class OutputCapture(AsyncClosing):
         first = self._first_seq(from_seq, after)
         if isinstance(wait, bool):
             deadline = None
-        elif isinstance(wait, int | float) and wait >= 0:
+        elif isinstance(wait, int | float) and wait >= 0 and (finite(wait) or wait == math.inf):
             deadline = time.monotonic() + wait
         else:
             raise InvalidSubscriptionError(
@@ -715,7 +715,7 @@ class OutputCapture(AsyncClosing):
         if (
             isinstance(poll_interval, bool)
             or not isinstance(poll_interval, int | float)
-            or not math.isfinite(poll_interval)
+            or not finite(poll_interval)
             or poll_interval <= 0
         ):
             raise InvalidSubscriptionError(

@@ -59,7 +59,7 @@ from typing import Any, Self
 
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncResource
-from .._core._durations import interval_seconds, timeout_seconds
+from .._core._durations import finite, interval_seconds, timeout_seconds
 from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
 from .._core._maybe_async import is_async_callable
 
@@ -257,7 +257,7 @@ class PeriodicTask(AsyncResource):
         self._interval = interval_seconds(interval)
         if isinstance(jitter, bool) or not isinstance(jitter, int | float):
             raise InvalidIntervalError(f"jitter must be a number of seconds, got {jitter!r}")
-        if not math.isfinite(jitter) or jitter < 0:
+        if not finite(jitter) or jitter < 0:
             raise InvalidLimitError(f"jitter must be finite and >= 0, got {jitter!r}")
         if jitter and jitter >= self._interval:
             # A run delayed past the next tick would make that tick coalesce (skipped).

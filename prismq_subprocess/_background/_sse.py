@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import reprlib
 from collections.abc import AsyncGenerator, Mapping
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
+from .._core._durations import finite
 from .._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidSSEEventError,
@@ -225,7 +225,7 @@ def sse_events(
     if heartbeat is not None and (
         isinstance(heartbeat, bool)
         or not isinstance(heartbeat, int | float)
-        or not math.isfinite(heartbeat)
+        or not finite(heartbeat)
         or heartbeat <= 0
     ):
         raise InvalidSubscriptionError(f"heartbeat must be seconds > 0 or None, got {heartbeat!r}")

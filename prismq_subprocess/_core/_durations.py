@@ -7,7 +7,15 @@ from datetime import timedelta
 
 from ._exceptions import InvalidIntervalError, InvalidTimeoutError
 
-__all__ = ["interval_seconds", "timeout_seconds"]
+__all__ = ["finite", "interval_seconds", "timeout_seconds"]
+
+
+def finite(value: float) -> bool:
+    """``math.isfinite(value)``, False (not ``OverflowError``) for an int too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _as_float(value: object) -> float | None:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import psutil
 
+from .._core._durations import finite
 from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
 from .._platform import start_afresh_after_fork
 
@@ -34,7 +35,7 @@ def check_percent(value: object, what: str) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not math.isfinite(value)
+        or not finite(value)
         or not 0 < value <= 100
     ):
         raise InvalidLimitError(f"{what} must be a percentage in (0, 100], got {value!r}")

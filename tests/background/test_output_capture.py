@@ -1069,3 +1069,43 @@ async def test_close_run_refuses_an_end_a_browser_could_not_read(
     await capture.close_run("r", status=RunStatus.COMPLETED, exit_code=0)
     assert capture.is_closed("r")
     await capture.aclose()
+
+
+_HUGE = 10**400  # an int no float can hold
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "subscribe(wait)",
+        "subscribe(poll_interval)",
+        "sse_events(heartbeat)",
+        "sse_events(wait)",
+        "PeriodicTask(jitter)",
+        "MemoryMonitor",
+        "ResourceManager",
+    ],
+)
+async def test_an_int_too_large_for_a_float_is_refused_as_bad_input(call: str) -> None:
+    # Found by an adversarial probe: each of these raised a bare OverflowError ("int too large
+    # to convert to float") where any other bad number gets the library's own error.
+    import prismq_subprocess as pq
+
+    capture = OutputCapture()
+    capture.open_run("r")
+    attempts: dict[str, Any] = {
+        "subscribe(wait)": lambda: capture.subscribe("r", wait=_HUGE),
+        "subscribe(poll_interval)": lambda: capture.subscribe("r", poll_interval=_HUGE),
+        "sse_events(heartbeat)": lambda: pq.sse_events(capture, "r", heartbeat=_HUGE),
+        "sse_events(wait)": lambda: pq.sse_events(capture, "r", wait=_HUGE),
+        "PeriodicTask(jitter)": lambda: pq.PeriodicTask("t", 1, print, jitter=_HUGE),
+        "MemoryMonitor": lambda: pq.MemoryMonitor(_HUGE),
+        "ResourceManager": lambda: pq.ResourceManager(_HUGE),
+    }
+    try:
+        with pytest.raises(pq.exceptions.PrismQError):
+            made = attempts[call]()
+            if hasattr(made, "__anext__"):
+                await made.__anext__()  # (a generator checks its arguments when first run)
+    finally:
+        await capture.aclose()

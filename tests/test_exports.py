@@ -168,6 +168,7 @@ EXPECTED: dict[str, list[str]] = {
         "InvalidOptionError",
         "InvalidParametersError",
         "InvalidQueryError",
+        "InvalidReadingError",
         "InvalidRunError",
         "InvalidRunIdError",
         "InvalidRunModeError",

@@ -425,6 +425,16 @@ class InvalidTaskError(PrismQError, TypeError):
     given a ``task_func`` or callback that is not callable. It is a ``TypeError``."""
 
 
+class InvalidReadingError(PrismQError, TypeError, ValueError):
+    """Raised when a ``reader=`` of ``ResourceManager`` or ``MemoryMonitor`` returned what
+    cannot be judged against a limit: not a ``ResourceSnapshot``, or one with a NaN or
+    infinite percentage or a byte count that is not an int >= 0 (a NaN compares False with any
+    limit, which would have turned the limits off without a word)."""
+
+
+__all__ += ["InvalidReadingError"]
+
+
 class TaskTimeoutError(ProcessTimeoutError):
     """Raised by ``execute_with_timeout`` when the awaited work outlived its timeout; the work
     has been cancelled. ``task_name`` names it. It is a :class:`ProcessTimeoutError` (so

@@ -20,6 +20,7 @@ from ._readings import (
     ResourceSnapshot,
     check_percent,
     check_reader,
+    checked_reader,
 )
 
 __all__ = ["MIN_CHECK_INTERVAL", "MemoryCallback", "MemoryMonitor"]
@@ -126,7 +127,7 @@ class MemoryMonitor(AsyncResource):
             # figure the decision does not use.
             self._quick_reader = PsutilResourceReader(measure_cpu=False, include_children=False)
         else:
-            self._reader = self._quick_reader = reader
+            self._reader = self._quick_reader = checked_reader(reader)
         self._latest: ResourceSnapshot | None = None
         self._is_high = False
         # The stop request of the monitoring loop that is polling, None when none is: a loop's

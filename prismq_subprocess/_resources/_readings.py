@@ -7,6 +7,7 @@ list every process to find children), so async callers run it with ``asyncio.to_
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import time
@@ -17,7 +18,12 @@ from typing import Protocol
 import psutil
 
 from .._core._durations import finite
-from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
+from .._core._exceptions import (
+    InvalidIntervalError,
+    InvalidLimitError,
+    InvalidReadingError,
+    InvalidTaskError,
+)
 from .._platform import start_afresh_after_fork
 
 __all__ = [
@@ -26,6 +32,7 @@ __all__ = [
     "ResourceSnapshot",
     "check_percent",
     "check_reader",
+    "checked_reader",
     "tree_rss_bytes",
 ]
 
@@ -72,10 +79,52 @@ class ResourceSnapshot:
 
 
 def check_reader(reader: object) -> None:
-    """Raise :class:`InvalidTaskError` unless ``reader`` is ``None`` or callable (a reader that is
-    not would fail every reading, long after the mistake)."""
+    """Raise :class:`InvalidTaskError` unless ``reader`` is ``None`` or a plain callable (a
+    reader that is not would fail every reading, long after the mistake; one that is a
+    coroutine function would only return a coroutine, from its worker thread)."""
     if reader is not None and not callable(reader):
         raise InvalidTaskError(f"reader must be callable or None, got {reader!r}")
+    if inspect.iscoroutinefunction(reader) or inspect.isasyncgenfunction(reader):
+        raise InvalidTaskError(
+            f"reader must be a plain function returning a ResourceSnapshot (it is called in a "
+            f"worker thread), not a coroutine function: {reader!r}"
+        )
+
+
+def checked_reader(reader: ResourceReader) -> ResourceReader:
+    """``reader`` (a host's), its every reading checked: a NaN percentage compares False with
+    any limit, so a reading that cannot be judged would turn the limits off unseen.
+
+    Raises (from the returned reader):
+        InvalidReadingError: not a :class:`ResourceSnapshot`, or a field of the wrong kind.
+    """
+
+    def read() -> ResourceSnapshot:
+        snapshot = reader()
+        problem = _problem(snapshot)
+        if problem is not None:
+            raise InvalidReadingError(f"the reader {reader!r} returned {problem}")
+        return snapshot
+
+    return read
+
+
+def _problem(snapshot: object) -> str | None:
+    if not isinstance(snapshot, ResourceSnapshot):
+        return f"{snapshot!r}, not a ResourceSnapshot"
+    for name in ("memory_percent", "cpu_percent"):
+        value = getattr(snapshot, name)
+        if value is None and name == "cpu_percent":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
+            return f"{name}={value!r}: a percentage must be a finite number"
+        if value < 0:
+            return f"{name}={value!r}: a percentage cannot be negative"
+    for name in ("available_bytes", "total_bytes", "process_rss_bytes", "children_rss_bytes"):
+        value = getattr(snapshot, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{name}={value!r}: a byte count must be an int >= 0"
+    return None
 
 
 class ResourceReader(Protocol):

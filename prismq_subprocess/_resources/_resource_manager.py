@@ -22,6 +22,7 @@ from ._readings import (
     ResourceSnapshot,
     check_percent,
     check_reader,
+    checked_reader,
 )
 
 __all__ = ["LimitViolation", "ResourceCheck", "ResourceManager", "check_resource_manager"]
@@ -130,7 +131,7 @@ class ResourceManager:
         self.poll_interval = interval_seconds(poll_interval, what="poll_interval")
         check_reader(reader)
         self._reader: ResourceReader = (
-            reader
+            checked_reader(reader)
             if reader is not None
             else PsutilResourceReader(
                 measure_cpu=max_cpu_percent is not None, include_children=False

@@ -802,3 +802,60 @@ def test_closed_in_a_cancelled_anyio_scope_monitoring_has_ended(how: str) -> Non
     assert seen["readings after"] == 0
     if how == "aclose":
         assert seen.get("returned") is True
+
+
+def _reading(percent: float = 50.0, **fields: object) -> object:
+    from prismq_subprocess import ResourceSnapshot
+
+    values: dict[str, object] = {
+        "memory_percent": percent,
+        "available_bytes": 1 << 30,
+        "total_bytes": 4 << 30,
+    }
+    values.update(fields)
+    return ResourceSnapshot(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "reading",
+    [
+        lambda: _reading(math.nan),
+        lambda: _reading(cpu_percent=math.nan),
+        lambda: _reading(available_bytes=-1),
+        lambda: _reading(total_bytes="4G"),
+        lambda: None,
+        lambda: {"memory_percent": 99.0},
+    ],
+    ids=["nan-memory", "nan-cpu", "negative-bytes", "str-bytes", "none", "dict"],
+)
+@pytest.mark.parametrize("user", ["admit", "monitor poll", "check_memory"])
+async def test_a_reading_that_cannot_be_judged_is_refused_not_passed(
+    reading: Callable[[], object], user: str
+) -> None:
+    # Found by an adversarial probe: a host's reader returning NaN turned admission control
+    # and the monitor off without a word (NaN >= limit is False: every start admitted, memory
+    # never "high"); None or a dict failed with a bare AttributeError.
+    from prismq_subprocess import MemoryMonitor, ResourceManager
+    from prismq_subprocess.exceptions import InvalidReadingError, PrismQError
+
+    with pytest.raises(InvalidReadingError, match="reader") as caught:
+        if user == "admit":
+            await ResourceManager(90.0, reader=reading, max_cpu_percent=90.0).admit(wait=False)
+        elif user == "monitor poll":
+            await MemoryMonitor(80.0, reader=reading).poll()
+        else:
+            MemoryMonitor(80.0, reader=reading).check_memory()
+    assert isinstance(caught.value, PrismQError)
+
+
+@pytest.mark.parametrize("make", ["ResourceManager", "MemoryMonitor"])
+def test_a_coroutine_function_as_reader_is_refused_at_once(make: str) -> None:
+    # A reader runs in a worker thread, so an async one only returned a coroutine (never
+    # awaited) and failed every reading with a bare AttributeError.
+    import prismq_subprocess as pq
+
+    async def reader() -> object:
+        return _reading()
+
+    with pytest.raises(InvalidTaskError, match="reader"):
+        getattr(pq, make)(80.0, reader=reader)

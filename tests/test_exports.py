@@ -177,6 +177,7 @@ EXPECTED: dict[str, list[str]] = {
         "InvalidTaskError",
         "InvalidTimeoutError",
         "ModuleExecutionException",
+        "NoRunningLoopError",
         "OutputClosedError",
         "OutputNotFoundError",
         "OutputWaitTimeoutError",

@@ -60,7 +60,12 @@ from typing import Any, Self
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncResource
 from .._core._durations import finite, interval_seconds, timeout_seconds
-from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
+from .._core._exceptions import (
+    InvalidIntervalError,
+    InvalidLimitError,
+    InvalidTaskError,
+    NoRunningLoopError,
+)
 from .._core._maybe_async import is_async_callable
 
 __all__ = ["PeriodicTask", "PeriodicTaskStats"]
@@ -241,6 +246,12 @@ class PeriodicTask(AsyncResource):
         sleep: Callable[[float], Awaitable[object]] | None = None,
         **kwargs: Any,
     ) -> None:
+        if inspect.isasyncgenfunction(task_func):
+            # Its call makes a generator that nothing would iterate: the body would never run.
+            raise InvalidTaskError(
+                f"task_func must be a function or coroutine function, not an async generator "
+                f"function: {task_func!r}"
+            )
         if not callable(task_func):
             raise InvalidTaskError(
                 f"task_func must be a function or coroutine function, got {task_func!r}"
@@ -350,13 +361,13 @@ class PeriodicTask(AsyncResource):
         the old one has ended: runs never overlap.
 
         Raises:
-            RuntimeError: no event loop is running in this thread (e.g. called at module level,
-                as the PrismQ guide does); call it from async code.
+            NoRunningLoopError: no event loop is running in this thread (e.g. called at module
+                level, as the PrismQ guide does); call it from async code. A RuntimeError.
         """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise RuntimeError(
+            raise NoRunningLoopError(
                 f"PeriodicTask {self.name!r}: start() needs a running event loop; call it from "
                 "async code (e.g. a FastAPI lifespan handler), not at module level"
             ) from None

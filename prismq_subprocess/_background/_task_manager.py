@@ -37,6 +37,7 @@ from .._core._exceptions import (
     InvalidLimitError,
     InvalidTaskError,
     InvalidTimeoutError,
+    NoRunningLoopError,
     ResourceLimitException,
     RunNotFoundError,
     RunStateError,
@@ -470,7 +471,7 @@ class BackgroundTaskManager(AsyncResource):
             TaskManagerClosedError: :meth:`aclose` / :meth:`shutdown` has begun.
             RunStateError: ``run`` is not PENDING.
             DuplicateRunError: a run with this ``run_id`` is already active in this manager.
-            RuntimeError: no event loop is running in this thread.
+            NoRunningLoopError: no event loop is running in this thread (a RuntimeError).
 
         Raises (from ``await handle``):
             DuplicateRunError: a run with this ``run_id`` is stored and no longer PENDING, or
@@ -506,7 +507,7 @@ class BackgroundTaskManager(AsyncResource):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             coro.close()
-            raise RuntimeError(
+            raise NoRunningLoopError(
                 "start_task() needs a running event loop; call it from async code"
             ) from None
         opened = False

@@ -132,6 +132,16 @@ class CommandNotFoundError(PrismQError, FileNotFoundError):
         self.program = program
 
 
+class NoRunningLoopError(PrismQError, RuntimeError):
+    """Raised when something that schedules work on the running event loop is called where no
+    loop runs (``BackgroundTaskManager.start_task`` or ``PeriodicTask.start`` at module level,
+    as the PrismQ guide writes them): call it from async code. A ``RuntimeError``, as asyncio's
+    own "no running event loop"."""
+
+
+__all__ += ["NoRunningLoopError"]
+
+
 class ClosedError(PrismQError, RuntimeError):
     """Base class of the errors raised when an object is used after ``aclose()`` (or one of its
     aliases: ``cleanup()``, ``close()``, ``shutdown()``, or the end of its ``async with`` block).

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -482,8 +482,36 @@ async def test_invalid_stop_timeout() -> None:
 
 
 def test_start_without_a_running_loop_raises() -> None:
-    with pytest.raises(RuntimeError):
+    # A RuntimeError, as asyncio's, and like every error of ours a PrismQError (a bare one
+    # before: the README's promise broken).
+    from prismq_subprocess.exceptions import NoRunningLoopError, PrismQError
+
+    with pytest.raises(RuntimeError) as caught:
         PeriodicTask("t", 1.0, lambda: None).start()
+    assert isinstance(caught.value, NoRunningLoopError)
+    assert isinstance(caught.value, PrismQError)
+
+
+def test_start_task_without_a_running_loop_raises_ours() -> None:
+    from prismq_subprocess import BackgroundTaskManager, Run, RunRegistry
+    from prismq_subprocess.exceptions import NoRunningLoopError
+
+    async def work() -> None:
+        pass
+
+    with pytest.raises(NoRunningLoopError, match="running event loop"):
+        BackgroundTaskManager(RunRegistry()).start_task(Run(module_id="m"), work())
+
+
+async def test_an_async_generator_function_is_refused_as_task_func() -> None:
+    # Found by an adversarial probe: an async generator function was "run" every tick (its
+    # call made a generator, which nothing iterated): its body never ran, and no failure was
+    # counted.
+    async def ticks() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(InvalidTaskError, match="generator"):
+        PeriodicTask("t", 1.0, ticks)
 
 
 # --- the PrismQ guide's defaults and issue 11 (B8, D13) -------------------------------------

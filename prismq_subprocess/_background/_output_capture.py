@@ -142,6 +142,14 @@ def _all_end_with_newline(batch: list[str]) -> bool:
         return False
 
 
+def _run_id(run_id: object) -> str:
+    """``run_id`` if it can be one; the documented error before any look-up (an unhashable
+    one, a list say, gave a bare ``TypeError`` from the first dict it met)."""
+    if run_id.__class__ is str or isinstance(run_id, str):
+        return run_id
+    raise InvalidRunIdError(f"a run id must be a non-empty str, got {run_id!r}")
+
+
 class OutputCapture(AsyncClosing):
     """Buffers each run's output lines and fans them out to subscribers.
 
@@ -273,6 +281,7 @@ class OutputCapture(AsyncClosing):
         Raises:
             InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
         """
+        run_id = _run_id(run_id)
         if self._closed or run_id in self._runs or run_id in self._released:
             return False
         self._open(run_id)
@@ -299,7 +308,10 @@ class OutputCapture(AsyncClosing):
         # check; everything else is for the batch, in C passes (see _flush).
         # .get, not a subscript in try: a followed run has no batch, and a KeyError per line
         # would cost its appends more than .get costs these.
-        pending = self._pending.get(run_id)
+        try:
+            pending = self._pending.get(run_id)
+        except TypeError:
+            raise InvalidRunIdError(f"a run id must be a non-empty str, got {run_id!r}") from None
         if pending is not None and line.__class__ is str and len(line) <= self._fast_chars:
             pending.append(line)
             if len(pending) >= _BATCH_LINES:  # a global: one attribute lookup less
@@ -311,6 +323,8 @@ class OutputCapture(AsyncClosing):
             raise InvalidArgumentTypeError(
                 f"a line must be a str (decode bytes first), not {type(line).__name__}"
             )
+        if run_id.__class__ is not str:  # (inline: this path runs per line while followed)
+            run_id = _run_id(run_id)
         try:
             ring = self._runs[run_id]
         except KeyError:
@@ -558,6 +572,7 @@ class OutputCapture(AsyncClosing):
             raise InvalidArgumentTypeError(
                 f"close_run(): exit_code must be an int or None, got {exit_code!r}"
             )
+        run_id = _run_id(run_id)
         text = status.value if isinstance(status, RunStatus) else status
         end = None if text is None and exit_code is None else OutputEnd(text, exit_code)
         ring = self._runs.get(run_id)
@@ -618,6 +633,7 @@ class OutputCapture(AsyncClosing):
     def forget(self, run_id: str) -> None:
         """Free ``run_id``'s buffer now and forget the id (it may be used again); its live
         subscribers finish after what they already read. Its log file stays."""
+        run_id = _run_id(run_id)
         self._released.pop(run_id, None)
         self._release(run_id, remember=False)
 
@@ -800,6 +816,7 @@ class OutputCapture(AsyncClosing):
     # -- reading the buffer ---------------------------------------------------------------------
     def get_lines(self, run_id: str) -> list[str]:
         """Return the buffered lines of ``run_id`` (empty for an unknown or released run)."""
+        run_id = _run_id(run_id)
         self._flush(run_id)
         ring = self._runs.get(run_id)
         return [] if ring is None else ring.lines[ring.head :]
@@ -807,6 +824,7 @@ class OutputCapture(AsyncClosing):
     def tail(self, run_id: str, max_lines: int, max_bytes: int = DEFAULT_TAIL_BYTES) -> list[str]:
         """Return the last buffered lines of ``run_id``: at most ``max_lines`` and ``max_bytes``
         UTF-8 bytes in all (a single longer line is cut, and says so)."""
+        run_id = _run_id(run_id)
         tail = OutputTail(max_lines, max_bytes)
         self._flush(run_id)
         ring = self._runs.get(run_id)
@@ -816,19 +834,21 @@ class OutputCapture(AsyncClosing):
 
     def dropped_count(self, run_id: str) -> int:
         """Return how many of ``run_id``'s lines are no longer buffered."""
+        run_id = _run_id(run_id)
         self._flush(run_id)
         ring = self._runs.get(run_id)
         return 0 if ring is None else ring.first_seq
 
     def line_count(self, run_id: str) -> int:
         """Return how many lines ``run_id`` produced in total (0 once released)."""
+        run_id = _run_id(run_id)
         self._flush(run_id)
         ring = self._runs.get(run_id)
         return 0 if ring is None else ring.next_seq
 
     def is_closed(self, run_id: str) -> bool:
         """Return ``True`` once :meth:`close_run` was called for ``run_id``."""
-        ring = self._runs.get(run_id)
+        ring = self._runs.get(_run_id(run_id))
         return run_id in self._released if ring is None else ring.closed
 
     def log_path(self, run_id: str) -> Path | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 
+from .._core._exceptions import InvalidLimitError
 from ._output_items import bound_line, utf8_size
 
 __all__ = ["DEFAULT_TAIL_BYTES", "OutputTail"]
@@ -21,6 +22,14 @@ class OutputTail:
     __slots__ = ("_lines", "_nbytes", "max_bytes", "max_lines")
 
     def __init__(self, max_lines: int, max_bytes: int = DEFAULT_TAIL_BYTES) -> None:
+        """
+        Raises:
+            InvalidLimitError: ``max_lines`` is not an int >= 0, or ``max_bytes`` not >= 1.
+        """
+        if isinstance(max_lines, bool) or not isinstance(max_lines, int) or max_lines < 0:
+            raise InvalidLimitError(f"max_lines must be an int >= 0, got {max_lines!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise InvalidLimitError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self._lines: deque[tuple[str, int]] = deque()

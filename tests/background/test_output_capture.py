@@ -1109,3 +1109,45 @@ async def test_an_int_too_large_for_a_float_is_refused_as_bad_input(call: str) -
                 await made.__anext__()  # (a generator checks its arguments when first run)
     finally:
         await capture.aclose()
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["append_line", "open_run", "close_run", "get_lines", "tail", "is_closed", "forget"],
+)
+async def test_a_run_id_that_is_not_a_str_is_refused_everywhere(call: str) -> None:
+    # Found by an adversarial probe: an unhashable id (a list) raised a bare TypeError from the
+    # dict look-up that came before the check (None got InvalidRunIdError on some of these and
+    # passed unseen on the others).
+    capture = OutputCapture()
+    await capture.append_line("r", "kept")
+    calls: dict[str, Any] = {
+        "append_line": lambda rid: capture.append_line(rid, "x"),
+        "open_run": capture.open_run,
+        "close_run": capture.close_run,
+        "get_lines": capture.get_lines,
+        "tail": lambda rid: capture.tail(rid, 5),
+        "is_closed": capture.is_closed,
+        "forget": capture.forget,
+    }
+    try:
+        for bad in (["r"], None, 7):
+            with pytest.raises(InvalidRunIdError):
+                result = calls[call](bad)
+                if asyncio.iscoroutine(result):
+                    await result
+        assert capture.get_lines("r") == ["kept"]
+    finally:
+        await capture.aclose()
+
+
+@pytest.mark.parametrize(("max_lines", "max_bytes"), [(-1, 100), (None, 100), (5, -1), (True, 9)])
+async def test_tail_refuses_limits_that_are_not_counts(max_lines: Any, max_bytes: Any) -> None:
+    # tail("r", -1) raised IndexError ("pop from an empty deque"); tail("r", None) said [].
+    capture = OutputCapture()
+    await capture.append_line("r", "line")
+    try:
+        with pytest.raises(InvalidLimitError, match=r"max_lines|max_bytes"):
+            capture.tail("r", max_lines, max_bytes)
+    finally:
+        await capture.aclose()

@@ -22,6 +22,7 @@ import psutil
 
 from .._core._exceptions import InvalidRunError, RunStateError
 from .._platform import after_fork_in_child
+from .._platform._start_time import same_start
 
 __all__ = ["Run", "RunOwner", "RunStatus", "transition_error", "utc_now"]
 
@@ -191,8 +192,9 @@ class RunOwner:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             # AccessDenied on create_time means a process of another user: not our owner.
             return False
-        # create_time is derived from boot time and clock ticks; allow for float rounding only.
-        return abs(created - self.started_at) < 0.01
+        # create_time is the boot time (whole seconds, moved by NTP now and then) plus clock
+        # ticks: allow for float rounding and for the boot time's moves.
+        return same_start(created, self.started_at)
 
 
 # The calling process's owner record, once made.

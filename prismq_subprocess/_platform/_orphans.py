@@ -29,6 +29,7 @@ import psutil
 from ._cookie import _ENVIRON_LIMIT, COOKIE_PREFIX, Cookies
 from ._ops import alive
 from ._procfs import read_small_file
+from ._start_time import same_start
 from ._table import ProcessEntry, ProcessTable, scan_proc, scan_psutil
 
 __all__ = [
@@ -41,8 +42,6 @@ __all__ = [
     "verify_orphan",
 ]
 
-# create_time is derived from boot time and clock ticks: equal within float rounding only.
-_SAME_START = 0.01
 # How long, and how often, a process caught inside its exec is read again (see verify_orphan).
 _EXEC_SETTLE = 0.2
 _EXEC_POLL = 0.001
@@ -115,7 +114,7 @@ def verify_orphan(identity: ProcessIdentity, proc_root: str | None = None) -> Or
         return OrphanCheck.GONE
     except psutil.Error:
         return OrphanCheck.UNPROVEN
-    if abs(started - identity.started_at) >= _SAME_START:
+    if not same_start(started, identity.started_at):
         return OrphanCheck.REUSED
     reader = _cookie_reader(identity.cookie or "", proc_root or _default_proc_root())
     if reader is None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from .._platform import CGROUP_ENTER_THREAD, IS_WINDOWS, PosixOps, platform_ops
+from .._platform._start_time import same_start
 
 __all__ = ["COOKIE_VAR", "DEFAULT_IGNORED_THREADS", "LeakCheck", "LeakReport"]
 
@@ -72,6 +73,13 @@ def _process_key(proc: psutil.Process) -> tuple[int, float] | None:
         return proc.pid, proc.create_time()
     except psutil.Error:
         return None
+
+
+def _among(keys: set[tuple[int, float]], pid: int, start: float) -> bool:
+    """Whether the process (``pid``, ``start``) is one of ``keys``: its start time read again may
+    differ by whole seconds (the boot time psutil adds moves when NTP slews the clock), which
+    made a fixture's process look new, and killed as a leak."""
+    return (pid, start) in keys or any(p == pid and same_start(s, start) for p, s in keys)
 
 
 def _describe_process(proc: psutil.Process) -> str:
@@ -259,12 +267,12 @@ class LeakCheck:
         found: dict[int, psutil.Process] = {}
         for proc in psutil.Process().children(recursive=True):
             key = _process_key(proc)
-            if key is not None and key not in self._children:
+            if key is not None and not _among(self._children, *key):
                 found[proc.pid] = proc  # zombies too: exited, but nobody reaped them
         for proc in psutil.process_iter(["create_time"]):
             if proc.pid in found or proc.info["create_time"] is None:
                 continue
-            if (proc.pid, proc.info["create_time"]) in self._children:
+            if _among(self._children, proc.pid, proc.info["create_time"]):
                 continue  # started by a wider fixture meanwhile (see exempt())
             if proc.info["create_time"] < self._started - 1.0:
                 continue

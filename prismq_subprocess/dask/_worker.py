@@ -43,6 +43,7 @@ from .._background._run_record import Run, RunStatus
 from .._background._start_options import StartOptions
 from .._core._exceptions import PrismQError
 from .._platform import platform_ops
+from .._platform._start_time import same_start
 from ._channel import END, STARTED, Message, OutputForwarder
 
 __all__ = [
@@ -526,7 +527,7 @@ def stop_orphaned_tree(pid: int, create_time: float) -> int:
     never touched. Returns how many processes were signalled."""
     try:
         leader = psutil.Process(pid)
-        if abs(leader.create_time() - create_time) >= 0.01:
+        if not same_start(leader.create_time(), create_time):
             return 0
     except psutil.Error:
         return 0

@@ -236,8 +236,15 @@ def test_verify_and_stop_an_orphan_by_its_cookie(tmp_path: Path) -> None:
             pq.stop_orphan_tree(pq.ProcessIdentity(child.pid, started + 5, right.cookie))
             is pq.OrphanCheck.REUSED
         )
+        assert (
+            pq.stop_orphan_tree(pq.ProcessIdentity(child.pid, started + 0.5, right.cookie))
+            is pq.OrphanCheck.REUSED
+        )
         assert child.poll() is None and daemon.is_running()
-        assert pq.stop_orphan_tree(right, grace=2.0) is pq.OrphanCheck.VERIFIED
+        # Recorded under a boot time a second off (NTP slewed the clock across a second since):
+        # still the very child (it was REUSED, and never stopped, before).
+        moved = pq.ProcessIdentity(child.pid, started - 1.0, right.cookie)
+        assert pq.stop_orphan_tree(moved, grace=2.0) is pq.OrphanCheck.VERIFIED
         assert child.wait(timeout=5) == -signal.SIGTERM
         psutil.wait_procs([daemon], timeout=5)
         assert not daemon.is_running() or daemon.status() == psutil.STATUS_ZOMBIE

@@ -306,6 +306,21 @@ def test_owner_liveness_dead_reused_and_other_host() -> None:
     assert not RunOwner(me.host, child.pid, started).is_alive()
 
 
+@pytest.mark.parametrize("boot_time_moved", [-1.0, 1.0, 2.0])
+def test_a_live_owner_stays_alive_when_the_boot_time_moves_by_whole_seconds(
+    boot_time_moved: float,
+) -> None:
+    # Found by the full suite (two registry tests and a CLI one failed together, once): psutil
+    # gives a start time as the kernel's boot time (/proc/stat btime, whole seconds) plus the
+    # ticks since boot, and btime moves by a second when NTP slews the wall clock across one.
+    # A live owner then looked gone: its RUNNING runs were marked INTERRUPTED under it.
+    me = RunOwner.current()
+    assert RunOwner(me.host, me.pid, me.started_at + boot_time_moved).is_alive()
+    # Anything else is another process that reused the pid.
+    assert not RunOwner(me.host, me.pid, me.started_at + 0.5).is_alive()
+    assert not RunOwner(me.host, me.pid, me.started_at + 30.0).is_alive()
+
+
 _aware = st.datetimes(
     min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
 )

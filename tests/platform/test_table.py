@@ -99,3 +99,16 @@ def test_scan_psutil_matches_scan_proc_on_this_machine() -> None:
         child.kill()
         child.wait()
     assert psutil_state(child.pid) == "X"
+
+
+def test_same_start_allows_for_the_boot_time_moving_by_whole_seconds() -> None:
+    # psutil's create_time() is the kernel's boot time (whole seconds, moved by one when NTP
+    # slews the clock across a second) plus the ticks since boot: one process read twice may
+    # differ by a whole second. Anything else is another process.
+    from prismq_subprocess._platform._start_time import same_start
+
+    start = 1_796_225_845.93
+    for moved in (0.0, 1.0, -1.0, 2.0, -2.0, 1.0 + 1e-7):
+        assert same_start(start, start + moved), moved
+    for other in (0.01, 0.5, 0.99 - 0.005, 1.02, 3.0, 30.0, -0.3):
+        assert not same_start(start, start + other), other

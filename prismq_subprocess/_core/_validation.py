@@ -43,6 +43,7 @@ __all__ = [
     "check_shell_command",
     "check_timeout",
     "not_found_error",
+    "preexec_failed",
     "spawn_error",
 ]
 
@@ -530,7 +531,7 @@ def spawn_error(
     nothing is running; the original error is kept as ``__cause__``."""
     if isinstance(exc, PrismQError) and isinstance(exc, OSError):
         return exc
-    if not isinstance(exc, OSError):
+    if not isinstance(exc, OSError):  # (only Popen's own: see preexec_failed)
         return PreexecFnError(
             f"could not start {os.fsdecode(program)!r}: its preexec_fn raised in the child "
             "before the program was executed (the child cannot report the exception); nothing "
@@ -560,6 +561,12 @@ def spawn_error(
     return SpawnFailedError(
         exc.errno, f"could not start {os.fsdecode(program)!r}: {exc.strerror or exc}", exc.filename
     )
+
+
+def preexec_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is ``Popen``'s report of a ``preexec_fn`` that raised in the child (its
+    bare ``SubprocessError``; any other error of a spawn keeps its own type)."""
+    return type(exc) is subprocess.SubprocessError and "preexec_fn" in str(exc)
 
 
 def not_found_error(program: str | bytes, exc: FileNotFoundError) -> CommandNotFoundError:

@@ -20,7 +20,7 @@ from .._core._process import ProcessLike
 from .._core._result import TailBuffer
 from .._core._run_process import ChildRun
 from .._core._tree_stop import kill_tree_now
-from .._core._validation import check_limit, spawn_error
+from .._core._validation import check_limit, preexec_failed, spawn_error
 from .._io._pipes import release_transport_pipes
 from .._platform import PlatformOps, platform_ops
 from ._process_base import ProcessBase
@@ -166,8 +166,12 @@ class SubprocessStrategy(ABC):
         """
         try:
             process = await self.spawn(request)
-        except (OSError, subprocess.SubprocessError) as exc:
+        except OSError as exc:
             raise self.spawn_failed(request, exc) from exc
+        except subprocess.SubprocessError as exc:
+            if preexec_failed(exc):
+                raise self.spawn_failed(request, exc) from exc
+            raise
         if not isinstance(process, _KNOWN_PROCESSES):
             self._check_spawned(process)
         self._spawned(process)

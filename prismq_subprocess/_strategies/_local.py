@@ -23,6 +23,7 @@ from .._core._process import ProcessLike
 from .._core._result import TailBuffer
 from .._core._run_process import ChildRun
 from .._core._tree_stop import register_child
+from .._core._validation import preexec_failed
 from .._io._blocking_io import DrainWatch, drain_blocking
 from .._platform import Containment, PlatformOps
 from ._base import DEFAULT_LIMIT, RunStart, SpawnRequest, SubprocessStrategy
@@ -297,8 +298,12 @@ class LocalStrategy(SubprocessStrategy):
         if not launch.spawned.done():
             try:
                 job.result()
-            except (OSError, subprocess.SubprocessError) as exc:
+            except OSError as exc:
                 raise self.spawn_failed(request, exc) from exc
+            except subprocess.SubprocessError as exc:
+                if preexec_failed(exc):
+                    raise self.spawn_failed(request, exc) from exc
+                raise
             raise RuntimeError("the LOCAL worker finished without starting the child")
         return ChildRun(
             launch.spawned.result(), self, grace=start.grace, ops=self.ops, readers=[job]

@@ -454,3 +454,17 @@ async def test_odd_stop_arguments_are_refused_before_anything_is_stopped(
     await pq.terminate_gracefully(process, 1.0)
     with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="PlatformOps"):
         pq.SubprocessWrapper(ops=object())  # type: ignore[arg-type]
+
+
+async def test_another_subprocess_error_of_a_spawn_keeps_its_type() -> None:
+    # A review's find: every SubprocessError out of a spawn became PreexecFnError, so a host
+    # strategy whose spawn ran `subprocess.run(..., check=True)` got "its preexec_fn raised".
+    class Checking(pq.abc.AsyncStrategy):
+        async def spawn(self, request: Any) -> Any:
+            subprocess.run(["false"], check=True)  # noqa: ASYNC221 - the host's own check
+            return await super().spawn(request)
+
+    async with pq.SubprocessWrapper(strategy=Checking()) as wrapper:
+        with pytest.raises(subprocess.CalledProcessError) as caught:
+            await wrapper.create_subprocess_exec("/bin/true")
+    assert not isinstance(caught.value, pq.exceptions.PreexecFnError)

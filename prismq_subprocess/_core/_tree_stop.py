@@ -271,7 +271,9 @@ async def _exit_status(
     which reaps it where nobody did (0 where another waiter took the status: ``Popen``'s rule);
     without a ``Popen`` (uvloop's children) and once its loop has closed, it is reaped by pid.
     But an asyncio child whose loop still runs (in another thread) is that loop's watcher's to
-    reap, by pid: the status is read without reaping it (POSIX), or waited for.
+    reap, by pid: the status is read without reaping it (POSIX); once that watcher has reaped
+    it (one reaping in a thread of its own), the status is waited for on its loop, and if it
+    does not come by then, ``Popen``'s rule answers (0).
 
     A thread of the child's mode may be blocked in ``Popen.wait()`` for it: that holds the
     ``Popen``'s wait lock, and until the thread runs again after the exit (late, on a busy
@@ -285,10 +287,12 @@ async def _exit_status(
             return code
         if popen is not None and _owner_watches(process):
             peeked = ops.peek_exit_status(process.pid)
-            if peeked is True:  # (where a status is not consumed by reading it)
+            if peeked is True or (peeked is None and loop.time() >= deadline):
+                # (True: where a status is not consumed by reading it; None at the deadline:
+                # the owner's watcher reaped it and its loop has not told: Popen's rule.)
                 with contextlib.suppress(OSError):
                     code = popen.poll()
-            elif peeked is not False:
+            elif peeked is not False and peeked is not None:
                 code = peeked
         elif popen is not None:
             with contextlib.suppress(OSError):

@@ -119,19 +119,23 @@ if _HAS_WATCHERS:
         ) -> None:
             self._watched.pop(pid, None)
             loop._remove_reader(pidfd)  # type: ignore[attr-defined]
+            returncode: int | None
             try:
                 # By pidfd, not pid: if another waiter took the status first, the pid may be
                 # someone else's by now (a new child of ours, whose status it would steal).
-                info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+                returncode = returncode_of(os.waitid(os.P_PIDFD, pidfd, os.WEXITED))
             except ChildProcessError:  # reaped by someone else: its status is lost (as in asyncio)
-                info = None
+                returncode = None
+            except (OSError, AttributeError):  # (a kernel of 5.3 or 5.4: pidfds, no P_PIDFD)
+                try:
+                    returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                except ChildProcessError:
+                    returncode = None
             finally:
                 os.close(pidfd)
-            if info is None:
+            if returncode is None:
                 returncode = 255
                 logger.warning("child %d was reaped elsewhere; its exit status is unknown", pid)
-            else:
-                returncode = returncode_of(info)
             callback(pid, returncode, *args)
 
         def remove_child_handler(self, pid: int) -> bool:

@@ -228,10 +228,11 @@ class PlatformOps:
         status), or until ``deadline`` (``time.monotonic()``). Returns at once where this
         cannot be seen (Windows: no zombies; a process handle's owner waits on it)."""
 
-    def peek_exit_status(self, pid: int) -> int | bool:
+    def peek_exit_status(self, pid: int) -> int | bool | None:
         """The exit status of our child ``pid`` if it has exited, read without reaping it (its
-        owner still reads it); False while it runs or once someone has reaped it, True where
-        this cannot be seen (Windows: a process handle is not consumed by reading it)."""
+        owner still reads it); False while it runs, None once someone has reaped it (or it is
+        not our child), True where this cannot be seen (Windows: a process handle is not
+        consumed by reading it)."""
         return True
 
     # -- signalling ----------------------------------------------------------------------------

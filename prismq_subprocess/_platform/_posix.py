@@ -200,15 +200,15 @@ class PosixOps(PlatformOps):
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
 
-    def peek_exit_status(self, pid: int) -> int | bool:
+    def peek_exit_status(self, pid: int) -> int | bool | None:
         if self.waitid is None:
             return True
         try:
             info = self.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            return False  # reaped already (its owner's watcher), or not ours
+            return None  # reaped already (its owner's watcher), or not ours
         if info is None:
-            return False
+            return False  # running
         return returncode_of(info)
 
     def signal_unreaped_child(self, pid: int, sig: int | None) -> bool:

@@ -1318,3 +1318,52 @@ def test_a_stop_from_another_loop_leaves_the_exit_status_to_the_childs_own_loop(
         thread.join(10)
     assert stopped_with == -signal.SIGTERM
     assert box["waited"] == -signal.SIGTERM
+
+
+_STOP_WITH_A_THREADED_WATCHER = """
+import asyncio, sys, threading, warnings
+warnings.simplefilter("ignore", DeprecationWarning)
+import prismq_subprocess as pq
+
+asyncio.set_child_watcher(asyncio.ThreadedChildWatcher())  # a host's choice, which we keep
+spawned, stopped = threading.Event(), threading.Event()
+box = {}
+
+async def owner():
+    process = await asyncio.create_subprocess_exec("sleep", "30", start_new_session=True)
+    box["process"] = process
+    spawned.set()
+    stopped.wait(float(sys.argv[1]))  # the owner's loop busy; its watcher's thread reaps
+    box["waited"] = await process.wait()
+
+thread = threading.Thread(target=asyncio.run, args=(owner(),))
+thread.start()
+spawned.wait(10)
+try:
+    print(asyncio.run(pq.terminate_gracefully(box["process"], timeout=2.0)))
+finally:
+    stopped.set()
+    thread.join(10)
+print(box.get("waited"))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(asyncio, "ThreadedChildWatcher"), reason="asyncio has no child watchers"
+)
+@pytest.mark.parametrize(("held", "stopped_with"), [(1.0, -signal.SIGTERM), (6.0, 0)])
+def test_a_stop_from_another_loop_waits_for_a_status_its_owners_watcher_took(
+    held: float, stopped_with: int
+) -> None:
+    # A review's find on the fix above: with a watcher that reaps in a thread of its own, the
+    # status is gone from the kernel before the owner's loop hears of it; the stop then polled
+    # until its deadline and raised AssertionError out of terminate_gracefully(). It waits for
+    # the owner's returncode, and past its 5 s answers by Popen's rule (0), as before the fix.
+    done = subprocess.run(
+        [sys.executable, "-c", _STOP_WITH_A_THREADED_WATCHER, str(held)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(stopped_with), str(-signal.SIGTERM)]

@@ -45,8 +45,10 @@ coroutine function that blocks the event loop itself (``time.sleep`` instead of
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import math
@@ -71,6 +73,9 @@ from .._core._maybe_async import is_async_callable
 __all__ = ["PeriodicTask", "PeriodicTaskStats"]
 
 logger = logging.getLogger(__name__)
+
+#: How often a stop awaited on another loop looks whether the schedule's loop is still there.
+_HANDOVER_POLL = 0.05
 
 # Module-level so jitter is not re-seeded per task; jitter needs spread, not security.
 _jitter_random = random.Random()
@@ -107,6 +112,17 @@ def _current_task_or_none() -> asyncio.Task[Any] | None:
         return asyncio.current_task()
     except RuntimeError:  # no running loop
         return None
+
+
+def _report_to(handed: concurrent.futures.Future[None], stopping: asyncio.Task[None]) -> None:
+    # The stop on the schedule's loop is over: tell the caller on the other loop. Cancelled
+    # there (that loop closing), nothing is left to stop.
+    if handed.done():
+        return
+    if stopping.cancelled() or stopping.exception() is None:
+        handed.set_result(None)
+    else:
+        handed.set_exception(stopping.exception())
 
 
 def _alive(task: asyncio.Task[None] | None) -> bool:
@@ -384,6 +400,50 @@ class PeriodicTask(AsyncResource):
             self._schedule(self._schedule_state, previous), name=f"PeriodicTask:{self.name}"
         )
 
+    async def _stop_on(
+        self,
+        owner: asyncio.AbstractEventLoop,
+        timeout: float | timedelta | None,
+        limit: float | None,
+    ) -> None:
+        """:meth:`stop` carried out on ``owner``, the schedule's loop (running in another
+        thread), and awaited here. Ends too if that loop stops or closes meanwhile (its
+        closing cancels the stop there: nothing is left to stop). The caller's cancellation
+        cancels the stop there, which cancels the schedule, as on one loop."""
+        handed: concurrent.futures.Future[None] = concurrent.futures.Future()
+        there: list[asyncio.Task[None]] = []
+
+        def begin() -> None:  # (made there, so a loop closing first leaves no coroutine)
+            if handed.cancelled():
+                return
+            stopping = owner.create_task(self.stop(timeout))
+            there.append(stopping)
+            stopping.add_done_callback(functools.partial(_report_to, handed))
+
+        try:
+            owner.call_soon_threadsafe(begin)
+        except RuntimeError:
+            return  # closed meanwhile: nothing runs there any more
+        waiter = asyncio.wrap_future(handed)
+        # Shielded only when bounded, as on one loop.
+        shield = shielded_if_cancelled() if limit is not None else contextlib.nullcontext()
+        try:
+            with shield:
+                while not waiter.done():
+                    await asyncio.wait({waiter}, timeout=_HANDOVER_POLL)
+                    if not waiter.done() and (owner.is_closed() or not owner.is_running()):
+                        handed.cancel()
+                        return
+        except asyncio.CancelledError:
+            if there:
+                with contextlib.suppress(RuntimeError):
+                    owner.call_soon_threadsafe(there[0].cancel)
+            else:
+                handed.cancel()
+            raise
+        if not waiter.cancelled():
+            waiter.result()
+
     async def stop(self, timeout: float | timedelta | None = 5.0) -> None:
         """Stop the schedule and return when it has ended (the PrismQ guide's verb;
         :meth:`aclose` is this with the default ``timeout``).
@@ -414,13 +474,9 @@ class PeriodicTask(AsyncResource):
             # The schedule runs on another loop (another thread's): its task can be cancelled
             # and waited for only there; from here its end would never wake this loop.
             self._schedule_state.stopping = True
-            if not owner.is_running():
-                return  # it starts no run now: the flag ends the schedule when it resumes
-            try:
-                handed = asyncio.run_coroutine_threadsafe(self.stop(timeout), owner)
-            except RuntimeError:
-                return  # closed meanwhile: nothing runs there any more
-            await asyncio.wrap_future(handed)
+            if owner.is_running():
+                await self._stop_on(owner, timeout, limit)
+            # (A loop not running starts no run: the flag ends the schedule when it resumes.)
             return
         self._schedule_state.stopping = True
         mark = _current_run.get()

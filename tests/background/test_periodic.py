@@ -1211,3 +1211,37 @@ async def test_stop_awaited_on_another_loop_hands_the_stop_to_the_schedules_loop
     count = len(runs)
     await asyncio.sleep(0.15)
     assert len(runs) == count  # the schedule really ended
+
+
+def test_a_stop_handed_to_a_loop_that_ends_meanwhile_returns() -> None:
+    # A review's find on the hand-over above: the schedule's loop ended while the stop handed
+    # to it waited (its asyncio.run() returning: the stop, cancelled by the loop's closing,
+    # gave the caller a CancelledError nobody asked for; a loop stopped and closed without
+    # running it left the caller waiting for ever). Nothing is left to stop then: it returns.
+    async def beat() -> None:
+        pass
+
+    task = PeriodicTask("beat", 0.05, beat)
+    started = threading.Event()
+
+    async def owner() -> None:
+        task.start()
+        await asyncio.sleep(0.1)
+        started.set()
+        time.sleep(0.6)  # noqa: ASYNC251 - the loop busy when the hand-over arrives; then it ends
+
+    thread = threading.Thread(target=asyncio.run, args=(owner(),))
+    thread.start()
+    try:
+        assert started.wait(10)
+
+        async def stop() -> float:
+            began = time.monotonic()
+            await asyncio.wait_for(task.stop(timeout=1.0), 10)
+            assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+            return time.monotonic() - began
+
+        assert asyncio.run(stop()) < 5.0
+    finally:
+        thread.join(10)
+    assert not task.is_running

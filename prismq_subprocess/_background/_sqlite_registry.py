@@ -457,22 +457,26 @@ def _keeping_keys(values: tuple[Any, ...]) -> tuple[Any, ...]:
 # Strict JSON: NaN and the infinities are no JSON values, and stored as Python's bare tokens
 # they broke every strict reader of the run afterwards (a browser's JSON.parse of to_dict()).
 # One encoder for all writes: json.dumps with an option builds a new one per call.
+# A run an older release stored with NaN in it is still updated as it was written (a strict
+# encoder would refuse its every update, and its recovery would fail the registry's open).
 _ENCODER = json.JSONEncoder(allow_nan=False)
+_LENIENT_ENCODER = json.JSONEncoder()
 
 
-def _json_text(field: str, value: Any) -> str:
+def _json_text(field: str, value: Any, *, strict: bool = True) -> str:
     """``value`` as the JSON stored in the ``field`` column; the documented error if JSON
     cannot hold it (a bare TypeError or ValueError from the encoder said neither which field
-    nor that it was the caller's input)."""
+    nor that it was the caller's input). ``strict``: NaN and the infinities refused too."""
     try:
-        return _ENCODER.encode(value)
+        return (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         error = InvalidParametersError if field == "parameters" else InvalidRunError
         raise error(f"{field} must be JSON-serialisable to be stored in SQLite: {exc}") from None
 
 
-def _row_values(run: Run) -> tuple[Any, ...]:
-    """The row of ``run``, as the statements bind it.
+def _row_values(run: Run, *, adding: bool = False) -> tuple[Any, ...]:
+    """The row of ``run``, as the statements bind it (``adding``: a new run, whose parameters
+    must be strict JSON; an update keeps what an older release may have stored).
 
     Raises:
         InvalidRunError, InvalidParametersError: a field SQLite could not hold as a read gives
@@ -496,7 +500,7 @@ def _row_values(run: Run) -> tuple[Any, ...]:
         run.module_id,
         run.module_name,
         # Most runs have neither parameters nor an output tail: skip the encoder for those.
-        _json_text("parameters", parameters)
+        _json_text("parameters", parameters, strict=adding)
         if parameters or type(parameters) is not dict
         else "{}",
         run._status._value_,
@@ -1336,7 +1340,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
         # enqueue, not call: one coroutine fewer per write (the loop's share of a write is
         # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
         try:
-            await executor.enqueue(db.add, (_row_values(run), self.max_runs, self.max_age), db)
+            await executor.enqueue(
+                db.add, (_row_values(run, adding=True), self.max_runs, self.max_age), db
+            )
         except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise

@@ -57,7 +57,7 @@ from ._cancel_watch import CancelRequestWatcher
 from ._line_batches import iter_line_batches
 from ._memory_registry import BaseRunRegistry
 from ._module_args import check_args, check_parameters, parameters_to_args
-from ._output_capture import OutputCapture
+from ._output_capture import OutputCapture, end_code
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
 from ._record_retry import RecordRetry, worth_retrying
@@ -728,7 +728,9 @@ class ModuleRunner(AsyncClosing):
         uvicorn worker) then has every line."""
         if self.output is not None:
             try:
-                await self.output.close_run(run.run_id, status=run.status, exit_code=run.exit_code)
+                await self.output.close_run(
+                    run.run_id, status=run.status, exit_code=end_code(run.exit_code)
+                )
             except Exception:
                 logger.exception("closing the output of run %s failed", run.run_id)
         await self._save(run)
@@ -767,7 +769,7 @@ class ModuleRunner(AsyncClosing):
                         await self.output.close_run(
                             run.run_id,
                             status=run.status if finished else None,
-                            exit_code=run.exit_code if finished else None,
+                            exit_code=end_code(run.exit_code) if finished else None,
                         )
             finally:
                 self._end(run, done)

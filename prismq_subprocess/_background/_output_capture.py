@@ -142,6 +142,20 @@ def _all_end_with_newline(batch: list[str]) -> bool:
         return False
 
 
+def end_code(exit_code: object) -> int | None:
+    """A run's ``exit_code`` as :meth:`OutputCapture.close_run` takes it: what the library
+    closes a run with must never be refused there (the run's output would stay open, and its
+    subscribers wait for ever), so a code a host set oddly (``0.0``) is passed as an int when it
+    is a whole number, else left out."""
+    if type(exit_code) is int:
+        return exit_code
+    if isinstance(exit_code, float) and exit_code.is_integer():
+        return int(exit_code)
+    if isinstance(exit_code, int) and not isinstance(exit_code, bool):
+        return int(exit_code)
+    return None
+
+
 def _run_id(run_id: object) -> str:
     """``run_id`` if it can be one; the documented error before any look-up (an unhashable
     one, a list say, gave a bare ``TypeError`` from the first dict it met)."""

@@ -49,7 +49,7 @@ from .._resources._resource_manager import ResourceManager, check_resource_manag
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._memory_registry import BaseRunRegistry, direct_writes, updates_directly
-from ._output_capture import OutputCapture
+from ._output_capture import OutputCapture, end_code
 from ._record_retry import RecordRetry, worth_retrying
 from ._run_record import Run, RunOwner, RunStatus
 
@@ -812,7 +812,9 @@ class BackgroundTaskManager(AsyncResource):
         if self.output is None:
             return
         try:
-            await self.output.close_run(run.run_id, status=run.status, exit_code=run.exit_code)
+            await self.output.close_run(
+                run.run_id, status=run.status, exit_code=end_code(run.exit_code)
+            )
         except Exception:
             logger.exception("closing the output of run %s failed", run.run_id)
         if not run.output_tail and self.output_tail_lines:

@@ -1802,3 +1802,27 @@ def test_a_task_manager_shut_down_inside_a_cancelled_anyio_scope_cancels_its_run
 
     anyio.run(main)
     assert ended == ["cancelled"]
+
+
+@pytest.mark.parametrize("exit_code", [0.0, 3.0, 2.5, float("nan")])
+async def test_a_run_ended_with_an_odd_exit_code_still_closes_its_output(exit_code: float) -> None:
+    # A review's find: close_run() now refuses a non-int exit code, and the manager closed a
+    # run's output with whatever the run held (Run.mark_completed(0.0) is accepted): the close
+    # failed (logged), and the run's subscribers waited for ever.
+    capture = OutputCapture()
+    run = Run(module_id="m")
+
+    async def work() -> None:
+        await capture.append_line(run.run_id, "working")
+        run.mark_completed(exit_code)  # type: ignore[arg-type]
+
+    async with BackgroundTaskManager(RunRegistry(), output=capture) as manager:
+        await manager.start_task(run, work())
+        await manager.wait_all()
+    assert capture.is_closed(run.run_id)
+    subscription = capture.subscribe(run.run_id)
+    assert [item async for item in subscription]  # ends (it waited for ever)
+    assert subscription.end is not None
+    allowed = (None, int(exit_code)) if exit_code.is_integer() else (None,)
+    assert subscription.end.exit_code in allowed
+    await capture.aclose()

@@ -452,8 +452,10 @@ class PeriodicTask(AsyncResource):
         to finish (``None``: wait as long as it takes), then it is cancelled. A plain function
         running in a worker thread cannot be interrupted: on timeout we stop waiting for it and
         it finishes in its thread, its result discarded. Stopping a task that is not running
-        does nothing. A run may call ``await task.stop()`` itself (also from a task or thread it
-        started): it returns at once and the schedule ends when that run returns.
+        does nothing. A run may call ``await task.stop()`` itself (also from a task it started,
+        or a thread that carries its context, as ``asyncio.to_thread`` does): it returns at
+        once and the schedule ends when that run returns. (From a plain ``threading.Thread``
+        the run is not recognised: that stop waits for the run, up to ``timeout``.)
 
         If ``stop()`` itself is cancelled, the schedule is cancelled too and the cancellation
         propagates. Called inside an anyio scope that is already cancelled (a ``finally`` block

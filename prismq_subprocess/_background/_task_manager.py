@@ -294,6 +294,8 @@ def _file_of(registry: BaseRunRegistry) -> str | None:
         path = urllib.parse.unquote(uri.path)
         if path in ("", ":memory:"):
             return None
+        if len(path) > 2 and path[0] == "/" and path[2] == ":" and path[1].isalpha():
+            path = path[1:]  # file:///C:/runs.db names C:/runs.db (Windows)
     return path
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
+from typing import SupportsFloat
 
 from ._exceptions import InvalidIntervalError, InvalidTimeoutError
 
 __all__ = ["finite", "interval_seconds", "timeout_seconds"]
 
 
-def finite(value: float) -> bool:
+def finite(value: SupportsFloat) -> bool:
     """``math.isfinite(value)``, False (not ``OverflowError``) for an int too large for a float."""
     try:
         return math.isfinite(value)

@@ -437,9 +437,9 @@ class InvalidTaskError(PrismQError, TypeError):
 
 class InvalidReadingError(PrismQError, TypeError, ValueError):
     """Raised when a ``reader=`` of ``ResourceManager`` or ``MemoryMonitor`` returned what
-    cannot be judged against a limit: not a ``ResourceSnapshot``, or one with a NaN or
-    infinite percentage or a byte count that is not an int >= 0 (a NaN compares False with any
-    limit, which would have turned the limits off without a word)."""
+    cannot be judged against a limit: not a ``ResourceSnapshot``, or one with a field that is
+    not a finite number >= 0 (a NaN compares False with any limit, which would have turned the
+    limits off without a word)."""
 
 
 __all__ += ["InvalidReadingError"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import threading
 import time
 from collections.abc import Iterable
@@ -110,20 +111,25 @@ def checked_reader(reader: ResourceReader) -> ResourceReader:
 
 
 def _problem(snapshot: object) -> str | None:
+    # Any real number is taken (a float or a numpy integer from a host's metrics library): the
+    # limits compare, they do not need an int; what cannot be compared (NaN, text) is refused.
     if not isinstance(snapshot, ResourceSnapshot):
         return f"{snapshot!r}, not a ResourceSnapshot"
-    for name in ("memory_percent", "cpu_percent"):
+    for name in (
+        "memory_percent",
+        "cpu_percent",
+        "available_bytes",
+        "total_bytes",
+        "process_rss_bytes",
+        "children_rss_bytes",
+    ):
         value = getattr(snapshot, name)
         if value is None and name == "cpu_percent":
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
-            return f"{name}={value!r}: a percentage must be a finite number"
-        if value < 0:
-            return f"{name}={value!r}: a percentage cannot be negative"
-    for name in ("available_bytes", "total_bytes", "process_rss_bytes", "children_rss_bytes"):
-        value = getattr(snapshot, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            return f"{name}={value!r}: a byte count must be an int >= 0"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"{name}={value!r}: not a number"
+        if not finite(value) or value < 0:
+            return f"{name}={value!r}: must be a finite number >= 0"
     return None
 
 

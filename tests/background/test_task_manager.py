@@ -1826,3 +1826,18 @@ async def test_a_run_ended_with_an_odd_exit_code_still_closes_its_output(exit_co
     allowed = (None, int(exit_code)) if exit_code.is_integer() else (None,)
     assert subscription.end.exit_code in allowed
     await capture.aclose()
+
+
+def test_a_windows_file_uri_names_its_drive_path() -> None:
+    # A review's find: file:///C:/x/runs.db parsed to /C:/x/runs.db, never the same file as
+    # C:\\x\\runs.db (Windows is not runnable here: the parse is what is checked).
+    from prismq_subprocess._background._task_manager import _file_of
+
+    class Stored:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+    assert _file_of(Stored("file:///C:/x/runs%20db.db?mode=rw")) == "C:/x/runs db.db"  # type: ignore[arg-type]
+    assert _file_of(Stored("file:/srv/runs.db")) == "/srv/runs.db"  # type: ignore[arg-type]
+    assert _file_of(Stored("file::memory:?cache=shared")) is None  # type: ignore[arg-type]
+    assert _file_of(Stored("file:x.db?mode=memory")) is None  # type: ignore[arg-type]

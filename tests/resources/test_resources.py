@@ -823,10 +823,11 @@ def _reading(percent: float = 50.0, **fields: object) -> object:
         lambda: _reading(cpu_percent=math.nan),
         lambda: _reading(available_bytes=-1),
         lambda: _reading(total_bytes="4G"),
+        lambda: _reading(available_bytes=math.inf),
         lambda: None,
         lambda: {"memory_percent": 99.0},
     ],
-    ids=["nan-memory", "nan-cpu", "negative-bytes", "str-bytes", "none", "dict"],
+    ids=["nan-memory", "nan-cpu", "negative-bytes", "str-bytes", "inf-bytes", "none", "dict"],
 )
 @pytest.mark.parametrize("user", ["admit", "monitor poll", "check_memory"])
 async def test_a_reading_that_cannot_be_judged_is_refused_not_passed(
@@ -859,3 +860,13 @@ def test_a_coroutine_function_as_reader_is_refused_at_once(make: str) -> None:
 
     with pytest.raises(InvalidTaskError, match="reader"):
         getattr(pq, make)(80.0, reader=reader)
+
+
+async def test_a_reading_with_float_byte_counts_is_judged() -> None:
+    # Byte counts from a host's metrics library may be floats (or numpy numbers): compared
+    # with the limits as they are, not refused.
+    from prismq_subprocess import ResourceManager
+
+    reading = _reading(95.0, available_bytes=1.5e9, total_bytes=4e9)
+    check = await ResourceManager(90.0, reader=lambda: reading).check_resources_detailed()
+    assert not check.ok and [v.limit for v in check.violations] == ["memory_percent"]

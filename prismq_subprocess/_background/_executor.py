@@ -31,6 +31,7 @@ from .._core._exceptions import (
 from .._core._modes import RunMode
 from .._core._slots import Slots
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD
+from .._core._validation import check_flag
 from .._resources._resource_manager import ResourceManager, check_resource_manager
 from .._strategies import SubprocessStrategy
 from ._memory_registry import BaseRunRegistry, RunRegistry
@@ -260,7 +261,7 @@ class ConcurrentExecutor(AsyncClosing):
             raise InvalidLimitError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
         self.max_concurrent = max_concurrent
         self.resource_manager = check_resource_manager(resource_manager, "ConcurrentExecutor")
-        self.admission_wait = admission_wait
+        self.admission_wait = check_flag(admission_wait, "admission_wait")
         timeout_seconds(admission_timeout, what="admission_timeout")  # refused now, not per call
         self.admission_timeout = admission_timeout
         self.registry = (

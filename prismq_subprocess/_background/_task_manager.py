@@ -45,6 +45,7 @@ from .._core._exceptions import (
 )
 from .._core._result import ProcessResult
 from .._core._task_start import create_task_takes_context
+from .._core._validation import check_flag
 from .._resources._resource_manager import ResourceManager, check_resource_manager
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
@@ -392,7 +393,7 @@ class BackgroundTaskManager(AsyncResource):
         self.output = output
         self.output_tail_lines = output_tail_lines
         self.resource_manager = check_resource_manager(resource_manager, "BackgroundTaskManager")
-        self.admission_wait = admission_wait
+        self.admission_wait = check_flag(admission_wait, "admission_wait")
         # Checked now so a bad value fails here, not later inside every background run.
         self.admission_timeout = timeout_seconds(admission_timeout, what="admission_timeout")
         self._entries: dict[str, _Entry] = {}

@@ -16,6 +16,7 @@ from .._core._exceptions import (
     ResourceLimitException,
     ResourceWaitTimeoutError,
 )
+from .._core._validation import check_flag
 from ._readings import (
     PsutilResourceReader,
     ResourceReader,
@@ -203,7 +204,9 @@ class ResourceManager:
             ResourceLimitException: resources short and ``wait=False``.
             ResourceWaitTimeoutError: still short after ``timeout`` seconds.
             InvalidTimeoutError: ``timeout`` is negative or not a number.
+            InvalidArgumentTypeError: ``wait`` is not a bool.
         """
+        wait = check_flag(wait, "wait")  # ("no" would be true: waiting, not refusing)
         limit = timeout_seconds(timeout)
         check = await self.check_resources_detailed()
         if check.ok:

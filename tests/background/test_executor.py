@@ -406,3 +406,14 @@ def test_a_resource_manager_that_is_not_one_is_refused_at_once(make: Any) -> Non
     args: tuple[Any, ...] = () if make is pq.ConcurrentExecutor else (pq.RunRegistry(),)
     with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="resource_manager"):
         make(*args, resource_manager=5)
+
+
+async def test_a_yes_no_admission_option_must_be_a_bool() -> None:
+    # A probe's find: admit(wait="no") waited (a non-empty str is true), as did
+    # admission_wait="no" on the executor and the manager.
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="wait"):
+        await pq.ResourceManager(90.0).admit(wait="no")  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="admission_wait"):
+        pq.ConcurrentExecutor(admission_wait="no")  # type: ignore[arg-type]
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="admission_wait"):
+        pq.BackgroundTaskManager(pq.RunRegistry(), admission_wait="no")  # type: ignore[arg-type]

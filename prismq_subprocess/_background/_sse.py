@@ -86,6 +86,15 @@ class SSEEvent:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise InvalidSSEEventError(f"SSE {name} must be a str or None, got {value!r}")
+            if value is not None and not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    # The stream is UTF-8: the server would fail writing it, mid-response.
+                    raise InvalidSSEEventError(
+                        f"SSE {name} cannot be sent as UTF-8 (a lone surrogate): {value!r}; "
+                        "JSON-encode it (json.dumps escapes it) or decode with another handler"
+                    ) from None
         for name in ("event", "id"):
             value = getattr(self, name)
             if value is not None and (_LINE_BREAK.search(value) or "\0" in value):

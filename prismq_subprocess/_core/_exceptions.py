@@ -421,8 +421,9 @@ __all__ += [
 
 class InvalidSSEEventError(PrismQError, ValueError):
     """Raised when an ``SSEEvent`` field cannot be framed: a ``data``, ``event`` or ``id`` that
-    is neither a ``str`` nor ``None``, an ``event`` or ``id`` with a line break (or an ``id``
-    with NUL, which browsers ignore), or a ``retry`` that is not an int >= 0."""
+    is neither a ``str`` nor ``None`` or cannot be sent as UTF-8 (a lone surrogate), an
+    ``event`` or ``id`` with a line break (or an ``id`` with NUL, which browsers ignore), or a
+    ``retry`` that is not an int >= 0."""
 
 
 __all__ += ["InvalidSSEEventError"]

@@ -214,6 +214,10 @@ def test_sse_event_framing() -> None:
         {"event": 5},
         {"id": 5},
         {"data": b"x"},
+        # Not UTF-8 (a probe's find: framed, then the server failed writing it mid-response).
+        {"data": "caf\udce9"},
+        {"event": "\ud800"},
+        {"id": "x\udfff"},
     ],
 )
 def test_fields_that_cannot_be_framed(kwargs: dict[str, Any]) -> None:

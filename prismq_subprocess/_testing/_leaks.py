@@ -131,10 +131,23 @@ def _run_cookie_baseline() -> tuple[str, int] | None:
     return variable, int(ops.host.cookies.issue())
 
 
-def _carries_a_new_run_cookie(environ: dict[str, str], baseline: tuple[str, int]) -> bool:
+def _run_number_now() -> int:
+    """A run number above every run started so far and below every later one."""
+    ops = platform_ops()
+    assert isinstance(ops, PosixOps) and ops.host is not None  # (a baseline was made)
+    return int(ops.host.cookies.issue())
+
+
+def _carries_a_new_run_cookie(
+    environ: dict[str, str], baseline: tuple[str, int], exempt: list[tuple[int, int]]
+) -> bool:
     variable, below = baseline
     value = environ.get(variable)
-    return value is not None and value.isdigit() and int(value) > below
+    if value is None or not value.isdigit():
+        return False
+    number = int(value)
+    # The runs of a wider fixture set up during the test (see exempt()) are not the test's.
+    return number > below and not any(first < number < last for first, last in exempt)
 
 
 def _fd_count() -> int | None:
@@ -172,6 +185,8 @@ class LeakCheck:
         self.started = False
         self._saved_cookie: str | None = None
         self._run_cookie: tuple[str, int] | None = None
+        #: The run numbers issued inside exempt() blocks (first, last), both exclusive.
+        self._exempt_runs: list[tuple[int, int]] = []
         self._started = 0.0
         self._children: set[tuple[int, float]] = set()
         self._thread_set: set[threading.Thread] = set()
@@ -205,6 +220,7 @@ class LeakCheck:
         total = _fd_count()
         children = self._descendant_keys()
         restore = self.processes and os.environ.get(COOKIE_VAR) == self.cookie
+        first_run = _run_number_now() if self._run_cookie is not None else None
         if restore:
             if self._saved_cookie is None:
                 os.environ.pop(COOKIE_VAR, None)
@@ -215,6 +231,8 @@ class LeakCheck:
         finally:
             if restore:
                 os.environ[COOKIE_VAR] = self.cookie
+            if first_run is not None:
+                self._exempt_runs.append((first_run, _run_number_now()))
             self._thread_set |= set(threading.enumerate()) - threads
             self._fd_map.update((fd, target) for fd, target in _open_fds().items() if fd not in fds)
             after = _fd_count()
@@ -280,7 +298,7 @@ class LeakCheck:
                 environ = proc.environ()
                 carries = environ.get(COOKIE_VAR) == self.cookie or (
                     self._run_cookie is not None
-                    and _carries_a_new_run_cookie(environ, self._run_cookie)
+                    and _carries_a_new_run_cookie(environ, self._run_cookie, self._exempt_runs)
                 )
                 if carries and proc.status() != psutil.STATUS_ZOMBIE:
                     found[proc.pid] = proc

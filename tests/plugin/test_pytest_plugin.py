@@ -483,6 +483,55 @@ async def test_own_leak_still_counts():
             os.close(fd)
 
 
+def test_a_daemon_a_lazy_wider_fixture_starts_through_the_library_is_not_the_tests_leak(
+    host: pytest.Pytester,
+) -> None:
+    # A probe's find: the same module fixture, requested through getfixturevalue, passed with a
+    # daemon started by plain subprocess but not through the library: the daemon carried the
+    # cookie of a run numbered during the test, so it was called the test's leak, and killed
+    # (every later test of the fixture then failed). Runs numbered while such a fixture is set
+    # up are not the test's.
+    tag = f"prismq-lazy-daemon-{os.getpid()}-{time.monotonic_ns()}"
+    result = run(
+        host,
+        f"""
+TAG = {tag!r}
+
+@pytest.fixture(scope="module")
+def server():
+    async def start():
+        async with pq.SubprocessWrapper() as wrapper:
+            await wrapper.run(
+                "sh", "-c",
+                f"setsid {{PY}} -c 'import time; time.sleep(60)' {{TAG}} "
+                "</dev/null >/dev/null 2>&1 &",
+                check=True,
+            )
+    asyncio.run(start())
+    time.sleep(0.3)
+    yield
+
+def up():
+    return [p for p in psutil.process_iter(["cmdline"]) if TAG in (p.info["cmdline"] or [])]
+
+@pytest.mark.pq_no_leaks(timeout=0.5)
+def test_uses_the_server_lazily(request):
+    request.getfixturevalue("server")
+    assert up()
+
+def test_the_server_is_still_up(server):
+    assert up(), "the leak check killed the fixture's daemon"
+""",
+    )
+    try:
+        result.assert_outcomes(passed=2)
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if tag in (proc.info["cmdline"] or []):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+
+
 def test_leak_check_waits_for_leftovers_that_go_away(host: pytest.Pytester) -> None:
     started = time.monotonic()
     result = run(

@@ -65,6 +65,23 @@ _KEEPS_RUNNING = frozenset(
 
 logger = logging.getLogger(__name__)
 
+
+def signal_that_ends(sig: int) -> int | None:
+    """``sig`` as a number if it ends a fake run, None if a real process would go on running
+    (0, the "still alive?" probe; signals ignored or stopping by default). POSIX only; on
+    Windows every signal ends the run.
+
+    Raises:
+        OSError: ``EINVAL``, a number that names no signal, as ``os.kill`` would.
+    """
+    number = int(sig)
+    if _POSIX:
+        if number != 0 and number not in _VALID_SIGNALS:
+            raise OSError(errno.EINVAL, f"invalid signal number {number}")
+        if number in _KEEPS_RUNNING:
+            return None
+    return number
+
 # Above Linux's largest pid_max (2**22) and odd (Windows pids are multiples of 4): a fake pid can
 # never name a real process, so a stray os.kill(fake_pid, ...) fails instead of hitting someone.
 _FAKE_PID_BASE = 2**22 + 1
@@ -308,15 +325,9 @@ class DryRunProcess(ProcessBase):
         self._recorder._set_input(self._index, data)
 
     def _send_signal(self, sig: int) -> None:
-        number = int(sig)
-        if _POSIX:
-            # As os.kill would: a number that names no signal is refused, and a signal that
-            # leaves a real process running (0, the "still alive?" probe; those ignored or
-            # stopping by default) leaves the fake one running too.
-            if number != 0 and number not in _VALID_SIGNALS:
-                raise OSError(errno.EINVAL, f"invalid signal number {number}")
-            if number in _KEEPS_RUNNING:
-                return
+        number = signal_that_ends(sig)
+        if number is None:
+            return
         if self._timer is not None:
             self._timer.cancel()
         self._set_returncode(-number)

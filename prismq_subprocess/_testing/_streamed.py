@@ -16,6 +16,7 @@ from .._strategies._dry_run import (
     DryRunResponse,
     DryRunStrategy,
     _fake_pids,
+    signal_that_ends,
 )
 from .._strategies._process_base import ProcessBase
 from .._strategies._stdin_buffer import BufferedStdin
@@ -103,11 +104,14 @@ class StreamedDryRunProcess(ProcessBase):
                 stream.feed_eof()
 
     def _send_signal(self, sig: int) -> None:
+        number = signal_that_ends(sig)  # (the plain fake's rules: 0 and SIGCONT go on, ...)
+        if number is None:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._end_streams()
-        self._set_returncode(-int(sig))
+        self._set_returncode(-number)
 
 
 class StreamingDryRunStrategy(DryRunStrategy):

@@ -126,6 +126,28 @@ async def test_stopping_a_streaming_fake_ends_it_with_the_signal() -> None:
             await w.run(PY, "forever", timeout=0.05)
 
 
+@pytest.mark.parametrize("lines", [None, ["a", "b"]], ids=["plain", "lines"])
+async def test_a_fake_goes_on_after_a_signal_a_real_process_survives(
+    lines: list[str] | None,
+) -> None:
+    # A probe's find: a fake streaming lines ended on any signal (0, the "still alive?" probe,
+    # even made it look exited with 0) and took numbers no signal has; the plain fake and the
+    # real modes did neither.
+    script = testing.DryRunScript()
+    options = {"lines": lines, "line_delay": 0.5} if lines else {}
+    script.register((PY, "serve"), duration=float("inf"), **options)  # type: ignore[arg-type]
+    async with wrapper_for(script) as w:
+        process = await w.create_subprocess_exec(PY, "serve", stdout=asyncio.subprocess.PIPE)
+        for sig in (0, signal.SIGCONT, signal.SIGCHLD, signal.SIGSTOP):
+            process.send_signal(sig)
+            await asyncio.sleep(0)
+            assert process.returncode is None, sig
+        with pytest.raises(OSError):
+            process.send_signal(12345)
+        process.terminate()
+        assert await process.wait() == -signal.SIGTERM
+
+
 def test_register_refuses_bad_input_clearly() -> None:
     script = testing.DryRunScript()
     with pytest.raises(errors.InvalidCommandError, match="exactly one"):

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._core._process import ProcessLike
-from .._strategies._base import SpawnRequest
+from .._core._run_process import ChildRun
+from .._strategies._base import RunStart, SpawnRequest, SubprocessStrategy
 from .._strategies._dry_run import (
     DryRunProcess,
     DryRunRecorder,
@@ -117,6 +118,12 @@ class StreamedDryRunProcess(ProcessBase):
 class StreamingDryRunStrategy(DryRunStrategy):
     """DRY_RUN in which a :class:`StreamedResponse` streams its lines over time (other answers
     behave exactly as in :class:`DryRunStrategy`)."""
+
+    async def _begin_run(self, start: RunStart) -> ChildRun:
+        # run() reads the fake's pipes as a real child's (the plain DRY_RUN shortcut puts the
+        # whole answer in the buffers at the start): a run cut by its timeout carries the
+        # lines streamed so far, as with a real child, not every line of the answer.
+        return await SubprocessStrategy._begin_run(self, start)
 
     async def spawn(self, request: SpawnRequest) -> ProcessLike:
         """Record the command; return a fake process that streams a :class:`StreamedResponse`'s

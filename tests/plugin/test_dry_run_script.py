@@ -148,6 +148,19 @@ async def test_a_fake_goes_on_after_a_signal_a_real_process_survives(
         assert await process.wait() == -signal.SIGTERM
 
 
+async def test_a_run_cut_by_its_timeout_carries_the_lines_streamed_so_far() -> None:
+    # A probe's find: run() put a streamed answer's every line in its buffer at the start, so
+    # the ProcessTimeoutError of a run cut short carried lines the "child" never printed (a
+    # host's "show the partial output" path was tested against output that does not exist).
+    script = testing.DryRunScript()
+    script.register((PY, "slow"), lines=["a", "b", "c", "d"], line_delay=0.5)
+    async with wrapper_for(script) as w:
+        with pytest.raises(pq.ProcessTimeoutError) as caught:
+            await w.run(PY, "slow", timeout=0.7)  # only "a" is out by then
+        assert caught.value.stdout == b"a\n"
+        assert (await w.run(PY, "slow", timeout=10)).stdout == b"a\nb\nc\nd\n"
+
+
 def test_register_refuses_bad_input_clearly() -> None:
     script = testing.DryRunScript()
     with pytest.raises(errors.InvalidCommandError, match="exactly one"):

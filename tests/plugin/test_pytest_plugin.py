@@ -144,9 +144,23 @@ def shuts_down(pq_dry_run):
 
 def test_teardown_command(shuts_down):
     pass
+
+async def test_then_fail(pq_dry_run):
+    try:
+        await pq.run(PY, "-c", "before a fail")
+    except Exception:
+        pass
+    pytest.fail("something else")  # (an outcome, no Exception: the list went missing)
+
+async def test_then_skip(pq_dry_run):
+    try:
+        await pq.run(PY, "-c", "before a skip")
+    except Exception:
+        pass
+    pytest.skip("feature flag off")  # (the command went unreported)
 """,
     )
-    result.assert_outcomes(passed=2, failed=3, errors=1)
+    result.assert_outcomes(passed=2, failed=4, errors=2, skipped=1)
     text = output(result)
     assert re.search(
         r"FAILED test_host.py::test_swallowed - (Failed: )?1 command\(s\) ran in DRY_RUN", text
@@ -156,6 +170,9 @@ def test_teardown_command(shuts_down):
     assert "'-c', 'hidden')" in text and "assert 1 == 2" in text
     assert re.search(r"ERROR test_host.py::test_teardown_command - (Failed: )?1 command", text)
     assert "'-c', 'at teardown')" in text and "(PY, '-V')" not in text
+    assert "'-c', 'before a fail')" in text and "something else" in text
+    assert re.search(r"ERROR test_host.py::test_then_skip - (Failed: )?1 command", text), text
+    assert "'-c', 'before a skip')" in text
 
 
 def test_dry_run_lines_stream_with_their_delays(host: pytest.Pytester) -> None:

@@ -110,11 +110,24 @@ def _real_modes(names: Iterable[Any], where: str) -> list[RunMode]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """One test per mode for tests that use ``pq_mode`` (directly or through ``pq_wrapper``)."""
+    name = metafunc.definition.name
     if "pq_mode" not in metafunc.fixturenames:
+        # Put on the test itself, it would be ignored: the test runs once, in no chosen mode.
+        # (On a class or module it names the modes of those of their tests that use pq_mode.)
+        if any(mark.name == "pq_modes" for mark in metafunc.definition.own_markers):
+            raise pytest.UsageError(
+                f"@pytest.mark.pq_modes on {name} has no effect: the test uses neither the "
+                "pq_mode fixture nor pq_wrapper"
+            )
         return
     marker = metafunc.definition.get_closest_marker("pq_modes")
     if marker is not None:
-        modes = _real_modes(marker.args, f"@pytest.mark.pq_modes on {metafunc.definition.name}")
+        if marker.kwargs:
+            raise pytest.UsageError(
+                f"@pytest.mark.pq_modes on {name}: name the modes as positional arguments, "
+                f"e.g. pq_modes('async', 'threaded'), not {sorted(marker.kwargs)}"
+            )
+        modes = _real_modes(marker.args, f"@pytest.mark.pq_modes on {name}")
     else:
         modes = _real_modes(metafunc.config.getini("pq_modes"), "the ini option pq_modes")
     metafunc.parametrize("pq_mode", modes, ids=[mode.value for mode in modes], indirect=True)

@@ -85,7 +85,10 @@ def _among(keys: set[tuple[int, float]], pid: int, start: float) -> bool:
 def _describe_process(proc: psutil.Process) -> str:
     try:
         with proc.oneshot():
-            command = " ".join(proc.cmdline()) or proc.name()
+            try:
+                command = " ".join(proc.cmdline()) or proc.name()
+            except psutil.ZombieProcess:  # (an exited child nobody reaped has no command line)
+                command = proc.name()
             status = proc.status()
             parent = proc.ppid()
     except psutil.Error as exc:

@@ -251,6 +251,19 @@ def test_both(pq_dry_run, pq_mode):
     )
     result.assert_outcomes(errors=3)
     assert "can use only one of them" in output(result)
+    # A probe's finds: a marker on a test that does not use pq_mode was ignored (it ran once,
+    # in no chosen mode), and keywords were answered "name at least one run mode".
+    result = run(host, "@pytest.mark.pq_modes('async')\ndef test_plain():\n    pass\n")
+    assert "pq_modes on test_plain has no effect" in output(result)
+    result = run(host, "@pytest.mark.pq_modes(modes='async')\ndef test_k(pq_mode):\n    pass\n")
+    assert "name the modes as positional arguments" in output(result)
+    result = run(
+        host,
+        "pytestmark = pytest.mark.pq_modes('local')\n"
+        "def test_plain():\n    pass\n"
+        "def test_moded(pq_mode):\n    assert pq_mode == 'local'\n",
+    )
+    result.assert_outcomes(passed=2)  # (a module's marker names its pq_mode tests' modes)
     host.makeini(HOST_PYTEST_INI + "pq_modes = warp\n")
     result = run(host, "def test_x():\n    pass\n")
     assert "pq_modes: 'warp' is not a run mode" in output(result)
@@ -575,3 +588,23 @@ def test_plugin_module_is_the_entry_point_and_the_package_does_not_import_pytest
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
     assert out.stdout.strip() == "False"
     assert Path(__file__).parent.name == "plugin"
+
+
+def test_a_leaked_zombie_is_described_with_its_name() -> None:
+    # A probe's find: an exited, unreaped child was listed as "pid N (ZombieProcess)" (its
+    # command line is gone), not as "pid N [status, parent P]: command" like the others.
+    import subprocess
+    import sys
+
+    from prismq_subprocess._testing._leaks import _describe_process
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        text = _describe_process(psutil.Process(child.pid))
+        assert text.startswith(f"pid {child.pid} [zombie, parent {os.getpid()}]: "), text
+    finally:
+        child.wait()

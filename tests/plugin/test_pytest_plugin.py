@@ -527,18 +527,20 @@ def test_a_daemon_a_lazy_wider_fixture_starts_through_the_library_is_not_the_tes
         f"""
 TAG = {tag!r}
 
+DAEMONIZE = (
+    "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+    "'import time; time.sleep(60)', sys.argv[1]], start_new_session=True, "
+    "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
+)
+
 @pytest.fixture(scope="module")
 def server():
+    # (Popen returns once the daemon runs in its own session: it has left the run's group
+    # before the run ends, which a shell's `setsid ... &` may not have, on a loaded machine.)
     async def start():
         async with pq.SubprocessWrapper() as wrapper:
-            await wrapper.run(
-                "sh", "-c",
-                f"setsid {{PY}} -c 'import time; time.sleep(60)' {{TAG}} "
-                "</dev/null >/dev/null 2>&1 &",
-                check=True,
-            )
+            await wrapper.run(PY, "-c", DAEMONIZE, TAG, check=True)
     asyncio.run(start())
-    time.sleep(0.3)
     yield
 
 def up():

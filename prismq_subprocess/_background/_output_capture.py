@@ -147,11 +147,9 @@ def end_code(exit_code: object) -> int | None:
     closes a run with must never be refused there (the run's output would stay open, and its
     subscribers wait for ever), so a code a host set oddly (``0.0``) is passed as an int when it
     is a whole number, else left out."""
-    if type(exit_code) is int:
-        return exit_code
-    if isinstance(exit_code, float) and exit_code.is_integer():
-        return int(exit_code)
-    if isinstance(exit_code, int) and not isinstance(exit_code, bool):
+    if isinstance(exit_code, bool):
+        return None
+    if isinstance(exit_code, int) or (isinstance(exit_code, float) and exit_code.is_integer()):
         return int(exit_code)
     return None
 

@@ -130,12 +130,12 @@ def _run_cookie_baseline() -> tuple[str, int] | None:
     variable = ops.host.report().cookie_variable
     if variable is None:
         return None
-    # Run numbers only grow: one issued now (and never used) is below every later run's.
-    return variable, int(ops.host.cookies.issue())
+    return variable, _run_number_now()
 
 
 def _run_number_now() -> int:
-    """A run number above every run started so far and below every later one."""
+    """A run number above every run started so far and below every later one (run numbers
+    only grow; this one is issued and never used)."""
     ops = platform_ops()
     assert isinstance(ops, PosixOps) and ops.host is not None  # (a baseline was made)
     return int(ops.host.cookies.issue())

@@ -50,6 +50,7 @@ class SubprocessCluster:
         self, directory: Path, *, n_workers: int, nthreads: int, resources: str | None = None
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
         scheduler_file = directory / "scheduler.json"
         self._logs = [open(directory / name, "wb") for name in ("scheduler.log", "workers.log")]  # noqa: SIM115 - closed in close()
         self.scheduler = _reaped(
@@ -102,6 +103,13 @@ class SubprocessCluster:
             except (OSError, ValueError, KeyError):
                 time.sleep(0.05)
         raise TimeoutError("the scheduler did not start")
+
+    def log_tail(self, name: str = "workers.log", size: int = 6000) -> str:
+        """The end of one of the cluster's logs (for a failing test's report)."""
+        for log in self._logs:
+            log.flush()
+        data = (self.directory / name).read_bytes()
+        return data[-size:].decode(errors="replace")
 
     def kill_scheduler(self) -> None:
         """The scheduler dies (SIGKILL): no goodbye to anyone."""

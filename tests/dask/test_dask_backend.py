@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -151,6 +152,28 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def orphan_report(
+    cluster: SubprocessCluster, caplog: pytest.LogCaptureFixture, pids: list[int]
+) -> str:
+    """What a failing orphan-stop test saw: the processes, the backend's log, the workers'."""
+    lines = ["the orphaned tree was not stopped"]
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                lines.append(
+                    f"pid {pid}: {proc.status()} ppid {proc.ppid()} pgid {os.getpgid(pid)}"
+                    f" started {proc.create_time()!r} {proc.cmdline()}"
+                )
+        except (psutil.Error, OSError) as exc:
+            lines.append(f"pid {pid}: {exc!r}")
+    lines.append("-- backend log --")
+    lines += [f"{r.created:.3f} {r.levelname} {r.getMessage()}" for r in caplog.records]
+    lines.append("-- workers' log (end) --")
+    lines.append(cluster.log_tail())
+    return "\n".join(lines)
 
 
 async def until(predicate: Any, what: str, timeout: float = WAIT) -> None:
@@ -874,7 +897,12 @@ async def test_after_a_scheduler_outage_runs_fail_with_the_reason_then_reconnect
 
 @pytest.mark.parametrize("allowed_failures", [3, 0], ids=["dask-would-retry", "killed-worker"])
 async def test_worker_killed_mid_run_interrupts_the_run_without_retrying_it(
-    client: Any, scripts: dict[str, str], tmp_path: Path, allowed_failures: int
+    client: Any,
+    cluster: SubprocessCluster,
+    scripts: dict[str, str],
+    tmp_path: Path,
+    allowed_failures: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # With Dask's default (3) the scheduler re-runs the task on the other worker, which must
     # refuse; with 0 the task errs at once with KilledWorker. Either way: INTERRUPTED, once.
@@ -886,6 +914,7 @@ async def test_worker_killed_mid_run_interrupts_the_run_without_retrying_it(
         dask_scheduler.allowed_failures = value
         return previous
 
+    caplog.set_level(logging.DEBUG, logger="prismq_subprocess.dask")
     previous = await client.run_on_scheduler(set_allowed_failures, allowed_failures)
     try:
         runner = runner_for(DaskBackend(client))
@@ -903,10 +932,17 @@ async def test_worker_killed_mid_run_interrupts_the_run_without_retrying_it(
             run = await finished(runner, run_id)
             await client.wait_for_workers(2, timeout=WAIT)
             # What the dead worker left behind is killed from the other worker of this host.
-            await until(
-                lambda: not alive(running.pid) and not alive(grandchild),
-                "the orphaned tree was stopped",
-            )
+            try:
+                await until(
+                    lambda: not alive(running.pid) and not alive(grandchild),
+                    "the orphaned tree was stopped",
+                )
+            except TimeoutError:
+                report = orphan_report(cluster, caplog, [running.pid, grandchild])
+                for pid in (running.pid, grandchild):
+                    with contextlib.suppress(psutil.Error):
+                        psutil.Process(pid).kill()
+                pytest.fail(report)
     finally:
         await client.run_on_scheduler(set_allowed_failures, previous)
     assert run.status is RunStatus.INTERRUPTED

@@ -27,6 +27,7 @@ from typing import Any, Final
 from .._background._output_capture import OutputChunk, OutputGap, OutputSubscription
 
 __all__ = [
+    "CHILD",
     "END",
     "LINES",
     "STARTED",
@@ -39,6 +40,9 @@ __all__ = [
 
 STARTED: Final = "started"
 """Message kind: the child started (``pid``, ``mode``, ``create_time``, ``worker``, ``host``)."""
+CHILD: Final = "child"
+"""Message kind: the child's identity (``pid``, ``create_time``, ``cookie``: its containment
+cookie), sent after ``started``; what lets another worker stop the tree if this one dies."""
 LINES: Final = "lines"
 """Message kind: consecutive lines starting at sequence number ``seq``."""
 END: Final = "end"

@@ -27,7 +27,9 @@ from .._core._exceptions import (
     OutputClosedError,
 )
 from .._core._modes import RunMode
+from .._platform._orphans import OrphanCheck
 from ._channel import (
+    CHILD,
     END,
     LINES,
     STARTED,
@@ -93,6 +95,7 @@ class _Remote:
         self.host: str | None = None
         self.pid: int | None = None
         self.create_time: float | None = None
+        self.cookie: str | None = None  # the child's containment cookie (a CHILD message)
         self.next_seq = 0
         self.missing = 0
         self.ended = asyncio.Event()
@@ -311,7 +314,15 @@ class DaskBackend(RunBackend):
             remote.host = message.get("host")
             remote.pid = message.get("pid")
             remote.create_time = message.get("create_time")
+            remote.cookie = None
             remote.wake.set()
+            return
+        if kind == CHILD:
+            # Not output: no need to wait for the start to be recorded. (A late one of an
+            # attempt no longer followed is dropped.)
+            if attempt == remote.attempt and message.get("pid") == remote.pid:
+                remote.cookie = message.get("cookie")
+                remote.create_time = message.get("create_time", remote.create_time)
             return
         if remote.attempt is None:
             remote.attempt = attempt
@@ -553,6 +564,10 @@ class DaskBackend(RunBackend):
             run.output_tail = finished.output_tail
             run.peak_rss_bytes = finished.peak_rss_bytes
             run.cpu_time_seconds = finished.cpu_time_seconds
+        if finished is None and self._worker_lost(remote, result):
+            # Whatever the run is recorded as (a host's cancel may have come meanwhile), the
+            # tree its dead worker left running is stopped from another worker.
+            self._reap_later(remote)
         if host_cancelled:
             if remote.context.background:
                 return  # the task manager records the cancelled run with its own reason
@@ -560,9 +575,21 @@ class DaskBackend(RunBackend):
                 run.mark_cancelled(remote.context.cancel_reason() or "cancelled")
         elif not run.is_finished:
             self._apply_outcome(remote, result, finished)
-        if run.status is RunStatus.INTERRUPTED and finished is None:
-            self._reap_later(remote)
         await remote.context.finish(run)
+
+    @staticmethod
+    def _worker_lost(remote: _Remote, result: WorkerOutcome | BaseException | None) -> bool:
+        """Whether the worker that ran ``remote``'s child is gone (or gave no answer to a
+        stop: the reaper then stops the tree from another worker, as the host asked)."""
+        if remote.lost is not None or remote.unconfirmed or isinstance(result, KilledWorker):
+            return True
+        # Dask ran the task again elsewhere, which refused (NOT_RETRIED) or saw the host's
+        # cancel (CANCELLED_BEFORE_START): only a dead worker makes it do that.
+        return (
+            isinstance(result, WorkerOutcome)
+            and remote.worker is not None
+            and result.worker != remote.worker
+        )
 
     def _apply_outcome(
         self,
@@ -726,20 +753,50 @@ class DaskBackend(RunBackend):
 
     def _reap_later(self, remote: _Remote) -> None:
         """Stop what is left of the tree of a module whose worker died, in the background."""
-        if remote.pid is None or remote.create_time is None or remote.host is None:
+        if remote.pid is None:
+            return  # it never started, as far as the host knows
+        if remote.create_time is None or remote.host is None:
+            logger.warning(
+                "run %s: its worker died and what it left running cannot be stopped: the "
+                "worker did not report the start time of pid %d",
+                remote.run.run_id,
+                remote.pid,
+            )
             return
         reaper = asyncio.create_task(
-            self._reap(remote.host, remote.pid, remote.create_time, remote.worker)
+            self._reap(
+                remote.host,
+                remote.pid,
+                remote.create_time,
+                remote.worker,
+                cookie=remote.cookie,
+                grace=remote.context.grace_period,
+            )
         )
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
 
-    async def _reap(self, host: str, pid: int, create_time: float, lost: str | None = None) -> None:
+    async def _reap(
+        self,
+        host: str,
+        pid: int,
+        create_time: float,
+        lost: str | None = None,
+        *,
+        cookie: str | None = None,
+        grace: float = 0.0,
+    ) -> None:
+        """Have a live worker of ``host`` other than ``lost`` run :func:`stop_orphaned_tree`
+        for ``pid``; tried for ``_REAP_SECONDS``, each worker for ``_REAP_TRY_SECONDS`` plus
+        the ``grace`` the stop may wait."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + _REAP_SECONDS
-        while loop.time() < deadline and self._client.status == "running":
+        deadline = loop.time() + _REAP_SECONDS + grace
+        while loop.time() < deadline:
+            client = self._client
+            if client is None or client.status != "running":
+                break
             try:
-                live = await self._client.nthreads()
+                live = await client.nthreads()
             except Exception as exc:
                 logger.info("stopping the orphaned tree of pid %d failed: %s", pid, exc)
                 live = {}
@@ -747,16 +804,28 @@ class DaskBackend(RunBackend):
             here = [a for a in live if get_address_host(a) == host and a != lost]
             for address in here:
                 try:
-                    done = await asyncio.wait_for(
-                        self._client.run(stop_orphaned_tree, pid, create_time, workers=[address]),
-                        _REAP_TRY_SECONDS,
+                    answers = await asyncio.wait_for(
+                        client.run(
+                            stop_orphaned_tree, pid, create_time, cookie, grace, workers=[address]
+                        ),
+                        _REAP_TRY_SECONDS + grace,
                     )
+                    check, stopped = answers[address]
                 except Exception as exc:  # (TimeoutError included: try the next one)
                     logger.info(
                         "stopping the orphaned tree of pid %d on %s failed: %r", pid, address, exc
                     )
                     continue
-                logger.info("orphaned tree of pid %d on %s: %s", pid, host, done)
+                level = logging.WARNING if check == OrphanCheck.UNPROVEN.value else logging.INFO
+                logger.log(
+                    level,
+                    "orphaned tree of pid %d on %s (stopped from %s): %s, %d process(es) stopped",
+                    pid,
+                    host,
+                    address,
+                    check,
+                    stopped,
+                )
                 return
             await asyncio.sleep(0.5)
         logger.warning(

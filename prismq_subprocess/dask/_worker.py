@@ -43,8 +43,9 @@ from .._background._run_record import Run, RunStatus
 from .._background._start_options import StartOptions
 from .._core._exceptions import PrismQError
 from .._platform import platform_ops
+from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphans
 from .._platform._start_time import same_start
-from ._channel import END, STARTED, Message, OutputForwarder
+from ._channel import CHILD, END, STARTED, Message, OutputForwarder
 
 __all__ = [
     "CANCELLED_BEFORE_START",
@@ -108,11 +109,15 @@ class WorkerOutcome:
 
 class _StartReporter(RunRegistry):
     """The worker's run registry: calls ``on_start`` once, when the run is saved RUNNING with
-    its child's pid (which the runner does right after spawning it)."""
+    its child's pid (which the runner does right after spawning it), then ``on_child`` with
+    the child's identity once the runner records it (pid, start time, containment cookie)."""
 
-    def __init__(self, on_start: Callable[[Run], None]) -> None:
+    def __init__(
+        self, on_start: Callable[[Run], None], on_child: Callable[[ProcessIdentity], None]
+    ) -> None:
         super().__init__()
         self._on_start = on_start
+        self._on_child = on_child
         self._reported = False
 
     async def update_run(self, run: Run) -> None:
@@ -120,6 +125,11 @@ class _StartReporter(RunRegistry):
         if not self._reported and run.status is RunStatus.RUNNING and run.pid is not None:
             self._reported = True
             self._on_start(run)
+
+    async def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
+        kept = await super().record_child(run_id, identity)
+        self._on_child(identity)
+        return kept
 
 
 class _CancelWatch:
@@ -443,7 +453,14 @@ async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> Worker
         max_batch_chars=spec.max_batch_chars,
         flush_interval=spec.flush_interval,
     )
-    registry = _StartReporter(lambda run: send(_started_message(forwarder, address, run)))
+    registry = _StartReporter(
+        lambda run: send(_started_message(forwarder, address, run)),
+        lambda child: send(
+            forwarder.message(
+                CHILD, pid=child.pid, create_time=child.started_at, cookie=child.cookie
+            )
+        ),
+    )
     forwarding = asyncio.create_task(forwarder.run())
     runner = ModuleRunner(
         registry,
@@ -521,16 +538,37 @@ def run_module_on_worker(spec: WorkerJob) -> WorkerOutcome:
         _untrack(worker, watch)
 
 
-def stop_orphaned_tree(pid: int, create_time: float) -> int:
-    """Kill what is left of a module's process tree after its worker died (run on a live worker
-    of the same host). The pid is only trusted if its start time matches, so a reused pid is
-    never touched. Returns how many processes were signalled."""
+async def stop_orphaned_tree(
+    pid: int, create_time: float, cookie: str | None = None, grace: float = 0.0
+) -> tuple[str, int]:
+    """Stop what is left of a module's process tree after its worker died (run on a live
+    worker of the same host, through ``Client.run``; the work is done in a thread, not on the
+    worker's event loop). Returns what was found at ``pid`` (an :class:`OrphanCheck` value)
+    and how many processes were signalled.
+
+    With the run's containment ``cookie`` (``"PRISMQ_RUN_<token>=<n>"``): the tree of the
+    child if ``pid`` is still it (same start, the cookie in its environment), else, if the
+    child is gone, every process still holding the cookie and everything below them (a module
+    that printed died of its broken pipe when its worker died; its children run on). SIGTERM,
+    up to ``grace`` seconds, then SIGKILL. A reused pid is never touched. Without a cookie
+    (containment off), only a child still running at ``pid`` with the recorded start is
+    proof: its tree is killed; once it is gone nothing can be proven ours.
+    """
+    return await asyncio.to_thread(_stop_orphaned_tree, pid, create_time, cookie, grace)
+
+
+def _stop_orphaned_tree(
+    pid: int, create_time: float, cookie: str | None, grace: float
+) -> tuple[str, int]:
+    if cookie is not None:
+        stop = stop_orphans([ProcessIdentity(pid, create_time, cookie)], grace)[0]
+        return stop.check.value, stop.stopped
     try:
         leader = psutil.Process(pid)
         if not same_start(leader.create_time(), create_time):
-            return 0
+            return OrphanCheck.REUSED.value, 0
     except psutil.Error:
-        return 0
+        return OrphanCheck.GONE.value, 0
     ops = platform_ops()
     descendants = ops.snapshot_descendants(pid)
     # The child leads its own process group (a new session on POSIX): the group kill also
@@ -540,4 +578,4 @@ def stop_orphaned_tree(pid: int, create_time: float) -> int:
         leader.kill()
     victims = [leader, *descendants]
     psutil.wait_procs(victims, timeout=5)
-    return len(victims)
+    return OrphanCheck.VERIFIED.value, len(victims)

@@ -23,6 +23,7 @@ from typing import Self
 from .._core._closing import AsyncResource
 from .._core._exceptions import (
     DuplicateRunError,
+    InvalidArgumentTypeError,
     InvalidIntervalError,
     InvalidQueryError,
     InvalidTimeoutError,
@@ -184,6 +185,20 @@ def stored_statuses_for(target: RunStatus) -> frozenset[RunStatus]:
     and when it ends.
     """
     return _SOURCES[target]
+
+
+def _check_claim(run: Run, owner: RunOwner | None) -> None:
+    if not isinstance(run, Run):
+        raise InvalidArgumentTypeError(f"claim_run() takes a Run, not {type(run).__name__}")
+    if owner is not None and not isinstance(owner, RunOwner):
+        raise InvalidArgumentTypeError(
+            f"claim_run()'s owner is a RunOwner or None, not {type(owner).__name__}"
+        )
+    if run._status is not RunStatus.PENDING:
+        raise RunStateError(
+            f"claim_run() stores a PENDING run (its new owner's copy); run {run.run_id} is "
+            f"{run._status.value}"
+        )
 
 
 def unstorable(run: Run) -> RunStateError | None:
@@ -426,6 +441,29 @@ class BaseRunRegistry(AsyncResource):
                 found[run_id] = reason
         return found
 
+    async def claim_run(self, run: Run, owner: RunOwner | None) -> bool:
+        """Store ``run`` (PENDING, with its new ``owner``) in place of the stored run if that
+        is still PENDING and still has the ``owner`` read before; return whether it was stored.
+
+        The step that makes one process, of several picking up the same PENDING run (server
+        workers sharing a SQLite file), its only driver: ``BackgroundTaskManager`` takes a
+        stored run over through it, and a ``False`` means someone else got there first. This
+        default reads, compares and updates (one process, one loop: nothing else writes in
+        between in :class:`RunRegistry`, which does it without awaiting); a store shared by
+        several processes must override it with one atomic step, as
+        :class:`SQLiteRunRegistry` does (one conditional ``UPDATE``).
+
+        Raises:
+            RunStateError: ``run`` is not PENDING.
+            RegistryClosedError: the registry is closed.
+        """
+        _check_claim(run, owner)
+        stored = await self.get_run(run.run_id)
+        if stored is None or stored.status is not RunStatus.PENDING or stored.owner != owner:
+            return False
+        await self.update_run(run)
+        return True
+
     async def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
         """Keep the identity of ``run_id``'s child process (pid, start time, containment cookie;
         ``ModuleRunner`` records it once the child runs), so that a later process recovering
@@ -556,6 +594,16 @@ class RunRegistry(BaseRunRegistry):
 
     async def update_run(self, run: Run) -> None:
         self._update_run_now(run)
+
+    async def claim_run(self, run: Run, owner: RunOwner | None) -> bool:
+        # Atomic: nothing here awaits between the look and the write.
+        _check_claim(run, owner)
+        self._check_open()
+        stored = self._runs.get(run.run_id)
+        if stored is None or stored._status is not RunStatus.PENDING or stored.owner != owner:
+            return False
+        self._update_run_now(run)
+        return True
 
     # The writes themselves, synchronous: nothing in them waits, and BackgroundTaskManager calls
     # them directly (see direct_writes) to save a coroutine per write on its per-run path.

@@ -68,6 +68,7 @@ from .._core._exceptions import (
 from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphans
 from ._memory_registry import (
     BaseRunRegistry,
+    _check_claim,
     _check_paging,
     check_filters,
     cutoff_from,
@@ -142,6 +143,11 @@ _STATUS_MAY_BECOME = {
     for target in RunStatus
 }
 _UPDATE_CHECKED = {target: f"{_UPDATE} AND {where}" for target, where in _STATUS_MAY_BECOME.items()}
+# claim_run: the row only if it is still PENDING with the owner read before (IS: NULL-safe).
+_CLAIM = (
+    f"{_UPDATE} AND status = '{RunStatus.PENDING.value}' "
+    "AND owner_host IS ? AND owner_pid IS ? AND owner_started_at IS ?"
+)
 # The usual update: module_id and created_at as stored. Setting an indexed column rewrites its
 # index entries even to the same value (runs_created and runs_module_created: about 40% of an
 # update's time), so this form leaves them out of SET and matches them in WHERE instead; a run
@@ -977,6 +983,18 @@ class _Database:
 
         self.write(step, atomic=True)
 
+    def claim(self, values: tuple[Any, ...], owner: RunOwner | None) -> bool:
+        """Store a PENDING run's row if the stored one is PENDING with ``owner``: one
+        statement, so two processes cannot both see the old owner and both write."""
+        expected = (
+            (None, None, None) if owner is None else (owner.host, owner.pid, owner.started_at)
+        )
+
+        def step(conn: sqlite3.Connection) -> bool:
+            return conn.execute(_CLAIM, (*values[1:], values[0], *expected)).rowcount == 1
+
+        return self.write(step, atomic=True)
+
     def request_cancel(self, run_id: str, reason: str) -> bool:
         def step(conn: sqlite3.Connection) -> bool:
             # The first request's moment and reason stay.
@@ -1361,6 +1379,22 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise self._closed_error()
         try:
             await executor.enqueue(db.update, (_row_values(run), run._status), db)
+        except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
+            self._raise_explained(exc)
+            raise
+
+    async def claim_run(self, run: Run, owner: RunOwner | None) -> bool:
+        """:meth:`BaseRunRegistry.claim_run` in one conditional ``UPDATE``: of several
+        processes claiming one PENDING run with the owner they all read, one gets it."""
+        _check_claim(run, owner)
+        db = await self._database()
+        if db.read_only:
+            self._check_writable(db)
+        executor = self._executor
+        if executor is None:
+            raise self._closed_error()
+        try:
+            return await executor.enqueue(db.claim, (_row_values(run), owner), db)
         except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise

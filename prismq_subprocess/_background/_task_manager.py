@@ -735,7 +735,26 @@ class BackgroundTaskManager(AsyncResource):
             )
         if run.owner is None or run.owner == owner:
             run.owner = here
-        await self.registry.update_run(run)
+        # One step, not a write after the look above: of several processes picking up this
+        # run with the owner they all read, only one may become its driver.
+        if not await self.registry.claim_run(run, owner):
+            raise await self._claimed_meanwhile(run_id)
+
+    async def _claimed_meanwhile(self, run_id: str) -> DuplicateRunError:
+        """The error for a take-over another process won between our look and our claim."""
+        now = await self.registry.get_run(run_id)
+        if now is None or now.status is not RunStatus.PENDING:
+            state = "gone" if now is None else now.status.value
+            return DuplicateRunError(
+                f"run {run_id!r} changed while it was being taken over (now {state}); only a "
+                "run that is still pending can be started"
+            )
+        owner = now.owner
+        where = "" if owner is None else f" (pid {owner.pid} on {owner.host})"
+        return DuplicateRunError(
+            f"run {run_id!r} was claimed by another process{where} while it was being taken "
+            "over; that process runs it"
+        )
 
     def _store_failed(self, entry: _Entry, exc: Exception) -> None:
         run = entry.run

@@ -393,3 +393,124 @@ async def test_cancel_requests_of_finished_runs_are_swept_in_any_store() -> None
         run.mark_cancelled("asked")
         registry._runs[run.run_id] = run  # (finished behind the store's back)
     assert len(registry._cancel_requests) <= 64
+
+
+# -- claim_run: one of several pick-ups becomes the run's driver ------------------------------
+
+
+class _DelegatingStore(BaseRunRegistry):
+    """A store of one's own: only the abstract methods (claim_run is the base's default)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = RunRegistry()
+
+    async def add_run(self, run: Run) -> None:
+        await self.inner.add_run(run)
+
+    async def update_run(self, run: Run) -> None:
+        await self.inner.update_run(run)
+
+    async def get_run(self, run_id: str) -> Run | None:
+        return await self.inner.get_run(run_id)
+
+    async def list_runs(
+        self,
+        status: RunStatus | None = None,
+        module_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Run]:
+        return await self.inner.list_runs(status, module_id, limit, offset)
+
+    async def count_runs(
+        self, status: RunStatus | None = None, module_id: str | None = None
+    ) -> int:
+        return await self.inner.count_runs(status, module_id)
+
+    async def delete_older_than(self, age: timedelta | datetime) -> int:
+        return await self.inner.delete_older_than(age)
+
+    async def apply_retention(self) -> int:
+        return await self.inner.apply_retention()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+        await super().aclose()
+
+
+@pytest.fixture(params=["memory", "sqlite", "own store"])
+async def claiming(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[BaseRunRegistry]:
+    kind = request.param
+    store = _DelegatingStore() if kind == "own store" else make_store(kind, tmp_path)
+    async with store:
+        yield store
+
+
+ELSEWHERE = RunOwner("another-host", 4242, 1_700_000_000.25)
+
+
+async def test_claim_run_stores_the_run_only_while_pending_with_the_owner_read(
+    claiming: BaseRunRegistry,
+) -> None:
+    await claiming.add_run(Run(run_id="r", module_id="m", owner=ELSEWHERE))
+    picked = await claiming.get_run("r")
+    assert picked is not None and picked.owner == ELSEWHERE
+    picked.owner = RunOwner.current()
+    assert await claiming.claim_run(picked, ELSEWHERE)
+    stored = await claiming.get_run("r")
+    assert stored is not None and stored.owner == RunOwner.current()
+    assert stored.status is RunStatus.PENDING
+    # A second claim with the owner read before the first one landed: refused, nothing changed.
+    late = Run.from_dict({**picked.to_dict(), "owner": None})
+    late.owner = RunOwner("a-third-host", 7, 1.5)
+    assert not await claiming.claim_run(late, ELSEWHERE)
+    again = await claiming.get_run("r")
+    assert again is not None and again.owner == RunOwner.current()
+    # No longer pending: refused; an unknown run: refused.
+    again.mark_running(pid=1)
+    await claiming.update_run(again)
+    fresh = Run(run_id="r", module_id="m", owner=RunOwner("x", 1, 2.0))
+    assert not await claiming.claim_run(fresh, RunOwner.current())
+    assert not await claiming.claim_run(Run(run_id="nobody"), None)
+
+
+async def test_claim_run_of_a_run_without_owner_matches_none(claiming: BaseRunRegistry) -> None:
+    run = Run(run_id="r", module_id="m")
+    await claiming.add_run(run)  # the store stamps this process as owner
+    assert not await claiming.claim_run(run, None)
+    assert await claiming.claim_run(run, RunOwner.current())
+
+
+async def test_claim_run_refuses_bad_arguments(claiming: BaseRunRegistry) -> None:
+    running = Run(run_id="r")
+    running.mark_running(pid=1)
+    with pytest.raises(RunStateError, match="PENDING"):
+        await claiming.claim_run(running, None)
+    with pytest.raises(PrismQError, match="takes a Run"):
+        await claiming.claim_run("r", None)  # type: ignore[arg-type]
+    with pytest.raises(PrismQError, match="RunOwner or None"):
+        await claiming.claim_run(Run(run_id="r"), "me")  # type: ignore[arg-type]
+    await claiming.aclose()
+    with pytest.raises(RegistryClosedError):
+        await claiming.claim_run(Run(run_id="r"), None)
+
+
+async def test_of_two_sqlite_claims_with_one_owner_read_exactly_one_wins(tmp_path: Path) -> None:
+    # Two registries on one file (two server workers): each its own connection and thread.
+    path = tmp_path / "runs.db"
+    async with SQLiteRunRegistry(path) as first, SQLiteRunRegistry(path) as second:
+        for n in range(20):
+            await first.add_run(Run(run_id=f"r{n}", module_id="m", owner=ELSEWHERE))
+        for n in range(20):
+            mine = Run(run_id=f"r{n}", module_id="m", owner=RunOwner("one", 1, 1.0))
+            theirs = Run(run_id=f"r{n}", module_id="m", owner=RunOwner("two", 2, 2.0))
+            won = await asyncio.gather(
+                first.claim_run(mine, ELSEWHERE), second.claim_run(theirs, ELSEWHERE)
+            )
+            assert sorted(won) == [False, True], won
+            stored = await second.get_run(f"r{n}")
+            assert stored is not None
+            assert stored.owner == (mine.owner if won[0] else theirs.owner)

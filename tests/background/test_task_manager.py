@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 from conftest import skip_on_uvloop
 
@@ -820,6 +821,50 @@ async def test_a_pending_run_of_another_process_read_from_the_registry_is_taken_
             done = await stored(registry, "queued")
             assert done.status is RunStatus.COMPLETED
             assert done.owner == RunOwner.current()
+
+
+async def test_two_processes_picking_up_one_pending_run_do_not_both_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two server workers pick up the same PENDING run (each as read from the registry). The
+    # take-over read the run, checked it, then wrote itself as owner: a rival that claimed it
+    # in between was overwritten, and both ran the job under one run id. The rival here is a
+    # second registry on the file writing a live other process as owner, right after our read.
+    path = tmp_path / "runs.db"
+    rival = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)"
+    )
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("us")
+
+    try:
+        started = psutil.Process(rival.pid).create_time()
+        rival_owner = RunOwner(RunOwner.current().host, rival.pid, started)
+        with _another_worker(_ADDS_A_RUN, path, "added"):
+            async with SQLiteRunRegistry(path) as registry, SQLiteRunRegistry(path) as other:
+                picked = await stored(registry, "queued")
+                read = registry.get_run
+
+                async def read_then_rival_claims(run_id: str) -> Run | None:
+                    found = await read(run_id)
+                    claimed = await stored(other, run_id)
+                    claimed.owner = rival_owner
+                    await other.update_run(claimed)
+                    return found
+
+                monkeypatch.setattr(registry, "get_run", read_then_rival_claims)
+                async with BackgroundTaskManager(registry) as manager:
+                    with pytest.raises(DuplicateRunError, match=f"pid {rival.pid}"):
+                        await manager.start_task(picked, job())
+                monkeypatch.undo()
+                after = await stored(registry, "queued")
+                assert (after.status, after.owner) == (RunStatus.PENDING, rival_owner)
+    finally:
+        rival.kill()
+        await rival.wait()
+    assert ran == []
 
 
 async def test_store_failure_without_await_is_logged_not_lost(

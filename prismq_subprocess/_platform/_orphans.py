@@ -40,6 +40,7 @@ __all__ = [
     "stop_orphan_trees",
     "stop_orphans",
     "verify_orphan",
+    "well_formed_cookie",
 ]
 
 # How long, and how often, a process caught inside its exec is read again (see verify_orphan).
@@ -233,6 +234,12 @@ def _well_formed(cookie: str | None) -> tuple[str, str] | None:
     if not sep or not value or not name.startswith(COOKIE_PREFIX) or name == COOKIE_PREFIX:
         return None
     return name, value
+
+
+def well_formed_cookie(cookie: str) -> bool:
+    """Whether ``cookie`` has the form of a run's containment cookie,
+    ``PRISMQ_RUN_<token>=<value>`` (what :class:`ProcessIdentity` carries)."""
+    return _well_formed(cookie) is not None
 
 
 def stop_orphans(

@@ -9,6 +9,7 @@ import logging
 import math
 import uuid
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from distributed import Client, Event
@@ -27,7 +28,7 @@ from .._core._exceptions import (
     OutputClosedError,
 )
 from .._core._modes import RunMode
-from .._platform._orphans import OrphanCheck
+from .._platform._orphans import OrphanCheck, well_formed_cookie
 from ._channel import (
     CHILD,
     END,
@@ -76,6 +77,37 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
+def lost_by_outcome(result: WorkerOutcome | BaseException | None) -> bool:
+    """Whether the task's outcome alone shows that the worker which started the child died:
+    Dask gave up on the task (``KilledWorker``), or ran it again, which found the run started
+    before (NOT_RETRIED) or cancelled by the host meanwhile (CANCELLED_BEFORE_START)."""
+    if isinstance(result, KilledWorker):
+        return True
+    return isinstance(result, WorkerOutcome) and result.kind in (
+        NOT_RETRIED,
+        CANCELLED_BEFORE_START,
+    )
+
+
+def cookie_or_none(value: object) -> str | None:
+    """A reported containment cookie if it is one (``PRISMQ_RUN_<token>=<n>``), else None
+    (then only a child still running at its pid proves the tree the run's)."""
+    return value if isinstance(value, str) and well_formed_cookie(value) else None
+
+
+@dataclass(slots=True)
+class _Child:
+    """The child of one attempt of a run, as its worker reported it: what a reaper needs to
+    stop its tree if the worker dies. ``cookie`` comes in a later message (CHILD) than the
+    rest (STARTED); the reaper reads it when it acts."""
+
+    pid: int
+    create_time: float | None
+    host: str | None
+    worker: str | None
+    cookie: str | None = None
+
+
 class _Remote:
     """The host's view of one run executing on the cluster."""
 
@@ -95,7 +127,7 @@ class _Remote:
         self.host: str | None = None
         self.pid: int | None = None
         self.create_time: float | None = None
-        self.cookie: str | None = None  # the child's containment cookie (a CHILD message)
+        self.child: _Child | None = None  # what the reaper needs of the latest attempt's child
         self.next_seq = 0
         self.missing = 0
         self.ended = asyncio.Event()
@@ -232,6 +264,7 @@ class DaskBackend(RunBackend):
         self._ready = False
         self._watcher: asyncio.Task[None] | None = None
         self._reapers: set[asyncio.Task[None]] = set()
+        self._reapers_until = 0.0  # (loop time) when the last reaper must have ended
         self._chores: set[asyncio.Future[None]] = set()
         # Cancel events of runs taken off the cluster while queued: set until aclose().
         self._withdrawn: list[str] = []
@@ -314,15 +347,23 @@ class DaskBackend(RunBackend):
             remote.host = message.get("host")
             remote.pid = message.get("pid")
             remote.create_time = message.get("create_time")
-            remote.cookie = None
+            pid = remote.pid
+            remote.child = (
+                None
+                if not isinstance(pid, int)
+                else _Child(pid, remote.create_time, remote.host, remote.worker)
+            )
             remote.wake.set()
             return
         if kind == CHILD:
             # Not output: no need to wait for the start to be recorded. (A late one of an
             # attempt no longer followed is dropped.)
-            if attempt == remote.attempt and message.get("pid") == remote.pid:
-                remote.cookie = message.get("cookie")
-                remote.create_time = message.get("create_time", remote.create_time)
+            child = remote.child
+            if attempt == remote.attempt and child is not None and message.get("pid") == child.pid:
+                child.cookie = cookie_or_none(message.get("cookie"))
+                started = message.get("create_time")
+                if isinstance(started, float):
+                    child.create_time = started
             return
         if remote.attempt is None:
             remote.attempt = attempt
@@ -564,7 +605,7 @@ class DaskBackend(RunBackend):
             run.output_tail = finished.output_tail
             run.peak_rss_bytes = finished.peak_rss_bytes
             run.cpu_time_seconds = finished.cpu_time_seconds
-        if finished is None and self._worker_lost(remote, result):
+        if finished is None and await self._worker_lost(remote, result):
             # Whatever the run is recorded as (a host's cancel may have come meanwhile), the
             # tree its dead worker left running is stopped from another worker.
             self._reap_later(remote)
@@ -577,19 +618,28 @@ class DaskBackend(RunBackend):
             self._apply_outcome(remote, result, finished)
         await remote.context.finish(run)
 
-    @staticmethod
-    def _worker_lost(remote: _Remote, result: WorkerOutcome | BaseException | None) -> bool:
-        """Whether the worker that ran ``remote``'s child is gone (or gave no answer to a
-        stop: the reaper then stops the tree from another worker, as the host asked)."""
-        if remote.lost is not None or remote.unconfirmed or isinstance(result, KilledWorker):
+    async def _worker_lost(
+        self, remote: _Remote, result: WorkerOutcome | BaseException | None
+    ) -> bool:
+        """Whether the worker that ran ``remote``'s child (it had started one) is gone."""
+        if remote.child is None:
+            return False  # nothing started, as far as the host knows
+        if remote.lost is not None or lost_by_outcome(result):
             return True
-        # Dask ran the task again elsewhere, which refused (NOT_RETRIED) or saw the host's
-        # cancel (CANCELLED_BEFORE_START): only a dead worker makes it do that.
-        return (
-            isinstance(result, WorkerOutcome)
-            and remote.worker is not None
-            and result.worker != remote.worker
-        )
+        if isinstance(result, WorkerOutcome) and result.kind != FINISHED:
+            # REFUSED by another worker: the task ran again, which takes a worker's death.
+            return result.worker != remote.child.worker
+        if remote.unconfirmed:
+            # A stop with no answer: a worker that is alive is still stopping the tree (within
+            # the run's grace period); only a worker that left the cluster needs a reaper.
+            try:
+                async with asyncio.timeout(_REAP_TRY_SECONDS):
+                    live = await self._client.nthreads()
+            except Exception as exc:
+                logger.info("asking the scheduler for its workers failed: %s", exc)
+                return False
+            return remote.child.worker not in live
+        return False
 
     def _apply_outcome(
         self,
@@ -738,6 +788,7 @@ class DaskBackend(RunBackend):
             self._reap_later(remote)
             remote.worker = None
             remote.pid = None
+            remote.child = None
             return
         remote.lost = self._lost_reason(remote)
         remote.wake.set()
@@ -753,42 +804,32 @@ class DaskBackend(RunBackend):
 
     def _reap_later(self, remote: _Remote) -> None:
         """Stop what is left of the tree of a module whose worker died, in the background."""
-        if remote.pid is None:
+        child = remote.child
+        if child is None:
             return  # it never started, as far as the host knows
-        if remote.create_time is None or remote.host is None:
+        if child.create_time is None or child.host is None:
             logger.warning(
                 "run %s: its worker died and what it left running cannot be stopped: the "
                 "worker did not report the start time of pid %d",
                 remote.run.run_id,
-                remote.pid,
+                child.pid,
             )
             return
-        reaper = asyncio.create_task(
-            self._reap(
-                remote.host,
-                remote.pid,
-                remote.create_time,
-                remote.worker,
-                cookie=remote.cookie,
-                grace=remote.context.grace_period,
-            )
-        )
+        # A run whose tree the host wanted killed at once (kill_now) gets no grace here either.
+        grace = 0.0 if remote.kill_requested else remote.context.grace_period
+        reaper = asyncio.create_task(self._reap(child, grace))
+        # Its budget: the search, two tries' worth of stop (the last may start at the end).
+        until = asyncio.get_running_loop().time() + _REAP_SECONDS + _REAP_TRY_SECONDS + 2 * grace
+        self._reapers_until = max(self._reapers_until, until)
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
 
-    async def _reap(
-        self,
-        host: str,
-        pid: int,
-        create_time: float,
-        lost: str | None = None,
-        *,
-        cookie: str | None = None,
-        grace: float = 0.0,
-    ) -> None:
-        """Have a live worker of ``host`` other than ``lost`` run :func:`stop_orphaned_tree`
-        for ``pid``; tried for ``_REAP_SECONDS``, each worker for ``_REAP_TRY_SECONDS`` plus
-        the ``grace`` the stop may wait."""
+    async def _reap(self, child: _Child, grace: float = 0.0) -> None:
+        """Have a live worker of the child's host run :func:`stop_orphaned_tree` for it; tried
+        for ``_REAP_SECONDS``, each worker for ``_REAP_TRY_SECONDS`` plus the ``grace`` the
+        stop may wait."""
+        pid, host, create_time = child.pid, child.host, child.create_time
+        assert host is not None and create_time is not None  # (checked by _reap_later)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _REAP_SECONDS + grace
         while loop.time() < deadline:
@@ -800,13 +841,21 @@ class DaskBackend(RunBackend):
             except Exception as exc:
                 logger.info("stopping the orphaned tree of pid %d failed: %s", pid, exc)
                 live = {}
-            # The lost worker (``lost``) may still be listed for a moment: it runs nothing more.
-            here = [a for a in live if get_address_host(a) == host and a != lost]
+            # The dead worker's address last: it may still be listed for a moment (a try there
+            # waits in vain), or be its restart by the nanny on a fixed port (which can stop it).
+            here = sorted(
+                (a for a in live if get_address_host(a) == host), key=lambda a: a == child.worker
+            )
             for address in here:
                 try:
                     answers = await asyncio.wait_for(
                         client.run(
-                            stop_orphaned_tree, pid, create_time, cookie, grace, workers=[address]
+                            stop_orphaned_tree,
+                            pid,
+                            create_time,
+                            child.cookie,  # read now: its message may have come late
+                            grace,
+                            workers=[address],
                         ),
                         _REAP_TRY_SECONDS + grace,
                     )
@@ -862,7 +911,16 @@ class DaskBackend(RunBackend):
         if self._chores:
             await asyncio.wait(self._chores)
         if self._reapers:
-            await asyncio.wait(self._reapers, timeout=_REAP_SECONDS)
+            # Each reaper ends within its own bounds (_REAP_SECONDS and its grace, plus one
+            # try); what is still running then is given up (with a warning), not left behind.
+            reapers = set(self._reapers)
+            left = self._reapers_until - asyncio.get_running_loop().time()
+            _, late = await asyncio.wait(reapers, timeout=max(0.0, left))
+            for reaper in late:
+                reaper.cancel()
+            if late:
+                logger.warning("%d orphan stop(s) did not end in time; given up", len(late))
+                await asyncio.wait(late)
         client = self._client
         if self._withdrawn and client is not None and client.status == "running":
             try:

@@ -551,8 +551,9 @@ async def stop_orphaned_tree(
     child is gone, every process still holding the cookie and everything below them (a module
     that printed died of its broken pipe when its worker died; its children run on). SIGTERM,
     up to ``grace`` seconds, then SIGKILL. A reused pid is never touched. Without a cookie
-    (containment off), only a child still running at ``pid`` with the recorded start is
-    proof: its tree is killed; once it is gone nothing can be proven ours.
+    (containment off), or where the child's cookie cannot be read (a program that sets its
+    process title overwrites its environment), only a child still running at ``pid`` with the
+    recorded start is proof: its tree is killed; once it is gone nothing can be proven ours.
     """
     return await asyncio.to_thread(_stop_orphaned_tree, pid, create_time, cookie, grace)
 
@@ -562,7 +563,11 @@ def _stop_orphaned_tree(
 ) -> tuple[str, int]:
     if cookie is not None:
         stop = stop_orphans([ProcessIdentity(pid, create_time, cookie)], grace)[0]
-        return stop.check.value, stop.stopped
+        if stop.check is not OrphanCheck.UNPROVEN:
+            return stop.check.value, stop.stopped
+        # The start matches but the cookie cannot be read: a program that sets its process
+        # title (setproctitle) writes over the environment's memory. As without a cookie, the
+        # start time alone is the proof, as it was before cookies were sent.
     try:
         leader = psutil.Process(pid)
         if not same_start(leader.create_time(), create_time):

@@ -195,6 +195,7 @@ EXPECTED: dict[str, list[str]] = {
         "RegistrySchemaError",
         "ResourceLimitException",
         "ResourceWaitTimeoutError",
+        "RunClaimedError",
         "RunNotFoundError",
         "RunStateError",
         "RunnerClosedError",

@@ -29,6 +29,7 @@ from .._core._exceptions import (
     InvalidTimeoutError,
     RegistryClosedError,
     RegistryReadOnlyError,
+    RunClaimedError,
     RunNotFoundError,
     RunStateError,
 )
@@ -187,6 +188,15 @@ def stored_statuses_for(target: RunStatus) -> frozenset[RunStatus]:
     return _SOURCES[target]
 
 
+def claimed_by_another(run_id: str, owner: RunOwner | None) -> RunClaimedError:
+    """The error of an update whose copy names another owner than the stored run's."""
+    where = "another process" if owner is None else f"pid {owner.pid} on {owner.host}"
+    return RunClaimedError(
+        f"cannot store run {run_id}: {where} claimed it since this copy was read; it is that "
+        "process's to run and record (nothing was changed)"
+    )
+
+
 def _check_claim(run: Run, owner: RunOwner | None) -> None:
     if not isinstance(run, Run):
         raise InvalidArgumentTypeError(f"claim_run() takes a Run, not {type(run).__name__}")
@@ -322,10 +332,13 @@ class BaseRunRegistry(AsyncResource):
         and ``ModuleRunner`` add theirs), so a mistyped id or a run already removed by retention
         is an error, not a new row. Statuses only move forward (pending, running, then one final
         status; steps may be skipped), so a stale copy cannot move a finished run back; and a
-        run stored COMPLETED must have started (``started_at`` set).
+        run stored COMPLETED must have started (``started_at`` set). The stored owner stays:
+        only :meth:`add_run` and :meth:`claim_run` set it (a copy without owner keeps it).
 
         Raises:
             RunNotFoundError: no run with this ``run_id`` is stored.
+            RunClaimedError: ``run.owner`` is another process than the stored owner (it
+                claimed the run since this copy was read); nothing is changed.
             RunStateError: the stored run cannot move to ``run.status``; nothing is changed.
             RegistryClosedError: the registry is closed.
         """
@@ -445,9 +458,11 @@ class BaseRunRegistry(AsyncResource):
         """Store ``run`` (PENDING, with its new ``owner``) in place of the stored run if that
         is still PENDING and still has the ``owner`` read before; return whether it was stored.
 
-        The step that makes one process, of several picking up the same PENDING run (server
-        workers sharing a SQLite file), its only driver: ``BackgroundTaskManager`` takes a
-        stored run over through it, and a ``False`` means someone else got there first. This
+        A ``run`` without owner gets the current process as owner, on the passed object too
+        (as :meth:`add_run` does). The step that makes one process, of several picking up the
+        same PENDING run (server workers sharing a SQLite file), its only driver:
+        ``BackgroundTaskManager`` takes a stored run over through it, and a ``False`` means
+        someone else got there first. This
         default reads, compares and updates (one process, one loop: nothing else writes in
         between in :class:`RunRegistry`, which does it without awaiting); a store shared by
         several processes must override it with one atomic step, as
@@ -461,6 +476,8 @@ class BaseRunRegistry(AsyncResource):
         stored = await self.get_run(run.run_id)
         if stored is None or stored.status is not RunStatus.PENDING or stored.owner != owner:
             return False
+        if run.owner is None:
+            run.owner = RunOwner.current()  # as add_run stamps it
         await self.update_run(run)
         return True
 
@@ -602,6 +619,9 @@ class RunRegistry(BaseRunRegistry):
         stored = self._runs.get(run.run_id)
         if stored is None or stored._status is not RunStatus.PENDING or stored.owner != owner:
             return False
+        if run.owner is None:
+            run.owner = RunOwner.current()  # as add_run stamps it
+        stored.owner = run.owner  # (the one write that changes a stored owner)
         self._update_run_now(run)
         return True
 
@@ -630,8 +650,10 @@ class RunRegistry(BaseRunRegistry):
     def _update_run_now(self, run: Run) -> None:
         """:meth:`update_run` without the coroutine: the same checks, copy and errors."""
         stored = self._stored_to_update(run)
+        owner = stored.owner
         tail = run.output_tail
         run._copy_into(stored, list(tail) if tail else _NO_LINES)
+        stored.owner = owner  # (set only by add_run and claim_run)
         if self._cancel_requests and stored.is_finished:
             # Its request (if any) is done with: owners ask only about unfinished runs.
             self._cancel_requests.pop(run.run_id, None)
@@ -644,6 +666,9 @@ class RunRegistry(BaseRunRegistry):
         stored = self._runs.get(run_id)
         if stored is None:
             raise not_registered(run_id)
+        owner = run.owner
+        if owner is not stored.owner and owner is not None and owner != stored.owner:
+            raise claimed_by_another(run_id, stored.owner)
         status = run._status
         # refused_update's usual "fine" answer without its call; it words any refusal.
         if stored._status not in _SOURCES[status] or (

@@ -39,6 +39,7 @@ import functools
 import json
 import logging
 import math
+import operator
 import os
 import sqlite3
 import threading
@@ -71,6 +72,7 @@ from ._memory_registry import (
     _check_claim,
     _check_paging,
     check_filters,
+    claimed_by_another,
     cutoff_from,
     not_registered,
     orphan_reason,
@@ -142,7 +144,17 @@ _STATUS_MAY_BECOME = {
     )
     for target in RunStatus
 }
-_UPDATE_CHECKED = {target: f"{_UPDATE} AND {where}" for target, where in _STATUS_MAY_BECOME.items()}
+# An update never changes a run's owner (only add_run and claim_run set it): the owner
+# columns are matched, not set, so a copy read before another process claimed the run changes
+# nothing (RunClaimedError); a copy without owner keeps the stored one.
+_OWNER_COLUMNS = ("owner_host", "owner_pid", "owner_started_at")
+_UPDATE_CHECKED = {
+    target: f"UPDATE runs SET "
+    f"{', '.join(f'{c} = ?' for c in _COLUMNS[1:] if c not in _OWNER_COLUMNS)} WHERE run_id = ? "
+    + "".join(f"AND {c} IS COALESCE(?, {c}) " for c in _OWNER_COLUMNS)
+    + f"AND {where}"
+    for target, where in _STATUS_MAY_BECOME.items()
+}
 # claim_run: the row only if it is still PENDING with the owner read before (IS: NULL-safe).
 _CLAIM = (
     f"{_UPDATE} AND status = '{RunStatus.PENDING.value}' "
@@ -154,16 +166,29 @@ _CLAIM = (
 # whose caller changed either falls back to _UPDATE_CHECKED. Its parameters: _keeping_keys().
 # (Plain "?" placeholders: numbered ones, which would take the row as it is, may not be bound
 # from a sequence from Python 3.14 on, and warn from 3.12.)
-_KEPT = frozenset(("run_id", "module_id", "created_at"))
+_KEPT = frozenset(("run_id", "module_id", "created_at", *_OWNER_COLUMNS))
 _UPDATE_KEEPING_KEYS = {
     target: f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS if c not in _KEPT)} "
-    f"WHERE run_id = ? AND module_id = ? AND created_at = ? AND {where}"
+    "WHERE run_id = ? AND module_id = ? AND created_at = ? "
+    + "".join(f"AND {c} IS ? " for c in _OWNER_COLUMNS)
+    + f"AND {where}"
     for target, where in _STATUS_MAY_BECOME.items()
 }
 _MODULE_ID, _CREATED_AT = _COLUMNS.index("module_id"), _COLUMNS.index("created_at")
 _STATUS = _COLUMNS.index("status")
-# _keeping_keys() relies on this order: run_id, module_id, the rest with created_at inside.
-assert _COLUMNS[0] == "run_id" and _MODULE_ID == 1 and _CREATED_AT > _MODULE_ID
+_OWNER_AT = tuple(_COLUMNS.index(c) for c in _OWNER_COLUMNS)
+assert _COLUMNS[0] == "run_id"
+# The parameters of the two updates, picked from a row's values (_COLUMNS order) in C.
+_KEEPING_AT = (
+    *(i for i, c in enumerate(_COLUMNS) if c not in _KEPT),
+    0,
+    _MODULE_ID,
+    _CREATED_AT,
+    *_OWNER_AT,
+)
+_CHECKED_AT = (*(i for i, c in enumerate(_COLUMNS) if i and c not in _OWNER_COLUMNS), 0, *_OWNER_AT)
+_keeping_keys: Callable[[tuple[Any, ...]], tuple[Any, ...]] = operator.itemgetter(*_KEEPING_AT)
+_checked: Callable[[tuple[Any, ...]], tuple[Any, ...]] = operator.itemgetter(*_CHECKED_AT)
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED_STATUSES))
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
 
@@ -449,17 +474,6 @@ def _from_micros(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + value * _MICRO
 
 
-def _keeping_keys(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The parameters of _UPDATE_KEEPING_KEYS for a row's values (_COLUMNS order)."""
-    return (
-        *values[_MODULE_ID + 1 : _CREATED_AT],
-        *values[_CREATED_AT + 1 :],
-        values[0],
-        values[_MODULE_ID],
-        values[_CREATED_AT],
-    )
-
-
 # Strict JSON: NaN and the infinities are no JSON values, and stored as Python's bare tokens
 # they broke every strict reader of the run afterwards (a browser's JSON.parse of to_dict()).
 # One encoder for all writes: json.dumps with an option builds a new one per call.
@@ -593,6 +607,13 @@ _PLAIN_OPTIONAL_TEXT = frozenset({str, type(None)})
 _PLAIN_OPTIONAL_REAL = frozenset({float, int, type(None)})
 
 
+def _owner_of(host: Any, pid: Any, started_at: Any) -> RunOwner | None:
+    """The owner stored in a row's three owner columns (None unless all three are set)."""
+    if host is None or pid is None or started_at is None:
+        return None
+    return RunOwner(host, pid, float(started_at))
+
+
 def _check_types(row: tuple[Any, ...]) -> None:
     for index, name, types in _COLUMN_TYPES:
         value = row[index]
@@ -637,11 +658,7 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
         owner_started_at,
         worker,
     ) = row
-    owner = (
-        None
-        if owner_host is None or owner_pid is None or owner_started_at is None
-        else RunOwner(owner_host, owner_pid, float(owner_started_at))
-    )
+    owner = _owner_of(owner_host, owner_pid, owner_started_at)
     created = _from_micros(created_at)
     if created is None:
         raise InvalidRunError("created_at is NULL")
@@ -966,11 +983,17 @@ class _Database:
             target = values[_STATUS]
             if conn.execute(_UPDATE_KEEPING_KEYS[target], _keeping_keys(values)).rowcount:
                 return
-            if conn.execute(_UPDATE_CHECKED[target], (*values[1:], run_id)).rowcount:
+            if conn.execute(_UPDATE_CHECKED[target], _checked(values)).rowcount:
                 return
-            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            row = conn.execute(
+                f"SELECT status, {', '.join(_OWNER_COLUMNS)} FROM runs WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
             if row is None:
                 raise not_registered(run_id)
+            owner = tuple(values[i] for i in _OWNER_AT)
+            if owner[0] is not None and owner != tuple(row[1:]):
+                raise claimed_by_another(run_id, _owner_of(*row[1:]))
             try:
                 stored = RunStatus(row[0])
             except ValueError:
@@ -1387,6 +1410,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
         """:meth:`BaseRunRegistry.claim_run` in one conditional ``UPDATE``: of several
         processes claiming one PENDING run with the owner they all read, one gets it."""
         _check_claim(run, owner)
+        if run.owner is None:
+            run.owner = RunOwner.current()  # as add_run stamps it
         db = await self._database()
         if db.read_only:
             self._check_writable(db)

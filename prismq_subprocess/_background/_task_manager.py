@@ -39,6 +39,7 @@ from .._core._exceptions import (
     InvalidTimeoutError,
     NoRunningLoopError,
     ResourceLimitException,
+    RunClaimedError,
     RunNotFoundError,
     RunStateError,
     TaskManagerClosedError,
@@ -580,11 +581,16 @@ class BackgroundTaskManager(AsyncResource):
         outcome: _Outcome = _COMPLETED
         reraise: BaseException | None = None
         ended = False
+        claimed = False  # by another process while queued here: not run, not recorded
         entry.started = True
         try:
             try:
                 try:
-                    if direct is None:
+                    if run.owner is not None and run.owner != RunOwner.current():
+                        # A run as read from the registry (another process's): a pick-up. It
+                        # is claimed, never added again (one retention removed meanwhile).
+                        await self._take_over(run)
+                    elif direct is None:
                         await registry.add_run(run)
                     else:
                         direct._add_run_now(run)
@@ -633,12 +639,18 @@ class BackgroundTaskManager(AsyncResource):
                             direct._update_run_now(run)
                         else:  # patched while the run waited for its slot or admission
                             await registry.update_run(run)
+                    except RunClaimedError as exc:
+                        # Another process picked the run up while it was queued here: it runs
+                        # it and records it; this process neither (one run id, one job).
+                        logger.warning("background run %s not started here: %s", run.run_id, exc)
+                        claimed = True
                     except Exception as exc:
                         self._save_failed(run, exc)
-                result = await entry.coro
-                ended = True
-                if isinstance(result, _STATUS_RESULTS):  # any other value: COMPLETED, 0
-                    outcome = _outcome_of(result)
+                if not claimed:
+                    result = await entry.coro
+                    ended = True
+                    if isinstance(result, _STATUS_RESULTS):  # any other value: COMPLETED, 0
+                        outcome = _outcome_of(result)
             else:
                 outcome = (RunStatus.FAILED, refusal, None)
         except asyncio.CancelledError:
@@ -661,7 +673,7 @@ class BackgroundTaskManager(AsyncResource):
                 _close(entry.coro)
         entry.phase = _RECORDING
         try:
-            if not entry.abandoned:
+            if not entry.abandoned and not claimed:
                 # A run cancelled while it was being stored (SQLite finishes the insert in its
                 # thread) may or may not be in the registry; record it if it is.
                 if outcome is _COMPLETED and run._status is _RUNNING_STATUS:
@@ -712,11 +724,15 @@ class BackgroundTaskManager(AsyncResource):
         """
         run_id = run.run_id
         stored = await self.registry.get_run(run_id)
-        if stored is None or stored.status is not RunStatus.PENDING:
-            state = "gone again" if stored is None else stored.status.value
+        if stored is None:
             raise DuplicateRunError(
-                f"run {run_id!r} is already stored ({state}); only a run that is still "
-                "pending can be started"
+                f"run {run_id!r} is not stored (any more: retention or a delete removed it); "
+                "a run read from the registry is started only while it is stored and pending"
+            ) from None
+        if stored.status is not RunStatus.PENDING:
+            raise DuplicateRunError(
+                f"run {run_id!r} is already stored ({stored.status.value}); only a run that is "
+                "still pending can be started"
             ) from None
         for other in list(_MANAGERS):
             if other is not self and run_id in other._entries and _same_store(
@@ -733,8 +749,7 @@ class BackgroundTaskManager(AsyncResource):
                 f"{owner.host}), which is alive and will run it; to start a run another process "
                 "added for this one, pass the Run as read from the registry"
             )
-        if run.owner is None or run.owner == owner:
-            run.owner = here
+        run.owner = here  # (a copy read before another claim carries a stale owner)
         # One step, not a write after the look above: of several processes picking up this
         # run with the owner they all read, only one may become its driver.
         if not await self.registry.claim_run(run, owner):
@@ -851,6 +866,10 @@ class BackgroundTaskManager(AsyncResource):
     def _save_failed(self, run: Run, exc: Exception, *, missing_ok: bool = False) -> None:
         # The run itself must go on; a registry failure is reported, not propagated.
         if missing_ok and isinstance(exc, RunNotFoundError):
+            return
+        if isinstance(exc, RunClaimedError):
+            # Not a registry failure: the run is another process's now (nothing to retry).
+            logger.warning("run %s (%s) not recorded here: %s", run.run_id, run.status.value, exc)
             return
         logger.error("recording run %s (%s) failed", run.run_id, run.status.value, exc_info=exc)
         if worth_retrying(run, exc):

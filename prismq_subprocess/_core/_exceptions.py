@@ -48,6 +48,7 @@ __all__ = [
     "RegistrySchemaError",
     "ResourceLimitException",
     "ResourceWaitTimeoutError",
+    "RunClaimedError",
     "RunNotFoundError",
     "RunStateError",
     "RunnerClosedError",
@@ -231,6 +232,12 @@ class ResourceLimitException(PrismQError):
 
 class RunStateError(PrismQError, ValueError):
     """Raised on an invalid run status transition (e.g. a finished run back to RUNNING)."""
+
+
+class RunClaimedError(RunStateError):
+    """Raised by ``update_run`` for a run another process owns now: it claimed the run (a
+    pick-up, ``claim_run``) after this copy was read. Nothing is changed; the run is that
+    process's to run and record. ``BackgroundTaskManager`` then drops its own start of it."""
 
 
 def _describe(cmd: Sequence[str] | str) -> str:

@@ -17,6 +17,7 @@ from prismq_subprocess._core._exceptions import (
     InvalidQueryError,
     PrismQError,
     RegistryClosedError,
+    RunClaimedError,
     RunNotFoundError,
     RunStateError,
 )
@@ -399,7 +400,8 @@ async def test_cancel_requests_of_finished_runs_are_swept_in_any_store() -> None
 
 
 class _DelegatingStore(BaseRunRegistry):
-    """A store of one's own: only the abstract methods (claim_run is the base's default)."""
+    """A store of one's own: only the abstract methods (claim_run is the base's default), and
+    an update_run that replaces the run as it is (its owner too)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -409,7 +411,9 @@ class _DelegatingStore(BaseRunRegistry):
         await self.inner.add_run(run)
 
     async def update_run(self, run: Run) -> None:
-        await self.inner.update_run(run)
+        if run.run_id not in self.inner._runs:
+            raise RunNotFoundError(run.run_id)
+        self.inner._runs[run.run_id] = run.copy()
 
     async def get_run(self, run_id: str) -> Run | None:
         return await self.inner.get_run(run_id)
@@ -514,3 +518,43 @@ async def test_of_two_sqlite_claims_with_one_owner_read_exactly_one_wins(tmp_pat
             stored = await second.get_run(f"r{n}")
             assert stored is not None
             assert stored.owner == (mine.owner if won[0] else theirs.owner)
+
+
+async def test_update_run_never_changes_the_owner(registry: BaseRunRegistry) -> None:
+    # Only add_run and claim_run set a run's owner: a copy read before another process claimed
+    # the run changes nothing (its start would have run the job twice: probe), and a copy
+    # without owner keeps the stored one (it was written as "no owner", so recovery took the
+    # run of a live process for an orphan).
+    run = Run(run_id="r", module_id="m")
+    await registry.add_run(run)
+    stale = await registry.get_run("r")
+    assert stale is not None
+    claimed = await registry.get_run("r")
+    assert claimed is not None
+    claimed.owner = ELSEWHERE
+    assert await registry.claim_run(claimed, RunOwner.current())
+    stale.mark_running(pid=1)
+    with pytest.raises(RunClaimedError, match="pid 4242 on another-host"):
+        await registry.update_run(stale)
+    unchanged = await registry.get_run("r")
+    assert unchanged is not None
+    assert (unchanged.status, unchanged.owner) == (RunStatus.PENDING, ELSEWHERE)
+    anonymous = Run.from_dict({**unchanged.to_dict(), "owner": None})
+    anonymous.mark_running(pid=2)
+    await registry.update_run(anonymous)
+    kept = await registry.get_run("r")
+    assert kept is not None
+    assert (kept.status, kept.pid, kept.owner) == (RunStatus.RUNNING, 2, ELSEWHERE)
+
+
+async def test_claim_run_stamps_this_process_on_a_run_without_owner(
+    claiming: BaseRunRegistry,
+) -> None:
+    await claiming.add_run(Run(run_id="r", module_id="m", owner=ELSEWHERE))
+    read = await claiming.get_run("r")
+    assert read is not None
+    copy = Run.from_dict({**read.to_dict(), "owner": None})
+    assert await claiming.claim_run(copy, ELSEWHERE)
+    assert copy.owner == RunOwner.current()
+    stored = await claiming.get_run("r")
+    assert stored is not None and stored.owner == RunOwner.current()

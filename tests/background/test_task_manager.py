@@ -9,12 +9,14 @@ import gc
 import inspect
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
 import textwrap
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -850,8 +852,8 @@ async def test_two_processes_picking_up_one_pending_run_do_not_both_run_it(
                 async def read_then_rival_claims(run_id: str) -> Run | None:
                     found = await read(run_id)
                     claimed = await stored(other, run_id)
-                    claimed.owner = rival_owner
-                    await other.update_run(claimed)
+                    read_owner, claimed.owner = claimed.owner, rival_owner
+                    assert await other.claim_run(claimed, read_owner)
                     return found
 
                 monkeypatch.setattr(registry, "get_run", read_then_rival_claims)
@@ -864,6 +866,107 @@ async def test_two_processes_picking_up_one_pending_run_do_not_both_run_it(
     finally:
         rival.kill()
         await rival.wait()
+    assert ran == []
+
+
+_QUEUES_A_RUN_THAT_MARKS = textwrap.dedent(
+    """
+    import asyncio, sys
+    import prismq_subprocess as pq
+
+    async def job():
+        with open(sys.argv[1] + ".ran", "a") as f:
+            f.write("A\\n")
+
+    async def main():
+        async with pq.SQLiteRunRegistry(sys.argv[1]) as registry:
+            async with pq.BackgroundTaskManager(registry, max_concurrent=1) as manager:
+                gate = asyncio.Event()
+                await manager.start_task(pq.Run(module_id="busy"), gate.wait())
+                await manager.start_task(pq.Run(run_id="job1", module_id="A"), job())
+                print("queued", flush=True)
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+                gate.set()
+                await manager.wait_all()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_run_picked_up_while_queued_in_a_live_process_runs_only_once(
+    tmp_path: Path,
+) -> None:
+    # Worker A has job1 queued behind a busy slot; we pick it up as read from the registry
+    # (the deliberate pick-up) and run it. A then got its slot and ran job1 too, and its record
+    # was refused (probe): now A's start finds the run claimed and drops it.
+    path = tmp_path / "runs.db"
+    marks = Path(f"{path}.ran")  # what A ran
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("B")
+
+    with _another_worker(_QUEUES_A_RUN_THAT_MARKS, path, "queued") as other:
+        async with SQLiteRunRegistry(path) as registry:
+            picked = await stored(registry, "job1")
+            assert picked.owner is not None and picked.owner.pid == other.pid
+            async with BackgroundTaskManager(registry) as manager:
+                await manager.start_task(picked, job())
+                await manager.wait_all()
+    # (A has exited: its queue reached job1, which it found claimed.)
+    assert ran == ["B"]
+    assert not await asyncio.to_thread(marks.exists), "A ran it too"
+    async with SQLiteRunRegistry(path) as registry:
+        done = await stored(registry, "job1")
+        assert (done.status, done.owner) == (RunStatus.COMPLETED, RunOwner.current())
+
+
+async def test_a_stale_copy_picked_up_after_a_dead_claimer_records_this_process_as_owner(
+    tmp_path: Path,
+) -> None:
+    # A copy read before another process claimed the run (and then died) kept the adder as
+    # owner when picked up: the run ran here recorded under a process that did not run it
+    # (marked INTERRUPTED once that one exited; probe).
+    path = tmp_path / "runs.db"
+    host = RunOwner.current().host
+    parent = psutil.Process(os.getppid())
+    adder = RunOwner(host, parent.pid, parent.create_time())  # alive, not us
+    dead = RunOwner(host, 2**22 + 1, 1_000_000.0)  # no such process
+    async with SQLiteRunRegistry(path) as registry, SQLiteRunRegistry(path) as other:
+        await registry.add_run(Run(run_id="r", module_id="m", owner=adder))
+        copy = await stored(registry, "r")
+        claimed = await stored(other, "r")
+        claimed.owner = dead
+        assert await other.claim_run(claimed, adder)
+        async with BackgroundTaskManager(registry) as manager:
+            await manager.start_task(copy, returns(None))
+            await manager.wait_all()
+        done = await stored(registry, "r")
+        assert (done.status, done.owner) == (RunStatus.COMPLETED, RunOwner.current())
+
+
+async def test_a_picked_up_run_removed_meanwhile_is_not_run_again(tmp_path: Path) -> None:
+    # A PENDING copy listed earlier; the run then ran elsewhere and retention removed it. Its
+    # start here inserted it again and ran the job a second time (probe).
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("again")
+
+    elsewhere = RunOwner("another-host", 4242, 1_700_000_000.5)
+    async with SQLiteRunRegistry(tmp_path / "runs.db") as registry:
+        await registry.add_run(Run(run_id="r", module_id="m", owner=elsewhere))
+        listed = await stored(registry, "r")
+        done = await stored(registry, "r")
+        done.mark_running(pid=None)
+        done.mark_completed(0)
+        await registry.update_run(done)
+        assert await registry.delete_older_than(timedelta(0)) == 1
+        async with BackgroundTaskManager(registry) as manager:
+            with pytest.raises(DuplicateRunError, match="not stored"):
+                await manager.start_task(listed, job())
+        assert await registry.get_run("r") is None
     assert ran == []
 
 

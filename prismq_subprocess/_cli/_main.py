@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -56,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except CliError as exc:
         if sys.stderr is not None:  # None: started with fd 2 closed (print would use stdout)
-            print(f"{PROG} {args.subcommand}: {exc}", file=sys.stderr)
+            # Our stderr may be what failed (a full disk): the exit status still tells.
+            with contextlib.suppress(OSError):
+                print(f"{PROG} {args.subcommand}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

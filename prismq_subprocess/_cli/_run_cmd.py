@@ -126,8 +126,21 @@ def _exit_code(returncode: int) -> int:
     return signal_exit_code(-returncode) if returncode < 0 else returncode
 
 
+class _Pump:
+    """One stream's forwarder: its task, and whether it is writing to our side right now."""
+
+    __slots__ = ("task", "writing")
+
+    def __init__(self) -> None:
+        self.writing = False
+        self.task: asyncio.Task[None] | None = None
+
+
 async def _forward(
-    stream: Any, write: Callable[[bytes], None], on_error: Callable[[Exception], None]
+    stream: Any,
+    write: Callable[[bytes], None],
+    on_error: Callable[[Exception], None],
+    pump: _Pump | None = None,
 ) -> None:
     """Copy ``stream`` to ``write`` chunk by chunk until end of file.
 
@@ -150,11 +163,33 @@ async def _forward(
             return
         if failed:
             continue
+        if pump is not None:
+            pump.writing = True
         try:
             await asyncio.to_thread(write, chunk)
         except OSError as exc:
             failed = True
             on_error(exc)
+        finally:
+            if pump is not None:
+                pump.writing = False
+
+
+async def _settled(
+    tasks: dict[asyncio.Task[None], _Pump], timeout: float, *, patient: bool
+) -> set[asyncio.Task[None]]:
+    """Wait until ``tasks`` are done or ``timeout`` s passed; return those not done.
+
+    ``patient`` (the tree is stopped, so what is left in the pipes is all there will be): a
+    forwarder still writing to our side then gets another ``timeout``, as long as it keeps
+    writing; that wait is on whoever reads our output, not on a descendant holding a pipe.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=timeout)
+        if not patient or not any(tasks[t].writing for t in pending):
+            break
+    return pending
 
 
 class _ReadFailed(Exception):
@@ -279,22 +314,24 @@ class _Runner:
             raise
 
     async def _drain(
-        self, process: pq.abc.ProcessLike, pumps: list[asyncio.Task[None]], stop_leftovers: bool
+        self, process: pq.abc.ProcessLike, pumps: list[_Pump], stop_leftovers: bool
     ) -> None:
         """Let the forwarders reach end of file after the child ended.
 
         With ``stop_leftovers``, a descendant still holding a pipe after ``_DRAIN_SECONDS`` has
         its tree stopped (so the command line can end); either way a pipe still open after that
-        is abandoned.
+        is abandoned. Once the tree is stopped, a forwarder busy writing to our side is not cut
+        off: it waits for whoever reads our output (a pager read later), and what it forwards
+        is the command's output.
         """
-        pending = {p for p in pumps if not p.done()}
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=_DRAIN_SECONDS)
+        tasks = {p.task: p for p in pumps if p.task is not None and not p.task.done()}
+        # Without stop_leftovers the tree was stopped already (a timeout, a signal).
+        pending = await _settled(tasks, _DRAIN_SECONDS, patient=not stop_leftovers)
         if pending and stop_leftovers:
             await self._stop(process)
-            _, pending = await asyncio.wait(pending, timeout=self.args.grace + 1.0)
-        for pump in pending:
-            pump.cancel()
+            pending = await _settled(tasks, self.args.grace + 1.0, patient=True)
+        for task in pending:
+            task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         if pending:
             _close_abandoned_pipes(process)
@@ -338,10 +375,14 @@ class _Runner:
 
     async def _supervise(self, process: pq.abc.ProcessLike) -> int:
         out, err = _writer(sys.stdout), _writer(sys.stderr)
-        pumps = [
-            asyncio.ensure_future(_forward(process.stdout, out, self._on_output_error)),
-            asyncio.ensure_future(_forward(process.stderr, err, self._on_output_error)),
-        ]
+        pumps = [_Pump(), _Pump()]
+        for pump, stream, write in zip(
+            pumps, (process.stdout, process.stderr), (out, err), strict=True
+        ):
+            pump.task = asyncio.ensure_future(
+                _forward(stream, write, self._on_output_error, pump)
+            )
+        tasks = [pump.task for pump in pumps if pump.task is not None]
         try:
             scope = asyncio.timeout(self.args.timeout)
             try:
@@ -367,10 +408,10 @@ class _Runner:
             await self._drain(process, pumps, stop_leftovers=False)
             raise
         finally:
-            for pump in pumps:
-                if not pump.done():
-                    pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         returncode = process.returncode
         assert returncode is not None
         return _exit_code(returncode)

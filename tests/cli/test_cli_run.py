@@ -297,6 +297,26 @@ def test_reader_going_away_stops_the_child() -> None:
         end_cli(proc, [child])
 
 
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_a_slow_reader_gets_the_whole_output_of_a_command_that_exited(mode: str) -> None:
+    # `run -- git log | less`, read after a pause: the command has printed everything and
+    # exited, and our forwarder waits on the reader. The drain took that wait for a descendant
+    # holding the pipe, cancelled the forwarder after grace + 2 s and exited 0 with the rest
+    # of the output dropped (131,072 of 1,500,000 bytes; probe).
+    code = """
+    import sys
+    for _ in range(1000):
+        sys.stdout.write("x" * 1499 + "\\n")
+    """
+    proc = start_cli("run", "--mode", mode, "--grace", "0", *_py(code))
+    try:
+        time.sleep(4.0)  # the reader is busy elsewhere
+        out, err = proc.communicate(timeout=60)
+    finally:
+        end_cli(proc, [])
+    assert (len(out), err, proc.returncode) == (1_500_000, b"", 0)
+
+
 # The command exits 0 at once; its background job writes a moment later, while the command
 # line drains the output of a command that has already exited.
 LATE_OUTPUT = ["--", "sh", "-c", "(sleep 0.3; printf 'important result\\n') & exit 0"]
@@ -312,6 +332,22 @@ def run_late_output(mode: str, stdout: Any) -> subprocess.CompletedProcess[bytes
         timeout=60,
         check=False,
     )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stderr_that_cannot_be_written_exits_125_not_1() -> None:
+    # The failure's own message could not be printed either: that OSError escaped main() and
+    # the command line exited 1, which the docs give to nothing of ours (probe).
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [*CLI, "run", "--", "sh", "-c", "echo to-stderr >&2"],
+            stdout=subprocess.PIPE,
+            stderr=full,
+            env=cli_env(),
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 125
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -466,8 +502,8 @@ FAILING_READS = textwrap.dedent(
                 raise MemoryError
             return await self.stream.read(n)
 
-    async def forward(stream, write, on_error):
-        return await real(None if stream is None else Failing(stream), write, on_error)
+    async def forward(stream, write, on_error, pump=None):
+        return await real(None if stream is None else Failing(stream), write, on_error, pump)
 
     _run_cmd._forward = forward
     sys.argv[0] = "prismq-subprocess"

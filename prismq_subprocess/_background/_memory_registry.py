@@ -26,6 +26,7 @@ from .._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidIntervalError,
     InvalidQueryError,
+    InvalidRunIdError,
     InvalidTimeoutError,
     RegistryClosedError,
     RegistryReadOnlyError,
@@ -186,6 +187,36 @@ def stored_statuses_for(target: RunStatus) -> frozenset[RunStatus]:
     and when it ends.
     """
     return _SOURCES[target]
+
+
+def run_id_of(run_id: object) -> str:
+    """``run_id`` if it can name a run; else the documented error before any look-up (a list
+    gave ``sqlite3.ProgrammingError`` or a bare ``TypeError`` from the first dict it met)."""
+    if run_id.__class__ is str or isinstance(run_id, str):
+        return run_id
+    raise InvalidRunIdError(f"a run id is a str, got {type(run_id).__name__}: {run_id!r}")
+
+
+def run_ids_of(run_ids: object) -> list[str]:
+    """:func:`run_id_of` for each of a collection of run ids (a str itself is refused)."""
+    if isinstance(run_ids, str | bytes) or not isinstance(run_ids, Collection):
+        raise InvalidRunIdError(f"expected a collection of run ids, got {run_ids!r}")
+    return [run_id_of(run_id) for run_id in run_ids]
+
+
+def check_identity(identity: object) -> None:
+    if not isinstance(identity, ProcessIdentity):
+        raise InvalidArgumentTypeError(
+            f"record_child() takes a ProcessIdentity, not {type(identity).__name__}"
+        )
+
+
+def reason_text(reason: object) -> str:
+    if not isinstance(reason, str):
+        raise InvalidArgumentTypeError(
+            f"a cancel reason is a str, not {type(reason).__name__}: {reason!r}"
+        )
+    return reason
 
 
 def claimed_by_another(run_id: str, owner: RunOwner | None) -> RunClaimedError:
@@ -413,12 +444,13 @@ class BaseRunRegistry(AsyncResource):
         Raises:
             RegistryClosedError: the registry is closed.
         """
-        run = await self.get_run(run_id)
+        reason = reason_text(reason)
+        run = await self.get_run(run_id_of(run_id))
         if run is None or run.is_finished:
             return False
         if len(self._cancel_requests) >= self._cancel_sweep_at:
             await self._sweep_cancel_requests()
-        self._cancel_requests.setdefault(run_id, str(reason))
+        self._cancel_requests.setdefault(run_id, reason)
         return True
 
     async def _sweep_cancel_requests(self) -> None:
@@ -440,6 +472,7 @@ class BaseRunRegistry(AsyncResource):
             RegistryClosedError: the registry is closed.
         """
         self._check_open()
+        run_ids = run_ids_of(run_ids)
         if not self._cancel_requests:
             return {}
         found: dict[str, str] = {}
@@ -496,6 +529,8 @@ class BaseRunRegistry(AsyncResource):
             RegistryClosedError: the registry is closed.
         """
         self._check_open()
+        run_id_of(run_id)
+        check_identity(identity)
         return False
 
     async def recover_orphans(self) -> list[str]:
@@ -547,6 +582,7 @@ class BaseRunRegistry(AsyncResource):
             RegistryClosedError: the registry is closed.
         """
         check_wait(timeout, poll_interval)
+        run_id = run_id_of(run_id)
         loop = asyncio.get_running_loop()
         # The first unfinished look checks the owner too: a wait shorter than the interval
         # (runner.cancel(timeout=0.5), say, called again and again) would never check it.
@@ -693,7 +729,7 @@ class RunRegistry(BaseRunRegistry):
 
     async def get_run(self, run_id: str) -> Run | None:
         self._check_open()
-        run = self._runs.get(run_id)
+        run = self._runs.get(run_id_of(run_id))
         return None if run is None else run.copy()
 
     def _matching(self, status: RunStatus | None, module_id: str | None) -> list[Run]:

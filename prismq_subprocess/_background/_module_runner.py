@@ -55,7 +55,7 @@ from ._backend import ModuleJob, RunBackend, RunContext, check_resources
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._line_batches import iter_line_batches
-from ._memory_registry import BaseRunRegistry
+from ._memory_registry import BaseRunRegistry, reason_text, run_id_of
 from ._module_args import check_args, check_parameters, parameters_to_args
 from ._output_capture import OutputCapture, end_code
 from ._output_tail import OutputTail
@@ -678,7 +678,10 @@ class ModuleRunner(AsyncClosing):
         Raises:
             RegistryClosedError: the run is not active here and the registry is closed.
             InvalidTimeoutError: a negative ``timeout``.
+            InvalidRunIdError: ``run_id`` is not a str.
+            InvalidArgumentTypeError: ``reason`` is not a str.
         """
+        run_id, reason = run_id_of(run_id), reason_text(reason)
         manager = self._task_manager
         if manager is not None and manager.is_active(run_id):
             return await manager.cancel_task(run_id, reason)

@@ -312,8 +312,9 @@ class Run:
         ``output_tail`` means the default (``{}``, a new random id, now, ``[]``).
 
         Raises:
-            InvalidRunError: an empty or non-str ``run_id``, an unknown ``status``, or a
-                datetime that is naive or not a datetime.
+            InvalidRunError: an empty or non-str ``run_id``, an unknown ``status``, a
+                datetime that is naive or not a datetime, or an ``owner`` that is not a
+                :class:`RunOwner`.
         """
         if run_id is None:
             run_id = new_run_id()
@@ -334,6 +335,9 @@ class Run:
         self.output_tail = [] if output_tail is None else output_tail
         self.peak_rss_bytes = peak_rss_bytes
         self.cpu_time_seconds = cpu_time_seconds
+        if owner is not None and not isinstance(owner, RunOwner):
+            # (It broke every registry write later, with an AttributeError.)
+            raise InvalidRunError(f"owner must be a RunOwner or None, got {owner!r}")
         self.owner = owner
         self.worker = worker
 

@@ -72,11 +72,15 @@ from ._memory_registry import (
     _check_claim,
     _check_paging,
     check_filters,
+    check_identity,
     claimed_by_another,
     cutoff_from,
     not_registered,
     orphan_reason,
+    reason_text,
     refused_status,
+    run_id_of,
+    run_ids_of,
     stored_statuses_for,
     unstorable,
 )
@@ -1425,8 +1429,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise
 
     async def get_run(self, run_id: str) -> Run | None:
+        run_id = run_id_of(run_id)
         db = await self._database()
-        if isinstance(run_id, str) and not run_id.isascii() and not _utf8(run_id):
+        if not run_id.isascii() and not _utf8(run_id):
             return None  # (no run can have such an id here: see _raise_explained)
         return await self._run(db.get, run_id)
 
@@ -1469,18 +1474,20 @@ class SQLiteRunRegistry(BaseRunRegistry):
         :meth:`BaseRunRegistry.request_cancel`): every process sharing it sees the request, and
         the owner acts on it. It stays in the file with the run.
         """
+        run_id, reason = run_id_of(run_id), reason_text(reason)
         db = await self._database()
-        if isinstance(run_id, str) and not run_id.isascii() and not _utf8(run_id):
+        if not run_id.isascii() and not _utf8(run_id):
             return False  # no such run (as get_run)
-        return await self._write(db, db.request_cancel, run_id, str(reason))
+        return await self._write(db, db.request_cancel, run_id, reason)
 
     async def cancel_requests(self, run_ids: Collection[str]) -> dict[str, str]:
         """One indexed query: the requests for unfinished runs among ``run_ids`` (see
         :meth:`BaseRunRegistry.cancel_requests`)."""
+        ids = run_ids_of(run_ids)
         db = await self._database()
-        if not run_ids:
+        if not ids:
             return {}
-        return await self._run(db.cancel_requests, frozenset(run_ids))
+        return await self._run(db.cancel_requests, frozenset(ids))
 
     async def recover_orphans(self) -> list[str]:
         """As on open: in one write transaction, unfinished runs whose owner is gone become
@@ -1498,6 +1505,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
         """Keep the identity of ``run_id``'s child with the run (see
         :meth:`BaseRunRegistry.record_child`); recovery uses it to stop a tree a dead owner
         left running. Returns False when the run is not active or has another pid."""
+        run_id = run_id_of(run_id)
+        check_identity(identity)
         db = await self._database()
         return await self._run(db.record_child, run_id, identity)
 

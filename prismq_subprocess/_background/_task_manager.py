@@ -50,7 +50,13 @@ from .._core._validation import check_flag
 from .._resources._resource_manager import ResourceManager, check_resource_manager
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
-from ._memory_registry import BaseRunRegistry, direct_writes, updates_directly
+from ._memory_registry import (
+    BaseRunRegistry,
+    direct_writes,
+    reason_text,
+    run_id_of,
+    updates_directly,
+)
 from ._output_capture import OutputCapture, end_code
 from ._record_retry import RecordRetry, worth_retrying
 from ._run_record import Run, RunOwner, RunStatus
@@ -981,7 +987,10 @@ class BackgroundTaskManager(AsyncResource):
         Raises:
             RegistryClosedError: the run is not active here and the registry is closed.
             InvalidTimeoutError: a negative ``timeout``.
+            InvalidRunIdError: ``run_id`` is not a str.
+            InvalidArgumentTypeError: ``reason`` is not a str.
         """
+        run_id, reason = run_id_of(run_id), reason_text(reason)
         entry = self._entries.get(run_id)
         if entry is None:
             return await cancel_elsewhere(self.registry, run_id, reason, timeout)

@@ -14,13 +14,17 @@ from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
 from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
 from prismq_subprocess._core._exceptions import (
     DuplicateRunError,
+    InvalidArgumentTypeError,
     InvalidQueryError,
+    InvalidRunError,
+    InvalidRunIdError,
     PrismQError,
     RegistryClosedError,
     RunClaimedError,
     RunNotFoundError,
     RunStateError,
 )
+from prismq_subprocess._platform._orphans import ProcessIdentity
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -558,3 +562,36 @@ async def test_claim_run_stamps_this_process_on_a_run_without_owner(
     assert copy.owner == RunOwner.current()
     stored = await claiming.get_run("r")
     assert stored is not None and stored.owner == RunOwner.current()
+
+
+@pytest.mark.parametrize("bad", [[1], {}, 7, None, b"r"])
+async def test_a_run_id_that_is_not_a_str_is_refused_with_the_documented_error(
+    registry: BaseRunRegistry, bad: object
+) -> None:
+    # sqlite3.ProgrammingError, a bare TypeError ("unhashable") or AttributeError before (probe).
+    identity = ProcessIdentity(1, 1.0, None)
+    calls = [
+        lambda: registry.get_run(bad),  # type: ignore[arg-type]
+        lambda: registry.request_cancel(bad),  # type: ignore[arg-type]
+        lambda: registry.cancel_requests([bad]),  # type: ignore[list-item]
+        lambda: registry.record_child(bad, identity),  # type: ignore[arg-type]
+        lambda: registry.wait_finished(bad, timeout=1),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(InvalidRunIdError):
+            await call()
+
+
+async def test_bad_cancel_reasons_identities_and_owners_are_refused(
+    registry: BaseRunRegistry,
+) -> None:
+    await registry.add_run(Run(run_id="r"))
+    with pytest.raises(InvalidArgumentTypeError, match="reason"):
+        await registry.request_cancel("r", None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentTypeError, match="ProcessIdentity"):
+        await registry.record_child("r", "junk")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRunIdError):
+        await registry.cancel_requests("r")
+    with pytest.raises(InvalidRunError, match="owner"):
+        Run(owner="bogus")  # type: ignore[arg-type]
+    assert await registry.cancel_requests(["r"]) == {}

@@ -33,7 +33,9 @@ from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
 from prismq_subprocess._background._task_manager import BackgroundTaskManager, ExitCode
 from prismq_subprocess._core._exceptions import (
     DuplicateRunError,
+    InvalidArgumentTypeError,
     InvalidLimitError,
+    InvalidRunIdError,
     InvalidTaskError,
     InvalidTimeoutError,
     PrismQError,
@@ -1989,3 +1991,14 @@ def test_a_windows_file_uri_names_its_drive_path() -> None:
     assert _file_of(Stored("file:/srv/runs.db")) == "/srv/runs.db"  # type: ignore[arg-type]
     assert _file_of(Stored("file::memory:?cache=shared")) is None  # type: ignore[arg-type]
     assert _file_of(Stored("file:x.db?mode=memory")) is None  # type: ignore[arg-type]
+
+
+async def test_cancel_task_refuses_a_run_id_or_reason_of_the_wrong_type(
+    registry: BaseRunRegistry,
+) -> None:
+    # A list gave a bare "unhashable" TypeError (probe); the reason None was stored as "None".
+    async with BackgroundTaskManager(registry) as manager:
+        with pytest.raises(InvalidRunIdError):
+            await manager.cancel_task([1])  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentTypeError):
+            await manager.cancel_task("r", None)  # type: ignore[arg-type]

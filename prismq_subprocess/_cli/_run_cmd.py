@@ -269,7 +269,8 @@ class _Runner:
             raise CliError(_message(exc), EXIT_NOT_FOUND) from None
         except pq.InvalidCwdError as exc:
             raise CliError(_message(exc), EXIT_CANNOT_RUN) from None
-        except PermissionError as exc:
+        except (PermissionError, pq.exceptions.ExecutableFormatError) as exc:
+            # (ENOEXEC too: a script without a #! line is "not executable", 126, as GNU env.)
             raise CliError(f"{name}: {_message(exc)}", EXIT_NOT_EXECUTABLE) from None
         except (pq.PrismQError, OSError, ValueError) as exc:
             raise CliError(f"cannot run {name!r}: {_message(exc)}", EXIT_CANNOT_RUN) from None

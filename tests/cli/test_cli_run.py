@@ -334,6 +334,17 @@ def run_late_output(mode: str, stdout: Any) -> subprocess.CompletedProcess[bytes
     )
 
 
+@posix_only
+def test_a_script_without_a_shebang_line_is_not_executable_126(tmp_path: Path) -> None:
+    # ENOEXEC exited 125 ("could not be started"); GNU env, whose codes we follow, says 126.
+    script = tmp_path / "noshebang"
+    script.write_text("echo hello\n")
+    script.chmod(0o755)
+    result = cli("run", "--", str(script))
+    assert result.returncode == 126, result.stderr
+    assert b"not a program this system can run" in result.stderr
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_stderr_that_cannot_be_written_exits_125_not_1() -> None:
     # The failure's own message could not be printed either: that OSError escaped main() and

@@ -495,11 +495,13 @@ class BaseRunRegistry(AsyncResource):
         (as :meth:`add_run` does). The step that makes one process, of several picking up the
         same PENDING run (server workers sharing a SQLite file), its only driver:
         ``BackgroundTaskManager`` takes a stored run over through it, and a ``False`` means
-        someone else got there first. This
-        default reads, compares and updates (one process, one loop: nothing else writes in
-        between in :class:`RunRegistry`, which does it without awaiting); a store shared by
-        several processes must override it with one atomic step, as
-        :class:`SQLiteRunRegistry` does (one conditional ``UPDATE``).
+        someone else got there first.
+
+        This default reads, compares and calls :meth:`update_run` with the new owner: it fits a
+        store whose ``update_run`` replaces the whole run. A store that keeps the stored owner
+        on update, as the built-in ones do, or that several processes share, overrides it with
+        one step that checks and sets the owner (:class:`RunRegistry` does it without awaiting,
+        :class:`SQLiteRunRegistry` with one conditional ``UPDATE``).
 
         Raises:
             RunStateError: ``run`` is not PENDING.
@@ -657,8 +659,12 @@ class RunRegistry(BaseRunRegistry):
             return False
         if run.owner is None:
             run.owner = RunOwner.current()  # as add_run stamps it
-        stored.owner = run.owner  # (the one write that changes a stored owner)
-        self._update_run_now(run)
+        previous, stored.owner = stored.owner, run.owner  # (the one write that changes it)
+        try:
+            self._update_run_now(run)
+        except BaseException:
+            stored.owner = previous  # (a copy that failed: nothing changed)
+            raise
         return True
 
     # The writes themselves, synchronous: nothing in them waits, and BackgroundTaskManager calls

@@ -156,6 +156,15 @@ class TaskHandle(str):
         return (str, (str(self),))
 
 
+def _as_pending(run: Run) -> Run:
+    """A copy of ``run`` as it was stored before it was marked (PENDING, nothing recorded)."""
+    pending = run.copy()
+    pending._status = RunStatus.PENDING
+    pending.started_at = pending.finished_at = None
+    pending.exit_code = pending.error_message = None
+    return pending
+
+
 class _Entry:
     """One run's state in the manager, from ``start_task`` to its last registry write.
 
@@ -652,7 +661,22 @@ class BackgroundTaskManager(AsyncResource):
                         claimed = True
                     except Exception as exc:
                         self._save_failed(run, exc)
-                if not claimed:
+                else:
+                    # The runner records RUNNING itself (a cluster backend, once the job is
+                    # there): whether this process still drives the run is asked first.
+                    try:
+                        claimed = not await registry.claim_run(run, RunOwner.current())
+                    except Exception as exc:
+                        self._save_failed(run, exc)
+                    if claimed:
+                        logger.warning(
+                            "background run %s not started here: another process claimed it",
+                            run.run_id,
+                        )
+                if claimed:
+                    if entry.opened_output and self.output is not None:
+                        self.output.forget(run.run_id)
+                else:
                     result = await entry.coro
                     ended = True
                     if isinstance(result, _STATUS_RESULTS):  # any other value: COMPLETED, 0
@@ -732,8 +756,9 @@ class BackgroundTaskManager(AsyncResource):
         stored = await self.registry.get_run(run_id)
         if stored is None:
             raise DuplicateRunError(
-                f"run {run_id!r} is not stored (any more: retention or a delete removed it); "
-                "a run read from the registry is started only while it is stored and pending"
+                f"run {run_id!r} is not stored (never added, or removed since by retention or "
+                "a delete); a Run naming another process as owner is started only as the "
+                "pick-up of a stored pending run"
             ) from None
         if stored.status is not RunStatus.PENDING:
             raise DuplicateRunError(
@@ -757,9 +782,14 @@ class BackgroundTaskManager(AsyncResource):
             )
         run.owner = here  # (a copy read before another claim carries a stale owner)
         # One step, not a write after the look above: of several processes picking up this
-        # run with the owner they all read, only one may become its driver.
-        if not await self.registry.claim_run(run, owner):
+        # run with the owner they all read, only one may become its driver. A run cancelled
+        # before its first step (already CANCELLED here) is claimed as it is stored, PENDING,
+        # then recorded.
+        claim = run if run.status is RunStatus.PENDING else _as_pending(run)
+        if not await self.registry.claim_run(claim, owner):
             raise await self._claimed_meanwhile(run_id)
+        if claim is not run:
+            await self.registry.update_run(run)
 
     async def _claimed_meanwhile(self, run_id: str) -> DuplicateRunError:
         """The error for a take-over another process won between our look and our claim."""

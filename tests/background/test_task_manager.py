@@ -924,6 +924,57 @@ async def test_a_run_picked_up_while_queued_in_a_live_process_runs_only_once(
         assert (done.status, done.owner) == (RunStatus.COMPLETED, RunOwner.current())
 
 
+@pytest.mark.parametrize("marks_running", [False, True], ids=["manager-marks", "runner-marks"])
+async def test_a_queued_run_claimed_elsewhere_is_dropped_here_with_its_output(
+    tmp_path: Path, marks_running: bool
+) -> None:
+    # Another process claims job1 while it waits here for a slot. Dropped: not run (a runner
+    # that records RUNNING itself, ModuleRunner with a cluster backend, ran it all the same),
+    # and its output released (a follower hung for good; review).
+    path = tmp_path / "runs.db"
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("here")
+
+    output = OutputCapture()
+    async with SQLiteRunRegistry(path) as registry, SQLiteRunRegistry(path) as other:
+        async with BackgroundTaskManager(registry, max_concurrent=1, output=output) as manager:
+            gate = asyncio.Event()
+            await manager.start_task(Run(module_id="busy"), gate.wait())
+            await manager.start_task(
+                Run(run_id="job1", module_id="m"), job(), marks_running=marks_running
+            )
+            copy = await stored(other, "job1")
+            read_owner, copy.owner = copy.owner, ELSEWHERE
+            assert await other.claim_run(copy, read_owner)
+            async with asyncio.timeout(10), output.subscribe("job1", wait=True) as follower:
+                gate.set()
+                async for _ in follower:
+                    pass  # ends: the run's output was released here
+            await manager.wait_all()
+        after = await stored(registry, "job1")
+        assert (after.status, after.owner) == (RunStatus.PENDING, ELSEWHERE)
+    assert ran == []
+
+
+async def test_a_run_taken_over_and_cancelled_before_its_first_step_is_recorded_cancelled(
+    registry: BaseRunRegistry,
+) -> None:
+    # The caller added the run, then start_task; its task cancelled before the first step
+    # (a loop's teardown, a task group): the take-over claimed a CANCELLED run, which a claim
+    # refuses, and the run stayed PENDING for good with an ERROR logged (review).
+    await registry.add_run(Run(run_id="r", module_id="m"))
+    async with BackgroundTaskManager(registry) as manager:
+        handle = manager.start_task(Run(run_id="r", module_id="m"), asyncio.sleep(10))
+        task = manager.tasks[handle]
+        task.cancel()  # before its first step
+        await handle
+        await manager.wait_all()
+    done = await stored(registry, "r")
+    assert done.status is RunStatus.CANCELLED, done
+
+
 async def test_a_stale_copy_picked_up_after_a_dead_claimer_records_this_process_as_owner(
     tmp_path: Path,
 ) -> None:
@@ -970,6 +1021,9 @@ async def test_a_picked_up_run_removed_meanwhile_is_not_run_again(tmp_path: Path
                 await manager.start_task(listed, job())
         assert await registry.get_run("r") is None
     assert ran == []
+
+
+ELSEWHERE = RunOwner("another-host", 4242, 1_700_000_000.5)
 
 
 async def test_store_failure_without_await_is_logged_not_lost(

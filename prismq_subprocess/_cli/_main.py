@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
     for module in (_doctor, _run_cmd, _runs, _serve):
         module.add_parser(subparsers)
+    # Each command's own parser, for usage errors found after parsing (see main).
+    parser.set_defaults(command_parsers=dict(subparsers.choices))
     return parser
 
 
@@ -49,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         if not getattr(args, "accepts_unknown", False):
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            # The command's usage, not the top level's (`run --bogus -- true`).
+            command = args.command_parsers.get(args.subcommand, parser)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
         # `serve` hands its options to uvicorn: those before APP land here, the rest (from APP
         # on) in its REMAINDER argument, so joining them keeps the original order.
         args.uvicorn_args = [*unknown, *args.uvicorn_args]

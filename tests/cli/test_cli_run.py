@@ -334,6 +334,14 @@ def run_late_output(mode: str, stdout: Any) -> subprocess.CompletedProcess[bytes
     )
 
 
+def test_an_unknown_option_of_run_shows_runs_usage() -> None:
+    # It printed the top level's usage ("prismq-subprocess [-h] [--version] COMMAND ...").
+    result = cli("run", "--bogus", "--", "true")
+    assert result.returncode == 2
+    assert b"usage: prismq-subprocess run" in result.stderr, result.stderr
+    assert b"unrecognized arguments: --bogus" in result.stderr
+
+
 @posix_only
 def test_a_script_without_a_shebang_line_is_not_executable_126(tmp_path: Path) -> None:
     # ENOEXEC exited 125 ("could not be started"); GNU env, whose codes we follow, says 126.

@@ -156,6 +156,13 @@ class TaskHandle(str):
         return (str, (str(self),))
 
 
+def _picked_up(run: Run) -> bool:
+    """Whether ``run`` is a copy of another process's run, as read from a registry: its start
+    is a pick-up of the stored run (claimed, never added again: retention may have removed it
+    since it was read, and the job would run a second time)."""
+    return run.owner is not None and run.owner != RunOwner.current()
+
+
 def _as_pending(run: Run) -> Run:
     """A copy of ``run`` as it was stored before it was marked (PENDING, nothing recorded)."""
     pending = run.copy()
@@ -601,9 +608,7 @@ class BackgroundTaskManager(AsyncResource):
         try:
             try:
                 try:
-                    if run.owner is not None and run.owner != RunOwner.current():
-                        # A run as read from the registry (another process's): a pick-up. It
-                        # is claimed, never added again (one retention removed meanwhile).
+                    if _picked_up(run):
                         await self._take_over(run)
                     elif direct is None:
                         await registry.add_run(run)
@@ -654,10 +659,7 @@ class BackgroundTaskManager(AsyncResource):
                             direct._update_run_now(run)
                         else:  # patched while the run waited for its slot or admission
                             await registry.update_run(run)
-                    except RunClaimedError as exc:
-                        # Another process picked the run up while it was queued here: it runs
-                        # it and records it; this process neither (one run id, one job).
-                        logger.warning("background run %s not started here: %s", run.run_id, exc)
+                    except RunClaimedError:
                         claimed = True
                     except Exception as exc:
                         self._save_failed(run, exc)
@@ -668,12 +670,13 @@ class BackgroundTaskManager(AsyncResource):
                         claimed = not await registry.claim_run(run, RunOwner.current())
                     except Exception as exc:
                         self._save_failed(run, exc)
-                    if claimed:
-                        logger.warning(
-                            "background run %s not started here: another process claimed it",
-                            run.run_id,
-                        )
                 if claimed:
+                    # Another process picked the run up while it was queued here: it runs it
+                    # and records it; this process neither (one run id, one job).
+                    logger.warning(
+                        "background run %s not started here: another process claimed it",
+                        run.run_id,
+                    )
                     if entry.opened_output and self.output is not None:
                         self.output.forget(run.run_id)
                 else:
@@ -734,7 +737,11 @@ class BackgroundTaskManager(AsyncResource):
             entry.manager = None
 
     async def _store(self, run: Run) -> None:
-        """Add ``run`` to the registry, or take over the PENDING run the caller added."""
+        """Add ``run`` to the registry, or take over the PENDING run the caller added (or the
+        stored run a copy of which was passed: a pick-up, never added again)."""
+        if _picked_up(run):
+            await self._take_over(run)
+            return
         try:
             await self.registry.add_run(run)
         except DuplicateRunError:

@@ -127,13 +127,16 @@ def _exit_code(returncode: int) -> int:
 
 
 class _Pump:
-    """One stream's forwarder: its task, and whether it is writing to our side right now."""
+    """One stream's forwarder (:func:`_forward`, started at once): its task, and whether it is
+    writing to our side right now."""
 
     __slots__ = ("task", "writing")
 
-    def __init__(self) -> None:
+    def __init__(
+        self, stream: Any, write: Callable[[bytes], None], on_error: Callable[[Exception], None]
+    ) -> None:
         self.writing = False
-        self.task: asyncio.Task[None] | None = None
+        self.task = asyncio.ensure_future(_forward(stream, write, on_error, self))
 
 
 async def _forward(
@@ -325,7 +328,7 @@ class _Runner:
         off: it waits for whoever reads our output (a pager read later), and what it forwards
         is the command's output.
         """
-        tasks = {p.task: p for p in pumps if p.task is not None and not p.task.done()}
+        tasks = {p.task: p for p in pumps if not p.task.done()}
         # Without stop_leftovers the tree was stopped already (a timeout, a signal).
         pending = await _settled(tasks, _DRAIN_SECONDS, patient=not stop_leftovers)
         if pending and stop_leftovers:
@@ -376,14 +379,11 @@ class _Runner:
 
     async def _supervise(self, process: pq.abc.ProcessLike) -> int:
         out, err = _writer(sys.stdout), _writer(sys.stderr)
-        pumps = [_Pump(), _Pump()]
-        for pump, stream, write in zip(
-            pumps, (process.stdout, process.stderr), (out, err), strict=True
-        ):
-            pump.task = asyncio.ensure_future(
-                _forward(stream, write, self._on_output_error, pump)
-            )
-        tasks = [pump.task for pump in pumps if pump.task is not None]
+        pumps = [
+            _Pump(process.stdout, out, self._on_output_error),
+            _Pump(process.stderr, err, self._on_output_error),
+        ]
+        tasks = [pump.task for pump in pumps]
         try:
             scope = asyncio.timeout(self.args.timeout)
             try:

@@ -1019,6 +1019,12 @@ async def test_a_picked_up_run_removed_meanwhile_is_not_run_again(tmp_path: Path
         async with BackgroundTaskManager(registry) as manager:
             with pytest.raises(DuplicateRunError, match="not stored"):
                 await manager.start_task(listed, job())
+            # Nor when its task is cancelled before the first step (recorded CANCELLED: it was
+            # added again so).
+            handle = manager.start_task(listed.copy(), job())
+            manager.tasks[handle].cancel()
+            with pytest.raises(DuplicateRunError, match="not stored"):
+                await handle
         assert await registry.get_run("r") is None
     assert ran == []
 

@@ -105,6 +105,14 @@ GATED = textwrap.dedent(
 )
 
 
+# Ignores SIGTERM: only a kill stops it.
+STUBBORN = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(300)\n"
+)
+
 # Prints until it dies (of a broken pipe, once nobody reads its output); its child prints nothing.
 PRINTER = textwrap.dedent(
     """
@@ -562,12 +570,7 @@ async def test_host_shutdown_kills_a_cluster_run_once_the_hosts_grace_is_over(
     # The module ignores SIGTERM and the runner's grace is long: only the host shutdown's
     # kill, after its own shorter grace, stops it within the promised grace + 2 s.
     script = tmp_path / "stubborn.py"
-    script.write_text(
-        "import signal, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(300)\n"
-    )
+    script.write_text(STUBBORN)
     runner = ModuleRunner(
         RunRegistry(), output=OutputCapture(), backend=DaskBackend(client), grace_period=30.0
     )
@@ -1160,12 +1163,7 @@ async def test_a_stop_a_live_worker_does_not_confirm_in_time_sends_no_reaper(
     # with another worker on the host, cut the module's grace short: review.)
     caplog.set_level(logging.INFO, logger="prismq_subprocess.dask")
     script = tmp_path / "stubborn.py"
-    script.write_text(
-        "import signal, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(300)\n"
-    )
+    script.write_text(STUBBORN)
     backend = DaskBackend(client, cancel_timeout=1.0)
     runner = ModuleRunner(
         RunRegistry(), output=OutputCapture(), backend=backend, grace_period=4.0

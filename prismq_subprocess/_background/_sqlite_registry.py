@@ -66,7 +66,8 @@ from .._core._exceptions import (
     RegistrySchemaError,
     RunStateError,
 )
-from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphans
+from .._platform import platform_ops
+from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_left_behind
 from ._memory_registry import (
     BaseRunRegistry,
     _check_claim,
@@ -100,7 +101,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The schema version this library writes (stored in ``PRAGMA user_version``)."""
 
 APPLICATION_ID = 0x50725153
@@ -262,6 +263,18 @@ def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE runs ADD COLUMN child_cookie TEXT")
 
 
+def _migrate_5_to_6(conn: sqlite3.Connection) -> None:
+    # The containment cookie variable (PRISMQ_RUN_<token>) every child of an owner process
+    # carries, noted with that owner's first run: recovery stops what still carries a dead
+    # owner's variable when one of its runs has no child on record (the owner died between the
+    # spawn and record_child, or a coroutine run started children of its own).
+    conn.execute(
+        "CREATE TABLE run_owners (owner_host TEXT NOT NULL, owner_pid INTEGER NOT NULL, "
+        "owner_started_at REAL NOT NULL, cookie_variable TEXT NOT NULL, "
+        "PRIMARY KEY (owner_host, owner_pid, owner_started_at))"
+    )
+
+
 # _MIGRATIONS[n] upgrades a file at user_version n to n + 1. Add an entry (and bump
 # SCHEMA_VERSION) to change the schema; every step runs inside one write transaction.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
@@ -270,7 +283,18 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     2: _migrate_2_to_3,
     3: _migrate_3_to_4,
     4: _migrate_4_to_5,
+    5: _migrate_5_to_6,
 }
+
+_NOTE_OWNER = "INSERT OR IGNORE INTO run_owners VALUES (?, ?, ?, ?)"
+
+
+def _own_cookie_variable(owner: RunOwner) -> str | None:
+    """The cookie variable this process's children carry, if ``owner`` is this process and
+    its children carry one."""
+    if owner != RunOwner.current():
+        return None
+    return platform_ops().containment_report().cookie_variable
 
 # Seconds a recovered orphan's tree gets between SIGTERM and SIGKILL.
 _ORPHAN_GRACE = 5.0
@@ -874,26 +898,44 @@ class _Database:
         return runs
 
     def _stop_orphans(self) -> dict[str, str]:
-        """Stop the trees that dead owners' runs left running, where the recorded child is
-        proven to be the run's (pid, start time, cookie); return what was stopped, by run id.
-        Outside any transaction: a stop takes up to the grace period."""
+        """Stop the trees that dead owners' runs left running; return what was stopped, by
+        run id. A run's recorded child must be proven the run's (pid, start time, cookie); for a
+        run without one (its owner died before recording it, or a coroutine run), what still
+        carries its dead owner's cookie variable is stopped. Outside any transaction: a stop
+        takes up to the grace period."""
         rows = self.conn.execute(
             "SELECT run_id, pid, child_started_at, child_cookie, owner_host, owner_pid, "
-            f"owner_started_at FROM runs WHERE status IN ({_ACTIVE_SQL}) "
-            "AND child_started_at IS NOT NULL AND pid IS NOT NULL AND worker IS NULL"
+            f"owner_started_at FROM runs WHERE status IN ({_ACTIVE_SQL}) AND worker IS NULL"
         ).fetchall()
+        variables = {
+            (host, pid, started): str(variable)
+            for host, pid, started, variable in self.conn.execute(
+                "SELECT owner_host, owner_pid, owner_started_at, cookie_variable FROM run_owners"
+            )
+        }
+        dead: dict[tuple[Any, Any, Any], bool] = {}
         orphans: dict[str, ProcessIdentity] = {}
+        unrecorded: dict[str, str] = {}  # run id -> its dead owner's cookie variable
         for run_id, pid, started, cookie, host, owner_pid, owner_started in rows:
+            key = (host, owner_pid, owner_started)
             try:
-                owner = RunOwner(host, owner_pid, owner_started) if host is not None else None
-                if owner is not None and owner.is_alive():
+                if key not in dead:
+                    owner = _owner_of(*key)
+                    dead[key] = owner is None or not owner.is_alive()
+                if not dead[key]:
                     continue
-                orphans[str(run_id)] = ProcessIdentity(int(pid), float(started), cookie)
+                if started is not None and pid is not None:
+                    orphans[str(run_id)] = ProcessIdentity(int(pid), float(started), cookie)
+                elif key in variables:
+                    unrecorded[str(run_id)] = variables[key]
             except (TypeError, ValueError):
                 continue  # a damaged row: recover() quarantines it
-        if not orphans:
+        if not orphans and not unrecorded:
             return {}
-        stops = stop_orphans(list(orphans.values()), _ORPHAN_GRACE)
+        owners_variables = sorted(set(unrecorded.values()))
+        stops, by_variable = stop_left_behind(
+            list(orphans.values()), owners_variables, _ORPHAN_GRACE
+        )
         stopped: dict[str, str] = {}
         for (run_id, identity), stop in zip(orphans.items(), stops, strict=True):
             if stop.check is OrphanCheck.VERIFIED:
@@ -919,7 +961,45 @@ class _Database:
                     f"; its child (pid {identity.pid}) had exited, but {stop.stopped} process(es)"
                     " of its tree were still running and were stopped"
                 )
+        count_of = dict(zip(owners_variables, by_variable, strict=True))
+        for run_id, variable in unrecorded.items():
+            count = count_of[variable]
+            if count:
+                logger.warning(
+                    "run %s: its owner died with no child of the run on record; %d process(es) "
+                    "it had started (cookie variable %s) were still running and were stopped",
+                    run_id,
+                    count,
+                    variable,
+                )
+                stopped[run_id] = (
+                    f"; {count} process(es) its owner had started were still running and were "
+                    "stopped (no child of the run was on record)"
+                )
         return stopped
+
+    @staticmethod
+    def _forget_dead_owners(conn: sqlite3.Connection) -> None:
+        """Drop the cookie variables of owners that are gone and have no unfinished run left
+        (recovery has just marked theirs INTERRUPTED; a live owner's note must stay, it is
+        written only once)."""
+        active = {
+            tuple(row)
+            for row in conn.execute(
+                "SELECT DISTINCT owner_host, owner_pid, owner_started_at FROM runs "
+                f"WHERE status IN ({_ACTIVE_SQL})"
+            )
+        }
+        for key in conn.execute(
+            "SELECT owner_host, owner_pid, owner_started_at FROM run_owners"
+        ).fetchall():
+            owner = _owner_of(*key)
+            if tuple(key) not in active and (owner is None or not owner.is_alive()):
+                conn.execute(
+                    "DELETE FROM run_owners WHERE owner_host = ? AND owner_pid = ? "
+                    "AND owner_started_at = ?",
+                    tuple(key),
+                )
 
     def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
         return self.write(
@@ -952,14 +1032,28 @@ class _Database:
                 values = _row_values(run)
                 conn.execute(_UPDATE, (*values[1:], run.run_id))
                 recovered.append(run.run_id)
+            self._forget_dead_owners(conn)
             return recovered
 
         return self.write(step)
 
     # add and update take the run as its row (_row_values, made by the caller on its loop):
     # the snapshot a write needs, taken without copying the Run and its containers first.
-    def add(self, values: tuple[Any, ...], max_runs: int | None, max_age: timedelta | None) -> None:
+    def add(
+        self,
+        values: tuple[Any, ...],
+        max_runs: int | None,
+        max_age: timedelta | None,
+        variable: str | None = None,
+    ) -> None:
+        """Insert a run's row; ``variable``: note it as the run's owner's cookie variable in the
+        same transaction (see _migrate_5_to_6)."""
+
         def step(conn: sqlite3.Connection) -> None:
+            if variable is not None:
+                # (Kept even if the insert fails: a true fact, harmless, and it spares a
+                # savepoint inside a group.)
+                conn.execute(_NOTE_OWNER, (*(values[i] for i in _OWNER_AT), variable))
             try:
                 conn.execute(_INSERT, values)
             except sqlite3.IntegrityError as exc:
@@ -1010,14 +1104,19 @@ class _Database:
 
         self.write(step, atomic=True)
 
-    def claim(self, values: tuple[Any, ...], owner: RunOwner | None) -> bool:
+    def claim(
+        self, values: tuple[Any, ...], owner: RunOwner | None, variable: str | None = None
+    ) -> bool:
         """Store a PENDING run's row if the stored one is PENDING with ``owner``: one
-        statement, so two processes cannot both see the old owner and both write."""
+        statement, so two processes cannot both see the old owner and both write.
+        ``variable``: as for :meth:`add`."""
         expected = (
             (None, None, None) if owner is None else (owner.host, owner.pid, owner.started_at)
         )
 
         def step(conn: sqlite3.Connection) -> bool:
+            if variable is not None:
+                conn.execute(_NOTE_OWNER, (*(values[i] for i in _OWNER_AT), variable))
             return conn.execute(_CLAIM, (*values[1:], values[0], *expected)).rowcount == 1
 
         return self.write(step, atomic=True)
@@ -1174,6 +1273,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
         self.busy_timeout = seconds
         self.read_only = bool(read_only)
         self.interrupted_run_ids: list[str] = []
+        # The owner (this process's RunOwner) whose cookie variable is on file (see add_run).
+        self._noted_owner: RunOwner | None = None
         self._executor: SQLiteWorker | None = None
         self._db: _Database | None = None
         # Opening and closing may be asked for by several event loops (threads) at once: their
@@ -1308,6 +1409,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 self._opening = None
                 self._opened = []
                 self._db = db
+                self._noted_owner = None
                 self.interrupted_run_ids = recovered
                 taken = True
         if taken and recovered:
@@ -1377,8 +1479,10 @@ class SQLiteRunRegistry(BaseRunRegistry):
             db = await self._database()
         if db.read_only:  # before the caller's run is touched
             self._check_writable(db)
-        if run.owner is None:
-            run.owner = RunOwner.current()
+        owner = run.owner
+        if owner is None:
+            owner = run.owner = RunOwner.current()
+        variable = None if owner is self._noted_owner else self._owner_note(owner)
         executor = self._executor
         if executor is None:  # closed meanwhile, from another loop
             raise self._closed_error()
@@ -1386,11 +1490,13 @@ class SQLiteRunRegistry(BaseRunRegistry):
         # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
         try:
             await executor.enqueue(
-                db.add, (_row_values(run, adding=True), self.max_runs, self.max_age), db
+                db.add, (_row_values(run, adding=True), self.max_runs, self.max_age, variable), db
             )
         except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise
+        if variable is not None:
+            self._noted_owner = owner
 
     async def update_run(self, run: Run) -> None:
         db = self._db
@@ -1416,17 +1522,33 @@ class SQLiteRunRegistry(BaseRunRegistry):
         _check_claim(run, owner)
         if run.owner is None:
             run.owner = RunOwner.current()  # as add_run stamps it
+        new_owner = run.owner
         db = await self._database()
         if db.read_only:
             self._check_writable(db)
+        variable = None if new_owner is self._noted_owner else self._owner_note(new_owner)
         executor = self._executor
         if executor is None:
             raise self._closed_error()
         try:
-            return await executor.enqueue(db.claim, (_row_values(run), owner), db)
+            claimed = await executor.enqueue(
+                db.claim, (_row_values(run), owner, variable), db
+            )
         except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise
+        if variable is not None:
+            self._noted_owner = new_owner
+        return claimed
+
+    def _owner_note(self, owner: RunOwner) -> str | None:
+        """The cookie variable to note with a run of ``owner`` (its children carry it) before
+        the run can start a child; None when there is nothing to note (another process's
+        owner, no cookies here)."""
+        variable = _own_cookie_variable(owner)
+        if variable is None and owner == RunOwner.current():
+            self._noted_owner = owner  # nothing to note for this process, ever
+        return variable
 
     async def get_run(self, run_id: str) -> Run | None:
         run_id = run_id_of(run_id)

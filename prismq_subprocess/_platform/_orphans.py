@@ -13,6 +13,11 @@ The child itself is often gone by then while its descendants are not: it wrote t
 dead owner read and died of the broken pipe. What still holds the run's cookie is stopped then
 too (with everything below it): the variable's name is unique to the dead host process and its
 value to the run, so only that run's descendants can hold it.
+
+A host can also die before it recorded its child (between the spawn and the record), or have
+started children in a run that records none (a coroutine run). A registry notes each owner's
+cookie variable before its first run; what still holds a dead owner's variable, whatever the
+value, is what that host started, and is stopped the same way (:func:`stop_left_behind`).
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ __all__ = [
     "OrphanCheck",
     "OrphanStop",
     "ProcessIdentity",
+    "stop_left_behind",
     "stop_orphan_tree",
     "stop_orphan_trees",
     "stop_orphans",
     "verify_orphan",
     "well_formed_cookie",
+    "well_formed_variable",
 ]
 
 # How long, and how often, a process caught inside its exec is read again (see verify_orphan).
@@ -154,15 +161,15 @@ def _environ_cookies(pid: int, names: Collection[str], proc_root: str | None) ->
 
 
 def _trees(
-    marks: Sequence[tuple[int | None, str, str]],
+    marks: Sequence[tuple[int | None, str, str | None]],
     proc_root: str | None,
     roots_seen: list[float | None],
     *,
     first: bool,
 ) -> list[list[psutil.Process]]:
     """For each mark ``(pid, variable, value)``: the child at ``pid`` (``None``: it is gone),
-    every holder of its cookie, and everything below them; one look at the process table for
-    all.
+    every holder of its cookie (of ``variable`` with any value where ``value`` is ``None``),
+    and everything below them; one look at the process table for all.
 
     ``roots_seen``: the start (the table's unit) of each mark's child, as the first look saw
     it, which records it; a later look takes the process at ``pid`` only if it is that one (the
@@ -170,17 +177,16 @@ def _trees(
     killed)."""
     table: ProcessTable = scan_proc(proc_root) if proc_root is not None else scan_psutil()
     me = os.getpid()
-    wanted_values: dict[str, set[str]] = {}
-    for _, name, value in marks:
-        wanted_values.setdefault(name, set()).add(value)
-    index = {(name, value): i for i, (_, name, value) in enumerate(marks)}
+    names = {name for _, name, _ in marks}
+    index: dict[tuple[str, str | None], list[int]] = {}
+    for i, (_, name, value) in enumerate(marks):
+        index.setdefault((name, value), []).append(i)
     roots: list[list[ProcessEntry]] = [[] for _ in marks]
     for entry in table.entries.values():
         if entry.pid == me:
             continue
-        for held in _environ_cookies(entry.pid, wanted_values, proc_root).items():
-            i = index.get(held)
-            if i is not None:
+        for name, value in _environ_cookies(entry.pid, names, proc_root).items():
+            for i in (*index.get((name, value), ()), *index.get((name, None), ())):
                 roots[i].append(entry)
     for i, (pid, _, _) in enumerate(marks):
         child = table.entries.get(pid) if pid is not None else None
@@ -242,6 +248,13 @@ def well_formed_cookie(cookie: str) -> bool:
     return _well_formed(cookie) is not None
 
 
+def well_formed_variable(variable: str) -> bool:
+    """Whether ``variable`` has the form of a host process's cookie variable,
+    ``PRISMQ_RUN_<token>`` (the token: letters and digits)."""
+    token = variable[len(COOKIE_PREFIX) :] if variable.startswith(COOKIE_PREFIX) else ""
+    return token.isascii() and token.isalnum()
+
+
 def stop_orphans(
     identities: Sequence[ProcessIdentity], grace: float = 5.0, proc_root: str | None = None
 ) -> list[OrphanStop]:
@@ -249,13 +262,28 @@ def stop_orphans(
     where the child is GONE, what still holds its cookie and everything below that. One grace
     period and a few looks at the process table for all; returns one :class:`OrphanStop` per
     identity, in order. Blocking."""
+    return stop_left_behind(identities, (), grace, proc_root)[0]
+
+
+def stop_left_behind(
+    identities: Sequence[ProcessIdentity],
+    variables: Sequence[str],
+    grace: float = 5.0,
+    proc_root: str | None = None,
+) -> tuple[list[OrphanStop], list[int]]:
+    """:func:`stop_orphans` for ``identities`` and, in the same grace period, every process
+    holding one of the cookie ``variables`` (``PRISMQ_RUN_<token>``, any value) and everything
+    below it: what a dead host process started, whatever became of its records. Call it only
+    for variables of hosts known to be dead (a live host's children hold its variable too).
+    Returns the stops of ``identities`` and the number of processes stopped for each
+    variable, in order (0 for a malformed one). Blocking."""
     for identity in identities:
         if not isinstance(identity, ProcessIdentity):
             raise TypeError(f"expected a ProcessIdentity, not {type(identity).__name__}")
     root = proc_root or _default_proc_root()
     checks = [verify_orphan(identity, root) for identity in identities]
-    marks: list[tuple[int | None, str, str]] = []
-    owners: list[int] = []  # the identity of each mark
+    marks: list[tuple[int | None, str, str | None]] = []
+    owners: list[int] = []  # the identity (or, past len(identities), the variable) of each mark
     for i, (identity, check) in enumerate(zip(identities, checks, strict=True)):
         cookie = _well_formed(identity.cookie)
         if cookie is None:
@@ -269,9 +297,13 @@ def stop_orphans(
         else:
             continue
         owners.append(i)
-    stopped = [0] * len(identities)
+    for i, variable in enumerate(variables, len(identities)):
+        if isinstance(variable, str) and well_formed_variable(variable):
+            marks.append((None, variable, None))
+            owners.append(i)
+    stopped = [0] * (len(identities) + len(variables))
     if not marks:
-        return [OrphanStop(check, 0) for check in checks]
+        return [OrphanStop(check, 0) for check in checks], stopped[len(identities) :]
     roots_seen: list[float | None] = [None] * len(marks)
     trees = _trees(marks, root, roots_seen, first=True)
     procs = [p for tree in trees for p in tree]
@@ -284,7 +316,8 @@ def stop_orphans(
     _wait([*left, *late], _KILL_WAIT)
     for i, tree, late_tree in zip(owners, trees, late_trees, strict=True):
         stopped[i] = len({p.pid for p in (*tree, *late_tree)})
-    return [OrphanStop(check, n) for check, n in zip(checks, stopped, strict=True)]
+    stops = [OrphanStop(check, n) for check, n in zip(checks, stopped, strict=False)]
+    return stops, stopped[len(identities) :]
 
 
 def stop_orphan_trees(

@@ -543,7 +543,8 @@ async def test_an_older_file_is_upgraded_and_keeps_its_runs(tmp_path: Path, vers
             ('{"n": 1}', '["hi"]', owner.host, owner.pid, owner.started_at),
         )
     raw.close()
-    assert sqlite_registry.SCHEMA_VERSION == 5  # 4 added the cluster worker column, 5 the child
+    # 4 added the cluster worker column, 5 the child's identity, 6 the owners' cookie variables
+    assert sqlite_registry.SCHEMA_VERSION == 6
     async with pq.SQLiteRunRegistry(path) as registry:
         run = await registry.get_run("old")
         assert run is not None

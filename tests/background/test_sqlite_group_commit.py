@@ -419,7 +419,9 @@ async def test_recover_orphans_stops_trees_outside_the_write_lock(
     path = tmp_path / "r.db"
     seen: list[str] = []
 
-    def probe(identities: list[ProcessIdentity], grace: float) -> list[OrphanStop]:
+    def probe(
+        identities: list[ProcessIdentity], variables: list[str], grace: float
+    ) -> tuple[list[OrphanStop], list[int]]:
         other = sqlite3.connect(path, timeout=0, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
@@ -429,9 +431,9 @@ async def test_recover_orphans_stops_trees_outside_the_write_lock(
             seen.append("held")
         finally:
             other.close()
-        return [OrphanStop(OrphanCheck.GONE, 0)] * len(identities)
+        return [OrphanStop(OrphanCheck.GONE, 0)] * len(identities), [0] * len(variables)
 
-    monkeypatch.setattr(module, "stop_orphans", probe)
+    monkeypatch.setattr(module, "stop_left_behind", probe)
     dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
     await dead.wait()
     async with SQLiteRunRegistry(path) as registry:

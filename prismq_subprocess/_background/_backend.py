@@ -88,7 +88,11 @@ class RunContext:
 
     Attributes:
         output: receives the run's lines as they arrive (``None``: only ``output_tail``).
-        save: records the run's current state in the host's registry (never raises).
+        save: records the run's current state in the host's registry (never raises). It
+            returns ``False`` when the registry refused the record because another process
+            claimed the run (``claim_run``: a pick-up while it was PENDING here): the backend
+            then stops what it started for the run, records nothing more, and :meth:`execute`
+            raises :class:`RunClaimedError`.
         finish: records the run's final state: closes its output first (so a process that
             follows the run's log until the registry says it finished gets every line), then
             saves it (never raises).
@@ -100,7 +104,7 @@ class RunContext:
     """
 
     output: OutputCapture | None
-    save: Callable[[Run], Awaitable[None]]
+    save: Callable[[Run], Awaitable[bool | None]]
     finish: Callable[[Run], Awaitable[None]]
     cancel_reason: Callable[[], str | None]
     background: bool
@@ -129,6 +133,10 @@ class RunBackend(AsyncResource):
         Cancellation: the child's tree is stopped and, for a foreground run
         (``context.background`` false), the run recorded CANCELLED; then ``CancelledError``
         propagates.
+
+        Raises:
+            RunClaimedError: ``context.save`` returned ``False`` (another process claimed the
+                run); what was started for it has been stopped.
         """
 
     @abc.abstractmethod

@@ -222,10 +222,24 @@ def reason_text(reason: object) -> str:
 def claimed_by_another(run_id: str, owner: RunOwner | None) -> RunClaimedError:
     """The error of an update whose copy names another owner than the stored run's."""
     where = "another process" if owner is None else f"pid {owner.pid} on {owner.host}"
-    return RunClaimedError(
+    error = RunClaimedError(
         f"cannot store run {run_id}: {where} claimed it since this copy was read; it is that "
         "process's to run and record (nothing was changed)"
     )
+    error.run_id = run_id
+    return error
+
+
+def stopped_for_claim(run_id: str, pid: int | None) -> RunClaimedError:
+    """The error of a runner that started a child for ``run_id`` and then found the run
+    claimed by another process (its RUNNING record refused): the child was stopped."""
+    what = "its child here" if pid is None else f"its child here (pid {pid})"
+    error = RunClaimedError(
+        f"run {run_id} was claimed by another process before it was recorded running here; "
+        f"{what} was stopped, and nothing more is recorded here (the run is that process's)"
+    )
+    error.run_id = run_id
+    return error
 
 
 def _check_claim(run: Run, owner: RunOwner | None) -> None:

@@ -31,6 +31,7 @@ from .._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidRunModeError,
     OutputClosedError,
+    RunClaimedError,
     RunnerClosedError,
     ScriptNotFoundError,
     TaskManagerClosedError,
@@ -55,7 +56,7 @@ from ._backend import ModuleJob, RunBackend, RunContext, check_resources
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._line_batches import iter_line_batches
-from ._memory_registry import BaseRunRegistry, reason_text, run_id_of
+from ._memory_registry import BaseRunRegistry, reason_text, run_id_of, stopped_for_claim
 from ._module_args import check_args, check_parameters, parameters_to_args
 from ._output_capture import OutputCapture, end_code
 from ._output_tail import OutputTail
@@ -714,9 +715,14 @@ class ModuleRunner(AsyncClosing):
         if opened and self.output is not None:
             self.output.forget(run_id)
 
-    async def _save(self, run: Run, *, missing_ok: bool = False) -> None:
+    async def _save(self, run: Run, *, missing_ok: bool = False) -> bool:
+        """Record ``run``; ``False`` only if another process claimed it (a pick-up while it
+        was PENDING here): it is that process's to run and record now."""
         try:
             await self.registry.update_run(run)
+        except RunClaimedError as exc:
+            logger.warning("run %s (%s) not recorded here: %s", run.run_id, run.status.value, exc)
+            return False
         except Exception as exc:
             # The run itself must go on; a registry failure is reported, not propagated.
             if not missing_ok:
@@ -724,6 +730,7 @@ class ModuleRunner(AsyncClosing):
                 if worth_retrying(run, exc):
                     # Nobody writes a finished run again: it would stay RUNNING for good.
                     self._unsaved.add(run)
+        return True
 
     async def _record_final(self, run: Run) -> None:
         """Close the run's output (so its log file is complete), then record its final status:
@@ -745,6 +752,7 @@ class ModuleRunner(AsyncClosing):
             done = self._begin(run)
         if not background:
             self._watcher.watch(run.run_id)
+        claimed = False
         try:
             reason = self._cancel_reasons.get(run.run_id)
             if reason is not None:
@@ -759,6 +767,9 @@ class ModuleRunner(AsyncClosing):
                     self._context(run.run_id, background),
                 )
             return await self._supervise(run, launch, background=background)
+        except RunClaimedError as exc:
+            claimed = exc.run_id == run.run_id
+            raise
         finally:
             self._watcher.unwatch(run.run_id)
             try:
@@ -767,13 +778,18 @@ class ModuleRunner(AsyncClosing):
                 if self.output is not None and not (
                     background and manager is not None and manager.output is self.output
                 ):
-                    finished = run.is_finished
-                    with shielded_if_cancelled():  # a cancelled anyio scope: still closed
-                        await self.output.close_run(
-                            run.run_id,
-                            status=run.status if finished else None,
-                            exit_code=end_code(run.exit_code) if finished else None,
-                        )
+                    if claimed:
+                        # Released without an end: the run goes on in the process that
+                        # claimed it, whose lines a shared log directory holds.
+                        self.output.forget(run.run_id)
+                    else:
+                        finished = run.is_finished
+                        with shielded_if_cancelled():  # a cancelled anyio scope: still closed
+                            await self.output.close_run(
+                                run.run_id,
+                                status=run.status if finished else None,
+                                exit_code=end_code(run.exit_code) if finished else None,
+                            )
             finally:
                 self._end(run, done)
 
@@ -871,7 +887,11 @@ class ModuleRunner(AsyncClosing):
             if run_id in self._cancel_reasons:
                 # cancel() came while the child was being spawned, before it could be stopped.
                 await self.processes.stop(run_id, self.grace_period)
-            await self._save(run)
+            if not await self._save(run):
+                # Another process picked the run up between its add and this record (a
+                # deliberate pick-up of a PENDING run): the run is its job now, not ours.
+                await child.abort()
+                raise stopped_for_claim(run_id, process.pid)
             await self._record_child(run_id, process)
             sampler.start()
             try:

@@ -692,10 +692,22 @@ class BackgroundTaskManager(AsyncResource):
                 current.uncancel()
             outcome = (RunStatus.CANCELLED, entry.cancel_reason or "cancelled", None)
         except Exception as exc:
-            logger.error(
-                "background run %s (%s) failed", run.run_id, run.module_name or "?", exc_info=exc
-            )
-            outcome = (RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None)
+            if isinstance(exc, RunClaimedError) and exc.run_id == run.run_id:
+                # Its runner found the run claimed by another process as it started it (a
+                # cluster job picked up while queued there) and stopped its child: the run is
+                # that process's to record.
+                claimed = True
+                logger.warning("background run %s stopped: %s", run.run_id, exc)
+                if entry.opened_output and self.output is not None:
+                    self.output.forget(run.run_id)
+            else:
+                logger.error(
+                    "background run %s (%s) failed",
+                    run.run_id,
+                    run.module_name or "?",
+                    exc_info=exc,
+                )
+                outcome = (RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None)
         except BaseException as exc:
             outcome = (RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None)
             reraise = exc

@@ -237,7 +237,12 @@ class RunStateError(PrismQError, ValueError):
 class RunClaimedError(RunStateError):
     """Raised by ``update_run`` for a run another process owns now: it claimed the run (a
     pick-up, ``claim_run``) after this copy was read. Nothing is changed; the run is that
-    process's to run and record. ``BackgroundTaskManager`` then drops its own start of it."""
+    process's to run and record. ``BackgroundTaskManager`` then drops its own start of it, and
+    ``ModuleRunner`` stops the child it had started for it (also on a cluster) and raises it.
+    """
+
+    #: The id of the run claimed (``None`` where unknown).
+    run_id: str | None = None
 
 
 def _describe(cmd: Sequence[str] | str) -> str:

@@ -17,6 +17,7 @@ from distributed.comm.addressing import get_address_host
 from distributed.scheduler import KilledWorker
 
 from .._background._backend import ModuleJob, RunBackend, RunContext, check_resources
+from .._background._memory_registry import stopped_for_claim
 from .._background._run_record import Run, RunStatus
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._exceptions import (
@@ -138,6 +139,9 @@ class _Remote:
         self.kill_sent = False
         self.withdrawn = False  # taken off the cluster by client.cancel, result unknown
         self.unconfirmed = False
+        # Another process claimed the run while its job waited in the cluster's queue: the
+        # host's RUNNING record was refused; the job is stopped and nothing more recorded.
+        self.claimed = False
         self.wake = asyncio.Event()
 
 
@@ -418,6 +422,8 @@ class DaskBackend(RunBackend):
         Raises:
             BackendClosedError: after :meth:`aclose`.
             DuplicateRunError: a run with this id is already executing on this backend.
+            RunClaimedError: another process claimed the run while its job waited in the
+                cluster's queue (its RUNNING record was refused); the job was stopped.
         """
         self._check_open()
         if run.run_id in self._remotes:
@@ -540,8 +546,17 @@ class DaskBackend(RunBackend):
 
     async def _record_start(self, remote: _Remote) -> None:
         try:
-            if self._apply_start(remote) and not remote.run.is_finished:
-                await remote.context.save(remote.run)
+            if (
+                self._apply_start(remote)
+                and not remote.run.is_finished
+                and not remote.claimed
+                and await remote.context.save(remote.run) is False
+            ):
+                # Picked up by another process (claim_run) while the job waited in the
+                # cluster's queue: that process runs the run now; its job here is stopped at
+                # once (the _follow loop sends the cancel next).
+                remote.claimed = True
+                remote.cancel_requested = True
         finally:
             if remote.start is None:  # (a newer start that came meanwhile is recorded next)
                 remote.start_recorded.set()
@@ -609,6 +624,10 @@ class DaskBackend(RunBackend):
             # Whatever the run is recorded as (a host's cancel may have come meanwhile), the
             # tree its dead worker left running is stopped from another worker.
             self._reap_later(remote)
+        if remote.claimed:
+            if host_cancelled:
+                return  # (the cancellation propagates; nothing is recorded either way)
+            raise stopped_for_claim(run.run_id, remote.pid)
         if host_cancelled:
             if remote.context.background:
                 return  # the task manager records the cancelled run with its own reason

@@ -24,6 +24,7 @@ from prismq_subprocess._background._process_manager import ProcessManager
 from prismq_subprocess._core._exceptions import (
     InvalidIntervalError,
     InvalidParametersError,
+    RunClaimedError,
     RunnerClosedError,
     ScriptNotFoundError,
 )
@@ -427,6 +428,39 @@ async def test_stop_through_the_process_manager_is_a_cancel(
     run = await task
     assert run.status is pq.RunStatus.CANCELLED
     assert run.error_message == "stopped by the process manager"
+
+
+async def test_a_run_claimed_elsewhere_before_its_running_record_is_stopped_here(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    """Another process picked the run up (a deliberate pick-up: ``claim_run``) between its add
+    and the record of its child here: the record was refused, and the module ran on here all
+    the same, one run id with two jobs. Now its tree is stopped, nothing more is recorded, and
+    the caller learns why."""
+    elsewhere = pq.RunOwner("another-host", 4242, 1_700_000_000.5)
+    registry = runner.registry
+    update_run = registry.update_run
+
+    async def claimed_first(run: pq.Run) -> None:
+        if run.status is pq.RunStatus.RUNNING:
+            copy = await registry.get_run(run.run_id)
+            assert copy is not None
+            read_owner, copy.owner = copy.owner, elsewhere
+            assert await registry.claim_run(copy, read_owner)
+        await update_run(run)
+
+    registry.update_run = claimed_first  # type: ignore[method-assign]
+    mark, env = marked_env()
+    with pytest.raises(RunClaimedError, match="claimed") as caught:
+        await runner.execute_module(
+            "tree", "Tree", script(tmp_path, "tree", TREE), run_id="r1", env=env
+        )
+    assert caught.value.run_id == "r1"
+    assert await asyncio.to_thread(survivors_after, mark, 10) == []
+    stored = await registry.get_run("r1")
+    assert stored is not None
+    assert (stored.status, stored.owner) == (pq.RunStatus.PENDING, elsewhere)
+    assert runner.active_run_ids() == []
 
 
 async def test_a_start_under_way_when_the_runner_closes_says_the_runner_closed(

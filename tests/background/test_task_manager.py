@@ -26,7 +26,11 @@ import pytest
 from conftest import skip_on_uvloop
 
 from prismq_subprocess._background._cancel_result import CancelResult
-from prismq_subprocess._background._memory_registry import BaseRunRegistry, RunRegistry
+from prismq_subprocess._background._memory_registry import (
+    BaseRunRegistry,
+    RunRegistry,
+    stopped_for_claim,
+)
 from prismq_subprocess._background._output_capture import OutputCapture
 from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
 from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
@@ -956,6 +960,39 @@ async def test_a_queued_run_claimed_elsewhere_is_dropped_here_with_its_output(
         after = await stored(registry, "job1")
         assert (after.status, after.owner) == (RunStatus.PENDING, ELSEWHERE)
     assert ran == []
+
+
+async def test_a_run_its_runner_found_claimed_is_neither_failed_nor_closed_here(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A runner that records RUNNING itself (ModuleRunner on a cluster) learns only when its job
+    # starts that another process picked the run up while it waited in the cluster's queue; it
+    # stops its child and raises RunClaimedError. The manager logged that as a failed run
+    # (ERROR) and closed the run's output as FAILED, an end a shared log directory would show
+    # the followers of the run the other process is running.
+    path = tmp_path / "runs.db"
+    output = OutputCapture(log_dir=tmp_path / "logs")
+    async with SQLiteRunRegistry(path) as registry, SQLiteRunRegistry(path) as other:
+        async with BackgroundTaskManager(registry, output=output) as manager:
+
+            async def job() -> None:
+                copy = await stored(other, "job1")
+                read_owner, copy.owner = copy.owner, ELSEWHERE
+                assert await other.claim_run(copy, read_owner)
+                raise stopped_for_claim("job1", None)
+
+            with caplog.at_level(logging.WARNING):
+                await manager.start_task(
+                    Run(run_id="job1", module_id="m"), job(), marks_running=True
+                )
+                await manager.wait_all()
+        after = await stored(registry, "job1")
+        assert (after.status, after.owner) == (RunStatus.PENDING, ELSEWHERE)
+    await output.aclose()
+    assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.records
+    assert "another process" in caplog.records[0].getMessage()
+    log_text = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*") if p.is_file())
+    assert "failed" not in log_text.lower(), log_text
 
 
 async def test_a_run_taken_over_and_cancelled_before_its_first_step_is_recorded_cancelled(

@@ -645,6 +645,58 @@ async def test_cancel_while_queued_on_the_cluster_never_starts_it(
     assert not await cancel_event.is_set(), "closing the backend releases the event"
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["start_module", "execute_module"])
+async def test_a_run_claimed_elsewhere_while_queued_on_the_cluster_is_stopped_when_it_starts(
+    client: Any, scripts: dict[str, str], tmp_path: Path, background: bool
+) -> None:
+    """Another process picked the run up (a deliberate pick-up, ``claim_run``) while its job
+    waited in the cluster's queue. When a worker then started it, the host's RUNNING record
+    was refused and the module ran on all the same (one run id, two jobs; it never ended
+    here). Now the host stops it at once and records nothing more."""
+    gate = tmp_path / "gate"
+    marker = tmp_path / "claimed-started"
+    elsewhere = pq.RunOwner("another-host", 4242, 1_700_000_000.5)
+    path = tmp_path / "runs.db"
+    async with SQLiteRunRegistry(path) as registry, SQLiteRunRegistry(path) as other:
+        runner = runner_for(DaskBackend(client), registry)
+        async with runner:
+            blockers = await occupy_both_workers(runner, scripts["gated"], gate)
+            params = {"gate": str(tmp_path / "never"), "marker": str(marker)}
+            if background:
+                queued = await runner.start_module(
+                    "q", "gated", scripts["gated"], params, resources={"slots": SLOTS}
+                )
+                execution: asyncio.Future[Any] | None = None
+            else:
+                queued = "q1"
+                execution = asyncio.ensure_future(
+                    runner.execute_module(
+                        "q", "gated", scripts["gated"], params, run_id=queued,
+                        resources={"slots": SLOTS},
+                    )
+                )
+            async with asyncio.timeout(WAIT):
+                while (copy := await other.get_run(queued)) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # (a foreground run is stored by its task)
+            assert copy.status is RunStatus.PENDING
+            read_owner, copy.owner = copy.owner, elsewhere
+            assert await other.claim_run(copy, read_owner)
+            gate.touch()
+            for run_id in blockers:
+                assert (await finished(runner, run_id)).status is RunStatus.COMPLETED
+            # (It ran for good before: the module waits for a gate that never opens.)
+            await until(lambda: queued not in runner.active_run_ids(), "the run to end here")
+            if execution is not None:
+                with pytest.raises(pq.exceptions.RunClaimedError, match="claimed"):
+                    await execution
+            if marker.exists():  # (usually stopped before its first statement)
+                pid = int(marker.read_text().split()[0])
+                await until(lambda: not alive(pid), "its module to be stopped", 10)
+        after = await other.get_run(queued)
+        assert after is not None
+        assert (after.status, after.owner, after.pid) == (RunStatus.PENDING, elsewhere, None)
+
+
 async def test_script_missing_on_the_worker_fails_the_run_with_the_reason(
     client: Any, scripts: dict[str, str], tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 
 import psutil
@@ -232,3 +233,53 @@ async def test_a_zero_timeout_ends_a_stream_in_every_mode(
         async with any_wrapper.stream("echo", "x", timeout=0) as lines:
             async for _ in lines:
                 pass
+
+
+# The child starts a helper in its group with its output elsewhere, then exits.
+HELPER_LEFT_BEHIND = (
+    "import subprocess, sys\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+    " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "print('parent done', flush=True)\n"
+)
+
+
+class _RecordingOps:
+    """The platform's operations, noting the thread each look for a live group member ran in."""
+
+    def __init__(self) -> None:
+        from prismq_subprocess._platform import platform_ops
+
+        self._ops = platform_ops()
+        self.threads: list[threading.Thread] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ops, name)
+
+    def group_alive(self, pid: int, own_group: bool) -> bool:
+        self.threads.append(threading.current_thread())
+        return bool(self._ops.group_alive(pid, own_group))
+
+
+async def test_the_look_for_what_a_child_left_in_its_group_is_off_the_loop(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # The look reads the whole process table (milliseconds with thousands of processes, for
+    # every child that left something behind): it ran on the event loop's thread.
+    mark, env = marked_env()
+    process = await wrapper.create_subprocess_exec(
+        *py(HELPER_LEFT_BEHIND), stdout=subprocess.PIPE, env=env
+    )
+    ops = _RecordingOps()
+    child = ChildRun(process, wrapper.strategy, grace=0.5, ops=ops)  # type: ignore[arg-type]
+    try:
+        assert process.stdout is not None
+        assert await process.stdout.readline() == b"parent done\n"
+        await asyncio.to_thread(wait_for_marked, mark, 1)  # the helper (the child may be gone)
+        await asyncio.wait_for(child.wait_exit(), 30)
+        await asyncio.wait_for(child.finish(), 30)
+        await asyncio.wait_for(child.stop_leftovers(), 30)
+    finally:
+        await child.aclose()
+    assert ops.threads and threading.main_thread() not in ops.threads
+    assert await asyncio.to_thread(survivors_after, mark, 5.0) == []

@@ -41,6 +41,7 @@ import logging
 import math
 import operator
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -267,11 +268,13 @@ def _migrate_5_to_6(conn: sqlite3.Connection) -> None:
     # The containment cookie variable (PRISMQ_RUN_<token>) every child of an owner process
     # carries, noted with that owner's first run: recovery stops what still carries a dead
     # owner's variable when one of its runs has no child on record (the owner died between the
-    # spawn and record_child, or a coroutine run started children of its own).
+    # spawn and record_child, or a coroutine run started children of its own). The variable is
+    # part of the key: a process that exec()s itself keeps its pid and start time but has a
+    # new variable.
     conn.execute(
         "CREATE TABLE run_owners (owner_host TEXT NOT NULL, owner_pid INTEGER NOT NULL, "
         "owner_started_at REAL NOT NULL, cookie_variable TEXT NOT NULL, "
-        "PRIMARY KEY (owner_host, owner_pid, owner_started_at))"
+        "PRIMARY KEY (owner_host, owner_pid, owner_started_at, cookie_variable))"
     )
 
 
@@ -287,6 +290,11 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
 }
 
 _NOTE_OWNER = "INSERT OR IGNORE INTO run_owners VALUES (?, ?, ?, ?)"
+# The oldest schema a read-only registry reads as it is: 6 added only run_owners, which
+# readers never look at (a viewer must not be refused a file no writer has upgraded yet).
+_READ_ONLY_FROM = 5
+# An owner's key in the runs and run_owners tables: host, pid, start time.
+_OwnerKey = tuple[Any, Any, Any]
 
 
 def _own_cookie_variable(owner: RunOwner) -> str | None:
@@ -294,7 +302,7 @@ def _own_cookie_variable(owner: RunOwner) -> str | None:
     its children carry one."""
     if owner != RunOwner.current():
         return None
-    return platform_ops().containment_report().cookie_variable
+    return platform_ops().cookie_variable()
 
 # Seconds a recovered orphan's tree gets between SIGTERM and SIGKILL.
 _ORPHAN_GRACE = 5.0
@@ -479,7 +487,7 @@ def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if kind == "ours" and version > SCHEMA_VERSION:
             raise _newer(path, version)
-        if kind != "ours" or version != SCHEMA_VERSION:
+        if kind != "ours" or version < _READ_ONLY_FROM:
             raise RegistrySchemaError(
                 f"{path!r} has registry schema version {version if kind == 'ours' else 0}, "
                 f"this library reads version {SCHEMA_VERSION}; a read-only registry cannot "
@@ -897,44 +905,69 @@ class _Database:
                 return runs  # read-only file, say: serve the readable rows, skip the others
         return runs
 
-    def _stop_orphans(self) -> dict[str, str]:
+    def _stop_orphans(self) -> tuple[dict[str, str], set[_OwnerKey]]:
         """Stop the trees that dead owners' runs left running; return what was stopped, by
-        run id. A run's recorded child must be proven the run's (pid, start time, cookie); for a
-        run without one (its owner died before recording it, or a coroutine run), what still
-        carries its dead owner's cookie variable is stopped. Outside any transaction: a stop
-        takes up to the grace period."""
+        run id, and the owners found dead (only their runs are recovered: an owner that dies
+        after this look is left for the next recovery, whose look stops its tree first).
+
+        A run's recorded child must be proven the run's (pid, start time, cookie); for a run
+        without one (its owner died before recording it, or a coroutine run), what still
+        carries its dead owner's cookie variable is stopped, if that owner ran on this host,
+        sparing what is alive for a live host (see :func:`stop_left_behind`). Outside any
+        transaction: a stop takes up to the grace period."""
         rows = self.conn.execute(
             "SELECT run_id, pid, child_started_at, child_cookie, owner_host, owner_pid, "
-            f"owner_started_at FROM runs WHERE status IN ({_ACTIVE_SQL}) AND worker IS NULL"
+            f"owner_started_at, worker FROM runs WHERE status IN ({_ACTIVE_SQL})"
         ).fetchall()
-        variables = {
-            (host, pid, started): str(variable)
-            for host, pid, started, variable in self.conn.execute(
-                "SELECT owner_host, owner_pid, owner_started_at, cookie_variable FROM run_owners"
-            )
-        }
-        dead: dict[tuple[Any, Any, Any], bool] = {}
-        orphans: dict[str, ProcessIdentity] = {}
-        unrecorded: dict[str, str] = {}  # run id -> its dead owner's cookie variable
-        for run_id, pid, started, cookie, host, owner_pid, owner_started in rows:
-            key = (host, owner_pid, owner_started)
-            try:
-                if key not in dead:
+        notes: dict[_OwnerKey, list[str]] = {}
+        for host, pid, started, variable in self.conn.execute(
+            "SELECT owner_host, owner_pid, owner_started_at, cookie_variable FROM run_owners"
+        ):
+            notes.setdefault((host, pid, started), []).append(str(variable))
+        alive: dict[_OwnerKey, bool] = {}
+
+        def is_alive(key: _OwnerKey) -> bool:
+            if key not in alive:
+                try:
                     owner = _owner_of(*key)
-                    dead[key] = owner is None or not owner.is_alive()
-                if not dead[key]:
-                    continue
+                    alive[key] = owner is not None and owner.is_alive()
+                except (TypeError, ValueError):
+                    alive[key] = False  # a damaged row: recover() quarantines it
+            return alive[key]
+
+        here = socket.gethostname()
+        orphans: dict[str, ProcessIdentity] = {}
+        unrecorded: dict[str, list[str]] = {}  # run id -> its dead owner's cookie variables
+        for run_id, pid, started, cookie, host, owner_pid, owner_started, worker in rows:
+            key = (host, owner_pid, owner_started)
+            if is_alive(key) or worker is not None:
+                continue
+            try:
                 if started is not None and pid is not None:
                     orphans[str(run_id)] = ProcessIdentity(int(pid), float(started), cookie)
-                elif key in variables:
-                    unrecorded[str(run_id)] = variables[key]
+                elif key in notes and host == here:
+                    unrecorded[str(run_id)] = notes[key]
             except (TypeError, ValueError):
                 continue  # a damaged row: recover() quarantines it
+        dead = {key for key, live in alive.items() if not live}
         if not orphans and not unrecorded:
-            return {}
-        owners_variables = sorted(set(unrecorded.values()))
+            return {}, dead
+        owners_variables = sorted({v for variables in unrecorded.values() for v in variables})
+        own = platform_ops().cookie_variable()
+        live_notes = [key for key in notes if is_alive(key)]
         stops, by_variable = stop_left_behind(
-            list(orphans.values()), owners_variables, _ORPHAN_GRACE
+            list(orphans.values()),
+            owners_variables,
+            _ORPHAN_GRACE,
+            spare_variables={
+                *(v for key in live_notes for v in notes[key]),
+                *((own,) if own is not None else ()),
+            },
+            spare_pids={
+                int(key[1])
+                for key, live in alive.items()
+                if live and key[0] == here and isinstance(key[1], int)
+            },
         )
         stopped: dict[str, str] = {}
         for (run_id, identity), stop in zip(orphans.items(), stops, strict=True):
@@ -962,27 +995,29 @@ class _Database:
                     " of its tree were still running and were stopped"
                 )
         count_of = dict(zip(owners_variables, by_variable, strict=True))
-        for run_id, variable in unrecorded.items():
-            count = count_of[variable]
+        for run_id, variables in unrecorded.items():
+            count = sum(count_of[variable] for variable in variables)
             if count:
                 logger.warning(
                     "run %s: its owner died with no child of the run on record; %d process(es) "
                     "it had started (cookie variable %s) were still running and were stopped",
                     run_id,
                     count,
-                    variable,
+                    ", ".join(variables),
                 )
                 stopped[run_id] = (
-                    f"; {count} process(es) its owner had started were still running and were "
-                    "stopped (no child of the run was on record)"
+                    f"; {count} process(es) its owner had started (for this run or another) "
+                    "were still running and were stopped (no child of the run was on record)"
                 )
-        return stopped
+        return stopped, dead
 
     @staticmethod
-    def _forget_dead_owners(conn: sqlite3.Connection) -> None:
-        """Drop the cookie variables of owners that are gone and have no unfinished run left
-        (recovery has just marked theirs INTERRUPTED; a live owner's note must stay, it is
-        written only once)."""
+    def _forget_dead_owners(conn: sqlite3.Connection, dead: set[_OwnerKey]) -> None:
+        """Drop the cookie variables of the owners found dead that have no unfinished run left
+        (recovery has just marked theirs INTERRUPTED). A live owner's note must stay: it is
+        written only once; so does one of another host name, which cannot be told from a live
+        process of this host renamed since (its variable is never used from here)."""
+        here = socket.gethostname()
         active = {
             tuple(row)
             for row in conn.execute(
@@ -990,16 +1025,14 @@ class _Database:
                 f"WHERE status IN ({_ACTIVE_SQL})"
             )
         }
-        for key in conn.execute(
-            "SELECT owner_host, owner_pid, owner_started_at FROM run_owners"
-        ).fetchall():
-            owner = _owner_of(*key)
-            if tuple(key) not in active and (owner is None or not owner.is_alive()):
-                conn.execute(
-                    "DELETE FROM run_owners WHERE owner_host = ? AND owner_pid = ? "
-                    "AND owner_started_at = ?",
-                    tuple(key),
-                )
+        for key in dead - active:
+            if key[0] != here:
+                continue
+            conn.execute(
+                "DELETE FROM run_owners WHERE owner_host IS ? AND owner_pid IS ? "
+                "AND owner_started_at IS ?",
+                key,
+            )
 
     def record_child(self, run_id: str, identity: ProcessIdentity) -> bool:
         return self.write(
@@ -1016,7 +1049,7 @@ class _Database:
     def recover(self) -> list[str]:
         """Mark active runs whose owner is gone INTERRUPTED (first stopping the trees they
         provably left running); return their run_ids."""
-        stopped = self._stop_orphans()
+        stopped, dead = self._stop_orphans()
 
         def step(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(f"{_SELECT} WHERE status IN ({_ACTIVE_SQL})").fetchall()
@@ -1026,13 +1059,15 @@ class _Database:
             recovered: list[str] = []
             for run in runs:
                 owner = run.owner
-                if owner is not None and owner.is_alive():
+                # Only owners the look above found dead (whose trees it stopped): one that
+                # died since is the next recovery's, which stops its tree first.
+                if owner is not None and (owner.host, owner.pid, owner.started_at) not in dead:
                     continue
                 run.mark_interrupted(orphan_reason(run) + stopped.get(run.run_id, ""))
                 values = _row_values(run)
                 conn.execute(_UPDATE, (*values[1:], run.run_id))
                 recovered.append(run.run_id)
-            self._forget_dead_owners(conn)
+            self._forget_dead_owners(conn, dead)
             return recovered
 
         return self.write(step)

@@ -209,6 +209,11 @@ class PlatformOps:
         """Which means of finding a child's whole tree this platform uses."""
         return ContainmentReport(platform=self.name, mechanisms=("process-group",))
 
+    def cookie_variable(self) -> str | None:
+        """The containment cookie variable every child of this process carries, or None
+        (no cookies here). Switches nothing on (unlike :meth:`containment_report`)."""
+        return None
+
     # -- looking -------------------------------------------------------------------------------
     def scan(self) -> ProcessTable:
         """One look at the whole process table."""

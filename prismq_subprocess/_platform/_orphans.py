@@ -166,6 +166,8 @@ def _trees(
     roots_seen: list[float | None],
     *,
     first: bool,
+    spare_variables: Collection[str] = (),
+    spare_pids: Collection[int] = (),
 ) -> list[list[psutil.Process]]:
     """For each mark ``(pid, variable, value)``: the child at ``pid`` (``None``: it is gone),
     every holder of its cookie (of ``variable`` with any value where ``value`` is ``None``),
@@ -174,20 +176,42 @@ def _trees(
     ``roots_seen``: the start (the table's unit) of each mark's child, as the first look saw
     it, which records it; a later look takes the process at ``pid`` only if it is that one (the
     child may have exited since and its pid been given to a stranger, whose tree would be
-    killed)."""
+    killed).
+
+    A mark of a whole variable (``value`` None) never takes what is alive for a live host:
+    this process, its ancestors and everything below it; the processes ``spare_pids`` (live
+    owners) and everything below them; what holds one of ``spare_variables`` (live owners'
+    children) and everything below it. A dead host's variable is inherited by all of those
+    when they descend from it (a nested host), and they are not its leftovers."""
     table: ProcessTable = scan_proc(proc_root) if proc_root is not None else scan_psutil()
     me = os.getpid()
     names = {name for _, name, _ in marks}
+    whole = any(value is None for _, _, value in marks)
+    read = names | set(spare_variables) if whole else names
     index: dict[tuple[str, str | None], list[int]] = {}
     for i, (_, name, value) in enumerate(marks):
         index.setdefault((name, value), []).append(i)
     roots: list[list[ProcessEntry]] = [[] for _ in marks]
+    spared_roots: list[ProcessEntry] = []
     for entry in table.entries.values():
         if entry.pid == me:
             continue
-        for name, value in _environ_cookies(entry.pid, names, proc_root).items():
+        held = _environ_cookies(entry.pid, read, proc_root)
+        if whole and any(name in held for name in spare_variables):
+            spared_roots.append(entry)
+        for name, value in held.items():
             for i in (*index.get((name, value), ()), *index.get((name, None), ())):
                 roots[i].append(entry)
+    spared: set[int] = set()
+    if whole:
+        spared_roots += [e for e in map(table.entries.get, (me, *spare_pids)) if e is not None]
+        for entry in spared_roots:
+            spared.add(entry.pid)
+            spared.update(e.pid for e in table.descendants(entry.pid))
+        ancestor = table.entries.get(me)
+        while ancestor is not None and ancestor.ppid not in spared and ancestor.ppid > 1:
+            spared.add(ancestor.ppid)
+            ancestor = table.entries.get(ancestor.ppid)
     for i, (pid, _, _) in enumerate(marks):
         child = table.entries.get(pid) if pid is not None else None
         if child is None:
@@ -198,11 +222,16 @@ def _trees(
             continue
         roots[i].append(child)
     trees: list[list[psutil.Process]] = []
-    for group in roots:
+    for (_, _, value), group in zip(marks, roots, strict=True):
+        left_alone = spared if value is None else {me}
         wanted: dict[int, ProcessEntry] = {}
         for entry in group:
+            if entry.pid in left_alone:
+                continue
             wanted[entry.pid] = entry
-            wanted.update((e.pid, e) for e in table.descendants(entry.pid) if e.pid != me)
+            wanted.update(
+                (e.pid, e) for e in table.descendants(entry.pid) if e.pid not in left_alone
+            )
         trees.append(table.handles(wanted.values()))
     return trees
 
@@ -270,13 +299,18 @@ def stop_left_behind(
     variables: Sequence[str],
     grace: float = 5.0,
     proc_root: str | None = None,
+    *,
+    spare_variables: Collection[str] = (),
+    spare_pids: Collection[int] = (),
 ) -> tuple[list[OrphanStop], list[int]]:
     """:func:`stop_orphans` for ``identities`` and, in the same grace period, every process
     holding one of the cookie ``variables`` (``PRISMQ_RUN_<token>``, any value) and everything
     below it: what a dead host process started, whatever became of its records. Call it only
-    for variables of hosts known to be dead (a live host's children hold its variable too).
-    Returns the stops of ``identities`` and the number of processes stopped for each
-    variable, in order (0 for a malformed one). Blocking."""
+    for variables of hosts known to be dead. What is alive for a live host is left alone (see
+    :func:`_trees`): this process and its lineage, the live owners ``spare_pids`` and what is
+    below them, and the holders of ``spare_variables`` (the live owners' cookie variables) and
+    what is below them. Returns the stops of ``identities`` and the number of processes stopped
+    for each variable, in order (0 for a malformed one). Blocking."""
     for identity in identities:
         if not isinstance(identity, ProcessIdentity):
             raise TypeError(f"expected a ProcessIdentity, not {type(identity).__name__}")
@@ -305,12 +339,16 @@ def stop_left_behind(
     if not marks:
         return [OrphanStop(check, 0) for check in checks], stopped[len(identities) :]
     roots_seen: list[float | None] = [None] * len(marks)
-    trees = _trees(marks, root, roots_seen, first=True)
+    trees = _trees(
+        marks, root, roots_seen, first=True, spare_variables=spare_variables, spare_pids=spare_pids
+    )
     procs = [p for tree in trees for p in tree]
     _signal(procs, kill=False)
     left = _wait(procs, grace)
     known = {p.pid for p in procs}
-    late_trees = _trees(marks, root, roots_seen, first=False)
+    late_trees = _trees(
+        marks, root, roots_seen, first=False, spare_variables=spare_variables, spare_pids=spare_pids
+    )
     late = [p for tree in late_trees for p in tree if p.pid not in known]
     _signal([*left, *late], kill=True)
     _wait([*left, *late], _KILL_WAIT)

@@ -132,6 +132,9 @@ class PosixOps(PlatformOps):
         self.host.activate()
         return self.host.report()
 
+    def cookie_variable(self) -> str | None:
+        return None if self.host is None else self.host.cookie_variable()
+
     def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
         out = dict(kwargs)
         # Popen's own defaults passed explicitly (a caller forwarding ``process_group=None``)

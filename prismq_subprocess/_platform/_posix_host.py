@@ -135,6 +135,10 @@ class PosixHost:
                     self._notes.append("the kernel refused PR_SET_CHILD_SUBREAPER")
         logger.info("prismq_subprocess %s", str(self.report()).replace("\n", ";"))
 
+    def cookie_variable(self) -> str | None:
+        """The cookie variable this process's children carry (None with cookies off)."""
+        return self.cookies.name if self._use_cookie else None
+
     def report(self) -> ContainmentReport:
         """Which means are in use (see :class:`ContainmentReport`)."""
         mechanisms = []

@@ -11,7 +11,11 @@ POINT:
   (the pid is stored, nothing that proves the process the run's);
 - ``coroutine``: a BackgroundTaskManager run whose coroutine starts MODULE through a
   SubprocessWrapper (a run with no child of its own on record); prints ``run <run_id>`` and
-  waits for the test's SIGKILL.
+  waits for the test's SIGKILL;
+- ``nested``: stores a run that nothing drives, then starts this script with ``serve``
+  through a SubprocessWrapper (a nested host: it inherits this process's cookie variable);
+  prints ``nested <pid>`` and waits for the test's SIGKILL;
+- ``serve``: runs MODULE to its end through a ModuleRunner (a live owner of its own).
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ async def main(db: str, module: str, point: str, mode: str) -> None:
                 run_id = await manager.start_task(pq.Run(module_id="co"), work())
                 print("run", run_id, flush=True)
                 await asyncio.Event().wait()
+        if point == "nested":
+            await registry.add_run(pq.Run(module_id="queued"))
+            nested = await pq.SubprocessWrapper(mode).create_subprocess_exec(
+                sys.executable, __file__, db, module, "serve", mode
+            )
+            print("nested", nested.pid, flush=True)
+            await asyncio.Event().wait()
+        if point == "serve":
+            await pq.ModuleRunner(registry, run_mode=mode).execute_module("tree", "Tree", module)
+            return
         update_run = registry.update_run
 
         async def update_then_die(run: pq.Run) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -101,7 +101,7 @@ def test_the_next_open_stops_the_tree_of_an_owner_killed_before_it_recorded_its_
         assert run is not None and run.status is pq.RunStatus.INTERRUPTED
         assert f"owner process {host.pid}" in (run.error_message or "")
         reason = run.error_message or ""
-        assert "3 process(es) its owner had started were still running" in reason, run
+        assert "3 process(es) its owner had started (for this run or another)" in reason, run
         _, alive = psutil.wait_procs(orphans, timeout=10)
         assert alive == [] and survivors_after(mark, 1) == []
     finally:
@@ -161,40 +161,68 @@ async def test_an_owners_cookie_variable_is_on_file_before_its_first_run_can_sta
         assert _owner_rows(db) == [(me.host, me.pid, me.started_at, variable)]
 
 
+def detached(argv: list[str], **variables: str) -> psutil.Process:
+    """Start ``argv`` with ``variables`` added to its environment, as a leftover of a dead host
+    is: not below this process (which a recovery spares), in a session of its own."""
+    launcher = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen({argv!r}, start_new_session=True, stdout=subprocess.DEVNULL,"
+        " stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", launcher],
+        env=dict(os.environ, **variables),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return psutil.Process(int(out))
+
+
+def gone_within(procs: list[psutil.Process], seconds: float) -> bool:
+    _, alive = psutil.wait_procs(procs, timeout=seconds)
+    return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in alive)
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
 def test_only_what_holds_the_dead_owners_variable_is_stopped() -> None:
     """Any value of the variable (every run of that owner, and none), with what is below it;
     another host's variable, even with the same value, and a malformed variable are left
     alone."""
     from prismq_subprocess._platform._orphans import stop_left_behind
 
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     # A holder that starts a child in a session of its own, which inherits the variable.
     code = (
-        f"import subprocess, time\nsubprocess.Popen({sleeper!r}, start_new_session=True)\n"
+        f"import subprocess, time\nsubprocess.Popen({SLEEPER!r}, start_new_session=True)\n"
         "time.sleep(60)\n"
     )
     holders = [
-        subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PRISMQ_RUN_0AB1="3")),
-        subprocess.Popen(sleeper, env=dict(os.environ, PRISMQ_RUN_0AB1="9")),
+        detached([sys.executable, "-c", code], PRISMQ_RUN_0AB1="3"),
+        detached(SLEEPER, PRISMQ_RUN_0AB1="9"),
     ]
-    others = [
-        subprocess.Popen(sleeper, env=dict(os.environ, PRISMQ_RUN_0AB12="3")),
-        subprocess.Popen(sleeper, env=dict(os.environ, PRISMQ_RUN_0CD2="3")),
-    ]
+    others = [detached(SLEEPER, PRISMQ_RUN_0AB12="3"), detached(SLEEPER, PRISMQ_RUN_0CD2="3")]
     try:
         wait_for_children(holders[0].pid, 1)
-        below = psutil.Process(holders[0].pid).children()
+        below = holders[0].children()
         stops, counts = stop_left_behind([], ["PRISMQ_RUN_0AB1", "PRISMQ_RUN_", "X=1"], grace=2.0)
-        assert (stops, counts) == ([], [3, 0, 0])
-        for proc in holders:
-            assert proc.wait(timeout=5) == -signal.SIGTERM
-        _, alive = psutil.wait_procs(below, timeout=5)
-        assert alive == []
-        assert all(proc.poll() is None for proc in others)
+        # (At least: a process caught between fork and exec by a look counts apart.)
+        assert stops == [] and counts[0] >= 3 and counts[1:] == [0, 0], counts
+        assert gone_within([*holders, *below], 5)
+        assert all(proc.is_running() for proc in others)
     finally:
-        for proc in (*holders, *others):
-            proc.kill()
-            proc.wait()
+        kill_all([*holders, *others])
 
 
 def wait_for_children(pid: int, count: int) -> None:
@@ -202,3 +230,200 @@ def wait_for_children(pid: int, count: int) -> None:
     while len(psutil.Process(pid).children()) < count:
         assert time.monotonic() < deadline, "the holder's child did not start"
         time.sleep(0.02)
+
+
+def _child_recorded(db: Path, module_id: str) -> bool:
+    raw = sqlite3.connect(db, timeout=10)
+    try:
+        row = raw.execute(
+            "SELECT child_started_at FROM runs WHERE module_id = ? AND status = 'running'",
+            (module_id,),
+        ).fetchone()
+    finally:
+        raw.close()
+    return row is not None and row[0] is not None
+
+
+def _wait_until(predicate: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_live_host_started_by_the_dead_owner_is_left_alone_with_its_runs(
+    tree: tuple[Path, Path, str, dict[str, str]],
+) -> None:
+    """A nested host (a live owner on the same file, started by the dead one through the
+    library) carries the dead owner's variable, and so do its run's processes: the first
+    version of the variable stop killed them all and recorded the live host's run
+    INTERRUPTED, "crash or restart" (review)."""
+    db, module, mark, env = tree
+    host = subprocess.Popen(
+        [sys.executable, str(HOST), str(db), str(module), "nested", "async"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert host.stdout is not None
+    try:
+        line = host.stdout.readline().split()
+        assert line[:1] == ["nested"], line
+        nested = psutil.Process(int(line[1]))
+        _wait_until(lambda: _child_recorded(db, "tree"), "the nested host's run to start")
+        live = wait_for_marked(mark, 5)  # the dead-to-be host, the nested one, its run's three
+        host.kill()
+        host.wait()
+        raw = sqlite3.connect(db, timeout=10)
+        ids = dict(raw.execute("SELECT module_id, run_id FROM runs").fetchall())
+        raw.close()
+        run, recovered = _reopen(db, ids["tree"])
+        assert recovered == [ids["queued"]]
+        assert run is not None and run.status is pq.RunStatus.RUNNING
+        time.sleep(0.5)
+        assert nested.is_running()
+        assert all(p.is_running() for p in live if p.pid != host.pid)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        host.stdout.close()
+
+
+# Holds the dead host's variable (inherited), starts a child that inherits it too, then stops
+# every holder of that variable: its own child must survive (and so must it).
+SELF_RECOVERY = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    from prismq_subprocess._platform._orphans import stop_left_behind
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.5)
+    stops, counts = stop_left_behind([], ["PRISMQ_RUN_0DEAD7"], grace=2.0)
+    print(counts[0], child.poll(), flush=True)
+    child.kill()
+    """
+)
+
+
+def test_a_recovering_process_spares_itself_its_ancestors_and_its_children() -> None:
+    """A process that recovers a dead host it descends from (a module of that host opening the
+    same file) holds the host's variable, as its children and its parent do: it stopped its
+    own child (review); only the dead host's other leftovers are stopped."""
+    env = dict(os.environ, PRISMQ_RUN_0DEAD7="1")
+    stranger = detached(SLEEPER, PRISMQ_RUN_0DEAD7="1")  # a leftover of the dead host
+    # The recovering process's parent holds the variable too (a shell between them).
+    recovering = [sys.executable, "-c", SELF_RECOVERY]
+    shell = f"import subprocess, sys; sys.exit(subprocess.call({recovering!r}))"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", shell],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, _ = parent.communicate(timeout=30)
+        assert out.split() == ["1", "None"], out  # one stopped (the stranger); its child alive
+        assert gone_within([stranger], 5)
+        assert parent.returncode == 0
+    finally:
+        kill_all([stranger])
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def _store_orphaned(db: Path, owner: pq.RunOwner, variables: list[str]) -> str:
+    async def store() -> str:
+        async with pq.SQLiteRunRegistry(db) as registry:
+            run = pq.Run(module_id="orphan", owner=owner)
+            await registry.add_run(run)
+            return run.run_id
+
+    run_id = asyncio.run(store())
+    raw = sqlite3.connect(db)
+    with raw:
+        for variable in variables:
+            raw.execute(
+                "INSERT INTO run_owners VALUES (?, ?, ?, ?)",
+                (owner.host, owner.pid, owner.started_at, variable),
+            )
+    raw.close()
+    return run_id
+
+
+def test_every_variable_an_owner_had_is_used_and_another_hosts_owner_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """A host that exec()s itself keeps its pid and start time and gets a new variable: both
+    are noted and both stopped (review: the second was ignored). An owner recorded under
+    another host name may be a live process of this host renamed since: nothing is stopped
+    by its variable, and its note stays (review: its live child was killed)."""
+    holders = [
+        detached(SLEEPER, **{name: "1"})
+        for name in ("PRISMQ_RUN_0E1", "PRISMQ_RUN_0E2", "PRISMQ_RUN_0E3")
+    ]
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        here = pq.RunOwner.current().host
+        exec_d = ["PRISMQ_RUN_0E1", "PRISMQ_RUN_0E2"]
+        _store_orphaned(tmp_path / "a.db", pq.RunOwner(here, dead.pid, 1.0), exec_d)
+        renamed = pq.RunOwner("renamed-" + here, dead.pid, 1.0)
+        _store_orphaned(tmp_path / "b.db", renamed, ["PRISMQ_RUN_0E3"])
+        for db in ("a.db", "b.db"):
+            run_id = _only_run_id(tmp_path / db)
+            run, recovered = _reopen(tmp_path / db, run_id)
+            assert recovered == [run_id]
+            assert run is not None and run.status is pq.RunStatus.INTERRUPTED
+        assert gone_within(holders[:2], 10)
+        assert holders[2].is_running()
+        assert [row[3] for row in _owner_rows(tmp_path / "a.db")] == []
+        assert [row[3] for row in _owner_rows(tmp_path / "b.db")] == ["PRISMQ_RUN_0E3"]
+    finally:
+        kill_all(holders)
+
+
+def test_an_owner_that_dies_during_anothers_recovery_is_left_for_the_next(
+    tree: tuple[Path, Path, str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner was alive at the look that stops trees and dead by the write that records
+    runs: that write marked its run INTERRUPTED and dropped its note, with its tree running,
+    and no later recovery could stop it (review). Its run is now the next recovery's."""
+    from prismq_subprocess._background import _sqlite_registry as module
+
+    db, script, mark, env = tree
+    host = subprocess.Popen(
+        [sys.executable, str(HOST), str(db), str(script), "coroutine", "async"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert host.stdout is not None
+    try:
+        assert host.stdout.readline().split()[:1] == ["run"]
+        wait_for_marked(mark, 4)
+        look = module._Database._stop_orphans
+
+        def look_then_owner_dies(self: Any) -> Any:
+            found = look(self)
+            host.kill()
+            host.wait()
+            return found
+
+        monkeypatch.setattr(module._Database, "_stop_orphans", look_then_owner_dies)
+        run_id = _only_run_id(db)
+        run, recovered = _reopen(db, run_id)
+        assert recovered == [] and run is not None and run.status is pq.RunStatus.RUNNING
+        assert len(_owner_rows(db)) == 1
+        monkeypatch.undo()
+        orphans = wait_for_marked(mark, 3)
+        run, recovered = _reopen(db, run_id)
+        assert recovered == [run_id]
+        assert run is not None and "its owner had started" in (run.error_message or "")
+        _, alive = psutil.wait_procs(orphans, timeout=10)
+        assert alive == []
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        host.stdout.close()

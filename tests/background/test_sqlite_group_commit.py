@@ -234,6 +234,37 @@ async def test_read_only_refuses_what_it_cannot_read(tmp_path: Path, kind: str) 
     assert sqlite_threads() == []
 
 
+async def test_a_schema_5_file_is_read_as_it_is_read_only_and_upgraded_by_a_writer(
+    tmp_path: Path,
+) -> None:
+    # Schema 6 only added run_owners, which readers never look at: a viewer is not refused a
+    # file that no writer has upgraded yet (review), and the writer's upgrade keeps the runs.
+    import prismq_subprocess._background._sqlite_registry as module
+
+    path = tmp_path / "v5.db"
+    raw = sqlite3.connect(path)
+    with raw:
+        for step in range(5):
+            module._MIGRATIONS[step](raw)
+        raw.execute("PRAGMA user_version = 5")
+        raw.execute(f"PRAGMA application_id = {module.APPLICATION_ID}")
+        raw.execute(
+            "INSERT INTO runs (run_id, module_id, module_name, parameters, status, created_at, "
+            "mode, output_tail) VALUES ('old', 'm', 'Old', '{}', 'completed', 1, 'async', '[]')"
+        )
+    raw.close()
+    async with SQLiteRunRegistry(path, read_only=True) as viewer:
+        old = await viewer.get_run("old")
+        assert old is not None and old.status is RunStatus.COMPLETED
+    async with SQLiteRunRegistry(path) as writer:
+        assert await writer.get_run("old") == old
+        await writer.add_run(Run(run_id="new"))
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == module.SCHEMA_VERSION == 6
+        assert raw.execute("SELECT count(*) FROM run_owners").fetchone()[0] == 1
+    raw.close()
+
+
 async def test_an_update_stores_the_fields_that_rarely_change(tmp_path: Path) -> None:
     # update_run skips rewriting the indexed module_id / created_at when they are unchanged;
     # when a caller did change them, the stored row must follow, alone and inside a group.
@@ -420,7 +451,7 @@ async def test_recover_orphans_stops_trees_outside_the_write_lock(
     seen: list[str] = []
 
     def probe(
-        identities: list[ProcessIdentity], variables: list[str], grace: float
+        identities: list[ProcessIdentity], variables: list[str], grace: float, **spare: Any
     ) -> tuple[list[OrphanStop], list[int]]:
         other = sqlite3.connect(path, timeout=0, isolation_level=None)
         try:

@@ -266,6 +266,8 @@ class ModuleRunner(AsyncClosing):
         self._active: dict[str, asyncio.Event] = {}
         self._active_runs: dict[str, Run] = {}  # the same runs: what cancel() reports
         self._cancel_reasons: dict[str, str] = {}
+        # Runs whose RUNNING record another process's claim refused (see _save): theirs now.
+        self._claimed: set[str] = set()
         self._closed = False
         self.backend = backend
         # Foreground runs take cancel requests from other processes through the registry (a
@@ -489,6 +491,9 @@ class ModuleRunner(AsyncClosing):
         Raises:
             RunnerClosedError: after :meth:`aclose`.
             DuplicateRunError: ``run_id`` is already in the registry or active here.
+            RunClaimedError: another process claimed the run (a pick-up) before its child
+                could be recorded RUNNING here; that child was stopped, the run is the other
+                process's.
             and what :meth:`prepare` raises.
         """
         self._check_open()
@@ -555,6 +560,7 @@ class ModuleRunner(AsyncClosing):
         Raises:
             RunnerClosedError: after :meth:`aclose`.
             DuplicateRunError: ``run_id`` is already in the registry or active here.
+            RunClaimedError: as for :meth:`execute_module`.
             and what :meth:`prepare_command` raises.
         """
         self._check_open()
@@ -721,7 +727,16 @@ class ModuleRunner(AsyncClosing):
         try:
             await self.registry.update_run(run)
         except RunClaimedError as exc:
-            logger.warning("run %s (%s) not recorded here: %s", run.run_id, run.status.value, exc)
+            self._claimed.add(run.run_id)
+            # The start's refusal is acted on (the child stopped, RunClaimedError raised) and
+            # reported once, by whoever catches that; a final record's is only reported here.
+            logger.log(
+                logging.WARNING if run.is_finished else logging.DEBUG,
+                "run %s (%s) not recorded here: %s",
+                run.run_id,
+                run.status.value,
+                exc,
+            )
             return False
         except Exception as exc:
             # The run itself must go on; a registry failure is reported, not propagated.
@@ -735,7 +750,13 @@ class ModuleRunner(AsyncClosing):
     async def _record_final(self, run: Run) -> None:
         """Close the run's output (so its log file is complete), then record its final status:
         a process that follows the log until the registry says the run finished (another
-        uvicorn worker) then has every line."""
+        uvicorn worker) then has every line. A run another process claimed meanwhile (its
+        RUNNING record was refused) is that process's: its output is released without an end
+        and nothing is recorded."""
+        if run.run_id in self._claimed:
+            if self.output is not None:
+                self.output.forget(run.run_id)
+            return
         if self.output is not None:
             try:
                 await self.output.close_run(
@@ -752,7 +773,6 @@ class ModuleRunner(AsyncClosing):
             done = self._begin(run)
         if not background:
             self._watcher.watch(run.run_id)
-        claimed = False
         try:
             reason = self._cancel_reasons.get(run.run_id)
             if reason is not None:
@@ -767,10 +787,9 @@ class ModuleRunner(AsyncClosing):
                     self._context(run.run_id, background),
                 )
             return await self._supervise(run, launch, background=background)
-        except RunClaimedError as exc:
-            claimed = exc.run_id == run.run_id
-            raise
         finally:
+            claimed = run.run_id in self._claimed
+            self._claimed.discard(run.run_id)
             self._watcher.unwatch(run.run_id)
             try:
                 manager = self._task_manager
@@ -866,7 +885,6 @@ class ModuleRunner(AsyncClosing):
             grace=self.grace_period,
             stop=functools.partial(self.processes.stop, run_id, self.grace_period),
         )
-        child.read(self._pump(run_id, process.stdout, tail))
 
         async def on_limit(sample: TreeSample) -> None:
             await self.processes.stop(run_id, self.grace_period)
@@ -889,9 +907,13 @@ class ModuleRunner(AsyncClosing):
                 await self.processes.stop(run_id, self.grace_period)
             if not await self._save(run):
                 # Another process picked the run up between its add and this record (a
-                # deliberate pick-up of a PENDING run): the run is its job now, not ours.
+                # deliberate pick-up of a PENDING run): the run is its job now, not ours, and
+                # so is its output (nothing of this child's is read into it).
                 await child.abort()
                 raise stopped_for_claim(run_id, process.pid)
+            # Read from the record on (the pipe holds what the child wrote meanwhile): a line
+            # never shows before its run is recorded RUNNING, as on a cluster.
+            child.read(self._pump(run_id, process.stdout, tail))
             await self._record_child(run_id, process)
             sampler.start()
             try:

@@ -692,10 +692,16 @@ class BackgroundTaskManager(AsyncResource):
                 current.uncancel()
             outcome = (RunStatus.CANCELLED, entry.cancel_reason or "cancelled", None)
         except Exception as exc:
-            if isinstance(exc, RunClaimedError) and exc.run_id == run.run_id:
+            if (
+                isinstance(exc, RunClaimedError)
+                and exc.run_id == run.run_id
+                and entry.marks_running
+                and await self._claimed_elsewhere(run.run_id)
+            ):
                 # Its runner found the run claimed by another process as it started it (a
                 # cluster job picked up while queued there) and stopped its child: the run is
-                # that process's to record.
+                # that process's to record. (Only a run whose runner records RUNNING can be
+                # claimed once it started, and only this registry's word counts.)
                 claimed = True
                 logger.warning("background run %s stopped: %s", run.run_id, exc)
                 if entry.opened_output and self.output is not None:
@@ -917,6 +923,14 @@ class BackgroundTaskManager(AsyncResource):
             await self.registry.update_run(run)
         except Exception as exc:
             self._save_failed(run, exc, missing_ok=missing_ok)
+
+    async def _claimed_elsewhere(self, run_id: str) -> bool:
+        """Whether this registry says another process owns ``run_id`` now."""
+        try:
+            stored = await self.registry.get_run(run_id)
+        except Exception:
+            return False
+        return stored is not None and stored.owner not in (None, RunOwner.current())
 
     def _save_failed(self, run: Run, exc: Exception, *, missing_ok: bool = False) -> None:
         # The run itself must go on; a registry failure is reported, not propagated.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -31,10 +30,9 @@ from .._platform import PlatformOps, platform_ops
 from ._cancel_shield import shielded_if_cancelled
 from ._exceptions import ProcessTimeoutError
 from ._modes import RunMode
-from ._offloop import run_in_thread
 from ._process import ProcessLike
 from ._result import ProcessResult, TailBuffer
-from ._tree_stop import kill_tree_now, leads_own_group, stop_process_tree
+from ._tree_stop import group_members_alive, kill_tree_now, leads_own_group, stop_process_tree
 
 __all__ = ["DRAIN_SECONDS", "ChildControl", "ChildRun", "discard_output", "run_to_completion"]
 
@@ -191,13 +189,12 @@ class ChildRun:
         process = self.process
         ops = self._ops
         # signal 0 first: the usual empty group answers ESRCH without a look at the table,
-        # which is read in a thread (milliseconds with thousands of processes).
+        # which is read in a worker thread, one look for every child asking at once
+        # (milliseconds with thousands of processes).
         if (
             leads_own_group(process)
             and ops.signal_group(process.pid, 0)
-            and await run_in_thread(
-                functools.partial(ops.group_alive, process.pid, True), "prismq-group-look"
-            )
+            and await group_members_alive(process.pid, ops)
         ):
             logger.info(
                 "pid %d exited and left members of its process group running; stopping them",

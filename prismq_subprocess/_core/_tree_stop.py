@@ -141,6 +141,7 @@ class _Workers:
     kill: Coalescer[StopRecord, None]
     lingering: Coalescer[StopRecord, bool]
     killed_alive: Coalescer[StopRecord, bool]
+    groups_alive: Coalescer[int, bool]
 
 
 _WORKERS: weakref.WeakKeyDictionary[PlatformOps, _Workers] = weakref.WeakKeyDictionary()
@@ -159,8 +160,16 @@ def _workers(ops: PlatformOps) -> _Workers:
             kill=Coalescer(kill, "prismq-kill"),
             lingering=Coalescer(ops.lingering, "prismq-look"),
             killed_alive=Coalescer(_killed_alive, "prismq-look"),
+            groups_alive=Coalescer(ops.groups_alive, "prismq-look"),
         )
     return workers
+
+
+async def group_members_alive(pid: int, ops: PlatformOps) -> bool:
+    """Whether a member of the process group that ``pid`` leads still runs: a look at the
+    process table in a worker thread, shared with the other children asking at the same time
+    (many children ending together would otherwise each read the whole table)."""
+    return (await _workers(ops).groups_alive.submit([pid]))[0]
 
 
 def _killed_alive(records: list[StopRecord], pace: Callable[[], None]) -> list[bool]:

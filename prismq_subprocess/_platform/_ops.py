@@ -277,6 +277,11 @@ class PlatformOps:
         """True while any member of the child's group is alive (POSIX); False where unknowable."""
         return False
 
+    def groups_alive(self, pids: Sequence[int], pace: Callable[[], None]) -> list[bool]:
+        """:meth:`group_alive` for many children leading their own groups, with one look at
+        the process table for all where the platform can (a worker-thread operation)."""
+        return [self.group_alive(pid, True) for pid in pids]
+
     def orphans_of(self, pid: int, started_after: float | None) -> list[psutil.Process]:
         """Processes an exited child ``pid`` left running, where the platform cannot find them
         through a process group (Windows); ``[]`` where the group is the tool (POSIX)."""

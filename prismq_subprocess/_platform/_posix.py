@@ -275,6 +275,9 @@ class PosixOps(PlatformOps):
     def group_alive(self, pid: int, own_group: bool) -> bool:
         return own_group and self._groups_running([StopTarget(pid, own_group)])[0]
 
+    def groups_alive(self, pids: Sequence[int], pace: Callable[[], None]) -> list[bool]:
+        return self._groups_running([StopTarget(pid, True) for pid in pids])
+
     def group_has_runner(self, pgid: int) -> bool:
         """True when a non-zombie process belongs to process group ``pgid``."""
         return pgid in self.scan().groups_with_runners([pgid])

@@ -557,6 +557,9 @@ class DaskBackend(RunBackend):
                 # once (the _follow loop sends the cancel next).
                 remote.claimed = True
                 remote.cancel_requested = True
+                # Its lines are not this run's: the run's output (and a log directory shared
+                # with the claimer) is the other process's now.
+                remote.output = None
         finally:
             if remote.start is None:  # (a newer start that came meanwhile is recorded next)
                 remote.start_recorded.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import sys
 import textwrap
@@ -430,37 +431,51 @@ async def test_stop_through_the_process_manager_is_a_cancel(
     assert run.error_message == "stopped by the process manager"
 
 
+@pytest.mark.parametrize("mode", MODES)
 async def test_a_run_claimed_elsewhere_before_its_running_record_is_stopped_here(
-    runner: ModuleRunner, tmp_path: Path
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another process picked the run up (a deliberate pick-up: ``claim_run``) between its add
     and the record of its child here: the record was refused, and the module ran on here all
-    the same, one run id with two jobs. Now its tree is stopped, nothing more is recorded, and
-    the caller learns why."""
+    the same, one run id with two jobs. Now its tree is stopped, nothing more is recorded, the
+    caller learns why, and nothing the child wrote reaches the run's output or its log file
+    (a log directory shared with the claimer: review)."""
     elsewhere = pq.RunOwner("another-host", 4242, 1_700_000_000.5)
-    registry = runner.registry
-    update_run = registry.update_run
+    logs = tmp_path / "logs"
+    async with (
+        WRAPPER_FACTORIES[mode]() as wrapper,
+        pq.RunRegistry() as registry,
+        pq.OutputCapture(log_dir=logs) as output,
+        ModuleRunner(registry, output=output, wrapper=wrapper, grace_period=1.0) as runner,
+    ):
+        update_run = registry.update_run
 
-    async def claimed_first(run: pq.Run) -> None:
-        if run.status is pq.RunStatus.RUNNING:
-            copy = await registry.get_run(run.run_id)
-            assert copy is not None
-            read_owner, copy.owner = copy.owner, elsewhere
-            assert await registry.claim_run(copy, read_owner)
-        await update_run(run)
+        async def claimed_first(run: pq.Run) -> None:
+            if run.status is pq.RunStatus.RUNNING:
+                await asyncio.sleep(0.5)  # the child has written its first line meanwhile
+                copy = await registry.get_run(run.run_id)
+                assert copy is not None
+                read_owner, copy.owner = copy.owner, elsewhere
+                assert await registry.claim_run(copy, read_owner)
+            await update_run(run)
 
-    registry.update_run = claimed_first  # type: ignore[method-assign]
-    mark, env = marked_env()
-    with pytest.raises(RunClaimedError, match="claimed") as caught:
-        await runner.execute_module(
-            "tree", "Tree", script(tmp_path, "tree", TREE), run_id="r1", env=env
-        )
-    assert caught.value.run_id == "r1"
-    assert await asyncio.to_thread(survivors_after, mark, 10) == []
-    stored = await registry.get_run("r1")
-    assert stored is not None
-    assert (stored.status, stored.owner) == (pq.RunStatus.PENDING, elsewhere)
-    assert runner.active_run_ids() == []
+        registry.update_run = claimed_first  # type: ignore[method-assign]
+        mark, env = marked_env()
+        caplog.set_level(logging.WARNING)
+        with pytest.raises(RunClaimedError, match="claimed") as caught:
+            await runner.execute_module(
+                "tree", "Tree", script(tmp_path, "tree", TREE), run_id="r1", env=env
+            )
+        assert caught.value.run_id == "r1"
+        assert await asyncio.to_thread(survivors_after, mark, 10) == []
+        stored = await registry.get_run("r1")
+        assert stored is not None
+        assert (stored.status, stored.owner) == (pq.RunStatus.PENDING, elsewhere)
+        assert runner.active_run_ids() == []
+        assert output.get_lines("r1") == []
+    written = [f.read_text() for f in logs.rglob("*") if f.is_file()] if logs.exists() else []
+    assert "".join(written) == ""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_a_start_under_way_when_the_runner_closes_says_the_runner_closed(

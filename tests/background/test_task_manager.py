@@ -995,6 +995,24 @@ async def test_a_run_its_runner_found_claimed_is_neither_failed_nor_closed_here(
     assert "failed" not in log_text.lower(), log_text
 
 
+@pytest.mark.parametrize("marks_running", [False, True], ids=["manager-marks", "runner-marks"])
+async def test_a_claim_error_for_a_run_nobody_else_claimed_fails_it_as_any_error(
+    registry: BaseRunRegistry, marks_running: bool
+) -> None:
+    # A RunClaimedError naming the run that comes from elsewhere (the coroutine mirrors its run
+    # into another store, where the id is another's): taken for a claim, the run was left
+    # RUNNING for good, owned by this live process with nobody driving it (review).
+    async def job() -> None:
+        raise stopped_for_claim("job1", None)
+
+    async with BackgroundTaskManager(registry) as manager:
+        run = Run(run_id="job1", module_id="m")
+        await manager.start_task(run, job(), marks_running=marks_running)
+        await manager.wait_all()
+    done = await stored(registry, "job1")
+    assert done.status is RunStatus.FAILED and "RunClaimedError" in (done.error_message or "")
+
+
 async def test_a_run_taken_over_and_cancelled_before_its_first_step_is_recorded_cancelled(
     registry: BaseRunRegistry,
 ) -> None:

@@ -256,16 +256,17 @@ class _RecordingOps:
     def __getattr__(self, name: str) -> object:
         return getattr(self._ops, name)
 
-    def group_alive(self, pid: int, own_group: bool) -> bool:
+    def groups_alive(self, pids: list[int], pace: object) -> list[bool]:
         self.threads.append(threading.current_thread())
-        return bool(self._ops.group_alive(pid, own_group))
+        return list(self._ops.groups_alive(pids, pace))
 
 
 async def test_the_look_for_what_a_child_left_in_its_group_is_off_the_loop(
     wrapper: pq.SubprocessWrapper,
 ) -> None:
     # The look reads the whole process table (milliseconds with thousands of processes, for
-    # every child that left something behind): it ran on the event loop's thread.
+    # every child that left something behind): it ran on the event loop's thread. (It now
+    # goes through the stops' shared look thread: one read for every child asking at once.)
     mark, env = marked_env()
     process = await wrapper.create_subprocess_exec(
         *py(HELPER_LEFT_BEHIND), stdout=subprocess.PIPE, env=env

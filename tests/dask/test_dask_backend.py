@@ -645,35 +645,43 @@ async def test_cancel_while_queued_on_the_cluster_never_starts_it(
     assert not await cancel_event.is_set(), "closing the backend releases the event"
 
 
-@pytest.mark.parametrize("background", [True, False], ids=["start_module", "execute_module"])
+@pytest.mark.parametrize("background", [True, False], ids=["start_command", "execute_command"])
 async def test_a_run_claimed_elsewhere_while_queued_on_the_cluster_is_stopped_when_it_starts(
-    client: Any, scripts: dict[str, str], tmp_path: Path, background: bool
+    client: Any,
+    scripts: dict[str, str],
+    tmp_path: Path,
+    background: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Another process picked the run up (a deliberate pick-up, ``claim_run``) while its job
     waited in the cluster's queue. When a worker then started it, the host's RUNNING record
-    was refused and the module ran on all the same (one run id, two jobs; it never ended
-    here). Now the host stops it at once and records nothing more."""
+    was refused and the command ran on all the same (one run id, two jobs; it never ended
+    here). Now the host stops it at once, records nothing more, and none of its lines reach
+    the run's output or log file (a log directory shared with the claimer: review)."""
     gate = tmp_path / "gate"
-    marker = tmp_path / "claimed-started"
+    logs = tmp_path / "logs"
     elsewhere = pq.RunOwner("another-host", 4242, 1_700_000_000.5)
     path = tmp_path / "runs.db"
+    command = "echo line-of-the-duplicate-job; sleep 60"
+    caplog.set_level(logging.WARNING)
     async with SQLiteRunRegistry(path) as registry, SQLiteRunRegistry(path) as other:
-        runner = runner_for(DaskBackend(client), registry)
+        runner = ModuleRunner(
+            registry,
+            output=OutputCapture(log_dir=logs),
+            backend=DaskBackend(client),
+            grace_period=1.0,
+            sample_interval=0.1,
+        )
         async with runner:
             blockers = await occupy_both_workers(runner, scripts["gated"], gate)
-            params = {"gate": str(tmp_path / "never"), "marker": str(marker)}
+            options: dict[str, Any] = {"shell": True, "resources": {"slots": SLOTS}}
             if background:
-                queued = await runner.start_module(
-                    "q", "gated", scripts["gated"], params, resources={"slots": SLOTS}
-                )
+                queued = await runner.start_command("q", "chatty", command, **options)
                 execution: asyncio.Future[Any] | None = None
             else:
                 queued = "q1"
                 execution = asyncio.ensure_future(
-                    runner.execute_module(
-                        "q", "gated", scripts["gated"], params, run_id=queued,
-                        resources={"slots": SLOTS},
-                    )
+                    runner.execute_command("q", "chatty", command, run_id=queued, **options)
                 )
             async with asyncio.timeout(WAIT):
                 while (copy := await other.get_run(queued)) is None:  # noqa: ASYNC110
@@ -684,17 +692,19 @@ async def test_a_run_claimed_elsewhere_while_queued_on_the_cluster_is_stopped_wh
             gate.touch()
             for run_id in blockers:
                 assert (await finished(runner, run_id)).status is RunStatus.COMPLETED
-            # (It ran for good before: the module waits for a gate that never opens.)
+            # (It ran for good before: the command sleeps a minute.)
             await until(lambda: queued not in runner.active_run_ids(), "the run to end here")
             if execution is not None:
                 with pytest.raises(pq.exceptions.RunClaimedError, match="claimed"):
                     await execution
-            if marker.exists():  # (usually stopped before its first statement)
-                pid = int(marker.read_text().split()[0])
-                await until(lambda: not alive(pid), "its module to be stopped", 10)
+            assert out(runner).get_lines(queued) == []
         after = await other.get_run(queued)
         assert after is not None
         assert (after.status, after.owner, after.pid) == (RunStatus.PENDING, elsewhere, None)
+    log = next(logs.rglob(f"*{queued}*"), None)
+    assert log is None or "duplicate" not in log.read_text()
+    told = [r for r in caplog.records if queued in r.getMessage()]
+    assert len(told) == (1 if background else 0), [r.getMessage() for r in told]
 
 
 async def test_script_missing_on_the_worker_fails_the_run_with_the_reason(

@@ -29,6 +29,17 @@ TREE_CHILD = (
 # Same, but the child ignores SIGTERM: only the SIGKILL after the grace period stops it.
 STUBBORN_CHILD = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + TREE_CHILD
 
+# A module for a host that dies: one grandchild in its own session (beyond the reach of the
+# host's group) and one in the module's group, then it sleeps; it prints nothing, so a dead
+# host's pipe does not end it.
+SILENT_TREE = (
+    "import subprocess, sys, time\n"
+    "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+    "subprocess.Popen(sleeper)\n"
+    "subprocess.Popen(sleeper, start_new_session=True)\n"
+    "time.sleep(120)\n"
+)
+
 
 def daemonizer(daemon_seconds: float, then: str = "time.sleep(60)\n") -> str:
     """Code for a child that daemonizes a helper the classic way (fork, setsid, fork again, the

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from lifecycle_helpers import marked, marked_env, wait_for_marked
+from lifecycle_helpers import SILENT_TREE, marked, marked_env, wait_for_marked
 
 import prismq_subprocess as pq
 
@@ -28,17 +28,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals t
 HOST = Path(__file__).with_name("shutdown_host.py")
 UVICORN_HOST = Path(__file__).with_name("uvicorn_host.py")
 
-# The module: one grandchild in its own session (beyond the reach of the host's group) and one
-# in the module's group, then it sleeps.
-MODULE = textwrap.dedent(
-    """
-    import subprocess, sys, time
-    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
-    subprocess.Popen(sleeper)
-    subprocess.Popen(sleeper, start_new_session=True)
-    time.sleep(120)
-    """
-)
+MODULE = SILENT_TREE
 
 
 def _wait_until(predicate: object, timeout: float, what: str) -> None:

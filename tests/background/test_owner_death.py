@@ -21,7 +21,13 @@ from typing import Any
 
 import psutil
 import pytest
-from lifecycle_helpers import marked, marked_env, survivors_after, wait_for_marked
+from lifecycle_helpers import (
+    SILENT_TREE,
+    marked,
+    marked_env,
+    survivors_after,
+    wait_for_marked,
+)
 
 import prismq_subprocess as pq
 
@@ -29,17 +35,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="cookies, SIGKIL
 
 HOST = Path(__file__).with_name("dying_owner.py")
 
-# The module: a grandchild in its own session (beyond the group) and one in the module's group;
-# it prints nothing, so the dead owner's pipe does not end it.
-MODULE = textwrap.dedent(
-    """
-    import subprocess, sys, time
-    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
-    subprocess.Popen(sleeper)
-    subprocess.Popen(sleeper, start_new_session=True)
-    time.sleep(120)
-    """
-)
+MODULE = SILENT_TREE
 
 
 @pytest.fixture
@@ -55,6 +51,19 @@ def tree(tmp_path: Path) -> Iterator[tuple[Path, Path, str, dict[str, str]]]:
                 proc.kill()
             except psutil.Error:
                 continue
+
+
+def _start_host(
+    db: Path, module: Path, point: str, mode: str, env: dict[str, str]
+) -> subprocess.Popen[str]:
+    host = subprocess.Popen(
+        [sys.executable, str(HOST), str(db), str(module), point, mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert host.stdout is not None
+    return host
 
 
 def _only_run_id(db: Path) -> str:
@@ -81,12 +90,7 @@ def test_the_next_open_stops_the_tree_of_an_owner_killed_before_it_recorded_its_
     tree: tuple[Path, Path, str, dict[str, str]], point: str, mode: str
 ) -> None:
     db, module, mark, env = tree
-    host = subprocess.Popen(
-        [sys.executable, str(HOST), str(db), str(module), point, mode],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    host = _start_host(db, module, point, mode, env)
     assert host.stdout is not None
     try:
         if point == "coroutine":
@@ -259,12 +263,7 @@ def test_a_live_host_started_by_the_dead_owner_is_left_alone_with_its_runs(
     version of the variable stop killed them all and recorded the live host's run
     INTERRUPTED, "crash or restart" (review)."""
     db, module, mark, env = tree
-    host = subprocess.Popen(
-        [sys.executable, str(HOST), str(db), str(module), "nested", "async"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    host = _start_host(db, module, "nested", "async", env)
     assert host.stdout is not None
     try:
         line = host.stdout.readline().split()
@@ -392,12 +391,7 @@ def test_an_owner_that_dies_during_anothers_recovery_is_left_for_the_next(
     from prismq_subprocess._background import _sqlite_registry as module
 
     db, script, mark, env = tree
-    host = subprocess.Popen(
-        [sys.executable, str(HOST), str(db), str(script), "coroutine", "async"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    host = _start_host(db, script, "coroutine", "async", env)
     assert host.stdout is not None
     try:
         assert host.stdout.readline().split()[:1] == ["run"]

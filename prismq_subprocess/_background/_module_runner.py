@@ -634,6 +634,7 @@ class ModuleRunner(AsyncClosing):
             del self._active[run.run_id]
             self._active_runs.pop(run.run_id, None)
             self._cancel_reasons.pop(run.run_id, None)
+            self._claimed.discard(run.run_id)
         done.set()
 
     async def _start_new(
@@ -789,7 +790,6 @@ class ModuleRunner(AsyncClosing):
             return await self._supervise(run, launch, background=background)
         finally:
             claimed = run.run_id in self._claimed
-            self._claimed.discard(run.run_id)
             self._watcher.unwatch(run.run_id)
             try:
                 manager = self._task_manager

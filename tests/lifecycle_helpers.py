@@ -7,6 +7,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 from helpers import PY
@@ -166,3 +168,18 @@ KEEPS_DAEMONIZING = (
     "print('ready', flush=True)\n"
     "time.sleep(30)\n"
 )
+
+
+@contextlib.contextmanager
+def silent_tree_files(tmp_path: Path) -> Iterator[tuple[Path, Path, str, dict[str, str]]]:
+    """``(registry file, SILENT_TREE module, marker, environment carrying it)`` for a host that
+    dies; whatever carries the marker is killed on the way out."""
+    module = tmp_path / "tree_module.py"
+    module.write_text(SILENT_TREE)
+    mark, env = marked_env()
+    try:
+        yield tmp_path / "runs.db", module, mark, env
+    finally:
+        for proc in marked(mark):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from lifecycle_helpers import SILENT_TREE, marked, marked_env, wait_for_marked
+from lifecycle_helpers import marked, silent_tree_files, wait_for_marked
 
 import prismq_subprocess as pq
 
@@ -27,9 +27,6 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals t
 
 HOST = Path(__file__).with_name("shutdown_host.py")
 UVICORN_HOST = Path(__file__).with_name("uvicorn_host.py")
-
-MODULE = SILENT_TREE
-
 
 def _wait_until(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
@@ -61,23 +58,10 @@ def _stored(db: Path, run_id: str) -> tuple[pq.Run | None, list[str]]:
     return asyncio.run(read())
 
 
-def _kill_marked(mark: str) -> None:
-    for proc in marked(mark):
-        try:
-            proc.kill()
-        except psutil.Error:
-            continue
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> Iterator[tuple[Path, Path, str, dict[str, str]]]:
-    module = tmp_path / "tree_module.py"
-    module.write_text(MODULE)
-    mark, env = marked_env()
-    try:
-        yield tmp_path / "runs.db", module, mark, env
-    finally:
-        _kill_marked(mark)
+    with silent_tree_files(tmp_path) as files:
+        yield files
 
 
 def _start_host(

@@ -22,9 +22,7 @@ from typing import Any
 import psutil
 import pytest
 from lifecycle_helpers import (
-    SILENT_TREE,
-    marked,
-    marked_env,
+    silent_tree_files,
     survivors_after,
     wait_for_marked,
 )
@@ -35,22 +33,10 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="cookies, SIGKIL
 
 HOST = Path(__file__).with_name("dying_owner.py")
 
-MODULE = SILENT_TREE
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> Iterator[tuple[Path, Path, str, dict[str, str]]]:
-    module = tmp_path / "tree_module.py"
-    module.write_text(MODULE)
-    mark, env = marked_env()
-    try:
-        yield tmp_path / "runs.db", module, mark, env
-    finally:
-        for proc in marked(mark):
-            try:
-                proc.kill()
-            except psutil.Error:
-                continue
+    with silent_tree_files(tmp_path) as files:
+        yield files
 
 
 def _start_host(

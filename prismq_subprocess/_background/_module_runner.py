@@ -896,6 +896,7 @@ class ModuleRunner(AsyncClosing):
             on_limit=on_limit,
         )
         timed_out = False
+        reading = False
         try:
             run.mode = str(self.wrapper.mode)
             if run.status is RunStatus.PENDING:
@@ -914,6 +915,7 @@ class ModuleRunner(AsyncClosing):
             # Read from the record on (the pipe holds what the child wrote meanwhile): a line
             # never shows before its run is recorded RUNNING, as on a cluster.
             child.read(self._pump(run_id, process.stdout, tail))
+            reading = True
             await self._record_child(run_id, process)
             sampler.start()
             try:
@@ -931,6 +933,10 @@ class ModuleRunner(AsyncClosing):
             # cut every await short: the tree killed with no grace and the run recorded without
             # its exit status, or after the caller had moved on.
             with shielded_if_cancelled():
+                if not reading and run_id not in self._claimed:
+                    # Cancelled while its start was being recorded: what the child wrote
+                    # meanwhile waits in the pipe, and is the run's (the stop drains it).
+                    child.read(self._pump(run_id, process.stdout, tail))
                 # A second cancellation while the tree is stopped (it is then killed and waited
                 # for: ChildRun.stop) must not skip the record: the run would stay RUNNING.
                 with contextlib.suppress(asyncio.CancelledError):

@@ -938,3 +938,58 @@ def test_a_run_cancelled_by_an_anyio_scope_is_stopped_and_recorded_before_it_is_
     assert survivors_after(mark, 3.0) == []
     assert seen.exists(), "the child was killed without its SIGTERM and grace period"
     assert found == [(pq.RunStatus.CANCELLED, 3)]
+
+
+# --- review: cancelled during the RUNNING record (session 32) ---------------------------------
+
+
+class _HeldRunningRegistry(pq.RunRegistry):
+    """A registry whose record of a run's child (RUNNING with a pid) never completes: the
+    moment a cancel lands while a module's start is being recorded, held open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = asyncio.Event()
+
+    async def update_run(self, run: pq.Run) -> None:
+        if run.status is pq.RunStatus.RUNNING and run.pid is not None:
+            self.recording.set()
+            await asyncio.Event().wait()
+        await super().update_run(run)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_run_cancelled_while_its_child_is_recorded_keeps_what_the_child_wrote(
+    tmp_path: Path, mode: str, background: bool
+) -> None:
+    """A review's find: the output is read only once the run is recorded RUNNING, so a cancel
+    during that record stopped the child before anything read its pipe, and the lines it had
+    written were missing from the CANCELLED run's tail and from its subscribers."""
+    path = script(tmp_path, "talk", "import time\nprint('first', flush=True)\ntime.sleep(60)\n")
+    mark, env = marked_env()
+    async with (
+        WRAPPER_FACTORIES[mode]() as wrapper,
+        _HeldRunningRegistry() as registry,
+        pq.OutputCapture() as output,
+        ModuleRunner(registry, output=output, wrapper=wrapper, grace_period=1.0) as runner,
+    ):
+        if background:
+            run_id = await runner.start_module("t", "T", path, run_id="r1", env=env)
+        else:
+            task = asyncio.ensure_future(
+                runner.execute_module("t", "T", path, run_id="r1", env=env)
+            )
+        await asyncio.wait_for(registry.recording.wait(), 30)
+        await asyncio.sleep(1.0)  # the child has written its line meanwhile
+        if background:
+            assert await asyncio.wait_for(runner.cancel(run_id), 30) is pq.CancelResult.CANCELLED
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 30)
+        stored = await registry.get_run("r1")
+        assert stored is not None and stored.status is pq.RunStatus.CANCELLED, stored
+        assert stored.output_tail == ["first"]
+        assert output.get_lines("r1") == ["first"]
+    assert await asyncio.to_thread(survivors_after, mark, 10) == []

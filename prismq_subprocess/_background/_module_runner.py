@@ -61,7 +61,7 @@ from ._module_args import check_args, check_parameters, parameters_to_args
 from ._output_capture import OutputCapture, end_code
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
-from ._record_retry import RecordRetry, worth_retrying
+from ._record_retry import RecordRetry, retry_start, worth_retrying
 from ._run_record import Run, RunStatus
 from ._start_options import CommandStartOptions, ModuleStartOptions
 from ._task_manager import BackgroundTaskManager
@@ -726,7 +726,10 @@ class ModuleRunner(AsyncClosing):
         """Record ``run``; ``False`` only if another process claimed it (a pick-up while it
         was PENDING here): it is that process's to run and record now."""
         try:
-            await self.registry.update_run(run)
+            if run.status is RunStatus.RUNNING and not missing_ok:
+                await retry_start(run, functools.partial(self.registry.update_run, run))
+            else:
+                await self.registry.update_run(run)
         except RunClaimedError as exc:
             self._claimed.add(run.run_id)
             # The start's refusal is acted on (the child stopped, RunClaimedError raised) and

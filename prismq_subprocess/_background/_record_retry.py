@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from .._core._exceptions import PrismQError, RegistryDatabaseError
 from ._memory_registry import BaseRunRegistry
 from ._run_record import Run
 
-__all__ = ["RecordRetry", "worth_retrying"]
+__all__ = ["RecordRetry", "retry_start", "worth_retrying"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +27,49 @@ _FIRST_DELAY = 0.1
 _MAX_DELAY = 5.0
 
 
+# A start record is tried again after these delays (seconds), each try waiting up to the
+# registry's own busy timeout first: a short, bounded hold on a start, not a retry for ever.
+_START_DELAYS = (0.05, 0.2, 0.5)
+
+_T = TypeVar("_T")
+
+
+def _environmental(exc: Exception) -> bool:
+    """An error of the environment (OSError, sqlite3's errors, a full or locked database),
+    which may be gone a moment later. Our other errors are answers (the run is gone or claimed,
+    the registry is closed or read-only, the stored run is further on) another try repeats."""
+    return isinstance(exc, RegistryDatabaseError) or not isinstance(exc, PrismQError)
+
+
 def worth_retrying(run: Run, exc: Exception) -> bool:
     """Whether the failed write of ``run`` may work later: a final status, and an error of the
-    environment (OSError, sqlite3's errors, a full or locked database). Our other errors are
-    answers (the run is gone, the registry is closed or read-only, the stored run is further
-    on) that another try would repeat."""
-    return run.is_finished and (
-        isinstance(exc, RegistryDatabaseError) or not isinstance(exc, PrismQError)
-    )
+    environment (see :func:`_environmental`)."""
+    return run.is_finished and _environmental(exc)
+
+
+async def retry_start(run: Run, write: Callable[[], Awaitable[_T]]) -> _T:
+    """Make ``write``, the record that a run starts here (RUNNING, or the claim before it),
+    and try it again a few times on an error of the environment; the last error propagates.
+
+    Until that record is stored the run is PENDING on file, and another process may pick it
+    up and run it a second time; going on after one failed try (a database locked a moment
+    longer than its busy timeout) left that window open for the whole run.
+    """
+    for delay in _START_DELAYS:
+        try:
+            return await write()
+        except Exception as exc:
+            if not _environmental(exc):
+                raise
+            logger.info(
+                "recording the start of run %s failed (%s: %s); trying again in %g s",
+                run.run_id,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+        await asyncio.sleep(delay)
+    return await write()
 
 
 class RecordRetry:

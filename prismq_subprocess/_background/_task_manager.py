@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import types
@@ -58,7 +59,7 @@ from ._memory_registry import (
     updates_directly,
 )
 from ._output_capture import OutputCapture, end_code
-from ._record_retry import RecordRetry, worth_retrying
+from ._record_retry import RecordRetry, retry_start, worth_retrying
 from ._run_record import Run, RunOwner, RunStatus
 
 __all__ = ["BackgroundTaskManager", "ExitCode", "TaskHandle"]
@@ -652,13 +653,13 @@ class BackgroundTaskManager(AsyncResource):
                     run.mark_running(pid=None)
                     try:
                         if direct is None:
-                            await registry.update_run(run)
+                            await retry_start(run, functools.partial(registry.update_run, run))
                         elif not waits:
                             direct._update_started_now(run)
                         elif updates_directly(direct):
                             direct._update_run_now(run)
                         else:  # patched while the run waited for its slot or admission
-                            await registry.update_run(run)
+                            await retry_start(run, functools.partial(registry.update_run, run))
                     except RunClaimedError:
                         claimed = True
                     except Exception as exc:
@@ -667,7 +668,9 @@ class BackgroundTaskManager(AsyncResource):
                     # The runner records RUNNING itself (a cluster backend, once the job is
                     # there): whether this process still drives the run is asked first.
                     try:
-                        claimed = not await registry.claim_run(run, RunOwner.current())
+                        claimed = not await retry_start(
+                            run, functools.partial(registry.claim_run, run, RunOwner.current())
+                        )
                     except Exception as exc:
                         self._save_failed(run, exc)
                 if claimed:

@@ -6,8 +6,10 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -993,3 +995,58 @@ async def test_a_run_cancelled_while_its_child_is_recorded_keeps_what_the_child_
         assert stored.output_tail == ["first"]
         assert output.get_lines("r1") == ["first"]
     assert await asyncio.to_thread(survivors_after, mark, 10) == []
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_start_record_refused_by_a_locked_database_is_tried_again(
+    tmp_path: Path, mode: str, background: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A review's find: a run whose RUNNING record met a database locked a moment longer than
+    its busy timeout went on with the stored run PENDING, so another process could pick it up
+    and run the module a second time. The start record is now tried again; the stored run is
+    RUNNING while its module runs."""
+    path = script(tmp_path, "up", "import time\nprint('up', flush=True)\ntime.sleep(30)\n")
+    db = tmp_path / "r.db"
+    mark, env = marked_env()
+    caplog.set_level(logging.INFO)
+    async with (
+        WRAPPER_FACTORIES[mode]() as wrapper,
+        pq.SQLiteRunRegistry(db, busy_timeout=0.2) as registry,
+        ModuleRunner(registry, wrapper=wrapper, grace_period=1.0) as runner,
+    ):
+        other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        update_run = registry.update_run
+        locked: list[pq.Run] = []
+
+        async def locked_first(run: pq.Run) -> None:
+            if run.status is pq.RunStatus.RUNNING and not locked:
+                locked.append(run)
+                other.execute("BEGIN IMMEDIATE")  # another process writes for 0.6 s
+                threading.Timer(0.6, other.rollback).start()
+            await update_run(run)
+
+        registry.update_run = locked_first  # type: ignore[method-assign]
+        try:
+            if background:
+                await runner.start_module("u", "U", path, run_id="r1", env=env)
+            else:
+                task = asyncio.ensure_future(
+                    runner.execute_module("u", "U", path, run_id="r1", env=env)
+                )
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                stored = await registry.get_run("r1")
+                if stored is not None and stored.status is not pq.RunStatus.PENDING:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "still PENDING"
+                await asyncio.sleep(0.05)
+            assert stored.status is pq.RunStatus.RUNNING
+            assert await runner.cancel("r1") is pq.CancelResult.CANCELLED
+            if not background:
+                assert (await task).status is pq.RunStatus.CANCELLED
+        finally:
+            other.close()
+    assert await asyncio.to_thread(survivors_after, mark, 10) == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("trying again" in r.getMessage() for r in caplog.records)

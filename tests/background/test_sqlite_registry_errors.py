@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import prismq_subprocess as pq
-from prismq_subprocess._background._record_retry import worth_retrying
+from prismq_subprocess._background._record_retry import retry_start, worth_retrying
 from prismq_subprocess.exceptions import (
     PrismQError,
     RegistryBusyError,
@@ -101,6 +101,43 @@ def test_a_failed_final_record_on_a_busy_or_full_database_is_retried() -> None:
     for kind in (RegistryBusyError, RegistryFullError, RegistryDatabaseError):
         assert worth_retrying(run, kind("x"))
     assert not worth_retrying(run, pq.RunNotFoundError("gone"))
+
+
+async def test_a_start_record_is_tried_a_few_times_then_its_error_propagates(
+    tmp_path: Path,
+) -> None:
+    # A database locked for good: the start record is tried four times in all (a bounded
+    # hold on the start, about 0.75 s of delays plus each try's busy timeout), then the last
+    # error propagates; an answer of ours (the run claimed, the registry closed) at once.
+    path = tmp_path / "r.db"
+    async with pq.SQLiteRunRegistry(path, busy_timeout=0.05) as registry:
+        run = pq.Run(module_id="m", run_id="r1")
+        await registry.add_run(run)
+        run.mark_running(pid=None)
+        tries: list[float] = []
+
+        async def write() -> None:
+            tries.append(asyncio.get_running_loop().time())
+            await registry.update_run(run)
+
+        with write_locked(path), pytest.raises(RegistryBusyError):
+            await retry_start(run, write)
+        assert len(tries) == 4
+        stored = await registry.get_run("r1")
+        assert stored is not None and stored.status is pq.RunStatus.PENDING
+        await retry_start(run, write)  # unlocked: the first try works
+        assert len(tries) == 5
+        stored = await registry.get_run("r1")
+        assert stored is not None and stored.status is pq.RunStatus.RUNNING
+
+    async def refused() -> None:
+        tries.append(0.0)
+        raise pq.RunNotFoundError("gone")
+
+    tries.clear()
+    with pytest.raises(pq.RunNotFoundError):
+        await retry_start(run, refused)
+    assert tries == [0.0]
 
 
 async def test_a_file_uri_that_cannot_be_opened_raises_registry_open_error(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +73,10 @@ logger = logging.getLogger(__name__)
 #: A line still without its newline past this many bytes is read in pieces of this size (or
 #: the capture's max_line_bytes if larger); see _pump.
 _LINE_PIECE_BYTES = 4 * 1024 * 1024
+
+# How long a cancelled run waits for the answer to its start record before it reads what its
+# module wrote: a thread-backed store answers within its busy timeout (SQLite's default 10 s).
+_START_FATE_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -722,12 +726,32 @@ class ModuleRunner(AsyncClosing):
         if opened and self.output is not None:
             self.output.forget(run_id)
 
-    async def _save(self, run: Run, *, missing_ok: bool = False) -> bool:
+    async def _save(
+        self,
+        run: Run,
+        *,
+        missing_ok: bool = False,
+        start: bool = False,
+        stopping: Callable[[], bool] | None = None,
+    ) -> bool:
         """Record ``run``; ``False`` only if another process claimed it (a pick-up while it
-        was PENDING here): it is that process's to run and record now."""
+        was PENDING here): it is that process's to run and record now.
+
+        ``start``: the write that takes the stored run from PENDING to RUNNING, tried again on
+        an error of the environment (:func:`retry_start`) unless the run is being stopped
+        (cancel(), aclose(), or ``stopping()``)."""
         try:
-            if run.status is RunStatus.RUNNING and not missing_ok:
-                await retry_start(run, functools.partial(self.registry.update_run, run))
+            if start and run.status is RunStatus.RUNNING:
+                run_id = run.run_id
+
+                def give_up() -> bool:
+                    return (
+                        self._closed
+                        or run_id in self._cancel_reasons
+                        or (stopping is not None and stopping())
+                    )
+
+                await retry_start(run, functools.partial(self.registry.update_run, run), give_up)
             else:
                 await self.registry.update_run(run)
         except RunClaimedError as exc:
@@ -823,7 +847,7 @@ class ModuleRunner(AsyncClosing):
     def _context(self, run_id: str, background: bool) -> RunContext:
         return RunContext(
             output=self.output,
-            save=self._save,
+            save=functools.partial(self._save, start=True),
             finish=self._record_final,
             cancel_reason=lambda: self._cancel_reasons.get(run_id),
             background=background,
@@ -900,16 +924,24 @@ class ModuleRunner(AsyncClosing):
         )
         timed_out = False
         reading = False
+        stopping = False
+        saving: asyncio.Future[bool] | None = None
         try:
             run.mode = str(self.wrapper.mode)
-            if run.status is RunStatus.PENDING:
+            starting = run.status is RunStatus.PENDING
+            if starting:
                 run.mark_running(process.pid)
             else:
                 run.pid = process.pid  # a background run is marked RUNNING by its task manager
             if run_id in self._cancel_reasons:
                 # cancel() came while the child was being spawned, before it could be stopped.
                 await self.processes.stop(run_id, self.grace_period)
-            if not await self._save(run):
+            # A task of its own, so a cancel that lands meanwhile can still learn its answer
+            # (a thread-backed store finishes the write): whether the run was claimed.
+            saving = asyncio.ensure_future(
+                self._save(run, start=starting, stopping=lambda: stopping)
+            )
+            if not await asyncio.shield(saving):
                 # Another process picked the run up between its add and this record (a
                 # deliberate pick-up of a PENDING run): the run is its job now, not ours, and
                 # so is its output (nothing of this child's is read into it).
@@ -936,14 +968,17 @@ class ModuleRunner(AsyncClosing):
             # cut every await short: the tree killed with no grace and the run recorded without
             # its exit status, or after the caller had moved on.
             with shielded_if_cancelled():
-                if not reading and run_id not in self._claimed:
-                    # Cancelled while its start was being recorded: what the child wrote
-                    # meanwhile waits in the pipe, and is the run's (the stop drains it).
-                    child.read(self._pump(run_id, process.stdout, tail))
+                stopping = True
                 # A second cancellation while the tree is stopped (it is then killed and waited
                 # for: ChildRun.stop) must not skip the record: the run would stay RUNNING.
                 with contextlib.suppress(asyncio.CancelledError):
-                    await child.abort()
+                    await child.stop()
+                if not reading and await self._unclaimed(run_id, saving):
+                    # Cancelled while its start was being recorded: what the child wrote
+                    # meanwhile is still in the pipe, and is the run's.
+                    child.read(self._pump(run_id, process.stdout, tail))
+                with contextlib.suppress(asyncio.CancelledError):
+                    await child.settle()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler.stop()
                 self._settle(run, tail, sampler, process.returncode)
@@ -1007,6 +1042,27 @@ class ModuleRunner(AsyncClosing):
         if sampler.last_sample is not None:
             run.peak_rss_bytes = sampler.peak_rss_bytes
             run.cpu_time_seconds = sampler.cpu_time_seconds
+
+    async def _unclaimed(self, run_id: str, saving: asyncio.Future[bool] | None) -> bool:
+        """Cancelled before the child's output was read: whether the run is still known to be
+        ours, so its output may be read into it. Waits for the start record under way (no
+        more tries once the run is stopping), up to :data:`_START_FATE_SECONDS`; a record
+        still unanswered then, or a second cancellation meanwhile, leaves it unknown, and the
+        output is not read (never into a run another process may own)."""
+        if saving is not None and not saving.done():
+            try:
+                await asyncio.wait({saving}, timeout=_START_FATE_SECONDS)
+            except asyncio.CancelledError:
+                return False
+            if not saving.done():
+                logger.warning(
+                    "run %s cancelled while its start record went unanswered for %g s: what "
+                    "its module wrote is not kept",
+                    run_id,
+                    _START_FATE_SECONDS,
+                )
+                return False
+        return saving is None or (not saving.cancelled() and saving.result())
 
     async def _pump(self, run_id: str, stream: Any, tail: OutputTail) -> None:
         if stream is None:

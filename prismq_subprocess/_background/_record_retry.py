@@ -47,9 +47,15 @@ def worth_retrying(run: Run, exc: Exception) -> bool:
     return run.is_finished and _environmental(exc)
 
 
-async def retry_start(run: Run, write: Callable[[], Awaitable[_T]]) -> _T:
+async def retry_start(
+    run: Run,
+    write: Callable[[], Awaitable[_T]],
+    give_up: Callable[[], bool] | None = None,
+) -> _T:
     """Make ``write``, the record that a run starts here (RUNNING, or the claim before it),
-    and try it again a few times on an error of the environment; the last error propagates.
+    and try it again a few times on an error of the environment; the last error propagates,
+    at once if ``give_up()`` says so (the run is being stopped: its start no longer matters,
+    and whoever stops it waits for it).
 
     Until that record is stored the run is PENDING on file, and another process may pick it
     up and run it a second time; going on after one failed try (a database locked a moment
@@ -59,7 +65,7 @@ async def retry_start(run: Run, write: Callable[[], Awaitable[_T]]) -> _T:
         try:
             return await write()
         except Exception as exc:
-            if not _environmental(exc):
+            if not _environmental(exc) or (give_up is not None and give_up()):
                 raise
             logger.info(
                 "recording the start of run %s failed (%s: %s); trying again in %g s",

@@ -27,6 +27,7 @@ from prismq_subprocess._background._process_manager import ProcessManager
 from prismq_subprocess._core._exceptions import (
     InvalidIntervalError,
     InvalidParametersError,
+    RegistryBusyError,
     RunClaimedError,
     RunnerClosedError,
     ScriptNotFoundError,
@@ -946,7 +947,8 @@ def test_a_run_cancelled_by_an_anyio_scope_is_stopped_and_recorded_before_it_is_
 
 
 class _HeldRunningRegistry(pq.RunRegistry):
-    """A registry whose record of a run's child (RUNNING with a pid) never completes: the
+    """A registry whose record of a run's child (RUNNING with a pid) takes 2 s and goes on
+    when its caller is cancelled, as a thread-backed store's does (a busy SQLite file): the
     moment a cancel lands while a module's start is being recorded, held open."""
 
     def __init__(self) -> None:
@@ -956,7 +958,12 @@ class _HeldRunningRegistry(pq.RunRegistry):
     async def update_run(self, run: pq.Run) -> None:
         if run.status is pq.RunStatus.RUNNING and run.pid is not None:
             self.recording.set()
-            await asyncio.Event().wait()
+            await asyncio.shield(self._slow_write(run))
+        else:
+            await super().update_run(run)
+
+    async def _slow_write(self, run: pq.Run) -> None:
+        await asyncio.sleep(2.0)
         await super().update_run(run)
 
 
@@ -1050,3 +1057,106 @@ async def test_a_start_record_refused_by_a_locked_database_is_tried_again(
     assert await asyncio.to_thread(survivors_after, mark, 10) == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert any("trying again" in r.getMessage() for r in caplog.records)
+
+
+class _ClaimedWhileRecordingRegistry(pq.RunRegistry):
+    """A registry whose RUNNING record (with a pid) waits for ``gate``, then finds the run
+    picked up by another process (its claim landed first) and is refused. The write goes on
+    when its caller is cancelled, as a thread-backed store's does (SQLite's worker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def update_run(self, run: pq.Run) -> None:
+        if run.status is pq.RunStatus.RUNNING and run.pid is not None:
+            self.recording.set()
+            await asyncio.shield(self._claimed_then_write(run))
+        else:
+            await super().update_run(run)
+
+    async def _claimed_then_write(self, run: pq.Run) -> None:
+        await self.gate.wait()
+        copy = await self.get_run(run.run_id)
+        assert copy is not None
+        read_owner, copy.owner = copy.owner, pq.RunOwner("another-host", 4242, 1.5)
+        assert await self.claim_run(copy, read_owner)
+        await super().update_run(run)  # refused: RunClaimedError
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_run_cancelled_while_a_refused_start_record_is_under_way_reads_nothing(
+    tmp_path: Path, mode: str
+) -> None:
+    """A review's find: a cancel during the RUNNING record read the child's output into the
+    run even when that record was then refused (the run claimed by another process), so the
+    child's lines reached the claimer's run and a log directory shared with it. The cancel
+    now waits for the record under way before it reads anything."""
+    path = script(tmp_path, "talk", "import time\nprint('first', flush=True)\ntime.sleep(60)\n")
+    logs = tmp_path / "logs"
+    mark, env = marked_env()
+    async with (
+        WRAPPER_FACTORIES[mode]() as wrapper,
+        _ClaimedWhileRecordingRegistry() as registry,
+        pq.OutputCapture(log_dir=logs) as output,
+        ModuleRunner(registry, output=output, wrapper=wrapper, grace_period=1.0) as runner,
+    ):
+        task = asyncio.ensure_future(runner.execute_module("t", "T", path, run_id="r1", env=env))
+        await asyncio.wait_for(registry.recording.wait(), 30)
+        await asyncio.sleep(1.0)  # the child has written its line
+        task.cancel()
+        asyncio.get_running_loop().call_later(0.3, registry.gate.set)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        stored = await registry.get_run("r1")
+        assert stored is not None and stored.status is pq.RunStatus.PENDING
+        assert stored.owner == pq.RunOwner("another-host", 4242, 1.5)
+        assert output.get_lines("r1") == []
+    assert await asyncio.to_thread(survivors_after, mark, 10) == []
+    written = [f.read_text() for f in logs.rglob("*") if f.is_file()] if logs.exists() else []
+    assert "".join(written) == ""
+
+
+class _LockedStartRegistry(pq.RunRegistry):
+    """A registry whose RUNNING records (with a pid) fail as a database locked for good does,
+    each try after ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+        self.recording = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def update_run(self, run: pq.Run) -> None:
+        if run.status is pq.RunStatus.RUNNING and run.pid is not None:
+            self.tries += 1
+            self.recording.set()
+            await self.gate.wait()
+            raise RegistryBusyError("locked by another connection")
+        await super().update_run(run)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancel_during_a_failing_start_record_does_not_wait_for_its_retries(
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A review's find: cancel() of a foreground run whose start record was failing waited
+    while that record was tried again (about five busy timeouts in all, 51 s by default),
+    although the run was being stopped. The start record is not tried again once a stop was
+    asked for."""
+    path = script(tmp_path, "sleep", SLEEP)
+    async with (
+        WRAPPER_FACTORIES[mode]() as wrapper,
+        _LockedStartRegistry() as registry,
+        ModuleRunner(registry, wrapper=wrapper, grace_period=1.0) as runner,
+    ):
+        task = asyncio.ensure_future(runner.execute_module("s", "S", path, run_id="r1"))
+        await asyncio.wait_for(registry.recording.wait(), 30)
+        cancelling = asyncio.ensure_future(runner.cancel("r1", "changed my mind"))
+        await asyncio.sleep(0.1)
+        registry.gate.set()
+        assert await asyncio.wait_for(cancelling, 30) is pq.CancelResult.CANCELLED
+        run = await asyncio.wait_for(task, 30)
+        assert run.status is pq.RunStatus.CANCELLED and run.error_message == "changed my mind"
+    assert registry.tries == 1

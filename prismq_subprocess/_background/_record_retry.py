@@ -52,10 +52,11 @@ async def retry_start(
     write: Callable[[], Awaitable[_T]],
     give_up: Callable[[], bool] | None = None,
 ) -> _T:
-    """Make ``write``, the record that a run starts here (RUNNING, or the claim before it),
-    and try it again a few times on an error of the environment; the last error propagates,
-    at once if ``give_up()`` says so (the run is being stopped: its start no longer matters,
-    and whoever stops it waits for it).
+    """Await ``write()``, the record that a run starts here (RUNNING, or the claim before
+    it), and await it again up to three times on an error of the environment; the last error
+    propagates, at once if ``give_up()`` says so (the run is being stopped: its start no
+    longer matters, and whoever stops it waits for it). ``write`` must be safe to repeat: a
+    try that raised stored nothing.
 
     Until that record is stored the run is PENDING on file, and another process may pick it
     up and run it a second time; going on after one failed try (a database locked a moment

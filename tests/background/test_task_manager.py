@@ -43,6 +43,7 @@ from prismq_subprocess._core._exceptions import (
     InvalidTaskError,
     InvalidTimeoutError,
     PrismQError,
+    RegistryDatabaseError,
     RunStateError,
     TaskManagerClosedError,
 )
@@ -2117,3 +2118,52 @@ async def test_cancel_task_refuses_a_run_id_or_reason_of_the_wrong_type(
             await manager.cancel_task([1])  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentTypeError):
             await manager.cancel_task("r", None)  # type: ignore[arg-type]
+
+
+class _LostClaimReplies(SQLiteRunRegistry):
+    """A store whose first ``claim_runs`` claims answer with an error of the environment: the
+    first ``landed`` of them after the claim was made (its reply was lost), the rest before."""
+
+    def __init__(self, path: Path, *, failures: int, landed: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+        self.landed = landed
+        self.claims = 0
+
+    async def claim_run(self, run: Run, owner: RunOwner | None) -> bool:
+        self.claims += 1
+        if self.claims > self.failures:
+            return await super().claim_run(run, owner)
+        if self.claims <= self.landed:
+            assert await super().claim_run(run, owner)
+        raise RegistryDatabaseError(f"{self.path}: database is locked (try {self.claims})")
+
+
+@pytest.mark.parametrize(
+    ("failures", "landed"), [(1, 1), (2, 0), (3, 1)], ids=["reply-lost", "refused", "both"]
+)
+async def test_a_claim_that_failed_for_the_environment_is_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, failures: int, landed: int
+) -> None:
+    # A cluster run's claim (marks_running: the runner records RUNNING itself) that failed on
+    # a locked database left the run as if claimed by nobody, or (reply lost) as if another
+    # process had it; it is tried again like the manager's own RUNNING write (retry_start),
+    # and a claim that landed before its reply was lost is answered True on the next try (the
+    # stored owner is this process's, as the claim expects).
+    ran: list[RunStatus] = []
+    async with _LostClaimReplies(tmp_path / "r.db", failures=failures, landed=landed) as registry:
+
+        async def job() -> None:
+            ran.append((await stored(registry, "job1")).status)
+
+        async with BackgroundTaskManager(registry) as manager:
+            with caplog.at_level(logging.INFO, logger="prismq_subprocess"):
+                await manager.start_task(
+                    Run(run_id="job1", module_id="m"), job(), marks_running=True
+                )
+                await manager.wait_all()
+        after = await stored(registry, "job1")
+        assert registry.claims == failures + 1
+    assert ran == [RunStatus.PENDING]  # run once, by this process, the claim its own
+    assert (after.status, after.owner) == (RunStatus.COMPLETED, RunOwner.current())
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.INFO] == ["INFO"] * failures

@@ -968,7 +968,7 @@ class _HeldRunningRegistry(pq.RunRegistry):
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "local"])
 async def test_a_run_cancelled_while_its_child_is_recorded_keeps_what_the_child_wrote(
     tmp_path: Path, mode: str, background: bool
 ) -> None:
@@ -1005,7 +1005,7 @@ async def test_a_run_cancelled_while_its_child_is_recorded_keeps_what_the_child_
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "local"])
 async def test_a_start_record_refused_by_a_locked_database_is_tried_again(
     tmp_path: Path, mode: str, background: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1085,7 +1085,7 @@ class _ClaimedWhileRecordingRegistry(pq.RunRegistry):
         await super().update_run(run)  # refused: RunClaimedError
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "local"])
 async def test_a_run_cancelled_while_a_refused_start_record_is_under_way_reads_nothing(
     tmp_path: Path, mode: str
 ) -> None:
@@ -1137,7 +1137,7 @@ class _LockedStartRegistry(pq.RunRegistry):
         await super().update_run(run)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "local"])
 async def test_cancel_during_a_failing_start_record_does_not_wait_for_its_retries(
     tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -81,14 +81,26 @@ def take_part_in_host_shutdown(participant: HostShutdownParticipant) -> None:
 
 
 def child_identity(process: ProcessLike) -> ProcessIdentity | None:
-    """The identity (pid, start time, containment cookie) of a running child we spawned, for a
-    run registry to keep; None without a cookie (nothing could prove it ours later) or once gone.
+    """The identity (pid, start time, containment cookie) of a child we spawned, for a run
+    registry to keep; None without a cookie (nothing could prove it ours later).
+
+    A child already gone (a shell that started a daemon and exited) gets the time the spawn
+    was noted instead of its start: a later check finds its pid gone (the cookie then finds
+    what it left running) or taken by another process (told apart by its start, or failing
+    that by its missing cookie; it is never touched).
     """
     child = _known(process)
     if child is None or child.containment is None or child.containment.cookie is None:
         return None
     variable = platform_ops().containment_report().cookie_variable
-    return ProcessIdentity.of(process.pid, variable, child.containment.cookie)
+    if variable is None:
+        return None
+    identity = ProcessIdentity.of(process.pid, variable, child.containment.cookie)
+    if identity is None:
+        identity = ProcessIdentity(
+            process.pid, child.started_at, f"{variable}={child.containment.cookie}"
+        )
+    return identity
 
 
 async def stop_for_host_shutdown(

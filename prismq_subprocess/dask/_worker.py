@@ -396,7 +396,7 @@ def _started_message(forwarder: OutputForwarder, worker_address: str, run: Run) 
     try:
         create_time: float | None = psutil.Process(run.pid).create_time()
     except (psutil.Error, ValueError):
-        create_time = None  # already gone: nothing to clean up after a worker death
+        create_time = None  # already gone: the CHILD message brings what a stop needs
     return forwarder.message(
         STARTED,
         pid=run.pid,

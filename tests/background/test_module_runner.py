@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from prismq_subprocess._core._exceptions import (
     RunnerClosedError,
     ScriptNotFoundError,
 )
+from prismq_subprocess._platform._orphans import verify_orphan
 
 MODES = ["async", "threaded"]
 
@@ -1160,3 +1162,50 @@ async def test_cancel_during_a_failing_start_record_does_not_wait_for_its_retrie
         run = await asyncio.wait_for(task, 30)
         assert run.status is pq.RunStatus.CANCELLED and run.error_message == "changed my mind"
     assert registry.tries == 1
+
+
+class _RecordsOnceReapedRegistry(pq.RunRegistry):
+    """A registry whose RUNNING record (with a pid) is answered only once the child has exited
+    and been reaped (a module that exits at once: ``sh -c 'daemon & exit'``); it keeps what
+    ``record_child`` is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.children: list[pq.ProcessIdentity] = []
+
+    async def update_run(self, run: pq.Run) -> None:
+        if run.status is pq.RunStatus.RUNNING and run.pid is not None:
+            for _ in range(500):
+                if not psutil.pid_exists(run.pid):
+                    break
+                await asyncio.sleep(0.02)
+        await super().update_run(run)
+
+    async def record_child(self, run_id: str, identity: pq.ProcessIdentity) -> bool:
+        self.children.append(identity)
+        return await super().record_child(run_id, identity)
+
+
+@pytest.mark.parametrize("mode", [*MODES, "local"])
+async def test_a_child_gone_before_it_is_recorded_is_recorded_with_its_cookie(
+    tmp_path: Path, mode: str
+) -> None:
+    """A module that exits at once (a shell starting a daemon) was gone before its identity
+    was read, and no identity was recorded: what it left running (the daemon holds the cookie)
+    could not be found after its host or worker died (a Dask host got no ``child`` message).
+    It is recorded with the cookie and the start the library noted at spawn; a check of the
+    pid then finds it gone (or reused) and the cookie finds what it left."""
+    path = script(tmp_path, "quick", "print('bye')\n")
+    async with (
+        WRAPPER_FACTORIES[mode]() as wrapper,
+        _RecordsOnceReapedRegistry() as registry,
+        ModuleRunner(registry, wrapper=wrapper, grace_period=1.0) as runner,
+    ):
+        before = time.time()
+        run = await asyncio.wait_for(runner.execute_module("q", "Q", path, run_id="r1"), 30)
+    assert run.status is pq.RunStatus.COMPLETED
+    [identity] = registry.children
+    assert identity.pid == run.pid
+    assert identity.cookie is not None and identity.cookie.startswith("PRISMQ_RUN_")
+    assert before <= identity.started_at <= time.time()
+    assert verify_orphan(identity) is pq.OrphanCheck.GONE

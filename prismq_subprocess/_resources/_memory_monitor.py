@@ -21,6 +21,7 @@ from ._readings import (
     check_percent,
     check_reader,
     checked_reader,
+    read_in_thread,
 )
 
 __all__ = ["MIN_CHECK_INTERVAL", "MemoryCallback", "MemoryMonitor"]
@@ -185,7 +186,7 @@ class MemoryMonitor(AsyncResource):
 
         Cancelling abandons the wait; the (short) reading completes in its thread and is dropped.
         """
-        snapshot = await asyncio.to_thread(self._reader)
+        snapshot = await read_in_thread(self._reader)
         self._latest = snapshot
         return snapshot.memory_percent < self.max_memory_percent
 
@@ -196,7 +197,7 @@ class MemoryMonitor(AsyncResource):
         own scheduler (e.g. a ``PeriodicTask``). Reader errors propagate; callback errors are
         logged. Cancelling stops the step; a callback already running is cancelled with it.
         """
-        snapshot = await asyncio.to_thread(self._reader)
+        snapshot = await read_in_thread(self._reader)
         self._latest = snapshot
         percent = snapshot.memory_percent
         if not self._is_high and percent >= self.max_memory_percent:

@@ -2,7 +2,8 @@
 
 Readers are plain callables returning a :class:`ResourceSnapshot`, so tests (and hosts with their
 own metrics) can inject readings. The psutil reader blocks briefly (it reads ``/proc`` and may
-list every process to find children), so async callers run it with ``asyncio.to_thread``.
+list every process to find children), so async callers run readers in a thread
+(:func:`read_in_thread`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import psutil
 
+from .._core._daemon_thread import call_in_daemon_thread
 from .._core._durations import finite
 from .._core._exceptions import (
     InvalidIntervalError,
@@ -34,6 +36,7 @@ __all__ = [
     "check_percent",
     "check_reader",
     "checked_reader",
+    "read_in_thread",
     "tree_rss_bytes",
 ]
 
@@ -110,6 +113,18 @@ def checked_reader(reader: ResourceReader) -> ResourceReader:
     return read
 
 
+async def read_in_thread(reader: ResourceReader) -> ResourceSnapshot:
+    """Take a reading with ``reader`` in a daemon thread of its own and await it.
+
+    Not in the loop's default executor (``asyncio.to_thread``): a reading that never returns (a
+    host's metrics endpoint that stalls) is abandoned when the awaiting task is cancelled, and
+    holds up neither ``asyncio.run()``, which waits for that executor on exit, nor the
+    interpreter's exit. The reader's errors are raised here.
+    """
+    reading = await call_in_daemon_thread(reader, (), {}, "prismq-resource-reading")
+    return cast(ResourceSnapshot, reading)
+
+
 def _problem(snapshot: object) -> str | None:
     # Any real number is taken (a float or a numpy integer from a host's metrics library): the
     # limits compare, they do not need an int; what cannot be compared (NaN, text) is refused.
@@ -136,7 +151,7 @@ def _problem(snapshot: object) -> str | None:
 class ResourceReader(Protocol):
     """A source of readings (``reader=`` of ``MemoryMonitor`` and ``ResourceManager``): any
     callable returning a :class:`ResourceSnapshot`, e.g. :class:`PsutilResourceReader` or a
-    host's own metrics. The async APIs call it in a worker thread."""
+    host's own metrics. The async APIs call it in a daemon thread (:func:`read_in_thread`)."""
 
     def __call__(self) -> ResourceSnapshot: ...
 

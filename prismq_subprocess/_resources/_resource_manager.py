@@ -24,6 +24,7 @@ from ._readings import (
     check_percent,
     check_reader,
     checked_reader,
+    read_in_thread,
 )
 
 __all__ = ["LimitViolation", "ResourceCheck", "ResourceManager", "check_resource_manager"]
@@ -174,7 +175,7 @@ class ResourceManager:
         Reader errors propagate. Cancelling abandons the wait; the short reading finishes in its
         thread and is dropped.
         """
-        return self.evaluate(await asyncio.to_thread(self._reader))
+        return self.evaluate(await read_in_thread(self._reader))
 
     async def check_resources(self) -> bool:
         """True when every limit is met now (see :meth:`check_resources_detailed`)."""
@@ -195,9 +196,12 @@ class ResourceManager:
           met, for at most ``timeout`` seconds (``None``: as long as it takes), then raise
           :class:`ResourceWaitTimeoutError` (a ``ResourceLimitException`` and a ``TimeoutError``).
 
-        Returns the passing :class:`ResourceCheck`. Nothing is held, so there is nothing to
-        release. Cancelling while waiting just stops waiting. The reader's errors propagate as
-        they are (its own ``TimeoutError`` included: only ``timeout`` elapsing is
+        ``timeout`` bounds the wait for room, which starts after the first reading: that one is
+        always taken (``timeout=0`` checks once), however long the reader takes. To bound a
+        reader that may hang, wrap the call in ``asyncio.timeout``: the reading is abandoned in
+        its thread. Returns the passing :class:`ResourceCheck`. Nothing is held, so there is
+        nothing to release. Cancelling while waiting just stops waiting. The reader's errors
+        propagate as they are (its own ``TimeoutError`` included: only ``timeout`` elapsing is
         ``ResourceWaitTimeoutError``).
 
         Raises:

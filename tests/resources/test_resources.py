@@ -870,3 +870,41 @@ async def test_a_reading_with_float_byte_counts_is_judged() -> None:
     reading = _reading(95.0, available_bytes=1.5e9, total_bytes=4e9)
     check = await ResourceManager(90.0, reader=lambda: reading).check_resources_detailed()
     assert not check.ok and [v.limit for v in check.violations] == ["memory_percent"]
+
+
+@pytest.mark.parametrize("call", ["monitoring", "poll", "check_memory_async", "check_resources"])
+def test_a_reading_that_never_returns_does_not_hold_up_the_event_loops_end(call: str) -> None:
+    """A probe's find: a reader that hangs (a host's metrics endpoint, an NFS-backed /proc)
+    ran in the loop's default executor (``asyncio.to_thread``), which ``asyncio.run`` waits for
+    on exit, without limit on 3.11: the monitor was stopped and the reading abandoned, yet
+    ``asyncio.run`` never returned. Readings now run in a daemon thread each, as
+    ``PeriodicTask``'s plain functions do."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hanging() -> ResourceSnapshot:
+        entered.set()
+        release.wait(30)
+        return ResourceSnapshot(memory_percent=10.0, available_bytes=GiB, total_bytes=2 * GiB)
+
+    async def main() -> None:
+        if call == "monitoring":
+            async with MemoryMonitor(80.0, check_interval=0.1, reader=hanging):
+                await asyncio.to_thread(entered.wait, 10)
+            return
+        if call == "check_resources":
+            step = ResourceManager(80.0, reader=hanging).check_resources()
+        else:
+            step = getattr(MemoryMonitor(80.0, reader=hanging), call)()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(step, 0.2)
+
+    ended = threading.Event()
+    runner = threading.Thread(target=lambda: (asyncio.run(main()), ended.set()), daemon=True)
+    runner.start()
+    try:
+        assert ended.wait(10), "asyncio.run() waited for the abandoned reading"
+    finally:
+        release.set()
+        runner.join(10)
+    assert entered.is_set()

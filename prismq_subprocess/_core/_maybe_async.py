@@ -23,11 +23,13 @@ async def call_callback(
     """Call ``callback(*args)``, awaiting the result if it is awaitable.
 
     An exception raised by the callback is logged with its traceback and swallowed: a faulty
-    observer must never stop the monitor that notifies it. Cancellation propagates.
+    observer must never stop the monitor that notifies it. ``SystemExit`` too (a helper that
+    calls ``sys.exit()`` must not end a web server), as ``PeriodicTask`` treats it.
+    Cancellation and ``KeyboardInterrupt`` (a real interrupt of the loop's thread) propagate.
     """
     try:
         result = callback(*args)
         if inspect.isawaitable(result):
             await result
-    except Exception:
+    except (Exception, SystemExit):
         logger.exception("%s callback %r raised", what, callback)

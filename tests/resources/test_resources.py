@@ -213,6 +213,35 @@ async def test_failing_reader_and_callback_are_logged_and_monitoring_goes_on(
     assert monitor.is_high
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_callback_calling_sys_exit_is_logged_and_does_not_end_the_host(
+    caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    # A probe's find: sys.exit() in an alert helper ended the web server (SystemExit went
+    # through the monitoring task and asyncio.run); the docs say callback errors are logged
+    # (PeriodicTask already treats SystemExit from user code as a failed run).
+    readings = iter([99.0, 10.0, 99.0])
+
+    def reader() -> ResourceSnapshot:
+        percent = next(readings)
+        return ResourceSnapshot(memory_percent=percent, available_bytes=1, total_bytes=2)
+
+    def sync_exit(snapshot: ResourceSnapshot) -> None:
+        sys.exit(f"alert helper exited at {snapshot.memory_percent}")
+
+    async def async_exit(snapshot: ResourceSnapshot) -> None:
+        await asyncio.sleep(0)
+        sys.exit(f"alert helper exited at {snapshot.memory_percent}")
+
+    callback = sync_exit if kind == "sync" else async_exit
+    monitor = MemoryMonitor(80.0, on_high=callback, on_low=callback, reader=reader)
+    with caplog.at_level(logging.ERROR):
+        for expected in (99.0, 10.0, 99.0):
+            assert (await monitor.poll()).memory_percent == expected
+    messages = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert [m.split(" callback")[0] for m in messages] == ["on_high", "on_low", "on_high"]
+
+
 @pytest.mark.parametrize(
     ("args", "error"),
     [

@@ -50,6 +50,37 @@ CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
         TypeError,
         "ProcessIdentity",
     ),
+    # A probe's find: these were taken, and the first run failed with a bare AttributeError.
+    "ConcurrentExecutor(registry=object())": (
+        lambda: pq.ConcurrentExecutor(registry=object()),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "registry must be a BaseRunRegistry",
+    ),
+    "ConcurrentExecutor(output=object())": (
+        lambda: pq.ConcurrentExecutor(output=object()),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "output must be an OutputCapture",
+    ),
+    "ModuleRunner(object())": (
+        lambda: pq.ModuleRunner(object()),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "registry must be a BaseRunRegistry",
+    ),
+    "ModuleRunner(registry, output=[])": (
+        lambda: pq.ModuleRunner(pq.RunRegistry(), output=[]),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "output must be an OutputCapture",
+    ),
+    "BackgroundTaskManager('runs.db')": (
+        lambda: pq.BackgroundTaskManager("runs.db"),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "registry must be a BaseRunRegistry",
+    ),
+    "BackgroundTaskManager(registry, output=object())": (
+        lambda: pq.BackgroundTaskManager(pq.RunRegistry(), output=object()),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "output must be an OutputCapture",
+    ),
     "execute_with_timeout(5, 1)": (
         lambda: asyncio.run(pq.execute_with_timeout(5, 1)),  # type: ignore[arg-type]
         InvalidTaskError,

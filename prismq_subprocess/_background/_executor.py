@@ -34,9 +34,9 @@ from .._core._tree_stop import DEFAULT_GRACE_PERIOD
 from .._core._validation import check_flag
 from .._resources._resource_manager import ResourceManager, check_resource_manager
 from .._strategies import SubprocessStrategy
-from ._memory_registry import BaseRunRegistry, RunRegistry
+from ._memory_registry import BaseRunRegistry, RunRegistry, check_registry
 from ._module_runner import ModuleRunner
-from ._output_capture import OutputCapture
+from ._output_capture import OutputCapture, check_output
 from ._run_record import Run
 from ._start_options import ModuleStartOptions, StartOptions
 
@@ -265,8 +265,11 @@ class ConcurrentExecutor(AsyncClosing):
         timeout_seconds(admission_timeout, what="admission_timeout")  # refused now, not per call
         self.admission_timeout = admission_timeout
         self.registry = (
-            registry if registry is not None else RunRegistry(max_runs=_OWN_REGISTRY_MAX_RUNS)
+            check_registry(registry, "ConcurrentExecutor")
+            if registry is not None
+            else RunRegistry(max_runs=_OWN_REGISTRY_MAX_RUNS)
         )
+        check_output(output, "ConcurrentExecutor")
         self.runner = ModuleRunner(
             self.registry,
             run_mode=run_mode,

@@ -43,6 +43,7 @@ __all__ = [
     "BaseRunRegistry",
     "RunRegistry",
     "check_filters",
+    "check_registry",
     "check_wait",
     "direct_writes",
     "orphan_reason",
@@ -623,6 +624,21 @@ class BaseRunRegistry(AsyncResource):
 # changed, and never handed out (Run.copy makes a new list).
 _NO_LINES: list[str] = []
 _blank = object.__new__
+
+
+def check_registry(value: object, owner: str) -> BaseRunRegistry:
+    """``value`` if it is a run registry (a :class:`BaseRunRegistry`), for ``owner``'s use.
+
+    Raises:
+        InvalidArgumentTypeError: anything else (it failed the first run instead, with a bare
+            ``AttributeError`` from deep inside, after the object had been taken).
+    """
+    if not isinstance(value, BaseRunRegistry):
+        raise InvalidArgumentTypeError(
+            f"{owner}: registry must be a BaseRunRegistry (RunRegistry, SQLiteRunRegistry or a "
+            f"subclass of your own), got {type(value).__name__}"
+        )
+    return value
 
 
 def direct_writes(registry: BaseRunRegistry) -> RunRegistry | None:

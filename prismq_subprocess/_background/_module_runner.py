@@ -56,9 +56,15 @@ from ._backend import ModuleJob, RunBackend, RunContext, check_resources
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._line_batches import iter_line_batches
-from ._memory_registry import BaseRunRegistry, reason_text, run_id_of, stopped_for_claim
+from ._memory_registry import (
+    BaseRunRegistry,
+    check_registry,
+    reason_text,
+    run_id_of,
+    stopped_for_claim,
+)
 from ._module_args import check_args, check_parameters, parameters_to_args
-from ._output_capture import OutputCapture, end_code
+from ._output_capture import OutputCapture, check_output, end_code
 from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
 from ._record_retry import RecordRetry, retry_start, worth_retrying
@@ -248,14 +254,14 @@ class ModuleRunner(AsyncClosing):
             check_limit(max_concurrent, "max_concurrent", minimum=1)
         self.grace_period = check_timeout(grace_period, "grace_period", finite=True) or 0.0
         self.sample_interval = check_sample_interval(sample_interval, "sample_interval")
-        self.registry = registry
+        self.registry = check_registry(registry, "ModuleRunner")
         # Not ``or``: an empty ProcessManager is falsy (it has a length).
         self.processes = (
             process_manager
             if process_manager is not None
             else ProcessManager(grace_period=self.grace_period)
         )
-        self.output = output
+        self.output = check_output(output, "ModuleRunner")
         self.output_tail_lines = output_tail_lines
         self.max_concurrent = max_concurrent
         self._owns_wrapper = wrapper is None

@@ -69,6 +69,7 @@ __all__ = [
     "OutputItem",
     "OutputLine",
     "OutputSubscription",
+    "check_output",
 ]
 
 #: How many released run ids are remembered (so a late append is refused, not a new run).
@@ -83,6 +84,20 @@ class _Released(NamedTuple):
 
     end: OutputEnd | None
     lines: int  # how many it produced: none means it never had a log file
+
+
+def check_output(value: object, owner: str) -> OutputCapture | None:
+    """``value`` if it is an :class:`OutputCapture` or None, for ``owner``'s ``output=``.
+
+    Raises:
+        InvalidArgumentTypeError: anything else (it failed each run instead, with a bare
+            ``AttributeError``).
+    """
+    if value is None or isinstance(value, OutputCapture):
+        return value
+    raise InvalidArgumentTypeError(
+        f"{owner}: output must be an OutputCapture or None, got {type(value).__name__}"
+    )
 
 
 def _count(name: str, value: int, minimum: int = 1) -> int:

@@ -53,12 +53,13 @@ from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._memory_registry import (
     BaseRunRegistry,
+    check_registry,
     direct_writes,
     reason_text,
     run_id_of,
     updates_directly,
 )
-from ._output_capture import OutputCapture, end_code
+from ._output_capture import OutputCapture, check_output, end_code
 from ._record_retry import RecordRetry, retry_start, worth_retrying
 from ._run_record import Run, RunOwner, RunStatus
 
@@ -412,9 +413,9 @@ class BackgroundTaskManager(AsyncResource):
             raise InvalidLimitError(
                 f"output_tail_lines must be an int >= 0, got {output_tail_lines!r}"
             )
-        self.registry = registry
+        self.registry = check_registry(registry, "BackgroundTaskManager")
         self.max_concurrent = max_concurrent
-        self.output = output
+        self.output = check_output(output, "BackgroundTaskManager")
         self.output_tail_lines = output_tail_lines
         self.resource_manager = check_resource_manager(resource_manager, "BackgroundTaskManager")
         self.admission_wait = check_flag(admission_wait, "admission_wait")

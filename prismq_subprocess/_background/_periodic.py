@@ -53,7 +53,8 @@ import inspect
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Self
@@ -69,6 +70,7 @@ from .._core._exceptions import (
     NoRunningLoopError,
 )
 from .._core._maybe_async import is_async_callable
+from .._core._validation import check_flag
 
 __all__ = ["PeriodicTask", "PeriodicTaskStats"]
 
@@ -76,6 +78,12 @@ logger = logging.getLogger(__name__)
 
 #: How often a stop awaited on another loop looks whether the schedule's loop is still there.
 _HANDOVER_POLL = 0.05
+#: How often a new schedule looks whether a run left in its thread by a stop has ended.
+_ABANDONED_POLL = 0.02
+#: The shortest interval, a nanosecond (the finest any clock here reads): below it a grid
+#: means nothing, and a subnormal one overflowed the tick arithmetic (the schedule died at
+#: its first tick).
+_MIN_INTERVAL = 1e-9
 
 # Module-level so jitter is not re-seeded per task; jitter needs spread, not security.
 _jitter_random = random.Random()
@@ -96,6 +104,19 @@ class _RunMark:
 _current_run: contextvars.ContextVar[_RunMark | None] = contextvars.ContextVar(
     "prismq_periodic_run", default=None
 )
+
+
+def _call_then_set(
+    done: threading.Event,
+    func: Callable[..., object],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> object:
+    """``func(*args, **kwargs)``, then ``done`` set, whatever the call did (in its thread)."""
+    try:
+        return func(*args, **kwargs)
+    finally:
+        done.set()
 
 
 class _Schedule:
@@ -175,7 +196,8 @@ class PeriodicTask(AsyncResource):
 
     Args:
         name: used in log messages and as the asyncio task's name.
-        interval: seconds (``int``/``float``) or a ``timedelta``; positive and finite.
+        interval: seconds (``int``/``float``) or a ``timedelta``; finite and at least a
+            nanosecond.
         task_func: the function to run; its exceptions are logged with their traceback and
             counted, and never stop the schedule unless ``max_consecutive_failures`` is reached.
         *args, **kwargs: passed to ``task_func`` on every run. Keyword arguments named like one
@@ -194,8 +216,9 @@ class PeriodicTask(AsyncResource):
     Raises:
         InvalidTaskError: ``task_func`` is not callable (``None``, say), nor ``clock`` or
             ``sleep`` when given.
-        InvalidIntervalError: ``interval`` is not a positive, finite duration, or ``jitter`` is
-            not a number.
+        InvalidIntervalError: ``interval`` is not a finite duration of at least a nanosecond,
+            or ``jitter`` is not a number.
+        InvalidArgumentTypeError: ``run_immediately`` is not a bool.
         InvalidLimitError: ``jitter`` is negative, not finite or not less than ``interval``, or
             ``max_consecutive_failures`` is not a positive integer.
     """
@@ -233,6 +256,11 @@ class PeriodicTask(AsyncResource):
                     "in functools.partial"
                 )
         self._interval = interval_seconds(interval)
+        if self._interval < _MIN_INTERVAL:
+            raise InvalidIntervalError(
+                f"PeriodicTask {name!r}: interval must be at least {_MIN_INTERVAL:g} s, got "
+                f"{interval!r}"
+            )
         if isinstance(jitter, bool) or not isinstance(jitter, int | float):
             raise InvalidIntervalError(f"jitter must be a number of seconds, got {jitter!r}")
         if not finite(jitter) or jitter < 0:
@@ -256,7 +284,7 @@ class PeriodicTask(AsyncResource):
         self._args = args
         self._kwargs = kwargs
         self._is_async = is_async_callable(task_func)
-        self._run_immediately = run_immediately
+        self._run_immediately = check_flag(run_immediately, "run_immediately")
         self._jitter = float(jitter)
         self._max_failures = max_consecutive_failures
         self._clock = clock
@@ -268,6 +296,9 @@ class PeriodicTask(AsyncResource):
         # own (one abandoned on a closed loop is cleaned up whenever a garbage collection
         # finalises it, maybe during a run on a later loop).
         self._in_run: _RunMark | None = None
+        # Set once the latest plain run's call has returned, in its thread: a stop that timed
+        # out leaves the call going, and the next run waits for it (runs never overlap).
+        self._thread_done: threading.Event | None = None
         self._runs = 0
         self._failures = 0
         self._consecutive_failures = 0
@@ -316,8 +347,13 @@ class PeriodicTask(AsyncResource):
             next_run_time=self._next_run if self.is_running else None,
             is_running=self.is_running,
             # (a run cut short by its loop's closing never got to clear the flag)
-            run_in_progress=self._in_run is not None and self.is_running,
+            run_in_progress=(self._in_run is not None and self.is_running)
+            or self._thread_running(),
         )
+
+    def _thread_running(self) -> bool:
+        done = self._thread_done
+        return done is not None and not done.is_set()
 
     def start(self) -> None:
         """Start the schedule on the running event loop.
@@ -325,7 +361,8 @@ class PeriodicTask(AsyncResource):
         Idempotent: when already running it logs a warning and does nothing. A stopped task can
         be started again; its counters carry on and its grid restarts from now. Called while a
         :meth:`stop` is under way (waiting for a run to finish), the new schedule begins once
-        the old one has ended: runs never overlap.
+        the old one has ended; a plain function a stop that timed out left running in its
+        thread is waited for before the first run: runs never overlap.
 
         Raises:
             NoRunningLoopError: no event loop is running in this thread (e.g. called at module
@@ -402,11 +439,13 @@ class PeriodicTask(AsyncResource):
         No new run starts after this is called. A run in progress is allowed ``timeout`` seconds
         to finish (``None``: wait as long as it takes), then it is cancelled. A plain function
         running in a worker thread cannot be interrupted: on timeout we stop waiting for it and
-        it finishes in its thread, its result discarded. Stopping a task that is not running
-        does nothing. A run may call ``await task.stop()`` itself (also from a task it started,
-        or a thread that carries its context, as ``asyncio.to_thread`` does): it returns at
-        once and the schedule ends when that run returns. (From a plain ``threading.Thread``
-        the run is not recognised: that stop waits for the run, up to ``timeout``.)
+        it finishes in its thread, its result discarded (``stats.run_in_progress`` stays True
+        until it has; a new :meth:`start` waits for it before its first run). Stopping a task
+        that is not running does nothing. A run may call ``await task.stop()`` itself (also
+        from a task it started, or a thread that carries its context, as ``asyncio.to_thread``
+        does): it returns at once and the schedule ends when that run returns. (From a plain
+        ``threading.Thread`` the run is not recognised: that stop waits for the run, up to
+        ``timeout``.)
 
         If ``stop()`` itself is cancelled, the schedule is cancelled too and the cancellation
         propagates. Called inside an anyio scope that is already cancelled (a ``finally`` block
@@ -484,6 +523,18 @@ class PeriodicTask(AsyncResource):
         return asyncio.get_running_loop().time()
 
     async def _schedule(self, state: _Schedule, previous: asyncio.Task[None] | None) -> None:
+        try:
+            await self._ticks(state, previous)
+        except Exception as exc:
+            # Not a run's (those are counted and logged by _run_once): the host's clock or
+            # sleep raised. Logged here, so the task ends without an unretrieved error.
+            logger.error(
+                "PeriodicTask %r: the schedule ended with an unexpected error",
+                self.name,
+                exc_info=exc,
+            )
+
+    async def _ticks(self, state: _Schedule, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             # Restarted while a stop() waits for the previous schedule's run: begin after it.
             try:
@@ -506,6 +557,13 @@ class PeriodicTask(AsyncResource):
                 # loop): without this an async run slower than the interval would hold the loop
                 # for ever, run after run, and nothing else (stop() included) would ever run.
                 await asyncio.sleep(0)
+            # A plain run a timed-out stop() left going in its thread: runs never overlap (the
+            # ticks due meanwhile are coalesced below). Its thread may outlive the loop it was
+            # started from, so its end is looked for rather than awaited.
+            while self._thread_running():  # noqa: ASYNC110
+                await asyncio.sleep(_ABANDONED_POLL)
+            if state.stopping:
+                return
             # Coalesce: jump to the latest tick already due, counting the ones jumped over.
             latest_due = math.floor((self._now() - origin) / interval)
             if latest_due > tick:
@@ -535,8 +593,12 @@ class PeriodicTask(AsyncResource):
                 result = self._func(*self._args, **self._kwargs)
             else:
                 in_thread = True
+                done = self._thread_done = threading.Event()
                 result = await call_in_daemon_thread(
-                    self._func, self._args, self._kwargs, f"PeriodicTask:{self.name}"
+                    _call_then_set,
+                    (done, self._func, self._args, self._kwargs),
+                    {},
+                    f"PeriodicTask:{self.name}",
                 )
                 in_thread = False
             # A plain callable may hand back an awaitable (a lambda returning a coroutine, say):

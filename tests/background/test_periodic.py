@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from prismq_subprocess._background._periodic import PeriodicTask
 from prismq_subprocess._core._exceptions import (
+    InvalidArgumentTypeError,
     InvalidIntervalError,
     InvalidLimitError,
     InvalidTaskError,
@@ -779,7 +780,7 @@ async def test_runs_slower_than_the_interval_do_not_starve_the_event_loop() -> N
     assert task.stats.skipped >= 1
 
 
-@pytest.mark.parametrize("interval", [1e-6, 1e-12, 1e-300])
+@pytest.mark.parametrize("interval", [1e-6, 1e-9])
 async def test_a_tiny_interval_does_not_starve_the_event_loop(interval: float) -> None:
     runs = 0
     rescued = threading.Event()
@@ -1245,3 +1246,90 @@ def test_a_stop_handed_to_a_loop_that_ends_meanwhile_returns() -> None:
     finally:
         thread.join(10)
     assert not task.is_running
+
+
+async def test_a_restart_waits_for_a_plain_run_a_timed_out_stop_left_in_its_thread() -> None:
+    # A probe's find: stop(timeout) abandoned a plain function still running in its thread,
+    # start() began a new schedule at once, and its first run overlapped the abandoned one
+    # ("runs never overlap"); stats said no run was in progress meanwhile.
+    lock = threading.Lock()
+    active = peak = 0
+    release = threading.Event()
+
+    def job() -> None:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        release.wait(10)
+        with lock:
+            active -= 1
+
+    task = PeriodicTask("cleanup", 5.0, job)
+    task.start()
+    await asyncio.sleep(0.1)
+    await task.stop(timeout=0.1)  # the run goes on in its thread
+    assert not task.is_running and task.stats.run_in_progress
+    task.start()
+    await asyncio.sleep(0.3)
+    assert active == 1 and task.stats.run_in_progress
+    assert task.stats.runs == 0
+    release.set()
+    for _ in range(500):
+        if task.stats.runs >= 1:
+            break
+        await asyncio.sleep(0.01)
+    await task.stop(timeout=5)
+    assert peak == 1
+    assert task.stats.runs == 1  # the new schedule's run; the abandoned one is not counted
+    assert not task.stats.run_in_progress
+
+
+@pytest.mark.parametrize("interval", [1e-320, 5e-324, 1e-12, 0.9e-9])
+def test_an_interval_too_short_to_schedule_is_refused(interval: float | timedelta) -> None:
+    # A probe's find: 1e-320 was taken as positive and finite; the schedule then died at its
+    # first tick (OverflowError), unseen: is_running went False with no run.
+    with pytest.raises(InvalidIntervalError, match="at least"):
+        PeriodicTask("tiny", interval, lambda: None)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_run_immediately_must_be_a_bool(value: object) -> None:
+    # "no" was taken for True (a probe); admission_wait and admit(wait=) refuse it already.
+    with pytest.raises(InvalidArgumentTypeError, match="run_immediately"):
+        PeriodicTask("t", 1.0, lambda: None, run_immediately=value)  # type: ignore[arg-type]
+
+
+async def test_a_schedule_that_dies_of_its_own_error_is_logged_once_and_not_left_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A clock of the host's that raises: the schedule's task died, is_running went False, and
+    # (stop() finding nothing running) asyncio reported "Task exception was never retrieved".
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    calls = 0
+
+    def clock() -> float:
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise OSError("clock source gone")
+        return float(calls)
+
+    runs: list[int] = []
+    with caplog.at_level(logging.ERROR):
+        task = PeriodicTask("ticking", 0.01, lambda: runs.append(1), clock=clock)
+        task.start()
+        for _ in range(200):
+            if not task.is_running:
+                break
+            await asyncio.sleep(0.01)
+        assert not task.is_running
+        await task.stop()
+        await asyncio.sleep(0)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert loop_errors == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "clock source gone" in str(errors[0].exc_info[1])
+    assert "ticking" in errors[0].getMessage()

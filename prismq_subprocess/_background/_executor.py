@@ -400,7 +400,9 @@ class ConcurrentExecutor(AsyncClosing):
         - the PrismQ guide's ``execute_module(module_id, script_path, args)`` (also
           ``execute_module(module_id, script_path=..., args=...)``): ``module_name`` is
           ``module_id``, ``args`` (a list of str) are passed as given and the script runs in
-          its own folder unless ``cwd`` says otherwise. The guide's shape is recognised by its
+          its own folder unless ``cwd`` says otherwise (a relative ``script_path`` is then
+          taken from ``cwd``, as in the other shape; without it, from the current directory).
+          The guide's shape is recognised by its
           third argument being a list or tuple or missing, or its second being a ``Path`` (not
           a str); ``execute_module(module_id, path)`` runs the script without arguments.
 
@@ -444,9 +446,15 @@ class ConcurrentExecutor(AsyncClosing):
                     "execute_module(module_id, script_path, args) takes no parameters; use "
                     "execute_module(module_id, module_name, script_path, parameters, args=...)"
                 )
+            script = _check_script_path(path)
+            cwd = options.get("cwd")
+            if isinstance(cwd, str | os.PathLike) and not os.path.isabs(script):
+                # Taken from cwd, as the full shape does (ModuleRunner.prepare): the same
+                # arguments must name the same script whatever the call's shape.
+                script = os.path.join(cwd, script)
             # ``raw`` is checked (a list of str) by ModuleRunner.prepare, before anything starts.
             spec = ModuleSpec.from_guide(
-                module_id, _check_script_path(path), cast("Sequence[StrPath] | None", raw)
+                module_id, script, cast("Sequence[StrPath] | None", raw)
             )
             if options.get("cwd") is None:
                 options["cwd"] = spec.cwd

@@ -243,6 +243,29 @@ async def test_guide_execute_module_with_an_argument_list(argv_script: Path) -> 
         assert run is not None and run.status is pq.RunStatus.COMPLETED
 
 
+async def test_a_relative_script_with_cwd_is_the_same_script_in_every_call_shape(
+    argv_script: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A probe's find: with cwd= given, the full shape took a relative script_path from cwd (as
+    # the child would, ModuleRunner.prepare), the guide's shapes from this process's current
+    # directory: the same arguments ran another script, with no error.
+    decoy = tmp_path / "show.py"
+    decoy.write_text("print('the decoy in the current directory')\n")
+    monkeypatch.chdir(tmp_path)
+    folder = argv_script.parent
+    async with ConcurrentExecutor(max_concurrent=2, run_mode="async") as ex:
+        full = await ex.execute_module("m", "m", "show.py", cwd=folder)
+        guide = await ex.execute_module("m", "show.py", [], cwd=folder)
+        keywords = await ex.execute_module("m", script_path="show.py", cwd=str(folder))
+        relative = await ex.execute_module("m", "show.py", [], cwd="mods")
+    for result in (full, guide, keywords, relative):
+        assert result["output_tail"] == ["args", f"cwd {folder}"], result
+    # Without cwd the guide's rule stands: taken from the current directory, run in its folder.
+    async with ConcurrentExecutor(max_concurrent=1, run_mode="async") as ex:
+        plain = await ex.execute_module("m", "show.py", [])
+    assert plain["output_tail"] == ["the decoy in the current directory"]
+
+
 async def test_guide_execute_batch_with_tuples(argv_script: Path, tmp_path: Path) -> None:
     async with ConcurrentExecutor(max_concurrent=2, run_mode="threaded") as ex:
         results = await ex.execute_batch(

@@ -252,9 +252,11 @@ class RunLogWriter:
                     _resolve(item.done)
                 elif isinstance(item, _Forget):
                     self._close_file(files, item.run_id)
-                    # Not a state registered since (the run id used again).
+                    # Not a state registered since (the run id used again). A run this writer
+                    # never knew, or forgot already, has nothing to drop: pop(), not del (a
+                    # KeyError here ended the thread, and close_run() then waited for ever).
                     if self._states.get(item.run_id) is item.state:
-                        del self._states[item.run_id]
+                        self._states.pop(item.run_id, None)
                 else:
                     stop = item
             self._flush(files, pending)

@@ -268,6 +268,33 @@ def log_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "prismq-output-log"]
 
 
+@pytest.mark.parametrize("forgotten", ["twice", "never written"])
+async def test_forgetting_a_run_the_log_writer_does_not_know_keeps_it_writing(
+    tmp_path: Path, forgotten: str
+) -> None:
+    # A probe's find: forget() of an id the log writer no longer knew (forgotten already, or
+    # never written here: another worker's run) raised KeyError in its thread, which ended;
+    # every later close_run() then waited for ever, and so did a runner's final records and
+    # the host's shutdown.
+    capture = OutputCapture(log_dir=tmp_path / "logs")
+    await capture.append_line("done", "x")
+    await capture.close_run("done", exit_code=0)
+    if forgotten == "twice":
+        capture.forget("done")
+        await asyncio.sleep(0.05)
+        capture.forget("done")
+    else:
+        capture.forget("run-of-another-worker")
+    await capture.append_line("next", "y")
+    await asyncio.sleep(0.1)
+    # (Checked before anything waits on the writer: with it gone, close_run() never returns.)
+    assert len(log_threads()) == 1, "the log writer thread ended"
+    await asyncio.wait_for(capture.close_run("next", exit_code=0), 10)
+    await asyncio.wait_for(capture.aclose(), 10)
+    log = tmp_path / "logs"
+    assert "y" in "".join(p.read_text() for p in log.rglob("*") if p.is_file())
+
+
 async def test_log_file_has_everything(tmp_path: Path) -> None:
     async with OutputCapture(max_lines_per_run=2, log_dir=tmp_path / "logs") as capture:
         for i in range(500):

@@ -500,6 +500,7 @@ class ModuleRunner(AsyncClosing):
 
         Raises:
             RunnerClosedError: after :meth:`aclose`.
+            OutputClosedError: the runner's ``output`` is closed (nothing is stored).
             DuplicateRunError: ``run_id`` is already in the registry or active here.
             RunClaimedError: another process claimed the run (a pick-up) before its child
                 could be recorded RUNNING here; that child was stopped, the run is the other
@@ -532,6 +533,7 @@ class ModuleRunner(AsyncClosing):
 
         Raises:
             RunnerClosedError: after :meth:`aclose`.
+            OutputClosedError: the runner's ``output`` is closed (nothing is stored).
             TaskManagerClosedError: the task manager was shut down.
             DuplicateRunError: ``run_id`` is already active or stored.
             and what :meth:`prepare` raises.
@@ -569,6 +571,7 @@ class ModuleRunner(AsyncClosing):
 
         Raises:
             RunnerClosedError: after :meth:`aclose`.
+            OutputClosedError: the runner's ``output`` is closed (nothing is stored).
             DuplicateRunError: ``run_id`` is already in the registry or active here.
             RunClaimedError: as for :meth:`execute_module`.
             and what :meth:`prepare_command` raises.
@@ -595,6 +598,7 @@ class ModuleRunner(AsyncClosing):
 
         Raises:
             RunnerClosedError: after :meth:`aclose`.
+            OutputClosedError: the runner's ``output`` is closed (nothing is stored).
             TaskManagerClosedError: the task manager was shut down.
             DuplicateRunError: ``run_id`` is already active or stored.
             and what :meth:`prepare_command` raises.
@@ -726,7 +730,17 @@ class ModuleRunner(AsyncClosing):
     # -- one run ------------------------------------------------------------------------------
     def _open_output(self, run_id: str) -> bool:
         # Subscribers may follow the run as soon as start_module/execute_module has it stored.
-        return self.output is not None and self.output.open_run(run_id)
+        output = self.output
+        if output is None:
+            return False
+        if output.closed:
+            # Refused before anything is stored or started: the run's end could not be written
+            # (its close_run raised once the module had run, so a caller retrying ran it twice).
+            raise OutputClosedError(
+                f"this ModuleRunner's output (an OutputCapture) is closed; run {run_id!r} was "
+                "not started"
+            )
+        return output.open_run(run_id)
 
     def _drop_output(self, run_id: str, opened: bool) -> None:
         if opened and self.output is not None:

@@ -28,6 +28,7 @@ from prismq_subprocess._background._process_manager import ProcessManager
 from prismq_subprocess._core._exceptions import (
     InvalidIntervalError,
     InvalidParametersError,
+    OutputClosedError,
     RegistryBusyError,
     RunClaimedError,
     RunnerClosedError,
@@ -1209,3 +1210,27 @@ async def test_a_child_gone_before_it_is_recorded_is_recorded_with_its_cookie(
     assert identity.cookie is not None and identity.cookie.startswith("PRISMQ_RUN_")
     assert before <= identity.started_at <= time.time()
     assert verify_orphan(identity) is pq.OrphanCheck.GONE
+
+
+@pytest.mark.parametrize("how", ["execute_module", "start_module", "execute_command"])
+async def test_a_closed_output_is_refused_before_anything_is_stored_or_started(
+    tmp_path: Path, how: str
+) -> None:
+    """A probe's find: with its OutputCapture closed before the call, execute_module stored
+    the run, ran the module, recorded it COMPLETED and only then raised OutputClosedError (a
+    caller retrying ran the module twice); start_module ran it and only logged."""
+    marker = tmp_path / "ran"
+    path = script(tmp_path, "mark", f"open({str(marker)!r}, 'a').write('x')\n")
+    output = pq.OutputCapture()
+    await output.aclose()
+    async with pq.RunRegistry() as registry, ModuleRunner(registry, output=output) as runner:
+        with pytest.raises(OutputClosedError, match="not started"):
+            if how == "execute_module":
+                await runner.execute_module("m", "M", path, run_id="r1")
+            elif how == "start_module":
+                await runner.start_module("m", "M", path, run_id="r1")
+            else:
+                await runner.execute_command("m", "M", [sys.executable, path], run_id="r1")
+        assert await registry.get_run("r1") is None
+        assert runner.active_run_ids() == []
+    assert not marker.exists()

@@ -35,6 +35,7 @@ from .._core._exceptions import (
     InvalidCommandError,
     InvalidParametersError,
 )
+from .._core._validation import encodable
 
 __all__ = ["check_args", "check_parameters", "parameters_to_args"]
 
@@ -79,6 +80,12 @@ def _text(value: object, name: str, *, in_list: bool) -> str:
                 f"parameter {name!r}: {value!r} contains a NUL byte, which cannot be passed "
                 "as a command-line argument"
             )
+        if not encodable(value):
+            # Nor this (a JSON body may carry "\ud800"): refused before the run is stored.
+            raise InvalidParametersError(
+                f"parameter {name!r}: {value!r} has a lone surrogate, which no encoding of the "
+                "OS holds, so it cannot be passed as a command-line argument"
+            )
         return value
     if isinstance(value, int | float):
         return str(value)
@@ -102,7 +109,7 @@ def parameters_to_args(parameters: Mapping[str, Any] | None) -> list[str]:
 
     Raises:
         InvalidParametersError: see :func:`check_parameters`; also a str value (or list item)
-            holding a NUL byte, which no program can receive.
+            holding a NUL byte or a lone surrogate, which no program can receive.
     """
     args: list[str] = []
     for name, value in check_parameters(parameters).items():
@@ -128,7 +135,8 @@ def check_args(args: Sequence[str | os.PathLike[str]] | None) -> tuple[str, ...]
     Raises:
         InvalidArgumentTypeError: ``args`` is a single str (a list is needed, one item per
             argument) or not a list/tuple, or an item is not a str or ``os.PathLike``.
-        InvalidCommandError: an item holds a NUL byte (no program can receive it).
+        InvalidCommandError: an item holds a NUL byte or a lone surrogate (no program can
+            receive it).
     """
     if args is None:
         return ()
@@ -145,5 +153,10 @@ def check_args(args: Sequence[str | os.PathLike[str]] | None) -> tuple[str, ...]
             )
         if "\0" in text:
             raise InvalidCommandError(f"args[{index}] {text!r} contains a NUL byte")
+        if not encodable(text):
+            raise InvalidCommandError(
+                f"args[{index}] {text!r} has a lone surrogate, which no encoding of the OS holds "
+                "(decode bytes with errors='surrogateescape' to pass them through)"
+            )
         checked.append(text)
     return tuple(checked)

@@ -42,6 +42,7 @@ __all__ = [
     "check_process",
     "check_shell_command",
     "check_timeout",
+    "encodable",
     "not_found_error",
     "preexec_failed",
     "spawn_error",
@@ -77,7 +78,7 @@ def _check_part(value: object, position: int) -> str | bytes:
         )
     if (b"\0" if isinstance(part, bytes) else "\0") in part:  # type: ignore[operator]
         raise InvalidCommandError(f"command argument {position} {part!r} contains a NUL byte")
-    if isinstance(part, str) and not _encodable(part):
+    if isinstance(part, str) and not encodable(part):
         raise InvalidCommandError(
             f"command argument {position} {part!r} cannot be passed to a program: it has a "
             "lone surrogate, which no encoding of the OS holds (decode bytes with "
@@ -86,7 +87,7 @@ def _check_part(value: object, position: int) -> str | bytes:
     return part
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     """Whether ``text`` can be handed to the OS as a POSIX argument or environment entry
     (``os.fsencode``: UTF-8, undecodable bytes carried as ``surrogateescape`` code points).
     Windows takes wide strings, lone surrogates included."""
@@ -457,8 +458,8 @@ def check_env(env: object) -> None:
             )
         if "\0" in os.fsdecode(value):
             raise InvalidEnvironmentError(f"env[{key!r}] contains a NUL byte")
-        if not (isinstance(key, bytes) or _encodable(key)) or not (
-            isinstance(value, bytes) or _encodable(value)
+        if not (isinstance(key, bytes) or encodable(key)) or not (
+            isinstance(value, bytes) or encodable(value)
         ):
             raise InvalidEnvironmentError(
                 f"env[{key!r}] = {value!r} cannot be passed to a program: a lone surrogate, "

@@ -232,6 +232,14 @@ async def test_bad_input_raises_before_anything_is_stored(
         await runner.execute_module("m", "M", ok, args=["ok", "a\x00b"])
     with pytest.raises(pq.exceptions.InvalidCommandError, match="NUL"):
         await runner.start_module("m", "M", ok, args=[Path("a\x00b")])
+    # Nor a lone surrogate (a JSON body may carry "\ud800"; a probe: the run was stored, then
+    # recorded FAILED); an undecodable byte carried by surrogateescape is fine.
+    with pytest.raises(InvalidParametersError, match="lone surrogate"):
+        await runner.start_module("m", "M", ok, {"text": "a\ud800b"})
+    with pytest.raises(InvalidParametersError, match="lone surrogate"):
+        await runner.execute_module("m", "M", ok, {"items": ["ok", "\udfff"]})
+    with pytest.raises(pq.exceptions.InvalidCommandError, match="lone surrogate"):
+        await runner.start_module("m", "M", ok, args=["\ud800"])
     # Arguments mixed up (an adversary's find: recorded as module_id 'None' and module_name
     # "{'count': 3}", and run).
     with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="module_id"):

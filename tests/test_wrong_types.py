@@ -23,6 +23,11 @@ async def _trivial() -> int:
     return 1
 
 
+async def _sqlite_call(method: str, argument: object) -> None:
+    async with pq.SQLiteRunRegistry(":memory:") as registry:
+        await getattr(registry, method)(argument)
+
+
 # stop_orphan_tree lives below the layer our exceptions are defined in: a plain TypeError there.
 CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     "run_id_from_log_path(None)": (
@@ -81,6 +86,27 @@ CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
         InvalidArgumentTypeError,
         "output must be an OutputCapture",
     ),
+    # A probe's find: a bare TypeError / AttributeError from inside.
+    "RunRegistry().add_run(None)": (
+        lambda: asyncio.run(pq.RunRegistry().add_run(None)),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        r"add_run\(\) takes a Run",
+    ),
+    "RunRegistry().update_run('run-id')": (
+        lambda: asyncio.run(pq.RunRegistry().update_run("run-id")),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        r"update_run\(\) takes a Run",
+    ),
+    "SQLiteRunRegistry(':memory:').add_run(None)": (
+        lambda: asyncio.run(_sqlite_call("add_run", None)),
+        InvalidArgumentTypeError,
+        r"add_run\(\) takes a Run",
+    ),
+    "SQLiteRunRegistry(':memory:').update_run('run-id')": (
+        lambda: asyncio.run(_sqlite_call("update_run", "run-id")),
+        InvalidArgumentTypeError,
+        r"update_run\(\) takes a Run",
+    ),
     "execute_with_timeout(5, 1)": (
         lambda: asyncio.run(pq.execute_with_timeout(5, 1)),  # type: ignore[arg-type]
         InvalidTaskError,
@@ -100,3 +126,12 @@ def test_a_wrong_kind_of_object_gets_our_error(call: str) -> None:
     with pytest.raises(error, match=says) as caught:
         make()
     assert isinstance(caught.value, TypeError)
+
+
+@pytest.mark.parametrize("method", ["append_line", "append_lines"])
+def test_a_run_id_that_is_no_str_gets_the_run_id_error(method: str) -> None:
+    # append_lines(['a'], ...) raised a bare TypeError (unhashable list; a probe); append_line
+    # already said InvalidRunIdError (a ValueError, as for any bad run id).
+    line: Any = "x" if method == "append_line" else ["x"]
+    with pytest.raises(pq.exceptions.InvalidRunIdError, match="run id"):
+        asyncio.run(getattr(pq.OutputCapture(), method)(["a"], line))

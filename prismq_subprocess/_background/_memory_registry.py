@@ -46,6 +46,7 @@ __all__ = [
     "check_registry",
     "check_wait",
     "direct_writes",
+    "not_a_run",
     "orphan_reason",
     "updates_directly",
 ]
@@ -241,6 +242,12 @@ def stopped_for_claim(run_id: str, pid: int | None) -> RunClaimedError:
     )
     error.run_id = run_id
     return error
+
+
+def not_a_run(method: str, run: object) -> InvalidArgumentTypeError:
+    """The error of a registry ``method`` given something else than a :class:`Run` (it failed
+    with a bare ``AttributeError`` from inside)."""
+    return InvalidArgumentTypeError(f"{method}() takes a Run, not {type(run).__name__}")
 
 
 def _check_claim(run: Run, owner: RunOwner | None) -> None:
@@ -675,9 +682,13 @@ class RunRegistry(BaseRunRegistry):
         self._runs: dict[str, Run] = {}
 
     async def add_run(self, run: Run) -> None:
+        if run.__class__ is not Run and not isinstance(run, Run):
+            raise not_a_run("add_run", run)
         self._add_run_now(run)
 
     async def update_run(self, run: Run) -> None:
+        if run.__class__ is not Run and not isinstance(run, Run):
+            raise not_a_run("update_run", run)
         self._update_run_now(run)
 
     async def claim_run(self, run: Run, owner: RunOwner | None) -> bool:

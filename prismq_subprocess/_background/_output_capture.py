@@ -413,10 +413,13 @@ class OutputCapture(AsyncClosing):
         Raises:
             OutputClosedError: the run's output is (or, during the call, was) closed; the lines
                 not added by then are not in the log file either.
-            InvalidRunIdError: with a ``log_dir``, ``run_id`` cannot name a log file.
+            InvalidRunIdError: ``run_id`` is not a str, or with a ``log_dir`` it cannot name a
+                log file.
             InvalidArgumentTypeError: ``lines`` is a ``str`` or not iterable, or a line is not
                 a ``str``; nothing is added.
         """
+        if not isinstance(run_id, str):
+            run_id = _run_id(run_id)  # raises (a list failed as unhashable, a TypeError)
         # Checked first, so that nothing is done with lines of the wrong kind (a str would be
         # taken as one line per character).
         if isinstance(lines, str) or not isinstance(lines, Iterable):

@@ -77,6 +77,7 @@ from ._memory_registry import (
     check_identity,
     claimed_by_another,
     cutoff_from,
+    not_a_run,
     not_registered,
     orphan_reason,
     reason_text,
@@ -1509,6 +1510,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 await self._close_worker(executor, dbs)
 
     async def add_run(self, run: Run) -> None:
+        if run.__class__ is not Run and not isinstance(run, Run):
+            raise not_a_run("add_run", run)
         db = self._db
         if db is None or self._closed:  # the open registry's writes skip a coroutine
             db = await self._database()
@@ -1534,6 +1537,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
             self._noted_owner = owner
 
     async def update_run(self, run: Run) -> None:
+        if run.__class__ is not Run and not isinstance(run, Run):
+            raise not_a_run("update_run", run)
         db = self._db
         if db is None or self._closed:
             db = await self._database()

@@ -8,8 +8,22 @@ import warnings
 from collections.abc import Callable
 
 from .._platform import is_windows, proactor_loop_class, proactor_policy_class
+from ._exceptions import NoRunningLoopError
 
-__all__ = ["install_subprocess_policy", "subprocess_loop_factory"]
+__all__ = ["install_subprocess_policy", "running_asyncio_loop", "subprocess_loop_factory"]
+
+
+def running_asyncio_loop() -> asyncio.AbstractEventLoop:
+    """The running asyncio event loop; a call made outside asyncio (trio, or anyio's trio
+    backend) is refused with :class:`NoRunningLoopError` before anything is spawned (THREADED
+    spawned the child, then failed on the foreign loop and left it running, pipes open)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise NoRunningLoopError(
+            "prismq_subprocess needs a running asyncio event loop (asyncio.run, uvicorn, "
+            "anyio's asyncio backend); under trio, use anyio's asyncio backend or trio-asyncio"
+        ) from None
 
 
 def subprocess_loop_factory(

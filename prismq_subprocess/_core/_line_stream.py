@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 
 from ._cancel_shield import shielded_if_cancelled
 from ._closing import AsyncResource
+from ._event_loop import running_asyncio_loop
 from ._exceptions import ClosedError, ProcessTimeoutError, StreamNotOpenError
 from ._lines import iter_line_batches
 from ._process import ProcessLike
@@ -104,8 +105,8 @@ class LineStream(AsyncResource, Generic[LineT]):
                 "this LineStream has already been used; call wrapper.stream(...) again to run "
                 "the command again"
             )
+        loop = running_asyncio_loop()  # (before it counts as entered: nothing started)
         self._entered = True
-        loop = asyncio.get_running_loop()
         if self._timeout is None:
             run = await self._start()
         else:

@@ -19,6 +19,7 @@ from .._strategies._base import DEFAULT_LIMIT, SpawnRequest
 from ._cancel_shield import shielded_if_cancelled
 from ._closing import AsyncClosing
 from ._detect import ModeDecision, ModeSource, resolve_run_mode
+from ._event_loop import running_asyncio_loop
 from ._exceptions import (
     InvalidArgumentTypeError,
     InvalidCommandError,
@@ -289,6 +290,7 @@ class SubprocessWrapper(AsyncClosing):
         ASYNC whose loop cannot spawn (a pinned one raises instead); let :meth:`aclose` know a
         start is under way. The caller checks :attr:`_closed` again once it returns."""
         self._check_open()
+        running_asyncio_loop()
         self._starting += 1
         strategy = self._strategy
         try:

@@ -12,8 +12,14 @@ import sys
 import threading
 from typing import Any
 
+import psutil
 import pytest
-from conftest import WRAPPER_FACTORIES, open_the_loops_own_descriptors, skip_if_async_on_uvloop
+from conftest import (
+    REAL,
+    WRAPPER_FACTORIES,
+    open_the_loops_own_descriptors,
+    skip_if_async_on_uvloop,
+)
 from helpers import PY, counting_loop_turns, py
 
 import prismq_subprocess as pq
@@ -803,3 +809,31 @@ def test_cleanup_as_the_loop_ends_releases_every_pipe_of_many_children() -> None
     before = len(os.listdir("/proc/self/fd"))
     asyncio.run(main())
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.parametrize("mode", [*REAL, "dry-run"])
+@pytest.mark.parametrize("call", ["run", "create_subprocess_exec", "stream"])
+def test_a_call_from_outside_asyncio_is_refused_before_anything_starts(
+    mode: str, call: str
+) -> None:
+    """A probe's find: under trio (anyio's trio backend), THREADED mode spawned the child and
+    then failed with trio's TypeError, leaving the child running with its pipes open; ASYNC
+    and LOCAL failed with a bare "no running event loop". Every mode now refuses at once with
+    our NoRunningLoopError, before anything is spawned."""
+    trio = pytest.importorskip("trio")
+    before = {child.pid for child in psutil.Process().children()}
+    wrapper = WRAPPER_FACTORIES[mode]()
+
+    async def main() -> None:
+        args = (PY, "-c", "import time; time.sleep(30)")
+        with pytest.raises(pq.exceptions.NoRunningLoopError, match="asyncio event loop"):
+            if call == "stream":
+                async with wrapper.stream(*args) as lines:
+                    async for _ in lines:
+                        pass
+            else:
+                await getattr(wrapper, call)(*args)
+
+    trio.run(main)
+    wrapper.cleanup()
+    assert {child.pid for child in psutil.Process().children()} - before == set()

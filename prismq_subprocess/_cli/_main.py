@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -13,7 +14,13 @@ import prismq_subprocess as pq
 
 from .._platform._host import SIGPIPE
 from . import _doctor, _run_cmd, _runs, _serve
-from ._common import EXIT_FAILURE, EXIT_INTERRUPTED, CliError, signal_exit_code
+from ._common import (
+    EXIT_CANNOT_RUN,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    CliError,
+    signal_exit_code,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -45,6 +52,15 @@ def _silence_stdout() -> None:
         os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
+def _tolerant_stdout() -> None:
+    # Run data (a module name, a path) may hold what the output's encoding cannot (an ASCII
+    # locale, PYTHONIOENCODING=ascii): written escaped rather than ending in a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            with contextlib.suppress(OSError, ValueError):
+                stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return its exit status (usage errors exit 2 through argparse)."""
     parser = build_parser()
@@ -57,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `serve` hands its options to uvicorn: those before APP land here, the rest (from APP
         # on) in its REMAINDER argument, so joining them keeps the original order.
         args.uvicorn_args = [*unknown, *args.uvicorn_args]
+    _tolerant_stdout()
     try:
         return int(args.handler(args))
     except CliError as exc:
@@ -72,3 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         sigpipe = SIGPIPE
         return EXIT_FAILURE if sigpipe is None else signal_exit_code(sigpipe)
+    except OSError as exc:
+        # Our output could not be written (a full disk, `> /dev/full`): one line, not a
+        # traceback; `run` reports it as a failed forward of the command's output (125).
+        _silence_stdout()
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError):
+                print(f"{PROG} {args.subcommand}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CANNOT_RUN if args.subcommand == "run" else EXIT_FAILURE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_support import cli, start_cli
+from cli_support import CLI, cli, cli_env, start_cli
 
 import prismq_subprocess as pq
 
@@ -456,3 +457,48 @@ async def test_tail_follow_has_the_whole_log_without_a_quiet_wait(
     with sqlite3.connect(db) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] >= 4
     raw.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", ["doctor", "runs", "show", "dry-run"])
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    registry: Registry, command: str
+) -> None:
+    # A probe's find: every command but a real `run` ended in a traceback (exit 1) when its
+    # output could not be written (a full disk); `run` already said why in one line (125).
+    args = {
+        "doctor": ["doctor"],
+        "runs": ["runs", "--db", str(registry.db)],
+        "show": ["runs", "show", registry.completed.run_id, "--db", str(registry.db)],
+        "dry-run": ["run", "--mode", "dry-run", "--", "true"],
+    }[command]
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [*CLI, *args], stdout=full, stderr=subprocess.PIPE, env=cli_env(), timeout=60
+        )
+    assert result.returncode == (125 if command == "dry-run" else 1), result.stderr
+    assert b"Traceback" not in result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], lines
+
+
+async def _add_non_ascii_run(db: Path) -> str:
+    async with pq.SQLiteRunRegistry(db) as store:
+        run = pq.Run(module_id="grüße", module_name="Grüße ☃", parameters={"city": "Zürich"})
+        await store.add_run(run)
+    return run.run_id
+
+
+def test_run_data_the_output_encoding_cannot_hold_is_written_escaped(tmp_path: Path) -> None:
+    # A probe's find: non-ASCII run data with an ASCII output encoding (PYTHONIOENCODING=ascii,
+    # a C locale) ended in a UnicodeEncodeError traceback.
+    db = tmp_path / "runs.db"
+    run_id = asyncio.run(_add_non_ascii_run(db))
+    env = {"PYTHONIOENCODING": "ascii"}
+    listed = cli("runs", "--db", str(db), env=env)
+    shown = cli("runs", "show", run_id, "--db", str(db), env=env)
+    for result in (listed, shown):
+        assert result.returncode == 0, result.stderr
+        assert b"Traceback" not in result.stderr
+    assert b"Gr\\xfc\\xdfe \\u2603" in shown.stdout
+    assert b"Gr\\xfc\\xdfe" in listed.stdout

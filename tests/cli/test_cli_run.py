@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from cli_support import CLI, cli, cli_env, end_cli, kill_quietly, start_cli, wait_gone
 
@@ -557,3 +558,39 @@ def test_a_failure_to_read_the_output_exits_125_and_stops_the_command(
     if mode != "local":
         assert time.monotonic() - started < 15  # stopped, not left to print for 20 s
     assert wait_gone([int(pid_file.read_text())])
+
+
+@posix_only
+@pytest.mark.parametrize("mode", ["async", "threaded"])
+def test_a_second_stop_signal_ends_the_command_line_though_its_reader_stalled(mode: str) -> None:
+    # A probe's find: with whoever reads our stdout no longer reading (a hung log shipper),
+    # two SIGTERMs stopped the command's tree but the command line hung until the reader
+    # closed its end: a write blocked in a worker thread of the loop's default executor, which
+    # asyncio.run() waits for on exit. The first signal still waits for the reader (a pager
+    # read later gets the rest); a second one no longer does.
+    read_end, write_end = os.pipe()  # never read: a stalled consumer
+    try:
+        proc = subprocess.Popen(
+            [*CLI, "run", "--mode", mode, "--", "yes"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=cli_env(),
+        )
+        os.close(write_end)
+        write_end = -1
+        children: list[psutil.Process] = []
+        try:
+            time.sleep(1.5)  # the pipe is full and a write waits
+            children = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+            assert wait_gone([child.pid for child in children])
+        finally:
+            end_cli(proc, [child.pid for child in children])
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)

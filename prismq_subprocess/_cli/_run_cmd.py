@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import prismq_subprocess as pq
 
+from .._platform import IS_WINDOWS
 from .._platform._host import SIGPIPE
 from ._common import (
     EXIT_CANNOT_RUN,
@@ -42,8 +43,9 @@ _CHUNK = 64 * 1024
 # descendant holds the pipe open and stop what is left of its tree (as ModuleRunner does).
 _DRAIN_SECONDS = 1.0
 # The signals that end the command line itself. Each stops the child's tree first: the child
-# runs in its own session, so a signal sent to our process group (Ctrl-C, Ctrl-\) never reaches
-# it, and left to its default action the signal would end us and orphan the child. These are
+# runs in its own session (unless we are a terminal's job, see _at_a_terminal), so a signal
+# sent to our process group (Ctrl-C, Ctrl-\) may never reach it, and left to its default
+# action the signal would end us and orphan the child. These are
 # the signals whose default action ends a process and that we can catch and do not use
 # ourselves (GNU timeout takes INT, QUIT, HUP, TERM and ALRM the same way); SIGKILL cannot be
 # caught: die_with_host covers the direct child there.
@@ -313,6 +315,27 @@ def _env_changes(env: Mapping[str, str] | None) -> list[str]:
     return [f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v]
 
 
+def _at_a_terminal() -> bool:
+    """Whether this command line runs as a job of a terminal (POSIX): one of its standard
+    streams is its controlling terminal.
+
+    The command then shares our process group, as any command a shell runs does, so job
+    control reaches it with us: Ctrl-Z suspends both (in a session of its own it ran on, and
+    read the terminal under the shell's nose), and a background job reading the terminal stops
+    (SIGTTIN). Ctrl-C reaches both as well; we stop its tree as always. Elsewhere (a service,
+    a pipeline, CI) it runs in its own session, out of reach of signals sent to our group.
+    """
+    if IS_WINDOWS:
+        return False
+    for fd in (0, 1, 2):
+        try:
+            os.tcgetpgrp(fd)  # ENOTTY unless it is our controlling terminal
+        except OSError:
+            continue
+        return True
+    return False
+
+
 class _Runner:
     """One ``run`` invocation: start the child, forward its output, map the outcome to a code."""
 
@@ -516,7 +539,10 @@ class _Runner:
             # PR_SET_PDEATHSIG, Windows: a kill-on-close Job Object; elsewhere nothing). Its
             # cost, a slower spawn, is paid once here.
             wrapper = pq.SubprocessWrapper(
-                self.args.mode, grace_period=self.args.grace, die_with_host=True
+                self.args.mode,
+                grace_period=self.args.grace,
+                die_with_host=True,
+                new_process_group=not _at_a_terminal(),
             )
         except pq.InvalidRunModeError as exc:  # from PRISMQ_RUN_MODE
             raise CliError(str(exc), EXIT_USAGE) from None

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import pty
+import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -594,3 +599,84 @@ def test_a_second_stop_signal_ends_the_command_line_though_its_reader_stalled(mo
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+def _read_until(master: int, marker: bytes, timeout: float = 30.0) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+    return seen
+
+
+def _until_status(process: psutil.Process, wanted: set[str], timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    status = process.status()
+    while status not in wanted and time.monotonic() < deadline:
+        time.sleep(0.02)
+        status = process.status()
+    return status
+
+
+@posix_only
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
+def test_ctrl_z_at_a_terminal_suspends_the_command_with_this_command_line() -> None:
+    # A probe's find: the command ran in a session of its own, so Ctrl-Z stopped only this
+    # command line: the command ran on and read the terminal, eating what was typed to the
+    # shell (and, started with `&`, it read the terminal where `cat &` stops with SIGTTIN).
+    # At a terminal the command now shares this command line's process group, as with any
+    # command a shell runs: job control reaches both. An interactive bash on a pty is the
+    # shell (a group the kernel stops must not be orphaned: its session has a leader).
+    import termios
+
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    shell = subprocess.Popen(
+        ["bash", "--norc", "--noprofile", "-i"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        preexec_fn=controlling_terminal,
+        env={**cli_env(), "PS1": "PROMPT$ "},
+    )
+    os.close(slave)
+    command: list[psutil.Process] = []
+    try:
+        _read_until(master, b"PROMPT$ ")
+        code = "import time; print('re' + 'ady', flush=True); time.sleep(60)"
+        line = shlex.join([*CLI, "run", "--", sys.executable, "-c", code])
+        os.write(master, line.encode() + b"\n")
+        assert b"ready" in _read_until(master, b"ready")
+        [cli_process] = psutil.Process(shell.pid).children()
+        command = cli_process.children(recursive=True)
+        assert command
+        os.write(master, b"\x1a")  # Ctrl-Z
+        assert _until_status(command[0], {psutil.STATUS_STOPPED}) == psutil.STATUS_STOPPED
+        assert _until_status(cli_process, {psutil.STATUS_STOPPED}) == psutil.STATUS_STOPPED
+        assert b"Stopped" in _read_until(master, b"PROMPT$ ")
+        os.write(master, b"fg\n")
+        awake = {psutil.STATUS_SLEEPING, psutil.STATUS_RUNNING}
+        assert _until_status(command[0], awake) in awake
+        time.sleep(0.3)
+        os.write(master, b"\x03")  # Ctrl-C ends both, as before
+        _read_until(master, b"PROMPT$ ")
+        os.write(master, b"echo status=$?\n")
+        assert b"status=130" in _read_until(master, b"status=130")
+        assert wait_gone([cli_process.pid, *(p.pid for p in command)])
+        os.write(master, b"exit\n")
+        shell.wait(timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        kill_quietly([p.pid for p in command])
+        shell.wait(timeout=10)
+        os.close(master)

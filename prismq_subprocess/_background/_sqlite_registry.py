@@ -97,7 +97,7 @@ from ._run_record import (
 )
 from ._sqlite_worker import SQLiteWorker
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SQLiteRunRegistry"]
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SQLiteRunRegistry", "open_read_only"]
 
 logger = logging.getLogger(__name__)
 
@@ -468,6 +468,42 @@ def _raise_if_unopenable(
     raise RegistryOpenError(f"cannot open the run registry {path!r}: {why}") from cause
 
 
+def open_read_only(path: str, timeout: float) -> sqlite3.Connection:
+    """Connect to the existing SQLite file ``path`` for reading only (the ``mode=ro`` URI),
+    also where it lies on read-only storage; its first read is made here.
+
+    A reader of a WAL file creates the ``-shm`` file beside it, which read-only storage (a
+    snapshot, a read-only mount) refuses: "unable to open database file". With no ``-shm``
+    file there and a folder that cannot be written, no writer can be live (a writer keeps
+    that file), so the file cannot change: it is then opened as immutable.
+
+    Raises:
+        sqlite3.Error: what SQLite raises (not a database, locked...).
+    """
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(path + "-shm") or os.access(folder, os.W_OK):
+            raise
+    except BaseException:
+        conn.close()
+        raise
+    conn = sqlite3.connect(
+        uri + "&immutable=1", uri=True, timeout=timeout, isolation_level=None
+    )
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
     """Open ``path`` with the ``mode=ro`` URI and check it is a current registry of ours.
 
@@ -480,8 +516,10 @@ def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
         raise RegistrySchemaError(
             f"{path!r} is not an existing registry file; read_only=True needs one"
         )
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    try:
+        conn = open_read_only(path, busy_timeout)
+    except sqlite3.DatabaseError as exc:
+        raise RegistrySchemaError(f"{path!r} is not a usable registry: {exc}") from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         kind = _file_kind(conn, path)

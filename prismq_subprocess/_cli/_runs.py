@@ -12,10 +12,10 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import prismq_subprocess as pq
 
+from .._background._sqlite_registry import open_read_only
 from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError, format_pairs, print_json
 
 __all__ = ["add_parser", "check_registry_file"]
@@ -53,9 +53,8 @@ def check_registry_file(path: str) -> None:
         raise CliError(f"no registry file {path!r} (runs never creates one)", EXIT_USAGE)
     if not file.is_file():
         raise CliError(f"{path!r} is not a file", EXIT_USAGE)
-    uri = f"file:{quote(str(file.resolve()))}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=_BUSY_SECONDS)
+        conn = open_read_only(str(file.resolve()), _BUSY_SECONDS)
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             has_runs = conn.execute(

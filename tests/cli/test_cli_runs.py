@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -502,3 +504,56 @@ def test_run_data_the_output_encoding_cannot_hold_is_written_escaped(tmp_path: P
         assert b"Traceback" not in result.stderr
     assert b"Gr\\xfc\\xdfe \\u2603" in shown.stdout
     assert b"Gr\\xfc\\xdfe" in listed.stdout
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted at a fresh folder, to be remounted read-only by the test (root only)."""
+    folder = tmp_path / "mnt"
+    folder.mkdir()
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+async def _one_run(db: Path) -> str:
+    async with pq.SQLiteRunRegistry(db) as store:
+        run = pq.Run(module_id="snap", module_name="Snapshot")
+        await store.add_run(run)
+    return run.run_id
+
+
+async def _read_only_ids(db: Path) -> list[str]:
+    async with pq.SQLiteRunRegistry(db, read_only=True) as store:
+        return [run.run_id for run in await store.list_runs()]
+
+
+def test_a_registry_on_read_only_storage_can_be_read(read_only_mount: Path) -> None:
+    # A probe's find: a healthy registry on a read-only file system (a snapshot, a read-only
+    # mount) was "not a SQLite run registry: unable to open database file": a reader of a WAL
+    # file creates its -shm file, which read-only storage refuses.
+    db = read_only_mount / "runs.db"
+    run_id = asyncio.run(_one_run(db))
+    assert not (read_only_mount / "runs.db-shm").exists()  # the last connection removed it
+    remounted = subprocess.run(
+        ["mount", "-o", "remount,ro", str(read_only_mount)], capture_output=True, check=False
+    )
+    if remounted.returncode != 0:
+        pytest.skip(f"cannot remount read-only: {remounted.stderr.decode().strip()}")
+    listed = cli("runs", "--db", str(db))
+    assert listed.returncode == 0, listed.stderr
+    assert run_id[:8] in listed.stdout.decode()
+    shown = cli("runs", "show", run_id, "--db", str(db), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["module_name"] == "Snapshot"
+    assert asyncio.run(_read_only_ids(db)) == [run_id]

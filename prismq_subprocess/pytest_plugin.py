@@ -88,6 +88,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "pq_modes(*modes): the run modes the pq_mode fixture runs this test in"
     )
     _real_modes(config.getini("pq_modes"), "the ini option pq_modes")
+    try:
+        config.getini("pq_no_leaks")
+    except (ValueError, pytest.UsageError) as exc:  # "invalid truth value 'maybe'": name it
+        raise pytest.UsageError(f"the ini option pq_no_leaks: {exc}") from None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Check every ``pq_no_leaks`` marker once the tests are collected: a bad one is a usage
+    error of the run (exit 4), not an error with the plugin's traceback at each test."""
+    del config
+    for item in items:
+        _leak_options(item)
 
 
 def _real_modes(names: Iterable[Any], where: str) -> list[RunMode]:
@@ -207,6 +219,16 @@ def pq_wrapper(pq_mode: RunMode) -> Iterator[SubprocessWrapper]:
 
 # -- leaks ------------------------------------------------------------------------------------
 def _leak_check(item: pytest.Item) -> LeakCheck | None:
+    options = _leak_options(item)
+    return None if options is None else LeakCheck(**options)
+
+
+def _leak_options(item: pytest.Item) -> dict[str, Any] | None:
+    """The leak check ``item`` asks for (its marker's options), None if none.
+
+    Raises:
+        pytest.UsageError: a marker with bad options.
+    """
     marker = item.get_closest_marker("pq_no_leaks")
     wanted = (
         marker is not None
@@ -240,7 +262,7 @@ def _leak_check(item: pytest.Item) -> LeakCheck | None:
         or not (math.isfinite(timeout) and timeout >= 0)
     ):
         raise pytest.UsageError(f"{where}: timeout must be a number of seconds >= 0")
-    return LeakCheck(**options)
+    return options
 
 
 def _start_leak_check(item: pytest.Item) -> None:

@@ -438,24 +438,54 @@ def test_leaks_a_child():
     KEEP.append(subprocess.Popen([PY, "-c", "import time; time.sleep(60)"]))
     Path("child.pid").write_text(str(KEEP[-1].pid))
 
-@pytest.mark.pq_no_leaks(bogus=1)
-def test_bad_marker():
+def test_clean():
     pass
+""",
+    )
+    result.assert_outcomes(passed=2, errors=1)
+    assert "the test leaked" in output(result)
+    assert _wait_gone(int((host.path / "child.pid").read_text()))
 
-@pytest.mark.pq_no_leaks(ignore_threads=3)
-def test_bad_ignore_list():
+
+@pytest.mark.parametrize(
+    ("marker", "says"),
+    [
+        ("bogus=1", "takes only the keywords"),
+        ("True", "positional arguments"),
+        ("ignore_threads=3", "ignore_threads must be a list of thread-name prefixes"),
+        ('timeout="1"', "timeout must be a number of seconds >= 0"),
+    ],
+)
+def test_a_bad_marker_is_a_usage_error_of_the_run(
+    host: pytest.Pytester, marker: str, says: str
+) -> None:
+    # A probe's find: each test with a bad marker errored with the plugin's traceback (179
+    # lines for four); like a bad pq_modes, it is now one usage error (exit 4), before any
+    # test runs.
+    result = run(
+        host,
+        f"""
+@pytest.mark.pq_no_leaks({marker})
+def test_bad_marker():
     pass
 
 def test_clean():
     pass
 """,
     )
-    result.assert_outcomes(passed=2, errors=3)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
     text = output(result)
-    assert "the test leaked" in text
-    assert "takes only the keywords" in text and "bogus" in text
-    assert "ignore_threads must be a list of thread-name prefixes" in text
-    assert _wait_gone(int((host.path / "child.pid").read_text()))
+    assert says in text and "test_bad_marker" in text
+    assert "Traceback" not in text and "pytest_plugin.py" not in text
+
+
+def test_a_bad_pq_no_leaks_ini_value_is_a_usage_error_naming_the_option(
+    host: pytest.Pytester,
+) -> None:
+    host.makeini(HOST_PYTEST_INI + "pq_no_leaks = maybe\n")
+    result = run(host, "def test_clean():\n    pass\n")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "the ini option pq_no_leaks" in output(result)
 
 
 @skip_on_uvloop(

@@ -90,6 +90,17 @@ def _duration(seconds: float | None) -> str:
     return f"{int(hours)}h{int(minutes):02d}m"
 
 
+# Control characters in run data (a module name, an error, output) are shown escaped: raw,
+# an escape sequence could rewrite the terminal, and a newline or tab breaks the layout.
+_CONTROLS = {
+    code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0))
+}
+
+
+def _shown(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -110,20 +121,26 @@ def _status_text(run: pq.Run, gone: bool) -> str:
     return f"{run.status.value} (owner gone)" if gone else run.status.value
 
 
-def _render_list(runs: list[pq.Run], total: int, gone: set[str]) -> str:
+def _render_list(runs: list[pq.Run], total: int, gone: set[str], unreadable: int = 0) -> str:
     rows = [["RUN_ID", "STATUS", "MODULE", "CREATED (UTC)", "DURATION", "EXIT"]]
     for run in runs:
         rows.append(
             [
-                run.run_id,
+                _shown(run.run_id),
                 _status_text(run, run.run_id in gone),
-                run.module_name or run.module_id or "-",
+                _shown(run.module_name or run.module_id or "-"),
                 _when(run.created_at),
                 _duration(run.duration),
                 "-" if run.exit_code is None else str(run.exit_code),
             ]
         )
-    return f"{_table(rows)}\n{len(runs)} of {total} run(s), newest first"
+    summary = f"{len(runs)} of {total} run(s), newest first"
+    if unreadable:
+        summary += (
+            f"; {unreadable} stored run(s) could not be read (damaged rows: opening the "
+            "registry read-write sets them aside)"
+        )
+    return f"{_table(rows)}\n{summary}"
 
 
 def _owner_text(run: pq.Run) -> str:
@@ -158,16 +175,34 @@ def _render_run(run: pq.Run, gone: bool) -> str:
         ("cpu time", "-" if run.cpu_time_seconds is None else f"{run.cpu_time_seconds:.2f}s"),
         ("owner", _owner_text(run)),
     ]
+    pairs = [(key, _shown(value)) for key, value in pairs]
     lines = [format_pairs(pairs), f"output tail ({len(run.output_tail)} line(s)):"]
-    lines.extend(f"  {line}" for line in run.output_tail)
+    lines.extend(f"  {_shown(line)}" for line in run.output_tail)
     return "\n".join(lines)
 
 
 async def _get(registry: pq.SQLiteRunRegistry, run_id: str, db: str) -> pq.Run:
     run = await registry.get_run(run_id)
     if run is None:
+        if await asyncio.to_thread(_stored_rows, db, run_id):
+            raise CliError(
+                f"run {run_id!r} is in {db!r} but cannot be read (a damaged row: opening the "
+                "registry read-write sets it aside)",
+                EXIT_FAILURE,
+            )
         raise CliError(f"no run {run_id!r} in {db!r}", EXIT_FAILURE)
     return run
+
+
+def _stored_rows(db: str, run_id: str) -> int:
+    """How many rows of ``run_id`` the file's runs table holds, read or not: a damaged row
+    the library skips still counts (blocking)."""
+    conn = open_read_only(db, _BUSY_SECONDS)
+    try:
+        query = "SELECT count(*) FROM runs WHERE run_id = ?"
+        return int(conn.execute(query, (run_id,)).fetchone()[0])
+    finally:
+        conn.close()
 
 
 async def _log_path(log_dir: str, run_id: str) -> Path:
@@ -265,7 +300,11 @@ async def _list(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
         print_json({"db": args.db, "total": total, "runs": [run.to_dict() for run in runs]})
     else:
         gone = await asyncio.to_thread(lambda: {r.run_id for r in runs if _owner_gone(r)})
-        print(_render_list(runs, total, gone))
+        unreadable = 0
+        if len(runs) < min(total, args.limit):
+            # Fewer than there are: rows the library could not read were skipped.
+            unreadable = min(total, args.limit) - len(runs)
+        print(_render_list(runs, total, gone, unreadable))
     return EXIT_OK
 
 

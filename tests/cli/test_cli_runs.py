@@ -557,3 +557,49 @@ def test_a_registry_on_read_only_storage_can_be_read(read_only_mount: Path) -> N
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["module_name"] == "Snapshot"
     assert asyncio.run(_read_only_ids(db)) == [run_id]
+
+
+def test_a_damaged_row_is_reported_not_hidden(registry: Registry, tmp_path: Path) -> None:
+    # A probe's find: the list said "0 of 1 run(s)" with no hint, and `show` said there was
+    # no such run, for a row the read-only viewer skips as unreadable.
+    db = tmp_path / "damaged.db"
+    with sqlite3.connect(registry.db) as source, sqlite3.connect(db) as copy:
+        source.backup(copy)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET status = 'bogus' WHERE run_id = ?", (registry.failed.run_id,))
+    listed = cli("runs", "--db", str(db))
+    assert listed.returncode == 0, listed.stderr
+    assert "1 of 2 run(s)" in listed.stdout.decode()
+    assert "1 stored run(s) could not be read" in listed.stdout.decode()
+    shown = cli("runs", "show", registry.failed.run_id, "--db", str(db))
+    assert shown.returncode == 1
+    assert b"cannot be read (a damaged row" in shown.stderr
+    missing = cli("runs", "show", "nosuchrun", "--db", str(db))
+    assert missing.returncode == 1 and b"no run 'nosuchrun'" in missing.stderr
+
+
+async def _add_run_with_controls(db: Path) -> str:
+    async with pq.SQLiteRunRegistry(db) as store:
+        run = pq.Run(
+            module_id="m\nx",
+            module_name="\x1b[2Jname\tx",
+            parameters={},
+            output_tail=["\x1b]0;t\x07"],
+        )
+        await store.add_run(run)
+    return run.run_id
+
+
+def test_control_characters_in_run_data_are_shown_escaped(tmp_path: Path) -> None:
+    # A probe's find: a module name holding ESC [2J cleared the terminal of whoever listed the
+    # runs, and a newline or tab broke the table and show's layout.
+    db = tmp_path / "runs.db"
+    run_id = asyncio.run(_add_run_with_controls(db))
+    listed = cli("runs", "--db", str(db))
+    shown = cli("runs", "show", run_id, "--db", str(db))
+    for result in (listed, shown):
+        assert result.returncode == 0, result.stderr
+        assert b"\x1b" not in result.stdout and b"\t" not in result.stdout
+    assert b"\\x1b[2Jname\\tx" in listed.stdout
+    assert b"(id m\\nx)" in shown.stdout and b"\\x1b]0;t\\x07" in shown.stdout
+    assert len(listed.stdout.decode().splitlines()) == 3

@@ -7,6 +7,7 @@ few short real-clock tests whose bounds are generous enough for a noisy 2-core m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -399,24 +400,37 @@ async def test_restart_after_stop_keeps_counters() -> None:
     assert task.stats.runs > first == runs - (task.stats.runs - first)
 
 
+class _Overlap:
+    """Counts the calls of a plain function in progress at once (from any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
 async def test_real_clock_no_overlap_and_skips_when_runs_overrun() -> None:
-    lock = threading.Lock()
-    active = 0
-    max_active = 0
+    overlap = _Overlap()
 
     def slow() -> None:
-        nonlocal active, max_active
-        with lock:
-            active += 1
-            max_active = max(max_active, active)
-        time.sleep(0.05)
-        with lock:
-            active -= 1
+        with overlap.running():
+            time.sleep(0.05)
 
     async with PeriodicTask("slow", 0.02, slow, run_immediately=True) as task:
         while task.stats.runs < 4:  # noqa: ASYNC110 - polling the counters is what we test
             await asyncio.sleep(0.01)
-    assert max_active == 1
+    assert overlap.peak == 1
     assert task.stats.skipped >= 1
 
 
@@ -1252,18 +1266,12 @@ async def test_a_restart_waits_for_a_plain_run_a_timed_out_stop_left_in_its_thre
     # A probe's find: stop(timeout) abandoned a plain function still running in its thread,
     # start() began a new schedule at once, and its first run overlapped the abandoned one
     # ("runs never overlap"); stats said no run was in progress meanwhile.
-    lock = threading.Lock()
-    active = peak = 0
+    overlap = _Overlap()
     release = threading.Event()
 
     def job() -> None:
-        nonlocal active, peak
-        with lock:
-            active += 1
-            peak = max(peak, active)
-        release.wait(10)
-        with lock:
-            active -= 1
+        with overlap.running():
+            release.wait(10)
 
     task = PeriodicTask("cleanup", 5.0, job)
     task.start()
@@ -1272,7 +1280,7 @@ async def test_a_restart_waits_for_a_plain_run_a_timed_out_stop_left_in_its_thre
     assert not task.is_running and task.stats.run_in_progress
     task.start()
     await asyncio.sleep(0.3)
-    assert active == 1 and task.stats.run_in_progress
+    assert overlap.active == 1 and task.stats.run_in_progress
     assert task.stats.runs == 0
     release.set()
     for _ in range(500):
@@ -1280,7 +1288,7 @@ async def test_a_restart_waits_for_a_plain_run_a_timed_out_stop_left_in_its_thre
             break
         await asyncio.sleep(0.01)
     await task.stop(timeout=5)
-    assert peak == 1
+    assert overlap.peak == 1
     assert task.stats.runs == 1  # the new schedule's run; the abandoned one is not counted
     assert not task.stats.run_in_progress
 

@@ -586,8 +586,14 @@ def test_a_second_stop_signal_ends_the_command_line_though_its_reader_stalled(mo
         write_end = -1
         children: list[psutil.Process] = []
         try:
-            time.sleep(1.5)  # the pipe is full and a write waits
-            children = psutil.Process(proc.pid).children(recursive=True)
+            # Our handlers are in place once the command runs (a loaded machine may take
+            # seconds to get there: a signal before that ends us by its default action).
+            deadline = time.monotonic() + 30
+            while not children and time.monotonic() < deadline:
+                time.sleep(0.05)
+                children = psutil.Process(proc.pid).children(recursive=True)
+            assert children
+            time.sleep(0.5)  # the pipe is full and a write waits
             proc.send_signal(signal.SIGTERM)
             time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)

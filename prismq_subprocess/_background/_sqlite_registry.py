@@ -468,14 +468,27 @@ def _raise_if_unopenable(
     raise RegistryOpenError(f"cannot open the run registry {path!r}: {why}") from cause
 
 
+def _on_read_only_file_system(path: str) -> bool:
+    """Whether ``path`` lies on a file system mounted read-only (POSIX; False elsewhere)."""
+    statvfs = getattr(os, "statvfs", None)
+    if statvfs is None:
+        return False
+    try:
+        return bool(statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def open_read_only(path: str, timeout: float) -> sqlite3.Connection:
     """Connect to the existing SQLite file ``path`` for reading only (the ``mode=ro`` URI),
     also where it lies on read-only storage; its first read is made here.
 
     A reader of a WAL file creates the ``-shm`` file beside it, which read-only storage (a
-    snapshot, a read-only mount) refuses: "unable to open database file". With no ``-shm``
-    file there and a folder that cannot be written, no writer can be live (a writer keeps
-    that file), so the file cannot change: it is then opened as immutable.
+    snapshot, a read-only mount) refuses: "unable to open database file". On a file system
+    mounted read-only no writer can be live, so the file cannot change: it is then opened as
+    immutable. Only there: a folder this process may not write (another user's) can still
+    have a writer, which an immutable reader would not see (it read pages the writer was
+    moving: "malformed", for good).
 
     Raises:
         sqlite3.Error: what SQLite raises (not a database, locked...).
@@ -485,10 +498,11 @@ def open_read_only(path: str, timeout: float) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA user_version").fetchone()
         return conn
-    except sqlite3.OperationalError:
+    except sqlite3.OperationalError as exc:
         conn.close()
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.exists(path + "-shm") or os.access(folder, os.W_OK):
+        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_CANTOPEN or not (
+            _on_read_only_file_system(path)
+        ):
             raise
     except BaseException:
         conn.close()

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -603,3 +604,39 @@ def test_control_characters_in_run_data_are_shown_escaped(tmp_path: Path) -> Non
     assert b"\\x1b[2Jname\\tx" in listed.stdout
     assert b"(id m\\nx)" in shown.stdout and b"\\x1b]0;t\\x07" in shown.stdout
     assert len(listed.stdout.decode().splitlines()) == 3
+
+
+def test_a_folder_the_reader_may_not_write_is_not_read_as_immutable(tmp_path: Path) -> None:
+    # A review's find: the immutable fallback was taken for any folder the reader could not
+    # write, but a writer of another user may be live there; an immutable reader does not see
+    # its changes, and read "database disk image is malformed" for good once it checkpointed.
+    # Only a file system mounted read-only (no writer possible) is read as immutable.
+    setpriv = shutil.which("setpriv")
+    if sys.platform != "linux" or setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to read as another user")
+    folder = Path(tempfile.mkdtemp(prefix="pq-regdir-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        db = folder / "runs.db"
+        asyncio.run(_one_run(db))
+        assert not (folder / "runs.db-shm").exists()
+        probe = (
+            "import sqlite3, sys\n"
+            "from prismq_subprocess._background._sqlite_registry import open_read_only\n"
+            "try:\n"
+            "    open_read_only(sys.argv[1], 1.0)\n"
+            "except sqlite3.OperationalError as exc:\n"
+            "    print('refused:', exc)\n"
+            "else:\n"
+            "    print('opened')\n"
+        )
+        result = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", probe, str(db)],
+            capture_output=True, timeout=60, check=False,
+        )
+        if b"ModuleNotFoundError" in result.stderr or b"Permission denied" in result.stderr:
+            pytest.skip(f"the other user cannot import the package: {result.stderr[-200:]!r}")
+        assert result.stdout.startswith(b"refused:"), result
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

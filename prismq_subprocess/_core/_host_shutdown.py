@@ -84,10 +84,11 @@ def child_identity(process: ProcessLike) -> ProcessIdentity | None:
     """The identity (pid, start time, containment cookie) of a child we spawned, for a run
     registry to keep; None without a cookie (nothing could prove it ours later).
 
-    A child already gone (a shell that started a daemon and exited) gets the time the spawn
-    was noted instead of its start: a later check finds its pid gone (the cookie then finds
-    what it left running) or taken by another process (told apart by its start, or failing
-    that by its missing cookie; it is never touched).
+    A child already gone (a shell that started a daemon and exited) gets the start 0.0,
+    which is no process's: a later check finds its pid gone (the cookie then finds what it
+    left running) or taken by another process, which is never touched (not even by a stop
+    that takes a matching start alone as proof; a start noted at the spawn could match a
+    stranger's to the tick).
     """
     child = _known(process)
     if child is None or child.containment is None or child.containment.cookie is None:
@@ -97,9 +98,7 @@ def child_identity(process: ProcessLike) -> ProcessIdentity | None:
         return None
     identity = ProcessIdentity.of(process.pid, variable, child.containment.cookie)
     if identity is None:
-        identity = ProcessIdentity(
-            process.pid, child.started_at, f"{variable}={child.containment.cookie}"
-        )
+        identity = ProcessIdentity(process.pid, 0.0, f"{variable}={child.containment.cookie}")
     return identity
 
 

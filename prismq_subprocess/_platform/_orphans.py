@@ -60,8 +60,8 @@ _KILL_WAIT = 1.0
 @dataclass(frozen=True, slots=True)
 class ProcessIdentity:
     """What tells one process apart from any later process given the same pid: its pid, its
-    start time (``psutil.Process.create_time()``; for a child that was gone before it could be
-    read, the time its spawn was noted) and the run's containment cookie
+    start time (``psutil.Process.create_time()``; 0.0, no process's start, for a child that was
+    gone before it could be read) and the run's containment cookie
     (``"PRISMQ_RUN_<token>=<n>"``, the variable every descendant inherits; ``None`` where the
     child had none, e.g. on Windows).
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import sqlite3
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -1202,22 +1202,25 @@ async def test_a_child_gone_before_it_is_recorded_is_recorded_with_its_cookie(
     """A module that exits at once (a shell starting a daemon) was gone before its identity
     was read, and no identity was recorded: what it left running (the daemon holds the cookie)
     could not be found after its host or worker died (a Dask host got no ``child`` message).
-    It is recorded with the cookie and the start the library noted at spawn; a check of the
-    pid then finds it gone (or reused) and the cookie finds what it left."""
+    It is recorded with the cookie and the start 0.0 (no process's: a stranger given the pid
+    is never taken for it); a check of the pid then finds it gone (or reused) and the cookie
+    finds what it left."""
     path = script(tmp_path, "quick", "print('bye')\n")
     async with (
         WRAPPER_FACTORIES[mode]() as wrapper,
         _RecordsOnceReapedRegistry() as registry,
         ModuleRunner(registry, wrapper=wrapper, grace_period=1.0) as runner,
     ):
-        before = time.time()
         run = await asyncio.wait_for(runner.execute_module("q", "Q", path, run_id="r1"), 30)
     assert run.status is pq.RunStatus.COMPLETED
     [identity] = registry.children
     assert identity.pid == run.pid
     assert identity.cookie is not None and identity.cookie.startswith("PRISMQ_RUN_")
-    assert before <= identity.started_at <= time.time()
+    assert identity.started_at == 0.0
     assert verify_orphan(identity) is pq.OrphanCheck.GONE
+    # A stranger at the pid (here: this process) is another process, never the run's child.
+    stranger = pq.ProcessIdentity(os.getpid(), identity.started_at, identity.cookie)
+    assert verify_orphan(stranger) is pq.OrphanCheck.REUSED
 
 
 @pytest.mark.parametrize("how", ["execute_module", "start_module", "execute_command"])

@@ -1068,6 +1068,23 @@ async def test_worker_killed_mid_run_stops_the_tree_of_a_module_its_death_ended(
     assert f"orphaned tree of pid {running.pid} on" in caplog.text
 
 
+def test_the_stop_of_a_child_recorded_gone_never_takes_a_stranger_at_its_pid() -> None:
+    # A review's find: a child gone before its start could be read was first recorded with
+    # the time its spawn was noted; a stranger given its pid whose start fell within a tick of
+    # a whole second from it was taken for the child by the start-time-only fallback (no
+    # cookie to read) and killed. Its start is now 0.0, which is no process's.
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        check, stopped = dask_worker_module._stop_orphaned_tree(
+            stranger.pid, 0.0, "PRISMQ_RUN_test0gone=1", 0.0
+        )
+        assert (check, stopped) == ("pid reused", 0)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_the_stop_of_a_child_that_exited_finds_its_descendants_by_the_cookie() -> None:
     # What the other worker does when the module already died of its broken pipe: the child's
     # pid names nobody, and what still holds its cookie is its tree.

@@ -68,6 +68,7 @@ from .._core._exceptions import (
     RunStateError,
 )
 from .._platform import platform_ops
+from .._platform._host import on_read_only_file_system
 from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_left_behind
 from ._memory_registry import (
     BaseRunRegistry,
@@ -468,17 +469,6 @@ def _raise_if_unopenable(
     raise RegistryOpenError(f"cannot open the run registry {path!r}: {why}") from cause
 
 
-def _on_read_only_file_system(path: str) -> bool:
-    """Whether ``path`` lies on a file system mounted read-only (POSIX; False elsewhere)."""
-    statvfs = getattr(os, "statvfs", None)
-    if statvfs is None:
-        return False
-    try:
-        return bool(statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
 def open_read_only(path: str, timeout: float) -> sqlite3.Connection:
     """Connect to the existing SQLite file ``path`` for reading only (the ``mode=ro`` URI),
     also where it lies on read-only storage; its first read is made here.
@@ -501,7 +491,7 @@ def open_read_only(path: str, timeout: float) -> sqlite3.Connection:
     except sqlite3.OperationalError as exc:
         conn.close()
         if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_CANTOPEN or not (
-            _on_read_only_file_system(path)
+            on_read_only_file_system(path)
         ):
             raise
     except BaseException:

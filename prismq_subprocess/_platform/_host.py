@@ -10,7 +10,7 @@ import platform
 import signal
 import sys
 
-__all__ = ["HAS_SESSIONS", "SIGPIPE", "host_description"]
+__all__ = ["HAS_SESSIONS", "SIGPIPE", "host_description", "on_read_only_file_system"]
 
 #: ``setsid()`` and ``killpg()`` exist: children can lead their own session and be signalled as
 #: a group (POSIX).
@@ -28,3 +28,15 @@ def host_description() -> dict[str, str]:
         "python_version": platform.python_version(),
         "python_implementation": platform.python_implementation(),
     }
+
+
+def on_read_only_file_system(path: str) -> bool:
+    """Whether ``path`` lies on a file system mounted read-only (POSIX ``statvfs``; False where
+    that cannot be asked, Windows included)."""
+    statvfs = getattr(os, "statvfs", None)
+    if statvfs is None:
+        return False
+    try:
+        return bool(statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

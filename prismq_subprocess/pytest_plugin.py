@@ -94,10 +94,14 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"the ini option pq_no_leaks: {exc}") from None
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Check every ``pq_no_leaks`` marker once the tests are collected: a bad one is a usage
-    error of the run (exit 4), not an error with the plugin's traceback at each test."""
-    del config
+    """Check the ``pq_no_leaks`` markers of the tests selected to run (last: after ``-k`` and
+    ``-m`` deselected theirs): a bad one is a usage error of the run (exit 4), not an error
+    with the plugin's traceback at each test. In a pytest-xdist worker, where a usage error
+    would crash the run, each such test fails at its setup instead, with the same message."""
+    if hasattr(config, "workerinput"):
+        return
     for item in items:
         _leak_options(item)
 
@@ -219,8 +223,13 @@ def pq_wrapper(pq_mode: RunMode) -> Iterator[SubprocessWrapper]:
 
 # -- leaks ------------------------------------------------------------------------------------
 def _leak_check(item: pytest.Item) -> LeakCheck | None:
-    options = _leak_options(item)
-    return None if options is None else LeakCheck(**options)
+    try:
+        options = _leak_options(item)
+    except pytest.UsageError as exc:  # (an xdist worker's: see pytest_collection_modifyitems)
+        message = str(exc)
+    else:
+        return None if options is None else LeakCheck(**options)
+    pytest.fail(message, pytrace=False)  # (outside the except: no chained traceback)
 
 
 def _leak_options(item: pytest.Item) -> dict[str, Any] | None:

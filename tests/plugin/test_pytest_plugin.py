@@ -479,6 +479,35 @@ def test_clean():
     assert "Traceback" not in text and "pytest_plugin.py" not in text
 
 
+@pytest.mark.parametrize("how", ["deselected by -k", "under pytest-xdist"])
+def test_a_bad_marker_stops_neither_a_run_that_deselects_it_nor_an_xdist_run(
+    host: pytest.Pytester, how: str
+) -> None:
+    # A review's find: the collection-time check also refused a run whose -k deselected the
+    # test, and under pytest-xdist a worker's usage error crashed the run (INTERNALERROR, the
+    # message never shown). A worker now fails that test at its setup, with the message alone.
+    host.makepyfile(
+        test_host=HEADER
+        + """
+@pytest.mark.pq_no_leaks(timeout="soon")
+def test_bad_marker():
+    pass
+
+def test_good():
+    pass
+"""
+    )
+    if how == "deselected by -k":
+        result = host.runpytest(*HOST_PYTEST_ARGS, "-k", "test_good")
+        result.assert_outcomes(passed=1, deselected=1)
+        return
+    result = host.runpytest(*HOST_PYTEST_ARGS, "-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=1, errors=1)
+    text = output(result)
+    assert "timeout must be a number of seconds >= 0" in text
+    assert "INTERNALERROR" not in text and "pytest_plugin.py" not in text
+
+
 def test_a_bad_pq_no_leaks_ini_value_is_a_usage_error_naming_the_option(
     host: pytest.Pytester,
 ) -> None:

@@ -39,6 +39,7 @@ from .._core._exceptions import (
     InvalidTaskError,
     InvalidTimeoutError,
     NoRunningLoopError,
+    OutputClosedError,
     ResourceLimitException,
     RunClaimedError,
     RunNotFoundError,
@@ -500,6 +501,7 @@ class BackgroundTaskManager(AsyncResource):
             RunStateError: ``run`` is not PENDING.
             DuplicateRunError: a run with this ``run_id`` is already active in this manager.
             NoRunningLoopError: no event loop is running in this thread (a RuntimeError).
+            OutputClosedError: the manager's ``output`` is closed.
 
         Raises (from ``await handle``):
             DuplicateRunError: a run with this ``run_id`` is stored and no longer PENDING, or
@@ -539,10 +541,19 @@ class BackgroundTaskManager(AsyncResource):
                 "start_task() needs a running event loop; call it from async code"
             ) from None
         opened = False
-        if self.output is not None:
+        output = self.output
+        if output is not None:
+            if output.closed:
+                # Refused before anything runs: the run's output and its end would be lost
+                # (the work ran and was recorded COMPLETED, with only an ERROR logged).
+                coro.close()
+                raise OutputClosedError(
+                    f"this BackgroundTaskManager's output (an OutputCapture) is closed; run "
+                    f"{run_id!r} was not started"
+                )
             try:
                 # Subscribers may follow the run as soon as start_task returns.
-                opened = self.output.open_run(run_id)
+                opened = output.open_run(run_id)
             except BaseException:
                 coro.close()
                 raise

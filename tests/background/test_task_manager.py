@@ -42,6 +42,7 @@ from prismq_subprocess._core._exceptions import (
     InvalidRunIdError,
     InvalidTaskError,
     InvalidTimeoutError,
+    OutputClosedError,
     PrismQError,
     RegistryDatabaseError,
     RunStateError,
@@ -2167,3 +2168,23 @@ async def test_a_claim_that_failed_for_the_environment_is_tried_again(
     assert ran == [RunStatus.PENDING]  # run once, by this process, the claim its own
     assert (after.status, after.owner) == (RunStatus.COMPLETED, RunOwner.current())
     assert [r.levelname for r in caplog.records if r.levelno >= logging.INFO] == ["INFO"] * failures
+
+
+async def test_a_closed_output_is_refused_before_the_work_runs() -> None:
+    # A review's find (ModuleRunner's fix missed the manager): with its OutputCapture closed,
+    # start_task ran the work and recorded it COMPLETED, and only logged an ERROR; the run's
+    # output and its end were lost.
+    ran: list[int] = []
+
+    async def work() -> None:
+        ran.append(1)
+
+    output = OutputCapture()
+    await output.aclose()
+    coro = work()
+    async with RunRegistry() as registry, BackgroundTaskManager(registry, output=output) as manager:
+        with pytest.raises(OutputClosedError, match="not started"):
+            manager.start_task(Run(run_id="r1"), coro)
+        await manager.wait_all()
+        assert await registry.get_run("r1") is None
+    assert ran == [] and coro.cr_frame is None  # closed, never run

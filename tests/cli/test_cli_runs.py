@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -564,9 +565,10 @@ def test_a_damaged_row_is_reported_not_hidden(registry: Registry, tmp_path: Path
     # A probe's find: the list said "0 of 1 run(s)" with no hint, and `show` said there was
     # no such run, for a row the read-only viewer skips as unreadable.
     db = tmp_path / "damaged.db"
-    with sqlite3.connect(registry.db) as source, sqlite3.connect(db) as copy:
+    # (closing(): a connection's own `with` commits but does not close it.)
+    with closing(sqlite3.connect(registry.db)) as source, closing(sqlite3.connect(db)) as copy:
         source.backup(copy)
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE runs SET status = 'bogus' WHERE run_id = ?", (registry.failed.run_id,))
     listed = cli("runs", "--db", str(db))
     assert listed.returncode == 0, listed.stderr

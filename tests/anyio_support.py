@@ -8,10 +8,12 @@ would report (a task's exception never retrieved, a future destroyed pending).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,19 +24,56 @@ import pytest
 CANCELS = ["move_on_after", "fail_after", "cancel_scope", "failing_sibling"]
 
 
-async def cancelled_after(kind: str, seconds: float, body: Callable[[], Awaitable[object]]) -> None:
-    """Run ``body`` until an anyio scope cancels it after ``seconds``, in the way ``kind`` says."""
-    if kind == "move_on_after":
-        with anyio.move_on_after(seconds):
-            await body()
-    elif kind == "fail_after":
-        with pytest.raises(TimeoutError), anyio.fail_after(seconds):
-            await body()
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists (a stat: no need for a thread)."""
+    return path.exists()
+
+
+async def cancelled_after(
+    kind: str,
+    seconds: float,
+    body: Callable[[], Awaitable[object]],
+    *,
+    once: Path | None = None,
+) -> None:
+    """Run ``body`` until an anyio scope cancels it after ``seconds``, in the way ``kind`` says.
+
+    With ``once``, the cancellation comes as soon as that file exists (a child saying it is
+    ready), ``seconds`` being then only the longest wait: a deadline is moved to now, a scope
+    cancelled, a sibling fails, each as ``kind`` says.
+    """
+
+    async def trigger() -> None:
+        if once is None:
+            await anyio.sleep(seconds)
+            return
+        # (A file another process creates: polled, as nothing here can be woken by it.)
+        for _ in range(max(1, int(seconds / 0.01))):
+            if _exists(once):
+                return
+            await anyio.sleep(0.01)
+
+    if kind in ("move_on_after", "fail_after"):
+        raises = pytest.raises(TimeoutError) if kind == "fail_after" else contextlib.nullcontext()
+        with raises:
+            scope_of = anyio.move_on_after if kind == "move_on_after" else anyio.fail_after
+            with scope_of(seconds) as scope:
+                if once is None:
+                    await body()
+                else:
+
+                    async def expire() -> None:
+                        await trigger()
+                        scope.deadline = anyio.current_time()  # the deadline passes now
+
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(expire)
+                        await body()
     elif kind == "cancel_scope":
         with anyio.CancelScope() as scope:
 
             async def cancel_later() -> None:
-                await anyio.sleep(seconds)
+                await trigger()
                 scope.cancel()
 
             async with anyio.create_task_group() as group:
@@ -43,7 +82,7 @@ async def cancelled_after(kind: str, seconds: float, body: Callable[[], Awaitabl
     else:
 
         async def fail_later() -> None:
-            await anyio.sleep(seconds)
+            await trigger()
             raise LookupError("sibling failed")
 
         with pytest.raises(ExceptionGroup) as info:

@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from anyio_support import cancelled_after
 from conftest import REAL, WRAPPER_FACTORIES
 from lifecycle_helpers import marked_env, survivors_after
 
@@ -913,6 +914,7 @@ def on_term(*_):
     open(sys.argv[1], "w").write("term")
     sys.exit(3)
 signal.signal(signal.SIGTERM, on_term)
+open(sys.argv[1] + ".ready", "w").close()
 print("ready", flush=True)
 time.sleep(60)
 """
@@ -939,10 +941,14 @@ def test_a_run_cancelled_by_an_anyio_scope_is_stopped_and_recorded_before_it_is_
             else pq.SQLiteRunRegistry(tmp_path / "r.db")
         )
         async with registry, ModuleRunner(registry, wrapper=WRAPPER_FACTORIES[mode]()) as runner:
-            with anyio.move_on_after(1.5):
-                await runner.execute_command(
+            await cancelled_after(
+                "move_on_after",
+                10.0,
+                lambda: runner.execute_command(
                     "m", "m", [sys.executable, "-c", SIGTERM_SEEN, str(seen)], run_id="r1", env=env
-                )
+                ),
+                once=tmp_path / "term.ready",  # the child's handler is in place
+            )
             run = await registry.get_run("r1")
             assert run is not None
             found.append((run.status, run.exit_code))

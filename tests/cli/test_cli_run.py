@@ -316,7 +316,7 @@ def test_a_slow_reader_gets_the_whole_output_of_a_command_that_exited(mode: str)
     """
     proc = start_cli("run", "--mode", mode, "--grace", "0", *_py(code))
     try:
-        time.sleep(4.0)  # the reader is busy elsewhere
+        time.sleep(3.0)  # the reader is busy elsewhere (past the old cut: grace + 2 s)
         out, err = proc.communicate(timeout=60)
     finally:
         end_cli(proc, [])

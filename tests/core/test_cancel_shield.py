@@ -92,9 +92,15 @@ def test_run_cancelled_by_a_scope_stops_the_tree_gracefully(
                 "print('ready'",
                 "import subprocess\n"
                 "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                "open(sys.argv[1] + '.ready', 'w').close()\n"
                 "print('ready'",
             )
-            await cancelled_after(kind, 1.5, lambda: wrapper.run(*py(code), str(seen), env=env))
+            await cancelled_after(
+                kind,
+                10.0,
+                lambda: wrapper.run(*py(code), str(seen), env=env),
+                once=tmp_path / "term.ready",
+            )
             alive_at_exit.extend(marked(mark))
 
     anyio.run(main)

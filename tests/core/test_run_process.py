@@ -149,7 +149,12 @@ async def test_letting_go_keeps_what_a_slow_consumer_has_not_read(
         async with wrapper.stream(
             *py(code), env=env, grace_period=0.2, pipesize=1024 * 1024
         ) as lines:
-            await asyncio.sleep(2.5)  # the child has exited and the drain rule has run out
+            # The child exits at once; wait until the drain rule has run out and the pipes
+            # were let go of (logged), with most of the output still unread.
+            for _ in range(1000):
+                if "letting go of them" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
             got = [line async for line in lines]
         assert got[0] == b"parent done\n"
         assert got[1:] == [b"line %06d\n" % i for i in range(50000)]
@@ -177,9 +182,9 @@ async def test_a_reader_slower_than_the_child_still_gets_all_its_output(
 
     async def slow_reader() -> None:
         assert process.stdout is not None
-        while chunk := await process.stdout.read(1024):
+        while chunk := await process.stdout.read(2048):
             got.extend(chunk)
-            await asyncio.sleep(0.02)  # about 50 KB/s
+            await asyncio.sleep(0.01)  # about 200 KB/s: reading 150 KB outlasts the drain rule
 
     child = ChildRun(process, wrapper.strategy, grace=0.5)
     child.read(slow_reader())

@@ -215,7 +215,7 @@ async def test_a_leftover_ignoring_sigterm_does_not_hold_run_past_its_timeout(
         "                 stderr=subprocess.DEVNULL)\n"
     )
     started = time.monotonic()
-    result = await wrapper.run(*py(code), env=env, timeout=3.0, grace_period=30.0)
+    result = await wrapper.run(*py(code), env=env, timeout=2.0, grace_period=30.0)
     assert result.returncode == 0
     assert time.monotonic() - started < 10.0
     await assert_no_survivors(mark, grace=0.0)
@@ -339,7 +339,7 @@ async def test_leftovers_are_polled_without_signalling_the_new_owner_of_the_pid(
             break
         await asyncio.sleep(0.01)
     assert ready.exists()
-    stop = asyncio.ensure_future(pq.terminate_gracefully(proc, timeout=3.0))
+    stop = asyncio.ensure_future(pq.terminate_gracefully(proc, timeout=1.5))
     for _ in range(2000):  # until the child has exited (at SIGTERM) and been reaped
         if proc.returncode is not None or stop.done():
             break

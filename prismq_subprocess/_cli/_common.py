@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
     "CliError",
+    "byte_writer",
     "format_pairs",
     "print_json",
     "signal_exit_code",
@@ -64,3 +66,34 @@ def print_json(data: Any, stream: TextIO | None = None) -> None:
     out = sys.stdout if stream is None else stream
     json.dump(data, out, indent=2, default=str)
     out.write("\n")
+
+
+def _discard(data: bytes) -> None:
+    del data
+
+
+def byte_writer(stream: TextIO | None) -> Callable[[bytes], None]:
+    """A blocking, unbuffered byte writer for ``stream`` (its file descriptor when it has one).
+
+    ``None`` (Python's stream for a descriptor closed when it started, as with ``>&-``) drops
+    what is written: the command still runs, and its output there goes where ours would.
+    """
+    if stream is None:
+        return _discard
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        binary = stream.buffer
+
+        def write_buffered(data: bytes) -> None:
+            binary.write(data)
+            binary.flush()
+
+        return write_buffered
+
+    def write_fd(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write_fd

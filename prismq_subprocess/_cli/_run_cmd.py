@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TextIO
+from typing import Any
 
 import prismq_subprocess as pq
 
@@ -32,6 +32,7 @@ from ._common import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
     CliError,
+    byte_writer,
     format_pairs,
     signal_exit_code,
 )
@@ -85,37 +86,6 @@ def _env_pair(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
-
-
-def _discard(data: bytes) -> None:
-    del data
-
-
-def _writer(stream: TextIO | None) -> Callable[[bytes], None]:
-    """A blocking, unbuffered byte writer for ``stream`` (its file descriptor when it has one).
-
-    ``None`` (Python's stream for a descriptor closed when it started, as with ``>&-``) drops
-    what is written: the command still runs, and its output there goes where ours would.
-    """
-    if stream is None:
-        return _discard
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        binary = stream.buffer
-
-        def write_buffered(data: bytes) -> None:
-            binary.write(data)
-            binary.flush()
-
-        return write_buffered
-
-    def write_fd(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-
-    return write_fd
 
 
 def _message(exc: Exception) -> str:
@@ -471,7 +441,7 @@ class _Runner:
         raise CliError(message, EXIT_CANNOT_RUN)
 
     async def _supervise(self, process: pq.abc.ProcessLike) -> int:
-        out, err = _writer(sys.stdout), _writer(sys.stderr)
+        out, err = byte_writer(sys.stdout), byte_writer(sys.stderr)
         pumps = [
             _Pump(process.stdout, out, self._on_output_error),
             _Pump(process.stderr, err, self._on_output_error),

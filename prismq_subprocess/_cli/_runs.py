@@ -16,7 +16,16 @@ from typing import Any
 import prismq_subprocess as pq
 
 from .._background._sqlite_registry import open_read_only
-from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CliError, format_pairs, print_json
+from .._core._daemon_thread import call_in_daemon_thread
+from ._common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    byte_writer,
+    format_pairs,
+    print_json,
+)
 
 __all__ = ["add_parser", "check_registry_file"]
 
@@ -233,9 +242,19 @@ def _copy_new(path: Path, offset: int, write: Callable[[bytes], None]) -> int:
     return offset
 
 
-def _write_stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
+async def _copy_to_stdout(path: Path, offset: int) -> int:
+    """:func:`_copy_new` to our stdout, in a daemon thread of its own.
+
+    Not the loop's default executor (``asyncio.to_thread``): a write blocked on a reader that
+    stopped reading (a paused pager) would hold up ``asyncio.run()``'s end, which waits for that
+    executor, and Ctrl-C could not end the command line. Written to the descriptor, unbuffered:
+    a write left blocked there holds no lock that Python's flush at exit would wait for.
+    """
     sys.stdout.flush()
+    write = byte_writer(sys.stdout)
+    done = await call_in_daemon_thread(_copy_new, (path, offset, write), {}, "prismq-cli-tail")
+    assert isinstance(done, int)
+    return done
 
 
 async def _follow(
@@ -249,7 +268,7 @@ async def _follow(
         run = await registry.get_run(run_id)
         if run is None:
             raise CliError(f"run {run_id!r} disappeared from {db!r}", EXIT_FAILURE)
-        offset = await asyncio.to_thread(_copy_new, path, offset, _write_stdout)
+        offset = await _copy_to_stdout(path, offset)
         if run.is_finished:
             finished = run
             break
@@ -288,7 +307,7 @@ async def _tail(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
             "directory is another one)",
             EXIT_FAILURE,
         )
-    await asyncio.to_thread(_copy_new, path, 0, _write_stdout)
+    await _copy_to_stdout(path, 0)
     return EXIT_OK
 
 

@@ -648,3 +648,62 @@ def test_a_folder_the_reader_may_not_write_is_not_read_as_immutable(tmp_path: Pa
         assert result.stdout.startswith(b"refused:"), result
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _unread(fd: int) -> int:
+    """How many bytes the pipe ``fd`` reads from holds."""
+    import fcntl  # POSIX only
+    import termios
+
+    held = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(held, sys.byteorder)
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["tail", "tail-f"])
+def test_ctrl_c_ends_a_tail_whose_reader_stalled(tmp_path: Path, follow: bool) -> None:
+    # With whoever reads our stdout no longer reading (a paused pager, a hung log shipper), a
+    # write of the log blocked in the loop's default executor, which asyncio.run() waits for
+    # on its way out: Ctrl-C left `runs tail` hanging until the reader closed its end.
+    db, logs, job = tmp_path / "runs.db", tmp_path / "logs", tmp_path / "job.py"
+    job.write_text(JOB)
+
+    async def populate() -> str:
+        async with (
+            pq.SQLiteRunRegistry(db) as registry,
+            pq.OutputCapture(log_dir=logs) as capture,
+            pq.ModuleRunner(registry, output=capture) as runner,
+        ):
+            run = await runner.execute_module("big", "Big", job, {"n": 50_000})
+        return run.run_id
+
+    run_id = asyncio.run(populate())
+    assert (logs / f"{run_id}.log").stat().st_size > 512 * 1024  # far more than a pipe holds
+    read_end, write_end = os.pipe()  # never read: a stalled consumer
+    try:
+        options = ["-f", "--interval", "0.05"] if follow else []
+        proc = subprocess.Popen(
+            [*CLI, "runs", "tail", run_id, "--db", str(db), "--log-dir", str(logs), *options],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=cli_env(),
+        )
+        os.close(write_end)
+        write_end = -1
+        try:
+            # Until the pipe is full and a write waits (the first 64 KiB are in the pipe).
+            deadline = time.monotonic() + 30
+            while _unread(read_end) < 65536 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)

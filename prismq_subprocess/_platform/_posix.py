@@ -615,8 +615,20 @@ class _Finder:
         if host is None or not wanted:
             return
         # Children that runs started are not candidates: they carry their own run's cookie.
-        leaders = {r.target.pid for r in records} | host.spawned_children()
+        # Only while they are those children: the pid of one reaped before its run was let go
+        # of may name anybody by now (pids come round within minutes where pid_max is 32768),
+        # even an orphan handed to us as the subreaper, which its own cookie tells apart.
         me = os.getpid()
+        entries = table.entries
+        leaders = {r.target.pid for r in records}
+        for pid, cookie in host.spawned_children().items():
+            entry = entries.get(pid)
+            if (
+                entry is not None
+                and entry.ppid == me
+                and (not host.subreaper or host.cookies.read(pid) == cookie)
+            ):
+                leaders.add(pid)
         if host.subreaper:
             # Orphans come to us, not to init: the candidates are our own children.
             candidates = [e for e in table.children(me) if e.pid not in leaders]

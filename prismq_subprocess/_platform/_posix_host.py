@@ -290,10 +290,11 @@ class PosixHost:
             with self._lock:
                 self._run_cgroups.pop(path, None)
 
-    def spawned_children(self) -> set[int]:
-        """pids of the children this process spawned that are still running (or unreaped)."""
+    def spawned_children(self) -> dict[int, str]:
+        """The children this process spawned whose runs are not let go of yet, by pid, with
+        their runs' cookies. (A child reaped meanwhile leaves a pid that may name anybody.)"""
         with self._lock:
-            return set(self._cookie_of)
+            return dict(self._cookie_of)
 
     def _remove_stale_cgroups(self) -> None:
         # Sub-groups of hosts that died before removing them (killed, or their last children

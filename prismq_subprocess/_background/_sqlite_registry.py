@@ -985,10 +985,15 @@ class _Database:
             key = (host, owner_pid, owner_started)
             if is_alive(key) or worker is not None:
                 continue
+            if host != here:
+                # Another host's name: its owner may be a live process of this host renamed
+                # since (a pid here is then its live child), or of another machine sharing the
+                # file (a pid here is a stranger). Its runs are recovered; no tree is stopped.
+                continue
             try:
                 if started is not None and pid is not None:
                     orphans[str(run_id)] = ProcessIdentity(int(pid), float(started), cookie)
-                elif key in notes and host == here:
+                elif key in notes:
                     unrecorded[str(run_id)] = notes[key]
             except (TypeError, ValueError):
                 continue  # a damaged row: recover() quarantines it

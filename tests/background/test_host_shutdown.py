@@ -176,6 +176,39 @@ def test_a_recorded_pid_that_names_another_process_is_left_alone(tmp_path: Path)
             proc.wait()
 
 
+def test_the_child_of_an_owner_recorded_under_another_host_name_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    # A probe's find: after the host was renamed, the next worker to open the registry took
+    # the live owner for dead (another host's name) and stopped its run's recorded child, a
+    # process proven the run's (pid, start, cookie) - on this host, by the same pid. An owner
+    # under another name may be a live process of this host renamed since, or a process of
+    # another machine sharing the file: either way this host does not stop its runs' trees.
+    cookie_env = dict(os.environ, PRISMQ_RUN_ABCDEF123456="7")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=cookie_env)
+    try:
+        here = pq.RunOwner.current()
+        owner = pq.RunOwner("renamed-" + here.host, here.pid, here.started_at)
+        identity = pq.ProcessIdentity(
+            child.pid, psutil.Process(child.pid).create_time(), "PRISMQ_RUN_ABCDEF123456=7"
+        )
+        db = tmp_path / "runs.db"
+
+        async def store() -> None:
+            async with pq.SQLiteRunRegistry(db) as registry:
+                run = pq.Run(module_id="m", run_id="r", owner=owner)
+                run.mark_running(child.pid)
+                await registry.add_run(run)
+                assert await registry.record_child("r", identity) is True
+
+        asyncio.run(store())
+        _stored(db, "r")
+        assert child.poll() is None, "the child of a live, renamed owner was stopped"
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_verify_and_stop_an_orphan_by_its_cookie(tmp_path: Path) -> None:
     env = dict(os.environ, PRISMQ_RUN_ABCDEF654321="3")
     # The child double-forks a daemon (found by its cookie only), then sleeps.

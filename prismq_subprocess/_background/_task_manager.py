@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import math
 import os
 import types
 import urllib.parse
@@ -48,7 +49,7 @@ from .._core._exceptions import (
 )
 from .._core._result import ProcessResult
 from .._core._task_start import create_task_takes_context
-from .._core._validation import check_flag
+from .._core._validation import check_flag, check_timeout
 from .._resources._resource_manager import ResourceManager, check_resource_manager
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
@@ -1100,11 +1101,10 @@ class BackgroundTaskManager(AsyncResource):
 
         Raises:
             TimeoutError: they were not all done within ``timeout`` seconds.
-            InvalidTimeoutError: ``timeout`` is negative.
+            InvalidTimeoutError: ``timeout`` is negative, NaN or not a number.
         """
-        if timeout is not None and timeout < 0:
-            raise InvalidTimeoutError(f"timeout must be >= 0 or None, got {timeout!r}")
-        async with asyncio.timeout(timeout):
+        timeout = check_timeout(timeout)
+        async with asyncio.timeout(None if timeout == math.inf else timeout):
             while self._entries:
                 await self._idle.wait()
 
@@ -1129,10 +1129,13 @@ class BackgroundTaskManager(AsyncResource):
         cut short at its first await, before any run was cancelled.
 
         Raises:
-            InvalidTimeoutError: ``grace`` is negative.
+            InvalidTimeoutError: ``grace`` is negative, NaN, infinite or not a number (a
+                shutdown that waits for ever for a coroutine ignoring its cancellation would
+                never return).
         """
-        if grace < 0:
-            raise InvalidTimeoutError(f"grace must be >= 0, got {grace!r}")
+        if grace is None:
+            raise InvalidTimeoutError("grace must be a number of seconds >= 0, got None")
+        grace = check_timeout(grace, "grace", finite=True)  # type: ignore[assignment]
         with shielded_if_cancelled():
             await self._shutdown(grace, reason)
 

@@ -609,6 +609,35 @@ def test_bad_admission_timeout(bad: object) -> None:
         BackgroundTaskManager(RunRegistry(), admission_timeout=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "1", None])
+async def test_bad_shutdown_grace_and_wait_all_timeout_are_refused(bad: object) -> None:
+    # A probe's find: shutdown(nan) waited for ever for a coroutine that ignores its
+    # cancellation (no comparison with NaN is true), shutdown("1") and wait_all("1") raised a
+    # bare TypeError, and wait_all(nan) returned at once with the run still going.
+    registry = RunRegistry()
+    gate = asyncio.Event()
+
+    async def stubborn() -> int:
+        while True:
+            try:
+                await gate.wait()
+                return 0
+            except asyncio.CancelledError:
+                continue
+
+    async with BackgroundTaskManager(registry) as manager:
+        run_id = await manager.start_task(Run(), stubborn())
+        if bad is not None and bad != float("inf"):  # (no limit: valid wait_all timeouts)
+            with pytest.raises(InvalidTimeoutError):
+                await manager.wait_all(bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidTimeoutError):
+            await asyncio.wait_for(manager.shutdown(bad), 5)  # type: ignore[arg-type]
+        assert manager.is_active(run_id) and not manager.closed
+        gate.set()
+        await manager.wait_all(float("inf"))
+    assert (await stored(registry, run_id)).status is RunStatus.COMPLETED
+
+
 # --- the PrismQ guide's call shape (issue 13) -------------------------------------------------
 
 

@@ -79,8 +79,18 @@ def check_filters(status: RunStatus | str | None, module_id: str | None) -> RunS
     return status
 
 
-def cutoff_from(age: timedelta | datetime) -> datetime:
-    """Turn an age (``timedelta``: that long before now) or an aware ``datetime`` into a cutoff.
+def age_cutoff(age: timedelta) -> datetime | None:
+    """The moment ``age`` before now; ``None`` if that is before the year 1 (``timedelta.max``,
+    a "keep for ever"): no run is that old."""
+    try:
+        return utc_now() - age
+    except OverflowError:
+        return None
+
+
+def cutoff_from(age: timedelta | datetime) -> datetime | None:
+    """Turn an age (``timedelta``: that long before now) or an aware ``datetime`` into a cutoff;
+    ``None`` for an age older than any date (nothing is that old).
 
     Raises:
         InvalidQueryError: a negative age, a naive datetime or another type.
@@ -88,7 +98,7 @@ def cutoff_from(age: timedelta | datetime) -> datetime:
     if isinstance(age, timedelta):
         if age < timedelta(0):
             raise InvalidQueryError(f"age must not be negative, got {age!r}")
-        return utc_now() - age
+        return age_cutoff(age)
     if isinstance(age, datetime):
         if age.tzinfo is None or age.utcoffset() is None:
             raise InvalidQueryError(f"cutoff datetime must be timezone-aware, got {age!r}")
@@ -820,12 +830,14 @@ class RunRegistry(BaseRunRegistry):
 
     async def delete_older_than(self, age: timedelta | datetime) -> int:
         self._check_open()
-        return self._delete_finished_before(cutoff_from(age))
+        cutoff = cutoff_from(age)
+        return 0 if cutoff is None else self._delete_finished_before(cutoff)
 
     def _retain(self) -> int:
         deleted = 0
-        if self.max_age is not None:
-            deleted += self._delete_finished_before(utc_now() - self.max_age)
+        cutoff = None if self.max_age is None else age_cutoff(self.max_age)
+        if cutoff is not None:
+            deleted += self._delete_finished_before(cutoff)
         if self.max_runs is not None:
             finished = [run for run in self._runs.values() if run.is_finished]
             excess = len(finished) - self.max_runs

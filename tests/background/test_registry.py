@@ -288,6 +288,23 @@ async def test_max_age_on_add_and_on_demand(kind: str, tmp_path: Path) -> None:
         assert await store.count_runs() == 0
 
 
+@pytest.mark.parametrize("forever", [timedelta.max, timedelta(days=10**6)])
+async def test_an_age_older_than_any_date_keeps_everything(
+    kind: str, tmp_path: Path, forever: timedelta
+) -> None:
+    # A probe's find: ``max_age=timedelta.max`` ("keep for ever") was accepted, then every
+    # add_run failed (SQLite: InvalidRunError about 64-bit integers, nothing stored; memory:
+    # a bare OverflowError, the run stored all the same), as did delete_older_than(it).
+    async with make_store(kind, tmp_path, max_age=forever) as store:
+        old = finished("m", 0)
+        old.finished_at = datetime(1, 1, 2, tzinfo=UTC)
+        await store.add_run(old)
+        assert await store.get_run(old.run_id) is not None
+        assert await store.apply_retention() == 0
+        assert await store.delete_older_than(forever) == 0
+        assert await store.count_runs() == 1
+
+
 @pytest.mark.parametrize("bad", [{"max_runs": 0}, {"max_runs": -1}, {"max_age": timedelta(0)}])
 def test_bad_retention_settings(kind: str, tmp_path: Path, bad: dict[str, object]) -> None:
     with pytest.raises(InvalidQueryError):

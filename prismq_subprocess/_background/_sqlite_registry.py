@@ -74,6 +74,7 @@ from ._memory_registry import (
     BaseRunRegistry,
     _check_claim,
     _check_paging,
+    age_cutoff,
     check_filters,
     check_identity,
     claimed_by_another,
@@ -592,6 +593,12 @@ def _row_values(run: Run, *, adding: bool = False) -> tuple[Any, ...]:
     if type(tail) is not list and not isinstance(tail, list):
         raise InvalidRunError(
             f"run {run.run_id!r}: output_tail must be a list of lines, got {type(tail).__name__}"
+        )
+    if tail and not all(isinstance(line, str) for line in tail):
+        bad = next(line for line in tail if not isinstance(line, str))
+        raise InvalidRunError(
+            f"run {run.run_id!r}: output_tail must be a list of str lines, got a "
+            f"{type(bad).__name__} in it"
         )
     created, started, finished = run.created_at, run.started_at, run.finished_at
     values = (
@@ -1260,8 +1267,9 @@ class _Database:
         self, conn: sqlite3.Connection, max_runs: int | None, max_age: timedelta | None
     ) -> int:
         deleted = 0
-        if max_age is not None:
-            deleted += self._delete_finished_before(conn, utc_now() - max_age)
+        cutoff = None if max_age is None else age_cutoff(max_age)
+        if cutoff is not None:
+            deleted += self._delete_finished_before(conn, cutoff)
         if max_runs is not None:
             deleted += conn.execute(
                 f"DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs "
@@ -1672,6 +1680,8 @@ class SQLiteRunRegistry(BaseRunRegistry):
     async def delete_older_than(self, age: timedelta | datetime) -> int:
         cutoff = cutoff_from(age)
         db = await self._database()
+        if cutoff is None:
+            return 0  # (opened all the same: a closed registry still refuses)
         return await self._write(db, db.delete_before, cutoff)
 
     async def apply_retention(self) -> int:

@@ -801,6 +801,9 @@ async def test_read_only_on_a_missing_file_in_a_folder_it_cannot_write_is_not_a_
         ("exit_code", "0", pq.exceptions.InvalidRunError),
         ("parameters", [1, 2], pq.exceptions.InvalidParametersError),
         ("output_tail", "all done\n", pq.exceptions.InvalidRunError),
+        # (A probe's find, later: lines that are not str, JSON-storable and then unreadable.)
+        ("output_tail", [1, 2], pq.exceptions.InvalidRunError),
+        ("output_tail", ["fine", None], pq.exceptions.InvalidRunError),
     ],
 )
 async def test_a_run_it_could_not_read_back_is_refused_on_write_not_lost_on_read(

@@ -387,7 +387,7 @@ def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
         time.sleep(0.005)
 
 
-def _explained(exc: sqlite3.OperationalError, path: str, busy_timeout: float) -> BaseException:
+def _explained(exc: sqlite3.DatabaseError, path: str, busy_timeout: float) -> BaseException:
     """Our error for SQLite's ``exc`` under a call to the registry at ``path``: what happened,
     in words, with the file's name and SQLite's own codes."""
     name = str(getattr(exc, "sqlite_errorname", None) or "")
@@ -402,6 +402,12 @@ def _explained(exc: sqlite3.OperationalError, path: str, busy_timeout: float) ->
             f"SQLiteRunRegistry({path!r}): another connection held the database's lock for "
             f"longer than busy_timeout ({busy_timeout:g} s); this call did nothing. Retry later, "
             "or give busy_timeout more time if writers hold the lock that long by design"
+        )
+    elif name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or type(exc) is sqlite3.DatabaseError:
+        code = f" ({name})" if name else ""
+        error = RegistryDatabaseError(
+            f"SQLiteRunRegistry({path!r}): {exc}{code}: the file is damaged; restore it from a "
+            "backup, or move it aside (a new file is made in its place)"
         )
     else:
         code = f" ({name})" if name else ""
@@ -1422,7 +1428,10 @@ class SQLiteRunRegistry(BaseRunRegistry):
             # it queues its job behind the close job, and SQLite refuses the closed
             # connection: the caller learns what happened, not SQLite's wording.
             raise self._closed_error() from None
-        if isinstance(exc, sqlite3.OperationalError) and not isinstance(exc, PrismQError):
+        if (
+            isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+        ) and not isinstance(exc, PrismQError):
+            # (A plain DatabaseError: SQLite found the file damaged, SQLITE_CORRUPT/NOTADB.)
             raise _explained(exc, self.path, self.busy_timeout) from exc
         if isinstance(exc, OverflowError):
             raise InvalidRunError(
@@ -1510,7 +1519,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
     def _open_now(self, opened: list[_Database]) -> tuple[_Database, list[str]]:
         try:
             db = _Database(self.path, self.busy_timeout, self.read_only)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
             self._raise_explained(exc)
             raise
         opened.append(db)
@@ -1518,7 +1527,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
             return db, ([] if db.read_only else db.recover())
         except BaseException as exc:
             db.conn.close()
-            if isinstance(exc, sqlite3.OperationalError):
+            if isinstance(exc, sqlite3.DatabaseError):
                 self._raise_explained(exc)
             raise
 

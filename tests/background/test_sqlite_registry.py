@@ -861,3 +861,28 @@ async def test_odd_input_gets_our_errors_not_builtin_ones(tmp_path: Path) -> Non
         assert await registry.count_runs() == 0
         await registry.add_run(Run(module_id="m"))  # the registry goes on
         assert await registry.count_runs() == 1
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
+async def test_a_damaged_file_raises_our_error_naming_it(tmp_path: Path, read_only: bool) -> None:
+    # A probe's find: SQLite's "database disk image is malformed" (a plain DatabaseError, not
+    # an OperationalError) came out raw, from the open and from every call, where every other
+    # failure of the file is a RegistryDatabaseError naming it.
+    path = tmp_path / "runs.db"
+    async with SQLiteRunRegistry(path) as registry:
+        for _ in range(200):
+            await registry.add_run(Run(module_id="m", parameters={"pad": "x" * 200}))
+    page = 4096
+    with path.open("r+b") as f:  # pages 2-4 (the runs table and its indexes) overwritten
+        f.seek(page)
+        f.write(bytes(range(256)) * (3 * page // 256))
+    registry = SQLiteRunRegistry(path, read_only=read_only)
+    try:
+        with pytest.raises(pq.exceptions.RegistryDatabaseError, match="damaged") as caught:
+            await registry.open()
+            await registry.list_runs()
+            await registry.count_runs()
+        assert str(path) in str(caught.value)
+        assert isinstance(caught.value, sqlite3.DatabaseError)  # what callers caught before
+    finally:
+        await registry.aclose()

@@ -86,6 +86,26 @@ CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
         InvalidArgumentTypeError,
         "output must be an OutputCapture",
     ),
+    # A probe's find (session 34): taken, then the run's child was started and killed, the
+    # run recorded FAILED with an AttributeError, and aclose() failed too, leaking threads.
+    **{
+        f"ModuleRunner(registry, {name}='junk')": (
+            lambda name=name: pq.ModuleRunner(pq.RunRegistry(), **{name: "junk"}),  # type: ignore[misc]
+            InvalidArgumentTypeError,
+            f"{name} must be a {kind}",
+        )
+        for name, kind in (
+            ("process_manager", "ProcessManager"),
+            ("wrapper", "SubprocessWrapper"),
+            ("task_manager", "BackgroundTaskManager"),
+            ("backend", "RunBackend"),
+        )
+    },
+    "OutputCapture().subscribe('r', registry='runs.db')": (
+        lambda: pq.OutputCapture().subscribe("r", registry="runs.db"),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "registry must be a BaseRunRegistry",
+    ),
     # A probe's find: a bare TypeError / AttributeError from inside.
     "RunRegistry().add_run(None)": (
         lambda: asyncio.run(pq.RunRegistry().add_run(None)),  # type: ignore[arg-type]

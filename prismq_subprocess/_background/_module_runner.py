@@ -249,6 +249,20 @@ class ModuleRunner(AsyncClosing):
     ) -> None:
         if wrapper is not None and run_mode is not None:
             raise InvalidRunModeError("pass run_mode or wrapper, not both")
+        # Checked before anything is made: a wrong object was taken, and the first run failed
+        # with a bare AttributeError after its child had started (then aclose() too, leaving
+        # the runner's own wrapper's threads behind).
+        for name, value, kind in (
+            ("process_manager", process_manager, ProcessManager),
+            ("wrapper", wrapper, SubprocessWrapper),
+            ("task_manager", task_manager, BackgroundTaskManager),
+            ("backend", backend, RunBackend),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise InvalidArgumentTypeError(
+                    f"ModuleRunner: {name} must be a {kind.__name__} or None, got "
+                    f"{type(value).__name__}"
+                )
         check_limit(output_tail_lines, "output_tail_lines", minimum=0)
         if max_concurrent is not None:
             check_limit(max_concurrent, "max_concurrent", minimum=1)

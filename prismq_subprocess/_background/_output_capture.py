@@ -44,7 +44,7 @@ from .._core._exceptions import (
     OutputNotFoundError,
 )
 from ._log_names import log_file_name, run_log_path
-from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry
+from ._memory_registry import DEFAULT_POLL_INTERVAL, BaseRunRegistry, check_registry
 from ._output_items import (
     OutputChunk,
     OutputEnd,
@@ -769,6 +769,8 @@ class OutputCapture(AsyncClosing):
             )
         if not isinstance(run_id, str):
             raise InvalidRunIdError(f"a run id must be a non-empty str, got {run_id!r}")
+        if registry is not None:
+            check_registry(registry, "OutputCapture.subscribe()")
         if not self._possible(run_id):
             # Client-supplied, as often as not (a URL): an unknown run, whatever the reason,
             # and no point in waiting for it.

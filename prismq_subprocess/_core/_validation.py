@@ -219,10 +219,18 @@ _MAX_C_INT = 2**31 - 1
 def _check_options(kwargs: dict[str, Any]) -> None:
     """The checks ``Popen`` makes on its other options (as of CPython 3.11-3.13), made early."""
     executable = kwargs.get("executable")
-    if executable is not None and not isinstance(executable, str | bytes | os.PathLike):
-        raise InvalidOptionError(
-            f"executable must be a path, not {type(executable).__name__} {executable!r}"
-        )
+    if executable is not None:
+        if not isinstance(executable, str | bytes | os.PathLike):
+            raise InvalidOptionError(
+                f"executable must be a path, not {type(executable).__name__} {executable!r}"
+            )
+        path = os.fspath(executable)
+        if (b"\0" if isinstance(path, bytes) else "\0") in path:
+            raise InvalidOptionError(f"executable {path!r} contains a NUL byte")
+        if isinstance(path, str) and not encodable(path):
+            raise InvalidOptionError(
+                f"executable {path!r} cannot be passed to the OS: it has a lone surrogate"
+            )
     preexec_fn = kwargs.get("preexec_fn")
     if preexec_fn is not None and not callable(preexec_fn):
         raise InvalidOptionError(f"preexec_fn must be callable, not {preexec_fn!r}")
@@ -238,11 +246,14 @@ def _check_options(kwargs: dict[str, Any]) -> None:
         value = kwargs.get(name)
         if value is not None:
             try:
-                operator.index(value)
+                number = operator.index(value)
             except TypeError:
                 raise InvalidOptionError(
                     f"{name} must be an int, not {type(value).__name__} {value!r}"
                 ) from None
+            if not -_MAX_C_INT - 1 <= number <= _MAX_C_INT:
+                # (Popen passes both to C as ints: a bare OverflowError beyond.)
+                raise InvalidOptionError(f"{name}={value!r} is out of range for a C int")
     if sys.version_info < (3, 12):
         # 3.11's Popen passes these two to C as ints (3.12+ takes any object's truth value).
         for name in ("start_new_session", "restore_signals"):

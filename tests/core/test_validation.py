@@ -155,7 +155,14 @@ BAD_OPTIONS: list[tuple[dict[str, Any], type[BaseException], type[BaseException]
     ({"user": 2**32}, pq.exceptions.InvalidOptionError, ValueError),
     ({"group": 10**30}, pq.exceptions.InvalidOptionError, ValueError),
     ({"extra_groups": [2**32]}, pq.exceptions.InvalidOptionError, ValueError),
+    # A probe's find (session 34): bare OverflowError / ValueError, and DRY_RUN took them.
+    ({"umask": 2**31}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"process_group": 2**31}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"executable": "/bin/true\0"}, pq.exceptions.InvalidOptionError, ValueError),
+    ({"executable": b"/bin/true\0"}, pq.exceptions.InvalidOptionError, ValueError),
 ]
+if sys.platform != "win32":
+    BAD_OPTIONS.append(({"executable": "/x\ud800"}, pq.exceptions.InvalidOptionError, ValueError))
 if sys.version_info < (3, 12):
     # Python 3.11's Popen takes these two as C ints (a bare TypeError/OverflowError there, while
     # DRY_RUN accepted them); later versions take any object's truth value.

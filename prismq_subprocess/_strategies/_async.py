@@ -289,7 +289,9 @@ class AsyncStrategy(SubprocessStrategy):
             raise
         except BaseException as exc:
             self.ops.release(containment)
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError) and not isinstance(loop, asyncio.BaseEventLoop):
+                # (On asyncio's own loops Popen names the program only when its exec failed:
+                # no name means a step before it did, e.g. setpgid refused.)
                 _name_the_program(exc, request, kwargs)
             raise
         process = AsyncProcess(transport, proto, loop, self.ops)

@@ -126,6 +126,21 @@ async def test_a_preexec_fn_that_raises_is_a_spawn_failure(
     assert wrapper.live_processes == []
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups")
+async def test_a_failure_in_the_child_before_exec_does_not_blame_the_program(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # A probe's find: ASYNC said "cannot execute '/bin/true': it is not executable by this
+    # user" for a setpgid refused in the child (process_group=1: EPERM before exec), where
+    # THREADED and LOCAL said what happened. The program's name given for uvloop (whose errors
+    # carry none) was given on asyncio's own loops too, where Popen leaves it out on purpose.
+    with pytest.raises(pq.exceptions.SpawnFailedError) as info:
+        await wrapper.run("/bin/true", process_group=1)
+    assert not isinstance(info.value, pq.exceptions.CommandNotExecutableError)
+    assert "not executable" not in str(info.value)
+    assert wrapper.live_processes == []
+
+
 async def test_a_missing_executable_is_named(wrapper: pq.SubprocessWrapper) -> None:
     with pytest.raises(pq.CommandNotFoundError, match="/nonexistent/interpreter"):
         await wrapper.run(*py("pass"), executable="/nonexistent/interpreter")

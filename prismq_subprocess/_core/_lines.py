@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import functools
+import inspect
 import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, overload
@@ -147,6 +148,14 @@ def _batches(
         raise InvalidArgumentTypeError(
             f"iter_lines() needs a stream with an async read(n), not {stream!r}; {hint}"
         )
+    if isinstance(stream, io.IOBase):
+        # Its read() would block the event loop until data came, then fail (bytes are not
+        # awaitable): refused before any read.
+        raise InvalidArgumentTypeError(
+            f"iter_lines() needs an asynchronous stream (an asyncio StreamReader, the stdout of "
+            f"a process this library started), not the synchronous file {stream!r}; read that "
+            "one in a thread (asyncio.to_thread), or start the process with this library"
+        )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise InvalidLimitError(f"chunk_size must be a positive int, not {chunk_size!r}")
     check_encoding(encoding, errors)  # fail now, not at the first line
@@ -172,8 +181,13 @@ async def _line_blocks(stream: Any, chunk_size: int) -> AsyncIterator[tuple[byte
     # they come would copy the line again with every chunk (quadratic in its length).
     parts: list[bytes] = []
     size = 0
+    first = True
     while True:
-        chunk = await read(chunk_size)
+        if first:
+            first = False
+            chunk = await _awaitable(read(chunk_size), stream)
+        else:
+            chunk = await read(chunk_size)
         if not chunk:
             break
         cut = chunk.rfind(b"\n") + 1
@@ -197,6 +211,16 @@ async def _line_blocks(stream: Any, chunk_size: int) -> AsyncIterator[tuple[byte
         yield head, body
     if parts:
         yield await _join(parts, size), b""
+
+
+def _awaitable(result: Any, stream: Any) -> Any:
+    """``result`` of the first ``stream.read(n)``, if it can be awaited."""
+    if inspect.isawaitable(result):
+        return result
+    raise InvalidArgumentTypeError(
+        f"iter_lines() needs a stream whose read(n) is asynchronous; {type(stream).__name__}"
+        f".read() returned {type(result).__name__}, which cannot be awaited"
+    )
 
 
 async def _join(parts: list[bytes], size: int) -> bytes:
@@ -310,8 +334,13 @@ async def _decoded_text_batches(
     # The pieces of a line not finished yet, joined once when its end arrives.
     parts: list[str] = []
     size = 0
+    first = True
     while True:
-        chunk = await read(chunk_size)
+        if first:
+            first = False
+            chunk = await _awaitable(read(chunk_size), stream)
+        else:
+            chunk = await read(chunk_size)
         final = not chunk
         state = decoder.getstate()
         error: UnicodeDecodeError | None = None

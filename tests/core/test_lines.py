@@ -151,6 +151,45 @@ def test_unpiped_stream_is_explained() -> None:
         pq.iter_lines(None)
 
 
+class _SyncRead:
+    """A stream whose read(n) is a plain method (a socket or pipe wrapper of the caller's)."""
+
+    def read(self, n: int) -> bytes:
+        return b"line\n"
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8", "utf-16"])
+def test_a_synchronous_stream_is_refused_without_blocking_the_loop(
+    encoding: str | None,
+) -> None:
+    # A probe's find: Popen.stdout (or a BytesIO) was read as if asynchronous: its read()
+    # blocked the event loop until the child wrote (2 s here), then a bare TypeError "object
+    # bytes can't be used in 'await' expression".
+    import io
+    import subprocess
+    import time
+
+    with subprocess.Popen(
+        [*py("import time; time.sleep(2); print('late')")], stdout=subprocess.PIPE
+    ) as child:
+        assert child.stdout is not None
+        for stream in (child.stdout, io.BytesIO(b"a\n")):
+            started = time.monotonic()
+            with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="synchronous"):
+                pq.iter_lines(stream, encoding=encoding)
+            with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="synchronous"):
+                pq.iter_line_batches(stream, encoding=encoding)
+            assert time.monotonic() - started < 1.0
+        child.kill()
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8", "utf-16"])
+async def test_a_stream_whose_read_is_not_async_is_refused(encoding: str | None) -> None:
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="cannot be awaited"):
+        async for _ in pq.iter_lines(_SyncRead(), encoding=encoding):
+            pass
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [

@@ -209,19 +209,43 @@ class LineStream(AsyncResource, Generic[LineT]):
         ``merge_stderr=False``, also for its stderr to be read to the end (bounded, as the drain
         rule), so :attr:`stderr` is whole when this returns.
 
+        The stream's ``timeout`` holds here too. Lines not read stay in the pipe (nothing is
+        dropped): a child that fills it waits for a reader, as with asyncio's own ``wait()``,
+        so read the lines first when the child prints more than a pipe holds (64 KiB).
+
         Raises:
             StreamNotOpenError: called outside the ``async with`` block.
+            ProcessTimeoutError: the stream's ``timeout`` passed first (the tree is stopped).
         """
-        if self._run is None:
+        run = self._run
+        if run is None:
             raise StreamNotOpenError(_NOT_OPEN)
+        deadline = self._deadline
         try:
-            status = await self._run.wait_exit()
-            if self._stderr_read is not None:
-                await self._run.wait_read(self._stderr_read)
-            return status
+            if deadline is None:
+                return await self._wait(run)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._wait(run)
+            except TimeoutError:
+                if asyncio.get_running_loop().time() < deadline:
+                    raise  # not the stream's deadline
         except asyncio.CancelledError:
-            await self._run.stop()  # shielded from a cancelled anyio scope: see ChildRun.stop
+            await run.stop()  # shielded from a cancelled anyio scope: see ChildRun.stop
             raise
+        await run.stop()
+        raise ProcessTimeoutError(
+            cmd=self._display,
+            timeout=self._timeout or 0.0,
+            returncode=self.returncode,
+            stderr=self.stderr,
+        )
+
+    async def _wait(self, run: ChildRun) -> int:
+        status = await run.wait_exit()
+        if self._stderr_read is not None:
+            await run.wait_read(self._stderr_read)
+        return status
 
     async def aclose(self) -> None:
         """Stop the child's tree if it still runs and release its pipes (what leaving the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from helpers import py
@@ -70,6 +71,25 @@ async def test_inside_the_block_wait_gives_the_status_and_the_whole_stderr(
             assert lines.returncode == 3
             assert lines.stderr.endswith(b"END\n")
         assert lines.stderr.endswith(b"END\n")
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["lines-unread", "lines-read"])
+async def test_the_stream_timeout_holds_for_wait(
+    wrapper: pq.SubprocessWrapper, reads: bool
+) -> None:
+    # A probe's find: wait() ignored the stream's timeout (a child sleeping 4 s under
+    # timeout=1 returned 0 after 4 s), and with lines left unread a child filling its pipe
+    # waited for ever (ASYNC, THREADED). Now wait() stops the tree at the deadline.
+    code = "import time; [print(i) for i in range(100000)]; time.sleep(30)"
+    started = time.monotonic()
+    with pytest.raises(pq.ProcessTimeoutError):
+        async with wrapper.stream(*py(code), timeout=1.0) as lines:
+            if reads:
+                async for _ in lines.iter_batches():
+                    break
+            await lines.wait()
+    assert time.monotonic() - started < 15
+    assert wrapper.live_processes == []
 
 
 async def test_iterating_outside_the_block_is_a_clear_error(

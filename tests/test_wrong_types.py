@@ -101,6 +101,20 @@ CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
             ("backend", "RunBackend"),
         )
     },
+    "execute_with_timeout(..., task_name=5)": (
+        lambda: asyncio.run(pq.execute_with_timeout(_trivial(), 1, task_name=5)),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "task_name must be a str",
+    ),
+    "ModuleRunner(registry).execute_command(..., shell='yes')": (
+        lambda: asyncio.run(
+            pq.ModuleRunner(pq.RunRegistry(), run_mode="dry_run").execute_command(
+                "m", "m", "echo hi", shell="yes"  # type: ignore[arg-type]
+            )
+        ),
+        InvalidArgumentTypeError,
+        "shell must be True or False",
+    ),
     "OutputCapture().subscribe('r', registry='runs.db')": (
         lambda: pq.OutputCapture().subscribe("r", registry="runs.db"),  # type: ignore[arg-type]
         InvalidArgumentTypeError,

@@ -45,6 +45,7 @@ from .._core._validation import (
     check_cwd,
     check_env,
     check_exec_command,
+    check_flag,
     check_limit,
     check_shell_command,
     check_timeout,
@@ -429,7 +430,7 @@ class ModuleRunner(AsyncClosing):
             check_cwd(cwd)
         if env is not None:
             check_env(env)
-        if shell:
+        if check_flag(shell, "shell"):
             if not isinstance(command, str):
                 raise InvalidArgumentTypeError(
                     f"with shell=True the command is one str, not {type(command).__name__}"

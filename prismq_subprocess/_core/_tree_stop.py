@@ -520,6 +520,9 @@ async def execute_with_timeout(
         )
     try:
         limit = check_timeout(timeout)
+        if not isinstance(task_name, str):
+            # (Used only in the error of a timeout: it failed then, with a bare TypeError.)
+            raise InvalidArgumentTypeError(f"task_name must be a str, not {task_name!r}")
     except BaseException:
         if inspect.iscoroutine(coro):
             coro.close()  # rejected before it ran: no "coroutine was never awaited" warning

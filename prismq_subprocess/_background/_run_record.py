@@ -8,6 +8,7 @@ assignment; both refuse impossible transitions (see :func:`transition_error`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import os
@@ -24,7 +25,17 @@ from .._core._exceptions import InvalidRunError, RunStateError
 from .._platform import after_fork_in_child
 from .._platform._start_time import same_start
 
-__all__ = ["Run", "RunOwner", "RunStatus", "transition_error", "utc_now"]
+__all__ = [
+    "Run",
+    "RunOwner",
+    "RunStatus",
+    "alive_after_a_clock_step",
+    "transition_error",
+    "utc_now",
+]
+
+#: Two readings of one start differ by whole seconds to within the rounding of a tick.
+_START_ROUNDING = 0.005
 
 
 def utc_now() -> datetime:
@@ -195,6 +206,36 @@ class RunOwner:
         # create_time is the boot time (whole seconds, moved by NTP now and then) plus clock
         # ticks: allow for float rounding and for the boot time's moves.
         return same_start(created, self.started_at)
+
+
+def alive_after_a_clock_step(owner: RunOwner, holding: str) -> bool:
+    """Whether ``owner``, which :meth:`RunOwner.is_alive` found gone, is alive after all: its
+    pid is a live process whose start reads a whole number of seconds off the recorded one
+    (more than the boot time's own moves explain), and it has the file ``holding`` open.
+
+    A start time is read as the boot time plus the ticks since boot, and the boot time is worked
+    out from the wall clock: a step of the clock (a VM resumed, ``chronyc makestep``) moves every
+    process's start by the step, so a live owner looked dead and the next process to open the
+    registry stopped its runs' trees. Another process that took the pid after the owner died
+    would have to start a whole number of seconds after it (1 in 100 at a tick's precision) and
+    hold the same registry file open.
+    """
+    if owner.host != socket.gethostname():
+        return False
+    try:
+        target = os.stat(holding)
+        proc = psutil.Process(owner.pid)
+        apart = proc.create_time() - owner.started_at
+        if abs(apart - round(apart)) >= _START_ROUNDING:
+            return False
+        for opened in proc.open_files():
+            with contextlib.suppress(OSError):
+                found = os.stat(opened.path)
+                if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                    return True
+    except (psutil.Error, OSError):
+        return False
+    return False
 
 
 # The calling process's owner record, once made.

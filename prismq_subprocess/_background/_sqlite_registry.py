@@ -95,6 +95,7 @@ from ._run_record import (
     Run,
     RunOwner,
     RunStatus,
+    alive_after_a_clock_step,
     utc_now,
 )
 from ._sqlite_worker import SQLiteWorker
@@ -986,7 +987,9 @@ class _Database:
             if key not in alive:
                 try:
                     owner = _owner_of(*key)
-                    alive[key] = owner is not None and owner.is_alive()
+                    alive[key] = owner is not None and (
+                        owner.is_alive() or alive_after_a_clock_step(owner, self.path)
+                    )
                 except (TypeError, ValueError):
                     alive[key] = False  # a damaged row: recover() quarantines it
             return alive[key]

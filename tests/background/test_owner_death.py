@@ -407,3 +407,59 @@ def test_an_owner_that_dies_during_anothers_recovery_is_left_for_the_next(
             host.kill()
             host.wait()
         host.stdout.close()
+
+
+LIVE_OWNER = textwrap.dedent(
+    """
+    import asyncio, sys, prismq_subprocess as pq
+    async def main():
+        async with (
+            pq.SQLiteRunRegistry(sys.argv[1]) as registry,
+            pq.ModuleRunner(registry) as runner,
+        ):
+            run_id = await runner.start_module("m", "M", sys.argv[2])
+            while (await registry.get_run(run_id)).pid is None:
+                await asyncio.sleep(0.02)
+            print(run_id, flush=True)
+            await asyncio.sleep(60)
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's Linux boot time")
+@pytest.mark.parametrize("step", [5.0, -3.0, 3600.0])
+def test_a_clock_step_does_not_make_a_live_owner_look_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    # A probe's find: a step of the wall clock by more than 2 s (a VM resumed, `chronyc
+    # makestep`) moves the start time psutil reads for every process, the owner's included;
+    # the next worker to open the registry took the live owner for dead, stopped its running
+    # module's tree and marked the run INTERRUPTED. Only the checking process sees the step
+    # here (its boot time is moved), as it would read after a real one.
+    import psutil._pslinux as pslinux
+
+    db, module = tmp_path / "runs.db", tmp_path / "module.py"
+    module.write_text("import time\ntime.sleep(60)\n")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", LIVE_OWNER, str(db), str(module)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    children: list[psutil.Process] = []
+    try:
+        assert owner.stdout is not None
+        run_id = owner.stdout.readline().strip()
+        assert run_id, "the owner did not start its run"
+        children += psutil.Process(owner.pid).children(recursive=True)
+        real = pslinux.boot_time()
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real + step)
+        run, recovered = _reopen(db, run_id)
+        monkeypatch.undo()
+        assert recovered == []
+        assert run is not None and run.status is pq.RunStatus.RUNNING
+        assert children and all(child.is_running() for child in children)
+    finally:
+        owner.kill()
+        owner.communicate()  # (also closes its stdout)
+        kill_all(children)

@@ -138,8 +138,10 @@ async def test_recovery_by_owner_liveness(tmp_path: Path) -> None:
             await registry.update_run(mine)
             other = Run(module_id="other", owner=live_other)
             await registry.add_run(other)
-            # Same pid as ours, different start time: a reused pid, so the owner is gone.
-            reused = Run(owner=RunOwner(me.host, me.pid, me.started_at - 500.0))
+            # Same pid as ours, different start time: a reused pid, so the owner is gone. (Not
+            # a whole number of seconds off: that, with the file held open, is this very
+            # process read after a step of the clock; test_owner_death.py.)
+            reused = Run(owner=RunOwner(me.host, me.pid, me.started_at - 500.37))
             await registry.add_run(reused)
             other_host = Run(owner=RunOwner(me.host + ".old", me.pid, me.started_at))
             await registry.add_run(other_host)

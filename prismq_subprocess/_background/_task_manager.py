@@ -63,7 +63,7 @@ from ._memory_registry import (
 )
 from ._output_capture import OutputCapture, check_output, end_code
 from ._record_retry import RecordRetry, retry_start, worth_retrying
-from ._run_record import Run, RunOwner, RunStatus
+from ._run_record import Run, RunOwner, RunStatus, alive_after_a_clock_step
 
 __all__ = ["BackgroundTaskManager", "ExitCode", "TaskHandle"]
 
@@ -325,6 +325,15 @@ def _file_of(registry: BaseRunRegistry) -> str | None:
         if len(path) > 2 and path[0] == "/" and path[2] == ":" and path[1].isalpha():
             path = path[1:]  # file:///C:/runs.db names C:/runs.db (Windows)
     return path
+
+
+def _owner_alive(owner: RunOwner, registry: BaseRunRegistry) -> bool:
+    """Whether ``owner`` lives, a step of the wall clock allowed for where ``registry`` is a
+    file (see :func:`alive_after_a_clock_step`)."""
+    if owner.is_alive():
+        return True
+    path = _file_of(registry)
+    return path is not None and alive_after_a_clock_step(owner, path)
 
 
 def _outcome_of(result: object) -> _Outcome:
@@ -815,7 +824,9 @@ class BackgroundTaskManager(AsyncResource):
                     "process, which will run it"
                 )
         owner, here = stored.owner, RunOwner.current()
-        if owner is not None and owner != here and run.owner != owner and owner.is_alive():
+        if owner is not None and owner != here and run.owner != owner and _owner_alive(
+            owner, self.registry
+        ):
             raise DuplicateRunError(
                 f"run {run_id!r} is pending in another process (pid {owner.pid} on "
                 f"{owner.host}), which is alive and will run it; to start a run another process "

@@ -463,3 +463,56 @@ def test_a_clock_step_does_not_make_a_live_owner_look_dead(
         owner.kill()
         owner.communicate()  # (also closes its stdout)
         kill_all(children)
+
+
+PENDING_OWNER = textwrap.dedent(
+    """
+    import asyncio, sys, prismq_subprocess as pq
+    async def main():
+        async with pq.SQLiteRunRegistry(sys.argv[1]) as registry:
+            run = pq.Run(module_id="m")
+            await registry.add_run(run)
+            print(run.run_id, flush=True)
+            await asyncio.sleep(60)
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's Linux boot time")
+def test_a_clock_step_does_not_let_another_manager_take_over_a_live_owners_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same step seen by BackgroundTaskManager.start_task: a PENDING run of a live process
+    # looked abandoned, and was taken over and run here too (one run id, two jobs).
+    import psutil._pslinux as pslinux
+
+    db = tmp_path / "runs.db"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", PENDING_OWNER, str(db)], stdout=subprocess.PIPE, text=True
+    )
+    ran: list[str] = []
+
+    async def work() -> None:
+        ran.append("here")
+
+    async def take_over(run_id: str) -> None:
+        async with (
+            pq.SQLiteRunRegistry(db) as registry,
+            pq.BackgroundTaskManager(registry) as manager,
+        ):
+            with pytest.raises(pq.exceptions.DuplicateRunError, match="alive"):
+                await manager.start_task(pq.Run(module_id="m", run_id=run_id), work())
+
+    try:
+        assert owner.stdout is not None
+        run_id = owner.stdout.readline().strip()
+        assert run_id, "the owner did not add its run"
+        real = pslinux.boot_time()
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real + 7.0)
+        asyncio.run(take_over(run_id))
+        monkeypatch.undo()
+        assert ran == []
+    finally:
+        owner.kill()
+        owner.communicate()

@@ -1131,7 +1131,9 @@ class ModuleRunner(AsyncClosing):
     async def _aclose(self) -> None:
         self._closed = True
         if self._owns_task_manager and self._task_manager is not None:
-            await self._task_manager.shutdown(grace=2 * self.grace_period + 1.0)
+            # (Capped: twice a huge finite grace period overflows to inf, which shutdown refuses.)
+            grace = min(2 * self.grace_period + 1.0, sys.float_info.max)
+            await self._task_manager.shutdown(grace=grace)
         for run_id in list(self._active):
             self._cancel_reasons.setdefault(run_id, "module runner closed")
             if self.backend is not None:

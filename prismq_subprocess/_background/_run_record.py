@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import math
 import os
 import socket
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -23,13 +25,14 @@ import psutil
 
 from .._core._exceptions import InvalidRunError, RunStateError
 from .._platform import after_fork_in_child
-from .._platform._start_time import same_start
+from .._platform._start_time import STARTS_MOVE_WITH_THE_CLOCK, same_start
 
 __all__ = [
     "Run",
     "RunOwner",
     "RunStatus",
-    "alive_after_a_clock_step",
+    "owner_alive",
+    "registry_file",
     "transition_error",
     "utc_now",
 ]
@@ -208,32 +211,66 @@ class RunOwner:
         return same_start(created, self.started_at)
 
 
-def alive_after_a_clock_step(owner: RunOwner, holding: str) -> bool:
-    """Whether ``owner``, which :meth:`RunOwner.is_alive` found gone, is alive after all: its
-    pid is a live process whose start reads a whole number of seconds off the recorded one
-    (more than the boot time's own moves explain), and it has the file ``holding`` open.
+def registry_file(path: str) -> str | None:
+    """The file a SQLite registry opened at ``path`` keeps its runs in (a path, or a ``file:``
+    URI, as SQLite reads one); None for none (``:memory:``)."""
+    if path == ":memory:":
+        return None
+    if path.startswith("file:"):
+        uri = urllib.parse.urlsplit(path)
+        if "memory" in urllib.parse.parse_qs(uri.query).get("mode", ()):
+            return None
+        path = urllib.parse.unquote(uri.path)
+        if path in ("", ":memory:"):
+            return None
+        if len(path) > 2 and path[0] == "/" and path[2] == ":" and path[1].isalpha():
+            path = path[1:]  # file:///C:/runs.db names C:/runs.db (Windows)
+    return path
 
-    A start time is read as the boot time plus the ticks since boot, and the boot time is worked
-    out from the wall clock: a step of the clock (a VM resumed, ``chronyc makestep``) moves every
-    process's start by the step, so a live owner looked dead and the next process to open the
-    registry stopped its runs' trees. Another process that took the pid after the owner died
-    would have to start a whole number of seconds after it (1 in 100 at a tick's precision) and
-    hold the same registry file open.
+
+def owner_alive(owner: RunOwner, registry_path: str | None) -> bool:
+    """Whether ``owner`` lives: :meth:`RunOwner.is_alive`, and two cases it cannot see.
+
+    - **A renamed host.** An owner under another host name whose pid is a live process here
+      with the recorded start: this host's process, renamed since (a container recreated with a
+      new name starts its pids afresh; a start that matches is not a coincidence).
+    - **A step of the wall clock** (Linux). A start time is read as the boot time plus the ticks
+      since boot, the boot time being worked out from the wall clock: a step (a VM resumed,
+      ``chronyc makestep``) moves every start read after it, and a live owner looked dead (the
+      next process to open the registry stopped its runs' trees). An owner whose pid is a live
+      process with a start a whole number of seconds off, and that holds the registry file
+      (``registry_path``) open, counts as alive. A process that took a dead owner's pid would
+      have to start a whole number of seconds after it (1 in 100 at a tick's precision) and
+      open the same registry file.
+
+    Our own pid is judged by our own record, which is exact.
     """
-    if owner.host != socket.gethostname():
-        return False
+    if owner.is_alive():
+        return True
+    if owner.pid == os.getpid():
+        return owner.started_at == RunOwner.current().started_at  # (a renamed host: us)
     try:
-        target = os.stat(holding)
+        if not math.isfinite(owner.started_at):
+            return False
         proc = psutil.Process(owner.pid)
-        apart = proc.create_time() - owner.started_at
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created = proc.create_time()
+        if owner.host != socket.gethostname():
+            return same_start(created, owner.started_at)
+        path = None if registry_path is None else registry_file(registry_path)
+        if path is None or not STARTS_MOVE_WITH_THE_CLOCK:
+            return False
+        apart = created - owner.started_at
         if abs(apart - round(apart)) >= _START_ROUNDING:
             return False
+        target = os.stat(path)
         for opened in proc.open_files():
             with contextlib.suppress(OSError):
                 found = os.stat(opened.path)
                 if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
                     return True
-    except (psutil.Error, OSError):
+    except (psutil.Error, OSError, ArithmeticError, ValueError, TypeError):
         return False
     return False
 

@@ -95,7 +95,7 @@ from ._run_record import (
     Run,
     RunOwner,
     RunStatus,
-    alive_after_a_clock_step,
+    owner_alive,
     utc_now,
 )
 from ._sqlite_worker import SQLiteWorker
@@ -987,10 +987,8 @@ class _Database:
             if key not in alive:
                 try:
                     owner = _owner_of(*key)
-                    alive[key] = owner is not None and (
-                        owner.is_alive() or alive_after_a_clock_step(owner, self.path)
-                    )
-                except (TypeError, ValueError):
+                    alive[key] = owner is not None and owner_alive(owner, self.path)
+                except (TypeError, ValueError, ArithmeticError):
                     alive[key] = False  # a damaged row: recover() quarantines it
             return alive[key]
 
@@ -1001,15 +999,12 @@ class _Database:
             key = (host, owner_pid, owner_started)
             if is_alive(key) or worker is not None:
                 continue
-            if host != here:
-                # Another host's name: its owner may be a live process of this host renamed
-                # since (a pid here is then its live child), or of another machine sharing the
-                # file (a pid here is a stranger). Its runs are recovered; no tree is stopped.
-                continue
             try:
                 if started is not None and pid is not None:
+                    # (Another host name: an owner of this host renamed since was found alive
+                    # above; what is verified the run's (pid, start, cookie) is stopped.)
                     orphans[str(run_id)] = ProcessIdentity(int(pid), float(started), cookie)
-                elif key in notes:
+                elif key in notes and host == here:
                     unrecorded[str(run_id)] = notes[key]
             except (TypeError, ValueError):
                 continue  # a damaged row: recover() quarantines it

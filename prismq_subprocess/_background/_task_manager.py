@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import types
-import urllib.parse
 import weakref
 from collections import deque
 from collections.abc import Coroutine, Generator, Mapping
@@ -63,7 +62,7 @@ from ._memory_registry import (
 )
 from ._output_capture import OutputCapture, check_output, end_code
 from ._record_retry import RecordRetry, retry_start, worth_retrying
-from ._run_record import Run, RunOwner, RunStatus, alive_after_a_clock_step
+from ._run_record import Run, RunOwner, RunStatus, owner_alive, registry_file
 
 __all__ = ["BackgroundTaskManager", "ExitCode", "TaskHandle"]
 
@@ -313,27 +312,13 @@ def _file_of(registry: BaseRunRegistry) -> str | None:
     """The file ``registry`` keeps its runs in, however it was spelled (a path, or a ``file:``
     URI, as SQLite reads one); None for none (memory)."""
     path = getattr(registry, "path", None)
-    if not isinstance(path, str) or path == ":memory:":
-        return None
-    if path.startswith("file:"):
-        uri = urllib.parse.urlsplit(path)
-        if "memory" in urllib.parse.parse_qs(uri.query).get("mode", ()):
-            return None
-        path = urllib.parse.unquote(uri.path)
-        if path in ("", ":memory:"):
-            return None
-        if len(path) > 2 and path[0] == "/" and path[2] == ":" and path[1].isalpha():
-            path = path[1:]  # file:///C:/runs.db names C:/runs.db (Windows)
-    return path
+    return registry_file(path) if isinstance(path, str) else None
 
 
 def _owner_alive(owner: RunOwner, registry: BaseRunRegistry) -> bool:
-    """Whether ``owner`` lives, a step of the wall clock allowed for where ``registry`` is a
-    file (see :func:`alive_after_a_clock_step`)."""
-    if owner.is_alive():
-        return True
-    path = _file_of(registry)
-    return path is not None and alive_after_a_clock_step(owner, path)
+    """Whether ``owner`` lives, a renamed host and a step of the wall clock allowed for (see
+    :func:`owner_alive`)."""
+    return owner_alive(owner, _file_of(registry))
 
 
 def _outcome_of(result: object) -> _Outcome:

@@ -17,6 +17,7 @@ import prismq_subprocess as pq
 
 from .._background._sqlite_registry import open_read_only
 from .._core._daemon_thread import call_in_daemon_thread
+from .._platform import IS_WINDOWS
 from ._common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -242,6 +243,11 @@ def _copy_new(path: Path, offset: int, write: Callable[[bytes], None]) -> int:
     return offset
 
 
+def _write_buffered(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+
+
 async def _copy_to_stdout(path: Path, offset: int) -> int:
     """:func:`_copy_new` to our stdout, in a daemon thread of its own.
 
@@ -251,7 +257,12 @@ async def _copy_to_stdout(path: Path, offset: int) -> int:
     a write left blocked there holds no lock that Python's flush at exit would wait for.
     """
     sys.stdout.flush()
-    write = byte_writer(sys.stdout)
+    write: Callable[[bytes], None]
+    if IS_WINDOWS and sys.stdout is not None and sys.stdout.isatty():
+        # A console takes text through Python's console writer (UTF-8 decoded), not raw bytes.
+        write = _write_buffered
+    else:
+        write = byte_writer(sys.stdout)
     done = await call_in_daemon_thread(_copy_new, (path, offset, write), {}, "prismq-cli-tail")
     assert isinstance(done, int)
     return done

@@ -224,7 +224,10 @@ def _check_options(kwargs: dict[str, Any]) -> None:
             raise InvalidOptionError(
                 f"executable must be a path, not {type(executable).__name__} {executable!r}"
             )
-        path = os.fspath(executable)
+        try:
+            path = os.fspath(executable)
+        except TypeError as exc:  # a __fspath__ that returned neither str nor bytes
+            raise InvalidOptionError(f"executable {executable!r}: {exc}") from None
         if (b"\0" if isinstance(path, bytes) else "\0") in path:
             raise InvalidOptionError(f"executable {path!r} contains a NUL byte")
         if isinstance(path, str) and not encodable(path):

@@ -12,7 +12,14 @@ another start, unless it started within a few ticks of a whole second's distance
 
 from __future__ import annotations
 
-__all__ = ["MAX_BOOT_TIME_MOVE", "same_start"]
+import sys
+
+__all__ = ["MAX_BOOT_TIME_MOVE", "STARTS_MOVE_WITH_THE_CLOCK", "same_start"]
+
+#: Whether the start times psutil reads move when the wall clock is stepped: on Linux they are
+#: the boot time (worked out from the wall clock at each reading) plus the ticks since boot;
+#: macOS and Windows keep the wall-clock moment of the start.
+STARTS_MOVE_WITH_THE_CLOCK = sys.platform.startswith("linux")
 
 #: How many whole seconds the boot time may have moved between two readings.
 MAX_BOOT_TIME_MOVE = 2

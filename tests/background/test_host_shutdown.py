@@ -176,19 +176,22 @@ def test_a_recorded_pid_that_names_another_process_is_left_alone(tmp_path: Path)
             proc.wait()
 
 
-def test_the_child_of_an_owner_recorded_under_another_host_name_is_left_alone(
-    tmp_path: Path,
-) -> None:
+@pytest.mark.parametrize("owner_lives", [True, False], ids=["renamed-live", "earlier-dead"])
+def test_an_owner_recorded_under_another_host_name(tmp_path: Path, owner_lives: bool) -> None:
     # A probe's find: after the host was renamed, the next worker to open the registry took
-    # the live owner for dead (another host's name) and stopped its run's recorded child, a
-    # process proven the run's (pid, start, cookie) - on this host, by the same pid. An owner
-    # under another name may be a live process of this host renamed since, or a process of
-    # another machine sharing the file: either way this host does not stop its runs' trees.
+    # the live owner for dead (another host's name), stopped its run's recorded child and
+    # marked the run INTERRUPTED. A live process here with the owner's pid and start is that
+    # owner, renamed: its run is left alone. A dead one's verified child is still stopped.
     cookie_env = dict(os.environ, PRISMQ_RUN_ABCDEF123456="7")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=cookie_env)
+    owner_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
+        if not owner_lives:
+            owner_proc.kill()
+            owner_proc.wait()
         here = pq.RunOwner.current()
-        owner = pq.RunOwner("renamed-" + here.host, here.pid, here.started_at)
+        started = 1.0 if not owner_lives else psutil.Process(owner_proc.pid).create_time()
+        owner = pq.RunOwner("renamed-" + here.host, owner_proc.pid, started)
         identity = pq.ProcessIdentity(
             child.pid, psutil.Process(child.pid).create_time(), "PRISMQ_RUN_ABCDEF123456=7"
         )
@@ -202,11 +205,18 @@ def test_the_child_of_an_owner_recorded_under_another_host_name_is_left_alone(
                 assert await registry.record_child("r", identity) is True
 
         asyncio.run(store())
-        _stored(db, "r")
-        assert child.poll() is None, "the child of a live, renamed owner was stopped"
+        run, recovered = _stored(db, "r")
+        assert run is not None
+        if owner_lives:
+            assert (recovered, run.status) == ([], pq.RunStatus.RUNNING)
+            assert child.poll() is None, "the child of a live, renamed owner was stopped"
+        else:
+            assert (recovered, run.status) == (["r"], pq.RunStatus.INTERRUPTED)
+            assert child.wait(timeout=10) is not None
     finally:
-        child.kill()
-        child.wait()
+        for proc in (child, owner_proc):
+            proc.kill()
+            proc.wait()
 
 
 def test_verify_and_stop_an_orphan_by_its_cookie(tmp_path: Path) -> None:

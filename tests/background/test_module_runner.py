@@ -1251,3 +1251,17 @@ async def test_a_closed_output_is_refused_before_anything_is_stored_or_started(
         assert await registry.get_run("r1") is None
         assert runner.active_run_ids() == []
     assert not marker.exists()
+
+
+async def test_a_huge_grace_period_still_closes_the_runner(tmp_path: Path) -> None:
+    # The review's find: aclose() shut its task manager down with twice the grace period plus
+    # one, which overflows to inf for a finite grace of 1e308; shutdown() refuses inf, so
+    # aclose() raised before it stopped anything.
+    script = tmp_path / "quick.py"
+    script.write_text("print('hi')\n")
+    runner = ModuleRunner(pq.RunRegistry(), run_mode="async", grace_period=1e308)
+    run_id = await runner.start_module("m", "M", script)
+    await runner.task_manager.wait_all(30)
+    await runner.aclose()
+    run = await runner.registry.get_run(run_id)
+    assert run is not None and run.status is pq.RunStatus.COMPLETED

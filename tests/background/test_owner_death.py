@@ -452,6 +452,7 @@ def test_a_clock_step_does_not_make_a_live_owner_look_dead(
         run_id = owner.stdout.readline().strip()
         assert run_id, "the owner did not start its run"
         children += psutil.Process(owner.pid).children(recursive=True)
+        pq.RunOwner.current()  # (cached before the step: this process's own record stays true)
         real = pslinux.boot_time()
         monkeypatch.setattr(pslinux, "boot_time", lambda: real + step)
         run, recovered = _reopen(db, run_id)
@@ -508,6 +509,7 @@ def test_a_clock_step_does_not_let_another_manager_take_over_a_live_owners_run(
         assert owner.stdout is not None
         run_id = owner.stdout.readline().strip()
         assert run_id, "the owner did not add its run"
+        pq.RunOwner.current()  # (cached before the step: this process's own record stays true)
         real = pslinux.boot_time()
         monkeypatch.setattr(pslinux, "boot_time", lambda: real + 7.0)
         asyncio.run(take_over(run_id))

@@ -143,7 +143,10 @@ async def test_recovery_by_owner_liveness(tmp_path: Path) -> None:
             # process read after a step of the clock; test_owner_death.py.)
             reused = Run(owner=RunOwner(me.host, me.pid, me.started_at - 500.37))
             await registry.add_run(reused)
-            other_host = Run(owner=RunOwner(me.host + ".old", me.pid, me.started_at))
+            # Another host name and another start: an earlier incarnation (a container made
+            # again under a new name). (With our own start it is this process, renamed since:
+            # test_host_shutdown.py.)
+            other_host = Run(owner=RunOwner(me.host + ".old", me.pid, me.started_at - 1000.37))
             await registry.add_run(other_host)
         async with SQLiteRunRegistry(path) as registry:
             assert set(registry.interrupted_run_ids) == {reused.run_id, other_host.run_id}
@@ -888,3 +891,20 @@ async def test_a_damaged_file_raises_our_error_naming_it(tmp_path: Path, read_on
         assert isinstance(caught.value, sqlite3.DatabaseError)  # what callers caught before
     finally:
         await registry.aclose()
+
+
+@pytest.mark.parametrize("started", [math.inf, -math.inf, math.nan])
+async def test_an_owner_start_that_is_no_number_does_not_stop_the_file_opening(
+    tmp_path: Path, started: float
+) -> None:
+    # The review's find: the clock-step check of an owner at a live pid (1) with the start
+    # inf raised OverflowError from every open of the file, in every process, for good.
+    path = tmp_path / "runs.db"
+    owner = RunOwner(RunOwner.current().host, 1, started)
+    async with SQLiteRunRegistry(path) as registry:
+        run = Run(module_id="m", owner=owner)
+        await registry.add_run(run)
+    async with SQLiteRunRegistry(path) as registry:
+        assert registry.interrupted_run_ids == [run.run_id]
+        got = await registry.get_run(run.run_id)
+        assert got is not None and got.status is RunStatus.INTERRUPTED

@@ -83,11 +83,11 @@ async def test_the_stream_timeout_holds_for_wait(
     code = "import time; [print(i) for i in range(100000)]; time.sleep(30)"
     started = time.monotonic()
     with pytest.raises(pq.ProcessTimeoutError):
-        async with wrapper.stream(*py(code), timeout=1.0) as lines:
+        async with asyncio.timeout(30), wrapper.stream(*py(code), timeout=1.0) as lines:
             if reads:
                 async for _ in lines.iter_batches():
                     break
-            await lines.wait()
+            await lines.wait()  # (without the fix: for ever, then the 30 s TimeoutError)
     assert time.monotonic() - started < 15
     assert wrapper.live_processes == []
 

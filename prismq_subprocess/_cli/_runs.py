@@ -15,6 +15,7 @@ from typing import Any
 
 import prismq_subprocess as pq
 
+from .._background._run_record import owner_alive
 from .._background._sqlite_registry import open_read_only
 from .._core._daemon_thread import call_in_daemon_thread
 from .._platform import IS_WINDOWS
@@ -119,12 +120,13 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
-def _owner_gone(run: pq.Run) -> bool:
+def _owner_gone(run: pq.Run, db: str) -> bool:
     """Whether ``run`` is unfinished with no living owner: what the library's recovery marks
     interrupted on a read-write open, which this read-only viewer never does (blocking)."""
     if run.is_finished:
         return False
-    return run.owner is None or not run.owner.is_alive()
+    # As recovery judges it (a renamed host, a step of the clock: see owner_alive).
+    return run.owner is None or not owner_alive(run.owner, db)
 
 
 def _status_text(run: pq.Run, gone: bool) -> str:
@@ -153,13 +155,13 @@ def _render_list(runs: list[pq.Run], total: int, gone: set[str], unreadable: int
     return f"{_table(rows)}\n{summary}"
 
 
-def _owner_text(run: pq.Run) -> str:
+def _owner_text(run: pq.Run, gone: bool) -> str:
     owner = run.owner
     if owner is None:
         return "-"
     if run.is_finished:
         return f"pid {owner.pid} on {owner.host}"
-    state = "alive" if owner.is_alive() else "gone"
+    state = "gone" if gone else "alive"
     return f"pid {owner.pid} on {owner.host} ({state})"
 
 
@@ -183,7 +185,7 @@ def _render_run(run: pq.Run, gone: bool) -> str:
             "-" if run.peak_rss_bytes is None else f"{run.peak_rss_bytes / mib:.1f} MiB",
         ),
         ("cpu time", "-" if run.cpu_time_seconds is None else f"{run.cpu_time_seconds:.2f}s"),
-        ("owner", _owner_text(run)),
+        ("owner", _owner_text(run, gone)),
     ]
     pairs = [(key, _shown(value)) for key, value in pairs]
     lines = [format_pairs(pairs), f"output tail ({len(run.output_tail)} line(s)):"]
@@ -283,7 +285,7 @@ async def _follow(
         if run.is_finished:
             finished = run
             break
-        if await asyncio.to_thread(_owner_gone, run):
+        if await asyncio.to_thread(_owner_gone, run, db):
             owner = "owner process" if run.owner is None else f"owner process {run.owner.pid}"
             raise CliError(
                 f"run {run_id!r} is {run.status.value} but its {owner} is gone; the library "
@@ -329,7 +331,9 @@ async def _list(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
     if args.json:
         print_json({"db": args.db, "total": total, "runs": [run.to_dict() for run in runs]})
     else:
-        gone = await asyncio.to_thread(lambda: {r.run_id for r in runs if _owner_gone(r)})
+        gone = await asyncio.to_thread(
+            lambda: {r.run_id for r in runs if _owner_gone(r, args.db)}
+        )
         unreadable = 0
         if len(runs) < min(total, args.limit):
             # Fewer than there are: rows the library could not read were skipped.
@@ -343,7 +347,7 @@ async def _show(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
     if args.json:
         print_json(run.to_dict())
     else:
-        print(_render_run(run, await asyncio.to_thread(_owner_gone, run)))
+        print(_render_run(run, await asyncio.to_thread(_owner_gone, run, args.db)))
     return EXIT_OK
 
 

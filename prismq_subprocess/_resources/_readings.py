@@ -35,6 +35,7 @@ __all__ = [
     "ResourceSnapshot",
     "check_percent",
     "check_reader",
+    "check_snapshot",
     "checked_reader",
     "read_in_thread",
     "tree_rss_bytes",
@@ -123,6 +124,18 @@ async def read_in_thread(reader: ResourceReader) -> ResourceSnapshot:
     """
     reading = await call_in_daemon_thread(reader, (), {}, "prismq-resource-reading")
     return cast(ResourceSnapshot, reading)
+
+
+def check_snapshot(snapshot: object, what: str) -> ResourceSnapshot:
+    """``snapshot`` if it is a :class:`ResourceSnapshot` of real numbers, for ``what``.
+
+    Raises:
+        InvalidReadingError: anything else (``None``, a NaN that every limit would pass).
+    """
+    problem = _problem(snapshot)
+    if problem is not None:
+        raise InvalidReadingError(f"{what} needs a ResourceSnapshot of real numbers, got {problem}")
+    return cast(ResourceSnapshot, snapshot)
 
 
 def _problem(snapshot: object) -> str | None:

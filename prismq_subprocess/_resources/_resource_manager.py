@@ -23,6 +23,7 @@ from ._readings import (
     ResourceSnapshot,
     check_percent,
     check_reader,
+    check_snapshot,
     checked_reader,
     read_in_thread,
 )
@@ -141,7 +142,13 @@ class ResourceManager:
         )
 
     def evaluate(self, snapshot: ResourceSnapshot) -> ResourceCheck:
-        """Judge ``snapshot`` against the limits (pure; no reading is taken)."""
+        """Judge ``snapshot`` against the limits (pure; no reading is taken).
+
+        Raises:
+            InvalidReadingError: ``snapshot`` is not a :class:`ResourceSnapshot` of real
+                numbers (a NaN would pass every limit).
+        """
+        check_snapshot(snapshot, "ResourceManager.evaluate()")
         violations: list[LimitViolation] = []
         if snapshot.memory_percent >= self.max_memory_percent:
             violations.append(

@@ -713,3 +713,49 @@ def test_ctrl_c_ends_a_tail_whose_reader_stalled(tmp_path: Path, follow: bool) -
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's Linux boot time")
+def test_the_view_judges_owners_as_recovery_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a step of the wall clock, `runs` showed a live owner as gone (its start read
+    # strictly), where recovery counts it alive (docs/LIFECYCLE.md).
+    import psutil._pslinux as pslinux
+
+    from prismq_subprocess._cli import _runs
+
+    db = tmp_path / "runs.db"
+    owner_code = textwrap.dedent(
+        """
+        import asyncio, sys, prismq_subprocess as pq
+        async def main():
+            async with pq.SQLiteRunRegistry(sys.argv[1]) as registry:
+                run = pq.Run(module_id="m")
+                await registry.add_run(run)
+                print(run.run_id, flush=True)
+                await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", owner_code, str(db)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        run_id = owner.stdout.readline().strip()
+
+        async def read() -> pq.Run | None:
+            async with pq.SQLiteRunRegistry(db, read_only=True) as registry:
+                return await registry.get_run(run_id)
+
+        run = asyncio.run(read())
+        assert run is not None and not _runs._owner_gone(run, str(db))
+        pq.RunOwner.current()  # (cached before the step)
+        real = pslinux.boot_time()
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real + 5.0)
+        assert not _runs._owner_gone(run, str(db))
+        monkeypatch.undo()
+    finally:
+        owner.kill()
+        owner.communicate()

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from prismq_subprocess._core._exceptions import (
     InvalidIntervalError,
     InvalidLimitError,
+    InvalidReadingError,
     InvalidTaskError,
     InvalidTimeoutError,
     PrismQError,
@@ -937,3 +938,23 @@ def test_a_reading_that_never_returns_does_not_hold_up_the_event_loops_end(call:
         release.set()
         runner.join(10)
     assert entered.is_set()
+
+
+@pytest.mark.parametrize(
+    "snapshot",
+    [
+        None,
+        "90%",
+        ResourceSnapshot(memory_percent=math.nan, available_bytes=1, total_bytes=2),
+        ResourceSnapshot(memory_percent=10.0, available_bytes=-1, total_bytes=2),
+    ],
+    ids=["None", "str", "nan", "negative"],
+)
+def test_evaluate_refuses_what_is_no_reading(snapshot: object) -> None:
+    # A probe's find: evaluate(None) raised a bare AttributeError, and a NaN reading passed
+    # every limit (ok=True), where the reader path refuses both.
+    manager = ResourceManager(max_memory_percent=50)
+    with pytest.raises(InvalidReadingError):
+        manager.evaluate(snapshot)  # type: ignore[arg-type]
+    ok = ResourceSnapshot(memory_percent=60.0, available_bytes=1, total_bytes=2)
+    assert manager.evaluate(ok).ok is False

@@ -518,3 +518,31 @@ def test_a_clock_step_does_not_let_another_manager_take_over_a_live_owners_run(
     finally:
         owner.kill()
         owner.communicate()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's Linux boot time")
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_clock_step_does_not_make_a_process_orphan_its_own_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # Seen in CI: this VM's boot time moved by more than a minute during a session (the guest
+    # paused, then its wall clock stepped), and a test process took its own PENDING run for an
+    # orphan (wait_finished's owner check recorded it INTERRUPTED). A process's own record is
+    # exact: it judges its own runs by it.
+    import psutil._pslinux as pslinux
+
+    pq.RunOwner.current()  # (made before the step, as a long-running host's is)
+    registry: pq.BaseRunRegistry = (
+        pq.RunRegistry() if kind == "memory" else pq.SQLiteRunRegistry(tmp_path / "r.db")
+    )
+    async with registry:
+        run = pq.Run(module_id="m")
+        await registry.add_run(run)
+        real = pslinux.boot_time()
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real + 4.0)
+        with pytest.raises(TimeoutError):
+            await registry.wait_finished(run.run_id, timeout=0.3)
+        assert await registry.recover_orphans() == []
+        monkeypatch.undo()
+        stored = await registry.get_run(run.run_id)
+        assert stored is not None and stored.status is pq.RunStatus.PENDING

@@ -194,16 +194,16 @@ class RunOwner:
         A different host name counts as gone: SQLite in WAL mode only works between processes of
         one host, so a run owned by another host name comes from an earlier incarnation (e.g. a
         container recreated with a new host name). The calling process itself is judged by its
-        own record (:meth:`current`), whatever its host name or the clock did since. A zombie
+        own record (:meth:`current`), whatever the clock did since. A zombie
         counts as gone, and so does a live process with this pid but another start time (the
         pid was reused).
         """
-        if self.pid == os.getpid():
-            # This very process: judged by its own record, which is exact whatever the clock
-            # did since (a VM paused then stepped: its own runs looked orphaned to it).
-            return self.started_at == RunOwner.current().started_at
         if self.host != socket.gethostname():
             return False
+        if self.pid == os.getpid():
+            # This very process: judged by its own record, read once at its start, whatever
+            # the clock did since (a VM paused then stepped: its own runs looked orphaned).
+            return same_start(RunOwner.current().started_at, self.started_at)
         try:
             proc = psutil.Process(self.pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
@@ -254,7 +254,7 @@ def owner_alive(owner: RunOwner, registry_path: str | None) -> bool:
     if owner.is_alive():
         return True
     if owner.pid == os.getpid():
-        return False  # (is_alive() judged it by our own exact record)
+        return owner.started_at == RunOwner.current().started_at  # (a renamed host: us)
     try:
         if not math.isfinite(owner.started_at):
             return False

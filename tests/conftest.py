@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -94,17 +95,25 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
 # Each entry builds a wrapper. "threaded-waiter" is THREADED without pidfd: the route macOS takes
 # (one waiter thread per child). "threaded-threads" is the Windows route (a thread per pipe, a
 # waiter per child), exercised here on Linux.
+_STRATEGIES: dict[str, Callable[[], RunMode | pq.abc.SubprocessStrategy]] = {
+    "async": lambda: RunMode.ASYNC,
+    "threaded": lambda: RunMode.THREADED,
+    "threaded-waiter": lambda: pq.abc.ThreadedStrategy(use_pidfd=False),
+    "threaded-threads": lambda: pq.abc.ThreadedStrategy(io="threads", use_pidfd=False),
+    "local": lambda: RunMode.LOCAL,
+    "dry-run": lambda: RunMode.DRY_RUN,
+}
+
+
+def wrapper_for(mode: str, grace_period: float = 2.0) -> pq.SubprocessWrapper:
+    """A wrapper of ``mode`` (a key of :data:`WRAPPER_FACTORIES`). A test that checks a child
+    got its polite stop gives a long grace: a loaded machine may not run a child's SIGTERM
+    handler within 2 s (CI on Python 3.13, four workers on 2 cores: the child was killed)."""
+    return pq.SubprocessWrapper(_STRATEGIES[mode](), grace_period=grace_period)
+
+
 WRAPPER_FACTORIES: dict[str, Callable[[], pq.SubprocessWrapper]] = {
-    "async": lambda: pq.SubprocessWrapper(RunMode.ASYNC, grace_period=2.0),
-    "threaded": lambda: pq.SubprocessWrapper(RunMode.THREADED, grace_period=2.0),
-    "threaded-waiter": lambda: pq.SubprocessWrapper(
-        pq.abc.ThreadedStrategy(use_pidfd=False), grace_period=2.0
-    ),
-    "threaded-threads": lambda: pq.SubprocessWrapper(
-        pq.abc.ThreadedStrategy(io="threads", use_pidfd=False), grace_period=2.0
-    ),
-    "local": lambda: pq.SubprocessWrapper(RunMode.LOCAL, grace_period=2.0),
-    "dry-run": lambda: pq.SubprocessWrapper(RunMode.DRY_RUN, grace_period=2.0),
+    mode: functools.partial(wrapper_for, mode) for mode in _STRATEGIES
 }
 REAL = ["async", "threaded", "threaded-waiter", "threaded-threads", "local"]
 # Output visible while the child runs:

@@ -866,9 +866,9 @@ def test_closing_from_another_loop_stops_politely_and_quietly(
     per-test loops): each gets SIGTERM and its grace period, nothing is logged as an error,
     and nothing is left running. (The wait for the exit could not use the old loop's wait():
     the stop asserted, logged an ERROR traceback, and killed at once.)"""
-    from conftest import WRAPPER_FACTORIES
+    from conftest import wrapper_for
 
-    wrapper = WRAPPER_FACTORIES[mode]()
+    wrapper = wrapper_for(mode, grace_period=30.0)
     files = [tmp_path / f"asked{i}" for i in range(children)]
     pids: list[int] = []
 
@@ -888,7 +888,7 @@ def test_closing_from_another_loop_stops_politely_and_quietly(
 
     asyncio.run(start())
     with caplog.at_level("ERROR", logger="prismq_subprocess"):
-        asyncio.run(asyncio.wait_for(wrapper.aclose(), 30))
+        asyncio.run(asyncio.wait_for(wrapper.aclose(), 60))
     assert not [r for r in _our_records(caplog) if r.levelname == "ERROR"]
     assert [file.read_text() for file in files] == ["asked"] * children
     for pid in pids:
@@ -913,7 +913,7 @@ def test_a_waiter_thread_slow_to_reap_does_not_fail_the_stop_from_another_loop(
     stop from the next loop saw the exit, asked ``poll()`` once, and logged "the stop of pid N
     ended without its exit status" (CI, four test workers on 2 cores); it now waits for the
     status, and gets the child's own."""
-    from conftest import WRAPPER_FACTORIES
+    from conftest import wrapper_for
 
     blocking_wait = subprocess.Popen._try_wait
 
@@ -924,7 +924,7 @@ def test_a_waiter_thread_slow_to_reap_does_not_fail_the_stop_from_another_loop(
         return result
 
     monkeypatch.setattr(subprocess.Popen, "_try_wait", late_waiter)
-    wrapper = WRAPPER_FACTORIES[mode]()
+    wrapper = wrapper_for(mode, grace_period=30.0)
     asked, ready = tmp_path / "asked", tmp_path / "ready"
 
     async def start() -> pq.abc.ProcessLike:
@@ -941,9 +941,9 @@ def test_a_waiter_thread_slow_to_reap_does_not_fail_the_stop_from_another_loop(
     process = asyncio.run(start())
     with caplog.at_level("ERROR", logger="prismq_subprocess"):
         if how == "aclose":
-            asyncio.run(asyncio.wait_for(wrapper.aclose(), 30))
+            asyncio.run(asyncio.wait_for(wrapper.aclose(), 60))
         else:
-            statuses = asyncio.run(asyncio.wait_for(stop_process_trees([process], grace=5), 30))
+            statuses = asyncio.run(asyncio.wait_for(stop_process_trees([process], grace=30), 60))
             assert statuses == [3]  # the child's own, from its SIGTERM handler
             asyncio.run(wrapper.aclose())
     assert not [r for r in _our_records(caplog) if r.levelname == "ERROR"]
@@ -985,10 +985,10 @@ def test_a_child_of_another_loop_reaped_there_leaves_the_new_owner_of_its_pid_al
     stranger = stranger_with_pid(proc.pid, env)
     try:
         if how == "aclose":
-            asyncio.run(asyncio.wait_for(wrapper.aclose(), 30))
+            asyncio.run(asyncio.wait_for(wrapper.aclose(), 60))
         else:
             kill_tree_now(proc)
-            asyncio.run(asyncio.wait_for(wrapper.aclose(), 30))
+            asyncio.run(asyncio.wait_for(wrapper.aclose(), 60))
         time.sleep(0.2)
         assert stranger.poll() is None, f"the stranger got {stranger.returncode}"
     finally:

@@ -27,6 +27,7 @@ from ._background._log_names import run_id_from_log_path, run_log_path
 from ._background._memory_registry import RunRegistry
 from ._background._module_args import parameters_to_args
 from ._background._module_runner import ModuleRunner
+from ._background._orphan_stop import stop_orphan_tree
 from ._background._output_capture import (
     OutputCapture,
     OutputChunk,
@@ -82,7 +83,7 @@ from ._core._tree_stop import (
 )
 from ._core._wrapper import SubprocessWrapper
 from ._platform import ContainmentReport
-from ._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphan_tree
+from ._platform._orphans import OrphanCheck, ProcessIdentity
 from ._resources._memory_monitor import MemoryMonitor
 from ._resources._readings import PsutilResourceReader, ResourceSnapshot
 from ._resources._resource_manager import LimitViolation, ResourceCheck, ResourceManager

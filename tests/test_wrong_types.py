@@ -5,13 +5,22 @@ inside. Found by a fuzz of every public name (session 20)."""
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import pytest
 
 import prismq_subprocess as pq
-from prismq_subprocess.exceptions import InvalidArgumentTypeError, InvalidTaskError
+from prismq_subprocess.exceptions import (
+    InvalidArgumentTypeError,
+    InvalidBackendError,
+    InvalidTaskError,
+)
 
 
 async def _sse_first(capture: Any) -> None:
@@ -28,7 +37,6 @@ async def _sqlite_call(method: str, argument: object) -> None:
         await getattr(registry, method)(argument)
 
 
-# stop_orphan_tree lives below the layer our exceptions are defined in: a plain TypeError there.
 CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     "run_id_from_log_path(None)": (
         lambda: pq.run_id_from_log_path(None),  # type: ignore[arg-type]
@@ -52,8 +60,13 @@ CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     ),
     "stop_orphan_tree(object())": (
         lambda: pq.stop_orphan_tree(object()),  # type: ignore[arg-type]
-        TypeError,
+        InvalidArgumentTypeError,
         "ProcessIdentity",
+    ),
+    "stop_orphan_tree(identity, proc_root=3)": (
+        lambda: pq.stop_orphan_tree(pq.ProcessIdentity(os.getpid(), 0.0, None), proc_root=3),  # type: ignore[arg-type]
+        InvalidArgumentTypeError,
+        "proc_root",
     ),
     # A probe's find: these were taken, and the first run failed with a bare AttributeError.
     "ConcurrentExecutor(registry=object())": (
@@ -91,7 +104,7 @@ CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     **{
         f"ModuleRunner(registry, {name}='junk')": (
             lambda name=name: pq.ModuleRunner(pq.RunRegistry(), **{name: "junk"}),  # type: ignore[misc]
-            InvalidArgumentTypeError,
+            InvalidBackendError if name == "backend" else InvalidArgumentTypeError,
             f"{name} must be a {kind}",
         )
         for name, kind in (
@@ -160,6 +173,21 @@ def test_a_wrong_kind_of_object_gets_our_error(call: str) -> None:
     with pytest.raises(error, match=says) as caught:
         make()
     assert isinstance(caught.value, TypeError)
+
+
+@pytest.mark.parametrize("grace", [math.nan, -1.0, math.inf, "5"])
+def test_stop_orphan_tree_refuses_a_bad_grace_before_any_signal(grace: object) -> None:
+    # NaN or -1 was a bare ValueError from time.sleep(), raised after the child had been sent
+    # SIGTERM; inf would never kill a child that ignores SIGTERM (a probe, session 34).
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = pq.ProcessIdentity(child.pid, psutil.Process(child.pid).create_time(), None)
+        with pytest.raises(pq.exceptions.InvalidTimeoutError, match="grace"):
+            pq.stop_orphan_tree(identity, grace=grace)  # type: ignore[arg-type]
+        assert child.poll() is None  # nothing was signalled
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize("method", ["append_line", "append_lines"])

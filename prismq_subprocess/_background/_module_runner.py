@@ -29,6 +29,7 @@ from .._core._exceptions import (
     CommandNotFoundError,
     DuplicateRunError,
     InvalidArgumentTypeError,
+    InvalidBackendError,
     InvalidRunModeError,
     OutputClosedError,
     RunClaimedError,
@@ -231,6 +232,9 @@ class ModuleRunner(AsyncClosing):
         InvalidLimitError: ``output_tail_lines`` < 0 or ``max_concurrent`` < 1.
         InvalidIntervalError: ``sample_interval`` is not a finite duration of at least 0.01 s
             (see :class:`ProcessTreeSampler`).
+        InvalidArgumentTypeError: ``process_manager``, ``wrapper`` or ``task_manager`` is not
+            of its type.
+        InvalidBackendError: ``backend`` is not a :class:`RunBackend`.
     """
 
     def __init__(
@@ -260,7 +264,9 @@ class ModuleRunner(AsyncClosing):
             ("backend", backend, RunBackend),
         ):
             if value is not None and not isinstance(value, kind):
-                raise InvalidArgumentTypeError(
+                # A wrong backend is the error the backends raise for what they cannot use.
+                error = InvalidBackendError if name == "backend" else InvalidArgumentTypeError
+                raise error(
                     f"ModuleRunner: {name} must be a {kind.__name__} or None, got "
                     f"{type(value).__name__}"
                 )

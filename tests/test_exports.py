@@ -165,6 +165,7 @@ EXPECTED: dict[str, list[str]] = {
         "InvalidEnvironmentError",
         "InvalidIntervalError",
         "InvalidLimitError",
+        "InvalidLogDirError",
         "InvalidOptionError",
         "InvalidParametersError",
         "InvalidQueryError",

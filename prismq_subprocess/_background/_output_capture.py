@@ -38,6 +38,7 @@ from .._core._durations import finite, interval_seconds
 from .._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidLimitError,
+    InvalidLogDirError,
     InvalidRunIdError,
     InvalidSubscriptionError,
     OutputClosedError,
@@ -112,6 +113,29 @@ def _optional_count(name: str, value: int | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidLimitError(f"{name} must be an int >= 0 or None, got {value!r}")
     return value
+
+
+def _usable_log_dir(path: Path) -> Path:
+    """``path`` if it can hold log files (it is a directory, or nothing is there yet: made with
+    the first line). Refused at once otherwise: the writer thread would fail on every run,
+    each run's lines would stay in memory only, and the caller would get no error."""
+    if "\0" in str(path):
+        raise InvalidLogDirError(f"log_dir must not contain a NUL character: {str(path)!r}")
+    try:
+        # The nearest part of it that exists must be a directory (a file on the way would fail
+        # the mkdir of the first line just the same).
+        there = path
+        while not there.exists() and there != there.parent:
+            there = there.parent
+        blocked = there.exists() and not there.is_dir()
+    except (OSError, ValueError) as exc:  # a name too long, a permission denied on the way
+        raise InvalidLogDirError(f"log_dir {str(path)!r} cannot be looked at: {exc}") from exc
+    if blocked:
+        where = "" if there == path else f" ({str(there)!r} is a file)"
+        raise InvalidLogDirError(
+            f"log_dir {str(path)!r} is not a directory{where}; log files go in a directory"
+        )
+    return path
 
 
 def _clean(lines: Iterable[str], text: str | None = None) -> list[str]:
@@ -206,6 +230,8 @@ class OutputCapture(AsyncClosing):
     Raises:
         InvalidLimitError: a size is not an int in range (>= 1; the retention counts >= 0).
         InvalidIntervalError: ``retain_ended_seconds`` is not positive.
+        InvalidArgumentTypeError: ``log_dir`` is not a path.
+        InvalidLogDirError: ``log_dir`` has a NUL character, or exists and is not a directory.
     """
 
     def __init__(
@@ -233,8 +259,8 @@ class OutputCapture(AsyncClosing):
             raise InvalidArgumentTypeError(
                 f"log_dir must be a str, an os.PathLike or None, not {type(log_dir).__name__}"
             )
-        self.log_dir = None if log_dir is None else Path(log_dir)
-        self._log = None if log_dir is None else RunLogWriter(log_dir)
+        self.log_dir = None if log_dir is None else _usable_log_dir(Path(log_dir))
+        self._log = None if self.log_dir is None else RunLogWriter(self.log_dir)
         # Producers yield to the loop every half ring while someone reads, so readers keep up.
         self._half_lines = max(1, self.max_lines_per_run // 2)
         self._half_bytes = max(1, self.max_bytes_per_run // 2)

@@ -219,7 +219,10 @@ def _stored_rows(db: str, run_id: str) -> int:
 
 async def _log_path(log_dir: str, run_id: str) -> Path:
     """Where OutputCapture(log_dir=...) writes ``run_id``'s lines (asked, not re-derived)."""
-    capture = pq.OutputCapture(log_dir=log_dir)
+    try:
+        capture = pq.OutputCapture(log_dir=log_dir)
+    except pq.exceptions.InvalidLogDirError as exc:
+        raise CliError(f"--log-dir: {exc}", EXIT_USAGE) from None
     try:
         path = capture.log_path(run_id)
     finally:

@@ -27,6 +27,7 @@ __all__ = [
     "InvalidEnvironmentError",
     "InvalidIntervalError",
     "InvalidLimitError",
+    "InvalidLogDirError",
     "InvalidParametersError",
     "InvalidQueryError",
     "InvalidRunError",
@@ -273,6 +274,12 @@ class InvalidLimitError(PrismQError, ValueError):
 class ResourceWaitTimeoutError(ResourceLimitException, TimeoutError):
     """Raised by ``ResourceManager.admit(wait=True, timeout=...)`` when resources stayed short for
     the whole timeout. It is a ``ResourceLimitException`` and also a ``TimeoutError``."""
+
+
+class InvalidLogDirError(PrismQError, ValueError):
+    """Raised by ``OutputCapture`` when its ``log_dir`` cannot hold log files: the path has a NUL
+    character, or it exists and is not a directory. (A directory that does not exist yet is
+    made with the first line written.)"""
 
 
 class InvalidRunError(PrismQError, ValueError):

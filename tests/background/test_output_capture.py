@@ -42,6 +42,7 @@ from prismq_subprocess._background._run_record import RunStatus
 from prismq_subprocess._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidLimitError,
+    InvalidLogDirError,
     InvalidRunIdError,
     InvalidSubscriptionError,
     OutputClosedError,
@@ -312,6 +313,39 @@ async def test_log_file_has_everything(tmp_path: Path) -> None:
     assert log_threads() == []
 
 
+@pytest.mark.parametrize("what", ["a file", "below a file", "a NUL"])
+def test_a_log_dir_that_cannot_hold_log_files_is_refused_at_once(
+    tmp_path: Path, what: str
+) -> None:
+    # Taken before (a probe, session 34): every run's lines then stayed in memory only, and the
+    # writer thread logged "cannot write the output log" once per run, with no error to the
+    # caller who had asked for the files.
+    if what == "a file":
+        bad = tmp_path / "runs.log"
+        bad.write_text("")
+        says = "not a directory"
+    elif what == "below a file":
+        (tmp_path / "runs.log").write_text("")
+        bad = tmp_path / "runs.log" / "logs"
+        says = "is a file"
+    else:
+        bad = tmp_path / "lo\0gs"
+        says = "NUL"
+    with pytest.raises(InvalidLogDirError, match=says):
+        OutputCapture(log_dir=bad)
+    with pytest.raises(InvalidLogDirError, match=says):
+        OutputCapture(log_dir=str(bad))
+    assert log_threads() == []
+
+
+async def test_a_log_dir_still_to_be_made_is_made_with_the_first_line(tmp_path: Path) -> None:
+    log_dir = tmp_path / "not" / "yet"
+    async with OutputCapture(log_dir=log_dir) as capture:
+        await capture.append_line("r", "x")
+        await capture.close_run("r")
+    assert (log_dir / run_log_path(log_dir, "r").name).read_text() == "x\n"
+
+
 async def test_no_log_thread_without_log_dir() -> None:
     async with OutputCapture() as capture:
         await capture.append_line("r", "x")
@@ -324,8 +358,8 @@ async def test_log_write_error_is_contained(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     blocker = tmp_path / "not-a-dir"
-    blocker.write_text("")
     async with OutputCapture(log_dir=blocker) as capture:
+        blocker.write_text("")  # a file where the directory was to be made (refused up front)
         await capture.append_line("r", "x")
         await capture.close_run("r")
         assert capture.get_lines("r") == ["x"]
@@ -628,8 +662,8 @@ async def test_a_broken_log_falls_back_to_a_gap(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     blocker = tmp_path / "not-a-dir"
-    blocker.write_text("")
     async with OutputCapture(max_lines_per_run=3, log_dir=blocker) as capture:
+        blocker.write_text("")  # a file where the directory was to be made (refused up front)
         capture.open_run("r")
         sub = capture.subscribe("r")
         for i in range(10):
@@ -796,8 +830,11 @@ async def test_a_log_error_that_is_not_an_oserror_is_contained_too(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A NUL in the path makes the writer thread's mkdir/open raise ValueError: it killed the
-    # thread, and close_run() and aclose() then waited forever.
-    capture = OutputCapture(log_dir=tmp_path / "bad\x00dir")
+    # thread, and close_run() and aclose() then waited forever. (OutputCapture refuses such a
+    # log_dir now; the writer is given one behind its back.)
+    capture = OutputCapture(log_dir=tmp_path / "logs")
+    assert capture._log is not None
+    capture._log.log_dir = tmp_path / "bad\x00dir"
     await capture.append_line("r", "x")
     await capture.append_lines("r", ["y", "z"])
     async with asyncio.timeout(30):

@@ -176,6 +176,12 @@ def test_tail_errors(registry: Registry, tmp_path: Path) -> None:
         follow_without_dir.returncode == 2
         and b"--follow needs --log-dir" in follow_without_dir.stderr
     )
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    not_a_dir = cli("runs", "tail", registry.completed.run_id, "--db", db, "--log-dir", str(a_file))
+    assert not_a_dir.returncode == 2, not_a_dir.stderr
+    assert b"--log-dir: log_dir" in not_a_dir.stderr and b"not a directory" in not_a_dir.stderr
+    assert b"Traceback" not in not_a_dir.stderr
 
 
 def test_tail_follow_until_the_run_finishes(registry: Registry, tmp_path: Path) -> None:

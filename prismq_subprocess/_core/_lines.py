@@ -16,6 +16,7 @@ import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, overload
 
+from ._decoders import incremental_decoder
 from ._exceptions import InvalidArgumentTypeError, InvalidLimitError
 from ._validation import check_encoding
 
@@ -75,7 +76,9 @@ def iter_lines(
     cp1252, ...) these are the lines ``readline()`` followed by an incremental decoder gives (a
     ``"\\n"`` that an error handler writes does not end a line); with UTF-16, UTF-32, EBCDIC and
     other codecs, where that byte may be half of a character, lines end at the ``"\\n"``
-    characters of the decoded text, as ``TextIOWrapper`` cuts them. With ``errors="strict"``
+    characters of the decoded text, as ``TextIOWrapper`` cuts them; UTF-16 and UTF-32 without a
+    byte-order mark are read in this machine's byte order, as ``bytes.decode()`` (and so a
+    ``ProcessResult``) reads them. With ``errors="strict"``
     the lines before an undecodable one are delivered, then ``UnicodeDecodeError`` is raised.
 
     Cancelling the iteration leaves the stream usable; bytes already read past the last
@@ -161,7 +164,7 @@ def _batches(
     check_encoding(encoding, errors)  # fail now, not at the first line
     if encoding is None:
         return _byte_batches(_line_blocks(stream, chunk_size))
-    decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
+    decoder = incremental_decoder(encoding, errors)
     if not _splits_like_bytes(encoding):
         # UTF-16, UTF-32, EBCDIC, ...: a b"\n" byte may be half of a character, or not the
         # newline at all; only the decoded text says where lines end.

@@ -378,6 +378,10 @@ def _check_account(option: str, value: object, *, kind: str | None = None) -> No
         raise InvalidOptionError(f"{option}: {value} is larger than any {kind} id ({_MAX_ID})")
 
 
+# Built-in error handlers that let decoding go on past any bad byte.
+_LENIENT_ERRORS = frozenset({"replace", "ignore", "backslashreplace", "surrogateescape"})
+
+
 def check_encoding(encoding: object, errors: object = "strict") -> None:
     """Raise unless bytes can be decoded to text with ``encoding`` (``None``: no decoding) and
     the error handler ``errors``.
@@ -385,7 +389,8 @@ def check_encoding(encoding: object, errors: object = "strict") -> None:
     Raises:
         InvalidEncodingError: unknown codec or error handler, a codec that does not decode bytes
             to text (``rot13``, ``hex``, ``zlib``: ``bytes.decode`` refuses them too), or one
-            that refuses ``errors`` (``idna`` takes only ``"strict"``) (a ``LookupError``).
+            that refuses ``errors`` (``idna`` takes only ``"strict"``) or ignores it (``punycode``
+            fails on a bad byte whatever the handler) (a ``LookupError``).
         InvalidArgumentTypeError: either is not a str.
     """
     if encoding is not None and not isinstance(encoding, str):
@@ -420,6 +425,17 @@ def check_encoding(encoding: object, errors: object = "strict") -> None:
         ) from None
     if not isinstance(text, str):
         raise InvalidEncodingError(f"{encoding!r} does not decode bytes to str")
+    if errors in _LENIENT_ERRORS:
+        # Some codecs ignore a lenient handler and fail on bad bytes all the same (punycode
+        # decodes as strict ASCII): the stream's first bad byte would then end it, its lines
+        # lost with it, where the caller asked for bad bytes to be replaced or skipped.
+        try:
+            info.incrementaldecoder(errors=errors).decode(b"\xff", True)
+        except UnicodeError as exc:
+            raise InvalidEncodingError(
+                f"encoding {encoding!r} does not honour errors={errors!r} (it failed on a bad "
+                f"byte all the same: {exc}); use errors='strict' or another codec"
+            ) from None
 
 
 def check_process(process: object) -> None:

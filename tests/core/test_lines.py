@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
@@ -304,6 +305,43 @@ async def test_text_lines_end_at_newline_characters_not_newline_bytes(
     assert got == expected
     batches = pq.iter_line_batches(ChunkedStream(chunks), encoding=encoding, chunk_size=size)
     assert [line async for batch in batches for line in batch] == expected
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+@pytest.mark.parametrize("mark", ["none", "little", "big", "only"])
+@pytest.mark.parametrize("size", [1, 3, 1000])
+async def test_utf16_and_32_read_what_bytes_decode_reads_with_or_without_a_mark(
+    encoding: str, mark: str, size: int
+) -> None:
+    # Without a byte-order mark Python's incremental decoder raised a bare UnicodeError ("UTF-16
+    # stream does not start with BOM") before the first line, though run()'s ProcessResult
+    # (bytes.decode) reads the same output in this machine's order (cmd /U writes no mark).
+    text = "" if mark == "only" else WIDE_TEXT
+    order = {"none": sys.byteorder, "little": "little", "big": "big", "only": "little"}[mark]
+    data = text.encode(f"{encoding}-{'le' if order == 'little' else 'be'}")
+    if mark != "none":
+        data = ("\ufeff").encode(f"{encoding}-{'le' if order == 'little' else 'be'}") + data
+    assert data.decode(encoding) == text  # what a ProcessResult gives
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    expected = text.splitlines(keepends=True)
+    got = [line async for line in pq.iter_lines(ChunkedStream(chunks), encoding=encoding)]
+    assert got == expected
+    batches = pq.iter_line_batches(ChunkedStream(chunks), encoding=encoding, chunk_size=size)
+    assert [line async for batch in batches for line in batch] == expected
+
+
+@pytest.mark.parametrize("mark", [b"", b"\xff\xfe"])
+async def test_utf16_strict_without_or_with_a_mark_delivers_the_good_lines_then_raises(
+    mark: bytes,
+) -> None:
+    good, rest = "ok\nalso ok\nbad ".encode("utf-16-le"), "\nno\n".encode("utf-16-le")
+    data = mark + good + b"\x00\xdc" + rest  # a lone low surrogate in the third line
+    for size in (1, 3, len(data)):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        lines = pq.iter_lines(ChunkedStream(chunks), encoding="utf-16", errors="strict")
+        assert [await anext(lines), await anext(lines)] == ["ok\n", "also ok\n"]
+        with pytest.raises(UnicodeDecodeError):
+            await anext(lines)
 
 
 async def test_utf16_strict_decoding_delivers_the_good_lines_then_raises() -> None:

@@ -324,8 +324,10 @@ async def test_stream_checks_the_encoding_before_starting(
 
 # Names codecs.lookup() refuses with a bare ValueError (NUL), codecs that do not turn bytes into
 # text (they failed at the first line: TypeError or AssertionError, after the child started), and
-# one that refuses stream()'s "replace" handler (UnicodeError at the first line).
-BAD_ENCODINGS = ["utf-8\0", "rot13", "hex", "base64", "zlib", "idna"]
+# one that refuses stream()'s "replace" handler (UnicodeError at the first line), and one that
+# ignores it (punycode: the first bad byte ended the stream with a UnicodeDecodeError, the lines
+# before it lost).
+BAD_ENCODINGS = ["utf-8\0", "rot13", "hex", "base64", "zlib", "punycode", "idna"]
 
 
 @pytest.mark.parametrize("encoding", BAD_ENCODINGS)
@@ -352,6 +354,10 @@ async def test_iter_lines_checks_the_encoding_with_its_error_handler() -> None:
     with pytest.raises(pq.exceptions.InvalidEncodingError):
         pq.iter_lines(reader, encoding="utf-8", errors="strict\0")
     lines = pq.iter_lines(reader, encoding="idna", errors="strict")  # the handler idna takes
+    await lines.aclose()  # type: ignore[attr-defined]
+    with pytest.raises(pq.exceptions.InvalidEncodingError, match="does not honour"):
+        pq.iter_lines(reader, encoding="punycode", errors="ignore")
+    lines = pq.iter_lines(reader, encoding="punycode", errors="strict")  # as asked: it fails
     await lines.aclose()  # type: ignore[attr-defined]
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncResource
+from .._core._daemon_thread import call_in_daemon_thread
 from .._core._durations import timeout_seconds
 from .._core._exceptions import (
     DuplicateRunError,
@@ -315,10 +316,14 @@ def _file_of(registry: BaseRunRegistry) -> str | None:
     return registry_file(path) if isinstance(path, str) else None
 
 
-def _owner_alive(owner: RunOwner, registry: BaseRunRegistry) -> bool:
+async def _owner_alive(owner: RunOwner, registry: BaseRunRegistry) -> bool:
     """Whether ``owner`` lives, a renamed host and a step of the wall clock allowed for (see
-    :func:`owner_alive`)."""
-    return owner_alive(owner, _file_of(registry))
+    :func:`owner_alive`). Asked in a thread: after a step of the clock it reads the owner's
+    open files (a stat per descriptor), milliseconds the event loop would stand still."""
+    alive = await call_in_daemon_thread(
+        owner_alive, (owner, _file_of(registry)), {}, "prismq-owner-check"
+    )
+    return bool(alive)
 
 
 def _outcome_of(result: object) -> _Outcome:
@@ -809,8 +814,11 @@ class BackgroundTaskManager(AsyncResource):
                     "process, which will run it"
                 )
         owner, here = stored.owner, RunOwner.current()
-        if owner is not None and owner != here and run.owner != owner and _owner_alive(
-            owner, self.registry
+        if (
+            owner is not None
+            and owner != here
+            and run.owner != owner
+            and await _owner_alive(owner, self.registry)
         ):
             raise DuplicateRunError(
                 f"run {run_id!r} is pending in another process (pid {owner.pid} on "

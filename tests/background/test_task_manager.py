@@ -829,6 +829,32 @@ async def test_a_run_queued_by_another_live_process_is_not_taken_over(tmp_path: 
         assert (done.module_id, done.status) == ("A", RunStatus.COMPLETED)
 
 
+async def test_the_look_at_another_owner_is_made_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whether a stored run's owner lives may read that process's open files (after a step of
+    # the clock: /proc/<pid>/fd, one stat each), which took milliseconds on the loop's thread.
+    import threading
+
+    from prismq_subprocess._background import _task_manager
+
+    looked_from: list[int] = []
+
+    def owner_alive(owner: RunOwner, registry_path: str | None) -> bool:
+        looked_from.append(threading.get_ident())
+        return False  # gone: the run is taken over
+
+    monkeypatch.setattr(_task_manager, "owner_alive", owner_alive)
+    async with SQLiteRunRegistry(tmp_path / "runs.db") as registry:
+        gone = RunOwner(host="elsewhere", pid=1, started_at=1.0)
+        await registry.add_run(Run(run_id="left", module_id="m", owner=gone))
+        async with BackgroundTaskManager(registry) as manager:
+            await manager.start_task(Run(run_id="left", module_id="m"), returns(None))
+            await manager.wait_all()
+        assert (await stored(registry, "left")).status is RunStatus.COMPLETED
+    assert looked_from and threading.get_ident() not in looked_from
+
+
 _ADDS_A_RUN = textwrap.dedent(
     """
     import asyncio, sys

@@ -38,7 +38,7 @@ from ._memory_registry import BaseRunRegistry, RunRegistry, check_registry
 from ._module_runner import ModuleRunner
 from ._output_capture import OutputCapture, check_output
 from ._run_record import Run
-from ._start_options import ModuleStartOptions, StartOptions
+from ._start_options import ModuleStartOptions, StartOptions, check_options
 
 __all__ = ["ConcurrentExecutor", "ModuleSpec"]
 
@@ -421,6 +421,9 @@ class ConcurrentExecutor(AsyncClosing):
             RunnerClosedError: after :meth:`aclose` / :meth:`cleanup`.
             and what ``ModuleRunner.execute_module`` raises for bad input.
         """
+        check_options(
+            options, StartOptions, "ConcurrentExecutor.execute_module", also=("args", "run_id")
+        )
         guide = (
             module_name is None
             or script_path is None

@@ -71,7 +71,7 @@ from ._output_tail import OutputTail
 from ._process_manager import ProcessManager
 from ._record_retry import RecordRetry, retry_start, worth_retrying
 from ._run_record import Run, RunStatus
-from ._start_options import CommandStartOptions, ModuleStartOptions
+from ._start_options import CommandStartOptions, ModuleStartOptions, check_options
 from ._task_manager import BackgroundTaskManager
 
 __all__ = ["ModuleRunner"]
@@ -529,6 +529,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare` raises.
         """
         self._check_open()
+        check_options(options, ModuleStartOptions, "ModuleRunner.execute_module")
         launch = self.prepare(script_path, parameters, **options)
         return await self._execute_new(module_id, module_name, launch, run_id)
 
@@ -560,6 +561,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare` raises.
         """
         self._check_open()
+        check_options(options, ModuleStartOptions, "ModuleRunner.start_module")
         launch = self.prepare(script_path, parameters, **options)
         return await self._start_new(module_id, module_name, launch, run_id)
 
@@ -598,6 +600,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare_command` raises.
         """
         self._check_open()
+        check_options(options, CommandStartOptions, "ModuleRunner.execute_command")
         launch = self.prepare_command(command, parameters, **options)
         return await self._execute_new(module_id, module_name, launch, run_id)
 
@@ -625,6 +628,7 @@ class ModuleRunner(AsyncClosing):
             and what :meth:`prepare_command` raises.
         """
         self._check_open()
+        check_options(options, CommandStartOptions, "ModuleRunner.start_command")
         launch = self.prepare_command(command, parameters, **options)
         return await self._start_new(module_id, module_name, launch, run_id)
 

@@ -8,12 +8,15 @@ dicts, so mypy and editors still know every keyword.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import TypedDict
+from typing import Any, TypedDict
 
-__all__ = ["CommandStartOptions", "ModuleStartOptions", "StartOptions"]
+from .._core._exceptions import InvalidOptionError
+
+__all__ = ["CommandStartOptions", "ModuleStartOptions", "StartOptions", "check_options"]
 
 
 class StartOptions(TypedDict, total=False):
@@ -40,3 +43,25 @@ class CommandStartOptions(StartOptions, total=False):
 
     shell: bool
     resources: Mapping[str, float] | None
+
+
+def check_options(
+    options: Mapping[str, Any], kind: type, where: str, also: tuple[str, ...] = ("run_id",)
+) -> None:
+    """Raise :class:`InvalidOptionError` (a ``TypeError``) naming ``where`` (the method the
+    caller called) if ``options`` has a keyword ``kind`` (one of the dicts above) lacks.
+
+    The methods that pass ``**options`` on were named in no error: an unknown keyword was "a
+    bare TypeError from ``ModuleRunner.prepare()``" or "``ModuleSpec.__init__()``", methods the
+    caller never called. ``also``: the method's own keywords, named in the message.
+    """
+    known: frozenset[str] = kind.__required_keys__ | kind.__optional_keys__  # type: ignore[attr-defined]
+    for name in options:
+        if name not in known:
+            every = sorted(known | set(also))
+            close = difflib.get_close_matches(name, every, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidOptionError(
+                f"{where}() got an unexpected keyword argument {name!r}{hint}; its options are "
+                f"{', '.join(every)}"
+            )

@@ -254,6 +254,33 @@ async def test_bad_input_raises_before_anything_is_stored(
     assert await runner.registry.count_runs() == 0
 
 
+async def test_an_unknown_option_names_the_method_called(
+    runner: ModuleRunner, tmp_path: Path
+) -> None:
+    # It was a bare TypeError naming ModuleRunner.prepare() or ModuleSpec.__init__(), methods
+    # the caller never called (a probe, session 34); a command's shell= to a module too.
+    ok = script(tmp_path, "ok", "pass")
+    executor = pq.ConcurrentExecutor(2, registry=runner.registry)
+    calls: dict[str, Callable[[], Any]] = {
+        "ModuleRunner.execute_module": lambda: runner.execute_module("m", "M", ok, shell=True),
+        "ModuleRunner.start_module": lambda: runner.start_module("m", "M", ok, timout=3),
+        "ModuleRunner.execute_command": lambda: runner.execute_command("m", "M", ["true"], x=1),
+        "ModuleRunner.start_command": lambda: runner.start_command("m", "M", ["true"], args=[]),
+        "ConcurrentExecutor.execute_module": lambda: executor.execute_module("m", ok, [], y=1),
+    }
+    try:
+        for where, call in calls.items():
+            with pytest.raises(pq.exceptions.InvalidOptionError, match=re.escape(where)) as info:
+                await call()
+            assert isinstance(info.value, TypeError)
+            assert "its options are" in str(info.value)
+        with pytest.raises(pq.exceptions.InvalidOptionError, match="did you mean 'timeout'"):
+            await runner.start_module("m", "M", ok, timout=3)  # type: ignore[call-arg]
+    finally:
+        await executor.aclose()
+    assert await runner.registry.count_runs() == 0
+
+
 # -- statuses ---------------------------------------------------------------------------------
 async def test_completed_run_is_recorded_with_arguments_and_output(
     runner: ModuleRunner, tmp_path: Path

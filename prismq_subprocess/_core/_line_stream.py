@@ -15,7 +15,7 @@ from ._exceptions import ClosedError, ProcessTimeoutError, StreamNotOpenError
 from ._lines import iter_line_batches
 from ._process import ProcessLike
 from ._result import TailBuffer
-from ._run_process import ChildRun, discard_output
+from ._run_process import DRAIN_SECONDS, ChildRun, discard_output
 
 __all__ = ["LineStream"]
 
@@ -33,8 +33,9 @@ class LineStream(AsyncResource, Generic[LineT]):
     stream never leaves a process behind; :meth:`aclose` does the same without the block. After
     the block, :attr:`returncode` is set.
 
-    With ``timeout`` the whole stream has a deadline: when it passes, the tree is stopped and the
-    iteration raises :class:`ProcessTimeoutError`. Lines are delivered whole whatever their
+    With ``timeout`` the whole stream has a deadline: when it passes, the tree is stopped, the
+    lines the child printed before the stop are still delivered (by the drain rule: for up to
+    ``DRAIN_SECONDS``), then the iteration, and :meth:`wait`, raise :class:`ProcessTimeoutError`. Lines are delivered whole whatever their
     length (see :func:`iter_lines`). With ``merge_stderr=False`` stderr is not interleaved; its
     last ``max_stderr_bytes`` are kept in :attr:`stderr`. :meth:`iter_batches` gives the same
     lines a list at a time (see :func:`iter_line_batches`), which is faster.
@@ -71,6 +72,12 @@ class LineStream(AsyncResource, Generic[LineT]):
         self._stderr_read: asyncio.Future[Any] | None = None
         self._entered = False
         self._closed = False
+        # Set once the deadline passed and the tree was stopped: until when what the child
+        # printed before that is still delivered.
+        self._drain_until: float | None = None
+        # With a deadline, the read of the next batch runs as a task of its own (see _fetch_by).
+        self._fetch: asyncio.Future[list[Any]] | None = None
+        self._cancelled_fetch: asyncio.Future[list[Any]] | None = None
 
     @property
     def process(self) -> ProcessLike:
@@ -179,30 +186,81 @@ class LineStream(AsyncResource, Generic[LineT]):
     async def _next_batch(self) -> list[LineT]:
         if self._batches is None or self._run is None:
             raise StreamNotOpenError(_NOT_OPEN)
+        if self._drain_until is not None:
+            return await self._drained_batch(self._drain_until)
         try:
             if self._deadline is None:
                 batch: list[LineT] = await anext(self._batches)
                 return batch
             # A deadline already gone by ends the stream here: lines ready without waiting
             # (DRY_RUN's) would otherwise pass it, where the modes that wait for them time out.
-            if asyncio.get_running_loop().time() >= self._deadline:
-                raise TimeoutError
-            async with asyncio.timeout_at(self._deadline):
-                batch = await anext(self._batches)
-                return batch
+            if asyncio.get_running_loop().time() < self._deadline:
+                fetched = await self._fetch_by(self._deadline)
+                if fetched is not None:
+                    return fetched
         except StopAsyncIteration:
             self._end()
             raise
-        except TimeoutError:
-            if self._deadline is None or asyncio.get_running_loop().time() < self._deadline:
+        await self._run.stop()
+        # The deadline passed and the tree is stopped. What the child printed is still
+        # delivered, by the drain rule (run() keeps it in its error); then the timeout. (LOCAL
+        # hands output over only once the child has ended: all of it comes after the stop.)
+        self._drain_until = asyncio.get_running_loop().time() + DRAIN_SECONDS
+        return await self._drained_batch(self._drain_until)
+
+    async def _fetch_by(self, until: float) -> list[LineT] | None:
+        """The next batch if it comes by ``until`` (loop time), else None. The read is not
+        cancelled at ``until`` but goes on: cancelled, it would end the lines' generator and
+        lose what that held (the start of a line, LOCAL's whole output)."""
+        assert self._batches is not None
+        fetch = self._fetch
+        if fetch is None:
+            fetch = self._fetch = asyncio.ensure_future(anext(self._batches))
+        if not fetch.done():
+            try:
+                await asyncio.wait((fetch,), timeout=until - asyncio.get_running_loop().time())
+            except asyncio.CancelledError:
+                self._fetch = None
+                fetch.cancel()  # (awaited by aclose)
+                self._cancelled_fetch = fetch
                 raise
-            await self._run.stop()
-            raise ProcessTimeoutError(
-                cmd=self._display,
-                timeout=self._timeout or 0.0,
-                returncode=self.returncode,
-                stderr=self.stderr,
-            ) from None
+            if not fetch.done():
+                return None
+        self._fetch = None
+        batch: list[LineT] = fetch.result()
+        return batch
+
+    async def _drained_batch(self, until: float) -> list[LineT]:
+        """A batch of what the child printed before the stop at the deadline; the stream's
+        :class:`ProcessTimeoutError` once that output has ended or ``until`` has passed."""
+        if asyncio.get_running_loop().time() < until:
+            try:
+                fetched = await self._fetch_by(until)
+            except StopAsyncIteration:
+                self._end()
+            else:
+                if fetched is not None:
+                    return fetched
+        await self._drop_fetch()
+        raise self._timed_out()
+
+    async def _drop_fetch(self) -> None:
+        """Cancel a read still going (or cancelled by a cancellation of ours) and wait for it."""
+        fetch, self._fetch = self._fetch or self._cancelled_fetch, None
+        self._cancelled_fetch = None
+        if fetch is not None:
+            fetch.cancel()
+            await asyncio.wait((fetch,))
+            if not fetch.cancelled():
+                fetch.exception()  # (retrieved: never "exception was never retrieved")
+
+    def _timed_out(self) -> ProcessTimeoutError:
+        return ProcessTimeoutError(
+            cmd=self._display,
+            timeout=self._timeout or 0.0,
+            returncode=self.returncode,
+            stderr=self.stderr,
+        )
 
     async def wait(self) -> int:
         """Wait for the child to exit (cancellation stops its tree) and return its status; with
@@ -220,6 +278,10 @@ class LineStream(AsyncResource, Generic[LineT]):
         run = self._run
         if run is None:
             raise StreamNotOpenError(_NOT_OPEN)
+        if self._drain_until is not None:
+            # The deadline passed while lines were read: the tree was stopped for it.
+            await self._wait(run)
+            raise self._timed_out()
         deadline = self._deadline
         try:
             if deadline is None:
@@ -234,12 +296,7 @@ class LineStream(AsyncResource, Generic[LineT]):
             await run.stop()  # shielded from a cancelled anyio scope: see ChildRun.stop
             raise
         await run.stop()
-        raise ProcessTimeoutError(
-            cmd=self._display,
-            timeout=self._timeout or 0.0,
-            returncode=self.returncode,
-            stderr=self.stderr,
-        )
+        raise self._timed_out()
 
     async def _wait(self, run: ChildRun) -> int:
         status = await run.wait_exit()
@@ -277,6 +334,7 @@ class LineStream(AsyncResource, Generic[LineT]):
             finally:
                 try:
                     self._pending = []
+                    await self._drop_fetch()
                     if self._batches is not None:
                         with contextlib.suppress(Exception):
                             await self._batches.aclose()  # type: ignore[attr-defined]

@@ -92,6 +92,62 @@ async def test_the_stream_timeout_holds_for_wait(
     assert wrapper.live_processes == []
 
 
+@pytest.mark.parametrize("closes_its_output", [False, True])
+async def test_a_stream_cut_by_its_timeout_still_delivers_what_the_child_printed(
+    wrapper: pq.SubprocessWrapper, closes_its_output: bool
+) -> None:
+    # A probe's find (session 35): in LOCAL, whose output is handed over once the child has
+    # ended, stream(timeout=1) of a child that printed 50 lines and slept delivered none of them
+    # (run(timeout=1) keeps them in the error's stdout); nor did a child that closed its output
+    # and slept on. Now the lines printed before the stop come, then ProcessTimeoutError.
+    close = "import os; os.close(1); os.close(2); " if closes_its_output else ""
+    code = f"for i in range(50): print(i)\nimport sys; sys.stdout.flush(); {close}import time; time.sleep(30)"
+    got: list[str] = []
+    timed_out: pq.ProcessTimeoutError | None = None
+    started = time.monotonic()
+    try:
+        async with wrapper.stream(*py(code), timeout=1.5, encoding="utf-8") as lines:
+            async for line in lines:
+                got.append(line)
+    except pq.ProcessTimeoutError as exc:
+        timed_out = exc
+    assert got == [f"{i}\n" for i in range(50)]
+    # (Where output streams, a closed stdout ends the lines before the deadline.)
+    if not closes_its_output or wrapper.mode is pq.RunMode.LOCAL:
+        assert timed_out is not None and timed_out.timeout == 1.5
+    assert time.monotonic() - started < 15
+    assert wrapper.live_processes == []
+
+
+async def test_a_consumer_cancelled_while_a_timed_stream_waits_leaves_nothing_behind(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # With a deadline the read of the next batch runs as a task of its own: a cancelled
+    # consumer must end it (and the lines' generator) with the block, not leave it pending.
+    got: list[bytes] = []
+
+    async def consume() -> None:
+        async with wrapper.stream(*py(SLEEPER), timeout=30) as lines:
+            async for line in lines:
+                got.append(line)
+
+    task = asyncio.ensure_future(consume())
+    local = wrapper.mode is pq.RunMode.LOCAL  # (it hands lines over at the end)
+    for _ in range(300):
+        if got or task.done() or (local and wrapper.live_processes):
+            break
+        await asyncio.sleep(0.05)
+    assert local or got == [b"ready\n"]
+    await asyncio.sleep(0.1)  # the consumer waits for the next batch
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert wrapper.live_processes == []
+    assert not [
+        t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()
+    ]
+
+
 async def test_iterating_outside_the_block_is_a_clear_error(
     any_wrapper: pq.SubprocessWrapper,
 ) -> None:

@@ -35,8 +35,9 @@ class LineStream(AsyncResource, Generic[LineT]):
 
     With ``timeout`` the whole stream has a deadline: when it passes, the tree is stopped, the
     lines the child printed before the stop are still delivered (by the drain rule: for up to
-    ``DRAIN_SECONDS``), then the iteration, and :meth:`wait`, raise :class:`ProcessTimeoutError`. Lines are delivered whole whatever their
-    length (see :func:`iter_lines`). With ``merge_stderr=False`` stderr is not interleaved; its
+    ``DRAIN_SECONDS``), then the iteration, and :meth:`wait`, raise
+    :class:`ProcessTimeoutError`. Lines are delivered whole whatever their length (see
+    :func:`iter_lines`). With ``merge_stderr=False`` stderr is not interleaved; its
     last ``max_stderr_bytes`` are kept in :attr:`stderr`. :meth:`iter_batches` gives the same
     lines a list at a time (see :func:`iter_line_batches`), which is faster.
 

@@ -101,7 +101,10 @@ async def test_a_stream_cut_by_its_timeout_still_delivers_what_the_child_printed
     # (run(timeout=1) keeps them in the error's stdout); nor did a child that closed its output
     # and slept on. Now the lines printed before the stop come, then ProcessTimeoutError.
     close = "import os; os.close(1); os.close(2); " if closes_its_output else ""
-    code = f"for i in range(50): print(i)\nimport sys; sys.stdout.flush(); {close}import time; time.sleep(30)"
+    code = (
+        "for i in range(50): print(i)\n"
+        f"import sys; sys.stdout.flush(); {close}import time; time.sleep(30)"
+    )
     got: list[str] = []
     timed_out: pq.ProcessTimeoutError | None = None
     started = time.monotonic()

@@ -203,6 +203,7 @@ EXPECTED: dict[str, list[str]] = {
         "ScriptNotFoundError",
         "ShutdownHandlerError",
         "SpawnFailedError",
+        "StreamBusyError",
         "StreamNotOpenError",
         "StrategyContractError",
         "SubprocessPolicyException",

@@ -11,6 +11,7 @@ line must give the same text, not fail before the first line.
 from __future__ import annotations
 
 import codecs
+import encodings.utf_8_sig
 import sys
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,23 @@ def incremental_decoder(encoding: str, errors: str) -> codecs.IncrementalDecoder
     name = codecs.lookup(encoding).name
     if name in _MARKED:
         return _ByteOrderFromMark(name, errors)
+    if name == "utf-8-sig":
+        return _Utf8Signed(errors)
     return codecs.getincrementaldecoder(encoding)(errors=errors)
+
+
+class _Utf8Signed(encodings.utf_8_sig.IncrementalDecoder):
+    """UTF-8 with an optional leading mark. Python's own decoder holds back up to two bytes
+    that could begin the mark, and drops them at the end of the input (``final``): a stream of
+    just ``b"\xef"`` gave ``""``, where ``bytes.decode("utf-8-sig")`` gives ``"\ufffd"`` (or
+    raises, with ``errors="strict"``)."""
+
+    def decode(self, input: Buffer, final: bool = False) -> str:
+        text: str = super().decode(input, final)
+        if final and self.buffer:  # the start of a mark that never came whole
+            held, self.buffer = self.buffer, b""
+            text += codecs.utf_8_decode(held, self.errors, True)[0]
+        return text
 
 
 class _ByteOrderFromMark(codecs.IncrementalDecoder):

@@ -311,6 +311,11 @@ class StreamNotOpenError(PrismQError, RuntimeError):
     for its process outside its ``async with`` block: the block is what starts the command."""
 
 
+class StreamBusyError(PrismQError, RuntimeError):
+    """Raised when a task reads a ``LineStream``'s lines while another task is reading them:
+    each line goes to one reader, so two readers would each get an arbitrary part."""
+
+
 class RegistryClosedError(ClosedError):
     """Raised when a run registry is used after ``aclose()`` / ``close()`` (or after its
     ``async with`` block)."""
@@ -506,6 +511,7 @@ __all__ += [
     "InvalidOptionError",
     "PreexecFnError",
     "SpawnFailedError",
+    "StreamBusyError",
     "StreamNotOpenError",
     "UnknownUserError",
 ]

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 from ._cancel_shield import shielded_if_cancelled
 from ._closing import AsyncResource
 from ._event_loop import running_asyncio_loop
-from ._exceptions import ClosedError, ProcessTimeoutError, StreamNotOpenError
+from ._exceptions import ClosedError, ProcessTimeoutError, StreamBusyError, StreamNotOpenError
 from ._lines import iter_line_batches
 from ._process import ProcessLike
 from ._result import TailBuffer
@@ -73,6 +73,7 @@ class LineStream(AsyncResource, Generic[LineT]):
         self._stderr_read: asyncio.Future[Any] | None = None
         self._entered = False
         self._closed = False
+        self._reading = False  # a task is in _next_batch
         # Set once the deadline passed and the tree was stopped: until when what the child
         # printed before that is still delivered.
         self._drain_until: float | None = None
@@ -185,8 +186,23 @@ class LineStream(AsyncResource, Generic[LineT]):
             yield batch
 
     async def _next_batch(self) -> list[LineT]:
-        if self._batches is None or self._run is None:
+        if self._batches is None or self._run is None or self._closed:
+            # (After the block too: its unread lines were dropped, and an iteration that just
+            # ended would pass for the end of the output.)
             raise StreamNotOpenError(_NOT_OPEN)
+        if self._reading:
+            raise StreamBusyError(
+                "another task is reading this stream's lines; read them from one task (hand "
+                "them on through a queue if several need them)"
+            )
+        self._reading = True
+        try:
+            return await self._read_batch()
+        finally:
+            self._reading = False
+
+    async def _read_batch(self) -> list[LineT]:
+        assert self._batches is not None and self._run is not None
         if self._drain_until is not None:
             return await self._drained_batch(self._drain_until)
         try:

@@ -78,7 +78,8 @@ def iter_lines(
     other codecs, where that byte may be half of a character, lines end at the ``"\\n"``
     characters of the decoded text, as ``TextIOWrapper`` cuts them; UTF-16 and UTF-32 without a
     byte-order mark are read in this machine's byte order, as ``bytes.decode()`` (and so a
-    ``ProcessResult``) reads them. With ``errors="strict"``
+    ``ProcessResult``) reads them; a last line that decodes to nothing (only a byte-order mark,
+    or bytes ``errors="ignore"`` dropped) is no line. With ``errors="strict"``
     the lines before an undecodable one are delivered, then ``UnicodeDecodeError`` is raised.
 
     Cancelling the iteration leaves the stream usable; bytes already read past the last
@@ -291,7 +292,7 @@ async def _text_batches(
 ) -> AsyncIterator[list[str]]:
     decode = decoder.decode
     async for head, body in blocks:
-        lines = [await _decode_line(decode, head)] if head else []
+        lines = await _decode_head(decode, head) if head else []
         if body:
             state = decoder.getstate()
             try:
@@ -305,7 +306,8 @@ async def _text_batches(
                     if lines:
                         yield lines
                     raise error from None
-        yield lines
+        if lines:
+            yield lines
 
 
 async def _text_batches_line_by_line(
@@ -316,13 +318,14 @@ async def _text_batches_line_by_line(
     # not end a line.
     decode = decoder.decode
     async for head, body in blocks:
-        lines = [await _decode_line(decode, head)] if head else []
+        lines = await _decode_head(decode, head) if head else []
         error = _decode_each(decode, body, lines) if body else None
         if error is not None:
             if lines:
                 yield lines
             raise error
-        yield lines
+        if lines:
+            yield lines
 
 
 async def _decoded_text_batches(
@@ -409,14 +412,23 @@ async def _join_text(parts: list[str], size: int) -> str:
 
 def _decode_each(
     decode: Callable[[bytes], str], body: bytes, lines: list[str]
-) -> UnicodeDecodeError | None:
-    """Decode the lines of ``body`` one by one onto ``lines``; the error that stopped it."""
+) -> Exception | None:
+    """Decode the lines of ``body`` one by one onto ``lines``; the error that stopped it (a
+    handler of the caller's may raise any error: the lines before it are still delivered)."""
     for line in _split_bytes(body):
         try:
             lines.append(decode(line))
-        except UnicodeDecodeError as exc:
+        except Exception as exc:
             return exc
     return None
+
+
+async def _decode_head(decode: Callable[[bytes, bool], str], head: bytes) -> list[str]:
+    """``[head decoded]``; ``[]`` for a last line that decodes to nothing (only a byte-order
+    mark, or bytes ``errors="ignore"`` dropped): no text, no newline, so no line (as
+    ``TextIOWrapper`` reads it), not an empty one."""
+    line = await _decode_line(decode, head)
+    return [line] if line else []
 
 
 async def _decode_line(decode: Callable[[bytes, bool], str], line: bytes) -> str:

@@ -378,8 +378,9 @@ def _check_account(option: str, value: object, *, kind: str | None = None) -> No
         raise InvalidOptionError(f"{option}: {value} is larger than any {kind} id ({_MAX_ID})")
 
 
-# Built-in error handlers that let decoding go on past any bad byte.
+# Built-in error handlers that let decoding go on past any bad byte, and those that stop it.
 _LENIENT_ERRORS = frozenset({"replace", "ignore", "backslashreplace", "surrogateescape"})
+_STRICT_ERRORS = frozenset({"strict", "surrogatepass"})
 
 
 def check_encoding(encoding: object, errors: object = "strict") -> None:
@@ -390,7 +391,8 @@ def check_encoding(encoding: object, errors: object = "strict") -> None:
         InvalidEncodingError: unknown codec or error handler, a codec that does not decode bytes
             to text (``rot13``, ``hex``, ``zlib``: ``bytes.decode`` refuses them too), or one
             that refuses ``errors`` (``idna`` takes only ``"strict"``) or ignores it (``punycode``
-            fails on a bad byte whatever the handler) (a ``LookupError``).
+            fails on a bad byte whatever the handler), or a handler that cannot decode
+            (``xmlcharrefreplace``, ``namereplace``: they only encode) (a ``LookupError``).
         InvalidArgumentTypeError: either is not a str.
     """
     if encoding is not None and not isinstance(encoding, str):
@@ -425,16 +427,26 @@ def check_encoding(encoding: object, errors: object = "strict") -> None:
         ) from None
     if not isinstance(text, str):
         raise InvalidEncodingError(f"{encoding!r} does not decode bytes to str")
-    if errors in _LENIENT_ERRORS:
-        # Some codecs ignore a lenient handler and fail on bad bytes all the same (punycode
-        # decodes as strict ASCII): the stream's first bad byte would then end it, its lines
-        # lost with it, where the caller asked for bad bytes to be replaced or skipped.
+    if errors not in _STRICT_ERRORS:
+        # A bad byte, decoded now rather than at the stream's first one, which would end the
+        # stream with the lines read with it: some codecs ignore a lenient handler (punycode
+        # decodes as strict ASCII), and some handlers only encode (xmlcharrefreplace,
+        # namereplace: "don't know how to handle UnicodeDecodeError", a bare TypeError).
         try:
             info.incrementaldecoder(errors=errors).decode(b"\xff", True)
         except UnicodeError as exc:
+            if errors in _LENIENT_ERRORS:
+                raise InvalidEncodingError(
+                    f"encoding {encoding!r} does not honour errors={errors!r} (it failed on a "
+                    f"bad byte all the same: {exc}); use errors='strict' or another codec"
+                ) from None
+            # (A handler of the caller's that raises: it asked for strict decoding.)
+        except Exception as exc:
             raise InvalidEncodingError(
-                f"encoding {encoding!r} does not honour errors={errors!r} (it failed on a bad "
-                f"byte all the same: {exc}); use errors='strict' or another codec"
+                f"errors={errors!r} cannot handle a byte {encoding!r} cannot decode "
+                f"({type(exc).__name__}: {exc}); decoding needs a handler such as 'replace', "
+                "'ignore', 'backslashreplace', 'surrogateescape' or 'strict' "
+                "('xmlcharrefreplace' and 'namereplace' only encode)"
             ) from None
 
 

@@ -61,15 +61,18 @@ def split_text_after_newlines(text: str) -> list[str]:
 def decoded_lines(
     lines: list[bytes], encoding: str, errors: str
 ) -> tuple[list[str], type[Exception] | None]:
-    """readline() + an incremental decoder: the documented meaning of text mode. Returns the
-    lines and the error that stopped the decoding (None if none)."""
+    """readline() + an incremental decoder: the documented meaning of text mode (but for a
+    last line that decodes to nothing: no text, no newline, no line). Returns the lines and
+    the error that stopped the decoding (None if none)."""
     decode = codecs.getincrementaldecoder(encoding)(errors=errors).decode
     out = []
     for line in lines:
         try:
-            out.append(decode(line, not line.endswith(b"\n")))
+            text = decode(line, not line.endswith(b"\n"))
         except UnicodeDecodeError:
             return out, UnicodeDecodeError
+        if text:
+            out.append(text)
     return out, None
 
 

@@ -151,6 +151,42 @@ async def test_a_consumer_cancelled_while_a_timed_stream_waits_leaves_nothing_be
     ]
 
 
+async def test_iterating_after_the_block_is_a_clear_error(
+    any_wrapper: pq.SubprocessWrapper,
+) -> None:
+    # It ended at once with no lines (a probe, session 35), even after a break that dropped
+    # lines never read: that passed for the end of the output.
+    async with any_wrapper.stream(*py("for i in range(1000): print(i)")) as lines:
+        async for _ in lines:
+            break
+    with pytest.raises(pq.exceptions.StreamNotOpenError, match="async with"):
+        async for _ in lines:
+            pass
+    with pytest.raises(pq.exceptions.StreamNotOpenError):
+        await anext(lines.iter_batches())
+
+
+async def test_a_second_reader_of_one_stream_is_a_clear_error(
+    streaming_wrapper: pq.SubprocessWrapper,
+) -> None:
+    # A bare "anext(): asynchronous generator is already running" (a probe, session 35).
+    for timeout in (None, 30.0):
+        async with streaming_wrapper.stream(*py(SLEEPER), timeout=timeout) as lines:
+            first = asyncio.ensure_future(anext(lines))
+            assert await first == b"ready\n"
+            reading = asyncio.ensure_future(anext(lines))  # waits: the child prints no more
+            await asyncio.sleep(0.1)
+            with pytest.raises(pq.exceptions.StreamBusyError, match="another task") as info:
+                await anext(lines)
+            assert isinstance(info.value, RuntimeError)
+            with pytest.raises(pq.exceptions.StreamBusyError):
+                await anext(lines.iter_batches())
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+        assert streaming_wrapper.live_processes == []
+
+
 async def test_iterating_outside_the_block_is_a_clear_error(
     any_wrapper: pq.SubprocessWrapper,
 ) -> None:

@@ -344,6 +344,39 @@ async def test_utf16_strict_without_or_with_a_mark_delivers_the_good_lines_then_
             await anext(lines)
 
 
+@pytest.mark.parametrize("data", [b"\xef", b"\xef\xbb", b"\xef\xbb\xbf", b"a\n\xef", b"\xef\xbbx"])
+async def test_utf8_sig_reads_what_bytes_decode_reads(data: bytes) -> None:
+    # The start of a mark that never came whole was dropped, even with errors="strict" (a
+    # probe, session 35): b"\xef" gave [""] where bytes.decode gives "\ufffd".
+    expected = data.decode("utf-8-sig", "replace").splitlines(keepends=True)
+    lines = pq.iter_lines(ChunkedStream([data]), encoding="utf-8-sig")
+    assert [line async for line in lines] == expected
+    if data.decode("utf-8-sig", "replace") != data.decode("utf-8-sig", "ignore"):
+        strict = pq.iter_lines(ChunkedStream([data]), encoding="utf-8-sig", errors="strict")
+        with pytest.raises(UnicodeDecodeError):
+            [line async for line in strict]
+
+
+async def test_a_handler_that_raises_mid_stream_still_lets_the_lines_before_it_through() -> None:
+    # A handler of the caller's that raised something else than UnicodeDecodeError lost every
+    # line decoded from that read (a probe, session 35).
+    import codecs
+
+    def picky(exc: UnicodeError) -> tuple[str, int]:
+        assert isinstance(exc, UnicodeDecodeError)
+        if exc.object[exc.start : exc.end] == b"\xfe":
+            raise ValueError("not that byte")
+        return ("?", exc.end)
+
+    codecs.register_error("prismq-test-picky", picky)
+    data = b"ok1\nok2\nbad\xff\nworse\xfe\nnever\n"
+    lines = pq.iter_lines(ChunkedStream([data]), encoding="utf-8", errors="prismq-test-picky")
+    got = [await anext(lines) for _ in range(3)]
+    assert got == ["ok1\n", "ok2\n", "bad?\n"]
+    with pytest.raises(ValueError, match="not that byte"):
+        await anext(lines)
+
+
 async def test_utf16_strict_decoding_delivers_the_good_lines_then_raises() -> None:
     # A lone low surrogate (0xDC00) in the third line.
     data = "ok\nalso ok\nbad ".encode("utf-16-le") + b"\x00\xdc" + "\nnever\n".encode("utf-16-le")

@@ -357,6 +357,13 @@ async def test_iter_lines_checks_the_encoding_with_its_error_handler() -> None:
     await lines.aclose()  # type: ignore[attr-defined]
     with pytest.raises(pq.exceptions.InvalidEncodingError, match="does not honour"):
         pq.iter_lines(reader, encoding="punycode", errors="ignore")
+    # Handlers that only encode were taken, then the first bad byte ended the stream with a bare
+    # TypeError, the lines read with it lost (a probe, session 35).
+    for handler in ("xmlcharrefreplace", "namereplace"):
+        with pytest.raises(pq.exceptions.InvalidEncodingError, match="only encode"):
+            pq.iter_lines(reader, encoding="utf-8", errors=handler)
+        lines = pq.iter_lines(reader, encoding="latin-1", errors=handler)  # never needed
+        await lines.aclose()  # type: ignore[attr-defined]
     lines = pq.iter_lines(reader, encoding="punycode", errors="strict")  # as asked: it fails
     await lines.aclose()  # type: ignore[attr-defined]
 

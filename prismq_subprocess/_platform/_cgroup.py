@@ -15,6 +15,7 @@ the process tree and the cookie instead.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
 from ._procfs import read_small_file
@@ -151,11 +152,28 @@ class Cgroups:
         return _write(os.path.join(path, "cgroup.kill"), "1")
 
     def remove(self, path: str) -> bool:
-        """Remove the sub-group (it must be empty)."""
+        """Remove the sub-group (no process may be in it); whether it is gone.
+
+        Sub-groups inside it go first when no process is in any of them: a host that ran in the
+        run's sub-group (a module that uses this library) makes its own runs' sub-groups there,
+        and if it died before removing one, the run's could never be removed (the machine this
+        was found on had 89 such pairs left).
+        """
         try:
             os.rmdir(path)
         except FileNotFoundError:
             return True
-        except OSError:
-            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY) or self.populated(path):
+                return False
+            return _remove_empty_tree(path)
         return True
+
+
+def _remove_empty_tree(path: str) -> bool:
+    """Remove the cgroup at ``path`` and every cgroup below it, deepest first (a cgroup
+    directory is removed with its control files; one a process entered meanwhile refuses)."""
+    with contextlib.suppress(OSError):
+        for below, _, _ in os.walk(path, topdown=False):
+            os.rmdir(below)
+    return not os.path.lexists(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,10 +121,45 @@ def test_sub_groups_of_dead_hosts_are_removed_and_live_ones_kept(tmp_path: Path)
     ]
     for name in names:
         (tmp_path / name).mkdir()
+    # A host that ran inside the dead one's run and died too left its own sub-group in it: the
+    # pair was never removed (rmdir of a cgroup with a cgroup inside is EBUSY).
+    (tmp_path / names[0] / f"prismq-{dead_pid + 1:x}abcdef-1").mkdir()
     host = PosixHost(use_subreaper=False)
     host.cgroups = Cgroups(str(tmp_path))
     host._remove_stale_cgroups()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def test_a_sub_group_with_empty_sub_groups_inside_is_removed_and_a_populated_one_kept() -> None:
+    groups = Cgroups.probe()
+    if groups is None:
+        pytest.skip("no writable cgroup v2 directory here")
+    outer = groups.create(f"prismq-test-{os.getpid()}-outer")
+    assert outer is not None
+    inner = os.path.join(outer, "prismq-test-inner")
+    deeper = os.path.join(inner, "prismq-test-deeper")
+    os.mkdir(inner)
+    os.mkdir(deeper)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert groups.enter(deeper, child.pid)
+        assert not groups.remove(outer)  # a process lives in it: everything is kept
+        assert os.path.isdir(deeper)
+        child.kill()
+        child.wait()
+        for _ in range(200):  # the kernel updates "populated" once the child is gone
+            if not groups.populated(outer):
+                break
+            time.sleep(0.01)
+        assert groups.remove(outer)
+        assert not os.path.exists(outer)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for path in (deeper, inner, outer):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def test_a_host_leaves_no_sub_group_behind() -> None:

@@ -122,9 +122,10 @@ class ModuleSpec:
         guide's ``(module_id, script_path, args)`` tuple (see :meth:`from_guide`).
 
         Raises:
-            InvalidParametersError: not a mapping or tuple, a missing required key or an
-                unknown key, a tuple of another length.
-            InvalidArgumentTypeError: a tuple's ``script_path`` is not a path.
+            InvalidParametersError: a missing required key or an unknown key, a tuple of
+                another length.
+            InvalidArgumentTypeError: not a spec, mapping or tuple, or a tuple's
+                ``script_path`` is not a path.
         """
         if isinstance(spec, ModuleSpec):
             return spec
@@ -136,7 +137,8 @@ class ModuleSpec:
             module_id, script_path, args = spec
             return cls.from_guide(module_id, script_path, args)
         if not isinstance(spec, Mapping):
-            raise InvalidParametersError(
+            # A TypeError, as for a batch that is no iterable of items.
+            raise InvalidArgumentTypeError(
                 "a batch item must be a ModuleSpec or a mapping (or the guide's (module_id, "
                 f"script_path, args) tuple), not {type(spec).__name__}"
             )

@@ -204,7 +204,7 @@ def test_bad_limits_and_specs() -> None:
         ConcurrentExecutor(max_concurrent=0)
     with pytest.raises(ValueError, match="incomplete"):
         ModuleSpec.from_any({"module_id": "a"})
-    with pytest.raises(ValueError, match="ModuleSpec or a mapping"):
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="ModuleSpec or a mapping"):
         ModuleSpec.from_any(42)  # type: ignore[arg-type]
     # Refused when made, not at every call (nor never, without a resource manager).
     with pytest.raises(pq.exceptions.InvalidTimeoutError):
@@ -334,6 +334,15 @@ async def test_a_batch_that_is_not_a_list_of_specs_is_refused(batch: object) -> 
         with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="execute_batch"):
             await ex.execute_batch(batch)  # type: ignore[arg-type]
         assert await ex.registry.list_runs() == []
+
+
+async def test_an_item_of_the_wrong_kind_is_a_type_error_result() -> None:
+    # It was InvalidParametersError (a ValueError), where a batch of the wrong kind is an
+    # InvalidArgumentTypeError (a new user's find, session 35).
+    async with ConcurrentExecutor(run_mode="dry_run") as ex:
+        [result] = await ex.execute_batch(["bogus"])  # type: ignore[list-item]
+        assert result["run_id"] is None and result["error_type"] == "InvalidArgumentTypeError"
+        assert "a batch item must be a ModuleSpec" in result["error"]
 
 
 async def test_the_executors_own_registry_keeps_a_bounded_history(tmp_path: Path) -> None:

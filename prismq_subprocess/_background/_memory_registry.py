@@ -35,6 +35,7 @@ from .._core._exceptions import (
     RunStateError,
 )
 from .._platform._orphans import ProcessIdentity
+from ._run_checks import check_storable
 from ._run_record import ACTIVE_STATUSES, Run, RunOwner, RunStatus, utc_now
 
 __all__ = [
@@ -733,6 +734,7 @@ class RunRegistry(BaseRunRegistry):
         runs = self._runs
         if run_id in runs:
             raise DuplicateRunError(f"a run with run_id {run_id!r} is already registered")
+        check_storable(run, adding=True)
         if run.owner is None:
             run.owner = RunOwner.current()
         tail = run.output_tail
@@ -743,6 +745,7 @@ class RunRegistry(BaseRunRegistry):
     def _update_run_now(self, run: Run) -> None:
         """:meth:`update_run` without the coroutine: the same checks, copy and errors."""
         stored = self._stored_to_update(run)
+        check_storable(run, adding=False)
         owner = stored.owner
         tail = run.output_tail
         run._copy_into(stored, list(tail) if tail else _NO_LINES)

@@ -35,6 +35,11 @@ _PF_KTHREAD = 0x00200000
 # A process whose environment's bounds stay equal this long has an empty environment, not one
 # an exec is laying out (microseconds, unless it lost its CPU right then).
 _LAYOUT_SETTLE = 0.1
+# The same for a process that is runnable (waiting for a CPU) or in an uninterruptible wait: it
+# may be laying out its environment still, after losing its CPU for longer than _LAYOUT_SETTLE
+# on a loaded machine (seen in CI); only this long says it is a busy one with an empty
+# environment.
+_LAYOUT_SETTLE_RUNNABLE = 2.0
 # Processes remembered with equal bounds (the oldest is forgotten first: it is waited for again).
 _EQUAL_KEPT = 256
 
@@ -203,7 +208,8 @@ class Cookies:
                 return True
             if seen[2]:
                 return False
-            if now - seen[1] >= _LAYOUT_SETTLE:
+            settle = _LAYOUT_SETTLE_RUNNABLE if state in (b"R", b"D") else _LAYOUT_SETTLE
+            if now - seen[1] >= settle:
                 self._equal[pid] = (start, seen[1], True)
                 return False
             return True

@@ -585,10 +585,12 @@ def _held_whole(records: Sequence[StopRecord], held: Mapping[str, AbstractSet[in
 
 
 #: How long one look waits, at most, for the processes it caught inside an exec to show their
-#: environments (see ``Cookies.look``); usually well under a millisecond. A process still inside
-#: its exec then (blocked reading its program from a hung disk) is taken as having no cookie,
-#: and is not waited for again in the same operation (its read is kept, as every read is).
-_EXEC_SETTLE = 0.2
+#: environments (see ``Cookies.look``); usually well under a millisecond, but a process waiting
+#: for a CPU on a loaded machine stays inside its exec that long (0.2 s was too short in CI: one
+#: was taken for cookie-less and outlived the stop of its tree). A process still inside its exec
+#: then (blocked reading its program from a hung disk) is taken as having no cookie, and is not
+#: waited for again in the same operation (its read is kept, as every read is).
+_EXEC_SETTLE = 1.0
 
 
 class _Finder:

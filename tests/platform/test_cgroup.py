@@ -67,10 +67,15 @@ def test_the_file_protocol(tmp_path: Path) -> None:
     assert groups.is_frozen(path)  # a sub-group that is gone holds nothing that could run
 
 
-def test_a_real_sub_group_holds_freezes_and_kills_a_tree() -> None:
+def real_cgroups() -> Cgroups:
     groups = Cgroups.probe()
     if groups is None:
         pytest.skip("no writable cgroup v2 directory here")
+    return groups
+
+
+def test_a_real_sub_group_holds_freezes_and_kills_a_tree() -> None:
+    groups = real_cgroups()
     path = groups.create(f"prismq-test-{time.monotonic_ns()}")
     assert path is not None
     child = subprocess.Popen(
@@ -131,9 +136,7 @@ def test_sub_groups_of_dead_hosts_are_removed_and_live_ones_kept(tmp_path: Path)
 
 
 def test_a_sub_group_with_empty_sub_groups_inside_is_removed_and_a_populated_one_kept() -> None:
-    groups = Cgroups.probe()
-    if groups is None:
-        pytest.skip("no writable cgroup v2 directory here")
+    groups = real_cgroups()
     outer = groups.create(f"prismq-test-{os.getpid()}-outer")
     assert outer is not None
     inner = os.path.join(outer, "prismq-test-inner")
@@ -163,9 +166,7 @@ def test_a_sub_group_with_empty_sub_groups_inside_is_removed_and_a_populated_one
 
 
 def test_a_host_leaves_no_sub_group_behind() -> None:
-    groups = Cgroups.probe()
-    if groups is None:
-        pytest.skip("no writable cgroup v2 directory here")
+    groups = real_cgroups()
     code = (
         "import asyncio, prismq_subprocess as pq\n"
         "async def main():\n"

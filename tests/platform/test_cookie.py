@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from prismq_subprocess._platform._cookie import _EQUAL_KEPT, _LAYOUT_SETTLE, Cookies
+from prismq_subprocess._platform._cookie import (
+    _EQUAL_KEPT,
+    _LAYOUT_SETTLE,
+    _LAYOUT_SETTLE_RUNNABLE,
+    Cookies,
+)
 
 
-def _stat(pid: int, start: int, env_start: int, env_end: int) -> bytes:
+def _stat(pid: int, start: int, env_start: int, env_end: int, state: str = "S") -> bytes:
     # Fields 3.. of /proc/<pid>/stat: state, then 48 more; index 6 the flags, 19 the start time,
     # 47 and 48 the environment's bounds.
-    fields = ["S"] + ["0"] * 48
+    fields = [state] + ["0"] * 48
     fields[19] = str(start)
     fields[47], fields[48] = str(env_start), str(env_end)
     return f"{pid} (x) ".encode() + " ".join(fields).encode()
@@ -41,6 +46,30 @@ def test_equal_bounds_settle_for_a_moment_then_are_known_as_an_empty_environment
     assert not cookies.look(7).settling  # that long: an empty environment
     proc.now += 60
     assert not cookies.look(7).settling  # known: not waited for again
+
+
+def test_equal_bounds_of_a_process_waiting_for_a_cpu_settle_longer() -> None:
+    # CI on a loaded machine (3.13, four workers on 2 cores): a process laying out its
+    # environment lost its CPU for over _LAYOUT_SETTLE, was taken for one with an empty
+    # environment, and outlived the stop of its tree. Runnable (R) or in an uninterruptible
+    # wait (D), it is still laying out; asleep (S), it has nothing more to lay out.
+    proc = _FakeProc()
+    cookies = proc.cookies()
+    proc.environ[7] = b""
+    proc.stat[7] = _stat(7, 500, 4096, 4096, state="R")
+    assert cookies.look(7).settling
+    proc.now += _LAYOUT_SETTLE * 3
+    assert cookies.look(7).settling  # runnable: waiting for a CPU
+    proc.stat[7] = _stat(7, 500, 4096, 4096, state="D")
+    proc.now += _LAYOUT_SETTLE * 3
+    assert cookies.look(7).settling
+    proc.stat[7] = _stat(7, 500, 4096, 4096, state="S")
+    assert not cookies.look(7).settling  # asleep with nothing laid out: an empty environment
+    proc.stat[8] = _stat(8, 600, 4096, 4096, state="R")
+    proc.environ[8] = b""
+    assert cookies.look(8).settling
+    proc.now += _LAYOUT_SETTLE_RUNNABLE + 1
+    assert not cookies.look(8).settling  # runnable for that long: a busy empty-env process
 
 
 def test_a_process_seen_laid_out_is_waited_for_again_at_its_next_exec() -> None:

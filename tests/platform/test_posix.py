@@ -154,6 +154,26 @@ _EXEC_CHAINS = (
 )
 
 
+def _describe(pids: list[int], cookie: str) -> str:
+    """What a survivor was: its state, its program, whether its environment shows the cookie."""
+    out = []
+    for pid in pids:
+        facts = []
+        for name in ("stat", "cmdline", "environ"):
+            try:
+                with open(f"/proc/{pid}/{name}", "rb") as file:
+                    data = file.read()
+            except OSError as exc:
+                facts.append(f"{name}: {exc}")
+                continue
+            if name == "environ":
+                facts.append(f"cookie in environ: {cookie.encode() in data} ({len(data)} bytes)")
+            else:
+                facts.append(f"{name}: {data[:120]!r}")
+        out.append(f"pid {pid}: " + "; ".join(facts))
+    return "\n".join(out)
+
+
 def _session_members(sid: int) -> list[int]:
     """Processes (not zombies) of session ``sid``: found whatever their environment reads."""
     return [e.pid for e in scan_proc().entries.values() if e.sid == sid and e.state not in "ZXx"]
@@ -179,7 +199,8 @@ def test_kill_contained_finds_descendants_caught_inside_an_exec() -> None:
             deadline = time.monotonic() + 2.0
             while _session_members(leader.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert _session_members(leader.pid) == []
+            left = _session_members(leader.pid)
+            assert left == [], _describe(left, containment.cookie or "")
         finally:
             leader.kill()
             leader.wait()

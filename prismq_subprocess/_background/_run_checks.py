@@ -1,0 +1,142 @@
+"""What every registry refuses to store: a run whose fields a registry file could not hold.
+
+``SQLiteRunRegistry`` refuses them as it builds its row (a field of the wrong type would be
+stored, then quarantined by the first read). The in-memory registry stores Python objects and
+took them all, so an application tested against it met the errors only in production, against a
+file: it makes the same checks here, with the same errors.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .._core._exceptions import InvalidParametersError, InvalidRunError
+from ._run_record import Run
+
+__all__ = ["check_storable"]
+
+# The exact classes of a field's usual values (a subclass, e.g. an IntEnum exit code, takes the
+# slower isinstance test below).
+_OPTIONAL_INT = frozenset({int, type(None)})
+_OPTIONAL_TEXT = frozenset({str, type(None)})
+_OPTIONAL_REAL = frozenset({float, int, type(None)})
+_FIELDS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("module_id", (str,)),
+    ("module_name", (str,)),
+    ("mode", (str,)),
+    ("exit_code", (int, type(None))),
+    ("error_message", (str, type(None))),
+    ("pid", (int, type(None))),
+    ("peak_rss_bytes", (int, type(None))),
+    ("cpu_time_seconds", (float, int, type(None))),
+    ("worker", (str, type(None))),
+)
+_INT_FIELDS = ("exit_code", "pid", "peak_rss_bytes")
+# SQLite's integers are 64-bit.
+_LOWEST, _HIGHEST = -(2**63), 2**63 - 1
+# Strict JSON, as SQLite stores a new run's parameters (NaN and the infinities are no JSON).
+_ENCODER = json.JSONEncoder(allow_nan=False)
+_LENIENT_ENCODER = json.JSONEncoder()
+
+
+def check_storable(run: Run, *, adding: bool) -> None:
+    """Raise what ``SQLiteRunRegistry`` raises for ``run`` before storing anything.
+
+    ``adding``: a new run, whose parameters must be strict JSON (an update keeps what an older
+    release may have stored).
+
+    Raises:
+        InvalidRunError: a field of a type a registry file cannot hold as given (a str
+            ``exit_code``, an int ``module_id``...), an integer beyond 64 bits, an output tail
+            that is not a list of str.
+        InvalidParametersError: parameters that are not a dict, or not JSON.
+    """
+    if (
+        run.module_id.__class__ is str
+        and run.module_name.__class__ is str
+        and run.mode.__class__ is str
+        and run.exit_code.__class__ in _OPTIONAL_INT
+        and run.pid.__class__ in _OPTIONAL_INT
+        and run.error_message.__class__ in _OPTIONAL_TEXT
+        and run.peak_rss_bytes.__class__ in _OPTIONAL_INT
+        and run.cpu_time_seconds.__class__ in _OPTIONAL_REAL
+        and run.worker.__class__ in _OPTIONAL_TEXT
+    ):
+        pass
+    else:
+        _refuse_field(run)
+    owner = run.owner
+    if owner is not None and not (
+        owner.host.__class__ is str
+        and owner.pid.__class__ is int
+        and owner.started_at.__class__ in _OPTIONAL_REAL
+        and owner.started_at is not None
+    ):
+        raise InvalidRunError(
+            f"run {run.run_id!r}: its owner must have a str host, an int pid and a number "
+            f"started_at to be stored, got {owner!r}"
+        )
+    for text in (run.run_id, run.module_id, run.module_name, run.mode):
+        if not text.isascii():
+            _check_utf8(run, text)
+    for optional in (run.error_message, run.worker):
+        if optional is not None and not optional.isascii():
+            _check_utf8(run, optional)
+    for name in _INT_FIELDS:
+        value = getattr(run, name)
+        if value is not None and not _LOWEST <= value <= _HIGHEST:
+            raise InvalidRunError(
+                f"run {run.run_id!r}: {name} {value} does not fit in 64 bits, as a registry "
+                "file stores integers"
+            )
+    parameters, tail = run.parameters, run.output_tail
+    if parameters.__class__ is not dict:
+        if not isinstance(parameters, dict):
+            raise InvalidParametersError(
+                f"run {run.run_id!r}: parameters must be a dict, got {type(parameters).__name__}"
+            )
+        _json("parameters", parameters, strict=adding)
+    elif parameters:
+        _json("parameters", parameters, strict=adding)
+    if tail.__class__ is not list and not isinstance(tail, list):
+        raise InvalidRunError(
+            f"run {run.run_id!r}: output_tail must be a list of lines, got {type(tail).__name__}"
+        )
+    if tail and not all(line.__class__ is str or isinstance(line, str) for line in tail):
+        bad = next(line for line in tail if not isinstance(line, str))
+        raise InvalidRunError(
+            f"run {run.run_id!r}: output_tail must be a list of str lines, got a "
+            f"{type(bad).__name__} in it"
+        )
+
+
+def _check_utf8(run: Run, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A registry file keeps text as UTF-8, which a lone surrogate (from bytes decoded with
+        # errors="surrogateescape") is not.
+        raise InvalidRunError(
+            f"run {run.run_id!r:.80}: text with a lone surrogate cannot be stored "
+            f"({exc.object[exc.start : exc.end]!r} in {exc.object!r:.80})"
+        ) from None
+
+
+def _refuse_field(run: Run) -> None:
+    for name, types in _FIELDS:
+        value = getattr(run, name)
+        if not isinstance(value, types) or value.__class__ is bool:
+            wanted = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            raise InvalidRunError(
+                f"run {run.run_id!r}: {name} must be {wanted} to be stored, got {value!r}"
+            )
+
+
+def _json(field: str, value: Any, *, strict: bool) -> None:
+    try:
+        (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidParametersError(
+            f"{field} must be JSON-serialisable to be stored: {exc}"
+        ) from None

@@ -192,6 +192,8 @@ async def _line_blocks(stream: Any, chunk_size: int) -> AsyncIterator[tuple[byte
             chunk = await _awaitable(read(chunk_size), stream)
         else:
             chunk = await read(chunk_size)
+        if chunk.__class__ is not bytes:
+            chunk = _as_bytes(chunk, stream)
         if not chunk:
             break
         cut = chunk.rfind(b"\n") + 1
@@ -224,6 +226,21 @@ def _awaitable(result: Any, stream: Any) -> Any:
     raise InvalidArgumentTypeError(
         f"iter_lines() needs a stream whose read(n) is asynchronous; {type(stream).__name__}"
         f".read() returned {type(result).__name__}, which cannot be awaited"
+    )
+
+
+def _as_bytes(chunk: object, stream: Any) -> bytes:
+    """A chunk a duck-typed stream's ``read(n)`` gave, as ``bytes``: a ``bytearray`` or
+    ``memoryview`` is copied (its lines came out as a mix of types, or it failed with a bare
+    ``AttributeError``); ``None`` is the end of the stream; anything else is refused."""
+    if chunk is None:
+        return b""
+    if isinstance(chunk, bytes | bytearray | memoryview):
+        return bytes(chunk)
+    raise InvalidArgumentTypeError(
+        f"iter_lines() reads bytes; {type(stream).__name__}.read() returned "
+        f"{type(chunk).__name__} (a text stream? give iter_lines the byte stream and an "
+        "encoding)"
     )
 
 
@@ -347,6 +364,8 @@ async def _decoded_text_batches(
             chunk = await _awaitable(read(chunk_size), stream)
         else:
             chunk = await read(chunk_size)
+        if chunk.__class__ is not bytes:
+            chunk = _as_bytes(chunk, stream)
         final = not chunk
         state = decoder.getstate()
         error: UnicodeDecodeError | None = None

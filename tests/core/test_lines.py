@@ -357,6 +357,39 @@ async def test_utf8_sig_reads_what_bytes_decode_reads(data: bytes) -> None:
             [line async for line in strict]
 
 
+class _OddStream:
+    """A duck-typed stream whose read(n) gives its chunks as they are (any type)."""
+
+    def __init__(self, chunks: list[object]) -> None:
+        self._chunks = chunks
+
+    async def read(self, n: int = -1) -> object:
+        return self._chunks.pop(0) if self._chunks else b""
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8", "utf-16-le"])
+async def test_a_stream_that_reads_bytearray_or_memoryview_gives_bytes_lines(
+    encoding: str | None,
+) -> None:
+    # Its lines came out as a mix of bytes and bytearray, and a memoryview failed with a bare
+    # AttributeError (a probe, session 35); None ends the stream.
+    text = "a\nbc\nd\n"
+    data = text.encode(encoding or "utf-8")
+    half = len(data) // 2 // 2 * 2  # (even: UTF-16 code units whole in each piece)
+    chunks: list[object] = [bytearray(data[:half]), memoryview(data[half:]), None, b"never"]
+    got = [line async for line in pq.iter_lines(_OddStream(chunks), encoding=encoding)]
+    expected = text.splitlines(keepends=True)
+    assert got == (expected if encoding else [line.encode() for line in expected])
+    assert all(type(line) is (str if encoding else bytes) for line in got)
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8", "utf-16-le"])
+async def test_a_stream_that_reads_text_is_a_clear_error(encoding: str | None) -> None:
+    lines = pq.iter_lines(_OddStream(["a\n"]), encoding=encoding)
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="returned str"):
+        await anext(lines)
+
+
 async def test_a_handler_that_raises_mid_stream_still_lets_the_lines_before_it_through() -> None:
     # A handler of the caller's that raised something else than UnicodeDecodeError lost every
     # line decoded from that read (a probe, session 35).

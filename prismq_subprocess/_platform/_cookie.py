@@ -160,7 +160,9 @@ class Cookies:
         exiting, not a kernel thread, and its ``stat`` shows the environment's bounds not set
         yet, not empty (set meanwhile), or equal (being laid out). A process started with an
         empty environment shows equal bounds too: it is waited for once, for
-        ``_LAYOUT_SETTLE``, and then known (by pid and start time) and not waited for again.
+        ``_LAYOUT_SETTLE`` (``_LAYOUT_SETTLE_RUNNABLE`` while it is runnable or in an
+        uninterruptible wait: one inside its exec may be waiting for a CPU), and then known (by
+        pid and start time) and not waited for again.
         """
         if self._proc_root is None:
             try:

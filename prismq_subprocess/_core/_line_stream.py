@@ -263,13 +263,17 @@ class LineStream(AsyncResource, Generic[LineT]):
 
     async def _drop_fetch(self) -> None:
         """Cancel a read still going (or cancelled by a cancellation of ours) and wait for it."""
-        fetch, self._fetch = self._fetch or self._cancelled_fetch, None
+        fetch = self._fetch or self._cancelled_fetch
+        if fetch is None:
+            return
+        # Kept until it has ended: a cancellation of this wait leaves it for aclose() to await
+        # (the lines' generator cannot be closed while the read still runs in it).
+        self._fetch, self._cancelled_fetch = None, fetch
+        fetch.cancel()
+        await asyncio.wait((fetch,))
         self._cancelled_fetch = None
-        if fetch is not None:
-            fetch.cancel()
-            await asyncio.wait((fetch,))
-            if not fetch.cancelled():
-                fetch.exception()  # (retrieved: never "exception was never retrieved")
+        if not fetch.cancelled():
+            fetch.exception()  # (retrieved: never "exception was never retrieved")
 
     def _timed_out(self) -> ProcessTimeoutError:
         return ProcessTimeoutError(

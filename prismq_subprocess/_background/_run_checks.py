@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from .._core._exceptions import InvalidParametersError, InvalidRunError
+from . import _run_record
 from ._run_record import Run
 
 __all__ = ["check_storable"]
@@ -67,7 +68,7 @@ def check_storable(run: Run, *, adding: bool) -> None:
     else:
         _refuse_field(run)
     owner = run.owner
-    if owner is not None and not (
+    if owner is not None and owner is not _run_record._current_owner and not (
         owner.host.__class__ is str
         and owner.pid.__class__ is int
         and owner.started_at.__class__ in _OPTIONAL_REAL
@@ -77,19 +78,27 @@ def check_storable(run: Run, *, adding: bool) -> None:
             f"run {run.run_id!r}: its owner must have a str host, an int pid and a number "
             f"started_at to be stored, got {owner!r}"
         )
-    for text in (run.run_id, run.module_id, run.module_name, run.mode):
-        if not text.isascii():
+    # Written out, not looped over: this runs on every write of the task manager's per-run
+    # path. isascii() is a flag test; only text that is not ASCII can hold a lone surrogate.
+    if not (
+        run.run_id.isascii()
+        and run.module_id.isascii()
+        and run.module_name.isascii()
+        and run.mode.isascii()
+        and (run.error_message is None or run.error_message.isascii())
+        and (run.worker is None or run.worker.isascii())
+    ):
+        for text in (run.run_id, run.module_id, run.module_name, run.mode):
             _check_utf8(run, text)
-    for optional in (run.error_message, run.worker):
-        if optional is not None and not optional.isascii():
-            _check_utf8(run, optional)
-    for name in _INT_FIELDS:
-        value = getattr(run, name)
-        if value is not None and not _LOWEST <= value <= _HIGHEST:
-            raise InvalidRunError(
-                f"run {run.run_id!r}: {name} {value} does not fit in 64 bits, as a registry "
-                "file stores integers"
-            )
+        for optional in (run.error_message, run.worker):
+            if optional is not None:
+                _check_utf8(run, optional)
+    if not (
+        (run.exit_code is None or _LOWEST <= run.exit_code <= _HIGHEST)
+        and (run.pid is None or _LOWEST <= run.pid <= _HIGHEST)
+        and (run.peak_rss_bytes is None or _LOWEST <= run.peak_rss_bytes <= _HIGHEST)
+    ):
+        _refuse_wide_int(run)
     parameters, tail = run.parameters, run.output_tail
     if parameters.__class__ is not dict:
         if not isinstance(parameters, dict):
@@ -121,6 +130,16 @@ def _check_utf8(run: Run, text: str) -> None:
             f"run {run.run_id!r:.80}: text with a lone surrogate cannot be stored "
             f"({exc.object[exc.start : exc.end]!r} in {exc.object!r:.80})"
         ) from None
+
+
+def _refuse_wide_int(run: Run) -> None:
+    for name in _INT_FIELDS:
+        value = getattr(run, name)
+        if value is not None and not _LOWEST <= value <= _HIGHEST:
+            raise InvalidRunError(
+                f"run {run.run_id!r}: {name} {value} does not fit in 64 bits, as a registry "
+                "file stores integers"
+            )
 
 
 def _refuse_field(run: Run) -> None:

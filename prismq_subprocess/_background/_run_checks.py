@@ -15,20 +15,22 @@ from .._core._exceptions import InvalidParametersError, InvalidRunError
 from . import _run_record
 from ._run_record import Run
 
-__all__ = ["check_storable"]
+__all__ = ["FIELD_TYPES", "check_storable"]
 
 # The exact classes of a field's usual values (a subclass, e.g. an IntEnum exit code, takes the
 # slower isinstance test below).
 _OPTIONAL_INT = frozenset({int, type(None)})
 _OPTIONAL_TEXT = frozenset({str, type(None)})
 _OPTIONAL_REAL = frozenset({float, int, type(None)})
-_FIELDS: tuple[tuple[str, tuple[type, ...]], ...] = (
+#: The types a registry file holds for each plain field of a run (bool never, though an int):
+#: the one table both registries check against (SQLite derives its column checks from it).
+FIELD_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("module_id", (str,)),
     ("module_name", (str,)),
-    ("mode", (str,)),
     ("exit_code", (int, type(None))),
     ("error_message", (str, type(None))),
     ("pid", (int, type(None))),
+    ("mode", (str,)),
     ("peak_rss_bytes", (int, type(None))),
     ("cpu_time_seconds", (float, int, type(None))),
     ("worker", (str, type(None))),
@@ -143,7 +145,7 @@ def _refuse_wide_int(run: Run) -> None:
 
 
 def _refuse_field(run: Run) -> None:
-    for name, types in _FIELDS:
+    for name, types in FIELD_TYPES:
         value = getattr(run, name)
         if not isinstance(value, types) or value.__class__ is bool:
             wanted = " or ".join("None" if t is type(None) else t.__name__ for t in types)

@@ -89,6 +89,7 @@ from ._memory_registry import (
     stored_statuses_for,
     unstorable,
 )
+from ._run_checks import FIELD_TYPES
 from ._run_record import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
@@ -661,25 +662,15 @@ def _row_values(run: Run, *, adding: bool = False) -> tuple[Any, ...]:
 # The types a column may hold in a row this library wrote (what sqlite3 hands back for it):
 # anything else is damage, and the row is quarantined rather than served (a bytes module_id
 # breaks a host's json.dumps(run.to_dict()); a text owner_pid broke recovery, so the open).
-_TEXT = (str,)
-_OPTIONAL_TEXT = (str, type(None))
-_OPTIONAL_INT = (int, type(None))
-_OPTIONAL_REAL = (float, int, type(None))
+# (The run's own fields as _run_checks.FIELD_TYPES gives them for both registries; the owner's
+# three columns besides.)
 _COLUMN_TYPES: tuple[tuple[int, str, tuple[type, ...]], ...] = tuple(
     (_COLUMNS.index(name) + 1, name, types)  # + 1: rowid comes first in a _SELECT row
     for name, types in (
-        ("module_id", _TEXT),
-        ("module_name", _TEXT),
-        ("exit_code", _OPTIONAL_INT),
-        ("error_message", _OPTIONAL_TEXT),
-        ("pid", _OPTIONAL_INT),
-        ("mode", _TEXT),
-        ("peak_rss_bytes", _OPTIONAL_INT),
-        ("cpu_time_seconds", _OPTIONAL_REAL),
-        ("owner_host", _OPTIONAL_TEXT),
-        ("owner_pid", _OPTIONAL_INT),
-        ("owner_started_at", _OPTIONAL_REAL),
-        ("worker", _OPTIONAL_TEXT),
+        *FIELD_TYPES,
+        ("owner_host", (str, type(None))),
+        ("owner_pid", (int, type(None))),
+        ("owner_started_at", (float, int, type(None))),
     )
 )
 

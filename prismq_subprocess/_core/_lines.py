@@ -189,9 +189,14 @@ async def _line_blocks(stream: Any, chunk_size: int) -> AsyncIterator[tuple[byte
     while True:
         if first:
             first = False
-            chunk = await _awaitable(read(chunk_size), stream)
+            chunk = await _first_read(read, chunk_size, stream)
         else:
-            chunk = await read(chunk_size)
+            pending = read(chunk_size)
+            try:
+                chunk = await pending
+            except TypeError:
+                _refuse_if_not_awaitable(pending, stream)
+                raise
         if chunk.__class__ is not bytes:
             chunk = _as_bytes(chunk, stream)
         if not chunk:
@@ -219,14 +224,36 @@ async def _line_blocks(stream: Any, chunk_size: int) -> AsyncIterator[tuple[byte
         yield await _join(parts, size), b""
 
 
-def _awaitable(result: Any, stream: Any) -> Any:
-    """``result`` of the first ``stream.read(n)``, if it can be awaited."""
-    if inspect.isawaitable(result):
-        return result
-    raise InvalidArgumentTypeError(
-        f"iter_lines() needs a stream whose read(n) is asynchronous; {type(stream).__name__}"
-        f".read() returned {type(result).__name__}, which cannot be awaited"
-    )
+def _first_read(read: Any, chunk_size: int, stream: Any) -> Any:
+    """The first ``stream.read(chunk_size)``, checked: a ``read`` that takes no size, or whose
+    result cannot be awaited, is the caller's mistake, said as such (it was a bare
+    ``TypeError`` from inside this module)."""
+    try:
+        result = read(chunk_size)
+    except TypeError as exc:
+        try:
+            inspect.signature(read).bind(chunk_size)
+        except TypeError:
+            raise InvalidArgumentTypeError(
+                f"iter_lines() needs a stream whose read(n) takes a size; "
+                f"{type(stream).__name__}.read cannot be called with one ({exc})"
+            ) from exc
+        except ValueError:
+            pass  # no signature to look at (a builtin): the error is read()'s own
+        raise
+    _refuse_if_not_awaitable(result, stream)
+    return result
+
+
+def _refuse_if_not_awaitable(result: Any, stream: Any) -> None:
+    """Refuse ``result`` of ``stream.read(n)`` if it cannot be awaited; checked on the first
+    read and, on the others, only once awaiting one failed (nothing per read)."""
+    if not inspect.isawaitable(result):
+        raise InvalidArgumentTypeError(
+            f"iter_lines() needs a stream whose read(n) is asynchronous; "
+            f"{type(stream).__name__}.read() returned {type(result).__name__}, which cannot be "
+            "awaited"
+        )
 
 
 def _as_bytes(chunk: object, stream: Any) -> bytes:
@@ -361,9 +388,14 @@ async def _decoded_text_batches(
     while True:
         if first:
             first = False
-            chunk = await _awaitable(read(chunk_size), stream)
+            chunk = await _first_read(read, chunk_size, stream)
         else:
-            chunk = await read(chunk_size)
+            pending = read(chunk_size)
+            try:
+                chunk = await pending
+            except TypeError:
+                _refuse_if_not_awaitable(pending, stream)
+                raise
         if chunk.__class__ is not bytes:
             chunk = _as_bytes(chunk, stream)
         final = not chunk

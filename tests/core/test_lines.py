@@ -497,3 +497,35 @@ async def test_a_type_error_inside_a_streams_own_read_is_its_own(encoding: str |
             pass
     assert not isinstance(caught.value, pq.exceptions.InvalidArgumentTypeError)
     assert "concat int to bytes" in str(caught.value)
+
+
+async def test_utf16_a_handler_that_raises_mid_chunk_still_lets_the_lines_before_it_through() -> (
+    None
+):
+    # The UTF-16 path lost the whole chunk's lines when a caller's handler raised something
+    # else than UnicodeDecodeError (known since session 35).
+    import codecs
+
+    def picky(exc: UnicodeError) -> tuple[str, int]:
+        assert isinstance(exc, UnicodeDecodeError)
+        if exc.object[exc.start : exc.end] == b"\x01\xdc":
+            raise ValueError("not that one")
+        return ("?", exc.end)
+
+    codecs.register_error("prismq-test-picky16", picky)
+    data = (
+        "ok1\nok2\nbad".encode("utf-16-le")
+        + b"\x00\xdc"  # a lone low surrogate: handled
+        + "\nworse".encode("utf-16-le")
+        + b"\x01\xdc"  # another: the handler raises
+        + "\nnever\n".encode("utf-16-le")
+    )
+    for size in (len(data), 7):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        lines = pq.iter_lines(
+            ChunkedStream(chunks), encoding="utf-16-le", errors="prismq-test-picky16"
+        )
+        got = [await anext(lines) for _ in range(3)]
+        assert got == ["ok1\n", "ok2\n", "bad?\n"]
+        with pytest.raises(ValueError, match="not that one"):
+            await anext(lines)

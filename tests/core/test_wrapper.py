@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import psutil
@@ -492,6 +493,21 @@ def _pidfds() -> int:
     return count
 
 
+def _pidfd_targets() -> dict[str, str]:
+    """Each open pidfd's descriptor and the pid it refers to (-1: reaped), for a failure."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[pidfd]":
+                with open(f"/proc/self/fdinfo/{name}") as info:
+                    targets[name] = next(
+                        (line.split()[1] for line in info if line.startswith("Pid:")), "?"
+                    )
+        except OSError:
+            continue
+    return targets
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and pidfds")
 # asyncio's transports of a closed loop cannot be closed any more (closing schedules a
 # callback): they warn when collected. They are asyncio's, out of our reach.
@@ -514,7 +530,13 @@ def test_cleanup_after_the_loop_closed_reaps_async_children() -> None:
         os.waitpid(process.pid, os.WNOHANG)  # reaped: no zombie left
     assert process.returncode == -signal.SIGKILL
     if sys.version_info < (3, 12):  # our watcher; 3.12+'s is asyncio's own
-        assert _pidfds() == before
+        # Given a few seconds: on a loaded machine a thread an earlier test of this worker left
+        # (a stop's wait, say) may hold a pidfd of its own for a moment (a CI run found 1 more);
+        # the leak this is about is one held for good.
+        deadline = time.monotonic() + 5.0
+        while _pidfds() != before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pidfds() == before, _pidfd_targets()
     del process
     kept.clear()
     gc.collect()  # (see the warnings filter) here, not in a later test

@@ -48,7 +48,7 @@ from .._core._exceptions import (
     TaskManagerClosedError,
 )
 from .._core._result import ProcessResult
-from .._core._task_start import create_task_takes_context
+from .._core._task_start import create_task_takes_context, loop_makes_plain_tasks
 from .._core._validation import check_flag, check_timeout
 from .._resources._resource_manager import ResourceManager, check_resource_manager
 from ._cancel_result import CancelResult, cancel_elsewhere
@@ -569,10 +569,15 @@ class BackgroundTaskManager(AsyncResource):
         name = f"prismq-run-{run_id}"
         drive = self._drive(entry)
         try:
-            if create_task_takes_context(loop):
-                # The done callback runs in the run's own context instead of a second copy of
-                # the caller's: one Context fewer per live run for the cyclic GC (only where
-                # create_task is sure to take ``context``: asyncio's loops and uvloop's).
+            if loop_makes_plain_tasks(loop):
+                # What asyncio's own create_task would make, without its Python-level call
+                # (per run). The done callback runs in the run's own context instead of a
+                # second copy of the caller's: one Context fewer per live run for the cyclic GC.
+                context = contextvars.copy_context()
+                task = asyncio.tasks.Task(drive, loop=loop, name=name, context=context)
+                task.add_done_callback(entry, context=context)
+            elif create_task_takes_context(loop):
+                # (The same, where create_task is sure to take ``context``: uvloop's.)
                 context = contextvars.copy_context()
                 task = loop.create_task(drive, name=name, context=context)
                 task.add_done_callback(entry, context=context)

@@ -22,6 +22,7 @@ from typing import Any, Unpack, cast, overload
 from .._core._cancel_shield import shielded_if_cancelled, wait_all_or_cancel
 from .._core._closing import AsyncClosing
 from .._core._durations import timeout_seconds
+from .._core._event_loop import running_asyncio_loop
 from .._core._exceptions import (
     InvalidArgumentTypeError,
     InvalidLimitError,
@@ -35,7 +36,7 @@ from .._core._validation import check_flag
 from .._resources._resource_manager import ResourceManager, check_resource_manager
 from .._strategies import SubprocessStrategy
 from ._memory_registry import BaseRunRegistry, RunRegistry, check_registry
-from ._module_runner import ModuleRunner
+from ._module_runner import ModuleRunner, check_run_names
 from ._output_capture import OutputCapture, check_output
 from ._run_record import Run
 from ._start_options import ModuleStartOptions, StartOptions, check_options
@@ -325,7 +326,10 @@ class ConcurrentExecutor(AsyncClosing):
 
     async def _run(self, spec: ModuleSpec) -> dict[str, Any]:
         self._check_open()
-        # Fail on bad input before queueing for a slot.
+        # Fail on bad input, or outside asyncio, before queueing for a slot or admission (both
+        # may wait for ever: resources that stay short).
+        running_asyncio_loop()
+        check_run_names(spec.module_id, spec.module_name, spec.run_id)
         options = spec.start_options()
         self.runner.prepare(_check_script_path(spec.script_path), spec.parameters, **options)
         await self._slots.acquire()  # raises RunnerClosedError if closed meanwhile
@@ -468,7 +472,7 @@ class ConcurrentExecutor(AsyncClosing):
         return await self._run(
             ModuleSpec(
                 module_id,
-                str(module_name),
+                cast("str", module_name),  # (checked by _run as the runner checks it)
                 _check_script_path(script_path),
                 parameters,
                 run_id=run_id,
@@ -493,7 +497,9 @@ class ConcurrentExecutor(AsyncClosing):
             InvalidArgumentTypeError: ``specs`` is not an iterable of items (one spec, one
                 mapping or one ``(module_id, script_path, args)`` tuple given alone, a str,
                 ``None``); nothing runs.
+            NoRunningLoopError: called outside asyncio (trio); nothing runs.
         """
+        running_asyncio_loop()
         # One spec or mapping alone would otherwise be iterated: its keys (or a str's
         # characters, or a guide tuple's fields) would each become an error result, and
         # nothing would run.

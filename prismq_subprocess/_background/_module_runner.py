@@ -25,11 +25,13 @@ from typing import Any, Unpack
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncClosing
 from .._core._durations import timeout_seconds
+from .._core._event_loop import running_asyncio_loop
 from .._core._exceptions import (
     CommandNotFoundError,
     DuplicateRunError,
     InvalidArgumentTypeError,
     InvalidBackendError,
+    InvalidRunError,
     InvalidRunModeError,
     OutputClosedError,
     RunClaimedError,
@@ -74,7 +76,7 @@ from ._run_record import Run, RunStatus
 from ._start_options import CommandStartOptions, ModuleStartOptions, check_options
 from ._task_manager import BackgroundTaskManager
 
-__all__ = ["ModuleRunner"]
+__all__ = ["ModuleRunner", "check_run_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +166,27 @@ def _find_program(
     search = (env or {}).get("PATH", os.environ.get("PATH", os.defpath))
     if shutil.which(program, path=search) is None:
         raise CommandNotFoundError(program, "not on PATH")
+
+
+
+def check_run_names(module_id: object, module_name: object, run_id: object) -> None:
+    """Refuse what a run cannot be named by, as the runner's starts do (the executor checks
+    before it queues for a slot or admission).
+
+    Raises:
+        InvalidArgumentTypeError: ``module_id`` or ``module_name`` is neither a str nor an int
+            (arguments mixed up: None, the parameters' dict...).
+        InvalidRunError: ``run_id`` is given and is not a non-empty str.
+    """
+    for what, value in (("module_id", module_id), ("module_name", module_name)):
+        # An int id is written as text, as before; anything else is a mistake, not a name.
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise InvalidArgumentTypeError(
+                f"{what} must be a str, got {type(value).__name__} {value!r:.80} (the first "
+                "two arguments are module_id and module_name)"
+            )
+    if run_id is not None and (not isinstance(run_id, str) or not run_id):
+        raise InvalidRunError(f"run_id must be a non-empty str, got {run_id!r:.80}")
 
 
 class ModuleRunner(AsyncClosing):
@@ -479,14 +502,7 @@ class ModuleRunner(AsyncClosing):
     def _new_run(
         self, module_id: str, module_name: str, launch: _Launch, run_id: str | None
     ) -> Run:
-        for what, value in (("module_id", module_id), ("module_name", module_name)):
-            # An int id is written as text, as before; anything else is a mistake (arguments
-            # mixed up: None, the parameters' dict...), not a name.
-            if not isinstance(value, str | int) or isinstance(value, bool):
-                raise InvalidArgumentTypeError(
-                    f"{what} must be a str, got {type(value).__name__} {value!r:.80} (the first "
-                    "two arguments are module_id and module_name)"
-                )
+        check_run_names(module_id, module_name, run_id)
         fields: dict[str, Any] = {} if run_id is None else {"run_id": run_id}
         return Run(
             module_id=str(module_id),
@@ -635,6 +651,7 @@ class ModuleRunner(AsyncClosing):
     async def _execute_new(
         self, module_id: str, module_name: str, launch: _Launch, run_id: str | None
     ) -> Run:
+        running_asyncio_loop()  # under trio: refused before the run is stored
         run = self._new_run(module_id, module_name, launch, run_id)
         if run.run_id in self._active:
             # Refused here: the registry may not have the other one yet (it is being stored).
@@ -679,6 +696,7 @@ class ModuleRunner(AsyncClosing):
     async def _start_new(
         self, module_id: str, module_name: str, launch: _Launch, run_id: str | None
     ) -> str:
+        running_asyncio_loop()  # under trio: refused before the run is stored
         run = self._new_run(module_id, module_name, launch, run_id)
         if run.run_id in self._active:
             # A foreground run stored but still PENDING would otherwise be taken over.

@@ -9,6 +9,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._event_loop import running_asyncio_loop
+
 __all__ = ["call_in_daemon_thread"]
 
 
@@ -24,8 +26,11 @@ async def call_in_daemon_thread(
     raised here (a ``StopIteration`` as a ``RuntimeError`` caused by it).
 
     Cancellation: stops waiting; the call goes on in its thread and its result is dropped.
+
+    Raises:
+        NoRunningLoopError: called outside asyncio (trio); nothing was called.
     """
-    loop = asyncio.get_running_loop()
+    loop = running_asyncio_loop()
     # The outcome travels as a result and is raised here, in this frame: a future refuses a
     # StopIteration (TypeError on 3.11/3.12, and the waiter waited for ever), and a
     # GeneratorExit thrown into the awaiting task closes every coroutine up its await chain

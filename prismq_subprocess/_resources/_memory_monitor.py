@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+import threading
+import weakref
+from collections.abc import Awaitable, Coroutine
 from datetime import timedelta
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
+from .._core._event_loop import running_asyncio_loop
 from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
 from .._core._maybe_async import call_callback
 from .._platform import start_afresh_after_fork
@@ -144,6 +147,12 @@ class MemoryMonitor(AsyncResource):
         self._stop_loop: asyncio.AbstractEventLoop | None = None
         self._ended: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        # One per monitor_continuously() call made and not started yet: a stop that comes
+        # before the call's first step (a task created, then a fast shutdown) must still stop
+        # it. Weak: a call never awaited holds nothing up. Guarded: stop_monitoring() may come
+        # from another thread.
+        self._unstarted: weakref.WeakSet[_Call] = weakref.WeakSet()
+        self._unstarted_lock = threading.Lock()
         start_afresh_after_fork(self)
 
     def _forked(self) -> None:
@@ -152,6 +161,8 @@ class MemoryMonitor(AsyncResource):
         self._monitoring = None
         self._stop = self._stop_loop = self._ended = None
         self._task = None
+        self._unstarted = weakref.WeakSet()
+        self._unstarted_lock = threading.Lock()
 
     @property
     def latest(self) -> ResourceSnapshot | None:
@@ -214,19 +225,37 @@ class MemoryMonitor(AsyncResource):
                 await call_callback(self._on_low, snapshot, logger=logger, what="on_low")
         return snapshot
 
-    async def monitor_continuously(self) -> None:
+    def monitor_continuously(self) -> Coroutine[Any, Any, None]:
         """Poll every ``check_interval`` seconds until :meth:`stop_monitoring` is called.
 
         Run it as a task (``asyncio.create_task(monitor.monitor_continuously())``). A failing
         reading is logged and the loop goes on. Calling it while it already runs logs a warning and
         returns at once; called after :meth:`stop_monitoring` while the stopped loop is still
         ending (cancelling its reading), it starts once that one has ended. Cancelling the task
-        ends the loop (the usual way to stop it on shutdown besides ``stop_monitoring``).
+        ends the loop (the usual way to stop it on shutdown besides ``stop_monitoring``). A stop
+        that comes after this call but before its task first ran ends it too (it returns at
+        its first step).
 
         Cancellation: a reading or async callback in progress is cancelled with it; so is one
         in progress when :meth:`stop_monitoring` is called, so a callback that hangs never keeps
         this running.
+
+        Raises:
+            NoRunningLoopError: awaited outside asyncio (trio).
         """
+        # A plain function returning the coroutine: the call itself is recorded, so that a stop
+        # before the coroutine's first step is not lost.
+        call = _Call()
+        with self._unstarted_lock:
+            self._unstarted.add(call)
+        return self._monitor_continuously(call)
+
+    async def _monitor_continuously(self, call: _Call) -> None:
+        with self._unstarted_lock:
+            self._unstarted.discard(call)
+        running_asyncio_loop()
+        if call.stopped:
+            return
         claim = self._claim()
         if claim is None:
             logger.warning("MemoryMonitor is already monitoring; second call ignored")
@@ -305,6 +334,9 @@ class MemoryMonitor(AsyncResource):
         ``monitor_continuously`` call), and from any thread (a synchronous FastAPI endpoint
         runs in a worker thread): the loop is woken at once either way.
         """
+        with self._unstarted_lock:
+            for call in self._unstarted:
+                call.stopped = True
         stop, loop = self._stop, self._stop_loop
         if stop is None or loop is None:
             return
@@ -322,8 +354,12 @@ class MemoryMonitor(AsyncResource):
 
     async def __aenter__(self) -> Self:
         """Run :meth:`monitor_continuously` in a task owned by the monitor; leaving the block
-        calls :meth:`aclose`."""
-        loop = asyncio.get_running_loop()
+        calls :meth:`aclose`.
+
+        Raises:
+            NoRunningLoopError: outside asyncio (trio).
+        """
+        loop = running_asyncio_loop()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             # Claimed here, not in the task: aclose() right after must find the stop request.
             claim = self._claim()
@@ -351,3 +387,13 @@ class MemoryMonitor(AsyncResource):
         # A task of another event loop (one closed while it ran) can't be awaited here.
         if task is not None and task.get_loop() is asyncio.get_running_loop():
             await join_stopped_task(task, logger, "memory monitoring")
+
+
+class _Call:
+    """A :meth:`MemoryMonitor.monitor_continuously` call not started yet, and whether a stop
+    came meanwhile."""
+
+    __slots__ = ("__weakref__", "stopped")
+
+    def __init__(self) -> None:
+        self.stopped = False

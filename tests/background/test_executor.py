@@ -449,3 +449,38 @@ async def test_a_yes_no_admission_option_must_be_a_bool() -> None:
         pq.ConcurrentExecutor(admission_wait="no")  # type: ignore[arg-type]
     with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="admission_wait"):
         pq.BackgroundTaskManager(pq.RunRegistry(), admission_wait="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"module_id": None}, pq.exceptions.InvalidArgumentTypeError),
+        ({"module_name": {"x": 1}}, pq.exceptions.InvalidArgumentTypeError),
+        ({"run_id": 5}, pq.exceptions.InvalidRunError),
+        ({"run_id": ""}, pq.exceptions.InvalidRunError),
+    ],
+)
+async def test_bad_names_are_refused_before_queueing_for_admission(
+    fields: dict[str, Any], error: type[Exception], tmp_path: Path
+) -> None:
+    # A probe's find: a bad module_id, module_name or run_id was refused only once a slot was
+    # free and admission passed; with resources short for good, the call hung (or, with an
+    # admission timeout, raised ResourceWaitTimeoutError about the resources instead).
+    script = tmp_path / "hello.py"
+    script.write_text("print('hi')\n")
+    arguments: dict[str, Any] = {"module_id": "m", "module_name": "M", "run_id": None, **fields}
+    async with pq.ConcurrentExecutor(1, reader(95.0), admission_wait=True) as executor:
+        with pytest.raises(error):
+            await asyncio.wait_for(
+                executor.execute_module(
+                    arguments["module_id"],
+                    arguments["module_name"],
+                    script,
+                    run_id=arguments["run_id"],
+                ),
+                10,
+            )
+        (result,) = await asyncio.wait_for(
+            executor.execute_batch([pq.ModuleSpec(script_path=script, **arguments)]), 10
+        )
+        assert result["status"] == "failed" and error.__name__ in result["error"], result

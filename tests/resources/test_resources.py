@@ -527,6 +527,59 @@ async def test_aclose_right_after_async_with_entry_stops_the_loop_not_yet_starte
     assert not monitor.is_monitoring
 
 
+@pytest.mark.parametrize("how", ["stop_monitoring", "aclose", "stop_from_a_thread"])
+async def test_a_stop_before_the_monitoring_task_first_ran_ends_it(how: str) -> None:
+    # A probe's find: the guide's pattern (a task for monitor_continuously(), later
+    # stop_monitoring(), then await the task) hung when the stop came before the task's first
+    # step (a fast shutdown, a test): the call had been made, but its stop request was only
+    # registered once it ran, so the stop was dropped and monitoring went on for good.
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=FakeReader())
+    task = asyncio.create_task(monitor.monitor_continuously())
+    if how == "stop_monitoring":
+        monitor.stop_monitoring()
+    elif how == "aclose":
+        await monitor.aclose()
+    else:
+        await asyncio.to_thread(monitor.stop_monitoring)
+    await asyncio.wait_for(task, 5)
+    assert not monitor.is_monitoring
+    # A stop does not pre-empt a later call: monitoring starts again, and stops again.
+    again = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.sleep(0.2)
+    assert monitor.is_monitoring
+    monitor.stop_monitoring()
+    await asyncio.wait_for(again, 5)
+
+
+async def test_a_monitoring_call_never_awaited_blocks_nothing() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=FakeReader())
+    dropped = monitor.monitor_continuously()
+    dropped.close()  # (a coroutine made and thrown away)
+    del dropped
+    gc.collect()
+    task = asyncio.create_task(monitor.monitor_continuously())
+    await asyncio.sleep(0.2)
+    assert monitor.is_monitoring
+    monitor.stop_monitoring()
+    await asyncio.wait_for(task, 5)
+
+
+def test_monitoring_started_by_asyncio_run_itself_is_stopped_by_its_task() -> None:
+    monitor = MemoryMonitor(80.0, check_interval=0.1, reader=FakeReader())
+
+    async def stop_soon() -> None:
+        await asyncio.sleep(0.3)
+        monitor.stop_monitoring()
+
+    async def main() -> None:
+        stopper = asyncio.create_task(stop_soon())
+        await asyncio.wait_for(monitor.monitor_continuously(), 5)
+        await stopper
+
+    asyncio.run(main())
+    assert not monitor.is_monitoring
+
+
 def test_stop_monitoring_from_another_thread_stops_at_once() -> None:
     # A sync FastAPI endpoint runs in a worker thread. Event.set() from there did not wake the
     # loop: monitoring went on for up to check_interval (and debug mode raised RuntimeError).

@@ -34,6 +34,7 @@ from .._core._slots import Slots
 from .._core._tree_stop import DEFAULT_GRACE_PERIOD
 from .._core._validation import check_flag
 from .._resources._resource_manager import ResourceManager, check_resource_manager
+from .._resources._resource_manager import admission as admission_of
 from .._strategies import SubprocessStrategy
 from ._memory_registry import BaseRunRegistry, RunRegistry, check_registry
 from ._module_runner import ModuleRunner, check_run_names
@@ -301,7 +302,7 @@ class ConcurrentExecutor(AsyncClosing):
         closed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._close_signals.add(closed)
         admission: asyncio.Future[Any] = asyncio.ensure_future(
-            manager.admit(wait=self.admission_wait, timeout=self.admission_timeout)
+            admission_of(manager, self.admission_wait, self.admission_timeout)
         )
         try:
             await asyncio.wait({admission, closed}, return_when=asyncio.FIRST_COMPLETED)

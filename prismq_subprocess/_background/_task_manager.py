@@ -50,7 +50,11 @@ from .._core._exceptions import (
 from .._core._result import ProcessResult
 from .._core._task_start import create_task_takes_context, loop_makes_plain_tasks
 from .._core._validation import check_flag, check_timeout
-from .._resources._resource_manager import ResourceManager, check_resource_manager
+from .._resources._resource_manager import (
+    ResourceManager,
+    admission,
+    check_resource_manager,
+)
 from ._cancel_result import CancelResult, cancel_elsewhere
 from ._cancel_watch import CancelRequestWatcher
 from ._memory_registry import (
@@ -904,9 +908,7 @@ class BackgroundTaskManager(AsyncResource):
         if self.resource_manager is None:
             return None
         try:
-            await self.resource_manager.admit(
-                wait=self.admission_wait, timeout=self.admission_timeout
-            )
+            await admission(self.resource_manager, self.admission_wait, self.admission_timeout)
         except ResourceLimitException as exc:
             logger.warning(
                 "background run %s (%s) refused admission: %s",

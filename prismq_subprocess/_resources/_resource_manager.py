@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -28,7 +30,13 @@ from ._readings import (
     read_in_thread,
 )
 
-__all__ = ["LimitViolation", "ResourceCheck", "ResourceManager", "check_resource_manager"]
+__all__ = [
+    "LimitViolation",
+    "ResourceCheck",
+    "ResourceManager",
+    "admission",
+    "check_resource_manager",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -251,9 +259,34 @@ def check_resource_manager(value: object, owner: str) -> ResourceManager | None:
     """
     if value is None or isinstance(value, ResourceManager):
         return value
+    if isinstance(value, type):
+        # Its admit is a plain function: every start failed with a bare TypeError about self.
+        raise InvalidArgumentTypeError(
+            f"{owner}: resource_manager must be an instance (ResourceManager(...)), not the "
+            f"class {value.__name__}"
+        )
     if callable(getattr(value, "admit", None)):
         return value  # type: ignore[return-value]  # (a host's own admission control)
     raise InvalidArgumentTypeError(
         f"{owner}: resource_manager must be a ResourceManager (or have its admit()) or None, "
         f"got {value!r}"
     )
+
+
+def admission(
+    manager: ResourceManager, wait: bool, timeout: float | timedelta | None
+) -> Awaitable[ResourceCheck]:
+    """``manager.admit(wait=wait, timeout=timeout)``, checked to be awaitable (a host's own
+    admission control whose ``admit()`` is synchronous failed each start with asyncio's bare
+    ``TypeError``).
+
+    Raises:
+        InvalidArgumentTypeError: ``admit()`` returned something that cannot be awaited.
+    """
+    pending = manager.admit(wait=wait, timeout=timeout)
+    if not inspect.isawaitable(pending):
+        raise InvalidArgumentTypeError(
+            f"resource_manager.admit() must be asynchronous (awaitable), got "
+            f"{type(pending).__name__} from {type(manager).__name__}.admit()"
+        )
+    return pending

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
+from pathlib import Path
 
 import anyio
 import psutil
@@ -25,7 +26,9 @@ from anyio_support import closed_by_a_cancelled_scope
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import prismq_subprocess as pq
 from prismq_subprocess._core._exceptions import (
+    InvalidArgumentTypeError,
     InvalidIntervalError,
     InvalidLimitError,
     InvalidReadingError,
@@ -1011,3 +1014,44 @@ def test_evaluate_refuses_what_is_no_reading(snapshot: object) -> None:
         manager.evaluate(snapshot)  # type: ignore[arg-type]
     ok = ResourceSnapshot(memory_percent=60.0, available_bytes=1, total_bytes=2)
     assert manager.evaluate(ok).ok is False
+
+
+class _SyncAdmit:
+    """A host's own admission control whose admit() is synchronous (not awaitable)."""
+
+    def admit(self, *, wait: bool = True, timeout: float | None = None) -> None:
+        return None
+
+
+@pytest.mark.parametrize("owner", ["executor", "task_manager"])
+def test_the_resource_manager_class_itself_is_refused_at_construction(owner: str) -> None:
+    # A probe's find: resource_manager=ResourceManager (the class, not an instance) was
+    # accepted, and every start then failed with a bare TypeError about admit()'s self.
+    with pytest.raises(InvalidArgumentTypeError, match="instance"):
+        if owner == "executor":
+            pq.ConcurrentExecutor(1, pq.ResourceManager)  # type: ignore[arg-type]
+        else:
+            pq.BackgroundTaskManager(pq.RunRegistry(), resource_manager=pq.ResourceManager)  # type: ignore[arg-type]
+
+
+async def test_an_admit_that_is_not_awaitable_is_a_clear_error(tmp_path: Path) -> None:
+    # ...and one whose admit() is synchronous failed each start with asyncio's bare TypeError.
+    script = tmp_path / "hello.py"
+    script.write_text("print('hi')\n")
+    async with pq.ConcurrentExecutor(1, _SyncAdmit()) as executor:  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentTypeError, match="awaitable"):
+            await executor.execute_module("m", "M", script)
+    async with pq.RunRegistry() as registry:
+        manager = pq.BackgroundTaskManager(registry, resource_manager=_SyncAdmit())  # type: ignore[arg-type]
+
+        async def work() -> None:
+            return None
+
+        run = pq.Run(module_id="m")
+        await manager.start_task(run, work())
+        await manager.wait_all()
+        stored = await registry.get_run(run.run_id)
+        assert stored is not None and stored.status is pq.RunStatus.FAILED
+        assert "InvalidArgumentTypeError" in (stored.error_message or "")
+        assert "awaitable" in (stored.error_message or "")
+        await manager.shutdown()

@@ -58,12 +58,14 @@ GuideItem = tuple[str, StrPath, Sequence[StrPath]]
 
 def _is_one_guide_item(specs: object) -> bool:
     """``specs`` has the shape of one guide ``(module_id, script_path, args)`` item: a str and a
-    path can never be batch items themselves."""
+    path can never be batch items themselves, and its args are a list (or None); a list of
+    three script paths is three (bad) items, as two or four are."""
     return (
         isinstance(specs, tuple | list)
         and len(specs) == 3
         and isinstance(specs[0], str)
         and isinstance(specs[1], str | os.PathLike)
+        and (specs[2] is None or isinstance(specs[2], list | tuple))
     )
 
 
@@ -504,10 +506,13 @@ class ConcurrentExecutor(AsyncClosing):
         # One spec or mapping alone would otherwise be iterated: its keys (or a str's
         # characters, or a guide tuple's fields) would each become an error result, and
         # nothing would run.
-        if (
-            isinstance(specs, ModuleSpec | Mapping | str | bytes)
-            or not isinstance(specs, Iterable)
-            or _is_one_guide_item(specs)
+        if _is_one_guide_item(specs):
+            raise InvalidArgumentTypeError(
+                "execute_batch() takes an iterable of specs; this is one (module_id, "
+                "script_path, args) item: put it in a list"
+            )
+        if isinstance(specs, ModuleSpec | Mapping | str | bytes) or not isinstance(
+            specs, Iterable
         ):
             raise InvalidArgumentTypeError(
                 "execute_batch() takes an iterable of specs (a list of ModuleSpec, mappings or "

@@ -484,3 +484,15 @@ async def test_bad_names_are_refused_before_queueing_for_admission(
             executor.execute_batch([pq.ModuleSpec(script_path=script, **arguments)]), 10
         )
         assert result["status"] == "failed" and error.__name__ in result["error"], result
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+async def test_a_list_of_script_paths_gets_one_error_result_per_item_whatever_its_length(
+    count: int,
+) -> None:
+    # A probe's find: exactly three paths were taken for one (module_id, script_path, args)
+    # item and refused as a whole with "not list"; two or four gave a result per item.
+    async with ConcurrentExecutor(run_mode="dry_run") as ex:
+        results = await ex.execute_batch([f"job{i}.py" for i in range(count)])  # type: ignore[misc]
+    assert len(results) == count
+    assert all(r["error_type"] == "InvalidArgumentTypeError" for r in results), results

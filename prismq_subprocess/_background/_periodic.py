@@ -69,7 +69,7 @@ from .._core._exceptions import (
     InvalidTaskError,
     NoRunningLoopError,
 )
-from .._core._maybe_async import is_async_callable
+from .._core._maybe_async import generator_function_kind, is_async_callable
 from .._core._validation import check_flag
 
 __all__ = ["PeriodicTask", "PeriodicTaskStats"]
@@ -236,10 +236,12 @@ class PeriodicTask(AsyncResource):
         sleep: Callable[[float], Awaitable[object]] | None = None,
         **kwargs: Any,
     ) -> None:
-        if inspect.isasyncgenfunction(task_func):
-            # Its call makes a generator that nothing would iterate: the body would never run.
+        kind = generator_function_kind(task_func)
+        if kind is not None:
+            # Its call makes a generator that nothing would iterate: the body would never run
+            # (and every "run" counted as a success).
             raise InvalidTaskError(
-                f"task_func must be a function or coroutine function, not an async generator "
+                f"task_func must be a function or coroutine function, not a {kind} "
                 f"function: {task_func!r}"
             )
         if not callable(task_func):

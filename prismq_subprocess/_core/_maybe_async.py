@@ -33,3 +33,14 @@ async def call_callback(
             await result
     except (Exception, SystemExit):
         logger.exception("%s callback %r raised", what, callback)
+
+
+def generator_function_kind(func: object) -> str | None:
+    """``"async generator"`` or ``"generator"`` if calling ``func`` makes a generator (whose
+    body runs only when something iterates it: a callback or task function of that kind would
+    never run), else ``None``."""
+    if inspect.isasyncgenfunction(func):
+        return "async generator"
+    if inspect.isgeneratorfunction(func):
+        return "generator"
+    return None

@@ -15,7 +15,7 @@ from .._core._closing import AsyncResource, join_stopped_task
 from .._core._durations import interval_seconds
 from .._core._event_loop import running_asyncio_loop
 from .._core._exceptions import InvalidIntervalError, InvalidLimitError, InvalidTaskError
-from .._core._maybe_async import call_callback
+from .._core._maybe_async import call_callback, generator_function_kind
 from .._platform import start_afresh_after_fork
 from ._readings import (
     PsutilResourceReader,
@@ -53,11 +53,11 @@ class MemoryMonitor(AsyncResource):
     """Watch system memory use against ``max_memory_percent``.
 
     The monitor is *high* once memory use reaches ``max_memory_percent`` and becomes *low* again
-    only when it falls to ``max_memory_percent - hysteresis`` or below, so a reading hovering
-    around the threshold does not flap. ``on_high`` / ``on_low`` (sync or async; exceptions are
-    logged and swallowed) are called with the reading on each such transition, by
-    :meth:`monitor_continuously`. The monitor starts *low*: a first reading above the limit
-    fires ``on_high``.
+    only when it falls to ``max_memory_percent - hysteresis`` or below (with a hysteresis of 0:
+    below the limit), so a reading hovering around the threshold does not flap. ``on_high`` /
+    ``on_low`` (sync or async; exceptions are logged and swallowed) are called with the reading
+    on each such transition, by :meth:`monitor_continuously`. The monitor starts *low*: a first
+    reading above the limit fires ``on_high``.
 
     ``async with MemoryMonitor(...) as monitor:`` monitors in a task of its own for the duration
     of the block; :meth:`aclose` (what leaving the block does) stops it.
@@ -118,6 +118,12 @@ class MemoryMonitor(AsyncResource):
         for name, callback in (("on_high", on_high), ("on_low", on_low)):
             if callback is not None and not callable(callback):
                 raise InvalidTaskError(f"{name} must be callable or None, got {callback!r}")
+            kind = generator_function_kind(callback)
+            if kind is not None:  # (its body would never run)
+                raise InvalidTaskError(
+                    f"{name} must be a function or coroutine function, not a {kind} function: "
+                    f"{callback!r}"
+                )
         check_reader(reader)
         self.hysteresis = float(hysteresis)
         self._on_high = on_high
@@ -218,7 +224,13 @@ class MemoryMonitor(AsyncResource):
             )
             if self._on_high is not None:
                 await call_callback(self._on_high, snapshot, logger=logger, what="on_high")
-        elif self._is_high and percent <= self.max_memory_percent - self.hysteresis:
+        elif self._is_high and (
+            percent <= self.max_memory_percent - self.hysteresis
+            if self.hysteresis
+            # Without hysteresis, low is below the limit: a reading that stays at the limit
+            # flipped high and low at every poll.
+            else percent < self.max_memory_percent
+        ):
             self._is_high = False
             logger.info("memory use %.1f%% is back under the limit", percent)
             if self._on_low is not None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -1055,3 +1055,43 @@ async def test_an_admit_that_is_not_awaitable_is_a_clear_error(tmp_path: Path) -
         assert "InvalidArgumentTypeError" in (stored.error_message or "")
         assert "awaitable" in (stored.error_message or "")
         await manager.shutdown()
+
+
+async def test_without_hysteresis_a_reading_at_the_limit_stays_high() -> None:
+    # A probe's find: with hysteresis=0, a reading that stayed exactly at the limit flipped
+    # high and low at every poll (high at >= the limit, low at <= the same value).
+    events: list[str] = []
+    monitor = MemoryMonitor(
+        80.0,
+        hysteresis=0,
+        reader=FakeReader([80.0]),
+        on_high=lambda s: events.append("high"),
+        on_low=lambda s: events.append("low"),
+    )
+    for _ in range(4):
+        await monitor.poll()
+    assert events == ["high"] and monitor.is_high
+    monitor._reader = FakeReader([79.9])
+    await monitor.poll()
+    assert events == ["high", "low"] and not monitor.is_high
+
+
+def _generator(*_: object) -> Iterable[None]:
+    yield None
+
+
+async def _async_generator(*_: object) -> AsyncIterator[None]:
+    yield None
+
+
+@pytest.mark.parametrize("func", [_generator, _async_generator], ids=["generator", "async-gen"])
+def test_generator_functions_are_refused_as_callbacks_and_task_functions(
+    func: Callable[..., object],
+) -> None:
+    # A probe's find: their bodies never ran (a generator made and dropped), and every
+    # PeriodicTask "run" counted as a success.
+    for name in ("on_high", "on_low"):
+        with pytest.raises(InvalidTaskError, match="generator"):
+            MemoryMonitor(80.0, **{name: func})  # type: ignore[arg-type]
+    with pytest.raises(InvalidTaskError, match="generator"):
+        pq.PeriodicTask("p", 1.0, func)

@@ -492,7 +492,9 @@ def open_read_only(path: str, timeout: float) -> sqlite3.Connection:
     Raises:
         sqlite3.Error: what SQLite raises (not a database, locked...).
     """
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    # Quoted from the path's bytes: a folder name that is not UTF-8 (a Latin-1 one, decoded
+    # with surrogate escapes) failed the quoting of its text with a UnicodeEncodeError.
+    uri = "file:" + urllib.parse.quote(os.fsencode(os.path.abspath(path))) + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
     try:
         conn.execute("PRAGMA user_version").fetchone()

@@ -209,6 +209,10 @@ async def _get(registry: pq.SQLiteRunRegistry, run_id: str, db: str) -> pq.Run:
 def _stored_rows(db: str, run_id: str) -> int:
     """How many rows of ``run_id`` the file's runs table holds, read or not: a damaged row
     the library skips still counts (blocking)."""
+    try:
+        run_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return 0  # (bytes that are not UTF-8 on the command line: no stored id can hold them)
     conn = open_read_only(db, _BUSY_SECONDS)
     try:
         query = "SELECT count(*) FROM runs WHERE run_id = ?"
@@ -225,6 +229,9 @@ async def _log_path(log_dir: str, run_id: str) -> Path:
         raise CliError(f"--log-dir: {exc}", EXIT_USAGE) from None
     try:
         path = capture.log_path(run_id)
+    except pq.exceptions.InvalidRunIdError as exc:
+        # A run id too long to name a file: its run (of an app that keeps no logs) has none.
+        raise CliError(f"run {run_id!r:.80} has no output log: {exc}", EXIT_FAILURE) from None
     finally:
         await capture.aclose()
     assert path is not None  # a capture with a log_dir always has one
@@ -297,9 +304,21 @@ async def _follow(
                 EXIT_FAILURE,
             )
         await asyncio.sleep(interval)
+    if not offset and not await asyncio.to_thread(path.exists):
+        # Finished, and no log ever came: as without --follow (a mistyped --log-dir printed
+        # nothing and exited 0, so a script could not tell the output was not shown).
+        raise _no_log_error(path)
     code = "" if finished.exit_code is None else f", exit code {finished.exit_code}"
     print(f"run {run_id} {finished.status.value}{code}", file=sys.stderr)
     return EXIT_OK
+
+
+def _no_log_error(path: Path) -> CliError:
+    return CliError(
+        f"no output log {str(path)!r} (the run printed nothing yet, or its log directory is "
+        "another one)",
+        EXIT_FAILURE,
+    )
 
 
 async def _tail(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int:
@@ -318,11 +337,7 @@ async def _tail(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
     if args.follow:
         return await _follow(registry, args.run_id, args.db, path, args.interval)
     if not path.exists():
-        raise CliError(
-            f"no output log {str(path)!r} (the run printed nothing yet, or its log "
-            "directory is another one)",
-            EXIT_FAILURE,
-        )
+        raise _no_log_error(path)
     await _copy_to_stdout(path, 0)
     return EXIT_OK
 

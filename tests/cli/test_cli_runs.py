@@ -765,3 +765,90 @@ def test_the_view_judges_owners_as_recovery_does(
     finally:
         owner.kill()
         owner.communicate()
+
+
+# -- odd names: a probe's finds (session 36) --------------------------------------------------
+def test_a_registry_in_a_folder_whose_name_is_not_utf8_is_read(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # A Latin-1 folder name: `runs` crashed with a UnicodeEncodeError traceback (the read-only
+    # URI was quoted as UTF-8), though the library opened the same file read-write.
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/lat\xe9"))
+    folder.mkdir()
+    shutil.copy(registry.db, folder / "runs.db")
+    for where in (
+        {"cwd": str(folder), "db": "runs.db"},
+        {"cwd": None, "db": str(folder / "runs.db")},
+    ):
+        result = cli("runs", "--db", where["db"] or "", cwd=where["cwd"])  # type: ignore[arg-type]
+        assert result.returncode == 0, result.stderr
+        assert registry.completed.run_id.encode() in result.stdout
+
+
+def test_a_run_id_that_is_not_utf8_is_an_unknown_run(registry: Registry) -> None:
+    # `runs show $'\xff'` crashed with a UnicodeEncodeError traceback.
+    for command in ("show", "tail"):
+        result = subprocess.run(
+            [
+                *CLI[:1],
+                *[os.fsencode(a) for a in CLI[1:]],
+                b"runs",
+                command,
+                b"\xff",
+                b"--db",
+                os.fsencode(registry.db),
+            ],
+            capture_output=True,
+            env=cli_env(None),
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1, result.stderr
+        assert b"no run" in result.stderr and b"Traceback" not in result.stderr
+
+
+def _store_finished_run(db: Path, run_id: str) -> None:
+    async def store() -> None:
+        async with pq.SQLiteRunRegistry(db) as registry:
+            run = pq.Run(module_id="m", module_name="M", run_id=run_id)
+            await registry.add_run(run)
+            run.mark_running(pid=None)
+            await registry.update_run(run)
+            run.mark_completed(0)
+            await registry.update_run(run)
+
+    asyncio.run(store())
+
+
+def test_tail_of_a_run_whose_id_cannot_name_a_log_file_is_a_one_line_error(
+    tmp_path: Path,
+) -> None:
+    # An app that keeps no log files may use long run ids; `runs tail --log-dir` on one
+    # crashed with an InvalidRunIdError traceback.
+    db, run_id = tmp_path / "runs.db", "a" * 300
+    _store_finished_run(db, run_id)
+    for follow in ([], ["-f"]):
+        result = cli("runs", "tail", run_id, "--db", str(db), "--log-dir", str(tmp_path), *follow)
+        assert result.returncode == 1, result.stderr
+        assert b"too long" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_tail_follow_of_a_finished_run_without_its_log_fails_as_without_follow(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # A mistyped --log-dir: with -f the command printed nothing and exited 0, so a script
+    # could not tell that the output was lost; without -f it exits 1.
+    run = registry.completed
+    for follow in ([], ["-f"]):
+        result = cli(
+            "runs",
+            "tail",
+            run.run_id,
+            "--db",
+            str(registry.db),
+            "--log-dir",
+            str(tmp_path / "logz"),
+            *follow,
+        )
+        assert result.returncode == 1, (follow, result.stdout, result.stderr)
+        assert b"no output log" in result.stderr

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -60,10 +61,16 @@ def check_registry_file(path: str) -> None:
             another process holds its lock for longer than ``_BUSY_SECONDS`` (exit 1).
     """
     file = Path(path)
-    if not file.exists():
+    try:
+        exists, is_file = file.exists(), file.is_file()
+    except PermissionError as exc:  # a folder on the way this user may not search
+        raise CliError(f"cannot reach {path!r}: {exc.strerror}", EXIT_USAGE) from None
+    if not exists:
         raise CliError(f"no registry file {path!r} (runs never creates one)", EXIT_USAGE)
-    if not file.is_file():
+    if not is_file:
         raise CliError(f"{path!r} is not a file", EXIT_USAGE)
+    if not os.access(file, os.R_OK):
+        raise CliError(f"cannot read {path!r}: permission denied", EXIT_USAGE)
     try:
         conn = open_read_only(str(file.resolve()), _BUSY_SECONDS)
         try:
@@ -76,6 +83,16 @@ def check_registry_file(path: str) -> None:
     except sqlite3.Error as exc:
         if _is_locked(exc):
             raise _locked_error(path) from None
+        folder = file.resolve().parent
+        if not os.access(folder, os.W_OK) and _cannot_open_or_write(exc):
+            # A WAL file's reader makes its -shm file beside it: another user's registry, in
+            # their folder, is then unreadable here (it was called "not a SQLite registry").
+            raise CliError(
+                f"cannot read {path!r}: this user may not write its folder {str(folder)!r}, "
+                "where SQLite keeps a registry's shared-memory file (-shm) while reading it; "
+                f"run as the registry's owner, or copy the file elsewhere ({exc})",
+                EXIT_USAGE,
+            ) from None
         raise CliError(f"{path!r} is not a SQLite run registry: {exc}", EXIT_USAGE) from None
     if version < 1 or has_runs is None:
         raise CliError(
@@ -83,6 +100,11 @@ def check_registry_file(path: str) -> None:
             "(no runs table); it was left untouched",
             EXIT_USAGE,
         )
+
+
+def _cannot_open_or_write(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY)
 
 
 def _when(value: datetime | None, suffix: str = "") -> str:

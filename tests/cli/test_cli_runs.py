@@ -852,3 +852,54 @@ def test_tail_follow_of_a_finished_run_without_its_log_fails_as_without_follow(
         )
         assert result.returncode == 1, (follow, result.stdout, result.stderr)
         assert b"no output log" in result.stderr
+
+
+def _as_an_ordinary_user() -> list[str]:
+    """A prefix that runs a command without the override capabilities (root here: permission
+    bits then apply), or without any change for another user."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permission bits do not apply")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def test_permission_problems_are_said_as_such(registry: Registry, tmp_path: Path) -> None:
+    # A probe's find: another user's registry, readable in a folder this user may not write,
+    # and one this user may not read, were both "not a SQLite run registry"; a folder that
+    # may not be searched was exit 1 with a bare errno text.
+    prefix = _as_an_ordinary_user()
+    nobody = 65534
+    cases = {}
+    for name, file_mode, folder_mode in (
+        ("read_only_folder", 0o644, 0o755),
+        ("unreadable_file", 0o000, 0o755),
+        ("unsearchable_folder", 0o644, 0o700),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(registry.db, folder / "runs.db")
+        os.chmod(folder / "runs.db", file_mode)
+        os.chmod(folder, folder_mode)
+        if prefix:
+            os.chown(folder, nobody, nobody)
+            os.chown(folder / "runs.db", nobody, nobody)
+        cases[name] = folder / "runs.db"
+    os.chmod(tmp_path, 0o755)
+    expected = {
+        "read_only_folder": b"may not write its folder",
+        "unreadable_file": b"permission denied",
+        "unsearchable_folder": b"cannot reach",
+    }
+    for name, db in cases.items():
+        result = subprocess.run(
+            [*prefix, *CLI, "runs", "--db", str(db)],
+            capture_output=True,
+            env=cli_env(None),
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, (name, result.stderr)
+        assert expected[name] in result.stderr, (name, result.stderr)
+        assert b"not a SQLite" not in result.stderr and b"Traceback" not in result.stderr

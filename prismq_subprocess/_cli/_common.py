@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
@@ -94,6 +96,18 @@ def byte_writer(stream: TextIO | None) -> Callable[[bytes], None]:
     def write_fd(data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view) :]
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                # A descriptor its giver left non-blocking (a node or Go parent sharing the
+                # pipe), read slowly: wait until it takes more rather than cut the output.
+                _wait_writable(fd)
 
     return write_fd
+
+
+def _wait_writable(fd: int) -> None:
+    try:
+        select.select([], [fd], [], 1.0)
+    except (OSError, ValueError):  # (Windows' select takes only sockets)
+        time.sleep(0.01)

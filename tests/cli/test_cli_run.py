@@ -686,3 +686,36 @@ def test_ctrl_z_at_a_terminal_suspends_the_command_with_this_command_line() -> N
         kill_quietly([p.pid for p in command])
         shell.wait(timeout=10)
         os.close(master)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="O_NONBLOCK on a pipe")
+def test_a_stdout_left_non_blocking_by_the_parent_still_gets_the_whole_output() -> None:
+    # A probe's find: a pipe left in O_NONBLOCK mode by the parent (a node or Go process
+    # sharing it) and read slowly: the forwarder's write failed with EAGAIN, the output was
+    # cut at 65,536 of 1,000,000 bytes and the command line exited 125.
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    flags = fcntl.fcntl(write_end, fcntl.F_GETFL)
+    fcntl.fcntl(write_end, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    code = "import sys; sys.stdout.buffer.write(b'x' * 1_000_000)"
+    proc = subprocess.Popen(
+        [*CLI, "run", *_py(code)],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(),
+    )
+    os.close(write_end)
+    try:
+        time.sleep(1.5)  # the reader is slow to start
+        got = 0
+        while chunk := os.read(read_end, 65536):
+            got += len(chunk)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (got, err, proc.returncode) == (1_000_000, b"", 0)

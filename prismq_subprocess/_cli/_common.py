@@ -23,6 +23,7 @@ __all__ = [
     "byte_writer",
     "format_pairs",
     "print_json",
+    "shown",
     "signal_exit_code",
 ]
 
@@ -49,6 +50,17 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# Control characters in text from elsewhere (a module name, an error, output, a command) are
+# shown escaped: raw, an escape sequence could rewrite the terminal, and a newline or tab breaks
+# the layout.
+_CONTROLS = {code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def shown(text: str) -> str:
+    """``text`` with its control characters escaped, as ``repr()`` writes them."""
+    return text.translate(_CONTROLS)
 
 
 def format_pairs(pairs: Iterable[tuple[str, str]], indent: str = "") -> str:

@@ -34,6 +34,7 @@ from ._common import (
     CliError,
     byte_writer,
     format_pairs,
+    shown,
     signal_exit_code,
 )
 
@@ -498,7 +499,7 @@ class _Runner:
         if self.args.timeout is not None:
             pairs.append(("timeout", f"{self.args.timeout:g} s"))
         print("dry run: nothing was started")
-        print(format_pairs(pairs))
+        print(format_pairs((key, shown(value)) for key, value in pairs))
         return EXIT_OK
 
     async def main(self) -> int:

@@ -28,6 +28,7 @@ from ._common import (
     byte_writer,
     format_pairs,
     print_json,
+    shown,
 )
 
 __all__ = ["add_parser", "check_registry_file"]
@@ -123,17 +124,6 @@ def _duration(seconds: float | None) -> str:
     return f"{int(hours)}h{int(minutes):02d}m"
 
 
-# Control characters in run data (a module name, an error, output) are shown escaped: raw,
-# an escape sequence could rewrite the terminal, and a newline or tab breaks the layout.
-_CONTROLS = {
-    code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0))
-}
-
-
-def _shown(text: str) -> str:
-    return text.translate(_CONTROLS)
-
-
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -160,9 +150,9 @@ def _render_list(runs: list[pq.Run], total: int, gone: set[str], unreadable: int
     for run in runs:
         rows.append(
             [
-                _shown(run.run_id),
+                shown(run.run_id),
                 _status_text(run, run.run_id in gone),
-                _shown(run.module_name or run.module_id or "-"),
+                shown(run.module_name or run.module_id or "-"),
                 _when(run.created_at),
                 _duration(run.duration),
                 "-" if run.exit_code is None else str(run.exit_code),
@@ -209,9 +199,9 @@ def _render_run(run: pq.Run, gone: bool) -> str:
         ("cpu time", "-" if run.cpu_time_seconds is None else f"{run.cpu_time_seconds:.2f}s"),
         ("owner", _owner_text(run, gone)),
     ]
-    pairs = [(key, _shown(value)) for key, value in pairs]
+    pairs = [(key, shown(value)) for key, value in pairs]
     lines = [format_pairs(pairs), f"output tail ({len(run.output_tail)} line(s)):"]
-    lines.extend(f"  {_shown(line)}" for line in run.output_tail)
+    lines.extend(f"  {shown(line)}" for line in run.output_tail)
     return "\n".join(lines)
 
 

@@ -441,6 +441,19 @@ def test_dry_run_prints_and_starts_nothing(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_dry_run_escapes_control_characters_it_prints() -> None:
+    # A probe's find: the command and --env were printed raw, so an escape sequence reached
+    # the terminal and a newline broke the `key : value` layout (`runs` escapes them).
+    result = cli(
+        "run", "--mode", "dry-run", "--env", "A=x\n\x1b[31mred", "--", "echo", "\x1b]0;title\x07"
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.decode()
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b]0;title\\x07" in text and "A=x\\n\\x1b[31mred" in text
+    assert len(text.splitlines()) == 6  # the heading and five pairs, none broken
+
+
 def test_dry_run_from_the_environment() -> None:
     result = cli("run", "--", "rm", "-rf", "/nonexistent-dir", env={"PRISMQ_RUN_MODE": "dry-run"})
     assert result.returncode == 0

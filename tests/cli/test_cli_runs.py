@@ -903,3 +903,16 @@ def test_permission_problems_are_said_as_such(registry: Registry, tmp_path: Path
         assert result.returncode == 2, (name, result.stderr)
         assert expected[name] in result.stderr, (name, result.stderr)
         assert b"not a SQLite" not in result.stderr and b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("interval", ["1e400", "inf", "nan", "0", "-1"])
+def test_a_bad_follow_interval_is_refused_saying_what_it_must_be(
+    registry: Registry, interval: str
+) -> None:
+    # "must be a number > 0, got '1e400'" misled: 1e400 is a number above 0 (an infinite one).
+    result = cli(
+        "runs", "tail", registry.completed.run_id, "--db", str(registry.db),
+        "--log-dir", str(registry.logs), "-f", "--interval", interval,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert b"must be a finite number > 0" in result.stderr

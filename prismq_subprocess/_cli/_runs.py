@@ -9,6 +9,7 @@ import math
 import os
 import sqlite3
 import sys
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -406,8 +407,30 @@ def _run(args: argparse.Namespace) -> int:
         args.parser.error("--db FILE is required")
     if args.runs_action is _tail and args.follow and args.log_dir is None:
         args.parser.error("--follow needs --log-dir (the registry keeps only the last lines)")
-    check_registry_file(args.db)
+    _interruptibly(check_registry_file, args.db)
     return asyncio.run(_with_registry(args))
+
+
+def _interruptibly(func: Callable[[str], None], path: str) -> None:
+    """``func(path)`` in a daemon thread, waited for here: SQLite's wait for a locked file
+    (up to ``_BUSY_SECONDS``) holds the thread that runs it, and Ctrl-C took effect only once
+    it returned (4-5 s); this wait is cut short by the signal at once."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            func(path)
+        except BaseException as exc:  # raised in the caller's thread below
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=target, name="prismq-cli-check", daemon=True)
+    thread.start()
+    thread.join()
+    error = outcome[0]
+    if error is not None:
+        raise error
 
 
 def _limit(text: str) -> int:

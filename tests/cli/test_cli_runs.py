@@ -20,6 +20,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from cli_support import CLI, cli, cli_env, start_cli
 
@@ -418,6 +419,20 @@ def test_a_locked_registry_is_reported_as_locked(registry: Registry, tmp_path: P
         result = cli("runs", "--db", str(db))
         assert result.returncode == 1, result.stderr
         assert b"is locked by another process; try again" in result.stderr
+        # Ctrl-C while it waits for the lock ends it at once: it took effect only when
+        # SQLite's wait (5 s) returned (a probe's find).
+        waiting = start_cli("runs", "--db", str(db))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(  # waiting in SQLite: the file is open
+            Path(f.path) == db.resolve() for f in psutil.Process(waiting.pid).open_files()
+        ):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        interrupted = time.monotonic()
+        waiting.send_signal(signal.SIGINT)
+        waiting.communicate(timeout=30)
+        assert waiting.returncode == 130
+        assert time.monotonic() - interrupted < 2.5
     finally:
         locker.kill()
         locker.communicate()

@@ -148,6 +148,7 @@ class ResourceManager:
                 measure_cpu=max_cpu_percent is not None, include_children=False
             )
         )
+        self._warned_no_cpu = False
 
     def evaluate(self, snapshot: ResourceSnapshot) -> ResourceCheck:
         """Judge ``snapshot`` against the limits (pure; no reading is taken).
@@ -168,6 +169,15 @@ class ResourceManager:
                 )
             )
         cpu = snapshot.cpu_percent
+        if self.max_cpu_percent is not None and cpu is None and not self._warned_no_cpu:
+            # Said once: the limit is not checked while the readings carry no CPU figure (a
+            # reader of the host's that leaves it out), and silence hid that.
+            self._warned_no_cpu = True
+            logger.warning(
+                "max_cpu_percent=%s is not checked: the resource readings carry no "
+                "cpu_percent (the reader leaves it out)",
+                self.max_cpu_percent,
+            )
         if self.max_cpu_percent is not None and cpu is not None and cpu >= self.max_cpu_percent:
             violations.append(
                 LimitViolation("cpu_percent", self.max_cpu_percent, cpu, cpu - self.max_cpu_percent)

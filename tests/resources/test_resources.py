@@ -1095,3 +1095,16 @@ def test_generator_functions_are_refused_as_callbacks_and_task_functions(
             MemoryMonitor(80.0, **{name: func})  # type: ignore[arg-type]
     with pytest.raises(InvalidTaskError, match="generator"):
         pq.PeriodicTask("p", 1.0, func)
+
+
+async def test_a_cpu_limit_the_readings_cannot_check_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A probe's find: with max_cpu_percent set, a reader that leaves cpu_percent out turned
+    # the CPU limit off without a word.
+    manager = ResourceManager(90.0, max_cpu_percent=50.0, reader=FakeReader([10.0]))
+    with caplog.at_level(logging.WARNING, logger="prismq_subprocess._resources._resource_manager"):
+        assert await manager.check_resources()
+        assert await manager.check_resources()
+    warned = [r for r in caplog.records if "max_cpu_percent=50.0 is not checked" in r.getMessage()]
+    assert len(warned) == 1

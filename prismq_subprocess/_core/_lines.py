@@ -191,12 +191,7 @@ async def _line_blocks(stream: Any, chunk_size: int) -> AsyncIterator[tuple[byte
             first = False
             chunk = await _first_read(read, chunk_size, stream)
         else:
-            pending = read(chunk_size)
-            try:
-                chunk = await pending
-            except TypeError:
-                _refuse_if_not_awaitable(pending, stream)
-                raise
+            chunk = await _next_read(read, chunk_size, stream)
         if chunk.__class__ is not bytes:
             chunk = _as_bytes(chunk, stream)
         if not chunk:
@@ -243,6 +238,18 @@ def _first_read(read: Any, chunk_size: int, stream: Any) -> Any:
         raise
     _refuse_if_not_awaitable(result, stream)
     return result
+
+
+async def _next_read(read: Any, chunk_size: int, stream: Any) -> Any:
+    """A later ``stream.read(chunk_size)``: one whose result cannot be awaited (a stream that
+    turned synchronous) is refused as the first read's would be, checked only once awaiting it
+    failed (nothing per read)."""
+    pending = read(chunk_size)
+    try:
+        return await pending
+    except TypeError:
+        _refuse_if_not_awaitable(pending, stream)
+        raise
 
 
 def _refuse_if_not_awaitable(result: Any, stream: Any) -> None:
@@ -390,12 +397,7 @@ async def _decoded_text_batches(
             first = False
             chunk = await _first_read(read, chunk_size, stream)
         else:
-            pending = read(chunk_size)
-            try:
-                chunk = await pending
-            except TypeError:
-                _refuse_if_not_awaitable(pending, stream)
-                raise
+            chunk = await _next_read(read, chunk_size, stream)
         if chunk.__class__ is not bytes:
             chunk = _as_bytes(chunk, stream)
         final = not chunk

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 import os
 import subprocess
 import sys
@@ -29,22 +28,6 @@ from prismq_subprocess._platform import Containment, platform_ops
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX trees; see docs/WINDOWS.md")
 
 GRACE = 2.0  # the fixtures' grace_period
-
-
-def _our_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    """Our loggers' records only: asyncio's "Task was destroyed but it is pending!" for a task
-    an earlier test left on a loop it closed on purpose comes whenever a collection frees it."""
-    return [r for r in caplog.records if r.name.startswith("prismq_subprocess")]
-
-
-async def wait_marked(mark: str, count: int = 3) -> None:
-    await asyncio.to_thread(wait_for_marked, mark, count)
-
-
-async def assert_no_survivors(mark: str, grace: float = GRACE) -> None:
-    alive = await asyncio.to_thread(survivors_after, mark, grace + 1.0)
-    assert alive == [], f"survivors: {alive}"
-
 
 SLEEPER = py("import time; time.sleep(60)")
 

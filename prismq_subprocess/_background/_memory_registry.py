@@ -744,8 +744,8 @@ class RunRegistry(BaseRunRegistry):
 
     def _update_run_now(self, run: Run) -> None:
         """:meth:`update_run` without the coroutine: the same checks, copy and errors."""
+        check_storable(run, adding=False)  # (first, as SQLite checks the row it builds)
         stored = self._stored_to_update(run)
-        check_storable(run, adding=False)
         owner = stored.owner
         tail = run.output_tail
         run._copy_into(stored, list(tail) if tail else _NO_LINES)

@@ -9,13 +9,14 @@ file: it makes the same checks here, with the same errors.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from .._core._exceptions import InvalidParametersError, InvalidRunError
 from . import _run_record
-from ._run_record import Run
+from ._run_record import Run, RunOwner
 
-__all__ = ["FIELD_TYPES", "check_storable"]
+__all__ = ["FIELD_TYPES", "check_run_fields", "check_storable"]
 
 # The exact classes of a field's usual values (a subclass, e.g. an IntEnum exit code, takes the
 # slower isinstance test below).
@@ -69,17 +70,7 @@ def check_storable(run: Run, *, adding: bool) -> None:
         pass
     else:
         _refuse_field(run)
-    owner = run.owner
-    if owner is not None and owner is not _run_record._current_owner and not (
-        owner.host.__class__ is str
-        and owner.pid.__class__ is int
-        and owner.started_at.__class__ in _OPTIONAL_REAL
-        and owner.started_at is not None
-    ):
-        raise InvalidRunError(
-            f"run {run.run_id!r}: its owner must have a str host, an int pid and a number "
-            f"started_at to be stored, got {owner!r}"
-        )
+    check_run_fields(run)
     # Written out, not looped over: this runs on every write of the task manager's per-run
     # path. isascii() is a flag test; only text that is not ASCII can hold a lone surrogate.
     if not (
@@ -120,6 +111,64 @@ def check_storable(run: Run, *, adding: bool) -> None:
             f"run {run.run_id!r}: output_tail must be a list of str lines, got a "
             f"{type(bad).__name__} in it"
         )
+
+
+def check_run_fields(run: Run) -> None:
+    """Raise what neither registry can store of ``run``'s id, owner, times and CPU time (both
+    check it first): the constructor checks these, but a run's fields may be assigned later.
+
+    Raises:
+        InvalidRunError: ``run_id`` not a non-empty str; an owner that is not a
+            :class:`RunOwner` of a str host (UTF-8), an int pid and a number start time; a
+            time that is not a timezone-aware datetime (a naive one, stored in memory, broke
+            every later ``list_runs()``); a NaN CPU time or owner start time (SQLite stores
+            NaN as NULL: the owner was lost, and its live run marked INTERRUPTED).
+    """
+    run_id = run.run_id
+    if not run_id or not isinstance(run_id, str):
+        raise InvalidRunError(f"run_id must be a non-empty str, got {run_id!r:.80}")
+    owner = run.owner
+    if owner is not None and owner is not _run_record._current_owner:
+        _check_owner(run, owner)
+    created, started, finished = run.created_at, run.started_at, run.finished_at
+    if not (
+        (created.__class__ is datetime and created.tzinfo is UTC)
+        and (started is None or (started.__class__ is datetime and started.tzinfo is UTC))
+        and (finished is None or (finished.__class__ is datetime and finished.tzinfo is UTC))
+    ):
+        _check_times(run)
+    cpu = run.cpu_time_seconds
+    if cpu.__class__ is float and cpu != cpu:
+        raise InvalidRunError(f"run {run_id!r}: cpu_time_seconds is NaN, which cannot be stored")
+
+
+def _check_owner(run: Run, owner: object) -> None:
+    if not isinstance(owner, RunOwner) or not (
+        owner.host.__class__ is str
+        and owner.pid.__class__ is int
+        and owner.started_at.__class__ in _OPTIONAL_REAL
+        and owner.started_at is not None
+        and owner.started_at == owner.started_at  # (not NaN)
+    ):
+        raise InvalidRunError(
+            f"run {run.run_id!r}: its owner must be a RunOwner with a str host (owner_host), "
+            f"an int pid (owner_pid) and a number started_at (owner_started_at) to be stored, "
+            f"got {owner!r}"
+        )
+    if not owner.host.isascii():
+        _check_utf8(run, owner.host)
+
+
+def _check_times(run: Run) -> None:
+    for name in ("created_at", "started_at", "finished_at"):
+        value = getattr(run, name)
+        if value is None and name != "created_at":
+            continue
+        if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidRunError(
+                f"run {run.run_id!r}: {name} must be a timezone-aware datetime to be stored, "
+                f"got {value!r:.80}"
+            )
 
 
 def _check_utf8(run: Run, text: str) -> None:

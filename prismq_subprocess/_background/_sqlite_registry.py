@@ -89,7 +89,7 @@ from ._memory_registry import (
     stored_statuses_for,
     unstorable,
 )
-from ._run_checks import FIELD_TYPES
+from ._run_checks import FIELD_TYPES, check_run_fields
 from ._run_record import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
@@ -594,6 +594,7 @@ def _row_values(run: Run, *, adding: bool = False) -> tuple[Any, ...]:
     """
     # Made on the loop for every write: _to_micros written out, and the status's value read
     # from its member (``_value_``) rather than through the enum's ``value`` property.
+    check_run_fields(run)
     owner = run.owner
     parameters, tail = run.parameters, run.output_tail
     if type(parameters) is not dict and not isinstance(parameters, dict):

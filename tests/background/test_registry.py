@@ -635,6 +635,21 @@ UNSTORABLE: dict[str, tuple[dict[str, object], type[Exception]]] = {
     "lone surrogate in error_message": ({"error_message": "\udce9!"}, InvalidRunError),
     "lone surrogate in worker": ({"worker": "w\udce9"}, InvalidRunError),
     "exit_code past 64 bits": ({"exit_code": -(2**63) - 1}, InvalidRunError),
+    # A probe's finds (session 36), each assigned after construction, which checks them:
+    # a naive created_at was stored in memory, then list_runs()/delete_older_than() failed
+    # for every caller ("can't compare offset-naive and offset-aware datetimes"); SQLite gave
+    # a bare TypeError; NaN became NULL in SQLite (a NaN owner start time dropped the owner,
+    # and the next open marked a live owner's run INTERRUPTED); an empty run_id was stored,
+    # then quarantined by the first read; an int run_id or a tuple owner gave a bare
+    # AttributeError.
+    "naive created_at": ({"created_at": datetime(2026, 1, 1)}, InvalidRunError),
+    "str finished_at": ({"finished_at": "2026-01-01"}, InvalidRunError),
+    "None created_at": ({"created_at": None}, InvalidRunError),
+    "naive started_at": ({"started_at": datetime(2026, 1, 1)}, InvalidRunError),
+    "NaN cpu time": ({"cpu_time_seconds": float("nan")}, InvalidRunError),
+    "NaN owner start": ({"owner": RunOwner("h", 1, float("nan"))}, InvalidRunError),
+    "owner tuple": ({"owner": ("h", 1, 0.0)}, InvalidRunError),
+    "lone surrogate in owner host": ({"owner": RunOwner("h\udc80", 1, 1.0)}, InvalidRunError),
     "peak past 64 bits": ({"peak_rss_bytes": 2**63}, InvalidRunError),
     "tail of bytes": ({"output_tail": [b"x"]}, InvalidRunError),
     "parameters object": ({"parameters": {"a": object()}}, InvalidParametersError),
@@ -648,9 +663,14 @@ async def test_every_registry_refuses_what_a_file_cannot_hold(
     registry: BaseRunRegistry, case: str
 ) -> None:
     fields, error = UNSTORABLE[case]
+    fresh = Run(module_id="m")
+    for name, value in fields.items():
+        setattr(fresh, name, value)  # (after construction: the constructor checks some)
     with pytest.raises(error):
-        await registry.add_run(Run(**fields))  # type: ignore[arg-type]
+        await registry.add_run(fresh)
     assert await registry.count_runs() == 0
+    assert await registry.list_runs() == []
+    assert await registry.delete_older_than(timedelta(days=1)) == 0
     if case == "parameters NaN":
         return  # (an update keeps what an older release may have stored with NaN in it)
     stored = Run(module_id="m")
@@ -670,4 +690,15 @@ async def test_every_registry_refuses_an_owner_a_file_cannot_hold(
     odd.owner = RunOwner("host", "abc", 1.0)  # type: ignore[arg-type]
     with pytest.raises(InvalidRunError, match="owner"):
         await registry.add_run(odd)
+    assert await registry.count_runs() == 0
+
+
+@pytest.mark.parametrize("run_id", ["", 123])
+async def test_every_registry_refuses_a_run_id_set_after_construction_that_is_no_id(
+    registry: BaseRunRegistry, run_id: object
+) -> None:
+    run = Run(module_id="m")
+    run.run_id = run_id  # type: ignore[assignment]
+    with pytest.raises((InvalidRunError, InvalidRunIdError)):
+        await registry.add_run(run)
     assert await registry.count_runs() == 0

@@ -903,6 +903,12 @@ async def test_an_owner_start_that_is_no_number_does_not_stop_the_file_opening(
     owner = RunOwner(RunOwner.current().host, 1, started)
     async with SQLiteRunRegistry(path) as registry:
         run = Run(module_id="m", owner=owner)
+        if math.isnan(started):
+            # Refused since session 36: SQLite stored NaN as NULL, which lost the owner (and
+            # the next open marked the run of a live owner INTERRUPTED).
+            with pytest.raises(pq.exceptions.InvalidRunError, match="owner_started_at"):
+                await registry.add_run(run)
+            return
         await registry.add_run(run)
     async with SQLiteRunRegistry(path) as registry:
         assert registry.interrupted_run_ids == [run.run_id]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import math
+import sys
 from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Self
@@ -149,6 +150,10 @@ async def settle_orphan(registry: BaseRunRegistry, run_id: str) -> Run | None:
     return None
 
 
+# An int wait longer than this cannot be a float (asyncio's clock): a bare OverflowError.
+_LONGEST_INT_WAIT = int(sys.float_info.max)
+
+
 def check_wait(timeout: float | None, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
     """Refuse a bad ``timeout`` / ``poll_interval`` of a wait on the registry.
 
@@ -160,15 +165,19 @@ def check_wait(timeout: float | None, poll_interval: float = DEFAULT_POLL_INTERV
         isinstance(timeout, bool)
         or not isinstance(timeout, int | float)
         or not timeout >= 0  # also refuses NaN
+        or (isinstance(timeout, int) and timeout > _LONGEST_INT_WAIT)  # (no float holds it)
     ):
-        raise InvalidTimeoutError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
+        raise InvalidTimeoutError(f"timeout must be seconds >= 0 or None, got {timeout!r:.40}")
     if (
         isinstance(poll_interval, bool)
         or not isinstance(poll_interval, int | float)
+        or (isinstance(poll_interval, int) and poll_interval > _LONGEST_INT_WAIT)
         or not math.isfinite(poll_interval)
         or poll_interval <= 0
     ):
-        raise InvalidIntervalError(f"poll_interval must be seconds > 0, got {poll_interval!r}")
+        raise InvalidIntervalError(
+            f"poll_interval must be seconds > 0, got {poll_interval!r:.40}"
+        )
 
 
 def not_registered(run_id: str) -> RunNotFoundError:
@@ -622,9 +631,12 @@ class BaseRunRegistry(AsyncResource):
         # The first unfinished look checks the owner too: a wait shorter than the interval
         # (runner.cancel(timeout=0.5), say, called again and again) would never check it.
         next_owner_check = loop.time()
-        async with asyncio.timeout(timeout):
+        # The first look is not timed: a run that has finished (or is unknown) is answered
+        # whatever the timeout (SQLite's look takes a trip to its thread: timeout=0 raised
+        # TimeoutError for a finished run).
+        run = await self.get_run(run_id)
+        async with asyncio.timeout(timeout):  # (a past deadline cancels at the next await)
             while True:
-                run = await self.get_run(run_id)
                 if run is None or run.is_finished:
                     return run
                 if loop.time() >= next_owner_check:
@@ -634,8 +646,10 @@ class BaseRunRegistry(AsyncResource):
                         seen = await settle_orphan(self, run_id)
                         if seen is not None:  # a read-only registry's answer
                             return seen
+                        run = await self.get_run(run_id)
                         continue
                 await asyncio.sleep(poll_interval)
+                run = await self.get_run(run_id)
 
 
 # The output tail of every stored run that has none (see RunRegistry._add_run_now): never

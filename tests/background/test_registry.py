@@ -15,10 +15,12 @@ from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
 from prismq_subprocess._core._exceptions import (
     DuplicateRunError,
     InvalidArgumentTypeError,
+    InvalidIntervalError,
     InvalidParametersError,
     InvalidQueryError,
     InvalidRunError,
     InvalidRunIdError,
+    InvalidTimeoutError,
     PrismQError,
     RegistryClosedError,
     RunClaimedError,
@@ -702,3 +704,35 @@ async def test_every_registry_refuses_a_run_id_set_after_construction_that_is_no
     with pytest.raises((InvalidRunError, InvalidRunIdError)):
         await registry.add_run(run)
     assert await registry.count_runs() == 0
+
+
+async def test_every_registry_answers_a_wait_with_no_time_for_a_finished_or_unknown_run(
+    registry: BaseRunRegistry,
+) -> None:
+    # A probe's find: SQLite's wait_finished(timeout=0) (or shorter than one trip to its
+    # thread) raised TimeoutError for a run that had already finished, and for an unknown one;
+    # the memory registry returned the run and None.
+    run = Run(module_id="m")
+    await registry.add_run(run)
+    run.mark_running(pid=None)
+    await registry.update_run(run)
+    run.mark_failed("boom")
+    await registry.update_run(run)
+    for timeout in (0, 1e-6):
+        done = await registry.wait_finished(run.run_id, timeout=timeout)
+        assert done is not None and done.status is RunStatus.FAILED
+        assert await registry.wait_finished("never-added", timeout=timeout) is None
+    waiting = Run(module_id="m")
+    await registry.add_run(waiting)
+    with pytest.raises(TimeoutError):
+        await registry.wait_finished(waiting.run_id, timeout=0)
+
+
+@pytest.mark.parametrize("option", ["timeout", "poll_interval"])
+async def test_every_registry_refuses_a_wait_of_an_int_too_large_for_a_float(
+    registry: BaseRunRegistry, option: str
+) -> None:
+    # A bare OverflowError ("int too large to convert to float") in both.
+    error = InvalidTimeoutError if option == "timeout" else InvalidIntervalError
+    with pytest.raises(error):
+        await registry.wait_finished("r", **{option: 10**400})  # type: ignore[arg-type]

@@ -374,6 +374,20 @@ def _file_kind_now(conn: sqlite3.Connection, path: str) -> str:
     raise _foreign(path, f"no prismq_subprocess application_id; {found}")
 
 
+# SQLite's longest busy wait: a 32-bit count of milliseconds. A longer one overflowed, and
+# SQLite took it as no wait at all.
+_LONGEST_BUSY_WAIT = (2**31 - 1) / 1000
+
+
+def _busy_seconds(busy_timeout: float) -> float:
+    """``busy_timeout`` as SQLite can wait it (at most about 24.8 days)."""
+    return min(busy_timeout, _LONGEST_BUSY_WAIT)
+
+
+def _busy_pragma(busy_timeout: float) -> str:
+    return f"PRAGMA busy_timeout = {int(_busy_seconds(busy_timeout) * 1000)}"
+
+
 def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
     """Switch ``conn``'s file to WAL and return the journal mode it has then. SQLite answers a
     switch that meets another connection's lock with SQLITE_BUSY at once (no busy handler), as
@@ -495,6 +509,7 @@ def open_read_only(path: str, timeout: float) -> sqlite3.Connection:
     # Quoted from the path's bytes: a folder name that is not UTF-8 (a Latin-1 one, decoded
     # with surrogate escapes) failed the quoting of its text with a UnicodeEncodeError.
     uri = "file:" + urllib.parse.quote(os.fsencode(os.path.abspath(path))) + "?mode=ro"
+    timeout = _busy_seconds(timeout)
     conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
     try:
         conn.execute("PRAGMA user_version").fetchone()
@@ -536,7 +551,7 @@ def _connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise RegistrySchemaError(f"{path!r} is not a usable registry: {exc}") from exc
     try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        conn.execute(_busy_pragma(busy_timeout))
         kind = _file_kind(conn, path)
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if kind == "ours" and version > SCHEMA_VERSION:
@@ -816,7 +831,9 @@ class _Database:
             return
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
         try:
-            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            self.conn = sqlite3.connect(
+                path, timeout=_busy_seconds(busy_timeout), isolation_level=None
+            )
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorname", "") == "SQLITE_CANTOPEN":
                 _raise_if_unopenable(path, exc)
@@ -824,7 +841,7 @@ class _Database:
                 raise RegistryOpenError(f"cannot open the registry file {path!r}: {exc}") from exc
             raise
         try:
-            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            self.conn.execute(_busy_pragma(busy_timeout))
             # Before anything that writes (the journal mode is stored in the file): a foreign
             # database, or one of ours from a newer version, must be left exactly as it was.
             if _file_kind(self.conn, path) == "ours":
@@ -1311,13 +1328,15 @@ class SQLiteRunRegistry(BaseRunRegistry):
         path: file path (``":memory:"`` gives a private, non-persistent database without WAL).
         max_runs, max_age: retention, see :class:`BaseRunRegistry`.
         busy_timeout: seconds (or a ``timedelta``) to wait for another process's write lock
-            before failing; finite and >= 0.
+            before failing; finite and >= 0. SQLite waits at most about 24.8 days
+            (2**31 - 1 ms): a longer one waits that long.
         read_only: open an existing registry for reading only (``mode=ro``): no migration, no
             recovery on open, no quarantine of damaged rows (they are skipped); for tools
             that watch a file other processes write, such as ``prismq runs``.
 
     Raises:
         InvalidTimeoutError: ``busy_timeout`` is not a finite number >= 0 (at construction).
+        RegistryOpenError: ``path`` holds a NUL byte (at construction).
         InvalidQueryError: bad ``max_runs`` / ``max_age`` (at construction).
         RegistrySchemaError: (on open) the file is not a registry of ours or has a newer schema;
             with ``read_only``, also a missing file or an older schema.
@@ -1348,6 +1367,9 @@ class SQLiteRunRegistry(BaseRunRegistry):
             raise InvalidArgumentTypeError(
                 f"path must be a str or os.PathLike, got {type(path).__name__} {path!r:.60}"
             ) from None
+        if ("\0" if isinstance(self.path, str) else b"\0") in self.path:
+            # (A bare ValueError from the first open, in the worker thread.)
+            raise RegistryOpenError(f"a registry path cannot hold a NUL byte: {self.path!r:.80}")
         # Checked now: a bad value used to fail only inside open(), in the worker thread.
         seconds: float | None = None
         if isinstance(busy_timeout, timedelta):

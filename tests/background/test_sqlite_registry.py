@@ -914,3 +914,34 @@ async def test_an_owner_start_that_is_no_number_does_not_stop_the_file_opening(
         assert registry.interrupted_run_ids == [run.run_id]
         got = await registry.get_run(run.run_id)
         assert got is not None and got.status is RunStatus.INTERRUPTED
+
+
+def test_a_busy_timeout_beyond_sqlites_longest_waits_that_long(tmp_path: Path) -> None:
+    # A probe's find: a busy_timeout over 2,147,483.647 s (SQLite's longest: a 32-bit count of
+    # milliseconds) overflowed, and SQLite took it as no wait at all: "effectively forever"
+    # failed at once with RegistryBusyError.
+    path = tmp_path / "runs.db"
+
+    async def main() -> float:
+        async with SQLiteRunRegistry(path):
+            pass
+        locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        locker.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(1.0, lambda: locker.execute("COMMIT"))
+        release.start()
+        try:
+            started = time.monotonic()
+            async with SQLiteRunRegistry(path, busy_timeout=timedelta(days=30)) as registry:
+                await registry.add_run(Run(module_id="m"))
+            return time.monotonic() - started
+        finally:
+            release.join()
+            locker.close()
+
+    assert asyncio.run(main()) >= 0.5  # it waited for the lock rather than failing at once
+
+
+def test_a_path_with_a_nul_byte_is_refused_at_construction() -> None:
+    # A bare ValueError ("embedded null byte") from the first open, in its thread.
+    with pytest.raises(pq.exceptions.RegistryOpenError, match="NUL"):
+        SQLiteRunRegistry("runs\0.db")

@@ -4,6 +4,7 @@ host application's code in a chosen mode (or in DRY_RUN with a script) without t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from .._platform import PlatformOps
 from .._strategies import STRATEGIES, SubprocessStrategy
 from ._detect import ModeDecision, ModeSource
-from ._exceptions import InvalidRunModeError
+from ._exceptions import InvalidArgumentTypeError, InvalidRunModeError
 from ._modes import RunMode
 
 if TYPE_CHECKING:
@@ -22,6 +23,16 @@ __all__ = ["StrategyOverride", "active_override", "override_strategy", "warn_if_
 
 #: What an override installs: a mode, or a factory returning a fresh strategy per wrapper.
 StrategySource: TypeAlias = RunMode | str | Callable[[], SubprocessStrategy]
+
+
+def _needs_arguments(func: Callable[..., object]) -> bool:
+    try:
+        inspect.signature(func).bind()
+    except TypeError:
+        return True
+    except ValueError:  # no signature to look at (a builtin): taken as given
+        return False
+    return False
 
 
 class StrategyOverride:
@@ -34,6 +45,14 @@ class StrategyOverride:
         if isinstance(source, str):
             self.mode = RunMode.parse(source)
         elif callable(source):
+            if _needs_arguments(source):
+                # A DryRunScript (called with each command) given for script.strategy: it failed
+                # later, where the application built a wrapper, with a bare TypeError.
+                raise InvalidArgumentTypeError(
+                    f"override_strategy takes a callable with no arguments that returns a new "
+                    f"SubprocessStrategy; {source!r:.80} needs arguments (a DryRunScript? pass "
+                    "script.strategy)"
+                )
             self._factory = source
         else:
             raise InvalidRunModeError(
@@ -103,6 +122,8 @@ def override_strategy(strategy: StrategySource, *, reason: str | None = None) ->
         InvalidRunModeError: ``strategy`` names no mode, or is neither a mode nor a callable
             (at once); the callable returned something that is not a strategy (when a wrapper
             is built).
+        InvalidArgumentTypeError: a callable that cannot be called without arguments (a
+            ``DryRunScript`` given for ``script.strategy``), at once.
     """
     override = StrategyOverride(strategy, reason or f"override_strategy({_name(strategy)})")
     with _lock:

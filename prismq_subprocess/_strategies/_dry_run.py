@@ -226,6 +226,12 @@ class DryRunRecorder:
         if callable(responses):
             self._handler = responses
         elif responses is not None:
+            if not isinstance(responses, Mapping):
+                # (It failed at once with a bare AttributeError: a list has no items().)
+                raise InvalidArgumentTypeError(
+                    "DryRunRecorder takes a mapping of command -> answer, or a handler called "
+                    f"with each DryRunCall; not {type(responses).__name__}"
+                )
             for key, answer in responses.items():
                 coerced = _coerce(answer)
                 if coerced is None:
@@ -354,6 +360,14 @@ class DryRunStrategy(SubprocessStrategy):
         recorder: DryRunRecorder | None = None,
     ) -> None:
         super().__init__(max_workers=max_workers, ops=ops)
+        if recorder is not None and not isinstance(recorder, DryRunRecorder):
+            # A table or a DryRunScript (itself a handler *for* a recorder) failed the first
+            # run with a bare AttributeError.
+            raise InvalidArgumentTypeError(
+                f"recorder must be a DryRunRecorder, not {type(recorder).__name__} (a table or "
+                "handler goes in DryRunRecorder(...); a DryRunScript gives its own strategy: "
+                "script.strategy())"
+            )
         self.recorder = recorder or DryRunRecorder()
 
     def _record(

@@ -7,6 +7,7 @@ it never expected.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -130,6 +131,11 @@ def _matcher(
         raise InvalidArgumentTypeError(
             f"match must be a callable taking a DryRunCall, not {type(match).__name__}"
         )
+    if inspect.iscoroutinefunction(match) or inspect.isasyncgenfunction(match):
+        # Its result (a coroutine) is always true: the rule would answer every command.
+        raise InvalidArgumentTypeError(
+            f"match must be a plain function returning a bool, not an async function: {match!r}"
+        )
     predicate: Callable[[DryRunCall], Any] = match
     shown = getattr(match, "__qualname__", repr(match))
     return f"match {shown}", lambda call: bool(predicate(call))
@@ -150,9 +156,12 @@ def _prefix_matcher(start: Command) -> tuple[str, Predicate]:
 
 
 def _regex_matcher(regex: object) -> tuple[str, Predicate]:
-    if not isinstance(regex, str | re.Pattern):
+    if not isinstance(regex, str | re.Pattern) or isinstance(
+        getattr(regex, "pattern", regex), bytes
+    ):
+        # (A bytes pattern failed every later run: commands are matched as text.)
         raise InvalidArgumentTypeError(
-            f"regex must be a str or a compiled pattern, not {type(regex).__name__}"
+            f"regex must be a str or a compiled str pattern, not {regex!r:.60}"
         )
     try:
         pattern = re.compile(regex)
@@ -311,7 +320,19 @@ class DryRunScript:
         with self._lock:
             used_up = []
             for rule in self._rules:
-                if rule.matches(call):
+                try:
+                    matched = rule.matches(call)
+                except Exception as exc:
+                    # The test's own predicate is broken: said as such, and kept as unscripted
+                    # so that the plugin fails the test even if the application swallows this.
+                    self._unmatched.append(call)
+                    self._unscripted.append(call)
+                    raise UnscriptedCommandError(
+                        f"DRY_RUN: the match predicate of {rule!r} raised "
+                        f"{type(exc).__name__} for {call.args!r}: {exc}",
+                        call.args,
+                    ) from exc
+                if matched:
                     if rule._take(call):
                         return rule.response
                     used_up.append(rule)

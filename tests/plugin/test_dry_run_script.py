@@ -226,3 +226,54 @@ async def test_arguments_are_checked_but_the_program_is_not_looked_up(tmp_path: 
         with pytest.raises(errors.CommandNotFoundError):
             await real.run("no-such-program-here", "--flag")
     assert script.commands == [("no-such-program-here", "--flag")]
+
+
+# -- misuses found by a probe (session 36) ------------------------------------------------------
+async def test_a_match_predicate_that_raises_is_a_scripting_error_the_test_cannot_swallow() -> None:
+    # It raised the predicate's bare error into the application, which could catch it and
+    # pass; the call was neither recorded nor listed as unscripted.
+    script = testing.DryRunScript()
+    script.register(match=lambda call: call.args[5] == "x", stdout="never")
+    async with wrapper_for(script) as w:
+        with pytest.raises(errors.UnscriptedCommandError, match="match predicate") as caught:
+            await w.run(PY, "-V")
+    assert isinstance(caught.value.__cause__, IndexError)
+    assert [call.args for call in script.unscripted] == [(PY, "-V")]
+
+
+def test_an_async_match_predicate_is_refused() -> None:
+    # Its result (a coroutine) is always true: the rule answered every command.
+    async def wanted(call: testing.DryRunCall) -> bool:
+        return call.args[0] == "git"
+
+    script = testing.DryRunScript()
+    with pytest.raises(errors.InvalidArgumentTypeError, match="async"):
+        script.register(match=wanted, stdout="x")
+
+
+def test_a_bytes_regex_is_refused() -> None:
+    # Accepted, then every run raised a bare TypeError (a bytes pattern on text).
+    script = testing.DryRunScript()
+    for regex in (re.compile(rb"git"), rb"git"):
+        with pytest.raises(errors.InvalidArgumentTypeError, match="str"):
+            script.register(regex=regex, stdout="x")  # type: ignore[arg-type]
+
+
+def test_recorders_and_strategies_of_the_wrong_kind_are_refused() -> None:
+    # Accepted, then the first run failed with a bare AttributeError (a list for the
+    # recorder's results, a dict or a DryRunScript as a strategy's recorder).
+    with pytest.raises(errors.InvalidArgumentTypeError):
+        testing.DryRunRecorder([(("git",), 0)])  # type: ignore[arg-type]
+    for recorder in ({("git",): 0}, testing.DryRunScript()):
+        with pytest.raises(errors.InvalidArgumentTypeError, match="recorder"):
+            testing.DryRunStrategy(recorder=recorder)  # type: ignore[arg-type]
+
+
+def test_override_strategy_given_a_script_rather_than_its_strategy_is_refused() -> None:
+    # override_strategy(script) (forgetting .strategy) failed later, where the application
+    # built a wrapper, with a bare TypeError.
+    with (
+        pytest.raises(errors.InvalidArgumentTypeError, match=r"script\.strategy"),
+        testing.override_strategy(testing.DryRunScript()),  # type: ignore[arg-type]
+    ):
+        pq.SubprocessWrapper()

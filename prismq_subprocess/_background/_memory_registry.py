@@ -175,9 +175,7 @@ def check_wait(timeout: float | None, poll_interval: float = DEFAULT_POLL_INTERV
         or not math.isfinite(poll_interval)
         or poll_interval <= 0
     ):
-        raise InvalidIntervalError(
-            f"poll_interval must be seconds > 0, got {poll_interval!r:.40}"
-        )
+        raise InvalidIntervalError(f"poll_interval must be seconds > 0, got {poll_interval!r:.40}")
 
 
 def not_registered(run_id: str) -> RunNotFoundError:
@@ -238,6 +236,16 @@ def reason_text(reason: object) -> str:
         raise InvalidArgumentTypeError(
             f"a cancel reason is a str, not {type(reason).__name__}: {reason!r}"
         )
+    if not reason.isascii():
+        try:
+            reason.encode("utf-8")
+        except UnicodeEncodeError:
+            # Refused here for every registry: SQLite refused it later, worded as if the run
+            # itself could not be stored; the memory registry took it.
+            raise InvalidArgumentTypeError(
+                f"a cancel reason must be text a registry file can hold (UTF-8), got {reason!r:.80}"
+                " with a lone surrogate"
+            ) from None
     return reason
 
 

@@ -638,6 +638,9 @@ class Run:
                 )
             )
             created_at = when("created_at")
+            if data["run_id"] is None:
+                # (Run(run_id=None) makes a new id: a record without its id is malformed.)
+                raise InvalidRunError("malformed run data: run_id is None")
             return cls(
                 run_id=data["run_id"],
                 module_id=data.get("module_id", ""),
@@ -657,7 +660,7 @@ class Run:
                 owner=owner,
                 worker=data.get("worker"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             if isinstance(exc, InvalidRunError):
                 raise
             raise InvalidRunError(f"malformed run data: {exc!r}") from exc

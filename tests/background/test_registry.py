@@ -736,3 +736,16 @@ async def test_every_registry_refuses_a_wait_of_an_int_too_large_for_a_float(
     error = InvalidTimeoutError if option == "timeout" else InvalidIntervalError
     with pytest.raises(error):
         await registry.wait_finished("r", **{option: 10**400})  # type: ignore[arg-type]
+
+
+async def test_every_registry_refuses_a_cancel_reason_with_a_lone_surrogate(
+    registry: BaseRunRegistry,
+) -> None:
+    # The memory registry stored it; SQLite refused it, worded as if the run could not be
+    # stored, even for an unknown run.
+    run = Run(module_id="m")
+    await registry.add_run(run)
+    for run_id in (run.run_id, "unknown"):
+        with pytest.raises(InvalidArgumentTypeError, match="surrogate"):
+            await registry.request_cancel(run_id, "stop \udcff")
+    assert await registry.cancel_requests([run.run_id]) == {}

@@ -454,3 +454,17 @@ def test_a_forked_child_has_ids_and_an_owner_of_its_own() -> None:
     mine, (theirs, child_owner_pid, child_pid) = json.loads(out)
     assert not set(mine) & set(theirs)
     assert child_owner_pid == child_pid
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"run_id": None},  # (it got a fresh random id)
+        {"owner": {"host": "h", "pid": float("inf"), "started_at": 1.0}},  # (bare OverflowError)
+    ],
+    ids=["run_id None", "owner pid inf"],
+)
+def test_from_dict_refuses_what_a_probe_found_it_took(change: dict[str, object]) -> None:
+    data = {**Run(module_id="m").to_dict(), **change}
+    with pytest.raises(InvalidRunError, match="malformed run data"):
+        Run.from_dict(data)

@@ -21,6 +21,7 @@ See docs/TESTING.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any
@@ -161,6 +162,14 @@ def _one_override(request: pytest.FixtureRequest, name: str) -> None:
     request.node.stash[_MODE_USED] = name
 
 
+def _forget_override(request: pytest.FixtureRequest, *keys: pytest.StashKey[Any]) -> None:
+    """Forget what the test's override fixture kept on the item: a rerun of the same item
+    (pytest-rerunfailures) runs its fixtures again, and was refused as using two of them."""
+    for key in (_MODE_USED, *keys):
+        with contextlib.suppress(KeyError):
+            del request.node.stash[key]
+
+
 @pytest.fixture
 def pq_dry_run(request: pytest.FixtureRequest) -> Iterator[DryRunScript]:
     """A :class:`DryRunScript` that every auto-detected wrapper answers from during the test.
@@ -177,14 +186,17 @@ def pq_dry_run(request: pytest.FixtureRequest) -> Iterator[DryRunScript]:
     (returncode 0, no output) instead.
     """
     _one_override(request, "pq_dry_run")
-    script = DryRunScript()
-    request.node.stash[_SCRIPT] = script
-    with override_strategy(script.strategy, reason="pq_dry_run fixture"):
-        yield script
-    # Commands run by other fixtures' teardown, after the test body was checked.
-    report = script.unscripted_report(request.node.stash.get(_REPORTED, 0))
-    if report is not None:
-        pytest.fail(report, pytrace=False)
+    try:
+        script = DryRunScript()
+        request.node.stash[_SCRIPT] = script
+        with override_strategy(script.strategy, reason="pq_dry_run fixture"):
+            yield script
+        # Commands run by other fixtures' teardown, after the test body was checked.
+        report = script.unscripted_report(request.node.stash.get(_REPORTED, 0))
+        if report is not None:
+            pytest.fail(report, pytrace=False)
+    finally:
+        _forget_override(request, _SCRIPT, _REPORTED)
 
 
 # -- real modes -------------------------------------------------------------------------------
@@ -204,8 +216,11 @@ def pq_mode(request: pytest.FixtureRequest) -> Iterator[RunMode]:
             pytrace=False,
         )
     _one_override(request, "pq_mode")
-    with override_strategy(mode, reason=f"pq_mode fixture ({mode.value})"):
-        yield mode
+    try:
+        with override_strategy(mode, reason=f"pq_mode fixture ({mode.value})"):
+            yield mode
+    finally:
+        _forget_override(request)
 
 
 @pytest.fixture

@@ -669,3 +669,38 @@ def test_a_leaked_zombie_is_described_with_its_name() -> None:
         assert text.startswith(f"pid {child.pid} [zombie, parent {os.getpid()}]: "), text
     finally:
         child.wait()
+
+
+def test_a_rerun_of_the_same_item_may_use_the_override_fixtures_again(
+    host: pytest.Pytester,
+) -> None:
+    # A probe's find: with pytest-rerunfailures (which runs the same item object again), the
+    # rerun of a pq_dry_run or pq_mode test was refused: "pq_dry_run and pq_dry_run both
+    # choose the mode of auto-detected wrappers". This conftest reruns every test once, as
+    # that plugin does.
+    host.makeconftest(
+        """
+from _pytest.runner import runtestprotocol
+
+def pytest_runtest_protocol(item, nextitem):
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    runtestprotocol(item, nextitem=None, log=True)
+    item._initrequest()  # (what pytest-rerunfailures does before a rerun)
+    runtestprotocol(item, nextitem=nextitem, log=True)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+"""
+    )
+    result = run(
+        host,
+        """
+def test_dry(pq_dry_run):
+    pq_dry_run.register(("git", "status"), stdout="clean")
+
+@pytest.mark.pq_modes("threaded")
+def test_mode(pq_mode):
+    assert pq_mode.value == "threaded"
+""",
+    )
+    assert "both choose" not in output(result)
+    result.assert_outcomes(passed=4)

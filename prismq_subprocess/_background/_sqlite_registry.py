@@ -1595,21 +1595,27 @@ class SQLiteRunRegistry(BaseRunRegistry):
             db = await self._database()
         if db.read_only:  # before the caller's run is touched
             self._check_writable(db)
-        owner = run.owner
-        if owner is None:
-            owner = run.owner = RunOwner.current()
-        variable = None if owner is self._noted_owner else self._owner_note(owner)
-        executor = self._executor
-        if executor is None:  # closed meanwhile, from another loop
-            raise self._closed_error()
-        # enqueue, not call: one coroutine fewer per write (the loop's share of a write is
-        # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
+        stamped = run.owner is None
+        owner = run.owner = RunOwner.current() if run.owner is None else run.owner
         try:
-            await executor.enqueue(
-                db.add, (_row_values(run, adding=True), self.max_runs, self.max_age, variable), db
-            )
-        except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
-            self._raise_explained(exc)
+            variable = None if owner is self._noted_owner else self._owner_note(owner)
+            executor = self._executor
+            if executor is None:  # closed meanwhile, from another loop
+                raise self._closed_error()
+            # enqueue, not call: one coroutine fewer per write (the loop's share of a write is
+            # mostly such bookkeeping, see docs/PERFORMANCE.md, registry).
+            try:
+                await executor.enqueue(
+                    db.add,
+                    (_row_values(run, adding=True), self.max_runs, self.max_age, variable),
+                    db,
+                )
+            except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
+                self._raise_explained(exc)
+                raise
+        except Exception:
+            if stamped:  # refused: the caller's run is left as it was, as in memory
+                run.owner = None
             raise
         if variable is not None:
             self._noted_owner = owner
@@ -1638,12 +1644,12 @@ class SQLiteRunRegistry(BaseRunRegistry):
         """:meth:`BaseRunRegistry.claim_run` in one conditional ``UPDATE``: of several
         processes claiming one PENDING run with the owner they all read, one gets it."""
         _check_claim(run, owner)
-        if run.owner is None:
-            run.owner = RunOwner.current()  # as add_run stamps it
-        new_owner = run.owner
         db = await self._database()
         if db.read_only:
             self._check_writable(db)
+        if run.owner is None:
+            run.owner = RunOwner.current()  # as add_run stamps it
+        new_owner = run.owner
         variable = None if new_owner is self._noted_owner else self._owner_note(new_owner)
         executor = self._executor
         if executor is None:

@@ -749,3 +749,21 @@ async def test_every_registry_refuses_a_cancel_reason_with_a_lone_surrogate(
         with pytest.raises(InvalidArgumentTypeError, match="surrogate"):
             await registry.request_cancel(run_id, "stop \udcff")
     assert await registry.cancel_requests([run.run_id]) == {}
+
+
+async def test_a_refused_add_or_claim_leaves_the_callers_run_as_it_was(
+    registry: BaseRunRegistry,
+) -> None:
+    # A probe's find: SQLite stamped run.owner on a refused duplicate add_run, and on a
+    # claim_run of a closed registry; the memory registry left the run alone.
+    first = Run(module_id="m")
+    await registry.add_run(first)
+    again = Run(module_id="m", run_id=first.run_id)
+    with pytest.raises(DuplicateRunError):
+        await registry.add_run(again)
+    assert again.owner is None
+    await registry.aclose()
+    unclaimed = Run(module_id="m")
+    with pytest.raises(RegistryClosedError):
+        await registry.claim_run(unclaimed, None)
+    assert unclaimed.owner is None

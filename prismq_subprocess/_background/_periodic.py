@@ -257,6 +257,20 @@ class PeriodicTask(AsyncResource):
                     f"callable, got {given!r}; to pass {option}= to task_func, wrap task_func "
                     "in functools.partial"
                 )
+        if sleep is not None and inspect.isbuiltin(sleep):
+            # time.sleep and the like: no awaitable comes back, and the schedule died at its
+            # first tick (after blocking the loop for an interval), only logged.
+            raise InvalidTaskError(
+                f"PeriodicTask {name!r}: sleep= must be asynchronous, e.g. asyncio.sleep, got "
+                f"{sleep!r}"
+            )
+        if clock is not None:
+            reading = clock()
+            if isinstance(reading, bool) or not isinstance(reading, int | float):
+                raise InvalidTaskError(
+                    f"PeriodicTask {name!r}: clock= must return seconds (a number), as "
+                    f"time.monotonic does; it returned {reading!r:.40}"
+                )
         self._interval = interval_seconds(interval)
         if self._interval < _MIN_INTERVAL:
             raise InvalidIntervalError(

@@ -590,6 +590,21 @@ async def test_a_task_kwarg_named_like_an_option_that_is_not_callable_is_refused
     assert isinstance(info.value, TypeError) and isinstance(info.value, PrismQError)
 
 
+def test_a_sleep_hook_that_is_not_asynchronous_or_a_clock_that_gives_no_number_is_refused() -> None:
+    # A probe's find: sleep=time.sleep (blocking the loop for an interval first) and a clock
+    # returning a str were accepted; the schedule then died at its first tick, only logged.
+    import time
+
+    def noop() -> None:
+        pass
+
+    with pytest.raises(InvalidTaskError, match="sleep"):
+        PeriodicTask("p", 1.0, noop, sleep=time.sleep)  # type: ignore[arg-type]
+    with pytest.raises(InvalidTaskError, match="clock"):
+        PeriodicTask("p", 1.0, noop, clock=lambda: "x")  # type: ignore[arg-type, return-value]
+    PeriodicTask("p", 1.0, noop, clock=time.monotonic, sleep=asyncio.sleep)  # (fine)
+
+
 async def test_a_cancelled_error_escaping_a_run_is_a_failure_not_the_end(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
 
-from .._core._exceptions import InvalidRunError, RunStateError
+from .._core._exceptions import InvalidParametersError, InvalidRunError, RunStateError
 from .._platform import after_fork_in_child
 from .._platform._start_time import STARTS_MOVE_WITH_THE_CLOCK, same_start
 
@@ -543,7 +543,7 @@ class Run:
         # are copied first: deepcopy is the one step that can fail.
         # test_copy_covers_every_field keeps the list complete.
         parameters = self.parameters
-        new.parameters = copy.deepcopy(parameters) if parameters else {}
+        new.parameters = _copied_parameters(self.run_id, parameters) if parameters else {}
         new.module_id = self.module_id
         new.module_name = self.module_name
         new.run_id = self.run_id
@@ -664,6 +664,23 @@ class Run:
             if isinstance(exc, InvalidRunError):
                 raise
             raise InvalidRunError(f"malformed run data: {exc!r}") from exc
+
+
+def _copied_parameters(run_id: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a run's parameters.
+
+    Raises:
+        InvalidParametersError: parameters nested too deeply to copy (a bare RecursionError,
+            where JSON, which needs half the depth, had taken them), or holding something
+            that cannot be copied (a lock: a bare TypeError).
+    """
+    try:
+        return copy.deepcopy(parameters)
+    except (RecursionError, TypeError, copy.Error) as exc:
+        raise InvalidParametersError(
+            f"run {run_id!r:.80}: its parameters cannot be copied ({type(exc).__name__}: "
+            f"{exc}); keep them plain JSON data, not too deeply nested"
+        ) from None
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Run))

@@ -767,3 +767,23 @@ async def test_a_refused_add_or_claim_leaves_the_callers_run_as_it_was(
     with pytest.raises(RegistryClosedError):
         await registry.claim_run(unclaimed, None)
     assert unclaimed.owner is None
+
+
+async def test_every_registry_refuses_or_keeps_deeply_nested_parameters_without_a_bare_error(
+    registry: BaseRunRegistry,
+) -> None:
+    # A probe's find: parameters nested 700 deep (JSON takes them) made the memory registry's
+    # copy fail with a bare RecursionError; SQLite stored them.
+    nested: dict[str, object] = {}
+    inner = nested
+    for _ in range(700):
+        inner["a"] = {}
+        inner = inner["a"]  # type: ignore[assignment]
+    run = Run(module_id="m", parameters=nested)
+    try:
+        await registry.add_run(run)
+    except InvalidParametersError as exc:
+        assert "cannot be copied" in str(exc)
+        assert await registry.count_runs() == 0
+    else:
+        assert await registry.count_runs() == 1

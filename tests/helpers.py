@@ -87,10 +87,10 @@ sys.exit(code if code >= 0 else 128 - code)
 
 def reaped(*argv: str) -> list[str]:
     """A command line that runs ``argv`` under a small reaper process, so that what the command
-    leaves behind (multiprocessing's resource tracker, the children of a killed process) is
-    re-parented to the reaper, not to the test process, which the library makes a subreaper
-    once it started a child. The reaper ends when everything under it has, with the command's
-exit status (128 + N for a signal N)."""
+        leaves behind (multiprocessing's resource tracker, the children of a killed process) is
+        re-parented to the reaper, not to the test process, which the library makes a subreaper
+        once it started a child. The reaper ends when everything under it has, with the command's
+    exit status (128 + N for a signal N)."""
     return [PY, "-c", _REAPER, *argv]
 
 

@@ -137,8 +137,7 @@ def test_documented_parameters_exist_with_their_defaults(module_name: str) -> No
                     isinstance(v, int | float) and not isinstance(v, bool) for v in (shown, value)
                 )
                 assert shown == value and (numbers or type(shown) is type(value)), (
-                    f"{name}: docs/API.md shows {param}={default}, the code's default is "
-                    f"{value!r}"
+                    f"{name}: docs/API.md shows {param}={default}, the code's default is {value!r}"
                 )
             checked += 1
     assert checked or not documented_signatures(module_name)

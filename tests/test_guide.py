@@ -405,10 +405,7 @@ async def test_pattern_3_concurrent_executor(mode: str, guide_dir: Path) -> None
         assert result["module_id"] == "single"
         assert (result["exit_code"], result["success"]) == (0, True)
         results = await executor.execute_batch(
-            [
-                (f"mod-{i}", guide_dir / "script.py", [str(i)])
-                for i in range(4)
-            ]
+            [(f"mod-{i}", guide_dir / "script.py", [str(i)]) for i in range(4)]
         )
         assert [r["module_id"] for r in results] == [f"mod-{i}" for i in range(4)]
         assert all(r["exit_code"] == 0 and r["success"] for r in results)
@@ -589,7 +586,6 @@ async def test_execute_with_timeout(mode: str, guide_dir: Path) -> None:
             await execute_with_timeout(
                 execute_module(Path("slow.py"), [], guide_dir), 1.0, "slow module"
             )
-
 
 
 # --- Pattern 6: resource pooling --------------------------------------------------------------

@@ -122,7 +122,10 @@ CALLS: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     "ModuleRunner(registry).execute_command(..., shell='yes')": (
         lambda: asyncio.run(
             pq.ModuleRunner(pq.RunRegistry(), run_mode="dry_run").execute_command(
-                "m", "m", "echo hi", shell="yes"  # type: ignore[arg-type]
+                "m",
+                "m",
+                "echo hi",
+                shell="yes",  # type: ignore[arg-type]
             )
         ),
         InvalidArgumentTypeError,

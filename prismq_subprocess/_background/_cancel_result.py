@@ -79,9 +79,7 @@ async def cancel_elsewhere(
         # It finished (or was deleted) between the two statements.
         return await not_active_result(registry, run_id)
     try:
-        final = await registry.wait_finished(
-            run_id, timeout=timeout, poll_interval=poll_interval
-        )
+        final = await registry.wait_finished(run_id, timeout=timeout, poll_interval=poll_interval)
     except TimeoutError:
         return CancelResult.REQUESTED
     if final is None:

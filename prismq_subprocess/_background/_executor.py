@@ -465,9 +465,7 @@ class ConcurrentExecutor(AsyncClosing):
                 # arguments must name the same script whatever the call's shape.
                 script = os.path.join(cwd, script)
             # ``raw`` is checked (a list of str) by ModuleRunner.prepare, before anything starts.
-            spec = ModuleSpec.from_guide(
-                module_id, script, cast("Sequence[StrPath] | None", raw)
-            )
+            spec = ModuleSpec.from_guide(module_id, script, cast("Sequence[StrPath] | None", raw))
             if options.get("cwd") is None:
                 options["cwd"] = spec.cwd
             return await self._run(dataclasses.replace(spec, run_id=run_id, **options))
@@ -511,9 +509,7 @@ class ConcurrentExecutor(AsyncClosing):
                 "execute_batch() takes an iterable of specs; this is one (module_id, "
                 "script_path, args) item: put it in a list"
             )
-        if isinstance(specs, ModuleSpec | Mapping | str | bytes) or not isinstance(
-            specs, Iterable
-        ):
+        if isinstance(specs, ModuleSpec | Mapping | str | bytes) or not isinstance(specs, Iterable):
             raise InvalidArgumentTypeError(
                 "execute_batch() takes an iterable of specs (a list of ModuleSpec, mappings or "
                 f"(module_id, script_path, args) tuples), not {type(specs).__name__}"

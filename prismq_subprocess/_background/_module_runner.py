@@ -168,7 +168,6 @@ def _find_program(
         raise CommandNotFoundError(program, "not on PATH")
 
 
-
 def check_run_names(module_id: object, module_name: object, run_id: object) -> None:
     """Refuse what a run cannot be named by, as the runner's starts do (the executor checks
     before it queues for a slot or admission).

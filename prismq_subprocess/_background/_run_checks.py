@@ -16,7 +16,7 @@ from .._core._exceptions import InvalidParametersError, InvalidRunError
 from . import _run_record
 from ._run_record import Run, RunOwner
 
-__all__ = ["FIELD_TYPES", "check_run_fields", "check_storable"]
+__all__ = ["FIELD_TYPES", "check_run_fields", "check_storable", "check_text_keys"]
 
 # The exact classes of a field's usual values (a subclass, e.g. an IntEnum exit code, takes the
 # slower isinstance test below).
@@ -210,3 +210,46 @@ def _json(field: str, value: Any, *, strict: bool) -> None:
         raise InvalidParametersError(
             f"{field} must be JSON-serialisable to be stored: {exc}"
         ) from None
+    check_text_keys(field, value)
+
+
+def check_text_keys(field: str, value: Any) -> None:
+    """Refuse a dict key that is not a ``str`` anywhere in ``value`` (already known to encode
+    as JSON, so its depth is bounded): JSON keys are text, so SQLite gave ``1`` back as
+    ``"1"``, and stored ``{1: "a", "1": "b"}`` as one key, losing a value, where the memory
+    registry kept the dict as given.
+
+    Raises:
+        InvalidParametersError: such a key, named with its path.
+    """
+    try:
+        bad = _non_text_key(value, field)
+    except RecursionError:  # (nested deeper than this walk can go: JSON's C encoder went)
+        raise InvalidParametersError(f"{field} is nested too deeply to be stored") from None
+    if bad is not None:
+        path, key = bad
+        raise InvalidParametersError(
+            f"{field} must have str keys to be stored (JSON keys are text; 1 and '1' would be "
+            f"one key): {key!r} ({type(key).__name__}) at {path}"
+        )
+
+
+def _non_text_key(value: Any, path: str) -> tuple[str, object] | None:
+    if value.__class__ is dict or isinstance(value, dict):
+        for key, item in value.items():
+            if key.__class__ is not str and not isinstance(key, str):
+                return path, key
+            if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
+                found = _non_text_key(item, f"{path}[{key!r}]")
+                if found is not None:
+                    return found
+    elif value.__class__ in _CONTAINERS or isinstance(value, _CONTAINERS):
+        for index, item in enumerate(value):
+            if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
+                found = _non_text_key(item, f"{path}[{index}]")
+                if found is not None:
+                    return found
+    return None
+
+
+_CONTAINERS = (dict, list, tuple)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import json
 import logging
@@ -46,6 +47,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -89,7 +91,7 @@ from ._memory_registry import (
     stored_statuses_for,
     unstorable,
 )
-from ._run_checks import FIELD_TYPES, check_run_fields
+from ._run_checks import FIELD_TYPES, check_run_fields, check_text_keys
 from ._run_record import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
@@ -309,6 +311,7 @@ def _own_cookie_variable(owner: RunOwner) -> str | None:
         return None
     return platform_ops().cookie_variable()
 
+
 # Seconds a recovered orphan's tree gets between SIGTERM and SIGKILL.
 _ORPHAN_GRACE = 5.0
 
@@ -523,9 +526,7 @@ def open_read_only(path: str, timeout: float) -> sqlite3.Connection:
     except BaseException:
         conn.close()
         raise
-    conn = sqlite3.connect(
-        uri + "&immutable=1", uri=True, timeout=timeout, isolation_level=None
-    )
+    conn = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=timeout, isolation_level=None)
     try:
         conn.execute("PRAGMA user_version").fetchone()
     except BaseException:
@@ -593,10 +594,13 @@ def _json_text(field: str, value: Any, *, strict: bool = True) -> str:
     cannot hold it (a bare TypeError or ValueError from the encoder said neither which field
     nor that it was the caller's input). ``strict``: NaN and the infinities refused too."""
     try:
-        return (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
+        text = (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         error = InvalidParametersError if field == "parameters" else InvalidRunError
         raise error(f"{field} must be JSON-serialisable to be stored in SQLite: {exc}") from None
+    if field == "parameters" and value:
+        check_text_keys(field, value)
+    return text
 
 
 def _row_values(run: Run, *, adding: bool = False) -> tuple[Any, ...]:
@@ -816,6 +820,10 @@ def _seen(future: asyncio.Future[_T]) -> asyncio.Future[_T]:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _registry_closed(path: str) -> RegistryClosedError:
+    return RegistryClosedError(f"SQLiteRunRegistry({path!r}) is closed")
 
 
 class _Database:
@@ -1409,7 +1417,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
         return None if self._db is None else self._db.journal_mode
 
     def _closed_error(self) -> RegistryClosedError:
-        return RegistryClosedError(f"SQLiteRunRegistry({self.path!r}) is closed")
+        return _registry_closed(self.path)
 
     def _worker(self) -> SQLiteWorker:
         executor = self._executor
@@ -1494,7 +1502,10 @@ class SQLiteRunRegistry(BaseRunRegistry):
                 return
             opening = self._opening
             if opening is None:
-                worker = SQLiteWorker("prismq-sqlite", closed=self._closed_error)
+                # (Not a bound method: the thread must not keep the registry alive, see __del__.)
+                worker = SQLiteWorker(
+                    "prismq-sqlite", closed=functools.partial(_registry_closed, self.path)
+                )
                 opened: list[_Database] = []
                 opening = worker.submit(functools.partial(self._open_now, opened))
                 self._executor, self._opening, self._opened = worker, opening, opened
@@ -1587,6 +1598,31 @@ class SQLiteRunRegistry(BaseRunRegistry):
             with shielded_if_cancelled():
                 await self._close_worker(executor, dbs)
 
+    def __del__(self) -> None:
+        # As an unclosed file or transport: say so, and let the thread and the connection go
+        # (a registry dropped without aclose() kept both, and the database's three descriptors,
+        # for the life of the process). The writes already queued still run first.
+        executor = getattr(self, "_executor", None)
+        if executor is None or getattr(self, "_closed", True):
+            return
+        self._closed = True
+        dbs = [self._db] if self._db is not None else self._opened
+        self._db = self._executor = self._opening = None
+        warnings.warn(
+            f"unclosed SQLiteRunRegistry({self.path!r}): close it with aclose() or 'async with'",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
+
+        def close() -> None:
+            for db in dbs:  # (an opening still running adds to the list before this runs)
+                db.conn.close()
+
+        with contextlib.suppress(RegistryClosedError):  # shut down meanwhile by another path
+            executor.submit(close)
+        executor.shutdown(wait=False)
+
     async def add_run(self, run: Run) -> None:
         if run.__class__ is not Run and not isinstance(run, Run):
             raise not_a_run("add_run", run)
@@ -1655,9 +1691,7 @@ class SQLiteRunRegistry(BaseRunRegistry):
         if executor is None:
             raise self._closed_error()
         try:
-            claimed = await executor.enqueue(
-                db.claim, (_row_values(run), owner, variable), db
-            )
+            claimed = await executor.enqueue(db.claim, (_row_values(run), owner, variable), db)
         except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
             self._raise_explained(exc)
             raise

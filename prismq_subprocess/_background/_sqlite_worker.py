@@ -151,6 +151,9 @@ class SQLiteWorker:
             self._notify(jobs, self._run_batch(jobs))
             if stop:
                 return
+            # Not kept while the thread waits: a job's arguments may be what keeps its owner
+            # (a registry dropped unclosed, whose finaliser stops this thread) alive.
+            del batch, jobs
 
     def _run_batch(self, jobs: list[_Job]) -> list[_Outcome]:
         if len(jobs) > 1:

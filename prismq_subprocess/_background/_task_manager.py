@@ -815,8 +815,10 @@ class BackgroundTaskManager(AsyncResource):
                 "still pending can be started"
             ) from None
         for other in list(_MANAGERS):
-            if other is not self and run_id in other._entries and _same_store(
-                other.registry, self.registry
+            if (
+                other is not self
+                and run_id in other._entries
+                and _same_store(other.registry, self.registry)
             ):
                 raise DuplicateRunError(
                     f"run {run_id!r} is pending in another BackgroundTaskManager of this "

@@ -362,9 +362,7 @@ async def _list(args: argparse.Namespace, registry: pq.SQLiteRunRegistry) -> int
     if args.json:
         print_json({"db": args.db, "total": total, "runs": [run.to_dict() for run in runs]})
     else:
-        gone = await asyncio.to_thread(
-            lambda: {r.run_id for r in runs if _owner_gone(r, args.db)}
-        )
+        gone = await asyncio.to_thread(lambda: {r.run_id for r in runs if _owner_gone(r, args.db)})
         unreadable = 0
         if len(runs) < min(total, args.limit):
             # Fewer than there are: rows the library could not read were skipped.

@@ -38,9 +38,7 @@ __all__ = [
 # True inside a block that shielded_if_cancelled() did shield: there the scope no longer looks
 # cancelled (the shield hides it), yet the clean-up inside still runs on a cancelled caller's
 # time, and a nested clean-up must keep its own bounds (see cleaning_up_after_a_cancel()).
-_SHIELDING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "prismq_shielding", default=False
-)
+_SHIELDING: contextvars.ContextVar[bool] = contextvars.ContextVar("prismq_shielding", default=False)
 
 
 def anyio_cancelled() -> bool:

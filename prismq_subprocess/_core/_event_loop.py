@@ -62,4 +62,3 @@ def install_subprocess_policy(platform: str | None = None) -> bool:
             return False
         asyncio.set_event_loop_policy(policy_class())
     return True
-

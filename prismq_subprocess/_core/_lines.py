@@ -488,9 +488,7 @@ async def _join_text(parts: list[str], size: int) -> str:
     return await _off_the_loop("".join, parts)
 
 
-def _decode_each(
-    decode: Callable[[bytes], str], body: bytes, lines: list[str]
-) -> Exception | None:
+def _decode_each(decode: Callable[[bytes], str], body: bytes, lines: list[str]) -> Exception | None:
     """Decode the lines of ``body`` one by one onto ``lines``; the error that stopped it (a
     handler of the caller's may raise any error: the lines before it are still delivered)."""
     for line in _split_bytes(body):

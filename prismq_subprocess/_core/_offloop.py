@@ -37,9 +37,11 @@ Pace = Callable[[], None]
 def no_pace() -> None:
     """The ``pace()`` of synchronous callers: there is no loop to wait for."""
 
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 T = TypeVar("T")
+
 
 class Coalescer(Generic[In, Out]):
     """Runs ``work(items, pace) -> results`` (one result per item, in order) in a worker

@@ -99,9 +99,7 @@ class ProcessLike(Protocol):
     async def wait(self) -> int:
         """Wait for the child to exit and return its status; cancelling only stops the wait."""
 
-    async def communicate(
-        self, input: bytes | None = None
-    ) -> tuple[bytes | None, bytes | None]:
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
         """Send ``input``, read stdout and stderr to end of file, wait for the exit; return the
         output."""
 

@@ -444,8 +444,7 @@ async def terminate_many(
     """
     if isinstance(processes, str | bytes) or not isinstance(processes, Iterable):
         raise InvalidArgumentTypeError(
-            f"terminate_many() needs a sequence of process objects, got "
-            f"{type(processes).__name__}"
+            f"terminate_many() needs a sequence of process objects, got {type(processes).__name__}"
         )
     processes = list(processes)
     for process in processes:

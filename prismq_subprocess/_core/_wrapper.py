@@ -56,6 +56,7 @@ _RELEASE_CHUNK = 64
 
 T = TypeVar("T")
 
+
 class _Default(enum.Enum):
     """A ``run()`` argument left out: the wrapper's own setting applies."""
 

@@ -86,9 +86,7 @@ class Kernel32(Protocol):
     """The ``kernel32`` functions used (``ctypes.WinDLL("kernel32")``, or a test's stand-in)."""
 
     def CreateJobObjectW(self, attributes: Any, name: Any) -> int: ...
-    def SetInformationJobObject(
-        self, job: int, info_class: int, info: Any, size: int
-    ) -> int: ...
+    def SetInformationJobObject(self, job: int, info_class: int, info: Any, size: int) -> int: ...
     def QueryInformationJobObject(
         self, job: int, info_class: int, info: Any, size: int, returned: Any
     ) -> int: ...
@@ -128,7 +126,9 @@ class JobObjects:
             limits = ExtendedLimits()
             limits.BasicLimitInformation.LimitFlags = JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
             ok = self._k.SetInformationJobObject(
-                job, JOB_OBJECT_EXTENDED_LIMIT_INFORMATION, ctypes.byref(limits),
+                job,
+                JOB_OBJECT_EXTENDED_LIMIT_INFORMATION,
+                ctypes.byref(limits),
                 ctypes.sizeof(limits),
             )
             if not ok:
@@ -154,7 +154,10 @@ class JobObjects:
         """How many processes in ``job`` still run (0 when it cannot be asked)."""
         info = Accounting()
         ok = self._k.QueryInformationJobObject(
-            job, JOB_OBJECT_BASIC_ACCOUNTING_INFORMATION, ctypes.byref(info), ctypes.sizeof(info),
+            job,
+            JOB_OBJECT_BASIC_ACCOUNTING_INFORMATION,
+            ctypes.byref(info),
+            ctypes.sizeof(info),
             None,
         )
         return int(info.ActiveProcesses) if ok else 0

@@ -82,6 +82,7 @@ def signal_that_ends(sig: int) -> int | None:
             return None
     return number
 
+
 # Above Linux's largest pid_max (2**22) and odd (Windows pids are multiples of 4): a fake pid can
 # never name a real process, so a stray os.kill(fake_pid, ...) fails instead of hitting someone.
 _FAKE_PID_BASE = 2**22 + 1

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals t
 HOST = Path(__file__).with_name("shutdown_host.py")
 UVICORN_HOST = Path(__file__).with_name("uvicorn_host.py")
 
+
 def _wait_until(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

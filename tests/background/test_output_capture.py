@@ -314,9 +314,7 @@ async def test_log_file_has_everything(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("what", ["a file", "below a file", "a NUL"])
-def test_a_log_dir_that_cannot_hold_log_files_is_refused_at_once(
-    tmp_path: Path, what: str
-) -> None:
+def test_a_log_dir_that_cannot_hold_log_files_is_refused_at_once(tmp_path: Path, what: str) -> None:
     # Taken before (a probe, session 34): every run's lines then stayed in memory only, and the
     # writer thread logged "cannot write the output log" once per run, with no error to the
     # caller who had asked for the files.

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="cookies, SIGKIL
 
 HOST = Path(__file__).with_name("dying_owner.py")
 
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Iterator[tuple[Path, Path, str, dict[str, str]]]:
     with silent_tree_files(tmp_path) as files:

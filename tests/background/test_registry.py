@@ -95,7 +95,6 @@ async def test_returned_runs_are_copies(registry: BaseRunRegistry) -> None:
     assert again is not None and again.output_tail == [] and again.status is RunStatus.PENDING
 
 
-
 async def test_returned_runs_never_share_their_lists(registry: BaseRunRegistry) -> None:
     # Runs stored with no output tail (the usual case) hand out a fresh list each time.
     first, second = Run(), Run()
@@ -166,6 +165,7 @@ async def test_a_failed_memory_write_leaves_the_stored_run_alone() -> None:
     with pytest.raises((TypeError, InvalidParametersError)):
         await registry.add_run(Run(parameters={"k": _NoCopies()}))
     assert await registry.count_runs() == 1
+
 
 async def test_bad_input_raises_clear_errors(registry: BaseRunRegistry) -> None:
     run = Run()
@@ -271,9 +271,7 @@ async def test_max_runs_keeps_newest_finished(kind: str, tmp_path: Path) -> None
         for run in done:
             await store.add_run(run)
         left = await store.list_runs()
-        assert [r.run_id for r in left] == [r.run_id for r in reversed(done[3:])] + [
-            active.run_id
-        ]
+        assert [r.run_id for r in left] == [r.run_id for r in reversed(done[3:])] + [active.run_id]
         assert await store.apply_retention() == 0
 
 
@@ -657,6 +655,14 @@ UNSTORABLE: dict[str, tuple[dict[str, object], type[Exception]]] = {
     "parameters object": ({"parameters": {"a": object()}}, InvalidParametersError),
     "parameters NaN": ({"parameters": {"a": float("nan")}}, InvalidParametersError),
     "parameters bytes": ({"parameters": {"a": b"x"}}, InvalidParametersError),
+    # JSON keys are text: SQLite stored {1: "a", "1": "b"} as one key (a value lost) and gave
+    # back "1" for 1, where the memory registry kept both as given.
+    "parameters int key": ({"parameters": {1: "a"}}, InvalidParametersError),
+    "parameters colliding keys": ({"parameters": {1: "a", "1": "b"}}, InvalidParametersError),
+    "parameters nested None key": (
+        {"parameters": {"a": [{"b": {None: 1}}]}},
+        InvalidParametersError,
+    ),
 }
 
 

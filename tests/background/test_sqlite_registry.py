@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,6 +76,64 @@ async def test_first_call_opens_lazily_and_close_stops_thread(tmp_path: Path) ->
     assert len(sqlite_threads()) == before
     with pytest.raises(RegistryClosedError):
         await registry.get_run("x")
+
+
+def db_fds(path: Path) -> list[str]:
+    """This process's descriptors open on ``path`` or its -wal / -shm files."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(path)):
+                found.append(target)
+    return found
+
+
+def released_within(seconds: float, released: Callable[[], bool]) -> None:
+    """Wait for a thread's own work (nothing on the loop to wait for)."""
+    deadline = time.monotonic() + seconds
+    while not released() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds through /proc")
+@pytest.mark.parametrize("wrote", [True, False], ids=["wrote", "opened"])
+async def test_a_registry_dropped_unclosed_warns_and_lets_its_thread_and_file_go(
+    tmp_path: Path, wrote: bool
+) -> None:
+    # As an unclosed file or transport: a ResourceWarning, and the thread and the database's
+    # descriptors are released, not kept for the life of the process.
+    before = len(sqlite_threads())
+    path = tmp_path / "dropped.db"
+    registry = SQLiteRunRegistry(path)
+    if wrote:
+        await registry.add_run(Run())
+    else:
+        await registry.open()
+    assert len(sqlite_threads()) == before + 1
+    assert db_fds(path)
+    with pytest.warns(ResourceWarning, match="unclosed SQLiteRunRegistry"):
+        del registry
+        gc.collect()
+    released_within(10, lambda: len(sqlite_threads()) == before and not db_fds(path))
+    assert len(sqlite_threads()) == before
+    assert db_fds(path) == []
+    # What it wrote is in the file.
+    async with SQLiteRunRegistry(path) as again:
+        assert await again.count_runs() == (1 if wrote else 0)
+
+
+async def test_a_closed_registry_dropped_does_not_warn(tmp_path: Path) -> None:
+    registry = SQLiteRunRegistry(tmp_path / "closed.db")
+    await registry.add_run(Run())
+    await registry.aclose()
+    never_opened = SQLiteRunRegistry(tmp_path / "never.db")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        del registry, never_opened
+        gc.collect()
 
 
 async def test_close_without_open_is_fine(tmp_path: Path) -> None:

@@ -706,13 +706,15 @@ async def test_a_run_queued_in_another_manager_is_not_taken_over(
         await asyncio.sleep(0)
 
     gate = asyncio.Event()
-    async with BackgroundTaskManager(registry, max_concurrent=1) as first, BackgroundTaskManager(
-        registry
-    ) as second:
+    async with (
+        BackgroundTaskManager(registry, max_concurrent=1) as first,
+        BackgroundTaskManager(registry) as second,
+    ):
         await first.start_task(Run(module_id="busy"), gate.wait())
         await first.start_task(Run(run_id="job1", module_id="A"), job("A"))
-        with caplog.at_level(logging.ERROR), pytest.raises(
-            DuplicateRunError, match="another BackgroundTaskManager"
+        with (
+            caplog.at_level(logging.ERROR),
+            pytest.raises(DuplicateRunError, match="another BackgroundTaskManager"),
         ):
             await second.start_task(Run(run_id="job1", module_id="B"), job("B"))
         # The caller awaited and got the error: no log line reports it a second time.

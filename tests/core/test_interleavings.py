@@ -81,9 +81,7 @@ async def scenario(mode: str, steps: list[tuple[int, str]], env: dict[str, str])
 )
 @given(
     mode=st.sampled_from(REAL),
-    steps=st.lists(
-        st.tuples(st.integers(0, 2), st.sampled_from(ACTIONS)), min_size=1, max_size=10
-    ),
+    steps=st.lists(st.tuples(st.integers(0, 2), st.sampled_from(ACTIONS)), min_size=1, max_size=10),
 )
 def test_random_interleavings_leave_nothing_behind(mode: str, steps: list[tuple[int, str]]) -> None:
     baseline = resource_counts()

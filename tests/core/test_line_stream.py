@@ -146,9 +146,7 @@ async def test_a_consumer_cancelled_while_a_timed_stream_waits_leaves_nothing_be
     with pytest.raises(asyncio.CancelledError):
         await task
     assert wrapper.live_processes == []
-    assert not [
-        t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()
-    ]
+    assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
 
 
 async def test_iterating_after_the_block_is_a_clear_error(

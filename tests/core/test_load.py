@@ -114,8 +114,16 @@ async def test_shutdown_with_running_children_is_quiet(tmp_path: object) -> None
         "print('clean exit')\n"
     )
     result = await pq.run(
-        sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", script,
-        timeout=60, env=dict(os.environ, PYTHONASYNCIODEBUG="1"), mode="async",
+        sys.executable,
+        "-X",
+        "dev",
+        "-W",
+        "error::ResourceWarning",
+        "-c",
+        script,
+        timeout=60,
+        env=dict(os.environ, PYTHONASYNCIODEBUG="1"),
+        mode="async",
     )
     err = result.stderr_text
     assert result.stdout_text.strip() == "clean exit", err

@@ -23,8 +23,9 @@ CAT = (
 
 interesting = st.one_of(
     st.binary(max_size=2048),
-    st.lists(st.sampled_from([b"\0", b"\xff\xfe", b"\n", b"\r\n", b"\xc3", b"text"]), max_size=50)
-    .map(b"".join),
+    st.lists(
+        st.sampled_from([b"\0", b"\xff\xfe", b"\n", b"\r\n", b"\xc3", b"text"]), max_size=50
+    ).map(b"".join),
     st.binary(min_size=70_000, max_size=70_100),  # more than one pipe buffer
 )
 

@@ -663,7 +663,6 @@ def test_closing_from_another_loop_stops_politely_and_quietly(
             assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-
 @ends_a_loop_with_children_running
 @pytest.mark.parametrize("how", ["aclose", "stop_process_trees"])
 @pytest.mark.parametrize("mode", ["threaded-waiter", "threaded-threads", "local"])

@@ -23,6 +23,7 @@ from helpers import reaped
 
 STARTUP_SECONDS = 90.0
 
+
 def _reaped(argv: list[str], log: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         reaped(*argv),

@@ -287,8 +287,9 @@ class Scenarios:
             # (The scheduler may still count the dead worker, and its nanny still name it, for
             # a moment on a busy machine.)
             await until(
-                lambda: len(self.worker_pids()) == 2
-                and str(running.worker) not in self.worker_pids()
+                lambda: (
+                    len(self.worker_pids()) == 2 and str(running.worker) not in self.worker_pids()
+                )
             )
             orphans_stopped = await until(lambda: not alive(running.pid) and not alive(grandchild))
         self.note_processes()

@@ -1244,9 +1244,7 @@ async def test_a_stop_a_live_worker_does_not_confirm_in_time_sends_no_reaper(
     script = tmp_path / "stubborn.py"
     script.write_text(STUBBORN)
     backend = DaskBackend(client, cancel_timeout=1.0)
-    runner = ModuleRunner(
-        RunRegistry(), output=OutputCapture(), backend=backend, grace_period=4.0
-    )
+    runner = ModuleRunner(RunRegistry(), output=OutputCapture(), backend=backend, grace_period=4.0)
     async with runner:
         run_id = await runner.start_module("s", "stubborn", script)
         await wait_for_line(out(runner), run_id, "ready")

@@ -168,8 +168,10 @@ def test_results_identical_to_the_local_backend(outcome: dict[str, Any]) -> None
     assert_cluster_outcomes(remote)
     assert remote["spread-like"].output_tail == [f"line {n}" for n in range(35, 40)]
     assert remote["env-cwd-args"].output_tail[0].startswith("v1 ")
-    assert remote["env-cwd-args"].output_tail[0].endswith(
-        "['--tags', 'a', '--tags', 'b', '--flag', '--n', '2', 'raw', '--x=1']"
+    assert (
+        remote["env-cwd-args"]
+        .output_tail[0]
+        .endswith("['--tags', 'a', '--tags', 'b', '--flag', '--n', '2', 'raw', '--x=1']")
     )
 
 

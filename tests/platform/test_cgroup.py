@@ -79,8 +79,12 @@ def test_a_real_sub_group_holds_freezes_and_kills_a_tree() -> None:
     path = groups.create(f"prismq-test-{time.monotonic_ns()}")
     assert path is not None
     child = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '30']);"
-         "print('ready', flush=True); time.sleep(30)"],
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, time; subprocess.Popen(['sleep', '30']);"
+            "print('ready', flush=True); time.sleep(30)",
+        ],
         stdout=subprocess.PIPE,
         start_new_session=True,
     )

@@ -73,8 +73,9 @@ def test_scan_proc_parses_names_with_spaces_and_parentheses(tmp_path: Path) -> N
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
 def test_scan_proc_sees_a_real_child_in_its_group() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
-                             start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True
+    )
     try:
         t = scan_proc()
         entry = t.entries[child.pid]

@@ -17,79 +17,16 @@ Every object that holds resources closes with ``await obj.aclose()`` or ``async 
 from __future__ import annotations
 
 import importlib as _importlib
+import threading as _threading
 import warnings as _warnings
-from asyncio.subprocess import DEVNULL, PIPE, STDOUT
 from typing import TYPE_CHECKING
 
-from ._background._cancel_result import CancelResult
-from ._background._executor import ConcurrentExecutor, ModuleSpec
-from ._background._log_names import run_id_from_log_path, run_log_path
-from ._background._memory_registry import RunRegistry
-from ._background._module_args import parameters_to_args
-from ._background._module_runner import ModuleRunner
-from ._background._orphan_stop import stop_orphan_tree
-from ._background._output_capture import (
-    OutputCapture,
-    OutputChunk,
-    OutputChunks,
-    OutputEnd,
-    OutputGap,
-    OutputItem,
-    OutputLine,
-    OutputSubscription,
-)
-from ._background._periodic import PeriodicTask, PeriodicTaskStats
-from ._background._process_manager import ProcessManager
-from ._background._run_record import Run, RunOwner, RunStatus
-from ._background._sqlite_registry import SQLiteRunRegistry
-from ._background._sse import SSE_HEADERS, SSEEvent, sse_events
-from ._background._task_manager import BackgroundTaskManager, ExitCode, TaskHandle
-from ._background._wrapper_pool import ResourcePool
-from ._core._detect import ENV_VAR, ModeDecision, ModeSource, detect_run_mode
-from ._core._dropin import create_subprocess_exec, create_subprocess_shell, run
-from ._core._event_loop import install_subprocess_policy, subprocess_loop_factory
-from ._core._exceptions import (
-    ClosedError,
-    CommandNotFoundError,
-    InvalidParametersError,
-    ModuleExecutionException,
-    OutputNotFoundError,
-    PrismQError,
-    ProcessFailedError,
-    ProcessTimeoutError,
-    ResourceLimitException,
-    ResourceWaitTimeoutError,
-    RunNotFoundError,
-    ScriptNotFoundError,
-    SubprocessPolicyException,
-    TaskTimeoutError,
-)
-from ._core._host_shutdown import (
-    ShutdownHandler,
-    install_shutdown_handler,
-    stop_for_host_shutdown,
-)
-from ._core._line_stream import LineStream
-from ._core._lines import iter_line_batches, iter_lines
-from ._core._modes import RunMode
-from ._core._public import publish as _publish
-from ._core._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult
-from ._core._tree_stop import (
-    DEFAULT_GRACE_PERIOD,
-    containment_report,
-    execute_with_timeout,
-    terminate_gracefully,
-    terminate_many,
-)
-from ._core._wrapper import SubprocessWrapper
-from ._platform import ContainmentReport
-from ._platform._orphans import OrphanCheck, ProcessIdentity
-from ._resources._memory_monitor import MemoryMonitor
-from ._resources._readings import PsutilResourceReader, ResourceSnapshot
-from ._resources._resource_manager import LimitViolation, ResourceCheck, ResourceManager
-from ._resources._tree_sampler import ProcessTreeSampler, TreeSample
-
 if TYPE_CHECKING:
+    from . import abc as abc
+    from . import exceptions as exceptions
+    from . import testing as testing
+    from ._api import *  # noqa: F403 - every name of __all__, imported as itself there
+
     # The names that moved in 0.2 (see _MOVED), so type checkers still resolve old imports.
     from ._background._memory_registry import BaseRunRegistry as BaseRunRegistry
     from ._core._exceptions import CwdNotADirectoryError as CwdNotADirectoryError
@@ -220,13 +157,9 @@ __all__ += [
 ]
 
 # Top level first: a name available here is shown as prismq_subprocess.X.
-_publish(__name__, globals(), __all__)
 
-# The public sub-modules, importable as attributes (prismq_subprocess.testing.X); published
-# after the top level, see above.
-from . import abc as abc  # noqa: E402
-from . import exceptions as exceptions  # noqa: E402
-from . import testing as testing  # noqa: E402
+#: The public sub-modules, attributes of the package once the API is loaded.
+_SUBMODULES = ("abc", "exceptions", "testing")
 
 #: Names that left the top level in 0.2, and the public module that now holds each. Importing
 #: them from the top level still works, with a DeprecationWarning, until 0.3.
@@ -276,8 +209,40 @@ _MOVED: dict[str, str] = {
 }
 
 
+def _load_api() -> None:
+    """Import the whole API (the first use of any of its names does): every name of
+    ``__all__`` becomes an attribute, shown as ``prismq_subprocess.X``; then the public
+    sub-modules, which show the names the top level does not hold under their own. The same
+    order whichever way in came first (each public sub-module calls this first)."""
+    global _api_state
+    if _api_state == "loaded":
+        return
+    with _api_lock:  # (re-entered by the sub-modules' own call, in this thread)
+        if _api_state != "new":
+            return
+        _api_state = "loading"
+        try:
+            from . import _api
+            from ._core._public import publish
+
+            namespace = globals()
+            for name in __all__:
+                namespace[name] = getattr(_api, name)
+            publish(__name__, namespace, __all__)
+            for name in _SUBMODULES:
+                _importlib.import_module(f"{__name__}.{name}")
+        except BaseException:
+            _api_state = "new"
+            raise
+        _api_state = "loaded"
+
+
 def __getattr__(name: str) -> object:
-    """Serve the names that moved to a public sub-module, with a DeprecationWarning."""
+    """Load the API on first use of one of its names; serve the names that moved to a public
+    sub-module, with a DeprecationWarning."""
+    if name in _API_NAMES:
+        _load_api()
+        return globals()[name]
     home = _MOVED.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -288,3 +253,12 @@ def __getattr__(name: str) -> object:
         stacklevel=2,
     )
     return getattr(_importlib.import_module(f"{__name__}.{home}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _API_NAMES)
+
+
+_API_NAMES = frozenset((*__all__, *_SUBMODULES))
+_api_lock = _threading.RLock()
+_api_state = "new"

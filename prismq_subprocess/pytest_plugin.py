@@ -22,18 +22,26 @@ See docs/TESTING.md.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Generator, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ._core._exceptions import InvalidRunModeError, UnscriptedCommandError
-from ._core._modes import RunMode
-from ._core._override import override_strategy
-from ._core._wrapper import SubprocessWrapper
-from ._testing._leaks import LeakCheck, LeakReport
-from ._testing._script import DryRunScript, ScriptRule
+if TYPE_CHECKING:
+    from ._core._modes import RunMode
+    from ._core._wrapper import SubprocessWrapper
+    from ._testing._leaks import LeakCheck, LeakReport
+    from ._testing._script import DryRunScript, ScriptRule
+
+    #: The modes that start real processes: what ``pq_mode`` runs a test in unless told
+    #: otherwise (provided on first use, see ``__getattr__``).
+    REAL_MODES: tuple[RunMode, ...]
+
+# pytest loads this module in every session of every project that has the package installed,
+# most of which never use it: it imports the package's parts only once a test uses them (the
+# whole package took 0.2-0.45 s to import, which every such session paid).
 
 __all__ = [
     "REAL_MODES",
@@ -47,16 +55,37 @@ __all__ = [
     "pq_wrapper",
 ]
 
-#: The modes that start real processes: what ``pq_mode`` runs a test in unless told otherwise.
-REAL_MODES = (RunMode.ASYNC, RunMode.THREADED, RunMode.LOCAL)
+# The values of REAL_MODES, checked against RunMode by the tests; what pq_modes defaults to.
+_REAL_MODE_NAMES = ("async", "threaded", "local")
 
-_SCRIPT = pytest.StashKey[DryRunScript]()
-_REPORTED = pytest.StashKey[int]()
-_LEAKS = pytest.StashKey[LeakCheck]()
-_MODE_USED = pytest.StashKey[str]()
+_LAZY = {
+    "DryRunScript": "._testing._script",
+    "ScriptRule": "._testing._script",
+    "LeakCheck": "._testing._leaks",
+    "LeakReport": "._testing._leaks",
+}
+
+
+def __getattr__(name: str) -> object:
+    """The re-exported names, imported on first use (not listed by ``dir()``, so pytest's
+    scan of this module for hooks and fixtures does not import them)."""
+    if name == "REAL_MODES":
+        from ._core._modes import RunMode
+
+        return tuple(RunMode(value) for value in _REAL_MODE_NAMES)
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(where, __package__), name)
+
+
+_SCRIPT: pytest.StashKey[DryRunScript] = pytest.StashKey()
+_REPORTED: pytest.StashKey[int] = pytest.StashKey()
+_LEAKS: pytest.StashKey[LeakCheck] = pytest.StashKey()
+_MODE_USED: pytest.StashKey[str] = pytest.StashKey()
 # On the config: the leak check of the test running now, once started (wider fixtures set up
 # during the test see it there; their request's node is not the test).
-_ACTIVE = pytest.StashKey[LeakCheck]()
+_ACTIVE: pytest.StashKey[LeakCheck] = pytest.StashKey()
 
 _LEAK_OPTIONS = {"processes", "threads", "fds", "ignore_threads", "timeout"}
 
@@ -68,7 +97,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "pq_modes",
         "run modes the pq_mode fixture runs each test in (default: async threaded local)",
         type="args",
-        default=[mode.value for mode in REAL_MODES],
+        default=list(_REAL_MODE_NAMES),
     )
     parser.addini(
         "pq_no_leaks",
@@ -88,7 +117,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "pq_modes(*modes): the run modes the pq_mode fixture runs this test in"
     )
-    _real_modes(config.getini("pq_modes"), "the ini option pq_modes")
+    modes = config.getini("pq_modes")
+    if list(modes) != list(_REAL_MODE_NAMES):  # (the default needs no check, nor an import)
+        _real_modes(modes, "the ini option pq_modes")
     try:
         config.getini("pq_no_leaks")
     except (ValueError, pytest.UsageError) as exc:  # "invalid truth value 'maybe'": name it
@@ -108,6 +139,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _real_modes(names: Iterable[Any], where: str) -> list[RunMode]:
+    from ._core._exceptions import InvalidRunModeError
+    from ._core._modes import RunMode
+
     modes: list[RunMode] = []
     for name in names:
         try:
@@ -185,6 +219,9 @@ def pq_dry_run(request: pytest.FixtureRequest) -> Iterator[DryRunScript]:
     swallowed the error. ``pq_dry_run.strict = False`` answers them with ``default``
     (returncode 0, no output) instead.
     """
+    from ._core._override import override_strategy
+    from ._testing._script import DryRunScript
+
     _one_override(request, "pq_dry_run")
     try:
         script = DryRunScript()
@@ -215,6 +252,8 @@ def pq_mode(request: pytest.FixtureRequest) -> Iterator[RunMode]:
             "not through request.getfixturevalue()",
             pytrace=False,
         )
+    from ._core._override import override_strategy
+
     _one_override(request, "pq_mode")
     try:
         with override_strategy(mode, reason=f"pq_mode fixture ({mode.value})"):
@@ -229,6 +268,8 @@ def pq_wrapper(pq_mode: RunMode) -> Iterator[SubprocessWrapper]:
 
     After the test, children it started that still run are killed and its threads released.
     """
+    from ._core._wrapper import SubprocessWrapper
+
     wrapper = SubprocessWrapper(pq_mode, grace_period=2.0)
     try:
         yield wrapper
@@ -243,7 +284,11 @@ def _leak_check(item: pytest.Item) -> LeakCheck | None:
     except pytest.UsageError as exc:  # (an xdist worker's: see pytest_collection_modifyitems)
         message = str(exc)
     else:
-        return None if options is None else LeakCheck(**options)
+        if options is None:
+            return None
+        from ._testing._leaks import LeakCheck
+
+        return LeakCheck(**options)
     pytest.fail(message, pytrace=False)  # (outside the except: no chained traceback)
 
 
@@ -338,6 +383,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     except BaseException as exc:  # (pytest.fail()'s outcome too, which is no Exception)
         item.stash[_REPORTED] = len(script.unscripted)
         report = script.unscripted_report()
+        from ._core._exceptions import UnscriptedCommandError
+
         if report is not None and not isinstance(exc, UnscriptedCommandError):
             exc.add_note(report)
         raise

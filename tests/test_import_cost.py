@@ -1,0 +1,98 @@
+"""What importing the package, and loading its pytest plugin, costs: the modules they import.
+
+Counted, not timed (timings belong to benchmarks/): a fresh interpreter imports the package or
+the plugin and reports which of the package's modules, and which heavy dependencies, it
+loaded. ``import prismq_subprocess`` loads the API on first use of one of its names, and
+pytest loads the plugin in every session of every project that has the package installed,
+most of which never use it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys
+    before = set(sys.modules)
+    {statement}
+    loaded = sorted(set(sys.modules) - before)
+    print(json.dumps(loaded))
+    """
+)
+HEAVY = ("psutil", "sqlite3", "asyncio", "concurrent.futures")
+
+
+def loaded_by(statement: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(statement=statement)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    loaded: list[str] = json.loads(done.stdout)
+    return loaded
+
+
+def test_importing_the_package_loads_nothing_until_a_name_is_used() -> None:
+    loaded = loaded_by("import prismq_subprocess")
+    ours = [name for name in loaded if name.startswith("prismq_subprocess.")]
+    assert ours == []
+    assert not [name for name in loaded if name.split(".")[0] in HEAVY or name in HEAVY]
+
+
+def test_the_first_name_used_loads_the_api() -> None:
+    loaded = loaded_by("import prismq_subprocess as pq; pq.SubprocessWrapper")
+    assert "prismq_subprocess._core._wrapper" in loaded
+    assert "prismq_subprocess._background._sqlite_registry" in loaded
+    assert "prismq_subprocess.testing" in loaded
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import prismq_subprocess.exceptions",
+        "import prismq_subprocess.abc",
+        "import prismq_subprocess.testing",
+        "from prismq_subprocess import RunMode",
+        "from prismq_subprocess import *",
+    ],
+)
+def test_each_way_in_publishes_the_names_as_before(statement: str) -> None:
+    # Whatever is imported first, every name ends up shown under the public module that
+    # documents it, the top level first (as when the package loaded everything at once).
+    check = (
+        statement
+        + "\nimport prismq_subprocess as pq, prismq_subprocess.testing as t"
+        + "\nassert pq.RunMode.__module__ == 'prismq_subprocess', pq.RunMode.__module__"
+        + "\nassert pq.PrismQError.__module__ == 'prismq_subprocess'"
+        + "\nassert t.DryRunScript.__module__ == 'prismq_subprocess.testing'"
+        + "\nimport prismq_subprocess.exceptions as e"
+        + "\nassert e.RegistryClosedError.__module__ == 'prismq_subprocess.exceptions'"
+    )
+    loaded_by(check)
+
+
+def test_loading_the_pytest_plugin_imports_none_of_the_heavy_parts() -> None:
+    loaded = loaded_by("import prismq_subprocess.pytest_plugin")
+    heavy = [
+        name
+        for name in loaded
+        if name.split(".")[0] in ("psutil", "sqlite3")
+        or name.startswith(
+            (
+                "prismq_subprocess._background",
+                "prismq_subprocess._strategies",
+                "prismq_subprocess._platform",
+                "prismq_subprocess._resources",
+                "prismq_subprocess._core._wrapper",
+            )
+        )
+    ]
+    assert heavy == []

@@ -262,6 +262,20 @@ def _item_events(item: OutputChunk | OutputGap, subscription: OutputSubscription
     return _line_events(item)
 
 
+class _Waiting:
+    """The deadline of the read a stream waits on, if any: what setting ``stop`` expires."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self) -> None:
+        self.deadline: asyncio.Timeout | None = None
+
+    def expire(self, _stopper: asyncio.Future[Any]) -> None:
+        deadline = self.deadline
+        if deadline is not None and not deadline.expired():
+            deadline.reschedule(asyncio.get_running_loop().time())
+
+
 async def _stream(
     subscription: OutputSubscription,
     heartbeat: float | None,
@@ -273,59 +287,47 @@ async def _stream(
         # Sent at once: some proxies hold the response headers back until the first bytes.
         yield SSEEvent(None, retry=retry).encode() if retry is not None else _KEEP_ALIVE
         chunks = subscription.chunks(max_lines)
-        if stop is None:
+        # Each read runs in this task, under the heartbeat's deadline; `stop` set while a read
+        # waits moves that deadline to now. Cancelling a read loses nothing (it moves the
+        # subscription's cursor only as it returns), and a read that returned is always sent.
+        # Not a read task per chunk raced against `stop` with asyncio.wait: that took three
+        # loop turns a chunk where a producer that never waits yields one, so a stream with
+        # `stop` lost most lines of a fast run held in memory (gap events) where one without
+        # kept up. Nor a nested generator: a stream a server drops unclosed (Starlette does
+        # when the client leaves) is closed by its finalizer, and a nested generator collected
+        # with it in a cycle was closed twice at once ("already running" logged for a mere
+        # disconnect).
+        waiting = _Waiting()
+        stopper: asyncio.Future[Any] | None = None
+        if stop is not None:
+            stopper = asyncio.ensure_future(stop.wait())
+            stopper.add_done_callback(waiting.expire)
+        try:
             while True:
+                if stop is not None and stop.is_set():
+                    return  # stopped: no end event, so the browser reconnects
                 try:
                     async with asyncio.timeout(heartbeat) as deadline:
-                        item = await anext(chunks)
+                        waiting.deadline = deadline
+                        try:
+                            item = await anext(chunks)
+                        finally:
+                            waiting.deadline = None
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
                     if not deadline.expired():
                         raise  # e.g. OutputWaitTimeoutError, not our heartbeat
+                    if stop is not None and stop.is_set():
+                        return  # as above
                     yield _KEEP_ALIVE
                     continue
                 yield _item_events(item, subscription)
-        else:
-            # In this generator, not a nested one: a stream a server drops unclosed (Starlette
-            # does when the client leaves) is closed by its finalizer, and a nested generator
-            # collected with it in a cycle was closed twice at once (the loser's "already
-            # running" error logged for a mere disconnect).
-            #
-            # One read task lives across heartbeats: it is cancelled only when `stop` is set
-            # while it waits, which loses nothing (a read moves the subscription's cursor only
-            # as it returns). A read that finished is always sent, even when the heartbeat or
-            # `stop` came in the same loop iteration (a read restarted at every heartbeat lost
-            # its chunk then, and on a busy loop could starve).
-            reader: asyncio.Future[Any] | None = None
-            stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-            try:
-                while True:
-                    if reader is None:
-                        if stop.is_set():
-                            return  # stopped: no end event, so the browser reconnects
-                        reader = asyncio.ensure_future(anext(chunks))
-                    done, _ = await asyncio.wait(
-                        {reader, stopper}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if reader.done():
-                        finished, reader = reader, None
-                        try:
-                            item = finished.result()
-                        except StopAsyncIteration:
-                            break
-                        yield _item_events(item, subscription)
-                    elif stopper in done:
-                        return  # as above
-                    else:
-                        yield _KEEP_ALIVE
-            finally:
-                pending = [task for task in (reader, stopper) if task is not None]
-                for task in pending:
-                    task.cancel()
-                # Their outcomes are ours to take (a StopAsyncIteration or an error must not
-                # be reported as never retrieved).
-                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            if stopper is not None:
+                stopper.cancel()
+                # Its outcome is ours to take.
+                await asyncio.gather(stopper, return_exceptions=True)
         end = subscription.end
         data = json.dumps(
             {

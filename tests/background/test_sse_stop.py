@@ -165,3 +165,38 @@ async def test_registry_streams_a_run_this_capture_never_held(tmp_path: Path) ->
         '{"seq":2,"text":"n 2"}',
         '{"status":"completed","exit_code":0}',
     ]
+
+
+@pytest.mark.parametrize("with_stop", [False, True])
+async def test_a_subscriber_that_keeps_up_gets_every_line_of_a_producer_that_never_waits(
+    with_stop: bool,
+) -> None:
+    # A probe's find: with stop= (what the guides recommend behind uvicorn) and no log_dir, a
+    # stream read as fast as it could be got 145 of 10,000 lines and 67 gap events: each chunk
+    # went through its own read task and asyncio.wait, three loop turns where the producer
+    # gives one (append_line yields once per half buffer), so the ring lapped the reader.
+    capture = pq.OutputCapture(max_lines_per_run=100)
+    capture.open_run("r")
+    parser = SSEParser()
+    stop = asyncio.Event() if with_stop else None
+
+    subscribed = asyncio.Event()
+
+    async def consume() -> None:
+        async for chunk in pq.sse_events(capture, "r", stop=stop):
+            parser.feed(chunk)  # (the first: the opening, sent once subscribed)
+            subscribed.set()
+
+    consumer = asyncio.create_task(consume())
+    await subscribed.wait()
+    count = 10_000
+    for n in range(count):
+        await capture.append_line("r", f"line {n}")
+    await capture.close_run("r", status=pq.RunStatus.COMPLETED, exit_code=0)
+    async with asyncio.timeout(60):
+        await consumer
+    await capture.aclose()
+    assert [e.type for e in parser.events if e.type == "gap"] == []
+    seqs = [json.loads(e.data)["seq"] for e in parser.events if e.type == "line"]
+    assert seqs == list(range(count))
+    assert parser.events[-1].type == "end"

@@ -871,11 +871,22 @@ class ModuleRunner(AsyncClosing):
                 await asyncio.shield(self._record_final(run))
                 return run
             if self.backend is not None:
-                return await self.backend.execute(
-                    run,
-                    launch.job(run.module_id, run.module_name),
-                    self._context(run.run_id, background),
-                )
+                try:
+                    return await self.backend.execute(
+                        run,
+                        launch.job(run.module_id, run.module_name),
+                        self._context(run.run_id, background),
+                    )
+                except (Exception, asyncio.CancelledError) as exc:
+                    # A backend that refused the run after it was stored (closed, a client of
+                    # another loop, the id already executing there) left it PENDING for good:
+                    # the caller got the error, but wait_finished() never returned. (The
+                    # background path's task manager records it FAILED the same way.)
+                    if not background and not run.is_finished:
+                        self._end_unfinished(run, exc)
+                        with shielded_if_cancelled():  # a cancelled anyio scope: still recorded
+                            await self._record_final(run)
+                    raise
             return await self._supervise(run, launch, background=background)
         finally:
             claimed = run.run_id in self._claimed
@@ -900,6 +911,12 @@ class ModuleRunner(AsyncClosing):
                             )
             finally:
                 self._end(run, done)
+
+    def _end_unfinished(self, run: Run, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            run.mark_cancelled(self._cancel_reasons.get(run.run_id, "cancelled"))
+        else:
+            run.mark_failed(f"{type(exc).__name__}: {exc}")
 
     def _run_mode_label(self) -> str:
         if self.backend is not None and self.backend.mode is not None:

@@ -1292,3 +1292,70 @@ async def test_a_huge_grace_period_still_closes_the_runner(tmp_path: Path) -> No
     await runner.aclose()
     run = await runner.registry.get_run(run_id)
     assert run is not None and run.status is pq.RunStatus.COMPLETED
+
+
+class _RefusingBackend(pq.abc.RunBackend):
+    """A backend that refuses every run after the runner stored it (as a closed DaskBackend,
+    one whose client belongs to another loop, or a run id already executing on it, did)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    async def execute(self, run: pq.Run, job: Any, context: Any) -> pq.Run:
+        raise self.error
+
+    async def cancel(self, run_id: str) -> bool:
+        return False
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+async def test_a_run_the_backend_refuses_is_recorded_failed_not_left_pending(
+    tmp_path: Path, background: bool
+) -> None:
+    # A probe's find: a foreground run the backend refused stayed PENDING for good (the
+    # caller got the error, but wait_finished() never returned); a background one was
+    # recorded FAILED.
+    path = script(tmp_path, "m.py", "print('hi')\n")
+    error = pq.exceptions.ClosedError("this backend is closed")
+    async with (
+        pq.RunRegistry() as registry,
+        ModuleRunner(registry, backend=_RefusingBackend(error)) as runner,
+    ):
+        if background:
+            await runner.start_module("m", "M", path, run_id="r")
+            await runner.task_manager.wait_all()
+        else:
+            with pytest.raises(pq.exceptions.ClosedError, match="this backend is closed"):
+                await runner.execute_module("m", "M", path, run_id="r")
+        run = await registry.wait_finished("r", timeout=10)
+        assert run is not None and run.status is pq.RunStatus.FAILED
+        assert run.error_message is not None and "this backend is closed" in run.error_message
+
+
+async def test_a_foreground_run_cancelled_inside_a_backend_that_did_not_record_it(
+    tmp_path: Path,
+) -> None:
+    path = script(tmp_path, "m.py", "print('hi')\n")
+
+    entered = asyncio.Event()
+
+    class _Hanging(_RefusingBackend):
+        async def execute(self, run: pq.Run, job: Any, context: Any) -> pq.Run:
+            entered.set()
+            await asyncio.Event().wait()  # cancelled, and records nothing
+            raise AssertionError("unreachable")
+
+    async with (
+        pq.RunRegistry() as registry,
+        ModuleRunner(registry, backend=_Hanging(RuntimeError())) as runner,
+    ):
+        task = asyncio.create_task(runner.execute_module("m", "M", path, run_id="r"))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        run = await registry.wait_finished("r", timeout=10)
+        assert run is not None and run.status is pq.RunStatus.CANCELLED

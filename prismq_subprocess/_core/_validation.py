@@ -65,7 +65,7 @@ def _check_part(value: object, position: int) -> str | bytes:
     if isinstance(value, str | bytes):
         part: str | bytes = value
     elif isinstance(value, os.PathLike):
-        part = os.fspath(value)
+        part = _fspath(value, f"command argument {position}")
     elif isinstance(value, list | tuple):
         raise InvalidArgumentTypeError(
             f"command argument {position} is a {type(value).__name__}; pass the program and its "
@@ -85,6 +85,35 @@ def _check_part(value: object, position: int) -> str | bytes:
             "errors='surrogateescape' to pass them through, or pass bytes)"
         )
     return part
+
+
+def _fspath(value: os.PathLike[str] | os.PathLike[bytes], what: str) -> str | bytes:
+    """``os.fspath(value)``; our error for an ``__fspath__`` that gives no path (a bare
+    TypeError from deep inside)."""
+    try:
+        return os.fspath(value)
+    except TypeError as exc:
+        raise InvalidArgumentTypeError(
+            f"{what}: {type(value).__name__}.__fspath__() gave no path ({exc})"
+        ) from None
+
+
+def check_signal(sig: object) -> None:
+    """Raise unless ``sig`` is a signal number, as ``os.kill`` takes it (an int, a
+    ``signal.Signals``, anything with ``__index__``): a process's ``send_signal``.
+
+    Raises:
+        InvalidArgumentTypeError: (a ``TypeError``, as asyncio raises) ``None``, a name...
+    """
+    if sig.__class__ is int or isinstance(sig, int):
+        return
+    try:
+        operator.index(sig)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidArgumentTypeError(
+            f"send_signal() takes a signal number (an int or a signal.Signals such as "
+            f"signal.SIGTERM), got {type(sig).__name__} {sig!r:.60}"
+        ) from None
 
 
 def encodable(text: str) -> bool:
@@ -476,7 +505,7 @@ def check_cwd(cwd: object) -> None:
     """Raise unless ``cwd`` names an existing directory."""
     if not isinstance(cwd, str | bytes | os.PathLike):
         raise InvalidArgumentTypeError(f"cwd must be a path, not {type(cwd).__name__}")
-    path = os.fspath(cwd)
+    path = _fspath(cwd, "cwd") if isinstance(cwd, os.PathLike) else cwd
     if not os.path.exists(path):
         raise CwdNotFoundError(2, f"working directory {path!r} does not exist", path)
     if not os.path.isdir(path):

@@ -32,6 +32,7 @@ from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._task_start import start_task_eagerly
 from .._core._tree_stop import kill_tree_now, register_child, stop_process_tree
+from .._core._validation import check_signal
 from .._platform import PlatformOps, prefer_pidfd_watcher
 from ._base import SpawnRequest, SubprocessStrategy
 
@@ -95,7 +96,10 @@ class AsyncProcess(asyncio.subprocess.Process):
 
         Raises:
             ProcessLookupError: the child has exited and asyncio has let go of it.
+            InvalidArgumentTypeError: ``signal`` is no signal number (``None`` means "the
+                platform's kill" further down: it killed the child).
         """
+        check_signal(signal)
         if not self._signalled(signal):
             super().send_signal(signal)
 

@@ -43,12 +43,23 @@ class _DeferredReader:
         self._sink = sink
         self._inner = asyncio.StreamReader(limit=limit)
         self._filled = False
+        self._waiting = False
 
-    async def _ready(self) -> asyncio.StreamReader:
+    async def _ready(self, name: str) -> asyncio.StreamReader:
         if not self._filled:
+            if self._waiting:
+                # As asyncio's reader: a second reader waiting at once was given nothing (the
+                # first took it all), as if the child had printed nothing.
+                raise RuntimeError(
+                    f"{name}() called while another coroutine is already waiting for incoming data"
+                )
             process = self._process
             if process is not None:
-                await process._finished()
+                self._waiting = True
+                try:
+                    await process._finished()
+                finally:
+                    self._waiting = False
             if not self._filled:
                 self._filled = True
                 self._inner.feed_data(self._sink.getvalue())
@@ -64,19 +75,19 @@ class _DeferredReader:
 
     async def read(self, n: int = -1) -> bytes:
         """Read up to ``n`` bytes (all when ``n`` is -1), waiting for the child to finish first."""
-        return await (await self._ready()).read(n)
+        return await (await self._ready("read")).read(n)
 
     async def readline(self) -> bytes:
         """Read one line, as ``StreamReader.readline``."""
-        return await (await self._ready()).readline()
+        return await (await self._ready("readline")).readline()
 
     async def readexactly(self, n: int) -> bytes:
         """Read exactly ``n`` bytes, as ``StreamReader.readexactly``."""
-        return await (await self._ready()).readexactly(n)
+        return await (await self._ready("readexactly")).readexactly(n)
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
         """Read up to and including ``separator``, as ``StreamReader.readuntil``."""
-        return await (await self._ready()).readuntil(separator)
+        return await (await self._ready("readuntil")).readuntil(separator)
 
     def at_eof(self) -> bool:
         """True once the child finished and every byte was read."""

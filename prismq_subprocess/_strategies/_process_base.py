@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
+from .._core._validation import check_signal
 from .._platform import KILL_SIGNAL
 
 __all__ = ["PopenProcess", "ProcessBase"]
@@ -140,7 +141,9 @@ class ProcessBase:
 
         Raises:
             ProcessLookupError: the child has exited and its output pipes are closed.
+            InvalidArgumentTypeError: ``signal`` is no signal number.
         """
+        check_signal(signal)
         if self._signallable():
             self._send_signal(signal)
 

@@ -1038,3 +1038,71 @@ async def test_module_level_drop_ins_in_every_mode(mode: Any) -> None:
     proc = await pq.create_subprocess_exec(*SLEEP, mode=mode)
     proc.terminate()
     assert await asyncio.wait_for(proc.wait(), PROMPT) == -signal.SIGTERM
+
+
+# -- a probe's finds (session 37) -------------------------------------------------------------
+@pytest.mark.parametrize("mode", [*REAL, "dry-run"])
+@pytest.mark.parametrize("bad", [None, "TERM", 1.5], ids=["None", "str", "float"])
+async def test_send_signal_with_no_signal_number_is_a_type_error_and_the_child_lives(
+    mode: str, bad: object
+) -> None:
+    # ASYNC took None for "the platform's kill" (its internal meaning): a signal looked up in a
+    # dict that returned None killed the child with SIGKILL. asyncio raises TypeError.
+    from conftest import WRAPPER_FACTORIES
+
+    async with WRAPPER_FACTORIES[mode]() as wrapper:
+        process = await wrapper.create_subprocess_exec(
+            PY, "-c", "import time; time.sleep(30)", stdin=asyncio.subprocess.DEVNULL
+        )
+        try:
+            with pytest.raises(TypeError, match="signal") as caught:
+                process.send_signal(bad)  # type: ignore[arg-type]
+            assert isinstance(caught.value, pq.exceptions.InvalidArgumentTypeError)
+            if mode == "dry-run":
+                return  # (its fake child has ended already)
+            assert process.returncode is None
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.wait()), 0.2)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # (DRY_RUN's has gone)
+                process.kill()
+            await process.wait()
+
+
+@pytest.mark.parametrize("mode", REAL)
+async def test_a_second_concurrent_communicate_is_refused_as_in_asyncio(mode: str) -> None:
+    # LOCAL gave the second caller empty output, as if the child printed nothing; asyncio (and
+    # ASYNC, THREADED) refuse a second reader waiting at once with RuntimeError. (DRY_RUN's
+    # default answer has its output, and its end, there at once: as asyncio with a finished
+    # child's output all read in, the second reader gets b"" without waiting.)
+    from conftest import WRAPPER_FACTORIES
+
+    async with WRAPPER_FACTORIES[mode]() as wrapper:
+        process = await wrapper.create_subprocess_exec(
+            PY, "-c", "print('hi')", stdout=asyncio.subprocess.PIPE
+        )
+        first, second = await asyncio.gather(
+            process.communicate(), process.communicate(), return_exceptions=True
+        )
+        await process.wait()
+    assert first == (b"hi\n", None)
+    assert isinstance(second, RuntimeError), second
+    assert "already waiting" in str(second)
+
+
+class _BadPath:
+    def __fspath__(self) -> object:
+        return 5
+
+
+@pytest.mark.parametrize("mode", [*REAL, "dry-run"])
+@pytest.mark.parametrize("where", ["argument", "cwd"])
+async def test_a_pathlike_that_gives_no_path_is_our_type_error(mode: str, where: str) -> None:
+    from conftest import WRAPPER_FACTORIES
+
+    async with WRAPPER_FACTORIES[mode]() as wrapper:
+        with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="__fspath__"):
+            if where == "argument":
+                await wrapper.run(PY, "-c", "pass", _BadPath())  # type: ignore[arg-type]
+            else:
+                await wrapper.run(PY, "-c", "pass", cwd=_BadPath())  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from .._platform import pidfd_open
 if TYPE_CHECKING:
     from ._io_thread import IOThread
 
-__all__ = ["release_orphaned_pidfds", "watch_exit"]
+__all__ = ["reap_orphan", "release_orphaned_pidfds", "watch_exit"]
 
 #: The pidfds each event loop watches (``add_reader``) until its child exits. A loop closed
 #: before that never reads them, and closing a loop closes none of its watched descriptors:
@@ -80,7 +80,8 @@ def watch_exit(
         # reaches the loop in the same hand-off as their end of file (one wake-up, and the loop
         # registers and unregisters nothing per child).
         on_exit = functools.partial(_reap, loop, popen, callback)
-        if io_thread is not None and io_thread.watch_pidfd(loop, fd, on_exit):
+        orphaned = functools.partial(reap_orphan, popen)
+        if io_thread is not None and io_thread.watch_pidfd(loop, fd, on_exit, orphaned):
             return
         release_orphaned_pidfds()
         with _loop_pidfds_lock:
@@ -125,6 +126,13 @@ def _reap(
         threading.Thread(target=_wait_in_thread, args=(loop, popen, callback), daemon=True).start()
         return
     callback(returncode)
+
+
+def reap_orphan(popen: subprocess.Popen[bytes]) -> None:
+    """Any thread: the loop that was to hear ``popen``'s exit has closed, so nobody there will
+    reap it; reap it now, or from a thread once it exits (it stayed a zombie for good)."""
+    if popen.poll() is None:
+        threading.Thread(target=popen.wait, name=f"prismq-reap-{popen.pid}", daemon=True).start()
 
 
 def _wait_in_thread(

@@ -162,17 +162,23 @@ class IOThread:
         return _PumpStdinWriter(self, loop, pipe)
 
     def watch_pidfd(
-        self, loop: asyncio.AbstractEventLoop, pidfd: int, callback: Callable[[], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pidfd: int,
+        callback: Callable[[], None],
+        orphaned: Callable[[], None] | None = None,
     ) -> bool:
         """Call ``callback()`` on ``loop`` once ``pidfd`` is readable (the child exited).
 
         Takes ownership of ``pidfd``. Returns False (and closes nothing) once closed. If the
         thread is closed before the child exits, ``callback`` runs anyway: it must check.
+        ``orphaned()`` runs instead, on this thread, if ``loop`` has closed by then (nobody
+        there would reap the child: it stayed a zombie for the life of the host).
         """
         with self._lock:
             if self._closed:
                 return False
-        self._register(_ExitWatch(self, loop, pidfd, callback))
+        self._register(_ExitWatch(self, loop, pidfd, callback, orphaned))
         return True
 
     def close(self) -> None:
@@ -310,14 +316,15 @@ class IOThread:
         for loop in schedule:
             if not call_soon(loop, self._flush, loop):
                 with self._lock:
-                    self._outbox.pop(loop, None)
+                    _abandon(self._outbox.pop(loop, []))
 
     def _drop_closed_loops(self) -> None:
         """``_lock`` held: forget the hand-overs of loops closed before they ran them (their
-        ``_flush`` never comes), with the readers and the bytes they would keep alive."""
+        ``_flush`` never comes), with the readers and the bytes they would keep alive; the
+        exits among them are reaped here."""
         if self._outbox:
             for loop in [loop for loop in self._outbox if loop.is_closed()]:
-                del self._outbox[loop]
+                _abandon(self._outbox.pop(loop))
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """Loop thread: run what the I/O thread delivered, in order."""
@@ -770,6 +777,14 @@ class _PumpStdinWriter(StdinWriterBase):
         out.append((self._loop, self._wake_all, None))
 
 
+def _abandon(items: Batch) -> None:
+    """I/O thread: ``items`` will never run (their loop closed); reap the exits among them."""
+    for _, callback, _ in items:
+        watch = getattr(callback, "__self__", None)
+        if isinstance(watch, _ExitWatch):
+            watch.abandoned()
+
+
 class _ExitWatch:
     """A pidfd in the I/O thread's selector: tells the loop when the child has exited."""
 
@@ -779,11 +794,13 @@ class _ExitWatch:
         loop: asyncio.AbstractEventLoop,
         pidfd: int,
         callback: Callable[[], None],
+        orphaned: Callable[[], None] | None = None,
     ) -> None:
         self._pump = pump
         self._loop = loop
         self._pidfd = pidfd
         self._callback = callback
+        self._orphaned = orphaned
         self._registered = False
         self._done = False
 
@@ -807,7 +824,19 @@ class _ExitWatch:
             self._registered = False
         self._pump._live.discard(self)
         os.close(self._pidfd)
-        out.append((self._loop, self._run_callback, None))
+        if self._loop.is_closed():
+            self.abandoned()
+        else:
+            out.append((self._loop, self._run_callback, None))
+
+    def abandoned(self) -> None:
+        """I/O thread: the loop closed before it heard the exit; reap the child here."""
+        orphaned, self._orphaned = self._orphaned, None
+        if orphaned is not None:
+            try:
+                orphaned()
+            except Exception:
+                logger.exception("prismq I/O thread: reaping an orphaned child failed")
 
     def _run_callback(self, _: object) -> None:
         self._callback()

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import weakref
 from typing import Any
 
@@ -78,23 +79,34 @@ if _HAS_WATCHERS:
             # closes first never reads that pidfd (see reap_orphaned()). A weak reference: a
             # closed loop is not kept alive by a child it left behind.
             self._watched: dict[int, tuple[int, weakref.ref[asyncio.AbstractEventLoop]]] = {}
+            # The loops watching children (weakly): a closed one is noticed at the next start.
+            self._loops: set[weakref.ref[asyncio.AbstractEventLoop]] = set()
             _watchers.add(self)
 
         def add_child_handler(  # type: ignore[override]  # (typeshed's TypeVarTuple form)
             self, pid: int, callback: Any, *args: Any
         ) -> None:
             loop = asyncio.get_running_loop()
+            # A loop that closed before its children exited never hears them: nobody reaped
+            # them, zombies for the life of the host (asyncio's own 3.11 watcher, a thread per
+            # child, did). Looked for at each start: one look per loop in use.
+            if any((gone := ref()) is None or gone.is_closed() for ref in list(self._loops)):
+                self._loops = {r for r in self._loops if (alive := r()) and not alive.is_closed()}
+                self.reap_orphaned()
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:
                 self._threads.add_child_handler(pid, callback, *args)
                 return
-            self._watched[pid] = (pidfd, weakref.ref(loop))
+            loop_ref = weakref.ref(loop)
+            self._loops.add(loop_ref)
+            self._watched[pid] = (pidfd, loop_ref)
             loop._add_reader(pidfd, self._exited, loop, pid, pidfd, callback, args)  # type: ignore[attr-defined]
 
         def reap_orphaned(self) -> None:
-            """Reap the children whose loop closed before they exited, once they have (their
-            pidfd is then closed); the others stay watched. Callable from any thread."""
+            """Reap the children whose loop closed before they exited (their pidfd is then
+            closed): now if they have exited, else from a thread once they do. Callable from
+            any thread."""
             for pid, (pidfd, loop_ref) in list(self._watched.items()):
                 loop = loop_ref()
                 if loop is not None and not loop.is_closed():
@@ -106,8 +118,17 @@ if _HAS_WATCHERS:
                     exited = True  # reaped elsewhere (its Popen, say)
                 except OSError:
                     continue
-                if exited and self._watched.pop(pid, None) is not None:
+                if self._watched.pop(pid, None) is None:
+                    continue  # taken by another caller meanwhile
+                if exited:
                     os.close(pidfd)
+                else:
+                    threading.Thread(
+                        target=_reap_when_exited,
+                        args=(pidfd,),
+                        name=f"prismq-reap-{pid}",
+                        daemon=True,
+                    ).start()
 
         def _exited(
             self,
@@ -155,6 +176,16 @@ if _HAS_WATCHERS:
 
         def __exit__(self, *exc: object) -> None:
             pass
+
+
+def _reap_when_exited(pidfd: int) -> None:
+    """A thread: wait for the child of ``pidfd`` (its loop has closed) to exit, and reap it."""
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    except OSError:
+        pass  # (reaped elsewhere meanwhile)
+    finally:
+        os.close(pidfd)
 
 
 def returncode_of(info: Any) -> int:

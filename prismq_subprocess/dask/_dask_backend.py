@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import math
 import uuid
@@ -18,6 +19,7 @@ from distributed.scheduler import KilledWorker
 
 from .._background._backend import ModuleJob, RunBackend, RunContext, check_resources
 from .._background._memory_registry import stopped_for_claim
+from .._background._module_runner import _LINE_PIECE_BYTES
 from .._background._run_record import Run, RunStatus
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._exceptions import (
@@ -29,6 +31,7 @@ from .._core._exceptions import (
     OutputClosedError,
 )
 from .._core._modes import RunMode
+from .._core._validation import check_flag
 from .._platform._orphans import OrphanCheck, well_formed_cookie
 from ._channel import (
     CHILD,
@@ -110,11 +113,17 @@ class _Child:
 
 
 class _Remote:
-    """The host's view of one run executing on the cluster."""
+    """The host's view of one run executing on the cluster: execution number ``execution`` of
+    the backend with ``token``, which names its task and events on the scheduler."""
 
-    def __init__(self, run: Run, context: RunContext) -> None:
+    def __init__(self, run: Run, context: RunContext, token: str, execution: int) -> None:
         self.run = run
         self.context = context
+        self.execution = execution
+        self.key = task_key(token, execution, run.run_id)
+        self.cancel_event = cancel_event_name(token, execution, run.run_id)
+        self.kill_event = kill_event_name(token, execution, run.run_id)
+        self.started_event = started_event_name(token, execution, run.run_id)
         self.output = context.output
         self.client: Any = None  # the client its task was submitted through
         self.future: Any = None
@@ -130,6 +139,9 @@ class _Remote:
         self.create_time: float | None = None
         self.child: _Child | None = None  # what the reaper needs of the latest attempt's child
         self.next_seq = 0
+        # The pieces so far of line ``piece_seq``, which comes in several messages (LINES).
+        self.pieces: list[str] = []
+        self.piece_seq = -1
         self.missing = 0
         self.ended = asyncio.Event()
         self.lost: str | None = None
@@ -203,6 +215,7 @@ class DaskBackend(RunBackend):
         InvalidLimitError: bad ``resources`` or ``stream_queue_lines``.
         InvalidIntervalError: a non-positive interval or timeout.
         InvalidRunModeError: an unknown ``run_mode``.
+        InvalidArgumentTypeError: ``retry_on_worker_loss`` is not a bool.
     """
 
     mode = "dask"
@@ -249,7 +262,7 @@ class DaskBackend(RunBackend):
         self._owns_client = self._address is not None
         self.security = security
         self.resources = check_resources(resources)
-        self.retry_on_worker_loss = bool(retry_on_worker_loss)
+        self.retry_on_worker_loss = check_flag(retry_on_worker_loss, "retry_on_worker_loss")
         self.run_mode = None if run_mode is None else RunMode.parse(run_mode).value
         self.worker_check_interval = _positive("worker_check_interval", worker_check_interval)
         self.cancel_timeout = _positive("cancel_timeout", cancel_timeout)
@@ -261,6 +274,7 @@ class DaskBackend(RunBackend):
         self._token = uuid.uuid4().hex[:12]
         self.topic = f"prismq-output-{self._token}"
         self._remotes: dict[str, _Remote] = {}
+        self._executions = itertools.count(1)
         self._idle = asyncio.Event()  # set while no run executes here
         self._idle.set()
         self._connect_lock = asyncio.Lock()
@@ -270,8 +284,9 @@ class DaskBackend(RunBackend):
         self._reapers: set[asyncio.Task[None]] = set()
         self._reapers_until = 0.0  # (loop time) when the last reaper must have ended
         self._chores: set[asyncio.Future[None]] = set()
-        # Cancel events of runs taken off the cluster while queued: set until aclose().
-        self._withdrawn: list[str] = []
+        # Events kept set until aclose(): the cancel events of runs taken off the cluster while
+        # queued, and the events of runs lost or stopped unconfirmed (see _forget).
+        self._held: list[str] = []
         self._closed = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -321,14 +336,15 @@ class DaskBackend(RunBackend):
                 client.unsubscribe_topic(self.topic)
             self._ready = False
         # They lived on the scheduler that went away.
-        self._withdrawn.clear()
+        self._held.clear()
 
     # -- messages from the workers ------------------------------------------------------------
     async def _on_event(self, event: tuple[float, Message]) -> None:
         try:
             message = event[1]
             remote = self._remotes.get(message.get("run", ""))
-            if remote is not None:
+            # (A late message of an earlier execution with this run id is not this run's.)
+            if remote is not None and message.get("execution") == remote.execution:
                 await self._handle(remote, message)
         except Exception:
             # Never let a bad message break the client's stream handling.
@@ -343,6 +359,7 @@ class DaskBackend(RunBackend):
                 # is left of the first attempt's tree, and follow the new attempt.
                 self._reap_later(remote)
                 remote.next_seq = 0
+                remote.pieces = []
                 remote.ended.clear()
             remote.attempt = attempt
             remote.start = message
@@ -380,6 +397,15 @@ class DaskBackend(RunBackend):
         if kind == LINES:
             seq = int(message["seq"])
             lines: list[str] = message["lines"]
+            if remote.pieces and remote.piece_seq != seq:
+                remote.pieces = []  # (never: the pieces of a line travel back to back)
+            if message.get("more"):
+                remote.piece_seq = seq
+                remote.pieces += lines
+                return
+            if remote.pieces:
+                lines = ["".join([*remote.pieces, lines[0]]), *lines[1:]]
+                remote.pieces = []
             batch = lines[max(0, remote.next_seq - seq) :]
             if seq > remote.next_seq:
                 batch = [self._gap_note(remote, seq - remote.next_seq), *batch]
@@ -430,7 +456,7 @@ class DaskBackend(RunBackend):
             raise DuplicateRunError(f"run {run.run_id!r} is already executing on this backend")
         run.mode = self.mode
         self._loop = asyncio.get_running_loop()
-        remote = _Remote(run, context)
+        remote = _Remote(run, context, self._token, next(self._executions))
         self._remotes[run.run_id] = remote
         self._idle.clear()
         outcome: asyncio.Future[WorkerOutcome | BaseException] | None = None
@@ -442,8 +468,8 @@ class DaskBackend(RunBackend):
                 # ours closing meanwhile): the run must still end FAILED, not stay PENDING.
                 remote.future = client.submit(
                     run_module_on_worker,
-                    self._worker_job(run, job, context),
-                    key=task_key(self._token, run.run_id),
+                    self._worker_job(remote, job),
+                    key=remote.key,
                     pure=False,
                     retries=0,
                     resources={**self.resources, **job.resources} or None,
@@ -480,14 +506,17 @@ class DaskBackend(RunBackend):
                 # Off the run's path: it is recorded already; aclose() waits for these.
                 self._background(self._forget(remote))
 
-    def _worker_job(self, run: Run, job: ModuleJob, context: RunContext) -> WorkerJob:
+    def _worker_job(self, remote: _Remote, job: ModuleJob) -> WorkerJob:
+        context = remote.context
+        output = context.output
         return WorkerJob(
-            run_id=run.run_id,
+            run_id=remote.run.run_id,
+            execution=remote.execution,
             job=job,
             topic=self.topic,
-            cancel_event=cancel_event_name(self._token, run.run_id),
-            kill_event=kill_event_name(self._token, run.run_id),
-            started_event=started_event_name(self._token, run.run_id),
+            cancel_event=remote.cancel_event,
+            kill_event=remote.kill_event,
+            started_event=remote.started_event,
             run_mode=self.run_mode,
             grace_period=context.grace_period,
             sample_interval=context.sample_interval,
@@ -496,6 +525,9 @@ class DaskBackend(RunBackend):
             cancel_poll=0.5,
             orphan_timeout=self.orphan_timeout,
             queue_lines=self.stream_queue_lines,
+            # The worker reads the child's lines in the pieces the host's runner would, and
+            # sends them whole: the host's capture bounds them (see ForwardedOutput).
+            max_line_bytes=_LINE_PIECE_BYTES if output is None else output.max_line_bytes,
             max_batch_lines=_MAX_BATCH_LINES,
             max_batch_chars=_MAX_BATCH_CHARS,
             flush_interval=self.flush_interval,
@@ -568,7 +600,7 @@ class DaskBackend(RunBackend):
         remote.cancel_sent_at = asyncio.get_running_loop().time()
         client = remote.client
         try:
-            await Event(cancel_event_name(self._token, remote.run.run_id), client=client).set()
+            await Event(remote.cancel_event, client=client).set()
             if remote.attempt is None or remote.lost is not None:
                 # Still queued (as far as we know), or its worker is gone: take it off the
                 # cluster. Had a worker just picked it up, it sees the event before or right
@@ -583,7 +615,7 @@ class DaskBackend(RunBackend):
         if remote.withdrawn:
             return  # taken off the cluster: no tree to kill
         try:
-            await Event(kill_event_name(self._token, remote.run.run_id), client=remote.client).set()
+            await Event(remote.kill_event, client=remote.client).set()
         except Exception as exc:
             logger.warning("killing run %s on the cluster failed: %s", remote.run.run_id, exc)
 
@@ -720,34 +752,37 @@ class DaskBackend(RunBackend):
 
     async def _forget(self, remote: _Remote) -> None:
         """Release the task and, once it ended normally, the run's events on the scheduler
-        (the cancel event only exists there once set). The events of a run that was lost or
-        cancelled unconfirmed stay set, so an attempt Dask may still start runs nothing.
+        (the cancel and kill events only exist there once set).
 
-        The cancel event of a run taken off the cluster while queued stays set until
-        :meth:`aclose`: the scheduler may have placed the task on a worker already, which
-        learns of the cancel a moment later and starts the task if slots free up meanwhile;
-        the task then finds the event set and runs nothing."""
+        Some stay set until :meth:`aclose`, which releases them: the events of a run that was
+        lost or cancelled unconfirmed, so an attempt Dask may still start runs nothing; and the
+        cancel event of a run taken off the cluster while queued: the scheduler may have placed
+        the task on a worker already, which learns of the cancel a moment later and starts the
+        task if slots free up meanwhile; the task then finds the event set and runs nothing.
+        (Their names are this execution's alone: a later run with the same id is not stopped
+        by them.)"""
         client = remote.client
         try:
             remote.future.release()
-            if (
-                remote.lost is None
-                and not remote.unconfirmed
-                and remote.future.done()
-                and client is self._client  # not one dropped since: its scheduler is gone
-                and client.status == "running"  # no scheduler: nothing there to release
-            ):
-                names = [started_event_name(self._token, remote.run.run_id)]
-                cancel = cancel_event_name(self._token, remote.run.run_id)
-                if remote.withdrawn:
-                    self._withdrawn.append(cancel)
-                elif remote.cancel_sent_at is not None:
-                    names.append(cancel)
-                if remote.kill_sent and not remote.withdrawn:
-                    names.append(kill_event_name(self._token, remote.run.run_id))
-                async with asyncio.timeout(_RELEASE_SECONDS):
-                    for name in names:
-                        await Event(name, client=client).clear()
+            if client is not self._client or client.status != "running":
+                # A client dropped since (its scheduler is gone), or no scheduler: nothing
+                # there to release.
+                return
+            names = [remote.started_event]
+            if remote.cancel_sent_at is not None:
+                names.append(remote.cancel_event)
+            if remote.kill_sent and not remote.withdrawn:
+                names.append(remote.kill_event)
+            if remote.lost is not None or remote.unconfirmed or not remote.future.done():
+                self._held += names
+                return
+            if remote.withdrawn:
+                if remote.cancel_event in names:
+                    names.remove(remote.cancel_event)
+                self._held.append(remote.cancel_event)
+            async with asyncio.timeout(_RELEASE_SECONDS):
+                for name in names:
+                    await Event(name, client=client).clear()
         except Exception as exc:
             logger.info("releasing run %s on the cluster failed: %s", remote.run.run_id, exc)
 
@@ -908,8 +943,8 @@ class DaskBackend(RunBackend):
     # -- closing ------------------------------------------------------------------------------
     async def aclose(self) -> None:
         """Stop the runs still executing here (they end CANCELLED), stop watching workers,
-        release the cancel events of runs withdrawn while queued, unsubscribe, and close the
-        client if the backend made it. Idempotent.
+        release the events of runs withdrawn while queued, lost or stopped unconfirmed (see
+        :meth:`_forget`), unsubscribe, and close the client if the backend made it. Idempotent.
 
         Cancellation: stops waiting; the client may be left open. Called inside an anyio scope
         that is already cancelled (a ``finally`` block after ``move_on_after``), the close runs
@@ -944,14 +979,14 @@ class DaskBackend(RunBackend):
                 logger.warning("%d orphan stop(s) did not end in time; given up", len(late))
                 await asyncio.wait(late)
         client = self._client
-        if self._withdrawn and client is not None and client.status == "running":
+        if self._held and client is not None and client.status == "running":
             try:
                 async with asyncio.timeout(_RELEASE_SECONDS):
-                    for name in self._withdrawn:
+                    for name in self._held:
                         await Event(name, client=client).clear()
             except Exception as exc:
-                logger.info("releasing the cancel events of withdrawn runs failed: %s", exc)
-            self._withdrawn.clear()
+                logger.info("releasing the events of withdrawn or lost runs failed: %s", exc)
+            self._held.clear()
         if client is not None and self._ready:
             try:
                 client.unsubscribe_topic(self.topic)

@@ -38,14 +38,13 @@ from distributed.utils import sync
 from .._background._backend import ModuleJob
 from .._background._memory_registry import RunRegistry
 from .._background._module_runner import ModuleRunner
-from .._background._output_capture import OutputCapture
 from .._background._run_record import Run, RunStatus
 from .._background._start_options import StartOptions
 from .._core._exceptions import PrismQError
 from .._platform import platform_ops
 from .._platform._orphans import OrphanCheck, ProcessIdentity, stop_orphans
 from .._platform._start_time import same_start
-from ._channel import CHILD, END, STARTED, Message, OutputForwarder
+from ._channel import CHILD, END, STARTED, ForwardedOutput, Message, OutputForwarder
 
 __all__ = [
     "CANCELLED_BEFORE_START",
@@ -73,9 +72,13 @@ here); ``detail`` says why."""
 
 @dataclass(frozen=True, slots=True)
 class WorkerJob:
-    """Everything a worker needs for one run (pickled into the Dask task)."""
+    """Everything a worker needs for one run (pickled into the Dask task). ``execution``
+    tells this execution of the run from earlier ones with the same run id (see
+    ``_channel.py``); ``max_line_bytes`` is the host capture's (see :class:`ForwardedOutput`).
+    """
 
     run_id: str
+    execution: int
     job: ModuleJob
     topic: str
     cancel_event: str
@@ -89,6 +92,7 @@ class WorkerJob:
     cancel_poll: float
     orphan_timeout: float
     queue_lines: int
+    max_line_bytes: int
     max_batch_lines: int
     max_batch_chars: int
     flush_interval: float
@@ -437,18 +441,13 @@ async def _start(runner: ModuleRunner, spec: WorkerJob) -> Run:
 async def _execute(spec: WorkerJob, address: str, watch: _CancelWatch) -> WorkerOutcome:
     send = functools.partial(get_worker().log_event, spec.topic)
     # The run's ring here is what the worker buffers for the host (the forwarder is its only
-    # reader); nothing outlives the task, so no retention.
-    capture = OutputCapture(
-        max_lines_per_run=spec.queue_lines,
-        retain_ended_runs=None,
-        retain_ended_bytes=None,
-        retain_ended_seconds=None,
-    )
+    # reader).
+    capture = ForwardedOutput(spec.queue_lines, spec.max_line_bytes)
     capture.open_run(spec.run_id)
     forwarder = OutputForwarder(
         capture.subscribe(spec.run_id),
         send,
-        {"run": spec.run_id, "attempt": uuid.uuid4().hex},
+        {"run": spec.run_id, "execution": spec.execution, "attempt": uuid.uuid4().hex},
         max_batch_lines=spec.max_batch_lines,
         max_batch_chars=spec.max_batch_chars,
         flush_interval=spec.flush_interval,

@@ -21,6 +21,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -53,7 +54,6 @@ from prismq_subprocess.abc import BaseRunRegistry, ModuleJob, RunContext  # noqa
 from prismq_subprocess.dask import DaskBackend  # noqa: E402
 from prismq_subprocess.dask import _dask_backend as dask_backend_module  # noqa: E402
 from prismq_subprocess.dask import _worker as dask_worker_module  # noqa: E402
-from prismq_subprocess.dask._channel import cancel_event_name, kill_event_name  # noqa: E402
 from prismq_subprocess.dask._worker import WorkerOutcome  # noqa: E402
 
 SLOTS = 4  # each worker offers {"slots": 4}
@@ -240,6 +240,16 @@ async def wait_for_line(capture: OutputCapture, run_id: str, prefix: str) -> str
             if isinstance(item, OutputLine) and item.text.startswith(prefix):
                 return item.text
     raise AssertionError(f"no line starting with {prefix!r}")
+
+
+async def events_left(client: Any, token: str) -> list[str]:
+    """The events of the backend with ``token`` that the scheduler still holds."""
+
+    def names(token: str, dask_scheduler: Any = None) -> list[str]:
+        # Runs in the scheduler's process (sent by value: it is local to this function).
+        return sorted(name for name in dask_scheduler.extensions["events"]._events if token in name)
+
+    return list(await client.run_on_scheduler(names, token))
 
 
 async def worker_pids(client: Any) -> dict[str, int]:
@@ -454,6 +464,35 @@ async def test_lines_dropped_on_the_worker_show_as_one_note_and_the_tail_stays_w
 # -- same results as the local backend ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("max_line_bytes", [64 * 1024, 1024 * 1024], ids=["64KiB", "1MiB"])
+async def test_a_line_longer_than_64_kib_reaches_the_host_whole_as_from_a_local_run(
+    client: Any, tmp_path: Path, max_line_bytes: int
+) -> None:
+    # The worker cut it to its own capture's default bound (64 KiB) before sending it: the
+    # host's log file got the cut line, a larger host bound still got it cut, and the host's
+    # note counted the bytes cut from the cut line (39), not from the line (234,464). (Longer
+    # than a batch of messages, 256 Ki characters: it travels in pieces.)
+    script = tmp_path / "long.py"
+    script.write_text("import sys\nsys.stdout.write('x' * 300_000 + '\\n')\nprint('after')\n")
+    seen: dict[str, tuple[list[str], list[str]]] = {}
+    for name, backend in (("local", None), ("dask", DaskBackend(client))):
+        capture = OutputCapture(max_line_bytes=max_line_bytes, log_dir=tmp_path / name)
+        async with capture, ModuleRunner(RunRegistry(), output=capture, backend=backend) as runner:
+            run = await runner.execute_module("l", "long", script)
+            assert run.status is RunStatus.COMPLETED, run.error_message
+            lines = capture.get_lines(run.run_id)
+            log = capture.log_path(run.run_id)
+        assert log is not None
+        seen[name] = (lines, log.read_text().splitlines())
+    assert seen["dask"] == seen["local"]
+    lines, logged = seen["dask"]
+    assert logged == ["x" * 300_000, "after"]
+    if max_line_bytes > 300_000:
+        assert lines == ["x" * 300_000, "after"]
+    else:
+        assert lines[0].endswith("[line truncated: 234464 more bytes]")
+
+
 def assert_cluster_outcomes(remote: dict[str, Run]) -> None:
     """What the module and command cases shared by both cluster test files must give on the
     cluster (this file's and ``test_dask_local_cluster.py``'s identical-results tests)."""
@@ -617,6 +656,8 @@ async def test_cancel_while_queued_on_the_cluster_never_starts_it(
             resources={"slots": SLOTS},
         )
         assert (await stored(runner, queued)).status is RunStatus.PENDING
+        await until(lambda: queued in backend._remotes, "the run reached the backend")
+        cancel_name = backend._remotes[queued].cancel_event
         assert await runner.cancel(queued, "not needed")
         run = await stored(runner, queued)
         assert run.status is RunStatus.CANCELLED
@@ -626,7 +667,7 @@ async def test_cancel_while_queued_on_the_cluster_never_starts_it(
         # if slots free up meanwhile it starts the task, which must still find the run's cancel
         # event set, after the host recorded the run and did its housekeeping.
         await until(lambda: not backend._chores, "the backend's housekeeping ended")
-        cancel_event = distributed.Event(cancel_event_name(backend._token, queued), client=client)
+        cancel_event = distributed.Event(cancel_name, client=client)
         assert await cancel_event.is_set(), "a late start of the cancelled task runs nothing"
         gate.touch()
         for run_id in blockers:
@@ -734,19 +775,20 @@ async def test_a_run_that_ended_leaves_no_cancel_wait_pending_on_the_scheduler(
     # event) on the scheduler. A poll still pending once the run ended made a scheduler closed
     # right after it log an ERROR traceback (CancelledError in distributed.event): the
     # LocalCluster example of docs/DISTRIBUTED.md did, on a normal, successful run.
-    def pending_waits(names: list[str], dask_scheduler: Any = None) -> dict[str, Any]:
-        # Runs in the scheduler's process (sent by value: it is local to this test).
+    def pending_waits(token: str, dask_scheduler: Any = None) -> dict[str, Any]:
+        # Runs in the scheduler's process (sent by value: it is local to this test). The
+        # backend's cancel and kill events: what the workers' cancel watches wait on.
         events = dask_scheduler.extensions["events"]
+        prefixes = (f"prismq-cancel-{token}-", f"prismq-kill-{token}-")
         waits = {
-            name: events._waiter_count[name] for name in names if events._waiter_count.get(name)
+            name: count
+            for name, count in events._waiter_count.items()
+            if count and name.startswith(prefixes)
         }
-        return {"waits": waits, "left": [name for name in names if name in events._events]}
+        return {"waits": waits, "left": [n for n in events._events if n.startswith(prefixes)]}
 
     backend = DaskBackend(client)
     runner = runner_for(backend)
-
-    def names(run_id: str) -> list[str]:
-        return [cancel_event_name(backend._token, run_id), kill_event_name(backend._token, run_id)]
 
     async with runner:
         # Several runs, each ending at a different moment of its watch's poll.
@@ -755,15 +797,63 @@ async def test_a_run_that_ended_leaves_no_cancel_wait_pending_on_the_scheduler(
                 f"e{i}", "lines", scripts["lines"], {"count": 2, "pause": 0.2 + 0.07 * i}
             )
             assert run.status is RunStatus.COMPLETED
-            state = await client.run_on_scheduler(pending_waits, names(run.run_id))
+            state = await client.run_on_scheduler(pending_waits, backend._token)
             assert state == {"waits": {}, "left": []}, f"run {i} ended: {state}"
         # A cancelled run's watch waits on its kill event once it cancelled the module.
         run_id, pid, grandchild = await start_gated_tree(runner, scripts, tmp_path, "w")
         assert await runner.cancel(run_id, "stop it")
         assert (await stored(runner, run_id)).status is RunStatus.CANCELLED
-        state = await client.run_on_scheduler(pending_waits, names(run_id))
+        state = await client.run_on_scheduler(pending_waits, backend._token)
         assert state["waits"] == {}, f"the cancelled run ended: {state}"
     assert not alive(pid) and not alive(grandchild)
+
+
+async def test_a_run_id_used_again_right_after_its_run_ended_runs_the_module_again(
+    client: Any, scripts: dict[str, str]
+) -> None:
+    # The first run's record is gone (retention, another registry): its id is free again. The
+    # second task had the first one's key, which the scheduler still held until the backend's
+    # housekeeping released it: Dask handed back the first run's result, nothing ran.
+    async with runner_for(DaskBackend(client)) as runner:
+        first = await runner.execute_module(
+            "e", "lines", scripts["lines"], {"count": 1, "prefix": "first"}, run_id="again"
+        )
+        await runner.registry.delete_older_than(timedelta(0))
+        second = await runner.execute_module(
+            "e", "lines", scripts["lines"], {"count": 1, "prefix": "second"}, run_id="again"
+        )
+    assert first.status is RunStatus.COMPLETED and first.output_tail == ["first 0"]
+    assert second.status is RunStatus.COMPLETED, second.error_message
+    assert second.output_tail == ["second 0"]
+
+
+async def test_a_run_id_used_again_after_its_run_was_withdrawn_while_queued_runs_the_module(
+    client: Any, scripts: dict[str, str], tmp_path: Path
+) -> None:
+    # The withdrawn run's cancel event stays set until the backend closes (a late start of its
+    # task must run nothing): the next run with that id found it set and ended CANCELLED.
+    gate = tmp_path / "gate"
+    async with runner_for(DaskBackend(client)) as runner:
+        blockers = await occupy_both_workers(runner, scripts["gated"], gate)
+        await runner.start_module(
+            "q",
+            "lines",
+            scripts["lines"],
+            {"count": 1, "prefix": "withdrawn"},
+            run_id="again",
+            resources={"slots": SLOTS},
+        )
+        assert await runner.cancel("again", "not needed")
+        assert (await finished(runner, "again")).status is RunStatus.CANCELLED
+        gate.touch()
+        for run_id in blockers:
+            assert (await finished(runner, run_id)).status is RunStatus.COMPLETED
+        await runner.registry.delete_older_than(timedelta(0))
+        run = await runner.execute_module(
+            "q", "lines", scripts["lines"], {"count": 1, "prefix": "second"}, run_id="again"
+        )
+    assert run.status is RunStatus.COMPLETED, run.error_message
+    assert run.output_tail == ["second 0"]
 
 
 async def test_foreground_run_cancelled_by_its_caller_is_recorded_then_reraised(
@@ -932,6 +1022,13 @@ async def test_bad_configuration_raises_before_anything_starts(
             with pytest.raises(pq.exceptions.InvalidLimitError):
                 await runner.start_module("x", "x", scripts["lines"], resources=hints)
         assert await runner.registry.count_runs() == 0
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None])
+def test_retry_on_worker_loss_must_be_a_bool(value: object) -> None:
+    # bool("no") is True: a module with side effects would have been run a second time.
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="retry_on_worker_loss"):
+        DaskBackend("tcp://127.0.0.1:1", retry_on_worker_loss=value)  # type: ignore[arg-type]
 
 
 async def test_unreachable_scheduler_fails_the_run_with_the_reason(
@@ -1182,6 +1279,35 @@ async def test_retry_on_worker_loss_runs_the_module_again_elsewhere(
     assert len(marker.read_text().split()) == 2
 
 
+async def test_a_lost_run_leaves_no_event_once_the_backend_closed_and_its_id_runs_again(
+    client: Any,
+    cluster: SubprocessCluster,
+    scripts: dict[str, str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A lost run's events stay set while the backend lives (a Dask retry of its task must run
+    # nothing). They made the next run with that id end INTERRUPTED without running, and
+    # outlived the backend on the scheduler, one per lost run. (Whether they were set depends
+    # on who noticed the loss first: the backend's worker check, or the scheduler.)
+    caplog.set_level(logging.DEBUG, logger="prismq_subprocess.dask")
+    backend = DaskBackend(client)
+    async with runner_for(backend) as runner:
+        run_id, pid, grandchild = await start_gated_tree(runner, scripts, tmp_path, "l")
+        worker = (await stored(runner, run_id)).worker
+        os.kill((await worker_pids(client))[str(worker)], signal.SIGKILL)
+        assert (await finished(runner, run_id)).status is RunStatus.INTERRUPTED
+        await client.wait_for_workers(2, timeout=WAIT)
+        await tree_stopped(cluster, caplog, [pid, grandchild])
+        await runner.registry.delete_older_than(timedelta(0))
+        again = await runner.execute_module(
+            "l", "lines", scripts["lines"], {"count": 1, "prefix": "again"}, run_id=run_id
+        )
+        assert again.status is RunStatus.COMPLETED, again.error_message
+        assert again.output_tail == ["again 0"]
+    assert await events_left(client, backend._token) == []
+
+
 ORPHAN_STARTER = (
     "import subprocess, sys; "
     "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
@@ -1258,6 +1384,8 @@ async def test_a_stop_a_live_worker_does_not_confirm_in_time_sends_no_reaper(
         # Its own worker kills it once the grace period is over.
         await until(lambda: not alive(pid), "the worker stopped the module", 20)
     assert "orphaned tree" not in caplog.text and "no live worker" not in caplog.text
+    # Its events stayed set while the backend lived (a Dask retry must run nothing), not after.
+    assert await events_left(client, backend._token) == []
 
 
 def test_what_shows_a_worker_lost_and_which_cookies_are_taken() -> None:
@@ -1322,7 +1450,10 @@ async def test_a_lost_child_without_a_start_time_is_reported_not_silently_left(
     # stopped safely (the pid alone may name a stranger), and the host says so.
     backend = DaskBackend(client)
     remote = dask_backend_module._Remote(
-        pq.Run(module_id="m"), cast(RunContext, SimpleNamespace(output=None, grace_period=1.0))
+        pq.Run(module_id="m"),
+        cast(RunContext, SimpleNamespace(output=None, grace_period=1.0)),
+        backend._token,
+        1,
     )
     remote.child = dask_backend_module._Child(4321, None, "127.0.0.1", "tcp://127.0.0.1:1")
     with caplog.at_level(logging.WARNING, logger="prismq_subprocess.dask"):

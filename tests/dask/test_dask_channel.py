@@ -13,7 +13,7 @@ pytest.importorskip(
 )
 
 from prismq_subprocess import OutputCapture
-from prismq_subprocess.dask._channel import LINES, OutputForwarder
+from prismq_subprocess.dask._channel import LINES, ForwardedOutput, OutputForwarder
 
 
 def capture_of(lines: int) -> OutputCapture:
@@ -33,10 +33,21 @@ def forwarder_for(
 
 
 def unpack(sent: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """The lines sent, numbered, a line sent in pieces joined again (as the host does)."""
     numbered = []
+    pieces: list[str] = []
     for message in sent:
         assert message["kind"] == LINES and message["run"] == "r" and message["attempt"] == "a"
-        numbered.extend(enumerate(message["lines"], start=message["seq"]))
+        lines = message["lines"]
+        if message.get("more"):
+            assert len(lines) == 1 and (not numbered or numbered[-1][0] < message["seq"])
+            pieces += lines
+            continue
+        if pieces:
+            lines = ["".join([*pieces, lines[0]]), *lines[1:]]
+            pieces = []
+        numbered.extend(enumerate(lines, start=message["seq"]))
+    assert not pieces
     return numbered
 
 
@@ -97,3 +108,21 @@ async def test_a_module_printing_faster_than_the_send_rate_loses_its_oldest_line
     await end(capture, forwarder, task)
     assert unpack(sent) == [(0, "line 0")] + [(i, f"line {i}") for i in range(91, 101)]
     assert forwarder.dropped == 90 and forwarder.lines_sent == 11
+
+
+async def test_the_workers_buffer_sends_long_lines_whole_for_the_hosts_own_bound() -> None:
+    # It cut them to its own max_line_bytes (64 KiB by default): the host, whose capture has
+    # its own bound and whose log file keeps lines whole, could not get the text back.
+    capture = ForwardedOutput(max_lines=100, max_line_bytes=1024)
+    capture.open_run("r")
+    sent: list[dict[str, Any]] = []
+    forwarder = forwarder_for(capture, sent, max_batch_chars=1000)
+    task = asyncio.create_task(forwarder.run())
+    long = "é" * 100_000
+    await capture.append_lines("r", ["short", long, "x" * 5000])
+    await capture.append_line("r", long)
+    await end(capture, forwarder, task)
+    assert unpack(sent) == [(0, "short"), (1, long), (2, "x" * 5000), (3, long)]
+    assert forwarder.dropped == 0 and forwarder.lines_sent == 4
+    # In pieces: no message is larger than a batch (the scheduler keeps the newest ones).
+    assert all(sum(map(len, message["lines"])) <= 1000 for message in sent)

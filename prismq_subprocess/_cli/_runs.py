@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import prismq_subprocess as pq
 
@@ -35,6 +35,8 @@ from ._common import (
 __all__ = ["add_parser", "check_registry_file"]
 
 _CHUNK = 256 * 1024
+#: How many runs `runs` lists without --limit.
+_DEFAULT_LIMIT = 20
 # How long to wait for another process's lock on the registry before saying it is locked
 # (SQLite's own default; in WAL mode only an exclusive lock keeps a reader out that long).
 _BUSY_SECONDS = 5.0
@@ -403,10 +405,27 @@ async def _with_registry(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.db is None:
         args.parser.error("--db FILE is required")
+    if args.runs_action is not _list:
+        for option, value in (("--status", args.status), ("--module", args.module)):
+            if value is not None:
+                _list_only(args, option)
+        if args.limit is not None:
+            _list_only(args, "--limit")
+    elif args.limit is None:
+        args.limit = _DEFAULT_LIMIT
     if args.runs_action is _tail and args.follow and args.log_dir is None:
         args.parser.error("--follow needs --log-dir (the registry keeps only the last lines)")
     _interruptibly(check_registry_file, args.db)
     return asyncio.run(_with_registry(args))
+
+
+def _list_only(args: argparse.Namespace, option: str) -> NoReturn:
+    # (It was ignored without a word.)
+    parser: argparse.ArgumentParser = args.parser
+    parser.error(
+        f"{option} filters the list; 'runs {args.runs_command}' shows one run: "
+        f"drop {option}, or leave out '{args.runs_command} RUN_ID' to list"
+    )
 
 
 def _interruptibly(func: Callable[[str], None], path: str) -> None:
@@ -476,7 +495,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--status", choices=statuses, help="only runs with this status")
     parser.add_argument("--module", metavar="ID", help="only runs of this module_id")
     parser.add_argument(
-        "--limit", type=_limit, default=20, metavar="N", help="at most N runs (default: 20)"
+        "--limit",
+        type=_limit,
+        default=None,  # (_DEFAULT_LIMIT: None tells it was not given, see _run)
+        metavar="N",
+        help=f"at most N runs (default: {_DEFAULT_LIMIT})",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_run, runs_action=_list, parser=parser)

@@ -447,6 +447,20 @@ def test_usage_errors(registry: Registry) -> None:
     assert cli("runs", "tail", "--help").returncode == 0
 
 
+@pytest.mark.parametrize("action", ["show", "tail"])
+@pytest.mark.parametrize(
+    "given", [("--status", "failed"), ("--module", "m"), ("--limit", "5")], ids=lambda g: g[0]
+)
+def test_list_filters_given_to_show_or_tail_are_refused(
+    registry: Registry, action: str, given: tuple[str, str]
+) -> None:
+    # A probe's find: `runs --status failed show ID` ignored the filter without a word (it
+    # filters the list, which show and tail do not print).
+    result = cli("runs", "--db", str(registry.db), *given, action, "some-run")
+    assert result.returncode == 2, result.stderr
+    assert f"{given[0]} filters the list".encode() in result.stderr
+
+
 async def test_tail_follow_has_the_whole_log_without_a_quiet_wait(
     registry: Registry, tmp_path: Path
 ) -> None:

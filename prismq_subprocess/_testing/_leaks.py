@@ -34,7 +34,7 @@ COOKIE_VAR = "PRISMQ_PYTEST_COOKIE"
 #: Thread-name prefixes that belong to worker pools, not to the test: asyncio's default
 #: executor, anyio's worker threads and this library's cgroup mover (all outlive a task by
 #: design; the last ends 0.25 s after its last job).
-DEFAULT_IGNORED_THREADS = ("asyncio_", "AnyIO worker thread", CGROUP_ENTER_THREAD)
+DEFAULT_IGNORED_THREADS = ("asyncio_", "AnyIO worker thread", "Trio thread ", CGROUP_ENTER_THREAD)
 
 _POLL = 0.05
 # Linux can list this process's descriptors with what each one is; elsewhere we count them.

@@ -425,6 +425,30 @@ async def test_marker(pq_mode):
     result.assert_outcomes(passed=3)
 
 
+def test_the_idle_worker_threads_of_anyio_and_trio_are_not_leaks(host: pytest.Pytester) -> None:
+    # trio's thread cache keeps an idle worker ("Trio thread N") for 10 s after its job, as
+    # anyio's pool does on asyncio: the leak check reported it as the test's leaked thread.
+    result = run(
+        host,
+        """
+import anyio, trio
+
+def test_trio():
+    async def main():
+        await trio.to_thread.run_sync(lambda: None)
+    trio.run(main)
+
+def test_anyio_on_asyncio():
+    async def main():
+        await anyio.to_thread.run_sync(lambda: None)
+    anyio.run(main)
+""",
+        "-o",
+        "pq_no_leaks=true",
+    )
+    result.assert_outcomes(passed=2)
+
+
 def test_ini_option_checks_every_test_and_bad_marker_arguments_are_refused(
     host: pytest.Pytester,
 ) -> None:

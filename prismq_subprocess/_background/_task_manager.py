@@ -191,6 +191,7 @@ class _Entry:
     __slots__ = (
         "abandoned",
         "cancel_reason",
+        "claimed",
         "coro",
         "has_slot",
         "manager",
@@ -241,6 +242,9 @@ class _Entry:
         # only for those who wait (cancel_task, shutdown).
         self.released = False
         self.released_waiter: asyncio.Future[None] | None = None
+        # Another process claimed the run (a pick-up) before this one ran it: not recorded
+        # here, and a cancel of it goes to that process.
+        self.claimed = False
 
     def wait_released(self) -> asyncio.Future[None]:
         """A future done once the run is released (its record final here): whichever task
@@ -746,6 +750,28 @@ class BackgroundTaskManager(AsyncResource):
             # or raised) is closed: one that never started must not warn "never awaited".
             if not ended:
                 _close(entry.coro)
+        if (
+            outcome[0] is RunStatus.CANCELLED
+            and run._status is _PENDING_STATUS
+            and not claimed
+            and not entry.abandoned
+            and entry.store_done
+            and direct is None  # (the memory registry has no other process to claim it)
+            and await self._claimed_elsewhere(run.run_id)
+        ):
+            # Cancelled while queued here, after another process picked it up and began
+            # running it: it is that process's run. Recorded CANCELLED here (refused by the
+            # registry, only logged) it was reported cancelled, and its followers here got
+            # that end, while it went on there.
+            claimed = True
+            logger.warning(
+                "background run %s was claimed by another process while queued here; the "
+                "cancel goes to that process",
+                run.run_id,
+            )
+            if entry.opened_output and self.output is not None:
+                self.output.forget(run.run_id)
+        entry.claimed = claimed
         entry.phase = _RECORDING
         try:
             if not entry.abandoned and not claimed:
@@ -1064,7 +1090,8 @@ class BackgroundTaskManager(AsyncResource):
         cancelled through the registry: the request is recorded (``registry.request_cancel``),
         that process's manager acts on it within about 50 ms, and this call waits, up to
         ``timeout`` seconds (``None``: as long as it takes), until the registry shows the run
-        finished. If that owner died, the run is marked INTERRUPTED instead.
+        finished. If that owner died, the run is marked INTERRUPTED instead. A run queued here
+        that another process picked up meanwhile (it runs there now) is cancelled the same way.
 
         Returns :class:`CancelResult` ``CANCELLED`` (true: the run is recorded CANCELLED), or
         (all false) ``ALREADY_FINISHED`` (ending, being cancelled already, finished in the
@@ -1097,6 +1124,10 @@ class BackgroundTaskManager(AsyncResource):
         self._interrupt(entry, reason)
         # Not the task: a run cancelled before its first step is recorded by another one.
         await asyncio.shield(entry.wait_released())
+        if entry.claimed:
+            # Another process picked the run up while it was queued here: the request goes
+            # to that process, and the answer is what it records.
+            return await cancel_elsewhere(self.registry, run_id, reason, timeout)
         # The answer follows what was recorded: a coroutine may catch the cancellation and
         # return (COMPLETED / FAILED), or have ended just as the cancel came, and a run whose
         # insert failed is in no registry.

@@ -565,3 +565,71 @@ async def test_an_older_file_is_upgraded_and_keeps_its_runs(tmp_path: Path, vers
         assert "runs_cancel_requested" in str(plan)
     finally:
         raw.close()
+
+
+PICKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    import prismq_subprocess as pq
+
+    async def main(db, run_id):
+        async with pq.SQLiteRunRegistry(db) as reg, pq.BackgroundTaskManager(reg) as manager:
+            run = await reg.get_run(run_id)
+
+            async def job():
+                await asyncio.sleep(30)
+
+            await manager.start_task(run, job())
+            print("picked", flush=True)
+            await manager.wait_all(timeout=60)
+            final = await reg.get_run(run_id)
+            print("final", final.status.value, flush=True)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+def _start_picker(db: Path, run_id: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", PICKER, str(db), run_id], stdout=subprocess.PIPE, text=True
+    )
+
+
+@posix_only
+async def test_cancelling_a_queued_run_another_process_picked_up_cancels_it_there(
+    tmp_path: Path,
+) -> None:
+    # A probe's find: cancel_task() of a run queued here (PENDING, no slot yet) that another
+    # process had picked up and was running answered CANCELLED, and this process's followers
+    # got end=cancelled, while the registry kept it RUNNING and it later COMPLETED there. The
+    # run is that process's now: the cancel goes to it through the registry.
+    db = tmp_path / "runs.db"
+    async with (
+        pq.SQLiteRunRegistry(db) as registry,
+        pq.BackgroundTaskManager(registry, max_concurrent=1) as manager,
+    ):
+        hold = asyncio.Event()
+        first = await manager.start_task(pq.Run(module_id="first"), hold.wait())
+        queued = await manager.start_task(pq.Run(module_id="queued"), asyncio.sleep(0))
+        picker = _start_picker(db, queued)
+        try:
+            assert picker.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(picker.stdout.readline), 60)
+            assert line.strip() == "picked"
+            result = await manager.cancel_task(queued, "cancel from here", timeout=30)
+            stored = await registry.get_run(queued)
+            assert stored is not None
+            assert result is pq.CancelResult.CANCELLED, (result, stored.status)
+            assert stored.status is pq.RunStatus.CANCELLED
+            assert stored.error_message == "cancel from here"
+            line = await asyncio.wait_for(asyncio.to_thread(picker.stdout.readline), 60)
+            assert line.strip() == "final cancelled"
+        finally:
+            hold.set()
+            picker.kill()
+            picker.wait()
+            if picker.stdout is not None:
+                picker.stdout.close()
+        await manager.wait_all()
+        assert first

@@ -35,6 +35,7 @@ from .._core._exceptions import (
     RunNotFoundError,
     RunStateError,
 )
+from .._core._validation import reason_text
 from .._platform._orphans import ProcessIdentity
 from ._run_checks import check_storable
 from ._run_record import ACTIVE_STATUSES, Run, RunOwner, RunStatus, utc_now
@@ -50,6 +51,7 @@ __all__ = [
     "direct_writes",
     "not_a_run",
     "orphan_reason",
+    "reason_text",
     "updates_directly",
 ]
 
@@ -229,24 +231,6 @@ def check_identity(identity: object) -> None:
         raise InvalidArgumentTypeError(
             f"record_child() takes a ProcessIdentity, not {type(identity).__name__}"
         )
-
-
-def reason_text(reason: object) -> str:
-    if not isinstance(reason, str):
-        raise InvalidArgumentTypeError(
-            f"a cancel reason is a str, not {type(reason).__name__}: {reason!r}"
-        )
-    if not reason.isascii():
-        try:
-            reason.encode("utf-8")
-        except UnicodeEncodeError:
-            # Refused here for every registry: SQLite refused it later, worded as if the run
-            # itself could not be stored; the memory registry took it.
-            raise InvalidArgumentTypeError(
-                f"a cancel reason must be text a registry file can hold (UTF-8), got {reason!r:.80}"
-                " with a lone surrogate"
-            ) from None
-    return reason
 
 
 def claimed_by_another(run_id: str, owner: RunOwner | None) -> RunClaimedError:

@@ -39,7 +39,7 @@ from .._platform._orphans import ProcessIdentity
 from ._exceptions import InvalidArgumentTypeError, InvalidTimeoutError, ShutdownHandlerError
 from ._process import ProcessLike
 from ._tree_stop import DEFAULT_GRACE_PERIOD, _known
-from ._validation import check_timeout
+from ._validation import check_timeout, reason_text
 
 __all__ = [
     "ShutdownHandler",
@@ -119,7 +119,10 @@ async def stop_for_host_shutdown(
 
     Raises:
         InvalidTimeoutError: ``grace`` is negative.
+        InvalidArgumentTypeError: ``reason`` is not a str a registry can record (each run's
+            cancel refused it, and nothing stopped).
     """
+    reason = reason_text(reason)
     grace = check_timeout(grace, "grace") or 0.0
     participants: list[HostShutdownParticipant] = list(_PARTICIPANTS)
     if not participants:

@@ -116,6 +116,29 @@ def check_signal(sig: object) -> None:
         ) from None
 
 
+def reason_text(reason: object) -> str:
+    """``reason`` (a cancel's or a shutdown's), checked: text a registry file can hold.
+
+    Raises:
+        InvalidArgumentTypeError: not a str, or a str with a lone surrogate (not UTF-8).
+    """
+    if not isinstance(reason, str):
+        raise InvalidArgumentTypeError(
+            f"a cancel reason is a str, not {type(reason).__name__}: {reason!r}"
+        )
+    if not reason.isascii():
+        try:
+            reason.encode("utf-8")
+        except UnicodeEncodeError:
+            # Refused here for every registry: SQLite refused it later, worded as if the run
+            # itself could not be stored; the memory registry took it.
+            raise InvalidArgumentTypeError(
+                f"a cancel reason must be text a registry file can hold (UTF-8), got {reason!r:.80}"
+                " with a lone surrogate"
+            ) from None
+    return reason
+
+
 def encodable(text: str) -> bool:
     """Whether ``text`` can be handed to the OS as a POSIX argument or environment entry
     (``os.fsencode``: UTF-8, undecodable bytes carried as ``surrogateescape`` code points).

@@ -373,3 +373,14 @@ def test_many_orphans_are_stopped_together_and_strangers_left_alone() -> None:
         for proc in (*ours, stranger):
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("reason", [5, b"bye", None, "lone \udc80"], ids=repr)
+async def test_a_shutdown_reason_that_no_run_can_record_is_refused_before_anything_stops(
+    reason: object,
+) -> None:
+    # A probe's find: stop_for_host_shutdown(5) returned at once without a word: each runner's
+    # cancel() refused the reason and the gather() collecting them swallowed it; the runs went
+    # on and their children lived.
+    with pytest.raises(pq.exceptions.InvalidArgumentTypeError, match="reason"):
+        await pq.stop_for_host_shutdown(reason, grace=1)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Self
 
 from .._core._closing import AsyncResource
+from .._core._daemon_thread import call_in_daemon_thread
 from .._core._exceptions import (
     DuplicateRunError,
     InvalidArgumentTypeError,
@@ -38,7 +39,15 @@ from .._core._exceptions import (
 from .._core._validation import reason_text
 from .._platform._orphans import ProcessIdentity
 from ._run_checks import check_storable
-from ._run_record import ACTIVE_STATUSES, Run, RunOwner, RunStatus, utc_now
+from ._run_record import (
+    ACTIVE_STATUSES,
+    Run,
+    RunOwner,
+    RunStatus,
+    owner_alive,
+    registry_file,
+    utc_now,
+)
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL",
@@ -49,8 +58,10 @@ __all__ = [
     "check_registry",
     "check_wait",
     "direct_writes",
+    "file_of",
     "not_a_run",
     "orphan_reason",
+    "owner_lives",
     "reason_text",
     "updates_directly",
 ]
@@ -117,6 +128,25 @@ DEFAULT_POLL_INTERVAL = 0.05
 _CANCEL_SWEEP_MIN = 64
 #: How often such a waiter checks that the run's owner process is still alive (seconds).
 OWNER_CHECK_INTERVAL = 1.0
+
+
+def file_of(registry: object) -> str | None:
+    """The file ``registry`` keeps its runs in, however it was spelled (a path, or a ``file:``
+    URI, as SQLite reads one); None for none (memory)."""
+    path = getattr(registry, "path", None)
+    return registry_file(path) if isinstance(path, str) else None
+
+
+async def owner_lives(owner: RunOwner, registry: object) -> bool:
+    """Whether ``owner`` lives, a renamed host and a step of the wall clock allowed for (see
+    :func:`owner_alive`): what every check of a run's owner asks, not ``RunOwner.is_alive``
+    alone (a read-only viewer after such a step ended a live owner's run as INTERRUPTED).
+    Asked in a thread: after a step of the clock it reads the owner's open files (a stat per
+    descriptor), milliseconds the event loop would stand still."""
+    alive = await call_in_daemon_thread(
+        owner_alive, (owner, file_of(registry)), {}, "prismq-owner-check"
+    )
+    return bool(alive)
 
 
 def orphan_reason(run: Run) -> str:
@@ -579,12 +609,17 @@ class BaseRunRegistry(AsyncResource):
             RegistryClosedError: the registry is closed.
         """
         recovered: list[str] = []
+        alive: dict[RunOwner, bool] = {}  # (most runs share a few owners: one look each)
         for status in sorted(ACTIVE_STATUSES):
             total = await self.count_runs(status=status)
             for run in await self.list_runs(status=status, limit=total):
                 owner = run.owner
-                if owner is not None and await asyncio.to_thread(owner.is_alive):
-                    continue
+                if owner is not None:
+                    lives = alive.get(owner)
+                    if lives is None:
+                        lives = alive[owner] = await owner_lives(owner, self)
+                    if lives:
+                        continue
                 # Stores without transactions: look again right before writing, so a run that
                 # just finished is not overwritten (SQLiteRunRegistry does it in one transaction).
                 fresh = await self.get_run(run.run_id)
@@ -634,7 +669,7 @@ class BaseRunRegistry(AsyncResource):
                 if loop.time() >= next_owner_check:
                     next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
                     owner = run.owner
-                    if owner is None or not await asyncio.to_thread(owner.is_alive):
+                    if owner is None or not await owner_lives(owner, self):
                         seen = await settle_orphan(self, run_id)
                         if seen is not None:  # a read-only registry's answer
                             return seen

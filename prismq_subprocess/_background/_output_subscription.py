@@ -20,7 +20,7 @@ from .._core._exceptions import (
     OutputWaitTimeoutError,
 )
 from ._log_names import run_log_path
-from ._memory_registry import OWNER_CHECK_INTERVAL, BaseRunRegistry, settle_orphan
+from ._memory_registry import OWNER_CHECK_INTERVAL, BaseRunRegistry, owner_lives, settle_orphan
 from ._output_items import (
     NO_TRUNCATION,
     OutputChunk,
@@ -440,7 +440,7 @@ class OutputSubscription(AsyncClosing):
             elif loop.time() >= self._next_owner_check:
                 self._next_owner_check = loop.time() + OWNER_CHECK_INTERVAL
                 owner = run.owner
-                if owner is None or not await asyncio.to_thread(owner.is_alive):
+                if owner is None or not await owner_lives(owner, registry):
                     # Its owner died: mark it INTERRUPTED (whoever notices first does).
                     seen = await settle_orphan(registry, self._run_id)
                     if seen is not None:  # read-only: end with what a writer will record

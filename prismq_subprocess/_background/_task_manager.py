@@ -32,7 +32,6 @@ from typing import Any
 
 from .._core._cancel_shield import shielded_if_cancelled
 from .._core._closing import AsyncResource
-from .._core._daemon_thread import call_in_daemon_thread
 from .._core._durations import timeout_seconds
 from .._core._exceptions import (
     DuplicateRunError,
@@ -61,13 +60,15 @@ from ._memory_registry import (
     BaseRunRegistry,
     check_registry,
     direct_writes,
+    file_of,
+    owner_lives,
     reason_text,
     run_id_of,
     updates_directly,
 )
 from ._output_capture import OutputCapture, check_output, end_code
 from ._record_retry import RecordRetry, retry_start, worth_retrying
-from ._run_record import Run, RunOwner, RunStatus, owner_alive, registry_file
+from ._run_record import Run, RunOwner, RunStatus
 
 __all__ = ["BackgroundTaskManager", "ExitCode", "TaskHandle"]
 
@@ -308,30 +309,13 @@ def _same_store(one: BaseRunRegistry, other: BaseRunRegistry) -> bool:
     """Whether two registries keep their runs in the same place: one object, or one file."""
     if one is other:
         return True
-    path, other_path = _file_of(one), _file_of(other)
+    path, other_path = file_of(one), file_of(other)
     if path is None or other_path is None:
         return False
     try:
         return os.path.samefile(path, other_path)  # (hard links too)
     except OSError:
         return os.path.realpath(path) == os.path.realpath(other_path)
-
-
-def _file_of(registry: BaseRunRegistry) -> str | None:
-    """The file ``registry`` keeps its runs in, however it was spelled (a path, or a ``file:``
-    URI, as SQLite reads one); None for none (memory)."""
-    path = getattr(registry, "path", None)
-    return registry_file(path) if isinstance(path, str) else None
-
-
-async def _owner_alive(owner: RunOwner, registry: BaseRunRegistry) -> bool:
-    """Whether ``owner`` lives, a renamed host and a step of the wall clock allowed for (see
-    :func:`owner_alive`). Asked in a thread: after a step of the clock it reads the owner's
-    open files (a stat per descriptor), milliseconds the event loop would stand still."""
-    alive = await call_in_daemon_thread(
-        owner_alive, (owner, _file_of(registry)), {}, "prismq-owner-check"
-    )
-    return bool(alive)
 
 
 def _outcome_of(result: object) -> _Outcome:
@@ -855,7 +839,7 @@ class BackgroundTaskManager(AsyncResource):
             owner is not None
             and owner != here
             and run.owner != owner
-            and await _owner_alive(owner, self.registry)
+            and await owner_lives(owner, self.registry)
         ):
             raise DuplicateRunError(
                 f"run {run_id!r} is pending in another process (pid {owner.pid} on "

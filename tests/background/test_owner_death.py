@@ -547,3 +547,77 @@ async def test_a_clock_step_does_not_make_a_process_orphan_its_own_runs(
         monkeypatch.undo()
         stored = await registry.get_run(run.run_id)
         assert stored is not None and stored.status is pq.RunStatus.PENDING
+
+
+LIVE_LOGGING_OWNER = textwrap.dedent(
+    """
+    import asyncio, sys, prismq_subprocess as pq
+    async def main():
+        async with (
+            pq.SQLiteRunRegistry(sys.argv[1]) as registry,
+            pq.OutputCapture(log_dir=sys.argv[3]) as output,
+            pq.ModuleRunner(registry, output=output) as runner,
+        ):
+            run_id = await runner.start_module("m", "M", sys.argv[2])
+            while (await registry.get_run(run_id)).pid is None:
+                await asyncio.sleep(0.02)
+            print(run_id, flush=True)
+            await asyncio.sleep(60)
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's Linux boot time")
+@pytest.mark.parametrize("seen_by", ["wait_finished", "follower"])
+def test_a_clock_step_does_not_end_a_live_owners_run_for_a_read_only_viewer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seen_by: str
+) -> None:
+    # A probe's find: after such a step a read-only viewer (what `runs tail -f` and a
+    # dashboard use) took the live owner for dead: wait_finished() returned the run
+    # INTERRUPTED and a follower of its output ended "interrupted", while a writable open
+    # rightly left it running. They asked RunOwner.is_alive(), not the check that allows
+    # for a step of the clock and a renamed host.
+    import psutil._pslinux as pslinux
+
+    db, module, logs = tmp_path / "runs.db", tmp_path / "module.py", tmp_path / "logs"
+    module.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", LIVE_LOGGING_OWNER, str(db), str(module), str(logs)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    children: list[psutil.Process] = []
+
+    async def view(run_id: str) -> None:
+        async with pq.SQLiteRunRegistry(db, read_only=True) as viewer:
+            if seen_by == "wait_finished":
+                with pytest.raises(TimeoutError):  # (more than two owner checks)
+                    await viewer.wait_finished(run_id, timeout=2.5)
+            else:
+                async with pq.OutputCapture(log_dir=logs) as capture:
+                    with pytest.raises(TimeoutError):
+                        async with (
+                            asyncio.timeout(2.5),
+                            capture.subscribe(run_id, registry=viewer) as subscription,
+                        ):
+                            async for _ in subscription:
+                                pass
+            stored = await viewer.get_run(run_id)
+            assert stored is not None and stored.status is pq.RunStatus.RUNNING
+
+    try:
+        assert owner.stdout is not None
+        run_id = owner.stdout.readline().strip()
+        assert run_id, "the owner did not start its run"
+        children += psutil.Process(owner.pid).children(recursive=True)
+        pq.RunOwner.current()  # (cached before the step: this process's own record stays true)
+        real = pslinux.boot_time()
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real + 5.0)
+        asyncio.run(view(run_id))
+        monkeypatch.undo()
+        assert children and all(child.is_running() for child in children)
+    finally:
+        owner.kill()
+        owner.communicate()  # (also closes its stdout)
+        kill_all(children)

@@ -838,7 +838,7 @@ async def test_the_look_at_another_owner_is_made_off_the_event_loop(
     # the clock: /proc/<pid>/fd, one stat each), which took milliseconds on the loop's thread.
     import threading
 
-    from prismq_subprocess._background import _task_manager
+    from prismq_subprocess._background import _memory_registry
 
     looked_from: list[int] = []
 
@@ -846,7 +846,7 @@ async def test_the_look_at_another_owner_is_made_off_the_event_loop(
         looked_from.append(threading.get_ident())
         return False  # gone: the run is taken over
 
-    monkeypatch.setattr(_task_manager, "owner_alive", owner_alive)
+    monkeypatch.setattr(_memory_registry, "owner_alive", owner_alive)
     async with SQLiteRunRegistry(tmp_path / "runs.db") as registry:
         gone = RunOwner(host="elsewhere", pid=1, started_at=1.0)
         await registry.add_run(Run(run_id="left", module_id="m", owner=gone))
@@ -2155,7 +2155,7 @@ async def test_a_run_ended_with_an_odd_exit_code_still_closes_its_output(exit_co
 def test_a_windows_file_uri_names_its_drive_path() -> None:
     # A review's find: file:///C:/x/runs.db parsed to /C:/x/runs.db, never the same file as
     # C:\\x\\runs.db (Windows is not runnable here: the parse is what is checked).
-    from prismq_subprocess._background._task_manager import _file_of
+    from prismq_subprocess._background._memory_registry import file_of as _file_of
 
     class Stored:
         def __init__(self, path: str) -> None:

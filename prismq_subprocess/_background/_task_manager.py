@@ -735,12 +735,13 @@ class BackgroundTaskManager(AsyncResource):
             if not ended:
                 _close(entry.coro)
         if (
-            outcome[0] is RunStatus.CANCELLED
+            direct is None  # (first: the memory registry has no other process to claim it)
+            and outcome is not _COMPLETED
+            and outcome[0] is RunStatus.CANCELLED
             and run._status is _PENDING_STATUS
             and not claimed
             and not entry.abandoned
             and entry.store_done
-            and direct is None  # (the memory registry has no other process to claim it)
             and await self._claimed_elsewhere(run.run_id)
         ):
             # Cancelled while queued here, after another process picked it up and began

@@ -213,46 +213,66 @@ def _load_api() -> None:
     """Import the whole API (the first use of any of its names does): every name of
     ``__all__`` becomes an attribute, shown as ``prismq_subprocess.X``; then the public
     sub-modules, which show the names the top level does not hold under their own. The same
-    order whichever way in came first (each public sub-module calls this first)."""
+    order whichever way in came first: each public sub-module calls this first thing, before
+    its own imports.
+
+    Only the API's import runs under the lock, never a public sub-module's: a thread importing
+    one holds its import lock when it calls this, and the two locks taken in opposite orders
+    by two threads hung both for good. The private modules are all imported under it, one
+    thread at a time, as the package's own import lock did when ``__init__`` imported them.
+    """
     global _api_state
-    if _api_state == "loaded":
-        return
-    with _api_lock:  # (re-entered by the sub-modules' own call, in this thread)
-        if _api_state != "new":
-            return
-        _api_state = "loading"
-        try:
-            from . import _api
-            from ._core._public import publish
+    if _api_state != "loaded":
+        with _api_lock:  # (re-entered by a sub-module's own call, in the loading thread)
+            if _api_state != "new":
+                return
+            _api_state = "loading"
+            try:
+                from . import _api
+                from ._core._public import publish
 
+                namespace = globals()
+                for name in __all__:
+                    namespace[name] = getattr(_api, name)
+                publish(__name__, namespace, __all__)
+            except BaseException:
+                _api_state = "new"
+                raise
+            _api_state = "loaded"
+    for name in _SUBMODULES:
+        if name not in globals():
+            _importlib.import_module(f"{__name__}.{name}")
+
+
+if not TYPE_CHECKING:  # (type checkers: the names above, no catch-all)
+
+    def __getattr__(name: str) -> object:
+        """Load the API on first use of one of its names; serve the names that moved to a
+        public sub-module, with a DeprecationWarning."""
+        if name in _API_NAMES:
+            _load_api()
             namespace = globals()
-            for name in __all__:
-                namespace[name] = getattr(_api, name)
-            publish(__name__, namespace, __all__)
-            for name in _SUBMODULES:
-                _importlib.import_module(f"{__name__}.{name}")
-        except BaseException:
-            _api_state = "new"
-            raise
-        _api_state = "loaded"
-
-
-def __getattr__(name: str) -> object:
-    """Load the API on first use of one of its names; serve the names that moved to a public
-    sub-module, with a DeprecationWarning."""
-    if name in _API_NAMES:
-        _load_api()
-        return globals()[name]
-    home = _MOVED.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    _warnings.warn(
-        f"prismq_subprocess.{name} moved to prismq_subprocess.{home}.{name} in 0.2; import it "
-        "from there (the top-level name goes away in 0.3)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(_importlib.import_module(f"{__name__}.{home}"), name)
+            try:
+                return namespace[name]
+            except KeyError:
+                # Deleted since (unittest.mock.patch deletes a name it found missing from the
+                # module when it began, the first use of the API): served again.
+                if name in _SUBMODULES:
+                    value = _importlib.import_module(f"{__name__}.{name}")
+                else:
+                    value = getattr(namespace["_api"], name)
+                namespace[name] = value
+                return value
+        home = _MOVED.get(name)
+        if home is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        _warnings.warn(
+            f"prismq_subprocess.{name} moved to prismq_subprocess.{home}.{name} in 0.2; "
+            "import it from there (the top-level name goes away in 0.3)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(_importlib.import_module(f"{__name__}.{home}"), name)
 
 
 def __dir__() -> list[str]:

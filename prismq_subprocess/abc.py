@@ -24,6 +24,9 @@ implementations you can wrap.
 from __future__ import annotations
 
 from . import _load_api
+
+_load_api()  # first thing: see there
+
 from ._background._backend import ModuleJob, RunBackend, RunContext
 from ._background._memory_registry import BaseRunRegistry
 from ._background._start_options import CommandStartOptions, ModuleStartOptions, StartOptions
@@ -58,5 +61,4 @@ __all__ = [
     "ThreadedStrategy",
 ]
 
-_load_api()  # the top level's names are shown there first: see _load_api
 publish(__name__, globals(), __all__)

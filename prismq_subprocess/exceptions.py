@@ -10,11 +10,13 @@ builtin, ours inherits it too: a timeout is a ``TimeoutError``, a missing progra
 from __future__ import annotations
 
 from . import _load_api
+
+_load_api()  # first thing: see there
+
 from ._core import _exceptions as _source
 from ._core._exceptions import *  # noqa: F403 - every exception, listed once in _core/_exceptions.py
 from ._core._public import publish
 
 __all__ = sorted(_source.__all__)
 
-_load_api()  # the top level's names are shown there first: see _load_api
 publish(__name__, globals(), __all__)

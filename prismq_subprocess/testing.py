@@ -27,6 +27,9 @@ Windows console control events: ``ConsoleEvents(kernel32=stand_in, routine_facto
 from __future__ import annotations
 
 from . import _load_api
+
+_load_api()  # first thing: see there
+
 from ._core._override import override_strategy
 from ._core._public import publish
 from ._platform import PlatformOps, platform_ops
@@ -64,5 +67,4 @@ __all__ = [
     "platform_ops",
 ]
 
-_load_api()  # the top level's names are shown there first: see _load_api
 publish(__name__, globals(), __all__)

@@ -96,3 +96,83 @@ def test_loading_the_pytest_plugin_imports_none_of_the_heavy_parts() -> None:
         )
     ]
     assert heavy == []
+
+
+def run_fresh(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_a_mock_patch_as_the_first_use_leaves_the_name_in_place() -> None:
+    # A new user's find: mock.patch("prismq_subprocess.run") as the first use of the API found
+    # no "run" in the module's __dict__, so deleted it on exit; the name then raised KeyError
+    # (not AttributeError) from __getattr__ for the rest of the process.
+    done = run_fresh(
+        """
+        from unittest import mock
+        import prismq_subprocess as pq
+        with mock.patch("prismq_subprocess.run") as fake:
+            assert pq.run is fake
+        from prismq_subprocess._core._dropin import run
+        assert pq.run is run, pq.run
+        del pq.run
+        assert pq.run is run  # (served from the API again)
+        assert not hasattr(pq, "no_such_name")
+        """
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        ("import prismq_subprocess.testing", "pq.SubprocessWrapper"),
+        ("import prismq_subprocess.exceptions", "pq.SubprocessWrapper"),
+        ("import prismq_subprocess.abc", "pq.SubprocessWrapper"),
+        ("import prismq_subprocess.testing", "import prismq_subprocess.exceptions"),
+        ("import prismq_subprocess.abc", "import prismq_subprocess.testing"),
+    ],
+    ids=lambda pair: " + ".join(pair),
+)
+def test_first_uses_from_two_threads_at_once_do_not_deadlock(first: tuple[str, str]) -> None:
+    # The same user's find: a thread importing a public sub-module while another used a
+    # top-level name for the first time hung for good (the API's lock and the sub-module's
+    # import lock taken in opposite orders). Several rounds, each a fresh interpreter.
+    code = """
+        import sys, threading
+        import prismq_subprocess as pq
+        barrier = threading.Barrier(2)
+        errors = []
+
+        def use(statement):
+            barrier.wait()
+            try:
+                exec(statement, {"pq": pq})
+            except BaseException as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=use, args=(s,), daemon=True) for s in sys.argv[1:]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert not any(thread.is_alive() for thread in threads), "deadlocked"
+        assert errors == [], errors
+        assert pq.RunMode.__module__ == "prismq_subprocess"
+        import prismq_subprocess.testing as t
+        assert t.DryRunScript.__module__ == "prismq_subprocess.testing"
+        """
+    for _ in range(4):
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code), *first],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]

@@ -12,6 +12,7 @@ import shlex
 import sqlite3
 import subprocess
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "BackendClosedError",
@@ -70,6 +71,30 @@ def _tail_text(data: bytes | None, limit: int = 2000) -> str:
 
 class PrismQError(Exception):
     """Base class of every exception raised by prismq_subprocess itself."""
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # Pickled as builtin exceptions are (their args and attributes), but rebuilt without
+        # calling the class's own __init__, whose parameters differ from its args: a
+        # ProcessFailedError raised in a ProcessPoolExecutor job could not be rebuilt, and
+        # broke the pool ("terminated abruptly"). A class without a constructor of its own
+        # pickles as builtin exceptions do (its bases' may not be rebuilt another way).
+        cls = type(self)
+        if not any("__init__" in vars(k) for k in cls.__mro__ if issubclass(k, PrismQError)):
+            return super().__reduce__()
+        args: tuple[Any, ...] = self.args
+        if isinstance(self, OSError) and self.errno is not None and self.strerror is not None:
+            args = (self.errno, self.strerror)
+            if self.filename is not None:
+                args += (self.filename,)
+        return (_rebuilt, (cls, args, dict(self.__dict__)))
+
+
+def _rebuilt(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    """What unpickling a :class:`PrismQError` makes: ``cls`` with ``args`` and ``state``."""
+    error = cls.__new__(cls, *args)
+    (OSError if issubclass(cls, OSError) else BaseException).__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidRunModeError(PrismQError, ValueError):

@@ -88,6 +88,9 @@ _MODE_USED: pytest.StashKey[str] = pytest.StashKey()
 _ACTIVE: pytest.StashKey[LeakCheck] = pytest.StashKey()
 
 _LEAK_OPTIONS = {"processes", "threads", "fds", "ignore_threads", "timeout"}
+# On the config: the message of each test function (node id without parameters) whose
+# pq_modes marker is bad, reported for the tests a run selects (see _bad_modes_marker).
+_BAD_MODES: pytest.StashKey[dict[str, str]] = pytest.StashKey()
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -135,7 +138,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if hasattr(config, "workerinput"):
         return
     for item in items:
+        message = _bad_modes_marker(item)
+        if message is not None:
+            raise pytest.UsageError(message)
         _leak_options(item)
+
+
+def _bad_modes_marker(item: pytest.Item) -> str | None:
+    """What is wrong with the ``pq_modes`` marker of ``item``'s test function, if anything."""
+    bad = item.config.stash.get(_BAD_MODES, None)
+    if not bad:
+        return None
+    return bad.get(item.nodeid.split("[", 1)[0])
 
 
 def _real_modes(names: Iterable[Any], where: str) -> list[RunMode]:
@@ -160,28 +174,45 @@ def _real_modes(names: Iterable[Any], where: str) -> list[RunMode]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """One test per mode for tests that use ``pq_mode`` (directly or through ``pq_wrapper``)."""
+    """One test per mode for tests that use ``pq_mode`` (directly or through ``pq_wrapper``).
+
+    A bad ``pq_modes`` marker is not raised here, where it stopped the whole collection with
+    pytest's traceback even when ``-k`` deselected the test: it is noted, and reported as a
+    usage error of the run once the selection is known (``pytest_collection_modifyitems``), or
+    as that test's error in a pytest-xdist worker (``pytest_runtest_setup``)."""
     name = metafunc.definition.name
     if "pq_mode" not in metafunc.fixturenames:
         # Put on the test itself, it would be ignored: the test runs once, in no chosen mode.
         # (On a class or module it names the modes of those of their tests that use pq_mode.)
         if any(mark.name == "pq_modes" for mark in metafunc.definition.own_markers):
-            raise pytest.UsageError(
+            _note_bad_marker(
+                metafunc,
                 f"@pytest.mark.pq_modes on {name} has no effect: the test uses neither the "
-                "pq_mode fixture nor pq_wrapper"
+                "pq_mode fixture nor pq_wrapper",
             )
         return
     marker = metafunc.definition.get_closest_marker("pq_modes")
-    if marker is not None:
-        if marker.kwargs:
-            raise pytest.UsageError(
-                f"@pytest.mark.pq_modes on {name}: name the modes as positional arguments, "
-                f"e.g. pq_modes('async', 'threaded'), not {sorted(marker.kwargs)}"
-            )
-        modes = _real_modes(marker.args, f"@pytest.mark.pq_modes on {name}")
-    else:
-        modes = _real_modes(metafunc.config.getini("pq_modes"), "the ini option pq_modes")
+    try:
+        if marker is not None:
+            if marker.kwargs:
+                raise pytest.UsageError(
+                    f"@pytest.mark.pq_modes on {name}: name the modes as positional arguments, "
+                    f"e.g. pq_modes('async', 'threaded'), not {sorted(marker.kwargs)}"
+                )
+            modes = _real_modes(marker.args, f"@pytest.mark.pq_modes on {name}")
+        else:
+            modes = _real_modes(metafunc.config.getini("pq_modes"), "the ini option pq_modes")
+    except pytest.UsageError as exc:
+        _note_bad_marker(metafunc, str(exc))
+        # One instance, which is reported and never runs (pq_mode refuses None).
+        metafunc.parametrize("pq_mode", [None], ids=["bad-pq_modes"], indirect=True)
+        return
     metafunc.parametrize("pq_mode", modes, ids=[mode.value for mode in modes], indirect=True)
+
+
+def _note_bad_marker(metafunc: pytest.Metafunc, message: str) -> None:
+    bad = metafunc.config.stash.setdefault(_BAD_MODES, {})
+    bad[metafunc.definition.nodeid.split("[", 1)[0]] = message
 
 
 # -- DRY_RUN ----------------------------------------------------------------------------------
@@ -345,6 +376,9 @@ def _start_leak_check(item: pytest.Item) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Prepare the leak check of a test that asked for one (it starts just before the test's
     first function-scoped fixture, after the fixtures of wider scope it shares with others)."""
+    message = _bad_modes_marker(item)
+    if message is not None:  # (a pytest-xdist worker's: see pytest_collection_modifyitems)
+        pytest.fail(message, pytrace=False)
     check = _leak_check(item)
     if check is not None:
         item.stash[_LEAKS] = check

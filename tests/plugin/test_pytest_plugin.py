@@ -532,6 +532,42 @@ def test_good():
     assert "INTERNALERROR" not in text and "pytest_plugin.py" not in text
 
 
+@pytest.mark.parametrize(
+    ("marked", "says"),
+    [
+        ("@pytest.mark.pq_modes('async')\ndef test_bad():", "pq_modes on test_bad has no effect"),
+        ("@pytest.mark.pq_modes('warp')\ndef test_bad(pq_mode):", "'warp' is not a run mode"),
+        (
+            "@pytest.mark.pq_modes(modes='async')\ndef test_bad(pq_mode):",
+            "name the modes as positional arguments",
+        ),
+    ],
+    ids=["no pq_mode", "bad mode", "keywords"],
+)
+@pytest.mark.parametrize("how", ["alone", "deselected by -k", "under pytest-xdist"])
+def test_a_bad_pq_modes_marker_is_a_usage_error_of_the_tests_that_run(
+    host: pytest.Pytester, marked: str, says: str, how: str
+) -> None:
+    # A new user's find: a misused pq_modes marker stopped the collection with some 35 lines
+    # of pluggy traceback, even when -k deselected the test; as a bad pq_no_leaks marker, it
+    # is one usage error (exit 4) of a run that selects it, and under xdist that test's error.
+    host.makepyfile(test_host=HEADER + marked + "\n    pass\n\ndef test_good():\n    pass\n")
+    if how == "deselected by -k":
+        result = host.runpytest(*HOST_PYTEST_ARGS, "-k", "test_good")
+        result.assert_outcomes(passed=1, deselected=1)
+        return
+    if how == "alone":
+        result = host.runpytest(*HOST_PYTEST_ARGS)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+    else:
+        result = host.runpytest(*HOST_PYTEST_ARGS, "-n", "2", "-p", "xdist")
+        result.assert_outcomes(passed=1, errors=1)
+    text = output(result)
+    assert says in text
+    assert "Traceback" not in text and "pytest_plugin.py" not in text
+    assert "INTERNALERROR" not in text
+
+
 def test_a_bad_pq_no_leaks_ini_value_is_a_usage_error_naming_the_option(
     host: pytest.Pytester,
 ) -> None:

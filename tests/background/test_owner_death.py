@@ -416,7 +416,8 @@ LIVE_OWNER = textwrap.dedent(
     async def main():
         async with (
             pq.SQLiteRunRegistry(sys.argv[1]) as registry,
-            pq.ModuleRunner(registry) as runner,
+            pq.OutputCapture(log_dir=sys.argv[3] if len(sys.argv) > 3 else None) as output,
+            pq.ModuleRunner(registry, output=output) as runner,
         ):
             run_id = await runner.start_module("m", "M", sys.argv[2])
             while (await registry.get_run(run_id)).pid is None:
@@ -549,25 +550,6 @@ async def test_a_clock_step_does_not_make_a_process_orphan_its_own_runs(
         assert stored is not None and stored.status is pq.RunStatus.PENDING
 
 
-LIVE_LOGGING_OWNER = textwrap.dedent(
-    """
-    import asyncio, sys, prismq_subprocess as pq
-    async def main():
-        async with (
-            pq.SQLiteRunRegistry(sys.argv[1]) as registry,
-            pq.OutputCapture(log_dir=sys.argv[3]) as output,
-            pq.ModuleRunner(registry, output=output) as runner,
-        ):
-            run_id = await runner.start_module("m", "M", sys.argv[2])
-            while (await registry.get_run(run_id)).pid is None:
-                await asyncio.sleep(0.02)
-            print(run_id, flush=True)
-            await asyncio.sleep(60)
-    asyncio.run(main())
-    """
-)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's Linux boot time")
 @pytest.mark.parametrize("seen_by", ["wait_finished", "follower"])
 def test_a_clock_step_does_not_end_a_live_owners_run_for_a_read_only_viewer(
@@ -583,7 +565,7 @@ def test_a_clock_step_does_not_end_a_live_owners_run_for_a_read_only_viewer(
     db, module, logs = tmp_path / "runs.db", tmp_path / "module.py", tmp_path / "logs"
     module.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
     owner = subprocess.Popen(
-        [sys.executable, "-c", LIVE_LOGGING_OWNER, str(db), str(module), str(logs)],
+        [sys.executable, "-c", LIVE_OWNER, str(db), str(module), str(logs)],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -176,3 +176,42 @@ def test_first_uses_from_two_threads_at_once_do_not_deadlock(first: tuple[str, s
             check=False,
         )
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_no_private_module_imports_a_public_sub_module() -> None:
+    # Why the first use cannot deadlock: the API's import (under the loading lock) never waits
+    # for a public sub-module's import lock, which a thread importing that sub-module holds
+    # while it waits for the loading lock. A private module importing one would undo that.
+    import ast
+    from pathlib import Path
+
+    import prismq_subprocess
+
+    root = Path(prismq_subprocess.__file__).parent
+    public = {"abc", "testing", "exceptions"}
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[0] in {"__init__.py", "abc.py", "testing.py", "exceptions.py"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level and not module:  # from .. import testing
+                    names = [alias.name for alias in node.names]
+                else:
+                    names = (
+                        [module.rsplit(".", 1)[-1]]
+                        if module.startswith(("prismq_subprocess.", ".")) or node.level
+                        else []
+                    )
+            elif isinstance(node, ast.Import):
+                names = [
+                    alias.name.rsplit(".", 1)[-1]
+                    for alias in node.names
+                    if alias.name.startswith("prismq_subprocess.")
+                ]
+            if public & set(names):
+                offenders.append(f"{relative}:{node.lineno}")
+    assert offenders == []

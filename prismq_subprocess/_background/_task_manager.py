@@ -734,31 +734,31 @@ class BackgroundTaskManager(AsyncResource):
             # or raised) is closed: one that never started must not warn "never awaited".
             if not ended:
                 _close(entry.coro)
-        if (
-            direct is None  # (first: the memory registry has no other process to claim it)
-            and outcome is not _COMPLETED
-            and outcome[0] is RunStatus.CANCELLED
-            and run._status is _PENDING_STATUS
-            and not claimed
-            and not entry.abandoned
-            and entry.store_done
-            and await self._claimed_elsewhere(run.run_id)
-        ):
-            # Cancelled while queued here, after another process picked it up and began
-            # running it: it is that process's run. Recorded CANCELLED here (refused by the
-            # registry, only logged) it was reported cancelled, and its followers here got
-            # that end, while it went on there.
-            claimed = True
-            logger.warning(
-                "background run %s was claimed by another process while queued here; the "
-                "cancel goes to that process",
-                run.run_id,
-            )
-            if entry.opened_output and self.output is not None:
-                self.output.forget(run.run_id)
         entry.claimed = claimed
         entry.phase = _RECORDING
         try:
+            if (
+                direct is None  # (first: the memory registry has no other process to claim it)
+                and outcome is not _COMPLETED
+                and outcome[0] is RunStatus.CANCELLED
+                and run._status is _PENDING_STATUS
+                and not claimed
+                and not entry.abandoned
+                and entry.store_done
+                and await self._claimed_while_queued(run.run_id)
+            ):
+                # Cancelled while queued here, after another process picked it up and began
+                # running it: it is that process's run. Recorded CANCELLED here (refused by the
+                # registry, only logged) it was reported cancelled, and its followers here got
+                # that end, while it went on there.
+                claimed = entry.claimed = True
+                logger.warning(
+                    "background run %s was claimed by another process while queued here; the "
+                    "cancel goes to that process",
+                    run.run_id,
+                )
+                if entry.opened_output and self.output is not None:
+                    self.output.forget(run.run_id)
             if not entry.abandoned and not claimed:
                 # A run cancelled while it was being stored (SQLite finishes the insert in its
                 # thread) may or may not be in the registry; record it if it is.
@@ -971,6 +971,19 @@ class BackgroundTaskManager(AsyncResource):
         except Exception:
             return False
         return stored is not None and stored.owner not in (None, RunOwner.current())
+
+    async def _claimed_while_queued(self, run_id: str) -> bool:
+        """:meth:`_claimed_elsewhere` for a run cancelled while queued. A second cancellation
+        during the look (a registry read) is the same cancellation: the run is then recorded
+        here as it would have been without the look (it escaped the recording, and the run was
+        never released: its ``cancel_task()`` waited for good)."""
+        try:
+            return await self._claimed_elsewhere(run_id)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            return False
 
     def _save_failed(self, run: Run, exc: Exception, *, missing_ok: bool = False) -> None:
         # The run itself must go on; a registry failure is reported, not propagated.

@@ -633,3 +633,36 @@ async def test_cancelling_a_queued_run_another_process_picked_up_cancels_it_ther
                 picker.stdout.close()
         await manager.wait_all()
         assert first
+
+
+async def test_a_second_cancel_during_the_look_for_another_owner_still_records_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review's find on the fix above: the look (a registry read) came before the recording's
+    # try/finally, so a second cancellation arriving during it left the run unreleased: its
+    # cancel_task() waited for good, and it stayed in the manager.
+    async with (
+        pq.SQLiteRunRegistry(tmp_path / "runs.db") as registry,
+        pq.BackgroundTaskManager(registry, max_concurrent=1) as manager,
+    ):
+        hold, looking = asyncio.Event(), asyncio.Event()
+
+        async def slow_look(run_id: str) -> bool:
+            looking.set()
+            await asyncio.Event().wait()  # cancelled by the second cancellation
+            return False
+
+        monkeypatch.setattr(manager, "_claimed_elsewhere", slow_look)
+        await manager.start_task(pq.Run(module_id="first"), hold.wait())
+        queued = await manager.start_task(pq.Run(module_id="queued"), asyncio.sleep(0))
+        cancelling = asyncio.create_task(manager.cancel_task(queued, "stop"))
+        await asyncio.wait_for(looking.wait(), 10)
+        manager.tasks[queued].cancel()  # the second cancellation
+        assert await asyncio.wait_for(cancelling, 10) in (
+            pq.CancelResult.CANCELLED,
+            pq.CancelResult.ALREADY_FINISHED,
+        )
+        assert queued not in manager.tasks
+        stored = await registry.get_run(queued)
+        assert stored is not None and stored.status is pq.RunStatus.CANCELLED
+        hold.set()

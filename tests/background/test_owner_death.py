@@ -9,6 +9,7 @@ variable when one of its unfinished runs has no child on record."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -429,6 +430,36 @@ LIVE_OWNER = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def live_owner_seen_after_a_clock_step(
+    monkeypatch: pytest.MonkeyPatch, step: float, *args: Path
+) -> Iterator[tuple[str, list[psutil.Process], pytest.MonkeyPatch]]:
+    """A live owner (LIVE_OWNER with ``args``), its running run's id and tree, and the patch
+    that moves this process's boot time by ``step`` s (what it reads after a step of the wall
+    clock; ``undo()`` it before looking at the tree, whose start times it moves too). The
+    owner and its tree are killed afterwards."""
+    import psutil._pslinux as pslinux
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", LIVE_OWNER, *map(str, args)], stdout=subprocess.PIPE, text=True
+    )
+    children: list[psutil.Process] = []
+    try:
+        assert owner.stdout is not None
+        run_id = owner.stdout.readline().strip()
+        assert run_id, "the owner did not start its run"
+        children += psutil.Process(owner.pid).children(recursive=True)
+        pq.RunOwner.current()  # (cached before the step: this process's own record stays true)
+        real = pslinux.boot_time()
+        with monkeypatch.context() as patched:
+            patched.setattr(pslinux, "boot_time", lambda: real + step)
+            yield run_id, children, patched
+    finally:
+        owner.kill()
+        owner.communicate()  # (also closes its stdout)
+        kill_all(children)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's Linux boot time")
 @pytest.mark.parametrize("step", [5.0, -3.0, 3600.0])
 def test_a_clock_step_does_not_make_a_live_owner_look_dead(
@@ -439,33 +470,15 @@ def test_a_clock_step_does_not_make_a_live_owner_look_dead(
     # the next worker to open the registry took the live owner for dead, stopped its running
     # module's tree and marked the run INTERRUPTED. Only the checking process sees the step
     # here (its boot time is moved), as it would read after a real one.
-    import psutil._pslinux as pslinux
-
     db, module = tmp_path / "runs.db", tmp_path / "module.py"
     module.write_text("import time\ntime.sleep(60)\n")
-    owner = subprocess.Popen(
-        [sys.executable, "-c", LIVE_OWNER, str(db), str(module)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    children: list[psutil.Process] = []
-    try:
-        assert owner.stdout is not None
-        run_id = owner.stdout.readline().strip()
-        assert run_id, "the owner did not start its run"
-        children += psutil.Process(owner.pid).children(recursive=True)
-        pq.RunOwner.current()  # (cached before the step: this process's own record stays true)
-        real = pslinux.boot_time()
-        monkeypatch.setattr(pslinux, "boot_time", lambda: real + step)
+    with live_owner_seen_after_a_clock_step(monkeypatch, step, db, module) as seen:
+        run_id, children, step_patch = seen
         run, recovered = _reopen(db, run_id)
-        monkeypatch.undo()
+        step_patch.undo()
         assert recovered == []
         assert run is not None and run.status is pq.RunStatus.RUNNING
         assert children and all(child.is_running() for child in children)
-    finally:
-        owner.kill()
-        owner.communicate()  # (also closes its stdout)
-        kill_all(children)
 
 
 PENDING_OWNER = textwrap.dedent(
@@ -560,16 +573,8 @@ def test_a_clock_step_does_not_end_a_live_owners_run_for_a_read_only_viewer(
     # INTERRUPTED and a follower of its output ended "interrupted", while a writable open
     # rightly left it running. They asked RunOwner.is_alive(), not the check that allows
     # for a step of the clock and a renamed host.
-    import psutil._pslinux as pslinux
-
     db, module, logs = tmp_path / "runs.db", tmp_path / "module.py", tmp_path / "logs"
     module.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
-    owner = subprocess.Popen(
-        [sys.executable, "-c", LIVE_OWNER, str(db), str(module), str(logs)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    children: list[psutil.Process] = []
 
     async def view(run_id: str) -> None:
         async with pq.SQLiteRunRegistry(db, read_only=True) as viewer:
@@ -588,18 +593,8 @@ def test_a_clock_step_does_not_end_a_live_owners_run_for_a_read_only_viewer(
             stored = await viewer.get_run(run_id)
             assert stored is not None and stored.status is pq.RunStatus.RUNNING
 
-    try:
-        assert owner.stdout is not None
-        run_id = owner.stdout.readline().strip()
-        assert run_id, "the owner did not start its run"
-        children += psutil.Process(owner.pid).children(recursive=True)
-        pq.RunOwner.current()  # (cached before the step: this process's own record stays true)
-        real = pslinux.boot_time()
-        monkeypatch.setattr(pslinux, "boot_time", lambda: real + 5.0)
+    with live_owner_seen_after_a_clock_step(monkeypatch, 5.0, db, module, logs) as seen:
+        run_id, children, step_patch = seen
         asyncio.run(view(run_id))
-        monkeypatch.undo()
+        step_patch.undo()
         assert children and all(child.is_running() for child in children)
-    finally:
-        owner.kill()
-        owner.communicate()  # (also closes its stdout)
-        kill_all(children)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
+
+from prismq_subprocess._platform._job import Accounting, ExtendedLimits
 
 
 class FakeProc:
@@ -60,4 +63,57 @@ class TreeProc:
         return "running"
 
 
-__all__ = ["FakeProc", "TreeProc", "recorder"]
+class FakeKernel32:
+    """Records the Job Object calls; jobs are numbers, processes are pids + 10_000.
+
+    ``active`` is what the accounting query answers for every job, unless ``active_in`` has an
+    entry for that job.
+    """
+
+    def __init__(self, active: int = 0) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.limit_flags: dict[int, int] = {}
+        self.members: dict[int, set[int]] = {}
+        self.active = active
+        self.active_in: dict[int, int] = {}
+        self._next = 100
+
+    def CreateJobObjectW(self, attributes: Any, name: Any) -> int:
+        self._next += 1
+        self.calls.append(("create", self._next))
+        self.members[self._next] = set()
+        return self._next
+
+    def SetInformationJobObject(self, job: int, info_class: int, info: Any, size: int) -> int:
+        limits = ctypes.cast(info, ctypes.POINTER(ExtendedLimits)).contents
+        self.limit_flags[job] = limits.BasicLimitInformation.LimitFlags
+        self.calls.append(("set", job, info_class))
+        return 1
+
+    def QueryInformationJobObject(
+        self, job: int, info_class: int, info: Any, size: int, returned: Any
+    ) -> int:
+        accounting = ctypes.cast(info, ctypes.POINTER(Accounting)).contents
+        accounting.ActiveProcesses = self.active_in.get(job, self.active)
+        self.calls.append(("query", job, info_class))
+        return 1
+
+    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:
+        self.calls.append(("open", pid, access))
+        return pid + 10_000
+
+    def AssignProcessToJobObject(self, job: int, process: int) -> int:
+        self.members[job].add(process - 10_000)
+        self.calls.append(("assign", job, process))
+        return 1
+
+    def TerminateJobObject(self, job: int, exit_code: int) -> int:
+        self.calls.append(("terminate", job))
+        return 1
+
+    def CloseHandle(self, handle: int) -> int:
+        self.calls.append(("close", handle))
+        return 1
+
+
+__all__ = ["FakeKernel32", "FakeProc", "TreeProc", "recorder"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -52,8 +53,11 @@ from .._core._validation import (
     check_limit,
     check_shell_command,
     check_timeout,
+    not_found_error,
 )
 from .._core._wrapper import SubprocessWrapper
+from .._platform import IS_WINDOWS
+from .._platform._windows import create_process_finds
 from .._resources._tree_sampler import ProcessTreeSampler, TreeSample, check_sample_interval
 from .._strategies import SubprocessStrategy
 from ._backend import ModuleJob, RunBackend, RunContext, check_resources
@@ -155,7 +159,13 @@ def _relative_hint(path: str, cwd: str | os.PathLike[str] | None) -> str:
 def _find_program(
     program: str, cwd: str | os.PathLike[str] | None, env: Mapping[str, str] | None
 ) -> None:
-    """Refuse a program that cannot be found, the way the spawn would look for it."""
+    """Refuse a program that cannot be found, the way the spawn would look for it (on Windows
+    CreateProcess's way: no PATHEXT, this process's PATH and current directory)."""
+    if IS_WINDOWS:
+        if not create_process_finds(program, None if cwd is None else os.fspath(cwd)):
+            searched = "searched as CreateProcess does: this process's PATH, not the child's env"
+            raise not_found_error(program, FileNotFoundError(errno.ENOENT, searched))
+        return
     if os.path.dirname(program):
         path = program
         if not os.path.isabs(path) and cwd is not None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from .._platform import is_proactor_loop, is_windows, platform_name, policy_uses_proactor
+from .._platform._windows import current_event_loop_policy
 from ._exceptions import InvalidArgumentTypeError, InvalidRunModeError
 from ._modes import RunMode, valid_values
 
@@ -59,14 +59,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _current_policy() -> object:
-    # Policies are deprecated from Python 3.14; reading the current one is still the only way to
-    # know what loop asyncio.run() would build when none is running.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return asyncio.get_event_loop_policy()
-
-
 def detect_run_mode(
     *,
     env: Mapping[str, str] | None = None,
@@ -77,8 +69,9 @@ def detect_run_mode(
     """Pick a :class:`RunMode` for this process and explain the choice.
 
     Order: ``PRISMQ_RUN_MODE`` in ``env`` wins; otherwise on Windows ASYNC when the running loop
-    (or, with none running, the loop the event-loop policy would create) is a Proactor loop, else
-    THREADED; on every other platform ASYNC.
+    (or, with none running, the loop the event-loop policy would create; without a policy API,
+    Windows' default loop, a Proactor loop) is a Proactor loop, else THREADED; on every other
+    platform ASYNC.
 
     Every input can be injected (``env`` defaults to ``os.environ``, ``platform`` to this
     machine's ``sys.platform``, ``loop`` to the running loop, ``policy`` to asyncio's current
@@ -120,7 +113,17 @@ def detect_run_mode(
             f"Windows event loop {kind} cannot spawn subprocesses; Popen runs in threads",
             ModeSource.AUTO,
         )
-    pol = _current_policy() if policy is _UNSET else policy
+    pol = current_event_loop_policy() if policy is _UNSET else policy
+    if pol is None:
+        # Without policies asyncio.run() builds Windows' default loop, a Proactor loop; a
+        # host that builds a selector loop instead is caught on the first spawn (one warning,
+        # then THREADED).
+        return ModeDecision(
+            RunMode.ASYNC,
+            "Windows, no running loop, no event-loop policy API: asyncio.run() makes "
+            "Proactor loops (the default)",
+            ModeSource.AUTO,
+        )
     if policy_uses_proactor(pol):
         return ModeDecision(
             RunMode.ASYNC,

@@ -53,6 +53,12 @@ logger = logging.getLogger(__name__)
 
 #: After the grace period the trees are killed; recording the runs gets this much longer.
 RECORD_SECONDS = 2.0
+#: The most grace a ``CTRL_CLOSE_EVENT`` gets, whatever was configured: Windows ends a closing
+#: console's process about 5 s after the event, and the kill must come before that.
+CLOSE_GRACE = 3.0
+#: How long the console thread waits for that stop before it kills from its own thread (the
+#: loop may be too busy to) and returns: still before Windows' 5 s.
+CLOSE_WAIT = 4.0
 
 
 class HostShutdownParticipant(Protocol):
@@ -198,7 +204,9 @@ class ShutdownHandler:
     On Windows the console events ``CTRL_BREAK_EVENT``, ``CTRL_CLOSE_EVENT`` and
     ``CTRL_SHUTDOWN_EVENT`` are handled too (``console_events``): Windows calls the handler on a
     thread of its own, which waits (bounded) for the stop and then lets the previous handlers
-    run. Windows ends a closing console's process about 5 s after the event, whatever runs.
+    run. Windows ends a closing console's process about 5 s after the event, whatever runs, so
+    for ``CTRL_CLOSE_EVENT`` the grace is at most 3 s (the trees are killed then) and the
+    handler returns within 4 s.
 
     Installing is idempotent (a second :meth:`install` does nothing); :meth:`uninstall`
     restores the previous handlers and returns them. ``with handler:`` installs and
@@ -472,9 +480,13 @@ class ShutdownHandler:
             return False
         done = threading.Event()
         reason = f"host received {console_event_name(event)}"
+        grace, wait = self.grace, self.grace + RECORD_SECONDS + 1.0
+        if event == CTRL_CLOSE_EVENT:
+            # Windows ends us about 5 s after this event: a kill after that never comes.
+            grace, wait = min(grace, CLOSE_GRACE), min(wait, CLOSE_WAIT)
 
         def start() -> None:
-            task = asyncio.ensure_future(stop_for_host_shutdown(reason, grace=self.grace))
+            task = asyncio.ensure_future(stop_for_host_shutdown(reason, grace=grace))
             task.add_done_callback(lambda _t: done.set())
 
         try:
@@ -482,7 +494,7 @@ class ShutdownHandler:
         except RuntimeError:
             _kill_all(list(_PARTICIPANTS))
             return False
-        if not done.wait(self.grace + RECORD_SECONDS + 1.0):
+        if not done.wait(wait):
             _kill_all(list(_PARTICIPANTS))
         return False
 

@@ -672,7 +672,15 @@ def not_found_error(program: str | bytes, exc: FileNotFoundError) -> CommandNotF
         return CommandNotFoundError(
             name, f"its interpreter {interpreter!r} (its #! line) was not found"
         )
-    detail = "not on PATH" if os.sep not in name else "no such file"
+    # Windows takes "/" as well as "\\" ("C:/tools/x.exe", "./build.bat"); POSIX only "/".
+    separators = ("\\", "/") if IS_WINDOWS else (os.sep, "/")
+    detail = "no such file" if any(sep in name for sep in separators) else "not on PATH"
+    if IS_WINDOWS and not os.path.splitext(name)[1]:
+        # CreateProcess adds ".exe" to a bare name, never PATHEXT's other suffixes.
+        detail += (
+            "; Windows adds only '.exe' to a name without one: a .cmd/.bat program (npm, yarn) "
+            f"needs its full name ('{name}.cmd') or shell=True"
+        )
     if " " in name.strip():
         detail += (
             "; it contains spaces: pass the program and its arguments separately ('ls', '-l'), "

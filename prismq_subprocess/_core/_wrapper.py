@@ -18,7 +18,7 @@ from .._strategies import STRATEGIES, SubprocessStrategy
 from .._strategies._base import DEFAULT_LIMIT, SpawnRequest
 from ._cancel_shield import shielded_if_cancelled
 from ._closing import AsyncClosing
-from ._detect import ModeDecision, ModeSource, resolve_run_mode
+from ._detect import ENV_VAR, ModeDecision, ModeSource, resolve_run_mode
 from ._event_loop import running_asyncio_loop
 from ._exceptions import (
     InvalidArgumentTypeError,
@@ -66,11 +66,22 @@ class _Default(enum.Enum):
         return "<the wrapper's>"
 
 
-_POLICY_HELP = (
-    "use mode=RunMode.THREADED (works on any event loop), or make the loop a Proactor loop before "
-    "it starts: prismq_subprocess.subprocess_loop_factory() with asyncio.run(..., loop_factory=...)"
-    " / asyncio.Runner, or prismq_subprocess.install_subprocess_policy() on Python 3.11-3.13"
+_PROACTOR_HELP = (
+    "make the loop a Proactor loop before it starts: prismq_subprocess.subprocess_loop_factory()"
+    " with asyncio.run(..., loop_factory=...) / asyncio.Runner, or "
+    "prismq_subprocess.install_subprocess_policy() on Python 3.11-3.13"
 )
+
+
+def _policy_help(source: ModeSource) -> str:
+    """What to do about a pinned ASYNC on a loop that cannot spawn: undo the pin where it was
+    made (the environment variable is not fixed by an argument the code may not even pass)."""
+    if source is ModeSource.ENVIRONMENT:
+        return (
+            f"set {ENV_VAR}=threaded (THREADED works on any event loop) or unset it (auto-"
+            f"detection then falls back to THREADED by itself), or {_PROACTOR_HELP}"
+        )
+    return f"use mode=RunMode.THREADED (works on any event loop), or {_PROACTOR_HELP}"
 
 
 class SubprocessWrapper(AsyncClosing):
@@ -213,7 +224,7 @@ class SubprocessWrapper(AsyncClosing):
         loop = type(asyncio.get_running_loop()).__name__
         reason = (
             f"auto-detected ASYNC but {loop} cannot spawn subprocesses "
-            f"({exc or 'NotImplementedError'}); using THREADED"
+            f"({str(exc) or type(exc).__name__}); using THREADED"
         )
         logger.warning("prismq_subprocess: %s", reason)
         self._retired.append(self._strategy)
@@ -225,7 +236,7 @@ class SubprocessWrapper(AsyncClosing):
         loop = type(asyncio.get_running_loop()).__name__
         return SubprocessPolicyException(
             f"mode {str(self.mode)!r} was pinned ({self._decision.reason}) but the running event "
-            f"loop {loop} cannot spawn subprocesses; {_POLICY_HELP}"
+            f"loop {loop} cannot spawn subprocesses; {_policy_help(self._decision.source)}"
         )
 
     # -- tracking ----------------------------------------------------------------------------

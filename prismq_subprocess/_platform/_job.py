@@ -4,7 +4,11 @@ A process created by a process in a job is in that job too, so the job holds the
 tree whatever becomes of the parent pids: the stop kills it in one call
 (``TerminateJobObject``) and asks it whether anything still runs (its accounting). With
 ``die_with_host`` the job is also marked ``JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE``: when this process
-dies, Windows closes its handles and so kills every run's tree.
+dies, Windows closes its handles and so kills every run's tree. Closing such a job's handle
+kills what is left in it too, so once a run is over (:meth:`JobObjects.retire`) a kill-on-close
+job that still holds processes (a helper the run left running on purpose) is kept open until it
+is empty, or until the host dies and takes it along: the processes die with the host, not when
+the garbage collector happens to collect the run's process object.
 
 The child is assigned right after ``CreateProcess`` returns (Python cannot create it suspended):
 what it starts in between is not in the job. Every call goes through an injectable ``kernel32``
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 from typing import Any, Protocol
 
 __all__ = ["JobObjects", "Kernel32"]
@@ -101,6 +106,11 @@ class JobObjects:
 
     def __init__(self, kernel32: Kernel32) -> None:
         self._k = kernel32
+        self._lock = threading.Lock()
+        #: Jobs created kill-on-close and not yet retired.
+        self._kill_on_close: set[int] = set()
+        #: Retired kill-on-close jobs kept open because processes still ran in them.
+        self._kept: set[int] = set()
 
     @classmethod
     def load(cls) -> JobObjects | None:
@@ -134,6 +144,8 @@ class JobObjects:
             if not ok:
                 self._k.CloseHandle(job)
                 return None
+            with self._lock:
+                self._kill_on_close.add(int(job))
         return int(job)
 
     def assign(self, job: int, pid: int) -> bool:
@@ -164,5 +176,32 @@ class JobObjects:
 
     def close(self, job: int) -> None:
         """Release ``job`` (kills its processes if it was created ``kill_on_close``)."""
+        with self._lock:
+            self._kill_on_close.discard(job)
+            self._kept.discard(job)
         with contextlib.suppress(OSError):
             self._k.CloseHandle(job)
+
+    def retire(self, job: int) -> None:
+        """The run of ``job`` is over (nothing will stop it through us any more): close it, but
+        keep a kill-on-close job open while processes still run in it, since closing it would
+        kill them now rather than with the host. Jobs kept earlier are looked at again here
+        and closed once empty, so only jobs that still hold processes stay open."""
+        with self._lock:
+            kill_on_close = job in self._kill_on_close
+            kept = list(self._kept)
+        for old in kept:
+            if self.active(old) == 0:
+                with self._lock:
+                    # Claimed under the lock: a retire on another thread (releases come from
+                    # the garbage collector, on any thread) must not close it a second time,
+                    # by then perhaps another object's handle number.
+                    if old not in self._kept:
+                        continue
+                    self._kept.discard(old)
+                self.close(old)
+        if kill_on_close and self.active(job) > 0:
+            with self._lock:
+                self._kept.add(job)
+            return
+        self.close(job)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +28,8 @@ __all__ = [
     "CREATE_NEW_PROCESS_GROUP",
     "CTRL_BREAK_EVENT",
     "WindowsOps",
+    "create_process_finds",
+    "current_event_loop_policy",
     "is_proactor_loop",
     "policy_uses_proactor",
     "proactor_loop_class",
@@ -33,6 +38,10 @@ __all__ = [
 
 #: ``subprocess.CREATE_NEW_PROCESS_GROUP``; spelled out so Linux can build Windows arguments.
 CREATE_NEW_PROCESS_GROUP = 0x00000200
+# DETACHED_PROCESS, CREATE_NEW_CONSOLE, CREATE_NO_WINDOW: the child is not on our console, and
+# GenerateConsoleCtrlEvent reaches only processes on the caller's console (it may even report
+# success for one that is not), so no CTRL_BREAK of ours can ever stop it.
+_OFF_OUR_CONSOLE = 0x00000008 | 0x00000010 | 0x08000000
 #: ``signal.CTRL_BREAK_EVENT`` on Windows.
 CTRL_BREAK_EVENT = 1
 
@@ -78,6 +87,19 @@ def is_proactor_loop(loop: asyncio.AbstractEventLoop | None) -> bool:
     return loop is not None and bool(_class_names(loop) & _PROACTOR_NAMES)
 
 
+def current_event_loop_policy() -> object | None:
+    """asyncio's current event-loop policy; None where asyncio has no policy API any more
+    (deprecated in Python 3.14, removed in 3.16)."""
+    # While it exists, reading the current policy is the only way to know what loop
+    # asyncio.run() would build when none is running.
+    get_policy: Callable[[], object] | None = getattr(asyncio, "get_event_loop_policy", None)
+    if get_policy is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return get_policy()
+
+
 def policy_uses_proactor(policy: object) -> bool:
     """True when the event-loop policy makes Proactor loops (``WindowsProactorEventLoopPolicy``)."""
     if _class_names(policy) & {"WindowsProactorEventLoopPolicy"}:
@@ -86,6 +108,37 @@ def policy_uses_proactor(policy: object) -> bool:
     return isinstance(factory, type) and bool(
         {k.__name__ for k in factory.__mro__} & _PROACTOR_NAMES
     )
+
+
+def create_process_finds(program: str, cwd: str | None = None) -> bool:
+    """Whether ``CreateProcess`` (what ``Popen`` uses on Windows, in every mode) would find
+    ``program``, the first item of a command run without a shell (``cwd``: the child's).
+
+    Its rules, not ``shutil.which``'s: ".exe" is the only suffix added, and only to a name
+    without one (no PATHEXT: a bare "npm" is not npm.cmd); a bare name is looked for in
+    Python's own directory, the current directory, the Windows system directories, then this
+    process's PATH (never the child's ``env``). Where the search is not certain (a relative
+    name with a directory: CreateProcess takes it from this process's current directory, which
+    ``cwd`` may be meant to change; the directory the interpreter image runs from, in a venv),
+    it leans to "found": the spawn itself reports a miss.
+    """
+    exe = program if os.path.splitext(program)[1] else program + ".exe"
+    if os.path.dirname(program):
+        bases = [""] if os.path.isabs(program) or cwd is None else ["", cwd]
+        return any(
+            os.path.isfile(os.path.join(base, name)) for base in bases for name in (exe, program)
+        )
+    root = os.environ.get("SYSTEMROOT")  # (Windows environment names ignore case)
+    system = [os.path.join(root, "System32"), os.path.join(root, "System"), root] if root else []
+    path = os.environ.get("PATH", "")
+    folders = [
+        os.path.dirname(sys.executable),
+        os.path.dirname(getattr(sys, "_base_executable", sys.executable)),
+        os.getcwd(),
+        *system,
+        *(folder.strip('"') for folder in path.split(os.pathsep) if folder),
+    ]
+    return any(os.path.isfile(os.path.join(folder, exe)) for folder in folders)
 
 
 @dataclass(eq=False)
@@ -109,9 +162,10 @@ class WindowsOps(PlatformOps):
 
     def release(self, containment: Containment) -> None:
         # Only once nothing can stop this child again (its process object is gone): a closed
-        # handle's number is soon given to another object.
+        # handle's number is soon given to another object. A kill-on-close job still holding
+        # processes stays open (see JobObjects.retire).
         if self.jobs is not None and containment.job is not None:
-            self.jobs.close(containment.job)
+            self.jobs.retire(containment.job)
 
     def containment_report(self) -> ContainmentReport:
         if self.jobs is None:
@@ -135,15 +189,34 @@ class WindowsOps(PlatformOps):
 
     def group_kwargs(self, kwargs: Mapping[str, Any], new_group: bool) -> dict[str, Any]:
         out = dict(kwargs)
-        if new_group:
-            out["creationflags"] = int(out.get("creationflags", 0)) | CREATE_NEW_PROCESS_GROUP
+        flags = int(out.get("creationflags", 0))
+        # Windows' Popen accepts and ignores start_new_session and process_group, so they are
+        # read here, as on POSIX: an explicit choice decides, Popen's own defaults passed
+        # explicitly (a caller forwarding ``process_group=None``) choose nothing.
+        caller_chose = out.get("start_new_session") is not None or out.get(
+            "process_group", -1
+        ) not in (None, -1)
+        if caller_chose:
+            wanted = bool(out.get("start_new_session")) or out.get("process_group") == 0
+        else:
+            wanted = new_group
+        # Off our console a new group buys nothing (no CTRL_BREAK of ours reaches the child)
+        # and would turn Ctrl+C off in the console it gets.
+        if wanted and not flags & _OFF_OUR_CONSOLE:
+            out["creationflags"] = flags | CREATE_NEW_PROCESS_GROUP
         return out
 
     def started_own_group(self, kwargs: Mapping[str, Any]) -> bool:
-        return bool(int(kwargs.get("creationflags", 0)) & CREATE_NEW_PROCESS_GROUP)
+        # Only the spawn flags make a child a group leader; it is never guessed for a process
+        # we did not start (leads_own_group stays False). That matters: a CTRL_BREAK to a pid
+        # that leads no group goes to the caller's whole console group, this host included.
+        flags = int(kwargs.get("creationflags", 0))
+        return bool(flags & CREATE_NEW_PROCESS_GROUP) and not flags & _OFF_OUR_CONSOLE
 
     def scan(self) -> ProcessTable:
-        return scan_psutil(self.process_iter, getpgid=None)
+        # Windows has neither process groups nor sessions to read (the defaults would ask the
+        # host's real os.getpgid/os.getsid about stand-in pids when this runs on Linux).
+        return scan_psutil(self.process_iter, getpgid=None, getsid=None)
 
     def stop_signal(self, own_group: bool) -> int:
         # CTRL_BREAK reaches only a process that leads its own console group; without a group,
@@ -197,6 +270,11 @@ class WindowsOps(PlatformOps):
                 sig = self.stop_signal(record.target.own_group)
                 record.asked = record.target.own_group and self.signal_group(record.target.pid, sig)
                 if not record.asked:
+                    # A group the CTRL_BREAK cannot reach (a host without a console, where
+                    # os.kill raises) is no group for this stop: the caller then ends the
+                    # child at once (TerminateProcess), as its descendants are here, instead
+                    # of repeating a request that cannot arrive and waiting out the grace.
+                    record.target.own_group = False
                     self.signal_descendants(record.descendants, signal.SIGTERM)
             table = self.scan()
             for record in running:

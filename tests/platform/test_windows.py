@@ -3,15 +3,13 @@ injected (nothing here has run on real Windows yet; see docs/WINDOWS.md)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from platform_fakes import FakeProc, TreeProc, recorder
+from platform_fakes import FakeKernel32, FakeProc, TreeProc, recorder
 
 import prismq_subprocess
 from prismq_subprocess._platform import (
@@ -23,18 +21,15 @@ from prismq_subprocess._platform import (
     platform_ops,
     policy_uses_proactor,
 )
-from prismq_subprocess._platform._job import (
-    JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE,
-    Accounting,
-    ExtendedLimits,
-    JobObjects,
-)
+from prismq_subprocess._platform._job import JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, JobObjects
 
 
 def test_windows_group_kwargs() -> None:
     ops = platform_ops("win32")
-    kwargs = ops.group_kwargs({"creationflags": 0x10}, new_group=True)
-    assert kwargs["creationflags"] == 0x10 | CREATE_NEW_PROCESS_GROUP
+    # (BELOW_NORMAL_PRIORITY_CLASS: a flag that leaves the child on our console; those that
+    # detach it get no group, see test_windows_stop_paths.py.)
+    kwargs = ops.group_kwargs({"creationflags": 0x4000}, new_group=True)
+    assert kwargs["creationflags"] == 0x4000 | CREATE_NEW_PROCESS_GROUP
     assert ops.started_own_group(kwargs)
     assert ops.group_kwargs({}, new_group=False) == {}
     assert "start_new_session" not in ops.group_kwargs({}, new_group=True)
@@ -137,53 +132,6 @@ def test_windows_stop_of_running_children_in_one_batch() -> None:
     assert child_of_grouped.killed and grandchild.killed and child_of_plain.killed
     assert not stranger.killed
     assert ops.lingering([grouped, plain]) == [False, False]
-
-
-class FakeKernel32:
-    """Records the Job Object calls; jobs are numbers, processes are pids + 10_000."""
-
-    def __init__(self, active: int = 0) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.limit_flags: dict[int, int] = {}
-        self.members: dict[int, set[int]] = {}
-        self.active = active
-        self._next = 100
-
-    def CreateJobObjectW(self, attributes: Any, name: Any) -> int:
-        self._next += 1
-        self.calls.append(("create", self._next))
-        self.members[self._next] = set()
-        return self._next
-
-    def SetInformationJobObject(self, job: int, info_class: int, info: Any, size: int) -> int:
-        limits = ctypes.cast(info, ctypes.POINTER(ExtendedLimits)).contents
-        self.limit_flags[job] = limits.BasicLimitInformation.LimitFlags
-        self.calls.append(("set", job, info_class))
-        return 1
-
-    def QueryInformationJobObject(
-        self, job: int, info_class: int, info: Any, size: int, returned: Any
-    ) -> int:
-        ctypes.cast(info, ctypes.POINTER(Accounting)).contents.ActiveProcesses = self.active
-        self.calls.append(("query", job, info_class))
-        return 1
-
-    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:
-        self.calls.append(("open", pid, access))
-        return pid + 10_000
-
-    def AssignProcessToJobObject(self, job: int, process: int) -> int:
-        self.members[job].add(process - 10_000)
-        self.calls.append(("assign", job, process))
-        return 1
-
-    def TerminateJobObject(self, job: int, exit_code: int) -> int:
-        self.calls.append(("terminate", job))
-        return 1
-
-    def CloseHandle(self, handle: int) -> int:
-        self.calls.append(("close", handle))
-        return 1
 
 
 def test_each_run_gets_a_job_object_that_the_stop_kills_in_one_call() -> None:

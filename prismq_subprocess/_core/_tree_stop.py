@@ -60,6 +60,8 @@ DEFAULT_GRACE_PERIOD = 5.0
 _POLL = 0.02
 # How long a stop waits for the exit status of a child it saw end (see _exit_status).
 _STATUS_WAIT = 5.0
+# asyncio's exit status for a child whose status another waiter took.
+_STATUS_UNKNOWN = 255
 # How long a stop waits, after its last SIGKILL, for what it killed to be gone: a killed
 # process ends once the kernel runs it again, on a loaded machine milliseconds later.
 _KILLED_SETTLE = 1.0
@@ -278,7 +280,9 @@ async def _exit_status(
     """The exit status of a child the stop saw end. One of another event loop (see
     ``_exit_wait._elsewhere``) has no ``returncode`` from its loop: its ``Popen`` is asked,
     which reaps it where nobody did (0 where another waiter took the status: ``Popen``'s rule);
-    without a ``Popen`` (uvloop's children) and once its loop has closed, it is reaped by pid.
+    without a ``Popen`` (uvloop's children) and once its loop has closed, it is reaped by pid;
+    while that loop still runs (in another thread), its status is read without reaping it (255,
+    asyncio's "taken by another waiter", if that loop reaped it and has not run since to tell).
     But an asyncio child whose loop still runs (in another thread) is that loop's watcher's to
     reap, by pid: the status is read without reaping it (POSIX); once that watcher has reaped
     it (one reaping in a thread of its own), the status is waited for on its loop, and if it
@@ -306,6 +310,16 @@ async def _exit_status(
         elif popen is not None:
             with contextlib.suppress(OSError):
                 code = popen.poll()
+        elif _loop_runs_elsewhere(process):
+            # uvloop's child (no Popen) of a loop running in another thread: libuv reaps it
+            # there, when that loop next runs; the status is read without reaping it, so the
+            # owner's own wait() still gets it.
+            peeked = ops.peek_exit_status(process.pid)
+            if not isinstance(peeked, bool) and peeked is not None:
+                code = peeked
+            elif loop.time() >= deadline:
+                # Reaped there, and that loop has not run since to say what it read.
+                code = _STATUS_UNKNOWN
         else:
             code = reap_closed_loop_child(process)
         if code is not None:
@@ -366,6 +380,18 @@ def _owner_watches(process: ProcessLike) -> bool:
         isinstance(owner, asyncio.AbstractEventLoop)
         and owner.is_running()
         and _status_read_by_watcher(process)
+    )
+
+
+def _loop_runs_elsewhere(process: ProcessLike) -> bool:
+    # A child (of a transport without a Popen: uvloop's) whose own loop has not closed, so is
+    # still to reap it; the loop is not this one, which would have set its returncode.
+    owner = getattr(process, "_loop", None)
+    return (
+        isinstance(owner, asyncio.AbstractEventLoop)
+        and not owner.is_closed()
+        and getattr(process, "_transport", None) is not None
+        and popen_of(process) is None
     )
 
 

@@ -134,6 +134,7 @@ async def test_a_failure_in_the_child_before_exec_does_not_blame_the_program(
     # user" for a setpgid refused in the child (process_group=1: EPERM before exec), where
     # THREADED and LOCAL said what happened. The program's name given for uvloop (whose errors
     # carry none) was given on asyncio's own loops too, where Popen leaves it out on purpose.
+    skip_if_async_on_uvloop(wrapper, "it refuses process_group= (test_uvloop.py)")
     with pytest.raises(pq.exceptions.SpawnFailedError) as info:
         await wrapper.run("/bin/true", process_group=1)
     assert not isinstance(info.value, pq.exceptions.CommandNotExecutableError)

@@ -333,6 +333,35 @@ class LineStream(AsyncResource, Generic[LineT]):
         """
         await self.__aexit__(None, None, None)
 
+    def _read_to_the_end(self) -> bool:
+        # The lines ended at the end of the output (not at the stream's deadline, whose stop
+        # has run).
+        return self._ended is not None and self._ended.done() and self._drain_until is None
+
+    async def _let_it_exit(self, run: ChildRun) -> None:
+        """The block was left normally after the last line: give the child the drain's time
+        (cut to the stream's deadline) to exit by itself. A program closes its output a moment
+        before it exits (GNU seq does, as any that flushes and closes its stdout before its
+        clean-up); stopped in that gap, a command that completed got -15 and lost its clean-up.
+        """
+        if run.process.returncode is not None:
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + DRAIN_SECONDS
+        if self._deadline is not None:
+            until = min(until, self._deadline)
+        if until <= loop.time():
+            return
+        exited = asyncio.ensure_future(run.wait_exit())
+        try:
+            await asyncio.wait((exited,), timeout=until - loop.time())
+        finally:
+            if not exited.done():
+                exited.cancel()
+                await asyncio.wait((exited,))
+            if not exited.cancelled():
+                exited.exception()  # (retrieved: the stop below reports what matters)
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -349,9 +378,13 @@ class LineStream(AsyncResource, Generic[LineT]):
         # every await below short (the stop, the drain, the readers' end).
         with shielded_if_cancelled():
             try:
-                # The block owns the tree: stop it if the child still runs, and stop what an
-                # exited child left in its group.
-                await run.stop()
+                try:
+                    if exc_type is None and self._read_to_the_end():
+                        await self._let_it_exit(run)
+                finally:
+                    # The block owns the tree: stop it if the child still runs, and stop what
+                    # an exited child left in its group.
+                    await run.stop()
             finally:
                 try:
                     self._pending = []

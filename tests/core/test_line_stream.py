@@ -216,3 +216,43 @@ async def test_the_timeout_counts_the_wait_for_a_worker() -> None:
         assert info.value.timeout == 0.5
         await busy
         assert wrapper.live_processes == []
+
+
+# Prints its lines, closes its output (as GNU seq does at exit, or any program that flushes and
+# closes its stdout before its clean-up), then exits 0 a moment later.
+CLOSES_OUTPUT_FIRST = (
+    "import os, sys, time\n"
+    "print('a'); print('b')\n"
+    "sys.stdout.flush(); os.close(1); os.close(2)\n"
+    "time.sleep(0.05)\n"
+    "sys.exit(0)\n"
+)
+
+
+async def test_a_child_that_closes_its_output_before_it_exits_keeps_its_status(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # A soak probe's find: leaving the block right after the lines ended stopped the child at
+    # once; one that closes its output a moment before it exits got SIGTERM in that gap, and a
+    # command that completed reported -15 (its clean-up cut short). Every line had arrived.
+    for _ in range(3):
+        async with wrapper.stream(*py(CLOSES_OUTPUT_FIRST), encoding="utf-8") as lines:
+            got = [line async for line in lines]
+        assert got == ["a\n", "b\n"]
+        assert lines.returncode == 0
+
+
+async def test_leaving_after_the_end_of_the_lines_still_stops_a_child_that_stays(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # The wait for a child that closed its output is bounded (the drain's time): one that goes
+    # on running is stopped, as before.
+    if wrapper.mode is pq.RunMode.LOCAL:
+        pytest.skip("LOCAL hands the lines over once the child has exited")
+    stays = "import os, time\nprint('a', flush=True)\nos.close(1); os.close(2)\ntime.sleep(30)\n"
+    started = time.monotonic()
+    async with wrapper.stream(*py(stays), encoding="utf-8") as lines:
+        assert [line async for line in lines] == ["a\n"]
+    assert lines.returncode is not None and lines.returncode != 0
+    assert time.monotonic() - started < 10
+    assert wrapper.live_processes == []

@@ -15,7 +15,7 @@ from ._exceptions import ClosedError, ProcessTimeoutError, StreamBusyError, Stre
 from ._lines import iter_line_batches
 from ._process import ProcessLike
 from ._result import TailBuffer
-from ._run_process import DRAIN_SECONDS, ChildRun, discard_output
+from ._run_process import DRAIN_SECONDS, ChildRun, discard_output, start_by
 
 __all__ = ["LineStream"]
 
@@ -107,6 +107,9 @@ class LineStream(AsyncResource, Generic[LineT]):
         Raises:
             ClosedError: the stream was entered before or closed: a second child would replace
                 the first, and leaving the block would stop neither.
+            ProcessTimeoutError: the ``timeout`` passed while the spawn was still waiting for a
+                worker (nothing runs). A child already being started then is started: the
+                iteration stops it, delivers what it printed, then raises this.
             and what the spawn raises (e.g. :class:`CommandNotFoundError`).
         """
         if self._entered or self._closed:
@@ -119,18 +122,15 @@ class LineStream(AsyncResource, Generic[LineT]):
         if self._timeout is None:
             run = await self._start()
         else:
-            # From the call on, as run()'s: a wait for a free worker (LOCAL) counts too.
+            # From the call on, as run()'s: a wait for a free worker (LOCAL) counts too. A
+            # child already being started at the deadline is let start (start_by): the first
+            # read then stops it and still delivers what it printed, as at any deadline.
             self._deadline = loop.time() + self._timeout
-            try:
-                async with asyncio.timeout_at(self._deadline):
-                    run = await self._start()
-            except TimeoutError:
-                if loop.time() < self._deadline:
-                    raise  # a TimeoutError of the spawn's own
-                # The cancelled spawn was undone: nothing runs.
-                raise ProcessTimeoutError(
-                    cmd=self._display, timeout=self._timeout, returncode=None
-                ) from None
+            started = await start_by(self._start, self._deadline)
+            if started is None:
+                # The spawn was dropped or undone: nothing runs.
+                raise ProcessTimeoutError(cmd=self._display, timeout=self._timeout, returncode=None)
+            run = started
         self._run = run
         if not self._merge:
             self._stderr_read = run.capture(run.process.stderr, self._stderr)

@@ -21,20 +21,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from .._platform import PlatformOps, platform_ops
 from ._cancel_shield import shielded_if_cancelled
+from ._event_loop import running_asyncio_loop
 from ._exceptions import ProcessTimeoutError
 from ._modes import RunMode
 from ._process import ProcessLike
 from ._result import ProcessResult, TailBuffer
 from ._tree_stop import group_members_alive, kill_tree_now, leads_own_group, stop_process_tree
 
-__all__ = ["DRAIN_SECONDS", "ChildControl", "ChildRun", "discard_output", "run_to_completion"]
+__all__ = [
+    "DRAIN_SECONDS",
+    "ChildControl",
+    "ChildRun",
+    "discard_output",
+    "run_to_completion",
+    "spawn_past_deadline",
+    "start_by",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +66,6 @@ logger = logging.getLogger(__name__)
 DRAIN_SECONDS = 0.5
 
 _READ_CHUNK = 256 * 1024
-_NO_LIMIT = contextlib.nullcontext()
 
 
 class ChildControl(Protocol):
@@ -345,9 +355,11 @@ async def run_to_completion(
     from the start.
 
     Timeout: the tree is stopped and :class:`ProcessTimeoutError` carries the output read so far.
-    Cancellation: the tree is stopped (see :meth:`ChildRun.stop`) before ``CancelledError``
-    propagates; a spawn cancelled midway kills the child it was starting. A cancelled anyio
-    scope gets the same stop (shielded from the scope).
+    A deadline that passes while the child is being started does not cut the spawn short once
+    it is under way (see :func:`start_by`): the child is then stopped the same way, and what it
+    wrote is in the error. Cancellation: the tree is stopped (see :meth:`ChildRun.stop`) before
+    ``CancelledError`` propagates; a spawn cancelled midway kills the child it was starting. A
+    cancelled anyio scope gets the same stop (shielded from the scope).
 
     Raises:
         ProcessTimeoutError: ``timeout`` expired.
@@ -360,38 +372,55 @@ async def run_to_completion(
     out = TailBuffer(max_output_bytes)
     err = TailBuffer(max_output_bytes)
     started = time.perf_counter()
+    # (Ours: under another event loop (trio) it raises NoRunningLoopError, as the spawn does.)
+    loop = running_asyncio_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     run: ChildRun | None = None
-    scope = asyncio.timeout(timeout) if timeout is not None else None
+    expired = False
     try:
-        try:
-            async with scope or _NO_LIMIT:
-                run = await start(out, err)
-                await run.wait_exit()
-                await run.finish()
-            # Outside the timeout: the command is done, and what it left behind is no reason to
-            # report it timed out (its stop takes the grace period when it ignores SIGTERM).
-            await run.stop_leftovers(None if scope is None else scope.when())
-        except BaseException:
-            if run is not None:
-                # Shielded from a cancelled anyio scope, which would cancel every await of the
-                # clean-up (its cancellation is level-triggered, not asyncio's one-shot).
-                with shielded_if_cancelled():
-                    await run.abort()
-            raise
-        finally:
-            if run is not None:
-                with shielded_if_cancelled():
+        if deadline is None:
+            run = await start(out, err)
+        else:
+            run = await start_by(functools.partial(start, out, err), deadline)
+        # (Checked here too: a spawn handed over after the deadline may not suspend again.)
+        expired = run is None or (deadline is not None and loop.time() >= deadline)
+        if run is not None and not expired:
+            scope = asyncio.timeout_at(deadline)
+            try:
+                async with scope:
+                    await run.wait_exit()
+                    await run.finish()
+            except TimeoutError:
+                if not scope.expired():
+                    raise  # a TimeoutError from elsewhere: the tree is stopped all the same
+                expired = True
+        if run is not None and not expired:
+            # Outside the timeout: the command is done, and what it left behind is no reason
+            # to report it timed out (its stop takes the grace period when it ignores SIGTERM).
+            await run.stop_leftovers(deadline)
+    except BaseException:
+        if run is not None and not expired:
+            # Shielded from a cancelled anyio scope, which would cancel every await of the
+            # clean-up (its cancellation is level-triggered, not asyncio's one-shot).
+            with shielded_if_cancelled():
+                await run.abort()
+        raise
+    finally:
+        if run is not None:
+            with shielded_if_cancelled():
+                try:
+                    if expired:
+                        await run.abort()  # the tree stopped, what is left read: as for any timeout
+                finally:
                     await run.aclose()
-    except TimeoutError:
-        if scope is None or not scope.expired():
-            raise  # a TimeoutError from elsewhere: the tree was stopped all the same
+    if expired:
         raise ProcessTimeoutError(
             cmd=display,
             timeout=timeout or 0.0,
             returncode=None if run is None else run.process.returncode,
             stdout=out.getvalue(),
             stderr=err.getvalue(),
-        ) from None
+        )
     assert run is not None
     error = run.reader_error()
     if error is not None:
@@ -411,6 +440,74 @@ async def run_to_completion(
         stdout_total_bytes=out.total,
         stderr_total_bytes=err.total,
     )
+
+
+async def start_by(start: Callable[[], Awaitable[ChildRun]], deadline: float) -> ChildRun | None:
+    """Start a child for a run that must end by ``deadline`` (loop time): ``run()``'s and
+    ``stream()``'s spawn. Returns its run, or ``None`` when the deadline passed before the child
+    was started (nothing runs).
+
+    The deadline does not simply cancel ``start()``, as ``asyncio.timeout`` would: a child
+    already running when it passes (a slow or loaded loop still handing it over) has written
+    to its pipes, and killing it unread lost that output. It cancels the spawn with a marker
+    instead (:func:`spawn_past_deadline` recognises it): a spawn still waiting for a worker is
+    dropped, one under way is finished and its run returned, for the caller to stop as for any
+    timeout (its output kept by the drain rule). A strategy that does not know the marker
+    undoes its spawn as for a cancellation (``None``). Like ``asyncio.timeout``, the marker is
+    this task's own cancellation, taken back once handled (``Task.uncancel``): no task or
+    future of its own per run.
+
+    Cancellation: as a spawn's (the child being started is killed, and the cancellation
+    reaches the caller once it is dead).
+
+    Raises:
+        what the spawn raises (e.g. ``CommandNotFoundError``).
+    """
+    task = asyncio.current_task()
+    if task is None:  # (not in a task: nothing to cancel at the deadline)
+        return await start()
+    loop = asyncio.get_running_loop()
+    baseline = task.cancelling()
+    fired = False
+
+    def past_deadline() -> None:
+        nonlocal fired
+        fired = True
+        _BASELINES[task] = baseline
+        task.cancel(_PAST_DEADLINE)
+
+    alarm = loop.call_at(deadline, past_deadline)
+    try:
+        run = await start()
+    except asyncio.CancelledError:
+        if fired and task.uncancel() <= baseline:
+            return None  # the spawn was dropped or undone at the deadline: nothing runs
+        raise
+    finally:
+        alarm.cancel()
+        _BASELINES.pop(task, None)
+    if fired:
+        # The spawn was under way and finished despite the marker, which it handled.
+        task.uncancel()
+    return run
+
+
+#: The message of the cancellation :func:`start_by` sends a spawn at its run's deadline.
+_PAST_DEADLINE = "prismq: the run's deadline passed while its child was being started"
+#: Per task whose spawn got that cancellation: how many cancellations it had before it.
+_BASELINES: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
+
+
+def spawn_past_deadline(exc: asyncio.CancelledError) -> bool:
+    """For a strategy whose spawn was cancelled with ``exc``: whether that is only
+    :func:`start_by` saying the run's deadline passed (nothing else cancelled it since). The
+    strategy then finishes a spawn already under way and returns its child, and drops one not
+    under way yet (raising ``exc``)."""
+    task = asyncio.current_task()
+    if task is None or exc.args != (_PAST_DEADLINE,):
+        return False
+    baseline = _BASELINES.get(task)
+    return baseline is not None and task.cancelling() == baseline + 1
 
 
 def _unread_bytes(stream: Any) -> int | None:

@@ -30,6 +30,7 @@ from .._core._exceptions import InvalidOptionError
 from .._core._exit_wait import reaped_status, wait_exited
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
+from .._core._run_process import spawn_past_deadline
 from .._core._task_start import start_task_eagerly
 from .._core._tree_stop import kill_tree_now, register_child, stop_process_tree
 from .._core._validation import check_signal
@@ -184,13 +185,17 @@ class AsyncStrategy(SubprocessStrategy):
         creation = start_task_eagerly(loop, self._create_into(request, created))
         try:
             return await created
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             # Shielded from a cancelled anyio scope (level-triggered: it would cancel every
             # await of the undo, leaving the child unreaped); asyncio's own cancellations still
             # reach it.
             with shielded_if_cancelled():
                 process = await _abandon(creation)
                 if process is not None:
+                    if spawn_past_deadline(exc):
+                        # The run's deadline, not a cancellation: the child runs and may have
+                        # written; the run path stops it as for any timeout and keeps that.
+                        return process
                     await self._undo(process)
             raise
 

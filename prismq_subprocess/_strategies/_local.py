@@ -6,6 +6,10 @@ when it has finished. Trade-offs (see docs/RUN_MODES.md): no real-time output; i
 written; at most ``max_workers`` ``run()`` children make progress at once. The worker reports the
 child's exit as it happens (so the run path's drain rule and tree stops work as in every mode),
 and lets go of the pipes when the loop asks it to.
+
+Until the child has finished, a raw process's output waits in a :class:`SpillBuffer` (memory up
+to a bound, then a temporary file); its readers then get it a piece at a time as they read, so
+the host's memory stays bounded however much the child prints (``ModuleRunner`` reads so).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from .._core._cancel_shield import shielded_if_cancelled
 from .._core._modes import RunMode
 from .._core._process import ProcessLike
 from .._core._result import TailBuffer
-from .._core._run_process import ChildRun
+from .._core._run_process import ChildRun, spawn_past_deadline
 from .._core._tree_stop import register_child
 from .._core._validation import preexec_failed
 from .._io._blocking_io import DrainWatch, drain_blocking
@@ -29,19 +33,102 @@ from .._platform import Containment, PlatformOps
 from ._base import DEFAULT_LIMIT, RunStart, SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, discard_popen, run_off_loop, spawn_in_executor, start_popen
 from ._process_base import PopenProcess
+from ._spill_buffer import SpillBuffer
 from ._stdin_buffer import BufferedStdin
 
 __all__ = ["LocalProcess", "LocalStrategy"]
 
 
+#: The most bytes of a spilled output read back from its file at a time.
+_PIECE = 256 * 1024
+
+
+class _Handover:
+    """The "transport" of a :class:`_DeferredReader`'s inner ``StreamReader``: feeds it the
+    child's output a piece at a time as it is read (the reader's flow control asks for more),
+    so the output is held once, not copied whole into the reader at the exit; what went to the
+    buffer's file is read back in a worker thread."""
+
+    def __init__(self, sink: SpillBuffer, reader: asyncio.StreamReader) -> None:
+        self._sink = sink
+        self._reader = reader
+        self._paused = False
+        self._reading: asyncio.Future[bytes] | None = None
+        self._done = False
+
+    def pause_reading(self) -> None:
+        """The reader holds enough: feed it no more until it asks."""
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        """The reader took most of what it held (or waits for more): feed it again."""
+        self._paused = False
+        self.feed()
+
+    def is_closing(self) -> bool:
+        """Whether everything was fed (or the handover was closed)."""
+        return self._done
+
+    def close(self) -> None:
+        """Feed nothing more and drop what is left of the output. Idempotent."""
+        self._done = True
+        self._sink.close()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        """No extra information: ``default``."""
+        return default
+
+    def feed(self) -> None:
+        """Feed the reader until it has enough (it pauses us), the rest is in the file (read
+        in a thread, then fed) or all was fed (then end of file)."""
+        reader = self._reader
+        while not (self._paused or self._done or self._reading is not None):
+            piece = self._sink.take_held()
+            if piece is None:
+                loop = asyncio.get_running_loop()
+                self._reading = loop.run_in_executor(None, self._sink.take_spilled, _PIECE)
+                self._reading.add_done_callback(self._read_back)
+                return
+            if not piece:
+                self._done = True
+                reader.feed_eof()
+                return
+            reader.feed_data(piece)
+
+    def _read_back(self, reading: asyncio.Future[bytes]) -> None:
+        self._reading = None
+        if self._done:
+            return
+        error = None if reading.cancelled() else reading.exception()
+        if reading.cancelled() or error is not None:
+            # The file could not be read (the loop shut its executor, a disk error): the
+            # output is incomplete, and its reader is told so.
+            self._done = True
+            self._sink.close()
+            if not isinstance(error, Exception):
+                error = OSError("reading the child's output back from its file was cancelled")
+            self._reader.set_exception(error)
+            return
+        piece = reading.result()
+        if piece:
+            self._reader.feed_data(piece)
+        else:
+            self._done = True
+            self._reader.feed_eof()
+        self.feed()
+
+
 class _DeferredReader:
-    """A ``StreamReader`` look-alike whose data appears once the child has finished."""
+    """A ``StreamReader`` look-alike whose data appears once the child has finished, handed
+    over a piece at a time as it is read (see :class:`_Handover`)."""
 
     def __init__(self, process: LocalProcess, sink: TailBuffer, limit: int) -> None:
         # None once the child's job succeeded (see LocalProcess._let_go): nothing to wait for.
         self._process: LocalProcess | None = process
         self._sink = sink
         self._inner = asyncio.StreamReader(limit=limit)
+        # A run()'s bounded buffers, which the run path reads too, are copied over whole.
+        self._handover = _Handover(sink, self._inner) if isinstance(sink, SpillBuffer) else None
         self._filled = False
         self._waiting = False
 
@@ -62,16 +149,23 @@ class _DeferredReader:
                     self._waiting = False
             if not self._filled:
                 self._filled = True
-                self._inner.feed_data(self._sink.getvalue())
-                self._inner.feed_eof()
+                handover = self._handover
+                if handover is not None:
+                    self._inner.set_transport(handover)  # type: ignore[arg-type]
+                    handover.feed()
+                else:
+                    self._inner.feed_data(self._sink.getvalue())
+                    self._inner.feed_eof()
         return self._inner
 
     def _unread_bytes(self) -> int:
         # What the run path asks while a slow reader works through the output (see
         # _core/_run_process._unread_bytes): before the child finishes, all of it.
-        if not self._filled:
-            return self._sink.total - self._sink.dropped
-        return len(self._inner._buffer)  # type: ignore[attr-defined]
+        sink = self._sink
+        buffered: int = len(self._inner._buffer)  # type: ignore[attr-defined]
+        if isinstance(sink, SpillBuffer):
+            return buffered + sink.total - sink.taken
+        return sink.total - sink.dropped if not self._filled else buffered
 
     async def read(self, n: int = -1) -> bytes:
         """Read up to ``n`` bytes (all when ``n`` is -1), waiting for the child to finish first."""
@@ -162,17 +256,20 @@ class LocalProcess(PopenProcess):
         self._job: asyncio.Future[int] | None = None
         self._watch = watch or DrainWatch(self._exited_in_thread)
         if buffers is None:
+            # All of the output, kept until the child has finished: past a bound it waits in a
+            # temporary file, not in the host's memory (see SpillBuffer). (run() passes its own
+            # bounded buffers, which it reads itself.)
             buffers = (
-                TailBuffer(None) if popen.stdout is not None else None,
-                TailBuffer(None) if popen.stderr is not None else None,
+                SpillBuffer() if popen.stdout is not None else None,
+                SpillBuffer() if popen.stderr is not None else None,
             )
         self._out, self._err = buffers
-        if popen.stdin is not None and job is None:
-            self.stdin = BufferedStdin(self._start)
         if self._out is not None:
             self.stdout = _DeferredReader(self, self._out, limit)
         if self._err is not None:
             self.stderr = _DeferredReader(self, self._err, limit)
+        if popen.stdin is not None and job is None:
+            self.stdin = BufferedStdin(self._start)
         if job is not None:
             self._adopt(job)
         elif popen.stdin is None:
@@ -291,7 +388,10 @@ class LocalStrategy(SubprocessStrategy):
         Cancellation: a child still being spawned is killed with its tree by whichever thread
         sees it first, even if the event loop is gone by then; as asyncio does for a cancelled
         creation, the cancellation reaches the caller once it is dead and reaped (cancelled
-        again meanwhile: at once). A run whose job has not started yet starts nothing.
+        again meanwhile: at once). A run whose job has not started yet starts nothing. At the
+        run's deadline (``spawn_past_deadline``) a job not started yet starts nothing either,
+        and one under way is let finish its spawn: the run path stops that child as for any
+        timeout, keeping what it wrote.
         """
         request = start.request
         loop = asyncio.get_running_loop()
@@ -299,13 +399,18 @@ class LocalStrategy(SubprocessStrategy):
         job = launch.job = loop.run_in_executor(self._pool.get(), launch.run)
         try:
             await asyncio.wait((launch.spawned, job), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            # Nobody awaits the job now: an error of its (the spawn failing after all) is seen.
-            job.add_done_callback(_retrieved)
-            if launch.abort():
-                with shielded_if_cancelled():  # a cancelled anyio scope: still waited for
-                    await asyncio.wait((launch.exited,))
-            raise
+        except asyncio.CancelledError as exc:
+            if not (spawn_past_deadline(exc) and await _spawn_under_way(launch, job)):
+                # Nobody awaits the job now: an error of its (the spawn failing after all) is
+                # seen.
+                job.add_done_callback(_retrieved)
+                if launch.abort():
+                    with shielded_if_cancelled():  # a cancelled anyio scope: still waited for
+                        await asyncio.wait((launch.exited,))
+                raise
+            if not launch.spawned.done():
+                job.add_done_callback(_retrieved)  # the spawn failed: nothing runs
+                raise
         if not launch.spawned.done():
             try:
                 job.result()
@@ -438,6 +543,14 @@ class _Launch:
         if self._process is not None:
             self._process._set_returncode(returncode)
 
+    def started_or_dropped(self) -> bool:
+        """Whether the worker has started the job; if it has not, it never will (as after
+        :meth:`abort`, which is then not needed)."""
+        with self._lock:
+            if not self._started:
+                self._aborted = True
+            return self._started
+
     def abort(self) -> bool:
         """The caller gave up while the child was starting: kill it and its tree now if it
         exists, else let the worker do it the moment it does; and make the drain let go.
@@ -464,6 +577,19 @@ class _Launch:
                 "prismq-undo",
             )
         return started
+
+
+async def _spawn_under_way(launch: _Launch, job: asyncio.Future[int]) -> bool:
+    """The run's deadline passed while ``launch`` was starting: drop it if its job has not
+    started, else wait until its child is spawned (or its spawn failed). False when dropped,
+    or when cancelled meanwhile (the caller then undoes it as for any cancellation)."""
+    if not launch.started_or_dropped():
+        return False
+    try:
+        await asyncio.wait((launch.spawned, job), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        return False
+    return True
 
 
 def _close_pipes(popen: subprocess.Popen[bytes]) -> None:

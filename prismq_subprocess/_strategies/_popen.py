@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 
 from .._core._cancel_shield import shielded_if_cancelled
+from .._core._run_process import spawn_past_deadline
 from .._platform import Containment, PlatformOps, start_afresh_after_fork
 from ._base import SpawnRequest
 
@@ -57,7 +58,9 @@ async def spawn_in_executor(
     loop's help, so a cancelled spawn leaves nothing behind even if the loop is gone by then.
     As asyncio does for a cancelled creation, the cancellation reaches the caller once the
     child is dead and reaped (cancelled again meanwhile: at once, the worker thread finishing
-    the undo on its own).
+    the undo on its own). The cancellation ``run_to_completion``'s deadline sends
+    (``spawn_past_deadline``) drops a queued spawn too, but lets one already running finish
+    and returns it.
 
     Raises:
         OSError: the spawn failed (``SubprocessStrategy.spawn`` turns it into our error).
@@ -66,9 +69,15 @@ async def spawn_in_executor(
     spawned = asyncio.wrap_future(job)
     try:
         return await asyncio.shield(spawned)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
         spawned.add_done_callback(_retrieve)
-        if not job.cancel():
+        if not job.cancel() and spawn_past_deadline(exc):
+            # The run's deadline passed, not a cancellation: the child is being started (and
+            # may have written); it is the run path's to stop as for any timeout.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                return await asyncio.shield(spawned)
+            # Cancelled again meanwhile (or the spawn failed): undone as below.
+        if not job.cancelled():
             loop = asyncio.get_running_loop()
             undone: asyncio.Future[None] = loop.create_future()
             undo = functools.partial(_discard_orphan, ops, request, loop, undone)

@@ -165,3 +165,60 @@ async def test_a_leftover_holding_the_pipes_does_not_hold_the_run(
         if pid_file.exists():
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(int(pid_file.read_text())).kill()
+
+
+# --- memory of a raw LOCAL process's output (soak finding 2) -----------------------------------
+
+#: A chatty child's output: far more than the bound below, printed in 1 KiB lines.
+CHATTY_BYTES = 64 * 2**20
+CHATTY = py(
+    "import sys\n"
+    "line = b'x' * 1023 + b'\\n'\n"
+    f"block = line * 256\n"
+    f"for _ in range({CHATTY_BYTES} // len(block)):\n"
+    "    sys.stdout.buffer.write(block)\n"
+)
+#: The most host memory the output may take at any moment: a small part of CHATTY_BYTES.
+MEMORY_BOUND = 8 * 2**20
+
+
+async def test_a_raw_local_process_holds_a_bounded_part_of_its_output_in_memory() -> None:
+    """LOCAL hands output over only once the child has exited, so it must keep it until then:
+    it held all of it in memory (a 64 MiB output cost 64 MiB), then copied it all into the
+    reader at the exit (twice that). Past a bound it goes to a temporary file instead, and the
+    reader gets it a piece at a time as it reads; every byte still arrives, in order."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        async with pq.SubprocessWrapper(pq.RunMode.LOCAL) as wrapper:
+            process = await wrapper.create_subprocess_exec(*CHATTY, stdout=asyncio.subprocess.PIPE)
+            assert process.stdout is not None
+            tracemalloc.reset_peak()
+            lines = 0
+            received = 0
+            while chunk := await process.stdout.read(2**20):
+                received += len(chunk)
+                lines += chunk.count(b"\n")
+            del chunk
+            _, peak = tracemalloc.get_traced_memory()
+            assert await process.wait() == 0
+    finally:
+        tracemalloc.stop()
+    assert received == CHATTY_BYTES
+    assert lines == CHATTY_BYTES // 1024
+    assert peak < MEMORY_BOUND, f"peak {peak / 2**20:.1f} MiB for {CHATTY_BYTES / 2**20:.0f} MiB"
+
+
+async def test_a_raw_local_process_still_gives_its_whole_output_to_readline_and_read() -> None:
+    """Handed over a piece at a time, the output reads as before: readline() across the pieces,
+    then read() takes the rest at once."""
+    async with pq.SubprocessWrapper(pq.RunMode.LOCAL) as wrapper:
+        process = await wrapper.create_subprocess_exec(*CHATTY, stdout=asyncio.subprocess.PIPE)
+        assert process.stdout is not None
+        first = await process.stdout.readline()
+        assert first == b"x" * 1023 + b"\n"
+        rest = await process.stdout.read()
+        assert len(first) + len(rest) == CHATTY_BYTES
+        assert process.stdout.at_eof()
+        assert await process.wait() == 0

@@ -478,18 +478,28 @@ async def start_by(start: Callable[[], Awaitable[ChildRun]], deadline: float) ->
 
     alarm = loop.call_at(deadline, past_deadline)
     try:
-        run = await start()
-    except asyncio.CancelledError:
-        if fired and task.uncancel() <= baseline:
+        return await start()
+    except asyncio.CancelledError as exc:
+        if not fired:
+            raise
+        fired = False  # (taken back here)
+        if task.uncancel() <= baseline:
             return None  # the spawn was dropped or undone at the deadline: nothing runs
-        raise
+        if exc.args != (_PAST_DEADLINE,):
+            raise  # another cancellation's own exception
+        # Another cancellation came while the spawn was undone, and the strategy raised the
+        # marker's exception it caught first. That one must go through with its own: an anyio
+        # scope knows its cancellations by their message (it re-sends its own while it is
+        # cancelled, so one checkpoint gets it); asyncio's own cancellers count, not read.
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError from None
     finally:
         alarm.cancel()
         _BASELINES.pop(task, None)
-    if fired:
-        # The spawn was under way and finished despite the marker, which it handled.
-        task.uncancel()
-    return run
+        if fired:
+            # The marker was handled: the spawn finished despite it (the run is the caller's
+            # to stop), or failed otherwise (its error goes through).
+            task.uncancel()
 
 
 #: The message of the cancellation :func:`start_by` sends a spawn at its run's deadline.

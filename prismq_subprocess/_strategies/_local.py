@@ -55,14 +55,24 @@ class _Handover:
         self._paused = False
         self._reading: asyncio.Future[bytes] | None = None
         self._done = False
+        self._feed_scheduled = False
 
     def pause_reading(self) -> None:
         """The reader holds enough: feed it no more until it asks."""
         self._paused = True
 
     def resume_reading(self) -> None:
-        """The reader took most of what it held (or waits for more): feed it again."""
+        """The reader took most of what it held (or waits for more): feed it again, from a
+        loop callback as a real transport would. Fed at once, a reader that resumes us before
+        it makes its waiter (``StreamReader._wait_for_data`` does) got its data and paused us
+        again past twice its limit with no waiter to wake: ``readexactly`` of more hung."""
         self._paused = False
+        if not self._feed_scheduled:
+            self._feed_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_feed)
+
+    def _scheduled_feed(self) -> None:
+        self._feed_scheduled = False
         self.feed()
 
     def is_closing(self) -> bool:
@@ -86,14 +96,31 @@ class _Handover:
             piece = self._sink.take_held()
             if piece is None:
                 loop = asyncio.get_running_loop()
-                self._reading = loop.run_in_executor(None, self._sink.take_spilled, _PIECE)
-                self._reading.add_done_callback(self._read_back)
-                return
+                try:
+                    self._reading = loop.run_in_executor(None, self._sink.take_spilled, _PIECE)
+                except RuntimeError:
+                    # The loop's default executor is shut down (asyncio.run's end, a host's
+                    # own shutdown): the piece is read here, a bounded read of a local file.
+                    try:
+                        piece = self._sink.take_spilled(_PIECE)
+                    except OSError as exc:
+                        self._fail(exc)
+                        return
+                else:
+                    self._reading.add_done_callback(self._read_back)
+                    return
             if not piece:
                 self._done = True
                 reader.feed_eof()
                 return
             reader.feed_data(piece)
+
+    def _fail(self, error: Exception) -> None:
+        # The file could not be read (a disk error; the read cancelled): the output is
+        # incomplete, and its reader is told so rather than left waiting.
+        self._done = True
+        self._sink.close()
+        self._reader.set_exception(error)
 
     def _read_back(self, reading: asyncio.Future[bytes]) -> None:
         self._reading = None
@@ -101,13 +128,9 @@ class _Handover:
             return
         error = None if reading.cancelled() else reading.exception()
         if reading.cancelled() or error is not None:
-            # The file could not be read (the loop shut its executor, a disk error): the
-            # output is incomplete, and its reader is told so.
-            self._done = True
-            self._sink.close()
             if not isinstance(error, Exception):
                 error = OSError("reading the child's output back from its file was cancelled")
-            self._reader.set_exception(error)
+            self._fail(error)
             return
         piece = reading.result()
         if piece:

@@ -3,6 +3,7 @@ did start is stopped as for any timeout, and what it wrote is delivered, in ever
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -79,3 +80,53 @@ async def test_a_stream_timing_out_during_its_spawn_delivers_what_the_child_wrot
     assert lines == ["start\n", "err\n"] or sorted(lines) == ["err\n", "start\n"]
     assert caught.value.returncode == -15
     assert stream.returncode == -15
+
+
+@pytest.mark.usefixtures("slow_spawns")
+async def test_an_anyio_scope_cancelling_the_spawn_after_the_deadline_catches_its_own(
+    wrapper: pq.SubprocessWrapper,
+) -> None:
+    # A review's find: the deadline's marker reached the spawn first; the scope's cancellation
+    # came while the spawn was undone, and the marker's exception left the run in its place,
+    # which the scope did not recognise as its own: a bare CancelledError escaped it.
+    anyio = pytest.importorskip("anyio")
+    try:
+        with anyio.move_on_after(0.25) as scope:
+            await wrapper.run(*SLEEPER, timeout=TIMEOUT)
+    except pq.exceptions.ProcessTimeoutError as exc:
+        # Also right: the run's own deadline came first, and the spawn (ASYNC's, shielded from
+        # the scope while it hands the child over) finished; the child was stopped for it.
+        assert exc.stdout == b"start\n"
+    else:
+        assert scope.cancelled_caught
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    assert wrapper.live_processes == []
+
+
+@pytest.mark.parametrize("how", ["run", "stream"])
+@pytest.mark.usefixtures("slow_spawns")
+async def test_a_spawn_failing_after_the_deadline_leaves_the_task_cancellation_count_alone(
+    wrapper: pq.SubprocessWrapper, how: str
+) -> None:
+    # A review's find: the wrapper closed while the spawn was under way past the deadline; the
+    # run raised WrapperClosedError and the deadline's cancellation stayed counted on the task,
+    # so a later asyncio.timeout in it let a bare CancelledError out instead of TimeoutError.
+    async def close_soon() -> None:
+        await asyncio.sleep(0.05)
+        await wrapper.aclose()
+
+    closer = asyncio.create_task(close_soon())
+    with pytest.raises(pq.exceptions.PrismQError):
+        if how == "run":
+            await wrapper.run(*SLEEPER, timeout=TIMEOUT)
+        else:
+            async with wrapper.stream(*SLEEPER, timeout=TIMEOUT) as stream:
+                async for _ in stream:
+                    pass
+    await closer
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await asyncio.sleep(5)

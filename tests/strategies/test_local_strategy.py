@@ -222,3 +222,41 @@ async def test_a_raw_local_process_still_gives_its_whole_output_to_readline_and_
         assert len(first) + len(rest) == CHATTY_BYTES
         assert process.stdout.at_eof()
         assert await process.wait() == 0
+
+
+@pytest.mark.parametrize("size", [500_000, 3 * 2**20], ids=["in-memory", "spilled"])
+async def test_readexactly_of_more_than_twice_the_limit_gets_its_bytes(size: int) -> None:
+    # A review's find: the handover fed the reader as soon as it asked to resume, before the
+    # reader had made its waiter; it paused again at twice its limit and nothing ever woke it:
+    # readexactly(400_000) with the default 64 KiB limit hung for good (THREADED had the same
+    # trap, fixed in _io/_pipes.py).
+    script = f"import sys; sys.stdout.buffer.write(bytes(range(256)) * ({size} // 256))"
+    async with pq.SubprocessWrapper(pq.RunMode.LOCAL) as wrapper:
+        process = await wrapper.create_subprocess_exec(
+            sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None
+        first = await asyncio.wait_for(process.stdout.readexactly(400_000), 30)
+        rest = await asyncio.wait_for(process.stdout.read(), 30)
+        assert first + rest == bytes(range(256)) * (size // 256)
+        assert await process.wait() == 0
+
+
+async def test_a_spilled_output_is_read_whole_after_the_default_executor_is_shut_down() -> None:
+    # A review's find: the file's pieces are read back in the loop's default executor; once
+    # that was shut down (asyncio.run's end, a host's own shutdown) the read raised a bare
+    # RuntimeError and lost the piece already taken, or hung. Read on the loop's thread then.
+    loop = asyncio.get_running_loop()
+    expected = bytes(range(256)) * (3 * 2**12)
+    script = "import sys; sys.stdout.buffer.write(bytes(range(256)) * (3 * 2**12))"
+    async with pq.SubprocessWrapper(pq.RunMode.LOCAL) as wrapper:
+        process = await wrapper.create_subprocess_exec(
+            sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None
+        got = bytearray(await process.stdout.read(100))
+        await loop.shutdown_default_executor()
+        while chunk := await asyncio.wait_for(process.stdout.read(65536), 30):
+            got += chunk
+        assert bytes(got) == expected
+        assert await process.wait() == 0

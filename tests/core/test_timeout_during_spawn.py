@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
+from conftest import skip_if_async_on_uvloop
 
 import prismq_subprocess as pq
 from prismq_subprocess._platform import Containment
@@ -41,6 +42,9 @@ def _slow_start(then: Callable[[], None] | None) -> Callable[[], None]:
 @pytest.fixture
 def slow_spawns(wrapper: pq.SubprocessWrapper, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every spawn of ``wrapper`` takes SPAWN_SECONDS after its child wrote to its pipes."""
+    skip_if_async_on_uvloop(
+        wrapper, "it runs preexec_fn before it connects the child's pipes: nothing is written"
+    )
     ops = wrapper.strategy.ops
     real = ops.prepare_spawn
 

@@ -51,7 +51,9 @@ class _Handover:
 
     def __init__(self, sink: SpillBuffer, reader: asyncio.StreamReader) -> None:
         self._sink = sink
-        self._reader = reader
+        # None once everything was fed: the reader keeps us as its transport, and the pair
+        # would otherwise be a cycle only a full collection frees, per LOCAL output read.
+        self._reader: asyncio.StreamReader | None = reader
         self._paused = False
         self._reading: asyncio.Future[bytes] | None = None
         self._done = False
@@ -82,6 +84,7 @@ class _Handover:
     def close(self) -> None:
         """Feed nothing more and drop what is left of the output. Idempotent."""
         self._done = True
+        self._reader = None
         self._sink.close()
 
     def get_extra_info(self, name: str, default: object = None) -> object:
@@ -92,7 +95,7 @@ class _Handover:
         """Feed the reader until it has enough (it pauses us), the rest is in the file (read
         in a thread, then fed) or all was fed (then end of file)."""
         reader = self._reader
-        while not (self._paused or self._done or self._reading is not None):
+        while not (self._paused or self._done or self._reading is not None or reader is None):
             piece = self._sink.take_held()
             if piece is None:
                 loop = asyncio.get_running_loop()
@@ -110,17 +113,23 @@ class _Handover:
                     self._reading.add_done_callback(self._read_back)
                     return
             if not piece:
-                self._done = True
-                reader.feed_eof()
+                self._end().feed_eof()
                 return
             reader.feed_data(piece)
+
+    def _end(self) -> asyncio.StreamReader:
+        """Mark everything fed and let go of the reader; return it for its last call."""
+        reader = self._reader
+        assert reader is not None
+        self._done = True
+        self._reader = None
+        return reader
 
     def _fail(self, error: Exception) -> None:
         # The file could not be read (a disk error; the read cancelled): the output is
         # incomplete, and its reader is told so rather than left waiting.
-        self._done = True
         self._sink.close()
-        self._reader.set_exception(error)
+        self._end().set_exception(error)
 
     def _read_back(self, reading: asyncio.Future[bytes]) -> None:
         self._reading = None
@@ -133,11 +142,13 @@ class _Handover:
             self._fail(error)
             return
         piece = reading.result()
+        reader = self._reader
+        if reader is None:
+            return
         if piece:
-            self._reader.feed_data(piece)
+            reader.feed_data(piece)
         else:
-            self._done = True
-            self._reader.feed_eof()
+            self._end().feed_eof()
         self.feed()
 
 

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import sys
 import time
+import weakref
 from typing import Any
 
 import psutil
@@ -260,3 +261,28 @@ async def test_a_spilled_output_is_read_whole_after_the_default_executor_is_shut
             got += chunk
         assert bytes(got) == expected
         assert await process.wait() == 0
+
+
+@pytest.mark.parametrize("size", [1000, 3 * 2**20], ids=["in-memory", "spilled"])
+async def test_an_output_read_to_its_end_leaves_no_cycle_for_the_collector(size: int) -> None:
+    # The handover and its reader referred to each other (the reader's transport, the
+    # handover's reader): every LOCAL output read to its end was freed only by a full
+    # collection, the work that stalled the loop at scale (PERFORMANCE.md, THREADED close).
+    script = f"import sys; sys.stdout.buffer.write(b'x' * {size})"
+    async with pq.SubprocessWrapper(pq.RunMode.LOCAL) as wrapper:
+        process = await wrapper.create_subprocess_exec(
+            sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None
+        assert len(await process.stdout.read()) == size
+        assert await process.wait() == 0
+    handover = process.stdout._handover  # type: ignore[attr-defined]
+    assert handover is not None
+    gone = weakref.ref(handover)
+    del handover
+    gc.disable()
+    try:
+        del process  # the wrapper, closed, holds it no more: freed by reference counting
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -1078,8 +1078,11 @@ async def test_a_second_concurrent_communicate_is_refused_as_in_asyncio(mode: st
     from conftest import WRAPPER_FACTORIES
 
     async with WRAPPER_FACTORIES[mode]() as wrapper:
+        # The child prints only after a while, so both readers are waiting by then in every
+        # mode (a CI run on uvloop started them after a quick child had ended: the first then
+        # read it all without waiting and the second got b"", as asyncio's would).
         process = await wrapper.create_subprocess_exec(
-            PY, "-c", "print('hi')", stdout=asyncio.subprocess.PIPE
+            PY, "-c", "import time; time.sleep(0.5); print('hi')", stdout=asyncio.subprocess.PIPE
         )
         first, second = await asyncio.gather(
             process.communicate(), process.communicate(), return_exceptions=True

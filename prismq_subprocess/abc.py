@@ -17,6 +17,9 @@ implementations you can wrap.
   ``ModuleRunner`` runs modules (``ModuleRunner(..., backend=...)``; the Dask cluster backend is
   ``prismq_subprocess.dask.DaskBackend``).
 - :class:`AsyncResource`: the closing protocol every closable object follows.
+- :class:`PopenOptions`, :class:`SpawnOptions`: the typed ``**kwds`` of ``run()``, ``stream()``
+  and ``create_subprocess_exec``, for pass-through wrappers of your own
+  (``**kwds: Unpack[PopenOptions]``).
 - :class:`MemoryCallback`, :class:`LimitCallback`, :class:`ResourceReader`: the callables the
   resource watchers accept.
 """
@@ -31,6 +34,7 @@ from ._background._backend import ModuleJob, RunBackend, RunContext
 from ._background._memory_registry import BaseRunRegistry
 from ._background._start_options import CommandStartOptions, ModuleStartOptions, StartOptions
 from ._core._closing import AsyncResource
+from ._core._options import PopenOptions, SpawnOptions
 from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
 from ._core._public import publish
 from ._resources._memory_monitor import MemoryCallback
@@ -49,10 +53,12 @@ __all__ = [
     "MemoryCallback",
     "ModuleJob",
     "ModuleStartOptions",
+    "PopenOptions",
     "ProcessLike",
     "ResourceReader",
     "RunBackend",
     "RunContext",
+    "SpawnOptions",
     "SpawnRequest",
     "StartOptions",
     "StreamReaderLike",

@@ -118,10 +118,12 @@ EXPECTED: dict[str, list[str]] = {
         "MemoryCallback",
         "ModuleJob",
         "ModuleStartOptions",
+        "PopenOptions",
         "ProcessLike",
         "ResourceReader",
         "RunBackend",
         "RunContext",
+        "SpawnOptions",
         "SpawnRequest",
         "StartOptions",
         "StreamReaderLike",
@@ -385,6 +387,13 @@ def test_names_are_shown_under_a_public_module(module_name: str) -> None:
 
 def test_the_guides_names_stay_at_the_top_level() -> None:
     assert not GUIDE_NAMES - set(pq.__all__)
+
+
+def test_the_exceptions_module_lists_every_exception_once_in_order() -> None:
+    # Its __all__ is written out for type checkers; it must not drift from the source list.
+    from prismq_subprocess._core import _exceptions
+
+    assert pq.exceptions.__all__ == sorted(_exceptions.__all__)
 
 
 def test_every_exception_is_in_the_exceptions_module() -> None:

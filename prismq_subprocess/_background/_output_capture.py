@@ -240,7 +240,7 @@ class OutputCapture(AsyncClosing):
         max_bytes_per_run: int = 1024 * 1024,
         *,
         max_line_bytes: int = 64 * 1024,
-        log_dir: str | Path | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
         retain_ended_runs: int | None = 1000,
         retain_ended_bytes: int | None = 64 * 1024 * 1024,
         retain_ended_seconds: float | timedelta | None = 3600.0,

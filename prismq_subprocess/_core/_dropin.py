@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import IO, Any, Unpack
 
 from .._strategies._base import DEFAULT_LIMIT
 from ._detect import resolve_run_mode
 from ._modes import RunMode
+from ._options import CommandArg, EnvMapping, PopenOptions, SpawnOptions
 from ._override import active_override
 from ._process import ProcessLike
 from ._result import ProcessResult
@@ -39,14 +40,14 @@ def _wrapper(mode: RunMode | str | None) -> SubprocessWrapper:
 
 
 async def create_subprocess_exec(
-    program: Any,
-    *args: Any,
-    stdin: Any = None,
-    stdout: Any = None,
-    stderr: Any = None,
+    program: CommandArg,
+    *args: CommandArg,
+    stdin: int | IO[Any] | None = None,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
     limit: int = DEFAULT_LIMIT,
     mode: RunMode | str | None = None,
-    **kwds: Any,
+    **kwds: Unpack[SpawnOptions],
 ) -> ProcessLike:
     """Drop-in for ``asyncio.create_subprocess_exec`` with one extra keyword, ``mode``
     (``None``: auto-detect, falling back to THREADED where the loop cannot spawn).
@@ -64,12 +65,12 @@ async def create_subprocess_exec(
 
 async def create_subprocess_shell(
     cmd: str | bytes,
-    stdin: Any = None,
-    stdout: Any = None,
-    stderr: Any = None,
+    stdin: int | IO[Any] | None = None,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
     limit: int = DEFAULT_LIMIT,
     mode: RunMode | str | None = None,
-    **kwds: Any,
+    **kwds: Unpack[SpawnOptions],
 ) -> ProcessLike:
     """Drop-in for ``asyncio.create_subprocess_shell`` with one extra keyword, ``mode``; the
     child starts in its own session unless ``start_new_session=False`` is passed."""
@@ -78,6 +79,31 @@ async def create_subprocess_shell(
     )
 
 
-async def run(*cmd: Any, mode: RunMode | str | None = None, **kwargs: Any) -> ProcessResult:
-    """One-shot :meth:`SubprocessWrapper.run` on a shared wrapper for ``mode``."""
-    return await _wrapper(mode).run(*cmd, **kwargs)
+async def run(
+    *cmd: CommandArg,
+    mode: RunMode | str | None = None,
+    input: bytes | bytearray | memoryview | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+    cwd: CommandArg | None = None,
+    env: EnvMapping | None = None,
+    shell: bool = False,
+    max_output_bytes: int | None = None,
+    grace_period: float | None = None,
+    **kwds: Unpack[PopenOptions],
+) -> ProcessResult:
+    """One-shot :meth:`SubprocessWrapper.run` on a shared wrapper for ``mode`` (``None``:
+    auto-detect); the other arguments are :meth:`SubprocessWrapper.run`'s. Output is kept
+    whole unless ``max_output_bytes`` says otherwise, as with asyncio."""
+    return await _wrapper(mode).run(
+        *cmd,
+        input=input,
+        timeout=timeout,
+        check=check,
+        cwd=cwd,
+        env=env,
+        shell=shell,
+        max_output_bytes=max_output_bytes,
+        grace_period=grace_period,
+        **kwds,
+    )

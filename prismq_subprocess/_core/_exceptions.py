@@ -215,6 +215,8 @@ class ModuleExecutionException(PrismQError):
 class ProcessFailedError(ModuleExecutionException):
     """Raised by ``run(check=True)`` when the command exits with a non-zero status."""
 
+    returncode: int  # (always known here: the command exited)
+
     def __init__(
         self,
         *,

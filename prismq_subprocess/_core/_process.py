@@ -85,23 +85,26 @@ class ProcessLike(Protocol):
         else ``None``."""
 
     @property
-    def stdin(self) -> Any:
+    def stdin(self) -> StreamWriterLike | None:
         """A :class:`StreamWriterLike` when stdin is ``PIPE``, else ``None``."""
 
     @property
-    def stdout(self) -> Any:
+    def stdout(self) -> StreamReaderLike | None:
         """A :class:`StreamReaderLike` when stdout is ``PIPE``, else ``None``."""
 
     @property
-    def stderr(self) -> Any:
+    def stderr(self) -> StreamReaderLike | None:
         """A :class:`StreamReaderLike` when stderr is ``PIPE``, else ``None``."""
 
     async def wait(self) -> int:
         """Wait for the child to exit and return its status; cancelling only stops the wait."""
 
-    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+    async def communicate(
+        self, input: bytes | bytearray | memoryview | None = None
+    ) -> tuple[bytes | None, bytes | None]:
         """Send ``input``, read stdout and stderr to end of file, wait for the exit; return the
-        output."""
+        output: ``None`` for a stream that is not ``PIPE`` (asyncio's stubs say ``bytes``, but
+        asyncio returns ``None`` there too)."""
 
     def send_signal(self, signal: int) -> None:
         """Send ``signal`` to the child (not to its tree)."""

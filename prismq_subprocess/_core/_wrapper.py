@@ -10,7 +10,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar, Unpack, cast, overload
 
 from .._platform import PlatformOps, platform_ops, start_afresh_after_fork
 from .._platform._child_watcher import reap_orphaned
@@ -32,8 +32,9 @@ from ._host_shutdown import take_part_in_host_shutdown
 from ._line_stream import LineStream
 from ._modes import RunMode
 from ._offloop import run_in_thread
+from ._options import CommandArg, EnvMapping, PopenOptions, SpawnOptions
 from ._override import active_override, warn_if_bypassed
-from ._process import ProcessLike
+from ._process import ProcessLike, StreamReaderLike
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult, TailBuffer
 from ._run_process import ChildRun, run_to_completion
 from ._tree_stop import DEFAULT_GRACE_PERIOD, kill_tree_now, kill_trees_now, stop_process_trees
@@ -372,13 +373,13 @@ class SubprocessWrapper(AsyncClosing):
     # -- the asyncio-shaped API -------------------------------------------------------------
     async def create_subprocess_exec(
         self,
-        program: Any,
-        *args: Any,
-        stdin: Any = None,
-        stdout: Any = None,
-        stderr: Any = None,
+        program: CommandArg,
+        *args: CommandArg,
+        stdin: int | IO[Any] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
         limit: int = DEFAULT_LIMIT,
-        **kwds: Any,
+        **kwds: Unpack[SpawnOptions],
     ) -> ProcessLike:
         """Start ``program`` with ``args``, exactly like ``asyncio.create_subprocess_exec``.
 
@@ -401,17 +402,17 @@ class SubprocessWrapper(AsyncClosing):
             WrapperClosedError: the wrapper was closed.
         """
         command = check_exec_command(program, args)
-        request = self._request(command, False, stdin, stdout, stderr, limit, kwds)
+        request = self._request(command, False, stdin, stdout, stderr, limit, _options(kwds))
         return await self._spawn(request)
 
     async def create_subprocess_shell(
         self,
         cmd: str | bytes,
-        stdin: Any = None,
-        stdout: Any = None,
-        stderr: Any = None,
+        stdin: int | IO[Any] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
         limit: int = DEFAULT_LIMIT,
-        **kwds: Any,
+        **kwds: Unpack[SpawnOptions],
     ) -> ProcessLike:
         """Run ``cmd`` through the shell, exactly like ``asyncio.create_subprocess_shell``.
 
@@ -419,19 +420,19 @@ class SubprocessWrapper(AsyncClosing):
         :class:`InvalidCommandError`).
         """
         command = check_shell_command(cmd)
-        request = self._request(command, True, stdin, stdout, stderr, limit, kwds)
+        request = self._request(command, True, stdin, stdout, stderr, limit, _options(kwds))
         return await self._spawn(request)
 
     async def create_subprocess(
         self,
-        *cmd: Any,
-        cwd: Any = None,
-        env: Mapping[str, str] | None = None,
-        stdin: Any = None,
-        stdout: Any = subprocess.PIPE,
-        stderr: Any = subprocess.PIPE,
-        **kwds: Any,
-    ) -> tuple[ProcessLike, Any, Any]:
+        *cmd: CommandArg,
+        cwd: CommandArg | None = None,
+        env: EnvMapping | None = None,
+        stdin: int | IO[Any] | None = None,
+        stdout: int | IO[Any] | None = subprocess.PIPE,
+        stderr: int | IO[Any] | None = subprocess.PIPE,
+        **kwds: Unpack[PopenOptions],
+    ) -> tuple[ProcessLike, StreamReaderLike | None, StreamReaderLike | None]:
         """Start ``cmd`` with stdout and stderr piped; return ``(process, stdout, stderr)``.
 
         The streams support ``readline()``, ``read()`` and ``async for line in stream``; see also
@@ -447,16 +448,16 @@ class SubprocessWrapper(AsyncClosing):
     # -- the high-level API -----------------------------------------------------------------
     async def run(
         self,
-        *cmd: Any,
-        input: bytes | None = None,
+        *cmd: CommandArg,
+        input: bytes | bytearray | memoryview | None = None,
         timeout: float | None = None,
         check: bool = False,
-        cwd: Any = None,
-        env: Mapping[str, str] | None = None,
+        cwd: CommandArg | None = None,
+        env: EnvMapping | None = None,
         shell: bool = False,
         max_output_bytes: int | _Default | None = _Default.WRAPPERS,
         grace_period: float | None = None,
-        **kwds: Any,
+        **kwds: Unpack[PopenOptions],
     ) -> ProcessResult:
         """Run a command to completion and return a :class:`ProcessResult`.
 
@@ -499,11 +500,12 @@ class SubprocessWrapper(AsyncClosing):
             if given is not None:
                 check_limit(given, "max_output_bytes", minimum=0)
             cap = given  # type: ignore[assignment]  # (an int >= 0, checked just above)
-        _reject_stdio(kwds, "run")
+        options = _options(kwds)
+        _reject_stdio(options, "run")
         if cwd is not None:
-            kwds["cwd"] = cwd
+            options["cwd"] = cwd
         if env is not None:
-            kwds["env"] = env
+            options["env"] = env
         if shell:
             if len(cmd) != 1:
                 raise InvalidCommandError("shell=True takes exactly one command line")
@@ -512,7 +514,7 @@ class SubprocessWrapper(AsyncClosing):
             if not cmd:
                 raise InvalidCommandError("run() needs a command")
             command = check_exec_command(cmd[0], cmd[1:])
-        request = self._request(command, shell, None, None, None, DEFAULT_LIMIT, kwds)
+        request = self._request(command, shell, None, None, None, DEFAULT_LIMIT, options)
         self._check_open()
         warn_if_bypassed(self._decision.source, stacklevel=2)
         result = await run_to_completion(
@@ -527,18 +529,60 @@ class SubprocessWrapper(AsyncClosing):
             result.check_returncode()
         return result
 
+    @overload
     def stream(
         self,
-        *cmd: Any,
+        *cmd: CommandArg,
+        encoding: None = None,
+        timeout: float | None = ...,
+        merge_stderr: bool = ...,
+        cwd: CommandArg | None = ...,
+        env: EnvMapping | None = ...,
+        grace_period: float | None = ...,
+        max_stderr_bytes: int | None = ...,
+        **kwds: Unpack[PopenOptions],
+    ) -> LineStream[bytes]: ...
+
+    @overload
+    def stream(
+        self,
+        *cmd: CommandArg,
+        encoding: str,
+        timeout: float | None = ...,
+        merge_stderr: bool = ...,
+        cwd: CommandArg | None = ...,
+        env: EnvMapping | None = ...,
+        grace_period: float | None = ...,
+        max_stderr_bytes: int | None = ...,
+        **kwds: Unpack[PopenOptions],
+    ) -> LineStream[str]: ...
+
+    @overload
+    def stream(
+        self,
+        *cmd: CommandArg,
+        encoding: str | None,
+        timeout: float | None = ...,
+        merge_stderr: bool = ...,
+        cwd: CommandArg | None = ...,
+        env: EnvMapping | None = ...,
+        grace_period: float | None = ...,
+        max_stderr_bytes: int | None = ...,
+        **kwds: Unpack[PopenOptions],
+    ) -> LineStream[bytes] | LineStream[str]: ...
+
+    def stream(
+        self,
+        *cmd: CommandArg,
         encoding: str | None = None,
         timeout: float | None = None,
         merge_stderr: bool = True,
-        cwd: Any = None,
-        env: Mapping[str, str] | None = None,
+        cwd: CommandArg | None = None,
+        env: EnvMapping | None = None,
         grace_period: float | None = None,
         max_stderr_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
-        **kwds: Any,
-    ) -> LineStream[Any]:
+        **kwds: Unpack[PopenOptions],
+    ) -> LineStream[bytes] | LineStream[str]:
         """Start ``cmd`` and iterate over its output lines; the stream owns the child.
 
         ::
@@ -570,12 +614,13 @@ class SubprocessWrapper(AsyncClosing):
         check_encoding(encoding, "replace")
         if not cmd:
             raise InvalidCommandError("stream() needs a command")
-        _reject_stdio(kwds, "stream")
+        options = _options(kwds)
+        _reject_stdio(options, "stream")
         command = check_exec_command(cmd[0], cmd[1:])
         if cwd is not None:
-            kwds["cwd"] = cwd
+            options["cwd"] = cwd
         if env is not None:
-            kwds["env"] = env
+            options["env"] = env
         request = self._request(
             command,
             False,
@@ -583,7 +628,7 @@ class SubprocessWrapper(AsyncClosing):
             subprocess.PIPE,
             subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             DEFAULT_LIMIT,
-            kwds,
+            options,
         )
         return LineStream(
             functools.partial(self._open, request, grace or 0.0),
@@ -744,6 +789,11 @@ _INSTEAD = {
 _REFUSED = frozenset(
     ("stdin", "stdout", "stderr", "encoding", "errors", "text", "universal_newlines")
 )
+
+
+def _options(kwds: PopenOptions | SpawnOptions) -> dict[str, Any]:
+    """A call's ``**kwds`` as the plain dict it is (the typed dicts exist for its callers)."""
+    return cast("dict[str, Any]", kwds)
 
 
 def _reject_stdio(kwds: Mapping[str, Any], method: str) -> None:

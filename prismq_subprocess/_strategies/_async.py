@@ -170,7 +170,7 @@ class AsyncStrategy(SubprocessStrategy):
     ``NotImplementedError``, which the wrapper turns into a fallback or a policy error.
     """
 
-    mode = RunMode.ASYNC
+    mode: RunMode | str = RunMode.ASYNC
 
     async def spawn(self, request: SpawnRequest) -> ProcessLike:
         # asyncio kills a child whose creation is cancelled, but not what that child may already

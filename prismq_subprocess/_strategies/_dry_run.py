@@ -351,7 +351,7 @@ class DryRunProcess(ProcessBase):
 class DryRunStrategy(SubprocessStrategy):
     """Records commands in :attr:`recorder` and returns :class:`DryRunProcess` objects."""
 
-    mode = RunMode.DRY_RUN
+    mode: RunMode | str = RunMode.DRY_RUN
 
     def __init__(
         self,

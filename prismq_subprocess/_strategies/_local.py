@@ -385,7 +385,9 @@ class LocalProcess(PopenProcess):
         assert self._job is not None
         await asyncio.shield(self._job)
 
-    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+    async def communicate(
+        self, input: bytes | bytearray | memoryview | None = None
+    ) -> tuple[bytes | None, bytes | None]:
         """Hand ``input`` to the child, let it run to completion, return ``(stdout, stderr)``."""
         if self.stdin is not None and self._job is None:
             if input:
@@ -393,14 +395,14 @@ class LocalProcess(PopenProcess):
             self.stdin.close()
         return await super().communicate(None)
 
-    async def _feed_stdin(self, input: bytes | None) -> None:
+    async def _feed_stdin(self, input: bytes | bytearray | memoryview | None) -> None:
         self.stdin.close()
 
 
 class LocalStrategy(SubprocessStrategy):
     """Blocking ``subprocess.run`` semantics in a pool of ``max_workers`` threads."""
 
-    mode = RunMode.LOCAL
+    mode: RunMode | str = RunMode.LOCAL
 
     def __init__(self, *, max_workers: int | None = None, ops: PlatformOps | None = None) -> None:
         super().__init__(max_workers=max_workers, ops=ops)

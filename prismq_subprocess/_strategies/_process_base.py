@@ -108,7 +108,7 @@ class ProcessBase:
         """Hook: close our ends of the output pipes; readers get what was read, then end of file
         (the run path calls it when something outside the child's tree holds the pipes)."""
 
-    async def _feed_stdin(self, input: bytes | None) -> None:
+    async def _feed_stdin(self, input: bytes | bytearray | memoryview | None) -> None:
         if input is not None:
             self.stdin.write(input)
         # The child may close its stdin early; asyncio's communicate() ignores that too.
@@ -122,7 +122,9 @@ class ProcessBase:
     async def _read_stream(self, stream: Any) -> bytes:
         return bytes(await stream.read())
 
-    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+    async def communicate(
+        self, input: bytes | bytearray | memoryview | None = None
+    ) -> tuple[bytes | None, bytes | None]:
         """Send ``input`` (if stdin is a pipe), read stdout/stderr to the end, wait for exit.
 
         Returns ``(stdout, stderr)``; an item is ``None`` when that stream is not a pipe.

@@ -148,7 +148,7 @@ class ThreadedStrategy(SubprocessStrategy):
         InvalidLimitError: ``max_workers`` is not an int >= 1.
     """
 
-    mode = RunMode.THREADED
+    mode: RunMode | str = RunMode.THREADED
 
     def __init__(
         self,

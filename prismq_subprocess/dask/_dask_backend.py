@@ -218,7 +218,7 @@ class DaskBackend(RunBackend):
         InvalidArgumentTypeError: ``retry_on_worker_loss`` is not a bool.
     """
 
-    mode = "dask"
+    mode: str = "dask"
 
     def __init__(
         self,

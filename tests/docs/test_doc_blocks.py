@@ -12,6 +12,7 @@ beside the stand-in files ``STAND_INS[NAME]`` (a small ``my_app``, say); a block
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -40,7 +41,9 @@ STAND_INS: dict[str, dict[str, str]] = {
         "my_app.py": (
             "import prismq_subprocess as pq\n\n\n"
             "async def deploy() -> None:\n"
-            '    await pq.run("make", "deploy", check=True)\n'
+            '    await pq.run("make", "deploy", check=True)\n\n\n'
+            "async def publish() -> None:\n"
+            '    await pq.run("git", "push", "origin", cwd="/srv/repo")\n'
         ),
         "Makefile": "deploy:\n\t@echo deployed\n",
     },
@@ -149,3 +152,49 @@ def test_server_block_serves_as_written(code: str, stand_in: str, tmp_path: Path
     # uvicorn shuts down gracefully, then re-raises the signal it caught (exit by SIGTERM).
     assert server.returncode in (0, -signal.SIGTERM), err
     assert "Finished server process" in err, err
+
+
+def test_blocks_type_check(tmp_path: Path) -> None:
+    # A reader who type-checks the code they copied must not find a misuse of the API in it
+    # (an attribute of a union member, a keyword given twice): every block that runs is checked
+    # by mypy (not --strict: the blocks are short scripts without annotations of their own).
+    pytest.importorskip("mypy")
+    names: dict[str, str] = {}
+    for number, param in enumerate([*_blocks(), *_blocks(server=True)]):
+        assert isinstance(param, type(pytest.param()))
+        if param.marks:
+            continue  # a fragment, or a file of a worked example checked whole elsewhere
+        code, stand_in = param.values
+        assert isinstance(code, str) and isinstance(stand_in, str)
+        module = f"block_{number:02d}"
+        names[module] = str(param.id)
+        (tmp_path / f"{module}.py").write_text(code, encoding="utf-8")
+        for name, text in STAND_INS.get(stand_in, {}).items():
+            if name.endswith(".py"):
+                (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "myapp.py").write_text(MYAPP, encoding="utf-8")
+    (tmp_path / "mypy.ini").write_text("[mypy]\n", encoding="utf-8")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            "mypy.ini",
+            "--check-untyped-defs",
+            "--cache-dir",
+            str(tmp_path / ".mypy_cache"),
+            *sorted(f"{module}.py" for module in names),
+        ],
+        cwd=tmp_path,
+        # The package's sources (an editable install's import hook is invisible to mypy).
+        env={**os.environ, "MYPYPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    report = re.sub(
+        r"block_(\d\d)\.py", lambda match: names[f"block_{match.group(1)}"], done.stdout
+    )
+    assert done.returncode == 0, f"{report}\n{done.stderr}"

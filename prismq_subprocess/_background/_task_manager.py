@@ -615,6 +615,11 @@ class BackgroundTaskManager(AsyncResource):
         ended = False
         claimed = False  # by another process while queued here: not run, not recorded
         entry.started = True
+        if entry.task is None:
+            # An eager task (3.12+ task factories) makes this first step inside create_task,
+            # before start_task could note the task: the run's own cancel_task() (and tasks)
+            # must find it.
+            entry.task = asyncio.current_task()
         try:
             try:
                 try:

@@ -182,10 +182,16 @@ async def wait_exited(process: ProcessLike, deadline: float | None = None) -> bo
                 delay = min(delay * 2, _MAX_POLL)
         return True
     finally:
-        _unwatch(loop, fd)
-        if not waiter.done():
-            waiter.cancel()
-        await asyncio.gather(waiter, return_exceptions=True)
+        if loop.is_closed():
+            # Closed with this wait pending (its coroutine is being closed now): only the
+            # descriptor is still ours to free; nothing can be awaited or scheduled.
+            if fd >= 0:
+                os.close(fd)
+        else:
+            _unwatch(loop, fd)
+            if not waiter.done():
+                waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
 
 
 async def _wait_pid_ended(

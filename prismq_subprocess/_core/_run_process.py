@@ -20,9 +20,11 @@ rules above apply unchanged.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import logging
+import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -117,6 +119,7 @@ class ChildRun:
         self._stop_tree = stop
         self._readers: list[asyncio.Future[Any]] = list(readers)
         self._released = False
+        _UNFINISHED.add(self)
 
     @property
     def mode(self) -> RunMode | str:
@@ -240,6 +243,11 @@ class ChildRun:
             stopper = asyncio.ensure_future(self._stop())
             try:
                 await asyncio.shield(stopper)
+            except GeneratorExit:
+                # Closed mid-stop (see run_to_completion): what the grace period was waiting
+                # for is killed now, as no later step of the stop will run.
+                kill_tree_now(self.process, self._ops)
+                raise
             except asyncio.CancelledError:
                 kill_tree_now(self.process, self._ops)
                 # Shielded: an anyio scope cancelled meanwhile would cancel this wait too (and
@@ -323,13 +331,19 @@ class ChildRun:
 
     def discard(self) -> None:
         """Synchronously kill the tree and drop the readers (a run nobody will supervise)."""
+        _UNFINISHED.discard(self)
         kill_tree_now(self.process, self._ops)
-        self._release()
-        self._cancel_readers()
+        # RuntimeError: the loop is closed (a run abandoned with it): nothing there to let go
+        # of or to cancel any more.
+        with contextlib.suppress(RuntimeError):
+            self._release()
+        with contextlib.suppress(RuntimeError):
+            self._cancel_readers()
 
     async def aclose(self) -> None:
         """End of the owner's scope: readers still going are stopped and the pipes let go (the
         owner has already waited for, or stopped, the child). Idempotent."""
+        _UNFINISHED.discard(self)
         pending = [reader for reader in self._readers if not reader.done()]
         if pending:
             self._release()
@@ -338,6 +352,28 @@ class ChildRun:
         for reader in self._readers:  # retrieved, so asyncio does not log them as unhandled
             if not reader.cancelled():
                 reader.exception()
+
+
+#: The runs whose owner has not ended them yet (no aclose() or discard()): what the interpreter's
+#: exit finds here was abandoned (its loop closed under it, its task destroyed pending).
+_UNFINISHED: weakref.WeakSet[ChildRun] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_abandoned() -> None:
+    """At interpreter exit: kill the trees of runs nobody took to their end, as their own clean-up
+    would have (``run()``, ``stream()`` and ``ModuleRunner`` never leave a child behind; a raw
+    process of ``create_subprocess_exec`` is not a run and is left alone). A run whose coroutine
+    was closed meanwhile did so itself (``GeneratorExit``); the others (THREADED's, whose I/O
+    thread keeps them from being collected) are found here."""
+    for run in list(_UNFINISHED):
+        if run.process.returncode is None:
+            with contextlib.suppress(Exception):
+                kill_tree_now(run.process, run._ops)
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX) a forked child must not kill its parent's children
+    os.register_at_fork(after_in_child=_UNFINISHED.clear)
 
 
 async def run_to_completion(
@@ -377,6 +413,7 @@ async def run_to_completion(
     deadline = None if timeout is None else loop.time() + timeout
     run: ChildRun | None = None
     expired = False
+    closed = False
     try:
         if deadline is None:
             run = await start(out, err)
@@ -398,6 +435,15 @@ async def run_to_completion(
             # Outside the timeout: the command is done, and what it left behind is no reason
             # to report it timed out (its stop takes the grace period when it ignores SIGTERM).
             await run.stop_leftovers(deadline)
+    except GeneratorExit:
+        # The coroutine is being closed without running to its end: its task was destroyed
+        # pending, with its loop closed (a second Ctrl-C in asyncio.run's clean-up, a host that
+        # closed its loop without cancelling its tasks). No await can run now, and nobody will
+        # supervise the child again: its tree is killed at once.
+        closed = True
+        if run is not None:
+            run.discard()
+        raise
     except BaseException:
         if run is not None and not expired:
             # Shielded from a cancelled anyio scope, which would cancel every await of the
@@ -406,13 +452,18 @@ async def run_to_completion(
                 await run.abort()
         raise
     finally:
-        if run is not None:
+        if run is not None and not closed:
             with shielded_if_cancelled():
                 try:
                     if expired:
                         await run.abort()  # the tree stopped, what is left read: as for any timeout
+                except GeneratorExit:  # (closed in the timeout's stop: as above)
+                    closed = True
+                    run.discard()
+                    raise
                 finally:
-                    await run.aclose()
+                    if not closed:
+                        await run.aclose()
     if expired:
         raise ProcessTimeoutError(
             cmd=display,

@@ -16,7 +16,7 @@ from .._core._result import TailBuffer
 from .._platform import PIPE_BUF, PIPES_SELECTABLE
 from ._pipes import read_available
 
-__all__ = ["DrainWatch", "drain_blocking"]
+__all__ = ["DrainWatch", "drain_blocking", "wait_unless_host_exits"]
 
 _READ = 256 * 1024
 # Writes to a pipe of at most PIPE_BUF bytes never block once select() said "writable".
@@ -24,6 +24,26 @@ _WRITE = PIPE_BUF
 
 #: How often a watched drain looks at the child (has it exited?) and at :meth:`DrainWatch.abandon`.
 _TICK = 0.05
+
+#: Set when the interpreter starts to exit, before it joins the thread pools' workers (see
+#: :func:`_note_host_exit`): a watched drain then lets go, so a child that outlives an
+#: unclosed wrapper (its loop gone without clean-up) does not keep the host from exiting.
+_HOST_EXITING = threading.Event()
+
+
+def _note_host_exit() -> None:
+    # concurrent.futures joins every pool worker at exit, in a "threading atexit" callback that
+    # runs before the atexit module's; those callbacks run last-registered first, so this one,
+    # registered after concurrent.futures was imported, runs before that join. (A private hook
+    # of threading, 3.9+; without it a drain holds exit until its child ends, as before.)
+    _HOST_EXITING.set()
+
+
+_register = getattr(threading, "_register_atexit", None)
+if callable(_register):
+    import concurrent.futures.thread  # noqa: F401  (registered first, so it runs after ours)
+
+    _register(_note_host_exit)
 
 
 class DrainWatch:
@@ -45,8 +65,20 @@ class DrainWatch:
 
     @property
     def abandoned(self) -> bool:
-        """Whether :meth:`abandon` was called."""
-        return self._abandoned.is_set()
+        """Whether :meth:`abandon` was called, or the interpreter is exiting."""
+        return self._abandoned.is_set() or _HOST_EXITING.is_set()
+
+
+def wait_unless_host_exits(popen: subprocess.Popen[bytes]) -> int | None:
+    """``popen.wait()`` for a worker thread of a pool, except that it returns ``None`` if the
+    interpreter starts to exit first (the child is left running, as by every mode when its
+    wrapper was never closed; the pool's join at exit must not wait for it)."""
+    while True:
+        try:
+            return popen.wait(_TICK * 10)
+        except subprocess.TimeoutExpired:
+            if _HOST_EXITING.is_set():
+                return None
 
 
 def drain_blocking(

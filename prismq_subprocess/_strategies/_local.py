@@ -28,7 +28,7 @@ from .._core._result import TailBuffer
 from .._core._run_process import ChildRun, spawn_past_deadline
 from .._core._tree_stop import register_child
 from .._core._validation import preexec_failed
-from .._io._blocking_io import DrainWatch, drain_blocking
+from .._io._blocking_io import DrainWatch, drain_blocking, wait_unless_host_exits
 from .._platform import Containment, PlatformOps
 from ._base import DEFAULT_LIMIT, RunStart, SpawnRequest, SubprocessStrategy
 from ._popen import ExecutorOwner, discard_popen, run_off_loop, spawn_in_executor, start_popen
@@ -551,9 +551,14 @@ class _Launch:
             raise
         finally:
             drains.discard(self.watch)
-        returncode = popen.wait()
+        status = wait_unless_host_exits(popen)
+        if status is None:
+            # A pool worker, which the interpreter's exit joins: it must not wait for a child
+            # whose run was abandoned (its loop closed under it). The exit's own clean-up
+            # kills that run's tree afterwards (_run_process._kill_abandoned).
+            raise RuntimeError(f"interpreter shutdown: pid {popen.pid} was not waited for")
         ops.child_exited(popen.pid)
-        return returncode
+        return status
 
     def _on_spawned(self, popen: subprocess.Popen[bytes]) -> None:
         with self._lock:

@@ -1613,6 +1613,37 @@ async def test_a_task_factory_of_the_old_two_argument_form_still_works() -> None
     assert made
 
 
+@pytest.mark.skipif(
+    not hasattr(asyncio, "eager_task_factory"), reason="eager tasks are Python 3.12+"
+)
+async def test_a_run_that_cancels_itself_in_its_eager_first_step_is_recorded_cancelled() -> None:
+    # An eager task factory (3.12+) runs a task's first step inside create_task: a run that
+    # looked itself up or cancelled itself there found no task of its own, and cancel_task()
+    # then waited for its own end for good.
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    seen: dict[str, object] = {}
+    try:
+        async with RunRegistry() as registry:
+            manager = BackgroundTaskManager(registry)
+            run = Run(module_id="self-cancel")
+
+            async def job() -> int:
+                seen["in_tasks"] = run.run_id in manager.tasks
+                seen["answer"] = await manager.cancel_task(run.run_id, reason="bad input")
+                return 0
+
+            manager.start_task(run, job())
+            await asyncio.wait_for(manager.wait_all(), 10)
+            record = await stored(registry, run.run_id)
+            assert (record.status, record.error_message) == (RunStatus.CANCELLED, "bad input")
+            assert seen == {"in_tasks": True}  # its cancel_task() was cancelled with it
+            await manager.shutdown()
+    finally:
+        loop.set_task_factory(previous)
+
+
 class _OldCreateTaskLoop(asyncio.SelectorEventLoop):
     """A loop whose create_task predates 3.11's ``context`` argument."""
 

@@ -73,6 +73,7 @@ __all__ = [
     "ScriptNotFoundError",
     "ShutdownHandlerError",
     "SpawnFailedError",
+    "StdinAlreadySentError",
     "StrategyContractError",
     "StreamBusyError",
     "StreamNotOpenError",

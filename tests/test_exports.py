@@ -205,6 +205,7 @@ EXPECTED: dict[str, list[str]] = {
         "ScriptNotFoundError",
         "ShutdownHandlerError",
         "SpawnFailedError",
+        "StdinAlreadySentError",
         "StreamBusyError",
         "StreamNotOpenError",
         "StrategyContractError",

@@ -333,6 +333,15 @@ class InvalidQueryError(PrismQError, ValueError):
     a ``max_runs``/``max_age`` that is not positive)."""
 
 
+class StdinAlreadySentError(PrismQError, BrokenPipeError):
+    """Raised by a LOCAL process's ``stdin.write()`` after its stdin was closed implicitly: LOCAL
+    hands the child what was written in one piece when stdin is closed or the process is first
+    waited for or read (``wait()``, ``communicate()``, a read of ``stdout``/``stderr``), and a
+    later write could no longer reach it. A ``BrokenPipeError``, as a write to a child that
+    closed its stdin is. (After an explicit ``stdin.close()`` writes are ignored, as asyncio
+    does.)"""
+
+
 class StreamNotOpenError(PrismQError, RuntimeError):
     """Raised when a ``LineStream`` (``wrapper.stream(...)``) is iterated, waited for or asked
     for its process outside its ``async with`` block: the block is what starts the command."""
@@ -538,6 +547,7 @@ __all__ += [
     "InvalidOptionError",
     "PreexecFnError",
     "SpawnFailedError",
+    "StdinAlreadySentError",
     "StreamBusyError",
     "StreamNotOpenError",
     "UnknownUserError",

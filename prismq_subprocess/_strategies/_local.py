@@ -367,10 +367,10 @@ class LocalProcess(PopenProcess):
             if isinstance(reader, _DeferredReader):
                 reader._process = None
 
-    def _on_wait(self) -> None:
+    def _on_wait(self, why: str = "first wait()") -> None:
         if self._job is None:
             # Waiting with stdin still open: give the child what was written so far and EOF.
-            self.stdin.close()
+            self.stdin.close_for(why)
 
     def _holds_pipes(self) -> bool:
         # The worker drains the output pipes until they close, then settles the job.
@@ -381,7 +381,7 @@ class LocalProcess(PopenProcess):
         self._watch.abandon()
 
     async def _finished(self) -> None:
-        self._on_wait()
+        self._on_wait("first read of its output")
         assert self._job is not None
         await asyncio.shield(self._job)
 

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from .._core._exceptions import StdinAlreadySentError
 from .._io._stdin_transport import StreamWriterMethods, WriterTransport
 
 __all__ = ["BufferedStdin"]
@@ -19,6 +20,9 @@ class BufferedStdin(StreamWriterMethods):
         self._on_close = on_close
         self._chunks: list[bytes] = []
         self._closing = False
+        # Why stdin was closed without the caller closing it (LOCAL's first wait or read), for
+        # the error of a later write; None after the caller's own close().
+        self._closed_by: str | None = None
 
     @property
     def transport(self) -> WriterTransport:
@@ -26,9 +30,25 @@ class BufferedStdin(StreamWriterMethods):
         return WriterTransport(self, lambda: sum(map(len, self._chunks)))
 
     def _take(self, data: bytes | bytearray | memoryview) -> None:
-        # Kept until stdin is closed; ignored after that (as asyncio does).
+        # Kept until stdin is closed; ignored after the caller's own close (as asyncio does).
         if not self._closing:
             self._chunks.append(bytes(data))
+        elif self._closed_by is not None:
+            # The caller did not close it: a write dropped silently here was lost input.
+            raise StdinAlreadySentError(
+                f"stdin was closed by the process's {self._closed_by}: in LOCAL mode the child "
+                "gets its input in one piece then, and later writes cannot reach it; write all "
+                "of it before waiting for or reading the process (or use ASYNC or THREADED for "
+                "a conversation with the child)"
+            )
+
+    def close_for(self, why: str) -> None:
+        """Close as :meth:`close` does, on the process's own account (``why``: e.g. "first
+        read"), so that a later write raises :class:`StdinAlreadySentError` instead of being
+        ignored."""
+        if not self._closing:
+            self._closed_by = why
+            self.close()
 
     def is_closing(self) -> bool:
         """True once closed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import subprocess
 import sys
 import time
 import weakref
@@ -286,3 +287,30 @@ async def test_an_output_read_to_its_end_leaves_no_cycle_for_the_collector(size:
         assert gone() is None
     finally:
         gc.enable()
+
+
+async def test_a_write_after_a_read_closed_stdin_is_refused_not_dropped() -> None:
+    # LOCAL hands the child its stdin in one piece when the process is first waited for or
+    # read; a write after that was dropped without a word (ASYNC and THREADED deliver it).
+    from prismq_subprocess.exceptions import StdinAlreadySentError
+
+    async with pq.SubprocessWrapper("local") as wrapper:
+        process = await wrapper.create_subprocess_exec(
+            "cat", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(b"first\n")
+        assert await asyncio.wait_for(process.stdout.readline(), 10) == b"first\n"
+        with pytest.raises(StdinAlreadySentError, match="first read") as raised:
+            process.stdin.write(b"second\n")
+        assert isinstance(raised.value, BrokenPipeError)  # what callers already catch
+        with pytest.raises(StdinAlreadySentError):
+            process.stdin.writelines([b"third\n"])
+        process.stdin.close()  # closing again is fine
+        assert await process.wait() == 0
+        # An explicit close is asyncio's: later writes are ignored, as there.
+        again = await wrapper.create_subprocess_exec("cat", stdin=subprocess.PIPE)
+        assert again.stdin is not None
+        again.stdin.close()
+        again.stdin.write(b"ignored")
+        assert await again.wait() == 0

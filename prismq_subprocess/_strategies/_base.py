@@ -87,7 +87,8 @@ class SpawnRequest:
 
     @property
     def display(self) -> tuple[str, ...] | str:
-        """The command as text, for results, logs and errors."""
+        """The command as text, for results, logs and errors: the arguments as a tuple of
+        ``str`` (exec), or the command line as one ``str`` (``shell=True``); bytes decoded."""
         if isinstance(self.command, str):
             return self.command
         if isinstance(self.command, bytes):

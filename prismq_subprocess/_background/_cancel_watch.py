@@ -141,6 +141,7 @@ class CancelRequestWatcher:
         self._requested.clear()
         task = self._task
         self._task = None
-        if task is not None and not task.done():
+        # A poll task of a loop closed with it pending never runs again: it is only dropped.
+        if task is not None and not task.done() and not task.get_loop().is_closed():
             task.cancel()
             await asyncio.wait({task})

@@ -286,6 +286,9 @@ class ConcurrentExecutor(AsyncClosing):
         # Not an asyncio.Semaphore: that binds to the first loop that waits on it, and an
         # executor may serve one asyncio.run() after another.
         self._slots = Slots(max_concurrent, self._closed_error)
+        # The loop of each call holding a slot, by a token of the call: a loop closed with such
+        # a call pending (run_until_complete() then close()) never gives its slot back itself.
+        self._holders: dict[object, asyncio.AbstractEventLoop] = {}
         # Futures set by aclose()/cleanup(), one per call waiting for admission.
         self._close_signals: set[asyncio.Future[Any]] = set()
         self._closed = False
@@ -335,7 +338,10 @@ class ConcurrentExecutor(AsyncClosing):
         check_run_names(spec.module_id, spec.module_name, spec.run_id)
         options = spec.start_options()
         self.runner.prepare(_check_script_path(spec.script_path), spec.parameters, **options)
+        self._reclaim_slots()
         await self._slots.acquire()  # raises RunnerClosedError if closed meanwhile
+        token = object()
+        self._holders[token] = asyncio.get_running_loop()
         try:
             self._check_open()
             if self.resource_manager is not None:
@@ -349,8 +355,19 @@ class ConcurrentExecutor(AsyncClosing):
                 **options,
             )
         finally:
-            self._slots.release()
+            # Not if reclaimed meanwhile: this is then the dead loop's call, closed when
+            # collected, and the slot is someone else's now.
+            if self._holders.pop(token, None) is not None:
+                self._slots.release()
         return _result(run)
+
+    def _reclaim_slots(self) -> None:
+        """Give back the slots held by calls of event loops that were closed with them pending
+        (they never run again); their runs are the runner's to stop and record."""
+        for token, loop in list(self._holders.items()):
+            if loop.is_closed():
+                del self._holders[token]
+                self._slots.release()
 
     @overload
     async def execute_module(

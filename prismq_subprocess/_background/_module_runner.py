@@ -328,6 +328,9 @@ class ModuleRunner(AsyncClosing):
         # run_id -> set once the run's outcome is recorded (foreground and background runs).
         self._active: dict[str, asyncio.Event] = {}
         self._active_runs: dict[str, Run] = {}  # the same runs: what cancel() reports
+        # The loop each active run is driven on: one closed with the run pending (a host's
+        # run_until_complete() then close()) never ends it, so cancel() and aclose() do.
+        self._run_loops: dict[str, asyncio.AbstractEventLoop] = {}
         self._cancel_reasons: dict[str, str] = {}
         # Runs whose RUNNING record another process's claim refused (see _save): theirs now.
         self._claimed: set[str] = set()
@@ -691,6 +694,7 @@ class ModuleRunner(AsyncClosing):
         done = asyncio.Event()
         self._active[run.run_id] = done
         self._active_runs[run.run_id] = run
+        self._run_loops[run.run_id] = asyncio.get_running_loop()
         return done
 
     def _end(self, run: Run, done: asyncio.Event) -> None:
@@ -698,6 +702,7 @@ class ModuleRunner(AsyncClosing):
         if self._active.get(run.run_id) is done:
             del self._active[run.run_id]
             self._active_runs.pop(run.run_id, None)
+            self._run_loops.pop(run.run_id, None)
             self._cancel_reasons.pop(run.run_id, None)
             self._claimed.discard(run.run_id)
         done.set()
@@ -756,6 +761,8 @@ class ModuleRunner(AsyncClosing):
             InvalidArgumentTypeError: ``reason`` is not a str.
         """
         run_id, reason = run_id_of(run_id), reason_text(reason)
+        if self._left_behind(run_id):
+            return await self._stop_left_behind(run_id, reason)
         manager = self._task_manager
         if manager is not None and manager.is_active(run_id):
             return await manager.cancel_task(run_id, reason)
@@ -778,6 +785,36 @@ class ModuleRunner(AsyncClosing):
         if not run.is_finished:  # it could not be stored, so it never ran
             return CancelResult.NOT_FOUND
         return CancelResult.ALREADY_FINISHED
+
+    def _left_behind(self, run_id: str) -> bool:
+        """Whether ``run_id`` is active on an event loop that was closed meanwhile."""
+        loop = self._run_loops.get(run_id)
+        return loop is not None and loop.is_closed()
+
+    async def _stop_left_behind(self, run_id: str, reason: str) -> CancelResult:
+        """Stop and record a run whose loop was closed with it pending: its task never runs
+        again, so neither its stop on cancel nor its record would happen otherwise."""
+        run, done = self._active_runs[run_id], self._active[run_id]
+        self._cancel_reasons.setdefault(run_id, reason)
+        if self.backend is not None:
+            await self.backend.cancel(run_id)
+        else:
+            await self.processes.stop(run_id, self.grace_period)
+        self.processes.unregister(run_id)
+        manager = self._task_manager
+        if manager is not None and manager.is_active(run_id):
+            # A background run: its manager records it (and closes its output).
+            result = await manager.cancel_task(run_id, reason)
+        else:
+            result = CancelResult.ALREADY_FINISHED
+            if not run.is_finished:
+                run.mark_cancelled(reason)
+                result = CancelResult.CANCELLED
+            await self._record_final(run)
+        # (Set from here, a waiter of the closed loop fails: nobody is left there to wake.)
+        with contextlib.suppress(RuntimeError):
+            self._end(run, done)
+        return result
 
     # -- one run ------------------------------------------------------------------------------
     def _open_output(self, run_id: str) -> bool:
@@ -1184,6 +1221,11 @@ class ModuleRunner(AsyncClosing):
 
     async def _aclose(self) -> None:
         self._closed = True
+        left = [run_id for run_id in self._active if self._left_behind(run_id)]
+        if left:
+            await asyncio.gather(
+                *(self._stop_left_behind(run_id, "module runner closed") for run_id in left)
+            )
         if self._owns_task_manager and self._task_manager is not None:
             # (Capped: twice a huge finite grace period overflows to inf, which shutdown refuses.)
             grace = min(2 * self.grace_period + 1.0, sys.float_info.max)

@@ -126,11 +126,12 @@ class RunRing:
         return OutputChunk(cursor, lines)
 
     def wake(self) -> None:
-        """Wake every waiting subscriber."""
+        """Wake every waiting subscriber; a waiter of an event loop that was closed (with its
+        subscriber's task left pending) is dropped: it would fail the producer."""
         waiters = self.waiters
         self.waiters = []
         for waiter in waiters:
-            if not waiter.done():
+            if not waiter.done() and not waiter.get_loop().is_closed():
                 waiter.set_result(None)
 
     def close(self, end: OutputEnd | None) -> None:

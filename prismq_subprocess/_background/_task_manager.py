@@ -20,13 +20,14 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import math
 import os
 import types
 import weakref
 from collections import deque
-from collections.abc import Coroutine, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -261,7 +262,7 @@ class _Entry:
         """Done callback of the write of an abandoned run (see ``_abandon``): its record is
         final, so whoever waits for it (``cancel_task``) need not wait for its task."""
         waiter = self.released_waiter
-        if waiter is not None and not waiter.done():
+        if waiter is not None and not waiter.done() and not waiter.get_loop().is_closed():
             waiter.set_result(None)
 
     def __call__(self, task: asyncio.Task[None]) -> None:
@@ -279,7 +280,8 @@ class _Entry:
         waiters = self.store_waiters
         if waiters:
             for waiter in waiters:
-                if not waiter.done():
+                # (One of a loop that was closed while it waited has nobody left to wake.)
+                if not waiter.done() and not waiter.get_loop().is_closed():
                     waiter.set_result(None)
             waiters.clear()
 
@@ -292,6 +294,15 @@ def _close(coro: Coroutine[Any, Any, object]) -> None:
         # Only a coroutine that was started and then suspended can fail here (it awaits in a
         # finally on GeneratorExit); it must not cost the run its final record.
         logger.exception("closing coroutine %r failed", coro)
+
+
+def _left_behind(entry: _Entry) -> bool:
+    """Whether ``entry``'s task belongs to an event loop that was closed while the run was
+    active (a host's ``run_until_complete()`` then ``close()``, its tasks never cancelled): that
+    task never runs again, so nothing but the manager's cancel, wait and close paths can record
+    and release the run."""
+    task = entry.task
+    return task is not None and task.get_loop().is_closed()
 
 
 def _cancelled_before_stored(run: Run) -> RunStateError:
@@ -316,6 +327,10 @@ def _same_store(one: BaseRunRegistry, other: BaseRunRegistry) -> bool:
         return os.path.samefile(path, other_path)  # (hard links too)
     except OSError:
         return os.path.realpath(path) == os.path.realpath(other_path)
+
+
+def _interrupted(run: Run) -> None:
+    run.mark_interrupted("its event loop was closed before the run ended")
 
 
 def _outcome_of(result: object) -> _Outcome:
@@ -1075,7 +1090,11 @@ class BackgroundTaskManager(AsyncResource):
     def _interrupt(self, entry: _Entry, reason: str) -> None:
         if entry.cancel_reason is None:
             entry.cancel_reason = reason
-        if entry.phase in (_QUEUED, _RUNNING) and entry.task is not None:
+        if (
+            entry.phase in (_QUEUED, _RUNNING)
+            and entry.task is not None
+            and not entry.task.get_loop().is_closed()  # (cancel() would raise: see _give_up)
+        ):
             entry.task.cancel()
 
     async def cancel_task(
@@ -1116,6 +1135,11 @@ class BackgroundTaskManager(AsyncResource):
         entry = self._entries.get(run_id)
         if entry is None:
             return await cancel_elsewhere(self.registry, run_id, reason, timeout)
+        if _left_behind(entry):
+            await self._give_up([entry], functools.partial(Run.mark_cancelled, reason=reason))
+            if entry.run.status is RunStatus.CANCELLED:
+                return CancelResult.CANCELLED
+            return CancelResult.ALREADY_FINISHED
         if entry.phase == _RECORDING or entry.cancel_reason is not None:
             # Still waits for the record: a caller reading the registry next must not find
             # the run RUNNING (a second cancel of a run whose clean-up takes a grace period).
@@ -1144,6 +1168,9 @@ class BackgroundTaskManager(AsyncResource):
     async def wait_all(self, timeout: float | None = None) -> None:
         """Wait until no run is queued or running (including runs started meanwhile).
 
+        Runs left behind by an event loop that was closed while they were active (its tasks
+        never cancelled: they never run again) are first recorded INTERRUPTED and released.
+
         Cancellation and timeout leave the runs alone.
 
         Raises:
@@ -1152,6 +1179,9 @@ class BackgroundTaskManager(AsyncResource):
         """
         timeout = check_timeout(timeout)
         async with asyncio.timeout(None if timeout == math.inf else timeout):
+            left = [entry for entry in self._entries.values() if _left_behind(entry)]
+            if left:
+                await self._give_up(left, _interrupted)
             while self._entries:
                 await self._idle.wait()
 
@@ -1189,6 +1219,14 @@ class BackgroundTaskManager(AsyncResource):
     async def _shutdown(self, grace: float, reason: str) -> None:
         self._closing = True
         await self._watcher.aclose()
+        left = [entry for entry in self._entries.values() if _left_behind(entry)]
+        if left:
+            # Recorded at once: nothing can stop them, and the grace would only be waited out.
+            await self._give_up(
+                left,
+                functools.partial(Run.mark_cancelled, reason=f"{reason} (its event loop closed)"),
+                max(grace, _MIN_RECORD_WAIT),
+            )
         for entry in list(self._entries.values()):
             self._interrupt(entry, reason)
         # Each run's release, not its task: a run cancelled before its first step is recorded
@@ -1234,6 +1272,58 @@ class BackgroundTaskManager(AsyncResource):
         if hung:
             logger.error(
                 "%d abandoned run(s) could not be recorded within %s s; the registry hangs",
+                len(hung),
+                wait,
+            )
+
+    async def _give_up(
+        self, entries: list[_Entry], mark: Callable[[Run], None], wait: float | None = None
+    ) -> None:
+        """Record and release runs whose task belongs to a closed event loop (see
+        ``_left_behind``), as ``_abandon`` does: ``mark`` gives an unfinished run its final
+        status; waits up to ``wait`` seconds (``None``: as long as it takes) for the writes."""
+        # The idle event may be bound to the closed loop (a wait_all() was waiting there).
+        self._idle = asyncio.Event()
+        for entry in entries:
+            # Taken off the queue first: handing a freed slot to one of them would set a
+            # future of the closed loop.
+            with contextlib.suppress(ValueError):
+                self._queue.remove(entry)
+        saves: set[asyncio.Future[Any]] = set()
+        for entry in entries:
+            run = entry.run
+            logger.warning(
+                "run %s was left behind by an event loop closed while it was active; "
+                "recording it now",
+                run.run_id,
+            )
+            # Its coroutine, closed when the dead task is collected, must record nothing.
+            entry.abandoned = True
+            waiter = entry.released_waiter
+            if waiter is not None and waiter.get_loop().is_closed():
+                entry.released_waiter = None
+            missing_ok = entry.phase == _ADDING or not entry.store_done
+            if not entry.store_done:
+                entry.settle(RunStateError(f"run {run.run_id} was left behind by a closed loop"))
+            if entry.phase != _RECORDING and not run.is_finished:
+                mark(run)
+            if inspect.getcoroutinestate(entry.coro) == inspect.CORO_CREATED:
+                _close(entry.coro)  # never started (queued): must not warn "never awaited"
+            self._release(entry)
+            if entry.claimed:
+                continue  # another process's run: it records it
+            save = asyncio.ensure_future(self._record_abandoned(run, missing_ok=missing_ok))
+            self._abandoned.add(save)
+            save.add_done_callback(self._abandoned.discard)
+            saves.add(save)
+        self._check_idle()
+        if not saves:
+            return
+        _, hung = await asyncio.wait(saves, timeout=wait)
+        if hung:
+            logger.error(
+                "%d run(s) left behind by a closed event loop could not be recorded within %s "
+                "s; the registry hangs",
                 len(hung),
                 wait,
             )

@@ -1,0 +1,263 @@
+"""Long-lived objects used on an event loop that was closed abruptly, then on a new one.
+
+An "abruptly closed" loop is what older hosts and test fixtures leave: ``run_until_complete()``
+then ``close()``, the tasks still pending and never cancelled. Those tasks never run again, so
+whatever they held (a run's entry, a concurrency slot, a subscriber's wait) must not stop the
+next loop's work, and the next loop's cancel / wait / close calls must not fail on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import prismq_subprocess as pq
+
+# Long enough that only a stop ends it; short enough that a leak does not outlive the suite.
+SLEEPER = "import time\nprint('started', flush=True)\ntime.sleep(120)\n"
+QUICK = "print('done', flush=True)\n"
+
+
+def _live_children() -> list[psutil.Process]:
+    alive = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.fixture
+def closed_loop_leftovers() -> Iterator[None]:
+    """Fails a test that leaves a child running (and kills it), and collects the dead loop's
+    tasks within the test: their coroutines are closed by the garbage collector, outside any
+    loop, which reports what their clean-up cannot do any more as unraisable exceptions."""
+    before = {child.pid for child in _live_children()}
+    yield
+    unraisable: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        for _ in range(3):
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    leaked = [child for child in _live_children() if child.pid not in before]
+    for child in leaked:
+        child.kill()
+    assert not leaked, f"children left running: {[child.cmdline() for child in leaked]}"
+
+
+def _abruptly(work: Callable[[], Awaitable[object]]) -> None:
+    """Run ``work`` on a loop of its own, then close that loop without cancelling its tasks."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(work())
+    finally:
+        loop.close()
+
+
+def _then(work: Callable[[], Awaitable[object]], timeout: float = 20.0) -> Any:
+    """Run ``work`` on a new loop; a hang fails (TimeoutError) instead of hanging the suite."""
+    return asyncio.run(asyncio.wait_for(work(), timeout))
+
+
+def _script(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+async def _until_running(registry: pq.BaseRunRegistry, run_id: str) -> pq.Run:
+    for _ in range(500):
+        run = await registry.get_run(run_id)
+        if run is not None and run.status is pq.RunStatus.RUNNING and run.pid:
+            return run
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"run {run_id} never started")
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_task_manager_cancel_of_a_run_of_a_closed_loop() -> None:
+    registry = pq.RunRegistry()
+    manager = pq.BackgroundTaskManager(registry)
+    ids: dict[str, str] = {}
+
+    async def first() -> None:
+        ids["run"] = manager.start_task(pq.Run(module_id="sleeper"), asyncio.sleep(3600))
+        await asyncio.sleep(0.05)
+
+    _abruptly(first)
+
+    async def second() -> None:
+        assert await manager.cancel_task(ids["run"]) is pq.CancelResult.CANCELLED
+        run = await registry.get_run(ids["run"])
+        assert run is not None and run.status is pq.RunStatus.CANCELLED
+        assert not manager.is_active(ids["run"])
+        await manager.wait_all(timeout=2)
+        # The manager goes on serving this loop.
+        new = manager.start_task(pq.Run(module_id="quick"), asyncio.sleep(0))
+        await manager.wait_all(timeout=2)
+        stored = await registry.get_run(new)
+        assert stored is not None and stored.status is pq.RunStatus.COMPLETED
+        await manager.aclose()
+
+    _then(second)
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_task_manager_wait_all_and_shutdown_after_a_closed_loop() -> None:
+    registry = pq.RunRegistry()
+    manager = pq.BackgroundTaskManager(registry, max_concurrent=1)
+    ids: dict[str, str] = {}
+
+    async def first() -> None:
+        ids["running"] = manager.start_task(pq.Run(module_id="a"), asyncio.sleep(3600))
+        ids["queued"] = manager.start_task(pq.Run(module_id="b"), asyncio.sleep(3600))
+        waiting = asyncio.ensure_future(manager.wait_all())  # bound the idle event to this loop
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+
+    _abruptly(first)
+
+    async def second() -> None:
+        await manager.wait_all(timeout=5)
+        for run_id in ids.values():
+            run = await registry.get_run(run_id)
+            assert run is not None and run.status is pq.RunStatus.INTERRUPTED, run_id
+        assert manager.running_count == 0 and manager.queued_count == 0
+        new = manager.start_task(pq.Run(module_id="c"), asyncio.sleep(0))
+        await manager.wait_all(timeout=2)
+        stored = await registry.get_run(new)
+        assert stored is not None and stored.status is pq.RunStatus.COMPLETED
+        await manager.shutdown(grace=0.5)
+
+    _then(second)
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_task_manager_shutdown_records_runs_of_a_closed_loop_at_once() -> None:
+    registry = pq.RunRegistry()
+    manager = pq.BackgroundTaskManager(registry)
+    ids: dict[str, str] = {}
+
+    async def first() -> None:
+        ids["run"] = manager.start_task(pq.Run(module_id="a"), asyncio.sleep(3600))
+        await asyncio.sleep(0.05)
+
+    _abruptly(first)
+
+    async def second() -> None:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await manager.shutdown(grace=5)
+        assert loop.time() - began < 2  # not the whole grace: nothing there can stop it
+        run = await registry.get_run(ids["run"])
+        assert run is not None and run.status is pq.RunStatus.CANCELLED
+
+    _then(second)
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_module_runner_cancel_of_a_background_run_of_a_closed_loop(tmp_path: Path) -> None:
+    registry = pq.RunRegistry()
+    runner = pq.ModuleRunner(registry, output=pq.OutputCapture(), grace_period=1)
+    script = _script(tmp_path, "sleeper.py", SLEEPER)
+    ids: dict[str, Any] = {}
+
+    async def first() -> None:
+        ids["run"] = await runner.start_module("sleeper", "Sleeper", script)
+        ids["pid"] = (await _until_running(registry, ids["run"])).pid
+
+    _abruptly(first)
+
+    async def second() -> None:
+        result = await runner.cancel(ids["run"], timeout=5)
+        assert result is pq.CancelResult.CANCELLED
+        run = await registry.get_run(ids["run"])
+        assert run is not None and run.status is pq.RunStatus.CANCELLED
+        assert not psutil.pid_exists(ids["pid"]) or (
+            psutil.Process(ids["pid"]).status() == psutil.STATUS_ZOMBIE
+        )
+        assert runner.active_run_ids() == []
+        await runner.aclose()
+
+    _then(second)
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_module_runner_aclose_after_a_closed_loop(tmp_path: Path) -> None:
+    registry = pq.RunRegistry()
+    runner = pq.ModuleRunner(registry, grace_period=1)
+    script = _script(tmp_path, "sleeper.py", SLEEPER)
+    ids: dict[str, Any] = {}
+
+    async def first() -> None:
+        ids["run"] = await runner.start_module("sleeper", "Sleeper", script)
+        ids["pid"] = (await _until_running(registry, ids["run"])).pid
+
+    _abruptly(first)
+
+    async def second() -> None:
+        await runner.aclose()
+        run = await registry.get_run(ids["run"])
+        assert run is not None and run.is_finished
+        assert run.status is not pq.RunStatus.RUNNING
+
+    _then(second)
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_output_capture_drops_a_subscriber_of_a_closed_loop() -> None:
+    capture = pq.OutputCapture()
+    kept: list[asyncio.Future[Any]] = []  # the closed loop's tasks, until the test ends
+
+    async def first() -> None:
+        capture.open_run("r")
+        kept.append(asyncio.ensure_future(anext(aiter(capture.subscribe("r")))))  # waiting
+        await asyncio.sleep(0.05)
+
+    _abruptly(first)
+
+    async def second() -> list[str]:
+        await capture.append_line("r", "hello")
+        await capture.close_run("r")
+        return [
+            item.text async for item in capture.subscribe("r") if isinstance(item, pq.OutputLine)
+        ]
+
+    assert _then(second) == ["hello"]
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_executor_slot_held_by_a_run_of_a_closed_loop_is_given_back(tmp_path: Path) -> None:
+    executor = pq.ConcurrentExecutor(max_concurrent=1, grace_period=1)
+    sleeper = _script(tmp_path, "sleeper.py", SLEEPER)
+    quick = _script(tmp_path, "quick.py", QUICK)
+    kept: list[asyncio.Future[Any]] = []  # the closed loop's tasks, until the test ends
+
+    async def first() -> None:
+        kept.append(
+            asyncio.ensure_future(executor.execute_module("a", "A", sleeper, run_id="first"))
+        )
+        await _until_running(executor.registry, "first")
+        # Its first line read: what a closed loop's reader still holds is another matter (the
+        # wrapper's release of its pipes; see the report of this change).
+        await asyncio.sleep(0.3)
+
+    _abruptly(first)
+
+    async def second() -> dict[str, Any]:
+        result = await executor.execute_module("b", "B", quick)
+        await executor.aclose()
+        return result
+
+    assert _then(second)["status"] == "completed"

@@ -133,7 +133,8 @@ class ProcessManager(AsyncResource):
         if was_running:
             self._stop_requested.add(run_id)
         task = self._stops.get(id(process))
-        if task is None:
+        if task is None or task.get_loop().is_closed():
+            # (A stop begun on a loop that was closed under it never ends there: begun again.)
             task = asyncio.ensure_future(self._stop_tree(run_id, process, limit))
             self._stops[id(process)] = task
         await asyncio.shield(task)

@@ -65,7 +65,8 @@ class Slots:
         """Give a slot back (to the first waiter still waiting, if any)."""
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
+            # (A waiter of a loop closed while it waited is gone with it: skipped.)
+            if not waiter.done() and not waiter.get_loop().is_closed():
                 waiter.set_result(None)
                 return
         self.held -= 1

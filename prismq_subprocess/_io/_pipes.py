@@ -123,7 +123,10 @@ def release_transport_pipes(process: Any) -> None:
             source = pipe.get_extra_info("pipe") or pipe.get_extra_info("socket")
             if source is not None:
                 for data in read_available(source.fileno())[0]:
-                    reader.feed_data(data)
+                    # RuntimeError: a read waiting on a loop that was closed could not be woken
+                    # (the data is in the reader's buffer all the same).
+                    with contextlib.suppress(RuntimeError):
+                        reader.feed_data(data)
         try:
             pipe.close()
         except RuntimeError:

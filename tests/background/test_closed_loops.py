@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,69 @@ def test_executor_slot_held_by_a_run_of_a_closed_loop_is_given_back(tmp_path: Pa
         return result
 
     assert _then(second)["status"] == "completed"
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_wrapper_aclose_after_a_read_of_a_closed_loop_keeps_its_data() -> None:
+    # The wrapper's close hands what a pipe still holds to its reader, whose read was waiting on
+    # the dead loop: waking it raised "Event loop is closed" out of aclose().
+    wrapper = pq.SubprocessWrapper("async")
+    held: dict[str, Any] = {}
+
+    async def first() -> None:
+        process = await wrapper.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import time; time.sleep(0.3); print('x', flush=True); time.sleep(120)",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        held["process"] = process
+        held["read"] = asyncio.ensure_future(process.stdout.readline())  # waits at the close
+        await asyncio.sleep(0.05)
+
+    _abruptly(first)
+    time.sleep(0.6)  # the child's line is in the pipe now
+    _then(wrapper.aclose)
+    assert held["process"].stdout._buffer == b"x\n"  # handed over, not lost
+
+
+def test_slots_released_past_a_waiter_of_a_closed_loop() -> None:
+    from prismq_subprocess._core._slots import Slots
+
+    slots = Slots(1, lambda: RuntimeError("closed"))
+
+    async def hold_and_queue() -> None:
+        await slots.acquire()
+        waiting = asyncio.ensure_future(slots.acquire())  # waits when the loop closes
+        await asyncio.sleep(0)
+        assert not waiting.done()
+
+    _abruptly(hold_and_queue)
+
+    async def release_then_take() -> None:
+        slots.release()  # the dead waiter is skipped: the slot is free again
+        await slots.acquire()
+
+    _then(release_then_take, timeout=5)
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_process_manager_stop_begun_on_a_closed_loop_is_begun_again() -> None:
+    # A stop under way when its loop closed never ends there; joining it raised on the new loop.
+    manager = pq.ProcessManager()
+    wrapper = pq.SubprocessWrapper("threaded")
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(120)"
+
+    async def first() -> None:
+        process = await wrapper.create_subprocess_exec(sys.executable, "-c", stubborn)
+        manager.register("run", process)
+        await asyncio.sleep(0.3)  # the child ignores SIGTERM from now on
+        stop = asyncio.ensure_future(manager.stop("run", grace=60))  # in its grace at the close
+        await asyncio.sleep(0.2)
+        assert not stop.done()
+
+    _abruptly(first)
+    try:
+        assert _then(lambda: manager.stop("run", grace=0.2)) is True
+    finally:
+        wrapper.cleanup()

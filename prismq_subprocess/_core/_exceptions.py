@@ -334,12 +334,12 @@ class InvalidQueryError(PrismQError, ValueError):
 
 
 class StdinAlreadySentError(PrismQError, BrokenPipeError):
-    """Raised by a LOCAL process's ``stdin.write()`` after its stdin was closed implicitly: LOCAL
-    hands the child what was written in one piece when stdin is closed or the process is first
-    waited for or read (``wait()``, ``communicate()``, a read of ``stdout``/``stderr``), and a
-    later write could no longer reach it. A ``BrokenPipeError``, as a write to a child that
-    closed its stdin is. (After an explicit ``stdin.close()`` writes are ignored, as asyncio
-    does.)"""
+    """Raised by a LOCAL process's ``stdin.write()`` (or ``communicate(input)``) after the first
+    read of its output closed its stdin: LOCAL hands the child what was written in one piece
+    when stdin is closed, the process waited for or its output first read, and a later write
+    could no longer reach it. A ``BrokenPipeError``, as a write to a child that closed its
+    stdin is. (After the caller's own ``stdin.close()`` or a ``wait()``, writes are ignored,
+    as asyncio does.)"""
 
 
 class StreamNotOpenError(PrismQError, RuntimeError):

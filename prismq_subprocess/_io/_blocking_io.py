@@ -3,6 +3,7 @@ but into bounded buffers, for the LOCAL strategy's worker threads."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import selectors
@@ -26,8 +27,9 @@ _WRITE = PIPE_BUF
 _TICK = 0.05
 
 #: Set when the interpreter starts to exit, before it joins the thread pools' workers (see
-#: :func:`_note_host_exit`): a watched drain then lets go, so a child that outlives an
-#: unclosed wrapper (its loop gone without clean-up) does not keep the host from exiting.
+#: :func:`_note_host_exit`): a watched drain whose event loop is gone then lets go, so a child
+#: that outlives an unclosed wrapper (its loop closed without clean-up) does not keep the host
+#: from exiting.
 _HOST_EXITING = threading.Event()
 
 
@@ -35,15 +37,20 @@ def _note_host_exit() -> None:
     # concurrent.futures joins every pool worker at exit, in a "threading atexit" callback that
     # runs before the atexit module's; those callbacks run last-registered first, so this one,
     # registered after concurrent.futures was imported, runs before that join. (A private hook
-    # of threading, 3.9+; without it a drain holds exit until its child ends, as before.)
+    # of threading, 3.9+; without it a drain holds exit until its child ends, as before.) It
+    # runs when the main thread ends, while other threads may still run loops of their own:
+    # those runs go on (see DrainWatch.abandoned).
     _HOST_EXITING.set()
 
 
 _register = getattr(threading, "_register_atexit", None)
 if callable(_register):
-    import concurrent.futures.thread  # noqa: F401  (registered first, so it runs after ours)
+    try:
+        import concurrent.futures.thread  # noqa: F401  (registered first, so it runs after ours)
 
-    _register(_note_host_exit)
+        _register(_note_host_exit)
+    except RuntimeError:  # imported after the main thread ended: too late to register
+        pass
 
 
 class DrainWatch:
@@ -53,11 +60,16 @@ class DrainWatch:
     child has exited while its pipes are still open, i.e. when something the child started holds
     them; when the pipes close first, the drain just returns. :meth:`abandon` (any thread) makes
     the drain close the pipes and return within :data:`_TICK` seconds, keeping what it read.
+    ``loop`` is the event loop the drain reports to: once the interpreter is exiting, a drain
+    whose loop no longer runs is abandoned too.
     """
 
-    def __init__(self, on_exit: Callable[[int], None]) -> None:
+    def __init__(
+        self, on_exit: Callable[[int], None], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self.on_exit = on_exit
         self._abandoned = threading.Event()
+        self._loop = loop
 
     def abandon(self) -> None:
         """Ask the drain to stop reading, close the pipes and return. Idempotent."""
@@ -65,19 +77,29 @@ class DrainWatch:
 
     @property
     def abandoned(self) -> bool:
-        """Whether :meth:`abandon` was called, or the interpreter is exiting."""
-        return self._abandoned.is_set() or _HOST_EXITING.is_set()
+        """Whether :meth:`abandon` was called, or the interpreter is exiting with this drain's
+        loop gone (closed, or no longer running: nobody can read what it would deliver)."""
+        return self._abandoned.is_set() or self.host_gone
+
+    @property
+    def host_gone(self) -> bool:
+        """Whether the interpreter is exiting and this drain's loop no longer runs (a loop
+        still running in another thread goes on, and so does its drain)."""
+        if not _HOST_EXITING.is_set():
+            return False
+        loop = self._loop
+        return loop is None or loop.is_closed() or not loop.is_running()
 
 
-def wait_unless_host_exits(popen: subprocess.Popen[bytes]) -> int | None:
-    """``popen.wait()`` for a worker thread of a pool, except that it returns ``None`` if the
-    interpreter starts to exit first (the child is left running, as by every mode when its
-    wrapper was never closed; the pool's join at exit must not wait for it)."""
+def wait_unless_host_exits(popen: subprocess.Popen[bytes], watch: DrainWatch) -> int | None:
+    """``popen.wait()`` for a worker thread of a pool, except that it returns ``None`` once the
+    interpreter is exiting and ``watch``'s loop is gone (the pool's join at exit must not wait
+    for a child nobody will supervise; the exit's own clean-up kills its tree)."""
     while True:
         try:
             return popen.wait(_TICK * 10)
         except subprocess.TimeoutExpired:
-            if _HOST_EXITING.is_set():
+            if watch.host_gone:
                 return None
 
 

@@ -288,7 +288,7 @@ class LocalProcess(PopenProcess):
         super().__init__(loop, popen)
         self._drains = drains
         self._job: asyncio.Future[int] | None = None
-        self._watch = watch or DrainWatch(self._exited_in_thread)
+        self._watch = watch or DrainWatch(self._exited_in_thread, loop)
         if buffers is None:
             # All of the output, kept until the child has finished: past a bound it waits in a
             # temporary file, not in the host's memory (see SpillBuffer). (run() passes its own
@@ -367,10 +367,15 @@ class LocalProcess(PopenProcess):
             if isinstance(reader, _DeferredReader):
                 reader._process = None
 
-    def _on_wait(self, why: str = "first wait()") -> None:
+    def _on_wait(self, why: str | None = None) -> None:
         if self._job is None:
             # Waiting with stdin still open: give the child what was written so far and EOF.
-            self.stdin.close_for(why)
+            # (After a wait, writes are ignored as asyncio's are; after a first read, which
+            # does not close stdin in asyncio, a write raises rather than being lost.)
+            if why is None:
+                self.stdin.close()
+            else:
+                self.stdin.close_for(why)
 
     def _holds_pipes(self) -> bool:
         # The worker drains the output pipes until they close, then settles the job.
@@ -389,8 +394,10 @@ class LocalProcess(PopenProcess):
         self, input: bytes | bytearray | memoryview | None = None
     ) -> tuple[bytes | None, bytes | None]:
         """Hand ``input`` to the child, let it run to completion, return ``(stdout, stderr)``."""
-        if self.stdin is not None and self._job is None:
+        if self.stdin is not None:
             if input:
+                # (After stdin was handed over for the caller, a write raises while the child
+                # runs: StdinAlreadySentError; after the caller's own close it is ignored.)
                 self.stdin.write(input)
             self.stdin.close()
         return await super().communicate(None)
@@ -500,7 +507,7 @@ class _Launch:
         # would leave ``returncode`` unset (and a tree stop waiting for it) for good.
         self.exited: asyncio.Future[int] = loop.create_future()
         self.exited.add_done_callback(_retrieved)
-        self.watch = DrainWatch(self._exited_in_thread)
+        self.watch = DrainWatch(self._exited_in_thread, loop)
         self._process: LocalProcess | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self._containment: Containment | None = None
@@ -551,7 +558,7 @@ class _Launch:
             raise
         finally:
             drains.discard(self.watch)
-        status = wait_unless_host_exits(popen)
+        status = wait_unless_host_exits(popen, self.watch)
         if status is None:
             # A pool worker, which the interpreter's exit joins: it must not wait for a child
             # whose run was abandoned (its loop closed under it). The exit's own clean-up

@@ -20,8 +20,8 @@ class BufferedStdin(StreamWriterMethods):
         self._on_close = on_close
         self._chunks: list[bytes] = []
         self._closing = False
-        # Why stdin was closed without the caller closing it (LOCAL's first wait or read), for
-        # the error of a later write; None after the caller's own close().
+        # Why stdin was closed without the caller closing it or waiting (LOCAL's first read of
+        # the output), for the error of a later write; None after the caller's own close().
         self._closed_by: str | None = None
 
     @property
@@ -33,8 +33,9 @@ class BufferedStdin(StreamWriterMethods):
         # Kept until stdin is closed; ignored after the caller's own close (as asyncio does).
         if not self._closing:
             self._chunks.append(bytes(data))
-        elif self._closed_by is not None:
-            # The caller did not close it: a write dropped silently here was lost input.
+        elif data and self._closed_by is not None:
+            # The caller neither closed it nor waited (after which asyncio ignores writes too):
+            # a write dropped silently here was input lost without a word.
             raise StdinAlreadySentError(
                 f"stdin was closed by the process's {self._closed_by}: in LOCAL mode the child "
                 "gets its input in one piece then, and later writes cannot reach it; write all "
@@ -44,8 +45,8 @@ class BufferedStdin(StreamWriterMethods):
 
     def close_for(self, why: str) -> None:
         """Close as :meth:`close` does, on the process's own account (``why``: e.g. "first
-        read"), so that a later write raises :class:`StdinAlreadySentError` instead of being
-        ignored."""
+        read"), so that a later write of data raises :class:`StdinAlreadySentError` instead of
+        being ignored."""
         if not self._closing:
             self._closed_by = why
             self.close()

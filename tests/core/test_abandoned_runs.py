@@ -151,3 +151,68 @@ def test_the_interpreter_exits_with_an_abandoned_run_and_stops_its_tree(
             host.kill()
             host.communicate()
         _kill(pids)
+
+
+def _host(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("mode", REAL_MODES)
+def test_a_loop_in_a_thread_that_outlives_the_main_thread_runs_on(mode: str) -> None:
+    # The interpreter's exit begins when the main thread ends, while other (non-daemon) threads
+    # still run loops of their own: their runs must go on, whole (a review of the exit fix found
+    # LOCAL's cut off, and its run() waiting for ever). (Both start before the main thread ends:
+    # after that, Python refuses new work to every thread pool, THREADED's and LOCAL's too.)
+    done = _host(
+        f"""
+        import asyncio, sys, threading, time
+        import prismq_subprocess as pq
+
+        CHILD = "import time; print('early', flush=True); time.sleep(1.5); print('late')"
+
+        async def main():
+            async with pq.SubprocessWrapper({mode!r}) as wrapper:
+                process = await wrapper.create_subprocess_exec(
+                    sys.executable, "-c", CHILD, stdout=pq.PIPE
+                )
+                result, (out, _) = await asyncio.gather(
+                    wrapper.run(sys.executable, "-c", CHILD), process.communicate()
+                )
+                print(result.returncode, result.stdout, process.returncode, out, flush=True)
+
+        threading.Thread(target=asyncio.run, args=(main(),)).start()
+        time.sleep(0.5)  # both children have started; the main thread ends mid-run
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "0 b'early\\nlate\\n' 0 b'early\\nlate\\n'\n", done.stderr
+
+
+def test_the_api_loads_in_a_thread_after_the_main_thread_ended() -> None:
+    # The exit hook is registered when the API loads: too late once the exit has begun, which
+    # must not stop the API from loading there.
+    done = _host(
+        """
+        import asyncio, sys, threading, time
+
+        def later():
+            time.sleep(0.5)
+            import prismq_subprocess as pq
+
+            async def main():
+                async with pq.SubprocessWrapper("async") as wrapper:
+                    print((await wrapper.run(sys.executable, "-c", "print('hi')")).stdout)
+
+            asyncio.run(main())
+
+        threading.Thread(target=later).start()
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "b'hi\\n'\n", done.stderr

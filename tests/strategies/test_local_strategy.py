@@ -306,8 +306,16 @@ async def test_a_write_after_a_read_closed_stdin_is_refused_not_dropped() -> Non
         assert isinstance(raised.value, BrokenPipeError)  # what callers already catch
         with pytest.raises(StdinAlreadySentError):
             process.stdin.writelines([b"third\n"])
+        process.stdin.write(b"")  # nothing to lose
+        with pytest.raises(StdinAlreadySentError):
+            await process.communicate(b"fourth\n")
         process.stdin.close()  # closing again is fine
         assert await process.wait() == 0
+        # Closed by a wait(): later writes are ignored, as asyncio ignores them once it returned.
+        waited = await wrapper.create_subprocess_exec("cat", stdin=subprocess.PIPE)
+        assert waited.stdin is not None
+        assert await waited.wait() == 0
+        waited.stdin.write(b"after the end")
         # An explicit close is asyncio's: later writes are ignored, as there.
         again = await wrapper.create_subprocess_exec("cat", stdin=subprocess.PIPE)
         assert again.stdin is not None

@@ -60,7 +60,7 @@ async def main() -> None:
                     "count", "Counter", script, {"name": "gamma", "steps": 2}
                 ),
             }
-            print(f"started in {runner.mode.value} mode (2 at a time): {runs}")
+            print(f"started in {runner.mode} mode (2 at a time): {runs}")
 
             async with asyncio.TaskGroup() as tabs:
                 for label, run_id in runs.items():

@@ -20,7 +20,7 @@ async def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING").upper())
 
     decision = pq.detect_run_mode()
-    print(f"auto-detected mode: {decision.mode.value} -- because {decision.reason}")
+    print(f"auto-detected mode: {decision.mode} -- because {decision.reason}")
 
     async with pq.SubprocessWrapper() as wrapper:
         # 1. Run a command to completion and look at the result.

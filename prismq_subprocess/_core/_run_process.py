@@ -37,7 +37,13 @@ from ._exceptions import ProcessTimeoutError
 from ._modes import RunMode
 from ._process import ProcessLike
 from ._result import ProcessResult, TailBuffer
-from ._tree_stop import group_members_alive, kill_tree_now, leads_own_group, stop_process_tree
+from ._tree_stop import (
+    group_members_alive,
+    kill_tree_now,
+    leads_own_group,
+    stop_process_tree,
+    subgroup_populated,
+)
 
 __all__ = [
     "DRAIN_SECONDS",
@@ -193,12 +199,20 @@ class ChildRun:
         await self.settle()
 
     async def stop_leftovers(self, deadline: float | None = None) -> None:
-        """The child exited and its output ended: stop what it left running in its process
-        group (a helper it started in the background with its output elsewhere), as leaving a
-        ``stream()`` block does; the run owns its tree. One ``kill(-pgid, 0)`` when the group
-        is empty, the usual case. ``deadline`` (loop time; a ``run(timeout=)``'s end): the
-        grace period is cut to what is left of it, so a finished command is not held past
-        its timeout by what it left."""
+        """The child exited and its output ended: stop what it left running, as leaving a
+        ``stream()`` block does (the run owns its tree): members of its process group (a helper
+        it started in the background with its output elsewhere), and what its cgroup sub-group
+        still holds (a daemon, helpers that each started a session of their own, a helper of a
+        child started in the caller's own group). ``deadline`` (loop time; a ``run(timeout=)``'s
+        end): the grace period is cut to what is left of it, so a finished command is not held
+        past its timeout by what it left.
+
+        Cheap when nothing was left, the usual case: one ``kill(-pgid, 0)`` and one read of the
+        sub-group's ``cgroup.events``; the process table is read (off the loop) only when the
+        group answers. Where the run has no sub-group (no cgroup containment on
+        this host, or an ASYNC child that exited before its move), a helper that left the group
+        is not looked for: finding it takes a read of every process's environment (its cookie),
+        milliseconds per run. See docs/LIFECYCLE.md, "Leftovers after the child exits"."""
         process = self.process
         ops = self._ops
         # signal 0 first: the usual empty group answers ESRCH without a look at the table,
@@ -209,17 +223,19 @@ class ChildRun:
             and ops.signal_group(process.pid, 0)
             and await group_members_alive(process.pid, ops)
         ):
-            logger.info(
-                "pid %d exited and left members of its process group running; stopping them",
-                process.pid,
-            )
-            grace = self.grace
-            if deadline is not None:
-                self.grace = min(grace, max(0.0, deadline - asyncio.get_running_loop().time()))
-            try:
-                await self.stop()
-            finally:
-                self.grace = grace
+            left = "members of its process group"
+        elif subgroup_populated(process, ops):
+            left = "processes in its cgroup sub-group"
+        else:
+            return
+        logger.info("pid %d exited and left %s running; stopping them", process.pid, left)
+        grace = self.grace
+        if deadline is not None:
+            self.grace = min(grace, max(0.0, deadline - asyncio.get_running_loop().time()))
+        try:
+            await self.stop()
+        finally:
+            self.grace = grace
 
     async def abort(self) -> None:
         """Cancellation, timeout or error: stop the tree, then read what is left (drain rule).

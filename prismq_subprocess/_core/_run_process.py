@@ -465,7 +465,12 @@ async def run_to_completion(
             # Shielded from a cancelled anyio scope, which would cancel every await of the
             # clean-up (its cancellation is level-triggered, not asyncio's one-shot).
             with shielded_if_cancelled():
-                await run.abort()
+                try:
+                    await run.abort()
+                except GeneratorExit:  # (closed in this stop: as above)
+                    closed = True
+                    run.discard()
+                    raise
         raise
     finally:
         if run is not None and not closed:

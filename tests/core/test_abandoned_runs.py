@@ -69,9 +69,9 @@ def _kill(pids: list[int]) -> None:
 
 
 @pytest.mark.parametrize("mode", REAL_MODES)
-@pytest.mark.parametrize("stopping", [False, True], ids=["running", "stopping"])
+@pytest.mark.parametrize("how", ["running", "stopping", "cancelled"])
 def test_a_run_whose_task_is_destroyed_with_its_loop_kills_its_tree(
-    mode: str, stopping: bool, tmp_path: Path
+    mode: str, how: str, tmp_path: Path
 ) -> None:
     # The loop is closed with run()'s task pending (as a second Ctrl-C during asyncio.run's
     # clean-up leaves it), so the coroutine is closed (GeneratorExit) when the task goes: no
@@ -85,19 +85,21 @@ def test_a_run_whose_task_is_destroyed_with_its_loop_kills_its_tree(
     loop = asyncio.new_event_loop()
     pids: list[int] = []
     try:
+        timeout = 0.5 if how == "stopping" else None
         task = loop.create_task(
-            wrapper.run(
-                sys.executable, "-c", STUBBORN, str(pid_file), timeout=0.5 if stopping else None
-            )
+            wrapper.run(sys.executable, "-c", STUBBORN, str(pid_file), timeout=timeout)
         )
         loop.run_until_complete(asyncio.sleep(0.2))
         pids = _pids(pid_file)
+        if how == "cancelled":
+            task.cancel()  # its stop then waits in the grace period (the child ignores SIGTERM)
         # Past the timeout, so the stop waits in its grace period; or still running.
-        loop.run_until_complete(asyncio.sleep(1.5 if stopping else 0.2))
+        loop.run_until_complete(asyncio.sleep(1.5 if how == "stopping" else 0.3))
         assert not task.done()
         loop.close()
         # What destroying the pending task does to its coroutine (here at once: the task is
-        # still referenced by what it waits for, which the wrapper holds).
+        # still referenced by what it waits for, which the wrapper holds). No clean-up step
+        # may try to await then ("coroutine ignored GeneratorExit", "Event loop is closed").
         task.get_coro().close()
         assert _gone(pids) == []
     finally:

@@ -24,26 +24,19 @@ import atexit
 import contextlib
 import functools
 import logging
-import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
-from .._platform import PlatformOps, platform_ops
+from .._platform import PlatformOps, after_fork_in_child, platform_ops
 from ._cancel_shield import shielded_if_cancelled
 from ._event_loop import running_asyncio_loop
 from ._exceptions import ProcessTimeoutError
 from ._modes import RunMode
 from ._process import ProcessLike
 from ._result import ProcessResult, TailBuffer
-from ._tree_stop import (
-    group_members_alive,
-    kill_tree_now,
-    leads_own_group,
-    stop_process_tree,
-    subgroup_populated,
-)
+from ._tree_stop import group_members_alive, kill_tree_now, leads_own_group, stop_process_tree
 
 __all__ = [
     "DRAIN_SECONDS",
@@ -199,20 +192,12 @@ class ChildRun:
         await self.settle()
 
     async def stop_leftovers(self, deadline: float | None = None) -> None:
-        """The child exited and its output ended: stop what it left running, as leaving a
-        ``stream()`` block does (the run owns its tree): members of its process group (a helper
-        it started in the background with its output elsewhere), and what its cgroup sub-group
-        still holds (a daemon, helpers that each started a session of their own, a helper of a
-        child started in the caller's own group). ``deadline`` (loop time; a ``run(timeout=)``'s
-        end): the grace period is cut to what is left of it, so a finished command is not held
-        past its timeout by what it left.
-
-        Cheap when nothing was left, the usual case: one ``kill(-pgid, 0)`` and one read of the
-        sub-group's ``cgroup.events``; the process table is read (off the loop) only when the
-        group answers. Where the run has no sub-group (no cgroup containment on
-        this host, or an ASYNC child that exited before its move), a helper that left the group
-        is not looked for: finding it takes a read of every process's environment (its cookie),
-        milliseconds per run. See docs/LIFECYCLE.md, "Leftovers after the child exits"."""
+        """The child exited and its output ended: stop what it left running in its process
+        group (a helper it started in the background with its output elsewhere), as leaving a
+        ``stream()`` block does; the run owns its tree. One ``kill(-pgid, 0)`` when the group
+        is empty, the usual case. ``deadline`` (loop time; a ``run(timeout=)``'s end): the
+        grace period is cut to what is left of it, so a finished command is not held past
+        its timeout by what it left."""
         process = self.process
         ops = self._ops
         # signal 0 first: the usual empty group answers ESRCH without a look at the table,
@@ -223,19 +208,17 @@ class ChildRun:
             and ops.signal_group(process.pid, 0)
             and await group_members_alive(process.pid, ops)
         ):
-            left = "members of its process group"
-        elif subgroup_populated(process, ops):
-            left = "processes in its cgroup sub-group"
-        else:
-            return
-        logger.info("pid %d exited and left %s running; stopping them", process.pid, left)
-        grace = self.grace
-        if deadline is not None:
-            self.grace = min(grace, max(0.0, deadline - asyncio.get_running_loop().time()))
-        try:
-            await self.stop()
-        finally:
-            self.grace = grace
+            logger.info(
+                "pid %d exited and left members of its process group running; stopping them",
+                process.pid,
+            )
+            grace = self.grace
+            if deadline is not None:
+                self.grace = min(grace, max(0.0, deadline - asyncio.get_running_loop().time()))
+            try:
+                await self.stop()
+            finally:
+                self.grace = grace
 
     async def abort(self) -> None:
         """Cancellation, timeout or error: stop the tree, then read what is left (drain rule).
@@ -388,8 +371,8 @@ def _kill_abandoned() -> None:
                 kill_tree_now(run.process, run._ops)
 
 
-if hasattr(os, "register_at_fork"):  # (POSIX) a forked child must not kill its parent's children
-    os.register_at_fork(after_in_child=_UNFINISHED.clear)
+# A forked child must not kill its parent's children when it exits.
+after_fork_in_child(_UNFINISHED.clear)
 
 
 async def run_to_completion(

@@ -174,29 +174,15 @@ async def group_members_alive(pid: int, ops: PlatformOps) -> bool:
     return (await _workers(ops).groups_alive.submit([pid]))[0]
 
 
-def subgroup_populated(process: object, ops: PlatformOps) -> bool:
-    """Whether the cgroup sub-group ``process`` (a child we started) was contained in still holds
-    a live process: one read of its ``cgroup.events`` (the kernel's own count, which leaves out
-    zombies and covers sub-groups below it), no look at the process table. False where it has no
-    sub-group: no cgroup containment here, or an ASYNC child that had exited before its move
-    (what such a child started is found only by a full stop, through its group and cookie)."""
-    child = _known(process)
-    path = child.containment.cgroup if child is not None and child.containment else None
-    # (The platform's cgroups, where this host uses them: see ``PosixHost``.)
-    cgroups = getattr(getattr(ops, "host", None), "cgroups", None)
-    return path is not None and cgroups is not None and bool(cgroups.populated(path))
-
-
 def may_have_left_running(process: ProcessLike, ops: PlatformOps) -> bool:
-    """For a child that has exited: whether something of its tree may still run, by cheap checks
-    only (signal 0 to the group it led, then one read of its sub-group's ``cgroup.events``).
+    """For a child that has exited: whether members of the process group it led may still run
+    (signal 0 to the group; no look at the process table), as ``run()`` asks after its child.
 
     A false positive (a group left with zombies only, or whose number a stranger's group took
     since) costs a stop that finds nothing: the stop tells a stranger's group apart. A helper
-    that left the child's group on a host without a sub-group for the child is not seen."""
-    return (leads_own_group(process) and ops.signal_group(process.pid, 0)) or subgroup_populated(
-        process, ops
-    )
+    that left the child's group (a daemon in a session of its own) is not looked for: it left
+    on purpose, and outlives ``run()`` and the wrapper alike (see docs/LIFECYCLE.md)."""
+    return leads_own_group(process) and ops.signal_group(process.pid, 0)
 
 
 def _killed_alive(records: list[StopRecord], pace: Callable[[], None]) -> list[bool]:

@@ -338,7 +338,7 @@ class ConcurrentExecutor(AsyncClosing):
         check_run_names(spec.module_id, spec.module_name, spec.run_id)
         options = spec.start_options()
         self.runner.prepare(_check_script_path(spec.script_path), spec.parameters, **options)
-        self._reclaim_slots()
+        await self._reclaim_slots()
         await self._slots.acquire()  # raises RunnerClosedError if closed meanwhile
         token = object()
         self._holders[token] = asyncio.get_running_loop()
@@ -361,12 +361,16 @@ class ConcurrentExecutor(AsyncClosing):
                 self._slots.release()
         return _result(run)
 
-    def _reclaim_slots(self) -> None:
+    async def _reclaim_slots(self) -> None:
         """Give back the slots held by calls of event loops that were closed with them pending
-        (they never run again); their runs are the runner's to stop and record."""
-        for token, loop in list(self._holders.items()):
-            if loop.is_closed():
-                del self._holders[token]
+        (they never run again), once their runs are stopped and recorded: the limit counts
+        children, and theirs may still run."""
+        dead = [token for token, loop in self._holders.items() if loop.is_closed()]
+        if not dead:
+            return
+        await self.runner._stop_all_left_behind("its event loop was closed")
+        for token in dead:
+            if self._holders.pop(token, None) is not None:  # (not reclaimed meanwhile)
                 self._slots.release()
 
     @overload

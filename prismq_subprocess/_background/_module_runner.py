@@ -1219,13 +1219,16 @@ class ModuleRunner(AsyncClosing):
         with shielded_if_cancelled():
             await self._aclose()
 
-    async def _aclose(self) -> None:
-        self._closed = True
+    async def _stop_all_left_behind(self, reason: str) -> None:
+        """Stop and record every run left behind by a closed event loop (see
+        ``_stop_left_behind``)."""
         left = [run_id for run_id in self._active if self._left_behind(run_id)]
         if left:
-            await asyncio.gather(
-                *(self._stop_left_behind(run_id, "module runner closed") for run_id in left)
-            )
+            await asyncio.gather(*(self._stop_left_behind(run_id, reason) for run_id in left))
+
+    async def _aclose(self) -> None:
+        self._closed = True
+        await self._stop_all_left_behind("module runner closed")
         if self._owns_task_manager and self._task_manager is not None:
             # (Capped: twice a huge finite grace period overflows to inf, which shutdown refuses.)
             grace = min(2 * self.grace_period + 1.0, sys.float_info.max)

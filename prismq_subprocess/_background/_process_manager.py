@@ -147,7 +147,10 @@ class ProcessManager(AsyncResource):
             return returncode
         finally:
             # The task holds the process, so its id cannot be reused while the entry exists.
-            self._stops.pop(id(process), None)
+            # (Only this stop's own entry: one begun again on a new loop, after this one's loop
+            # was closed under it, is not this one's to remove.)
+            if self._stops.get(id(process)) is asyncio.current_task():
+                del self._stops[id(process)]
 
     async def stop_all(self, grace: float | None = None) -> int:
         """Stop every registered live process (in parallel, each as :meth:`stop`); return how many

@@ -1282,8 +1282,12 @@ class BackgroundTaskManager(AsyncResource):
         """Record and release runs whose task belongs to a closed event loop (see
         ``_left_behind``), as ``_abandon`` does: ``mark`` gives an unfinished run its final
         status; waits up to ``wait`` seconds (``None``: as long as it takes) for the writes."""
-        # The idle event may be bound to the closed loop (a wait_all() was waiting there).
-        self._idle = asyncio.Event()
+        # The idle event may be bound to the closed loop (a wait_all() was waiting there): then
+        # a fresh one, as start_task makes. One bound to a live loop keeps its waiters (a
+        # wait_all() of another loop still waits on it). (``_loop``: asyncio's own binding.)
+        bound = getattr(self._idle, "_loop", None)
+        if bound is not None and bound.is_closed():
+            self._idle = asyncio.Event()
         for entry in entries:
             # Taken off the queue first: handing a freed slot to one of them would set a
             # future of the closed loop.
@@ -1307,8 +1311,13 @@ class BackgroundTaskManager(AsyncResource):
                 entry.settle(RunStateError(f"run {run.run_id} was left behind by a closed loop"))
             if entry.phase != _RECORDING and not run.is_finished:
                 mark(run)
-            if inspect.getcoroutinestate(entry.coro) == inspect.CORO_CREATED:
-                _close(entry.coro)  # never started (queued): must not warn "never awaited"
+            state = inspect.getcoroutinestate(entry.coro)
+            if state in (inspect.CORO_CREATED, inspect.CORO_SUSPENDED):
+                # Never started (queued): must not warn "never awaited". Started: closed now,
+                # its clean-up for a close runs (a run() kills its child's tree), where the
+                # dead task, kept alive by what it waits for (a child watcher), would never
+                # close it.
+                _close(entry.coro)
             self._release(entry)
             if entry.claimed:
                 continue  # another process's run: it records it

@@ -328,3 +328,108 @@ def test_process_manager_stop_begun_on_a_closed_loop_is_begun_again() -> None:
         assert _then(lambda: manager.stop("run", grace=0.2)) is True
     finally:
         wrapper.cleanup()
+
+
+def _running_children() -> list[int]:
+    return [child.pid for child in _live_children()]
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_task_manager_wait_all_stops_the_child_of_a_run_of_a_closed_loop() -> None:
+    # A review's find: the run was recorded INTERRUPTED while its run()'s child went on (the
+    # dead task, kept alive by the child watcher, never closed its coroutine).
+    registry = pq.RunRegistry()
+    manager = pq.BackgroundTaskManager(registry)
+    wrapper = pq.SubprocessWrapper("async")
+    ids: dict[str, str] = {}
+    before = set(_running_children())
+
+    async def first() -> None:
+        work = wrapper.run(sys.executable, "-c", SLEEPER)
+        ids["run"] = manager.start_task(pq.Run(module_id="sleeper"), work)
+        await asyncio.sleep(0.5)
+
+    try:
+        _abruptly(first)
+        assert set(_running_children()) - before  # its child runs
+
+        async def second() -> None:
+            await manager.wait_all(timeout=5)
+            run = await registry.get_run(ids["run"])
+            assert run is not None and run.status is pq.RunStatus.INTERRUPTED
+            await manager.aclose()
+
+        _then(second)
+        deadline = time.monotonic() + 5
+        while set(_running_children()) - before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not set(_running_children()) - before  # stopped when it was recorded
+    finally:
+        wrapper.cleanup()
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_executor_stops_the_run_of_a_closed_loop_before_giving_its_slot(tmp_path: Path) -> None:
+    # A review's find: the slot went to the next run while the first one's child still ran
+    # (two module processes under max_concurrent=1), its record still RUNNING.
+    executor = pq.ConcurrentExecutor(max_concurrent=1, grace_period=1)
+    sleeper = _script(tmp_path, "sleeper.py", SLEEPER)
+    quick = _script(tmp_path, "quick.py", QUICK)
+    kept: list[asyncio.Future[Any]] = []
+
+    async def first() -> None:
+        kept.append(
+            asyncio.ensure_future(executor.execute_module("a", "A", sleeper, run_id="first"))
+        )
+        await _until_running(executor.registry, "first")
+        await asyncio.sleep(0.3)
+
+    _abruptly(first)
+
+    async def second() -> tuple[dict[str, Any], pq.Run | None]:
+        result = await executor.execute_module("b", "B", quick)
+        first_run = await executor.registry.get_run("first")
+        await executor.aclose()
+        return result, first_run
+
+    result, first_run = _then(second)
+    assert result["status"] == "completed"
+    # Stopped and recorded before the slot was given on (the fixture: no child left at all).
+    assert first_run is not None and first_run.status is pq.RunStatus.CANCELLED
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_a_wait_all_of_a_live_loop_ends_after_a_run_of_a_closed_loop_is_given_up() -> None:
+    # A review's find: giving up a run of a closed loop replaced the idle event a wait_all()
+    # of another, live loop was waiting on, which then waited for good.
+    import threading
+
+    registry = pq.RunRegistry()
+    manager = pq.BackgroundTaskManager(registry)
+    ids: dict[str, str] = {}
+    started, close_now = threading.Event(), threading.Event()
+
+    def other_loop() -> None:
+        async def work() -> None:
+            ids["other"] = manager.start_task(pq.Run(module_id="c"), asyncio.sleep(3600))
+            await asyncio.sleep(0.1)
+            started.set()
+            await asyncio.to_thread(close_now.wait)
+
+        _abruptly(work)
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    assert started.wait(10)
+
+    async def main() -> None:
+        manager.start_task(pq.Run(module_id="b"), asyncio.sleep(0.3))
+        waiter = asyncio.ensure_future(manager.wait_all())
+        await asyncio.sleep(0.1)
+        close_now.set()
+        await asyncio.to_thread(thread.join)
+        assert await manager.cancel_task(ids["other"]) is pq.CancelResult.CANCELLED
+        await asyncio.wait_for(waiter, 5)
+        await manager.aclose()
+
+    _then(main)

@@ -1241,7 +1241,7 @@ class BackgroundTaskManager(AsyncResource):
             await self._unsaved.aclose(max(grace, _MIN_RECORD_WAIT))
 
     async def _abandon(self, entries: list[_Entry], reason: str, wait: float) -> None:
-        saves: set[asyncio.Future[Any]] = set()
+        saves: set[asyncio.Future[None]] = set()
         for entry in entries:
             assert entry.task is not None
             logger.warning(
@@ -1256,25 +1256,13 @@ class BackgroundTaskManager(AsyncResource):
                 continue  # its outcome is being written already; a second write would not help
             if not run.is_finished:
                 run.mark_cancelled(f"{reason} (did not stop within the grace period)")
-            save = asyncio.ensure_future(
-                self._record_abandoned(run, missing_ok=entry.phase == _ADDING)
-            )
-            self._abandoned.add(save)
-            save.add_done_callback(self._abandoned.discard)
+            save = self._start_record_abandoned(run, missing_ok=entry.phase == _ADDING)
             # A cancel_task() waiting for this run returns once it is recorded, not when the
             # coroutine that ignored the cancellation ends (maybe never).
             save.add_done_callback(entry.recorded_elsewhere)
             saves.add(save)
         self._check_idle()
-        if not saves:
-            return
-        _, hung = await asyncio.wait(saves, timeout=wait)
-        if hung:
-            logger.error(
-                "%d abandoned run(s) could not be recorded within %s s; the registry hangs",
-                len(hung),
-                wait,
-            )
+        await self._wait_recorded(saves, wait, "abandoned run(s)")
 
     async def _give_up(
         self, entries: list[_Entry], mark: Callable[[Run], None], wait: float | None = None
@@ -1293,7 +1281,7 @@ class BackgroundTaskManager(AsyncResource):
             # future of the closed loop.
             with contextlib.suppress(ValueError):
                 self._queue.remove(entry)
-        saves: set[asyncio.Future[Any]] = set()
+        saves: set[asyncio.Future[None]] = set()
         for entry in entries:
             run = entry.run
             logger.warning(
@@ -1321,20 +1309,29 @@ class BackgroundTaskManager(AsyncResource):
             self._release(entry)
             if entry.claimed:
                 continue  # another process's run: it records it
-            save = asyncio.ensure_future(self._record_abandoned(run, missing_ok=missing_ok))
-            self._abandoned.add(save)
-            save.add_done_callback(self._abandoned.discard)
-            saves.add(save)
+            saves.add(self._start_record_abandoned(run, missing_ok=missing_ok))
         self._check_idle()
+        await self._wait_recorded(saves, wait, "run(s) left behind by a closed event loop")
+
+    def _start_record_abandoned(self, run: Run, *, missing_ok: bool) -> asyncio.Future[None]:
+        """Write ``run``'s final record in a task of its own, kept until it is done."""
+        save = asyncio.ensure_future(self._record_abandoned(run, missing_ok=missing_ok))
+        self._abandoned.add(save)
+        save.add_done_callback(self._abandoned.discard)
+        return save
+
+    @staticmethod
+    async def _wait_recorded(
+        saves: set[asyncio.Future[None]], wait: float | None, what: str
+    ) -> None:
+        """Wait up to ``wait`` seconds (``None``: as long as it takes) for ``saves``; log those
+        that did not end."""
         if not saves:
             return
         _, hung = await asyncio.wait(saves, timeout=wait)
         if hung:
             logger.error(
-                "%d run(s) left behind by a closed event loop could not be recorded within %s "
-                "s; the registry hangs",
-                len(hung),
-                wait,
+                "%d %s could not be recorded within %s s; the registry hangs", len(hung), what, wait
             )
 
     async def _record_abandoned(self, run: Run, *, missing_ok: bool) -> None:

@@ -335,12 +335,13 @@ def _running_children() -> list[int]:
 
 
 @pytest.mark.usefixtures("closed_loop_leftovers")
-def test_task_manager_wait_all_stops_the_child_of_a_run_of_a_closed_loop() -> None:
+@pytest.mark.parametrize("mode", ["async", "threaded", "local"])
+def test_task_manager_wait_all_stops_the_child_of_a_run_of_a_closed_loop(mode: str) -> None:
     # A review's find: the run was recorded INTERRUPTED while its run()'s child went on (the
-    # dead task, kept alive by the child watcher, never closed its coroutine).
+    # dead task, kept alive by what it waits for, never closed its coroutine).
     registry = pq.RunRegistry()
     manager = pq.BackgroundTaskManager(registry)
-    wrapper = pq.SubprocessWrapper("async")
+    wrapper = pq.SubprocessWrapper(mode)
     ids: dict[str, str] = {}
     before = set(_running_children())
 

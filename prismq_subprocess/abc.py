@@ -17,8 +17,9 @@ implementations you can wrap.
   ``ModuleRunner`` runs modules (``ModuleRunner(..., backend=...)``; the Dask cluster backend is
   ``prismq_subprocess.dask.DaskBackend``).
 - :class:`AsyncResource`: the closing protocol every closable object follows.
-- :class:`PopenOptions`, :class:`SpawnOptions`: the typed ``**kwds`` of ``run()``, ``stream()``
-  and ``create_subprocess_exec``, for pass-through wrappers of your own
+- :class:`PopenOptions`, :class:`SpawnOptions`, :class:`ExecOptions`, :class:`ShellOptions`:
+  the typed ``**kwds`` of ``run()``, ``stream()``, ``create_subprocess_exec`` and
+  ``create_subprocess_shell``, for pass-through wrappers of your own
   (``**kwds: Unpack[PopenOptions]``).
 - :class:`MemoryCallback`, :class:`LimitCallback`, :class:`ResourceReader`: the callables the
   resource watchers accept.
@@ -34,7 +35,7 @@ from ._background._backend import ModuleJob, RunBackend, RunContext
 from ._background._memory_registry import BaseRunRegistry
 from ._background._start_options import CommandStartOptions, ModuleStartOptions, StartOptions
 from ._core._closing import AsyncResource
-from ._core._options import PopenOptions, SpawnOptions
+from ._core._options import ExecOptions, PopenOptions, ShellOptions, SpawnOptions
 from ._core._process import ProcessLike, StreamReaderLike, StreamWriterLike
 from ._core._public import publish
 from ._resources._memory_monitor import MemoryCallback
@@ -48,6 +49,7 @@ __all__ = [
     "AsyncStrategy",
     "BaseRunRegistry",
     "CommandStartOptions",
+    "ExecOptions",
     "LimitCallback",
     "LocalStrategy",
     "MemoryCallback",
@@ -58,6 +60,7 @@ __all__ = [
     "ResourceReader",
     "RunBackend",
     "RunContext",
+    "ShellOptions",
     "SpawnOptions",
     "SpawnRequest",
     "StartOptions",

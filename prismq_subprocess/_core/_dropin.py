@@ -8,7 +8,13 @@ from typing import IO, Any, Unpack
 from .._strategies._base import DEFAULT_LIMIT
 from ._detect import resolve_run_mode
 from ._modes import RunMode
-from ._options import CommandArg, EnvMapping, PopenOptions, SpawnOptions
+from ._options import (
+    CommandArg,
+    EnvMapping,
+    ExecOptions,
+    PopenOptions,
+    ShellOptions,
+)
 from ._override import active_override
 from ._process import ProcessLike
 from ._result import ProcessResult
@@ -47,7 +53,7 @@ async def create_subprocess_exec(
     stderr: int | IO[Any] | None = None,
     limit: int = DEFAULT_LIMIT,
     mode: RunMode | str | None = None,
-    **kwds: Unpack[SpawnOptions],
+    **kwds: Unpack[ExecOptions],
 ) -> ProcessLike:
     """Drop-in for ``asyncio.create_subprocess_exec`` with one extra keyword, ``mode``
     (``None``: auto-detect, falling back to THREADED where the loop cannot spawn).
@@ -70,7 +76,7 @@ async def create_subprocess_shell(
     stderr: int | IO[Any] | None = None,
     limit: int = DEFAULT_LIMIT,
     mode: RunMode | str | None = None,
-    **kwds: Unpack[SpawnOptions],
+    **kwds: Unpack[ShellOptions],
 ) -> ProcessLike:
     """Drop-in for ``asyncio.create_subprocess_shell`` with one extra keyword, ``mode``; the
     child starts in its own session unless ``start_new_session=False`` is passed."""

@@ -13,7 +13,14 @@ import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Literal, TypedDict
 
-__all__ = ["CommandArg", "EnvMapping", "PopenOptions", "SpawnOptions"]
+__all__ = [
+    "CommandArg",
+    "EnvMapping",
+    "ExecOptions",
+    "PopenOptions",
+    "ShellOptions",
+    "SpawnOptions",
+]
 
 #: A program or one of its arguments: a string, bytes or a path.
 CommandArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
@@ -56,3 +63,17 @@ class SpawnOptions(PopenOptions, total=False):
     text: Literal[False] | None
     encoding: None
     errors: None
+
+
+class ExecOptions(SpawnOptions, total=False):
+    """:class:`SpawnOptions` plus ``shell=False``, the one value ``create_subprocess_exec``
+    accepts (asyncio's stubs take it too): the ``**kwds`` of the exec calls."""
+
+    shell: Literal[False]
+
+
+class ShellOptions(SpawnOptions, total=False):
+    """:class:`SpawnOptions` plus ``shell=True``, the one value ``create_subprocess_shell``
+    accepts: the ``**kwds`` of the shell calls."""
+
+    shell: Literal[True]

@@ -32,7 +32,14 @@ from ._host_shutdown import take_part_in_host_shutdown
 from ._line_stream import LineStream
 from ._modes import RunMode
 from ._offloop import run_in_thread
-from ._options import CommandArg, EnvMapping, PopenOptions, SpawnOptions
+from ._options import (
+    CommandArg,
+    EnvMapping,
+    ExecOptions,
+    PopenOptions,
+    ShellOptions,
+    SpawnOptions,
+)
 from ._override import active_override, warn_if_bypassed
 from ._process import ProcessLike, StreamReaderLike
 from ._result import DEFAULT_MAX_OUTPUT_BYTES, ProcessResult, TailBuffer
@@ -385,7 +392,7 @@ class SubprocessWrapper(AsyncClosing):
         stdout: int | IO[Any] | None = None,
         stderr: int | IO[Any] | None = None,
         limit: int = DEFAULT_LIMIT,
-        **kwds: Unpack[SpawnOptions],
+        **kwds: Unpack[ExecOptions],
     ) -> ProcessLike:
         """Start ``program`` with ``args``, exactly like ``asyncio.create_subprocess_exec``.
 
@@ -418,7 +425,7 @@ class SubprocessWrapper(AsyncClosing):
         stdout: int | IO[Any] | None = None,
         stderr: int | IO[Any] | None = None,
         limit: int = DEFAULT_LIMIT,
-        **kwds: Unpack[SpawnOptions],
+        **kwds: Unpack[ShellOptions],
     ) -> ProcessLike:
         """Run ``cmd`` through the shell, exactly like ``asyncio.create_subprocess_shell``.
 

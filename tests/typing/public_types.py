@@ -71,6 +71,11 @@ async def runs(wrapper: pq.SubprocessWrapper, env: Mapping[str, str]) -> None:
     await pq.create_subprocess_exec(sys.executable, cwdd=where)  # type: ignore[call-arg]
     await pq.create_subprocess_shell("echo hi", stdout=pq.PIPE, cwd=where)
     await wrapper.create_subprocess_exec(sys.executable, text=True)  # type: ignore[arg-type]
+    # asyncio's stubs take shell= with the one value each call accepts; so do ours.
+    await pq.create_subprocess_exec(sys.executable, shell=False)
+    await wrapper.create_subprocess_shell("echo hi", shell=True)
+    await pq.create_subprocess_exec(sys.executable, shell=True)  # type: ignore[arg-type]
+    await wrapper.create_subprocess_shell("echo hi", shell=False)  # type: ignore[arg-type]
     async with wrapper.stream(sys.executable, cwd=where, env=env, start_new_session=True):
         pass
 

@@ -15,6 +15,10 @@ Every process serves every request: a run started by one worker is listed, shown
 cancelled by any other one, through the shared registry and log directory (see
 docs/BACKGROUND.md, "Several processes"). Each response says which worker answered in its
 ``X-Worker-Pid`` header.
+
+The app has no authentication (anyone who can reach it can start and cancel runs); it refuses
+only what other sites' pages send (``same_site``). Put it behind your own before exposing it
+beyond a trusted network.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from fastapi import Body, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,6 +44,23 @@ from prismq_subprocess.exceptions import InvalidSubscriptionError
 
 HERE = Path(__file__).resolve().parent
 WORKER_PID = os.getpid()
+
+
+async def same_site(request: Request) -> None:
+    """Refuse a request that changes something (starts or cancels a run) when another site's
+    page sent it: a plain HTML form can POST here without a CORS preflight. Browsers say where
+    a request comes from (``Sec-Fetch-Site``; ``Origin`` on every cross-origin POST); requests
+    without either (curl, scripts) are not a browser's and go through.
+
+    This is not authentication: the app has none. Put it behind your own before exposing it
+    beyond a trusted network.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise HTTPException(403, f"cross-site request refused (Sec-Fetch-Site: {site})")
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise HTTPException(403, f"cross-site request refused (Origin: {origin})")
 
 
 # -- the modules this app offers ------------------------------------------------------------------
@@ -250,7 +272,7 @@ def create_app(data_dir: str | os.PathLike[str] | None = None) -> FastAPI:
             for module_id, module in MODULES.items()
         ]
 
-    @app.post("/api/modules/{module_id}/runs", status_code=201)
+    @app.post("/api/modules/{module_id}/runs", status_code=201, dependencies=[Depends(same_site)])
     async def start_run(
         module_id: str,
         request: Request,
@@ -314,7 +336,7 @@ def create_app(data_dir: str | os.PathLike[str] | None = None) -> FastAPI:
             raise HTTPException(400, str(exc)) from None
         return EventStream(stream)
 
-    @app.post("/api/runs/{run_id}/cancel")
+    @app.post("/api/runs/{run_id}/cancel", dependencies=[Depends(same_site)])
     async def cancel_run(request: Request, run_id: str) -> dict[str, Any]:
         """Cancel from any worker; answers once the run is recorded finished (or after 10 s
         with ``"requested"``)."""

@@ -36,6 +36,7 @@ from .._core._exceptions import (
     InvalidParametersError,
 )
 from .._core._validation import encodable
+from ._run_checks import check_nesting
 
 __all__ = ["check_args", "check_parameters", "parameters_to_args"]
 
@@ -62,6 +63,7 @@ def check_parameters(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
                 f"parameter name {name!r} is not an option name (letters, digits, '_', '-', '.'; "
                 "not starting with '-')"
             )
+    check_nesting("parameters", parameters)  # (before the encoder recurses that deep)
     try:
         text = json.dumps(dict(parameters), allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -16,7 +16,14 @@ from .._core._exceptions import InvalidParametersError, InvalidRunError
 from . import _run_record
 from ._run_record import Run, RunOwner
 
-__all__ = ["FIELD_TYPES", "check_run_fields", "check_storable", "check_text_keys"]
+__all__ = [
+    "FIELD_TYPES",
+    "MAX_PARAMETER_DEPTH",
+    "check_nesting",
+    "check_run_fields",
+    "check_storable",
+    "check_text_keys",
+]
 
 # The exact classes of a field's usual values (a subclass, e.g. an IntEnum exit code, takes the
 # slower isinstance test below).
@@ -204,28 +211,37 @@ def _refuse_field(run: Run) -> None:
 
 
 def _json(field: str, value: Any, *, strict: bool) -> None:
+    # Keys and depth first: the walk stops past the limit, where JSON's encoder would recurse
+    # as deep as the value goes (a bare RecursionError, or a value stored that nothing could
+    # copy back: see MAX_PARAMETER_DEPTH).
+    check_text_keys(field, value)
     try:
         (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidParametersError(
             f"{field} must be JSON-serialisable to be stored: {exc}"
         ) from None
-    check_text_keys(field, value)
+
+
+#: How deep containers (dicts, lists, tuples) may nest inside a run's parameters: JSON takes
+#: about 980 levels, but copying a run (what every registry read hands out) recursed about 3
+#: frames a level, so SQLite stored runs at 500-980 levels that then failed every to_dict()
+#: and copy() with a bare RecursionError, and the memory registry refused them. 100 leaves
+#: room for the caller's own stack; real parameters (forms, JSON bodies) nest a few levels.
+MAX_PARAMETER_DEPTH = 100
 
 
 def check_text_keys(field: str, value: Any) -> None:
-    """Refuse a dict key that is not a ``str`` anywhere in ``value`` (already known to encode
-    as JSON, so its depth is bounded): JSON keys are text, so SQLite gave ``1`` back as
-    ``"1"``, and stored ``{1: "a", "1": "b"}`` as one key, losing a value, where the memory
+    """Refuse a dict key that is not a ``str`` anywhere in ``value``, and containers nested
+    more than :data:`MAX_PARAMETER_DEPTH` deep: JSON keys are text, so SQLite gave ``1`` back
+    as ``"1"``, and stored ``{1: "a", "1": "b"}`` as one key, losing a value, where the memory
     registry kept the dict as given.
 
     Raises:
-        InvalidParametersError: such a key, named with its path.
+        InvalidParametersError: such a key, named with its path; nesting past the limit (a
+            value that contains itself included).
     """
-    try:
-        bad = _non_text_key(value, field)
-    except RecursionError:  # (nested deeper than this walk can go: JSON's C encoder went)
-        raise InvalidParametersError(f"{field} is nested too deeply to be stored") from None
+    bad = _non_text_key(value, field, 0)
     if bad is not None:
         path, key = bad
         raise InvalidParametersError(
@@ -234,19 +250,37 @@ def check_text_keys(field: str, value: Any) -> None:
         )
 
 
-def _non_text_key(value: Any, path: str) -> tuple[str, object] | None:
+def check_nesting(field: str, value: Any) -> None:
+    """Refuse containers nested more than :data:`MAX_PARAMETER_DEPTH` deep in ``value`` (keys
+    are not looked at).
+
+    Raises:
+        InvalidParametersError: nesting past the limit (a value that contains itself included).
+    """
+    _non_text_key(value, field, 0, keys=False)
+
+
+def _non_text_key(
+    value: Any, path: str, depth: int, *, keys: bool = True
+) -> tuple[str, object] | None:
+    if depth > MAX_PARAMETER_DEPTH:
+        raise InvalidParametersError(
+            f"{path.partition('[')[0]} nested more than {MAX_PARAMETER_DEPTH} levels deep (or "
+            f"containing itself) cannot be stored: at {path[:200]}..."
+        )
+    depth += 1
     if value.__class__ is dict or isinstance(value, dict):
         for key, item in value.items():
-            if key.__class__ is not str and not isinstance(key, str):
+            if keys and key.__class__ is not str and not isinstance(key, str):
                 return path, key
             if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
-                found = _non_text_key(item, f"{path}[{key!r}]")
+                found = _non_text_key(item, f"{path}[{key!r}]", depth, keys=keys)
                 if found is not None:
                     return found
     elif value.__class__ in _CONTAINERS or isinstance(value, _CONTAINERS):
         for index, item in enumerate(value):
             if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
-                found = _non_text_key(item, f"{path}[{index}]")
+                found = _non_text_key(item, f"{path}[{index}]", depth, keys=keys)
                 if found is not None:
                     return found
     return None

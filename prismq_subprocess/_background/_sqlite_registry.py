@@ -593,13 +593,13 @@ def _json_text(field: str, value: Any, *, strict: bool = True) -> str:
     """``value`` as the JSON stored in the ``field`` column; the documented error if JSON
     cannot hold it (a bare TypeError or ValueError from the encoder said neither which field
     nor that it was the caller's input). ``strict``: NaN and the infinities refused too."""
+    if field == "parameters" and value:
+        check_text_keys(field, value)  # (first: it bounds the depth the encoder recurses to)
     try:
         text = (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         error = InvalidParametersError if field == "parameters" else InvalidRunError
         raise error(f"{field} must be JSON-serialisable to be stored in SQLite: {exc}") from None
-    if field == "parameters" and value:
-        check_text_keys(field, value)
     return text
 
 

@@ -58,7 +58,10 @@ SSE_HEADERS: Mapping[str, str] = {
     "X-Accel-Buffering": "no",
 }
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# SSE's line breaks (CR, LF, CRLF) and those str.splitlines() adds, where Python clients that
+# read the stream by lines (httpx's iter_lines, so httpx-sse) break: a field holding one of
+# these would be two lines to such a client (a forged "id:" field, say).
+_LINE_BREAK = re.compile("\r\n|[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _KEEP_ALIVE = ": keep-alive\n\n"
 
 
@@ -69,6 +72,11 @@ class SSEEvent:
     ``data``, ``event`` and ``id`` are ``str`` or ``None`` (format a number yourself). ``data``
     may hold line breaks: each line becomes its own ``data:`` field, and the browser
     joins them with LF (so CR and CRLF come back as LF; JSON-encode the data to keep them).
+    A line break here is also any of ``str.splitlines()``'s others (``\v``, ``\f``,
+    ``\x1c``-``\x1e``, U+0085, U+2028, U+2029), which are none in SSE but cut lines for Python
+    clients that read the stream with it (httpx's ``iter_lines``): every client then sees the
+    same fields (``json.dumps`` escapes them all, if the text must come back as it was).
+    ``event`` and ``id`` must hold none of them, nor NUL.
     ``data=None`` sends no data field, so the browser dispatches nothing (e.g. a ``retry``-only
     event).
 
@@ -98,7 +106,11 @@ class SSEEvent:
         for name in ("event", "id"):
             value = getattr(self, name)
             if value is not None and (_LINE_BREAK.search(value) or "\0" in value):
-                raise InvalidSSEEventError(f"SSE {name} must not contain CR, LF or NUL: {value!r}")
+                raise InvalidSSEEventError(
+                    f"SSE {name} must not contain a line break (CR, LF, or one of "
+                    f"str.splitlines()'s others, which line-reading clients split at) or NUL: "
+                    f"{value!r}"
+                )
         if self.retry is not None and (
             isinstance(self.retry, bool) or not isinstance(self.retry, int) or self.retry < 0
         ):

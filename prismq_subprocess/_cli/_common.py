@@ -55,7 +55,20 @@ class CliError(Exception):
 # Control characters in text from elsewhere (a module name, an error, output, a command) are
 # shown escaped: raw, an escape sequence could rewrite the terminal, and a newline or tab breaks
 # the layout.
-_CONTROLS = {code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0))}
+# The invisible marks that reorder or hide text (bidirectional overrides and isolates, as in
+# "Trojan Source"; zero-width characters) and the line and paragraph separators are shown
+# escaped too: raw, "\u202egnp.exe" reads as "exe.png".
+_CONTROLS = {
+    code: repr(chr(code))[1:-1]
+    for code in (
+        *range(0x20),
+        *range(0x7F, 0xA0),
+        *range(0x200B, 0x2010),
+        *range(0x2028, 0x202F),
+        *range(0x2066, 0x206A),
+        0xFEFF,
+    )
+}
 
 
 def shown(text: str) -> str:

@@ -23,6 +23,7 @@ from conftest import REAL, WRAPPER_FACTORIES
 from lifecycle_helpers import marked_env, survivors_after
 
 import prismq_subprocess as pq
+from prismq_subprocess._background._memory_registry import BaseRunRegistry
 from prismq_subprocess._background._module_args import parameters_to_args
 from prismq_subprocess._background._module_runner import ModuleRunner
 from prismq_subprocess._background._process_manager import ProcessManager
@@ -179,6 +180,29 @@ def test_parameter_mapping_rule() -> None:
 def test_bad_parameters_are_refused(params: Any) -> None:
     with pytest.raises(InvalidParametersError):
         parameters_to_args(params)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("levels", [600, 100_000])
+async def test_parameters_nested_too_deeply_are_refused_before_anything_is_stored(
+    tmp_path: Path, kind: str, levels: int
+) -> None:
+    # A security probe's finds: 600 levels were stored and run by SQLite (then the run's
+    # to_dict() raised a bare RecursionError for every list endpoint); 100,000 levels raised a
+    # bare RecursionError from the arguments' mapping.
+    value: object = 0
+    for _ in range(levels):
+        value = [value]
+    ok = script(tmp_path, "ok", "pass")
+    registry: BaseRunRegistry = (
+        pq.RunRegistry() if kind == "memory" else pq.SQLiteRunRegistry(tmp_path / "runs.db")
+    )
+    async with registry, ModuleRunner(registry) as runner:
+        with pytest.raises(InvalidParametersError, match="nested"):
+            await runner.start_module("m", "M", ok, {"x": value})
+        with pytest.raises(InvalidParametersError, match="nested"):
+            parameters_to_args({"x": value})
+        assert await registry.count_runs() == 0
 
 
 async def test_a_missing_relative_path_says_where_it_was_looked_for(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from prismq_subprocess._background._memory_registry import BaseRunRegistry, RunRegistry
+from prismq_subprocess._background._run_checks import MAX_PARAMETER_DEPTH
 from prismq_subprocess._background._run_record import Run, RunOwner, RunStatus
 from prismq_subprocess._background._sqlite_registry import SQLiteRunRegistry
 from prismq_subprocess._core._exceptions import (
@@ -775,21 +776,41 @@ async def test_a_refused_add_or_claim_leaves_the_callers_run_as_it_was(
     assert unclaimed.owner is None
 
 
-async def test_every_registry_refuses_or_keeps_deeply_nested_parameters_without_a_bare_error(
+def _nested(levels: int) -> dict[str, object]:
+    """Parameters whose value holds ``levels`` containers, one inside the other."""
+    value: object = 0
+    for level in range(levels):
+        value = {"a": value} if level % 2 else [value]
+    return {"x": value}
+
+
+async def test_parameters_nested_past_the_limit_are_refused_alike_by_every_registry(
     registry: BaseRunRegistry,
 ) -> None:
-    # A probe's find: parameters nested 700 deep (JSON takes them) made the memory registry's
-    # copy fail with a bare RecursionError; SQLite stored them.
-    nested: dict[str, object] = {}
-    inner = nested
-    for _ in range(700):
-        inner["a"] = {}
-        inner = inner["a"]  # type: ignore[assignment]
-    run = Run(module_id="m", parameters=nested)
-    try:
+    # Probes' finds: parameters nested 600-700 deep were stored by SQLite (JSON takes them) and
+    # refused by the memory registry (its copy failed); a stored run's to_dict() (an app's list
+    # endpoint, `prismq runs --json`) then raised a bare RecursionError for every reader.
+    run = Run(module_id="m", parameters=_nested(MAX_PARAMETER_DEPTH + 1))
+    with pytest.raises(InvalidParametersError, match="nested"):
         await registry.add_run(run)
-    except InvalidParametersError as exc:
-        assert "cannot be copied" in str(exc)
-        assert await registry.count_runs() == 0
-    else:
-        assert await registry.count_runs() == 1
+    assert await registry.count_runs() == 0
+    deepest = Run(module_id="m", parameters=_nested(MAX_PARAMETER_DEPTH))
+    await registry.add_run(deepest)
+    deepest.mark_running(pid=1)
+    deepest.parameters = _nested(MAX_PARAMETER_DEPTH + 1)  # an update is held to it too
+    with pytest.raises(InvalidParametersError, match="nested"):
+        await registry.update_run(deepest)
+    stored = await registry.get_run(deepest.run_id)
+    assert stored is not None and stored.parameters == _nested(MAX_PARAMETER_DEPTH)
+    data = stored.to_dict()
+    assert Run.from_dict(data) == stored and stored.copy() == stored
+    assert [r.to_dict() for r in await registry.list_runs()] == [data]
+
+
+def test_a_run_too_deep_to_copy_says_so_from_to_dict_and_copy() -> None:
+    # Made directly (no registry would store it): a clear error, not a bare RecursionError.
+    run = Run(module_id="m", parameters=_nested(5000))
+    with pytest.raises(InvalidParametersError, match="cannot be copied"):
+        run.to_dict()
+    with pytest.raises(InvalidParametersError, match="cannot be copied"):
+        run.copy()

@@ -225,6 +225,38 @@ def test_fields_that_cannot_be_framed(kwargs: dict[str, Any]) -> None:
         pq.SSEEvent(**({"data": "x"} | kwargs))
 
 
+# Where str.splitlines() breaks besides CR and LF: no SSE line breaks, but Python clients that
+# read an event stream by lines with it (httpx's iter_lines, so httpx-sse) break there.
+_SPLITLINES_ONLY_BREAKS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("brk", _SPLITLINES_ONLY_BREAKS)
+def test_event_and_id_refuse_every_line_break_a_line_reader_splits_at(brk: str) -> None:
+    # A security probe's find: SSEEvent(event="line\x85id: 42") was framed, and an httpx client
+    # read a separate "id: 42" field (its reconnect id forged).
+    with pytest.raises(pq.exceptions.InvalidSSEEventError):
+        pq.SSEEvent("x", event=f"line{brk}id: 42")
+    with pytest.raises(pq.exceptions.InvalidSSEEventError):
+        pq.SSEEvent("x", id=f"3{brk}retry: 1")
+
+
+@pytest.mark.parametrize("brk", _SPLITLINES_ONLY_BREAKS)
+def test_data_lines_are_the_same_for_a_browser_and_a_line_reader(brk: str) -> None:
+    text = f"progress 50%{brk}id: 999{brk}event: end"
+    framed = pq.SSEEvent(text, event="line", id="3").encode()
+    # Read by lines with str.splitlines (httpx): only the event's own fields, no forged id.
+    fields = [line for line in framed.splitlines() if line]
+    assert fields == [
+        "id: 3",
+        "event: line",
+        "data: progress 50%",
+        "data: id: 999",
+        "data: event: end",
+    ]
+    # A spec parser (a browser) gets the same lines, joined with LF, as for CR and LF.
+    assert parse([framed]).events == [Event("line", "progress 50%\nid: 999\nevent: end", "3")]
+
+
 # -- behaviour ------------------------------------------------------------------------------
 async def test_resume_from_last_event_id_and_bad_arguments() -> None:
     capture = pq.OutputCapture()

@@ -621,6 +621,8 @@ async def _add_run_with_controls(db: Path) -> str:
         run = pq.Run(
             module_id="m\nx",
             module_name="\x1b[2Jname\tx",
+            # Bidirectional overrides reorder what the terminal shows (a security probe's find).
+            error_message="ok \u202egnp.exe\u202c \u2066x\u2069",
             parameters={},
             output_tail=["\x1b]0;t\x07"],
         )
@@ -640,6 +642,8 @@ def test_control_characters_in_run_data_are_shown_escaped(tmp_path: Path) -> Non
         assert b"\x1b" not in result.stdout and b"\t" not in result.stdout
     assert b"\\x1b[2Jname\\tx" in listed.stdout
     assert b"(id m\\nx)" in shown.stdout and b"\\x1b]0;t\\x07" in shown.stdout
+    assert "\u202e" not in shown.stdout.decode() and "\u2066" not in shown.stdout.decode()
+    assert b"ok \\u202egnp.exe\\u202c \\u2066x\\u2069" in shown.stdout
     assert len(listed.stdout.decode().splitlines()) == 3
 
 

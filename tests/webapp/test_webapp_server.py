@@ -95,6 +95,25 @@ def test_five_runs_every_line_in_order_from_every_worker(
         assert client.post("/api/modules/count/runs", json={"lines": 0}).status_code == 422
         assert client.post("/api/modules/count/runs", json={"rm": "-rf"}).status_code == 422
         assert client.post("/api/modules/nope/runs", json={}).status_code == 404
+        # A security probe's find: another site's page could start and cancel runs (a plain
+        # form POST needs no CORS preflight). Refused, and nothing is started or cancelled.
+        run_id = runs[0][0]
+        for headers in (
+            {"Origin": "https://evil.example"},
+            {"Origin": "null"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site"},
+        ):
+            form = {"Content-Type": "application/x-www-form-urlencoded"} | headers
+            refused = client.post("/api/modules/count/runs", headers=form, content=b"")
+            assert refused.status_code == 403, (headers, refused.text)
+            assert client.post(f"/api/runs/{run_id}/cancel", headers=headers).status_code == 403
+        assert client.get("/api/runs").json()["total"] == 5
+        assert client.get(f"/api/runs/{run_id}").json()["status"] == "completed"
+        # The page's own requests (same origin) go through.
+        same = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}
+        started = client.post("/api/modules/count/runs", json={"lines": 1}, headers=same)
+        assert started.status_code == 201, started.text
 
 
 def test_cancel_from_the_other_worker_stops_the_whole_tree(

@@ -232,7 +232,9 @@ class OutputSubscription(AsyncClosing):
                     return await self._follow_file(self._registry, limit)
                 if self._log_only:
                     return await self._read_log_only(limit)
-                await self._wait_for_run()
+                gap = await self._wait_for_run()
+                if gap is not None:
+                    return gap
                 continue
             cursor = self._cursor
             if cursor < ring.first_seq:
@@ -260,19 +262,33 @@ class OutputSubscription(AsyncClosing):
         finally:
             self._waiter = None
 
-    async def _wait_for_run(self) -> None:
+    async def _wait_for_run(self) -> OutputGap | None:
+        """Wait for the run to appear, then follow it; an :class:`OutputGap` for what it had if
+        it was released before this woke up (the subscription has then ended)."""
         capture = self._capture
         while True:
             source = capture._source(self._run_id)
             if isinstance(source, RunRing):
                 self._attach(source)
-                return
+                return None
             if source:
                 self._follow_log()
-                return
+                return None
+            released = capture._released.get(self._run_id)
+            if released is not None:
+                # Opened, closed and released (a retention of 0, or all in one loop turn)
+                # before this task ran, and no log file: what an attached subscriber gets, one
+                # gap for the lines it did not read, then the run's end.
+                self._finish(released.end)
+                missing = released.lines - self._cursor
+                if missing > 0:
+                    self._cursor += missing
+                    self.dropped += missing
+                    return OutputGap(missing)
+                return None
             if capture.closed:
                 self._finish(None)
-                return
+                return None
             remaining = None if self._deadline is None else self._deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise OutputWaitTimeoutError(

@@ -756,6 +756,10 @@ class BackgroundTaskManager(AsyncResource):
                 _close(entry.coro)
         entry.claimed = claimed
         entry.phase = _RECORDING
+        # Abandoned by a shutdown before this point, the run is recorded by the shutdown; from
+        # here on the shutdown leaves the record to this task (see _abandon), which must then
+        # write it even if it is abandoned while it awaits below.
+        abandoned = entry.abandoned
         try:
             if (
                 direct is None  # (first: the memory registry has no other process to claim it)
@@ -763,7 +767,7 @@ class BackgroundTaskManager(AsyncResource):
                 and outcome[0] is RunStatus.CANCELLED
                 and run._status is _PENDING_STATUS
                 and not claimed
-                and not entry.abandoned
+                and not abandoned
                 and entry.store_done
                 and await self._claimed_while_queued(run.run_id)
             ):
@@ -779,7 +783,7 @@ class BackgroundTaskManager(AsyncResource):
                 )
                 if entry.opened_output and self.output is not None:
                     self.output.forget(run.run_id)
-            if not entry.abandoned and not claimed:
+            if not abandoned and not claimed:
                 # A run cancelled while it was being stored (SQLite finishes the insert in its
                 # thread) may or may not be in the registry; record it if it is.
                 if outcome is _COMPLETED and run._status is _RUNNING_STATUS:
@@ -1251,9 +1255,17 @@ class BackgroundTaskManager(AsyncResource):
             entry.abandoned = True
             self._abandoned.add(entry.task)
             del self._entries[entry.run.run_id]
+            if entry.has_slot:
+                # No longer in flight here (active_runs() and tasks say so too); the task's
+                # own release, when it ends, finds the slot given back.
+                entry.has_slot = False
+                self._running -= 1
             run = entry.run
             if entry.phase == _RECORDING:
-                continue  # its outcome is being written already; a second write would not help
+                # Its task writes its outcome (being written, or about to be: _drive writes it
+                # whatever happens from here); shutdown waits for that write like for its own.
+                saves.add(entry.wait_released())
+                continue
             if not run.is_finished:
                 run.mark_cancelled(f"{reason} (did not stop within the grace period)")
             save = self._start_record_abandoned(run, missing_ok=entry.phase == _ADDING)

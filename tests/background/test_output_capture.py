@@ -470,6 +470,38 @@ async def test_subscribing_to_an_unknown_run_raises_unless_asked_to_wait() -> No
     assert texts(await waiting) == ["hi"]
 
 
+@pytest.mark.parametrize(
+    "settings", [{"retain_ended_runs": 0}, {"retain_ended_bytes": 0}, {"log_dir": True}]
+)
+@pytest.mark.parametrize("lines", [0, 2])
+async def test_a_subscriber_waiting_for_a_run_released_before_it_woke_ends(
+    tmp_path: Path, settings: dict[str, Any], lines: int
+) -> None:
+    # A fuzzer's find: the run appeared and was released (retention of 0, or in the same loop
+    # turn) before the waiting subscriber's task ran; it then waited for good (an SSE request
+    # that never ends). Like a subscriber that had attached: its lines as a gap (or from the
+    # log file), then the run's end.
+    if settings.get("log_dir"):
+        settings = {"log_dir": tmp_path, "retain_ended_runs": 0}
+    capture = OutputCapture(**settings)
+    sub = capture.subscribe("r", wait=True)
+    waiting = asyncio.create_task(collect(sub))
+    await asyncio.sleep(0)
+    capture.open_run("r")
+    for i in range(lines):
+        await capture.append_line("r", f"line {i}")
+    await capture.close_run("r", status=RunStatus.COMPLETED, exit_code=0)
+    items = await asyncio.wait_for(waiting, 5)
+    if lines and "log_dir" in settings:
+        assert texts(items) == ["line 0", "line 1"]
+    elif lines:
+        assert items == [OutputGap(lines)]
+    else:
+        assert items == []
+    assert sub.end == OutputEnd("completed", 0)
+    await capture.aclose()
+
+
 @pytest.mark.parametrize("how", ["append_lines", "append_line", "open_run"])
 async def test_a_subscriber_waiting_for_the_run_gets_a_first_burst_bigger_than_the_ring(
     how: str,

@@ -49,18 +49,35 @@ WORKER_PID = os.getpid()
 async def same_site(request: Request) -> None:
     """Refuse a request that changes something (starts or cancels a run) when another site's
     page sent it: a plain HTML form can POST here without a CORS preflight. Browsers say where
-    a request comes from (``Sec-Fetch-Site``; ``Origin`` on every cross-origin POST); requests
-    without either (curl, scripts) are not a browser's and go through.
+    a request comes from: ``Sec-Fetch-Site`` (all current ones), else ``Origin`` (sent on every
+    cross-origin POST), compared with the ``Host`` the request was sent to. Requests with
+    neither (curl, scripts) are not a browser's and go through.
 
     This is not authentication: the app has none. Put it behind your own before exposing it
-    beyond a trusted network.
+    beyond a trusted network (and ``TrustedHostMiddleware`` with your host names, against DNS
+    rebinding).
     """
     site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
-        raise HTTPException(403, f"cross-site request refused (Sec-Fetch-Site: {site})")
+    if site is not None:
+        # Set by the browser itself, whatever the proxies in between do to Host.
+        if site not in ("same-origin", "none"):
+            raise HTTPException(403, f"cross-site request refused (Sec-Fetch-Site: {site})")
+        return
     origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+    if origin is not None and _authority(origin) != _authority(
+        f"{request.url.scheme}://{request.headers.get('host', '')}"
+    ):
         raise HTTPException(403, f"cross-site request refused (Origin: {origin})")
+
+
+def _authority(url: str) -> tuple[str, int | None]:
+    """The host and port ``url`` names, with the scheme's default port spelt out."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:  # a malformed port
+        return ("", None)
+    return ((parts.hostname or "").lower(), port)
 
 
 # -- the modules this app offers ------------------------------------------------------------------

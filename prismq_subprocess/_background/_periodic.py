@@ -556,7 +556,11 @@ class PeriodicTask(AsyncResource):
             try:
                 await asyncio.wait({previous})
             except asyncio.CancelledError:
-                previous.cancel()  # this stop() gave up waiting: the old run goes too
+                # This stop() gave up waiting: the old run goes too, and this schedule ends
+                # only once it has (its clean-up may await): a start() after the stop() must
+                # not find the old run still going (runs never overlap).
+                previous.cancel()
+                await asyncio.wait({previous})
                 raise
         interval = self._interval
         origin = self._now()

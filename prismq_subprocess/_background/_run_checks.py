@@ -211,10 +211,7 @@ def _refuse_field(run: Run) -> None:
 
 
 def _json(field: str, value: Any, *, strict: bool) -> None:
-    # Keys and depth first: the walk stops past the limit, where JSON's encoder would recurse
-    # as deep as the value goes (a bare RecursionError, or a value stored that nothing could
-    # copy back: see MAX_PARAMETER_DEPTH).
-    check_text_keys(field, value)
+    check_text_keys(field, value, new=strict)
     try:
         (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -223,25 +220,31 @@ def _json(field: str, value: Any, *, strict: bool) -> None:
         ) from None
 
 
-#: How deep containers (dicts, lists, tuples) may nest inside a run's parameters: JSON takes
+#: How deep containers (dicts, lists, tuples) may nest inside a new run's parameters: JSON takes
 #: about 980 levels, but copying a run (what every registry read hands out) recursed about 3
 #: frames a level, so SQLite stored runs at 500-980 levels that then failed every to_dict()
 #: and copy() with a bare RecursionError, and the memory registry refused them. 100 leaves
 #: room for the caller's own stack; real parameters (forms, JSON bodies) nest a few levels.
+#: (Updates keep what an older release may have stored, as they keep NaN.)
 MAX_PARAMETER_DEPTH = 100
 
 
-def check_text_keys(field: str, value: Any) -> None:
-    """Refuse a dict key that is not a ``str`` anywhere in ``value``, and containers nested
-    more than :data:`MAX_PARAMETER_DEPTH` deep: JSON keys are text, so SQLite gave ``1`` back
-    as ``"1"``, and stored ``{1: "a", "1": "b"}`` as one key, losing a value, where the memory
-    registry kept the dict as given.
+def check_text_keys(field: str, value: Any, *, new: bool = True) -> None:
+    """Refuse a dict key that is not a ``str`` anywhere in ``value`` and, for a ``new`` run's,
+    containers nested more than :data:`MAX_PARAMETER_DEPTH` deep: JSON keys are text, so
+    SQLite gave ``1`` back as ``"1"``, and stored ``{1: "a", "1": "b"}`` as one key, losing a
+    value, where the memory registry kept the dict as given.
 
     Raises:
         InvalidParametersError: such a key, named with its path; nesting past the limit (a
             value that contains itself included).
     """
-    bad = _non_text_key(value, field, 0)
+    try:
+        # One walk for both: its depth bounded for a new run's (the encoder, which runs
+        # after, recurses as deep as the value goes).
+        bad = _non_text_key(value, field, MAX_PARAMETER_DEPTH if new else -1)
+    except RecursionError:  # (an update of what an older release stored, nested that deep)
+        raise InvalidParametersError(f"{field} is nested too deeply to be stored") from None
     if bad is not None:
         path, key = bad
         raise InvalidParametersError(
@@ -251,36 +254,51 @@ def check_text_keys(field: str, value: Any) -> None:
 
 
 def check_nesting(field: str, value: Any) -> None:
-    """Refuse containers nested more than :data:`MAX_PARAMETER_DEPTH` deep in ``value`` (keys
-    are not looked at).
+    """Refuse containers nested more than :data:`MAX_PARAMETER_DEPTH` deep in ``value``.
 
     Raises:
         InvalidParametersError: nesting past the limit (a value that contains itself included).
     """
-    _non_text_key(value, field, 0, keys=False)
+    # Level by level, without recursion or paths (this runs on every start_module).
+    level = [value]
+    for _ in range(MAX_PARAMETER_DEPTH + 1):
+        inner = []
+        for container in level:
+            for item in container.values() if isinstance(container, dict) else container:
+                if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
+                    inner.append(item)
+        if not inner:
+            return
+        level = inner
+    _refuse_nesting(field, field)
 
 
-def _non_text_key(
-    value: Any, path: str, depth: int, *, keys: bool = True
-) -> tuple[str, object] | None:
-    if depth > MAX_PARAMETER_DEPTH:
-        raise InvalidParametersError(
-            f"{path.partition('[')[0]} nested more than {MAX_PARAMETER_DEPTH} levels deep (or "
-            f"containing itself) cannot be stored: at {path[:200]}..."
-        )
-    depth += 1
+def _refuse_nesting(field: str, path: str) -> None:
+    raise InvalidParametersError(
+        f"{field} nested more than {MAX_PARAMETER_DEPTH} levels deep (dicts and lists inside "
+        f"them), or containing itself, cannot be stored: at {path[:200]}"
+    )
+
+
+def _non_text_key(value: Any, path: str, levels: int) -> tuple[str, object] | None:
+    """The first non-``str`` key in ``value``, with its path; containers nesting more than
+    ``levels`` deep below ``value`` are refused (``levels < 0``: not checked)."""
     if value.__class__ is dict or isinstance(value, dict):
         for key, item in value.items():
-            if keys and key.__class__ is not str and not isinstance(key, str):
+            if key.__class__ is not str and not isinstance(key, str):
                 return path, key
             if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
-                found = _non_text_key(item, f"{path}[{key!r}]", depth, keys=keys)
+                if levels == 0:
+                    _refuse_nesting(path.partition("[")[0], f"{path}[{key!r}]")
+                found = _non_text_key(item, f"{path}[{key!r}]", levels - 1)
                 if found is not None:
                     return found
     elif value.__class__ in _CONTAINERS or isinstance(value, _CONTAINERS):
         for index, item in enumerate(value):
             if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
-                found = _non_text_key(item, f"{path}[{index}]", depth, keys=keys)
+                if levels == 0:
+                    _refuse_nesting(path.partition("[")[0], f"{path}[{index}]")
+                found = _non_text_key(item, f"{path}[{index}]", levels - 1)
                 if found is not None:
                     return found
     return None

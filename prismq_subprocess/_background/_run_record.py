@@ -599,6 +599,7 @@ class Run:
 
         Raises:
             InvalidRunError: a required key is missing or a value has the wrong shape.
+            InvalidParametersError: parameters that cannot be copied (nested too deeply).
         """
         if not isinstance(data, Mapping):
             raise InvalidRunError(
@@ -661,8 +662,8 @@ class Run:
                 worker=data.get("worker"),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            if isinstance(exc, InvalidRunError):
-                raise
+            if isinstance(exc, InvalidRunError | InvalidParametersError):
+                raise  # (parameters too deep to copy: said as such, as by to_dict())
             raise InvalidRunError(f"malformed run data: {exc!r}") from exc
 
 

@@ -594,7 +594,8 @@ def _json_text(field: str, value: Any, *, strict: bool = True) -> str:
     cannot hold it (a bare TypeError or ValueError from the encoder said neither which field
     nor that it was the caller's input). ``strict``: NaN and the infinities refused too."""
     if field == "parameters" and value:
-        check_text_keys(field, value)  # (first: it bounds the depth the encoder recurses to)
+        # (First: for a new run it bounds the depth the encoder recurses to.)
+        check_text_keys(field, value, new=strict)
     try:
         text = (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:

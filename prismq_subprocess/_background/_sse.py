@@ -58,10 +58,11 @@ SSE_HEADERS: Mapping[str, str] = {
     "X-Accel-Buffering": "no",
 }
 
-# SSE's line breaks (CR, LF, CRLF) and those str.splitlines() adds, where Python clients that
-# read the stream by lines (httpx's iter_lines, so httpx-sse) break: a field holding one of
-# these would be two lines to such a client (a forged "id:" field, say).
-_LINE_BREAK = re.compile("\r\n|[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# SSE's line breaks (CR, LF) and those str.splitlines() adds, where Python clients that read
+# the stream by lines (httpx's iter_lines, so httpx-sse) break: an event name or id holding
+# one would be two lines to such a client (a forged "id:" field, say).
+_FIELD_BREAK = re.compile("[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _KEEP_ALIVE = ": keep-alive\n\n"
 
 
@@ -72,11 +73,12 @@ class SSEEvent:
     ``data``, ``event`` and ``id`` are ``str`` or ``None`` (format a number yourself). ``data``
     may hold line breaks: each line becomes its own ``data:`` field, and the browser
     joins them with LF (so CR and CRLF come back as LF; JSON-encode the data to keep them).
-    A line break here is also any of ``str.splitlines()``'s others (``\v``, ``\f``,
-    ``\x1c``-``\x1e``, U+0085, U+2028, U+2029), which are none in SSE but cut lines for Python
-    clients that read the stream with it (httpx's ``iter_lines``): every client then sees the
-    same fields (``json.dumps`` escapes them all, if the text must come back as it was).
-    ``event`` and ``id`` must hold none of them, nor NUL.
+    ``str.splitlines()``'s other line breaks (``\v``, ``\f``, ``\x1c``-``\x1e``, U+0085,
+    U+2028, U+2029) are none in SSE and stay in ``data`` as they are (a browser gets them
+    back), but Python clients that read the stream by lines with it (httpx's ``iter_lines``,
+    so httpx-sse) cut the field there: for such clients, escape them (``json.dumps`` with its
+    default ``ensure_ascii=True`` does; the line events do). ``event`` and ``id`` must hold
+    none of them, nor CR, LF or NUL.
     ``data=None`` sends no data field, so the browser dispatches nothing (e.g. a ``retry``-only
     event).
 
@@ -105,7 +107,7 @@ class SSEEvent:
                     ) from None
         for name in ("event", "id"):
             value = getattr(self, name)
-            if value is not None and (_LINE_BREAK.search(value) or "\0" in value):
+            if value is not None and _FIELD_BREAK.search(value):
                 raise InvalidSSEEventError(
                     f"SSE {name} must not contain a line break (CR, LF, or one of "
                     f"str.splitlines()'s others, which line-reading clients split at) or NUL: "

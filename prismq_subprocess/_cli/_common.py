@@ -55,16 +55,21 @@ class CliError(Exception):
 # Control characters in text from elsewhere (a module name, an error, output, a command) are
 # shown escaped: raw, an escape sequence could rewrite the terminal, and a newline or tab breaks
 # the layout.
-# The invisible marks that reorder or hide text (bidirectional overrides and isolates, as in
-# "Trojan Source"; zero-width characters) and the line and paragraph separators are shown
-# escaped too: raw, "\u202egnp.exe" reads as "exe.png".
+# The invisible marks that reorder text (bidirectional marks, embeddings, overrides and
+# isolates, as in "Trojan Source"), the invisible operators and word joiner, the BOM and the
+# line and paragraph separators are shown escaped too: raw, "\u202egnp.exe" reads as
+# "exe.png". Zero-width (non-)joiners are not: emoji sequences and Persian or Indic text need
+# them.
 _CONTROLS = {
     code: repr(chr(code))[1:-1]
     for code in (
         *range(0x20),
         *range(0x7F, 0xA0),
-        *range(0x200B, 0x2010),
+        0x061C,
+        0x200E,
+        0x200F,
         *range(0x2028, 0x202F),
+        *range(0x2060, 0x2065),
         *range(0x2066, 0x206A),
         0xFEFF,
     )

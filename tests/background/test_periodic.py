@@ -378,6 +378,38 @@ async def test_a_run_can_stop_its_own_schedule() -> None:
     assert not task.is_running
 
 
+async def test_a_restart_after_a_stop_that_cut_a_chained_schedule_short_never_overlaps() -> None:
+    # A fuzzer's find: start(); a stop() waiting for the run; start() again (a schedule that
+    # waits for the old one); a stop(timeout) that times out cancelled both schedules but
+    # returned while the old run was still in its clean-up, and a third start() ran at once:
+    # two runs at the same time.
+    active = peak = 0
+
+    async def tick() -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await asyncio.sleep(0.5)
+        finally:
+            await asyncio.sleep(0.2)  # the run's clean-up, after its cancellation
+            active -= 1
+
+    task = PeriodicTask("p", 10.0, tick)
+    task.start()
+    await asyncio.sleep(0.05)
+    waiting = asyncio.ensure_future(task.stop(timeout=None))
+    await asyncio.sleep(0)
+    task.start()
+    await task.stop(timeout=0.05)
+    assert active == 0  # stop() returns once the schedule, its old run included, has ended
+    task.start()
+    await asyncio.sleep(0.05)
+    await task.stop(timeout=None)
+    await waiting
+    assert peak == 1
+
+
 async def test_restart_after_stop_keeps_counters() -> None:
     clock = FakeClock()
     runs = 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -796,21 +799,50 @@ async def test_parameters_nested_past_the_limit_are_refused_alike_by_every_regis
     assert await registry.count_runs() == 0
     deepest = Run(module_id="m", parameters=_nested(MAX_PARAMETER_DEPTH))
     await registry.add_run(deepest)
-    deepest.mark_running(pid=1)
-    deepest.parameters = _nested(MAX_PARAMETER_DEPTH + 1)  # an update is held to it too
-    with pytest.raises(InvalidParametersError, match="nested"):
-        await registry.update_run(deepest)
     stored = await registry.get_run(deepest.run_id)
     assert stored is not None and stored.parameters == _nested(MAX_PARAMETER_DEPTH)
     data = stored.to_dict()
     assert Run.from_dict(data) == stored and stored.copy() == stored
     assert [r.to_dict() for r in await registry.list_runs()] == [data]
+    # An update keeps what the run holds, as it keeps what an older release stored (a review's
+    # find: the limit on updates made a file of the previous release fail to open).
+    deepest.mark_running(pid=1)
+    deepest.parameters = _nested(MAX_PARAMETER_DEPTH + 20)
+    await registry.update_run(deepest)
+    again = await registry.get_run(deepest.run_id)
+    assert again is not None and again.to_dict()["parameters"] == _nested(MAX_PARAMETER_DEPTH + 20)
 
 
-def test_a_run_too_deep_to_copy_says_so_from_to_dict_and_copy() -> None:
+def test_a_run_too_deep_to_copy_says_so_from_to_dict_copy_and_from_dict() -> None:
     # Made directly (no registry would store it): a clear error, not a bare RecursionError.
     run = Run(module_id="m", parameters=_nested(5000))
     with pytest.raises(InvalidParametersError, match="cannot be copied"):
         run.to_dict()
     with pytest.raises(InvalidParametersError, match="cannot be copied"):
         run.copy()
+    data = Run(module_id="m").to_dict() | {"parameters": _nested(5000)}
+    with pytest.raises(InvalidParametersError, match="cannot be copied"):
+        Run.from_dict(data)
+
+
+async def test_a_file_with_deeper_parameters_from_an_older_release_opens_and_recovers(
+    tmp_path: Path,
+) -> None:
+    # A review's find: the previous release stored parameters up to ~980 levels deep; with the
+    # limit applied to every write, recovering such a file's orphaned runs (an update) failed
+    # and the registry did not open at all.
+    path = tmp_path / "old.db"
+    me = RunOwner.current()
+    gone = RunOwner(me.host, me.pid, me.started_at - 500.37)  # a reused pid: its owner is gone
+    deep, shallow = Run(module_id="deep", owner=gone), Run(module_id="shallow", owner=gone)
+    async with SQLiteRunRegistry(path) as registry:
+        for run in (deep, shallow):
+            await registry.add_run(run)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        text = json.dumps(_nested(MAX_PARAMETER_DEPTH + 50))
+        db.execute("UPDATE runs SET parameters = ? WHERE run_id = ?", (text, deep.run_id))
+    async with SQLiteRunRegistry(path) as registry:
+        assert set(registry.interrupted_run_ids) == {deep.run_id, shallow.run_id}
+        got = await registry.get_run(deep.run_id)
+        assert got is not None and got.status is RunStatus.INTERRUPTED
+        assert got.parameters == _nested(MAX_PARAMETER_DEPTH + 50)

@@ -241,20 +241,17 @@ def test_event_and_id_refuse_every_line_break_a_line_reader_splits_at(brk: str) 
 
 
 @pytest.mark.parametrize("brk", _SPLITLINES_ONLY_BREAKS)
-def test_data_lines_are_the_same_for_a_browser_and_a_line_reader(brk: str) -> None:
-    text = f"progress 50%{brk}id: 999{brk}event: end"
-    framed = pq.SSEEvent(text, event="line", id="3").encode()
-    # Read by lines with str.splitlines (httpx): only the event's own fields, no forged id.
-    fields = [line for line in framed.splitlines() if line]
-    assert fields == [
-        "id: 3",
-        "event: line",
-        "data: progress 50%",
-        "data: id: 999",
-        "data: event: end",
-    ]
-    # A spec parser (a browser) gets the same lines, joined with LF, as for CR and LF.
-    assert parse([framed]).events == [Event("line", "progress 50%\nid: 999\nevent: end", "3")]
+def test_data_keeps_the_breaks_sse_does_not_have(brk: str) -> None:
+    # Not cut there (a review's find on a first version that did): JSON made with
+    # ensure_ascii=False (pydantic's model_dump_json) keeps U+2028 raw, and a browser joining
+    # the cut pieces with LF got JSON that JSON.parse refuses.
+    payload = json.dumps({"text": f"a{brk}b"}, ensure_ascii=False)
+    framed = pq.SSEEvent(payload, event="line", id="3").encode()
+    (event,) = parse([framed]).events
+    assert json.loads(event.data) == {"text": f"a{brk}b"}
+    # Escaped as json.dumps does by default, every client reads one field.
+    escaped = pq.SSEEvent(json.dumps({"text": f"a{brk}b"}), event="line", id="3").encode()
+    assert len([line for line in escaped.splitlines() if line]) == 3
 
 
 # -- behaviour ------------------------------------------------------------------------------

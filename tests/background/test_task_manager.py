@@ -346,6 +346,44 @@ async def test_shutdown_with_no_grace_records_every_run_before_it_returns(
             assert (await stored(registry, run_id)).is_finished
 
 
+async def test_runs_a_shutdown_abandons_give_back_their_slots() -> None:
+    # A review's find: the test above passed without the give-back.
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)  # ignores its cancellation for a while
+
+    manager = BackgroundTaskManager(RunRegistry(), max_concurrent=1)
+    for name in ("a", "b"):
+        manager.start_task(Run(module_id=name), stubborn())
+    await asyncio.sleep(0.05)
+    await manager.shutdown(grace=0.05)
+    assert manager.running_count == 0 and manager.queued_count == 0
+    assert manager.active_runs() == []
+
+
+class _SlowFinalWrite(RunRegistry):
+    async def update_run(self, run: Run) -> None:
+        if run.is_finished:
+            await asyncio.sleep(0.4)
+        await super().update_run(run)
+
+
+async def test_shutdown_waits_for_a_final_record_its_run_began_writing() -> None:
+    # A review's find: the test above passed without that wait (SQLite queues its reads behind
+    # the pending write); here the write is slow and the registry answers at once.
+    async def quick() -> int:
+        return 0
+
+    registry = _SlowFinalWrite()
+    manager = BackgroundTaskManager(registry)
+    run_id = manager.start_task(Run(module_id="r"), quick())
+    await asyncio.sleep(0.05)  # the run is done; its final write is under way
+    await manager.shutdown(grace=0.05)
+    assert (await stored(registry, run_id)).status is RunStatus.COMPLETED
+
+
 async def test_shutdown_abandons_a_task_that_ignores_cancellation() -> None:
     registry = RunRegistry()
     release = asyncio.Event()

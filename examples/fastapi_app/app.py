@@ -64,20 +64,25 @@ async def same_site(request: Request) -> None:
             raise HTTPException(403, f"cross-site request refused (Sec-Fetch-Site: {site})")
         return
     origin = request.headers.get("origin")
-    if origin is not None and _authority(origin) != _authority(
-        f"{request.url.scheme}://{request.headers.get('host', '')}"
-    ):
+    if origin is not None and not _same_host(origin, request.headers.get("host", "")):
         raise HTTPException(403, f"cross-site request refused (Origin: {origin})")
 
 
-def _authority(url: str) -> tuple[str, int | None]:
-    """The host and port ``url`` names, with the scheme's default port spelt out."""
+def _same_host(origin: str, host: str) -> bool:
+    """Whether ``origin`` names the ``host`` (a ``Host`` header) the request was sent to: the
+    same host name and, where ``host`` has a port, the same port (the scheme's default for an
+    ``origin`` without one). Without a port in ``host`` the ports are not compared: a proxy
+    that ends TLS sends ``Host: name`` over plain HTTP for ``Origin: https://name``."""
     try:
-        parts = urlsplit(url)
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+        sent = urlsplit(origin)
+        to = urlsplit(f"//{host}")
+        wanted_port = to.port
+        port = sent.port or {"http": 80, "https": 443}.get(sent.scheme.lower())
     except ValueError:  # a malformed port
-        return ("", None)
-    return ((parts.hostname or "").lower(), port)
+        return False
+    if not sent.hostname or sent.hostname.lower() != (to.hostname or "").lower():
+        return False
+    return wanted_port is None or port == wanted_port
 
 
 # -- the modules this app offers ------------------------------------------------------------------

@@ -560,7 +560,12 @@ class PeriodicTask(AsyncResource):
                 # only once it has (its clean-up may await): a start() after the stop() must
                 # not find the old run still going (runs never overlap).
                 previous.cancel()
-                await asyncio.wait({previous})
+                while not previous.done():
+                    # Given up on again (the stop() itself cancelled): still not before the
+                    # old run ended, and without cancelling it again, which would cut its
+                    # clean-up short.
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({previous})
                 raise
         interval = self._interval
         origin = self._now()

@@ -9,6 +9,7 @@ file: it makes the same checks here, with the same errors.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -211,7 +212,7 @@ def _refuse_field(run: Run) -> None:
 
 
 def _json(field: str, value: Any, *, strict: bool) -> None:
-    check_text_keys(field, value, new=strict)
+    check_text_keys(field, value)
     try:
         (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -225,12 +226,12 @@ def _json(field: str, value: Any, *, strict: bool) -> None:
 #: frames a level, so SQLite stored runs at 500-980 levels that then failed every to_dict()
 #: and copy() with a bare RecursionError, and the memory registry refused them. 100 leaves
 #: room for the caller's own stack; real parameters (forms, JSON bodies) nest a few levels.
-#: (Updates keep what an older release may have stored, as they keep NaN.)
+#: (SQLite's recovery rewrites what an older release stored, deeper or not: see deep_ok.)
 MAX_PARAMETER_DEPTH = 100
 
 
-def check_text_keys(field: str, value: Any, *, new: bool = True) -> None:
-    """Refuse a dict key that is not a ``str`` anywhere in ``value`` and, for a ``new`` run's,
+def check_text_keys(field: str, value: Any, *, deep_ok: bool = False) -> None:
+    """Refuse a dict key that is not a ``str`` anywhere in ``value`` and, unless ``deep_ok``,
     containers nested more than :data:`MAX_PARAMETER_DEPTH` deep: JSON keys are text, so
     SQLite gave ``1`` back as ``"1"``, and stored ``{1: "a", "1": "b"}`` as one key, losing a
     value, where the memory registry kept the dict as given.
@@ -240,10 +241,10 @@ def check_text_keys(field: str, value: Any, *, new: bool = True) -> None:
             value that contains itself included).
     """
     try:
-        # One walk for both: its depth bounded for a new run's (the encoder, which runs
-        # after, recurses as deep as the value goes).
-        bad = _non_text_key(value, field, MAX_PARAMETER_DEPTH if new else -1)
-    except RecursionError:  # (an update of what an older release stored, nested that deep)
+        # One walk for both, its depth bounded (the encoder, which runs after, recurses as
+        # deep as the value goes).
+        bad = _non_text_key(value, field, -1 if deep_ok else MAX_PARAMETER_DEPTH)
+    except RecursionError:  # (a rewrite of what an older release stored, nested that deep)
         raise InvalidParametersError(f"{field} is nested too deeply to be stored") from None
     if bad is not None:
         path, key = bad
@@ -259,14 +260,15 @@ def check_nesting(field: str, value: Any) -> None:
     Raises:
         InvalidParametersError: nesting past the limit (a value that contains itself included).
     """
-    # Level by level, without recursion or paths (this runs on every start_module).
-    level = [value]
+    # Level by level, without recursion or paths (this runs on every start_module); each
+    # container once a level, so one that holds itself twice does not double every level.
+    level = {id(value): value}
     for _ in range(MAX_PARAMETER_DEPTH + 1):
-        inner = []
-        for container in level:
-            for item in container.values() if isinstance(container, dict) else container:
+        inner: dict[int, Any] = {}
+        for container in level.values():
+            for item in container.values() if isinstance(container, Mapping) else container:
                 if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
-                    inner.append(item)
+                    inner[id(item)] = item
         if not inner:
             return
         level = inner

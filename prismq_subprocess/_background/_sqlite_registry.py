@@ -589,13 +589,13 @@ _ENCODER = json.JSONEncoder(allow_nan=False)
 _LENIENT_ENCODER = json.JSONEncoder()
 
 
-def _json_text(field: str, value: Any, *, strict: bool = True) -> str:
+def _json_text(field: str, value: Any, *, strict: bool = True, deep_ok: bool = False) -> str:
     """``value`` as the JSON stored in the ``field`` column; the documented error if JSON
     cannot hold it (a bare TypeError or ValueError from the encoder said neither which field
     nor that it was the caller's input). ``strict``: NaN and the infinities refused too."""
     if field == "parameters" and value:
-        # (First: for a new run it bounds the depth the encoder recurses to.)
-        check_text_keys(field, value, new=strict)
+        # (First: it bounds the depth the encoder recurses to.)
+        check_text_keys(field, value, deep_ok=deep_ok)
     try:
         text = (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -604,9 +604,10 @@ def _json_text(field: str, value: Any, *, strict: bool = True) -> str:
     return text
 
 
-def _row_values(run: Run, *, adding: bool = False) -> tuple[Any, ...]:
+def _row_values(run: Run, *, adding: bool = False, deep_ok: bool = False) -> tuple[Any, ...]:
     """The row of ``run``, as the statements bind it (``adding``: a new run, whose parameters
-    must be strict JSON; an update keeps what an older release may have stored).
+    must be strict JSON; an update keeps what an older release may have stored; ``deep_ok``:
+    parameters nested deeper than the limit kept too, for a row rewritten as read).
 
     Raises:
         InvalidRunError, InvalidParametersError: a field SQLite could not hold as a read gives
@@ -637,7 +638,7 @@ def _row_values(run: Run, *, adding: bool = False) -> tuple[Any, ...]:
         run.module_id,
         run.module_name,
         # Most runs have neither parameters nor an output tail: skip the encoder for those.
-        _json_text("parameters", parameters, strict=adding)
+        _json_text("parameters", parameters, strict=adding, deep_ok=deep_ok)
         if parameters or type(parameters) is not dict
         else "{}",
         run._status._value_,
@@ -1143,7 +1144,9 @@ class _Database:
                 if owner is not None and (owner.host, owner.pid, owner.started_at) not in dead:
                     continue
                 run.mark_interrupted(orphan_reason(run) + stopped.get(run.run_id, ""))
-                values = _row_values(run)
+                # Its row as read, status aside: what an older release stored is kept (its
+                # parameters nested past today's limit, say).
+                values = _row_values(run, deep_ok=True)
                 conn.execute(_UPDATE, (*values[1:], run.run_id))
                 recovered.append(run.run_id)
             self._forget_dead_owners(conn, dead)

@@ -56,16 +56,17 @@ class CliError(Exception):
 # shown escaped: raw, an escape sequence could rewrite the terminal, and a newline or tab breaks
 # the layout.
 # The invisible marks that reorder text (bidirectional marks, embeddings, overrides and
-# isolates, as in "Trojan Source"), the invisible operators and word joiner, the BOM and the
-# line and paragraph separators are shown escaped too: raw, "\u202egnp.exe" reads as
-# "exe.png". Zero-width (non-)joiners are not: emoji sequences and Persian or Indic text need
-# them.
+# isolates, as in "Trojan Source"), the zero-width space, the invisible operators and word
+# joiner, the BOM and the line and paragraph separators are shown escaped too: raw,
+# "\u202egnp.exe" reads as "exe.png". Zero-width (non-)joiners are not: emoji sequences and
+# Persian or Indic text need them.
 _CONTROLS = {
     code: repr(chr(code))[1:-1]
     for code in (
         *range(0x20),
         *range(0x7F, 0xA0),
         0x061C,
+        0x200B,
         0x200E,
         0x200F,
         *range(0x2028, 0x202F),

@@ -202,6 +202,12 @@ async def test_parameters_nested_too_deeply_are_refused_before_anything_is_store
             await runner.start_module("m", "M", ok, {"x": value})
         with pytest.raises(InvalidParametersError, match="nested"):
             parameters_to_args({"x": value})
+        # A list holding itself twice (a review's find: the walk doubled at every level and
+        # ran out of memory).
+        twice: list[object] = []
+        twice += [twice, twice]
+        with pytest.raises(InvalidParametersError, match="nested"):
+            await runner.start_module("m", "M", ok, {"x": twice})
         assert await registry.count_runs() == 0
 
 

@@ -408,6 +408,20 @@ async def test_a_restart_after_a_stop_that_cut_a_chained_schedule_short_never_ov
     await task.stop(timeout=None)
     await waiting
     assert peak == 1
+    # The same with the stop() itself given up on by its caller while the old run cleans up
+    # (a review's find: the second cancellation cut the wait short, and the runs overlapped).
+    task.start()
+    await asyncio.sleep(0.05)
+    waiting = asyncio.ensure_future(task.stop(timeout=None))
+    await asyncio.sleep(0)
+    task.start()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(task.stop(timeout=0.05), 0.1)
+    task.start()
+    await asyncio.sleep(0.3)
+    await task.stop(timeout=None)
+    await waiting
+    assert peak == 1
 
 
 async def test_restart_after_stop_keeps_counters() -> None:

@@ -623,7 +623,9 @@ async def _add_run_with_controls(db: Path) -> str:
             module_name="\x1b[2Jname\tx",
             # Bidirectional overrides reorder what the terminal shows (a security probe's find).
             # Joiners stay: emoji sequences and Persian need them (a review's find).
-            error_message="ok \u202egnp.exe\u202c \u2066x\u2069 \u061c \U0001f468\u200d\U0001f469",
+            error_message=(
+                "ok \u202egnp.exe\u202c \u2066x\u2069 \u061c\u200b \U0001f468\u200d\U0001f469"
+            ),
             parameters={},
             output_tail=["\x1b]0;t\x07"],
         )
@@ -644,7 +646,7 @@ def test_control_characters_in_run_data_are_shown_escaped(tmp_path: Path) -> Non
     assert b"\\x1b[2Jname\\tx" in listed.stdout
     assert b"(id m\\nx)" in shown.stdout and b"\\x1b]0;t\\x07" in shown.stdout
     assert "\u202e" not in shown.stdout.decode() and "\u2066" not in shown.stdout.decode()
-    assert b"ok \\u202egnp.exe\\u202c \\u2066x\\u2069 \\u061c" in shown.stdout
+    assert b"ok \\u202egnp.exe\\u202c \\u2066x\\u2069 \\u061c\\u200b" in shown.stdout
     assert "\U0001f468\u200d\U0001f469" in shown.stdout.decode()
     assert len(listed.stdout.decode().splitlines()) == 3
 

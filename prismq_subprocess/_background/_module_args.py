@@ -36,7 +36,7 @@ from .._core._exceptions import (
     InvalidParametersError,
 )
 from .._core._validation import encodable
-from ._run_checks import check_nesting
+from ._run_checks import MAX_PARAMETER_DEPTH, check_nesting
 
 __all__ = ["check_args", "check_parameters", "parameters_to_args"]
 
@@ -63,11 +63,17 @@ def check_parameters(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
                 f"parameter name {name!r} is not an option name (letters, digits, '_', '-', '.'; "
                 "not starting with '-')"
             )
-    check_nesting("parameters", parameters)  # (before the encoder recurses that deep)
     try:
         text = json.dumps(dict(parameters), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except RecursionError:
+        check_nesting("parameters", parameters)  # (says it: nested too deeply)
+        raise
+    except (TypeError, ValueError) as exc:  # (a value holding itself: "Circular reference")
         raise InvalidParametersError(f"parameters must be JSON-serialisable: {exc}") from None
+    if text.count("[") + text.count("{") > MAX_PARAMETER_DEPTH:
+        # Perhaps nested past the limit (brackets in strings count too: a look, C-fast,
+        # before the walk most parameters never need).
+        check_nesting("parameters", parameters)
     copied: dict[str, Any] = json.loads(text)
     return copied
 

@@ -266,7 +266,8 @@ def check_nesting(field: str, value: Any) -> None:
     for _ in range(MAX_PARAMETER_DEPTH + 1):
         inner: dict[int, Any] = {}
         for container in level.values():
-            for item in container.values() if isinstance(container, Mapping) else container:
+            is_map = container.__class__ is dict or isinstance(container, Mapping)
+            for item in container.values() if is_map else container:
                 if item.__class__ in _CONTAINERS or isinstance(item, _CONTAINERS):
                     inner[id(item)] = item
         if not inner:

@@ -27,6 +27,7 @@ from prismq_subprocess._background._memory_registry import BaseRunRegistry
 from prismq_subprocess._background._module_args import parameters_to_args
 from prismq_subprocess._background._module_runner import ModuleRunner
 from prismq_subprocess._background._process_manager import ProcessManager
+from prismq_subprocess._background._run_checks import check_nesting
 from prismq_subprocess._core._exceptions import (
     InvalidIntervalError,
     InvalidParametersError,
@@ -206,8 +207,10 @@ async def test_parameters_nested_too_deeply_are_refused_before_anything_is_store
         # ran out of memory).
         twice: list[object] = []
         twice += [twice, twice]
-        with pytest.raises(InvalidParametersError, match="nested"):
+        with pytest.raises(InvalidParametersError, match=r"Circular|nested"):
             await runner.start_module("m", "M", ok, {"x": twice})
+        with pytest.raises(InvalidParametersError, match="nested"):
+            check_nesting("parameters", {"x": twice})
         assert await registry.count_runs() == 0
 
 

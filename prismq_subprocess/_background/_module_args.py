@@ -66,14 +66,15 @@ def check_parameters(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
         text = json.dumps(dict(parameters), allow_nan=False)
     except RecursionError:
-        check_nesting("parameters", parameters)  # (says it: nested too deeply)
-        raise
+        text = None  # nested too deeply: said by the walk below, without this in its context
     except (TypeError, ValueError) as exc:  # (a value holding itself: "Circular reference")
         raise InvalidParametersError(f"parameters must be JSON-serialisable: {exc}") from None
-    if text.count("[") + text.count("{") > MAX_PARAMETER_DEPTH:
+    if text is None or text.count("[") + text.count("{") > MAX_PARAMETER_DEPTH:
         # Perhaps nested past the limit (brackets in strings count too: a look, C-fast,
         # before the walk most parameters never need).
         check_nesting("parameters", parameters)
+        if text is None:  # (not nested past the limit by the walk's count: a values() liar)
+            raise InvalidParametersError("parameters are nested too deeply to be encoded")
     copied: dict[str, Any] = json.loads(text)
     return copied
 

@@ -221,7 +221,7 @@ def _json(field: str, value: Any, *, strict: bool) -> None:
         ) from None
 
 
-#: How deep containers (dicts, lists, tuples) may nest inside a new run's parameters: JSON takes
+#: How deep containers (dicts, lists, tuples) may nest inside a run's parameters: JSON takes
 #: about 980 levels, but copying a run (what every registry read hands out) recursed about 3
 #: frames a level, so SQLite stored runs at 500-980 levels that then failed every to_dict()
 #: and copy() with a bare RecursionError, and the memory registry refused them. 100 leaves

@@ -318,7 +318,9 @@ _ORPHAN_GRACE = 5.0
 _V1_TABLES = ["runs"]
 
 # What decoding a damaged row can raise (JSONDecodeError and InvalidRunError are ValueErrors).
-_BAD_ROW_ERRORS = (ValueError, TypeError, KeyError, OverflowError)
+# RecursionError: JSON nested deeper than json.loads reads (an older release stored parameters
+# up to its encoder's depth, which is the decoder's too, less the frames below the call).
+_BAD_ROW_ERRORS = (ValueError, TypeError, KeyError, OverflowError, RecursionError)
 
 
 def _foreign(path: str, why: str) -> RegistrySchemaError:
@@ -741,7 +743,8 @@ def _run_from_row(row: tuple[Any, ...]) -> Run:
     """Decode a row of ``_SELECT`` (rowid first).
 
     Raises:
-        ValueError, TypeError, KeyError, OverflowError: a damaged row (see _BAD_ROW_ERRORS).
+        ValueError, TypeError, KeyError, OverflowError, RecursionError: a damaged row (see
+            _BAD_ROW_ERRORS).
     """
     _check_types(row)
     (

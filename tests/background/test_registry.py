@@ -836,14 +836,20 @@ async def test_a_file_with_deeper_parameters_from_an_older_release_opens_and_rec
     me = RunOwner.current()
     gone = RunOwner(me.host, me.pid, me.started_at - 500.37)  # a reused pid: its owner is gone
     deep, shallow = Run(module_id="deep", owner=gone), Run(module_id="shallow", owner=gone)
+    deepest = Run(module_id="deepest", owner=gone)
     async with SQLiteRunRegistry(path) as registry:
-        for run in (deep, shallow):
+        for run in (deep, shallow, deepest):
             await registry.add_run(run)
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         text = json.dumps(_nested(MAX_PARAMETER_DEPTH + 50))
         db.execute("UPDATE runs SET parameters = ? WHERE run_id = ?", (text, deep.run_id))
+        # Deeper than json.loads can read here (that release stored up to 983 levels): a row
+        # the registry cannot read is set aside as damaged; it made the whole open fail.
+        text = '{"x": ' + "[" * 2000 + "0" + "]" * 2000 + "}"
+        db.execute("UPDATE runs SET parameters = ? WHERE run_id = ?", (text, deepest.run_id))
     async with SQLiteRunRegistry(path) as registry:
         assert set(registry.interrupted_run_ids) == {deep.run_id, shallow.run_id}
+        assert registry.quarantined_run_ids == [deepest.run_id]
         got = await registry.get_run(deep.run_id)
         assert got is not None and got.status is RunStatus.INTERRUPTED
         assert got.parameters == _nested(MAX_PARAMETER_DEPTH + 50)

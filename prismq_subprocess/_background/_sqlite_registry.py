@@ -595,9 +595,11 @@ def _json_text(field: str, value: Any, *, strict: bool = True, deep_ok: bool = F
     """``value`` as the JSON stored in the ``field`` column; the documented error if JSON
     cannot hold it (a bare TypeError or ValueError from the encoder said neither which field
     nor that it was the caller's input). ``strict``: NaN and the infinities refused too."""
-    if field == "parameters" and value:
-        # (First: it bounds the depth the encoder recurses to.)
-        check_text_keys(field, value, deep_ok=deep_ok)
+    if field == "parameters" and value and not deep_ok:
+        # (First: it bounds the depth the encoder recurses to. A row rewritten as read came
+        # from JSON, keys and all, however deep: 3.13's json reads 2,000 levels, which this
+        # walk, in Python, could not go through.)
+        check_text_keys(field, value)
     try:
         text = (_ENCODER if strict else _LENIENT_ENCODER).encode(value)
     except (TypeError, ValueError, RecursionError) as exc:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -848,8 +849,13 @@ async def test_a_file_with_deeper_parameters_from_an_older_release_opens_and_rec
         text = '{"x": ' + "[" * 2000 + "0" + "]" * 2000 + "}"
         db.execute("UPDATE runs SET parameters = ? WHERE run_id = ?", (text, deepest.run_id))
     async with SQLiteRunRegistry(path) as registry:
-        assert set(registry.interrupted_run_ids) == {deep.run_id, shallow.run_id}
-        assert registry.quarantined_run_ids == [deepest.run_id]
+        interrupted = set(registry.interrupted_run_ids)
+        assert {deep.run_id, shallow.run_id} <= interrupted
+        # Set aside where json.loads cannot read it (3.11, 3.12), recovered where it can (3.13).
+        if sys.version_info < (3, 13):
+            assert registry.quarantined_run_ids == [deepest.run_id]
+        else:
+            assert registry.quarantined_run_ids == [] and deepest.run_id in interrupted
         got = await registry.get_run(deep.run_id)
         assert got is not None and got.status is RunStatus.INTERRUPTED
         assert got.parameters == _nested(MAX_PARAMETER_DEPTH + 50)

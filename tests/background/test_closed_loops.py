@@ -238,12 +238,16 @@ def test_output_capture_drops_a_subscriber_of_a_closed_loop() -> None:
     assert _then(second) == ["hello"]
 
 
-@pytest.mark.usefixtures("closed_loop_leftovers")
-def test_executor_slot_held_by_a_run_of_a_closed_loop_is_given_back(tmp_path: Path) -> None:
+def _executor_slot_held_by_a_closed_loop(
+    tmp_path: Path,
+) -> tuple[pq.ConcurrentExecutor, Path, list[asyncio.Future[Any]]]:
+    """A ``max_concurrent=1`` executor whose one slot is held by run ``first`` (a sleeping
+    child) of an event loop closed abruptly; returns it, a quick script and the closed loop's
+    tasks (to be kept until the test ends)."""
     executor = pq.ConcurrentExecutor(max_concurrent=1, grace_period=1)
     sleeper = _script(tmp_path, "sleeper.py", SLEEPER)
     quick = _script(tmp_path, "quick.py", QUICK)
-    kept: list[asyncio.Future[Any]] = []  # the closed loop's tasks, until the test ends
+    kept: list[asyncio.Future[Any]] = []
 
     async def first() -> None:
         kept.append(
@@ -255,6 +259,12 @@ def test_executor_slot_held_by_a_run_of_a_closed_loop_is_given_back(tmp_path: Pa
         await asyncio.sleep(0.3)
 
     _abruptly(first)
+    return executor, quick, kept
+
+
+@pytest.mark.usefixtures("closed_loop_leftovers")
+def test_executor_slot_held_by_a_run_of_a_closed_loop_is_given_back(tmp_path: Path) -> None:
+    executor, quick, _kept = _executor_slot_held_by_a_closed_loop(tmp_path)
 
     async def second() -> dict[str, Any]:
         result = await executor.execute_module("b", "B", quick)
@@ -373,19 +383,7 @@ def test_task_manager_wait_all_stops_the_child_of_a_run_of_a_closed_loop(mode: s
 def test_executor_stops_the_run_of_a_closed_loop_before_giving_its_slot(tmp_path: Path) -> None:
     # A review's find: the slot went to the next run while the first one's child still ran
     # (two module processes under max_concurrent=1), its record still RUNNING.
-    executor = pq.ConcurrentExecutor(max_concurrent=1, grace_period=1)
-    sleeper = _script(tmp_path, "sleeper.py", SLEEPER)
-    quick = _script(tmp_path, "quick.py", QUICK)
-    kept: list[asyncio.Future[Any]] = []
-
-    async def first() -> None:
-        kept.append(
-            asyncio.ensure_future(executor.execute_module("a", "A", sleeper, run_id="first"))
-        )
-        await _until_running(executor.registry, "first")
-        await asyncio.sleep(0.3)
-
-    _abruptly(first)
+    executor, quick, _kept = _executor_slot_held_by_a_closed_loop(tmp_path)
 
     async def second() -> tuple[dict[str, Any], pq.Run | None]:
         result = await executor.execute_module("b", "B", quick)
